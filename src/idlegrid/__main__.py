@@ -1,0 +1,5 @@
+"""`python -m idlegrid` runs the CLI."""
+
+from idlegrid.client.cli import main
+
+main()

@@ -1,0 +1,266 @@
+"""The provider agent: register, heartbeat, long-poll for work, serve it, drain on SIGTERM.
+
+One engine per slot (engines are not thread-safe). Generation runs in a worker thread and
+hands pieces to an uploader coroutine through a queue, so the engine never waits on the
+network: whatever piled up while one upload was in flight goes in the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from idlegrid import PROTOCOL_VERSION
+from idlegrid.agent.node_client import CoordinatorError, NodeClient
+from idlegrid.core.ledger import Price
+from idlegrid.engines.base import Engine, Generation, SamplingParams, render_chat, stream_pieces
+from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
+from idlegrid.protocol.messages import TaskMsg
+
+log = logging.getLogger("idlegrid.agent")
+
+_DONE = object()
+
+
+@dataclass
+class AgentConfig:
+    """What an agent advertises and how it behaves."""
+
+    name: str
+    price: Price
+    hardware: dict[str, Any]
+    prefill_tps: float
+    decode_tps: float
+    drain_grace_s: float = 30.0
+    poll_wait_s: float = 15.0
+
+
+@dataclass(eq=False)  # identity semantics: jobs live in a set
+class _Job:
+    task: TaskMsg
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Agent:
+    """A provider agent serving one model on one or more engine instances."""
+
+    def __init__(self, client: NodeClient, engines: Sequence[Engine], config: AgentConfig) -> None:
+        if not engines:
+            raise ValueError("an agent needs at least one engine")
+        self.client = client
+        self.engines = list(engines)
+        self.model_id = engines[0].model_id
+        self.config = config
+        self.heartbeat_s = 2.0
+        self.draining = asyncio.Event()
+        self.jobs: set[_Job] = set()
+        self.served = 0
+
+    # ---- protocol ----------------------------------------------------------------------
+
+    async def register(self) -> None:
+        """Announce hardware, engine, measured speed and prices."""
+        answer = await self.client.call("/api/v1/nodes/register", {
+            "protocol_version": PROTOCOL_VERSION,
+            "name": self.config.name,
+            "hardware": self.config.hardware,
+            "engine": self.engines[0].describe(),
+            "slots": len(self.engines),
+            "prefill_tps": self.config.prefill_tps,
+            "decode_tps": self.config.decode_tps,
+            "offers": [{"model": self.model_id, "prompt_price": self.config.price.prompt,
+                        "output_price": self.config.price.output}],
+        })
+        assert answer is not None
+        self.heartbeat_s = float(answer["heartbeat_interval_s"])
+        log.info("registered as %s (%s)", answer["node_id"], self.config.name)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then drain: finish or hand back what is held."""
+        await self._until_registered(stop)
+        beats = asyncio.create_task(self._heartbeats())
+        slots = [asyncio.create_task(self._slot(e)) for e in self.engines]
+        await stop.wait()
+        log.info("draining: no new work; finishing %d held request(s)", len(self.jobs))
+        self.draining.set()
+        try:
+            await self.client.call("/api/v1/nodes/heartbeat", {"state": "draining"})
+        except (httpx.HTTPError, IdlegridError):
+            pass
+        done, pending = await asyncio.wait(slots, timeout=self.config.drain_grace_s)
+        if pending:
+            for job in list(self.jobs):
+                job.cancel.set()  # the serve loop hands these back
+            await asyncio.wait(pending, timeout=10)
+        beats.cancel()
+        await self.client.close()
+
+    async def _until_registered(self, stop: asyncio.Event) -> None:
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                await self.register()
+                return
+            except (httpx.TransportError, AuthError) as exc:
+                log.warning("coordinator not reachable yet (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            state = "draining" if self.draining.is_set() else "live"
+            try:
+                await self.client.call("/api/v1/nodes/heartbeat",
+                                       {"state": state, "in_flight": len(self.jobs)})
+            except AuthError:
+                await self.register()  # the coordinator forgot us (fresh database)
+            except (httpx.HTTPError, IdlegridError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _slot(self, engine: Engine) -> None:
+        while not self.draining.is_set():
+            try:
+                poll = asyncio.create_task(self.client.call(
+                    "/api/v1/work/poll",
+                    {"models": [self.model_id], "wait_s": self.config.poll_wait_s},
+                    timeout=self.config.poll_wait_s + 15,
+                ))
+                drain = asyncio.create_task(self.draining.wait())
+                await asyncio.wait({poll, drain}, return_when=asyncio.FIRST_COMPLETED)
+                if not poll.done():
+                    # Draining: abandon the poll. A task claimed in the same instant is
+                    # picked up by the coordinator's supervisor once we stop heartbeating.
+                    poll.cancel()
+                    drain.cancel()
+                    return
+                drain.cancel()
+                answer = poll.result()
+            except (httpx.TransportError, CoordinatorError) as exc:
+                log.warning("poll failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except AuthError:
+                await self.register()
+                continue
+            except Exception:  # one bad answer must not kill the slot
+                log.exception("poll failed unexpectedly")
+                await asyncio.sleep(1.0)
+                continue
+            if answer is None:
+                continue
+            try:
+                await self.serve(engine, TaskMsg.model_validate(answer))
+            except Exception:  # the coordinator reclaims the task; keep the slot alive
+                log.exception("serving %s failed unexpectedly", answer.get("task_id"))
+
+    # ---- serving -----------------------------------------------------------------------
+
+    async def serve(self, engine: Engine, task: TaskMsg) -> None:
+        """Run one task attempt, streaming pieces up as they come."""
+        job = _Job(task)
+        self.jobs.add(job)
+        base = f"/api/v1/tasks/{task.task_id}/attempts/{task.attempt}"
+        try:
+            try:
+                prompt_ids = self._prompt_ids(engine, task)
+            except IdlegridError as exc:
+                await self.client.call(f"{base}/fail", {"reason": exc.message,
+                                                         "kind": "invalid_request"})
+                return
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            result = Generation()
+            worker = loop.run_in_executor(
+                None, self._generate, engine, task, prompt_ids, job, queue, loop, result
+            )
+            ok = await self._upload(base, queue, job)
+            try:
+                await worker
+            except Exception as exc:
+                log.exception("engine failed on %s", task.task_id)
+                await self._fail(base, f"engine error: {exc}", "engine")
+                return
+            if not ok:
+                return  # the coordinator took the task away; it is someone else's now
+            if job.cancel.is_set():
+                await self._fail(base, "provider draining", "handback")
+                return
+            await self.client.call(f"{base}/finish", {
+                "prompt_tokens": len(prompt_ids), "finish_reason": result.finish_reason,
+            })
+            self.served += 1
+        except Conflict:
+            log.info("task %s attempt %d was taken away", task.task_id, task.attempt)
+        except (httpx.HTTPError, IdlegridError) as exc:
+            log.warning("task %s: %s", task.task_id, exc)
+        finally:
+            self.jobs.discard(job)
+
+    async def _fail(self, base: str, reason: str, kind: str) -> None:
+        try:
+            await self.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind})
+        except Conflict:
+            pass
+
+    def _prompt_ids(self, engine: Engine, task: TaskMsg) -> list[int]:
+        if task.kind == "chat":
+            text = render_chat(engine, task.messages or [])
+        else:
+            text = task.prompt or ""
+        ids = engine.tokenize(text)
+        if len(ids) + len(task.prior_ids) >= engine.context_length:
+            raise InvalidRequest(
+                f"prompt is {len(ids)} tokens; this model's context is {engine.context_length}",
+                param="prompt",
+            )
+        return ids
+
+    @staticmethod
+    def _generate(engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job,
+                  queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop,
+                  result: Generation) -> None:
+        room = engine.context_length - len(prompt_ids)
+        params = SamplingParams(task.temperature, task.top_p, task.seed)
+        try:
+            for piece in stream_pieces(engine, prompt_ids, params,
+                                       max_tokens=min(task.max_tokens, room), stop=task.stop,
+                                       prior_ids=task.prior_ids, result=result):
+                if job.cancel.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, (piece.token_id, piece.text))
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+    async def _upload(self, base: str, queue: asyncio.Queue[Any], job: _Job) -> bool:
+        """Send pieces in order, batching what accumulates; False if the task was taken away."""
+        sent = 0
+        finished = False
+        while not finished:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            if batch[-1] is _DONE:
+                finished = True
+                batch.pop()
+            if not batch or job.cancel.is_set():
+                continue
+            try:
+                await self.client.call(f"{base}/upload", {"start": sent, "pieces": batch})
+            except Conflict:
+                job.cancel.set()
+                await self._drain_queue(queue, finished)
+                return False
+            sent += len(batch)
+        return True
+
+    @staticmethod
+    async def _drain_queue(queue: asyncio.Queue[Any], finished: bool) -> None:
+        while not finished:
+            finished = await queue.get() is _DONE

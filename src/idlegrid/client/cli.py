@@ -1,0 +1,297 @@
+"""The `idlegrid` command line (Typer + Rich). Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from idlegrid import __version__
+from idlegrid.config import DEFAULT_PORT, default_data_dir
+
+app = typer.Typer(help="idlegrid: turn idle GPUs into a verifiable AI compute grid.",
+                  no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+out = Console()
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Grid data directory.",
+                                       default_factory=default_data_dir, show_default=False)]
+CoordinatorUrl = Annotated[str | None, typer.Option(
+    "--coordinator", help="Coordinator URL (default: the local grid in --data-dir).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False
+          ) -> None:
+    if version:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+@app.command()
+def coordinator(
+    data_dir: DataDir,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    database_url: Annotated[str, typer.Option(
+        help="SQLAlchemy URL (default: SQLite in --data-dir; or IDLEGRID_DATABASE_URL).")] = "",
+    fee_bps: Annotated[int | None, typer.Option(help="Protocol fee in basis points.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the coordinator: node API, OpenAI gateway, ledger, metrics."""
+    import uvicorn
+
+    from idlegrid.config import CoordinatorSettings
+    from idlegrid.coordinator.app import create_app
+
+    _logging(verbose)
+    overrides: dict[str, Any] = {"data_dir": data_dir, "host": host, "port": port}
+    if database_url:
+        overrides["database_url"] = database_url
+    if fee_bps is not None:
+        overrides["fee_bps"] = fee_bps
+    settings = CoordinatorSettings(**overrides)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=5)
+
+
+@app.command()
+def provide(
+    coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
+        f"http://127.0.0.1:{DEFAULT_PORT}"),
+    model: Annotated[str, typer.Option(help="Model id to serve.")] = "gemma3:270m",
+    model_path: Annotated[Path | None, typer.Option(help="Serve this GGUF file as --model.")] = None,
+    engine: Annotated[str, typer.Option(
+        help="Engine name (llama.cpp, torch) or plug-in path module:Class.")] = "llama.cpp",
+    threads: Annotated[int | None, typer.Option(help="Engine threads (default: all cores).")] = None,
+    slots: Annotated[int, typer.Option(help="Requests served at once (one engine each).")] = 1,
+    name: Annotated[str | None, typer.Option(help="Name shown on the grid.")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="Node key (created if missing).")] = None,
+    prompt_price: Annotated[float, typer.Option(help="Credits per 1M prompt tokens.")] = 10.0,
+    output_price: Annotated[float, typer.Option(help="Credits per 1M output tokens.")] = 40.0,
+    skip_benchmark: Annotated[bool, typer.Option(help="Do not measure speed at start-up.")] = False,
+    drain_grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.")] = 30.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a provider agent: probe, load the model, benchmark, then serve work."""
+    import asyncio
+    import signal
+    import socket
+
+    from idlegrid.agent.agent import Agent, AgentConfig
+    from idlegrid.agent.benchmark import measure_speed
+    from idlegrid.agent.node_client import NodeClient
+    from idlegrid.agent.probe import probe
+    from idlegrid.core.ledger import MICRO, Price
+    from idlegrid.engines.registry import load_engine
+    from idlegrid.protocol.signing import NodeKey
+
+    _logging(verbose)
+    name = name or socket.gethostname()
+    key = NodeKey.load_or_create(key_file or default_data_dir() / "nodes" / f"{name}.key")
+    hardware = _as_dict(probe())
+    kwargs: dict[str, Any] = {"threads": threads}
+    if model_path:
+        kwargs["model_path"] = model_path
+    with console.status(f"loading {model} on {engine} ({slots} slot(s))"):
+        engines = [load_engine(engine, model, **kwargs) for _ in range(slots)]
+    prefill = decode = 0.0
+    if not skip_benchmark:
+        with console.status("measuring prefill and decode speed"):
+            speed = measure_speed(engines[0])
+        prefill, decode = speed.prefill_tps, speed.decode_tps
+        console.print(f"[green]measured[/] prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
+    config = AgentConfig(name=name, hardware=hardware, prefill_tps=prefill, decode_tps=decode,
+                         price=Price(round(prompt_price * MICRO), round(output_price * MICRO)),
+                         drain_grace_s=drain_grace)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        agent = Agent(NodeClient(coordinator_url, key), engines, config)
+        console.print(f"[bold]{name}[/] ({key.node_id[:12]}) serving {model} via {engine} "
+                      f"→ {coordinator_url}")
+        await agent.run(stop)
+        console.print(f"drained after serving {agent.served} request(s)")
+
+    asyncio.run(main())
+    for e in engines:
+        e.close()
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return dict(obj)
+
+
+@app.command()
+def up(
+    data_dir: DataDir,
+    providers: Annotated[int, typer.Option(help="Provider agents to start.")] = 2,
+    port: Annotated[int, typer.Option(help="Coordinator port.")] = DEFAULT_PORT,
+    engine: Annotated[str, typer.Option(help="Engine for every provider.")] = "llama.cpp",
+    model: Annotated[str, typer.Option(help="Model every provider serves.")] = "gemma3:270m",
+    threads: Annotated[int | None, typer.Option(
+        help="Threads per provider (default: cores / providers).")] = None,
+    credits: Annotated[int, typer.Option(help="Credits for a new local key.")] = 100,
+) -> None:
+    """Start a local grid (coordinator + providers), fund a key, serve until Ctrl-C."""
+    import signal
+    import threading
+
+    from idlegrid.testbed.localgrid import KEY_FILE, LocalGrid
+
+    grid = LocalGrid(data_dir=data_dir, port=port, providers=providers, engine=engine,
+                     model=model, threads=threads, funding_credits=credits)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with console.status("starting the coordinator"):
+            grid.start_coordinator()
+        for i in range(providers):
+            grid.start_provider(i)
+        with console.status(f"loading {model} and benchmarking {providers} provider(s)"):
+            grid.wait_for_providers(providers)
+        grid.fund_consumer()
+        out.print(f"[bold green]idlegrid is up[/] with {providers} provider(s) serving {model}")
+        out.print(f"  base URL : {grid.url}/v1")
+        out.print(f"  API key  : {grid.api_key}  (saved to {data_dir / KEY_FILE})")
+        out.print(f"  logs     : {data_dir / 'logs'}")
+        out.print("  try      : idlegrid complete 'The capital of France is'")
+        out.print("Ctrl-C stops everything.")
+        sys.stdout.flush()
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping: providers drain, then the coordinator")
+        grid.stop()
+
+
+@app.command()
+def complete(
+    prompt: str,
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    model: Annotated[str, typer.Option(help="Model id.")] = "gemma3:270m",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Complete a prompt on the grid, streaming the text as it comes."""
+    from idlegrid.client.sdk import GridClient
+
+    url, key = _locate(coordinator_url, data_dir)
+    with GridClient(url, key) as client:
+        if as_json:
+            out.print_json(json.dumps(client.complete(prompt, model=model, max_tokens=max_tokens,
+                                                      temperature=temperature, seed=seed)))
+            return
+        for text in client.stream_complete(prompt, model=model, max_tokens=max_tokens,
+                                           temperature=temperature, seed=seed):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+@app.command()
+def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False
+           ) -> None:
+    """Nodes, their measured speed, balances."""
+    from rich.table import Table
+
+    from idlegrid.client.sdk import GridClient
+    from idlegrid.core.ledger import MICRO
+
+    url, key = _locate(coordinator_url, data_dir)
+    with GridClient(url, key) as client:
+        data = client.status()
+        if key:
+            data["me"] = client.balance()
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    table = Table(title=f"idlegrid at {url}")
+    for col in ("node", "state", "hardware", "engine", "prefill tok/s", "decode tok/s",
+                "earned (cr)"):
+        table.add_column(col)
+    for n in data["nodes"]:
+        hw = n["hardware"]
+        table.add_row(n["name"], ("live" if n["live"] else "gone") if n["state"] == "live"
+                      else n["state"], f"{hw.get('cpu_cores', '?')} cores",
+                      str(n["engine"].get("engine", n["engine"].get("name", "?"))),
+                      f"{n['prefill_tps']:.0f}", f"{n['decode_tps']:.1f}",
+                      f"{n['balance'] / MICRO:.6f}")
+    out.print(table)
+    if "me" in data:
+        out.print(f"your balance: {data['me']['balance'] / MICRO:.6f} credits")
+    out.print(f"protocol fees collected: {data['balances'].get('system:fees', 0) / MICRO:.6f} "
+              f"credits; tasks: {data['tasks']}")
+
+
+@app.command("verify-ledger")
+def verify_ledger(data_dir: DataDir, coordinator_url: CoordinatorUrl = None) -> None:
+    """Recompute the ledger's hash chain and balances; exit 1 on any break."""
+    from idlegrid.client.sdk import GridClient
+
+    url, _ = _locate(coordinator_url, data_dir)
+    operator = _operator_key(data_dir)
+    with GridClient(url, operator) as client:
+        result = client.verify_ledger()
+    if result["ok"]:
+        out.print("[green]ledger OK[/]: chain and balances recomputed")
+        return
+    for p in result["problems"]:
+        out.print(f"[red]{p}[/]")
+    raise typer.Exit(1)
+
+
+def _operator_key(data_dir: Path) -> str | None:
+    f = data_dir / "operator-key"
+    return os.environ.get("IDLEGRID_OPERATOR_KEY") or (f.read_text().strip() if f.exists()
+                                                       else None)
+
+
+def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | None]:
+    from idlegrid.testbed.localgrid import find_grid
+
+    return find_grid(coordinator_url, data_dir)
+
+
+def _register_optional() -> None:
+    # Commands from parts that may not be present in every build register themselves here.
+    try:
+        from idlegrid.client.plan_cmd import plan
+    except ImportError:
+        return
+    app.command("plan")(plan)
+
+
+_register_optional()
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""A small synchronous client for the grid's own API (the OpenAI routes work with `openai`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from idlegrid.errors import IdlegridError
+
+
+class GridAPIError(IdlegridError):
+    """The grid answered with an error; `status` and `body` carry what it said."""
+
+    code = "grid_api_error"
+
+
+class GridClient:
+    """Talks to a coordinator over HTTP; pass `transport` to talk to an app in-process."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *,
+                 transport: httpx.BaseTransport | None = None, timeout: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
+                                 transport=transport, timeout=timeout, trust_env=False)
+
+    def __enter__(self) -> GridClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def _json(self, resp: httpx.Response) -> dict[str, Any]:
+        if resp.status_code >= 400:
+            try:
+                err = resp.json().get("error", {})
+            except ValueError:
+                err = {"message": resp.text}
+            raise GridAPIError(f"HTTP {resp.status_code}: {err.get('message')}",
+                               status=resp.status_code, body=err)
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def status(self) -> dict[str, Any]:
+        """Nodes, balances and task counts."""
+        return self._json(self.http.get("/api/v1/status"))
+
+    def balance(self) -> dict[str, Any]:
+        """The API key's balance."""
+        return self._json(self.http.get("/api/v1/balance"))
+
+    def verify_ledger(self) -> dict[str, Any]:
+        """Recompute the ledger chain (operator key)."""
+        return self._json(self.http.get("/api/v1/ledger/verify"))
+
+    def complete(self, prompt: str, **params: Any) -> dict[str, Any]:
+        """One non-streaming completion."""
+        body = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
+        return self._json(self.http.post("/v1/completions", json=body))
+
+    def stream_complete(self, prompt: str, **params: Any) -> Iterator[str]:
+        """Text pieces of a streaming completion as they arrive."""
+        body = {"prompt": prompt, "stream": True,
+                **{k: v for k, v in params.items() if v is not None}}
+        with self.http.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._json(resp)
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise GridAPIError(event["error"]["message"], body=event["error"])
+                yield event["choices"][0]["text"]

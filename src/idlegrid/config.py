@@ -1,0 +1,50 @@
+"""Settings, read from IDLEGRID_* environment variables (pydantic-settings) and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 8700
+
+
+def default_data_dir() -> Path:
+    """The XDG data directory for idlegrid ($XDG_DATA_HOME/idlegrid)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "idlegrid"
+
+
+class CoordinatorSettings(BaseSettings):
+    """Everything the coordinator can be told; every field has an IDLEGRID_ env twin."""
+
+    model_config = SettingsConfigDict(env_prefix="IDLEGRID_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # Any SQLAlchemy URL; empty means SQLite in data_dir. Tests select PostgreSQL here.
+    database_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    fee_bps: int = Field(200, ge=0, le=10_000, description="protocol fee, basis points")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    # A node that misses heartbeats this long is dead; its tasks go to someone else.
+    node_timeout_s: float = Field(6.0, gt=0)
+    # A running attempt with no output for this long is handed to another provider.
+    stall_timeout_s: float = Field(20.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    long_poll_s: float = Field(15.0, gt=0)
+    signature_skew_s: float = Field(30.0, gt=0)
+    # How long a queued request waits for any provider before it fails (503).
+    queue_timeout_s: float = Field(120.0, gt=0)
+    max_tokens_limit: int = Field(8192, gt=0)
+    default_chat_max_tokens: int = Field(512, gt=0)
+    # Operator key for admin routes (minting credits, creating keys). Empty: loopback only.
+    operator_key: str = ""
+
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL in use."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'coordinator.db'}"

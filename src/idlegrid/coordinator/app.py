@@ -1,0 +1,67 @@
+"""The coordinator's FastAPI app: routes, health, metrics, lifecycle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from idlegrid import PROTOCOL_VERSION, __version__
+from idlegrid.config import CoordinatorSettings
+from idlegrid.coordinator import http_errors, routes_admin, routes_nodes, routes_openai
+from idlegrid.coordinator.service import Grid
+from idlegrid.coordinator.store import Store, migrate
+
+
+def create_app(
+    settings: CoordinatorSettings | None = None, clock: Callable[[], float] = time.time
+) -> FastAPI:
+    """Build the app; the database is migrated to the newest schema on start-up."""
+    settings = settings or CoordinatorSettings()
+    url = settings.resolved_database_url()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        migrate(url)
+        store = Store(url, clock)
+        grid = Grid(settings, store, clock)
+        app.state.grid = grid
+        grid.start()
+        try:
+            yield
+        finally:
+            await grid.stop()
+            store.close()
+
+    app = FastAPI(title="idlegrid coordinator", version=__version__, lifespan=lifespan)
+    http_errors.install(app)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_nodes.router)
+    app.include_router(routes_admin.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        """The process is up."""
+        return {"ok": True, "version": __version__, "protocol_version": PROTOCOL_VERSION}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(request: Request) -> Response:
+        """The database answers and at least the schema is in place."""
+        grid: Grid = request.app.state.grid
+        try:
+            await grid.db(grid.store.ping)
+        except Exception as exc:  # any database failure means "not ready", with the reason
+            return JSONResponse({"ok": False, "reason": str(exc)}, status_code=503)
+        return JSONResponse({"ok": True})
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics(request: Request) -> Response:
+        """Prometheus text exposition."""
+        grid: Grid = request.app.state.grid
+        return Response(grid.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

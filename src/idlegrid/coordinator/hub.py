@@ -1,0 +1,91 @@
+"""In-process streams between agents' chunk uploads and consumers' open responses.
+
+Durable state (tasks, attempts, ledger) lives in the store; the token stream of a request
+in flight lives here, next to the consumer connection that reads it. If this process dies,
+the consumer's connection dies with it, so nothing durable is lost by keeping it in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Event:
+    """Something the consumer's stream must hear about."""
+
+    kind: str  # "pieces" | "done" | "failed"
+    pieces: list[tuple[int, str]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskStream:
+    """One request's stream: events in order, and the attempt currently feeding it."""
+
+    task_id: str
+    attempt: int = 0
+    # Tokens this attempt has delivered (ids); earlier attempts' tokens live in the store.
+    attempt_ids: list[int] = field(default_factory=list)
+    next_index: int = 0  # index (within the attempt) the next upload must start at
+    last_progress: float = 0.0
+    node_id: str | None = None  # the provider holding the current attempt
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    # Serialises uploads, finish and hand-over of one task, so each sees a settled attempt.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+
+
+class Hub:
+    """Task streams and per-node wake-ups for long polls."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, TaskStream] = {}
+        self._work: dict[str, asyncio.Event] = {}
+
+    def open(self, task_id: str, now: float) -> TaskStream:
+        """Start listening to a task's output."""
+        stream = TaskStream(task_id, last_progress=now)
+        self.streams[task_id] = stream
+        return stream
+
+    def get(self, task_id: str) -> TaskStream | None:
+        """The open stream for a task, if a consumer is still reading it."""
+        return self.streams.get(task_id)
+
+    def close(self, task_id: str) -> None:
+        """Forget a task's stream (the consumer has everything or has left)."""
+        stream = self.streams.pop(task_id, None)
+        if stream:
+            stream.closed = True
+
+    def begin_attempt(self, task_id: str, attempt: int, now: float) -> None:
+        """A provider claimed the task: its uploads start at index 0."""
+        stream = self.streams.get(task_id)
+        if stream:
+            stream.attempt = attempt
+            stream.attempt_ids = []
+            stream.next_index = 0
+            stream.last_progress = now
+
+    def push(self, task_id: str, event: Event) -> None:
+        """Deliver an event to the consumer's stream."""
+        stream = self.streams.get(task_id)
+        if stream and not stream.closed:
+            stream.queue.put_nowait(event)
+
+    # ---- long-poll wake-ups ------------------------------------------------------------
+
+    def work_event(self, node_id: str) -> asyncio.Event:
+        """The event a node's long poll waits on."""
+        return self._work.setdefault(node_id, asyncio.Event())
+
+    def wake(self, node_id: str | None) -> None:
+        """New work for `node_id`, or for anyone when None."""
+        if node_id is None:
+            for ev in self._work.values():
+                ev.set()
+        else:
+            self.work_event(node_id).set()

@@ -1,0 +1,131 @@
+"""Grid status, balances, the ledger, and operator actions (keys, credits)."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from idlegrid.coordinator.service import Grid
+from idlegrid.core import ledger
+from idlegrid.errors import AuthError
+
+router = APIRouter(prefix="/api/v1", tags=["grid"])
+
+
+def _grid(request: Request) -> Grid:
+    grid: Grid = request.app.state.grid
+    return grid
+
+
+def require_operator(request: Request) -> None:
+    """Operator routes need the operator key, or (without one configured) a loopback caller."""
+    grid = _grid(request)
+    configured = grid.settings.operator_key
+    given = request.headers.get("authorization", "")
+    if configured:
+        if not hmac.compare_digest(given.encode(), f"Bearer {configured}".encode()):
+            raise AuthError("operator key required")
+        return
+    host = request.client.host if request.client else ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise AuthError("operator routes are loopback-only unless an operator key is set")
+
+
+class NewKey(BaseModel):
+    """Body of POST /admin/keys."""
+
+    name: str = Field("consumer", min_length=1, max_length=128)
+
+
+class Mint(BaseModel):
+    """Body of POST /admin/mint: credit an API key's account."""
+
+    key_id: str = Field(min_length=1, max_length=64)
+    amount: int = Field(gt=0, description="µcr")
+    reference: str = Field(min_length=1, max_length=100, description="idempotency reference")
+
+
+@router.post("/admin/keys")
+async def create_key(body: NewKey, request: Request) -> dict[str, str]:
+    """Create a consumer API key; the secret is returned once."""
+    require_operator(request)
+    grid = _grid(request)
+    key_id, secret = await grid.db(grid.store.create_api_key, body.name)
+    return {"key_id": key_id, "api_key": secret}
+
+
+@router.post("/admin/mint")
+async def mint(body: Mint, request: Request) -> dict[str, Any]:
+    """Credit a key with new µcr; replaying the same reference credits once."""
+    require_operator(request)
+    grid = _grid(request)
+    account = ledger.consumer_account(body.key_id)
+    entry = ledger.mint(f"mint:{body.reference}", account, body.amount,
+                        ledger.Cause("deposit", body.reference))
+    created = await grid.db(grid.store.post, entry)
+    return {"created": created, "account": account,
+            "balance": await grid.db(grid.store.balance, account)}
+
+
+@router.get("/balance")
+async def balance(request: Request) -> dict[str, Any]:
+    """The calling key's balance, µcr."""
+    grid = _grid(request)
+    key_id = await grid.authenticate_key(request.headers.get("authorization"))
+    account = ledger.consumer_account(key_id)
+    return {"key_id": key_id, "account": account,
+            "balance": await grid.db(grid.store.balance, account)}
+
+
+@router.get("/status")
+async def status(request: Request) -> dict[str, Any]:
+    """Nodes with their hardware and measured speed, balances, and task counts."""
+    grid = _grid(request)
+    now = grid.clock()
+    nodes = await grid.db(grid.store.nodes)
+    balances = await grid.db(grid.store.balances)
+    running = await grid.db(grid.store.running_by_node)
+    return {
+        "nodes": [
+            {
+                "id": n.id, "name": n.name, "state": n.state,
+                "live": n.state != "gone" and now - n.last_seen <= grid.settings.node_timeout_s,
+                "last_seen_s_ago": round(now - n.last_seen, 3), "slots": n.slots,
+                "running": running.get(n.id, 0),
+                "prefill_tps": n.prefill_tps, "decode_tps": n.decode_tps,
+                "hardware": n.hardware, "engine": n.engine,
+                "offers": {mid: {"prompt_price": p.prompt, "output_price": p.output}
+                           for mid, p in n.offers.items()},
+                "balance": balances.get(ledger.provider_account(n.id), 0),
+            }
+            for n in nodes
+        ],
+        "balances": balances,
+        "fee_bps": grid.settings.fee_bps,
+        "tasks": await grid.db(grid.store.task_counts),
+    }
+
+
+@router.get("/ledger")
+async def ledger_entries(request: Request, cause: str | None = None) -> dict[str, Any]:
+    """Ledger entries, oldest first, optionally for one cause (request id, deposit ref)."""
+    require_operator(request)
+    grid = _grid(request)
+    return {"entries": await grid.db(grid.store.entries, cause)}
+
+
+@router.get("/ledger/verify")
+async def ledger_verify(request: Request) -> dict[str, Any]:
+    """Recompute the hash chain and balances; list any break."""
+    require_operator(request)
+    grid = _grid(request)
+    problems = await grid.db(grid.store.verify_ledger)
+    return {"ok": not problems, "problems": problems}

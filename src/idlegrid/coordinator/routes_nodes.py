@@ -1,0 +1,111 @@
+"""Node API v1: agents register, heartbeat, long-poll for work and report output. All signed."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ValidationError
+
+from idlegrid.coordinator.service import Grid
+from idlegrid.errors import AuthError, InvalidRequest
+from idlegrid.protocol import messages as m
+from idlegrid.protocol.signing import HEADER_PUBKEY, decode_public_key
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _grid(request: Request) -> Grid:
+    grid: Grid = request.app.state.grid
+    return grid
+
+
+def _parse(model: type[M], body: bytes) -> M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param) from exc
+
+
+async def _signed(request: Request, *, registering: bool = False) -> tuple[str, bytes]:
+    body = await request.body()
+    key = None
+    if registering:
+        header = request.headers.get(HEADER_PUBKEY)
+        if not header:
+            raise AuthError("registration must carry the node's public key")
+        key = decode_public_key(header)
+    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    node_id = await _grid(request).authenticate_node(request.method, path, body, request.headers,
+                                                     key)
+    return node_id, body
+
+
+router = APIRouter(prefix="/api/v1", tags=["nodes"])
+
+
+@router.post("/nodes/register")
+async def register(request: Request) -> dict[str, Any]:
+    """Register or re-register a node (hardware, engine, measured speed, offers)."""
+    node_id, body = await _signed(request, registering=True)
+    msg = _parse(m.RegisterMsg, body)
+    key = decode_public_key(request.headers[HEADER_PUBKEY])
+    return await _grid(request).register(node_id, key, msg.model_dump())
+
+
+@router.post("/nodes/heartbeat")
+async def heartbeat(request: Request) -> dict[str, Any]:
+    """A node is alive; `state: draining` stops new work reaching it."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.HeartbeatMsg, body)
+    await _grid(request).heartbeat(node_id, msg.state)
+    return {"ok": True}
+
+
+@router.post("/work/poll", response_model=None)
+async def poll(request: Request) -> dict[str, Any] | Response:
+    """Long poll for one task: 200 with the task, or 204 when none came in time."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.PollMsg, body)
+    task = await _grid(request).poll(node_id, msg.models, msg.wait_s)
+    if task is None:
+        return Response(status_code=204)
+    p = task.payload
+    return m.TaskMsg(
+        task_id=task.id, attempt=task.attempt, model=task.model_id, kind=task.kind,  # type: ignore[arg-type]
+        prompt=p.get("prompt"), messages=p.get("messages"), max_tokens=p["max_tokens"],
+        temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"], stop=p.get("stop") or [],
+        prior_ids=task.delivered_ids,
+    ).model_dump()
+
+
+@router.post("/tasks/{task_id}/attempts/{attempt}/upload")
+async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
+    """Output pieces for the attempt the node holds (409 once it no longer holds it)."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.UploadMsg, body)
+    await _grid(request).upload(node_id, task_id, attempt, msg.start, list(msg.pieces))
+    return {"ok": True}
+
+
+@router.post("/tasks/{task_id}/attempts/{attempt}/finish")
+async def finish(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
+    """The node completed the attempt; the request is settled."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.FinishMsg, body)
+    task = await _grid(request).finish(node_id, task_id, attempt, msg.prompt_tokens,
+                                       msg.finish_reason)
+    return {"ok": True, "output_tokens": task.output_tokens}
+
+
+@router.post("/tasks/{task_id}/attempts/{attempt}/fail")
+async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
+    """The node cannot finish the attempt: the task moves on (or fails if it is bad input)."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.FailMsg, body)
+    invalid = msg.reason if msg.kind == "invalid_request" else None
+    outcome = "handed back" if msg.kind == "handback" else f"engine error: {msg.reason}"
+    await _grid(request).give_up(node_id, task_id, attempt, outcome, invalid=invalid)
+    return {"ok": True}

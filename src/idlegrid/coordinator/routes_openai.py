@@ -1,0 +1,194 @@
+"""The OpenAI-compatible gateway: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from idlegrid.coordinator.hub import TaskStream
+from idlegrid.coordinator.openai_schema import (
+    ChatRequest,
+    CompletionRequest,
+    chat_token_bound,
+    prompt_token_bound,
+)
+from idlegrid.coordinator.service import Grid, RequestFailed
+from idlegrid.coordinator.store import TaskView
+from idlegrid.errors import IdlegridError, InvalidRequest
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _grid(request: Request) -> Grid:
+    grid: Grid = request.app.state.grid
+    return grid
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """Models served by live providers."""
+    grid = _grid(request)
+    await grid.authenticate_key(request.headers.get("authorization"))
+    return {"object": "list", "data": await grid.models()}
+
+
+def _usage(task: TaskView) -> dict[str, int]:
+    return {"prompt_tokens": task.prompt_tokens, "completion_tokens": task.output_tokens,
+            "total_tokens": task.prompt_tokens + task.output_tokens}
+
+
+class _Shape:
+    """Differences between text completions and chat completions, in one place."""
+
+    def __init__(self, kind: str, task_id: str, model: str) -> None:
+        self.kind, self.id, self.model, self.created = kind, task_id, model, int(time.time())
+
+    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
+                                      "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice]}
+
+    def whole(self, text: str, task: TaskView) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "logprobs": None,
+                                      "finish_reason": task.finish_reason,
+                                      "message": {"role": "assistant", "content": text}}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None,
+                      "finish_reason": task.finish_reason}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": _usage(task)}
+
+
+def _failure(data: dict[str, Any]) -> IdlegridError:
+    if data.get("invalid"):
+        return InvalidRequest(data["invalid"], param="prompt")
+    return RequestFailed(f"the request could not be served: {data.get('error')}; "
+                         "nothing was charged")
+
+
+async def _serve(request: Request, kind: str, model: str, payload: dict[str, Any],
+                 bound: int, max_tokens: int, stream_out: bool, include_usage: bool) -> Any:
+    grid = _grid(request)
+    key_id = await grid.authenticate_key(request.headers.get("authorization"))
+    task_id, stream = await grid.submit(key_id, model, kind, payload, bound, max_tokens)
+    shape = _Shape(kind, task_id, model)
+    started = time.perf_counter()
+    if stream_out:
+        return StreamingResponse(
+            _sse(grid, shape, task_id, stream, started, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    parts: list[str] = []
+    ended = False
+    try:
+        async for event in grid.events(task_id, stream):
+            if event.kind == "pieces":
+                if not parts:
+                    grid.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                parts.extend(text for _, text in event.pieces)
+            elif event.kind == "done":
+                ended = True
+                task: TaskView = event.data["task"]
+                _count(grid, model, task, "ok")
+                return shape.whole("".join(parts), task)
+            else:
+                ended = True
+                grid.metrics.requests.labels(model, "failed").inc()
+                raise _failure(event.data)
+    finally:
+        if not ended:
+            await grid.abandon(task_id)
+        grid.hub.close(task_id)
+    raise RequestFailed("stream ended early")  # pragma: no cover - events() always ends
+
+
+def _count(grid: Grid, model: str, task: TaskView, outcome: str) -> None:
+    grid.metrics.requests.labels(model, outcome).inc()
+    grid.metrics.tokens.labels(model, "prompt").inc(task.prompt_tokens)
+    grid.metrics.tokens.labels(model, "output").inc(task.output_tokens)
+
+
+def _sse_line(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse(grid: Grid, shape: _Shape, task_id: str, stream: TaskStream, started: float,
+               include_usage: bool) -> AsyncIterator[bytes]:
+    done = False
+    try:
+        if shape.kind == "chat":
+            yield _sse_line(shape.chunk("", None, first=True))
+        first = True
+        async for event in grid.events(task_id, stream):
+            if event.kind == "pieces":
+                text = "".join(t for _, t in event.pieces)
+                if first:
+                    grid.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
+                    first = False
+                if text:
+                    yield _sse_line(shape.chunk(text, None))
+            elif event.kind == "done":
+                task: TaskView = event.data["task"]
+                _count(grid, shape.model, task, "ok")
+                final = shape.chunk(None if shape.kind == "chat" else "", task.finish_reason)
+                yield _sse_line(final)
+                if include_usage:
+                    yield _sse_line({**final, "choices": [], "usage": _usage(task)})
+                done = True
+            else:
+                grid.metrics.requests.labels(shape.model, "failed").inc()
+                exc = _failure(event.data)
+                yield _sse_line({"error": {"message": exc.message, "type": "server_error",
+                                           "code": exc.code, "param": None}})
+                done = True
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not done:
+            # The consumer went away mid-stream: stop the provider, bill only what it got.
+            await grid.abandon(task_id)
+        grid.hub.close(task_id)
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE])."""
+    body.check_supported()
+    prompt = body.single_prompt()
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    payload = {"prompt": prompt, "temperature": body.temperature, "top_p": body.top_p,
+               "seed": body.seed, "stop": body.stop_list()}
+    return await _serve(request, "completion", body.model, payload, prompt_token_bound(prompt),
+                        max_tokens, body.stream, body.include_usage())
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request) -> Any:
+    """Chat completion, templated by the serving engine with the model's own chat template."""
+    body.check_supported()
+    messages = body.plain_messages()
+    limit = body.max_completion_tokens or body.max_tokens
+    max_tokens = limit if limit is not None else _grid(request).settings.default_chat_max_tokens
+    payload = {"messages": messages, "temperature": body.temperature, "top_p": body.top_p,
+               "seed": body.seed, "stop": body.stop_list()}
+    return await _serve(request, "chat", body.model, payload, chat_token_bound(messages),
+                        max_tokens, body.stream, body.include_usage())

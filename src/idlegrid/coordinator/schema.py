@@ -1,0 +1,131 @@
+"""Database tables (SQLAlchemy 2). Alembic migrations in migrations/ must match these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    """Declarative base for every table."""
+
+
+class Node(Base):
+    """A provider agent, identified by its public key."""
+
+    __tablename__ = "nodes"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64))  # hex
+    name: Mapped[str] = mapped_column(String(128))
+    protocol_version: Mapped[int] = mapped_column(Integer)
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON)
+    engine: Mapped[dict[str, Any]] = mapped_column(JSON)
+    slots: Mapped[int] = mapped_column(Integer)
+    prefill_tps: Mapped[float] = mapped_column(Float)
+    decode_tps: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16))  # live | draining | gone
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Offer(Base):
+    """A model a node serves and its prices (µcr per 1M tokens)."""
+
+    __tablename__ = "offers"
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    prompt_price: Mapped[int] = mapped_column(BigInteger)
+    output_price: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """A consumer API key; only the hash of its secret is kept."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Task(Base):
+    """One inference request and where it stands."""
+
+    __tablename__ = "tasks"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    model_id: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # completion | chat
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    target_node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hold: Mapped[int] = mapped_column(BigInteger)
+    # Token ids already delivered to the consumer; a new attempt continues after them.
+    delivered_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Attempt(Base):
+    """One provider's turn at a task, with the price it was claimed at."""
+
+    __tablename__ = "task_attempts"
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    prompt_price: Mapped[int] = mapped_column(BigInteger)
+    output_price: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Account(Base):
+    """Cached balance of one ledger account, kept in step with its postings."""
+
+    __tablename__ = "accounts"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class LedgerEntry(Base):
+    """An append-only, hash-chained ledger entry."""
+
+    __tablename__ = "ledger_entries"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(160), unique=True)
+    cause_kind: Mapped[str] = mapped_column(String(32))
+    cause_id: Mapped[str] = mapped_column(String(128), index=True)
+    memo: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class LedgerPosting(Base):
+    """One line of a ledger entry."""
+
+    __tablename__ = "ledger_postings"
+    __table_args__ = (UniqueConstraint("entry_seq", "account"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    entry_seq: Mapped[int] = mapped_column(ForeignKey("ledger_entries.seq"), index=True)
+    account: Mapped[str] = mapped_column(String(128), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class LedgerHead(Base):
+    """The single row that serialises appends to the hash chain."""
+
+    __tablename__ = "ledger_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))

@@ -1,0 +1,358 @@
+"""The coordinator's services: submit and stream requests, serve agents, supervise attempts.
+
+Routes call these; these call the pure core for decisions and the store for state. Store
+calls are blocking (SQLAlchemy), so they run in worker threads; the hub is touched only
+from the event loop, which keeps each task's stream and its attempt bookkeeping in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from anyio import to_thread
+
+from idlegrid import PROTOCOL_VERSION
+from idlegrid.config import CoordinatorSettings
+from idlegrid.coordinator.hub import Event, Hub, TaskStream
+from idlegrid.coordinator.metrics import Metrics
+from idlegrid.coordinator.store import Store, TaskView
+from idlegrid.core import ledger, routing
+from idlegrid.core.ledger import Price
+from idlegrid.errors import (
+    AuthError,
+    Conflict,
+    IdlegridError,
+    InvalidRequest,
+    ModelNotFound,
+    NoCapacity,
+    StaleAttempt,
+)
+from idlegrid.protocol.signing import Verifier
+
+log = logging.getLogger("idlegrid.coordinator")
+T = TypeVar("T")
+
+
+class RequestFailed(IdlegridError):
+    """A request could not be served after every retry; nothing was charged."""
+
+    code = "request_failed"
+
+
+def derive_seed(task_id: str) -> int:
+    """The sampling seed for a request that gave none: fixed by the request, not the provider."""
+    return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+class Grid:
+    """Everything the HTTP routes need, behind plain async methods."""
+
+    def __init__(self, settings: CoordinatorSettings, store: Store, clock: Callable[[], float]):
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.hub = Hub()
+        self.metrics = Metrics()
+        self.verifier = Verifier(clock, settings.signature_skew_s)
+        self._keys: dict[str, bytes] = {}  # node id -> public key, cached: checked per upload
+        self._supervisor: asyncio.Task[None] | None = None
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking store call in a worker thread."""
+        return await to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the supervisor loop (call from the running event loop)."""
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def stop(self) -> None:
+        """Stop background work."""
+        if self._supervisor:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except asyncio.CancelledError:
+                pass
+
+    # ---- node authentication -----------------------------------------------------------
+
+    async def authenticate_node(
+        self, method: str, path: str, body: bytes, headers: Any, public_key: bytes | None = None
+    ) -> str:
+        """Verify a signed node request; `public_key` is given only at registration."""
+        try:
+            if public_key is None:
+                node_id = headers.get("x-idlegrid-node", "")
+                public_key = self._keys.get(node_id)
+                if public_key is None:
+                    public_key = await self.db(self.store.node_public_key, node_id)
+                    if public_key is None:
+                        raise AuthError("unknown node: register first")
+                    self._keys[node_id] = public_key
+            return self.verifier.verify(method, path, body, headers, public_key)
+        except AuthError as exc:
+            self.metrics.auth_failures.labels(exc.reason.split(" (")[0]).inc()
+            raise
+
+    # ---- agents ------------------------------------------------------------------------
+
+    async def register(self, node_id: str, public_key: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        """Record a node's profile and offers; answer with the settings agents must follow."""
+        if body.get("protocol_version") != PROTOCOL_VERSION:
+            raise Conflict(
+                f"protocol version {body.get('protocol_version')} is not supported; "
+                f"this coordinator speaks {PROTOCOL_VERSION}",
+                supported=[PROTOCOL_VERSION],
+            )
+        offers = {o["model"]: Price(o["prompt_price"], o["output_price"]) for o in body["offers"]}
+        await self.db(
+            self.store.upsert_node, node_id=node_id, public_key=public_key, name=body["name"],
+            protocol_version=body["protocol_version"], hardware=body["hardware"],
+            engine=body["engine"], slots=body["slots"], prefill_tps=body["prefill_tps"],
+            decode_tps=body["decode_tps"], offers=offers,
+        )
+        self._keys[node_id] = public_key
+        self.hub.wake(node_id)
+        return {
+            "node_id": node_id,
+            "heartbeat_interval_s": self.settings.heartbeat_interval_s,
+            "long_poll_s": self.settings.long_poll_s,
+            "protocol_version": PROTOCOL_VERSION,
+        }
+
+    async def heartbeat(self, node_id: str, state: str | None) -> None:
+        """A node is alive (and maybe draining)."""
+        await self.db(self.store.touch_node, node_id, state)
+
+    async def poll(self, node_id: str, models: list[str], wait_s: float) -> TaskView | None:
+        """Long poll: a claimed task for this node, or None after `wait_s`."""
+        deadline = self.clock() + min(wait_s, self.settings.long_poll_s)
+        event = self.hub.work_event(node_id)
+        while True:
+            # Clear before looking, so a wake-up that races with the claim is not lost.
+            event.clear()
+            await self.db(self.store.touch_node, node_id)
+            task = await self.db(self.store.claim, node_id, models)
+            if task is not None:
+                self.hub.begin_attempt(task.id, task.attempt, self.clock())
+                stream = self.hub.get(task.id)
+                if stream is None:  # the consumer left while it was queued
+                    await self.db(self.store.fail, task.id, "consumer disconnected")
+                    continue
+                stream.node_id = node_id
+                return task
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(event.wait(), timeout=remaining)
+            except TimeoutError:
+                return None
+
+    def _attempt_stream(self, task_id: str, attempt: int, node_id: str) -> TaskStream:
+        stream = self.hub.get(task_id)
+        if stream is None or stream.attempt != attempt or stream.node_id != node_id:
+            raise StaleAttempt(task_id, attempt)
+        return stream
+
+    async def upload(
+        self, node_id: str, task_id: str, attempt: int, start: int, pieces: list[tuple[int, str]]
+    ) -> None:
+        """Pieces of output from the provider holding the attempt; retries are idempotent."""
+        stream = self._attempt_stream(task_id, attempt, node_id)
+        async with stream.lock:
+            stream = self._attempt_stream(task_id, attempt, node_id)
+            if start > stream.next_index:
+                raise Conflict(f"upload starts at {start}, expected {stream.next_index}",
+                               expected=stream.next_index)
+            fresh = pieces[stream.next_index - start:]
+            if not fresh:
+                return
+            stream.next_index += len(fresh)
+            stream.attempt_ids.extend(tid for tid, _ in fresh if tid >= 0)
+            stream.last_progress = self.clock()
+            self.hub.push(task_id, Event("pieces", pieces=fresh))
+
+    async def finish(
+        self, node_id: str, task_id: str, attempt: int, prompt_tokens: int, finish_reason: str
+    ) -> TaskView:
+        """The provider finished: settle and tell the consumer."""
+        stream = self._attempt_stream(task_id, attempt, node_id)
+        async with stream.lock:
+            stream = self._attempt_stream(task_id, attempt, node_id)
+            task = await self.db(self.store.get_task, task_id)
+            assert task is not None
+            # A provider cannot bill more prompt tokens than the request could hold.
+            prompt_tokens = min(prompt_tokens, task.payload["max_prompt_tokens"])
+            done = await self.db(
+                self.store.finish, task_id, attempt, node_id, new_ids=list(stream.attempt_ids),
+                prompt_tokens=prompt_tokens, finish_reason=finish_reason,
+                fee_bps=self.settings.fee_bps,
+            )
+            stream.attempt = -1
+            self.hub.push(task_id, Event("done", data={"task": done}))
+            return done
+
+    async def give_up(self, node_id: str | None, task_id: str, attempt: int, outcome: str,
+                      invalid: str | None = None) -> None:
+        """Take an attempt away (provider lost, stalled, draining, or failed it).
+
+        `invalid` is set when the provider found the request itself bad (e.g. longer than
+        the context): that fails for every provider, so it ends the task instead of a retry.
+        """
+        stream = self.hub.get(task_id)
+        if stream is None:
+            await self.db(self.store.fail, task_id, outcome)
+            return
+        if node_id is not None:
+            stream = self._attempt_stream(task_id, attempt, node_id)
+        async with stream.lock:
+            if stream.attempt != attempt:
+                raise StaleAttempt(task_id, attempt)
+            stream.attempt = -1  # uploads for this attempt are refused from here on
+            ids = list(stream.attempt_ids)
+            self.metrics.failovers.labels(outcome).inc()
+            if invalid is not None:
+                await self.db(self.store.fail, task_id, invalid, charge_delivered=False,
+                              new_ids=ids)
+                self.hub.push(task_id, Event("failed", data={"invalid": invalid}))
+                return
+            task = await self.db(
+                self.store.requeue_or_fail, task_id, attempt, new_ids=ids, outcome=outcome,
+                max_attempts=self.settings.max_attempts, fee_bps=self.settings.fee_bps,
+            )
+        if task.state == "queued":
+            log.warning("task %s: attempt %d %s; handing it to another provider",
+                        task_id, attempt, outcome)
+            await self._route(task.id, task.model_id, exclude=frozenset({stream.node_id or ""}))
+        else:
+            self.hub.push(task_id, Event("failed", data={"error": task.error}))
+
+    # ---- consumers ---------------------------------------------------------------------
+
+    async def authenticate_key(self, authorization: str | None) -> str:
+        """The key id behind a bearer token, or AuthError."""
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+        return await self.db(self.store.key_for_secret, authorization[7:].strip())
+
+    async def models(self) -> list[dict[str, Any]]:
+        """Models that some live provider serves now."""
+        live = await self.db(self.store.live_nodes, self.settings.node_timeout_s)
+        seen: dict[str, int] = {}
+        for n in live:
+            for model_id in n.offers:
+                seen.setdefault(model_id, int(n.last_seen))
+        return [{"id": m, "object": "model", "created": t, "owned_by": "idlegrid"}
+                for m, t in sorted(seen.items())]
+
+    async def submit(
+        self, key_id: str, model: str, kind: str, payload: dict[str, Any], max_prompt_tokens: int,
+        max_tokens: int,
+    ) -> tuple[str, TaskStream]:
+        """Validate, escrow and queue a request; the returned stream yields its events."""
+        if max_tokens < 1 or max_tokens > self.settings.max_tokens_limit:
+            raise InvalidRequest(
+                f"max_tokens must be between 1 and {self.settings.max_tokens_limit}",
+                param="max_tokens",
+            )
+        cands, prices = await self.db(self.store.candidates, model, self.settings.node_timeout_s)
+        if not cands:
+            if model not in await self.db(self.store.known_models):
+                raise ModelNotFound(model)
+            raise NoCapacity(model, "no live provider serves it")
+        # Escrow at the dearest live price, so that whoever serves it is covered.
+        worst = Price(max(p.prompt for p in prices.values()), max(p.output for p in prices.values()))
+        hold = ledger.hold_amount(max_prompt_tokens, max_tokens, worst)
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        task_id = prefix + secrets.token_hex(12)
+        payload = {**payload, "max_tokens": max_tokens, "max_prompt_tokens": max_prompt_tokens}
+        if payload.get("seed") is None:
+            payload["seed"] = derive_seed(task_id)
+        target = routing.choose(cands)
+        stream = self.hub.open(task_id, self.clock())
+        try:
+            await self.db(
+                self.store.create_task, task_id=task_id, key_id=key_id, model_id=model, kind=kind,
+                payload=payload, hold=hold, target_node_id=target.node_id if target else None,
+            )
+        except BaseException:
+            self.hub.close(task_id)
+            raise
+        self.hub.wake(target.node_id if target else None)
+        return task_id, stream
+
+    async def _route(self, task_id: str, model: str, exclude: frozenset[str]) -> None:
+        cands, _ = await self.db(self.store.candidates, model, self.settings.node_timeout_s)
+        target = routing.choose(cands, exclude) or routing.choose(cands)
+        if target is None:
+            self.hub.wake(None)
+        else:
+            self.hub.wake(target.node_id)
+
+    async def events(self, task_id: str, stream: TaskStream) -> AsyncIterator[Event]:
+        """Events of a request until it is done or failed."""
+        while True:
+            event = await stream.queue.get()
+            yield event
+            if event.kind in ("done", "failed"):
+                return
+
+    async def abandon(self, task_id: str) -> None:
+        """The consumer left: stop the work, charge only what was delivered."""
+        stream = self.hub.get(task_id)
+        self.hub.close(task_id)
+        ids = list(stream.attempt_ids) if stream and stream.attempt > 0 else []
+        await self.db(self.store.fail, task_id, "consumer disconnected", charge_delivered=True,
+                      new_ids=ids, fee_bps=self.settings.fee_bps)
+
+    # ---- supervision -------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self.supervise_once()
+            except Exception:  # keep supervising whatever one pass hit
+                log.exception("supervisor pass failed")
+            await asyncio.sleep(min(0.5, self.settings.heartbeat_interval_s))
+
+    async def supervise_once(self) -> None:
+        """Take work from dead or stalled providers; fail requests nobody picked up in time."""
+        now = self.clock()
+        nodes = {n.id: n for n in await self.db(self.store.nodes)}
+        self.metrics.live_nodes.set(sum(
+            1 for n in nodes.values()
+            if n.state != "gone" and n.last_seen >= now - self.settings.node_timeout_s))
+        for task in await self.db(self.store.running_tasks):
+            stream = self.hub.get(task.id)
+            if stream is None:
+                await self.db(self.store.fail, task.id, "consumer disconnected")
+                continue
+            node = nodes.get(task.node_id or "")
+            if node is None or node.last_seen < now - self.settings.node_timeout_s:
+                outcome = "provider lost"
+            elif now - stream.last_progress > self.settings.stall_timeout_s:
+                outcome = "provider stalled"
+            else:
+                continue
+            try:
+                await self.give_up(None, task.id, task.attempt, outcome)
+            except StaleAttempt:
+                pass  # it finished or moved while we looked
+        for task, created in await self.db(self.store.queued_tasks):
+            if self.hub.get(task.id) is None:
+                await self.db(self.store.fail, task.id, "consumer disconnected")
+            elif now - created > self.settings.queue_timeout_s:
+                await self.db(self.store.fail, task.id, "no provider took it in time")
+                self.hub.push(task.id, Event("failed", data={"error": "no provider took it in time"}))
+            elif now - created > 1.0:
+                # Its target has not claimed it (busy or gone): any provider may take it now.
+                await self.db(self.store.untarget, task.id)
+                self.hub.wake(None)

@@ -1,0 +1,566 @@
+"""The coordinator's durable state behind one class: SQLite by default, any SQLAlchemy URL.
+
+Every method is one transaction. Claims and ledger appends are compare-and-set updates so
+that two agents never hold one task and no balance goes negative, on SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from idlegrid.core import ledger
+from idlegrid.core.ledger import Entry, Price, Share
+from idlegrid.core.routing import Candidate
+from idlegrid.core.tasks import TaskState, should_retry, transition
+from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, StaleAttempt
+from idlegrid.coordinator.schema import (
+    Account,
+    ApiKey,
+    Attempt,
+    LedgerEntry,
+    LedgerHead,
+    LedgerPosting,
+    Node,
+    Offer,
+    Task,
+)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def make_engine(url: str) -> Engine:
+    """A SQLAlchemy engine; SQLite gets WAL and write-ahead locking so writers queue, not fail."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" event decide how transactions start (see below).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            # BEGIN IMMEDIATE takes the write lock up front; a deferred transaction that
+            # upgrades later can fail with SQLITE_BUSY instead of waiting its turn.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(url: str) -> None:
+    """Bring the database schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the rest of the coordinator needs to know about a node."""
+
+    id: str
+    name: str
+    public_key: bytes
+    state: str
+    slots: int
+    prefill_tps: float
+    decode_tps: float
+    last_seen: float
+    hardware: dict[str, Any]
+    engine: dict[str, Any]
+    offers: dict[str, Price]
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task as the gateway and agents see it."""
+
+    id: str
+    key_id: str
+    model_id: str
+    kind: str
+    payload: dict[str, Any]
+    state: str
+    attempt: int
+    node_id: str | None
+    hold: int
+    delivered_ids: list[int]
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str | None
+    error: str | None
+
+
+def _task_view(t: Task) -> TaskView:
+    return TaskView(
+        t.id, t.key_id, t.model_id, t.kind, dict(t.payload), t.state, t.attempt, t.node_id,
+        t.hold, list(t.delivered_ids or []), t.prompt_tokens, t.output_tokens, t.finish_reason,
+        t.error,
+    )
+
+
+class Store:
+    """Durable state: nodes, offers, keys, tasks and the ledger."""
+
+    def __init__(self, url: str, clock: Callable[[], float]) -> None:
+        self.url = url
+        self.clock = clock
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def close(self) -> None:
+        """Release connections."""
+        self.engine.dispose()
+
+    # ---- nodes -------------------------------------------------------------------------
+
+    def upsert_node(
+        self,
+        *,
+        node_id: str,
+        public_key: bytes,
+        name: str,
+        protocol_version: int,
+        hardware: dict[str, Any],
+        engine: dict[str, Any],
+        slots: int,
+        prefill_tps: float,
+        decode_tps: float,
+        offers: dict[str, Price],
+    ) -> None:
+        """Register a node, or refresh its profile and offers when it comes back."""
+        now = self.clock()
+        with self.tx() as s:
+            node = s.get(Node, node_id)
+            if node is None:
+                node = Node(id=node_id, registered_at=now)
+                s.add(node)
+            node.public_key = public_key.hex()
+            node.name = name
+            node.protocol_version = protocol_version
+            node.hardware = hardware
+            node.engine = engine
+            node.slots = slots
+            node.prefill_tps = prefill_tps
+            node.decode_tps = decode_tps
+            node.state = "live"
+            node.last_seen = now
+            s.flush()
+            for offer in s.scalars(select(Offer).where(Offer.node_id == node_id)):
+                s.delete(offer)
+            s.flush()
+            for model_id, price in offers.items():
+                s.add(Offer(node_id=node_id, model_id=model_id, prompt_price=price.prompt,
+                            output_price=price.output))
+
+    def node_public_key(self, node_id: str) -> bytes | None:
+        """The registered key of a node, if any."""
+        with self.tx() as s:
+            node = s.get(Node, node_id)
+            return bytes.fromhex(node.public_key) if node else None
+
+    def touch_node(self, node_id: str, state: str | None = None) -> None:
+        """Record a heartbeat (and a state change such as draining)."""
+        values: dict[str, Any] = {"last_seen": self.clock()}
+        if state:
+            values["state"] = state
+        with self.tx() as s:
+            s.execute(update(Node).where(Node.id == node_id).values(**values))
+
+    def nodes(self) -> list[NodeView]:
+        """Every node ever registered, with its offers."""
+        with self.tx() as s:
+            offers: dict[str, dict[str, Price]] = {}
+            for o in s.scalars(select(Offer)):
+                offers.setdefault(o.node_id, {})[o.model_id] = Price(o.prompt_price, o.output_price)
+            return [
+                NodeView(n.id, n.name, bytes.fromhex(n.public_key), n.state, n.slots,
+                         n.prefill_tps, n.decode_tps, n.last_seen, dict(n.hardware),
+                         dict(n.engine), offers.get(n.id, {}))
+                for n in s.scalars(select(Node).order_by(Node.registered_at))
+            ]
+
+    def known_models(self) -> set[str]:
+        """Every model any node has ever offered."""
+        with self.tx() as s:
+            return set(s.scalars(select(Offer.model_id).distinct()))
+
+    def live_nodes(self, timeout_s: float) -> list[NodeView]:
+        """Nodes heard from within `timeout_s` that take new work."""
+        cutoff = self.clock() - timeout_s
+        return [n for n in self.nodes() if n.state == "live" and n.last_seen >= cutoff]
+
+    def candidates(self, model_id: str, timeout_s: float) -> tuple[list[Candidate], dict[str, Price]]:
+        """Routing candidates for a model, and each one's price."""
+        live = [n for n in self.live_nodes(timeout_s) if model_id in n.offers]
+        with self.tx() as s:
+            rows = s.execute(
+                select(Task.node_id, func.count())
+                .where(Task.state == TaskState.RUNNING.value)
+                .group_by(Task.node_id)
+            ).all()
+            targeted = s.execute(
+                select(Task.target_node_id, func.count())
+                .where(Task.state == TaskState.QUEUED.value, Task.target_node_id.is_not(None))
+                .group_by(Task.target_node_id)
+            ).all()
+        busy = {node_id: count for node_id, count in rows}
+        for node_id, count in targeted:
+            busy[node_id] = busy.get(node_id, 0) + count
+        cands = [
+            Candidate(n.id, busy.get(n.id, 0), n.slots, n.offers[model_id].output, n.decode_tps)
+            for n in live
+        ]
+        return cands, {n.id: n.offers[model_id] for n in live}
+
+    # ---- keys --------------------------------------------------------------------------
+
+    def create_api_key(self, name: str) -> tuple[str, str]:
+        """A new consumer key: (key id, secret). The secret is shown once and never stored."""
+        key_id = "key_" + secrets.token_hex(8)
+        secret = f"ig-{key_id[4:]}-{secrets.token_urlsafe(24)}"
+        with self.tx() as s:
+            s.add(ApiKey(id=key_id, secret_hash=_hash_secret(secret), name=name,
+                         created_at=self.clock()))
+        return key_id, secret
+
+    def key_for_secret(self, secret: str) -> str:
+        """The key id for a bearer secret, or AuthError."""
+        with self.tx() as s:
+            key_id = s.scalar(select(ApiKey.id).where(ApiKey.secret_hash == _hash_secret(secret)))
+        if key_id is None:
+            raise AuthError("invalid API key")
+        return key_id
+
+    # ---- ledger ------------------------------------------------------------------------
+
+    def _post(self, s: Session, entry: Entry) -> bool:
+        """Append `entry` inside the caller's transaction; False if its key was posted before."""
+        if s.scalar(select(LedgerEntry.seq).where(LedgerEntry.key == entry.key)) is not None:
+            return False
+        head = s.execute(select(LedgerHead).where(LedgerHead.id == 1).with_for_update()).scalar_one()
+        for p in entry.postings:
+            if s.get(Account, p.account) is None:
+                s.add(Account(id=p.account, balance=0))
+                s.flush()
+            stmt = update(Account).where(Account.id == p.account)
+            if p.amount < 0 and not ledger.may_go_negative(p.account):
+                # Compare-and-set: the debit lands only if the balance covers it.
+                stmt = stmt.where(Account.balance >= -p.amount)
+            res = s.execute(stmt.values(balance=Account.balance + p.amount))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                available = s.scalar(select(Account.balance).where(Account.id == p.account)) or 0
+                raise InsufficientCredits(p.account, needed=-p.amount, available=available)
+        digest = ledger.chain_hash(head.hash, entry)
+        seq = head.seq + 1
+        s.add(LedgerEntry(seq=seq, key=entry.key, cause_kind=entry.cause.kind,
+                          cause_id=entry.cause.id, memo=entry.memo, prev_hash=head.hash,
+                          hash=digest, created_at=self.clock()))
+        s.flush()
+        for p in entry.postings:
+            s.add(LedgerPosting(entry_seq=seq, account=p.account, amount=p.amount))
+        head.seq, head.hash = seq, digest
+        return True
+
+    def post(self, entry: Entry) -> bool:
+        """Append one entry in its own transaction; idempotent on the entry key."""
+        with self.tx() as s:
+            return self._post(s, entry)
+
+    def balance(self, account: str) -> int:
+        """Current balance of an account, µcr."""
+        with self.tx() as s:
+            return s.scalar(select(Account.balance).where(Account.id == account)) or 0
+
+    def balances(self) -> dict[str, int]:
+        """Every account's balance."""
+        with self.tx() as s:
+            return {a.id: a.balance for a in s.scalars(select(Account))}
+
+    def entries(self, cause_id: str | None = None) -> list[dict[str, Any]]:
+        """Ledger entries with their postings, oldest first (optionally for one cause)."""
+        with self.tx() as s:
+            q = select(LedgerEntry).order_by(LedgerEntry.seq)
+            if cause_id is not None:
+                q = q.where(LedgerEntry.cause_id == cause_id)
+            out = []
+            for e in s.scalars(q):
+                postings = s.execute(
+                    select(LedgerPosting.account, LedgerPosting.amount)
+                    .where(LedgerPosting.entry_seq == e.seq)
+                    .order_by(LedgerPosting.account)
+                ).all()
+                out.append({
+                    "seq": e.seq, "key": e.key, "cause": {"kind": e.cause_kind, "id": e.cause_id},
+                    "memo": e.memo, "hash": e.hash, "prev_hash": e.prev_hash,
+                    "created_at": e.created_at,
+                    "postings": [{"account": a, "amount": v} for a, v in postings],
+                })
+            return out
+
+    def verify_ledger(self) -> list[str]:
+        """Recompute the hash chain and every balance; return the problems found (none: [])."""
+        problems: list[str] = []
+        prev = ledger.GENESIS_HASH
+        sums: dict[str, int] = {}
+        for e in self.entries():
+            entry = ledger.Entry(
+                e["key"], ledger.Cause(e["cause"]["kind"], e["cause"]["id"]),
+                tuple(ledger.Posting(p["account"], p["amount"]) for p in e["postings"]), e["memo"],
+            )
+            if e["prev_hash"] != prev:
+                problems.append(f"entry {e['seq']}: prev_hash does not match entry {e['seq'] - 1}")
+            if ledger.chain_hash(e["prev_hash"], entry) != e["hash"]:
+                problems.append(f"entry {e['seq']}: hash does not match its contents")
+            if sum(p.amount for p in entry.postings) != 0:
+                problems.append(f"entry {e['seq']}: does not balance")
+            for p in entry.postings:
+                sums[p.account] = sums.get(p.account, 0) + p.amount
+            prev = e["hash"]
+        cached = self.balances()
+        for account in sorted(set(sums) | set(cached)):
+            if sums.get(account, 0) != cached.get(account, 0):
+                problems.append(
+                    f"{account}: cached balance {cached.get(account, 0)} != postings {sums.get(account, 0)}"
+                )
+        try:
+            ledger.check_invariants(sums)
+        except LedgerError as exc:
+            problems.append(str(exc))
+        return problems
+
+    # ---- tasks -------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        *,
+        task_id: str,
+        key_id: str,
+        model_id: str,
+        kind: str,
+        payload: dict[str, Any],
+        hold: int,
+        target_node_id: str | None,
+    ) -> None:
+        """Escrow the request's worst-case cost and queue it, atomically (or InsufficientCredits)."""
+        now = self.clock()
+        with self.tx() as s:
+            s.add(Task(id=task_id, key_id=key_id, model_id=model_id, kind=kind, payload=payload,
+                       state=TaskState.QUEUED.value, attempt=0, node_id=None,
+                       target_node_id=target_node_id, hold=hold, delivered_ids=[],
+                       created_at=now, updated_at=now))
+            s.flush()
+            self._post(s, ledger.request_hold(task_id, ledger.consumer_account(key_id), hold))
+
+    def get_task(self, task_id: str) -> TaskView | None:
+        """A task by id."""
+        with self.tx() as s:
+            t = s.get(Task, task_id)
+            return _task_view(t) if t else None
+
+    def claim(self, node_id: str, models: Sequence[str]) -> TaskView | None:
+        """Claim the oldest queued task for this node (targeted at it or at nobody)."""
+        now = self.clock()
+        with self.tx() as s:
+            candidates = s.scalars(
+                select(Task)
+                .where(
+                    Task.state == TaskState.QUEUED.value,
+                    Task.model_id.in_(list(models)),
+                    (Task.target_node_id == node_id) | Task.target_node_id.is_(None),
+                )
+                .order_by((Task.target_node_id == node_id).desc(), Task.created_at)
+                .limit(5)
+            ).all()
+            price = {o.model_id: o for o in s.scalars(select(Offer).where(Offer.node_id == node_id))}
+            for t in candidates:
+                transition(TaskState(t.state), "claim")
+                attempt = t.attempt + 1  # read before the update refreshes `t`
+                # Compare-and-set: only one claimant sees rowcount 1, on any database.
+                res = s.execute(
+                    update(Task)
+                    .where(Task.id == t.id, Task.state == TaskState.QUEUED.value,
+                           Task.attempt == attempt - 1)
+                    .values(state=TaskState.RUNNING.value, attempt=attempt,
+                            node_id=node_id, target_node_id=None, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    continue
+                offer = price[t.model_id]
+                s.add(Attempt(task_id=t.id, attempt=attempt, node_id=node_id,
+                              prompt_price=offer.prompt_price, output_price=offer.output_price,
+                              started_at=now))
+                s.flush()
+                s.refresh(t)
+                return _task_view(t)
+        return None
+
+    def _running(self, s: Session, task_id: str, attempt: int, node_id: str | None) -> Task:
+        t = s.get(Task, task_id, with_for_update=True)
+        if (t is None or t.state != TaskState.RUNNING.value or t.attempt != attempt
+                or (node_id is not None and t.node_id != node_id)):
+            raise StaleAttempt(task_id, attempt)
+        return t
+
+    def check_attempt(self, task_id: str, attempt: int, node_id: str) -> None:
+        """Raise StaleAttempt unless `node_id` still holds this attempt."""
+        with self.tx() as s:
+            self._running(s, task_id, attempt, node_id)
+
+    def _end_attempt(self, s: Session, t: Task, outcome: str, new_ids: Sequence[int]) -> None:
+        a = s.get(Attempt, (t.id, t.attempt))
+        assert a is not None
+        a.ended_at = self.clock()
+        a.outcome = outcome
+        a.output_tokens = len(new_ids)
+        t.delivered_ids = [*t.delivered_ids, *new_ids]
+        t.output_tokens = len(t.delivered_ids)
+
+    def _shares(self, s: Session, t: Task, prompt_tokens: int) -> list[Share]:
+        attempts = s.scalars(
+            select(Attempt).where(Attempt.task_id == t.id).order_by(Attempt.attempt)
+        ).all()
+        shares = []
+        for a in attempts:
+            # The prompt is billed once, to the provider that finished the request; each
+            # provider is paid for the output tokens it delivered.
+            prompt = prompt_tokens if a.attempt == t.attempt else 0
+            if prompt or a.output_tokens:
+                shares.append(Share(a.node_id, prompt, a.output_tokens,
+                                    Price(a.prompt_price, a.output_price)))
+        return shares
+
+    def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        node_id: str | None,
+        *,
+        new_ids: Sequence[int],
+        prompt_tokens: int,
+        finish_reason: str,
+        fee_bps: int,
+    ) -> TaskView:
+        """Complete a task and settle it: providers paid, fee taken, rest of the hold refunded."""
+        with self.tx() as s:
+            t = self._running(s, task_id, attempt, node_id)
+            t.state = transition(TaskState(t.state), "finish").value
+            self._end_attempt(s, t, "done", new_ids)
+            t.prompt_tokens = prompt_tokens
+            t.finish_reason = finish_reason
+            t.updated_at = self.clock()
+            shares = self._shares(s, t, prompt_tokens)
+            entry = ledger.request_settlement(
+                t.id, ledger.consumer_account(t.key_id), t.hold, shares, fee_bps
+            )
+            self._post(s, entry)
+            return _task_view(t)
+
+    def requeue_or_fail(
+        self, task_id: str, attempt: int, *, new_ids: Sequence[int], outcome: str,
+        max_attempts: int, fee_bps: int,
+    ) -> TaskView:
+        """Take a task from a lost, stalled or draining provider: queue it again, or fail it."""
+        with self.tx() as s:
+            t = self._running(s, task_id, attempt, None)
+            self._end_attempt(s, t, outcome, new_ids)
+            t.node_id = None
+            t.updated_at = self.clock()
+            if should_retry(t.attempt, max_attempts):
+                t.state = transition(TaskState(t.state), "requeue").value
+            else:
+                t.state = transition(TaskState(t.state), "fail").value
+                t.error = f"gave up after {t.attempt} attempts ({outcome})"
+                self._post(s, ledger.request_release(t.id, ledger.consumer_account(t.key_id), t.hold))
+            return _task_view(t)
+
+    def fail(self, task_id: str, reason: str, *, charge_delivered: bool = False,
+             new_ids: Sequence[int] = (), fee_bps: int = 0) -> TaskView | None:
+        """End a task without completion. Unless output was delivered, the hold goes back whole."""
+        with self.tx() as s:
+            t = s.get(Task, task_id, with_for_update=True)
+            if t is None or t.state in (TaskState.DONE.value, TaskState.FAILED.value):
+                return _task_view(t) if t else None
+            running = t.state == TaskState.RUNNING.value
+            t.state = transition(TaskState(t.state), "fail").value
+            if running:
+                self._end_attempt(s, t, reason, new_ids)
+            t.error = reason
+            t.updated_at = self.clock()
+            t.node_id = None
+            payer = ledger.consumer_account(t.key_id)
+            if charge_delivered and t.output_tokens:
+                # The consumer left mid-answer: what was delivered was real work.
+                entry = ledger.request_settlement(t.id, payer, t.hold, self._shares(s, t, 0), fee_bps)
+            else:
+                entry = ledger.request_release(t.id, payer, t.hold)
+            self._post(s, entry)
+            return _task_view(t)
+
+    def running_tasks(self) -> list[TaskView]:
+        """Tasks currently held by a provider."""
+        with self.tx() as s:
+            return [_task_view(t) for t in s.scalars(select(Task).where(Task.state == "running"))]
+
+    def queued_tasks(self) -> list[tuple[TaskView, float]]:
+        """Queued tasks with their creation time."""
+        with self.tx() as s:
+            q = select(Task).where(Task.state == "queued").order_by(Task.created_at)
+            return [(_task_view(t), t.created_at) for t in s.scalars(q)]
+
+    def untarget(self, task_id: str) -> None:
+        """Return a queued task that its target never picked up to the shared queue."""
+        with self.tx() as s:
+            s.execute(update(Task).where(Task.id == task_id, Task.state == "queued")
+                      .values(target_node_id=None))
+
+    def running_by_node(self) -> dict[str, int]:
+        """Tasks each node holds right now."""
+        with self.tx() as s:
+            rows = s.execute(select(Task.node_id, func.count())
+                             .where(Task.state == TaskState.RUNNING.value)
+                             .group_by(Task.node_id)).all()
+            return {node_id: count for node_id, count in rows if node_id}
+
+    def task_counts(self) -> dict[str, int]:
+        """Number of tasks per state."""
+        with self.tx() as s:
+            return dict(s.execute(select(Task.state, func.count()).group_by(Task.state)).all())

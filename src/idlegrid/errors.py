@@ -1,0 +1,137 @@
+"""One small tree of typed errors; each carries the data that explains it.
+
+    IdlegridError
+    ├── InvalidRequest          a parameter is out of range or malformed (param)
+    ├── AuthError               bad API key, bad/stale/replayed node signature (reason)
+    ├── InsufficientCredits     a hold or posting would overdraw (account, needed, available)
+    ├── NotFound
+    │   └── ModelNotFound       no such model on this grid (model)
+    ├── Conflict
+    │   ├── IllegalTransition   a lifecycle move that the rules forbid (kind, from, to)
+    │   └── StaleAttempt        a node reports on an attempt it no longer holds (task, attempt)
+    ├── LedgerError             an entry that does not balance, or a broken invariant
+    ├── NoCapacity              no live provider can take the work (model, reasons)
+    └── EngineError             an engine failed to load or generate (engine, detail)
+
+The core raises these; only the HTTP edge (coordinator/http_errors.py) knows status codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IdlegridError(Exception):
+    """Base of every error idlegrid raises on purpose."""
+
+    code = "idlegrid_error"
+
+    def __init__(self, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+
+class InvalidRequest(IdlegridError):
+    """A request parameter is malformed or out of range."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.param = param
+
+
+class AuthError(IdlegridError):
+    """The caller could not be authenticated."""
+
+    code = "unauthorized"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, reason=reason)
+        self.reason = reason
+
+
+class InsufficientCredits(IdlegridError):
+    """An account lacks the credits an operation needs."""
+
+    code = "insufficient_credits"
+
+    def __init__(self, account: str, needed: int, available: int) -> None:
+        super().__init__(
+            f"account {account} holds {available} µcr, needs {needed} µcr",
+            account=account,
+            needed=needed,
+            available=available,
+        )
+        self.account = account
+        self.needed = needed
+        self.available = available
+
+
+class NotFound(IdlegridError):
+    """A named thing does not exist."""
+
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """No provider on this grid serves, or has ever served, this model."""
+
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist on this grid", model=model)
+        self.model = model
+
+
+class Conflict(IdlegridError):
+    """The request conflicts with the current state."""
+
+    code = "conflict"
+
+
+class IllegalTransition(Conflict):
+    """A lifecycle transition that the rules do not allow."""
+
+    code = "illegal_transition"
+
+    def __init__(self, kind: str, src: str, dst: str) -> None:
+        super().__init__(f"{kind}: {src} -> {dst} is not allowed", kind=kind, src=src, dst=dst)
+        self.kind = kind
+        self.src = src
+        self.dst = dst
+
+
+class StaleAttempt(Conflict):
+    """A node reports on a task attempt that has been taken away from it."""
+
+    code = "stale_attempt"
+
+    def __init__(self, task_id: str, attempt: int) -> None:
+        super().__init__(
+            f"task {task_id} attempt {attempt} is no longer held", task_id=task_id, attempt=attempt
+        )
+
+
+class LedgerError(IdlegridError):
+    """An entry does not balance or would break a ledger invariant."""
+
+    code = "ledger_error"
+
+
+class NoCapacity(IdlegridError):
+    """No live provider can take the work right now."""
+
+    code = "no_capacity"
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"no provider can serve '{model}' now: {reason}", model=model, reason=reason)
+        self.model = model
+        self.reason = reason
+
+
+class EngineError(IdlegridError):
+    """An engine failed to load or to generate."""
+
+    code = "engine_error"

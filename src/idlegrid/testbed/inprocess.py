@@ -1,0 +1,144 @@
+"""A coordinator and agents in one process, on real loopback sockets, for integration tests.
+
+The coordinator is a real uvicorn server in a thread; each agent runs its own event loop
+in a thread and talks to it over HTTP, exactly as a remote agent would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from idlegrid.agent.agent import Agent, AgentConfig
+from idlegrid.agent.node_client import NodeClient
+from idlegrid.config import CoordinatorSettings
+from idlegrid.coordinator.app import create_app
+from idlegrid.core.ledger import MICRO, Price
+from idlegrid.engines.base import Engine
+from idlegrid.protocol.signing import NodeKey
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class CoordinatorThread:
+    """uvicorn serving the coordinator app on loopback, in a background thread."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
+                                log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL."""
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start serving and wait until the server has started."""
+        self.thread.start()
+        ready = threading.Event()
+
+        def check() -> None:
+            while not self.server.started and self.thread.is_alive():
+                ready.wait(0.02)
+            ready.set()
+
+        checker = threading.Thread(target=check, daemon=True)
+        checker.start()
+        ready.wait(timeout_s)
+        if not self.server.started:
+            raise RuntimeError("coordinator did not start")
+
+    def stop(self) -> None:
+        """Shut the server down."""
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@dataclass
+class AgentThread:
+    """An agent running in its own event loop thread."""
+
+    agent: Agent
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    stop_event: asyncio.Event | None = None
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Run the agent until stop() or kill()."""
+        started = threading.Event()
+
+        async def main() -> None:
+            self.stop_event = asyncio.Event()
+            started.set()
+            await self.agent.run(self.stop_event)
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(main())
+            except asyncio.CancelledError:
+                pass
+            finally:
+                self.loop.run_until_complete(self.agent.client.close())
+                self.loop.run_until_complete(self.loop.shutdown_default_executor())
+                self.loop.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        started.wait(10)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Graceful stop: the SIGTERM path (drain)."""
+        assert self.stop_event is not None and self.thread is not None
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(timeout_s)
+
+    def kill(self) -> None:
+        """Abrupt death: every task of the agent is cancelled, nothing is handed back."""
+        assert self.thread is not None
+
+        def cancel_all() -> None:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+
+        self.loop.call_soon_threadsafe(cancel_all)
+        self.thread.join(30)
+
+
+def make_agent(url: str, engines: Sequence[Engine], name: str, *, price: Price | None = None,
+               drain_grace_s: float = 30.0, key_dir: Path | None = None) -> Agent:
+    """An agent with a fresh key (or one kept in `key_dir`)."""
+    key = NodeKey.load_or_create(key_dir / f"{name}.key") if key_dir else NodeKey.generate()
+    config = AgentConfig(name=name, hardware={"cpu_cores": 1}, prefill_tps=1000.0,
+                         decode_tps=100.0, drain_grace_s=drain_grace_s,
+                         price=price or Price(10 * MICRO, 40 * MICRO))
+    return Agent(NodeClient(url, key), engines, config)
+
+
+def wait_for_live(url: str, count: int, timeout_s: float = 30.0) -> None:
+    """Block until `count` nodes are live."""
+    done = threading.Event()
+    with httpx.Client(trust_env=False) as c:
+        for _ in range(int(timeout_s / 0.05)):
+            nodes = c.get(f"{url}/api/v1/status").json()["nodes"]
+            if sum(1 for n in nodes if n["live"] and n["state"] == "live") >= count:
+                return
+            done.wait(0.05)
+    raise TimeoutError(f"{count} nodes did not come up")

@@ -1,0 +1,187 @@
+"""A local grid in one process tree: a coordinator and N provider agents as child processes.
+
+Used by `idlegrid up`, the end-to-end tests and the benchmarks, so all three run the same
+real processes on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from idlegrid.core.ledger import MICRO
+
+GRID_FILE = "grid.json"
+KEY_FILE = "api-key"
+OPERATOR_KEY_FILE = "operator-key"
+
+
+@dataclass
+class LocalGrid:
+    """Handles to a running local grid."""
+
+    data_dir: Path
+    port: int
+    providers: int = 2
+    engine: str = "llama.cpp"
+    model: str = "gemma3:270m"
+    threads: int | None = None
+    funding_credits: int = 100
+    extra_env: dict[str, str] = field(default_factory=dict)
+    provider_args: Sequence[str] = ()
+    log_dir: Path | None = None
+    coordinator: subprocess.Popen[bytes] | None = None
+    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    api_key: str = ""
+    key_id: str = ""
+    operator_key: str = ""
+
+    @property
+    def url(self) -> str:
+        """Base URL of the coordinator."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **self.extra_env, "IDLEGRID_OPERATOR_KEY": self.operator_key,
+               "PYTHONUNBUFFERED": "1"}
+        logs = self.log_dir or self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
+        return subprocess.Popen([sys.executable, "-m", "idlegrid", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_coordinator(self, timeout_s: float = 60.0) -> None:
+        """Start the coordinator and wait until it is ready."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        op_file = self.data_dir / OPERATOR_KEY_FILE
+        if op_file.exists():
+            self.operator_key = op_file.read_text().strip()
+        else:
+            self.operator_key = secrets.token_urlsafe(24)
+            _write_private(op_file, self.operator_key)
+        self.coordinator = self._spawn(
+            ["coordinator", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            "coordinator",
+        )
+        self._wait(lambda c: c.get(f"{self.url}/readyz").status_code == 200, timeout_s,
+                   "coordinator ready", self.coordinator)
+
+    def start_provider(self, index: int) -> subprocess.Popen[bytes]:
+        """Start provider agent number `index`."""
+        threads = self.threads or max(1, (os.cpu_count() or 1) // max(self.providers, 1))
+        args = ["provide", "--coordinator", self.url, "--name", f"provider-{index}",
+                "--engine", self.engine, "--model", self.model, "--threads", str(threads),
+                "--key-file", str(self.data_dir / "nodes" / f"provider-{index}.key"),
+                *self.provider_args]
+        proc = self._spawn(args, f"provider-{index}")
+        self.agents.append(proc)
+        return proc
+
+    def live_nodes(self) -> list[dict[str, object]]:
+        """Nodes the coordinator currently counts as live."""
+        with httpx.Client(trust_env=False, timeout=10) as c:
+            nodes: list[dict[str, object]] = c.get(f"{self.url}/api/v1/status").json()["nodes"]
+        return [n for n in nodes if n["live"] and n["state"] == "live"]
+
+    def wait_for_providers(self, count: int, timeout_s: float = 600.0) -> None:
+        """Block until `count` providers are registered and live."""
+        self._wait(lambda _c: len(self.live_nodes()) >= count, timeout_s,
+                   f"{count} live providers", *self.agents)
+
+    def fund_consumer(self) -> str:
+        """Create (or reuse) the local consumer key, fund it, and write it to the key file."""
+        key_file = self.data_dir / KEY_FILE
+        headers = {"Authorization": f"Bearer {self.operator_key}"}
+        with httpx.Client(base_url=self.url, trust_env=False, timeout=30) as c:
+            if key_file.exists():
+                secret = key_file.read_text().strip()
+                r = c.get("/api/v1/balance", headers={"Authorization": f"Bearer {secret}"})
+                if r.status_code == 200:
+                    self.api_key, self.key_id = secret, r.json()["key_id"]
+                    return secret
+            r = c.post("/api/v1/admin/keys", json={"name": "local"}, headers=headers)
+            r.raise_for_status()
+            self.key_id, self.api_key = r.json()["key_id"], r.json()["api_key"]
+            r = c.post("/api/v1/admin/mint", headers=headers, json={
+                "key_id": self.key_id, "amount": self.funding_credits * MICRO,
+                "reference": f"local-faucet:{self.key_id}"})
+            r.raise_for_status()
+        key_file.unlink(missing_ok=True)
+        _write_private(key_file, self.api_key)
+        (self.data_dir / GRID_FILE).write_text(json.dumps({"url": self.url}))
+        return self.api_key
+
+    def start(self, timeout_s: float = 900.0) -> None:
+        """Coordinator, providers, funded key: everything `idlegrid up` does."""
+        self.start_coordinator()
+        for i in range(self.providers):
+            self.start_provider(i)
+        self.wait_for_providers(self.providers, timeout_s)
+        self.fund_consumer()
+        (self.data_dir / GRID_FILE).write_text(json.dumps({"url": self.url}))
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM the providers (they drain through the coordinator), then the coordinator."""
+        _terminate(self.agents, grace_s)
+        _terminate([self.coordinator] if self.coordinator else [], grace_s)
+
+    def _wait(self, ready: object, timeout_s: float, what: str,
+              *procs: subprocess.Popen[bytes] | None) -> None:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(trust_env=False, timeout=5) as c:
+            while time.monotonic() < deadline:
+                for p in procs:
+                    if p is not None and p.poll() is not None:
+                        raise RuntimeError(f"a process exited ({p.returncode}) before {what}; "
+                                           f"see logs in {self.log_dir or self.data_dir / 'logs'}")
+                try:
+                    if ready(c):  # type: ignore[operator]
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)  # polling a child process's readiness; nothing to wait on
+        raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _terminate(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.chmod(path, 0o600)
+
+
+def find_grid(coordinator: str | None, data_dir: Path) -> tuple[str, str | None]:
+    """Coordinator URL and API key for client commands: flags first, then the local grid."""
+    key_file = data_dir / KEY_FILE
+    key = key_file.read_text().strip() if key_file.exists() else None
+    key = os.environ.get("IDLEGRID_API_KEY", key)
+    if coordinator:
+        return coordinator.rstrip("/"), key
+    grid_file = data_dir / GRID_FILE
+    if grid_file.exists():
+        return json.loads(grid_file.read_text())["url"], key
+    return "http://127.0.0.1:8700", key
