@@ -39,6 +39,7 @@ class AgentConfig:
     decode_tps: float
     drain_grace_s: float = 30.0
     poll_wait_s: float = 15.0
+    upload_interval_s: float = 0.025
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -242,7 +243,15 @@ class Agent:
         """Send pieces in order, batching what accumulates; False if the task was taken away."""
         sent = 0
         finished = False
+        last_upload = 0.0
+        loop = asyncio.get_running_loop()
         while not finished:
+            # The first piece goes at once (time to first token); later ones are coalesced
+            # for up to `upload_interval_s`, which bounds requests per second per stream
+            # without a delay anyone reading the stream could notice.
+            wait = last_upload + self.config.upload_interval_s - loop.time()
+            if sent and wait > 0:
+                await asyncio.sleep(wait)
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
@@ -252,6 +261,7 @@ class Agent:
             if not batch or job.cancel.is_set():
                 continue
             try:
+                last_upload = loop.time()
                 await self.client.call(f"{base}/upload", {"start": sent, "pieces": batch})
             except Conflict:
                 job.cancel.set()

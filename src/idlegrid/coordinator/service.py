@@ -60,6 +60,7 @@ class Grid:
         self.metrics = Metrics()
         self.verifier = Verifier(clock, settings.signature_skew_s)
         self._keys: dict[str, bytes] = {}  # node id -> public key, cached: checked per upload
+        self._api_keys: dict[str, str] = {}  # bearer secret -> key id
         self._supervisor: asyncio.Task[None] | None = None
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -135,10 +136,11 @@ class Grid:
         """Long poll: a claimed task for this node, or None after `wait_s`."""
         deadline = self.clock() + min(wait_s, self.settings.long_poll_s)
         event = self.hub.work_event(node_id)
+        # A poll is a sign of life; later wake-ups skip this write to keep claims fast.
+        await self.db(self.store.touch_node, node_id)
         while True:
             # Clear before looking, so a wake-up that races with the claim is not lost.
             event.clear()
-            await self.db(self.store.touch_node, node_id)
             task = await self.db(self.store.claim, node_id, models)
             if task is not None:
                 self.hub.begin_attempt(task.id, task.attempt, self.clock())
@@ -241,7 +243,13 @@ class Grid:
         """The key id behind a bearer token, or AuthError."""
         if not authorization or not authorization.lower().startswith("bearer "):
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-        return await self.db(self.store.key_for_secret, authorization[7:].strip())
+        secret = authorization[7:].strip()
+        key_id = self._api_keys.get(secret)
+        if key_id is None:
+            # Keys are never revoked yet, so a hit can be cached for the process lifetime.
+            key_id = await self.db(self.store.key_for_secret, secret)
+            self._api_keys[secret] = key_id
+        return key_id
 
     async def models(self) -> list[dict[str, Any]]:
         """Models that some live provider serves now."""

@@ -191,7 +191,9 @@ def generate_text(
 
 def render_chat(engine: Engine, messages: Sequence[dict[str, Any]]) -> str:
     """Render chat messages to a prompt with the model's template (BOS left to tokenize)."""
-    template = engine.chat_template
+    from idlegrid.engines.models import family_chat_template
+
+    template = engine.chat_template or family_chat_template(engine.model_id)
     if not template:
         # No template shipped: a plain transcript that a base model continues sensibly.
         lines = [f"{m['role']}: {m['content']}" for m in messages]

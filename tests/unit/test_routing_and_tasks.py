@@ -1,0 +1,39 @@
+"""Routing choice and the task lifecycle: pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from idlegrid.core.routing import Candidate, choose, rank
+from idlegrid.core.tasks import TaskState, should_retry, transition
+from idlegrid.errors import IllegalTransition
+
+
+def c(node: str, in_flight: int = 0, slots: int = 1, price: int = 10, tps: float = 10.0
+      ) -> Candidate:
+    return Candidate(node, in_flight, slots, price, tps)
+
+
+def test_least_loaded_first_then_cheapest_then_fastest() -> None:
+    assert choose([c("busy", 1, 2), c("idle", 0, 2)]).node_id == "idle"  # type: ignore[union-attr]
+    assert choose([c("dear", price=20), c("cheap", price=10)]).node_id == "cheap"  # type: ignore[union-attr]
+    assert choose([c("slow", tps=5), c("fast", tps=50)]).node_id == "fast"  # type: ignore[union-attr]
+    assert [x.node_id for x in rank([c("b"), c("a")])] == ["a", "b"]  # ties: stable by id
+
+
+def test_full_providers_leave_work_in_the_shared_queue() -> None:
+    assert choose([c("a", 1, 1), c("b", 2, 2)]) is None
+    assert choose([c("a", 1, 2)], exclude=frozenset({"a"})) is None
+
+
+def test_lifecycle_moves_and_illegal_ones() -> None:
+    s = transition(TaskState.QUEUED, "claim")
+    assert s is TaskState.RUNNING
+    assert transition(s, "requeue") is TaskState.QUEUED
+    assert transition(s, "finish") is TaskState.DONE
+    with pytest.raises(IllegalTransition) as exc:
+        transition(TaskState.DONE, "claim")
+    assert (exc.value.src, exc.value.dst) == ("done", "running")
+    with pytest.raises(IllegalTransition):
+        transition(TaskState.QUEUED, "finish")
+    assert should_retry(1, 3) and not should_retry(3, 3)
