@@ -52,13 +52,14 @@ class UpProcess:
         raise TimeoutError((self.data_dir / "up.log").read_text())
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
+            self.proc.wait(90)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()  # its children follow (parent-death signal)
+                self.proc.wait()
+            self.log.close()
 
 
 @pytest.fixture(scope="module")

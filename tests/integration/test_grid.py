@@ -350,3 +350,30 @@ def test_sigterm_drains_in_flight_work(tmp_path: Path, database_url: str) -> Non
         assert [n["state"] for n in g.nodes()] == ["draining"]
     finally:
         stop_grid(g)
+
+
+def test_consumer_leaving_mid_stream_stops_the_work_and_bills_only_what_arrived(
+        tmp_path: Path, database_url: str) -> None:
+    g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=0.05)])
+    try:
+        consumer = ledger.consumer_account(g.key_id)
+        before = g.balance(consumer)
+        body = {"model": MODEL, "prompt": "leave early", "max_tokens": 200, "temperature": 0,
+                "stream": True}
+        with g.http() as c, c.stream("POST", "/v1/completions", json=body,
+                                     headers={"Authorization": f"Bearer {g.api_key}"}) as r:
+            lines = r.iter_lines()
+            events = [ln for ln in (next(lines) for _ in range(12)) if ln.startswith("data: ")]
+            request_id = json.loads(events[0][6:])["id"]
+        # Closing the response is the consumer leaving; the coordinator settles on its own.
+        wait_until(lambda: [e["memo"] for e in g.entries()
+                            if e["cause"]["id"] == request_id] == ["hold", "settle"])  # type: ignore[index]
+        wait_until(lambda: not g.agents[0].agent.jobs)
+        spent = before - g.balance(consumer)
+        provider = next(n for n in g.nodes())
+        assert 0 < spent < charge_for(200, 200, Price(11 * MICRO, 41 * MICRO))
+        assert spent == provider["balance"] + g.balance(ledger.FEES)
+        assert g.agents[0].agent.served == 0  # the agent stopped instead of finishing 200 tokens
+        g.verify()
+    finally:
+        stop_grid(g)

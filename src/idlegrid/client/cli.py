@@ -161,7 +161,9 @@ def up(
     grid = LocalGrid(data_dir=data_dir, port=port, providers=providers, engine=engine,
                      model=model, threads=threads, funding_credits=credits)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         with console.status("starting the coordinator"):
             grid.start_coordinator()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ValidationError
 
 from idlegrid.coordinator.service import Grid
+from idlegrid.coordinator.store import TaskView
 from idlegrid.errors import AuthError, InvalidRequest
 from idlegrid.protocol import messages as m
 from idlegrid.protocol.signing import HEADER_PUBKEY, decode_public_key
@@ -43,6 +45,25 @@ async def _signed(request: Request, *, registering: bool = False) -> tuple[str, 
     return node_id, body
 
 
+async def _poll_until_disconnect(request: Request, node_id: str, msg: m.PollMsg) -> TaskView | None:
+    """Long poll that stops as soon as the agent hangs up (draining, or gone)."""
+
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    poll = asyncio.ensure_future(_grid(request).poll(node_id, msg.models, msg.wait_s))
+    watch = asyncio.ensure_future(hung_up())
+    await asyncio.wait({poll, watch}, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    if not poll.done():
+        # A claim already under way finishes in its thread; the supervisor's stall timeout
+        # then returns that task to the queue.
+        poll.cancel()
+        return None
+    return poll.result()
+
+
 router = APIRouter(prefix="/api/v1", tags=["nodes"])
 
 
@@ -69,7 +90,7 @@ async def poll(request: Request) -> dict[str, Any] | Response:
     """Long poll for one task: 200 with the task, or 204 when none came in time."""
     node_id, body = await _signed(request)
     msg = _parse(m.PollMsg, body)
-    task = await _grid(request).poll(node_id, msg.models, msg.wait_s)
+    task = await _poll_until_disconnect(request, node_id, msg)
     if task is None:
         return Response(status_code=204)
     p = task.payload

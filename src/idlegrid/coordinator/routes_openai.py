@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -117,7 +118,8 @@ async def _serve(request: Request, kind: str, model: str, payload: dict[str, Any
                 raise _failure(event.data)
     finally:
         if not ended:
-            await grid.abandon(task_id)
+            with anyio.CancelScope(shield=True):
+                await grid.abandon(task_id)
         grid.hub.close(task_id)
     raise RequestFailed("stream ended early")  # pragma: no cover - events() always ends
 
@@ -165,7 +167,9 @@ async def _sse(grid: Grid, shape: _Shape, task_id: str, stream: TaskStream, star
     finally:
         if not done:
             # The consumer went away mid-stream: stop the provider, bill only what it got.
-            await grid.abandon(task_id)
+            # Shielded: the disconnect cancelled this generator, and the books must settle.
+            with anyio.CancelScope(shield=True):
+                await grid.abandon(task_id)
         grid.hub.close(task_id)
 
 

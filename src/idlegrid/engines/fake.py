@@ -3,7 +3,8 @@
 It is a real `Engine`, not a mock:
 
 - Tokens are bytes: id = byte + 3; 0 is PAD, 1 is EOS (the only end token), 2 is BOS.
-- Output is readable lowercase words, each followed by a space. The next token is a pure
+- Output is words (readable lowercase ASCII unless `words` says otherwise; non-ASCII words
+  exercise UTF-8 split across tokens), each followed by a space. The next token is a pure
   function of the whole context (and, when sampling, of the seed), so a continuation from
   any prefix of an earlier output reproduces that output exactly. Temperature 0 ignores
   the seed; temperature > 0 uses the seed, or a fresh random one when the seed is None.
@@ -73,6 +74,7 @@ class FakeEngine:
         context_length: int | None = None,
         token_delay: float | None = None,
         chat_template: str | None = None,
+        words: Sequence[str] | None = None,
     ) -> None:
         self.model_id = model_id
         self._context_length = context_length or 4096
@@ -84,7 +86,10 @@ class FakeEngine:
                 raise EngineError(f"{DELAY_ENV}={raw!r} is not a number", engine="fake") from exc
         self.token_delay = max(0.0, token_delay)
         self._chat_template = chat_template
-        self._words = [[b + OFFSET for b in w.encode()] for w in WORDS]
+        words = list(words or WORDS)
+        if not words or any(not w or " " in w or len(w.encode()) > 32 for w in words):
+            raise EngineError("fake words must be 1-32 bytes without spaces", engine="fake")
+        self._words = [[b + OFFSET for b in w.encode()] for w in words]
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Byte ids of `text`, BOS first when `add_bos`."""

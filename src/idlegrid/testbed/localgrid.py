@@ -57,8 +57,12 @@ class LocalGrid:
         logs = self.log_dir or self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
+        # Own session: a terminal's Ctrl-C reaches only `up`, which stops providers before
+        # the coordinator so that they can drain. Parent-death signal: if `up` itself is
+        # killed, its children still stop instead of serving on as orphans.
         return subprocess.Popen([sys.executable, "-m", "idlegrid", *args], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
 
     def start_coordinator(self, timeout_s: float = 60.0) -> None:
         """Start the coordinator and wait until it is ready."""
@@ -151,6 +155,14 @@ class LocalGrid:
                     pass
                 time.sleep(0.2)  # polling a child process's readiness; nothing to wait on
         raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _die_with_parent() -> None:
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _terminate(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
