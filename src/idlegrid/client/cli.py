@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from idlegrid import __version__
+from idlegrid.client.plan_cmd import plan
 from idlegrid.config import DEFAULT_PORT, default_data_dir
 
 app = typer.Typer(help="idlegrid: turn idle GPUs into a verifiable AI compute grid.",
@@ -278,16 +279,7 @@ def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | Non
     return find_grid(coordinator_url, data_dir)
 
 
-def _register_optional() -> None:
-    # Commands from parts that may not be present in every build register themselves here.
-    try:
-        from idlegrid.client.plan_cmd import plan
-    except ImportError:
-        return
-    app.command("plan")(plan)
-
-
-_register_optional()
+app.command("plan")(plan)
 
 
 def main() -> None:
