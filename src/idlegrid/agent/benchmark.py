@@ -95,7 +95,7 @@ def _next(stream: Iterator[int]) -> int:
     try:
         return next(stream)
     except StopIteration:
-        raise EngineError("engine stopped before the benchmark finished", engine="benchmark") from None
+        raise EngineError("engine stopped before the benchmark ended", engine="benchmark") from None
 
 
 def _close(stream: Iterator[int]) -> None:

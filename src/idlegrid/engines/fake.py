@@ -11,7 +11,8 @@ It is a real `Engine`, not a mock:
   top_p is ignored.
 - EOS is produced only when the context contains `END_MARKER`: once the context holds
   `END_AFTER_WORDS` spaces after the marker's last occurrence, the next word boundary is
-  EOS (and so is every token after it: an EOS is never a word). Without the marker the engine never ends by itself.
+  EOS (and so is every token after it: an EOS is never a word). Without the marker the
+  engine never ends by itself.
 - `token_delay` seconds (or env `IDLEGRID_FAKE_TOKEN_DELAY`) are slept before each token,
   so that tests can make a provider slow enough to kill mid-stream.
 """
@@ -35,12 +36,14 @@ END_AFTER_WORDS = 4
 DELAY_ENV = "IDLEGRID_FAKE_TOKEN_DELAY"
 
 WORDS = (
-    "grid idle power token river stone cloud lamp orbit paper signal cedar ember field "
-    "honey iron jade kite lemon maple night ocean pixel quartz raven silver tiger umber "
-    "velvet willow amber bright calm delta early frost green hollow inner jolly keen "
-    "lunar mellow noble olive prime quiet rapid solar tidal urban vivid warm yellow zesty "
-    "alpha bravo comet dune echo flint glow harbor"
-).split()
+    "grid", "idle", "power", "token", "river", "stone", "cloud", "lamp", "orbit", "paper",
+    "signal", "cedar", "ember", "field", "honey", "iron", "jade", "kite", "lemon", "maple",
+    "night", "ocean", "pixel", "quartz", "raven", "silver", "tiger", "umber", "velvet",
+    "willow", "amber", "bright", "calm", "delta", "early", "frost", "green", "hollow", "inner",
+    "jolly", "keen", "lunar", "mellow", "noble", "olive", "prime", "quiet", "rapid", "solar",
+    "tidal", "urban", "vivid", "warm", "yellow", "zesty", "alpha", "bravo", "comet", "dune",
+    "echo", "flint", "glow", "harbor",
+)  # fmt: skip
 
 _MASK = (1 << 64) - 1
 _SPACE = ord(" ") + OFFSET

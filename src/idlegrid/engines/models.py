@@ -7,6 +7,7 @@ provider can serve any local GGUF file instead (`--model-path`), under an id it 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,9 @@ def canonical_id(model_id: str) -> str:
     return model_id
 
 
-def resolve_model(model_id: str = DEFAULT_MODEL, *, model_path: str | Path | None = None) -> ModelSpec:
+def resolve_model(
+    model_id: str = DEFAULT_MODEL, *, model_path: str | os.PathLike[str] | None = None
+) -> ModelSpec:
     """The `ModelSpec` for `model_id`, or for a local GGUF file served under that id."""
     if model_path is not None:
         path = Path(model_path).expanduser()

@@ -3,17 +3,19 @@
 transformers can read Gemma 3 GGUF files itself, but its loader needs `accelerate`, its
 metadata reader (gguf's GGUFReader) spends ~20 s on a 262k-token vocabulary, and its
 tokenizer rebuilds BPE merges for ~30 s. So this module reads the file directly: a small
-GGUF parser, dequantization with the `gguf` package (Q8_0 vectorised here, the slowest
-one there), a transformers `Gemma3ForCausalLM` built from the metadata, and llama.cpp's
-SentencePiece tokenizer re-implemented so that both engines see the same token ids.
-Nothing here touches the network.
+GGUF parser, dequantization with the `gguf` package (Q8_0 in torch: gguf's numpy path
+takes ~10 s on the embedding), a transformers `Gemma3ForCausalLM` built from the metadata,
+and llama.cpp's SentencePiece tokenizer re-implemented, so that both engines see the same
+token ids. Nothing here touches the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import mmap
 import os
+import random
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,10 +24,12 @@ from typing import Any
 import numpy as np
 
 from idlegrid.engines.base import SamplingParams
+from idlegrid.engines.llamacpp import default_threads
 from idlegrid.engines.models import resolve_model
 from idlegrid.errors import EngineError, InvalidRequest
 
 DEFAULT_CONTEXT = 8192
+_UINT64 = (1 << 64) - 1
 INSTALL_HINT = "pip install 'idlegrid[torch]'"
 
 # llama.cpp's token types (tokenizer.ggml.token_type)
@@ -66,20 +70,22 @@ class TorchEngine:
         spec = resolve_model(model_id, model_path=model_path)
         self.model_id = spec.id
         self._path = spec.gguf_path
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or default_threads())
         self._device = torch.device(device or _best_device(torch))
         self._dtype = getattr(torch, dtype)
         gguf = GgufFile(self._path)
-        arch = gguf.meta.get("general.architecture")
-        if arch != "gemma3":
-            raise EngineError(f"torch engine supports gemma3 GGUF files, not {arch!r}",
-                              engine=self.name, detail=str(self._path))  # fmt: skip
-        self._vocab = SpmVocab.from_gguf(gguf.meta)
-        self._config = _gemma3_config(gguf.meta, len(self._vocab.tokens))
-        self._model = _build_model(torch, self._config, _gemma3_state_dict(torch, gguf))
+        try:
+            arch = gguf.meta.get("general.architecture")
+            if arch != "gemma3":
+                raise EngineError(f"torch engine supports gemma3 GGUF files, not {arch!r}",
+                                  engine=self.name, detail=str(self._path))  # fmt: skip
+            self._vocab = SpmVocab.from_gguf(gguf.meta)
+            self._config = _gemma3_config(gguf.meta, len(self._vocab.tokens))
+            state_dict = _gemma3_state_dict(torch, gguf)
+        finally:
+            gguf.close()
+        self._model = _build_model(torch, self._config, state_dict)
         self._model.to(device=self._device, dtype=self._dtype).eval()
-        gguf.close()
         trained = int(self._config.max_position_embeddings)
         self._context_length = min(context_length or DEFAULT_CONTEXT, trained)
         self._chat_template = gguf.meta.get("tokenizer.chat_template")
@@ -106,8 +112,8 @@ class TorchEngine:
         self._check_prompt(ids)
         generator = None
         if params.temperature > 0:
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            generator = torch.Generator(device=self._device).manual_seed(seed)
+            seed = params.seed if params.seed is not None else random.getrandbits(64)
+            generator = torch.Generator(device=self._device).manual_seed(seed & _UINT64)
         cache = DynamicCache(config=self._config)
         step = torch.tensor([ids], dtype=torch.long, device=self._device)
         n = len(ids)
@@ -133,6 +139,7 @@ class TorchEngine:
             sorted_probs, order = torch.sort(probs, descending=True)
             # Keep the smallest prefix whose mass reaches top_p (always at least one token).
             keep = (torch.cumsum(sorted_probs, 0) - sorted_probs) < params.top_p
+            keep[0] = True
             sorted_probs = sorted_probs * keep
             pick = torch.multinomial(sorted_probs, 1, generator=generator)
             return int(order[pick])
@@ -206,6 +213,7 @@ class GgufFile:
         buf = self._map
         magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
         if magic != b"GGUF" or version < 2:
+            self.close()
             raise EngineError(f"{path} is not a GGUF v2+ file", engine="torch", detail=str(path))
         self._pos = 24
         self.meta: dict[str, Any] = {}
@@ -235,7 +243,9 @@ class GgufFile:
         return ggml_type, dims, np.frombuffer(self._map, np.uint8, nbytes, start)
 
     def close(self) -> None:
-        """Unmap the file (tensors read from it must have been copied)."""
+        """Unmap and close the file (tensors read from it must have been copied)."""
+        with contextlib.suppress(BufferError):  # a view is still alive: the GC unmaps later
+            self._map.close()
         self._file.close()
 
     def _unpack(self, fmt: str) -> tuple[Any, ...]:
@@ -295,6 +305,7 @@ def _gemma3_config(meta: dict[str, Any], vocab_size: int) -> Any:
         return meta.get(f"gemma3.{key}", default)
 
     head_dim = int(g("attention.key_length", 256))
+    global_theta = float(g("rope.freq_base", 1_000_000.0))
     return Gemma3TextConfig(
         vocab_size=vocab_size,
         hidden_size=int(g("embedding_length")),
@@ -309,7 +320,8 @@ def _gemma3_config(meta: dict[str, Any], vocab_size: int) -> Any:
         # Gemma 3 below 27B scales queries by 1/sqrt(head_dim), as llama.cpp does.
         query_pre_attn_scalar=head_dim,
         rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": float(g("rope.freq_base", 1e6))},
+            "full_attention": {"rope_type": "default", "rope_theta": global_theta},
+            # Not in the GGUF: llama.cpp hard-codes Gemma 3's local base as well.
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         },
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id", 2),
@@ -348,7 +360,7 @@ def _build_model(torch: Any, config: Any, state_dict: dict[str, Any]) -> Any:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
     # Random init of 270M parameters costs seconds and is overwritten at once.
     with no_init_weights():
         model = Gemma3ForCausalLM(config)
