@@ -20,7 +20,7 @@ from idlegrid import PROTOCOL_VERSION
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator.hub import Event, Hub, TaskStream
 from idlegrid.coordinator.metrics import Metrics
-from idlegrid.coordinator.store import Store, TaskView
+from idlegrid.coordinator.store import NodeView, Store, TaskView
 from idlegrid.core import ledger, routing
 from idlegrid.core.ledger import Price
 from idlegrid.errors import (
@@ -61,6 +61,9 @@ class Grid:
         self.verifier = Verifier(clock, settings.signature_skew_s)
         self._keys: dict[str, bytes] = {}  # node id -> public key, cached: checked per upload
         self._api_keys: dict[str, str] = {}  # bearer secret -> key id
+        # Node views cached for routing, refreshed by the supervisor and on registration:
+        # routing a request then touches no database before its escrow is written.
+        self._nodes: dict[str, NodeView] = {}
         self._supervisor: asyncio.Task[None] | None = None
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -68,6 +71,25 @@ class Grid:
         return await to_thread.run_sync(lambda: fn(*args, **kwargs))
 
     # ---- lifecycle ---------------------------------------------------------------------
+
+    async def refresh_nodes(self) -> dict[str, NodeView]:
+        """Reload the node cache from the store."""
+        self._nodes = {n.id: n for n in await self.db(self.store.nodes)}
+        return self._nodes
+
+    def candidates(self, model: str) -> tuple[list[routing.Candidate], dict[str, Price]]:
+        """Live providers of `model` with their load (from the hub) and prices."""
+        cutoff = self.clock() - self.settings.node_timeout_s
+        busy: dict[str, int] = {}
+        for stream in self.hub.streams.values():
+            holder = stream.node_id if stream.attempt > 0 else stream.target
+            if holder:
+                busy[holder] = busy.get(holder, 0) + 1
+        live = [n for n in self._nodes.values()
+                if n.state == "live" and n.last_seen >= cutoff and model in n.offers]
+        cands = [routing.Candidate(n.id, busy.get(n.id, 0), n.slots, n.offers[model].output,
+                                   n.decode_tps) for n in live]
+        return cands, {n.id: n.offers[model] for n in live}
 
     def start(self) -> None:
         """Start the supervisor loop (call from the running event loop)."""
@@ -120,6 +142,7 @@ class Grid:
             decode_tps=body["decode_tps"], offers=offers,
         )
         self._keys[node_id] = public_key
+        await self.refresh_nodes()
         self.hub.wake(node_id)
         return {
             "node_id": node_id,
@@ -149,6 +172,7 @@ class Grid:
                     await self.db(self.store.fail, task.id, "consumer disconnected")
                     continue
                 stream.node_id = node_id
+                stream.target = None
                 return task
             remaining = deadline - self.clock()
             if remaining <= 0:
@@ -271,7 +295,7 @@ class Grid:
                 f"max_tokens must be between 1 and {self.settings.max_tokens_limit}",
                 param="max_tokens",
             )
-        cands, prices = await self.db(self.store.candidates, model, self.settings.node_timeout_s)
+        cands, prices = self.candidates(model)
         if not cands:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)
@@ -286,6 +310,7 @@ class Grid:
             payload["seed"] = derive_seed(task_id)
         target = routing.choose(cands)
         stream = self.hub.open(task_id, self.clock())
+        stream.target = target.node_id if target else None
         try:
             await self.db(
                 self.store.create_task, task_id=task_id, key_id=key_id, model_id=model, kind=kind,
@@ -298,7 +323,7 @@ class Grid:
         return task_id, stream
 
     async def _route(self, task_id: str, model: str, exclude: frozenset[str]) -> None:
-        cands, _ = await self.db(self.store.candidates, model, self.settings.node_timeout_s)
+        cands, _ = self.candidates(model)
         target = routing.choose(cands, exclude) or routing.choose(cands)
         if target is None:
             self.hub.wake(None)
@@ -334,7 +359,7 @@ class Grid:
     async def supervise_once(self) -> None:
         """Take work from dead or stalled providers; fail requests nobody picked up in time."""
         now = self.clock()
-        nodes = {n.id: n for n in await self.db(self.store.nodes)}
+        nodes = await self.refresh_nodes()
         self.metrics.live_nodes.set(sum(
             1 for n in nodes.values()
             if n.state != "gone" and n.last_seen >= now - self.settings.node_timeout_s))
@@ -363,4 +388,7 @@ class Grid:
             elif now - created > 1.0:
                 # Its target has not claimed it (busy or gone): any provider may take it now.
                 await self.db(self.store.untarget, task.id)
+                stream = self.hub.get(task.id)
+                if stream is not None:
+                    stream.target = None
                 self.hub.wake(None)

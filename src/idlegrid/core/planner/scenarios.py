@@ -36,6 +36,14 @@ _US = {("Virginia", "Oregon"): (67, 1.15), ("Virginia", "California"): (59, 1.05
        ("Oregon", "Ohio"): (49, 1.10), ("California", "Ohio"): (52, 1.02)}
 
 
+def world_link(a: str, b: str) -> tuple[float, float]:
+    """(ms, Gbit/s) between two of Case 5's cities (DT-FM config.py), intra 5 ms / 2."""
+    if a == b:
+        return 5.0, 2.0
+    ms, gbps = _WORLD.get((a, b)) or _WORLD[(b, a)]
+    return float(ms), float(gbps)
+
+
 def dtfm_model(layers: int = 24, batch: float | None = None) -> dict[str, Any]:
     """GPT3-XL as DT-FM's scheduler sees it; batch=None keeps the scheduler's exact constants."""
     model: dict[str, Any] = {"layers": layers, "hidden": 2048, "seq": 2048, "micro_batch": 1,
