@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from idlegrid.core import ledger
@@ -273,30 +273,37 @@ class Store:
 
     def _post(self, s: Session, entry: Entry) -> bool:
         """Append `entry` inside the caller's transaction; False if its key was posted before."""
+        # Core statements, not the ORM unit of work: this runs on every request's hot path.
         if s.scalar(select(LedgerEntry.seq).where(LedgerEntry.key == entry.key)) is not None:
             return False
-        head = s.execute(select(LedgerHead).where(LedgerHead.id == 1).with_for_update()).scalar_one()
+        head = s.execute(
+            select(LedgerHead.seq, LedgerHead.hash).where(LedgerHead.id == 1).with_for_update()
+        ).one()
+        known = set(s.scalars(select(Account.id).where(
+            Account.id.in_([p.account for p in entry.postings]))))
+        missing = [{"id": p.account, "balance": 0} for p in entry.postings
+                   if p.account not in known]
+        if missing:
+            s.execute(insert(Account), missing)
         for p in entry.postings:
-            if s.get(Account, p.account) is None:
-                s.add(Account(id=p.account, balance=0))
-                s.flush()
             stmt = update(Account).where(Account.id == p.account)
             if p.amount < 0 and not ledger.may_go_negative(p.account):
                 # Compare-and-set: the debit lands only if the balance covers it.
                 stmt = stmt.where(Account.balance >= -p.amount)
-            res = s.execute(stmt.values(balance=Account.balance + p.amount))
+            res = s.execute(stmt.values(balance=Account.balance + p.amount)
+                            .execution_options(synchronize_session=False))
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 available = s.scalar(select(Account.balance).where(Account.id == p.account)) or 0
                 raise InsufficientCredits(p.account, needed=-p.amount, available=available)
         digest = ledger.chain_hash(head.hash, entry)
         seq = head.seq + 1
-        s.add(LedgerEntry(seq=seq, key=entry.key, cause_kind=entry.cause.kind,
-                          cause_id=entry.cause.id, memo=entry.memo, prev_hash=head.hash,
-                          hash=digest, created_at=self.clock()))
-        s.flush()
-        for p in entry.postings:
-            s.add(LedgerPosting(entry_seq=seq, account=p.account, amount=p.amount))
-        head.seq, head.hash = seq, digest
+        s.execute(insert(LedgerEntry).values(
+            seq=seq, key=entry.key, cause_kind=entry.cause.kind, cause_id=entry.cause.id,
+            memo=entry.memo, prev_hash=head.hash, hash=digest, created_at=self.clock()))
+        s.execute(insert(LedgerPosting), [
+            {"entry_seq": seq, "account": p.account, "amount": p.amount} for p in entry.postings])
+        s.execute(update(LedgerHead).where(LedgerHead.id == 1).values(seq=seq, hash=digest)
+                  .execution_options(synchronize_session=False))
         return True
 
     def post(self, entry: Entry) -> bool:
@@ -382,11 +389,11 @@ class Store:
         """Escrow the request's worst-case cost and queue it, atomically (or InsufficientCredits)."""
         now = self.clock()
         with self.tx() as s:
-            s.add(Task(id=task_id, key_id=key_id, model_id=model_id, kind=kind, payload=payload,
-                       state=TaskState.QUEUED.value, attempt=0, node_id=None,
-                       target_node_id=target_node_id, hold=hold, delivered_ids=[],
-                       created_at=now, updated_at=now))
-            s.flush()
+            s.execute(insert(Task).values(
+                id=task_id, key_id=key_id, model_id=model_id, kind=kind, payload=payload,
+                state=TaskState.QUEUED.value, attempt=0, node_id=None,
+                target_node_id=target_node_id, hold=hold, delivered_ids=[], prompt_tokens=0,
+                output_tokens=0, created_at=now, updated_at=now))
             self._post(s, ledger.request_hold(task_id, ledger.consumer_account(key_id), hold))
 
     def get_task(self, task_id: str) -> TaskView | None:
