@@ -17,11 +17,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from idlegrid.core import ledger
-from idlegrid.core.ledger import Entry, Price, Share
-from idlegrid.core.routing import Candidate
-from idlegrid.core.tasks import TaskState, should_retry, transition
-from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, StaleAttempt
 from idlegrid.coordinator.schema import (
     Account,
     ApiKey,
@@ -33,6 +28,11 @@ from idlegrid.coordinator.schema import (
     Offer,
     Task,
 )
+from idlegrid.core import ledger
+from idlegrid.core.ledger import Entry, Price, Share
+from idlegrid.core.routing import Candidate
+from idlegrid.core.tasks import TaskState, should_retry, transition
+from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, StaleAttempt
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 

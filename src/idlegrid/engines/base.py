@@ -189,6 +189,20 @@ def generate_text(
     return result
 
 
+def check_prompt(ids: Sequence[int], context_length: int, vocab_size: int) -> None:
+    """Refuse a prompt that is empty, overflows the context, or holds unknown token ids."""
+    from idlegrid.errors import InvalidRequest
+
+    if not ids:
+        raise InvalidRequest("prompt is empty", param="prompt")
+    if len(ids) >= context_length:
+        raise InvalidRequest(
+            f"prompt has {len(ids)} tokens; the context holds {context_length}", param="prompt"
+        )
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise InvalidRequest("token id out of range", param="prompt")
+
+
 def render_chat(engine: Engine, messages: Sequence[dict[str, Any]]) -> str:
     """Render chat messages to a prompt with the model's template (BOS left to tokenize)."""
     from idlegrid.engines.models import family_chat_template

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from idlegrid.engines.base import SamplingParams
+from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.models import resolve_model
 from idlegrid.errors import EngineError, InvalidRequest
 
@@ -145,7 +145,7 @@ class LlamaCppEngine:
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
         """Evaluate the prompt from scratch, then sample one token per decode step."""
         ids = list(prompt_ids)
-        self._check_prompt(ids)
+        check_prompt(ids, self._context_length, self._n_vocab)
         sampler = self._sampler(params)
         llm, sample, ctx = self._llm, self._lib.llama_sampler_sample, self._ctx
         try:
@@ -174,17 +174,6 @@ class LlamaCppEngine:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(llama_seed(seed)))
         return chain
-
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidRequest("prompt is empty", param="prompt")
-        if len(ids) >= self._context_length:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens; the context holds {self._context_length}",
-                param="prompt",
-            )
-        if min(ids) < 0 or max(ids) >= self._n_vocab:
-            raise InvalidRequest("token id out of range", param="prompt")
 
     @property
     def chat_template(self) -> str | None:

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from idlegrid.engines.base import SamplingParams
+from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.llamacpp import default_threads
 from idlegrid.engines.models import resolve_model
-from idlegrid.errors import EngineError, InvalidRequest
+from idlegrid.errors import EngineError
 
 DEFAULT_CONTEXT = 8192
 _UINT64 = (1 << 64) - 1
@@ -109,7 +109,7 @@ class TorchEngine:
         from transformers import DynamicCache
 
         ids = list(prompt_ids)
-        self._check_prompt(ids)
+        check_prompt(ids, self._context_length, len(self._vocab.tokens))
         generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else random.getrandbits(64)
@@ -144,18 +144,6 @@ class TorchEngine:
             pick = torch.multinomial(sorted_probs, 1, generator=generator)
             return int(order[pick])
         return int(torch.multinomial(probs, 1, generator=generator))
-
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidRequest("prompt is empty", param="prompt")
-        if len(ids) >= self._context_length:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens; the context holds {self._context_length}",
-                param="prompt",
-            )
-        vocab = len(self._vocab.tokens)
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidRequest("token id out of range", param="prompt")
 
     @property
     def chat_template(self) -> str | None:
