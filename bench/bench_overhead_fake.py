@@ -33,10 +33,12 @@ def main() -> None:
             start = time.perf_counter()
             stream = client.completions.create(model="fake:1", prompt="hello", max_tokens=2,
                                                temperature=0, stream=True)
+            first = None
             for chunk in stream:
-                if chunk.choices and chunk.choices[0].text and len(ttfts) < args.requests:
-                    ttfts.append(time.perf_counter() - start)
-                    start = float("inf")
+                if first is None and chunk.choices and chunk.choices[0].text:
+                    first = time.perf_counter() - start
+            assert first is not None
+            ttfts.append(first)
         print(f"grid-only time to first token: median {1000 * statistics.median(ttfts):.1f} ms, "
               f"min {1000 * min(ttfts):.1f} ms over {len(ttfts)} requests")
     finally:

@@ -45,6 +45,8 @@ class Hub:
     def __init__(self) -> None:
         self.streams: dict[str, TaskStream] = {}
         self._work: dict[str, asyncio.Event] = {}
+        # Long polls parked per node, ready to take a task handed to them directly.
+        self._waiters: dict[str, list[asyncio.Future[Any]]] = {}
 
     def open(self, task_id: str, now: float) -> TaskStream:
         """Start listening to a task's output."""
@@ -78,6 +80,25 @@ class Hub:
             stream.queue.put_nowait(event)
 
     # ---- long-poll wake-ups ------------------------------------------------------------
+
+    def park(self, node_id: str, fut: asyncio.Future[Any]) -> None:
+        """A long poll of `node_id` waits on `fut` for a task handed to it."""
+        self._waiters.setdefault(node_id, []).append(fut)
+
+    def unpark(self, node_id: str, fut: asyncio.Future[Any]) -> None:
+        """The poll behind `fut` is over."""
+        waiting = self._waiters.get(node_id, [])
+        if fut in waiting:
+            waiting.remove(fut)
+
+    def take_parked(self, node_id: str) -> asyncio.Future[Any] | None:
+        """A parked poll of `node_id` to hand a task to, if one is waiting."""
+        waiting = self._waiters.get(node_id, [])
+        while waiting:
+            fut = waiting.pop(0)
+            if not fut.done():
+                return fut
+        return None
 
     def work_event(self, node_id: str) -> asyncio.Event:
         """The event a node's long poll waits on."""

@@ -177,9 +177,22 @@ class Grid:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return None
+            # Park: a new request routed here is handed over directly (no claim round trip);
+            # the event covers work left in the shared queue.
+            handed: asyncio.Future[TaskView] = asyncio.get_running_loop().create_future()
+            self.hub.park(node_id, handed)
+            woken = asyncio.ensure_future(event.wait())
             try:
-                await asyncio.wait_for(event.wait(), timeout=remaining)
-            except TimeoutError:
+                await asyncio.wait({handed, woken}, timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+                self.hub.unpark(node_id, handed)
+                if not handed.done():
+                    handed.cancel()
+            if not handed.cancelled():
+                return handed.result()
+            if not event.is_set():
                 return None
 
     def _attempt_stream(self, task_id: str, attempt: int, node_id: str) -> TaskStream:
@@ -311,15 +324,26 @@ class Grid:
         target = routing.choose(cands)
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
+        parked = self.hub.take_parked(target.node_id) if target else None
         try:
-            await self.db(
+            task = await self.db(
                 self.store.create_task, task_id=task_id, key_id=key_id, model_id=model, kind=kind,
                 payload=payload, hold=hold, target_node_id=target.node_id if target else None,
+                claim_for=(target.node_id, prices[target.node_id]) if parked and target else None,
             )
         except BaseException:
             self.hub.close(task_id)
+            if parked is not None and not parked.done():
+                parked.cancel()  # the poll goes back to waiting on its event
             raise
-        self.hub.wake(target.node_id if target else None)
+        if parked is None or target is None:
+            self.hub.wake(target.node_id if target else None)
+        else:
+            stream.attempt, stream.node_id, stream.target = 1, target.node_id, None
+            if parked.done():  # the poll ended while the escrow was written
+                await self.give_up(None, task_id, 1, "hand-over missed")
+            else:
+                parked.set_result(task)
         return task_id, stream
 
     async def _route(self, task_id: str, model: str, exclude: frozenset[str]) -> None:

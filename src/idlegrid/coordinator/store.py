@@ -385,16 +385,31 @@ class Store:
         payload: dict[str, Any],
         hold: int,
         target_node_id: str | None,
-    ) -> None:
-        """Escrow the request's worst-case cost and queue it, atomically (or InsufficientCredits)."""
+        claim_for: tuple[str, Price] | None = None,
+    ) -> TaskView:
+        """Escrow the request's worst-case cost and queue it, atomically (or InsufficientCredits).
+
+        With `claim_for` (node, price) the task is created already claimed by that node,
+        attempt 1: the hand-over to a waiting long poll needs no second transaction.
+        """
         now = self.clock()
+        holder = claim_for[0] if claim_for else None
         with self.tx() as s:
             s.execute(insert(Task).values(
                 id=task_id, key_id=key_id, model_id=model_id, kind=kind, payload=payload,
-                state=TaskState.QUEUED.value, attempt=0, node_id=None,
-                target_node_id=target_node_id, hold=hold, delivered_ids=[], prompt_tokens=0,
-                output_tokens=0, created_at=now, updated_at=now))
+                state=(TaskState.RUNNING if claim_for else TaskState.QUEUED).value,
+                attempt=1 if claim_for else 0, node_id=holder,
+                target_node_id=None if claim_for else target_node_id, hold=hold,
+                delivered_ids=[], prompt_tokens=0, output_tokens=0, created_at=now,
+                updated_at=now))
+            if claim_for:
+                s.execute(insert(Attempt).values(
+                    task_id=task_id, attempt=1, node_id=holder, prompt_price=claim_for[1].prompt,
+                    output_price=claim_for[1].output, started_at=now, output_tokens=0))
             self._post(s, ledger.request_hold(task_id, ledger.consumer_account(key_id), hold))
+            t = s.get(Task, task_id)
+            assert t is not None
+            return _task_view(t)
 
     def get_task(self, task_id: str) -> TaskView | None:
         """A task by id."""
