@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from idlegrid.coordinator.schema import (
@@ -74,6 +84,25 @@ def migrate(url: str) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     command.upgrade(cfg, "head")
+
+
+_ENTRY_BY_KEY = select(LedgerEntry.seq).where(LedgerEntry.key == bindparam("key"))
+_HEAD_FOR_UPDATE = (select(LedgerHead.seq, LedgerHead.hash).where(LedgerHead.id == 1)
+                    .with_for_update())
+_KNOWN_ACCOUNTS = select(Account.id).where(Account.id.in_(bindparam("ids", expanding=True)))
+_NO_SYNC = {"synchronize_session": False}
+_CREDIT = (update(Account).where(Account.id == bindparam("acct"))
+           .values(balance=Account.balance + bindparam("amount")).execution_options(**_NO_SYNC))
+_DEBIT = (update(Account)
+          .where(Account.id == bindparam("acct"), Account.balance >= -bindparam("amount"))
+          .values(balance=Account.balance + bindparam("amount")).execution_options(**_NO_SYNC))
+_INSERT_ENTRY = insert(LedgerEntry)
+_INSERT_TASK = insert(Task)
+_INSERT_ATTEMPT = insert(Attempt)
+_INSERT_POSTING = insert(LedgerPosting)
+_ADVANCE_HEAD = (update(LedgerHead).where(LedgerHead.id == 1)
+                 .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+                 .execution_options(**_NO_SYNC))
 
 
 def _hash_secret(secret: str) -> str:
@@ -273,37 +302,32 @@ class Store:
 
     def _post(self, s: Session, entry: Entry) -> bool:
         """Append `entry` inside the caller's transaction; False if its key was posted before."""
-        # Core statements, not the ORM unit of work: this runs on every request's hot path.
-        if s.scalar(select(LedgerEntry.seq).where(LedgerEntry.key == entry.key)) is not None:
+        # Prebuilt Core statements with bound parameters: this runs on every request's path
+        # to its first token, and building statements cost more than SQLite running them.
+        if s.execute(_ENTRY_BY_KEY, {"key": entry.key}).first() is not None:
             return False
-        head = s.execute(
-            select(LedgerHead.seq, LedgerHead.hash).where(LedgerHead.id == 1).with_for_update()
-        ).one()
-        known = set(s.scalars(select(Account.id).where(
-            Account.id.in_([p.account for p in entry.postings]))))
-        missing = [{"id": p.account, "balance": 0} for p in entry.postings
-                   if p.account not in known]
+        head = s.execute(_HEAD_FOR_UPDATE).one()
+        accounts = [p.account for p in entry.postings]
+        known = set(s.scalars(_KNOWN_ACCOUNTS, {"ids": accounts}))
+        missing = [{"id": a, "balance": 0} for a in accounts if a not in known]
         if missing:
             s.execute(insert(Account), missing)
         for p in entry.postings:
-            stmt = update(Account).where(Account.id == p.account)
-            if p.amount < 0 and not ledger.may_go_negative(p.account):
-                # Compare-and-set: the debit lands only if the balance covers it.
-                stmt = stmt.where(Account.balance >= -p.amount)
-            res = s.execute(stmt.values(balance=Account.balance + p.amount)
-                            .execution_options(synchronize_session=False))
+            # Compare-and-set: a debit lands only if the balance covers it.
+            guarded = p.amount < 0 and not ledger.may_go_negative(p.account)
+            res = s.execute(_DEBIT if guarded else _CREDIT, {"acct": p.account, "amount": p.amount})
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 available = s.scalar(select(Account.balance).where(Account.id == p.account)) or 0
                 raise InsufficientCredits(p.account, needed=-p.amount, available=available)
         digest = ledger.chain_hash(head.hash, entry)
         seq = head.seq + 1
-        s.execute(insert(LedgerEntry).values(
-            seq=seq, key=entry.key, cause_kind=entry.cause.kind, cause_id=entry.cause.id,
-            memo=entry.memo, prev_hash=head.hash, hash=digest, created_at=self.clock()))
-        s.execute(insert(LedgerPosting), [
+        s.execute(_INSERT_ENTRY, {
+            "seq": seq, "key": entry.key, "cause_kind": entry.cause.kind,
+            "cause_id": entry.cause.id, "memo": entry.memo, "prev_hash": head.hash,
+            "hash": digest, "created_at": self.clock()})
+        s.execute(_INSERT_POSTING, [
             {"entry_seq": seq, "account": p.account, "amount": p.amount} for p in entry.postings])
-        s.execute(update(LedgerHead).where(LedgerHead.id == 1).values(seq=seq, hash=digest)
-                  .execution_options(synchronize_session=False))
+        s.execute(_ADVANCE_HEAD, {"new_seq": seq, "new_hash": digest})
         return True
 
     def post(self, entry: Entry) -> bool:
@@ -394,22 +418,23 @@ class Store:
         """
         now = self.clock()
         holder = claim_for[0] if claim_for else None
+        view = TaskView(task_id, key_id, model_id, kind, payload,
+                        (TaskState.RUNNING if claim_for else TaskState.QUEUED).value,
+                        1 if claim_for else 0, holder, hold, [], 0, 0, None, None)
         with self.tx() as s:
-            s.execute(insert(Task).values(
-                id=task_id, key_id=key_id, model_id=model_id, kind=kind, payload=payload,
-                state=(TaskState.RUNNING if claim_for else TaskState.QUEUED).value,
-                attempt=1 if claim_for else 0, node_id=holder,
-                target_node_id=None if claim_for else target_node_id, hold=hold,
-                delivered_ids=[], prompt_tokens=0, output_tokens=0, created_at=now,
-                updated_at=now))
+            s.execute(_INSERT_TASK, {
+                "id": view.id, "key_id": key_id, "model_id": model_id, "kind": kind,
+                "payload": payload, "state": view.state, "attempt": view.attempt,
+                "node_id": holder, "target_node_id": None if claim_for else target_node_id,
+                "hold": hold, "delivered_ids": [], "prompt_tokens": 0, "output_tokens": 0,
+                "created_at": now, "updated_at": now})
             if claim_for:
-                s.execute(insert(Attempt).values(
-                    task_id=task_id, attempt=1, node_id=holder, prompt_price=claim_for[1].prompt,
-                    output_price=claim_for[1].output, started_at=now, output_tokens=0))
+                s.execute(_INSERT_ATTEMPT, {
+                    "task_id": task_id, "attempt": 1, "node_id": holder,
+                    "prompt_price": claim_for[1].prompt, "output_price": claim_for[1].output,
+                    "started_at": now, "output_tokens": 0})
             self._post(s, ledger.request_hold(task_id, ledger.consumer_account(key_id), hold))
-            t = s.get(Task, task_id)
-            assert t is not None
-            return _task_view(t)
+        return view
 
     def get_task(self, task_id: str) -> TaskView | None:
         """A task by id."""
