@@ -239,7 +239,7 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
     for n in data["nodes"]:
         hw = n["hardware"]
         table.add_row(n["name"], ("live" if n["live"] else "gone") if n["state"] == "live"
-                      else n["state"], f"{hw.get('cpu_cores', '?')} cores",
+                      else n["state"], _hardware_summary(hw),
                       str(n["engine"].get("engine", n["engine"].get("name", "?"))),
                       f"{n['prefill_tps']:.0f}", f"{n['decode_tps']:.1f}",
                       f"{n['balance'] / MICRO:.6f}")
@@ -265,6 +265,13 @@ def verify_ledger(data_dir: DataDir, coordinator_url: CoordinatorUrl = None) -> 
     for p in result["problems"]:
         out.print(f"[red]{p}[/]")
     raise typer.Exit(1)
+
+
+def _hardware_summary(hw: dict[str, Any]) -> str:
+    gpus = hw.get("gpus") or []
+    if gpus:
+        return ", ".join(str(g.get("name", "GPU")) for g in gpus)
+    return f"{hw.get('cpu_model') or 'CPU'}, {hw.get('cpu_logical', '?')} cores"
 
 
 def _operator_key(data_dir: Path) -> str | None:
