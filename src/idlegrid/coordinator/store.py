@@ -40,7 +40,6 @@ from idlegrid.coordinator.schema import (
 )
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Entry, Price, Share
-from idlegrid.core.routing import Candidate
 from idlegrid.core.tasks import TaskState, should_retry, transition
 from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, StaleAttempt
 
@@ -256,29 +255,6 @@ class Store:
         cutoff = self.clock() - timeout_s
         return [n for n in self.nodes() if n.state == "live" and n.last_seen >= cutoff]
 
-    def candidates(self, model_id: str, timeout_s: float) -> tuple[list[Candidate], dict[str, Price]]:
-        """Routing candidates for a model, and each one's price."""
-        live = [n for n in self.live_nodes(timeout_s) if model_id in n.offers]
-        with self.tx() as s:
-            rows = s.execute(
-                select(Task.node_id, func.count())
-                .where(Task.state == TaskState.RUNNING.value)
-                .group_by(Task.node_id)
-            ).all()
-            targeted = s.execute(
-                select(Task.target_node_id, func.count())
-                .where(Task.state == TaskState.QUEUED.value, Task.target_node_id.is_not(None))
-                .group_by(Task.target_node_id)
-            ).all()
-        busy = {node_id: count for node_id, count in rows}
-        for node_id, count in targeted:
-            busy[node_id] = busy.get(node_id, 0) + count
-        cands = [
-            Candidate(n.id, busy.get(n.id, 0), n.slots, n.offers[model_id].output, n.decode_tps)
-            for n in live
-        ]
-        return cands, {n.id: n.offers[model_id] for n in live}
-
     # ---- keys --------------------------------------------------------------------------
 
     def create_api_key(self, name: str) -> tuple[str, str]:
@@ -486,11 +462,6 @@ class Store:
                 or (node_id is not None and t.node_id != node_id)):
             raise StaleAttempt(task_id, attempt)
         return t
-
-    def check_attempt(self, task_id: str, attempt: int, node_id: str) -> None:
-        """Raise StaleAttempt unless `node_id` still holds this attempt."""
-        with self.tx() as s:
-            self._running(s, task_id, attempt, node_id)
 
     def _end_attempt(self, s: Session, t: Task, outcome: str, new_ids: Sequence[int]) -> None:
         a = s.get(Attempt, (t.id, t.attempt))
