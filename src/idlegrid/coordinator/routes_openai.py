@@ -102,7 +102,7 @@ async def _serve(request: Request, kind: str, model: str, payload: dict[str, Any
     parts: list[str] = []
     ended = False
     try:
-        async for event in grid.events(task_id, stream):
+        async for event in grid.events(stream):
             if event.kind == "pieces":
                 if not parts:
                     grid.metrics.ttft.labels(model).observe(time.perf_counter() - started)
@@ -141,7 +141,7 @@ async def _sse(grid: Grid, shape: _Shape, task_id: str, stream: TaskStream, star
         if shape.kind == "chat":
             yield _sse_line(shape.chunk("", None, first=True))
         first = True
-        async for event in grid.events(task_id, stream):
+        async for event in grid.events(stream):
             if event.kind == "pieces":
                 text = "".join(t for _, t in event.pieces)
                 if first:

@@ -270,7 +270,7 @@ class Grid:
         if task.state == "queued":
             log.warning("task %s: attempt %d %s; handing it to another provider",
                         task_id, attempt, outcome)
-            await self._route(task.id, task.model_id, exclude=frozenset({stream.node_id or ""}))
+            self._wake_for(task.model_id, exclude=frozenset({stream.node_id or ""}))
         else:
             self.hub.push(task_id, Event("failed", data={"error": task.error}))
 
@@ -346,7 +346,8 @@ class Grid:
                 parked.set_result(task)
         return task_id, stream
 
-    async def _route(self, task_id: str, model: str, exclude: frozenset[str]) -> None:
+    def _wake_for(self, model: str, exclude: frozenset[str]) -> None:
+        """Wake the provider a requeued task should go to (or every one, if all are busy)."""
         cands, _ = self.candidates(model)
         target = routing.choose(cands, exclude) or routing.choose(cands)
         if target is None:
@@ -354,7 +355,7 @@ class Grid:
         else:
             self.hub.wake(target.node_id)
 
-    async def events(self, task_id: str, stream: TaskStream) -> AsyncIterator[Event]:
+    async def events(self, stream: TaskStream) -> AsyncIterator[Event]:
         """Events of a request until it is done or failed."""
         while True:
             event = await stream.queue.get()
