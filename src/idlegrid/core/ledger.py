@@ -38,6 +38,21 @@ def provider_account(node_id: str) -> str:
     return f"provider:{node_id}"
 
 
+def accrual_account(node_id: str) -> str:
+    """Earnings of a provider not yet paid out: forfeitable while their audit window is open."""
+    return f"accrual:{node_id}"
+
+
+def stake_account(node_id: str, device_class: str) -> str:
+    """Stake a provider has posted for one claimed device class; slashed on proven fraud."""
+    return f"stake:{node_id}:{device_class}"
+
+
+def order_escrow_account(order_id: str) -> str:
+    """Prepaid funds of one market order, drawn down as the order accrues."""
+    return f"escrow:order:{order_id}"
+
+
 def may_go_negative(account: str) -> bool:
     """Only the issuer's balance is allowed below zero."""
     return account == ISSUER
