@@ -110,7 +110,7 @@ def balance(url: str, key: str) -> int:
 
 
 def provider_balances(url: str) -> dict[str, int]:
-    return {n["id"]: n["balance"] for n in status(url)["nodes"]}  # type: ignore[attr-defined, index]
+    return {n["id"]: n["earned"] for n in status(url)["nodes"]}  # type: ignore[attr-defined, index]
 
 
 def entries_for(up: UpProcess, cause: str) -> list[dict[str, object]]:
@@ -224,6 +224,6 @@ def test_killing_the_serving_provider_mid_stream(up: tuple[UpProcess, str]) -> N
     assert spent > 0
     # Charged once: the hold came back minus exactly what the settlement paid out.
     paid_out = sum(p["amount"] for p in settle["postings"]  # type: ignore[attr-defined]
-                   if p["account"].startswith(("provider:", "system:fees")))
+                   if p["account"].startswith(("accrual:", "provider:", "system:fees")))
     assert spent == paid_out
     assert consumer["amount"] > 0  # the unused part of the hold was refunded

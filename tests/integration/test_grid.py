@@ -139,7 +139,7 @@ def test_completion_matches_engine_and_moves_exact_credits(grid: Grid) -> None:
     assert resp.usage.prompt_tokens == len(FakeEngine(MODEL).tokenize("The capital of France is"))
 
     # Exactly one provider served it; its price decides the charge, the fee is split off.
-    served = [n for n in grid.nodes() if n["balance"]]
+    served = [n for n in grid.nodes() if n["earned"]]
     assert len(served) == 1
     offer = served[0]["offers"][MODEL]  # type: ignore[index]
     price = Price(offer["prompt_price"], offer["output_price"])
@@ -147,7 +147,7 @@ def test_completion_matches_engine_and_moves_exact_credits(grid: Grid) -> None:
     fee = charge * FEE_BPS // 10_000
     assert charge > 0 and fee > 0
     assert before - grid.balance(consumer) == charge
-    assert served[0]["balance"] == charge - fee
+    assert served[0]["earned"] == charge - fee
     assert grid.balance(ledger.FEES) == fee
     assert grid.balance(ledger.ESCROW) == 0
     causes = [e for e in grid.entries() if e["cause"]["id"] == resp.id]  # type: ignore[index]
@@ -296,10 +296,10 @@ def test_dead_provider_mid_stream_is_replaced_and_billed_once(
         assert "".join(texts) == expected("long story", 60, temperature=0.0)
         entries = [e for e in g.entries() if e["cause"]["id"] == chunks[0].id]  # type: ignore[index]
         assert [e["memo"] for e in entries] == ["hold", "settle"]
-        paid = sum(n["balance"] for n in g.nodes())  # type: ignore[misc]
+        paid = sum(n["earned"] for n in g.nodes())  # type: ignore[misc]
         spent = before - g.balance(consumer)
         assert spent == paid + g.balance(ledger.FEES) and spent > 0
-        assert sum(1 for n in g.nodes() if n["balance"]) == 2  # both did part of the work
+        assert sum(1 for n in g.nodes() if n["earned"]) == 2  # both did part of the work
         g.verify()
     finally:
         stop_grid(g)
@@ -372,7 +372,7 @@ def test_consumer_leaving_mid_stream_stops_the_work_and_bills_only_what_arrived(
         spent = before - g.balance(consumer)
         provider = next(n for n in g.nodes())
         assert 0 < spent < charge_for(200, 200, Price(11 * MICRO, 41 * MICRO))
-        assert spent == provider["balance"] + g.balance(ledger.FEES)
+        assert spent == provider["earned"] + g.balance(ledger.FEES)
         assert g.agents[0].agent.served == 0  # the agent stopped instead of finishing 200 tokens
         g.verify()
     finally:

@@ -54,7 +54,7 @@ def test_settlement_pays_provider_minus_fee_and_refunds_rest() -> None:
     )
     fee = charge * 200 // 10_000
     assert b[ALICE] == 10_000 - charge
-    assert b[ledger.provider_account("n1")] == charge - fee
+    assert b[ledger.accrual_account("n1")] == charge - fee
     assert b[ledger.FEES] == fee
     assert b.get(ledger.ESCROW, 0) == 0
 

@@ -242,7 +242,7 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
                       else n["state"], _hardware_summary(hw),
                       str(n["engine"].get("engine", n["engine"].get("name", "?"))),
                       f"{n['prefill_tps']:.0f}", f"{n['decode_tps']:.1f}",
-                      f"{n['balance'] / MICRO:.6f}")
+                      f"{n['earned'] / MICRO:.6f}")
     out.print(table)
     if "me" in data:
         out.print(f"your balance: {data['me']['balance'] / MICRO:.6f} credits")

@@ -104,7 +104,11 @@ async def status(request: Request) -> dict[str, Any]:
                 "hardware": n.hardware, "engine": n.engine,
                 "offers": {mid: {"prompt_price": p.prompt, "output_price": p.output}
                            for mid, p in n.offers.items()},
-                "balance": balances.get(ledger.provider_account(n.id), 0),
+                # Earnings accrue first (forfeitable while audits are open), then are paid out.
+                "accrued": balances.get(ledger.accrual_account(n.id), 0),
+                "paid": balances.get(ledger.provider_account(n.id), 0),
+                "earned": balances.get(ledger.accrual_account(n.id), 0)
+                + balances.get(ledger.provider_account(n.id), 0),
             }
             for n in nodes
         ],

@@ -204,7 +204,7 @@ def request_settlement(
     for share in shares:
         charge = share.charge()
         fee = fee_of(charge, fee_bps)
-        postings += [Posting(provider_account(share.node_id), charge - fee), Posting(FEES, fee)]
+        postings += [Posting(accrual_account(share.node_id), charge - fee), Posting(FEES, fee)]
         total += charge
     if total > held:
         raise LedgerError(

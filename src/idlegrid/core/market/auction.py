@@ -1,0 +1,306 @@
+"""The reverse auction: filter the book with reasons, fit, score, place (gangs too). Pure.
+
+The book keeps its offers as numpy columns, so one order filters 10,000 offers with a dozen
+vector comparisons instead of 10,000 Python calls; each comparison also counts the offers
+it eliminated, which is the "why no match" answer for free.
+
+Score = expected cost ÷ reliability: price × expected runtime (runtime from the offer's
+measured speed, discounted while unverified), divided by the chance the work finishes
+without being redone. Fit comes first: an order whose model fits a consumer card never
+lands on a datacenter or workstation card while a fitting consumer card is free, however
+the prices compare (VRAM, not raw speed, decides what a card can do; an H100 serving a
+270M model is capacity the market loses for the jobs that need it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
+from idlegrid.core.market.hardware import BY_NAME, GPUS
+from idlegrid.core.market.offers import Offer
+from idlegrid.core.market.orders import Order, OrderKind
+
+CONSUMER_MAX_VRAM_GB = 32.0  # the largest consumer card (RTX 5090)
+BIG_TIERS = frozenset({"datacenter", "workstation"})
+UNVERIFIED_SPEED = 0.8  # claimed speed counts at 80% until a hardware proof backs it
+TRAINING_MFU = 0.35  # share of datasheet FLOP/s a training job gets, for runtime estimates
+GANG_STARTS = 8  # first choices tried when assembling a multi-provider gang
+
+Quote = Callable[[Offer, Order], "int | None"]
+_MODEL_IDX = {g.name: i for i, g in enumerate(GPUS)}
+
+
+@dataclass(frozen=True)
+class Leg:
+    """Devices of one offer that an order holds."""
+
+    offer_id: str
+    provider: str
+    devices: int
+    unit_price: int  # µcr per device-hour, or per 1M output tokens (batch)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an order runs, what it is expected to cost and why it won."""
+
+    order_id: str
+    legs: tuple[Leg, ...]
+    cost: int  # µcr, expected, at the quoted prices
+    score: float  # cost ÷ reliability: what the auction minimised
+    runtime_h: float
+    oversized: bool  # a big card, because no fitting consumer card was free
+    candidates: int  # offers that passed every filter
+
+    @property
+    def providers(self) -> list[str]:
+        """Distinct providers of the placement."""
+        return sorted({leg.provider for leg in self.legs})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, as the API and `idlegrid explain` show it."""
+        return {"legs": [leg.__dict__ for leg in self.legs], "cost": self.cost,
+                "score": self.score, "runtime_h": self.runtime_h, "oversized": self.oversized,
+                "candidates": self.candidates}
+
+
+@dataclass(frozen=True)
+class Elimination:
+    """One constraint's effect: how many offers it removed, how many were left."""
+
+    constraint: str
+    eliminated: int
+    remaining: int
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """An order that found no placement, with every constraint that narrowed the book."""
+
+    order_id: str
+    reasons: tuple[Elimination, ...]
+
+    @property
+    def decisive(self) -> str:
+        """The constraint that removed the last offers."""
+        last = [r for r in self.reasons if r.remaining == 0]
+        return last[0].constraint if last else (self.reasons[-1].constraint if self.reasons
+                                                else "empty book")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: machine-readable reasons."""
+        return {"decisive": self.decisive, "reasons": [r.__dict__ for r in self.reasons]}
+
+
+class Book:
+    """Offers as columns, with the free device count of each, matched one order at a time."""
+
+    def __init__(self, offers: Sequence[Offer],
+                 links: Mapping[frozenset[str], float] | None = None) -> None:
+        self.offers = list(offers)
+        self.links = dict(links or {})  # {provider a, provider b} -> measured Gbit/s
+        self.index = {o.id: i for i, o in enumerate(self.offers)}
+        n = len(self.offers)
+        self.regions = sorted({o.hardware.region for o in self.offers})
+        region_idx = {r: i for i, r in enumerate(self.regions)}
+        col = np.array
+        self.model = col([_MODEL_IDX[o.device.model] for o in self.offers], dtype=np.int32)
+        self.vram = col([o.device.vram_gb or BY_NAME[o.device.model].vram_gb
+                         for o in self.offers], dtype=np.float64)
+        self.big = col([BY_NAME[o.device.model].tier in BIG_TIERS for o in self.offers], dtype=bool)
+        self.free = col([o.device.count for o in self.offers], dtype=np.int64)
+        self.cpus = col([o.hardware.cpus for o in self.offers], dtype=np.float64)
+        self.ram = col([o.hardware.ram_gb for o in self.offers], dtype=np.float64)
+        self.reliability = col([o.hardware.reliability for o in self.offers], dtype=np.float64)
+        self.verified = col([o.hardware.verified for o in self.offers], dtype=bool)
+        self.region = col([region_idx[o.hardware.region] for o in self.offers], dtype=np.int32)
+        self.price_h = col([o.device_hour for o in self.offers], dtype=np.int64)
+        self.plugin = col([o.plugin is not None for o in self.offers], dtype=bool)
+        self.staked = col([o.staked for o in self.offers], dtype=bool)
+        speed = [o.hardware.matmul_tflops or BY_NAME[o.device.model].fp16_tflops
+                 for o in self.offers]
+        self.tflops = col(speed, dtype=np.float64) * np.where(self.verified, 1.0, UNVERIFIED_SPEED)
+        # Per model, full-length columns: token prices and measured speed (0 = not served).
+        self._by_model: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for i, o in enumerate(self.offers):
+            for m, p in o.model_prices.items():
+                if m not in self._by_model:
+                    self._by_model[m] = (np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64),
+                                         np.zeros(n, dtype=np.float64))
+                served, out, tps = self._by_model[m]
+                served[i], out[i] = True, p.output
+                tps[i] = o.hardware.tokens_per_s.get(m, 0.0)
+        discount = np.where(self.verified, 1.0, UNVERIFIED_SPEED)
+        for _, _, tps in self._by_model.values():
+            tps *= discount
+        self._none = np.zeros(n, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.offers)
+
+    # ---- matching -------------------------------------------------------------------
+
+    def match(self, order: Order, quote: Quote | None = None) -> Placement | Unmatched:
+        """The best placement for `order` on the free capacity, or the reasons there is none."""
+        spec = order.spec
+        reasons: list[Elimination] = []
+        # One boolean mask over the whole book, narrowed constraint by constraint; full-length
+        # columns avoid a gather per step, which is most of the cost at 10,000 offers.
+        tps = out_price = None
+        if order.model is not None and order.kind in (OrderKind.INFERENCE, OrderKind.BATCH):
+            served, out_price, tps = self._by_model.get(order.model, (self._none, None, None))
+            mask = served.copy()
+        else:
+            mask = np.ones(len(self), dtype=bool)
+        left = [len(self)]
+
+        def keep(name: str, cond: np.ndarray) -> bool:
+            mask[...] &= cond
+            kept = int(np.count_nonzero(mask))
+            if kept < left[0]:
+                reasons.append(Elimination(name, left[0] - kept, kept))
+                left[0] = kept
+            return kept > 0
+
+        ok = keep("model", mask)
+        if ok and spec.accelerators is not None:
+            lookup = np.zeros(len(GPUS), dtype=bool)
+            lookup[[_MODEL_IDX[a] for a in spec.accelerators]] = True
+            ok = keep("accelerators", lookup[self.model])
+        if ok and order.vram_need_gb:
+            ok = keep("vram_gb", self.vram >= order.vram_need_gb)
+        if ok and spec.vram_gb is not None:
+            ok = keep("vram_gb", spec.vram_gb.test(self.vram))
+        if ok and spec.cpus is not None:
+            ok = keep("cpus", spec.cpus.test(self.cpus))
+        if ok and spec.ram_gb is not None:
+            ok = keep("ram_gb", spec.ram_gb.test(self.ram))
+        if ok and spec.reliability is not None:
+            ok = keep("reliability", spec.reliability.test(self.reliability))
+        if ok and (spec.region.only is not None or spec.region.exclude):
+            lookup = np.array([spec.region.allows(r) for r in self.regions], dtype=bool)
+            ok = keep("region", lookup[self.region])
+        if ok and spec.verified:
+            ok = keep("verified", self.verified)
+        if ok and spec.min_tokens_per_s is not None:
+            ok = keep("min_tokens_per_s", tps >= spec.min_tokens_per_s if tps is not None
+                      else self._none)
+        if ok:
+            ok = keep("stake", self.staked)
+        if ok:
+            ok = keep("capacity", self.free > 0)
+        if not ok:
+            return Unmatched(order.id, tuple(reasons))
+        batch = order.kind is OrderKind.BATCH
+        unit_all = out_price if batch else self.price_h
+        plug_rows = np.flatnonzero(mask & self.plugin)
+        if len(plug_rows):
+            unit_all = unit_all.copy()  # type: ignore[union-attr]
+            sits_out = np.zeros(len(self), dtype=bool)
+            for row in plug_rows:
+                quoted = quote(self.offers[int(row)], order) if quote else None
+                if quoted is None or quoted < 0:
+                    sits_out[row] = True
+                else:
+                    unit_all[row] = quoted
+            if not keep("pricing plug-in", ~sits_out):
+                return Unmatched(order.id, tuple(reasons))
+        if not keep("max_price", unit_all <= order.max_price):  # type: ignore[operator]
+            return Unmatched(order.id, tuple(reasons))
+        ids = np.flatnonzero(mask)
+        unit = unit_all[ids]  # type: ignore[index]
+        runtime = self._runtime(order, ids, tps[ids] if tps is not None else None)
+        if batch:
+            per_device_cost = unit * (order.tokens / TOKENS_PER_PRICE_UNIT)
+        else:
+            per_device_cost = unit * runtime
+        score = per_device_cost / np.maximum(self.reliability[ids], 0.01)
+        oversized = self.big[ids] & (order.vram_need_gb <= CONSUMER_MAX_VRAM_GB)
+        count = 1 if batch else order.devices
+        whole = self.free[ids] >= count
+        if whole.any():
+            # Fit first, then the score.
+            fitting = whole & ~oversized
+            pool = fitting if fitting.any() else whole
+            best = int(np.argmin(np.where(pool, score, np.inf)))
+            return self._placement(order, [(int(ids[best]), count, int(unit[best]))],
+                                   float(runtime[best]), bool(oversized[best]),
+                                   float(score[best]) * count, len(ids))
+        return self._gang(order, ids, unit, runtime, score, oversized, reasons)
+
+    def _runtime(self, order: Order, ids: np.ndarray, tps: np.ndarray | None) -> np.ndarray:
+        if order.kind is OrderKind.BATCH and tps is not None:
+            return order.tokens / np.maximum(tps, 1e-9) / 3600.0
+        if order.kind is OrderKind.TRAINING and order.work_pflop:
+            rate = self.tflops[ids] * order.devices * TRAINING_MFU * 3600.0 / 1000.0  # PFLOP/h
+            return order.work_pflop / np.maximum(rate, 1e-9)
+        return np.full(len(ids), order.hours)
+
+    def _gang(self, order: Order, ids: np.ndarray, unit: np.ndarray, runtime: np.ndarray,
+              score: np.ndarray, oversized: np.ndarray,
+              reasons: list[Elimination]) -> Placement | Unmatched:
+        """Devices from several providers, every pair linked at `min_link_gbps` or better."""
+        order_ix = np.lexsort((score, oversized))
+        need = order.devices
+        for start in order_ix[:GANG_STARTS]:
+            legs: list[tuple[int, int, int]] = []
+            chosen: list[str] = []
+            left = need
+            for j in np.concatenate(([start], order_ix)):
+                row = int(ids[j])
+                if any(leg[0] == row for leg in legs):
+                    continue
+                prov = self.offers[row].provider
+                if not all(self._linked(prov, p, order.spec.min_link_gbps) for p in chosen):
+                    continue
+                take = int(min(self.free[row], left))
+                legs.append((row, take, int(unit[j])))
+                chosen.append(prov)
+                left -= take
+                if left == 0:
+                    rt = float(max(runtime[ids == leg[0]][0] for leg in legs))
+                    sc = float(sum(score[ids == leg[0]][0] * leg[1] for leg in legs))
+                    big = bool(any(oversized[ids == leg[0]][0] for leg in legs))
+                    return self._placement(order, legs, rt, big, sc, len(ids))
+        reasons.append(Elimination(
+            f"gang: no {need} free devices with links >= {order.spec.min_link_gbps:g} Gbit/s",
+            len(ids), 0))
+        return Unmatched(order.id, tuple(reasons))
+
+    def _linked(self, a: str, b: str, gbps: float) -> bool:
+        return a == b or self.links.get(frozenset((a, b)), 0.0) >= gbps
+
+    def _placement(self, order: Order, legs: list[tuple[int, int, int]], runtime: float,
+                   oversized: bool, score: float, candidates: int) -> Placement:
+        if order.kind is OrderKind.BATCH:
+            cost = sum(u * order.tokens // TOKENS_PER_PRICE_UNIT for _, _, u in legs)
+        else:
+            cost = sum(round(u * n * runtime) for _, n, u in legs)
+        return Placement(order.id, tuple(
+            Leg(self.offers[r].id, self.offers[r].provider, n, u) for r, n, u in legs),
+            int(cost), score, runtime, oversized, candidates)
+
+    # ---- capacity -------------------------------------------------------------------
+
+    def take(self, placement: Placement) -> None:
+        """Mark a placement's devices busy."""
+        for leg in placement.legs:
+            self.free[self.index[leg.offer_id]] -= leg.devices
+
+    def release(self, placement: Placement) -> None:
+        """Give a placement's devices back."""
+        for leg in placement.legs:
+            i = self.index.get(leg.offer_id)
+            if i is not None:
+                self.free[i] = min(self.free[i] + leg.devices, self.offers[i].device.count)
+
+
+def request_score(prompt_tokens: int, max_tokens: int, price: Price, reliability: float) -> float:
+    """The same scoring for one gateway request: expected cost ÷ reliability."""
+    cost = (prompt_tokens * price.prompt + max_tokens * price.output) / TOKENS_PER_PRICE_UNIT
+    return cost / max(reliability, 0.01)
