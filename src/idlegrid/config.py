@@ -40,6 +40,17 @@ class CoordinatorSettings(BaseSettings):
     queue_timeout_s: float = Field(120.0, gt=0)
     max_tokens_limit: int = Field(8192, gt=0)
     default_chat_max_tokens: int = Field(512, gt=0)
+    # Market: stake each device must have posted before its offer takes orders (µcr).
+    stake_per_device: int = Field(5_000_000, ge=0)
+    # Accrue running orders this often; SLO misses are refunded per window of this width.
+    accrual_interval_s: float = Field(10.0, gt=0)
+    # Unmatched orders wait this long for capacity, then expire with a full refund.
+    order_ttl_s: float = Field(600.0, gt=0)
+    # Pay accruals out in batches, only once they are older than the audit window.
+    payout_interval_s: float = Field(600.0, gt=0)
+    payout_delay_s: float = Field(300.0, ge=0)
+    # Comma-separated module prefixes whose pricing plug-ins may run in the coordinator.
+    pricing_plugins: str = ""
     # Operator key for admin routes (minting credits, creating keys). Empty: loopback only.
     operator_key: str = ""
 

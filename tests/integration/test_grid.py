@@ -24,6 +24,7 @@ from idlegrid.testbed.inprocess import (
     free_port,
     make_agent,
     wait_for_live,
+    wait_until,
 )
 
 MODEL = "fake:1"
@@ -105,16 +106,6 @@ def grid(tmp_path: Path, database_url: str) -> Iterator[Grid]:
     yield g
     g.verify()
     stop_grid(g)
-
-
-def wait_until(predicate: object, timeout_s: float = 20.0) -> None:
-    """Poll a condition on the grid's state until it holds."""
-    tick = threading.Event()
-    for _ in range(int(timeout_s / 0.02)):
-        if predicate():  # type: ignore[operator]
-            return
-        tick.wait(0.02)
-    raise TimeoutError("condition not reached")
 
 
 def expected(prompt: str, max_tokens: int, **kw: object) -> str:

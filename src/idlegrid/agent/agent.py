@@ -19,6 +19,7 @@ import httpx
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.agent.node_client import CoordinatorError, NodeClient
 from idlegrid.core.ledger import Price
+from idlegrid.core.market.hardware import device_groups
 from idlegrid.engines.base import Engine, Generation, SamplingParams, render_chat, stream_pieces
 from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
 from idlegrid.protocol.messages import TaskMsg
@@ -40,6 +41,14 @@ class AgentConfig:
     drain_grace_s: float = 30.0
     poll_wait_s: float = 15.0
     upload_interval_s: float = 0.025
+    # Market: where the node is, what a device-hour costs (µcr; None sells no device-hours),
+    # the device groups on sale (default: what the probe found), measured links to peers
+    # (node id -> Gbit/s), and the stake to post per device once the balance allows it.
+    region: str = "local"
+    device_price_h: int | None = None
+    devices: list[dict[str, Any]] | None = None
+    links: dict[str, float] = field(default_factory=dict)
+    stake_per_device: int = 0
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -77,10 +86,35 @@ class Agent:
             "decode_tps": self.config.decode_tps,
             "offers": [{"model": self.model_id, "prompt_price": self.config.price.prompt,
                         "output_price": self.config.price.output}],
+            "region": self.config.region,
+            "links": self.config.links,
+            "devices": self._devices(),
         })
         assert answer is not None
         self.heartbeat_s = float(answer["heartbeat_interval_s"])
         log.info("registered as %s (%s)", answer["node_id"], self.config.name)
+
+    def _devices(self) -> list[dict[str, Any]]:
+        if self.config.device_price_h is None:
+            return []
+        groups = self.config.devices or device_groups(self.config.hardware)
+        return [{**g, "price_h": g.get("price_h", self.config.device_price_h)} for g in groups]
+
+    async def stake(self) -> bool:
+        """Post the configured stake for every device group; False while the balance is short."""
+        if not self.config.stake_per_device:
+            return True
+        for g in self._devices():
+            amount = self.config.stake_per_device * g["count"]
+            try:
+                await self.client.call("/api/v1/nodes/stake", {
+                    "device_class": g["model"], "amount": amount,
+                    "ref": f"auto-{g['model']}-{amount}"})
+            except CoordinatorError as exc:
+                if exc.data.get("status") == 402:  # not enough credits yet
+                    return False
+                raise
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then drain: finish or hand back what is held."""
@@ -114,7 +148,14 @@ class Agent:
                 delay = min(delay * 2, 5.0)
 
     async def _heartbeats(self) -> None:
+        staked = False
         while True:
+            if not staked:
+                # A new provider earns or is given credits first; until then it keeps trying.
+                try:
+                    staked = await self.stake()
+                except (httpx.HTTPError, IdlegridError) as exc:
+                    log.warning("staking failed: %s", exc)
             await asyncio.sleep(self.heartbeat_s)
             state = "draining" if self.draining.is_set() else "live"
             try:

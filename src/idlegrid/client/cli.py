@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from idlegrid import __version__
+from idlegrid.client.market_cmd import market_commands
 from idlegrid.client.plan_cmd import plan
 from idlegrid.config import DEFAULT_PORT, default_data_dir
 
@@ -82,6 +83,12 @@ def provide(
     key_file: Annotated[Path | None, typer.Option(help="Node key (created if missing).")] = None,
     prompt_price: Annotated[float, typer.Option(help="Credits per 1M prompt tokens.")] = 10.0,
     output_price: Annotated[float, typer.Option(help="Credits per 1M output tokens.")] = 40.0,
+    region: Annotated[str, typer.Option(help="Region this provider is in (market).")] = "local",
+    device_price: Annotated[float | None, typer.Option(
+        help="Credits per device-hour for leases and training (market); none: not for rent.")
+    ] = 0.05,
+    stake: Annotated[float, typer.Option(
+        help="Credits to stake per device once the balance allows (market).")] = 5.0,
     skip_benchmark: Annotated[bool, typer.Option(help="Do not measure speed at start-up.")] = False,
     drain_grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.")] = 30.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -116,7 +123,10 @@ def provide(
         console.print(f"[green]measured[/] prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
     config = AgentConfig(name=name, hardware=hardware, prefill_tps=prefill, decode_tps=decode,
                          price=Price(round(prompt_price * MICRO), round(output_price * MICRO)),
-                         drain_grace_s=drain_grace)
+                         drain_grace_s=drain_grace, region=region,
+                         device_price_h=None if device_price is None else round(
+                             device_price * MICRO),
+                         stake_per_device=round(stake * MICRO))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -287,6 +297,8 @@ def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | Non
 
 
 app.command("plan")(plan)
+for _name, _fn in market_commands.items():
+    app.command(_name)(_fn)
 
 
 def main() -> None:

@@ -51,6 +51,32 @@ class GridClient:
         """The API key's balance."""
         return self._json(self.http.get("/api/v1/balance"))
 
+    def submit_order(self, order: dict[str, Any]) -> dict[str, Any]:
+        """Submit a market order (matched at once, or open with reasons)."""
+        return self._json(self.http.post("/api/v1/orders", json=order))
+
+    def orders(self, state: str | None = None) -> list[dict[str, Any]]:
+        """This key's orders, newest first."""
+        params = {"state": state} if state else {}
+        return list(self._json(self.http.get("/api/v1/orders", params=params))["orders"])
+
+    def order(self, order_id: str) -> dict[str, Any]:
+        """One order."""
+        return self._json(self.http.get(f"/api/v1/orders/{order_id}"))
+
+    def explain(self, order_id: str) -> dict[str, Any]:
+        """Why an order matched where it did, or why it did not."""
+        return self._json(self.http.get(f"/api/v1/orders/{order_id}/explain"))
+
+    def cancel_order(self, order_id: str) -> dict[str, Any]:
+        """Cancel an order; the unused escrow comes back."""
+        return self._json(self.http.post(f"/api/v1/orders/{order_id}/cancel"))
+
+    def offers(self, **filters: Any) -> dict[str, Any]:
+        """The live book (filters: accelerator, region, model, limit)."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._json(self.http.get("/api/v1/offers", params=params))
+
     def verify_ledger(self) -> dict[str, Any]:
         """Recompute the ledger chain (operator key)."""
         return self._json(self.http.get("/api/v1/ledger/verify"))

@@ -37,6 +37,8 @@ class TaskStream:
     # Serialises uploads, finish and hand-over of one task, so each sees a settled attempt.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    opened_at: float = 0.0
+    first_piece_at: float | None = None  # when the consumer got its first token
 
 
 class Hub:
@@ -50,7 +52,7 @@ class Hub:
 
     def open(self, task_id: str, now: float) -> TaskStream:
         """Start listening to a task's output."""
-        stream = TaskStream(task_id, last_progress=now)
+        stream = TaskStream(task_id, last_progress=now, opened_at=now)
         self.streams[task_id] = stream
         return stream
 

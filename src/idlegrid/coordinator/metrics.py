@@ -30,6 +30,11 @@ class Metrics:
             "idlegrid_node_auth_failures_total", "Refused node requests", ["reason"], registry=r
         )
 
+        self.orders = Counter(
+            "idlegrid_orders_total", "Market orders by kind and first outcome",
+            ["kind", "outcome"], registry=r,
+        )
+
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from idlegrid.coordinator.service import Grid
 from idlegrid.core import ledger
-from idlegrid.errors import AuthError
+from idlegrid.errors import AuthError, InvalidRequest
 
 router = APIRouter(prefix="/api/v1", tags=["grid"])
 
@@ -46,9 +46,10 @@ class NewKey(BaseModel):
 
 
 class Mint(BaseModel):
-    """Body of POST /admin/mint: credit an API key's account."""
+    """Body of POST /admin/mint: credit an API key's account, or a provider's."""
 
-    key_id: str = Field(min_length=1, max_length=64)
+    key_id: str | None = Field(None, min_length=1, max_length=64)
+    node_id: str | None = Field(None, min_length=1, max_length=64)
     amount: int = Field(gt=0, description="µcr")
     reference: str = Field(min_length=1, max_length=100, description="idempotency reference")
 
@@ -67,7 +68,10 @@ async def mint(body: Mint, request: Request) -> dict[str, Any]:
     """Credit a key with new µcr; replaying the same reference credits once."""
     require_operator(request)
     grid = _grid(request)
-    account = ledger.consumer_account(body.key_id)
+    if (body.key_id is None) == (body.node_id is None):
+        raise InvalidRequest("name exactly one of key_id and node_id", param="key_id")
+    account = (ledger.consumer_account(body.key_id) if body.key_id
+               else ledger.provider_account(body.node_id or ""))
     entry = ledger.mint(f"mint:{body.reference}", account, body.amount,
                         ledger.Cause("deposit", body.reference))
     created = await grid.db(grid.store.post, entry)

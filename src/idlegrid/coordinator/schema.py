@@ -129,3 +129,48 @@ class LedgerHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class DeviceOffer(Base):
+    """A node's devices of one canonical model on sale per device-hour (market offers)."""
+
+    __tablename__ = "device_offers"
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    device_model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    vram_gb: Mapped[float] = mapped_column(Float)
+    price_h: Mapped[int] = mapped_column(BigInteger)  # µcr per device-hour
+    plugin: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class NodeMarket(Base):
+    """Where a node is and how it links to others: what gang placement reads."""
+
+    __tablename__ = "node_market"
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    region: Mapped[str] = mapped_column(String(32))
+    links: Mapped[dict[str, Any]] = mapped_column(JSON)  # peer node id -> measured Gbit/s
+
+
+class MarketOrder(Base):
+    """A consumer's market order: lease, training, inference capacity or batch."""
+
+    __tablename__ = "orders"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    body_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    budget: Mapped[int] = mapped_column(BigInteger)  # µcr prepaid into escrow:order:<id>
+    spent: Mapped[int] = mapped_column(BigInteger, default=0)  # accrued to providers
+    refunded: Mapped[int] = mapped_column(BigInteger, default=0)  # SLO refunds paid
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    reasons: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ends_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accrued_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accrual_seq: Mapped[int] = mapped_column(Integer, default=0)
+    tokens_done: Mapped[int] = mapped_column(BigInteger, default=0)  # batch orders

@@ -23,6 +23,7 @@ from idlegrid.coordinator.metrics import Metrics
 from idlegrid.coordinator.store import NodeView, Store, TaskView
 from idlegrid.core import ledger, routing
 from idlegrid.core.ledger import Price
+from idlegrid.core.market.hardware import canonical_gpu
 from idlegrid.errors import (
     AuthError,
     Conflict,
@@ -65,6 +66,10 @@ class Grid:
         # routing a request then touches no database before its escrow is written.
         self._nodes: dict[str, NodeView] = {}
         self._supervisor: asyncio.Task[None] | None = None
+        self._live_signature: frozenset[str] = frozenset()
+        from idlegrid.coordinator.market import Market  # the market reads the grid's nodes
+
+        self.market = Market(self)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""
@@ -142,13 +147,21 @@ class Grid:
             decode_tps=body["decode_tps"], offers=offers,
         )
         self._keys[node_id] = public_key
+        try:
+            devices = [{**d, "model": canonical_gpu(d["model"])} for d in body.get("devices") or []]
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"devices: {exc.message}", param="devices") from exc
+        await self.db(self.market.store.set_supply, node_id, body.get("region", "local"),
+                      body.get("links") or {}, devices)
         await self.refresh_nodes()
+        self.market.invalidate()
         self.hub.wake(node_id)
         return {
             "node_id": node_id,
             "heartbeat_interval_s": self.settings.heartbeat_interval_s,
             "long_poll_s": self.settings.long_poll_s,
             "protocol_version": PROTOCOL_VERSION,
+            "stake_per_device": self.settings.stake_per_device,
         }
 
     async def heartbeat(self, node_id: str, state: str | None) -> None:
@@ -217,6 +230,8 @@ class Grid:
             stream.next_index += len(fresh)
             stream.attempt_ids.extend(tid for tid, _ in fresh if tid >= 0)
             stream.last_progress = self.clock()
+            if stream.first_piece_at is None:
+                stream.first_piece_at = stream.last_progress
             self.hub.push(task_id, Event("pieces", pieces=fresh))
 
     async def finish(
@@ -237,7 +252,14 @@ class Grid:
             )
             stream.attempt = -1
             self.hub.push(task_id, Event("done", data={"task": done}))
-            return done
+        # What the consumer saw, for SLOs of inference orders on this node.
+        now = self.clock()
+        first = stream.first_piece_at
+        ttft = first - stream.opened_at if first is not None else None
+        tps = (len(stream.attempt_ids) - 1) / (now - first) if (
+            first is not None and now > first and len(stream.attempt_ids) > 1) else None
+        await self.db(self.market.observe, node_id, done.model_id, ttft, tps)
+        return done
 
     async def give_up(self, node_id: str | None, task_id: str, attempt: int, outcome: str,
                       invalid: str | None = None) -> None:
@@ -385,9 +407,13 @@ class Grid:
         """Take work from dead or stalled providers; fail requests nobody picked up in time."""
         now = self.clock()
         nodes = await self.refresh_nodes()
-        self.metrics.live_nodes.set(sum(
-            1 for n in nodes.values()
-            if n.state != "gone" and n.last_seen >= now - self.settings.node_timeout_s))
+        live = frozenset(n.id for n in nodes.values()
+                         if n.state == "live" and n.last_seen >= now - self.settings.node_timeout_s)
+        self.metrics.live_nodes.set(len(live))
+        if live != self._live_signature:
+            self._live_signature = live
+            self.market.invalidate()
+        await self.db(self.market.tick)
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
             if stream is None:

@@ -124,3 +124,18 @@ _CHAT_TEMPLATES = {"gemma3": _GEMMA_CHAT, "gemma2": _GEMMA_CHAT, "gemma": _GEMMA
 def family_chat_template(model_id: str) -> str | None:
     """The chat template the grid supplies for a model family whose weights ship none."""
     return _CHAT_TEMPLATES.get(canonical_id(model_id).split(":", 1)[0])
+
+
+# Bytes per parameter of common GGUF quantizations, plus runtime overhead (KV cache,
+# buffers): enough to decide which cards can hold a model, which is what placement needs.
+_BYTES_PER_PARAM = {"Q4_K_M": 0.6, "Q8_0": 1.07, "F16": 2.0, "BF16": 2.0}
+_OVERHEAD_GB = 0.3
+
+
+def memory_gb(model_id: str) -> float:
+    """Memory a catalog model needs to serve, in GB; 0 for models the catalog does not know."""
+    entry = _CATALOG.get(_ALIASES.get(model_id, model_id))
+    if entry is None:
+        return 0.0
+    per = _BYTES_PER_PARAM.get(entry.quantization.upper(), 2.0)
+    return round(entry.params * per / 1e9 + _OVERHEAD_GB, 2)

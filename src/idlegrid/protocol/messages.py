@@ -25,6 +25,16 @@ class OfferMsg(Message):
     output_price: int = Field(ge=0)
 
 
+class DeviceOfferMsg(Message):
+    """Devices of one model on sale per device-hour (µcr), or priced by a plug-in."""
+
+    model: str = Field(min_length=1, max_length=64)
+    count: int = Field(ge=1, le=1024)
+    vram_gb: float = Field(ge=0, le=4096)
+    price_h: int = Field(ge=0, le=10_000_000_000)
+    plugin: str | None = Field(None, max_length=200, pattern=r"^[\w.]+:\w+$")
+
+
 class RegisterMsg(Message):
     """Sent once at start-up (and again after a coordinator restart)."""
 
@@ -36,6 +46,10 @@ class RegisterMsg(Message):
     prefill_tps: float = Field(ge=0)
     decode_tps: float = Field(ge=0)
     offers: list[OfferMsg] = Field(min_length=1)
+    # Market (optional; older agents omit them and sell no device-hours).
+    region: str = Field("local", min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")
+    links: dict[str, float] = Field(default_factory=dict)  # peer node id -> measured Gbit/s
+    devices: list[DeviceOfferMsg] = Field(default_factory=list)
 
 
 class HeartbeatMsg(Message):
@@ -89,3 +103,17 @@ class FailMsg(Message):
 
     reason: str = Field(max_length=500)
     kind: Literal["engine", "invalid_request", "handback"] = "engine"
+
+
+class StakeMsg(Message):
+    """Lock (or release) provider credits as stake for one device class."""
+
+    device_class: str = Field(min_length=1, max_length=64)
+    amount: int = Field(gt=0, le=10**15)
+    ref: str = Field(min_length=1, max_length=64, pattern=r"^[\w.:-]+$")
+
+
+class TokensMsg(Message):
+    """Output tokens produced for a batch order."""
+
+    tokens: int = Field(gt=0, le=10**9)

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -123,12 +124,13 @@ class AgentThread:
 
 
 def make_agent(url: str, engines: Sequence[Engine], name: str, *, price: Price | None = None,
-               drain_grace_s: float = 30.0, key_dir: Path | None = None) -> Agent:
+               drain_grace_s: float = 30.0, key_dir: Path | None = None,
+               **market: Any) -> Agent:
     """An agent with a fresh key (or one kept in `key_dir`)."""
     key = NodeKey.load_or_create(key_dir / f"{name}.key") if key_dir else NodeKey.generate()
     config = AgentConfig(name=name, hardware={"cpu_cores": 1}, prefill_tps=1000.0,
                          decode_tps=100.0, drain_grace_s=drain_grace_s,
-                         price=price or Price(10 * MICRO, 40 * MICRO))
+                         price=price or Price(10 * MICRO, 40 * MICRO), **market)
     return Agent(NodeClient(url, key), engines, config)
 
 
@@ -142,3 +144,13 @@ def wait_for_live(url: str, count: int, timeout_s: float = 30.0) -> None:
                 return
             done.wait(0.05)
     raise TimeoutError(f"{count} nodes did not come up")
+
+
+def wait_until(predicate: Any, timeout_s: float = 20.0, interval_s: float = 0.02) -> None:
+    """Poll a condition until it holds; TimeoutError after `timeout_s`."""
+    tick = threading.Event()
+    for _ in range(int(timeout_s / interval_s)):
+        if predicate():
+            return
+        tick.wait(interval_s)
+    raise TimeoutError("condition not reached")

@@ -30,6 +30,8 @@ BIG_TIERS = frozenset({"datacenter", "workstation"})
 UNVERIFIED_SPEED = 0.8  # claimed speed counts at 80% until a hardware proof backs it
 TRAINING_MFU = 0.35  # share of datasheet FLOP/s a training job gets, for runtime estimates
 GANG_STARTS = 8  # first choices tried when assembling a multi-provider gang
+OVERSIZE = 1e15  # µcr: more than any real score, so fit always decides before price
+INFEASIBLE = 1e30
 
 Quote = Callable[[Offer, Order], "int | None"]
 _MODEL_IDX = {g.name: i for i, g in enumerate(GPUS)}
@@ -97,6 +99,18 @@ class Unmatched:
         return {"decisive": self.decisive, "reasons": [r.__dict__ for r in self.reasons]}
 
 
+@dataclass(frozen=True)
+class _Eval:
+    """The offers left for one order, with their unit price, runtime, score and fit."""
+
+    ids: np.ndarray
+    unit: np.ndarray
+    runtime: np.ndarray
+    score: np.ndarray
+    oversized: np.ndarray
+    reasons: tuple[Elimination, ...]
+
+
 class Book:
     """Offers as columns, with the free device count of each, matched one order at a time."""
 
@@ -147,6 +161,97 @@ class Book:
 
     def match(self, order: Order, quote: Quote | None = None) -> Placement | Unmatched:
         """The best placement for `order` on the free capacity, or the reasons there is none."""
+        ev = self._evaluate(order, quote)
+        if isinstance(ev, Unmatched):
+            return ev
+        count = 1 if order.kind is OrderKind.BATCH else order.devices
+        whole = self.free[ev.ids] >= count
+        if whole.any():
+            # Fit first, then the score.
+            fitting = whole & ~ev.oversized
+            pool = fitting if fitting.any() else whole
+            best = int(np.argmin(np.where(pool, ev.score, np.inf)))
+            return self._placement(order, [(int(ev.ids[best]), count, int(ev.unit[best]))],
+                                   float(ev.runtime[best]), bool(ev.oversized[best]),
+                                   float(ev.score[best]) * count, len(ev.ids))
+        return self._gang(order, ev)
+
+    def costs(self, order: Order, quote: Quote | None = None) -> np.ndarray:
+        """Per offer, what one device of it costs `order` in the auction's terms; inf if unfit.
+
+        Fit is lexicographic: an oversized card costs OVERSIZE more than any fitting one.
+        Capacity is ignored, so this is the row of the offline assignment problem.
+        """
+        out = np.full(len(self), np.inf)
+        ev = self._evaluate(order, quote, capacity=False)
+        if not isinstance(ev, Unmatched):
+            out[ev.ids] = ev.score + OVERSIZE * ev.oversized
+        return out
+
+    def clear(self, orders: Sequence[Order], quote: Quote | None = None
+              ) -> list[Placement | Unmatched]:
+        """Place a batch of orders together: gangs first, then one exact assignment.
+
+        Greedy one-at-a-time placement hands the cheapest card to whoever comes first; a
+        batch solved as an assignment (scipy's linear_sum_assignment) gives it to the order
+        that saves most. Only each order's k cheapest free devices can be in an optimal
+        answer for k orders, so the problem stays small.
+        """
+        from scipy.optimize import linear_sum_assignment
+
+        results: dict[str, Placement | Unmatched] = {}
+        singles: list[tuple[Order, _Eval]] = []
+        for o in orders:
+            if o.devices > 1 and o.kind is not OrderKind.BATCH:
+                r = self.match(o, quote)
+                if isinstance(r, Placement):
+                    self.take(r)
+                results[o.id] = r
+                continue
+            ev = self._evaluate(o, quote)
+            if isinstance(ev, Unmatched):
+                results[o.id] = ev
+            else:
+                singles.append((o, ev))
+        k = len(singles)
+        if k:
+            slot_of: dict[int, list[int]] = {}
+            for _, ev in singles:
+                c = ev.score + OVERSIZE * ev.oversized
+                top = ev.ids[np.argsort(c)[:k]] if len(c) > k else ev.ids
+                for row in top:
+                    slot_of.setdefault(int(row), [])
+            slots: list[int] = []
+            for row in slot_of:
+                n = int(min(self.free[row], k))
+                slot_of[row] = list(range(len(slots), len(slots) + n))
+                slots += [row] * n
+            cost = np.full((k, len(slots)), INFEASIBLE)
+            for i, (_, ev) in enumerate(singles):
+                c = ev.score + OVERSIZE * ev.oversized
+                for j, row in enumerate(ev.ids):
+                    cols = slot_of.get(int(row))
+                    if cols:
+                        cost[i, cols] = c[j]
+            rows, cols = linear_sum_assignment(cost)
+            chosen = dict(zip(rows.tolist(), cols.tolist(), strict=True))
+            for i, (o, ev) in enumerate(singles):
+                col = chosen.get(i)
+                if col is None or cost[i, col] >= INFEASIBLE:
+                    results[o.id] = Unmatched(o.id, (*ev.reasons, Elimination(
+                        "capacity (taken by this batch)", len(ev.ids), 0)))
+                    continue
+                j = int(np.flatnonzero(ev.ids == slots[col])[0])
+                p = self._placement(o, [(slots[col], 1, int(ev.unit[j]))],
+                                    float(ev.runtime[j]), bool(ev.oversized[j]),
+                                    float(ev.score[j]), len(ev.ids))
+                self.take(p)
+                results[o.id] = p
+        return [results[o.id] for o in orders]
+
+    def _evaluate(self, order: Order, quote: Quote | None, capacity: bool = True
+                  ) -> _Eval | Unmatched:
+        """Filter the book for `order`, then price, time and score what is left."""
         spec = order.spec
         reasons: list[Elimination] = []
         # One boolean mask over the whole book, narrowed constraint by constraint; full-length
@@ -192,7 +297,7 @@ class Book:
                       else self._none)
         if ok:
             ok = keep("stake", self.staked)
-        if ok:
+        if ok and capacity:
             ok = keep("capacity", self.free > 0)
         if not ok:
             return Unmatched(order.id, tuple(reasons))
@@ -221,17 +326,7 @@ class Book:
             per_device_cost = unit * runtime
         score = per_device_cost / np.maximum(self.reliability[ids], 0.01)
         oversized = self.big[ids] & (order.vram_need_gb <= CONSUMER_MAX_VRAM_GB)
-        count = 1 if batch else order.devices
-        whole = self.free[ids] >= count
-        if whole.any():
-            # Fit first, then the score.
-            fitting = whole & ~oversized
-            pool = fitting if fitting.any() else whole
-            best = int(np.argmin(np.where(pool, score, np.inf)))
-            return self._placement(order, [(int(ids[best]), count, int(unit[best]))],
-                                   float(runtime[best]), bool(oversized[best]),
-                                   float(score[best]) * count, len(ids))
-        return self._gang(order, ids, unit, runtime, score, oversized, reasons)
+        return _Eval(ids, unit, runtime, score, oversized, tuple(reasons))
 
     def _runtime(self, order: Order, ids: np.ndarray, tps: np.ndarray | None) -> np.ndarray:
         if order.kind is OrderKind.BATCH and tps is not None:
@@ -241,10 +336,9 @@ class Book:
             return order.work_pflop / np.maximum(rate, 1e-9)
         return np.full(len(ids), order.hours)
 
-    def _gang(self, order: Order, ids: np.ndarray, unit: np.ndarray, runtime: np.ndarray,
-              score: np.ndarray, oversized: np.ndarray,
-              reasons: list[Elimination]) -> Placement | Unmatched:
+    def _gang(self, order: Order, ev: _Eval) -> Placement | Unmatched:
         """Devices from several providers, every pair linked at `min_link_gbps` or better."""
+        ids, unit, runtime, score, oversized = ev.ids, ev.unit, ev.runtime, ev.score, ev.oversized
         order_ix = np.lexsort((score, oversized))
         need = order.devices
         for start in order_ix[:GANG_STARTS]:
@@ -267,10 +361,9 @@ class Book:
                     sc = float(sum(score[ids == leg[0]][0] * leg[1] for leg in legs))
                     big = bool(any(oversized[ids == leg[0]][0] for leg in legs))
                     return self._placement(order, legs, rt, big, sc, len(ids))
-        reasons.append(Elimination(
+        return Unmatched(order.id, (*ev.reasons, Elimination(
             f"gang: no {need} free devices with links >= {order.spec.min_link_gbps:g} Gbit/s",
-            len(ids), 0))
-        return Unmatched(order.id, tuple(reasons))
+            len(ids), 0)))
 
     def _linked(self, a: str, b: str, gbps: float) -> bool:
         return a == b or self.links.get(frozenset((a, b)), 0.0) >= gbps

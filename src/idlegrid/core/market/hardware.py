@@ -168,15 +168,24 @@ class Hardware:
     verified: bool = False  # speed backed by a hardware proof
 
 
-def device_from_probe(d: Mapping[str, Any]) -> Device:
-    """A Device from an agent probe's GPU entry (name, memory, count)."""
-    vram = float(d.get("vram_gb") or d.get("memory_gb") or 0) or None
-    model = canonical_gpu(str(d.get("name") or d.get("model")), vram)
-    return Device(model=model, count=int(d.get("count", 1)),
-                  vram_gb=vram or BY_NAME[model].vram_gb,
-                  interface=str(d.get("interface", "")), vendor=BY_NAME[model].vendor)
-
-
 def device_class(device: Device) -> str:
     """The class a stake is posted for: the canonical model (VRAM decides what it can do)."""
     return device.model
+
+
+def device_groups(hardware: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Device groups a probe reports: GPUs by canonical model, else the CPU with its RAM."""
+    groups: dict[str, dict[str, Any]] = {}
+    for g in hardware.get("gpus") or []:
+        vram = (g.get("vram_bytes") or 0) / 1e9 or None
+        try:
+            model = canonical_gpu(str(g.get("name", "")), vram)
+        except InvalidRequest:
+            continue  # a device we cannot name is not sold; the node still serves tokens
+        d = groups.setdefault(model, {"model": model, "count": 0,
+                                      "vram_gb": vram or BY_NAME[model].vram_gb})
+        d["count"] += 1
+    if not groups:
+        ram = (hardware.get("ram_bytes") or 0) / 1e9
+        groups["CPU"] = {"model": "CPU", "count": 1, "vram_gb": round(ram, 1)}
+    return list(groups.values())

@@ -27,11 +27,11 @@ def _price(field_name: str, raw: Any, ceiling: int) -> int:
     """µcr from a number of credits, refusing negative, non-finite and absurd values."""
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise InvalidRequest(f"{field_name}: expected a number of credits", param=field_name)
-    value = round(raw * MICRO)
-    if raw != raw or value < 0 or value > ceiling:
+    if raw != raw or not -1e18 < raw < 1e18 or (value := round(raw * MICRO)) < 0 or (
+            value > ceiling):
         raise InvalidRequest(f"{field_name}: {raw} credits is out of range [0, {ceiling / MICRO:g}]",
                              param=field_name)
-    return value
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,209 @@
+"""Market commands: `idlegrid offers`, `orders`, `order`, `balance`, `explain`, `cancel`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from idlegrid.config import default_data_dir
+
+out = Console()
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Grid data directory.",
+                                       default_factory=default_data_dir, show_default=False)]
+CoordinatorUrl = Annotated[str | None, typer.Option(
+    "--coordinator", help="Coordinator URL (default: the local grid in --data-dir).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+MICRO = 1_000_000
+
+
+def _client(coordinator_url: str | None, data_dir: Path) -> Any:
+    from idlegrid.client.sdk import GridClient
+    from idlegrid.testbed.localgrid import find_grid
+
+    url, key = find_grid(coordinator_url, data_dir)
+    return GridClient(url, key)
+
+
+def _fail(exc: Exception) -> None:
+    body = getattr(exc, "data", {}).get("body") or {}
+    msg = body.get("message") or str(exc)
+    param = f" (field: {body['param']})" if body.get("param") else ""
+    Console(stderr=True).print(f"[red]error[/]: {msg}{param}")
+    raise typer.Exit(1)
+
+
+def _emit(data: Any) -> None:
+    out.print_json(json.dumps(data))
+
+
+def offers(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
+           accelerator: Annotated[str | None, typer.Option(help="Canonical model.")] = None,
+           region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+           model: Annotated[str | None, typer.Option(help="Only offers serving this model.")] = None,
+           limit: Annotated[int, typer.Option(help="Most offers to show.")] = 50,
+           as_json: JsonFlag = False) -> None:
+    """The live offer book: devices, prices, free capacity, region, stake."""
+    from idlegrid.client.sdk import GridAPIError
+
+    try:
+        with _client(coordinator_url, data_dir) as c:
+            data = c.offers(accelerator=accelerator, region=region, model=model, limit=limit)
+    except GridAPIError as exc:
+        _fail(exc)
+    if as_json:
+        return _emit(data)
+    t = Table(title=f"offers ({len(data['offers'])} of {data['total']})")
+    for col in ("offer", "device", "free/count", "region", "cr/device-h", "reliability",
+                "staked", "models"):
+        t.add_column(col)
+    for o in data["offers"]:
+        t.add_row(o["id"][:28], o["device"], f"{o['free']}/{o['count']}", o["region"],
+                  f"{o['price_per_device_hour'] / MICRO:.4f}" if not o["plugin"] else "plug-in",
+                  f"{o['reliability']:.3f}", "yes" if o["staked"] else "[red]no[/]",
+                  ", ".join(o["models"]))
+    out.print(t)
+
+
+def orders(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
+           submit: Annotated[Path | None, typer.Option(
+               help="Submit the order in this JSON file ('-' for stdin).")] = None,
+           state: Annotated[str | None, typer.Option(help="Only orders in this state.")] = None,
+           as_json: JsonFlag = False) -> None:
+    """List your orders, or submit one (`--submit order.json`)."""
+    from idlegrid.client.sdk import GridAPIError
+
+    try:
+        with _client(coordinator_url, data_dir) as c:
+            if submit is not None:
+                try:
+                    raw = json.loads(sys.stdin.read() if str(submit) == "-" else submit.read_text())
+                except (OSError, ValueError) as exc:
+                    Console(stderr=True).print(f"[red]error[/]: cannot read the order: {exc}")
+                    raise typer.Exit(1) from exc
+                view = c.submit_order(raw)
+                if as_json:
+                    return _emit(view)
+                _print_order(view)
+                return None
+            views = c.orders(state)
+    except GridAPIError as exc:
+        _fail(exc)
+    if as_json:
+        return _emit({"orders": views})
+    t = Table(title="orders")
+    for col in ("id", "kind", "state", "where", "budget (cr)", "spent (cr)", "refunded"):
+        t.add_column(col)
+    for v in views:
+        where = ", ".join(leg["offer_id"] for leg in (v["placement"] or {}).get("legs", [])) or (
+            f"[yellow]{(v['reasons'] or {}).get('decisive', '-')}[/]")
+        t.add_row(v["id"], v["kind"], v["state"], where, f"{v['budget'] / MICRO:.4f}",
+                  f"{v['spent'] / MICRO:.4f}", f"{v['refunded'] / MICRO:.4f}")
+    out.print(t)
+    return None
+
+
+def _print_order(v: dict[str, Any]) -> None:
+    out.print(f"[bold]{v['id']}[/] {v['kind']} [cyan]{v['state']}[/]  budget "
+              f"{v['budget'] / MICRO:.4f} cr, spent {v['spent'] / MICRO:.4f} cr")
+    for leg in (v.get("placement") or {}).get("legs", []):
+        out.print(f"  on {leg['offer_id']}: {leg['devices']} device(s) at "
+                  f"{leg['unit_price'] / MICRO:.4f} cr")
+    if v.get("reasons"):
+        _print_reasons(v["reasons"])
+
+
+def _print_reasons(r: dict[str, Any]) -> None:
+    out.print(f"  [yellow]unmatched[/]: decided by [bold]{r['decisive']}[/]")
+    for e in r["reasons"]:
+        out.print(f"    {e['constraint']:<24} removed {e['eliminated']:>6}, left {e['remaining']}")
+
+
+def order(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
+          as_json: JsonFlag = False) -> None:
+    """Show one order."""
+    from idlegrid.client.sdk import GridAPIError
+
+    try:
+        with _client(coordinator_url, data_dir) as c:
+            view = c.order(order_id)
+    except GridAPIError as exc:
+        _fail(exc)
+    if as_json:
+        return _emit(view)
+    _print_order(view)
+    return None
+
+
+def explain(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
+            as_json: JsonFlag = False) -> None:
+    """Why an order matched where it did, or which constraints left it unmatched."""
+    from idlegrid.client.sdk import GridAPIError
+
+    try:
+        with _client(coordinator_url, data_dir) as c:
+            data = c.explain(order_id)
+    except GridAPIError as exc:
+        _fail(exc)
+    if as_json:
+        return _emit(data)
+    out.print(f"[bold]{data['order']}[/] is [cyan]{data['state']}[/]")
+    if p := data.get("placement"):
+        out.print(f"  placed on {', '.join(leg['offer_id'] for leg in p['legs'])}: cheapest "
+                  f"expected cost of {p['candidates']} fitting offer(s), "
+                  f"{p['cost'] / MICRO:.4f} cr over {p['runtime_h']:.2f} h"
+                  + (" (a datacenter card: no fitting consumer card was free)"
+                     if p["oversized"] else ""))
+    if "now" in data:
+        now = data["now"]
+        if data.get("matches_now"):
+            out.print("  [green]it would match now[/]")
+        else:
+            _print_reasons(now)
+    return None
+
+
+def cancel(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
+           as_json: JsonFlag = False) -> None:
+    """Cancel an order: pay for service so far, get the rest of the escrow back."""
+    from idlegrid.client.sdk import GridAPIError
+
+    try:
+        with _client(coordinator_url, data_dir) as c:
+            view = c.cancel_order(order_id)
+    except GridAPIError as exc:
+        _fail(exc)
+    if as_json:
+        return _emit(view)
+    _print_order(view)
+    return None
+
+
+def balance(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
+            as_json: JsonFlag = False) -> None:
+    """Your credits, and what your open orders hold in escrow."""
+    from idlegrid.client.sdk import GridAPIError
+
+    try:
+        with _client(coordinator_url, data_dir) as c:
+            bal = c.balance()
+            views = c.orders()
+    except GridAPIError as exc:
+        _fail(exc)
+    held = sum(v["budget"] - v["spent"] - v["refunded"] for v in views
+               if v["state"] in ("open", "matched", "active"))
+    data = {**bal, "in_escrow": held}
+    if as_json:
+        return _emit(data)
+    out.print(f"balance  : {bal['balance'] / MICRO:.6f} credits")
+    out.print(f"in escrow: {held / MICRO:.6f} credits ({len(views)} order(s))")
+    return None
+
+
+market_commands = {"offers": offers, "orders": orders, "order": order, "explain": explain,
+                   "cancel": cancel, "balance": balance}

@@ -1,0 +1,284 @@
+"""The market in the coordinator: the live book, order submission, ticks that settle.
+
+The book is rebuilt from the store when supply changes (a node registers, stakes, dies)
+and kept in memory otherwise; placements take capacity from it at once, so matching an
+order costs microseconds plus one transaction (the order row and its prepayment).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any
+
+from idlegrid.coordinator.market_store import MarketStore, OrderView
+from idlegrid.core.ledger import MICRO
+from idlegrid.core.market.auction import Book, Placement, Unmatched
+from idlegrid.core.market.hardware import BY_NAME, Device, Hardware
+from idlegrid.core.market.offers import PLUGIN_TIMEOUT_S, Offer
+from idlegrid.core.market.orders import Order, OrderKind, OrderState, parse_order
+from idlegrid.errors import Conflict
+
+if TYPE_CHECKING:
+    from idlegrid.coordinator.service import Grid
+
+log = logging.getLogger(__name__)
+ACTIVE = (OrderState.ACTIVE.value,)
+
+
+class Market:
+    """Order book, matching and settlement ticks for one coordinator."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.settings = grid.settings
+        self.store = MarketStore(grid.store)
+        self.book = Book([])
+        self._dirty = True
+        self._lock = threading.Lock()  # the book is used from request threads and the tick
+        self._plugins: dict[str, Callable[..., Any]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pricing")
+        self._slo_misses: dict[str, set[int]] = {}  # order id -> accrual windows with a miss
+        self._last_payout = grid.clock()
+
+    # ---- supply --------------------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """Supply changed: rebuild the book before the next match."""
+        self._dirty = True
+
+    def _rebuild(self) -> None:
+        now = self.grid.clock()
+        supply = self.store.supply()
+        nodes = self.grid._nodes
+        offers: list[Offer] = []
+        links: dict[frozenset[str], float] = {}
+        for node_id, sup in supply.items():
+            node = nodes.get(node_id)
+            if node is None or node.state != "live" or (
+                    node.last_seen < now - self.settings.node_timeout_s):
+                continue
+            for peer, gbps in sup["links"].items():
+                key = frozenset((node_id, peer))
+                links[key] = max(links.get(key, 0.0), float(gbps))
+            for d in sup["devices"]:
+                dev = Device(d["model"], d["count"], d["vram_gb"], vendor=BY_NAME[d["model"]].vendor)
+                hw = Hardware(provider=node_id, region=sup["region"], devices=(dev,),
+                              cpus=int(node.hardware.get("cpu_logical") or 1),
+                              ram_gb=(node.hardware.get("ram_bytes") or 0) / 1e9,
+                              tokens_per_s={m: node.decode_tps for m in node.offers},
+                              reliability=sup["reliability"], verified=False)
+                staked = sup["stakes"].get(d["model"], 0) >= (
+                    self.settings.stake_per_device * d["count"])
+                offers.append(Offer(f"{node_id}/{d['model']}", hw, dev, d["price_h"],
+                                    dict(node.offers), d.get("plugin"), staked))
+        book = Book(offers, links)
+        for view in self.store.orders(states=ACTIVE):
+            if view.placement:
+                book.take(_placement(view))
+        self.book = book
+        self._dirty = False
+
+    def current_book(self) -> Book:
+        """The book, rebuilt first if supply changed."""
+        with self._lock:
+            if self._dirty:
+                self._rebuild()
+            return self.book
+
+    # ---- pricing plug-ins ------------------------------------------------------------------
+
+    def _plugin(self, path: str) -> Callable[..., Any] | None:
+        allowed = [p for p in self.settings.pricing_plugins.split(",") if p]
+        module, _, fn = path.partition(":")
+        if not fn or not any(module == a or module.startswith(a + ".") for a in allowed):
+            return None  # only modules the operator allowed run inside the coordinator
+        if path not in self._plugins:
+            self._plugins[path] = getattr(importlib.import_module(module), fn)
+        return self._plugins[path]
+
+    def quote(self, offer: Offer, order: Order) -> int | None:
+        """Ask an offer's plug-in for a price within 100 ms; None sits the offer out."""
+        try:
+            fn = self._plugin(offer.plugin or "")
+            if fn is None:
+                return None
+            future = self._pool.submit(fn, order.to_dict(), {
+                "offer": offer.id, "device": offer.device.model, "count": offer.device.count,
+                "region": offer.hardware.region, "price_h": offer.device_hour / MICRO})
+            credits = future.result(timeout=PLUGIN_TIMEOUT_S)
+            if isinstance(credits, bool) or not isinstance(credits, int | float) or not (
+                    0 <= credits <= 10_000):
+                return None
+            return round(credits * MICRO)
+        except FutureTimeout:
+            log.warning("pricing plug-in %s timed out; offer %s sits out", offer.plugin, offer.id)
+            return None
+        except Exception:
+            log.warning("pricing plug-in %s failed; offer %s sits out", offer.plugin, offer.id,
+                        exc_info=True)
+            return None
+
+    # ---- orders ----------------------------------------------------------------------------
+
+    def parse(self, raw: Any, order_id: str | None = None) -> Order:
+        """An order from a request body, with the model's memory need from the catalog."""
+        from idlegrid.engines.models import memory_gb
+
+        model = raw.get("model") if isinstance(raw, dict) else None
+        return parse_order(raw, order_id=order_id,
+                           vram_need_gb=memory_gb(model) if isinstance(model, str) else 0.0)
+
+    def submit(self, key_id: str, raw: Any) -> OrderView:
+        """Match an order and record it with its prepayment; unmatched orders wait, prepaid."""
+        if isinstance(raw, dict) and "id" not in raw:
+            raw = {**raw, "id": "ord_" + secrets.token_hex(8)}
+        order = self.parse(raw)
+        with self._lock:
+            if self._dirty:
+                self._rebuild()
+            result = self.book.match(order, self.quote)
+            placement = result.to_dict() if isinstance(result, Placement) else None
+            reasons = result.to_dict() if isinstance(result, Unmatched) else None
+            view = self.store.create_order(order, key_id, order.to_dict(), placement, reasons)
+            if isinstance(result, Placement):
+                self.book.take(result)
+        self.grid.metrics.orders.labels(order.kind.value,
+                                        "matched" if placement else "open").inc()
+        return view
+
+    def explain(self, order_id: str, key_id: str | None) -> dict[str, Any]:
+        """Why an order sits where it does, or why it does not match (tried again now)."""
+        view = self.store.get_order(order_id, key_id)
+        out: dict[str, Any] = {"order": view.id, "state": view.state}
+        if view.placement:
+            out["placement"] = view.placement
+        if view.state == OrderState.OPEN.value or not view.placement:
+            order = self.parse(view.body)
+            result = self.current_book().match(order, self.quote)
+            out["now"] = result.to_dict()
+            out["matches_now"] = isinstance(result, Placement)
+        if view.reasons:
+            out["reasons_at_submission"] = view.reasons
+        return out
+
+    def cancel(self, order_id: str, key_id: str | None) -> OrderView:
+        """Cancel an order: pay for service so far, refund the rest, free the devices."""
+        view = self.store.cancel(order_id, key_id, self.settings.fee_bps)
+        if view.placement:
+            with self._lock:
+                self.book.release(_placement(view))
+        return view
+
+    def report_tokens(self, node_id: str, order_id: str, tokens: int) -> OrderView:
+        """A provider's batch output; pays per token and completes the order when done."""
+        view = self.store.add_tokens(order_id, node_id, tokens, self.settings.fee_bps)
+        if view.state != OrderState.ACTIVE.value and view.placement:
+            with self._lock:
+                self.book.release(_placement(view))
+        return view
+
+    def orders_for_node(self, node_id: str) -> list[OrderView]:
+        """Active orders that hold a node's devices."""
+        return [v for v in self.store.orders(states=ACTIVE)
+                if any(leg["provider"] == node_id for leg in (v.placement or {}).get("legs", []))]
+
+    # ---- SLOs ------------------------------------------------------------------------------
+
+    def observe(self, node_id: str, model: str, ttft_s: float | None, tokens_per_s: float | None
+                ) -> None:
+        """One served request's speed; an inference order on that node notes an SLO miss."""
+        now = self.grid.clock()
+        for view in self.store.orders(states=ACTIVE):
+            if view.kind != OrderKind.INFERENCE.value or view.body.get("model") != model:
+                continue
+            if not any(leg["provider"] == node_id for leg in (view.placement or {})["legs"]):
+                continue
+            res = view.body.get("resources", {})
+            slow = ttft_s is not None and res.get("max_ttft_ms") is not None and (
+                ttft_s * 1000 > res["max_ttft_ms"])
+            slow |= tokens_per_s is not None and res.get("min_tokens_per_s") is not None and (
+                tokens_per_s < res["min_tokens_per_s"])
+            if slow:
+                window = int((now - (view.started_at or now)) // self.settings.accrual_interval_s)
+                self._slo_misses.setdefault(view.id, set()).add(window)
+
+    def _refund_misses(self, view: OrderView) -> None:
+        misses = self._slo_misses.get(view.id)
+        if not misses or not view.placement or view.started_at is None:
+            return
+        width = self.settings.accrual_interval_s
+        done = int(((view.accrued_until or view.started_at) - view.started_at) // width)
+        for window in sorted(w for w in misses if w < done):
+            for leg in view.placement["legs"]:
+                amount = leg["unit_price"] * leg["devices"] * width // 3600
+                cls = leg["offer_id"].split("/", 1)[1]
+                self.store.slo_refund(view.id, f"{view.id}:{window}:{leg['provider']}",
+                                      leg["provider"], cls, int(amount))
+            misses.discard(window)
+
+    # ---- the tick --------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Accrue, complete, re-place orders of lost providers, re-match, expire, pay out."""
+        now = self.grid.clock()
+        timeout = self.settings.node_timeout_s
+        nodes = self.grid._nodes
+        for view in self.store.orders(states=ACTIVE):
+            legs = (view.placement or {}).get("legs", [])
+            lost = [leg["provider"] for leg in legs if (
+                (n := nodes.get(leg["provider"])) is None or n.state == "gone"
+                or n.last_seen < now - timeout)]
+            if lost:
+                served = min(nodes[p].last_seen if p in nodes else now for p in lost)
+                self.store.requeue(view.id, self.settings.fee_bps, served)
+                self.invalidate()
+                continue
+            due = (view.accrued_until or now) + self.settings.accrual_interval_s
+            if now >= due or (view.ends_at is not None and now >= view.ends_at):
+                after = self.store.accrue(view.id, self.settings.fee_bps)
+                self._refund_misses(after)
+                if after.state != OrderState.ACTIVE.value:
+                    with self._lock:
+                        self.book.release(_placement(view))
+        for view in self.store.orders(states=(OrderState.OPEN.value,)):
+            if now - view.created_at > self.settings.order_ttl_s:
+                self.store.expire(view.id)
+                continue
+            order = self.parse(view.body)
+            with self._lock:
+                if self._dirty:
+                    self._rebuild()
+                result = self.book.match(order, self.quote)
+                if isinstance(result, Placement):
+                    try:
+                        self.store.place(view.id, order, result.to_dict())
+                        self.book.take(result)
+                    except Conflict:
+                        pass
+                else:
+                    self.store.set_reasons(view.id, result.to_dict())
+        if now - self._last_payout >= self.settings.payout_interval_s:
+            self.payout()
+
+    def payout(self) -> dict[str, int]:
+        """Pay out every accrual older than the audit window, as one batch."""
+        now = self.grid.clock()
+        self._last_payout = now
+        batch = f"{int(now)}-{secrets.token_hex(4)}"
+        return self.store.payout(batch, now - self.settings.payout_delay_s)
+
+
+def _placement(view: OrderView) -> Placement:
+    """A stored placement back as the core's type (for releasing its capacity)."""
+    from idlegrid.core.market.auction import Leg
+
+    p = view.placement or {}
+    return Placement(view.id, tuple(Leg(**leg) for leg in p.get("legs", [])), p.get("cost", 0),
+                     p.get("score", 0.0), p.get("runtime_h", 0.0), p.get("oversized", False),
+                     p.get("candidates", 0))

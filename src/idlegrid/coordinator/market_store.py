@@ -1,0 +1,373 @@
+"""Durable market state: device offers, node regions and links, orders, stakes, payouts.
+
+Beside `Store` (tasks and the ledger), sharing its transactions and its ledger append, so
+an order row and its prepayment, or an accrual and the order's `spent`, commit together or
+not at all: a refused order leaves no posting behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.orm import Session
+
+from idlegrid.coordinator.schema import (
+    Account,
+    Attempt,
+    DeviceOffer,
+    LedgerEntry,
+    LedgerPosting,
+    MarketOrder,
+    NodeMarket,
+)
+from idlegrid.coordinator.store import Store
+from idlegrid.core import ledger
+from idlegrid.core.market import settlement
+from idlegrid.core.market.orders import TERMINAL, Order, OrderKind, OrderState, order_transition
+from idlegrid.errors import Conflict, IdlegridError, NotFound
+
+# Outcomes that are not the provider's fault: they do not lower its reliability.
+_BLAMELESS = ("done", "handback", "cancelled", "consumer left")
+# Prior for the success ratio: a newcomer starts at 0.95, as if 19 of 20 went well.
+_PRIOR_OK, _PRIOR_N = 19, 20
+
+
+class DuplicateOrder(Conflict):
+    """An order id that was already submitted."""
+
+    code = "duplicate_order"
+
+    def __init__(self, order_id: str, state: str) -> None:
+        super().__init__(f"order {order_id} was already submitted (now {state})",
+                         order_id=order_id, state=state)
+
+
+class OrderNotFound(NotFound):
+    """No order with this id for this consumer."""
+
+    code = "order_not_found"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"no order {order_id}", order_id=order_id)
+
+
+@dataclass(frozen=True)
+class OrderView:
+    """An order as the API shows it."""
+
+    id: str
+    key_id: str
+    kind: str
+    body: dict[str, Any]
+    state: str
+    budget: int
+    spent: int
+    refunded: int
+    placement: dict[str, Any] | None
+    reasons: dict[str, Any] | None
+    created_at: float
+    started_at: float | None
+    ends_at: float | None
+    accrued_until: float | None
+    tokens_done: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return dict(self.__dict__)
+
+
+def _view(o: MarketOrder) -> OrderView:
+    return OrderView(o.id, o.key_id, o.kind, dict(o.body), o.state, o.budget, o.spent,
+                     o.refunded, o.placement, o.reasons, o.created_at, o.started_at, o.ends_at,
+                     o.accrued_until, o.tokens_done)
+
+
+def body_hash(body: dict[str, Any]) -> str:
+    """Hash of an order's canonical JSON, to tell a replay from a different order."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+class MarketStore:
+    """Market tables and market money, in the same database as `Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.clock = store.clock
+
+    # ---- supply ------------------------------------------------------------------------
+
+    def set_supply(self, node_id: str, region: str, links: dict[str, float],
+                   devices: Sequence[dict[str, Any]]) -> None:
+        """Replace a node's region, links and device offers (at registration)."""
+        with self.store.tx() as s:
+            s.execute(delete(DeviceOffer).where(DeviceOffer.node_id == node_id))
+            s.execute(delete(NodeMarket).where(NodeMarket.node_id == node_id))
+            s.flush()
+            s.add(NodeMarket(node_id=node_id, region=region, links=dict(links)))
+            for d in devices:
+                s.add(DeviceOffer(node_id=node_id, device_model=d["model"], count=d["count"],
+                                  vram_gb=d["vram_gb"], price_h=d["price_h"],
+                                  plugin=d.get("plugin")))
+
+    def supply(self) -> dict[str, dict[str, Any]]:
+        """Per node: region, links, device offers, stakes and measured reliability."""
+        with self.store.tx() as s:
+            out: dict[str, dict[str, Any]] = {}
+            for m in s.scalars(select(NodeMarket)):
+                out[m.node_id] = {"region": m.region, "links": dict(m.links), "devices": [],
+                                  "stakes": {}, "reliability": _PRIOR_OK / _PRIOR_N}
+            for d in s.scalars(select(DeviceOffer)):
+                out.setdefault(d.node_id, {"region": "local", "links": {}, "devices": [],
+                                           "stakes": {}, "reliability": 0.95})["devices"].append(
+                    {"model": d.device_model, "count": d.count, "vram_gb": d.vram_gb,
+                     "price_h": d.price_h, "plugin": d.plugin})
+            for acct, bal in s.execute(select(Account.id, Account.balance)
+                                       .where(Account.id.like("stake:%"))):
+                _, node, cls = acct.split(":", 2)
+                if node in out:
+                    out[node]["stakes"][cls] = bal
+            ok = func.sum(case((Attempt.outcome.in_(_BLAMELESS), 1), else_=0))
+            for node, good, ended in s.execute(
+                    select(Attempt.node_id, ok, func.count())
+                    .where(Attempt.outcome.is_not(None)).group_by(Attempt.node_id)):
+                if node in out:
+                    out[node]["reliability"] = (int(good or 0) + _PRIOR_OK) / (ended + _PRIOR_N)
+            return out
+
+    # ---- orders ------------------------------------------------------------------------
+
+    def create_order(self, order: Order, key_id: str, body: dict[str, Any],
+                     placement: dict[str, Any] | None, reasons: dict[str, Any] | None
+                     ) -> OrderView:
+        """Insert an order and prepay its budget in one transaction; duplicates are refused."""
+        now = self.clock()
+        with self.store.tx() as s:
+            existing = s.get(MarketOrder, order.id)
+            if existing is not None:
+                raise DuplicateOrder(order.id, existing.state)
+            row = MarketOrder(id=order.id, key_id=key_id, kind=order.kind.value, body=body,
+                              body_hash=body_hash(body), state=OrderState.OPEN.value,
+                              budget=order.budget(), spent=0, refunded=0, placement=None,
+                              reasons=reasons, created_at=now, updated_at=now, accrual_seq=0,
+                              tokens_done=0)
+            s.add(row)
+            s.flush()
+            self.store._post(s, settlement.prepay(order.id, key_id, order.budget()))
+            if placement is not None:
+                self._start(row, order, placement, now)
+            return _view(row)
+
+    @staticmethod
+    def _start(row: MarketOrder, order: Order, placement: dict[str, Any], now: float) -> None:
+        row.state = order_transition(order_transition(OrderState(row.state), "match"),
+                                     "start").value
+        row.placement = placement
+        row.reasons = None
+        row.started_at = now
+        row.accrued_until = now
+        row.ends_at = None if order.kind is OrderKind.BATCH else now + order.hours * 3600
+        row.updated_at = now
+
+    def place(self, order_id: str, order: Order, placement: dict[str, Any]) -> OrderView:
+        """Place an open order (re-matched later, or after its provider was lost)."""
+        with self.store.tx() as s:
+            row = self._row(s, order_id)
+            if row.state != OrderState.OPEN.value:
+                raise Conflict(f"order {order_id} is {row.state}, not open", order_id=order_id)
+            self._start(row, order, placement, self.clock())
+            if order.kind is not OrderKind.BATCH and row.spent:
+                # Re-placed after a loss: the hours left, not the hours bought.
+                done_h = row.spent / max(1, order.max_price * order.devices)
+                row.ends_at = self.clock() + max(0.0, order.hours - done_h) * 3600
+            return _view(row)
+
+    def set_reasons(self, order_id: str, reasons: dict[str, Any]) -> None:
+        """Record why an open order is still unmatched."""
+        with self.store.tx() as s:
+            s.execute(update(MarketOrder).where(MarketOrder.id == order_id)
+                      .values(reasons=reasons, updated_at=self.clock()))
+
+    def _row(self, s: Session, order_id: str, key_id: str | None = None) -> MarketOrder:
+        row = s.get(MarketOrder, order_id)
+        if row is None or (key_id is not None and row.key_id != key_id):
+            raise OrderNotFound(order_id)
+        return row
+
+    def get_order(self, order_id: str, key_id: str | None = None) -> OrderView:
+        """One order (only the consumer's own when `key_id` is given)."""
+        with self.store.tx() as s:
+            return _view(self._row(s, order_id, key_id))
+
+    def orders(self, key_id: str | None = None, states: Sequence[str] | None = None
+               ) -> list[OrderView]:
+        """Orders, newest first, optionally one consumer's or in some states."""
+        with self.store.tx() as s:
+            q = select(MarketOrder).order_by(MarketOrder.created_at.desc())
+            if key_id is not None:
+                q = q.where(MarketOrder.key_id == key_id)
+            if states:
+                q = q.where(MarketOrder.state.in_(list(states)))
+            return [_view(o) for o in s.scalars(q)]
+
+    def accrue(self, order_id: str, fee_bps: int, until: float | None = None) -> OrderView:
+        """Pay providers for the time served since the last accrual; complete at the end."""
+        with self.store.tx() as s:
+            row = self._row(s, order_id)
+            self._accrue_time(s, row, fee_bps, until if until is not None else self.clock())
+            if (row.state == OrderState.ACTIVE.value and row.ends_at is not None
+                    and (row.accrued_until or 0) >= row.ends_at):
+                self._finish(s, row, "complete")
+            return _view(row)
+
+    def _accrue_time(self, s: Session, row: MarketOrder, fee_bps: int, now: float) -> None:
+        if row.state != OrderState.ACTIVE.value or row.kind == OrderKind.BATCH.value:
+            return
+        start = row.accrued_until or now
+        end = min(now, row.ends_at or now)
+        if end <= start or not row.placement:
+            return
+        legs = row.placement["legs"]
+        due = [settlement.accrual_due(leg["unit_price"], leg["devices"], end - start)
+               for leg in legs]
+        # The escrow is the hard ceiling: rounding never lets an order pay more than it holds.
+        room = row.budget - row.spent - row.refunded
+        for leg, amount in zip(legs, due, strict=True):
+            amount = min(amount, room)
+            if amount > 0:
+                row.accrual_seq += 1
+                self.store._post(s, settlement.accrue(row.id, leg["provider"], row.accrual_seq,
+                                                      amount, fee_bps))
+                row.spent += amount
+                room -= amount
+        row.accrued_until = end
+        row.updated_at = self.clock()
+
+    def add_tokens(self, order_id: str, node_id: str, tokens: int, fee_bps: int) -> OrderView:
+        """A provider reports batch output tokens; pay them, complete when all are done."""
+        with self.store.tx() as s:
+            row = self._row(s, order_id)
+            if row.kind != OrderKind.BATCH.value or row.state != OrderState.ACTIVE.value:
+                raise Conflict(f"order {order_id} takes no token reports now ({row.state})",
+                               order_id=order_id)
+            legs = [leg for leg in (row.placement or {}).get("legs", [])
+                    if leg["provider"] == node_id]
+            if not legs:
+                raise Conflict(f"node {node_id} does not serve order {order_id}",
+                               order_id=order_id)
+            wanted = int(row.body["tokens"])
+            take = max(0, min(tokens, wanted - row.tokens_done))
+            before = ledger.token_cost(row.tokens_done, legs[0]["unit_price"])
+            after = ledger.token_cost(row.tokens_done + take, legs[0]["unit_price"])
+            amount = min(after - before, row.budget - row.spent - row.refunded)
+            row.tokens_done += take
+            if amount > 0:
+                row.accrual_seq += 1
+                self.store._post(s, settlement.accrue(row.id, node_id, row.accrual_seq, amount,
+                                                      fee_bps))
+                row.spent += amount
+            if row.tokens_done >= wanted:
+                self._finish(s, row, "complete")
+            return _view(row)
+
+    def _finish(self, s: Session, row: MarketOrder, move: str) -> None:
+        row.state = order_transition(OrderState(row.state), move).value
+        remaining = row.budget - row.spent - row.refunded
+        if remaining > 0:
+            self.store._post(s, settlement.close(row.id, row.key_id, remaining))
+        row.updated_at = self.clock()
+
+    def cancel(self, order_id: str, key_id: str | None, fee_bps: int) -> OrderView:
+        """Stop an order: pay for time served so far, return the rest of the escrow."""
+        with self.store.tx() as s:
+            row = self._row(s, order_id, key_id)
+            self._accrue_time(s, row, fee_bps, self.clock())
+            self._finish(s, row, "cancel")
+            return _view(row)
+
+    def expire(self, order_id: str) -> OrderView:
+        """An open order nobody could take in time: its whole escrow goes back."""
+        with self.store.tx() as s:
+            row = self._row(s, order_id)
+            self._finish(s, row, "expire")
+            return _view(row)
+
+    def requeue(self, order_id: str, fee_bps: int, served_until: float) -> OrderView:
+        """The provider was lost: pay it up to `served_until`, reopen the order to re-place."""
+        with self.store.tx() as s:
+            row = self._row(s, order_id)
+            self._accrue_time(s, row, fee_bps, served_until)
+            row.state = order_transition(OrderState(row.state), "requeue").value
+            row.placement = None
+            row.updated_at = self.clock()
+            return _view(row)
+
+    def slo_refund(self, order_id: str, ref: str, node_id: str, device_class: str,
+                   amount: int) -> bool:
+        """Refund a missed SLO window from the provider's accrual, then its stake."""
+        with self.store.tx() as s:
+            row = self._row(s, order_id)
+            accrued = s.scalar(select(Account.balance).where(
+                Account.id == ledger.accrual_account(node_id))) or 0
+            staked = s.scalar(select(Account.balance).where(
+                Account.id == ledger.stake_account(node_id, device_class))) or 0
+            amount = min(amount, accrued + staked)
+            if amount <= 0:
+                return False
+            posted = self.store._post(s, settlement.slo_refund(
+                ref, order_id, node_id, row.key_id, amount, accrued, device_class))
+            if posted:
+                row.refunded += amount
+            return posted
+
+    # ---- stakes and payouts --------------------------------------------------------------
+
+    def stake(self, ref: str, node_id: str, device_class: str, amount: int) -> bool:
+        """Lock provider credits as stake for a device class (idempotent on `ref`)."""
+        return self.store.post(settlement.stake(ref, node_id, device_class, amount))
+
+    def unstake(self, ref: str, node_id: str, device_class: str, amount: int) -> bool:
+        """Return stake to the provider, unless an active order still relies on it."""
+        with self.store.tx() as s:
+            for o in s.scalars(select(MarketOrder).where(
+                    MarketOrder.state == OrderState.ACTIVE.value)):
+                if any(leg["provider"] == node_id for leg in (o.placement or {}).get("legs", [])):
+                    raise Conflict(f"order {o.id} is active on this node; stake stays",
+                                   order_id=o.id)
+            return self.store._post(s, settlement.unstake(ref, node_id, device_class, amount))
+
+    def payout(self, batch_id: str, settled_before: float) -> dict[str, int]:
+        """Pay out accruals earned before `settled_before` (the audit window), in one entry.
+
+        Due = credits that reached the accrual account before the cutoff, less everything
+        that has left it since (payouts, refunds, forfeits), never more than its balance.
+        """
+        with self.store.tx() as s:
+            rows = s.execute(
+                select(LedgerPosting.account,
+                       func.sum(case((LedgerPosting.amount < 0, LedgerPosting.amount),
+                                     (LedgerEntry.created_at <= settled_before,
+                                      LedgerPosting.amount), else_=0)),
+                       func.sum(LedgerPosting.amount))
+                .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
+                .where(LedgerPosting.account.like("accrual:%"))
+                .group_by(LedgerPosting.account)).all()
+            due = {acct.split(":", 1)[1]: int(min(old or 0, bal or 0)) for acct, old, bal in rows}
+            due = {n: v for n, v in due.items() if v > 0}
+            if due:
+                self.store._post(s, settlement.payout(batch_id, due))
+            return due
+
+
+def open_or_active(views: Sequence[OrderView]) -> list[OrderView]:
+    """Orders that still hold capacity or wait for it."""
+    return [v for v in views if OrderState(v.state) not in TERMINAL]
+
+
+__all__ = ["DuplicateOrder", "IdlegridError", "MarketStore", "OrderNotFound", "OrderView",
+           "body_hash", "open_or_active"]

@@ -1,0 +1,184 @@
+"""Market API: consumers order and inspect, providers stake and report, operators pay out.
+
+Consumers authenticate with their API key (the same Bearer key as /v1); providers sign like
+every node request; payouts are operator routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Request
+
+from idlegrid.coordinator.routes_admin import require_operator
+from idlegrid.coordinator.routes_nodes import _parse, _signed
+from idlegrid.coordinator.service import Grid
+from idlegrid.core import ledger
+from idlegrid.errors import InvalidRequest
+from idlegrid.protocol import messages as m
+
+router = APIRouter(prefix="/api/v1", tags=["market"])
+
+
+def _grid(request: Request) -> Grid:
+    grid: Grid = request.app.state.grid
+    return grid
+
+
+async def _key(request: Request) -> str:
+    return await _grid(request).authenticate_key(request.headers.get("authorization"))
+
+
+ORDER_EXAMPLE = {"id": "train-42", "kind": "lease", "hours": 2,
+                 "resources": {"accelerators": ["RTX-4090", "A100-80GB"], "vram_gb": ">=16",
+                               "count": 1, "region": {"not_in": ["ap-south"]},
+                               "reliability": ">=0.95", "max_price": 0.8}}
+
+
+@router.post("/orders", status_code=201)
+async def submit_order(request: Request,
+                       body: Any = Body(..., examples=[ORDER_EXAMPLE])) -> dict[str, Any]:
+    """Submit an order: matched at once if the book allows, else open (prepaid) with reasons.
+
+    400 for a malformed spec (the error names the field), 402 when the budget exceeds the
+    balance, 409 for an order id that was used before. Nothing is posted on any error.
+    """
+    key_id = await _key(request)
+    grid = _grid(request)
+    view = await grid.db(grid.market.submit, key_id, body)
+    return view.to_dict()
+
+
+@router.get("/orders")
+async def list_orders(request: Request, state: str | None = None) -> dict[str, Any]:
+    """The caller's orders, newest first."""
+    key_id = await _key(request)
+    grid = _grid(request)
+    views = await grid.db(grid.market.store.orders, key_id, [state] if state else None)
+    return {"orders": [v.to_dict() for v in views]}
+
+
+@router.get("/orders/{order_id}")
+async def get_order(order_id: str, request: Request) -> dict[str, Any]:
+    """One of the caller's orders."""
+    key_id = await _key(request)
+    grid = _grid(request)
+    return (await grid.db(grid.market.store.get_order, order_id, key_id)).to_dict()
+
+
+@router.get("/orders/{order_id}/explain")
+async def explain_order(order_id: str, request: Request) -> dict[str, Any]:
+    """Why the order matched where it did, or which constraints eliminated how many offers."""
+    key_id = await _key(request)
+    grid = _grid(request)
+    return await grid.db(grid.market.explain, order_id, key_id)
+
+
+@router.post("/orders/{order_id}/cancel")
+async def cancel_order(order_id: str, request: Request) -> dict[str, Any]:
+    """Cancel: pay for service so far, refund the rest of the escrow (409 if already over)."""
+    key_id = await _key(request)
+    grid = _grid(request)
+    return (await grid.db(grid.market.cancel, order_id, key_id)).to_dict()
+
+
+@router.get("/offers")
+async def list_offers(request: Request, accelerator: str | None = None,
+                      region: str | None = None, model: str | None = None,
+                      limit: int = 200) -> dict[str, Any]:
+    """The live book: device offers with price, free devices, region, reliability, stake."""
+    await _key(request)
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest("limit: between 1 and 10000", param="limit")
+    grid = _grid(request)
+    book = await grid.db(grid.market.current_book)
+    out = []
+    for i, o in enumerate(book.offers):
+        if accelerator and o.device.model != accelerator:
+            continue
+        if region and o.hardware.region != region:
+            continue
+        if model and model not in o.model_prices:
+            continue
+        out.append({
+            "id": o.id, "provider": o.provider, "device": o.device.model,
+            "count": o.device.count, "free": int(book.free[i]), "vram_gb": o.device.vram_gb,
+            "region": o.hardware.region, "price_per_device_hour": o.device_hour,
+            "plugin": o.plugin, "staked": o.staked, "reliability": o.hardware.reliability,
+            "verified": o.hardware.verified,
+            "models": {mid: {"prompt_price": p.prompt, "output_price": p.output}
+                       for mid, p in o.model_prices.items()},
+            "tokens_per_s": dict(o.hardware.tokens_per_s)})
+        if len(out) >= limit:
+            break
+    return {"offers": out, "total": len(book)}
+
+
+# ---- providers (signed) ----------------------------------------------------------------
+
+
+@router.post("/nodes/stake")
+async def stake(request: Request) -> dict[str, Any]:
+    """Lock provider credits as stake for a device class (idempotent on `ref`)."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.StakeMsg, body)
+    grid = _grid(request)
+    posted = await grid.db(grid.market.store.stake, f"{node_id}:{msg.ref}", node_id,
+                           msg.device_class, msg.amount)
+    grid.market.invalidate()
+    return {"ok": True, "posted": posted}
+
+
+@router.post("/nodes/unstake")
+async def unstake(request: Request) -> dict[str, Any]:
+    """Release stake (409 while an active order relies on the node)."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.StakeMsg, body)
+    grid = _grid(request)
+    posted = await grid.db(grid.market.store.unstake, f"{node_id}:{msg.ref}", node_id,
+                           msg.device_class, msg.amount)
+    grid.market.invalidate()
+    return {"ok": True, "posted": posted}
+
+
+@router.post("/nodes/account")
+async def node_account(request: Request) -> dict[str, Any]:
+    """A provider's money: accrued (not yet paid out), paid, and stakes per device class."""
+    node_id, _ = await _signed(request)
+    grid = _grid(request)
+    balances = await grid.db(grid.store.balances)
+    prefix = f"stake:{node_id}:"
+    return {"node_id": node_id,
+            "accrued": balances.get(ledger.accrual_account(node_id), 0),
+            "paid": balances.get(ledger.provider_account(node_id), 0),
+            "stakes": {a[len(prefix):]: v for a, v in balances.items() if a.startswith(prefix)}}
+
+
+@router.post("/nodes/orders")
+async def node_orders(request: Request) -> dict[str, Any]:
+    """Active orders holding this node's devices."""
+    node_id, _ = await _signed(request)
+    grid = _grid(request)
+    views = await grid.db(grid.market.orders_for_node, node_id)
+    return {"orders": [v.to_dict() for v in views]}
+
+
+@router.post("/nodes/orders/{order_id}/tokens")
+async def node_tokens(order_id: str, request: Request) -> dict[str, Any]:
+    """Batch output produced for an order: paid per token, completed when all are done."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.TokensMsg, body)
+    grid = _grid(request)
+    return (await grid.db(grid.market.report_tokens, node_id, order_id, msg.tokens)).to_dict()
+
+
+# ---- operators -------------------------------------------------------------------------
+
+
+@router.post("/admin/payouts")
+async def payouts(request: Request) -> dict[str, Any]:
+    """Run a payout batch now (normally every payout_interval_s)."""
+    require_operator(request)
+    grid = _grid(request)
+    paid = await grid.db(grid.market.payout)
+    return {"paid": paid, "total": sum(paid.values())}
