@@ -21,6 +21,17 @@ def test_least_loaded_first_then_cheapest_then_fastest() -> None:
     assert [x.node_id for x in rank([c("b"), c("a")])] == ["a", "b"]  # ties: stable by id
 
 
+def test_routing_uses_the_market_score_reliability_included() -> None:
+    shaky = Candidate("shaky", 0, 1, 10, 10.0, reliability=0.5, max_tokens=100)
+    steady = Candidate("steady", 0, 1, 15, 10.0, reliability=1.0, max_tokens=100)
+    # Cheaper per token, but half its attempts are redone: 10/0.5 > 15/1.
+    assert choose([shaky, steady]).node_id == "steady"  # type: ignore[union-attr]
+    long_prompt = dict(prompt_tokens=10_000, max_tokens=10)
+    a = Candidate("cheap-output", 0, 1, 10, 10.0, prompt_price=50, **long_prompt)  # type: ignore[arg-type]
+    b = Candidate("cheap-prompt", 0, 1, 40, 10.0, prompt_price=5, **long_prompt)  # type: ignore[arg-type]
+    assert choose([a, b]).node_id == "cheap-prompt"  # type: ignore[union-attr]
+
+
 def test_full_providers_leave_work_in_the_shared_queue() -> None:
     assert choose([c("a", 1, 1), c("b", 2, 2)]) is None
     assert choose([c("a", 1, 2)], exclude=frozenset({"a"})) is None

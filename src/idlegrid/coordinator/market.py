@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ACTIVE = (OrderState.ACTIVE.value,)
+RELIABILITY_REFRESH_S = 10.0
 
 
 class Market:
@@ -45,6 +46,9 @@ class Market:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pricing")
         self._slo_misses: dict[str, set[int]] = {}  # order id -> accrual windows with a miss
         self._last_payout = grid.clock()
+        # Measured reliability per node, shared with the gateway's per-request routing.
+        self.reliability: dict[str, float] = {}
+        self._reliability_at = 0.0
 
     # ---- supply --------------------------------------------------------------------------
 
@@ -55,6 +59,8 @@ class Market:
     def _rebuild(self) -> None:
         now = self.grid.clock()
         supply = self.store.supply()
+        self.reliability = {n: s["reliability"] for n, s in supply.items()}
+        self._reliability_at = now
         nodes = self.grid._nodes
         offers: list[Offer] = []
         links: dict[frozenset[str], float] = {}
@@ -229,6 +235,9 @@ class Market:
         now = self.grid.clock()
         timeout = self.settings.node_timeout_s
         nodes = self.grid._nodes
+        if self._dirty or now - self._reliability_at > RELIABILITY_REFRESH_S:
+            with self._lock:
+                self._rebuild()  # also re-reads success ratios for the gateway
         for view in self.store.orders(states=ACTIVE):
             legs = (view.placement or {}).get("legs", [])
             lost = [leg["provider"] for leg in legs if (

@@ -82,8 +82,9 @@ class Grid:
         self._nodes = {n.id: n for n in await self.db(self.store.nodes)}
         return self._nodes
 
-    def candidates(self, model: str) -> tuple[list[routing.Candidate], dict[str, Price]]:
-        """Live providers of `model` with their load (from the hub) and prices."""
+    def candidates(self, model: str, prompt_tokens: int = 0, max_tokens: int = 1
+                   ) -> tuple[list[routing.Candidate], dict[str, Price]]:
+        """Live providers of `model` with their load (from the hub), prices and reliability."""
         cutoff = self.clock() - self.settings.node_timeout_s
         busy: dict[str, int] = {}
         for stream in self.hub.streams.values():
@@ -92,8 +93,10 @@ class Grid:
                 busy[holder] = busy.get(holder, 0) + 1
         live = [n for n in self._nodes.values()
                 if n.state == "live" and n.last_seen >= cutoff and model in n.offers]
+        rel = self.market.reliability
         cands = [routing.Candidate(n.id, busy.get(n.id, 0), n.slots, n.offers[model].output,
-                                   n.decode_tps) for n in live]
+                                   n.decode_tps, n.offers[model].prompt, rel.get(n.id, 1.0),
+                                   prompt_tokens, max_tokens) for n in live]
         return cands, {n.id: n.offers[model] for n in live}
 
     def start(self) -> None:
@@ -330,7 +333,7 @@ class Grid:
                 f"max_tokens must be between 1 and {self.settings.max_tokens_limit}",
                 param="max_tokens",
             )
-        cands, prices = self.candidates(model)
+        cands, prices = self.candidates(model, max_prompt_tokens, max_tokens)
         if not cands:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)

@@ -1,9 +1,16 @@
-"""Which provider takes a request: least-loaded first, then cheapest, then fastest. Pure."""
+"""Which provider takes a request: least-loaded first, then the market's score, then speed. Pure.
+
+The score is the auction's (`market.auction.request_score`): the request's expected cost
+at the provider's prices, divided by the provider's measured reliability.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from idlegrid.core.ledger import Price
+from idlegrid.core.market.auction import request_score
 
 
 @dataclass(frozen=True)
@@ -15,6 +22,16 @@ class Candidate:
     slots: int  # requests it serves at once
     output_price: int  # µcr per 1M output tokens
     decode_tps: float  # measured at start-up
+    prompt_price: int = 0  # µcr per 1M prompt tokens
+    reliability: float = 1.0  # measured success ratio, 0..1
+    prompt_tokens: int = 0  # of the request being routed
+    max_tokens: int = 1
+
+    @property
+    def score(self) -> float:
+        """The request's expected cost here, as the market scores it."""
+        return request_score(self.prompt_tokens, self.max_tokens,
+                             Price(self.prompt_price, self.output_price), self.reliability)
 
     @property
     def load(self) -> float:
@@ -28,9 +45,9 @@ class Candidate:
 
 
 def rank(candidates: Iterable[Candidate], exclude: frozenset[str] = frozenset()) -> list[Candidate]:
-    """Candidates best first: lowest load, then lowest price, then highest speed, then id."""
+    """Candidates best first: lowest load, then lowest score, then highest speed, then id."""
     pool = [c for c in candidates if c.node_id not in exclude]
-    return sorted(pool, key=lambda c: (c.load, c.output_price, -c.decode_tps, c.node_id))
+    return sorted(pool, key=lambda c: (c.load, c.score, -c.decode_tps, c.node_id))
 
 
 def choose(
