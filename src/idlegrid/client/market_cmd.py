@@ -195,7 +195,7 @@ def balance(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
             views = c.orders()
     except GridAPIError as exc:
         _fail(exc)
-    held = sum(v["budget"] - v["spent"] - v["refunded"] for v in views
+    held = sum(v["budget"] - v["spent"] for v in views
                if v["state"] in ("open", "matched", "active"))
     data = {**bal, "in_escrow": held}
     if as_json:

@@ -236,7 +236,8 @@ class MarketStore:
         due = [settlement.accrual_due(leg["unit_price"], leg["devices"], end - start)
                for leg in legs]
         # The escrow is the hard ceiling: rounding never lets an order pay more than it holds.
-        room = row.budget - row.spent - row.refunded
+        # (SLO refunds come from the provider's accrual and stake, not from this escrow.)
+        room = row.budget - row.spent
         for leg, amount in zip(legs, due, strict=True):
             amount = min(amount, room)
             if amount > 0:
@@ -264,7 +265,7 @@ class MarketStore:
             take = max(0, min(tokens, wanted - row.tokens_done))
             before = ledger.token_cost(row.tokens_done, legs[0]["unit_price"])
             after = ledger.token_cost(row.tokens_done + take, legs[0]["unit_price"])
-            amount = min(after - before, row.budget - row.spent - row.refunded)
+            amount = min(after - before, row.budget - row.spent)
             row.tokens_done += take
             if amount > 0:
                 row.accrual_seq += 1
@@ -277,7 +278,7 @@ class MarketStore:
 
     def _finish(self, s: Session, row: MarketOrder, move: str) -> None:
         row.state = order_transition(OrderState(row.state), move).value
-        remaining = row.budget - row.spent - row.refunded
+        remaining = row.budget - row.spent
         if remaining > 0:
             self.store._post(s, settlement.close(row.id, row.key_id, remaining))
         row.updated_at = self.clock()

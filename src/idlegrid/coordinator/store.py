@@ -321,26 +321,24 @@ class Store:
         with self.tx() as s:
             return {a.id: a.balance for a in s.scalars(select(Account))}
 
-    def entries(self, cause_id: str | None = None) -> list[dict[str, Any]]:
-        """Ledger entries with their postings, oldest first (optionally for one cause)."""
+    def entries(self, cause_id: str | None = None, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Ledger entries with their postings, oldest first (one cause's, or after a seq)."""
         with self.tx() as s:
-            q = select(LedgerEntry).order_by(LedgerEntry.seq)
+            q = select(LedgerEntry).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq)
+            pq = (select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount)
+                  .where(LedgerPosting.entry_seq > after_seq))
             if cause_id is not None:
                 q = q.where(LedgerEntry.cause_id == cause_id)
-            out = []
-            for e in s.scalars(q):
-                postings = s.execute(
-                    select(LedgerPosting.account, LedgerPosting.amount)
-                    .where(LedgerPosting.entry_seq == e.seq)
-                    .order_by(LedgerPosting.account)
-                ).all()
-                out.append({
-                    "seq": e.seq, "key": e.key, "cause": {"kind": e.cause_kind, "id": e.cause_id},
-                    "memo": e.memo, "hash": e.hash, "prev_hash": e.prev_hash,
-                    "created_at": e.created_at,
-                    "postings": [{"account": a, "amount": v} for a, v in postings],
-                })
-            return out
+                pq = pq.join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq).where(
+                    LedgerEntry.cause_id == cause_id)
+            postings: dict[int, list[dict[str, Any]]] = {}
+            for seq, account, amount in s.execute(pq.order_by(LedgerPosting.account)):
+                postings.setdefault(seq, []).append({"account": account, "amount": amount})
+            return [{
+                "seq": e.seq, "key": e.key, "cause": {"kind": e.cause_kind, "id": e.cause_id},
+                "memo": e.memo, "hash": e.hash, "prev_hash": e.prev_hash,
+                "created_at": e.created_at, "postings": postings.get(e.seq, []),
+            } for e in s.scalars(q)]
 
     def verify_ledger(self) -> list[str]:
         """Recompute the hash chain and every balance; return the problems found (none: [])."""

@@ -381,9 +381,11 @@ class Book:
     # ---- capacity -------------------------------------------------------------------
 
     def take(self, placement: Placement) -> None:
-        """Mark a placement's devices busy."""
+        """Mark a placement's devices busy (offers no longer in the book are skipped)."""
         for leg in placement.legs:
-            self.free[self.index[leg.offer_id]] -= leg.devices
+            i = self.index.get(leg.offer_id)
+            if i is not None:
+                self.free[i] = max(0, self.free[i] - leg.devices)
 
     def release(self, placement: Placement) -> None:
         """Give a placement's devices back."""
