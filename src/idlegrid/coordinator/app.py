@@ -12,7 +12,13 @@ from fastapi.responses import JSONResponse
 
 from idlegrid import PROTOCOL_VERSION, __version__
 from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator import http_errors, routes_admin, routes_nodes, routes_openai
+from idlegrid.coordinator import (
+    http_errors,
+    routes_admin,
+    routes_nodes,
+    routes_openai,
+    routes_trust,
+)
 from idlegrid.coordinator.service import Grid
 from idlegrid.coordinator.store import Store, migrate
 
@@ -42,6 +48,7 @@ def create_app(
     app.include_router(routes_openai.router)
     app.include_router(routes_nodes.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_trust.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:

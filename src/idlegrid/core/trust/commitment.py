@@ -292,3 +292,43 @@ def judge(c: Commitment, report: Report, tol: Tolerance, max_new_tokens: int) ->
     passed = not reasons
     return Verdict(passed, tuple(reasons), worst_rel, worst_margin, first_bad,
                    {"worst_rel": worst_rel, "worst_margin": worst_margin})
+
+
+def encode_report(r: Report) -> bytes:
+    """Binary report: context hash, end flag, class, then per chunk values/kth/margins/allowed."""
+    cls = r.det_class.encode()
+    out = [r.context_hash, struct.pack("<?H", r.end_ok, len(cls)), cls,
+           struct.pack("<I", len(r.chunks))]
+    for ch in r.chunks:
+        k, n = len(ch.values), len(ch.margins)
+        out.append(struct.pack(f"<HH{k}ff{n}f{n}?", k, n, *ch.values, ch.kth, *ch.margins,
+                               *ch.allowed))
+    return b"".join(out)
+
+
+def decode_report(blob: bytes) -> Report:
+    """Parse a verifier's report; malformed input is InvalidRequest."""
+    try:
+        pos = 35
+        ctx = blob[:32]
+        end_ok, cls_len = struct.unpack_from("<?H", blob, 32)
+        det_class = blob[pos:pos + cls_len].decode()
+        pos += cls_len
+        (n_chunks,) = struct.unpack_from("<I", blob, pos)
+        pos += 4
+        if n_chunks > MAX_TOKENS or len(ctx) != 32:
+            raise ValueError("too many chunks")
+        chunks = []
+        for _ in range(n_chunks):
+            k, n = struct.unpack_from("<HH", blob, pos)
+            pos += 4
+            fmt = f"<{k}ff{n}f{n}?"
+            vals = struct.unpack_from(fmt, blob, pos)
+            pos += struct.calcsize(fmt)
+            chunks.append(ChunkReport(tuple(vals[:k]), vals[k], tuple(vals[k + 1:k + 1 + n]),
+                                      tuple(bool(a) for a in vals[k + 1 + n:])))
+        if pos != len(blob):
+            raise ValueError("trailing bytes")
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"malformed audit report: {exc}", param="report") from exc
+    return Report(ctx, tuple(chunks), bool(end_ok), det_class)
