@@ -100,7 +100,8 @@ def test_other_prompt_bad_finish_too_many_tokens_and_bad_sampling_fail() -> None
     v = cm.judge(c, dataclasses.replace(rep, chunks=(rep.chunks[0], bad)), TOL, 20)
     assert not v.passed and v.first_bad_chunk == 1
     outside = dataclasses.replace(rep.chunks[0], allowed=(False,) + (True,) * 15)
-    assert not cm.judge(c, dataclasses.replace(rep, chunks=(outside, rep.chunks[1])), TOL, 20).passed
+    rep2 = dataclasses.replace(rep, chunks=(outside, rep.chunks[1]))
+    assert not cm.judge(c, rep2, TOL, 20).passed
 
 
 def test_cherry_picked_small_entries_fail_the_rank_check() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -101,10 +102,8 @@ class Agent:
         await stop.wait()
         log.info("draining: no new work; finishing %d held request(s)", len(self.jobs))
         self.draining.set()
-        try:
+        with contextlib.suppress(httpx.HTTPError, IdlegridError):
             await self.client.call("/api/v1/nodes/heartbeat", {"state": "draining"})
-        except (httpx.HTTPError, IdlegridError):
-            pass
         done, pending = await asyncio.wait(slots, timeout=self.config.drain_grace_s)
         if pending:
             for job in list(self.jobs):
@@ -219,10 +218,8 @@ class Agent:
             self.jobs.discard(job)
 
     async def _fail(self, base: str, reason: str, kind: str) -> None:
-        try:
+        with contextlib.suppress(Conflict):
             await self.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind})
-        except Conflict:
-            pass
 
     def _prompt_ids(self, engine: Engine, task: TaskMsg) -> list[int]:
         if task.kind == "chat":

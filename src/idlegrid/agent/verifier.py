@@ -25,10 +25,7 @@ log = logging.getLogger("idlegrid.agent.verifier")
 def check(engine: Any, msg: AuditTaskMsg) -> bytes:
     """Recompute one audited answer; the encoded report to send back."""
     c = cm.decode(base64.b64decode(msg.commitment))
-    if msg.kind == "chat":
-        text = render_chat(engine, msg.messages or [])
-    else:
-        text = msg.prompt or ""
+    text = render_chat(engine, msg.messages or []) if msg.kind == "chat" else msg.prompt or ""
     context = [*engine.tokenize(text), *msg.prior_ids]
     report = engine.audit(context, c, msg.max_new_tokens, msg.stop)
     return cm.encode_report(report)

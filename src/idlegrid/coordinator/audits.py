@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -165,7 +166,8 @@ class Trust:
 
     # ---- verifiers ---------------------------------------------------------------------
 
-    async def poll(self, node_id: str, models: list[str], wait_s: float = 10.0) -> dict[str, Any] | None:
+    async def poll(self, node_id: str, models: list[str],
+                   wait_s: float = 10.0) -> dict[str, Any] | None:
         """An audit for this verifier (never its own answers), or None after `wait_s`."""
         deadline = self.grid.clock() + wait_s
         while True:
@@ -176,10 +178,8 @@ class Trust:
             remaining = deadline - self.grid.clock()
             if remaining <= 0:
                 return None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.new_audit.wait(), timeout=min(remaining, 1.0))
-            except TimeoutError:
-                pass
 
     def _claim(self, node_id: str, models: list[str]) -> dict[str, Any] | None:
         now = self.grid.clock()

@@ -34,7 +34,7 @@ def selected(secret: bytes, digest: bytes, p: float, domain: bytes = b"audit") -
 
 
 def pick(secret: bytes, digest: bytes, candidates: list[str], domain: bytes = b"verifier") -> str:
-    """A verifier chosen uniformly from `candidates` by the beacon (caller excludes the provider)."""
+    """A verifier drawn uniformly from `candidates` (the caller excludes the provider)."""
     if not candidates:
         raise ValueError("no candidates")
     ordered = sorted(candidates)

@@ -119,7 +119,8 @@ class Commitment:
 
 
 def build(model: str, det_class: str, context_ids: Sequence[int], seed: int, temperature: float,
-          top_p: float, tokens: Sequence[int], entries: Sequence[tuple[Sequence[int], Sequence[float]]],
+          top_p: float, tokens: Sequence[int],
+          entries: Sequence[tuple[Sequence[int], Sequence[float]]],
           finish_reason: str, ended_by_end_token: bool, hidden: int,
           chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> Commitment:
     """Assemble a commitment from tokens and per-chunk top-k (indices, values)."""

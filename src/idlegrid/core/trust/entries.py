@@ -61,7 +61,8 @@ def verifier_pay(audit_id: str, verifier: str, amount: int, pool_balance: int) -
         [Posting(FEES, -pay), Posting(ledger.provider_account(verifier), pay)], "audit pay")
 
 
-def canary_slash(audit_id: str, stake_account: str, stake_balance: int, amount: int) -> Entry | None:
+def canary_slash(audit_id: str, stake_account: str, stake_balance: int,
+                 amount: int) -> Entry | None:
     """A verifier approved a planted wrong answer: its stake goes to fees (the jackpot)."""
     take = min(amount, stake_balance)
     if take <= 0:
