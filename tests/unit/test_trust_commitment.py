@@ -175,3 +175,10 @@ def test_greedy_replay_and_an_out_of_range_token() -> None:
     assert sampling.replay(logits, 1, 1, 1, 0.0).margin == pytest.approx(0.1, abs=1e-6)
     assert sampling.replay(logits, 2, 1, 1, 0.0).margin < 0
     assert sampling.replay(logits, 99, 1, 1, 0.0).allowed is False
+
+
+def test_top_p_zero_is_greedy_and_replays() -> None:
+    logits = np.log(np.array([0.2, 0.5, 0.3]))
+    assert {sampling.choose(logits, 1, pos, 1.0, top_p=0.0) for pos in range(50)} == {1}
+    assert sampling.replay(logits, 1, 1, 3, 1.0, top_p=0.0).allowed
+    assert not sampling.replay(logits, 2, 1, 3, 1.0, top_p=0.0).allowed

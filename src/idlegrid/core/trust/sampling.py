@@ -74,7 +74,8 @@ def choose(logits: np.ndarray, seed: int, position: int, temperature: float,
         p = np.exp(z)
         p /= p.sum()
         before = _nucleus_before(p)
-        cand = cand[before[cand] < top_p]
+        # The most likely token is always in the nucleus (top_p = 0 means greedy).
+        cand = cand[(before[cand] < top_p) | (before[cand] == 0)]
     scores = z[cand] + gumbel(seed, position, cand)
     return int(cand[int(np.argmax(scores))])
 
@@ -104,10 +105,10 @@ def replay(logits: np.ndarray, token: int, seed: int, position: int, temperature
         p = np.exp(z)
         p /= p.sum()
         before = _nucleus_before(p)
-        allowed = bool(before[token] < top_p + top_p_slack)
+        allowed = bool(before[token] < top_p + top_p_slack or before[token] == 0)
         # Competitors are only tokens surely inside the nucleus, whichever side of the
         # boundary a rounding error puts them on.
-        cand = cand[before[cand] < top_p - top_p_slack]
+        cand = cand[(before[cand] < top_p - top_p_slack) | (before[cand] == 0)]
     cand = cand[cand != token]
     g_tok = float(gumbel(seed, position, np.array([token]))[0])
     mine = z[token] + g_tok
