@@ -56,6 +56,8 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             self.orders: list[tuple[str, Any]] = []  # (id, Order)
             self.posted: list[Entry] = []
             self.tag = f"e{next(_ids)}"
+            # Per-example providers: a replayed example must meet the same balances.
+            self.nodes = [f"{n}-{self.tag}" for n in NODES]
             with self.store.tx() as s:
                 from idlegrid.coordinator.schema import LedgerHead
 
@@ -63,7 +65,7 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 self.seen_seq = head.seq if head else 0
                 self.prev_hash = head.hash if head else ledger.GENESIS_HASH
             self.sums = self.store.balances()
-            for n in NODES:
+            for n in self.nodes:
                 self._post(ledger.mint(f"fund:{self.tag}:{n}", ledger.provider_account(n),
                                        100 * MICRO, Cause("deposit", self.tag)))
             for credits in (5, 40):
@@ -92,7 +94,7 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         def order(self, data: st.DataObject, hours: float, price: float, batch: bool,
                   placed: bool) -> None:
             key = data.draw(st.sampled_from(self.keys))
-            node = data.draw(st.sampled_from(NODES))
+            node = self.nodes[data.draw(st.integers(0, len(NODES) - 1))]
             oid = f"o{next(_ids)}"
             raw: dict[str, Any] = {"id": oid, "kind": "batch" if batch else "lease",
                                    "resources": {"max_price": price}}
@@ -115,8 +117,9 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             return [(i, o) for i, o in self.orders if i in ids]
 
         @precondition(lambda self: self.orders)
-        @rule(data=st.data(), node=st.sampled_from(NODES))
-        def match(self, data: st.DataObject, node: str) -> None:
+        @rule(data=st.data(), n=st.integers(0, len(NODES) - 1))
+        def match(self, data: st.DataObject, n: int) -> None:
+            node = self.nodes[n]
             open_ = self._in(OrderState.OPEN.value)
             if not open_:
                 return
@@ -167,15 +170,17 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             self.market.slo_refund(oid, f"{oid}:{next(_ids)}", node, "RTX-4090",
                                    credits * MICRO // 10)
 
-        @rule(node=st.sampled_from(NODES), credits=st.integers(1, 30))
-        def stake(self, node: str, credits: int) -> None:
+        @rule(n=st.integers(0, len(NODES) - 1), credits=st.integers(1, 30))
+        def stake(self, n: int, credits: int) -> None:
+            node = self.nodes[n]
             try:
                 self.market.stake(f"{self.tag}-{next(_ids)}", node, "RTX-4090", credits * MICRO)
             except InsufficientCredits:
                 pass
 
-        @rule(node=st.sampled_from(NODES), credits=st.integers(1, 10))
-        def slash(self, node: str, credits: int) -> None:
+        @rule(n=st.integers(0, len(NODES) - 1), credits=st.integers(1, 10))
+        def slash(self, n: int, credits: int) -> None:
+            node = self.nodes[n]
             staked = self.store.balance(ledger.stake_account(node, "RTX-4090"))
             amount = min(staked, credits * MICRO)
             if amount <= 0:

@@ -8,6 +8,8 @@ network: whatever piled up while one upload was in flight goes in the next.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -49,6 +51,8 @@ class AgentConfig:
     devices: list[dict[str, Any]] | None = None
     links: dict[str, float] = field(default_factory=dict)
     stake_per_device: int = 0
+    # Verifier mode: also take audits (re-check other providers' answers) on engine 0.
+    verifier: bool = False
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -71,6 +75,9 @@ class Agent:
         self.draining = asyncio.Event()
         self.jobs: set[_Job] = set()
         self.served = 0
+        self.audited = 0
+        # Engines are not thread-safe: serving and auditing on engine 0 take turns.
+        self._engine_locks = {id(e): threading.Lock() for e in self.engines}
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -89,6 +96,7 @@ class Agent:
             "region": self.config.region,
             "links": self.config.links,
             "devices": self._devices(),
+            "verifier": self.config.verifier,
         })
         assert answer is not None
         self.heartbeat_s = float(answer["heartbeat_interval_s"])
@@ -121,13 +129,15 @@ class Agent:
         await self._until_registered(stop)
         beats = asyncio.create_task(self._heartbeats())
         slots = [asyncio.create_task(self._slot(e)) for e in self.engines]
+        if self.config.verifier:
+            from idlegrid.agent.verifier import audit_loop
+
+            slots.append(asyncio.create_task(audit_loop(self, self.engines[0])))
         await stop.wait()
         log.info("draining: no new work; finishing %d held request(s)", len(self.jobs))
         self.draining.set()
-        try:
+        with contextlib.suppress(httpx.HTTPError, IdlegridError):
             await self.client.call("/api/v1/nodes/heartbeat", {"state": "draining"})
-        except (httpx.HTTPError, IdlegridError):
-            pass
         done, pending = await asyncio.wait(slots, timeout=self.config.drain_grace_s)
         if pending:
             for job in list(self.jobs):
@@ -219,8 +229,10 @@ class Agent:
             queue: asyncio.Queue[Any] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             result = Generation()
+            committed: dict[str, str] = {}
             worker = loop.run_in_executor(
-                None, self._generate, engine, task, prompt_ids, job, queue, loop, result
+                None, self._generate_locked, engine, task, prompt_ids, job, queue, loop, result,
+                committed,
             )
             ok = await self._upload(base, queue, job)
             try:
@@ -236,6 +248,7 @@ class Agent:
                 return
             await self.client.call(f"{base}/finish", {
                 "prompt_tokens": len(prompt_ids), "finish_reason": result.finish_reason,
+                "commitment": committed.get("blob"),
             })
             self.served += 1
         except Conflict:
@@ -246,10 +259,8 @@ class Agent:
             self.jobs.discard(job)
 
     async def _fail(self, base: str, reason: str, kind: str) -> None:
-        try:
+        with contextlib.suppress(Conflict):
             await self.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind})
-        except Conflict:
-            pass
 
     def _prompt_ids(self, engine: Engine, task: TaskMsg) -> list[int]:
         if task.kind == "chat":
@@ -264,12 +275,25 @@ class Agent:
             )
         return ids
 
+    def _generate_locked(self, engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job,
+                         queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop,
+                         result: Generation, committed: dict[str, str]) -> None:
+        with self._engine_locks[id(engine)]:
+            self._generate(engine, task, prompt_ids, job, queue, loop, result, committed)
+
     @staticmethod
     def _generate(engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job,
                   queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop,
-                  result: Generation) -> None:
+                  result: Generation, committed: dict[str, str] | None = None) -> None:
         room = engine.context_length - len(prompt_ids)
         params = SamplingParams(task.temperature, task.top_p, task.seed)
+        recorder = None
+        if committed is not None and hasattr(engine, "recorder") and hasattr(engine,
+                                                                             "prefill_states"):
+            from idlegrid.engines.commit import Recorder
+
+            recorder = Recorder()
+            engine.recorder = recorder
         try:
             for piece in stream_pieces(engine, prompt_ids, params,
                                        max_tokens=min(task.max_tokens, room), stop=task.stop,
@@ -277,7 +301,17 @@ class Agent:
                 if job.cancel.is_set():
                     break
                 loop.call_soon_threadsafe(queue.put_nowait, (piece.token_id, piece.text))
+            if recorder is not None and committed is not None and not job.cancel.is_set():
+                from idlegrid.engines.commit import build_commitment
+
+                # Committed before finish is sent, so before any audit can be selected.
+                c = build_commitment(engine, task.model, [*prompt_ids, *task.prior_ids],
+                                     recorder, task.seed, task.temperature, task.top_p,
+                                     result.finish_reason)
+                committed["blob"] = base64.b64encode(c.encode()).decode()
         finally:
+            if recorder is not None:
+                engine.recorder = None  # type: ignore[attr-defined]
             loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
     async def _upload(self, base: str, queue: asyncio.Queue[Any], job: _Job) -> bool:

@@ -244,16 +244,29 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
         return
     table = Table(title=f"idlegrid at {url}")
     for col in ("node", "state", "hardware", "engine", "prefill tok/s", "decode tok/s",
-                "earned (cr)"):
+                "earned (cr)", "audit p", "audits ok/failed"):
         table.add_column(col)
+    trust = data.get("trust", {})
     for n in data["nodes"]:
         hw = n["hardware"]
+        t = trust.get("nodes", {}).get(n["id"], {})
+        if t.get("ejected"):
+            audit = "ejected"
+        elif t:
+            audit = f"{t['audit_rate']:.3f}" + (" (probation)" if t["probation"] else "")
+        else:
+            audit = "-"
+        counts = f"{t.get('passed', 0)}/{t.get('failed', 0)}" if t else "-"
         table.add_row(n["name"], ("live" if n["live"] else "gone") if n["state"] == "live"
                       else n["state"], _hardware_summary(hw),
                       str(n["engine"].get("engine", n["engine"].get("name", "?"))),
                       f"{n['prefill_tps']:.0f}", f"{n['decode_tps']:.1f}",
-                      f"{n['earned'] / MICRO:.6f}")
+                      f"{n['earned'] / MICRO:.6f}", audit, counts)
     out.print(table)
+    if trust:
+        out.print(f"audit rate: steady p = {trust['p_steady']:.4f} (2 x p* = "
+                  f"{trust['p_star']:.4f}); canaries {trust['canary_rate']:.3f}; "
+                  f"beacon commitment {trust['beacon_commitment'][:16]}…")
     if "me" in data:
         out.print(f"your balance: {data['me']['balance'] / MICRO:.6f} credits")
     out.print(f"protocol fees collected: {data['balances'].get('system:fees', 0) / MICRO:.6f} "

@@ -18,6 +18,7 @@ from idlegrid.coordinator import (
     routes_market,
     routes_nodes,
     routes_openai,
+    routes_trust,
 )
 from idlegrid.coordinator.service import Grid
 from idlegrid.coordinator.store import Store, migrate
@@ -49,6 +50,7 @@ def create_app(
     app.include_router(routes_nodes.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_market.router)
+    app.include_router(routes_trust.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:

@@ -67,7 +67,8 @@ class Market:
         for node_id, sup in supply.items():
             node = nodes.get(node_id)
             if node is None or node.state != "live" or (
-                    node.last_seen < now - self.settings.node_timeout_s):
+                    node.last_seen < now - self.settings.node_timeout_s) or (
+                    node_id in self.grid.trust.ejected):
                 continue
             for peer, gbps in sup["links"].items():
                 key = frozenset((node_id, peer))

@@ -119,6 +119,7 @@ async def status(request: Request) -> dict[str, Any]:
         "balances": balances,
         "fee_bps": grid.settings.fee_bps,
         "tasks": await grid.db(grid.store.task_counts),
+        "trust": await grid.trust.status(),
     }
 
 

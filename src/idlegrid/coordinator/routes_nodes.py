@@ -117,7 +117,7 @@ async def finish(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     node_id, body = await _signed(request)
     msg = _parse(m.FinishMsg, body)
     task = await _grid(request).finish(node_id, task_id, attempt, msg.prompt_tokens,
-                                       msg.finish_reason)
+                                       msg.finish_reason, msg.commitment)
     return {"ok": True, "output_tokens": task.output_tokens}
 
 

@@ -70,6 +70,9 @@ class Grid:
         from idlegrid.coordinator.market import Market  # the market reads the grid's nodes
 
         self.market = Market(self)
+        from idlegrid.coordinator.audits import Trust
+
+        self.trust = Trust(self)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""
@@ -92,7 +95,8 @@ class Grid:
             if holder:
                 busy[holder] = busy.get(holder, 0) + 1
         live = [n for n in self._nodes.values()
-                if n.state == "live" and n.last_seen >= cutoff and model in n.offers]
+                if n.state == "live" and n.last_seen >= cutoff and model in n.offers
+                and n.id not in self.trust.ejected]
         rel = self.market.reliability
         cands = [routing.Candidate(n.id, busy.get(n.id, 0), n.slots, n.offers[model].output,
                                    n.decode_tps, n.offers[model].prompt, rel.get(n.id, 1.0),
@@ -156,6 +160,7 @@ class Grid:
             raise InvalidRequest(f"devices: {exc.message}", param="devices") from exc
         await self.db(self.market.store.set_supply, node_id, body.get("region", "local"),
                       body.get("links") or {}, devices)
+        await self.trust.on_register(node_id, body)
         await self.refresh_nodes()
         self.market.invalidate()
         self.hub.wake(node_id)
@@ -173,6 +178,8 @@ class Grid:
 
     async def poll(self, node_id: str, models: list[str], wait_s: float) -> TaskView | None:
         """Long poll: a claimed task for this node, or None after `wait_s`."""
+        if node_id in self.trust.ejected:
+            raise AuthError("this node was ejected after failed audits")
         deadline = self.clock() + min(wait_s, self.settings.long_poll_s)
         event = self.hub.work_event(node_id)
         # A poll is a sign of life; later wake-ups skip this write to keep claims fast.
@@ -238,7 +245,8 @@ class Grid:
             self.hub.push(task_id, Event("pieces", pieces=fresh))
 
     async def finish(
-        self, node_id: str, task_id: str, attempt: int, prompt_tokens: int, finish_reason: str
+        self, node_id: str, task_id: str, attempt: int, prompt_tokens: int, finish_reason: str,
+        commitment: str | None = None,
     ) -> TaskView:
         """The provider finished: settle and tell the consumer."""
         stream = self._attempt_stream(task_id, attempt, node_id)
@@ -248,6 +256,10 @@ class Grid:
             assert task is not None
             # A provider cannot bill more prompt tokens than the request could hold.
             prompt_tokens = min(prompt_tokens, task.payload["max_prompt_tokens"])
+            committed = None
+            if commitment is not None:  # checked before settlement: a bad one is a 400
+                committed = self.trust.check_commitment(task, commitment,
+                                                        list(stream.attempt_ids), finish_reason)
             done = await self.db(
                 self.store.finish, task_id, attempt, node_id, new_ids=list(stream.attempt_ids),
                 prompt_tokens=prompt_tokens, finish_reason=finish_reason,
@@ -262,6 +274,9 @@ class Grid:
         tps = (len(stream.attempt_ids) - 1) / (now - first) if (
             first is not None and now > first and len(stream.attempt_ids) > 1) else None
         await self.db(self.market.observe, node_id, done.model_id, ttft, tps)
+        if committed is not None:
+            # Stored first, then the beacon draw: the provider committed before selection.
+            await self.trust.on_finish(done, node_id, attempt, committed, task.delivered_ids)
         return done
 
     async def give_up(self, node_id: str | None, task_id: str, attempt: int, outcome: str,

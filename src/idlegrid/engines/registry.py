@@ -21,6 +21,7 @@ _BUILTIN = {
     "torch": "idlegrid.engines.torch_hf:TorchEngine",
     "transformers": "idlegrid.engines.torch_hf:TorchEngine",
     "fake": "idlegrid.engines.fake:FakeEngine",
+    "tiny": "idlegrid.engines.tiny:TinyEngine",
 }
 
 

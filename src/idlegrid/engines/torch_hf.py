@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from idlegrid.core.trust import sampling
 from idlegrid.engines.base import SamplingParams, check_prompt
+from idlegrid.engines.commit import Recorder
 from idlegrid.engines.llamacpp import default_threads
 from idlegrid.engines.models import resolve_model
 from idlegrid.errors import EngineError
@@ -90,6 +92,7 @@ class TorchEngine:
         self._context_length = min(context_length or DEFAULT_CONTEXT, trained)
         self._chat_template = gguf.meta.get("tokenizer.chat_template")
         self._versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+        self.recorder: Recorder | None = None  # set by the agent to commit one generation
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids as llama.cpp makes them (special tokens in `text` are parsed)."""
@@ -104,46 +107,73 @@ class TorchEngine:
         return token_id in self._vocab.eog_ids
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """Prefill `prompt_ids` once, then decode one token per step with a KV cache."""
+        """Prefill `prompt_ids` once, then decode one token per step with a KV cache.
+
+        Sampling is seeded Gumbel-max keyed by (seed, absolute position), so a verifier
+        replays each choice from its own logits; the last hidden state behind every token
+        goes to `recorder` when one is set.
+        """
         torch = self._torch
         from transformers import DynamicCache
 
         ids = list(prompt_ids)
         check_prompt(ids, self._context_length, len(self._vocab.tokens))
-        generator = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else random.getrandbits(64)
-            generator = torch.Generator(device=self._device).manual_seed(seed & _UINT64)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
         cache = DynamicCache(config=self._config)
         step = torch.tensor([ids], dtype=torch.long, device=self._device)
         n = len(ids)
+        recorder = self.recorder
         while True:
             # inference_mode per call, never held across a yield, so it cannot leak into
             # the caller's code between tokens.
             with torch.inference_mode():
-                out = self._model(input_ids=step, past_key_values=cache, use_cache=True,
-                                  logits_to_keep=1)  # fmt: skip
-                token_id = self._sample(out.logits[0, -1], params, generator)
+                out = self._model.model(input_ids=step, past_key_values=cache, use_cache=True)
+                state = out.last_hidden_state[0, -1:]
+                logits = self._logits(state)[0]
+            token_id = sampling.choose(logits, seed, n, params.temperature, params.top_p)
+            if recorder is not None:
+                recorder.add(token_id, state[0].float().cpu().numpy())
             yield token_id
             n += 1
             if n >= self._context_length:
                 return
             step = torch.tensor([[token_id]], dtype=torch.long, device=self._device)
 
-    def _sample(self, logits: Any, params: SamplingParams, generator: Any) -> int:
+    def _logits(self, states: Any) -> np.ndarray:
+        logits = self._model.lm_head(states).float()
+        cap = getattr(self._config, "final_logit_softcapping", None)
+        if cap:
+            logits = self._torch.tanh(logits / cap) * cap
+        out: np.ndarray = logits.cpu().numpy()
+        return out
+
+    def prefill_states(self, ids: Sequence[int]) -> np.ndarray:
+        """Last hidden state of every position of `ids`, in one forward pass (verifier)."""
         torch = self._torch
-        if generator is None:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            keep = (torch.cumsum(sorted_probs, 0) - sorted_probs) < params.top_p
-            keep[0] = True
-            sorted_probs = sorted_probs * keep
-            pick = torch.multinomial(sorted_probs, 1, generator=generator)
-            return int(order[pick])
-        return int(torch.multinomial(probs, 1, generator=generator))
+        with torch.inference_mode():
+            step = torch.tensor([list(ids)], dtype=torch.long, device=self._device)
+            out = self._model.model(input_ids=step, use_cache=False)
+            states: np.ndarray = out.last_hidden_state[0].float().cpu().numpy()
+        return states
+
+    def logits_of(self, states: np.ndarray) -> np.ndarray:
+        """Logits for hidden states, through the tied output layer at serving precision."""
+        torch = self._torch
+        with torch.inference_mode():
+            h = torch.from_numpy(np.ascontiguousarray(states)).to(self._device, self._dtype)
+            return self._logits(h)
+
+    def det_class(self) -> str:
+        """engine/version/dtype/device/threads: equal classes compute the same bits."""
+        d = self.describe()
+        return f"torch/{d['version']}/{d['dtype']}/{d['device']}/t{d['threads']}"
+
+    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
+              stop: Sequence[str] = ()) -> Any:
+        """Recompute a commitment in one prefill (verifier mode)."""
+        from idlegrid.engines.commit import recompute
+
+        return recompute(self, context_ids, c, max_new_tokens, stop, self._context_length)
 
     @property
     def chat_template(self) -> str | None:

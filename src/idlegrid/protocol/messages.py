@@ -50,6 +50,8 @@ class RegisterMsg(Message):
     region: str = Field("local", min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")
     links: dict[str, float] = Field(default_factory=dict)  # peer node id -> measured Gbit/s
     devices: list[DeviceOfferMsg] = Field(default_factory=list)
+    # Verifier mode: this node also re-checks other providers' answers (audits).
+    verifier: bool = False
 
 
 class HeartbeatMsg(Message):
@@ -96,6 +98,9 @@ class FinishMsg(Message):
 
     prompt_tokens: int = Field(ge=0)
     finish_reason: Literal["stop", "length"]
+    # Base64 of the inference commitment (core/trust/commitment.py), sent before the
+    # provider can know whether the answer will be audited. Absent: the answer is unverified.
+    commitment: str | None = Field(None, max_length=1 << 20)
 
 
 class FailMsg(Message):
@@ -117,3 +122,35 @@ class TokensMsg(Message):
     """Output tokens produced for a batch order."""
 
     tokens: int = Field(gt=0, le=10**9)
+
+
+class AuditPollMsg(Message):
+    """A verifier asks for an audit of a model it serves."""
+
+    models: list[str] = Field(min_length=1)
+
+
+class AuditTaskMsg(Message):
+    """An answer to re-check: the request as the provider saw it, and its commitment."""
+
+    audit_id: str
+    model: str
+    kind: Literal["completion", "chat"]
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prior_ids: list[int] = Field(default_factory=list)
+    max_new_tokens: int
+    stop: list[str] = Field(default_factory=list)
+    commitment: str
+
+
+class AuditReportMsg(Message):
+    """What the verifier recomputed (base64 of core/trust/commitment.encode_report)."""
+
+    report: str = Field(max_length=1 << 20)
+
+
+class DisputeMsg(Message):
+    """A provider contests a failed audit of its own answer."""
+
+    reason: str = Field("", max_length=500)

@@ -4,6 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from idlegrid.coordinator.schema import Base
+from idlegrid.coordinator import trust_schema  # noqa: F401  (registers the trust tables)
 
 config = context.config
 target_metadata = Base.metadata

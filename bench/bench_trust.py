@@ -1,0 +1,55 @@
+"""Trust benchmark: cheat-matrix detection, honest false positives across thread counts,
+tolerance calibration, commitment cost and size, verifier cost, false-slash bound.
+
+    PYTHONPATH=src python bench/bench_trust.py --audits 1000 --honest 10000
+
+Runs on the tiny seeded engine (the issue allows a tiny model); every audit is the real
+code path: generate with the recorder, build the commitment, recompute in one prefill,
+judge. Honest audits alternate the verifier's thread count (1 vs 2) against the
+provider's, so they include cross-class pairs. CI runs the same functions with small counts
+(tests/integration/test_trust_matrix.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+from idlegrid.core.trust.economics import AuditPolicy, false_slash_probability, tail_fail_rate
+from idlegrid.testbed import cheats
+from idlegrid.testbed.trust_matrix import TOL, cheat_matrix, honest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--audits", type=int, default=1000)
+    ap.add_argument("--honest", type=int, default=10000)
+    args = ap.parse_args()
+    t = time.perf_counter()
+    matrix = cheat_matrix(args.audits)
+    print(f"cheat matrix ({args.audits} audits each, {time.perf_counter() - t:.0f} s):")
+    for k, rate in matrix.items():
+        print(f"  ({k}) {cheats.CHEATS[k].__name__:<14} detected {rate:.4f}")
+    fails, rels, margins, gen, ver = honest(args.honest)
+    print(f"honest: {fails} false positives in {args.honest} audits (threads 1/2 mixed)")
+    print(f"  worst rel err: max {max(rels):.3g}, median {statistics.median(rels):.3g}"
+          f" (tolerance {TOL.rel:g}: {TOL.rel / max(rels):.0f}x headroom)")
+    print(f"  closest honest sampling race: {min(margins):.3g}"
+          f" (a token fails below -{TOL.margin:g})")
+    ratio = statistics.median(ver) / statistics.median(gen)
+    print(f"  generation median {statistics.median(gen) * 1e3:.1f} ms, verification median"
+          f" {statistics.median(ver) * 1e3:.1f} ms, ratio {ratio:.3f}")
+    policy = AuditPolicy()
+    print(f"  verifier compute at steady p={policy.steady:.4f}: "
+          f"{policy.steady * ratio * 100:.3f}% of generation")
+    logm = [math.log10(TOL.rel / max(r, 1e-12)) for r in rels]
+    eps = tail_fail_rate(logm)
+    print(f"  fitted per-audit false-fail rate (log-normal tail): {eps:.3g}")
+    print(f"  P(false slash) over 1e6 requests at p={policy.steady:.4f}, confirmed by a"
+          f" referee: {false_slash_probability(1_000_000, policy.steady, eps, eps):.3g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The trust service: take commitments with finished answers, select audits by beacon,
+hand them to verifiers, judge the recomputations and apply the consequences.
+
+Decisions come from the pure core (`core/trust`); this module only reads and writes state.
+Order that matters: the commitment is stored with the finish, and only then is the beacon
+draw made, from a per-epoch secret whose hash is published in `/api/v1/status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import select, update
+
+from idlegrid.coordinator.trust_schema import TrustAudit, TrustCommitment, TrustNode
+from idlegrid.core import ledger
+from idlegrid.core.trust import beacon, entries
+from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust.economics import AuditPolicy
+from idlegrid.core.trust.reputation import ReputationModel
+from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from idlegrid.coordinator.service import Grid
+    from idlegrid.coordinator.store import TaskView
+
+
+class TrustSettings(BaseSettings):
+    """Trust knobs; IDLEGRID_TRUST_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="IDLEGRID_TRUST_", extra="ignore")
+
+    stake_multiple: float = Field(100.0, gt=0, description="S in units of a request's price")
+    full_audits: int = Field(8, ge=0)
+    halving: float = Field(8.0, gt=0)
+    canary_rate: float = Field(0.02, ge=0, le=1)
+    audit_fee_bps: int = Field(1000, ge=0, description="verifier pay, bps of the request charge")
+    reassign_after_s: float = Field(10.0, gt=0)
+    # Tolerances: see docs/trust.md for how they were calibrated.
+    rel_same: float = 2e-5
+    rel_cross: float = 1e-4
+    margin: float = 1e-3
+
+
+def _b64(text: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"{param} is not base64", param=param) from exc
+
+
+def tamper(c: cm.Commitment) -> cm.Commitment:
+    """A canary: the same answer with its first chunk's hidden-state values 1% off."""
+    first = c.chunks[0]
+    bad = dataclasses.replace(first, values=tuple(v * 1.01 for v in first.values))
+    chunks = (bad, *c.chunks[1:])
+    root = cm.merkle_root([ch.encode() for ch in chunks])
+    return cm.Commitment(dataclasses.replace(c.header, root=root), chunks)
+
+
+class Trust:
+    """Audits and their consequences for one coordinator."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.settings = TrustSettings()
+        s = self.settings
+        self.policy = AuditPolicy(stake=s.stake_multiple, full_audits=s.full_audits,
+                                  halving=s.halving)
+        self.reputation = ReputationModel()
+        self.secret = secrets.token_bytes(32)
+        self.epoch_commitment = beacon.beacon_commitment(self.secret)
+        self.new_audit = asyncio.Event()
+        self.ejected: set[str] = set()
+
+    @property
+    def store(self) -> Any:
+        """The coordinator's store."""
+        return self.grid.store
+
+    # ---- nodes -------------------------------------------------------------------------
+
+    async def on_register(self, node_id: str, body: dict[str, Any]) -> None:
+        """Remember whether a node verifies, and its determinism class."""
+        eng = body.get("engine") or {}
+        det = "/".join(str(eng.get(k, "")) for k in ("engine", "version", "dtype", "device"))
+        det += f"/t{eng.get('threads', '')}"
+        await self.grid.db(self._upsert_node, node_id, bool(body.get("verifier")), det)
+
+    def _upsert_node(self, node_id: str, verifier: bool, det: str) -> None:
+        with self.store.tx() as s:
+            row = s.get(TrustNode, node_id)
+            if row is None:
+                s.add(TrustNode(node_id=node_id, verifier=verifier, det_class=det, passed=0,
+                                failed=0, verifier_passed=0, verifier_failed=0, ejected=False,
+                                proven_class=""))
+            else:
+                row.verifier, row.det_class = verifier, det
+                if row.ejected:
+                    self.ejected.add(node_id)
+
+    # ---- commitments -------------------------------------------------------------------
+
+    def check_commitment(self, task: TaskView, blob_b64: str, new_ids: list[int],
+                         finish_reason: str) -> cm.Commitment:
+        """Decode and sanity-check a commitment before settlement (400 if it is malformed)."""
+        c = cm.decode(_b64(blob_b64, "commitment"))
+        toks = c.tokens[:-1] if c.header.ended_by_end_token else c.tokens
+        if toks != list(new_ids):
+            raise InvalidRequest("commitment tokens differ from the uploaded output",
+                                 param="commitment")
+        if c.header.seed != task.payload["seed"] or c.header.finish_reason != finish_reason:
+            raise InvalidRequest("commitment seed or finish reason differs from the request",
+                                 param="commitment")
+        return c
+
+    async def on_finish(self, task: TaskView, node_id: str, attempt: int, c: cm.Commitment,
+                        prior_ids: list[int]) -> None:
+        """Store the commitment, then draw the beacon: audit? plant a canary?"""
+        await self.grid.db(self._on_finish, task, node_id, attempt, c, prior_ids)
+        self.new_audit.set()
+
+    def _on_finish(self, task: TaskView, node_id: str, attempt: int, c: cm.Commitment,
+                   prior_ids: list[int]) -> None:
+        now = self.grid.clock()
+        digest = c.header.digest()
+        charge = self._charge(task.id, task.key_id, task.hold)
+        blob = c.encode()
+        with self.store.tx() as s:
+            s.add(TrustCommitment(task_id=task.id, attempt=attempt, node_id=node_id,
+                                  digest=digest.hex(), blob=blob, prior_ids=list(prior_ids),
+                                  max_new=int(task.payload["max_tokens"]) - len(prior_ids),
+                                  charge=charge, created_at=now))
+            node = s.get(TrustNode, node_id)
+            clean = node.passed if node else 0
+            verifiers = [v for v in s.scalars(select(TrustNode.node_id).where(
+                TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v != node_id]
+            designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
+            audits = []
+            if beacon.selected(self.secret, digest, self.policy.rate(clean)):
+                audits.append((f"aud-{digest.hex()[:24]}", False, blob))
+            if c.chunks and beacon.selected(self.secret, digest, self.settings.canary_rate,
+                                            domain=b"canary"):
+                audits.append((f"can-{digest.hex()[:24]}", True, tamper(c).encode()))
+            for audit_id, canary, data in audits:
+                s.add(TrustAudit(id=audit_id, task_id=task.id, attempt=attempt, node_id=node_id,
+                                 model_id=task.model_id, designated=designated, verifier_id=None,
+                                 canary=canary, blob=data, state="pending", verdict={},
+                                 created_at=now, assigned_at=0.0, done_at=0.0))
+
+    def _charge(self, task_id: str, key_id: str, hold: int) -> int:
+        consumer = ledger.consumer_account(key_id)
+        for e in self.store.entries(task_id):
+            if e["key"] == f"settle:{task_id}":
+                back = sum(p["amount"] for p in e["postings"] if p["account"] == consumer)
+                return hold - back
+        return 0
+
+    # ---- verifiers ---------------------------------------------------------------------
+
+    async def poll(self, node_id: str, models: list[str],
+                   wait_s: float = 10.0) -> dict[str, Any] | None:
+        """An audit for this verifier (never its own answers), or None after `wait_s`."""
+        deadline = self.grid.clock() + wait_s
+        while True:
+            self.new_audit.clear()
+            got = await self.grid.db(self._claim, node_id, models)
+            if got is not None:
+                return got
+            remaining = deadline - self.grid.clock()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.new_audit.wait(), timeout=min(remaining, 1.0))
+
+    def _claim(self, node_id: str, models: list[str]) -> dict[str, Any] | None:
+        now = self.grid.clock()
+        with self.store.tx() as s:
+            me = s.get(TrustNode, node_id)
+            if me is None or not me.verifier or me.ejected:
+                raise AuthError("this node is not an active verifier")
+            rows = s.scalars(select(TrustAudit).where(
+                TrustAudit.state == "pending", TrustAudit.node_id != node_id,
+                TrustAudit.model_id.in_(models)).order_by(TrustAudit.created_at).limit(20))
+            for a in rows:
+                if a.designated not in (None, node_id) and now - a.created_at < \
+                        self.settings.reassign_after_s:
+                    continue
+                res = s.execute(update(TrustAudit).where(
+                    TrustAudit.id == a.id, TrustAudit.state == "pending").values(
+                    state="assigned", verifier_id=node_id, assigned_at=now))
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    continue
+                com = s.get(TrustCommitment, (a.task_id, a.attempt))
+                assert com is not None
+                claimed = (a.id, a.model_id, a.task_id, list(com.prior_ids), com.max_new, a.blob)
+                break
+            else:
+                return None
+        audit_id, model_id, task_id, prior, max_new, blob = claimed
+        task = self.store.get_task(task_id)
+        p = task.payload
+        return {"audit_id": audit_id, "model": model_id, "kind": task.kind,
+                "prompt": p.get("prompt"), "messages": p.get("messages"), "prior_ids": prior,
+                "max_new_tokens": max_new, "stop": p.get("stop") or [],
+                "commitment": base64.b64encode(blob).decode()}
+
+    async def report(self, node_id: str, audit_id: str, report_b64: str) -> dict[str, Any]:
+        """Judge a verifier's recomputation and apply what follows from it."""
+        report = cm.decode_report(_b64(report_b64, "report"))
+        return await self.grid.db(self._judge_and_apply, node_id, audit_id, report)
+
+    def tolerance(self, provider_class: str, verifier_class: str) -> cm.Tolerance:
+        """Same class: tight; different class: the calibrated cross-class tolerance."""
+        st = self.settings
+        rel = st.rel_same if provider_class == verifier_class else st.rel_cross
+        return cm.Tolerance(rel=rel, rank_slack=rel, margin=st.margin)
+
+    def _judge_and_apply(self, node_id: str, audit_id: str, report: cm.Report) -> dict[str, Any]:
+        now = self.grid.clock()
+        with self.store.tx() as s:
+            a = s.get(TrustAudit, audit_id)
+            if a is None:
+                raise NotFound(f"no audit {audit_id}")
+            if a.verifier_id != node_id or a.state != "assigned":
+                raise Conflict(f"audit {audit_id} is not assigned to this node", state=a.state)
+            com = s.get(TrustCommitment, (a.task_id, a.attempt))
+            assert com is not None
+            provider_id, task_id, canary, blob = a.node_id, a.task_id, a.canary, a.blob
+            charge, max_new = com.charge, com.max_new
+        c = cm.decode(blob)
+        tol = self.tolerance(c.header.det_class, report.det_class)
+        v = cm.judge(c, report, tol, max_new)
+        verdict = {"passed": v.passed, "reasons": list(v.reasons), "worst_rel": v.worst_rel,
+                   "worst_margin": v.worst_margin if abs(v.worst_margin) != float("inf") else None,
+                   "first_bad_chunk": v.first_bad_chunk, "tolerance": tol.rel,
+                   "provider_class": c.header.det_class, "verifier_class": report.det_class,
+                   "canary": canary}
+        task = self.store.get_task(task_id)
+        consumer = ledger.consumer_account(task.key_id)
+        balances = self.store.balances()
+        posts = self._consequences(audit_id, node_id, provider_id, canary, v.passed, charge,
+                                   consumer, balances)
+        with self.store.tx() as s:
+            res = s.execute(update(TrustAudit).where(
+                TrustAudit.id == audit_id, TrustAudit.state == "assigned").values(
+                state="passed" if v.passed else "failed", done_at=now, verdict=verdict))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise Conflict(f"audit {audit_id} was judged already")
+            verifier = s.get(TrustNode, node_id)
+            provider = s.get(TrustNode, provider_id)
+            if canary:
+                if v.passed:  # approved a planted wrong answer: lazy or colluding
+                    verifier.verifier_failed += 1
+                    verifier.ejected = True
+                    self.ejected.add(node_id)
+                else:
+                    verifier.verifier_passed += 1
+            else:
+                verifier.verifier_passed += 1
+                if v.passed:
+                    provider.passed += 1
+                else:
+                    provider.failed += 1
+                    if self.reputation.ejected(provider.passed, provider.failed):
+                        provider.ejected = True
+                        self.ejected.add(provider_id)
+            for e in posts:
+                self.store._post(s, e)
+        return {"audit_id": audit_id, **verdict}
+
+    def _consequences(self, audit_id: str, verifier_id: str, provider_id: str, canary: bool,
+                      passed: bool, charge: int, consumer: str,
+                      balances: dict[str, int]) -> list[ledger.Entry]:
+        """Ledger entries that follow from a verdict (pure apart from the balances read)."""
+        posts: list[ledger.Entry | None] = []
+        fees = balances.get(ledger.FEES, 0)
+        if canary and passed:
+            for acct, bal in self._stakes(verifier_id, balances).items():
+                posts.append(entries.canary_slash(f"{audit_id}:{acct}", acct, bal, bal))
+            return [e for e in posts if e is not None]
+        posts.append(entries.verifier_pay(audit_id, verifier_id, self._fee(charge), fees))
+        if not canary and not passed:
+            refund = charge
+            for acct, bal in self._stakes(provider_id, balances).items():
+                e = entries.slash(f"{audit_id}:{acct}", acct, bal, bal, consumer, refund,
+                                  verifier_id)
+                if e is not None:
+                    refund -= sum(p.amount for p in e.postings if p.account == consumer)
+                    posts.append(e)
+            accrual = ledger.accrual_account(provider_id)
+            posts.append(entries.forfeit(audit_id, accrual, balances.get(accrual, 0), consumer,
+                                         refund))
+        return [e for e in posts if e is not None]
+
+    def _fee(self, charge: int) -> int:
+        return charge * self.settings.audit_fee_bps // 10_000
+
+    @staticmethod
+    def _stakes(node_id: str, balances: dict[str, int]) -> dict[str, int]:
+        prefix = f"stake:{node_id}:"
+        return {a: b for a, b in balances.items() if a.startswith(prefix) and b > 0}
+
+    # ---- status ------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """Audit rate p, p*, and each node's probation and audit record."""
+        rows = await self.grid.db(self._nodes)
+        pol = self.policy
+        return {
+            "p_star": pol.p_star, "p_steady": pol.steady, "canary_rate": self.settings.canary_rate,
+            "beacon_commitment": self.epoch_commitment,
+            "nodes": {r.node_id: {
+                "audit_rate": pol.rate(r.passed), "probation": pol.on_probation(r.passed),
+                "passed": r.passed, "failed": r.failed, "verifier": r.verifier,
+                "verifier_passed": r.verifier_passed, "verifier_failed": r.verifier_failed,
+                "spoofer_probability": self.reputation.posterior(r.passed, r.failed),
+                "ejected": r.ejected, "det_class": r.det_class} for r in rows},
+        }
+
+    def _nodes(self) -> list[TrustNode]:
+        with self.store.tx() as s:
+            rows = list(s.scalars(select(TrustNode)))
+            s.expunge_all()
+            return rows
+
+    def audits(self) -> list[dict[str, Any]]:
+        """Every audit with its verdict (operator view)."""
+        with self.store.tx() as s:
+            return [{"id": a.id, "task_id": a.task_id, "node_id": a.node_id,
+                     "verifier_id": a.verifier_id, "canary": a.canary, "state": a.state,
+                     "verdict": a.verdict} for a in s.scalars(select(TrustAudit))]

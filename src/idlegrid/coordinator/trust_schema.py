@@ -1,0 +1,60 @@
+"""Tables of the trust layer (migration 0004_trust): commitments, audits, per-node record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, Integer, LargeBinary, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from idlegrid.coordinator.schema import Base
+
+
+class TrustCommitment(Base):
+    """An answer's commitment, kept for the audit window."""
+
+    __tablename__ = "trust_commitments"
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    prior_ids: Mapped[list[int]] = mapped_column(JSON)
+    max_new: Mapped[int] = mapped_column(Integer)
+    charge: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class TrustAudit(Base):
+    """One re-check of a commitment by a verifier (or a planted canary)."""
+
+    __tablename__ = "trust_audits"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[str] = mapped_column(String(128))
+    designated: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    verifier_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    canary: Mapped[bool] = mapped_column(Boolean)
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending assigned passed failed
+    verdict: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    assigned_at: Mapped[float] = mapped_column(Float)
+    done_at: Mapped[float] = mapped_column(Float)
+
+
+class TrustNode(Base):
+    """A node's audit record as provider and as verifier."""
+
+    __tablename__ = "trust_nodes"
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    verifier: Mapped[bool] = mapped_column(Boolean)
+    det_class: Mapped[str] = mapped_column(String(200))
+    passed: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    verifier_passed: Mapped[int] = mapped_column(Integer)
+    verifier_failed: Mapped[int] = mapped_column(Integer)
+    ejected: Mapped[bool] = mapped_column(Boolean)
+    proven_class: Mapped[str] = mapped_column(String(64))

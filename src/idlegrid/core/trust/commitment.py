@@ -1,0 +1,335 @@
+"""Inference commitments: what a provider commits before it learns whether it is audited,
+their compact binary encoding, and the verdict on a verifier's recomputation.
+
+A commitment covers the context (prompt + earlier attempts' tokens, hashed), the sampling
+parameters and seed, the generated token ids (including an end token that stopped the
+answer), and per chunk of `chunk_size` tokens the top-k entries by magnitude of the last
+hidden state at the positions that produced those tokens, at serving precision (float32
+values, flat uint32 indices `row * hidden + channel`). Chunks are the leaves of a Merkle
+tree whose root is in the header; the header's SHA-256 is the digest the audit beacon uses.
+
+Per generated token the fingerprint costs 4 B (token id) + 8·k/chunk_size B (entries):
+20 B at the defaults (chunk 16, k 32), plus 4 B per chunk and a ~100 B header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from idlegrid.core.trust.merkle import merkle_root
+from idlegrid.errors import InvalidRequest
+
+VERSION = 1
+CHUNK_SIZE = 16
+TOP_K = 32
+MAX_TOKENS = 1 << 16
+_HEAD = struct.Struct("<B32s32sQffIIB?HHI")
+
+
+def context_hash(ids: Sequence[int]) -> bytes:
+    """SHA-256 of the context token ids as little-endian uint32."""
+    return hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).digest()
+
+
+def class_id(det_class: str) -> bytes:
+    """32-byte id of a determinism class string."""
+    return hashlib.sha256(det_class.encode()).digest()
+
+
+def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:
+    """Entries kept for a chunk of `n_tokens` (a short last chunk keeps proportionally fewer)."""
+    return max(1, math.ceil(k * n_tokens / chunk_size))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one chunk and the top-k entries of their hidden states."""
+
+    tokens: tuple[int, ...]
+    indices: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def encode(self) -> bytes:
+        """`<HH` counts, then uint32 tokens, uint32 indices, float32 values."""
+        n, k = len(self.tokens), len(self.indices)
+        return struct.pack(f"<HH{n}I{k}I{k}f", n, k, *self.tokens, *self.indices, *self.values)
+
+
+@dataclass(frozen=True)
+class Header:
+    """Everything committed about one answer except the chunks themselves (root covers them)."""
+
+    model: str
+    det_class: str
+    context_hash: bytes
+    seed: int
+    temperature: float
+    top_p: float
+    start: int  # absolute position of the first generated token (= context length)
+    n_tokens: int
+    finish_reason: str  # "stop" or "length"
+    ended_by_end_token: bool  # the last committed token is the end token that stopped it
+    hidden: int
+    root: bytes
+    chunk_size: int = CHUNK_SIZE
+    k: int = TOP_K
+    version: int = VERSION
+
+    def encode(self) -> bytes:
+        """Fixed binary layout followed by the model id (length-prefixed UTF-8)."""
+        model = self.model.encode()
+        return _HEAD.pack(
+            self.version, self.context_hash, class_id(self.det_class), self.seed & ((1 << 64) - 1),
+            self.temperature, self.top_p, self.start, self.n_tokens,
+            1 if self.finish_reason == "stop" else 0, self.ended_by_end_token, self.chunk_size,
+            self.k, self.hidden,
+        ) + self.root + struct.pack("<H", len(model)) + model
+
+    def digest(self) -> bytes:
+        """What audit selection and the provider's signature bind to."""
+        return hashlib.sha256(b"idlegrid-commitment" + self.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A header and its chunks."""
+
+    header: Header
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def tokens(self) -> list[int]:
+        """All committed token ids, in order."""
+        return [t for c in self.chunks for t in c.tokens]
+
+    def encode(self) -> bytes:
+        """Wire form: det_class (length-prefixed), header, then the chunks."""
+        cls = self.header.det_class.encode()
+        head = self.header.encode()
+        return (struct.pack("<H", len(cls)) + cls + struct.pack("<H", len(head)) + head
+                + b"".join(c.encode() for c in self.chunks))
+
+    def fingerprint_bytes(self) -> int:
+        """Bytes of the chunks alone (the per-token part of the proof)."""
+        return sum(len(c.encode()) for c in self.chunks)
+
+
+def build(model: str, det_class: str, context_ids: Sequence[int], seed: int, temperature: float,
+          top_p: float, tokens: Sequence[int],
+          entries: Sequence[tuple[Sequence[int], Sequence[float]]],
+          finish_reason: str, ended_by_end_token: bool, hidden: int,
+          chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> Commitment:
+    """Assemble a commitment from tokens and per-chunk top-k (indices, values)."""
+    n_chunks = math.ceil(len(tokens) / chunk_size)
+    if len(entries) != n_chunks:
+        raise ValueError(f"{len(entries)} chunk fingerprints for {n_chunks} chunks")
+    chunks = tuple(
+        Chunk(tuple(int(t) for t in tokens[j * chunk_size:(j + 1) * chunk_size]),
+              tuple(int(i) for i in idx), tuple(float(v) for v in val))
+        for j, (idx, val) in enumerate(entries))
+    root = merkle_root([c.encode() for c in chunks])
+    header = Header(model, det_class, context_hash(context_ids), seed, temperature, top_p,
+                    len(context_ids), len(tokens), finish_reason, ended_by_end_token, hidden, root,
+                    chunk_size, k)
+    return Commitment(header, chunks)
+
+
+def decode(blob: bytes) -> Commitment:
+    """Parse a wire commitment; any malformation is InvalidRequest (a 400, never a 500)."""
+    try:
+        return _decode(blob)
+    except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise InvalidRequest(f"malformed commitment: {exc}", param="commitment") from exc
+
+
+def _decode(blob: bytes) -> Commitment:
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(blob):
+            raise ValueError("truncated")
+        out = blob[pos:pos + n]
+        pos += n
+        return out
+
+    (cls_len,) = struct.unpack("<H", take(2))
+    det_class = take(cls_len).decode()
+    (head_len,) = struct.unpack("<H", take(2))
+    head = take(head_len)
+    fields = _HEAD.unpack_from(head, 0)
+    (ver, ctx, cls_hash, seed, temp, top_p, start, n_tokens, stop, ended, chunk_size, k,
+     hidden) = fields
+    if ver != VERSION:
+        raise ValueError(f"version {ver}")
+    if cls_hash != class_id(det_class):
+        raise ValueError("determinism class does not match its id")
+    root = head[_HEAD.size:_HEAD.size + 32]
+    (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
+    model = head[_HEAD.size + 34:_HEAD.size + 34 + mlen].decode()
+    if _HEAD.size + 34 + mlen != len(head) or len(root) != 32:
+        raise ValueError("header length")
+    if not 1 <= chunk_size <= 4096 or not 1 <= k <= 65535 or n_tokens > MAX_TOKENS:
+        raise ValueError("chunking out of range")
+    chunks = []
+    remaining = n_tokens
+    while remaining > 0:
+        n, kk = struct.unpack("<HH", take(4))
+        if n != min(chunk_size, remaining) or kk != k_for(n, chunk_size, k):
+            raise ValueError("chunk shape")
+        toks = struct.unpack(f"<{n}I", take(4 * n))
+        idx = struct.unpack(f"<{kk}I", take(4 * kk))
+        val = struct.unpack(f"<{kk}f", take(4 * kk))
+        if any(i >= n * hidden for i in idx) or len(set(idx)) != kk:
+            raise ValueError("index out of range or repeated")
+        if not all(math.isfinite(v) for v in val):
+            raise ValueError("non-finite value")
+        chunks.append(Chunk(toks, idx, val))
+        remaining -= n
+    if pos != len(blob):
+        raise ValueError("trailing bytes")
+    header = Header(model, det_class, ctx, seed, temp, top_p, start, n_tokens,
+                    "stop" if stop else "length", bool(ended), hidden, root, chunk_size, k, ver)
+    if merkle_root([c.encode() for c in chunks]) != root:
+        raise ValueError("chunks do not match the committed root")
+    return Commitment(header, tuple(chunks))
+
+
+# ---- the verifier's recomputation and the verdict ------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What the verifier recomputed for one chunk: its own numbers, not a yes/no."""
+
+    values: tuple[float, ...]  # the verifier's hidden-state values at the committed indices
+    kth: float  # the verifier's k-th largest |value| in the chunk
+    margins: tuple[float, ...]  # per token: committed token's seeded score minus the best other
+    allowed: tuple[bool, ...]  # per token: inside the nucleus
+
+
+@dataclass(frozen=True)
+class Report:
+    """A verifier's full recomputation of one commitment."""
+
+    context_hash: bytes
+    chunks: tuple[ChunkReport, ...]
+    end_ok: bool  # the finish claim holds (end token is an end token, stop string present,
+    #              or the length limit was reached)
+    det_class: str = ""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Thresholds for one (provider class, verifier class) pair; see docs/trust.md."""
+
+    rel: float  # largest relative error of a committed value
+    rank_slack: float  # a committed |value| may sit this fraction below the verifier's k-th
+    margin: float  # a committed token may trail the best seeded score by this much
+    top_p_slack: float = 1e-4
+
+
+EXACT = Tolerance(rel=0.0, rank_slack=0.0, margin=0.0, top_p_slack=0.0)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of judging one report against one commitment."""
+
+    passed: bool
+    reasons: tuple[str, ...]
+    worst_rel: float
+    worst_margin: float
+    first_bad_chunk: int | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def judge(c: Commitment, report: Report, tol: Tolerance, max_new_tokens: int) -> Verdict:
+    """Compare a verifier's recomputation with a commitment; pure, so anyone can re-judge."""
+    reasons: list[str] = []
+    h = c.header
+    if report.context_hash != h.context_hash:
+        reasons.append("context hash differs: the answer is for another prompt")
+    if h.n_tokens > max_new_tokens + (1 if h.ended_by_end_token else 0):
+        reasons.append(f"{h.n_tokens} tokens committed but at most {max_new_tokens} allowed")
+    if not report.end_ok:
+        reasons.append(f"finish reason '{h.finish_reason}' is not what the model did")
+    if len(report.chunks) != len(c.chunks):
+        reasons.append("report covers a different number of chunks")
+        return Verdict(False, tuple(reasons), math.inf, -math.inf, 0)
+    worst_rel, worst_margin, first_bad = 0.0, math.inf, None
+    for j, (cc, rc) in enumerate(zip(c.chunks, report.chunks, strict=True)):
+        bad = False
+        if len(rc.values) != len(cc.values) or len(rc.margins) != len(cc.tokens):
+            reasons.append(f"chunk {j}: report has the wrong shape")
+            bad = True
+        else:
+            for v, w in zip(cc.values, rc.values, strict=True):
+                err = abs(v - w) / abs(v) if v != 0 else (0.0 if w == 0 else math.inf)
+                worst_rel = max(worst_rel, err if math.isfinite(w) else math.inf)
+            low = [v for v in cc.values if abs(v) < (1 - tol.rank_slack) * rc.kth]
+            if low:
+                reasons.append(f"chunk {j}: {len(low)} committed entries are not in the top-k")
+                bad = True
+            for m, ok in zip(rc.margins, rc.allowed, strict=True):
+                worst_margin = min(worst_margin, m)
+                if not ok or m < -tol.margin or math.isnan(m):
+                    bad = True
+            if any(not ok for ok in rc.allowed):
+                reasons.append(f"chunk {j}: a token lies outside the nucleus")
+            if any(m < -tol.margin or math.isnan(m) for m in rc.margins):
+                reasons.append(f"chunk {j}: a token is not the one the seed samples")
+            chunk_rel = max((abs(v - w) / abs(v) if v else math.inf)
+                            for v, w in zip(cc.values, rc.values, strict=True))
+            if not chunk_rel <= tol.rel:
+                reasons.append(f"chunk {j}: hidden state off by {chunk_rel:.3g} (> {tol.rel:g})")
+                bad = True
+        if bad and first_bad is None:
+            first_bad = j
+    passed = not reasons
+    return Verdict(passed, tuple(reasons), worst_rel, worst_margin, first_bad,
+                   {"worst_rel": worst_rel, "worst_margin": worst_margin})
+
+
+def encode_report(r: Report) -> bytes:
+    """Binary report: context hash, end flag, class, then per chunk values/kth/margins/allowed."""
+    cls = r.det_class.encode()
+    out = [r.context_hash, struct.pack("<?H", r.end_ok, len(cls)), cls,
+           struct.pack("<I", len(r.chunks))]
+    for ch in r.chunks:
+        k, n = len(ch.values), len(ch.margins)
+        out.append(struct.pack(f"<HH{k}ff{n}f{n}?", k, n, *ch.values, ch.kth, *ch.margins,
+                               *ch.allowed))
+    return b"".join(out)
+
+
+def decode_report(blob: bytes) -> Report:
+    """Parse a verifier's report; malformed input is InvalidRequest."""
+    try:
+        pos = 35
+        ctx = blob[:32]
+        end_ok, cls_len = struct.unpack_from("<?H", blob, 32)
+        det_class = blob[pos:pos + cls_len].decode()
+        pos += cls_len
+        (n_chunks,) = struct.unpack_from("<I", blob, pos)
+        pos += 4
+        if n_chunks > MAX_TOKENS or len(ctx) != 32:
+            raise ValueError("too many chunks")
+        chunks = []
+        for _ in range(n_chunks):
+            k, n = struct.unpack_from("<HH", blob, pos)
+            pos += 4
+            fmt = f"<{k}ff{n}f{n}?"
+            vals = struct.unpack_from(fmt, blob, pos)
+            pos += struct.calcsize(fmt)
+            chunks.append(ChunkReport(tuple(vals[:k]), vals[k], tuple(vals[k + 1:k + 1 + n]),
+                                      tuple(bool(a) for a in vals[k + 1 + n:])))
+        if pos != len(blob):
+            raise ValueError("trailing bytes")
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"malformed audit report: {exc}", param="report") from exc
+    return Report(ctx, tuple(chunks), bool(end_ok), det_class)

@@ -1,0 +1,135 @@
+"""Engine side of verified inference: record hidden states while generating, turn them into
+a commitment, and recompute a commitment in one prefill pass (verifier mode).
+
+An engine that can be audited implements `Auditable`: `recorder` (set by the agent for
+one generation), `prefill_states(ids)` (last hidden state of every position in one pass),
+`logits_of(states)` and `det_class()`. Sampling goes through
+`idlegrid.core.trust.sampling.choose` with absolute positions, so a verifier's logits
+replay the provider's choice. `audit()` is a method so that a plug-in verifier engine
+(such as a lazy one in the cheat matrix) can replace it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust import sampling
+
+
+@dataclass
+class Recorder:
+    """Tokens an engine yielded and the hidden state that produced each."""
+
+    tokens: list[int] = field(default_factory=list)
+    states: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, token: int, state: np.ndarray) -> None:
+        """Record one generated token."""
+        self.tokens.append(int(token))
+        self.states.append(np.asarray(state, dtype=np.float32).reshape(-1))
+
+
+@runtime_checkable
+class Auditable(Protocol):
+    """An engine whose answers can be committed to and re-checked."""
+
+    recorder: Recorder | None
+
+    def prefill_states(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), hidden) float32 last hidden states, from one forward pass."""
+        ...
+
+    def logits_of(self, states: np.ndarray) -> np.ndarray:
+        """(n, vocab) logits for hidden states."""
+        ...
+
+    def det_class(self) -> str:
+        """The determinism class: engine, version, dtype, device, threads."""
+        ...
+
+    def is_end(self, token_id: int) -> bool:
+        """End-of-generation tokens."""
+        ...
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        """Bytes of ids."""
+        ...
+
+
+def topk_entries(rows: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+    """Flat indices and values of the k largest-magnitude entries (ties: lower index first)."""
+    flat = rows.reshape(-1)
+    if k >= flat.size:
+        idx = np.arange(flat.size)
+    else:
+        part = np.argpartition(-np.abs(flat), k - 1)[:k]
+        idx = part[np.lexsort((part, -np.abs(flat[part])))]
+    return [int(i) for i in idx], [float(flat[i]) for i in idx]
+
+
+def kth_magnitude(rows: np.ndarray, k: int) -> float:
+    """The k-th largest |value| of a chunk."""
+    flat = np.abs(rows.reshape(-1))
+    k = min(k, flat.size)
+    return float(np.partition(flat, flat.size - k)[flat.size - k])
+
+
+def build_commitment(engine: Any, model: str, context_ids: Sequence[int], rec: Recorder,
+                     seed: int, temperature: float, top_p: float,
+                     finish_reason: str) -> cm.Commitment:
+    """Commit to what `rec` recorded for one generation."""
+    states = np.stack(rec.states) if rec.states else np.zeros((0, 1), np.float32)
+    entries = []
+    for j in range(0, len(rec.tokens), cm.CHUNK_SIZE):
+        rows = states[j:j + cm.CHUNK_SIZE]
+        entries.append(topk_entries(rows, cm.k_for(len(rows))))
+    ended = bool(rec.tokens) and engine.is_end(rec.tokens[-1])
+    return cm.build(model, engine.det_class(), context_ids, seed, temperature, top_p, rec.tokens,
+                    entries, finish_reason, ended, int(states.shape[1]))
+
+
+def recompute(engine: Any, context_ids: Sequence[int], c: cm.Commitment, max_new_tokens: int,
+              stop: Sequence[str] = (), context_length: int | None = None) -> cm.Report:
+    """One prefill over context + committed tokens; report what this engine computes."""
+    h = c.header
+    tokens = c.tokens
+    ids = [*context_ids, *tokens]
+    n = len(tokens)
+    report_chunks: list[cm.ChunkReport] = []
+    if n:
+        states = engine.prefill_states(ids[:-1])[len(context_ids) - 1:]
+        for j, ch in enumerate(c.chunks):
+            lo = j * h.chunk_size
+            rows = states[lo:lo + len(ch.tokens)]
+            flat = rows.reshape(-1)
+            values = tuple(float(flat[i]) if i < flat.size else float("nan") for i in ch.indices)
+            logits = engine.logits_of(rows)
+            margins, allowed = [], []
+            for r, tok in enumerate(ch.tokens):
+                rep = sampling.replay(logits[r], tok, h.seed, len(context_ids) + lo + r,
+                                      h.temperature, h.top_p)
+                margins.append(rep.margin)
+                allowed.append(rep.allowed)
+            report_chunks.append(cm.ChunkReport(values, kth_magnitude(rows, len(ch.indices)),
+                                                tuple(margins), tuple(allowed)))
+    end_ok = _end_ok(engine, c, tokens, max_new_tokens, stop, len(context_ids), context_length)
+    return cm.Report(cm.context_hash(context_ids), tuple(report_chunks), end_ok, engine.det_class())
+
+
+def _end_ok(engine: Any, c: cm.Commitment, tokens: list[int], max_new: int, stop: Sequence[str],
+            context_len: int, context_length: int | None) -> bool:
+    h = c.header
+    if h.ended_by_end_token:
+        return bool(tokens) and engine.is_end(tokens[-1]) and h.finish_reason == "stop"
+    if tokens and engine.is_end(tokens[-1]):
+        return False  # an end token inside the answer that did not end it
+    if h.finish_reason == "length":
+        room = (context_length - context_len) if context_length else max_new
+        return len(tokens) >= min(max_new, room)
+    text = engine.detokenize(tokens).decode("utf-8", errors="replace")
+    return any(s and s in text for s in stop)

@@ -1,0 +1,107 @@
+"""Adversarial engines for the cheat matrix, plugged in with `--engine module:Class`.
+
+Each is the tiny engine with one dishonest twist; the agent around it is the honest one,
+so every commitment is built the normal way from what the engine did.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from idlegrid.core.trust import commitment as cm
+from idlegrid.engines.base import SamplingParams
+from idlegrid.engines.tiny import EOS_ID, OFFSET, TinyEngine
+
+
+class OtherModel(TinyEngine):
+    """(a) a different model: same shape, other weights."""
+
+    def __init__(self, model_id: str = "tiny", **kw: Any) -> None:
+        super().__init__(model_id, **{**kw, "weights_seed": 999})
+
+
+class LowPrecision(TinyEngine):
+    """(b) the right model served in bfloat16."""
+
+    def __init__(self, model_id: str = "tiny", **kw: Any) -> None:
+        super().__init__(model_id, **{**kw, "dtype": "bfloat16"})
+
+
+class Invented(TinyEngine):
+    """(c) an invented answer with an honest commitment (hidden states) of that answer."""
+
+    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+        return random.randrange(OFFSET + 32, OFFSET + 127)
+
+
+class Truncating(TinyEngine):
+    """(d) stops after a few tokens with an end token, billing the answer as complete."""
+
+    cut_after = 3
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Remember where the answer starts."""
+        self._start = len(prompt_ids)
+        yield from super().generate(prompt_ids, params)
+
+    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+        if position - self._start >= self.cut_after:
+            return EOS_ID
+        return super()._pick(logits, seed, position, params)
+
+
+class Replaying(TinyEngine):
+    """(e) answers every prompt with its first answer (tokens and hidden states)."""
+
+    _cache: tuple[list[int], list[np.ndarray]] | None = None
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Serve the cached answer, recording its original hidden states."""
+        if self._cache is None:
+            toks: list[int] = []
+            states: list[np.ndarray] = []
+            ids = list(prompt_ids)
+            for _ in range(64):
+                state = self._last_state(ids)
+                tok = self._pick(self.logits_of(state[None, :])[0], params.seed or 0, len(ids),
+                                 params)
+                toks.append(tok)
+                states.append(state)
+                ids.append(tok)
+            Replaying._cache = (toks, states)
+        toks, states = self._cache
+        for tok, state in zip(toks, states, strict=True):
+            if self.recorder is not None:
+                self.recorder.add(tok, state)
+            yield tok
+
+
+class SeedIgnoring(TinyEngine):
+    """(f) samples from the right distribution with its own randomness, not the seed."""
+
+    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+        if params.temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / params.temperature
+        p = np.exp(z - z.max())
+        return int(np.random.default_rng().choice(len(p), p=p / p.sum()))
+
+
+class LazyVerifier(TinyEngine):
+    """(i) a verifier that approves everything: it echoes the commitment's own numbers."""
+
+    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
+              stop: Sequence[str] = ()) -> Any:
+        """A report built from the commitment alone, no recomputation."""
+        chunks = tuple(cm.ChunkReport(ch.values, min(abs(v) for v in ch.values),
+                                      (1.0,) * len(ch.tokens), (True,) * len(ch.tokens))
+                       for ch in c.chunks)
+        return cm.Report(c.header.context_hash, chunks, True, self.det_class())
+
+
+CHEATS = {"a": OtherModel, "b": LowPrecision, "c": Invented, "d": Truncating, "e": Replaying,
+          "f": SeedIgnoring}
