@@ -341,3 +341,24 @@ def test_cli_lists_offers_submits_orders_and_explains(market: Market, tmp_path: 
     assert dup.exit_code == 1 and "already submitted" in dup.output
     listed = runner.invoke(app, ["orders", *base[:-1]])
     assert listed.exit_code == 0 and "C1" in listed.stdout
+
+
+def test_batches_clear_as_one_assignment_all_or_nothing(market: Market) -> None:
+    consumer = ledger.consumer_account(market.key_id)
+    before = market.balance(consumer)
+    short = lease("short", hours=0.5, accelerators=["RTX-3060", "RTX-4090"])
+    long = lease("long", hours=8, accelerators=["RTX-3060", "RTX-4090"])
+    with market.http() as c:
+        bad = c.post("/api/v1/orders/batch", json={"orders": [short, {**long, "hours": -1}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "orders[1].hours"
+        broke = c.post("/api/v1/orders/batch", json={"orders": [
+            short, lease("huge", hours=900, count=8, max_price=3)]})
+        assert broke.status_code == 402
+        assert c.get("/api/v1/orders").json()["orders"] == []
+        assert market.balance(consumer) == before  # nothing of either batch was posted
+        r = c.post("/api/v1/orders/batch", json={"orders": [short, long]})
+        assert r.status_code == 201, r.text
+        placed = {v["id"]: v["placement"]["legs"][0]["provider"] for v in r.json()["orders"]}
+    # One at a time, "short" would take the cheap 3060 first; together, the long lease
+    # saves more on it, and the batch's total is lower.
+    assert placed == {"long": market.node_ids["home"], "short": market.node_ids["rig"]}

@@ -22,13 +22,14 @@ from idlegrid.core.market.auction import Book, Placement, Unmatched
 from idlegrid.core.market.hardware import BY_NAME, Device, Hardware
 from idlegrid.core.market.offers import PLUGIN_TIMEOUT_S, Offer
 from idlegrid.core.market.orders import Order, OrderKind, OrderState, parse_order
-from idlegrid.errors import Conflict
+from idlegrid.errors import Conflict, InvalidRequest
 
 if TYPE_CHECKING:
     from idlegrid.coordinator.service import Grid
 
 log = logging.getLogger(__name__)
 ACTIVE = (OrderState.ACTIVE.value,)
+MAX_BATCH = 1000
 RELIABILITY_REFRESH_S = 10.0
 
 
@@ -159,6 +160,40 @@ class Market:
                                         "matched" if placement else "open").inc()
         return view
 
+    def submit_many(self, key_id: str, raws: list[Any]) -> list[OrderView]:
+        """Clear a batch of orders together (one exact assignment), all recorded or none."""
+        if not isinstance(raws, list) or not 1 <= len(raws) <= MAX_BATCH:
+            raise InvalidRequest(f"orders: a list of 1 to {MAX_BATCH} orders", param="orders")
+        orders = []
+        for i, raw in enumerate(raws):
+            if isinstance(raw, dict) and "id" not in raw:
+                raw = {**raw, "id": "ord_" + secrets.token_hex(8)}
+            try:
+                orders.append(self.parse(raw))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"orders[{i}].{exc.message}",
+                                     param=f"orders[{i}].{exc.param}") from exc
+        if len({o.id for o in orders}) < len(orders):
+            raise InvalidRequest("orders: ids repeat within the batch", param="orders")
+        with self._lock:
+            if self._dirty:
+                self._rebuild()
+            results = self.book.clear(orders, self.quote)
+            placed = [r for r in results if isinstance(r, Placement)]
+            try:
+                views = self.store.create_orders([
+                    (o, o.to_dict(), r.to_dict() if isinstance(r, Placement) else None,
+                     r.to_dict() if isinstance(r, Unmatched) else None)
+                    for o, r in zip(orders, results, strict=True)], key_id)
+            except Exception:
+                for p in placed:  # clear() took the capacity; nothing was recorded
+                    self.book.release(p)
+                raise
+        for o, r in zip(orders, results, strict=True):
+            self.grid.metrics.orders.labels(
+                o.kind.value, "matched" if isinstance(r, Placement) else "open").inc()
+        return views
+
     def explain(self, order_id: str, key_id: str | None) -> dict[str, Any]:
         """Why an order sits where it does, or why it does not match (tried again now)."""
         view = self.store.get_order(order_id, key_id)
@@ -256,23 +291,27 @@ class Market:
                 if after.state != OrderState.ACTIVE.value:
                     with self._lock:
                         self.book.release(_placement(view))
+        waiting = []
         for view in self.store.orders(states=(OrderState.OPEN.value,)):
             if now - view.created_at > self.settings.order_ttl_s:
                 self.store.expire(view.id)
-                continue
-            order = self.parse(view.body)
+            else:
+                waiting.append((view, self.parse(view.body)))
+        if waiting:
             with self._lock:
                 if self._dirty:
                     self._rebuild()
-                result = self.book.match(order, self.quote)
-                if isinstance(result, Placement):
-                    try:
-                        self.store.place(view.id, order, result.to_dict())
-                        self.book.take(result)
-                    except Conflict:
-                        pass
-                else:
-                    self.store.set_reasons(view.id, result.to_dict())
+                # Oldest first into one assignment: waiting orders compete fairly for what
+                # freed up, instead of the first in the list taking the cheapest card.
+                results = self.book.clear([o for _, o in waiting], self.quote)
+                for (view, order), result in zip(waiting, results, strict=True):
+                    if isinstance(result, Placement):
+                        try:
+                            self.store.place(view.id, order, result.to_dict())
+                        except Conflict:
+                            self.book.release(result)  # cancelled meanwhile
+                    else:
+                        self.store.set_reasons(view.id, result.to_dict())
         if now - self._last_payout >= self.settings.payout_interval_s:
             self.payout()
 

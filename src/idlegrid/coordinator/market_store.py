@@ -146,22 +146,31 @@ class MarketStore:
                      placement: dict[str, Any] | None, reasons: dict[str, Any] | None
                      ) -> OrderView:
         """Insert an order and prepay its budget in one transaction; duplicates are refused."""
+        return self.create_orders([(order, body, placement, reasons)], key_id)[0]
+
+    def create_orders(self, items: Sequence[tuple[Order, dict[str, Any], dict[str, Any] | None,
+                                                  dict[str, Any] | None]],
+                      key_id: str) -> list[OrderView]:
+        """Insert orders and their prepayments all together, or none of them."""
         now = self.clock()
+        views = []
         with self.store.tx() as s:
-            existing = s.get(MarketOrder, order.id)
-            if existing is not None:
-                raise DuplicateOrder(order.id, existing.state)
-            row = MarketOrder(id=order.id, key_id=key_id, kind=order.kind.value, body=body,
-                              body_hash=body_hash(body), state=OrderState.OPEN.value,
-                              budget=order.budget(), spent=0, refunded=0, placement=None,
-                              reasons=reasons, created_at=now, updated_at=now, accrual_seq=0,
-                              tokens_done=0)
-            s.add(row)
-            s.flush()
-            self.store._post(s, settlement.prepay(order.id, key_id, order.budget()))
-            if placement is not None:
-                self._start(row, order, placement, now)
-            return _view(row)
+            for order, body, placement, reasons in items:
+                existing = s.get(MarketOrder, order.id)
+                if existing is not None:
+                    raise DuplicateOrder(order.id, existing.state)
+                row = MarketOrder(id=order.id, key_id=key_id, kind=order.kind.value, body=body,
+                                  body_hash=body_hash(body), state=OrderState.OPEN.value,
+                                  budget=order.budget(), spent=0, refunded=0, placement=None,
+                                  reasons=reasons, created_at=now, updated_at=now,
+                                  accrual_seq=0, tokens_done=0)
+                s.add(row)
+                s.flush()
+                self.store._post(s, settlement.prepay(order.id, key_id, order.budget()))
+                if placement is not None:
+                    self._start(row, order, placement, now)
+                views.append(_view(row))
+        return views
 
     @staticmethod
     def _start(row: MarketOrder, order: Order, placement: dict[str, Any], now: float) -> None:

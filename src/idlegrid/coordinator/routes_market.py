@@ -49,6 +49,17 @@ async def submit_order(request: Request,
     return view.to_dict()
 
 
+@router.post("/orders/batch", status_code=201)
+async def submit_orders(request: Request, body: Any = Body(...)) -> dict[str, Any]:
+    """Submit up to 1,000 orders cleared together as one exact assignment (better total
+    price than one at a time); all are recorded and prepaid, or none (400/402/409)."""
+    key_id = await _key(request)
+    grid = _grid(request)
+    orders = body.get("orders") if isinstance(body, dict) else None
+    views = await grid.db(grid.market.submit_many, key_id, orders)
+    return {"orders": [v.to_dict() for v in views]}
+
+
 @router.get("/orders")
 async def list_orders(request: Request, state: str | None = None) -> dict[str, Any]:
     """The caller's orders, newest first."""
