@@ -100,7 +100,7 @@ def start_market(tmp_path: Path, database_url: str, providers: tuple[tuple[Any, 
             offers = c.get("/api/v1/offers").json()["offers"]
         return len(offers) == len(providers) and all(o["staked"] for o in offers)
 
-    wait_until(all_staked)
+    wait_until(all_staked, timeout_s=60)
     return m
 
 

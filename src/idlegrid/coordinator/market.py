@@ -50,6 +50,8 @@ class Market:
         # Measured reliability per node, shared with the gateway's per-request routing.
         self.reliability: dict[str, float] = {}
         self._reliability_at = 0.0
+        self._lost: set[str] = set()
+        self._first_tick = True
 
     # ---- supply --------------------------------------------------------------------------
 
@@ -91,6 +93,21 @@ class Market:
                 book.take(_placement(view))
         self.book = book
         self._dirty = False
+
+    def nodes_lost(self, node_ids: frozenset[str]) -> None:
+        """Providers that stopped answering: their orders are placed again on the next tick."""
+        self._lost |= node_ids
+
+    def _refresh_reliability(self, now: float) -> None:
+        """Re-read success ratios into the gateway's map and the book, without a rebuild."""
+        supply = self.store.supply()
+        self.reliability = {n: s["reliability"] for n, s in supply.items()}
+        self._reliability_at = now
+        with self._lock:
+            book = self.book
+            for i, offer in enumerate(book.offers):
+                book.reliability[i] = self.reliability.get(offer.provider,
+                                                           book.reliability[i])
 
     def current_book(self) -> Book:
         """The book, rebuilt first if supply changed."""
@@ -271,26 +288,30 @@ class Market:
         now = self.grid.clock()
         timeout = self.settings.node_timeout_s
         nodes = self.grid._nodes
-        if self._dirty or now - self._reliability_at > RELIABILITY_REFRESH_S:
+        if self._dirty:
             with self._lock:
-                self._rebuild()  # also re-reads success ratios for the gateway
-        for view in self.store.orders(states=ACTIVE):
-            legs = (view.placement or {}).get("legs", [])
-            lost = [leg["provider"] for leg in legs if (
-                (n := nodes.get(leg["provider"])) is None or n.state == "gone"
-                or n.last_seen < now - timeout)]
-            if lost:
-                served = min(nodes[p].last_seen if p in nodes else now for p in lost)
-                self.store.requeue(view.id, self.settings.fee_bps, served)
-                self.invalidate()
-                continue
-            due = (view.accrued_until or now) + self.settings.accrual_interval_s
-            if now >= due or (view.ends_at is not None and now >= view.ends_at):
-                after = self.store.accrue(view.id, self.settings.fee_bps)
-                self._refund_misses(after)
-                if after.state != OrderState.ACTIVE.value:
-                    with self._lock:
-                        self.book.release(_placement(view))
+                self._rebuild()
+        elif now - self._reliability_at > RELIABILITY_REFRESH_S:
+            self._refresh_reliability(now)
+        lost, self._lost = self._lost, set()
+        if lost or self._first_tick:
+            # Only when providers went missing (or after a restart): orders on them move.
+            self._first_tick = False
+            for view in self.store.orders(states=ACTIVE):
+                legs = (view.placement or {}).get("legs", [])
+                gone = [leg["provider"] for leg in legs if (
+                    (n := nodes.get(leg["provider"])) is None or n.state == "gone"
+                    or n.last_seen < now - timeout)]
+                if gone:
+                    served = min(nodes[p].last_seen if p in nodes else now for p in gone)
+                    self.store.requeue(view.id, self.settings.fee_bps, served)
+                    self.invalidate()
+        for view in self.store.orders_due(now - self.settings.accrual_interval_s, now):
+            after = self.store.accrue(view.id, self.settings.fee_bps)
+            self._refund_misses(after)
+            if after.state != OrderState.ACTIVE.value:
+                with self._lock:
+                    self.book.release(_placement(view))
         waiting = []
         for view in self.store.orders(states=(OrderState.OPEN.value,)):
             if now - view.created_at > self.settings.order_ttl_s:

@@ -224,6 +224,14 @@ class MarketStore:
                 q = q.where(MarketOrder.state.in_(list(states)))
             return [_view(o) for o in s.scalars(q)]
 
+    def orders_due(self, accrued_before: float, now: float) -> list[OrderView]:
+        """Active orders last accrued before `accrued_before`, or past their end."""
+        with self.store.tx() as s:
+            q = select(MarketOrder).where(
+                MarketOrder.state == OrderState.ACTIVE.value,
+                (MarketOrder.accrued_until <= accrued_before) | (MarketOrder.ends_at <= now))
+            return [_view(o) for o in s.scalars(q)]
+
     def accrue(self, order_id: str, fee_bps: int, until: float | None = None) -> OrderView:
         """Pay providers for the time served since the last accrual; complete at the end."""
         with self.store.tx() as s:

@@ -8,6 +8,7 @@ from the event loop, which keeps each task's stream and its attempt bookkeeping 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -37,6 +38,7 @@ from idlegrid.protocol.signing import Verifier
 
 log = logging.getLogger("idlegrid.coordinator")
 T = TypeVar("T")
+NODE_RELOAD_S = 5.0
 
 
 class RequestFailed(IdlegridError):
@@ -67,6 +69,7 @@ class Grid:
         self._nodes: dict[str, NodeView] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._live_signature: frozenset[str] = frozenset()
+        self._nodes_at = 0.0
         from idlegrid.coordinator.market import Market  # the market reads the grid's nodes
 
         self.market = Market(self)
@@ -175,6 +178,14 @@ class Grid:
     async def heartbeat(self, node_id: str, state: str | None) -> None:
         """A node is alive (and maybe draining)."""
         await self.db(self.store.touch_node, node_id, state)
+        self._touch(node_id, state)
+
+    def _touch(self, node_id: str, state: str | None = None) -> None:
+        """Keep the cached view in step with what was just written, without a reload."""
+        node = self._nodes.get(node_id)
+        if node is not None:
+            self._nodes[node_id] = dataclasses.replace(node, last_seen=self.clock(),
+                                                       state=state or node.state)
 
     async def poll(self, node_id: str, models: list[str], wait_s: float) -> TaskView | None:
         """Long poll: a claimed task for this node, or None after `wait_s`."""
@@ -184,6 +195,7 @@ class Grid:
         event = self.hub.work_event(node_id)
         # A poll is a sign of life; later wake-ups skip this write to keep claims fast.
         await self.db(self.store.touch_node, node_id)
+        self._touch(node_id)
         while True:
             # Clear before looking, so a wake-up that races with the claim is not lost.
             event.clear()
@@ -424,13 +436,20 @@ class Grid:
     async def supervise_once(self) -> None:
         """Take work from dead or stalled providers; fail requests nobody picked up in time."""
         now = self.clock()
-        nodes = await self.refresh_nodes()
+        # Heartbeats and polls keep the cache current; a full reload (10,000 nodes is real
+        # work) only now and then, for changes made elsewhere.
+        if now - self._nodes_at >= NODE_RELOAD_S:
+            await self.refresh_nodes()
+            self._nodes_at = now
+        nodes = self._nodes
         live = frozenset(n.id for n in nodes.values()
                          if n.state == "live" and n.last_seen >= now - self.settings.node_timeout_s)
         self.metrics.live_nodes.set(len(live))
         if live != self._live_signature:
+            lost = self._live_signature - live
             self._live_signature = live
             self.market.invalidate()
+            self.market.nodes_lost(lost)
         await self.db(self.market.tick)
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
