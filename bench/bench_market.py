@@ -217,7 +217,14 @@ def seed_store(url: str, offers: list[Any]) -> None:
     store.close()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def end_to_end(offers: list[Any], orders: list[Order], clients: int) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]  # other work on this shared machine, for the record
     tmp = Path(tempfile.mkdtemp(prefix="idlegrid-bench-market-"))
     url = f"sqlite:///{tmp / 'coordinator.db'}"
     seed_store(url, offers)
@@ -254,16 +261,20 @@ def end_to_end(offers: list[Any], orders: list[Order], clients: int) -> dict[str
                     statuses[code] = statuses.get(code, 0) + 1
 
         chunks = [bodies[i::clients] for i in range(clients)]
+        cpu0 = _cpu_seconds(proc.pid)
         t = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(send, chunks))
         elapsed = time.perf_counter() - t
+        cpu = _cpu_seconds(proc.pid) - cpu0
         with httpx.Client(base_url=base, trust_env=False, timeout=60, headers=headers) as c:
             states: dict[str, int] = {}
             for v in c.get("/api/v1/orders").json()["orders"]:
                 states[v["state"]] = states.get(v["state"], 0) + 1
             ok = c.get("/api/v1/ledger/verify").json()["ok"]
         return {"orders": len(bodies), "clients": clients, "seconds": elapsed,
+                "coordinator_cpu_ms_per_order": 1000 * cpu / len(bodies),
+                "load_before": load_before,
                 "orders_per_s": len(bodies) / elapsed, "http": statuses, "states": states,
                 "ledger_ok": ok}
     finally:
@@ -308,7 +319,9 @@ def main() -> None:
     if "api" in results:
         a = results["api"]
         print(f"API end to end (SQLite, {a['clients']} clients): {a['orders_per_s']:.0f} "
-              f"orders/s over {a['orders']} orders; HTTP {a['http']}; states {a['states']}; "
+              f"orders/s over {a['orders']} orders, coordinator CPU "
+              f"{a['coordinator_cpu_ms_per_order']:.1f} ms/order (load avg before "
+              f"{a['load_before']:.1f}); HTTP {a['http']}; states {a['states']}; "
               f"ledger ok: {a['ledger_ok']}")
 
 

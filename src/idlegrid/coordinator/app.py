@@ -37,6 +37,7 @@ def create_app(
         store = Store(url, clock)
         grid = Grid(settings, store, clock)
         app.state.grid = grid
+        await grid.refresh_nodes()  # routing and the market start from what the store knows
         grid.start()
         try:
             yield
