@@ -46,7 +46,7 @@ def parse_duration(text: str) -> float:
     """Seconds in '90s', '30m', '24h', '7d' (or a bare number of seconds); InvalidRequest if bad."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": SECONDS_PER_DAY, "w": 7 * SECONDS_PER_DAY}
     t = text.strip().lower()
-    scale = units.get(t[-1:], None)
+    scale = units.get(t[-1:])
     number = t[:-1] if scale is not None else t
     try:
         value = float(number) * (scale or 1.0)
@@ -104,7 +104,7 @@ class Report:
 
 
 def payback_days(card_price: float | None, profit_per_day: float) -> float | None:
-    """Days of profit that pay for the card; None when no price is given or profit is not positive."""
+    """Days of profit that pay for the card; None without a price or a positive profit."""
     if card_price is None or profit_per_day <= 0:
         return None
     return card_price / profit_per_day
