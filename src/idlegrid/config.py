@@ -40,6 +40,8 @@ class CoordinatorSettings(BaseSettings):
     queue_timeout_s: float = Field(120.0, gt=0)
     max_tokens_limit: int = Field(8192, gt=0)
     default_chat_max_tokens: int = Field(512, gt=0)
+    # Heartbeats carry the node's energy counter; one sample per node per interval is kept.
+    power_sample_interval_s: float = Field(10.0, gt=0)
     # Operator key for admin routes (minting credits, creating keys). Empty: loopback only.
     operator_key: str = ""
 

@@ -18,6 +18,8 @@ import httpx
 
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.agent.node_client import CoordinatorError, NodeClient
+from idlegrid.agent.power import PowerMeter
+from idlegrid.core.energy import Attribution
 from idlegrid.core.ledger import Price
 from idlegrid.engines.base import Engine, Generation, SamplingParams, render_chat, stream_pieces
 from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
@@ -40,6 +42,8 @@ class AgentConfig:
     drain_grace_s: float = 30.0
     poll_wait_s: float = 15.0
     upload_interval_s: float = 0.025
+    # Where energy readings come from (agent.power.choose_meter); None reports no energy.
+    meter: PowerMeter | None = None
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -62,6 +66,10 @@ class Agent:
         self.draining = asyncio.Event()
         self.jobs: set[_Job] = set()
         self.served = 0
+        self.energy = Attribution()
+        bind = getattr(config.meter, "bind_busy", None)
+        if bind is not None:  # an estimating meter draws serving power only while serving
+            bind(lambda: len(self.energy.active))
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -119,7 +127,8 @@ class Agent:
             state = "draining" if self.draining.is_set() else "live"
             try:
                 await self.client.call("/api/v1/nodes/heartbeat",
-                                       {"state": state, "in_flight": len(self.jobs)})
+                                       {"state": state, "in_flight": len(self.jobs),
+                                        "power": self.power_report()})
             except AuthError:
                 await self.register()  # the coordinator forgot us (fresh database)
             except (httpx.HTTPError, IdlegridError) as exc:
@@ -161,6 +170,16 @@ class Agent:
             except Exception:  # the coordinator reclaims the task; keep the slot alive
                 log.exception("serving %s failed unexpectedly", answer.get("task_id"))
 
+    def power_report(self) -> dict[str, Any] | None:
+        """The energy counter and current draw, for heartbeats (None without a meter)."""
+        meter = self.config.meter
+        if meter is None:
+            return None
+        joules = meter.joules()
+        self.energy.advance(joules)
+        return {"joules_total": joules, "watts": meter.watts(), "source": meter.source,
+                "estimated": meter.estimated}
+
     # ---- serving -----------------------------------------------------------------------
 
     async def serve(self, engine: Engine, task: TaskMsg) -> None:
@@ -178,6 +197,10 @@ class Agent:
             queue: asyncio.Queue[Any] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             result = Generation()
+            meter = self.config.meter
+            energy_key = f"{task.task_id}/{task.attempt}"
+            if meter is not None:
+                self.energy.start(energy_key, meter.joules())
             worker = loop.run_in_executor(
                 None, self._generate, engine, task, prompt_ids, job, queue, loop, result
             )
@@ -188,6 +211,9 @@ class Agent:
                 log.exception("engine failed on %s", task.task_id)
                 await self._fail(base, f"engine error: {exc}", "engine")
                 return
+            finally:
+                energy_j = (self.energy.finish(energy_key, meter.joules())
+                            if meter is not None else None)
             if not ok:
                 return  # the coordinator took the task away; it is someone else's now
             if job.cancel.is_set():
@@ -195,6 +221,7 @@ class Agent:
                 return
             await self.client.call(f"{base}/finish", {
                 "prompt_tokens": len(prompt_ids), "finish_reason": result.finish_reason,
+                "energy_j": energy_j, "energy_estimated": bool(meter and meter.estimated),
             })
             self.served += 1
         except Conflict:

@@ -84,6 +84,8 @@ def provide(
     output_price: Annotated[float, typer.Option(help="Credits per 1M output tokens.")] = 40.0,
     skip_benchmark: Annotated[bool, typer.Option(help="Do not measure speed at start-up.")] = False,
     drain_grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.")] = 30.0,
+    rated_watts: Annotated[float | None, typer.Option(
+        help="Device power for the energy estimate when NVML/RAPL cannot be read.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a provider agent: probe, load the model, benchmark, then serve work."""
@@ -94,6 +96,7 @@ def provide(
     from idlegrid.agent.agent import Agent, AgentConfig
     from idlegrid.agent.benchmark import measure_speed
     from idlegrid.agent.node_client import NodeClient
+    from idlegrid.agent.power import choose_meter
     from idlegrid.agent.probe import probe
     from idlegrid.core.ledger import MICRO, Price
     from idlegrid.engines.registry import load_engine
@@ -116,7 +119,11 @@ def provide(
         console.print(f"[green]measured[/] prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
     config = AgentConfig(name=name, hardware=hardware, prefill_tps=prefill, decode_tps=decode,
                          price=Price(round(prompt_price * MICRO), round(output_price * MICRO)),
-                         drain_grace_s=drain_grace)
+                         drain_grace_s=drain_grace, meter=choose_meter(hardware, rated=rated_watts))
+    meter = config.meter
+    assert meter is not None
+    console.print(f"power: {meter.source}" + (" (estimated from rated power)"
+                                              if meter.estimated else " (measured)"))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -130,6 +137,7 @@ def provide(
         console.print(f"drained after serving {agent.served} request(s)")
 
     asyncio.run(main())
+    meter.close()
     for e in engines:
         e.close()
 

@@ -18,7 +18,7 @@ from anyio import to_thread
 
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator.hub import Event, Hub, TaskStream
+from idlegrid.coordinator.hub import ChangeFeed, Event, Hub, TaskStream
 from idlegrid.coordinator.metrics import Metrics
 from idlegrid.coordinator.store import NodeView, Store, TaskView
 from idlegrid.core import ledger, routing
@@ -65,6 +65,10 @@ class Grid:
         # routing a request then touches no database before its escrow is written.
         self._nodes: dict[str, NodeView] = {}
         self._supervisor: asyncio.Task[None] | None = None
+        self.changes = ChangeFeed()
+        # Latest power report per node (shown live) and when one was last stored.
+        self.power: dict[str, dict[str, Any]] = {}
+        self._power_stored: dict[str, float] = {}
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""
@@ -144,6 +148,7 @@ class Grid:
         self._keys[node_id] = public_key
         await self.refresh_nodes()
         self.hub.wake(node_id)
+        self.changes.bump()
         return {
             "node_id": node_id,
             "heartbeat_interval_s": self.settings.heartbeat_interval_s,
@@ -151,9 +156,19 @@ class Grid:
             "protocol_version": PROTOCOL_VERSION,
         }
 
-    async def heartbeat(self, node_id: str, state: str | None) -> None:
-        """A node is alive (and maybe draining)."""
+    async def heartbeat(self, node_id: str, state: str | None,
+                        power: dict[str, Any] | None = None) -> None:
+        """A node is alive (and maybe draining); its energy counter is kept every few seconds."""
         await self.db(self.store.touch_node, node_id, state)
+        if power is None:
+            return
+        self.power[node_id] = {**power, "at": self.clock()}
+        if self.clock() - self._power_stored.get(node_id, -1e18) >= \
+                self.settings.power_sample_interval_s:
+            self._power_stored[node_id] = self.clock()
+            await self.db(self.store.add_power_sample, node_id, power["joules_total"],
+                          power.get("watts"), power["source"], power["estimated"])
+            self.changes.bump()
 
     async def poll(self, node_id: str, models: list[str], wait_s: float) -> TaskView | None:
         """Long poll: a claimed task for this node, or None after `wait_s`."""
@@ -220,7 +235,8 @@ class Grid:
             self.hub.push(task_id, Event("pieces", pieces=fresh))
 
     async def finish(
-        self, node_id: str, task_id: str, attempt: int, prompt_tokens: int, finish_reason: str
+        self, node_id: str, task_id: str, attempt: int, prompt_tokens: int, finish_reason: str,
+        energy_j: float | None = None, energy_estimated: bool = False,
     ) -> TaskView:
         """The provider finished: settle and tell the consumer."""
         stream = self._attempt_stream(task_id, attempt, node_id)
@@ -233,10 +249,12 @@ class Grid:
             done = await self.db(
                 self.store.finish, task_id, attempt, node_id, new_ids=list(stream.attempt_ids),
                 prompt_tokens=prompt_tokens, finish_reason=finish_reason,
-                fee_bps=self.settings.fee_bps,
+                fee_bps=self.settings.fee_bps, energy_j=energy_j,
+                energy_estimated=energy_estimated,
             )
             stream.attempt = -1
             self.hub.push(task_id, Event("done", data={"task": done}))
+            self.changes.bump()
             return done
 
     async def give_up(self, node_id: str | None, task_id: str, attempt: int, outcome: str,
@@ -262,11 +280,13 @@ class Grid:
                 await self.db(self.store.fail, task_id, invalid, charge_delivered=False,
                               new_ids=ids)
                 self.hub.push(task_id, Event("failed", data={"invalid": invalid}))
+                self.changes.bump()
                 return
             task = await self.db(
                 self.store.requeue_or_fail, task_id, attempt, new_ids=ids, outcome=outcome,
                 max_attempts=self.settings.max_attempts, fee_bps=self.settings.fee_bps,
             )
+        self.changes.bump()
         if task.state == "queued":
             log.warning("task %s: attempt %d %s; handing it to another provider",
                         task_id, attempt, outcome)
@@ -336,6 +356,7 @@ class Grid:
             if parked is not None and not parked.done():
                 parked.cancel()  # the poll goes back to waiting on its event
             raise
+        self.changes.bump()
         if parked is None or target is None:
             self.hub.wake(target.node_id if target else None)
         else:
@@ -370,6 +391,7 @@ class Grid:
         ids = list(stream.attempt_ids) if stream and stream.attempt > 0 else []
         await self.db(self.store.fail, task_id, "consumer disconnected", charge_delivered=True,
                       new_ids=ids, fee_bps=self.settings.fee_bps)
+        self.changes.bump()
 
     # ---- supervision -------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
+    Integer,
     bindparam,
     create_engine,
     event,
@@ -36,6 +37,7 @@ from idlegrid.coordinator.schema import (
     LedgerPosting,
     Node,
     Offer,
+    PowerSample,
     Task,
 )
 from idlegrid.core import ledger
@@ -102,6 +104,9 @@ _INSERT_POSTING = insert(LedgerPosting)
 _ADVANCE_HEAD = (update(LedgerHead).where(LedgerHead.id == 1)
                  .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
                  .execution_options(**_NO_SYNC))
+
+
+PowerRow = tuple[float, float, float | None, bool]  # t, joules_total, watts, estimated
 
 
 def _hash_secret(secret: str) -> str:
@@ -496,12 +501,18 @@ class Store:
         prompt_tokens: int,
         finish_reason: str,
         fee_bps: int,
+        energy_j: float | None = None,
+        energy_estimated: bool = False,
     ) -> TaskView:
         """Complete a task and settle it: providers paid, fee taken, rest of the hold refunded."""
         with self.tx() as s:
             t = self._running(s, task_id, attempt, node_id)
             t.state = transition(TaskState(t.state), "finish").value
             self._end_attempt(s, t, "done", new_ids)
+            if energy_j is not None:
+                a = s.get(Attempt, (t.id, t.attempt))
+                assert a is not None
+                a.energy_j, a.energy_estimated = energy_j, energy_estimated
             t.prompt_tokens = prompt_tokens
             t.finish_reason = finish_reason
             t.updated_at = self.clock()
@@ -582,3 +593,115 @@ class Store:
         """Number of tasks per state."""
         with self.tx() as s:
             return dict(s.execute(select(Task.state, func.count()).group_by(Task.state)).all())
+
+    # ---- energy and dashboard views ------------------------------------------------------
+
+    def add_power_sample(self, node_id: str, joules_total: float, watts: float | None,
+                         source: str, estimated: bool) -> None:
+        """Record a node's energy counter as reported by a heartbeat."""
+        with self.tx() as s:
+            s.add(PowerSample(node_id=node_id, t=self.clock(), joules_total=joules_total,
+                              watts=watts, source=source, estimated=estimated))
+
+    def power_samples(self, since: float) -> dict[str, list[PowerRow]]:
+        """Per node, (t, joules_total, watts, estimated) since `since`, oldest first."""
+        with self.tx() as s:
+            rows = s.execute(
+                select(PowerSample.node_id, PowerSample.t, PowerSample.joules_total,
+                       PowerSample.watts, PowerSample.estimated)
+                .where(PowerSample.t >= since).order_by(PowerSample.t)).all()
+        out: dict[str, list[PowerRow]] = {}
+        for node_id, t, j, w, est in rows:
+            out.setdefault(node_id, []).append((t, j, w, bool(est)))
+        return out
+
+    def attempt_energy(self, since: float) -> list[dict[str, Any]]:
+        """Per node and model: output tokens, joules, and whether any joule was estimated."""
+        with self.tx() as s:
+            rows = s.execute(
+                select(Attempt.node_id, Task.model_id, func.sum(Attempt.output_tokens),
+                       func.sum(Attempt.energy_j), func.count(),
+                       func.max(func.coalesce(Attempt.energy_estimated, False).cast(Integer)))
+                .join(Task, Task.id == Attempt.task_id)
+                .where(Attempt.ended_at >= since, Attempt.energy_j.is_not(None))
+                .group_by(Attempt.node_id, Task.model_id)).all()
+        return [{"node_id": n, "model": m, "output_tokens": int(tok or 0),
+                 "energy_j": float(j or 0.0), "requests": c, "estimated": bool(est)}
+                for n, m, tok, j, c, est in rows]
+
+    def finished_tasks(self, since: float, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Tasks that ended (done or failed) since `since`, newest first."""
+        with self.tx() as s:
+            rows = s.execute(
+                select(Task.id, Task.model_id, Task.state, Task.attempt, Task.prompt_tokens,
+                       Task.output_tokens, Task.created_at, Task.updated_at, Task.error)
+                .where(Task.state.in_(["done", "failed"]), Task.updated_at >= since)
+                .order_by(Task.updated_at.desc()).limit(limit)).all()
+            ids = [r[0] for r in rows]
+            nodes: dict[str, str] = {}
+            if ids:
+                for task_id, node_id in s.execute(
+                        select(Attempt.task_id, Attempt.node_id)
+                        .where(Attempt.task_id.in_(ids)).order_by(Attempt.attempt)):
+                    nodes[task_id] = node_id  # the last attempt's provider
+        return [{"id": i, "model": m, "state": st, "attempts": a, "prompt_tokens": pt,
+                 "output_tokens": ot, "created_at": c, "ended_at": u,
+                 "latency_s": u - c, "node_id": nodes.get(i), "error": e}
+                for i, m, st, a, pt, ot, c, u, e in rows]
+
+    def attempt_prices(self, since: float) -> list[tuple[float, str, int, int]]:
+        """(started_at, model, prompt price, output price) of attempts since `since`."""
+        with self.tx() as s:
+            rows = s.execute(
+                select(Attempt.started_at, Task.model_id, Attempt.prompt_price,
+                       Attempt.output_price)
+                .join(Task, Task.id == Attempt.task_id)
+                .where(Attempt.started_at >= since).order_by(Attempt.started_at)).all()
+        return [(t, m, int(p), int(o)) for t, m, p, o in rows]
+
+    def provider_income(self, since: float) -> dict[str, int]:
+        """Net µcr credited to each provider's accrual and paid accounts since `since`.
+
+        A payout moving credits from accrual:<node> to provider:<node> nets to zero here,
+        so earnings are not counted twice; a slash counts against them.
+        """
+        with self.tx() as s:
+            rows = s.execute(
+                select(LedgerPosting.account, func.sum(LedgerPosting.amount))
+                .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
+                .where(LedgerEntry.created_at >= since,
+                       LedgerPosting.account.like("provider:%")
+                       | LedgerPosting.account.like("accrual:%"))
+                .group_by(LedgerPosting.account)).all()
+        out: dict[str, int] = {}
+        for account, amount in rows:
+            node_id = account.split(":", 1)[1]
+            out[node_id] = out.get(node_id, 0) + int(amount or 0)
+        return out
+
+    def recent_entries(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ledger entries with their postings, newest first."""
+        with self.tx() as s:
+            entries = s.scalars(select(LedgerEntry).order_by(LedgerEntry.seq.desc())
+                                .limit(limit)).all()
+            seqs = [e.seq for e in entries]
+            postings: dict[int, list[dict[str, Any]]] = {}
+            if seqs:
+                for seq, account, amount in s.execute(
+                        select(LedgerPosting.entry_seq, LedgerPosting.account,
+                               LedgerPosting.amount)
+                        .where(LedgerPosting.entry_seq.in_(seqs))
+                        .order_by(LedgerPosting.account)):
+                    postings.setdefault(seq, []).append({"account": account, "amount": amount})
+            return [{"seq": e.seq, "cause": {"kind": e.cause_kind, "id": e.cause_id},
+                     "memo": e.memo, "created_at": e.created_at,
+                     "postings": postings.get(e.seq, [])} for e in entries]
+
+    def fee_income(self, since: float) -> int:
+        """µcr taken as protocol fees since `since`."""
+        with self.tx() as s:
+            return int(s.scalar(
+                select(func.coalesce(func.sum(LedgerPosting.amount), 0))
+                .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
+                .where(LedgerEntry.created_at >= since,
+                       LedgerPosting.account == ledger.FEES)) or 0)

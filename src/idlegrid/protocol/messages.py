@@ -38,11 +38,22 @@ class RegisterMsg(Message):
     offers: list[OfferMsg] = Field(min_length=1)
 
 
+class PowerMsg(Message):
+    """The node's energy counter: joules since its agent started, and the draw now."""
+
+    joules_total: float = Field(ge=0, allow_inf_nan=False)
+    watts: float | None = Field(None, ge=0, allow_inf_nan=False)
+    source: Literal["nvml", "rapl", "estimate"]
+    estimated: bool
+
+
 class HeartbeatMsg(Message):
     """Liveness, and the node's intent (draining stops new work)."""
 
     state: Literal["live", "draining"] = "live"
     in_flight: int = Field(0, ge=0)
+    # Optional: agents before the energy report send none.
+    power: PowerMsg | None = None
 
 
 class PollMsg(Message):
@@ -82,6 +93,9 @@ class FinishMsg(Message):
 
     prompt_tokens: int = Field(ge=0)
     finish_reason: Literal["stop", "length"]
+    # Energy the node spent on this attempt (its share when requests overlapped); optional.
+    energy_j: float | None = Field(None, ge=0, allow_inf_nan=False)
+    energy_estimated: bool = False
 
 
 class FailMsg(Message):
