@@ -9,10 +9,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from idlegrid import PROTOCOL_VERSION, __version__
 from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator import http_errors, routes_admin, routes_nodes, routes_openai
+from idlegrid.coordinator import (
+    http_errors,
+    routes_admin,
+    routes_dashboard,
+    routes_nodes,
+    routes_openai,
+)
+from idlegrid.coordinator.dashboard_data import WEB, Dashboard
 from idlegrid.coordinator.service import Grid
 from idlegrid.coordinator.store import Store, migrate
 
@@ -30,6 +38,7 @@ def create_app(
         store = Store(url, clock)
         grid = Grid(settings, store, clock)
         app.state.grid = grid
+        app.state.dashboard = Dashboard(grid)
         grid.start()
         try:
             yield
@@ -42,6 +51,9 @@ def create_app(
     app.include_router(routes_openai.router)
     app.include_router(routes_nodes.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_dashboard.router)
+    # The dashboard's own CSS/JS and the vendored chart library: nothing from a CDN.
+    app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:

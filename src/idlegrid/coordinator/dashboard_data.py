@@ -1,0 +1,313 @@
+"""What the dashboard and the economics API show, gathered from the store and the grid.
+
+Every function here is blocking (store calls, template rendering) and is run in a worker
+thread by the routes, so a page with a thousand providers never stalls the event loop that
+serves completions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy import text
+
+from idlegrid.coordinator.service import Grid
+from idlegrid.core import energy, telemetry
+from idlegrid.core.ledger import FEES, MICRO
+from idlegrid.errors import InvalidRequest
+
+WEB = Path(__file__).parent / "web"
+PAGES: dict[str, tuple[str, ...]] = {
+    "grid": ("summary", "providers", "recent"),
+    "requests": ("reqstats", "recent"),
+    "market": ("prices", "offers", "orders"),
+    "ledger": ("money", "entries"),
+}
+CHART_WINDOW_S = 15 * 60.0
+CHART_BUCKET_S = 15.0
+ENERGY_WINDOW_S = 3600.0
+TOP_DEVICES = 8
+
+
+def _credits(ucr: int | float) -> str:
+    return f"{ucr / MICRO:,.6f}".rstrip("0").rstrip(".") if ucr else "0"
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _hardware(hw: dict[str, Any]) -> str:
+    gpus = hw.get("gpus") or []
+    if gpus:
+        return ", ".join(str(g.get("name", "GPU")) for g in gpus)
+    cores = hw.get("cpu_logical") or hw.get("cpu_cores")
+    return f"{hw.get('cpu_model') or 'CPU'}" + (f", {cores} cores" if cores else "")
+
+
+def make_env() -> Environment:
+    """The Jinja environment for the dashboard's templates."""
+    env = Environment(loader=FileSystemLoader(WEB / "templates"),
+                      autoescape=select_autoescape(["html"]), trim_blocks=True,
+                      lstrip_blocks=True)
+    env.filters["credits"] = _credits
+    env.filters["ago"] = _ago
+    return env
+
+
+def energy_by_node(store: Any, since: float) -> dict[str, tuple[float, bool]]:
+    """Joules each node used since `since` (from its heartbeat counter), and if estimated.
+
+    Sums the rises between consecutive samples; a counter that went down was reset (the
+    agent restarted) and counts from zero, as core.energy.energy_between does.
+    """
+    query = text("""
+        SELECT node_id,
+               SUM(CASE WHEN d IS NULL THEN 0 WHEN d >= 0 THEN d ELSE joules_total END),
+               MAX(CASE WHEN estimated THEN 1 ELSE 0 END)
+        FROM (SELECT node_id, joules_total, estimated,
+                     joules_total - LAG(joules_total) OVER (PARTITION BY node_id ORDER BY t) AS d
+              FROM power_samples WHERE t >= :since) AS s
+        GROUP BY node_id""")
+    with store.tx() as s:
+        rows = s.execute(query, {"since": since}).all()
+    return {n: (float(j or 0.0), bool(e)) for n, j, e in rows}
+
+
+@dataclass
+class Context:
+    """Everything one refresh reads, fetched once and shared by the sections."""
+
+    now: float
+    nodes: list[Any]
+    balances: dict[str, int]
+    tasks: dict[str, int]
+    finished: list[dict[str, Any]]
+    power: dict[str, dict[str, Any]]
+    live_cutoff: float
+
+
+class Dashboard:
+    """Builds the dashboard's pages, live fragments and chart data."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.env = make_env()
+        self._cache: dict[str, tuple[int, float, dict[str, Any]]] = {}
+
+    # ---- data --------------------------------------------------------------------------
+
+    def _context(self, page: str) -> Context:
+        g, store, now = self.grid, self.grid.store, self.grid.clock()
+        need_nodes = page in ("grid", "market")
+        return Context(
+            now=now,
+            nodes=store.nodes() if need_nodes else [],
+            balances=store.balances(),
+            tasks=store.task_counts(),
+            finished=store.finished_tasks(now - CHART_WINDOW_S),
+            power=dict(g.power),
+            live_cutoff=now - g.settings.node_timeout_s,
+        )
+
+    def providers(self, ctx: Context) -> list[dict[str, Any]]:
+        """One row per registered provider, live ones first."""
+        store = self.grid.store
+        per_model: dict[str, list[dict[str, Any]]] = {}
+        for row in store.attempt_energy(0.0):
+            per_model.setdefault(row["node_id"], []).append(row)
+        used = energy_by_node(store, ctx.now - ENERGY_WINDOW_S)
+        rows = []
+        for n in ctx.nodes:
+            live = n.state != "gone" and n.last_seen >= ctx.live_cutoff
+            models = per_model.get(n.id, [])
+            tokens = sum(m["output_tokens"] for m in models)
+            joules = sum(m["energy_j"] for m in models)
+            power = ctx.power.get(n.id)
+            kwh_j, kwh_est = used.get(n.id, (None, False))
+            money = telemetry.provider_money(ctx.balances, n.id)
+            rows.append({
+                "id": n.id, "name": n.name, "state": n.state if n.state != "live" else (
+                    "live" if live else "gone"), "live": live,
+                "last_seen_ago": ctx.now - n.last_seen,
+                "hardware": _hardware(n.hardware), "region": n.hardware.get("region") or "",
+                "engine": n.engine.get("engine", ""), "models": ", ".join(sorted(n.offers)),
+                "decode_tps": n.decode_tps, "prefill_tps": n.prefill_tps,
+                "tokens_per_joule": energy.tokens_per_joule(tokens, joules),
+                "tpj_estimated": any(m["estimated"] for m in models),
+                "tpj_by_model": {m["model"]: energy.tokens_per_joule(m["output_tokens"],
+                                                                     m["energy_j"])
+                                 for m in models},
+                "watts": power.get("watts") if power else None,
+                "power_source": power.get("source") if power else None,
+                "power_estimated": bool(power and power.get("estimated")),
+                "kwh": energy.kwh(kwh_j) if kwh_j is not None else None,
+                "kwh_estimated": kwh_est,
+                "accrued": money["accrued"], "paid": money["paid"],
+                # Filled in once trust (issue 4) records them on the node.
+                "reputation": n.hardware.get("reputation"), "audits": None,
+            })
+        rows.sort(key=lambda r: (not r["live"], r["name"]))
+        return rows
+
+    def request_stats(self, ctx: Context) -> dict[str, Any]:
+        """Throughput, latency percentiles and queue depth."""
+        done = [t for t in ctx.finished if t["state"] == "done"]
+        minute = [t for t in done if t["ended_at"] >= ctx.now - 60]
+        recent = [t["latency_s"] for t in done if t["ended_at"] >= ctx.now - 300]
+        return {
+            "queued": ctx.tasks.get("queued", 0), "running": ctx.tasks.get("running", 0),
+            "done": ctx.tasks.get("done", 0), "failed": ctx.tasks.get("failed", 0),
+            "tokens_per_s": sum(t["output_tokens"] for t in minute) / 60.0,
+            "requests_per_min": len(minute),
+            "p50": telemetry.percentile(recent, 50), "p95": telemetry.percentile(recent, 95),
+            "p99": telemetry.percentile(recent, 99), "latency_n": len(recent),
+        }
+
+    def throughput_chart(self, ctx: Context) -> dict[str, Any]:
+        """Output tokens per second over the chart window."""
+        start = ctx.now - CHART_WINDOW_S
+        xs, tok = telemetry.buckets(((t["ended_at"], float(t["output_tokens"]))
+                                     for t in ctx.finished if t["state"] == "done"),
+                                    start, ctx.now, CHART_BUCKET_S)
+        _, reqs = telemetry.buckets(((t["ended_at"], 1.0) for t in ctx.finished),
+                                    start, ctx.now, CHART_BUCKET_S)
+        return {"title": "Throughput", "x": xs, "series": [
+            {"label": "output tok/s", "values": [v / CHART_BUCKET_S for v in tok]},
+            {"label": "requests/s", "values": [v / CHART_BUCKET_S for v in reqs]}]}
+
+    def latency_chart(self, ctx: Context) -> dict[str, Any]:
+        """Mean request latency per bucket."""
+        start = ctx.now - CHART_WINDOW_S
+        xs, mean = telemetry.bucket_mean(((t["ended_at"], t["latency_s"])
+                                          for t in ctx.finished if t["state"] == "done"),
+                                         start, ctx.now, CHART_BUCKET_S)
+        return {"title": "Latency (s)", "x": xs, "series": [{"label": "mean s", "values": mean}]}
+
+    def energy_chart(self, ctx: Context, providers: list[dict[str, Any]]) -> dict[str, Any]:
+        """Power draw of the devices that used the most energy in the last hour."""
+        top = sorted((p for p in providers if p["kwh"]), key=lambda p: -p["kwh"])[:TOP_DEVICES]
+        start = ctx.now - CHART_WINDOW_S
+        samples = self.grid.store.power_samples(start) if top else {}
+        series = []
+        xs: list[float] = telemetry.buckets([], start, ctx.now, CHART_BUCKET_S)[0]
+        for p in top:
+            pts = [(t, w) for t, _, w, _ in samples.get(p["id"], []) if w is not None]
+            xs, mean = telemetry.bucket_mean(pts, start, ctx.now, CHART_BUCKET_S)
+            label = p["name"] + (" (est.)" if p["kwh_estimated"] else "")
+            series.append({"label": label, "values": mean})
+        return {"title": "Power per device (W)", "x": xs, "series": series}
+
+    def price_chart(self, ctx: Context) -> dict[str, Any]:
+        """Mean output price paid per model over the chart window (credits per 1M tokens)."""
+        start = ctx.now - CHART_WINDOW_S
+        rows = self.grid.store.attempt_prices(start)
+        models = sorted({m for _, m, _, _ in rows})[:5]
+        series = []
+        xs = telemetry.buckets([], start, ctx.now, CHART_BUCKET_S)[0]
+        for model in models:
+            xs, mean = telemetry.bucket_mean(((t, o / MICRO) for t, m, _, o in rows if m == model),
+                                             start, ctx.now, CHART_BUCKET_S)
+            series.append({"label": f"{model} output", "values": mean})
+        return {"title": "Price paid (credits / 1M output tokens)", "x": xs, "series": series}
+
+    def market_prices(self, nodes: list[Any], live_cutoff: float) -> list[dict[str, Any]]:
+        """Per model: live providers' price range, median, and median measured speed."""
+        by_model: dict[str, list[Any]] = {}
+        for n in nodes:
+            if n.state == "live" and n.last_seen >= live_cutoff:
+                for model in n.offers:
+                    by_model.setdefault(model, []).append(n)
+        out = []
+        for model, ns in sorted(by_model.items()):
+            outs = [n.offers[model].output for n in ns]
+            ins = [n.offers[model].prompt for n in ns]
+            out.append({"model": model, "providers": len(ns),
+                        "output_min": min(outs), "output_median": int(statistics.median(outs)),
+                        "output_max": max(outs), "prompt_median": int(statistics.median(ins)),
+                        "decode_tps_median": statistics.median(n.decode_tps for n in ns)})
+        return out
+
+    def money(self, ctx: Context) -> dict[str, Any]:
+        """Balances by account kind, fees, and the largest accounts."""
+        kinds = telemetry.totals_by_kind(ctx.balances)
+        top = sorted(((a, b) for a, b in ctx.balances.items() if a != "system:issuer"),
+                     key=lambda ab: -abs(ab[1]))[:20]
+        return {"kinds": kinds, "fees": ctx.balances.get(FEES, 0),
+                "fees_hour": self.grid.store.fee_income(ctx.now - 3600),
+                "circulating": -ctx.balances.get("system:issuer", 0),
+                "top": top, "fee_bps": self.grid.settings.fee_bps}
+
+    def orders(self) -> list[dict[str, Any]] | None:
+        """Market orders, once the market (issue 3) gives the store a way to list them."""
+        lister = getattr(self.grid.store, "orders", None)
+        if lister is None:
+            return None
+        try:
+            return list(lister())[:100]
+        except TypeError:  # a different signature than expected: show nothing, not a 500
+            return None
+
+    # ---- rendering ---------------------------------------------------------------------
+
+    def build(self, page: str) -> dict[str, Any]:
+        """Fragments and charts for one page, as the live stream sends them."""
+        if page not in PAGES:
+            raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
+                                 param="page")
+        ctx = self._context(page)
+        data: dict[str, Any] = {"now": ctx.now, "page": page}
+        charts: dict[str, Any] = {}
+        if page == "grid":
+            providers = self.providers(ctx)
+            live = [p for p in providers if p["live"]]
+            data.update(providers=providers, stats=self.request_stats(ctx), summary={
+                "providers": len(providers), "live": len(live),
+                "watts": sum(p["watts"] or 0 for p in live),
+                "watts_estimated": any(p["power_estimated"] for p in live),
+                "kwh": sum(p["kwh"] or 0 for p in providers),
+                "kwh_estimated": any(p["kwh_estimated"] for p in providers),
+                "fees": ctx.balances.get(FEES, 0)})
+            charts = {"chart-throughput": self.throughput_chart(ctx),
+                      "chart-energy": self.energy_chart(ctx, providers)}
+        elif page == "requests":
+            data["stats"] = self.request_stats(ctx)
+            charts = {"chart-throughput": self.throughput_chart(ctx),
+                      "chart-latency": self.latency_chart(ctx)}
+        elif page == "market":
+            data.update(prices=self.market_prices(ctx.nodes, ctx.live_cutoff),
+                        offers=[(n, m, p) for n in ctx.nodes for m, p in sorted(n.offers.items())
+                                if n.state == "live" and n.last_seen >= ctx.live_cutoff],
+                        orders=self.orders())
+            charts = {"chart-price": self.price_chart(ctx)}
+        else:
+            data.update(money=self.money(ctx), entries=self.grid.store.recent_entries(50))
+        data["recent"] = ctx.finished[:25]
+        sections = {name: self.env.get_template(f"partials/{name}.html").render(**data)
+                    for name in PAGES[page]}
+        return {"page": page, "now": ctx.now, "sections": sections, "charts": charts}
+
+    def snapshot(self, page: str, version: int, max_age_s: float = 1.0) -> dict[str, Any]:
+        """`build(page)`, shared by every watcher of the same change for up to `max_age_s`."""
+        hit = self._cache.get(page)
+        if hit and hit[0] == version and time.monotonic() - hit[1] < max_age_s:
+            return hit[2]
+        snap = self.build(page)
+        self._cache[page] = (version, time.monotonic(), snap)
+        return snap
+
+    def page(self, page: str, version: int) -> str:
+        """A whole page: the same fragments, inside the layout, with the chart data inline."""
+        snap = self.snapshot(page, version)
+        return self.env.get_template(f"{page}.html").render(
+            page=page, sections=snap["sections"], charts=snap["charts"], now=snap["now"],
+            version=version)
