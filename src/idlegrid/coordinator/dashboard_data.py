@@ -46,6 +46,12 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
+def _energy(kwh: float | None) -> str:
+    if kwh is None:
+        return "—"
+    return f"{kwh:.3f} kWh" if kwh >= 0.1 else f"{kwh * 1000:.2f} Wh"
+
+
 def _hardware(hw: dict[str, Any]) -> str:
     gpus = hw.get("gpus") or []
     if gpus:
@@ -61,6 +67,7 @@ def make_env() -> Environment:
                       lstrip_blocks=True)
     env.filters["credits"] = _credits
     env.filters["ago"] = _ago
+    env.filters["energy"] = _energy
     return env
 
 

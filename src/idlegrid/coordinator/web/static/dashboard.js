@@ -20,7 +20,8 @@
       width: el.clientWidth || 560, height: (el.clientHeight || 230) - 40,
       scales: { x: { time: true } },
       series: [{}].concat(spec.series.map(function (s, i) {
-        return { label: s.label, stroke: palette[i % palette.length], width: 1.5, spanGaps: false };
+        return { label: s.label, stroke: palette[i % palette.length], width: 1.5, spanGaps: false,
+                 points: { show: true, size: 4 } };
       })),
       axes: [{}, { size: 50 }],
     };
