@@ -262,3 +262,50 @@ def test_migrations_match_the_schema(tmp_path: Path, database_url: str) -> None:
     finally:
         store.close()
     assert diff == []
+
+
+def test_earnings_and_estimate_cli_against_the_grid(env: Env, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    env.complete("earn something", max_tokens=10)
+    runner = CliRunner()
+    base = ["--coordinator", env.url, "--data-dir", str(tmp_path / "cli")]
+    res = runner.invoke(app, ["earnings", *base, "--period", "1h", "--kwh-price", "0.5",
+                              "--card-price", "800", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "\x1b[" not in res.stdout  # no progress or colour codes in JSON
+    data = json.loads(res.stdout)
+    with env.http() as c:
+        balances = c.get("/api/v1/status").json()["balances"]
+    rows = {p["node_id"]: p for p in data["providers"]}
+    earner = [p for p in rows.values() if p["earned"] > 0][0]
+    node = earner["node_id"]
+    assert earner["paid"] + earner["accrued"] == (balances.get(f"provider:{node}", 0)
+                                                  + balances.get(f"accrual:{node}", 0))
+    e = earner["economics"]
+    assert e["estimated"] is True
+    assert e["profit_per_day"] == pytest.approx(e["earned_per_day"] - e["electricity_per_day"])
+    assert e["electricity_per_day"] == pytest.approx(e["kwh_per_day"] * 0.5)
+    assert e["payback_days"] is None or e["payback_days"] == pytest.approx(
+        800 / e["profit_per_day"])
+
+    table = runner.invoke(app, ["earnings", *base, "--period", "1h"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "p0" in table.stdout and "profit/day" in table.stdout
+
+    est = runner.invoke(app, ["estimate", *base, "--model", MODEL, "--decode-tps", "50",
+                              "--watts", "200", "--utilisation", "0.25", "--json"])
+    assert est.exit_code == 0, est.output
+    got = json.loads(est.stdout)
+    median = got["market"]["output_median"]
+    assert median == (40 * MICRO + 41 * MICRO) // 2  # the two live offers
+    expected = 50 * 86_400 * 0.25 * median / 1e12 * (1 - got["fee_bps"] / 10_000)
+    assert got["earned_credits_per_day"] == pytest.approx(expected, rel=1e-6)
+    assert got["kwh_per_day"] == pytest.approx((200 * 0.25 + 40 * 0.75) * 24 / 1000)
+    assert got["estimated"] is True
+
+    bad = runner.invoke(app, ["earnings", *base, "--kwh-price", "-1"])
+    assert bad.exit_code == 2
+    unknown = runner.invoke(app, ["estimate", *base, "--model", "nope:1", "--decode-tps", "5"])
+    assert unknown.exit_code == 2 and "no live provider offers nope:1" in unknown.output

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from idlegrid import __version__
+from idlegrid.client.earnings_cmd import earnings, estimate
 from idlegrid.client.plan_cmd import plan
 from idlegrid.config import DEFAULT_PORT, default_data_dir
 
@@ -92,12 +93,14 @@ def provide(
     import asyncio
     import signal
     import socket
+    import time
 
     from idlegrid.agent.agent import Agent, AgentConfig
     from idlegrid.agent.benchmark import measure_speed
     from idlegrid.agent.node_client import NodeClient
     from idlegrid.agent.power import choose_meter
     from idlegrid.agent.probe import probe
+    from idlegrid.client.progress import make_progress
     from idlegrid.core.ledger import MICRO, Price
     from idlegrid.engines.registry import load_engine
     from idlegrid.protocol.signing import NodeKey
@@ -109,13 +112,25 @@ def provide(
     kwargs: dict[str, Any] = {"threads": threads}
     if model_path:
         kwargs["model_path"] = model_path
-    with console.status(f"loading {model} on {engine} ({slots} slot(s))"):
-        engines = [load_engine(engine, model, **kwargs) for _ in range(slots)]
+    engines = []
     prefill = decode = 0.0
+    with make_progress(console) as progress:
+        task = progress.add_task(f"loading {model} on {engine}", total=slots, rate="")
+        for _ in range(slots):
+            engines.append(load_engine(engine, model, **kwargs))
+            progress.advance(task)
+        if not skip_benchmark:
+            bench = progress.add_task("measuring decode speed", total=None, rate="")
+            began = time.monotonic()
+
+            def step(done: int, total: int) -> None:
+                elapsed = time.monotonic() - began
+                progress.update(bench, completed=done, total=total,
+                                rate=f"{done / elapsed:.1f} tok/s" if elapsed > 0 else "")
+
+            speed = measure_speed(engines[0], on_token=step)
+            prefill, decode = speed.prefill_tps, speed.decode_tps
     if not skip_benchmark:
-        with console.status("measuring prefill and decode speed"):
-            speed = measure_speed(engines[0])
-        prefill, decode = speed.prefill_tps, speed.decode_tps
         console.print(f"[green]measured[/] prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
     config = AgentConfig(name=name, hardware=hardware, prefill_tps=prefill, decode_tps=decode,
                          price=Price(round(prompt_price * MICRO), round(output_price * MICRO)),
@@ -165,6 +180,7 @@ def up(
     import signal
     import threading
 
+    from idlegrid.client.progress import make_progress
     from idlegrid.testbed.localgrid import KEY_FILE, LocalGrid
 
     grid = LocalGrid(data_dir=data_dir, port=port, providers=providers, engine=engine,
@@ -178,8 +194,11 @@ def up(
             grid.start_coordinator()
         for i in range(providers):
             grid.start_provider(i)
-        with console.status(f"loading {model} and benchmarking {providers} provider(s)"):
-            grid.wait_for_providers(providers)
+        with make_progress(console) as progress:
+            task = progress.add_task(f"loading {model} and benchmarking providers",
+                                     total=providers, rate="")
+            grid.wait_for_providers(
+                providers, on_poll=lambda live: progress.update(task, completed=live))
         grid.fund_consumer()
         out.print(f"[bold green]idlegrid is up[/] with {providers} provider(s) serving {model}")
         out.print(f"  base URL : {grid.url}/v1")
@@ -295,6 +314,8 @@ def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | Non
 
 
 app.command("plan")(plan)
+app.command("earnings")(earnings)
+app.command("estimate")(estimate)
 
 
 def main() -> None:

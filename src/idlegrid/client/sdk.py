@@ -51,6 +51,15 @@ class GridClient:
         """The API key's balance."""
         return self._json(self.http.get("/api/v1/balance"))
 
+    def earnings(self, period: str = "24h", node: str | None = None) -> dict[str, Any]:
+        """Per provider over `period`: credits earned, accrued and paid, energy, tokens/J."""
+        params = {"period": period, **({"node": node} if node else {})}
+        return self._json(self.http.get("/api/v1/economics/earnings", params=params))
+
+    def market_prices(self) -> dict[str, Any]:
+        """Live offers' prices per model and the protocol fee."""
+        return self._json(self.http.get("/api/v1/economics/prices"))
+
     def verify_ledger(self) -> dict[str, Any]:
         """Recompute the ledger chain (operator key)."""
         return self._json(self.http.get("/api/v1/ledger/verify"))
