@@ -85,7 +85,7 @@ def energy_by_node(store: Any, since: float) -> dict[str, tuple[float, bool]]:
                      joules_total - LAG(joules_total) OVER (PARTITION BY node_id ORDER BY t) AS d
               FROM power_samples WHERE t >= :since) AS s
         GROUP BY node_id""")
-    with store.tx() as s:
+    with store.read() as s:
         rows = s.execute(query, {"since": since}).all()
     return {n: (float(j or 0.0), bool(e)) for n, j, e in rows}
 

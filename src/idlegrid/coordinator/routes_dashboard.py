@@ -134,17 +134,32 @@ async def events(request: Request, page: str = "grid") -> StreamingResponse:
                              param="page")
     dash, grid = _dashboard(request), _grid(request)
 
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"
         seen = -1
-        while True:
-            version = await grid.changes.wait(seen, IDLE_REFRESH_S)
-            started = time.monotonic()
-            snap = await to_thread.run_sync(dash.snapshot, page, version)
-            seen = version
-            body = json.dumps(snap, separators=(",", ":"))
-            yield f"event: snapshot\ndata: {body}\n\n".encode()
-            await asyncio.sleep(max(0.0, MIN_REFRESH_S - (time.monotonic() - started)))
+        gone = asyncio.ensure_future(hung_up())
+        try:
+            while not gone.done():
+                # Stop as soon as the browser leaves, not at the next write: a stream nobody
+                # reads would otherwise keep rebuilding snapshots on every change.
+                change = asyncio.ensure_future(grid.changes.wait(seen, IDLE_REFRESH_S))
+                await asyncio.wait({change, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    change.cancel()
+                    return
+                version = change.result()
+                started = time.monotonic()
+                snap = await to_thread.run_sync(dash.snapshot, page, version)
+                seen = version
+                body = json.dumps(snap, separators=(",", ":"))
+                yield f"event: snapshot\ndata: {body}\n\n".encode()
+                await asyncio.sleep(max(0.0, MIN_REFRESH_S - (time.monotonic() - started)))
+        finally:
+            gone.cancel()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -48,6 +48,9 @@ from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, StaleAt
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
+READ_ONLY = "idlegrid_read_only"
+
+
 def make_engine(url: str) -> Engine:
     """A SQLAlchemy engine; SQLite gets WAL and write-ahead locking so writers queue, not fail."""
     if url.startswith("sqlite"):
@@ -69,8 +72,12 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
             # BEGIN IMMEDIATE takes the write lock up front; a deferred transaction that
-            # upgrades later can fail with SQLITE_BUSY instead of waiting its turn.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # upgrades later can fail with SQLITE_BUSY instead of waiting its turn. Reads
+            # (Store.read) begin deferred: in WAL mode they never wait for, or block, a writer.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -173,6 +180,14 @@ class Store:
         with self._sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction: no write lock, so dashboards never stall writers."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            with Session(bind=conn, expire_on_commit=False) as session, session.begin():
+                yield session
+
     def ping(self) -> None:
         """Raise if the database cannot be reached."""
         with self.engine.connect() as conn:
@@ -239,7 +254,7 @@ class Store:
 
     def nodes(self) -> list[NodeView]:
         """Every node ever registered, with its offers."""
-        with self.tx() as s:
+        with self.read() as s:
             offers: dict[str, dict[str, Price]] = {}
             for o in s.scalars(select(Offer)):
                 offers.setdefault(o.node_id, {})[o.model_id] = Price(o.prompt_price, o.output_price)
@@ -323,7 +338,7 @@ class Store:
 
     def balances(self) -> dict[str, int]:
         """Every account's balance."""
-        with self.tx() as s:
+        with self.read() as s:
             return {a.id: a.balance for a in s.scalars(select(Account))}
 
     def entries(self, cause_id: str | None = None) -> list[dict[str, Any]]:
@@ -591,7 +606,7 @@ class Store:
 
     def task_counts(self) -> dict[str, int]:
         """Number of tasks per state."""
-        with self.tx() as s:
+        with self.read() as s:
             return dict(s.execute(select(Task.state, func.count()).group_by(Task.state)).all())
 
     # ---- energy and dashboard views ------------------------------------------------------
@@ -605,7 +620,7 @@ class Store:
 
     def power_samples(self, since: float) -> dict[str, list[PowerRow]]:
         """Per node, (t, joules_total, watts, estimated) since `since`, oldest first."""
-        with self.tx() as s:
+        with self.read() as s:
             rows = s.execute(
                 select(PowerSample.node_id, PowerSample.t, PowerSample.joules_total,
                        PowerSample.watts, PowerSample.estimated)
@@ -617,7 +632,7 @@ class Store:
 
     def attempt_energy(self, since: float) -> list[dict[str, Any]]:
         """Per node and model: output tokens, joules, and whether any joule was estimated."""
-        with self.tx() as s:
+        with self.read() as s:
             rows = s.execute(
                 select(Attempt.node_id, Task.model_id, func.sum(Attempt.output_tokens),
                        func.sum(Attempt.energy_j), func.count(),
@@ -631,7 +646,7 @@ class Store:
 
     def finished_tasks(self, since: float, limit: int = 10_000) -> list[dict[str, Any]]:
         """Tasks that ended (done or failed) since `since`, newest first."""
-        with self.tx() as s:
+        with self.read() as s:
             rows = s.execute(
                 select(Task.id, Task.model_id, Task.state, Task.attempt, Task.prompt_tokens,
                        Task.output_tokens, Task.created_at, Task.updated_at, Task.error)
@@ -651,7 +666,7 @@ class Store:
 
     def attempt_prices(self, since: float) -> list[tuple[float, str, int, int]]:
         """(started_at, model, prompt price, output price) of attempts since `since`."""
-        with self.tx() as s:
+        with self.read() as s:
             rows = s.execute(
                 select(Attempt.started_at, Task.model_id, Attempt.prompt_price,
                        Attempt.output_price)
@@ -665,7 +680,7 @@ class Store:
         A payout moving credits from accrual:<node> to provider:<node> nets to zero here,
         so earnings are not counted twice; a slash counts against them.
         """
-        with self.tx() as s:
+        with self.read() as s:
             rows = s.execute(
                 select(LedgerPosting.account, func.sum(LedgerPosting.amount))
                 .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
@@ -681,7 +696,7 @@ class Store:
 
     def recent_entries(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest ledger entries with their postings, newest first."""
-        with self.tx() as s:
+        with self.read() as s:
             entries = s.scalars(select(LedgerEntry).order_by(LedgerEntry.seq.desc())
                                 .limit(limit)).all()
             seqs = [e.seq for e in entries]
@@ -699,7 +714,7 @@ class Store:
 
     def fee_income(self, since: float) -> int:
         """µcr taken as protocol fees since `since`."""
-        with self.tx() as s:
+        with self.read() as s:
             return int(s.scalar(
                 select(func.coalesce(func.sum(LedgerPosting.amount), 0))
                 .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
