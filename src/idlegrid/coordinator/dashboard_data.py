@@ -7,12 +7,14 @@ serves completions.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anyio import to_thread
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import text
 
@@ -32,6 +34,9 @@ CHART_WINDOW_S = 15 * 60.0
 CHART_BUCKET_S = 15.0
 ENERGY_WINDOW_S = 3600.0
 TOP_DEVICES = 8
+MIN_REBUILD_S = 0.25
+# Without changes, rebuild now and then anyway so the charts' time axis moves.
+IDLE_REFRESH_S = 5.0
 
 
 def _credits(ucr: int | float) -> str:
@@ -90,6 +95,14 @@ def energy_by_node(store: Any, since: float) -> dict[str, tuple[float, bool]]:
     return {n: (float(j or 0.0), bool(e)) for n, j, e in rows}
 
 
+@dataclass(frozen=True)
+class _Built:
+    version: int  # the change version the build started at: it reflects at least that
+    built_at: float
+    interval_s: float  # no rebuild before built_at + interval_s
+    snap: dict[str, Any]
+
+
 @dataclass
 class Context:
     """Everything one refresh reads, fetched once and shared by the sections."""
@@ -109,7 +122,8 @@ class Dashboard:
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.env = make_env()
-        self._cache: dict[str, tuple[int, float, dict[str, Any]]] = {}
+        self._cache: dict[str, _Built] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     # ---- data --------------------------------------------------------------------------
 
@@ -303,18 +317,33 @@ class Dashboard:
                     for name in PAGES[page]}
         return {"page": page, "now": ctx.now, "sections": sections, "charts": charts}
 
-    def snapshot(self, page: str, version: int, max_age_s: float = 1.0) -> dict[str, Any]:
-        """`build(page)`, shared by every watcher of the same change for up to `max_age_s`."""
-        hit = self._cache.get(page)
-        if hit and hit[0] == version and time.monotonic() - hit[1] < max_age_s:
-            return hit[2]
-        snap = self.build(page)
-        self._cache[page] = (version, time.monotonic(), snap)
-        return snap
+    async def snapshot(self, page: str, version: int, max_age_s: float = IDLE_REFRESH_S
+                       ) -> dict[str, Any]:
+        """A snapshot that reflects at least change `version`, shared by every watcher.
 
-    def page(self, page: str, version: int) -> str:
+        One build at a time per page, and builds at least twice their own duration apart:
+        a grid that changes a hundred times a second costs one rebuild per interval, however
+        many browsers watch it, and never more than about half of one core.
+        """
+        lock = self._locks.setdefault(page, asyncio.Lock())
+        async with lock:
+            hit = self._cache.get(page)
+            now = time.monotonic()
+            if hit and hit.version >= version and now - hit.built_at < max_age_s:
+                return hit.snap
+            if hit:
+                await asyncio.sleep(max(0.0, hit.built_at + hit.interval_s - now))
+            current = self.grid.changes.version
+            started = time.monotonic()
+            snap = await to_thread.run_sync(self.build, page)
+            took = time.monotonic() - started
+            snap["version"] = current
+            self._cache[page] = _Built(current, time.monotonic(), max(MIN_REBUILD_S, 2 * took),
+                                       snap)
+            return snap
+
+    async def page(self, page: str) -> str:
         """A whole page: the same fragments, inside the layout, with the chart data inline."""
-        snap = self.snapshot(page, version)
+        snap = await self.snapshot(page, self.grid.changes.version)
         return self.env.get_template(f"{page}.html").render(
-            page=page, sections=snap["sections"], charts=snap["charts"], now=snap["now"],
-            version=version)
+            page=page, sections=snap["sections"], charts=snap["charts"], now=snap["now"])

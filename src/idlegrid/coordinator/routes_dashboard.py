@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
@@ -20,17 +19,13 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from idlegrid.coordinator.dashboard_data import PAGES, Dashboard, energy_by_node
+from idlegrid.coordinator.dashboard_data import IDLE_REFRESH_S, PAGES, Dashboard, energy_by_node
 from idlegrid.coordinator.routes_admin import require_operator
 from idlegrid.coordinator.service import Grid
 from idlegrid.core import economics, energy, telemetry
 from idlegrid.errors import AuthError, InvalidRequest
 
 COOKIE = "idlegrid_operator"
-# Coalesce bursts of changes: a watcher gets at most one refresh per interval.
-MIN_REFRESH_S = 0.25
-# Without changes, refresh anyway now and then so charts keep moving along the time axis.
-IDLE_REFRESH_S = 5.0
 
 router = APIRouter(tags=["dashboard"])
 
@@ -67,9 +62,7 @@ async def _page(request: Request, page: str) -> HTMLResponse:
         require_viewer(request)
     except AuthError as exc:
         return _login_page(request, exc.message, 401)
-    dash = _dashboard(request)
-    version = _grid(request).changes.version
-    html = await to_thread.run_sync(dash.page, page, version)
+    html = await _dashboard(request).page(page)
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
@@ -120,9 +113,7 @@ async def snapshot(page: str, request: Request) -> dict[str, Any]:
         raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
                              param="page")
     dash, grid = _dashboard(request), _grid(request)
-    result: dict[str, Any] = await to_thread.run_sync(dash.snapshot, page,
-                                                      grid.changes.version)
-    return result
+    return await dash.snapshot(page, grid.changes.version)
 
 
 @router.get("/dashboard/events")
@@ -140,7 +131,7 @@ async def events(request: Request, page: str = "grid") -> StreamingResponse:
 
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"
-        seen = -1
+        seen, sent = -1, None
         gone = asyncio.ensure_future(hung_up())
         try:
             while not gone.done():
@@ -151,13 +142,12 @@ async def events(request: Request, page: str = "grid") -> StreamingResponse:
                 if gone.done():
                     change.cancel()
                     return
-                version = change.result()
-                started = time.monotonic()
-                snap = await to_thread.run_sync(dash.snapshot, page, version)
-                seen = version
-                body = json.dumps(snap, separators=(",", ":"))
-                yield f"event: snapshot\ndata: {body}\n\n".encode()
-                await asyncio.sleep(max(0.0, MIN_REFRESH_S - (time.monotonic() - started)))
+                snap = await dash.snapshot(page, change.result())
+                seen = snap["version"]
+                if snap is not sent:  # the same build is not sent twice
+                    sent = snap
+                    body = json.dumps(snap, separators=(",", ":"))
+                    yield f"event: snapshot\ndata: {body}\n\n".encode()
         finally:
             gone.cancel()
 

@@ -166,9 +166,10 @@ class Grid:
         if self.clock() - self._power_stored.get(node_id, -1e18) >= \
                 self.settings.power_sample_interval_s:
             self._power_stored[node_id] = self.clock()
+            # No change bump: with many providers that would be a refresh per heartbeat;
+            # the dashboard's idle refresh picks new samples up within seconds.
             await self.db(self.store.add_power_sample, node_id, power["joules_total"],
                           power.get("watts"), power["source"], power["estimated"])
-            self.changes.bump()
 
     async def poll(self, node_id: str, models: list[str], wait_s: float) -> TaskView | None:
         """Long poll: a claimed task for this node, or None after `wait_s`."""
