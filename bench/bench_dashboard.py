@@ -38,15 +38,17 @@ CARDS = [("NVIDIA GeForce RTX 3060", 170), ("NVIDIA GeForce RTX 3080", 320),
 REGIONS = ["eu-west", "eu-central", "us-east", "us-west", "ap-south"]
 
 
-async def register_simulated(url: str, count: int, concurrency: int = 1) -> float:
+async def register_simulated(url: str, count: int, concurrency: int = 4) -> float:
     """Register `count` simulated providers with the signed node API; seconds taken."""
     rng = random.Random(7)
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         card, watts = CARDS[i % len(CARDS)]
-        client = NodeClient(url, NodeKey.generate())
         async with sem:
+            # Made inside the semaphore: building a thousand clients up front would hold the
+            # event loop for longer than a signature stays fresh.
+            client = NodeClient(url, NodeKey.generate())
             try:
                 await client.call("/api/v1/nodes/register", {
                     "protocol_version": PROTOCOL_VERSION, "name": f"sim-{i:04d}",
@@ -70,9 +72,14 @@ async def register_simulated(url: str, count: int, concurrency: int = 1) -> floa
 
 
 def new_context(browser: Any, url: str, operator_key: str) -> Any:
-    """A fresh browser profile holding the operator cookie (what /login would set)."""
+    """A fresh browser profile, logged in through the form at /login."""
     context = browser.new_context(viewport={"width": 1400, "height": 900})
-    context.add_cookies([{"name": "idlegrid_operator", "value": operator_key, "url": url}])
+    page = context.new_page()
+    page.goto(url + "/login")
+    page.fill("input[name=key]", operator_key)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#providers")
+    page.close()
     return context
 
 

@@ -238,9 +238,11 @@ def test_with_an_operator_key_pages_need_the_key_or_its_cookie(
             locked = c.get("/")
             assert locked.status_code == 401 and "<form" in locked.text
             assert c.get("/dashboard/events").status_code == 401
+            assert c.get("/login").status_code == 200
             assert c.post("/login", content="key=wrong").status_code == 401
             ok = c.post("/login", content="key=sekret")
             assert ok.status_code == 303 and "httponly" in ok.headers["set-cookie"].lower()
+            assert "sekret" not in ok.headers["set-cookie"]  # a digest, not the key
             assert c.get("/").status_code == 200  # the cookie is kept by the client
         with e.http(headers={"Authorization": "Bearer sekret"}) as c:
             assert c.get("/ledger").status_code == 200

@@ -9,6 +9,7 @@ when no operator key is set, otherwise the key as a bearer token or as the cooki
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -43,11 +44,16 @@ def _dashboard(request: Request) -> Dashboard:
     return dash
 
 
+def _cookie_value(key: str) -> str:
+    # A digest, not the key: a leaked cookie opens the dashboard, not the admin API.
+    return hashlib.sha256(f"idlegrid-dashboard\n{key}".encode()).hexdigest()
+
+
 def require_viewer(request: Request) -> None:
     """Dashboard access: the operator cookie, or whatever the operator routes accept."""
     key = _grid(request).settings.operator_key
     cookie = request.cookies.get(COOKIE, "")
-    if key and cookie and hmac.compare_digest(cookie.encode(), key.encode()):
+    if key and cookie and hmac.compare_digest(cookie.encode(), _cookie_value(key).encode()):
         return
     require_operator(request)
 
@@ -90,6 +96,12 @@ async def ledger_page(request: Request) -> HTMLResponse:
     return await _page(request, "ledger")
 
 
+@router.get("/login", response_class=HTMLResponse, include_in_schema=False)
+async def login_form(request: Request) -> HTMLResponse:
+    """The operator-key form."""
+    return _login_page(request, "Enter this grid's operator key.", 200)
+
+
 @router.post("/login", include_in_schema=False, response_model=None)
 async def login(request: Request) -> Response:
     """Check the operator key from the form and keep it in an HttpOnly cookie."""
@@ -101,7 +113,7 @@ async def login(request: Request) -> Response:
     if not hmac.compare_digest(given.encode(), key.encode()):
         return _login_page(request, "That is not this grid's operator key.", 401)
     resp = RedirectResponse("/", status_code=303)
-    resp.set_cookie(COOKIE, key, httponly=True, samesite="strict")
+    resp.set_cookie(COOKIE, _cookie_value(key), httponly=True, samesite="strict")
     return resp
 
 
