@@ -311,3 +311,22 @@ def test_earnings_and_estimate_cli_against_the_grid(env: Env, tmp_path: Path) ->
     assert bad.exit_code == 2
     unknown = runner.invoke(app, ["estimate", *base, "--model", "nope:1", "--decode-tps", "5"])
     assert unknown.exit_code == 2 and "no live provider offers nope:1" in unknown.output
+
+
+def test_live_stream_resends_only_fragments_that_changed(env: Env) -> None:
+    import re
+
+    with env.http() as c:
+        html = c.get("/requests").text
+        version = re.search(r'data-version="(\d+)"', html)
+        assert version is not None
+        with c.stream("GET", "/dashboard/events",
+                      params={"page": "requests", "v": version.group(1)}) as s:
+            lines = s.iter_lines()
+            with env.http() as admin:  # a change that nothing on the requests page shows
+                admin.post("/api/v1/admin/mint", json={
+                    "key_id": "key_y", "amount": 5, "reference": "quiet"}).raise_for_status()
+            snap = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))
+    assert snap["version"] > int(version.group(1))
+    assert snap["sections"] == {}  # the browser already shows all of it
+    assert set(snap["charts"]) == {"chart-throughput", "chart-latency"}

@@ -346,4 +346,10 @@ class Dashboard:
         """A whole page: the same fragments, inside the layout, with the chart data inline."""
         snap = await self.snapshot(page, self.grid.changes.version)
         return self.env.get_template(f"{page}.html").render(
-            page=page, sections=snap["sections"], charts=snap["charts"], now=snap["now"])
+            page=page, sections=snap["sections"], charts=snap["charts"], now=snap["now"],
+            version=snap["version"])
+
+    def cached(self, page: str, version: int) -> dict[str, Any] | None:
+        """The shared build of `page` at `version`, if it is still the newest one."""
+        hit = self._cache.get(page)
+        return hit.snap if hit and hit.version == version else None

@@ -129,8 +129,12 @@ async def snapshot(page: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/dashboard/events")
-async def events(request: Request, page: str = "grid") -> StreamingResponse:
-    """Server-Sent Events: a `snapshot` of the page whenever the grid changes."""
+async def events(request: Request, page: str = "grid", v: int | None = None
+                 ) -> StreamingResponse:
+    """Server-Sent Events: a `snapshot` of the page whenever the grid changes.
+
+    `v` is the version the page was rendered at; fragments it already shows are not resent.
+    """
     require_viewer(request)
     if page not in PAGES:
         raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
@@ -144,6 +148,11 @@ async def events(request: Request, page: str = "grid") -> StreamingResponse:
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"
         seen, sent = -1, None
+        shown: dict[str, str] = {}
+        # The build the page was rendered from (?v=): what the browser already shows.
+        rendered = dash.cached(page, v) if v is not None else None
+        if rendered is not None:
+            seen, sent, shown = rendered["version"], rendered, dict(rendered["sections"])
         gone = asyncio.ensure_future(hung_up())
         try:
             while not gone.done():
@@ -156,10 +165,15 @@ async def events(request: Request, page: str = "grid") -> StreamingResponse:
                     return
                 snap = await dash.snapshot(page, change.result())
                 seen = snap["version"]
-                if snap is not sent:  # the same build is not sent twice
-                    sent = snap
-                    body = json.dumps(snap, separators=(",", ":"))
-                    yield f"event: snapshot\ndata: {body}\n\n".encode()
+                if snap is sent:  # the same build is not sent twice
+                    continue
+                sent = snap
+                # Only the fragments that differ from what this browser already shows: a
+                # thousand-row provider table that did not change is neither sent nor redrawn.
+                fresh = {k: v for k, v in snap["sections"].items() if shown.get(k) != v}
+                shown.update(fresh)
+                body = json.dumps({**snap, "sections": fresh}, separators=(",", ":"))
+                yield f"event: snapshot\ndata: {body}\n\n".encode()
         finally:
             gone.cancel()
 

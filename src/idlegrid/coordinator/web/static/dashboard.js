@@ -47,7 +47,9 @@
 
   function connect() {
     var live = document.getElementById("live");
-    var es = new EventSource("/dashboard/events?page=" + encodeURIComponent(page));
+    // v: the build this page was rendered from, so unchanged fragments are not sent again.
+    var es = new EventSource("/dashboard/events?page=" + encodeURIComponent(page) +
+                             "&v=" + encodeURIComponent(document.body.dataset.version || ""));
     es.addEventListener("open", function () { live.className = "live on"; live.textContent = "live"; });
     es.addEventListener("snapshot", function (e) { apply(JSON.parse(e.data)); });
     es.addEventListener("error", function () { live.className = "live off"; live.textContent = "reconnecting…"; });
