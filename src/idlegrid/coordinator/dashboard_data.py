@@ -35,6 +35,7 @@ CHART_BUCKET_S = 15.0
 ENERGY_WINDOW_S = 3600.0
 TOP_DEVICES = 8
 MIN_REBUILD_S = 0.25
+TABLE_REFRESH_S = 3.0
 # Without changes, rebuild now and then anyway so the charts' time axis moves.
 IDLE_REFRESH_S = 5.0
 
@@ -124,12 +125,18 @@ class Dashboard:
         self.env = make_env()
         self._cache: dict[str, _Built] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # (built at, rows, rendered html) of the provider table: with a thousand providers
+        # it is most of a build, so it is redone every TABLE_REFRESH_S, not on every change;
+        # the live requests and the summary still follow each change.
+        self._table: tuple[float, list[dict[str, Any]], str | None] = (-1e9, [], None)
+
+    def _table_stale(self) -> bool:
+        return time.monotonic() - self._table[0] >= TABLE_REFRESH_S
 
     # ---- data --------------------------------------------------------------------------
 
-    def _context(self, page: str) -> Context:
+    def _context(self, page: str, need_nodes: bool) -> Context:
         g, store, now = self.grid, self.grid.store, self.grid.clock()
-        need_nodes = page in ("grid", "market")
         return Context(
             now=now,
             nodes=store.nodes() if need_nodes else [],
@@ -285,11 +292,18 @@ class Dashboard:
         if page not in PAGES:
             raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
                                  param="page")
-        ctx = self._context(page)
+        # The grid page's provider table has its own, slower cadence (see __init__).
+        rebuild_table = page == "grid" and self._table_stale()
+        ctx = self._context(page, need_nodes=page == "market" or rebuild_table)
         data: dict[str, Any] = {"now": ctx.now, "page": page}
         charts: dict[str, Any] = {}
+        table_html = None
         if page == "grid":
-            providers = self.providers(ctx)
+            if rebuild_table:
+                providers = self.providers(ctx)
+                self._table = (time.monotonic(), providers, None)
+            else:
+                providers, table_html = self._table[1], self._table[2]
             live = [p for p in providers if p["live"]]
             data.update(providers=providers, stats=self.request_stats(ctx), summary={
                 "providers": len(providers), "live": len(live),
@@ -314,7 +328,12 @@ class Dashboard:
             data.update(money=self.money(ctx), entries=self.grid.store.recent_entries(50))
         data["recent"] = ctx.finished[:25]
         sections = {name: self.env.get_template(f"partials/{name}.html").render(**data)
-                    for name in PAGES[page]}
+                    for name in PAGES[page] if not (name == "providers" and table_html)}
+        if page == "grid":
+            if table_html is None:
+                self._table = (self._table[0], self._table[1], sections["providers"])
+            else:
+                sections["providers"] = table_html
         return {"page": page, "now": ctx.now, "sections": sections, "charts": charts}
 
     async def snapshot(self, page: str, version: int, max_age_s: float = IDLE_REFRESH_S
