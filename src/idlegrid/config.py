@@ -51,6 +51,8 @@ class CoordinatorSettings(BaseSettings):
     payout_delay_s: float = Field(300.0, ge=0)
     # Comma-separated module prefixes whose pricing plug-ins may run in the coordinator.
     pricing_plugins: str = ""
+    # Heartbeats carry the node's energy counter; one sample per node per interval is kept.
+    power_sample_interval_s: float = Field(10.0, gt=0)
     # Operator key for admin routes (minting credits, creating keys). Empty: loopback only.
     operator_key: str = ""
 

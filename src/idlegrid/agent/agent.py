@@ -20,6 +20,8 @@ import httpx
 
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.agent.node_client import CoordinatorError, NodeClient
+from idlegrid.agent.power import PowerMeter
+from idlegrid.core.energy import Attribution
 from idlegrid.core.ledger import Price
 from idlegrid.core.market.hardware import device_groups
 from idlegrid.engines.base import Engine, Generation, SamplingParams, render_chat, stream_pieces
@@ -53,6 +55,8 @@ class AgentConfig:
     stake_per_device: int = 0
     # Verifier mode: also take audits (re-check other providers' answers) on engine 0.
     verifier: bool = False
+    # Where energy readings come from (agent.power.choose_meter); None reports no energy.
+    meter: PowerMeter | None = None
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -78,6 +82,10 @@ class Agent:
         self.audited = 0
         # Engines are not thread-safe: serving and auditing on engine 0 take turns.
         self._engine_locks = {id(e): threading.Lock() for e in self.engines}
+        self.energy = Attribution()
+        bind = getattr(config.meter, "bind_busy", None)
+        if bind is not None:  # an estimating meter draws serving power only while serving
+            bind(lambda: len(self.energy.active))
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -170,7 +178,8 @@ class Agent:
             state = "draining" if self.draining.is_set() else "live"
             try:
                 await self.client.call("/api/v1/nodes/heartbeat",
-                                       {"state": state, "in_flight": len(self.jobs)})
+                                       {"state": state, "in_flight": len(self.jobs),
+                                        "power": self.power_report()})
             except AuthError:
                 await self.register()  # the coordinator forgot us (fresh database)
             except (httpx.HTTPError, IdlegridError) as exc:
@@ -212,6 +221,16 @@ class Agent:
             except Exception:  # the coordinator reclaims the task; keep the slot alive
                 log.exception("serving %s failed unexpectedly", answer.get("task_id"))
 
+    def power_report(self) -> dict[str, Any] | None:
+        """The energy counter and current draw, for heartbeats (None without a meter)."""
+        meter = self.config.meter
+        if meter is None:
+            return None
+        joules = meter.joules()
+        self.energy.advance(joules)
+        return {"joules_total": joules, "watts": meter.watts(), "source": meter.source,
+                "estimated": meter.estimated}
+
     # ---- serving -----------------------------------------------------------------------
 
     async def serve(self, engine: Engine, task: TaskMsg) -> None:
@@ -230,6 +249,10 @@ class Agent:
             loop = asyncio.get_running_loop()
             result = Generation()
             committed: dict[str, str] = {}
+            meter = self.config.meter
+            energy_key = f"{task.task_id}/{task.attempt}"
+            if meter is not None:
+                self.energy.start(energy_key, meter.joules())
             worker = loop.run_in_executor(
                 None, self._generate_locked, engine, task, prompt_ids, job, queue, loop, result,
                 committed,
@@ -241,6 +264,9 @@ class Agent:
                 log.exception("engine failed on %s", task.task_id)
                 await self._fail(base, f"engine error: {exc}", "engine")
                 return
+            finally:
+                energy_j = (self.energy.finish(energy_key, meter.joules())
+                            if meter is not None else None)
             if not ok:
                 return  # the coordinator took the task away; it is someone else's now
             if job.cancel.is_set():
@@ -249,6 +275,7 @@ class Agent:
             await self.client.call(f"{base}/finish", {
                 "prompt_tokens": len(prompt_ids), "finish_reason": result.finish_reason,
                 "commitment": committed.get("blob"),
+                "energy_j": energy_j, "energy_estimated": bool(meter and meter.estimated),
             })
             self.served += 1
         except Conflict:

@@ -42,8 +42,12 @@ def measure_speed(
     prompt_tokens: int = 128,
     decode_tokens: int = 32,
     clock: Callable[[], float] = time.perf_counter,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> Speed:
-    """Time one greedy generation: prefill of `prompt_tokens`, then `decode_tokens` steps."""
+    """Time one greedy generation: prefill of `prompt_tokens`, then `decode_tokens` steps.
+
+    `on_token(done, total)` is called after each generated token (for a progress bar).
+    """
     room = engine.context_length - 1
     prompt_tokens = max(1, min(prompt_tokens, room - decode_tokens))
     decode_tokens = max(1, min(decode_tokens, room - prompt_tokens))
@@ -58,8 +62,12 @@ def measure_speed(
         start = clock()
         _next(stream)
         first = clock()
-        for _ in range(decode_tokens):
+        if on_token:
+            on_token(1, decode_tokens + 1)
+        for i in range(decode_tokens):
             _next(stream)
+            if on_token:
+                on_token(i + 2, decode_tokens + 1)
         end = clock()
     finally:
         _close(stream)

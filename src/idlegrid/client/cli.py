@@ -14,6 +14,7 @@ from rich.console import Console
 
 from idlegrid import __version__
 from idlegrid.client.market_cmd import market_commands
+from idlegrid.client.earnings_cmd import earnings, estimate
 from idlegrid.client.plan_cmd import plan
 from idlegrid.config import DEFAULT_PORT, default_data_dir
 
@@ -91,17 +92,22 @@ def provide(
         help="Credits to stake per device once the balance allows (market).")] = 5.0,
     skip_benchmark: Annotated[bool, typer.Option(help="Do not measure speed at start-up.")] = False,
     drain_grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.")] = 30.0,
+    rated_watts: Annotated[float | None, typer.Option(
+        help="Device power for the energy estimate when NVML/RAPL cannot be read.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a provider agent: probe, load the model, benchmark, then serve work."""
     import asyncio
     import signal
     import socket
+    import time
 
     from idlegrid.agent.agent import Agent, AgentConfig
     from idlegrid.agent.benchmark import measure_speed
     from idlegrid.agent.node_client import NodeClient
+    from idlegrid.agent.power import choose_meter
     from idlegrid.agent.probe import probe
+    from idlegrid.client.progress import make_progress
     from idlegrid.core.ledger import MICRO, Price
     from idlegrid.engines.registry import load_engine
     from idlegrid.protocol.signing import NodeKey
@@ -113,20 +119,37 @@ def provide(
     kwargs: dict[str, Any] = {"threads": threads}
     if model_path:
         kwargs["model_path"] = model_path
-    with console.status(f"loading {model} on {engine} ({slots} slot(s))"):
-        engines = [load_engine(engine, model, **kwargs) for _ in range(slots)]
+    engines = []
     prefill = decode = 0.0
+    with make_progress(console) as progress:
+        task = progress.add_task(f"loading {model} on {engine}", total=slots, rate="")
+        for _ in range(slots):
+            engines.append(load_engine(engine, model, **kwargs))
+            progress.advance(task)
+        if not skip_benchmark:
+            bench = progress.add_task("measuring decode speed", total=None, rate="")
+            began = time.monotonic()
+
+            def step(done: int, total: int) -> None:
+                elapsed = time.monotonic() - began
+                progress.update(bench, completed=done, total=total,
+                                rate=f"{done / elapsed:.1f} tok/s" if elapsed > 0 else "")
+
+            speed = measure_speed(engines[0], on_token=step)
+            prefill, decode = speed.prefill_tps, speed.decode_tps
     if not skip_benchmark:
-        with console.status("measuring prefill and decode speed"):
-            speed = measure_speed(engines[0])
-        prefill, decode = speed.prefill_tps, speed.decode_tps
         console.print(f"[green]measured[/] prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
     config = AgentConfig(name=name, hardware=hardware, prefill_tps=prefill, decode_tps=decode,
                          price=Price(round(prompt_price * MICRO), round(output_price * MICRO)),
                          drain_grace_s=drain_grace, region=region,
                          device_price_h=None if device_price is None else round(
                              device_price * MICRO),
-                         stake_per_device=round(stake * MICRO))
+                         stake_per_device=round(stake * MICRO),
+                         meter=choose_meter(hardware, rated=rated_watts))
+    meter = config.meter
+    assert meter is not None
+    console.print(f"power: {meter.source}" + (" (estimated from rated power)"
+                                              if meter.estimated else " (measured)"))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -140,6 +163,7 @@ def provide(
         console.print(f"drained after serving {agent.served} request(s)")
 
     asyncio.run(main())
+    meter.close()
     for e in engines:
         e.close()
 
@@ -167,6 +191,7 @@ def up(
     import signal
     import threading
 
+    from idlegrid.client.progress import make_progress
     from idlegrid.testbed.localgrid import KEY_FILE, LocalGrid
 
     grid = LocalGrid(data_dir=data_dir, port=port, providers=providers, engine=engine,
@@ -180,8 +205,11 @@ def up(
             grid.start_coordinator()
         for i in range(providers):
             grid.start_provider(i)
-        with console.status(f"loading {model} and benchmarking {providers} provider(s)"):
-            grid.wait_for_providers(providers)
+        with make_progress(console) as progress:
+            task = progress.add_task(f"loading {model} and benchmarking providers",
+                                     total=providers, rate="")
+            grid.wait_for_providers(
+                providers, on_poll=lambda live: progress.update(task, completed=live))
         grid.fund_consumer()
         out.print(f"[bold green]idlegrid is up[/] with {providers} provider(s) serving {model}")
         out.print(f"  base URL : {grid.url}/v1")
@@ -312,6 +340,8 @@ def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | Non
 app.command("plan")(plan)
 for _name, _fn in market_commands.items():
     app.command(_name)(_fn)
+app.command("earnings")(earnings)
+app.command("estimate")(estimate)
 
 
 def main() -> None:

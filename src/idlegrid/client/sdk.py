@@ -76,6 +76,14 @@ class GridClient:
         """The live book (filters: accelerator, region, model, limit)."""
         params = {k: v for k, v in filters.items() if v is not None}
         return self._json(self.http.get("/api/v1/offers", params=params))
+    def earnings(self, period: str = "24h", node: str | None = None) -> dict[str, Any]:
+        """Per provider over `period`: credits earned, accrued and paid, energy, tokens/J."""
+        params = {"period": period, **({"node": node} if node else {})}
+        return self._json(self.http.get("/api/v1/economics/earnings", params=params))
+
+    def market_prices(self) -> dict[str, Any]:
+        """Live offers' prices per model and the protocol fee."""
+        return self._json(self.http.get("/api/v1/economics/prices"))
 
     def verify_ledger(self) -> dict[str, Any]:
         """Recompute the ledger chain (operator key)."""

@@ -9,17 +9,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from idlegrid import PROTOCOL_VERSION, __version__
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator import (
     http_errors,
     routes_admin,
+    routes_dashboard,
     routes_market,
     routes_nodes,
     routes_openai,
     routes_trust,
 )
+from idlegrid.coordinator.dashboard_data import WEB, Dashboard
 from idlegrid.coordinator.service import Grid
 from idlegrid.coordinator.store import Store, migrate
 
@@ -38,6 +41,7 @@ def create_app(
         grid = Grid(settings, store, clock)
         app.state.grid = grid
         await grid.refresh_nodes()  # routing and the market start from what the store knows
+        app.state.dashboard = Dashboard(grid)
         grid.start()
         try:
             yield
@@ -52,6 +56,9 @@ def create_app(
     app.include_router(routes_admin.router)
     app.include_router(routes_market.router)
     app.include_router(routes_trust.router)
+    app.include_router(routes_dashboard.router)
+    # The dashboard's own CSS/JS and the vendored chart library: nothing from a CDN.
+    app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:

@@ -135,7 +135,7 @@ class MarketStore:
 
     def supply(self) -> dict[str, dict[str, Any]]:
         """Per node: region, links, device offers, stakes and measured reliability."""
-        with self.store.ro() as s:
+        with self.store.read() as s:
             out: dict[str, dict[str, Any]] = {}
             for m in s.scalars(select(NodeMarket)):
                 out[m.node_id] = {"region": m.region, "links": dict(m.links), "devices": [],
@@ -180,7 +180,7 @@ class MarketStore:
                 for order, *_ in items:
                     self.store._post(s, settlement.prepay(order.id, key_id, order.budget()))
         except IntegrityError:
-            with self.store.ro() as s:
+            with self.store.read() as s:
                 for order, *_ in items:
                     if (state := s.scalar(select(MarketOrder.state).where(
                             MarketOrder.id == order.id))) is not None:
@@ -260,13 +260,13 @@ class MarketStore:
 
     def get_order(self, order_id: str, key_id: str | None = None) -> OrderView:
         """One order (only the consumer's own when `key_id` is given)."""
-        with self.store.ro() as s:
+        with self.store.read() as s:
             return _view(self._row(s, order_id, key_id))
 
     def orders(self, key_id: str | None = None, states: Sequence[str] | None = None
                ) -> list[OrderView]:
         """Orders, newest first, optionally one consumer's or in some states."""
-        with self.store.ro() as s:
+        with self.store.read() as s:
             q = select(MarketOrder).order_by(MarketOrder.created_at.desc())
             if key_id is not None:
                 q = q.where(MarketOrder.key_id == key_id)
@@ -276,7 +276,7 @@ class MarketStore:
 
     def orders_due(self, accrued_before: float, now: float) -> list[OrderView]:
         """Active orders last accrued before `accrued_before`, or past their end."""
-        with self.store.ro() as s:
+        with self.store.read() as s:
             q = select(MarketOrder).where(
                 MarketOrder.state == OrderState.ACTIVE.value,
                 (MarketOrder.accrued_until <= accrued_before) | (MarketOrder.ends_at <= now))

@@ -75,6 +75,7 @@ async def mint(body: Mint, request: Request) -> dict[str, Any]:
     entry = ledger.mint(f"mint:{body.reference}", account, body.amount,
                         ledger.Cause("deposit", body.reference))
     created = await grid.db(grid.store.post, entry)
+    grid.changes.bump()
     return {"created": created, "account": account,
             "balance": await grid.db(grid.store.balance, account)}
 

@@ -81,7 +81,8 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     """A node is alive; `state: draining` stops new work reaching it."""
     node_id, body = await _signed(request)
     msg = _parse(m.HeartbeatMsg, body)
-    await _grid(request).heartbeat(node_id, msg.state)
+    power = msg.power.model_dump() if msg.power is not None else None
+    await _grid(request).heartbeat(node_id, msg.state, power)
     return {"ok": True}
 
 
@@ -117,7 +118,8 @@ async def finish(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     node_id, body = await _signed(request)
     msg = _parse(m.FinishMsg, body)
     task = await _grid(request).finish(node_id, task_id, attempt, msg.prompt_tokens,
-                                       msg.finish_reason, msg.commitment)
+                                       msg.finish_reason, msg.commitment, msg.energy_j,
+                                       msg.energy_estimated)
     return {"ok": True, "output_tokens": task.output_tokens}
 
 

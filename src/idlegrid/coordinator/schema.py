@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -87,6 +97,22 @@ class Attempt(Base):
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Energy the provider reported for this attempt (None: an agent without a meter).
+    energy_j: Mapped[float | None] = mapped_column(Float, nullable=True)
+    energy_estimated: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+
+
+class PowerSample(Base):
+    """A node's energy counter as a heartbeat reported it; kWh over a period come from these."""
+
+    __tablename__ = "power_samples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    t: Mapped[float] = mapped_column(Float, index=True)
+    joules_total: Mapped[float] = mapped_column(Float)
+    watts: Mapped[float | None] = mapped_column(Float, nullable=True)
+    source: Mapped[str] = mapped_column(String(16))
+    estimated: Mapped[bool] = mapped_column(Boolean)
 
 
 class Account(Base):

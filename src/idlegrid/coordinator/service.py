@@ -19,7 +19,7 @@ from anyio import to_thread
 
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator.hub import Event, Hub, TaskStream
+from idlegrid.coordinator.hub import ChangeFeed, Event, Hub, TaskStream
 from idlegrid.coordinator.metrics import Metrics
 from idlegrid.coordinator.store import NodeView, Store, TaskView
 from idlegrid.core import ledger, routing
@@ -76,6 +76,10 @@ class Grid:
         from idlegrid.coordinator.audits import Trust
 
         self.trust = Trust(self)
+        self.changes = ChangeFeed()
+        # Latest power report per node (shown live) and when one was last stored.
+        self.power: dict[str, dict[str, Any]] = {}
+        self._power_stored: dict[str, float] = {}
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""
@@ -167,6 +171,7 @@ class Grid:
         await self.refresh_nodes()
         self.market.invalidate()
         self.hub.wake(node_id)
+        self.changes.bump()
         return {
             "node_id": node_id,
             "heartbeat_interval_s": self.settings.heartbeat_interval_s,
@@ -175,10 +180,21 @@ class Grid:
             "stake_per_device": self.settings.stake_per_device,
         }
 
-    async def heartbeat(self, node_id: str, state: str | None) -> None:
-        """A node is alive (and maybe draining)."""
+    async def heartbeat(self, node_id: str, state: str | None,
+                        power: dict[str, Any] | None = None) -> None:
+        """A node is alive (and maybe draining); its energy counter is kept every few seconds."""
         await self.db(self.store.touch_node, node_id, state)
         self._touch(node_id, state)
+        if power is None:
+            return
+        self.power[node_id] = {**power, "at": self.clock()}
+        if self.clock() - self._power_stored.get(node_id, -1e18) >= \
+                self.settings.power_sample_interval_s:
+            self._power_stored[node_id] = self.clock()
+            # No change bump: with many providers that would be a refresh per heartbeat;
+            # the dashboard's idle refresh picks new samples up within seconds.
+            await self.db(self.store.add_power_sample, node_id, power["joules_total"],
+                          power.get("watts"), power["source"], power["estimated"])
 
     def _touch(self, node_id: str, state: str | None = None) -> None:
         """Keep the cached view in step with what was just written, without a reload."""
@@ -259,6 +275,7 @@ class Grid:
     async def finish(
         self, node_id: str, task_id: str, attempt: int, prompt_tokens: int, finish_reason: str,
         commitment: str | None = None,
+        energy_j: float | None = None, energy_estimated: bool = False,
     ) -> TaskView:
         """The provider finished: settle and tell the consumer."""
         stream = self._attempt_stream(task_id, attempt, node_id)
@@ -275,10 +292,12 @@ class Grid:
             done = await self.db(
                 self.store.finish, task_id, attempt, node_id, new_ids=list(stream.attempt_ids),
                 prompt_tokens=prompt_tokens, finish_reason=finish_reason,
-                fee_bps=self.settings.fee_bps,
+                fee_bps=self.settings.fee_bps, energy_j=energy_j,
+                energy_estimated=energy_estimated,
             )
             stream.attempt = -1
             self.hub.push(task_id, Event("done", data={"task": done}))
+            self.changes.bump()
         # What the consumer saw, for SLOs of inference orders on this node.
         now = self.clock()
         first = stream.first_piece_at
@@ -314,11 +333,13 @@ class Grid:
                 await self.db(self.store.fail, task_id, invalid, charge_delivered=False,
                               new_ids=ids)
                 self.hub.push(task_id, Event("failed", data={"invalid": invalid}))
+                self.changes.bump()
                 return
             task = await self.db(
                 self.store.requeue_or_fail, task_id, attempt, new_ids=ids, outcome=outcome,
                 max_attempts=self.settings.max_attempts, fee_bps=self.settings.fee_bps,
             )
+        self.changes.bump()
         if task.state == "queued":
             log.warning("task %s: attempt %d %s; handing it to another provider",
                         task_id, attempt, outcome)
@@ -388,6 +409,7 @@ class Grid:
             if parked is not None and not parked.done():
                 parked.cancel()  # the poll goes back to waiting on its event
             raise
+        self.changes.bump()
         if parked is None or target is None:
             self.hub.wake(target.node_id if target else None)
         else:
@@ -422,6 +444,7 @@ class Grid:
         ids = list(stream.attempt_ids) if stream and stream.attempt > 0 else []
         await self.db(self.store.fail, task_id, "consumer disconnected", charge_delivered=True,
                       new_ids=ids, fee_bps=self.settings.fee_bps)
+        self.changes.bump()
 
     # ---- supervision -------------------------------------------------------------------
 

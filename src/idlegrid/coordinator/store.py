@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
+    Integer,
     bindparam,
     create_engine,
     event,
@@ -38,6 +39,7 @@ from idlegrid.coordinator.schema import (
     LedgerPosting,
     Node,
     Offer,
+    PowerSample,
     Task,
 )
 from idlegrid.core import ledger
@@ -48,12 +50,11 @@ from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, StaleAt
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, readonly: bool = False) -> Engine:
-    """A SQLAlchemy engine; SQLite gets WAL and write-ahead locking so writers queue, not fail.
+READ_ONLY = "idlegrid_read_only"
 
-    `readonly` (SQLite): transactions begin deferred, so readers share the WAL snapshot
-    instead of queueing behind writers for the write lock.
-    """
+
+def make_engine(url: str) -> Engine:
+    """A SQLAlchemy engine; SQLite gets WAL and write-ahead locking so writers queue, not fail."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -73,8 +74,12 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
             # BEGIN IMMEDIATE takes the write lock up front; a deferred transaction that
-            # upgrades later can fail with SQLITE_BUSY instead of waiting its turn.
-            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+            # upgrades later can fail with SQLITE_BUSY instead of waiting its turn. Reads
+            # (Store.read) begin deferred: in WAL mode they never wait for, or block, a writer.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -109,6 +114,9 @@ _INSERT_ATTEMPT = insert(Attempt.__table__)
 _INSERT_POSTING = insert(LedgerPosting.__table__)
 _ADVANCE_HEAD = (update(LedgerHead.__table__).where(_HEAD.id == 1)
                  .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
+
+
+PowerRow = tuple[float, float, float | None, bool]  # t, joules_total, watts, estimated
 
 
 def _hash_secret(secret: str) -> str:
@@ -169,9 +177,7 @@ class Store:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         sqlite = url.startswith("sqlite")
-        self.reader = make_engine(url, readonly=True) if sqlite else self.engine
         self._write_turn: Any = threading.RLock() if sqlite else contextlib.nullcontext()
-        self._read_sessions = sessionmaker(self.reader, expire_on_commit=False)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -183,10 +189,12 @@ class Store:
             yield session
 
     @contextmanager
-    def ro(self) -> Iterator[Session]:
-        """A read-only transaction: one consistent snapshot, no write lock."""
-        with self._read_sessions() as session, session.begin():
-            yield session
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction: no write lock, so dashboards never stall writers."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            with Session(bind=conn, expire_on_commit=False) as session, session.begin():
+                yield session
 
     def ping(self) -> None:
         """Raise if the database cannot be reached."""
@@ -196,7 +204,6 @@ class Store:
     def close(self) -> None:
         """Release connections."""
         self.engine.dispose()
-        self.reader.dispose()
 
     # ---- nodes -------------------------------------------------------------------------
 
@@ -241,7 +248,7 @@ class Store:
 
     def node_public_key(self, node_id: str) -> bytes | None:
         """The registered key of a node, if any."""
-        with self.ro() as s:
+        with self.read() as s:
             node = s.get(Node, node_id)
             return bytes.fromhex(node.public_key) if node else None
 
@@ -256,7 +263,7 @@ class Store:
     def nodes(self) -> list[NodeView]:
         """Every node ever registered, with its offers."""
         # Plain rows, not ORM objects: with thousands of nodes this runs every few seconds.
-        with self.ro() as s:
+        with self.read() as s:
             offers: dict[str, dict[str, Price]] = {}
             for node_id, model_id, prompt, output in s.execute(
                     select(Offer.node_id, Offer.model_id, Offer.prompt_price, Offer.output_price)):
@@ -271,7 +278,7 @@ class Store:
 
     def known_models(self) -> set[str]:
         """Every model any node has ever offered."""
-        with self.ro() as s:
+        with self.read() as s:
             return set(s.scalars(select(Offer.model_id).distinct()))
 
     def live_nodes(self, timeout_s: float) -> list[NodeView]:
@@ -337,17 +344,17 @@ class Store:
 
     def balance(self, account: str) -> int:
         """Current balance of an account, µcr."""
-        with self.ro() as s:
+        with self.read() as s:
             return s.scalar(select(Account.balance).where(Account.id == account)) or 0
 
     def balances(self) -> dict[str, int]:
         """Every account's balance."""
-        with self.ro() as s:
+        with self.read() as s:
             return {a.id: a.balance for a in s.scalars(select(Account))}
 
     def entries(self, cause_id: str | None = None, after_seq: int = 0) -> list[dict[str, Any]]:
         """Ledger entries with their postings, oldest first (one cause's, or after a seq)."""
-        with self.ro() as s:
+        with self.read() as s:
             q = select(LedgerEntry).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq)
             pq = (select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount)
                   .where(LedgerPosting.entry_seq > after_seq))
@@ -518,12 +525,18 @@ class Store:
         prompt_tokens: int,
         finish_reason: str,
         fee_bps: int,
+        energy_j: float | None = None,
+        energy_estimated: bool = False,
     ) -> TaskView:
         """Complete a task and settle it: providers paid, fee taken, rest of the hold refunded."""
         with self.tx() as s:
             t = self._running(s, task_id, attempt, node_id)
             t.state = transition(TaskState(t.state), "finish").value
             self._end_attempt(s, t, "done", new_ids)
+            if energy_j is not None:
+                a = s.get(Attempt, (t.id, t.attempt))
+                assert a is not None
+                a.energy_j, a.energy_estimated = energy_j, energy_estimated
             t.prompt_tokens = prompt_tokens
             t.finish_reason = finish_reason
             t.updated_at = self.clock()
@@ -602,5 +615,117 @@ class Store:
 
     def task_counts(self) -> dict[str, int]:
         """Number of tasks per state."""
-        with self.tx() as s:
+        with self.read() as s:
             return dict(s.execute(select(Task.state, func.count()).group_by(Task.state)).all())
+
+    # ---- energy and dashboard views ------------------------------------------------------
+
+    def add_power_sample(self, node_id: str, joules_total: float, watts: float | None,
+                         source: str, estimated: bool) -> None:
+        """Record a node's energy counter as reported by a heartbeat."""
+        with self.tx() as s:
+            s.add(PowerSample(node_id=node_id, t=self.clock(), joules_total=joules_total,
+                              watts=watts, source=source, estimated=estimated))
+
+    def power_samples(self, since: float) -> dict[str, list[PowerRow]]:
+        """Per node, (t, joules_total, watts, estimated) since `since`, oldest first."""
+        with self.read() as s:
+            rows = s.execute(
+                select(PowerSample.node_id, PowerSample.t, PowerSample.joules_total,
+                       PowerSample.watts, PowerSample.estimated)
+                .where(PowerSample.t >= since).order_by(PowerSample.t)).all()
+        out: dict[str, list[PowerRow]] = {}
+        for node_id, t, j, w, est in rows:
+            out.setdefault(node_id, []).append((t, j, w, bool(est)))
+        return out
+
+    def attempt_energy(self, since: float) -> list[dict[str, Any]]:
+        """Per node and model: output tokens, joules, and whether any joule was estimated."""
+        with self.read() as s:
+            rows = s.execute(
+                select(Attempt.node_id, Task.model_id, func.sum(Attempt.output_tokens),
+                       func.sum(Attempt.energy_j), func.count(),
+                       func.max(func.coalesce(Attempt.energy_estimated, False).cast(Integer)))
+                .join(Task, Task.id == Attempt.task_id)
+                .where(Attempt.ended_at >= since, Attempt.energy_j.is_not(None))
+                .group_by(Attempt.node_id, Task.model_id)).all()
+        return [{"node_id": n, "model": m, "output_tokens": int(tok or 0),
+                 "energy_j": float(j or 0.0), "requests": c, "estimated": bool(est)}
+                for n, m, tok, j, c, est in rows]
+
+    def finished_tasks(self, since: float, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Tasks that ended (done or failed) since `since`, newest first."""
+        with self.read() as s:
+            rows = s.execute(
+                select(Task.id, Task.model_id, Task.state, Task.attempt, Task.prompt_tokens,
+                       Task.output_tokens, Task.created_at, Task.updated_at, Task.error)
+                .where(Task.state.in_(["done", "failed"]), Task.updated_at >= since)
+                .order_by(Task.updated_at.desc()).limit(limit)).all()
+            ids = [r[0] for r in rows]
+            nodes: dict[str, str] = {}
+            if ids:
+                for task_id, node_id in s.execute(
+                        select(Attempt.task_id, Attempt.node_id)
+                        .where(Attempt.task_id.in_(ids)).order_by(Attempt.attempt)):
+                    nodes[task_id] = node_id  # the last attempt's provider
+        return [{"id": i, "model": m, "state": st, "attempts": a, "prompt_tokens": pt,
+                 "output_tokens": ot, "created_at": c, "ended_at": u,
+                 "latency_s": u - c, "node_id": nodes.get(i), "error": e}
+                for i, m, st, a, pt, ot, c, u, e in rows]
+
+    def attempt_prices(self, since: float) -> list[tuple[float, str, int, int]]:
+        """(started_at, model, prompt price, output price) of attempts since `since`."""
+        with self.read() as s:
+            rows = s.execute(
+                select(Attempt.started_at, Task.model_id, Attempt.prompt_price,
+                       Attempt.output_price)
+                .join(Task, Task.id == Attempt.task_id)
+                .where(Attempt.started_at >= since).order_by(Attempt.started_at)).all()
+        return [(t, m, int(p), int(o)) for t, m, p, o in rows]
+
+    def provider_income(self, since: float) -> dict[str, int]:
+        """Net µcr credited to each provider's accrual and paid accounts since `since`.
+
+        A payout moving credits from accrual:<node> to provider:<node> nets to zero here,
+        so earnings are not counted twice; a slash counts against them.
+        """
+        with self.read() as s:
+            rows = s.execute(
+                select(LedgerPosting.account, func.sum(LedgerPosting.amount))
+                .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
+                .where(LedgerEntry.created_at >= since,
+                       LedgerPosting.account.like("provider:%")
+                       | LedgerPosting.account.like("accrual:%"))
+                .group_by(LedgerPosting.account)).all()
+        out: dict[str, int] = {}
+        for account, amount in rows:
+            node_id = account.split(":", 1)[1]
+            out[node_id] = out.get(node_id, 0) + int(amount or 0)
+        return out
+
+    def recent_entries(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ledger entries with their postings, newest first."""
+        with self.read() as s:
+            entries = s.scalars(select(LedgerEntry).order_by(LedgerEntry.seq.desc())
+                                .limit(limit)).all()
+            seqs = [e.seq for e in entries]
+            postings: dict[int, list[dict[str, Any]]] = {}
+            if seqs:
+                for seq, account, amount in s.execute(
+                        select(LedgerPosting.entry_seq, LedgerPosting.account,
+                               LedgerPosting.amount)
+                        .where(LedgerPosting.entry_seq.in_(seqs))
+                        .order_by(LedgerPosting.account)):
+                    postings.setdefault(seq, []).append({"account": account, "amount": amount})
+            return [{"seq": e.seq, "cause": {"kind": e.cause_kind, "id": e.cause_id},
+                     "memo": e.memo, "created_at": e.created_at,
+                     "postings": postings.get(e.seq, [])} for e in entries]
+
+    def fee_income(self, since: float) -> int:
+        """µcr taken as protocol fees since `since`."""
+        with self.read() as s:
+            return int(s.scalar(
+                select(func.coalesce(func.sum(LedgerPosting.amount), 0))
+                .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
+                .where(LedgerEntry.created_at >= since,
+                       LedgerPosting.account == ledger.FEES)) or 0)

@@ -54,11 +54,22 @@ class RegisterMsg(Message):
     verifier: bool = False
 
 
+class PowerMsg(Message):
+    """The node's energy counter: joules since its agent started, and the draw now."""
+
+    joules_total: float = Field(ge=0, allow_inf_nan=False)
+    watts: float | None = Field(None, ge=0, allow_inf_nan=False)
+    source: Literal["nvml", "rapl", "estimate"]
+    estimated: bool
+
+
 class HeartbeatMsg(Message):
     """Liveness, and the node's intent (draining stops new work)."""
 
     state: Literal["live", "draining"] = "live"
     in_flight: int = Field(0, ge=0)
+    # Optional: agents before the energy report send none.
+    power: PowerMsg | None = None
 
 
 class PollMsg(Message):
@@ -101,6 +112,9 @@ class FinishMsg(Message):
     # Base64 of the inference commitment (core/trust/commitment.py), sent before the
     # provider can know whether the answer will be audited. Absent: the answer is unverified.
     commitment: str | None = Field(None, max_length=1 << 20)
+    # Energy the node spent on this attempt (its share when requests overlapped); optional.
+    energy_j: float | None = Field(None, ge=0, allow_inf_nan=False)
+    energy_estimated: bool = False
 
 
 class FailMsg(Message):

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,10 +97,17 @@ class LocalGrid:
             nodes: list[dict[str, object]] = c.get(f"{self.url}/api/v1/status").json()["nodes"]
         return [n for n in nodes if n["live"] and n["state"] == "live"]
 
-    def wait_for_providers(self, count: int, timeout_s: float = 600.0) -> None:
-        """Block until `count` providers are registered and live."""
-        self._wait(lambda _c: len(self.live_nodes()) >= count, timeout_s,
-                   f"{count} live providers", *self.agents)
+    def wait_for_providers(self, count: int, timeout_s: float = 600.0,
+                           on_poll: Callable[[int], None] | None = None) -> None:
+        """Block until `count` providers are registered and live; `on_poll(live)` each look."""
+
+        def enough(_c: httpx.Client) -> bool:
+            live = len(self.live_nodes())
+            if on_poll:
+                on_poll(live)
+            return live >= count
+
+        self._wait(enough, timeout_s, f"{count} live providers", *self.agents)
 
     def fund_consumer(self) -> str:
         """Create (or reuse) the local consumer key, fund it, and write it to the key file."""

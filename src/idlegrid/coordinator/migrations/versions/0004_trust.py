@@ -1,13 +1,13 @@
 """trust: commitments, audits, per-node audit record
 
 Revision ID: 0004_trust
-Revises: 0002
+Revises: 0003
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0004_trust'
-down_revision = '0002'
+down_revision = '0003_energy'
 branch_labels = None
 depends_on = None
 
