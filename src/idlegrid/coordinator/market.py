@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 ACTIVE = (OrderState.ACTIVE.value,)
 MAX_BATCH = 1000
-RELIABILITY_REFRESH_S = 10.0
+RELIABILITY_REFRESH_S = 30.0
 
 
 class Market:
@@ -103,8 +103,7 @@ class Market:
 
     def _refresh_reliability(self, now: float) -> None:
         """Re-read success ratios into the gateway's map and the book, without a rebuild."""
-        supply = self.store.supply()
-        self.reliability = {n: s["reliability"] for n, s in supply.items()}
+        self.reliability = self.store.reliability()
         self._reliability_at = now
         with self._lock:
             book = self.book
@@ -199,16 +198,25 @@ class Market:
         with self._commit_turn:
             with self._pending_lock:
                 batch, self._pending = self._pending, []
-            if batch:
+            if len(batch) == 1:
+                order1, key1, placement1, reasons1, _ = batch[0]
+                try:  # alone: a plain transaction, no savepoint
+                    results = [self.store.create_order(order1, key1, order1.to_dict(),
+                                                       placement1, reasons1)]
+                except Exception as exc:
+                    results = [exc]
+            elif batch:
                 try:
                     results = self.store.create_orders_each([b[:4] for b in batch])
                 except Exception as exc:
                     results = [exc] * len(batch)
-                for (*_, fut), res in zip(batch, results, strict=True):
-                    if isinstance(res, Exception):
-                        fut.set_exception(res)
-                    else:
-                        fut.set_result(res)
+            else:
+                results = []
+            for (*_, fut), res in zip(batch, results, strict=True):
+                if isinstance(res, Exception):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
         return done.result()
 
     def submit_many(self, key_id: str, raws: list[Any]) -> list[OrderView]:

@@ -7,6 +7,7 @@ not at all: a refused order leaves no posting behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -150,13 +151,23 @@ class MarketStore:
                 _, node, cls = acct.split(":", 2)
                 if node in out:
                     out[node]["stakes"][cls] = bal
-            ok = func.sum(case((Attempt.outcome.in_(_BLAMELESS), 1), else_=0))
-            for node, good, ended in s.execute(
-                    select(Attempt.node_id, ok, func.count())
-                    .where(Attempt.outcome.is_not(None)).group_by(Attempt.node_id)):
+            for node, value in self._reliability(s).items():
                 if node in out:
-                    out[node]["reliability"] = (int(good or 0) + _PRIOR_OK) / (ended + _PRIOR_N)
+                    out[node]["reliability"] = value
             return out
+
+    def reliability(self) -> dict[str, float]:
+        """Success ratio per node that has ended attempts (others keep the prior, 0.95)."""
+        with self.store.read() as s:
+            return self._reliability(s)
+
+    @staticmethod
+    def _reliability(s: Session) -> dict[str, float]:
+        ok = func.sum(case((Attempt.outcome.in_(_BLAMELESS), 1), else_=0))
+        return {node: (int(good or 0) + _PRIOR_OK) / (ended + _PRIOR_N)
+                for node, good, ended in s.execute(
+                    select(Attempt.node_id, ok, func.count())
+                    .where(Attempt.outcome.is_not(None)).group_by(Attempt.node_id))}
 
     # ---- orders ------------------------------------------------------------------------
 
@@ -178,7 +189,8 @@ class MarketStore:
                 # A prebuilt Core insert: on the order path, ORM flushes cost more than SQLite.
                 s.execute(_INSERT_ORDER, rows)
                 for order, *_ in items:
-                    self.store._post(s, settlement.prepay(order.id, key_id, order.budget()))
+                    self.store._post(s, settlement.prepay(order.id, key_id, order.budget()),
+                                     fresh=True)
         except IntegrityError:
             with self.store.read() as s:
                 for order, *_ in items:
@@ -202,13 +214,19 @@ class MarketStore:
             for order, key_id, placement, reasons in items:
                 row = self._row_for(order, key_id, order.to_dict(), placement, reasons, now)
                 try:
-                    with s.begin_nested():
+                    # A savepoint per order only when others share the transaction.
+                    with s.begin_nested() if len(items) > 1 else contextlib.nullcontext():
                         s.execute(_INSERT_ORDER, [row])
-                        self.store._post(s, settlement.prepay(order.id, key_id, order.budget()))
+                        self.store._post(s, settlement.prepay(order.id, key_id, order.budget()),
+                                         fresh=True)
                 except IntegrityError:
+                    if len(items) == 1:
+                        raise
                     state = s.scalar(select(MarketOrder.state).where(MarketOrder.id == order.id))
                     out.append(DuplicateOrder(order.id, state or "unknown"))
                 except IdlegridError as exc:
+                    if len(items) == 1:
+                        raise
                     out.append(exc)
                 else:
                     out.append(_view_of(row, key_id, now))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
 
 from idlegrid.coordinator.routes_admin import require_operator
 from idlegrid.coordinator.routes_nodes import _parse, _signed
@@ -35,9 +36,9 @@ ORDER_EXAMPLE = {"id": "train-42", "kind": "lease", "hours": 2,
                                "reliability": ">=0.95", "max_price": 0.8}}
 
 
-@router.post("/orders", status_code=201)
+@router.post("/orders", status_code=201, response_class=JSONResponse)
 async def submit_order(request: Request,
-                       body: Any = Body(..., examples=[ORDER_EXAMPLE])) -> dict[str, Any]:
+                       body: Any = Body(..., examples=[ORDER_EXAMPLE])) -> JSONResponse:
     """Submit an order: matched at once if the book allows, else open (prepaid) with reasons.
 
     400 for a malformed spec (the error names the field), 402 when the budget exceeds the
@@ -46,7 +47,8 @@ async def submit_order(request: Request,
     key_id = await _key(request)
     grid = _grid(request)
     view = await grid.db(grid.market.submit, key_id, body)
-    return view.to_dict()
+    # Plain JSON types already: skip FastAPI's generic encoder on the hot path.
+    return JSONResponse(view.to_dict(), status_code=201)
 
 
 @router.post("/orders/batch", status_code=201)

@@ -38,7 +38,7 @@ from idlegrid.protocol.signing import Verifier
 
 log = logging.getLogger("idlegrid.coordinator")
 T = TypeVar("T")
-NODE_RELOAD_S = 5.0
+NODE_RELOAD_S = 30.0
 
 
 class RequestFailed(IdlegridError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -178,6 +179,13 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         sqlite = url.startswith("sqlite")
         self._write_turn: Any = threading.RLock() if sqlite else contextlib.nullcontext()
+        # Accounts come into being on first use: one INSERT .. ON CONFLICT DO NOTHING where
+        # the dialect has it, instead of a lookup and an insert.
+        self._ensure_accounts: Any = None
+        if self.engine.dialect.name in ("sqlite", "postgresql"):
+            dialect = importlib.import_module(f"sqlalchemy.dialects.{self.engine.dialect.name}")
+            self._ensure_accounts = dialect.insert(Account.__table__).on_conflict_do_nothing(
+                index_elements=["id"])
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -299,7 +307,7 @@ class Store:
 
     def key_for_secret(self, secret: str) -> str:
         """The key id for a bearer secret, or AuthError."""
-        with self.tx() as s:
+        with self.read() as s:
             key_id = s.scalar(select(ApiKey.id).where(ApiKey.secret_hash == _hash_secret(secret)))
         if key_id is None:
             raise AuthError("invalid API key")
@@ -307,18 +315,25 @@ class Store:
 
     # ---- ledger ------------------------------------------------------------------------
 
-    def _post(self, s: Session, entry: Entry) -> bool:
-        """Append `entry` inside the caller's transaction; False if its key was posted before."""
+    def _post(self, s: Session, entry: Entry, *, fresh: bool = False) -> bool:
+        """Append `entry` inside the caller's transaction; False if its key was posted before.
+
+        `fresh`: the caller knows the key is new (it names a row this transaction just
+        inserted), so the idempotency lookup is skipped; the unique key still guards it.
+        """
         # Prebuilt Core statements with bound parameters: this runs on every request's path
         # to its first token, and building statements cost more than SQLite running them.
-        if s.execute(_ENTRY_BY_KEY, {"key": entry.key}).first() is not None:
+        if not fresh and s.execute(_ENTRY_BY_KEY, {"key": entry.key}).first() is not None:
             return False
         head = s.execute(_HEAD_FOR_UPDATE).one()
         accounts = [p.account for p in entry.postings]
-        known = set(s.scalars(_KNOWN_ACCOUNTS, {"ids": accounts}))
-        missing = [{"id": a, "balance": 0} for a in accounts if a not in known]
-        if missing:
-            s.execute(_INSERT_ACCOUNT, missing)
+        if self._ensure_accounts is not None:
+            s.execute(self._ensure_accounts, [{"id": a, "balance": 0} for a in accounts])
+        else:
+            known = set(s.scalars(_KNOWN_ACCOUNTS, {"ids": accounts}))
+            missing = [{"id": a, "balance": 0} for a in accounts if a not in known]
+            if missing:
+                s.execute(_INSERT_ACCOUNT, missing)
         for p in entry.postings:
             # Compare-and-set: a debit lands only if the balance covers it.
             guarded = p.amount < 0 and not ledger.may_go_negative(p.account)
