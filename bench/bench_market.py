@@ -223,7 +223,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def end_to_end(offers: list[Any], orders: list[Order], clients: int) -> dict[str, Any]:
+def end_to_end(offers: list[Any], orders: list[Order], clients: int,
+               batch: int = 1) -> dict[str, Any]:
     load_before = os.getloadavg()[0]  # other work on this shared machine, for the record
     tmp = Path(tempfile.mkdtemp(prefix="idlegrid-bench-market-"))
     url = f"sqlite:///{tmp / 'coordinator.db'}"
@@ -256,6 +257,12 @@ def end_to_end(offers: list[Any], orders: list[Order], clients: int) -> dict[str
 
         def send(chunk: list[dict[str, Any]]) -> None:
             with httpx.Client(base_url=base, trust_env=False, timeout=60, headers=headers) as cl:
+                if batch > 1:
+                    for i in range(0, len(chunk), batch):
+                        r = cl.post("/api/v1/orders/batch", json={"orders": chunk[i:i + batch]})
+                        n = len(chunk[i:i + batch])
+                        statuses[r.status_code] = statuses.get(r.status_code, 0) + n
+                    return
                 for b in chunk:
                     code = cl.post("/api/v1/orders", json=b).status_code
                     statuses[code] = statuses.get(code, 0) + 1
@@ -272,7 +279,7 @@ def end_to_end(offers: list[Any], orders: list[Order], clients: int) -> dict[str
             for v in c.get("/api/v1/orders").json()["orders"]:
                 states[v["state"]] = states.get(v["state"], 0) + 1
             ok = c.get("/api/v1/ledger/verify").json()["ok"]
-        return {"orders": len(bodies), "clients": clients, "seconds": elapsed,
+        return {"orders": len(bodies), "clients": clients, "batch": batch, "seconds": elapsed,
                 "coordinator_cpu_ms_per_order": 1000 * cpu / len(bodies),
                 "load_before": load_before,
                 "orders_per_s": len(bodies) / elapsed, "http": statuses, "states": states,
@@ -291,6 +298,7 @@ def main() -> None:
     ap.add_argument("--api-orders", type=int, default=2000)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--skip-api", action="store_true")
+    ap.add_argument("--batch", type=int, default=50, help="orders per /orders/batch call")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     offers = make_book(args.offers, seed=0)
@@ -302,6 +310,8 @@ def main() -> None:
     results["fit"] = fit(offers, make_orders(args.orders, seed=3))
     if not args.skip_api:
         results["api"] = end_to_end(offers, make_orders(args.api_orders, seed=4), args.clients)
+        results["api_batch"] = end_to_end(offers, make_orders(args.api_orders, seed=4),
+                                          args.clients, batch=args.batch)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -316,9 +326,12 @@ def main() -> None:
     print(f"fit: {f['wasted']}/{f['small_orders']} small-model orders on big cards while a "
           f"consumer card was free (price-only auction: {f['price_only_wasted']}, "
           f"{f['price_only_share']:.1%})")
-    if "api" in results:
-        a = results["api"]
-        print(f"API end to end (SQLite, {a['clients']} clients): {a['orders_per_s']:.0f} "
+    for name in ("api", "api_batch"):
+        if name not in results:
+            continue
+        a = results[name]
+        how = "one order per request" if a["batch"] == 1 else f"{a['batch']} per batch request"
+        print(f"API end to end (SQLite, {a['clients']} clients, {how}): {a['orders_per_s']:.0f} "
               f"orders/s over {a['orders']} orders, coordinator CPU "
               f"{a['coordinator_cpu_ms_per_order']:.1f} ms/order (load avg before "
               f"{a['load_before']:.1f}); HTTP {a['http']}; states {a['states']}; "
