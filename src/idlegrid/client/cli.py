@@ -13,8 +13,9 @@ import typer
 from rich.console import Console
 
 from idlegrid import __version__
-from idlegrid.client.market_cmd import market_commands
 from idlegrid.client.earnings_cmd import earnings, estimate
+from idlegrid.client.market_cmd import market_commands
+from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 from idlegrid.client.plan_cmd import plan
 from idlegrid.config import DEFAULT_PORT, default_data_dir
 
@@ -23,11 +24,6 @@ app = typer.Typer(help="idlegrid: turn idle GPUs into a verifiable AI compute gr
 console = Console(stderr=True)
 out = Console()
 
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Grid data directory.",
-                                       default_factory=default_data_dir, show_default=False)]
-CoordinatorUrl = Annotated[str | None, typer.Option(
-    "--coordinator", help="Coordinator URL (default: the local grid in --data-dir).")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _logging(verbose: bool) -> None:

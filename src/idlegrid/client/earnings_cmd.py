@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from idlegrid.config import default_data_dir
+from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 from idlegrid.core import economics
 from idlegrid.core.economics import CardSpec, Period, Prices
 from idlegrid.errors import InvalidRequest
@@ -19,17 +19,12 @@ from idlegrid.errors import InvalidRequest
 console = Console(stderr=True)
 out = Console()
 
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Grid data directory.",
-                                       default_factory=default_data_dir, show_default=False)]
-CoordinatorUrl = Annotated[str | None, typer.Option(
-    "--coordinator", help="Coordinator URL (default: the local grid in --data-dir).")]
 KwhPrice = Annotated[float, typer.Option(
     "--kwh-price", help="What you pay per kWh, in your currency.")]
 CreditValue = Annotated[float, typer.Option(
     "--credit-value", help="What one credit is worth in that currency.")]
 CardPrice = Annotated[float | None, typer.Option(
     "--card-price", help="Purchase price of the card, for the payback time.")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _prices(kwh_price: float, credit_value: float, card_price: float | None) -> Prices:

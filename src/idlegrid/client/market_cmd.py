@@ -11,14 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from idlegrid.config import default_data_dir
+from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 
 out = Console()
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Grid data directory.",
-                                       default_factory=default_data_dir, show_default=False)]
-CoordinatorUrl = Annotated[str | None, typer.Option(
-    "--coordinator", help="Coordinator URL (default: the local grid in --data-dir).")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 MICRO = 1_000_000
 
 
@@ -38,6 +33,17 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _ask(coordinator_url: str | None, data_dir: Path, call: Any) -> Any:
+    """Run `call(client)` against the grid; an API error becomes a clean message and exit 1."""
+    from idlegrid.client.sdk import GridAPIError
+
+    try:
+        with _client(coordinator_url, data_dir) as c:
+            return call(c)
+    except GridAPIError as exc:
+        _fail(exc)
+
+
 def _emit(data: Any) -> None:
     out.print_json(json.dumps(data))
 
@@ -45,17 +51,13 @@ def _emit(data: Any) -> None:
 def offers(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
            accelerator: Annotated[str | None, typer.Option(help="Canonical model.")] = None,
            region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
-           model: Annotated[str | None, typer.Option(help="Only offers serving this model.")] = None,
+           model: Annotated[str | None, typer.Option(
+               help="Only offers serving this model.")] = None,
            limit: Annotated[int, typer.Option(help="Most offers to show.")] = 50,
            as_json: JsonFlag = False) -> None:
     """The live offer book: devices, prices, free capacity, region, stake."""
-    from idlegrid.client.sdk import GridAPIError
-
-    try:
-        with _client(coordinator_url, data_dir) as c:
-            data = c.offers(accelerator=accelerator, region=region, model=model, limit=limit)
-    except GridAPIError as exc:
-        _fail(exc)
+    data = _ask(coordinator_url, data_dir, lambda c: c.offers(
+        accelerator=accelerator, region=region, model=model, limit=limit))
     if as_json:
         return _emit(data)
     t = Table(title=f"offers ({len(data['offers'])} of {data['total']})")
@@ -127,13 +129,7 @@ def _print_reasons(r: dict[str, Any]) -> None:
 def order(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
           as_json: JsonFlag = False) -> None:
     """Show one order."""
-    from idlegrid.client.sdk import GridAPIError
-
-    try:
-        with _client(coordinator_url, data_dir) as c:
-            view = c.order(order_id)
-    except GridAPIError as exc:
-        _fail(exc)
+    view = _ask(coordinator_url, data_dir, lambda c: c.order(order_id))
     if as_json:
         return _emit(view)
     _print_order(view)
@@ -143,13 +139,7 @@ def order(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = No
 def explain(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
             as_json: JsonFlag = False) -> None:
     """Why an order matched where it did, or which constraints left it unmatched."""
-    from idlegrid.client.sdk import GridAPIError
-
-    try:
-        with _client(coordinator_url, data_dir) as c:
-            data = c.explain(order_id)
-    except GridAPIError as exc:
-        _fail(exc)
+    data = _ask(coordinator_url, data_dir, lambda c: c.explain(order_id))
     if as_json:
         return _emit(data)
     out.print(f"[bold]{data['order']}[/] is [cyan]{data['state']}[/]")
@@ -171,13 +161,7 @@ def explain(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = 
 def cancel(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
            as_json: JsonFlag = False) -> None:
     """Cancel an order: pay for service so far, get the rest of the escrow back."""
-    from idlegrid.client.sdk import GridAPIError
-
-    try:
-        with _client(coordinator_url, data_dir) as c:
-            view = c.cancel_order(order_id)
-    except GridAPIError as exc:
-        _fail(exc)
+    view = _ask(coordinator_url, data_dir, lambda c: c.cancel_order(order_id))
     if as_json:
         return _emit(view)
     _print_order(view)
@@ -187,14 +171,7 @@ def cancel(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = N
 def balance(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
             as_json: JsonFlag = False) -> None:
     """Your credits, and what your open orders hold in escrow."""
-    from idlegrid.client.sdk import GridAPIError
-
-    try:
-        with _client(coordinator_url, data_dir) as c:
-            bal = c.balance()
-            views = c.orders()
-    except GridAPIError as exc:
-        _fail(exc)
+    bal, views = _ask(coordinator_url, data_dir, lambda c: (c.balance(), c.orders()))
     held = sum(v["budget"] - v["spent"] for v in views
                if v["state"] in ("open", "matched", "active"))
     data = {**bal, "in_escrow": held}

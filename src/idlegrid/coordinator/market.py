@@ -80,7 +80,8 @@ class Market:
                 key = frozenset((node_id, peer))
                 links[key] = max(links.get(key, 0.0), float(gbps))
             for d in sup["devices"]:
-                dev = Device(d["model"], d["count"], d["vram_gb"], vendor=BY_NAME[d["model"]].vendor)
+                dev = Device(d["model"], d["count"], d["vram_gb"],
+                             vendor=BY_NAME[d["model"]].vendor)
                 hw = Hardware(provider=node_id, region=sup["region"], devices=(dev,),
                               cpus=int(node.hardware.get("cpu_logical") or 1),
                               ram_gb=(node.hardware.get("ram_bytes") or 0) / 1e9,

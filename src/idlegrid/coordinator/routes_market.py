@@ -130,28 +130,26 @@ async def list_offers(request: Request, accelerator: str | None = None,
 # ---- providers (signed) ----------------------------------------------------------------
 
 
-@router.post("/nodes/stake")
-async def stake(request: Request) -> dict[str, Any]:
-    """Lock provider credits as stake for a device class (idempotent on `ref`)."""
+async def _stake_move(request: Request, move: str) -> dict[str, Any]:
     node_id, body = await _signed(request)
     msg = _parse(m.StakeMsg, body)
     grid = _grid(request)
-    posted = await grid.db(grid.market.store.stake, f"{node_id}:{msg.ref}", node_id,
-                           msg.device_class, msg.amount)
+    fn = grid.market.store.stake if move == "stake" else grid.market.store.unstake
+    posted = await grid.db(fn, f"{node_id}:{msg.ref}", node_id, msg.device_class, msg.amount)
     grid.market.invalidate()
     return {"ok": True, "posted": posted}
+
+
+@router.post("/nodes/stake")
+async def stake(request: Request) -> dict[str, Any]:
+    """Lock provider credits as stake for a device class (idempotent on `ref`)."""
+    return await _stake_move(request, "stake")
 
 
 @router.post("/nodes/unstake")
 async def unstake(request: Request) -> dict[str, Any]:
     """Release stake (409 while an active order relies on the node)."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.StakeMsg, body)
-    grid = _grid(request)
-    posted = await grid.db(grid.market.store.unstake, f"{node_id}:{msg.ref}", node_id,
-                           msg.device_class, msg.amount)
-    grid.market.invalidate()
-    return {"ok": True, "posted": posted}
+    return await _stake_move(request, "unstake")
 
 
 @router.post("/nodes/account")

@@ -29,7 +29,8 @@ def _price(field_name: str, raw: Any, ceiling: int) -> int:
         raise InvalidRequest(f"{field_name}: expected a number of credits", param=field_name)
     if raw != raw or not -1e18 < raw < 1e18 or (value := round(raw * MICRO)) < 0 or (
             value > ceiling):
-        raise InvalidRequest(f"{field_name}: {raw} credits is out of range [0, {ceiling / MICRO:g}]",
+        raise InvalidRequest(
+            f"{field_name}: {raw} credits is out of range [0, {ceiling / MICRO:g}]",
                              param=field_name)
     return int(value)
 

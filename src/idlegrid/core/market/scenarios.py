@@ -67,7 +67,8 @@ def make_orders(n: int, seed: int = 1) -> list[Order]:
     out = []
     for i in range(n):
         r = rng.random()
-        region = RegionRule(frozenset(rng.sample(REGIONS, 3))) if rng.random() < 0.3 else RegionRule()
+        region = (RegionRule(frozenset(rng.sample(REGIONS, 3))) if rng.random() < 0.3
+                  else RegionRule())
         rel = Bound(">=", 0.95) if rng.random() < 0.3 else None
         if r < 0.45:
             model = rng.choice(list(SMALL_MODELS))

@@ -47,7 +47,8 @@ class Bound:
 def parse_bound(field: str, raw: Any, default_op: str = ">=") -> Bound:
     """A Bound from `>=16`, `16+`, `16` or 16; InvalidRequest naming `field` otherwise."""
     if isinstance(raw, bool):
-        raise InvalidRequest(f"{field}: expected a number or a comparison, got {raw!r}", param=field)
+        raise InvalidRequest(f"{field}: expected a number or a comparison, got {raw!r}",
+                             param=field)
     if isinstance(raw, int | float):
         op, value = default_op, float(raw)
     elif isinstance(raw, str) and (m := _BOUND.match(raw)):
@@ -90,7 +91,8 @@ def parse_region(raw: Any) -> RegionRule:
     if isinstance(raw, Mapping):
         unknown = set(raw) - {"in", "not_in"}
         if unknown:
-            raise InvalidRequest(f"region: unknown operator {sorted(unknown)[0]!r}; use in or not_in",
+            raise InvalidRequest(
+                f"region: unknown operator {sorted(unknown)[0]!r}; use in or not_in",
                                  param="region")
         only = _regions("region.in", raw["in"]) if "in" in raw else None
         exclude = _regions("region.not_in", raw["not_in"]) if "not_in" in raw else frozenset()
