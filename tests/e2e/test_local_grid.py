@@ -17,7 +17,7 @@ import pytest
 
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Price, Share
-from idlegrid.testbed.inprocess import free_port
+from idlegrid.testbed.inprocess import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "gemma3:270m"
@@ -179,6 +179,29 @@ def test_status_json_lists_the_providers(up: tuple[UpProcess, str]) -> None:
     assert names == ["provider-0", "provider-1"]
     assert all(n["decode_tps"] > 0 and n["prefill_tps"] > 0 for n in data["nodes"])
     assert data["me"]["balance"] > 0
+
+
+def test_local_providers_stake_and_a_lease_is_placed(up: tuple[UpProcess, str]) -> None:
+    grid, key = up
+    base = [sys.executable, "-m", "idlegrid", "--data-dir", str(grid.data_dir), "--json"]
+
+    def cli(*args: str) -> dict[str, object]:
+        cmd = [base[0], base[1], base[2], args[0], *base[3:], *args[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def staked() -> bool:
+        offers = cli("offers")["offers"]
+        return len(offers) == 2 and all(o["staked"] for o in offers)  # type: ignore[index]
+
+    wait_until(staked, timeout_s=60, interval_s=0.5)
+    order = grid.data_dir / "lease.json"
+    order.write_text(json.dumps({"id": "e2e-lease", "kind": "lease", "hours": 1,
+                                 "resources": {"accelerators": ["CPU"], "max_price": 0.1}}))
+    placed = cli("orders", "--submit", str(order))
+    assert placed["state"] == "active"
+    assert cli("explain", "e2e-lease")["placement"]["legs"][0]["offer_id"].endswith("/CPU")  # type: ignore[index]
+    assert cli("cancel", "e2e-lease")["state"] == "cancelled"
 
 
 def _pid_of(name: str, data_dir: Path) -> int:

@@ -207,6 +207,7 @@ def up(
             grid.wait_for_providers(
                 providers, on_poll=lambda live: progress.update(task, completed=live))
         grid.fund_consumer()
+        grid.fund_providers()  # so their device-hours enter the market staked
         out.print(f"[bold green]idlegrid is up[/] with {providers} provider(s) serving {model}")
         out.print(f"  base URL : {grid.url}/v1")
         out.print(f"  API key  : {grid.api_key}  (saved to {data_dir / KEY_FILE})")

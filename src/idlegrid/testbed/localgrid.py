@@ -132,6 +132,15 @@ class LocalGrid:
         (self.data_dir / GRID_FILE).write_text(json.dumps({"url": self.url}))
         return self.api_key
 
+    def fund_providers(self, credits: int = 20) -> None:
+        """Give each local provider enough credits to post its market stake (once)."""
+        headers = {"Authorization": f"Bearer {self.operator_key}"}
+        with httpx.Client(base_url=self.url, trust_env=False, timeout=30) as c:
+            for node in c.get("/api/v1/status", headers=headers).json()["nodes"]:
+                c.post("/api/v1/admin/mint", headers=headers, json={
+                    "node_id": node["id"], "amount": credits * MICRO,
+                    "reference": f"local-stake-faucet:{node['id']}"}).raise_for_status()
+
     def start(self, timeout_s: float = 900.0) -> None:
         """Coordinator, providers, funded key: everything `idlegrid up` does."""
         self.start_coordinator()
@@ -139,6 +148,7 @@ class LocalGrid:
             self.start_provider(i)
         self.wait_for_providers(self.providers, timeout_s)
         self.fund_consumer()
+        self.fund_providers()
         (self.data_dir / GRID_FILE).write_text(json.dumps({"url": self.url}))
 
     def stop(self, grace_s: float = 30.0) -> None:
