@@ -109,7 +109,9 @@ def wait_until(predicate: Any, timeout_s: float = 15.0) -> None:
 def test_energy_per_request_and_per_device_reach_the_economics_api(env: Env) -> None:
     answers = [env.complete(f"energy {i}") for i in range(4)]
     tokens = sum(a.usage.completion_tokens for a in answers)
-    wait_until(lambda: len(env.store.power_samples(0.0)) == 2)
+    # Energy over a period is the difference of a device's counter: two samples per node.
+    wait_until(lambda: (samples := env.store.power_samples(0.0)) and len(samples) == 2
+               and all(len(rows) >= 2 for rows in samples.values()))
     with env.http() as c:
         r = c.get("/api/v1/economics/earnings", params={"period": "1h"}).json()
     rows = r["providers"]
