@@ -53,6 +53,9 @@ class CoordinatorSettings(BaseSettings):
     pricing_plugins: str = ""
     # Heartbeats carry the node's energy counter; one sample per node per interval is kept.
     power_sample_interval_s: float = Field(10.0, gt=0)
+    # Dashboard pages need no login from this machine even with an operator key (set by
+    # `idlegrid up`: a local grid). Admin routes still need the key.
+    dashboard_open_on_loopback: bool = False
     # Operator key for admin routes (minting credits, creating keys). Empty: loopback only.
     operator_key: str = ""
 

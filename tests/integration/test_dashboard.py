@@ -58,10 +58,11 @@ class Env:
 
 
 def start(tmp_path: Path, database_url: str, meters: list[RatedMeter | None],
-          operator_key: str = "") -> Env:
+          operator_key: str = "", open_on_loopback: bool = False) -> Env:
     settings = CoordinatorSettings(
         data_dir=tmp_path, database_url=database_url, port=free_port(), heartbeat_interval_s=0.2,
-        node_timeout_s=3.0, power_sample_interval_s=0.2, operator_key=operator_key)
+        node_timeout_s=3.0, power_sample_interval_s=0.2, operator_key=operator_key,
+        dashboard_open_on_loopback=open_on_loopback)
     coordinator = CoordinatorThread(settings)
     coordinator.start()
     agents = []
@@ -248,6 +249,19 @@ def test_with_an_operator_key_pages_need_the_key_or_its_cookie(
             assert c.get("/").status_code == 200  # the cookie is kept by the client
         with e.http(headers={"Authorization": "Bearer sekret"}) as c:
             assert c.get("/ledger").status_code == 200
+    finally:
+        stop(e)
+
+
+def test_a_local_grid_opens_its_pages_to_this_machine_but_not_its_admin_routes(
+        tmp_path: Path, database_url: str) -> None:
+    e = start(tmp_path, database_url, [RatedMeter(50.0)], operator_key="sekret",
+              open_on_loopback=True)
+    try:
+        with e.http() as c:
+            assert c.get("/").status_code == 200
+            assert c.get("/ledger").status_code == 200
+            assert c.post("/api/v1/admin/keys", json={"name": "x"}).status_code == 401
     finally:
         stop(e)
 

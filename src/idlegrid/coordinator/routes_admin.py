@@ -21,6 +21,15 @@ def _grid(request: Request) -> Grid:
     return grid
 
 
+def from_loopback(request: Request) -> bool:
+    """Whether the caller connects from this machine."""
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def require_operator(request: Request) -> None:
     """Operator routes need the operator key, or (without one configured) a loopback caller."""
     grid = _grid(request)

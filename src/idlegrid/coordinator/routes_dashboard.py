@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from idlegrid.coordinator.dashboard_data import IDLE_REFRESH_S, PAGES, Dashboard, energy_by_node
-from idlegrid.coordinator.routes_admin import require_operator
+from idlegrid.coordinator.routes_admin import from_loopback, require_operator
 from idlegrid.coordinator.service import Grid
 from idlegrid.core import economics, energy, telemetry
 from idlegrid.errors import AuthError, InvalidRequest
@@ -51,7 +51,10 @@ def _cookie_value(key: str) -> str:
 
 def require_viewer(request: Request) -> None:
     """Dashboard access: the operator cookie, or whatever the operator routes accept."""
-    key = _grid(request).settings.operator_key
+    settings = _grid(request).settings
+    if settings.dashboard_open_on_loopback and from_loopback(request):
+        return  # a local grid: its own machine reads the (read-only) pages without login
+    key = settings.operator_key
     cookie = request.cookies.get(COOKIE, "")
     if key and cookie and hmac.compare_digest(cookie.encode(), _cookie_value(key).encode()):
         return

@@ -53,7 +53,7 @@ class LocalGrid:
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.extra_env, "IDLEGRID_OPERATOR_KEY": self.operator_key,
-               "PYTHONUNBUFFERED": "1"}
+               "IDLEGRID_DASHBOARD_OPEN_ON_LOOPBACK": "1", "PYTHONUNBUFFERED": "1"}
         logs = self.log_dir or self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
