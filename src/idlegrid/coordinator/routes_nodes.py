@@ -81,8 +81,8 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     """A node is alive; `state: draining` stops new work reaching it."""
     node_id, body = await _signed(request)
     msg = _parse(m.HeartbeatMsg, body)
-    await _grid(request).heartbeat(node_id, msg.state)
-    return {"ok": True}
+    pending = await _grid(request).heartbeat(node_id, msg.state)
+    return {"ok": True, "hwproofs": pending}
 
 
 @router.post("/work/poll", response_model=None)

@@ -73,6 +73,9 @@ class Grid:
         from idlegrid.coordinator.audits import Trust
 
         self.trust = Trust(self)
+        from idlegrid.coordinator.hwproofs import HwProofs
+
+        self.hwproofs = HwProofs(self)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""
@@ -161,6 +164,7 @@ class Grid:
         await self.db(self.market.store.set_supply, node_id, body.get("region", "local"),
                       body.get("links") or {}, devices)
         await self.trust.on_register(node_id, body)
+        await self.db(self.hwproofs.on_register, node_id)
         await self.refresh_nodes()
         self.market.invalidate()
         self.hub.wake(node_id)
@@ -172,9 +176,10 @@ class Grid:
             "stake_per_device": self.settings.stake_per_device,
         }
 
-    async def heartbeat(self, node_id: str, state: str | None) -> None:
-        """A node is alive (and maybe draining)."""
+    async def heartbeat(self, node_id: str, state: str | None) -> list[str]:
+        """A node is alive (and maybe draining); the hardware challenges waiting for it."""
         await self.db(self.store.touch_node, node_id, state)
+        return await self.db(self.hwproofs.pending, node_id)
 
     async def poll(self, node_id: str, models: list[str], wait_s: float) -> TaskView | None:
         """Long poll: a claimed task for this node, or None after `wait_s`."""
@@ -432,6 +437,7 @@ class Grid:
             self._live_signature = live
             self.market.invalidate()
         await self.db(self.market.tick)
+        await self.db(self.hwproofs.tick, live)
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
             if stream is None:
