@@ -101,7 +101,7 @@ def test_time_budget_separates_a_cpu_from_a_claimed_gpu() -> None:
     # This 2-core box multiplies 4096² fp32 in ≥ 3 s: a CPU claiming a 4090 is late.
     slow = MODEL.proven_tflops(spec.n, 3.0, spec.on_device)
     assert hw.proven_class(slow, CATALOG, MODEL) == "CPU"
-    fast = MODEL.proven_tflops(spec.n, budget.total_s * 0.99, spec.on_device)
+    fast = MODEL.proven_tflops(spec.n, budget.compute_s * 0.99, spec.on_device)
     assert CATALOG[hw.proven_class(fast, CATALOG, MODEL) or ""] >= CATALOG["RTX-4090"]
     # The CPU class is a floor: 1 GFLOP/s after a generous overhead allowance.
     cpu = _cpu_spec(1024)

@@ -140,10 +140,10 @@ class TimingModel:
         return Budget(compute, overhead, compute + overhead)
 
     def proven_tflops(self, n: int, elapsed_s: float, on_device: bool) -> float:
-        """The throughput the measured time shows, after the overhead allowance (TFLOP/s)."""
-        per = self.device_ns_per_element if on_device else self.host_ns_per_element
-        spare = elapsed_s - (3 * n * n * per * 1e-9 + self.rtt_s)
-        return 2.0 * n ** 3 / max(spare, 1e-6) / 1e12
+        """The throughput the measured time proves, as a lower bound (TFLOP/s): the whole
+        elapsed time counts as compute, so a fast prover is never credited with more."""
+        del on_device  # the overhead allowance only widens the budget, never the proof
+        return 2.0 * n ** 3 / max(elapsed_s, 1e-6) / 1e12
 
 
 @dataclass(frozen=True)
