@@ -49,6 +49,8 @@ class CoordinatorSettings(BaseSettings):
     # Pay accruals out in batches, only once they are older than the audit window.
     payout_interval_s: float = Field(600.0, gt=0)
     payout_delay_s: float = Field(300.0, ge=0)
+    # Challenge claimed hardware (matmul and memory proofs; knobs in IDLEGRID_HW_*).
+    hw_proofs: bool = True
     # Comma-separated module prefixes whose pricing plug-ins may run in the coordinator.
     pricing_plugins: str = ""
     # Heartbeats carry the node's energy counter; one sample per node per interval is kept.

@@ -73,7 +73,10 @@ def start_market(tmp_path: Path, database_url: str, providers: tuple[tuple[Any, 
         data_dir=tmp_path, database_url=database_url, port=free_port(), fee_bps=200,
         heartbeat_interval_s=0.2, node_timeout_s=1.5, stall_timeout_s=3.0, long_poll_s=5.0,
         stake_per_device=STAKE, accrual_interval_s=0.3, payout_delay_s=0.0,
-        pricing_plugins="idlegrid.testbed.pricing")
+        pricing_plugins="idlegrid.testbed.pricing",
+        # These providers pretend to own GPUs this CPU lacks; hardware proofs would rightly
+        # demote and slash them (tests/integration/test_hwproofs.py covers that).
+        hw_proofs=False)
     coordinator = CoordinatorThread(CoordinatorSettings(**{**defaults, **settings}))
     coordinator.start()
     agents, node_ids = {}, {}

@@ -68,7 +68,8 @@ class _Job:
 class Agent:
     """A provider agent serving one model on one or more engine instances."""
 
-    def __init__(self, client: NodeClient, engines: Sequence[Engine], config: AgentConfig) -> None:
+    def __init__(self, client: NodeClient, engines: Sequence[Engine], config: AgentConfig,
+                 prover: Any = None) -> None:
         if not engines:
             raise ValueError("an agent needs at least one engine")
         self.client = client
@@ -86,6 +87,10 @@ class Agent:
         bind = getattr(config.meter, "bind_busy", None)
         if bind is not None:  # an estimating meter draws serving power only while serving
             bind(lambda: len(self.energy.active))
+        # Hardware challenges: the prover answers them (testbed cheats plug in here).
+        self.prover = prover
+        self.hw_verdicts: dict[str, Any] = {}
+        self._proving: set[str] = set()
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -134,6 +139,10 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then drain: finish or hand back what is held."""
+        from idlegrid.agent.hwprover import HonestProver
+
+        self.prover = self.prover or HonestProver()
+        await asyncio.get_running_loop().run_in_executor(None, self.prover.warm)
         await self._until_registered(stop)
         beats = asyncio.create_task(self._heartbeats())
         slots = [asyncio.create_task(self._slot(e)) for e in self.engines]
@@ -177,13 +186,32 @@ class Agent:
             await asyncio.sleep(self.heartbeat_s)
             state = "draining" if self.draining.is_set() else "live"
             try:
-                await self.client.call("/api/v1/nodes/heartbeat",
-                                       {"state": state, "in_flight": len(self.jobs),
-                                        "power": self.power_report()})
+                beat = await self.client.call("/api/v1/nodes/heartbeat",
+                                              {"state": state, "in_flight": len(self.jobs),
+                                               "power": self.power_report()})
+                for pid in (beat or {}).get("hwproofs", []):
+                    if pid not in self._proving and pid not in self.hw_verdicts:
+                        self._proving.add(pid)
+                        asyncio.create_task(self._prove(pid))
             except AuthError:
                 await self.register()  # the coordinator forgot us (fresh database)
             except (httpx.HTTPError, IdlegridError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    async def _prove(self, pid: str) -> None:
+        """Answer one hardware challenge beside serving (the coordinator times it)."""
+        from idlegrid.agent.hwprover import HonestProver, prove
+
+        try:
+            self.hw_verdicts[pid] = await prove(self, pid, self.prover or HonestProver())
+        except (httpx.HTTPError, IdlegridError) as exc:
+            log.warning("hardware proof %s: %r", pid, exc)
+            self.hw_verdicts[pid] = {"error": str(exc)}
+        except Exception:  # a bad challenge must not kill the heartbeat loop
+            log.exception("hardware proof %s failed unexpectedly", pid)
+            self.hw_verdicts[pid] = {"error": "unexpected"}
+        finally:
+            self._proving.discard(pid)
 
     async def _slot(self, engine: Engine) -> None:
         while not self.draining.is_set():

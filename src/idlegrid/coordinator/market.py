@@ -68,6 +68,7 @@ class Market:
         self.reliability = {n: s["reliability"] for n, s in supply.items()}
         self._reliability_at = now
         nodes = self.grid._nodes
+        verified = self.grid.hwproofs.verified()
         offers: list[Offer] = []
         links: dict[frozenset[str], float] = {}
         for node_id, sup in supply.items():
@@ -86,7 +87,8 @@ class Market:
                               cpus=int(node.hardware.get("cpu_logical") or 1),
                               ram_gb=(node.hardware.get("ram_bytes") or 0) / 1e9,
                               tokens_per_s={m: node.decode_tps for m in node.offers},
-                              reliability=sup["reliability"], verified=False)
+                              reliability=sup["reliability"],
+                              verified=d["model"] in verified.get(node_id, ()))
                 staked = sup["stakes"].get(d["model"], 0) >= (
                     self.settings.stake_per_device * d["count"])
                 offers.append(Offer(f"{node_id}/{d['model']}", hw, dev, d["price_h"],

@@ -82,8 +82,8 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     node_id, body = await _signed(request)
     msg = _parse(m.HeartbeatMsg, body)
     power = msg.power.model_dump() if msg.power is not None else None
-    await _grid(request).heartbeat(node_id, msg.state, power)
-    return {"ok": True}
+    pending = await _grid(request).heartbeat(node_id, msg.state, power)
+    return {"ok": True, "hwproofs": pending}
 
 
 @router.post("/work/poll", response_model=None)

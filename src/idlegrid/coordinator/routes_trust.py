@@ -38,3 +38,37 @@ async def list_audits(request: Request) -> dict[str, Any]:
     require_operator(request)
     grid = _grid(request)
     return {"audits": await grid.db(grid.trust.audits)}
+
+
+@router.post("/hwproofs/{proof_id}/start")
+async def hw_start(proof_id: str, request: Request) -> dict[str, Any]:
+    """Reveal a hardware challenge's seed to its node; the coordinator's clock starts."""
+    node_id, _ = await _signed(request)
+    grid = _grid(request)
+    return await grid.db(grid.hwproofs.start, node_id, proof_id)
+
+
+@router.post("/hwproofs/{proof_id}/commit")
+async def hw_commit(proof_id: str, request: Request) -> dict[str, Any]:
+    """The root of C (clock read; rows to open come back) or the end of a memory fill."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.HwCommitMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.hwproofs.commit, node_id, proof_id, msg.root)
+
+
+@router.post("/hwproofs/{proof_id}/open")
+async def hw_open(proof_id: str, request: Request) -> dict[str, Any]:
+    """Opened rows or the chase trace: judged at once, with demotion and slash on failure."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.HwOpenMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.hwproofs.open, node_id, proof_id, msg.model_dump())
+
+
+@router.get("/hwproofs")
+async def list_hwproofs(request: Request, node: str | None = None) -> dict[str, Any]:
+    """Every hardware proof and its verdict (operator only)."""
+    require_operator(request)
+    grid = _grid(request)
+    return {"proofs": await grid.db(grid.hwproofs.proofs, node)}

@@ -80,6 +80,9 @@ class Grid:
         # Latest power report per node (shown live) and when one was last stored.
         self.power: dict[str, dict[str, Any]] = {}
         self._power_stored: dict[str, float] = {}
+        from idlegrid.coordinator.hwproofs import HwProofs
+
+        self.hwproofs = HwProofs(self)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""
@@ -168,6 +171,7 @@ class Grid:
         await self.db(self.market.store.set_supply, node_id, body.get("region", "local"),
                       body.get("links") or {}, devices)
         await self.trust.on_register(node_id, body)
+        await self.db(self.hwproofs.on_register, node_id)
         await self.refresh_nodes()
         self.market.invalidate()
         self.hub.wake(node_id)
@@ -181,20 +185,21 @@ class Grid:
         }
 
     async def heartbeat(self, node_id: str, state: str | None,
-                        power: dict[str, Any] | None = None) -> None:
-        """A node is alive (and maybe draining); its energy counter is kept every few seconds."""
+                        power: dict[str, Any] | None = None) -> list[str]:
+        """A node is alive (and maybe draining): keep its energy counter every few seconds,
+        answer with the hardware challenges waiting for it."""
         await self.db(self.store.touch_node, node_id, state)
         self._touch(node_id, state)
-        if power is None:
-            return
-        self.power[node_id] = {**power, "at": self.clock()}
-        if self.clock() - self._power_stored.get(node_id, -1e18) >= \
-                self.settings.power_sample_interval_s:
-            self._power_stored[node_id] = self.clock()
-            # No change bump: with many providers that would be a refresh per heartbeat;
-            # the dashboard's idle refresh picks new samples up within seconds.
-            await self.db(self.store.add_power_sample, node_id, power["joules_total"],
-                          power.get("watts"), power["source"], power["estimated"])
+        if power is not None:
+            self.power[node_id] = {**power, "at": self.clock()}
+            if self.clock() - self._power_stored.get(node_id, -1e18) >= \
+                    self.settings.power_sample_interval_s:
+                self._power_stored[node_id] = self.clock()
+                # No change bump: with many providers that would be a refresh per
+                # heartbeat; the dashboard's idle refresh picks new samples up within seconds.
+                await self.db(self.store.add_power_sample, node_id, power["joules_total"],
+                              power.get("watts"), power["source"], power["estimated"])
+        return await self.db(self.hwproofs.pending, node_id)
 
     def _touch(self, node_id: str, state: str | None = None) -> None:
         """Keep the cached view in step with what was just written, without a reload."""
@@ -474,6 +479,7 @@ class Grid:
             self.market.invalidate()
             self.market.nodes_lost(lost)
         await self.db(self.market.tick)
+        await self.db(self.hwproofs.tick, live)
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
             if stream is None:

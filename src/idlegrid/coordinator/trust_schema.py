@@ -58,3 +58,23 @@ class TrustNode(Base):
     verifier_failed: Mapped[int] = mapped_column(Integer)
     ejected: Mapped[bool] = mapped_column(Boolean)
     proven_class: Mapped[str] = mapped_column(String(64))
+
+
+class HwProof(Base):
+    """One hardware challenge (migration 0005_hwproofs): issued, started, committed, judged."""
+
+    __tablename__ = "hw_proofs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    claimed: Mapped[str] = mapped_column(String(64))  # device class the challenge tests
+    kind: Mapped[str] = mapped_column(String(16))  # matmul | memory
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[str] = mapped_column(String(64))  # revealed to the node only at start
+    root: Mapped[str] = mapped_column(String(64))
+    wanted: Mapped[list[int]] = mapped_column(JSON)
+    verdict: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float] = mapped_column(Float)
+    committed_at: Mapped[float] = mapped_column(Float)
+    done_at: Mapped[float] = mapped_column(Float)

@@ -168,3 +168,25 @@ class DisputeMsg(Message):
     """A provider contests a failed audit of its own answer."""
 
     reason: str = Field("", max_length=500)
+
+
+class HwCommitMsg(Message):
+    """Hardware proof: the Merkle root of C (matmul), or an empty root once filled (memory)."""
+
+    root: str = Field("", max_length=64, pattern=r"^[0-9a-f]*$")
+
+
+class HwOpeningMsg(Message):
+    """One opened row of C: float32 LE bytes (base64) and its Merkle path."""
+
+    index: int = Field(ge=0)
+    row: str = Field(max_length=1 << 17)
+    siblings: list[str] = Field(max_length=40)
+    right: list[bool] = Field(max_length=40)
+
+
+class HwOpenMsg(Message):
+    """Hardware proof answers: opened rows (matmul) or the chase trace (memory, base64)."""
+
+    openings: list[HwOpeningMsg] = Field(default_factory=list, max_length=64)
+    trace: str = Field("", max_length=1 << 22)

@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from idlegrid.agent.hwprover import HonestProver
 from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust import hwproof as hw
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.tiny import EOS_ID, OFFSET, TinyEngine
 
@@ -105,3 +107,37 @@ class LazyVerifier(TinyEngine):
 
 CHEATS = {"a": OtherModel, "b": LowPrecision, "c": Invented, "d": Truncating, "e": Replaying,
           "f": SeedIgnoring}
+
+
+# ---- hardware cheats: provers plugged into the agent (`make_agent(..., prover=...)`) ----
+
+# (g) claiming a GPU it does not have: an honest prover on this CPU, behind this claim.
+CLAIMED_GPU = [{"model": "RTX-4090", "count": 1, "vram_gb": 24.0}]
+
+
+class PartialProver(HonestProver):
+    """(h) computes only part of the product; the other rows are cheap garbage."""
+
+    fraction = 0.5
+
+    def product(self, seed: bytes, n: int, dtype: str) -> np.ndarray:
+        """The first `fraction` of the rows of C done honestly, the rest random."""
+        bits = hw.VALUE_BITS[dtype]
+        done = int(n * self.fraction)
+        a = hw.rows_of(seed, "A", list(range(done)), n, bits)
+        c = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+        c[:done] = a @ hw.matrix(seed, "B", n, bits)
+        return c
+
+
+class LowPrecisionProver(HonestProver):
+    """(h) the whole product, but from bfloat16-rounded inputs (a cheaper, wrong product)."""
+
+    def product(self, seed: bytes, n: int, dtype: str) -> np.ndarray:
+        """C from inputs rounded to bfloat16."""
+        def bf16(x: np.ndarray) -> np.ndarray:
+            return ((x.view(np.uint32) + np.uint32(0x8000)) & np.uint32(0xFFFF0000)).view(
+                np.float32)
+
+        bits = hw.VALUE_BITS[dtype]
+        return bf16(hw.matrix(seed, "A", n, bits)) @ bf16(hw.matrix(seed, "B", n, bits))

@@ -127,14 +127,15 @@ class AgentThread:
 def make_agent(url: str, engines: Sequence[Engine], name: str, *, price: Price | None = None,
                drain_grace_s: float = 30.0, key_dir: Path | None = None,
                verifier: bool = False, meter: PowerMeter | None = None,
-               hardware: dict[str, Any] | None = None, **market: Any) -> Agent:
+               hardware: dict[str, Any] | None = None, prover: Any = None,
+               **market: Any) -> Agent:
     """An agent with a fresh key (or one kept in `key_dir`)."""
     key = NodeKey.load_or_create(key_dir / f"{name}.key") if key_dir else NodeKey.generate()
     config = AgentConfig(name=name, hardware=hardware or {"cpu_cores": 1}, prefill_tps=1000.0,
                          decode_tps=100.0, drain_grace_s=drain_grace_s,
                          price=price or Price(10 * MICRO, 40 * MICRO), verifier=verifier,
                          meter=meter, **market)
-    return Agent(NodeClient(url, key), engines, config)
+    return Agent(NodeClient(url, key), engines, config, prover=prover)
 
 
 def wait_for_live(url: str, count: int, timeout_s: float = 30.0) -> None:

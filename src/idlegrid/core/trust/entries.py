@@ -82,3 +82,12 @@ def dispute_reversal(dispute_id: str, slash_entry: Entry, forfeit_entry: Entry |
             merged[p.account] = merged.get(p.account, 0) - p.amount
     return ledger.make_entry(f"reverse:{dispute_id}", Cause("dispute", dispute_id),
                              [Posting(a, v) for a, v in merged.items()], "slash reversed")
+
+
+def hardware_slash(proof_id: str, stake_account: str, stake_balance: int) -> Entry | None:
+    """A hardware claim its proof did not back: the stake for that class goes to fees."""
+    if stake_balance <= 0:
+        return None
+    return ledger.make_entry(
+        f"hw-slash:{proof_id}:{stake_account}", Cause("hwproof", proof_id),
+        [Posting(stake_account, -stake_balance), Posting(FEES, stake_balance)], "hardware slash")
