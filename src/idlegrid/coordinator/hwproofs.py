@@ -136,9 +136,9 @@ class HwProofs:
         p = min(1.0, self.settings.recheck_per_hour * dt / 3600)
         for node_id in sorted(live):
             digest = f"{node_id}:{now}".encode()
-            if p > 0 and beacon.selected(self.secret, digest, p, domain=b"hw-recheck"):
-                if not self.pending(node_id):
-                    self.issue(node_id, self._claims(node_id), "re-check")
+            if p > 0 and beacon.selected(self.secret, digest, p, domain=b"hw-recheck") and (
+                    not self.pending(node_id)):
+                self.issue(node_id, self._claims(node_id), "re-check")
         with self.store.tx() as s:
             for row in s.scalars(select(HwProof).where(HwProof.state.in_(("issued", "started")))):
                 if row.state == "issued" and now - row.created_at > self.settings.expire_s:
