@@ -63,6 +63,9 @@ class Market:
         self._dirty = True
 
     def _rebuild(self) -> None:
+        # Cleared first: a change that lands while we read (a stake, a registration) marks
+        # the book dirty again instead of being lost when this rebuild finishes.
+        self._dirty = False
         now = self.grid.clock()
         supply = self.store.supply()
         self.reliability = {n: s["reliability"] for n, s in supply.items()}
@@ -98,7 +101,6 @@ class Market:
             if view.placement:
                 book.take(_placement(view))
         self.book = book
-        self._dirty = False
 
     def nodes_lost(self, node_ids: frozenset[str]) -> None:
         """Providers that stopped answering: their orders are placed again on the next tick."""
