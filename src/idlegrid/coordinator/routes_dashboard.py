@@ -225,7 +225,8 @@ async def earnings(request: Request, period: str = "24h", node: str | None = Non
             continue
         s = d["served"].get(n.id, {"output_tokens": 0, "energy_j": 0.0, "requests": 0,
                                    "estimated": False, "models": {}})
-        device_j, device_est = d["used"].get(n.id, (0.0, False))
+        # No sample in the period yet: zero is a guess, not a reading.
+        device_j, device_est = d["used"].get(n.id, (0.0, True))
         money = telemetry.provider_money(d["balances"], n.id)
         power = grid.power.get(n.id)
         rows.append({

@@ -191,7 +191,6 @@ class Grid:
         await self.db(self.store.touch_node, node_id, state)
         self._touch(node_id, state)
         if power is not None:
-            self.power[node_id] = {**power, "at": self.clock()}
             if self.clock() - self._power_stored.get(node_id, -1e18) >= \
                     self.settings.power_sample_interval_s:
                 self._power_stored[node_id] = self.clock()
@@ -199,6 +198,8 @@ class Grid:
                 # heartbeat; the dashboard's idle refresh picks new samples up within seconds.
                 await self.db(self.store.add_power_sample, node_id, power["joules_total"],
                               power.get("watts"), power["source"], power["estimated"])
+            # Shown only once stored, so a node with a live reading has a sample to sum.
+            self.power[node_id] = {**power, "at": self.clock()}
         return await self.db(self.hwproofs.pending, node_id)
 
     def _touch(self, node_id: str, state: str | None = None) -> None:
