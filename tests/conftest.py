@@ -6,6 +6,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,24 @@ def database_url(tmp_path: Path) -> Iterator[str]:
     try:
         yield make_url(base).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop(admin, name)
         admin.dispose()
+
+
+def _drop(admin: Any, name: str) -> None:
+    """Drop a test database, even while an autovacuum worker is in it.
+
+    FORCE must be allowed to signal every backend in the database; an autovacuum worker
+    belongs to no role, so without pg_signal_backend that fails. A plain DROP cancels
+    autovacuum by itself and only fails while a real session is still connected.
+    """
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    with admin.connect() as conn:
+        try:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        except DBAPIError as exc:
+            if "pg_signal_backend" not in str(exc):
+                raise
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
