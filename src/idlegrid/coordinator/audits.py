@@ -141,8 +141,11 @@ class Trust:
                                   charge=charge, created_at=now))
             node = s.get(TrustNode, node_id)
             clean = node.passed if node else 0
-            verifiers = [v for v in s.scalars(select(TrustNode.node_id).where(
-                TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v != node_id]
+            family = cm.replay_family(c.header.det_class)
+            verifiers = [v for v, det in s.execute(select(TrustNode.node_id, TrustNode.det_class)
+                                                   .where(TrustNode.verifier.is_(True),
+                                                          TrustNode.ejected.is_(False)))
+                         if v != node_id and cm.replay_family(det) == family]
             designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
             audits = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean)):
@@ -194,6 +197,8 @@ class Trust:
                 if a.designated not in (None, node_id) and now - a.created_at < \
                         self.settings.reassign_after_s:
                     continue
+                if cm.replay_family(cm.peek_class(a.blob)) != cm.replay_family(me.det_class):
+                    continue  # this verifier's engine cannot reproduce that answer's numbers
                 res = s.execute(update(TrustAudit).where(
                     TrustAudit.id == a.id, TrustAudit.state == "pending").values(
                     state="assigned", verifier_id=node_id, assigned_at=now))

@@ -175,7 +175,7 @@ class LlamaCppEngine:
         limit, n = self._context_length, len(ids)
         state: np.ndarray | None = None
         while True:
-            token_id = sampling.choose(self._logits(), seed, n, params.temperature, params.top_p)
+            token_id = self._pick(self._logits(), seed, n, params)
             if rec is not None:
                 rec.add(token_id, state if state is not None else np.zeros(self._n_embd))
             yield token_id
@@ -187,6 +187,9 @@ class LlamaCppEngine:
             llm.eval([token_id])
             if rec is not None:
                 state = self._embedding()
+
+    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+        return sampling.choose(logits, seed, position, params.temperature, params.top_p)
 
     def _complete(self, rec: Recorder, ids: list[int], serial: int) -> None:
         """Fill in the first state: the prompt's last position, recomputed as one token.

@@ -40,6 +40,26 @@ def class_id(det_class: str) -> bytes:
     return hashlib.sha256(det_class.encode()).digest()
 
 
+def replay_family(det_class: str) -> str:
+    """The class less its thread count: a verifier of the same family can replay the answer.
+
+    Across families (llama.cpp's quantized kernels against torch's float ones, another
+    dtype) the honest difference is several per cent, beyond any tolerance that still
+    catches a cheaper model, so audits go only to verifiers of the provider's family.
+    """
+    head, sep, tail = det_class.rpartition("/")
+    return head if sep and tail.startswith("t") else det_class
+
+
+def peek_class(blob: bytes) -> str:
+    """The determinism class of an encoded commitment, without decoding the rest."""
+    try:
+        (n,) = struct.unpack_from("<H", blob, 0)
+        return blob[2:2 + n].decode()
+    except (struct.error, UnicodeDecodeError):
+        return ""
+
+
 def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:
     """Entries kept for a chunk of `n_tokens` (a short last chunk keeps proportionally fewer)."""
     return max(1, math.ceil(k * n_tokens / chunk_size))
