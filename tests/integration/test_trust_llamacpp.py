@@ -22,6 +22,7 @@ from idlegrid.core.ledger import MICRO, Price
 from idlegrid.core.trust import commitment as cm
 from idlegrid.engines.base import Generation, SamplingParams, stream_pieces
 from idlegrid.engines.commit import Recorder, build_commitment
+from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL, resolve_model
 from idlegrid.testbed import cheats
 from idlegrid.testbed.inprocess import (
@@ -34,7 +35,6 @@ from idlegrid.testbed.inprocess import (
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
-from idlegrid.engines.llamacpp import LlamaCppEngine  # noqa: E402
 
 CONTEXT = 256
 TOL = cm.Tolerance(rel=1e-4, rank_slack=1e-4, margin=1e-3)  # the coordinator's cross-class one
