@@ -40,15 +40,9 @@ def class_id(det_class: str) -> bytes:
     return hashlib.sha256(det_class.encode()).digest()
 
 
-def replay_family(det_class: str) -> str:
-    """The class less its thread count: a verifier of the same family can replay the answer.
-
-    Across families (llama.cpp's quantized kernels against torch's float ones, another
-    dtype) the honest difference is several per cent, beyond any tolerance that still
-    catches a cheaper model, so audits go only to verifiers of the provider's family.
-    """
-    head, sep, tail = det_class.rpartition("/")
-    return head if sep and tail.startswith("t") else det_class
+def engine_of(det_class: str) -> str:
+    """The engine named by a determinism class (its first part)."""
+    return det_class.split("/", 1)[0]
 
 
 def peek_class(blob: bytes) -> str:

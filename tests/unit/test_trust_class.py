@@ -1,16 +1,14 @@
-"""Audits go only to verifiers that can reproduce the provider's numbers."""
+"""What the coordinator reads of a commitment's class to pick its verifier."""
 
 from __future__ import annotations
 
 from idlegrid.core.trust import commitment as cm
 
 
-def test_replay_family_ignores_threads_only() -> None:
-    one, two = "llama.cpp/0.3.36/Q4_K_M/cpu/t1", "llama.cpp/0.3.36/Q4_K_M/cpu/t2"
-    assert cm.replay_family(one) == cm.replay_family(two) == "llama.cpp/0.3.36/Q4_K_M/cpu"
-    assert cm.replay_family(one) != cm.replay_family("torch/2.13.0/float32/cpu/t1")
-    assert cm.replay_family(one) != cm.replay_family("llama.cpp/0.3.36/Q8_0/cpu/t1")
-    assert cm.replay_family("odd-class") == "odd-class"
+def test_engine_of_a_class() -> None:
+    assert cm.engine_of("llama.cpp/0.3.36/Q4_K_M/cpu/t1") == "llama.cpp"
+    assert cm.engine_of("torch/2.13.0/float32/cpu/t2") == "torch"
+    assert cm.engine_of("odd-class") == "odd-class"
 
 
 def test_peek_class_reads_an_encoded_commitment() -> None:
