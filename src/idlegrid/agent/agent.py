@@ -343,8 +343,7 @@ class Agent:
         room = engine.context_length - len(prompt_ids)
         params = SamplingParams(task.temperature, task.top_p, task.seed)
         recorder = None
-        if committed is not None and hasattr(engine, "recorder") and hasattr(engine,
-                                                                             "prefill_states"):
+        if committed is not None and hasattr(engine, "recorder") and hasattr(engine, "audit"):
             from idlegrid.engines.commit import Recorder
 
             recorder = Recorder()

@@ -141,8 +141,16 @@ class Trust:
                                   charge=charge, created_at=now))
             node = s.get(TrustNode, node_id)
             clean = node.passed if node else 0
-            verifiers = [v for v in s.scalars(select(TrustNode.node_id).where(
-                TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v != node_id]
+            # Across engines no tolerance is fair (llama.cpp's int8-activation kernels against
+            # torch's float ones differ by per cents), so a verifier running the provider's
+            # engine is designated when there is one. The class is the provider's claim, so
+            # it is only a preference: others take the audit after `reassign_after_s`.
+            others = [(v, det) for v, det in s.execute(
+                select(TrustNode.node_id, TrustNode.det_class).where(
+                    TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v != node_id]
+            engine = cm.engine_of(c.header.det_class)
+            verifiers = [v for v, det in others if cm.engine_of(det) == engine] or \
+                [v for v, _ in others]
             designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
             audits = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean)):
@@ -194,6 +202,9 @@ class Trust:
                 if a.designated not in (None, node_id) and now - a.created_at < \
                         self.settings.reassign_after_s:
                     continue
+                if cm.engine_of(cm.peek_class(a.blob)) != cm.engine_of(me.det_class) and \
+                        now - a.created_at < self.settings.reassign_after_s:
+                    continue  # first to verifiers of the provider's engine
                 res = s.execute(update(TrustAudit).where(
                     TrustAudit.id == a.id, TrustAudit.state == "pending").values(
                     state="assigned", verifier_id=node_id, assigned_at=now))

@@ -11,7 +11,7 @@ replay the provider's choice. `audit()` is a method so that a plug-in verifier e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,11 +27,20 @@ class Recorder:
 
     tokens: list[int] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
+    # Set by an engine that can fill some states only once the answer is over (llama.cpp:
+    # the first one); `finish` runs it before the states are read.
+    complete: Callable[[Recorder], None] | None = None
 
     def add(self, token: int, state: np.ndarray) -> None:
         """Record one generated token."""
         self.tokens.append(int(token))
         self.states.append(np.asarray(state, dtype=np.float32).reshape(-1))
+
+    def finish(self) -> None:
+        """Let the engine fill in what it deferred (once)."""
+        done, self.complete = self.complete, None
+        if done is not None:
+            done(self)
 
 
 @runtime_checkable
@@ -83,6 +92,7 @@ def build_commitment(engine: Any, model: str, context_ids: Sequence[int], rec: R
                      seed: int, temperature: float, top_p: float,
                      finish_reason: str) -> cm.Commitment:
     """Commit to what `rec` recorded for one generation."""
+    rec.finish()
     states = np.stack(rec.states) if rec.states else np.zeros((0, 1), np.float32)
     entries = []
     for j in range(0, len(rec.tokens), cm.CHUNK_SIZE):
@@ -98,17 +108,15 @@ def recompute(engine: Any, context_ids: Sequence[int], c: cm.Commitment, max_new
     """One prefill over context + committed tokens; report what this engine computes."""
     h = c.header
     tokens = c.tokens
-    ids = [*context_ids, *tokens]
     n = len(tokens)
     report_chunks: list[cm.ChunkReport] = []
     if n:
-        states = engine.prefill_states(ids[:-1])[len(context_ids) - 1:]
+        outputs = _outputs(engine, list(context_ids), tokens, h.chunk_size)
         for j, ch in enumerate(c.chunks):
             lo = j * h.chunk_size
-            rows = states[lo:lo + len(ch.tokens)]
+            rows, logits = next(outputs)
             flat = rows.reshape(-1)
             values = tuple(float(flat[i]) if i < flat.size else float("nan") for i in ch.indices)
-            logits = engine.logits_of(rows)
             margins, allowed = [], []
             for r, tok in enumerate(ch.tokens):
                 rep = sampling.replay(logits[r], tok, h.seed, len(context_ids) + lo + r,
@@ -119,6 +127,33 @@ def recompute(engine: Any, context_ids: Sequence[int], c: cm.Commitment, max_new
                                                 tuple(margins), tuple(allowed)))
     end_ok = _end_ok(engine, c, tokens, max_new_tokens, stop, len(context_ids), context_length)
     return cm.Report(cm.context_hash(context_ids), tuple(report_chunks), end_ok, engine.det_class())
+
+
+def _outputs(engine: Any, context_ids: list[int], tokens: list[int],
+             chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(hidden states, logits) of the committed positions, a chunk at a time.
+
+    Engines with `replay_outputs` (llama.cpp: its batched and one-token kernels differ, so it
+    replays the provider's own schedule) yield (state, logits) per position; the others run
+    one prefill and take logits from the states.
+    """
+    if hasattr(engine, "replay_outputs"):
+        rows: list[np.ndarray] = []
+        logits: list[np.ndarray] = []
+        for state, lg in engine.replay_outputs(context_ids, tokens):
+            rows.append(state)
+            logits.append(lg)
+            if len(rows) == chunk_size:
+                yield np.stack(rows), np.stack(logits)
+                rows, logits = [], []
+        if rows:
+            yield np.stack(rows), np.stack(logits)
+        return
+    ids = [*context_ids, *tokens]
+    states = engine.prefill_states(ids[:-1])[len(context_ids) - 1:]
+    for lo in range(0, len(tokens), chunk_size):
+        part = states[lo:lo + chunk_size]
+        yield part, engine.logits_of(part)
 
 
 def _end_ok(engine: Any, c: cm.Commitment, tokens: list[int], max_new: int, stop: Sequence[str],

@@ -1,10 +1,19 @@
 """llama.cpp engine (llama-cpp-python), the default on CPUs, Apple and small GPUs.
 
-Decoding goes through `Llama.eval`, as `Llama.generate` does, but sampling uses our own
-llama.cpp sampler chain: llama-cpp-python's chain always carries its defaults (top-k 40,
-min-p 0.05, top-p before temperature), and OpenAI semantics want none of them. Every
-call re-evaluates its prompt from position 0, so a generation is a pure function of
+Decoding goes through `Llama.eval`, as `Llama.generate` does, but sampling is ours: seeded
+Gumbel-max over the nucleus (`core/trust/sampling.py`) on llama.cpp's logits, so that a
+verifier replays each choice. llama-cpp-python's sampler chain always carries its defaults
+(top-k 40, min-p 0.05, top-p before temperature, repeat penalty in its server), and OpenAI
+semantics want none of them; greedy is a plain argmax, as llama.cpp's greedy sampler.
+Every call re-evaluates its prompt from position 0, so a generation is a pure function of
 (prompt, params) and an auditor can reproduce it bit for bit on the same build.
+
+Commitments (docs/trust.md, "llama.cpp"): with `recorder` set, each decode step also returns
+the last hidden state after the final norm (context embeddings on, pooling none: llama.cpp's
+`t_embd`, the output layer's input), read in the same pass as the logits. llama.cpp's
+batched and one-token kernels give results several per cent apart, so the verifier does not
+prefill the answer in one batch: it replays the provider's schedule (the prompt in one
+batch, then one token per step), which reproduces the provider's numbers exactly.
 """
 
 from __future__ import annotations
@@ -12,16 +21,20 @@ from __future__ import annotations
 import ctypes
 import inspect
 import os
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
+from idlegrid.core.trust import sampling
 from idlegrid.engines.base import SamplingParams, check_prompt
+from idlegrid.engines.commit import Recorder
 from idlegrid.engines.models import resolve_model
 from idlegrid.errors import EngineError, InvalidRequest
 
 DEFAULT_CONTEXT = 8192
 INSTALL_HINT = "pip install 'idlegrid[llama]'"
-_UINT32 = 0xFFFFFFFF  # llama.cpp seeds are uint32; this value means "random"
 # llama_ftype values (general.file_type) -> the names quantizers use
 _FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
                10: "Q2_K", 12: "Q3_K_M", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
@@ -41,12 +54,6 @@ def default_threads() -> int:
     else:
         cores = os.cpu_count() or 1
     return max(1, cores - 1)
-
-
-def llama_seed(seed: int) -> int:
-    """Map any int seed to a llama.cpp uint32 seed that is never the 'random' sentinel."""
-    s = seed & _UINT32
-    return s if s != _UINT32 else 0x7FFFFFFF
 
 
 class LlamaCppEngine:
@@ -90,6 +97,8 @@ class LlamaCppEngine:
                 n_threads=self._threads,
                 n_threads_batch=self._threads,
                 n_gpu_layers=n_gpu_layers,
+                # Per-token hidden states when embeddings are switched on for a commitment.
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
                 verbose=False,
                 **options,
             )
@@ -109,6 +118,10 @@ class LlamaCppEngine:
         self._chat_template = self._llm.metadata.get("tokenizer.chat_template")
         self._pieces: dict[int, bytes] = {}
         self._buf = ctypes.create_string_buffer(256)
+        self._n_embd = self._llm.n_embd()
+        self._embeddings_on = False
+        self._serial = 0  # generations started; a deferred state belongs to one of them
+        self.recorder: Recorder | None = None  # set by the agent to commit one generation
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids; special tokens written in `text` are parsed, as llama-server does."""
@@ -143,37 +156,115 @@ class LlamaCppEngine:
         return bool(self._is_eog(self._vocab, token_id))
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """Evaluate the prompt from scratch, then sample one token per decode step."""
+        """Evaluate the prompt from scratch, then sample one token per decode step.
+
+        With `recorder` set, the hidden state behind every token is recorded; the first one
+        (the prompt's last position) only after the answer, see `_complete`.
+        """
         ids = list(prompt_ids)
         check_prompt(ids, self._context_length, self._n_vocab)
-        sampler = self._sampler(params)
-        llm, sample, ctx = self._llm, self._lib.llama_sampler_sample, self._ctx
-        try:
-            llm.reset()  # forget cached state: outputs must not depend on earlier calls
-            llm.eval(ids)
-            limit = self._context_length
-            while True:
-                token_id = sample(sampler, ctx, -1)
-                yield token_id
-                if llm.n_tokens >= limit:
-                    return
-                llm.eval([token_id])
-        finally:
-            self._lib.llama_sampler_free(sampler)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        llm, rec = self._llm, self.recorder
+        self._serial += 1
+        serial = self._serial
+        llm.reset()  # forget cached state: outputs must not depend on earlier calls
+        self._embeddings(False)  # else llama.cpp computes logits for every prompt token
+        llm.eval(ids)
+        if rec is not None:
+            rec.complete = lambda r: self._complete(r, ids, serial)
+        limit, n = self._context_length, len(ids)
+        state: np.ndarray | None = None
+        while True:
+            token_id = self._pick(self._logits(), seed, n, params)
+            if rec is not None:
+                rec.add(token_id, state if state is not None else np.zeros(self._n_embd))
+            yield token_id
+            n += 1
+            if llm.n_tokens >= limit:
+                return
+            if rec is not None:
+                self._embeddings(True)  # one-token batches: same logits, plus the state
+            llm.eval([token_id])
+            if rec is not None:
+                state = self._embedding()
 
-    def _sampler(self, params: SamplingParams) -> Any:
-        lib = self._lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if params.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-            return chain
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-        # Temperature first, then top-p, as in OpenAI, vLLM and transformers.
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
-        if params.top_p < 1.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(llama_seed(seed)))
-        return chain
+    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+        return sampling.choose(logits, seed, position, params.temperature, params.top_p)
+
+    def _complete(self, rec: Recorder, ids: list[int], serial: int) -> None:
+        """Fill in the first state: the prompt's last position, recomputed as one token.
+
+        The prompt ran as one batch without embeddings (the first token's logits are what
+        they always were); re-running its last token alone now, over the batch's cache of
+        the positions before it, cannot change any token already generated. The verifier
+        does the same.
+        """
+        if serial != self._serial:
+            raise EngineError("the engine ran another generation before the commitment",
+                              engine=self.name)
+        if rec.tokens:
+            rec.states[0] = self._last_prompt_state(ids)
+
+    def _last_prompt_state(self, ids: list[int]) -> np.ndarray:
+        llm = self._llm
+        llm.n_tokens = len(ids) - 1  # eval drops the cache from here on
+        self._embeddings(True)
+        llm.eval(ids[-1:])
+        return self._embedding()
+
+    def _embeddings(self, on: bool) -> None:
+        if on != self._embeddings_on:
+            self._lib.llama_set_embeddings(self._ctx, on)
+            self._embeddings_on = on
+
+    def _logits(self) -> np.ndarray:
+        """The last position's logits, a view valid until the next decode."""
+        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _embedding(self) -> np.ndarray:
+        ptr = self._lib.llama_get_embeddings_ith(self._ctx, -1)
+        if not ptr:
+            raise EngineError("llama.cpp returned no hidden state", engine=self.name)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_embd,)).copy()
+
+    # ---- Auditable -------------------------------------------------------------------
+
+    def det_class(self) -> str:
+        """engine/version/dtype/device/threads, as the coordinator builds it from describe()."""
+        d = self.describe()
+        return f"{d['engine']}/{d['version']}/{d['dtype']}/{d['device']}/t{d['threads']}"
+
+    def replay_outputs(self, context_ids: Sequence[int],
+                       tokens: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(hidden state, logits) at each committed position, on the provider's schedule."""
+        ctx = list(context_ids)
+        check_prompt(ctx, self._context_length, self._n_vocab)
+        if any(not 0 <= t < self._n_vocab for t in tokens):
+            raise EngineError("committed token id out of range", engine=self.name)
+        if len(ctx) + len(tokens) > self._context_length + 1:
+            raise EngineError("commitment longer than the context", engine=self.name)
+        llm = self._llm
+        llm.reset()
+        self._embeddings(False)
+        llm.eval(ctx)
+        first = self._last_prompt_state(ctx)  # as the provider's _complete
+        llm.reset()
+        self._embeddings(False)
+        llm.eval(ctx)
+        logits = self._logits().copy()
+        self._embeddings(True)
+        yield first, logits
+        for tok in tokens[:-1]:
+            llm.eval([tok])
+            yield self._embedding(), self._logits().copy()
+
+    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
+              stop: Sequence[str] = ()) -> Any:
+        """Recompute a commitment (verifier mode)."""
+        from idlegrid.engines.commit import recompute
+
+        return recompute(self, context_ids, c, max_new_tokens, stop, self._context_length)
 
     @property
     def chat_template(self) -> str | None:

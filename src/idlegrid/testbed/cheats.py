@@ -16,6 +16,7 @@ from idlegrid.agent.hwprover import HonestProver
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import hwproof as hw
 from idlegrid.engines.base import SamplingParams
+from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.tiny import EOS_ID, OFFSET, TinyEngine
 
 
@@ -103,6 +104,27 @@ class LazyVerifier(TinyEngine):
                                       (1.0,) * len(ch.tokens), (True,) * len(ch.tokens))
                        for ch in c.chunks)
         return cm.Report(c.header.context_hash, chunks, True, self.det_class())
+
+
+# ---- the same twists on the default engine (llama.cpp, gemma3:270m) --------------------
+
+
+class LlamaInvented(LlamaCppEngine):
+    """(c) on llama.cpp: tokens of its own choosing, with honest hidden states of them."""
+
+    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+        return int(random.choice(np.argsort(logits)[-50:]))  # plausible, but not the draw
+
+
+class LlamaSeedIgnoring(LlamaCppEngine):
+    """(f) on llama.cpp: the right distribution, its own randomness."""
+
+    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+        if params.temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / params.temperature
+        p = np.exp(z - z.max())
+        return int(np.random.default_rng().choice(len(p), p=p / p.sum()))
 
 
 CHEATS = {"a": OtherModel, "b": LowPrecision, "c": Invented, "d": Truncating, "e": Replaying,

@@ -40,6 +40,20 @@ def class_id(det_class: str) -> bytes:
     return hashlib.sha256(det_class.encode()).digest()
 
 
+def engine_of(det_class: str) -> str:
+    """The engine named by a determinism class (its first part)."""
+    return det_class.split("/", 1)[0]
+
+
+def peek_class(blob: bytes) -> str:
+    """The determinism class of an encoded commitment, without decoding the rest."""
+    try:
+        (n,) = struct.unpack_from("<H", blob, 0)
+        return blob[2:2 + n].decode()
+    except (struct.error, UnicodeDecodeError):
+        return ""
+
+
 def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:
     """Entries kept for a chunk of `n_tokens` (a short last chunk keeps proportionally fewer)."""
     return max(1, math.ceil(k * n_tokens / chunk_size))

@@ -1,0 +1,20 @@
+"""What the coordinator reads of a commitment's class to pick its verifier."""
+
+from __future__ import annotations
+
+from idlegrid.core.trust import commitment as cm
+
+
+def test_engine_of_a_class() -> None:
+    assert cm.engine_of("llama.cpp/0.3.36/Q4_K_M/cpu/t1") == "llama.cpp"
+    assert cm.engine_of("torch/2.13.0/float32/cpu/t2") == "torch"
+    assert cm.engine_of("odd-class") == "odd-class"
+
+
+def test_peek_class_reads_an_encoded_commitment() -> None:
+    c = cm.build("m", "llama.cpp/0.3.36/Q4_K_M/cpu/t1", [2, 5], 7, 1.0, 1.0, [9, 10],
+                 [([0, 3, 1, 2], [4.0, -3.0, 2.0, 1.0])], "length", False, 2)
+    blob = c.encode()
+    assert cm.peek_class(blob) == "llama.cpp/0.3.36/Q4_K_M/cpu/t1"
+    assert cm.decode(blob).header.det_class == cm.peek_class(blob)
+    assert cm.peek_class(b"") == "" and cm.peek_class(b"\x05\x00\xff\xfe") == ""
