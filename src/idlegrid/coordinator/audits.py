@@ -142,15 +142,14 @@ class Trust:
             node = s.get(TrustNode, node_id)
             clean = node.passed if node else 0
             # Across engines no tolerance is fair (llama.cpp's int8-activation kernels against
-            # torch's float ones differ by per cents), so a verifier running the provider's
-            # engine is designated when there is one. The class is the provider's claim, so
-            # it is only a preference: others take the audit after `reassign_after_s`.
-            others = [(v, det) for v, det in s.execute(
-                select(TrustNode.node_id, TrustNode.det_class).where(
-                    TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v != node_id]
+            # torch's float ones differ by per cents): an honest provider would be slashed.
+            # So only verifiers of the provider's engine audit it; with none, the audit waits,
+            # visible as pending, rather than being judged by a verifier that cannot judge it.
             engine = cm.engine_of(c.header.det_class)
-            verifiers = [v for v, det in others if cm.engine_of(det) == engine] or \
-                [v for v, _ in others]
+            verifiers = [v for v, det in s.execute(
+                select(TrustNode.node_id, TrustNode.det_class).where(
+                    TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
+                if v != node_id and cm.engine_of(det) == engine]
             designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
             audits = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean)):
@@ -202,9 +201,8 @@ class Trust:
                 if a.designated not in (None, node_id) and now - a.created_at < \
                         self.settings.reassign_after_s:
                     continue
-                if cm.engine_of(cm.peek_class(a.blob)) != cm.engine_of(me.det_class) and \
-                        now - a.created_at < self.settings.reassign_after_s:
-                    continue  # first to verifiers of the provider's engine
+                if cm.engine_of(cm.peek_class(a.blob)) != cm.engine_of(me.det_class):
+                    continue  # another engine's answers: see _record
                 res = s.execute(update(TrustAudit).where(
                     TrustAudit.id == a.id, TrustAudit.state == "pending").values(
                     state="assigned", verifier_id=node_id, assigned_at=now))
