@@ -57,6 +57,12 @@ class AgentConfig:
     verifier: bool = False
     # Where energy readings come from (agent.power.choose_meter); None reports no energy.
     meter: PowerMeter | None = None
+    # Training (agent/trainer.py): take training jobs; with `verifier`, also audit segments.
+    # The executor and the verify function are the honest ones unless a test plugs in cheats.
+    trainer: bool = False
+    train_threads: int | None = None
+    train_executor: Any = None
+    train_verify: Any = None
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -91,6 +97,9 @@ class Agent:
         self.prover = prover
         self.hw_verdicts: dict[str, Any] = {}
         self._proving: set[str] = set()
+        self.train_checkpoints: dict[tuple[str, int], bytes] = {}
+        self.trained_segments = 0
+        self.train_audited = 0
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -150,6 +159,12 @@ class Agent:
             from idlegrid.agent.verifier import audit_loop
 
             slots.append(asyncio.create_task(audit_loop(self, self.engines[0])))
+        if self.config.trainer:
+            from idlegrid.agent.trainer import train_audit_loop, train_loop
+
+            slots.append(asyncio.create_task(train_loop(self)))
+            if self.config.verifier:
+                slots.append(asyncio.create_task(train_audit_loop(self)))
         await stop.wait()
         log.info("draining: no new work; finishing %d held request(s)", len(self.jobs))
         self.draining.set()

@@ -1,0 +1,288 @@
+"""Training on the agent: run job segments and commit each one before any audit draw; in
+verifier mode, re-execute audited segments from the provider's committed checkpoint and
+report the recomputed leaves (never just "ok").
+
+Training runs in a worker thread (torch releases the GIL); progress goes up from the
+event loop every half second. The executor is an object with a small interface so that
+testbed cheats plug in where the honest torch executor would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+
+from idlegrid.agent.node_client import CoordinatorError
+from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
+from idlegrid.protocol.training import TrainAuditMsg, TrainWorkMsg
+
+if TYPE_CHECKING:
+    from idlegrid.agent.agent import Agent
+
+log = logging.getLogger("idlegrid.agent.trainer")
+PROGRESS_EVERY_S = 0.5
+
+
+class Executor(Protocol):
+    """What the agent needs from a training executor (training/verified.py, or a cheat)."""
+
+    def det_class(self, spec: Any) -> str:
+        """The determinism class this executor computes in."""
+
+    def start(self, spec: Any, checkpoint: bytes | None) -> Any:
+        """The state to train from: a checkpoint, or the initial state from the spec."""
+
+    def run(self, spec: Any, state: Any, end_step: int,
+            on_step: Callable[[Any, float], None]) -> tuple[Any, list[Any]]:
+        """Train up to `end_step`; the state after it and one leaf per step."""
+
+    def checkpoint(self, spec: Any, state: Any) -> bytes:
+        """The state as checkpoint bytes."""
+
+    def checkpoint_hash(self, spec: Any, data: bytes) -> bytes:
+        """The state hash a checkpoint captures (equals that step's committed leaf)."""
+
+    def replay(self, spec: Any, start: bytes | None, start_step: int,
+               end_step: int) -> tuple[list[Any], bytes]:
+        """A verifier's re-execution: leaves and the end checkpoint."""
+
+    def weight_distance(self, spec: Any, a: bytes, b: bytes) -> float:
+        """Relative L2 distance of two checkpoints' weights."""
+
+
+class TorchExecutor:
+    """The honest executor: `training/verified.py`, imported only when a job arrives."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def _trainer(self, spec: Any) -> Any:
+        from idlegrid.training.verified import Trainer
+
+        return Trainer(spec, threads=self.threads)
+
+    def det_class(self, spec: Any) -> str:
+        """The torch version, device, dtype and threads."""
+        return str(self._trainer(spec).determinism_class())
+
+    def start(self, spec: Any, checkpoint: bytes | None) -> Any:
+        """Initial state (from the job seed) or a loaded checkpoint."""
+        from idlegrid.training import verified
+
+        trainer = self._trainer(spec)
+        state = trainer.initial_state() if checkpoint is None else verified.load_checkpoint(
+            spec, checkpoint)
+        return trainer, state
+
+    def run(self, spec: Any, state: Any, end_step: int,
+            on_step: Callable[[Any, float], None]) -> tuple[Any, list[Any]]:
+        """Train with the executor's trainer."""
+        trainer, st = state
+        st, leaves = trainer.run(st, end_step, on_step)
+        return (trainer, st), list(leaves)
+
+    def checkpoint(self, spec: Any, state: Any) -> bytes:
+        """Checkpoint bytes of the current state."""
+        from idlegrid.training import verified
+
+        return bytes(verified.checkpoint_bytes(state[1]))
+
+    def checkpoint_hash(self, spec: Any, data: bytes) -> bytes:
+        """The committed state hash of a checkpoint."""
+        from idlegrid.training import verified
+
+        return bytes(verified.checkpoint_hash(data))
+
+    def replay(self, spec: Any, start: bytes | None, start_step: int,
+               end_step: int) -> tuple[list[Any], bytes]:
+        """Re-execute a segment (from the initial state when `start` is None)."""
+        from idlegrid.training import verified
+
+        if start is None:
+            trainer = self._trainer(spec)
+            start = verified.checkpoint_bytes(trainer.initial_state())
+        leaves, end = verified.replay(spec, start, start_step, end_step)
+        return list(leaves), bytes(end)
+
+    def weight_distance(self, spec: Any, a: bytes, b: bytes) -> float:
+        """Relative L2 distance of the weights."""
+        from idlegrid.training import verified
+
+        return float(verified.weight_distance(a, b))
+
+
+class _Stop(Exception):
+    """Raised inside the training thread when the job was taken away or the agent stops."""
+
+
+@dataclass
+class _Run:
+    """One held job on the agent: what the uploader reads, what stops the worker."""
+
+    base: str
+    stop: Any = field(default_factory=lambda: __import__("threading").Event())
+    latest: dict[str, float] | None = None
+    sent: dict[str, float] | None = None
+
+
+def _executor(agent: Agent) -> Any:
+    ex = agent.config.train_executor
+    return ex if ex is not None else TorchExecutor(agent.config.train_threads)
+
+
+async def train_loop(agent: Agent) -> None:
+    """Take training jobs until the agent drains."""
+    ex = _executor(agent)
+    while not agent.draining.is_set():
+        try:
+            work = await agent.client.call("/api/v1/train/poll", {"wait_s": 5.0}, timeout=30)
+        except (httpx.TransportError, CoordinatorError) as exc:
+            log.warning("training poll failed: %s", exc)
+            await asyncio.sleep(1.0)
+            continue
+        except AuthError:
+            await asyncio.sleep(0.5)  # re-registration is the heartbeat loop's job
+            continue
+        if work is None:
+            continue
+        try:
+            await run_job(agent, ex, TrainWorkMsg.model_validate(work))
+        except (httpx.HTTPError, IdlegridError) as exc:
+            log.warning("training job %s: %s", work.get("job_id"), exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the coordinator takes the job back; keep the loop alive
+            log.exception("training job %s failed unexpectedly", work.get("job_id"))
+
+
+async def run_job(agent: Agent, ex: Any, work: TrainWorkMsg) -> None:
+    """Run a job from its start step, committing segment by segment."""
+    from idlegrid.core.training.proof import TrainingCommitment
+    from idlegrid.core.training.spec import JobSpec, segments
+
+    base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
+    run = _Run(base)
+    loop = asyncio.get_running_loop()
+    spec = JobSpec.parse(work.spec)
+    ckpt = base64.b64decode(work.checkpoint) if work.checkpoint else None
+    try:
+        state = await loop.run_in_executor(None, ex.start, spec, ckpt)
+        det = await loop.run_in_executor(None, ex.det_class, spec)
+    except InvalidRequest as exc:  # e.g. a dataset hash this corpus does not have
+        await agent.client.call(f"{base}/release", {"reason": exc.message,
+                                                    "kind": "invalid_request"})
+        return
+    uploader = asyncio.create_task(_upload_progress(agent, run))
+    began = time.monotonic()
+
+    def on_step(leaf: Any, tokens_per_s: float) -> None:
+        if run.stop.is_set():
+            raise _Stop()
+        run.latest = {"step": leaf.step + 1, "loss": float(leaf.loss),
+                      "tokens_per_s": float(tokens_per_s)}
+
+    try:
+        for index, (start, end) in enumerate(segments(spec.steps, spec.checkpoint_interval)):
+            if end <= work.start_step:
+                continue
+            if agent.draining.is_set():
+                await agent.client.call(f"{base}/release", {"reason": "provider draining"})
+                return
+            try:
+                state, leaves = await loop.run_in_executor(None, ex.run, spec, state, end,
+                                                           on_step)
+            except _Stop:
+                return
+            blob = await loop.run_in_executor(None, ex.checkpoint, spec, state)
+            c = TrainingCommitment(work.job_id, start, list(leaves))
+            # Kept for the challenge window: audits and resumes start from these.
+            agent.train_checkpoints[(work.job_id, end)] = blob
+            answer = await agent.client.call(f"{base}/segments/{index}/commit", {
+                "commitment": base64.b64encode(c.to_bytes()).decode(),
+                "checkpoint": base64.b64encode(blob).decode(), "det_class": det})
+            agent.trained_segments += 1
+            if not (answer or {}).get("continue", False):
+                break
+        log.info("job %s: trained to the end in %.1f s", work.job_id, time.monotonic() - began)
+    except Conflict:
+        log.info("job %s attempt %d was taken away", work.job_id, work.attempt)
+    finally:
+        run.stop.set()
+        uploader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await uploader
+
+
+async def _upload_progress(agent: Agent, run: _Run) -> None:
+    while not run.stop.is_set():
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        latest = run.latest
+        if latest is None or latest == run.sent:
+            continue
+        try:
+            await agent.client.call(f"{run.base}/progress", latest)
+            run.sent = latest
+        except Conflict:
+            run.stop.set()  # the job moved on; the worker stops at its next step
+        except (httpx.HTTPError, IdlegridError) as exc:
+            log.warning("progress upload failed: %s", exc)
+
+
+# ---- verifier mode -------------------------------------------------------------------------
+
+
+def verify_segment(ex: Any, msg: TrainAuditMsg) -> dict[str, Any]:
+    """Re-execute one audited segment from the provider's checkpoint; the report body."""
+    from idlegrid.core.training.proof import TrainingCommitment
+    from idlegrid.core.training.spec import JobSpec
+
+    spec = JobSpec.parse(msg.spec)
+    start = base64.b64decode(msg.start_checkpoint) if msg.start_checkpoint else None
+    end = base64.b64decode(msg.end_checkpoint)
+    committed = TrainingCommitment.from_bytes(base64.b64decode(msg.commitment))
+    # Bound to the commitment: the end checkpoint must hash to the last committed leaf, the
+    # start one to the leaf before the segment (a swapped or deleted checkpoint fails here).
+    match = ex.checkpoint_hash(spec, end) == committed.leaves[-1].state_hash
+    if start is not None and msg.start_hash is not None:
+        match = match and ex.checkpoint_hash(spec, start).hex() == msg.start_hash
+    leaves, mine = ex.replay(spec, start, msg.start_step, msg.end_step)
+    mine_c = TrainingCommitment(msg.job_id, msg.start_step, list(leaves))
+    return {"leaves": base64.b64encode(mine_c.to_bytes()).decode(),
+            "weight_distance": ex.weight_distance(spec, mine, end),
+            "det_class": ex.det_class(spec), "checkpoints_match": bool(match)}
+
+
+async def train_audit_loop(agent: Agent) -> None:
+    """Take segment audits until the agent drains."""
+    ex = _executor(agent)
+    check = agent.config.train_verify or verify_segment
+    loop = asyncio.get_running_loop()
+    while not agent.draining.is_set():
+        try:
+            task = await agent.client.call("/api/v1/train/audits/poll", {}, timeout=30)
+        except (httpx.TransportError, CoordinatorError) as exc:
+            log.warning("training audit poll failed: %s", exc)
+            await asyncio.sleep(1.0)
+            continue
+        except AuthError:
+            await asyncio.sleep(0.5)
+            continue
+        if task is None:
+            continue
+        msg = TrainAuditMsg.model_validate(task)
+        try:
+            body = await loop.run_in_executor(None, check, ex, msg)
+            await agent.client.call(f"/api/v1/train/audits/{msg.audit_id}/report", body)
+            agent.train_audited += 1
+        except (httpx.HTTPError, IdlegridError) as exc:
+            log.warning("training audit %s: %s", msg.audit_id, exc)
+        except Exception:
+            log.exception("training audit %s failed unexpectedly", msg.audit_id)
