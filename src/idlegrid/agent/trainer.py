@@ -47,10 +47,16 @@ class Executor(Protocol):
     def checkpoint(self, spec: Any, state: Any) -> bytes:
         """The state as checkpoint bytes."""
 
+    def initial_checkpoint(self, spec: Any) -> bytes:
+        """The checkpoint of step 0, derived from the spec alone."""
+
+    def state_hash(self, spec: Any, state: Any) -> bytes:
+        """The hash of a state (weights, optimizer state, step) that leaves commit to."""
+
     def checkpoint_hash(self, spec: Any, data: bytes) -> bytes:
         """The state hash a checkpoint captures (equals that step's committed leaf)."""
 
-    def replay(self, spec: Any, start: bytes | None, start_step: int,
+    def replay(self, spec: Any, start: bytes, start_step: int,
                end_step: int) -> tuple[list[Any], bytes]:
         """A verifier's re-execution: leaves and the end checkpoint."""
 
@@ -95,20 +101,28 @@ class TorchExecutor:
 
         return bytes(verified.checkpoint_bytes(state[1]))
 
+    def initial_checkpoint(self, spec: Any) -> bytes:
+        """Step 0's checkpoint (weights from the init seed, a fresh optimizer)."""
+        from idlegrid.training import verified
+
+        return bytes(verified.checkpoint_bytes(self._trainer(spec).initial_state()))
+
+    def state_hash(self, spec: Any, state: Any) -> bytes:
+        """The state hash the trainer commits to."""
+        trainer, st = state
+        return bytes(trainer.state_hash(st))
+
     def checkpoint_hash(self, spec: Any, data: bytes) -> bytes:
         """The committed state hash of a checkpoint."""
         from idlegrid.training import verified
 
         return bytes(verified.checkpoint_hash(data))
 
-    def replay(self, spec: Any, start: bytes | None, start_step: int,
+    def replay(self, spec: Any, start: bytes, start_step: int,
                end_step: int) -> tuple[list[Any], bytes]:
-        """Re-execute a segment (from the initial state when `start` is None)."""
+        """Re-execute a segment from its start checkpoint."""
         from idlegrid.training import verified
 
-        if start is None:
-            trainer = self._trainer(spec)
-            start = verified.checkpoint_bytes(trainer.initial_state())
         leaves, end = verified.replay(spec, start, start_step, end_step)
         return list(leaves), bytes(end)
 
@@ -197,12 +211,13 @@ async def run_job(agent: Agent, ex: Any, work: TrainWorkMsg) -> None:
                 await agent.client.call(f"{base}/release", {"reason": "provider draining"})
                 return
             try:
+                start_hash = await loop.run_in_executor(None, ex.state_hash, spec, state)
                 state, leaves = await loop.run_in_executor(None, ex.run, spec, state, end,
                                                            on_step)
             except _Stop:
                 return
             blob = await loop.run_in_executor(None, ex.checkpoint, spec, state)
-            c = TrainingCommitment(work.job_id, start, list(leaves))
+            c = TrainingCommitment(work.job_id, start, list(leaves), start_hash)
             # Kept for the challenge window: audits and resumes start from these.
             agent.train_checkpoints[(work.job_id, end)] = blob
             answer = await agent.client.call(f"{base}/segments/{index}/commit", {
@@ -245,16 +260,17 @@ def verify_segment(ex: Any, msg: TrainAuditMsg) -> dict[str, Any]:
     from idlegrid.core.training.spec import JobSpec
 
     spec = JobSpec.parse(msg.spec)
-    start = base64.b64decode(msg.start_checkpoint) if msg.start_checkpoint else None
+    start = (base64.b64decode(msg.start_checkpoint) if msg.start_checkpoint
+             else ex.initial_checkpoint(spec))
     end = base64.b64decode(msg.end_checkpoint)
     committed = TrainingCommitment.from_bytes(base64.b64decode(msg.commitment))
-    # Bound to the commitment: the end checkpoint must hash to the last committed leaf, the
-    # start one to the leaf before the segment (a swapped or deleted checkpoint fails here).
-    match = ex.checkpoint_hash(spec, end) == committed.leaves[-1].state_hash
-    if start is not None and msg.start_hash is not None:
-        match = match and ex.checkpoint_hash(spec, start).hex() == msg.start_hash
+    # Both checkpoints are bound to the commitment: the start one to its start hash, the
+    # end one to its last leaf (a swapped, stale or invented checkpoint fails here).
+    match = (ex.checkpoint_hash(spec, start) == committed.start_hash
+             and ex.checkpoint_hash(spec, end) == committed.end_hash)
     leaves, mine = ex.replay(spec, start, msg.start_step, msg.end_step)
-    mine_c = TrainingCommitment(msg.job_id, msg.start_step, list(leaves))
+    mine_c = TrainingCommitment(msg.job_id, msg.start_step, list(leaves),
+                                ex.checkpoint_hash(spec, start))
     return {"leaves": base64.b64encode(mine_c.to_bytes()).decode(),
             "weight_distance": ex.weight_distance(spec, mine, end),
             "det_class": ex.det_class(spec), "checkpoints_match": bool(match)}

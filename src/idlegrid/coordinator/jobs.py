@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from idlegrid.coordinator.training_schema import (
     TrainAudit,
@@ -108,6 +108,7 @@ class Jobs:
         """Validate a spec, escrow its full price, queue it (400 bad spec, 402 short)."""
         from idlegrid.core.training import settlement as tset
         from idlegrid.core.training.spec import JobSpec
+        from idlegrid.core.training.spec import job_id as make_job_id
 
         if not isinstance(body, dict):
             raise InvalidRequest("body must be a JSON object with a 'spec'", param="spec")
@@ -119,10 +120,8 @@ class Jobs:
         if not isinstance(ref, str) or not 1 <= len(ref) <= 64:
             raise InvalidRequest("ref must be a string of 1 to 64 characters", param="ref")
         spec = JobSpec.parse(body.get("spec"))
-        job_id = "job-" + hashlib.sha256(
-            spec.digest() + f"|{key_id}|{ref}".encode()).hexdigest()[:24]
-        consumer = ledger.consumer_account(key_id)
-        amount = spec.price_per_step * spec.steps
+        job_id = make_job_id(spec, ledger.consumer_account(key_id), ref)
+        amount = spec.escrow_total
         now = self.grid.clock()
         with self.store.tx() as s:
             if s.get(TrainJob, job_id) is not None:
@@ -137,7 +136,8 @@ class Jobs:
                            node_id=None, attempt=0, committed_step=0, verified_step=0,
                            escrow=amount, progress={}, excluded=[], error="", created_at=now,
                            lease_at=now))
-            self._post_all(s, [tset.escrow(job_id, consumer, amount)])
+            if amount > 0:
+                self._post_all(s, [tset.escrow(job_id, key_id, amount)])
             self._event(s, job_id, "submitted", f"key:{key_id}", escrow=amount,
                         steps=spec.steps, price_per_step=spec.price_per_step)
         self.new_work.set()
@@ -165,10 +165,14 @@ class Jobs:
         """End a job: refund what is left of its escrow, with the cause."""
         from idlegrid.core.training import settlement as tset
 
-        left = self._balance(s, tset.escrow_account(job.id))
+        left = self._balance(s, tset.job_escrow_account(job.id))
         if left > 0:
-            self._post_all(s, [tset.refund(job.id, ledger.consumer_account(job.key_id), left,
-                                           reason=state)])
+            self._post_all(s, [tset.close(job.id, job.key_id, left)])
+        # Every segment is final now (paid, refunded or dropped): stakes go back.
+        suffix = f":job-{job.id}"
+        for acct, bal in self.store.balances().items():
+            if acct.endswith(suffix) and bal > 0:
+                self._post_all(s, [tset.unstake(job.id, acct.split(":")[1], bal)])
         job.state, job.node_id = state, None
         s.execute(update(TrainAudit).where(TrainAudit.job_id == job.id,
                                            TrainAudit.state == "pending").values(
@@ -214,7 +218,7 @@ class Jobs:
         for g in segs:
             if g.state in ("committed", "accepted"):
                 losses += [[leaf.step, leaf.loss] for leaf in self._leaves(g.blob)]
-        entries = [e for e in self.store.entries(job_id)]
+        entries = self._entries(job_id, [a["id"] for a in out_audits(audits)])
         paid = bill(entries, ledger.consumer_account(key_id))
         out.update({
             "losses": sorted(losses),
@@ -222,16 +226,31 @@ class Jobs:
                           "end_step": g.end_step, "provider": g.node_id, "attempt": g.attempt,
                           "root": g.root, "det_class": g.det_class, "state": g.state,
                           "cause": g.cause} for g in segs],
-            "audits": [{"id": a.id, "segment": a.segment_id, "provider": a.node_id,
-                        "verifier": a.verifier_id, "canary": a.canary, "state": a.state,
-                        "verdict": a.verdict} for a in audits],
+            "audits": out_audits(audits),
             "events": [{"at": e.at, "kind": e.kind, "cause": e.cause, **e.detail}
                        for e in events],
-            "ledger": [{"key": e["key"], "cause": e["cause"], "memo": e["memo"],
-                        "postings": e["postings"]} for e in entries],
+            "ledger": entries,
             "bill": paid,
         })
         return out
+
+    def _entries(self, job_id: str, audit_ids: list[str]) -> list[dict[str, Any]]:
+        """Ledger entries caused by the job, its segments or its audits, oldest first."""
+        from idlegrid.coordinator.schema import LedgerEntry, LedgerPosting
+
+        with self.store.read() as s:
+            rows = list(s.scalars(select(LedgerEntry).where(or_(
+                LedgerEntry.cause_id == job_id, LedgerEntry.cause_id.like(f"{job_id}:%"),
+                LedgerEntry.cause_id.in_(audit_ids))).order_by(LedgerEntry.seq)))
+            seqs = [e.seq for e in rows]
+            postings: dict[int, list[dict[str, Any]]] = {}
+            for seq, acct, amount in s.execute(select(
+                    LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount)
+                    .where(LedgerPosting.entry_seq.in_(seqs))):
+                postings.setdefault(seq, []).append({"account": acct, "amount": amount})
+            return [{"key": e.key, "cause": {"kind": e.cause_kind, "id": e.cause_id},
+                     "memo": e.memo, "at": e.created_at, "postings": postings.get(e.seq, [])}
+                    for e in rows]
 
     @staticmethod
     def _leaves(blob: bytes) -> list[Any]:
@@ -257,18 +276,18 @@ class Jobs:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.new_work.wait(), timeout=min(remaining, 1.0))
 
-    def _stake(self, node_id: str) -> int:
-        prefix = f"stake:{node_id}:"
-        return sum(b for a, b in self.store.balances().items() if a.startswith(prefix) and b > 0)
-
     def _claim(self, node_id: str) -> dict[str, Any] | None:
+        from idlegrid.core.training import settlement as tset
+
         now = self.grid.clock()
-        stake = self._stake(node_id)
         with self.store.tx() as s:
+            free = self._balance(s, ledger.provider_account(node_id))
             rows = s.scalars(select(TrainJob).where(TrainJob.state == "queued")
                              .order_by(TrainJob.created_at).limit(50))
             for job in rows:
-                if node_id in job.excluded or stake < int(job.spec["stake_required"]):
+                need = int(job.spec["stake_required"])
+                held = self._balance(s, tset.job_stake_account(job.id, node_id))
+                if node_id in job.excluded or (held < need and free < need):
                     continue
                 res = s.execute(update(TrainJob).where(
                     TrainJob.id == job.id, TrainJob.state == "queued").values(
@@ -277,6 +296,10 @@ class Jobs:
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     continue
                 s.refresh(job)
+                if need > 0 and held < need:
+                    # The job's stake is locked as the job is taken: slashed on a proven
+                    # fault in it, returned when the job ends.
+                    self._post_all(s, [tset.stake(job.id, node_id, need)])
                 start = job.committed_step
                 kind = "resumed" if start > 0 else "assigned"
                 self._event(s, job.id, kind, f"node:{node_id}", attempt=job.attempt,
@@ -332,6 +355,13 @@ class Jobs:
             if c.job_id != job_id or c.start_step != start or steps != list(range(start, end)):
                 raise InvalidRequest(f"commitment must cover steps {start}..{end - 1} of "
                                      f"{job_id}", param="commitment")
+            if start > 0:
+                prev = s.scalars(select(TrainSegment).where(
+                    TrainSegment.job_id == job_id, TrainSegment.end_step == start,
+                    TrainSegment.state.in_(("committed", "accepted")))).first()
+                if prev is None or not c.follows(proof.TrainingCommitment.from_bytes(prev.blob)):
+                    raise InvalidRequest("commitment does not start from the state the "
+                                         "previous segment committed", param="commitment")
             digest = c.digest()
             seg_id = f"{job_id}:{index}:{attempt}"
             s.add(TrainSegment(id=seg_id, job_id=job_id, idx=index, start_step=start,
@@ -374,7 +404,9 @@ class Jobs:
         if proof.select_segment(self.secret, digest, rate):
             made.append((f"taud-{digest.hex()[:24]}", False, c.to_bytes()))
         if beacon.selected(self.secret, digest, st.canary_rate, domain=b"train-canary"):
-            made.append((f"tcan-{digest.hex()[:24]}", True, canary(c).to_bytes()))
+            seed = int.from_bytes(hashlib.sha256(self.secret + digest).digest()[:8], "little")
+            made.append((f"tcan-{digest.hex()[:24]}", True,
+                         proof.canary_commitment(c, seed).to_bytes()))
         for audit_id, is_canary, blob in made:
             s.add(TrainAudit(id=audit_id, job_id=job.id, segment_id=seg_id, node_id=node_id,
                              designated=designated, verifier_id=None, canary=is_canary,
@@ -451,18 +483,8 @@ class Jobs:
                 return {"audit_id": a.id, "job_id": job.id, "spec": job.spec,
                         "start_step": seg.start_step, "end_step": seg.end_step,
                         "start_checkpoint": enc(start.blob) if start else None,
-                        "end_checkpoint": enc(end.blob), "commitment": enc(a.blob),
-                        "start_hash": self._start_hash(s, seg)}
+                        "end_checkpoint": enc(end.blob), "commitment": enc(a.blob)}
         return None
-
-    def _start_hash(self, s: Session, seg: TrainSegment) -> str | None:
-        """The state hash committed for the step before this segment (None at step 0)."""
-        if seg.start_step == 0:
-            return None
-        prev = s.scalars(select(TrainSegment).where(
-            TrainSegment.job_id == seg.job_id, TrainSegment.end_step == seg.start_step,
-            TrainSegment.state.in_(("committed", "accepted")))).first()
-        return self._leaves(prev.blob)[-1].state_hash.hex() if prev else None
 
     def report(self, node_id: str, audit_id: str, leaves: bytes, weight_distance: float | None,
                det_class: str, checkpoints_match: bool) -> dict[str, Any]:
@@ -501,16 +523,17 @@ class Jobs:
                     verifier.verifier_failed += 1
                     verifier.ejected = True
                     self.grid.trust.ejected.add(node_id)
-                    self._post_all(s, [tset.canary_slash(audit_id, acct, bal)
-                                       for acct, bal in self._stakes(node_id).items()])
+                    self._post_all(s, [tset.verifier_slash(
+                        f"{audit_id}:{acct}", acct, bal, bal, "train canary approved")
+                        for acct, bal in self._stakes(node_id).items()])
                     self._event(s, job.id, "canary-failed", f"audit:{audit_id}",
                                 verifier=node_id)
                 else:
                     verifier.verifier_passed += 1
                 return {"audit_id": audit_id, **verdict}
             verifier.verifier_passed += 1
-            fee = price * self.settings.verifier_fee_bps // 10_000
-            self._post_all(s, [tset.verifier_fee(job.id, audit_id, node_id, fee)])
+            if not v.ok:  # a passed audit's fee is paid with the segment (see tick)
+                self._pay_verifier(s, a, price)
             self._event(s, job.id, "audit-passed" if v.ok else "audit-failed",
                         f"audit:{audit_id}", segment=seg.id, verifier=node_id,
                         reason=v.reason, first_bad_step=v.first_bad_step)
@@ -520,22 +543,33 @@ class Jobs:
         self.new_work.set()
         return {"audit_id": audit_id, **verdict}
 
+    def _pay_verifier(self, s: Session, a: TrainAudit, price: int) -> None:
+        """The verifier's fee, out of the protocol fees (capped by what they hold)."""
+        from idlegrid.core.training import settlement as tset
+
+        if a.verifier_id is None:
+            return
+        fee = price * self.settings.verifier_fee_bps // 10_000
+        self._post_all(s, [tset.audit_fee(a.id, a.verifier_id, fee,
+                                          self._balance(s, ledger.FEES))])
+
     def _fault(self, s: Session, job: TrainJob, seg: TrainSegment, audit_id: str,
                verifier_id: str, consumer: str, price: int) -> None:
         """A proven fault: slash, refund, exclude the provider and rewind to the segment."""
         from idlegrid.core.training import settlement as tset
 
         provider = seg.node_id
-        stakes = self._stakes(provider)
-        self._post_all(s, tset.slash(job.id, seg.id, audit_id, stakes, consumer, price,
-                                     verifier_id))
+        stake = self._balance(s, tset.job_stake_account(job.id, provider))
+        # The whole job stake: the consumer's compensation (the segment's price) first.
+        self._post_all(s, [tset.slash(job.id, seg.idx, provider, stake, stake, job.key_id,
+                                      price, verifier_id)])
         seg.state, seg.done_at, seg.cause = "failed", self.grid.clock(), f"audit:{audit_id}"
         node = s.get(TrustNode, provider)
         if node is not None:
             node.failed += 1
         job.excluded = sorted({*job.excluded, provider})
         self._event(s, job.id, "slashed", f"audit:{audit_id}", provider=provider,
-                    stake=sum(stakes.values()), refund=price)
+                    stake=stake, compensation=min(price, stake))
         self._discard_after(s, job, seg.start_step, f"built on failed segment {seg.id}")
         if job.state in ("running", "trained"):
             holder = job.node_id
@@ -600,8 +634,11 @@ class Jobs:
                         break
                     price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
                     cause = f"audit:{audit.id}" if audit else "challenge window passed"
-                    self._post_all(s, [tset.pay(job.id, seg.id, seg.node_id, price,
-                                                self.grid.settings.fee_bps)])
+                    self._post_all(s, [tset.pay_segment(job.id, seg.idx, seg.node_id, price,
+                                                        self.grid.settings.fee_bps)]
+                                   if price > 0 else [])
+                    if audit is not None:  # paid after the segment: its fee funds it
+                        self._pay_verifier(s, audit, price)
                     seg.state, seg.done_at, seg.cause = "accepted", now, cause
                     job.verified_step = seg.end_step
                     self._event(s, job.id, "paid", cause, segment=seg.id, provider=seg.node_id,
@@ -620,17 +657,6 @@ class Jobs:
                     for a in s.scalars(select(TrainAudit).order_by(TrainAudit.created_at))]
 
 
-def canary(c: Any) -> Any:
-    """A planted wrong commitment: the same segment with its first loss nudged by 1%."""
-    import dataclasses
-
-    from idlegrid.core.training.proof import TrainingCommitment
-
-    first = c.leaves[0]
-    bad = dataclasses.replace(first, loss=first.loss * 1.01 + 1e-3)
-    return TrainingCommitment(c.job_id, c.start_step, [bad, *c.leaves[1:]])
-
-
 def judge(committed: Any, recomputed: Any, exact: bool, weight_distance: float | None,
           checkpoints_match: bool) -> Any:
     """The core's verdict on a replay, failing outright on checkpoints that do not match."""
@@ -643,23 +669,36 @@ def judge(committed: Any, recomputed: Any, exact: bool, weight_distance: float |
                                weight_dist=weight_distance)
 
 
+def out_audits(audits: list[TrainAudit]) -> list[dict[str, Any]]:
+    """Audits as the job view shows them."""
+    return [{"id": a.id, "segment": a.segment_id, "provider": a.node_id,
+             "verifier": a.verifier_id, "canary": a.canary, "state": a.state,
+             "verdict": a.verdict} for a in audits]
+
+
 def bill(entries: list[dict[str, Any]], consumer: str) -> dict[str, int]:
-    """What the consumer paid, was refunded and was compensated, from the job's entries."""
-    out = {"escrowed": 0, "refunded": 0, "compensated": 0, "charged": 0, "to_providers": 0,
-           "to_verifiers": 0, "fees": 0}
+    """The job's money from its ledger entries: what the consumer escrowed, got back and
+    was compensated; what providers, verifiers and fees received; what stakes lost."""
+    out = {"escrowed": 0, "refunded": 0, "charged": 0, "compensated": 0, "to_providers": 0,
+           "fees": 0, "to_verifiers": 0, "slashed": 0}
     for e in entries:
+        kind = e["key"].split(":", 1)[0]
         for p in e["postings"]:
-            if p["account"] == consumer:
-                if p["amount"] < 0:
-                    out["escrowed"] -= p["amount"]
-                elif e["memo"].startswith("slash") or e["key"].startswith("train-slash"):
-                    out["compensated"] += p["amount"]
-                else:
-                    out["refunded"] += p["amount"]
-            elif p["account"].startswith(("accrual:", "provider:")) and p["amount"] > 0:
-                key = "to_verifiers" if "verif" in e["key"] else "to_providers"
-                out[key] += p["amount"]
-            elif p["account"] == ledger.FEES:
-                out["fees"] += p["amount"]
+            acct, amount = p["account"], p["amount"]
+            if kind == "train-escrow" and acct == consumer:
+                out["escrowed"] -= amount
+            elif kind in ("train-seg", "train-close") and acct == consumer:
+                out["refunded"] += amount
+            elif kind == "train-seg" and acct.startswith("provider:"):
+                out["to_providers"] += amount
+            elif kind == "train-seg" and acct == ledger.FEES:
+                out["fees"] += amount
+            elif kind == "train-slash":
+                if acct == consumer:
+                    out["compensated"] += amount
+                elif acct.startswith("stake:"):
+                    out["slashed"] -= amount
+            elif kind == "train-audit-pay" and acct.startswith("provider:"):
+                out["to_verifiers"] += amount
     out["charged"] = out["escrowed"] - out["refunded"]
     return out

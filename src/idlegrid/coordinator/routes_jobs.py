@@ -21,6 +21,7 @@ SPEC_EXAMPLE = {"spec": {
     "optimizer": {"name": "adamw", "lr": 0.003, "betas": [0.9, 0.95], "weight_decay": 0.0},
     "batch_size": 8, "steps": 64, "checkpoint_interval": 8, "job_seed": 7,
     "determinism_class": None, "price_per_step": 1000, "stake_required": 1000000}}
+SPEC_BODY = Body(..., examples=[SPEC_EXAMPLE])
 
 
 async def _key(request: Request) -> str:
@@ -31,8 +32,7 @@ async def _key(request: Request) -> str:
 
 
 @router.post("/jobs", status_code=201, response_class=JSONResponse)
-async def submit_job(request: Request, body: Any = Body(..., examples=[SPEC_EXAMPLE])
-                     ) -> JSONResponse:
+async def submit_job(request: Request, body: Any = SPEC_BODY) -> JSONResponse:
     """Submit a training job: its full price is escrowed (400 names a bad field, 402 when
     the balance is short, 409 for a reused `ref`). Nothing is posted on any error."""
     key_id = await _key(request)

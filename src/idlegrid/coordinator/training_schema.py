@@ -18,7 +18,8 @@ class TrainJob(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     key_id: Mapped[str] = mapped_column(String(64), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), index=True)  # queued running trained done failed canceled
+    # queued running trained done failed canceled
+    state: Mapped[str] = mapped_column(String(16), index=True)
     node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempt: Mapped[int] = mapped_column(Integer)
     committed_step: Mapped[int] = mapped_column(Integer)  # end of the last kept segment
@@ -46,7 +47,8 @@ class TrainSegment(Base):
     digest: Mapped[str] = mapped_column(String(64))
     root: Mapped[str] = mapped_column(String(64))
     det_class: Mapped[str] = mapped_column(String(200))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # committed accepted failed discarded
+    # committed accepted failed discarded
+    state: Mapped[str] = mapped_column(String(16), index=True)
     cause: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[float] = mapped_column(Float)
     done_at: Mapped[float] = mapped_column(Float)

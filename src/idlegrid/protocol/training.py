@@ -66,7 +66,6 @@ class TrainAuditMsg(Message):
     start_checkpoint: str | None = None  # None: the initial state derived from the spec
     end_checkpoint: str
     commitment: str  # what the provider committed (canaries: a planted wrong one)
-    start_hash: str | None = None  # committed state hash the start checkpoint must have
 
 
 class TrainAuditReportMsg(Message):
