@@ -47,6 +47,7 @@ from idlegrid.core.training.spec import JobSpec, batch_indices
 from idlegrid.errors import InvalidRequest
 from idlegrid.training.data import load_corpus, make_windows
 from idlegrid.training.gpt import GPTConfig, build_stages
+from idlegrid.training.optrace import Recorder, Tamper, Trace
 
 MAGIC = b"IGTRAIN1"
 _LEN = struct.Struct("<I")
@@ -315,6 +316,14 @@ class Trainer:
                     on_step(leaf, self.spec.tokens_per_step / max(dt, 1e-9))
         return state, leaves
 
+    def trace_step(self, state: State, keep: int | None = None,
+                   tamper: Tamper | None = None) -> Trace:
+        """Run one step in place under the operator recorder (dispute level 2)."""
+        rec = Recorder(keep=keep, tamper=tamper)
+        with _threads(self.threads), rec:
+            self.train_step(state)
+        return rec.trace
+
     def run_segment(self, state: State, job_id: str,
                     on_step: OnStep | None = None) -> tuple[State, TrainingCommitment, bytes]:
         """Train the segment that starts at state.step; (state, commitment, end checkpoint)."""
@@ -337,6 +346,17 @@ def replay(spec: JobSpec, start_checkpoint: bytes | None, start_step: int, end_s
         raise CheckpointError(f"checkpoint is at step {state.step}, not {start_step}")
     state, leaves = tr.run(state, end_step)
     return leaves, checkpoint_bytes(state)
+
+
+def trace_step(spec: JobSpec, checkpoint: bytes | None, step: int, threads: int | None = None,
+               keep: int | None = None) -> Trace:
+    """Operator trace of step `step` from the checkpoint at its start (None: step 0 from the
+    initial state)."""
+    tr = Trainer(spec, threads)
+    state = tr.initial_state() if checkpoint is None else tr.load(checkpoint)
+    if state.step != step:
+        raise CheckpointError(f"checkpoint is at step {state.step}, not {step}")
+    return tr.trace_step(state, keep=keep)
 
 
 @dataclass(frozen=True)
