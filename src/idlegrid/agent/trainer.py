@@ -60,8 +60,8 @@ class Executor(Protocol):
                end_step: int) -> tuple[list[Any], bytes]:
         """A verifier's re-execution: leaves and the end checkpoint."""
 
-    def weight_distance(self, spec: Any, a: bytes, b: bytes) -> float:
-        """Relative L2 distance of two checkpoints' weights."""
+    def weight_distance(self, spec: Any, mine: bytes, theirs: bytes, start: bytes) -> float:
+        """Distance of two end checkpoints' weights, relative to the segment's update."""
 
 
 class TorchExecutor:
@@ -126,11 +126,11 @@ class TorchExecutor:
         leaves, end = verified.replay(spec, start, start_step, end_step)
         return list(leaves), bytes(end)
 
-    def weight_distance(self, spec: Any, a: bytes, b: bytes) -> float:
-        """Relative L2 distance of the weights."""
+    def weight_distance(self, spec: Any, mine: bytes, theirs: bytes, start: bytes) -> float:
+        """‖mine − theirs‖ / ‖theirs − start‖ over the weights."""
         from idlegrid.training import verified
 
-        return float(verified.weight_distance(a, b))
+        return float(verified.weight_distance(mine, theirs, start))
 
 
 class _Stop(Exception):
@@ -272,7 +272,7 @@ def verify_segment(ex: Any, msg: TrainAuditMsg) -> dict[str, Any]:
     mine_c = TrainingCommitment(msg.job_id, msg.start_step, list(leaves),
                                 ex.checkpoint_hash(spec, start))
     return {"leaves": base64.b64encode(mine_c.to_bytes()).decode(),
-            "weight_distance": ex.weight_distance(spec, mine, end),
+            "weight_distance": ex.weight_distance(spec, mine, end, start),
             "det_class": ex.det_class(spec), "checkpoints_match": bool(match)}
 
 

@@ -362,6 +362,11 @@ class Jobs:
                 if prev is None or not c.follows(proof.TrainingCommitment.from_bytes(prev.blob)):
                     raise InvalidRequest("commitment does not start from the state the "
                                          "previous segment committed", param="commitment")
+            if hashlib.sha256(checkpoint).digest() != c.end_hash:
+                # Checkpoints are their state's canonical bytes (training/verified.py): the
+                # one a provider leaves must be the state its last leaf commits to.
+                raise InvalidRequest("checkpoint does not hash to the last committed leaf",
+                                     param="checkpoint")
             digest = c.digest()
             seg_id = f"{job_id}:{index}:{attempt}"
             s.add(TrainSegment(id=seg_id, job_id=job_id, idx=index, start_step=start,
