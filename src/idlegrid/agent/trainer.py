@@ -65,15 +65,17 @@ class Executor(Protocol):
 
 
 class TorchExecutor:
-    """The honest executor: `training/verified.py`, imported only when a job arrives."""
+    """`training/verified.py`, imported only when a job arrives. `trainer_cls` is its
+    `Trainer` unless a test runs a cheat (testbed/training_cheats.py subclasses it)."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, trainer_cls: Any = None) -> None:
         self.threads = threads
+        self.trainer_cls = trainer_cls
 
     def _trainer(self, spec: Any) -> Any:
         from idlegrid.training.verified import Trainer
 
-        return Trainer(spec, threads=self.threads)
+        return (self.trainer_cls or Trainer)(spec, threads=self.threads)
 
     def det_class(self, spec: Any) -> str:
         """The torch version, device, dtype and threads."""
@@ -84,8 +86,7 @@ class TorchExecutor:
         from idlegrid.training import verified
 
         trainer = self._trainer(spec)
-        state = trainer.initial_state() if checkpoint is None else verified.load_checkpoint(
-            spec, checkpoint)
+        state = trainer.initial_state() if checkpoint is None else trainer.load(checkpoint)
         return trainer, state
 
     def run(self, spec: Any, state: Any, end_step: int,
@@ -123,7 +124,7 @@ class TorchExecutor:
         """Re-execute a segment from its start checkpoint."""
         from idlegrid.training import verified
 
-        leaves, end = verified.replay(spec, start, start_step, end_step)
+        leaves, end = verified.replay(spec, start, start_step, end_step, self.threads)
         return list(leaves), bytes(end)
 
     def weight_distance(self, spec: Any, mine: bytes, theirs: bytes, start: bytes) -> float:
@@ -268,6 +269,9 @@ def verify_segment(ex: Any, msg: TrainAuditMsg) -> dict[str, Any]:
     # end one to its last leaf (a swapped, stale or invented checkpoint fails here).
     match = (ex.checkpoint_hash(spec, start) == committed.start_hash
              and ex.checkpoint_hash(spec, end) == committed.end_hash)
+    if not match:  # nothing to replay from: that alone fails the segment
+        return {"leaves": msg.commitment, "weight_distance": None,
+                "det_class": ex.det_class(spec), "checkpoints_match": False}
     leaves, mine = ex.replay(spec, start, msg.start_step, msg.end_step)
     mine_c = TrainingCommitment(msg.job_id, msg.start_step, list(leaves),
                                 ex.checkpoint_hash(spec, start))
