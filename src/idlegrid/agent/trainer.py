@@ -83,7 +83,6 @@ class TorchExecutor:
 
     def start(self, spec: Any, checkpoint: bytes | None) -> Any:
         """Initial state (from the job seed) or a loaded checkpoint."""
-        from idlegrid.training import verified
 
         trainer = self._trainer(spec)
         state = trainer.initial_state() if checkpoint is None else trainer.load(checkpoint)
@@ -148,6 +147,21 @@ class _Run:
     sent: dict[str, float] | None = None
 
 
+async def _poll(agent: Agent, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """A long poll that a drain cuts short (a job claimed in that instant is reclaimed by the
+    coordinator once the node stops heartbeating or its lease runs out)."""
+    poll = asyncio.create_task(agent.client.call(path, body, timeout=30))
+    drain = asyncio.create_task(agent.draining.wait())
+    try:
+        await asyncio.wait({poll, drain}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        drain.cancel()
+    if not poll.done():
+        poll.cancel()
+        return None
+    return poll.result()
+
+
 def _executor(agent: Agent) -> Any:
     ex = agent.config.train_executor
     return ex if ex is not None else TorchExecutor(agent.config.train_threads)
@@ -158,7 +172,7 @@ async def train_loop(agent: Agent) -> None:
     ex = _executor(agent)
     while not agent.draining.is_set():
         try:
-            work = await agent.client.call("/api/v1/train/poll", {"wait_s": 5.0}, timeout=30)
+            work = await _poll(agent, "/api/v1/train/poll", {"wait_s": 5.0})
         except (httpx.TransportError, CoordinatorError) as exc:
             log.warning("training poll failed: %s", exc)
             await asyncio.sleep(1.0)
@@ -287,7 +301,7 @@ async def train_audit_loop(agent: Agent) -> None:
     loop = asyncio.get_running_loop()
     while not agent.draining.is_set():
         try:
-            task = await agent.client.call("/api/v1/train/audits/poll", {}, timeout=30)
+            task = await _poll(agent, "/api/v1/train/audits/poll", {})
         except (httpx.TransportError, CoordinatorError) as exc:
             log.warning("training audit poll failed: %s", exc)
             await asyncio.sleep(1.0)
