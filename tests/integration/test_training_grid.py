@@ -112,6 +112,7 @@ class Grid:
 def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Grid]:
     monkeypatch.setenv("IDLEGRID_TRAIN_CHALLENGE_S", "0.5")
     monkeypatch.setenv("IDLEGRID_TRAIN_LEASE_TIMEOUT_S", "30")
+    monkeypatch.setenv("IDLEGRID_TRAIN_PROBE_RATE", "0")  # tests that probe ask for it
     g = Grid(tmp_path)
     yield g
     g.stop()
@@ -126,7 +127,9 @@ def seg_pays(job: dict[str, Any]) -> list[int]:
 def test_honest_job_is_audited_paid_per_step_and_canaries_fail(grid: Grid,
                                                                monkeypatch: pytest.MonkeyPatch
                                                                ) -> None:
-    grid.coord.app.state.grid.jobs.settings.canary_rate = 1.0  # every segment: a canary too
+    knobs = grid.coord.app.state.grid.jobs.settings
+    knobs.canary_rate = 1.0  # every segment: a canary too
+    knobs.probe_rate = 1.0  # and an availability probe
     provider = grid.agent("provider", trainer=True)
     verifier = grid.agent("verifier", train_verifier=True)
     before = grid.balances()
@@ -155,6 +158,7 @@ def test_honest_job_is_audited_paid_per_step_and_canaries_fail(grid: Grid,
     assert kinds[0] == "submitted" and kinds[-1] == "done"
     assert kinds.count("paid") == 3 and kinds.count("audit-passed") == 3
     assert all(e["cause"] for e in job["events"])  # every entry names its cause
+    assert kinds.count("probe-sent") == 3 and kinds.count("probe-answered") == 3
     bal = grid.balances()
     assert bal.get(f"stake:{provider}:job-{job_id}", 0) == 0  # stake returned at the end
     assert bal[ledger.provider_account(verifier)] > 1 * MICRO  # paid for its audits
@@ -311,3 +315,32 @@ def test_node_routes_refuse_unsigned_stale_and_malformed_commits(grid: Grid) -> 
     with pytest.raises(AuthError):
         asyncio.run(unknown_node())
     assert grid.job(job_id)["provider"] == provider
+
+
+class Forgetful(dict):  # type: ignore[type-arg]
+    """Checkpoints that are never kept: the provider deletes them after committing."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+def test_provider_that_deletes_checkpoints_fails_its_probe_and_is_slashed(grid: Grid) -> None:
+    knobs = grid.coord.app.state.grid.jobs.settings
+    knobs.probe_rate, knobs.probe_timeout_s = 1.0, 2.0
+    forgetful = grid.agent("forgetful", trainer=True)
+    grid.agents["forgetful"].agent.train_checkpoints = Forgetful()
+    grid.agent("verifier", train_verifier=True)
+    job_id = grid.submit({"spec": spec()}).json()["id"]
+    wait_until(lambda: "probe-failed" in [e["kind"] for e in grid.job(job_id)["events"]], 30)
+    honest = grid.agent("honest", trainer=True)
+    job = grid.wait_state(job_id, "done", 90)
+    failed = next(e for e in job["events"] if e["kind"] == "probe-failed")
+    assert failed["provider"] == forgetful and failed["slashed"] == STAKE
+    assert grid.balances().get(f"stake:{forgetful}:job-{job_id}", 0) == 0
+    # What it committed was audited and kept; whatever was left, the honest provider did.
+    kept = [s for s in job["segments"] if s["state"] == "accepted"]
+    assert [s["start_step"] for s in kept] == [0, 8, 16]
+    assert {s["provider"] for s in kept} <= {forgetful, honest}
+    assert "probe-answered" not in [e["kind"] for e in job["events"]]
+    assert seg_pays(job) == [8 * PRICE] * 3
+    grid.check_books()

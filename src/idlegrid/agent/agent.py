@@ -161,9 +161,10 @@ class Agent:
 
             slots.append(asyncio.create_task(audit_loop(self, self.engines[0])))
         if self.config.trainer:
-            from idlegrid.agent.trainer import train_loop
+            from idlegrid.agent.trainer import probe_loop, train_loop
 
             slots.append(asyncio.create_task(train_loop(self)))
+            slots.append(asyncio.create_task(probe_loop(self)))
         if self.config.train_verifier:
             from idlegrid.agent.trainer import train_audit_loop
 

@@ -266,6 +266,36 @@ async def _upload_progress(agent: Agent, run: _Run) -> None:
             log.warning("progress upload failed: %s", exc)
 
 
+async def probe_loop(agent: Agent) -> None:
+    """Answer availability probes from the checkpoints kept for the challenge window."""
+    missing: set[str] = set()
+    while not agent.draining.is_set():
+        try:
+            got = await _poll(agent, "/api/v1/train/probes/poll", {})
+        except (httpx.TransportError, CoordinatorError) as exc:
+            log.warning("probe poll failed: %s", exc)
+            await asyncio.sleep(1.0)
+            continue
+        except AuthError:
+            await asyncio.sleep(0.5)
+            continue
+        probes = [p for p in (got or {}).get("probes", []) if p["probe_id"] not in missing]
+        for p in probes:
+            blob = agent.train_checkpoints.get((p["job_id"], p["step"]))
+            if blob is None:
+                log.warning("probe %s: checkpoint %s@%d not kept", p["probe_id"], p["job_id"],
+                            p["step"])
+                missing.add(p["probe_id"])
+                continue
+            try:
+                await agent.client.call(f"/api/v1/train/probes/{p['probe_id']}/answer",
+                                        {"checkpoint": base64.b64encode(blob).decode()})
+            except (httpx.HTTPError, IdlegridError) as exc:
+                log.warning("probe %s: %s", p["probe_id"], exc)
+        if len(probes) < len((got or {}).get("probes", [])):
+            await asyncio.sleep(1.0)  # only unanswerable ones left: do not spin on them
+
+
 # ---- verifier mode -------------------------------------------------------------------------
 
 

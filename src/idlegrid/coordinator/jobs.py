@@ -29,6 +29,7 @@ from idlegrid.coordinator.training_schema import (
     TrainCheckpoint,
     TrainEvent,
     TrainJob,
+    TrainProbe,
     TrainSegment,
 )
 from idlegrid.coordinator.trust_schema import TrustNode
@@ -58,6 +59,8 @@ class TrainSettings(BaseSettings):
     audit_timeout_s: float = Field(300.0, gt=0, description="an assigned audit comes back after")
     verifier_fee_bps: int = Field(1000, ge=0, le=10_000, description="of the audited segment")
     max_jobs_per_key: int = Field(20, ge=1, description="live jobs one key may hold")
+    probe_rate: float = Field(0.1, ge=0, le=1, description="commits followed by a probe")
+    probe_timeout_s: float = Field(30.0, gt=0, description="a probe unanswered this long fails")
 
 
 def b64(text: str, param: str) -> bytes:
@@ -81,6 +84,7 @@ class Jobs:
         self.settings = TrainSettings()
         self.new_work = asyncio.Event()
         self.new_audit = asyncio.Event()
+        self.new_probe = asyncio.Event()
 
     @property
     def store(self) -> Any:
@@ -389,6 +393,7 @@ class Jobs:
             audited = self._draw(s, job, seg_id, node_id, digest, c)
         if audited:
             self.new_audit.set()
+        self.new_probe.set()
         self.grid.changes.bump()
         return {"ok": True, "continue": not last}
 
@@ -420,7 +425,78 @@ class Jobs:
             if not is_canary:
                 self._event(s, job.id, "audit-selected", f"beacon:{digest.hex()[:16]}",
                             audit=audit_id, segment=seg_id, rate=rate)
+        if beacon.selected(self.secret, digest, st.probe_rate, domain=b"train-probe"):
+            self._probe(s, job, node_id, digest)
         return bool(made)
+
+    def _probe(self, s: Session, job: TrainJob, node_id: str, digest: bytes) -> None:
+        """Ask the provider for one of its committed checkpoints of this job, chosen by the
+        beacon: one that is not produced in time was not kept."""
+        s.flush()
+        held = list(s.scalars(select(TrainCheckpoint).where(
+            TrainCheckpoint.job_id == job.id, TrainCheckpoint.node_id == node_id)))
+        if not held:
+            return
+        pick = beacon.pick(self.secret, digest, [str(c.step) for c in held])
+        ckpt = next(c for c in held if str(c.step) == pick)
+        probe_id = f"tprb-{digest.hex()[:24]}"
+        s.add(TrainProbe(id=probe_id, job_id=job.id, node_id=node_id, step=ckpt.step,
+                         sha256=ckpt.sha256, state="pending", created_at=self.grid.clock(),
+                         done_at=0.0))
+        self._event(s, job.id, "probe-sent", f"beacon:{digest.hex()[:16]}", probe=probe_id,
+                    provider=node_id, step=ckpt.step)
+
+    async def poll_probes(self, node_id: str, wait_s: float = 5.0) -> list[dict[str, Any]]:
+        """This node's pending probes (waits up to `wait_s` for one)."""
+        deadline = self.grid.clock() + wait_s
+        while True:
+            self.new_probe.clear()
+            got = await self.grid.db(self._pending_probes, node_id)
+            remaining = deadline - self.grid.clock()
+            if got or remaining <= 0:
+                return got
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.new_probe.wait(), timeout=min(remaining, 1.0))
+
+    def _pending_probes(self, node_id: str) -> list[dict[str, Any]]:
+        with self.store.read() as s:
+            return [{"probe_id": p.id, "job_id": p.job_id, "step": p.step}
+                    for p in s.scalars(select(TrainProbe).where(
+                        TrainProbe.node_id == node_id, TrainProbe.state == "pending"))]
+
+    def answer_probe(self, node_id: str, probe_id: str, checkpoint: bytes) -> dict[str, Any]:
+        """A probed checkpoint: it must hash to what the provider committed."""
+        with self.store.tx() as s:
+            p = s.get(TrainProbe, probe_id)
+            if p is None or p.node_id != node_id:
+                raise NotFound(f"no probe {probe_id} for this node")
+            if p.state != "pending":
+                raise Conflict(f"probe {probe_id} is {p.state}", state=p.state)
+            if hashlib.sha256(checkpoint).hexdigest() != p.sha256:
+                self._probe_fault(s, p, "the checkpoint is not the committed one")
+                return {"ok": False, "state": p.state}
+            p.state, p.done_at = "answered", self.grid.clock()
+            self._event(s, p.job_id, "probe-answered", f"probe:{p.id}", provider=node_id,
+                        step=p.step)
+            return {"ok": True, "state": p.state}
+
+    def _probe_fault(self, s: Session, p: TrainProbe, reason: str) -> None:
+        """A withheld checkpoint: slash the job stake, keep the provider off the job."""
+        from idlegrid.core.training import settlement as tset
+
+        p.state, p.done_at = "failed", self.grid.clock()
+        acct = tset.job_stake_account(p.job_id, p.node_id)
+        stake = self._balance(s, acct)
+        self._post_all(s, [tset.verifier_slash(f"probe:{p.id}", acct, stake, stake,
+                                               "train checkpoint withheld")])
+        job = s.get(TrainJob, p.job_id)
+        assert job is not None
+        job.excluded = sorted({*job.excluded, p.node_id})
+        self._event(s, job.id, "probe-failed", f"probe:{p.id}", provider=p.node_id,
+                    step=p.step, reason=reason, slashed=stake)
+        if job.state == "running" and job.node_id == p.node_id:
+            self._requeue(s, job, "taken-away", f"probe:{p.id}")
+            self.new_work.set()
 
     def release(self, node_id: str, job_id: str, attempt: int, reason: str,
                 kind: str) -> dict[str, Any]:
@@ -617,6 +693,10 @@ class Jobs:
                 TrainAudit.state == "assigned",
                 TrainAudit.assigned_at < now - st.audit_timeout_s).values(
                 state="pending", verifier_id=None, designated=None))
+            for p in s.scalars(select(TrainProbe).where(
+                    TrainProbe.state == "pending",
+                    TrainProbe.created_at < now - st.probe_timeout_s)):
+                self._probe_fault(s, p, f"not answered within {st.probe_timeout_s:.0f} s")
             jobs = list(s.scalars(select(TrainJob).where(TrainJob.state.in_(LIVE_STATES))))
             for job in jobs:
                 if job.state == "running" and (job.node_id not in live

@@ -141,3 +141,20 @@ async def report_train_audit(audit_id: str, request: Request) -> dict[str, Any]:
     grid = _grid(request)
     return await grid.db(grid.jobs.report, node_id, audit_id, b64(msg.leaves, "leaves"),
                          msg.weight_distance, msg.det_class, msg.checkpoints_match)
+
+
+@router.post("/train/probes/poll")
+async def poll_probes(request: Request) -> dict[str, Any]:
+    """Checkpoints this provider must produce now (availability probes); may be empty."""
+    node_id, _ = await _signed(request)
+    return {"probes": await _grid(request).jobs.poll_probes(node_id, wait_s=5.0)}
+
+
+@router.post("/train/probes/{probe_id}/answer")
+async def answer_probe(probe_id: str, request: Request) -> dict[str, Any]:
+    """The probed checkpoint; it must hash to the committed state (else: a fault)."""
+    node_id, body = await _signed(request)
+    msg = _parse(tm.TrainProbeAnswerMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.jobs.answer_probe, node_id, probe_id,
+                         b64(msg.checkpoint, "checkpoint"))

@@ -95,3 +95,17 @@ class TrainEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))
     cause: Mapped[str] = mapped_column(String(200))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class TrainProbe(Base):
+    """An availability probe: the provider must produce a committed checkpoint in time."""
+
+    __tablename__ = "train_probes"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))  # what the checkpoint must hash to
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending answered failed
+    created_at: Mapped[float] = mapped_column(Float)
+    done_at: Mapped[float] = mapped_column(Float)

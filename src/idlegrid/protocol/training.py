@@ -76,3 +76,9 @@ class TrainAuditReportMsg(Message):
     det_class: str = Field("", max_length=200)
     # The provider's checkpoints hash to what it committed (start and end of the segment).
     checkpoints_match: bool = True
+
+
+class TrainProbeAnswerMsg(Message):
+    """A checkpoint the coordinator probed for (it must hash to the committed state)."""
+
+    checkpoint: str = Field(min_length=1, max_length=MAX_B64)

@@ -91,9 +91,24 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index('ix_train_events_job_id', 'train_events', ['job_id'])
+    op.create_table('train_probes',
+    sa.Column('id', sa.String(length=64), nullable=False),
+    sa.Column('job_id', sa.String(length=64), nullable=False),
+    sa.Column('node_id', sa.String(length=64), nullable=False),
+    sa.Column('step', sa.Integer(), nullable=False),
+    sa.Column('sha256', sa.String(length=64), nullable=False),
+    sa.Column('state', sa.String(length=16), nullable=False),
+    sa.Column('created_at', sa.Float(), nullable=False),
+    sa.Column('done_at', sa.Float(), nullable=False),
+    sa.PrimaryKeyConstraint('id')
+    )
+    op.create_index('ix_train_probes_job_id', 'train_probes', ['job_id'])
+    op.create_index('ix_train_probes_node_id', 'train_probes', ['node_id'])
+    op.create_index('ix_train_probes_state', 'train_probes', ['state'])
 
 
 def downgrade() -> None:
+    op.drop_table('train_probes')
     op.drop_table('train_events')
     op.drop_table('train_audits')
     op.drop_table('train_checkpoints')
