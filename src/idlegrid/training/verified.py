@@ -47,7 +47,7 @@ from idlegrid.core.training.spec import JobSpec, batch_indices
 from idlegrid.errors import InvalidRequest
 from idlegrid.training.data import load_corpus, make_windows
 from idlegrid.training.gpt import GPTConfig, build_stages
-from idlegrid.training.optrace import Recorder, Tamper, Trace
+from idlegrid.training.optrace import OpCall, OpRecord, Recorder, Tamper, Trace, recompute_op
 
 MAGIC = b"IGTRAIN1"
 _LEN = struct.Struct("<I")
@@ -116,7 +116,8 @@ class State:
         return list(self.model.parameters())
 
 
-def _build(spec: JobSpec, seed: int) -> State:
+def build_state(spec: JobSpec, seed: int) -> State:
+    """A fresh state for `spec` with weights from `seed` (the spec's own: `init_seed`)."""
     m = spec.model
     model = build_stages(GPTConfig(m.vocab, m.seq, m.layers, m.dim, m.heads), 1, seed)[0]
     params = list(model.parameters())
@@ -147,7 +148,8 @@ def _build(spec: JobSpec, seed: int) -> State:
     return State(0, model, opt, buffers, header)
 
 
-def _set_step(state: State, step: int) -> None:
+def set_step(state: State, step: int) -> None:
+    """Set the step counter (and the optimizer's per-parameter step) of a state."""
     state.step = step
     for st in state.optimizer.state.values():
         if "step" in st:
@@ -179,7 +181,7 @@ def checkpoint_hash(data: bytes) -> bytes:
 
 def load_checkpoint(spec: JobSpec, data: bytes) -> State:
     """Parse a checkpoint into a fresh state for `spec`; CheckpointError if it does not fit."""
-    state = _build(spec, spec.init_seed)
+    state = build_state(spec, spec.init_seed)
     head = len(MAGIC) + _LEN.size
     if len(data) < head or data[:len(MAGIC)] != MAGIC:
         raise CheckpointError("not an idlegrid training checkpoint")
@@ -199,7 +201,7 @@ def load_checkpoint(spec: JobSpec, data: bytes) -> State:
         with torch.no_grad():
             state.buffers[name].copy_(arr)
         off += 4 * numel
-    _set_step(state, step)
+    set_step(state, step)
     return state
 
 
@@ -265,7 +267,7 @@ class Trainer:
 
     def initial_state(self) -> State:
         """Weights from the spec's init seed, a fresh optimizer, step 0."""
-        return _build(self.spec, self.spec.init_seed)
+        return build_state(self.spec, self.spec.init_seed)
 
     def load(self, data: bytes) -> State:
         """A state from checkpoint bytes (see `load_checkpoint`)."""
@@ -291,7 +293,7 @@ class Trainer:
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.apply_update(state)
-        _set_step(state, state.step + 1)
+        set_step(state, state.step + 1)
         return float(loss.detach())
 
     def state_hash(self, state: State) -> bytes:
@@ -348,6 +350,11 @@ def replay(spec: JobSpec, start_checkpoint: bytes | None, start_step: int, end_s
     return leaves, checkpoint_bytes(state)
 
 
+def initial_state_hash(spec: JobSpec) -> bytes:
+    """Hash of the spec's initial state: what the first segment must start from (cheap)."""
+    return state_hash(build_state(spec, spec.init_seed))
+
+
 def trace_step(spec: JobSpec, checkpoint: bytes | None, step: int, threads: int | None = None,
                keep: int | None = None) -> Trace:
     """Operator trace of step `step` from the checkpoint at its start (None: step 0 from the
@@ -357,6 +364,34 @@ def trace_step(spec: JobSpec, checkpoint: bytes | None, step: int, threads: int 
     if state.step != step:
         raise CheckpointError(f"checkpoint is at step {state.step}, not {step}")
     return tr.trace_step(state, keep=keep)
+
+
+def referee_op(spec: JobSpec, agreed_checkpoint: bytes, step: int, provider: OpRecord,
+               challenger: OpRecord, call: OpCall | None, inputs: list[torch.Tensor] | None,
+               threads: int | None = None) -> tuple[bool, bool]:
+    """The referee's ruling on the first disputed op of `step`: (provider right, challenger
+    right).
+
+    Value dispute (same op, signature and input hashes, different output): recompute that
+    one op on the inputs the provider hands over, checked against the agreed input hashes
+    (inputs that do not check lose the provider the dispute). Structure dispute (the parties
+    ran different ops or fed different inputs at the first point where their traces part):
+    the op the program runs there is fixed by the spec, so the referee traces the step
+    itself from the agreed checkpoint and compares (one step of work, not one op).
+    """
+    same_call = (provider.name, provider.signature, provider.input_hashes) == (
+        challenger.name, challenger.signature, challenger.input_hashes)
+    n_threads = threads or torch.get_num_threads()
+    if same_call and call is not None and inputs is not None and str(call.func) == provider.name:
+        try:
+            out = recompute_op(call, inputs, provider.input_hashes, n_threads)
+        except ValueError:
+            return False, True
+        return out == provider.output_hash, out == challenger.output_hash
+    ref = trace_step(spec, agreed_checkpoint, step, threads=n_threads).records
+    if provider.index >= len(ref):
+        return False, False
+    return ref[provider.index] == provider, ref[provider.index] == challenger
 
 
 @dataclass(frozen=True)
@@ -377,8 +412,9 @@ def audit_segment(spec: JobSpec, commitment: TrainingCommitment, start_ckpt: byt
 
     The first segment starts from the spec's initial state (its hash must be the committed
     start hash); later ones from the fetched start checkpoint, which must hash to the
-    committed start hash. Across determinism classes the end checkpoint is fetched too and
-    must hash to the last leaf. A missing or unloadable checkpoint fails the audit.
+    committed start hash. The end checkpoint must be held and hash to the last leaf (the
+    audit doubles as an availability probe); across determinism classes the distance of
+    the replay's end weights to it is judged. A missing or unloadable checkpoint fails.
     """
     t0 = time.perf_counter()
     tr = Trainer(spec, threads)
@@ -407,14 +443,14 @@ def audit_segment(spec: JobSpec, commitment: TrainingCommitment, start_ckpt: byt
                 return fail("start checkpoint is at another step")
     except InvalidRequest as e:
         return fail(e.message)
+    if end_ckpt is None or checkpoint_hash(end_ckpt) != commitment.end_hash:
+        # Also an availability probe: the segment's end checkpoint must be held and bound
+        # to the last leaf, in either mode.
+        return fail("end checkpoint missing or not the committed one", commitment.end_step - 1)
     state, leaves = tr.run(state, commitment.end_step)
     exact = provider_class == cls
     dist = None
     if not exact:
-        if end_ckpt is None or checkpoint_hash(end_ckpt) != commitment.end_hash:
-            return AuditReport(Verdict(False, commitment.end_step - 1,
-                                       "end checkpoint missing or not the committed one"),
-                               leaves, None, time.perf_counter() - t0, cls)
         try:
             dist = weight_distance(checkpoint_bytes(state), end_ckpt, start_bytes)
         except InvalidRequest as e:
