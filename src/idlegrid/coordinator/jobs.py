@@ -173,12 +173,12 @@ class Jobs:
         if left > 0:
             self._post_all(s, [tset.close(job.id, job.key_id, left)])
         # Every segment is final now (paid, refunded or dropped): stakes go back.
-        suffix = f":job-{job.id}"
-        for acct, bal in self.store.balances().items():
-            if acct.endswith(suffix) and bal > 0:
-                self._post_all(s, [tset.unstake(job.id, acct.split(":")[1], bal)])
+        for acct, bal in self._accounts(s, "stake:%:job-" + job.id).items():
+            self._post_all(s, [tset.unstake(job.id, acct.split(":")[1], bal)])
         job.state, job.node_id = state, None
+        # Canaries still run: they test the verifier, not the job.
         s.execute(update(TrainAudit).where(TrainAudit.job_id == job.id,
+                                           TrainAudit.canary.is_(False),
                                            TrainAudit.state == "pending").values(
             state="dropped", done_at=self.grid.clock()))
         self._event(s, job.id, state, cause, refunded=left, verified_step=job.verified_step)
@@ -189,6 +189,15 @@ class Jobs:
 
         row = s.get(Account, account)
         return int(row.balance) if row is not None else 0
+
+    @staticmethod
+    def _accounts(s: Session, pattern: str) -> dict[str, int]:
+        """Positive balances of accounts matching a LIKE pattern, read in this transaction
+        (so postings made earlier in it count)."""
+        from idlegrid.coordinator.schema import Account
+
+        return {a.id: int(a.balance) for a in s.scalars(select(Account).where(
+            Account.id.like(pattern), Account.balance > 0))}
 
     def jobs(self, key_id: str) -> list[dict[str, Any]]:
         """The key's jobs, newest first, without their history."""
@@ -606,7 +615,7 @@ class Jobs:
                     self.grid.trust.ejected.add(node_id)
                     self._post_all(s, [tset.verifier_slash(
                         f"{audit_id}:{acct}", acct, bal, bal, "train canary approved")
-                        for acct, bal in self._stakes(node_id).items()])
+                        for acct, bal in self._accounts(s, f"stake:{node_id}:%").items()])
                     self._event(s, job.id, "canary-failed", f"audit:{audit_id}",
                                 verifier=node_id)
                 else:
@@ -674,10 +683,6 @@ class Jobs:
         for a in dropped:
             a.state, a.done_at = "dropped", now
         job.committed_step = min(job.committed_step, step)
-
-    def _stakes(self, node_id: str) -> dict[str, int]:
-        prefix = f"stake:{node_id}:"
-        return {a: b for a, b in self.store.balances().items() if a.startswith(prefix) and b > 0}
 
     # ---- supervision ---------------------------------------------------------------------
 
