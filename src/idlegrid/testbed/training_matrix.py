@@ -25,12 +25,13 @@ from idlegrid.training.verified import (
 )
 
 
-def audit(spec: JobSpec, prov: Provider, seg: int, verifier_threads: int) -> AuditReport:
+def audit(spec: JobSpec, prov: Provider, seg: int, verifier_threads: int,
+          microbatches: int = 1) -> AuditReport:
     """Audit segment `seg` of a provider's run on a verifier with this thread count."""
     c = prov.commitments[seg]
     return audit_segment(spec, c, prov.checkpoint(c.start_step), prov.checkpoint(c.end_step),
                          provider_class=prov.trainer.determinism_class(),
-                         threads=verifier_threads)
+                         threads=verifier_threads, microbatches=microbatches)
 
 
 @dataclass(frozen=True)
@@ -87,24 +88,31 @@ class HonestResult:
     hash_seconds: float
 
 
-def honest_audits(spec: JobSpec, jobs: int, pairs: tuple[tuple[int, int], ...] = ((1, 2), (2, 1)),
-                  progress: Callable[[int], None] | None = None) -> HonestResult:
-    """Honest jobs (job seeds 0..jobs−1), every segment audited cross-class per pair
-    (provider threads, verifier threads)."""
+THREAD_PAIRS = ((1, 2, 1, 1), (2, 1, 1, 1))
+MICROBATCH_PAIRS = ((1, 1, 1, 2), (1, 1, 2, 1))
+
+
+def honest_audits(spec: JobSpec, jobs: int,
+                  pairs: tuple[tuple[int, int, int, int], ...] = THREAD_PAIRS,
+                  progress: Callable[[int], None] | None = None,
+                  first_job: int = 0) -> HonestResult:
+    """Honest jobs (seeds first_job .. first_job + jobs − 1), every segment audited
+    cross-class per pair (provider threads, verifier threads, provider micro-batches,
+    verifier micro-batches)."""
     n = flagged = 0
     wd: list[float] = []
     ld: list[float] = []
     replay = train = hashing = 0.0
-    for j in range(jobs):
+    for j in range(first_job, first_job + jobs):
         s = _with_seed(spec, j)
-        for pt, vt in pairs:
-            tr = Trainer(s, pt)
+        for pt, vt, pm, vm in pairs:
+            tr = Trainer(s, pt, pm)
             t0 = time.perf_counter()
             prov = run_job(tr, f"job-honest-{j}")
             train += time.perf_counter() - t0
             hashing += tr.hash_seconds
             for seg in range(len(prov.commitments)):
-                rep = audit(s, prov, seg, vt)
+                rep = audit(s, prov, seg, vt, vm)
                 replay += rep.seconds
                 n += 1
                 flagged += not rep.verdict.ok

@@ -254,16 +254,24 @@ class Trainer:
     `train_step` to cheat; the audit path never trusts any of them.
     """
 
-    def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
+    def __init__(self, spec: JobSpec, threads: int | None = None,
+                 microbatches: int = 1) -> None:
         self.spec = spec
         self.threads = threads or torch.get_num_threads()
+        if microbatches < 1 or spec.batch_size % microbatches:
+            raise InvalidRequest(f"microbatches must divide the batch ({spec.batch_size})",
+                                 param="microbatches")
+        # Gradient accumulation over equal micro-batches: the same mean loss and gradient,
+        # summed in another order (as a smaller device would): another determinism class.
+        self.microbatches = microbatches
         self.windows = _windows(spec.dataset.ref, spec.dataset.sha256, spec.model.seq,
                                 spec.dataset.windows)
         self.hash_seconds = 0.0  # time spent hashing, for the overhead benchmark
 
     def determinism_class(self) -> str:
-        """`torch-<version>/<device>/<dtype>/t<threads>`: bitwise replays within one class."""
-        return f"torch-{torch.__version__}/cpu/float32/t{self.threads}"
+        """`torch-<version>/<device>/<dtype>/t<threads>[/mb<n>]`: bitwise within a class."""
+        mb = f"/mb{self.microbatches}" if self.microbatches > 1 else ""
+        return f"torch-{torch.__version__}/cpu/float32/t{self.threads}{mb}"
 
     def initial_state(self) -> State:
         """Weights from the spec's init seed, a fresh optimizer, step 0."""
@@ -289,12 +297,21 @@ class Trainer:
 
     def train_step(self, state: State) -> float:
         """One optimizer step in place; returns its loss."""
-        loss = self.loss_of(state, self.batch(state.step))
+        xb = self.batch(state.step)
         state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.microbatches == 1:
+            loss = self.loss_of(state, xb)
+            loss.backward()
+            value = float(loss.detach())
+        else:
+            value = 0.0
+            for part in xb.chunk(self.microbatches):
+                loss = self.loss_of(state, part) / self.microbatches
+                loss.backward()
+                value += float(loss.detach())
         self.apply_update(state)
         set_step(state, state.step + 1)
-        return float(loss.detach())
+        return value
 
     def state_hash(self, state: State) -> bytes:
         """Hash of the whole state (timed into `hash_seconds`)."""
@@ -407,7 +424,8 @@ class AuditReport:
 
 def audit_segment(spec: JobSpec, commitment: TrainingCommitment, start_ckpt: bytes | None,
                   end_ckpt: bytes | None, *, provider_class: str, threads: int | None = None,
-                  loss_tol: float = LOSS_TOL, weight_tol: float = WEIGHT_TOL) -> AuditReport:
+                  loss_tol: float = LOSS_TOL, weight_tol: float = WEIGHT_TOL,
+                  microbatches: int = 1) -> AuditReport:
     """Re-execute a committed segment from the provider's own start checkpoint and judge it.
 
     The first segment starts from the spec's initial state (its hash must be the committed
@@ -417,7 +435,7 @@ def audit_segment(spec: JobSpec, commitment: TrainingCommitment, start_ckpt: byt
     the replay's end weights to it is judged. A missing or unloadable checkpoint fails.
     """
     t0 = time.perf_counter()
-    tr = Trainer(spec, threads)
+    tr = Trainer(spec, threads, microbatches)
     cls = tr.determinism_class()
     first = commitment.start_step
 

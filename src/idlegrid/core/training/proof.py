@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from idlegrid.core.trust import beacon
+from idlegrid.core.trust.economics import p_star
 from idlegrid.core.trust.merkle import Proof, merkle_proof, merkle_root, verify_proof
 from idlegrid.errors import InvalidRequest
 
@@ -177,6 +178,19 @@ class TrainingCommitment:
 def verify_leaf(root: bytes, leaf: StepLeaf, proof: Proof) -> bool:
     """True if `leaf` is committed under `root` at the position the proof names."""
     return verify_proof(root, leaf_bytes(leaf), proof)
+
+
+def audit_rate(price_per_step: int, interval: int, stake: int, *, detect: float = 0.99,
+               rho: float = 0.1, safety: float = 2.0) -> float:
+    """Steady audit rate for a job's segments: safety × p*, p* = G / (d(1−ρ)(S+F)).
+
+    Per segment the price is R = price_per_step × interval; a cheat gains at most G = R
+    (paid for work not done), forfeits at least that segment's unpaid escrow F = R, and
+    loses the job stake S (research note §7.9, core/trust/economics.py)."""
+    r = price_per_step * interval
+    if r <= 0:
+        return 0.0
+    return min(1.0, safety * p_star(r, detect, rho, stake, r))
 
 
 def probe_ok(expected_hash: bytes, data: bytes | None) -> bool:

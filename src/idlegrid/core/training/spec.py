@@ -81,7 +81,7 @@ class JobSpec:
     checkpoint_interval: int = 10
     determinism_class: str | None = None
     price_per_step: int = 1_000
-    stake_required: int = 100_000
+    stake_required: int = 2_000_000  # 200 segments' price at the defaults: p ≈ 1.1 %
 
     @staticmethod
     def parse(obj: Any) -> JobSpec:
@@ -267,5 +267,5 @@ def _parse(obj: Any) -> JobSpec:
         checkpoint_interval=interval,
         determinism_class=det,
         price_per_step=_int(d, "price_per_step", w, 1_000, 0, 10**12),
-        stake_required=_int(d, "stake_required", w, 100_000, 0, 10**15),
+        stake_required=_int(d, "stake_required", w, 2_000_000, 0, 10**15),
     )
