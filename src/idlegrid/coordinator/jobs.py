@@ -50,7 +50,8 @@ class TrainSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IDLEGRID_TRAIN_", extra="ignore")
 
-    audit_rate: float = Field(0.05, ge=0, le=1, description="steady share of segments audited")
+    # The steady rate comes from each job's price and stake (core: 2 × p*); this is a floor.
+    audit_rate: float = Field(0.0, ge=0, le=1, description="least share of segments audited")
     probation_segments: int = Field(4, ge=0, description="a new provider's first segments: all")
     canary_rate: float = Field(0.02, ge=0, le=1)
     challenge_s: float = Field(30.0, ge=0, description="an unselected segment is final after")
@@ -415,7 +416,10 @@ class Jobs:
             TrainAudit.node_id == node_id, TrainAudit.state == "passed",
             TrainAudit.canary.is_(False))) or 0
         st = self.settings
-        rate = 1.0 if passed < st.probation_segments else st.audit_rate
+        spec = job.spec
+        steady = proof.audit_rate(int(spec["price_per_step"]), int(spec["checkpoint_interval"]),
+                                  int(spec["stake_required"]))
+        rate = 1.0 if passed < st.probation_segments else max(st.audit_rate, steady)
         verifiers = [v for v in s.scalars(select(TrustNode.node_id).where(
             TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v != node_id]
         designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
@@ -475,13 +479,15 @@ class Jobs:
 
     def answer_probe(self, node_id: str, probe_id: str, checkpoint: bytes) -> dict[str, Any]:
         """A probed checkpoint: it must hash to what the provider committed."""
+        from idlegrid.core.training import proof
+
         with self.store.tx() as s:
             p = s.get(TrainProbe, probe_id)
             if p is None or p.node_id != node_id:
                 raise NotFound(f"no probe {probe_id} for this node")
             if p.state != "pending":
                 raise Conflict(f"probe {probe_id} is {p.state}", state=p.state)
-            if hashlib.sha256(checkpoint).hexdigest() != p.sha256:
+            if not proof.probe_ok(bytes.fromhex(p.sha256), checkpoint):
                 self._probe_fault(s, p, "the checkpoint is not the committed one")
                 return {"ok": False, "state": p.state}
             p.state, p.done_at = "answered", self.grid.clock()
