@@ -173,9 +173,10 @@ class Jobs:
         left = self._balance(s, tset.job_escrow_account(job.id))
         if left > 0:
             self._post_all(s, [tset.close(job.id, job.key_id, left)])
-        # Every segment is final now (paid, refunded or dropped): stakes go back.
-        for acct, bal in self._accounts(s, "stake:%:job-" + job.id).items():
-            self._post_all(s, [tset.unstake(job.id, acct.split(":")[1], bal)])
+        # Every segment is final now (paid, refunded or dropped): stakes go back, except
+        # where a probe is still open (it may yet find a checkpoint was not kept).
+        for acct in self._accounts(s, "stake:%:job-" + job.id):
+            self._unstake(s, job.id, acct.split(":")[1])
         job.state, job.node_id = state, None
         # Canaries still run: they test the verifier, not the job.
         s.execute(update(TrainAudit).where(TrainAudit.job_id == job.id,
@@ -183,6 +184,17 @@ class Jobs:
                                            TrainAudit.state == "pending").values(
             state="dropped", done_at=self.grid.clock()))
         self._event(s, job.id, state, cause, refunded=left, verified_step=job.verified_step)
+
+    def _unstake(self, s: Session, job_id: str, node_id: str) -> None:
+        """Return a node's job stake unless one of its probes on the job is still open."""
+        from idlegrid.core.training import settlement as tset
+
+        open_probe = s.scalars(select(TrainProbe.id).where(
+            TrainProbe.job_id == job_id, TrainProbe.node_id == node_id,
+            TrainProbe.state == "pending")).first()
+        stake = self._balance(s, tset.job_stake_account(job_id, node_id))
+        if open_probe is None and stake > 0:
+            self._post_all(s, [tset.unstake(job_id, node_id, stake)])
 
     @staticmethod
     def _balance(s: Session, account: str) -> int:
@@ -493,6 +505,10 @@ class Jobs:
             p.state, p.done_at = "answered", self.grid.clock()
             self._event(s, p.job_id, "probe-answered", f"probe:{p.id}", provider=node_id,
                         step=p.step)
+            job = s.get(TrainJob, p.job_id)
+            if job is not None and job.state not in LIVE_STATES:
+                s.flush()
+                self._unstake(s, job.id, node_id)  # the stake waited for this probe
             return {"ok": True, "state": p.state}
 
     def _probe_fault(self, s: Session, p: TrainProbe, reason: str) -> None:
