@@ -252,7 +252,14 @@ def test_provider_killed_mid_job_resumes_elsewhere_and_each_step_is_paid_once(gr
     grid.check_books()
 
 
-def test_bad_specs_get_a_4xx_naming_the_field_and_nothing_is_posted(grid: Grid) -> None:
+def test_bad_specs_get_a_4xx_naming_the_field_and_nothing_is_posted(
+        grid: Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
     before = grid.balances()
     cases = [({"spec": spec(steps=0)}, 400, "spec.steps"),
              ({"spec": {**spec(), "colour": "red"}}, 400, "spec.colour"),
@@ -275,9 +282,16 @@ def test_bad_specs_get_a_4xx_naming_the_field_and_nothing_is_posted(grid: Grid) 
     assert grid.submit({"spec": spec(), "ref": "once"}).status_code == 409
     assert grid.http.get("/api/v1/jobs/job-nope", headers=grid.auth).status_code == 404
     assert grid.http.get("/api/v1/jobs").status_code == 401
-    r = grid.http.post(f"/api/v1/jobs/{ok.json()['id']}/cancel", headers=grid.auth)
-    assert r.status_code == 200 and r.json()["state"] == "canceled"
-    assert r.json()["bill"]["refunded"] == 24 * PRICE
+    monkeypatch.setenv("IDLEGRID_API_KEY", grid.auth["Authorization"][7:])
+    cli = ["--coordinator", grid.coord.url, "--data-dir", str(tmp_path / "cli"), "--json"]
+    res = CliRunner().invoke(app, ["cancel-job", ok.json()["id"], *cli])
+    assert res.exit_code == 0, res.output
+    canceled = json.loads(res.stdout)
+    assert canceled["state"] == "canceled" and canceled["bill"]["refunded"] == 24 * PRICE
+    listed = json.loads(CliRunner().invoke(app, ["jobs", *cli]).stdout)["jobs"]
+    assert [(j["id"], j["state"]) for j in listed] == [(ok.json()["id"], "canceled")]
+    res = CliRunner().invoke(app, ["job", "job-nope", *cli])
+    assert res.exit_code == 1
     assert grid.http.post(f"/api/v1/jobs/{ok.json()['id']}/cancel",
                           headers=grid.auth).status_code == 409
     assert grid.balances()[ledger.consumer_account(grid.key_id)] == \

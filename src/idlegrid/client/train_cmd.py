@@ -182,7 +182,9 @@ def train(
         if not as_json:
             err.print(f"submitted [bold]{job_id}[/]: {steps} steps, "
                       f"{view['escrow'] / MICRO:.6f} credits escrowed")
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
+        hinted = False
         with make_progress(err, quiet=as_json) as progress:
             trained = progress.add_task("training", total=steps, rate="")
             verified = progress.add_task("verified", total=steps, rate="")
@@ -191,8 +193,17 @@ def train(
                     err.print(f"[yellow]still running after {timeout:.0f} s[/]; follow it with "
                               f"`idlegrid job {job_id}`")
                     raise typer.Exit(2)
-                time.sleep(0.5)  # polling the coordinator's view of the job
+                try:
+                    time.sleep(0.5)  # polling the coordinator's view of the job
+                except KeyboardInterrupt:
+                    err.print(f"stopped following; the job goes on: `idlegrid job {job_id}`, "
+                              f"or `idlegrid cancel-job {job_id}`")
+                    raise typer.Exit(130) from None
                 view = c.job(job_id)
+                if view["state"] == "queued" and not hinted and time.monotonic() - began > 15:
+                    hinted = True
+                    err.print("[yellow]no training provider has taken the job yet[/] (a local "
+                              "grid needs `idlegrid up --train`)")
                 p = view.get("progress") or {}
                 rate = (f"loss {p['loss']:.3f}, {p['tokens_per_s']:.0f} tok/s"
                         if "loss" in p else "")
@@ -211,4 +222,14 @@ def train(
         raise typer.Exit(1)
 
 
-train_commands = {"train": train, "jobs": jobs, "job": job}
+def cancel_job(job_id: Annotated[str, typer.Argument(help="Job id.")], data_dir: DataDir,
+               coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False) -> None:
+    """Cancel a training job: verified steps stay paid, the rest of the escrow comes back."""
+    data = _ask(coordinator_url, data_dir, lambda c: c.cancel_job(job_id))
+    if as_json:
+        return _emit(data)
+    out.print(f"{data['id']}: {data['state']}; refunded {_credits(data['bill']['refunded'])} "
+              "credits")
+
+
+train_commands = {"train": train, "jobs": jobs, "job": job, "cancel-job": cancel_job}
