@@ -110,7 +110,8 @@ def _print_job(job: dict[str, Any]) -> None:
         hist.add_column(col)
     skip = {"at", "kind", "cause"}
     for e in job["events"]:
-        detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in skip)
+        detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in skip).replace(
+            job["id"] + ":", "")  # segment ids without the job id they all share
         hist.add_row(time.strftime("%H:%M:%S", time.localtime(e["at"])), e["kind"], e["cause"],
                      detail[:80])
     out.print(hist)

@@ -3,7 +3,9 @@ segments; verifiers re-execute audited segments. Node routes are signed like eve
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,6 +16,25 @@ from idlegrid.coordinator.routes_nodes import _grid, _parse, _signed
 from idlegrid.protocol import training as tm
 
 router = APIRouter(prefix="/api/v1", tags=["training"])
+T = TypeVar("T")
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
+    """A long poll that ends as soon as the agent hangs up (drained or gone), so that no
+    handler outlives its caller (or the server's shutdown)."""
+
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    poll = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(hung_up())
+    await asyncio.wait({poll, watch}, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    if not poll.done():
+        poll.cancel()  # a claim under way finishes in its thread; the lease then lapses
+        return None
+    return poll.result()
 
 SPEC_EXAMPLE = {"spec": {
     "model": {"arch": "gpt", "vocab": 256, "seq": 32, "layers": 2, "dim": 64, "heads": 4},
@@ -82,7 +103,8 @@ async def poll_job(request: Request) -> dict[str, Any] | Response:
     """A job to run from its last committed step (200), or 204 when none came in time."""
     node_id, body = await _signed(request)
     msg = _parse(tm.TrainPollMsg, body)
-    got = await _grid(request).jobs.poll(node_id, msg.det_class, msg.wait_s)
+    got = await _unless_gone(request, _grid(request).jobs.poll(node_id, msg.det_class,
+                                                               msg.wait_s))
     if got is None:
         return Response(status_code=204)
     return tm.TrainWorkMsg.model_validate(got).model_dump()
@@ -127,7 +149,7 @@ async def release_job(job_id: str, attempt: int, request: Request) -> dict[str, 
 async def poll_train_audit(request: Request) -> dict[str, Any] | Response:
     """A segment to re-execute (200), or 204 when none came within a few seconds."""
     node_id, _ = await _signed(request)
-    got = await _grid(request).jobs.poll_audit(node_id, wait_s=5.0)
+    got = await _unless_gone(request, _grid(request).jobs.poll_audit(node_id, wait_s=5.0))
     if got is None:
         return Response(status_code=204)
     return tm.TrainAuditMsg.model_validate(got).model_dump()
@@ -147,7 +169,8 @@ async def report_train_audit(audit_id: str, request: Request) -> dict[str, Any]:
 async def poll_probes(request: Request) -> dict[str, Any]:
     """Checkpoints this provider must produce now (availability probes); may be empty."""
     node_id, _ = await _signed(request)
-    return {"probes": await _grid(request).jobs.poll_probes(node_id, wait_s=5.0)}
+    got = await _unless_gone(request, _grid(request).jobs.poll_probes(node_id, wait_s=5.0))
+    return {"probes": got or []}
 
 
 @router.post("/train/probes/{probe_id}/answer")
