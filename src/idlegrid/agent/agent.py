@@ -100,6 +100,7 @@ class Agent:
         self._proving: set[str] = set()
         self.train_checkpoints: dict[tuple[str, int], bytes] = {}
         self.trained_segments = 0
+        self.train_timing = {"train_s": 0.0, "commit_s": 0.0}
         self.train_audited = 0
 
     # ---- protocol ----------------------------------------------------------------------
