@@ -223,6 +223,7 @@ def test_lazy_verifier_approves_a_canary_and_is_ejected_and_slashed(grid: Grid) 
     canary = next(a for a in job["audits"] if a["canary"])
     assert canary["state"] == "passed"  # approved a planted wrong commitment
     assert "canary-failed" in [e["kind"] for e in job["events"]]
+    assert any(e["key"].startswith(f"train-vslash:{canary['id']}:") for e in job["ledger"])
     status = grid.http.get("/api/v1/status").json()["trust"]["nodes"][lazy_id]
     assert status["ejected"] and status["verifier_failed"] == 1
     assert grid.balances().get(acct, 0) == 0
@@ -361,6 +362,7 @@ def test_provider_that_deletes_checkpoints_fails_its_probe_and_is_slashed(grid: 
     job = grid.wait_state(job_id, "done", 90)
     failed = next(e for e in job["events"] if e["kind"] == "probe-failed")
     assert failed["provider"] == forgetful and failed["slashed"] == STAKE
+    assert job["bill"]["slashed"] == STAKE  # the probe's slash is in the job's ledger
     assert grid.balances().get(f"stake:{forgetful}:job-{job_id}", 0) == 0
     # What it committed was audited and kept; whatever was left, the honest provider did.
     kept = [s for s in job["segments"] if s["state"] == "accepted"]

@@ -244,7 +244,11 @@ class Jobs:
         for g in segs:
             if g.state in ("committed", "accepted"):
                 losses += [[leaf.step, leaf.loss] for leaf in self._leaves(g.blob)]
-        entries = self._entries(job_id, [a["id"] for a in out_audits(audits)])
+        with self.store.read() as s:
+            probes = [p.id for p in s.scalars(select(TrainProbe).where(
+                TrainProbe.job_id == job_id))]
+        causes = [a.id for a in audits] + [f"probe:{p}" for p in probes]
+        entries = self._entries(job_id, causes, [a.id for a in audits if a.canary])
         paid = bill(entries, ledger.consumer_account(key_id))
         out.update({
             "losses": sorted(losses),
@@ -260,14 +264,18 @@ class Jobs:
         })
         return out
 
-    def _entries(self, job_id: str, audit_ids: list[str]) -> list[dict[str, Any]]:
-        """Ledger entries caused by the job, its segments or its audits, oldest first."""
+    def _entries(self, job_id: str, causes: list[str],
+                 per_account: list[str]) -> list[dict[str, Any]]:
+        """Ledger entries caused by the job, its segments, audits and probes, oldest first
+        (`per_account`: causes whose entries are keyed per slashed account)."""
         from idlegrid.coordinator.schema import LedgerEntry, LedgerPosting
 
         with self.store.read() as s:
             rows = list(s.scalars(select(LedgerEntry).where(or_(
                 LedgerEntry.cause_id == job_id, LedgerEntry.cause_id.like(f"{job_id}:%"),
-                LedgerEntry.cause_id.in_(audit_ids))).order_by(LedgerEntry.seq)))
+                LedgerEntry.cause_id.in_(causes),
+                *(LedgerEntry.cause_id.like(f"{c}:%") for c in per_account)))
+                .order_by(LedgerEntry.seq)))
             seqs = [e.seq for e in rows]
             postings: dict[int, list[dict[str, Any]]] = {}
             for seq, acct, amount in s.execute(select(
@@ -810,6 +818,8 @@ def bill(entries: list[dict[str, Any]], consumer: str) -> dict[str, int]:
                     out["compensated"] += amount
                 elif acct.startswith("stake:"):
                     out["slashed"] -= amount
+            elif kind == "train-vslash" and ":job-" in acct:  # a probe's slash of a job stake
+                out["slashed"] -= amount
             elif kind == "train-audit-pay" and acct.startswith("provider:"):
                 out["to_verifiers"] += amount
     out["charged"] = out["escrowed"] - out["refunded"]
