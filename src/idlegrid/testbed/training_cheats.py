@@ -96,7 +96,7 @@ class Interpolated(Trainer):
     the start to it as the per-step states."""
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
-        super().__init__(spec, threads)
+        super().__init__(spec, threads, overlap_hash=False)  # writes the buffers directly
         self._plan: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
 
     def train_step(self, state: State) -> float:
