@@ -32,6 +32,14 @@ def test_honest_replays_with_another_thread_count_are_never_flagged(spec: JobSpe
     assert res.max_loss_diff <= proof.LOSS_TOL / 5
 
 
+def test_a_verifier_that_accumulates_micro_batches_passes_an_honest_provider(
+        spec: JobSpec) -> None:
+    prov = tc.run_job(v.Trainer(spec, 1), "job-mb")
+    rep = audit(spec, prov, 1, verifier_threads=1, microbatches=2)
+    assert rep.verdict.ok and rep.verdict.detail["exact"] is False
+    assert rep.weight_dist is not None and 0 < rep.weight_dist <= proof.WEIGHT_TOL / 5
+
+
 def test_same_class_replay_is_bitwise(spec: JobSpec) -> None:
     prov = tc.run_job(v.Trainer(spec, 1), "job-h")
     for seg in range(2):

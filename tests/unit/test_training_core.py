@@ -289,3 +289,13 @@ def test_settlement_refuses_nonsense_amounts() -> None:
     assert settlement.verifier_slash("c1", "stake:v:x", 0, 10, "canary") is None
     e = settlement.verifier_slash("c1", "stake:v:x", 70, 100, "approved a canary")
     assert e is not None and e.key == "train-vslash:c1"
+
+
+def test_default_audit_rate_follows_p_star_for_the_job_stake() -> None:
+    spec = JobSpec.parse(spec_dict())
+    p = proof.audit_rate(spec.price_per_step, spec.checkpoint_interval, spec.stake_required)
+    r = spec.price_per_step * spec.checkpoint_interval
+    assert p == pytest.approx(2 * r / (0.99 * 0.9 * (spec.stake_required + r)))
+    assert 0.005 < p < 0.02  # the default stake buys a ~1 % audit rate
+    assert proof.audit_rate(spec.price_per_step, spec.checkpoint_interval, 0) == 1.0
+    assert proof.audit_rate(0, 10, 100) == 0.0

@@ -47,10 +47,11 @@ class CheatResult:
 
 
 def cheat_matrix(spec: JobSpec, jobs: int = 1, provider_threads: int = 1,
-                 verifier_threads: tuple[int, ...] = (1, 2),
+                 verifiers: tuple[tuple[int, int], ...] = ((1, 1), (2, 1)),
                  names: tuple[str, ...] | None = None) -> list[CheatResult]:
     """Run every cheat on `jobs` jobs (job seeds 0..jobs−1) and audit every segment with
-    each verifier thread count (same class: exact; other: tolerance)."""
+    each verifier (threads, micro-batches): the provider's class audits exactly, another
+    class in tolerance mode."""
     out = []
     for name in names or tuple(CHEATS):
         aff = caught = clean = passed = 0
@@ -59,8 +60,8 @@ def cheat_matrix(spec: JobSpec, jobs: int = 1, provider_threads: int = 1,
             s = _with_seed(spec, j)
             prov = run_job(CHEATS[name](s, provider_threads), f"job-{name}-{j}")
             for seg in range(len(prov.commitments)):
-                for vt in verifier_threads:
-                    rep = audit(s, prov, seg, vt)
+                for vt, vm in verifiers:
+                    rep = audit(s, prov, seg, vt, vm)
                     if affected(prov.trainer, seg):
                         aff += 1
                         caught += not rep.verdict.ok

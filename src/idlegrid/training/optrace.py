@@ -155,8 +155,9 @@ class Recorder(TorchDispatchMode):
             self.trace.inputs[i] = [t.detach().clone() for t in tensors]
         out = func(*args, **kwargs)
         if self.tamper is not None and self.tamper[0] == i:
-            first = next(x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor))
-            self.tamper[1](first)
+            first = next((x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)), None)
+            if first is not None:
+                self.tamper[1](first)
         self.trace.records.append(OpRecord(i, str(func), _signature(func, flat), in_hashes,
                                            _value_hash(out), _summary(out)))
         return out

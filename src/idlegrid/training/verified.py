@@ -26,6 +26,7 @@ import json
 import struct
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -161,12 +162,19 @@ def _parts(state: State) -> list[Any]:
     return [head, *(state.buffers[n].numpy() for n in sorted(state.buffers))]
 
 
-def state_hash(state: State) -> bytes:
-    """SHA-256 of the canonical state bytes (= the checkpoint bytes), without copying."""
+def _sha256_parts(parts: list[Any]) -> bytes:
     h = hashlib.sha256()
-    for part in _parts(state):
+    for part in parts:
         h.update(part)
     return h.digest()
+
+
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idlegrid-state-hash")
+
+
+def state_hash(state: State) -> bytes:
+    """SHA-256 of the canonical state bytes (= the checkpoint bytes), without copying."""
+    return _sha256_parts(_parts(state))
 
 
 def checkpoint_bytes(state: State) -> bytes:
@@ -255,7 +263,7 @@ class Trainer:
     """
 
     def __init__(self, spec: JobSpec, threads: int | None = None,
-                 microbatches: int = 1) -> None:
+                 microbatches: int = 1, overlap_hash: bool = True) -> None:
         self.spec = spec
         self.threads = threads or torch.get_num_threads()
         if microbatches < 1 or spec.batch_size % microbatches:
@@ -264,6 +272,7 @@ class Trainer:
         # Gradient accumulation over equal micro-batches: the same mean loss and gradient,
         # summed in another order (as a smaller device would): another determinism class.
         self.microbatches = microbatches
+        self.overlap_hash = overlap_hash
         self.windows = _windows(spec.dataset.ref, spec.dataset.sha256, spec.model.seq,
                                 spec.dataset.windows)
         self.hash_seconds = 0.0  # time spent hashing, for the overhead benchmark
@@ -322,17 +331,49 @@ class Trainer:
 
     def run(self, state: State, end_step: int,
             on_step: OnStep | None = None) -> tuple[State, list[StepLeaf]]:
-        """Train steps state.step .. end_step − 1 in place; one leaf per step."""
-        leaves = []
-        with _threads(self.threads):
-            while state.step < end_step:
+        """Train steps state.step .. end_step − 1 in place; one leaf per step.
+
+        With `overlap_hash`, the state after step s is hashed on a worker thread, in place
+        and without a copy, while step s+1 runs its forward and backward passes (which only
+        read the buffers); an optimizer pre-step hook waits for the hash before the update
+        writes them. hashlib releases the GIL, so on a spare core (or beside a GPU) the hash
+        leaves the critical path. The leaves are identical either way; `on_step` reports
+        each step one step late. Only for trainers that write the state through the
+        optimizer (a subclass that writes them directly must turn it off).
+        """
+        leaves: list[StepLeaf] = []
+        pending: list[tuple[Future[bytes], int, float, float]] = []
+
+        def flush(*_: Any) -> None:
+            while pending:
+                fut, step, loss, tps = pending.pop()
                 t = time.perf_counter()
-                loss = self.train_step(state)
-                leaf = StepLeaf(state.step - 1, self.state_hash(state), loss)
+                leaf = StepLeaf(step, fut.result(), loss)
+                self.hash_seconds += time.perf_counter() - t  # time the step waited
                 leaves.append(leaf)
                 if on_step is not None:
-                    dt = time.perf_counter() - t
-                    on_step(leaf, self.spec.tokens_per_step / max(dt, 1e-9))
+                    on_step(leaf, tps)
+
+        hook = state.optimizer.register_step_pre_hook(flush) if self.overlap_hash else None
+        try:
+            with _threads(self.threads):
+                while state.step < end_step:
+                    t = time.perf_counter()
+                    loss = self.train_step(state)
+                    flush()  # a step that never called the optimizer: keep step order
+                    tps = self.spec.tokens_per_step / max(time.perf_counter() - t, 1e-9)
+                    if hook is not None:
+                        job = _HASHER.submit(_sha256_parts, _parts(state))
+                        pending.append((job, state.step - 1, loss, tps))
+                    else:
+                        leaf = StepLeaf(state.step - 1, self.state_hash(state), loss)
+                        leaves.append(leaf)
+                        if on_step is not None:
+                            on_step(leaf, tps)
+                flush()
+        finally:
+            if hook is not None:
+                hook.remove()
         return state, leaves
 
     def trace_step(self, state: State, keep: int | None = None,
