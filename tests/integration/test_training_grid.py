@@ -156,7 +156,7 @@ def test_honest_job_is_audited_paid_per_step_and_canaries_fail(grid: Grid,
     assert {s["provider"] for s in job["segments"]} == {provider}
     assert seg_pays(job) == [8 * PRICE] * 3
     bill = job["bill"]
-    assert bill["charged"] == 24 * PRICE and bill["refunded"] == 0
+    assert bill["charged"] == 24 * PRICE and bill["refunded"] == 0 and bill["held"] == 0
     assert bill["to_providers"] + bill["fees"] == 24 * PRICE
     assert bill["to_verifiers"] > 0 and bill["slashed"] == 0
     assert [x[0] for x in job["losses"]] == list(range(24))
@@ -291,6 +291,7 @@ def test_bad_specs_get_a_4xx_naming_the_field_and_nothing_is_posted(
     assert res.exit_code == 0, res.output
     canceled = json.loads(res.stdout)
     assert canceled["state"] == "canceled" and canceled["bill"]["refunded"] == 24 * PRICE
+    assert canceled["bill"]["charged"] == 0 and canceled["bill"]["held"] == 0
     listed = json.loads(CliRunner().invoke(app, ["jobs", *cli]).stdout)["jobs"]
     assert [(j["id"], j["state"]) for j in listed] == [(ok.json()["id"], "canceled")]
     res = CliRunner().invoke(app, ["job", "job-nope", *cli])
@@ -299,6 +300,20 @@ def test_bad_specs_get_a_4xx_naming_the_field_and_nothing_is_posted(
                           headers=grid.auth).status_code == 409
     assert grid.balances()[ledger.consumer_account(grid.key_id)] == \
         before[ledger.consumer_account(grid.key_id)]
+    grid.check_books()
+
+
+def test_a_job_in_another_determinism_class_is_declined_not_run(grid: Grid) -> None:
+    provider = grid.agent("provider", trainer=True)
+    job_id = grid.submit({"spec": spec(determinism_class="torch-0/tpu/bfloat16/t64")}).json()["id"]
+    wait_until(lambda: "declined" in [e["kind"] for e in grid.job(job_id)["events"]], 30)
+    job = grid.job(job_id)
+    declined = next(e for e in job["events"] if e["kind"] == "declined")
+    assert declined["cause"].startswith(f"node:{provider}: this node computes in torch-")
+    assert job["state"] == "queued" and job["segments"] == []
+    assert job["bill"]["held"] == 24 * PRICE and job["bill"]["charged"] == 0  # still escrowed
+    r = grid.http.post(f"/api/v1/jobs/{job_id}/cancel", headers=grid.auth)
+    assert r.json()["bill"]["refunded"] == 24 * PRICE
     grid.check_books()
 
 

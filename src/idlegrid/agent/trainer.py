@@ -209,6 +209,11 @@ async def run_job(agent: Agent, ex: Any, work: TrainWorkMsg) -> None:
         await agent.client.call(f"{base}/release", {"reason": exc.message,
                                                     "kind": "invalid_request"})
         return
+    if spec.determinism_class is not None and spec.determinism_class != det:
+        await agent.client.call(f"{base}/release", {
+            "reason": f"this node computes in {det}, the job asks for {spec.determinism_class}",
+            "kind": "unsuitable"})
+        return
     uploader = asyncio.create_task(_upload_progress(agent, run))
     began = time.monotonic()
     pending: asyncio.Task[Any] | None = None

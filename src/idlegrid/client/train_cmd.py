@@ -79,6 +79,7 @@ def _bill_table(job: dict[str, Any]) -> Table:
             ("  of which to providers", b["to_providers"]),
             ("  of which protocol fee", b["fees"]),
             ("refunded (unused escrow)", b["refunded"]),
+            ("still in escrow", b["held"]),
             ("compensation from slashed stake", b["compensated"]),
             ("verifiers paid (from fees)", b["to_verifiers"]),
             ("provider stake slashed", b["slashed"])]

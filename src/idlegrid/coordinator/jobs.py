@@ -547,6 +547,9 @@ class Jobs:
                 job.error = reason[:500]
                 self._discard_after(s, job, job.verified_step, "job failed")
                 self._close(s, job, "failed", f"node:{node_id}: {reason[:120]}")
+            elif kind == "unsuitable":  # not a fault: it just never gets this job again
+                job.excluded = sorted({*job.excluded, node_id})
+                self._requeue(s, job, "declined", f"node:{node_id}: {reason[:120]}")
             else:
                 self._requeue(s, job, "handed-back", f"node:{node_id}: {reason[:120]}")
         self.new_work.set()
@@ -799,8 +802,8 @@ def out_audits(audits: list[TrainAudit]) -> list[dict[str, Any]]:
 def bill(entries: list[dict[str, Any]], consumer: str) -> dict[str, int]:
     """The job's money from its ledger entries: what the consumer escrowed, got back and
     was compensated; what providers, verifiers and fees received; what stakes lost."""
-    out = {"escrowed": 0, "refunded": 0, "charged": 0, "compensated": 0, "to_providers": 0,
-           "fees": 0, "to_verifiers": 0, "slashed": 0}
+    out = {"escrowed": 0, "refunded": 0, "charged": 0, "held": 0, "compensated": 0,
+           "to_providers": 0, "fees": 0, "to_verifiers": 0, "slashed": 0}
     for e in entries:
         kind = e["key"].split(":", 1)[0]
         for p in e["postings"]:
@@ -822,5 +825,7 @@ def bill(entries: list[dict[str, Any]], consumer: str) -> dict[str, int]:
                 out["slashed"] -= amount
             elif kind == "train-audit-pay" and acct.startswith("provider:"):
                 out["to_verifiers"] += amount
-    out["charged"] = out["escrowed"] - out["refunded"]
+    # Paid for verified steps; what is neither paid nor refunded is still in escrow.
+    out["charged"] = out["to_providers"] + out["fees"]
+    out["held"] = out["escrowed"] - out["refunded"] - out["charged"]
     return out

@@ -52,7 +52,8 @@ class TrainReleaseMsg(Message):
     """The provider gives the job back (draining), or found the spec unrunnable."""
 
     reason: str = Field("", max_length=500)
-    kind: Literal["handback", "invalid_request", "error"] = "handback"
+    # unsuitable: this node cannot run it as specified (e.g. another determinism class)
+    kind: Literal["handback", "invalid_request", "unsuitable"] = "handback"
 
 
 class TrainAuditMsg(Message):
