@@ -726,6 +726,13 @@ class Jobs:
 
         now = self.grid.clock()
         st = self.settings
+        with self.store.read() as r:  # most ticks find nothing: no write lock for that
+            busy = any(r.scalars(q.limit(1)).first() is not None for q in (
+                select(TrainJob.id).where(TrainJob.state.in_(LIVE_STATES)),
+                select(TrainProbe.id).where(TrainProbe.state == "pending"),
+                select(TrainAudit.id).where(TrainAudit.state == "assigned")))
+        if not busy:
+            return
         with self.store.tx() as s:
             s.execute(update(TrainAudit).where(
                 TrainAudit.state == "assigned",
