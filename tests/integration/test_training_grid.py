@@ -233,8 +233,8 @@ def test_lazy_verifier_approves_a_canary_and_is_ejected_and_slashed(grid: Grid) 
 def test_provider_killed_mid_job_resumes_elsewhere_and_each_step_is_paid_once(grid: Grid
                                                                              ) -> None:
     first = grid.agent("first", trainer=True)
-    # Another determinism class (2 threads): audits compare within the profiled tolerance.
-    grid.agent("verifier", train_verifier=True, train_threads=2)
+    # One thread everywhere: torch's thread count is per process, and these agents share one.
+    grid.agent("verifier", train_verifier=True)
     job_id = grid.submit({"spec": spec(steps=32)}).json()["id"]
     wait_until(lambda: grid.job(job_id)["committed_step"] >= 8, 60)
     grid.agents["first"].kill()
@@ -249,8 +249,7 @@ def test_provider_killed_mid_job_resumes_elsewhere_and_each_step_is_paid_once(gr
     assert {s["provider"] for s in kept} == {first, second}
     assert seg_pays(job) == [8 * PRICE] * 4  # once per step, whoever ran it
     audits = [a for a in job["audits"] if a["state"] != "dropped" and not a["canary"]]
-    assert audits and all(a["state"] == "passed" and not a["verdict"]["exact"]
-                          for a in audits), [(a["state"], a["verdict"]) for a in audits]
+    assert audits and all(a["state"] == "passed" for a in audits), audits
     assert job["bill"]["charged"] == 32 * PRICE
     grid.check_books()
 

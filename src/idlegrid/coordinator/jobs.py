@@ -444,12 +444,14 @@ class Jobs:
             TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v != node_id]
         designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
         made = []
+        # An honest re-run of a segment (after a rewind) commits the same digest again:
+        # ids name the segment row too, so each commit has its own audit and probe.
+        uid = hashlib.sha256(digest + seg_id.encode()).hexdigest()[:24]
         if proof.select_segment(self.secret, digest, rate):
-            made.append((f"taud-{digest.hex()[:24]}", False, c.to_bytes()))
+            made.append((f"taud-{uid}", False, c.to_bytes()))
         if beacon.selected(self.secret, digest, st.canary_rate, domain=b"train-canary"):
             seed = int.from_bytes(hashlib.sha256(self.secret + digest).digest()[:8], "little")
-            made.append((f"tcan-{digest.hex()[:24]}", True,
-                         proof.canary_commitment(c, seed).to_bytes()))
+            made.append((f"tcan-{uid}", True, proof.canary_commitment(c, seed).to_bytes()))
         for audit_id, is_canary, blob in made:
             s.add(TrainAudit(id=audit_id, job_id=job.id, segment_id=seg_id, node_id=node_id,
                              designated=designated, verifier_id=None, canary=is_canary,
@@ -459,10 +461,11 @@ class Jobs:
                 self._event(s, job.id, "audit-selected", f"beacon:{digest.hex()[:16]}",
                             audit=audit_id, segment=seg_id, rate=rate)
         if beacon.selected(self.secret, digest, st.probe_rate, domain=b"train-probe"):
-            self._probe(s, job, node_id, digest)
+            self._probe(s, job, node_id, digest, uid)
         return bool(made)
 
-    def _probe(self, s: Session, job: TrainJob, node_id: str, digest: bytes) -> None:
+    def _probe(self, s: Session, job: TrainJob, node_id: str, digest: bytes,
+               uid: str) -> None:
         """Ask the provider for one of its committed checkpoints of this job, chosen by the
         beacon: one that is not produced in time was not kept."""
         s.flush()
@@ -472,7 +475,7 @@ class Jobs:
             return
         pick = beacon.pick(self.secret, digest, [str(c.step) for c in held])
         ckpt = next(c for c in held if str(c.step) == pick)
-        probe_id = f"tprb-{digest.hex()[:24]}"
+        probe_id = f"tprb-{uid}"
         s.add(TrainProbe(id=probe_id, job_id=job.id, node_id=node_id, step=ckpt.step,
                          sha256=ckpt.sha256, state="pending", created_at=self.grid.clock(),
                          done_at=0.0))
