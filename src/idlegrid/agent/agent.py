@@ -57,6 +57,13 @@ class AgentConfig:
     verifier: bool = False
     # Where energy readings come from (agent.power.choose_meter); None reports no energy.
     meter: PowerMeter | None = None
+    # Training (agent/trainer.py): take training jobs, and/or re-execute audited segments.
+    # The executor and the verify function are the honest ones unless a test plugs in cheats.
+    trainer: bool = False
+    train_verifier: bool = False
+    train_threads: int | None = None
+    train_executor: Any = None
+    train_verify: Any = None
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -91,6 +98,10 @@ class Agent:
         self.prover = prover
         self.hw_verdicts: dict[str, Any] = {}
         self._proving: set[str] = set()
+        self.train_checkpoints: dict[tuple[str, int], bytes] = {}
+        self.trained_segments = 0
+        self.train_timing = {"train_s": 0.0, "commit_s": 0.0}
+        self.train_audited = 0
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -109,7 +120,7 @@ class Agent:
             "region": self.config.region,
             "links": self.config.links,
             "devices": self._devices(),
-            "verifier": self.config.verifier,
+            "verifier": self.config.verifier or self.config.train_verifier,
         })
         assert answer is not None
         self.heartbeat_s = float(answer["heartbeat_interval_s"])
@@ -146,10 +157,19 @@ class Agent:
         await self._until_registered(stop)
         beats = asyncio.create_task(self._heartbeats())
         slots = [asyncio.create_task(self._slot(e)) for e in self.engines]
-        if self.config.verifier:
+        if self.config.verifier:  # inference audits
             from idlegrid.agent.verifier import audit_loop
 
             slots.append(asyncio.create_task(audit_loop(self, self.engines[0])))
+        if self.config.trainer:
+            from idlegrid.agent.trainer import probe_loop, train_loop
+
+            slots.append(asyncio.create_task(train_loop(self)))
+            slots.append(asyncio.create_task(probe_loop(self)))
+        if self.config.train_verifier:
+            from idlegrid.agent.trainer import train_audit_loop
+
+            slots.append(asyncio.create_task(train_audit_loop(self)))
         await stop.wait()
         log.info("draining: no new work; finishing %d held request(s)", len(self.jobs))
         self.draining.set()

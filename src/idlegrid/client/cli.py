@@ -17,6 +17,7 @@ from idlegrid.client.earnings_cmd import earnings, estimate
 from idlegrid.client.market_cmd import market_commands
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 from idlegrid.client.plan_cmd import plan
+from idlegrid.client.train_cmd import train_commands
 from idlegrid.config import DEFAULT_PORT, default_data_dir
 
 app = typer.Typer(help="idlegrid: turn idle GPUs into a verifiable AI compute grid.",
@@ -90,6 +91,10 @@ def provide(
     drain_grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.")] = 30.0,
     rated_watts: Annotated[float | None, typer.Option(
         help="Device power for the energy estimate when NVML/RAPL cannot be read.")] = None,
+    train: Annotated[bool, typer.Option(
+        "--train", help="Also run verified training jobs (needs torch).")] = False,
+    train_verifier: Annotated[bool, typer.Option(
+        "--train-verifier", help="Re-execute audited training segments (needs torch).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a provider agent: probe, load the model, benchmark, then serve work."""
@@ -141,7 +146,8 @@ def provide(
                          device_price_h=None if device_price is None else round(
                              device_price * MICRO),
                          stake_per_device=round(stake * MICRO),
-                         meter=choose_meter(hardware, rated=rated_watts))
+                         meter=choose_meter(hardware, rated=rated_watts),
+                         trainer=train, train_verifier=train_verifier, train_threads=threads)
     meter = config.meter
     assert meter is not None
     console.print(f"power: {meter.source}" + (" (estimated from rated power)"
@@ -182,6 +188,9 @@ def up(
     threads: Annotated[int | None, typer.Option(
         help="Threads per provider (default: cores / providers).")] = None,
     credits: Annotated[int, typer.Option(help="Credits for a new local key.")] = 100,
+    train: Annotated[bool, typer.Option(
+        "--train", help="Providers also run verified training jobs; the last one re-executes "
+        "audited segments instead (needs 2+ providers).")] = False,
 ) -> None:
     """Start a local grid (coordinator + providers), fund a key, serve until Ctrl-C."""
     import signal
@@ -190,8 +199,11 @@ def up(
     from idlegrid.client.progress import make_progress
     from idlegrid.testbed.localgrid import KEY_FILE, LocalGrid
 
+    if train and providers < 2:
+        raise typer.BadParameter("training needs a verifier: use --providers 2 or more",
+                                 param_hint="--providers")
     grid = LocalGrid(data_dir=data_dir, port=port, providers=providers, engine=engine,
-                     model=model, threads=threads, funding_credits=credits)
+                     model=model, threads=threads, funding_credits=credits, train=train)
     stop = threading.Event()
     # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -213,6 +225,8 @@ def up(
         out.print(f"  API key  : {grid.api_key}  (saved to {data_dir / KEY_FILE})")
         out.print(f"  logs     : {data_dir / 'logs'}")
         out.print("  try      : idlegrid complete 'The capital of France is'")
+        if train:
+            out.print("  train    : idlegrid train   (the small GPT on stdlib text, verified)")
         out.print("Ctrl-C stops everything.")
         sys.stdout.flush()
         stop.wait()
@@ -336,6 +350,8 @@ def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | Non
 
 app.command("plan")(plan)
 for _name, _fn in market_commands.items():
+    app.command(_name)(_fn)
+for _name, _fn in train_commands.items():
     app.command(_name)(_fn)
 app.command("earnings")(earnings)
 app.command("estimate")(estimate)

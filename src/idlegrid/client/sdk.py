@@ -72,6 +72,23 @@ class GridClient:
         """Cancel an order; the unused escrow comes back."""
         return self._json(self.http.post(f"/api/v1/orders/{order_id}/cancel"))
 
+    def submit_job(self, spec: dict[str, Any], ref: str | None = None) -> dict[str, Any]:
+        """Submit a verified training job (its price is escrowed at once)."""
+        body = {"spec": spec, **({"ref": ref} if ref else {})}
+        return self._json(self.http.post("/api/v1/jobs", json=body))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """This key's training jobs, newest first."""
+        return list(self._json(self.http.get("/api/v1/jobs"))["jobs"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """One training job with its history, losses, audits and bill."""
+        return self._json(self.http.get(f"/api/v1/jobs/{job_id}"))
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a training job; verified steps stay paid, the rest is refunded."""
+        return self._json(self.http.post(f"/api/v1/jobs/{job_id}/cancel"))
+
     def offers(self, **filters: Any) -> dict[str, Any]:
         """The live book (filters: accelerator, region, model, limit)."""
         params = {k: v for k, v in filters.items() if v is not None}

@@ -17,6 +17,7 @@ from idlegrid.coordinator import (
     http_errors,
     routes_admin,
     routes_dashboard,
+    routes_jobs,
     routes_market,
     routes_nodes,
     routes_openai,
@@ -56,6 +57,7 @@ def create_app(
     app.include_router(routes_admin.router)
     app.include_router(routes_market.router)
     app.include_router(routes_trust.router)
+    app.include_router(routes_jobs.router)
     app.include_router(routes_dashboard.router)
     # The dashboard's own CSS/JS and the vendored chart library: nothing from a CDN.
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")

@@ -83,6 +83,9 @@ class Grid:
         from idlegrid.coordinator.hwproofs import HwProofs
 
         self.hwproofs = HwProofs(self)
+        from idlegrid.coordinator.jobs import Jobs
+
+        self.jobs = Jobs(self)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""
@@ -481,6 +484,7 @@ class Grid:
             self.market.nodes_lost(lost)
         await self.db(self.market.tick)
         await self.db(self.hwproofs.tick, live)
+        await self.db(self.jobs.tick, live)
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
             if stream is None:

@@ -37,6 +37,8 @@ class LocalGrid:
     model: str = "gemma3:270m"
     threads: int | None = None
     funding_credits: int = 100
+    # Verified training: providers take jobs, the last one re-executes audited segments.
+    train: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     provider_args: Sequence[str] = ()
     log_dir: Path | None = None
@@ -52,7 +54,10 @@ class LocalGrid:
         return f"http://127.0.0.1:{self.port}"
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **self.extra_env, "IDLEGRID_OPERATOR_KEY": self.operator_key,
+        # A local grid's training segments that no audit selected are final after a few
+        # seconds, not the production window (the demo would otherwise wait on it).
+        local = {"IDLEGRID_TRAIN_CHALLENGE_S": "3"} if self.train else {}
+        env = {**os.environ, **local, **self.extra_env, "IDLEGRID_OPERATOR_KEY": self.operator_key,
                "IDLEGRID_DASHBOARD_OPEN_ON_LOOPBACK": "1", "PYTHONUNBUFFERED": "1"}
         logs = self.log_dir or self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -87,6 +92,8 @@ class LocalGrid:
                 "--engine", self.engine, "--model", self.model, "--threads", str(threads),
                 "--key-file", str(self.data_dir / "nodes" / f"provider-{index}.key"),
                 *self.provider_args]
+        if self.train:
+            args.append("--train-verifier" if index == self.providers - 1 else "--train")
         proc = self._spawn(args, f"provider-{index}")
         self.agents.append(proc)
         return proc

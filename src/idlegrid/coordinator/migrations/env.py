@@ -5,6 +5,7 @@ from sqlalchemy import create_engine, pool
 
 from idlegrid.coordinator.schema import Base
 from idlegrid.coordinator import trust_schema  # noqa: F401  (registers the trust tables)
+from idlegrid.coordinator import training_schema  # noqa: F401  (registers the training tables)
 
 config = context.config
 target_metadata = Base.metadata

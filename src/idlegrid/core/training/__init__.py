@@ -1,0 +1,1 @@
+"""Verified training, pure: job spec, per-step proofs, verdicts, disputes, settlement."""
