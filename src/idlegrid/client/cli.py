@@ -72,10 +72,12 @@ def provide(
     coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
         f"http://127.0.0.1:{DEFAULT_PORT}"),
     model: Annotated[str, typer.Option(help="Model id to serve.")] = "gemma3:270m",
-    model_path: Annotated[Path | None, typer.Option(help="Serve this GGUF file as --model.")] = None,
+    model_path: Annotated[Path | None, typer.Option(
+        help="Serve this GGUF file as --model.")] = None,
     engine: Annotated[str, typer.Option(
         help="Engine name (llama.cpp, torch) or plug-in path module:Class.")] = "llama.cpp",
-    threads: Annotated[int | None, typer.Option(help="Engine threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="Engine threads (default: all cores).")] = None,
     slots: Annotated[int, typer.Option(help="Requests served at once (one engine each).")] = 1,
     name: Annotated[str | None, typer.Option(help="Name shown on the grid.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Node key (created if missing).")] = None,
@@ -91,6 +93,9 @@ def provide(
     drain_grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.")] = 30.0,
     rated_watts: Annotated[float | None, typer.Option(
         help="Device power for the energy estimate when NVML/RAPL cannot be read.")] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Also audit other providers' answers (same engine and model).")
+    ] = False,
     train: Annotated[bool, typer.Option(
         "--train", help="Also run verified training jobs (needs torch).")] = False,
     train_verifier: Annotated[bool, typer.Option(
@@ -147,7 +152,8 @@ def provide(
                              device_price * MICRO),
                          stake_per_device=round(stake * MICRO),
                          meter=choose_meter(hardware, rated=rated_watts),
-                         trainer=train, train_verifier=train_verifier, train_threads=threads)
+                         verifier=verify, trainer=train, train_verifier=train_verifier,
+                         train_threads=threads)
     meter = config.meter
     assert meter is not None
     console.print(f"power: {meter.source}" + (" (estimated from rated power)"
@@ -191,6 +197,9 @@ def up(
     train: Annotated[bool, typer.Option(
         "--train", help="Providers also run verified training jobs; the last one re-executes "
         "audited segments instead (needs 2+ providers).")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Providers audit each other's answers (needs 2+ providers).")
+    ] = False,
 ) -> None:
     """Start a local grid (coordinator + providers), fund a key, serve until Ctrl-C."""
     import signal
@@ -199,11 +208,12 @@ def up(
     from idlegrid.client.progress import make_progress
     from idlegrid.testbed.localgrid import KEY_FILE, LocalGrid
 
-    if train and providers < 2:
-        raise typer.BadParameter("training needs a verifier: use --providers 2 or more",
-                                 param_hint="--providers")
+    if (train or verify) and providers < 2:
+        raise typer.BadParameter("a verifier is never its own auditor: use --providers 2 or "
+                                 "more", param_hint="--providers")
     grid = LocalGrid(data_dir=data_dir, port=port, providers=providers, engine=engine,
-                     model=model, threads=threads, funding_credits=credits, train=train)
+                     model=model, threads=threads, funding_credits=credits, train=train,
+                     verify=verify)
     stop = threading.Event()
     # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
     for sig in (signal.SIGTERM, signal.SIGINT):

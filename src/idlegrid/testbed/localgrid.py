@@ -39,6 +39,8 @@ class LocalGrid:
     funding_credits: int = 100
     # Verified training: providers take jobs, the last one re-executes audited segments.
     train: bool = False
+    # Inference audits: every provider also verifies the others' answers.
+    verify: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     provider_args: Sequence[str] = ()
     log_dir: Path | None = None
@@ -94,6 +96,8 @@ class LocalGrid:
                 *self.provider_args]
         if self.train:
             args.append("--train-verifier" if index == self.providers - 1 else "--train")
+        if self.verify:
+            args.append("--verify")
         proc = self._spawn(args, f"provider-{index}")
         self.agents.append(proc)
         return proc
