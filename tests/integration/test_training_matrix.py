@@ -114,3 +114,15 @@ def test_a_dataset_that_does_not_match_the_spec_is_refused(spec: JobSpec) -> Non
     with pytest.raises(v.InvalidRequest) as err:
         v.Trainer(bad, 1)
     assert err.value.param == "spec.dataset.sha256"
+
+
+def test_overlapped_hashing_commits_the_same_leaves_in_order(spec: JobSpec) -> None:
+    seen: list[int] = []
+    runs = []
+    for overlap in (False, True):
+        tr = v.Trainer(spec, 1, overlap_hash=overlap)
+        _, leaves = tr.run(tr.initial_state(), 4,
+                           on_step=lambda leaf, tps: seen.append(leaf.step) if tps > 0 else None)
+        runs.append(leaves)
+    assert runs[0] == runs[1]
+    assert seen == [0, 1, 2, 3, 0, 1, 2, 3]
