@@ -291,6 +291,13 @@ def test_settlement_refuses_nonsense_amounts() -> None:
     assert e is not None and e.key == "train-vslash:c1"
 
 
+def test_a_segment_rerun_after_a_fault_can_be_slashed_again() -> None:
+    first = settlement.slash("j", 3, "p1", 1_000, 1_000, "k", 100, "v")
+    second = settlement.slash("j", 3, "p2", 1_000, 1_000, "k", 100, "v")
+    assert first is not None and second is not None
+    assert first.key != second.key  # one key per segment would make the second a no-op
+
+
 def test_default_audit_rate_follows_p_star_for_the_job_stake() -> None:
     spec = JobSpec.parse(spec_dict())
     p = proof.audit_rate(spec.price_per_step, spec.checkpoint_interval, spec.stake_required)

@@ -440,6 +440,10 @@ class Jobs:
         steady = proof.audit_rate(int(spec["price_per_step"]), int(spec["checkpoint_interval"]),
                                   int(spec["stake_required"]))
         rate = 1.0 if passed < st.probation_segments else max(st.audit_rate, steady)
+        if c.start_step == 0:
+            # Only a replay of the first segment checks the initial weights against the
+            # job seed (later segments chain from it), so it is always audited.
+            rate = 1.0
         verifiers = [v for v in s.scalars(select(TrustNode.node_id).where(
             TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v != node_id]
         designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None

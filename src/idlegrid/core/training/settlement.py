@@ -10,8 +10,9 @@ A segment's escrow leaves the escrow once: paying it and refunding it share the 
 `train-seg:<job>:<segment>`, so whichever is posted first wins and the other is a no-op.
 The key names the segment, not the provider, so a segment re-run on another provider (after
 a provider loss or a proven fault) is still paid once: the consumer pays once per step.
-Every other key names its cause too (`train-slash:<job>:<segment>`,
-`train-audit-pay:<audit>`, ...), so a replayed decision posts nothing twice.
+Every other key names its cause too (`train-slash:<job>:<segment>:<node>`, since a segment
+re-run after a rewind can fault again; `train-audit-pay:<audit>`, ...), so a replayed
+decision posts nothing twice.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def slash(job_id: str, segment: int, node_id: str, stake_balance: int, amount: i
                 Posting(FEES, rest - to_verifier)]
     if verifier:
         postings.append(Posting(provider_account(verifier), to_verifier))
-    return make_entry(f"train-slash:{job_id}:{segment}", _segment_cause(job_id, segment),
+    return make_entry(f"train-slash:{job_id}:{segment}:{node_id}", _segment_cause(job_id, segment),
                       postings, f"train slash {node_id}")
 
 
