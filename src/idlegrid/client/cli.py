@@ -292,6 +292,15 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
         out.print(f"audit rate: steady p = {trust['p_steady']:.4f} (2 x p* = "
                   f"{trust['p_star']:.4f}); canaries {trust['canary_rate']:.3f}; "
                   f"beacon commitment {trust['beacon_commitment'][:16]}…")
+        waiting = trust.get("pending_audits") or {}
+        if waiting:
+            out.print("audits not judged yet: " + ", ".join(f"{n} {k}" for k, n in
+                                                              sorted(waiting.items())))
+        for d in trust.get("disputes") or []:
+            outcome = {True: "provider won", False: "provider lost"}.get(d["provider_right"],
+                                                                         "open")
+            out.print(f"dispute {d['id']} over {d['audit_id']}: {d['state']}, round "
+                      f"{d['round']} ({outcome})")
     if "me" in data:
         out.print(f"your balance: {data['me']['balance'] / MICRO:.6f} credits")
     out.print(f"protocol fees collected: {data['balances'].get('system:fees', 0) / MICRO:.6f} "
