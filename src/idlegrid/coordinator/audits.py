@@ -304,10 +304,8 @@ class Trust:
             assert com is not None
             provider_id, task_id, canary, blob = a.node_id, a.task_id, a.canary, a.blob
             charge, max_new = com.charge, com.max_new
-            if com.part:  # a failover part: its share of what the request was charged
-                part_of = (com.task_id, com.blob)
-            else:
-                part_of = None
+            # A failover part: its share of what the request was charged.
+            part_of = (com.task_id, com.blob) if com.part else None
         if part_of is not None:
             charge = self._part_charge(*part_of)
         c = cm.decode(blob)
