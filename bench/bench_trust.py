@@ -5,8 +5,10 @@ tolerance calibration, commitment cost and size, verifier cost, false-slash boun
 
 Runs on the tiny seeded engine (the issue allows a tiny model); every audit is the real
 code path: generate with the recorder, build the commitment, recompute in one prefill,
-judge. Honest audits alternate the verifier's thread count (1 vs 2) against the
-provider's, so they include cross-class pairs. CI runs the same functions with small counts
+judge. Honest audits alternate the provider's and the verifier's thread counts (1 vs 2) and,
+every other block of four, verify on a float64 build of the same model (other kernels and
+accumulation order: the stand-in for "another engine" on this CPU box), so they include
+cross-class pairs. CI runs the same functions with small counts
 (tests/integration/test_trust_matrix.py).
 """
 
@@ -33,7 +35,8 @@ def main() -> None:
     for k, rate in matrix.items():
         print(f"  ({k}) {cheats.CHEATS[k].__name__:<14} detected {rate:.4f}")
     fails, rels, margins, gen, ver = honest(args.honest)
-    print(f"honest: {fails} false positives in {args.honest} audits (threads 1/2 mixed)")
+    print(f"honest: {fails} false positives in {args.honest} audits (threads 1/2 mixed, "
+          "half verified on the float64 build)")
     print(f"  worst rel err: max {max(rels):.3g}, median {statistics.median(rels):.3g}"
           f" (tolerance {TOL.rel:g}: {TOL.rel / max(rels):.0f}x headroom)")
     print(f"  closest honest sampling race: {min(margins):.3g}"
