@@ -60,7 +60,8 @@ def cheat_matrix(n: int) -> dict[str, float]:
     return out
 
 
-def honest(n: int) -> tuple[int, list[float], list[float], list[float], list[float]]:
+def honest(n: int, start: int = 0
+           ) -> tuple[int, list[float], list[float], list[float], list[float]]:
     """False positives over n honest audits (threads 1/2 mixed, verifier engine float32 or
     a float64 reference build every other block of four, T 0 and 1)."""
     p = TinyEngine("tiny")
@@ -68,7 +69,7 @@ def honest(n: int) -> tuple[int, list[float], list[float], list[float], list[flo
     # closest thing to "another engine" this CPU-only box can run thousands of times.
     verifiers = (TinyEngine("tiny"), TinyEngine("tiny", dtype="float64"))
     fails, rels, margins, gen, ver = 0, [], [], [], []
-    for i in range(n):
+    for i in range(start, start + n):
         vt = 1 + (i % 2)
         pt = 1 + (i // 2 % 2)
         v = verifiers[i // 4 % 2]
