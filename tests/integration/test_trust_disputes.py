@@ -220,9 +220,9 @@ def test_a_verifier_that_does_not_answer_loses(grid: Grid, monkeypatch) -> None:
     assert sum(bal.values()) == 0
 
 
-def test_dispute_refusals(grid: Grid) -> None:
+def test_dispute_refusals(grid: Grid, tmp_path: Path) -> None:
     g = grid
-    g.add("provider", TinyEngine("tiny"), CHEAP)
+    g.add("provider", TinyEngine("tiny"), CHEAP, key_dir=tmp_path)
     g.add("verifier", TinyEngine("tiny"), DEAR, verifier=True)
     g.complete("Tell me about item 9")
     wait_until(lambda: any(a["state"] == "passed" for a in g.audits()), 90)
@@ -231,6 +231,14 @@ def test_dispute_refusals(grid: Grid) -> None:
     before = g.status()["balances"]
     passed = g.signed("provider", path, {"reason": "why not"})
     assert passed.status_code == 409 and "did not fail" in passed.json()["error"]["message"]
+    # The provider's CLI says the same, signed with the node key on disk.
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    res = CliRunner().invoke(app, ["dispute", audit["id"], "--coordinator", g.url,
+                                   "--key-file", str(tmp_path / "provider.key")])
+    assert res.exit_code == 1 and "did not fail" in res.output, res.output
     # Another node's audit: not found (no existence leak through the error kind).
     assert g.signed("verifier", path, {}).status_code == 404
     assert g.signed("provider", "/api/v1/audits/aud-nosuch/dispute", {}).status_code == 404
