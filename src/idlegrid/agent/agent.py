@@ -12,6 +12,7 @@ import base64
 import contextlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,8 @@ class AgentConfig:
 class _Job:
     task: TaskMsg
     cancel: threading.Event = field(default_factory=threading.Event)
+    delivered: int = 0  # token ids the coordinator accepted for this attempt
+    recorder: Any = None  # what the engine recorded, for a part's commitment at handback
 
 
 class Agent:
@@ -102,6 +105,12 @@ class Agent:
         self.trained_segments = 0
         self.train_timing = {"train_s": 0.0, "commit_s": 0.0}
         self.train_audited = 0
+        # Our recent commitments, to open chunks when a dispute asks (task, attempt) -> blob;
+        # a verifier's recent reports by audit id, to answer for its numbers.
+        self.commitments: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.audit_reports: OrderedDict[str, bytes] = OrderedDict()
+        self.dispute_answers: dict[str, Any] = {}
+        self._answering: set[str] = set()
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -213,6 +222,11 @@ class Agent:
                     if pid not in self._proving and pid not in self.hw_verdicts:
                         self._proving.add(pid)
                         asyncio.create_task(self._prove(pid))
+                for q in (beat or {}).get("disputes", []):
+                    qid = f"{q['id']}/{q['round']}/{q['role']}"
+                    if qid not in self._answering and qid not in self.dispute_answers:
+                        self._answering.add(qid)
+                        asyncio.create_task(self._answer_dispute(qid, q))
             except AuthError:
                 await self.register()  # the coordinator forgot us (fresh database)
             except (httpx.HTTPError, IdlegridError) as exc:
@@ -232,6 +246,27 @@ class Agent:
             self.hw_verdicts[pid] = {"error": "unexpected"}
         finally:
             self._proving.discard(pid)
+
+    async def _answer_dispute(self, qid: str, q: dict[str, Any]) -> None:
+        """Answer one dispute round beside serving (a party that stays silent loses)."""
+        from idlegrid.agent.disputes import answer
+
+        try:
+            self.dispute_answers[qid] = await answer(self, q)
+        except (httpx.HTTPError, IdlegridError) as exc:
+            log.warning("dispute %s: %r", qid, exc)
+            self.dispute_answers[qid] = {"error": str(exc)}
+        except Exception:  # a bad query must not kill the heartbeat loop
+            log.exception("dispute %s failed unexpectedly", qid)
+            self.dispute_answers[qid] = {"error": "unexpected"}
+        finally:
+            self._answering.discard(qid)
+
+    def remember(self, store: OrderedDict[Any, bytes], key: Any, blob: bytes) -> None:
+        """Keep a recent commitment or report (the oldest go beyond 4,096)."""
+        store[key] = blob
+        while len(store) > 4096:
+            store.popitem(last=False)
 
     async def _slot(self, engine: Engine) -> None:
         while not self.draining.is_set():
@@ -310,7 +345,8 @@ class Agent:
                 await worker
             except Exception as exc:
                 log.exception("engine failed on %s", task.task_id)
-                await self._fail(base, f"engine error: {exc}", "engine")
+                await self._fail(base, f"engine error: {exc}", "engine",
+                                 self._part(engine, task, prompt_ids, job))
                 return
             finally:
                 energy_j = (self.energy.finish(energy_key, meter.joules())
@@ -318,8 +354,12 @@ class Agent:
             if not ok:
                 return  # the coordinator took the task away; it is someone else's now
             if job.cancel.is_set():
-                await self._fail(base, "provider draining", "handback")
+                await self._fail(base, "provider draining", "handback",
+                                 self._part(engine, task, prompt_ids, job))
                 return
+            if committed.get("blob"):
+                self.remember(self.commitments, (task.task_id, task.attempt),
+                              base64.b64decode(committed["blob"]))
             await self.client.call(f"{base}/finish", {
                 "prompt_tokens": len(prompt_ids), "finish_reason": result.finish_reason,
                 "commitment": committed.get("blob"),
@@ -333,9 +373,33 @@ class Agent:
         finally:
             self.jobs.discard(job)
 
-    async def _fail(self, base: str, reason: str, kind: str) -> None:
+    async def _fail(self, base: str, reason: str, kind: str, commitment: str | None = None
+                    ) -> None:
         with contextlib.suppress(Conflict):
-            await self.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind})
+            try:
+                await self.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind,
+                                                        "commitment": commitment})
+            except InvalidRequest as exc:
+                if commitment is None:
+                    raise
+                # Hand the request on regardless; this part just goes unaudited.
+                log.warning("part commitment refused (%s); handing back without it", exc)
+                await self.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind})
+
+    def _part(self, engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job
+              ) -> str | None:
+        """Commitment to the tokens this attempt delivered before it stopped (failover)."""
+        rec, n = job.recorder, job.delivered
+        if rec is None or n <= 0 or len(rec.tokens) < n:
+            return None
+        from idlegrid.engines.commit import Recorder, build_commitment
+
+        part = Recorder(rec.tokens[:n], rec.states[:n])
+        c = build_commitment(engine, task.model, [*prompt_ids, *task.prior_ids], part,
+                             task.seed, task.temperature, task.top_p, "length")
+        blob = c.encode()
+        self.remember(self.commitments, (task.task_id, task.attempt), blob)
+        return base64.b64encode(blob).decode()
 
     def _prompt_ids(self, engine: Engine, task: TaskMsg) -> list[int]:
         if task.kind == "chat":
@@ -368,6 +432,7 @@ class Agent:
 
             recorder = Recorder()
             engine.recorder = recorder
+            job.recorder = recorder
         try:
             for piece in stream_pieces(engine, prompt_ids, params,
                                        max_tokens=min(task.max_tokens, room), stop=task.stop,
@@ -412,6 +477,7 @@ class Agent:
             try:
                 last_upload = loop.time()
                 await self.client.call(f"{base}/upload", {"start": sent, "pieces": batch})
+                job.delivered += sum(1 for tid, _ in batch if tid >= 0)
             except Conflict:
                 job.cancel.set()
                 await self._drain_queue(queue, finished)

@@ -316,6 +316,15 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
         out.print(f"audit rate: steady p = {trust['p_steady']:.4f} (2 x p* = "
                   f"{trust['p_star']:.4f}); canaries {trust['canary_rate']:.3f}; "
                   f"beacon commitment {trust['beacon_commitment'][:16]}…")
+        waiting = trust.get("pending_audits") or {}
+        if waiting:
+            out.print("audits not judged yet: " + ", ".join(f"{n} {k}" for k, n in
+                                                              sorted(waiting.items())))
+        for d in trust.get("disputes") or []:
+            outcome = {True: "provider won", False: "provider lost"}.get(d["provider_right"],
+                                                                         "open")
+            out.print(f"dispute {d['id']} over {d['audit_id']}: {d['state']}, round "
+                      f"{d['round']} ({outcome})")
     if "me" in data:
         out.print(f"your balance: {data['me']['balance'] / MICRO:.6f} credits")
     out.print(f"protocol fees collected: {data['balances'].get('system:fees', 0) / MICRO:.6f} "
@@ -350,6 +359,49 @@ def _operator_key(data_dir: Path) -> str | None:
     f = data_dir / "operator-key"
     return os.environ.get("IDLEGRID_OPERATOR_KEY") or (f.read_text().strip() if f.exists()
                                                        else None)
+
+
+@app.command()
+def dispute(
+    audit_id: Annotated[str, typer.Argument(help="The failed audit of one of your answers.")],
+    coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
+        f"http://127.0.0.1:{DEFAULT_PORT}"),
+    name: Annotated[str | None, typer.Option(help="The provider's name (its key file).")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="The provider's node key.")] = None,
+    reason: Annotated[str, typer.Option(help="Why the audit was wrong.")] = "",
+) -> None:
+    """Contest a failed audit as the provider (signed with its node key); prints the dispute.
+    Its rounds are answered by the running agent; `idlegrid status` shows the ruling."""
+    import asyncio
+    import socket
+
+    from idlegrid.agent.node_client import NodeClient
+    from idlegrid.errors import IdlegridError
+    from idlegrid.protocol.signing import NodeKey
+
+    path = key_file or default_data_dir() / "nodes" / f"{name or socket.gethostname()}.key"
+    if not path.exists():
+        out.print(f"no node key at {path}: only the provider that served it can dispute")
+        raise typer.Exit(1)
+
+    async def send() -> Any:
+        client = NodeClient(coordinator_url, NodeKey.load_or_create(path))
+        try:
+            return await client.call(f"/api/v1/audits/{audit_id}/dispute", {"reason": reason})
+        finally:
+            await client.close()
+
+    import httpx
+
+    try:
+        answer = asyncio.run(send())
+    except IdlegridError as exc:
+        out.print(f"refused: {exc.message}")
+        raise typer.Exit(1) from exc
+    except httpx.HTTPError as exc:
+        out.print(f"coordinator not reachable at {coordinator_url}: {exc}")
+        raise typer.Exit(1) from exc
+    out.print_json(json.dumps(answer))
 
 
 def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | None]:

@@ -20,9 +20,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select, update
 
+from idlegrid.coordinator.schema import Offer
 from idlegrid.coordinator.trust_schema import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core import ledger
-from idlegrid.core.trust import beacon, entries
+from idlegrid.core.trust import beacon, dispute, entries
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust.economics import AuditPolicy
 from idlegrid.core.trust.reputation import ReputationModel
@@ -44,6 +45,11 @@ class TrustSettings(BaseSettings):
     canary_rate: float = Field(0.02, ge=0, le=1)
     audit_fee_bps: int = Field(1000, ge=0, description="verifier pay, bps of the request charge")
     reassign_after_s: float = Field(10.0, gt=0)
+    # A verifier that took an audit and did not report within this long loses it (unpaid,
+    # its verifier record marked) and the audit goes back to the pool for another verifier.
+    audit_expiry_s: float = Field(60.0, gt=0)
+    # Each party to a dispute answers a round within this long, or loses.
+    dispute_answer_s: float = Field(30.0, gt=0)
     # Tolerances: see docs/trust.md for how they were calibrated.
     rel_same: float = 2e-5
     rel_cross: float = 1e-4
@@ -80,6 +86,9 @@ class Trust:
         self.epoch_commitment = beacon.beacon_commitment(self.secret)
         self.new_audit = asyncio.Event()
         self.ejected: set[str] = set()
+        from idlegrid.coordinator.disputes import Disputes
+
+        self.disputes = Disputes(self)
 
     @property
     def store(self) -> Any:
@@ -122,34 +131,46 @@ class Trust:
                                  param="commitment")
         return c
 
+    def check_part(self, task: TaskView, blob_b64: str, new_ids: list[int]) -> cm.Commitment:
+        """A handed-back attempt's commitment to the tokens it delivered: no finish claim
+        (it did not finish), so it must say "length" and end without an end token."""
+        c = self.check_commitment(task, blob_b64, new_ids, "length")
+        if c.header.ended_by_end_token or not new_ids:
+            raise InvalidRequest("a part's commitment covers only the tokens it delivered",
+                                 param="commitment")
+        return c
+
     async def on_finish(self, task: TaskView, node_id: str, attempt: int, c: cm.Commitment,
-                        prior_ids: list[int]) -> None:
+                        prior_ids: list[int], part: bool = False) -> None:
         """Store the commitment, then draw the beacon: audit? plant a canary?"""
-        await self.grid.db(self._on_finish, task, node_id, attempt, c, prior_ids)
+        await self.grid.db(self._on_finish, task, node_id, attempt, c, prior_ids, part)
         self.new_audit.set()
 
     def _on_finish(self, task: TaskView, node_id: str, attempt: int, c: cm.Commitment,
-                   prior_ids: list[int]) -> None:
+                   prior_ids: list[int], part: bool = False) -> None:
         now = self.grid.clock()
         digest = c.header.digest()
-        charge = self._charge(task.id, task.key_id, task.hold)
+        # A part is checked as "these tokens, no more": its length claim is its own count.
+        max_new = c.header.n_tokens if part else \
+            int(task.payload["max_tokens"]) - len(prior_ids)
+        charge = 0 if part else self._charge(task.id, task.key_id, task.hold)
         blob = c.encode()
         with self.store.tx() as s:
             s.add(TrustCommitment(task_id=task.id, attempt=attempt, node_id=node_id,
                                   digest=digest.hex(), blob=blob, prior_ids=list(prior_ids),
-                                  max_new=int(task.payload["max_tokens"]) - len(prior_ids),
-                                  charge=charge, created_at=now))
+                                  max_new=max_new, charge=charge, created_at=now, part=part))
             node = s.get(TrustNode, node_id)
             clean = node.passed if node else 0
             # Across engines no tolerance is fair (llama.cpp's int8-activation kernels against
             # torch's float ones differ by per cents): an honest provider would be slashed.
             # So only verifiers of the provider's engine audit it; with none, the audit waits,
             # visible as pending, rather than being judged by a verifier that cannot judge it.
+            # Verifiers that let more audits lapse than they completed are not designated.
             engine = cm.engine_of(c.header.det_class)
-            verifiers = [v for v, det in s.execute(
-                select(TrustNode.node_id, TrustNode.det_class).where(
-                    TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
-                if v != node_id and cm.engine_of(det) == engine]
+            verifiers = [v.node_id for v in s.scalars(select(TrustNode).where(
+                TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
+                if v.node_id != node_id and cm.engine_of(v.det_class) == engine
+                and v.verifier_expired <= v.verifier_passed]
             designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
             audits = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean)):
@@ -161,7 +182,16 @@ class Trust:
                 s.add(TrustAudit(id=audit_id, task_id=task.id, attempt=attempt, node_id=node_id,
                                  model_id=task.model_id, designated=designated, verifier_id=None,
                                  canary=canary, blob=data, state="pending", verdict={},
-                                 created_at=now, assigned_at=0.0, done_at=0.0))
+                                 created_at=now, assigned_at=0.0, done_at=0.0, expired=[]))
+
+    def _part_charge(self, task_id: str, blob: bytes) -> int:
+        """A failover part's share of the request's charge, by output tokens (0 until the
+        request is settled)."""
+        task = self.store.get_task(task_id)
+        total = self._charge(task.id, task.key_id, task.hold)
+        n = len(task.delivered_ids) if task.delivered_ids else 0
+        part = cm.decode(blob).header.n_tokens
+        return total * part // n if n else 0
 
     def _charge(self, task_id: str, key_id: str, hold: int) -> int:
         consumer = ledger.consumer_account(key_id)
@@ -198,6 +228,8 @@ class Trust:
                 TrustAudit.state == "pending", TrustAudit.node_id != node_id,
                 TrustAudit.model_id.in_(models)).order_by(TrustAudit.created_at).limit(20))
             for a in rows:
+                if node_id in (a.expired or []):
+                    continue  # it let this one lapse once
                 if a.designated not in (None, node_id) and now - a.created_at < \
                         self.settings.reassign_after_s:
                     continue
@@ -210,17 +242,53 @@ class Trust:
                     continue
                 com = s.get(TrustCommitment, (a.task_id, a.attempt))
                 assert com is not None
-                claimed = (a.id, a.model_id, a.task_id, list(com.prior_ids), com.max_new, a.blob)
                 break
             else:
                 return None
-        audit_id, model_id, task_id, prior, max_new, blob = claimed
-        task = self.store.get_task(task_id)
+        # The task is read after the write transaction: a nested one would wait on itself.
+        return {"audit_id": a.id, **self.audit_task(a, com)}
+
+    def audit_task(self, a: TrustAudit, com: TrustCommitment) -> dict[str, Any]:
+        """The audited request as the provider saw it, and the commitment to re-check
+        (reads the task: call it outside a write transaction)."""
+        task = self.store.get_task(a.task_id)
         p = task.payload
-        return {"audit_id": audit_id, "model": model_id, "kind": task.kind,
-                "prompt": p.get("prompt"), "messages": p.get("messages"), "prior_ids": prior,
-                "max_new_tokens": max_new, "stop": p.get("stop") or [],
-                "commitment": base64.b64encode(blob).decode()}
+        return {"model": a.model_id, "kind": task.kind, "prompt": p.get("prompt"),
+                "messages": p.get("messages"), "prior_ids": list(com.prior_ids),
+                "max_new_tokens": com.max_new, "stop": p.get("stop") or [],
+                "commitment": base64.b64encode(a.blob).decode()}
+
+    def models_of(self, node_id: str) -> set[str]:
+        """Models a node offers (a referee must be able to run the disputed one)."""
+        with self.store.read() as s:
+            return set(s.scalars(select(Offer.model_id).where(Offer.node_id == node_id)))
+
+    def expire(self) -> list[str]:
+        """Audits taken and not reported within `audit_expiry_s` go back to the pool; the
+        late verifier is not paid and its verifier record counts a miss. Returns their ids."""
+        now = self.grid.clock()
+        cutoff = now - self.settings.audit_expiry_s
+        back = []
+        with self.store.tx() as s:
+            late = list(s.scalars(select(TrustAudit).where(
+                TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff)))
+            for a in late:
+                late_id, lapsed = a.verifier_id, [*(a.expired or []), a.verifier_id]
+                res = s.execute(update(TrustAudit).where(
+                    TrustAudit.id == a.id, TrustAudit.state == "assigned").values(
+                    state="pending", verifier_id=None, assigned_at=0.0,
+                    # Anyone but the late verifier may take it at once.
+                    designated=None, created_at=now - self.settings.reassign_after_s,
+                    expired=lapsed))
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    continue
+                node = s.get(TrustNode, late_id)
+                if node is not None:
+                    node.verifier_expired += 1
+                back.append(a.id)
+        if back:
+            self.new_audit.set()
+        return back
 
     async def report(self, node_id: str, audit_id: str, report_b64: str) -> dict[str, Any]:
         """Judge a verifier's recomputation and apply what follows from it."""
@@ -245,6 +313,10 @@ class Trust:
             assert com is not None
             provider_id, task_id, canary, blob = a.node_id, a.task_id, a.canary, a.blob
             charge, max_new = com.charge, com.max_new
+            # A failover part: its share of what the request was charged.
+            part_of = (com.task_id, com.blob) if com.part else None
+        if part_of is not None:
+            charge = self._part_charge(*part_of)
         c = cm.decode(blob)
         tol = self.tolerance(c.header.det_class, report.det_class)
         v = cm.judge(c, report, tol, max_new)
@@ -253,6 +325,8 @@ class Trust:
                    "first_bad_chunk": v.first_bad_chunk, "tolerance": tol.rel,
                    "provider_class": c.header.det_class, "verifier_class": report.det_class,
                    "canary": canary}
+        if not v.passed:  # where a dispute would start bisecting
+            verdict["positions"] = dispute.disagreeing(c, report, tol)
         task = self.store.get_task(task_id)
         consumer = ledger.consumer_account(task.key_id)
         balances = self.store.balances()
@@ -313,6 +387,14 @@ class Trust:
     def _fee(self, charge: int) -> int:
         return charge * self.settings.audit_fee_bps // 10_000
 
+    def fee(self, charge: int) -> int:
+        """A verifier's (or referee's) pay for checking a request that was charged `charge`."""
+        return self._fee(charge)
+
+    def stakes(self, node_id: str, balances: dict[str, int]) -> dict[str, int]:
+        """A node's non-empty stake accounts."""
+        return self._stakes(node_id, balances)
+
     @staticmethod
     def _stakes(node_id: str, balances: dict[str, int]) -> dict[str, int]:
         prefix = f"stake:{node_id}:"
@@ -323,8 +405,14 @@ class Trust:
     async def status(self) -> dict[str, Any]:
         """Audit rate p, p*, and each node's probation and audit record."""
         rows = await self.grid.db(self._nodes)
+        disputes = await self.grid.db(self.disputes.listing)
         pol = self.policy
         return {
+            "disputes": [{k: d[k] for k in ("id", "audit_id", "provider_id", "verifier_id",
+                                            "referee_id", "state", "round", "waiting_for")}
+                         | {"provider_right": d["ruling"].get("provider_right")}
+                         for d in disputes[:50]],
+            "pending_audits": await self.grid.db(self._pending_audits),
             "p_star": pol.p_star, "p_steady": pol.steady, "canary_rate": self.settings.canary_rate,
             "beacon_commitment": self.epoch_commitment,
             "nodes": {r.node_id: {
@@ -332,8 +420,17 @@ class Trust:
                 "passed": r.passed, "failed": r.failed, "verifier": r.verifier,
                 "verifier_passed": r.verifier_passed, "verifier_failed": r.verifier_failed,
                 "spoofer_probability": self.reputation.posterior(r.passed, r.failed),
+                "verifier_expired": r.verifier_expired,
                 "ejected": r.ejected, "det_class": r.det_class} for r in rows},
         }
+
+    def _pending_audits(self) -> dict[str, int]:
+        """Audits not judged yet, by state: never silently passed or failed."""
+        from sqlalchemy import func
+
+        with self.store.read() as s:
+            return {st: n for st, n in s.execute(select(TrustAudit.state, func.count()).where(
+                TrustAudit.state.in_(("pending", "assigned"))).group_by(TrustAudit.state))}
 
     def _nodes(self) -> list[TrustNode]:
         with self.store.tx() as s:
@@ -344,6 +441,7 @@ class Trust:
     def audits(self) -> list[dict[str, Any]]:
         """Every audit with its verdict (operator view)."""
         with self.store.tx() as s:
-            return [{"id": a.id, "task_id": a.task_id, "node_id": a.node_id,
-                     "verifier_id": a.verifier_id, "canary": a.canary, "state": a.state,
-                     "verdict": a.verdict} for a in s.scalars(select(TrustAudit))]
+            return [{"id": a.id, "task_id": a.task_id, "attempt": a.attempt,
+                     "node_id": a.node_id, "verifier_id": a.verifier_id, "canary": a.canary,
+                     "state": a.state, "verdict": a.verdict, "expired": list(a.expired or [])}
+                    for a in s.scalars(select(TrustAudit))]

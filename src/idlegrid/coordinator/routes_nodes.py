@@ -82,8 +82,11 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     node_id, body = await _signed(request)
     msg = _parse(m.HeartbeatMsg, body)
     power = msg.power.model_dump() if msg.power is not None else None
-    pending = await _grid(request).heartbeat(node_id, msg.state, power)
-    return {"ok": True, "hwproofs": pending}
+    grid = _grid(request)
+    pending = await grid.heartbeat(node_id, msg.state, power)
+    disputes = await grid.db(grid.trust.disputes.pending, node_id) \
+        if grid.trust.disputes.active else []
+    return {"ok": True, "hwproofs": pending, "disputes": disputes}
 
 
 @router.post("/work/poll", response_model=None)
@@ -130,5 +133,6 @@ async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     msg = _parse(m.FailMsg, body)
     invalid = msg.reason if msg.kind == "invalid_request" else None
     outcome = "handed back" if msg.kind == "handback" else f"engine error: {msg.reason}"
-    await _grid(request).give_up(node_id, task_id, attempt, outcome, invalid=invalid)
+    await _grid(request).give_up(node_id, task_id, attempt, outcome, invalid=invalid,
+                                 commitment=msg.commitment if invalid is None else None)
     return {"ok": True}

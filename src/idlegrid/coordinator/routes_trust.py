@@ -32,6 +32,42 @@ async def report_audit(audit_id: str, request: Request) -> dict[str, Any]:
     return await _grid(request).trust.report(node_id, audit_id, msg.report)
 
 
+@router.post("/audits/{audit_id}/dispute")
+async def open_dispute(audit_id: str, request: Request) -> dict[str, Any]:
+    """A provider contests a failed audit of its own answer (409 if the audit did not fail)."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.DisputeMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.trust.disputes.open, node_id, audit_id, msg.reason)
+
+
+@router.post("/disputes/{dispute_id}/query")
+async def dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
+    """What the current round asks of the calling party (role, position, audited request)."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.DisputeQueryMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.trust.disputes.query, node_id, dispute_id, msg.round)
+
+
+@router.post("/disputes/{dispute_id}/answer")
+async def dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
+    """A party's answer for the current round (before its deadline)."""
+    node_id, body = await _signed(request)
+    msg = _parse(m.DisputeAnswerMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.trust.disputes.answer, node_id, dispute_id, msg.round,
+                         msg.model_dump())
+
+
+@router.get("/disputes")
+async def list_disputes(request: Request, node: str | None = None) -> dict[str, Any]:
+    """Every dispute, its rounds and ruling (operator only); `node` keeps one node's."""
+    require_operator(request)
+    grid = _grid(request)
+    return {"disputes": await grid.db(grid.trust.disputes.listing, node)}
+
+
 @router.get("/audits")
 async def list_audits(request: Request) -> dict[str, Any]:
     """Every audit and its verdict (operator only)."""

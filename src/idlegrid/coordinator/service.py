@@ -320,7 +320,7 @@ class Grid:
         return done
 
     async def give_up(self, node_id: str | None, task_id: str, attempt: int, outcome: str,
-                      invalid: str | None = None) -> None:
+                      invalid: str | None = None, commitment: str | None = None) -> None:
         """Take an attempt away (provider lost, stalled, draining, or failed it).
 
         `invalid` is set when the provider found the request itself bad (e.g. longer than
@@ -335,8 +335,14 @@ class Grid:
         async with stream.lock:
             if stream.attempt != attempt:
                 raise StaleAttempt(task_id, attempt)
-            stream.attempt = -1  # uploads for this attempt are refused from here on
             ids = list(stream.attempt_ids)
+            part = None
+            if commitment is not None and node_id is not None and ids:
+                # Checked before anything moves: a bad one is a 400 and the attempt stays.
+                before = await self.db(self.store.get_task, task_id)
+                assert before is not None
+                part = (self.trust.check_part(before, commitment, ids), before.delivered_ids)
+            stream.attempt = -1  # uploads for this attempt are refused from here on
             self.metrics.failovers.labels(outcome).inc()
             if invalid is not None:
                 await self.db(self.store.fail, task_id, invalid, charge_delivered=False,
@@ -349,6 +355,9 @@ class Grid:
                 max_attempts=self.settings.max_attempts, fee_bps=self.settings.fee_bps,
             )
         self.changes.bump()
+        if part is not None and node_id is not None:
+            # Its part is committed and final now: the beacon may select it for audit.
+            await self.trust.on_finish(task, node_id, attempt, part[0], part[1], part=True)
         if task.state == "queued":
             log.warning("task %s: attempt %d %s; handing it to another provider",
                         task_id, attempt, outcome)
@@ -485,6 +494,8 @@ class Grid:
         await self.db(self.market.tick)
         await self.db(self.hwproofs.tick, live)
         await self.db(self.jobs.tick, live)
+        await self.db(self.trust.expire)
+        await self.db(self.trust.disputes.tick)
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
             if stream is None:

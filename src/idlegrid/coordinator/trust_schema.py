@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, Integer, LargeBinary, String
+from sqlalchemy import JSON, Boolean, Float, Integer, LargeBinary, String, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from idlegrid.coordinator.schema import Base
@@ -23,6 +23,9 @@ class TrustCommitment(Base):
     max_new: Mapped[int] = mapped_column(Integer)
     charge: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+    # An attempt that handed the request on (failover) committed to its part only
+    # (migration 0007_disputes); its charge is its share, worked out once settled.
+    part: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class TrustAudit(Base):
@@ -43,6 +46,8 @@ class TrustAudit(Base):
     created_at: Mapped[float] = mapped_column(Float)
     assigned_at: Mapped[float] = mapped_column(Float)
     done_at: Mapped[float] = mapped_column(Float)
+    # Verifiers that took this audit and let it lapse (migration 0007_disputes).
+    expired: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
 
 
 class TrustNode(Base):
@@ -58,6 +63,7 @@ class TrustNode(Base):
     verifier_failed: Mapped[int] = mapped_column(Integer)
     ejected: Mapped[bool] = mapped_column(Boolean)
     proven_class: Mapped[str] = mapped_column(String(64))
+    verifier_expired: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class HwProof(Base):
@@ -77,4 +83,31 @@ class HwProof(Base):
     created_at: Mapped[float] = mapped_column(Float)
     sent_at: Mapped[float] = mapped_column(Float)
     committed_at: Mapped[float] = mapped_column(Float)
+    done_at: Mapped[float] = mapped_column(Float)
+
+
+class TrustDispute(Base):
+    """A provider contesting a failed audit (migration 0007_disputes): bisection state,
+    the current round's answers and deadline, the referee, and the ruling."""
+
+    __tablename__ = "trust_disputes"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    audit_id: Mapped[str] = mapped_column(String(64), unique=True)
+    provider_id: Mapped[str] = mapped_column(String(64), index=True)
+    verifier_id: Mapped[str] = mapped_column(String(64), index=True)
+    referee_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # bisecting -> refereeing (or awaiting-referee) -> won | lost
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    n: Mapped[int] = mapped_column(Integer)
+    lo: Mapped[int] = mapped_column(Integer)
+    hi: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    waiting: Mapped[list[str]] = mapped_column(JSON)  # roles still to answer this round
+    answers: Mapped[dict[str, Any]] = mapped_column(JSON)  # role -> base64 answer, this round
+    deadline: Mapped[float] = mapped_column(Float)
+    rounds: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # position and agreement
+    excluded: Mapped[list[str]] = mapped_column(JSON)  # referees that did not answer
+    ruling: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[float] = mapped_column(Float)
     done_at: Mapped[float] = mapped_column(Float)

@@ -122,6 +122,9 @@ class FailMsg(Message):
 
     reason: str = Field(max_length=500)
     kind: Literal["engine", "invalid_request", "handback"] = "engine"
+    # Base64 commitment to the tokens this attempt delivered before it stopped (failover):
+    # the next provider continues from them, and this part can be audited on its own.
+    commitment: str | None = Field(None, max_length=1 << 20)
 
 
 class StakeMsg(Message):
@@ -168,6 +171,24 @@ class DisputeMsg(Message):
     """A provider contests a failed audit of its own answer."""
 
     reason: str = Field("", max_length=500)
+
+
+class DisputeQueryMsg(Message):
+    """A party asks what a dispute round wants of it."""
+
+    round: int = Field(ge=1)
+
+
+class DisputeAnswerMsg(Message):
+    """A party's answer for one round: the provider opens its committed chunk (leaf bytes
+    and Merkle path); the verifier and the referee send their recomputation of the position
+    (base64 of core/trust/commitment.encode_report, holding that one chunk)."""
+
+    round: int = Field(ge=1)
+    chunk: str = Field("", max_length=1 << 16)
+    siblings: list[str] = Field(default_factory=list, max_length=40)
+    right: list[bool] = Field(default_factory=list, max_length=40)
+    report: str = Field("", max_length=1 << 16)
 
 
 class HwCommitMsg(Message):

@@ -127,6 +127,22 @@ class LlamaSeedIgnoring(LlamaCppEngine):
         return int(np.random.default_rng().choice(len(p), p=p / p.sum()))
 
 
+class FalseAccuser(TinyEngine):
+    """A verifier that recomputes honestly and then reports the last chunk 1% off, so an
+    honest provider fails its audit (what disputes exist for)."""
+
+    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
+              stop: Sequence[str] = ()) -> Any:
+        """The honest report with its last chunk's values moved."""
+        r = super().audit(context_ids, c, max_new_tokens, stop)
+        if len(r.chunks) < len(c.chunks) or not r.chunks:
+            return r  # a truncated recompute (a dispute query) that stops before the lie
+        last = r.chunks[-1]
+        bad = cm.ChunkReport(tuple(v * 1.01 for v in last.values), last.kth, last.margins,
+                             last.allowed)
+        return cm.Report(r.context_hash, (*r.chunks[:-1], bad), r.end_ok, r.det_class)
+
+
 CHEATS = {"a": OtherModel, "b": LowPrecision, "c": Invented, "d": Truncating, "e": Replaying,
           "f": SeedIgnoring}
 

@@ -60,13 +60,19 @@ def cheat_matrix(n: int) -> dict[str, float]:
     return out
 
 
-def honest(n: int) -> tuple[int, list[float], list[float], list[float], list[float]]:
-    """False positives over n honest audits (threads 1/2 mixed, T 0 and 1)."""
-    p, v = TinyEngine("tiny"), TinyEngine("tiny")
+def honest(n: int, start: int = 0
+           ) -> tuple[int, list[float], list[float], list[float], list[float]]:
+    """False positives over n honest audits (threads 1/2 mixed, verifier engine float32 or
+    a float64 reference build every other block of four, T 0 and 1)."""
+    p = TinyEngine("tiny")
+    # The float64 build is the same model through different kernels and accumulation: the
+    # closest thing to "another engine" this CPU-only box can run thousands of times.
+    verifiers = (TinyEngine("tiny"), TinyEngine("tiny", dtype="float64"))
     fails, rels, margins, gen, ver = 0, [], [], [], []
-    for i in range(n):
+    for i in range(start, start + n):
         vt = 1 + (i % 2)
         pt = 1 + (i // 2 % 2)
+        v = verifiers[i // 4 % 2]
         verdict, g, w = one_audit(p, v, i, 1.0 if i % 3 else 0.0, provider_threads=pt,
                                   verifier_threads=vt)
         fails += not verdict.passed

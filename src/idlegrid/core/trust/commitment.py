@@ -277,36 +277,38 @@ def judge(c: Commitment, report: Report, tol: Tolerance, max_new_tokens: int) ->
         return Verdict(False, tuple(reasons), math.inf, -math.inf, 0)
     worst_rel, worst_margin, first_bad = 0.0, math.inf, None
     for j, (cc, rc) in enumerate(zip(c.chunks, report.chunks, strict=True)):
-        bad = False
-        if len(rc.values) != len(cc.values) or len(rc.margins) != len(cc.tokens):
-            reasons.append(f"chunk {j}: report has the wrong shape")
-            bad = True
-        else:
+        faults = chunk_faults(j, cc, rc, tol)
+        reasons.extend(faults)
+        if len(rc.values) == len(cc.values) and len(rc.margins) == len(cc.tokens):
             for v, w in zip(cc.values, rc.values, strict=True):
                 err = abs(v - w) / abs(v) if v != 0 else (0.0 if w == 0 else math.inf)
                 worst_rel = max(worst_rel, err if math.isfinite(w) else math.inf)
-            low = [v for v in cc.values if abs(v) < (1 - tol.rank_slack) * rc.kth]
-            if low:
-                reasons.append(f"chunk {j}: {len(low)} committed entries are not in the top-k")
-                bad = True
-            for m, ok in zip(rc.margins, rc.allowed, strict=True):
-                worst_margin = min(worst_margin, m)
-                if not ok or m < -tol.margin or math.isnan(m):
-                    bad = True
-            if any(not ok for ok in rc.allowed):
-                reasons.append(f"chunk {j}: a token lies outside the nucleus")
-            if any(m < -tol.margin or math.isnan(m) for m in rc.margins):
-                reasons.append(f"chunk {j}: a token is not the one the seed samples")
-            chunk_rel = max((abs(v - w) / abs(v) if v else math.inf)
-                            for v, w in zip(cc.values, rc.values, strict=True))
-            if not chunk_rel <= tol.rel:
-                reasons.append(f"chunk {j}: hidden state off by {chunk_rel:.3g} (> {tol.rel:g})")
-                bad = True
-        if bad and first_bad is None:
+            worst_margin = min([worst_margin, *rc.margins])
+        if faults and first_bad is None:
             first_bad = j
     passed = not reasons
     return Verdict(passed, tuple(reasons), worst_rel, worst_margin, first_bad,
                    {"worst_rel": worst_rel, "worst_margin": worst_margin})
+
+
+def chunk_faults(j: int, cc: Chunk, rc: ChunkReport, tol: Tolerance) -> list[str]:
+    """Why chunk j of a commitment disagrees with a recomputation of it (empty: it agrees)."""
+    if len(rc.values) != len(cc.values) or len(rc.margins) != len(cc.tokens) \
+            or len(rc.allowed) != len(cc.tokens):
+        return [f"chunk {j}: report has the wrong shape"]
+    reasons = []
+    low = [v for v in cc.values if abs(v) < (1 - tol.rank_slack) * rc.kth]
+    if low:
+        reasons.append(f"chunk {j}: {len(low)} committed entries are not in the top-k")
+    if any(not ok for ok in rc.allowed):
+        reasons.append(f"chunk {j}: a token lies outside the nucleus")
+    if any(m < -tol.margin or math.isnan(m) for m in rc.margins):
+        reasons.append(f"chunk {j}: a token is not the one the seed samples")
+    chunk_rel = max((abs(v - w) / abs(v) if v else math.inf)
+                    for v, w in zip(cc.values, rc.values, strict=True))
+    if not chunk_rel <= tol.rel:
+        reasons.append(f"chunk {j}: hidden state off by {chunk_rel:.3g} (> {tol.rel:g})")
+    return reasons
 
 
 def encode_report(r: Report) -> bytes:

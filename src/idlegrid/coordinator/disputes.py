@@ -1,0 +1,363 @@
+"""Disputes: a provider contests a failed audit; the coordinator referees.
+
+Rounds: the open interval of positions (core/trust/bisect.py) is halved by asking the
+provider (open the committed chunk at the middle position, with its Merkle path) and the
+original verifier (its recomputation of that position); the verifier's answer against the
+opened chunk says whether they agree there. Every round has a deadline: a party that does
+not answer in time loses. When one disagreeing position is left, a third verifier-mode
+node (neither party) recomputes that position alone and the ruling follows from whom it
+matches. Agents learn of queries from their heartbeat answer and answer automatically.
+
+Decisions and ledger entries come from the pure core (`core/trust/dispute.py`, `bisect.py`);
+this module reads and writes state. All of it runs inside `Grid.db` (a worker thread).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from idlegrid.coordinator.schema import Account, LedgerEntry, LedgerPosting
+from idlegrid.coordinator.trust_schema import TrustAudit, TrustCommitment, TrustDispute, TrustNode
+from idlegrid.core import ledger
+from idlegrid.core.ledger import Cause, Entry, Posting
+from idlegrid.core.trust import beacon, bisect, dispute
+from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust.merkle import Proof, verify_proof
+from idlegrid.errors import Conflict, InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from idlegrid.coordinator.audits import Trust
+
+OPEN_STATES = ("bisecting", "refereeing", "awaiting-referee")
+
+
+def _unb64(text: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"{param} is not base64", param=param) from exc
+
+
+class Disputes:
+    """Open, run and settle disputes for one coordinator."""
+
+    def __init__(self, trust: Trust) -> None:
+        self.trust = trust
+        # Heartbeats skip the dispute lookup while none is open (set by open and tick).
+        self.active = False
+
+    @property
+    def store(self) -> Any:
+        """The coordinator's store."""
+        return self.trust.store
+
+    def clock(self) -> float:
+        """The grid's clock."""
+        return self.trust.grid.clock()
+
+    # ---- opening -----------------------------------------------------------------------
+
+    def open(self, provider_id: str, audit_id: str, reason: str) -> dict[str, Any]:
+        """Contest a failed audit of the caller's own answer (409 if it did not fail)."""
+        now = self.clock()
+        with self.store.tx() as s:
+            a = s.get(TrustAudit, audit_id)
+            if a is None or a.node_id != provider_id:
+                raise NotFound(f"no audit {audit_id} of this node's answers")
+            if a.canary or a.state != "failed":
+                raise Conflict(f"audit {audit_id} did not fail (state {a.state}); "
+                               "only a failed audit can be disputed", state=a.state)
+            dispute_id = f"dsp-{audit_id[4:]}"
+            if s.get(TrustDispute, dispute_id) is not None:
+                raise Conflict(f"audit {audit_id} is disputed already", dispute_id=dispute_id)
+            com = s.get(TrustCommitment, (a.task_id, a.attempt))
+            assert com is not None and a.verifier_id is not None
+            c = cm.decode(a.blob)
+            bad = list(a.verdict.get("positions") or [])
+            row = TrustDispute(
+                id=dispute_id, audit_id=audit_id, provider_id=provider_id,
+                verifier_id=a.verifier_id, referee_id=None, state="bisecting",
+                n=dispute.n_positions(c), lo=-1, hi=max(bad) if bad else -1, round=0,
+                waiting=[], answers={}, deadline=0.0, rounds=[], excluded=[], ruling={},
+                reason=reason[:500], created_at=now, done_at=0.0)
+            s.add(row)
+            self.active = True
+            if c.header.n_tokens > com.max_new + (1 if c.header.ended_by_end_token else 0):
+                # Arithmetic on the commitment alone: nothing for anyone to recompute.
+                self._rule(s, row, a, provider_right=False, position=-1,
+                           detail="more tokens committed than the request allowed")
+            elif row.hi < 0:
+                # A failure at no position: the context or the report's shape. The referee
+                # recomputes the first position, which carries the context hash.
+                row.hi = 0
+                self._next_round(s, row, now)
+            else:
+                self._next_round(s, row, now)
+            return self._view(row)
+
+    # ---- rounds ------------------------------------------------------------------------
+
+    def _next_round(self, s: Any, row: TrustDispute, now: float) -> None:
+        b = bisect.Bisection(row.n, row.lo, row.hi)
+        row.answers = {}
+        if b.done:
+            row.waiting = []
+            self._pick_referee(s, row, now)
+            return
+        row.round += 1
+        row.waiting = ["provider", "verifier"]
+        row.deadline = now + self.trust.settings.dispute_answer_s
+
+    def _position(self, row: TrustDispute) -> int:
+        b = bisect.Bisection(row.n, row.lo, row.hi)
+        return b.first_bad if b.done else b.query()
+
+    def _pick_referee(self, s: Any, row: TrustDispute, now: float) -> None:
+        a = s.get(TrustAudit, row.audit_id)
+        skip = {row.provider_id, row.verifier_id, *row.excluded}
+        candidates = [v for v in s.scalars(select(TrustNode.node_id).where(
+            TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))) if v not in skip]
+        candidates = [v for v in candidates if a.model_id in self.trust.models_of(v)]
+        if not candidates:
+            # Visible and retried each supervisor pass; never settled without a referee.
+            row.state, row.referee_id, row.deadline = "awaiting-referee", None, 0.0
+            return
+        row.referee_id = beacon.pick(self.trust.secret, row.id.encode(), candidates)
+        row.state = "refereeing"
+        row.round += 1
+        row.waiting = ["referee"]
+        row.deadline = now + self.trust.settings.dispute_answer_s
+
+    def pending(self, node_id: str) -> list[dict[str, Any]]:
+        """Queries this node must answer now (they ride on its heartbeat answer)."""
+        out = []
+        with self.store.read() as s:
+            rows = s.scalars(select(TrustDispute).where(TrustDispute.state.in_(
+                ("bisecting", "refereeing"))))
+            for r in rows:
+                for role in r.waiting:
+                    if self._party(r, role) == node_id:
+                        out.append({"id": r.id, "round": r.round, "role": role})
+        return out
+
+    @staticmethod
+    def _party(row: TrustDispute, role: str) -> str | None:
+        return {"provider": row.provider_id, "verifier": row.verifier_id,
+                "referee": row.referee_id}.get(role)
+
+    def _role(self, row: TrustDispute, node_id: str, round_: int) -> str:
+        if round_ != row.round or row.state not in ("bisecting", "refereeing"):
+            raise Conflict(f"dispute {row.id} is not at round {round_} (round {row.round}, "
+                           f"{row.state})", round=row.round, state=row.state)
+        for role in row.waiting:
+            if self._party(row, role) == node_id:
+                return role
+        raise Conflict(f"dispute {row.id} asks nothing of this node now", round=row.round)
+
+    def query(self, node_id: str, dispute_id: str, round_: int) -> dict[str, Any]:
+        """What this node must answer: its role, the position, and the audited request."""
+        with self.store.read() as s:
+            row = s.get(TrustDispute, dispute_id)
+            if row is None:
+                raise NotFound(f"no dispute {dispute_id}")
+            role = self._role(row, node_id, round_)
+            a = s.get(TrustAudit, row.audit_id)
+            com = s.get(TrustCommitment, (a.task_id, a.attempt))
+            out = {"dispute_id": row.id, "round": row.round, "role": role,
+                   "position": self._position(row), "deadline_in_s": row.deadline - self.clock(),
+                   "task_id": a.task_id, "attempt": a.attempt, "audit_id": a.id}
+            out.update(self.trust.audit_task(a, com))
+            return out
+
+    def answer(self, node_id: str, dispute_id: str, round_: int,
+               body: dict[str, Any]) -> dict[str, Any]:
+        """One party's answer for the current round; the round closes when all answered."""
+        now = self.clock()
+        with self.store.tx() as s:
+            row = s.get(TrustDispute, dispute_id)
+            if row is None:
+                raise NotFound(f"no dispute {dispute_id}")
+            role = self._role(row, node_id, round_)
+            if now > row.deadline:
+                raise Conflict(f"round {round_} of dispute {dispute_id} is past its deadline")
+            a = s.get(TrustAudit, row.audit_id)
+            c = cm.decode(a.blob)
+            position = self._position(row)
+            if role == "provider":
+                ok = self._check_opening(c, position, body)
+                if not ok:
+                    self._rule(s, row, a, provider_right=False, position=position,
+                               detail="the provider's opening does not match its commitment")
+                    return self._view(row)
+                row.answers = {**row.answers, "provider": "opened"}
+            else:
+                report = cm.decode_report(_unb64(body.get("report") or "", "report"))
+                if len(report.chunks) != (1 if position < len(c.chunks) else 0):
+                    raise InvalidRequest("the report must hold exactly the queried position",
+                                         param="report")
+                row.answers = {**row.answers, role: body["report"]}
+            row.waiting = [r for r in row.waiting if r != role]
+            if not row.waiting:
+                self._close_round(s, row, a, c, position, now)
+            return self._view(row)
+
+    @staticmethod
+    def _check_opening(c: cm.Commitment, position: int, body: dict[str, Any]) -> bool:
+        """The provider stands by its committed chunk: the leaf and path lead to the root."""
+        j = min(position, len(c.chunks) - 1)
+        if j < 0:
+            return True  # nothing was committed beyond the header
+        try:
+            leaf = base64.b64decode(body.get("chunk") or "", validate=True)
+            proof = Proof(j, tuple(bytes.fromhex(h) for h in body.get("siblings") or []),
+                          tuple(bool(r) for r in body.get("right") or []))
+            return leaf == c.chunks[j].encode() and verify_proof(c.header.root, leaf, proof)
+        except (binascii.Error, ValueError):
+            return False
+
+    def _close_round(self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment,
+                     position: int, now: float) -> None:
+        if row.state == "refereeing":
+            self._referee_ruling(s, row, a, c, position)
+            return
+        report = cm.decode_report(base64.b64decode(row.answers["verifier"]))
+        tol = self.trust.tolerance(c.header.det_class, report.det_class)
+        agree = not dispute.faults_at(c, position, report, tol)
+        b = bisect.Bisection(row.n, row.lo, row.hi)
+        b.answer(agree)
+        row.lo, row.hi = b.lo, b.hi
+        row.rounds = [*row.rounds, {"round": row.round, "position": position, "agree": agree}]
+        self._next_round(s, row, now)
+
+    def _referee_ruling(self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment,
+                        position: int) -> None:
+        ref = cm.decode_report(base64.b64decode(row.answers["referee"]))
+        faults = dispute.faults_at(c, position, ref, self.trust.tolerance(
+            c.header.det_class, ref.det_class))
+        # The verifier's claim at this position is its audit report: it said "disagree"
+        # (the bisection only ends on a position it disputed), so it is right iff the
+        # referee disagrees too.
+        ruling = bisect.settle(position, provider_ok=not faults, challenger_ok=bool(faults))
+        detail = ruling.detail + (f": {'; '.join(faults)}" if faults else "")
+        self._rule(s, row, a, ruling.provider_right, position, detail)
+
+    # ---- deadlines ---------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Settle rounds past their deadline; find referees for disputes waiting for one."""
+        now = self.clock()
+        with self.store.tx() as s:
+            rows = list(s.scalars(select(TrustDispute).where(
+                TrustDispute.state.in_(OPEN_STATES))))
+            self.active = bool(rows)
+            for row in rows:
+                if row.state == "awaiting-referee":
+                    self._pick_referee(s, row, now)
+                    continue
+                if now <= row.deadline:
+                    continue
+                a = s.get(TrustAudit, row.audit_id)
+                position = self._position(row)
+                if row.state == "refereeing":
+                    # Not a party: another third party is asked instead.
+                    row.excluded = [*row.excluded, row.referee_id or ""]
+                    self._pick_referee(s, row, now)
+                elif "provider" in row.waiting:
+                    self._rule(s, row, a, False, position,
+                               "the provider did not answer in time")
+                else:
+                    self._rule(s, row, a, True, position, "the verifier did not answer in time")
+
+    # ---- ruling ------------------------------------------------------------------------
+
+    def _rule(self, s: Any, row: TrustDispute, a: TrustAudit, provider_right: bool,
+              position: int, detail: str) -> None:
+        """Record the ruling and post its consequences, in the caller's transaction."""
+        now = self.clock()
+        res = s.execute(update(TrustDispute).where(
+            TrustDispute.id == row.id, TrustDispute.state.in_(OPEN_STATES)).values(
+            state="won" if provider_right else "lost"))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            raise Conflict(f"dispute {row.id} was settled already")
+        s.refresh(row)
+        row.waiting, row.done_at = [], now
+        row.ruling = {"provider_right": provider_right, "position": position, "detail": detail,
+                      "referee": row.referee_id}
+        com = s.get(TrustCommitment, (a.task_id, a.attempt))
+        fee = self.trust.fee(com.charge if com else 0)
+        balances = self._balances(s)
+        posts: list[Entry | None] = []
+        if row.referee_id is not None and "referee" in row.answers:
+            posts.append(dispute.referee_pay(row.id, row.referee_id, fee,
+                                             balances.get(ledger.FEES, 0)))
+        provider = s.get(TrustNode, row.provider_id)
+        verifier = s.get(TrustNode, row.verifier_id)
+        if provider_right:
+            originals = self._audit_entries(s, a.id)
+            stakes = self.trust.stakes(row.verifier_id, balances)
+            entry, used = dispute.reversal(row.id, originals, balances, stakes)
+            posts.append(entry)
+            left = {k: v - used.get(k, 0) for k, v in stakes.items()}
+            posts.extend(dispute.penalty(row.id, left, row.provider_id))
+            a.state = "overturned"
+            a.verdict = {**a.verdict, "overturned_by": row.id}
+            if provider is not None:
+                provider.failed = max(provider.failed - 1, 0)
+                provider.passed += 1
+                if provider.ejected and not self.trust.reputation.ejected(provider.passed,
+                                                                          provider.failed):
+                    provider.ejected = False
+                    self.trust.ejected.discard(row.provider_id)
+            if verifier is not None:
+                verifier.verifier_failed += 1
+                verifier.verifier_passed = max(verifier.verifier_passed - 1, 0)
+                verifier.ejected = True  # a third party showed its numbers were false
+                self.trust.ejected.add(row.verifier_id)
+        else:
+            acct = ledger.provider_account(row.provider_id)
+            posts.append(dispute.dispute_fee(row.id, row.provider_id, fee,
+                                             balances.get(acct, 0)))
+        for e in posts:
+            if e is not None:
+                self.store._post(s, e)
+
+    @staticmethod
+    def _balances(s: Any) -> dict[str, int]:
+        return {acct: bal for acct, bal in s.execute(select(Account.id, Account.balance))}
+
+    @staticmethod
+    def _audit_entries(s: Any, audit_id: str) -> list[Entry]:
+        """The slash (one per stake account), forfeit and verifier pay an audit caused."""
+        rows = list(s.scalars(select(LedgerEntry).where(
+            LedgerEntry.key.in_([f"forfeit:{audit_id}", f"audit-pay:{audit_id}"])
+            | LedgerEntry.key.like(f"slash:{audit_id}:%"))))
+        postings: dict[int, list[Posting]] = {}
+        for seq, acct, amount in s.execute(select(
+                LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
+                LedgerPosting.entry_seq.in_([r.seq for r in rows]))):
+            postings.setdefault(seq, []).append(Posting(acct, amount))
+        return [Entry(r.key, Cause(r.cause_kind, r.cause_id), tuple(postings.get(r.seq, [])),
+                      r.memo) for r in rows]
+
+    # ---- views -------------------------------------------------------------------------
+
+    @staticmethod
+    def _view(row: TrustDispute) -> dict[str, Any]:
+        return {"id": row.id, "audit_id": row.audit_id, "provider_id": row.provider_id,
+                "verifier_id": row.verifier_id, "referee_id": row.referee_id,
+                "state": row.state, "round": row.round, "positions": row.n,
+                "interval": [row.lo, row.hi], "waiting_for": list(row.waiting),
+                "rounds": list(row.rounds), "ruling": dict(row.ruling), "reason": row.reason,
+                "created_at": row.created_at, "done_at": row.done_at}
+
+    def listing(self, node_id: str | None = None) -> list[dict[str, Any]]:
+        """Every dispute (or one node's, as any party), newest first."""
+        with self.store.read() as s:
+            q = select(TrustDispute).order_by(TrustDispute.created_at.desc())
+            rows = list(s.scalars(q))
+            return [self._view(r) for r in rows if node_id is None or node_id in (
+                r.provider_id, r.verifier_id, r.referee_id)]

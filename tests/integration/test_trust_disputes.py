@@ -1,0 +1,350 @@
+"""Disputes, audit expiry and failover parts on a real loopback grid (tiny engines, real
+agents over HTTP, the openai client).
+
+A dispute is opened with the provider's own signed request; every later step (bisection
+rounds, the referee's recompute) is answered by the agents themselves from their heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from idlegrid.config import CoordinatorSettings
+from idlegrid.core import ledger
+from idlegrid.core.ledger import MICRO, Cause, Posting, Price
+from idlegrid.core.trust import commitment as cm
+from idlegrid.engines.base import SamplingParams
+from idlegrid.engines.tiny import TinyEngine
+from idlegrid.protocol.signing import NodeKey
+from idlegrid.testbed import cheats
+from idlegrid.testbed.inprocess import (
+    AgentThread,
+    CoordinatorThread,
+    free_port,
+    make_agent,
+    wait_for_live,
+    wait_until,
+)
+
+STAKE = 50 * MICRO
+CHEAP, DEAR = Price(10 * MICRO, 40 * MICRO), Price(1000 * MICRO, 4000 * MICRO)
+
+
+class Grid:
+    """A coordinator and named agents, with the helpers the tests share."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        settings = CoordinatorSettings(
+            data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/c.db", port=free_port(),
+            fee_bps=2000, heartbeat_interval_s=0.3, node_timeout_s=3.0, long_poll_s=2.0)
+        self.coord = CoordinatorThread(settings)
+        self.coord.start()
+        self.url = self.coord.url
+        self.agents: dict[str, AgentThread] = {}
+        self.ids: dict[str, str] = {}
+        with self.http() as c:
+            self.key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
+            c.post("/api/v1/admin/mint", json={"key_id": self.key["key_id"],
+                                               "amount": 100 * MICRO, "reference": "m"})
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, trust_env=False, timeout=30)
+
+    def add(self, name: str, engine: Any, price: Price, verifier: bool = False,
+            **kw: Any) -> None:
+        """Start an agent and give it a stake."""
+        agent = make_agent(self.url, [engine], name, price=price, verifier=verifier, **kw)
+        t = AgentThread(agent)
+        t.start()
+        self.agents[name] = t
+        wait_for_live(self.url, len(self.agents))
+        with self.http() as c:
+            nodes = {n["name"]: n["id"] for n in c.get("/api/v1/status").json()["nodes"]}
+        self.ids[name] = nodes[name]
+        acct = ledger.stake_account(nodes[name], "cpu")
+        self.coord.app.state.grid.store.post(ledger.make_entry(
+            f"stake:{name}", Cause("test", name),
+            [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)]))
+
+    def status(self) -> dict:
+        with self.http() as c:
+            return c.get("/api/v1/status").json()
+
+    def audits(self) -> list[dict]:
+        with self.http() as c:
+            return c.get("/api/v1/audits").json()["audits"]
+
+    def disputes(self) -> list[dict]:
+        with self.http() as c:
+            return c.get("/api/v1/disputes").json()["disputes"]
+
+    def entries(self) -> list[dict]:
+        with self.http() as c:
+            return c.get("/api/v1/ledger").json()["entries"]
+
+    def complete(self, prompt: str, max_tokens: int = 24, **kw: Any) -> Any:
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key["api_key"],
+                               max_retries=0)
+        # A fixed seed: the answer (and where it could end) is the same every run.
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                         temperature=1.0, seed=3, **kw)
+
+    def signed(self, name: str, path: str, body: dict, *, nonce: str | None = None,
+               tamper: bool = False) -> httpx.Response:
+        """A request signed with agent `name`'s key, as its agent would send it."""
+        key: NodeKey = self.agents[name].agent.client.key
+        raw = json.dumps(body).encode()
+        headers = key.sign_headers("POST", path, raw, now=time.time(), nonce=nonce)
+        if tamper:
+            raw = raw.replace(b"}", b', "x": 1}')
+        with self.http() as c:
+            return c.post(path, content=raw, headers=headers)
+
+    def stop(self) -> None:
+        for t in reversed(list(self.agents.values())):
+            if t.thread is not None and t.thread.is_alive():
+                t.stop(10)
+        self.coord.stop()
+
+
+@pytest.fixture
+def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Grid]:
+    monkeypatch.setenv("IDLEGRID_TRUST_CANARY_RATE", "0")
+    monkeypatch.setenv("IDLEGRID_TRUST_DISPUTE_ANSWER_S", "20")
+    monkeypatch.setenv("IDLEGRID_TRUST_AUDIT_EXPIRY_S", "1.5")
+    g = Grid(tmp_path)
+    yield g
+    g.stop()
+
+
+def _failed_audit(g: Grid, provider: str) -> dict:
+    """Serve one request and wait until its (probation) audit is judged failed."""
+    g.complete("Tell me about item 7")
+    wait_until(lambda: any(a["state"] in ("passed", "failed") for a in g.audits()), 90)
+    (audit,) = [a for a in g.audits() if a["node_id"] == g.ids[provider]]
+    assert audit["state"] == "failed", audit
+    return audit
+
+
+def _settled(g: Grid) -> dict:
+    wait_until(lambda: g.disputes() and g.disputes()[0]["state"] in ("won", "lost"), 90)
+    return g.disputes()[0]
+
+
+def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
+    g = grid
+    g.add("provider", TinyEngine("tiny"), CHEAP)
+    g.add("liar", cheats.FalseAccuser("tiny"), DEAR, verifier=True)
+    audit = _failed_audit(g, "provider")
+    st = g.status()
+    assert st["trust"]["nodes"][g.ids["provider"]]["ejected"]  # probation: first fail ejects
+    assert st["balances"].get(ledger.stake_account(g.ids["provider"], "cpu"), 0) == 0
+    # The referee joins only now, so that it could not have taken the audit itself.
+    g.add("referee", TinyEngine("tiny"), DEAR, verifier=True)
+    r = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {"reason": "honest"})
+    assert r.status_code == 200, r.text
+    d = _settled(g)
+    assert d["state"] == "won" and d["ruling"]["provider_right"], d
+    assert d["referee_id"] == g.ids["referee"]
+    assert d["rounds"] and all(x["agree"] for x in d["rounds"])  # the lie is in the last chunk
+    assert d["ruling"]["position"] == d["positions"] - 2  # the last chunk, not the finish claim
+    st = g.status()
+    bal = st["balances"]
+    assert bal[ledger.stake_account(g.ids["provider"], "cpu")] == STAKE  # slash reversed
+    assert bal.get(ledger.stake_account(g.ids["liar"], "cpu"), 0) == 0  # liar penalised
+    assert bal.get(ledger.provider_account(g.ids["referee"]), 0) > 0  # referee paid
+    assert sum(bal.values()) == 0
+    nodes = st["trust"]["nodes"]
+    assert not nodes[g.ids["provider"]]["ejected"] and nodes[g.ids["provider"]]["failed"] == 0
+    assert nodes[g.ids["liar"]]["ejected"] and nodes[g.ids["liar"]]["verifier_failed"] == 1
+    assert [a["state"] for a in g.audits() if a["id"] == audit["id"]] == ["overturned"]
+    keys = [e["key"] for e in g.entries()]
+    assert f"reverse:{d['id']}" in keys and f"referee-pay:{d['id']}" in keys
+    assert any(k.startswith(f"dispute-penalty:{d['id']}:") for k in keys)
+    assert st["trust"]["disputes"][0]["provider_right"] is True  # shown by `idlegrid status`
+    # The ruling is final: disputing again is a conflict, and nothing moves.
+    again = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {})
+    assert again.status_code == 409
+    assert g.status()["balances"] == bal
+
+
+def test_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid) -> None:
+    g = grid
+    g.add("provider", cheats.Invented("tiny"), CHEAP)
+    g.add("verifier", TinyEngine("tiny"), DEAR, verifier=True)
+    audit = _failed_audit(g, "provider")
+    g.add("referee", TinyEngine("tiny"), DEAR, verifier=True)
+    before = g.status()["balances"]
+    r = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {"reason": "no"})
+    assert r.status_code == 200, r.text
+    d = _settled(g)
+    assert d["state"] == "lost" and not d["ruling"]["provider_right"], d
+    assert d["referee_id"] == g.ids["referee"] and "verifier" in d["ruling"]["detail"]
+    st = g.status()
+    assert st["balances"].get(ledger.stake_account(g.ids["provider"], "cpu"), 0) == 0
+    assert st["balances"][ledger.stake_account(g.ids["verifier"], "cpu")] == STAKE
+    assert st["trust"]["nodes"][g.ids["provider"]]["ejected"]
+    keys = [e["key"] for e in g.entries()]
+    assert f"reverse:{d['id']}" not in keys
+    # Only the referee's pay (and a fee, if the cheat had earnings to pay it) moved.
+    moved = {a for a in set(before) | set(st["balances"])
+             if before.get(a, 0) != st["balances"].get(a, 0)}
+    assert moved <= {ledger.FEES, ledger.provider_account(g.ids["referee"]),
+                     ledger.provider_account(g.ids["provider"])}
+    assert sum(st["balances"].values()) == 0
+
+
+def test_a_verifier_that_does_not_answer_loses(grid: Grid, monkeypatch) -> None:
+    g = grid
+    g.add("provider", TinyEngine("tiny"), CHEAP)
+    g.add("liar", cheats.FalseAccuser("tiny"), DEAR, verifier=True)
+    audit = _failed_audit(g, "provider")
+    g.agents["liar"].kill()  # gone: it will answer no query
+    g.coord.app.state.grid.trust.settings.dispute_answer_s = 2.0
+    r = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {})
+    assert r.status_code == 200, r.text
+    d = _settled(g)
+    assert d["state"] == "won" and d["ruling"]["detail"] == "the verifier did not answer in time"
+    assert d["referee_id"] is None  # settled by the deadline, before any referee
+    bal = g.status()["balances"]
+    assert bal[ledger.stake_account(g.ids["provider"], "cpu")] == STAKE
+    assert sum(bal.values()) == 0
+
+
+def test_dispute_refusals(grid: Grid, tmp_path: Path) -> None:
+    g = grid
+    g.add("provider", TinyEngine("tiny"), CHEAP, key_dir=tmp_path)
+    g.add("verifier", TinyEngine("tiny"), DEAR, verifier=True)
+    g.complete("Tell me about item 9")
+    wait_until(lambda: any(a["state"] == "passed" for a in g.audits()), 90)
+    (audit,) = g.audits()
+    path = f"/api/v1/audits/{audit['id']}/dispute"
+    before = g.status()["balances"]
+    passed = g.signed("provider", path, {"reason": "why not"})
+    assert passed.status_code == 409 and "did not fail" in passed.json()["error"]["message"]
+    # The provider's CLI says the same, signed with the node key on disk.
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    res = CliRunner().invoke(app, ["dispute", audit["id"], "--coordinator", g.url,
+                                   "--key-file", str(tmp_path / "provider.key")])
+    assert res.exit_code == 1 and "did not fail" in res.output, res.output
+    # Another node's audit: not found (no existence leak through the error kind).
+    assert g.signed("verifier", path, {}).status_code == 404
+    assert g.signed("provider", "/api/v1/audits/aud-nosuch/dispute", {}).status_code == 404
+    tampered = g.signed("provider", path, {"reason": "x"}, tamper=True)
+    assert tampered.status_code == 401 and "signature" in tampered.json()["error"]["message"]
+    first = g.signed("provider", path, {}, nonce="r" * 16)
+    replay = g.signed("provider", path, {}, nonce="r" * 16)
+    assert first.status_code == 409
+    assert replay.status_code == 401 and "replay" in replay.json()["error"]["message"]
+    with g.http() as c:
+        assert c.post(path, json={}).status_code == 401  # unsigned
+        bad = g.signed("provider", path, {"reason": "x" * 600})
+        assert bad.status_code == 400
+        # Queries and answers of a dispute that does not exist, or not this node's turn.
+        assert g.signed("provider", "/api/v1/disputes/dsp-x/query",
+                        {"round": 1}).status_code == 404
+        assert g.signed("provider", "/api/v1/disputes/dsp-x/answer",
+                        {"round": 0}).status_code == 400
+    assert g.disputes() == [] and g.status()["balances"] == before
+
+
+class StallingVerifier(TinyEngine):
+    """Takes an audit and sits on it until released (a verifier that went quiet)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.release = threading.Event()
+        self.taken = threading.Event()
+
+    def audit(self, *a: Any, **kw: Any) -> Any:
+        self.taken.set()
+        self.release.wait(60)
+        return super().audit(*a, **kw)
+
+
+def test_an_expired_audit_goes_to_another_verifier(grid: Grid) -> None:
+    g = grid
+    staller = StallingVerifier("tiny")
+    g.add("provider", TinyEngine("tiny"), CHEAP)
+    g.add("staller", staller, DEAR, verifier=True)
+    try:
+        g.complete("Tell me about item 11")
+        assert staller.taken.wait(90)
+        # Lapsed, and nobody else can take it: pending and visible, never passed or failed.
+        wait_until(lambda: g.audits()[0]["expired"] == [g.ids["staller"]], 60)
+        (audit,) = g.audits()
+        assert audit["state"] == "pending" and audit["verifier_id"] is None
+        assert g.status()["trust"]["pending_audits"] == {"pending": 1}
+        assert g.status()["trust"]["nodes"][g.ids["staller"]]["verifier_expired"] == 1
+        g.add("second", TinyEngine("tiny"), DEAR, verifier=True)
+        wait_until(lambda: g.audits()[0]["state"] == "passed", 90)
+        (audit,) = g.audits()
+        assert audit["verifier_id"] == g.ids["second"]
+    finally:
+        staller.release.set()
+    # A late report is refused (the audit is someone else's now), and the late verifier is
+    # never paid for it.
+    late = g.signed("staller", f"/api/v1/audits/{audit['id']}/report", {"report": ""})
+    assert late.status_code in (400, 409)
+    bal = g.status()["balances"]
+    assert bal.get(ledger.provider_account(g.ids["staller"]), 0) == 0
+    assert bal.get(ledger.provider_account(g.ids["second"]), 0) > 0
+    assert not any(e["key"] == f"audit-pay:{audit['id']}" and any(
+        p["account"] == ledger.provider_account(g.ids["staller"]) for p in e["postings"])
+        for e in g.entries())
+
+
+class SlowTiny(TinyEngine):
+    """The tiny engine at a human-visible pace, so a drain lands mid-answer."""
+
+    def generate(self, prompt_ids: Any, params: SamplingParams) -> Any:
+        tick = threading.Event()
+        for t in super().generate(prompt_ids, params):
+            tick.wait(0.04)  # simulated compute time per token, not synchronisation
+            yield t
+
+
+def test_each_part_of_a_failover_answer_is_committed_and_audited(grid: Grid) -> None:
+    g = grid
+    g.add("first", SlowTiny("tiny"), CHEAP, drain_grace_s=0.0)
+    g.add("second", TinyEngine("tiny"), Price(100 * MICRO, 400 * MICRO))
+    g.add("verifier", TinyEngine("tiny"), DEAR, verifier=True)
+    stream = g.complete("A long story about item 3", max_tokens=40, stream=True)
+    text, stopper = [], None
+    for chunk in stream:
+        text.append(chunk.choices[0].text if chunk.choices else "")
+        if stopper is None and len("".join(text)) >= 6:
+            stopper = threading.Thread(target=g.agents["first"].stop, args=(10,))
+            stopper.start()  # drain: the first provider hands the rest on
+    assert stopper is not None
+    stopper.join(15)
+    wait_until(lambda: len(g.audits()) >= 2
+               and all(a["state"] in ("passed", "failed") for a in g.audits()), 40)
+    audits = sorted(g.audits(), key=lambda a: a["attempt"])
+    assert [(a["attempt"], a["node_id"]) for a in audits] == [
+        (1, g.ids["first"]), (2, g.ids["second"])]
+    assert all(a["state"] == "passed" for a in audits), audits
+    # The second part was committed over the context that includes the first part.
+    store = g.coord.app.state.grid.store
+    from idlegrid.coordinator.trust_schema import TrustCommitment
+
+    with store.read() as s:
+        parts = {c.attempt: (c.part, list(c.prior_ids), cm.decode(c.blob))
+                 for c in s.query(TrustCommitment).all()}
+    delivered = store.get_task(audits[0]["task_id"]).delivered_ids
+    assert parts[1][0] and not parts[2][0]
+    # Part 1 commits exactly the tokens the second provider continued from.
+    assert parts[2][1] and parts[1][2].tokens == parts[2][1] == delivered[:len(parts[2][1])]
+    assert parts[2][2].header.context_hash != parts[1][2].header.context_hash
