@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import dataclasses
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -206,17 +205,8 @@ class Trust:
     async def poll(self, node_id: str, models: list[str],
                    wait_s: float = 10.0) -> dict[str, Any] | None:
         """An audit for this verifier (never its own answers), or None after `wait_s`."""
-        deadline = self.grid.clock() + wait_s
-        while True:
-            self.new_audit.clear()
-            got = await self.grid.db(self._claim, node_id, models)
-            if got is not None:
-                return got
-            remaining = deadline - self.grid.clock()
-            if remaining <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.new_audit.wait(), timeout=min(remaining, 1.0))
+        return await self.grid.long_poll(self.new_audit, lambda: self._claim(node_id, models),
+                                         wait_s)
 
     def _claim(self, node_id: str, models: list[str]) -> dict[str, Any] | None:
         now = self.grid.clock()

@@ -298,17 +298,7 @@ class Jobs:
         """A job for this provider, or None after `wait_s`."""
         if node_id in self.grid.trust.ejected:
             raise AuthError("this node was ejected after failed audits")
-        deadline = self.grid.clock() + wait_s
-        while True:
-            self.new_work.clear()
-            got = await self.grid.db(self._claim, node_id)
-            if got is not None:
-                return got
-            remaining = deadline - self.grid.clock()
-            if remaining <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.new_work.wait(), timeout=min(remaining, 1.0))
+        return await self.grid.long_poll(self.new_work, lambda: self._claim(node_id), wait_s)
 
     def _claim(self, node_id: str) -> dict[str, Any] | None:
         from idlegrid.core.training import settlement as tset
@@ -572,17 +562,8 @@ class Jobs:
 
     async def poll_audit(self, node_id: str, wait_s: float = 5.0) -> dict[str, Any] | None:
         """A segment audit for this verifier (never its own segments), or None."""
-        deadline = self.grid.clock() + wait_s
-        while True:
-            self.new_audit.clear()
-            got = await self.grid.db(self._claim_audit, node_id)
-            if got is not None:
-                return got
-            remaining = deadline - self.grid.clock()
-            if remaining <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.new_audit.wait(), timeout=min(remaining, 1.0))
+        return await self.grid.long_poll(self.new_audit, lambda: self._claim_audit(node_id),
+                                         wait_s)
 
     def _claim_audit(self, node_id: str) -> dict[str, Any] | None:
         now = self.grid.clock()

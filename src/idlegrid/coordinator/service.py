@@ -8,6 +8,7 @@ from the event loop, which keeps each task's stream and its attempt bookkeeping 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -90,6 +91,23 @@ class Grid:
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""
         return await to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+    async def long_poll(self, wake: asyncio.Event, claim: Callable[[], T | None],
+                        wait_s: float) -> T | None:
+        """`claim()` (a store call) until it returns something or `wait_s` passes, retried
+        when `wake` is set and at least every second (a wake-up can come from another
+        coordinator process writing the same database)."""
+        deadline = self.clock() + wait_s
+        while True:
+            wake.clear()
+            got = await self.db(claim)
+            if got is not None:
+                return got
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=min(remaining, 1.0))
 
     # ---- lifecycle ---------------------------------------------------------------------
 
