@@ -206,7 +206,8 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     grid.check_books()
 
 
-def test_a_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid) -> None:
+def test_a_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     grid.agent("cheat", trainer=True,
                train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
     grid.agent("verifier", train_verifier=True)
@@ -219,6 +220,12 @@ def test_a_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid) -> None:
     d = grid.ruled(job_id)
     assert d["state"] == "lost" and d["ruling"]["provider_right"] is False, d
     assert d["ruling"]["step"] == 0 and d["ruling"]["op_index"] is not None
+    # Down to one operator of step 0 (the optimizer's update), recomputed by the referee.
+    assert "op" in d["ruling"]["reason"] and d["done_at"] - d["created_at"] < 60
+    monkeypatch.setenv("IDLEGRID_API_KEY", grid.auth["Authorization"][7:])
+    shown = cli("job", job_id, "--coordinator", grid.coord.url, "--data-dir",
+                str(grid.tmp / "cli"))
+    assert shown.exit_code == 0 and "challenger right" in shown.output, shown.output
     job = grid.job(job_id)
     ks = keys(job)
     assert f"reverse:{d['id']}" not in ks and f"dispute-fee:{d['id']}" in ks
