@@ -110,6 +110,8 @@ class Agent:
         self.commitments: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.audit_reports: OrderedDict[str, bytes] = OrderedDict()
         self.dispute_answers: dict[str, Any] = {}
+        # Training disputes: per (dispute, role) what was recomputed for earlier rounds.
+        self.train_dispute_cache: dict[tuple[str, str], dict[str, Any]] = {}
         self._answering: set[str] = set()
 
     # ---- protocol ----------------------------------------------------------------------
@@ -227,6 +229,11 @@ class Agent:
                     if qid not in self._answering and qid not in self.dispute_answers:
                         self._answering.add(qid)
                         asyncio.create_task(self._answer_dispute(qid, q))
+                for q in (beat or {}).get("train_disputes", []):
+                    qid = f"train/{q['id']}/{q['round']}/{q['role']}"
+                    if qid not in self._answering and qid not in self.dispute_answers:
+                        self._answering.add(qid)
+                        asyncio.create_task(self._answer_dispute(qid, q, training=True))
             except AuthError:
                 await self.register()  # the coordinator forgot us (fresh database)
             except (httpx.HTTPError, IdlegridError) as exc:
@@ -247,10 +254,11 @@ class Agent:
         finally:
             self._proving.discard(pid)
 
-    async def _answer_dispute(self, qid: str, q: dict[str, Any]) -> None:
+    async def _answer_dispute(self, qid: str, q: dict[str, Any], training: bool = False) -> None:
         """Answer one dispute round beside serving (a party that stays silent loses)."""
-        from idlegrid.agent.disputes import answer
+        from idlegrid.agent import disputes, train_disputes
 
+        answer = train_disputes.answer if training else disputes.answer
         try:
             self.dispute_answers[qid] = await answer(self, q)
         except (httpx.HTTPError, IdlegridError) as exc:

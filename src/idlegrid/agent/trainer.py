@@ -63,6 +63,9 @@ class Executor(Protocol):
     def weight_distance(self, spec: Any, mine: bytes, theirs: bytes, start: bytes) -> float:
         """Distance of two end checkpoints' weights, relative to the segment's update."""
 
+    def trace(self, spec: Any, state: Any) -> list[bytes]:
+        """Run one step in place under the op recorder: each op's record bytes (disputes)."""
+
 
 class TorchExecutor:
     """`training/verified.py`, imported only when a job arrives. `trainer_cls` is its
@@ -131,6 +134,11 @@ class TorchExecutor:
         from idlegrid.training import verified
 
         return float(verified.weight_distance(mine, theirs, start))
+
+    def trace(self, spec: Any, state: Any) -> list[bytes]:
+        """The op records of the state's next step, run in place by this trainer."""
+        trainer, st = state
+        return [r.record_bytes() for r in trainer.trace_step(st).records]
 
 
 class _Stop(Exception):

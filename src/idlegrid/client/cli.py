@@ -404,6 +404,55 @@ def dispute(
     out.print_json(json.dumps(answer))
 
 
+@app.command("dispute-segment")
+def dispute_segment(
+    audit_id: Annotated[str, typer.Argument(help="The failed audit of one of your segments.")],
+    coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
+        f"http://127.0.0.1:{DEFAULT_PORT}"),
+    name: Annotated[str | None, typer.Option(help="The provider's name (its key file).")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="The provider's node key.")] = None,
+    reason: Annotated[str, typer.Option(help="Why the audit was wrong.")] = "",
+) -> None:
+    """Contest a failed training segment audit as its provider (signed with the node key).
+    Its rounds are answered by the running agent; `idlegrid job ID` shows the ruling."""
+    _signed_dispute(f"/api/v1/train/audits/{audit_id}/dispute", coordinator_url, name,
+                    key_file, reason)
+
+
+def _signed_dispute(path: str, coordinator_url: str, name: str | None, key_file: Path | None,
+                    reason: str) -> None:
+    import asyncio
+    import socket
+
+    import httpx
+
+    from idlegrid.agent.node_client import NodeClient
+    from idlegrid.errors import IdlegridError
+    from idlegrid.protocol.signing import NodeKey
+
+    key_path = key_file or default_data_dir() / "nodes" / f"{name or socket.gethostname()}.key"
+    if not key_path.exists():
+        out.print(f"no node key at {key_path}: only the provider that ran it can dispute")
+        raise typer.Exit(1)
+
+    async def send() -> Any:
+        client = NodeClient(coordinator_url, NodeKey.load_or_create(key_path))
+        try:
+            return await client.call(path, {"reason": reason})
+        finally:
+            await client.close()
+
+    try:
+        answer = asyncio.run(send())
+    except IdlegridError as exc:
+        out.print(f"refused: {exc.message}")
+        raise typer.Exit(1) from exc
+    except httpx.HTTPError as exc:
+        out.print(f"coordinator not reachable at {coordinator_url}: {exc}")
+        raise typer.Exit(1) from exc
+    out.print_json(json.dumps(answer))
+
+
 def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | None]:
     from idlegrid.testbed.localgrid import find_grid
 

@@ -106,6 +106,16 @@ def _print_job(job: dict[str, Any]) -> None:
     out.print(seg)
     if job["audits"]:
         out.print(_audits_table(job))
+    if job.get("disputes"):
+        dt = Table(title="disputes (a provider contests a failed audit)")
+        for col in ("dispute", "audit", "state", "phase", "ruling"):
+            dt.add_column(col)
+        for d in job["disputes"]:
+            r = d.get("ruling") or {}
+            ruling = (f"{'provider' if r['provider_right'] else 'challenger'} right: "
+                      f"{r['reason']}" if "provider_right" in r else "-")
+            dt.add_row(d["id"], d["audit_id"], d["state"], d["phase"], ruling[:80])
+        out.print(dt)
     hist = Table(title="history")
     for col in ("time", "event", "cause", "detail"):
         hist.add_column(col)

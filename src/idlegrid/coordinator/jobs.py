@@ -62,6 +62,7 @@ class TrainSettings(BaseSettings):
     max_jobs_per_key: int = Field(20, ge=1, description="live jobs one key may hold")
     probe_rate: float = Field(0.1, ge=0, le=1, description="commits followed by a probe")
     probe_timeout_s: float = Field(30.0, gt=0, description="a probe unanswered this long fails")
+    dispute_round_s: float = Field(30.0, gt=0, description="a dispute party answers within")
 
 
 def b64(text: str, param: str) -> bytes:
@@ -86,6 +87,9 @@ class Jobs:
         self.new_work = asyncio.Event()
         self.new_audit = asyncio.Event()
         self.new_probe = asyncio.Event()
+        from idlegrid.coordinator.train_disputes import TrainDisputes
+
+        self.disputes = TrainDisputes(self)
 
     @property
     def store(self) -> Any:
@@ -240,6 +244,7 @@ class Jobs:
                                     .order_by(TrainEvent.id)))
             out = self._summary(job)
             out["spec"] = job.spec
+            disputes = self.disputes.of_job(s, job_id)
         losses: list[list[float]] = []
         for g in segs:
             if g.state in ("committed", "accepted"):
@@ -247,7 +252,8 @@ class Jobs:
         with self.store.read() as s:
             probes = [p.id for p in s.scalars(select(TrainProbe).where(
                 TrainProbe.job_id == job_id))]
-        causes = [a.id for a in audits] + [f"probe:{p}" for p in probes]
+        causes = ([a.id for a in audits] + [f"probe:{p}" for p in probes]
+                  + [d["id"] for d in disputes])
         entries = self._entries(job_id, causes, [a.id for a in audits if a.canary])
         paid = bill(entries, ledger.consumer_account(key_id))
         out.update({
@@ -257,6 +263,7 @@ class Jobs:
                           "root": g.root, "det_class": g.det_class, "state": g.state,
                           "cause": g.cause} for g in segs],
             "audits": out_audits(audits),
+            "disputes": disputes,
             "events": [{"at": e.at, "kind": e.kind, "cause": e.cause, **e.detail}
                        for e in events],
             "ledger": entries,
@@ -818,6 +825,11 @@ def bill(entries: list[dict[str, Any]], consumer: str) -> dict[str, int]:
                     out["slashed"] -= amount
             elif kind == "train-vslash" and ":job-" in acct:  # a probe's slash of a job stake
                 out["slashed"] -= amount
+            elif kind == "reverse":  # a dispute overturned the slash
+                if acct == consumer:
+                    out["compensated"] += amount
+                elif acct.startswith("stake:") and ":job-" in acct and amount > 0:
+                    out["slashed"] -= amount
             elif kind == "train-audit-pay" and acct.startswith("provider:"):
                 out["to_verifiers"] += amount
     # Paid for verified steps; what is neither paid nor refunded is still in escrow.

@@ -181,3 +181,35 @@ async def answer_probe(probe_id: str, request: Request) -> dict[str, Any]:
     grid = _grid(request)
     return await grid.db(grid.jobs.answer_probe, node_id, probe_id,
                          b64(msg.checkpoint, "checkpoint"))
+
+
+# ---- disputes --------------------------------------------------------------------------------
+
+
+@router.post("/train/audits/{audit_id}/dispute")
+async def open_train_dispute(audit_id: str, request: Request) -> dict[str, Any]:
+    """A provider contests a failed audit of its own segment (409 if the audit did not
+    fail, was judged across determinism classes, or is disputed already)."""
+    node_id, body = await _signed(request)
+    msg = _parse(tm.TrainDisputeMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.jobs.disputes.open, node_id, audit_id, msg.reason)
+
+
+@router.post("/train/disputes/{dispute_id}/query")
+async def train_dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
+    """What the current round asks of the calling party (role, phase, step or op index)."""
+    node_id, body = await _signed(request)
+    msg = _parse(tm.TrainDisputeQueryMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.jobs.disputes.query, node_id, dispute_id, msg.round)
+
+
+@router.post("/train/disputes/{dispute_id}/answer")
+async def train_dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
+    """A party's (or the referee's) answer for the current round, before its deadline."""
+    node_id, body = await _signed(request)
+    msg = _parse(tm.TrainDisputeAnswerMsg, body)
+    grid = _grid(request)
+    return await grid.db(grid.jobs.disputes.answer, node_id, dispute_id, msg.round,
+                         msg.model_dump())

@@ -86,7 +86,9 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     pending = await grid.heartbeat(node_id, msg.state, power)
     disputes = await grid.db(grid.trust.disputes.pending, node_id) \
         if grid.trust.disputes.active else []
-    return {"ok": True, "hwproofs": pending, "disputes": disputes}
+    train = await grid.db(grid.jobs.disputes.pending, node_id) \
+        if grid.jobs.disputes.active else []
+    return {"ok": True, "hwproofs": pending, "disputes": disputes, "train_disputes": train}
 
 
 @router.post("/work/poll", response_model=None)

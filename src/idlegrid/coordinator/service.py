@@ -512,6 +512,7 @@ class Grid:
         await self.db(self.market.tick)
         await self.db(self.hwproofs.tick, live)
         await self.db(self.jobs.tick, live)
+        await self.db(self.jobs.disputes.tick, live)
         await self.db(self.trust.expire)
         await self.db(self.trust.disputes.tick)
         for task in await self.db(self.store.running_tasks):

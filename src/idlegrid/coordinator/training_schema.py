@@ -109,3 +109,31 @@ class TrainProbe(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)  # pending answered failed
     created_at: Mapped[float] = mapped_column(Float)
     done_at: Mapped[float] = mapped_column(Float)
+
+
+class TrainDispute(Base):
+    """A provider contests a failed segment audit (migration 0008_train_disputes). The game
+    itself (core/training/dispute.py) is rebuilt from `moves`, each stamped with its time,
+    so that the row holds only what the parties said and the pure core decides."""
+
+    __tablename__ = "train_disputes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    audit_id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    segment_id: Mapped[str] = mapped_column(String(96))
+    provider_id: Mapped[str] = mapped_column(String(64), index=True)
+    verifier_id: Mapped[str] = mapped_column(String(64), index=True)
+    referee_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # open (parties' rounds) awaiting-referee refereeing won lost
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    round_s: Mapped[float] = mapped_column(Float)
+    moves: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    checkpoint: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    deadline: Mapped[float] = mapped_column(Float)  # the referee's (parties': in the game)
+    excluded: Mapped[list[str]] = mapped_column(JSON)  # referees that did not answer
+    ruling: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[float] = mapped_column(Float)
+    done_at: Mapped[float] = mapped_column(Float)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from idlegrid.agent.trainer import TorchExecutor
 from idlegrid.core.training.proof import StepLeaf, TrainingCommitment, Verdict
 from idlegrid.core.training.spec import JobSpec, ModelSpec, batch_indices
 from idlegrid.training.optrace import Recorder, Tamper, Trace
@@ -266,5 +268,19 @@ def honest_start_hash(spec: JobSpec) -> bytes:
     return state_hash(build_state(spec, spec.init_seed))
 
 
-__all__ = ["CHEATS", "Provider", "StepLeaf", "affected", "honest_start_hash", "lazy_audit",
-           "run_job"]
+class LyingVerifier(TorchExecutor):
+    """A training verifier whose replay lies from the segment's second step on: its audits
+    fail honest segments. Its training and op traces are honest (a lie at the op level has
+    nothing to stand on), so a dispute ends with both op chains equal and the referee's
+    recompute of the step siding with the provider. Plugs in as `train_executor`."""
+
+    def replay(self, spec: Any, start: bytes, start_step: int,
+               end_step: int) -> tuple[list[Any], bytes]:
+        """An honest replay whose state hashes are false from the second step on."""
+        leaves, end = super().replay(spec, start, start_step, end_step)
+        return [StepLeaf(x.step, bytes(29) + b"lie", x.loss) if i >= 1 else x
+                for i, x in enumerate(leaves)], end
+
+
+__all__ = ["CHEATS", "LyingVerifier", "Provider", "StepLeaf", "affected",
+           "honest_start_hash", "lazy_audit", "run_job"]

@@ -1,0 +1,526 @@
+"""Training disputes on the grid: a provider contests a failed segment audit and the
+coordinator drives the pure game (`core/training/dispute.py`) round by round.
+
+The game is never stored as an object: the row keeps every move with its time and the game
+is rebuilt by replaying them through the core, so every decision (who must move, by when,
+who lost) is the core's. Rounds: the challenger (the verifier that failed the segment)
+first claims its replay's end state, then opens its state hash at each step the core
+queries; both parties then commit to their op chain of the disputed step, open links and
+reveal the disputed record. The state before the disputed step is agreed; when the
+coordinator does not hold it, the provider hands it over (it must hash to the agreed leaf).
+A third training verifier (neither party, in the provider's determinism class) traces the
+disputed step from that state and reports its own record of the disputed op (or the step's
+end state hash when both chains agree); the coordinator compares it with both parties'.
+Queries ride on the heartbeat answer; a party that misses its deadline loses; a referee
+that misses its deadline is replaced.
+
+Exact mode only: the core's game compares hashes, so the challenger must have run in the
+provider's class; a cross-class audit cannot be disputed here (409 says why).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from idlegrid.coordinator.schema import Account, LedgerEntry, LedgerPosting
+from idlegrid.coordinator.training_schema import (
+    TrainAudit,
+    TrainCheckpoint,
+    TrainDispute,
+    TrainJob,
+    TrainSegment,
+)
+from idlegrid.coordinator.trust_schema import TrustNode
+from idlegrid.core import ledger
+from idlegrid.core.ledger import Cause, Entry, Posting
+from idlegrid.core.training import dispute as game
+from idlegrid.core.training.proof import TrainingCommitment
+from idlegrid.core.trust import beacon
+from idlegrid.core.trust import dispute as money
+from idlegrid.core.trust.merkle import Proof
+from idlegrid.errors import Conflict, InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from idlegrid.coordinator.jobs import Jobs
+
+OPEN = ("open", "awaiting-referee", "refereeing")
+ROLES = {game.PROVIDER: "provider", game.CHALLENGER: "challenger"}
+
+
+def _hex(body: dict[str, Any], name: str) -> bytes:
+    try:
+        return bytes.fromhex(str(body.get(name) or ""))
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} is not hex", param=name) from exc
+
+
+def _b64(body: dict[str, Any], name: str) -> bytes:
+    try:
+        return base64.b64decode(str(body.get(name) or ""), validate=True)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} is not base64", param=name) from exc
+
+
+def _proof(body: dict[str, Any], index: int) -> Proof:
+    sib = body.get("siblings") or []
+    right = body.get("right") or []
+    if not isinstance(sib, list) or not isinstance(right, list) or len(sib) != len(right):
+        raise InvalidRequest("siblings and right must be lists of one length", param="siblings")
+    try:
+        return Proof(index, tuple(bytes.fromhex(str(h)) for h in sib),
+                     tuple(bool(r) for r in right))
+    except ValueError as exc:
+        raise InvalidRequest("siblings are not hex", param="siblings") from exc
+
+
+def replay_game(row: TrainDispute, c: TrainingCommitment) -> game.Dispute | None:
+    """The game as the recorded moves left it (None before the challenger's claim)."""
+    if not row.moves:
+        return None
+    first = row.moves[0]
+    d = game.Dispute.open(c, bytes.fromhex(first["hash"]), first["at"], row.round_s)
+    for m in row.moves[1:]:
+        _apply(d, m)
+    return d
+
+
+def _apply(d: game.Dispute, m: dict[str, Any]) -> None:
+    at, party, kind = float(m["at"]), m["party"], m["kind"]
+    if kind == "step":
+        d.answer_step(bytes.fromhex(m["hash"]), at)
+    elif kind == "commit":
+        d.commit_ops(party, int(m["n"]), bytes.fromhex(m["root"]), bytes.fromhex(m["last"]),
+                     Proof(int(m["n"]) - 1, tuple(bytes.fromhex(h) for h in m["siblings"]),
+                           tuple(m["right"])), at)
+    elif kind == "open":
+        d.open_op(party, bytes.fromhex(m["link"]),
+                  Proof(int(m["index"]), tuple(bytes.fromhex(h) for h in m["siblings"]),
+                        tuple(m["right"])), at)
+    elif kind == "record":
+        d.reveal_record(party, bytes.fromhex(m["record"]), at)
+
+
+class TrainDisputes:
+    """Open, run and settle training disputes for one coordinator."""
+
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+        # Heartbeats skip the lookup while none is open; the first tick finds out (a
+        # restarted coordinator may hold open disputes).
+        self.active = True
+
+    @property
+    def store(self) -> Any:
+        """The coordinator's store."""
+        return self.jobs.store
+
+    def clock(self) -> float:
+        """The grid's clock."""
+        return float(self.jobs.grid.clock())
+
+    # ---- opening -----------------------------------------------------------------------
+
+    def open(self, provider_id: str, audit_id: str, reason: str) -> dict[str, Any]:
+        """Contest a failed audit of the caller's own segment (409 unless it failed in
+        exact mode and is not disputed yet)."""
+        now = self.clock()
+        with self.store.tx() as s:
+            a = s.get(TrainAudit, audit_id)
+            if a is None or a.node_id != provider_id or a.canary:
+                raise NotFound(f"no audit {audit_id} of this node's segments")
+            if a.state != "failed":
+                raise Conflict(f"audit {audit_id} did not fail (state {a.state}); only a "
+                               "failed audit can be disputed", state=a.state)
+            if not a.verdict.get("exact"):
+                raise Conflict(
+                    f"audit {audit_id} was judged across determinism classes (provider "
+                    f"{a.verdict.get('provider_class')!r}, verifier "
+                    f"{a.verdict.get('verifier_class')!r}); disputes are exact-mode only: "
+                    "the challenger must run in the provider's class", state=a.state)
+            dispute_id = f"tdsp-{audit_id[5:]}"
+            if s.get(TrainDispute, dispute_id) is not None:
+                raise Conflict(f"audit {audit_id} is disputed already", dispute_id=dispute_id)
+            assert a.verifier_id is not None
+            row = TrainDispute(
+                id=dispute_id, audit_id=audit_id, job_id=a.job_id, segment_id=a.segment_id,
+                provider_id=provider_id, verifier_id=a.verifier_id, referee_id=None,
+                state="open", round=1, round_s=self.jobs.settings.dispute_round_s, moves=[],
+                checkpoint=None, deadline=now + self.jobs.settings.dispute_round_s,
+                excluded=[], ruling={}, reason=reason[:500], created_at=now, done_at=0.0)
+            s.add(row)
+            self.jobs._event(s, a.job_id, "dispute-opened", f"dispute:{dispute_id}",
+                             audit=audit_id, provider=provider_id, challenger=a.verifier_id)
+            self.active = True
+            return self._view(row, self._commitment(s, row))
+
+    # ---- rounds ------------------------------------------------------------------------
+
+    def _commitment(self, s: Session, row: TrainDispute) -> TrainingCommitment:
+        seg = s.get(TrainSegment, row.segment_id)
+        assert seg is not None
+        return TrainingCommitment.from_bytes(seg.blob)
+
+    def _awaiting(self, row: TrainDispute, d: game.Dispute | None) -> list[str]:
+        if row.state == "refereeing":
+            return ["referee"]
+        if row.state != "open":
+            return []
+        if d is None:
+            return ["challenger"]
+        return sorted(ROLES[p] for p in d.awaiting)
+
+    def pending(self, node_id: str) -> list[dict[str, Any]]:
+        """Queries this node must answer now (they ride on its heartbeat answer)."""
+        out = []
+        with self.store.read() as s:
+            for r in s.scalars(select(TrainDispute).where(TrainDispute.state.in_(
+                    ("open", "refereeing")))):
+                if node_id not in (r.provider_id, r.verifier_id, r.referee_id):
+                    continue
+                d = replay_game(r, self._commitment(s, r))
+                for role in self._awaiting(r, d):
+                    if self._party(r, role) == node_id:
+                        out.append({"id": r.id, "round": r.round, "role": role})
+        return out
+
+    @staticmethod
+    def _party(row: TrainDispute, role: str) -> str | None:
+        return {"provider": row.provider_id, "challenger": row.verifier_id,
+                "referee": row.referee_id}.get(role)
+
+    def _role(self, row: TrainDispute, d: game.Dispute | None, node_id: str,
+              round_: int) -> str:
+        if round_ != row.round or row.state not in ("open", "refereeing"):
+            raise Conflict(f"dispute {row.id} is not at round {round_} (round {row.round}, "
+                           f"{row.state})", round=row.round, state=row.state)
+        for role in self._awaiting(row, d):
+            if self._party(row, role) == node_id:
+                return role
+        raise Conflict(f"dispute {row.id} asks nothing of this node now", round=row.round)
+
+    def query(self, node_id: str, dispute_id: str, round_: int) -> dict[str, Any]:
+        """What this node must answer: its role, the phase and index, and the segment."""
+        from idlegrid.coordinator.jobs import enc
+
+        with self.store.read() as s:
+            row = s.get(TrainDispute, dispute_id)
+            if row is None:
+                raise NotFound(f"no dispute {dispute_id}")
+            c = self._commitment(s, row)
+            d = replay_game(row, c)
+            role = self._role(row, d, node_id, round_)
+            seg = s.get(TrainSegment, row.segment_id)
+            job = s.get(TrainJob, row.job_id)
+            assert seg is not None and job is not None
+            start = s.get(TrainCheckpoint, (job.id, seg.start_step))
+            out: dict[str, Any] = {
+                "dispute_id": row.id, "round": row.round, "role": role, "job_id": job.id,
+                "spec": job.spec, "start_step": seg.start_step, "end_step": seg.end_step,
+                "commitment": enc(seg.blob),
+                "start_checkpoint": enc(start.blob) if start is not None else None,
+                "deadline_in_s": (row.deadline if d is None or role == "referee"
+                                  else d.deadline) - self.clock()}
+            if d is None:
+                out.update(phase="claim", step=seg.end_step - 1)
+            elif role == "referee":
+                out.update(phase="referee", step=d.disputed_step, op_index=d.op_index,
+                           agreed_checkpoint=enc(row.checkpoint) if row.checkpoint else None)
+            else:
+                out.update(phase=d.phase, step=d.disputed_step, op_index=d.op_index)
+                if d.phase == "steps":
+                    out["step"] = d.step_query()
+                elif d.phase == "ops":
+                    out["op_index"] = d.op_query()
+            return out
+
+    def answer(self, node_id: str, dispute_id: str, round_: int,
+               body: dict[str, Any]) -> dict[str, Any]:
+        """One party's (or the referee's) answer for the current round."""
+        now = self.clock()
+        with self.store.tx() as s:
+            row = s.get(TrainDispute, dispute_id)
+            if row is None:
+                raise NotFound(f"no dispute {dispute_id}")
+            c = self._commitment(s, row)
+            d = replay_game(row, c)
+            role = self._role(row, d, node_id, round_)
+            if role == "referee":
+                self._referee(s, row, c, d, body, now)
+                return self._view(row, c)
+            if d is None:  # the challenger's claim: its replay's end state
+                if now > row.deadline:
+                    raise Conflict(f"round {round_} of dispute {dispute_id} is past its deadline")
+                claim = _hex(body, "state_hash").hex()
+                move = {"kind": "claim", "party": game.CHALLENGER, "hash": claim, "at": now}
+                row.moves = [move]
+                d = replay_game(row, c)
+                assert d is not None
+                row.round += 1
+            else:
+                party = game.PROVIDER if role == "provider" else game.CHALLENGER
+                before = (d.phase, d.deadline)
+                if d.phase == "referee":
+                    self._handover(s, row, c, d, body, now)
+                    return self._view(row, c)
+                move = self._move(d, party, body, now)
+                try:
+                    _apply(d, move)
+                except game.DisputeError as exc:
+                    if d.outcome is not None:  # moved after its deadline: the late one lost
+                        self._settle(s, row, c, d)
+                        return self._view(row, c)
+                    raise exc
+                row.moves = [*row.moves, move]
+                if (d.phase, d.deadline) != before:
+                    row.round += 1
+            self._advance(s, row, c, d, now)
+            return self._view(row, c)
+
+    @staticmethod
+    def _move(d: game.Dispute, party: str, body: dict[str, Any], now: float) -> dict[str, Any]:
+        """A party's answer as a recorded move (validated by the core as it is applied)."""
+        base = {"party": party, "at": now}
+        if d.phase == "steps":
+            return {**base, "kind": "step", "hash": _hex(body, "state_hash").hex()}
+        if d.phase == "ops-commit":
+            n = body.get("n_ops")
+            if not isinstance(n, int) or n < 0:
+                raise InvalidRequest("n_ops must be a non-negative integer", param="n_ops")
+            p = _proof(body, max(n - 1, 0))
+            return {**base, "kind": "commit", "n": n, "root": _hex(body, "root").hex(),
+                    "last": _hex(body, "link").hex(), "siblings": [h.hex() for h in p.siblings],
+                    "right": list(p.right)}
+        if d.phase == "ops":
+            i = d.op_query()
+            p = _proof(body, i)
+            return {**base, "kind": "open", "index": i, "link": _hex(body, "link").hex(),
+                    "siblings": [h.hex() for h in p.siblings], "right": list(p.right)}
+        if d.phase == "records":
+            return {**base, "kind": "record", "record": _b64(body, "record").hex()}
+        raise Conflict(f"nothing to answer in phase {d.phase}", phase=d.phase)
+
+    def _advance(self, s: Session, row: TrainDispute, c: TrainingCommitment,
+                 d: game.Dispute, now: float) -> None:
+        """After a move: settle an ended game, or move on to the referee."""
+        if d.outcome is not None:
+            self._settle(s, row, c, d)
+            return
+        if d.phase == "referee" and d.disputed_step is not None:
+            seg = s.get(TrainSegment, row.segment_id)
+            assert seg is not None
+            if d.disputed_step == seg.start_step:
+                # The coordinator holds the segment's start (or the referee derives step 0
+                # from the spec): nothing to hand over.
+                held = s.get(TrainCheckpoint, (row.job_id, seg.start_step))
+                row.checkpoint = held.blob if held is not None else None
+                self._to_referee(row, now)
+
+    def _handover(self, s: Session, row: TrainDispute, c: TrainingCommitment, d: game.Dispute,
+                  body: dict[str, Any], now: float) -> None:
+        """The provider hands over the agreed state before the disputed step."""
+        if now >= d.deadline:
+            d.timeout(now)
+            self._settle(s, row, c, d)
+            return
+        ckpt = _b64(body, "checkpoint")
+        if hashlib.sha256(ckpt).digest() != d.agreed_start_hash:
+            d.rule(False, False, "the provider's checkpoint is not the agreed state")
+            self._settle(s, row, c, d)
+            return
+        row.checkpoint = ckpt
+        self._to_referee(row, now)
+
+    def _to_referee(self, row: TrainDispute, now: float) -> None:
+        # Picked by the supervisor from the live verifiers (see tick).
+        row.state, row.referee_id, row.deadline = "awaiting-referee", None, 0.0
+        row.round += 1
+        self.active = True
+
+    def _pick_referee(self, s: Session, row: TrainDispute, live: frozenset[str],
+                      now: float) -> None:
+        skip = {row.provider_id, row.verifier_id, *row.excluded}
+        candidates = sorted(v for v in s.scalars(select(TrustNode.node_id).where(
+            TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
+            if v not in skip and v in live)
+        if not candidates:
+            return  # visible as awaiting-referee; never settled without one
+        row.referee_id = beacon.pick(self.jobs.secret, row.id.encode(), candidates)
+        row.state = "refereeing"
+        row.round += 1
+        row.deadline = now + row.round_s
+
+    def _referee(self, s: Session, row: TrainDispute, c: TrainingCommitment,
+                 d: game.Dispute | None, body: dict[str, Any], now: float) -> None:
+        """The third party's recompute: its own record of the disputed op (or the step's
+        end state hash) from the agreed state, compared with both parties' claims."""
+        assert d is not None and d.disputed_step is not None
+        if now > row.deadline:
+            raise Conflict(f"round {row.round} of dispute {row.id} is past its deadline")
+        seg = s.get(TrainSegment, row.segment_id)
+        assert seg is not None
+        det = str(body.get("det_class") or "")
+        if det != seg.det_class:
+            # Exact mode: a referee of another class proves nothing; ask another one.
+            row.excluded = [*row.excluded, row.referee_id or ""]
+            self._to_referee(row, now)
+            return
+        if _hex(body, "start_hash") != d.agreed_start_hash:
+            # It traced from the spec's initial state (step 0) and that is not where the
+            # provider's commitment starts: the provider's initial weights are not the job's.
+            d.rule(False, True, "the committed start is not the job's initial state")
+        elif d.op_index is None:
+            h = _hex(body, "state_hash")
+            ok = h == c.leaf(d.disputed_step).state_hash
+            d.rule(ok, not ok, f"step {d.disputed_step} end state recomputed")
+        else:
+            mine = _b64(body, "record")
+            p_rec, c_rec = d.records()
+            d.rule(bool(mine) and mine == p_rec, bool(mine) and mine == c_rec,
+                   f"op {d.op_index} of step {d.disputed_step} recomputed")
+        row.ruling = {"referee": row.referee_id}
+        self._settle(s, row, c, d, referee_answered=True)
+
+    # ---- deadlines ---------------------------------------------------------------------
+
+    def tick(self, live: frozenset[str]) -> None:
+        """Settle rounds past their deadline; find referees; replace silent ones."""
+        if not self.active:
+            return
+        now = self.clock()
+        with self.store.tx() as s:
+            rows = list(s.scalars(select(TrainDispute).where(TrainDispute.state.in_(OPEN))))
+            self.active = bool(rows)
+            for row in rows:
+                c = self._commitment(s, row)
+                if row.state == "awaiting-referee":
+                    self._pick_referee(s, row, live, now)
+                    continue
+                if row.state == "refereeing":
+                    if now > row.deadline:  # not a party: another third party is asked
+                        row.excluded = [*row.excluded, row.referee_id or ""]
+                        self._to_referee(row, now)
+                        self._pick_referee(s, row, live, now)
+                    continue
+                d = replay_game(row, c)
+                if d is None:
+                    if now > row.deadline:
+                        d = game.Dispute.open(c, c.end_hash, row.created_at, row.round_s)
+                        d._end(game.PROVIDER, "challenger did not answer by the deadline",
+                               None)
+                        self._settle(s, row, c, d)
+                    continue
+                if d.timeout(now) is not None:
+                    self._settle(s, row, c, d)
+
+    # ---- ruling ------------------------------------------------------------------------
+
+    def _settle(self, s: Session, row: TrainDispute, c: TrainingCommitment, d: game.Dispute,
+                referee_answered: bool = False) -> None:
+        """Record the outcome and post its consequences, in the caller's transaction."""
+        from idlegrid.core.training import settlement as tset
+
+        out = d.outcome
+        assert out is not None
+        now = self.clock()
+        provider_right = out.winner == game.PROVIDER
+        res = s.execute(update(TrainDispute).where(
+            TrainDispute.id == row.id, TrainDispute.state.in_(OPEN)).values(
+            state="won" if provider_right else "lost"))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            raise Conflict(f"dispute {row.id} was settled already")
+        s.refresh(row)
+        row.done_at = now
+        row.ruling = {"provider_right": provider_right, "reason": out.reason,
+                      "step": out.step, "op_index": out.op_index, "rounds": out.rounds,
+                      "referee": row.referee_id if referee_answered else None}
+        a = s.get(TrainAudit, row.audit_id)
+        seg = s.get(TrainSegment, row.segment_id)
+        job = s.get(TrainJob, row.job_id)
+        assert a is not None and seg is not None and job is not None
+        price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
+        fee = price * self.jobs.settings.verifier_fee_bps // 10_000
+        if referee_answered and row.referee_id is not None:
+            self.jobs._post_all(s, [money.referee_pay(
+                row.id, row.referee_id, fee, int(s.scalar(select(Account.balance).where(
+                    Account.id == ledger.FEES)) or 0))])
+            s.flush()
+        # Read after the referee's pay: a reversal never takes more than an account holds.
+        balances = {k: int(v) for k, v in s.execute(select(Account.id, Account.balance))}
+        posts: list[Entry | None] = []
+        if provider_right:
+            originals = self._entries(s, [f"train-slash:{job.id}:{seg.idx}:{row.provider_id}",
+                                          f"train-audit-pay:{a.id}"])
+            stakes = self.jobs._accounts(s, f"stake:{row.verifier_id}:%")
+            entry, used = money.reversal(row.id, originals, balances, stakes)
+            posts.append(entry)
+            left = {k: v - used.get(k, 0) for k, v in stakes.items()}
+            posts.extend(money.penalty(row.id, left, row.provider_id))
+            a.state = "overturned"
+            a.verdict = {**a.verdict, "overturned_by": row.id}
+            seg.cause = f"{seg.cause}; overturned by dispute:{row.id}"
+            job.excluded = [n for n in job.excluded if n != row.provider_id]
+            node = s.get(TrustNode, row.provider_id)
+            if node is not None:
+                node.failed = max(node.failed - 1, 0)
+            verifier = s.get(TrustNode, row.verifier_id)
+            if verifier is not None:  # a third party showed its replay was false
+                verifier.verifier_failed += 1
+                verifier.verifier_passed = max(verifier.verifier_passed - 1, 0)
+                verifier.ejected = True
+                self.jobs.grid.trust.ejected.add(row.verifier_id)
+        else:
+            acct = ledger.provider_account(row.provider_id)
+            posts.append(money.dispute_fee(row.id, row.provider_id, fee, balances.get(acct, 0)))
+        self.jobs._post_all(s, posts)
+        if provider_right and job.state not in ("queued", "running", "trained"):
+            s.flush()  # the job ended meanwhile: the restored stake goes back now
+            stake = int(s.scalar(select(Account.balance).where(
+                Account.id == tset.job_stake_account(job.id, row.provider_id))) or 0)
+            if stake > 0:
+                self.jobs._post_all(s, [ledger.make_entry(
+                    f"train-unstake:{job.id}:{row.provider_id}:{row.id}",
+                    Cause("dispute", row.id),
+                    [Posting(tset.job_stake_account(job.id, row.provider_id), -stake),
+                     Posting(ledger.provider_account(row.provider_id), stake)],
+                    "train unstake after dispute")])
+        self.jobs._event(s, job.id, "dispute-won" if provider_right else "dispute-lost",
+                         f"dispute:{row.id}", audit=a.id, provider=row.provider_id,
+                         challenger=row.verifier_id, reason=out.reason, step=out.step,
+                         op_index=out.op_index, rounds=out.rounds)
+        self.jobs.new_work.set()
+
+    @staticmethod
+    def _entries(s: Session, keys: list[str]) -> list[Entry]:
+        rows = list(s.scalars(select(LedgerEntry).where(LedgerEntry.key.in_(keys))))
+        postings: dict[int, list[Posting]] = {}
+        for seq, acct, amount in s.execute(select(
+                LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
+                LedgerPosting.entry_seq.in_([r.seq for r in rows]))):
+            postings.setdefault(seq, []).append(Posting(acct, amount))
+        return [Entry(r.key, Cause(r.cause_kind, r.cause_id), tuple(postings.get(r.seq, [])),
+                      r.memo) for r in rows]
+
+    # ---- views -------------------------------------------------------------------------
+
+    def _view(self, row: TrainDispute, c: TrainingCommitment) -> dict[str, Any]:
+        d = replay_game(row, c) if row.state in OPEN else None
+        return {"id": row.id, "audit_id": row.audit_id, "segment": row.segment_id,
+                "provider_id": row.provider_id, "challenger_id": row.verifier_id,
+                "referee_id": row.referee_id, "state": row.state, "round": row.round,
+                "phase": (d.phase if d is not None else
+                          "claim" if row.state == "open" else row.state),
+                "waiting_for": self._awaiting(row, d), "moves": len(row.moves),
+                "ruling": dict(row.ruling), "reason": row.reason,
+                "created_at": row.created_at, "done_at": row.done_at}
+
+    def of_job(self, s: Session, job_id: str) -> list[dict[str, Any]]:
+        """A job's disputes, oldest first (for the job view)."""
+        rows = s.scalars(select(TrainDispute).where(TrainDispute.job_id == job_id)
+                         .order_by(TrainDispute.created_at))
+        return [self._view(r, self._commitment(s, r)) for r in rows]

@@ -1,0 +1,296 @@
+"""Training disputes on a real loopback grid: a provider contests a failed segment audit,
+the coordinator drives the core's game round by round over signed node routes, the agents
+answer from their executors (the real one on a tiny GPT), and a third training verifier
+recomputes the disputed operator or step. The ruling moves money: an overturned slash is
+reversed and the false verifier pays; a cheat's slash stands and it pays the fee.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from idlegrid.agent.trainer import TorchExecutor
+from idlegrid.config import CoordinatorSettings
+from idlegrid.core import ledger
+from idlegrid.core.ledger import MICRO, Cause, Posting
+from idlegrid.engines.tiny import TinyEngine
+from idlegrid.testbed.inprocess import (
+    AgentThread,
+    CoordinatorThread,
+    free_port,
+    make_agent,
+    wait_for_live,
+    wait_until,
+)
+
+torch = pytest.importorskip("torch")
+verified = pytest.importorskip("idlegrid.training.verified")
+cheats = pytest.importorskip("idlegrid.testbed.training_cheats")
+
+PRICE = 1_000
+STAKE = 200_000
+VSTAKE = 300_000  # a verifier's own stake, what a false accusation costs it
+
+
+def spec(steps: int = 8, interval: int = 4) -> dict[str, Any]:
+    """Two segments of a tiny GPT: seconds on one CPU thread."""
+    return {"dataset": {"ref": "stdlib:v1", "sha256": verified.corpus_sha256(), "windows": 64},
+            "model": {"arch": "gpt", "vocab": 256, "seq": 16, "layers": 1, "dim": 32,
+                      "heads": 2},
+            "steps": steps, "checkpoint_interval": interval, "batch_size": 4, "init_seed": 3,
+            "job_seed": 5, "price_per_step": PRICE, "stake_required": STAKE}
+
+
+class Grid:
+    """A coordinator, a funded consumer key, and agents (keys kept on disk)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.settings = CoordinatorSettings(
+            data_dir=tmp, database_url=f"sqlite:///{tmp}/c.db", port=free_port(),
+            heartbeat_interval_s=0.3, node_timeout_s=3.0, long_poll_s=2.0, hw_proofs=False)
+        self.coord = CoordinatorThread(self.settings)
+        self.coord.start()
+        self.http = httpx.Client(base_url=self.coord.url, trust_env=False, timeout=30)
+        key = self.http.post("/api/v1/admin/keys", json={"name": "t"}).json()
+        self.auth = {"Authorization": f"Bearer {key['api_key']}"}
+        self.mint(key_id=key["key_id"], amount=10 * MICRO)
+        self.agents: dict[str, AgentThread] = {}
+        self.ids: dict[str, str] = {}
+
+    @property
+    def knobs(self) -> Any:
+        return self.coord.app.state.grid.jobs.settings
+
+    def mint(self, **body: Any) -> None:
+        ref = f"m-{body.get('key_id') or body.get('node_id')}"
+        self.http.post("/api/v1/admin/mint", json={**body, "reference": ref}).raise_for_status()
+
+    def agent(self, name: str, **config: Any) -> str:
+        config.setdefault("train_threads", 1)
+        a = make_agent(self.coord.url, [TinyEngine("tiny")], name, key_dir=self.tmp, **config)
+        t = AgentThread(a)
+        t.start()
+        self.agents[name] = t
+        wait_for_live(self.coord.url, sum(1 for x in self.agents.values() if x.thread
+                                          and x.thread.is_alive()))
+        nodes = {n["name"]: n["id"] for n in self.http.get("/api/v1/status").json()["nodes"]}
+        self.ids[name] = nodes[name]
+        self.mint(node_id=nodes[name], amount=1 * MICRO)
+        if config.get("train_verifier"):  # a verifier's stake answers for its reports
+            self.coord.app.state.grid.store.post(ledger.make_entry(
+                f"vstake:{name}", Cause("test", name),
+                [Posting(ledger.ISSUER, -VSTAKE),
+                 Posting(ledger.stake_account(nodes[name], "cpu"), VSTAKE)]))
+        return nodes[name]
+
+    def submit(self) -> str:
+        r = self.http.post("/api/v1/jobs", json={"spec": spec()}, headers=self.auth)
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        r = self.http.get(f"/api/v1/jobs/{job_id}", headers=self.auth)
+        r.raise_for_status()
+        data: dict[str, Any] = r.json()
+        return data
+
+    def failed_audit(self, job_id: str) -> dict[str, Any]:
+        wait_until(lambda: any(a["state"] == "failed" for a in self.job(job_id)["audits"]), 60,
+                   interval_s=0.2)
+        return next(a for a in self.job(job_id)["audits"] if a["state"] == "failed")
+
+    def ruled(self, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+        def done() -> bool:
+            ds = self.job(job_id)["disputes"]
+            return bool(ds) and ds[0]["state"] in ("won", "lost")
+
+        wait_until(done, timeout_s, interval_s=0.2)
+        d: dict[str, Any] = self.job(job_id)["disputes"][0]
+        return d
+
+    def signed(self, name: str, path: str, body: dict[str, Any], *,
+               tamper: bool = False) -> httpx.Response:
+        key = self.agents[name].agent.client.key
+        raw = json.dumps(body).encode()
+        headers = key.sign_headers("POST", path, raw, now=time.time())
+        if tamper:
+            raw = raw.replace(b"}", b', "x": 1}')
+        return self.http.post(path, content=raw, headers=headers)
+
+    def balances(self) -> dict[str, int]:
+        got: dict[str, int] = self.http.get("/api/v1/status").json()["balances"]
+        return got
+
+    def check_books(self) -> None:
+        assert self.http.get("/api/v1/ledger/verify").json() == {"ok": True, "problems": []}
+        bal = self.balances()
+        assert sum(bal.values()) == 0
+        assert all(v >= 0 for k, v in bal.items() if not k.startswith(("system:issuer",))), bal
+
+    def stop(self) -> None:
+        for t in self.agents.values():
+            if t.thread is not None and t.thread.is_alive():
+                t.stop(10)
+        self.http.close()
+        self.coord.stop()
+
+
+@pytest.fixture
+def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Grid]:
+    monkeypatch.setenv("IDLEGRID_TRAIN_CHALLENGE_S", "0.5")
+    monkeypatch.setenv("IDLEGRID_TRAIN_LEASE_TIMEOUT_S", "30")
+    monkeypatch.setenv("IDLEGRID_TRAIN_PROBE_RATE", "0")
+    monkeypatch.setenv("IDLEGRID_TRAIN_CANARY_RATE", "0")
+    monkeypatch.setenv("IDLEGRID_TRAIN_DISPUTE_ROUND_S", "20")
+    g = Grid(tmp_path)
+    yield g
+    g.stop()
+
+
+def keys(job: dict[str, Any]) -> list[str]:
+    return [e["key"] for e in job["ledger"]]
+
+
+def cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
+    provider = grid.agent("provider", trainer=True)
+    liar = grid.agent("liar", train_verifier=True, train_executor=cheats.LyingVerifier(1))
+    job_id = grid.submit()
+    audit = grid.failed_audit(job_id)  # segment 0 is always audited: the liar fails it
+    stake_acct = f"stake:{provider}:job-{job_id}"
+    assert grid.balances().get(stake_acct, 0) == 0  # slashed
+    referee = grid.agent("referee", train_verifier=True)
+    res = cli("dispute-segment", audit["id"], "--coordinator", grid.coord.url,
+              "--key-file", str(grid.tmp / "provider.key"), "--reason", "I trained honestly")
+    assert res.exit_code == 0, res.output
+    d = grid.ruled(job_id)
+    assert d["state"] == "won", d
+    r = d["ruling"]
+    assert r["provider_right"] is True and r["referee"] == referee
+    # The liar's replay lies from the segment's second step: that is the disputed step; its
+    # op trace is honest, so the referee recomputed the whole step (no single op differs).
+    assert r["step"] == 1 and r["op_index"] is None, r
+    assert r["rounds"] <= 2  # ⌈log₂ 4⌉ step rounds, no op rounds
+    job = grid.job(job_id)
+    ks = keys(job)
+    assert f"reverse:{d['id']}" in ks
+    assert f"dispute-penalty:{d['id']}:stake:{liar}:cpu" in ks
+    assert f"referee-pay:{d['id']}" in ks
+    overturned = next(a for a in job["audits"] if a["id"] == audit["id"])
+    assert overturned["state"] == "overturned"
+    kinds = [e["kind"] for e in job["events"]]
+    assert "dispute-opened" in kinds and "dispute-won" in kinds
+    # The provider is no longer excluded: it takes the job again, the referee audits it
+    # (the liar is ejected), and the job finishes with the stake returned.
+    job = grid.job(job_id)
+    wait_until(lambda: grid.job(job_id)["state"] == "done", 60, interval_s=0.2)
+    bal = grid.balances()
+    assert bal.get(stake_acct, 0) == 0 and bal.get(f"stake:{liar}:cpu", 0) == 0
+    assert bal.get(f"provider:{provider}", 0) > 1 * MICRO  # paid + half the liar's stake
+    assert grid.job(job_id)["bill"]["compensated"] == 0  # the compensation went back
+    grid.check_books()
+
+
+def test_a_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    grid.agent("cheat", trainer=True,
+               train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
+    grid.agent("verifier", train_verifier=True)
+    job_id = grid.submit()
+    audit = grid.failed_audit(job_id)
+    grid.agent("referee", train_verifier=True)
+    before = grid.job(job_id)["bill"]
+    r = grid.signed("cheat", f"/api/v1/train/audits/{audit['id']}/dispute", {"reason": "no"})
+    assert r.status_code == 200, r.text
+    d = grid.ruled(job_id)
+    assert d["state"] == "lost" and d["ruling"]["provider_right"] is False, d
+    assert d["ruling"]["step"] == 0 and d["ruling"]["op_index"] is not None
+    # Down to one operator of step 0 (the optimizer's update), recomputed by the referee.
+    assert "op" in d["ruling"]["reason"] and d["done_at"] - d["created_at"] < 60
+    monkeypatch.setenv("IDLEGRID_API_KEY", grid.auth["Authorization"][7:])
+    shown = cli("job", job_id, "--coordinator", grid.coord.url, "--data-dir",
+                str(grid.tmp / "cli"))
+    assert shown.exit_code == 0 and "challenger right" in shown.output, shown.output
+    job = grid.job(job_id)
+    ks = keys(job)
+    assert f"reverse:{d['id']}" not in ks and f"dispute-fee:{d['id']}" in ks
+    assert job["bill"]["compensated"] == before["compensated"] > 0
+    assert next(a for a in job["audits"] if a["id"] == audit["id"])["state"] == "failed"
+    again = grid.signed("cheat", f"/api/v1/train/audits/{audit['id']}/dispute", {})
+    assert again.status_code == 409 and "already" in again.json()["error"]["message"]
+    grid.check_books()
+
+
+def test_a_silent_party_loses(grid: Grid) -> None:
+    provider = grid.agent("provider", trainer=True)
+    grid.agent("liar", train_verifier=True, train_executor=cheats.LyingVerifier(1))
+    job_id = grid.submit()
+    audit = grid.failed_audit(job_id)
+    grid.agents["liar"].stop(10)  # the challenger will not answer
+    grid.knobs.dispute_round_s = 1.0
+    r = grid.signed("provider", f"/api/v1/train/audits/{audit['id']}/dispute", {})
+    assert r.status_code == 200, r.text
+    d = grid.ruled(job_id, 30)
+    assert d["state"] == "won" and "did not answer" in d["ruling"]["reason"], d
+    assert d["ruling"]["referee"] is None
+    assert f"reverse:{d['id']}" in keys(grid.job(job_id))
+    assert grid.balances().get(f"stake:{provider}:job-{job_id}", 0) == STAKE
+    grid.check_books()
+
+
+def test_refusals(grid: Grid) -> None:
+    grid.agent("provider", trainer=True)
+    grid.agent("verifier", train_verifier=True)
+    job_id = grid.submit()
+    wait_until(lambda: any(a["state"] == "passed" for a in grid.job(job_id)["audits"]), 60,
+               interval_s=0.2)
+    audit = next(a for a in grid.job(job_id)["audits"] if a["state"] == "passed")
+    path = f"/api/v1/train/audits/{audit['id']}/dispute"
+    before = grid.balances()
+    passed = grid.signed("provider", path, {"reason": "why not"})
+    assert passed.status_code == 409 and "did not fail" in passed.json()["error"]["message"]
+    res = cli("dispute-segment", audit["id"], "--coordinator", grid.coord.url,
+              "--key-file", str(grid.tmp / "provider.key"))
+    assert res.exit_code == 1 and "did not fail" in res.output, res.output
+    assert grid.signed("verifier", path, {}).status_code == 404  # not its segment
+    bad = grid.signed("provider", path, {"reason": "x"}, tamper=True)
+    assert bad.status_code == 401 and "signature" in bad.json()["error"]["message"]
+    assert grid.http.post(path, json={}).status_code == 401  # unsigned
+    assert grid.signed("provider", "/api/v1/train/disputes/tdsp-x/query",
+                       {"round": 1}).status_code == 404
+    assert grid.signed("provider", "/api/v1/train/disputes/tdsp-x/answer",
+                       {"round": -1}).status_code == 400
+    assert grid.job(job_id)["disputes"] == []
+    # Nothing was posted by any refusal (the job itself may have moved on meanwhile).
+    assert not [k for k in keys(grid.job(job_id)) if "tdsp-" in k]
+    assert grid.balances()[f"stake:{grid.ids['verifier']}:cpu"] == before[
+        f"stake:{grid.ids['verifier']}:cpu"]
+    grid.check_books()
+
+
+def test_a_cross_class_failure_cannot_be_disputed(grid: Grid) -> None:
+    # Exact mode only: the verifier computes in another class (two threads).
+    grid.agent("cheat", trainer=True,
+               train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
+    grid.agent("verifier", train_verifier=True, train_threads=2)
+    job_id = grid.submit()
+    audit = grid.failed_audit(job_id)
+    assert audit["verdict"]["exact"] is False
+    r = grid.signed("cheat", f"/api/v1/train/audits/{audit['id']}/dispute", {})
+    assert r.status_code == 409 and "exact-mode only" in r.json()["error"]["message"]
+    grid.check_books()
