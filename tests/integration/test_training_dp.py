@@ -180,7 +180,8 @@ def test_parallel_job_runs_on_a_gang_is_audited_by_one_process_and_paid_once(gri
     assert not any(x["verdict"]["exact"] for x in real)
     assert all(x["verdict"]["provider_class"].endswith("/t1/dp2")
                and x["verdict"]["verifier_class"].endswith("/t1/mb2") for x in real)
-    assert all(x["verdict"]["weight_distance"] <= WEIGHT_TOL for x in real)
+    # ... which for two ranks is bitwise the same maths (see the test above): distance 0.
+    assert all(x["verdict"]["weight_distance"] == 0.0 for x in real)
     assert tg.seg_pays(job) == [8 * PRICE] * 3  # once per step
     assert job["bill"]["charged"] == 24 * PRICE
     assert job["losses"][-1][1] < job["losses"][0][1]
