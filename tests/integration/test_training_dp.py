@@ -165,6 +165,10 @@ GANG = {"trainer": True, "train_gang_host": "127.0.0.1", "train_gang_timeout_s":
 @pytest.mark.slow
 def test_parallel_job_runs_on_a_gang_is_audited_by_one_process_and_paid_once(grid: Any
                                                                             ) -> None:
+    before = grid.balances()
+    r = grid.submit({"spec": tg.spec(parallel=3)})  # batch 4: no equal shards
+    assert r.status_code == 400 and r.json()["error"]["param"] == "spec.parallel", r.text
+    assert grid.balances() == before  # nothing escrowed
     a = grid.agent("rank-a", **GANG)
     b = grid.agent("rank-b", **GANG)
     grid.agent("verifier", train_verifier=True)
