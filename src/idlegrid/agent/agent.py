@@ -63,6 +63,12 @@ class AgentConfig:
     trainer: bool = False
     train_verifier: bool = False
     train_threads: int | None = None
+    # Host this node serves a data-parallel gang's rendezvous on (loopback on a local grid);
+    # None: it takes single-provider training jobs only.
+    train_gang_host: str | None = None
+    # How long a gang member waits for the others (rendezvous, then each collective) before
+    # the gang's segment fails and the job resumes from its last committed checkpoint.
+    train_gang_timeout_s: float = 60.0
     train_executor: Any = None
     train_verify: Any = None
 

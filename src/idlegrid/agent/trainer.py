@@ -78,7 +78,28 @@ class TorchExecutor:
     def _trainer(self, spec: Any) -> Any:
         from idlegrid.training.verified import Trainer
 
+        if spec.parallel > 1:  # one process replays a gang's steps as its micro-batches
+            return Trainer(spec, threads=self.threads, microbatches=spec.parallel)
         return (self.trainer_cls or Trainer)(spec, threads=self.threads)
+
+    def start_gang(self, spec: Any, checkpoint: bytes | None, rank: int, world: int,
+                   rendezvous: str, prefix: str, my_host: str, timeout_s: float = 60.0) -> Any:
+        """Join a data-parallel gang (rank 0 serves the rendezvous); its start state."""
+        from idlegrid.training.dataparallel import DataParallelTrainer
+
+        trainer = DataParallelTrainer(spec, rank, world, rendezvous, prefix=prefix,
+                                      my_host=my_host, threads=self.threads,
+                                      timeout_s=timeout_s)
+        state = trainer.initial_state() if checkpoint is None else trainer.load(checkpoint)
+        return trainer, state
+
+    def gang_class(self, state: Any) -> str:
+        """The determinism class of a gang member's trainer."""
+        return str(state[0].determinism_class())
+
+    def leave_gang(self, state: Any) -> None:
+        """Tear the gang's process group down."""
+        state[0].close()
 
     def det_class(self, spec: Any) -> str:
         """The torch version, device, dtype and threads."""
@@ -126,7 +147,8 @@ class TorchExecutor:
         """Re-execute a segment from its start checkpoint."""
         from idlegrid.training import verified
 
-        leaves, end = verified.replay(spec, start, start_step, end_step, self.threads)
+        leaves, end = verified.replay(spec, start, start_step, end_step, self.threads,
+                                      microbatches=spec.parallel)
         return list(leaves), bytes(end)
 
     def weight_distance(self, spec: Any, mine: bytes, theirs: bytes, start: bytes) -> float:
@@ -175,12 +197,27 @@ def _executor(agent: Agent) -> Any:
     return ex if ex is not None else TorchExecutor(agent.config.train_threads)
 
 
+def _poll_body(agent: Agent) -> dict[str, Any]:
+    """The poll; with `train_gang_host`, the address this node would serve a gang on."""
+    host = agent.config.train_gang_host
+    if not host:
+        return {"wait_s": 5.0}
+    import socket
+
+    # A free port now; rank 0 binds it when the gang forms (a short race another process
+    # could win, which fails that gang's start and re-queues the job, no worse).
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    return {"wait_s": 5.0, "gang_addr": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+
+
 async def train_loop(agent: Agent) -> None:
     """Take training jobs until the agent drains."""
     ex = _executor(agent)
     while not agent.draining.is_set():
         try:
-            work = await _poll(agent, "/api/v1/train/poll", {"wait_s": 5.0})
+            work = await _poll(agent, "/api/v1/train/poll", _poll_body(agent))
         except (httpx.TransportError, CoordinatorError) as exc:
             log.warning("training poll failed: %s", exc)
             await asyncio.sleep(1.0)
@@ -202,14 +239,15 @@ async def train_loop(agent: Agent) -> None:
 
 async def run_job(agent: Agent, ex: Any, work: TrainWorkMsg) -> None:
     """Run a job from its start step, committing segment by segment."""
-    from idlegrid.core.training.proof import TrainingCommitment
-    from idlegrid.core.training.spec import JobSpec, segments
+    from idlegrid.core.training.spec import JobSpec
 
     base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
-    run = _Run(base)
     loop = asyncio.get_running_loop()
     spec = JobSpec.parse(work.spec)
     ckpt = base64.b64decode(work.checkpoint) if work.checkpoint else None
+    if work.world > 1:
+        await _run_gang(agent, ex, work, spec, ckpt)
+        return
     try:
         state = await loop.run_in_executor(None, ex.start, spec, ckpt)
         det = await loop.run_in_executor(None, ex.det_class, spec)
@@ -217,12 +255,57 @@ async def run_job(agent: Agent, ex: Any, work: TrainWorkMsg) -> None:
         await agent.client.call(f"{base}/release", {"reason": exc.message,
                                                     "kind": "invalid_request"})
         return
+    await _train(agent, ex, work, spec, state, det)
+
+
+async def _run_gang(agent: Agent, ex: Any, work: TrainWorkMsg, spec: Any,
+                    ckpt: bytes | None) -> None:
+    """One rank of a data-parallel gang: every rank trains, only rank 0 holds the job."""
+    loop = asyncio.get_running_loop()
+    base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
+    host = agent.config.train_gang_host or "127.0.0.1"
+    state = None
+    try:
+        state = await loop.run_in_executor(
+            None, ex.start_gang, spec, ckpt, work.rank, work.world, work.rendezvous,
+            f"{work.job_id}/{work.attempt}", host, agent.config.train_gang_timeout_s)
+        det = ex.gang_class(state)
+        await _train(agent, ex, work, spec, state, det)
+    except InvalidRequest as exc:  # e.g. a dataset hash this corpus does not have
+        if work.rank == 0:
+            await agent.client.call(f"{base}/release", {"reason": exc.message,
+                                                        "kind": "invalid_request"})
+    except (RuntimeError, ValueError) as exc:
+        # A lost or diverged rank (gloo raises RuntimeError on a dead peer or a timeout):
+        # the gang's segment fails; the job resumes from its last committed checkpoint.
+        log.warning("job %s gang rank %d: %s", work.job_id, work.rank, exc)
+        if work.rank == 0:
+            with contextlib.suppress(httpx.HTTPError, IdlegridError):
+                await agent.client.call(f"{base}/release",
+                                        {"reason": f"gang failed: {str(exc)[:200]}"})
+    finally:
+        if state is not None:
+            ex.leave_gang(state)  # quick: drops the group (see DataParallelTrainer.close)
+
+
+async def _train(agent: Agent, ex: Any, work: TrainWorkMsg, spec: Any, state: Any,
+                 det: str) -> None:
+    """Train segment by segment from `state`; the holder (rank 0) commits each one."""
+    from idlegrid.core.training.proof import TrainingCommitment
+    from idlegrid.core.training.spec import segments
+
+    base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
+    run = _Run(base)
+    loop = asyncio.get_running_loop()
+    holder = work.rank == 0
     if spec.determinism_class is not None and spec.determinism_class != det:
         await agent.client.call(f"{base}/release", {
             "reason": f"this node computes in {det}, the job asks for {spec.determinism_class}",
             "kind": "unsuitable"})
         return
-    uploader = asyncio.create_task(_upload_progress(agent, run))
+    # Only the holder reports progress; another rank's progress would be refused (409).
+    uploader = asyncio.create_task(_upload_progress(agent, run) if holder
+                                   else asyncio.sleep(1e9))
     began = time.monotonic()
     pending: asyncio.Task[Any] | None = None
 
@@ -251,7 +334,8 @@ async def run_job(agent: Agent, ex: Any, work: TrainWorkMsg) -> None:
             if agent.draining.is_set():
                 if pending is not None:
                     await pending
-                await agent.client.call(f"{base}/release", {"reason": "provider draining"})
+                if holder:  # another rank leaving breaks the gang's next step instead
+                    await agent.client.call(f"{base}/release", {"reason": "provider draining"})
                 return
             t0 = time.perf_counter()
             try:
@@ -262,8 +346,15 @@ async def run_job(agent: Agent, ex: Any, work: TrainWorkMsg) -> None:
                 if pending is not None:
                     await pending  # raises what stopped us (Conflict: taken away)
                 return
+            except RuntimeError:  # a gang's collective failed: keep what was committed
+                if pending is not None:
+                    with contextlib.suppress(httpx.HTTPError, IdlegridError):
+                        await pending
+                raise
             t1 = time.perf_counter()
             blob = await loop.run_in_executor(None, ex.checkpoint, spec, state)
+            if not holder:
+                continue  # the state is rank 0's too (checked at the segment's end)
             c = TrainingCommitment(work.job_id, start, list(leaves), start_hash)
             # Kept for the challenge window: audits and resumes start from these.
             agent.train_checkpoints[(work.job_id, end)] = blob

@@ -100,6 +100,9 @@ def provide(
         "--train", help="Also run verified training jobs (needs torch).")] = False,
     train_verifier: Annotated[bool, typer.Option(
         "--train-verifier", help="Re-execute audited training segments (needs torch).")] = False,
+    train_gang_host: Annotated[str | None, typer.Option(
+        "--train-gang-host", help="Also join data-parallel training gangs, serving their "
+        "rendezvous on this host when rank 0 (an address the other ranks reach).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a provider agent: probe, load the model, benchmark, then serve work."""
@@ -153,7 +156,7 @@ def provide(
                          stake_per_device=round(stake * MICRO),
                          meter=choose_meter(hardware, rated=rated_watts),
                          verifier=verify, trainer=train, train_verifier=train_verifier,
-                         train_threads=threads)
+                         train_threads=threads, train_gang_host=train_gang_host)
     meter = config.meter
     assert meter is not None
     console.print(f"power: {meter.source}" + (" (estimated from rated power)"

@@ -18,6 +18,8 @@ import binascii
 import contextlib
 import hashlib
 import secrets
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -78,6 +80,18 @@ def enc(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+GANG_STALE_S = 10.0  # a gathering gang drops a member that stopped polling this long ago
+
+
+@dataclass
+class _Gang:
+    """Providers gathering for one data-parallel job (in memory: a restarted coordinator
+    loses only gangs not yet formed, whose members simply gather again)."""
+
+    members: list[tuple[str, str]] = field(default_factory=list)  # (node, rendezvous addr)
+    seen: dict[str, float] = field(default_factory=dict)
+
+
 class Jobs:
     """Training jobs for one coordinator."""
 
@@ -90,6 +104,9 @@ class Jobs:
         from idlegrid.coordinator.train_disputes import TrainDisputes
 
         self.disputes = TrainDisputes(self)
+        self._gangs: dict[str, _Gang] = {}  # job id → providers gathering for it
+        self._handed: dict[str, dict[str, Any]] = {}  # node → its rank's work, once formed
+        self._gang_lock = threading.Lock()
 
     @property
     def store(self) -> Any:
@@ -301,17 +318,31 @@ class Jobs:
 
     # ---- providers -----------------------------------------------------------------------
 
-    async def poll(self, node_id: str, det_class: str, wait_s: float) -> dict[str, Any] | None:
-        """A job for this provider, or None after `wait_s`."""
+    async def poll(self, node_id: str, det_class: str, wait_s: float,
+                   gang_addr: str = "") -> dict[str, Any] | None:
+        """A job for this provider, or None after `wait_s`. A node that names a
+        `gang_addr` may also join a data-parallel job's gang (its work comes once the gang
+        is complete)."""
         if node_id in self.grid.trust.ejected:
             raise AuthError("this node was ejected after failed audits")
-        return await self.grid.long_poll(self.new_work, lambda: self._claim(node_id), wait_s)
+        return await self.grid.long_poll(self.new_work,
+                                         lambda: self._claim(node_id, gang_addr), wait_s)
 
-    def _claim(self, node_id: str) -> dict[str, Any] | None:
+    def _claim(self, node_id: str, gang_addr: str = "") -> dict[str, Any] | None:
+        with self._gang_lock:  # gangs live in memory; claims run on the db threads
+            return self._claim_locked(node_id, gang_addr)
+
+    def _claim_locked(self, node_id: str, gang_addr: str) -> dict[str, Any] | None:
         from idlegrid.core.training import settlement as tset
 
         now = self.grid.clock()
         with self.store.tx() as s:
+            handed = self._handed.pop(node_id, None)
+            if handed is not None:
+                job = s.get(TrainJob, handed["job_id"])
+                if (job is not None and job.state == "running"
+                        and job.attempt == handed["attempt"]):
+                    return handed  # its gang formed while it was between polls
             free = self._balance(s, ledger.provider_account(node_id))
             rows = s.scalars(select(TrainJob).where(TrainJob.state == "queued")
                              .order_by(TrainJob.created_at).limit(50))
@@ -320,6 +351,16 @@ class Jobs:
                 held = self._balance(s, tset.job_stake_account(job.id, node_id))
                 if node_id in job.excluded or (held < need and free < need):
                     continue
+                world = int(job.spec.get("parallel", 1))
+                if world > 1:
+                    if not gang_addr:
+                        continue  # this node cannot serve a gang's rendezvous
+                    got = self._gather(s, job, node_id, gang_addr, world, now)
+                    if need > 0 and held < need:
+                        # Each member's stake is locked as it joins; returned at the end
+                        # of the job like a single provider's.
+                        self._post_all(s, [tset.stake(job.id, node_id, need)])
+                    return got
                 res = s.execute(update(TrainJob).where(
                     TrainJob.id == job.id, TrainJob.state == "queued").values(
                     state="running", node_id=node_id, attempt=TrainJob.attempt + 1,
@@ -339,6 +380,49 @@ class Jobs:
                 return {"job_id": job.id, "attempt": job.attempt, "spec": job.spec,
                         "start_step": start, "checkpoint": enc(ckpt.blob) if ckpt else None}
         return None
+
+    def _gather(self, s: Session, job: TrainJob, node_id: str, addr: str, world: int,
+                now: float) -> dict[str, Any] | None:
+        """Add a node to a data-parallel job's gang; once it has `world` members the job
+        runs: rank 0 (the first to join) holds it and serves the rendezvous; every member
+        gets its rank. None while the gang is still gathering (the node keeps polling)."""
+        gang = self._gangs.setdefault(job.id, _Gang())
+        gang.members = [(n, a) for n, a in gang.members
+                        if n == node_id or now - gang.seen.get(n, now) <= GANG_STALE_S]
+        # Its latest address: the port was free when this poll was sent.
+        gang.members = [(n, addr if n == node_id else a) for n, a in gang.members]
+        if all(n != node_id for n, _ in gang.members):
+            gang.members.append((node_id, addr))
+        gang.seen[node_id] = now
+        if len(gang.members) < world:
+            return None
+        del self._gangs[job.id]
+        members = gang.members[:world]
+        job.state, job.node_id = "running", members[0][0]
+        job.attempt, job.lease_at = job.attempt + 1, now
+        start = job.committed_step
+        self._event(s, job.id, "resumed" if start > 0 else "assigned", f"node:{members[0][0]}",
+                    attempt=job.attempt, start_step=start, gang=[n for n, _ in members])
+        ckpt = s.get(TrainCheckpoint, (job.id, start)) if start > 0 else None
+        work = {"job_id": job.id, "attempt": job.attempt, "spec": job.spec,
+                "start_step": start, "checkpoint": enc(ckpt.blob) if ckpt else None,
+                "world": world, "rendezvous": members[0][1]}
+        for rank, (n, _) in enumerate(members):
+            self._handed[n] = {**work, "rank": rank}
+        self.new_work.set()  # wake the members waiting in their polls
+        return self._handed.pop(node_id)
+
+    @staticmethod
+    def _gang_of(s: Session, job: TrainJob, attempt: int) -> tuple[str, ...]:
+        """The ranks that ran an attempt of a data-parallel job (rank 0 first), from the
+        event that started it; () for a single provider."""
+        if int(job.spec.get("parallel", 1)) == 1:
+            return ()
+        for e in s.scalars(select(TrainEvent).where(
+                TrainEvent.job_id == job.id, TrainEvent.kind.in_(("assigned", "resumed")))):
+            if e.detail.get("attempt") == attempt and e.detail.get("gang"):
+                return tuple(e.detail["gang"])
+        return ()
 
     def _held(self, s: Session, node_id: str, job_id: str, attempt: int) -> TrainJob:
         job = s.get(TrainJob, job_id)
@@ -585,14 +669,16 @@ class Jobs:
                 if a.designated not in (None, node_id) and \
                         now - a.created_at < self.settings.reassign_after_s:
                     continue
+                seg = s.get(TrainSegment, a.segment_id)
+                job = s.get(TrainJob, a.job_id)
+                assert seg is not None and job is not None
+                if node_id in self._gang_of(s, job, seg.attempt):
+                    continue  # a rank of the gang that trained it: its own work
                 res = s.execute(update(TrainAudit).where(
                     TrainAudit.id == a.id, TrainAudit.state == "pending").values(
                     state="assigned", verifier_id=node_id, assigned_at=now))
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     continue
-                seg = s.get(TrainSegment, a.segment_id)
-                job = s.get(TrainJob, a.job_id)
-                assert seg is not None and job is not None
                 start = s.get(TrainCheckpoint, (job.id, seg.start_step))
                 end = s.get(TrainCheckpoint, (job.id, seg.end_step))
                 if end is None or (seg.start_step > 0 and start is None):
@@ -760,7 +846,8 @@ class Jobs:
                     price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
                     cause = f"audit:{audit.id}" if audit else "challenge window passed"
                     self._post_all(s, [tset.pay_segment(job.id, seg.idx, seg.node_id, price,
-                                                        self.grid.settings.fee_bps)]
+                                                        self.grid.settings.fee_bps,
+                                                        self._gang_of(s, job, seg.attempt))]
                                    if price > 0 else [])
                     if audit is not None:  # paid after the segment: its fee funds it
                         self._pay_verifier(s, audit, price)

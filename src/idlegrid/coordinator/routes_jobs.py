@@ -104,7 +104,7 @@ async def poll_job(request: Request) -> dict[str, Any] | Response:
     node_id, body = await _signed(request)
     msg = _parse(tm.TrainPollMsg, body)
     got = await _unless_gone(request, _grid(request).jobs.poll(node_id, msg.det_class,
-                                                               msg.wait_s))
+                                                               msg.wait_s, msg.gang_addr))
     if got is None:
         return Response(status_code=204)
     return tm.TrainWorkMsg.model_validate(got).model_dump()

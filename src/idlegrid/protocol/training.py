@@ -20,6 +20,9 @@ class TrainPollMsg(Message):
 
     wait_s: float = Field(5.0, ge=0, le=60)
     det_class: str = Field("", max_length=200)
+    # host:port this node would serve a data-parallel gang's rendezvous on as its rank 0;
+    # empty: it takes single-provider jobs only.
+    gang_addr: str = Field("", max_length=300)
 
 
 class TrainWorkMsg(Message):
@@ -30,6 +33,11 @@ class TrainWorkMsg(Message):
     spec: dict[str, Any]
     start_step: int
     checkpoint: str | None = None
+    # Data-parallel jobs (spec.parallel > 1): this node's rank in the gang, the gang's size
+    # and rank 0's rendezvous address. Only rank 0 holds the job (progress, commits).
+    rank: int = 0
+    world: int = 1
+    rendezvous: str = ""
 
 
 class TrainProgressMsg(Message):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -117,10 +118,16 @@ class State:
         return list(self.model.parameters())
 
 
+# build_stages seeds and draws from torch's global generator: states built at once on two
+# threads (the ranks of an in-process gang, agents in one process) would interleave draws.
+_INIT_LOCK = threading.Lock()
+
+
 def build_state(spec: JobSpec, seed: int) -> State:
     """A fresh state for `spec` with weights from `seed` (the spec's own: `init_seed`)."""
     m = spec.model
-    model = build_stages(GPTConfig(m.vocab, m.seq, m.layers, m.dim, m.heads), 1, seed)[0]
+    with _INIT_LOCK:
+        model = build_stages(GPTConfig(m.vocab, m.seq, m.layers, m.dim, m.heads), 1, seed)[0]
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     buffers = {name: torch.zeros(total, dtype=torch.float32) for name in _buffer_names(spec)}
@@ -398,9 +405,10 @@ class Trainer:
 
 
 def replay(spec: JobSpec, start_checkpoint: bytes | None, start_step: int, end_step: int,
-           threads: int | None = None) -> tuple[list[StepLeaf], bytes]:
-    """What a verifier runs: steps start..end−1 from a checkpoint (None: the initial state)."""
-    tr = Trainer(spec, threads)
+           threads: int | None = None, microbatches: int = 1) -> tuple[list[StepLeaf], bytes]:
+    """What a verifier runs: steps start..end−1 from a checkpoint (None: the initial state).
+    A data-parallel job replays as `spec.parallel` micro-batches (the same shards, summed)."""
+    tr = Trainer(spec, threads, microbatches)
     state = tr.initial_state() if start_checkpoint is None else tr.load(start_checkpoint)
     if state.step != start_step:
         raise CheckpointError(f"checkpoint is at step {state.step}, not {start_step}")

@@ -84,14 +84,20 @@ def unstake(job_id: str, node_id: str, amount: int) -> Entry:
                        Posting(provider_account(node_id), amount)], "train unstake")
 
 
-def pay_segment(job_id: str, segment: int, node_id: str, amount: int, fee_bps: int) -> Entry:
+def pay_segment(job_id: str, segment: int, node_id: str, amount: int, fee_bps: int,
+                gang: tuple[str, ...] = ()) -> Entry:
     """Pay an accepted segment (audited and passed, or unselected with its window over)
-    from the escrow to the provider that committed it, less the protocol fee."""
+    from the escrow to the provider that committed it, less the protocol fee. A
+    data-parallel segment (`gang`: every rank, the committer first) is split equally
+    between the ranks, the remainder of the division to the committer; one entry, one key."""
     _positive(amount, "segment pay")
     fee = fee_of(amount, fee_bps)
+    ranks = gang or (node_id,)
+    share, rest = divmod(amount - fee, len(ranks))
+    pays = [Posting(provider_account(n), share + (rest if i == 0 else 0))
+            for i, n in enumerate(ranks)]
     return make_entry(f"train-seg:{job_id}:{segment}", _segment_cause(job_id, segment),
-                      [Posting(job_escrow_account(job_id), -amount),
-                       Posting(provider_account(node_id), amount - fee), Posting(FEES, fee)],
+                      [Posting(job_escrow_account(job_id), -amount), *pays, Posting(FEES, fee)],
                       f"train pay {node_id}")
 
 

@@ -82,6 +82,9 @@ class JobSpec:
     determinism_class: str | None = None
     price_per_step: int = 1_000
     stake_required: int = 2_000_000  # 200 segments' price at the defaults: p ≈ 1.1 %
+    # Data-parallel width: a gang of this many providers runs each step, rank r on the r-th
+    # contiguous chunk of the step's batch; a verifier replays it as that many micro-batches.
+    parallel: int = 1
 
     @staticmethod
     def parse(obj: Any) -> JobSpec:
@@ -92,6 +95,8 @@ class JobSpec:
         """The JSON-shaped form (`parse(to_dict())` gives back an equal spec)."""
         out = asdict(self)
         out["optimizer"]["betas"] = list(self.optimizer.betas)
+        if self.parallel == 1:  # absent = 1, so specs (and digests) from before it are unchanged
+            del out["parallel"]
         return out
 
     def canonical(self) -> bytes:
@@ -247,7 +252,7 @@ def _parse(obj: Any) -> JobSpec:
     w = "spec"
     d = _fields(obj, w, {"model", "dataset", "optimizer", "init_seed", "job_seed", "batch_size",
                          "steps", "checkpoint_interval", "determinism_class", "price_per_step",
-                         "stake_required"})
+                         "stake_required", "parallel"})
     if "dataset" not in d:
         raise InvalidRequest("spec.dataset is required", param="spec.dataset")
     steps = _int(d, "steps", w, None, 1, 10_000_000)
@@ -256,16 +261,22 @@ def _parse(obj: Any) -> JobSpec:
     if det is not None and (not isinstance(det, str) or not 0 < len(det) <= 200):
         raise InvalidRequest("spec.determinism_class must be null or a short string",
                              param="spec.determinism_class")
+    batch = _int(d, "batch_size", w, 16, 1, 65_536)
+    parallel = _int(d, "parallel", w, 1, 1, 64)
+    if batch % parallel:
+        raise InvalidRequest(f"spec.parallel ({parallel}) must divide spec.batch_size ({batch})",
+                             param="spec.parallel")
     return JobSpec(
         dataset=_parse_dataset(d["dataset"]),
         model=_parse_model(d.get("model", {})),
         optimizer=_parse_optimizer(d.get("optimizer", {})),
         init_seed=_int(d, "init_seed", w, 0, 0, MAX_SEED),
         job_seed=_int(d, "job_seed", w, 0, 0, MAX_SEED),
-        batch_size=_int(d, "batch_size", w, 16, 1, 65_536),
+        batch_size=batch,
         steps=steps,
         checkpoint_interval=interval,
         determinism_class=det,
         price_per_step=_int(d, "price_per_step", w, 1_000, 0, 10**12),
         stake_required=_int(d, "stake_required", w, 2_000_000, 0, 10**15),
+        parallel=parallel,
     )
