@@ -102,6 +102,7 @@ def main() -> None:
     results: dict[str, object] = {}
     try:
         grid.start()
+        grid.wait_for_hwproofs()  # steady serving, not the start-up proof
         client = openai.OpenAI(base_url=f"{grid.url}/v1", api_key=grid.api_key, max_retries=0)
         grid_run(client, PROMPTS[0], 8)  # warm both paths
         direct_run(engine, PROMPTS[0], 8)
@@ -137,6 +138,7 @@ def main() -> None:
         grid.providers = 2
         grid.start_provider(1)
         grid.wait_for_providers(2)
+        grid.wait_for_hwproofs()
         concurrent_tps(client, 2, 8)  # warm the second provider
         two = [concurrent_tps(client, args.concurrency, args.max_tokens)
                for _ in range(max(2, args.rounds // 2))]

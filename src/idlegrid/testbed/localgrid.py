@@ -120,6 +120,22 @@ class LocalGrid:
 
         self._wait(enough, timeout_s, f"{count} live providers", *self.agents)
 
+    def wait_for_hwproofs(self, timeout_s: float = 120.0) -> None:
+        """Block until every hardware proof issued so far has a verdict (or expired).
+
+        A provider proves its hardware right after registering: seconds of full-core work
+        on its side and the judge's on the coordinator's. Benchmarks of steady serving wait
+        for that to end, or they measure the proof.
+        """
+        headers = {"Authorization": f"Bearer {self.operator_key}"}
+
+        def settled(c: httpx.Client) -> bool:
+            r = c.get(f"{self.url}/api/v1/hwproofs", headers=headers)
+            r.raise_for_status()
+            return all(p["state"] in ("passed", "failed", "expired") for p in r.json()["proofs"])
+
+        self._wait(settled, timeout_s, "hardware proofs to settle", self.coordinator, *self.agents)
+
     def fund_consumer(self) -> str:
         """Create (or reuse) the local consumer key, fund it, and write it to the key file."""
         key_file = self.data_dir / KEY_FILE
