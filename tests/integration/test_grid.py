@@ -227,6 +227,41 @@ def test_empty_balance_is_402_before_any_work(tmp_path: Path, database_url: str)
         stop_grid(g)
 
 
+def test_balance_spent_elsewhere_is_402_and_an_early_hand_over_is_taken_back(
+        tmp_path: Path, database_url: str) -> None:
+    """The gateway hands a task to a waiting provider before its escrow is written when the
+    key's last seen balance covered it; if the write then fails, nothing is kept."""
+    g = start_grid(tmp_path, database_url, [FakeEngine(MODEL)], credits=1)
+    try:
+        agent = g.agents[0].agent
+        wait_until(lambda: agent.channel is not None and agent.channel.open)
+        g.client().completions.create(model=MODEL, prompt="hi", max_tokens=4)
+        wait_until(lambda: agent.served == 1)
+        # Spent behind this coordinator's back (another process on the same database).
+        consumer = ledger.consumer_account(g.key_id)
+        store = g.coordinator.app.state.grid.store
+        store.post(ledger.make_entry("elsewhere", ledger.Cause("test", "elsewhere"), [
+            ledger.Posting(consumer, -g.balance(consumer)), ledger.Posting(ledger.ISSUER,
+                                                                           g.balance(consumer))]))
+        n = len(g.entries())
+        received = agent.channel.tasks_received  # type: ignore[union-attr]
+        wait_until(lambda: len(g.coordinator.app.state.grid.hub._waiters.get(
+            agent.client.key.node_id, [])) == 1)  # its next poll is parked
+        with pytest.raises(openai.APIStatusError) as exc:
+            g.client().completions.create(model=MODEL, prompt="hi", max_tokens=4)
+        assert exc.value.status_code == 402
+        assert agent.channel.tasks_received == received + 1  # type: ignore[union-attr]
+        _no_new_entries(g, n)
+        # The provider's output for it was refused, nothing was paid, and it serves on.
+        store.post(ledger.make_entry("refill", ledger.Cause("test", "refill"), [
+            ledger.Posting(ledger.ISSUER, -MICRO), ledger.Posting(consumer, MICRO)]))
+        g.client().completions.create(model=MODEL, prompt="hi", max_tokens=4)
+        wait_until(lambda: agent.served == 2)
+        g.verify()
+    finally:
+        stop_grid(g)
+
+
 def _signed_post(url: str, key: NodeKey, path: str, body: dict[str, object], *,
                  now: float, nonce: str | None = None, tamper: bool = False) -> httpx.Response:
     raw = json.dumps(body).encode()

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from idlegrid import PROTOCOL_VERSION
+from idlegrid.agent.channel import CHANNEL_PATH, Channel, ChannelClosed, Uploads
 from idlegrid.agent.node_client import CoordinatorError, NodeClient
 from idlegrid.agent.power import PowerMeter
 from idlegrid.core.energy import Attribution
@@ -46,6 +47,9 @@ class AgentConfig:
     drain_grace_s: float = 30.0
     poll_wait_s: float = 15.0
     upload_interval_s: float = 0.025
+    # Take tasks and send output on the agent channel (a WebSocket) while it is up;
+    # False: the HTTP long poll and one request per upload only.
+    channel: bool = True
     # Market: where the node is, what a device-hour costs (µcr; None sells no device-hours),
     # the device groups on sale (default: what the probe found), measured links to peers
     # (node id -> Gbit/s), and the stake to post per device once the balance allows it.
@@ -119,6 +123,7 @@ class Agent:
         # Training disputes: per (dispute, role) what was recomputed for earlier rounds.
         self.train_dispute_cache: dict[tuple[str, str], dict[str, Any]] = {}
         self._answering: set[str] = set()
+        self.channel: Channel | None = None
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -173,7 +178,9 @@ class Agent:
         await asyncio.get_running_loop().run_in_executor(None, self.prover.warm)
         await self._until_registered(stop)
         beats = asyncio.create_task(self._heartbeats())
-        slots = [asyncio.create_task(self._slot(e)) for e in self.engines]
+        await self._connect_channel()  # before the slots, or their first polls go over HTTP
+        keeper = asyncio.create_task(self._keep_channel())
+        slots = [asyncio.create_task(self._slot(e, i)) for i, e in enumerate(self.engines)]
         if self.config.verifier:  # inference audits
             from idlegrid.agent.verifier import audit_loop
 
@@ -198,6 +205,9 @@ class Agent:
                 job.cancel.set()  # the serve loop hands these back
             await asyncio.wait(pending, timeout=10)
         beats.cancel()
+        keeper.cancel()
+        if self.channel is not None:
+            await self.channel.close()
         await self.client.close()
 
     async def _until_registered(self, stop: asyncio.Event) -> None:
@@ -210,6 +220,41 @@ class Agent:
                 log.warning("coordinator not reachable yet (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _connect_channel(self) -> bool:
+        """Open the agent channel (False if it cannot be had; HTTP is used meanwhile)."""
+        url = self.client.ws_url(CHANNEL_PATH)
+        if not self.config.channel or url is None:
+            return False
+        channel = Channel(self.client)
+        channel.on_orphan = lambda task: asyncio.create_task(self._hand_back(task))
+        try:
+            await channel.connect(url)
+        except Exception as exc:  # refused handshake, no such route (older coordinator)
+            log.info("agent channel unavailable (%s); using HTTP", exc)
+            return False
+        self.channel = channel
+        return True
+
+    async def _keep_channel(self) -> None:
+        """Hold the agent channel open, reconnecting after a loss; slots use HTTP meanwhile."""
+        if not self.config.channel or self.client.ws_url(CHANNEL_PATH) is None:
+            return
+        delay = 1.0
+        while not self.draining.is_set():
+            if self.channel is not None and self.channel.open:
+                delay = 1.0
+                await self.channel.closed.wait()
+            elif not await self._connect_channel():
+                delay = min(2 * delay, 30.0)
+            await asyncio.sleep(delay)
+
+    async def _hand_back(self, task: dict[str, Any]) -> None:
+        """Return a task that reached a slot after it stopped waiting (draining)."""
+        with contextlib.suppress(httpx.HTTPError, IdlegridError):
+            await self.client.call(
+                f"/api/v1/tasks/{task['task_id']}/attempts/{task['attempt']}/fail",
+                {"reason": "provider draining", "kind": "handback"})
 
     async def _heartbeats(self) -> None:
         staked = False
@@ -282,24 +327,34 @@ class Agent:
         while len(store) > 4096:
             store.popitem(last=False)
 
-    async def _slot(self, engine: Engine) -> None:
+    async def _slot(self, engine: Engine, index: int = 0) -> None:
         while not self.draining.is_set():
+            channel = self.channel if self.channel is not None and self.channel.open else None
             try:
-                poll = asyncio.create_task(self.client.call(
-                    "/api/v1/work/poll",
-                    {"models": [self.model_id], "wait_s": self.config.poll_wait_s},
-                    timeout=self.config.poll_wait_s + 15,
-                ))
+                if channel is not None:
+                    poll = asyncio.create_task(channel.poll(
+                        index, [self.model_id], self.config.poll_wait_s))
+                else:
+                    poll = asyncio.create_task(self.client.call(
+                        "/api/v1/work/poll",
+                        {"models": [self.model_id], "wait_s": self.config.poll_wait_s},
+                        timeout=self.config.poll_wait_s + 15,
+                    ))
                 drain = asyncio.create_task(self.draining.wait())
                 await asyncio.wait({poll, drain}, return_when=asyncio.FIRST_COMPLETED)
                 if not poll.done():
                     # Draining: abandon the poll. A task claimed in the same instant is
-                    # picked up by the coordinator's supervisor once we stop heartbeating.
+                    # handed back (channel) or picked up by the coordinator's supervisor
+                    # once we stop heartbeating (HTTP).
                     poll.cancel()
                     drain.cancel()
+                    if channel is not None:
+                        await channel.cancel_poll(index)
                     return
                 drain.cancel()
                 answer = poll.result()
+            except ChannelClosed:
+                continue  # the next poll goes over HTTP until the channel is back
             except (httpx.TransportError, CoordinatorError) as exc:
                 log.warning("poll failed: %s", exc)
                 await asyncio.sleep(1.0)
@@ -473,31 +528,61 @@ class Agent:
         finished = False
         last_upload = 0.0
         loop = asyncio.get_running_loop()
-        while not finished:
-            # The first piece goes at once (time to first token); later ones are coalesced
-            # for up to `upload_interval_s`, which bounds requests per second per stream
-            # without a delay anyone reading the stream could notice.
-            wait = last_upload + self.config.upload_interval_s - loop.time()
-            if sent and wait > 0:
-                await asyncio.sleep(wait)
-            batch = [await queue.get()]
-            while not queue.empty():
-                batch.append(queue.get_nowait())
-            if batch[-1] is _DONE:
-                finished = True
-                batch.pop()
-            if not batch or job.cancel.is_set():
-                continue
-            try:
+        channel = self.channel if self.channel is not None and self.channel.open else None
+        up = channel.track(job.task.task_id, job.task.attempt, job.cancel.set) if channel else None
+        try:
+            while not finished:
+                # The first piece goes at once (time to first token); later ones are
+                # coalesced for up to `upload_interval_s`, which bounds uploads per second
+                # per stream without a delay anyone reading the stream could notice.
+                wait = last_upload + self.config.upload_interval_s - loop.time()
+                if sent and wait > 0:
+                    await asyncio.sleep(wait)
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                if batch[-1] is _DONE:
+                    finished = True
+                    batch.pop()
+                if not batch or job.cancel.is_set():
+                    continue
                 last_upload = loop.time()
-                await self.client.call(f"{base}/upload", {"start": sent, "pieces": batch})
-                job.delivered += sum(1 for tid, _ in batch if tid >= 0)
-            except Conflict:
-                job.cancel.set()
-                await self._drain_queue(queue, finished)
-                return False
-            sent += len(batch)
+                if up is not None and channel is not None and not up.lost:
+                    with contextlib.suppress(ChannelClosed):  # kept as unacked: resent below
+                        await channel.upload(up, sent, batch)
+                else:
+                    if up is not None:  # the channel went down: what it left goes first
+                        await self._settle(base, job, up)
+                    await self._upload_http(base, job, sent, batch)
+                sent += len(batch)
+            if up is not None:
+                await self._settle(base, job, up)
+        except Conflict:
+            job.cancel.set()
+            await self._drain_queue(queue, finished)
+            return False
+        finally:
+            if up is not None and channel is not None:
+                channel.forget(up)
         return True
+
+    async def _upload_http(self, base: str, job: _Job, start: int, batch: list[Any]) -> None:
+        await self.client.call(f"{base}/upload", {"start": start, "pieces": batch})
+        job.delivered += sum(1 for tid, _ in batch if tid >= 0)
+
+    async def _settle(self, base: str, job: _Job, up: Uploads) -> None:
+        """Wait until the coordinator acknowledged every channel upload of this attempt
+        (resending over HTTP what a lost channel left unacknowledged); Conflict if refused."""
+        while up.unacked and up.refused is None and not up.lost:
+            up.changed.clear()
+            await up.changed.wait()
+        if up.refused is not None:
+            raise up.refused
+        job.delivered += up.acked_tokens
+        up.acked_tokens = 0
+        while up.unacked:  # uploads are idempotent by start index: resending is safe
+            start, batch = up.unacked.pop(0)
+            await self._upload_http(base, job, start, batch)
 
     @staticmethod
     async def _drain_queue(queue: asyncio.Queue[Any], finished: bool) -> None:

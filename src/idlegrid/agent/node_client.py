@@ -32,12 +32,20 @@ class NodeClient:
     ) -> None:
         self.key = key
         self.clock = clock
+        self._base_url = base_url.rstrip("/")
+        self._custom_transport = transport is not None
         self.http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), transport=transport,
             timeout=httpx.Timeout(30.0, connect=5.0),
             # Loopback and LAN coordinators must not be routed through a proxy.
             trust_env=False,
         )
+
+    def ws_url(self, path: str) -> str | None:
+        """The WebSocket URL of `path`, or None when calls go through a custom transport."""
+        if self._custom_transport:
+            return None
+        return "ws" + self._base_url.removeprefix("http") + path
 
     async def close(self) -> None:
         """Close connections."""

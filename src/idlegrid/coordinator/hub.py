@@ -38,6 +38,9 @@ class TaskStream:
     # Serialises uploads, finish and hand-over of one task, so each sees a settled attempt.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    # Set once the task's row and escrow are written. A hand-over may run ahead of that
+    # write (Grid.submit); reports that read the row (finish, hand-back) wait for it.
+    created: asyncio.Event = field(default_factory=asyncio.Event)
     opened_at: float = 0.0
     first_piece_at: float | None = None  # when the consumer got its first token
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request, Response, WebSocket
 from pydantic import BaseModel, ValidationError
 
+from idlegrid.coordinator import channel as work_channel
 from idlegrid.coordinator.service import Grid
 from idlegrid.coordinator.store import TaskView
 from idlegrid.errors import AuthError, InvalidRequest
@@ -99,13 +100,14 @@ async def poll(request: Request) -> dict[str, Any] | Response:
     task = await _poll_until_disconnect(request, node_id, msg)
     if task is None:
         return Response(status_code=204)
-    p = task.payload
-    return m.TaskMsg(
-        task_id=task.id, attempt=task.attempt, model=task.model_id, kind=task.kind,  # type: ignore[arg-type]
-        prompt=p.get("prompt"), messages=p.get("messages"), max_tokens=p["max_tokens"],
-        temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"], stop=p.get("stop") or [],
-        prior_ids=task.delivered_ids,
-    ).model_dump()
+    return work_channel.task_message(task).model_dump()
+
+
+@router.websocket("/nodes/channel")
+async def channel(ws: WebSocket) -> None:
+    """The agent channel: tasks and uploads as signed frames on one WebSocket (see
+    coordinator/channel.py); the handshake is signed like a GET of this path."""
+    await work_channel.serve(ws, ws.app.state.grid)
 
 
 @router.post("/tasks/{task_id}/attempts/{attempt}/upload")

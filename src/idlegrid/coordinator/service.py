@@ -22,7 +22,7 @@ from idlegrid import PROTOCOL_VERSION
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator.hub import ChangeFeed, Event, Hub, TaskStream
 from idlegrid.coordinator.metrics import Metrics
-from idlegrid.coordinator.store import NodeView, Store, TaskView
+from idlegrid.coordinator.store import NodeView, Store, TaskView, new_task_view
 from idlegrid.core import ledger, routing
 from idlegrid.core.ledger import Price
 from idlegrid.core.market.hardware import canonical_gpu
@@ -65,6 +65,9 @@ class Grid:
         self.verifier = Verifier(clock, settings.signature_skew_s)
         self._keys: dict[str, bytes] = {}  # node id -> public key, cached: checked per upload
         self._api_keys: dict[str, str] = {}  # bearer secret -> key id
+        # Key id -> its balance after this process's last hold, less holds written since:
+        # a lower bound while this process is the only spender (see submit).
+        self._balance_hint: dict[str, int] = {}
         # Node views cached for routing, refreshed by the supervisor and on registration:
         # routing a request then touches no database before its escrow is written.
         self._nodes: dict[str, NodeView] = {}
@@ -166,6 +169,10 @@ class Grid:
         except AuthError as exc:
             self.metrics.auth_failures.labels(exc.reason.split(" (")[0]).inc()
             raise
+
+    def node_key(self, node_id: str) -> bytes | None:
+        """A node's public key if this process has seen it authenticate."""
+        return self._keys.get(node_id)
 
     # ---- agents ------------------------------------------------------------------------
 
@@ -306,6 +313,7 @@ class Grid:
     ) -> TaskView:
         """The provider finished: settle and tell the consumer."""
         stream = self._attempt_stream(task_id, attempt, node_id)
+        await stream.created.wait()
         async with stream.lock:
             stream = self._attempt_stream(task_id, attempt, node_id)
             task = await self.db(self.store.get_task, task_id)
@@ -350,6 +358,7 @@ class Grid:
             return
         if node_id is not None:
             stream = self._attempt_stream(task_id, attempt, node_id)
+        await stream.created.wait()
         async with stream.lock:
             if stream.attempt != attempt:
                 raise StaleAttempt(task_id, attempt)
@@ -434,18 +443,37 @@ class Grid:
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
         parked = self.hub.take_parked(target.node_id) if target else None
+        claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
+        early = claim_for is not None and self._balance_hint.get(key_id, -1) >= hold
+        if early:
+            # The key's balance covered this hold when last seen, and nothing here has
+            # spent it since: hand the task over now and write its escrow meanwhile, which
+            # takes the write off the path to the first token. The write is still the
+            # guard; if it fails, the attempt is taken back before any output is accepted.
+            self._balance_hint[key_id] -= hold
+            assert parked is not None and claim_for is not None
+            stream.attempt, stream.node_id, stream.target = 1, claim_for[0], None
+            parked.set_result(new_task_view(task_id, key_id, model, kind, payload, hold,
+                                            claim_for[0]))
         try:
-            task = await self.db(
+            _, balance = await self.db(
                 self.store.create_task, task_id=task_id, key_id=key_id, model_id=model, kind=kind,
                 payload=payload, hold=hold, target_node_id=target.node_id if target else None,
-                claim_for=(target.node_id, prices[target.node_id]) if parked and target else None,
+                claim_for=claim_for,
             )
         except BaseException:
+            self._balance_hint.pop(key_id, None)
+            stream.attempt = -1  # an early hand-over's uploads and reports are refused
+            stream.created.set()
             self.hub.close(task_id)
             if parked is not None and not parked.done():
                 parked.cancel()  # the poll goes back to waiting on its event
             raise
+        self._balance_hint[key_id] = balance
+        stream.created.set()
         self.changes.bump()
+        if early:
+            return task_id, stream
         if parked is None or target is None:
             self.hub.wake(target.node_id if target else None)
         else:
@@ -453,7 +481,8 @@ class Grid:
             if parked.done():  # the poll ended while the escrow was written
                 await self.give_up(None, task_id, 1, "hand-over missed")
             else:
-                parked.set_result(task)
+                parked.set_result(new_task_view(task_id, key_id, model, kind, payload, hold,
+                                                target.node_id))
         return task_id, stream
 
     def _wake_for(self, model: str, exclude: frozenset[str]) -> None:

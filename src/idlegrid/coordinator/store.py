@@ -111,6 +111,7 @@ _DEBIT = (update(Account.__table__)
 _INSERT_ACCOUNT = insert(Account.__table__)
 _INSERT_ENTRY = insert(LedgerEntry.__table__)
 _INSERT_TASK = insert(Task.__table__)
+_BALANCE = select(_ACC.balance).where(_ACC.id == bindparam("acct"))
 _INSERT_ATTEMPT = insert(Attempt.__table__)
 _INSERT_POSTING = insert(LedgerPosting.__table__)
 _ADVANCE_HEAD = (update(LedgerHead.__table__).where(_HEAD.id == 1)
@@ -168,6 +169,14 @@ def _task_view(t: Task) -> TaskView:
         t.error,
     )
 
+
+
+def new_task_view(task_id: str, key_id: str, model_id: str, kind: str, payload: dict[str, Any],
+                  hold: int, claimed_by: str | None) -> TaskView:
+    """The view of a task as `Store.create_task` writes it (queued, or claimed: attempt 1)."""
+    state = TaskState.RUNNING if claimed_by else TaskState.QUEUED
+    return TaskView(task_id, key_id, model_id, kind, payload, state.value,
+                    1 if claimed_by else 0, claimed_by, hold, [], 0, 0, None, None)
 
 class Store:
     """Durable state: nodes, offers, keys, tasks and the ledger."""
@@ -430,31 +439,32 @@ class Store:
         hold: int,
         target_node_id: str | None,
         claim_for: tuple[str, Price] | None = None,
-    ) -> TaskView:
-        """Escrow the request's worst-case cost and queue it, atomically (or InsufficientCredits).
+    ) -> tuple[TaskView, int]:
+        """Escrow the request's worst-case cost and queue it, atomically (or InsufficientCredits);
+        the task and the consumer's balance after the hold.
 
         With `claim_for` (node, price) the task is created already claimed by that node,
         attempt 1: the hand-over to a waiting long poll needs no second transaction.
         """
         now = self.clock()
-        holder = claim_for[0] if claim_for else None
-        view = TaskView(task_id, key_id, model_id, kind, payload,
-                        (TaskState.RUNNING if claim_for else TaskState.QUEUED).value,
-                        1 if claim_for else 0, holder, hold, [], 0, 0, None, None)
+        view = new_task_view(task_id, key_id, model_id, kind, payload, hold,
+                             claim_for[0] if claim_for else None)
+        consumer = ledger.consumer_account(key_id)
         with self.tx() as s:
             s.execute(_INSERT_TASK, {
                 "id": view.id, "key_id": key_id, "model_id": model_id, "kind": kind,
                 "payload": payload, "state": view.state, "attempt": view.attempt,
-                "node_id": holder, "target_node_id": None if claim_for else target_node_id,
+                "node_id": view.node_id, "target_node_id": None if claim_for else target_node_id,
                 "hold": hold, "delivered_ids": [], "prompt_tokens": 0, "output_tokens": 0,
                 "created_at": now, "updated_at": now})
             if claim_for:
                 s.execute(_INSERT_ATTEMPT, {
-                    "task_id": task_id, "attempt": 1, "node_id": holder,
+                    "task_id": task_id, "attempt": 1, "node_id": view.node_id,
                     "prompt_price": claim_for[1].prompt, "output_price": claim_for[1].output,
                     "started_at": now, "output_tokens": 0})
-            self._post(s, ledger.request_hold(task_id, ledger.consumer_account(key_id), hold))
-        return view
+            self._post(s, ledger.request_hold(task_id, consumer, hold))
+            balance = s.scalar(_BALANCE, {"acct": consumer}) or 0
+        return view, balance
 
     def get_task(self, task_id: str) -> TaskView | None:
         """A task by id."""

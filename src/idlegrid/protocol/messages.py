@@ -104,6 +104,28 @@ class UploadMsg(Message):
     pieces: list[tuple[int, str]] = Field(max_length=4096)
 
 
+class ChannelPollMsg(PollMsg):
+    """On the channel: ask for a task for one engine slot (answered by `task` or `idle`)."""
+
+    op: Literal["poll"]
+    slot: int = Field(ge=0, le=1023)
+
+
+class ChannelCancelMsg(Message):
+    """On the channel: stop the poll of a slot (the agent is draining)."""
+
+    op: Literal["cancel"]
+    slot: int = Field(ge=0, le=1023)
+
+
+class ChannelUploadMsg(UploadMsg):
+    """On the channel: output pieces for an attempt (answered by `ack` or `refused`)."""
+
+    op: Literal["upload"]
+    task_id: str = Field(min_length=1, max_length=64)
+    attempt: int = Field(ge=1)
+
+
 class FinishMsg(Message):
     """The attempt is complete."""
 

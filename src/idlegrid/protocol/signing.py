@@ -4,6 +4,9 @@ A node signs `method \\n path \\n sha256(body) \\n timestamp \\n nonce` with its
 coordinator refuses a signature that does not verify, a timestamp outside the allowed
 skew, and a nonce it has seen within the window (a replay). Node ids are derived from the
 public key, so a node cannot claim another's id.
+
+Frames on the agent channel (a WebSocket, coordinator/channel.py) are signed the same way,
+with method "WS" and the channel's path: `timestamp nonce signature \\n body`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import functools
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -30,6 +34,7 @@ HEADER_SIGNATURE = "x-idlegrid-signature"
 HEADER_PUBKEY = "x-idlegrid-public-key"  # only on registration, before the key is known
 
 DEFAULT_MAX_SKEW_S = 30.0
+FRAME_METHOD = "WS"
 
 
 def node_id_for(public_key: bytes) -> str:
@@ -101,6 +106,28 @@ class NodeKey:
             HEADER_PUBKEY: base64.b64encode(self.public_bytes).decode(),
         }
 
+    def sign_frame(self, path: str, body: bytes, *, now: float) -> bytes:
+        """One signed channel frame: `timestamp nonce signature\\n` then the body."""
+        timestamp, nonce = f"{now:.3f}", secrets.token_hex(16)
+        sig = self.private.sign(message(FRAME_METHOD, path, body, timestamp, nonce))
+        return f"{timestamp} {nonce} {base64.b64encode(sig).decode()}\n".encode() + body
+
+
+def frame_headers(node_id: str, frame: bytes) -> tuple[dict[str, str], bytes]:
+    """Split a channel frame into the headers `Verifier.verify` reads and the signed body."""
+    head, sep, body = frame.partition(b"\n")
+    parts = head.decode("ascii", "replace").split(" ")
+    if not sep or len(parts) != 3:
+        raise AuthError("malformed frame signature")
+    return {HEADER_NODE: node_id, HEADER_TIMESTAMP: parts[0], HEADER_NONCE: parts[1],
+            HEADER_SIGNATURE: parts[2]}, body
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    # Parsed once per node, not once per request: every upload is verified.
+    return Ed25519PublicKey.from_public_bytes(raw)
+
 
 class NonceCache:
     """Nonces seen per node within the skew window; a second sighting is a replay."""
@@ -160,7 +187,7 @@ class Verifier:
         if abs(now - ts) > self.max_skew_s:
             raise AuthError(f"stale timestamp ({now - ts:+.1f} s from coordinator clock)")
         try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(
+            _public_key(public_key).verify(
                 signature, message(method, path, body, timestamp, nonce)
             )
         except (InvalidSignature, ValueError) as exc:

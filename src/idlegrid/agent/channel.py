@@ -1,0 +1,182 @@
+"""The agent's end of the work channel (coordinator/channel.py): one WebSocket for tasks
+and uploads, with the HTTP node API as the fallback whenever the channel is down.
+
+Uploads are sent without waiting for each answer; the coordinator acknowledges them in
+order, and an attempt is settled (everything acknowledged) before its finish or hand-back
+goes out on HTTP, so that no report overtakes the output it covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from idlegrid.agent.node_client import NodeClient
+from idlegrid.errors import Conflict
+
+log = logging.getLogger("idlegrid.agent.channel")
+
+CHANNEL_PATH = "/api/v1/nodes/channel"
+
+
+class ChannelClosed(ConnectionError):
+    """The channel went down; use HTTP (the agent reconnects in the background)."""
+
+
+@dataclass
+class Uploads:
+    """One attempt's uploads in flight on the channel."""
+
+    task_id: str
+    attempt: int
+    on_refused: Callable[[], None]
+    unacked: list[tuple[int, list[Any]]] = field(default_factory=list)
+    acked_tokens: int = 0
+    refused: Conflict | None = None
+    lost: bool = False  # the channel closed with uploads unacknowledged
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def ack(self, next_index: int) -> None:
+        while self.unacked and self.unacked[0][0] + len(self.unacked[0][1]) <= next_index:
+            _, pieces = self.unacked.pop(0)
+            self.acked_tokens += sum(1 for tid, _ in pieces if tid >= 0)
+        self.changed.set()
+
+    def refuse(self, exc: Conflict) -> None:
+        self.refused = exc
+        self.changed.set()
+        self.on_refused()
+
+
+class Channel:
+    """A connected channel; `closed` is set once it is down for good (make a new one)."""
+
+    def __init__(self, client: NodeClient) -> None:
+        self.client = client
+        self.ws: Any = None
+        self.closed = asyncio.Event()
+        self._polls: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
+        self._uploads: dict[tuple[str, int], Uploads] = {}
+        self._reader: asyncio.Task[None] | None = None
+        # A task that arrives for a slot no longer waiting (it was draining): handed back.
+        self.on_orphan: Callable[[dict[str, Any]], None] = lambda task: None
+        self.tasks_received = 0
+        self.frames_sent = 0
+
+    @property
+    def open(self) -> bool:
+        """Up and usable."""
+        return self.ws is not None and not self.closed.is_set()
+
+    async def connect(self, url: str) -> None:
+        """Open the WebSocket with a signed handshake (raises on refusal or no route)."""
+        import websockets
+
+        headers = self.client.key.sign_headers("GET", CHANNEL_PATH, b"", now=self.client.clock())
+        self.ws = await websockets.connect(url, additional_headers=headers, compression=None,
+                                           open_timeout=5, max_size=1 << 24, ping_interval=20)
+        self._reader = asyncio.create_task(self._read())
+
+    async def close(self) -> None:
+        """Close the connection (outstanding polls and uploads see ChannelClosed)."""
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._down()
+
+    async def _send(self, obj: dict[str, Any]) -> None:
+        if not self.open:
+            raise ChannelClosed("channel closed")
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        try:
+            await self.ws.send(self.client.key.sign_frame(CHANNEL_PATH, body,
+                                                          now=self.client.clock()))
+        except Exception as exc:  # websockets raises ConnectionClosed subclasses
+            self._down()
+            raise ChannelClosed(str(exc)) from exc
+        self.frames_sent += 1
+
+    async def poll(self, slot: int, models: list[str], wait_s: float) -> dict[str, Any] | None:
+        """A task for engine `slot`, or None after `wait_s` with no work."""
+        fut: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._polls[slot] = fut
+        try:
+            await self._send({"op": "poll", "slot": slot, "models": models, "wait_s": wait_s})
+            return await fut
+        finally:
+            if self._polls.get(slot) is fut:
+                del self._polls[slot]
+
+    async def cancel_poll(self, slot: int) -> None:
+        """Stop waiting for work on `slot` (a task already on its way becomes an orphan)."""
+        self._polls.pop(slot, None)
+        with contextlib.suppress(ChannelClosed):
+            await self._send({"op": "cancel", "slot": slot})
+
+    def track(self, task_id: str, attempt: int, on_refused: Callable[[], None]) -> Uploads:
+        """Start following one attempt's uploads."""
+        up = Uploads(task_id, attempt, on_refused)
+        self._uploads[(task_id, attempt)] = up
+        return up
+
+    def forget(self, up: Uploads) -> None:
+        """The attempt is over."""
+        self._uploads.pop((up.task_id, up.attempt), None)
+
+    async def upload(self, up: Uploads, start: int, pieces: list[Any]) -> None:
+        """Send pieces without waiting for the coordinator's answer."""
+        up.unacked.append((start, pieces))
+        await self._send({"op": "upload", "task_id": up.task_id, "attempt": up.attempt,
+                          "start": start, "pieces": pieces})
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                self._dispatch(json.loads(raw))
+        except Exception as exc:  # closed, or the coordinator sent something unreadable
+            if not self.closed.is_set():
+                log.info("channel closed: %s", exc)
+        finally:
+            self._down()
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op in ("task", "idle"):
+            fut = self._polls.pop(msg["slot"], None)
+            if op == "task":
+                self.tasks_received += 1
+            if fut is not None and not fut.done():
+                fut.set_result(msg.get("task"))
+            elif op == "task":
+                self.on_orphan(msg["task"])
+        elif op in ("ack", "refused"):
+            up = self._uploads.get((msg["task_id"], msg["attempt"]))
+            if up is None:
+                return
+            if op == "ack":
+                up.ack(msg["next"])
+            else:
+                up.refuse(Conflict(msg.get("message") or "upload refused", code=msg.get("code"),
+                                   expected=msg.get("expected")))
+        elif op == "error":
+            log.warning("coordinator closes the channel: %s", msg.get("message"))
+
+    def _down(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for fut in self._polls.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed("channel closed"))
+        self._polls.clear()
+        for up in self._uploads.values():
+            up.lost = True
+            up.changed.set()

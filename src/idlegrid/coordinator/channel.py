@@ -1,0 +1,177 @@
+"""The agent channel: one WebSocket per agent carrying work hand-overs and output uploads.
+
+The HTTP node API does the same with a long poll per task and a request per upload. On
+loopback each of those requests costs about 2 ms of both processes' time, and two of them
+lie on every request's path to its first token (the poll's answer, the first upload); a
+streamed answer makes one more per token. On the channel each is one frame. Every frame an
+agent sends is signed like an HTTP request (protocol/signing.py, method "WS"), so a forged,
+altered or replayed frame is refused as a request would be, and the connection is closed.
+Finish, fail, heartbeats and everything else stay on HTTP; an agent without the channel
+(or that loses it) uses the HTTP routes, which behave the same.
+
+Frames from the coordinator (JSON, unsigned like HTTP answers):
+`{"op": "task", "slot", "task"}` · `{"op": "idle", "slot"}` (the poll timed out) ·
+`{"op": "ack", "task_id", "attempt", "next"}` (uploads accepted up to `next`) ·
+`{"op": "refused", "task_id", "attempt", "code", "message", "expected"}` (the attempt is no
+longer this agent's, or the upload was out of order) · `{"op": "error", "message"}` before
+a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import Field, TypeAdapter, ValidationError
+
+from idlegrid.coordinator.service import Grid
+from idlegrid.coordinator.store import TaskView
+from idlegrid.errors import AuthError, Conflict
+from idlegrid.protocol import messages as m
+from idlegrid.protocol.signing import frame_headers
+
+log = logging.getLogger("idlegrid.coordinator.channel")
+
+CHANNEL_PATH = "/api/v1/nodes/channel"
+# WebSocket close codes: 1008 policy violation (authentication), 1003 unacceptable data.
+CLOSE_AUTH, CLOSE_BAD_FRAME = 1008, 1003
+
+_Frame = TypeAdapter(Annotated[m.ChannelPollMsg | m.ChannelCancelMsg | m.ChannelUploadMsg,
+                               Field(discriminator="op")])
+
+
+def task_message(task: TaskView) -> m.TaskMsg:
+    """What a node receives for a claimed task (the same on HTTP and on the channel)."""
+    p = task.payload
+    return m.TaskMsg(
+        task_id=task.id, attempt=task.attempt, model=task.model_id, kind=task.kind,  # type: ignore[arg-type]
+        prompt=p.get("prompt"), messages=p.get("messages"), max_tokens=p["max_tokens"],
+        temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"], stop=p.get("stop") or [],
+        prior_ids=task.delivered_ids,
+    )
+
+
+class BadFrame(Exception):
+    """A frame that is not a channel message; the connection is closed."""
+
+
+async def serve(ws: WebSocket, grid: Grid) -> None:
+    """Authenticate the handshake (signed like a GET), then serve frames until it closes."""
+    try:
+        node_id = await grid.authenticate_node("GET", CHANNEL_PATH, b"", ws.headers)
+    except AuthError:
+        # Closing before accepting refuses the handshake (HTTP 403 to the client).
+        await ws.close(code=CLOSE_AUTH)
+        return
+    await ws.accept()
+    await _Channel(ws, grid, node_id).run()
+
+
+class _Channel:
+    def __init__(self, ws: WebSocket, grid: Grid, node_id: str) -> None:
+        self.ws, self.grid, self.node_id = ws, grid, node_id
+        self.polls: dict[int, asyncio.Task[None]] = {}
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self.ws.send_bytes(json.dumps(obj, separators=(",", ":")).encode())
+
+    async def run(self) -> None:
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                raw = message.get("bytes")
+                if raw is None:
+                    raw = (message.get("text") or "").encode()
+                try:
+                    await self.handle(self.open(raw))
+                except AuthError as exc:
+                    await self.close(CLOSE_AUTH, exc.message)
+                    return
+                except BadFrame as exc:
+                    await self.close(CLOSE_BAD_FRAME, str(exc))
+                    return
+        except WebSocketDisconnect:
+            return
+        finally:
+            self.closed = True
+            for poll in self.polls.values():
+                poll.cancel()
+
+    def open(self, raw: bytes) -> Any:
+        """Verify a frame's signature (as for a request) and parse it."""
+        headers, body = frame_headers(self.node_id, raw)
+        key = self.grid.node_key(self.node_id)
+        if key is None:
+            raise AuthError("unknown node: register first")
+        try:
+            self.grid.verifier.verify("WS", CHANNEL_PATH, body, headers, key)
+        except AuthError as exc:
+            self.grid.metrics.auth_failures.labels(exc.reason.split(" (")[0]).inc()
+            raise
+        try:
+            return _Frame.validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "frame"
+            raise BadFrame(f"{where}: {first['msg']}") from exc
+
+    async def handle(self, msg: Any) -> None:
+        if isinstance(msg, m.ChannelUploadMsg):
+            await self.upload(msg)
+        elif isinstance(msg, m.ChannelPollMsg):
+            old = self.polls.pop(msg.slot, None)
+            if old is not None:
+                old.cancel()
+            self.polls[msg.slot] = asyncio.create_task(self.poll(msg))
+        else:
+            poll = self.polls.pop(msg.slot, None)
+            if poll is not None:
+                poll.cancel()
+
+    async def upload(self, msg: m.ChannelUploadMsg) -> None:
+        reply: dict[str, Any] = {"task_id": msg.task_id, "attempt": msg.attempt}
+        try:
+            await self.grid.upload(self.node_id, msg.task_id, msg.attempt, msg.start,
+                                   list(msg.pieces))
+        except Conflict as exc:
+            await self.send({**reply, "op": "refused", "code": exc.code, "message": exc.message,
+                             "expected": exc.data.get("expected")})
+            return
+        await self.send({**reply, "op": "ack", "next": msg.start + len(msg.pieces)})
+
+    async def poll(self, msg: m.ChannelPollMsg) -> None:
+        try:
+            task = await self.grid.poll(self.node_id, msg.models, msg.wait_s)
+        except AuthError as exc:  # ejected while connected
+            await self.close(CLOSE_AUTH, exc.message)
+            return
+        if self.polls.get(msg.slot) is asyncio.current_task():
+            del self.polls[msg.slot]
+        if task is None:
+            with contextlib.suppress(Exception):
+                await self.send({"op": "idle", "slot": msg.slot})
+            return
+        body = task_message(task).model_dump_json()
+        try:
+            async with self._send_lock:
+                await self.ws.send_bytes(
+                    f'{{"op":"task","slot":{msg.slot},"task":{body}}}'.encode())
+        except Exception:
+            # The agent is gone: hand the task on now rather than after the stall timeout.
+            log.warning("channel to %s lost while handing over %s", self.node_id, task.id)
+            with contextlib.suppress(Conflict):
+                await self.grid.give_up(self.node_id, task.id, task.attempt, "hand-over missed")
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.send({"op": "error", "message": reason})
+            await self.ws.close(code=code, reason=reason[:120])
