@@ -1,10 +1,12 @@
 """Gateway overhead and provider scaling, measured against baselines in the same run.
 
-    .venv/bin/python bench/bench_gateway.py [--rounds 5] [--max-tokens 64] [--json]
+    .venv/bin/python bench/bench_gateway.py [--rounds 5] [--ttft-pairs 48] [--max-tokens 64]
 
 1. Overhead: single-stream decode tokens/s through a real local grid (coordinator + one
    provider process, 1 engine thread) divided by the same engine called in this process
-   (1 thread), same prompts, alternating runs; and the time to first token the grid adds.
+   (1 thread), same prompts, alternating runs; and the time to first token the grid adds,
+   from `--ttft-pairs` separate short requests (the engine's own prefill time varies by
+   ±15 ms from one call to the next here, so a 10 ms difference needs many pairs).
 2. Scaling: 8 concurrent requests against 1 provider, then against 2 (1 thread each);
    output tokens/s of the second over the first.
 Medians over rounds; these machines are shared and noisy, so read ratios, not absolutes.
@@ -71,6 +73,8 @@ def grid_run(client: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[float
                 first = now
             last = now
             seen += 1
+    if not seen:
+        raise RuntimeError(f"no text came back for {prompt!r}")
     # Decode rate over the tokens after the first, as for the direct run.
     return first - start, (tokens - 1) / (last - first) if tokens > 1 else 0.0, tokens
 
@@ -93,6 +97,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--ttft-pairs", type=int, default=48)
+    ap.add_argument("--scaling-batches", type=int, default=4,
+                    help="batches of --concurrency requests timed against 1, then 2 providers")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -106,42 +113,49 @@ def main() -> None:
         client = openai.OpenAI(base_url=f"{grid.url}/v1", api_key=grid.api_key, max_retries=0)
         grid_run(client, PROMPTS[0], 8)  # warm both paths
         direct_run(engine, PROMPTS[0], 8)
-        d_ttft, d_tps, g_ttft, g_tps = [], [], [], []
+        d_tps: list[float] = []
+        g_tps: list[float] = []
         for r in range(args.rounds):
             for prompt in PROMPTS:
                 # Alternate which side goes first so drift on the machine hits both alike.
                 order = ("direct", "grid") if r % 2 == 0 else ("grid", "direct")
                 for side in order:
                     if side == "direct":
-                        t, s, _ = direct_run(engine, prompt, args.max_tokens)
-                        d_ttft.append(t)
-                        d_tps.append(s)
+                        d_tps.append(direct_run(engine, prompt, args.max_tokens)[1])
                     else:
-                        t, s, _ = grid_run(client, prompt, args.max_tokens)
-                        g_ttft.append(t)
-                        g_tps.append(s)
+                        g_tps.append(grid_run(client, prompt, args.max_tokens)[1])
         ratios = [g / d for g, d in zip(g_tps, d_tps, strict=True) if d]
+        # Time to first token: short requests (the first token is all they wait for).
+        t_direct, t_grid = [], []
+        for i in range(args.ttft_pairs):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            for side in (("direct", "grid") if i % 2 == 0 else ("grid", "direct")):
+                if side == "direct":
+                    t_direct.append(direct_run(engine, prompt, 1)[0])
+                else:
+                    t_grid.append(grid_run(client, prompt, 1)[0])
+        added = [g - d for g, d in zip(t_grid, t_direct, strict=True)]
         results["overhead"] = {
             "direct_decode_tps_median": statistics.median(d_tps),
             "grid_decode_tps_median": statistics.median(g_tps),
             "tps_ratio_median": statistics.median(ratios),
-            "direct_ttft_ms_median": 1000 * statistics.median(d_ttft),
-            "grid_ttft_ms_median": 1000 * statistics.median(g_ttft),
-            "added_ttft_ms_median": 1000 * statistics.median(
-                [g - d for g, d in zip(g_ttft, d_ttft, strict=True)]),
             "samples": len(ratios),
+            "direct_ttft_ms_median": 1000 * statistics.median(t_direct),
+            "grid_ttft_ms_median": 1000 * statistics.median(t_grid),
+            "added_ttft_ms_median": 1000 * statistics.median(added),
+            "ttft_pairs": len(added),
         }
         engine.close()
 
         one = [concurrent_tps(client, args.concurrency, args.max_tokens)
-               for _ in range(max(2, args.rounds // 2))]
+               for _ in range(args.scaling_batches)]
         grid.providers = 2
         grid.start_provider(1)
         grid.wait_for_providers(2)
         grid.wait_for_hwproofs()
         concurrent_tps(client, 2, 8)  # warm the second provider
         two = [concurrent_tps(client, args.concurrency, args.max_tokens)
-               for _ in range(max(2, args.rounds // 2))]
+               for _ in range(args.scaling_batches)]
         results["scaling"] = {
             "concurrency": args.concurrency,
             "one_provider_tps_median": statistics.median(one),

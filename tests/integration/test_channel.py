@@ -115,6 +115,9 @@ def test_upload_for_an_attempt_not_held_is_refused_and_the_channel_stays(grid: G
         await ws.send(_frame(key, {"op": "upload", "task_id": "cmpl-nope", "attempt": 1,
                                    "start": 0, "pieces": [[5, "x"]]}))
         first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        await ws.send(_frame(key, {"op": "sync", "task_id": "cmpl-nope", "attempt": 1}))
+        synced = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert synced["op"] == "refused" and synced["code"] == "stale_attempt"
         # Still open: a poll is answered (idle after its wait, nothing is queued).
         await ws.send(_frame(key, {"op": "poll", "slot": 3, "models": [MODEL], "wait_s": 0.2}))
         second = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -162,5 +165,33 @@ def test_answer_survives_the_channel_dropping_mid_stream(tmp_path: Path,
         wait_until(lambda: agent.channel is not None and agent.channel is not first
                    and agent.channel.open)
         g.verify()
+    finally:
+        stop_grid(g)
+
+
+def test_non_streaming_answers_are_uploaded_in_fewer_larger_frames(tmp_path: Path,
+                                                                   database_url: str) -> None:
+    # 40 tokens at 20 ms each: a streaming consumer gets one frame per 25 ms or so; one that
+    # reads nothing until the end gets a frame per 250 ms (failover still has them).
+    g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=0.02)])
+    try:
+        agent = g.agents[0].agent
+        wait_until(lambda: agent.channel is not None and agent.channel.open)
+        channel = agent.channel
+        assert channel is not None
+
+        def frames_for(stream: bool) -> int:
+            before, served = channel.frames_sent, agent.served
+            r = g.client().completions.create(model=MODEL, prompt="frames", max_tokens=40,
+                                              temperature=0, stream=stream)
+            text = ("".join(c.choices[0].text for c in r if c.choices) if stream
+                    else r.choices[0].text)  # type: ignore[union-attr]
+            assert text == expected("frames", 40, temperature=0.0)
+            wait_until(lambda: agent.served == served + 1)
+            return channel.frames_sent - before
+
+        streamed, batched = frames_for(True), frames_for(False)
+        assert streamed >= 15
+        assert batched <= 8
     finally:
         stop_grid(g)

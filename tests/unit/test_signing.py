@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from idlegrid.errors import AuthError
-from idlegrid.protocol.signing import NodeKey, Verifier
+from idlegrid.protocol.signing import NodeKey, Verifier, frame_headers
 
 
 class Clock:
@@ -64,3 +64,29 @@ def test_missing_headers(setup: tuple[NodeKey, Verifier, Clock]) -> None:
     key, verifier, _ = setup
     with pytest.raises(AuthError, match="missing"):
         verifier.verify("POST", "/a", b"", {}, key.public_bytes)
+
+
+def test_channel_frames_are_signed_like_requests(setup: tuple[NodeKey, Verifier, Clock]) -> None:
+    key, verifier, clock = setup
+    frame = key.sign_frame("/ch", b'{"op":"poll"}', now=clock())
+    headers, body = frame_headers(key.node_id, frame)
+    assert body == b'{"op":"poll"}'
+    assert verifier.verify("WS", "/ch", body, headers, key.public_bytes) == key.node_id
+    with pytest.raises(AuthError, match="replay"):
+        verifier.verify("WS", "/ch", body, headers, key.public_bytes)
+    # Another channel path, another method, an altered body: each breaks the signature.
+    fresh = key.sign_frame("/ch", b'{"op":"poll"}', now=clock())
+    headers, body = frame_headers(key.node_id, fresh)
+    for method, path, data in [("WS", "/other", body), ("POST", "/ch", body),
+                               ("WS", "/ch", b'{"op":"cancel"}')]:
+        with pytest.raises(AuthError, match="bad signature"):
+            verifier.verify(method, path, data, headers, key.public_bytes)
+    clock.now += 31
+    with pytest.raises(AuthError, match="stale"):
+        verifier.verify("WS", "/ch", body, headers, key.public_bytes)
+
+
+@pytest.mark.parametrize("frame", [b"", b"no newline", b"two parts\n{}", b"a b c d\n{}"])
+def test_malformed_frame_headers(frame: bytes) -> None:
+    with pytest.raises(AuthError, match="malformed"):
+        frame_headers("n", frame)

@@ -47,6 +47,9 @@ class AgentConfig:
     drain_grace_s: float = 30.0
     poll_wait_s: float = 15.0
     upload_interval_s: float = 0.025
+    # The same for a consumer that is not streaming: it sees nothing until the end, so only
+    # failover and stall detection read these uploads.
+    batch_upload_interval_s: float = 0.25
     # Take tasks and send output on the agent channel (a WebSocket) while it is up;
     # False: the HTTP long poll and one request per upload only.
     channel: bool = True
@@ -528,6 +531,8 @@ class Agent:
         finished = False
         last_upload = 0.0
         loop = asyncio.get_running_loop()
+        interval = (self.config.upload_interval_s if job.task.stream
+                    else max(self.config.upload_interval_s, self.config.batch_upload_interval_s))
         channel = self.channel if self.channel is not None and self.channel.open else None
         up = channel.track(job.task.task_id, job.task.attempt, job.cancel.set) if channel else None
         try:
@@ -535,7 +540,7 @@ class Agent:
                 # The first piece goes at once (time to first token); later ones are
                 # coalesced for up to `upload_interval_s`, which bounds uploads per second
                 # per stream without a delay anyone reading the stream could notice.
-                wait = last_upload + self.config.upload_interval_s - loop.time()
+                wait = last_upload + interval - loop.time()
                 if sent and wait > 0:
                     await asyncio.sleep(wait)
                 batch = [await queue.get()]
@@ -551,12 +556,12 @@ class Agent:
                     with contextlib.suppress(ChannelClosed):  # kept as unacked: resent below
                         await channel.upload(up, sent, batch)
                 else:
-                    if up is not None:  # the channel went down: what it left goes first
-                        await self._settle(base, job, up)
+                    if up is not None and channel is not None:  # the channel went down:
+                        await self._settle(base, job, up, channel)  # what it left goes first
                     await self._upload_http(base, job, sent, batch)
                 sent += len(batch)
-            if up is not None:
-                await self._settle(base, job, up)
+            if up is not None and channel is not None:
+                await self._settle(base, job, up, channel)
         except Conflict:
             job.cancel.set()
             await self._drain_queue(queue, finished)
@@ -570,10 +575,13 @@ class Agent:
         await self.client.call(f"{base}/upload", {"start": start, "pieces": batch})
         job.delivered += sum(1 for tid, _ in batch if tid >= 0)
 
-    async def _settle(self, base: str, job: _Job, up: Uploads) -> None:
+    async def _settle(self, base: str, job: _Job, up: Uploads, channel: Channel) -> None:
         """Wait until the coordinator acknowledged every channel upload of this attempt
         (resending over HTTP what a lost channel left unacknowledged); Conflict if refused."""
-        while up.unacked and up.refused is None and not up.lost:
+        if up.unacked and not up.lost:
+            with contextlib.suppress(ChannelClosed):
+                await channel.sync(up)
+        while not up.synced and up.refused is None and not up.lost:
             up.changed.clear()
             await up.changed.wait()
         if up.refused is not None:

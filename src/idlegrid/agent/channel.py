@@ -1,9 +1,9 @@
 """The agent's end of the work channel (coordinator/channel.py): one WebSocket for tasks
 and uploads, with the HTTP node API as the fallback whenever the channel is down.
 
-Uploads are sent without waiting for each answer; the coordinator acknowledges them in
-order, and an attempt is settled (everything acknowledged) before its finish or hand-back
-goes out on HTTP, so that no report overtakes the output it covers.
+Uploads are sent without waiting for an answer (the coordinator only speaks up to refuse
+one). Before an attempt's finish or hand-back goes out on HTTP, a `sync` frame asks how
+far its uploads were accepted, so that no report overtakes the output it covers.
 """
 
 from __future__ import annotations
@@ -39,12 +39,14 @@ class Uploads:
     acked_tokens: int = 0
     refused: Conflict | None = None
     lost: bool = False  # the channel closed with uploads unacknowledged
+    synced: bool = True  # no sync is waiting for its answer
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def ack(self, next_index: int) -> None:
         while self.unacked and self.unacked[0][0] + len(self.unacked[0][1]) <= next_index:
             _, pieces = self.unacked.pop(0)
             self.acked_tokens += sum(1 for tid, _ in pieces if tid >= 0)
+        self.synced = True
         self.changed.set()
 
     def refuse(self, exc: Conflict) -> None:
@@ -130,6 +132,11 @@ class Channel:
     def forget(self, up: Uploads) -> None:
         """The attempt is over."""
         self._uploads.pop((up.task_id, up.attempt), None)
+
+    async def sync(self, up: Uploads) -> None:
+        """Ask how far the attempt's uploads were accepted (the answer updates `up`)."""
+        up.synced = False
+        await self._send({"op": "sync", "task_id": up.task_id, "attempt": up.attempt})
 
     async def upload(self, up: Uploads, start: int, pieces: list[Any]) -> None:
         """Send pieces without waiting for the coordinator's answer."""

@@ -11,10 +11,11 @@ Finish, fail, heartbeats and everything else stay on HTTP; an agent without the 
 
 Frames from the coordinator (JSON, unsigned like HTTP answers):
 `{"op": "task", "slot", "task"}` · `{"op": "idle", "slot"}` (the poll timed out) ·
-`{"op": "ack", "task_id", "attempt", "next"}` (uploads accepted up to `next`) ·
-`{"op": "refused", "task_id", "attempt", "code", "message", "expected"}` (the attempt is no
-longer this agent's, or the upload was out of order) · `{"op": "error", "message"}` before
-a close.
+`{"op": "ack", "task_id", "attempt", "next"}` (the answer to a `sync`: uploads accepted up
+to `next`; uploads are not answered one by one) ·
+`{"op": "refused", "task_id", "attempt", "code", "message", "expected"}` (an upload or sync
+for an attempt that is no longer this agent's, or an upload out of order) ·
+`{"op": "error", "message"}` before a close.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ CHANNEL_PATH = "/api/v1/nodes/channel"
 # WebSocket close codes: 1008 policy violation (authentication), 1003 unacceptable data.
 CLOSE_AUTH, CLOSE_BAD_FRAME = 1008, 1003
 
-_Frame = TypeAdapter(Annotated[m.ChannelPollMsg | m.ChannelCancelMsg | m.ChannelUploadMsg,
-                               Field(discriminator="op")])
+_Frame = TypeAdapter(Annotated[m.ChannelPollMsg | m.ChannelCancelMsg | m.ChannelUploadMsg
+                               | m.ChannelSyncMsg, Field(discriminator="op")])
 
 
 def task_message(task: TaskView) -> m.TaskMsg:
@@ -51,7 +52,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
         task_id=task.id, attempt=task.attempt, model=task.model_id, kind=task.kind,  # type: ignore[arg-type]
         prompt=p.get("prompt"), messages=p.get("messages"), max_tokens=p["max_tokens"],
         temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"], stop=p.get("stop") or [],
-        prior_ids=task.delivered_ids,
+        prior_ids=task.delivered_ids, stream=p.get("stream", True),
     )
 
 
@@ -127,6 +128,8 @@ class _Channel:
     async def handle(self, msg: Any) -> None:
         if isinstance(msg, m.ChannelUploadMsg):
             await self.upload(msg)
+        elif isinstance(msg, m.ChannelSyncMsg):
+            await self.sync(msg)
         elif isinstance(msg, m.ChannelPollMsg):
             old = self.polls.pop(msg.slot, None)
             if old is not None:
@@ -138,15 +141,26 @@ class _Channel:
                 poll.cancel()
 
     async def upload(self, msg: m.ChannelUploadMsg) -> None:
-        reply: dict[str, Any] = {"task_id": msg.task_id, "attempt": msg.attempt}
         try:
             await self.grid.upload(self.node_id, msg.task_id, msg.attempt, msg.start,
                                    list(msg.pieces))
         except Conflict as exc:
-            await self.send({**reply, "op": "refused", "code": exc.code, "message": exc.message,
-                             "expected": exc.data.get("expected")})
+            await self.refuse(msg.task_id, msg.attempt, exc)
+
+    async def sync(self, msg: m.ChannelSyncMsg) -> None:
+        # Frames are handled in order, so every upload sent before this one is counted.
+        try:
+            accepted = self.grid.accepted(self.node_id, msg.task_id, msg.attempt)
+        except Conflict as exc:
+            await self.refuse(msg.task_id, msg.attempt, exc)
             return
-        await self.send({**reply, "op": "ack", "next": msg.start + len(msg.pieces)})
+        await self.send({"op": "ack", "task_id": msg.task_id, "attempt": msg.attempt,
+                         "next": accepted})
+
+    async def refuse(self, task_id: str, attempt: int, exc: Conflict) -> None:
+        await self.send({"op": "refused", "task_id": task_id, "attempt": attempt,
+                         "code": exc.code, "message": exc.message,
+                         "expected": exc.data.get("expected")})
 
     async def poll(self, msg: m.ChannelPollMsg) -> None:
         try:

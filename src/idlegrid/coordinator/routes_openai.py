@@ -180,7 +180,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     prompt = body.single_prompt()
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     payload = {"prompt": prompt, "temperature": body.temperature, "top_p": body.top_p,
-               "seed": body.seed, "stop": body.stop_list()}
+               "seed": body.seed, "stop": body.stop_list(), "stream": body.stream}
     return await _serve(request, "completion", body.model, payload, prompt_token_bound(prompt),
                         max_tokens, body.stream, body.include_usage())
 
@@ -193,6 +193,6 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     limit = body.max_completion_tokens or body.max_tokens
     max_tokens = limit if limit is not None else _grid(request).settings.default_chat_max_tokens
     payload = {"messages": messages, "temperature": body.temperature, "top_p": body.top_p,
-               "seed": body.seed, "stop": body.stop_list()}
+               "seed": body.seed, "stop": body.stop_list(), "stream": body.stream}
     return await _serve(request, "chat", body.model, payload, chat_token_bound(messages),
                         max_tokens, body.stream, body.include_usage())

@@ -306,6 +306,10 @@ class Grid:
                 stream.first_piece_at = stream.last_progress
             self.hub.push(task_id, Event("pieces", pieces=fresh))
 
+    def accepted(self, node_id: str, task_id: str, attempt: int) -> int:
+        """How many pieces of the attempt have been accepted (StaleAttempt if not held)."""
+        return self._attempt_stream(task_id, attempt, node_id).next_index
+
     async def finish(
         self, node_id: str, task_id: str, attempt: int, prompt_tokens: int, finish_reason: str,
         commitment: str | None = None,

@@ -95,6 +95,8 @@ class TaskMsg(Message):
     stop: list[str] = Field(default_factory=list)
     # Tokens an earlier attempt already delivered: continue after them.
     prior_ids: list[int] = Field(default_factory=list)
+    # Whether the consumer reads the answer as it is made; if not, uploads can wait longer.
+    stream: bool = True
 
 
 class UploadMsg(Message):
@@ -122,6 +124,15 @@ class ChannelUploadMsg(UploadMsg):
     """On the channel: output pieces for an attempt (answered by `ack` or `refused`)."""
 
     op: Literal["upload"]
+    task_id: str = Field(min_length=1, max_length=64)
+    attempt: int = Field(ge=1)
+
+
+class ChannelSyncMsg(Message):
+    """On the channel: ask how far an attempt's uploads were accepted (answered by `ack`,
+    or `refused` if the attempt is no longer this node's); uploads are not acked one by one."""
+
+    op: Literal["sync"]
     task_id: str = Field(min_length=1, max_length=64)
     attempt: int = Field(ge=1)
 
