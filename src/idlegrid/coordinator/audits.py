@@ -258,7 +258,10 @@ class Trust:
         late verifier is not paid and its verifier record counts a miss. Returns their ids."""
         now = self.grid.clock()
         cutoff = now - self.settings.audit_expiry_s
-        back = []
+        back: list[str] = []
+        if not self.store.exists(select(TrustAudit.id).where(
+                TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff)):
+            return back
         with self.store.tx() as s:
             late = list(s.scalars(select(TrustAudit).where(
                 TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff)))

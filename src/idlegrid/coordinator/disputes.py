@@ -253,6 +253,10 @@ class Disputes:
     def tick(self) -> None:
         """Settle rounds past their deadline; find referees for disputes waiting for one."""
         now = self.clock()
+        if not self.store.exists(select(TrustDispute.id).where(
+                TrustDispute.state.in_(OPEN_STATES))):
+            self.active = False
+            return
         with self.store.tx() as s:
             rows = list(s.scalars(select(TrustDispute).where(
                 TrustDispute.state.in_(OPEN_STATES))))

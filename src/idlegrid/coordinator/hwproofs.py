@@ -139,6 +139,9 @@ class HwProofs:
             if p > 0 and beacon.selected(self.secret, digest, p, domain=b"hw-recheck") and (
                     not self.pending(node_id)):
                 self.issue(node_id, self._claims(node_id), "re-check")
+        if not self.store.exists(select(HwProof.id).where(
+                HwProof.state.in_(("issued", "started")))):
+            return
         with self.store.tx() as s:
             for row in s.scalars(select(HwProof).where(HwProof.state.in_(("issued", "started")))):
                 if row.state == "issued" and now - row.created_at > self.settings.expire_s:

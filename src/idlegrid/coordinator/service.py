@@ -68,6 +68,8 @@ class Grid:
         # Key id -> its balance after this process's last hold, less holds written since:
         # a lower bound while this process is the only spender (see submit).
         self._balance_hint: dict[str, int] = {}
+        # Running tasks whose stream did not match the row at the last supervisor pass.
+        self._unmatched: set[tuple[str, int, str | None]] = set()
         # Node views cached for routing, refreshed by the supervisor and on registration:
         # routing a request then touches no database before its escrow is written.
         self._nodes: dict[str, NodeView] = {}
@@ -249,7 +251,7 @@ class Grid:
         while True:
             # Clear before looking, so a wake-up that races with the claim is not lost.
             event.clear()
-            task = await self.db(self.store.claim, node_id, models)
+            task = await self._claim(node_id, models)
             if task is not None:
                 self.hub.begin_attempt(task.id, task.attempt, self.clock())
                 stream = self.hub.get(task.id)
@@ -279,6 +281,34 @@ class Grid:
                 return handed.result()
             if not event.is_set():
                 return None
+
+    async def _claim(self, node_id: str, models: list[str]) -> TaskView | None:
+        """One claim, which outlives a poll cancelled while it runs (the agent hung up):
+        the row it wrote would say the node holds a task that never reached it, so the
+        task is handed straight back instead."""
+        claim = asyncio.ensure_future(self.db(self.store.claim, node_id, models))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            claim.add_done_callback(lambda f: self._hand_back_claim(node_id, f))
+            raise
+
+    def _hand_back_claim(self, node_id: str, claim: asyncio.Future[TaskView | None]) -> None:
+        if claim.cancelled() or claim.exception() is not None or claim.result() is None:
+            return
+        task = claim.result()
+        assert task is not None
+        stream = self.hub.get(task.id)
+        if stream is None:
+            asyncio.ensure_future(self.db(self.store.fail, task.id, "consumer disconnected"))
+            return
+        self.hub.begin_attempt(task.id, task.attempt, self.clock())
+        stream.node_id, stream.target = node_id, None
+        asyncio.ensure_future(self._give_up_quietly(node_id, task.id, task.attempt))
+
+    async def _give_up_quietly(self, node_id: str, task_id: str, attempt: int) -> None:
+        with contextlib.suppress(Conflict):
+            await self.give_up(node_id, task_id, attempt, "hand-over missed")
 
     def _attempt_stream(self, task_id: str, attempt: int, node_id: str) -> TaskStream:
         stream = self.hub.get(task_id)
@@ -548,11 +578,24 @@ class Grid:
         await self.db(self.jobs.disputes.tick, live)
         await self.db(self.trust.expire)
         await self.db(self.trust.disputes.tick)
+        unmatched: set[tuple[str, int, str | None]] = set()
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
             if stream is None:
                 await self.db(self.store.fail, task.id, "consumer disconnected")
                 continue
+            if stream.attempt != task.attempt or stream.node_id != task.node_id:
+                # The row moved and the stream did not: normally a claim a few ms from
+                # its hand-over. Still so one pass later, the hand-over was lost (a poll
+                # that died mid-claim): the stream adopts the row, so the checks below
+                # can take the task back.
+                seen = (task.id, task.attempt, task.node_id)
+                if seen not in self._unmatched:
+                    unmatched.add(seen)
+                    continue
+                log.warning("task %s: attempt %d on %s never reached its stream; adopting",
+                            task.id, task.attempt, task.node_id)
+                stream.attempt, stream.node_id, stream.target = task.attempt, task.node_id, None
             node = nodes.get(task.node_id or "")
             if node is None or node.last_seen < now - self.settings.node_timeout_s:
                 outcome = "provider lost"
@@ -564,6 +607,7 @@ class Grid:
                 await self.give_up(None, task.id, task.attempt, outcome)
             except StaleAttempt:
                 pass  # it finished or moved while we looked
+        self._unmatched = unmatched
         for task, created in await self.db(self.store.queued_tasks):
             if self.hub.get(task.id) is None:
                 await self.db(self.store.fail, task.id, "consumer disconnected")

@@ -213,6 +213,12 @@ class Store:
             with Session(bind=conn, expire_on_commit=False) as session, session.begin():
                 yield session
 
+    def exists(self, query: Any) -> bool:
+        """Whether `query` has a row, read without the write lock (for periodic checks
+        that usually find nothing: on SQLite every write transaction queues writers)."""
+        with self.read() as s:
+            return s.execute(query.limit(1)).first() is not None
+
     def ping(self) -> None:
         """Raise if the database cannot be reached."""
         with self.engine.connect() as conn:
