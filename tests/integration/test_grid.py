@@ -403,3 +403,35 @@ def test_consumer_leaving_mid_stream_stops_the_work_and_bills_only_what_arrived(
         g.verify()
     finally:
         stop_grid(g)
+
+
+def test_a_claim_that_never_reached_its_provider_is_taken_back(
+        tmp_path: Path, database_url: str) -> None:
+    """A poll cancelled mid-claim leaves a row saying the provider holds a task it never got;
+    the supervisor notices the row and the stream disagree, and the request is served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=0.05)])
+    try:
+        grid = g.coordinator.app.state.grid
+        node_id = g.agents[0].agent.client.key.node_id
+
+        def ask(prompt: str) -> str:
+            r = g.client(timeout=60).completions.create(model=MODEL, prompt=prompt,
+                                                        max_tokens=30, temperature=0)
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, "first")
+            wait_until(lambda: any(n["running"] for n in g.nodes()))
+            second = pool.submit(ask, "second")
+            wait_until(lambda: len(grid.store.queued_tasks()) == 1)
+            # The claim a dying poll would have made: in the database only.
+            claimed = grid.store.claim(node_id, [MODEL])
+            assert claimed is not None and claimed.attempt == 1
+            assert grid.hub.get(claimed.id).attempt == 0
+            assert first.result(timeout=60) == expected("first", 30, temperature=0.0)
+            assert second.result(timeout=60) == expected("second", 30, temperature=0.0)
+        g.verify()
+    finally:
+        stop_grid(g)
