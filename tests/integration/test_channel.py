@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+from test_grid import MODEL, Grid, expected, start_grid, stop_grid
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from idlegrid.agent.channel import CHANNEL_PATH
@@ -17,7 +18,6 @@ from idlegrid.core import ledger
 from idlegrid.engines.fake import FakeEngine
 from idlegrid.protocol.signing import NodeKey
 from idlegrid.testbed.inprocess import wait_until
-from test_grid import MODEL, Grid, expected, start_grid, stop_grid
 
 
 @pytest.fixture

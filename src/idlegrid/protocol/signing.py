@@ -12,9 +12,9 @@ with method "WS" and the channel's path: `timestamp nonce signature \\n body`.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
-import functools
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
