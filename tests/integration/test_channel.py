@@ -40,9 +40,9 @@ def key_clock() -> float:
     return time.time()
 
 
-async def _connect(grid: Grid, key: NodeKey) -> websockets.ClientConnection:
+def _connect(grid: Grid, key: NodeKey) -> websockets.connect:
     headers = key.sign_headers("GET", CHANNEL_PATH, b"", now=key_clock())
-    return await websockets.connect(_ws_url(grid), additional_headers=headers)
+    return websockets.connect(_ws_url(grid), additional_headers=headers)
 
 
 def _frame(key: NodeKey, obj: dict[str, object]) -> bytes:
@@ -83,13 +83,13 @@ def test_bad_replayed_and_malformed_frames_close_the_channel(grid: Grid) -> None
     key = _agent_key(grid)
 
     async def closed_by(frames: list[bytes]) -> tuple[int | None, str]:
-        ws = await _connect(grid, key)
-        for f in frames:
-            await ws.send(f)
-        messages = []
-        with pytest.raises(ConnectionClosed):
-            while True:
-                messages.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+        async with _connect(grid, key) as ws:
+            for f in frames:
+                await ws.send(f)
+            messages = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    messages.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
         assert ws.close_code is not None
         errors = [m["message"] for m in messages if m.get("op") == "error"]
         return ws.close_code, errors[-1] if errors else ""
@@ -111,7 +111,10 @@ def test_upload_for_an_attempt_not_held_is_refused_and_the_channel_stays(grid: G
     key = _agent_key(grid)
 
     async def run() -> list[dict[str, object]]:
-        ws = await _connect(grid, key)
+        async with _connect(grid, key) as ws:
+            return await exchange(ws)
+
+    async def exchange(ws: websockets.ClientConnection) -> list[dict[str, object]]:
         await ws.send(_frame(key, {"op": "upload", "task_id": "cmpl-nope", "attempt": 1,
                                    "start": 0, "pieces": [[5, "x"]]}))
         first = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -121,7 +124,6 @@ def test_upload_for_an_attempt_not_held_is_refused_and_the_channel_stays(grid: G
         # Still open: a poll is answered (idle after its wait, nothing is queued).
         await ws.send(_frame(key, {"op": "poll", "slot": 3, "models": [MODEL], "wait_s": 0.2}))
         second = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        await ws.close()
         return [first, second]
 
     refused, idle = asyncio.run(run())

@@ -233,9 +233,10 @@ def test_balance_spent_elsewhere_is_402_and_an_early_hand_over_is_taken_back(
     key's last seen balance covered it; if the write then fails, nothing is kept."""
     g = start_grid(tmp_path, database_url, [FakeEngine(MODEL)], credits=1)
     try:
+        client = g.client()
         agent = g.agents[0].agent
         wait_until(lambda: agent.channel is not None and agent.channel.open)
-        g.client().completions.create(model=MODEL, prompt="hi", max_tokens=4)
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
         wait_until(lambda: agent.served == 1)
         # Spent behind this coordinator's back (another process on the same database).
         consumer = ledger.consumer_account(g.key_id)
@@ -248,15 +249,16 @@ def test_balance_spent_elsewhere_is_402_and_an_early_hand_over_is_taken_back(
         wait_until(lambda: len(g.coordinator.app.state.grid.hub._waiters.get(
             agent.client.key.node_id, [])) == 1)  # its next poll is parked
         with pytest.raises(openai.APIStatusError) as exc:
-            g.client().completions.create(model=MODEL, prompt="hi", max_tokens=4)
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
         assert exc.value.status_code == 402
         assert agent.channel.tasks_received == received + 1  # type: ignore[union-attr]
         _no_new_entries(g, n)
         # The provider's output for it was refused, nothing was paid, and it serves on.
         store.post(ledger.make_entry("refill", ledger.Cause("test", "refill"), [
             ledger.Posting(ledger.ISSUER, -MICRO), ledger.Posting(consumer, MICRO)]))
-        g.client().completions.create(model=MODEL, prompt="hi", max_tokens=4)
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
         wait_until(lambda: agent.served == 2)
+        client.close()
         g.verify()
     finally:
         stop_grid(g)

@@ -180,6 +180,11 @@ class Channel:
         if self.closed.is_set():
             return
         self.closed.set()
+        # Whatever ended the reader (a close, an error, the agent's own cancellation), the
+        # socket goes with it: a half-open channel would hold the coordinator's end too.
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
         for fut in self._polls.values():
             if not fut.done():
                 fut.set_exception(ChannelClosed("channel closed"))

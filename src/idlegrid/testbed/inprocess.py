@@ -98,6 +98,8 @@ class AgentThread:
             except asyncio.CancelledError:
                 pass
             finally:
+                if self.agent.channel is not None:  # a killed agent's socket closes too
+                    self.loop.run_until_complete(self.agent.channel.close())
                 self.loop.run_until_complete(self.agent.client.close())
                 self.loop.run_until_complete(self.loop.shutdown_default_executor())
                 self.loop.close()
