@@ -77,7 +77,6 @@ class _Channel:
         self.ws, self.grid, self.node_id = ws, grid, node_id
         self.polls: dict[int, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
-        self.closed = False
 
     async def send(self, obj: dict[str, Any]) -> None:
         async with self._send_lock:
@@ -103,7 +102,6 @@ class _Channel:
         except WebSocketDisconnect:
             return
         finally:
-            self.closed = True
             for poll in self.polls.values():
                 poll.cancel()
 
