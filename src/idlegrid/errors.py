@@ -12,6 +12,7 @@
     ├── LedgerError             an entry that does not balance, or a broken invariant
     ├── NoCapacity              no live provider can take the work (model, reasons)
     └── EngineError             an engine failed to load or generate (engine, detail)
+        └── EngineCrashed       its start-up check died by a signal (signal, model, hint)
 
 The core raises these; only the HTTP edge (coordinator/http_errors.py) knows status codes.
 """
@@ -135,3 +136,15 @@ class EngineError(IdlegridError):
     """An engine failed to load or to generate."""
 
     code = "engine_error"
+
+
+class EngineCrashed(EngineError):
+    """The engine's start-up check died by a signal (SIGILL, SIGSEGV, an OOM kill...)."""
+
+    code = "engine_crashed"
+
+    def __init__(self, *, engine: str, model: str, signal: str, hint: str, tail: str = "") -> None:
+        message = (f"the {engine} engine died with {signal} while loading {model} and decoding "
+                   f"its first tokens: {hint}")
+        super().__init__(message, engine=engine, detail=tail)
+        self.data.update(model=model, signal=signal, hint=hint)

@@ -18,3 +18,13 @@ def test_peek_class_reads_an_encoded_commitment() -> None:
     assert cm.peek_class(blob) == "llama.cpp/0.3.36/Q4_K_M/cpu/t1"
     assert cm.decode(blob).header.det_class == cm.peek_class(blob)
     assert cm.peek_class(b"") == "" and cm.peek_class(b"\x05\x00\xff\xfe") == ""
+
+
+def test_kernel_family_is_engine_and_device() -> None:
+    v3 = "llama.cpp/0.3.36/Q4_K_M/cpu-x86-64-v3/t1"
+    assert cm.kernel_family(v3) == "llama.cpp/cpu-x86-64-v3"
+    # Threads, dtype and version do not split a family; the build's variant does.
+    assert cm.kernel_family(v3) == cm.kernel_family("llama.cpp/0.3.35/Q2_K/cpu-x86-64-v3/t2")
+    assert cm.kernel_family(v3) != cm.kernel_family("llama.cpp/0.3.36/Q4_K_M/cpu-x86-64-v4/t1")
+    assert cm.kernel_family(v3) != cm.kernel_family("torch/2.13.0/float32/cpu-x86-64-v3/t1")
+    assert cm.kernel_family("odd-class") == "odd-class"

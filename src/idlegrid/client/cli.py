@@ -24,6 +24,8 @@ app = typer.Typer(help="idlegrid: turn idle GPUs into a verifiable AI compute gr
                   no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
 out = Console()
+# A provider whose engine died by a signal in its start-up check; `idlegrid up` reports it.
+EXIT_ENGINE_CRASHED = 3
 
 
 
@@ -103,6 +105,9 @@ def provide(
     train_gang_host: Annotated[str | None, typer.Option(
         "--train-gang-host", help="Also join data-parallel training gangs, serving their "
         "rendezvous on this host when rank 0 (an address the other ranks reach).")] = None,
+    startup_check: Annotated[bool, typer.Option(
+        help="Load the engine and decode a few tokens in a child first, so that a native "
+        "crash (SIGILL, SIGSEGV, OOM kill) is reported with its cause.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a provider agent: probe, load the model, benchmark, then serve work."""
@@ -128,6 +133,8 @@ def provide(
     kwargs: dict[str, Any] = {"threads": threads}
     if model_path:
         kwargs["model_path"] = model_path
+    if startup_check:
+        _check_engine_starts(engine, model, model_path, threads)
     engines = []
     prefill = decode = 0.0
     with make_progress(console) as progress:
@@ -179,6 +186,26 @@ def provide(
         e.close()
 
 
+def _check_engine_starts(engine: str, model: str, model_path: Path | None,
+                         threads: int | None) -> None:
+    """Exit with the cause when the engine cannot load and decode (see engines/startup.py)."""
+    from idlegrid.engines.startup import check_engine
+    from idlegrid.errors import EngineCrashed, EngineError
+
+    with console.status(f"checking that {engine} starts {model}"):
+        try:
+            check_engine(engine, model, model_path=str(model_path) if model_path else None,
+                         threads=threads)
+        except EngineCrashed as exc:
+            if exc.data.get("detail"):
+                console.print(exc.data["detail"], markup=False, highlight=False)
+            console.print(f"[bold red]error:[/] {exc.message}")
+            raise typer.Exit(EXIT_ENGINE_CRASHED) from None
+        except EngineError as exc:
+            console.print(f"[bold red]error:[/] {exc.message}")
+            raise typer.Exit(1) from None
+
+
 def _as_dict(obj: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -209,7 +236,7 @@ def up(
     import threading
 
     from idlegrid.client.progress import make_progress
-    from idlegrid.testbed.localgrid import KEY_FILE, LocalGrid
+    from idlegrid.testbed.localgrid import KEY_FILE, LocalGrid, ProcessExited
 
     if (train or verify) and providers < 2:
         raise typer.BadParameter("a verifier is never its own auditor: use --providers 2 or "
@@ -218,6 +245,7 @@ def up(
                      model=model, threads=threads, funding_credits=credits, train=train,
                      verify=verify)
     stop = threading.Event()
+    failed = False
     # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -245,9 +273,16 @@ def up(
         stop.wait()
     except KeyboardInterrupt:
         pass
+    except ProcessExited as exc:
+        console.print(f"[bold red]error:[/] {exc.name} {exc.how} before the grid was up; "
+                      f"last lines of {exc.log}:")
+        console.print(exc.tail, markup=False, highlight=False)
+        failed = True
     finally:
         console.print("stopping: providers drain, then the coordinator")
         grid.stop()
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

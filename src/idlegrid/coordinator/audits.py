@@ -162,13 +162,14 @@ class Trust:
             clean = node.passed if node else 0
             # Across engines no tolerance is fair (llama.cpp's int8-activation kernels against
             # torch's float ones differ by per cents): an honest provider would be slashed.
-            # So only verifiers of the provider's engine audit it; with none, the audit waits,
+            # So only verifiers of the provider's engine and build (`kernel_family`: an AVX2
+            # llama.cpp does not judge an AVX-512 one) audit it; with none, the audit waits,
             # visible as pending, rather than being judged by a verifier that cannot judge it.
             # Verifiers that let more audits lapse than they completed are not designated.
-            engine = cm.engine_of(c.header.det_class)
+            family = cm.kernel_family(c.header.det_class)
             verifiers = [v.node_id for v in s.scalars(select(TrustNode).where(
                 TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
-                if v.node_id != node_id and cm.engine_of(v.det_class) == engine
+                if v.node_id != node_id and cm.kernel_family(v.det_class) == family
                 and v.verifier_expired <= v.verifier_passed]
             designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
             audits = []
@@ -223,8 +224,8 @@ class Trust:
                 if a.designated not in (None, node_id) and now - a.created_at < \
                         self.settings.reassign_after_s:
                     continue
-                if cm.engine_of(cm.peek_class(a.blob)) != cm.engine_of(me.det_class):
-                    continue  # another engine's answers: see _record
+                if cm.kernel_family(cm.peek_class(a.blob)) != cm.kernel_family(me.det_class):
+                    continue  # another engine's or build's answers: see _record
                 res = s.execute(update(TrustAudit).where(
                     TrustAudit.id == a.id, TrustAudit.state == "pending").values(
                     state="assigned", verifier_id=node_id, assigned_at=now))

@@ -120,10 +120,10 @@ class Disputes:
         a = s.get(TrustAudit, row.audit_id)
         skip = {row.provider_id, row.verifier_id, *row.excluded}
         # The referee runs the provider's engine, as auditors do (see Trust._record).
-        engine = cm.engine_of(cm.peek_class(a.blob))
+        family = cm.kernel_family(cm.peek_class(a.blob))
         candidates = [v.node_id for v in s.scalars(select(TrustNode).where(
             TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
-            if v.node_id not in skip and cm.engine_of(v.det_class) == engine]
+            if v.node_id not in skip and cm.kernel_family(v.det_class) == family]
         candidates = [v for v in candidates if a.model_id in self.trust.models_of(v)]
         if not candidates:
             # Visible and retried each supervisor pass; never settled without a referee.

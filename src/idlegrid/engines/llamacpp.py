@@ -56,6 +56,24 @@ def default_threads() -> int:
     return max(1, cores - 1)
 
 
+def _device(lib: Any, n_gpu_layers: int) -> str:
+    """`cpu-<variant>` (the instruction-set level the library was built for) or `gpu-<backend>`.
+
+    AVX2 and AVX-512 builds of one llama.cpp give different decode numbers (docs/trust.md),
+    so the variant is part of the determinism class and verifiers are matched on it.
+    """
+    from idlegrid.engines.llama_build import variant_of
+
+    info = lib.llama_print_system_info()
+    info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    if n_gpu_layers:
+        lowered = info.lower()
+        backend = next((b for b in ("cuda", "metal", "vulkan", "hip", "sycl") if b in lowered),
+                       "gpu")
+        return f"gpu-{backend}"
+    return f"cpu-{variant_of(info)}"
+
+
 class LlamaCppEngine:
     """A GGUF model run by llama.cpp through llama-cpp-python."""
 
@@ -107,6 +125,7 @@ class LlamaCppEngine:
                 f"llama.cpp could not load {self._path}: {exc}", engine=self.name, detail=repr(exc)
             ) from exc
         self._n_gpu_layers = n_gpu_layers
+        self._device = _device(llama_cpp, n_gpu_layers)
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         # Older bindings name it llama_token_is_eog; both take the vocab.
         is_eog = getattr(llama_cpp, "llama_vocab_is_eog", None)
@@ -284,7 +303,7 @@ class LlamaCppEngine:
             "model": self.model_id,
             "model_file": self._path.name,
             "dtype": self._file_type(),
-            "device": "gpu" if self._n_gpu_layers else "cpu",
+            "device": self._device,
             "threads": self._threads,
             "context_length": self._context_length,
         }

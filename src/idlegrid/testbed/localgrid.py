@@ -24,6 +24,17 @@ from idlegrid.core.ledger import MICRO
 GRID_FILE = "grid.json"
 KEY_FILE = "api-key"
 OPERATOR_KEY_FILE = "operator-key"
+LOG_TAIL_LINES = 20
+
+
+class ProcessExited(RuntimeError):
+    """A grid process ended while `up` waited for it; names it and carries its log's tail."""
+
+    def __init__(self, name: str, returncode: int, what: str, log: Path, tail: str) -> None:
+        how = (f"died with {signal.Signals(-returncode).name}" if returncode < 0
+               else f"exited with status {returncode}")
+        super().__init__(f"{name} {how} before {what}; last lines of {log}:\n{tail}")
+        self.name, self.returncode, self.how, self.log, self.tail = name, returncode, how, log, tail
 
 
 @dataclass
@@ -46,6 +57,7 @@ class LocalGrid:
     log_dir: Path | None = None
     coordinator: subprocess.Popen[bytes] | None = None
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)  # pid -> process name (its log's)
     api_key: str = ""
     key_id: str = ""
     operator_key: str = ""
@@ -64,12 +76,28 @@ class LocalGrid:
         logs = self.log_dir or self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
+        out.write(f"---- {name} starting ----\n".encode())
+        out.flush()
         # Own session: a terminal's Ctrl-C reaches only `up`, which stops providers before
         # the coordinator so that they can drain. Parent-death signal: if `up` itself is
         # killed, its children still stop instead of serving on as orphans.
-        return subprocess.Popen([sys.executable, "-m", "idlegrid", *args], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "idlegrid", *args], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent)
+        self.names[proc.pid] = name
+        return proc
+
+    def _log_path(self, name: str) -> Path:
+        return (self.log_dir or self.data_dir / "logs") / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines of a process's log, from its latest start."""
+        try:
+            text = self._log_path(name).read_text(errors="replace")
+        except OSError:
+            return ""
+        latest = text.rsplit(f"---- {name} starting ----\n", 1)[-1]
+        return "\n".join(latest.rstrip().splitlines()[-lines:])
 
     def start_coordinator(self, timeout_s: float = 60.0) -> None:
         """Start the coordinator and wait until it is ready."""
@@ -190,8 +218,9 @@ class LocalGrid:
             while time.monotonic() < deadline:
                 for p in procs:
                     if p is not None and p.poll() is not None:
-                        raise RuntimeError(f"a process exited ({p.returncode}) before {what}; "
-                                           f"see logs in {self.log_dir or self.data_dir / 'logs'}")
+                        name = self.names.get(p.pid, f"process {p.pid}")
+                        raise ProcessExited(name, p.returncode, what, self._log_path(name),
+                                            self.log_tail(name))
                 try:
                     if ready(c):  # type: ignore[operator]
                         return

@@ -45,6 +45,18 @@ def engine_of(det_class: str) -> str:
     return det_class.split("/", 1)[0]
 
 
+def kernel_family(det_class: str) -> str:
+    """Engine and device of a class (`engine/version/dtype/device/t<n>`): who may audit whom.
+
+    Only a verifier of the same family reproduces a provider's numbers: across engines, or
+    across devices (CPU vs GPU, an AVX2 vs an AVX-512 llama.cpp build), honest answers differ
+    by more than a cheaper model does. Version and dtype never narrow the choice: claiming
+    another quantization is the cheat an audit exists to catch.
+    """
+    parts = det_class.split("/")
+    return f"{parts[0]}/{parts[3]}" if len(parts) >= 5 else parts[0]
+
+
 def peek_class(blob: bytes) -> str:
     """The determinism class of an encoded commitment, without decoding the rest."""
     try:
