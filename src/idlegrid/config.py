@@ -58,6 +58,11 @@ class CoordinatorSettings(BaseSettings):
     # Dashboard pages need no login from this machine even with an operator key (set by
     # `idlegrid up`: a local grid). Admin routes still need the key.
     dashboard_open_on_loopback: bool = False
+    # Request bodies past this are refused with 413 before they are read to the end; the
+    # signed training routes carry checkpoints (protocol/training.py bounds them at 96 MB
+    # of base64) and get the larger bound.
+    max_body_bytes: int = Field(4 << 20, gt=0)
+    max_checkpoint_body_bytes: int = Field(100 << 20, gt=0)
     # Operator key for admin routes (minting credits, creating keys). Empty: loopback only.
     operator_key: str = ""
 

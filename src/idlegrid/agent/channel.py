@@ -22,6 +22,7 @@ from idlegrid.errors import Conflict
 log = logging.getLogger("idlegrid.agent.channel")
 
 CHANNEL_PATH = "/api/v1/nodes/channel"
+POLL_GRACE_S = 10.0  # beyond the poll's own wait, before the agent stops waiting on it
 
 
 class ChannelClosed(ConnectionError):
@@ -69,6 +70,7 @@ class Channel:
         self.on_orphan: Callable[[dict[str, Any]], None] = lambda task: None
         self.tasks_received = 0
         self.frames_sent = 0
+        self.polls_unanswered = 0
 
     @property
     def open(self) -> bool:
@@ -107,12 +109,24 @@ class Channel:
         self.frames_sent += 1
 
     async def poll(self, slot: int, models: list[str], wait_s: float) -> dict[str, Any] | None:
-        """A task for engine `slot`, or None after `wait_s` with no work."""
+        """A task for engine `slot`, or None after `wait_s` with no work.
+
+        The coordinator answers every poll within `wait_s` (a task or `idle`); one that does
+        not answer within `wait_s` + POLL_GRACE_S is given up on, so that no lost or
+        unwritable frame can stall the slot. A task that still arrives is an orphan and is
+        handed back.
+        """
         fut: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         self._polls[slot] = fut
         try:
             await self._send({"op": "poll", "slot": slot, "models": models, "wait_s": wait_s})
-            return await fut
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), wait_s + POLL_GRACE_S)
+            except TimeoutError:
+                self.polls_unanswered += 1
+                log.warning("poll on slot %d unanswered after %.0f s; polling again", slot,
+                            wait_s + POLL_GRACE_S)
+                return None
         finally:
             if self._polls.get(slot) is fut:
                 del self._polls[slot]

@@ -24,6 +24,7 @@ from idlegrid.coordinator import (
     routes_trust,
 )
 from idlegrid.coordinator.dashboard_data import WEB, Dashboard
+from idlegrid.coordinator.edge import BodyGuard
 from idlegrid.coordinator.service import Grid
 from idlegrid.coordinator.store import Store, migrate
 
@@ -52,6 +53,8 @@ def create_app(
 
     app = FastAPI(title="idlegrid coordinator", version=__version__, lifespan=lifespan)
     http_errors.install(app)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes,
+                       large_bytes=settings.max_checkpoint_body_bytes)
     app.include_router(routes_openai.router)
     app.include_router(routes_nodes.router)
     app.include_router(routes_admin.router)

@@ -172,7 +172,16 @@ class _Channel:
             with contextlib.suppress(Exception):
                 await self.send({"op": "idle", "slot": msg.slot})
             return
-        body = task_message(task).model_dump_json()
+        try:
+            body = task_message(task).model_dump_json()
+        except Exception as exc:  # a task frame that cannot be written fails that task only
+            log.error("task %s cannot be sent to %s: %s", task.id, self.node_id, exc)
+            with contextlib.suppress(Conflict):
+                await self.grid.give_up(self.node_id, task.id, task.attempt, "unsendable",
+                                        invalid=f"the request cannot be encoded: {exc}")
+            with contextlib.suppress(Exception):
+                await self.send({"op": "idle", "slot": msg.slot})
+            return
         try:
             async with self._send_lock:
                 await self.ws.send_bytes(
