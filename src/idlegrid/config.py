@@ -62,6 +62,11 @@ class CoordinatorSettings(BaseSettings):
     # signed training routes carry checkpoints (protocol/training.py bounds them at 96 MB
     # of base64) and get the larger bound.
     max_body_bytes: int = Field(4 << 20, gt=0)
+    # A request without `max_price` goes to providers at most this dear (credits per 1M
+    # tokens), 100x the agent's default prices: a node offering absurd prices serves nobody
+    # who did not ask for it, and never sizes anyone's escrow.
+    default_max_prompt_price: float = Field(1_000.0, ge=0, le=100_000)
+    default_max_output_price: float = Field(4_000.0, ge=0, le=100_000)
     max_checkpoint_body_bytes: int = Field(100 << 20, gt=0)
     # Operator key for admin routes (minting credits, creating keys). Empty: loopback only.
     operator_key: str = ""

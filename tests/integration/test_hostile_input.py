@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import websockets
+from test_grid import MODEL, Grid, start_grid, stop_grid
 
 from idlegrid.agent import channel as agent_channel
 from idlegrid.agent.channel import Channel
 from idlegrid.agent.node_client import NodeClient
+from idlegrid.core import ledger
 from idlegrid.engines.fake import FakeEngine
 from idlegrid.protocol.signing import NodeKey
 from idlegrid.testbed.inprocess import free_port
-
-from test_grid import MODEL, Grid, start_grid, stop_grid
 
 
 @pytest.fixture
@@ -107,3 +107,54 @@ def test_a_poll_the_coordinator_never_answers_is_given_up(monkeypatch) -> None:
                 await client.close()
 
     asyncio.run(main())
+
+
+def test_a_greedy_unstaked_node_changes_nothing_for_a_consumer(
+        tmp_path: Path, database_url: str) -> None:
+    from idlegrid.core.ledger import MICRO, Price
+    from idlegrid.protocol.messages import MAX_TOKEN_PRICE
+    from idlegrid.testbed.inprocess import AgentThread, make_agent, wait_for_live
+
+    g = start_grid(tmp_path, database_url, [FakeEngine(MODEL)], credits=1)
+    greedy = AgentThread(make_agent(g.url, [FakeEngine(MODEL)], "greedy",
+                                    price=Price(MAX_TOKEN_PRICE, MAX_TOKEN_PRICE)))
+    greedy.start()
+    g.agents.append(greedy)
+    try:
+        wait_for_live(g.url, 2)
+        client = g.client(timeout=60)
+        for i in range(3):  # 1 credit covers these at 10/40 per 1M, never at 100,000
+            out = client.completions.create(model=MODEL, prompt=f"hello {i}", max_tokens=8)
+            assert out.usage.completion_tokens == 8
+        greedy_id = next(n["id"] for n in g.nodes() if n["name"] == "greedy")
+        holds = [p for e in g.entries() if str(e["key"]).startswith("hold:")
+                 for p in e["postings"] if p["amount"] > 0]  # type: ignore[union-attr]
+        assert holds and max(p["amount"] for p in holds) < 1 * MICRO
+        paid = {p["account"] for e in g.entries() for p in e["postings"]}  # type: ignore[union-attr]
+        assert ledger.provider_account(greedy_id) not in paid
+        # Asked for, the dear provider is reachable; a cap below every offer is a 503.
+        with pytest.raises(Exception) as err:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                      extra_body={"max_price": {"prompt": 1, "output": 1}})
+        assert getattr(err.value, "status_code", None) == 503
+    finally:
+        g.verify()
+        stop_grid(g)
+
+
+def test_prices_past_the_bound_are_refused_at_registration(grid: Grid) -> None:
+    import time
+
+    from test_grid import _signed_post
+
+    key = NodeKey.generate()
+    body = {"protocol_version": 1, "name": "overflow", "hardware": {}, "engine": {},
+            "slots": 1, "prefill_tps": 1, "decode_tps": 1,
+            "offers": [{"model": MODEL, "prompt_price": 2**64, "output_price": 1}]}
+    r = _signed_post(grid.url, key, "/api/v1/nodes/register", body, now=time.time())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "offers.0.prompt_price"
+    body["offers"][0]["prompt_price"] = 1  # type: ignore[index]
+    body["hardware"] = {"blob": "x" * (20 << 10)}
+    r = _signed_post(grid.url, key, "/api/v1/nodes/register", body, now=time.time())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hardware"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from idlegrid.core.ledger import Price
 from idlegrid.core.routing import Candidate, choose, rank
 from idlegrid.core.tasks import TaskState, should_retry, transition
 from idlegrid.errors import IllegalTransition
@@ -48,3 +49,19 @@ def test_lifecycle_moves_and_illegal_ones() -> None:
     with pytest.raises(IllegalTransition):
         transition(TaskState.QUEUED, "finish")
     assert should_retry(1, 3) and not should_retry(3, 3)
+
+
+def test_price_basis_ignores_offers_above_the_cap_and_lets_only_staked_nodes_set_it() -> None:
+    from idlegrid.core.routing import price_basis, within
+
+    cheap, dear, absurd = Price(10, 40), Price(20, 80), Price(10**11, 10**11)
+    prices = {"a": cheap, "b": dear, "greedy": absurd}
+    cap = Price(1000, 4000)
+    # The absurd offer is above the cap; nobody staked: the dearest eligible sets it.
+    assert price_basis(prices, frozenset(), cap) == dear
+    # Only staked nodes set the price when any is live: the unstaked dear one does not.
+    assert price_basis(prices, frozenset({"a"}), cap) == cheap
+    # No cap (an internal caller): every offer counts.
+    assert price_basis(prices, frozenset(), None) == absurd
+    assert price_basis(prices, frozenset(), Price(1, 1)) is None
+    assert within(cheap, cheap) and not within(Price(11, 40), cheap)

@@ -52,6 +52,8 @@ class Market:
         self._last_payout = grid.clock()
         # Measured reliability per node, shared with the gateway's per-request routing.
         self.reliability: dict[str, float] = {}
+        # Nodes with any stake posted: only they set a request's escrow price (routing).
+        self.staked_nodes: frozenset[str] = frozenset()
         self._reliability_at = 0.0
         self._lost: set[str] = set()
         self._first_tick = True
@@ -74,6 +76,8 @@ class Market:
         verified = self.grid.hwproofs.verified()
         offers: list[Offer] = []
         links: dict[frozenset[str], float] = {}
+        self.staked_nodes = frozenset(n for n, sup in supply.items()
+                                      if any(v > 0 for v in sup["stakes"].values()))
         for node_id, sup in supply.items():
             node = nodes.get(node_id)
             if node is None or node.state != "live" or (

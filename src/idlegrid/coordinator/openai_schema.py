@@ -9,6 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from idlegrid.errors import InvalidRequest
 
 MAX_STOP = 4
+MAX_PRICE_CREDITS = 100_000.0  # per 1M tokens; the bound on any provider's price too
+
+
+class MaxPrice(BaseModel):
+    """The most a consumer will pay, in credits per 1M tokens (idlegrid's extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: float = Field(ge=0, le=MAX_PRICE_CREDITS, allow_inf_nan=False)
+    output: float = Field(ge=0, le=MAX_PRICE_CREDITS, allow_inf_nan=False)
 
 
 class _Common(BaseModel):
@@ -26,6 +35,9 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    # Requests go only to providers at or below this price, and are escrowed at the dearest
+    # of those (default: the coordinator's IDLEGRID_DEFAULT_MAX_*_PRICE).
+    max_price: MaxPrice | None = None
 
     def stop_list(self) -> list[str]:
         """Stop strings as a list, validated."""

@@ -20,6 +20,7 @@ from idlegrid.coordinator.openai_schema import (
 )
 from idlegrid.coordinator.service import Grid, RequestFailed
 from idlegrid.coordinator.store import TaskView
+from idlegrid.core.ledger import MICRO, Price
 from idlegrid.errors import IdlegridError, InvalidRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -86,11 +87,21 @@ def _failure(data: dict[str, Any]) -> IdlegridError:
                          "nothing was charged")
 
 
+def _price_cap(grid: Grid, body: Any) -> Price:
+    cap = body.max_price
+    st = grid.settings
+    prompt, output = ((cap.prompt, cap.output) if cap is not None
+                      else (st.default_max_prompt_price, st.default_max_output_price))
+    return Price(round(prompt * MICRO), round(output * MICRO))
+
+
 async def _serve(request: Request, kind: str, model: str, payload: dict[str, Any],
-                 bound: int, max_tokens: int, stream_out: bool, include_usage: bool) -> Any:
+                 bound: int, max_tokens: int, stream_out: bool, include_usage: bool,
+                 cap: Price) -> Any:
     grid = _grid(request)
     key_id = await grid.authenticate_key(request.headers.get("authorization"))
-    task_id, stream = await grid.submit(key_id, model, kind, payload, bound, max_tokens)
+    task_id, stream = await grid.submit(key_id, model, kind, payload, bound, max_tokens,
+                                        price_cap=cap)
     shape = _Shape(kind, task_id, model)
     started = time.perf_counter()
     if stream_out:
@@ -182,7 +193,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     payload = {"prompt": prompt, "temperature": body.temperature, "top_p": body.top_p,
                "seed": body.seed, "stop": body.stop_list(), "stream": body.stream}
     return await _serve(request, "completion", body.model, payload, prompt_token_bound(prompt),
-                        max_tokens, body.stream, body.include_usage())
+                        max_tokens, body.stream, body.include_usage(),
+                        _price_cap(_grid(request), body))
 
 
 @router.post("/chat/completions")
@@ -195,4 +207,5 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     payload = {"messages": messages, "temperature": body.temperature, "top_p": body.top_p,
                "seed": body.seed, "stop": body.stop_list(), "stream": body.stream}
     return await _serve(request, "chat", body.model, payload, chat_token_bound(messages),
-                        max_tokens, body.stream, body.include_usage())
+                        max_tokens, body.stream, body.include_usage(),
+                        _price_cap(_grid(request), body))

@@ -452,7 +452,7 @@ class Grid:
 
     async def submit(
         self, key_id: str, model: str, kind: str, payload: dict[str, Any], max_prompt_tokens: int,
-        max_tokens: int,
+        max_tokens: int, price_cap: Price | None = None,
     ) -> tuple[str, TaskStream]:
         """Validate, escrow and queue a request; the returned stream yields its events."""
         if max_tokens < 1 or max_tokens > self.settings.max_tokens_limit:
@@ -465,12 +465,20 @@ class Grid:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)
             raise NoCapacity(model, "no live provider serves it")
-        # Escrow at the dearest live price, so that whoever serves it is covered.
-        worst = Price(max(p.prompt for p in prices.values()), max(p.output for p in prices.values()))
-        hold = ledger.hold_amount(max_prompt_tokens, max_tokens, worst)
+        basis = routing.price_basis(prices, self.market.staked_nodes, price_cap)
+        if basis is None:
+            raise NoCapacity(model, "no live provider at or below max_price (prompt "
+                             f"{price_cap.prompt / ledger.MICRO:g}, output "
+                             f"{price_cap.output / ledger.MICRO:g} credits per 1M tokens)"
+                             if price_cap else "no live provider")
+        # Escrow at the dearest price the request may be served at, so that whoever serves
+        # it is covered; only providers at or below that price may claim it.
+        cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
+        hold = ledger.hold_amount(max_prompt_tokens, max_tokens, basis)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         task_id = prefix + secrets.token_hex(12)
-        payload = {**payload, "max_tokens": max_tokens, "max_prompt_tokens": max_prompt_tokens}
+        payload = {**payload, "max_tokens": max_tokens, "max_prompt_tokens": max_prompt_tokens,
+                   "price_cap": [basis.prompt, basis.output]}
         if payload.get("seed") is None:
             payload["seed"] = derive_seed(task_id)
         target = routing.choose(cands)

@@ -479,7 +479,11 @@ class Store:
             return _task_view(t) if t else None
 
     def claim(self, node_id: str, models: Sequence[str]) -> TaskView | None:
-        """Claim the oldest queued task for this node (targeted at it or at nobody)."""
+        """Claim a queued task for this node (targeted at it or at nobody), first come first
+        served, except that work handed back by a failed provider goes before new work.
+
+        A task escrowed at a price below this node's offer is left for a cheaper provider.
+        """
         now = self.clock()
         with self.tx() as s:
             candidates = s.scalars(
@@ -489,11 +493,16 @@ class Store:
                     Task.model_id.in_(list(models)),
                     (Task.target_node_id == node_id) | Task.target_node_id.is_(None),
                 )
-                .order_by((Task.target_node_id == node_id).desc(), Task.created_at)
-                .limit(5)
+                .order_by((Task.attempt > 0).desc(), Task.created_at)
+                .limit(16)
             ).all()
             price = {o.model_id: o for o in s.scalars(select(Offer).where(Offer.node_id == node_id))}
             for t in candidates:
+                cap = (t.payload or {}).get("price_cap")
+                offer = price.get(t.model_id)
+                if offer is None or (cap and (offer.prompt_price > cap[0]
+                                              or offer.output_price > cap[1])):
+                    continue
                 transition(TaskState(t.state), "claim")
                 attempt = t.attempt + 1  # read before the update refreshes `t`
                 # Compare-and-set: only one claimant sees rowcount 1, on any database.
@@ -507,7 +516,6 @@ class Store:
                 )
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     continue
-                offer = price[t.model_id]
                 s.add(Attempt(task_id=t.id, attempt=attempt, node_id=node_id,
                               prompt_price=offer.prompt_price, output_price=offer.output_price,
                               started_at=now))

@@ -6,7 +6,8 @@ at the provider's prices, divided by the provider's measured reliability.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from idlegrid.core.ledger import Price
@@ -62,3 +63,24 @@ def choose(
         if c.has_free_slot:
             return c
     return None
+
+
+def within(price: Price, cap: Price) -> bool:
+    """Whether a provider's price is at or below a cap on both parts."""
+    return price.prompt <= cap.prompt and price.output <= cap.output
+
+
+def price_basis(prices: Mapping[str, Price], staked: AbstractSet[str],
+                cap: Price | None) -> Price | None:
+    """The price a request is escrowed at: the dearest it may be served at, or None.
+
+    Only providers at or below the consumer's cap count, and among them only staked ones
+    set the price when any is live: a node that staked nothing cannot raise every
+    consumer's escrow by offering an absurd price. Unstaked providers may still serve at
+    or below that basis.
+    """
+    eligible = {n: p for n, p in prices.items() if cap is None or within(p, cap)}
+    if not eligible:
+        return None
+    setters = [p for n, p in eligible.items() if n in staked] or list(eligible.values())
+    return Price(max(p.prompt for p in setters), max(p.output for p in setters))

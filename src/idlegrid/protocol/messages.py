@@ -6,9 +6,15 @@ ignored, so agents and coordinators of neighbouring releases keep talking.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# 100,000 credits per 1M tokens (0.1 credit a token): far above any market price, and low
+# enough that no hold of a request at the token limit comes near 2^63 µcr.
+MAX_TOKEN_PRICE = 100_000 * 1_000_000
+MAX_FACTS_BYTES = 16 << 10  # a node's hardware or engine facts, as JSON
 
 
 class Message(BaseModel):
@@ -21,8 +27,8 @@ class OfferMsg(Message):
     """A model the node serves and its prices, µcr per 1M tokens."""
 
     model: str = Field(min_length=1, max_length=128)
-    prompt_price: int = Field(ge=0)
-    output_price: int = Field(ge=0)
+    prompt_price: int = Field(ge=0, le=MAX_TOKEN_PRICE)
+    output_price: int = Field(ge=0, le=MAX_TOKEN_PRICE)
 
 
 class DeviceOfferMsg(Message):
@@ -43,15 +49,23 @@ class RegisterMsg(Message):
     hardware: dict[str, Any]
     engine: dict[str, Any]
     slots: int = Field(ge=1, le=256)
-    prefill_tps: float = Field(ge=0)
-    decode_tps: float = Field(ge=0)
-    offers: list[OfferMsg] = Field(min_length=1)
+    prefill_tps: float = Field(ge=0, le=1e9, allow_inf_nan=False)
+    decode_tps: float = Field(ge=0, le=1e9, allow_inf_nan=False)
+    offers: list[OfferMsg] = Field(min_length=1, max_length=64)
     # Market (optional; older agents omit them and sell no device-hours).
     region: str = Field("local", min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")
-    links: dict[str, float] = Field(default_factory=dict)  # peer node id -> measured Gbit/s
-    devices: list[DeviceOfferMsg] = Field(default_factory=list)
+    # peer node id -> measured Gbit/s
+    links: dict[str, float] = Field(default_factory=dict, max_length=256)
+    devices: list[DeviceOfferMsg] = Field(default_factory=list, max_length=64)
     # Verifier mode: this node also re-checks other providers' answers (audits).
     verifier: bool = False
+
+    @field_validator("hardware", "engine")
+    @classmethod
+    def _bounded(cls, facts: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(facts, default=str)) > MAX_FACTS_BYTES:
+            raise ValueError(f"at most {MAX_FACTS_BYTES} bytes as JSON")
+        return facts
 
 
 class PowerMsg(Message):
