@@ -10,10 +10,16 @@ would give on a kernel that has it).
 
 Sends go through one background writer per peer, so compute overlaps communication the
 way DT-FM's send stream does. Bytes are counted at the socket.
+
+With a shared `secret` (a training job's), every frame carries an HMAC-SHA256 of its header
+and payload; a frame that fails it ends that connection, so a stranger who reaches the
+port cannot inject or alter messages, nor claim another rank.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import queue
 import socket
 import struct
@@ -24,6 +30,8 @@ from collections.abc import Callable, Sequence
 
 _HEADER = struct.Struct("!iiQ")  # source rank, tag, payload length
 _HELLO = struct.Struct("!i")
+_MAC_SIZE = 32
+MAX_FRAME = 1 << 30
 
 
 class TransportClosed(Exception):
@@ -45,8 +53,11 @@ class Endpoint:
 
     def __init__(self, rank: int, addresses: Sequence[tuple[str, int]],
                  latency_s: Sequence[Sequence[float]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 secret: bytes | None = None) -> None:
         self.rank, self.addresses, self.latency = rank, list(addresses), latency_s
+        self.secret = secret
+        self.rejected = 0  # frames refused for a bad MAC
         self.clock = clock
         self.bytes_sent = 0
         self._inbox: dict[tuple[int, int], list[tuple[float, bytes]]] = defaultdict(list)
@@ -74,9 +85,17 @@ class Endpoint:
                 if head is None:
                     return
                 src, tag, n = _HEADER.unpack(head)
+                if not 0 <= src < len(self.addresses) or n > MAX_FRAME:
+                    self.rejected += 1
+                    return
                 body = _read_exact(conn, n)
                 if body is None:
                     return
+                if self.secret is not None:
+                    mac = _read_exact(conn, _MAC_SIZE)
+                    if mac is None or not hmac.compare_digest(mac, self._mac(head, body)):
+                        self.rejected += 1
+                        return
                 arrived = self.clock()
                 with self._ready:
                     self._inbox[(src, tag)].append((arrived + self.latency[src][self.rank], body))
@@ -109,7 +128,13 @@ class Endpoint:
         if dst not in self._out:
             self.connect([dst])
         self.bytes_sent += len(payload)
-        self._out[dst].put(_HEADER.pack(self.rank, tag, len(payload)) + payload)
+        head = _HEADER.pack(self.rank, tag, len(payload))
+        mac = self._mac(head, payload) if self.secret is not None else b""
+        self._out[dst].put(head + payload + mac)
+
+    def _mac(self, head: bytes, payload: bytes) -> bytes:
+        assert self.secret is not None
+        return hmac.new(self.secret, head + payload, hashlib.sha256).digest()
 
     def recv(self, src: int, tag: int, timeout: float = 600.0) -> bytes:
         """The oldest message from src with this tag, once its latency has elapsed."""

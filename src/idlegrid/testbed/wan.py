@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,7 @@ class WanTestbed:
             "micro_batches": micro_batches, "micro_batch": micro_batch, "steps": steps,
             "samples": 256, "seed": seed, "lr": 2e-3,
             "compression": compression or {"method": "none"},
+            "secret": secrets.token_hex(32),
         }
         env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

@@ -13,7 +13,6 @@ binds, prints `READY`, waits for `GO` on stdin, connects, trains, prints one JSO
 from __future__ import annotations
 
 import json
-import pickle
 import sys
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from idlegrid.comm import wire
 from idlegrid.comm.aqsgd import ActivationMessage, AqSgdReceiver, AqSgdSender
 from idlegrid.comm.gradients import ErrorFeedback
 from idlegrid.comm.quantize import Quantized, dequantize, quantize
@@ -50,7 +50,12 @@ def _unpack_q(d: dict[str, Any] | None) -> Quantized | None:
 
 
 def _dumps(obj: Any) -> bytes:
-    return pickle.dumps(obj, protocol=5)
+    return wire.encode(obj)
+
+
+def _loads(data: bytes) -> Any:
+    # Data only: a peer's bytes are never unpickled (comm/wire.py).
+    return wire.decode(data)
 
 
 class Worker:
@@ -83,7 +88,10 @@ class Worker:
         self.ef = ErrorFeedback(self.grad_bits) if self.grad_bits else None
         self.server_ef = ErrorFeedback(self.grad_bits) if self.grad_bits else None
         lat = cfg["latency_s"]
-        self.ep = Endpoint(rank, [tuple(a) for a in cfg["addresses"]], lat)
+        # Frames are authenticated with the job's secret: a stranger who reaches the port
+        # cannot inject activations or gradients.
+        secret = bytes.fromhex(cfg["secret"]) if cfg.get("secret") else None
+        self.ep = Endpoint(rank, [tuple(a) for a in cfg["addresses"]], lat, secret=secret)
 
     def _micro_ids(self, step: int) -> list[torch.Tensor]:
         c = self.cfg
@@ -104,7 +112,7 @@ class Worker:
 
     def _recv_act(self, step: int, micro: int, ids: torch.Tensor) -> torch.Tensor:
         assert self.prev is not None
-        body = pickle.loads(self.ep.recv(self.prev, _tag(FWD, step, micro)))
+        body = _loads(self.ep.recv(self.prev, _tag(FWD, step, micro)))
         if "raw" in body:
             return torch.from_numpy(body["raw"])
         assert self.receiver is not None
@@ -123,7 +131,7 @@ class Worker:
 
     def _recv_grad(self, step: int, micro: int) -> torch.Tensor:
         assert self.next is not None
-        body = pickle.loads(self.ep.recv(self.next, _tag(BWD, step, micro)))
+        body = _loads(self.ep.recv(self.next, _tag(BWD, step, micro)))
         if "raw" in body:
             return torch.from_numpy(body["raw"])
         q = _unpack_q(body["q"])
@@ -137,7 +145,7 @@ class Worker:
 
     @staticmethod
     def _decode_vec(payload: bytes) -> torch.Tensor:
-        body = pickle.loads(payload)
+        body = _loads(payload)
         if "raw" in body:
             return torch.from_numpy(body["raw"])
         q = _unpack_q(body["q"])
