@@ -99,7 +99,7 @@ def main() -> None:
     for threads in (int(t) for t in a.threads.split(",")):
         rates: dict[str, list[float]] = {n: [] for n in names}
         fate: dict[str, str] = {}
-        for r in range(a.rounds):
+        for _ in range(a.rounds):
             for n in names:
                 if n in fate and fate[n] != "ok":
                     continue

@@ -246,9 +246,12 @@ def end_to_end(offers: list[Any], orders: list[Order], clients: int,
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
-            key = c.post("/api/v1/admin/keys", json={"name": "bench"}).json()
-            c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 10**9 * MICRO,
-                                               "reference": "bench"}).raise_for_status()
+            # The coordinator wrote its operator key into the data dir before it served.
+            operator = {"authorization": f"Bearer {(tmp / 'operator-key').read_text().strip()}"}
+            key = c.post("/api/v1/admin/keys", json={"name": "bench"}, headers=operator).json()
+            c.post("/api/v1/admin/mint", headers=operator, json={
+                "key_id": key["key_id"], "amount": 10**9 * MICRO, "reference": "bench"}
+                   ).raise_for_status()
             headers = {"authorization": f"Bearer {key['api_key']}"}
             warm = c.get("/api/v1/offers", params={"limit": 1}, headers=headers)  # builds the book
             assert warm.json()["total"] == len(offers), warm.text
@@ -278,7 +281,7 @@ def end_to_end(offers: list[Any], orders: list[Order], clients: int,
             states: dict[str, int] = {}
             for v in c.get("/api/v1/orders").json()["orders"]:
                 states[v["state"]] = states.get(v["state"], 0) + 1
-            ok = c.get("/api/v1/ledger/verify").json()["ok"]
+            ok = c.get("/api/v1/ledger/verify", headers=operator).json()["ok"]
         return {"orders": len(bodies), "clients": clients, "batch": batch, "seconds": elapsed,
                 "coordinator_cpu_ms_per_order": 1000 * cpu / len(bodies),
                 "load_before": load_before,

@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core.ledger import MICRO
 from idlegrid.engines.tiny import TinyEngine
@@ -54,7 +52,7 @@ def main() -> None:
     for t in threads:
         t.start()
     wait_for_live(coord.url, 2)
-    with httpx.Client(base_url=coord.url, trust_env=False, timeout=60) as c:
+    with coord.admin(timeout=60) as c:  # the operator's client; the job calls send `auth`
         key = c.post("/api/v1/admin/keys", json={"name": "bench"}).json()
         c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 10 * MICRO,
                                            "reference": "bench"})

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 8700
+OPERATOR_KEY_FILE = "operator-key"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def default_data_dir() -> Path:
@@ -62,14 +65,43 @@ class CoordinatorSettings(BaseSettings):
     # signed training routes carry checkpoints (protocol/training.py bounds them at 96 MB
     # of base64) and get the larger bound.
     max_body_bytes: int = Field(4 << 20, gt=0)
+    # A connection must send its request headers within this (slow or idle clients are cut).
+    header_timeout_s: float = Field(10.0, gt=0)
     # A request without `max_price` goes to providers at most this dear (credits per 1M
     # tokens), 100x the agent's default prices: a node offering absurd prices serves nobody
     # who did not ask for it, and never sizes anyone's escrow.
     default_max_prompt_price: float = Field(1_000.0, ge=0, le=100_000)
     default_max_output_price: float = Field(4_000.0, ge=0, le=100_000)
     max_checkpoint_body_bytes: int = Field(100 << 20, gt=0)
-    # Operator key for admin routes (minting credits, creating keys). Empty: loopback only.
+    # Operator key for admin routes (minting credits, creating keys). Empty: the key in
+    # data_dir/operator-key, created (mode 0600) on first start. Never the peer address
+    # alone: a same-host forwarder or proxy makes every caller look local.
     operator_key: str = ""
+    # Host header names this coordinator answers to, comma-separated, besides loopback
+    # names and --host; "*" any (refuses DNS rebinding from a browser on this machine).
+    allowed_hosts: str = ""
+
+    def ensure_operator_key(self) -> str:
+        """The operator key: configured, else read from (or created in) the data dir."""
+        if self.operator_key:
+            return self.operator_key
+        path = self.data_dir / OPERATOR_KEY_FILE
+        if path.exists():
+            self.operator_key = path.read_text().strip()
+        if not self.operator_key:
+            self.operator_key = secrets.token_urlsafe(24)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.operator_key + "\n")
+        return self.operator_key
+
+    def host_names(self) -> list[str]:
+        """Host header values accepted (TrustedHostMiddleware patterns)."""
+        extra = [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
+        if "*" in extra or self.host in ("0.0.0.0", "::", ""):
+            return ["*"] if "*" in extra or not extra else [*LOOPBACK_NAMES, *extra]
+        return [*LOOPBACK_NAMES, self.host, *extra]
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL in use."""

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -67,7 +66,7 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def local_grid(tmp_path: Path) -> Iterator[tuple[str, str, list[str]]]:
+def local_grid(tmp_path: Path) -> Iterator[tuple[str, str, list[str], str]]:
     settings = CoordinatorSettings(
         data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'c.db'}", port=free_port(),
         heartbeat_interval_s=0.3, node_timeout_s=3.0, power_sample_interval_s=0.5)
@@ -84,12 +83,12 @@ def local_grid(tmp_path: Path) -> Iterator[tuple[str, str, list[str]]]:
         agents.append(thread)
     try:
         wait_for_live(coordinator.url, 2)
-        with httpx.Client(base_url=coordinator.url, trust_env=False) as c:
+        with coordinator.admin() as c:
             key = c.post("/api/v1/admin/keys", json={"name": "browser"}).json()
             c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 10 * MICRO,
                                                "reference": "browser"}).raise_for_status()
             node_ids = [n["id"] for n in c.get("/api/v1/status").json()["nodes"]]
-        yield coordinator.url, key["api_key"], node_ids
+        yield coordinator.url, key["api_key"], node_ids, coordinator.operator_key
     finally:
         for a in agents:
             a.stop()
@@ -104,9 +103,17 @@ def shot(page: Any, name: str) -> None:
 
 
 def test_pages_list_providers_and_show_a_completion_live(
-        browser: Any, local_grid: tuple[str, str, list[str]]) -> None:
-    url, api_key, node_ids = local_grid
+        browser: Any, local_grid: tuple[str, str, list[str], str]) -> None:
+    url, api_key, node_ids, operator_key = local_grid
     context = browser.new_context(viewport={"width": 1400, "height": 900})
+    # The pages need the operator: log in through the form, which keeps a cookie.
+    login = context.new_page()
+    login.goto(url + "/")
+    assert login.locator("input[name=key]").count() == 1  # locked without it
+    login.fill("input[name=key]", operator_key)
+    login.click("button[type=submit]")
+    login.wait_for_selector("#providers")
+    login.close()
     grid_page = context.new_page()
     ledger_page = context.new_page()
     grid_page.goto(url + "/")

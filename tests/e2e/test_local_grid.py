@@ -98,8 +98,15 @@ def direct(llm: object, prompt: str, max_tokens: int) -> str:
     return text
 
 
-def status(url: str) -> dict[str, object]:
-    data: dict[str, object] = httpx.get(f"{url}/api/v1/status", trust_env=False).json()
+def operator_headers(up: UpProcess) -> dict[str, str]:
+    """The grid's operator key (in its data dir): the ledger and every balance."""
+    op = (up.data_dir / "operator-key").read_text().strip()
+    return {"Authorization": f"Bearer {op}"}
+
+
+def status(url: str, headers: dict[str, str] | None = None) -> dict[str, object]:
+    data: dict[str, object] = httpx.get(f"{url}/api/v1/status", headers=headers,
+                                        trust_env=False).json()
     return data
 
 
@@ -114,9 +121,8 @@ def provider_balances(url: str) -> dict[str, int]:
 
 
 def entries_for(up: UpProcess, cause: str) -> list[dict[str, object]]:
-    op = (up.data_dir / "operator-key").read_text().strip()
     r = httpx.get(f"{up.url}/api/v1/ledger", params={"cause": cause},
-                  headers={"Authorization": f"Bearer {op}"}, trust_env=False)
+                  headers=operator_headers(up), trust_env=False)
     entries: list[dict[str, object]] = r.json()["entries"]
     return entries
 
@@ -129,7 +135,8 @@ def test_completions_match_the_engine_and_credits_move_exactly(
     want = direct(reference, PROMPT, 32)
 
     before_c, before_p = balance(grid.url, key), provider_balances(grid.url)
-    before_fees = status(grid.url)["balances"].get(ledger.FEES, 0)  # type: ignore[attr-defined]
+    balances = status(grid.url, operator_headers(grid))["balances"]
+    before_fees = balances.get(ledger.FEES, 0)  # type: ignore[attr-defined]
     resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32, temperature=0)
     assert resp.choices[0].text == want
     assert resp.usage is not None
@@ -147,7 +154,8 @@ def test_completions_match_the_engine_and_credits_move_exactly(
     assert charge > 0
     assert before_c - balance(grid.url, key) == charge
     assert got == charge - fee
-    assert status(grid.url)["balances"].get(ledger.FEES, 0) - before_fees == fee  # type: ignore[attr-defined]
+    balances = status(grid.url, operator_headers(grid))["balances"]
+    assert balances.get(ledger.FEES, 0) - before_fees == fee  # type: ignore[attr-defined]
 
     streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32,
                                          temperature=0, stream=True)

@@ -51,6 +51,10 @@ class Env:
     def http(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=30, **kw)
 
+    def admin(self, **kw: Any) -> httpx.Client:
+        """A client with the operator key: the pages, admin routes and every balance."""
+        return self.coordinator.admin(timeout=30, **kw)
+
     def complete(self, prompt: str, max_tokens: int = 8) -> Any:
         client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0)
         return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
@@ -71,8 +75,7 @@ def start(tmp_path: Path, database_url: str, meters: list[RatedMeter | None],
                                    price=Price(10 * MICRO, (40 + i) * MICRO), meter=meter))
         a.start()
         agents.append(a)
-    headers = {"Authorization": f"Bearer {operator_key}"} if operator_key else {}
-    with httpx.Client(base_url=coordinator.url, trust_env=False, headers=headers) as c:
+    with coordinator.admin() as c:
         deadline = threading.Event()
         for _ in range(600):
             nodes = c.get("/api/v1/status").json()["nodes"]
@@ -145,7 +148,7 @@ def test_device_energy_in_sql_matches_the_core_arithmetic(env: Env) -> None:
 
 def test_dashboard_pages_list_providers_and_requests(env: Env) -> None:
     answer = env.complete("dashboard")
-    with env.http() as c:
+    with env.admin() as c:
         nodes = c.get("/api/v1/status").json()["nodes"]
         grid = c.get("/")
         ledger_html = c.get("/ledger").text
@@ -165,7 +168,7 @@ def test_dashboard_pages_list_providers_and_requests(env: Env) -> None:
 
 
 def test_live_stream_sends_a_snapshot_after_a_change(env: Env) -> None:
-    with env.http() as c, c.stream("GET", "/dashboard/events", params={"page": "ledger"}) as s:
+    with env.admin() as c, c.stream("GET", "/dashboard/events", params={"page": "ledger"}) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
         lines = s.iter_lines()
 
@@ -178,7 +181,7 @@ def test_live_stream_sends_a_snapshot_after_a_change(env: Env) -> None:
 
         first = next_snapshot()
         assert "deposit-live" not in first["sections"]["entries"]
-        with env.http() as admin:
+        with env.admin() as admin:
             admin.post("/api/v1/admin/mint", json={
                 "key_id": "key_x", "amount": 5, "reference": "deposit-live"}).raise_for_status()
         for _ in range(5):
@@ -195,7 +198,7 @@ def test_live_stream_sends_a_snapshot_after_a_change(env: Env) -> None:
     ("/api/v1/economics/earnings?node=nobody", "node"),
 ])
 def test_bad_dashboard_input_is_a_precise_400(env: Env, path: str, param: str) -> None:
-    with env.http() as c:
+    with env.admin() as c:
         r = c.get(path)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == param
@@ -262,8 +265,27 @@ def test_a_local_grid_opens_its_pages_to_this_machine_but_not_its_admin_routes(
             assert c.get("/").status_code == 200
             assert c.get("/ledger").status_code == 200
             assert c.post("/api/v1/admin/keys", json={"name": "x"}).status_code == 401
+        with e.http(headers={"Authorization": "Bearer sekret"}) as c:
+            assert c.post("/api/v1/admin/keys", json={"name": "x"}).status_code == 200
     finally:
         stop(e)
+
+
+def test_without_a_configured_key_loopback_opens_nothing_but_the_data_dir_key_does(
+        env: Env, tmp_path: Path) -> None:
+    key = (tmp_path / "operator-key").read_text().strip()  # created on first start
+    assert key == env.coordinator.operator_key
+    with env.http(follow_redirects=False) as c:
+        assert c.get("/").status_code == 401
+        assert c.get("/dashboard/api/grid").status_code == 401
+        assert c.post("/api/v1/admin/keys", json={"name": "x"}).status_code == 401
+        public = c.get("/api/v1/status").json()
+        assert "balances" not in public and public["fees"] == 0
+    with env.http(headers={"Authorization": f"Bearer {key}"}) as c:
+        assert c.get("/").status_code == 200
+        assert c.get("/dashboard/api/grid").status_code == 200
+        assert c.post("/api/v1/admin/keys", json={"name": "x"}).status_code == 200
+        assert "balances" in c.get("/api/v1/status").json()
 
 
 def test_migrations_match_the_schema(tmp_path: Path, database_url: str) -> None:
@@ -295,7 +317,7 @@ def test_earnings_and_estimate_cli_against_the_grid(env: Env, tmp_path: Path) ->
     assert res.exit_code == 0, res.output
     assert "\x1b[" not in res.stdout  # no progress or colour codes in JSON
     data = json.loads(res.stdout)
-    with env.http() as c:
+    with env.admin() as c:
         balances = c.get("/api/v1/status").json()["balances"]
     rows = {p["node_id"]: p for p in data["providers"]}
     earner = [p for p in rows.values() if p["earned"] > 0][0]
@@ -332,14 +354,14 @@ def test_earnings_and_estimate_cli_against_the_grid(env: Env, tmp_path: Path) ->
 def test_live_stream_resends_only_fragments_that_changed(env: Env) -> None:
     import re
 
-    with env.http() as c:
+    with env.admin() as c:
         html = c.get("/requests").text
         version = re.search(r'data-version="(\d+)"', html)
         assert version is not None
         with c.stream("GET", "/dashboard/events",
                       params={"page": "requests", "v": version.group(1)}) as s:
             lines = s.iter_lines()
-            with env.http() as admin:  # a change that nothing on the requests page shows
+            with env.admin() as admin:  # a change that nothing on the requests page shows
                 admin.post("/api/v1/admin/mint", json={
                     "key_id": "key_y", "amount": 5, "reference": "quiet"}).raise_for_status()
             snap = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))

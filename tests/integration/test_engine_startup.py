@@ -59,3 +59,8 @@ def test_up_names_the_provider_and_shows_its_log(tmp_path: Path) -> None:
     assert "provider-0 exited with status 3" in proc.stderr, proc.stderr
     assert "SIGILL" in proc.stderr  # from the provider's own log, shown by `up`
     assert "idlegrid is up" not in proc.stdout
+    # What the grid wrote holds balances and secrets: nobody else may read it.
+    written = [*tmp_path.glob("coordinator.db*"), *tmp_path.glob("logs/*.log"),
+               tmp_path / "operator-key"]
+    assert any(p.name == "coordinator.db" for p in written)
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o600"}

@@ -49,12 +49,16 @@ class Grid:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=30)
 
+    def admin(self) -> httpx.Client:
+        """A client with the operator key: ledger, admin routes, every balance."""
+        return self.coordinator.admin(timeout=30)
+
     def balance(self, account: str) -> int:
-        with self.http() as c:
+        with self.admin() as c:
             return int(c.get("/api/v1/status").json()["balances"].get(account, 0))
 
     def entries(self) -> list[dict[str, object]]:
-        with self.http() as c:
+        with self.admin() as c:
             entries: list[dict[str, object]] = c.get("/api/v1/ledger").json()["entries"]
             return entries
 
@@ -64,7 +68,7 @@ class Grid:
             return nodes
 
     def verify(self) -> None:
-        with self.http() as c:
+        with self.admin() as c:
             result = c.get("/api/v1/ledger/verify").json()
         assert result == {"ok": True, "problems": []}
 
@@ -85,7 +89,7 @@ def start_grid(tmp_path: Path, database_url: str, engines: list[FakeEngine],
         a.start()
         agents.append(a)
     wait_for_live(coordinator.url, len(engines))
-    with httpx.Client(base_url=coordinator.url, trust_env=False) as c:
+    with coordinator.admin() as c:
         key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
         if credits:
             c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": credits * MICRO,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +159,214 @@ def test_prices_past_the_bound_are_refused_at_registration(grid: Grid) -> None:
     body["hardware"] = {"blob": "x" * (20 << 10)}
     r = _signed_post(grid.url, key, "/api/v1/nodes/register", body, now=time.time())
     assert r.status_code == 400 and r.json()["error"]["param"] == "hardware"
+
+
+def test_a_provider_cannot_upload_past_max_tokens_or_smuggle_text(
+        tmp_path: Path, database_url: str) -> None:
+    """A hand-driven provider (the real node API, signed) tries to deliver 8,000 tokens for
+    max_tokens 4, then unbilled text in id -1 pieces; the coordinator keeps the budget."""
+    import threading
+
+    import openai
+
+    from idlegrid import PROTOCOL_VERSION
+    from idlegrid.core.ledger import MICRO
+    from idlegrid.errors import Conflict
+
+    g = start_grid(tmp_path, database_url, [], credits=10)
+    result: dict = {}
+
+    def consumer() -> None:
+        try:
+            result["out"] = g.client(timeout=60).completions.create(
+                model=MODEL, prompt="hi", max_tokens=4)
+        except openai.APIError as exc:
+            result["error"] = exc
+
+    async def provider() -> None:
+        c = NodeClient(g.url, NodeKey.generate())
+        try:
+            await c.call("/api/v1/nodes/register", {
+                "protocol_version": PROTOCOL_VERSION, "name": "cheat", "hardware": {},
+                "engine": {"engine": "fake"}, "slots": 1, "prefill_tps": 1, "decode_tps": 1,
+                "offers": [{"model": MODEL, "prompt_price": 10 * MICRO,
+                            "output_price": 40 * MICRO}]})
+            t = threading.Thread(target=consumer)
+            t.start()
+            task = await c.call("/api/v1/work/poll", {"models": [MODEL], "wait_s": 20})
+            assert task is not None, result
+            base = f"/api/v1/tasks/{task['task_id']}/attempts/{task['attempt']}"
+            with pytest.raises(Conflict):
+                await c.call(f"{base}/upload", {"start": 0,
+                                                "pieces": [[5, "x"]] * 4000})
+            with pytest.raises(Conflict):  # two flushes, text without tokens
+                await c.call(f"{base}/upload", {"start": 0, "pieces": [[-1, "y" * 100]] * 2})
+            await c.call(f"{base}/upload", {"start": 0, "pieces": [[5, "a"]] * 4})
+            with pytest.raises(Conflict):  # the budget is spent
+                await c.call(f"{base}/upload", {"start": 4, "pieces": [[5, "b"]]})
+            await c.call(f"{base}/finish", {"prompt_tokens": 2, "finish_reason": "length"})
+            await asyncio.to_thread(t.join, 60)
+        finally:
+            await c.close()
+
+    try:
+        asyncio.run(provider())
+        assert "error" not in result, result.get("error")
+        assert result["out"].choices[0].text == "aaaa"
+        assert result["out"].usage.completion_tokens == 4
+        # Paid for the 4 tokens it was allowed and the 2 prompt tokens, nothing more.
+        paid = sum(p["amount"] for e in g.entries() for p in e["postings"]
+                   if str(p["account"]).startswith("accrual:") or p["account"] == ledger.FEES)
+        assert paid == 4 * 40 + 2 * 10
+    finally:
+        g.verify()
+        stop_grid(g)
+
+
+def test_idle_and_slow_header_connections_are_cut(tmp_path: Path, database_url: str) -> None:
+    import socket
+    import time
+
+    g = start_grid(tmp_path, database_url, [], credits=0, header_timeout_s=1.0)
+    try:
+        host, port = "127.0.0.1", int(g.url.rsplit(":", 1)[1])
+        idle = [socket.create_connection((host, port)) for _ in range(20)]
+        slow = socket.create_connection((host, port))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        began = time.monotonic()
+        for s in [*idle, slow]:
+            s.settimeout(10)
+            assert s.recv(1) == b""  # closed by the server, not by our timeout
+            s.close()
+        assert time.monotonic() - began < 5
+        with g.http() as c:  # the server itself is fine
+            assert c.get("/healthz").status_code == 200
+    finally:
+        stop_grid(g)
+
+
+def _forwarder(target: tuple[str, int]) -> tuple[int, object]:
+    """A same-host TCP forwarder (as socat would be): every caller looks like loopback."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            b.close()
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(target)
+            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1], server
+
+
+def test_operator_routes_need_the_key_through_a_forwarder_a_proxy_or_a_foreign_host(
+        grid: Grid) -> None:
+    import httpx as hx
+
+    port = int(grid.url.rsplit(":", 1)[1])
+    fwd_port, server = _forwarder(("127.0.0.1", port))
+    mint = {"key_id": grid.key_id, "amount": 10**15, "reference": "stolen"}
+    try:
+        with hx.Client(base_url=f"http://127.0.0.1:{fwd_port}", trust_env=False) as c:
+            # No key configured at start: one was generated; loopback alone opens nothing.
+            assert c.post("/api/v1/admin/mint", json=mint).status_code == 401
+            assert c.get("/api/v1/ledger").status_code == 401
+            assert "balances" not in c.get("/api/v1/status").json()
+            r = c.post("/api/v1/admin/mint", json=mint,
+                       headers={"X-Forwarded-For": "203.0.113.9"})
+            assert r.status_code == 401
+            # DNS rebinding: a browser page on attacker.example that resolves to 127.0.0.1.
+            r = c.get("/api/v1/status", headers={"Host": "attacker.example"})
+            assert r.status_code == 400
+            r = c.get("/dashboard/api/providers", headers={"Host": "attacker.example"})
+            assert r.status_code == 400
+    finally:
+        server.close()  # type: ignore[attr-defined]
+    key_file = Path(grid.coordinator.settings.data_dir) / "operator-key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    with hx.Client(base_url=grid.url, trust_env=False, headers={
+            "Authorization": f"Bearer {key_file.read_text().strip()}"}) as c:
+        assert "balances" in c.get("/api/v1/status").json()
+
+
+def test_a_public_bind_without_tls_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "idlegrid", "coordinator", "--host", "0.0.0.0",
+                           "--port", str(free_port()), "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 2
+    assert "--tls-cert" in proc.stderr and "--insecure" in proc.stderr
+
+
+def test_another_consumers_order_id_reveals_nothing(grid: Grid) -> None:
+    order = {"id": "shared-id-1", "kind": "lease", "hours": 1,
+             "resources": {"accelerators": ["RTX-4090"], "count": 1, "max_price": 0.5}}
+    with grid.coordinator.admin() as admin:
+        other = admin.post("/api/v1/admin/keys", json={"name": "other"}).json()
+        admin.post("/api/v1/admin/mint", json={"key_id": other["key_id"], "amount": 10**7,
+                                               "reference": "other"}).raise_for_status()
+    with grid.http() as c:
+        mine = c.post("/api/v1/orders", json=order,
+                      headers={"Authorization": f"Bearer {grid.api_key}"})
+        assert mine.status_code == 201, mine.text
+        again = c.post("/api/v1/orders", json=order,
+                       headers={"Authorization": f"Bearer {grid.api_key}"})
+        assert again.status_code == 409 and again.json()["error"]["data"]["state"]
+        theirs = c.post("/api/v1/orders", json=order,
+                        headers={"Authorization": f"Bearer {other['api_key']}"})
+        assert theirs.status_code == 409
+        err = theirs.json()["error"]
+        assert err["data"]["state"] is None and "taken" in err["message"]
+        assert c.get("/api/v1/orders/shared-id-1", headers={
+            "Authorization": f"Bearer {other['api_key']}"}).status_code == 404
+
+
+def test_a_live_nodes_name_cannot_be_taken(grid: Grid) -> None:
+    import time
+
+    from test_grid import _signed_post
+
+    body = {"protocol_version": 1, "name": "p0", "hardware": {}, "engine": {}, "slots": 1,
+            "prefill_tps": 1, "decode_tps": 1,
+            "offers": [{"model": MODEL, "prompt_price": 1, "output_price": 1}]}
+    r = _signed_post(grid.url, NodeKey.generate(), "/api/v1/nodes/register", body,
+                     now=time.time())
+    assert r.status_code == 409 and "p0" in r.json()["error"]["message"]
+    body["name"] = "p-new"
+    r = _signed_post(grid.url, NodeKey.generate(), "/api/v1/nodes/register", body,
+                     now=time.time())
+    assert r.status_code == 200, r.text
+
+
+def test_a_revoked_key_is_refused_at_once(grid: Grid) -> None:
+    import openai as oa
+
+    client = grid.client()
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage
+    with grid.coordinator.admin() as admin:
+        r = admin.post(f"/api/v1/admin/keys/{grid.key_id}/revoke")
+        assert r.status_code == 200 and r.json()["changed"] is True
+        assert admin.post("/api/v1/admin/keys/key_nope/revoke").status_code == 404
+    before = len(grid.entries())
+    with pytest.raises(oa.AuthenticationError, match="revoked"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert len(grid.entries()) == before

@@ -45,15 +45,20 @@ class Grid:
                 "authorization": f"Bearer {self.api_key}"}) as c:
             return c.get(path, params=params).json()
 
+    def admin_get(self, path: str, **params: Any) -> Any:
+        """GET with the operator key: proofs, every balance."""
+        with self.coord.admin(timeout=30) as c:
+            return c.get(path, params=params).json()
+
     def proofs(self, name: str) -> list[dict[str, Any]]:
-        return self.get("/api/v1/hwproofs", node=self.nodes[name])["proofs"]  # type: ignore[no-any-return]
+        return self.admin_get("/api/v1/hwproofs", node=self.nodes[name])["proofs"]  # type: ignore[no-any-return]
 
     def judged(self, name: str) -> bool:
         ps = self.proofs(name)
         return len(ps) >= 2 and all(p["state"] in ("passed", "failed") for p in ps)
 
     def balance(self, acct: str) -> int:
-        return int(self.get("/api/v1/status")["balances"].get(acct, 0))
+        return int(self.admin_get("/api/v1/status")["balances"].get(acct, 0))
 
     def offers(self, name: str) -> list[dict[str, Any]]:
         return [o for o in self.get("/api/v1/offers")["offers"]
@@ -76,7 +81,7 @@ def grid_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
         coord.start()
         started.append(coord)
         agents, nodes = {}, {}
-        with httpx.Client(base_url=coord.url, trust_env=False) as c:
+        with coord.admin() as c:
             key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
         for name, devices, prover in (("honest", CPU, None),
                                       ("cheat", cheat_devices, cheat_prover)):
@@ -98,7 +103,7 @@ def grid_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
         return g
 
     def judged(node: str) -> bool:
-        with httpx.Client(base_url=started[0].url, trust_env=False) as c:
+        with started[0].admin() as c:
             ps = c.get("/api/v1/hwproofs", params={"node": node}).json()["proofs"]
         return len(ps) >= 2 and all(p["state"] in ("passed", "failed") for p in ps)
 
@@ -121,7 +126,7 @@ def _honest_untouched(g: Grid) -> None:
     assert g.balance(ledger.stake_account(g.nodes["honest"], "CPU")) == STAKE
     (offer,) = g.offers("honest")
     assert offer["device"] == "CPU" and offer["verified"] is True
-    with httpx.Client(base_url=g.coord.url, trust_env=False) as c:
+    with g.coord.admin() as c:
         assert c.get("/api/v1/ledger/verify").json() == {"ok": True, "problems": []}
 
 
@@ -156,7 +161,7 @@ def test_bad_proof_messages_get_precise_errors_and_move_no_credits(grid_factory)
     honest = g.agents["honest"].agent
     pid = g.proofs("honest")[0]["id"]
     other = g.proofs("cheat")[0]["id"]
-    before = g.get("/api/v1/status")["balances"]
+    before = g.admin_get("/api/v1/status")["balances"]
 
     async def calls() -> list[int]:
         out = []
@@ -181,7 +186,7 @@ def test_bad_proof_messages_get_precise_errors_and_move_no_credits(grid_factory)
     # An unsigned call is refused outright.
     r = httpx.post(f"{g.coord.url}/api/v1/hwproofs/{pid}/start", json={}, trust_env=False)
     assert r.status_code == 401
-    assert g.get("/api/v1/status")["balances"] == before
+    assert g.admin_get("/api/v1/status")["balances"] == before
 
 
 def test_nvidia_cc_attestation_is_accepted_as_extra_evidence_on_a_gpu() -> None:

@@ -51,19 +51,23 @@ class Market:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=30, headers={
             "authorization": f"Bearer {key or self.api_key}"})
 
+    def admin(self) -> httpx.Client:
+        """A client with the operator key: admin routes, the ledger, every balance."""
+        return self.coordinator.admin(timeout=30)
+
     def status(self) -> dict[str, Any]:
-        with self.http() as c:
+        with self.admin() as c:
             return c.get("/api/v1/status").json()  # type: ignore[no-any-return]
 
     def balance(self, account: str) -> int:
         return int(self.status()["balances"].get(account, 0))
 
     def entries(self, cause: str) -> list[dict[str, Any]]:
-        with self.http() as c:
+        with self.admin() as c:
             return c.get("/api/v1/ledger", params={"cause": cause}).json()["entries"]  # type: ignore[no-any-return]
 
     def verify(self) -> None:
-        with self.http() as c:
+        with self.admin() as c:
             assert c.get("/api/v1/ledger/verify").json() == {"ok": True, "problems": []}
 
 
@@ -80,7 +84,7 @@ def start_market(tmp_path: Path, database_url: str, providers: tuple[tuple[Any, 
     coordinator = CoordinatorThread(CoordinatorSettings(**{**defaults, **settings}))
     coordinator.start()
     agents, node_ids = {}, {}
-    with httpx.Client(base_url=coordinator.url, trust_env=False) as c:
+    with coordinator.admin() as c:
         for name, device, count, region, price in providers:
             engine = (engines or {}).get(name) or FakeEngine(MODEL)
             agent = make_agent(coordinator.url, [engine], name, price=Price(MICRO, 4 * MICRO),
@@ -167,7 +171,9 @@ def test_payout_moves_accruals_to_provider_accounts(market: Market) -> None:
         c.post("/api/v1/orders/P1/cancel").raise_for_status()
         accrued = market.balance(ledger.accrual_account(home))
         paid_before = market.balance(ledger.provider_account(home))
-        out = c.post("/api/v1/admin/payouts").json()
+        assert c.post("/api/v1/admin/payouts").status_code == 401  # a consumer's key is not it
+    with market.admin() as admin:
+        out = admin.post("/api/v1/admin/payouts").json()
     assert out["paid"][home] == accrued > 0
     assert market.balance(ledger.accrual_account(home)) == 0
     assert market.balance(ledger.provider_account(home)) == paid_before + accrued
@@ -221,7 +227,9 @@ def test_malformed_json_duplicate_ids_and_unknown_orders(market: Market) -> None
         assert [e["memo"] for e in market.entries("D1")].count("prepay") == 1
         assert c.get("/api/v1/orders/nope").status_code == 404
         # Another consumer cannot see or cancel this one.
-        other = c.post("/api/v1/admin/keys", json={"name": "o"}).json()["api_key"]
+        assert c.post("/api/v1/admin/keys", json={"name": "o"}).status_code == 401
+    with market.admin() as admin:
+        other = admin.post("/api/v1/admin/keys", json={"name": "o"}).json()["api_key"]
     with market.http(other) as c2:
         assert c2.get("/api/v1/orders/D1").status_code == 404
         assert c2.post("/api/v1/orders/D1/cancel").status_code == 404

@@ -56,7 +56,9 @@ class Grid:
         self.coord = CoordinatorThread(self.settings)
         self.coord.start()
         self.http = httpx.Client(base_url=self.coord.url, trust_env=False, timeout=30)
-        key = self.http.post("/api/v1/admin/keys", json={"name": "t"}).json()
+        # The operator's client: admin routes, the ledger, every balance.
+        self.admin = self.coord.admin(timeout=30)
+        key = self.admin.post("/api/v1/admin/keys", json={"name": "t"}).json()
         self.key_id = key["key_id"]
         self.auth = {"Authorization": f"Bearer {key['api_key']}"}
         self.mint(key_id=self.key_id, amount=10 * MICRO)
@@ -65,7 +67,7 @@ class Grid:
 
     def mint(self, **body: Any) -> None:
         ref = f"m-{body.get('key_id') or body.get('node_id')}"
-        self.http.post("/api/v1/admin/mint", json={**body, "reference": ref}).raise_for_status()
+        self.admin.post("/api/v1/admin/mint", json={**body, "reference": ref}).raise_for_status()
 
     def agent(self, name: str, **config: Any) -> str:
         """Start an agent, fund it (stake comes out of its balance) and return its id."""
@@ -94,11 +96,11 @@ class Grid:
         return self.job(job_id)
 
     def balances(self) -> dict[str, int]:
-        got: dict[str, int] = self.http.get("/api/v1/status").json()["balances"]
+        got: dict[str, int] = self.admin.get("/api/v1/status").json()["balances"]
         return got
 
     def check_books(self) -> None:
-        assert self.http.get("/api/v1/ledger/verify").json() == {"ok": True, "problems": []}
+        assert self.admin.get("/api/v1/ledger/verify").json() == {"ok": True, "problems": []}
         assert sum(self.balances().values()) == 0
 
     def stop(self) -> None:
@@ -106,6 +108,7 @@ class Grid:
             if t.thread is not None and t.thread.is_alive():
                 t.stop(10)
         self.http.close()
+        self.admin.close()
         self.coord.stop()
 
 

@@ -51,13 +51,17 @@ class Grid:
         self.url = self.coord.url
         self.agents: dict[str, AgentThread] = {}
         self.ids: dict[str, str] = {}
-        with self.http() as c:
+        with self.admin() as c:
             self.key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
             c.post("/api/v1/admin/mint", json={"key_id": self.key["key_id"],
                                                "amount": 100 * MICRO, "reference": "m"})
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=30)
+
+    def admin(self) -> httpx.Client:
+        """A client with the operator key: admin routes, audits, the ledger, every balance."""
+        return self.coord.admin(timeout=30)
 
     def add(self, name: str, engine: Any, price: Price, verifier: bool = False,
             **kw: Any) -> None:
@@ -76,19 +80,19 @@ class Grid:
             [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)]))
 
     def status(self) -> dict:
-        with self.http() as c:
+        with self.admin() as c:
             return c.get("/api/v1/status").json()
 
     def audits(self) -> list[dict]:
-        with self.http() as c:
+        with self.admin() as c:
             return c.get("/api/v1/audits").json()["audits"]
 
     def disputes(self) -> list[dict]:
-        with self.http() as c:
+        with self.admin() as c:
             return c.get("/api/v1/disputes").json()["disputes"]
 
     def entries(self) -> list[dict]:
-        with self.http() as c:
+        with self.admin() as c:
             return c.get("/api/v1/ledger").json()["entries"]
 
     def complete(self, prompt: str, max_tokens: int = 24, **kw: Any) -> Any:

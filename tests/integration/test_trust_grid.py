@@ -64,7 +64,7 @@ def grid_factory(tmp_path: Path) -> Iterator:
             started.append(t)
         wait_for_live(coord.url, 2)
         store = coord.app.state.grid.store
-        with httpx.Client(base_url=coord.url, trust_env=False) as c:
+        with coord.admin() as c:
             key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
             c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 100 * MICRO,
                                                "reference": "m"})
@@ -80,41 +80,42 @@ def grid_factory(tmp_path: Path) -> Iterator:
         s.stop() if isinstance(s, CoordinatorThread) else s.stop(10)
 
 
-def _status(url: str) -> dict:
-    with httpx.Client(base_url=url, trust_env=False) as c:
+def _status(coord: CoordinatorThread) -> dict:
+    with coord.admin() as c:  # the operator's view: every balance too
         return c.get("/api/v1/status").json()
 
 
-def _audits(url: str) -> list[dict]:
-    with httpx.Client(base_url=url, trust_env=False) as c:
+def _audits(coord: CoordinatorThread) -> list[dict]:
+    with coord.admin() as c:
         return c.get("/api/v1/audits").json()["audits"]
 
 
-def _settled(url: str) -> bool:
-    return all(a["state"] in ("passed", "failed") for a in _audits(url))
+def _settled(coord: CoordinatorThread) -> bool:
+    return all(a["state"] in ("passed", "failed") for a in _audits(coord))
 
 
-def _serve(url: str, key: dict, n: int, temperature: float, provider_id: str) -> int:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key["api_key"], max_retries=0)
+def _serve(coord: CoordinatorThread, key: dict, n: int, temperature: float,
+           provider_id: str) -> int:
+    client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
     served = 0
     for i in range(n):
-        if _status(url)["trust"]["nodes"][provider_id]["ejected"]:
+        if _status(coord)["trust"]["nodes"][provider_id]["ejected"]:
             break
         client.completions.create(model="tiny", prompt=f"Request {i}: tell me", max_tokens=24,
                                   temperature=temperature)
         served += 1
-        _wait(lambda: _settled(url))
+        _wait(lambda: _settled(coord))
     return served
 
 
 def test_honest_provider_passes_every_audit_and_verifier_is_paid(grid_factory) -> None:
     coord, key, nodes = grid_factory(TinyEngine("tiny"), TinyEngine("tiny"))
-    served = _serve(coord.url, key, 6, 1.0, nodes["provider"])
+    served = _serve(coord, key, 6, 1.0, nodes["provider"])
     assert served == 6
-    audits = [a for a in _audits(coord.url) if a["node_id"] == nodes["provider"]]
+    audits = [a for a in _audits(coord) if a["node_id"] == nodes["provider"]]
     assert len([a for a in audits if not a["canary"]]) == 6  # probation: every one
     assert all(a["state"] == "passed" for a in audits if not a["canary"]), audits
-    st = _status(coord.url)
+    st = _status(coord)
     me = st["trust"]["nodes"][nodes["provider"]]
     assert me["passed"] == 6 and me["failed"] == 0 and me["probation"] and not me["ejected"]
     assert st["trust"]["p_steady"] < 0.1
@@ -127,17 +128,18 @@ def test_honest_provider_passes_every_audit_and_verifier_is_paid(grid_factory) -
 def test_cheater_is_caught_slashed_and_ejected_within_ten_requests(grid_factory, cheat,
                                                                    temperature) -> None:
     coord, key, nodes = grid_factory(cheats.CHEATS[cheat]("tiny"), TinyEngine("tiny"))
-    before = _status(coord.url)["balances"][ledger.consumer_account(key["key_id"])]
-    served = _serve(coord.url, key, 10, temperature, nodes["provider"])
-    st = _status(coord.url)
+    before = _status(coord)["balances"][ledger.consumer_account(key["key_id"])]
+    served = _serve(coord, key, 10, temperature, nodes["provider"])
+    st = _status(coord)
     me = st["trust"]["nodes"][nodes["provider"]]
     assert me["ejected"] and me["failed"] >= 1, me
     assert served <= 10
     assert st["balances"].get(ledger.stake_account(nodes["provider"], "cpu"), 0) == 0
-    failed = [a for a in _audits(coord.url) if a["state"] == "failed" and not a["canary"]]
+    failed = [a for a in _audits(coord) if a["state"] == "failed" and not a["canary"]]
     assert failed and failed[0]["verdict"]["reasons"]
     # The consumer got the cheated request's charge back from the stake.
-    entries = httpx.get(f"{coord.url}/api/v1/ledger", trust_env=False).json()["entries"]
+    entries = httpx.get(f"{coord.url}/api/v1/ledger", trust_env=False,
+                        headers=coord.operator_headers).json()["entries"]
     slashes = [e for e in entries if e["key"].startswith("slash:")]
     refunded = sum(p["amount"] for e in slashes for p in e["postings"]
                    if p["account"] == ledger.consumer_account(key["key_id"]))
@@ -149,8 +151,8 @@ def test_cheater_is_caught_slashed_and_ejected_within_ten_requests(grid_factory,
 def test_lazy_verifier_is_caught_by_a_canary(grid_factory, monkeypatch) -> None:
     monkeypatch.setenv("IDLEGRID_TRUST_CANARY_RATE", "1.0")
     coord, key, nodes = grid_factory(TinyEngine("tiny"), cheats.LazyVerifier("tiny"))
-    _serve(coord.url, key, 1, 0.0, nodes["provider"])
-    st = _status(coord.url)
+    _serve(coord, key, 1, 0.0, nodes["provider"])
+    st = _status(coord)
     v = st["trust"]["nodes"][nodes["verifier"]]
     assert v["ejected"] and v["verifier_failed"] == 1
     assert st["balances"].get(ledger.stake_account(nodes["verifier"], "cpu"), 0) == 0
@@ -185,7 +187,7 @@ def test_no_audit_is_judged_across_cpu_variants(grid_factory) -> None:
     for i in range(3):
         client.completions.create(model="tiny", prompt=f"Request {i}", max_tokens=8,
                                   temperature=1.0)
-    mine = [a for a in _audits(coord.url) if a["node_id"] == nodes["provider"]]
+    mine = [a for a in _audits(coord) if a["node_id"] == nodes["provider"]]
     assert len([a for a in mine if not a["canary"]]) == 3  # probation audits every answer
     # Asked as the other-variant verifier, the coordinator has no audit to hand out.
     async def poll_as_verifier() -> dict | None:
@@ -196,7 +198,7 @@ def test_no_audit_is_judged_across_cpu_variants(grid_factory) -> None:
             await client.close()
 
     assert asyncio.run(poll_as_verifier()) is None
-    mine = [a for a in _audits(coord.url) if a["node_id"] == nodes["provider"]]
+    mine = [a for a in _audits(coord) if a["node_id"] == nodes["provider"]]
     assert all(a["state"] == "pending" and a["verifier_id"] is None for a in mine), mine
     # A verifier of the provider's own variant takes them and passes them.
     same = make_agent(coord.url, [_Build("tiny", "cpu-x86-64-v4")], "verifier-v4",
@@ -204,10 +206,10 @@ def test_no_audit_is_judged_across_cpu_variants(grid_factory) -> None:
     t = AgentThread(same)
     t.start()
     try:
-        _wait(lambda: _settled(coord.url), 60.0)
-        mine = [a for a in _audits(coord.url) if a["node_id"] == nodes["provider"]]
+        _wait(lambda: _settled(coord), 60.0)
+        mine = [a for a in _audits(coord) if a["node_id"] == nodes["provider"]]
         assert all(a["state"] == "passed" for a in mine), mine
-        v4 = next(n["id"] for n in _status(coord.url)["nodes"] if n["name"] == "verifier-v4")
+        v4 = next(n["id"] for n in _status(coord)["nodes"] if n["name"] == "verifier-v4")
         assert {a["verifier_id"] for a in mine} == {v4}
     finally:
         t.stop(10)

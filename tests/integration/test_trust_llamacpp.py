@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -122,7 +121,7 @@ def test_llama_cpp_grid_answers_are_committed_and_pass_audits(tmp_path: Path, pr
     agents = [AgentThread(make_agent(coord.url, [provider], "provider")),
               AgentThread(make_agent(coord.url, [verifier], "verifier", verifier=True,
                                      price=Price(1000 * MICRO, 4000 * MICRO)))]
-    http = httpx.Client(base_url=coord.url, trust_env=False)
+    http = coord.admin()  # the operator's client: admin routes and audits
     try:
         for a in agents:
             a.start()

@@ -90,3 +90,20 @@ def test_channel_frames_are_signed_like_requests(setup: tuple[NodeKey, Verifier,
 def test_malformed_frame_headers(frame: bytes) -> None:
     with pytest.raises(AuthError, match="malformed"):
         frame_headers("n", frame)
+
+
+@pytest.mark.parametrize("ts", ["nan", "NaN", "inf", "-inf"])
+def test_a_non_finite_timestamp_is_refused(setup: tuple[NodeKey, Verifier, Clock],
+                                           ts: str) -> None:
+    import base64
+
+    from idlegrid.protocol.signing import HEADER_SIGNATURE, HEADER_TIMESTAMP, message
+
+    key, verifier, clock = setup
+    h = key.sign_headers("POST", "/a", b"{}", now=clock())
+    # Signed properly over the odd timestamp: only the freshness check can refuse it.
+    h[HEADER_TIMESTAMP] = ts
+    sig = key.private.sign(message("POST", "/a", b"{}", ts, h["x-idlegrid-nonce"]))
+    h[HEADER_SIGNATURE] = base64.b64encode(sig).decode()
+    with pytest.raises(AuthError, match="timestamp"):
+        verifier.verify("POST", "/a", b"{}", h, key.public_bytes)

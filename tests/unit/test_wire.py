@@ -74,3 +74,24 @@ def test_frames_without_the_job_secret_are_dropped() -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("addr,peer,ok", [
+    ("127.0.0.1:29500", "127.0.0.1", True),
+    ("[::1]:29500", "::1", True),
+    ("10.0.0.7:29500", "127.0.0.1", False),  # another host's address
+    ("evil.example:29500", "127.0.0.1", False),  # a name: rebinding
+    ("127.0.0.1:22", "127.0.0.1", False),  # a privileged port
+    ("127.0.0.1", "127.0.0.1", False),
+])
+def test_a_gang_rendezvous_must_be_the_nodes_own_address(addr: str, peer: str,
+                                                         ok: bool) -> None:
+    from idlegrid.coordinator.routes_jobs import check_gang_addr
+    from idlegrid.errors import InvalidRequest
+
+    if ok:
+        check_gang_addr(addr, peer)
+    else:
+        with pytest.raises(InvalidRequest) as err:
+            check_gang_addr(addr, peer)
+        assert err.value.param == "gang_addr"

@@ -37,6 +37,8 @@ def _logging(verbose: bool) -> None:
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False
           ) -> None:
+    # The database, its WAL, logs and keys hold balances and secrets: owner-only files.
+    os.umask(0o077)
     if version:
         out.print(__version__)
         raise typer.Exit()
@@ -50,23 +52,50 @@ def coordinator(
     database_url: Annotated[str, typer.Option(
         help="SQLAlchemy URL (default: SQLite in --data-dir; or IDLEGRID_DATABASE_URL).")] = "",
     fee_bps: Annotated[int | None, typer.Option(help="Protocol fee in basis points.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this PEM certificate.")
+                        ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's PEM private key.")
+                       ] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Serve plain HTTP on a non-loopback address (e.g. behind a TLS "
+        "reverse proxy on the same host).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the coordinator: node API, OpenAI gateway, ledger, metrics."""
+    import ipaddress
+
     import uvicorn
 
-    from idlegrid.config import CoordinatorSettings
+    from idlegrid.config import LOOPBACK_NAMES, OPERATOR_KEY_FILE, CoordinatorSettings
     from idlegrid.coordinator.app import create_app
 
     _logging(verbose)
+    if bool(tls_cert) != bool(tls_key):
+        raise typer.BadParameter("give both --tls-cert and --tls-key", param_hint="--tls-cert")
+    try:
+        loopback = host in LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not tls_cert and not insecure:
+        raise typer.BadParameter(
+            f"{host} is reachable from other machines: API keys, the operator key and node "
+            "signatures would cross the network in clear text. Give --tls-cert/--tls-key, "
+            "or --insecure when a TLS reverse proxy on this host fronts it (docs/deploy.md)",
+            param_hint="--host")
     overrides: dict[str, Any] = {"data_dir": data_dir, "host": host, "port": port}
     if database_url:
         overrides["database_url"] = database_url
     if fee_bps is not None:
         overrides["fee_bps"] = fee_bps
     settings = CoordinatorSettings(**overrides)
+    settings.ensure_operator_key()
+    console.print(f"operator key: {data_dir / OPERATOR_KEY_FILE}"
+                  if (data_dir / OPERATOR_KEY_FILE).exists() else "operator key: from settings")
+    from idlegrid.coordinator.edge import guarded_http
+
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                timeout_keep_alive=5, http=guarded_http(settings.header_timeout_s))
 
 
 @app.command()
@@ -270,7 +299,9 @@ def up(
             out.print("  train    : idlegrid train   (the small GPT on stdlib text, verified)")
         out.print("Ctrl-C stops everything.")
         sys.stdout.flush()
-        stop.wait()
+        while not stop.wait(0.5):  # supervise: a child that dies is restarted with backoff
+            for line in grid.supervise():
+                console.print(f"[yellow]{line}[/]")
     except KeyboardInterrupt:
         pass
     except ProcessExited as exc:
@@ -322,9 +353,11 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
     from idlegrid.core.ledger import MICRO
 
     url, key = _locate(coordinator_url, data_dir)
-    with GridClient(url, key) as client:
-        data = client.status()
-        if key:
+    operator = _operator_key(data_dir)
+    with GridClient(url, operator or key) as client:
+        data = client.status()  # every balance with the operator key, public facts without
+    if key:
+        with GridClient(url, key) as client:
             data["me"] = client.balance()
     if as_json:
         out.print_json(json.dumps(data))
@@ -365,8 +398,8 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
                       f"{d['round']} ({outcome})")
     if "me" in data:
         out.print(f"your balance: {data['me']['balance'] / MICRO:.6f} credits")
-    out.print(f"protocol fees collected: {data['balances'].get('system:fees', 0) / MICRO:.6f} "
-              f"credits; tasks: {data['tasks']}")
+    out.print(f"protocol fees collected: {data['fees'] / MICRO:.6f} credits; "
+              f"tasks: {data['tasks']}")
 
 
 @app.command("verify-ledger")

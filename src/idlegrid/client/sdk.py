@@ -44,7 +44,7 @@ class GridClient:
         return data
 
     def status(self) -> dict[str, Any]:
-        """Nodes, balances and task counts."""
+        """Nodes, task counts and fees; every balance too with the operator key."""
         return self._json(self.http.get("/api/v1/status"))
 
     def balance(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 out = Console()
 err = Console(stderr=True)
 MICRO = 1_000_000
-ENDED = ("done", "failed", "canceled")
+ENDED = ("done", "failed", "canceled", "expired")
 BARS = " ▁▂▃▄▅▆▇█"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from idlegrid import PROTOCOL_VERSION, __version__
 from idlegrid.config import CoordinatorSettings
@@ -34,6 +35,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app; the database is migrated to the newest schema on start-up."""
     settings = settings or CoordinatorSettings()
+    settings.ensure_operator_key()
     url = settings.resolved_database_url()
 
     @asynccontextmanager
@@ -55,6 +57,8 @@ def create_app(
     http_errors.install(app)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes,
                        large_bytes=settings.max_checkpoint_body_bytes)
+    # Last added runs first: a foreign Host (DNS rebinding) is refused before anything.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names())
     app.include_router(routes_openai.router)
     app.include_router(routes_nodes.router)
     app.include_router(routes_admin.router)

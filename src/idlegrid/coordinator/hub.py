@@ -43,6 +43,10 @@ class TaskStream:
     created: asyncio.Event = field(default_factory=asyncio.Event)
     opened_at: float = 0.0
     first_piece_at: float | None = None  # when the consumer got its first token
+    # Tokens the current attempt may still deliver: max_tokens less earlier attempts' output
+    # (None: not known here, e.g. a stream re-adopted after a restart).
+    budget: int | None = None
+    flushed: bool = False  # the attempt sent its end-of-output text piece (token id -1)
 
 
 class Hub:
@@ -70,7 +74,8 @@ class Hub:
         if stream:
             stream.closed = True
 
-    def begin_attempt(self, task_id: str, attempt: int, now: float) -> None:
+    def begin_attempt(self, task_id: str, attempt: int, now: float,
+                      budget: int | None = None) -> None:
         """A provider claimed the task: its uploads start at index 0."""
         stream = self.streams.get(task_id)
         if stream:
@@ -78,6 +83,7 @@ class Hub:
             stream.attempt_ids = []
             stream.next_index = 0
             stream.last_progress = now
+            stream.budget, stream.flushed = budget, False
 
     def push(self, task_id: str, event: Event) -> None:
         """Deliver an event to the consumer's stream."""

@@ -65,6 +65,7 @@ class TrainSettings(BaseSettings):
     probe_rate: float = Field(0.1, ge=0, le=1, description="commits followed by a probe")
     probe_timeout_s: float = Field(30.0, gt=0, description="a probe unanswered this long fails")
     dispute_round_s: float = Field(30.0, gt=0, description="a dispute party answers within")
+    queue_ttl_s: float = Field(3600.0, gt=0, description="a job queued this long expires")
 
 
 def b64(text: str, param: str) -> bytes:
@@ -825,6 +826,12 @@ class Jobs:
                 self._probe_fault(s, p, f"not answered within {st.probe_timeout_s:.0f} s")
             jobs = list(s.scalars(select(TrainJob).where(TrainJob.state.in_(LIVE_STATES))))
             for job in jobs:
+                if job.state == "queued" and now - max(job.created_at, job.lease_at or 0.0) \
+                        > st.queue_ttl_s:
+                    # No provider took it (or took it back) for the whole window: what is
+                    # left of its escrow goes back rather than waiting for ever.
+                    self._close(s, job, "expired", f"queued over {st.queue_ttl_s:.0f} s")
+                    continue
                 if job.state == "running" and (job.node_id not in live
                                                or now - job.lease_at > st.lease_timeout_s):
                     why = "provider-lost" if job.node_id not in live else "provider-stalled"

@@ -22,6 +22,7 @@ from idlegrid.core.market.auction import Book, Placement, Unmatched
 from idlegrid.core.market.hardware import BY_NAME, Device, Hardware
 from idlegrid.core.market.offers import PLUGIN_TIMEOUT_S, Offer
 from idlegrid.core.market.orders import Order, OrderKind, OrderState, parse_order
+from idlegrid.core.market.plugins import is_pricing_plugin
 from idlegrid.errors import Conflict, InvalidRequest
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Market:
         self._dirty = True
         self._lock = threading.Lock()  # the book is used from request threads and the tick
         self._plugins: dict[str, Callable[..., Any]] = {}
+        self._plugins_stuck: set[str] = set()  # plug-ins with a timed-out call still running
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pricing")
         self._pending: list[Any] = []  # orders waiting for the next group commit
         self._pending_lock = threading.Lock()
@@ -135,19 +137,34 @@ class Market:
         if not fn or not any(module == a or module.startswith(a + ".") for a in allowed):
             return None  # only modules the operator allowed run inside the coordinator
         if path not in self._plugins:
-            self._plugins[path] = getattr(importlib.import_module(module), fn)
+            obj = getattr(importlib.import_module(module), fn, None)
+            if not is_pricing_plugin(obj):
+                return None  # and in them only functions marked @pricing_plugin
+            self._plugins[path] = obj
         return self._plugins[path]
 
     def quote(self, offer: Offer, order: Order) -> int | None:
         """Ask an offer's plug-in for a price within 100 ms; None sits the offer out."""
         try:
-            fn = self._plugin(offer.plugin or "")
+            path = offer.plugin or ""
+            fn = self._plugin(path)
             if fn is None:
                 return None
+            with self._pending_lock:
+                if path in self._plugins_stuck:
+                    # Its last call has not returned: threads cannot be stopped, so a hung
+                    # plug-in holds one pool thread at most, and sits out until it returns.
+                    return None
             future = self._pool.submit(fn, order.to_dict(), {
                 "offer": offer.id, "device": offer.device.model, "count": offer.device.count,
                 "region": offer.hardware.region, "price_h": offer.device_hour / MICRO})
-            credits = future.result(timeout=PLUGIN_TIMEOUT_S)
+            try:
+                credits = future.result(timeout=PLUGIN_TIMEOUT_S)
+            except FutureTimeout:
+                with self._pending_lock:
+                    self._plugins_stuck.add(path)
+                future.add_done_callback(lambda _f: self._unstick(path))
+                raise
             if isinstance(credits, bool) or not isinstance(credits, int | float) or not (
                     0 <= credits <= 10_000):
                 return None
@@ -159,6 +176,10 @@ class Market:
             log.warning("pricing plug-in %s failed; offer %s sits out", offer.plugin, offer.id,
                         exc_info=True)
             return None
+
+    def _unstick(self, path: str) -> None:
+        with self._pending_lock:
+            self._plugins_stuck.discard(path)
 
     # ---- orders ----------------------------------------------------------------------------
 

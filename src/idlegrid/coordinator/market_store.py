@@ -44,8 +44,11 @@ class DuplicateOrder(Conflict):
 
     code = "duplicate_order"
 
-    def __init__(self, order_id: str, state: str) -> None:
-        super().__init__(f"order {order_id} was already submitted (now {state})",
+    def __init__(self, order_id: str, state: str | None) -> None:
+        # Order ids are global: another consumer's order is named "taken", its state kept
+        # from whoever submitted the same id.
+        super().__init__(f"order {order_id} was already submitted (now {state})" if state
+                         else f"order id {order_id} is taken; choose another",
                          order_id=order_id, state=state)
 
 
@@ -194,9 +197,10 @@ class MarketStore:
         except IntegrityError:
             with self.store.read() as s:
                 for order, *_ in items:
-                    if (state := s.scalar(select(MarketOrder.state).where(
-                            MarketOrder.id == order.id))) is not None:
-                        raise DuplicateOrder(order.id, state) from None
+                    if (row := s.execute(select(MarketOrder.state, MarketOrder.key_id).where(
+                            MarketOrder.id == order.id)).first()) is not None:
+                        raise DuplicateOrder(order.id, row[0] if row[1] == key_id else None
+                                             ) from None
             raise
         return [_view_of(r, key_id, now) for r in rows]
 
@@ -222,8 +226,10 @@ class MarketStore:
                 except IntegrityError:
                     if len(items) == 1:
                         raise
-                    state = s.scalar(select(MarketOrder.state).where(MarketOrder.id == order.id))
-                    out.append(DuplicateOrder(order.id, state or "unknown"))
+                    got = s.execute(select(MarketOrder.state, MarketOrder.key_id).where(
+                        MarketOrder.id == order.id)).first()
+                    out.append(DuplicateOrder(order.id, got[0] if got and got[1] == key_id
+                                              else None))
                 except IdlegridError as exc:
                     if len(items) == 1:
                         raise

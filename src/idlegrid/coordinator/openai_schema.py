@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from idlegrid.errors import InvalidRequest
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
 MAX_PRICE_CREDITS = 100_000.0  # per 1M tokens; the bound on any provider's price too
 
 
@@ -46,6 +47,9 @@ class _Common(BaseModel):
             raise InvalidRequest(f"at most {MAX_STOP} stop sequences", param="stop")
         if any(not s for s in stops):
             raise InvalidRequest("stop sequences must not be empty", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise InvalidRequest(f"stop sequences are at most {MAX_STOP_CHARS} characters",
+                                 param="stop")
         return stops
 
     def check_supported(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from idlegrid.config import LOOPBACK_NAMES
 from idlegrid.coordinator.service import Grid
 from idlegrid.core import ledger
 from idlegrid.errors import AuthError, InvalidRequest
@@ -22,30 +23,24 @@ def _grid(request: Request) -> Grid:
 
 
 def from_loopback(request: Request) -> bool:
-    """Whether the caller connects from this machine."""
-    host = request.client.host if request.client else ""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def require_operator(request: Request) -> None:
-    """Operator routes need the operator key, or (without one configured) a loopback caller."""
-    grid = _grid(request)
-    configured = grid.settings.operator_key
-    given = request.headers.get("authorization", "")
-    if configured:
-        if not hmac.compare_digest(given.encode(), f"Bearer {configured}".encode()):
-            raise AuthError("operator key required")
-        return
+    """Whether the caller connects from this machine, directly: by a loopback address and
+    a loopback Host, and through no proxy that says it forwarded the request."""
     host = request.client.host if request.client else ""
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = False
-    if not loopback:
-        raise AuthError("operator routes are loopback-only unless an operator key is set")
+        return False
+    name = (request.url.hostname or "").strip("[]")
+    forwarded = any(h in request.headers for h in ("forwarded", "x-forwarded-for",
+                                                   "x-real-ip"))
+    return loopback and name in LOOPBACK_NAMES and not forwarded
+
+
+def require_operator(request: Request) -> None:
+    """Operator routes need the operator key; the coordinator always has one."""
+    if not is_operator(request):
+        raise AuthError("operator key required (the coordinator's data dir holds it in "
+                        "operator-key)")
 
 
 class NewKey(BaseModel):
@@ -70,6 +65,14 @@ async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     grid = _grid(request)
     key_id, secret = await grid.db(grid.store.create_api_key, body.name)
     return {"key_id": key_id, "api_key": secret}
+
+
+@router.post("/admin/keys/{key_id}/revoke")
+async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
+    """Revoke a consumer API key: refused from now on (its balance stays in the ledger)."""
+    require_operator(request)
+    changed = await _grid(request).revoke_key(key_id)
+    return {"key_id": key_id, "revoked": True, "changed": changed}
 
 
 @router.post("/admin/mint")
@@ -99,15 +102,23 @@ async def balance(request: Request) -> dict[str, Any]:
             "balance": await grid.db(grid.store.balance, account)}
 
 
+def is_operator(request: Request) -> bool:
+    """Whether the request carries the operator key."""
+    configured = _grid(request).settings.ensure_operator_key()
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {configured}".encode())
+
+
 @router.get("/status")
 async def status(request: Request) -> dict[str, Any]:
-    """Nodes with their hardware and measured speed, balances, and task counts."""
+    """Nodes with their hardware, measured speed and earnings, and task counts; with the
+    operator key also every account's balance (consumers' balances are nobody else's)."""
     grid = _grid(request)
     now = grid.clock()
     nodes = await grid.db(grid.store.nodes)
     balances = await grid.db(grid.store.balances)
     running = await grid.db(grid.store.running_by_node)
-    return {
+    view = {
         "nodes": [
             {
                 "id": n.id, "name": n.name, "state": n.state,
@@ -126,11 +137,14 @@ async def status(request: Request) -> dict[str, Any]:
             }
             for n in nodes
         ],
-        "balances": balances,
         "fee_bps": grid.settings.fee_bps,
+        "fees": balances.get(ledger.FEES, 0),
         "tasks": await grid.db(grid.store.task_counts),
         "trust": await grid.trust.status(),
     }
+    if is_operator(request):
+        view["balances"] = balances
+    return view
 
 
 @router.get("/ledger")

@@ -1,9 +1,9 @@
 """The web dashboard (/, /requests, /market, /ledger), its live stream, and the economics API.
 
 Pages are server-rendered; the browser swaps in fragments that arrive over Server-Sent
-Events whenever the grid changes. Access follows the operator routes: open on loopback
-when no operator key is set, otherwise the key as a bearer token or as the cookie that
-/login sets.
+Events whenever the grid changes. Access needs the operator key (every coordinator has
+one), as a bearer token or as the cookie that /login sets; a local grid (`idlegrid up`)
+also opens its read-only pages to a direct loopback caller (`from_loopback`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ segments; verifiers re-execute audited segments. Node routes are signed like eve
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse
 from idlegrid.coordinator.jobs import b64
 from idlegrid.coordinator.routes_admin import require_operator
 from idlegrid.coordinator.routes_nodes import _grid, _parse, _signed
+from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import training as tm
 
 router = APIRouter(prefix="/api/v1", tags=["training"])
@@ -98,11 +100,34 @@ async def list_train_audits(request: Request) -> dict[str, Any]:
 # ---- providers -----------------------------------------------------------------------------
 
 
+def check_gang_addr(addr: str, peer: str) -> None:
+    """A gang's rendezvous is an IP literal and a port on the node's own address.
+
+    Other ranks connect to whatever rank 0 reports; a name (DNS rebinding) or another
+    host's address would point them, and their gloo traffic, at anything.
+    """
+    host, sep, port = addr.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+        same = ip == ipaddress.ip_address(peer)
+    except ValueError:
+        raise InvalidRequest("gang_addr must be IP:port (a literal address)",
+                             param="gang_addr") from None
+    if not sep or not port.isdigit() or not 1024 <= int(port) <= 65535:
+        raise InvalidRequest("gang_addr needs a port from 1024 to 65535", param="gang_addr")
+    if not same:
+        raise InvalidRequest(f"gang_addr {host} is not the address this node connects from "
+                             f"({peer})", param="gang_addr")
+
+
 @router.post("/train/poll", response_model=None)
 async def poll_job(request: Request) -> dict[str, Any] | Response:
     """A job to run from its last committed step (200), or 204 when none came in time."""
     node_id, body = await _signed(request)
     msg = _parse(tm.TrainPollMsg, body)
+    if msg.gang_addr:
+        check_gang_addr(msg.gang_addr, request.client.host if request.client else "")
     got = await _unless_gone(request, _grid(request).jobs.poll(node_id, msg.det_class,
                                                                msg.wait_s, msg.gang_addr))
     if got is None:

@@ -64,7 +64,8 @@ class Grid:
         self.metrics = Metrics()
         self.verifier = Verifier(clock, settings.signature_skew_s)
         self._keys: dict[str, bytes] = {}  # node id -> public key, cached: checked per upload
-        self._api_keys: dict[str, str] = {}  # bearer secret -> key id
+        # bearer secret -> (key id, cached until)
+        self._api_keys: dict[str, tuple[str, float]] = {}
         # Key id -> its balance after this process's last hold, less holds written since:
         # a lower bound while this process is the only spender (see submit).
         self._balance_hint: dict[str, int] = {}
@@ -187,6 +188,14 @@ class Grid:
                 supported=[PROTOCOL_VERSION],
             )
         offers = {o["model"]: Price(o["prompt_price"], o["output_price"]) for o in body["offers"]}
+        cutoff = self.clock() - self.settings.node_timeout_s
+        clash = next((n for n in self._nodes.values() if n.name == body["name"]
+                      and n.id != node_id and n.state != "gone" and n.last_seen >= cutoff), None)
+        if clash is not None:
+            # Names are how people tell providers apart (dashboard, CLI, logs): one live node
+            # per name. A node gone quiet frees its name.
+            raise Conflict(f"the name {body['name']!r} belongs to another live node",
+                           code="name_taken", param="name")
         await self.db(
             self.store.upsert_node, node_id=node_id, public_key=public_key, name=body["name"],
             protocol_version=body["protocol_version"], hardware=body["hardware"],
@@ -253,7 +262,7 @@ class Grid:
             event.clear()
             task = await self._claim(node_id, models)
             if task is not None:
-                self.hub.begin_attempt(task.id, task.attempt, self.clock())
+                self.hub.begin_attempt(task.id, task.attempt, self.clock(), _budget(task))
                 stream = self.hub.get(task.id)
                 if stream is None:  # the consumer left while it was queued
                     await self.db(self.store.fail, task.id, "consumer disconnected")
@@ -302,7 +311,7 @@ class Grid:
         if stream is None:
             asyncio.ensure_future(self.db(self.store.fail, task.id, "consumer disconnected"))
             return
-        self.hub.begin_attempt(task.id, task.attempt, self.clock())
+        self.hub.begin_attempt(task.id, task.attempt, self.clock(), _budget(task))
         stream.node_id, stream.target = node_id, None
         asyncio.ensure_future(self._give_up_quietly(node_id, task.id, task.attempt))
 
@@ -329,6 +338,7 @@ class Grid:
             fresh = pieces[stream.next_index - start:]
             if not fresh:
                 return
+            _check_budget(stream, task_id, fresh)
             stream.next_index += len(fresh)
             stream.attempt_ids.extend(tid for tid, _ in fresh if tid >= 0)
             stream.last_progress = self.clock()
@@ -433,12 +443,24 @@ class Grid:
         if not authorization or not authorization.lower().startswith("bearer "):
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
         secret = authorization[7:].strip()
-        key_id = self._api_keys.get(secret)
-        if key_id is None:
-            # Keys are never revoked yet, so a hit can be cached for the process lifetime.
-            key_id = await self.db(self.store.key_for_secret, secret)
-            self._api_keys[secret] = key_id
+        now = self.clock()
+        cached = self._api_keys.get(secret)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        # Cached for a while: a revocation here drops it at once, one made by another
+        # coordinator process is seen within KEY_CACHE_S.
+        key_id = await self.db(self.store.key_for_secret, secret)
+        if len(self._api_keys) > 100_000:
+            self._api_keys.clear()
+        self._api_keys[secret] = (key_id, now + KEY_CACHE_S)
         return key_id
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke an API key: its requests are refused from now on."""
+        changed = await self.db(self.store.revoke_api_key, key_id)
+        for secret in [s for s, (k, _) in self._api_keys.items() if k == key_id]:
+            del self._api_keys[secret]
+        return changed
 
     async def models(self) -> list[dict[str, Any]]:
         """Models that some live provider serves now."""
@@ -484,6 +506,7 @@ class Grid:
         target = routing.choose(cands)
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
+        stream.budget = max_tokens
         parked = self.hub.take_parked(target.node_id) if target else None
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
         early = claim_for is not None and self._balance_hint.get(key_id, -1) >= hold
@@ -629,3 +652,30 @@ class Grid:
                 if stream is not None:
                     stream.target = None
                 self.hub.wake(None)
+
+
+KEY_CACHE_S = 30.0
+
+# A piece is one token's text plus any text held back while it could begin a stop string.
+MAX_PIECE_CHARS = 2048
+
+
+def _budget(task: TaskView) -> int:
+    return int(task.payload["max_tokens"]) - len(task.delivered_ids)
+
+
+def _check_budget(stream: TaskStream, task_id: str, fresh: list[tuple[int, str]]) -> None:
+    """Refuse output past what the request may be billed for (Conflict: the attempt's
+    uploads are refused, the consumer is charged only for what was accepted)."""
+    tokens = sum(1 for tid, _ in fresh if tid >= 0)
+    if stream.budget is not None and len(stream.attempt_ids) + tokens > stream.budget:
+        raise Conflict(f"upload past max_tokens for {task_id}: {stream.budget} tokens left "
+                       "for this attempt", code="over_budget", expected=stream.next_index)
+    flushes = sum(1 for tid, _ in fresh if tid < 0)
+    if stream.flushed or flushes > 1 or (flushes and fresh[-1][0] >= 0):
+        raise Conflict("only the last piece of an attempt may carry text without a token",
+                       code="bad_piece", expected=stream.next_index)
+    if any(len(text) > MAX_PIECE_CHARS for _, text in fresh):
+        raise Conflict(f"a piece's text is over {MAX_PIECE_CHARS} characters",
+                       code="bad_piece", expected=stream.next_index)
+    stream.flushed = stream.flushed or flushes == 1

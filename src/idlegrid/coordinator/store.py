@@ -46,7 +46,7 @@ from idlegrid.coordinator.schema import (
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Entry, Price, Share
 from idlegrid.core.tasks import TaskState, should_retry, transition
-from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, StaleAttempt
+from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, NotFound, StaleAttempt
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -321,12 +321,26 @@ class Store:
         return key_id, secret
 
     def key_for_secret(self, secret: str) -> str:
-        """The key id for a bearer secret, or AuthError."""
+        """The key id for a bearer secret, or AuthError (unknown or revoked)."""
         with self.read() as s:
-            key_id = s.scalar(select(ApiKey.id).where(ApiKey.secret_hash == _hash_secret(secret)))
-        if key_id is None:
+            row = s.execute(select(ApiKey.id, ApiKey.revoked_at).where(
+                ApiKey.secret_hash == _hash_secret(secret))).first()
+        if row is None:
             raise AuthError("invalid API key")
-        return key_id
+        if row[1] is not None:
+            raise AuthError("this API key was revoked")
+        return str(row[0])
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Revoke a key (NotFound if there is none); False if it already was."""
+        with self.tx() as s:
+            key = s.get(ApiKey, key_id, with_for_update=True)
+            if key is None:
+                raise NotFound(f"no API key {key_id}", key_id=key_id)
+            if key.revoked_at is not None:
+                return False
+            key.revoked_at = self.clock()
+            return True
 
     # ---- ledger ------------------------------------------------------------------------
 
@@ -468,7 +482,8 @@ class Store:
                     "task_id": task_id, "attempt": 1, "node_id": view.node_id,
                     "prompt_price": claim_for[1].prompt, "output_price": claim_for[1].output,
                     "started_at": now, "output_tokens": 0})
-            self._post(s, ledger.request_hold(task_id, consumer, hold))
+            if hold:  # a free request (a provider at price 0) moves no credits
+                self._post(s, ledger.request_hold(task_id, consumer, hold))
             balance = s.scalar(_BALANCE, {"acct": consumer}) or 0
         return view, balance
 
@@ -580,10 +595,9 @@ class Store:
             t.finish_reason = finish_reason
             t.updated_at = self.clock()
             shares = self._shares(s, t, prompt_tokens)
-            entry = ledger.request_settlement(
-                t.id, ledger.consumer_account(t.key_id), t.hold, shares, fee_bps
-            )
-            self._post(s, entry)
+            if t.hold:  # nothing was held, so nothing can be owed (see create_task)
+                self._post(s, ledger.request_settlement(
+                    t.id, ledger.consumer_account(t.key_id), t.hold, shares, fee_bps))
             return _task_view(t)
 
     def requeue_or_fail(
@@ -601,7 +615,9 @@ class Store:
             else:
                 t.state = transition(TaskState(t.state), "fail").value
                 t.error = f"gave up after {t.attempt} attempts ({outcome})"
-                self._post(s, ledger.request_release(t.id, ledger.consumer_account(t.key_id), t.hold))
+                if t.hold:
+                    self._post(s, ledger.request_release(t.id, ledger.consumer_account(t.key_id),
+                                                         t.hold))
             return _task_view(t)
 
     def fail(self, task_id: str, reason: str, *, charge_delivered: bool = False,
@@ -619,6 +635,8 @@ class Store:
             t.updated_at = self.clock()
             t.node_id = None
             payer = ledger.consumer_account(t.key_id)
+            if not t.hold:
+                return _task_view(t)  # nothing held, nothing to settle
             if charge_delivered and t.output_tokens:
                 # The consumer left mid-answer: what was delivered was real work.
                 entry = ledger.request_settlement(t.id, payer, t.hold, self._shares(s, t, 0), fee_bps)

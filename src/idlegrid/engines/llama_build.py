@@ -31,6 +31,7 @@ from pathlib import Path
 LLAMA_CPP_PYTHON = "0.3.36"
 BACKENDS = ("cpu", "cuda", "metal", "vulkan")
 MARKER = "idlegrid-llama-build.json"  # in the venv: what the installed wheel was built with
+PINNED = "idlegrid-llama-variant"  # in the venv: the safe variant, after the default crashed
 
 _X86_OFF = ["AVX", "AVX2", "BMI2", "FMA", "F16C", "AVX_VNNI", "AVX512", "AVX512_VBMI",
             "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8", "AMX_BF16"]
@@ -216,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default=os.environ.get("IDLEGRID_LLAMA_CPU") or None)
     a = p.parse_args(argv)
     try:
-        variant = a.variant or default_variant()
+        pinned = _venv_marker(a.python).parent / PINNED
+        # A variant that crashed here once is not tried again (see _prove).
+        variant = a.variant or (pinned.read_text().strip() if pinned.is_file() else None) \
+            or default_variant()
         if a.command == "cmake-args":
             print(" ".join(cmake_args(a.backend, variant)))
         elif a.command == "variant":
@@ -245,6 +249,7 @@ def _prove(python: str, backend: str, variant: str) -> int:
         print(f"the {variant} engine build died with {first.data['signal']} on this machine; "
               f"rebuilding once with the safe baseline {safe}", file=sys.stderr)
         install(python, backend, safe)
+        (_venv_marker(python).parent / PINNED).write_text(safe + "\n")
         try:
             report = check_engine("llama.cpp", "gemma3:270m")
         except EngineCrashed as second:

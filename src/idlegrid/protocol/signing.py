@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import math
 import os
 import secrets
 from collections import OrderedDict
@@ -183,8 +184,12 @@ class Verifier:
             ts = float(timestamp)
         except ValueError as exc:
             raise AuthError("malformed timestamp") from exc
+        # "nan" parses, and every comparison with NaN is false: it would pass the skew check
+        # and outlive the nonce window, so the request could be replayed later.
+        if not math.isfinite(ts):
+            raise AuthError("malformed timestamp")
         now = self.clock()
-        if abs(now - ts) > self.max_skew_s:
+        if not abs(now - ts) <= self.max_skew_s:
             raise AuthError(f"stale timestamp ({now - ts:+.1f} s from coordinator clock)")
         try:
             _public_key(public_key).verify(

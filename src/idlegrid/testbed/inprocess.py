@@ -22,6 +22,7 @@ from idlegrid.agent.node_client import NodeClient
 from idlegrid.agent.power import PowerMeter
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator.app import create_app
+from idlegrid.coordinator.edge import guarded_http
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.engines.base import Engine
 from idlegrid.protocol.signing import NodeKey
@@ -42,7 +43,8 @@ class CoordinatorThread:
         self.settings = settings
         self.app = create_app(settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
-                                log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+                                log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
+                                http=guarded_http(settings.header_timeout_s))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -50,6 +52,21 @@ class CoordinatorThread:
     def url(self) -> str:
         """Base URL."""
         return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def operator_key(self) -> str:
+        """The operator key (given in the settings, or created in the data dir)."""
+        return self.settings.ensure_operator_key()
+
+    @property
+    def operator_headers(self) -> dict[str, str]:
+        """Headers that open the operator routes."""
+        return {"Authorization": f"Bearer {self.operator_key}"}
+
+    def admin(self, **kwargs: Any) -> httpx.Client:
+        """An HTTP client for the operator routes (admin, ledger, audits, full status)."""
+        return httpx.Client(base_url=self.url, trust_env=False, headers=self.operator_headers,
+                            **kwargs)
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start serving and wait until the server has started."""

@@ -38,6 +38,14 @@ class ProcessExited(RuntimeError):
 
 
 @dataclass
+class _Restart:
+    backoff: float = 1.0
+    due: float | None = None  # when the dead child is started again
+    started_at: float = 0.0
+    count: int = 0
+
+
+@dataclass
 class LocalGrid:
     """Handles to a running local grid."""
 
@@ -58,6 +66,7 @@ class LocalGrid:
     coordinator: subprocess.Popen[bytes] | None = None
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)  # pid -> process name (its log's)
+    _restarts: dict[str, _Restart] = field(default_factory=dict)
     api_key: str = ""
     key_id: str = ""
     operator_key: str = ""
@@ -75,15 +84,16 @@ class LocalGrid:
                "IDLEGRID_DASHBOARD_OPEN_ON_LOOPBACK": "1", "PYTHONUNBUFFERED": "1"}
         logs = self.log_dir or self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - closed once the child has it
         out.write(f"---- {name} starting ----\n".encode())
         out.flush()
         # Own session: a terminal's Ctrl-C reaches only `up`, which stops providers before
         # the coordinator so that they can drain. Parent-death signal: if `up` itself is
         # killed, its children still stop instead of serving on as orphans.
-        proc = subprocess.Popen([sys.executable, "-m", "idlegrid", *args], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+        with out:  # the child has its own descriptor from here on
+            proc = subprocess.Popen([sys.executable, "-m", "idlegrid", *args], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
         self.names[proc.pid] = name
         return proc
 
@@ -108,15 +118,14 @@ class LocalGrid:
         else:
             self.operator_key = secrets.token_urlsafe(24)
             _write_private(op_file, self.operator_key)
-        self.coordinator = self._spawn(
-            ["coordinator", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-            "coordinator",
-        )
+        self.coordinator = self._spawn(self._coordinator_args(), "coordinator")
         self._wait(lambda c: c.get(f"{self.url}/readyz").status_code == 200, timeout_s,
                    "coordinator ready", self.coordinator)
 
-    def start_provider(self, index: int) -> subprocess.Popen[bytes]:
-        """Start provider agent number `index`."""
+    def _coordinator_args(self) -> list[str]:
+        return ["coordinator", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+
+    def _provider_args(self, index: int) -> list[str]:
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(self.providers, 1))
         args = ["provide", "--coordinator", self.url, "--name", f"provider-{index}",
                 "--engine", self.engine, "--model", self.model, "--threads", str(threads),
@@ -126,7 +135,11 @@ class LocalGrid:
             args.append("--train-verifier" if index == self.providers - 1 else "--train")
         if self.verify:
             args.append("--verify")
-        proc = self._spawn(args, f"provider-{index}")
+        return args
+
+    def start_provider(self, index: int) -> subprocess.Popen[bytes]:
+        """Start provider agent number `index`."""
+        proc = self._spawn(self._provider_args(index), f"provider-{index}")
         self.agents.append(proc)
         return proc
 
@@ -205,6 +218,45 @@ class LocalGrid:
         self.fund_consumer()
         self.fund_providers()
         (self.data_dir / GRID_FILE).write_text(json.dumps({"url": self.url}))
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Restart children that died, each after a backoff; what happened, as lines.
+
+        A provider that dies is started again after 1 s, doubling up to 60 s while it
+        keeps dying within a minute of its start; a coordinator that dies is restarted the
+        same way (the providers reconnect to it by themselves).
+        """
+        now = time.monotonic() if now is None else now
+        events = []
+        procs = [("coordinator", self.coordinator)] + [
+            (f"provider-{i}", p) for i, p in enumerate(self.agents)]
+        for name, proc in procs:
+            if proc is None or proc.poll() is None:
+                continue
+            restart = self._restarts.setdefault(name, _Restart())
+            if restart.due is None:
+                if now - restart.started_at > 60.0:
+                    restart.backoff = 1.0  # it had been up a while: not a crash loop
+                restart.due = now + restart.backoff
+                how = (f"died with {signal.Signals(-proc.returncode).name}"
+                       if proc.returncode < 0 else f"exited with status {proc.returncode}")
+                events.append(f"{name} {how}; restarting in {restart.backoff:.0f} s")
+                restart.backoff = min(restart.backoff * 2, 60.0)
+            elif now >= restart.due:
+                restart.due, restart.started_at = None, now
+                restart.count += 1
+                if name == "coordinator":
+                    self.coordinator = self._spawn(self._coordinator_args(), "coordinator")
+                else:
+                    i = int(name.rsplit("-", 1)[1])
+                    self.agents[i] = self._spawn(self._provider_args(i), name)
+                events.append(f"{name} restarted (restart {restart.count})")
+        return events
+
+    def restarts(self, name: str) -> int:
+        """How often `supervise` has restarted a child."""
+        r = self._restarts.get(name)
+        return r.count if r else 0
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM the providers (they drain through the coordinator), then the coordinator."""

@@ -1,0 +1,62 @@
+"""Chaos on a real local grid (processes on loopback, the openai client), bounded in time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from idlegrid.testbed.chaos import run_chaos
+from idlegrid.testbed.inprocess import free_port
+from idlegrid.testbed.localgrid import LocalGrid
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Iterator[LocalGrid]:
+    g = LocalGrid(data_dir=tmp_path, port=free_port(), providers=3, engine="fake",
+                  model="fake:1", funding_credits=1000, provider_args=["--skip-benchmark"],
+                  extra_env={"IDLEGRID_FAKE_TOKEN_DELAY": "0.03", "IDLEGRID_NODE_TIMEOUT_S": "3",
+                             "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5",
+                             "IDLEGRID_STALL_TIMEOUT_S": "5"})
+    g.start(timeout_s=120)
+    yield g
+    g.stop()
+
+
+def test_killed_providers_are_restarted_and_every_request_completes(grid: LocalGrid) -> None:
+    r = run_chaos(grid, clients=6, duration_s=36, kill_every_s=6)
+    assert r.kills >= 5
+    assert not r.failed, r.failed[:5]
+    # Each kill is followed by a restart (the last may still be waiting out its backoff).
+    assert r.restarts >= r.kills - 1, r.supervisor_log
+    assert r.ledger_ok
+    assert min(r.served) >= 3 and r.fairness <= 2.0, r.summary()
+    # Every request was charged once: settled entries match the requests served.
+    with httpx.Client(base_url=grid.url, trust_env=False, timeout=30,
+                      headers={"Authorization": f"Bearer {grid.operator_key}"}) as c:
+        entries = c.get("/api/v1/ledger").json()["entries"]
+    settled = {e["cause"]["id"] for e in entries if e["key"].startswith("settle:")}
+    assert len(settled) == sum(r.served)
+
+
+def test_a_dead_coordinator_is_reported_and_restarted(grid: LocalGrid) -> None:
+    assert grid.coordinator is not None
+    grid.coordinator.kill()
+    grid.coordinator.wait()
+    events: list[str] = []
+    deadline = time.monotonic() + 60
+    tick = threading.Event()
+    while grid.restarts("coordinator") == 0 and time.monotonic() < deadline:
+        events += grid.supervise()
+        tick.wait(0.2)  # the supervisor's period, as `idlegrid up` runs it
+    assert any("coordinator died with SIGKILL" in e for e in events), events
+    grid.wait_for_providers(3, timeout_s=60)  # the agents found the new coordinator
+    c = openai.OpenAI(base_url=f"{grid.url}/v1", api_key=grid.api_key, max_retries=0)
+    assert c.completions.create(model="fake:1", prompt="after", max_tokens=4).usage
