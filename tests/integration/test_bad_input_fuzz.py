@@ -40,7 +40,7 @@ def test_schemathesis_finds_no_server_error_on_any_route(grid: Grid, tmp_path: P
          "--seed", "1", "--no-shrink", "--suppress-health-check", "all",
          "--exclude-path", "/dashboard/events", "--report", "junit", "--report-dir",
          str(tmp_path / "report")],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache goes there
     assert proc.returncode == 0, proc.stdout[-4000:]
     (report,) = (tmp_path / "report").glob("junit-*.xml")
     suite = ElementTree.parse(report).getroot()

@@ -47,7 +47,8 @@ CPU_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
 }
 SAFE_VARIANT = {"x86_64": "x86-64", "aarch64": "arm64", "arm64": "arm64"}
 # The canonical build per architecture: one determinism class for most providers. AVX-512
-# measured ~no faster for decode here (docs/benchmarks.md), so it is not the default.
+# decodes 2-5 % faster here (docs/benchmarks.md, "llama.cpp builds"): not worth a second
+# class that no AVX2 verifier may audit, so it is opt-in.
 CANONICAL = {"x86_64": "x86-64-v3", "aarch64": "arm64", "arm64": "arm64"}
 _GPU_FLAGS = {"cuda": ["-DGGML_CUDA=ON"], "metal": ["-DGGML_METAL=ON"],
               "vulkan": ["-DGGML_VULKAN=ON"], "cpu": []}

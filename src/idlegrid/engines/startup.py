@@ -30,8 +30,10 @@ _HINTS = {
               "(IDLEGRID_LLAMA_CPU=x86-64-v3, or x86-64 for the oldest CPUs)",
     "SIGKILL": "killed from outside, most often by the kernel's OOM killer: the model needs "
                "more memory than is free; serve a smaller model or free memory",
-    "SIGSEGV": "a crash in native code: a damaged or unsupported model file, or an engine "
-               "build that does not match this machine; check the file and rebuild",
+    "SIGSEGV": "a crash in native code: an engine built for another CPU (a -march=native "
+               "llama.cpp with AMX kernels dies this way on VMs that do not enable AMX), or a "
+               "damaged or unsupported model file: rebuild the portable engine with "
+               "scripts/bootstrap, then check the file",
     "SIGBUS": "the model file could not be read through its memory map (truncated, or on a "
               "failing disk); download it again",
     "SIGABRT": "the engine aborted on an internal check; its message is in the log above",
