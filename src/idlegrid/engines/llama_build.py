@@ -164,7 +164,7 @@ def ensure_wheel(python: str, backend: str, variant: str) -> Path:
     found = sorted(home.glob("llama_cpp_python-*.whl")) if home.is_dir() else []
     if found:
         return found[-1]
-    print(f"building llama-cpp-python {LLAMA_CPP_PYTHON} for {backend}/{variant} (about 6-9 "
+    print(f"building llama-cpp-python {LLAMA_CPP_PYTHON} for {backend}/{variant} (about 3 "
           "minutes on 2 cores; kept in the wheelhouse under its flags)", file=sys.stderr)
     args = cmake_args(backend, variant)
     env = {**os.environ, "CMAKE_ARGS": " ".join(args),
