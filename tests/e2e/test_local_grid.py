@@ -258,3 +258,12 @@ def test_killing_the_serving_provider_mid_stream(up: tuple[UpProcess, str]) -> N
                    if p["account"].startswith(("accrual:", "provider:", "system:fees")))
     assert spent == paid_out
     assert consumer["amount"] > 0  # the unused part of the hold was refunded
+    # `idlegrid up` supervises its children: the killed provider comes back by itself.
+    name = holder["name"]  # type: ignore[index]
+    log_path = grid.data_dir / "up.log"
+    wait_until(lambda: f"{name} restarted" in log_path.read_text(), 120)
+    assert f"{name} died with SIGKILL; restarting" in log_path.read_text()
+    wait_until(lambda: sum(1 for n in status(grid.url)["nodes"]  # type: ignore[attr-defined]
+                           if n["live"] and n["name"] == name) == 1, 180)
+    again = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert again.usage is not None and again.usage.completion_tokens > 0
