@@ -126,7 +126,7 @@ def guarded_http(header_timeout_s: float) -> type:
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc]
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _header_timer: Any = None
 
         def _arm(self) -> None:

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prove(python: str, backend: str, variant: str) -> int:
     """Decode a few tokens in a child; on a crash by signal rebuild once with the safe baseline."""
-    from idlegrid.engines.startup import EngineCrashed, check_engine
+    from idlegrid.engines.startup import check_engine
+    from idlegrid.errors import EngineCrashed
 
     try:
         report = check_engine("llama.cpp", "gemma3:270m")
