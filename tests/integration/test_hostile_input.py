@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -370,3 +371,45 @@ def test_a_revoked_key_is_refused_at_once(grid: Grid) -> None:
     with pytest.raises(oa.AuthenticationError, match="revoked"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
     assert len(grid.entries()) == before
+
+
+def test_a_handback_does_not_lower_reliability(tmp_path: Path, database_url: str) -> None:
+    """A provider that hands work back (draining) is not blamed for it: the recorded outcome
+    and the one reliability counts as blameless are the same word."""
+    import threading
+
+    from idlegrid import PROTOCOL_VERSION
+    from idlegrid.core.ledger import MICRO
+
+    g = start_grid(tmp_path, database_url, [], credits=10)
+    key = NodeKey.generate()
+
+    def consumer() -> None:
+        with contextlib.suppress(Exception):
+            g.client(timeout=15).completions.create(model=MODEL, prompt="hi", max_tokens=4)
+
+    async def provider() -> None:
+        c = NodeClient(g.url, key)
+        try:
+            await c.call("/api/v1/nodes/register", {
+                "protocol_version": PROTOCOL_VERSION, "name": "drainer", "hardware": {},
+                "engine": {"engine": "fake"}, "slots": 1, "prefill_tps": 1, "decode_tps": 1,
+                "offers": [{"model": MODEL, "prompt_price": 10 * MICRO,
+                            "output_price": 40 * MICRO}]})
+            t = threading.Thread(target=consumer)
+            t.start()
+            task = await c.call("/api/v1/work/poll", {"models": [MODEL], "wait_s": 20})
+            assert task is not None
+            await c.call(f"/api/v1/tasks/{task['task_id']}/attempts/{task['attempt']}/fail",
+                         {"reason": "provider draining", "kind": "handback"})
+            await asyncio.to_thread(t.join, 30)
+        finally:
+            await c.close()
+
+    try:
+        asyncio.run(provider())
+        market = g.coordinator.app.state.grid.market.store
+        assert market.reliability()[key.node_id] == pytest.approx(20 / 21)
+    finally:
+        g.verify()
+        stop_grid(g)

@@ -34,7 +34,8 @@ from idlegrid.core.market.orders import TERMINAL, Order, OrderKind, OrderState, 
 from idlegrid.errors import Conflict, IdlegridError, NotFound
 
 # Outcomes that are not the provider's fault: they do not lower its reliability.
-_BLAMELESS = ("done", "handback", "cancelled", "consumer left")
+# ("handed back" is what attempts were recorded with before the two names agreed.)
+_BLAMELESS = ("done", "handback", "handed back", "cancelled", "consumer left")
 # Prior for the success ratio: a newcomer starts at 0.95, as if 19 of 20 went well.
 _PRIOR_OK, _PRIOR_N = 19, 20
 

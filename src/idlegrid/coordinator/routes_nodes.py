@@ -136,7 +136,8 @@ async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     node_id, body = await _signed(request)
     msg = _parse(m.FailMsg, body)
     invalid = msg.reason if msg.kind == "invalid_request" else None
-    outcome = "handed back" if msg.kind == "handback" else f"engine error: {msg.reason}"
+    # "handback" is the outcome reliability counts as blameless (market_store._BLAMELESS).
+    outcome = "handback" if msg.kind == "handback" else f"engine error: {msg.reason}"
     await _grid(request).give_up(node_id, task_id, attempt, outcome, invalid=invalid,
                                  commitment=msg.commitment if invalid is None else None)
     return {"ok": True}
