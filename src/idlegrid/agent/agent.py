@@ -331,6 +331,7 @@ class Agent:
             store.popitem(last=False)
 
     async def _slot(self, engine: Engine, index: int = 0) -> None:
+        refusals = 0
         while not self.draining.is_set():
             channel = self.channel if self.channel is not None and self.channel.open else None
             try:
@@ -362,19 +363,32 @@ class Agent:
                 log.warning("poll failed: %s", exc)
                 await asyncio.sleep(1.0)
                 continue
-            except AuthError:
+            except AuthError as exc:
+                # Refused (e.g. ejected, or the coordinator lost our registration): register
+                # again, backing off so that a refused node does not spin (it logged 66,000
+                # lines in 7 minutes before).
+                refusals += 1
+                wait = min(2.0 ** min(refusals - 1, 6), 60.0)
+                log.warning("refused by the coordinator (%s); registering again in %.0f s",
+                            exc, wait)
+                await self._sleep_unless_draining(wait)
                 await self.register()
                 continue
             except Exception:  # one bad answer must not kill the slot
                 log.exception("poll failed unexpectedly")
                 await asyncio.sleep(1.0)
                 continue
+            refusals = 0
             if answer is None:
                 continue
             try:
                 await self.serve(engine, TaskMsg.model_validate(answer))
             except Exception:  # the coordinator reclaims the task; keep the slot alive
                 log.exception("serving %s failed unexpectedly", answer.get("task_id"))
+
+    async def _sleep_unless_draining(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.draining.wait(), seconds)
 
     def power_report(self) -> dict[str, Any] | None:
         """The energy counter and current draw, for heartbeats (None without a meter)."""
