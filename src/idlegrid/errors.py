@@ -127,7 +127,8 @@ class NoCapacity(IdlegridError):
     code = "no_capacity"
 
     def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"no provider can serve '{model}' now: {reason}", model=model, reason=reason)
+        super().__init__(f"no provider can serve '{model}' now: {reason}", model=model,
+                         reason=reason)
         self.model = model
         self.reason = reason
 

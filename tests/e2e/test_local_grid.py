@@ -144,7 +144,8 @@ def test_completions_match_the_engine_and_credits_move_exactly(
     assert resp.usage.prompt_tokens == n_prompt
 
     after_p = provider_balances(grid.url)
-    gained = {n: after_p[n] - before_p.get(n, 0) for n in after_p if after_p[n] != before_p.get(n, 0)}
+    gained = {n: after_p[n] - before_p.get(n, 0) for n in after_p
+              if after_p[n] != before_p.get(n, 0)}
     assert len(gained) == 1
     (node_id, got), = gained.items()
     offer = next(n for n in status(grid.url)["nodes"] if n["id"] == node_id)["offers"][MODEL]  # type: ignore[attr-defined, index]

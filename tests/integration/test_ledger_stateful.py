@@ -9,6 +9,7 @@ the old ones and explain every cached balance, and replaying a posted entry chan
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any
 
@@ -150,10 +151,8 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         @rule(data=st.data())
         def cancel(self, data: st.DataObject) -> None:
             oid, _ = data.draw(st.sampled_from(self.orders))
-            try:
+            with contextlib.suppress(Conflict):  # already over: refused, nothing posted
                 self.market.cancel(oid, None, FEE_BPS)
-            except Conflict:
-                pass  # already over: a precise refusal, nothing posted
 
         @rule()
         def payout(self) -> None:
@@ -173,10 +172,8 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         @rule(n=st.integers(0, len(NODES) - 1), credits=st.integers(1, 30))
         def stake(self, n: int, credits: int) -> None:
             node = self.nodes[n]
-            try:
+            with contextlib.suppress(InsufficientCredits):
                 self.market.stake(f"{self.tag}-{next(_ids)}", node, "RTX-4090", credits * MICRO)
-            except InsufficientCredits:
-                pass
 
         @rule(n=st.integers(0, len(NODES) - 1), credits=st.integers(1, 10))
         def slash(self, n: int, credits: int) -> None:

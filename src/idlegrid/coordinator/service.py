@@ -148,10 +148,8 @@ class Grid:
         """Stop background work."""
         if self._supervisor:
             self._supervisor.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-            except asyncio.CancelledError:
-                pass
 
     # ---- node authentication -----------------------------------------------------------
 
@@ -179,7 +177,8 @@ class Grid:
 
     # ---- agents ------------------------------------------------------------------------
 
-    async def register(self, node_id: str, public_key: bytes, body: dict[str, Any]) -> dict[str, Any]:
+    async def register(self, node_id: str, public_key: bytes, body: dict[str, Any]
+                       ) -> dict[str, Any]:
         """Record a node's profile and offers; answer with the settings agents must follow."""
         if body.get("protocol_version") != PROTOCOL_VERSION:
             raise Conflict(
@@ -634,17 +633,16 @@ class Grid:
                 outcome = "provider stalled"
             else:
                 continue
-            try:
+            with contextlib.suppress(StaleAttempt):  # it finished or moved while we looked
                 await self.give_up(None, task.id, task.attempt, outcome)
-            except StaleAttempt:
-                pass  # it finished or moved while we looked
         self._unmatched = unmatched
         for task, created in await self.db(self.store.queued_tasks):
             if self.hub.get(task.id) is None:
                 await self.db(self.store.fail, task.id, "consumer disconnected")
             elif now - created > self.settings.queue_timeout_s:
                 await self.db(self.store.fail, task.id, "no provider took it in time")
-                self.hub.push(task.id, Event("failed", data={"error": "no provider took it in time"}))
+                self.hub.push(task.id, Event("failed",
+                                             data={"error": "no provider took it in time"}))
             elif now - created > 1.0:
                 # Its target has not claimed it (busy or gone): any provider may take it now.
                 await self.db(self.store.untarget, task.id)

@@ -438,7 +438,8 @@ class Store:
         for account in sorted(set(sums) | set(cached)):
             if sums.get(account, 0) != cached.get(account, 0):
                 problems.append(
-                    f"{account}: cached balance {cached.get(account, 0)} != postings {sums.get(account, 0)}"
+                    f"{account}: cached balance {cached.get(account, 0)} != postings "
+                    f"{sums.get(account, 0)}"
                 )
         try:
             ledger.check_invariants(sums)
@@ -511,7 +512,8 @@ class Store:
                 .order_by((Task.attempt > 0).desc(), Task.created_at)
                 .limit(16)
             ).all()
-            price = {o.model_id: o for o in s.scalars(select(Offer).where(Offer.node_id == node_id))}
+            price = {o.model_id: o
+                     for o in s.scalars(select(Offer).where(Offer.node_id == node_id))}
             for t in candidates:
                 cap = (t.payload or {}).get("price_cap")
                 offer = price.get(t.model_id)
@@ -639,7 +641,8 @@ class Store:
                 return _task_view(t)  # nothing held, nothing to settle
             if charge_delivered and t.output_tokens:
                 # The consumer left mid-answer: what was delivered was real work.
-                entry = ledger.request_settlement(t.id, payer, t.hold, self._shares(s, t, 0), fee_bps)
+                entry = ledger.request_settlement(t.id, payer, t.hold, self._shares(s, t, 0),
+                                                  fee_bps)
             else:
                 entry = ledger.request_release(t.id, payer, t.hold)
             self._post(s, entry)

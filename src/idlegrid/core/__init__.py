@@ -1,1 +1,3 @@
-"""The pure domain: no I/O, no web framework, no database, no torch. Clock and randomness are injected."""
+"""The pure domain: no I/O, no web framework, no database, no torch.
+
+Clock and randomness are injected."""

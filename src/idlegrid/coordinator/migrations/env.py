@@ -3,9 +3,11 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from idlegrid.coordinator import (
+    training_schema,  # noqa: F401  (registers the training tables)
+    trust_schema,  # noqa: F401  (registers the trust tables)
+)
 from idlegrid.coordinator.schema import Base
-from idlegrid.coordinator import trust_schema  # noqa: F401  (registers the trust tables)
-from idlegrid.coordinator import training_schema  # noqa: F401  (registers the training tables)
 
 config = context.config
 target_metadata = Base.metadata

@@ -320,10 +320,8 @@ class Book:
         ids = np.flatnonzero(mask)
         unit = unit_all[ids]  # type: ignore[index]
         runtime = self._runtime(order, ids, tps[ids] if tps is not None else None)
-        if batch:
-            per_device_cost = unit * (order.tokens / TOKENS_PER_PRICE_UNIT)
-        else:
-            per_device_cost = unit * runtime
+        per_device_cost = (unit * (order.tokens / TOKENS_PER_PRICE_UNIT) if batch
+                           else unit * runtime)
         score = per_device_cost / np.maximum(self.reliability[ids], 0.01)
         oversized = self.big[ids] & (order.vram_need_gb <= CONSUMER_MAX_VRAM_GB)
         return _Eval(ids, unit, runtime, score, oversized, tuple(reasons))
