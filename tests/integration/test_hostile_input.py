@@ -162,16 +162,30 @@ def test_prices_past_the_bound_are_refused_at_registration(grid: Grid) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "hardware"
 
 
+async def _hand_provider_takes_a_task(c: NodeClient, name: str, consumer) -> tuple:
+    """Register a hand-driven provider (the real, signed node API), start the consumer's
+    request in a thread, and claim it: (the consumer's thread, the task or None)."""
+    import threading
+
+    from idlegrid import PROTOCOL_VERSION
+    from idlegrid.core.ledger import MICRO
+
+    await c.call("/api/v1/nodes/register", {
+        "protocol_version": PROTOCOL_VERSION, "name": name, "hardware": {},
+        "engine": {"engine": "fake"}, "slots": 1, "prefill_tps": 1, "decode_tps": 1,
+        "offers": [{"model": MODEL, "prompt_price": 10 * MICRO, "output_price": 40 * MICRO}]})
+    t = threading.Thread(target=consumer)
+    t.start()
+    return t, await c.call("/api/v1/work/poll", {"models": [MODEL], "wait_s": 20})
+
+
 def test_a_provider_cannot_upload_past_max_tokens_or_smuggle_text(
         tmp_path: Path, database_url: str) -> None:
     """A hand-driven provider (the real node API, signed) tries to deliver 8,000 tokens for
     max_tokens 4, then unbilled text in id -1 pieces; the coordinator keeps the budget."""
-    import threading
 
     import openai
 
-    from idlegrid import PROTOCOL_VERSION
-    from idlegrid.core.ledger import MICRO
     from idlegrid.errors import Conflict
 
     g = start_grid(tmp_path, database_url, [], credits=10)
@@ -187,14 +201,7 @@ def test_a_provider_cannot_upload_past_max_tokens_or_smuggle_text(
     async def provider() -> None:
         c = NodeClient(g.url, NodeKey.generate())
         try:
-            await c.call("/api/v1/nodes/register", {
-                "protocol_version": PROTOCOL_VERSION, "name": "cheat", "hardware": {},
-                "engine": {"engine": "fake"}, "slots": 1, "prefill_tps": 1, "decode_tps": 1,
-                "offers": [{"model": MODEL, "prompt_price": 10 * MICRO,
-                            "output_price": 40 * MICRO}]})
-            t = threading.Thread(target=consumer)
-            t.start()
-            task = await c.call("/api/v1/work/poll", {"models": [MODEL], "wait_s": 20})
+            t, task = await _hand_provider_takes_a_task(c, "cheat", consumer)
             assert task is not None, result
             base = f"/api/v1/tasks/{task['task_id']}/attempts/{task['attempt']}"
             with pytest.raises(Conflict):
@@ -376,10 +383,7 @@ def test_a_revoked_key_is_refused_at_once(grid: Grid) -> None:
 def test_a_handback_does_not_lower_reliability(tmp_path: Path, database_url: str) -> None:
     """A provider that hands work back (draining) is not blamed for it: the recorded outcome
     and the one reliability counts as blameless are the same word."""
-    import threading
 
-    from idlegrid import PROTOCOL_VERSION
-    from idlegrid.core.ledger import MICRO
 
     g = start_grid(tmp_path, database_url, [], credits=10)
     key = NodeKey.generate()
@@ -391,14 +395,7 @@ def test_a_handback_does_not_lower_reliability(tmp_path: Path, database_url: str
     async def provider() -> None:
         c = NodeClient(g.url, key)
         try:
-            await c.call("/api/v1/nodes/register", {
-                "protocol_version": PROTOCOL_VERSION, "name": "drainer", "hardware": {},
-                "engine": {"engine": "fake"}, "slots": 1, "prefill_tps": 1, "decode_tps": 1,
-                "offers": [{"model": MODEL, "prompt_price": 10 * MICRO,
-                            "output_price": 40 * MICRO}]})
-            t = threading.Thread(target=consumer)
-            t.start()
-            task = await c.call("/api/v1/work/poll", {"models": [MODEL], "wait_s": 20})
+            t, task = await _hand_provider_takes_a_task(c, "drainer", consumer)
             assert task is not None
             await c.call(f"/api/v1/tasks/{task['task_id']}/attempts/{task['attempt']}/fail",
                          {"reason": "provider draining", "kind": "handback"})
