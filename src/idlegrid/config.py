@@ -99,8 +99,10 @@ class CoordinatorSettings(BaseSettings):
     def host_names(self) -> list[str]:
         """Host header values accepted (TrustedHostMiddleware patterns)."""
         extra = [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
-        if "*" in extra or self.host in ("0.0.0.0", "::", ""):
-            return ["*"] if "*" in extra or not extra else [*LOOPBACK_NAMES, *extra]
+        if "*" in extra:
+            return ["*"]
+        if self.host in ("0.0.0.0", "::", ""):  # a wildcard bind names no host of its own
+            return [*LOOPBACK_NAMES, *extra] if extra else ["*"]
         return [*LOOPBACK_NAMES, self.host, *extra]
 
     def resolved_database_url(self) -> str:

@@ -10,6 +10,7 @@ naming the field, as is a body over the size limit (413) before it is read to th
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -20,6 +21,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def first_bad_text(obj: Any, path: str = "") -> str | None:
@@ -85,7 +89,10 @@ class BodyGuard:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        if body[:1] in (b"{", b"[") or b"json" in headers.get(b"content-type", b""):
+        # A lone surrogate can only enter JSON as a \uD800-\uDFFF escape: bodies without one
+        # (nearly all) are not parsed here a second time.
+        if _SURROGATE_ESCAPE.search(body) and (
+                body[:1] in (b"{", b"[") or b"json" in headers.get(b"content-type", b"")):
             try:
                 parsed = json.loads(body)
             except (ValueError, RecursionError):

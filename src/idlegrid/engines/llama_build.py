@@ -18,6 +18,7 @@ uses the standard library only:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -151,10 +152,18 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
     subprocess.run(cmd, check=True, env=env, stdout=sys.stderr)
 
 
-def _python_tag(python: str) -> str:
-    out = subprocess.run([python, "-c", "import sys; print(sys.implementation.cache_tag)"],
+@functools.cache
+def _venv(python: str) -> tuple[Path, str]:
+    """The environment's prefix and Python tag, asked once (bootstrap runs on every start)."""
+    out = subprocess.run([python, "-c", "import sys; print(sys.prefix); "
+                          "print(sys.implementation.cache_tag)"],
                          check=True, capture_output=True, text=True)
-    return out.stdout.strip()
+    prefix, tag = out.stdout.split()
+    return Path(prefix), tag
+
+
+def _python_tag(python: str) -> str:
+    return _venv(python)[1]
 
 
 def ensure_wheel(python: str, backend: str, variant: str) -> Path:
@@ -188,9 +197,7 @@ def ensure_wheel(python: str, backend: str, variant: str) -> Path:
 
 
 def _venv_marker(python: str) -> Path:
-    out = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], check=True,
-                         capture_output=True, text=True)
-    return Path(out.stdout.strip()) / MARKER
+    return _venv(python)[0] / MARKER
 
 
 def install(python: str, backend: str, variant: str) -> bool:
