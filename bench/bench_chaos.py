@@ -14,9 +14,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from idlegrid.client.localgrid import LocalGrid
 from idlegrid.testbed.chaos import run_chaos
 from idlegrid.testbed.inprocess import free_port
-from idlegrid.testbed.localgrid import LocalGrid
 
 
 def grid(engine: str, model: str, providers: int, delay: float) -> LocalGrid:

@@ -27,10 +27,10 @@ import openai
 
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.agent.node_client import NodeClient
+from idlegrid.client.localgrid import LocalGrid
 from idlegrid.core.ledger import MICRO
 from idlegrid.protocol.signing import NodeKey
 from idlegrid.testbed.inprocess import free_port
-from idlegrid.testbed.localgrid import LocalGrid
 
 CARDS = [("NVIDIA GeForce RTX 3060", 170), ("NVIDIA GeForce RTX 3080", 320),
          ("NVIDIA GeForce RTX 4060 Ti", 165), ("NVIDIA GeForce RTX 4070 SUPER", 220),

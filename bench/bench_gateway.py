@@ -24,10 +24,10 @@ from pathlib import Path
 
 import openai
 
+from idlegrid.client.localgrid import LocalGrid
 from idlegrid.engines.base import SamplingParams, stream_pieces
 from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.testbed.inprocess import free_port
-from idlegrid.testbed.localgrid import LocalGrid
 
 MODEL = "gemma3:270m"
 PROMPTS = [

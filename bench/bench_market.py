@@ -192,8 +192,8 @@ def seed_store(url: str, offers: list[Any]) -> None:
     """Write the book into a coordinator database as registered, live nodes."""
     from sqlalchemy import insert
 
-    from idlegrid.coordinator import schema
-    from idlegrid.coordinator.store import Store, migrate
+    from idlegrid.coordinator.db import tables as schema
+    from idlegrid.coordinator.db.store import Store, migrate
 
     migrate(url)
     store = Store(url, time.time)

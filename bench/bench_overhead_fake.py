@@ -14,8 +14,8 @@ from pathlib import Path
 
 import openai
 
+from idlegrid.client.localgrid import LocalGrid
 from idlegrid.testbed.inprocess import free_port
-from idlegrid.testbed.localgrid import LocalGrid
 
 
 def main() -> None:

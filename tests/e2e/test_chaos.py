@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
+from idlegrid.client.localgrid import LocalGrid
 from idlegrid.testbed.chaos import run_chaos
 from idlegrid.testbed.inprocess import free_port
-from idlegrid.testbed.localgrid import LocalGrid
 
 pytestmark = pytest.mark.slow
 

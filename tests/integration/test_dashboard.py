@@ -17,8 +17,8 @@ from idlegrid import PROTOCOL_VERSION
 from idlegrid.agent.node_client import NodeClient
 from idlegrid.agent.power import RatedMeter
 from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator.dashboard_data import energy_by_node
-from idlegrid.coordinator.store import Store, migrate
+from idlegrid.coordinator.dashboard.data import energy_by_node
+from idlegrid.coordinator.db.store import Store, migrate
 from idlegrid.core import energy
 from idlegrid.core.energy import CounterSample
 from idlegrid.core.ledger import MICRO, Price
@@ -292,7 +292,7 @@ def test_migrations_match_the_schema(tmp_path: Path, database_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from idlegrid.coordinator.schema import Base
+    from idlegrid.coordinator.db.tables import Base
 
     migrate(database_url)
     store = Store(database_url, lambda: 0.0)

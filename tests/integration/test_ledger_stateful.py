@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from idlegrid.coordinator.market_store import MarketStore
-from idlegrid.coordinator.store import Store, migrate
+from idlegrid.coordinator.db.store import Store, migrate
+from idlegrid.coordinator.market.store import MarketStore
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO, Cause, Entry
 from idlegrid.core.market import settlement
@@ -60,7 +60,7 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             # Per-example providers: a replayed example must meet the same balances.
             self.nodes = [f"{n}-{self.tag}" for n in NODES]
             with self.store.tx() as s:
-                from idlegrid.coordinator.schema import LedgerHead
+                from idlegrid.coordinator.db.tables import LedgerHead
 
                 head = s.get(LedgerHead, 1)
                 self.seen_seq = head.seq if head else 0

@@ -342,7 +342,7 @@ def test_each_part_of_a_failover_answer_is_committed_and_audited(grid: Grid) -> 
     assert all(a["state"] == "passed" for a in audits), audits
     # The second part was committed over the context that includes the first part.
     store = g.coord.app.state.grid.store
-    from idlegrid.coordinator.trust_schema import TrustCommitment
+    from idlegrid.coordinator.trust.tables import TrustCommitment
 
     with store.read() as s:
         parts = {c.attempt: (c.part, list(c.prior_ids), cm.decode(c.blob))

@@ -86,7 +86,7 @@ def test_frames_without_the_job_secret_are_dropped() -> None:
 ])
 def test_a_gang_rendezvous_must_be_the_nodes_own_address(addr: str, peer: str,
                                                          ok: bool) -> None:
-    from idlegrid.coordinator.routes_jobs import check_gang_addr
+    from idlegrid.coordinator.training.routes import check_gang_addr
     from idlegrid.errors import InvalidRequest
 
     if ok:

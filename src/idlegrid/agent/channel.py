@@ -1,4 +1,4 @@
-"""The agent's end of the work channel (coordinator/channel.py): one WebSocket for tasks
+"""The agent's end of the work channel (coordinator/inference/channel.py): one WebSocket for tasks
 and uploads, with the HTTP node API as the fallback whenever the channel is down.
 
 Uploads are sent without waiting for an answer (the coordinator only speaks up to refuse

@@ -1,4 +1,4 @@
-"""Answering training dispute rounds (coordinator/train_disputes.py drives the game).
+"""Answering training dispute rounds (coordinator/training/disputes.py drives the game).
 
 The provider answers from its kept checkpoints with its own executor: it replays from the
 segment's start to the disputed step and traces that step. The challenger answers from its

@@ -264,8 +264,8 @@ def up(
     import signal
     import threading
 
+    from idlegrid.client.localgrid import KEY_FILE, LocalGrid, ProcessExited
     from idlegrid.client.progress import make_progress
-    from idlegrid.testbed.localgrid import KEY_FILE, LocalGrid, ProcessExited
 
     if (train or verify) and providers < 2:
         raise typer.BadParameter("a verifier is never its own auditor: use --providers 2 or "
@@ -525,7 +525,7 @@ def _signed_dispute(path: str, coordinator_url: str, name: str | None, key_file:
 
 
 def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | None]:
-    from idlegrid.testbed.localgrid import find_grid
+    from idlegrid.client.localgrid import find_grid
 
     return find_grid(coordinator_url, data_dir)
 

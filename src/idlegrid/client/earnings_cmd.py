@@ -57,8 +57,8 @@ def earnings(
     as_json: JsonFlag = False,
 ) -> None:
     """Earnings, energy, electricity cost, profit per day and payback, per provider."""
+    from idlegrid.client.localgrid import find_grid
     from idlegrid.client.sdk import GridAPIError, GridClient
-    from idlegrid.testbed.localgrid import find_grid
 
     prices = _prices(kwh_price, credit_value, card_price)
     url, _ = find_grid(coordinator_url, data_dir)
@@ -122,8 +122,8 @@ def estimate(
     """What would my card earn? Live market prices × this card's measured speed, minus power."""
     from idlegrid.agent.power import IDLE_FRACTION, rated_watts
     from idlegrid.agent.probe import probe
+    from idlegrid.client.localgrid import find_grid
     from idlegrid.client.sdk import GridAPIError, GridClient
-    from idlegrid.testbed.localgrid import find_grid
 
     prices = _prices(kwh_price, credit_value, card_price)
     url, _ = find_grid(coordinator_url, data_dir)

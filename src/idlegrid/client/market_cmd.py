@@ -18,8 +18,8 @@ MICRO = 1_000_000
 
 
 def _client(coordinator_url: str | None, data_dir: Path) -> Any:
+    from idlegrid.client.localgrid import find_grid
     from idlegrid.client.sdk import GridClient
-    from idlegrid.testbed.localgrid import find_grid
 
     url, key = find_grid(coordinator_url, data_dir)
     return GridClient(url, key)

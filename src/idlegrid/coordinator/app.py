@@ -14,20 +14,18 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from idlegrid import PROTOCOL_VERSION, __version__
 from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator import (
-    http_errors,
-    routes_admin,
-    routes_dashboard,
-    routes_jobs,
-    routes_market,
-    routes_nodes,
-    routes_openai,
-    routes_trust,
-)
-from idlegrid.coordinator.dashboard_data import WEB, Dashboard
+from idlegrid.coordinator import http_errors
+from idlegrid.coordinator.dashboard import routes as routes_dashboard
+from idlegrid.coordinator.dashboard.data import WEB, Dashboard
+from idlegrid.coordinator.db.store import Store, migrate
 from idlegrid.coordinator.edge import BodyGuard
-from idlegrid.coordinator.service import Grid
-from idlegrid.coordinator.store import Store, migrate
+from idlegrid.coordinator.inference import routes as routes_openai
+from idlegrid.coordinator.inference.service import Grid
+from idlegrid.coordinator.market import routes as routes_market
+from idlegrid.coordinator.nodes import admin_routes as routes_admin
+from idlegrid.coordinator.nodes import routes as routes_nodes
+from idlegrid.coordinator.training import routes as routes_jobs
+from idlegrid.coordinator.trust import routes as routes_trust
 
 
 def create_app(

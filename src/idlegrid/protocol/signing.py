@@ -5,7 +5,7 @@ coordinator refuses a signature that does not verify, a timestamp outside the al
 skew, and a nonce it has seen within the window (a replay). Node ids are derived from the
 public key, so a node cannot claim another's id.
 
-Frames on the agent channel (a WebSocket, coordinator/channel.py) are signed the same way,
+Frames on the agent channel (a WebSocket, coordinator/inference/channel.py) are signed the same way,
 with method "WS" and the channel's path: `timestamp nonce signature \\n body`.
 """
 

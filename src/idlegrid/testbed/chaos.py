@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 import openai
 
-from idlegrid.testbed.localgrid import LocalGrid
+from idlegrid.client.localgrid import LocalGrid
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from idlegrid.coordinator.schema import Account, LedgerEntry, LedgerPosting
-from idlegrid.coordinator.trust_schema import TrustAudit, TrustCommitment, TrustDispute, TrustNode
+from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerPosting
+from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustDispute, TrustNode
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
 from idlegrid.core.trust import beacon, bisect, dispute
@@ -30,7 +30,7 @@ from idlegrid.core.trust.merkle import Proof, verify_proof
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
-    from idlegrid.coordinator.audits import Trust
+    from idlegrid.coordinator.trust.audits import Trust
 
 OPEN_STATES = ("bisecting", "refereeing", "awaiting-referee")
 

@@ -18,7 +18,8 @@ from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from idlegrid.coordinator.schema import (
+from idlegrid.coordinator.db.store import Store
+from idlegrid.coordinator.db.tables import (
     Account,
     Attempt,
     DeviceOffer,
@@ -27,7 +28,6 @@ from idlegrid.coordinator.schema import (
     MarketOrder,
     NodeMarket,
 )
-from idlegrid.coordinator.store import Store
 from idlegrid.core import ledger
 from idlegrid.core.market import settlement
 from idlegrid.core.market.orders import TERMINAL, Order, OrderKind, OrderState, order_transition

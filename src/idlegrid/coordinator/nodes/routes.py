@@ -8,9 +8,9 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response, WebSocket
 from pydantic import BaseModel, ValidationError
 
-from idlegrid.coordinator import channel as work_channel
-from idlegrid.coordinator.service import Grid
-from idlegrid.coordinator.store import TaskView
+from idlegrid.coordinator.db.store import TaskView
+from idlegrid.coordinator.inference import channel as work_channel
+from idlegrid.coordinator.inference.service import Grid
 from idlegrid.errors import AuthError, InvalidRequest
 from idlegrid.protocol import messages as m
 from idlegrid.protocol.signing import HEADER_PUBKEY, decode_public_key
@@ -106,7 +106,7 @@ async def poll(request: Request) -> dict[str, Any] | Response:
 @router.websocket("/nodes/channel")
 async def channel(ws: WebSocket) -> None:
     """The agent channel: tasks and uploads as signed frames on one WebSocket (see
-    coordinator/channel.py); the handshake is signed like a GET of this path."""
+    coordinator/inference/channel.py); the handshake is signed like a GET of this path."""
     await work_channel.serve(ws, ws.app.state.grid)
 
 

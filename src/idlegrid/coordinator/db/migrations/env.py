@@ -3,11 +3,9 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from idlegrid.coordinator import (
-    training_schema,  # noqa: F401  (registers the training tables)
-    trust_schema,  # noqa: F401  (registers the trust tables)
-)
-from idlegrid.coordinator.schema import Base
+from idlegrid.coordinator.db.tables import Base
+from idlegrid.coordinator.training import tables as training_tables  # noqa: F401  (registers them)
+from idlegrid.coordinator.trust import tables as trust_tables  # noqa: F401  (registers them)
 
 config = context.config
 target_metadata = Base.metadata

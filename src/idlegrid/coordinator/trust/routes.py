@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from idlegrid.coordinator.routes_admin import require_operator
-from idlegrid.coordinator.routes_nodes import _grid, _parse, _signed
+from idlegrid.coordinator.nodes.admin_routes import require_operator
+from idlegrid.coordinator.nodes.routes import _grid, _parse, _signed
 from idlegrid.protocol import messages as m
 
 router = APIRouter(prefix="/api/v1", tags=["trust"])

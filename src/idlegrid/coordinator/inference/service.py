@@ -20,9 +20,9 @@ from anyio import to_thread
 
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator.hub import ChangeFeed, Event, Hub, TaskStream
+from idlegrid.coordinator.db.store import NodeView, Store, TaskView, new_task_view
+from idlegrid.coordinator.inference.hub import ChangeFeed, Event, Hub, TaskStream
 from idlegrid.coordinator.metrics import Metrics
-from idlegrid.coordinator.store import NodeView, Store, TaskView, new_task_view
 from idlegrid.core import ledger, routing
 from idlegrid.core.ledger import Price
 from idlegrid.core.market.hardware import canonical_gpu
@@ -77,20 +77,20 @@ class Grid:
         self._supervisor: asyncio.Task[None] | None = None
         self._live_signature: frozenset[str] = frozenset()
         self._nodes_at = 0.0
-        from idlegrid.coordinator.market import Market  # the market reads the grid's nodes
+        from idlegrid.coordinator.market.service import Market  # the market reads the grid's nodes
 
         self.market = Market(self)
-        from idlegrid.coordinator.audits import Trust
+        from idlegrid.coordinator.trust.audits import Trust
 
         self.trust = Trust(self)
         self.changes = ChangeFeed()
         # Latest power report per node (shown live) and when one was last stored.
         self.power: dict[str, dict[str, Any]] = {}
         self._power_stored: dict[str, float] = {}
-        from idlegrid.coordinator.hwproofs import HwProofs
+        from idlegrid.coordinator.trust.hwproofs import HwProofs
 
         self.hwproofs = HwProofs(self)
-        from idlegrid.coordinator.jobs import Jobs
+        from idlegrid.coordinator.training.jobs import Jobs
 
         self.jobs = Jobs(self)
 

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Float, Integer, LargeBinary, String, false
 from sqlalchemy.orm import Mapped, mapped_column
 
-from idlegrid.coordinator.schema import Base
+from idlegrid.coordinator.db.tables import Base
 
 
 class TrustCommitment(Base):

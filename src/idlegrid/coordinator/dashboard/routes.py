@@ -20,9 +20,9 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from idlegrid.coordinator.dashboard_data import IDLE_REFRESH_S, PAGES, Dashboard, energy_by_node
-from idlegrid.coordinator.routes_admin import from_loopback, require_operator
-from idlegrid.coordinator.service import Grid
+from idlegrid.coordinator.dashboard.data import IDLE_REFRESH_S, PAGES, Dashboard, energy_by_node
+from idlegrid.coordinator.inference.service import Grid
+from idlegrid.coordinator.nodes.admin_routes import from_loopback, require_operator
 from idlegrid.core import economics, energy, telemetry
 from idlegrid.errors import AuthError, InvalidRequest
 

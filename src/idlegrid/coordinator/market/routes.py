@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
-from idlegrid.coordinator.routes_admin import require_operator
-from idlegrid.coordinator.routes_nodes import _parse, _signed
-from idlegrid.coordinator.service import Grid
+from idlegrid.coordinator.inference.service import Grid
+from idlegrid.coordinator.nodes.admin_routes import require_operator
+from idlegrid.coordinator.nodes.routes import _parse, _signed
 from idlegrid.core import ledger
 from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import messages as m

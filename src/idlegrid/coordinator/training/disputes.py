@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from idlegrid.coordinator.schema import Account, LedgerEntry, LedgerPosting
-from idlegrid.coordinator.training_schema import (
+from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerPosting
+from idlegrid.coordinator.training.tables import (
     TrainAudit,
     TrainCheckpoint,
     TrainDispute,
     TrainJob,
     TrainSegment,
 )
-from idlegrid.coordinator.trust_schema import TrustNode
+from idlegrid.coordinator.trust.tables import TrustNode
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
 from idlegrid.core.training import dispute as game
@@ -47,7 +47,7 @@ from idlegrid.errors import Conflict, InvalidRequest, NotFound
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from idlegrid.coordinator.jobs import Jobs
+    from idlegrid.coordinator.training.jobs import Jobs
 
 OPEN = ("open", "awaiting-referee", "refereeing")
 ROLES = {game.PROVIDER: "provider", game.CHALLENGER: "challenger"}
@@ -206,7 +206,7 @@ class TrainDisputes:
 
     def query(self, node_id: str, dispute_id: str, round_: int) -> dict[str, Any]:
         """What this node must answer: its role, the phase and index, and the segment."""
-        from idlegrid.coordinator.jobs import enc
+        from idlegrid.coordinator.training.jobs import enc
 
         with self.store.read() as s:
             row = s.get(TrainDispute, dispute_id)

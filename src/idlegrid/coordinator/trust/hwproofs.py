@@ -20,8 +20,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select
 
-from idlegrid.coordinator.schema import DeviceOffer
-from idlegrid.coordinator.trust_schema import HwProof
+from idlegrid.coordinator.db.tables import DeviceOffer
+from idlegrid.coordinator.trust.tables import HwProof
 from idlegrid.core import ledger
 from idlegrid.core.market.hardware import BY_NAME
 from idlegrid.core.trust import beacon, entries, merkle
@@ -30,7 +30,7 @@ from idlegrid.core.trust import memproof as mp
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
-    from idlegrid.coordinator.service import Grid
+    from idlegrid.coordinator.inference.service import Grid
 
 CATALOG = {name: g.fp16_tflops for name, g in BY_NAME.items()}
 

@@ -19,8 +19,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select, update
 
-from idlegrid.coordinator.schema import Offer
-from idlegrid.coordinator.trust_schema import TrustAudit, TrustCommitment, TrustNode
+from idlegrid.coordinator.db.tables import Offer
+from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core import ledger
 from idlegrid.core.trust import beacon, dispute, entries
 from idlegrid.core.trust import commitment as cm
@@ -29,8 +29,8 @@ from idlegrid.core.trust.reputation import ReputationModel
 from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
-    from idlegrid.coordinator.service import Grid
-    from idlegrid.coordinator.store import TaskView
+    from idlegrid.coordinator.db.store import TaskView
+    from idlegrid.coordinator.inference.service import Grid
 
 
 class TrustSettings(BaseSettings):
@@ -85,7 +85,7 @@ class Trust:
         self.epoch_commitment = beacon.beacon_commitment(self.secret)
         self.new_audit = asyncio.Event()
         self.ejected: set[str] = set()
-        from idlegrid.coordinator.disputes import Disputes
+        from idlegrid.coordinator.trust.disputes import Disputes
 
         self.disputes = Disputes(self)
 

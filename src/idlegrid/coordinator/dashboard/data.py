@@ -18,7 +18,7 @@ from anyio import to_thread
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import text
 
-from idlegrid.coordinator.service import Grid
+from idlegrid.coordinator.inference.service import Grid
 from idlegrid.core import energy, telemetry
 from idlegrid.core.ledger import FEES, MICRO
 from idlegrid.errors import InvalidRequest

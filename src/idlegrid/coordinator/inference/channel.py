@@ -29,13 +29,13 @@ from typing import Annotated, Any
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import Field, TypeAdapter, ValidationError
 
-from idlegrid.coordinator.service import Grid
-from idlegrid.coordinator.store import TaskView
+from idlegrid.coordinator.db.store import TaskView
+from idlegrid.coordinator.inference.service import Grid
 from idlegrid.errors import AuthError, Conflict
 from idlegrid.protocol import messages as m
 from idlegrid.protocol.signing import frame_headers
 
-log = logging.getLogger("idlegrid.coordinator.channel")
+log = logging.getLogger("idlegrid.coordinator.inference.channel")
 
 CHANNEL_PATH = "/api/v1/nodes/channel"
 # WebSocket close codes: 1008 policy violation (authentication), 1003 unacceptable data.

@@ -26,7 +26,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import delete, func, or_, select, update
 
-from idlegrid.coordinator.training_schema import (
+from idlegrid.coordinator.training.tables import (
     TrainAudit,
     TrainCheckpoint,
     TrainEvent,
@@ -34,7 +34,7 @@ from idlegrid.coordinator.training_schema import (
     TrainProbe,
     TrainSegment,
 )
-from idlegrid.coordinator.trust_schema import TrustNode
+from idlegrid.coordinator.trust.tables import TrustNode
 from idlegrid.core import ledger
 from idlegrid.core.trust import beacon
 from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound, StaleAttempt
@@ -42,7 +42,7 @@ from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound, Stale
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from idlegrid.coordinator.service import Grid
+    from idlegrid.coordinator.inference.service import Grid
 
 LIVE_STATES = ("queued", "running", "trained")
 
@@ -102,7 +102,7 @@ class Jobs:
         self.new_work = asyncio.Event()
         self.new_audit = asyncio.Event()
         self.new_probe = asyncio.Event()
-        from idlegrid.coordinator.train_disputes import TrainDisputes
+        from idlegrid.coordinator.training.disputes import TrainDisputes
 
         self.disputes = TrainDisputes(self)
         self._gangs: dict[str, _Gang] = {}  # job id → providers gathering for it
@@ -220,7 +220,7 @@ class Jobs:
 
     @staticmethod
     def _balance(s: Session, account: str) -> int:
-        from idlegrid.coordinator.schema import Account
+        from idlegrid.coordinator.db.tables import Account
 
         row = s.get(Account, account)
         return int(row.balance) if row is not None else 0
@@ -229,7 +229,7 @@ class Jobs:
     def _accounts(s: Session, pattern: str) -> dict[str, int]:
         """Positive balances of accounts matching a LIKE pattern, read in this transaction
         (so postings made earlier in it count)."""
-        from idlegrid.coordinator.schema import Account
+        from idlegrid.coordinator.db.tables import Account
 
         return {a.id: int(a.balance) for a in s.scalars(select(Account).where(
             Account.id.like(pattern), Account.balance > 0))}
@@ -293,7 +293,7 @@ class Jobs:
                  per_account: list[str]) -> list[dict[str, Any]]:
         """Ledger entries caused by the job, its segments, audits and probes, oldest first
         (`per_account`: causes whose entries are keyed per slashed account)."""
-        from idlegrid.coordinator.schema import LedgerEntry, LedgerPosting
+        from idlegrid.coordinator.db.tables import LedgerEntry, LedgerPosting
 
         with self.store.read() as s:
             rows = list(s.scalars(select(LedgerEntry).where(or_(

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from idlegrid.config import LOOPBACK_NAMES
-from idlegrid.coordinator.service import Grid
+from idlegrid.coordinator.inference.service import Grid
 from idlegrid.core import ledger
 from idlegrid.errors import AuthError, InvalidRequest
 

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
-from idlegrid.coordinator.market_store import MarketStore, OrderView
+from idlegrid.coordinator.market.store import MarketStore, OrderView
 from idlegrid.core.ledger import MICRO
 from idlegrid.core.market.auction import Book, Placement, Unmatched
 from idlegrid.core.market.hardware import BY_NAME, Device, Hardware
@@ -26,7 +26,7 @@ from idlegrid.core.market.plugins import is_pricing_plugin
 from idlegrid.errors import Conflict, InvalidRequest
 
 if TYPE_CHECKING:
-    from idlegrid.coordinator.service import Grid
+    from idlegrid.coordinator.inference.service import Grid
 
 log = logging.getLogger(__name__)
 ACTIVE = (OrderState.ACTIVE.value,)

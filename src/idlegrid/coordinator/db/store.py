@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from idlegrid.coordinator.schema import (
+from idlegrid.coordinator.db.tables import (
     Account,
     ApiKey,
     Attempt,

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import JSONResponse
 
-from idlegrid.coordinator.jobs import b64
-from idlegrid.coordinator.routes_admin import require_operator
-from idlegrid.coordinator.routes_nodes import _grid, _parse, _signed
+from idlegrid.coordinator.nodes.admin_routes import require_operator
+from idlegrid.coordinator.nodes.routes import _grid, _parse, _signed
+from idlegrid.coordinator.training.jobs import b64
 from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import training as tm
 

@@ -11,15 +11,15 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from idlegrid.coordinator.hub import TaskStream
-from idlegrid.coordinator.openai_schema import (
+from idlegrid.coordinator.db.store import TaskView
+from idlegrid.coordinator.inference.hub import TaskStream
+from idlegrid.coordinator.inference.openai_schema import (
     ChatRequest,
     CompletionRequest,
     chat_token_bound,
     prompt_token_bound,
 )
-from idlegrid.coordinator.service import Grid, RequestFailed
-from idlegrid.coordinator.store import TaskView
+from idlegrid.coordinator.inference.service import Grid, RequestFailed
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.errors import IdlegridError, InvalidRequest
 
