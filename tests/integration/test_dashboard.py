@@ -45,7 +45,7 @@ class Env:
 
     @property
     def store(self) -> Store:
-        store: Store = self.coordinator.app.state.grid.store
+        store: Store = self.coordinator.app.state.services.store
         return store
 
     def http(self, **kw: Any) -> httpx.Client:

@@ -244,13 +244,13 @@ def test_balance_spent_elsewhere_is_402_and_an_early_hand_over_is_taken_back(
         wait_until(lambda: agent.served == 1)
         # Spent behind this coordinator's back (another process on the same database).
         consumer = ledger.consumer_account(g.key_id)
-        store = g.coordinator.app.state.grid.store
+        store = g.coordinator.app.state.services.store
         store.post(ledger.make_entry("elsewhere", ledger.Cause("test", "elsewhere"), [
             ledger.Posting(consumer, -g.balance(consumer)), ledger.Posting(ledger.ISSUER,
                                                                            g.balance(consumer))]))
         n = len(g.entries())
         received = agent.channel.tasks_received  # type: ignore[union-attr]
-        wait_until(lambda: len(g.coordinator.app.state.grid.hub._waiters.get(
+        wait_until(lambda: len(g.coordinator.app.state.services.inference.hub._waiters.get(
             agent.client.key.node_id, [])) == 1)  # its next poll is parked
         with pytest.raises(openai.APIStatusError) as exc:
             client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
@@ -419,7 +419,7 @@ def test_a_claim_that_never_reached_its_provider_is_taken_back(
 
     g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=0.05)])
     try:
-        grid = g.coordinator.app.state.grid
+        grid = g.coordinator.app.state.services
         node_id = g.agents[0].agent.client.key.node_id
 
         def ask(prompt: str) -> str:
@@ -435,7 +435,7 @@ def test_a_claim_that_never_reached_its_provider_is_taken_back(
             # The claim a dying poll would have made: in the database only.
             claimed = grid.store.claim(node_id, [MODEL])
             assert claimed is not None and claimed.attempt == 1
-            assert grid.hub.get(claimed.id).attempt == 0
+            assert grid.inference.hub.get(claimed.id).attempt == 0
             assert first.result(timeout=60) == expected("first", 30, temperature=0.0)
             assert second.result(timeout=60) == expected("second", 30, temperature=0.0)
         g.verify()

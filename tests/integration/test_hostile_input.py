@@ -405,7 +405,7 @@ def test_a_handback_does_not_lower_reliability(tmp_path: Path, database_url: str
 
     try:
         asyncio.run(provider())
-        market = g.coordinator.app.state.grid.market.store
+        market = g.coordinator.app.state.services.market.store
         assert market.reliability()[key.node_id] == pytest.approx(20 / 21)
     finally:
         g.verify()

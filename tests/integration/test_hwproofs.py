@@ -108,9 +108,9 @@ def grid_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
         return len(ps) >= 2 and all(p["state"] in ("passed", "failed") for p in ps)
 
     def coord_store_post(coord: CoordinatorThread, node: str, cls: str) -> None:
-        wait_until(lambda: hasattr(coord.app.state, "grid"))
+        wait_until(lambda: hasattr(coord.app.state, "services"))
         acct = ledger.stake_account(node, cls)
-        coord.app.state.grid.store.post(ledger.make_entry(
+        coord.app.state.services.store.post(ledger.make_entry(
             f"stake:{node}:{cls}", Cause("test", node),
             [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)]))
 

@@ -69,7 +69,7 @@ class Grid:
 
     @property
     def knobs(self) -> Any:
-        return self.coord.app.state.grid.jobs.settings
+        return self.coord.app.state.services.jobs.settings
 
     def mint(self, **body: Any) -> None:
         ref = f"m-{body.get('key_id') or body.get('node_id')}"
@@ -87,7 +87,7 @@ class Grid:
         self.ids[name] = nodes[name]
         self.mint(node_id=nodes[name], amount=1 * MICRO)
         if config.get("train_verifier"):  # a verifier's stake answers for its reports
-            self.coord.app.state.grid.store.post(ledger.make_entry(
+            self.coord.app.state.services.store.post(ledger.make_entry(
                 f"vstake:{name}", Cause("test", name),
                 [Posting(ledger.ISSUER, -VSTAKE),
                  Posting(ledger.stake_account(nodes[name], "cpu"), VSTAKE)]))

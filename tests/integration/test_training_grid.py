@@ -133,7 +133,7 @@ def seg_pays(job: dict[str, Any]) -> list[int]:
 def test_honest_job_is_audited_paid_per_step_and_canaries_fail(grid: Grid,
                                                                monkeypatch: pytest.MonkeyPatch
                                                                ) -> None:
-    knobs = grid.coord.app.state.grid.jobs.settings
+    knobs = grid.coord.app.state.services.jobs.settings
     knobs.canary_rate = 1.0  # every segment: a canary too
     knobs.probe_rate = 1.0  # and an availability probe
     provider = grid.agent("provider", trainer=True)
@@ -211,12 +211,12 @@ def test_lazy_verifier_approves_a_canary_and_is_ejected_and_slashed(grid: Grid) 
         return {"leaves": msg.commitment, "weight_distance": 0.0, "det_class": "lazy",
                 "checkpoints_match": True}
 
-    jobs = grid.coord.app.state.grid.jobs
+    jobs = grid.coord.app.state.services.jobs
     jobs.settings.canary_rate = 1.0
     grid.agent("provider", trainer=True)
     lazy_id = grid.agent("lazy", train_verifier=True, train_verify=lazy)
     acct = ledger.stake_account(lazy_id, "cpu")
-    grid.coord.app.state.grid.store.post(ledger.make_entry(
+    grid.coord.app.state.services.store.post(ledger.make_entry(
         "stake:lazy", Cause("test", "lazy"), [Posting(ledger.ISSUER, -STAKE),
                                                Posting(acct, STAKE)]))
     job_id = grid.submit({"spec": spec(steps=8)}).json()["id"]
@@ -368,7 +368,7 @@ class Forgetful(dict):  # type: ignore[type-arg]
 
 
 def test_provider_that_deletes_checkpoints_fails_its_probe_and_is_slashed(grid: Grid) -> None:
-    knobs = grid.coord.app.state.grid.jobs.settings
+    knobs = grid.coord.app.state.services.jobs.settings
     knobs.probe_rate, knobs.probe_timeout_s = 1.0, 2.0
     forgetful = grid.agent("forgetful", trainer=True)
     grid.agents["forgetful"].agent.train_checkpoints = Forgetful()

@@ -75,7 +75,7 @@ class Grid:
             nodes = {n["name"]: n["id"] for n in c.get("/api/v1/status").json()["nodes"]}
         self.ids[name] = nodes[name]
         acct = ledger.stake_account(nodes[name], "cpu")
-        self.coord.app.state.grid.store.post(ledger.make_entry(
+        self.coord.app.state.services.store.post(ledger.make_entry(
             f"stake:{name}", Cause("test", name),
             [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)]))
 
@@ -213,7 +213,7 @@ def test_a_verifier_that_does_not_answer_loses(grid: Grid, monkeypatch) -> None:
     g.add("liar", cheats.FalseAccuser("tiny"), DEAR, verifier=True)
     audit = _failed_audit(g, "provider")
     g.agents["liar"].kill()  # gone: it will answer no query
-    g.coord.app.state.grid.trust.settings.dispute_answer_s = 2.0
+    g.coord.app.state.services.trust.settings.dispute_answer_s = 2.0
     r = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {})
     assert r.status_code == 200, r.text
     d = _settled(g)
@@ -341,7 +341,7 @@ def test_each_part_of_a_failover_answer_is_committed_and_audited(grid: Grid) -> 
         (1, g.ids["first"]), (2, g.ids["second"])]
     assert all(a["state"] == "passed" for a in audits), audits
     # The second part was committed over the context that includes the first part.
-    store = g.coord.app.state.grid.store
+    store = g.coord.app.state.services.store
     from idlegrid.coordinator.trust.tables import TrustCommitment
 
     with store.read() as s:

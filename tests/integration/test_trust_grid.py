@@ -63,7 +63,7 @@ def grid_factory(tmp_path: Path) -> Iterator:
             t.start()
             started.append(t)
         wait_for_live(coord.url, 2)
-        store = coord.app.state.grid.store
+        store = coord.app.state.services.store
         with coord.admin() as c:
             key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
             c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 100 * MICRO,

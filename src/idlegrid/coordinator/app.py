@@ -1,4 +1,5 @@
-"""The coordinator's FastAPI app: routes, health, metrics, lifecycle."""
+"""The coordinator's FastAPI app and its composition root: builds every service from one
+`Context`, wires the domains' reactions to each other's events, includes the routes."""
 
 from __future__ import annotations
 
@@ -15,17 +16,31 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from idlegrid import PROTOCOL_VERSION, __version__
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator import http_errors
+from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard import routes as routes_dashboard
 from idlegrid.coordinator.dashboard.data import WEB, Dashboard
 from idlegrid.coordinator.db.store import Store, migrate
+from idlegrid.coordinator.deps import Services
 from idlegrid.coordinator.edge import BodyGuard
+from idlegrid.coordinator.events import (
+    AnswerFinished,
+    LiveNodesChanged,
+    NodeRegistered,
+    SupplyChanged,
+)
 from idlegrid.coordinator.inference import routes as routes_openai
-from idlegrid.coordinator.inference.service import Grid
+from idlegrid.coordinator.inference.service import Inference
 from idlegrid.coordinator.market import routes as routes_market
+from idlegrid.coordinator.market.service import Market
 from idlegrid.coordinator.nodes import admin_routes as routes_admin
 from idlegrid.coordinator.nodes import routes as routes_nodes
+from idlegrid.coordinator.nodes.service import Nodes
+from idlegrid.coordinator.supervisor import Supervisor
 from idlegrid.coordinator.training import routes as routes_jobs
+from idlegrid.coordinator.training.jobs import Jobs
 from idlegrid.coordinator.trust import routes as routes_trust
+from idlegrid.coordinator.trust.audits import Trust
+from idlegrid.coordinator.trust.hwproofs import HwProofs
 
 
 def create_app(
@@ -40,15 +55,14 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         migrate(url)
         store = Store(url, clock)
-        grid = Grid(settings, store, clock)
-        app.state.grid = grid
-        await grid.refresh_nodes()  # routing and the market start from what the store knows
-        app.state.dashboard = Dashboard(grid)
-        grid.start()
+        svc = compose(Context(settings, store, clock))
+        app.state.services = svc
+        await svc.nodes.refresh()  # routing and the market start from what the store knows
+        svc.supervisor.start()
         try:
             yield
         finally:
-            await grid.stop()
+            await svc.supervisor.stop()
             store.close()
 
     app = FastAPI(title="idlegrid coordinator", version=__version__, lifespan=lifespan)
@@ -75,9 +89,9 @@ def create_app(
     @app.get("/readyz", tags=["health"])
     async def readyz(request: Request) -> Response:
         """The database answers and at least the schema is in place."""
-        grid: Grid = request.app.state.grid
+        svc: Services = request.app.state.services
         try:
-            await grid.db(grid.store.ping)
+            await svc.db(svc.store.ping)
         except Exception as exc:  # any database failure means "not ready", with the reason
             return JSONResponse({"ok": False, "reason": str(exc)}, status_code=503)
         return JSONResponse({"ok": True})
@@ -85,7 +99,45 @@ def create_app(
     @app.get("/metrics", tags=["health"])
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition."""
-        grid: Grid = request.app.state.grid
-        return Response(grid.metrics.render(), media_type="text/plain; version=0.0.4")
+        svc: Services = request.app.state.services
+        return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def compose(ctx: Context) -> Services:
+    """Build every service and wire who reacts to what, in order."""
+    trust = Trust(ctx)
+    hwproofs = HwProofs(ctx)
+    nodes = Nodes(ctx, challenges=hwproofs.pending)
+    market = Market(ctx, nodes=lambda: nodes.cache, verified=hwproofs.verified)
+    inference = Inference(ctx, nodes=nodes, trust=trust, market=market)
+    jobs = Jobs(ctx)
+    dashboard = Dashboard(ctx, power=nodes.power, orders=market.store)
+    ev = ctx.events
+    # A registration: the market records the node's devices first (hardware proofs
+    # challenge what it recorded), then trust and hardware proofs; the node is routable
+    # once the cache is refreshed, and its long poll is woken last.
+    ev.on(NodeRegistered, lambda e: ctx.db(market.on_register, e))
+    ev.on(NodeRegistered, trust.on_register)
+    ev.on(NodeRegistered, lambda e: ctx.db(hwproofs.on_register, e.node_id))
+    ev.on(NodeRegistered, lambda e: nodes.refresh())
+    ev.on(NodeRegistered, inference.on_register)
+    ev.on(LiveNodesChanged, market.on_live_change)
+    ev.on(SupplyChanged, lambda e: market.invalidate())
+    ev.on(AnswerFinished, lambda e: ctx.db(market.on_answer, e))
+    ev.on(AnswerFinished, trust.on_answer)
+
+    async def db_tick(fn: Callable[..., object], *args: object) -> None:
+        await ctx.db(fn, *args)
+
+    supervisor = Supervisor(nodes.tick, [
+        lambda live: db_tick(market.tick),
+        lambda live: db_tick(hwproofs.tick, live),
+        lambda live: db_tick(jobs.tick, live),
+        lambda live: db_tick(jobs.disputes.tick, live),
+        lambda live: db_tick(trust.expire),
+        lambda live: db_tick(trust.disputes.tick),
+        inference.tick,
+    ], interval_s=min(0.5, ctx.settings.heartbeat_interval_s))
+    return Services(ctx, nodes, inference, market, trust, hwproofs, jobs, dashboard, supervisor)

@@ -18,7 +18,8 @@ from anyio import to_thread
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import text
 
-from idlegrid.coordinator.inference.service import Grid
+from idlegrid.coordinator.context import Context
+from idlegrid.coordinator.market.store import MarketStore
 from idlegrid.core import energy, telemetry
 from idlegrid.core.ledger import FEES, MICRO
 from idlegrid.errors import InvalidRequest
@@ -108,7 +109,7 @@ class _Built:
 
 
 @dataclass
-class Context:
+class PageInputs:
     """Everything one refresh reads, fetched once and shared by the sections."""
 
     now: float
@@ -123,8 +124,11 @@ class Context:
 class Dashboard:
     """Builds the dashboard's pages, live fragments and chart data."""
 
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+    def __init__(self, ctx: Context, power: dict[str, dict[str, Any]],
+                 orders: MarketStore) -> None:
+        self.ctx = ctx
+        self.power = power  # the latest power report per node, kept by the nodes domain
+        self.order_store = orders
         self.env = make_env()
         self._cache: dict[str, _Built] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -138,21 +142,21 @@ class Dashboard:
 
     # ---- data --------------------------------------------------------------------------
 
-    def _context(self, page: str, need_nodes: bool) -> Context:
-        g, store, now = self.grid, self.grid.store, self.grid.clock()
-        return Context(
+    def _context(self, page: str, need_nodes: bool) -> PageInputs:
+        store, now = self.ctx.store, self.ctx.clock()
+        return PageInputs(
             now=now,
             nodes=store.nodes() if need_nodes else [],
             balances=store.balances(),
             tasks=store.task_counts(),
             finished=store.finished_tasks(now - CHART_WINDOW_S),
-            power=dict(g.power),
-            live_cutoff=now - g.settings.node_timeout_s,
+            power=dict(self.power),
+            live_cutoff=now - self.ctx.settings.node_timeout_s,
         )
 
-    def providers(self, ctx: Context) -> list[dict[str, Any]]:
+    def providers(self, ctx: PageInputs) -> list[dict[str, Any]]:
         """One row per registered provider, live ones first."""
-        store = self.grid.store
+        store = self.ctx.store
         per_model: dict[str, list[dict[str, Any]]] = {}
         for row in store.attempt_energy(0.0):
             per_model.setdefault(row["node_id"], []).append(row)
@@ -190,7 +194,7 @@ class Dashboard:
         rows.sort(key=lambda r: (not r["live"], r["name"]))
         return rows
 
-    def request_stats(self, ctx: Context) -> dict[str, Any]:
+    def request_stats(self, ctx: PageInputs) -> dict[str, Any]:
         """Throughput, latency percentiles and queue depth."""
         done = [t for t in ctx.finished if t["state"] == "done"]
         minute = [t for t in done if t["ended_at"] >= ctx.now - 60]
@@ -204,7 +208,7 @@ class Dashboard:
             "p99": telemetry.percentile(recent, 99), "latency_n": len(recent),
         }
 
-    def throughput_chart(self, ctx: Context) -> dict[str, Any]:
+    def throughput_chart(self, ctx: PageInputs) -> dict[str, Any]:
         """Output tokens per second over the chart window."""
         start = ctx.now - CHART_WINDOW_S
         xs, tok = telemetry.buckets(((t["ended_at"], float(t["output_tokens"]))
@@ -216,7 +220,7 @@ class Dashboard:
             {"label": "output tok/s", "values": [v / CHART_BUCKET_S for v in tok]},
             {"label": "requests/s", "values": [v / CHART_BUCKET_S for v in reqs]}]}
 
-    def latency_chart(self, ctx: Context) -> dict[str, Any]:
+    def latency_chart(self, ctx: PageInputs) -> dict[str, Any]:
         """Mean request latency per bucket."""
         start = ctx.now - CHART_WINDOW_S
         xs, mean = telemetry.bucket_mean(((t["ended_at"], t["latency_s"])
@@ -224,11 +228,11 @@ class Dashboard:
                                          start, ctx.now, CHART_BUCKET_S)
         return {"title": "Latency (s)", "x": xs, "series": [{"label": "mean s", "values": mean}]}
 
-    def energy_chart(self, ctx: Context, providers: list[dict[str, Any]]) -> dict[str, Any]:
+    def energy_chart(self, ctx: PageInputs, providers: list[dict[str, Any]]) -> dict[str, Any]:
         """Power draw of the devices that used the most energy in the last hour."""
         top = sorted((p for p in providers if p["kwh"]), key=lambda p: -p["kwh"])[:TOP_DEVICES]
         start = ctx.now - CHART_WINDOW_S
-        samples = self.grid.store.power_samples(start) if top else {}
+        samples = self.ctx.store.power_samples(start) if top else {}
         series = []
         xs: list[float] = telemetry.buckets([], start, ctx.now, CHART_BUCKET_S)[0]
         for p in top:
@@ -238,10 +242,10 @@ class Dashboard:
             series.append({"label": label, "values": mean})
         return {"title": "Power per device (W)", "x": xs, "series": series}
 
-    def price_chart(self, ctx: Context) -> dict[str, Any]:
+    def price_chart(self, ctx: PageInputs) -> dict[str, Any]:
         """Mean output price paid per model over the chart window (credits per 1M tokens)."""
         start = ctx.now - CHART_WINDOW_S
-        rows = self.grid.store.attempt_prices(start)
+        rows = self.ctx.store.attempt_prices(start)
         models = sorted({m for _, m, _, _ in rows})[:5]
         series = []
         xs = telemetry.buckets([], start, ctx.now, CHART_BUCKET_S)[0]
@@ -268,19 +272,19 @@ class Dashboard:
                         "decode_tps_median": statistics.median(n.decode_tps for n in ns)})
         return out
 
-    def money(self, ctx: Context) -> dict[str, Any]:
+    def money(self, ctx: PageInputs) -> dict[str, Any]:
         """Balances by account kind, fees, and the largest accounts."""
         kinds = telemetry.totals_by_kind(ctx.balances)
         top = sorted(((a, b) for a, b in ctx.balances.items() if a != "system:issuer"),
                      key=lambda ab: -abs(ab[1]))[:20]
         return {"kinds": kinds, "fees": ctx.balances.get(FEES, 0),
-                "fees_hour": self.grid.store.fee_income(ctx.now - 3600),
+                "fees_hour": self.ctx.store.fee_income(ctx.now - 3600),
                 "circulating": -ctx.balances.get("system:issuer", 0),
-                "top": top, "fee_bps": self.grid.settings.fee_bps}
+                "top": top, "fee_bps": self.ctx.settings.fee_bps}
 
     def orders(self) -> list[dict[str, Any]] | None:
         """The newest market orders: what was bought, where it runs, what it cost."""
-        views = self.grid.market.store.orders()[:TABLE_ROWS]
+        views = self.order_store.orders()[:TABLE_ROWS]
         return [{
             "order": v.id, "kind": v.kind, "state": v.state,
             "where": ", ".join(leg["offer_id"] for leg in (v.placement or {}).get("legs", []))
@@ -328,7 +332,7 @@ class Dashboard:
                         orders=self.orders())
             charts = {"chart-price": self.price_chart(ctx)}
         else:
-            data.update(money=self.money(ctx), entries=self.grid.store.recent_entries(50))
+            data.update(money=self.money(ctx), entries=self.ctx.store.recent_entries(50))
         data["recent"] = ctx.finished[:25]
         sections = {name: self.env.get_template(f"partials/{name}.html").render(**data)
                     for name in PAGES[page] if not (name == "providers" and table_html)}
@@ -355,7 +359,7 @@ class Dashboard:
                 return hit.snap
             if hit:
                 await asyncio.sleep(max(0.0, hit.built_at + hit.interval_s - now))
-            current = self.grid.changes.version
+            current = self.ctx.changes.version
             started = time.monotonic()
             snap = await to_thread.run_sync(self.build, page)
             took = time.monotonic() - started
@@ -366,7 +370,7 @@ class Dashboard:
 
     async def page(self, page: str) -> str:
         """A whole page: the same fragments, inside the layout, with the chart data inline."""
-        snap = await self.snapshot(page, self.grid.changes.version)
+        snap = await self.snapshot(page, self.ctx.changes.version)
         return self.env.get_template(f"{page}.html").render(
             page=page, sections=snap["sections"], charts=snap["charts"], now=snap["now"],
             version=snap["version"])

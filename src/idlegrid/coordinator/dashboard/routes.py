@@ -21,8 +21,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from idlegrid.coordinator.dashboard.data import IDLE_REFRESH_S, PAGES, Dashboard, energy_by_node
-from idlegrid.coordinator.inference.service import Grid
-from idlegrid.coordinator.nodes.admin_routes import from_loopback, require_operator
+from idlegrid.coordinator.deps import (
+    from_loopback,
+    require_operator,
+    services,
+)
 from idlegrid.core import economics, energy, telemetry
 from idlegrid.errors import AuthError, InvalidRequest
 
@@ -31,17 +34,9 @@ COOKIE = "idlegrid_operator"
 router = APIRouter(tags=["dashboard"])
 
 
-def _grid(request: Request) -> Grid:
-    grid: Grid = request.app.state.grid
-    return grid
-
 
 def _dashboard(request: Request) -> Dashboard:
-    dash: Dashboard | None = getattr(request.app.state, "dashboard", None)
-    if dash is None:
-        dash = Dashboard(_grid(request))
-        request.app.state.dashboard = dash
-    return dash
+    return services(request).dashboard
 
 
 def _cookie_value(key: str) -> str:
@@ -51,7 +46,7 @@ def _cookie_value(key: str) -> str:
 
 def require_viewer(request: Request) -> None:
     """Dashboard access: the operator cookie, or whatever the operator routes accept."""
-    settings = _grid(request).settings
+    settings = services(request).settings
     if settings.dashboard_open_on_loopback and from_loopback(request):
         return  # a local grid: its own machine reads the (read-only) pages without login
     key = settings.operator_key
@@ -110,7 +105,7 @@ async def login(request: Request) -> Response:
     """Check the operator key from the form and keep it in an HttpOnly cookie."""
     form = parse_qs((await request.body()).decode(errors="replace"))
     given = (form.get("key") or [""])[0]
-    key = _grid(request).settings.operator_key
+    key = services(request).settings.operator_key
     if not key:
         return RedirectResponse("/", status_code=303)
     if not hmac.compare_digest(given.encode(), key.encode()):
@@ -127,8 +122,8 @@ async def snapshot(page: str, request: Request) -> dict[str, Any]:
     if page not in PAGES:
         raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
                              param="page")
-    dash, grid = _dashboard(request), _grid(request)
-    return await dash.snapshot(page, grid.changes.version)
+    dash, svc = _dashboard(request), services(request)
+    return await dash.snapshot(page, svc.changes.version)
 
 
 @router.get("/dashboard/events")
@@ -142,7 +137,7 @@ async def events(request: Request, page: str = "grid", v: int | None = None
     if page not in PAGES:
         raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
                              param="page")
-    dash, grid = _dashboard(request), _grid(request)
+    dash, svc = _dashboard(request), services(request)
 
     async def hung_up() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -161,7 +156,7 @@ async def events(request: Request, page: str = "grid", v: int | None = None
             while not gone.done():
                 # Stop as soon as the browser leaves, not at the next write: a stream nobody
                 # reads would otherwise keep rebuilding snapshots on every change.
-                change = asyncio.ensure_future(grid.changes.wait(seen, IDLE_REFRESH_S))
+                change = asyncio.ensure_future(svc.changes.wait(seen, IDLE_REFRESH_S))
                 await asyncio.wait({change, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if gone.done():
                     change.cancel()
@@ -194,12 +189,12 @@ def _since(period: str, now: float) -> float:
 async def earnings(request: Request, period: str = "24h", node: str | None = None
                    ) -> dict[str, Any]:
     """Per provider over `period` (e.g. 24h, 7d): credits earned, accrued and paid, energy."""
-    grid = _grid(request)
-    now = grid.clock()
+    svc = services(request)
+    now = svc.clock()
     since = _since(period, now)
 
     def gather() -> dict[str, Any]:
-        store = grid.store
+        store = svc.store
         nodes = store.nodes()
         balances = store.balances()
         income = store.provider_income(since)
@@ -228,7 +223,7 @@ async def earnings(request: Request, period: str = "24h", node: str | None = Non
         # No sample in the period yet: zero is a guess, not a reading.
         device_j, device_est = d["used"].get(n.id, (0.0, True))
         money = telemetry.provider_money(d["balances"], n.id)
-        power = grid.power.get(n.id)
+        power = svc.nodes.power.get(n.id)
         rows.append({
             "node_id": n.id, "name": n.name, "hardware": n.hardware,
             "decode_tps": n.decode_tps, "earned": d["income"].get(n.id, 0),
@@ -245,15 +240,15 @@ async def earnings(request: Request, period: str = "24h", node: str | None = Non
     if node and not rows:
         raise InvalidRequest(f"no provider named or with id {node!r}", param="node")
     return {"period": period, "period_s": now - since, "since": since, "until": now,
-            "fee_bps": grid.settings.fee_bps, "providers": rows}
+            "fee_bps": svc.settings.fee_bps, "providers": rows}
 
 
 @router.get("/api/v1/economics/prices", tags=["economics"])
 async def prices(request: Request) -> dict[str, Any]:
     """Live market prices per model (µcr per 1M tokens) and the providers' median speed."""
-    grid = _grid(request)
+    svc = services(request)
     dash = _dashboard(request)
-    nodes = await grid.db(grid.store.nodes)
-    now = grid.clock()
-    return {"fee_bps": grid.settings.fee_bps,
-            "models": dash.market_prices(nodes, now - grid.settings.node_timeout_s)}
+    nodes = await svc.db(svc.store.nodes)
+    now = svc.clock()
+    return {"fee_bps": svc.settings.fee_bps,
+            "models": dash.market_prices(nodes, now - svc.settings.node_timeout_s)}

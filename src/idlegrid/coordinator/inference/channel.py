@@ -24,16 +24,18 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import Field, TypeAdapter, ValidationError
 
 from idlegrid.coordinator.db.store import TaskView
-from idlegrid.coordinator.inference.service import Grid
 from idlegrid.errors import AuthError, Conflict
 from idlegrid.protocol import messages as m
 from idlegrid.protocol.signing import frame_headers
+
+if TYPE_CHECKING:  # the HTTP layer's view of the services; routes build it
+    from idlegrid.coordinator.deps import Services
 
 log = logging.getLogger("idlegrid.coordinator.inference.channel")
 
@@ -60,21 +62,21 @@ class BadFrame(Exception):
     """A frame that is not a channel message; the connection is closed."""
 
 
-async def serve(ws: WebSocket, grid: Grid) -> None:
+async def serve(ws: WebSocket, svc: Services) -> None:
     """Authenticate the handshake (signed like a GET), then serve frames until it closes."""
     try:
-        node_id = await grid.authenticate_node("GET", CHANNEL_PATH, b"", ws.headers)
+        node_id = await svc.nodes.authenticate_node("GET", CHANNEL_PATH, b"", ws.headers)
     except AuthError:
         # Closing before accepting refuses the handshake (HTTP 403 to the client).
         await ws.close(code=CLOSE_AUTH)
         return
     await ws.accept()
-    await _Channel(ws, grid, node_id).run()
+    await _Channel(ws, svc, node_id).run()
 
 
 class _Channel:
-    def __init__(self, ws: WebSocket, grid: Grid, node_id: str) -> None:
-        self.ws, self.grid, self.node_id = ws, grid, node_id
+    def __init__(self, ws: WebSocket, svc: Services, node_id: str) -> None:
+        self.ws, self.svc, self.node_id = ws, svc, node_id
         self.polls: dict[int, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
 
@@ -108,13 +110,13 @@ class _Channel:
     def open(self, raw: bytes) -> Any:
         """Verify a frame's signature (as for a request) and parse it."""
         headers, body = frame_headers(self.node_id, raw)
-        key = self.grid.node_key(self.node_id)
+        key = self.svc.nodes.node_key(self.node_id)
         if key is None:
             raise AuthError("unknown node: register first")
         try:
-            self.grid.verifier.verify("WS", CHANNEL_PATH, body, headers, key)
+            self.svc.nodes.verifier.verify("WS", CHANNEL_PATH, body, headers, key)
         except AuthError as exc:
-            self.grid.metrics.auth_failures.labels(exc.reason.split(" (")[0]).inc()
+            self.svc.metrics.auth_failures.labels(exc.reason.split(" (")[0]).inc()
             raise
         try:
             return _Frame.validate_json(body)
@@ -140,7 +142,7 @@ class _Channel:
 
     async def upload(self, msg: m.ChannelUploadMsg) -> None:
         try:
-            await self.grid.upload(self.node_id, msg.task_id, msg.attempt, msg.start,
+            await self.svc.inference.upload(self.node_id, msg.task_id, msg.attempt, msg.start,
                                    list(msg.pieces))
         except Conflict as exc:
             await self.refuse(msg.task_id, msg.attempt, exc)
@@ -148,7 +150,7 @@ class _Channel:
     async def sync(self, msg: m.ChannelSyncMsg) -> None:
         # Frames are handled in order, so every upload sent before this one is counted.
         try:
-            accepted = self.grid.accepted(self.node_id, msg.task_id, msg.attempt)
+            accepted = self.svc.inference.accepted(self.node_id, msg.task_id, msg.attempt)
         except Conflict as exc:
             await self.refuse(msg.task_id, msg.attempt, exc)
             return
@@ -162,7 +164,7 @@ class _Channel:
 
     async def poll(self, msg: m.ChannelPollMsg) -> None:
         try:
-            task = await self.grid.poll(self.node_id, msg.models, msg.wait_s)
+            task = await self.svc.inference.poll(self.node_id, msg.models, msg.wait_s)
         except AuthError as exc:  # ejected while connected
             await self.close(CLOSE_AUTH, exc.message)
             return
@@ -177,7 +179,7 @@ class _Channel:
         except Exception as exc:  # a task frame that cannot be written fails that task only
             log.error("task %s cannot be sent to %s: %s", task.id, self.node_id, exc)
             with contextlib.suppress(Conflict):
-                await self.grid.give_up(self.node_id, task.id, task.attempt, "unsendable",
+                await self.svc.inference.give_up(self.node_id, task.id, task.attempt, "unsendable",
                                         invalid=f"the request cannot be encoded: {exc}")
             with contextlib.suppress(Exception):
                 await self.send({"op": "idle", "slot": msg.slot})
@@ -190,7 +192,8 @@ class _Channel:
             # The agent is gone: hand the task on now rather than after the stall timeout.
             log.warning("channel to %s lost while handing over %s", self.node_id, task.id)
             with contextlib.suppress(Conflict):
-                await self.grid.give_up(self.node_id, task.id, task.attempt, "hand-over missed")
+                await self.svc.inference.give_up(self.node_id, task.id, task.attempt,
+                                                 "hand-over missed")
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):

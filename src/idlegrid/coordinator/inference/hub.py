@@ -8,7 +8,6 @@ the consumer's connection dies with it, so nothing durable is lost by keeping it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,29 +122,3 @@ class Hub:
                 ev.set()
         else:
             self.work_event(node_id).set()
-
-
-class ChangeFeed:
-    """A version number that goes up whenever the grid changes, for live dashboards.
-
-    Watchers remember the version they last showed and wait for a newer one; a burst of
-    changes wakes them once, so a busy grid costs one refresh per watcher, not one per event.
-    """
-
-    def __init__(self) -> None:
-        self.version = 0
-        self._event = asyncio.Event()
-
-    def bump(self) -> None:
-        """Something changed (call from the event loop)."""
-        self.version += 1
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, seen: int, timeout_s: float) -> int:
-        """The current version once it differs from `seen`, or after `timeout_s` regardless."""
-        if self.version != seen:
-            return self.version
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout_s)
-        return self.version

@@ -12,6 +12,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from idlegrid.coordinator.db.store import TaskView
+from idlegrid.coordinator.deps import (
+    Services,
+    services,
+)
 from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.inference.openai_schema import (
     ChatRequest,
@@ -19,24 +23,20 @@ from idlegrid.coordinator.inference.openai_schema import (
     chat_token_bound,
     prompt_token_bound,
 )
-from idlegrid.coordinator.inference.service import Grid, RequestFailed
+from idlegrid.coordinator.inference.service import RequestFailed
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.errors import IdlegridError, InvalidRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-def _grid(request: Request) -> Grid:
-    grid: Grid = request.app.state.grid
-    return grid
-
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Models served by live providers."""
-    grid = _grid(request)
-    await grid.authenticate_key(request.headers.get("authorization"))
-    return {"object": "list", "data": await grid.models()}
+    svc = services(request)
+    await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    return {"object": "list", "data": await svc.inference.models()}
 
 
 def _usage(task: TaskView) -> dict[str, int]:
@@ -87,9 +87,9 @@ def _failure(data: dict[str, Any]) -> IdlegridError:
                          "nothing was charged")
 
 
-def _price_cap(grid: Grid, body: Any) -> Price:
+def _price_cap(svc: Services, body: Any) -> Price:
     cap = body.max_price
-    st = grid.settings
+    st = svc.settings
     prompt, output = ((cap.prompt, cap.output) if cap is not None
                       else (st.default_max_prompt_price, st.default_max_output_price))
     return Price(round(prompt * MICRO), round(output * MICRO))
@@ -98,78 +98,78 @@ def _price_cap(grid: Grid, body: Any) -> Price:
 async def _serve(request: Request, kind: str, model: str, payload: dict[str, Any],
                  bound: int, max_tokens: int, stream_out: bool, include_usage: bool,
                  cap: Price) -> Any:
-    grid = _grid(request)
-    key_id = await grid.authenticate_key(request.headers.get("authorization"))
-    task_id, stream = await grid.submit(key_id, model, kind, payload, bound, max_tokens,
+    svc = services(request)
+    key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    task_id, stream = await svc.inference.submit(key_id, model, kind, payload, bound, max_tokens,
                                         price_cap=cap)
     shape = _Shape(kind, task_id, model)
     started = time.perf_counter()
     if stream_out:
         return StreamingResponse(
-            _sse(grid, shape, task_id, stream, started, include_usage),
+            _sse(svc, shape, task_id, stream, started, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     parts: list[str] = []
     ended = False
     try:
-        async for event in grid.events(stream):
+        async for event in svc.inference.events(stream):
             if event.kind == "pieces":
                 if not parts:
-                    grid.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                    svc.metrics.ttft.labels(model).observe(time.perf_counter() - started)
                 parts.extend(text for _, text in event.pieces)
             elif event.kind == "done":
                 ended = True
                 task: TaskView = event.data["task"]
-                _count(grid, model, task, "ok")
+                _count(svc, model, task, "ok")
                 return shape.whole("".join(parts), task)
             else:
                 ended = True
-                grid.metrics.requests.labels(model, "failed").inc()
+                svc.metrics.requests.labels(model, "failed").inc()
                 raise _failure(event.data)
     finally:
         if not ended:
             with anyio.CancelScope(shield=True):
-                await grid.abandon(task_id)
-        grid.hub.close(task_id)
+                await svc.inference.abandon(task_id)
+        svc.inference.hub.close(task_id)
     raise RequestFailed("stream ended early")  # pragma: no cover - events() always ends
 
 
-def _count(grid: Grid, model: str, task: TaskView, outcome: str) -> None:
-    grid.metrics.requests.labels(model, outcome).inc()
-    grid.metrics.tokens.labels(model, "prompt").inc(task.prompt_tokens)
-    grid.metrics.tokens.labels(model, "output").inc(task.output_tokens)
+def _count(svc: Services, model: str, task: TaskView, outcome: str) -> None:
+    svc.metrics.requests.labels(model, outcome).inc()
+    svc.metrics.tokens.labels(model, "prompt").inc(task.prompt_tokens)
+    svc.metrics.tokens.labels(model, "output").inc(task.output_tokens)
 
 
 def _sse_line(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse(grid: Grid, shape: _Shape, task_id: str, stream: TaskStream, started: float,
+async def _sse(svc: Services, shape: _Shape, task_id: str, stream: TaskStream, started: float,
                include_usage: bool) -> AsyncIterator[bytes]:
     done = False
     try:
         if shape.kind == "chat":
             yield _sse_line(shape.chunk("", None, first=True))
         first = True
-        async for event in grid.events(stream):
+        async for event in svc.inference.events(stream):
             if event.kind == "pieces":
                 text = "".join(t for _, t in event.pieces)
                 if first:
-                    grid.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
+                    svc.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
                     first = False
                 if text:
                     yield _sse_line(shape.chunk(text, None))
             elif event.kind == "done":
                 task: TaskView = event.data["task"]
-                _count(grid, shape.model, task, "ok")
+                _count(svc, shape.model, task, "ok")
                 final = shape.chunk(None if shape.kind == "chat" else "", task.finish_reason)
                 yield _sse_line(final)
                 if include_usage:
                     yield _sse_line({**final, "choices": [], "usage": _usage(task)})
                 done = True
             else:
-                grid.metrics.requests.labels(shape.model, "failed").inc()
+                svc.metrics.requests.labels(shape.model, "failed").inc()
                 exc = _failure(event.data)
                 yield _sse_line({"error": {"message": exc.message, "type": "server_error",
                                            "code": exc.code, "param": None}})
@@ -180,8 +180,8 @@ async def _sse(grid: Grid, shape: _Shape, task_id: str, stream: TaskStream, star
             # The consumer went away mid-stream: stop the provider, bill only what it got.
             # Shielded: the disconnect cancelled this generator, and the books must settle.
             with anyio.CancelScope(shield=True):
-                await grid.abandon(task_id)
-        grid.hub.close(task_id)
+                await svc.inference.abandon(task_id)
+        svc.inference.hub.close(task_id)
 
 
 @router.post("/completions")
@@ -194,7 +194,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                "seed": body.seed, "stop": body.stop_list(), "stream": body.stream}
     return await _serve(request, "completion", body.model, payload, prompt_token_bound(prompt),
                         max_tokens, body.stream, body.include_usage(),
-                        _price_cap(_grid(request), body))
+                        _price_cap(services(request), body))
 
 
 @router.post("/chat/completions")
@@ -203,9 +203,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     body.check_supported()
     messages = body.plain_messages()
     limit = body.max_completion_tokens or body.max_tokens
-    max_tokens = limit if limit is not None else _grid(request).settings.default_chat_max_tokens
+    max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
     payload = {"messages": messages, "temperature": body.temperature, "top_p": body.top_p,
                "seed": body.seed, "stop": body.stop_list(), "stream": body.stream}
     return await _serve(request, "chat", body.model, payload, chat_token_bound(messages),
                         max_tokens, body.stream, body.include_usage(),
-                        _price_cap(_grid(request), body))
+                        _price_cap(services(request), body))

@@ -1,31 +1,29 @@
-"""The coordinator's services: submit and stream requests, serve agents, supervise attempts.
+"""Inference: submit and stream requests, hand them to providers, take uploads, settle,
+and take work back from providers that died or stalled.
 
 Routes call these; these call the pure core for decisions and the store for state. Store
 calls are blocking (SQLAlchemy), so they run in worker threads; the hub is touched only
 from the event loop, which keeps each task's stream and its attempt bookkeeping in step.
+What trust and the market do with a finished answer they do on `AnswerFinished`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
-from anyio import to_thread
-
-from idlegrid import PROTOCOL_VERSION
-from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator.db.store import NodeView, Store, TaskView, new_task_view
-from idlegrid.coordinator.inference.hub import ChangeFeed, Event, Hub, TaskStream
-from idlegrid.coordinator.metrics import Metrics
+from idlegrid.coordinator.context import Context
+from idlegrid.coordinator.db.store import NodeView, TaskView, new_task_view
+from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
+from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
 from idlegrid.core import ledger, routing
 from idlegrid.core.ledger import Price
-from idlegrid.core.market.hardware import canonical_gpu
+from idlegrid.core.trust.commitment import Commitment
 from idlegrid.errors import (
     AuthError,
     Conflict,
@@ -35,11 +33,8 @@ from idlegrid.errors import (
     NoCapacity,
     StaleAttempt,
 )
-from idlegrid.protocol.signing import Verifier
 
 log = logging.getLogger("idlegrid.coordinator")
-T = TypeVar("T")
-NODE_RELOAD_S = 30.0
 
 
 class RequestFailed(IdlegridError):
@@ -53,74 +48,51 @@ def derive_seed(task_id: str) -> int:
     return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-class Grid:
-    """Everything the HTTP routes need, behind plain async methods."""
+class NodeDirectory(Protocol):
+    """The node cache routing reads (the nodes domain keeps it)."""
 
-    def __init__(self, settings: CoordinatorSettings, store: Store, clock: Callable[[], float]):
-        self.settings = settings
-        self.store = store
-        self.clock = clock
+    cache: dict[str, NodeView]
+
+    async def seen(self, node_id: str) -> None: ...
+
+
+class CommitmentChecks(Protocol):
+    """Trust's checks on a provider's commitment, made before anything settles."""
+
+    def check_commitment(self, task: TaskView, blob_b64: str, new_ids: list[int],
+                         finish_reason: str) -> Commitment: ...
+
+    def check_part(self, task: TaskView, blob_b64: str, new_ids: list[int]) -> Commitment: ...
+
+
+class RoutingSignals(Protocol):
+    """What the market has measured about providers, for per-request routing."""
+
+    reliability: dict[str, float]
+    staked_nodes: frozenset[str]
+
+
+class Inference:
+    """Requests from consumers to providers and back, behind plain async methods."""
+
+    def __init__(self, ctx: Context, nodes: NodeDirectory, trust: CommitmentChecks,
+                 market: RoutingSignals) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.store = ctx.store
+        self.clock = ctx.clock
+        self.metrics = ctx.metrics
+        self.changes = ctx.changes
+        self.db = ctx.db
         self.hub = Hub()
-        self.metrics = Metrics()
-        self.verifier = Verifier(clock, settings.signature_skew_s)
-        self._keys: dict[str, bytes] = {}  # node id -> public key, cached: checked per upload
-        # bearer secret -> (key id, cached until)
-        self._api_keys: dict[str, tuple[str, float]] = {}
+        self.nodes = nodes
+        self.trust = trust
+        self.market = market
         # Key id -> its balance after this process's last hold, less holds written since:
         # a lower bound while this process is the only spender (see submit).
         self._balance_hint: dict[str, int] = {}
         # Running tasks whose stream did not match the row at the last supervisor pass.
         self._unmatched: set[tuple[str, int, str | None]] = set()
-        # Node views cached for routing, refreshed by the supervisor and on registration:
-        # routing a request then touches no database before its escrow is written.
-        self._nodes: dict[str, NodeView] = {}
-        self._supervisor: asyncio.Task[None] | None = None
-        self._live_signature: frozenset[str] = frozenset()
-        self._nodes_at = 0.0
-        from idlegrid.coordinator.market.service import Market  # the market reads the grid's nodes
-
-        self.market = Market(self)
-        from idlegrid.coordinator.trust.audits import Trust
-
-        self.trust = Trust(self)
-        self.changes = ChangeFeed()
-        # Latest power report per node (shown live) and when one was last stored.
-        self.power: dict[str, dict[str, Any]] = {}
-        self._power_stored: dict[str, float] = {}
-        from idlegrid.coordinator.trust.hwproofs import HwProofs
-
-        self.hwproofs = HwProofs(self)
-        from idlegrid.coordinator.training.jobs import Jobs
-
-        self.jobs = Jobs(self)
-
-    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking store call in a worker thread."""
-        return await to_thread.run_sync(lambda: fn(*args, **kwargs))
-
-    async def long_poll(self, wake: asyncio.Event, claim: Callable[[], T | None],
-                        wait_s: float) -> T | None:
-        """`claim()` (a store call) until it returns something or `wait_s` passes, retried
-        when `wake` is set and at least every second (a wake-up can come from another
-        coordinator process writing the same database)."""
-        deadline = self.clock() + wait_s
-        while True:
-            wake.clear()
-            got = await self.db(claim)
-            if got is not None:
-                return got
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=min(remaining, 1.0))
-
-    # ---- lifecycle ---------------------------------------------------------------------
-
-    async def refresh_nodes(self) -> dict[str, NodeView]:
-        """Reload the node cache from the store."""
-        self._nodes = {n.id: n for n in await self.db(self.store.nodes)}
-        return self._nodes
 
     def candidates(self, model: str, prompt_tokens: int = 0, max_tokens: int = 1
                    ) -> tuple[list[routing.Candidate], dict[str, Price]]:
@@ -131,131 +103,29 @@ class Grid:
             holder = stream.node_id if stream.attempt > 0 else stream.target
             if holder:
                 busy[holder] = busy.get(holder, 0) + 1
-        live = [n for n in self._nodes.values()
+        live = [n for n in self.nodes.cache.values()
                 if n.state == "live" and n.last_seen >= cutoff and model in n.offers
-                and n.id not in self.trust.ejected]
+                and n.id not in self.ctx.ejected]
         rel = self.market.reliability
         cands = [routing.Candidate(n.id, busy.get(n.id, 0), n.slots, n.offers[model].output,
                                    n.decode_tps, n.offers[model].prompt, rel.get(n.id, 1.0),
                                    prompt_tokens, max_tokens) for n in live]
         return cands, {n.id: n.offers[model] for n in live}
 
-    def start(self) -> None:
-        """Start the supervisor loop (call from the running event loop)."""
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
-
-    async def stop(self) -> None:
-        """Stop background work."""
-        if self._supervisor:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-
-    # ---- node authentication -----------------------------------------------------------
-
-    async def authenticate_node(
-        self, method: str, path: str, body: bytes, headers: Any, public_key: bytes | None = None
-    ) -> str:
-        """Verify a signed node request; `public_key` is given only at registration."""
-        try:
-            if public_key is None:
-                node_id = headers.get("x-idlegrid-node", "")
-                public_key = self._keys.get(node_id)
-                if public_key is None:
-                    public_key = await self.db(self.store.node_public_key, node_id)
-                    if public_key is None:
-                        raise AuthError("unknown node: register first")
-                    self._keys[node_id] = public_key
-            return self.verifier.verify(method, path, body, headers, public_key)
-        except AuthError as exc:
-            self.metrics.auth_failures.labels(exc.reason.split(" (")[0]).inc()
-            raise
-
-    def node_key(self, node_id: str) -> bytes | None:
-        """A node's public key if this process has seen it authenticate."""
-        return self._keys.get(node_id)
-
     # ---- agents ------------------------------------------------------------------------
 
-    async def register(self, node_id: str, public_key: bytes, body: dict[str, Any]
-                       ) -> dict[str, Any]:
-        """Record a node's profile and offers; answer with the settings agents must follow."""
-        if body.get("protocol_version") != PROTOCOL_VERSION:
-            raise Conflict(
-                f"protocol version {body.get('protocol_version')} is not supported; "
-                f"this coordinator speaks {PROTOCOL_VERSION}",
-                supported=[PROTOCOL_VERSION],
-            )
-        offers = {o["model"]: Price(o["prompt_price"], o["output_price"]) for o in body["offers"]}
-        cutoff = self.clock() - self.settings.node_timeout_s
-        clash = next((n for n in self._nodes.values() if n.name == body["name"]
-                      and n.id != node_id and n.state != "gone" and n.last_seen >= cutoff), None)
-        if clash is not None:
-            # Names are how people tell providers apart (dashboard, CLI, logs): one live node
-            # per name. A node gone quiet frees its name.
-            raise Conflict(f"the name {body['name']!r} belongs to another live node",
-                           code="name_taken", param="name")
-        await self.db(
-            self.store.upsert_node, node_id=node_id, public_key=public_key, name=body["name"],
-            protocol_version=body["protocol_version"], hardware=body["hardware"],
-            engine=body["engine"], slots=body["slots"], prefill_tps=body["prefill_tps"],
-            decode_tps=body["decode_tps"], offers=offers,
-        )
-        self._keys[node_id] = public_key
-        try:
-            devices = [{**d, "model": canonical_gpu(d["model"])} for d in body.get("devices") or []]
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"devices: {exc.message}", param="devices") from exc
-        await self.db(self.market.store.set_supply, node_id, body.get("region", "local"),
-                      body.get("links") or {}, devices)
-        await self.trust.on_register(node_id, body)
-        await self.db(self.hwproofs.on_register, node_id)
-        await self.refresh_nodes()
-        self.market.invalidate()
-        self.hub.wake(node_id)
-        self.changes.bump()
-        return {
-            "node_id": node_id,
-            "heartbeat_interval_s": self.settings.heartbeat_interval_s,
-            "long_poll_s": self.settings.long_poll_s,
-            "protocol_version": PROTOCOL_VERSION,
-            "stake_per_device": self.settings.stake_per_device,
-        }
-
-    async def heartbeat(self, node_id: str, state: str | None,
-                        power: dict[str, Any] | None = None) -> list[str]:
-        """A node is alive (and maybe draining): keep its energy counter every few seconds,
-        answer with the hardware challenges waiting for it."""
-        await self.db(self.store.touch_node, node_id, state)
-        self._touch(node_id, state)
-        if power is not None:
-            if self.clock() - self._power_stored.get(node_id, -1e18) >= \
-                    self.settings.power_sample_interval_s:
-                self._power_stored[node_id] = self.clock()
-                # No change bump: with many providers that would be a refresh per
-                # heartbeat; the dashboard's idle refresh picks new samples up within seconds.
-                await self.db(self.store.add_power_sample, node_id, power["joules_total"],
-                              power.get("watts"), power["source"], power["estimated"])
-            # Shown only once stored, so a node with a live reading has a sample to sum.
-            self.power[node_id] = {**power, "at": self.clock()}
-        return await self.db(self.hwproofs.pending, node_id)
-
-    def _touch(self, node_id: str, state: str | None = None) -> None:
-        """Keep the cached view in step with what was just written, without a reload."""
-        node = self._nodes.get(node_id)
-        if node is not None:
-            self._nodes[node_id] = dataclasses.replace(node, last_seen=self.clock(),
-                                                       state=state or node.state)
+    def on_register(self, event: NodeRegistered) -> None:
+        """A node (re)registered: it may take queued work at once."""
+        self.hub.wake(event.node_id)
 
     async def poll(self, node_id: str, models: list[str], wait_s: float) -> TaskView | None:
         """Long poll: a claimed task for this node, or None after `wait_s`."""
-        if node_id in self.trust.ejected:
+        if node_id in self.ctx.ejected:
             raise AuthError("this node was ejected after failed audits")
         deadline = self.clock() + min(wait_s, self.settings.long_poll_s)
         event = self.hub.work_event(node_id)
         # A poll is a sign of life; later wake-ups skip this write to keep claims fast.
-        await self.db(self.store.touch_node, node_id)
-        self._touch(node_id)
+        await self.nodes.seen(node_id)
         while True:
             # Clear before looking, so a wake-up that races with the claim is not lost.
             event.clear()
@@ -382,10 +252,8 @@ class Grid:
         ttft = first - stream.opened_at if first is not None else None
         tps = (len(stream.attempt_ids) - 1) / (now - first) if (
             first is not None and now > first and len(stream.attempt_ids) > 1) else None
-        await self.db(self.market.observe, node_id, done.model_id, ttft, tps)
-        if committed is not None:
-            # Stored first, then the beacon draw: the provider committed before selection.
-            await self.trust.on_finish(done, node_id, attempt, committed, task.delivered_ids)
+        await self.ctx.events.emit(AnswerFinished(done, node_id, attempt, committed,
+                                                  task.delivered_ids, ttft_s=ttft, tps=tps))
         return done
 
     async def give_up(self, node_id: str | None, task_id: str, attempt: int, outcome: str,
@@ -427,7 +295,8 @@ class Grid:
         self.changes.bump()
         if part is not None and node_id is not None:
             # Its part is committed and final now: the beacon may select it for audit.
-            await self.trust.on_finish(task, node_id, attempt, part[0], part[1], part=True)
+            await self.ctx.events.emit(AnswerFinished(task, node_id, attempt, part[0], part[1],
+                                                      part=True))
         if task.state == "queued":
             log.warning("task %s: attempt %d %s; handing it to another provider",
                         task_id, attempt, outcome)
@@ -436,30 +305,6 @@ class Grid:
             self.hub.push(task_id, Event("failed", data={"error": task.error}))
 
     # ---- consumers ---------------------------------------------------------------------
-
-    async def authenticate_key(self, authorization: str | None) -> str:
-        """The key id behind a bearer token, or AuthError."""
-        if not authorization or not authorization.lower().startswith("bearer "):
-            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-        secret = authorization[7:].strip()
-        now = self.clock()
-        cached = self._api_keys.get(secret)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        # Cached for a while: a revocation here drops it at once, one made by another
-        # coordinator process is seen within KEY_CACHE_S.
-        key_id = await self.db(self.store.key_for_secret, secret)
-        if len(self._api_keys) > 100_000:
-            self._api_keys.clear()
-        self._api_keys[secret] = (key_id, now + KEY_CACHE_S)
-        return key_id
-
-    async def revoke_key(self, key_id: str) -> bool:
-        """Revoke an API key: its requests are refused from now on."""
-        changed = await self.db(self.store.revoke_api_key, key_id)
-        for secret in [s for s, (k, _) in self._api_keys.items() if k == key_id]:
-            del self._api_keys[secret]
-        return changed
 
     async def models(self) -> list[dict[str, Any]]:
         """Models that some live provider serves now."""
@@ -577,37 +422,10 @@ class Grid:
 
     # ---- supervision -------------------------------------------------------------------
 
-    async def _supervise(self) -> None:
-        while True:
-            try:
-                await self.supervise_once()
-            except Exception:  # keep supervising whatever one pass hit
-                log.exception("supervisor pass failed")
-            await asyncio.sleep(min(0.5, self.settings.heartbeat_interval_s))
-
-    async def supervise_once(self) -> None:
+    async def tick(self, live: frozenset[str]) -> None:
         """Take work from dead or stalled providers; fail requests nobody picked up in time."""
         now = self.clock()
-        # Heartbeats and polls keep the cache current; a full reload (10,000 nodes is real
-        # work) only now and then, for changes made elsewhere.
-        if now - self._nodes_at >= NODE_RELOAD_S:
-            await self.refresh_nodes()
-            self._nodes_at = now
-        nodes = self._nodes
-        live = frozenset(n.id for n in nodes.values()
-                         if n.state == "live" and n.last_seen >= now - self.settings.node_timeout_s)
-        self.metrics.live_nodes.set(len(live))
-        if live != self._live_signature:
-            lost = self._live_signature - live
-            self._live_signature = live
-            self.market.invalidate()
-            self.market.nodes_lost(lost)
-        await self.db(self.market.tick)
-        await self.db(self.hwproofs.tick, live)
-        await self.db(self.jobs.tick, live)
-        await self.db(self.jobs.disputes.tick, live)
-        await self.db(self.trust.expire)
-        await self.db(self.trust.disputes.tick)
+        nodes = self.nodes.cache
         unmatched: set[tuple[str, int, str | None]] = set()
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
@@ -651,8 +469,6 @@ class Grid:
                     stream.target = None
                 self.hub.wake(None)
 
-
-KEY_CACHE_S = 30.0
 
 # A piece is one token's text plus any text held back while it could begin a stop string.
 MAX_PIECE_CHARS = 2048

@@ -11,9 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
-from idlegrid.coordinator.inference.service import Grid
-from idlegrid.coordinator.nodes.admin_routes import require_operator
-from idlegrid.coordinator.nodes.routes import _parse, _signed
+from idlegrid.coordinator.deps import (
+    parse,
+    require_operator,
+    services,
+    signed,
+)
 from idlegrid.core import ledger
 from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import messages as m
@@ -21,13 +24,9 @@ from idlegrid.protocol import messages as m
 router = APIRouter(prefix="/api/v1", tags=["market"])
 
 
-def _grid(request: Request) -> Grid:
-    grid: Grid = request.app.state.grid
-    return grid
-
 
 async def _key(request: Request) -> str:
-    return await _grid(request).authenticate_key(request.headers.get("authorization"))
+    return await services(request).nodes.authenticate_key(request.headers.get("authorization"))
 
 
 ORDER_EXAMPLE = {"id": "train-42", "kind": "lease", "hours": 2,
@@ -45,8 +44,8 @@ async def submit_order(request: Request,
     balance, 409 for an order id that was used before. Nothing is posted on any error.
     """
     key_id = await _key(request)
-    grid = _grid(request)
-    view = await grid.db(grid.market.submit, key_id, body)
+    svc = services(request)
+    view = await svc.db(svc.market.submit, key_id, body)
     # Plain JSON types already: skip FastAPI's generic encoder on the hot path.
     return JSONResponse(view.to_dict(), status_code=201)
 
@@ -56,9 +55,9 @@ async def submit_orders(request: Request, body: Any = Body(...)) -> dict[str, An
     """Submit up to 1,000 orders cleared together as one exact assignment (better total
     price than one at a time); all are recorded and prepaid, or none (400/402/409)."""
     key_id = await _key(request)
-    grid = _grid(request)
+    svc = services(request)
     orders = body.get("orders") if isinstance(body, dict) else None
-    views = await grid.db(grid.market.submit_many, key_id, orders)
+    views = await svc.db(svc.market.submit_many, key_id, orders)
     return {"orders": [v.to_dict() for v in views]}
 
 
@@ -66,8 +65,8 @@ async def submit_orders(request: Request, body: Any = Body(...)) -> dict[str, An
 async def list_orders(request: Request, state: str | None = None) -> dict[str, Any]:
     """The caller's orders, newest first."""
     key_id = await _key(request)
-    grid = _grid(request)
-    views = await grid.db(grid.market.store.orders, key_id, [state] if state else None)
+    svc = services(request)
+    views = await svc.db(svc.market.store.orders, key_id, [state] if state else None)
     return {"orders": [v.to_dict() for v in views]}
 
 
@@ -75,24 +74,24 @@ async def list_orders(request: Request, state: str | None = None) -> dict[str, A
 async def get_order(order_id: str, request: Request) -> dict[str, Any]:
     """One of the caller's orders."""
     key_id = await _key(request)
-    grid = _grid(request)
-    return (await grid.db(grid.market.store.get_order, order_id, key_id)).to_dict()
+    svc = services(request)
+    return (await svc.db(svc.market.store.get_order, order_id, key_id)).to_dict()
 
 
 @router.get("/orders/{order_id}/explain")
 async def explain_order(order_id: str, request: Request) -> dict[str, Any]:
     """Why the order matched where it did, or which constraints eliminated how many offers."""
     key_id = await _key(request)
-    grid = _grid(request)
-    return await grid.db(grid.market.explain, order_id, key_id)
+    svc = services(request)
+    return await svc.db(svc.market.explain, order_id, key_id)
 
 
 @router.post("/orders/{order_id}/cancel")
 async def cancel_order(order_id: str, request: Request) -> dict[str, Any]:
     """Cancel: pay for service so far, refund the rest of the escrow (409 if already over)."""
     key_id = await _key(request)
-    grid = _grid(request)
-    return (await grid.db(grid.market.cancel, order_id, key_id)).to_dict()
+    svc = services(request)
+    return (await svc.db(svc.market.cancel, order_id, key_id)).to_dict()
 
 
 @router.get("/offers")
@@ -103,8 +102,8 @@ async def list_offers(request: Request, accelerator: str | None = None,
     await _key(request)
     if not 1 <= limit <= 10_000:
         raise InvalidRequest("limit: between 1 and 10000", param="limit")
-    grid = _grid(request)
-    book = await grid.db(grid.market.current_book)
+    svc = services(request)
+    book = await svc.db(svc.market.current_book)
     out = []
     for i, o in enumerate(book.offers):
         if accelerator and o.device.model != accelerator:
@@ -131,12 +130,12 @@ async def list_offers(request: Request, accelerator: str | None = None,
 
 
 async def _stake_move(request: Request, move: str) -> dict[str, Any]:
-    node_id, body = await _signed(request)
-    msg = _parse(m.StakeMsg, body)
-    grid = _grid(request)
-    fn = grid.market.store.stake if move == "stake" else grid.market.store.unstake
-    posted = await grid.db(fn, f"{node_id}:{msg.ref}", node_id, msg.device_class, msg.amount)
-    grid.market.invalidate()
+    node_id, body = await signed(request)
+    msg = parse(m.StakeMsg, body)
+    svc = services(request)
+    fn = svc.market.store.stake if move == "stake" else svc.market.store.unstake
+    posted = await svc.db(fn, f"{node_id}:{msg.ref}", node_id, msg.device_class, msg.amount)
+    svc.market.invalidate()
     return {"ok": True, "posted": posted}
 
 
@@ -155,9 +154,9 @@ async def unstake(request: Request) -> dict[str, Any]:
 @router.post("/nodes/account")
 async def node_account(request: Request) -> dict[str, Any]:
     """A provider's money: accrued (not yet paid out), paid, and stakes per device class."""
-    node_id, _ = await _signed(request)
-    grid = _grid(request)
-    balances = await grid.db(grid.store.balances)
+    node_id, _ = await signed(request)
+    svc = services(request)
+    balances = await svc.db(svc.store.balances)
     prefix = f"stake:{node_id}:"
     return {"node_id": node_id,
             "accrued": balances.get(ledger.accrual_account(node_id), 0),
@@ -168,19 +167,19 @@ async def node_account(request: Request) -> dict[str, Any]:
 @router.post("/nodes/orders")
 async def node_orders(request: Request) -> dict[str, Any]:
     """Active orders holding this node's devices."""
-    node_id, _ = await _signed(request)
-    grid = _grid(request)
-    views = await grid.db(grid.market.orders_for_node, node_id)
+    node_id, _ = await signed(request)
+    svc = services(request)
+    views = await svc.db(svc.market.orders_for_node, node_id)
     return {"orders": [v.to_dict() for v in views]}
 
 
 @router.post("/nodes/orders/{order_id}/tokens")
 async def node_tokens(order_id: str, request: Request) -> dict[str, Any]:
     """Batch output produced for an order: paid per token, completed when all are done."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.TokensMsg, body)
-    grid = _grid(request)
-    return (await grid.db(grid.market.report_tokens, node_id, order_id, msg.tokens)).to_dict()
+    node_id, body = await signed(request)
+    msg = parse(m.TokensMsg, body)
+    svc = services(request)
+    return (await svc.db(svc.market.report_tokens, node_id, order_id, msg.tokens)).to_dict()
 
 
 # ---- operators -------------------------------------------------------------------------
@@ -190,6 +189,6 @@ async def node_tokens(order_id: str, request: Request) -> dict[str, Any]:
 async def payouts(request: Request) -> dict[str, Any]:
     """Run a payout batch now (normally every payout_interval_s)."""
     require_operator(request)
-    grid = _grid(request)
-    paid = await grid.db(grid.market.payout)
+    svc = services(request)
+    paid = await svc.db(svc.market.payout)
     return {"paid": paid, "total": sum(paid.values())}

@@ -11,11 +11,14 @@ import importlib
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from idlegrid.coordinator.context import Context
+from idlegrid.coordinator.db.store import NodeView
+from idlegrid.coordinator.events import AnswerFinished, LiveNodesChanged, NodeRegistered
 from idlegrid.coordinator.market.store import MarketStore, OrderView
 from idlegrid.core.ledger import MICRO
 from idlegrid.core.market.auction import Book, Placement, Unmatched
@@ -24,9 +27,6 @@ from idlegrid.core.market.offers import PLUGIN_TIMEOUT_S, Offer
 from idlegrid.core.market.orders import Order, OrderKind, OrderState, parse_order
 from idlegrid.core.market.plugins import is_pricing_plugin
 from idlegrid.errors import Conflict, InvalidRequest
-
-if TYPE_CHECKING:
-    from idlegrid.coordinator.inference.service import Grid
 
 log = logging.getLogger(__name__)
 ACTIVE = (OrderState.ACTIVE.value,)
@@ -37,10 +37,15 @@ RELIABILITY_REFRESH_S = 30.0
 class Market:
     """Order book, matching and settlement ticks for one coordinator."""
 
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-        self.settings = grid.settings
-        self.store = MarketStore(grid.store)
+    def __init__(self, ctx: Context, nodes: Callable[[], Mapping[str, NodeView]],
+                 verified: Callable[[], dict[str, set[str]]]) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.store = MarketStore(ctx.store)
+        # The node cache (nodes domain) and the device classes whose hardware proofs passed
+        # (trust): what the book is built from besides this domain's own rows.
+        self._nodes = nodes
+        self._verified = verified
         self.book = Book([])
         self._dirty = True
         self._lock = threading.Lock()  # the book is used from request threads and the tick
@@ -51,7 +56,7 @@ class Market:
         self._pending_lock = threading.Lock()
         self._commit_turn = threading.Lock()
         self._slo_misses: dict[str, set[int]] = {}  # order id -> accrual windows with a miss
-        self._last_payout = grid.clock()
+        self._last_payout = ctx.clock()
         # Measured reliability per node, shared with the gateway's per-request routing.
         self.reliability: dict[str, float] = {}
         # Nodes with any stake posted: only they set a request's escrow price (routing).
@@ -70,12 +75,12 @@ class Market:
         # Cleared first: a change that lands while we read (a stake, a registration) marks
         # the book dirty again instead of being lost when this rebuild finishes.
         self._dirty = False
-        now = self.grid.clock()
+        now = self.ctx.clock()
         supply = self.store.supply()
         self.reliability = {n: s["reliability"] for n, s in supply.items()}
         self._reliability_at = now
-        nodes = self.grid._nodes
-        verified = self.grid.hwproofs.verified()
+        nodes = self._nodes()
+        verified = self._verified()
         offers: list[Offer] = []
         links: dict[frozenset[str], float] = {}
         self.staked_nodes = frozenset(n for n, sup in supply.items()
@@ -84,7 +89,7 @@ class Market:
             node = nodes.get(node_id)
             if node is None or node.state != "live" or (
                     node.last_seen < now - self.settings.node_timeout_s) or (
-                    node_id in self.grid.trust.ejected):
+                    node_id in self.ctx.ejected):
                 continue
             for peer, gbps in sup["links"].items():
                 key = frozenset((node_id, peer))
@@ -111,6 +116,23 @@ class Market:
     def nodes_lost(self, node_ids: frozenset[str]) -> None:
         """Providers that stopped answering: their orders are placed again on the next tick."""
         self._lost |= node_ids
+
+    def on_register(self, event: NodeRegistered) -> None:
+        """A node (re)registered: record where it is and the devices it sells."""
+        body = event.body
+        self.store.set_supply(event.node_id, body.get("region", "local"),
+                              body.get("links") or {}, body.get("devices") or [])
+        self.invalidate()
+
+    def on_live_change(self, event: LiveNodesChanged) -> None:
+        """Live nodes changed: rebuild the book; orders on lost ones are placed again."""
+        self.invalidate()
+        self.nodes_lost(event.lost)
+
+    def on_answer(self, event: AnswerFinished) -> None:
+        """What the consumer saw of an answer, for SLOs of inference orders on its node."""
+        if not event.part:
+            self.observe(event.node_id, event.task.model_id, event.ttft_s, event.tps)
 
     def _refresh_reliability(self, now: float) -> None:
         """Re-read success ratios into the gateway's map and the book, without a rebuild."""
@@ -211,7 +233,7 @@ class Market:
                 with self._lock:
                     self.book.release(result)
             raise
-        self.grid.metrics.orders.labels(order.kind.value,
+        self.ctx.metrics.orders.labels(order.kind.value,
                                         "matched" if placement else "open").inc()
         return view
 
@@ -279,7 +301,7 @@ class Market:
                     self.book.release(p)
                 raise
         for o, r in zip(orders, results, strict=True):
-            self.grid.metrics.orders.labels(
+            self.ctx.metrics.orders.labels(
                 o.kind.value, "matched" if isinstance(r, Placement) else "open").inc()
         return views
 
@@ -324,7 +346,7 @@ class Market:
     def observe(self, node_id: str, model: str, ttft_s: float | None, tokens_per_s: float | None
                 ) -> None:
         """One served request's speed; an inference order on that node notes an SLO miss."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         for view in self.store.orders(states=ACTIVE):
             if view.kind != OrderKind.INFERENCE.value or view.body.get("model") != model:
                 continue
@@ -357,9 +379,9 @@ class Market:
 
     def tick(self) -> None:
         """Accrue, complete, re-place orders of lost providers, re-match, expire, pay out."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         timeout = self.settings.node_timeout_s
-        nodes = self.grid._nodes
+        nodes = self._nodes()
         if self._dirty:
             with self._lock:
                 self._rebuild()
@@ -410,7 +432,7 @@ class Market:
 
     def payout(self) -> dict[str, int]:
         """Pay out every accrual older than the audit window, as one batch."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         self._last_payout = now
         batch = f"{int(now)}-{secrets.token_hex(4)}"
         return self.store.payout(batch, now - self.settings.payout_delay_s)

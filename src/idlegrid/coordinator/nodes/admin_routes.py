@@ -2,45 +2,23 @@
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from idlegrid.config import LOOPBACK_NAMES
-from idlegrid.coordinator.inference.service import Grid
+from idlegrid.coordinator.deps import (
+    is_operator,
+    require_operator,
+    services,
+)
 from idlegrid.core import ledger
-from idlegrid.errors import AuthError, InvalidRequest
+from idlegrid.errors import InvalidRequest
 
 router = APIRouter(prefix="/api/v1", tags=["grid"])
 
 
-def _grid(request: Request) -> Grid:
-    grid: Grid = request.app.state.grid
-    return grid
 
-
-def from_loopback(request: Request) -> bool:
-    """Whether the caller connects from this machine, directly: by a loopback address and
-    a loopback Host, and through no proxy that says it forwarded the request."""
-    host = request.client.host if request.client else ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-    name = (request.url.hostname or "").strip("[]")
-    forwarded = any(h in request.headers for h in ("forwarded", "x-forwarded-for",
-                                                   "x-real-ip"))
-    return loopback and name in LOOPBACK_NAMES and not forwarded
-
-
-def require_operator(request: Request) -> None:
-    """Operator routes need the operator key; the coordinator always has one."""
-    if not is_operator(request):
-        raise AuthError("operator key required (the coordinator's data dir holds it in "
-                        "operator-key)")
 
 
 class NewKey(BaseModel):
@@ -62,8 +40,8 @@ class Mint(BaseModel):
 async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     """Create a consumer API key; the secret is returned once."""
     require_operator(request)
-    grid = _grid(request)
-    key_id, secret = await grid.db(grid.store.create_api_key, body.name)
+    svc = services(request)
+    key_id, secret = await svc.db(svc.store.create_api_key, body.name)
     return {"key_id": key_id, "api_key": secret}
 
 
@@ -71,7 +49,7 @@ async def create_key(body: NewKey, request: Request) -> dict[str, str]:
 async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
     """Revoke a consumer API key: refused from now on (its balance stays in the ledger)."""
     require_operator(request)
-    changed = await _grid(request).revoke_key(key_id)
+    changed = await services(request).nodes.revoke_key(key_id)
     return {"key_id": key_id, "revoked": True, "changed": changed}
 
 
@@ -79,50 +57,44 @@ async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
 async def mint(body: Mint, request: Request) -> dict[str, Any]:
     """Credit a key with new µcr; replaying the same reference credits once."""
     require_operator(request)
-    grid = _grid(request)
+    svc = services(request)
     if (body.key_id is None) == (body.node_id is None):
         raise InvalidRequest("name exactly one of key_id and node_id", param="key_id")
     account = (ledger.consumer_account(body.key_id) if body.key_id
                else ledger.provider_account(body.node_id or ""))
     entry = ledger.mint(f"mint:{body.reference}", account, body.amount,
                         ledger.Cause("deposit", body.reference))
-    created = await grid.db(grid.store.post, entry)
-    grid.changes.bump()
+    created = await svc.db(svc.store.post, entry)
+    svc.changes.bump()
     return {"created": created, "account": account,
-            "balance": await grid.db(grid.store.balance, account)}
+            "balance": await svc.db(svc.store.balance, account)}
 
 
 @router.get("/balance")
 async def balance(request: Request) -> dict[str, Any]:
     """The calling key's balance, µcr."""
-    grid = _grid(request)
-    key_id = await grid.authenticate_key(request.headers.get("authorization"))
+    svc = services(request)
+    key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
     account = ledger.consumer_account(key_id)
     return {"key_id": key_id, "account": account,
-            "balance": await grid.db(grid.store.balance, account)}
+            "balance": await svc.db(svc.store.balance, account)}
 
-
-def is_operator(request: Request) -> bool:
-    """Whether the request carries the operator key."""
-    configured = _grid(request).settings.ensure_operator_key()
-    given = request.headers.get("authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {configured}".encode())
 
 
 @router.get("/status")
 async def status(request: Request) -> dict[str, Any]:
     """Nodes with their hardware, measured speed and earnings, and task counts; with the
     operator key also every account's balance (consumers' balances are nobody else's)."""
-    grid = _grid(request)
-    now = grid.clock()
-    nodes = await grid.db(grid.store.nodes)
-    balances = await grid.db(grid.store.balances)
-    running = await grid.db(grid.store.running_by_node)
+    svc = services(request)
+    now = svc.clock()
+    nodes = await svc.db(svc.store.nodes)
+    balances = await svc.db(svc.store.balances)
+    running = await svc.db(svc.store.running_by_node)
     view = {
         "nodes": [
             {
                 "id": n.id, "name": n.name, "state": n.state,
-                "live": n.state != "gone" and now - n.last_seen <= grid.settings.node_timeout_s,
+                "live": n.state != "gone" and now - n.last_seen <= svc.settings.node_timeout_s,
                 "last_seen_s_ago": round(now - n.last_seen, 3), "slots": n.slots,
                 "running": running.get(n.id, 0),
                 "prefill_tps": n.prefill_tps, "decode_tps": n.decode_tps,
@@ -137,10 +109,10 @@ async def status(request: Request) -> dict[str, Any]:
             }
             for n in nodes
         ],
-        "fee_bps": grid.settings.fee_bps,
+        "fee_bps": svc.settings.fee_bps,
         "fees": balances.get(ledger.FEES, 0),
-        "tasks": await grid.db(grid.store.task_counts),
-        "trust": await grid.trust.status(),
+        "tasks": await svc.db(svc.store.task_counts),
+        "trust": await svc.trust.status(),
     }
     if is_operator(request):
         view["balances"] = balances
@@ -151,14 +123,14 @@ async def status(request: Request) -> dict[str, Any]:
 async def ledger_entries(request: Request, cause: str | None = None) -> dict[str, Any]:
     """Ledger entries, oldest first, optionally for one cause (request id, deposit ref)."""
     require_operator(request)
-    grid = _grid(request)
-    return {"entries": await grid.db(grid.store.entries, cause)}
+    svc = services(request)
+    return {"entries": await svc.db(svc.store.entries, cause)}
 
 
 @router.get("/ledger/verify")
 async def ledger_verify(request: Request) -> dict[str, Any]:
     """Recompute the hash chain and balances; list any break."""
     require_operator(request)
-    grid = _grid(request)
-    problems = await grid.db(grid.store.verify_ledger)
+    svc = services(request)
+    problems = await svc.db(svc.store.verify_ledger)
     return {"ok": not problems, "problems": problems}

@@ -122,7 +122,7 @@ class TrainDisputes:
 
     def clock(self) -> float:
         """The grid's clock."""
-        return float(self.jobs.grid.clock())
+        return float(self.jobs.ctx.clock())
 
     # ---- opening -----------------------------------------------------------------------
 
@@ -473,7 +473,7 @@ class TrainDisputes:
                 verifier.verifier_failed += 1
                 verifier.verifier_passed = max(verifier.verifier_passed - 1, 0)
                 verifier.ejected = True
-                self.jobs.grid.trust.ejected.add(row.verifier_id)
+                self.jobs.ctx.ejected.add(row.verifier_id)
         else:
             acct = ledger.provider_account(row.provider_id)
             posts.append(money.dispute_fee(row.id, row.provider_id, fee, balances.get(acct, 0)))

@@ -26,6 +26,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import delete, func, or_, select, update
 
+from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.training.tables import (
     TrainAudit,
     TrainCheckpoint,
@@ -42,7 +43,6 @@ from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound, Stale
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from idlegrid.coordinator.inference.service import Grid
 
 LIVE_STATES = ("queued", "running", "trained")
 
@@ -96,8 +96,8 @@ class _Gang:
 class Jobs:
     """Training jobs for one coordinator."""
 
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
         self.settings = TrainSettings()
         self.new_work = asyncio.Event()
         self.new_audit = asyncio.Event()
@@ -112,16 +112,16 @@ class Jobs:
     @property
     def store(self) -> Any:
         """The coordinator's store."""
-        return self.grid.store
+        return self.ctx.store
 
     @property
     def secret(self) -> bytes:
         """The beacon secret: the trust layer's, whose hash is published per epoch."""
-        secret: bytes = self.grid.trust.secret
+        secret: bytes = self.ctx.secret
         return secret
 
     def _event(self, s: Session, job_id: str, kind: str, cause: str, **detail: Any) -> None:
-        s.add(TrainEvent(job_id=job_id, at=self.grid.clock(), kind=kind, cause=cause,
+        s.add(TrainEvent(job_id=job_id, at=self.ctx.clock(), kind=kind, cause=cause,
                          detail=detail))
 
     def _post_all(self, s: Session, entries: list[ledger.Entry | None]) -> None:
@@ -149,7 +149,7 @@ class Jobs:
         spec = JobSpec.parse(body.get("spec"))
         job_id = make_job_id(spec, ledger.consumer_account(key_id), ref)
         amount = spec.escrow_total
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             if s.get(TrainJob, job_id) is not None:
                 raise Conflict(f"job {job_id} exists already (ref '{ref}' was used)",
@@ -168,7 +168,7 @@ class Jobs:
             self._event(s, job_id, "submitted", f"key:{key_id}", escrow=amount,
                         steps=spec.steps, price_per_step=spec.price_per_step)
         self.new_work.set()
-        self.grid.changes.bump()
+        self.ctx.changes.bump()
         return self.view(key_id, job_id)
 
     def cancel(self, key_id: str, job_id: str) -> dict[str, Any]:
@@ -179,7 +179,7 @@ class Jobs:
                 raise Conflict(f"job {job_id} is {job.state}", state=job.state)
             self._discard_after(s, job, job.verified_step, "job canceled by its consumer")
             self._close(s, job, "canceled", f"key:{key_id}")
-        self.grid.changes.bump()
+        self.ctx.changes.bump()
         return self.view(key_id, job_id)
 
     def _own(self, s: Session, key_id: str, job_id: str) -> TrainJob:
@@ -204,7 +204,7 @@ class Jobs:
         s.execute(update(TrainAudit).where(TrainAudit.job_id == job.id,
                                            TrainAudit.canary.is_(False),
                                            TrainAudit.state == "pending").values(
-            state="dropped", done_at=self.grid.clock()))
+            state="dropped", done_at=self.ctx.clock()))
         self._event(s, job.id, state, cause, refunded=left, verified_step=job.verified_step)
 
     def _unstake(self, s: Session, job_id: str, node_id: str) -> None:
@@ -324,9 +324,9 @@ class Jobs:
         """A job for this provider, or None after `wait_s`. A node that names a
         `gang_addr` may also join a data-parallel job's gang (its work comes once the gang
         is complete)."""
-        if node_id in self.grid.trust.ejected:
+        if node_id in self.ctx.ejected:
             raise AuthError("this node was ejected after failed audits")
-        return await self.grid.long_poll(self.new_work,
+        return await self.ctx.long_poll(self.new_work,
                                          lambda: self._claim(node_id, gang_addr), wait_s)
 
     def _claim(self, node_id: str, gang_addr: str = "") -> dict[str, Any] | None:
@@ -336,7 +336,7 @@ class Jobs:
     def _claim_locked(self, node_id: str, gang_addr: str) -> dict[str, Any] | None:
         from idlegrid.core.training import settlement as tset
 
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             handed = self._handed.pop(node_id, None)
             if handed is not None:
@@ -436,14 +436,14 @@ class Jobs:
     def progress(self, node_id: str, job_id: str, attempt: int, step: int, loss: float,
                  tokens_per_s: float) -> None:
         """The holder's live progress (not settled on: commitments are)."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             job = self._held(s, node_id, job_id, attempt)
             if step > int(job.spec["steps"]):
                 raise InvalidRequest("step is past the job's end", param="step")
             job.progress = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s, "at": now}
             job.lease_at = now
-        self.grid.changes.bump()
+        self.ctx.changes.bump()
 
     def commit(self, node_id: str, job_id: str, attempt: int, index: int, commitment: bytes,
                checkpoint: bytes, det_class: str) -> dict[str, Any]:
@@ -451,7 +451,7 @@ class Jobs:
         from idlegrid.core.training import proof
         from idlegrid.core.training.spec import segments
 
-        now = self.grid.clock()
+        now = self.ctx.clock()
         try:
             c = proof.TrainingCommitment.from_bytes(commitment)
         except InvalidRequest as exc:
@@ -506,14 +506,14 @@ class Jobs:
         if audited:
             self.new_audit.set()
         self.new_probe.set()
-        self.grid.changes.bump()
+        self.ctx.changes.bump()
         return {"ok": True, "continue": not last}
 
     def _draw(self, s: Session, job: TrainJob, seg_id: str, node_id: str, digest: bytes,
               c: Any) -> bool:
         from idlegrid.core.training import proof
 
-        now = self.grid.clock()
+        now = self.ctx.clock()
         passed = s.scalar(select(func.count()).select_from(TrainAudit).where(
             TrainAudit.node_id == node_id, TrainAudit.state == "passed",
             TrainAudit.canary.is_(False))) or 0
@@ -563,18 +563,18 @@ class Jobs:
         ckpt = next(c for c in held if str(c.step) == pick)
         probe_id = f"tprb-{uid}"
         s.add(TrainProbe(id=probe_id, job_id=job.id, node_id=node_id, step=ckpt.step,
-                         sha256=ckpt.sha256, state="pending", created_at=self.grid.clock(),
+                         sha256=ckpt.sha256, state="pending", created_at=self.ctx.clock(),
                          done_at=0.0))
         self._event(s, job.id, "probe-sent", f"beacon:{digest.hex()[:16]}", probe=probe_id,
                     provider=node_id, step=ckpt.step)
 
     async def poll_probes(self, node_id: str, wait_s: float = 5.0) -> list[dict[str, Any]]:
         """This node's pending probes (waits up to `wait_s` for one)."""
-        deadline = self.grid.clock() + wait_s
+        deadline = self.ctx.clock() + wait_s
         while True:
             self.new_probe.clear()
-            got = await self.grid.db(self._pending_probes, node_id)
-            remaining = deadline - self.grid.clock()
+            got = await self.ctx.db(self._pending_probes, node_id)
+            remaining = deadline - self.ctx.clock()
             if got or remaining <= 0:
                 return got
             with contextlib.suppress(TimeoutError):
@@ -599,7 +599,7 @@ class Jobs:
             if not proof.probe_ok(bytes.fromhex(p.sha256), checkpoint):
                 self._probe_fault(s, p, "the checkpoint is not the committed one")
                 return {"ok": False, "state": p.state}
-            p.state, p.done_at = "answered", self.grid.clock()
+            p.state, p.done_at = "answered", self.ctx.clock()
             self._event(s, p.job_id, "probe-answered", f"probe:{p.id}", provider=node_id,
                         step=p.step)
             job = s.get(TrainJob, p.job_id)
@@ -612,7 +612,7 @@ class Jobs:
         """A withheld checkpoint: slash the job stake, keep the provider off the job."""
         from idlegrid.core.training import settlement as tset
 
-        p.state, p.done_at = "failed", self.grid.clock()
+        p.state, p.done_at = "failed", self.ctx.clock()
         acct = tset.job_stake_account(p.job_id, p.node_id)
         stake = self._balance(s, acct)
         self._post_all(s, [tset.verifier_slash(f"probe:{p.id}", acct, stake, stake,
@@ -642,7 +642,7 @@ class Jobs:
             else:
                 self._requeue(s, job, "handed-back", f"node:{node_id}: {reason[:120]}")
         self.new_work.set()
-        self.grid.changes.bump()
+        self.ctx.changes.bump()
         return {"ok": True}
 
     def _requeue(self, s: Session, job: TrainJob, kind: str, cause: str) -> None:
@@ -654,11 +654,11 @@ class Jobs:
 
     async def poll_audit(self, node_id: str, wait_s: float = 5.0) -> dict[str, Any] | None:
         """A segment audit for this verifier (never its own segments), or None."""
-        return await self.grid.long_poll(self.new_audit, lambda: self._claim_audit(node_id),
+        return await self.ctx.long_poll(self.new_audit, lambda: self._claim_audit(node_id),
                                          wait_s)
 
     def _claim_audit(self, node_id: str) -> dict[str, Any] | None:
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             me = s.get(TrustNode, node_id)
             if me is None or not me.verifier or me.ejected:
@@ -701,7 +701,7 @@ class Jobs:
             recomputed = proof.TrainingCommitment.from_bytes(leaves)
         except (InvalidRequest, ValueError) as exc:
             raise InvalidRequest(f"leaves: {exc}", param="leaves") from exc
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             a = s.get(TrainAudit, audit_id)
             if a is None:
@@ -727,7 +727,7 @@ class Jobs:
                 if v.ok:  # approved a planted wrong commitment: lazy or colluding
                     verifier.verifier_failed += 1
                     verifier.ejected = True
-                    self.grid.trust.ejected.add(node_id)
+                    self.ctx.ejected.add(node_id)
                     self._post_all(s, [tset.verifier_slash(
                         f"{audit_id}:{acct}", acct, bal, bal, "train canary approved")
                         for acct, bal in self._accounts(s, f"stake:{node_id}:%").items()])
@@ -744,7 +744,7 @@ class Jobs:
                         reason=v.reason, first_bad_step=v.first_bad_step)
             if not v.ok and seg.state == "committed":
                 self._fault(s, job, seg, audit_id, node_id, consumer, price)
-        self.grid.changes.bump()
+        self.ctx.changes.bump()
         self.new_work.set()
         return {"audit_id": audit_id, **verdict}
 
@@ -768,7 +768,7 @@ class Jobs:
         # The whole job stake: the consumer's compensation (the segment's price) first.
         self._post_all(s, [tset.slash(job.id, seg.idx, provider, stake, stake, job.key_id,
                                       price, verifier_id)])
-        seg.state, seg.done_at, seg.cause = "failed", self.grid.clock(), f"audit:{audit_id}"
+        seg.state, seg.done_at, seg.cause = "failed", self.ctx.clock(), f"audit:{audit_id}"
         node = s.get(TrustNode, provider)
         if node is not None:
             node.failed += 1
@@ -784,7 +784,7 @@ class Jobs:
 
     def _discard_after(self, s: Session, job: TrainJob, step: int, cause: str) -> None:
         """Drop segments (and held checkpoints) past `step`; the job continues from there."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         s.execute(update(TrainSegment).where(
             TrainSegment.job_id == job.id, TrainSegment.start_step >= step,
             TrainSegment.state == "committed").values(state="discarded", cause=cause,
@@ -806,7 +806,7 @@ class Jobs:
         providers; hand silent verifiers' audits to others."""
         from idlegrid.core.training import settlement as tset
 
-        now = self.grid.clock()
+        now = self.ctx.clock()
         st = self.settings
         with self.store.read() as r:  # most ticks find nothing: no write lock for that
             busy = any(r.scalars(q.limit(1)).first() is not None for q in (
@@ -853,7 +853,7 @@ class Jobs:
                     price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
                     cause = f"audit:{audit.id}" if audit else "challenge window passed"
                     self._post_all(s, [tset.pay_segment(job.id, seg.idx, seg.node_id, price,
-                                                        self.grid.settings.fee_bps,
+                                                        self.ctx.settings.fee_bps,
                                                         self._gang_of(s, job, seg.attempt))]
                                    if price > 0 else [])
                     if audit is not None:  # paid after the segment: its fee funds it

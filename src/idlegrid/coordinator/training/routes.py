@@ -11,8 +11,12 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import JSONResponse
 
-from idlegrid.coordinator.nodes.admin_routes import require_operator
-from idlegrid.coordinator.nodes.routes import _grid, _parse, _signed
+from idlegrid.coordinator.deps import (
+    parse,
+    require_operator,
+    services,
+    signed,
+)
 from idlegrid.coordinator.training.jobs import b64
 from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import training as tm
@@ -48,7 +52,7 @@ SPEC_BODY = Body(..., examples=[SPEC_EXAMPLE])
 
 
 async def _key(request: Request) -> str:
-    return await _grid(request).authenticate_key(request.headers.get("authorization"))
+    return await services(request).nodes.authenticate_key(request.headers.get("authorization"))
 
 
 # ---- consumers -----------------------------------------------------------------------------
@@ -59,9 +63,9 @@ async def submit_job(request: Request, body: Any = SPEC_BODY) -> JSONResponse:
     """Submit a training job: its full price is escrowed (400 names a bad field, 402 when
     the balance is short, 409 for a reused `ref`). Nothing is posted on any error."""
     key_id = await _key(request)
-    grid = _grid(request)
-    view = await grid.db(grid.jobs.submit, key_id, body)
-    grid.jobs.new_work.set()
+    svc = services(request)
+    view = await svc.db(svc.jobs.submit, key_id, body)
+    svc.jobs.new_work.set()
     return JSONResponse(view, status_code=201)
 
 
@@ -69,32 +73,32 @@ async def submit_job(request: Request, body: Any = SPEC_BODY) -> JSONResponse:
 async def list_jobs(request: Request) -> dict[str, Any]:
     """The caller's jobs, newest first."""
     key_id = await _key(request)
-    grid = _grid(request)
-    return {"jobs": await grid.db(grid.jobs.jobs, key_id)}
+    svc = services(request)
+    return {"jobs": await svc.db(svc.jobs.jobs, key_id)}
 
 
 @router.get("/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     """One job: progress, loss curve, segments, audits, events and payments with causes."""
     key_id = await _key(request)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.view, key_id, job_id)
+    svc = services(request)
+    return await svc.db(svc.jobs.view, key_id, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     """Cancel: verified steps stay paid, the rest of the escrow comes back (409 if over)."""
     key_id = await _key(request)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.cancel, key_id, job_id)
+    svc = services(request)
+    return await svc.db(svc.jobs.cancel, key_id, job_id)
 
 
 @router.get("/train/audits")
 async def list_train_audits(request: Request) -> dict[str, Any]:
     """Every training audit and its verdict (operator only)."""
     require_operator(request)
-    grid = _grid(request)
-    return {"audits": await grid.db(grid.jobs.audits)}
+    svc = services(request)
+    return {"audits": await svc.db(svc.jobs.audits)}
 
 
 # ---- providers -----------------------------------------------------------------------------
@@ -124,11 +128,11 @@ def check_gang_addr(addr: str, peer: str) -> None:
 @router.post("/train/poll", response_model=None)
 async def poll_job(request: Request) -> dict[str, Any] | Response:
     """A job to run from its last committed step (200), or 204 when none came in time."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainPollMsg, body)
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainPollMsg, body)
     if msg.gang_addr:
         check_gang_addr(msg.gang_addr, request.client.host if request.client else "")
-    got = await _unless_gone(request, _grid(request).jobs.poll(node_id, msg.det_class,
+    got = await _unless_gone(request, services(request).jobs.poll(node_id, msg.det_class,
                                                                msg.wait_s, msg.gang_addr))
     if got is None:
         return Response(status_code=204)
@@ -138,10 +142,10 @@ async def poll_job(request: Request) -> dict[str, Any] | Response:
 @router.post("/train/jobs/{job_id}/attempts/{attempt}/progress")
 async def job_progress(job_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """Step, loss and tokens/s from the holder (409 once it no longer holds the job)."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainProgressMsg, body)
-    grid = _grid(request)
-    await grid.db(grid.jobs.progress, node_id, job_id, attempt, msg.step, msg.loss,
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainProgressMsg, body)
+    svc = services(request)
+    await svc.db(svc.jobs.progress, node_id, job_id, attempt, msg.step, msg.loss,
                   msg.tokens_per_s)
     return {"ok": True}
 
@@ -150,10 +154,10 @@ async def job_progress(job_id: str, attempt: int, request: Request) -> dict[str,
 async def commit_segment(job_id: str, attempt: int, index: int,
                          request: Request) -> dict[str, Any]:
     """A finished segment's commitment and end checkpoint; the audit draw follows it."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainCommitMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.commit, node_id, job_id, attempt, index,
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainCommitMsg, body)
+    svc = services(request)
+    return await svc.db(svc.jobs.commit, node_id, job_id, attempt, index,
                          b64(msg.commitment, "commitment"), b64(msg.checkpoint, "checkpoint"),
                          msg.det_class)
 
@@ -161,10 +165,10 @@ async def commit_segment(job_id: str, attempt: int, index: int,
 @router.post("/train/jobs/{job_id}/attempts/{attempt}/release")
 async def release_job(job_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """The holder hands the job back (it resumes elsewhere) or refuses a bad spec."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainReleaseMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.release, node_id, job_id, attempt, msg.reason, msg.kind)
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainReleaseMsg, body)
+    svc = services(request)
+    return await svc.db(svc.jobs.release, node_id, job_id, attempt, msg.reason, msg.kind)
 
 
 # ---- verifiers -----------------------------------------------------------------------------
@@ -173,8 +177,8 @@ async def release_job(job_id: str, attempt: int, request: Request) -> dict[str, 
 @router.post("/train/audits/poll", response_model=None)
 async def poll_train_audit(request: Request) -> dict[str, Any] | Response:
     """A segment to re-execute (200), or 204 when none came within a few seconds."""
-    node_id, _ = await _signed(request)
-    got = await _unless_gone(request, _grid(request).jobs.poll_audit(node_id, wait_s=5.0))
+    node_id, _ = await signed(request)
+    got = await _unless_gone(request, services(request).jobs.poll_audit(node_id, wait_s=5.0))
     if got is None:
         return Response(status_code=204)
     return tm.TrainAuditMsg.model_validate(got).model_dump()
@@ -183,28 +187,28 @@ async def poll_train_audit(request: Request) -> dict[str, Any] | Response:
 @router.post("/train/audits/{audit_id}/report")
 async def report_train_audit(audit_id: str, request: Request) -> dict[str, Any]:
     """The verifier's recomputed leaves; the coordinator judges and settles."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainAuditReportMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.report, node_id, audit_id, b64(msg.leaves, "leaves"),
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainAuditReportMsg, body)
+    svc = services(request)
+    return await svc.db(svc.jobs.report, node_id, audit_id, b64(msg.leaves, "leaves"),
                          msg.weight_distance, msg.det_class, msg.checkpoints_match)
 
 
 @router.post("/train/probes/poll")
 async def poll_probes(request: Request) -> dict[str, Any]:
     """Checkpoints this provider must produce now (availability probes); may be empty."""
-    node_id, _ = await _signed(request)
-    got = await _unless_gone(request, _grid(request).jobs.poll_probes(node_id, wait_s=5.0))
+    node_id, _ = await signed(request)
+    got = await _unless_gone(request, services(request).jobs.poll_probes(node_id, wait_s=5.0))
     return {"probes": got or []}
 
 
 @router.post("/train/probes/{probe_id}/answer")
 async def answer_probe(probe_id: str, request: Request) -> dict[str, Any]:
     """The probed checkpoint; it must hash to the committed state (else: a fault)."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainProbeAnswerMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.answer_probe, node_id, probe_id,
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainProbeAnswerMsg, body)
+    svc = services(request)
+    return await svc.db(svc.jobs.answer_probe, node_id, probe_id,
                          b64(msg.checkpoint, "checkpoint"))
 
 
@@ -215,26 +219,26 @@ async def answer_probe(probe_id: str, request: Request) -> dict[str, Any]:
 async def open_train_dispute(audit_id: str, request: Request) -> dict[str, Any]:
     """A provider contests a failed audit of its own segment (409 if the audit did not
     fail, was judged across determinism classes, or is disputed already)."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainDisputeMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.disputes.open, node_id, audit_id, msg.reason)
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainDisputeMsg, body)
+    svc = services(request)
+    return await svc.db(svc.jobs.disputes.open, node_id, audit_id, msg.reason)
 
 
 @router.post("/train/disputes/{dispute_id}/query")
 async def train_dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
     """What the current round asks of the calling party (role, phase, step or op index)."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainDisputeQueryMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.disputes.query, node_id, dispute_id, msg.round)
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainDisputeQueryMsg, body)
+    svc = services(request)
+    return await svc.db(svc.jobs.disputes.query, node_id, dispute_id, msg.round)
 
 
 @router.post("/train/disputes/{dispute_id}/answer")
 async def train_dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
     """A party's (or the referee's) answer for the current round, before its deadline."""
-    node_id, body = await _signed(request)
-    msg = _parse(tm.TrainDisputeAnswerMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.jobs.disputes.answer, node_id, dispute_id, msg.round,
+    node_id, body = await signed(request)
+    msg = parse(tm.TrainDisputeAnswerMsg, body)
+    svc = services(request)
+    return await svc.db(svc.jobs.disputes.answer, node_id, dispute_id, msg.round,
                          msg.model_dump())

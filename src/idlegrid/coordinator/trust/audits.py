@@ -12,14 +12,15 @@ import asyncio
 import base64
 import binascii
 import dataclasses
-import secrets
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select, update
 
+from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import Offer
+from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core import ledger
 from idlegrid.core.trust import beacon, dispute, entries
@@ -30,7 +31,6 @@ from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
     from idlegrid.coordinator.db.store import TaskView
-    from idlegrid.coordinator.inference.service import Grid
 
 
 class TrustSettings(BaseSettings):
@@ -74,17 +74,17 @@ def tamper(c: cm.Commitment) -> cm.Commitment:
 class Trust:
     """Audits and their consequences for one coordinator."""
 
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
         self.settings = TrustSettings()
         s = self.settings
         self.policy = AuditPolicy(stake=s.stake_multiple, full_audits=s.full_audits,
                                   halving=s.halving)
         self.reputation = ReputationModel()
-        self.secret = secrets.token_bytes(32)
+        self.secret = ctx.secret
         self.epoch_commitment = beacon.beacon_commitment(self.secret)
         self.new_audit = asyncio.Event()
-        self.ejected: set[str] = set()
+        self.ejected = ctx.ejected
         from idlegrid.coordinator.trust.disputes import Disputes
 
         self.disputes = Disputes(self)
@@ -92,16 +92,17 @@ class Trust:
     @property
     def store(self) -> Any:
         """The coordinator's store."""
-        return self.grid.store
+        return self.ctx.store
 
     # ---- nodes -------------------------------------------------------------------------
 
-    async def on_register(self, node_id: str, body: dict[str, Any]) -> None:
+    async def on_register(self, event: NodeRegistered) -> None:
         """Remember whether a node verifies, and its determinism class."""
+        node_id, body = event.node_id, event.body
         eng = body.get("engine") or {}
         det = "/".join(str(eng.get(k, "")) for k in ("engine", "version", "dtype", "device"))
         det += f"/t{eng.get('threads', '')}"
-        await self.grid.db(self._upsert_node, node_id, bool(body.get("verifier")), det)
+        await self.ctx.db(self._upsert_node, node_id, bool(body.get("verifier")), det)
 
     def _upsert_node(self, node_id: str, verifier: bool, det: str) -> None:
         with self.store.tx() as s:
@@ -139,15 +140,22 @@ class Trust:
                                  param="commitment")
         return c
 
+    async def on_answer(self, event: AnswerFinished) -> None:
+        """A committed answer (or handed-back part) is final: the beacon may audit it."""
+        if event.commitment is not None:
+            # Stored first, then the beacon draw: the provider committed before selection.
+            await self.on_finish(event.task, event.node_id, event.attempt, event.commitment,
+                                 event.delivered_before, part=event.part)
+
     async def on_finish(self, task: TaskView, node_id: str, attempt: int, c: cm.Commitment,
                         prior_ids: list[int], part: bool = False) -> None:
         """Store the commitment, then draw the beacon: audit? plant a canary?"""
-        await self.grid.db(self._on_finish, task, node_id, attempt, c, prior_ids, part)
+        await self.ctx.db(self._on_finish, task, node_id, attempt, c, prior_ids, part)
         self.new_audit.set()
 
     def _on_finish(self, task: TaskView, node_id: str, attempt: int, c: cm.Commitment,
                    prior_ids: list[int], part: bool = False) -> None:
-        now = self.grid.clock()
+        now = self.ctx.clock()
         digest = c.header.digest()
         # A part is checked as "these tokens, no more": its length claim is its own count.
         max_new = c.header.n_tokens if part else \
@@ -206,11 +214,11 @@ class Trust:
     async def poll(self, node_id: str, models: list[str],
                    wait_s: float = 10.0) -> dict[str, Any] | None:
         """An audit for this verifier (never its own answers), or None after `wait_s`."""
-        return await self.grid.long_poll(self.new_audit, lambda: self._claim(node_id, models),
+        return await self.ctx.long_poll(self.new_audit, lambda: self._claim(node_id, models),
                                          wait_s)
 
     def _claim(self, node_id: str, models: list[str]) -> dict[str, Any] | None:
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             me = s.get(TrustNode, node_id)
             if me is None or not me.verifier or me.ejected:
@@ -257,7 +265,7 @@ class Trust:
     def expire(self) -> list[str]:
         """Audits taken and not reported within `audit_expiry_s` go back to the pool; the
         late verifier is not paid and its verifier record counts a miss. Returns their ids."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         cutoff = now - self.settings.audit_expiry_s
         back: list[str] = []
         if not self.store.exists(select(TrustAudit.id).where(
@@ -287,7 +295,7 @@ class Trust:
     async def report(self, node_id: str, audit_id: str, report_b64: str) -> dict[str, Any]:
         """Judge a verifier's recomputation and apply what follows from it."""
         report = cm.decode_report(_b64(report_b64, "report"))
-        return await self.grid.db(self._judge_and_apply, node_id, audit_id, report)
+        return await self.ctx.db(self._judge_and_apply, node_id, audit_id, report)
 
     def tolerance(self, provider_class: str, verifier_class: str) -> cm.Tolerance:
         """Same class: tight; different class: the calibrated cross-class tolerance."""
@@ -296,7 +304,7 @@ class Trust:
         return cm.Tolerance(rel=rel, rank_slack=rel, margin=st.margin)
 
     def _judge_and_apply(self, node_id: str, audit_id: str, report: cm.Report) -> dict[str, Any]:
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             a = s.get(TrustAudit, audit_id)
             if a is None:
@@ -398,15 +406,15 @@ class Trust:
 
     async def status(self) -> dict[str, Any]:
         """Audit rate p, p*, and each node's probation and audit record."""
-        rows = await self.grid.db(self._nodes)
-        disputes = await self.grid.db(self.disputes.listing)
+        rows = await self.ctx.db(self._nodes)
+        disputes = await self.ctx.db(self.disputes.listing)
         pol = self.policy
         return {
             "disputes": [{k: d[k] for k in ("id", "audit_id", "provider_id", "verifier_id",
                                             "referee_id", "state", "round", "waiting_for")}
                          | {"provider_right": d["ruling"].get("provider_right")}
                          for d in disputes[:50]],
-            "pending_audits": await self.grid.db(self._pending_audits),
+            "pending_audits": await self.ctx.db(self._pending_audits),
             "p_star": pol.p_star, "p_steady": pol.steady, "canary_rate": self.settings.canary_rate,
             "beacon_commitment": self.epoch_commitment,
             "nodes": {r.node_id: {

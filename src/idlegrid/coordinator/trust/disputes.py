@@ -57,7 +57,7 @@ class Disputes:
 
     def clock(self) -> float:
         """The grid's clock."""
-        return self.trust.grid.clock()
+        return self.trust.ctx.clock()
 
     # ---- opening -----------------------------------------------------------------------
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select
 
+from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import DeviceOffer
+from idlegrid.coordinator.events import SupplyChanged
 from idlegrid.coordinator.trust.tables import HwProof
 from idlegrid.core import ledger
 from idlegrid.core.market.hardware import BY_NAME
@@ -28,9 +30,6 @@ from idlegrid.core.trust import beacon, entries, merkle
 from idlegrid.core.trust import hwproof as hw
 from idlegrid.core.trust import memproof as mp
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
-
-if TYPE_CHECKING:
-    from idlegrid.coordinator.inference.service import Grid
 
 CATALOG = {name: g.fp16_tflops for name, g in BY_NAME.items()}
 
@@ -66,27 +65,27 @@ def _b64(text: str, param: str) -> bytes:
 class HwProofs:
     """Hardware challenges for one coordinator."""
 
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
         self.settings = HwSettings()
         s = self.settings
         self.model = hw.TimingModel(s.gpu_efficiency, s.cpu_floor_gflops, s.host_ns_per_element,
                                     s.device_ns_per_element, s.rtt_s)
         self.secret = secrets.token_bytes(32)  # row openings and re-check draws
-        self._last_draw = grid.clock()
+        self._last_draw = ctx.clock()
 
     @property
     def store(self) -> Any:
         """The coordinator's store."""
-        return self.grid.store
+        return self.ctx.store
 
     # ---- issuing -------------------------------------------------------------------------
 
     def issue(self, node_id: str, devices: list[dict[str, Any]], reason: str) -> list[str]:
         """A matmul and a memory challenge for every device class the node claims."""
-        if not (self.settings.enabled and self.grid.settings.hw_proofs):
+        if not (self.settings.enabled and self.ctx.settings.hw_proofs):
             return []
-        now = self.grid.clock()
+        now = self.ctx.clock()
         ids = []
         with self.store.tx() as s:
             for d in devices:
@@ -131,7 +130,7 @@ class HwProofs:
 
     def tick(self, live: frozenset[str]) -> None:
         """Random re-checks (beacon draw per node) and expiry of stale challenges."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         dt, self._last_draw = now - self._last_draw, now
         p = min(1.0, self.settings.recheck_per_hour * dt / 3600)
         for node_id in sorted(live):
@@ -185,7 +184,7 @@ class HwProofs:
         """Reveal the seed; the clock starts now."""
         with self.store.tx() as s:
             row = self._row(s, node_id, pid, "issued")
-            row.state, row.sent_at = "started", self.grid.clock()
+            row.state, row.sent_at = "started", self.ctx.clock()
             # Memory proofs get the fill seed now and the chase seed once the fill is done.
             return {"id": pid, "kind": row.kind, "claimed": row.claimed, "seed": row.seed,
                     "spec": dict(row.spec)}
@@ -193,7 +192,7 @@ class HwProofs:
     def commit(self, node_id: str, pid: str, root_hex: str) -> dict[str, Any]:
         """Matmul: the root of C arrives (clock read), answer with the rows to open.
         Memory: the fill is done; reveal the chase seed and restart the clock."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             row = self._row(s, node_id, pid, "started")
             if row.kind == "memory":
@@ -220,7 +219,7 @@ class HwProofs:
 
     def open(self, node_id: str, pid: str, body: dict[str, Any]) -> dict[str, Any]:
         """The opened rows (matmul) or the chase trace (memory); judge and apply."""
-        now = self.grid.clock()
+        now = self.ctx.clock()
         with self.store.tx() as s:
             row = self._row(s, node_id, pid, "committed")
             if row.kind == "memory":
@@ -289,14 +288,14 @@ class HwProofs:
             if row is None or row.state not in ("started", "committed"):
                 raise Conflict(f"hardware proof {pid} was judged already")
             row.state = "passed" if passed else "failed"
-            row.verdict, row.done_at = verdict, now or self.grid.clock()
+            row.verdict, row.done_at = verdict, now or self.ctx.clock()
             if not passed:
                 self._demote(s, node_id, claimed, kind, verdict)
                 acct = ledger.stake_account(node_id, claimed)
                 e = entries.hardware_slash(pid, acct, balances.get(acct, 0))
                 if e is not None:
                     self.store._post(s, e)
-        self.grid.market.invalidate()
+        self.ctx.events.notify(SupplyChanged(node_id))
 
     @staticmethod
     def _demote(s: Any, node_id: str, claimed: str, kind: str, verdict: dict[str, Any]) -> None:

@@ -6,8 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from idlegrid.coordinator.nodes.admin_routes import require_operator
-from idlegrid.coordinator.nodes.routes import _grid, _parse, _signed
+from idlegrid.coordinator.deps import (
+    parse,
+    require_operator,
+    services,
+    signed,
+)
 from idlegrid.protocol import messages as m
 
 router = APIRouter(prefix="/api/v1", tags=["trust"])
@@ -16,9 +20,9 @@ router = APIRouter(prefix="/api/v1", tags=["trust"])
 @router.post("/audits/poll", response_model=None)
 async def poll_audit(request: Request) -> dict[str, Any] | Response:
     """An audit for this verifier (200), or 204 when none came within a few seconds."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.AuditPollMsg, body)
-    got = await _grid(request).trust.poll(node_id, msg.models, wait_s=5.0)
+    node_id, body = await signed(request)
+    msg = parse(m.AuditPollMsg, body)
+    got = await services(request).trust.poll(node_id, msg.models, wait_s=5.0)
     if got is None:
         return Response(status_code=204)
     return m.AuditTaskMsg.model_validate(got).model_dump()
@@ -27,36 +31,36 @@ async def poll_audit(request: Request) -> dict[str, Any] | Response:
 @router.post("/audits/{audit_id}/report")
 async def report_audit(audit_id: str, request: Request) -> dict[str, Any]:
     """The verifier's recomputation; the coordinator judges it and applies the consequences."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.AuditReportMsg, body)
-    return await _grid(request).trust.report(node_id, audit_id, msg.report)
+    node_id, body = await signed(request)
+    msg = parse(m.AuditReportMsg, body)
+    return await services(request).trust.report(node_id, audit_id, msg.report)
 
 
 @router.post("/audits/{audit_id}/dispute")
 async def open_dispute(audit_id: str, request: Request) -> dict[str, Any]:
     """A provider contests a failed audit of its own answer (409 if the audit did not fail)."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.DisputeMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.trust.disputes.open, node_id, audit_id, msg.reason)
+    node_id, body = await signed(request)
+    msg = parse(m.DisputeMsg, body)
+    svc = services(request)
+    return await svc.db(svc.trust.disputes.open, node_id, audit_id, msg.reason)
 
 
 @router.post("/disputes/{dispute_id}/query")
 async def dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
     """What the current round asks of the calling party (role, position, audited request)."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.DisputeQueryMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.trust.disputes.query, node_id, dispute_id, msg.round)
+    node_id, body = await signed(request)
+    msg = parse(m.DisputeQueryMsg, body)
+    svc = services(request)
+    return await svc.db(svc.trust.disputes.query, node_id, dispute_id, msg.round)
 
 
 @router.post("/disputes/{dispute_id}/answer")
 async def dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
     """A party's answer for the current round (before its deadline)."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.DisputeAnswerMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.trust.disputes.answer, node_id, dispute_id, msg.round,
+    node_id, body = await signed(request)
+    msg = parse(m.DisputeAnswerMsg, body)
+    svc = services(request)
+    return await svc.db(svc.trust.disputes.answer, node_id, dispute_id, msg.round,
                          msg.model_dump())
 
 
@@ -64,47 +68,47 @@ async def dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
 async def list_disputes(request: Request, node: str | None = None) -> dict[str, Any]:
     """Every dispute, its rounds and ruling (operator only); `node` keeps one node's."""
     require_operator(request)
-    grid = _grid(request)
-    return {"disputes": await grid.db(grid.trust.disputes.listing, node)}
+    svc = services(request)
+    return {"disputes": await svc.db(svc.trust.disputes.listing, node)}
 
 
 @router.get("/audits")
 async def list_audits(request: Request) -> dict[str, Any]:
     """Every audit and its verdict (operator only)."""
     require_operator(request)
-    grid = _grid(request)
-    return {"audits": await grid.db(grid.trust.audits)}
+    svc = services(request)
+    return {"audits": await svc.db(svc.trust.audits)}
 
 
 @router.post("/hwproofs/{proof_id}/start")
 async def hw_start(proof_id: str, request: Request) -> dict[str, Any]:
     """Reveal a hardware challenge's seed to its node; the coordinator's clock starts."""
-    node_id, _ = await _signed(request)
-    grid = _grid(request)
-    return await grid.db(grid.hwproofs.start, node_id, proof_id)
+    node_id, _ = await signed(request)
+    svc = services(request)
+    return await svc.db(svc.hwproofs.start, node_id, proof_id)
 
 
 @router.post("/hwproofs/{proof_id}/commit")
 async def hw_commit(proof_id: str, request: Request) -> dict[str, Any]:
     """The root of C (clock read; rows to open come back) or the end of a memory fill."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.HwCommitMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.hwproofs.commit, node_id, proof_id, msg.root)
+    node_id, body = await signed(request)
+    msg = parse(m.HwCommitMsg, body)
+    svc = services(request)
+    return await svc.db(svc.hwproofs.commit, node_id, proof_id, msg.root)
 
 
 @router.post("/hwproofs/{proof_id}/open")
 async def hw_open(proof_id: str, request: Request) -> dict[str, Any]:
     """Opened rows or the chase trace: judged at once, with demotion and slash on failure."""
-    node_id, body = await _signed(request)
-    msg = _parse(m.HwOpenMsg, body)
-    grid = _grid(request)
-    return await grid.db(grid.hwproofs.open, node_id, proof_id, msg.model_dump())
+    node_id, body = await signed(request)
+    msg = parse(m.HwOpenMsg, body)
+    svc = services(request)
+    return await svc.db(svc.hwproofs.open, node_id, proof_id, msg.model_dump())
 
 
 @router.get("/hwproofs")
 async def list_hwproofs(request: Request, node: str | None = None) -> dict[str, Any]:
     """Every hardware proof and its verdict (operator only)."""
     require_operator(request)
-    grid = _grid(request)
-    return {"proofs": await grid.db(grid.hwproofs.proofs, node)}
+    svc = services(request)
+    return {"proofs": await svc.db(svc.hwproofs.proofs, node)}
