@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from idlegrid.coordinator.db.store import TaskView
+from idlegrid.coordinator.views import TaskView
 from idlegrid.core.trust.commitment import Commitment
 
 E = TypeVar("E")

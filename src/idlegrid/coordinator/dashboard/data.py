@@ -19,6 +19,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import text
 
 from idlegrid.coordinator.context import Context
+from idlegrid.coordinator.dashboard import queries
 from idlegrid.coordinator.market.store import MarketStore
 from idlegrid.core import energy, telemetry
 from idlegrid.core.ledger import FEES, MICRO
@@ -149,7 +150,7 @@ class Dashboard:
             nodes=store.nodes() if need_nodes else [],
             balances=store.balances(),
             tasks=store.task_counts(),
-            finished=store.finished_tasks(now - CHART_WINDOW_S),
+            finished=queries.finished_tasks(store, now - CHART_WINDOW_S),
             power=dict(self.power),
             live_cutoff=now - self.ctx.settings.node_timeout_s,
         )
@@ -158,7 +159,7 @@ class Dashboard:
         """One row per registered provider, live ones first."""
         store = self.ctx.store
         per_model: dict[str, list[dict[str, Any]]] = {}
-        for row in store.attempt_energy(0.0):
+        for row in queries.attempt_energy(store, 0.0):
             per_model.setdefault(row["node_id"], []).append(row)
         used = energy_by_node(store, ctx.now - ENERGY_WINDOW_S)
         rows = []
@@ -245,7 +246,7 @@ class Dashboard:
     def price_chart(self, ctx: PageInputs) -> dict[str, Any]:
         """Mean output price paid per model over the chart window (credits per 1M tokens)."""
         start = ctx.now - CHART_WINDOW_S
-        rows = self.ctx.store.attempt_prices(start)
+        rows = queries.attempt_prices(self.ctx.store, start)
         models = sorted({m for _, m, _, _ in rows})[:5]
         series = []
         xs = telemetry.buckets([], start, ctx.now, CHART_BUCKET_S)[0]
@@ -278,7 +279,7 @@ class Dashboard:
         top = sorted(((a, b) for a, b in ctx.balances.items() if a != "system:issuer"),
                      key=lambda ab: -abs(ab[1]))[:20]
         return {"kinds": kinds, "fees": ctx.balances.get(FEES, 0),
-                "fees_hour": self.ctx.store.fee_income(ctx.now - 3600),
+                "fees_hour": queries.fee_income(self.ctx.store, ctx.now - 3600),
                 "circulating": -ctx.balances.get("system:issuer", 0),
                 "top": top, "fee_bps": self.ctx.settings.fee_bps}
 
@@ -332,7 +333,7 @@ class Dashboard:
                         orders=self.orders())
             charts = {"chart-price": self.price_chart(ctx)}
         else:
-            data.update(money=self.money(ctx), entries=self.ctx.store.recent_entries(50))
+            data.update(money=self.money(ctx), entries=queries.recent_entries(self.ctx.store, 50))
         data["recent"] = ctx.finished[:25]
         sections = {name: self.env.get_template(f"partials/{name}.html").render(**data)
                     for name in PAGES[page] if not (name == "providers" and table_html)}

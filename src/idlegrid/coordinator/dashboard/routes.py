@@ -20,6 +20,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
+from idlegrid.coordinator.dashboard import queries
 from idlegrid.coordinator.dashboard.data import IDLE_REFRESH_S, PAGES, Dashboard, energy_by_node
 from idlegrid.coordinator.deps import (
     from_loopback,
@@ -197,10 +198,10 @@ async def earnings(request: Request, period: str = "24h", node: str | None = Non
         store = svc.store
         nodes = store.nodes()
         balances = store.balances()
-        income = store.provider_income(since)
+        income = queries.provider_income(store, since)
         used = energy_by_node(store, since)
         served: dict[str, dict[str, Any]] = {}
-        for row in store.attempt_energy(since):
+        for row in queries.attempt_energy(store, since):
             agg = served.setdefault(row["node_id"], {"output_tokens": 0, "energy_j": 0.0,
                                                      "requests": 0, "estimated": False,
                                                      "models": {}})

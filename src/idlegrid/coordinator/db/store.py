@@ -13,13 +13,11 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     Engine,
-    Integer,
     bindparam,
     create_engine,
     event,
@@ -31,22 +29,21 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from idlegrid.coordinator.db.ledger import LedgerStore
 from idlegrid.coordinator.db.tables import (
     Account,
     ApiKey,
     Attempt,
-    LedgerEntry,
-    LedgerHead,
-    LedgerPosting,
     Node,
     Offer,
     PowerSample,
     Task,
 )
+from idlegrid.coordinator.views import NodeView, PowerRow, TaskView, new_task_view
 from idlegrid.core import ledger
-from idlegrid.core.ledger import Entry, Price, Share
+from idlegrid.core.ledger import Price, Share
 from idlegrid.core.tasks import TaskState, should_retry, transition
-from idlegrid.errors import AuthError, InsufficientCredits, LedgerError, NotFound, StaleAttempt
+from idlegrid.errors import AuthError, NotFound, StaleAttempt
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -97,69 +94,15 @@ def migrate(url: str) -> None:
     command.upgrade(cfg, "head")
 
 
-# Core statements on the tables, not the ORM classes: executed through a Session, an
-# ORM-entity insert or update takes the bulk-persistence path, several times slower.
-_ACC, _ENT, _HEAD = Account.__table__.c, LedgerEntry.__table__.c, LedgerHead.__table__.c
-_ENTRY_BY_KEY = select(_ENT.seq).where(_ENT.key == bindparam("key"))
-_HEAD_FOR_UPDATE = select(_HEAD.seq, _HEAD.hash).where(_HEAD.id == 1).with_for_update()
-_KNOWN_ACCOUNTS = select(_ACC.id).where(_ACC.id.in_(bindparam("ids", expanding=True)))
-_CREDIT = (update(Account.__table__).where(_ACC.id == bindparam("acct"))
-           .values(balance=_ACC.balance + bindparam("amount")))
-_DEBIT = (update(Account.__table__)
-          .where(_ACC.id == bindparam("acct"), _ACC.balance >= -bindparam("amount"))
-          .values(balance=_ACC.balance + bindparam("amount")))
-_INSERT_ACCOUNT = insert(Account.__table__)
-_INSERT_ENTRY = insert(LedgerEntry.__table__)
+_ACC = Account.__table__.c
+# Core statements on the tables (see db/ledger.py for why not the ORM classes).
 _INSERT_TASK = insert(Task.__table__)
 _BALANCE = select(_ACC.balance).where(_ACC.id == bindparam("acct"))
 _INSERT_ATTEMPT = insert(Attempt.__table__)
-_INSERT_POSTING = insert(LedgerPosting.__table__)
-_ADVANCE_HEAD = (update(LedgerHead.__table__).where(_HEAD.id == 1)
-                 .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
-
-
-PowerRow = tuple[float, float, float | None, bool]  # t, joules_total, watts, estimated
 
 
 def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """What the rest of the coordinator needs to know about a node."""
-
-    id: str
-    name: str
-    public_key: bytes
-    state: str
-    slots: int
-    prefill_tps: float
-    decode_tps: float
-    last_seen: float
-    hardware: dict[str, Any]
-    engine: dict[str, Any]
-    offers: dict[str, Price]
-
-
-@dataclass(frozen=True)
-class TaskView:
-    """A task as the gateway and agents see it."""
-
-    id: str
-    key_id: str
-    model_id: str
-    kind: str
-    payload: dict[str, Any]
-    state: str
-    attempt: int
-    node_id: str | None
-    hold: int
-    delivered_ids: list[int]
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str | None
-    error: str | None
 
 
 def _task_view(t: Task) -> TaskView:
@@ -169,16 +112,7 @@ def _task_view(t: Task) -> TaskView:
         t.error,
     )
 
-
-
-def new_task_view(task_id: str, key_id: str, model_id: str, kind: str, payload: dict[str, Any],
-                  hold: int, claimed_by: str | None) -> TaskView:
-    """The view of a task as `Store.create_task` writes it (queued, or claimed: attempt 1)."""
-    state = TaskState.RUNNING if claimed_by else TaskState.QUEUED
-    return TaskView(task_id, key_id, model_id, kind, payload, state.value,
-                    1 if claimed_by else 0, claimed_by, hold, [], 0, 0, None, None)
-
-class Store:
+class Store(LedgerStore):
     """Durable state: nodes, offers, keys, tasks and the ledger."""
 
     def __init__(self, url: str, clock: Callable[[], float]) -> None:
@@ -341,111 +275,6 @@ class Store:
                 return False
             key.revoked_at = self.clock()
             return True
-
-    # ---- ledger ------------------------------------------------------------------------
-
-    def _post(self, s: Session, entry: Entry, *, fresh: bool = False) -> bool:
-        """Append `entry` inside the caller's transaction; False if its key was posted before.
-
-        `fresh`: the caller knows the key is new (it names a row this transaction just
-        inserted), so the idempotency lookup is skipped; the unique key still guards it.
-        """
-        # Prebuilt Core statements with bound parameters: this runs on every request's path
-        # to its first token, and building statements cost more than SQLite running them.
-        if not fresh and s.execute(_ENTRY_BY_KEY, {"key": entry.key}).first() is not None:
-            return False
-        head = s.execute(_HEAD_FOR_UPDATE).one()
-        accounts = [p.account for p in entry.postings]
-        if self._ensure_accounts is not None:
-            s.execute(self._ensure_accounts, [{"id": a, "balance": 0} for a in accounts])
-        else:
-            known = set(s.scalars(_KNOWN_ACCOUNTS, {"ids": accounts}))
-            missing = [{"id": a, "balance": 0} for a in accounts if a not in known]
-            if missing:
-                s.execute(_INSERT_ACCOUNT, missing)
-        for p in entry.postings:
-            # Compare-and-set: a debit lands only if the balance covers it.
-            guarded = p.amount < 0 and not ledger.may_go_negative(p.account)
-            res = s.execute(_DEBIT if guarded else _CREDIT, {"acct": p.account, "amount": p.amount})
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                available = s.scalar(select(Account.balance).where(Account.id == p.account)) or 0
-                raise InsufficientCredits(p.account, needed=-p.amount, available=available)
-        digest = ledger.chain_hash(head.hash, entry)
-        seq = head.seq + 1
-        s.execute(_INSERT_ENTRY, {
-            "seq": seq, "key": entry.key, "cause_kind": entry.cause.kind,
-            "cause_id": entry.cause.id, "memo": entry.memo, "prev_hash": head.hash,
-            "hash": digest, "created_at": self.clock()})
-        s.execute(_INSERT_POSTING, [
-            {"entry_seq": seq, "account": p.account, "amount": p.amount} for p in entry.postings])
-        s.execute(_ADVANCE_HEAD, {"new_seq": seq, "new_hash": digest})
-        return True
-
-    def post(self, entry: Entry) -> bool:
-        """Append one entry in its own transaction; idempotent on the entry key."""
-        with self.tx() as s:
-            return self._post(s, entry)
-
-    def balance(self, account: str) -> int:
-        """Current balance of an account, µcr."""
-        with self.read() as s:
-            return s.scalar(select(Account.balance).where(Account.id == account)) or 0
-
-    def balances(self) -> dict[str, int]:
-        """Every account's balance."""
-        with self.read() as s:
-            return {a.id: a.balance for a in s.scalars(select(Account))}
-
-    def entries(self, cause_id: str | None = None, after_seq: int = 0) -> list[dict[str, Any]]:
-        """Ledger entries with their postings, oldest first (one cause's, or after a seq)."""
-        with self.read() as s:
-            q = select(LedgerEntry).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq)
-            pq = (select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount)
-                  .where(LedgerPosting.entry_seq > after_seq))
-            if cause_id is not None:
-                q = q.where(LedgerEntry.cause_id == cause_id)
-                pq = pq.join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq).where(
-                    LedgerEntry.cause_id == cause_id)
-            postings: dict[int, list[dict[str, Any]]] = {}
-            for seq, account, amount in s.execute(pq.order_by(LedgerPosting.account)):
-                postings.setdefault(seq, []).append({"account": account, "amount": amount})
-            return [{
-                "seq": e.seq, "key": e.key, "cause": {"kind": e.cause_kind, "id": e.cause_id},
-                "memo": e.memo, "hash": e.hash, "prev_hash": e.prev_hash,
-                "created_at": e.created_at, "postings": postings.get(e.seq, []),
-            } for e in s.scalars(q)]
-
-    def verify_ledger(self) -> list[str]:
-        """Recompute the hash chain and every balance; return the problems found (none: [])."""
-        problems: list[str] = []
-        prev = ledger.GENESIS_HASH
-        sums: dict[str, int] = {}
-        for e in self.entries():
-            entry = ledger.Entry(
-                e["key"], ledger.Cause(e["cause"]["kind"], e["cause"]["id"]),
-                tuple(ledger.Posting(p["account"], p["amount"]) for p in e["postings"]), e["memo"],
-            )
-            if e["prev_hash"] != prev:
-                problems.append(f"entry {e['seq']}: prev_hash does not match entry {e['seq'] - 1}")
-            if ledger.chain_hash(e["prev_hash"], entry) != e["hash"]:
-                problems.append(f"entry {e['seq']}: hash does not match its contents")
-            if sum(p.amount for p in entry.postings) != 0:
-                problems.append(f"entry {e['seq']}: does not balance")
-            for p in entry.postings:
-                sums[p.account] = sums.get(p.account, 0) + p.amount
-            prev = e["hash"]
-        cached = self.balances()
-        for account in sorted(set(sums) | set(cached)):
-            if sums.get(account, 0) != cached.get(account, 0):
-                problems.append(
-                    f"{account}: cached balance {cached.get(account, 0)} != postings "
-                    f"{sums.get(account, 0)}"
-                )
-        try:
-            ledger.check_invariants(sums)
-        except LedgerError as exc:
-            problems.append(str(exc))
-        return problems
 
     # ---- tasks -------------------------------------------------------------------------
 
@@ -698,94 +527,3 @@ class Store:
         for node_id, t, j, w, est in rows:
             out.setdefault(node_id, []).append((t, j, w, bool(est)))
         return out
-
-    def attempt_energy(self, since: float) -> list[dict[str, Any]]:
-        """Per node and model: output tokens, joules, and whether any joule was estimated."""
-        with self.read() as s:
-            rows = s.execute(
-                select(Attempt.node_id, Task.model_id, func.sum(Attempt.output_tokens),
-                       func.sum(Attempt.energy_j), func.count(),
-                       func.max(func.coalesce(Attempt.energy_estimated, False).cast(Integer)))
-                .join(Task, Task.id == Attempt.task_id)
-                .where(Attempt.ended_at >= since, Attempt.energy_j.is_not(None))
-                .group_by(Attempt.node_id, Task.model_id)).all()
-        return [{"node_id": n, "model": m, "output_tokens": int(tok or 0),
-                 "energy_j": float(j or 0.0), "requests": c, "estimated": bool(est)}
-                for n, m, tok, j, c, est in rows]
-
-    def finished_tasks(self, since: float, limit: int = 10_000) -> list[dict[str, Any]]:
-        """Tasks that ended (done or failed) since `since`, newest first."""
-        with self.read() as s:
-            rows = s.execute(
-                select(Task.id, Task.model_id, Task.state, Task.attempt, Task.prompt_tokens,
-                       Task.output_tokens, Task.created_at, Task.updated_at, Task.error)
-                .where(Task.state.in_(["done", "failed"]), Task.updated_at >= since)
-                .order_by(Task.updated_at.desc()).limit(limit)).all()
-            ids = [r[0] for r in rows]
-            nodes: dict[str, str] = {}
-            if ids:
-                for task_id, node_id in s.execute(
-                        select(Attempt.task_id, Attempt.node_id)
-                        .where(Attempt.task_id.in_(ids)).order_by(Attempt.attempt)):
-                    nodes[task_id] = node_id  # the last attempt's provider
-        return [{"id": i, "model": m, "state": st, "attempts": a, "prompt_tokens": pt,
-                 "output_tokens": ot, "created_at": c, "ended_at": u,
-                 "latency_s": u - c, "node_id": nodes.get(i), "error": e}
-                for i, m, st, a, pt, ot, c, u, e in rows]
-
-    def attempt_prices(self, since: float) -> list[tuple[float, str, int, int]]:
-        """(started_at, model, prompt price, output price) of attempts since `since`."""
-        with self.read() as s:
-            rows = s.execute(
-                select(Attempt.started_at, Task.model_id, Attempt.prompt_price,
-                       Attempt.output_price)
-                .join(Task, Task.id == Attempt.task_id)
-                .where(Attempt.started_at >= since).order_by(Attempt.started_at)).all()
-        return [(t, m, int(p), int(o)) for t, m, p, o in rows]
-
-    def provider_income(self, since: float) -> dict[str, int]:
-        """Net µcr credited to each provider's accrual and paid accounts since `since`.
-
-        A payout moving credits from accrual:<node> to provider:<node> nets to zero here,
-        so earnings are not counted twice; a slash counts against them.
-        """
-        with self.read() as s:
-            rows = s.execute(
-                select(LedgerPosting.account, func.sum(LedgerPosting.amount))
-                .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
-                .where(LedgerEntry.created_at >= since,
-                       LedgerPosting.account.like("provider:%")
-                       | LedgerPosting.account.like("accrual:%"))
-                .group_by(LedgerPosting.account)).all()
-        out: dict[str, int] = {}
-        for account, amount in rows:
-            node_id = account.split(":", 1)[1]
-            out[node_id] = out.get(node_id, 0) + int(amount or 0)
-        return out
-
-    def recent_entries(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest ledger entries with their postings, newest first."""
-        with self.read() as s:
-            entries = s.scalars(select(LedgerEntry).order_by(LedgerEntry.seq.desc())
-                                .limit(limit)).all()
-            seqs = [e.seq for e in entries]
-            postings: dict[int, list[dict[str, Any]]] = {}
-            if seqs:
-                for seq, account, amount in s.execute(
-                        select(LedgerPosting.entry_seq, LedgerPosting.account,
-                               LedgerPosting.amount)
-                        .where(LedgerPosting.entry_seq.in_(seqs))
-                        .order_by(LedgerPosting.account)):
-                    postings.setdefault(seq, []).append({"account": account, "amount": amount})
-            return [{"seq": e.seq, "cause": {"kind": e.cause_kind, "id": e.cause_id},
-                     "memo": e.memo, "created_at": e.created_at,
-                     "postings": postings.get(e.seq, [])} for e in entries]
-
-    def fee_income(self, since: float) -> int:
-        """µcr taken as protocol fees since `since`."""
-        with self.read() as s:
-            return int(s.scalar(
-                select(func.coalesce(func.sum(LedgerPosting.amount), 0))
-                .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
-                .where(LedgerEntry.created_at >= since,
-                       LedgerPosting.account == ledger.FEES)) or 0)

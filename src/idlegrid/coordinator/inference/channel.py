@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import Field, TypeAdapter, ValidationError
 
-from idlegrid.coordinator.db.store import TaskView
+from idlegrid.coordinator.views import TaskView
 from idlegrid.errors import AuthError, Conflict
 from idlegrid.protocol import messages as m
 from idlegrid.protocol.signing import frame_headers

@@ -11,7 +11,6 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from idlegrid.coordinator.db.store import TaskView
 from idlegrid.coordinator.deps import (
     Services,
     services,
@@ -24,6 +23,7 @@ from idlegrid.coordinator.inference.openai_schema import (
     prompt_token_bound,
 )
 from idlegrid.coordinator.inference.service import RequestFailed
+from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.errors import IdlegridError, InvalidRequest
 

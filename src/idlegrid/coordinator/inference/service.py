@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from idlegrid.coordinator.context import Context
-from idlegrid.coordinator.db.store import NodeView, TaskView, new_task_view
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
+from idlegrid.coordinator.views import NodeView, TaskView, new_task_view
 from idlegrid.core import ledger, routing
 from idlegrid.core.ledger import Price
 from idlegrid.core.trust.commitment import Commitment

@@ -17,9 +17,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from idlegrid.coordinator.context import Context
-from idlegrid.coordinator.db.store import NodeView
 from idlegrid.coordinator.events import AnswerFinished, LiveNodesChanged, NodeRegistered
 from idlegrid.coordinator.market.store import MarketStore, OrderView
+from idlegrid.coordinator.views import NodeView
 from idlegrid.core.ledger import MICRO
 from idlegrid.core.market.auction import Book, Placement, Unmatched
 from idlegrid.core.market.hardware import BY_NAME, Device, Hardware

@@ -7,13 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response, WebSocket
 
-from idlegrid.coordinator.db.store import TaskView
 from idlegrid.coordinator.deps import (
     parse,
     services,
     signed,
 )
 from idlegrid.coordinator.inference import channel as work_channel
+from idlegrid.coordinator.views import TaskView
 from idlegrid.protocol import messages as m
 from idlegrid.protocol.signing import HEADER_PUBKEY, decode_public_key
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.coordinator.context import Context
-from idlegrid.coordinator.db.store import NodeView
 from idlegrid.coordinator.events import LiveNodesChanged, NodeRegistered
+from idlegrid.coordinator.views import NodeView
 from idlegrid.core.ledger import Price
 from idlegrid.core.market.hardware import canonical_gpu
 from idlegrid.errors import AuthError, Conflict, InvalidRequest
@@ -48,6 +48,10 @@ class Nodes:
         """Reload the node cache from the store."""
         self.cache = {n.id: n for n in await self.ctx.db(self.store.nodes)}
         return self.cache
+
+    async def on_register(self, event: NodeRegistered) -> None:
+        """A node registered: routing sees it from now on."""
+        await self.refresh()
 
     # ---- node authentication -----------------------------------------------------------
 

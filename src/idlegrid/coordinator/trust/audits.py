@@ -30,7 +30,7 @@ from idlegrid.core.trust.reputation import ReputationModel
 from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
-    from idlegrid.coordinator.db.store import TaskView
+    from idlegrid.coordinator.views import TaskView
 
 
 class TrustSettings(BaseSettings):

@@ -315,7 +315,7 @@ class Book:
                     unit_all[row] = quoted
             if not keep("pricing plug-in", ~sits_out):
                 return Unmatched(order.id, tuple(reasons))
-        if not keep("max_price", unit_all <= order.max_price):  # type: ignore[operator]
+        if not keep("max_price", np.asarray(unit_all <= order.max_price)):  # type: ignore[operator]
             return Unmatched(order.id, tuple(reasons))
         ids = np.flatnonzero(mask)
         unit = unit_all[ids]  # type: ignore[index]
@@ -328,10 +328,12 @@ class Book:
 
     def _runtime(self, order: Order, ids: np.ndarray, tps: np.ndarray | None) -> np.ndarray:
         if order.kind is OrderKind.BATCH and tps is not None:
-            return order.tokens / np.maximum(tps, 1e-9) / 3600.0
+            out: np.ndarray = order.tokens / np.maximum(tps, 1e-9) / 3600.0
+            return out
         if order.kind is OrderKind.TRAINING and order.work_pflop:
             rate = self.tflops[ids] * order.devices * TRAINING_MFU * 3600.0 / 1000.0  # PFLOP/h
-            return order.work_pflop / np.maximum(rate, 1e-9)
+            needed: np.ndarray = order.work_pflop / np.maximum(rate, 1e-9)
+            return needed
         return np.full(len(ids), order.hours)
 
     def _gang(self, order: Order, ev: _Eval) -> Placement | Unmatched:

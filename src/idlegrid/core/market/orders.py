@@ -126,7 +126,7 @@ def parse_order(raw: Any, order_id: str | None = None, vram_need_gb: float = 0.0
     if not isinstance(oid, str) or not _ID.match(oid):
         raise InvalidRequest("id: 1-64 characters of letters, digits and ._:-", param="id")
     try:
-        kind = OrderKind(raw.get("kind"))
+        kind = OrderKind(str(raw.get("kind")))
     except ValueError:
         raise InvalidRequest(f"kind: one of {', '.join(k.value for k in OrderKind)}",
                              param="kind") from None

@@ -61,7 +61,7 @@ class AuditPolicy:
         """Audit probability for the next request of a provider with this many clean audits."""
         if clean_audits < self.full_audits:
             return 1.0
-        decay = 0.5 ** ((clean_audits - self.full_audits) / self.halving)
+        decay: float = 0.5 ** ((clean_audits - self.full_audits) / self.halving)
         return max(self.steady, min(1.0, decay))
 
     def on_probation(self, clean_audits: int) -> bool:
