@@ -21,8 +21,8 @@ import httpx
 
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.agent.channel import CHANNEL_PATH, Channel, ChannelClosed, Uploads
+from idlegrid.agent.hardware.power import PowerMeter
 from idlegrid.agent.node_client import CoordinatorError, NodeClient
-from idlegrid.agent.power import PowerMeter
 from idlegrid.core.energy import Attribution
 from idlegrid.core.ledger import Price
 from idlegrid.core.market.hardware import device_groups
@@ -63,9 +63,9 @@ class AgentConfig:
     stake_per_device: int = 0
     # Verifier mode: also take audits (re-check other providers' answers) on engine 0.
     verifier: bool = False
-    # Where energy readings come from (agent.power.choose_meter); None reports no energy.
+    # Where energy readings come from (agent.hardware.power.choose_meter); None reports no energy.
     meter: PowerMeter | None = None
-    # Training (agent/trainer.py): take training jobs, and/or re-execute audited segments.
+    # Training (agent/roles/trainer.py): take training jobs, and/or re-execute audited segments.
     # The executor and the verify function are the honest ones unless a test plugs in cheats.
     trainer: bool = False
     train_verifier: bool = False
@@ -175,7 +175,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then drain: finish or hand back what is held."""
-        from idlegrid.agent.hwprover import HonestProver
+        from idlegrid.agent.roles.hwprover import HonestProver
 
         self.prover = self.prover or HonestProver()
         await asyncio.get_running_loop().run_in_executor(None, self.prover.warm)
@@ -185,16 +185,16 @@ class Agent:
         keeper = asyncio.create_task(self._keep_channel())
         slots = [asyncio.create_task(self._slot(e, i)) for i, e in enumerate(self.engines)]
         if self.config.verifier:  # inference audits
-            from idlegrid.agent.verifier import audit_loop
+            from idlegrid.agent.roles.verifier import audit_loop
 
             slots.append(asyncio.create_task(audit_loop(self, self.engines[0])))
         if self.config.trainer:
-            from idlegrid.agent.trainer import probe_loop, train_loop
+            from idlegrid.agent.roles.trainer import probe_loop, train_loop
 
             slots.append(asyncio.create_task(train_loop(self)))
             slots.append(asyncio.create_task(probe_loop(self)))
         if self.config.train_verifier:
-            from idlegrid.agent.trainer import train_audit_loop
+            from idlegrid.agent.roles.trainer import train_audit_loop
 
             slots.append(asyncio.create_task(train_audit_loop(self)))
         await stop.wait()
@@ -295,7 +295,7 @@ class Agent:
 
     async def _prove(self, pid: str) -> None:
         """Answer one hardware challenge beside serving (the coordinator times it)."""
-        from idlegrid.agent.hwprover import HonestProver, prove
+        from idlegrid.agent.roles.hwprover import HonestProver, prove
 
         try:
             self.hw_verdicts[pid] = await prove(self, pid, self.prover or HonestProver())
@@ -310,7 +310,7 @@ class Agent:
 
     async def _answer_dispute(self, qid: str, q: dict[str, Any], training: bool = False) -> None:
         """Answer one dispute round beside serving (a party that stays silent loses)."""
-        from idlegrid.agent import disputes, train_disputes
+        from idlegrid.agent.roles import disputes, train_disputes
 
         answer = train_disputes.answer if training else disputes.answer
         try:

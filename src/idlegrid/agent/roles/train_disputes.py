@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 async def answer(agent: Agent, q: dict[str, Any]) -> dict[str, Any]:
     """Fetch what round `q` asks of this node, compute it, send it; the coordinator's reply."""
-    from idlegrid.agent.trainer import _executor
+    from idlegrid.agent.roles.trainer import _executor
 
     base = f"/api/v1/train/disputes/{q['id']}"
     got = await agent.client.call(f"{base}/query", {"round": q["round"]})
@@ -105,7 +105,7 @@ def _start(agent: Agent, ex: Any, spec: Any, got: dict[str, Any], role: str) -> 
 def _referee(ex: Any, spec: Any, got: dict[str, Any]) -> dict[str, Any]:
     """Trace the disputed step from the agreed state: our record of the disputed op, or
     the step's end state hash when both parties' op chains agree."""
-    from idlegrid.agent.trainer import TorchExecutor
+    from idlegrid.agent.roles.trainer import TorchExecutor
 
     # The referee runs the reference program whatever executor this agent trains with.
     ref = TorchExecutor(getattr(ex, "threads", None))

@@ -11,7 +11,7 @@ import asyncio
 import base64
 from typing import TYPE_CHECKING, Any
 
-from idlegrid.agent.verifier import check
+from idlegrid.agent.roles.verifier import check
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import dispute
 from idlegrid.core.trust.merkle import merkle_proof
