@@ -6,16 +6,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 
 import numpy as np
 
+from idlegrid.agent.context import AgentContext, Answers, Role
 from idlegrid.core.trust import hwproof as hw
 from idlegrid.core.trust import memproof as mp
 from idlegrid.core.trust import merkle
-
-if TYPE_CHECKING:
-    from idlegrid.agent.agent import Agent
 
 log = logging.getLogger("idlegrid.agent.hwprover")
 
@@ -81,35 +80,56 @@ class HonestProver:
         return mp.chase(buf, chase_seed, spec)
 
 
-async def prove(agent: Agent, pid: str, prover: HonestProver) -> dict[str, Any] | None:
-    """Run one challenge end to end: start, compute, commit, open. The verdict comes back."""
-    loop = asyncio.get_running_loop()
-    call = agent.client.call
-    ch = await call(f"/api/v1/hwproofs/{pid}/start", {})
-    assert ch is not None
-    seed, spec = bytes.fromhex(ch["seed"]), ch["spec"]
-    if ch["kind"] == "matmul":
-        def work() -> tuple[bytes, list[bytes], np.ndarray]:
-            c = prover.product(seed, spec["n"], spec["dtype"])
-            root, leaves = hw.commit_rows(c)
-            return root, leaves, c
+class HwProofs(Role):
+    """Answers the hardware challenges that heartbeats hand this node, beside serving (the
+    coordinator times them); `prover` does the work (testbed cheats plug in here)."""
 
-        root, leaves, c = await loop.run_in_executor(None, work)
-        opened = await call(f"/api/v1/hwproofs/{pid}/commit", {"root": root.hex()})
-        assert opened is not None
-        openings = []
-        for i in opened["rows"]:
-            p = merkle.merkle_proof(leaves, i)
-            openings.append({"index": i, "row": base64.b64encode(leaves[i]).decode(),
-                             "siblings": [h.hex() for h in p.siblings], "right": list(p.right)})
-        return await call(f"/api/v1/hwproofs/{pid}/open", {"openings": openings})
-    ms = mp.MemSpec(spec["words"], spec["rounds"], spec["chases"], spec["steps"],
-                    spec["samples"])
-    buf = await loop.run_in_executor(None, prover.fill, seed, ms)
-    got = await call(f"/api/v1/hwproofs/{pid}/commit", {"root": ""})
-    assert got is not None
-    trace = await loop.run_in_executor(None, prover.chase, buf, bytes.fromhex(got["chase_seed"]),
-                                       ms)
-    del buf
-    return await call(f"/api/v1/hwproofs/{pid}/open", {
-        "trace": base64.b64encode(np.ascontiguousarray(trace, dtype="<u4").tobytes()).decode()})
+    def __init__(self, ctx: AgentContext, prover: HonestProver | None = None) -> None:
+        self.ctx = ctx
+        self.prover = prover or HonestProver()
+        self.verdicts = Answers("hardware proof")
+
+    async def warm(self) -> None:
+        """Warm the prover up before registering: the clock runs during a challenge."""
+        await asyncio.get_running_loop().run_in_executor(None, self.prover.warm)
+
+    def on_heartbeat(self, beat: dict[str, Any]) -> None:
+        """Answer each hardware challenge the heartbeat hands this node, once."""
+        for pid in beat.get("hwproofs", []):
+            self.verdicts.start(pid, partial(self.prove, pid))
+
+    async def prove(self, pid: str) -> dict[str, Any] | None:
+        """Run one challenge end to end: start, compute, commit, open; the verdict."""
+        loop = asyncio.get_running_loop()
+        call = self.ctx.client.call
+        prover = self.prover
+        ch = await call(f"/api/v1/hwproofs/{pid}/start", {})
+        assert ch is not None
+        seed, spec = bytes.fromhex(ch["seed"]), ch["spec"]
+        if ch["kind"] == "matmul":
+            def work() -> tuple[bytes, list[bytes], np.ndarray]:
+                c = prover.product(seed, spec["n"], spec["dtype"])
+                root, leaves = hw.commit_rows(c)
+                return root, leaves, c
+
+            root, leaves, c = await loop.run_in_executor(None, work)
+            opened = await call(f"/api/v1/hwproofs/{pid}/commit", {"root": root.hex()})
+            assert opened is not None
+            openings = []
+            for i in opened["rows"]:
+                p = merkle.merkle_proof(leaves, i)
+                openings.append({"index": i, "row": base64.b64encode(leaves[i]).decode(),
+                                 "siblings": [h.hex() for h in p.siblings],
+                                 "right": list(p.right)})
+            return await call(f"/api/v1/hwproofs/{pid}/open", {"openings": openings})
+        ms = mp.MemSpec(spec["words"], spec["rounds"], spec["chases"], spec["steps"],
+                        spec["samples"])
+        buf = await loop.run_in_executor(None, prover.fill, seed, ms)
+        got = await call(f"/api/v1/hwproofs/{pid}/commit", {"root": ""})
+        assert got is not None
+        trace = await loop.run_in_executor(None, prover.chase, buf,
+                                           bytes.fromhex(got["chase_seed"]), ms)
+        del buf
+        words = np.ascontiguousarray(trace, dtype="<u4").tobytes()
+        return await call(f"/api/v1/hwproofs/{pid}/open",
+                          {"trace": base64.b64encode(words).decode()})

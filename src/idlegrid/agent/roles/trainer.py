@@ -14,18 +14,16 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import httpx
 
+from idlegrid.agent.context import AgentConfig, AgentContext, Role
 from idlegrid.agent.node_client import CoordinatorError
 from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
 from idlegrid.protocol.training import TrainAuditMsg, TrainWorkMsg
-
-if TYPE_CHECKING:
-    from idlegrid.agent.agent import Agent
 
 log = logging.getLogger("idlegrid.agent.trainer")
 PROGRESS_EVERY_S = 0.5
@@ -177,257 +175,10 @@ class _Run:
     sent: dict[str, float] | None = None
 
 
-async def _poll(agent: Agent, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-    """A long poll that a drain cuts short (a job claimed in that instant is reclaimed by the
-    coordinator once the node stops heartbeating or its lease runs out)."""
-    poll = asyncio.create_task(agent.client.call(path, body, timeout=30))
-    drain = asyncio.create_task(agent.draining.wait())
-    try:
-        await asyncio.wait({poll, drain}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        drain.cancel()
-    if not poll.done():
-        poll.cancel()
-        return None
-    return poll.result()
-
-
-def _executor(agent: Agent) -> Any:
-    ex = agent.config.train_executor
-    return ex if ex is not None else TorchExecutor(agent.config.train_threads)
-
-
-def _poll_body(agent: Agent) -> dict[str, Any]:
-    """The poll; with `train_gang_host`, the address this node would serve a gang on."""
-    host = agent.config.train_gang_host
-    if not host:
-        return {"wait_s": 5.0}
-    import socket
-
-    # A free port now; rank 0 binds it when the gang forms (a short race another process
-    # could win, which fails that gang's start and re-queues the job, no worse).
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        port = sock.getsockname()[1]
-    return {"wait_s": 5.0, "gang_addr": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
-
-
-async def train_loop(agent: Agent) -> None:
-    """Take training jobs until the agent drains."""
-    ex = _executor(agent)
-    while not agent.draining.is_set():
-        try:
-            work = await _poll(agent, "/api/v1/train/poll", _poll_body(agent))
-        except (httpx.TransportError, CoordinatorError) as exc:
-            log.warning("training poll failed: %s", exc)
-            await asyncio.sleep(1.0)
-            continue
-        except AuthError:
-            await asyncio.sleep(0.5)  # re-registration is the heartbeat loop's job
-            continue
-        if work is None:
-            continue
-        try:
-            await run_job(agent, ex, TrainWorkMsg.model_validate(work))
-        except (httpx.HTTPError, IdlegridError) as exc:
-            log.warning("training job %s: %s", work.get("job_id"), exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the coordinator takes the job back; keep the loop alive
-            log.exception("training job %s failed unexpectedly", work.get("job_id"))
-
-
-async def run_job(agent: Agent, ex: Any, work: TrainWorkMsg) -> None:
-    """Run a job from its start step, committing segment by segment."""
-    from idlegrid.core.training.spec import JobSpec
-
-    base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
-    loop = asyncio.get_running_loop()
-    spec = JobSpec.parse(work.spec)
-    ckpt = base64.b64decode(work.checkpoint) if work.checkpoint else None
-    if work.world > 1:
-        await _run_gang(agent, ex, work, spec, ckpt)
-        return
-    try:
-        state = await loop.run_in_executor(None, ex.start, spec, ckpt)
-        det = await loop.run_in_executor(None, ex.det_class, spec)
-    except InvalidRequest as exc:  # e.g. a dataset hash this corpus does not have
-        await agent.client.call(f"{base}/release", {"reason": exc.message,
-                                                    "kind": "invalid_request"})
-        return
-    await _train(agent, ex, work, spec, state, det)
-
-
-async def _run_gang(agent: Agent, ex: Any, work: TrainWorkMsg, spec: Any,
-                    ckpt: bytes | None) -> None:
-    """One rank of a data-parallel gang: every rank trains, only rank 0 holds the job."""
-    loop = asyncio.get_running_loop()
-    base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
-    host = agent.config.train_gang_host or "127.0.0.1"
-    state = None
-    try:
-        state = await loop.run_in_executor(
-            None, ex.start_gang, spec, ckpt, work.rank, work.world, work.rendezvous,
-            f"{work.job_id}/{work.attempt}", host, agent.config.train_gang_timeout_s)
-        det = ex.gang_class(state)
-        await _train(agent, ex, work, spec, state, det)
-    except InvalidRequest as exc:  # e.g. a dataset hash this corpus does not have
-        if work.rank == 0:
-            await agent.client.call(f"{base}/release", {"reason": exc.message,
-                                                        "kind": "invalid_request"})
-    except (RuntimeError, ValueError) as exc:
-        # A lost or diverged rank (gloo raises RuntimeError on a dead peer or a timeout):
-        # the gang's segment fails; the job resumes from its last committed checkpoint.
-        log.warning("job %s gang rank %d: %s", work.job_id, work.rank, exc)
-        if work.rank == 0:
-            with contextlib.suppress(httpx.HTTPError, IdlegridError):
-                await agent.client.call(f"{base}/release",
-                                        {"reason": f"gang failed: {str(exc)[:200]}"})
-    finally:
-        if state is not None:
-            ex.leave_gang(state)  # quick: drops the group (see DataParallelTrainer.close)
-
-
-async def _train(agent: Agent, ex: Any, work: TrainWorkMsg, spec: Any, state: Any,
-                 det: str) -> None:
-    """Train segment by segment from `state`; the holder (rank 0) commits each one."""
-    from idlegrid.core.training.proof import TrainingCommitment
-    from idlegrid.core.training.spec import segments
-
-    base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
-    run = _Run(base)
-    loop = asyncio.get_running_loop()
-    holder = work.rank == 0
-    if spec.determinism_class is not None and spec.determinism_class != det:
-        await agent.client.call(f"{base}/release", {
-            "reason": f"this node computes in {det}, the job asks for {spec.determinism_class}",
-            "kind": "unsuitable"})
-        return
-    # Only the holder reports progress; another rank's progress would be refused (409).
-    uploader = asyncio.create_task(_upload_progress(agent, run) if holder
-                                   else asyncio.sleep(1e9))
-    began = time.monotonic()
-    pending: asyncio.Task[Any] | None = None
-
-    def on_step(leaf: Any, tokens_per_s: float) -> None:
-        if run.stop.is_set():
-            raise _Stop()
-        run.latest = {"step": leaf.step + 1, "loss": float(leaf.loss),
-                      "tokens_per_s": float(tokens_per_s)}
-
-    try:
-        # A segment's commit goes up while the next segment trains (it does not depend on the
-        # answer); each commit still waits for the one before it, so they arrive in order.
-        async def commit(index: int, c: Any, blob: bytes) -> None:
-            await agent.client.call(f"{base}/segments/{index}/commit", {
-                "commitment": base64.b64encode(c.to_bytes()).decode(),
-                "checkpoint": base64.b64encode(blob).decode(), "det_class": det})
-            agent.trained_segments += 1
-
-        def stop_on_failure(task: asyncio.Task[Any]) -> None:
-            if task.cancelled() or task.exception() is not None:
-                run.stop.set()  # taken away (or unreachable): stop at the next step
-
-        for index, (start, end) in enumerate(segments(spec.steps, spec.checkpoint_interval)):
-            if end <= work.start_step:
-                continue
-            if agent.draining.is_set():
-                if pending is not None:
-                    await pending
-                if holder:  # another rank leaving breaks the gang's next step instead
-                    await agent.client.call(f"{base}/release", {"reason": "provider draining"})
-                return
-            t0 = time.perf_counter()
-            try:
-                start_hash = await loop.run_in_executor(None, ex.state_hash, spec, state)
-                state, leaves = await loop.run_in_executor(None, ex.run, spec, state, end,
-                                                           on_step)
-            except _Stop:
-                if pending is not None:
-                    await pending  # raises what stopped us (Conflict: taken away)
-                return
-            except RuntimeError:  # a gang's collective failed: keep what was committed
-                if pending is not None:
-                    with contextlib.suppress(httpx.HTTPError, IdlegridError):
-                        await pending
-                raise
-            t1 = time.perf_counter()
-            blob = await loop.run_in_executor(None, ex.checkpoint, spec, state)
-            if not holder:
-                continue  # the state is rank 0's too (checked at the segment's end)
-            c = TrainingCommitment(work.job_id, start, list(leaves), start_hash)
-            # Kept for the challenge window: audits and resumes start from these.
-            agent.train_checkpoints[(work.job_id, end)] = blob
-            if pending is not None:
-                await pending
-            # Measured for bench/bench_training_shell.py: training against the time the
-            # provider spent on anything else (checkpoint bytes, waiting on a commit).
-            agent.train_timing["train_s"] += t1 - t0
-            agent.train_timing["commit_s"] += time.perf_counter() - t1
-            pending = asyncio.create_task(commit(index, c, blob))
-            pending.add_done_callback(stop_on_failure)
-        if pending is not None:
-            t2 = time.perf_counter()
-            await pending
-            agent.train_timing["commit_s"] += time.perf_counter() - t2
-        log.info("job %s: trained to the end in %.1f s", work.job_id, time.monotonic() - began)
-    except Conflict:
-        log.info("job %s attempt %d was taken away", work.job_id, work.attempt)
-    finally:
-        run.stop.set()
-        if pending is not None and not pending.done():
-            pending.cancel()
-        uploader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await uploader
-
-
-async def _upload_progress(agent: Agent, run: _Run) -> None:
-    while not run.stop.is_set():
-        await asyncio.sleep(PROGRESS_EVERY_S)
-        latest = run.latest
-        if latest is None or latest == run.sent:
-            continue
-        try:
-            await agent.client.call(f"{run.base}/progress", latest)
-            run.sent = latest
-        except Conflict:
-            run.stop.set()  # the job moved on; the worker stops at its next step
-        except (httpx.HTTPError, IdlegridError) as exc:
-            log.warning("progress upload failed: %s", exc)
-
-
-async def probe_loop(agent: Agent) -> None:
-    """Answer availability probes from the checkpoints kept for the challenge window."""
-    missing: set[str] = set()
-    while not agent.draining.is_set():
-        try:
-            got = await _poll(agent, "/api/v1/train/probes/poll", {})
-        except (httpx.TransportError, CoordinatorError) as exc:
-            log.warning("probe poll failed: %s", exc)
-            await asyncio.sleep(1.0)
-            continue
-        except AuthError:
-            await asyncio.sleep(0.5)
-            continue
-        probes = [p for p in (got or {}).get("probes", []) if p["probe_id"] not in missing]
-        for p in probes:
-            blob = agent.train_checkpoints.get((p["job_id"], p["step"]))
-            if blob is None:
-                log.warning("probe %s: checkpoint %s@%d not kept", p["probe_id"], p["job_id"],
-                            p["step"])
-                missing.add(p["probe_id"])
-                continue
-            try:
-                await agent.client.call(f"/api/v1/train/probes/{p['probe_id']}/answer",
-                                        {"checkpoint": base64.b64encode(blob).decode()})
-            except (httpx.HTTPError, IdlegridError) as exc:
-                log.warning("probe %s: %s", p["probe_id"], exc)
-        if len(probes) < len((got or {}).get("probes", [])):
-            await asyncio.sleep(1.0)  # only unanswerable ones left: do not spin on them
-
-
-# ---- verifier mode -------------------------------------------------------------------------
+def executor(config: AgentConfig) -> Any:
+    """The training executor `config` names (a test's cheat), else the honest torch one."""
+    ex = config.train_executor
+    return ex if ex is not None else TorchExecutor(config.train_threads)
 
 
 def verify_segment(ex: Any, msg: TrainAuditMsg) -> dict[str, Any]:
@@ -455,29 +206,287 @@ def verify_segment(ex: Any, msg: TrainAuditMsg) -> dict[str, Any]:
             "det_class": ex.det_class(spec), "checkpoints_match": bool(match)}
 
 
-async def train_audit_loop(agent: Agent) -> None:
-    """Take segment audits until the agent drains."""
-    ex = _executor(agent)
-    check = agent.config.train_verify or verify_segment
-    loop = asyncio.get_running_loop()
-    while not agent.draining.is_set():
+class Training(Role):
+    """Takes training jobs and answers availability probes (trainer), and re-executes audited
+    segments (train verifier); owns the checkpoints kept for the challenge window."""
+
+    def __init__(self, ctx: AgentContext) -> None:
+        self.ctx = ctx
+        # By (job, end step): probes and training disputes ask for them after the commit.
+        self.checkpoints: dict[tuple[str, int], bytes] = {}
+        self.segments = 0  # segments trained and committed
+        self.timing = {"train_s": 0.0, "commit_s": 0.0}
+        self.audited = 0  # segment audits reported
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """Training and probes (trainer), segment audits (train verifier)."""
+        config = self.ctx.config
+        loops = [self.train_loop(), self.probe_loop()] if config.trainer else []
+        if config.train_verifier:
+            loops.append(self.audit_loop())
+        return loops
+
+    async def _poll(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """A long poll that a drain cuts short (a job claimed in that instant is reclaimed by the
+        coordinator once the node stops heartbeating or its lease runs out)."""
+        poll = asyncio.create_task(self.ctx.client.call(path, body, timeout=30))
+        drain = asyncio.create_task(self.ctx.draining.wait())
         try:
-            task = await _poll(agent, "/api/v1/train/audits/poll", {})
-        except (httpx.TransportError, CoordinatorError) as exc:
-            log.warning("training audit poll failed: %s", exc)
-            await asyncio.sleep(1.0)
-            continue
-        except AuthError:
-            await asyncio.sleep(0.5)
-            continue
-        if task is None:
-            continue
-        msg = TrainAuditMsg.model_validate(task)
+            await asyncio.wait({poll, drain}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drain.cancel()
+        if not poll.done():
+            poll.cancel()
+            return None
+        return poll.result()
+
+    def _poll_body(self) -> dict[str, Any]:
+        """The poll; with `train_gang_host`, the address this node would serve a gang on."""
+        host = self.ctx.config.train_gang_host
+        if not host:
+            return {"wait_s": 5.0}
+        import socket
+
+        # A free port now; rank 0 binds it when the gang forms (a short race another process
+        # could win, which fails that gang's start and re-queues the job, no worse).
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        return {"wait_s": 5.0, "gang_addr": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+
+    async def train_loop(self) -> None:
+        """Take training jobs until the agent drains."""
+        ex = executor(self.ctx.config)
+        while not self.ctx.draining.is_set():
+            try:
+                work = await self._poll("/api/v1/train/poll", self._poll_body())
+            except (httpx.TransportError, CoordinatorError) as exc:
+                log.warning("training poll failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except AuthError:
+                await asyncio.sleep(0.5)  # re-registration is the heartbeat loop's job
+                continue
+            if work is None:
+                continue
+            try:
+                await self.run_job(ex, TrainWorkMsg.model_validate(work))
+            except (httpx.HTTPError, IdlegridError) as exc:
+                log.warning("training job %s: %s", work.get("job_id"), exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the coordinator takes the job back; keep the loop alive
+                log.exception("training job %s failed unexpectedly", work.get("job_id"))
+
+    async def run_job(self, ex: Any, work: TrainWorkMsg) -> None:
+        """Run a job from its start step, committing segment by segment."""
+        from idlegrid.core.training.spec import JobSpec
+
+        base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
+        loop = asyncio.get_running_loop()
+        spec = JobSpec.parse(work.spec)
+        ckpt = base64.b64decode(work.checkpoint) if work.checkpoint else None
+        if work.world > 1:
+            await self._run_gang(ex, work, spec, ckpt)
+            return
         try:
-            body = await loop.run_in_executor(None, check, ex, msg)
-            await agent.client.call(f"/api/v1/train/audits/{msg.audit_id}/report", body)
-            agent.train_audited += 1
-        except (httpx.HTTPError, IdlegridError) as exc:
-            log.warning("training audit %s: %s", msg.audit_id, exc)
-        except Exception:
-            log.exception("training audit %s failed unexpectedly", msg.audit_id)
+            state = await loop.run_in_executor(None, ex.start, spec, ckpt)
+            det = await loop.run_in_executor(None, ex.det_class, spec)
+        except InvalidRequest as exc:  # e.g. a dataset hash this corpus does not have
+            await self.ctx.client.call(f"{base}/release", {"reason": exc.message,
+                                                           "kind": "invalid_request"})
+            return
+        await self._train(ex, work, spec, state, det)
+
+    async def _run_gang(self, ex: Any, work: TrainWorkMsg, spec: Any,
+                        ckpt: bytes | None) -> None:
+        """One rank of a data-parallel gang: every rank trains, only rank 0 holds the job."""
+        loop = asyncio.get_running_loop()
+        base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
+        host = self.ctx.config.train_gang_host or "127.0.0.1"
+        state = None
+        try:
+            state = await loop.run_in_executor(
+                None, ex.start_gang, spec, ckpt, work.rank, work.world, work.rendezvous,
+                f"{work.job_id}/{work.attempt}", host, self.ctx.config.train_gang_timeout_s)
+            det = ex.gang_class(state)
+            await self._train(ex, work, spec, state, det)
+        except InvalidRequest as exc:  # e.g. a dataset hash this corpus does not have
+            if work.rank == 0:
+                await self.ctx.client.call(f"{base}/release", {"reason": exc.message,
+                                                               "kind": "invalid_request"})
+        except (RuntimeError, ValueError) as exc:
+            # A lost or diverged rank (gloo raises RuntimeError on a dead peer or a timeout):
+            # the gang's segment fails; the job resumes from its last committed checkpoint.
+            log.warning("job %s gang rank %d: %s", work.job_id, work.rank, exc)
+            if work.rank == 0:
+                with contextlib.suppress(httpx.HTTPError, IdlegridError):
+                    await self.ctx.client.call(f"{base}/release",
+                                               {"reason": f"gang failed: {str(exc)[:200]}"})
+        finally:
+            if state is not None:
+                ex.leave_gang(state)  # quick: drops the group (see DataParallelTrainer.close)
+
+    async def _train(self, ex: Any, work: TrainWorkMsg, spec: Any, state: Any,
+                     det: str) -> None:
+        """Train segment by segment from `state`; the holder (rank 0) commits each one."""
+        from idlegrid.core.training.proof import TrainingCommitment
+        from idlegrid.core.training.spec import segments
+
+        base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
+        run = _Run(base)
+        loop = asyncio.get_running_loop()
+        holder = work.rank == 0
+        if spec.determinism_class is not None and spec.determinism_class != det:
+            await self.ctx.client.call(f"{base}/release", {
+                "reason": f"this node computes in {det}, the job asks for {spec.determinism_class}",
+                "kind": "unsuitable"})
+            return
+        # Only the holder reports progress; another rank's progress would be refused (409).
+        uploader = asyncio.create_task(self._upload_progress(run) if holder
+                                       else asyncio.sleep(1e9))
+        began = time.monotonic()
+        pending: asyncio.Task[Any] | None = None
+
+        def on_step(leaf: Any, tokens_per_s: float) -> None:
+            if run.stop.is_set():
+                raise _Stop()
+            run.latest = {"step": leaf.step + 1, "loss": float(leaf.loss),
+                          "tokens_per_s": float(tokens_per_s)}
+
+        try:
+            # A segment's commit goes up while the next segment trains (it does not depend on the
+            # answer); each commit still waits for the one before it, so they arrive in order.
+            async def commit(index: int, c: Any, blob: bytes) -> None:
+                await self.ctx.client.call(f"{base}/segments/{index}/commit", {
+                    "commitment": base64.b64encode(c.to_bytes()).decode(),
+                    "checkpoint": base64.b64encode(blob).decode(), "det_class": det})
+                self.segments += 1
+
+            def stop_on_failure(task: asyncio.Task[Any]) -> None:
+                if task.cancelled() or task.exception() is not None:
+                    run.stop.set()  # taken away (or unreachable): stop at the next step
+
+            for index, (start, end) in enumerate(segments(spec.steps, spec.checkpoint_interval)):
+                if end <= work.start_step:
+                    continue
+                if self.ctx.draining.is_set():
+                    if pending is not None:
+                        await pending
+                    if holder:  # another rank leaving breaks the gang's next step instead
+                        await self.ctx.client.call(f"{base}/release",
+                                                   {"reason": "provider draining"})
+                    return
+                t0 = time.perf_counter()
+                try:
+                    start_hash = await loop.run_in_executor(None, ex.state_hash, spec, state)
+                    state, leaves = await loop.run_in_executor(None, ex.run, spec, state, end,
+                                                               on_step)
+                except _Stop:
+                    if pending is not None:
+                        await pending  # raises what stopped us (Conflict: taken away)
+                    return
+                except RuntimeError:  # a gang's collective failed: keep what was committed
+                    if pending is not None:
+                        with contextlib.suppress(httpx.HTTPError, IdlegridError):
+                            await pending
+                    raise
+                t1 = time.perf_counter()
+                blob = await loop.run_in_executor(None, ex.checkpoint, spec, state)
+                if not holder:
+                    continue  # the state is rank 0's too (checked at the segment's end)
+                c = TrainingCommitment(work.job_id, start, list(leaves), start_hash)
+                # Kept for the challenge window: audits and resumes start from these.
+                self.checkpoints[(work.job_id, end)] = blob
+                if pending is not None:
+                    await pending
+                # Measured for bench/bench_training_shell.py: training against the time the
+                # provider spent on anything else (checkpoint bytes, waiting on a commit).
+                self.timing["train_s"] += t1 - t0
+                self.timing["commit_s"] += time.perf_counter() - t1
+                pending = asyncio.create_task(commit(index, c, blob))
+                pending.add_done_callback(stop_on_failure)
+            if pending is not None:
+                t2 = time.perf_counter()
+                await pending
+                self.timing["commit_s"] += time.perf_counter() - t2
+            log.info("job %s: trained to the end in %.1f s", work.job_id, time.monotonic() - began)
+        except Conflict:
+            log.info("job %s attempt %d was taken away", work.job_id, work.attempt)
+        finally:
+            run.stop.set()
+            if pending is not None and not pending.done():
+                pending.cancel()
+            uploader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await uploader
+
+    async def _upload_progress(self, run: _Run) -> None:
+        while not run.stop.is_set():
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            latest = run.latest
+            if latest is None or latest == run.sent:
+                continue
+            try:
+                await self.ctx.client.call(f"{run.base}/progress", latest)
+                run.sent = latest
+            except Conflict:
+                run.stop.set()  # the job moved on; the worker stops at its next step
+            except (httpx.HTTPError, IdlegridError) as exc:
+                log.warning("progress upload failed: %s", exc)
+
+    async def probe_loop(self) -> None:
+        """Answer availability probes from the checkpoints kept for the challenge window."""
+        missing: set[str] = set()
+        while not self.ctx.draining.is_set():
+            try:
+                got = await self._poll("/api/v1/train/probes/poll", {})
+            except (httpx.TransportError, CoordinatorError) as exc:
+                log.warning("probe poll failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except AuthError:
+                await asyncio.sleep(0.5)
+                continue
+            probes = [p for p in (got or {}).get("probes", []) if p["probe_id"] not in missing]
+            for p in probes:
+                blob = self.checkpoints.get((p["job_id"], p["step"]))
+                if blob is None:
+                    log.warning("probe %s: checkpoint %s@%d not kept", p["probe_id"], p["job_id"],
+                                p["step"])
+                    missing.add(p["probe_id"])
+                    continue
+                try:
+                    await self.ctx.client.call(f"/api/v1/train/probes/{p['probe_id']}/answer",
+                                               {"checkpoint": base64.b64encode(blob).decode()})
+                except (httpx.HTTPError, IdlegridError) as exc:
+                    log.warning("probe %s: %s", p["probe_id"], exc)
+            if len(probes) < len((got or {}).get("probes", [])):
+                await asyncio.sleep(1.0)  # only unanswerable ones left: do not spin on them
+
+    async def audit_loop(self) -> None:
+        """Take segment audits until the agent drains."""
+        ex = executor(self.ctx.config)
+        check = self.ctx.config.train_verify or verify_segment
+        loop = asyncio.get_running_loop()
+        while not self.ctx.draining.is_set():
+            try:
+                task = await self._poll("/api/v1/train/audits/poll", {})
+            except (httpx.TransportError, CoordinatorError) as exc:
+                log.warning("training audit poll failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except AuthError:
+                await asyncio.sleep(0.5)
+                continue
+            if task is None:
+                continue
+            msg = TrainAuditMsg.model_validate(task)
+            try:
+                body = await loop.run_in_executor(None, check, ex, msg)
+                await self.ctx.client.call(f"/api/v1/train/audits/{msg.audit_id}/report", body)
+                self.audited += 1
+            except (httpx.HTTPError, IdlegridError) as exc:
+                log.warning("training audit %s: %s", msg.audit_id, exc)
+            except Exception:
+                log.exception("training audit %s failed unexpectedly", msg.audit_id)
