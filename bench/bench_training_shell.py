@@ -74,8 +74,8 @@ def main() -> None:
     for t in threads:
         t.stop(20)
     coord.stop()
-    timing = provider.train_timing
-    segs = provider.trained_segments
+    timing = provider.roles.training.timing
+    segs = provider.roles.training.segments
     print(f"job {job_id}: {args.steps} steps in {segs} segments, "
           f"{len([a for a in job['audits'] if a['state'] == 'passed'])} audits passed")
     print(f"provider training     {timing['train_s']:.2f} s ({timing['train_s'] / segs:.3f} "

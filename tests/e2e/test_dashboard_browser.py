@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from idlegrid.agent.power import RatedMeter
+from idlegrid.agent.hardware.power import RatedMeter
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.engines.fake import FakeEngine

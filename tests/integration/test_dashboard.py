@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from idlegrid import PROTOCOL_VERSION
+from idlegrid.agent.hardware.power import RatedMeter
 from idlegrid.agent.node_client import NodeClient
-from idlegrid.agent.power import RatedMeter
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator.dashboard.data import energy_by_node
 from idlegrid.coordinator.db.store import Store, migrate

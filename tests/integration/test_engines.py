@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from idlegrid.agent.benchmark import measure_speed
+from idlegrid.agent.hardware.benchmark import measure_speed
 from idlegrid.engines.base import SamplingParams, generate_text, render_chat
 from idlegrid.engines.llamacpp import default_threads
 from idlegrid.engines.models import DEFAULT_MODEL, resolve_model

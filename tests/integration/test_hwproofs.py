@@ -194,7 +194,7 @@ def test_nvidia_cc_attestation_is_accepted_as_extra_evidence_on_a_gpu() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no GPU: NVIDIA attestation needs a CC-capable GPU")
-    from idlegrid.agent import attestation
+    from idlegrid.agent.hardware import attestation
 
     evidence = attestation.collect(nonce=b"n" * 32)
     if evidence is None:

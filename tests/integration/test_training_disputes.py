@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from idlegrid.agent.trainer import TorchExecutor
+from idlegrid.agent.roles.trainer import TorchExecutor
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO, Cause, Posting

@@ -18,7 +18,7 @@ import pytest
 # pytest puts this directory on sys.path (rootless test modules): share the grid harness.
 import test_training_grid as tg
 
-from idlegrid.agent.trainer import TorchExecutor
+from idlegrid.agent.roles.trainer import TorchExecutor
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO
 from idlegrid.core.training import settlement as tset

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from idlegrid.agent.trainer import TorchExecutor
+from idlegrid.agent.roles.trainer import TorchExecutor
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO, Cause, Posting
@@ -371,7 +371,7 @@ def test_provider_that_deletes_checkpoints_fails_its_probe_and_is_slashed(grid: 
     knobs = grid.coord.app.state.services.jobs.settings
     knobs.probe_rate, knobs.probe_timeout_s = 1.0, 2.0
     forgetful = grid.agent("forgetful", trainer=True)
-    grid.agents["forgetful"].agent.train_checkpoints = Forgetful()
+    grid.agents["forgetful"].agent.roles.training.checkpoints = Forgetful()
     grid.agent("verifier", train_verifier=True)
     job_id = grid.submit({"spec": spec()}).json()["id"]
     wait_until(lambda: "probe-failed" in [e["kind"] for e in grid.job(job_id)["events"]], 30)

@@ -43,3 +43,28 @@ def test_cli_help_loads_no_heavy_modules() -> None:
             "if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_agent_roles_never_import_the_agent_and_agent_modules_stay_small() -> None:
+    agent_dir = SRC / "agent"
+    offenders = {}
+    for path in (agent_dir / "roles").rglob("*.py"):
+        package = "idlegrid." + ".".join(path.parent.relative_to(SRC).parts)
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # TYPE_CHECKING blocks too
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolve against the module's package
+                    up = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{up}.{base}" if base else up
+                names |= {base} | {f"{base}.{a.name}" for a in node.names}
+        bad = {n for n in names if n == "idlegrid.agent.agent"
+               or n.startswith("idlegrid.agent.agent.")}
+        if bad:
+            offenders[str(path.relative_to(SRC))] = sorted(bad)
+    assert offenders == {}
+    too_long = {str(p.relative_to(SRC)): n for p in agent_dir.rglob("*.py")
+                if (n := len(p.read_text().splitlines())) > 600}
+    assert too_long == {}

@@ -8,7 +8,7 @@ from itertools import count, islice
 
 import pytest
 
-from idlegrid.agent.benchmark import Speed, measure_speed
+from idlegrid.agent.hardware.benchmark import Speed, measure_speed
 from idlegrid.engines.base import Engine, SamplingParams, generate_text
 from idlegrid.engines.fake import BOS_ID, DELAY_ENV, EOS_ID, FakeEngine
 from idlegrid.engines.registry import engine_names, load_engine
@@ -76,8 +76,9 @@ def test_registry_import_stays_light() -> None:
     import subprocess
 
     code = (
-        "import sys, idlegrid.engines.registry, idlegrid.engines.models, idlegrid.agent.probe,"
-        " idlegrid.agent.benchmark; print([m for m in ('torch', 'llama_cpp', 'transformers',"
+        "import sys, idlegrid.engines.registry, idlegrid.engines.models,"
+        " idlegrid.agent.hardware.probe, idlegrid.agent.hardware.benchmark;"
+        " print([m for m in ('torch', 'llama_cpp', 'transformers',"
         " 'gguf', 'pynvml', 'numpy') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

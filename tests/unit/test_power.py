@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from idlegrid.agent import power
-from idlegrid.agent.power import RaplMeter, RatedMeter
+from idlegrid.agent.hardware import power
+from idlegrid.agent.hardware.power import RaplMeter, RatedMeter
 
 
 class Clock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from idlegrid.agent.probe import GpuInfo, Hardware, probe
+from idlegrid.agent.hardware.probe import GpuInfo, Hardware, probe
 
 
 def test_probe_reports_this_machine() -> None:

@@ -146,10 +146,10 @@ def provide(
     import time
 
     from idlegrid.agent.agent import Agent, AgentConfig
-    from idlegrid.agent.benchmark import measure_speed
+    from idlegrid.agent.hardware.benchmark import measure_speed
+    from idlegrid.agent.hardware.power import choose_meter
+    from idlegrid.agent.hardware.probe import probe
     from idlegrid.agent.node_client import NodeClient
-    from idlegrid.agent.power import choose_meter
-    from idlegrid.agent.probe import probe
     from idlegrid.client.progress import make_progress
     from idlegrid.core.ledger import MICRO, Price
     from idlegrid.engines.registry import load_engine

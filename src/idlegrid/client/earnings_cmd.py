@@ -120,8 +120,8 @@ def estimate(
     as_json: JsonFlag = False,
 ) -> None:
     """What would my card earn? Live market prices × this card's measured speed, minus power."""
-    from idlegrid.agent.power import IDLE_FRACTION, rated_watts
-    from idlegrid.agent.probe import probe
+    from idlegrid.agent.hardware.power import IDLE_FRACTION, rated_watts
+    from idlegrid.agent.hardware.probe import probe
     from idlegrid.client.localgrid import find_grid
     from idlegrid.client.sdk import GridAPIError, GridClient
 
@@ -178,7 +178,7 @@ def estimate(
 
 
 def _measure(engine: str, model: str, model_path: Path | None, *, quiet: bool) -> float:
-    from idlegrid.agent.benchmark import measure_speed
+    from idlegrid.agent.hardware.benchmark import measure_speed
     from idlegrid.client.progress import make_progress
     from idlegrid.engines.registry import load_engine
 

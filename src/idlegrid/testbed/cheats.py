@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from idlegrid.agent.hwprover import HonestProver
+from idlegrid.agent.roles.hwprover import HonestProver
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import hwproof as hw
 from idlegrid.engines.base import SamplingParams

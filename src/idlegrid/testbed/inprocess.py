@@ -18,8 +18,8 @@ import httpx
 import uvicorn
 
 from idlegrid.agent.agent import Agent, AgentConfig
+from idlegrid.agent.hardware.power import PowerMeter
 from idlegrid.agent.node_client import NodeClient
-from idlegrid.agent.power import PowerMeter
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator.app import create_app
 from idlegrid.coordinator.edge import guarded_http

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from idlegrid.agent.trainer import TorchExecutor
+from idlegrid.agent.roles.trainer import TorchExecutor
 from idlegrid.core.training.proof import StepLeaf, TrainingCommitment, Verdict
 from idlegrid.core.training.spec import JobSpec, ModelSpec, batch_indices
 from idlegrid.training.optrace import Recorder, Tamper, Trace

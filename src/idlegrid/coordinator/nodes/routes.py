@@ -108,7 +108,7 @@ async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     node_id, body = await signed(request)
     msg = parse(m.FailMsg, body)
     invalid = msg.reason if msg.kind == "invalid_request" else None
-    # "handback" is the outcome reliability counts as blameless (market_store._BLAMELESS).
+    # "handback" is the outcome reliability counts as blameless (market/store.py, _BLAMELESS).
     outcome = "handback" if msg.kind == "handback" else f"engine error: {msg.reason}"
     await services(request).inference.give_up(node_id, task_id, attempt, outcome, invalid=invalid,
                                  commitment=msg.commitment if invalid is None else None)

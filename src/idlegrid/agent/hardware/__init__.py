@@ -1,0 +1,1 @@
+"""What an agent knows about its machine: devices, power, speed, attestation."""

@@ -1,0 +1,1 @@
+"""What an agent does besides serving: audits, training, hardware proofs, disputes."""

@@ -1,0 +1,359 @@
+"""Serving inference on the agent: one slot per engine long-polls for tasks (over the agent
+channel while it is up, else HTTP) and serves them.
+
+One engine per slot (engines are not thread-safe). Generation runs in a worker thread and
+hands pieces to an uploader coroutine through a queue, so the engine never waits on the
+network: whatever piled up while one upload was in flight goes in the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from idlegrid.agent.channel import CHANNEL_PATH, Channel, ChannelClosed, Uploads
+from idlegrid.agent.context import AgentContext
+from idlegrid.agent.node_client import CoordinatorError
+from idlegrid.core.energy import Attribution
+from idlegrid.engines.base import Engine, Generation, SamplingParams, render_chat, stream_pieces
+from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
+from idlegrid.protocol.messages import TaskMsg
+
+log = logging.getLogger("idlegrid.agent")
+
+_DONE = object()
+
+
+@dataclass(eq=False)  # identity semantics: jobs live in a set
+class _Job:
+    task: TaskMsg
+    cancel: threading.Event = field(default_factory=threading.Event)
+    delivered: int = 0  # token ids the coordinator accepted for this attempt
+    recorder: Any = None  # what the engine recorded, for a part's commitment at handback
+
+
+class Serving:
+    """The serving slots, the agent channel they use, and the attempts they hold."""
+
+    def __init__(self, ctx: AgentContext, register: Callable[[], Awaitable[None]]) -> None:
+        self.ctx = ctx
+        # A slot the coordinator refuses registers the agent again.
+        self._register = register
+        self.jobs: set[_Job] = set()
+        self.served = 0
+        self.energy = Attribution()
+        self.channel: Channel | None = None
+
+    async def connect_channel(self) -> bool:
+        """Open the agent channel (False if it cannot be had; HTTP is used meanwhile)."""
+        url = self.ctx.client.ws_url(CHANNEL_PATH)
+        if not self.ctx.config.channel or url is None:
+            return False
+        channel = Channel(self.ctx.client)
+        channel.on_orphan = lambda task: asyncio.create_task(self._hand_back(task))
+        try:
+            await channel.connect(url)
+        except Exception as exc:  # refused handshake, no such route (older coordinator)
+            log.info("agent channel unavailable (%s); using HTTP", exc)
+            return False
+        self.channel = channel
+        return True
+
+    async def keep_channel(self) -> None:
+        """Hold the agent channel open, reconnecting after a loss; slots use HTTP meanwhile."""
+        if not self.ctx.config.channel or self.ctx.client.ws_url(CHANNEL_PATH) is None:
+            return
+        delay = 1.0
+        while not self.ctx.draining.is_set():
+            if self.channel is not None and self.channel.open:
+                delay = 1.0
+                await self.channel.closed.wait()
+            elif not await self.connect_channel():
+                delay = min(2 * delay, 30.0)
+            await asyncio.sleep(delay)
+
+    async def _hand_back(self, task: dict[str, Any]) -> None:
+        """Return a task that reached a slot after it stopped waiting (draining)."""
+        with contextlib.suppress(httpx.HTTPError, IdlegridError):
+            await self.ctx.client.call(
+                f"/api/v1/tasks/{task['task_id']}/attempts/{task['attempt']}/fail",
+                {"reason": "provider draining", "kind": "handback"})
+
+    async def slot(self, engine: Engine, index: int = 0) -> None:
+        """Poll for tasks and serve them on `engine` until the agent drains."""
+        refusals = 0
+        while not self.ctx.draining.is_set():
+            channel = self.channel if self.channel is not None and self.channel.open else None
+            try:
+                if channel is not None:
+                    poll = asyncio.create_task(channel.poll(
+                        index, [self.ctx.model_id], self.ctx.config.poll_wait_s))
+                else:
+                    poll = asyncio.create_task(self.ctx.client.call(
+                        "/api/v1/work/poll",
+                        {"models": [self.ctx.model_id], "wait_s": self.ctx.config.poll_wait_s},
+                        timeout=self.ctx.config.poll_wait_s + 15,
+                    ))
+                drain = asyncio.create_task(self.ctx.draining.wait())
+                await asyncio.wait({poll, drain}, return_when=asyncio.FIRST_COMPLETED)
+                if not poll.done():
+                    # Draining: abandon the poll. A task claimed in the same instant is
+                    # handed back (channel) or picked up by the coordinator's supervisor
+                    # once we stop heartbeating (HTTP).
+                    poll.cancel()
+                    drain.cancel()
+                    if channel is not None:
+                        await channel.cancel_poll(index)
+                    return
+                drain.cancel()
+                answer = poll.result()
+            except ChannelClosed:
+                continue  # the next poll goes over HTTP until the channel is back
+            except (httpx.TransportError, CoordinatorError) as exc:
+                log.warning("poll failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except AuthError as exc:
+                # Refused (e.g. ejected, or the coordinator lost our registration): register
+                # again, backing off so that a refused node does not spin (it logged 66,000
+                # lines in 7 minutes before).
+                refusals += 1
+                wait = min(2.0 ** min(refusals - 1, 6), 60.0)
+                log.warning("refused by the coordinator (%s); registering again in %.0f s",
+                            exc, wait)
+                await self._sleep_unless_draining(wait)
+                await self._register()
+                continue
+            except Exception:  # one bad answer must not kill the slot
+                log.exception("poll failed unexpectedly")
+                await asyncio.sleep(1.0)
+                continue
+            refusals = 0
+            if answer is None:
+                continue
+            try:
+                await self.serve(engine, TaskMsg.model_validate(answer))
+            except Exception:  # the coordinator reclaims the task; keep the slot alive
+                log.exception("serving %s failed unexpectedly", answer.get("task_id"))
+
+    async def _sleep_unless_draining(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ctx.draining.wait(), seconds)
+
+    async def serve(self, engine: Engine, task: TaskMsg) -> None:
+        """Run one task attempt, streaming pieces up as they come."""
+        job = _Job(task)
+        self.jobs.add(job)
+        base = f"/api/v1/tasks/{task.task_id}/attempts/{task.attempt}"
+        try:
+            try:
+                prompt_ids = self._prompt_ids(engine, task)
+            except IdlegridError as exc:
+                await self.ctx.client.call(f"{base}/fail", {"reason": exc.message,
+                                                            "kind": "invalid_request"})
+                return
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            result = Generation()
+            committed: dict[str, str] = {}
+            meter = self.ctx.config.meter
+            energy_key = f"{task.task_id}/{task.attempt}"
+            if meter is not None:
+                self.energy.start(energy_key, meter.joules())
+            worker = loop.run_in_executor(
+                None, self._generate_locked, engine, task, prompt_ids, job, queue, loop, result,
+                committed,
+            )
+            ok = await self._upload(base, queue, job)
+            try:
+                await worker
+            except Exception as exc:
+                log.exception("engine failed on %s", task.task_id)
+                await self._fail(base, f"engine error: {exc}", "engine",
+                                 self._part(engine, task, prompt_ids, job))
+                return
+            finally:
+                energy_j = (self.energy.finish(energy_key, meter.joules())
+                            if meter is not None else None)
+            if not ok:
+                return  # the coordinator took the task away; it is someone else's now
+            if job.cancel.is_set():
+                await self._fail(base, "provider draining", "handback",
+                                 self._part(engine, task, prompt_ids, job))
+                return
+            if committed.get("blob"):
+                self.ctx.remember(self.ctx.commitments, (task.task_id, task.attempt),
+                                  base64.b64decode(committed["blob"]))
+            await self.ctx.client.call(f"{base}/finish", {
+                "prompt_tokens": len(prompt_ids), "finish_reason": result.finish_reason,
+                "commitment": committed.get("blob"),
+                "energy_j": energy_j, "energy_estimated": bool(meter and meter.estimated),
+            })
+            self.served += 1
+        except Conflict:
+            log.info("task %s attempt %d was taken away", task.task_id, task.attempt)
+        except (httpx.HTTPError, IdlegridError) as exc:
+            log.warning("task %s: %s", task.task_id, exc)
+        finally:
+            self.jobs.discard(job)
+
+    async def _fail(self, base: str, reason: str, kind: str, commitment: str | None = None
+                    ) -> None:
+        with contextlib.suppress(Conflict):
+            try:
+                await self.ctx.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind,
+                                                            "commitment": commitment})
+            except InvalidRequest as exc:
+                if commitment is None:
+                    raise
+                # Hand the request on regardless; this part just goes unaudited.
+                log.warning("part commitment refused (%s); handing back without it", exc)
+                await self.ctx.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind})
+
+    def _part(self, engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job
+              ) -> str | None:
+        """Commitment to the tokens this attempt delivered before it stopped (failover)."""
+        rec, n = job.recorder, job.delivered
+        if rec is None or n <= 0 or len(rec.tokens) < n:
+            return None
+        from idlegrid.engines.commit import Recorder, build_commitment
+
+        part = Recorder(rec.tokens[:n], rec.states[:n])
+        c = build_commitment(engine, task.model, [*prompt_ids, *task.prior_ids], part,
+                             task.seed, task.temperature, task.top_p, "length")
+        blob = c.encode()
+        self.ctx.remember(self.ctx.commitments, (task.task_id, task.attempt), blob)
+        return base64.b64encode(blob).decode()
+
+    def _prompt_ids(self, engine: Engine, task: TaskMsg) -> list[int]:
+        if task.kind == "chat":
+            text = render_chat(engine, task.messages or [])
+        else:
+            text = task.prompt or ""
+        ids = engine.tokenize(text)
+        if len(ids) + len(task.prior_ids) >= engine.context_length:
+            raise InvalidRequest(
+                f"prompt is {len(ids)} tokens; this model's context is {engine.context_length}",
+                param="prompt",
+            )
+        return ids
+
+    def _generate_locked(self, engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job,
+                         queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop,
+                         result: Generation, committed: dict[str, str]) -> None:
+        with self.ctx.engine_lock(engine):
+            self._generate(engine, task, prompt_ids, job, queue, loop, result, committed)
+
+    @staticmethod
+    def _generate(engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job,
+                  queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop,
+                  result: Generation, committed: dict[str, str] | None = None) -> None:
+        room = engine.context_length - len(prompt_ids)
+        params = SamplingParams(task.temperature, task.top_p, task.seed)
+        recorder = None
+        if committed is not None and hasattr(engine, "recorder") and hasattr(engine, "audit"):
+            from idlegrid.engines.commit import Recorder
+
+            recorder = Recorder()
+            engine.recorder = recorder
+            job.recorder = recorder
+        try:
+            for piece in stream_pieces(engine, prompt_ids, params,
+                                       max_tokens=min(task.max_tokens, room), stop=task.stop,
+                                       prior_ids=task.prior_ids, result=result):
+                if job.cancel.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, (piece.token_id, piece.text))
+            if recorder is not None and committed is not None and not job.cancel.is_set():
+                from idlegrid.engines.commit import build_commitment
+
+                # Committed before finish is sent, so before any audit can be selected.
+                c = build_commitment(engine, task.model, [*prompt_ids, *task.prior_ids],
+                                     recorder, task.seed, task.temperature, task.top_p,
+                                     result.finish_reason)
+                committed["blob"] = base64.b64encode(c.encode()).decode()
+        finally:
+            if recorder is not None:
+                engine.recorder = None  # type: ignore[attr-defined]
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+    async def _upload(self, base: str, queue: asyncio.Queue[Any], job: _Job) -> bool:
+        """Send pieces in order, batching what accumulates; False if the task was taken away."""
+        sent = 0
+        finished = False
+        last_upload = 0.0
+        loop = asyncio.get_running_loop()
+        config = self.ctx.config
+        interval = (config.upload_interval_s if job.task.stream
+                    else max(config.upload_interval_s, config.batch_upload_interval_s))
+        channel = self.channel if self.channel is not None and self.channel.open else None
+        up = channel.track(job.task.task_id, job.task.attempt, job.cancel.set) if channel else None
+        try:
+            while not finished:
+                # The first piece goes at once (time to first token); later ones are
+                # coalesced for up to `upload_interval_s`, which bounds uploads per second
+                # per stream without a delay anyone reading the stream could notice.
+                wait = last_upload + interval - loop.time()
+                if sent and wait > 0:
+                    await asyncio.sleep(wait)
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                if batch[-1] is _DONE:
+                    finished = True
+                    batch.pop()
+                if not batch or job.cancel.is_set():
+                    continue
+                last_upload = loop.time()
+                if up is not None and channel is not None and not up.lost:
+                    with contextlib.suppress(ChannelClosed):  # kept as unacked: resent below
+                        await channel.upload(up, sent, batch)
+                else:
+                    if up is not None and channel is not None:  # the channel went down:
+                        await self._settle(base, job, up, channel)  # what it left goes first
+                    await self._upload_http(base, job, sent, batch)
+                sent += len(batch)
+            if up is not None and channel is not None:
+                await self._settle(base, job, up, channel)
+        except Conflict:
+            job.cancel.set()
+            await self._drain_queue(queue, finished)
+            return False
+        finally:
+            if up is not None and channel is not None:
+                channel.forget(up)
+        return True
+
+    async def _upload_http(self, base: str, job: _Job, start: int, batch: list[Any]) -> None:
+        await self.ctx.client.call(f"{base}/upload", {"start": start, "pieces": batch})
+        job.delivered += sum(1 for tid, _ in batch if tid >= 0)
+
+    async def _settle(self, base: str, job: _Job, up: Uploads, channel: Channel) -> None:
+        """Wait until the coordinator acknowledged every channel upload of this attempt
+        (resending over HTTP what a lost channel left unacknowledged); Conflict if refused."""
+        if up.unacked and not up.lost:
+            with contextlib.suppress(ChannelClosed):
+                await channel.sync(up)
+        while not up.synced and up.refused is None and not up.lost:
+            up.changed.clear()
+            await up.changed.wait()
+        if up.refused is not None:
+            raise up.refused
+        job.delivered += up.acked_tokens
+        up.acked_tokens = 0
+        while up.unacked:  # uploads are idempotent by start index: resending is safe
+            start, batch = up.unacked.pop(0)
+            await self._upload_http(base, job, start, batch)
+
+    @staticmethod
+    async def _drain_queue(queue: asyncio.Queue[Any], finished: bool) -> None:
+        while not finished:
+            finished = await queue.get() is _DONE
