@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 
 from idlegrid.config import LOOPBACK_NAMES
 from idlegrid.coordinator.inference.service import Grid
+from idlegrid.coordinator.nodes import schemas as s
+from idlegrid.coordinator.schemas import errors
 from idlegrid.core import ledger
 from idlegrid.errors import AuthError, InvalidRequest
 
@@ -58,7 +60,7 @@ class Mint(BaseModel):
     reference: str = Field(min_length=1, max_length=100, description="idempotency reference")
 
 
-@router.post("/admin/keys")
+@router.post("/admin/keys", response_model=s.NewKeyCreated, responses=errors(400, 401))
 async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     """Create a consumer API key; the secret is returned once."""
     require_operator(request)
@@ -67,7 +69,8 @@ async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     return {"key_id": key_id, "api_key": secret}
 
 
-@router.post("/admin/keys/{key_id}/revoke")
+@router.post("/admin/keys/{key_id}/revoke", response_model=s.KeyRevoked,
+             responses=errors(401, 404))
 async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
     """Revoke a consumer API key: refused from now on (its balance stays in the ledger)."""
     require_operator(request)
@@ -75,7 +78,7 @@ async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
     return {"key_id": key_id, "revoked": True, "changed": changed}
 
 
-@router.post("/admin/mint")
+@router.post("/admin/mint", response_model=s.Minted, responses=errors(400, 401))
 async def mint(body: Mint, request: Request) -> dict[str, Any]:
     """Credit a key with new µcr; replaying the same reference credits once."""
     require_operator(request)
@@ -92,7 +95,7 @@ async def mint(body: Mint, request: Request) -> dict[str, Any]:
             "balance": await grid.db(grid.store.balance, account)}
 
 
-@router.get("/balance")
+@router.get("/balance", response_model=s.Balance, responses=errors(401))
 async def balance(request: Request) -> dict[str, Any]:
     """The calling key's balance, µcr."""
     grid = _grid(request)
@@ -109,7 +112,7 @@ def is_operator(request: Request) -> bool:
     return hmac.compare_digest(given.encode(), f"Bearer {configured}".encode())
 
 
-@router.get("/status")
+@router.get("/status", response_model=s.GridStatus, response_model_exclude_unset=True)
 async def status(request: Request) -> dict[str, Any]:
     """Nodes with their hardware, measured speed and earnings, and task counts; with the
     operator key also every account's balance (consumers' balances are nobody else's)."""
@@ -147,7 +150,7 @@ async def status(request: Request) -> dict[str, Any]:
     return view
 
 
-@router.get("/ledger")
+@router.get("/ledger", response_model=s.LedgerEntries, responses=errors(401))
 async def ledger_entries(request: Request, cause: str | None = None) -> dict[str, Any]:
     """Ledger entries, oldest first, optionally for one cause (request id, deposit ref)."""
     require_operator(request)
@@ -155,7 +158,7 @@ async def ledger_entries(request: Request, cause: str | None = None) -> dict[str
     return {"entries": await grid.db(grid.store.entries, cause)}
 
 
-@router.get("/ledger/verify")
+@router.get("/ledger/verify", response_model=s.LedgerCheck, responses=errors(401))
 async def ledger_verify(request: Request) -> dict[str, Any]:
     """Recompute the hash chain and balances; list any break."""
     require_operator(request)

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ValidationError
 from idlegrid.coordinator.db.store import TaskView
 from idlegrid.coordinator.inference import channel as work_channel
 from idlegrid.coordinator.inference.service import Grid
+from idlegrid.coordinator.nodes import schemas as s
+from idlegrid.coordinator.schemas import NO_CONTENT, Ok, errors
 from idlegrid.errors import AuthError, InvalidRequest
 from idlegrid.protocol import messages as m
 from idlegrid.protocol.signing import HEADER_PUBKEY, decode_public_key
@@ -68,7 +70,7 @@ async def _poll_until_disconnect(request: Request, node_id: str, msg: m.PollMsg)
 router = APIRouter(prefix="/api/v1", tags=["nodes"])
 
 
-@router.post("/nodes/register")
+@router.post("/nodes/register", response_model=s.Registered, responses=errors(400, 401, 409))
 async def register(request: Request) -> dict[str, Any]:
     """Register or re-register a node (hardware, engine, measured speed, offers)."""
     node_id, body = await _signed(request, registering=True)
@@ -77,7 +79,7 @@ async def register(request: Request) -> dict[str, Any]:
     return await _grid(request).register(node_id, key, msg.model_dump())
 
 
-@router.post("/nodes/heartbeat")
+@router.post("/nodes/heartbeat", response_model=s.HeartbeatAnswer, responses=errors(400, 401))
 async def heartbeat(request: Request) -> dict[str, Any]:
     """A node is alive; `state: draining` stops new work reaching it."""
     node_id, body = await _signed(request)
@@ -92,7 +94,8 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     return {"ok": True, "hwproofs": pending, "disputes": disputes, "train_disputes": train}
 
 
-@router.post("/work/poll", response_model=None)
+@router.post("/work/poll", response_model=m.TaskMsg,
+             responses={**NO_CONTENT, **errors(400, 401)})
 async def poll(request: Request) -> dict[str, Any] | Response:
     """Long poll for one task: 200 with the task, or 204 when none came in time."""
     node_id, body = await _signed(request)
@@ -110,7 +113,8 @@ async def channel(ws: WebSocket) -> None:
     await work_channel.serve(ws, ws.app.state.grid)
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/upload")
+@router.post("/tasks/{task_id}/attempts/{attempt}/upload", response_model=Ok,
+             responses=errors(400, 401, 404, 409))
 async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """Output pieces for the attempt the node holds (409 once it no longer holds it)."""
     node_id, body = await _signed(request)
@@ -119,7 +123,8 @@ async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     return {"ok": True}
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/finish")
+@router.post("/tasks/{task_id}/attempts/{attempt}/finish", response_model=s.Finished,
+             responses=errors(400, 401, 404, 409))
 async def finish(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """The node completed the attempt; the request is settled."""
     node_id, body = await _signed(request)
@@ -130,7 +135,8 @@ async def finish(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     return {"ok": True, "output_tokens": task.output_tokens}
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/fail")
+@router.post("/tasks/{task_id}/attempts/{attempt}/fail", response_model=Ok,
+             responses=errors(400, 401, 404, 409))
 async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """The node cannot finish the attempt: the task moves on (or fails if it is bad input)."""
     node_id, body = await _signed(request)
