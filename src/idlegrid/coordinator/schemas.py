@@ -55,6 +55,15 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody, "description": _WHY[s]} for s in statuses}
 
 
+def event_stream(data: str) -> dict[str, Any]:
+    """The `content` of a Server-Sent Events response: each event as a parsed object (the
+    OpenAPI convention that schemathesis also checks), its `data` described in words."""
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"event": {"type": "string"},
+                       "data": {"type": "string", "description": data}}}}}
+
+
 NO_CONTENT: dict[int | str, dict[str, Any]] = {
     204: {"description": "Nothing arrived within the long poll; ask again"}}
 

@@ -24,7 +24,7 @@ from idlegrid.coordinator.dashboard import schemas as s
 from idlegrid.coordinator.dashboard.data import IDLE_REFRESH_S, PAGES, Dashboard, energy_by_node
 from idlegrid.coordinator.inference.service import Grid
 from idlegrid.coordinator.nodes.admin_routes import from_loopback, require_operator
-from idlegrid.coordinator.schemas import errors
+from idlegrid.coordinator.schemas import errors, event_stream
 from idlegrid.core import economics, energy, telemetry
 from idlegrid.errors import AuthError, InvalidRequest
 
@@ -134,8 +134,9 @@ async def snapshot(page: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/dashboard/events", response_class=StreamingResponse, responses={
-    200: {"description": "Server-Sent Events: `event: snapshot` with a Snapshot's changed "
-                         "fragments as `data`", "content": {"text/event-stream": {}}},
+    200: {"description": "Server-Sent Events: a snapshot whenever the grid changes",
+          "content": event_stream("JSON of a Snapshot holding only the changed sections "
+                                  "(event `snapshot`)")},
     **errors(400, 401)})
 async def events(request: Request, page: str = "grid", v: int | None = None
                  ) -> StreamingResponse:

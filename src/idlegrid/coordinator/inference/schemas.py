@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from idlegrid.coordinator.schemas import event_stream
+
 
 class Model(BaseModel):
     """A model some live provider serves."""
@@ -123,14 +125,14 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-def _stream_schema(chunk: type[BaseModel]) -> dict[str, Any]:
-    return {"type": "string", "description": f"Server-Sent Events: `data: <{chunk.__name__}>` "
-            "lines, then `data: [DONE]`"}
+def _stream(chunk: type[BaseModel]) -> dict[str, Any]:
+    return event_stream(f"JSON of a {chunk.__name__} (the last one may carry only `usage`), "
+                        "or of an error object if the request failed midway; then `[DONE]`")
 
 
 CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "description": "The completion, or with `stream: true` a stream of chunks",
-    "content": {"text/event-stream": {"schema": _stream_schema(ChatCompletionChunk)}}}}
+    "content": _stream(ChatCompletionChunk)}}
 COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "description": "The completion, or with `stream: true` a stream of chunks",
-    "content": {"text/event-stream": {"schema": _stream_schema(CompletionChunk)}}}}
+    "content": _stream(CompletionChunk)}}
