@@ -35,7 +35,7 @@ def test_schemathesis_finds_no_server_error_on_any_route(grid: Grid, tmp_path: P
     assert st, "schemathesis (the test extra) provides `st`"
     proc = subprocess.run(
         [st, "run", f"{grid.url}/openapi.json", "-H", f"Authorization: Bearer {grid.api_key}",
-         "-c", "not_a_server_error", "--max-examples", "6", "--phases",
+         "-c", "not_a_server_error,response_schema_conformance", "--max-examples", "6", "--phases",
          "examples,coverage,fuzzing", "--request-timeout", "20", "--max-time", "150",
          "--seed", "1", "--no-shrink", "--suppress-health-check", "all",
          "--exclude-path", "/dashboard/events", "--report", "junit", "--report-dir",

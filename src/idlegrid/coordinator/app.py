@@ -9,13 +9,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from idlegrid import PROTOCOL_VERSION, __version__
 from idlegrid.config import CoordinatorSettings
-from idlegrid.coordinator import http_errors
+from idlegrid.coordinator import http_errors, schemas
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard import routes as routes_dashboard
 from idlegrid.coordinator.dashboard.data import WEB, Dashboard
@@ -81,12 +81,13 @@ def create_app(
     # The dashboard's own CSS/JS and the vendored chart library: nothing from a CDN.
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], response_model=schemas.Health)
     async def healthz() -> dict[str, Any]:
         """The process is up."""
         return {"ok": True, "version": __version__, "protocol_version": PROTOCOL_VERSION}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], response_model=schemas.Ready,
+             responses=schemas.READY_RESPONSES)
     async def readyz(request: Request) -> Response:
         """The database answers and at least the schema is in place."""
         svc: Services = request.app.state.services
@@ -96,7 +97,8 @@ def create_app(
             return JSONResponse({"ok": False, "reason": str(exc)}, status_code=503)
         return JSONResponse({"ok": True})
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
+             responses=schemas.METRICS_RESPONSES)
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition."""
         svc: Services = request.app.state.services

@@ -21,12 +21,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from idlegrid.coordinator.dashboard import queries
+from idlegrid.coordinator.dashboard import schemas as s
 from idlegrid.coordinator.dashboard.data import IDLE_REFRESH_S, PAGES, Dashboard, energy_by_node
 from idlegrid.coordinator.deps import (
     from_loopback,
     require_operator,
     services,
 )
+from idlegrid.coordinator.schemas import errors, event_stream
 from idlegrid.core import economics, energy, telemetry
 from idlegrid.errors import AuthError, InvalidRequest
 
@@ -116,7 +118,7 @@ async def login(request: Request) -> Response:
     return resp
 
 
-@router.get("/dashboard/api/{page}")
+@router.get("/dashboard/api/{page}", response_model=s.Snapshot, responses=errors(400, 401))
 async def snapshot(page: str, request: Request) -> dict[str, Any]:
     """The fragments and chart data of one page, as the live stream sends them."""
     require_viewer(request)
@@ -127,7 +129,11 @@ async def snapshot(page: str, request: Request) -> dict[str, Any]:
     return await dash.snapshot(page, svc.changes.version)
 
 
-@router.get("/dashboard/events")
+@router.get("/dashboard/events", response_class=StreamingResponse, responses={
+    200: {"description": "Server-Sent Events: a snapshot whenever the grid changes",
+          "content": event_stream("JSON of a Snapshot holding only the changed sections "
+                                  "(event `snapshot`)")},
+    **errors(400, 401)})
 async def events(request: Request, page: str = "grid", v: int | None = None
                  ) -> StreamingResponse:
     """Server-Sent Events: a `snapshot` of the page whenever the grid changes.
@@ -186,7 +192,8 @@ def _since(period: str, now: float) -> float:
     return now - economics.parse_duration(period)
 
 
-@router.get("/api/v1/economics/earnings", tags=["economics"])
+@router.get("/api/v1/economics/earnings", tags=["economics"], response_model=s.Earnings,
+            responses=errors(400))
 async def earnings(request: Request, period: str = "24h", node: str | None = None
                    ) -> dict[str, Any]:
     """Per provider over `period` (e.g. 24h, 7d): credits earned, accrued and paid, energy."""
@@ -244,7 +251,7 @@ async def earnings(request: Request, period: str = "24h", node: str | None = Non
             "fee_bps": svc.settings.fee_bps, "providers": rows}
 
 
-@router.get("/api/v1/economics/prices", tags=["economics"])
+@router.get("/api/v1/economics/prices", tags=["economics"], response_model=s.Prices)
 async def prices(request: Request) -> dict[str, Any]:
     """Live market prices per model (µcr per 1M tokens) and the providers' median speed."""
     svc = services(request)

@@ -15,6 +15,7 @@ from idlegrid.coordinator.deps import (
     Services,
     services,
 )
+from idlegrid.coordinator.inference import schemas as s
 from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.inference.openai_schema import (
     ChatRequest,
@@ -23,6 +24,7 @@ from idlegrid.coordinator.inference.openai_schema import (
     prompt_token_bound,
 )
 from idlegrid.coordinator.inference.service import RequestFailed
+from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.errors import IdlegridError, InvalidRequest
@@ -31,7 +33,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 
-@router.get("/models")
+@router.get("/models", response_model=s.ModelList, responses=errors(401))
 async def list_models(request: Request) -> dict[str, Any]:
     """Models served by live providers."""
     svc = services(request)
@@ -184,7 +186,8 @@ async def _sse(svc: Services, shape: _Shape, task_id: str, stream: TaskStream, s
         svc.inference.hub.close(task_id)
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=s.Completion,
+             responses={**s.COMPLETION_RESPONSES, **errors(400, 401, 402, 404, 502, 503)})
 async def completions(body: CompletionRequest, request: Request) -> Any:
     """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE])."""
     body.check_supported()
@@ -197,7 +200,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                         _price_cap(services(request), body))
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=s.ChatCompletion,
+             responses={**s.CHAT_RESPONSES, **errors(400, 401, 402, 404, 502, 503)})
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     """Chat completion, templated by the serving engine with the model's own chat template."""
     body.check_supported()

@@ -17,6 +17,8 @@ from idlegrid.coordinator.deps import (
     services,
     signed,
 )
+from idlegrid.coordinator.market import schemas as s
+from idlegrid.coordinator.schemas import errors
 from idlegrid.core import ledger
 from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import messages as m
@@ -35,7 +37,8 @@ ORDER_EXAMPLE = {"id": "train-42", "kind": "lease", "hours": 2,
                                "reliability": ">=0.95", "max_price": 0.8}}
 
 
-@router.post("/orders", status_code=201, response_class=JSONResponse)
+@router.post("/orders", status_code=201, response_class=JSONResponse, response_model=s.Order,
+             responses=errors(400, 401, 402, 409))
 async def submit_order(request: Request,
                        body: Any = Body(..., examples=[ORDER_EXAMPLE])) -> JSONResponse:
     """Submit an order: matched at once if the book allows, else open (prepaid) with reasons.
@@ -50,7 +53,8 @@ async def submit_order(request: Request,
     return JSONResponse(view.to_dict(), status_code=201)
 
 
-@router.post("/orders/batch", status_code=201)
+@router.post("/orders/batch", status_code=201, response_model=s.OrderList,
+             responses=errors(400, 401, 402, 409))
 async def submit_orders(request: Request, body: Any = Body(...)) -> dict[str, Any]:
     """Submit up to 1,000 orders cleared together as one exact assignment (better total
     price than one at a time); all are recorded and prepaid, or none (400/402/409)."""
@@ -61,7 +65,7 @@ async def submit_orders(request: Request, body: Any = Body(...)) -> dict[str, An
     return {"orders": [v.to_dict() for v in views]}
 
 
-@router.get("/orders")
+@router.get("/orders", response_model=s.OrderList, responses=errors(401))
 async def list_orders(request: Request, state: str | None = None) -> dict[str, Any]:
     """The caller's orders, newest first."""
     key_id = await _key(request)
@@ -70,7 +74,7 @@ async def list_orders(request: Request, state: str | None = None) -> dict[str, A
     return {"orders": [v.to_dict() for v in views]}
 
 
-@router.get("/orders/{order_id}")
+@router.get("/orders/{order_id}", response_model=s.Order, responses=errors(401, 404))
 async def get_order(order_id: str, request: Request) -> dict[str, Any]:
     """One of the caller's orders."""
     key_id = await _key(request)
@@ -78,7 +82,8 @@ async def get_order(order_id: str, request: Request) -> dict[str, Any]:
     return (await svc.db(svc.market.store.get_order, order_id, key_id)).to_dict()
 
 
-@router.get("/orders/{order_id}/explain")
+@router.get("/orders/{order_id}/explain", response_model=s.Explanation,
+            response_model_exclude_unset=True, responses=errors(401, 404))
 async def explain_order(order_id: str, request: Request) -> dict[str, Any]:
     """Why the order matched where it did, or which constraints eliminated how many offers."""
     key_id = await _key(request)
@@ -86,7 +91,8 @@ async def explain_order(order_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.market.explain, order_id, key_id)
 
 
-@router.post("/orders/{order_id}/cancel")
+@router.post("/orders/{order_id}/cancel", response_model=s.Order,
+             responses=errors(401, 404, 409))
 async def cancel_order(order_id: str, request: Request) -> dict[str, Any]:
     """Cancel: pay for service so far, refund the rest of the escrow (409 if already over)."""
     key_id = await _key(request)
@@ -94,7 +100,7 @@ async def cancel_order(order_id: str, request: Request) -> dict[str, Any]:
     return (await svc.db(svc.market.cancel, order_id, key_id)).to_dict()
 
 
-@router.get("/offers")
+@router.get("/offers", response_model=s.Book, responses=errors(400, 401))
 async def list_offers(request: Request, accelerator: str | None = None,
                       region: str | None = None, model: str | None = None,
                       limit: int = 200) -> dict[str, Any]:
@@ -139,19 +145,20 @@ async def _stake_move(request: Request, move: str) -> dict[str, Any]:
     return {"ok": True, "posted": posted}
 
 
-@router.post("/nodes/stake")
+@router.post("/nodes/stake", response_model=s.StakeMoved, responses=errors(400, 401, 402))
 async def stake(request: Request) -> dict[str, Any]:
     """Lock provider credits as stake for a device class (idempotent on `ref`)."""
     return await _stake_move(request, "stake")
 
 
-@router.post("/nodes/unstake")
+@router.post("/nodes/unstake", response_model=s.StakeMoved,
+             responses=errors(400, 401, 402, 409))
 async def unstake(request: Request) -> dict[str, Any]:
     """Release stake (409 while an active order relies on the node)."""
     return await _stake_move(request, "unstake")
 
 
-@router.post("/nodes/account")
+@router.post("/nodes/account", response_model=s.NodeAccount, responses=errors(401))
 async def node_account(request: Request) -> dict[str, Any]:
     """A provider's money: accrued (not yet paid out), paid, and stakes per device class."""
     node_id, _ = await signed(request)
@@ -164,7 +171,7 @@ async def node_account(request: Request) -> dict[str, Any]:
             "stakes": {a[len(prefix):]: v for a, v in balances.items() if a.startswith(prefix)}}
 
 
-@router.post("/nodes/orders")
+@router.post("/nodes/orders", response_model=s.OrderList, responses=errors(401))
 async def node_orders(request: Request) -> dict[str, Any]:
     """Active orders holding this node's devices."""
     node_id, _ = await signed(request)
@@ -173,7 +180,8 @@ async def node_orders(request: Request) -> dict[str, Any]:
     return {"orders": [v.to_dict() for v in views]}
 
 
-@router.post("/nodes/orders/{order_id}/tokens")
+@router.post("/nodes/orders/{order_id}/tokens", response_model=s.Order,
+             responses=errors(400, 401, 404, 409))
 async def node_tokens(order_id: str, request: Request) -> dict[str, Any]:
     """Batch output produced for an order: paid per token, completed when all are done."""
     node_id, body = await signed(request)
@@ -185,7 +193,7 @@ async def node_tokens(order_id: str, request: Request) -> dict[str, Any]:
 # ---- operators -------------------------------------------------------------------------
 
 
-@router.post("/admin/payouts")
+@router.post("/admin/payouts", response_model=s.Payouts, responses=errors(401))
 async def payouts(request: Request) -> dict[str, Any]:
     """Run a payout batch now (normally every payout_interval_s)."""
     require_operator(request)

@@ -12,6 +12,8 @@ from idlegrid.coordinator.deps import (
     require_operator,
     services,
 )
+from idlegrid.coordinator.nodes import schemas as s
+from idlegrid.coordinator.schemas import errors
 from idlegrid.core import ledger
 from idlegrid.errors import InvalidRequest
 
@@ -36,7 +38,7 @@ class Mint(BaseModel):
     reference: str = Field(min_length=1, max_length=100, description="idempotency reference")
 
 
-@router.post("/admin/keys")
+@router.post("/admin/keys", response_model=s.NewKeyCreated, responses=errors(400, 401))
 async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     """Create a consumer API key; the secret is returned once."""
     require_operator(request)
@@ -45,7 +47,8 @@ async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     return {"key_id": key_id, "api_key": secret}
 
 
-@router.post("/admin/keys/{key_id}/revoke")
+@router.post("/admin/keys/{key_id}/revoke", response_model=s.KeyRevoked,
+             responses=errors(401, 404))
 async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
     """Revoke a consumer API key: refused from now on (its balance stays in the ledger)."""
     require_operator(request)
@@ -53,7 +56,7 @@ async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
     return {"key_id": key_id, "revoked": True, "changed": changed}
 
 
-@router.post("/admin/mint")
+@router.post("/admin/mint", response_model=s.Minted, responses=errors(400, 401))
 async def mint(body: Mint, request: Request) -> dict[str, Any]:
     """Credit a key with new µcr; replaying the same reference credits once."""
     require_operator(request)
@@ -70,7 +73,7 @@ async def mint(body: Mint, request: Request) -> dict[str, Any]:
             "balance": await svc.db(svc.store.balance, account)}
 
 
-@router.get("/balance")
+@router.get("/balance", response_model=s.Balance, responses=errors(401))
 async def balance(request: Request) -> dict[str, Any]:
     """The calling key's balance, µcr."""
     svc = services(request)
@@ -81,7 +84,7 @@ async def balance(request: Request) -> dict[str, Any]:
 
 
 
-@router.get("/status")
+@router.get("/status", response_model=s.GridStatus, response_model_exclude_unset=True)
 async def status(request: Request) -> dict[str, Any]:
     """Nodes with their hardware, measured speed and earnings, and task counts; with the
     operator key also every account's balance (consumers' balances are nobody else's)."""
@@ -119,7 +122,7 @@ async def status(request: Request) -> dict[str, Any]:
     return view
 
 
-@router.get("/ledger")
+@router.get("/ledger", response_model=s.LedgerEntries, responses=errors(401))
 async def ledger_entries(request: Request, cause: str | None = None) -> dict[str, Any]:
     """Ledger entries, oldest first, optionally for one cause (request id, deposit ref)."""
     require_operator(request)
@@ -127,7 +130,7 @@ async def ledger_entries(request: Request, cause: str | None = None) -> dict[str
     return {"entries": await svc.db(svc.store.entries, cause)}
 
 
-@router.get("/ledger/verify")
+@router.get("/ledger/verify", response_model=s.LedgerCheck, responses=errors(401))
 async def ledger_verify(request: Request) -> dict[str, Any]:
     """Recompute the hash chain and balances; list any break."""
     require_operator(request)

@@ -13,6 +13,8 @@ from idlegrid.coordinator.deps import (
     signed,
 )
 from idlegrid.coordinator.inference import channel as work_channel
+from idlegrid.coordinator.nodes import schemas as s
+from idlegrid.coordinator.schemas import NO_CONTENT, Ok, errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.protocol import messages as m
 from idlegrid.protocol.signing import HEADER_PUBKEY, decode_public_key
@@ -40,7 +42,7 @@ async def _poll_until_disconnect(request: Request, node_id: str, msg: m.PollMsg)
 router = APIRouter(prefix="/api/v1", tags=["nodes"])
 
 
-@router.post("/nodes/register")
+@router.post("/nodes/register", response_model=s.Registered, responses=errors(400, 401, 409))
 async def register(request: Request) -> dict[str, Any]:
     """Register or re-register a node (hardware, engine, measured speed, offers)."""
     node_id, body = await signed(request, registering=True)
@@ -49,7 +51,7 @@ async def register(request: Request) -> dict[str, Any]:
     return await services(request).nodes.register(node_id, key, msg.model_dump())
 
 
-@router.post("/nodes/heartbeat")
+@router.post("/nodes/heartbeat", response_model=s.HeartbeatAnswer, responses=errors(400, 401))
 async def heartbeat(request: Request) -> dict[str, Any]:
     """A node is alive; `state: draining` stops new work reaching it."""
     node_id, body = await signed(request)
@@ -64,7 +66,8 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     return {"ok": True, "hwproofs": pending, "disputes": disputes, "train_disputes": train}
 
 
-@router.post("/work/poll", response_model=None)
+@router.post("/work/poll", response_model=m.TaskMsg,
+             responses={**NO_CONTENT, **errors(400, 401)})
 async def poll(request: Request) -> dict[str, Any] | Response:
     """Long poll for one task: 200 with the task, or 204 when none came in time."""
     node_id, body = await signed(request)
@@ -82,7 +85,8 @@ async def channel(ws: WebSocket) -> None:
     await work_channel.serve(ws, ws.app.state.services)
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/upload")
+@router.post("/tasks/{task_id}/attempts/{attempt}/upload", response_model=Ok,
+             responses=errors(400, 401, 404, 409))
 async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """Output pieces for the attempt the node holds (409 once it no longer holds it)."""
     node_id, body = await signed(request)
@@ -91,7 +95,8 @@ async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     return {"ok": True}
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/finish")
+@router.post("/tasks/{task_id}/attempts/{attempt}/finish", response_model=s.Finished,
+             responses=errors(400, 401, 404, 409))
 async def finish(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """The node completed the attempt; the request is settled."""
     node_id, body = await signed(request)
@@ -102,7 +107,8 @@ async def finish(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     return {"ok": True, "output_tokens": task.output_tokens}
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/fail")
+@router.post("/tasks/{task_id}/attempts/{attempt}/fail", response_model=Ok,
+             responses=errors(400, 401, 404, 409))
 async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """The node cannot finish the attempt: the task moves on (or fails if it is bad input)."""
     node_id, body = await signed(request)

@@ -17,6 +17,8 @@ from idlegrid.coordinator.deps import (
     services,
     signed,
 )
+from idlegrid.coordinator.schemas import NO_CONTENT, Ok, errors
+from idlegrid.coordinator.training import schemas as s
 from idlegrid.coordinator.training.jobs import b64
 from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import training as tm
@@ -58,7 +60,8 @@ async def _key(request: Request) -> str:
 # ---- consumers -----------------------------------------------------------------------------
 
 
-@router.post("/jobs", status_code=201, response_class=JSONResponse)
+@router.post("/jobs", status_code=201, response_class=JSONResponse, response_model=s.Job,
+             responses=errors(400, 401, 402, 409))
 async def submit_job(request: Request, body: Any = SPEC_BODY) -> JSONResponse:
     """Submit a training job: its full price is escrowed (400 names a bad field, 402 when
     the balance is short, 409 for a reused `ref`). Nothing is posted on any error."""
@@ -69,7 +72,7 @@ async def submit_job(request: Request, body: Any = SPEC_BODY) -> JSONResponse:
     return JSONResponse(view, status_code=201)
 
 
-@router.get("/jobs")
+@router.get("/jobs", response_model=s.JobList, responses=errors(401))
 async def list_jobs(request: Request) -> dict[str, Any]:
     """The caller's jobs, newest first."""
     key_id = await _key(request)
@@ -77,7 +80,7 @@ async def list_jobs(request: Request) -> dict[str, Any]:
     return {"jobs": await svc.db(svc.jobs.jobs, key_id)}
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=s.Job, responses=errors(401, 404))
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     """One job: progress, loss curve, segments, audits, events and payments with causes."""
     key_id = await _key(request)
@@ -85,7 +88,7 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.jobs.view, key_id, job_id)
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", response_model=s.Job, responses=errors(401, 404, 409))
 async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     """Cancel: verified steps stay paid, the rest of the escrow comes back (409 if over)."""
     key_id = await _key(request)
@@ -93,7 +96,7 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.jobs.cancel, key_id, job_id)
 
 
-@router.get("/train/audits")
+@router.get("/train/audits", response_model=s.TrainAuditList, responses=errors(401))
 async def list_train_audits(request: Request) -> dict[str, Any]:
     """Every training audit and its verdict (operator only)."""
     require_operator(request)
@@ -125,7 +128,8 @@ def check_gang_addr(addr: str, peer: str) -> None:
                              f"({peer})", param="gang_addr")
 
 
-@router.post("/train/poll", response_model=None)
+@router.post("/train/poll", response_model=tm.TrainWorkMsg,
+             responses={**NO_CONTENT, **errors(400, 401)})
 async def poll_job(request: Request) -> dict[str, Any] | Response:
     """A job to run from its last committed step (200), or 204 when none came in time."""
     node_id, body = await signed(request)
@@ -139,7 +143,8 @@ async def poll_job(request: Request) -> dict[str, Any] | Response:
     return tm.TrainWorkMsg.model_validate(got).model_dump()
 
 
-@router.post("/train/jobs/{job_id}/attempts/{attempt}/progress")
+@router.post("/train/jobs/{job_id}/attempts/{attempt}/progress", response_model=Ok,
+             responses=errors(400, 401, 404, 409))
 async def job_progress(job_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """Step, loss and tokens/s from the holder (409 once it no longer holds the job)."""
     node_id, body = await signed(request)
@@ -150,7 +155,8 @@ async def job_progress(job_id: str, attempt: int, request: Request) -> dict[str,
     return {"ok": True}
 
 
-@router.post("/train/jobs/{job_id}/attempts/{attempt}/segments/{index}/commit")
+@router.post("/train/jobs/{job_id}/attempts/{attempt}/segments/{index}/commit",
+             response_model=s.SegmentCommitted, responses=errors(400, 401, 404, 409))
 async def commit_segment(job_id: str, attempt: int, index: int,
                          request: Request) -> dict[str, Any]:
     """A finished segment's commitment and end checkpoint; the audit draw follows it."""
@@ -162,7 +168,8 @@ async def commit_segment(job_id: str, attempt: int, index: int,
                          msg.det_class)
 
 
-@router.post("/train/jobs/{job_id}/attempts/{attempt}/release")
+@router.post("/train/jobs/{job_id}/attempts/{attempt}/release", response_model=Ok,
+             responses=errors(400, 401, 404, 409))
 async def release_job(job_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """The holder hands the job back (it resumes elsewhere) or refuses a bad spec."""
     node_id, body = await signed(request)
@@ -174,7 +181,8 @@ async def release_job(job_id: str, attempt: int, request: Request) -> dict[str, 
 # ---- verifiers -----------------------------------------------------------------------------
 
 
-@router.post("/train/audits/poll", response_model=None)
+@router.post("/train/audits/poll", response_model=tm.TrainAuditMsg,
+             responses={**NO_CONTENT, **errors(401)})
 async def poll_train_audit(request: Request) -> dict[str, Any] | Response:
     """A segment to re-execute (200), or 204 when none came within a few seconds."""
     node_id, _ = await signed(request)
@@ -184,7 +192,8 @@ async def poll_train_audit(request: Request) -> dict[str, Any] | Response:
     return tm.TrainAuditMsg.model_validate(got).model_dump()
 
 
-@router.post("/train/audits/{audit_id}/report")
+@router.post("/train/audits/{audit_id}/report", response_model=s.TrainVerdict,
+             responses=errors(400, 401, 404, 409))
 async def report_train_audit(audit_id: str, request: Request) -> dict[str, Any]:
     """The verifier's recomputed leaves; the coordinator judges and settles."""
     node_id, body = await signed(request)
@@ -194,7 +203,7 @@ async def report_train_audit(audit_id: str, request: Request) -> dict[str, Any]:
                          msg.weight_distance, msg.det_class, msg.checkpoints_match)
 
 
-@router.post("/train/probes/poll")
+@router.post("/train/probes/poll", response_model=s.ProbeList, responses=errors(401))
 async def poll_probes(request: Request) -> dict[str, Any]:
     """Checkpoints this provider must produce now (availability probes); may be empty."""
     node_id, _ = await signed(request)
@@ -202,7 +211,8 @@ async def poll_probes(request: Request) -> dict[str, Any]:
     return {"probes": got or []}
 
 
-@router.post("/train/probes/{probe_id}/answer")
+@router.post("/train/probes/{probe_id}/answer", response_model=s.ProbeAnswered,
+             responses=errors(400, 401, 404, 409))
 async def answer_probe(probe_id: str, request: Request) -> dict[str, Any]:
     """The probed checkpoint; it must hash to the committed state (else: a fault)."""
     node_id, body = await signed(request)
@@ -215,7 +225,8 @@ async def answer_probe(probe_id: str, request: Request) -> dict[str, Any]:
 # ---- disputes --------------------------------------------------------------------------------
 
 
-@router.post("/train/audits/{audit_id}/dispute")
+@router.post("/train/audits/{audit_id}/dispute", response_model=s.TrainDispute,
+             responses=errors(400, 401, 404, 409))
 async def open_train_dispute(audit_id: str, request: Request) -> dict[str, Any]:
     """A provider contests a failed audit of its own segment (409 if the audit did not
     fail, was judged across determinism classes, or is disputed already)."""
@@ -225,7 +236,8 @@ async def open_train_dispute(audit_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.jobs.disputes.open, node_id, audit_id, msg.reason)
 
 
-@router.post("/train/disputes/{dispute_id}/query")
+@router.post("/train/disputes/{dispute_id}/query", response_model=s.TrainDisputeQuery,
+             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
 async def train_dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
     """What the current round asks of the calling party (role, phase, step or op index)."""
     node_id, body = await signed(request)
@@ -234,7 +246,8 @@ async def train_dispute_query(dispute_id: str, request: Request) -> dict[str, An
     return await svc.db(svc.jobs.disputes.query, node_id, dispute_id, msg.round)
 
 
-@router.post("/train/disputes/{dispute_id}/answer")
+@router.post("/train/disputes/{dispute_id}/answer", response_model=s.TrainDispute,
+             responses=errors(400, 401, 404, 409))
 async def train_dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
     """A party's (or the referee's) answer for the current round, before its deadline."""
     node_id, body = await signed(request)

@@ -12,12 +12,15 @@ from idlegrid.coordinator.deps import (
     services,
     signed,
 )
+from idlegrid.coordinator.schemas import NO_CONTENT, errors
+from idlegrid.coordinator.trust import schemas as s
 from idlegrid.protocol import messages as m
 
 router = APIRouter(prefix="/api/v1", tags=["trust"])
 
 
-@router.post("/audits/poll", response_model=None)
+@router.post("/audits/poll", response_model=m.AuditTaskMsg,
+             responses={**NO_CONTENT, **errors(400, 401)})
 async def poll_audit(request: Request) -> dict[str, Any] | Response:
     """An audit for this verifier (200), or 204 when none came within a few seconds."""
     node_id, body = await signed(request)
@@ -28,7 +31,8 @@ async def poll_audit(request: Request) -> dict[str, Any] | Response:
     return m.AuditTaskMsg.model_validate(got).model_dump()
 
 
-@router.post("/audits/{audit_id}/report")
+@router.post("/audits/{audit_id}/report", response_model=s.AuditVerdict,
+             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
 async def report_audit(audit_id: str, request: Request) -> dict[str, Any]:
     """The verifier's recomputation; the coordinator judges it and applies the consequences."""
     node_id, body = await signed(request)
@@ -36,7 +40,8 @@ async def report_audit(audit_id: str, request: Request) -> dict[str, Any]:
     return await services(request).trust.report(node_id, audit_id, msg.report)
 
 
-@router.post("/audits/{audit_id}/dispute")
+@router.post("/audits/{audit_id}/dispute", response_model=s.Dispute,
+             responses=errors(400, 401, 404, 409))
 async def open_dispute(audit_id: str, request: Request) -> dict[str, Any]:
     """A provider contests a failed audit of its own answer (409 if the audit did not fail)."""
     node_id, body = await signed(request)
@@ -45,7 +50,8 @@ async def open_dispute(audit_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.trust.disputes.open, node_id, audit_id, msg.reason)
 
 
-@router.post("/disputes/{dispute_id}/query")
+@router.post("/disputes/{dispute_id}/query", response_model=s.DisputeQuery,
+             responses=errors(400, 401, 404, 409))
 async def dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
     """What the current round asks of the calling party (role, position, audited request)."""
     node_id, body = await signed(request)
@@ -54,7 +60,8 @@ async def dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.trust.disputes.query, node_id, dispute_id, msg.round)
 
 
-@router.post("/disputes/{dispute_id}/answer")
+@router.post("/disputes/{dispute_id}/answer", response_model=s.Dispute,
+             responses=errors(400, 401, 404, 409))
 async def dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
     """A party's answer for the current round (before its deadline)."""
     node_id, body = await signed(request)
@@ -64,7 +71,7 @@ async def dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
                          msg.model_dump())
 
 
-@router.get("/disputes")
+@router.get("/disputes", response_model=s.DisputeList, responses=errors(401))
 async def list_disputes(request: Request, node: str | None = None) -> dict[str, Any]:
     """Every dispute, its rounds and ruling (operator only); `node` keeps one node's."""
     require_operator(request)
@@ -72,7 +79,7 @@ async def list_disputes(request: Request, node: str | None = None) -> dict[str, 
     return {"disputes": await svc.db(svc.trust.disputes.listing, node)}
 
 
-@router.get("/audits")
+@router.get("/audits", response_model=s.AuditList, responses=errors(401))
 async def list_audits(request: Request) -> dict[str, Any]:
     """Every audit and its verdict (operator only)."""
     require_operator(request)
@@ -80,7 +87,8 @@ async def list_audits(request: Request) -> dict[str, Any]:
     return {"audits": await svc.db(svc.trust.audits)}
 
 
-@router.post("/hwproofs/{proof_id}/start")
+@router.post("/hwproofs/{proof_id}/start", response_model=s.HwStart,
+             responses=errors(401, 404, 409))
 async def hw_start(proof_id: str, request: Request) -> dict[str, Any]:
     """Reveal a hardware challenge's seed to its node; the coordinator's clock starts."""
     node_id, _ = await signed(request)
@@ -88,7 +96,8 @@ async def hw_start(proof_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.hwproofs.start, node_id, proof_id)
 
 
-@router.post("/hwproofs/{proof_id}/commit")
+@router.post("/hwproofs/{proof_id}/commit", response_model=s.HwCommit,
+             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
 async def hw_commit(proof_id: str, request: Request) -> dict[str, Any]:
     """The root of C (clock read; rows to open come back) or the end of a memory fill."""
     node_id, body = await signed(request)
@@ -97,7 +106,8 @@ async def hw_commit(proof_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.hwproofs.commit, node_id, proof_id, msg.root)
 
 
-@router.post("/hwproofs/{proof_id}/open")
+@router.post("/hwproofs/{proof_id}/open", response_model=s.HwVerdict,
+             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
 async def hw_open(proof_id: str, request: Request) -> dict[str, Any]:
     """Opened rows or the chase trace: judged at once, with demotion and slash on failure."""
     node_id, body = await signed(request)
@@ -106,7 +116,7 @@ async def hw_open(proof_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.hwproofs.open, node_id, proof_id, msg.model_dump())
 
 
-@router.get("/hwproofs")
+@router.get("/hwproofs", response_model=s.HwProofList, responses=errors(401))
 async def list_hwproofs(request: Request, node: str | None = None) -> dict[str, Any]:
     """Every hardware proof and its verdict (operator only)."""
     require_operator(request)

@@ -1,0 +1,138 @@
+"""Response models of the OpenAI-compatible gateway (request bodies: openai_schema.py).
+
+A streamed answer (`stream: true`) is `text/event-stream`: `data:` lines holding
+ChatCompletionChunk or CompletionChunk objects (the chat stream opens with the role), an
+optional usage chunk, an `{"error": ...}` object if the request failed midway, then
+`data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from idlegrid.coordinator.schemas import event_stream
+
+
+class Model(BaseModel):
+    """A model some live provider serves."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Usage(BaseModel):
+    """Tokens of the request (the provider's count)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    """The answer of a chat completion."""
+
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    """The one choice of a chat completion (n=1)."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    """POST /v1/chat/completions without streaming."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    """The one choice of a text completion (n=1)."""
+
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    """POST /v1/completions without streaming."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """What a chunk adds: the role (first chunk) and text."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """The one choice of a streamed chat chunk."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion (`choices` is empty in the usage
+    chunk)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed text completion."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+def _stream(chunk: type[BaseModel]) -> dict[str, Any]:
+    return event_stream(f"JSON of a {chunk.__name__} (the last one may carry only `usage`), "
+                        "or of an error object if the request failed midway; then `[DONE]`")
+
+
+CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "The completion, or with `stream: true` a stream of chunks",
+    "content": _stream(ChatCompletionChunk)}}
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "The completion, or with `stream: true` a stream of chunks",
+    "content": _stream(CompletionChunk)}}

@@ -1,0 +1,158 @@
+"""Response models of the node API and of the grid's status, ledger and operator routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from idlegrid.coordinator.schemas import Number
+from idlegrid.coordinator.trust.schemas import TrustStatus
+
+# ---- node API (signed) ---------------------------------------------------------------------
+
+
+class Registered(BaseModel):
+    """The settings a registered agent follows."""
+
+    node_id: str
+    heartbeat_interval_s: Number
+    long_poll_s: Number
+    protocol_version: int
+    stake_per_device: int
+
+
+class PendingQuery(BaseModel):
+    """A dispute round waiting for this node's answer."""
+
+    id: str
+    round: int
+    role: str
+
+
+class HeartbeatAnswer(BaseModel):
+    """What a heartbeat hears back: hardware challenges and dispute rounds to answer."""
+
+    ok: bool
+    hwproofs: list[str]
+    disputes: list[PendingQuery]
+    train_disputes: list[PendingQuery]
+
+
+class Finished(BaseModel):
+    """POST /tasks/{id}/attempts/{n}/finish."""
+
+    ok: bool
+    output_tokens: int
+
+
+# ---- operators and the grid's state ---------------------------------------------------------
+
+
+class NewKeyCreated(BaseModel):
+    """A new consumer API key; `api_key` is shown only this once."""
+
+    key_id: str
+    api_key: str
+
+
+class KeyRevoked(BaseModel):
+    """POST /admin/keys/{id}/revoke; `changed` is false when it was revoked already."""
+
+    key_id: str
+    revoked: bool
+    changed: bool
+
+
+class Minted(BaseModel):
+    """POST /admin/mint; `created` is false for a replayed reference."""
+
+    created: bool
+    account: str
+    balance: int
+
+
+class Balance(BaseModel):
+    """The calling key's balance, µcr."""
+
+    key_id: str
+    account: str
+    balance: int
+
+
+class ModelPrice(BaseModel):
+    """A provider's price for one model, µcr per 1M tokens."""
+
+    prompt_price: int
+    output_price: int
+
+
+class NodeStatus(BaseModel):
+    """A node as /status shows it."""
+
+    id: str
+    name: str
+    state: str
+    live: bool
+    last_seen_s_ago: Number
+    slots: int
+    running: int
+    prefill_tps: Number
+    decode_tps: Number
+    hardware: dict[str, Any]
+    engine: dict[str, Any]
+    offers: dict[str, ModelPrice]
+    accrued: int
+    paid: int
+    earned: int
+
+
+class GridStatus(BaseModel):
+    """GET /status; `balances` (every account's) only with the operator key."""
+
+    nodes: list[NodeStatus]
+    fee_bps: int
+    fees: int
+    tasks: dict[str, int]
+    trust: TrustStatus
+    balances: dict[str, int] | None = None
+
+
+class Cause(BaseModel):
+    """Why a ledger entry was posted."""
+
+    kind: str
+    id: str
+
+
+class Posting(BaseModel):
+    """One account's side of a ledger entry, µcr."""
+
+    account: str
+    amount: int
+
+
+class LedgerEntry(BaseModel):
+    """A hash-chained ledger entry with its postings."""
+
+    seq: int
+    key: str
+    cause: Cause
+    memo: str
+    hash: str
+    prev_hash: str
+    created_at: Number
+    postings: list[Posting]
+
+
+class LedgerEntries(BaseModel):
+    """GET /ledger."""
+
+    entries: list[LedgerEntry]
+
+
+class LedgerCheck(BaseModel):
+    """GET /ledger/verify."""
+
+    ok: bool
+    problems: list[str]
