@@ -29,6 +29,7 @@ from idlegrid.coordinator.events import (
     SupplyChanged,
 )
 from idlegrid.coordinator.inference import routes as routes_openai
+from idlegrid.coordinator.inference import work_routes
 from idlegrid.coordinator.inference.service import Inference
 from idlegrid.coordinator.market import routes as routes_market
 from idlegrid.coordinator.market.service import Market
@@ -73,6 +74,7 @@ def create_app(
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names())
     app.include_router(routes_openai.router)
     app.include_router(routes_nodes.router)
+    app.include_router(work_routes.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_market.router)
     app.include_router(routes_trust.router)
@@ -115,7 +117,7 @@ def compose(ctx: Context) -> Services:
     market = Market(ctx, nodes=lambda: nodes.cache, verified=hwproofs.verified)
     inference = Inference(ctx, nodes=nodes, trust=trust, market=market)
     jobs = Jobs(ctx)
-    dashboard = Dashboard(ctx, power=nodes.power, orders=market.store)
+    dashboard = Dashboard(ctx, power=nodes.power, orders=market.store.orders)
     ev = ctx.events
     # A registration: the market records the node's devices first (hardware proofs
     # challenge what it recorded), then trust and hardware proofs; the node is routable

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anyio import to_thread
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -20,10 +21,12 @@ from sqlalchemy import text
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard import queries
-from idlegrid.coordinator.market.store import MarketStore
 from idlegrid.core import energy, telemetry
 from idlegrid.core.ledger import FEES, MICRO
 from idlegrid.errors import InvalidRequest
+
+if TYPE_CHECKING:  # the market's read model, injected by the composition root
+    from idlegrid.coordinator.market.store import OrderView
 
 WEB = Path(__file__).parent / "web"
 PAGES: dict[str, tuple[str, ...]] = {
@@ -126,10 +129,10 @@ class Dashboard:
     """Builds the dashboard's pages, live fragments and chart data."""
 
     def __init__(self, ctx: Context, power: dict[str, dict[str, Any]],
-                 orders: MarketStore) -> None:
+                 orders: Callable[[], list[OrderView]]) -> None:
         self.ctx = ctx
         self.power = power  # the latest power report per node, kept by the nodes domain
-        self.order_store = orders
+        self.orders_now = orders  # the market's orders, newest first
         self.env = make_env()
         self._cache: dict[str, _Built] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -285,7 +288,7 @@ class Dashboard:
 
     def orders(self) -> list[dict[str, Any]] | None:
         """The newest market orders: what was bought, where it runs, what it cost."""
-        views = self.order_store.orders()[:TABLE_ROWS]
+        views = self.orders_now()[:TABLE_ROWS]
         return [{
             "order": v.id, "kind": v.kind, "state": v.state,
             "where": ", ".join(leg["offer_id"] for leg in (v.placement or {}).get("legs", []))

@@ -39,13 +39,6 @@ class HeartbeatAnswer(BaseModel):
     train_disputes: list[PendingQuery]
 
 
-class Finished(BaseModel):
-    """POST /tasks/{id}/attempts/{n}/finish."""
-
-    ok: bool
-    output_tokens: int
-
-
 # ---- operators and the grid's state ---------------------------------------------------------
 
 
