@@ -31,7 +31,7 @@ class Claims:
 def collect(nonce: bytes) -> Evidence | None:
     """Attest the local GPU with the given nonce; None where CC attestation is unavailable."""
     try:
-        from nv_attestation_sdk import attestation  # type: ignore[import-not-found]
+        from nv_attestation_sdk import attestation
     except ImportError:
         return None
     client = attestation.Attestation()

@@ -176,7 +176,8 @@ class NvmlMeter:
             self._thread.start()
 
     def _power(self) -> float:
-        return sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1000.0  # mW
+        milliwatts = sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._handles)
+        return float(milliwatts) / 1000.0
 
     def _sample(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerHead, LedgerPosting
+from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerHead, LedgerPosting, table
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Entry
 from idlegrid.errors import InsufficientCredits, LedgerError
@@ -24,15 +24,15 @@ _ACC, _ENT, _HEAD = Account.__table__.c, LedgerEntry.__table__.c, LedgerHead.__t
 _ENTRY_BY_KEY = select(_ENT.seq).where(_ENT.key == bindparam("key"))
 _HEAD_FOR_UPDATE = select(_HEAD.seq, _HEAD.hash).where(_HEAD.id == 1).with_for_update()
 _KNOWN_ACCOUNTS = select(_ACC.id).where(_ACC.id.in_(bindparam("ids", expanding=True)))
-_CREDIT = (update(Account.__table__).where(_ACC.id == bindparam("acct"))
+_CREDIT = (update(table(Account)).where(_ACC.id == bindparam("acct"))
            .values(balance=_ACC.balance + bindparam("amount")))
-_DEBIT = (update(Account.__table__)
+_DEBIT = (update(table(Account))
           .where(_ACC.id == bindparam("acct"), _ACC.balance >= -bindparam("amount"))
           .values(balance=_ACC.balance + bindparam("amount")))
-_INSERT_ACCOUNT = insert(Account.__table__)
-_INSERT_ENTRY = insert(LedgerEntry.__table__)
-_INSERT_POSTING = insert(LedgerPosting.__table__)
-_ADVANCE_HEAD = (update(LedgerHead.__table__).where(_HEAD.id == 1)
+_INSERT_ACCOUNT = insert(table(Account))
+_INSERT_ENTRY = insert(table(LedgerEntry))
+_INSERT_POSTING = insert(table(LedgerPosting))
+_ADVANCE_HEAD = (update(table(LedgerHead)).where(_HEAD.id == 1)
                  .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
 
 

@@ -38,6 +38,7 @@ from idlegrid.coordinator.db.tables import (
     Offer,
     PowerSample,
     Task,
+    table,
 )
 from idlegrid.coordinator.views import NodeView, PowerRow, TaskView, new_task_view
 from idlegrid.core import ledger
@@ -96,9 +97,9 @@ def migrate(url: str) -> None:
 
 _ACC = Account.__table__.c
 # Core statements on the tables (see db/ledger.py for why not the ORM classes).
-_INSERT_TASK = insert(Task.__table__)
+_INSERT_TASK = insert(table(Task))
 _BALANCE = select(_ACC.balance).where(_ACC.id == bindparam("acct"))
-_INSERT_ATTEMPT = insert(Attempt.__table__)
+_INSERT_ATTEMPT = insert(table(Attempt))
 
 
 def _hash_secret(secret: str) -> str:
@@ -127,7 +128,7 @@ class Store(LedgerStore):
         self._ensure_accounts: Any = None
         if self.engine.dialect.name in ("sqlite", "postgresql"):
             dialect = importlib.import_module(f"sqlalchemy.dialects.{self.engine.dialect.name}")
-            self._ensure_accounts = dialect.insert(Account.__table__).on_conflict_do_nothing(
+            self._ensure_accounts = dialect.insert(table(Account)).on_conflict_do_nothing(
                 index_elements=["id"])
 
     @contextmanager

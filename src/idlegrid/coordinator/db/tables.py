@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -12,10 +12,16 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def table(cls: type[Base]) -> Table:
+    """The Core table behind an ORM class (typed: `__table__` is a FromClause to mypy)."""
+    return cast(Table, cls.__table__)
 
 
 class Base(DeclarativeBase):

@@ -51,7 +51,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
     """What a node receives for a claimed task (the same on HTTP and on the channel)."""
     p = task.payload
     return m.TaskMsg(
-        task_id=task.id, attempt=task.attempt, model=task.model_id, kind=task.kind,  # type: ignore[arg-type]
+        task_id=task.id, attempt=task.attempt, model=task.model_id, kind=task.kind,
         prompt=p.get("prompt"), messages=p.get("messages"), max_tokens=p["max_tokens"],
         temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"], stop=p.get("stop") or [],
         prior_ids=task.delivered_ids, stream=p.get("stream", True),

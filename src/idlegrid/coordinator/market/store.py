@@ -27,6 +27,7 @@ from idlegrid.coordinator.db.tables import (
     LedgerPosting,
     MarketOrder,
     NodeMarket,
+    table,
 )
 from idlegrid.core import ledger
 from idlegrid.core.market import settlement
@@ -101,7 +102,7 @@ def _start_fields(order: Order, placement: dict[str, Any], now: float) -> dict[s
             "ends_at": None if order.kind is OrderKind.BATCH else now + order.hours * 3600}
 
 
-_INSERT_ORDER = insert(MarketOrder.__table__)
+_INSERT_ORDER = insert(table(MarketOrder))
 
 
 def _view_of(r: dict[str, Any], key_id: str, now: float) -> OrderView:
