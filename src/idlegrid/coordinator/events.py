@@ -75,7 +75,10 @@ class Events:
     def notify(self, event: object) -> None:
         """Run every handler of the event's kind now; for worker threads (sync handlers only)."""
         for handler in self._handlers.get(type(event), ()):
-            if inspect.isawaitable(handler(event)):
+            result = handler(event)
+            if inspect.iscoroutine(result):
+                result.close()  # never started: nothing ran, nothing to clean up
+            if inspect.isawaitable(result):
                 raise TypeError(f"{type(event).__name__} has an async handler; use emit")
 
     async def emit(self, event: object) -> None:
