@@ -67,7 +67,7 @@ class Channel:
         self._uploads: dict[tuple[str, int], Uploads] = {}
         self._reader: asyncio.Task[None] | None = None
         # A task that arrives for a slot no longer waiting (it was draining): handed back.
-        self.on_orphan: Callable[[dict[str, Any]], None] = lambda task: None
+        self.on_orphan: Callable[[dict[str, Any]], object] = lambda task: None
         self.tasks_received = 0
         self.frames_sent = 0
         self.polls_unanswered = 0

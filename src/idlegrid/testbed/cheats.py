@@ -76,6 +76,7 @@ class Replaying(TinyEngine):
                 states.append(state)
                 ids.append(tok)
             Replaying._cache = (toks, states)
+        assert self._cache is not None
         toks, states = self._cache
         for tok, state in zip(toks, states, strict=True):
             if self.recorder is not None:
@@ -178,4 +179,6 @@ class LowPrecisionProver(HonestProver):
                 np.float32)
 
         bits = hw.VALUE_BITS[dtype]
-        return bf16(hw.matrix(seed, "A", n, bits)) @ bf16(hw.matrix(seed, "B", n, bits))
+        a, b = bf16(hw.matrix(seed, "A", n, bits)), bf16(hw.matrix(seed, "B", n, bits))
+        product: np.ndarray = a @ b
+        return product

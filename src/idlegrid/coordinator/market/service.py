@@ -160,7 +160,7 @@ class Market:
             return None  # only modules the operator allowed run inside the coordinator
         if path not in self._plugins:
             obj = getattr(importlib.import_module(module), fn, None)
-            if not is_pricing_plugin(obj):
+            if obj is None or not is_pricing_plugin(obj):
                 return None  # and in them only functions marked @pricing_plugin
             self._plugins[path] = obj
         return self._plugins[path]
@@ -250,6 +250,7 @@ class Market:
         with self._commit_turn:
             with self._pending_lock:
                 batch, self._pending = self._pending, []
+            results: list[OrderView | Exception]
             if len(batch) == 1:
                 order1, key1, placement1, reasons1, _ = batch[0]
                 try:  # alone: a plain transaction, no savepoint
@@ -259,7 +260,7 @@ class Market:
                     results = [exc]
             elif batch:
                 try:
-                    results = self.store.create_orders_each([b[:4] for b in batch])
+                    results = list(self.store.create_orders_each([b[:4] for b in batch]))
                 except Exception as exc:
                     results = [exc] * len(batch)
             else:
