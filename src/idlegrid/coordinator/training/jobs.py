@@ -37,6 +37,7 @@ from idlegrid.coordinator.training.tables import (
 )
 from idlegrid.coordinator.trust.tables import TrustNode
 from idlegrid.core import ledger
+from idlegrid.core.training import lifecycle as life
 from idlegrid.core.training.lifecycle import JOB, PROBE, SEGMENT, TRAIN_AUDIT
 from idlegrid.core.trust import beacon
 from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound, StaleAttempt
@@ -821,9 +822,8 @@ class Jobs:
 
     def tick(self, live: frozenset[str]) -> None:
         """Accept final segments in order, pay them, finish jobs; take jobs from lost
-        providers; hand silent verifiers' audits to others."""
-        from idlegrid.core.training import settlement as tset
-
+        providers; hand silent verifiers' audits to others. The decisions are the core's
+        (`core/training/lifecycle.py`): load a snapshot, decide, apply."""
         now = self.ctx.clock()
         st = self.settings
         with self.store.read() as r:  # most ticks find nothing: no write lock for that
@@ -833,57 +833,73 @@ class Jobs:
                 select(TrainAudit.id).where(TrainAudit.state == "assigned")))
         if not busy:
             return
+        limits = life.TickLimits(st.queue_ttl_s, st.lease_timeout_s, st.challenge_s,
+                                 st.audit_timeout_s, st.probe_timeout_s)
         with self.store.tx() as s:
-            s.execute(update(TrainAudit).where(
-                TrainAudit.state.in_(TRAIN_AUDIT.sources("pending")),
-                TrainAudit.assigned_at < now - st.audit_timeout_s).values(
-                state=TRAIN_AUDIT.move("assigned", "pending", key="silent verifiers"),
-                verifier_id=None, designated=None))
-            for p in s.scalars(select(TrainProbe).where(
-                    TrainProbe.state == "pending",
-                    TrainProbe.created_at < now - st.probe_timeout_s)):
-                self._probe_fault(s, p, f"not answered within {st.probe_timeout_s:.0f} s")
-            jobs = list(s.scalars(select(TrainJob).where(TrainJob.state.in_(LIVE_STATES))))
-            for job in jobs:
-                if job.state == "queued" and now - max(job.created_at, job.lease_at or 0.0) \
-                        > st.queue_ttl_s:
-                    # No provider took it (or took it back) for the whole window: what is
-                    # left of its escrow goes back rather than waiting for ever.
-                    self._close(s, job, "expired", f"queued over {st.queue_ttl_s:.0f} s")
-                    continue
-                if job.state == "running" and (job.node_id not in live
-                                               or now - job.lease_at > st.lease_timeout_s):
-                    why = "provider-lost" if job.node_id not in live else "provider-stalled"
-                    self._requeue(s, job, why, f"node:{job.node_id}")
-                    self.new_work.set()
-                segs = list(s.scalars(select(TrainSegment).where(
-                    TrainSegment.job_id == job.id, TrainSegment.state == "committed",
+            assigned = [life.AssignedAudit(i, at) for i, at in s.execute(
+                select(TrainAudit.id, TrainAudit.assigned_at).where(
+                    TrainAudit.state.in_(TRAIN_AUDIT.sources("pending"))))]
+            probes = {p.id: p for p in s.scalars(select(TrainProbe).where(
+                TrainProbe.state.in_(PROBE.sources("failed"))))}
+            snap = [life.PendingProbe(p.id, p.created_at) for p in probes.values()]
+            for act in life.decide_timeouts(assigned, snap, now, limits):
+                if isinstance(act, life.Reassign):
+                    s.execute(update(TrainAudit).where(
+                        TrainAudit.id == act.audit_id, TrainAudit.state == "assigned").values(
+                        state=TRAIN_AUDIT.move("assigned", "pending", key=act.audit_id,
+                                               story=("verifier silent",)),
+                        verifier_id=None, designated=None))
+                elif isinstance(act, life.FailProbe):
+                    self._probe_fault(s, probes[act.probe_id], act.reason)
+            # Read after the probes: a failed one may have taken its job back.
+            jobs = {j.id: j for j in s.scalars(select(TrainJob).where(
+                TrainJob.state.in_(LIVE_STATES)))}
+            for job in jobs.values():
+                segs = {g.id: g for g in s.scalars(select(TrainSegment).where(
+                    TrainSegment.job_id == job.id,
+                    TrainSegment.state.in_(SEGMENT.sources("accepted")),
                     TrainSegment.start_step >= job.verified_step)
-                    .order_by(TrainSegment.start_step)))
-                for seg in segs:
-                    if seg.start_step != job.verified_step:
-                        break
-                    audit = s.scalars(select(TrainAudit).where(
-                        TrainAudit.segment_id == seg.id, TrainAudit.canary.is_(False))).first()
-                    if audit is not None and audit.state != "passed":
-                        break
-                    if audit is None and now - seg.created_at < st.challenge_s:
-                        break
-                    price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
-                    cause = f"audit:{audit.id}" if audit else "challenge window passed"
-                    self._post_all(s, [tset.pay_segment(job.id, seg.idx, seg.node_id, price,
-                                                        self.ctx.settings.fee_bps,
-                                                        self._gang_of(s, job, seg.attempt))]
-                                   if price > 0 else [])
-                    if audit is not None:  # paid after the segment: its fee funds it
-                        self._pay_verifier(s, audit, price)
-                    seg.state = SEGMENT.move(seg.state, "accepted", key=seg.id, story=(cause,))
-                    seg.done_at, seg.cause = now, cause
-                    job.verified_step = seg.end_step
-                    self._event(s, job.id, "paid", cause, segment=seg.id, provider=seg.node_id,
-                                amount=price, steps=seg.end_step - seg.start_step)
-                if job.verified_step >= int(job.spec["steps"]):
-                    self._close(s, job, "done", "every step verified")
+                    .order_by(TrainSegment.start_step))}
+                audits: dict[str, TrainAudit] = {}  # a segment's audit (one per commit)
+                for a in s.scalars(select(TrainAudit).where(
+                        TrainAudit.segment_id.in_(list(segs)), TrainAudit.canary.is_(False))
+                        .order_by(TrainAudit.created_at)) if segs else ():
+                    audits.setdefault(a.segment_id, a)
+                view = life.JobSnap(
+                    job.id, job.state, job.node_id, job.created_at, job.lease_at,
+                    job.verified_step, int(job.spec["steps"]), int(job.spec["price_per_step"]),
+                    tuple(life.SegmentSnap(g.id, g.start_step, g.end_step, g.created_at,
+                                           a.id if (a := audits.get(g.id)) else None,
+                                           a.state if a else None) for g in segs.values()))
+                for act in life.decide_job(view, live, now, limits):
+                    self._apply_tick(s, job, segs, audits, act, now)
+
+    def _apply_tick(self, s: Session, job: TrainJob, segs: dict[str, TrainSegment],
+                    audits: dict[str, TrainAudit], act: life.Action, now: float) -> None:
+        """Carry out one of the core's decisions on a job, in the tick's transaction."""
+        from idlegrid.core.training import settlement as tset
+
+        if isinstance(act, life.Expire):
+            self._close(s, job, "expired", act.cause)
+        elif isinstance(act, life.Requeue):
+            self._requeue(s, job, act.why, f"node:{act.node_id}")
+            self.new_work.set()
+        elif isinstance(act, life.Accept):
+            seg = segs[act.segment_id]
+            audit = audits.get(seg.id)
+            self._post_all(s, [tset.pay_segment(job.id, seg.idx, seg.node_id, act.price,
+                                                self.ctx.settings.fee_bps,
+                                                self._gang_of(s, job, seg.attempt))]
+                           if act.price > 0 else [])
+            if audit is not None:  # paid after the segment: its fee funds it
+                self._pay_verifier(s, audit, act.price)
+            seg.state = SEGMENT.move(seg.state, "accepted", key=seg.id, story=(act.cause,))
+            seg.done_at, seg.cause = now, act.cause
+            job.verified_step = act.end_step
+            self._event(s, job.id, "paid", act.cause, segment=seg.id, provider=seg.node_id,
+                        amount=act.price, steps=seg.end_step - seg.start_step)
+        elif isinstance(act, life.Finish):
+            self._close(s, job, "done", "every step verified")
 
     # ---- operators -----------------------------------------------------------------------
 
