@@ -7,7 +7,7 @@
     ├── NotFound
     │   └── ModelNotFound       no such model on this grid (model)
     ├── Conflict
-    │   ├── IllegalTransition   a lifecycle move that the rules forbid (kind, from, to)
+    │   ├── IllegalTransition   a lifecycle move that the rules forbid (kind, key, from, to)
     │   └── StaleAttempt        a node reports on an attempt it no longer holds (task, attempt)
     ├── LedgerError             an entry that does not balance, or a broken invariant
     ├── NoCapacity              no live provider can take the work (model, reasons)
@@ -93,15 +93,27 @@ class Conflict(IdlegridError):
 
 
 class IllegalTransition(Conflict):
-    """A lifecycle transition that the rules do not allow."""
+    """A lifecycle transition that the rules do not allow: which lifecycle (`kind`), which
+    thing (`key`), from and to which state, and the story that led there (the causes of
+    its earlier moves, when the caller knows them)."""
 
     code = "illegal_transition"
 
-    def __init__(self, kind: str, src: str, dst: str) -> None:
-        super().__init__(f"{kind}: {src} -> {dst} is not allowed", kind=kind, src=src, dst=dst)
+    def __init__(self, kind: str, src: str, dst: str, *, key: str | None = None,
+                 story: tuple[str, ...] = ()) -> None:
+        what = f"{kind} {key}" if key is not None else kind
+        super().__init__(f"{what}: {src} -> {dst} is not allowed", kind=kind, src=src, dst=dst,
+                         key=key, story=list(story))
         self.kind = kind
         self.src = src
         self.dst = dst
+        self.key = key
+        self.story = tuple(story)
+
+    @property
+    def lifecycle(self) -> str:
+        """The lifecycle's name (the same as `kind`)."""
+        return self.kind
 
 
 class StaleAttempt(Conflict):

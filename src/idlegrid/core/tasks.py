@@ -59,3 +59,145 @@ def transition(state: TaskState, move: str) -> TaskState:
 def should_retry(attempts: int, max_attempts: int) -> bool:
     """Whether a task that lost its provider goes back to the queue or fails."""
     return attempts < max_attempts
+
+
+# ---- the supervisor's decisions ------------------------------------------------------------
+#
+# `Inference.tick` looks at each running task and its stream, then at each queued task, and
+# carries out what these return. Each task is decided just before its actions run (the
+# actions await, and a stream may move meanwhile), so each function takes one task.
+
+
+@dataclass(frozen=True)
+class SuperviseLimits:
+    """The coordinator settings the supervisor's decisions read."""
+
+    node_timeout_s: float
+    stall_timeout_s: float
+    queue_timeout_s: float
+    untarget_after_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class StreamSnap:
+    """What the hub's stream of a task says about its attempt."""
+
+    attempt: int
+    node_id: str | None
+    last_progress: float
+
+
+@dataclass(frozen=True)
+class RunningSnap:
+    """A running task's row, its stream (None: the consumer left) and its holder's last
+    heartbeat (None: an unknown node)."""
+
+    task_id: str
+    attempt: int
+    node_id: str | None
+    stream: StreamSnap | None
+    node_last_seen: float | None
+
+
+@dataclass(frozen=True)
+class QueuedSnap:
+    """A queued task: when it was created, and whether a consumer still reads it."""
+
+    task_id: str
+    created: float
+    has_stream: bool
+
+
+Seen = tuple[str, int, str | None]  # (task, attempt, node) whose stream did not match
+
+
+@dataclass(frozen=True)
+class FailTask:
+    """End the task; `notify`: tell the consumer's stream why."""
+
+    task_id: str
+    reason: str
+    notify: bool = False
+
+
+@dataclass(frozen=True)
+class Watch:
+    """The row moved and the stream did not (a claim a few ms from its hand-over): look
+    again next pass."""
+
+    seen: Seen
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Still unmatched one pass later: the hand-over was lost; the stream takes the row's
+    attempt, so the checks after it can take the task back."""
+
+    task_id: str
+    attempt: int
+    node_id: str | None
+
+
+@dataclass(frozen=True)
+class TakeBack:
+    """Take the attempt away: `provider lost` or `provider stalled`."""
+
+    task_id: str
+    attempt: int
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Untarget:
+    """Its target has not claimed it (busy or gone): any provider may take it now."""
+
+    task_id: str
+
+
+SuperviseAction = FailTask | Watch | Adopt | TakeBack | Untarget
+
+
+def supervise_running(t: RunningSnap, unmatched: frozenset[Seen], now: float,
+                      limits: SuperviseLimits) -> list[SuperviseAction]:
+    """One running task: its consumer left, its stream lost the hand-over, its provider is
+    lost or stalled, or all is well (no action)."""
+    if t.stream is None:
+        return [FailTask(t.task_id, "consumer disconnected")]
+    out: list[SuperviseAction] = []
+    last_progress = t.stream.last_progress
+    if t.stream.attempt != t.attempt or t.stream.node_id != t.node_id:
+        seen = (t.task_id, t.attempt, t.node_id)
+        if seen not in unmatched:
+            return [Watch(seen)]
+        out.append(Adopt(t.task_id, t.attempt, t.node_id))
+    if t.node_last_seen is None or t.node_last_seen < now - limits.node_timeout_s:
+        out.append(TakeBack(t.task_id, t.attempt, "provider lost"))
+    elif now - last_progress > limits.stall_timeout_s:
+        out.append(TakeBack(t.task_id, t.attempt, "provider stalled"))
+    return out
+
+
+def supervise_queued(t: QueuedSnap, now: float,
+                     limits: SuperviseLimits) -> list[SuperviseAction]:
+    """One queued task: its consumer left, nobody took it in time, or its target is slow
+    to claim it."""
+    if not t.has_stream:
+        return [FailTask(t.task_id, "consumer disconnected")]
+    if now - t.created > limits.queue_timeout_s:
+        return [FailTask(t.task_id, "no provider took it in time", notify=True)]
+    if now - t.created > limits.untarget_after_s:
+        return [Untarget(t.task_id)]
+    return []
+
+
+def supervise(running: list[RunningSnap], queued: list[QueuedSnap], unmatched: frozenset[Seen],
+              now: float, limits: SuperviseLimits
+              ) -> tuple[list[SuperviseAction], frozenset[Seen]]:
+    """A whole pass over one snapshot: the actions in order, and the unmatched set the next
+    pass must see."""
+    actions: list[SuperviseAction] = []
+    for t in running:
+        actions += supervise_running(t, unmatched, now, limits)
+    for q in queued:
+        actions += supervise_queued(q, now, limits)
+    return actions, frozenset(a.seen for a in actions if isinstance(a, Watch))

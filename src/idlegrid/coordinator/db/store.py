@@ -43,6 +43,7 @@ from idlegrid.coordinator.db.tables import (
 from idlegrid.coordinator.views import NodeView, PowerRow, TaskView, new_task_view
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Price, Share
+from idlegrid.core.nodes import NODE
 from idlegrid.core.tasks import TaskState, should_retry, transition
 from idlegrid.errors import AuthError, NotFound, StaleAttempt
 
@@ -184,8 +185,10 @@ class Store(LedgerStore):
         with self.tx() as s:
             node = s.get(Node, node_id)
             if node is None:
-                node = Node(id=node_id, registered_at=now)
+                node = Node(id=node_id, registered_at=now, state=NODE.begin("live", key=node_id))
                 s.add(node)
+            elif node.state != "live":  # registering again is no move for a live node
+                node.state = NODE.move(node.state, "live", key=node_id, story=("register",))
             node.public_key = public_key.hex()
             node.name = name
             node.protocol_version = protocol_version
@@ -194,7 +197,6 @@ class Store(LedgerStore):
             node.slots = slots
             node.prefill_tps = prefill_tps
             node.decode_tps = decode_tps
-            node.state = "live"
             node.last_seen = now
             s.flush()
             for offer in s.scalars(select(Offer).where(Offer.node_id == node_id)):
@@ -213,9 +215,12 @@ class Store(LedgerStore):
     def touch_node(self, node_id: str, state: str | None = None) -> None:
         """Record a heartbeat (and a state change such as draining)."""
         values: dict[str, Any] = {"last_seen": self.clock()}
-        if state:
-            values["state"] = state
         with self.tx() as s:
+            if state:
+                # A heartbeat that repeats the node's state is no move; a change is checked.
+                now_in = s.scalar(select(Node.state).where(Node.id == node_id))
+                if now_in is not None and now_in != state:
+                    values["state"] = NODE.move(now_in, state, key=node_id, story=("heartbeat",))
             s.execute(update(Node).where(Node.id == node_id).values(**values))
 
     def nodes(self) -> list[NodeView]:

@@ -21,7 +21,7 @@ from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
 from idlegrid.coordinator.views import NodeView, TaskView, new_task_view
-from idlegrid.core import ledger, routing
+from idlegrid.core import ledger, routing, tasks
 from idlegrid.core.ledger import Price
 from idlegrid.core.trust.commitment import Commitment
 from idlegrid.errors import (
@@ -423,51 +423,52 @@ class Inference:
     # ---- supervision -------------------------------------------------------------------
 
     async def tick(self, live: frozenset[str]) -> None:
-        """Take work from dead or stalled providers; fail requests nobody picked up in time."""
+        """Take work from dead or stalled providers; fail requests nobody picked up in time.
+        The decisions are the core's (`core/tasks.py`); each task is looked at just before
+        its actions run, as the actions await and other streams move meanwhile."""
         now = self.clock()
         nodes = self.nodes.cache
+        limits = tasks.SuperviseLimits(self.settings.node_timeout_s,
+                                       self.settings.stall_timeout_s,
+                                       self.settings.queue_timeout_s)
+        before = frozenset(self._unmatched)
         unmatched: set[tuple[str, int, str | None]] = set()
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
-            if stream is None:
-                await self.db(self.store.fail, task.id, "consumer disconnected")
-                continue
-            if stream.attempt != task.attempt or stream.node_id != task.node_id:
-                # The row moved and the stream did not: normally a claim a few ms from
-                # its hand-over. Still so one pass later, the hand-over was lost (a poll
-                # that died mid-claim): the stream adopts the row, so the checks below
-                # can take the task back.
-                seen = (task.id, task.attempt, task.node_id)
-                if seen not in self._unmatched:
-                    unmatched.add(seen)
-                    continue
-                log.warning("task %s: attempt %d on %s never reached its stream; adopting",
-                            task.id, task.attempt, task.node_id)
-                stream.attempt, stream.node_id, stream.target = task.attempt, task.node_id, None
             node = nodes.get(task.node_id or "")
-            if node is None or node.last_seen < now - self.settings.node_timeout_s:
-                outcome = "provider lost"
-            elif now - stream.last_progress > self.settings.stall_timeout_s:
-                outcome = "provider stalled"
-            else:
-                continue
-            with contextlib.suppress(StaleAttempt):  # it finished or moved while we looked
-                await self.give_up(None, task.id, task.attempt, outcome)
+            snap = tasks.RunningSnap(
+                task.id, task.attempt, task.node_id,
+                tasks.StreamSnap(stream.attempt, stream.node_id, stream.last_progress)
+                if stream is not None else None,
+                node.last_seen if node is not None else None)
+            for act in tasks.supervise_running(snap, before, now, limits):
+                if isinstance(act, tasks.FailTask):
+                    await self.db(self.store.fail, act.task_id, act.reason)
+                elif isinstance(act, tasks.Watch):
+                    unmatched.add(act.seen)
+                elif isinstance(act, tasks.Adopt) and stream is not None:
+                    # The row moved and the stream did not, still so one pass later: the
+                    # hand-over was lost (a poll that died mid-claim).
+                    log.warning("task %s: attempt %d on %s never reached its stream; adopting",
+                                act.task_id, act.attempt, act.node_id)
+                    stream.attempt, stream.node_id, stream.target = act.attempt, act.node_id, None
+                elif isinstance(act, tasks.TakeBack):
+                    with contextlib.suppress(StaleAttempt):  # it finished or moved meanwhile
+                        await self.give_up(None, act.task_id, act.attempt, act.outcome)
         self._unmatched = unmatched
         for task, created in await self.db(self.store.queued_tasks):
-            if self.hub.get(task.id) is None:
-                await self.db(self.store.fail, task.id, "consumer disconnected")
-            elif now - created > self.settings.queue_timeout_s:
-                await self.db(self.store.fail, task.id, "no provider took it in time")
-                self.hub.push(task.id, Event("failed",
-                                             data={"error": "no provider took it in time"}))
-            elif now - created > 1.0:
-                # Its target has not claimed it (busy or gone): any provider may take it now.
-                await self.db(self.store.untarget, task.id)
-                stream = self.hub.get(task.id)
-                if stream is not None:
-                    stream.target = None
-                self.hub.wake(None)
+            snap_q = tasks.QueuedSnap(task.id, created, self.hub.get(task.id) is not None)
+            for act in tasks.supervise_queued(snap_q, now, limits):
+                if isinstance(act, tasks.FailTask):
+                    await self.db(self.store.fail, act.task_id, act.reason)
+                    if act.notify:
+                        self.hub.push(act.task_id, Event("failed", data={"error": act.reason}))
+                elif isinstance(act, tasks.Untarget):
+                    await self.db(self.store.untarget, act.task_id)
+                    stream = self.hub.get(act.task_id)
+                    if stream is not None:
+                        stream.target = None
+                    self.hub.wake(None)
 
 
 # A piece is one token's text plus any text held back while it could begin a stop string.

@@ -38,9 +38,11 @@ from idlegrid.coordinator.trust.tables import TrustNode
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
 from idlegrid.core.training import dispute as game
+from idlegrid.core.training.lifecycle import JOB, TRAIN_AUDIT
 from idlegrid.core.training.proof import TrainingCommitment
 from idlegrid.core.trust import beacon
 from idlegrid.core.trust import dispute as money
+from idlegrid.core.trust.lifecycle import TRAIN_DISPUTE
 from idlegrid.core.trust.merkle import Proof
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
 
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 
     from idlegrid.coordinator.training.jobs import Jobs
 
-OPEN = ("open", "awaiting-referee", "refereeing")
+OPEN = TRAIN_DISPUTE.live()  # open, awaiting-referee, refereeing
 ROLES = {game.PROVIDER: "provider", game.CHALLENGER: "challenger"}
 
 
@@ -134,7 +136,7 @@ class TrainDisputes:
             a = s.get(TrainAudit, audit_id)
             if a is None or a.node_id != provider_id or a.canary:
                 raise NotFound(f"no audit {audit_id} of this node's segments")
-            if a.state != "failed":
+            if not TRAIN_AUDIT.allowed(a.state, "overturned"):  # only a failed one
                 raise Conflict(f"audit {audit_id} did not fail (state {a.state}); only a "
                                "failed audit can be disputed", state=a.state)
             if not a.verdict.get("exact"):
@@ -150,7 +152,8 @@ class TrainDisputes:
             row = TrainDispute(
                 id=dispute_id, audit_id=audit_id, job_id=a.job_id, segment_id=a.segment_id,
                 provider_id=provider_id, verifier_id=a.verifier_id, referee_id=None,
-                state="open", round=1, round_s=self.jobs.settings.dispute_round_s, moves=[],
+                state=TRAIN_DISPUTE.begin("open", key=dispute_id), round=1,
+                round_s=self.jobs.settings.dispute_round_s, moves=[],
                 checkpoint=None, deadline=now + self.jobs.settings.dispute_round_s,
                 excluded=[], ruling={}, reason=reason[:500], created_at=now, done_at=0.0)
             s.add(row)
@@ -338,7 +341,8 @@ class TrainDisputes:
 
     def _to_referee(self, row: TrainDispute, now: float) -> None:
         # Picked by the supervisor from the live verifiers (see tick).
-        row.state, row.referee_id, row.deadline = "awaiting-referee", None, 0.0
+        row.state = TRAIN_DISPUTE.move(row.state, "awaiting-referee", key=row.id)
+        row.referee_id, row.deadline = None, 0.0
         row.round += 1
         self.active = True
 
@@ -351,7 +355,7 @@ class TrainDisputes:
         if not candidates:
             return  # visible as awaiting-referee; never settled without one
         row.referee_id = beacon.pick(self.jobs.secret, row.id.encode(), candidates)
-        row.state = "refereeing"
+        row.state = TRAIN_DISPUTE.move(row.state, "refereeing", key=row.id)
         row.round += 1
         row.deadline = now + row.round_s
 
@@ -429,9 +433,10 @@ class TrainDisputes:
         assert out is not None
         now = self.clock()
         provider_right = out.winner == game.PROVIDER
+        end = "won" if provider_right else "lost"
         res = s.execute(update(TrainDispute).where(
-            TrainDispute.id == row.id, TrainDispute.state.in_(OPEN)).values(
-            state="won" if provider_right else "lost"))
+            TrainDispute.id == row.id, TrainDispute.state.in_(TRAIN_DISPUTE.sources(end))).values(
+            state=TRAIN_DISPUTE.move(row.state, end, key=row.id, story=(out.reason,))))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise Conflict(f"dispute {row.id} was settled already")
         s.refresh(row)
@@ -461,7 +466,8 @@ class TrainDisputes:
             posts.append(entry)
             left = {k: v - used.get(k, 0) for k, v in stakes.items()}
             posts.extend(money.penalty(row.id, left, row.provider_id))
-            a.state = "overturned"
+            a.state = TRAIN_AUDIT.move(a.state, "overturned", key=a.id,
+                                       story=(f"dispute:{row.id}",))
             a.verdict = {**a.verdict, "overturned_by": row.id}
             seg.cause = f"{seg.cause}; overturned by dispute:{row.id}"
             job.excluded = [n for n in job.excluded if n != row.provider_id]
@@ -478,7 +484,7 @@ class TrainDisputes:
             acct = ledger.provider_account(row.provider_id)
             posts.append(money.dispute_fee(row.id, row.provider_id, fee, balances.get(acct, 0)))
         self.jobs._post_all(s, posts)
-        if provider_right and job.state not in ("queued", "running", "trained"):
+        if provider_right and job.state in JOB.terminal:
             s.flush()  # the job ended meanwhile: the restored stake goes back now
             stake = int(s.scalar(select(Account.balance).where(
                 Account.id == tset.job_stake_account(job.id, row.provider_id))) or 0)

@@ -37,6 +37,8 @@ from idlegrid.coordinator.training.tables import (
 )
 from idlegrid.coordinator.trust.tables import TrustNode
 from idlegrid.core import ledger
+from idlegrid.core.training import lifecycle as life
+from idlegrid.core.training.lifecycle import JOB, PROBE, SEGMENT, TRAIN_AUDIT
 from idlegrid.core.trust import beacon
 from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound, StaleAttempt
 
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 
-LIVE_STATES = ("queued", "running", "trained")
+LIVE_STATES = JOB.live()  # queued, running, trained
 
 
 class TrainSettings(BaseSettings):
@@ -159,7 +161,8 @@ class Jobs:
             if live >= self.settings.max_jobs_per_key:
                 raise Conflict(f"this key holds {live} live jobs already",
                                limit=self.settings.max_jobs_per_key)
-            s.add(TrainJob(id=job_id, key_id=key_id, spec=spec.to_dict(), state="queued",
+            s.add(TrainJob(id=job_id, key_id=key_id, spec=spec.to_dict(),
+                           state=JOB.begin("queued", key=job_id),
                            node_id=None, attempt=0, committed_step=0, verified_step=0,
                            escrow=amount, progress={}, excluded=[], error="", created_at=now,
                            lease_at=now))
@@ -199,12 +202,13 @@ class Jobs:
         # where a probe is still open (it may yet find a checkpoint was not kept).
         for acct in self._accounts(s, "stake:%:job-" + job.id):
             self._unstake(s, job.id, acct.split(":")[1])
-        job.state, job.node_id = state, None
+        job.state, job.node_id = JOB.move(job.state, state, key=job.id, story=(cause,)), None
         # Canaries still run: they test the verifier, not the job.
         s.execute(update(TrainAudit).where(TrainAudit.job_id == job.id,
                                            TrainAudit.canary.is_(False),
                                            TrainAudit.state == "pending").values(
-            state="dropped", done_at=self.ctx.clock()))
+            state=TRAIN_AUDIT.move("pending", "dropped", key=f"job:{job.id}"),
+            done_at=self.ctx.clock()))
         self._event(s, job.id, state, cause, refunded=left, verified_step=job.verified_step)
 
     def _unstake(self, s: Session, job_id: str, node_id: str) -> None:
@@ -363,9 +367,9 @@ class Jobs:
                         self._post_all(s, [tset.stake(job.id, node_id, need)])
                     return got
                 res = s.execute(update(TrainJob).where(
-                    TrainJob.id == job.id, TrainJob.state == "queued").values(
-                    state="running", node_id=node_id, attempt=TrainJob.attempt + 1,
-                    lease_at=now))
+                    TrainJob.id == job.id, TrainJob.state == job.state).values(
+                    state=JOB.move(job.state, "running", key=job.id), node_id=node_id,
+                    attempt=TrainJob.attempt + 1, lease_at=now))
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     continue
                 s.refresh(job)
@@ -399,7 +403,8 @@ class Jobs:
             return None
         del self._gangs[job.id]
         members = gang.members[:world]
-        job.state, job.node_id = "running", members[0][0]
+        job.state = JOB.move(job.state, "running", key=job.id, story=("gang formed",))
+        job.node_id = members[0][0]
         job.attempt, job.lease_at = job.attempt + 1, now
         start = job.committed_step
         self._event(s, job.id, "resumed" if start > 0 else "assigned", f"node:{members[0][0]}",
@@ -488,7 +493,8 @@ class Jobs:
             s.add(TrainSegment(id=seg_id, job_id=job_id, idx=index, start_step=start,
                                end_step=end, node_id=node_id, attempt=attempt, blob=commitment,
                                digest=digest.hex(), root=c.root.hex(), det_class=det_class,
-                               state="committed", cause=f"commit by node:{node_id}",
+                               state=SEGMENT.begin("committed", key=seg_id),
+                               cause=f"commit by node:{node_id}",
                                created_at=now, done_at=0.0))
             s.merge(TrainCheckpoint(job_id=job_id, step=end, node_id=node_id,
                                     sha256=hashlib.sha256(checkpoint).hexdigest(),
@@ -497,7 +503,8 @@ class Jobs:
             job.lease_at = now
             last = end >= int(job.spec["steps"])
             if last:
-                job.state, job.node_id = "trained", None
+                job.state = JOB.move(job.state, "trained", key=job_id, story=(seg_id,))
+                job.node_id = None
             self._event(s, job_id, "committed", f"node:{node_id}", segment=seg_id,
                         start_step=start, end_step=end, root=c.root.hex(),
                         loss=c.leaves[-1].loss)
@@ -541,7 +548,8 @@ class Jobs:
         for audit_id, is_canary, blob in made:
             s.add(TrainAudit(id=audit_id, job_id=job.id, segment_id=seg_id, node_id=node_id,
                              designated=designated, verifier_id=None, canary=is_canary,
-                             blob=blob, state="pending", verdict={}, created_at=now,
+                             blob=blob, state=TRAIN_AUDIT.begin("pending", key=audit_id),
+                             verdict={}, created_at=now,
                              assigned_at=0.0, done_at=0.0))
             if not is_canary:
                 self._event(s, job.id, "audit-selected", f"beacon:{digest.hex()[:16]}",
@@ -563,7 +571,8 @@ class Jobs:
         ckpt = next(c for c in held if str(c.step) == pick)
         probe_id = f"tprb-{uid}"
         s.add(TrainProbe(id=probe_id, job_id=job.id, node_id=node_id, step=ckpt.step,
-                         sha256=ckpt.sha256, state="pending", created_at=self.ctx.clock(),
+                         sha256=ckpt.sha256, state=PROBE.begin("pending", key=probe_id),
+                         created_at=self.ctx.clock(),
                          done_at=0.0))
         self._event(s, job.id, "probe-sent", f"beacon:{digest.hex()[:16]}", probe=probe_id,
                     provider=node_id, step=ckpt.step)
@@ -599,7 +608,8 @@ class Jobs:
             if not proof.probe_ok(bytes.fromhex(p.sha256), checkpoint):
                 self._probe_fault(s, p, "the checkpoint is not the committed one")
                 return {"ok": False, "state": p.state}
-            p.state, p.done_at = "answered", self.ctx.clock()
+            p.state = PROBE.move(p.state, "answered", key=p.id)
+            p.done_at = self.ctx.clock()
             self._event(s, p.job_id, "probe-answered", f"probe:{p.id}", provider=node_id,
                         step=p.step)
             job = s.get(TrainJob, p.job_id)
@@ -612,7 +622,8 @@ class Jobs:
         """A withheld checkpoint: slash the job stake, keep the provider off the job."""
         from idlegrid.core.training import settlement as tset
 
-        p.state, p.done_at = "failed", self.ctx.clock()
+        p.state = PROBE.move(p.state, "failed", key=p.id, story=(reason,))
+        p.done_at = self.ctx.clock()
         acct = tset.job_stake_account(p.job_id, p.node_id)
         stake = self._balance(s, acct)
         self._post_all(s, [tset.verifier_slash(f"probe:{p.id}", acct, stake, stake,
@@ -648,7 +659,8 @@ class Jobs:
     def _requeue(self, s: Session, job: TrainJob, kind: str, cause: str) -> None:
         self._event(s, job.id, kind, cause, node=job.node_id, attempt=job.attempt,
                     resume_step=job.committed_step)
-        job.state, job.node_id, job.progress = "queued", None, {}
+        job.state = JOB.move(job.state, "queued", key=job.id, story=(kind, cause))
+        job.node_id, job.progress = None, {}
 
     # ---- verifiers -----------------------------------------------------------------------
 
@@ -676,14 +688,16 @@ class Jobs:
                 if node_id in self._gang_of(s, job, seg.attempt):
                     continue  # a rank of the gang that trained it: its own work
                 res = s.execute(update(TrainAudit).where(
-                    TrainAudit.id == a.id, TrainAudit.state == "pending").values(
-                    state="assigned", verifier_id=node_id, assigned_at=now))
+                    TrainAudit.id == a.id, TrainAudit.state == a.state).values(
+                    state=TRAIN_AUDIT.move(a.state, "assigned", key=a.id),
+                    verifier_id=node_id, assigned_at=now))
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     continue
                 start = s.get(TrainCheckpoint, (job.id, seg.start_step))
                 end = s.get(TrainCheckpoint, (job.id, seg.end_step))
                 if end is None or (seg.start_step > 0 and start is None):
-                    a.state, a.done_at = "dropped", now  # rewound past it meanwhile
+                    # Rewound past it meanwhile.
+                    a.state, a.done_at = TRAIN_AUDIT.move(a.state, "dropped", key=a.id), now
                     continue
                 return {"audit_id": a.id, "job_id": job.id, "spec": job.spec,
                         "start_step": seg.start_step, "end_step": seg.end_step,
@@ -718,7 +732,9 @@ class Jobs:
                        "detail": v.detail, "exact": exact, "provider_class": seg.det_class,
                        "verifier_class": det_class, "weight_distance": weight_distance,
                        "canary": a.canary}
-            a.state, a.done_at, a.verdict = ("passed" if v.ok else "failed"), now, verdict
+            a.state = TRAIN_AUDIT.move(a.state, "passed" if v.ok else "failed", key=a.id,
+                                       story=(f"verifier:{node_id}",))
+            a.done_at, a.verdict = now, verdict
             price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
             consumer = ledger.consumer_account(job.key_id)
             verifier = s.get(TrustNode, node_id)
@@ -768,7 +784,8 @@ class Jobs:
         # The whole job stake: the consumer's compensation (the segment's price) first.
         self._post_all(s, [tset.slash(job.id, seg.idx, provider, stake, stake, job.key_id,
                                       price, verifier_id)])
-        seg.state, seg.done_at, seg.cause = "failed", self.ctx.clock(), f"audit:{audit_id}"
+        seg.state = SEGMENT.move(seg.state, "failed", key=seg.id, story=(f"audit:{audit_id}",))
+        seg.done_at, seg.cause = self.ctx.clock(), f"audit:{audit_id}"
         node = s.get(TrustNode, provider)
         if node is not None:
             node.failed += 1
@@ -776,9 +793,10 @@ class Jobs:
         self._event(s, job.id, "slashed", f"audit:{audit_id}", provider=provider,
                     stake=stake, compensation=min(price, stake))
         self._discard_after(s, job, seg.start_step, f"built on failed segment {seg.id}")
-        if job.state in ("running", "trained"):
+        if JOB.allowed(job.state, "queued"):  # running or trained: taken back, rewound
             holder = job.node_id
-            job.state, job.node_id, job.progress = "queued", None, {}
+            job.state = JOB.move(job.state, "queued", key=job.id, story=(f"audit:{audit_id}",))
+            job.node_id, job.progress = None, {}
             self._event(s, job.id, "rewound", f"audit:{audit_id}", resume_step=seg.start_step,
                         taken_from=holder)
 
@@ -787,25 +805,25 @@ class Jobs:
         now = self.ctx.clock()
         s.execute(update(TrainSegment).where(
             TrainSegment.job_id == job.id, TrainSegment.start_step >= step,
-            TrainSegment.state == "committed").values(state="discarded", cause=cause,
-                                                      done_at=now))
+            TrainSegment.state.in_(SEGMENT.sources("discarded"))).values(
+            state=SEGMENT.move("committed", "discarded", key=f"job:{job.id}", story=(cause,)),
+            cause=cause, done_at=now))
         s.execute(delete(TrainCheckpoint).where(TrainCheckpoint.job_id == job.id,
                                                 TrainCheckpoint.step > step))
         dropped = [a for a in s.scalars(select(TrainAudit).where(
-            TrainAudit.job_id == job.id, TrainAudit.state.in_(("pending", "assigned"))))
+            TrainAudit.job_id == job.id, TrainAudit.state.in_(TRAIN_AUDIT.sources("dropped"))))
             if (seg := s.get(TrainSegment, a.segment_id)) is not None
             and seg.state == "discarded"]
         for a in dropped:
-            a.state, a.done_at = "dropped", now
+            a.state, a.done_at = TRAIN_AUDIT.move(a.state, "dropped", key=a.id), now
         job.committed_step = min(job.committed_step, step)
 
     # ---- supervision ---------------------------------------------------------------------
 
     def tick(self, live: frozenset[str]) -> None:
         """Accept final segments in order, pay them, finish jobs; take jobs from lost
-        providers; hand silent verifiers' audits to others."""
-        from idlegrid.core.training import settlement as tset
-
+        providers; hand silent verifiers' audits to others. The decisions are the core's
+        (`core/training/lifecycle.py`): load a snapshot, decide, apply."""
         now = self.ctx.clock()
         st = self.settings
         with self.store.read() as r:  # most ticks find nothing: no write lock for that
@@ -815,55 +833,73 @@ class Jobs:
                 select(TrainAudit.id).where(TrainAudit.state == "assigned")))
         if not busy:
             return
+        limits = life.TickLimits(st.queue_ttl_s, st.lease_timeout_s, st.challenge_s,
+                                 st.audit_timeout_s, st.probe_timeout_s)
         with self.store.tx() as s:
-            s.execute(update(TrainAudit).where(
-                TrainAudit.state == "assigned",
-                TrainAudit.assigned_at < now - st.audit_timeout_s).values(
-                state="pending", verifier_id=None, designated=None))
-            for p in s.scalars(select(TrainProbe).where(
-                    TrainProbe.state == "pending",
-                    TrainProbe.created_at < now - st.probe_timeout_s)):
-                self._probe_fault(s, p, f"not answered within {st.probe_timeout_s:.0f} s")
-            jobs = list(s.scalars(select(TrainJob).where(TrainJob.state.in_(LIVE_STATES))))
-            for job in jobs:
-                if job.state == "queued" and now - max(job.created_at, job.lease_at or 0.0) \
-                        > st.queue_ttl_s:
-                    # No provider took it (or took it back) for the whole window: what is
-                    # left of its escrow goes back rather than waiting for ever.
-                    self._close(s, job, "expired", f"queued over {st.queue_ttl_s:.0f} s")
-                    continue
-                if job.state == "running" and (job.node_id not in live
-                                               or now - job.lease_at > st.lease_timeout_s):
-                    why = "provider-lost" if job.node_id not in live else "provider-stalled"
-                    self._requeue(s, job, why, f"node:{job.node_id}")
-                    self.new_work.set()
-                segs = list(s.scalars(select(TrainSegment).where(
-                    TrainSegment.job_id == job.id, TrainSegment.state == "committed",
+            assigned = [life.AssignedAudit(i, at) for i, at in s.execute(
+                select(TrainAudit.id, TrainAudit.assigned_at).where(
+                    TrainAudit.state.in_(TRAIN_AUDIT.sources("pending"))))]
+            probes = {p.id: p for p in s.scalars(select(TrainProbe).where(
+                TrainProbe.state.in_(PROBE.sources("failed"))))}
+            snap = [life.PendingProbe(p.id, p.created_at) for p in probes.values()]
+            for act in life.decide_timeouts(assigned, snap, now, limits):
+                if isinstance(act, life.Reassign):
+                    s.execute(update(TrainAudit).where(
+                        TrainAudit.id == act.audit_id, TrainAudit.state == "assigned").values(
+                        state=TRAIN_AUDIT.move("assigned", "pending", key=act.audit_id,
+                                               story=("verifier silent",)),
+                        verifier_id=None, designated=None))
+                elif isinstance(act, life.FailProbe):
+                    self._probe_fault(s, probes[act.probe_id], act.reason)
+            # Read after the probes: a failed one may have taken its job back.
+            jobs = {j.id: j for j in s.scalars(select(TrainJob).where(
+                TrainJob.state.in_(LIVE_STATES)))}
+            for job in jobs.values():
+                segs = {g.id: g for g in s.scalars(select(TrainSegment).where(
+                    TrainSegment.job_id == job.id,
+                    TrainSegment.state.in_(SEGMENT.sources("accepted")),
                     TrainSegment.start_step >= job.verified_step)
-                    .order_by(TrainSegment.start_step)))
-                for seg in segs:
-                    if seg.start_step != job.verified_step:
-                        break
-                    audit = s.scalars(select(TrainAudit).where(
-                        TrainAudit.segment_id == seg.id, TrainAudit.canary.is_(False))).first()
-                    if audit is not None and audit.state != "passed":
-                        break
-                    if audit is None and now - seg.created_at < st.challenge_s:
-                        break
-                    price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
-                    cause = f"audit:{audit.id}" if audit else "challenge window passed"
-                    self._post_all(s, [tset.pay_segment(job.id, seg.idx, seg.node_id, price,
-                                                        self.ctx.settings.fee_bps,
-                                                        self._gang_of(s, job, seg.attempt))]
-                                   if price > 0 else [])
-                    if audit is not None:  # paid after the segment: its fee funds it
-                        self._pay_verifier(s, audit, price)
-                    seg.state, seg.done_at, seg.cause = "accepted", now, cause
-                    job.verified_step = seg.end_step
-                    self._event(s, job.id, "paid", cause, segment=seg.id, provider=seg.node_id,
-                                amount=price, steps=seg.end_step - seg.start_step)
-                if job.verified_step >= int(job.spec["steps"]):
-                    self._close(s, job, "done", "every step verified")
+                    .order_by(TrainSegment.start_step))}
+                audits: dict[str, TrainAudit] = {}  # a segment's audit (one per commit)
+                for a in s.scalars(select(TrainAudit).where(
+                        TrainAudit.segment_id.in_(list(segs)), TrainAudit.canary.is_(False))
+                        .order_by(TrainAudit.created_at)) if segs else ():
+                    audits.setdefault(a.segment_id, a)
+                view = life.JobSnap(
+                    job.id, job.state, job.node_id, job.created_at, job.lease_at,
+                    job.verified_step, int(job.spec["steps"]), int(job.spec["price_per_step"]),
+                    tuple(life.SegmentSnap(g.id, g.start_step, g.end_step, g.created_at,
+                                           a.id if (a := audits.get(g.id)) else None,
+                                           a.state if a else None) for g in segs.values()))
+                for act in life.decide_job(view, live, now, limits):
+                    self._apply_tick(s, job, segs, audits, act, now)
+
+    def _apply_tick(self, s: Session, job: TrainJob, segs: dict[str, TrainSegment],
+                    audits: dict[str, TrainAudit], act: life.Action, now: float) -> None:
+        """Carry out one of the core's decisions on a job, in the tick's transaction."""
+        from idlegrid.core.training import settlement as tset
+
+        if isinstance(act, life.Expire):
+            self._close(s, job, "expired", act.cause)
+        elif isinstance(act, life.Requeue):
+            self._requeue(s, job, act.why, f"node:{act.node_id}")
+            self.new_work.set()
+        elif isinstance(act, life.Accept):
+            seg = segs[act.segment_id]
+            audit = audits.get(seg.id)
+            self._post_all(s, [tset.pay_segment(job.id, seg.idx, seg.node_id, act.price,
+                                                self.ctx.settings.fee_bps,
+                                                self._gang_of(s, job, seg.attempt))]
+                           if act.price > 0 else [])
+            if audit is not None:  # paid after the segment: its fee funds it
+                self._pay_verifier(s, audit, act.price)
+            seg.state = SEGMENT.move(seg.state, "accepted", key=seg.id, story=(act.cause,))
+            seg.done_at, seg.cause = now, act.cause
+            job.verified_step = act.end_step
+            self._event(s, job.id, "paid", act.cause, segment=seg.id, provider=seg.node_id,
+                        amount=act.price, steps=seg.end_step - seg.start_step)
+        elif isinstance(act, life.Finish):
+            self._close(s, job, "done", "every step verified")
 
     # ---- operators -----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from idlegrid.core import ledger
 from idlegrid.core.trust import beacon, dispute, entries
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust.economics import AuditPolicy
+from idlegrid.core.trust.lifecycle import AUDIT
 from idlegrid.core.trust.reputation import ReputationModel
 from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
 
@@ -189,7 +190,8 @@ class Trust:
             for audit_id, canary, data in audits:
                 s.add(TrustAudit(id=audit_id, task_id=task.id, attempt=attempt, node_id=node_id,
                                  model_id=task.model_id, designated=designated, verifier_id=None,
-                                 canary=canary, blob=data, state="pending", verdict={},
+                                 canary=canary, blob=data,
+                                 state=AUDIT.begin("pending", key=audit_id), verdict={},
                                  created_at=now, assigned_at=0.0, done_at=0.0, expired=[]))
 
     def _part_charge(self, task_id: str, blob: bytes) -> int:
@@ -235,8 +237,9 @@ class Trust:
                 if cm.kernel_family(cm.peek_class(a.blob)) != cm.kernel_family(me.det_class):
                     continue  # another engine's or build's answers: see _record
                 res = s.execute(update(TrustAudit).where(
-                    TrustAudit.id == a.id, TrustAudit.state == "pending").values(
-                    state="assigned", verifier_id=node_id, assigned_at=now))
+                    TrustAudit.id == a.id, TrustAudit.state == a.state).values(
+                    state=AUDIT.move(a.state, "assigned", key=a.id), verifier_id=node_id,
+                    assigned_at=now))
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     continue
                 com = s.get(TrustCommitment, (a.task_id, a.attempt))
@@ -277,8 +280,10 @@ class Trust:
             for a in late:
                 late_id, lapsed = a.verifier_id, [*(a.expired or []), a.verifier_id]
                 res = s.execute(update(TrustAudit).where(
-                    TrustAudit.id == a.id, TrustAudit.state == "assigned").values(
-                    state="pending", verifier_id=None, assigned_at=0.0,
+                    TrustAudit.id == a.id, TrustAudit.state == a.state).values(
+                    state=AUDIT.move(a.state, "pending", key=a.id,
+                                     story=(f"lapsed by node:{late_id}",)),
+                    verifier_id=None, assigned_at=0.0,
                     # Anyone but the late verifier may take it at once.
                     designated=None, created_at=now - self.settings.reassign_after_s,
                     expired=lapsed))
@@ -335,9 +340,11 @@ class Trust:
         posts = self._consequences(audit_id, node_id, provider_id, canary, v.passed, charge,
                                    consumer, balances)
         with self.store.tx() as s:
+            end = "passed" if v.passed else "failed"
             res = s.execute(update(TrustAudit).where(
-                TrustAudit.id == audit_id, TrustAudit.state == "assigned").values(
-                state="passed" if v.passed else "failed", done_at=now, verdict=verdict))
+                TrustAudit.id == audit_id, TrustAudit.state.in_(AUDIT.sources(end))).values(
+                state=AUDIT.move("assigned", end, key=audit_id, story=(f"verifier:{node_id}",)),
+                done_at=now, verdict=verdict))
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 raise Conflict(f"audit {audit_id} was judged already")
             verifier = s.get(TrustNode, node_id)

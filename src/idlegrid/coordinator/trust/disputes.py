@@ -26,13 +26,14 @@ from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
 from idlegrid.core.trust import beacon, bisect, dispute
 from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust.lifecycle import AUDIT, DISPUTE
 from idlegrid.core.trust.merkle import Proof, verify_proof
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
     from idlegrid.coordinator.trust.audits import Trust
 
-OPEN_STATES = ("bisecting", "refereeing", "awaiting-referee")
+OPEN_STATES = DISPUTE.live()  # awaiting-referee, bisecting, refereeing
 
 
 def _unb64(text: str, param: str) -> bytes:
@@ -68,7 +69,7 @@ class Disputes:
             a = s.get(TrustAudit, audit_id)
             if a is None or a.node_id != provider_id:
                 raise NotFound(f"no audit {audit_id} of this node's answers")
-            if a.canary or a.state != "failed":
+            if a.canary or not AUDIT.allowed(a.state, "overturned"):  # only a failed one
                 raise Conflict(f"audit {audit_id} did not fail (state {a.state}); "
                                "only a failed audit can be disputed", state=a.state)
             dispute_id = f"dsp-{audit_id[4:]}"
@@ -80,7 +81,8 @@ class Disputes:
             bad = list(a.verdict.get("positions") or [])
             row = TrustDispute(
                 id=dispute_id, audit_id=audit_id, provider_id=provider_id,
-                verifier_id=a.verifier_id, referee_id=None, state="bisecting",
+                verifier_id=a.verifier_id, referee_id=None,
+                state=DISPUTE.begin("bisecting", key=dispute_id),
                 n=dispute.n_positions(c), lo=-1, hi=max(bad) if bad else -1, round=0,
                 waiting=[], answers={}, deadline=0.0, rounds=[], excluded=[], ruling={},
                 reason=reason[:500], created_at=now, done_at=0.0)
@@ -127,10 +129,11 @@ class Disputes:
         candidates = [v for v in candidates if a.model_id in self.trust.models_of(v)]
         if not candidates:
             # Visible and retried each supervisor pass; never settled without a referee.
-            row.state, row.referee_id, row.deadline = "awaiting-referee", None, 0.0
+            row.state = DISPUTE.move(row.state, "awaiting-referee", key=row.id)
+            row.referee_id, row.deadline = None, 0.0
             return
         row.referee_id = beacon.pick(self.trust.secret, row.id.encode(), candidates)
-        row.state = "refereeing"
+        row.state = DISPUTE.move(row.state, "refereeing", key=row.id)
         row.round += 1
         row.waiting = ["referee"]
         row.deadline = now + self.trust.settings.dispute_answer_s
@@ -285,9 +288,10 @@ class Disputes:
               position: int, detail: str) -> None:
         """Record the ruling and post its consequences, in the caller's transaction."""
         now = self.clock()
+        end = "won" if provider_right else "lost"
         res = s.execute(update(TrustDispute).where(
-            TrustDispute.id == row.id, TrustDispute.state.in_(OPEN_STATES)).values(
-            state="won" if provider_right else "lost"))
+            TrustDispute.id == row.id, TrustDispute.state.in_(DISPUTE.sources(end))).values(
+            state=DISPUTE.move(row.state, end, key=row.id, story=(detail,))))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise Conflict(f"dispute {row.id} was settled already")
         s.refresh(row)
@@ -310,7 +314,7 @@ class Disputes:
             posts.append(entry)
             left = {k: v - used.get(k, 0) for k, v in stakes.items()}
             posts.extend(dispute.penalty(row.id, left, row.provider_id))
-            a.state = "overturned"
+            a.state = AUDIT.move(a.state, "overturned", key=a.id, story=(f"dispute:{row.id}",))
             a.verdict = {**a.verdict, "overturned_by": row.id}
             if provider is not None:
                 provider.failed = max(provider.failed - 1, 0)

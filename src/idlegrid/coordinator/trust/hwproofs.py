@@ -29,6 +29,7 @@ from idlegrid.core.market.hardware import BY_NAME
 from idlegrid.core.trust import beacon, entries, merkle
 from idlegrid.core.trust import hwproof as hw
 from idlegrid.core.trust import memproof as mp
+from idlegrid.core.trust.lifecycle import HW_PROOF
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
 
 CATALOG = {name: g.fp16_tflops for name, g in BY_NAME.items()}
@@ -106,7 +107,8 @@ class HwProofs:
                                                "samples": mem.samples})):
                     pid = f"hw-{kind[:3]}-{secrets.token_hex(8)}"
                     s.add(HwProof(id=pid, node_id=node_id, claimed=cls, kind=kind,
-                                  state="issued", spec={**body, "reason": reason},
+                                  state=HW_PROOF.begin("issued", key=pid),
+                                  spec={**body, "reason": reason},
                                   seed=secrets.token_hex(32), root="", wanted=[], verdict={},
                                   created_at=now, sent_at=0.0, committed_at=0.0, done_at=0.0))
                     ids.append(pid)
@@ -144,7 +146,8 @@ class HwProofs:
         with self.store.tx() as s:
             for row in s.scalars(select(HwProof).where(HwProof.state.in_(("issued", "started")))):
                 if row.state == "issued" and now - row.created_at > self.settings.expire_s:
-                    row.state, row.done_at = "expired", now
+                    row.state = HW_PROOF.move(row.state, "expired", key=row.id)
+                    row.done_at = now
                     row.verdict = {"passed": False, "reasons": ["never started"]}
         for pid in self._overdue(now):
             self._fail_overdue(pid)
@@ -184,7 +187,8 @@ class HwProofs:
         """Reveal the seed; the clock starts now."""
         with self.store.tx() as s:
             row = self._row(s, node_id, pid, "issued")
-            row.state, row.sent_at = "started", self.ctx.clock()
+            row.state = HW_PROOF.move(row.state, "started", key=pid)
+            row.sent_at = self.ctx.clock()
             # Memory proofs get the fill seed now and the chase seed once the fill is done.
             return {"id": pid, "kind": row.kind, "claimed": row.claimed, "seed": row.seed,
                     "spec": dict(row.spec)}
@@ -196,7 +200,8 @@ class HwProofs:
         with self.store.tx() as s:
             row = self._row(s, node_id, pid, "started")
             if row.kind == "memory":
-                row.state, row.sent_at, row.root = "committed", now, "filled"
+                row.state = HW_PROOF.move(row.state, "committed", key=pid)
+                row.sent_at, row.root = now, "filled"
                 return {"id": pid, "chase_seed": self._chase_seed(row).hex()}
             try:
                 root = bytes.fromhex(root_hex)
@@ -206,7 +211,8 @@ class HwProofs:
                 raise InvalidRequest("root must be 32 bytes", param="root")
             wanted = hw.open_rows(self.secret + pid.encode(), root, row.spec["n"],
                                   row.spec["open_rows"])
-            row.state, row.committed_at, row.root, row.wanted = "committed", now, root_hex, wanted
+            row.state = HW_PROOF.move(row.state, "committed", key=pid)
+            row.committed_at, row.root, row.wanted = now, root_hex, wanted
             return {"id": pid, "rows": wanted}
 
     def _chase_seed(self, row: HwProof) -> bytes:
@@ -285,9 +291,10 @@ class HwProofs:
         balances = self.store.balances() if not passed else {}
         with self.store.tx() as s:
             row = s.get(HwProof, pid)
-            if row is None or row.state not in ("started", "committed"):
+            end = "passed" if passed else "failed"
+            if row is None or row.state not in HW_PROOF.sources(end):
                 raise Conflict(f"hardware proof {pid} was judged already")
-            row.state = "passed" if passed else "failed"
+            row.state = HW_PROOF.move(row.state, end, key=pid)
             row.verdict, row.done_at = verdict, now or self.ctx.clock()
             if not passed:
                 self._demote(s, node_id, claimed, kind, verdict)
