@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerPosting
+from idlegrid.coordinator.training.common import enc
 from idlegrid.coordinator.training.tables import (
     TrainAudit,
     TrainCheckpoint,
@@ -49,7 +50,7 @@ from idlegrid.errors import Conflict, InvalidRequest, NotFound
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from idlegrid.coordinator.training.jobs import Jobs
+    from idlegrid.coordinator.training.common import TrainingBase
 
 OPEN = TRAIN_DISPUTE.live()  # open, awaiting-referee, refereeing
 ROLES = {game.PROVIDER: "provider", game.CHALLENGER: "challenger"}
@@ -111,7 +112,7 @@ def _apply(d: game.Dispute, m: dict[str, Any]) -> None:
 class TrainDisputes:
     """Open, run and settle training disputes for one coordinator."""
 
-    def __init__(self, jobs: Jobs) -> None:
+    def __init__(self, jobs: TrainingBase) -> None:
         self.jobs = jobs
         # Heartbeats skip the lookup while none is open; the first tick finds out (a
         # restarted coordinator may hold open disputes).
@@ -209,7 +210,6 @@ class TrainDisputes:
 
     def query(self, node_id: str, dispute_id: str, round_: int) -> dict[str, Any]:
         """What this node must answer: its role, the phase and index, and the segment."""
-        from idlegrid.coordinator.training.jobs import enc
 
         with self.store.read() as s:
             row = s.get(TrainDispute, dispute_id)

@@ -19,7 +19,7 @@ from idlegrid.coordinator.deps import (
 )
 from idlegrid.coordinator.schemas import NO_CONTENT, Ok, errors
 from idlegrid.coordinator.training import schemas as s
-from idlegrid.coordinator.training.jobs import b64
+from idlegrid.coordinator.training.common import b64
 from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import training as tm
 
