@@ -147,8 +147,9 @@ class Inference:
             handed: asyncio.Future[TaskView] = asyncio.get_running_loop().create_future()
             self.hub.park(node_id, handed)
             woken = asyncio.ensure_future(event.wait())
+            either: set[asyncio.Future[Any]] = {handed, woken}
             try:
-                await asyncio.wait({handed, woken}, timeout=remaining,
+                await asyncio.wait(either, timeout=remaining,
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woken.cancel()

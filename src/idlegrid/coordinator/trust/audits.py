@@ -27,6 +27,7 @@ from idlegrid.core.trust import beacon, dispute, entries
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust.economics import AuditPolicy
 from idlegrid.core.trust.lifecycle import AUDIT
+from idlegrid.core.trust.merkle import merkle_root
 from idlegrid.core.trust.reputation import ReputationModel
 from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
 
@@ -68,7 +69,7 @@ def tamper(c: cm.Commitment) -> cm.Commitment:
     first = c.chunks[0]
     bad = dataclasses.replace(first, values=tuple(v * 1.01 for v in first.values))
     chunks = (bad, *c.chunks[1:])
-    root = cm.merkle_root([ch.encode() for ch in chunks])
+    root = merkle_root([ch.encode() for ch in chunks])
     return cm.Commitment(dataclasses.replace(c.header, root=root), chunks)
 
 
@@ -207,7 +208,7 @@ class Trust:
         consumer = ledger.consumer_account(key_id)
         for e in self.store.entries(task_id):
             if e["key"] == f"settle:{task_id}":
-                back = sum(p["amount"] for p in e["postings"] if p["account"] == consumer)
+                back = sum(int(p["amount"]) for p in e["postings"] if p["account"] == consumer)
                 return hold - back
         return 0
 
@@ -240,7 +241,7 @@ class Trust:
                     TrustAudit.id == a.id, TrustAudit.state == a.state).values(
                     state=AUDIT.move(a.state, "assigned", key=a.id), verifier_id=node_id,
                     assigned_at=now))
-                if res.rowcount != 1:  # type: ignore[attr-defined]
+                if res.rowcount != 1:
                     continue
                 com = s.get(TrustCommitment, (a.task_id, a.attempt))
                 assert com is not None
@@ -287,7 +288,7 @@ class Trust:
                     # Anyone but the late verifier may take it at once.
                     designated=None, created_at=now - self.settings.reassign_after_s,
                     expired=lapsed))
-                if res.rowcount != 1:  # type: ignore[attr-defined]
+                if res.rowcount != 1:
                     continue
                 node = s.get(TrustNode, late_id)
                 if node is not None:
@@ -345,7 +346,7 @@ class Trust:
                 TrustAudit.id == audit_id, TrustAudit.state.in_(AUDIT.sources(end))).values(
                 state=AUDIT.move("assigned", end, key=audit_id, story=(f"verifier:{node_id}",)),
                 done_at=now, verdict=verdict))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
+            if res.rowcount != 1:
                 raise Conflict(f"audit {audit_id} was judged already")
             verifier = s.get(TrustNode, node_id)
             provider = s.get(TrustNode, provider_id)

@@ -292,7 +292,7 @@ class Disputes:
         res = s.execute(update(TrustDispute).where(
             TrustDispute.id == row.id, TrustDispute.state.in_(DISPUTE.sources(end))).values(
             state=DISPUTE.move(row.state, end, key=row.id, story=(detail,))))
-        if res.rowcount != 1:  # type: ignore[attr-defined]
+        if res.rowcount != 1:
             raise Conflict(f"dispute {row.id} was settled already")
         s.refresh(row)
         row.waiting, row.done_at = [], now

@@ -181,7 +181,8 @@ class HwProofs:
             raise NotFound(f"no hardware proof {pid} for this node")
         if row.state != state:
             raise Conflict(f"hardware proof {pid} is {row.state}, not {state}", state=row.state)
-        return row
+        proof: HwProof = row
+        return proof
 
     def start(self, node_id: str, pid: str) -> dict[str, Any]:
         """Reveal the seed; the clock starts now."""
