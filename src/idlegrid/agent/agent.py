@@ -22,7 +22,7 @@ from idlegrid.agent.context import AgentConfig, AgentContext, Role
 from idlegrid.agent.node_client import CoordinatorError, NodeClient
 from idlegrid.agent.roles.disputes import Disputes
 from idlegrid.agent.roles.hwprover import HonestProver, HwProofs
-from idlegrid.agent.roles.train_disputes import TrainDisputes
+from idlegrid.agent.roles.train_replay import TrainDisputes
 from idlegrid.agent.roles.trainer import Training
 from idlegrid.agent.roles.verifier import Verifier
 from idlegrid.agent.serving import Serving
