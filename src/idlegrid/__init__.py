@@ -1,5 +1,5 @@
 """idlegrid: turn idle GPUs into a verifiable AI compute grid."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one dispute route family for both kinds
 

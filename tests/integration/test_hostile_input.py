@@ -13,6 +13,7 @@ import pytest
 import websockets
 from test_grid import MODEL, Grid, start_grid, stop_grid
 
+from idlegrid import PROTOCOL_VERSION
 from idlegrid.agent import channel as agent_channel
 from idlegrid.agent.channel import Channel
 from idlegrid.agent.node_client import NodeClient
@@ -150,7 +151,7 @@ def test_prices_past_the_bound_are_refused_at_registration(grid: Grid) -> None:
     from test_grid import _signed_post
 
     key = NodeKey.generate()
-    body = {"protocol_version": 1, "name": "overflow", "hardware": {}, "engine": {},
+    body = {"protocol_version": PROTOCOL_VERSION, "name": "overflow", "hardware": {}, "engine": {},
             "slots": 1, "prefill_tps": 1, "decode_tps": 1,
             "offers": [{"model": MODEL, "prompt_price": 2**64, "output_price": 1}]}
     r = _signed_post(grid.url, key, "/api/v1/nodes/register", body, now=time.time())
@@ -167,7 +168,6 @@ async def _hand_provider_takes_a_task(c: NodeClient, name: str, consumer) -> tup
     request in a thread, and claim it: (the consumer's thread, the task or None)."""
     import threading
 
-    from idlegrid import PROTOCOL_VERSION
     from idlegrid.core.ledger import MICRO
 
     await c.call("/api/v1/nodes/register", {
@@ -353,8 +353,8 @@ def test_a_live_nodes_name_cannot_be_taken(grid: Grid) -> None:
 
     from test_grid import _signed_post
 
-    body = {"protocol_version": 1, "name": "p0", "hardware": {}, "engine": {}, "slots": 1,
-            "prefill_tps": 1, "decode_tps": 1,
+    body = {"protocol_version": PROTOCOL_VERSION, "name": "p0", "hardware": {}, "engine": {},
+            "slots": 1, "prefill_tps": 1, "decode_tps": 1,
             "offers": [{"model": MODEL, "prompt_price": 1, "output_price": 1}]}
     r = _signed_post(grid.url, NodeKey.generate(), "/api/v1/nodes/register", body,
                      now=time.time())

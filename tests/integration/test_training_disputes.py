@@ -158,6 +158,14 @@ def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Grid]:
     g.stop()
 
 
+DISPUTES = "/api/v1/disputes"  # the one route family, both kinds
+
+
+def opening(audit: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """The body that opens a training dispute over `audit`."""
+    return {"kind": "training", "audit_id": audit["id"], **kw}
+
+
 def keys(job: dict[str, Any]) -> list[str]:
     return [e["key"] for e in job["ledger"]]
 
@@ -178,11 +186,23 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     stake_acct = f"stake:{provider}:job-{job_id}"
     assert grid.balances().get(stake_acct, 0) == 0  # slashed
     referee = grid.agent("referee", train_verifier=True)
-    res = cli("dispute-segment", audit["id"], "--coordinator", grid.coord.url,
+    res = cli("dispute", audit["id"], "--kind", "training", "--coordinator", grid.coord.url,
               "--key-file", str(grid.tmp / "provider.key"), "--reason", "I trained honestly")
     assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["kind"] == "training"
     d = grid.ruled(job_id)
-    assert d["state"] == "won", d
+    assert d["state"] == "won" and d["kind"] == "training", d
+    assert d["provider_id"] == provider and d["challenger_id"] == liar
+    # The one listing shows it (operator only), filtered by kind and by node.
+    listed = grid.admin.get(DISPUTES).json()["disputes"]
+    assert [(x["id"], x["kind"], x["state"]) for x in listed] == [(d["id"], "training", "won")]
+    assert grid.admin.get(DISPUTES, params={"kind": "training",
+                                            "node": referee}).json()["disputes"] == listed
+    assert grid.admin.get(DISPUTES, params={"kind": "inference"}).json()["disputes"] == []
+    assert grid.admin.get(DISPUTES, params={"node": "nobody"}).json()["disputes"] == []
+    bad = grid.admin.get(DISPUTES, params={"kind": "bogus"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "kind"
+    assert grid.http.get(DISPUTES).status_code == 401
     r = d["ruling"]
     assert r["provider_right"] is True and r["referee"] == referee
     # The liar's replay lies from the segment's second step: that is the disputed step; its
@@ -218,7 +238,7 @@ def test_a_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid,
     audit = grid.failed_audit(job_id)
     grid.agent("referee", train_verifier=True)
     before = grid.job(job_id)["bill"]
-    r = grid.signed("cheat", f"/api/v1/train/audits/{audit['id']}/dispute", {"reason": "no"})
+    r = grid.signed("cheat", DISPUTES, opening(audit, reason="no"))
     assert r.status_code == 200, r.text
     d = grid.ruled(job_id)
     assert d["state"] == "lost" and d["ruling"]["provider_right"] is False, d
@@ -234,7 +254,7 @@ def test_a_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid,
     assert f"reverse:{d['id']}" not in ks and f"dispute-fee:{d['id']}" in ks
     assert job["bill"]["compensated"] == before["compensated"] > 0
     assert next(a for a in job["audits"] if a["id"] == audit["id"])["state"] == "failed"
-    again = grid.signed("cheat", f"/api/v1/train/audits/{audit['id']}/dispute", {})
+    again = grid.signed("cheat", DISPUTES, opening(audit))
     assert again.status_code == 409 and "already" in again.json()["error"]["message"]
     grid.check_books()
 
@@ -246,7 +266,7 @@ def test_a_silent_party_loses(grid: Grid) -> None:
     audit = grid.failed_audit(job_id)
     grid.agents["liar"].stop(10)  # the challenger will not answer
     grid.knobs.dispute_round_s = 1.0
-    r = grid.signed("provider", f"/api/v1/train/audits/{audit['id']}/dispute", {})
+    r = grid.signed("provider", DISPUTES, opening(audit))
     assert r.status_code == 200, r.text
     d = grid.ruled(job_id, 30)
     assert d["state"] == "won" and "did not answer" in d["ruling"]["reason"], d
@@ -263,20 +283,26 @@ def test_refusals(grid: Grid) -> None:
     wait_until(lambda: any(a["state"] == "passed" for a in grid.job(job_id)["audits"]), 60,
                interval_s=0.2)
     audit = next(a for a in grid.job(job_id)["audits"] if a["state"] == "passed")
-    path = f"/api/v1/train/audits/{audit['id']}/dispute"
+    assert audit["id"].startswith("taud-")
     before = grid.balances()
-    passed = grid.signed("provider", path, {"reason": "why not"})
+    passed = grid.signed("provider", DISPUTES, opening(audit, reason="why not"))
     assert passed.status_code == 409 and "did not fail" in passed.json()["error"]["message"]
-    res = cli("dispute-segment", audit["id"], "--coordinator", grid.coord.url,
+    # The CLI tells the kind from the audit id (taud-…) and says the same.
+    res = cli("dispute", audit["id"], "--coordinator", grid.coord.url,
               "--key-file", str(grid.tmp / "provider.key"))
     assert res.exit_code == 1 and "did not fail" in res.output, res.output
-    assert grid.signed("verifier", path, {}).status_code == 404  # not its segment
-    bad = grid.signed("provider", path, {"reason": "x"}, tamper=True)
+    assert grid.signed("verifier", DISPUTES, opening(audit)).status_code == 404  # not its own
+    # The wrong kind looks in the other game's table: no such audit there.
+    wrong = grid.signed("provider", DISPUTES, opening(audit) | {"kind": "inference"})
+    assert wrong.status_code == 404
+    for body in (opening(audit) | {"kind": "bogus"}, {"audit_id": audit["id"]}):
+        r = grid.signed("provider", DISPUTES, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kind", r.text
+    bad = grid.signed("provider", DISPUTES, opening(audit, reason="x"), tamper=True)
     assert bad.status_code == 401 and "signature" in bad.json()["error"]["message"]
-    assert grid.http.post(path, json={}).status_code == 401  # unsigned
-    assert grid.signed("provider", "/api/v1/train/disputes/tdsp-x/query",
-                       {"round": 1}).status_code == 404
-    assert grid.signed("provider", "/api/v1/train/disputes/tdsp-x/answer",
+    assert grid.http.post(DISPUTES, json=opening(audit)).status_code == 401  # unsigned
+    assert grid.signed("provider", f"{DISPUTES}/tdsp-x/query", {"round": 1}).status_code == 404
+    assert grid.signed("provider", f"{DISPUTES}/tdsp-x/answer",
                        {"round": -1}).status_code == 400
     assert grid.job(job_id)["disputes"] == []
     # Nothing was posted by any refusal (the job itself may have moved on meanwhile).
@@ -294,6 +320,6 @@ def test_a_cross_class_failure_cannot_be_disputed(grid: Grid) -> None:
     job_id = grid.submit()
     audit = grid.failed_audit(job_id)
     assert audit["verdict"]["exact"] is False
-    r = grid.signed("cheat", f"/api/v1/train/audits/{audit['id']}/dispute", {})
+    r = grid.signed("cheat", DISPUTES, opening(audit))
     assert r.status_code == 409 and "exact-mode only" in r.json()["error"]["message"]
     grid.check_books()

@@ -130,6 +130,14 @@ def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Grid]:
     g.stop()
 
 
+DISPUTES = "/api/v1/disputes"  # the one route family, both kinds
+
+
+def opening(audit: dict, **kw: Any) -> dict:
+    """The body that opens an inference dispute over `audit`."""
+    return {"kind": "inference", "audit_id": audit["id"], **kw}
+
+
 def _failed_audit(g: Grid, provider: str) -> dict:
     """Serve one request and wait until its (probation) audit is judged failed."""
     g.complete("Tell me about item 7")
@@ -154,10 +162,12 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     assert st["balances"].get(ledger.stake_account(g.ids["provider"], "cpu"), 0) == 0
     # The referee joins only now, so that it could not have taken the audit itself.
     g.add("referee", TinyEngine("tiny"), DEAR, verifier=True)
-    r = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {"reason": "honest"})
+    r = g.signed("provider", DISPUTES, opening(audit, reason="honest"))
     assert r.status_code == 200, r.text
+    assert r.json()["kind"] == "inference" and r.json()["id"].startswith("dsp-")
     d = _settled(g)
     assert d["state"] == "won" and d["ruling"]["provider_right"], d
+    assert d["kind"] == "inference" and d["challenger_id"] == g.ids["liar"]
     assert d["referee_id"] == g.ids["referee"]
     assert d["rounds"] and all(x["agree"] for x in d["rounds"])  # the lie is in the last chunk
     assert d["ruling"]["position"] == d["positions"] - 2  # the last chunk, not the finish claim
@@ -176,7 +186,7 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     assert any(k.startswith(f"dispute-penalty:{d['id']}:") for k in keys)
     assert st["trust"]["disputes"][0]["provider_right"] is True  # shown by `idlegrid status`
     # The ruling is final: disputing again is a conflict, and nothing moves.
-    again = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {})
+    again = g.signed("provider", DISPUTES, opening(audit))
     assert again.status_code == 409
     assert g.status()["balances"] == bal
 
@@ -188,7 +198,7 @@ def test_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid) -> None:
     audit = _failed_audit(g, "provider")
     g.add("referee", TinyEngine("tiny"), DEAR, verifier=True)
     before = g.status()["balances"]
-    r = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {"reason": "no"})
+    r = g.signed("provider", DISPUTES, opening(audit, reason="no"))
     assert r.status_code == 200, r.text
     d = _settled(g)
     assert d["state"] == "lost" and not d["ruling"]["provider_right"], d
@@ -214,7 +224,7 @@ def test_a_verifier_that_does_not_answer_loses(grid: Grid, monkeypatch) -> None:
     audit = _failed_audit(g, "provider")
     g.agents["liar"].kill()  # gone: it will answer no query
     g.coord.app.state.services.trust.settings.dispute_answer_s = 2.0
-    r = g.signed("provider", f"/api/v1/audits/{audit['id']}/dispute", {})
+    r = g.signed("provider", DISPUTES, opening(audit))
     assert r.status_code == 200, r.text
     d = _settled(g)
     assert d["state"] == "won" and d["ruling"]["detail"] == "the verifier did not answer in time"
@@ -231,35 +241,53 @@ def test_dispute_refusals(grid: Grid, tmp_path: Path) -> None:
     g.complete("Tell me about item 9")
     wait_until(lambda: any(a["state"] == "passed" for a in g.audits()), 90)
     (audit,) = g.audits()
-    path = f"/api/v1/audits/{audit['id']}/dispute"
+    assert audit["id"].startswith("aud-")
     before = g.status()["balances"]
-    passed = g.signed("provider", path, {"reason": "why not"})
+    passed = g.signed("provider", DISPUTES, opening(audit, reason="why not"))
     assert passed.status_code == 409 and "did not fail" in passed.json()["error"]["message"]
-    # The provider's CLI says the same, signed with the node key on disk.
+    # The provider's CLI says the same, signed with the node key on disk: with the kind
+    # given, and with the kind told from the audit id (aud-…).
     from typer.testing import CliRunner
 
     from idlegrid.client.cli import app
 
-    res = CliRunner().invoke(app, ["dispute", audit["id"], "--coordinator", g.url,
+    for kind in (["--kind", "inference"], []):
+        res = CliRunner().invoke(app, ["dispute", audit["id"], *kind, "--coordinator", g.url,
+                                       "--key-file", str(tmp_path / "provider.key")])
+        assert res.exit_code == 1 and "did not fail" in res.output, res.output
+    # An id that tells no kind needs --kind; a kind the coordinator does not know is refused.
+    res = CliRunner().invoke(app, ["dispute", "x-1", "--coordinator", g.url,
                                    "--key-file", str(tmp_path / "provider.key")])
-    assert res.exit_code == 1 and "did not fail" in res.output, res.output
+    assert res.exit_code == 1 and "--kind" in res.output, res.output
+    res = CliRunner().invoke(app, ["dispute", audit["id"], "--kind", "bogus", "--coordinator",
+                                   g.url, "--key-file", str(tmp_path / "provider.key")])
+    assert res.exit_code == 1 and "kind" in res.output, res.output
     # Another node's audit: not found (no existence leak through the error kind).
-    assert g.signed("verifier", path, {}).status_code == 404
-    assert g.signed("provider", "/api/v1/audits/aud-nosuch/dispute", {}).status_code == 404
-    tampered = g.signed("provider", path, {"reason": "x"}, tamper=True)
+    assert g.signed("verifier", DISPUTES, opening(audit)).status_code == 404
+    nosuch = {"kind": "inference", "audit_id": "aud-nosuch"}
+    assert g.signed("provider", DISPUTES, nosuch).status_code == 404
+    # The wrong kind looks in the other game's table: no such audit there.
+    assert g.signed("provider", DISPUTES, opening(audit) | {"kind": "training"}
+                    ).status_code == 404
+    # A kind that is no kind, or none: 400 naming `kind`.
+    for body in (opening(audit) | {"kind": "bogus"}, {"audit_id": audit["id"]}):
+        r = g.signed("provider", DISPUTES, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kind", r.text
+    tampered = g.signed("provider", DISPUTES, opening(audit, reason="x"), tamper=True)
     assert tampered.status_code == 401 and "signature" in tampered.json()["error"]["message"]
-    first = g.signed("provider", path, {}, nonce="r" * 16)
-    replay = g.signed("provider", path, {}, nonce="r" * 16)
+    first = g.signed("provider", DISPUTES, opening(audit), nonce="r" * 16)
+    replay = g.signed("provider", DISPUTES, opening(audit), nonce="r" * 16)
     assert first.status_code == 409
     assert replay.status_code == 401 and "replay" in replay.json()["error"]["message"]
     with g.http() as c:
-        assert c.post(path, json={}).status_code == 401  # unsigned
-        bad = g.signed("provider", path, {"reason": "x" * 600})
-        assert bad.status_code == 400
+        assert c.post(DISPUTES, json=opening(audit)).status_code == 401  # unsigned
+        bad = g.signed("provider", DISPUTES, opening(audit, reason="x" * 600))
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "reason"
         # Queries and answers of a dispute that does not exist, or not this node's turn.
-        assert g.signed("provider", "/api/v1/disputes/dsp-x/query",
-                        {"round": 1}).status_code == 404
-        assert g.signed("provider", "/api/v1/disputes/dsp-x/answer",
+        assert g.signed("provider", f"{DISPUTES}/dsp-x/query", {"round": 1}).status_code == 404
+        assert g.signed("provider", f"{DISPUTES}/nothing/query", {"round": 1}
+                        ).status_code == 404
+        assert g.signed("provider", f"{DISPUTES}/dsp-x/answer",
                         {"round": 0}).status_code == 400
     assert g.disputes() == [] and g.status()["balances"] == before
 

@@ -22,7 +22,6 @@ from idlegrid.agent.context import AgentConfig, AgentContext, Role
 from idlegrid.agent.node_client import CoordinatorError, NodeClient
 from idlegrid.agent.roles.disputes import Disputes
 from idlegrid.agent.roles.hwprover import HonestProver, HwProofs
-from idlegrid.agent.roles.train_disputes import TrainDisputes
 from idlegrid.agent.roles.trainer import Training
 from idlegrid.agent.roles.verifier import Verifier
 from idlegrid.agent.serving import Serving
@@ -42,8 +41,7 @@ class Roles:
     verifier: Verifier
     training: Training
     hwproofs: HwProofs
-    disputes: Disputes
-    train_disputes: TrainDisputes
+    disputes: Disputes  # both kinds
 
     def __iter__(self) -> Iterator[Role]:
         return (getattr(self, f.name) for f in fields(self))
@@ -70,7 +68,7 @@ class Agent:
         verifier, training = Verifier(self.ctx), Training(self.ctx)
         # Hardware challenges: the prover answers them (testbed cheats plug in here).
         self.roles = Roles(verifier, training, HwProofs(self.ctx, prover),
-                           Disputes(self.ctx, verifier), TrainDisputes(self.ctx, training))
+                           Disputes(self.ctx, verifier, training))
 
     @property
     def channel(self) -> Channel | None:

@@ -41,6 +41,7 @@ from idlegrid.coordinator.training import routes as routes_jobs
 from idlegrid.coordinator.training.jobs import Jobs
 from idlegrid.coordinator.trust import routes as routes_trust
 from idlegrid.coordinator.trust.audits import Trust
+from idlegrid.coordinator.trust.dispute_shell import DisputeShell
 from idlegrid.coordinator.trust.hwproofs import HwProofs
 
 
@@ -118,6 +119,8 @@ def compose(ctx: Context) -> Services:
     inference = Inference(ctx, nodes=nodes, trust=trust, market=market)
     jobs = Jobs(ctx)
     dashboard = Dashboard(ctx, power=nodes.power, orders=market.store.orders)
+    # One dispute shell; each domain brings its game (the rules and the consequences).
+    disputes = DisputeShell([trust.disputes, jobs.disputes])
     ev = ctx.events
     # A registration: the market records the node's devices first (hardware proofs
     # challenge what it recorded), then trust and hardware proofs; the node is routable
@@ -139,9 +142,9 @@ def compose(ctx: Context) -> Services:
         lambda live: db_tick(market.tick),
         lambda live: db_tick(hwproofs.tick, live),
         lambda live: db_tick(jobs.tick, live),
-        lambda live: db_tick(jobs.disputes.tick, live),
         lambda live: db_tick(trust.expire),
-        lambda live: db_tick(trust.disputes.tick),
+        lambda live: db_tick(disputes.tick, live),
         inference.tick,
     ], interval_s=min(0.5, ctx.settings.heartbeat_interval_s))
-    return Services(ctx, nodes, inference, market, trust, hwproofs, jobs, dashboard, supervisor)
+    return Services(ctx, nodes, inference, market, trust, hwproofs, jobs, dashboard, supervisor,
+                    disputes)

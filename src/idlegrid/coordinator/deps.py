@@ -24,6 +24,7 @@ from idlegrid.coordinator.nodes.service import Nodes
 from idlegrid.coordinator.supervisor import Supervisor
 from idlegrid.coordinator.training.jobs import Jobs
 from idlegrid.coordinator.trust.audits import Trust
+from idlegrid.coordinator.trust.dispute_shell import DisputeShell
 from idlegrid.coordinator.trust.hwproofs import HwProofs
 from idlegrid.errors import AuthError, InvalidRequest
 from idlegrid.protocol.signing import HEADER_PUBKEY, decode_public_key
@@ -45,6 +46,7 @@ class Services:
     jobs: Jobs
     dashboard: Dashboard
     supervisor: Supervisor
+    disputes: DisputeShell  # both kinds: trust.disputes (inference), jobs.disputes (training)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""

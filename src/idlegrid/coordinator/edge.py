@@ -55,11 +55,15 @@ def _is_text(s: str) -> bool:
     return True
 
 
+# Routes whose bodies may carry a checkpoint (a training dispute's hand-over included).
+LARGE = ("/api/v1/train/", "/api/v1/disputes/")
+
+
 class BodyGuard:
     """ASGI middleware: 413 past the size bound, 400 for a JSON string that is not text."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, large_bytes: int,
-                 large_prefix: str = "/api/v1/train/") -> None:
+                 large_prefix: tuple[str, ...] = LARGE) -> None:
         self.app, self.small, self.large, self.large_prefix = (app, max_bytes, large_bytes,
                                                                large_prefix)
 

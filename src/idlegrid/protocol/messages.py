@@ -214,30 +214,6 @@ class AuditReportMsg(Message):
     report: str = Field(max_length=1 << 20)
 
 
-class DisputeMsg(Message):
-    """A provider contests a failed audit of its own answer."""
-
-    reason: str = Field("", max_length=500)
-
-
-class DisputeQueryMsg(Message):
-    """A party asks what a dispute round wants of it."""
-
-    round: int = Field(ge=1)
-
-
-class DisputeAnswerMsg(Message):
-    """A party's answer for one round: the provider opens its committed chunk (leaf bytes
-    and Merkle path); the verifier and the referee send their recomputation of the position
-    (base64 of core/trust/commitment.encode_report, holding that one chunk)."""
-
-    round: int = Field(ge=1)
-    chunk: str = Field("", max_length=1 << 16)
-    siblings: list[str] = Field(default_factory=list, max_length=40)
-    right: list[bool] = Field(default_factory=list, max_length=40)
-    report: str = Field("", max_length=1 << 16)
-
-
 class HwCommitMsg(Message):
     """Hardware proof: the Merkle root of C (matmul), or an empty root once filled (memory)."""
 

@@ -91,34 +91,3 @@ class TrainProbeAnswerMsg(Message):
     """A checkpoint the coordinator probed for (it must hash to the committed state)."""
 
     checkpoint: str = Field(min_length=1, max_length=MAX_B64)
-
-
-class TrainDisputeMsg(Message):
-    """A provider contests a failed audit of one of its segments."""
-
-    reason: str = Field("", max_length=500)
-
-
-class TrainDisputeQueryMsg(Message):
-    """A party asks what the current round of a dispute wants from it."""
-
-    round: int = Field(ge=0)
-
-
-class TrainDisputeAnswerMsg(Message):
-    """One round's answer; which fields matter depends on the phase and role:
-    claim/steps `state_hash`; ops-commit `n_ops`, `root`, `link` (the last) and its path;
-    ops `link` and its path; records `record`; the provider's hand-over `checkpoint`;
-    the referee `det_class`, `start_hash` and `record` or `state_hash`."""
-
-    round: int = Field(ge=0)
-    state_hash: str = Field("", max_length=128)
-    start_hash: str = Field("", max_length=128)
-    n_ops: int | None = Field(None, ge=0, le=1_000_000)
-    root: str = Field("", max_length=128)
-    link: str = Field("", max_length=128)
-    siblings: list[str] = Field(default_factory=list, max_length=64)
-    right: list[bool] = Field(default_factory=list, max_length=64)
-    record: str = Field("", max_length=1 << 20)
-    checkpoint: str = Field("", max_length=MAX_B64)
-    det_class: str = Field("", max_length=200)

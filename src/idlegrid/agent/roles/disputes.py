@@ -1,8 +1,13 @@
-"""Answering dispute rounds: the provider opens its committed chunk with a Merkle path, the
-verifier answers for the numbers it reported, a referee recomputes one position.
+"""Answering dispute rounds of both kinds through the one route family (`/api/v1/disputes`).
 
-Queries ride on the heartbeat answer; each is answered once, beside serving, on engine 0
-(under its lock, like audits). Every answer is signed like any node request.
+Queries ride on the heartbeat answer (`disputes`, each with its `kind`); each is answered
+once, signed like any node request: ask the round (`/query`), compute, answer (`/answer`).
+What is computed depends on the kind:
+
+- inference: the provider opens its committed chunk with a Merkle path; the challenger
+  answers for the numbers it reported; a referee recomputes one position (on engine 0,
+  under its lock, like audits);
+- training: the executor replays or traces the segment (`train_replay.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from functools import partial
 from typing import Any
 
 from idlegrid.agent.context import AgentContext, Answers, Role
+from idlegrid.agent.roles.train_replay import TrainReplay
+from idlegrid.agent.roles.trainer import Training, executor
 from idlegrid.agent.roles.verifier import Verifier, check
+from idlegrid.core import disputes as seats
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import dispute
 from idlegrid.core.trust.merkle import merkle_proof
@@ -21,17 +29,19 @@ from idlegrid.protocol.messages import AuditTaskMsg
 
 
 class Disputes(Role):
-    """Answers inference dispute rounds from the kept commitments and verifier reports."""
+    """Answers dispute rounds: inference ones from the kept commitments and verifier
+    reports, training ones with the executor."""
 
-    def __init__(self, ctx: AgentContext, verifier: Verifier) -> None:
+    def __init__(self, ctx: AgentContext, verifier: Verifier, training: Training) -> None:
         self.ctx = ctx
         self.verifier = verifier
+        self.replay = TrainReplay(training)
         self.answers = Answers("dispute")
 
     def on_heartbeat(self, beat: dict[str, Any]) -> None:
         """Answer each dispute round the heartbeat asks of this node, once."""
         for q in beat.get("disputes", []):
-            qid = f"{q['id']}/{q['round']}/{q['role']}"
+            qid = f"{q['kind']}/{q['id']}/{q['round']}/{q['role']}"
             self.answers.start(qid, partial(self.answer, q))
 
     async def answer(self, q: dict[str, Any]) -> dict[str, Any]:
@@ -40,12 +50,15 @@ class Disputes(Role):
         base = f"/api/v1/disputes/{q['id']}"
         got = await client.call(f"{base}/query", {"round": q["round"]})
         assert got is not None
-        role, position = got["role"], int(got["position"])
-        if role == "provider":
-            body = self._opening(got, position)
+        loop = asyncio.get_running_loop()
+        if q["kind"] == "training":
+            body = await loop.run_in_executor(None, self.replay.compute,
+                                              executor(self.ctx.config), got)
+        elif got["role"] == seats.PROVIDER:
+            body = self._opening(got, int(got["position"]))
         else:
-            loop = asyncio.get_running_loop()
-            blob = await loop.run_in_executor(None, self._recompute, got, role, position)
+            blob = await loop.run_in_executor(None, self._recompute, got, got["role"],
+                                              int(got["position"]))
             body = {"report": base64.b64encode(blob).decode()}
         out = await client.call(f"{base}/answer", {"round": got["round"], **body})
         return out or {}
@@ -64,13 +77,13 @@ class Disputes(Role):
                 "siblings": [h.hex() for h in proof.siblings], "right": list(proof.right)}
 
     def _recompute(self, got: dict[str, Any], role: str, position: int) -> bytes:
-        """The verifier's numbers at one position (from its kept report when it has it), or
+        """The challenger's numbers at one position (from its kept report when it has it), or
         the referee's recompute of that position alone (prefill up to it, nothing after)."""
         engine = self.ctx.engines[0]
         msg = AuditTaskMsg.model_validate({k: got[k] for k in AuditTaskMsg.model_fields
                                            if k in got})
         c = cm.decode(base64.b64decode(msg.commitment))
-        kept = self.verifier.reports.get(msg.audit_id) if role == "verifier" else None
+        kept = self.verifier.reports.get(msg.audit_id) if role == seats.CHALLENGER else None
         with self.ctx.engine_lock(engine):
             if kept is None:
                 kept = check(engine, msg, dispute.truncated(c, position))

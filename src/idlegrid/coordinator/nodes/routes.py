@@ -36,8 +36,5 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     power = msg.power.model_dump() if msg.power is not None else None
     svc = services(request)
     pending = await svc.nodes.heartbeat(node_id, msg.state, power)
-    disputes = await svc.db(svc.trust.disputes.pending, node_id) \
-        if svc.trust.disputes.active else []
-    train = await svc.db(svc.jobs.disputes.pending, node_id) \
-        if svc.jobs.disputes.active else []
-    return {"ok": True, "hwproofs": pending, "disputes": disputes, "train_disputes": train}
+    disputes = await svc.db(svc.disputes.pending, node_id) if svc.disputes.active else []
+    return {"ok": True, "hwproofs": pending, "disputes": disputes}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -23,9 +23,11 @@ class Registered(BaseModel):
 
 
 class PendingQuery(BaseModel):
-    """A dispute round waiting for this node's answer."""
+    """A dispute round waiting for this node's answer, from its seat (provider, challenger
+    or referee), in a dispute of either kind."""
 
     id: str
+    kind: Literal["inference", "training"]
     round: int
     role: str
 
@@ -35,8 +37,7 @@ class HeartbeatAnswer(BaseModel):
 
     ok: bool
     hwproofs: list[str]
-    disputes: list[PendingQuery]
-    train_disputes: list[PendingQuery]
+    disputes: list[PendingQuery]  # both kinds
 
 
 # ---- operators and the grid's state ---------------------------------------------------------

@@ -14,13 +14,16 @@ end state hash when both chains agree); the coordinator compares it with both pa
 Queries ride on the heartbeat answer; a party that misses its deadline loses; a referee
 that misses its deadline is replaced.
 
+This is the training game of the one dispute shell (`coordinator/trust/dispute_shell.py`,
+which `app.compose()` hands it to): the shell opens, routes and lists; seats, turns and
+deadlines are `core/disputes.py`'s.
+
 Exact mode only: the core's game compares hashes, so the challenger must have run in the
 provider's class; a cross-class audit cannot be disputed here (409 says why).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,7 @@ from idlegrid.coordinator.training.tables import (
     TrainSegment,
 )
 from idlegrid.coordinator.trust.tables import TrustNode
+from idlegrid.core import disputes as seats
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
 from idlegrid.core.training import dispute as game
@@ -53,7 +57,8 @@ if TYPE_CHECKING:
     from idlegrid.coordinator.training.common import TrainingBase
 
 OPEN = TRAIN_DISPUTE.live()  # open, awaiting-referee, refereeing
-ROLES = {game.PROVIDER: "provider", game.CHALLENGER: "challenger"}
+ANSWERING = ("open", "refereeing")
+ROLES = {game.PROVIDER: seats.PROVIDER, game.CHALLENGER: seats.CHALLENGER}
 
 
 def _hex(body: dict[str, Any], name: str) -> bytes:
@@ -61,13 +66,6 @@ def _hex(body: dict[str, Any], name: str) -> bytes:
         return bytes.fromhex(str(body.get(name) or ""))
     except ValueError as exc:
         raise InvalidRequest(f"{name} is not hex", param=name) from exc
-
-
-def _b64(body: dict[str, Any], name: str) -> bytes:
-    try:
-        return base64.b64decode(str(body.get(name) or ""), validate=True)
-    except ValueError as exc:
-        raise InvalidRequest(f"{name} is not base64", param=name) from exc
 
 
 def _proof(body: dict[str, Any], index: int) -> Proof:
@@ -110,7 +108,10 @@ def _apply(d: game.Dispute, m: dict[str, Any]) -> None:
 
 
 class TrainDisputes:
-    """Open, run and settle training disputes for one coordinator."""
+    """Open, run and settle training disputes for one coordinator (the shell's game)."""
+
+    kind = "training"
+    prefix = "tdsp-"
 
     def __init__(self, jobs: TrainingBase) -> None:
         self.jobs = jobs
@@ -172,41 +173,23 @@ class TrainDisputes:
 
     def _awaiting(self, row: TrainDispute, d: game.Dispute | None) -> list[str]:
         if row.state == "refereeing":
-            return ["referee"]
+            return [seats.REFEREE]
         if row.state != "open":
             return []
         if d is None:
-            return ["challenger"]
+            return [seats.CHALLENGER]
         return sorted(ROLES[p] for p in d.awaiting)
 
     def pending(self, node_id: str) -> list[dict[str, Any]]:
         """Queries this node must answer now (they ride on its heartbeat answer)."""
         out = []
         with self.store.read() as s:
-            for r in s.scalars(select(TrainDispute).where(TrainDispute.state.in_(
-                    ("open", "refereeing")))):
+            for r in s.scalars(select(TrainDispute).where(TrainDispute.state.in_(ANSWERING))):
                 if node_id not in (r.provider_id, r.verifier_id, r.referee_id):
                     continue
                 d = replay_game(r, self._commitment(s, r))
-                for role in self._awaiting(r, d):
-                    if self._party(r, role) == node_id:
-                        out.append({"id": r.id, "round": r.round, "role": role})
+                out.extend(seats.asked(r, self._awaiting(r, d), node_id))
         return out
-
-    @staticmethod
-    def _party(row: TrainDispute, role: str) -> str | None:
-        return {"provider": row.provider_id, "challenger": row.verifier_id,
-                "referee": row.referee_id}.get(role)
-
-    def _role(self, row: TrainDispute, d: game.Dispute | None, node_id: str,
-              round_: int) -> str:
-        if round_ != row.round or row.state not in ("open", "refereeing"):
-            raise Conflict(f"dispute {row.id} is not at round {round_} (round {row.round}, "
-                           f"{row.state})", round=row.round, state=row.state)
-        for role in self._awaiting(row, d):
-            if self._party(row, role) == node_id:
-                return role
-        raise Conflict(f"dispute {row.id} asks nothing of this node now", round=row.round)
 
     def query(self, node_id: str, dispute_id: str, round_: int) -> dict[str, Any]:
         """What this node must answer: its role, the phase and index, and the segment."""
@@ -217,7 +200,7 @@ class TrainDisputes:
                 raise NotFound(f"no dispute {dispute_id}")
             c = self._commitment(s, row)
             d = replay_game(row, c)
-            role = self._role(row, d, node_id, round_)
+            role = seats.seat(row, self._awaiting(row, d), node_id, round_, ANSWERING)
             seg = s.get(TrainSegment, row.segment_id)
             job = s.get(TrainJob, row.job_id)
             assert seg is not None and job is not None
@@ -227,11 +210,11 @@ class TrainDisputes:
                 "spec": job.spec, "start_step": seg.start_step, "end_step": seg.end_step,
                 "commitment": enc(seg.blob),
                 "start_checkpoint": enc(start.blob) if start is not None else None,
-                "deadline_in_s": (row.deadline if d is None or role == "referee"
+                "deadline_in_s": (row.deadline if d is None or role == seats.REFEREE
                                   else d.deadline) - self.clock()}
             if d is None:
                 out.update(phase="claim", step=seg.end_step - 1)
-            elif role == "referee":
+            elif role == seats.REFEREE:
                 out.update(phase="referee", step=d.disputed_step, op_index=d.op_index,
                            agreed_checkpoint=enc(row.checkpoint) if row.checkpoint else None)
             else:
@@ -252,13 +235,12 @@ class TrainDisputes:
                 raise NotFound(f"no dispute {dispute_id}")
             c = self._commitment(s, row)
             d = replay_game(row, c)
-            role = self._role(row, d, node_id, round_)
-            if role == "referee":
+            role = seats.seat(row, self._awaiting(row, d), node_id, round_, ANSWERING)
+            if role == seats.REFEREE:
                 self._referee(s, row, c, d, body, now)
                 return self._view(row, c)
             if d is None:  # the challenger's claim: its replay's end state
-                if now > row.deadline:
-                    raise Conflict(f"round {round_} of dispute {dispute_id} is past its deadline")
+                seats.in_time(dispute_id, round_, row.deadline, now)
                 claim = _hex(body, "state_hash").hex()
                 move = {"kind": "claim", "party": game.CHALLENGER, "hash": claim, "at": now}
                 row.moves = [move]
@@ -266,7 +248,7 @@ class TrainDisputes:
                 assert d is not None
                 row.round += 1
             else:
-                party = game.PROVIDER if role == "provider" else game.CHALLENGER
+                party = game.PROVIDER if role == seats.PROVIDER else game.CHALLENGER
                 before = (d.phase, d.deadline)
                 if d.phase == "referee":
                     self._handover(s, row, c, d, body, now)
@@ -305,7 +287,7 @@ class TrainDisputes:
             return {**base, "kind": "open", "index": i, "link": _hex(body, "link").hex(),
                     "siblings": [h.hex() for h in p.siblings], "right": list(p.right)}
         if d.phase == "records":
-            return {**base, "kind": "record", "record": _b64(body, "record").hex()}
+            return {**base, "kind": "record", "record": seats.unb64(body, "record").hex()}
         raise Conflict(f"nothing to answer in phase {d.phase}", phase=d.phase)
 
     def _advance(self, s: Session, row: TrainDispute, c: TrainingCommitment,
@@ -331,7 +313,7 @@ class TrainDisputes:
             d.timeout(now)
             self._settle(s, row, c, d)
             return
-        ckpt = _b64(body, "checkpoint")
+        ckpt = seats.unb64(body, "checkpoint")
         if hashlib.sha256(ckpt).digest() != d.agreed_start_hash:
             d.rule(False, False, "the provider's checkpoint is not the agreed state")
             self._settle(s, row, c, d)
@@ -364,8 +346,7 @@ class TrainDisputes:
         """The third party's recompute: its own record of the disputed op (or the step's
         end state hash) from the agreed state, compared with both parties' claims."""
         assert d is not None and d.disputed_step is not None
-        if now > row.deadline:
-            raise Conflict(f"round {row.round} of dispute {row.id} is past its deadline")
+        seats.in_time(row.id, row.round, row.deadline, now)
         seg = s.get(TrainSegment, row.segment_id)
         assert seg is not None
         det = str(body.get("det_class") or "")
@@ -383,7 +364,7 @@ class TrainDisputes:
             ok = h == c.leaf(d.disputed_step).state_hash
             d.rule(ok, not ok, f"step {d.disputed_step} end state recomputed")
         else:
-            mine = _b64(body, "record")
+            mine = seats.unb64(body, "record")
             p_rec, c_rec = d.records()
             d.rule(bool(mine) and mine == p_rec, bool(mine) and mine == c_rec,
                    f"op {d.op_index} of step {d.disputed_step} recomputed")
@@ -516,7 +497,8 @@ class TrainDisputes:
 
     def _view(self, row: TrainDispute, c: TrainingCommitment) -> dict[str, Any]:
         d = replay_game(row, c) if row.state in OPEN else None
-        return {"id": row.id, "audit_id": row.audit_id, "segment": row.segment_id,
+        return {"id": row.id, "kind": "training", "audit_id": row.audit_id,
+                "segment": row.segment_id,
                 "provider_id": row.provider_id, "challenger_id": row.verifier_id,
                 "referee_id": row.referee_id, "state": row.state, "round": row.round,
                 "phase": (d.phase if d is not None else
@@ -524,6 +506,13 @@ class TrainDisputes:
                 "waiting_for": self._awaiting(row, d), "moves": len(row.moves),
                 "ruling": dict(row.ruling), "reason": row.reason,
                 "created_at": row.created_at, "done_at": row.done_at}
+
+    def listing(self, node_id: str | None = None) -> list[dict[str, Any]]:
+        """Every training dispute (or one node's, in any seat), newest first."""
+        with self.store.read() as s:
+            rows = s.scalars(select(TrainDispute).order_by(TrainDispute.created_at.desc()))
+            return [self._view(r, self._commitment(s, r)) for r in rows if node_id is None
+                    or node_id in (r.provider_id, r.verifier_id, r.referee_id)]
 
     def of_job(self, s: Session, job_id: str) -> list[dict[str, Any]]:
         """A job's disputes, oldest first (for the job view)."""

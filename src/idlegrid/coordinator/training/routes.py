@@ -220,38 +220,3 @@ async def answer_probe(probe_id: str, request: Request) -> dict[str, Any]:
     svc = services(request)
     return await svc.db(svc.jobs.answer_probe, node_id, probe_id,
                          b64(msg.checkpoint, "checkpoint"))
-
-
-# ---- disputes --------------------------------------------------------------------------------
-
-
-@router.post("/train/audits/{audit_id}/dispute", response_model=s.TrainDispute,
-             responses=errors(400, 401, 404, 409))
-async def open_train_dispute(audit_id: str, request: Request) -> dict[str, Any]:
-    """A provider contests a failed audit of its own segment (409 if the audit did not
-    fail, was judged across determinism classes, or is disputed already)."""
-    node_id, body = await signed(request)
-    msg = parse(tm.TrainDisputeMsg, body)
-    svc = services(request)
-    return await svc.db(svc.jobs.disputes.open, node_id, audit_id, msg.reason)
-
-
-@router.post("/train/disputes/{dispute_id}/query", response_model=s.TrainDisputeQuery,
-             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
-async def train_dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
-    """What the current round asks of the calling party (role, phase, step or op index)."""
-    node_id, body = await signed(request)
-    msg = parse(tm.TrainDisputeQueryMsg, body)
-    svc = services(request)
-    return await svc.db(svc.jobs.disputes.query, node_id, dispute_id, msg.round)
-
-
-@router.post("/train/disputes/{dispute_id}/answer", response_model=s.TrainDispute,
-             responses=errors(400, 401, 404, 409))
-async def train_dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
-    """A party's (or the referee's) answer for the current round, before its deadline."""
-    node_id, body = await signed(request)
-    msg = parse(tm.TrainDisputeAnswerMsg, body)
-    svc = services(request)
-    return await svc.db(svc.jobs.disputes.answer, node_id, dispute_id, msg.round,
-                         msg.model_dump())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -65,6 +65,7 @@ class TrainDispute(BaseModel):
     """A dispute over a failed training audit: the game's phase, moves and ruling."""
 
     id: str
+    kind: Literal["training"]
     audit_id: str
     segment: str
     provider_id: str

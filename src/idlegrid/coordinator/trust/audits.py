@@ -418,7 +418,7 @@ class Trust:
         disputes = await self.ctx.db(self.disputes.listing)
         pol = self.policy
         return {
-            "disputes": [{k: d[k] for k in ("id", "audit_id", "provider_id", "verifier_id",
+            "disputes": [{k: d[k] for k in ("id", "audit_id", "provider_id", "challenger_id",
                                             "referee_id", "state", "round", "waiting_for")}
                          | {"provider_right": d["ruling"].get("provider_right")}
                          for d in disputes[:50]],

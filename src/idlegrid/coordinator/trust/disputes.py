@@ -2,11 +2,14 @@
 
 Rounds: the open interval of positions (core/trust/bisect.py) is halved by asking the
 provider (open the committed chunk at the middle position, with its Merkle path) and the
-original verifier (its recomputation of that position); the verifier's answer against the
-opened chunk says whether they agree there. Every round has a deadline: a party that does
-not answer in time loses. When one disagreeing position is left, a third verifier-mode
-node (neither party) recomputes that position alone and the ruling follows from whom it
-matches. Agents learn of queries from their heartbeat answer and answer automatically.
+challenger (the verifier that failed the audit: its recomputation of that position); the
+challenger's answer against the opened chunk says whether they agree there. Every round
+has a deadline: a party that does not answer in time loses. When one disagreeing position
+is left, a third verifier-mode node (neither party) recomputes that position alone and the
+ruling follows from whom it matches. Agents learn of queries from their heartbeat answer
+and answer automatically. This is the inference game of the one dispute shell
+(`dispute_shell.py`): the shell opens, routes and lists; seats, turns and deadlines are
+`core/disputes.py`'s.
 
 Decisions and ledger entries come from the pure core (`core/trust/dispute.py`, `bisect.py`);
 this module reads and writes state. All of it runs inside `Grid.db` (a worker thread).
@@ -22,6 +25,7 @@ from sqlalchemy import select, update
 
 from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerPosting
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustDispute, TrustNode
+from idlegrid.core import disputes as seats
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
 from idlegrid.core.trust import beacon, bisect, dispute
@@ -34,17 +38,14 @@ if TYPE_CHECKING:
     from idlegrid.coordinator.trust.audits import Trust
 
 OPEN_STATES = DISPUTE.live()  # awaiting-referee, bisecting, refereeing
-
-
-def _unb64(text: str, param: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(f"{param} is not base64", param=param) from exc
+ANSWERING = ("bisecting", "refereeing")
 
 
 class Disputes:
-    """Open, run and settle disputes for one coordinator."""
+    """Open, run and settle inference disputes for one coordinator (the shell's game)."""
+
+    kind = "inference"
+    prefix = "dsp-"
 
     def __init__(self, trust: Trust) -> None:
         self.trust = trust
@@ -111,7 +112,7 @@ class Disputes:
             self._pick_referee(s, row, now)
             return
         row.round += 1
-        row.waiting = ["provider", "verifier"]
+        row.waiting = [seats.PROVIDER, seats.CHALLENGER]
         row.deadline = now + self.trust.settings.dispute_answer_s
 
     def _position(self, row: TrustDispute) -> int:
@@ -142,27 +143,10 @@ class Disputes:
         """Queries this node must answer now (they ride on its heartbeat answer)."""
         out = []
         with self.store.read() as s:
-            rows = s.scalars(select(TrustDispute).where(TrustDispute.state.in_(
-                ("bisecting", "refereeing"))))
+            rows = s.scalars(select(TrustDispute).where(TrustDispute.state.in_(ANSWERING)))
             for r in rows:
-                for role in r.waiting:
-                    if self._party(r, role) == node_id:
-                        out.append({"id": r.id, "round": r.round, "role": role})
+                out.extend(seats.asked(r, r.waiting, node_id))
         return out
-
-    @staticmethod
-    def _party(row: TrustDispute, role: str) -> str | None:
-        return {"provider": row.provider_id, "verifier": row.verifier_id,
-                "referee": row.referee_id}.get(role)
-
-    def _role(self, row: TrustDispute, node_id: str, round_: int) -> str:
-        if round_ != row.round or row.state not in ("bisecting", "refereeing"):
-            raise Conflict(f"dispute {row.id} is not at round {round_} (round {row.round}, "
-                           f"{row.state})", round=row.round, state=row.state)
-        for role in row.waiting:
-            if self._party(row, role) == node_id:
-                return role
-        raise Conflict(f"dispute {row.id} asks nothing of this node now", round=row.round)
 
     def query(self, node_id: str, dispute_id: str, round_: int) -> dict[str, Any]:
         """What this node must answer: its role, the position, and the audited request."""
@@ -170,7 +154,7 @@ class Disputes:
             row = s.get(TrustDispute, dispute_id)
             if row is None:
                 raise NotFound(f"no dispute {dispute_id}")
-            role = self._role(row, node_id, round_)
+            role = seats.seat(row, row.waiting, node_id, round_, ANSWERING)
             a = s.get(TrustAudit, row.audit_id)
             com = s.get(TrustCommitment, (a.task_id, a.attempt))
             out = {"dispute_id": row.id, "round": row.round, "role": role,
@@ -187,21 +171,20 @@ class Disputes:
             row = s.get(TrustDispute, dispute_id)
             if row is None:
                 raise NotFound(f"no dispute {dispute_id}")
-            role = self._role(row, node_id, round_)
-            if now > row.deadline:
-                raise Conflict(f"round {round_} of dispute {dispute_id} is past its deadline")
+            role = seats.seat(row, row.waiting, node_id, round_, ANSWERING)
+            seats.in_time(dispute_id, round_, row.deadline, now)
             a = s.get(TrustAudit, row.audit_id)
             c = cm.decode(a.blob)
             position = self._position(row)
-            if role == "provider":
+            if role == seats.PROVIDER:
                 ok = self._check_opening(c, position, body)
                 if not ok:
                     self._rule(s, row, a, provider_right=False, position=position,
                                detail="the provider's opening does not match its commitment")
                     return self._view(row)
-                row.answers = {**row.answers, "provider": "opened"}
+                row.answers = {**row.answers, seats.PROVIDER: "opened"}
             else:
-                report = cm.decode_report(_unb64(body.get("report") or "", "report"))
+                report = cm.decode_report(seats.unb64(body, "report"))
                 if len(report.chunks) != (1 if position < len(c.chunks) else 0):
                     raise InvalidRequest("the report must hold exactly the queried position",
                                          param="report")
@@ -230,7 +213,7 @@ class Disputes:
         if row.state == "refereeing":
             self._referee_ruling(s, row, a, c, position)
             return
-        report = cm.decode_report(base64.b64decode(row.answers["verifier"]))
+        report = cm.decode_report(base64.b64decode(row.answers[seats.CHALLENGER]))
         tol = self.trust.tolerance(c.header.det_class, report.det_class)
         agree = not dispute.faults_at(c, position, report, tol)
         b = bisect.Bisection(row.n, row.lo, row.hi)
@@ -241,7 +224,7 @@ class Disputes:
 
     def _referee_ruling(self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment,
                         position: int) -> None:
-        ref = cm.decode_report(base64.b64decode(row.answers["referee"]))
+        ref = cm.decode_report(base64.b64decode(row.answers[seats.REFEREE]))
         faults = dispute.faults_at(c, position, ref, self.trust.tolerance(
             c.header.det_class, ref.det_class))
         # The verifier's claim at this position is its audit report: it said "disagree"
@@ -253,8 +236,9 @@ class Disputes:
 
     # ---- deadlines ---------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """Settle rounds past their deadline; find referees for disputes waiting for one."""
+    def tick(self, live: frozenset[str] = frozenset()) -> None:
+        """Settle rounds past their deadline; find referees for disputes waiting for one
+        (any verifier the trust table holds; `live` is the shell's, unused here)."""
         now = self.clock()
         if not self.store.exists(select(TrustDispute.id).where(
                 TrustDispute.state.in_(OPEN_STATES))):
@@ -276,7 +260,7 @@ class Disputes:
                     # Not a party: another third party is asked instead.
                     row.excluded = [*row.excluded, row.referee_id or ""]
                     self._pick_referee(s, row, now)
-                elif "provider" in row.waiting:
+                elif seats.PROVIDER in row.waiting:
                     self._rule(s, row, a, False, position,
                                "the provider did not answer in time")
                 else:
@@ -302,7 +286,7 @@ class Disputes:
         fee = self.trust.fee(com.charge if com else 0)
         balances = self._balances(s)
         posts: list[Entry | None] = []
-        if row.referee_id is not None and "referee" in row.answers:
+        if row.referee_id is not None and seats.REFEREE in row.answers:
             posts.append(dispute.referee_pay(row.id, row.referee_id, fee,
                                              balances.get(ledger.FEES, 0)))
         provider = s.get(TrustNode, row.provider_id)
@@ -358,8 +342,9 @@ class Disputes:
 
     @staticmethod
     def _view(row: TrustDispute) -> dict[str, Any]:
-        return {"id": row.id, "audit_id": row.audit_id, "provider_id": row.provider_id,
-                "verifier_id": row.verifier_id, "referee_id": row.referee_id,
+        return {"id": row.id, "kind": "inference", "audit_id": row.audit_id,
+                "provider_id": row.provider_id, "challenger_id": row.verifier_id,
+                "referee_id": row.referee_id,
                 "state": row.state, "round": row.round, "positions": row.n,
                 "interval": [row.lo, row.hi], "waiting_for": list(row.waiting),
                 "rounds": list(row.rounds), "ruling": dict(row.ruling), "reason": row.reason,

@@ -1,4 +1,5 @@
-"""Trust API: verifiers long-poll for audits and report recomputations; operators read audits."""
+"""Trust API: verifiers long-poll for audits and report recomputations; providers dispute a
+failed audit of either kind (one route family); operators read audits and disputes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from idlegrid.coordinator.deps import (
     signed,
 )
 from idlegrid.coordinator.schemas import NO_CONTENT, errors
+from idlegrid.coordinator.trust import dispute_schemas as ds
 from idlegrid.coordinator.trust import schemas as s
 from idlegrid.protocol import messages as m
+from idlegrid.protocol.disputes import DisputeAnswerMsg, DisputeOpenMsg, DisputeQueryMsg
 
 router = APIRouter(prefix="/api/v1", tags=["trust"])
 
@@ -40,43 +43,54 @@ async def report_audit(audit_id: str, request: Request) -> dict[str, Any]:
     return await services(request).trust.report(node_id, audit_id, msg.report)
 
 
-@router.post("/audits/{audit_id}/dispute", response_model=s.Dispute,
-             responses=errors(400, 401, 404, 409))
-async def open_dispute(audit_id: str, request: Request) -> dict[str, Any]:
-    """A provider contests a failed audit of its own answer (409 if the audit did not fail)."""
+# ---- disputes (both kinds: the one shell, dispute_shell.py) -------------------------------
+
+
+@router.post("/disputes", response_model=ds.Dispute, responses=errors(400, 401, 404, 409))
+async def open_dispute(request: Request) -> dict[str, Any]:
+    """A provider contests a failed audit of its own work: `kind` inference (an answer) or
+    training (a segment). 400 names a bad `kind`; 404 for an audit that is not the
+    caller's; 409 if the audit did not fail, is disputed already, or (training) was judged
+    across determinism classes."""
     node_id, body = await signed(request)
-    msg = parse(m.DisputeMsg, body)
+    msg = parse(DisputeOpenMsg, body)
     svc = services(request)
-    return await svc.db(svc.trust.disputes.open, node_id, audit_id, msg.reason)
+    return await svc.db(svc.disputes.open, msg.kind, node_id, msg.audit_id, msg.reason)
 
 
-@router.post("/disputes/{dispute_id}/query", response_model=s.DisputeQuery,
-             responses=errors(400, 401, 404, 409))
+@router.post("/disputes/{dispute_id}/query", response_model=ds.DisputeQuery,
+             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
 async def dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
-    """What the current round asks of the calling party (role, position, audited request)."""
+    """What the current round asks of the calling seat (inference: the position and the
+    audited request; training: the phase, step or op index, and the segment)."""
     node_id, body = await signed(request)
-    msg = parse(m.DisputeQueryMsg, body)
+    msg = parse(DisputeQueryMsg, body)
     svc = services(request)
-    return await svc.db(svc.trust.disputes.query, node_id, dispute_id, msg.round)
+    return await svc.db(svc.disputes.query, node_id, dispute_id, msg.round)
 
 
-@router.post("/disputes/{dispute_id}/answer", response_model=s.Dispute,
+@router.post("/disputes/{dispute_id}/answer", response_model=ds.Dispute,
              responses=errors(400, 401, 404, 409))
 async def dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
-    """A party's answer for the current round (before its deadline)."""
+    """A seat's answer for the current round (before its deadline)."""
     node_id, body = await signed(request)
-    msg = parse(m.DisputeAnswerMsg, body)
+    msg = parse(DisputeAnswerMsg, body)
     svc = services(request)
-    return await svc.db(svc.trust.disputes.answer, node_id, dispute_id, msg.round,
+    return await svc.db(svc.disputes.answer, node_id, dispute_id, msg.round,
                          msg.model_dump())
 
 
-@router.get("/disputes", response_model=s.DisputeList, responses=errors(401))
-async def list_disputes(request: Request, node: str | None = None) -> dict[str, Any]:
-    """Every dispute, its rounds and ruling (operator only); `node` keeps one node's."""
+@router.get("/disputes", response_model=ds.DisputeList, responses=errors(400, 401))
+async def list_disputes(request: Request, node: str | None = None,
+                        kind: str | None = None) -> dict[str, Any]:
+    """Disputes of both kinds, newest first, with their rounds and rulings (operator only);
+    `node` keeps one node's (in any seat), `kind` one kind (400 for another)."""
     require_operator(request)
     svc = services(request)
-    return {"disputes": await svc.db(svc.trust.disputes.listing, node)}
+    return {"disputes": await svc.db(svc.disputes.listing, node, kind)}
+
+
+# ---- audits and hardware proofs -------------------------------------------------------------
 
 
 @router.get("/audits", response_model=s.AuditList, responses=errors(401))

@@ -1,8 +1,9 @@
-"""Response models of the trust API: audits, disputes, hardware proofs, trust status."""
+"""Response models of the trust API: audits, inference disputes, hardware proofs, trust
+status (disputes of both kinds: `dispute_schemas.py`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -45,13 +46,14 @@ class AuditList(BaseModel):
     audits: list[Audit]
 
 
-class Dispute(BaseModel):
+class InferenceDispute(BaseModel):
     """A dispute over a failed inference audit: bisection rounds and ruling."""
 
     id: str
+    kind: Literal["inference"]
     audit_id: str
     provider_id: str
-    verifier_id: str
+    challenger_id: str
     referee_id: str | None
     state: str
     round: int
@@ -65,14 +67,9 @@ class Dispute(BaseModel):
     done_at: Number
 
 
-class DisputeList(BaseModel):
-    """GET /disputes."""
-
-    disputes: list[Dispute]
-
-
-class DisputeQuery(BaseModel):
-    """What the current round of a dispute asks of the caller, with the audited request."""
+class InferenceDisputeQuery(BaseModel):
+    """What the current round of an inference dispute asks of the caller, with the audited
+    request (`kind` here is the request's: chat or completion)."""
 
     dispute_id: str
     round: int
@@ -90,6 +87,7 @@ class DisputeQuery(BaseModel):
     max_new_tokens: int
     stop: list[str]
     commitment: str
+
 
 
 class HwStart(BaseModel):
@@ -148,12 +146,12 @@ class HwProofList(BaseModel):
 
 
 class DisputeSummary(BaseModel):
-    """A dispute as /status shows it."""
+    """An inference dispute as /status shows it."""
 
     id: str
     audit_id: str
     provider_id: str
-    verifier_id: str
+    challenger_id: str
     referee_id: str | None
     state: str
     round: int

@@ -1,52 +1,30 @@
-"""Answering training dispute rounds (coordinator/training/disputes.py drives the game).
+"""What a training dispute round asks, computed (the dispute role, `disputes.py`, asks and
+answers; `coordinator/training/disputes.py` drives the game).
 
 The provider answers from its kept checkpoints with its own executor: it replays from the
 segment's start to the disputed step and traces that step. The challenger answers from its
 replay of the segment (the same executor call its audit made). A referee traces the
 disputed step from the agreed state and reports its own record of the disputed op (or the
-step's end state hash). Queries ride on the heartbeat answer; every answer is signed.
-Torch is imported by the executor only when a query arrives.
+step's end state hash). Torch is imported by the executor only when a query arrives.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-from functools import partial
 from typing import Any
 
-from idlegrid.agent.context import AgentContext, Answers, Role
-from idlegrid.agent.roles.trainer import TorchExecutor, Training, executor
+from idlegrid.agent.roles.trainer import TorchExecutor, Training
 from idlegrid.core.trust.merkle import merkle_proof, merkle_root
 
 
-class TrainDisputes(Role):
-    """Answers training dispute rounds: as provider from `training`'s kept checkpoints, as
+class TrainReplay:
+    """Training dispute answers: as provider from `training`'s kept checkpoints, as
     challenger from its replay, as referee with the reference executor."""
 
-    def __init__(self, ctx: AgentContext, training: Training) -> None:
-        self.ctx = ctx
+    def __init__(self, training: Training) -> None:
         self.training = training
-        self.answers = Answers("dispute")
         # Per (dispute, role): what was recomputed for earlier rounds.
         self.cache: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def on_heartbeat(self, beat: dict[str, Any]) -> None:
-        """Answer each training dispute round the heartbeat asks of this node, once."""
-        for q in beat.get("train_disputes", []):
-            qid = f"train/{q['id']}/{q['round']}/{q['role']}"
-            self.answers.start(qid, partial(self.answer, q))
-
-    async def answer(self, q: dict[str, Any]) -> dict[str, Any]:
-        """Fetch what round `q` asks of this node, compute it, send it; the reply."""
-        client = self.ctx.client
-        base = f"/api/v1/train/disputes/{q['id']}"
-        got = await client.call(f"{base}/query", {"round": q["round"]})
-        assert got is not None
-        loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(None, self.compute, executor(self.ctx.config), got)
-        out = await client.call(f"{base}/answer", {"round": got["round"], **body})
-        return out or {}
 
     def compute(self, ex: Any, got: dict[str, Any]) -> dict[str, Any]:
         """The answer body for one query (runs in a worker thread)."""
@@ -64,7 +42,8 @@ class TrainDisputes(Role):
         if phase in ("claim", "steps"):  # the challenger opens its replay's state hashes
             if "leaves" not in memo:
                 memo["leaves"], _ = ex.replay(spec, start, c.start_step, c.end_step)
-            return {"state_hash": memo["leaves"][int(step) - c.start_step].state_hash.hex()}
+            i = int(got["step"]) - c.start_step
+            return {"state_hash": memo["leaves"][i].state_hash.hex()}
         assert step is not None
         key = f"step-{step}"
         if key not in memo:
@@ -99,7 +78,6 @@ class TrainDisputes(Role):
         if phase == "referee":  # the provider hands over the agreed state before the step
             return {"checkpoint": base64.b64encode(m["checkpoint"]).decode()}
         raise ValueError(f"unknown dispute phase {phase}")
-
 
     def _start(self, ex: Any, spec: Any, got: dict[str, Any], role: str) -> bytes:
         """The segment's start checkpoint: the provider's own kept one when it has it, else the
