@@ -32,9 +32,14 @@ from idlegrid.core.ledger import MICRO
 from idlegrid.protocol.signing import NodeKey
 from idlegrid.testbed.inprocess import free_port
 
-CARDS = [("NVIDIA GeForce RTX 3060", 170), ("NVIDIA GeForce RTX 3080", 320),
-         ("NVIDIA GeForce RTX 4060 Ti", 165), ("NVIDIA GeForce RTX 4070 SUPER", 220),
-         ("NVIDIA GeForce RTX 4090", 450), ("Apple M2 Pro GPU", 40)]
+CARDS = [
+    ("NVIDIA GeForce RTX 3060", 170),
+    ("NVIDIA GeForce RTX 3080", 320),
+    ("NVIDIA GeForce RTX 4060 Ti", 165),
+    ("NVIDIA GeForce RTX 4070 SUPER", 220),
+    ("NVIDIA GeForce RTX 4090", 450),
+    ("Apple M2 Pro GPU", 40),
+]
 REGIONS = ["eu-west", "eu-central", "us-east", "us-west", "ap-south"]
 
 
@@ -50,19 +55,47 @@ async def register_simulated(url: str, count: int, concurrency: int = 4) -> floa
             # event loop for longer than a signature stays fresh.
             client = NodeClient(url, NodeKey.generate())
             try:
-                await client.call("/api/v1/nodes/register", {
-                    "protocol_version": PROTOCOL_VERSION, "name": f"sim-{i:04d}",
-                    "hardware": {"gpus": [{"index": 0, "name": card, "vendor": "nvidia",
-                                           "power_limit_w": watts}],
-                                 "region": REGIONS[i % len(REGIONS)]},
-                    "engine": {"engine": "simulated"}, "slots": 1,
-                    "prefill_tps": rng.uniform(500, 5000), "decode_tps": rng.uniform(20, 150),
-                    "offers": [{"model": "fake:1", "prompt_price": 10 * MICRO,
-                                "output_price": rng.randint(30, 60) * MICRO}]})
+                await client.call(
+                    "/api/v1/nodes/register",
+                    {
+                        "protocol_version": PROTOCOL_VERSION,
+                        "name": f"sim-{i:04d}",
+                        "hardware": {
+                            "gpus": [
+                                {
+                                    "index": 0,
+                                    "name": card,
+                                    "vendor": "nvidia",
+                                    "power_limit_w": watts,
+                                }
+                            ],
+                            "region": REGIONS[i % len(REGIONS)],
+                        },
+                        "engine": {"engine": "simulated"},
+                        "slots": 1,
+                        "prefill_tps": rng.uniform(500, 5000),
+                        "decode_tps": rng.uniform(20, 150),
+                        "offers": [
+                            {
+                                "model": "fake:1",
+                                "prompt_price": 10 * MICRO,
+                                "output_price": rng.randint(30, 60) * MICRO,
+                            }
+                        ],
+                    },
+                )
                 for j in range(2):  # two counter readings, so energy has a difference
-                    await client.call("/api/v1/nodes/heartbeat", {"power": {
-                        "joules_total": 100.0 * j * watts, "watts": float(watts),
-                        "source": "estimate", "estimated": True}})
+                    await client.call(
+                        "/api/v1/nodes/heartbeat",
+                        {
+                            "power": {
+                                "joules_total": 100.0 * j * watts,
+                                "watts": float(watts),
+                                "source": "estimate",
+                                "estimated": True,
+                            }
+                        },
+                    )
             finally:
                 await client.close()
 
@@ -92,7 +125,8 @@ def paint_timings(browser: Any, url: str, key: str, loads: int) -> dict[str, flo
         page.goto(url + "/", wait_until="load")
         assert page.locator("#providers").count() == 1, "not the dashboard (login page?)"
         page.wait_for_function(
-            "() => performance.getEntriesByName('first-contentful-paint').length > 0")
+            "() => performance.getEntriesByName('first-contentful-paint').length > 0"
+        )
         timing = page.evaluate("""() => {
             const p = Object.fromEntries(performance.getEntriesByType('paint')
                                          .map(e => [e.name, e.startTime]));
@@ -104,12 +138,15 @@ def paint_timings(browser: Any, url: str, key: str, loads: int) -> dict[str, flo
         fcp.append(timing["fcp"])
         dcl.append(timing["dcl"])
         context.close()
-    return {"first_paint_ms": statistics.median(fp), "fcp_ms": statistics.median(fcp),
-            "fcp_max_ms": max(fcp), "dcl_ms": statistics.median(dcl)}
+    return {
+        "first_paint_ms": statistics.median(fp),
+        "fcp_ms": statistics.median(fcp),
+        "fcp_max_ms": max(fcp),
+        "dcl_ms": statistics.median(dcl),
+    }
 
 
-def update_lags(browser: Any, url: str, key: str, api_key: str, updates: int
-                ) -> dict[str, float]:
+def update_lags(browser: Any, url: str, key: str, api_key: str, updates: int) -> dict[str, float]:
     """Seconds from a completion's response to its row in the open page (median and max)."""
     context = new_context(browser, url, key)
     page = context.new_page()
@@ -119,8 +156,9 @@ def update_lags(browser: Any, url: str, key: str, api_key: str, updates: int
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
     lags = []
     for i in range(updates):
-        answer = client.completions.create(model="fake:1", prompt=f"bench {i}", max_tokens=4,
-                                           temperature=0)
+        answer = client.completions.create(
+            model="fake:1", prompt=f"bench {i}", max_tokens=4, temperature=0
+        )
         done = time.perf_counter()
         page.wait_for_selector(f'#recent tr[data-request="{answer.id}"]', timeout=30_000)
         lags.append(time.perf_counter() - done)
@@ -132,16 +170,16 @@ def update_lags(browser: Any, url: str, key: str, api_key: str, updates: int
 def html_timing(url: str, key: str, n: int = 7) -> dict[str, float]:
     """Median time and size of GET / (ms, KiB), each after a change, so each is rebuilt."""
     times, size = [], 0
-    with httpx.Client(trust_env=False, timeout=60,
-                      headers={"Authorization": f"Bearer {key}"}) as c:
+    with httpx.Client(trust_env=False, timeout=60, headers={"Authorization": f"Bearer {key}"}) as c:
         for i in range(n):
             # Paced past the rebuild interval (2x a build), so this times one build, not the
             # wait for the previous one's interval to pass.
             time.sleep(1.0)
             # A mint is a change: the page cannot come from the shared snapshot cache.
-            c.post(url + "/api/v1/admin/mint", json={
-                "key_id": "bench", "amount": 1, "reference": f"bench-{time.time()}-{i}"}
-                   ).raise_for_status()
+            c.post(
+                url + "/api/v1/admin/mint",
+                json={"key_id": "bench", "amount": 1, "reference": f"bench-{time.time()}-{i}"},
+            ).raise_for_status()
             start = time.perf_counter()
             r = c.get(url + "/")
             r.raise_for_status()
@@ -153,8 +191,11 @@ def html_timing(url: str, key: str, n: int = 7) -> dict[str, float]:
 def measure(browser: Any, grid: LocalGrid, args: argparse.Namespace) -> dict[str, float]:
     """Every number for the grid as it is now."""
     key = grid.operator_key
-    return {**html_timing(grid.url, key), **paint_timings(browser, grid.url, key, args.loads),
-            **update_lags(browser, grid.url, key, grid.api_key, args.updates)}
+    return {
+        **html_timing(grid.url, key),
+        **paint_timings(browser, grid.url, key, args.loads),
+        **update_lags(browser, grid.url, key, grid.api_key, args.updates),
+    }
 
 
 def main() -> None:
@@ -166,12 +207,17 @@ def main() -> None:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    grid = LocalGrid(data_dir=Path(tempfile.mkdtemp(prefix="idlegrid-bench-dash-")),
-                     port=free_port(), providers=1, engine="fake", model="fake:1", threads=1,
-                     provider_args=["--skip-benchmark"],
-                     # Simulated providers never heartbeat again: keep them counted as live.
-                     extra_env={"IDLEGRID_NODE_TIMEOUT_S": "3600",
-                                "IDLEGRID_POWER_SAMPLE_INTERVAL_S": "0.001"})
+    grid = LocalGrid(
+        data_dir=Path(tempfile.mkdtemp(prefix="idlegrid-bench-dash-")),
+        port=free_port(),
+        providers=1,
+        engine="fake",
+        model="fake:1",
+        threads=1,
+        provider_args=["--skip-benchmark"],
+        # Simulated providers never heartbeat again: keep them counted as live.
+        extra_env={"IDLEGRID_NODE_TIMEOUT_S": "3600", "IDLEGRID_POWER_SAMPLE_INTERVAL_S": "0.001"},
+    )
     grid.start()
     results: dict[str, dict[str, float]] = {}
     try:
@@ -180,22 +226,36 @@ def main() -> None:
             results["1 provider"] = measure(browser, grid, args)
             # Playwright's sync API owns this thread's event loop; register from another.
             with ThreadPoolExecutor(1) as pool:
-                took = pool.submit(asyncio.run,
-                                   register_simulated(grid.url, args.providers)).result()
-            print(f"registered {args.providers} simulated providers in {took:.1f} s "
-                  f"({args.providers / took:.0f}/s, signed, with 2 power reports each)")
+                took = pool.submit(
+                    asyncio.run, register_simulated(grid.url, args.providers)
+                ).result()
+            print(
+                f"registered {args.providers} simulated providers in {took:.1f} s "
+                f"({args.providers / took:.0f}/s, signed, with 2 power reports each)"
+            )
             label = f"{args.providers + 1} providers"
             results[label] = measure(browser, grid, args)
             browser.close()
     finally:
         grid.stop()
-    cols = ["html_ms", "html_kib", "first_paint_ms", "fcp_ms", "fcp_max_ms", "dcl_ms",
-            "lag_median_s", "lag_max_s"]
+    cols = [
+        "html_ms",
+        "html_kib",
+        "first_paint_ms",
+        "fcp_ms",
+        "fcp_max_ms",
+        "dcl_ms",
+        "lag_median_s",
+        "lag_max_s",
+    ]
     print("| grid | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for label, r in results.items():
-        print(f"| {label} | " + " | ".join(f"{r[c]:.3f}" if c.endswith("_s") else f"{r[c]:.0f}"
-                                            for c in cols) + " |")
+        print(
+            f"| {label} | "
+            + " | ".join(f"{r[c]:.3f}" if c.endswith("_s") else f"{r[c]:.0f}" for c in cols)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

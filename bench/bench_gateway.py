@@ -59,9 +59,14 @@ def grid_run(client: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[float
     """(ttft s, decode tok/s, tokens) through the grid, measured by the consumer."""
     start = time.perf_counter()
     first = last = start
-    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
-                                       temperature=0, stream=True,
-                                       stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     seen = 0
     tokens = 0
     for chunk in stream:
@@ -81,9 +86,11 @@ def grid_run(client: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[float
 
 def concurrent_tps(client: openai.OpenAI, requests: int, max_tokens: int) -> float:
     """Aggregate output tokens/s of `requests` simultaneous completions."""
+
     def one(i: int) -> int:
-        r = client.completions.create(model=MODEL, prompt=PROMPTS[i % len(PROMPTS)],
-                                      max_tokens=max_tokens, temperature=0)
+        r = client.completions.create(
+            model=MODEL, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, temperature=0
+        )
         return r.usage.completion_tokens if r.usage else 0
 
     start = time.perf_counter()
@@ -98,8 +105,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--ttft-pairs", type=int, default=48)
-    ap.add_argument("--scaling-batches", type=int, default=4,
-                    help="batches of --concurrency requests timed against 1, then 2 providers")
+    ap.add_argument(
+        "--scaling-batches",
+        type=int,
+        default=4,
+        help="batches of --concurrency requests timed against 1, then 2 providers",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -129,7 +140,7 @@ def main() -> None:
         t_direct, t_grid = [], []
         for i in range(args.ttft_pairs):
             prompt = PROMPTS[i % len(PROMPTS)]
-            for side in (("direct", "grid") if i % 2 == 0 else ("grid", "direct")):
+            for side in ("direct", "grid") if i % 2 == 0 else ("grid", "direct"):
                 if side == "direct":
                     t_direct.append(direct_run(engine, prompt, 1)[0])
                 else:
@@ -147,15 +158,19 @@ def main() -> None:
         }
         engine.close()
 
-        one = [concurrent_tps(client, args.concurrency, args.max_tokens)
-               for _ in range(args.scaling_batches)]
+        one = [
+            concurrent_tps(client, args.concurrency, args.max_tokens)
+            for _ in range(args.scaling_batches)
+        ]
         grid.providers = 2
         grid.start_provider(1)
         grid.wait_for_providers(2)
         grid.wait_for_hwproofs()
         concurrent_tps(client, 2, 8)  # warm the second provider
-        two = [concurrent_tps(client, args.concurrency, args.max_tokens)
-               for _ in range(args.scaling_batches)]
+        two = [
+            concurrent_tps(client, args.concurrency, args.max_tokens)
+            for _ in range(args.scaling_batches)
+        ]
         results["scaling"] = {
             "concurrency": args.concurrency,
             "one_provider_tps_median": statistics.median(one),
@@ -168,14 +183,20 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
     o, s = results["overhead"], results["scaling"]  # type: ignore[assignment]
-    print(f"decode tok/s  direct {o['direct_decode_tps_median']:.1f}  grid "  # type: ignore[index]
-          f"{o['grid_decode_tps_median']:.1f}  ratio (median of pairs) "  # type: ignore[index]
-          f"{o['tps_ratio_median']:.3f}")  # type: ignore[index]
-    print(f"TTFT ms       direct {o['direct_ttft_ms_median']:.1f}  grid "  # type: ignore[index]
-          f"{o['grid_ttft_ms_median']:.1f}  added (median of pairs) "  # type: ignore[index]
-          f"{o['added_ttft_ms_median']:.1f}")  # type: ignore[index]
-    print(f"scaling       1 provider {s['one_provider_tps_median']:.1f} tok/s, 2 providers "  # type: ignore[index]
-          f"{s['two_providers_tps_median']:.1f} tok/s: {s['speedup']:.2f}x")  # type: ignore[index]
+    print(
+        f"decode tok/s  direct {o['direct_decode_tps_median']:.1f}  grid "  # type: ignore[index]
+        f"{o['grid_decode_tps_median']:.1f}  ratio (median of pairs) "  # type: ignore[index]
+        f"{o['tps_ratio_median']:.3f}"
+    )  # type: ignore[index]
+    print(
+        f"TTFT ms       direct {o['direct_ttft_ms_median']:.1f}  grid "  # type: ignore[index]
+        f"{o['grid_ttft_ms_median']:.1f}  added (median of pairs) "  # type: ignore[index]
+        f"{o['added_ttft_ms_median']:.1f}"
+    )  # type: ignore[index]
+    print(
+        f"scaling       1 provider {s['one_provider_tps_median']:.1f} tok/s, 2 providers "  # type: ignore[index]
+        f"{s['two_providers_tps_median']:.1f} tok/s: {s['speedup']:.2f}x"
+    )  # type: ignore[index]
 
 
 if __name__ == "__main__":

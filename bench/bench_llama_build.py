@@ -72,8 +72,13 @@ def run_one(site: Path, threads: int, tokens: int, out: Path) -> dict[str, objec
     """One child with this build first on the path: its rate, or the signal it died of."""
     src = Path(__file__).resolve().parent.parent / "src"
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{src}"}
-    p = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(tokens), str(out),
-                        PROMPT], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, str(threads), str(tokens), str(out), PROMPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if p.returncode < 0:
         return {"crash": signal.Signals(-p.returncode).name}
     if p.returncode:
@@ -94,8 +99,10 @@ def main() -> None:
     names = list(builds)
     tmp = Path(tempfile.mkdtemp(prefix="bench-llama-"))
     sites = {n: unpack(Path(p), tmp / n) for n, p in builds.items()}
-    print(f"machine: {os.cpu_count()} cores; {a.rounds} rounds of {a.tokens} tokens, "
-          f"baseline {names[0]}")
+    print(
+        f"machine: {os.cpu_count()} cores; {a.rounds} rounds of {a.tokens} tokens, "
+        f"baseline {names[0]}"
+    )
     for threads in (int(t) for t in a.threads.split(",")):
         rates: dict[str, list[float]] = {n: [] for n in names}
         fate: dict[str, str] = {}
@@ -113,8 +120,10 @@ def main() -> None:
         base = statistics.median(rates[names[0]]) if rates[names[0]] else float("nan")
         ref = np.load(tmp / f"{names[0]}-{threads}.npz") if rates[names[0]] else None
         print(f"\nthreads {threads}")
-        print(f"{'build':12} {'device class part':32} {'decode tok/s':>13} {'ratio':>6}  "
-              "hidden rel. diff   max |logit diff|")
+        print(
+            f"{'build':12} {'device class part':32} {'decode tok/s':>13} {'ratio':>6}  "
+            "hidden rel. diff   max |logit diff|"
+        )
         for n in names:
             if not rates[n]:
                 print(f"{n:12} {'':32} {'dies: ' + fate.get(n, '?'):>13}")

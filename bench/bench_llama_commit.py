@@ -28,8 +28,12 @@ from idlegrid.engines.commit import Recorder, build_commitment, topk_entries
 from idlegrid.engines.llamacpp import LlamaCppEngine, default_threads
 from idlegrid.engines.models import DEFAULT_MODEL
 
-PROMPTS = ["Once upon a time", "The three primary colors are", "def fibonacci(n):",
-           "Write a short letter to a friend about the weather."]
+PROMPTS = [
+    "Once upon a time",
+    "The three primary colors are",
+    "def fibonacci(n):",
+    "Write a short letter to a friend about the weather.",
+]
 TOL = cm.Tolerance(rel=1e-4, rank_slack=1e-4, margin=1e-3)
 
 
@@ -74,8 +78,9 @@ def timed(gen: Iterator[int], n: int) -> tuple[list[int], float]:
     return out, time.perf_counter() - t0
 
 
-def batch_error(engine: LlamaCppEngine, ids: list[int], toks: list[int],
-                states: np.ndarray) -> float:
+def batch_error(
+    engine: LlamaCppEngine, ids: list[int], toks: list[int], states: np.ndarray
+) -> float:
     """Worst top-32 relative error if the answer were re-run as one prefill batch."""
     llm = engine._llm
     llm.reset()
@@ -84,13 +89,18 @@ def batch_error(engine: LlamaCppEngine, ids: list[int], toks: list[int],
     engine._embeddings(True)
     llm.eval([ids[-1], *toks[:-1]])
     lib = engine._lib
-    rows = np.stack([np.ctypeslib.as_array(lib.llama_get_embeddings_ith(engine._ctx, i),
-                                           shape=(engine._n_embd,)).copy()
-                     for i in range(len(toks))])
+    rows = np.stack(
+        [
+            np.ctypeslib.as_array(
+                lib.llama_get_embeddings_ith(engine._ctx, i), shape=(engine._n_embd,)
+            ).copy()
+            for i in range(len(toks))
+        ]
+    )
     worst = 0.0
     for j in range(0, len(toks), cm.CHUNK_SIZE):
-        idx, vals = topk_entries(states[j:j + cm.CHUNK_SIZE], cm.k_for(len(states[j:j + 16])))
-        flat = rows[j:j + cm.CHUNK_SIZE].reshape(-1)
+        idx, vals = topk_entries(states[j : j + cm.CHUNK_SIZE], cm.k_for(len(states[j : j + 16])))
+        flat = rows[j : j + cm.CHUNK_SIZE].reshape(-1)
         worst = max(worst, max(abs(v - flat[i]) / abs(v) for i, v in zip(idx, vals, strict=True)))
     return worst
 
@@ -103,8 +113,11 @@ def main() -> None:
     args = ap.parse_args()
     n = args.tokens
     eng = LlamaCppEngine(DEFAULT_MODEL, threads=args.threads, context_length=1024)
-    settings = {"greedy": SamplingParams(0.0), "T=1": SamplingParams(1.0, 1.0, 7),
-                "T=1,top_p=0.95": SamplingParams(1.0, 0.95, 7)}
+    settings = {
+        "greedy": SamplingParams(0.0),
+        "T=1": SamplingParams(1.0, 1.0, 7),
+        "T=1,top_p=0.95": SamplingParams(1.0, 0.95, 7),
+    }
     rates: dict[str, list[float]] = {f"{k} {w}": [] for k in settings for w in ("old", "new")}
     cpu_rates: dict[str, list[float]] = {k: [] for k in rates}
     commit_share: list[float] = []
@@ -114,8 +127,10 @@ def main() -> None:
         ids = eng.tokenize(PROMPTS[r % len(PROMPTS)])
         for name, params in settings.items():
             params = SamplingParams(params.temperature, params.top_p, 1000 + r)
-            for which, gen in (("old", old_generate(eng, ids, params)),
-                               ("new", eng.generate(ids, params))):
+            for which, gen in (
+                ("old", old_generate(eng, ids, params)),
+                ("new", eng.generate(ids, params)),
+            ):
                 _, dt = timed(gen, n)
                 rates[f"{name} {which}"].append((n - 1) / dt)
                 cpu_rates[f"{name} {which}"].append((n - 1) / CPU[0])
@@ -137,39 +152,51 @@ def main() -> None:
         commit_share.append((t2 - t1) / (t1 - t0))
         proof.append(len(c.encode()) / len(toks))
         commits.append((ids, c, toks, np.stack(rec.states), t1 - t0))
-    print(f"model {DEFAULT_MODEL} Q4_K_M, {n} tokens, {args.rounds} rounds, "
-          f"{args.threads} thread(s); decode tok/s medians:")
+    print(
+        f"model {DEFAULT_MODEL} Q4_K_M, {n} tokens, {args.rounds} rounds, "
+        f"{args.threads} thread(s); decode tok/s medians:"
+    )
     for name in settings:
         for label, table in (("wall", rates), ("cpu ", cpu_rates)):
             old = statistics.median(table[f"{name} old"])
             new = statistics.median(table[f"{name} new"])
-            print(f"  {name:<15} {label} old chain {old:6.1f}   new seeded {new:6.1f}"
-                  f"   ratio {new / old:.3f}")
+            print(
+                f"  {name:<15} {label} old chain {old:6.1f}   new seeded {new:6.1f}"
+                f"   ratio {new / old:.3f}"
+            )
     for label, table in (("wall", rates), ("cpu ", cpu_rates)):
         base = statistics.median(table["T=1,top_p=0.95 new"])
         rec_rate = statistics.median(table["recording"])
-        print(f"  recording hidden states, T=1,top_p=0.95 {label}: {rec_rate:6.1f} tok/s,"
-              f" ratio {rec_rate / base:.3f} to the same run without")
-    print(f"commitment cost (first state + build) / generation: median "
-          f"{statistics.median(commit_share) * 100:.2f}%  max {max(commit_share) * 100:.2f}%")
+        print(
+            f"  recording hidden states, T=1,top_p=0.95 {label}: {rec_rate:6.1f} tok/s,"
+            f" ratio {rec_rate / base:.3f} to the same run without"
+        )
+    print(
+        f"commitment cost (first state + build) / generation: median "
+        f"{statistics.median(commit_share) * 100:.2f}%  max {max(commit_share) * 100:.2f}%"
+    )
     print(f"proof bytes per token: {statistics.median(proof):.2f} (whole wire commitment)")
     verifiers = {t: LlamaCppEngine(DEFAULT_MODEL, threads=t, context_length=1024) for t in (1, 2)}
     for t, v in verifiers.items():
         rels, margins, ratio = [], [], []
         # Two threads crawl on a busy 2-core box (llama.cpp's per-op barrier): fewer audits.
-        for ids, c, _toks, _states, gen_s in commits[:len(commits) if t == 1 else 2]:
+        for ids, c, _toks, _states, gen_s in commits[: len(commits) if t == 1 else 2]:
             t0 = time.perf_counter()
             verdict = cm.judge(c, v.audit(ids, c, n), TOL, n)
             ratio.append((time.perf_counter() - t0) / gen_s)
             assert verdict.passed, verdict.reasons
             rels.append(verdict.worst_rel)
             margins.append(verdict.worst_margin)
-        print(f"verifier t{t} vs provider t{args.threads}: worst rel {max(rels):.3g}, closest "
-              f"margin {min(margins):.3g}, audit/generation time median "
-              f"{statistics.median(ratio):.2f}")
+        print(
+            f"verifier t{t} vs provider t{args.threads}: worst rel {max(rels):.3g}, closest "
+            f"margin {min(margins):.3g}, audit/generation time median "
+            f"{statistics.median(ratio):.2f}"
+        )
     batched = [batch_error(verifiers[1], ids, toks, states) for ids, _, toks, states, _ in commits]
-    print(f"one-batch prefill instead (not used): worst top-32 rel error {max(batched):.3g}, "
-          f"median {statistics.median(batched):.3g}")
+    print(
+        f"one-batch prefill instead (not used): worst top-32 rel error {max(batched):.3g}, "
+        f"median {statistics.median(batched):.3g}"
+    )
 
 
 if __name__ == "__main__":

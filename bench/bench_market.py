@@ -59,8 +59,7 @@ def scan_match(offers: list[Any], free: list[int], order: Order) -> int | None:
     for i, o in enumerate(offers):
         if free[i] <= 0 or not o.staked:
             continue
-        model_ok = order.model is None or order.kind not in (OrderKind.INFERENCE,
-                                                              OrderKind.BATCH)
+        model_ok = order.model is None or order.kind not in (OrderKind.INFERENCE, OrderKind.BATCH)
         if not model_ok and order.model not in o.model_prices:
             continue
         vram = o.device.vram_gb or BY_NAME[o.device.model].vram_gb
@@ -74,8 +73,7 @@ def scan_match(offers: list[Any], free: list[int], order: Order) -> int | None:
             continue
         if not spec.region.allows(o.hardware.region):
             continue
-        tps = o.hardware.tokens_per_s.get(order.model, 0.0) * (1.0 if o.hardware.verified
-                                                                 else 0.8)
+        tps = o.hardware.tokens_per_s.get(order.model, 0.0) * (1.0 if o.hardware.verified else 0.8)
         if spec.min_tokens_per_s is not None and tps < spec.min_tokens_per_s:
             continue
         batch = order.kind is OrderKind.BATCH
@@ -86,9 +84,11 @@ def scan_match(offers: list[Any], free: list[int], order: Order) -> int | None:
         if free[i] < count:
             continue
         cost = unit * order.tokens / 1e6 if batch else unit * order.hours
-        key = (BY_NAME[o.device.model].tier in BIG_TIERS
-               and order.vram_need_gb <= CONSUMER_MAX_VRAM_GB,
-               cost / max(o.hardware.reliability, 0.01))
+        key = (
+            BY_NAME[o.device.model].tier in BIG_TIERS
+            and order.vram_need_gb <= CONSUMER_MAX_VRAM_GB,
+            cost / max(o.hardware.reliability, 0.01),
+        )
         if best_key is None or key < best_key:
             best, best_key = i, key
     return best
@@ -114,10 +114,14 @@ def match_rate(offers: list[Any], orders: list[Order], rounds: int) -> dict[str,
             if i is not None:
                 free[i] -= 1 if o.kind is OrderKind.BATCH else o.devices
         scan.append(len(sample) / (time.perf_counter() - t))
-    return {"core_orders_per_s": statistics.median(core), "matched": matched,
-            "orders": len(orders), "scan_orders_per_s": statistics.median(scan),
-            "speedup": statistics.median(core) / statistics.median(scan),
-            "rounds": rounds}
+    return {
+        "core_orders_per_s": statistics.median(core),
+        "matched": matched,
+        "orders": len(orders),
+        "scan_orders_per_s": statistics.median(scan),
+        "speedup": statistics.median(core) / statistics.median(scan),
+        "rounds": rounds,
+    }
 
 
 def quality(offers: list[Any], orders: list[Order], sample: int) -> dict[str, Any]:
@@ -140,17 +144,26 @@ def quality(offers: list[Any], orders: list[Order], sample: int) -> dict[str, An
             if o.id in placeable:
                 total_greedy += p.score + (1e15 if p.oversized else 0.0)
     clear_book = Book(offers)
-    total_clear = sum(p.score + (1e15 if p.oversized else 0.0)
-                      for o, p in zip(singles, clear_book.clear(singles), strict=True)
-                      if isinstance(p, Placement) and o.id in placeable)
-    return {"orders": len(singles), "optimum": optimum,
-            "greedy_ratio": total_greedy / optimum, "batch_clear_ratio": total_clear / optimum}
+    total_clear = sum(
+        p.score + (1e15 if p.oversized else 0.0)
+        for o, p in zip(singles, clear_book.clear(singles), strict=True)
+        if isinstance(p, Placement) and o.id in placeable
+    )
+    return {
+        "orders": len(singles),
+        "optimum": optimum,
+        "greedy_ratio": total_greedy / optimum,
+        "batch_clear_ratio": total_clear / optimum,
+    }
 
 
 def fit(offers: list[Any], orders: list[Order]) -> dict[str, Any]:
     """Small-model orders on big cards while a fitting consumer card was free."""
-    small = [o for o in orders if o.vram_need_gb and o.vram_need_gb <= CONSUMER_MAX_VRAM_GB
-             and o.devices == 1]
+    small = [
+        o
+        for o in orders
+        if o.vram_need_gb and o.vram_need_gb <= CONSUMER_MAX_VRAM_GB and o.devices == 1
+    ]
 
     def run(book: Book, price_only: bool) -> tuple[int, int]:
         wasted = placed = 0
@@ -179,13 +192,21 @@ def fit(offers: list[Any], orders: list[Order]) -> dict[str, Any]:
 
     # Idle datacenter capacity sold off cheap (spot-style) is where price alone goes wrong:
     # every fifth datacenter offer at a fifth of its price.
-    offers = [replace(o, device_hour=o.device_hour // 5)
-              if BY_NAME[o.device.model].tier in BIG_TIERS and i % 5 == 0 else o
-              for i, o in enumerate(offers)]
+    offers = [
+        replace(o, device_hour=o.device_hour // 5)
+        if BY_NAME[o.device.model].tier in BIG_TIERS and i % 5 == 0
+        else o
+        for i, o in enumerate(offers)
+    ]
     w, n = run(Book(offers), False)
     wb, nb = run(Book(offers), True)
-    return {"small_orders": n, "wasted": w, "share": w / max(n, 1),
-            "price_only_wasted": wb, "price_only_share": wb / max(nb, 1)}
+    return {
+        "small_orders": n,
+        "wasted": w,
+        "share": w / max(n, 1),
+        "price_only_wasted": wb,
+        "price_only_share": wb / max(nb, 1),
+    }
 
 
 def seed_store(url: str, offers: list[Any]) -> None:
@@ -199,21 +220,60 @@ def seed_store(url: str, offers: list[Any]) -> None:
     store = Store(url, time.time)
     now = time.time()
     with store.tx() as s:
-        s.execute(insert(schema.Node), [{
-            "id": o.provider, "public_key": "00" * 32, "name": o.provider, "protocol_version": 1,
-            "hardware": {"cpu_logical": o.hardware.cpus, "ram_bytes": int(o.hardware.ram_gb * 1e9)},
-            "engine": {}, "slots": 1, "prefill_tps": 1000.0,
-            "decode_tps": max(o.hardware.tokens_per_s.values(), default=0.0), "state": "live",
-            "registered_at": now, "last_seen": now} for o in offers])
-        s.execute(insert(schema.Offer), [{
-            "node_id": o.provider, "model_id": m, "prompt_price": p.prompt,
-            "output_price": p.output} for o in offers for m, p in o.model_prices.items()])
-        s.execute(insert(schema.DeviceOffer), [{
-            "node_id": o.provider, "device_model": o.device.model, "count": o.device.count,
-            "vram_gb": o.device.vram_gb, "price_h": o.device_hour, "plugin": None}
-            for o in offers])
-        s.execute(insert(schema.NodeMarket), [{
-            "node_id": o.provider, "region": o.hardware.region, "links": {}} for o in offers])
+        s.execute(
+            insert(schema.Node),
+            [
+                {
+                    "id": o.provider,
+                    "public_key": "00" * 32,
+                    "name": o.provider,
+                    "protocol_version": 1,
+                    "hardware": {
+                        "cpu_logical": o.hardware.cpus,
+                        "ram_bytes": int(o.hardware.ram_gb * 1e9),
+                    },
+                    "engine": {},
+                    "slots": 1,
+                    "prefill_tps": 1000.0,
+                    "decode_tps": max(o.hardware.tokens_per_s.values(), default=0.0),
+                    "state": "live",
+                    "registered_at": now,
+                    "last_seen": now,
+                }
+                for o in offers
+            ],
+        )
+        s.execute(
+            insert(schema.Offer),
+            [
+                {
+                    "node_id": o.provider,
+                    "model_id": m,
+                    "prompt_price": p.prompt,
+                    "output_price": p.output,
+                }
+                for o in offers
+                for m, p in o.model_prices.items()
+            ],
+        )
+        s.execute(
+            insert(schema.DeviceOffer),
+            [
+                {
+                    "node_id": o.provider,
+                    "device_model": o.device.model,
+                    "count": o.device.count,
+                    "vram_gb": o.device.vram_gb,
+                    "price_h": o.device_hour,
+                    "plugin": None,
+                }
+                for o in offers
+            ],
+        )
+        s.execute(
+            insert(schema.NodeMarket),
+            [{"node_id": o.provider, "region": o.hardware.region, "links": {}} for o in offers],
+        )
     store.close()
 
 
@@ -223,19 +283,38 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def end_to_end(offers: list[Any], orders: list[Order], clients: int,
-               batch: int = 1) -> dict[str, Any]:
+def end_to_end(
+    offers: list[Any], orders: list[Order], clients: int, batch: int = 1
+) -> dict[str, Any]:
     load_before = os.getloadavg()[0]  # other work on this shared machine, for the record
     tmp = Path(tempfile.mkdtemp(prefix="idlegrid-bench-market-"))
     url = f"sqlite:///{tmp / 'coordinator.db'}"
     seed_store(url, offers)
     port = free_port()
-    env = {**os.environ, "IDLEGRID_DATA_DIR": str(tmp), "IDLEGRID_DATABASE_URL": url,
-           "IDLEGRID_NODE_TIMEOUT_S": "1e9", "IDLEGRID_STAKE_PER_DEVICE": "0",
-           "IDLEGRID_ACCRUAL_INTERVAL_S": "3600", "IDLEGRID_HEARTBEAT_INTERVAL_S": "5"}
-    proc = subprocess.Popen([sys.executable, "-m", "idlegrid.client.cli", "coordinator",
-                             "--port", str(port), "--data-dir", str(tmp)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "IDLEGRID_DATA_DIR": str(tmp),
+        "IDLEGRID_DATABASE_URL": url,
+        "IDLEGRID_NODE_TIMEOUT_S": "1e9",
+        "IDLEGRID_STAKE_PER_DEVICE": "0",
+        "IDLEGRID_ACCRUAL_INTERVAL_S": "3600",
+        "IDLEGRID_HEARTBEAT_INTERVAL_S": "5",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "idlegrid.client.cli",
+            "coordinator",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, trust_env=False, timeout=60) as c:
@@ -249,9 +328,11 @@ def end_to_end(offers: list[Any], orders: list[Order], clients: int,
             # The coordinator wrote its operator key into the data dir before it served.
             operator = {"authorization": f"Bearer {(tmp / 'operator-key').read_text().strip()}"}
             key = c.post("/api/v1/admin/keys", json={"name": "bench"}, headers=operator).json()
-            c.post("/api/v1/admin/mint", headers=operator, json={
-                "key_id": key["key_id"], "amount": 10**9 * MICRO, "reference": "bench"}
-                   ).raise_for_status()
+            c.post(
+                "/api/v1/admin/mint",
+                headers=operator,
+                json={"key_id": key["key_id"], "amount": 10**9 * MICRO, "reference": "bench"},
+            ).raise_for_status()
             headers = {"authorization": f"Bearer {key['api_key']}"}
             warm = c.get("/api/v1/offers", params={"limit": 1}, headers=headers)  # builds the book
             assert warm.json()["total"] == len(offers), warm.text
@@ -262,8 +343,8 @@ def end_to_end(offers: list[Any], orders: list[Order], clients: int,
             with httpx.Client(base_url=base, trust_env=False, timeout=60, headers=headers) as cl:
                 if batch > 1:
                     for i in range(0, len(chunk), batch):
-                        r = cl.post("/api/v1/orders/batch", json={"orders": chunk[i:i + batch]})
-                        n = len(chunk[i:i + batch])
+                        r = cl.post("/api/v1/orders/batch", json={"orders": chunk[i : i + batch]})
+                        n = len(chunk[i : i + batch])
                         statuses[r.status_code] = statuses.get(r.status_code, 0) + n
                     return
                 for b in chunk:
@@ -282,11 +363,18 @@ def end_to_end(offers: list[Any], orders: list[Order], clients: int,
             for v in c.get("/api/v1/orders").json()["orders"]:
                 states[v["state"]] = states.get(v["state"], 0) + 1
             ok = c.get("/api/v1/ledger/verify", headers=operator).json()["ok"]
-        return {"orders": len(bodies), "clients": clients, "batch": batch, "seconds": elapsed,
-                "coordinator_cpu_ms_per_order": 1000 * cpu / len(bodies),
-                "load_before": load_before,
-                "orders_per_s": len(bodies) / elapsed, "http": statuses, "states": states,
-                "ledger_ok": ok}
+        return {
+            "orders": len(bodies),
+            "clients": clients,
+            "batch": batch,
+            "seconds": elapsed,
+            "coordinator_cpu_ms_per_order": 1000 * cpu / len(bodies),
+            "load_before": load_before,
+            "orders_per_s": len(bodies) / elapsed,
+            "http": statuses,
+            "states": states,
+            "ledger_ok": ok,
+        }
     finally:
         proc.terminate()
         proc.wait(20)
@@ -308,37 +396,47 @@ def main() -> None:
     orders = make_orders(args.orders, seed=1)
     results: dict[str, Any] = {"offers": args.offers}
     results["match_rate"] = match_rate(offers, orders, args.rounds)
-    results["quality"] = quality(offers, make_orders(args.quality_sample * 2, seed=2),
-                                 args.quality_sample)
+    results["quality"] = quality(
+        offers, make_orders(args.quality_sample * 2, seed=2), args.quality_sample
+    )
     results["fit"] = fit(offers, make_orders(args.orders, seed=3))
     if not args.skip_api:
         results["api"] = end_to_end(offers, make_orders(args.api_orders, seed=4), args.clients)
-        results["api_batch"] = end_to_end(offers, make_orders(args.api_orders, seed=4),
-                                          args.clients, batch=args.batch)
+        results["api_batch"] = end_to_end(
+            offers, make_orders(args.api_orders, seed=4), args.clients, batch=args.batch
+        )
     if args.json:
         print(json.dumps(results, indent=2))
         return
     r = results["match_rate"]
-    print(f"match rate, one core, {args.offers} offers: {r['core_orders_per_s']:.0f} orders/s "
-          f"(Python scan baseline {r['scan_orders_per_s']:.0f}/s, ×{r['speedup']:.0f}); "
-          f"{r['matched']}/{r['orders']} matched")
+    print(
+        f"match rate, one core, {args.offers} offers: {r['core_orders_per_s']:.0f} orders/s "
+        f"(Python scan baseline {r['scan_orders_per_s']:.0f}/s, ×{r['speedup']:.0f}); "
+        f"{r['matched']}/{r['orders']} matched"
+    )
     q = results["quality"]
-    print(f"match quality on {q['orders']} orders: one-at-a-time {q['greedy_ratio']:.4f} × "
-          f"optimum, batch clearing {q['batch_clear_ratio']:.4f} × optimum")
+    print(
+        f"match quality on {q['orders']} orders: one-at-a-time {q['greedy_ratio']:.4f} × "
+        f"optimum, batch clearing {q['batch_clear_ratio']:.4f} × optimum"
+    )
     f = results["fit"]
-    print(f"fit: {f['wasted']}/{f['small_orders']} small-model orders on big cards while a "
-          f"consumer card was free (price-only auction: {f['price_only_wasted']}, "
-          f"{f['price_only_share']:.1%})")
+    print(
+        f"fit: {f['wasted']}/{f['small_orders']} small-model orders on big cards while a "
+        f"consumer card was free (price-only auction: {f['price_only_wasted']}, "
+        f"{f['price_only_share']:.1%})"
+    )
     for name in ("api", "api_batch"):
         if name not in results:
             continue
         a = results[name]
         how = "one order per request" if a["batch"] == 1 else f"{a['batch']} per batch request"
-        print(f"API end to end (SQLite, {a['clients']} clients, {how}): {a['orders_per_s']:.0f} "
-              f"orders/s over {a['orders']} orders, coordinator CPU "
-              f"{a['coordinator_cpu_ms_per_order']:.1f} ms/order (load avg before "
-              f"{a['load_before']:.1f}); HTTP {a['http']}; states {a['states']}; "
-              f"ledger ok: {a['ledger_ok']}")
+        print(
+            f"API end to end (SQLite, {a['clients']} clients, {how}): {a['orders_per_s']:.0f} "
+            f"orders/s over {a['orders']} orders, coordinator CPU "
+            f"{a['coordinator_cpu_ms_per_order']:.1f} ms/order (load avg before "
+            f"{a['load_before']:.1f}); HTTP {a['http']}; states {a['states']}; "
+            f"ledger ok: {a['ledger_ok']}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--audits", type=int, default=1000)
     ap.add_argument("--honest", type=int, default=10000)
-    ap.add_argument("--batch", type=int, default=250,
-                    help="honest audits between running summaries (a cut-short run still "
-                         "reports what it did)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=250,
+        help="honest audits between running summaries (a cut-short run still reports what it did)",
+    )
     args = ap.parse_args()
     if args.audits:
         t = time.perf_counter()
@@ -54,26 +57,39 @@ def main() -> None:
         _summary(done, fails, rels, margins, gen, ver)
 
 
-def _summary(n: int, fails: int, rels: list[float], margins: list[float], gen: list[float],
-             ver: list[float]) -> None:
-    print(f"honest: {fails} false positives in {n} audits (threads 1/2 mixed, "
-          "half verified on the float64 build)")
-    print(f"  worst rel err: max {max(rels):.3g}, median {statistics.median(rels):.3g}"
-          f" (tolerance {TOL.rel:g}: {TOL.rel / max(rels):.0f}x headroom)")
-    print(f"  closest honest sampling race: {min(margins):.3g}"
-          f" (a token fails below -{TOL.margin:g})")
+def _summary(
+    n: int, fails: int, rels: list[float], margins: list[float], gen: list[float], ver: list[float]
+) -> None:
+    print(
+        f"honest: {fails} false positives in {n} audits (threads 1/2 mixed, "
+        "half verified on the float64 build)"
+    )
+    print(
+        f"  worst rel err: max {max(rels):.3g}, median {statistics.median(rels):.3g}"
+        f" (tolerance {TOL.rel:g}: {TOL.rel / max(rels):.0f}x headroom)"
+    )
+    print(
+        f"  closest honest sampling race: {min(margins):.3g} (a token fails below -{TOL.margin:g})"
+    )
     ratio = statistics.median(ver) / statistics.median(gen)
-    print(f"  generation median {statistics.median(gen) * 1e3:.1f} ms, verification median"
-          f" {statistics.median(ver) * 1e3:.1f} ms, ratio {ratio:.3f}")
+    print(
+        f"  generation median {statistics.median(gen) * 1e3:.1f} ms, verification median"
+        f" {statistics.median(ver) * 1e3:.1f} ms, ratio {ratio:.3f}"
+    )
     policy = AuditPolicy()
-    print(f"  verifier compute at steady p={policy.steady:.4f}: "
-          f"{policy.steady * ratio * 100:.3f}% of generation")
+    print(
+        f"  verifier compute at steady p={policy.steady:.4f}: "
+        f"{policy.steady * ratio * 100:.3f}% of generation"
+    )
     logm = [math.log10(TOL.rel / max(r, 1e-12)) for r in rels]
     eps = tail_fail_rate(logm)
     print(f"  fitted per-audit false-fail rate (log-normal tail): {eps:.3g}")
-    print(f"  P(false slash) over 1e6 requests at p={policy.steady:.4f}, confirmed by a"
-          f" referee: {false_slash_probability(1_000_000, policy.steady, eps, eps):.3g}",
-          flush=True)
+    print(
+        f"  P(false slash) over 1e6 requests at p={policy.steady:.4f}, confirmed by a"
+        f" referee: {false_slash_probability(1_000_000, policy.steady, eps, eps):.3g}",
+        flush=True,
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -2,4 +2,3 @@
 
 __version__ = "0.1.0"
 PROTOCOL_VERSION = 2  # 2: one dispute route family for both kinds
-

@@ -99,11 +99,18 @@ class IllegalTransition(Conflict):
 
     code = "illegal_transition"
 
-    def __init__(self, kind: str, src: str, dst: str, *, key: str | None = None,
-                 story: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, kind: str, src: str, dst: str, *, key: str | None = None, story: tuple[str, ...] = ()
+    ) -> None:
         what = f"{kind} {key}" if key is not None else kind
-        super().__init__(f"{what}: {src} -> {dst} is not allowed", kind=kind, src=src, dst=dst,
-                         key=key, story=list(story))
+        super().__init__(
+            f"{what}: {src} -> {dst} is not allowed",
+            kind=kind,
+            src=src,
+            dst=dst,
+            key=key,
+            story=list(story),
+        )
         self.kind = kind
         self.src = src
         self.dst = dst
@@ -139,8 +146,9 @@ class NoCapacity(IdlegridError):
     code = "no_capacity"
 
     def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"no provider can serve '{model}' now: {reason}", model=model,
-                         reason=reason)
+        super().__init__(
+            f"no provider can serve '{model}' now: {reason}", model=model, reason=reason
+        )
         self.model = model
         self.reason = reason
 
@@ -157,7 +165,9 @@ class EngineCrashed(EngineError):
     code = "engine_crashed"
 
     def __init__(self, *, engine: str, model: str, signal: str, hint: str, tail: str = "") -> None:
-        message = (f"the {engine} engine died with {signal} while loading {model} and decoding "
-                   f"its first tokens: {hint}")
+        message = (
+            f"the {engine} engine died with {signal} while loading {model} and decoding "
+            f"its first tokens: {hint}"
+        )
         super().__init__(message, engine=engine, detail=tail)
         self.data.update(model=model, signal=signal, hint=hint)

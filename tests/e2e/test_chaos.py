@@ -20,11 +20,21 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def grid(tmp_path: Path) -> Iterator[LocalGrid]:
-    g = LocalGrid(data_dir=tmp_path, port=free_port(), providers=3, engine="fake",
-                  model="fake:1", funding_credits=1000, provider_args=["--skip-benchmark"],
-                  extra_env={"IDLEGRID_FAKE_TOKEN_DELAY": "0.03", "IDLEGRID_NODE_TIMEOUT_S": "3",
-                             "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5",
-                             "IDLEGRID_STALL_TIMEOUT_S": "5"})
+    g = LocalGrid(
+        data_dir=tmp_path,
+        port=free_port(),
+        providers=3,
+        engine="fake",
+        model="fake:1",
+        funding_credits=1000,
+        provider_args=["--skip-benchmark"],
+        extra_env={
+            "IDLEGRID_FAKE_TOKEN_DELAY": "0.03",
+            "IDLEGRID_NODE_TIMEOUT_S": "3",
+            "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5",
+            "IDLEGRID_STALL_TIMEOUT_S": "5",
+        },
+    )
     g.start(timeout_s=120)
     yield g
     g.stop()
@@ -39,8 +49,12 @@ def test_killed_providers_are_restarted_and_every_request_completes(grid: LocalG
     assert r.ledger_ok
     assert min(r.served) >= 3 and r.fairness <= 2.0, r.summary()
     # Every request was charged once: settled entries match the requests served.
-    with httpx.Client(base_url=grid.url, trust_env=False, timeout=30,
-                      headers={"Authorization": f"Bearer {grid.operator_key}"}) as c:
+    with httpx.Client(
+        base_url=grid.url,
+        trust_env=False,
+        timeout=30,
+        headers={"Authorization": f"Bearer {grid.operator_key}"},
+    ) as c:
         entries = c.get("/api/v1/ledger").json()["entries"]
     settled = {e["cause"]["id"] for e in entries if e["key"].startswith("settle:")}
     assert len(settled) == sum(r.served)

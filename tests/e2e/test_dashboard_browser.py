@@ -68,16 +68,25 @@ def browser() -> Iterator[Any]:
 @pytest.fixture
 def local_grid(tmp_path: Path) -> Iterator[tuple[str, str, list[str], str]]:
     settings = CoordinatorSettings(
-        data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'c.db'}", port=free_port(),
-        heartbeat_interval_s=0.3, node_timeout_s=3.0, power_sample_interval_s=0.5)
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        port=free_port(),
+        heartbeat_interval_s=0.3,
+        node_timeout_s=3.0,
+        power_sample_interval_s=0.5,
+    )
     coordinator = CoordinatorThread(settings)
     coordinator.start()
     agents = []
     for i in range(2):
-        agent = make_agent(coordinator.url, [FakeEngine(MODEL)], f"gpu-box-{i}",
-                           price=Price((10 + i) * MICRO, (40 + i) * MICRO),
-                           meter=RatedMeter(150.0 + 100 * i),
-                           hardware={"cpu_cores": 4, "region": "eu-west"})
+        agent = make_agent(
+            coordinator.url,
+            [FakeEngine(MODEL)],
+            f"gpu-box-{i}",
+            price=Price((10 + i) * MICRO, (40 + i) * MICRO),
+            meter=RatedMeter(150.0 + 100 * i),
+            hardware={"cpu_cores": 4, "region": "eu-west"},
+        )
         thread = AgentThread(agent)
         thread.start()
         agents.append(thread)
@@ -85,8 +94,10 @@ def local_grid(tmp_path: Path) -> Iterator[tuple[str, str, list[str], str]]:
         wait_for_live(coordinator.url, 2)
         with coordinator.admin() as c:
             key = c.post("/api/v1/admin/keys", json={"name": "browser"}).json()
-            c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 10 * MICRO,
-                                               "reference": "browser"}).raise_for_status()
+            c.post(
+                "/api/v1/admin/mint",
+                json={"key_id": key["key_id"], "amount": 10 * MICRO, "reference": "browser"},
+            ).raise_for_status()
             node_ids = [n["id"] for n in c.get("/api/v1/status").json()["nodes"]]
         yield coordinator.url, key["api_key"], node_ids, coordinator.operator_key
     finally:
@@ -103,7 +114,8 @@ def shot(page: Any, name: str) -> None:
 
 
 def test_pages_list_providers_and_show_a_completion_live(
-        browser: Any, local_grid: tuple[str, str, list[str], str]) -> None:
+    browser: Any, local_grid: tuple[str, str, list[str], str]
+) -> None:
     url, api_key, node_ids, operator_key = local_grid
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     # The pages need the operator: log in through the form, which keeps a cookie.
@@ -130,13 +142,15 @@ def test_pages_list_providers_and_show_a_completion_live(
     loaded = {p: p.evaluate("window.idlegridLoadedAt") for p in (grid_page, ledger_page)}
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
-    answer = client.completions.create(model=MODEL, prompt="The dashboard shows", max_tokens=12,
-                                       temperature=0)
+    answer = client.completions.create(
+        model=MODEL, prompt="The dashboard shows", max_tokens=12, temperature=0
+    )
     done_at = time.monotonic()
     grid_page.wait_for_selector(f'#recent tr[data-request="{answer.id}"]', timeout=10_000)
     lag_s = time.monotonic() - done_at
-    ledger_page.wait_for_selector(f'#entries tr[data-cause="{answer.id}"].memo-settle',
-                                  timeout=10_000)
+    ledger_page.wait_for_selector(
+        f'#entries tr[data-cause="{answer.id}"].memo-settle', timeout=10_000
+    )
     row = grid_page.locator(f'#recent tr[data-request="{answer.id}"]').inner_text()
     assert "done" in row and str(answer.usage.completion_tokens) in row
     hold = ledger_page.locator(f'#entries tr[data-cause="{answer.id}"].memo-hold')
@@ -149,12 +163,15 @@ def test_pages_list_providers_and_show_a_completion_live(
     served = grid_page.locator("#providers tr.live sup.est")
     served.first.wait_for(timeout=10_000)
     grid_page.wait_for_function(
-        "() => document.querySelectorAll('#chart-throughput canvas').length > 0")
+        "() => document.querySelectorAll('#chart-throughput canvas').length > 0"
+    )
     shot(grid_page, "grid")
     shot(ledger_page, "ledger")
 
-    for name, selector in (("requests", f'#recent tr[data-request="{answer.id}"]'),
-                           ("market", "#offers tbody tr")):
+    for name, selector in (
+        ("requests", f'#recent tr[data-request="{answer.id}"]'),
+        ("market", "#offers tbody tr"),
+    ):
         page = context.new_page()
         page.goto(f"{url}/{name}")
         page.wait_for_selector(selector, timeout=10_000)

@@ -32,9 +32,24 @@ class UpProcess:
         env = {**os.environ, "IDLEGRID_NODE_TIMEOUT_S": "3", "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5"}
         self.log = open(data_dir / "up.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "idlegrid", "up", "--data-dir", str(data_dir), "--port",
-             str(self.port), "--providers", "2", "--threads", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "idlegrid",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(self.port),
+                "--providers",
+                "2",
+                "--threads",
+                "1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
     @property
     def url(self) -> str:
@@ -92,8 +107,15 @@ def direct(llm: object, prompt: str, max_tokens: int) -> str:
     # from scratch, so the reference must too.
     llm.reset()  # type: ignore[attr-defined]
     # OpenAI semantics: llama-cpp-python's default repeat penalty of 1.1 must be turned off.
-    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0,  # type: ignore[attr-defined]
-                                repeat_penalty=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    out = llm.create_completion(
+        prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,  # type: ignore[attr-defined]
+        repeat_penalty=1.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+    )
     text: str = out["choices"][0]["text"]
     return text
 
@@ -105,14 +127,16 @@ def operator_headers(up: UpProcess) -> dict[str, str]:
 
 
 def status(url: str, headers: dict[str, str] | None = None) -> dict[str, object]:
-    data: dict[str, object] = httpx.get(f"{url}/api/v1/status", headers=headers,
-                                        trust_env=False).json()
+    data: dict[str, object] = httpx.get(
+        f"{url}/api/v1/status", headers=headers, trust_env=False
+    ).json()
     return data
 
 
 def balance(url: str, key: str) -> int:
-    r = httpx.get(f"{url}/api/v1/balance", headers={"Authorization": f"Bearer {key}"},
-                  trust_env=False)
+    r = httpx.get(
+        f"{url}/api/v1/balance", headers={"Authorization": f"Bearer {key}"}, trust_env=False
+    )
     return int(r.json()["balance"])
 
 
@@ -121,14 +145,19 @@ def provider_balances(url: str) -> dict[str, int]:
 
 
 def entries_for(up: UpProcess, cause: str) -> list[dict[str, object]]:
-    r = httpx.get(f"{up.url}/api/v1/ledger", params={"cause": cause},
-                  headers=operator_headers(up), trust_env=False)
+    r = httpx.get(
+        f"{up.url}/api/v1/ledger",
+        params={"cause": cause},
+        headers=operator_headers(up),
+        trust_env=False,
+    )
     entries: list[dict[str, object]] = r.json()["entries"]
     return entries
 
 
 def test_completions_match_the_engine_and_credits_move_exactly(
-        up: tuple[UpProcess, str], reference: object) -> None:
+    up: tuple[UpProcess, str], reference: object
+) -> None:
     grid, key = up
     client = openai.OpenAI(base_url=f"{grid.url}/v1", api_key=key)
     assert [m.id for m in client.models.list()] == [MODEL]
@@ -144,13 +173,18 @@ def test_completions_match_the_engine_and_credits_move_exactly(
     assert resp.usage.prompt_tokens == n_prompt
 
     after_p = provider_balances(grid.url)
-    gained = {n: after_p[n] - before_p.get(n, 0) for n in after_p
-              if after_p[n] != before_p.get(n, 0)}
+    gained = {
+        n: after_p[n] - before_p.get(n, 0) for n in after_p if after_p[n] != before_p.get(n, 0)
+    }
     assert len(gained) == 1
-    (node_id, got), = gained.items()
+    ((node_id, got),) = gained.items()
     offer = next(n for n in status(grid.url)["nodes"] if n["id"] == node_id)["offers"][MODEL]  # type: ignore[attr-defined, index]
-    charge = Share(node_id, resp.usage.prompt_tokens, resp.usage.completion_tokens,
-                   Price(offer["prompt_price"], offer["output_price"])).charge()
+    charge = Share(
+        node_id,
+        resp.usage.prompt_tokens,
+        resp.usage.completion_tokens,
+        Price(offer["prompt_price"], offer["output_price"]),
+    ).charge()
     fee = charge * FEE_BPS // 10_000
     assert charge > 0
     assert before_c - balance(grid.url, key) == charge
@@ -158,8 +192,9 @@ def test_completions_match_the_engine_and_credits_move_exactly(
     balances = status(grid.url, operator_headers(grid))["balances"]
     assert balances.get(ledger.FEES, 0) - before_fees == fee  # type: ignore[attr-defined]
 
-    streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32,
-                                         temperature=0, stream=True)
+    streamed = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=32, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == want
 
 
@@ -167,22 +202,35 @@ def test_chat_streaming_and_plain(up: tuple[UpProcess, str], reference: object) 
     grid, key = up
     client = openai.OpenAI(base_url=f"{grid.url}/v1", api_key=key)
     messages = [{"role": "user", "content": "Name a colour."}]
-    plain = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
-                                           max_tokens=16, temperature=0)
+    plain = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=16,
+        temperature=0,
+    )
     text = plain.choices[0].message.content or ""
     assert text.strip()
-    stream = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
-                                            max_tokens=16, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
     # The base GGUF ships no template; the grid supplies Gemma's, and then matches the engine.
-    rendered = ("<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n")
+    rendered = "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
     assert text == direct(reference, rendered, 16)
 
 
 def test_status_json_lists_the_providers(up: tuple[UpProcess, str]) -> None:
     grid, _ = up
-    out = subprocess.run([sys.executable, "-m", "idlegrid", "status", "--json", "--data-dir",
-                          str(grid.data_dir)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "idlegrid", "status", "--json", "--data-dir", str(grid.data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     data = json.loads(out.stdout)
     names = sorted(n["name"] for n in data["nodes"] if n["live"])
     assert names == ["provider-0", "provider-1"]
@@ -205,8 +253,16 @@ def test_local_providers_stake_and_a_lease_is_placed(up: tuple[UpProcess, str]) 
 
     wait_until(staked, timeout_s=60, interval_s=0.5)
     order = grid.data_dir / "lease.json"
-    order.write_text(json.dumps({"id": "e2e-lease", "kind": "lease", "hours": 1,
-                                 "resources": {"accelerators": ["CPU"], "max_price": 0.1}}))
+    order.write_text(
+        json.dumps(
+            {
+                "id": "e2e-lease",
+                "kind": "lease",
+                "hours": 1,
+                "resources": {"accelerators": ["CPU"], "max_price": 0.1},
+            }
+        )
+    )
     placed = cli("orders", "--submit", str(order))
     assert placed["state"] == "active"
     assert cli("explain", "e2e-lease")["placement"]["legs"][0]["offer_id"].endswith("/CPU")  # type: ignore[index]
@@ -231,8 +287,13 @@ def test_killing_the_serving_provider_mid_stream(up: tuple[UpProcess, str]) -> N
     client = openai.OpenAI(base_url=f"{grid.url}/v1", api_key=key, max_retries=0)
     before = balance(grid.url, key)
     stream = client.completions.create(
-        model=MODEL, prompt="Here is a long list of European cities:\n1.", max_tokens=160,
-        temperature=0, stream=True, stream_options={"include_usage": True})
+        model=MODEL,
+        prompt="Here is a long list of European cities:\n1.",
+        max_tokens=160,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks, pieces, victim = [], 0, None
     for chunk in stream:
         chunks.append(chunk)
@@ -250,13 +311,19 @@ def test_killing_the_serving_provider_mid_stream(up: tuple[UpProcess, str]) -> N
     request_id = chunks[0].id
     assert [e["memo"] for e in entries_for(grid, request_id)] == ["hold", "settle"]
     settle = entries_for(grid, request_id)[1]
-    consumer = next(p for p in settle["postings"]  # type: ignore[attr-defined]
-                    if p["account"].startswith("consumer:"))
+    consumer = next(
+        p
+        for p in settle["postings"]  # type: ignore[attr-defined]
+        if p["account"].startswith("consumer:")
+    )
     spent = before - balance(grid.url, key)
     assert spent > 0
     # Charged once: the hold came back minus exactly what the settlement paid out.
-    paid_out = sum(p["amount"] for p in settle["postings"]  # type: ignore[attr-defined]
-                   if p["account"].startswith(("accrual:", "provider:", "system:fees")))
+    paid_out = sum(
+        p["amount"]
+        for p in settle["postings"]  # type: ignore[attr-defined]
+        if p["account"].startswith(("accrual:", "provider:", "system:fees"))
+    )
     assert spent == paid_out
     assert consumer["amount"] > 0  # the unused part of the hold was refunded
     # `idlegrid up` supervises its children: the killed provider comes back by itself.
@@ -264,7 +331,16 @@ def test_killing_the_serving_provider_mid_stream(up: tuple[UpProcess, str]) -> N
     log_path = grid.data_dir / "up.log"
     wait_until(lambda: f"{name} restarted" in log_path.read_text(), 120)
     assert f"{name} died with SIGKILL; restarting" in log_path.read_text()
-    wait_until(lambda: sum(1 for n in status(grid.url)["nodes"]  # type: ignore[attr-defined]
-                           if n["live"] and n["name"] == name) == 1, 180)
+    wait_until(
+        lambda: (
+            sum(
+                1
+                for n in status(grid.url)["nodes"]  # type: ignore[attr-defined]
+                if n["live"] and n["name"] == name
+            )
+            == 1
+        ),
+        180,
+    )
     again = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
     assert again.usage is not None and again.usage.completion_tokens > 0

@@ -17,8 +17,26 @@ import pytest
 from idlegrid.testbed.inprocess import free_port
 
 pytestmark = pytest.mark.slow
-TINY = ["--steps", "16", "--interval", "8", "--layers", "1", "--dim", "32", "--heads", "2",
-        "--seq", "16", "--batch", "4", "--windows", "64", "--price", "0.001"]
+TINY = [
+    "--steps",
+    "16",
+    "--interval",
+    "8",
+    "--layers",
+    "1",
+    "--dim",
+    "32",
+    "--heads",
+    "2",
+    "--seq",
+    "16",
+    "--batch",
+    "4",
+    "--windows",
+    "64",
+    "--price",
+    "0.001",
+]
 
 
 @pytest.fixture
@@ -27,9 +45,29 @@ def local_grid(tmp_path: Path) -> Iterator[Path]:
     env = {**os.environ, "IDLEGRID_NODE_TIMEOUT_S": "3", "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5"}
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "idlegrid", "up", "--data-dir", str(tmp_path), "--port",
-         str(free_port()), "--providers", "2", "--threads", "1", "--engine", "tiny",
-         "--model", "tiny", "--train"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "idlegrid",
+            "up",
+            "--data-dir",
+            str(tmp_path),
+            "--port",
+            str(free_port()),
+            "--providers",
+            "2",
+            "--threads",
+            "1",
+            "--engine",
+            "tiny",
+            "--model",
+            "tiny",
+            "--train",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     tick = threading.Event()
     try:
         for _ in range(480):
@@ -51,12 +89,17 @@ def local_grid(tmp_path: Path) -> Iterator[Path]:
 
 
 def _cli(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "idlegrid", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "idlegrid", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def test_idlegrid_train_runs_verified_on_the_local_grid_and_prints_the_bill(local_grid: Path
-                                                                           ) -> None:
+def test_idlegrid_train_runs_verified_on_the_local_grid_and_prints_the_bill(
+    local_grid: Path,
+) -> None:
     done = _cli(local_grid, "train", *TINY, "--json")
     assert done.returncode == 0, done.stderr
     job = json.loads(done.stdout)  # --json: nothing but the JSON on stdout

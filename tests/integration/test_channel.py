@@ -52,8 +52,9 @@ def _frame(key: NodeKey, obj: dict[str, object]) -> bytes:
 def test_agent_serves_over_the_channel(grid: Grid) -> None:
     agent = grid.agents[0].agent
     wait_until(lambda: agent.channel is not None and agent.channel.open)
-    stream = grid.client().completions.create(model=MODEL, prompt="hello", max_tokens=12,
-                                              temperature=0, stream=True)
+    stream = grid.client().completions.create(
+        model=MODEL, prompt="hello", max_tokens=12, temperature=0, stream=True
+    )
     text = "".join(c.choices[0].text for c in stream if c.choices)
     assert text == expected("hello", 12, temperature=0.0)
     assert agent.channel is not None
@@ -75,8 +76,10 @@ def test_handshake_must_be_signed_for_the_channel(grid: Grid) -> None:
     assert asyncio.run(attempt(wrong_path)) == 403
     assert asyncio.run(attempt({})) == 403
     stranger = NodeKey.generate()  # never registered
-    assert asyncio.run(attempt(stranger.sign_headers("GET", CHANNEL_PATH, b"",
-                                                     now=key_clock()))) == 403
+    assert (
+        asyncio.run(attempt(stranger.sign_headers("GET", CHANNEL_PATH, b"", now=key_clock())))
+        == 403
+    )
 
 
 def test_bad_replayed_and_malformed_frames_close_the_channel(grid: Grid) -> None:
@@ -102,8 +105,11 @@ def test_bad_replayed_and_malformed_frames_close_the_channel(grid: Grid) -> None
     assert asyncio.run(closed_by([b"no signature here"]))[0] == 1008
     code, why = asyncio.run(closed_by([_frame(key, {"op": "dance"})]))
     assert code == 1003 and "op" in why
-    code, why = asyncio.run(closed_by([_frame(key, {"op": "upload", "task_id": "t",
-                                                    "attempt": 0, "start": 0, "pieces": []})]))
+    code, why = asyncio.run(
+        closed_by(
+            [_frame(key, {"op": "upload", "task_id": "t", "attempt": 0, "start": 0, "pieces": []})]
+        )
+    )
     assert code == 1003 and "attempt" in why
 
 
@@ -115,8 +121,18 @@ def test_upload_for_an_attempt_not_held_is_refused_and_the_channel_stays(grid: G
             return await exchange(ws)
 
     async def exchange(ws: websockets.ClientConnection) -> list[dict[str, object]]:
-        await ws.send(_frame(key, {"op": "upload", "task_id": "cmpl-nope", "attempt": 1,
-                                   "start": 0, "pieces": [[5, "x"]]}))
+        await ws.send(
+            _frame(
+                key,
+                {
+                    "op": "upload",
+                    "task_id": "cmpl-nope",
+                    "attempt": 1,
+                    "start": 0,
+                    "pieces": [[5, "x"]],
+                },
+            )
+        )
         first = json.loads(await asyncio.wait_for(ws.recv(), 10))
         await ws.send(_frame(key, {"op": "sync", "task_id": "cmpl-nope", "attempt": 1}))
         synced = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -131,8 +147,7 @@ def test_upload_for_an_attempt_not_held_is_refused_and_the_channel_stays(grid: G
     assert idle == {"op": "idle", "slot": 3}
 
 
-def test_answer_survives_the_channel_dropping_mid_stream(tmp_path: Path,
-                                                         database_url: str) -> None:
+def test_answer_survives_the_channel_dropping_mid_stream(tmp_path: Path, database_url: str) -> None:
     g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=0.03)])
     try:
         agent_thread = g.agents[0]
@@ -142,9 +157,14 @@ def test_answer_survives_the_channel_dropping_mid_stream(tmp_path: Path,
         assert first is not None
         consumer = ledger.consumer_account(g.key_id)
         before = g.balance(consumer)
-        stream = g.client().completions.create(model=MODEL, prompt="drop", max_tokens=30,
-                                               temperature=0, stream=True,
-                                               stream_options={"include_usage": True})
+        stream = g.client().completions.create(
+            model=MODEL,
+            prompt="drop",
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         texts: list[str] = []
         chunks = []
         for chunk in stream:
@@ -164,15 +184,17 @@ def test_answer_survives_the_channel_dropping_mid_stream(tmp_path: Path,
         spent = before - g.balance(consumer)
         assert spent == sum(n["earned"] for n in g.nodes()) + g.balance(ledger.FEES) > 0  # type: ignore[misc]
         # The agent reconnects by itself.
-        wait_until(lambda: agent.channel is not None and agent.channel is not first
-                   and agent.channel.open)
+        wait_until(
+            lambda: agent.channel is not None and agent.channel is not first and agent.channel.open
+        )
         g.verify()
     finally:
         stop_grid(g)
 
 
-def test_non_streaming_answers_are_uploaded_in_fewer_larger_frames(tmp_path: Path,
-                                                                   database_url: str) -> None:
+def test_non_streaming_answers_are_uploaded_in_fewer_larger_frames(
+    tmp_path: Path, database_url: str
+) -> None:
     # 40 tokens at 20 ms each: a streaming consumer gets one frame per 25 ms or so; one that
     # reads nothing until the end gets a frame per 250 ms (failover still has them).
     g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=0.02)])
@@ -184,10 +206,12 @@ def test_non_streaming_answers_are_uploaded_in_fewer_larger_frames(tmp_path: Pat
 
         def frames_for(stream: bool) -> int:
             before, served = channel.frames_sent, agent.served
-            r = g.client().completions.create(model=MODEL, prompt="frames", max_tokens=40,
-                                              temperature=0, stream=stream)
-            text = ("".join(c.choices[0].text for c in r if c.choices) if stream
-                    else r.choices[0].text)  # type: ignore[union-attr]
+            r = g.client().completions.create(
+                model=MODEL, prompt="frames", max_tokens=40, temperature=0, stream=stream
+            )
+            text = (
+                "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
+            )  # type: ignore[union-attr]
             assert text == expected("frames", 40, temperature=0.0)
             wait_until(lambda: agent.served == served + 1)
             return channel.frames_sent - before

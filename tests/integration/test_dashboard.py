@@ -57,22 +57,41 @@ class Env:
 
     def complete(self, prompt: str, max_tokens: int = 8) -> Any:
         client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0)
-        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
-                                         temperature=0)
+        return client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0
+        )
 
 
-def start(tmp_path: Path, database_url: str, meters: list[RatedMeter | None],
-          operator_key: str = "", open_on_loopback: bool = False) -> Env:
+def start(
+    tmp_path: Path,
+    database_url: str,
+    meters: list[RatedMeter | None],
+    operator_key: str = "",
+    open_on_loopback: bool = False,
+) -> Env:
     settings = CoordinatorSettings(
-        data_dir=tmp_path, database_url=database_url, port=free_port(), heartbeat_interval_s=0.2,
-        node_timeout_s=3.0, power_sample_interval_s=0.2, operator_key=operator_key,
-        dashboard_open_on_loopback=open_on_loopback)
+        data_dir=tmp_path,
+        database_url=database_url,
+        port=free_port(),
+        heartbeat_interval_s=0.2,
+        node_timeout_s=3.0,
+        power_sample_interval_s=0.2,
+        operator_key=operator_key,
+        dashboard_open_on_loopback=open_on_loopback,
+    )
     coordinator = CoordinatorThread(settings)
     coordinator.start()
     agents = []
     for i, meter in enumerate(meters):
-        a = AgentThread(make_agent(coordinator.url, [FakeEngine(MODEL)], f"p{i}",
-                                   price=Price(10 * MICRO, (40 + i) * MICRO), meter=meter))
+        a = AgentThread(
+            make_agent(
+                coordinator.url,
+                [FakeEngine(MODEL)],
+                f"p{i}",
+                price=Price(10 * MICRO, (40 + i) * MICRO),
+                meter=meter,
+            )
+        )
         a.start()
         agents.append(a)
     with coordinator.admin() as c:
@@ -83,8 +102,10 @@ def start(tmp_path: Path, database_url: str, meters: list[RatedMeter | None],
                 break
             deadline.wait(0.05)
         key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
-        c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 10 * MICRO,
-                                           "reference": "t"}).raise_for_status()
+        c.post(
+            "/api/v1/admin/mint",
+            json={"key_id": key["key_id"], "amount": 10 * MICRO, "reference": "t"},
+        ).raise_for_status()
     return Env(coordinator, agents, key["api_key"])
 
 
@@ -114,8 +135,13 @@ def test_energy_per_request_and_per_device_reach_the_economics_api(env: Env) -> 
     answers = [env.complete(f"energy {i}") for i in range(4)]
     tokens = sum(a.usage.completion_tokens for a in answers)
     # Energy over a period is the difference of a device's counter: two samples per node.
-    wait_until(lambda: (samples := env.store.power_samples(0.0)) and len(samples) == 2
-               and all(len(rows) >= 2 for rows in samples.values()))
+    wait_until(
+        lambda: (
+            (samples := env.store.power_samples(0.0))
+            and len(samples) == 2
+            and all(len(rows) >= 2 for rows in samples.values())
+        )
+    )
     with env.http() as c:
         r = c.get("/api/v1/economics/earnings", params={"period": "1h"}).json()
     rows = r["providers"]
@@ -127,15 +153,20 @@ def test_energy_per_request_and_per_device_reach_the_economics_api(env: Env) -> 
         assert p["power"]["source"] == "estimate"
         if p["requests"]:
             assert p["request_energy_j"] > 0 and p["request_energy_estimated"] is True
-            assert p["tokens_per_joule"] == pytest.approx(p["output_tokens"] /
-                                                          p["request_energy_j"])
+            assert p["tokens_per_joule"] == pytest.approx(
+                p["output_tokens"] / p["request_energy_j"]
+            )
             assert p["earned"] == p["paid"] + p["accrued"] > 0
     assert r["period_s"] == pytest.approx(3600.0, abs=5)
 
 
 def test_device_energy_in_sql_matches_the_core_arithmetic(env: Env) -> None:
-    wait_until(lambda: all(len(v) >= 5 for v in env.store.power_samples(0.0).values())
-               and len(env.store.power_samples(0.0)) == 2)
+    wait_until(
+        lambda: (
+            all(len(v) >= 5 for v in env.store.power_samples(0.0).values())
+            and len(env.store.power_samples(0.0)) == 2
+        )
+    )
     samples = env.store.power_samples(0.0)
     by_sql = energy_by_node(env.store, 0.0)
     for node_id, rows in samples.items():
@@ -182,8 +213,10 @@ def test_live_stream_sends_a_snapshot_after_a_change(env: Env) -> None:
         first = next_snapshot()
         assert "deposit-live" not in first["sections"]["entries"]
         with env.admin() as admin:
-            admin.post("/api/v1/admin/mint", json={
-                "key_id": "key_x", "amount": 5, "reference": "deposit-live"}).raise_for_status()
+            admin.post(
+                "/api/v1/admin/mint",
+                json={"key_id": "key_x", "amount": 5, "reference": "deposit-live"},
+            ).raise_for_status()
         for _ in range(5):
             if "deposit-live" in next_snapshot()["sections"]["entries"]:
                 break
@@ -191,12 +224,16 @@ def test_live_stream_sends_a_snapshot_after_a_change(env: Env) -> None:
             raise AssertionError("the mint never reached the live stream")
 
 
-@pytest.mark.parametrize(("path", "param"), [
-    ("/dashboard/api/nope", "page"), ("/dashboard/events?page=nope", "page"),
-    ("/api/v1/economics/earnings?period=-1h", "period"),
-    ("/api/v1/economics/earnings?period=soon", "period"),
-    ("/api/v1/economics/earnings?node=nobody", "node"),
-])
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/dashboard/api/nope", "page"),
+        ("/dashboard/events?page=nope", "page"),
+        ("/api/v1/economics/earnings?period=-1h", "period"),
+        ("/api/v1/economics/earnings?period=soon", "period"),
+        ("/api/v1/economics/earnings?node=nobody", "node"),
+    ],
+)
 def test_bad_dashboard_input_is_a_precise_400(env: Env, path: str, param: str) -> None:
     with env.admin() as c:
         r = c.get(path)
@@ -205,7 +242,8 @@ def test_bad_dashboard_input_is_a_precise_400(env: Env, path: str, param: str) -
 
 
 def test_a_bad_power_report_is_refused_and_an_old_agent_still_works(
-        tmp_path: Path, database_url: str) -> None:
+    tmp_path: Path, database_url: str
+) -> None:
     e = start(tmp_path, database_url, [None])  # an agent with no meter: sends no energy
     try:
         answer = e.complete("old agent")
@@ -214,13 +252,24 @@ def test_a_bad_power_report_is_refused_and_an_old_agent_still_works(
         async def bad_heartbeat() -> None:
             client = NodeClient(e.url, NodeKey.generate())
             try:
-                await client.call("/api/v1/nodes/register", {
-                    "protocol_version": PROTOCOL_VERSION, "name": "odd", "hardware": {},
-                    "engine": {}, "slots": 1, "prefill_tps": 1, "decode_tps": 1,
-                    "offers": [{"model": MODEL, "prompt_price": 1, "output_price": 1}]})
+                await client.call(
+                    "/api/v1/nodes/register",
+                    {
+                        "protocol_version": PROTOCOL_VERSION,
+                        "name": "odd",
+                        "hardware": {},
+                        "engine": {},
+                        "slots": 1,
+                        "prefill_tps": 1,
+                        "decode_tps": 1,
+                        "offers": [{"model": MODEL, "prompt_price": 1, "output_price": 1}],
+                    },
+                )
                 with pytest.raises(InvalidRequest) as info:
-                    await client.call("/api/v1/nodes/heartbeat", {"power": {
-                        "joules_total": -5, "source": "nvml", "estimated": False}})
+                    await client.call(
+                        "/api/v1/nodes/heartbeat",
+                        {"power": {"joules_total": -5, "source": "nvml", "estimated": False}},
+                    )
                 assert info.value.param == "power.joules_total"
             finally:
                 await client.close()
@@ -237,7 +286,8 @@ def test_a_bad_power_report_is_refused_and_an_old_agent_still_works(
 
 
 def test_with_an_operator_key_pages_need_the_key_or_its_cookie(
-        tmp_path: Path, database_url: str) -> None:
+    tmp_path: Path, database_url: str
+) -> None:
     e = start(tmp_path, database_url, [RatedMeter(50.0)], operator_key="sekret")
     try:
         with e.http(follow_redirects=False) as c:
@@ -257,9 +307,11 @@ def test_with_an_operator_key_pages_need_the_key_or_its_cookie(
 
 
 def test_a_local_grid_opens_its_pages_to_this_machine_but_not_its_admin_routes(
-        tmp_path: Path, database_url: str) -> None:
-    e = start(tmp_path, database_url, [RatedMeter(50.0)], operator_key="sekret",
-              open_on_loopback=True)
+    tmp_path: Path, database_url: str
+) -> None:
+    e = start(
+        tmp_path, database_url, [RatedMeter(50.0)], operator_key="sekret", open_on_loopback=True
+    )
     try:
         with e.http() as c:
             assert c.get("/").status_code == 200
@@ -272,7 +324,8 @@ def test_a_local_grid_opens_its_pages_to_this_machine_but_not_its_admin_routes(
 
 
 def test_without_a_configured_key_loopback_opens_nothing_but_the_data_dir_key_does(
-        env: Env, tmp_path: Path) -> None:
+    env: Env, tmp_path: Path
+) -> None:
     key = (tmp_path / "operator-key").read_text().strip()  # created on first start
     assert key == env.coordinator.operator_key
     with env.http(follow_redirects=False) as c:
@@ -312,8 +365,20 @@ def test_earnings_and_estimate_cli_against_the_grid(env: Env, tmp_path: Path) ->
     env.complete("earn something", max_tokens=10)
     runner = CliRunner()
     base = ["--coordinator", env.url, "--data-dir", str(tmp_path / "cli")]
-    res = runner.invoke(app, ["earnings", *base, "--period", "1h", "--kwh-price", "0.5",
-                              "--card-price", "800", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "earnings",
+            *base,
+            "--period",
+            "1h",
+            "--kwh-price",
+            "0.5",
+            "--card-price",
+            "800",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "\x1b[" not in res.stdout  # no progress or colour codes in JSON
     data = json.loads(res.stdout)
@@ -322,20 +387,36 @@ def test_earnings_and_estimate_cli_against_the_grid(env: Env, tmp_path: Path) ->
     rows = {p["node_id"]: p for p in data["providers"]}
     earner = [p for p in rows.values() if p["earned"] > 0][0]
     node = earner["node_id"]
-    assert earner["paid"] + earner["accrued"] == (balances.get(f"provider:{node}", 0)
-                                                  + balances.get(f"accrual:{node}", 0))
+    assert earner["paid"] + earner["accrued"] == (
+        balances.get(f"provider:{node}", 0) + balances.get(f"accrual:{node}", 0)
+    )
     e = earner["economics"]
     assert e["estimated"] is True
     assert e["profit_per_day"] == pytest.approx(e["earned_per_day"] - e["electricity_per_day"])
     assert e["electricity_per_day"] == pytest.approx(e["kwh_per_day"] * 0.5)
     assert e["payback_days"] is None or e["payback_days"] == pytest.approx(
-        800 / e["profit_per_day"])
+        800 / e["profit_per_day"]
+    )
 
     table = runner.invoke(app, ["earnings", *base, "--period", "1h"], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "p0" in table.stdout and "profit/day" in table.stdout
 
-    est = runner.invoke(app, ["estimate", *base, "--model", MODEL, "--decode-tps", "50",
-                              "--watts", "200", "--utilisation", "0.25", "--json"])
+    est = runner.invoke(
+        app,
+        [
+            "estimate",
+            *base,
+            "--model",
+            MODEL,
+            "--decode-tps",
+            "50",
+            "--watts",
+            "200",
+            "--utilisation",
+            "0.25",
+            "--json",
+        ],
+    )
     assert est.exit_code == 0, est.output
     got = json.loads(est.stdout)
     median = got["market"]["output_median"]
@@ -358,12 +439,15 @@ def test_live_stream_resends_only_fragments_that_changed(env: Env) -> None:
         html = c.get("/requests").text
         version = re.search(r'data-version="(\d+)"', html)
         assert version is not None
-        with c.stream("GET", "/dashboard/events",
-                      params={"page": "requests", "v": version.group(1)}) as s:
+        with c.stream(
+            "GET", "/dashboard/events", params={"page": "requests", "v": version.group(1)}
+        ) as s:
             lines = s.iter_lines()
             with env.admin() as admin:  # a change that nothing on the requests page shows
-                admin.post("/api/v1/admin/mint", json={
-                    "key_id": "key_y", "amount": 5, "reference": "quiet"}).raise_for_status()
+                admin.post(
+                    "/api/v1/admin/mint",
+                    json={"key_id": "key_y", "amount": 5, "reference": "quiet"},
+                ).raise_for_status()
             snap = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))
     assert snap["version"] > int(version.group(1))
     assert snap["sections"] == {}  # the browser already shows all of it

@@ -43,24 +43,57 @@ def test_a_working_engine_decodes_its_probe_tokens() -> None:
 
 def test_provide_exits_with_the_cause(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "idlegrid", "provide", "--engine", SIGILL_ENGINE, "--coordinator",
-         f"http://127.0.0.1:{free_port()}", "--key-file", str(tmp_path / "k")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+        [
+            sys.executable,
+            "-m",
+            "idlegrid",
+            "provide",
+            "--engine",
+            SIGILL_ENGINE,
+            "--coordinator",
+            f"http://127.0.0.1:{free_port()}",
+            "--key-file",
+            str(tmp_path / "k"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert proc.returncode == 3, proc.stderr
     assert "SIGILL" in proc.stderr and "gemma3:270m" in proc.stderr
 
 
 def test_up_names_the_provider_and_shows_its_log(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "idlegrid", "up", "--data-dir", str(tmp_path), "--port",
-         str(free_port()), "--providers", "1", "--engine", SIGILL_ENGINE],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})
+        [
+            sys.executable,
+            "-m",
+            "idlegrid",
+            "up",
+            "--data-dir",
+            str(tmp_path),
+            "--port",
+            str(free_port()),
+            "--providers",
+            "1",
+            "--engine",
+            SIGILL_ENGINE,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "provider-0 exited with status 3" in proc.stderr, proc.stderr
     assert "SIGILL" in proc.stderr  # from the provider's own log, shown by `up`
     assert "idlegrid is up" not in proc.stdout
     # What the grid wrote holds balances and secrets: nobody else may read it.
-    written = [*tmp_path.glob("coordinator.db*"), *tmp_path.glob("logs/*.log"),
-               tmp_path / "operator-key"]
+    written = [
+        *tmp_path.glob("coordinator.db*"),
+        *tmp_path.glob("logs/*.log"),
+        tmp_path / "operator-key",
+    ]
     assert any(p.name == "coordinator.db" for p in written)
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o600"}

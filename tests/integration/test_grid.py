@@ -43,8 +43,7 @@ class Grid:
         return self.coordinator.url
 
     def client(self, **kw: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0,
-                             **kw)  # type: ignore[arg-type]
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0, **kw)  # type: ignore[arg-type]
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=30)
@@ -73,27 +72,43 @@ class Grid:
         assert result == {"ok": True, "problems": []}
 
 
-def start_grid(tmp_path: Path, database_url: str, engines: list[FakeEngine],
-               credits: int = 10, **settings: object) -> Grid:
+def start_grid(
+    tmp_path: Path,
+    database_url: str,
+    engines: list[FakeEngine],
+    credits: int = 10,
+    **settings: object,
+) -> Grid:
     defaults: dict[str, object] = dict(
-        data_dir=tmp_path, database_url=database_url, port=free_port(), fee_bps=FEE_BPS,
-        heartbeat_interval_s=0.3, node_timeout_s=1.5, stall_timeout_s=3.0, long_poll_s=5.0,
+        data_dir=tmp_path,
+        database_url=database_url,
+        port=free_port(),
+        fee_bps=FEE_BPS,
+        heartbeat_interval_s=0.3,
+        node_timeout_s=1.5,
+        stall_timeout_s=3.0,
+        long_poll_s=5.0,
         queue_timeout_s=20.0,
     )
     coordinator = CoordinatorThread(CoordinatorSettings(**{**defaults, **settings}))  # type: ignore[arg-type]
     coordinator.start()
     agents = []
     for i, engine in enumerate(engines):
-        a = AgentThread(make_agent(coordinator.url, [engine], f"p{i}",
-                                   price=Price((10 + i) * MICRO, (40 + i) * MICRO)))
+        a = AgentThread(
+            make_agent(
+                coordinator.url, [engine], f"p{i}", price=Price((10 + i) * MICRO, (40 + i) * MICRO)
+            )
+        )
         a.start()
         agents.append(a)
     wait_for_live(coordinator.url, len(engines))
     with coordinator.admin() as c:
         key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
         if credits:
-            c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": credits * MICRO,
-                                               "reference": "test"}).raise_for_status()
+            c.post(
+                "/api/v1/admin/mint",
+                json={"key_id": key["key_id"], "amount": credits * MICRO, "reference": "test"},
+            ).raise_for_status()
     return Grid(coordinator, agents, key["key_id"], key["api_key"])
 
 
@@ -113,8 +128,9 @@ def grid(tmp_path: Path, database_url: str) -> Iterator[Grid]:
 
 
 def expected(prompt: str, max_tokens: int, **kw: object) -> str:
-    return generate_text(FakeEngine(MODEL), prompt, max_tokens=max_tokens,
-                         params=SamplingParams(**kw)).text  # type: ignore[arg-type]
+    return generate_text(
+        FakeEngine(MODEL), prompt, max_tokens=max_tokens, params=SamplingParams(**kw)
+    ).text  # type: ignore[arg-type]
 
 
 def charge_for(prompt_tokens: int, output_tokens: int, price: Price) -> int:
@@ -125,8 +141,9 @@ def test_completion_matches_engine_and_moves_exact_credits(grid: Grid) -> None:
     client = grid.client()
     consumer = ledger.consumer_account(grid.key_id)
     before = grid.balance(consumer)
-    resp = client.completions.create(model=MODEL, prompt="The capital of France is",
-                                     max_tokens=12, temperature=0)
+    resp = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0
+    )
     assert resp.choices[0].text == expected("The capital of France is", 12, temperature=0.0)
     assert resp.choices[0].finish_reason == "length"
     assert resp.usage is not None
@@ -151,9 +168,14 @@ def test_completion_matches_engine_and_moves_exact_credits(grid: Grid) -> None:
 
 def test_streaming_completion_and_chat(grid: Grid) -> None:
     client = grid.client()
-    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20,
-                                       temperature=0, stream=True,
-                                       stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Once upon a time",
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == expected("Once upon a time", 20, temperature=0.0)
@@ -161,13 +183,17 @@ def test_streaming_completion_and_chat(grid: Grid) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
 
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8,
-        temperature=0)
+        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, temperature=0
+    )
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage is not None and chat.usage.completion_tokens == 8
     streamed = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8,
-        temperature=0, stream=True)
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
     pieces = [c.choices[0].delta.content or "" for c in streamed]
     assert "".join(pieces) == chat.choices[0].message.content
 
@@ -179,8 +205,9 @@ def test_seed_and_stop(grid: Grid) -> None:
     assert a.choices[0].text == b.choices[0].text == expected("x", 10, temperature=0.9, seed=7)
     full = expected("stop test", 30, temperature=0.0)
     word = full.split()[3]
-    r = client.completions.create(model=MODEL, prompt="stop test", max_tokens=30, temperature=0,
-                                  stop=[word])
+    r = client.completions.create(
+        model=MODEL, prompt="stop test", max_tokens=30, temperature=0, stop=[word]
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == full[: full.index(word)]
 
@@ -203,16 +230,22 @@ def test_bad_requests_are_refused_precisely_and_leave_no_entries(grid: Grid) -> 
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=5)
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{grid.url}/v1", api_key="ig-wrong", max_retries=0
-                      ).completions.create(model=MODEL, prompt="hi", max_tokens=4)
+        openai.OpenAI(
+            base_url=f"{grid.url}/v1", api_key="ig-wrong", max_retries=0
+        ).completions.create(model=MODEL, prompt="hi", max_tokens=4)
     with grid.http() as c:
-        r = c.post("/v1/completions", content=b'{"model": "fake:1", "prompt": ',
-                   headers={"Authorization": f"Bearer {grid.api_key}",
-                            "Content-Type": "application/json"})
+        r = c.post(
+            "/v1/completions",
+            content=b'{"model": "fake:1", "prompt": ',
+            headers={"Authorization": f"Bearer {grid.api_key}", "Content-Type": "application/json"},
+        )
         assert r.status_code == 400
         assert r.json()["error"]["type"] == "invalid_request_error"
-        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": []},
-                   headers={"Authorization": f"Bearer {grid.api_key}"})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": []},
+            headers={"Authorization": f"Bearer {grid.api_key}"},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     _no_new_entries(grid, n)
 
@@ -232,7 +265,8 @@ def test_empty_balance_is_402_before_any_work(tmp_path: Path, database_url: str)
 
 
 def test_balance_spent_elsewhere_is_402_and_an_early_hand_over_is_taken_back(
-        tmp_path: Path, database_url: str) -> None:
+    tmp_path: Path, database_url: str
+) -> None:
     """The gateway hands a task to a waiting provider before its escrow is written when the
     key's last seen balance covered it; if the write then fails, nothing is kept."""
     g = start_grid(tmp_path, database_url, [FakeEngine(MODEL)], credits=1)
@@ -245,21 +279,41 @@ def test_balance_spent_elsewhere_is_402_and_an_early_hand_over_is_taken_back(
         # Spent behind this coordinator's back (another process on the same database).
         consumer = ledger.consumer_account(g.key_id)
         store = g.coordinator.app.state.services.store
-        store.post(ledger.make_entry("elsewhere", ledger.Cause("test", "elsewhere"), [
-            ledger.Posting(consumer, -g.balance(consumer)), ledger.Posting(ledger.ISSUER,
-                                                                           g.balance(consumer))]))
+        store.post(
+            ledger.make_entry(
+                "elsewhere",
+                ledger.Cause("test", "elsewhere"),
+                [
+                    ledger.Posting(consumer, -g.balance(consumer)),
+                    ledger.Posting(ledger.ISSUER, g.balance(consumer)),
+                ],
+            )
+        )
         n = len(g.entries())
         received = agent.channel.tasks_received  # type: ignore[union-attr]
-        wait_until(lambda: len(g.coordinator.app.state.services.inference.hub._waiters.get(
-            agent.client.key.node_id, [])) == 1)  # its next poll is parked
+        wait_until(
+            lambda: (
+                len(
+                    g.coordinator.app.state.services.inference.hub._waiters.get(
+                        agent.client.key.node_id, []
+                    )
+                )
+                == 1
+            )
+        )  # its next poll is parked
         with pytest.raises(openai.APIStatusError) as exc:
             client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
         assert exc.value.status_code == 402
         assert agent.channel.tasks_received == received + 1  # type: ignore[union-attr]
         _no_new_entries(g, n)
         # The provider's output for it was refused, nothing was paid, and it serves on.
-        store.post(ledger.make_entry("refill", ledger.Cause("test", "refill"), [
-            ledger.Posting(ledger.ISSUER, -MICRO), ledger.Posting(consumer, MICRO)]))
+        store.post(
+            ledger.make_entry(
+                "refill",
+                ledger.Cause("test", "refill"),
+                [ledger.Posting(ledger.ISSUER, -MICRO), ledger.Posting(consumer, MICRO)],
+            )
+        )
         client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
         wait_until(lambda: agent.served == 2)
         client.close()
@@ -268,8 +322,16 @@ def test_balance_spent_elsewhere_is_402_and_an_early_hand_over_is_taken_back(
         stop_grid(g)
 
 
-def _signed_post(url: str, key: NodeKey, path: str, body: dict[str, object], *,
-                 now: float, nonce: str | None = None, tamper: bool = False) -> httpx.Response:
+def _signed_post(
+    url: str,
+    key: NodeKey,
+    path: str,
+    body: dict[str, object],
+    *,
+    now: float,
+    nonce: str | None = None,
+    tamper: bool = False,
+) -> httpx.Response:
     raw = json.dumps(body).encode()
     headers = key.sign_headers("POST", path, raw, now=now, nonce=nonce)
     if tamper:
@@ -300,15 +362,21 @@ def test_node_signatures_refuse_bad_stale_and_replayed(grid: Grid) -> None:
 
 
 def test_dead_provider_mid_stream_is_replaced_and_billed_once(
-        tmp_path: Path, database_url: str) -> None:
+    tmp_path: Path, database_url: str
+) -> None:
     slow = FakeEngine(MODEL, token_delay=0.05)
     g = start_grid(tmp_path, database_url, [slow, FakeEngine(MODEL, token_delay=0.05)])
     try:
         consumer = ledger.consumer_account(g.key_id)
         before = g.balance(consumer)
-        stream = g.client().completions.create(model=MODEL, prompt="long story", max_tokens=60,
-                                               temperature=0, stream=True,
-                                               stream_options={"include_usage": True})
+        stream = g.client().completions.create(
+            model=MODEL,
+            prompt="long story",
+            max_tokens=60,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         texts: list[str] = []
         killed = None
         chunks = []
@@ -318,8 +386,7 @@ def test_dead_provider_mid_stream_is_replaced_and_billed_once(
                 texts.append(chunk.choices[0].text)
             if killed is None and len(texts) >= 5:
                 holder = next(n for n in g.nodes() if n["running"])
-                killed = next(a for a in g.agents
-                              if a.agent.client.key.node_id == holder["id"])
+                killed = next(a for a in g.agents if a.agent.client.key.node_id == holder["id"])
                 killed.kill()
         assert killed is not None
         usage = chunks[-1].usage
@@ -338,15 +405,17 @@ def test_dead_provider_mid_stream_is_replaced_and_billed_once(
 
 
 def test_stalled_provider_is_replaced(tmp_path: Path, database_url: str) -> None:
-    g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=3.0)],
-                   stall_timeout_s=1.0)
+    g = start_grid(
+        tmp_path, database_url, [FakeEngine(MODEL, token_delay=3.0)], stall_timeout_s=1.0
+    )
     try:
         fast = AgentThread(make_agent(g.url, [FakeEngine(MODEL)], "fast"))
         box: dict[str, object] = {}
 
         def call() -> None:
-            box["r"] = g.client().completions.create(model=MODEL, prompt="p", max_tokens=5,
-                                                     temperature=0)
+            box["r"] = g.client().completions.create(
+                model=MODEL, prompt="p", max_tokens=5, temperature=0
+            )
 
         t = threading.Thread(target=call)
         t.start()
@@ -369,8 +438,9 @@ def test_sigterm_drains_in_flight_work(tmp_path: Path, database_url: str) -> Non
         box: dict[str, object] = {}
 
         def call() -> None:
-            box["r"] = g.client().completions.create(model=MODEL, prompt="drain", max_tokens=40,
-                                                     temperature=0)
+            box["r"] = g.client().completions.create(
+                model=MODEL, prompt="drain", max_tokens=40, temperature=0
+            )
 
         t = threading.Thread(target=call)
         t.start()
@@ -385,21 +455,38 @@ def test_sigterm_drains_in_flight_work(tmp_path: Path, database_url: str) -> Non
 
 
 def test_consumer_leaving_mid_stream_stops_the_work_and_bills_only_what_arrived(
-        tmp_path: Path, database_url: str) -> None:
+    tmp_path: Path, database_url: str
+) -> None:
     g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=0.05)])
     try:
         consumer = ledger.consumer_account(g.key_id)
         before = g.balance(consumer)
-        body = {"model": MODEL, "prompt": "leave early", "max_tokens": 200, "temperature": 0,
-                "stream": True}
-        with g.http() as c, c.stream("POST", "/v1/completions", json=body,
-                                     headers={"Authorization": f"Bearer {g.api_key}"}) as r:
+        body = {
+            "model": MODEL,
+            "prompt": "leave early",
+            "max_tokens": 200,
+            "temperature": 0,
+            "stream": True,
+        }
+        with (
+            g.http() as c,
+            c.stream(
+                "POST",
+                "/v1/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {g.api_key}"},
+            ) as r,
+        ):
             lines = r.iter_lines()
             events = [ln for ln in (next(lines) for _ in range(12)) if ln.startswith("data: ")]
             request_id = json.loads(events[0][6:])["id"]
         # Closing the response is the consumer leaving; the coordinator settles on its own.
-        wait_until(lambda: [e["memo"] for e in g.entries()
-                            if e["cause"]["id"] == request_id] == ["hold", "settle"])  # type: ignore[index]
+        wait_until(
+            lambda: (
+                [e["memo"] for e in g.entries() if e["cause"]["id"] == request_id]
+                == ["hold", "settle"]
+            )
+        )  # type: ignore[index]
         wait_until(lambda: not g.agents[0].agent.jobs)
         spent = before - g.balance(consumer)
         provider = next(n for n in g.nodes())
@@ -412,7 +499,8 @@ def test_consumer_leaving_mid_stream_stops_the_work_and_bills_only_what_arrived(
 
 
 def test_a_claim_that_never_reached_its_provider_is_taken_back(
-        tmp_path: Path, database_url: str) -> None:
+    tmp_path: Path, database_url: str
+) -> None:
     """A poll cancelled mid-claim leaves a row saying the provider holds a task it never got;
     the supervisor notices the row and the stream disagree, and the request is served."""
     from concurrent.futures import ThreadPoolExecutor
@@ -423,8 +511,9 @@ def test_a_claim_that_never_reached_its_provider_is_taken_back(
         node_id = g.agents[0].agent.client.key.node_id
 
         def ask(prompt: str) -> str:
-            r = g.client(timeout=60).completions.create(model=MODEL, prompt=prompt,
-                                                        max_tokens=30, temperature=0)
+            r = g.client(timeout=60).completions.create(
+                model=MODEL, prompt=prompt, max_tokens=30, temperature=0
+            )
             return r.choices[0].text
 
         with ThreadPoolExecutor(2) as pool:

@@ -36,13 +36,22 @@ CPU = [{"model": "CPU", "count": 1, "vram_gb": 4.0}]
 
 
 class Grid:
-    def __init__(self, coord: CoordinatorThread, agents: dict[str, AgentThread],
-                 nodes: dict[str, str], api_key: str) -> None:
+    def __init__(
+        self,
+        coord: CoordinatorThread,
+        agents: dict[str, AgentThread],
+        nodes: dict[str, str],
+        api_key: str,
+    ) -> None:
         self.coord, self.agents, self.nodes, self.api_key = coord, agents, nodes, api_key
 
     def get(self, path: str, **params: Any) -> Any:
-        with httpx.Client(base_url=self.coord.url, trust_env=False, timeout=30, headers={
-                "authorization": f"Bearer {self.api_key}"}) as c:
+        with httpx.Client(
+            base_url=self.coord.url,
+            trust_env=False,
+            timeout=30,
+            headers={"authorization": f"Bearer {self.api_key}"},
+        ) as c:
             return c.get(path, params=params).json()
 
     def admin_get(self, path: str, **params: Any) -> Any:
@@ -61,32 +70,51 @@ class Grid:
         return int(self.admin_get("/api/v1/status")["balances"].get(acct, 0))
 
     def offers(self, name: str) -> list[dict[str, Any]]:
-        return [o for o in self.get("/api/v1/offers")["offers"]
-                if o["provider"] == self.nodes[name]]
+        return [
+            o for o in self.get("/api/v1/offers")["offers"] if o["provider"] == self.nodes[name]
+        ]
 
 
 @pytest.fixture
 def grid_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
-    for k, v in {"N_CPU": "512", "N_GPU": "3072", "RTT_S": "0.1", "MEM_CAP_MB": "8",
-                 "RECHECK_PER_HOUR": "0"}.items():
+    for k, v in {
+        "N_CPU": "512",
+        "N_GPU": "3072",
+        "RTT_S": "0.1",
+        "MEM_CAP_MB": "8",
+        "RECHECK_PER_HOUR": "0",
+    }.items():
         monkeypatch.setenv(f"IDLEGRID_HW_{k}", v)
     started: list[Any] = []
 
     def start(cheat_devices: list[dict[str, Any]], cheat_prover: Any) -> Grid:
         settings = CoordinatorSettings(
-            data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/c.db", port=free_port(),
-            heartbeat_interval_s=0.2, node_timeout_s=30.0, long_poll_s=2.0,
-            stake_per_device=STAKE)
+            data_dir=tmp_path,
+            database_url=f"sqlite:///{tmp_path}/c.db",
+            port=free_port(),
+            heartbeat_interval_s=0.2,
+            node_timeout_s=30.0,
+            long_poll_s=2.0,
+            stake_per_device=STAKE,
+        )
         coord = CoordinatorThread(settings)
         coord.start()
         started.append(coord)
         agents, nodes = {}, {}
         with coord.admin() as c:
             key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
-        for name, devices, prover in (("honest", CPU, None),
-                                      ("cheat", cheat_devices, cheat_prover)):
-            agent = make_agent(coord.url, [FakeEngine("fake:1")], name, prover=prover,
-                               device_price_h=100_000, devices=devices)
+        for name, devices, prover in (
+            ("honest", CPU, None),
+            ("cheat", cheat_devices, cheat_prover),
+        ):
+            agent = make_agent(
+                coord.url,
+                [FakeEngine("fake:1")],
+                name,
+                prover=prover,
+                device_price_h=100_000,
+                devices=devices,
+            )
             nodes[name] = agent.client.key.node_id
             for d in devices:  # the stake for the claimed class, posted by the operator
                 coord_store_post(coord, nodes[name], d["model"])
@@ -110,9 +138,13 @@ def grid_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     def coord_store_post(coord: CoordinatorThread, node: str, cls: str) -> None:
         wait_until(lambda: hasattr(coord.app.state, "services"))
         acct = ledger.stake_account(node, cls)
-        coord.app.state.services.store.post(ledger.make_entry(
-            f"stake:{node}:{cls}", Cause("test", node),
-            [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)]))
+        coord.app.state.services.store.post(
+            ledger.make_entry(
+                f"stake:{node}:{cls}",
+                Cause("test", node),
+                [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)],
+            )
+        )
 
     yield start
     for s in reversed(started):
@@ -144,8 +176,7 @@ def test_g_claimed_gpu_is_demoted_to_what_it_proved_and_slashed(grid_factory) ->
 
 
 @pytest.mark.parametrize("prover", [cheats.PartialProver, cheats.LowPrecisionProver])
-def test_h_partial_or_low_precision_product_is_caught_by_row_openings(grid_factory,
-                                                                     prover) -> None:
+def test_h_partial_or_low_precision_product_is_caught_by_row_openings(grid_factory, prover) -> None:
     g = grid_factory(CPU, prover())
     mm = next(p for p in g.proofs("cheat") if p["kind"] == "matmul")
     assert mm["state"] == "failed" and not mm["verdict"]["correct"], mm
@@ -167,11 +198,13 @@ def test_bad_proof_messages_get_precise_errors_and_move_no_credits(grid_factory)
         out = []
         client = type(honest.client)(g.coord.url, honest.client.key)
         try:
-            for path, body in ((f"/api/v1/hwproofs/{pid}/start", {}),  # judged already
-                               (f"/api/v1/hwproofs/{other}/start", {}),  # not its own
-                               ("/api/v1/hwproofs/nope/open", {"openings": []}),
-                               (f"/api/v1/hwproofs/{pid}/commit", {"root": "zz"}),
-                               (f"/api/v1/hwproofs/{pid}/open", {"openings": "x"})):
+            for path, body in (
+                (f"/api/v1/hwproofs/{pid}/start", {}),  # judged already
+                (f"/api/v1/hwproofs/{other}/start", {}),  # not its own
+                ("/api/v1/hwproofs/nope/open", {"openings": []}),
+                (f"/api/v1/hwproofs/{pid}/commit", {"root": "zz"}),
+                (f"/api/v1/hwproofs/{pid}/open", {"openings": "x"}),
+            ):
                 try:
                     await client.call(path, body)
                     out.append(200)

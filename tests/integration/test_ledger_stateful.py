@@ -67,8 +67,14 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 self.prev_hash = head.hash if head else ledger.GENESIS_HASH
             self.sums = self.store.balances()
             for n in self.nodes:
-                self._post(ledger.mint(f"fund:{self.tag}:{n}", ledger.provider_account(n),
-                                       100 * MICRO, Cause("deposit", self.tag)))
+                self._post(
+                    ledger.mint(
+                        f"fund:{self.tag}:{n}",
+                        ledger.provider_account(n),
+                        100 * MICRO,
+                        Cause("deposit", self.tag),
+                    )
+                )
             for credits in (5, 40):
                 self.deposit(credits)
 
@@ -85,28 +91,54 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         def deposit(self, credits: int) -> None:
             key, _ = self.store.create_api_key(f"k{len(self.keys)}")
             self.keys.append(key)
-            self._post(ledger.mint(f"dep:{key}", ledger.consumer_account(key), credits * MICRO,
-                                   Cause("deposit", key)))
+            self._post(
+                ledger.mint(
+                    f"dep:{key}",
+                    ledger.consumer_account(key),
+                    credits * MICRO,
+                    Cause("deposit", key),
+                )
+            )
 
         @precondition(lambda self: self.keys)
-        @rule(data=st.data(), hours=st.sampled_from([0.5, 1, 4]),
-              price=st.sampled_from([0.1, 1.0, 30.0]), batch=st.booleans(),
-              placed=st.booleans())
-        def order(self, data: st.DataObject, hours: float, price: float, batch: bool,
-                  placed: bool) -> None:
+        @rule(
+            data=st.data(),
+            hours=st.sampled_from([0.5, 1, 4]),
+            price=st.sampled_from([0.1, 1.0, 30.0]),
+            batch=st.booleans(),
+            placed=st.booleans(),
+        )
+        def order(
+            self, data: st.DataObject, hours: float, price: float, batch: bool, placed: bool
+        ) -> None:
             key = data.draw(st.sampled_from(self.keys))
             node = self.nodes[data.draw(st.integers(0, len(NODES) - 1))]
             oid = f"o{next(_ids)}"
-            raw: dict[str, Any] = {"id": oid, "kind": "batch" if batch else "lease",
-                                   "resources": {"max_price": price}}
+            raw: dict[str, Any] = {
+                "id": oid,
+                "kind": "batch" if batch else "lease",
+                "resources": {"max_price": price},
+            }
             if batch:
                 raw |= {"model": "m", "tokens": 100_000}
             else:
                 raw |= {"hours": hours}
             order = parse_order(raw)
             unit = round(price * MICRO * 0.8)
-            placement = {"legs": [{"offer_id": f"{node}/RTX-4090", "provider": node,
-                                   "devices": 1, "unit_price": unit}]} if placed else None
+            placement = (
+                {
+                    "legs": [
+                        {
+                            "offer_id": f"{node}/RTX-4090",
+                            "provider": node,
+                            "devices": 1,
+                            "unit_price": unit,
+                        }
+                    ]
+                }
+                if placed
+                else None
+            )
             try:
                 self.market.create_order(order, key, order.to_dict(), placement, None)
             except InsufficientCredits:
@@ -125,9 +157,20 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             if not open_:
                 return
             oid, order = data.draw(st.sampled_from(open_))
-            self.market.place(oid, order, {"legs": [{
-                "offer_id": f"{node}/RTX-4090", "provider": node, "devices": 1,
-                "unit_price": order.max_price // 2}]})
+            self.market.place(
+                oid,
+                order,
+                {
+                    "legs": [
+                        {
+                            "offer_id": f"{node}/RTX-4090",
+                            "provider": node,
+                            "devices": 1,
+                            "unit_price": order.max_price // 2,
+                        }
+                    ]
+                },
+            )
 
         @rule(seconds=st.sampled_from([1.0, 60.0, 1800.0, 7200.0]))
         def time_passes_and_orders_accrue(self, seconds: float) -> None:
@@ -139,8 +182,9 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         @precondition(lambda self: self.orders)
         @rule(data=st.data(), tokens=st.integers(1, 120_000))
         def tokens_reported(self, data: st.DataObject, tokens: int) -> None:
-            batch = [(i, o) for i, o in self._in(OrderState.ACTIVE.value)
-                     if o.kind is OrderKind.BATCH]
+            batch = [
+                (i, o) for i, o in self._in(OrderState.ACTIVE.value) if o.kind is OrderKind.BATCH
+            ]
             if not batch:
                 return
             oid, _ = data.draw(st.sampled_from(batch))
@@ -166,8 +210,9 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 return
             oid, _ = data.draw(st.sampled_from(active))
             node = self.market.get_order(oid).placement["legs"][0]["provider"]  # type: ignore[index]
-            self.market.slo_refund(oid, f"{oid}:{next(_ids)}", node, "RTX-4090",
-                                   credits * MICRO // 10)
+            self.market.slo_refund(
+                oid, f"{oid}:{next(_ids)}", node, "RTX-4090", credits * MICRO // 10
+            )
 
         @rule(n=st.integers(0, len(NODES) - 1), credits=st.integers(1, 30))
         def stake(self, n: int, credits: int) -> None:
@@ -184,8 +229,9 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
                 return
             victim = self.keys[0] if self.keys else None
             shares = {ledger.consumer_account(victim): amount // 2} if victim else {}
-            self._post(settlement.slash(f"{self.tag}-{next(_ids)}", node, "RTX-4090", amount,
-                                        shares))
+            self._post(
+                settlement.slash(f"{self.tag}-{next(_ids)}", node, "RTX-4090", amount, shares)
+            )
 
         @rule()
         def crash_and_restart(self) -> None:
@@ -199,8 +245,15 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             key = data.draw(st.sampled_from(self.keys))
             before = self.store.balances()
             with pytest.raises(Crash), self.store.tx() as s:
-                self.store._post(s, ledger.mint(f"half:{next(_ids)}", ledger.consumer_account(key),
-                                                MICRO, Cause("deposit", "crash")))
+                self.store._post(
+                    s,
+                    ledger.mint(
+                        f"half:{next(_ids)}",
+                        ledger.consumer_account(key),
+                        MICRO,
+                        Cause("deposit", "crash"),
+                    ),
+                )
                 raise Crash
             assert self.store.balances() == before
 
@@ -218,16 +271,20 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
             assert sum(balances.values()) == 0
             assert all(v >= 0 for a, v in balances.items() if not ledger.may_go_negative(a))
             for e in self.store.entries(after_seq=self.seen_seq):
-                entry = Entry(e["key"], Cause(e["cause"]["kind"], e["cause"]["id"]),
-                              tuple(ledger.Posting(p["account"], p["amount"])
-                                    for p in e["postings"]), e["memo"])
+                entry = Entry(
+                    e["key"],
+                    Cause(e["cause"]["kind"], e["cause"]["id"]),
+                    tuple(ledger.Posting(p["account"], p["amount"]) for p in e["postings"]),
+                    e["memo"],
+                )
                 assert e["prev_hash"] == self.prev_hash
                 assert ledger.chain_hash(self.prev_hash, entry) == e["hash"]
                 for p in entry.postings:
                     self.sums[p.account] = self.sums.get(p.account, 0) + p.amount
                 self.prev_hash, self.seen_seq = e["hash"], e["seq"]
             assert {a: v for a, v in self.sums.items() if v} == {
-                a: v for a, v in balances.items() if v}
+                a: v for a, v in balances.items() if v
+            }
             mine = {i for i, _ in self.orders}
             for v in self.market.orders():
                 if v.id not in mine:
@@ -242,7 +299,10 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
 def test_ledger_invariants_hold_under_random_market_histories(database_url: str) -> None:
     machine = make_machine(database_url)
     machine.TestCase.settings = settings(
-        max_examples=25, stateful_step_count=40, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        max_examples=25,
+        stateful_step_count=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     machine.TestCase().runTest()
     assert Store(database_url, Clock()).verify_ledger() == []

@@ -15,8 +15,10 @@ import pytest
 
 from idlegrid.engines import llama_build as lb
 
-AMX = re.compile(r"\b(tilezero|tileloaddt?1?|tilestored|tdpb[su][su]d|tdpbf16ps|tdpfp16ps|"
-                 r"ldtilecfg|sttilecfg|tilerelease)\b")
+AMX = re.compile(
+    r"\b(tilezero|tileloaddt?1?|tilestored|tdpb[su][su]d|tdpbf16ps|tdpfp16ps|"
+    r"ldtilecfg|sttilecfg|tilerelease)\b"
+)
 
 
 def _cpu_libraries() -> list[Path]:
@@ -30,8 +32,12 @@ def test_installed_cpu_backend_holds_no_amx_tile_instructions() -> None:
     libs = _cpu_libraries()
     assert libs, "no libggml-cpu in the installed llama_cpp"
     for so in libs:
-        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], check=True,
-                             capture_output=True, text=True).stdout
+        asm = subprocess.run(
+            ["objdump", "-d", "--no-show-raw-insn", str(so)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         assert asm.count("\n") > 10_000, f"objdump read almost nothing of {so}"
         found = sorted(set(AMX.findall(asm)))
         # Never "unless the kernel offers AMX": this VM's kernel reports the tile state as

@@ -30,9 +30,11 @@ from idlegrid.testbed.inprocess import (
 MODEL = "fake:1"
 STAKE = 2 * MICRO
 # name, device model, count, region, credits per device-hour
-PROVIDERS = (("home", "RTX-3060", 1, "eu-west", 0.20),
-             ("dc", "H100-SXM", 8, "us-east", 0.05),  # cheap, but a small model never lands here
-             ("rig", "RTX-4090", 2, "eu-west", 0.40))
+PROVIDERS = (
+    ("home", "RTX-3060", 1, "eu-west", 0.20),
+    ("dc", "H100-SXM", 8, "us-east", 0.05),  # cheap, but a small model never lands here
+    ("rig", "RTX-4090", 2, "eu-west", 0.40),
+)
 
 
 @dataclass
@@ -48,8 +50,12 @@ class Market:
         return self.coordinator.url
 
     def http(self, key: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.url, trust_env=False, timeout=30, headers={
-            "authorization": f"Bearer {key or self.api_key}"})
+        return httpx.Client(
+            base_url=self.url,
+            trust_env=False,
+            timeout=30,
+            headers={"authorization": f"Bearer {key or self.api_key}"},
+        )
 
     def admin(self) -> httpx.Client:
         """A client with the operator key: admin routes, the ledger, every balance."""
@@ -71,35 +77,59 @@ class Market:
             assert c.get("/api/v1/ledger/verify").json() == {"ok": True, "problems": []}
 
 
-def start_market(tmp_path: Path, database_url: str, providers: tuple[tuple[Any, ...], ...],
-                 engines: dict[str, FakeEngine] | None = None, **settings: Any) -> Market:
+def start_market(
+    tmp_path: Path,
+    database_url: str,
+    providers: tuple[tuple[Any, ...], ...],
+    engines: dict[str, FakeEngine] | None = None,
+    **settings: Any,
+) -> Market:
     defaults: dict[str, Any] = dict(
-        data_dir=tmp_path, database_url=database_url, port=free_port(), fee_bps=200,
-        heartbeat_interval_s=0.2, node_timeout_s=1.5, stall_timeout_s=3.0, long_poll_s=5.0,
-        stake_per_device=STAKE, accrual_interval_s=0.3, payout_delay_s=0.0,
+        data_dir=tmp_path,
+        database_url=database_url,
+        port=free_port(),
+        fee_bps=200,
+        heartbeat_interval_s=0.2,
+        node_timeout_s=1.5,
+        stall_timeout_s=3.0,
+        long_poll_s=5.0,
+        stake_per_device=STAKE,
+        accrual_interval_s=0.3,
+        payout_delay_s=0.0,
         pricing_plugins="idlegrid.testbed.pricing",
         # These providers pretend to own GPUs this CPU lacks; hardware proofs would rightly
         # demote and slash them (tests/integration/test_hwproofs.py covers that).
-        hw_proofs=False)
+        hw_proofs=False,
+    )
     coordinator = CoordinatorThread(CoordinatorSettings(**{**defaults, **settings}))
     coordinator.start()
     agents, node_ids = {}, {}
     with coordinator.admin() as c:
         for name, device, count, region, price in providers:
             engine = (engines or {}).get(name) or FakeEngine(MODEL)
-            agent = make_agent(coordinator.url, [engine], name, price=Price(MICRO, 4 * MICRO),
-                               region=region, device_price_h=round(price * MICRO),
-                               devices=[{"model": device, "count": count, "vram_gb": 0}],
-                               stake_per_device=STAKE)
+            agent = make_agent(
+                coordinator.url,
+                [engine],
+                name,
+                price=Price(MICRO, 4 * MICRO),
+                region=region,
+                device_price_h=round(price * MICRO),
+                devices=[{"model": device, "count": count, "vram_gb": 0}],
+                stake_per_device=STAKE,
+            )
             node_ids[name] = agent.client.key.node_id
             # Providers need credits to stake; the operator funds them before they start.
-            c.post("/api/v1/admin/mint", json={"node_id": node_ids[name], "amount": 50 * MICRO,
-                                               "reference": f"fund-{name}"}).raise_for_status()
+            c.post(
+                "/api/v1/admin/mint",
+                json={"node_id": node_ids[name], "amount": 50 * MICRO, "reference": f"fund-{name}"},
+            ).raise_for_status()
             agents[name] = AgentThread(agent)
             agents[name].start()
         key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
-        c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 20 * MICRO,
-                                           "reference": "consumer"}).raise_for_status()
+        c.post(
+            "/api/v1/admin/mint",
+            json={"key_id": key["key_id"], "amount": 20 * MICRO, "reference": "consumer"},
+        ).raise_for_status()
     m = Market(coordinator, agents, node_ids, key["key_id"], key["api_key"])
 
     def all_staked() -> bool:
@@ -123,8 +153,12 @@ def market(tmp_path: Path, database_url: str) -> Iterator[Market]:
 
 
 def lease(order_id: str, hours: float = 1.0, **resources: Any) -> dict[str, Any]:
-    return {"id": order_id, "kind": "lease", "hours": hours,
-            "resources": {"max_price": 1.0, **resources}}
+    return {
+        "id": order_id,
+        "kind": "lease",
+        "hours": hours,
+        "resources": {"max_price": 1.0, **resources},
+    }
 
 
 def test_lease_is_matched_accrues_and_cancel_refunds_the_rest(market: Market) -> None:
@@ -137,7 +171,10 @@ def test_lease_is_matched_accrues_and_cancel_refunds_the_rest(market: Market) ->
         assert order["state"] == "active"
         (leg,) = order["placement"]["legs"]
         assert (leg["provider"], leg["devices"], leg["unit_price"]) == (
-            market.node_ids["rig"], 2, 400_000)
+            market.node_ids["rig"],
+            2,
+            400_000,
+        )
         assert market.balance(consumer) == before - order["budget"] == before - 2 * MICRO
         # The rig's two cards are now taken: the same order again finds no capacity.
         again = c.post("/api/v1/orders", json=lease("L2", accelerators=["RTX-4090"], count=2))
@@ -181,8 +218,16 @@ def test_payout_moves_accruals_to_provider_accounts(market: Market) -> None:
 
 def test_small_model_goes_to_a_consumer_card_not_the_cheaper_h100(market: Market) -> None:
     with market.http() as c:
-        r = c.post("/api/v1/orders", json={"id": "I1", "kind": "inference", "model": MODEL,
-                                           "hours": 1, "resources": {"max_price": 1}})
+        r = c.post(
+            "/api/v1/orders",
+            json={
+                "id": "I1",
+                "kind": "inference",
+                "model": MODEL,
+                "hours": 1,
+                "resources": {"max_price": 1},
+            },
+        )
         placed = r.json()["placement"]
         assert placed["legs"][0]["provider"] in (market.node_ids["home"], market.node_ids["rig"])
         assert placed["oversized"] is False
@@ -193,18 +238,22 @@ def test_small_model_goes_to_a_consumer_card_not_the_cheaper_h100(market: Market
         assert explained["placement"]["candidates"] >= 2
 
 
-@pytest.mark.parametrize("body,status,param", [
-    (lease("x", gpu="RTX-4090"), 400, "resources.gpu"),
-    ({**lease("x"), "colour": "red"}, 400, "colour"),
-    (lease("x", vram_gb="~16"), 400, "resources.vram_gb"),
-    (lease("x", accelerators=["RTX-9999"]), 400, "resources.accelerators"),
-    (lease("x", max_price=-1), 400, "resources.max_price"),
-    (lease("x", max_price=1e12), 400, "resources.max_price"),
-    ({"id": "x", "kind": "lease", "resources": {"max_price": 1}}, 400, "hours"),
-    (lease("x", hours=1000, count=8, max_price=100), 402, None),  # 800,000 credits
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        (lease("x", gpu="RTX-4090"), 400, "resources.gpu"),
+        ({**lease("x"), "colour": "red"}, 400, "colour"),
+        (lease("x", vram_gb="~16"), 400, "resources.vram_gb"),
+        (lease("x", accelerators=["RTX-9999"]), 400, "resources.accelerators"),
+        (lease("x", max_price=-1), 400, "resources.max_price"),
+        (lease("x", max_price=1e12), 400, "resources.max_price"),
+        ({"id": "x", "kind": "lease", "resources": {"max_price": 1}}, 400, "hours"),
+        (lease("x", hours=1000, count=8, max_price=100), 402, None),  # 800,000 credits
+    ],
+)
 def test_bad_orders_get_a_precise_error_and_post_nothing(
-        market: Market, body: dict[str, Any], status: int, param: str | None) -> None:
+    market: Market, body: dict[str, Any], status: int, param: str | None
+) -> None:
     with market.http() as c:
         r = c.post("/api/v1/orders", json=body)
         assert r.status_code == status, r.text
@@ -216,8 +265,9 @@ def test_bad_orders_get_a_precise_error_and_post_nothing(
 def test_malformed_json_duplicate_ids_and_unknown_orders(market: Market) -> None:
     consumer = ledger.consumer_account(market.key_id)
     with market.http() as c:
-        bad = c.post("/api/v1/orders", content=b"{not json", headers={
-            "content-type": "application/json"})
+        bad = c.post(
+            "/api/v1/orders", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert bad.status_code == 400
         assert c.post("/api/v1/orders", json=lease("D1")).status_code == 201
         after_first = market.balance(consumer)
@@ -241,12 +291,14 @@ def test_unmatched_order_says_why_and_cancel_returns_everything(market: Market) 
     consumer = ledger.consumer_account(market.key_id)
     before = market.balance(consumer)
     with market.http() as c:
-        r = c.post("/api/v1/orders", json=lease("U1", accelerators=["A100-80GB"],
-                                                region=["eu-west"]))
+        r = c.post(
+            "/api/v1/orders", json=lease("U1", accelerators=["A100-80GB"], region=["eu-west"])
+        )
         assert r.json()["state"] == "open"
         reasons = {e["constraint"]: e for e in r.json()["reasons"]["reasons"]}
-        assert reasons["accelerators"]["eliminated"] == 3 and reasons["accelerators"][
-            "remaining"] == 0
+        assert (
+            reasons["accelerators"]["eliminated"] == 3 and reasons["accelerators"]["remaining"] == 0
+        )
         explained = c.get("/api/v1/orders/U1/explain").json()
         assert explained["matches_now"] is False
         assert explained["now"]["decisive"] == "accelerators"
@@ -254,17 +306,28 @@ def test_unmatched_order_says_why_and_cancel_returns_everything(market: Market) 
     assert market.balance(consumer) == before
 
 
-def test_pricing_plugins_quote_and_misbehaving_ones_sit_out(tmp_path: Path,
-                                                            database_url: str) -> None:
+def test_pricing_plugins_quote_and_misbehaving_ones_sit_out(
+    tmp_path: Path, database_url: str
+) -> None:
     providers = (("fair", "RTX-4090", 1, "eu-west", 0.40),)
     m = start_market(tmp_path, database_url, providers)
     try:
         thread = m.agents["fair"]
         plug = thread.agent  # re-register the same node with a plug-in price
-        for name, expect_placed in (("fixed_cheap", True), ("raises", False), ("hangs", False),
-                                    ("nonsense", False)):
-            plug.config.devices = [{"model": "RTX-4090", "count": 1, "vram_gb": 24,
-                                    "plugin": f"idlegrid.testbed.pricing:{name}"}]
+        for name, expect_placed in (
+            ("fixed_cheap", True),
+            ("raises", False),
+            ("hangs", False),
+            ("nonsense", False),
+        ):
+            plug.config.devices = [
+                {
+                    "model": "RTX-4090",
+                    "count": 1,
+                    "vram_gb": 24,
+                    "plugin": f"idlegrid.testbed.pricing:{name}",
+                }
+            ]
             asyncio.run_coroutine_threadsafe(plug.register(), thread.loop).result(10)
             with m.http() as c:
                 r = c.post("/api/v1/orders", json=lease(f"q-{name}"))
@@ -291,8 +354,12 @@ def test_lost_provider_order_is_placed_again_and_paid_once(market: Market) -> No
         assert r.json()["placement"]["legs"][0]["provider"] == home
         wait_until(lambda: c.get("/api/v1/orders/F1").json()["spent"] > 0)
         market.agents["home"].kill()
-        wait_until(lambda: (o := c.get("/api/v1/orders/F1").json())["state"] == "active"
-                   and o["placement"]["legs"][0]["provider"] == market.node_ids["rig"])
+        wait_until(
+            lambda: (
+                (o := c.get("/api/v1/orders/F1").json())["state"] == "active"
+                and o["placement"]["legs"][0]["provider"] == market.node_ids["rig"]
+            )
+        )
         spent_at_move = c.get("/api/v1/orders/F1").json()["spent"]
         home_accrued = market.balance(ledger.accrual_account(home))
         fees = market.balance(ledger.FEES)
@@ -300,19 +367,30 @@ def test_lost_provider_order_is_placed_again_and_paid_once(market: Market) -> No
         c.post("/api/v1/orders/F1/cancel").raise_for_status()
         total = c.get("/api/v1/orders/F1").json()["spent"]
     rig = market.node_ids["rig"]
-    assert (market.balance(ledger.accrual_account(home))
-            + market.balance(ledger.accrual_account(rig)) + market.balance(ledger.FEES)) == total
+    assert (
+        market.balance(ledger.accrual_account(home))
+        + market.balance(ledger.accrual_account(rig))
+        + market.balance(ledger.FEES)
+    ) == total
 
 
 def test_missed_slo_is_refunded_from_the_provider(tmp_path: Path, database_url: str) -> None:
     slow = FakeEngine(MODEL, token_delay=0.05)  # ~20 tokens/s, the order asks for 200
-    m = start_market(tmp_path, database_url, (("slow", "RTX-3060", 1, "eu-west", 0.5),),
-                     engines={"slow": slow})
+    m = start_market(
+        tmp_path, database_url, (("slow", "RTX-3060", 1, "eu-west", 0.5),), engines={"slow": slow}
+    )
     try:
         with m.http() as c:
-            r = c.post("/api/v1/orders", json={
-                "id": "S1", "kind": "inference", "model": MODEL, "hours": 1,
-                "resources": {"max_price": 1, "min_tokens_per_s": 50}})
+            r = c.post(
+                "/api/v1/orders",
+                json={
+                    "id": "S1",
+                    "kind": "inference",
+                    "model": MODEL,
+                    "hours": 1,
+                    "resources": {"max_price": 1, "min_tokens_per_s": 50},
+                },
+            )
             assert r.json()["state"] == "active", r.text
         client = openai.OpenAI(base_url=f"{m.url}/v1", api_key=m.api_key, max_retries=0)
         client.completions.create(model=MODEL, prompt="slow please", max_tokens=12)
@@ -320,8 +398,16 @@ def test_missed_slo_is_refunded_from_the_provider(tmp_path: Path, database_url: 
             wait_until(lambda: c.get("/api/v1/orders/S1").json()["refunded"] > 0)
             order = c.get("/api/v1/orders/S1").json()
         refunds = [e for e in m.entries("S1") if e["memo"] == "slo-refund"]
-        assert refunds and sum(p["amount"] for e in refunds for p in e["postings"]
-                               if p["account"].startswith("consumer:")) == order["refunded"]
+        assert (
+            refunds
+            and sum(
+                p["amount"]
+                for e in refunds
+                for p in e["postings"]
+                if p["account"].startswith("consumer:")
+            )
+            == order["refunded"]
+        )
         m.verify()
     finally:
         for a in m.agents.values():
@@ -340,7 +426,10 @@ def test_cli_lists_offers_submits_orders_and_explains(market: Market, tmp_path: 
     offers = runner.invoke(app, ["offers", *base])
     assert offers.exit_code == 0, offers.output
     assert {o["device"] for o in json.loads(offers.stdout)["offers"]} == {
-        "RTX-3060", "H100-SXM", "RTX-4090"}
+        "RTX-3060",
+        "H100-SXM",
+        "RTX-4090",
+    }
     sub = runner.invoke(app, ["orders", "--submit", str(order_file), *base])
     assert sub.exit_code == 0, sub.output
     assert json.loads(sub.stdout)["state"] == "active"
@@ -362,8 +451,10 @@ def test_batches_clear_as_one_assignment_all_or_nothing(market: Market) -> None:
     with market.http() as c:
         bad = c.post("/api/v1/orders/batch", json={"orders": [short, {**long, "hours": -1}]})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "orders[1].hours"
-        broke = c.post("/api/v1/orders/batch", json={"orders": [
-            short, lease("huge", hours=900, count=8, max_price=3)]})
+        broke = c.post(
+            "/api/v1/orders/batch",
+            json={"orders": [short, lease("huge", hours=900, count=8, max_price=3)]},
+        )
         assert broke.status_code == 402
         assert c.get("/api/v1/orders").json()["orders"] == []
         assert market.balance(consumer) == before  # nothing of either batch was posted

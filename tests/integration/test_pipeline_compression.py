@@ -51,19 +51,25 @@ def results() -> Iterator[dict[str, RunResult]]:
 
 def _report(res: dict[str, RunResult]) -> None:
     base = res["fp32"]
-    print(f"\n{'run':14} {'train':>7} {'held-out':>8} {'act MB':>7} {'act ×':>6} "
-          f"{'bwd MB':>7} {'grad MB':>8} {'s':>5}")
+    print(
+        f"\n{'run':14} {'train':>7} {'held-out':>8} {'act MB':>7} {'act ×':>6} "
+        f"{'bwd MB':>7} {'grad MB':>8} {'s':>5}"
+    )
     for name, r in res.items():
         b = r.bytes
-        print(f"{name:14} {r.train_loss:7.4f} {r.eval_loss:8.4f} {b['activations'] / 1e6:7.2f} "
-              f"{b['activations_fp32'] / b['activations']:6.2f} {b['activation_grads'] / 1e6:7.2f} "
-              f"{(b['gradients_up'] + b['gradients_down']) / 1e6:8.2f} {r.seconds:5.1f}")
+        print(
+            f"{name:14} {r.train_loss:7.4f} {r.eval_loss:8.4f} {b['activations'] / 1e6:7.2f} "
+            f"{b['activations_fp32'] / b['activations']:6.2f} {b['activation_grads'] / 1e6:7.2f} "
+            f"{(b['gradients_up'] + b['gradients_down']) / 1e6:8.2f} {r.seconds:5.1f}"
+        )
     grads = base.bytes["gradients_up"] + base.bytes["gradients_down"]
     print(f"(fp32 gradients up+down: {grads / 1e6:.2f} MB)")
 
 
 def _windowed(losses: list[float]) -> list[float]:
-    return [sum(losses[i:i + WINDOW]) / WINDOW for i in range(0, len(losses) - WINDOW + 1, WINDOW)]
+    return [
+        sum(losses[i : i + WINDOW]) / WINDOW for i in range(0, len(losses) - WINDOW + 1, WINDOW)
+    ]
 
 
 def test_training_learns(results: dict[str, RunResult]) -> None:

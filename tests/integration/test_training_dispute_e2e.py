@@ -14,10 +14,15 @@ from idlegrid.training import verified as v
 
 @pytest.fixture(scope="module")
 def spec() -> JobSpec:
-    return JobSpec.parse({
-        "dataset": {"ref": "stdlib:v1", "sha256": v.corpus_sha256(), "windows": 256},
-        "model": {"seq": 16, "layers": 1, "dim": 32, "heads": 4},
-        "batch_size": 4, "steps": 16, "checkpoint_interval": 8})
+    return JobSpec.parse(
+        {
+            "dataset": {"ref": "stdlib:v1", "sha256": v.corpus_sha256(), "windows": 256},
+            "model": {"seq": 16, "layers": 1, "dim": 32, "heads": 4},
+            "batch_size": 4,
+            "steps": 16,
+            "checkpoint_interval": 8,
+        }
+    )
 
 
 def float_op_near(spec: JobSpec, step: int, target: int) -> int:
@@ -29,8 +34,7 @@ def float_op_near(spec: JobSpec, step: int, target: int) -> int:
 
 
 @pytest.mark.parametrize(("t0", "target"), [(11, 150), (8, 20)])
-def test_a_faulty_operator_is_found_and_ruled_against(spec: JobSpec, t0: int,
-                                                      target: int) -> None:
+def test_a_faulty_operator_is_found_and_ruled_against(spec: JobSpec, t0: int, target: int) -> None:
     j0 = float_op_near(spec, t0, target)
     cheat = tc.FaultyOp(spec, 1, step=t0, op_index=j0)
     prov = tc.run_job(cheat, "job-f")

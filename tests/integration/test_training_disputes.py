@@ -41,11 +41,17 @@ VSTAKE = 300_000  # a verifier's own stake, what a false accusation costs it
 
 def spec(steps: int = 8, interval: int = 4) -> dict[str, Any]:
     """Two segments of a tiny GPT: seconds on one CPU thread."""
-    return {"dataset": {"ref": "stdlib:v1", "sha256": verified.corpus_sha256(), "windows": 64},
-            "model": {"arch": "gpt", "vocab": 256, "seq": 16, "layers": 1, "dim": 32,
-                      "heads": 2},
-            "steps": steps, "checkpoint_interval": interval, "batch_size": 4, "init_seed": 3,
-            "job_seed": 5, "price_per_step": PRICE, "stake_required": STAKE}
+    return {
+        "dataset": {"ref": "stdlib:v1", "sha256": verified.corpus_sha256(), "windows": 64},
+        "model": {"arch": "gpt", "vocab": 256, "seq": 16, "layers": 1, "dim": 32, "heads": 2},
+        "steps": steps,
+        "checkpoint_interval": interval,
+        "batch_size": 4,
+        "init_seed": 3,
+        "job_seed": 5,
+        "price_per_step": PRICE,
+        "stake_required": STAKE,
+    }
 
 
 class Grid:
@@ -54,8 +60,14 @@ class Grid:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.settings = CoordinatorSettings(
-            data_dir=tmp, database_url=f"sqlite:///{tmp}/c.db", port=free_port(),
-            heartbeat_interval_s=0.3, node_timeout_s=3.0, long_poll_s=2.0, hw_proofs=False)
+            data_dir=tmp,
+            database_url=f"sqlite:///{tmp}/c.db",
+            port=free_port(),
+            heartbeat_interval_s=0.3,
+            node_timeout_s=3.0,
+            long_poll_s=2.0,
+            hw_proofs=False,
+        )
         self.coord = CoordinatorThread(self.settings)
         self.coord.start()
         self.http = httpx.Client(base_url=self.coord.url, trust_env=False, timeout=30)
@@ -81,16 +93,23 @@ class Grid:
         t = AgentThread(a)
         t.start()
         self.agents[name] = t
-        wait_for_live(self.coord.url, sum(1 for x in self.agents.values() if x.thread
-                                          and x.thread.is_alive()))
+        wait_for_live(
+            self.coord.url, sum(1 for x in self.agents.values() if x.thread and x.thread.is_alive())
+        )
         nodes = {n["name"]: n["id"] for n in self.http.get("/api/v1/status").json()["nodes"]}
         self.ids[name] = nodes[name]
         self.mint(node_id=nodes[name], amount=1 * MICRO)
         if config.get("train_verifier"):  # a verifier's stake answers for its reports
-            self.coord.app.state.services.store.post(ledger.make_entry(
-                f"vstake:{name}", Cause("test", name),
-                [Posting(ledger.ISSUER, -VSTAKE),
-                 Posting(ledger.stake_account(nodes[name], "cpu"), VSTAKE)]))
+            self.coord.app.state.services.store.post(
+                ledger.make_entry(
+                    f"vstake:{name}",
+                    Cause("test", name),
+                    [
+                        Posting(ledger.ISSUER, -VSTAKE),
+                        Posting(ledger.stake_account(nodes[name], "cpu"), VSTAKE),
+                    ],
+                )
+            )
         return nodes[name]
 
     def submit(self) -> str:
@@ -105,8 +124,11 @@ class Grid:
         return data
 
     def failed_audit(self, job_id: str) -> dict[str, Any]:
-        wait_until(lambda: any(a["state"] == "failed" for a in self.job(job_id)["audits"]), 60,
-                   interval_s=0.2)
+        wait_until(
+            lambda: any(a["state"] == "failed" for a in self.job(job_id)["audits"]),
+            60,
+            interval_s=0.2,
+        )
         return next(a for a in self.job(job_id)["audits"] if a["state"] == "failed")
 
     def ruled(self, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
@@ -118,8 +140,9 @@ class Grid:
         d: dict[str, Any] = self.job(job_id)["disputes"][0]
         return d
 
-    def signed(self, name: str, path: str, body: dict[str, Any], *,
-               tamper: bool = False) -> httpx.Response:
+    def signed(
+        self, name: str, path: str, body: dict[str, Any], *, tamper: bool = False
+    ) -> httpx.Response:
         key = self.agents[name].agent.client.key
         raw = json.dumps(body).encode()
         headers = key.sign_headers("POST", path, raw, now=time.time())
@@ -186,8 +209,18 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     stake_acct = f"stake:{provider}:job-{job_id}"
     assert grid.balances().get(stake_acct, 0) == 0  # slashed
     referee = grid.agent("referee", train_verifier=True)
-    res = cli("dispute", audit["id"], "--kind", "training", "--coordinator", grid.coord.url,
-              "--key-file", str(grid.tmp / "provider.key"), "--reason", "I trained honestly")
+    res = cli(
+        "dispute",
+        audit["id"],
+        "--kind",
+        "training",
+        "--coordinator",
+        grid.coord.url,
+        "--key-file",
+        str(grid.tmp / "provider.key"),
+        "--reason",
+        "I trained honestly",
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["kind"] == "training"
     d = grid.ruled(job_id)
@@ -196,8 +229,10 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     # The one listing shows it (operator only), filtered by kind and by node.
     listed = grid.admin.get(DISPUTES).json()["disputes"]
     assert [(x["id"], x["kind"], x["state"]) for x in listed] == [(d["id"], "training", "won")]
-    assert grid.admin.get(DISPUTES, params={"kind": "training",
-                                            "node": referee}).json()["disputes"] == listed
+    assert (
+        grid.admin.get(DISPUTES, params={"kind": "training", "node": referee}).json()["disputes"]
+        == listed
+    )
     assert grid.admin.get(DISPUTES, params={"kind": "inference"}).json()["disputes"] == []
     assert grid.admin.get(DISPUTES, params={"node": "nobody"}).json()["disputes"] == []
     bad = grid.admin.get(DISPUTES, params={"kind": "bogus"})
@@ -229,10 +264,10 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     grid.check_books()
 
 
-def test_a_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    grid.agent("cheat", trainer=True,
-               train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
+def test_a_cheat_loses_its_dispute_and_the_slash_stands(
+    grid: Grid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grid.agent("cheat", trainer=True, train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
     grid.agent("verifier", train_verifier=True)
     job_id = grid.submit()
     audit = grid.failed_audit(job_id)
@@ -246,8 +281,7 @@ def test_a_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid,
     # Down to one operator of step 0 (the optimizer's update), recomputed by the referee.
     assert "op" in d["ruling"]["reason"] and d["done_at"] - d["created_at"] < 60
     monkeypatch.setenv("IDLEGRID_API_KEY", grid.auth["Authorization"][7:])
-    shown = cli("job", job_id, "--coordinator", grid.coord.url, "--data-dir",
-                str(grid.tmp / "cli"))
+    shown = cli("job", job_id, "--coordinator", grid.coord.url, "--data-dir", str(grid.tmp / "cli"))
     assert shown.exit_code == 0 and "challenger right" in shown.output, shown.output
     job = grid.job(job_id)
     ks = keys(job)
@@ -280,16 +314,23 @@ def test_refusals(grid: Grid) -> None:
     grid.agent("provider", trainer=True)
     grid.agent("verifier", train_verifier=True)
     job_id = grid.submit()
-    wait_until(lambda: any(a["state"] == "passed" for a in grid.job(job_id)["audits"]), 60,
-               interval_s=0.2)
+    wait_until(
+        lambda: any(a["state"] == "passed" for a in grid.job(job_id)["audits"]), 60, interval_s=0.2
+    )
     audit = next(a for a in grid.job(job_id)["audits"] if a["state"] == "passed")
     assert audit["id"].startswith("taud-")
     before = grid.balances()
     passed = grid.signed("provider", DISPUTES, opening(audit, reason="why not"))
     assert passed.status_code == 409 and "did not fail" in passed.json()["error"]["message"]
     # The CLI tells the kind from the audit id (taud-…) and says the same.
-    res = cli("dispute", audit["id"], "--coordinator", grid.coord.url,
-              "--key-file", str(grid.tmp / "provider.key"))
+    res = cli(
+        "dispute",
+        audit["id"],
+        "--coordinator",
+        grid.coord.url,
+        "--key-file",
+        str(grid.tmp / "provider.key"),
+    )
     assert res.exit_code == 1 and "did not fail" in res.output, res.output
     assert grid.signed("verifier", DISPUTES, opening(audit)).status_code == 404  # not its own
     # The wrong kind looks in the other game's table: no such audit there.
@@ -302,20 +343,20 @@ def test_refusals(grid: Grid) -> None:
     assert bad.status_code == 401 and "signature" in bad.json()["error"]["message"]
     assert grid.http.post(DISPUTES, json=opening(audit)).status_code == 401  # unsigned
     assert grid.signed("provider", f"{DISPUTES}/tdsp-x/query", {"round": 1}).status_code == 404
-    assert grid.signed("provider", f"{DISPUTES}/tdsp-x/answer",
-                       {"round": -1}).status_code == 400
+    assert grid.signed("provider", f"{DISPUTES}/tdsp-x/answer", {"round": -1}).status_code == 400
     assert grid.job(job_id)["disputes"] == []
     # Nothing was posted by any refusal (the job itself may have moved on meanwhile).
     assert not [k for k in keys(grid.job(job_id)) if "tdsp-" in k]
-    assert grid.balances()[f"stake:{grid.ids['verifier']}:cpu"] == before[
-        f"stake:{grid.ids['verifier']}:cpu"]
+    assert (
+        grid.balances()[f"stake:{grid.ids['verifier']}:cpu"]
+        == before[f"stake:{grid.ids['verifier']}:cpu"]
+    )
     grid.check_books()
 
 
 def test_a_cross_class_failure_cannot_be_disputed(grid: Grid) -> None:
     # Exact mode only: the verifier computes in another class (two threads).
-    grid.agent("cheat", trainer=True,
-               train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
+    grid.agent("cheat", trainer=True, train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
     grid.agent("verifier", train_verifier=True, train_threads=2)
     job_id = grid.submit()
     audit = grid.failed_audit(job_id)

@@ -75,8 +75,7 @@ def _gang(spec: JobSpec, world: int, steps: int) -> list[tuple[Any, list[Any], b
 
     def rank(r: int) -> None:
         try:
-            tr = dp.DataParallelTrainer(spec, r, world, addr, prefix="t", threads=1,
-                                        timeout_s=30)
+            tr = dp.DataParallelTrainer(spec, r, world, addr, prefix="t", threads=1, timeout_s=30)
             try:
                 state, leaves = tr.run(tr.initial_state(), steps)
                 out[r] = (tr.determinism_class(), leaves, verified.checkpoint_bytes(state))
@@ -148,8 +147,7 @@ def test_a_rank_that_disagrees_is_refused_at_the_segment_end(one_thread: None) -
 
 
 @pytest.fixture
-def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
-         ) -> Iterator[Any]:
+def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> Iterator[Any]:
     monkeypatch.setenv("IDLEGRID_TRAIN_CHALLENGE_S", "0.5")
     monkeypatch.setenv("IDLEGRID_TRAIN_LEASE_TIMEOUT_S", "30")
     monkeypatch.setenv("IDLEGRID_TRAIN_PROBE_RATE", "0")
@@ -163,8 +161,7 @@ GANG = {"trainer": True, "train_gang_host": "127.0.0.1", "train_gang_timeout_s":
 
 
 @pytest.mark.slow
-def test_parallel_job_runs_on_a_gang_is_audited_by_one_process_and_paid_once(grid: Any
-                                                                            ) -> None:
+def test_parallel_job_runs_on_a_gang_is_audited_by_one_process_and_paid_once(grid: Any) -> None:
     before = grid.balances()
     r = grid.submit({"spec": tg.spec(parallel=3)})  # batch 4: no equal shards
     assert r.status_code == 400 and r.json()["error"]["param"] == "spec.parallel", r.text
@@ -182,8 +179,11 @@ def test_parallel_job_runs_on_a_gang_is_audited_by_one_process_and_paid_once(gri
     assert len(real) == 3 and all(x["state"] == "passed" for x in real), real
     # The gang computes in …/dp2, the verifier replays as micro-batches: cross-class.
     assert not any(x["verdict"]["exact"] for x in real)
-    assert all(x["verdict"]["provider_class"].endswith("/t1/dp2")
-               and x["verdict"]["verifier_class"].endswith("/t1/mb2") for x in real)
+    assert all(
+        x["verdict"]["provider_class"].endswith("/t1/dp2")
+        and x["verdict"]["verifier_class"].endswith("/t1/mb2")
+        for x in real
+    )
     # ... which for two ranks is bitwise the same maths (see the test above): distance 0.
     assert all(x["verdict"]["weight_distance"] == 0.0 for x in real)
     assert tg.seg_pays(job) == [8 * PRICE] * 3  # once per step
@@ -191,8 +191,11 @@ def test_parallel_job_runs_on_a_gang_is_audited_by_one_process_and_paid_once(gri
     assert job["losses"][-1][1] < job["losses"][0][1]
     for e in job["ledger"]:  # each segment's pay is split between the two ranks
         if e["key"].startswith("train-seg:"):
-            paid = {p["account"]: p["amount"] for p in e["postings"]
-                    if p["account"].startswith("provider:")}
+            paid = {
+                p["account"]: p["amount"]
+                for p in e["postings"]
+                if p["account"].startswith("provider:")
+            }
             assert set(paid) == {ledger.provider_account(n) for n in (a, b)}
             assert abs(paid[ledger.provider_account(a)] - paid[ledger.provider_account(b)]) <= 1
     bal = grid.balances()
@@ -221,11 +224,11 @@ class Gated(TorchExecutor):
 
 
 @pytest.mark.slow
-def test_a_lost_rank_fails_the_segment_and_the_job_resumes_on_a_new_gang(grid: Any
-                                                                       ) -> None:
+def test_a_lost_rank_fails_the_segment_and_the_job_resumes_on_a_new_gang(grid: Any) -> None:
     gate, trainers = threading.Event(), []
-    names = {grid.agent(n, train_executor=Gated(gate, trainers), **GANG): n
-             for n in ("rank-a", "rank-b")}
+    names = {
+        grid.agent(n, train_executor=Gated(gate, trainers), **GANG): n for n in ("rank-a", "rank-b")
+    }
     grid.agent("verifier", train_verifier=True)
     job_id = grid.submit({"spec": tg.spec(steps=32, parallel=2)}).json()["id"]
     wait_until(lambda: grid.job(job_id)["committed_step"] >= 8, 60)

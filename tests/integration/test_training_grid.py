@@ -39,11 +39,18 @@ STAKE = 200_000
 
 def spec(steps: int = 24, interval: int = 8, **over: Any) -> dict[str, Any]:
     """A job small enough to train in seconds on one CPU thread."""
-    return {"dataset": {"ref": "stdlib:v1", "sha256": verified.corpus_sha256(), "windows": 64},
-            "model": {"arch": "gpt", "vocab": 256, "seq": 16, "layers": 1, "dim": 32,
-                      "heads": 2},
-            "steps": steps, "checkpoint_interval": interval, "batch_size": 4, "init_seed": 3,
-            "job_seed": 5, "price_per_step": PRICE, "stake_required": STAKE, **over}
+    return {
+        "dataset": {"ref": "stdlib:v1", "sha256": verified.corpus_sha256(), "windows": 64},
+        "model": {"arch": "gpt", "vocab": 256, "seq": 16, "layers": 1, "dim": 32, "heads": 2},
+        "steps": steps,
+        "checkpoint_interval": interval,
+        "batch_size": 4,
+        "init_seed": 3,
+        "job_seed": 5,
+        "price_per_step": PRICE,
+        "stake_required": STAKE,
+        **over,
+    }
 
 
 class Grid:
@@ -51,8 +58,14 @@ class Grid:
 
     def __init__(self, tmp: Path) -> None:
         self.settings = CoordinatorSettings(
-            data_dir=tmp, database_url=f"sqlite:///{tmp}/c.db", port=free_port(),
-            heartbeat_interval_s=0.3, node_timeout_s=3.0, long_poll_s=2.0, hw_proofs=False)
+            data_dir=tmp,
+            database_url=f"sqlite:///{tmp}/c.db",
+            port=free_port(),
+            heartbeat_interval_s=0.3,
+            node_timeout_s=3.0,
+            long_poll_s=2.0,
+            hw_proofs=False,
+        )
         self.coord = CoordinatorThread(self.settings)
         self.coord.start()
         self.http = httpx.Client(base_url=self.coord.url, trust_env=False, timeout=30)
@@ -126,13 +139,18 @@ def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Grid]:
 
 def seg_pays(job: dict[str, Any]) -> list[int]:
     """Escrow drawn per segment payment: each segment must be paid exactly once."""
-    return [-p["amount"] for e in job["ledger"] if e["key"].startswith("train-seg:")
-            for p in e["postings"] if p["account"].startswith("escrow:job:")]
+    return [
+        -p["amount"]
+        for e in job["ledger"]
+        if e["key"].startswith("train-seg:")
+        for p in e["postings"]
+        if p["account"].startswith("escrow:job:")
+    ]
 
 
-def test_honest_job_is_audited_paid_per_step_and_canaries_fail(grid: Grid,
-                                                               monkeypatch: pytest.MonkeyPatch
-                                                               ) -> None:
+def test_honest_job_is_audited_paid_per_step_and_canaries_fail(
+    grid: Grid, monkeypatch: pytest.MonkeyPatch
+) -> None:
     knobs = grid.coord.app.state.services.jobs.settings
     knobs.canary_rate = 1.0  # every segment: a canary too
     knobs.probe_rate = 1.0  # and an availability probe
@@ -142,12 +160,15 @@ def test_honest_job_is_audited_paid_per_step_and_canaries_fail(grid: Grid,
     r = grid.submit({"spec": spec()})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
-    assert grid.balances()[ledger.consumer_account(grid.key_id)] == \
-        before[ledger.consumer_account(grid.key_id)] - 24 * PRICE  # escrowed in full
+    assert (
+        grid.balances()[ledger.consumer_account(grid.key_id)]
+        == before[ledger.consumer_account(grid.key_id)] - 24 * PRICE
+    )  # escrowed in full
     grid.wait_state(job_id, "done")
     # Canaries do not hold the job up; they are judged beside it.
-    wait_until(lambda: all(a["state"] in ("passed", "failed")
-                           for a in grid.job(job_id)["audits"]), 30)
+    wait_until(
+        lambda: all(a["state"] in ("passed", "failed") for a in grid.job(job_id)["audits"]), 30
+    )
     job = grid.job(job_id)
     real = [a for a in job["audits"] if not a["canary"]]
     canaries = [a for a in job["audits"] if a["canary"]]
@@ -179,11 +200,11 @@ def test_honest_job_is_audited_paid_per_step_and_canaries_fail(grid: Grid,
     grid.check_books()
 
 
-def test_cheat_is_caught_slashed_and_the_job_finishes_on_an_honest_provider(grid: Grid
-                                                                            ) -> None:
+def test_cheat_is_caught_slashed_and_the_job_finishes_on_an_honest_provider(grid: Grid) -> None:
     cheats = pytest.importorskip("idlegrid.testbed.training_cheats")
-    cheater = grid.agent("cheater", trainer=True,
-                         train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
+    cheater = grid.agent(
+        "cheater", trainer=True, train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR)
+    )
     grid.agent("verifier", train_verifier=True)
     job_id = grid.submit({"spec": spec()}).json()["id"]
     wait_until(lambda: grid.job(job_id)["provider"] == cheater, 30)
@@ -208,20 +229,32 @@ def test_cheat_is_caught_slashed_and_the_job_finishes_on_an_honest_provider(grid
 
 def test_lazy_verifier_approves_a_canary_and_is_ejected_and_slashed(grid: Grid) -> None:
     def lazy(ex: Any, msg: Any) -> dict[str, Any]:  # echoes what it was shown
-        return {"leaves": msg.commitment, "weight_distance": 0.0, "det_class": "lazy",
-                "checkpoints_match": True}
+        return {
+            "leaves": msg.commitment,
+            "weight_distance": 0.0,
+            "det_class": "lazy",
+            "checkpoints_match": True,
+        }
 
     jobs = grid.coord.app.state.services.jobs
     jobs.settings.canary_rate = 1.0
     grid.agent("provider", trainer=True)
     lazy_id = grid.agent("lazy", train_verifier=True, train_verify=lazy)
     acct = ledger.stake_account(lazy_id, "cpu")
-    grid.coord.app.state.services.store.post(ledger.make_entry(
-        "stake:lazy", Cause("test", "lazy"), [Posting(ledger.ISSUER, -STAKE),
-                                               Posting(acct, STAKE)]))
+    grid.coord.app.state.services.store.post(
+        ledger.make_entry(
+            "stake:lazy",
+            Cause("test", "lazy"),
+            [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)],
+        )
+    )
     job_id = grid.submit({"spec": spec(steps=8)}).json()["id"]
-    wait_until(lambda: any(a["canary"] and a["state"] in ("passed", "failed")
-                           for a in grid.job(job_id)["audits"]), 60)
+    wait_until(
+        lambda: any(
+            a["canary"] and a["state"] in ("passed", "failed") for a in grid.job(job_id)["audits"]
+        ),
+        60,
+    )
     job = grid.job(job_id)
     canary = next(a for a in job["audits"] if a["canary"])
     assert canary["state"] == "passed"  # approved a planted wrong commitment
@@ -233,8 +266,7 @@ def test_lazy_verifier_approves_a_canary_and_is_ejected_and_slashed(grid: Grid) 
     grid.check_books()
 
 
-def test_provider_killed_mid_job_resumes_elsewhere_and_each_step_is_paid_once(grid: Grid
-                                                                             ) -> None:
+def test_provider_killed_mid_job_resumes_elsewhere_and_each_step_is_paid_once(grid: Grid) -> None:
     first = grid.agent("first", trainer=True)
     # One thread everywhere: torch's thread count is per process, and these agents share one.
     grid.agent("verifier", train_verifier=True)
@@ -258,7 +290,8 @@ def test_provider_killed_mid_job_resumes_elsewhere_and_each_step_is_paid_once(gr
 
 
 def test_bad_specs_get_a_4xx_naming_the_field_and_nothing_is_posted(
-        grid: Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid: Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
 
     from typer.testing import CliRunner
@@ -266,12 +299,14 @@ def test_bad_specs_get_a_4xx_naming_the_field_and_nothing_is_posted(
     from idlegrid.client.cli import app
 
     before = grid.balances()
-    cases = [({"spec": spec(steps=0)}, 400, "spec.steps"),
-             ({"spec": {**spec(), "colour": "red"}}, 400, "spec.colour"),
-             ({"spec": spec(price_per_step=-1)}, 400, "spec.price_per_step"),
-             ({"spec": {**spec(), "dataset": {"ref": "stdlib:v1"}}}, 400, None),
-             ({"spec": spec(), "extra": 1}, 400, "extra"),
-             ([1, 2], 400, "spec")]
+    cases = [
+        ({"spec": spec(steps=0)}, 400, "spec.steps"),
+        ({"spec": {**spec(), "colour": "red"}}, 400, "spec.colour"),
+        ({"spec": spec(price_per_step=-1)}, 400, "spec.price_per_step"),
+        ({"spec": {**spec(), "dataset": {"ref": "stdlib:v1"}}}, 400, None),
+        ({"spec": spec(), "extra": 1}, 400, "extra"),
+        ([1, 2], 400, "spec"),
+    ]
     for body, status, param in cases:
         r = grid.submit(body)  # type: ignore[arg-type]
         assert r.status_code == status, (body, r.text)
@@ -298,10 +333,14 @@ def test_bad_specs_get_a_4xx_naming_the_field_and_nothing_is_posted(
     assert [(j["id"], j["state"]) for j in listed] == [(ok.json()["id"], "canceled")]
     res = CliRunner().invoke(app, ["job", "job-nope", *cli])
     assert res.exit_code == 1
-    assert grid.http.post(f"/api/v1/jobs/{ok.json()['id']}/cancel",
-                          headers=grid.auth).status_code == 409
-    assert grid.balances()[ledger.consumer_account(grid.key_id)] == \
-        before[ledger.consumer_account(grid.key_id)]
+    assert (
+        grid.http.post(f"/api/v1/jobs/{ok.json()['id']}/cancel", headers=grid.auth).status_code
+        == 409
+    )
+    assert (
+        grid.balances()[ledger.consumer_account(grid.key_id)]
+        == before[ledger.consumer_account(grid.key_id)]
+    )
     grid.check_books()
 
 
@@ -346,8 +385,11 @@ def test_node_routes_refuse_unsigned_stale_and_malformed_commits(grid: Grid) -> 
     with pytest.raises(InvalidRequest):
         call(f"{base}/segments/0/commit", {"commitment": "%%%", "checkpoint": junk})
     with pytest.raises(StaleAttempt.__mro__[1]):  # 409: an attempt it does not hold
-        call(f"/api/v1/train/jobs/{job_id}/attempts/99/progress",
-             {"step": 1, "loss": 1.0, "tokens_per_s": 1.0})
+        call(
+            f"/api/v1/train/jobs/{job_id}/attempts/99/progress",
+            {"step": 1, "loss": 1.0, "tokens_per_s": 1.0},
+        )
+
     async def unknown_node() -> None:
         stranger = NodeClient(grid.coord.url, NodeKey.generate())
         try:

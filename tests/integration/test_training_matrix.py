@@ -18,10 +18,17 @@ from idlegrid.training import verified as v
 
 @pytest.fixture(scope="module")
 def spec() -> JobSpec:
-    return JobSpec.parse({
-        "dataset": {"ref": "stdlib:v1", "sha256": v.corpus_sha256(), "windows": 256},
-        "model": {"seq": 16, "layers": 1, "dim": 32, "heads": 4},
-        "batch_size": 4, "steps": 8, "checkpoint_interval": 4, "init_seed": 3, "job_seed": 5})
+    return JobSpec.parse(
+        {
+            "dataset": {"ref": "stdlib:v1", "sha256": v.corpus_sha256(), "windows": 256},
+            "model": {"seq": 16, "layers": 1, "dim": 32, "heads": 4},
+            "batch_size": 4,
+            "steps": 8,
+            "checkpoint_interval": 4,
+            "init_seed": 3,
+            "job_seed": 5,
+        }
+    )
 
 
 def test_honest_replays_with_another_thread_count_are_never_flagged(spec: JobSpec) -> None:
@@ -32,8 +39,7 @@ def test_honest_replays_with_another_thread_count_are_never_flagged(spec: JobSpe
     assert res.max_loss_diff <= proof.LOSS_TOL / 5
 
 
-def test_a_verifier_that_accumulates_micro_batches_passes_an_honest_provider(
-        spec: JobSpec) -> None:
+def test_a_verifier_that_accumulates_micro_batches_passes_an_honest_provider(spec: JobSpec) -> None:
     prov = tc.run_job(v.Trainer(spec, 1), "job-mb")
     rep = audit(spec, prov, 1, verifier_threads=1, microbatches=2)
     assert rep.verdict.ok and rep.verdict.detail["exact"] is False
@@ -45,15 +51,17 @@ def test_same_class_replay_is_bitwise(spec: JobSpec) -> None:
     for seg in range(2):
         rep = audit(spec, prov, seg, verifier_threads=1)
         assert rep.verdict.ok and rep.verdict.reason == "bitwise identical"
-        assert [x.state_hash for x in rep.leaves] == \
-            [x.state_hash for x in prov.commitments[seg].leaves]
+        assert [x.state_hash for x in rep.leaves] == [
+            x.state_hash for x in prov.commitments[seg].leaves
+        ]
     assert all(prov.commitments[i + 1].follows(prov.commitments[i]) for i in range(1))
     assert prov.commitments[0].start_hash == v.initial_state_hash(spec)
 
 
 @pytest.mark.parametrize("name", sorted(tc.CHEATS))
-def test_every_cheat_is_caught_on_every_audit_of_an_affected_segment(spec: JobSpec,
-                                                                      name: str) -> None:
+def test_every_cheat_is_caught_on_every_audit_of_an_affected_segment(
+    spec: JobSpec, name: str
+) -> None:
     (res,) = cheat_matrix(spec, jobs=1, names=(name,))
     assert res.affected_audits >= 2
     assert res.caught == res.affected_audits, res
@@ -70,8 +78,9 @@ def test_a_lazy_verifier_is_caught_by_a_canary_and_a_diligent_one_is_not(spec: J
     assert not proof.verifier_report_matches(honest.leaves, lazy.leaves, exact=True)
     # A diligent verifier replays: the canary's end checkpoint is not the committed one, and
     # even with the honest end checkpoint handed over, its recomputed leaves are the truth.
-    rep = v.audit_segment(spec, canary, prov.checkpoint(4), prov.checkpoint(8),
-                          provider_class=cls, threads=1)
+    rep = v.audit_segment(
+        spec, canary, prov.checkpoint(4), prov.checkpoint(8), provider_class=cls, threads=1
+    )
     assert not rep.verdict.ok
     full = v.replay(spec, prov.checkpoint(4), 4, 8, threads=1)[0]
     assert not proof.judge_segment(canary.leaves, full, exact=True).ok
@@ -79,7 +88,8 @@ def test_a_lazy_verifier_is_caught_by_a_canary_and_a_diligent_one_is_not(spec: J
 
 
 def test_a_provider_that_deleted_its_checkpoints_fails_the_availability_probe(
-        spec: JobSpec) -> None:
+    spec: JobSpec,
+) -> None:
     honest = tc.run_job(v.Trainer(spec, 1), "job-p")
     lazy = tc.run_job(tc.DeletesCheckpoints(spec, 1), "job-p")
     for c_h, c_l in zip(honest.commitments, lazy.commitments, strict=True):
@@ -121,8 +131,11 @@ def test_overlapped_hashing_commits_the_same_leaves_in_order(spec: JobSpec) -> N
     runs = []
     for overlap in (False, True):
         tr = v.Trainer(spec, 1, overlap_hash=overlap)
-        _, leaves = tr.run(tr.initial_state(), 4,
-                           on_step=lambda leaf, tps: seen.append(leaf.step) if tps > 0 else None)
+        _, leaves = tr.run(
+            tr.initial_state(),
+            4,
+            on_step=lambda leaf, tps: seen.append(leaf.step) if tps > 0 else None,
+        )
         runs.append(leaves)
     assert runs[0] == runs[1]
     assert seen == [0, 1, 2, 3, 0, 1, 2, 3]

@@ -44,8 +44,14 @@ class Grid:
 
     def __init__(self, tmp_path: Path) -> None:
         settings = CoordinatorSettings(
-            data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/c.db", port=free_port(),
-            fee_bps=2000, heartbeat_interval_s=0.3, node_timeout_s=3.0, long_poll_s=2.0)
+            data_dir=tmp_path,
+            database_url=f"sqlite:///{tmp_path}/c.db",
+            port=free_port(),
+            fee_bps=2000,
+            heartbeat_interval_s=0.3,
+            node_timeout_s=3.0,
+            long_poll_s=2.0,
+        )
         self.coord = CoordinatorThread(settings)
         self.coord.start()
         self.url = self.coord.url
@@ -53,8 +59,10 @@ class Grid:
         self.ids: dict[str, str] = {}
         with self.admin() as c:
             self.key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
-            c.post("/api/v1/admin/mint", json={"key_id": self.key["key_id"],
-                                               "amount": 100 * MICRO, "reference": "m"})
+            c.post(
+                "/api/v1/admin/mint",
+                json={"key_id": self.key["key_id"], "amount": 100 * MICRO, "reference": "m"},
+            )
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=30)
@@ -63,8 +71,7 @@ class Grid:
         """A client with the operator key: admin routes, audits, the ledger, every balance."""
         return self.coord.admin(timeout=30)
 
-    def add(self, name: str, engine: Any, price: Price, verifier: bool = False,
-            **kw: Any) -> None:
+    def add(self, name: str, engine: Any, price: Price, verifier: bool = False, **kw: Any) -> None:
         """Start an agent and give it a stake."""
         agent = make_agent(self.url, [engine], name, price=price, verifier=verifier, **kw)
         t = AgentThread(agent)
@@ -75,9 +82,13 @@ class Grid:
             nodes = {n["name"]: n["id"] for n in c.get("/api/v1/status").json()["nodes"]}
         self.ids[name] = nodes[name]
         acct = ledger.stake_account(nodes[name], "cpu")
-        self.coord.app.state.services.store.post(ledger.make_entry(
-            f"stake:{name}", Cause("test", name),
-            [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)]))
+        self.coord.app.state.services.store.post(
+            ledger.make_entry(
+                f"stake:{name}",
+                Cause("test", name),
+                [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)],
+            )
+        )
 
     def status(self) -> dict:
         with self.admin() as c:
@@ -96,14 +107,17 @@ class Grid:
             return c.get("/api/v1/ledger").json()["entries"]
 
     def complete(self, prompt: str, max_tokens: int = 24, **kw: Any) -> Any:
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key["api_key"],
-                               max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=self.key["api_key"], max_retries=0
+        )
         # A fixed seed: the answer (and where it could end) is the same every run.
-        return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
-                                         temperature=1.0, seed=3, **kw)
+        return client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=1.0, seed=3, **kw
+        )
 
-    def signed(self, name: str, path: str, body: dict, *, nonce: str | None = None,
-               tamper: bool = False) -> httpx.Response:
+    def signed(
+        self, name: str, path: str, body: dict, *, nonce: str | None = None, tamper: bool = False
+    ) -> httpx.Response:
         """A request signed with agent `name`'s key, as its agent would send it."""
         key: NodeKey = self.agents[name].agent.client.key
         raw = json.dumps(body).encode()
@@ -210,10 +224,14 @@ def test_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid) -> None:
     keys = [e["key"] for e in g.entries()]
     assert f"reverse:{d['id']}" not in keys
     # Only the referee's pay (and a fee, if the cheat had earnings to pay it) moved.
-    moved = {a for a in set(before) | set(st["balances"])
-             if before.get(a, 0) != st["balances"].get(a, 0)}
-    assert moved <= {ledger.FEES, ledger.provider_account(g.ids["referee"]),
-                     ledger.provider_account(g.ids["provider"])}
+    moved = {
+        a for a in set(before) | set(st["balances"]) if before.get(a, 0) != st["balances"].get(a, 0)
+    }
+    assert moved <= {
+        ledger.FEES,
+        ledger.provider_account(g.ids["referee"]),
+        ledger.provider_account(g.ids["provider"]),
+    }
     assert sum(st["balances"].values()) == 0
 
 
@@ -252,23 +270,45 @@ def test_dispute_refusals(grid: Grid, tmp_path: Path) -> None:
     from idlegrid.client.cli import app
 
     for kind in (["--kind", "inference"], []):
-        res = CliRunner().invoke(app, ["dispute", audit["id"], *kind, "--coordinator", g.url,
-                                       "--key-file", str(tmp_path / "provider.key")])
+        res = CliRunner().invoke(
+            app,
+            [
+                "dispute",
+                audit["id"],
+                *kind,
+                "--coordinator",
+                g.url,
+                "--key-file",
+                str(tmp_path / "provider.key"),
+            ],
+        )
         assert res.exit_code == 1 and "did not fail" in res.output, res.output
     # An id that tells no kind needs --kind; a kind the coordinator does not know is refused.
-    res = CliRunner().invoke(app, ["dispute", "x-1", "--coordinator", g.url,
-                                   "--key-file", str(tmp_path / "provider.key")])
+    res = CliRunner().invoke(
+        app,
+        ["dispute", "x-1", "--coordinator", g.url, "--key-file", str(tmp_path / "provider.key")],
+    )
     assert res.exit_code == 1 and "--kind" in res.output, res.output
-    res = CliRunner().invoke(app, ["dispute", audit["id"], "--kind", "bogus", "--coordinator",
-                                   g.url, "--key-file", str(tmp_path / "provider.key")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "dispute",
+            audit["id"],
+            "--kind",
+            "bogus",
+            "--coordinator",
+            g.url,
+            "--key-file",
+            str(tmp_path / "provider.key"),
+        ],
+    )
     assert res.exit_code == 1 and "kind" in res.output, res.output
     # Another node's audit: not found (no existence leak through the error kind).
     assert g.signed("verifier", DISPUTES, opening(audit)).status_code == 404
     nosuch = {"kind": "inference", "audit_id": "aud-nosuch"}
     assert g.signed("provider", DISPUTES, nosuch).status_code == 404
     # The wrong kind looks in the other game's table: no such audit there.
-    assert g.signed("provider", DISPUTES, opening(audit) | {"kind": "training"}
-                    ).status_code == 404
+    assert g.signed("provider", DISPUTES, opening(audit) | {"kind": "training"}).status_code == 404
     # A kind that is no kind, or none: 400 naming `kind`.
     for body in (opening(audit) | {"kind": "bogus"}, {"audit_id": audit["id"]}):
         r = g.signed("provider", DISPUTES, body)
@@ -285,10 +325,8 @@ def test_dispute_refusals(grid: Grid, tmp_path: Path) -> None:
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "reason"
         # Queries and answers of a dispute that does not exist, or not this node's turn.
         assert g.signed("provider", f"{DISPUTES}/dsp-x/query", {"round": 1}).status_code == 404
-        assert g.signed("provider", f"{DISPUTES}/nothing/query", {"round": 1}
-                        ).status_code == 404
-        assert g.signed("provider", f"{DISPUTES}/dsp-x/answer",
-                        {"round": 0}).status_code == 400
+        assert g.signed("provider", f"{DISPUTES}/nothing/query", {"round": 1}).status_code == 404
+        assert g.signed("provider", f"{DISPUTES}/dsp-x/answer", {"round": 0}).status_code == 400
     assert g.disputes() == [] and g.status()["balances"] == before
 
 
@@ -333,9 +371,11 @@ def test_an_expired_audit_goes_to_another_verifier(grid: Grid) -> None:
     bal = g.status()["balances"]
     assert bal.get(ledger.provider_account(g.ids["staller"]), 0) == 0
     assert bal.get(ledger.provider_account(g.ids["second"]), 0) > 0
-    assert not any(e["key"] == f"audit-pay:{audit['id']}" and any(
-        p["account"] == ledger.provider_account(g.ids["staller"]) for p in e["postings"])
-        for e in g.entries())
+    assert not any(
+        e["key"] == f"audit-pay:{audit['id']}"
+        and any(p["account"] == ledger.provider_account(g.ids["staller"]) for p in e["postings"])
+        for e in g.entries()
+    )
 
 
 class SlowTiny(TinyEngine):
@@ -362,21 +402,29 @@ def test_each_part_of_a_failover_answer_is_committed_and_audited(grid: Grid) -> 
             stopper.start()  # drain: the first provider hands the rest on
     assert stopper is not None
     stopper.join(15)
-    wait_until(lambda: len(g.audits()) >= 2
-               and all(a["state"] in ("passed", "failed") for a in g.audits()), 40)
+    wait_until(
+        lambda: (
+            len(g.audits()) >= 2 and all(a["state"] in ("passed", "failed") for a in g.audits())
+        ),
+        40,
+    )
     audits = sorted(g.audits(), key=lambda a: a["attempt"])
     assert [(a["attempt"], a["node_id"]) for a in audits] == [
-        (1, g.ids["first"]), (2, g.ids["second"])]
+        (1, g.ids["first"]),
+        (2, g.ids["second"]),
+    ]
     assert all(a["state"] == "passed" for a in audits), audits
     # The second part was committed over the context that includes the first part.
     store = g.coord.app.state.services.store
     from idlegrid.coordinator.trust.tables import TrustCommitment
 
     with store.read() as s:
-        parts = {c.attempt: (c.part, list(c.prior_ids), cm.decode(c.blob))
-                 for c in s.query(TrustCommitment).all()}
+        parts = {
+            c.attempt: (c.part, list(c.prior_ids), cm.decode(c.blob))
+            for c in s.query(TrustCommitment).all()
+        }
     delivered = store.get_task(audits[0]["task_id"]).delivered_ids
     assert parts[1][0] and not parts[2][0]
     # Part 1 commits exactly the tokens the second provider continued from.
-    assert parts[2][1] and parts[1][2].tokens == parts[2][1] == delivered[:len(parts[2][1])]
+    assert parts[2][1] and parts[1][2].tokens == parts[2][1] == delivered[: len(parts[2][1])]
     assert parts[2][2].header.context_hash != parts[1][2].header.context_hash

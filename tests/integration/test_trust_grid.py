@@ -48,15 +48,27 @@ def grid_factory(tmp_path: Path) -> Iterator:
 
     def start(provider_engine, verifier_engine) -> tuple:
         settings = CoordinatorSettings(
-            data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/c.db", port=free_port(),
-            fee_bps=2000, heartbeat_interval_s=0.3, node_timeout_s=3.0, long_poll_s=2.0)
+            data_dir=tmp_path,
+            database_url=f"sqlite:///{tmp_path}/c.db",
+            port=free_port(),
+            fee_bps=2000,
+            heartbeat_interval_s=0.3,
+            node_timeout_s=3.0,
+            long_poll_s=2.0,
+        )
         coord = CoordinatorThread(settings)
         coord.start()
         started.append(coord)
-        provider = make_agent(coord.url, [provider_engine], "provider",
-                              price=Price(10 * MICRO, 40 * MICRO))
-        verifier = make_agent(coord.url, [verifier_engine], "verifier", verifier=True,
-                              price=Price(1000 * MICRO, 4000 * MICRO))
+        provider = make_agent(
+            coord.url, [provider_engine], "provider", price=Price(10 * MICRO, 40 * MICRO)
+        )
+        verifier = make_agent(
+            coord.url,
+            [verifier_engine],
+            "verifier",
+            verifier=True,
+            price=Price(1000 * MICRO, 4000 * MICRO),
+        )
         start.agents = {"provider": provider, "verifier": verifier}
         threads = [AgentThread(provider), AgentThread(verifier)]
         for t in threads:
@@ -66,13 +78,20 @@ def grid_factory(tmp_path: Path) -> Iterator:
         store = coord.app.state.services.store
         with coord.admin() as c:
             key = c.post("/api/v1/admin/keys", json={"name": "t"}).json()
-            c.post("/api/v1/admin/mint", json={"key_id": key["key_id"], "amount": 100 * MICRO,
-                                               "reference": "m"})
+            c.post(
+                "/api/v1/admin/mint",
+                json={"key_id": key["key_id"], "amount": 100 * MICRO, "reference": "m"},
+            )
             nodes = {n["name"]: n["id"] for n in c.get("/api/v1/status").json()["nodes"]}
         for name in ("provider", "verifier"):
             acct = ledger.stake_account(nodes[name], "cpu")
-            store.post(ledger.make_entry(f"stake:{name}", Cause("test", name),
-                                         [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)]))
+            store.post(
+                ledger.make_entry(
+                    f"stake:{name}",
+                    Cause("test", name),
+                    [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)],
+                )
+            )
         return coord, key, nodes
 
     yield start
@@ -94,15 +113,17 @@ def _settled(coord: CoordinatorThread) -> bool:
     return all(a["state"] in ("passed", "failed") for a in _audits(coord))
 
 
-def _serve(coord: CoordinatorThread, key: dict, n: int, temperature: float,
-           provider_id: str) -> int:
+def _serve(
+    coord: CoordinatorThread, key: dict, n: int, temperature: float, provider_id: str
+) -> int:
     client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
     served = 0
     for i in range(n):
         if _status(coord)["trust"]["nodes"][provider_id]["ejected"]:
             break
-        client.completions.create(model="tiny", prompt=f"Request {i}: tell me", max_tokens=24,
-                                  temperature=temperature)
+        client.completions.create(
+            model="tiny", prompt=f"Request {i}: tell me", max_tokens=24, temperature=temperature
+        )
         served += 1
         _wait(lambda: _settled(coord))
     return served
@@ -123,10 +144,12 @@ def test_honest_provider_passes_every_audit_and_verifier_is_paid(grid_factory) -
     assert st["balances"].get(ledger.provider_account(nodes["verifier"]), 0) > 0
 
 
-@pytest.mark.parametrize("cheat,temperature", [
-    ("a", 0.0), ("b", 0.0), ("c", 1.0), ("d", 1.0), ("e", 0.0), ("f", 1.0)])
-def test_cheater_is_caught_slashed_and_ejected_within_ten_requests(grid_factory, cheat,
-                                                                   temperature) -> None:
+@pytest.mark.parametrize(
+    "cheat,temperature", [("a", 0.0), ("b", 0.0), ("c", 1.0), ("d", 1.0), ("e", 0.0), ("f", 1.0)]
+)
+def test_cheater_is_caught_slashed_and_ejected_within_ten_requests(
+    grid_factory, cheat, temperature
+) -> None:
     coord, key, nodes = grid_factory(cheats.CHEATS[cheat]("tiny"), TinyEngine("tiny"))
     before = _status(coord)["balances"][ledger.consumer_account(key["key_id"])]
     served = _serve(coord, key, 10, temperature, nodes["provider"])
@@ -138,11 +161,16 @@ def test_cheater_is_caught_slashed_and_ejected_within_ten_requests(grid_factory,
     failed = [a for a in _audits(coord) if a["state"] == "failed" and not a["canary"]]
     assert failed and failed[0]["verdict"]["reasons"]
     # The consumer got the cheated request's charge back from the stake.
-    entries = httpx.get(f"{coord.url}/api/v1/ledger", trust_env=False,
-                        headers=coord.operator_headers).json()["entries"]
+    entries = httpx.get(
+        f"{coord.url}/api/v1/ledger", trust_env=False, headers=coord.operator_headers
+    ).json()["entries"]
     slashes = [e for e in entries if e["key"].startswith("slash:")]
-    refunded = sum(p["amount"] for e in slashes for p in e["postings"]
-                   if p["account"] == ledger.consumer_account(key["key_id"]))
+    refunded = sum(
+        p["amount"]
+        for e in slashes
+        for p in e["postings"]
+        if p["account"] == ledger.consumer_account(key["key_id"])
+    )
     assert refunded > 0
     after = st["balances"][ledger.consumer_account(key["key_id"])]
     assert after > before - served * 24 * 4000  # paid less than it would without refunds
@@ -181,17 +209,20 @@ class _Build(TinyEngine):
 
 
 def test_no_audit_is_judged_across_cpu_variants(grid_factory) -> None:
-    coord, key, nodes = grid_factory(_Build("tiny", "cpu-x86-64-v4"),
-                                     _Build("tiny", "cpu-x86-64-v3"))
+    coord, key, nodes = grid_factory(
+        _Build("tiny", "cpu-x86-64-v4"), _Build("tiny", "cpu-x86-64-v3")
+    )
     client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
     for i in range(3):
-        client.completions.create(model="tiny", prompt=f"Request {i}", max_tokens=8,
-                                  temperature=1.0)
+        client.completions.create(
+            model="tiny", prompt=f"Request {i}", max_tokens=8, temperature=1.0
+        )
+
     def mine() -> list[dict]:  # canaries test verifiers, and fail by design: left out
-        return [a for a in _audits(coord)
-                if a["node_id"] == nodes["provider"] and not a["canary"]]
+        return [a for a in _audits(coord) if a["node_id"] == nodes["provider"] and not a["canary"]]
 
     _wait(lambda: len(mine()) == 3)  # probation audits every answer
+
     # Asked as the other-variant verifier, the coordinator has no audit to hand out.
     async def poll_as_verifier() -> dict | None:
         client = NodeClient(coord.url, grid_factory.agents["verifier"].client.key)
@@ -203,8 +234,13 @@ def test_no_audit_is_judged_across_cpu_variants(grid_factory) -> None:
     assert asyncio.run(poll_as_verifier()) is None
     assert all(a["state"] == "pending" and a["verifier_id"] is None for a in mine()), mine()
     # A verifier of the provider's own variant takes them and passes them.
-    same = make_agent(coord.url, [_Build("tiny", "cpu-x86-64-v4")], "verifier-v4",
-                      verifier=True, price=Price(1000 * MICRO, 4000 * MICRO))
+    same = make_agent(
+        coord.url,
+        [_Build("tiny", "cpu-x86-64-v4")],
+        "verifier-v4",
+        verifier=True,
+        price=Price(1000 * MICRO, 4000 * MICRO),
+    )
     t = AgentThread(same)
     t.start()
     try:

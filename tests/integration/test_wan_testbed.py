@@ -19,8 +19,10 @@ from idlegrid.testbed.wan import available, compare  # noqa: E402
 def test_planner_placement_beats_random_on_a_real_wan() -> None:
     runs = compare(steps=4, seed=0, compression=False)
     planner, rand = runs["planner"], runs["random"]
-    print(f"\nplanner {planner['its_per_s']:.3f} it/s (modelled {planner['modelled_s']:.2f} s/it)"
-          f", random {rand['its_per_s']:.3f} it/s (modelled {rand['modelled_s']:.2f} s/it)")
+    print(
+        f"\nplanner {planner['its_per_s']:.3f} it/s (modelled {planner['modelled_s']:.2f} s/it)"
+        f", random {rand['its_per_s']:.3f} it/s (modelled {rand['modelled_s']:.2f} s/it)"
+    )
     assert planner["modelled_s"] < rand["modelled_s"]  # the model's ranking ...
     assert planner["its_per_s"] > rand["its_per_s"]  # ... is the measured ranking
     assert planner["its_per_s"] / rand["its_per_s"] >= 1.5

@@ -10,8 +10,20 @@ from pathlib import Path
 import idlegrid
 
 SRC = Path(idlegrid.__file__).parent
-FORBIDDEN_IN_CORE = {"fastapi", "starlette", "sqlalchemy", "httpx", "torch", "llama_cpp",
-                     "uvicorn", "alembic", "requests", "transformers", "vllm", "ray"}
+FORBIDDEN_IN_CORE = {
+    "fastapi",
+    "starlette",
+    "sqlalchemy",
+    "httpx",
+    "torch",
+    "llama_cpp",
+    "uvicorn",
+    "alembic",
+    "requests",
+    "transformers",
+    "vllm",
+    "ray",
+}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -22,7 +34,8 @@ def imported_roots(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             roots.add(node.module.split(".")[0])
             if node.module.startswith("idlegrid.") and not node.module.startswith(
-                    ("idlegrid.core", "idlegrid.errors")):
+                ("idlegrid.core", "idlegrid.errors")
+            ):
                 roots.add(node.module)
     return roots
 
@@ -30,17 +43,20 @@ def imported_roots(path: Path) -> set[str]:
 def test_core_imports_no_framework_database_network_or_torch() -> None:
     offenders = {}
     for path in (SRC / "core").rglob("*.py"):
-        bad = {r for r in imported_roots(path)
-               if r in FORBIDDEN_IN_CORE or r.startswith("idlegrid.")}
+        bad = {
+            r for r in imported_roots(path) if r in FORBIDDEN_IN_CORE or r.startswith("idlegrid.")
+        }
         if bad:
             offenders[str(path.relative_to(SRC))] = sorted(bad)
     assert offenders == {}
 
 
 def test_cli_help_loads_no_heavy_modules() -> None:
-    code = ("import sys; from idlegrid.client.cli import app; "
-            "heavy = [m for m in ('torch', 'llama_cpp', 'transformers', 'vllm', 'ray') "
-            "if m in sys.modules]; print(','.join(heavy))")
+    code = (
+        "import sys; from idlegrid.client.cli import app; "
+        "heavy = [m for m in ('torch', 'llama_cpp', 'transformers', 'vllm', 'ray') "
+        "if m in sys.modules]; print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -60,17 +76,22 @@ def test_agent_roles_never_import_the_agent_and_agent_modules_stay_small() -> No
                     up = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                     base = f"{up}.{base}" if base else up
                 names |= {base} | {f"{base}.{a.name}" for a in node.names}
-        bad = {n for n in names if n == "idlegrid.agent.agent"
-               or n.startswith("idlegrid.agent.agent.")}
+        bad = {
+            n for n in names if n == "idlegrid.agent.agent" or n.startswith("idlegrid.agent.agent.")
+        }
         if bad:
             offenders[str(path.relative_to(SRC))] = sorted(bad)
     assert offenders == {}
-    too_long = {str(p.relative_to(SRC)): n for p in agent_dir.rglob("*.py")
-                if (n := len(p.read_text().splitlines())) > 600}
+    too_long = {
+        str(p.relative_to(SRC)): n
+        for p in agent_dir.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 600
+    }
     assert too_long == {}
 
 
 # ---- the coordinator's rooms ----------------------------------------------------------------
+
 
 def _module(path: Path) -> str:
     parts = path.relative_to(SRC.parent).with_suffix("").parts
@@ -81,8 +102,12 @@ def _runtime_imports(path: Path) -> set[str]:
     """Modules (and module.name) imported when the module runs: everything but what an
     `if TYPE_CHECKING:` block imports, function-level imports included."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for n in ast.walk(block)
+    }
     out: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -95,8 +120,7 @@ def _runtime_imports(path: Path) -> set[str]:
 
 
 MODULES = {_module(p): p for p in SRC.rglob("*.py")}
-GRAPH = {m: {i for i in _runtime_imports(p) if i in MODULES and i != m}
-         for m, p in MODULES.items()}
+GRAPH = {m: {i for i in _runtime_imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
 DOMAINS = ("nodes", "inference", "market", "trust", "training", "dashboard")
 
 
@@ -141,22 +165,29 @@ def test_a_domain_uses_only_tables_and_schemas_of_another() -> None:
     """A domain never imports another domain's service, store or routes: what it needs of
     another it gets injected (app.py) or hears as an event (events.py)."""
     offenders = sorted(
-        f"{m} -> {i}" for m, deps in GRAPH.items() if (d := _domain(m))
-        for i in deps if (e := _domain(i)) and e != d
-        and i.split(".")[3] not in ("tables", "schemas"))
+        f"{m} -> {i}"
+        for m, deps in GRAPH.items()
+        if (d := _domain(m))
+        for i in deps
+        if (e := _domain(i)) and e != d and i.split(".")[3] not in ("tables", "schemas")
+    )
     assert offenders == []
 
 
 def test_routes_never_import_the_database_layer() -> None:
     offenders = sorted(
-        f"{m} -> {i}" for m, deps in GRAPH.items()
+        f"{m} -> {i}"
+        for m, deps in GRAPH.items()
         if m.startswith("idlegrid.coordinator.") and m.rsplit(".", 1)[1].endswith("routes")
-        for i in deps if i.startswith("idlegrid.coordinator.db")
-        or i.rsplit(".", 1)[-1] in ("tables", "store") or ".tables." in i or ".store." in i)
+        for i in deps
+        if i.startswith("idlegrid.coordinator.db")
+        or i.rsplit(".", 1)[-1] in ("tables", "store")
+        or ".tables." in i
+        or ".store." in i
+    )
     assert offenders == []
 
 
 def test_no_module_over_600_lines() -> None:
-    too_long = {m: n for m, p in MODULES.items()
-                if (n := len(p.read_text().splitlines())) > 600}
+    too_long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 600}
     assert too_long == {}

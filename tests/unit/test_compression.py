@@ -74,8 +74,9 @@ def test_stochastic_rounding_is_unbiased() -> None:
     x = torch.full((200, 1), 0.3)
     x[0, 0] = 1.0  # fixes the scale at 1: 2-bit levels are -1, 0, 1
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([dequantize(quantize(x, 2, stochastic=True, generator=g))
-                         for _ in range(300)])
+    draws = torch.stack(
+        [dequantize(quantize(x, 2, stochastic=True, generator=g)) for _ in range(300)]
+    )
     assert abs(float(draws[:, 1:].mean()) - 0.3) < 0.01
     assert abs(float(dequantize(quantize(x, 2))[1:].mean()) - 0.0) < 1e-9  # RTN biases to 0
 
@@ -92,7 +93,7 @@ def test_aqsgd_caches_stay_bitwise_in_sync_and_error_shrinks() -> None:
     errors, sizes = [], []
     for epoch in range(12):
         # activations drift toward a fixed point, as they do when training settles
-        act_all = target + _rand(n, *shape, seed=100 + epoch) * 0.5 ** epoch
+        act_all = target + _rand(n, *shape, seed=100 + epoch) * 0.5**epoch
         for batch in (torch.tensor([3, 0, 7, 11]), torch.tensor([1, 2, 4, 5, 6, 8, 9, 10])):
             msg = sender.encode(batch, act_all[batch])
             got = receiver.decode(batch, msg)

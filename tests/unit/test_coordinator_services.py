@@ -53,10 +53,17 @@ def grid(tmp_path: Path) -> Iterator[tuple[Services, Clock]]:
 
 def body(name: str = "p0", **extra: Any) -> dict[str, Any]:
     """A registration body as the agent sends it (already validated by the route)."""
-    return {"protocol_version": PROTOCOL_VERSION, "name": name, "hardware": {},
-            "engine": {"engine": "fake"}, "slots": 1, "prefill_tps": 100.0,
-            "decode_tps": 50.0, "offers": [{"model": MODEL, "prompt_price": 1_000_000,
-                                            "output_price": 2_000_000}], **extra}
+    return {
+        "protocol_version": PROTOCOL_VERSION,
+        "name": name,
+        "hardware": {},
+        "engine": {"engine": "fake"},
+        "slots": 1,
+        "prefill_tps": 100.0,
+        "decode_tps": 50.0,
+        "offers": [{"model": MODEL, "prompt_price": 1_000_000, "output_price": 2_000_000}],
+        **extra,
+    }
 
 
 def run(coro: Any) -> Any:
@@ -64,6 +71,7 @@ def run(coro: Any) -> Any:
 
 
 # ---- events and the supervisor ------------------------------------------------------------
+
 
 def test_events_run_in_subscription_order_sync_and_async() -> None:
     seen: list[str] = []
@@ -99,6 +107,7 @@ def test_supervisor_passes_the_live_set_to_each_tick_in_order() -> None:
     def tick(name: str) -> Any:
         async def t(live_set: frozenset[str]) -> None:
             calls.append((name, live_set))
+
         return t
 
     run(Supervisor(live, [tick("market"), tick("inference")], interval_s=1.0).once())
@@ -106,6 +115,7 @@ def test_supervisor_passes_the_live_set_to_each_tick_in_order() -> None:
 
 
 # ---- nodes ------------------------------------------------------------------------------------
+
 
 def test_registration_reaches_every_domain_through_events(grid: tuple[Services, Clock]) -> None:
     svc, _ = grid
@@ -121,17 +131,22 @@ def test_registration_reaches_every_domain_through_events(grid: tuple[Services, 
 
 
 def test_a_bad_device_list_is_refused_before_anything_is_written(
-        grid: tuple[Services, Clock]) -> None:
+    grid: tuple[Services, Clock],
+) -> None:
     svc, _ = grid
     with pytest.raises(InvalidRequest) as err:
-        run(svc.nodes.register("n1", b"k" * 32, body(devices=[
-            {"model": "no such card", "count": 1, "vram_gb": 1.0, "price_h": 1}])))
+        run(
+            svc.nodes.register(
+                "n1",
+                b"k" * 32,
+                body(devices=[{"model": "no such card", "count": 1, "vram_gb": 1.0, "price_h": 1}]),
+            )
+        )
     assert err.value.param == "devices"
     assert svc.store.nodes() == []
 
 
-def test_a_live_name_belongs_to_one_node_until_it_goes_quiet(
-        grid: tuple[Services, Clock]) -> None:
+def test_a_live_name_belongs_to_one_node_until_it_goes_quiet(grid: tuple[Services, Clock]) -> None:
     svc, clock = grid
     run(svc.nodes.register("n1", b"k" * 32, body("alice")))
     with pytest.raises(Conflict) as err:
@@ -156,11 +171,14 @@ def test_nodes_tick_announces_who_went_quiet(grid: tuple[Services, Clock]) -> No
     assert run(svc.nodes.tick()) == frozenset({"n1"})  # unchanged: no second event
     clock.now += svc.settings.node_timeout_s + 1
     assert run(svc.nodes.tick()) == frozenset()
-    assert changes == [LiveNodesChanged(frozenset({"n1"}), frozenset()),
-                       LiveNodesChanged(frozenset(), frozenset({"n1"}))]
+    assert changes == [
+        LiveNodesChanged(frozenset({"n1"}), frozenset()),
+        LiveNodesChanged(frozenset(), frozenset({"n1"})),
+    ]
 
 
 # ---- inference ----------------------------------------------------------------------------------
+
 
 def test_submit_names_what_is_missing(grid: tuple[Services, Clock]) -> None:
     svc, clock = grid
@@ -185,13 +203,13 @@ def test_a_request_is_handed_over_served_and_settled(grid: tuple[Services, Clock
         poll = asyncio.ensure_future(svc.inference.poll("n1", [MODEL], 5.0))
         while not svc.inference.hub._waiters.get("n1"):  # the poll is parked
             await asyncio.sleep(0)
-        task_id, stream = await svc.inference.submit(key_id, MODEL, "completion",
-                                                     {"prompt": "hi"}, 4, 3)
+        task_id, stream = await svc.inference.submit(
+            key_id, MODEL, "completion", {"prompt": "hi"}, 4, 3
+        )
         task = await poll
         assert task.id == task_id
         await svc.inference.upload("n1", task_id, 1, 0, [(7, "a"), (8, "b")])
-        done = await svc.inference.finish("n1", task_id, 1, prompt_tokens=2,
-                                          finish_reason="length")
+        done = await svc.inference.finish("n1", task_id, 1, prompt_tokens=2, finish_reason="length")
         kinds = [e.kind async for e in svc.inference.events(stream)]
         return done, kinds
 

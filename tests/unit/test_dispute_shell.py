@@ -28,15 +28,19 @@ class ScriptedGame:
         return {"id": f"{self.prefix}{audit_id}", "kind": self.kind}
 
     def pending(self, node_id: str) -> list[dict[str, Any]]:
-        return [{"id": r["id"], "round": 1, "role": seats.CHALLENGER} for r in self.rows
-                if r["node"] == node_id]
+        return [
+            {"id": r["id"], "round": 1, "role": seats.CHALLENGER}
+            for r in self.rows
+            if r["node"] == node_id
+        ]
 
     def query(self, node_id: str, dispute_id: str, round_: int) -> dict[str, Any]:
         self.calls.append(("query", node_id, dispute_id, round_))
         return {"dispute_id": dispute_id}
 
-    def answer(self, node_id: str, dispute_id: str, round_: int,
-               body: dict[str, Any]) -> dict[str, Any]:
+    def answer(
+        self, node_id: str, dispute_id: str, round_: int, body: dict[str, Any]
+    ) -> dict[str, Any]:
         self.calls.append(("answer", node_id, dispute_id, round_, body))
         return {"id": dispute_id}
 
@@ -44,23 +48,35 @@ class ScriptedGame:
         self.calls.append(("tick", live))
 
     def listing(self, node_id: str | None = None) -> list[dict[str, Any]]:
-        return [{**r, "kind": self.kind} for r in sorted(
-            self.rows, key=lambda r: -r["created_at"]) if node_id in (None, r["node"])]
+        return [
+            {**r, "kind": self.kind}
+            for r in sorted(self.rows, key=lambda r: -r["created_at"])
+            if node_id in (None, r["node"])
+        ]
 
 
 def shell() -> tuple[DisputeShell, ScriptedGame, ScriptedGame]:
-    inf = ScriptedGame("inference", "dsp-", rows=[
-        {"id": "dsp-1", "node": "a", "created_at": 1.0},
-        {"id": "dsp-3", "node": "b", "created_at": 3.0}])
-    train = ScriptedGame("training", "tdsp-", rows=[{"id": "tdsp-2", "node": "a",
-                                                     "created_at": 2.0}])
+    inf = ScriptedGame(
+        "inference",
+        "dsp-",
+        rows=[
+            {"id": "dsp-1", "node": "a", "created_at": 1.0},
+            {"id": "dsp-3", "node": "b", "created_at": 3.0},
+        ],
+    )
+    train = ScriptedGame(
+        "training", "tdsp-", rows=[{"id": "tdsp-2", "node": "a", "created_at": 2.0}]
+    )
     return DisputeShell([inf, train]), inf, train
 
 
 def test_one_listing_shows_both_kinds_newest_first() -> None:
     sh, _, _ = shell()
     assert [(d["id"], d["kind"]) for d in sh.listing()] == [
-        ("dsp-3", "inference"), ("tdsp-2", "training"), ("dsp-1", "inference")]
+        ("dsp-3", "inference"),
+        ("tdsp-2", "training"),
+        ("dsp-1", "inference"),
+    ]
     assert [d["id"] for d in sh.listing("a")] == ["tdsp-2", "dsp-1"]
     assert [d["id"] for d in sh.listing(kind="training")] == ["tdsp-2"]
     with pytest.raises(InvalidRequest) as err:
@@ -91,7 +107,8 @@ def test_pending_rounds_carry_their_kind_and_idle_games_are_skipped() -> None:
     sh, inf, train = shell()
     assert sh.pending("a") == [
         {"id": "dsp-1", "round": 1, "role": "challenger", "kind": "inference"},
-        {"id": "tdsp-2", "round": 1, "role": "challenger", "kind": "training"}]
+        {"id": "tdsp-2", "round": 1, "role": "challenger", "kind": "training"},
+    ]
     inf.active = False
     assert sh.active and [q["kind"] for q in sh.pending("a")] == ["training"]
     train.active = False
@@ -114,11 +131,13 @@ def test_seats_turns_and_deadlines() -> None:
     row = Row()
     waiting = [seats.PROVIDER, seats.CHALLENGER]
     assert seats.party(row, seats.CHALLENGER) == "v" and seats.party(row, "x") is None
-    assert seats.asked(row, waiting, "v") == [{"id": "dsp-1", "round": 2,
-                                               "role": "challenger"}]
+    assert seats.asked(row, waiting, "v") == [{"id": "dsp-1", "round": 2, "role": "challenger"}]
     assert seats.seat(row, waiting, "p", 2, ("bisecting",)) == "provider"
-    for node, round_, answering in (("p", 1, ("bisecting",)), ("r", 2, ("bisecting",)),
-                                    ("p", 2, ("refereeing",))):
+    for node, round_, answering in (
+        ("p", 1, ("bisecting",)),
+        ("r", 2, ("bisecting",)),
+        ("p", 2, ("refereeing",)),
+    ):
         with pytest.raises(Conflict):
             seats.seat(row, waiting, node, round_, answering)
     seats.in_time("dsp-1", 2, deadline=10.0, now=10.0)

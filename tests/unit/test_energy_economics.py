@@ -18,6 +18,7 @@ DAY = 86_400.0
 
 # ---- units ---------------------------------------------------------------------------
 
+
 def test_one_kwh_is_3_6_megajoules_both_ways() -> None:
     assert energy.kwh(3_600_000) == 1.0
     assert energy.joules_of_kwh(0.5) == 1_800_000
@@ -40,6 +41,7 @@ def test_adding_an_estimate_marks_the_sum_estimated() -> None:
 
 # ---- counters and power --------------------------------------------------------------
 
+
 def test_counter_delta_handles_wrap_and_reset() -> None:
     assert energy.wrapped_delta(100.0, 250.0, None) == 150.0
     # RAPL wraps at max_energy_range_uj
@@ -57,8 +59,12 @@ def test_trapezoid_integration_of_power_samples() -> None:
 
 
 def test_energy_between_prorates_edges_and_survives_a_reset() -> None:
-    samples = [CounterSample(0, 0), CounterSample(10, 1000), CounterSample(20, 1500),
-               CounterSample(30, 200)]  # reset between 20 and 30: 200 J since the restart
+    samples = [
+        CounterSample(0, 0),
+        CounterSample(10, 1000),
+        CounterSample(20, 1500),
+        CounterSample(30, 200),
+    ]  # reset between 20 and 30: 200 J since the restart
     assert energy.energy_between(samples, 0, 30) == Energy(1700.0)
     # half of the first interval (500 J) and half of the second (250 J)
     assert energy.energy_between(samples, 5, 15).joules == pytest.approx(750.0)
@@ -71,22 +77,22 @@ def test_energy_between_prorates_edges_and_survives_a_reset() -> None:
 
 def test_attribution_splits_overlapping_requests_and_leaves_idle_energy_out() -> None:
     a = Attribution()
-    a.start("x", 0.0)          # x alone from 0 to 100 J
-    a.start("y", 100.0)        # x and y share 100..300 J
+    a.start("x", 0.0)  # x alone from 0 to 100 J
+    a.start("y", 100.0)  # x and y share 100..300 J
     assert a.finish("x", 300.0) == pytest.approx(100.0 + 100.0)
-    a.advance(400.0)           # y alone: 100 J
+    a.advance(400.0)  # y alone: 100 J
     assert a.finish("y", 400.0) == pytest.approx(100.0 + 100.0)
-    a.advance(1000.0)          # idle: nobody's
+    a.advance(1000.0)  # idle: nobody's
     a.start("z", 1000.0)
     assert a.finish("z", 1010.0) == pytest.approx(10.0)
     assert a.active == frozenset()
 
 
-@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=2, max_size=30),
-       st.integers(1, 4))
-def test_attribution_never_hands_out_more_than_the_counter_rose(steps: list[float],
-                                                                  jobs: int) -> None:
-    readings = [sum(steps[:i + 1]) for i in range(len(steps))]
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=2, max_size=30), st.integers(1, 4))
+def test_attribution_never_hands_out_more_than_the_counter_rose(
+    steps: list[float], jobs: int
+) -> None:
+    readings = [sum(steps[: i + 1]) for i in range(len(steps))]
     a = Attribution()
     for j in range(jobs):
         a.start(f"j{j}", readings[0])
@@ -98,6 +104,7 @@ def test_attribution_never_hands_out_more_than_the_counter_rose(steps: list[floa
 
 # ---- periods and durations -----------------------------------------------------------
 
+
 def test_period_length_in_days_and_bad_periods_are_refused() -> None:
     assert Period(0, DAY / 2).days == 0.5
     assert Period(100, 160).seconds == 60
@@ -106,8 +113,10 @@ def test_period_length_in_days_and_bad_periods_are_refused() -> None:
             Period(start, end)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("30m", 1800), ("24h", DAY),
-                                                ("7d", 7 * DAY), ("1w", 7 * DAY), ("15", 15)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("30m", 1800), ("24h", DAY), ("7d", 7 * DAY), ("1w", 7 * DAY), ("15", 15)],
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert economics.parse_duration(text) == seconds
 
@@ -120,10 +129,15 @@ def test_parse_duration_refuses_nonsense(text: str) -> None:
 
 # ---- economics -----------------------------------------------------------------------
 
+
 def test_report_per_day_from_a_two_day_period() -> None:
     # 10 credits and 2 kWh over two days, electricity 0.30/kWh, credit worth 1.5
-    r = economics.report(10 * economics.MICRO, energy.joules_of_kwh(2.0), Period(0, 2 * DAY),
-                         Prices(kwh_price=0.30, credit_value=1.5, card_price=600.0))
+    r = economics.report(
+        10 * economics.MICRO,
+        energy.joules_of_kwh(2.0),
+        Period(0, 2 * DAY),
+        Prices(kwh_price=0.30, credit_value=1.5, card_price=600.0),
+    )
     assert r.earned_credits_per_day == pytest.approx(5.0)
     assert r.earned_per_day == pytest.approx(7.5)
     assert r.kwh_per_day == pytest.approx(1.0)
@@ -134,8 +148,9 @@ def test_report_per_day_from_a_two_day_period() -> None:
 
 
 def test_payback_is_none_when_the_card_never_pays_for_itself() -> None:
-    r = economics.report(1, energy.joules_of_kwh(10), Period(0, DAY),
-                         Prices(kwh_price=0.5, card_price=1000.0))
+    r = economics.report(
+        1, energy.joules_of_kwh(10), Period(0, DAY), Prices(kwh_price=0.5, card_price=1000.0)
+    )
     assert r.profit_per_day < 0
     assert r.payback_days is None
     assert economics.payback_days(None, 5.0) is None
@@ -149,8 +164,9 @@ def test_report_carries_the_estimate_mark_from_its_energy() -> None:
     assert r.to_dict()["estimated"] is True
 
 
-@pytest.mark.parametrize("kwargs", [{"kwh_price": -1}, {"credit_value": math.nan},
-                                    {"card_price": -5.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"kwh_price": -1}, {"credit_value": math.nan}, {"card_price": -5.0}]
+)
 def test_prices_refuse_negative_or_nan(kwargs: dict[str, float]) -> None:
     with pytest.raises(InvalidRequest):
         Prices(**kwargs)
@@ -160,8 +176,13 @@ def test_estimate_for_a_card_from_market_price_and_measured_speed() -> None:
     # 100 tok/s busy half the day: 4.32M output tokens at 40 credits/1M = 172.8 credits,
     # minus a 2% fee = 169.344; 300 W busy + 50 W idle = 3.6 + 0.6 kWh at 0.25 = 1.05.
     card = CardSpec(decode_tps=100, serving_watts=300, idle_watts=50, utilisation=0.5)
-    r = economics.estimate_card(card, output_price=40 * economics.MICRO, prompt_price=0,
-                                fee_bps=200, prices=Prices(kwh_price=0.25, card_price=1600))
+    r = economics.estimate_card(
+        card,
+        output_price=40 * economics.MICRO,
+        prompt_price=0,
+        fee_bps=200,
+        prices=Prices(kwh_price=0.25, card_price=1600),
+    )
     assert r.estimated is True
     assert r.earned_credits_per_day == pytest.approx(169.344, abs=1e-6)
     assert r.kwh_per_day == pytest.approx(4.2)
@@ -172,16 +193,23 @@ def test_estimate_for_a_card_from_market_price_and_measured_speed() -> None:
 
 def test_estimate_bills_prompt_tokens_when_asked() -> None:
     base = CardSpec(decode_tps=10, serving_watts=0, utilisation=1.0)
-    with_prompt = CardSpec(decode_tps=10, serving_watts=0, utilisation=1.0,
-                           prompt_tokens_per_output=4.0)
+    with_prompt = CardSpec(
+        decode_tps=10, serving_watts=0, utilisation=1.0, prompt_tokens_per_output=4.0
+    )
     a = economics.estimate_card(base, 1_000_000, 1_000_000, 0, Prices())
     b = economics.estimate_card(with_prompt, 1_000_000, 1_000_000, 0, Prices())
     assert b.earned_credits_per_day == pytest.approx(5 * a.earned_credits_per_day)
 
 
-@pytest.mark.parametrize("kwargs", [{"decode_tps": 0}, {"decode_tps": -3},
-                                    {"decode_tps": 1, "utilisation": 1.5},
-                                    {"decode_tps": 1, "serving_watts": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decode_tps": 0},
+        {"decode_tps": -3},
+        {"decode_tps": 1, "utilisation": 1.5},
+        {"decode_tps": 1, "serving_watts": -1},
+    ],
+)
 def test_card_spec_refuses_impossible_inputs(kwargs: dict[str, float]) -> None:
     kwargs.setdefault("serving_watts", 100)
     with pytest.raises(InvalidRequest):
@@ -189,6 +217,7 @@ def test_card_spec_refuses_impossible_inputs(kwargs: dict[str, float]) -> None:
 
 
 # ---- dashboard summaries -------------------------------------------------------------
+
 
 def test_percentiles_interpolate_between_ranks() -> None:
     xs = [1.0, 2.0, 3.0, 4.0]
@@ -209,9 +238,19 @@ def test_buckets_keep_empty_periods_and_drop_points_outside() -> None:
 
 
 def test_accounts_grouped_by_kind_and_provider_money_split() -> None:
-    balances = {"consumer:k1": 50, "consumer:k2": 5, "provider:n1": 7, "accrual:n1": 3,
-                "system:fees": 1, "system:issuer": -66}
-    assert telemetry.totals_by_kind(balances) == {"consumer": 55, "provider": 7, "accrual": 3,
-                                                  "system": -65}
+    balances = {
+        "consumer:k1": 50,
+        "consumer:k2": 5,
+        "provider:n1": 7,
+        "accrual:n1": 3,
+        "system:fees": 1,
+        "system:issuer": -66,
+    }
+    assert telemetry.totals_by_kind(balances) == {
+        "consumer": 55,
+        "provider": 7,
+        "accrual": 3,
+        "system": -65,
+    }
     assert telemetry.provider_money(balances, "n1") == {"accrued": 3, "paid": 7}
     assert telemetry.account_kind("weird") == "other"

@@ -65,8 +65,11 @@ def test_settlement_never_exceeds_the_hold() -> None:
 
 
 def test_release_returns_everything() -> None:
-    b = books(ledger.mint("m", ALICE, 500, Cause("deposit", "d")),
-              ledger.request_hold("r", ALICE, 300), ledger.request_release("r", ALICE, 300))
+    b = books(
+        ledger.mint("m", ALICE, 500, Cause("deposit", "d")),
+        ledger.request_hold("r", ALICE, 300),
+        ledger.request_release("r", ALICE, 300),
+    )
     assert b[ALICE] == 500 and b.get(ledger.ESCROW, 0) == 0
 
 

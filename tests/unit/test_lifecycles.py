@@ -21,28 +21,71 @@ IDS = [t.name for t in TABLES]
 # The moves each table must allow, written out once more by hand: a table that loses or
 # gains a move fails here, not in an integration test.
 EXPECTED = {
-    "train-job": {("queued", "running"), ("queued", "canceled"), ("queued", "expired"),
-                  ("running", "queued"), ("running", "trained"), ("running", "canceled"),
-                  ("running", "failed"), ("trained", "queued"), ("trained", "done"),
-                  ("trained", "canceled")},
-    "train-segment": {("committed", "accepted"), ("committed", "failed"),
-                      ("committed", "discarded")},
-    "train-audit": {("pending", "assigned"), ("pending", "dropped"), ("assigned", "pending"),
-                    ("assigned", "passed"), ("assigned", "failed"), ("assigned", "dropped"),
-                    ("failed", "overturned")},
+    "train-job": {
+        ("queued", "running"),
+        ("queued", "canceled"),
+        ("queued", "expired"),
+        ("running", "queued"),
+        ("running", "trained"),
+        ("running", "canceled"),
+        ("running", "failed"),
+        ("trained", "queued"),
+        ("trained", "done"),
+        ("trained", "canceled"),
+    },
+    "train-segment": {
+        ("committed", "accepted"),
+        ("committed", "failed"),
+        ("committed", "discarded"),
+    },
+    "train-audit": {
+        ("pending", "assigned"),
+        ("pending", "dropped"),
+        ("assigned", "pending"),
+        ("assigned", "passed"),
+        ("assigned", "failed"),
+        ("assigned", "dropped"),
+        ("failed", "overturned"),
+    },
     "train-probe": {("pending", "answered"), ("pending", "failed")},
-    "audit": {("pending", "assigned"), ("assigned", "pending"), ("assigned", "passed"),
-              ("assigned", "failed"), ("failed", "overturned")},
-    "hw-proof": {("issued", "started"), ("issued", "expired"), ("started", "committed"),
-                 ("started", "failed"), ("committed", "passed"), ("committed", "failed")},
-    "dispute": {(a, b) for a in ("bisecting", "awaiting-referee", "refereeing")
-                for b in ("awaiting-referee", "refereeing", "won", "lost")},
-    "train-dispute": {("open", "awaiting-referee"), ("open", "won"), ("open", "lost"),
-                      ("awaiting-referee", "refereeing"), ("awaiting-referee", "won"),
-                      ("awaiting-referee", "lost"), ("refereeing", "awaiting-referee"),
-                      ("refereeing", "won"), ("refereeing", "lost")},
-    "node": {("live", "draining"), ("live", "gone"), ("draining", "live"),
-             ("draining", "gone"), ("gone", "live")},
+    "audit": {
+        ("pending", "assigned"),
+        ("assigned", "pending"),
+        ("assigned", "passed"),
+        ("assigned", "failed"),
+        ("failed", "overturned"),
+    },
+    "hw-proof": {
+        ("issued", "started"),
+        ("issued", "expired"),
+        ("started", "committed"),
+        ("started", "failed"),
+        ("committed", "passed"),
+        ("committed", "failed"),
+    },
+    "dispute": {
+        (a, b)
+        for a in ("bisecting", "awaiting-referee", "refereeing")
+        for b in ("awaiting-referee", "refereeing", "won", "lost")
+    },
+    "train-dispute": {
+        ("open", "awaiting-referee"),
+        ("open", "won"),
+        ("open", "lost"),
+        ("awaiting-referee", "refereeing"),
+        ("awaiting-referee", "won"),
+        ("awaiting-referee", "lost"),
+        ("refereeing", "awaiting-referee"),
+        ("refereeing", "won"),
+        ("refereeing", "lost"),
+    },
+    "node": {
+        ("live", "draining"),
+        ("live", "gone"),
+        ("draining", "live"),
+        ("draining", "gone"),
+        ("gone", "live"),
+    },
 }
 TERMINAL = {
     "train-job": {"done", "canceled", "failed", "expired"},
@@ -62,8 +105,7 @@ def pairs(table: Lifecycle) -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("table", TABLES, ids=IDS)
-def test_every_legal_move_passes_and_every_other_one_raises_with_its_data(
-        table: Lifecycle) -> None:
+def test_every_legal_move_passes_and_every_other_one_raises_with_its_data(table: Lifecycle) -> None:
     legal = EXPECTED[table.name]
     for start, finish in sorted(pairs(table)):
         if (start, finish) in legal:
@@ -74,7 +116,13 @@ def test_every_legal_move_passes_and_every_other_one_raises_with_its_data(
             table.move(start, finish, key="row-1", story=("cause-a", "cause-b"))
         e = err.value
         assert (e.lifecycle, e.kind, e.key, e.src, e.dst, e.story) == (
-            table.name, table.name, "row-1", start, finish, ("cause-a", "cause-b"))
+            table.name,
+            table.name,
+            "row-1",
+            start,
+            finish,
+            ("cause-a", "cause-b"),
+        )
         assert e.data["key"] == "row-1" and e.data["src"] == start and e.data["dst"] == finish
         assert f"{table.name} row-1: {start} -> {finish}" in e.message
         assert isinstance(e, Conflict)
@@ -154,15 +202,20 @@ def test_core_tasks_keeps_its_rule_api() -> None:
     with pytest.raises(IllegalTransition) as err:
         transition(TaskState.DONE, "claim")
     assert (err.value.kind, err.value.src, err.value.dst, err.value.key) == (
-        "task", "done", "running", None)
+        "task",
+        "done",
+        "running",
+        None,
+    )
 
 
 _ANY = st.sampled_from(sorted({s for t in TABLES for s in t.moves} | {"", "paused"}))
 
 
 @given(table=st.sampled_from(TABLES), start=_ANY, finish=_ANY)
-def test_move_never_returns_a_state_outside_its_table(table: Lifecycle, start: str,
-                                                      finish: str) -> None:
+def test_move_never_returns_a_state_outside_its_table(
+    table: Lifecycle, start: str, finish: str
+) -> None:
     try:
         got = table.move(start, finish, key="x")
     except IllegalTransition as e:

@@ -6,8 +6,10 @@ import pytest
 
 from idlegrid.engines import llama_build as lb
 
-XEON_AMX = ("flags\t: fpu sse sse2 avx avx2 bmi2 fma f16c avx512f avx512cd avx512vl avx512dq "
-            "avx512bw avx512_vnni amx_tile amx_int8 amx_bf16\n")
+XEON_AMX = (
+    "flags\t: fpu sse sse2 avx avx2 bmi2 fma f16c avx512f avx512cd avx512vl avx512dq "
+    "avx512bw avx512_vnni amx_tile amx_int8 amx_bf16\n"
+)
 
 
 def test_no_variant_is_native_or_uses_amx() -> None:
@@ -45,11 +47,15 @@ def test_default_variant_follows_the_cpu_flags() -> None:
 
 
 def test_the_key_names_every_build_input() -> None:
-    keys = {lb.build_key(b, v, "cpython-311") for b in ("cpu", "cuda")
-            for v in ("x86-64", "x86-64-v3", "x86-64-v4")}
+    keys = {
+        lb.build_key(b, v, "cpython-311")
+        for b in ("cpu", "cuda")
+        for v in ("x86-64", "x86-64-v3", "x86-64-v4")
+    }
     assert len(keys) == 6
     assert lb.build_key("cpu", "x86-64-v3", "cpython-311") != lb.build_key(
-        "cpu", "x86-64-v3", "cpython-312")
+        "cpu", "x86-64-v3", "cpython-312"
+    )
     assert lb.build_key("cpu", "x86-64-v3", "x") == lb.build_key("cpu", "x86-64-v3", "x")
 
 
@@ -61,16 +67,27 @@ def test_wheelhouse_is_ours_not_pips(monkeypatch, tmp_path) -> None:
     assert lb.wheelhouse() == tmp_path / "w"
 
 
-@pytest.mark.parametrize("info,variant", [
-    ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
-     "LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |", "x86-64-v3"),
-    ("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
-     "REPACK = 1 |", "x86-64-v4"),
-    ("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
-     "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 |",
-     "x86-64-v4+amx_int8+avx512_vbmi+avx512_vnni"),
-    ("CPU : SSE3 = 1 | SSSE3 = 1 | LLAMAFILE = 1 |", "x86-64"),
-])
+@pytest.mark.parametrize(
+    "info,variant",
+    [
+        (
+            "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
+            "LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |",
+            "x86-64-v3",
+        ),
+        (
+            "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+            "REPACK = 1 |",
+            "x86-64-v4",
+        ),
+        (
+            "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+            "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 |",
+            "x86-64-v4+amx_int8+avx512_vbmi+avx512_vnni",
+        ),
+        ("CPU : SSE3 = 1 | SSSE3 = 1 | LLAMAFILE = 1 |", "x86-64"),
+    ],
+)
 def test_variant_of_names_what_the_library_was_built_for(info: str, variant: str) -> None:
     assert lb.variant_of(info, "x86_64") == variant
 

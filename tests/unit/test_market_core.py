@@ -18,23 +18,25 @@ from idlegrid.core.market.spec import parse_spec
 from idlegrid.errors import IllegalTransition, InvalidRequest, LedgerError
 
 
-@pytest.mark.parametrize("name,vram,want", [
-    ("NVIDIA GeForce RTX 4070 SUPER", None, "RTX-4070S"),
-    ("RTX-4070S", None, "RTX-4070S"),
-    ("4070 super", None, "RTX-4070S"),
-    ("RTX 4070", None, "RTX-4070"),
-    ("NVIDIA A100-SXM4-80GB", None, "A100-80GB"),
-    ("NVIDIA A100-PCIE-40GB", None, "A100-40GB"),
-    ("A100", 80, "A100-80GB"),
-    ("NVIDIA H100 PCIe", None, "H100-PCIe"),
-    ("NVIDIA H100 80GB HBM3", None, "H100-SXM"),
-    ("NVIDIA GeForce RTX 4060 Ti", 16, "RTX-4060-Ti-16GB"),
-    ("NVIDIA GeForce RTX 4060 Ti", 8, "RTX-4060-Ti"),
-    ("Tesla A10G", None, "A10"),
-    ("Apple M3 Max", None, "M3-Max"),
-])
-def test_device_names_map_to_one_canonical_model(name: str, vram: float | None,
-                                                  want: str) -> None:
+@pytest.mark.parametrize(
+    "name,vram,want",
+    [
+        ("NVIDIA GeForce RTX 4070 SUPER", None, "RTX-4070S"),
+        ("RTX-4070S", None, "RTX-4070S"),
+        ("4070 super", None, "RTX-4070S"),
+        ("RTX 4070", None, "RTX-4070"),
+        ("NVIDIA A100-SXM4-80GB", None, "A100-80GB"),
+        ("NVIDIA A100-PCIE-40GB", None, "A100-40GB"),
+        ("A100", 80, "A100-80GB"),
+        ("NVIDIA H100 PCIe", None, "H100-PCIe"),
+        ("NVIDIA H100 80GB HBM3", None, "H100-SXM"),
+        ("NVIDIA GeForce RTX 4060 Ti", 16, "RTX-4060-Ti-16GB"),
+        ("NVIDIA GeForce RTX 4060 Ti", 8, "RTX-4060-Ti"),
+        ("Tesla A10G", None, "A10"),
+        ("Apple M3 Max", None, "M3-Max"),
+    ],
+)
+def test_device_names_map_to_one_canonical_model(name: str, vram: float | None, want: str) -> None:
     assert canonical_gpu(name, vram) == want
 
 
@@ -44,10 +46,17 @@ def test_unknown_device_is_an_error_naming_it() -> None:
 
 
 def test_spec_reads_skypilot_and_vast_forms() -> None:
-    spec = parse_spec({"accelerators": ["RTX-4090", "A100-80GB"], "vram_gb": ">=16",
-                       "cpus": "4+", "reliability": ">=0.99",
-                       "region": {"not_in": ["ap-south"]}, "max_price": 1.5,
-                       "min_tokens_per_s": 40})
+    spec = parse_spec(
+        {
+            "accelerators": ["RTX-4090", "A100-80GB"],
+            "vram_gb": ">=16",
+            "cpus": "4+",
+            "reliability": ">=0.99",
+            "region": {"not_in": ["ap-south"]},
+            "max_price": 1.5,
+            "min_tokens_per_s": 40,
+        }
+    )
     assert spec.accelerators == {"RTX-4090", "A100-80GB"}
     assert spec.vram_gb is not None and spec.vram_gb.test(16) and not spec.vram_gb.test(12)
     assert spec.cpus is not None and spec.cpus.test(4) and not spec.cpus.test(3)
@@ -58,38 +67,52 @@ def test_spec_reads_skypilot_and_vast_forms() -> None:
     assert parse_spec(spec.to_dict()) == spec
 
 
-@pytest.mark.parametrize("raw,param", [
-    ({"vram": ">=16"}, "resources.vram"),
-    ({"vram_gb": "~=16"}, "resources.vram_gb"),
-    ({"vram_gb": ">=16+"}, "resources.vram_gb"),
-    ({"cpus": True}, "resources.cpus"),
-    ({"max_price": -1}, "resources.max_price"),
-    ({"max_price": float("inf")}, "resources.max_price"),
-    ({"reliability": ">=1.5"}, "resources.reliability"),
-    ({"region": {"near": ["eu-west"]}}, "resources.region"),
-    ({"region": []}, "resources.region"),
-    ({"accelerators": ["RTX-4090", "GTX-9"]}, "resources.accelerators"),
-    ({"accelerators": "A100-80GB:8", "count": 4}, "resources.count"),
-    ({"count": 1.5}, "resources.count"),
-    ({"verified": "yes"}, "resources.verified"),
-])
+@pytest.mark.parametrize(
+    "raw,param",
+    [
+        ({"vram": ">=16"}, "resources.vram"),
+        ({"vram_gb": "~=16"}, "resources.vram_gb"),
+        ({"vram_gb": ">=16+"}, "resources.vram_gb"),
+        ({"cpus": True}, "resources.cpus"),
+        ({"max_price": -1}, "resources.max_price"),
+        ({"max_price": float("inf")}, "resources.max_price"),
+        ({"reliability": ">=1.5"}, "resources.reliability"),
+        ({"region": {"near": ["eu-west"]}}, "resources.region"),
+        ({"region": []}, "resources.region"),
+        ({"accelerators": ["RTX-4090", "GTX-9"]}, "resources.accelerators"),
+        ({"accelerators": "A100-80GB:8", "count": 4}, "resources.count"),
+        ({"count": 1.5}, "resources.count"),
+        ({"verified": "yes"}, "resources.verified"),
+    ],
+)
 def test_bad_specs_name_the_field(raw: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         parse_spec(raw)
     assert err.value.param == param
 
 
-@pytest.mark.parametrize("raw,param", [
-    ({"id": "a", "kind": "lease", "hours": 1, "resources": {}}, "resources.max_price"),
-    ({"id": "a", "kind": "rent", "hours": 1, "resources": {"max_price": 1}}, "kind"),
-    ({"id": "a b", "kind": "lease", "hours": 1, "resources": {"max_price": 1}}, "id"),
-    ({"id": "a", "kind": "lease", "resources": {"max_price": 1}}, "hours"),
-    ({"id": "a", "kind": "lease", "hours": -1, "resources": {"max_price": 1}}, "hours"),
-    ({"id": "a", "kind": "batch", "model": "m", "resources": {"max_price": 1}}, "tokens"),
-    ({"id": "a", "kind": "inference", "hours": 1, "resources": {"max_price": 1}}, "model"),
-    ({"id": "a", "kind": "lease", "hours": 1, "colour": "red",
-      "resources": {"max_price": 1}}, "colour"),
-])
+@pytest.mark.parametrize(
+    "raw,param",
+    [
+        ({"id": "a", "kind": "lease", "hours": 1, "resources": {}}, "resources.max_price"),
+        ({"id": "a", "kind": "rent", "hours": 1, "resources": {"max_price": 1}}, "kind"),
+        ({"id": "a b", "kind": "lease", "hours": 1, "resources": {"max_price": 1}}, "id"),
+        ({"id": "a", "kind": "lease", "resources": {"max_price": 1}}, "hours"),
+        ({"id": "a", "kind": "lease", "hours": -1, "resources": {"max_price": 1}}, "hours"),
+        ({"id": "a", "kind": "batch", "model": "m", "resources": {"max_price": 1}}, "tokens"),
+        ({"id": "a", "kind": "inference", "hours": 1, "resources": {"max_price": 1}}, "model"),
+        (
+            {
+                "id": "a",
+                "kind": "lease",
+                "hours": 1,
+                "colour": "red",
+                "resources": {"max_price": 1},
+            },
+            "colour",
+        ),
+    ],
+)
 def test_bad_orders_name_the_field(raw: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         parse_order(raw)
@@ -97,11 +120,19 @@ def test_bad_orders_name_the_field(raw: dict[str, object], param: str) -> None:
 
 
 def test_order_budget_is_the_worst_case_at_the_ceiling() -> None:
-    lease = parse_order({"id": "l", "kind": "lease", "hours": 2.5,
-                         "resources": {"count": 4, "max_price": 1.2}})
+    lease = parse_order(
+        {"id": "l", "kind": "lease", "hours": 2.5, "resources": {"count": 4, "max_price": 1.2}}
+    )
     assert lease.budget() == 12 * MICRO  # 4 devices × 2.5 h × 1.2 cr
-    batch = parse_order({"id": "b", "kind": "batch", "model": "gemma3:270m", "tokens": 500_000,
-                         "resources": {"max_price": 3}})
+    batch = parse_order(
+        {
+            "id": "b",
+            "kind": "batch",
+            "model": "gemma3:270m",
+            "tokens": 500_000,
+            "resources": {"max_price": 3},
+        }
+    )
     assert batch.budget() == 1_500_000  # 0.5M tokens × 3 cr per 1M
     assert parse_order(lease.to_dict()) == lease
 
@@ -119,25 +150,54 @@ def test_order_lifecycle_moves_are_enumerated() -> None:
         order_transition(OrderState.OPEN, "fly")
 
 
-def _offer(provider: str, model: str, price_cr: float, count: int = 1, region: str = "eu-west",
-           reliability: float = 1.0, model_prices: dict[str, Price] | None = None,
-           tps: dict[str, float] | None = None, plugin: str | None = None,
-           staked: bool = True) -> Offer:
+def _offer(
+    provider: str,
+    model: str,
+    price_cr: float,
+    count: int = 1,
+    region: str = "eu-west",
+    reliability: float = 1.0,
+    model_prices: dict[str, Price] | None = None,
+    tps: dict[str, float] | None = None,
+    plugin: str | None = None,
+    staked: bool = True,
+) -> Offer:
     dev = Device(canonical_gpu(model), count)
-    hw = Hardware(provider, region, (dev,), cpus=8, ram_gb=64, reliability=reliability,
-                  tokens_per_s=tps or {}, verified=True)
-    return Offer(f"{provider}/{dev.model}", hw, dev, round(price_cr * MICRO),
-                 model_prices or {}, plugin, staked)
+    hw = Hardware(
+        provider,
+        region,
+        (dev,),
+        cpus=8,
+        ram_gb=64,
+        reliability=reliability,
+        tokens_per_s=tps or {},
+        verified=True,
+    )
+    return Offer(
+        f"{provider}/{dev.model}",
+        hw,
+        dev,
+        round(price_cr * MICRO),
+        model_prices or {},
+        plugin,
+        staked,
+    )
 
 
 def _lease(oid: str = "o", **resources: object) -> object:
-    return parse_order({"id": oid, "kind": "lease", "hours": 1,
-                        "resources": {"max_price": 10, **resources}})
+    return parse_order(
+        {"id": oid, "kind": "lease", "hours": 1, "resources": {"max_price": 10, **resources}}
+    )
 
 
 def test_cheapest_fitting_offer_wins_and_reliability_adjusts_the_price() -> None:
-    book = Book([_offer("a", "RTX-4090", 0.40), _offer("b", "RTX-4090", 0.30, reliability=0.5),
-                 _offer("c", "RTX-4090", 0.35)])
+    book = Book(
+        [
+            _offer("a", "RTX-4090", 0.40),
+            _offer("b", "RTX-4090", 0.30, reliability=0.5),
+            _offer("c", "RTX-4090", 0.35),
+        ]
+    )
     placed = book.match(_lease(accelerators="RTX-4090"))
     # b is cheapest on paper, but at 0.5 reliability it costs 0.60 in expectation.
     assert isinstance(placed, Placement) and placed.providers == ["c"]
@@ -148,8 +208,16 @@ def test_small_models_never_take_a_datacenter_card_while_a_consumer_card_fits() 
     h100 = _offer("dc", "H100-SXM", 0.01, model_prices=prices, tps={"gemma3:270m": 900})
     card = _offer("home", "RTX-3060", 0.20, model_prices=prices, tps={"gemma3:270m": 200})
     book = Book([h100, card])
-    order = parse_order({"id": "i", "kind": "inference", "model": "gemma3:270m", "hours": 1,
-                         "resources": {"max_price": 1}}, vram_need_gb=0.6)
+    order = parse_order(
+        {
+            "id": "i",
+            "kind": "inference",
+            "model": "gemma3:270m",
+            "hours": 1,
+            "resources": {"max_price": 1},
+        },
+        vram_need_gb=0.6,
+    )
     first = book.match(order)
     assert isinstance(first, Placement) and first.providers == ["home"] and not first.oversized
     book.take(first)
@@ -157,24 +225,31 @@ def test_small_models_never_take_a_datacenter_card_while_a_consumer_card_fits() 
     second = book.match(order)
     assert isinstance(second, Placement) and second.providers == ["dc"] and second.oversized
     # A model that needs datacenter memory is not held back.
-    big = parse_order({"id": "b", "kind": "lease", "hours": 1,
-                       "resources": {"vram_gb": ">=48", "max_price": 5}})
+    big = parse_order(
+        {"id": "b", "kind": "lease", "hours": 1, "resources": {"vram_gb": ">=48", "max_price": 5}}
+    )
     assert isinstance(book.match(big), Placement)
 
 
 def test_unmatched_orders_say_which_constraint_removed_how_many_offers() -> None:
-    book = Book([_offer("a", "RTX-4090", 0.4, region="eu-west"),
-                 _offer("b", "RTX-3060", 0.1, region="eu-west"),
-                 _offer("c", "RTX-4090", 0.6, region="us-east"),
-                 _offer("d", "RTX-4090", 0.9, region="us-east", staked=False)])
+    book = Book(
+        [
+            _offer("a", "RTX-4090", 0.4, region="eu-west"),
+            _offer("b", "RTX-3060", 0.1, region="eu-west"),
+            _offer("c", "RTX-4090", 0.6, region="us-east"),
+            _offer("d", "RTX-4090", 0.9, region="us-east", staked=False),
+        ]
+    )
     out = book.match(_lease(accelerators="RTX-4090", region=["us-east"], max_price=0.5))
     assert isinstance(out, Unmatched)
     got = [(r.constraint, r.eliminated, r.remaining) for r in out.reasons]
-    assert got == [("accelerators", 1, 3), ("region", 1, 2), ("stake", 1, 1),
-                   ("max_price", 1, 0)]
+    assert got == [("accelerators", 1, 3), ("region", 1, 2), ("stake", 1, 1), ("max_price", 1, 0)]
     assert out.decisive == "max_price"
-    assert out.to_dict()["reasons"][0] == {"constraint": "accelerators", "eliminated": 1,
-                                           "remaining": 3}
+    assert out.to_dict()["reasons"][0] == {
+        "constraint": "accelerators",
+        "eliminated": 1,
+        "remaining": 3,
+    }
 
 
 def test_capacity_is_taken_and_released() -> None:
@@ -190,13 +265,17 @@ def test_capacity_is_taken_and_released() -> None:
 
 
 def test_gangs_span_providers_only_over_measured_links() -> None:
-    offers = [_offer("a", "H100-SXM", 2.0, count=4), _offer("b", "H100-SXM", 2.0, count=4),
-              _offer("c", "H100-SXM", 1.5, count=4)]
+    offers = [
+        _offer("a", "H100-SXM", 2.0, count=4),
+        _offer("b", "H100-SXM", 2.0, count=4),
+        _offer("c", "H100-SXM", 1.5, count=4),
+    ]
     order = _lease(accelerators="H100-SXM:8", min_link_gbps=100)
     unlinked = Book(offers).match(order)
     assert isinstance(unlinked, Unmatched) and unlinked.decisive.startswith("gang")
-    linked = Book(offers, links={frozenset(("a", "b")): 200.0,
-                                 frozenset(("b", "c")): 10.0}).match(order)
+    linked = Book(offers, links={frozenset(("a", "b")): 200.0, frozenset(("b", "c")): 10.0}).match(
+        order
+    )
     assert isinstance(linked, Placement) and linked.providers == ["a", "b"]
     assert sum(leg.devices for leg in linked.legs) == 8
     one_host = Book([*offers, _offer("d", "H100-SXM", 2.5, count=8)]).match(order)
@@ -259,13 +338,15 @@ def test_batch_clearing_reaches_the_assignment_optimum_and_greedy_is_measured() 
 
 def test_settlement_entries_balance_and_name_their_cause() -> None:
     b: dict[str, int] = {}
-    for e in (ledger.mint("m", "consumer:k", 10 * MICRO, Cause("deposit", "d")),
-              ledger.mint("m2", "provider:n", 5 * MICRO, Cause("deposit", "d2")),
-              settlement.stake("s1", "n", "RTX-4090", 2 * MICRO),
-              settlement.prepay("o1", "k", 4 * MICRO),
-              settlement.accrue("o1", "n", 1, 1 * MICRO, fee_bps=200),
-              settlement.slo_refund("r1", "o1", "n", "k", 1_500_000, 980_000, "RTX-4090"),
-              settlement.close("o1", "k", 3 * MICRO)):
+    for e in (
+        ledger.mint("m", "consumer:k", 10 * MICRO, Cause("deposit", "d")),
+        ledger.mint("m2", "provider:n", 5 * MICRO, Cause("deposit", "d2")),
+        settlement.stake("s1", "n", "RTX-4090", 2 * MICRO),
+        settlement.prepay("o1", "k", 4 * MICRO),
+        settlement.accrue("o1", "n", 1, 1 * MICRO, fee_bps=200),
+        settlement.slo_refund("r1", "o1", "n", "k", 1_500_000, 980_000, "RTX-4090"),
+        settlement.close("o1", "k", 3 * MICRO),
+    ):
         b = ledger.apply(b, e)
         ledger.check_invariants(b)
     assert b["accrual:n"] == 0 and b["stake:n:RTX-4090"] == 2 * MICRO - 520_000

@@ -14,15 +14,17 @@ from idlegrid.coordinator.app import create_app
 @pytest.fixture(scope="module")
 def schema(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     data: Path = tmp_path_factory.mktemp("openapi")
-    app = create_app(CoordinatorSettings(data_dir=data,
-                                         database_url=f"sqlite:///{data / 'c.db'}"))
+    app = create_app(CoordinatorSettings(data_dir=data, database_url=f"sqlite:///{data / 'c.db'}"))
     spec: dict[str, Any] = app.openapi()  # no lifespan: the schema needs no database
     return spec
 
 
 def _operations(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {f"{method.upper()} {path}": op for path, ops in schema["paths"].items()
-            for method, op in ops.items()}
+    return {
+        f"{method.upper()} {path}": op
+        for path, ops in schema["paths"].items()
+        for method, op in ops.items()
+    }
 
 
 def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
@@ -31,8 +33,9 @@ def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def _body(schema: dict[str, Any], op: dict[str, Any], status: str = "200",
-          media: str = "application/json") -> dict[str, Any]:
+def _body(
+    schema: dict[str, Any], op: dict[str, Any], status: str = "200", media: str = "application/json"
+) -> dict[str, Any]:
     return _resolve(schema, op["responses"][status]["content"][media]["schema"])
 
 
@@ -53,7 +56,8 @@ def test_every_operation_documents_a_success_body(schema: dict[str, Any]) -> Non
             for media, c in content.items():
                 s = c.get("schema")
                 if media == "application/json" and (
-                        not s or (not s.get("$ref") and not s.get("properties"))):
+                    not s or (not s.get("$ref") and not s.get("properties"))
+                ):
                     offenders.append(f"{name} {status}: untyped JSON body {s}")
     assert offenders == []
 
@@ -83,12 +87,26 @@ def test_chat_completion_documents_json_and_the_event_stream(schema: dict[str, A
 def test_order_view_and_long_polls(schema: dict[str, Any]) -> None:
     ops = _operations(schema)
     order = _body(schema, ops["GET /api/v1/orders/{order_id}"])
-    assert set(order["required"]) >= {"id", "kind", "state", "budget", "spent", "refunded",
-                                      "placement", "reasons", "created_at", "tokens_done"}
+    assert set(order["required"]) >= {
+        "id",
+        "kind",
+        "state",
+        "budget",
+        "spent",
+        "refunded",
+        "placement",
+        "reasons",
+        "created_at",
+        "tokens_done",
+    }
     # Submitting answers 201 with the same view.
     assert _body(schema, ops["POST /api/v1/orders"], "201") == order
-    for name in ("POST /api/v1/work/poll", "POST /api/v1/audits/poll",
-                 "POST /api/v1/train/poll", "POST /api/v1/train/audits/poll"):
+    for name in (
+        "POST /api/v1/work/poll",
+        "POST /api/v1/audits/poll",
+        "POST /api/v1/train/poll",
+        "POST /api/v1/train/audits/poll",
+    ):
         assert {"200", "204"} <= set(ops[name]["responses"]), name
     task = _body(schema, ops["POST /api/v1/work/poll"])
     assert {"task_id", "attempt", "model", "max_tokens"} <= set(task["required"])

@@ -19,8 +19,19 @@ from idlegrid.core.planner.scenarios import SCENARIOS, tiny
 ROOT = Path(__file__).resolve().parents[2]
 PLANNER = ROOT / "src" / "idlegrid" / "core" / "planner"
 EXAMPLES = ROOT / "examples" / "topologies"
-FORBIDDEN = {"torch", "fastapi", "sqlalchemy", "httpx", "scipy", "time", "random", "os",
-             "socket", "subprocess", "pathlib"}
+FORBIDDEN = {
+    "torch",
+    "fastapi",
+    "sqlalchemy",
+    "httpx",
+    "scipy",
+    "time",
+    "random",
+    "os",
+    "socket",
+    "subprocess",
+    "pathlib",
+}
 
 
 @pytest.fixture
@@ -39,8 +50,7 @@ def _write(tmp_path: Path, raw: dict) -> Path:
 
 def test_plan_json(app: typer.Typer, tmp_path: Path) -> None:
     path = _write(tmp_path, tiny())
-    res = CliRunner().invoke(app, ["plan", str(path), "--seconds", "0.3", "--seed", "4",
-                                   "--json"])
+    res = CliRunner().invoke(app, ["plan", str(path), "--seconds", "0.3", "--seed", "4", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert len(doc["stages"]) == 4 and all(len(s) == 2 for s in doc["stages"])
@@ -100,11 +110,14 @@ def test_planner_core_imports_nothing_impure() -> None:
 
 
 def test_importing_planner_and_cli_loads_no_torch() -> None:
-    code = ("import sys, idlegrid.core.planner, idlegrid.client.plan_cmd; "
-            "bad = [m for m in ('torch', 'scipy', 'fastapi', 'sqlalchemy') if m in sys.modules]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
-                   env={"PYTHONPATH": str(ROOT / "src")})
+    code = (
+        "import sys, idlegrid.core.planner, idlegrid.client.plan_cmd; "
+        "bad = [m for m in ('torch', 'scipy', 'fastapi', 'sqlalchemy') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src")}
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

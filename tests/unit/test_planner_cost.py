@@ -24,9 +24,13 @@ def _model(raw: dict[str, Any]) -> CostModel:
 
 # Research note §1.7: the released GCMA on the five config.py scenarios (seconds).
 #            case: (strided total, strided DP, natural-partition total, natural DP)
-PUBLISHED = {1: (3.44, 2.91, 16.98, 0.09), 2: (49.50, 7.28, 49.50, 7.28),
-             3: (16.09, 5.52, 17.65, 1.83), 4: (34.80, 8.34, 39.24, 4.62),
-             5: (49.22, 22.76, 59.44, 4.62)}
+PUBLISHED = {
+    1: (3.44, 2.91, 16.98, 0.09),
+    2: (49.50, 7.28, 49.50, 7.28),
+    3: (16.09, 5.52, 17.65, 1.83),
+    4: (34.80, 8.34, 39.24, 4.62),
+    5: (49.22, 22.76, 59.44, 4.62),
+}
 
 
 @pytest.mark.parametrize("case", [1, 2, 3, 4, 5])
@@ -78,7 +82,8 @@ def test_plan_pipelines_are_columns() -> None:
 
 
 weights = st.integers(1, 7).flatmap(
-    lambda k: arrays(np.float64, (k, k), elements=st.floats(0, 100, allow_nan=False)))
+    lambda k: arrays(np.float64, (k, k), elements=st.floats(0, 100, allow_nan=False))
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -93,8 +98,11 @@ def test_bottleneck_matching_is_optimal(w: np.ndarray) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(2, 7).flatmap(
-    lambda d: arrays(np.float64, (d, d), elements=st.floats(0, 50, allow_nan=False))))
+@given(
+    st.integers(2, 7).flatmap(
+        lambda d: arrays(np.float64, (d, d), elements=st.floats(0, 50, allow_nan=False))
+    )
+)
 def test_open_path_is_optimal_and_bounded_below(w: np.ndarray) -> None:
     w = (w + w.T) / 2
     d = w.shape[0]
@@ -119,12 +127,22 @@ def test_heuristic_path_beyond_exact_limit_is_a_valid_order() -> None:
 
 def _two_device(**model: Any) -> dict[str, Any]:
     return {
-        "devices": [{"id": "a", "region": "x", "tflops": 100.0},
-                    {"id": "b", "region": "y", "tflops": 50.0}],
+        "devices": [
+            {"id": "a", "region": "x", "tflops": 100.0},
+            {"id": "b", "region": "y", "tflops": 50.0},
+        ],
         "latency_ms": [[0, 20], [30, 0]],
         "bandwidth_gbps": [[0, 1.0], [0.25, 0]],
-        "model": {"layers": 2, "hidden": 256, "seq": 128, "batch": 8, "micro_batch": 1,
-                  "dtype": "fp16", "mfu": 0.5, **model},
+        "model": {
+            "layers": 2,
+            "hidden": 256,
+            "seq": 128,
+            "batch": 8,
+            "micro_batch": 1,
+            "dtype": "fp16",
+            "mfu": 0.5,
+            **model,
+        },
         "stages": 2,
         "data_parallel": 1,
     }
@@ -172,7 +190,8 @@ def test_compression_shrinks_communication_not_compute() -> None:
     raw["compression"] = {"activation_bits": 4, "backward_bits": 8}
     packed = _model(raw).full_parts(np.array([[0], [1]]))
     assert packed["activation_comm"] == pytest.approx(
-        plain["activation_comm"] * (0.25 + 0.5 * 4) / (1 + 4), rel=1e-9)
+        plain["activation_comm"] * (0.25 + 0.5 * 4) / (1 + 4), rel=1e-9
+    )
     assert packed["compute"] == plain["compute"]
     assert packed["total"] < plain["total"]
 

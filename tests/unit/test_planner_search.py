@@ -26,8 +26,9 @@ class TickClock:
 
 def _run(raw: dict[str, Any], evaluations: int, seed: int = 0, **kw: Any) -> Any:
     topo = parse_topology(raw)
-    return topo, plan_topology(topo, seconds=1e9, seed=seed, clock=TickClock(),
-                               evaluations=evaluations, **kw)
+    return topo, plan_topology(
+        topo, seconds=1e9, seed=seed, clock=TickClock(), evaluations=evaluations, **kw
+    )
 
 
 def _valid(topo: Any, stages: list[list[int]]) -> None:
@@ -113,8 +114,9 @@ def test_searcher_local_search_reaches_local_optimum() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_crossover_keeps_a_balanced_partition(seed: int) -> None:
     topo = parse_topology(dtfm_case(4))
-    s = Searcher(DtfmObjective(CostModel(topo)), np.random.default_rng(seed),
-                 Budget(TickClock(), 1e9))
+    s = Searcher(
+        DtfmObjective(CostModel(topo)), np.random.default_rng(seed), Budget(TickClock(), 1e9)
+    )
     p1, p2 = region_contiguous(topo), strided(topo)
     child = s.crossover(p1, p2)
     assert child.shape == (8, 8)

@@ -136,15 +136,18 @@ def test_scenarios_round_trip_through_json(name: str) -> None:
     stages=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-def test_random_topologies_round_trip(n_regions: int, per_region: int, stages: int,
-                                      seed: int) -> None:
+def test_random_topologies_round_trip(
+    n_regions: int, per_region: int, stages: int, seed: int
+) -> None:
     import numpy as np
 
     rng = np.random.default_rng(seed)
     n = n_regions * per_region * stages
     raw = {
-        "devices": [{"id": f"d{i}", "region": f"r{i % n_regions}",
-                     "tflops": float(rng.uniform(10, 300))} for i in range(n)],
+        "devices": [
+            {"id": f"d{i}", "region": f"r{i % n_regions}", "tflops": float(rng.uniform(10, 300))}
+            for i in range(n)
+        ],
         "latency_ms": rng.uniform(0, 200, (n, n)).round(3).tolist(),
         "bandwidth_gbps": rng.uniform(0.1, 10, (n, n)).round(3).tolist(),
         "model": {"layers": stages * 2, "hidden": 64, "seq": 32, "batch": 8},

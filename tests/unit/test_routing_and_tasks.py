@@ -10,8 +10,9 @@ from idlegrid.core.tasks import TaskState, should_retry, transition
 from idlegrid.errors import IllegalTransition
 
 
-def c(node: str, in_flight: int = 0, slots: int = 1, price: int = 10, tps: float = 10.0
-      ) -> Candidate:
+def c(
+    node: str, in_flight: int = 0, slots: int = 1, price: int = 10, tps: float = 10.0
+) -> Candidate:
     return Candidate(node, in_flight, slots, price, tps)
 
 

@@ -31,13 +31,18 @@ def test_valid_request_verifies_once(setup: tuple[NodeKey, Verifier, Clock]) -> 
 
 
 @pytest.mark.parametrize("change", ["method", "path", "body", "key"])
-def test_any_change_breaks_the_signature(setup: tuple[NodeKey, Verifier, Clock], change: str
-                                         ) -> None:
+def test_any_change_breaks_the_signature(
+    setup: tuple[NodeKey, Verifier, Clock], change: str
+) -> None:
     key, verifier, clock = setup
     h = key.sign_headers("POST", "/a", b"{}", now=clock())
     args = {"method": "POST", "path": "/a", "body": b"{}", "key": key.public_bytes}
-    args[change] = {"method": "PUT", "path": "/b", "body": b"{ }",
-                    "key": NodeKey.generate().public_bytes}[change]
+    args[change] = {
+        "method": "PUT",
+        "path": "/b",
+        "body": b"{ }",
+        "key": NodeKey.generate().public_bytes,
+    }[change]
     with pytest.raises(AuthError):
         verifier.verify(args["method"], args["path"], args["body"], h, args["key"])  # type: ignore[arg-type]
 
@@ -51,7 +56,8 @@ def test_stale_and_future_timestamps_are_refused(setup: tuple[NodeKey, Verifier,
 
 
 def test_nonces_are_forgotten_only_after_they_could_no_longer_pass(
-        setup: tuple[NodeKey, Verifier, Clock]) -> None:
+    setup: tuple[NodeKey, Verifier, Clock],
+) -> None:
     key, verifier, clock = setup
     h = key.sign_headers("POST", "/a", b"", now=clock(), nonce="abcdefgh12345678")
     verifier.verify("POST", "/a", b"", h, key.public_bytes)
@@ -77,8 +83,11 @@ def test_channel_frames_are_signed_like_requests(setup: tuple[NodeKey, Verifier,
     # Another channel path, another method, an altered body: each breaks the signature.
     fresh = key.sign_frame("/ch", b'{"op":"poll"}', now=clock())
     headers, body = frame_headers(key.node_id, fresh)
-    for method, path, data in [("WS", "/other", body), ("POST", "/ch", body),
-                               ("WS", "/ch", b'{"op":"cancel"}')]:
+    for method, path, data in [
+        ("WS", "/other", body),
+        ("POST", "/ch", body),
+        ("WS", "/ch", b'{"op":"cancel"}'),
+    ]:
         with pytest.raises(AuthError, match="bad signature"):
             verifier.verify(method, path, data, headers, key.public_bytes)
     clock.now += 31
@@ -93,8 +102,7 @@ def test_malformed_frame_headers(frame: bytes) -> None:
 
 
 @pytest.mark.parametrize("ts", ["nan", "NaN", "inf", "-inf"])
-def test_a_non_finite_timestamp_is_refused(setup: tuple[NodeKey, Verifier, Clock],
-                                           ts: str) -> None:
+def test_a_non_finite_timestamp_is_refused(setup: tuple[NodeKey, Verifier, Clock], ts: str) -> None:
     import base64
 
     from idlegrid.protocol.signing import HEADER_SIGNATURE, HEADER_TIMESTAMP, message

@@ -19,16 +19,21 @@ SHA = "ab" * 32
 
 
 def spec_dict(**over: object) -> dict[str, object]:
-    d: dict[str, object] = {"dataset": {"ref": "stdlib:v1", "sha256": SHA, "windows": 512},
-                            "model": {"seq": 32, "layers": 2, "dim": 32, "heads": 4},
-                            "steps": 40, "checkpoint_interval": 8}
+    d: dict[str, object] = {
+        "dataset": {"ref": "stdlib:v1", "sha256": SHA, "windows": 512},
+        "model": {"seq": 32, "layers": 2, "dim": 32, "heads": 4},
+        "steps": 40,
+        "checkpoint_interval": 8,
+    }
     d.update(over)
     return d
 
 
 def leaves(start: int, n: int, salt: bytes = b"") -> list[proof.StepLeaf]:
-    return [proof.StepLeaf(s, hashlib.sha256(salt + s.to_bytes(8, "little")).digest(),
-                           5.0 - 0.01 * s) for s in range(start, start + n)]
+    return [
+        proof.StepLeaf(s, hashlib.sha256(salt + s.to_bytes(8, "little")).digest(), 5.0 - 0.01 * s)
+        for s in range(start, start + n)
+    ]
 
 
 def commit(start: int = 0, n: int = 8, salt: bytes = b"") -> proof.TrainingCommitment:
@@ -43,36 +48,44 @@ def test_spec_round_trips_and_its_digest_covers_every_field() -> None:
     assert JobSpec.parse(spec.to_dict()) == spec
     assert spec.model.seq == 32 and spec.escrow_total == spec.price_per_step * 40
     digests = {spec.digest()}
-    for change in ({"steps": 41}, {"job_seed": 1}, {"init_seed": 1},
-                   {"optimizer": {"lr": 0.002}}, {"determinism_class": "x"},
-                   {"dataset": {"sha256": "cd" * 32, "windows": 512}}):
+    for change in (
+        {"steps": 41},
+        {"job_seed": 1},
+        {"init_seed": 1},
+        {"optimizer": {"lr": 0.002}},
+        {"determinism_class": "x"},
+        {"dataset": {"sha256": "cd" * 32, "windows": 512}},
+    ):
         digests.add(JobSpec.parse(spec_dict(**change)).digest())
     assert len(digests) == 7
     assert job_id(spec, "key_a") != job_id(spec, "key_b")
     assert job_id(spec, "key_a") == job_id(JobSpec.parse(spec.to_dict()), "key_a")
 
 
-@pytest.mark.parametrize(("change", "param"), [
-    ({"bogus": 1}, "spec.bogus"),
-    ({"steps": 0}, "spec.steps"),
-    ({"steps": True}, "spec.steps"),
-    ({"steps": 10, "checkpoint_interval": 11}, "spec.checkpoint_interval"),
-    ({"model": {"dim": 30, "heads": 4}}, "spec.model.heads"),
-    ({"model": {"vocab": 512}}, "spec.model.vocab"),
-    ({"model": {"arch": "llama"}}, "spec.model.arch"),
-    ({"model": {"depth": 2}}, "spec.model.depth"),
-    ({"dataset": {"ref": "stdlib:v1"}}, "spec.dataset.sha256"),
-    ({"dataset": {"sha256": "XYZ"}}, "spec.dataset.sha256"),
-    ({"dataset": {"sha256": SHA, "ref": "../etc"}}, "spec.dataset.ref"),
-    ({"optimizer": {"lr": 0}}, "spec.optimizer.lr"),
-    ({"optimizer": {"lr": float("nan")}}, "spec.optimizer.lr"),
-    ({"optimizer": {"name": "lion"}}, "spec.optimizer.name"),
-    ({"optimizer": {"betas": [0.9]}}, "spec.optimizer.betas"),
-    ({"optimizer": {"betas": [0.9, 1.5]}}, "spec.optimizer.betas.b1"),
-    ({"init_seed": -1}, "spec.init_seed"),
-    ({"price_per_step": 1.5}, "spec.price_per_step"),
-    ({"determinism_class": 3}, "spec.determinism_class"),
-])
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"bogus": 1}, "spec.bogus"),
+        ({"steps": 0}, "spec.steps"),
+        ({"steps": True}, "spec.steps"),
+        ({"steps": 10, "checkpoint_interval": 11}, "spec.checkpoint_interval"),
+        ({"model": {"dim": 30, "heads": 4}}, "spec.model.heads"),
+        ({"model": {"vocab": 512}}, "spec.model.vocab"),
+        ({"model": {"arch": "llama"}}, "spec.model.arch"),
+        ({"model": {"depth": 2}}, "spec.model.depth"),
+        ({"dataset": {"ref": "stdlib:v1"}}, "spec.dataset.sha256"),
+        ({"dataset": {"sha256": "XYZ"}}, "spec.dataset.sha256"),
+        ({"dataset": {"sha256": SHA, "ref": "../etc"}}, "spec.dataset.ref"),
+        ({"optimizer": {"lr": 0}}, "spec.optimizer.lr"),
+        ({"optimizer": {"lr": float("nan")}}, "spec.optimizer.lr"),
+        ({"optimizer": {"name": "lion"}}, "spec.optimizer.name"),
+        ({"optimizer": {"betas": [0.9]}}, "spec.optimizer.betas"),
+        ({"optimizer": {"betas": [0.9, 1.5]}}, "spec.optimizer.betas.b1"),
+        ({"init_seed": -1}, "spec.init_seed"),
+        ({"price_per_step": 1.5}, "spec.price_per_step"),
+        ({"determinism_class": 3}, "spec.determinism_class"),
+    ],
+)
 def test_bad_spec_fields_raise_with_the_param_named(change: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         JobSpec.parse(spec_dict(**change))
@@ -175,8 +188,9 @@ def test_audit_selection_is_fixed_by_beacon_and_digest_at_rate_p() -> None:
     digests = [commit(0, 2, salt=i.to_bytes(4, "little")).digest() for i in range(4000)]
     hits = sum(proof.select_segment(b"s", d, 0.1) for d in digests)
     assert 310 < hits < 490  # Binomial(4000, 0.1): mean 400, sd 19
-    assert [proof.select_segment(b"s", d, 0.1) for d in digests[:50]] == \
-        [proof.select_segment(b"s", d, 0.1) for d in digests[:50]]
+    assert [proof.select_segment(b"s", d, 0.1) for d in digests[:50]] == [
+        proof.select_segment(b"s", d, 0.1) for d in digests[:50]
+    ]
     assert all(proof.select_segment(b"s", d, 1.0) for d in digests[:20])
 
 
@@ -245,10 +259,16 @@ def test_a_job_pays_each_verified_segment_once_slashes_a_fault_and_refunds_the_r
     spec = JobSpec.parse(spec_dict(price_per_step=100, stake_required=10_000))
     jid = job_id(spec, "key_c")
     seen: set[str] = set()
-    b = post({}, seen, ledger.mint("m1", ledger.consumer_account("key_c"), 10_000,
-                                   ledger.Cause("deposit", "d1")))
-    b = post(b, seen, ledger.mint("m2", ledger.provider_account("p1"), 20_000,
-                                  ledger.Cause("deposit", "d2")))
+    b = post(
+        {},
+        seen,
+        ledger.mint("m1", ledger.consumer_account("key_c"), 10_000, ledger.Cause("deposit", "d1")),
+    )
+    b = post(
+        b,
+        seen,
+        ledger.mint("m2", ledger.provider_account("p1"), 20_000, ledger.Cause("deposit", "d2")),
+    )
     b = post(b, seen, settlement.escrow(jid, "key_c", spec.escrow_total))
     b = post(b, seen, settlement.stake(jid, "p1", spec.stake_required))
     segs = spec.segments()

@@ -27,19 +27,22 @@ def chain(n: int, bad_from: int | None, tag: bytes = b"") -> list[bytes]:
 
 
 def commitment(hashes: list[bytes], start: int = 100) -> TrainingCommitment:
-    return TrainingCommitment("job-d", start, [StepLeaf(start + i, h, 1.0)
-                                               for i, h in enumerate(hashes)], START)
+    return TrainingCommitment(
+        "job-d", start, [StepLeaf(start + i, h, 1.0) for i, h in enumerate(hashes)], START
+    )
 
 
 def ops(n: int, bad_op: int | None) -> list[bytes]:
-    return [b"op%d" % i + (b"-bad" if bad_op is not None and i >= bad_op else b"")
-            for i in range(n)]
+    return [
+        b"op%d" % i + (b"-bad" if bad_op is not None and i >= bad_op else b"") for i in range(n)
+    ]
 
 
 def referee_for(truth: list[bytes]) -> dispute.Referee:
     def referee(step: int, j: int | None, p: bytes, c: bytes) -> tuple[bool, bool]:
         assert j is not None
         return p == truth[j], c == truth[j]
+
     return referee
 
 
@@ -52,8 +55,12 @@ def test_the_game_lands_on_the_faulty_step_and_op_within_the_bound(k: int, data)
     honest, cheat = chain(k, None), chain(k, t0)
     c = commitment(cheat)
     truth = ops(n_ops, None)
-    out = dispute.play(c, honest, lambda party, step: ops(n_ops, j0) if party == PROVIDER
-                       else truth, referee_for(truth))
+    out = dispute.play(
+        c,
+        honest,
+        lambda party, step: ops(n_ops, j0) if party == PROVIDER else truth,
+        referee_for(truth),
+    )
     assert out.winner == CHALLENGER and out.provider_at_fault
     assert out.step == 100 + t0 and out.op_index == j0
     assert out.rounds <= dispute.rounds_bound(k, n_ops)
@@ -63,9 +70,12 @@ def test_an_honest_provider_wins_against_a_wrong_challenger() -> None:
     k, n_ops = 10, 500
     honest, wrong = chain(k, None), chain(k, 4, tag=b"c")
     truth = ops(n_ops, None)
-    out = dispute.play(commitment(honest), wrong,
-                       lambda party, step: truth if party == PROVIDER else ops(n_ops, 321),
-                       referee_for(truth))
+    out = dispute.play(
+        commitment(honest),
+        wrong,
+        lambda party, step: truth if party == PROVIDER else ops(n_ops, 321),
+        referee_for(truth),
+    )
     assert out.winner == PROVIDER and out.step == 104 and out.op_index == 321
     assert out.rounds <= dispute.rounds_bound(k, n_ops) == 4 + 9
 
@@ -80,9 +90,12 @@ def test_an_extra_op_in_the_cheat_trace_is_found_where_the_traces_part() -> None
     k = 8
     truth = ops(300, None)
     cheat_ops = truth[:120] + [b"noise-add"] + truth[120:]
-    out = dispute.play(commitment(chain(k, 2)), chain(k, None),
-                       lambda party, step: cheat_ops if party == PROVIDER else truth,
-                       referee_for(truth))
+    out = dispute.play(
+        commitment(chain(k, 2)),
+        chain(k, None),
+        lambda party, step: cheat_ops if party == PROVIDER else truth,
+        referee_for(truth),
+    )
     assert out.winner == CHALLENGER and out.step == 102 and out.op_index == 120
 
 

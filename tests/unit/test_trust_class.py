@@ -12,8 +12,19 @@ def test_engine_of_a_class() -> None:
 
 
 def test_peek_class_reads_an_encoded_commitment() -> None:
-    c = cm.build("m", "llama.cpp/0.3.36/Q4_K_M/cpu/t1", [2, 5], 7, 1.0, 1.0, [9, 10],
-                 [([0, 3, 1, 2], [4.0, -3.0, 2.0, 1.0])], "length", False, 2)
+    c = cm.build(
+        "m",
+        "llama.cpp/0.3.36/Q4_K_M/cpu/t1",
+        [2, 5],
+        7,
+        1.0,
+        1.0,
+        [9, 10],
+        [([0, 3, 1, 2], [4.0, -3.0, 2.0, 1.0])],
+        "length",
+        False,
+        2,
+    )
     blob = c.encode()
     assert cm.peek_class(blob) == "llama.cpp/0.3.36/Q4_K_M/cpu/t1"
     assert cm.decode(blob).header.det_class == cm.peek_class(blob)

@@ -31,11 +31,21 @@ def _topk(rows: np.ndarray, k: int) -> tuple[list[int], list[float]]:
 def _commit(tokens: list[int], states: np.ndarray, **kw) -> cm.Commitment:
     entries = []
     for j in range(0, len(tokens), cm.CHUNK_SIZE):
-        rows = states[j:j + cm.CHUNK_SIZE]
+        rows = states[j : j + cm.CHUNK_SIZE]
         entries.append(_topk(rows, cm.k_for(len(rows))))
-    args = dict(model="tiny", det_class="torch/float32/t1", context_ids=[2, 5, 6], seed=7,
-                temperature=0.0, top_p=1.0, tokens=tokens, entries=entries,
-                finish_reason="length", ended_by_end_token=False, hidden=states.shape[1])
+    args = dict(
+        model="tiny",
+        det_class="torch/float32/t1",
+        context_ids=[2, 5, 6],
+        seed=7,
+        temperature=0.0,
+        top_p=1.0,
+        tokens=tokens,
+        entries=entries,
+        finish_reason="length",
+        ended_by_end_token=False,
+        hidden=states.shape[1],
+    )
     args.update(kw)
     return cm.build(**args)
 
@@ -43,10 +53,16 @@ def _commit(tokens: list[int], states: np.ndarray, **kw) -> cm.Commitment:
 def _report(c: cm.Commitment, states: np.ndarray, context=(2, 5, 6), end_ok=True) -> cm.Report:
     chunks = []
     for j, ch in enumerate(c.chunks):
-        rows = states[j * cm.CHUNK_SIZE:j * cm.CHUNK_SIZE + len(ch.tokens)].reshape(-1)
+        rows = states[j * cm.CHUNK_SIZE : j * cm.CHUNK_SIZE + len(ch.tokens)].reshape(-1)
         kth = float(np.sort(np.abs(rows))[::-1][len(ch.indices) - 1])
-        chunks.append(cm.ChunkReport(tuple(float(rows[i]) for i in ch.indices), kth,
-                                     (0.5,) * len(ch.tokens), (True,) * len(ch.tokens)))
+        chunks.append(
+            cm.ChunkReport(
+                tuple(float(rows[i]) for i in ch.indices),
+                kth,
+                (0.5,) * len(ch.tokens),
+                (True,) * len(ch.tokens),
+            )
+        )
     return cm.Report(cm.context_hash(list(context)), tuple(chunks), end_ok)
 
 
@@ -107,21 +123,35 @@ def test_other_prompt_bad_finish_too_many_tokens_and_bad_sampling_fail() -> None
 def test_cherry_picked_small_entries_fail_the_rank_check() -> None:
     states = _states(16, 16)
     flat = states.reshape(-1)
-    idx = [int(i) for i in np.argsort(np.abs(flat))[:cm.TOP_K]]  # the smallest, not the largest
-    c = cm.build("tiny", "c", [2], 1, 0.0, 1.0, list(range(16)),
-                 [(idx, [float(flat[i]) for i in idx])], "length", False, 16)
+    idx = [int(i) for i in np.argsort(np.abs(flat))[: cm.TOP_K]]  # the smallest, not the largest
+    c = cm.build(
+        "tiny",
+        "c",
+        [2],
+        1,
+        0.0,
+        1.0,
+        list(range(16)),
+        [(idx, [float(flat[i]) for i in idx])],
+        "length",
+        False,
+        16,
+    )
     rep = _report(c, states, context=(2,))
     assert not cm.judge(c, rep, TOL, 16).passed
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda b: b[:-1],
-    lambda b: b + b"\x00",
-    lambda b: b[:10],
-    lambda b: b"",
-    lambda b: b[:-4] + struct.pack("<f", float("nan")),
-    lambda b: b[:-200] + bytes(200),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b[:-1],
+        lambda b: b + b"\x00",
+        lambda b: b[:10],
+        lambda b: b"",
+        lambda b: b[:-4] + struct.pack("<f", float("nan")),
+        lambda b: b[:-200] + bytes(200),
+    ],
+)
 def test_malformed_commitments_are_invalid_requests(mutate) -> None:
     c = _commit(list(range(20)), _states(20, 16))
     with pytest.raises(InvalidRequest):

@@ -69,8 +69,13 @@ def test_p_star_is_the_break_even_audit_rate() -> None:
 
 
 @settings(max_examples=300)
-@given(st.floats(0.01, 10), st.floats(0.5, 1.0), st.floats(0, 0.5), st.floats(1, 1000),
-       st.floats(0, 100))
+@given(
+    st.floats(0.01, 10),
+    st.floats(0.5, 1.0),
+    st.floats(0, 0.5),
+    st.floats(1, 1000),
+    st.floats(0, 100),
+)
 def test_cheating_loses_money_at_the_steady_rate(gain, detect, rho, stake, forfeit) -> None:
     policy = economics.AuditPolicy(gain=gain, detect=detect, rho=rho, stake=stake, forfeit=forfeit)
     if policy.steady < 1.0:
@@ -85,7 +90,7 @@ def test_cheating_loses_money_at_the_steady_rate(gain, detect, rho, stake, forfe
 def test_probation_starts_at_full_audits_and_decays_to_steady() -> None:
     policy = economics.AuditPolicy()
     rates = [policy.rate(n) for n in range(0, 200)]
-    assert rates[:policy.full_audits] == [1.0] * policy.full_audits
+    assert rates[: policy.full_audits] == [1.0] * policy.full_audits
     assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
     assert rates[-1] == pytest.approx(policy.steady)
     assert policy.on_probation(0) and not policy.on_probation(199)
@@ -121,8 +126,11 @@ def test_reputation_ejects_a_first_failure_and_trusts_long_clean_history() -> No
 
 
 def _fund(balances, account, amount):
-    entry = ledger.make_entry(f"fund:{account}", Cause("test", account),
-                              [Posting(ledger.ISSUER, -amount), Posting(account, amount)])
+    entry = ledger.make_entry(
+        f"fund:{account}",
+        Cause("test", account),
+        [Posting(ledger.ISSUER, -amount), Posting(account, amount)],
+    )
     return ledger.apply(balances, entry)
 
 

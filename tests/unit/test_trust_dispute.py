@@ -17,16 +17,18 @@ def _commit_and_report(n: int = 40) -> tuple[cm.Commitment, cm.Report]:
     states = np.random.default_rng(1).standard_normal((n, 8)).astype(np.float32)
     ents, chunks = [], []
     for j in range(0, n, cm.CHUNK_SIZE):
-        rows = states[j:j + cm.CHUNK_SIZE].reshape(-1)
-        k = cm.k_for(len(states[j:j + cm.CHUNK_SIZE]))
+        rows = states[j : j + cm.CHUNK_SIZE].reshape(-1)
+        k = cm.k_for(len(states[j : j + cm.CHUNK_SIZE]))
         idx = np.argsort(-np.abs(rows), kind="stable")[:k]
         ents.append(([int(i) for i in idx], [float(rows[i]) for i in idx]))
         kth = float(np.abs(rows[idx[-1]]))
-        m = len(states[j:j + cm.CHUNK_SIZE])
-        chunks.append(cm.ChunkReport(tuple(float(rows[i]) for i in idx), kth, (0.5,) * m,
-                                     (True,) * m))
-    c = cm.build("tiny", "t/1", [2, 5], 7, 0.0, 1.0, list(range(3, 3 + n)), ents, "length",
-                 False, 8)
+        m = len(states[j : j + cm.CHUNK_SIZE])
+        chunks.append(
+            cm.ChunkReport(tuple(float(rows[i]) for i in idx), kth, (0.5,) * m, (True,) * m)
+        )
+    c = cm.build(
+        "tiny", "t/1", [2, 5], 7, 0.0, 1.0, list(range(3, 3 + n)), ents, "length", False, 8
+    )
     return c, cm.Report(cm.context_hash([2, 5]), tuple(chunks), True)
 
 
@@ -61,8 +63,13 @@ def test_bisection_ends_on_a_disputed_position_even_if_agreement_is_not_monotone
 
 def _books() -> tuple[dict[str, int], list[ledger.Entry]]:
     stake, acc = ledger.stake_account("p", "cpu"), ledger.accrual_account("p")
-    books = {ledger.ISSUER: -2000, stake: 500, acc: 300, ledger.FEES: 200,
-             ledger.stake_account("v", "cpu"): 1000}
+    books = {
+        ledger.ISSUER: -2000,
+        stake: 500,
+        acc: 300,
+        ledger.FEES: 200,
+        ledger.stake_account("v", "cpu"): 1000,
+    }
     s = entries.slash("aud:x", stake, 500, 500, "consumer:k", 80, "v")
     f = entries.forfeit("aud", acc, 300, "consumer:k", 0)
     pay = entries.verifier_pay("aud", "v", 20, 200)
@@ -78,8 +85,9 @@ def test_reversal_restores_the_stake_in_full_when_everyone_still_holds_it() -> N
     e, used = dispute.reversal("d", originals, after, {ledger.stake_account("v", "cpu"): 1000})
     assert e is not None and e.key == "reverse:d" and e.cause.kind == "dispute" and not used
     back = ledger.apply(after, e)
-    assert back[ledger.stake_account("p", "cpu")] == 500 and back[ledger.accrual_account("p")] \
-        == 300
+    assert (
+        back[ledger.stake_account("p", "cpu")] == 500 and back[ledger.accrual_account("p")] == 300
+    )
     assert back.get("consumer:k", 0) == 0 and back[ledger.provider_account("v")] == 0
 
 
@@ -98,8 +106,9 @@ def test_reversal_takes_what_was_spent_from_the_false_verifier_and_never_overdra
     assert back[ledger.stake_account("v", "cpu")] == 0
     assert back[ledger.provider_account("p")] == 465
     # Nothing left anywhere to cover it: the provider gets back what could be collected.
-    poor = {k: (0 if k in ("consumer:k", ledger.provider_account("v")) else v)
-            for k, v in after.items()}
+    poor = {
+        k: (0 if k in ("consumer:k", ledger.provider_account("v")) else v) for k, v in after.items()
+    }
     e2, _ = dispute.reversal("d2", originals, poor, {})
     assert e2 is not None
     assert sum(p.amount for p in e2.postings if p.amount > 0) < 800

@@ -19,12 +19,16 @@ MODEL = hw.TimingModel()
 SEED = b"s" * 32
 
 
-def _prove(spec: hw.Spec, c: np.ndarray, secret: bytes = b"x") -> tuple[bytes, list[int],
-                                                                        list[hw.Opening]]:
+def _prove(
+    spec: hw.Spec, c: np.ndarray, secret: bytes = b"x"
+) -> tuple[bytes, list[int], list[hw.Opening]]:
     root, leaves = hw.commit_rows(c)
     wanted = hw.open_rows(secret, root, spec.n, spec.open_rows)
-    return root, wanted, [hw.Opening(i, c[i].astype(np.float32), merkle.merkle_proof(leaves, i))
-                          for i in wanted]
+    return (
+        root,
+        wanted,
+        [hw.Opening(i, c[i].astype(np.float32), merkle.merkle_proof(leaves, i)) for i in wanted],
+    )
 
 
 def _cpu_spec(n: int = 128) -> hw.Spec:
@@ -59,9 +63,12 @@ def test_lower_precision_product_misses_the_tolerance(cast) -> None:
     spec = _cpu_spec()
     a, b = hw.matrix(SEED, "A", spec.n, 24), hw.matrix(SEED, "B", spec.n, 24)
     if cast == "bf16":
+
         def rnd(x: np.ndarray) -> np.ndarray:
             return ((x.view(np.uint32) + np.uint32(0x8000)) & np.uint32(0xFFFF0000)).view(
-                np.float32)
+                np.float32
+            )
+
         c = rnd(a) @ rnd(b)
     else:
         c = a.astype(cast).astype(np.float32) @ b.astype(cast).astype(np.float32)
@@ -75,13 +82,13 @@ def test_partial_work_is_caught_by_row_openings() -> None:
     spec = _cpu_spec()
     a, b = hw.matrix(SEED, "A", spec.n, 24), hw.matrix(SEED, "B", spec.n, 24)
     c = a @ b
-    c[spec.n // 2:] = np.random.default_rng(0).standard_normal(c[spec.n // 2:].shape)
+    c[spec.n // 2 :] = np.random.default_rng(0).standard_normal(c[spec.n // 2 :].shape)
     caught = 0
     for t in range(200):
         root, wanted, openings = _prove(spec, c, secret=t.to_bytes(2, "little"))
         caught += not hw.judge(spec, SEED, root, wanted, openings, 0.01, MODEL).passed
     assert caught == 200  # P(miss) = 0.5^16 per trial
-    assert hw.detection_probability(0.5, 16) > 1 - 2 ** -15
+    assert hw.detection_probability(0.5, 16) > 1 - 2**-15
 
 
 def test_openings_that_do_not_match_the_root_or_are_missing_fail() -> None:
@@ -111,14 +118,16 @@ def test_time_budget_separates_a_cpu_from_a_claimed_gpu() -> None:
 def test_memory_chase_honest_passes_and_missing_memory_is_caught() -> None:
     spec = mp.MemSpec(words=mp.LANES * 64, chases=256, steps=32, samples=64)
     buf = mp.fill(SEED, spec)
-    assert np.array_equal(mp.words_at(SEED, spec, np.array([5, 70_000, spec.words - 1])),
-                          buf[[5, 70_000, spec.words - 1]])
+    assert np.array_equal(
+        mp.words_at(SEED, spec, np.array([5, 70_000, spec.words - 1])),
+        buf[[5, 70_000, spec.words - 1]],
+    )
     trace = mp.chase(buf, b"c" * 32, spec)
     ok = mp.judge(SEED, b"c" * 32, spec, trace, 0.05, b"pick")
     assert ok.passed, ok.reasons
     # A prover that kept half the buffer and answered the rest with guesses.
     half = buf.copy()
-    half[spec.words // 2:] = 0
+    half[spec.words // 2 :] = 0
     bad = mp.chase(half, b"c" * 32, spec)
     v = mp.judge(SEED, b"c" * 32, spec, bad, 0.05, b"pick")
     assert not v.passed and v.wrong_samples > 0

@@ -37,6 +37,7 @@ def test_pruned_equals_exhaustive(kind: str) -> None:
         assert got == sampling.choose_exhaustive(x, seed, pos, temperature, top_p)
         second = int(np.argsort(x)[-2])
         for tok in {got, second, int(rng.integers(0, V))}:
-            assert sampling.replay(x, tok, seed, pos, temperature, top_p) == \
-                sampling.replay_exhaustive(x, tok, seed, pos, temperature, top_p)
+            assert sampling.replay(
+                x, tok, seed, pos, temperature, top_p
+            ) == sampling.replay_exhaustive(x, tok, seed, pos, temperature, top_p)
         assert sampling.replay(x, got, seed, pos, temperature, top_p).margin >= 0

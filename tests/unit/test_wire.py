@@ -15,14 +15,25 @@ from idlegrid.comm.transport import Endpoint
 
 def test_roundtrip_keeps_arrays_and_structure() -> None:
     rng = np.random.default_rng(0)
-    obj = {"fresh": rng.random(5) > 0.5, "delta": {"p": rng.integers(0, 255, (3, 4), np.uint8),
-                                                   "s": rng.random(3, np.float32),
-                                                   "shape": [3, 4], "bits": 4, "bucket": 48},
-           "full": None, "raw": rng.random((2, 3, 4), np.float32)}
+    obj = {
+        "fresh": rng.random(5) > 0.5,
+        "delta": {
+            "p": rng.integers(0, 255, (3, 4), np.uint8),
+            "s": rng.random(3, np.float32),
+            "shape": [3, 4],
+            "bits": 4,
+            "bucket": 48,
+        },
+        "full": None,
+        "raw": rng.random((2, 3, 4), np.float32),
+    }
     out = wire.decode(wire.encode(obj))
     assert out["delta"]["shape"] == [3, 4] and out["full"] is None
-    for a, b in ((obj["fresh"], out["fresh"]), (obj["raw"], out["raw"]),
-                 (obj["delta"]["p"], out["delta"]["p"])):
+    for a, b in (
+        (obj["fresh"], out["fresh"]),
+        (obj["raw"], out["raw"]),
+        (obj["delta"]["p"], out["delta"]["p"]),
+    ):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     out["raw"][0, 0, 0] = 7.0  # writable, detached from the buffer
 
@@ -36,12 +47,15 @@ def test_a_pickle_is_refused_not_run() -> None:
         wire.decode(pickle.dumps(Boom()))
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda b: b[:-1],  # a short array
-    lambda b: b + b"x",  # trailing bytes
-    lambda b: b.replace(b'"float32"', b'"object0"'),  # a dtype not sent
-    lambda b: b[:4] + struct.pack("!I", 10**9) + b[8:],  # header length past the end
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b[:-1],  # a short array
+        lambda b: b + b"x",  # trailing bytes
+        lambda b: b.replace(b'"float32"', b'"object0"'),  # a dtype not sent
+        lambda b: b[:4] + struct.pack("!I", 10**9) + b[8:],  # header length past the end
+    ],
+)
 def test_malformed_messages_are_refused(mutate) -> None:
     good = wire.encode({"raw": np.ones((2, 2), np.float32)})
     with pytest.raises(wire.WireError):
@@ -76,16 +90,18 @@ def test_frames_without_the_job_secret_are_dropped() -> None:
         b.close()
 
 
-@pytest.mark.parametrize("addr,peer,ok", [
-    ("127.0.0.1:29500", "127.0.0.1", True),
-    ("[::1]:29500", "::1", True),
-    ("10.0.0.7:29500", "127.0.0.1", False),  # another host's address
-    ("evil.example:29500", "127.0.0.1", False),  # a name: rebinding
-    ("127.0.0.1:22", "127.0.0.1", False),  # a privileged port
-    ("127.0.0.1", "127.0.0.1", False),
-])
-def test_a_gang_rendezvous_must_be_the_nodes_own_address(addr: str, peer: str,
-                                                         ok: bool) -> None:
+@pytest.mark.parametrize(
+    "addr,peer,ok",
+    [
+        ("127.0.0.1:29500", "127.0.0.1", True),
+        ("[::1]:29500", "::1", True),
+        ("10.0.0.7:29500", "127.0.0.1", False),  # another host's address
+        ("evil.example:29500", "127.0.0.1", False),  # a name: rebinding
+        ("127.0.0.1:22", "127.0.0.1", False),  # a privileged port
+        ("127.0.0.1", "127.0.0.1", False),
+    ],
+)
+def test_a_gang_rendezvous_must_be_the_nodes_own_address(addr: str, peer: str, ok: bool) -> None:
     from idlegrid.coordinator.training.routes import check_gang_addr
     from idlegrid.errors import InvalidRequest
 

@@ -50,8 +50,13 @@ class Roles:
 class Agent:
     """A provider agent serving one model on one or more engine instances."""
 
-    def __init__(self, client: NodeClient, engines: Sequence[Engine], config: AgentConfig,
-                 prover: HonestProver | None = None) -> None:
+    def __init__(
+        self,
+        client: NodeClient,
+        engines: Sequence[Engine],
+        config: AgentConfig,
+        prover: HonestProver | None = None,
+    ) -> None:
         if not engines:
             raise ValueError("an agent needs at least one engine")
         self.ctx = AgentContext(client, engines, config)
@@ -67,8 +72,9 @@ class Agent:
             bind(lambda: len(self.serving.energy.active))
         verifier, training = Verifier(self.ctx), Training(self.ctx)
         # Hardware challenges: the prover answers them (testbed cheats plug in here).
-        self.roles = Roles(verifier, training, HwProofs(self.ctx, prover),
-                           Disputes(self.ctx, verifier, training))
+        self.roles = Roles(
+            verifier, training, HwProofs(self.ctx, prover), Disputes(self.ctx, verifier, training)
+        )
 
     @property
     def channel(self) -> Channel | None:
@@ -89,21 +95,29 @@ class Agent:
 
     async def register(self) -> None:
         """Announce hardware, engine, measured speed and prices."""
-        answer = await self.client.call("/api/v1/nodes/register", {
-            "protocol_version": PROTOCOL_VERSION,
-            "name": self.config.name,
-            "hardware": self.config.hardware,
-            "engine": self.engines[0].describe(),
-            "slots": len(self.engines),
-            "prefill_tps": self.config.prefill_tps,
-            "decode_tps": self.config.decode_tps,
-            "offers": [{"model": self.model_id, "prompt_price": self.config.price.prompt,
-                        "output_price": self.config.price.output}],
-            "region": self.config.region,
-            "links": self.config.links,
-            "devices": self._devices(),
-            "verifier": self.config.verifier or self.config.train_verifier,
-        })
+        answer = await self.client.call(
+            "/api/v1/nodes/register",
+            {
+                "protocol_version": PROTOCOL_VERSION,
+                "name": self.config.name,
+                "hardware": self.config.hardware,
+                "engine": self.engines[0].describe(),
+                "slots": len(self.engines),
+                "prefill_tps": self.config.prefill_tps,
+                "decode_tps": self.config.decode_tps,
+                "offers": [
+                    {
+                        "model": self.model_id,
+                        "prompt_price": self.config.price.prompt,
+                        "output_price": self.config.price.output,
+                    }
+                ],
+                "region": self.config.region,
+                "links": self.config.links,
+                "devices": self._devices(),
+                "verifier": self.config.verifier or self.config.train_verifier,
+            },
+        )
         assert answer is not None
         self.heartbeat_s = float(answer["heartbeat_interval_s"])
         log.info("registered as %s (%s)", answer["node_id"], self.config.name)
@@ -121,9 +135,14 @@ class Agent:
         for g in self._devices():
             amount = self.config.stake_per_device * g["count"]
             try:
-                await self.client.call("/api/v1/nodes/stake", {
-                    "device_class": g["model"], "amount": amount,
-                    "ref": f"auto-{g['model']}-{amount}"})
+                await self.client.call(
+                    "/api/v1/nodes/stake",
+                    {
+                        "device_class": g["model"],
+                        "amount": amount,
+                        "ref": f"auto-{g['model']}-{amount}",
+                    },
+                )
             except CoordinatorError as exc:
                 if exc.data.get("status") == 402:  # not enough credits yet
                     return False
@@ -139,8 +158,7 @@ class Agent:
         # Before the slots, or their first polls go over HTTP.
         await self.serving.connect_channel()
         keeper = asyncio.create_task(self.serving.keep_channel())
-        slots = [asyncio.create_task(self.serving.slot(e, i))
-                 for i, e in enumerate(self.engines)]
+        slots = [asyncio.create_task(self.serving.slot(e, i)) for i, e in enumerate(self.engines)]
         slots += [asyncio.create_task(loop) for role in self.roles for loop in role.loops()]
         await stop.wait()
         log.info("draining: no new work; finishing %d held request(s)", len(self.jobs))
@@ -181,9 +199,10 @@ class Agent:
             await asyncio.sleep(self.heartbeat_s)
             state = "draining" if self.draining.is_set() else "live"
             try:
-                beat = await self.client.call("/api/v1/nodes/heartbeat", {
-                    "state": state, "in_flight": len(self.jobs),
-                    "power": self.power_report()})
+                beat = await self.client.call(
+                    "/api/v1/nodes/heartbeat",
+                    {"state": state, "in_flight": len(self.jobs), "power": self.power_report()},
+                )
                 for role in self.roles:  # hardware challenges and dispute rounds ride here
                     role.on_heartbeat(beat or {})
             except AuthError:
@@ -198,5 +217,9 @@ class Agent:
             return None
         joules = meter.joules()
         self.serving.energy.advance(joules)
-        return {"joules_total": joules, "watts": meter.watts(), "source": meter.source,
-                "estimated": meter.estimated}
+        return {
+            "joules_total": joules,
+            "watts": meter.watts(),
+            "source": meter.source,
+            "estimated": meter.estimated,
+        }

@@ -82,8 +82,14 @@ class Channel:
         import websockets
 
         headers = self.client.key.sign_headers("GET", CHANNEL_PATH, b"", now=self.client.clock())
-        self.ws = await websockets.connect(url, additional_headers=headers, compression=None,
-                                           open_timeout=5, max_size=1 << 24, ping_interval=20)
+        self.ws = await websockets.connect(
+            url,
+            additional_headers=headers,
+            compression=None,
+            open_timeout=5,
+            max_size=1 << 24,
+            ping_interval=20,
+        )
         self._reader = asyncio.create_task(self._read())
 
     async def close(self) -> None:
@@ -101,8 +107,9 @@ class Channel:
             raise ChannelClosed("channel closed")
         body = json.dumps(obj, separators=(",", ":")).encode()
         try:
-            await self.ws.send(self.client.key.sign_frame(CHANNEL_PATH, body,
-                                                          now=self.client.clock()))
+            await self.ws.send(
+                self.client.key.sign_frame(CHANNEL_PATH, body, now=self.client.clock())
+            )
         except Exception as exc:  # websockets raises ConnectionClosed subclasses
             self._down()
             raise ChannelClosed(str(exc)) from exc
@@ -124,8 +131,11 @@ class Channel:
                 return await asyncio.wait_for(asyncio.shield(fut), wait_s + POLL_GRACE_S)
             except TimeoutError:
                 self.polls_unanswered += 1
-                log.warning("poll on slot %d unanswered after %.0f s; polling again", slot,
-                            wait_s + POLL_GRACE_S)
+                log.warning(
+                    "poll on slot %d unanswered after %.0f s; polling again",
+                    slot,
+                    wait_s + POLL_GRACE_S,
+                )
                 return None
         finally:
             if self._polls.get(slot) is fut:
@@ -155,8 +165,15 @@ class Channel:
     async def upload(self, up: Uploads, start: int, pieces: list[Any]) -> None:
         """Send pieces without waiting for the coordinator's answer."""
         up.unacked.append((start, pieces))
-        await self._send({"op": "upload", "task_id": up.task_id, "attempt": up.attempt,
-                          "start": start, "pieces": pieces})
+        await self._send(
+            {
+                "op": "upload",
+                "task_id": up.task_id,
+                "attempt": up.attempt,
+                "start": start,
+                "pieces": pieces,
+            }
+        )
 
     async def _read(self) -> None:
         try:
@@ -185,8 +202,13 @@ class Channel:
             if op == "ack":
                 up.ack(msg["next"])
             else:
-                up.refuse(Conflict(msg.get("message") or "upload refused", code=msg.get("code"),
-                                   expected=msg.get("expected")))
+                up.refuse(
+                    Conflict(
+                        msg.get("message") or "upload refused",
+                        code=msg.get("code"),
+                        expected=msg.get("expected"),
+                    )
+                )
         elif op == "error":
             log.warning("coordinator closes the channel: %s", msg.get("message"))
 

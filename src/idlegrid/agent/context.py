@@ -77,8 +77,7 @@ class AgentContext:
     """What roles may touch: client, config, drain flag, engines and their locks, and the
     commitments this node made while serving."""
 
-    def __init__(self, client: NodeClient, engines: Sequence[Engine], config: AgentConfig
-                 ) -> None:
+    def __init__(self, client: NodeClient, engines: Sequence[Engine], config: AgentConfig) -> None:
         self.client = client
         self.engines = list(engines)
         self.model_id = self.engines[0].model_id

@@ -35,7 +35,8 @@ class NodeClient:
         self._base_url = base_url.rstrip("/")
         self._custom_transport = transport is not None
         self.http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), transport=transport,
+            base_url=base_url.rstrip("/"),
+            transport=transport,
             timeout=httpx.Timeout(30.0, connect=5.0),
             # Loopback and LAN coordinators must not be routed through a proxy.
             trust_env=False,
@@ -51,8 +52,9 @@ class NodeClient:
         """Close connections."""
         await self.http.aclose()
 
-    async def call(self, path: str, body: dict[str, Any], *, timeout: float | None = None
-                   ) -> dict[str, Any] | None:
+    async def call(
+        self, path: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any] | None:
         """POST a signed JSON body; the decoded answer, or None for 204."""
         raw = json.dumps(body, separators=(",", ":")).encode()
         headers = self.key.sign_headers("POST", path, raw, now=self.clock())
@@ -77,5 +79,6 @@ class NodeClient:
             raise Conflict(message, code=err.get("code"))
         if resp.status_code in (400, 422):
             raise InvalidRequest(message, param=err.get("param"))
-        raise CoordinatorError(f"{path}: HTTP {resp.status_code}: {message}",
-                               status=resp.status_code)
+        raise CoordinatorError(
+            f"{path}: HTTP {resp.status_code}: {message}", status=resp.status_code
+        )

@@ -85,7 +85,8 @@ class Serving:
         with contextlib.suppress(httpx.HTTPError, IdlegridError):
             await self.ctx.client.call(
                 f"/api/v1/tasks/{task['task_id']}/attempts/{task['attempt']}/fail",
-                {"reason": "provider draining", "kind": "handback"})
+                {"reason": "provider draining", "kind": "handback"},
+            )
 
     async def slot(self, engine: Engine, index: int = 0) -> None:
         """Poll for tasks and serve them on `engine` until the agent drains."""
@@ -94,14 +95,17 @@ class Serving:
             channel = self.channel if self.channel is not None and self.channel.open else None
             try:
                 if channel is not None:
-                    poll = asyncio.create_task(channel.poll(
-                        index, [self.ctx.model_id], self.ctx.config.poll_wait_s))
+                    poll = asyncio.create_task(
+                        channel.poll(index, [self.ctx.model_id], self.ctx.config.poll_wait_s)
+                    )
                 else:
-                    poll = asyncio.create_task(self.ctx.client.call(
-                        "/api/v1/work/poll",
-                        {"models": [self.ctx.model_id], "wait_s": self.ctx.config.poll_wait_s},
-                        timeout=self.ctx.config.poll_wait_s + 15,
-                    ))
+                    poll = asyncio.create_task(
+                        self.ctx.client.call(
+                            "/api/v1/work/poll",
+                            {"models": [self.ctx.model_id], "wait_s": self.ctx.config.poll_wait_s},
+                            timeout=self.ctx.config.poll_wait_s + 15,
+                        )
+                    )
                 drain = asyncio.create_task(self.ctx.draining.wait())
                 await asyncio.wait({poll, drain}, return_when=asyncio.FIRST_COMPLETED)
                 if not poll.done():
@@ -127,8 +131,9 @@ class Serving:
                 # lines in 7 minutes before).
                 refusals += 1
                 wait = min(2.0 ** min(refusals - 1, 6), 60.0)
-                log.warning("refused by the coordinator (%s); registering again in %.0f s",
-                            exc, wait)
+                log.warning(
+                    "refused by the coordinator (%s); registering again in %.0f s", exc, wait
+                )
                 await self._sleep_unless_draining(wait)
                 await self._register()
                 continue
@@ -157,8 +162,9 @@ class Serving:
             try:
                 prompt_ids = self._prompt_ids(engine, task)
             except IdlegridError as exc:
-                await self.ctx.client.call(f"{base}/fail", {"reason": exc.message,
-                                                            "kind": "invalid_request"})
+                await self.ctx.client.call(
+                    f"{base}/fail", {"reason": exc.message, "kind": "invalid_request"}
+                )
                 return
             queue: asyncio.Queue[Any] = asyncio.Queue()
             loop = asyncio.get_running_loop()
@@ -169,7 +175,15 @@ class Serving:
             if meter is not None:
                 self.energy.start(energy_key, meter.joules())
             worker = loop.run_in_executor(
-                None, self._generate_locked, engine, task, prompt_ids, job, queue, loop, result,
+                None,
+                self._generate_locked,
+                engine,
+                task,
+                prompt_ids,
+                job,
+                queue,
+                loop,
+                result,
                 committed,
             )
             ok = await self._upload(base, queue, job)
@@ -177,26 +191,40 @@ class Serving:
                 await worker
             except Exception as exc:
                 log.exception("engine failed on %s", task.task_id)
-                await self._fail(base, f"engine error: {exc}", "engine",
-                                 self._part(engine, task, prompt_ids, job))
+                await self._fail(
+                    base,
+                    f"engine error: {exc}",
+                    "engine",
+                    self._part(engine, task, prompt_ids, job),
+                )
                 return
             finally:
-                energy_j = (self.energy.finish(energy_key, meter.joules())
-                            if meter is not None else None)
+                energy_j = (
+                    self.energy.finish(energy_key, meter.joules()) if meter is not None else None
+                )
             if not ok:
                 return  # the coordinator took the task away; it is someone else's now
             if job.cancel.is_set():
-                await self._fail(base, "provider draining", "handback",
-                                 self._part(engine, task, prompt_ids, job))
+                await self._fail(
+                    base, "provider draining", "handback", self._part(engine, task, prompt_ids, job)
+                )
                 return
             if committed.get("blob"):
-                self.ctx.remember(self.ctx.commitments, (task.task_id, task.attempt),
-                                  base64.b64decode(committed["blob"]))
-            await self.ctx.client.call(f"{base}/finish", {
-                "prompt_tokens": len(prompt_ids), "finish_reason": result.finish_reason,
-                "commitment": committed.get("blob"),
-                "energy_j": energy_j, "energy_estimated": bool(meter and meter.estimated),
-            })
+                self.ctx.remember(
+                    self.ctx.commitments,
+                    (task.task_id, task.attempt),
+                    base64.b64decode(committed["blob"]),
+                )
+            await self.ctx.client.call(
+                f"{base}/finish",
+                {
+                    "prompt_tokens": len(prompt_ids),
+                    "finish_reason": result.finish_reason,
+                    "commitment": committed.get("blob"),
+                    "energy_j": energy_j,
+                    "energy_estimated": bool(meter and meter.estimated),
+                },
+            )
             self.served += 1
         except Conflict:
             log.info("task %s attempt %d was taken away", task.task_id, task.attempt)
@@ -205,12 +233,12 @@ class Serving:
         finally:
             self.jobs.discard(job)
 
-    async def _fail(self, base: str, reason: str, kind: str, commitment: str | None = None
-                    ) -> None:
+    async def _fail(self, base: str, reason: str, kind: str, commitment: str | None = None) -> None:
         with contextlib.suppress(Conflict):
             try:
-                await self.ctx.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind,
-                                                            "commitment": commitment})
+                await self.ctx.client.call(
+                    f"{base}/fail", {"reason": reason[:500], "kind": kind, "commitment": commitment}
+                )
             except InvalidRequest as exc:
                 if commitment is None:
                     raise
@@ -218,8 +246,7 @@ class Serving:
                 log.warning("part commitment refused (%s); handing back without it", exc)
                 await self.ctx.client.call(f"{base}/fail", {"reason": reason[:500], "kind": kind})
 
-    def _part(self, engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job
-              ) -> str | None:
+    def _part(self, engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job) -> str | None:
         """Commitment to the tokens this attempt delivered before it stopped (failover)."""
         rec, n = job.recorder, job.delivered
         if rec is None or n <= 0 or len(rec.tokens) < n:
@@ -227,8 +254,16 @@ class Serving:
         from idlegrid.engines.commit import Recorder, build_commitment
 
         part = Recorder(rec.tokens[:n], rec.states[:n])
-        c = build_commitment(engine, task.model, [*prompt_ids, *task.prior_ids], part,
-                             task.seed, task.temperature, task.top_p, "length")
+        c = build_commitment(
+            engine,
+            task.model,
+            [*prompt_ids, *task.prior_ids],
+            part,
+            task.seed,
+            task.temperature,
+            task.top_p,
+            "length",
+        )
         blob = c.encode()
         self.ctx.remember(self.ctx.commitments, (task.task_id, task.attempt), blob)
         return base64.b64encode(blob).decode()
@@ -246,16 +281,31 @@ class Serving:
             )
         return ids
 
-    def _generate_locked(self, engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job,
-                         queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop,
-                         result: Generation, committed: dict[str, str]) -> None:
+    def _generate_locked(
+        self,
+        engine: Engine,
+        task: TaskMsg,
+        prompt_ids: list[int],
+        job: _Job,
+        queue: asyncio.Queue[Any],
+        loop: asyncio.AbstractEventLoop,
+        result: Generation,
+        committed: dict[str, str],
+    ) -> None:
         with self.ctx.engine_lock(engine):
             self._generate(engine, task, prompt_ids, job, queue, loop, result, committed)
 
     @staticmethod
-    def _generate(engine: Engine, task: TaskMsg, prompt_ids: list[int], job: _Job,
-                  queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop,
-                  result: Generation, committed: dict[str, str] | None = None) -> None:
+    def _generate(
+        engine: Engine,
+        task: TaskMsg,
+        prompt_ids: list[int],
+        job: _Job,
+        queue: asyncio.Queue[Any],
+        loop: asyncio.AbstractEventLoop,
+        result: Generation,
+        committed: dict[str, str] | None = None,
+    ) -> None:
         room = engine.context_length - len(prompt_ids)
         params = SamplingParams(task.temperature, task.top_p, task.seed)
         recorder = None
@@ -266,9 +316,15 @@ class Serving:
             engine.recorder = recorder
             job.recorder = recorder
         try:
-            for piece in stream_pieces(engine, prompt_ids, params,
-                                       max_tokens=min(task.max_tokens, room), stop=task.stop,
-                                       prior_ids=task.prior_ids, result=result):
+            for piece in stream_pieces(
+                engine,
+                prompt_ids,
+                params,
+                max_tokens=min(task.max_tokens, room),
+                stop=task.stop,
+                prior_ids=task.prior_ids,
+                result=result,
+            ):
                 if job.cancel.is_set():
                     break
                 loop.call_soon_threadsafe(queue.put_nowait, (piece.token_id, piece.text))
@@ -276,9 +332,16 @@ class Serving:
                 from idlegrid.engines.commit import build_commitment
 
                 # Committed before finish is sent, so before any audit can be selected.
-                c = build_commitment(engine, task.model, [*prompt_ids, *task.prior_ids],
-                                     recorder, task.seed, task.temperature, task.top_p,
-                                     result.finish_reason)
+                c = build_commitment(
+                    engine,
+                    task.model,
+                    [*prompt_ids, *task.prior_ids],
+                    recorder,
+                    task.seed,
+                    task.temperature,
+                    task.top_p,
+                    result.finish_reason,
+                )
                 committed["blob"] = base64.b64encode(c.encode()).decode()
         finally:
             if recorder is not None:
@@ -292,8 +355,11 @@ class Serving:
         last_upload = 0.0
         loop = asyncio.get_running_loop()
         config = self.ctx.config
-        interval = (config.upload_interval_s if job.task.stream
-                    else max(config.upload_interval_s, config.batch_upload_interval_s))
+        interval = (
+            config.upload_interval_s
+            if job.task.stream
+            else max(config.upload_interval_s, config.batch_upload_interval_s)
+        )
         channel = self.channel if self.channel is not None and self.channel.open else None
         up = channel.track(job.task.task_id, job.task.attempt, job.cancel.set) if channel else None
         try:

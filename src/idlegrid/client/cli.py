@@ -20,23 +20,28 @@ from idlegrid.client.plan_cmd import plan
 from idlegrid.client.train_cmd import train_commands
 from idlegrid.config import DEFAULT_PORT, default_data_dir
 
-app = typer.Typer(help="idlegrid: turn idle GPUs into a verifiable AI compute grid.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="idlegrid: turn idle GPUs into a verifiable AI compute grid.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 console = Console(stderr=True)
 out = Console()
 # A provider whose engine died by a signal in its start-up check; `idlegrid up` reports it.
 EXIT_ENGINE_CRASHED = 3
 
 
-
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False
-          ) -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
     # The database, its WAL, logs and keys hold balances and secrets: owner-only files.
     os.umask(0o077)
     if version:
@@ -49,16 +54,25 @@ def coordinator(
     data_dir: DataDir,
     port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    database_url: Annotated[str, typer.Option(
-        help="SQLAlchemy URL (default: SQLite in --data-dir; or IDLEGRID_DATABASE_URL).")] = "",
+    database_url: Annotated[
+        str,
+        typer.Option(
+            help="SQLAlchemy URL (default: SQLite in --data-dir; or IDLEGRID_DATABASE_URL)."
+        ),
+    ] = "",
     fee_bps: Annotated[int | None, typer.Option(help="Protocol fee in basis points.")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this PEM certificate.")
-                        ] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="The certificate's PEM private key.")
-                       ] = None,
-    insecure: Annotated[bool, typer.Option(
-        "--insecure", help="Serve plain HTTP on a non-loopback address (e.g. behind a TLS "
-        "reverse proxy on the same host).")] = False,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this PEM certificate.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's PEM private key.")] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Serve plain HTTP on a non-loopback address (e.g. behind a TLS "
+            "reverse proxy on the same host).",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the coordinator: node API, OpenAI gateway, ledger, metrics."""
@@ -81,7 +95,8 @@ def coordinator(
             f"{host} is reachable from other machines: API keys, the operator key and node "
             "signatures would cross the network in clear text. Give --tls-cert/--tls-key, "
             "or --insecure when a TLS reverse proxy on this host fronts it (docs/deploy.md)",
-            param_hint="--host")
+            param_hint="--host",
+        )
     overrides: dict[str, Any] = {"data_dir": data_dir, "host": host, "port": port}
     if database_url:
         overrides["database_url"] = database_url
@@ -89,54 +104,92 @@ def coordinator(
         overrides["fee_bps"] = fee_bps
     settings = CoordinatorSettings(**overrides)
     settings.ensure_operator_key()
-    console.print(f"operator key: {data_dir / OPERATOR_KEY_FILE}"
-                  if (data_dir / OPERATOR_KEY_FILE).exists() else "operator key: from settings")
+    console.print(
+        f"operator key: {data_dir / OPERATOR_KEY_FILE}"
+        if (data_dir / OPERATOR_KEY_FILE).exists()
+        else "operator key: from settings"
+    )
     from idlegrid.coordinator.edge import guarded_http
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=5, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                timeout_keep_alive=5, http=guarded_http(settings.header_timeout_s))
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+        timeout_keep_alive=5,
+        http=guarded_http(settings.header_timeout_s),
+    )
 
 
 @app.command()
 def provide(
     coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
-        f"http://127.0.0.1:{DEFAULT_PORT}"),
+        f"http://127.0.0.1:{DEFAULT_PORT}"
+    ),
     model: Annotated[str, typer.Option(help="Model id to serve.")] = "gemma3:270m",
-    model_path: Annotated[Path | None, typer.Option(
-        help="Serve this GGUF file as --model.")] = None,
-    engine: Annotated[str, typer.Option(
-        help="Engine name (llama.cpp, torch) or plug-in path module:Class.")] = "llama.cpp",
-    threads: Annotated[int | None, typer.Option(
-        help="Engine threads (default: all cores).")] = None,
+    model_path: Annotated[
+        Path | None, typer.Option(help="Serve this GGUF file as --model.")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="Engine name (llama.cpp, torch) or plug-in path module:Class.")
+    ] = "llama.cpp",
+    threads: Annotated[
+        int | None, typer.Option(help="Engine threads (default: all cores).")
+    ] = None,
     slots: Annotated[int, typer.Option(help="Requests served at once (one engine each).")] = 1,
     name: Annotated[str | None, typer.Option(help="Name shown on the grid.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Node key (created if missing).")] = None,
     prompt_price: Annotated[float, typer.Option(help="Credits per 1M prompt tokens.")] = 10.0,
     output_price: Annotated[float, typer.Option(help="Credits per 1M output tokens.")] = 40.0,
     region: Annotated[str, typer.Option(help="Region this provider is in (market).")] = "local",
-    device_price: Annotated[float | None, typer.Option(
-        help="Credits per device-hour for leases and training (market); none: not for rent.")
+    device_price: Annotated[
+        float | None,
+        typer.Option(
+            help="Credits per device-hour for leases and training (market); none: not for rent."
+        ),
     ] = 0.05,
-    stake: Annotated[float, typer.Option(
-        help="Credits to stake per device once the balance allows (market).")] = 5.0,
+    stake: Annotated[
+        float, typer.Option(help="Credits to stake per device once the balance allows (market).")
+    ] = 5.0,
     skip_benchmark: Annotated[bool, typer.Option(help="Do not measure speed at start-up.")] = False,
     drain_grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.")] = 30.0,
-    rated_watts: Annotated[float | None, typer.Option(
-        help="Device power for the energy estimate when NVML/RAPL cannot be read.")] = None,
-    verify: Annotated[bool, typer.Option(
-        "--verify", help="Also audit other providers' answers (same engine and model).")
+    rated_watts: Annotated[
+        float | None,
+        typer.Option(help="Device power for the energy estimate when NVML/RAPL cannot be read."),
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Also audit other providers' answers (same engine and model)."
+        ),
     ] = False,
-    train: Annotated[bool, typer.Option(
-        "--train", help="Also run verified training jobs (needs torch).")] = False,
-    train_verifier: Annotated[bool, typer.Option(
-        "--train-verifier", help="Re-execute audited training segments (needs torch).")] = False,
-    train_gang_host: Annotated[str | None, typer.Option(
-        "--train-gang-host", help="Also join data-parallel training gangs, serving their "
-        "rendezvous on this host when rank 0 (an address the other ranks reach).")] = None,
-    startup_check: Annotated[bool, typer.Option(
-        help="Load the engine and decode a few tokens in a child first, so that a native "
-        "crash (SIGILL, SIGSEGV, OOM kill) is reported with its cause.")] = True,
+    train: Annotated[
+        bool, typer.Option("--train", help="Also run verified training jobs (needs torch).")
+    ] = False,
+    train_verifier: Annotated[
+        bool,
+        typer.Option(
+            "--train-verifier", help="Re-execute audited training segments (needs torch)."
+        ),
+    ] = False,
+    train_gang_host: Annotated[
+        str | None,
+        typer.Option(
+            "--train-gang-host",
+            help="Also join data-parallel training gangs, serving their "
+            "rendezvous on this host when rank 0 (an address the other ranks reach).",
+        ),
+    ] = None,
+    startup_check: Annotated[
+        bool,
+        typer.Option(
+            help="Load the engine and decode a few tokens in a child first, so that a native "
+            "crash (SIGILL, SIGSEGV, OOM kill) is reported with its cause."
+        ),
+    ] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a provider agent: probe, load the model, benchmark, then serve work."""
@@ -177,26 +230,40 @@ def provide(
 
             def step(done: int, total: int) -> None:
                 elapsed = time.monotonic() - began
-                progress.update(bench, completed=done, total=total,
-                                rate=f"{done / elapsed:.1f} tok/s" if elapsed > 0 else "")
+                progress.update(
+                    bench,
+                    completed=done,
+                    total=total,
+                    rate=f"{done / elapsed:.1f} tok/s" if elapsed > 0 else "",
+                )
 
             speed = measure_speed(engines[0], on_token=step)
             prefill, decode = speed.prefill_tps, speed.decode_tps
     if not skip_benchmark:
         console.print(f"[green]measured[/] prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
-    config = AgentConfig(name=name, hardware=hardware, prefill_tps=prefill, decode_tps=decode,
-                         price=Price(round(prompt_price * MICRO), round(output_price * MICRO)),
-                         drain_grace_s=drain_grace, region=region,
-                         device_price_h=None if device_price is None else round(
-                             device_price * MICRO),
-                         stake_per_device=round(stake * MICRO),
-                         meter=choose_meter(hardware, rated=rated_watts),
-                         verifier=verify, trainer=train, train_verifier=train_verifier,
-                         train_threads=threads, train_gang_host=train_gang_host)
+    config = AgentConfig(
+        name=name,
+        hardware=hardware,
+        prefill_tps=prefill,
+        decode_tps=decode,
+        price=Price(round(prompt_price * MICRO), round(output_price * MICRO)),
+        drain_grace_s=drain_grace,
+        region=region,
+        device_price_h=None if device_price is None else round(device_price * MICRO),
+        stake_per_device=round(stake * MICRO),
+        meter=choose_meter(hardware, rated=rated_watts),
+        verifier=verify,
+        trainer=train,
+        train_verifier=train_verifier,
+        train_threads=threads,
+        train_gang_host=train_gang_host,
+    )
     meter = config.meter
     assert meter is not None
-    console.print(f"power: {meter.source}" + (" (estimated from rated power)"
-                                              if meter.estimated else " (measured)"))
+    console.print(
+        f"power: {meter.source}"
+        + (" (estimated from rated power)" if meter.estimated else " (measured)")
+    )
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -204,8 +271,9 @@ def provide(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         agent = Agent(NodeClient(coordinator_url, key), engines, config)
-        console.print(f"[bold]{name}[/] ({key.node_id[:12]}) serving {model} via {engine} "
-                      f"→ {coordinator_url}")
+        console.print(
+            f"[bold]{name}[/] ({key.node_id[:12]}) serving {model} via {engine} → {coordinator_url}"
+        )
         await agent.run(stop)
         console.print(f"drained after serving {agent.served} request(s)")
 
@@ -215,16 +283,18 @@ def provide(
         e.close()
 
 
-def _check_engine_starts(engine: str, model: str, model_path: Path | None,
-                         threads: int | None) -> None:
+def _check_engine_starts(
+    engine: str, model: str, model_path: Path | None, threads: int | None
+) -> None:
     """Exit with the cause when the engine cannot load and decode (see engines/startup.py)."""
     from idlegrid.engines.startup import check_engine
     from idlegrid.errors import EngineCrashed, EngineError
 
     with console.status(f"checking that {engine} starts {model}"):
         try:
-            check_engine(engine, model, model_path=str(model_path) if model_path else None,
-                         threads=threads)
+            check_engine(
+                engine, model, model_path=str(model_path) if model_path else None, threads=threads
+            )
         except EngineCrashed as exc:
             if exc.data.get("detail"):
                 console.print(exc.data["detail"], markup=False, highlight=False)
@@ -250,14 +320,21 @@ def up(
     port: Annotated[int, typer.Option(help="Coordinator port.")] = DEFAULT_PORT,
     engine: Annotated[str, typer.Option(help="Engine for every provider.")] = "llama.cpp",
     model: Annotated[str, typer.Option(help="Model every provider serves.")] = "gemma3:270m",
-    threads: Annotated[int | None, typer.Option(
-        help="Threads per provider (default: cores / providers).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Threads per provider (default: cores / providers).")
+    ] = None,
     credits: Annotated[int, typer.Option(help="Credits for a new local key.")] = 100,
-    train: Annotated[bool, typer.Option(
-        "--train", help="Providers also run verified training jobs; the last one re-executes "
-        "audited segments instead (needs 2+ providers).")] = False,
-    verify: Annotated[bool, typer.Option(
-        "--verify", help="Providers audit each other's answers (needs 2+ providers).")
+    train: Annotated[
+        bool,
+        typer.Option(
+            "--train",
+            help="Providers also run verified training jobs; the last one re-executes "
+            "audited segments instead (needs 2+ providers).",
+        ),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Providers audit each other's answers (needs 2+ providers)."),
     ] = False,
 ) -> None:
     """Start a local grid (coordinator + providers), fund a key, serve until Ctrl-C."""
@@ -268,11 +345,21 @@ def up(
     from idlegrid.client.progress import make_progress
 
     if (train or verify) and providers < 2:
-        raise typer.BadParameter("a verifier is never its own auditor: use --providers 2 or "
-                                 "more", param_hint="--providers")
-    grid = LocalGrid(data_dir=data_dir, port=port, providers=providers, engine=engine,
-                     model=model, threads=threads, funding_credits=credits, train=train,
-                     verify=verify)
+        raise typer.BadParameter(
+            "a verifier is never its own auditor: use --providers 2 or more",
+            param_hint="--providers",
+        )
+    grid = LocalGrid(
+        data_dir=data_dir,
+        port=port,
+        providers=providers,
+        engine=engine,
+        model=model,
+        threads=threads,
+        funding_credits=credits,
+        train=train,
+        verify=verify,
+    )
     stop = threading.Event()
     failed = False
     # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
@@ -284,10 +371,12 @@ def up(
         for i in range(providers):
             grid.start_provider(i)
         with make_progress(console) as progress:
-            task = progress.add_task(f"loading {model} and benchmarking providers",
-                                     total=providers, rate="")
+            task = progress.add_task(
+                f"loading {model} and benchmarking providers", total=providers, rate=""
+            )
             grid.wait_for_providers(
-                providers, on_poll=lambda live: progress.update(task, completed=live))
+                providers, on_poll=lambda live: progress.update(task, completed=live)
+            )
         grid.fund_consumer()
         grid.fund_providers()  # so their device-hours enter the market staked
         out.print(f"[bold green]idlegrid is up[/] with {providers} provider(s) serving {model}")
@@ -305,8 +394,10 @@ def up(
     except KeyboardInterrupt:
         pass
     except ProcessExited as exc:
-        console.print(f"[bold red]error:[/] {exc.name} {exc.how} before the grid was up; "
-                      f"last lines of {exc.log}:")
+        console.print(
+            f"[bold red]error:[/] {exc.name} {exc.how} before the grid was up; "
+            f"last lines of {exc.log}:"
+        )
         console.print(exc.tail, markup=False, highlight=False)
         failed = True
     finally:
@@ -333,19 +424,30 @@ def complete(
     url, key = _locate(coordinator_url, data_dir)
     with GridClient(url, key) as client:
         if as_json:
-            out.print_json(json.dumps(client.complete(prompt, model=model, max_tokens=max_tokens,
-                                                      temperature=temperature, seed=seed)))
+            out.print_json(
+                json.dumps(
+                    client.complete(
+                        prompt,
+                        model=model,
+                        max_tokens=max_tokens,
+                        temperature=temperature,
+                        seed=seed,
+                    )
+                )
+            )
             return
-        for text in client.stream_complete(prompt, model=model, max_tokens=max_tokens,
-                                           temperature=temperature, seed=seed):
+        for text in client.stream_complete(
+            prompt, model=model, max_tokens=max_tokens, temperature=temperature, seed=seed
+        ):
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
 
 
 @app.command()
-def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False
-           ) -> None:
+def status(
+    data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False
+) -> None:
     """Nodes, their measured speed, balances."""
     from rich.table import Table
 
@@ -363,8 +465,17 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
         out.print_json(json.dumps(data))
         return
     table = Table(title=f"idlegrid at {url}")
-    for col in ("node", "state", "hardware", "engine", "prefill tok/s", "decode tok/s",
-                "earned (cr)", "audit p", "audits ok/failed"):
+    for col in (
+        "node",
+        "state",
+        "hardware",
+        "engine",
+        "prefill tok/s",
+        "decode tok/s",
+        "earned (cr)",
+        "audit p",
+        "audits ok/failed",
+    ):
         table.add_column(col)
     trust = data.get("trust", {})
     for n in data["nodes"]:
@@ -377,29 +488,43 @@ def status(data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: J
         else:
             audit = "-"
         counts = f"{t.get('passed', 0)}/{t.get('failed', 0)}" if t else "-"
-        table.add_row(n["name"], ("live" if n["live"] else "gone") if n["state"] == "live"
-                      else n["state"], _hardware_summary(hw),
-                      str(n["engine"].get("engine", n["engine"].get("name", "?"))),
-                      f"{n['prefill_tps']:.0f}", f"{n['decode_tps']:.1f}",
-                      f"{n['earned'] / MICRO:.6f}", audit, counts)
+        table.add_row(
+            n["name"],
+            ("live" if n["live"] else "gone") if n["state"] == "live" else n["state"],
+            _hardware_summary(hw),
+            str(n["engine"].get("engine", n["engine"].get("name", "?"))),
+            f"{n['prefill_tps']:.0f}",
+            f"{n['decode_tps']:.1f}",
+            f"{n['earned'] / MICRO:.6f}",
+            audit,
+            counts,
+        )
     out.print(table)
     if trust:
-        out.print(f"audit rate: steady p = {trust['p_steady']:.4f} (2 x p* = "
-                  f"{trust['p_star']:.4f}); canaries {trust['canary_rate']:.3f}; "
-                  f"beacon commitment {trust['beacon_commitment'][:16]}…")
+        out.print(
+            f"audit rate: steady p = {trust['p_steady']:.4f} (2 x p* = "
+            f"{trust['p_star']:.4f}); canaries {trust['canary_rate']:.3f}; "
+            f"beacon commitment {trust['beacon_commitment'][:16]}…"
+        )
         waiting = trust.get("pending_audits") or {}
         if waiting:
-            out.print("audits not judged yet: " + ", ".join(f"{n} {k}" for k, n in
-                                                              sorted(waiting.items())))
+            out.print(
+                "audits not judged yet: "
+                + ", ".join(f"{n} {k}" for k, n in sorted(waiting.items()))
+            )
         for d in trust.get("disputes") or []:
-            outcome = {True: "provider won", False: "provider lost"}.get(d["provider_right"],
-                                                                         "open")
-            out.print(f"dispute {d['id']} over {d['audit_id']}: {d['state']}, round "
-                      f"{d['round']} ({outcome})")
+            outcome = {True: "provider won", False: "provider lost"}.get(
+                d["provider_right"], "open"
+            )
+            out.print(
+                f"dispute {d['id']} over {d['audit_id']}: {d['state']}, round "
+                f"{d['round']} ({outcome})"
+            )
     if "me" in data:
         out.print(f"your balance: {data['me']['balance'] / MICRO:.6f} credits")
-    out.print(f"protocol fees collected: {data['fees'] / MICRO:.6f} credits; "
-              f"tasks: {data['tasks']}")
+    out.print(
+        f"protocol fees collected: {data['fees'] / MICRO:.6f} credits; tasks: {data['tasks']}"
+    )
 
 
 @app.command("verify-ledger")
@@ -428,8 +553,9 @@ def _hardware_summary(hw: dict[str, Any]) -> str:
 
 def _operator_key(data_dir: Path) -> str | None:
     f = data_dir / "operator-key"
-    return os.environ.get("IDLEGRID_OPERATOR_KEY") or (f.read_text().strip() if f.exists()
-                                                       else None)
+    return os.environ.get("IDLEGRID_OPERATOR_KEY") or (
+        f.read_text().strip() if f.exists() else None
+    )
 
 
 # Audit ids tell their kind: trust audits are `aud-…`, training audits `taud-…`.
@@ -443,19 +569,27 @@ def audit_kind(audit_id: str, kind: str | None) -> str:
     for prefix, k in AUDIT_PREFIXES.items():
         if audit_id.startswith(prefix):
             return k
-    out.print(f"cannot tell the kind of audit {audit_id!r} from its id: "
-              "pass --kind inference or --kind training")
+    out.print(
+        f"cannot tell the kind of audit {audit_id!r} from its id: "
+        "pass --kind inference or --kind training"
+    )
     raise typer.Exit(1)
 
 
 @app.command()
 def dispute(
-    audit_id: Annotated[str, typer.Argument(
-        help="The failed audit of one of your answers (aud-…) or segments (taud-…).")],
-    kind: Annotated[str | None, typer.Option(
-        help="inference or training; by default told from the audit id.")] = None,
+    audit_id: Annotated[
+        str,
+        typer.Argument(
+            help="The failed audit of one of your answers (aud-…) or segments (taud-…)."
+        ),
+    ],
+    kind: Annotated[
+        str | None, typer.Option(help="inference or training; by default told from the audit id.")
+    ] = None,
     coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
-        f"http://127.0.0.1:{DEFAULT_PORT}"),
+        f"http://127.0.0.1:{DEFAULT_PORT}"
+    ),
     name: Annotated[str | None, typer.Option(help="The provider's name (its key file).")] = None,
     key_file: Annotated[Path | None, typer.Option(help="The provider's node key.")] = None,
     reason: Annotated[str, typer.Option(help="Why the audit was wrong.")] = "",
@@ -467,8 +601,9 @@ def dispute(
     _signed_dispute(body, coordinator_url, name, key_file)
 
 
-def _signed_dispute(body: dict[str, Any], coordinator_url: str, name: str | None,
-                    key_file: Path | None) -> None:
+def _signed_dispute(
+    body: dict[str, Any], coordinator_url: str, name: str | None, key_file: Path | None
+) -> None:
     import asyncio
     import socket
 

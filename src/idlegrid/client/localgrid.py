@@ -31,8 +31,11 @@ class ProcessExited(RuntimeError):
     """A grid process ended while `up` waited for it; names it and carries its log's tail."""
 
     def __init__(self, name: str, returncode: int, what: str, log: Path, tail: str) -> None:
-        how = (f"died with {signal.Signals(-returncode).name}" if returncode < 0
-               else f"exited with status {returncode}")
+        how = (
+            f"died with {signal.Signals(-returncode).name}"
+            if returncode < 0
+            else f"exited with status {returncode}"
+        )
         super().__init__(f"{name} {how} before {what}; last lines of {log}:\n{tail}")
         self.name, self.returncode, self.how, self.log, self.tail = name, returncode, how, log, tail
 
@@ -80,8 +83,14 @@ class LocalGrid:
         # A local grid's training segments that no audit selected are final after a few
         # seconds, not the production window (the demo would otherwise wait on it).
         local = {"IDLEGRID_TRAIN_CHALLENGE_S": "3"} if self.train else {}
-        env = {**os.environ, **local, **self.extra_env, "IDLEGRID_OPERATOR_KEY": self.operator_key,
-               "IDLEGRID_DASHBOARD_OPEN_ON_LOOPBACK": "1", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **local,
+            **self.extra_env,
+            "IDLEGRID_OPERATOR_KEY": self.operator_key,
+            "IDLEGRID_DASHBOARD_OPEN_ON_LOOPBACK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         logs = self.log_dir or self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - closed once the child has it
@@ -91,9 +100,14 @@ class LocalGrid:
         # the coordinator so that they can drain. Parent-death signal: if `up` itself is
         # killed, its children still stop instead of serving on as orphans.
         with out:  # the child has its own descriptor from here on
-            proc = subprocess.Popen([sys.executable, "-m", "idlegrid", *args], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "idlegrid", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.names[proc.pid] = name
         return proc
 
@@ -119,18 +133,34 @@ class LocalGrid:
             self.operator_key = secrets.token_urlsafe(24)
             _write_private(op_file, self.operator_key)
         self.coordinator = self._spawn(self._coordinator_args(), "coordinator")
-        self._wait(lambda c: c.get(f"{self.url}/readyz").status_code == 200, timeout_s,
-                   "coordinator ready", self.coordinator)
+        self._wait(
+            lambda c: c.get(f"{self.url}/readyz").status_code == 200,
+            timeout_s,
+            "coordinator ready",
+            self.coordinator,
+        )
 
     def _coordinator_args(self) -> list[str]:
         return ["coordinator", "--port", str(self.port), "--data-dir", str(self.data_dir)]
 
     def _provider_args(self, index: int) -> list[str]:
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(self.providers, 1))
-        args = ["provide", "--coordinator", self.url, "--name", f"provider-{index}",
-                "--engine", self.engine, "--model", self.model, "--threads", str(threads),
-                "--key-file", str(self.data_dir / "nodes" / f"provider-{index}.key"),
-                *self.provider_args]
+        args = [
+            "provide",
+            "--coordinator",
+            self.url,
+            "--name",
+            f"provider-{index}",
+            "--engine",
+            self.engine,
+            "--model",
+            self.model,
+            "--threads",
+            str(threads),
+            "--key-file",
+            str(self.data_dir / "nodes" / f"provider-{index}.key"),
+            *self.provider_args,
+        ]
         if self.train:
             args.append("--train-verifier" if index == self.providers - 1 else "--train")
         if self.verify:
@@ -149,8 +179,9 @@ class LocalGrid:
             nodes: list[dict[str, object]] = c.get(f"{self.url}/api/v1/status").json()["nodes"]
         return [n for n in nodes if n["live"] and n["state"] == "live"]
 
-    def wait_for_providers(self, count: int, timeout_s: float = 600.0,
-                           on_poll: Callable[[int], None] | None = None) -> None:
+    def wait_for_providers(
+        self, count: int, timeout_s: float = 600.0, on_poll: Callable[[int], None] | None = None
+    ) -> None:
         """Block until `count` providers are registered and live; `on_poll(live)` each look."""
 
         def enough(_c: httpx.Client) -> bool:
@@ -191,9 +222,15 @@ class LocalGrid:
             r = c.post("/api/v1/admin/keys", json={"name": "local"}, headers=headers)
             r.raise_for_status()
             self.key_id, self.api_key = r.json()["key_id"], r.json()["api_key"]
-            r = c.post("/api/v1/admin/mint", headers=headers, json={
-                "key_id": self.key_id, "amount": self.funding_credits * MICRO,
-                "reference": f"local-faucet:{self.key_id}"})
+            r = c.post(
+                "/api/v1/admin/mint",
+                headers=headers,
+                json={
+                    "key_id": self.key_id,
+                    "amount": self.funding_credits * MICRO,
+                    "reference": f"local-faucet:{self.key_id}",
+                },
+            )
             r.raise_for_status()
         key_file.unlink(missing_ok=True)
         _write_private(key_file, self.api_key)
@@ -205,9 +242,15 @@ class LocalGrid:
         headers = {"Authorization": f"Bearer {self.operator_key}"}
         with httpx.Client(base_url=self.url, trust_env=False, timeout=30) as c:
             for node in c.get("/api/v1/status", headers=headers).json()["nodes"]:
-                c.post("/api/v1/admin/mint", headers=headers, json={
-                    "node_id": node["id"], "amount": credits * MICRO,
-                    "reference": f"local-stake-faucet:{node['id']}"}).raise_for_status()
+                c.post(
+                    "/api/v1/admin/mint",
+                    headers=headers,
+                    json={
+                        "node_id": node["id"],
+                        "amount": credits * MICRO,
+                        "reference": f"local-stake-faucet:{node['id']}",
+                    },
+                ).raise_for_status()
 
     def start(self, timeout_s: float = 900.0) -> None:
         """Coordinator, providers, funded key: everything `idlegrid up` does."""
@@ -229,7 +272,8 @@ class LocalGrid:
         now = time.monotonic() if now is None else now
         events = []
         procs = [("coordinator", self.coordinator)] + [
-            (f"provider-{i}", p) for i, p in enumerate(self.agents)]
+            (f"provider-{i}", p) for i, p in enumerate(self.agents)
+        ]
         for name, proc in procs:
             if proc is None or proc.poll() is None:
                 continue
@@ -238,8 +282,11 @@ class LocalGrid:
                 if now - restart.started_at > 60.0:
                     restart.backoff = 1.0  # it had been up a while: not a crash loop
                 restart.due = now + restart.backoff
-                how = (f"died with {signal.Signals(-proc.returncode).name}"
-                       if proc.returncode < 0 else f"exited with status {proc.returncode}")
+                how = (
+                    f"died with {signal.Signals(-proc.returncode).name}"
+                    if proc.returncode < 0
+                    else f"exited with status {proc.returncode}"
+                )
                 events.append(f"{name} {how}; restarting in {restart.backoff:.0f} s")
                 restart.backoff = min(restart.backoff * 2, 60.0)
             elif now >= restart.due:
@@ -263,16 +310,18 @@ class LocalGrid:
         _terminate(self.agents, grace_s)
         _terminate([self.coordinator] if self.coordinator else [], grace_s)
 
-    def _wait(self, ready: object, timeout_s: float, what: str,
-              *procs: subprocess.Popen[bytes] | None) -> None:
+    def _wait(
+        self, ready: object, timeout_s: float, what: str, *procs: subprocess.Popen[bytes] | None
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         with httpx.Client(trust_env=False, timeout=5) as c:
             while time.monotonic() < deadline:
                 for p in procs:
                     if p is not None and p.poll() is not None:
                         name = self.names.get(p.pid, f"process {p.pid}")
-                        raise ProcessExited(name, p.returncode, what, self._log_path(name),
-                                            self.log_tail(name))
+                        raise ProcessExited(
+                            name, p.returncode, what, self._log_path(name), self.log_tail(name)
+                        )
                 try:
                     if ready(c):  # type: ignore[operator]
                         return

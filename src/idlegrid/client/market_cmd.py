@@ -48,35 +48,58 @@ def _emit(data: Any) -> None:
     out.print_json(json.dumps(data))
 
 
-def offers(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
-           accelerator: Annotated[str | None, typer.Option(help="Canonical model.")] = None,
-           region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
-           model: Annotated[str | None, typer.Option(
-               help="Only offers serving this model.")] = None,
-           limit: Annotated[int, typer.Option(help="Most offers to show.")] = 50,
-           as_json: JsonFlag = False) -> None:
+def offers(
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    accelerator: Annotated[str | None, typer.Option(help="Canonical model.")] = None,
+    region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only offers serving this model.")] = None,
+    limit: Annotated[int, typer.Option(help="Most offers to show.")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
     """The live offer book: devices, prices, free capacity, region, stake."""
-    data = _ask(coordinator_url, data_dir, lambda c: c.offers(
-        accelerator=accelerator, region=region, model=model, limit=limit))
+    data = _ask(
+        coordinator_url,
+        data_dir,
+        lambda c: c.offers(accelerator=accelerator, region=region, model=model, limit=limit),
+    )
     if as_json:
         return _emit(data)
     t = Table(title=f"offers ({len(data['offers'])} of {data['total']})")
-    for col in ("offer", "device", "free/count", "region", "cr/device-h", "reliability",
-                "staked", "models"):
+    for col in (
+        "offer",
+        "device",
+        "free/count",
+        "region",
+        "cr/device-h",
+        "reliability",
+        "staked",
+        "models",
+    ):
         t.add_column(col)
     for o in data["offers"]:
-        t.add_row(o["id"][:28], o["device"], f"{o['free']}/{o['count']}", o["region"],
-                  f"{o['price_per_device_hour'] / MICRO:.4f}" if not o["plugin"] else "plug-in",
-                  f"{o['reliability']:.3f}", "yes" if o["staked"] else "[red]no[/]",
-                  ", ".join(o["models"]))
+        t.add_row(
+            o["id"][:28],
+            o["device"],
+            f"{o['free']}/{o['count']}",
+            o["region"],
+            f"{o['price_per_device_hour'] / MICRO:.4f}" if not o["plugin"] else "plug-in",
+            f"{o['reliability']:.3f}",
+            "yes" if o["staked"] else "[red]no[/]",
+            ", ".join(o["models"]),
+        )
     out.print(t)
 
 
-def orders(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
-           submit: Annotated[Path | None, typer.Option(
-               help="Submit the order in this JSON file ('-' for stdin).")] = None,
-           state: Annotated[str | None, typer.Option(help="Only orders in this state.")] = None,
-           as_json: JsonFlag = False) -> None:
+def orders(
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    submit: Annotated[
+        Path | None, typer.Option(help="Submit the order in this JSON file ('-' for stdin).")
+    ] = None,
+    state: Annotated[str | None, typer.Option(help="Only orders in this state.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
     """List your orders, or submit one (`--submit order.json`)."""
     from idlegrid.client.sdk import GridAPIError
 
@@ -103,19 +126,31 @@ def orders(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
         t.add_column(col)
     for v in views:
         where = ", ".join(leg["offer_id"] for leg in (v["placement"] or {}).get("legs", [])) or (
-            f"[yellow]{(v['reasons'] or {}).get('decisive', '-')}[/]")
-        t.add_row(v["id"], v["kind"], v["state"], where, f"{v['budget'] / MICRO:.4f}",
-                  f"{v['spent'] / MICRO:.4f}", f"{v['refunded'] / MICRO:.4f}")
+            f"[yellow]{(v['reasons'] or {}).get('decisive', '-')}[/]"
+        )
+        t.add_row(
+            v["id"],
+            v["kind"],
+            v["state"],
+            where,
+            f"{v['budget'] / MICRO:.4f}",
+            f"{v['spent'] / MICRO:.4f}",
+            f"{v['refunded'] / MICRO:.4f}",
+        )
     out.print(t)
     return None
 
 
 def _print_order(v: dict[str, Any]) -> None:
-    out.print(f"[bold]{v['id']}[/] {v['kind']} [cyan]{v['state']}[/]  budget "
-              f"{v['budget'] / MICRO:.4f} cr, spent {v['spent'] / MICRO:.4f} cr")
+    out.print(
+        f"[bold]{v['id']}[/] {v['kind']} [cyan]{v['state']}[/]  budget "
+        f"{v['budget'] / MICRO:.4f} cr, spent {v['spent'] / MICRO:.4f} cr"
+    )
     for leg in (v.get("placement") or {}).get("legs", []):
-        out.print(f"  on {leg['offer_id']}: {leg['devices']} device(s) at "
-                  f"{leg['unit_price'] / MICRO:.4f} cr")
+        out.print(
+            f"  on {leg['offer_id']}: {leg['devices']} device(s) at "
+            f"{leg['unit_price'] / MICRO:.4f} cr"
+        )
     if v.get("reasons"):
         _print_reasons(v["reasons"])
 
@@ -126,8 +161,12 @@ def _print_reasons(r: dict[str, Any]) -> None:
         out.print(f"    {e['constraint']:<24} removed {e['eliminated']:>6}, left {e['remaining']}")
 
 
-def order(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
-          as_json: JsonFlag = False) -> None:
+def order(
+    order_id: str,
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Show one order."""
     view = _ask(coordinator_url, data_dir, lambda c: c.order(order_id))
     if as_json:
@@ -136,19 +175,24 @@ def order(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = No
     return None
 
 
-def explain(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
-            as_json: JsonFlag = False) -> None:
+def explain(
+    order_id: str,
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Why an order matched where it did, or which constraints left it unmatched."""
     data = _ask(coordinator_url, data_dir, lambda c: c.explain(order_id))
     if as_json:
         return _emit(data)
     out.print(f"[bold]{data['order']}[/] is [cyan]{data['state']}[/]")
     if p := data.get("placement"):
-        out.print(f"  placed on {', '.join(leg['offer_id'] for leg in p['legs'])}: cheapest "
-                  f"expected cost of {p['candidates']} fitting offer(s), "
-                  f"{p['cost'] / MICRO:.4f} cr over {p['runtime_h']:.2f} h"
-                  + (" (a datacenter card: no fitting consumer card was free)"
-                     if p["oversized"] else ""))
+        out.print(
+            f"  placed on {', '.join(leg['offer_id'] for leg in p['legs'])}: cheapest "
+            f"expected cost of {p['candidates']} fitting offer(s), "
+            f"{p['cost'] / MICRO:.4f} cr over {p['runtime_h']:.2f} h"
+            + (" (a datacenter card: no fitting consumer card was free)" if p["oversized"] else "")
+        )
     if "now" in data:
         now = data["now"]
         if data.get("matches_now"):
@@ -158,8 +202,12 @@ def explain(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = 
     return None
 
 
-def cancel(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
-           as_json: JsonFlag = False) -> None:
+def cancel(
+    order_id: str,
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Cancel an order: pay for service so far, get the rest of the escrow back."""
     view = _ask(coordinator_url, data_dir, lambda c: c.cancel_order(order_id))
     if as_json:
@@ -168,12 +216,14 @@ def cancel(order_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = N
     return None
 
 
-def balance(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
-            as_json: JsonFlag = False) -> None:
+def balance(
+    data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False
+) -> None:
     """Your credits, and what your open orders hold in escrow."""
     bal, views = _ask(coordinator_url, data_dir, lambda c: (c.balance(), c.orders()))
-    held = sum(v["budget"] - v["spent"] for v in views
-               if v["state"] in ("open", "matched", "active"))
+    held = sum(
+        v["budget"] - v["spent"] for v in views if v["state"] in ("open", "matched", "active")
+    )
     data = {**bal, "in_escrow": held}
     if as_json:
         return _emit(data)
@@ -182,5 +232,11 @@ def balance(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
     return None
 
 
-market_commands = {"offers": offers, "orders": orders, "order": order, "explain": explain,
-                   "cancel": cancel, "balance": balance}
+market_commands = {
+    "offers": offers,
+    "orders": orders,
+    "order": order,
+    "explain": explain,
+    "cancel": cancel,
+    "balance": balance,
+}

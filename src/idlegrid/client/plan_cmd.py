@@ -36,9 +36,12 @@ def _load(path: Path) -> Any:
 
 
 def plan(
-    topology: Annotated[Path, typer.Argument(
-        help="topology.json: devices, latency_ms, bandwidth_gbps, model, stages, "
-             "data_parallel")],
+    topology: Annotated[
+        Path,
+        typer.Argument(
+            help="topology.json: devices, latency_ms, bandwidth_gbps, model, stages, data_parallel"
+        ),
+    ],
     seconds: Annotated[float, typer.Option(help="search budget in wall-clock seconds")] = 5.0,
     seed: Annotated[int, typer.Option(help="random seed: one seed always searches alike")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
@@ -62,16 +65,19 @@ def _print_tables(doc: dict[str, Any], devices: Any, console: Console) -> None:
     ids = [d.id for d in devices]
     regions = [d.region for d in devices]
     n_stages, n_pipes = len(doc["stages"]), len(doc["pipelines"])
-    console.print(f"[bold]{len(ids)} devices → {n_stages} stages × {n_pipes} pipelines[/]  "
-                  f"objective {doc['objective']}, {doc['evaluations']} plans scored in "
-                  f"{doc['seconds']:.1f} s, seed {doc['seed']}")
+    console.print(
+        f"[bold]{len(ids)} devices → {n_stages} stages × {n_pipes} pipelines[/]  "
+        f"objective {doc['objective']}, {doc['evaluations']} plans scored in "
+        f"{doc['seconds']:.1f} s, seed {doc['seed']}"
+    )
     stages = Table(title="Stages (data-parallel groups, pipeline order)")
     stages.add_column("stage", justify="right")
     stages.add_column("devices")
     stages.add_column("regions")
     for j, row in enumerate(doc["stages"]):
-        stages.add_row(str(j), " ".join(ids[v] for v in row),
-                       ", ".join(dict.fromkeys(regions[v] for v in row)))
+        stages.add_row(
+            str(j), " ".join(ids[v] for v in row), ", ".join(dict.fromkeys(regions[v] for v in row))
+        )
     console.print(stages)
     pipes = Table(title="Pipelines (one per macro-batch, stage 0 first)")
     pipes.add_column("pipeline", justify="right")
@@ -79,17 +85,28 @@ def _print_tables(doc: dict[str, Any], devices: Any, console: Console) -> None:
     for i, col in enumerate(doc["pipelines"]):
         pipes.add_row(str(i), " → ".join(ids[v] for v in col))
     console.print(pipes)
-    cost = Table(title="Cost per iteration (seconds; full = modelled iteration time, "
-                       "dtfm = DT-FM's communication cost)")
+    cost = Table(
+        title="Cost per iteration (seconds; full = modelled iteration time, "
+        "dtfm = DT-FM's communication cost)"
+    )
     for col in ("placement", "full", "pipeline", "bubble", "DP", "dtfm", "vs plan"):
         cost.add_column(col, justify="left" if col == "placement" else "right")
     plan_full = doc["cost"]["full"]["total"]
     rows = [("planner", doc["cost"]), ("DT-FM plan", doc["dtfm_plan"]["cost"])]
-    rows += [(f"random ×{b['samples']}" if name == "random" else name.replace("_", "-"), b)
-             for name, b in doc["baselines"].items()]
+    rows += [
+        (f"random ×{b['samples']}" if name == "random" else name.replace("_", "-"), b)
+        for name, b in doc["baselines"].items()
+    ]
     for name, c in rows:
         f = c["full"]
         ratio = f["total"] / plan_full if plan_full > 0 else float("nan")
-        cost.add_row(name, f"{f['total']:.2f}", f"{f['pipeline']:.2f}", f"{f['bubble']:.2f}",
-                     f"{f['data_parallel']:.2f}", f"{c['dtfm']['total']:.2f}", f"{ratio:.2f}×")
+        cost.add_row(
+            name,
+            f"{f['total']:.2f}",
+            f"{f['pipeline']:.2f}",
+            f"{f['bubble']:.2f}",
+            f"{f['data_parallel']:.2f}",
+            f"{c['dtfm']['total']:.2f}",
+            f"{ratio:.2f}×",
+        )
     console.print(cost)

@@ -20,11 +20,22 @@ class GridAPIError(IdlegridError):
 class GridClient:
     """Talks to a coordinator over HTTP; pass `transport` to talk to an app in-process."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, *,
-                 transport: httpx.BaseTransport | None = None, timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 300.0,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
-                                 transport=transport, timeout=timeout, trust_env=False)
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            transport=transport,
+            timeout=timeout,
+            trust_env=False,
+        )
 
     def __enter__(self) -> GridClient:
         return self
@@ -38,8 +49,9 @@ class GridClient:
                 err = resp.json().get("error", {})
             except ValueError:
                 err = {"message": resp.text}
-            raise GridAPIError(f"HTTP {resp.status_code}: {err.get('message')}",
-                               status=resp.status_code, body=err)
+            raise GridAPIError(
+                f"HTTP {resp.status_code}: {err.get('message')}", status=resp.status_code, body=err
+            )
         data: dict[str, Any] = resp.json()
         return data
 
@@ -93,6 +105,7 @@ class GridClient:
         """The live book (filters: accelerator, region, model, limit)."""
         params = {k: v for k, v in filters.items() if v is not None}
         return self._json(self.http.get("/api/v1/offers", params=params))
+
     def earnings(self, period: str = "24h", node: str | None = None) -> dict[str, Any]:
         """Per provider over `period`: credits earned, accrued and paid, energy, tokens/J."""
         params = {"period": period, **({"node": node} if node else {})}
@@ -113,8 +126,11 @@ class GridClient:
 
     def stream_complete(self, prompt: str, **params: Any) -> Iterator[str]:
         """Text pieces of a streaming completion as they arrive."""
-        body = {"prompt": prompt, "stream": True,
-                **{k: v for k, v in params.items() if v is not None}}
+        body = {
+            "prompt": prompt,
+            "stream": True,
+            **{k: v for k, v in params.items() if v is not None},
+        }
         with self.http.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code >= 400:
                 resp.read()

@@ -28,7 +28,7 @@ def loss_chart(losses: list[list[float]], width: int = 64, height: int = 8) -> l
     buckets = min(width, len(values))
     cols = []
     for i in range(buckets):
-        part = values[i * len(values) // buckets:(i + 1) * len(values) // buckets]
+        part = values[i * len(values) // buckets : (i + 1) * len(values) // buckets]
         cols.append(sum(part) / len(part))
     lo, hi = min(cols), max(cols)
     span = (hi - lo) or 1.0
@@ -38,8 +38,9 @@ def loss_chart(losses: list[list[float]], width: int = 64, height: int = 8) -> l
         label = f"{lo + span * (r + 0.5) / height:7.3f} │"
         rows.append(label + "".join(BARS[min(8, max(0, lv + 1 - r * 8))] for lv in levels))
     rows.append(" " * 8 + "└" + "─" * buckets)
-    rows.append(" " * 9 + f"step {int(losses[0][0])}" + " " * max(1, buckets - 16)
-                + f"{int(losses[-1][0])}")
+    rows.append(
+        " " * 9 + f"step {int(losses[0][0])}" + " " * max(1, buckets - 16) + f"{int(losses[-1][0])}"
+    )
     return rows
 
 
@@ -59,12 +60,20 @@ def _audits_table(job: dict[str, Any]) -> Table:
         v = a["verdict"] or {}
         if a["canary"]:
             result = {"failed": "[green]rejected[/]", "passed": "[red]approved (lazy)[/]"}.get(
-                a["state"], a["state"])
+                a["state"], a["state"]
+            )
         else:
             result = {"passed": "[green]passed[/]", "failed": "[red]FAILED[/]"}.get(
-                a["state"], a["state"])
-        t.add_row(a["segment"].split(":", 1)[1], _short(a["provider"]), _short(a["verifier"]),
-                  "canary" if a["canary"] else "audit", result, str(v.get("reason", "")))
+                a["state"], a["state"]
+            )
+        t.add_row(
+            a["segment"].split(":", 1)[1],
+            _short(a["provider"]),
+            _short(a["verifier"]),
+            "canary" if a["canary"] else "audit",
+            result,
+            str(v.get("reason", "")),
+        )
     return t
 
 
@@ -74,24 +83,28 @@ def _bill_table(job: dict[str, Any]) -> Table:
     t.add_column("item")
     t.add_column("credits", justify="right")
     steps = job["verified_step"]
-    rows = [("escrowed at submission", b["escrowed"]),
-            (f"paid for {steps} verified steps", b["charged"]),
-            ("  of which to providers", b["to_providers"]),
-            ("  of which protocol fee", b["fees"]),
-            ("refunded (unused escrow)", b["refunded"]),
-            ("still in escrow", b["held"]),
-            ("compensation from slashed stake", b["compensated"]),
-            ("verifiers paid (from fees)", b["to_verifiers"]),
-            ("provider stake slashed", b["slashed"])]
+    rows = [
+        ("escrowed at submission", b["escrowed"]),
+        (f"paid for {steps} verified steps", b["charged"]),
+        ("  of which to providers", b["to_providers"]),
+        ("  of which protocol fee", b["fees"]),
+        ("refunded (unused escrow)", b["refunded"]),
+        ("still in escrow", b["held"]),
+        ("compensation from slashed stake", b["compensated"]),
+        ("verifiers paid (from fees)", b["to_verifiers"]),
+        ("provider stake slashed", b["slashed"]),
+    ]
     for name, amount in rows:
         t.add_row(name, _credits(amount))
     return t
 
 
 def _print_job(job: dict[str, Any]) -> None:
-    out.print(f"[bold]{job['id']}[/]: {job['state']}, {job['verified_step']}/{job['steps']} "
-              f"steps verified ({job['committed_step']} committed)"
-              + (f"; error: {job['error']}" if job.get("error") else ""))
+    out.print(
+        f"[bold]{job['id']}[/]: {job['state']}, {job['verified_step']}/{job['steps']} "
+        f"steps verified ({job['committed_step']} committed)"
+        + (f"; error: {job['error']}" if job.get("error") else "")
+    )
     chart = loss_chart(job["losses"])
     if chart:
         out.print("loss curve:")
@@ -101,8 +114,13 @@ def _print_job(job: dict[str, Any]) -> None:
     for col in ("segment", "steps", "provider", "state", "cause"):
         seg.add_column(col)
     for s in job["segments"]:
-        seg.add_row(str(s["index"]), f"{s['start_step']}-{s['end_step'] - 1}",
-                    _short(s["provider"]), s["state"], s["cause"])
+        seg.add_row(
+            str(s["index"]),
+            f"{s['start_step']}-{s['end_step'] - 1}",
+            _short(s["provider"]),
+            s["state"],
+            s["cause"],
+        )
     out.print(seg)
     if job["audits"]:
         out.print(_audits_table(job))
@@ -112,8 +130,11 @@ def _print_job(job: dict[str, Any]) -> None:
             dt.add_column(col)
         for d in job["disputes"]:
             r = d.get("ruling") or {}
-            ruling = (f"{'provider' if r['provider_right'] else 'challenger'} right: "
-                      f"{r['reason']}" if "provider_right" in r else "-")
+            ruling = (
+                f"{'provider' if r['provider_right'] else 'challenger'} right: {r['reason']}"
+                if "provider_right" in r
+                else "-"
+            )
             dt.add_row(d["id"], d["audit_id"], d["state"], d["phase"], ruling[:80])
         out.print(dt)
     hist = Table(title="history")
@@ -122,15 +143,18 @@ def _print_job(job: dict[str, Any]) -> None:
     skip = {"at", "kind", "cause"}
     for e in job["events"]:
         detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in skip).replace(
-            job["id"] + ":", "")  # segment ids without the job id they all share
-        hist.add_row(time.strftime("%H:%M:%S", time.localtime(e["at"])), e["kind"], e["cause"],
-                     detail[:80])
+            job["id"] + ":", ""
+        )  # segment ids without the job id they all share
+        hist.add_row(
+            time.strftime("%H:%M:%S", time.localtime(e["at"])), e["kind"], e["cause"], detail[:80]
+        )
     out.print(hist)
     out.print(_bill_table(job))
 
 
-def jobs(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
-         as_json: JsonFlag = False) -> None:
+def jobs(
+    data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False
+) -> None:
     """Your training jobs: state, verified steps, last loss, provider."""
     data = _ask(coordinator_url, data_dir, lambda c: c.jobs())
     if as_json:
@@ -140,16 +164,24 @@ def jobs(data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
         t.add_column(col)
     for j in data:
         p = j.get("progress") or {}
-        t.add_row(j["id"], j["state"], f"{j['verified_step']}/{j['steps']}",
-                  f"{p['loss']:.4f}" if "loss" in p else "-",
-                  f"{p['tokens_per_s']:.0f}" if "tokens_per_s" in p else "-",
-                  _short(j["provider"]), _credits(j["price_per_step"]))
+        t.add_row(
+            j["id"],
+            j["state"],
+            f"{j['verified_step']}/{j['steps']}",
+            f"{p['loss']:.4f}" if "loss" in p else "-",
+            f"{p['tokens_per_s']:.0f}" if "tokens_per_s" in p else "-",
+            _short(j["provider"]),
+            _credits(j["price_per_step"]),
+        )
     out.print(t)
 
 
-def job(job_id: Annotated[str, typer.Argument(help="Job id (from `idlegrid jobs`).")],
-        data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
-        as_json: JsonFlag = False) -> None:
+def job(
+    job_id: Annotated[str, typer.Argument(help="Job id (from `idlegrid jobs`).")],
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
     """One training job: loss curve, segments, audits, history (each with its cause), bill."""
     data = _ask(coordinator_url, data_dir, lambda c: c.job(job_id))
     if as_json:
@@ -158,7 +190,8 @@ def job(job_id: Annotated[str, typer.Argument(help="Job id (from `idlegrid jobs`
 
 
 def train(
-    data_dir: DataDir, coordinator_url: CoordinatorUrl = None,
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 64,
     interval: Annotated[int, typer.Option(help="Steps per segment (audit unit).")] = 8,
     layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 2,
@@ -179,21 +212,34 @@ def train(
     from idlegrid.client.progress import make_progress
     from idlegrid.training.verified import corpus_sha256
 
-    spec = {"model": {"arch": "gpt", "vocab": 256, "seq": seq, "layers": layers, "dim": dim,
-                      "heads": heads},
-            "dataset": {"ref": "stdlib:v1", "sha256": corpus_sha256("stdlib:v1"),
-                        "windows": windows},
-            "optimizer": {"name": "adamw", "lr": lr, "betas": [0.9, 0.95], "weight_decay": 0.0},
-            "init_seed": seed, "job_seed": seed, "batch_size": batch, "steps": steps,
-            "checkpoint_interval": interval, "price_per_step": round(price * MICRO),
-            "stake_required": round(stake * MICRO)}
+    spec = {
+        "model": {
+            "arch": "gpt",
+            "vocab": 256,
+            "seq": seq,
+            "layers": layers,
+            "dim": dim,
+            "heads": heads,
+        },
+        "dataset": {"ref": "stdlib:v1", "sha256": corpus_sha256("stdlib:v1"), "windows": windows},
+        "optimizer": {"name": "adamw", "lr": lr, "betas": [0.9, 0.95], "weight_decay": 0.0},
+        "init_seed": seed,
+        "job_seed": seed,
+        "batch_size": batch,
+        "steps": steps,
+        "checkpoint_interval": interval,
+        "price_per_step": round(price * MICRO),
+        "stake_required": round(stake * MICRO),
+    }
 
     def follow(c: Any) -> dict[str, Any]:
         view = c.submit_job(spec)
         job_id = view["id"]
         if not as_json:
-            err.print(f"submitted [bold]{job_id}[/]: {steps} steps, "
-                      f"{view['escrow'] / MICRO:.6f} credits escrowed")
+            err.print(
+                f"submitted [bold]{job_id}[/]: {steps} steps, "
+                f"{view['escrow'] / MICRO:.6f} credits escrowed"
+            )
         began = time.monotonic()
         deadline = began + timeout
         hinted = False
@@ -202,27 +248,36 @@ def train(
             verified = progress.add_task("verified", total=steps, rate="")
             while view["state"] not in ENDED:
                 if time.monotonic() > deadline:
-                    err.print(f"[yellow]still running after {timeout:.0f} s[/]; follow it with "
-                              f"`idlegrid job {job_id}`")
+                    err.print(
+                        f"[yellow]still running after {timeout:.0f} s[/]; follow it with "
+                        f"`idlegrid job {job_id}`"
+                    )
                     raise typer.Exit(2)
                 try:
                     time.sleep(0.5)  # polling the coordinator's view of the job
                 except KeyboardInterrupt:
-                    err.print(f"stopped following; the job goes on: `idlegrid job {job_id}`, "
-                              f"or `idlegrid cancel-job {job_id}`")
+                    err.print(
+                        f"stopped following; the job goes on: `idlegrid job {job_id}`, "
+                        f"or `idlegrid cancel-job {job_id}`"
+                    )
                     raise typer.Exit(130) from None
                 view = c.job(job_id)
                 if view["state"] == "queued" and not hinted and time.monotonic() - began > 15:
                     hinted = True
-                    err.print("[yellow]no training provider has taken the job yet[/] (a local "
-                              "grid needs `idlegrid up --train`)")
+                    err.print(
+                        "[yellow]no training provider has taken the job yet[/] (a local "
+                        "grid needs `idlegrid up --train`)"
+                    )
                 p = view.get("progress") or {}
-                rate = (f"loss {p['loss']:.3f}, {p['tokens_per_s']:.0f} tok/s"
-                        if "loss" in p else "")
-                progress.update(trained, completed=max(view["committed_step"],
-                                                       p.get("step", 0)), rate=rate)
-                progress.update(verified, completed=view["verified_step"],
-                                rate=f"{len(view['audits'])} audit(s)")
+                rate = f"loss {p['loss']:.3f}, {p['tokens_per_s']:.0f} tok/s" if "loss" in p else ""
+                progress.update(
+                    trained, completed=max(view["committed_step"], p.get("step", 0)), rate=rate
+                )
+                progress.update(
+                    verified,
+                    completed=view["verified_step"],
+                    rate=f"{len(view['audits'])} audit(s)",
+                )
         return dict(view)
 
     view = _ask(coordinator_url, data_dir, follow)
@@ -234,14 +289,19 @@ def train(
         raise typer.Exit(1)
 
 
-def cancel_job(job_id: Annotated[str, typer.Argument(help="Job id.")], data_dir: DataDir,
-               coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False) -> None:
+def cancel_job(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Cancel a training job: verified steps stay paid, the rest of the escrow comes back."""
     data = _ask(coordinator_url, data_dir, lambda c: c.cancel_job(job_id))
     if as_json:
         return _emit(data)
-    out.print(f"{data['id']}: {data['state']}; refunded {_credits(data['bill']['refunded'])} "
-              "credits")
+    out.print(
+        f"{data['id']}: {data['state']}; refunded {_credits(data['bill']['refunded'])} credits"
+    )
 
 
 train_commands = {"train": train, "jobs": jobs, "job": job, "cancel-job": cancel_job}

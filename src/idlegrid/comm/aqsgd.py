@@ -60,9 +60,17 @@ class SampleCache:
 class AqSgdSender:
     """The upstream end of a boundary: encodes activations against its cache."""
 
-    def __init__(self, num_samples: int, sample_shape: tuple[int, ...], bits: int, *,
-                 first_dtype: torch.dtype = torch.float32, stochastic: bool = False,
-                 bucket: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        sample_shape: tuple[int, ...],
+        bits: int,
+        *,
+        first_dtype: torch.dtype = torch.float32,
+        stochastic: bool = False,
+        bucket: int | None = None,
+        seed: int = 0,
+    ) -> None:
         self.cache = SampleCache(num_samples, sample_shape)
         self.bits, self.first_dtype, self.stochastic = bits, first_dtype, stochastic
         self.bucket = bucket  # None: a scale per channel (AQ-SGD); hidden size: per token
@@ -76,8 +84,13 @@ class AqSgdSender:
         delta = None
         if not bool(fresh.all()):
             old = ids[~fresh]
-            delta = quantize(act[~fresh] - self.cache.values[old], self.bits, bucket=self.bucket,
-                             stochastic=self.stochastic, generator=self.generator)
+            delta = quantize(
+                act[~fresh] - self.cache.values[old],
+                self.bits,
+                bucket=self.bucket,
+                stochastic=self.stochastic,
+                generator=self.generator,
+            )
         msg = ActivationMessage(fresh, full, delta)
         self.cache.apply(ids, msg)
         return msg

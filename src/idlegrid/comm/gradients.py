@@ -55,8 +55,9 @@ class GradientExchange:
             raise ValueError(f"expected {self.workers} workers' gradients, got {len(grads)}")
         names = list(grads[0])
         shapes = [grads[0][n].shape for n in names]
-        flats = [torch.cat([g[n].detach().reshape(-1).to(torch.float32) for n in names])
-                 for g in grads]
+        flats = [
+            torch.cat([g[n].detach().reshape(-1).to(torch.float32) for n in names]) for g in grads
+        ]
         if self.server is None:
             mean = torch.stack(flats).mean(dim=0)
             self.bytes_up += mean.numel() * 4 * self.workers
@@ -73,6 +74,6 @@ class GradientExchange:
         out, offset = {}, 0
         for name, shape in zip(names, shapes, strict=True):
             size = shape.numel()
-            out[name] = mean[offset:offset + size].view(shape)
+            out[name] = mean[offset : offset + size].view(shape)
             offset += size
         return out

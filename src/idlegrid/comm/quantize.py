@@ -76,8 +76,14 @@ def _grouped(x: torch.Tensor, bucket: int | None) -> torch.Tensor:
     return flat.view(-1, bucket)
 
 
-def quantize(x: torch.Tensor, bits: int, *, bucket: int | None = None,
-             stochastic: bool = False, generator: torch.Generator | None = None) -> Quantized:
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    bucket: int | None = None,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> Quantized:
     """Quantize x to `bits` per element (RTN, or unbiased stochastic rounding)."""
     levels = _levels(bits)
     g = _grouped(x.detach().to(torch.float32), bucket)

@@ -51,10 +51,15 @@ def _read_exact(sock: socket.socket, n: int) -> bytes | None:
 class Endpoint:
     """One rank's view of the mesh: send(dst, tag, bytes) and recv(src, tag) -> bytes."""
 
-    def __init__(self, rank: int, addresses: Sequence[tuple[str, int]],
-                 latency_s: Sequence[Sequence[float]],
-                 clock: Callable[[], float] = time.monotonic, *,
-                 secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        addresses: Sequence[tuple[str, int]],
+        latency_s: Sequence[Sequence[float]],
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        secret: bytes | None = None,
+    ) -> None:
         self.rank, self.addresses, self.latency = rank, list(addresses), latency_s
         self.secret = secret
         self.rejected = 0  # frames refused for a bad MAC

@@ -18,8 +18,9 @@ import numpy as np
 
 MAGIC = b"IGW1"
 _LEN = struct.Struct("!I")
-DTYPES = frozenset({"float16", "float32", "float64", "int8", "uint8", "int16", "int32",
-                    "int64", "bool"})
+DTYPES = frozenset(
+    {"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+)
 MAX_HEADER = 1 << 20
 
 
@@ -59,10 +60,10 @@ def decode(data: bytes) -> Any:
     if n > MAX_HEADER or 8 + n > len(data):
         raise WireError("header length out of range")
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
     except ValueError as exc:
         raise WireError("header is not JSON") from exc
-    body = memoryview(data)[8 + n:]
+    body = memoryview(data)[8 + n :]
     offset = 0
     expected = 0
 
@@ -70,14 +71,18 @@ def decode(data: bytes) -> Any:
         nonlocal offset, expected
         if isinstance(v, dict) and "$a" in v:
             dtype, shape = v.get("dtype"), v.get("shape")
-            if (v["$a"] != expected or dtype not in DTYPES or not isinstance(shape, list)
-                    or not all(isinstance(d, int) and d >= 0 for d in shape)):
+            if (
+                v["$a"] != expected
+                or dtype not in DTYPES
+                or not isinstance(shape, list)
+                or not all(isinstance(d, int) and d >= 0 for d in shape)
+            ):
                 raise WireError("bad array descriptor")
             expected += 1
             size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             if offset + size > len(body):
                 raise WireError("array bytes past the end of the message")
-            arr = np.frombuffer(body[offset:offset + size], dtype=dtype).reshape(shape)
+            arr = np.frombuffer(body[offset : offset + size], dtype=dtype).reshape(shape)
             offset += size
             return arr.copy()  # writable, and independent of the receive buffer
         if isinstance(v, dict):

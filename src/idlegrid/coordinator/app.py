@@ -69,8 +69,9 @@ def create_app(
 
     app = FastAPI(title="idlegrid coordinator", version=__version__, lifespan=lifespan)
     http_errors.install(app)
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes,
-                       large_bytes=settings.max_checkpoint_body_bytes)
+    app.add_middleware(
+        BodyGuard, max_bytes=settings.max_body_bytes, large_bytes=settings.max_checkpoint_body_bytes
+    )
     # Last added runs first: a foreign Host (DNS rebinding) is refused before anything.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names())
     app.include_router(routes_openai.router)
@@ -89,8 +90,9 @@ def create_app(
         """The process is up."""
         return {"ok": True, "version": __version__, "protocol_version": PROTOCOL_VERSION}
 
-    @app.get("/readyz", tags=["health"], response_model=schemas.Ready,
-             responses=schemas.READY_RESPONSES)
+    @app.get(
+        "/readyz", tags=["health"], response_model=schemas.Ready, responses=schemas.READY_RESPONSES
+    )
     async def readyz(request: Request) -> Response:
         """The database answers and at least the schema is in place."""
         svc: Services = request.app.state.services
@@ -100,8 +102,12 @@ def create_app(
             return JSONResponse({"ok": False, "reason": str(exc)}, status_code=503)
         return JSONResponse({"ok": True})
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
-             responses=schemas.METRICS_RESPONSES)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses=schemas.METRICS_RESPONSES,
+    )
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition."""
         svc: Services = request.app.state.services
@@ -138,13 +144,18 @@ def compose(ctx: Context) -> Services:
     async def db_tick(fn: Callable[..., object], *args: object) -> None:
         await ctx.db(fn, *args)
 
-    supervisor = Supervisor(nodes.tick, [
-        lambda live: db_tick(market.tick),
-        lambda live: db_tick(hwproofs.tick, live),
-        lambda live: db_tick(jobs.tick, live),
-        lambda live: db_tick(trust.expire),
-        lambda live: db_tick(disputes.tick, live),
-        inference.tick,
-    ], interval_s=min(0.5, ctx.settings.heartbeat_interval_s))
-    return Services(ctx, nodes, inference, market, trust, hwproofs, jobs, dashboard, supervisor,
-                    disputes)
+    supervisor = Supervisor(
+        nodes.tick,
+        [
+            lambda live: db_tick(market.tick),
+            lambda live: db_tick(hwproofs.tick, live),
+            lambda live: db_tick(jobs.tick, live),
+            lambda live: db_tick(trust.expire),
+            lambda live: db_tick(disputes.tick, live),
+            inference.tick,
+        ],
+        interval_s=min(0.5, ctx.settings.heartbeat_interval_s),
+    )
+    return Services(
+        ctx, nodes, inference, market, trust, hwproofs, jobs, dashboard, supervisor, disputes
+    )

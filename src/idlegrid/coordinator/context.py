@@ -41,8 +41,9 @@ class Context:
         """Run a blocking store call in a worker thread."""
         return await to_thread.run_sync(lambda: fn(*args, **kwargs))
 
-    async def long_poll(self, wake: asyncio.Event, claim: Callable[[], T | None],
-                        wait_s: float) -> T | None:
+    async def long_poll(
+        self, wake: asyncio.Event, claim: Callable[[], T | None], wait_s: float
+    ) -> T | None:
         """`claim()` (a store call) until it returns something or `wait_s` passes, retried
         when `wake` is set and at least every second (a wake-up can come from another
         coordinator process writing the same database)."""

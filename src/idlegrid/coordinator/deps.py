@@ -103,8 +103,9 @@ async def signed(request: Request, *, registering: bool = False) -> tuple[str, b
             raise AuthError("registration must carry the node's public key")
         key = decode_public_key(header)
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    node_id = await services(request).nodes.authenticate_node(request.method, path, body,
-                                                              request.headers, key)
+    node_id = await services(request).nodes.authenticate_node(
+        request.method, path, body, request.headers, key
+    )
     return node_id, body
 
 
@@ -117,8 +118,7 @@ def from_loopback(request: Request) -> bool:
     except ValueError:
         return False
     name = (request.url.hostname or "").strip("[]")
-    forwarded = any(h in request.headers for h in ("forwarded", "x-forwarded-for",
-                                                   "x-real-ip"))
+    forwarded = any(h in request.headers for h in ("forwarded", "x-forwarded-for", "x-real-ip"))
     return loopback and name in LOOPBACK_NAMES and not forwarded
 
 
@@ -132,5 +132,6 @@ def is_operator(request: Request) -> bool:
 def require_operator(request: Request) -> None:
     """Operator routes need the operator key; the coordinator always has one."""
     if not is_operator(request):
-        raise AuthError("operator key required (the coordinator's data dir holds it in "
-                        "operator-key)")
+        raise AuthError(
+            "operator key required (the coordinator's data dir holds it in operator-key)"
+        )

@@ -42,8 +42,10 @@ def first_bad_text(obj: Any, path: str = "") -> str | None:
                     return where or "body"
                 stack.append((item, sub))
         elif isinstance(value, list):
-            stack.extend((item, f"{where}.{i}" if where else str(i))
-                         for i, item in reversed(list(enumerate(value))))
+            stack.extend(
+                (item, f"{where}.{i}" if where else str(i))
+                for i, item in reversed(list(enumerate(value)))
+            )
     return None
 
 
@@ -62,10 +64,15 @@ LARGE = ("/api/v1/train/", "/api/v1/disputes/")
 class BodyGuard:
     """ASGI middleware: 413 past the size bound, 400 for a JSON string that is not text."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, large_bytes: int,
-                 large_prefix: tuple[str, ...] = LARGE) -> None:
-        self.app, self.small, self.large, self.large_prefix = (app, max_bytes, large_bytes,
-                                                               large_prefix)
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, large_bytes: int, large_prefix: tuple[str, ...] = LARGE
+    ) -> None:
+        self.app, self.small, self.large, self.large_prefix = (
+            app,
+            max_bytes,
+            large_bytes,
+            large_prefix,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -75,8 +82,9 @@ class BodyGuard:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._refuse(send, 413, f"request body over {limit} bytes",
-                               "body_too_large", None)
+            await self._refuse(
+                send, 413, f"request body over {limit} bytes", "body_too_large", None
+            )
             return
         chunks, size = [], 0
         while True:
@@ -86,8 +94,9 @@ class BodyGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._refuse(send, 413, f"request body over {limit} bytes",
-                                   "body_too_large", None)
+                await self._refuse(
+                    send, 413, f"request body over {limit} bytes", "body_too_large", None
+                )
                 return
             chunks.append(chunk)
             if not message.get("more_body"):
@@ -96,15 +105,21 @@ class BodyGuard:
         # A lone surrogate can only enter JSON as a \uD800-\uDFFF escape: bodies without one
         # (nearly all) are not parsed here a second time.
         if _SURROGATE_ESCAPE.search(body) and (
-                body[:1] in (b"{", b"[") or b"json" in headers.get(b"content-type", b"")):
+            body[:1] in (b"{", b"[") or b"json" in headers.get(b"content-type", b"")
+        ):
             try:
                 parsed = json.loads(body)
             except (ValueError, RecursionError):
                 parsed = None  # the route answers malformed JSON with its own 400
             bad = first_bad_text(parsed) if parsed is not None else None
             if bad is not None:
-                await self._refuse(send, 400, f"{bad}: not valid Unicode text (a lone UTF-16 "
-                                   "surrogate)", "invalid_text", bad)
+                await self._refuse(
+                    send,
+                    400,
+                    f"{bad}: not valid Unicode text (a lone UTF-16 surrogate)",
+                    "invalid_text",
+                    bad,
+                )
                 return
         replayed = False
 
@@ -118,12 +133,18 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _refuse(send: Send, status: int, message: str, code: str,
-                      param: str | None) -> None:
+    async def _refuse(send: Send, status: int, message: str, code: str, param: str | None) -> None:
         body = json.dumps(error_body(message, "invalid_request_error", code, param)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -38,11 +38,23 @@ STATUS: list[tuple[type[IdlegridError], int, str]] = [
 ]
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None = None,
-               data: dict[str, Any] | None = None) -> dict[str, Any]:
+def error_body(
+    message: str,
+    type_: str,
+    code: str | None,
+    param: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The OpenAI error envelope (plus our typed data)."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code,
-                      "data": data or {}}}
+    return {
+        "error": {
+            "message": message,
+            "type": type_,
+            "param": param,
+            "code": code,
+            "data": data or {},
+        }
+    }
 
 
 def status_for(exc: IdlegridError) -> tuple[int, str]:
@@ -79,11 +91,13 @@ def install(app: FastAPI) -> None:
         else:
             param = ".".join(loc) or None
             message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param),
-                            status_code=400)
+        return JSONResponse(
+            error_body(message, "invalid_request_error", "invalid_request", param), status_code=400
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code),
-                            status_code=exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error", code), status_code=exc.status_code
+        )

@@ -12,15 +12,20 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "idlegrid_requests_total", "Inference requests by outcome", ["model", "outcome"],
+            "idlegrid_requests_total",
+            "Inference requests by outcome",
+            ["model", "outcome"],
             registry=r,
         )
         self.tokens = Counter(
             "idlegrid_tokens_total", "Tokens served", ["model", "kind"], registry=r
         )
         self.ttft = Histogram(
-            "idlegrid_time_to_first_token_seconds", "Gateway time to first token", ["model"],
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
+            "idlegrid_time_to_first_token_seconds",
+            "Gateway time to first token",
+            ["model"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
         )
         self.failovers = Counter(
             "idlegrid_failovers_total", "Attempts taken from a provider", ["reason"], registry=r
@@ -31,8 +36,10 @@ class Metrics:
         )
 
         self.orders = Counter(
-            "idlegrid_orders_total", "Market orders by kind and first outcome",
-            ["kind", "outcome"], registry=r,
+            "idlegrid_orders_total",
+            "Market orders by kind and first outcome",
+            ["kind", "outcome"],
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -58,14 +58,23 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def event_stream(data: str) -> dict[str, Any]:
     """The `content` of a Server-Sent Events response: each event as a parsed object (the
     OpenAPI convention that schemathesis also checks), its `data` described in words."""
-    return {"text/event-stream": {"schema": {
-        "type": "object", "required": ["data"],
-        "properties": {"event": {"type": "string"},
-                       "data": {"type": "string", "description": data}}}}}
+    return {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "event": {"type": "string"},
+                    "data": {"type": "string", "description": data},
+                },
+            }
+        }
+    }
 
 
 NO_CONTENT: dict[int | str, dict[str, Any]] = {
-    204: {"description": "Nothing arrived within the long poll; ask again"}}
+    204: {"description": "Nothing arrived within the long poll; ask again"}
+}
 
 
 class Health(BaseModel):
@@ -84,6 +93,8 @@ class Ready(BaseModel):
 
 
 READY_RESPONSES: dict[int | str, dict[str, Any]] = {
-    503: {"model": Ready, "description": "The database does not answer"}}
+    503: {"model": Ready, "description": "The database does not answer"}
+}
 METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Prometheus text exposition (`text/plain; version=0.0.4`)"}}
+    200: {"description": "Prometheus text exposition (`text/plain; version=0.0.4`)"}
+}

@@ -19,8 +19,12 @@ Tick = Callable[[frozenset[str]], Awaitable[None]]
 class Supervisor:
     """Runs `live()` then every tick with the live set, every `interval_s`."""
 
-    def __init__(self, live: Callable[[], Awaitable[frozenset[str]]], ticks: Sequence[Tick],
-                 interval_s: float) -> None:
+    def __init__(
+        self,
+        live: Callable[[], Awaitable[frozenset[str]]],
+        ticks: Sequence[Tick],
+        interval_s: float,
+    ) -> None:
         self._live = live
         self._ticks = list(ticks)
         self._interval_s = interval_s

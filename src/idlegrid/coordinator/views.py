@@ -49,9 +49,30 @@ class TaskView:
     error: str | None
 
 
-def new_task_view(task_id: str, key_id: str, model_id: str, kind: str, payload: dict[str, Any],
-                  hold: int, claimed_by: str | None) -> TaskView:
+def new_task_view(
+    task_id: str,
+    key_id: str,
+    model_id: str,
+    kind: str,
+    payload: dict[str, Any],
+    hold: int,
+    claimed_by: str | None,
+) -> TaskView:
     """The view of a task as `Store.create_task` writes it (queued, or claimed: attempt 1)."""
     state = TaskState.RUNNING if claimed_by else TaskState.QUEUED
-    return TaskView(task_id, key_id, model_id, kind, payload, state.value,
-                    1 if claimed_by else 0, claimed_by, hold, [], 0, 0, None, None)
+    return TaskView(
+        task_id,
+        key_id,
+        model_id,
+        kind,
+        payload,
+        state.value,
+        1 if claimed_by else 0,
+        claimed_by,
+        hold,
+        [],
+        0,
+        0,
+        None,
+        None,
+    )

@@ -23,23 +23,31 @@ PROVIDER, CHALLENGER, REFEREE = "provider", "challenger", "referee"
 
 def party(row: Any, role: str) -> str | None:
     """The node in `role`'s seat of a dispute row (provider_id, verifier_id, referee_id)."""
-    return {PROVIDER: row.provider_id, CHALLENGER: row.verifier_id,
-            REFEREE: row.referee_id}.get(role)
+    return {PROVIDER: row.provider_id, CHALLENGER: row.verifier_id, REFEREE: row.referee_id}.get(
+        role
+    )
 
 
 def asked(row: Any, waiting: Iterable[str], node_id: str) -> list[dict[str, Any]]:
     """The rounds `node_id` must answer now: one item per seat of its that is waited for."""
-    return [{"id": row.id, "round": row.round, "role": role}
-            for role in waiting if party(row, role) == node_id]
+    return [
+        {"id": row.id, "round": row.round, "role": role}
+        for role in waiting
+        if party(row, role) == node_id
+    ]
 
 
-def seat(row: Any, waiting: Iterable[str], node_id: str, round_: int,
-         answering: Collection[str]) -> str:
+def seat(
+    row: Any, waiting: Iterable[str], node_id: str, round_: int, answering: Collection[str]
+) -> str:
     """The seat `node_id` answers from at `round_` (409 if the dispute is at another round,
     not in an answering state, or asks nothing of this node now)."""
     if round_ != row.round or row.state not in answering:
-        raise Conflict(f"dispute {row.id} is not at round {round_} (round {row.round}, "
-                       f"{row.state})", round=row.round, state=row.state)
+        raise Conflict(
+            f"dispute {row.id} is not at round {round_} (round {row.round}, {row.state})",
+            round=row.round,
+            state=row.state,
+        )
     for role in waiting:
         if party(row, role) == node_id:
             return role

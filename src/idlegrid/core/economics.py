@@ -51,8 +51,9 @@ def parse_duration(text: str) -> float:
     try:
         value = float(number) * (scale or 1.0)
     except ValueError:
-        raise InvalidRequest(f"not a duration: {text!r} (try 90s, 30m, 24h, 7d)",
-                             param="period") from None
+        raise InvalidRequest(
+            f"not a duration: {text!r} (try 90s, 30m, 24h, 7d)", param="period"
+        ) from None
     if not math.isfinite(value) or value <= 0:
         raise InvalidRequest(f"a duration must be positive: {text!r}", param="period")
     return value
@@ -71,8 +72,9 @@ class Prices:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise InvalidRequest(f"{name} must be a non-negative number", param=name)
-        if self.card_price is not None and (not math.isfinite(self.card_price)
-                                            or self.card_price < 0):
+        if self.card_price is not None and (
+            not math.isfinite(self.card_price) or self.card_price < 0
+        ):
             raise InvalidRequest("card_price must be a non-negative number", param="card_price")
 
 
@@ -110,8 +112,15 @@ def payback_days(card_price: float | None, profit_per_day: float) -> float | Non
     return card_price / profit_per_day
 
 
-def report(earned_ucr: int, energy_j: float, period: Period, prices: Prices, *,
-           energy_estimated: bool = False, assumptions: tuple[str, ...] = ()) -> Report:
+def report(
+    earned_ucr: int,
+    energy_j: float,
+    period: Period,
+    prices: Prices,
+    *,
+    energy_estimated: bool = False,
+    assumptions: tuple[str, ...] = (),
+) -> Report:
     """Economics of what a device actually earned and used over `period`."""
     if energy_j < 0:
         raise InvalidRequest("energy cannot be negative", param="energy_j")
@@ -120,8 +129,16 @@ def report(earned_ucr: int, energy_j: float, period: Period, prices: Prices, *,
     earned_day = credits_day * prices.credit_value
     power_day = kwh_day * prices.kwh_price
     profit = earned_day - power_day
-    return Report(credits_day, earned_day, kwh_day, power_day, profit,
-                  payback_days(prices.card_price, profit), energy_estimated, assumptions)
+    return Report(
+        credits_day,
+        earned_day,
+        kwh_day,
+        power_day,
+        profit,
+        payback_days(prices.card_price, profit),
+        energy_estimated,
+        assumptions,
+    )
 
 
 @dataclass(frozen=True)
@@ -143,12 +160,14 @@ class CardSpec:
         if not 0 <= self.utilisation <= 1:
             raise InvalidRequest("utilisation must be between 0 and 1", param="utilisation")
         if self.prompt_tokens_per_output < 0:
-            raise InvalidRequest("prompt_tokens_per_output must be non-negative",
-                                 param="prompt_tokens_per_output")
+            raise InvalidRequest(
+                "prompt_tokens_per_output must be non-negative", param="prompt_tokens_per_output"
+            )
 
 
-def estimate_card(card: CardSpec, output_price: int, prompt_price: int, fee_bps: int,
-                  prices: Prices) -> Report:
+def estimate_card(
+    card: CardSpec, output_price: int, prompt_price: int, fee_bps: int, prices: Prices
+) -> Report:
     """What a card would earn per day at market prices (µcr per 1M tokens) and its measured speed.
 
     Always an estimate: demand (utilisation) is assumed, not observed.
@@ -171,5 +190,6 @@ def estimate_card(card: CardSpec, output_price: int, prompt_price: int, fee_bps:
         f"{card.prompt_tokens_per_output:g} prompt tokens billed per output token",
         f"protocol fee {fee_bps / 100:g}%",
     )
-    return report(round(net_ucr), energy_j, day, prices, energy_estimated=True,
-                  assumptions=assumptions)
+    return report(
+        round(net_ucr), energy_j, day, prices, energy_estimated=True, assumptions=assumptions
+    )

@@ -33,8 +33,13 @@ class Lifecycle:
     initial: frozenset[str]
 
     @classmethod
-    def of(cls, name: str, states: type[StrEnum], moves: Mapping[StrEnum, Iterable[StrEnum]],
-           initial: Iterable[StrEnum]) -> Lifecycle:
+    def of(
+        cls,
+        name: str,
+        states: type[StrEnum],
+        moves: Mapping[StrEnum, Iterable[StrEnum]],
+        initial: Iterable[StrEnum],
+    ) -> Lifecycle:
         """Build a table; a move to or from a state outside `states` is a bug here."""
         names = {s.value for s in states}
         table = {s.value: frozenset(str(f) for f in moves.get(s, ())) for s in states}
@@ -58,12 +63,12 @@ class Lifecycle:
         """Whether the table has the move `start -> finish`."""
         return finish in self.moves.get(str(start), frozenset())
 
-    def move(self, start: str, finish: str, *, key: str | None = None,
-             story: Iterable[str] = ()) -> str:
+    def move(
+        self, start: str, finish: str, *, key: str | None = None, story: Iterable[str] = ()
+    ) -> str:
         """The new state (as stored), or IllegalTransition carrying every detail."""
         if not self.allowed(start, finish):
-            raise IllegalTransition(self.name, str(start), str(finish), key=key,
-                                    story=tuple(story))
+            raise IllegalTransition(self.name, str(start), str(finish), key=key, story=tuple(story))
         return str(finish)
 
     def begin(self, state: str, *, key: str | None = None) -> str:

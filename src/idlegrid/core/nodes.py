@@ -24,8 +24,13 @@ class NodeState(StrEnum):
 
 
 _N = NodeState
-NODE = Lifecycle.of("node", NodeState, {
-    _N.LIVE: {_N.DRAINING, _N.GONE},
-    _N.DRAINING: {_N.LIVE, _N.GONE},
-    _N.GONE: {_N.LIVE},
-}, initial={_N.LIVE})
+NODE = Lifecycle.of(
+    "node",
+    NodeState,
+    {
+        _N.LIVE: {_N.DRAINING, _N.GONE},
+        _N.DRAINING: {_N.LIVE, _N.GONE},
+        _N.GONE: {_N.LIVE},
+    },
+    initial={_N.LIVE},
+)

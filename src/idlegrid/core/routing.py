@@ -31,8 +31,12 @@ class Candidate:
     @property
     def score(self) -> float:
         """The request's expected cost here, as the market scores it."""
-        return request_score(self.prompt_tokens, self.max_tokens,
-                             Price(self.prompt_price, self.output_price), self.reliability)
+        return request_score(
+            self.prompt_tokens,
+            self.max_tokens,
+            Price(self.prompt_price, self.output_price),
+            self.reliability,
+        )
 
     @property
     def load(self) -> float:
@@ -70,8 +74,9 @@ def within(price: Price, cap: Price) -> bool:
     return price.prompt <= cap.prompt and price.output <= cap.output
 
 
-def price_basis(prices: Mapping[str, Price], staked: AbstractSet[str],
-                cap: Price | None) -> Price | None:
+def price_basis(
+    prices: Mapping[str, Price], staked: AbstractSet[str], cap: Price | None
+) -> Price | None:
     """The price a request is escrowed at: the dearest it may be served at, or None.
 
     Only providers at or below the consumer's cap count, and among them only staked ones

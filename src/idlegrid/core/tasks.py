@@ -157,8 +157,9 @@ class Untarget:
 SuperviseAction = FailTask | Watch | Adopt | TakeBack | Untarget
 
 
-def supervise_running(t: RunningSnap, unmatched: frozenset[Seen], now: float,
-                      limits: SuperviseLimits) -> list[SuperviseAction]:
+def supervise_running(
+    t: RunningSnap, unmatched: frozenset[Seen], now: float, limits: SuperviseLimits
+) -> list[SuperviseAction]:
     """One running task: its consumer left, its stream lost the hand-over, its provider is
     lost or stalled, or all is well (no action)."""
     if t.stream is None:
@@ -177,8 +178,7 @@ def supervise_running(t: RunningSnap, unmatched: frozenset[Seen], now: float,
     return out
 
 
-def supervise_queued(t: QueuedSnap, now: float,
-                     limits: SuperviseLimits) -> list[SuperviseAction]:
+def supervise_queued(t: QueuedSnap, now: float, limits: SuperviseLimits) -> list[SuperviseAction]:
     """One queued task: its consumer left, nobody took it in time, or its target is slow
     to claim it."""
     if not t.has_stream:
@@ -190,9 +190,13 @@ def supervise_queued(t: QueuedSnap, now: float,
     return []
 
 
-def supervise(running: list[RunningSnap], queued: list[QueuedSnap], unmatched: frozenset[Seen],
-              now: float, limits: SuperviseLimits
-              ) -> tuple[list[SuperviseAction], frozenset[Seen]]:
+def supervise(
+    running: list[RunningSnap],
+    queued: list[QueuedSnap],
+    unmatched: frozenset[Seen],
+    now: float,
+    limits: SuperviseLimits,
+) -> tuple[list[SuperviseAction], frozenset[Seen]]:
     """A whole pass over one snapshot: the actions in order, and the unmatched set the next
     pass must see."""
     actions: list[SuperviseAction] = []

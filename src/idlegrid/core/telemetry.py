@@ -20,8 +20,9 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def buckets(points: Iterable[tuple[float, float]], start: float, end: float, width: float
-            ) -> tuple[list[float], list[float]]:
+def buckets(
+    points: Iterable[tuple[float, float]], start: float, end: float, width: float
+) -> tuple[list[float], list[float]]:
     """Sum (time, value) points into fixed-width buckets over [start, end): (bucket starts, sums).
 
     Every bucket is present, empty ones as 0, so a chart shows quiet periods as quiet.
@@ -37,8 +38,9 @@ def buckets(points: Iterable[tuple[float, float]], start: float, end: float, wid
     return starts, sums
 
 
-def bucket_mean(points: Iterable[tuple[float, float]], start: float, end: float, width: float
-                ) -> tuple[list[float], list[float | None]]:
+def bucket_mean(
+    points: Iterable[tuple[float, float]], start: float, end: float, width: float
+) -> tuple[list[float], list[float | None]]:
     """Mean of (time, value) points per bucket; None where a bucket has no point (a gap)."""
     pts = list(points)
     starts, sums = buckets(pts, start, end, width)
@@ -66,5 +68,7 @@ def totals_by_kind(balances: Mapping[str, int]) -> dict[str, int]:
 
 def provider_money(balances: Mapping[str, int], node_id: str) -> dict[str, int]:
     """A provider's accrued (not yet paid out) and paid balances, µcr."""
-    return {"accrued": balances.get(f"accrual:{node_id}", 0),
-            "paid": balances.get(f"provider:{node_id}", 0)}
+    return {
+        "accrued": balances.get(f"accrual:{node_id}", 0),
+        "paid": balances.get(f"provider:{node_id}", 0),
+    }

@@ -88,23 +88,47 @@ def kth_magnitude(rows: np.ndarray, k: int) -> float:
     return float(np.partition(flat, flat.size - k)[flat.size - k])
 
 
-def build_commitment(engine: Any, model: str, context_ids: Sequence[int], rec: Recorder,
-                     seed: int, temperature: float, top_p: float,
-                     finish_reason: str) -> cm.Commitment:
+def build_commitment(
+    engine: Any,
+    model: str,
+    context_ids: Sequence[int],
+    rec: Recorder,
+    seed: int,
+    temperature: float,
+    top_p: float,
+    finish_reason: str,
+) -> cm.Commitment:
     """Commit to what `rec` recorded for one generation."""
     rec.finish()
     states = np.stack(rec.states) if rec.states else np.zeros((0, 1), np.float32)
     entries = []
     for j in range(0, len(rec.tokens), cm.CHUNK_SIZE):
-        rows = states[j:j + cm.CHUNK_SIZE]
+        rows = states[j : j + cm.CHUNK_SIZE]
         entries.append(topk_entries(rows, cm.k_for(len(rows))))
     ended = bool(rec.tokens) and engine.is_end(rec.tokens[-1])
-    return cm.build(model, engine.det_class(), context_ids, seed, temperature, top_p, rec.tokens,
-                    entries, finish_reason, ended, int(states.shape[1]))
+    return cm.build(
+        model,
+        engine.det_class(),
+        context_ids,
+        seed,
+        temperature,
+        top_p,
+        rec.tokens,
+        entries,
+        finish_reason,
+        ended,
+        int(states.shape[1]),
+    )
 
 
-def recompute(engine: Any, context_ids: Sequence[int], c: cm.Commitment, max_new_tokens: int,
-              stop: Sequence[str] = (), context_length: int | None = None) -> cm.Report:
+def recompute(
+    engine: Any,
+    context_ids: Sequence[int],
+    c: cm.Commitment,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    context_length: int | None = None,
+) -> cm.Report:
     """One prefill over context + committed tokens; report what this engine computes."""
     h = c.header
     tokens = c.tokens
@@ -119,18 +143,23 @@ def recompute(engine: Any, context_ids: Sequence[int], c: cm.Commitment, max_new
             values = tuple(float(flat[i]) if i < flat.size else float("nan") for i in ch.indices)
             margins, allowed = [], []
             for r, tok in enumerate(ch.tokens):
-                rep = sampling.replay(logits[r], tok, h.seed, len(context_ids) + lo + r,
-                                      h.temperature, h.top_p)
+                rep = sampling.replay(
+                    logits[r], tok, h.seed, len(context_ids) + lo + r, h.temperature, h.top_p
+                )
                 margins.append(rep.margin)
                 allowed.append(rep.allowed)
-            report_chunks.append(cm.ChunkReport(values, kth_magnitude(rows, len(ch.indices)),
-                                                tuple(margins), tuple(allowed)))
+            report_chunks.append(
+                cm.ChunkReport(
+                    values, kth_magnitude(rows, len(ch.indices)), tuple(margins), tuple(allowed)
+                )
+            )
     end_ok = _end_ok(engine, c, tokens, max_new_tokens, stop, len(context_ids), context_length)
     return cm.Report(cm.context_hash(context_ids), tuple(report_chunks), end_ok, engine.det_class())
 
 
-def _outputs(engine: Any, context_ids: list[int], tokens: list[int],
-             chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _outputs(
+    engine: Any, context_ids: list[int], tokens: list[int], chunk_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(hidden states, logits) of the committed positions, a chunk at a time.
 
     Engines with `replay_outputs` (llama.cpp: its batched and one-token kernels differ, so it
@@ -150,14 +179,21 @@ def _outputs(engine: Any, context_ids: list[int], tokens: list[int],
             yield np.stack(rows), np.stack(logits)
         return
     ids = [*context_ids, *tokens]
-    states = engine.prefill_states(ids[:-1])[len(context_ids) - 1:]
+    states = engine.prefill_states(ids[:-1])[len(context_ids) - 1 :]
     for lo in range(0, len(tokens), chunk_size):
-        part = states[lo:lo + chunk_size]
+        part = states[lo : lo + chunk_size]
         yield part, engine.logits_of(part)
 
 
-def _end_ok(engine: Any, c: cm.Commitment, tokens: list[int], max_new: int, stop: Sequence[str],
-            context_len: int, context_length: int | None) -> bool:
+def _end_ok(
+    engine: Any,
+    c: cm.Commitment,
+    tokens: list[int],
+    max_new: int,
+    stop: Sequence[str],
+    context_len: int,
+    context_length: int | None,
+) -> bool:
     h = c.header
     if h.ended_by_end_token:
         return bool(tokens) and engine.is_end(tokens[-1]) and h.finish_reason == "stop"

@@ -68,8 +68,9 @@ def _device(lib: Any, n_gpu_layers: int) -> str:
     info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
     if n_gpu_layers:
         lowered = info.lower()
-        backend = next((b for b in ("cuda", "metal", "vulkan", "hip", "sycl") if b in lowered),
-                       "gpu")
+        backend = next(
+            (b for b in ("cuda", "metal", "vulkan", "hip", "sycl") if b in lowered), "gpu"
+        )
         return f"gpu-{backend}"
     return f"cpu-{variant_of(info)}"
 
@@ -219,8 +220,9 @@ class LlamaCppEngine:
         does the same.
         """
         if serial != self._serial:
-            raise EngineError("the engine ran another generation before the commitment",
-                              engine=self.name)
+            raise EngineError(
+                "the engine ran another generation before the commitment", engine=self.name
+            )
         if rec.tokens:
             rec.states[0] = self._last_prompt_state(ids)
 
@@ -254,8 +256,9 @@ class LlamaCppEngine:
         d = self.describe()
         return f"{d['engine']}/{d['version']}/{d['dtype']}/{d['device']}/t{d['threads']}"
 
-    def replay_outputs(self, context_ids: Sequence[int],
-                       tokens: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def replay_outputs(
+        self, context_ids: Sequence[int], tokens: Sequence[int]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(hidden state, logits) at each committed position, on the provider's schedule."""
         ctx = list(context_ids)
         check_prompt(ctx, self._context_length, self._n_vocab)
@@ -278,8 +281,9 @@ class LlamaCppEngine:
             llm.eval([tok])
             yield self._embedding(), self._logits().copy()
 
-    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
-              stop: Sequence[str] = ()) -> Any:
+    def audit(
+        self, context_ids: Sequence[int], c: Any, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> Any:
         """Recompute a commitment (verifier mode)."""
         from idlegrid.engines.commit import recompute
 

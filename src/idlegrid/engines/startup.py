@@ -25,23 +25,29 @@ from idlegrid.errors import EngineCrashed, EngineError
 PROBE_TOKENS = 4
 _HINTS = {
     "SIGILL": "the engine's native code uses CPU instructions this machine cannot run (a wheel "
-              "built with -march=native, or on another CPU, or AMX/AVX-512 state the VM did not "
-              "enable): rebuild the portable engine with scripts/bootstrap "
-              "(IDLEGRID_LLAMA_CPU=x86-64-v3, or x86-64 for the oldest CPUs)",
+    "built with -march=native, or on another CPU, or AMX/AVX-512 state the VM did not "
+    "enable): rebuild the portable engine with scripts/bootstrap "
+    "(IDLEGRID_LLAMA_CPU=x86-64-v3, or x86-64 for the oldest CPUs)",
     "SIGKILL": "killed from outside, most often by the kernel's OOM killer: the model needs "
-               "more memory than is free; serve a smaller model or free memory",
+    "more memory than is free; serve a smaller model or free memory",
     "SIGSEGV": "a crash in native code: an engine built for another CPU (a -march=native "
-               "llama.cpp with AMX kernels dies this way on VMs that do not enable AMX), or a "
-               "damaged or unsupported model file: rebuild the portable engine with "
-               "scripts/bootstrap, then check the file",
+    "llama.cpp with AMX kernels dies this way on VMs that do not enable AMX), or a "
+    "damaged or unsupported model file: rebuild the portable engine with "
+    "scripts/bootstrap, then check the file",
     "SIGBUS": "the model file could not be read through its memory map (truncated, or on a "
-              "failing disk); download it again",
+    "failing disk); download it again",
     "SIGABRT": "the engine aborted on an internal check; its message is in the log above",
 }
 
 
-def check_engine(engine: str, model: str, *, model_path: str | None = None,
-                 threads: int | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
+def check_engine(
+    engine: str,
+    model: str,
+    *,
+    model_path: str | None = None,
+    threads: int | None = None,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
     """Load `engine` with `model` in a child and decode a few tokens; raise if it cannot."""
     cmd = [sys.executable, "-m", "idlegrid.engines.startup", "--engine", engine, "--model", model]
     if model_path:
@@ -49,21 +55,35 @@ def check_engine(engine: str, model: str, *, model_path: str | None = None,
     if threads:
         cmd += ["--threads", str(threads)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
     except subprocess.TimeoutExpired as exc:
-        raise EngineError(f"the {engine} engine did not load {model} and decode "
-                          f"{PROBE_TOKENS} tokens within {timeout_s:.0f} s", engine=engine,
-                          detail="timeout") from exc
+        raise EngineError(
+            f"the {engine} engine did not load {model} and decode "
+            f"{PROBE_TOKENS} tokens within {timeout_s:.0f} s",
+            engine=engine,
+            detail="timeout",
+        ) from exc
     tail = _tail(proc.stderr)
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
-        raise EngineCrashed(engine=engine, model=model, signal=sig,
-                            hint=_HINTS.get(sig, "see the engine's output above"), tail=tail)
+        raise EngineCrashed(
+            engine=engine,
+            model=model,
+            signal=sig,
+            hint=_HINTS.get(sig, "see the engine's output above"),
+            tail=tail,
+        )
     if proc.returncode != 0:
         last = tail.splitlines()[-1] if tail else f"exit status {proc.returncode}"
-        raise EngineError(f"the {engine} engine could not start {model}: {last}",
-                          engine=engine, detail=tail)
+        raise EngineError(
+            f"the {engine} engine could not start {model}: {last}", engine=engine, detail=tail
+        )
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return report
 
@@ -94,9 +114,17 @@ def _child(engine: str, model: str, model_path: str | None, threads: int | None)
     elapsed = time.perf_counter() - began
     d = eng.describe()
     eng.close()
-    print(json.dumps({"engine": d.get("engine", engine), "device": d.get("device"),
-                      "version": d.get("version"), "tokens": out,
-                      "decode_tps": len(out) / elapsed if elapsed > 0 else 0.0}))
+    print(
+        json.dumps(
+            {
+                "engine": d.get("engine", engine),
+                "device": d.get("device"),
+                "version": d.get("version"),
+                "tokens": out,
+                "decode_tps": len(out) / elapsed if elapsed > 0 else 0.0,
+            }
+        )
+    )
     return 0
 
 

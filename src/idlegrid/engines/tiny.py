@@ -28,10 +28,18 @@ class TinyEngine:
 
     name = "tiny"
 
-    def __init__(self, model_id: str = "tiny", *, model_path: str | None = None,
-                 threads: int | None = None, context_length: int | None = None,
-                 weights_seed: int = 1234, dtype: str = "float32", layers: int = 2,
-                 dim: int = 64) -> None:
+    def __init__(
+        self,
+        model_id: str = "tiny",
+        *,
+        model_path: str | None = None,
+        threads: int | None = None,
+        context_length: int | None = None,
+        weights_seed: int = 1234,
+        dtype: str = "float32",
+        layers: int = 2,
+        dim: int = 64,
+    ) -> None:
         try:
             import torch
 
@@ -96,9 +104,15 @@ class TinyEngine:
 
     def describe(self) -> dict[str, Any]:
         """Engine facts for the determinism class."""
-        return {"engine": self.name, "version": self._torch.__version__, "model": self.model_id,
-                "dtype": self._dtype_name, "device": "cpu",
-                "threads": self._torch.get_num_threads(), "context_length": self._context_length}
+        return {
+            "engine": self.name,
+            "version": self._torch.__version__,
+            "model": self.model_id,
+            "dtype": self._dtype_name,
+            "device": "cpu",
+            "threads": self._torch.get_num_threads(),
+            "context_length": self._context_length,
+        }
 
     def close(self) -> None:
         """Nothing to free beyond the GC."""
@@ -133,8 +147,9 @@ class TinyEngine:
             out: np.ndarray = self._head.out(h).float().numpy()
         return out
 
-    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
-              stop: Sequence[str] = ()) -> Any:
+    def audit(
+        self, context_ids: Sequence[int], c: Any, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> Any:
         """Recompute a commitment (verifier mode)."""
         from idlegrid.engines.commit import recompute
 

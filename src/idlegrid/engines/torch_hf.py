@@ -66,7 +66,8 @@ class TorchEngine:
         except ImportError as exc:
             raise EngineError(
                 f"the torch engine needs torch and transformers: {INSTALL_HINT}",
-                engine=self.name, detail=str(exc),
+                engine=self.name,
+                detail=str(exc),
             ) from exc
         self._torch = torch
         spec = resolve_model(model_id, model_path=model_path)
@@ -168,8 +169,9 @@ class TorchEngine:
         d = self.describe()
         return f"torch/{d['version']}/{d['dtype']}/{d['device']}/t{d['threads']}"
 
-    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
-              stop: Sequence[str] = ()) -> Any:
+    def audit(
+        self, context_ids: Sequence[int], c: Any, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> Any:
         """Recompute a commitment in one prefill (verifier mode)."""
         from idlegrid.engines.commit import recompute
 

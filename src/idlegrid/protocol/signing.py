@@ -120,8 +120,12 @@ def frame_headers(node_id: str, frame: bytes) -> tuple[dict[str, str], bytes]:
     parts = head.decode("ascii", "replace").split(" ")
     if not sep or len(parts) != 3:
         raise AuthError("malformed frame signature")
-    return {HEADER_NODE: node_id, HEADER_TIMESTAMP: parts[0], HEADER_NONCE: parts[1],
-            HEADER_SIGNATURE: parts[2]}, body
+    return {
+        HEADER_NODE: node_id,
+        HEADER_TIMESTAMP: parts[0],
+        HEADER_NONCE: parts[1],
+        HEADER_SIGNATURE: parts[2],
+    }, body
 
 
 @functools.lru_cache(maxsize=4096)
@@ -192,9 +196,7 @@ class Verifier:
         if not abs(now - ts) <= self.max_skew_s:
             raise AuthError(f"stale timestamp ({now - ts:+.1f} s from coordinator clock)")
         try:
-            _public_key(public_key).verify(
-                signature, message(method, path, body, timestamp, nonce)
-            )
+            _public_key(public_key).verify(signature, message(method, path, body, timestamp, nonce))
         except (InvalidSignature, ValueError) as exc:
             raise AuthError("bad signature") from exc
         # Only a verified request may consume a nonce, or anyone could burn a node's nonces.

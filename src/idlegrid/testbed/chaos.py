@@ -45,14 +45,23 @@ class ChaosResult:
 
     def summary(self) -> str:
         """One paragraph for a person."""
-        return (f"served {sum(self.served)} ({self.served}), failed {len(self.failed)}, "
-                f"kills {self.kills}, restarts {self.restarts}, fairness "
-                f"{self.fairness:.2f}, latency p50 {statistics.median(self.latencies_s):.2f} s"
-                f" p99 {self.p(0.99):.2f} s, ledger {'ok' if self.ledger_ok else 'BROKEN'}")
+        return (
+            f"served {sum(self.served)} ({self.served}), failed {len(self.failed)}, "
+            f"kills {self.kills}, restarts {self.restarts}, fairness "
+            f"{self.fairness:.2f}, latency p50 {statistics.median(self.latencies_s):.2f} s"
+            f" p99 {self.p(0.99):.2f} s, ledger {'ok' if self.ledger_ok else 'BROKEN'}"
+        )
 
 
-def run_chaos(grid: LocalGrid, *, clients: int, duration_s: float, kill_every_s: float,
-              max_tokens: int = 24, seed: int = 0) -> ChaosResult:
+def run_chaos(
+    grid: LocalGrid,
+    *,
+    clients: int,
+    duration_s: float,
+    kill_every_s: float,
+    max_tokens: int = 24,
+    seed: int = 0,
+) -> ChaosResult:
     """Drive a started grid (funded key) for `duration_s`; stop it before returning."""
     served = [0] * clients
     failed: list[str] = []
@@ -63,16 +72,20 @@ def run_chaos(grid: LocalGrid, *, clients: int, duration_s: float, kill_every_s:
     log: list[str] = []
 
     def client(i: int) -> None:
-        c = openai.OpenAI(base_url=f"{grid.url}/v1", api_key=grid.api_key, max_retries=0,
-                          timeout=120)
+        c = openai.OpenAI(
+            base_url=f"{grid.url}/v1", api_key=grid.api_key, max_retries=0, timeout=120
+        )
         n = 0
         while not done.is_set():
             began = time.monotonic()
             try:
                 text = ""
-                for chunk in c.completions.create(model=grid.model, prompt=f"client {i} "
-                                                  f"request {n}", max_tokens=max_tokens,
-                                                  stream=True):
+                for chunk in c.completions.create(
+                    model=grid.model,
+                    prompt=f"client {i} request {n}",
+                    max_tokens=max_tokens,
+                    stream=True,
+                ):
                     text += chunk.choices[0].text if chunk.choices else ""
                 with lock:
                     served[i] += 1
@@ -103,7 +116,11 @@ def run_chaos(grid: LocalGrid, *, clients: int, duration_s: float, kill_every_s:
     for t in threads:
         t.join(timeout=180)
     restarts = sum(grid.restarts(f"provider-{i}") for i in range(len(grid.agents)))
-    with httpx.Client(base_url=grid.url, trust_env=False, timeout=30,
-                      headers={"Authorization": f"Bearer {grid.operator_key}"}) as c:
+    with httpx.Client(
+        base_url=grid.url,
+        trust_env=False,
+        timeout=30,
+        headers={"Authorization": f"Bearer {grid.operator_key}"},
+    ) as c:
         ledger_ok = bool(c.get("/api/v1/ledger/verify").json().get("ok"))
     return ChaosResult(served, failed, latencies, kills, restarts, ledger_ok, log)

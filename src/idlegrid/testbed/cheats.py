@@ -70,8 +70,9 @@ class Replaying(TinyEngine):
             ids = list(prompt_ids)
             for _ in range(64):
                 state = self._last_state(ids)
-                tok = self._pick(self.logits_of(state[None, :])[0], params.seed or 0, len(ids),
-                                 params)
+                tok = self._pick(
+                    self.logits_of(state[None, :])[0], params.seed or 0, len(ids), params
+                )
                 toks.append(tok)
                 states.append(state)
                 ids.append(tok)
@@ -98,12 +99,19 @@ class SeedIgnoring(TinyEngine):
 class LazyVerifier(TinyEngine):
     """(i) a verifier that approves everything: it echoes the commitment's own numbers."""
 
-    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
-              stop: Sequence[str] = ()) -> Any:
+    def audit(
+        self, context_ids: Sequence[int], c: Any, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> Any:
         """A report built from the commitment alone, no recomputation."""
-        chunks = tuple(cm.ChunkReport(ch.values, min(abs(v) for v in ch.values),
-                                      (1.0,) * len(ch.tokens), (True,) * len(ch.tokens))
-                       for ch in c.chunks)
+        chunks = tuple(
+            cm.ChunkReport(
+                ch.values,
+                min(abs(v) for v in ch.values),
+                (1.0,) * len(ch.tokens),
+                (True,) * len(ch.tokens),
+            )
+            for ch in c.chunks
+        )
         return cm.Report(c.header.context_hash, chunks, True, self.det_class())
 
 
@@ -132,20 +140,28 @@ class FalseAccuser(TinyEngine):
     """A verifier that recomputes honestly and then reports the last chunk 1% off, so an
     honest provider fails its audit (what disputes exist for)."""
 
-    def audit(self, context_ids: Sequence[int], c: Any, max_new_tokens: int,
-              stop: Sequence[str] = ()) -> Any:
+    def audit(
+        self, context_ids: Sequence[int], c: Any, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> Any:
         """The honest report with its last chunk's values moved."""
         r = super().audit(context_ids, c, max_new_tokens, stop)
         if len(r.chunks) < len(c.chunks) or not r.chunks:
             return r  # a truncated recompute (a dispute query) that stops before the lie
         last = r.chunks[-1]
-        bad = cm.ChunkReport(tuple(v * 1.01 for v in last.values), last.kth, last.margins,
-                             last.allowed)
+        bad = cm.ChunkReport(
+            tuple(v * 1.01 for v in last.values), last.kth, last.margins, last.allowed
+        )
         return cm.Report(r.context_hash, (*r.chunks[:-1], bad), r.end_ok, r.det_class)
 
 
-CHEATS = {"a": OtherModel, "b": LowPrecision, "c": Invented, "d": Truncating, "e": Replaying,
-          "f": SeedIgnoring}
+CHEATS = {
+    "a": OtherModel,
+    "b": LowPrecision,
+    "c": Invented,
+    "d": Truncating,
+    "e": Replaying,
+    "f": SeedIgnoring,
+}
 
 
 # ---- hardware cheats: provers plugged into the agent (`make_agent(..., prover=...)`) ----
@@ -174,9 +190,11 @@ class LowPrecisionProver(HonestProver):
 
     def product(self, seed: bytes, n: int, dtype: str) -> np.ndarray:
         """C from inputs rounded to bfloat16."""
+
         def bf16(x: np.ndarray) -> np.ndarray:
             return ((x.view(np.uint32) + np.uint32(0x8000)) & np.uint32(0xFFFF0000)).view(
-                np.float32)
+                np.float32
+            )
 
         bits = hw.VALUE_BITS[dtype]
         a, b = bf16(hw.matrix(seed, "A", n, bits)), bf16(hw.matrix(seed, "B", n, bits))

@@ -42,9 +42,15 @@ class CoordinatorThread:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
-                                log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
-                                http=guarded_http(settings.header_timeout_s))
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=settings.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+            http=guarded_http(settings.header_timeout_s),
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -65,8 +71,9 @@ class CoordinatorThread:
 
     def admin(self, **kwargs: Any) -> httpx.Client:
         """An HTTP client for the operator routes (admin, ledger, audits, full status)."""
-        return httpx.Client(base_url=self.url, trust_env=False, headers=self.operator_headers,
-                            **kwargs)
+        return httpx.Client(
+            base_url=self.url, trust_env=False, headers=self.operator_headers, **kwargs
+        )
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start serving and wait until the server has started."""
@@ -143,17 +150,33 @@ class AgentThread:
         self.thread.join(30)
 
 
-def make_agent(url: str, engines: Sequence[Engine], name: str, *, price: Price | None = None,
-               drain_grace_s: float = 30.0, key_dir: Path | None = None,
-               verifier: bool = False, meter: PowerMeter | None = None,
-               hardware: dict[str, Any] | None = None, prover: Any = None,
-               **market: Any) -> Agent:
+def make_agent(
+    url: str,
+    engines: Sequence[Engine],
+    name: str,
+    *,
+    price: Price | None = None,
+    drain_grace_s: float = 30.0,
+    key_dir: Path | None = None,
+    verifier: bool = False,
+    meter: PowerMeter | None = None,
+    hardware: dict[str, Any] | None = None,
+    prover: Any = None,
+    **market: Any,
+) -> Agent:
     """An agent with a fresh key (or one kept in `key_dir`)."""
     key = NodeKey.load_or_create(key_dir / f"{name}.key") if key_dir else NodeKey.generate()
-    config = AgentConfig(name=name, hardware=hardware or {"cpu_cores": 1}, prefill_tps=1000.0,
-                         decode_tps=100.0, drain_grace_s=drain_grace_s,
-                         price=price or Price(10 * MICRO, 40 * MICRO), verifier=verifier,
-                         meter=meter, **market)
+    config = AgentConfig(
+        name=name,
+        hardware=hardware or {"cpu_cores": 1},
+        prefill_tps=1000.0,
+        decode_tps=100.0,
+        drain_grace_s=drain_grace_s,
+        price=price or Price(10 * MICRO, 40 * MICRO),
+        verifier=verifier,
+        meter=meter,
+        **market,
+    )
     return Agent(NodeClient(url, key), engines, config, prover=prover)
 
 

@@ -163,16 +163,18 @@ class SwappedArch(Trainer):
         if small == spec.model:
             small = dataclasses.replace(spec.model, dim=spec.model.dim // 2)
         self.real_spec = spec
-        super().__init__(dataclasses.replace(spec, model=ModelSpec(**dataclasses.asdict(small))),
-                         threads)
+        super().__init__(
+            dataclasses.replace(spec, model=ModelSpec(**dataclasses.asdict(small))), threads
+        )
 
 
 class FaultyOp(Trainer):
     """One corrupted operator output at one step (a silent hardware or kernel fault, or a
     targeted cheat): the dispute game must land on exactly that (step, op)."""
 
-    def __init__(self, spec: JobSpec, threads: int | None = None, step: int = 0,
-                 op_index: int = 0) -> None:
+    def __init__(
+        self, spec: JobSpec, threads: int | None = None, step: int = 0, op_index: int = 0
+    ) -> None:
         # its fault may land on a view of the weights, outside the optimizer: no overlap
         super().__init__(spec, threads, overlap_hash=False)
         self.fault = (step, op_index)
@@ -185,8 +187,9 @@ class FaultyOp(Trainer):
         with Recorder(tamper=(self.fault[1], _perturb)):
             return super().train_step(state)
 
-    def trace_step(self, state: State, keep: int | None = None,
-                   tamper: Tamper | None = None) -> Trace:
+    def trace_step(
+        self, state: State, keep: int | None = None, tamper: Tamper | None = None
+    ) -> Trace:
         """Its trace of the faulty step shows the fault it committed."""
         if state.step == self.fault[0]:
             tamper = (self.fault[1], _perturb)
@@ -259,8 +262,9 @@ def affected(trainer: Trainer, segment: int) -> bool:
 
 def lazy_audit(commitment: TrainingCommitment, verifier_class: str) -> AuditReport:
     """A lazy verifier: approves without replaying by echoing the committed leaves."""
-    return AuditReport(Verdict(True, None, "looks fine"), list(commitment.leaves), 0.0, 0.0,
-                       verifier_class)
+    return AuditReport(
+        Verdict(True, None, "looks fine"), list(commitment.leaves), 0.0, 0.0, verifier_class
+    )
 
 
 def honest_start_hash(spec: JobSpec) -> bytes:
@@ -274,13 +278,24 @@ class LyingVerifier(TorchExecutor):
     nothing to stand on), so a dispute ends with both op chains equal and the referee's
     recompute of the step siding with the provider. Plugs in as `train_executor`."""
 
-    def replay(self, spec: Any, start: bytes, start_step: int,
-               end_step: int) -> tuple[list[Any], bytes]:
+    def replay(
+        self, spec: Any, start: bytes, start_step: int, end_step: int
+    ) -> tuple[list[Any], bytes]:
         """An honest replay whose state hashes are false from the second step on."""
         leaves, end = super().replay(spec, start, start_step, end_step)
-        return [StepLeaf(x.step, bytes(29) + b"lie", x.loss) if i >= 1 else x
-                for i, x in enumerate(leaves)], end
+        return [
+            StepLeaf(x.step, bytes(29) + b"lie", x.loss) if i >= 1 else x
+            for i, x in enumerate(leaves)
+        ], end
 
 
-__all__ = ["CHEATS", "LyingVerifier", "Provider", "StepLeaf", "affected",
-           "honest_start_hash", "lazy_audit", "run_job"]
+__all__ = [
+    "CHEATS",
+    "LyingVerifier",
+    "Provider",
+    "StepLeaf",
+    "affected",
+    "honest_start_hash",
+    "lazy_audit",
+    "run_job",
+]

@@ -25,13 +25,20 @@ from idlegrid.training.verified import (
 )
 
 
-def audit(spec: JobSpec, prov: Provider, seg: int, verifier_threads: int,
-          microbatches: int = 1) -> AuditReport:
+def audit(
+    spec: JobSpec, prov: Provider, seg: int, verifier_threads: int, microbatches: int = 1
+) -> AuditReport:
     """Audit segment `seg` of a provider's run on a verifier with this thread count."""
     c = prov.commitments[seg]
-    return audit_segment(spec, c, prov.checkpoint(c.start_step), prov.checkpoint(c.end_step),
-                         provider_class=prov.trainer.determinism_class(),
-                         threads=verifier_threads, microbatches=microbatches)
+    return audit_segment(
+        spec,
+        c,
+        prov.checkpoint(c.start_step),
+        prov.checkpoint(c.end_step),
+        provider_class=prov.trainer.determinism_class(),
+        threads=verifier_threads,
+        microbatches=microbatches,
+    )
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,13 @@ class CheatResult:
     min_weight_dist: float | None
 
 
-def cheat_matrix(spec: JobSpec, jobs: int = 1, provider_threads: int = 1,
-                 verifiers: tuple[tuple[int, int], ...] = ((1, 1), (2, 1)),
-                 names: tuple[str, ...] | None = None) -> list[CheatResult]:
+def cheat_matrix(
+    spec: JobSpec,
+    jobs: int = 1,
+    provider_threads: int = 1,
+    verifiers: tuple[tuple[int, int], ...] = ((1, 1), (2, 1)),
+    names: tuple[str, ...] | None = None,
+) -> list[CheatResult]:
     """Run every cheat on `jobs` jobs (job seeds 0..jobs−1) and audit every segment with
     each verifier (threads, micro-batches): the provider's class audits exactly, another
     class in tolerance mode."""
@@ -93,10 +104,13 @@ THREAD_PAIRS = ((1, 2, 1, 1), (2, 1, 1, 1))
 MICROBATCH_PAIRS = ((1, 1, 1, 2), (1, 1, 2, 1))
 
 
-def honest_audits(spec: JobSpec, jobs: int,
-                  pairs: tuple[tuple[int, int, int, int], ...] = THREAD_PAIRS,
-                  progress: Callable[[int], None] | None = None,
-                  first_job: int = 0) -> HonestResult:
+def honest_audits(
+    spec: JobSpec,
+    jobs: int,
+    pairs: tuple[tuple[int, int, int, int], ...] = THREAD_PAIRS,
+    progress: Callable[[int], None] | None = None,
+    first_job: int = 0,
+) -> HonestResult:
     """Honest jobs (seeds first_job .. first_job + jobs − 1), every segment audited
     cross-class per pair (provider threads, verifier threads, provider micro-batches,
     verifier micro-batches)."""
@@ -122,8 +136,9 @@ def honest_audits(spec: JobSpec, jobs: int,
                 ld.append(float(rep.verdict.detail.get("max_loss_diff", 0.0)))
         if progress is not None:
             progress(n)
-    return HonestResult(n, flagged, max(wd, default=0.0), max(ld, default=0.0), wd, ld,
-                        replay, train, hashing)
+    return HonestResult(
+        n, flagged, max(wd, default=0.0), max(ld, default=0.0), wd, ld, replay, train, hashing
+    )
 
 
 def _with_seed(spec: JobSpec, j: int) -> JobSpec:
@@ -132,9 +147,13 @@ def _with_seed(spec: JobSpec, j: int) -> JobSpec:
     return dataclasses.replace(spec, job_seed=spec.job_seed + j, init_seed=spec.init_seed + j)
 
 
-def run_dispute(spec: JobSpec, provider: Trainer, challenger: Trainer,
-                commitment: TrainingCommitment,
-                start_ckpt: bytes | None) -> tuple[dispute.Outcome, float, int]:
+def run_dispute(
+    spec: JobSpec,
+    provider: Trainer,
+    challenger: Trainer,
+    commitment: TrainingCommitment,
+    start_ckpt: bytes | None,
+) -> tuple[dispute.Outcome, float, int]:
     """Play a whole dispute over a committed segment between two executors; returns the
     outcome, wall seconds and the disputed step's op count."""
     t0 = time.perf_counter()
@@ -164,17 +183,28 @@ def run_dispute(spec: JobSpec, provider: Trainer, challenger: Trainer,
             Trainer(spec, provider.threads).train_step(st)
             h = state_hash(st)
             return h == commitment.leaf(step).state_hash, h == replayed[
-                step - commitment.start_step].state_hash
+                step - commitment.start_step
+            ].state_hash
         p_recs, c_recs = traces[(dispute.PROVIDER, step)], traces[(dispute.CHALLENGER, step)]
         p_rec = p_recs[j] if j < len(p_recs) else None
         c_rec = c_recs[j] if j < len(c_recs) else None
         if p_rec is None or c_rec is None:
             ref = Trainer(spec, provider.threads).trace_step(provider.load(ck)).records
-            return (p_rec is not None and j < len(ref) and ref[j] == p_rec,
-                    c_rec is not None and j < len(ref) and ref[j] == c_rec)
+            return (
+                p_rec is not None and j < len(ref) and ref[j] == p_rec,
+                c_rec is not None and j < len(ref) and ref[j] == c_rec,
+            )
         kept = provider.trace_step(state_before(provider, step), keep=j)
-        return referee_op(spec, ck, step, p_rec, c_rec, kept.calls.get(j), kept.inputs.get(j),
-                          threads=provider.threads)
+        return referee_op(
+            spec,
+            ck,
+            step,
+            p_rec,
+            c_rec,
+            kept.calls.get(j),
+            kept.inputs.get(j),
+            threads=provider.threads,
+        )
 
     out = dispute.play(commitment, [x.state_hash for x in replayed], op_records, referee)
     n_ops = len(traces.get((dispute.PROVIDER, out.step or 0), []))

@@ -21,9 +21,15 @@ from idlegrid.testbed import cheats
 TOL = cm.Tolerance(rel=1e-4, rank_slack=1e-4, margin=1e-3)
 
 
-def one_audit(provider: Any, verifier: Any, i: int, temperature: float, max_tokens: int = 32,
-              provider_threads: int = 1,
-              verifier_threads: int = 1) -> tuple[cm.Verdict, float, float]:
+def one_audit(
+    provider: Any,
+    verifier: Any,
+    i: int,
+    temperature: float,
+    max_tokens: int = 32,
+    provider_threads: int = 1,
+    verifier_threads: int = 1,
+) -> tuple[cm.Verdict, float, float]:
     """Serve request i on `provider`, audit it on `verifier`; (verdict, gen s, verify s)."""
     ids = provider.tokenize(f"Request number {i}: write something about item {i * 7 % 101}")
     rec = Recorder()
@@ -31,13 +37,13 @@ def one_audit(provider: Any, verifier: Any, i: int, temperature: float, max_toke
     res = Generation()
     torch.set_num_threads(provider_threads)
     t0 = time.perf_counter()
-    for _ in stream_pieces(provider, ids, SamplingParams(temperature, 1.0, 1000 + i),
-                           max_tokens=max_tokens, result=res):
+    for _ in stream_pieces(
+        provider, ids, SamplingParams(temperature, 1.0, 1000 + i), max_tokens=max_tokens, result=res
+    ):
         pass
     t1 = time.perf_counter()
     provider.recorder = None
-    c = build_commitment(provider, "tiny", ids, rec, 1000 + i, temperature, 1.0,
-                         res.finish_reason)
+    c = build_commitment(provider, "tiny", ids, rec, 1000 + i, temperature, 1.0, res.finish_reason)
     c = cm.decode(c.encode())
     torch.set_num_threads(verifier_threads)
     t2 = time.perf_counter()
@@ -60,8 +66,9 @@ def cheat_matrix(n: int) -> dict[str, float]:
     return out
 
 
-def honest(n: int, start: int = 0
-           ) -> tuple[int, list[float], list[float], list[float], list[float]]:
+def honest(
+    n: int, start: int = 0
+) -> tuple[int, list[float], list[float], list[float], list[float]]:
     """False positives over n honest audits (threads 1/2 mixed, verifier engine float32 or
     a float64 reference build every other block of four, T 0 and 1)."""
     p = TinyEngine("tiny")
@@ -73,13 +80,12 @@ def honest(n: int, start: int = 0
         vt = 1 + (i % 2)
         pt = 1 + (i // 2 % 2)
         v = verifiers[i // 4 % 2]
-        verdict, g, w = one_audit(p, v, i, 1.0 if i % 3 else 0.0, provider_threads=pt,
-                                  verifier_threads=vt)
+        verdict, g, w = one_audit(
+            p, v, i, 1.0 if i % 3 else 0.0, provider_threads=pt, verifier_threads=vt
+        )
         fails += not verdict.passed
         rels.append(verdict.worst_rel)
         margins.append(verdict.worst_margin)
         gen.append(g)
         ver.append(w)
     return fails, rels, margins, gen, ver
-
-

@@ -11,10 +11,29 @@ import torch
 # Present in CPython 3.11+; the exact bytes differ between versions, so compare runs made
 # on one interpreter, not numbers across interpreters.
 STDLIB_MODULES = (
-    "textwrap.py", "string.py", "functools.py", "heapq.py", "bisect.py", "contextlib.py",
-    "dataclasses.py", "enum.py", "fractions.py", "shlex.py", "json/decoder.py",
-    "json/encoder.py", "collections/__init__.py", "random.py", "statistics.py", "glob.py",
-    "fnmatch.py", "copy.py", "abc.py", "operator.py", "queue.py", "sched.py", "calendar.py",
+    "textwrap.py",
+    "string.py",
+    "functools.py",
+    "heapq.py",
+    "bisect.py",
+    "contextlib.py",
+    "dataclasses.py",
+    "enum.py",
+    "fractions.py",
+    "shlex.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "collections/__init__.py",
+    "random.py",
+    "statistics.py",
+    "glob.py",
+    "fnmatch.py",
+    "copy.py",
+    "abc.py",
+    "operator.py",
+    "queue.py",
+    "sched.py",
+    "calendar.py",
 )
 
 
@@ -43,6 +62,6 @@ def make_windows(corpus: bytes, seq: int, n_train: int, n_eval: int) -> Windows:
 
     def take(lo: int, hi: int, n: int) -> torch.Tensor:
         starts = torch.linspace(lo, hi - seq - 2, n).to(torch.int64)
-        return torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
+        return torch.stack([data[s : s + seq + 1] for s in starts.tolist()])
 
     return Windows(take(0, split, n_train), take(split, len(data), n_eval))

@@ -41,25 +41,37 @@ def split_addr(addr: str) -> tuple[str, int]:
 class DataParallelTrainer(Trainer):
     """One rank of a data-parallel gang: shard gradient, all-reduce, identical update."""
 
-    def __init__(self, spec: JobSpec, rank: int, world: int, rendezvous: str, *,
-                 prefix: str = "", my_host: str = "127.0.0.1", threads: int | None = None,
-                 timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        rank: int,
+        world: int,
+        rendezvous: str,
+        *,
+        prefix: str = "",
+        my_host: str = "127.0.0.1",
+        threads: int | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
         super().__init__(spec, threads)
         if world < 1 or not 0 <= rank < world or spec.batch_size % world:
-            raise InvalidRequest(f"rank {rank} of {world} does not fit batch {spec.batch_size}",
-                                 param="rank")
+            raise InvalidRequest(
+                f"rank {rank} of {world} does not fit batch {spec.batch_size}", param="rank"
+            )
         self.rank, self.world = rank, world
         host, port = split_addr(rendezvous)
         timeout = timedelta(seconds=timeout_s)
         # Rank 0 serves the store on its advertised port; the others connect (and wait for
         # it up to the timeout, so start order does not matter).
-        self._store: Any = dist.TCPStore(host, port, world, is_master=rank == 0,
-                                         timeout=timeout, wait_for_workers=False)
+        self._store: Any = dist.TCPStore(
+            host, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+        )
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=my_host)]
-        self.pg: Any = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self._store), rank, world,
-                                             opts)
+        self.pg: Any = dist.ProcessGroupGloo(
+            dist.PrefixStore(prefix, self._store), rank, world, opts
+        )
 
     def determinism_class(self) -> str:
         """`…/t<threads>/dp<world>`: the gang's class (a verifier replays it as mb<world>)."""
@@ -80,14 +92,15 @@ class DataParallelTrainer(Trainer):
         with torch.no_grad():
             for p in params:
                 n = p.numel()
-                p.grad.copy_(flat[off:off + n].view_as(p))  # type: ignore[union-attr]
+                p.grad.copy_(flat[off : off + n].view_as(p))  # type: ignore[union-attr]
                 off += n
         self.apply_update(state)
         set_step(state, state.step + 1)
         return float(lv[0])
 
-    def run(self, state: State, end_step: int,
-            on_step: OnStep | None = None) -> tuple[State, list[StepLeaf]]:
+    def run(
+        self, state: State, end_step: int, on_step: OnStep | None = None
+    ) -> tuple[State, list[StepLeaf]]:
         """Train to `end_step`, then check that every rank ended in the same state."""
         state, leaves = super().run(state, end_step, on_step)
         if leaves:
@@ -96,8 +109,9 @@ class DataParallelTrainer(Trainer):
             self.pg.allgather([got], [mine]).wait()
             bad = [r for r, h in enumerate(got) if not torch.equal(h, mine)]
             if bad:
-                raise GangDiverged(f"ranks {bad} ended step {end_step} in another state "
-                                   f"than rank {self.rank}")
+                raise GangDiverged(
+                    f"ranks {bad} ended step {end_step} in another state than rank {self.rank}"
+                )
         return state, leaves
 
     def close(self) -> None:

@@ -38,15 +38,25 @@ def _tag(kind: int, step: int, micro: int) -> int:
 def _pack_q(q: Quantized | None) -> dict[str, Any] | None:
     if q is None:
         return None
-    return {"p": q.packed.numpy(), "s": q.scale.numpy(), "shape": q.shape, "bits": q.bits,
-            "bucket": q.bucket}
+    return {
+        "p": q.packed.numpy(),
+        "s": q.scale.numpy(),
+        "shape": q.shape,
+        "bits": q.bits,
+        "bucket": q.bucket,
+    }
 
 
 def _unpack_q(d: dict[str, Any] | None) -> Quantized | None:
     if d is None:
         return None
-    return Quantized(torch.from_numpy(d["p"]), torch.from_numpy(d["s"]), tuple(d["shape"]),
-                     d["bits"], d["bucket"])
+    return Quantized(
+        torch.from_numpy(d["p"]),
+        torch.from_numpy(d["s"]),
+        tuple(d["shape"]),
+        d["bits"],
+        d["bucket"],
+    )
 
 
 def _dumps(obj: Any) -> bytes:
@@ -64,20 +74,20 @@ class Worker:
     def __init__(self, cfg: dict[str, Any], rank: int) -> None:
         self.cfg, self.rank = cfg, rank
         plan: list[list[int]] = cfg["plan"]
-        self.stage, self.pipe = next((j, i) for j, row in enumerate(plan)
-                                     for i, host in enumerate(row) if host == rank)
+        self.stage, self.pipe = next(
+            (j, i) for j, row in enumerate(plan) for i, host in enumerate(row) if host == rank
+        )
         self.depth, self.width = len(plan), len(plan[0])
         self.prev = plan[self.stage - 1][self.pipe] if self.stage > 0 else None
         self.next = plan[self.stage + 1][self.pipe] if self.stage < self.depth - 1 else None
         self.group = plan[self.stage]
         m = cfg["model"]
-        self.model_cfg = GPTConfig(seq=m["seq"], layers=m["layers"], dim=m["dim"],
-                                   heads=m["heads"])
+        self.model_cfg = GPTConfig(seq=m["seq"], layers=m["layers"], dim=m["dim"], heads=m["heads"])
         torch.manual_seed(cfg["seed"])
         self.module = build_stages(self.model_cfg, self.depth, cfg["seed"])[self.stage]
         self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg["lr"], weight_decay=0.0)
         windows = make_windows(load_corpus(), m["seq"], cfg["samples"], 8).train
-        self.shard = windows[self.pipe::self.width]
+        self.shard = windows[self.pipe :: self.width]
         comp = cfg["compression"]
         n, shape = len(self.shard), (m["seq"], m["dim"])
         aq = comp["method"] == "aqsgd"
@@ -98,14 +108,17 @@ class Worker:
         g = torch.Generator().manual_seed(c["seed"] * 7919 + step)
         order = torch.randperm(len(self.shard), generator=g)
         b = c["micro_batch"]
-        return [order[k * b:(k + 1) * b] for k in range(c["micro_batches"])]
+        return [order[k * b : (k + 1) * b] for k in range(c["micro_batches"])]
 
     def _send_act(self, step: int, micro: int, ids: torch.Tensor, out: torch.Tensor) -> None:
         assert self.next is not None
         if self.sender is not None:
             msg = self.sender.encode(ids, out)
-            body = {"fresh": msg.fresh.numpy(), "delta": _pack_q(msg.delta),
-                    "full": None if msg.full is None else msg.full.numpy()}
+            body = {
+                "fresh": msg.fresh.numpy(),
+                "delta": _pack_q(msg.delta),
+                "full": None if msg.full is None else msg.full.numpy(),
+            }
         else:
             body = {"raw": out.detach().numpy()}
         self.ep.send(self.next, _tag(FWD, step, micro), _dumps(body))
@@ -123,8 +136,9 @@ class Worker:
     def _send_grad(self, step: int, micro: int, grad: torch.Tensor) -> None:
         assert self.prev is not None
         if self.bwd_bits:
-            body: dict[str, Any] = {"q": _pack_q(quantize(grad, self.bwd_bits,
-                                                          bucket=grad.shape[-1]))}
+            body: dict[str, Any] = {
+                "q": _pack_q(quantize(grad, self.bwd_bits, bucket=grad.shape[-1]))
+            }
         else:
             body = {"raw": grad.numpy()}
         self.ep.send(self.prev, _tag(BWD, step, micro), _dumps(body))
@@ -155,19 +169,24 @@ class Worker:
     def _exchange(self, step: int) -> None:
         """Sharded parameter server: reduce-scatter then all-gather, one shard per member."""
         params = [p for p in self.module.parameters()]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in params])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        )
         if self.width > 1:
             shards = list(torch.tensor_split(flat, self.width))
             for pos, host in enumerate(self.group):
                 if host != self.rank:
-                    self.ep.send(host, _tag(SCATTER, step, pos),
-                                 self._encode_vec(self.ef, f"to{pos}", shards[pos]))
+                    self.ep.send(
+                        host,
+                        _tag(SCATTER, step, pos),
+                        self._encode_vec(self.ef, f"to{pos}", shards[pos]),
+                    )
             mine = [shards[self.pipe]]  # my own shard never crosses a link
             for host in self.group:
                 if host != self.rank:
-                    mine.append(self._decode_vec(
-                        self.ep.recv(host, _tag(SCATTER, step, self.pipe))))
+                    mine.append(
+                        self._decode_vec(self.ep.recv(host, _tag(SCATTER, step, self.pipe)))
+                    )
             avg = torch.stack(mine).mean(dim=0)
             payload = self._encode_vec(self.server_ef, "avg", avg)
             for host in self.group:
@@ -181,7 +200,7 @@ class Worker:
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
     def step(self, step: int) -> float | None:
@@ -202,8 +221,9 @@ class Worker:
                 self._send_act(step, micro, ids, out)
                 saved.append((h_in, out))
             else:
-                loss = F.cross_entropy(out.reshape(-1, out.shape[-1]),
-                                       windows[:, 1:].reshape(-1)) / len(ids_list)
+                loss = F.cross_entropy(
+                    out.reshape(-1, out.shape[-1]), windows[:, 1:].reshape(-1)
+                ) / len(ids_list)
                 losses.append(float(loss.detach()) * len(ids_list))
                 saved.append((h_in, loss))
         for micro in reversed(range(len(ids_list))):
@@ -230,8 +250,14 @@ class Worker:
             if loss is not None:
                 losses.append(loss)
         self.ep.close()
-        return {"rank": self.rank, "stage": self.stage, "pipeline": self.pipe,
-                "times": times, "losses": losses, "bytes_sent": self.ep.bytes_sent}
+        return {
+            "rank": self.rank,
+            "stage": self.stage,
+            "pipeline": self.pipe,
+            "times": times,
+            "losses": losses,
+            "bytes_sent": self.ep.bytes_sent,
+        }
 
 
 def main(argv: list[str]) -> None:

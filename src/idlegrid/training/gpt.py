@@ -45,8 +45,9 @@ class Block(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.ln2 = nn.LayerNorm(cfg.dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(),
-                                 nn.Linear(4 * cfg.dim, cfg.dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(), nn.Linear(4 * cfg.dim, cfg.dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, seq, dim) → (batch, seq, dim)."""
@@ -86,7 +87,7 @@ def build_stages(cfg: GPTConfig, stages: int, seed: int) -> list[nn.Sequential]:
     for j in range(stages):
         n = per + (1 if j < extra else 0)
         mods: list[nn.Module] = [embed] if j == 0 else []
-        mods.extend(blocks[start:start + n])
+        mods.extend(blocks[start : start + n])
         if j == stages - 1:
             mods.append(head)
         out.append(nn.Sequential(*mods))

@@ -39,8 +39,17 @@ def tensor_hash(t: torch.Tensor) -> bytes:
     return h.digest()
 
 
-_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
-          torch.memory_format)
+_PLAIN = (
+    int,
+    float,
+    bool,
+    str,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
 
 
 def _plain(v: Any) -> str:
@@ -72,8 +81,12 @@ class OpRecord:
     def record_bytes(self) -> bytes:
         """Canonical bytes that the op chain covers."""
         head = f"{self.index}|{self.name}|{self.signature}|".encode()
-        return head + struct.pack("<I", len(self.input_hashes)) + b"".join(
-            self.input_hashes) + self.output_hash
+        return (
+            head
+            + struct.pack("<I", len(self.input_hashes))
+            + b"".join(self.input_hashes)
+            + self.output_hash
+        )
 
 
 @dataclass(frozen=True)
@@ -114,8 +127,9 @@ def op_chain(start: bytes, records: Sequence[OpRecord]) -> list[bytes]:
 
 
 def _signature(func: Any, flat: list[Any]) -> str:
-    return ",".join(f"T{tuple(a.shape)}:{a.dtype}" if isinstance(a, torch.Tensor) else _plain(a)
-                    for a in flat)
+    return ",".join(
+        f"T{tuple(a.shape)}:{a.dtype}" if isinstance(a, torch.Tensor) else _plain(a) for a in flat
+    )
 
 
 def _summary(out: Any) -> tuple[float, ...]:
@@ -136,8 +150,7 @@ class Recorder(TorchDispatchMode):
         self.keep = keep
         self.tamper = tamper
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         i = len(self.trace.records)
         flat, spec = tree_flatten((args, kwargs))
@@ -158,13 +171,17 @@ class Recorder(TorchDispatchMode):
             first = next((x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)), None)
             if first is not None:
                 self.tamper[1](first)
-        self.trace.records.append(OpRecord(i, str(func), _signature(func, flat), in_hashes,
-                                           _value_hash(out), _summary(out)))
+        self.trace.records.append(
+            OpRecord(
+                i, str(func), _signature(func, flat), in_hashes, _value_hash(out), _summary(out)
+            )
+        )
         return out
 
 
-def recompute_op(call: OpCall, inputs: Sequence[torch.Tensor],
-                 expected_inputs: Sequence[bytes], threads: int = 1) -> bytes:
+def recompute_op(
+    call: OpCall, inputs: Sequence[torch.Tensor], expected_inputs: Sequence[bytes], threads: int = 1
+) -> bytes:
     """The referee's one-operator recompute: check the inputs against the agreed hashes,
     run the op, return its output hash. ValueError if an input is not the agreed one."""
     if len(inputs) != len(expected_inputs):

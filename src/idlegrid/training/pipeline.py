@@ -68,15 +68,18 @@ class RunResult:
 class Link:
     """One stage boundary of one pipeline: forward codec, backward quantizer, byte counts."""
 
-    def __init__(self, cfg: RunConfig, num_samples: int, sample_shape: tuple[int, ...],
-                 seed: int) -> None:
+    def __init__(
+        self, cfg: RunConfig, num_samples: int, sample_shape: tuple[int, ...], seed: int
+    ) -> None:
         bucket = sample_shape[-1] if cfg.per_token else None
         self.bucket = bucket
         if cfg.method == "aqsgd":
             self.sender: AqSgdSender | DirectSender | RawSender = AqSgdSender(
-                num_samples, sample_shape, cfg.fwd_bits, bucket=bucket, seed=seed)
+                num_samples, sample_shape, cfg.fwd_bits, bucket=bucket, seed=seed
+            )
             self.receiver: AqSgdReceiver | DirectReceiver | RawReceiver = AqSgdReceiver(
-                num_samples, sample_shape)
+                num_samples, sample_shape
+            )
         elif cfg.method == "direct":
             self.sender, self.receiver = DirectSender(cfg.fwd_bits, bucket), DirectReceiver()
         else:
@@ -101,8 +104,9 @@ class Link:
         return dequantize(q)
 
 
-def _step_replica(stages: list[nn.Sequential], links: list[Link], ids: torch.Tensor,
-                  windows: torch.Tensor) -> float:
+def _step_replica(
+    stages: list[nn.Sequential], links: list[Link], ids: torch.Tensor, windows: torch.Tensor
+) -> float:
     x, y = windows[:, :-1], windows[:, 1:]
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
@@ -142,8 +146,10 @@ def train(cfg: RunConfig, data: Windows, model: GPTConfig) -> RunResult:
     opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=0.0)
     n = data.train.shape[0]
     shape = (model.seq, model.dim)
-    links = [[Link(cfg, n, shape, seed=cfg.seed * 1000 + 10 * r + j)
-              for j in range(cfg.stages - 1)] for r in range(cfg.replicas)]
+    links = [
+        [Link(cfg, n, shape, seed=cfg.seed * 1000 + 10 * r + j) for j in range(cfg.stages - 1)]
+        for r in range(cfg.replicas)
+    ]
     exchange = GradientExchange(cfg.replicas, cfg.grad_bits)
     shards = [torch.arange(r, n, cfg.replicas) for r in range(cfg.replicas)]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -156,11 +162,12 @@ def train(cfg: RunConfig, data: Windows, model: GPTConfig) -> RunResult:
             cursor = 0
         grads, step_loss = [], 0.0
         for r in range(cfg.replicas):
-            ids = orders[r][cursor:cursor + per]
+            ids = orders[r][cursor : cursor + per]
             opt.zero_grad(set_to_none=True)
             step_loss += _step_replica(stages, links[r], ids, data.train[ids])
-            grads.append({name: p.grad.detach().clone() for name, p in params
-                          if p.grad is not None})
+            grads.append(
+                {name: p.grad.detach().clone() for name, p in params if p.grad is not None}
+            )
         cursor += per
         averaged = exchange.exchange(grads)
         for name, p in params:

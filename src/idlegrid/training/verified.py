@@ -69,8 +69,9 @@ class CheckpointError(InvalidRequest):
 @lru_cache(maxsize=4)
 def _corpus(ref: str) -> tuple[bytes, str]:
     if ref != "stdlib:v1":
-        raise InvalidRequest(f"unknown data set {ref!r}; this provider holds stdlib:v1",
-                             param="spec.dataset.ref")
+        raise InvalidRequest(
+            f"unknown data set {ref!r}; this provider holds stdlib:v1", param="spec.dataset.ref"
+        )
     data = load_corpus()
     return data, hashlib.sha256(data).hexdigest()
 
@@ -84,8 +85,10 @@ def corpus_sha256(ref: str = "stdlib:v1") -> str:
 def _windows(ref: str, sha: str, seq: int, n: int) -> torch.Tensor:
     data, have = _corpus(ref)
     if have != sha:
-        raise InvalidRequest(f"data set {ref} here hashes to {have}, the spec says {sha}",
-                             param="spec.dataset.sha256")
+        raise InvalidRequest(
+            f"data set {ref} here hashes to {have}, the spec says {sha}",
+            param="spec.dataset.sha256",
+        )
     return make_windows(data, seq, n, 1).train
 
 
@@ -94,8 +97,16 @@ def _windows(ref: str, sha: str, seq: int, n: int) -> torch.Tensor:
 
 def _layout(spec: JobSpec) -> dict[str, Any]:
     m = spec.model
-    return {"v": 1, "arch": m.arch, "vocab": m.vocab, "seq": m.seq, "layers": m.layers,
-            "dim": m.dim, "heads": m.heads, "opt": spec.optimizer.name}
+    return {
+        "v": 1,
+        "arch": m.arch,
+        "vocab": m.vocab,
+        "seq": m.seq,
+        "layers": m.layers,
+        "dim": m.dim,
+        "heads": m.heads,
+        "opt": spec.optimizer.name,
+    }
 
 
 def _buffer_names(spec: JobSpec) -> tuple[str, ...]:
@@ -135,20 +146,23 @@ def build_state(spec: JobSpec, seed: int) -> State:
     with torch.no_grad():
         for p in params:
             n = p.numel()
-            buffers["params"][off:off + n].copy_(p.reshape(-1))
-            p.data = buffers["params"][off:off + n].view_as(p)
+            buffers["params"][off : off + n].copy_(p.reshape(-1))
+            p.data = buffers["params"][off : off + n].view_as(p)
             off += n
     o = spec.optimizer
     opt: torch.optim.Optimizer
     if o.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
-                                foreach=False)
+        opt = torch.optim.AdamW(
+            params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, foreach=False
+        )
         off = 0
         for p in params:  # moments as views into the flat buffers, so hashing needs no copy
             n = p.numel()
-            opt.state[p] = {"step": torch.tensor(0.0),
-                            "exp_avg": buffers["exp_avg"][off:off + n].view_as(p),
-                            "exp_avg_sq": buffers["exp_avg_sq"][off:off + n].view_as(p)}
+            opt.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": buffers["exp_avg"][off : off + n].view_as(p),
+                "exp_avg_sq": buffers["exp_avg_sq"][off : off + n].view_as(p),
+            }
             off += n
     else:
         opt = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, foreach=False)
@@ -198,10 +212,10 @@ def load_checkpoint(spec: JobSpec, data: bytes) -> State:
     """Parse a checkpoint into a fresh state for `spec`; CheckpointError if it does not fit."""
     state = build_state(spec, spec.init_seed)
     head = len(MAGIC) + _LEN.size
-    if len(data) < head or data[:len(MAGIC)] != MAGIC:
+    if len(data) < head or data[: len(MAGIC)] != MAGIC:
         raise CheckpointError("not an idlegrid training checkpoint")
     (hlen,) = _LEN.unpack_from(data, len(MAGIC))
-    if hlen != len(state.header) or data[head:head + hlen] != state.header:
+    if hlen != len(state.header) or data[head : head + hlen] != state.header:
         raise CheckpointError("its layout (architecture or optimizer) is not the spec's")
     off = head + hlen
     numel = state.buffers["params"].numel()
@@ -210,7 +224,7 @@ def load_checkpoint(spec: JobSpec, data: bytes) -> State:
     (step,) = struct.unpack_from("<Q", data, off)
     off += 8
     for name in sorted(state.buffers):
-        arr = torch.frombuffer(bytearray(data[off:off + 4 * numel]), dtype=torch.float32)
+        arr = torch.frombuffer(bytearray(data[off : off + 4 * numel]), dtype=torch.float32)
         if not torch.isfinite(arr).all():
             raise CheckpointError(f"{name} holds non-finite values")
         with torch.no_grad():
@@ -232,18 +246,18 @@ def weight_distance(ckpt_a: bytes, ckpt_b: bytes, start: bytes | None = None) ->
 
 
 def _params_of(data: bytes) -> torch.Tensor:
-    if data[:len(MAGIC)] != MAGIC:
+    if data[: len(MAGIC)] != MAGIC:
         raise CheckpointError("not an idlegrid training checkpoint")
     (hlen,) = _LEN.unpack_from(data, len(MAGIC))
     off = len(MAGIC) + _LEN.size
-    numel = int(json.loads(data[off:off + hlen])["numel"])
+    numel = int(json.loads(data[off : off + hlen])["numel"])
     off += hlen + 8
     if len(data) < off + 4 * numel:
         raise CheckpointError("truncated")
     # buffers are stored in sorted name order and "exp_avg*" < "params"
     n_buf = (len(data) - off) // (4 * numel)
     p_off = off + 4 * numel * (n_buf - 1)
-    return torch.frombuffer(bytearray(data[p_off:p_off + 4 * numel]), dtype=torch.float32)
+    return torch.frombuffer(bytearray(data[p_off : p_off + 4 * numel]), dtype=torch.float32)
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -269,19 +283,26 @@ class Trainer:
     `train_step` to cheat; the audit path never trusts any of them.
     """
 
-    def __init__(self, spec: JobSpec, threads: int | None = None,
-                 microbatches: int = 1, overlap_hash: bool = True) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        threads: int | None = None,
+        microbatches: int = 1,
+        overlap_hash: bool = True,
+    ) -> None:
         self.spec = spec
         self.threads = threads or torch.get_num_threads()
         if microbatches < 1 or spec.batch_size % microbatches:
-            raise InvalidRequest(f"microbatches must divide the batch ({spec.batch_size})",
-                                 param="microbatches")
+            raise InvalidRequest(
+                f"microbatches must divide the batch ({spec.batch_size})", param="microbatches"
+            )
         # Gradient accumulation over equal micro-batches: the same mean loss and gradient,
         # summed in another order (as a smaller device would): another determinism class.
         self.microbatches = microbatches
         self.overlap_hash = overlap_hash
-        self.windows = _windows(spec.dataset.ref, spec.dataset.sha256, spec.model.seq,
-                                spec.dataset.windows)
+        self.windows = _windows(
+            spec.dataset.ref, spec.dataset.sha256, spec.model.seq, spec.dataset.windows
+        )
         self.hash_seconds = 0.0  # time spent hashing, for the overhead benchmark
 
     def determinism_class(self) -> str:
@@ -336,8 +357,9 @@ class Trainer:
         self.hash_seconds += time.perf_counter() - t
         return h
 
-    def run(self, state: State, end_step: int,
-            on_step: OnStep | None = None) -> tuple[State, list[StepLeaf]]:
+    def run(
+        self, state: State, end_step: int, on_step: OnStep | None = None
+    ) -> tuple[State, list[StepLeaf]]:
         """Train steps state.step .. end_step − 1 in place; one leaf per step.
 
         With `overlap_hash`, the state after step s is hashed on a worker thread, in place
@@ -383,29 +405,40 @@ class Trainer:
                 hook.remove()
         return state, leaves
 
-    def trace_step(self, state: State, keep: int | None = None,
-                   tamper: Tamper | None = None) -> Trace:
+    def trace_step(
+        self, state: State, keep: int | None = None, tamper: Tamper | None = None
+    ) -> Trace:
         """Run one step in place under the operator recorder (dispute level 2)."""
         rec = Recorder(keep=keep, tamper=tamper)
         with _threads(self.threads), rec:
             self.train_step(state)
         return rec.trace
 
-    def run_segment(self, state: State, job_id: str,
-                    on_step: OnStep | None = None) -> tuple[State, TrainingCommitment, bytes]:
+    def run_segment(
+        self, state: State, job_id: str, on_step: OnStep | None = None
+    ) -> tuple[State, TrainingCommitment, bytes]:
         """Train the segment that starts at state.step; (state, commitment, end checkpoint)."""
         start_hash = state_hash(state)
         end = min(state.step + self.spec.checkpoint_interval, self.spec.steps)
         state, leaves = self.run(state, end, on_step)
-        return state, TrainingCommitment(job_id, end - len(leaves), leaves, start_hash), \
-            checkpoint_bytes(state)
+        return (
+            state,
+            TrainingCommitment(job_id, end - len(leaves), leaves, start_hash),
+            checkpoint_bytes(state),
+        )
 
 
 # ---- verification ---------------------------------------------------------------------------
 
 
-def replay(spec: JobSpec, start_checkpoint: bytes | None, start_step: int, end_step: int,
-           threads: int | None = None, microbatches: int = 1) -> tuple[list[StepLeaf], bytes]:
+def replay(
+    spec: JobSpec,
+    start_checkpoint: bytes | None,
+    start_step: int,
+    end_step: int,
+    threads: int | None = None,
+    microbatches: int = 1,
+) -> tuple[list[StepLeaf], bytes]:
     """What a verifier runs: steps start..end−1 from a checkpoint (None: the initial state).
     A data-parallel job replays as `spec.parallel` micro-batches (the same shards, summed)."""
     tr = Trainer(spec, threads, microbatches)
@@ -421,8 +454,13 @@ def initial_state_hash(spec: JobSpec) -> bytes:
     return state_hash(build_state(spec, spec.init_seed))
 
 
-def trace_step(spec: JobSpec, checkpoint: bytes | None, step: int, threads: int | None = None,
-               keep: int | None = None) -> Trace:
+def trace_step(
+    spec: JobSpec,
+    checkpoint: bytes | None,
+    step: int,
+    threads: int | None = None,
+    keep: int | None = None,
+) -> Trace:
     """Operator trace of step `step` from the checkpoint at its start (None: step 0 from the
     initial state)."""
     tr = Trainer(spec, threads)
@@ -432,9 +470,16 @@ def trace_step(spec: JobSpec, checkpoint: bytes | None, step: int, threads: int 
     return tr.trace_step(state, keep=keep)
 
 
-def referee_op(spec: JobSpec, agreed_checkpoint: bytes, step: int, provider: OpRecord,
-               challenger: OpRecord, call: OpCall | None, inputs: list[torch.Tensor] | None,
-               threads: int | None = None) -> tuple[bool, bool]:
+def referee_op(
+    spec: JobSpec,
+    agreed_checkpoint: bytes,
+    step: int,
+    provider: OpRecord,
+    challenger: OpRecord,
+    call: OpCall | None,
+    inputs: list[torch.Tensor] | None,
+    threads: int | None = None,
+) -> tuple[bool, bool]:
     """The referee's ruling on the first disputed op of `step`: (provider right, challenger
     right).
 
@@ -446,7 +491,10 @@ def referee_op(spec: JobSpec, agreed_checkpoint: bytes, step: int, provider: OpR
     itself from the agreed checkpoint and compares (one step of work, not one op).
     """
     same_call = (provider.name, provider.signature, provider.input_hashes) == (
-        challenger.name, challenger.signature, challenger.input_hashes)
+        challenger.name,
+        challenger.signature,
+        challenger.input_hashes,
+    )
     n_threads = threads or torch.get_num_threads()
     if same_call and call is not None and inputs is not None and str(call.func) == provider.name:
         try:
@@ -471,10 +519,18 @@ class AuditReport:
     verifier_class: str
 
 
-def audit_segment(spec: JobSpec, commitment: TrainingCommitment, start_ckpt: bytes | None,
-                  end_ckpt: bytes | None, *, provider_class: str, threads: int | None = None,
-                  loss_tol: float = LOSS_TOL, weight_tol: float = WEIGHT_TOL,
-                  microbatches: int = 1) -> AuditReport:
+def audit_segment(
+    spec: JobSpec,
+    commitment: TrainingCommitment,
+    start_ckpt: bytes | None,
+    end_ckpt: bytes | None,
+    *,
+    provider_class: str,
+    threads: int | None = None,
+    loss_tol: float = LOSS_TOL,
+    weight_tol: float = WEIGHT_TOL,
+    microbatches: int = 1,
+) -> AuditReport:
     """Re-execute a committed segment from the provider's own start checkpoint and judge it.
 
     The first segment starts from the spec's initial state (its hash must be the committed
@@ -522,6 +578,12 @@ def audit_segment(spec: JobSpec, commitment: TrainingCommitment, start_ckpt: byt
             dist = weight_distance(checkpoint_bytes(state), end_ckpt, start_bytes)
         except InvalidRequest as e:
             return fail(e.message, commitment.end_step - 1)
-    verdict = judge_segment(commitment.leaves, leaves, exact=exact, loss_tol=loss_tol,
-                            weight_dist=dist, weight_tol=weight_tol)
+    verdict = judge_segment(
+        commitment.leaves,
+        leaves,
+        exact=exact,
+        loss_tol=loss_tol,
+        weight_dist=dist,
+        weight_tol=weight_tol,
+    )
     return AuditReport(verdict, leaves, dist, time.perf_counter() - t0, cls)

@@ -59,9 +59,13 @@ class RatedMeter:
     source = "estimate"
     estimated = True
 
-    def __init__(self, rated_watts: float, busy: Callable[[], int] = lambda: 0,
-                 clock: Callable[[], float] = time.monotonic,
-                 idle_watts: float | None = None) -> None:
+    def __init__(
+        self,
+        rated_watts: float,
+        busy: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.monotonic,
+        idle_watts: float | None = None,
+    ) -> None:
         self.rated_watts = rated_watts
         self.idle_watts = rated_watts * IDLE_FRACTION if idle_watts is None else idle_watts
         self._busy = busy
@@ -191,8 +195,10 @@ class NvmlMeter:
         """Energy since creation, J."""
         if self._counter:
             now = [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
-            return sum(wrapped_delta(b, n, None) for b, n in zip(self._base, now, strict=True)
-                       ) / 1000.0  # mJ
+            return (
+                sum(wrapped_delta(b, n, None) for b, n in zip(self._base, now, strict=True))
+                / 1000.0
+            )  # mJ
         with self._lock:
             return self._sampled
 
@@ -219,8 +225,13 @@ def rated_watts(hardware: dict[str, Any]) -> float:
     return sum(known) if known else DEFAULT_CPU_WATTS
 
 
-def choose_meter(hardware: dict[str, Any], busy: Callable[[], int] = lambda: 0, *,
-                 rated: float | None = None, rapl_root: Path = RAPL_ROOT) -> PowerMeter:
+def choose_meter(
+    hardware: dict[str, Any],
+    busy: Callable[[], int] = lambda: 0,
+    *,
+    rated: float | None = None,
+    rapl_root: Path = RAPL_ROOT,
+) -> PowerMeter:
     """The best meter this machine offers: NVML, then RAPL, then an estimate from rated power."""
     gpus = hardware.get("gpus") or []
     if any(g.get("vendor") == "nvidia" for g in gpus):

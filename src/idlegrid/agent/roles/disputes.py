@@ -52,13 +52,15 @@ class Disputes(Role):
         assert got is not None
         loop = asyncio.get_running_loop()
         if q["kind"] == "training":
-            body = await loop.run_in_executor(None, self.replay.compute,
-                                              executor(self.ctx.config), got)
+            body = await loop.run_in_executor(
+                None, self.replay.compute, executor(self.ctx.config), got
+            )
         elif got["role"] == seats.PROVIDER:
             body = self._opening(got, int(got["position"]))
         else:
-            blob = await loop.run_in_executor(None, self._recompute, got, got["role"],
-                                              int(got["position"]))
+            blob = await loop.run_in_executor(
+                None, self._recompute, got, got["role"], int(got["position"])
+            )
             body = {"report": base64.b64encode(blob).decode()}
         out = await client.call(f"{base}/answer", {"round": got["round"], **body})
         return out or {}
@@ -73,15 +75,19 @@ class Disputes(Role):
         j = min(position, len(c.chunks) - 1)
         leaves = [ch.encode() for ch in c.chunks]
         proof = merkle_proof(leaves, j)
-        return {"chunk": base64.b64encode(leaves[j]).decode(),
-                "siblings": [h.hex() for h in proof.siblings], "right": list(proof.right)}
+        return {
+            "chunk": base64.b64encode(leaves[j]).decode(),
+            "siblings": [h.hex() for h in proof.siblings],
+            "right": list(proof.right),
+        }
 
     def _recompute(self, got: dict[str, Any], role: str, position: int) -> bytes:
         """The challenger's numbers at one position (from its kept report when it has it), or
         the referee's recompute of that position alone (prefill up to it, nothing after)."""
         engine = self.ctx.engines[0]
-        msg = AuditTaskMsg.model_validate({k: got[k] for k in AuditTaskMsg.model_fields
-                                           if k in got})
+        msg = AuditTaskMsg.model_validate(
+            {k: got[k] for k in AuditTaskMsg.model_fields if k in got}
+        )
         c = cm.decode(base64.b64decode(msg.commitment))
         kept = self.verifier.reports.get(msg.audit_id) if role == seats.CHALLENGER else None
         with self.ctx.engine_lock(engine):

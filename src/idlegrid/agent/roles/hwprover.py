@@ -107,6 +107,7 @@ class HwProofs(Role):
         assert ch is not None
         seed, spec = bytes.fromhex(ch["seed"]), ch["spec"]
         if ch["kind"] == "matmul":
+
             def work() -> tuple[bytes, list[bytes], np.ndarray]:
                 c = prover.product(seed, spec["n"], spec["dtype"])
                 root, leaves = hw.commit_rows(c)
@@ -118,18 +119,26 @@ class HwProofs(Role):
             openings = []
             for i in opened["rows"]:
                 p = merkle.merkle_proof(leaves, i)
-                openings.append({"index": i, "row": base64.b64encode(leaves[i]).decode(),
-                                 "siblings": [h.hex() for h in p.siblings],
-                                 "right": list(p.right)})
+                openings.append(
+                    {
+                        "index": i,
+                        "row": base64.b64encode(leaves[i]).decode(),
+                        "siblings": [h.hex() for h in p.siblings],
+                        "right": list(p.right),
+                    }
+                )
             return await call(f"/api/v1/hwproofs/{pid}/open", {"openings": openings})
-        ms = mp.MemSpec(spec["words"], spec["rounds"], spec["chases"], spec["steps"],
-                        spec["samples"])
+        ms = mp.MemSpec(
+            spec["words"], spec["rounds"], spec["chases"], spec["steps"], spec["samples"]
+        )
         buf = await loop.run_in_executor(None, prover.fill, seed, ms)
         got = await call(f"/api/v1/hwproofs/{pid}/commit", {"root": ""})
         assert got is not None
-        trace = await loop.run_in_executor(None, prover.chase, buf,
-                                           bytes.fromhex(got["chase_seed"]), ms)
+        trace = await loop.run_in_executor(
+            None, prover.chase, buf, bytes.fromhex(got["chase_seed"]), ms
+        )
         del buf
         words = np.ascontiguousarray(trace, dtype="<u4").tobytes()
-        return await call(f"/api/v1/hwproofs/{pid}/open",
-                          {"trace": base64.b64encode(words).decode()})
+        return await call(
+            f"/api/v1/hwproofs/{pid}/open", {"trace": base64.b64encode(words).decode()}
+        )

@@ -63,15 +63,23 @@ class TrainReplay:
         if phase == "ops-commit":
             n = len(links)
             p = merkle_proof(links, n - 1)
-            return {"n_ops": n, "root": merkle_root(links).hex(), "link": links[-1].hex(),
-                    "siblings": [h.hex() for h in p.siblings], "right": list(p.right)}
+            return {
+                "n_ops": n,
+                "root": merkle_root(links).hex(),
+                "link": links[-1].hex(),
+                "siblings": [h.hex() for h in p.siblings],
+                "right": list(p.right),
+            }
         if phase == "ops":
             i = int(got["op_index"])
             if i >= len(links):
                 return {"link": ""}
             p = merkle_proof(links, i)
-            return {"link": links[i].hex(), "siblings": [h.hex() for h in p.siblings],
-                    "right": list(p.right)}
+            return {
+                "link": links[i].hex(),
+                "siblings": [h.hex() for h in p.siblings],
+                "right": list(p.right),
+            }
         if phase == "records":
             j = int(got["op_index"])
             return {"record": base64.b64encode(records[j] if j < len(records) else b"").decode()}
@@ -102,8 +110,7 @@ def _referee(ex: Any, spec: Any, got: dict[str, Any]) -> dict[str, Any]:
     ref = TorchExecutor(getattr(ex, "threads", None))
     ckpt = base64.b64decode(got["agreed_checkpoint"]) if got.get("agreed_checkpoint") else None
     state = ref.start(spec, ckpt)
-    out = {"det_class": ref.det_class(spec),
-           "start_hash": ref.state_hash(spec, state).hex()}
+    out = {"det_class": ref.det_class(spec), "start_hash": ref.state_hash(spec, state).hex()}
     j = got.get("op_index")
     if j is None:
         _, leaves = ref.run(spec, state, int(got["step"]) + 1, _noop)

@@ -38,8 +38,9 @@ class Executor(Protocol):
     def start(self, spec: Any, checkpoint: bytes | None) -> Any:
         """The state to train from: a checkpoint, or the initial state from the spec."""
 
-    def run(self, spec: Any, state: Any, end_step: int,
-            on_step: Callable[[Any, float], None]) -> tuple[Any, list[Any]]:
+    def run(
+        self, spec: Any, state: Any, end_step: int, on_step: Callable[[Any, float], None]
+    ) -> tuple[Any, list[Any]]:
         """Train up to `end_step`; the state after it and one leaf per step."""
 
     def checkpoint(self, spec: Any, state: Any) -> bytes:
@@ -54,8 +55,9 @@ class Executor(Protocol):
     def checkpoint_hash(self, spec: Any, data: bytes) -> bytes:
         """The state hash a checkpoint captures (equals that step's committed leaf)."""
 
-    def replay(self, spec: Any, start: bytes, start_step: int,
-               end_step: int) -> tuple[list[Any], bytes]:
+    def replay(
+        self, spec: Any, start: bytes, start_step: int, end_step: int
+    ) -> tuple[list[Any], bytes]:
         """A verifier's re-execution: leaves and the end checkpoint."""
 
     def weight_distance(self, spec: Any, mine: bytes, theirs: bytes, start: bytes) -> float:
@@ -80,14 +82,30 @@ class TorchExecutor:
             return Trainer(spec, threads=self.threads, microbatches=spec.parallel)
         return (self.trainer_cls or Trainer)(spec, threads=self.threads)
 
-    def start_gang(self, spec: Any, checkpoint: bytes | None, rank: int, world: int,
-                   rendezvous: str, prefix: str, my_host: str, timeout_s: float = 60.0) -> Any:
+    def start_gang(
+        self,
+        spec: Any,
+        checkpoint: bytes | None,
+        rank: int,
+        world: int,
+        rendezvous: str,
+        prefix: str,
+        my_host: str,
+        timeout_s: float = 60.0,
+    ) -> Any:
         """Join a data-parallel gang (rank 0 serves the rendezvous); its start state."""
         from idlegrid.training.dataparallel import DataParallelTrainer
 
-        trainer = DataParallelTrainer(spec, rank, world, rendezvous, prefix=prefix,
-                                      my_host=my_host, threads=self.threads,
-                                      timeout_s=timeout_s)
+        trainer = DataParallelTrainer(
+            spec,
+            rank,
+            world,
+            rendezvous,
+            prefix=prefix,
+            my_host=my_host,
+            threads=self.threads,
+            timeout_s=timeout_s,
+        )
         state = trainer.initial_state() if checkpoint is None else trainer.load(checkpoint)
         return trainer, state
 
@@ -110,8 +128,9 @@ class TorchExecutor:
         state = trainer.initial_state() if checkpoint is None else trainer.load(checkpoint)
         return trainer, state
 
-    def run(self, spec: Any, state: Any, end_step: int,
-            on_step: Callable[[Any, float], None]) -> tuple[Any, list[Any]]:
+    def run(
+        self, spec: Any, state: Any, end_step: int, on_step: Callable[[Any, float], None]
+    ) -> tuple[Any, list[Any]]:
         """Train with the executor's trainer."""
         trainer, st = state
         st, leaves = trainer.run(st, end_step, on_step)
@@ -140,13 +159,15 @@ class TorchExecutor:
 
         return bytes(verified.checkpoint_hash(data))
 
-    def replay(self, spec: Any, start: bytes, start_step: int,
-               end_step: int) -> tuple[list[Any], bytes]:
+    def replay(
+        self, spec: Any, start: bytes, start_step: int, end_step: int
+    ) -> tuple[list[Any], bytes]:
         """Re-execute a segment from its start checkpoint."""
         from idlegrid.training import verified
 
-        leaves, end = verified.replay(spec, start, start_step, end_step, self.threads,
-                                      microbatches=spec.parallel)
+        leaves, end = verified.replay(
+            spec, start, start_step, end_step, self.threads, microbatches=spec.parallel
+        )
         return list(leaves), bytes(end)
 
     def weight_distance(self, spec: Any, mine: bytes, theirs: bytes, start: bytes) -> float:
@@ -187,23 +208,36 @@ def verify_segment(ex: Any, msg: TrainAuditMsg) -> dict[str, Any]:
     from idlegrid.core.training.spec import JobSpec
 
     spec = JobSpec.parse(msg.spec)
-    start = (base64.b64decode(msg.start_checkpoint) if msg.start_checkpoint
-             else ex.initial_checkpoint(spec))
+    start = (
+        base64.b64decode(msg.start_checkpoint)
+        if msg.start_checkpoint
+        else ex.initial_checkpoint(spec)
+    )
     end = base64.b64decode(msg.end_checkpoint)
     committed = TrainingCommitment.from_bytes(base64.b64decode(msg.commitment))
     # Both checkpoints are bound to the commitment: the start one to its start hash, the
     # end one to its last leaf (a swapped, stale or invented checkpoint fails here).
-    match = (ex.checkpoint_hash(spec, start) == committed.start_hash
-             and ex.checkpoint_hash(spec, end) == committed.end_hash)
+    match = (
+        ex.checkpoint_hash(spec, start) == committed.start_hash
+        and ex.checkpoint_hash(spec, end) == committed.end_hash
+    )
     if not match:  # nothing to replay from: that alone fails the segment
-        return {"leaves": msg.commitment, "weight_distance": None,
-                "det_class": ex.det_class(spec), "checkpoints_match": False}
+        return {
+            "leaves": msg.commitment,
+            "weight_distance": None,
+            "det_class": ex.det_class(spec),
+            "checkpoints_match": False,
+        }
     leaves, mine = ex.replay(spec, start, msg.start_step, msg.end_step)
-    mine_c = TrainingCommitment(msg.job_id, msg.start_step, list(leaves),
-                                ex.checkpoint_hash(spec, start))
-    return {"leaves": base64.b64encode(mine_c.to_bytes()).decode(),
-            "weight_distance": ex.weight_distance(spec, mine, end, start),
-            "det_class": ex.det_class(spec), "checkpoints_match": bool(match)}
+    mine_c = TrainingCommitment(
+        msg.job_id, msg.start_step, list(leaves), ex.checkpoint_hash(spec, start)
+    )
+    return {
+        "leaves": base64.b64encode(mine_c.to_bytes()).decode(),
+        "weight_distance": ex.weight_distance(spec, mine, end, start),
+        "det_class": ex.det_class(spec),
+        "checkpoints_match": bool(match),
+    }
 
 
 class Training(Role):
@@ -293,13 +327,13 @@ class Training(Role):
             state = await loop.run_in_executor(None, ex.start, spec, ckpt)
             det = await loop.run_in_executor(None, ex.det_class, spec)
         except InvalidRequest as exc:  # e.g. a dataset hash this corpus does not have
-            await self.ctx.client.call(f"{base}/release", {"reason": exc.message,
-                                                           "kind": "invalid_request"})
+            await self.ctx.client.call(
+                f"{base}/release", {"reason": exc.message, "kind": "invalid_request"}
+            )
             return
         await self._train(ex, work, spec, state, det)
 
-    async def _run_gang(self, ex: Any, work: TrainWorkMsg, spec: Any,
-                        ckpt: bytes | None) -> None:
+    async def _run_gang(self, ex: Any, work: TrainWorkMsg, spec: Any, ckpt: bytes | None) -> None:
         """One rank of a data-parallel gang: every rank trains, only rank 0 holds the job."""
         loop = asyncio.get_running_loop()
         base = f"/api/v1/train/jobs/{work.job_id}/attempts/{work.attempt}"
@@ -307,28 +341,38 @@ class Training(Role):
         state = None
         try:
             state = await loop.run_in_executor(
-                None, ex.start_gang, spec, ckpt, work.rank, work.world, work.rendezvous,
-                f"{work.job_id}/{work.attempt}", host, self.ctx.config.train_gang_timeout_s)
+                None,
+                ex.start_gang,
+                spec,
+                ckpt,
+                work.rank,
+                work.world,
+                work.rendezvous,
+                f"{work.job_id}/{work.attempt}",
+                host,
+                self.ctx.config.train_gang_timeout_s,
+            )
             det = ex.gang_class(state)
             await self._train(ex, work, spec, state, det)
         except InvalidRequest as exc:  # e.g. a dataset hash this corpus does not have
             if work.rank == 0:
-                await self.ctx.client.call(f"{base}/release", {"reason": exc.message,
-                                                               "kind": "invalid_request"})
+                await self.ctx.client.call(
+                    f"{base}/release", {"reason": exc.message, "kind": "invalid_request"}
+                )
         except (RuntimeError, ValueError) as exc:
             # A lost or diverged rank (gloo raises RuntimeError on a dead peer or a timeout):
             # the gang's segment fails; the job resumes from its last committed checkpoint.
             log.warning("job %s gang rank %d: %s", work.job_id, work.rank, exc)
             if work.rank == 0:
                 with contextlib.suppress(httpx.HTTPError, IdlegridError):
-                    await self.ctx.client.call(f"{base}/release",
-                                               {"reason": f"gang failed: {str(exc)[:200]}"})
+                    await self.ctx.client.call(
+                        f"{base}/release", {"reason": f"gang failed: {str(exc)[:200]}"}
+                    )
         finally:
             if state is not None:
                 ex.leave_gang(state)  # quick: drops the group (see DataParallelTrainer.close)
 
-    async def _train(self, ex: Any, work: TrainWorkMsg, spec: Any, state: Any,
-                     det: str) -> None:
+    async def _train(self, ex: Any, work: TrainWorkMsg, spec: Any, state: Any, det: str) -> None:
         """Train segment by segment from `state`; the holder (rank 0) commits each one."""
         from idlegrid.core.training.proof import TrainingCommitment
         from idlegrid.core.training.spec import segments
@@ -338,29 +382,42 @@ class Training(Role):
         loop = asyncio.get_running_loop()
         holder = work.rank == 0
         if spec.determinism_class is not None and spec.determinism_class != det:
-            await self.ctx.client.call(f"{base}/release", {
-                "reason": f"this node computes in {det}, the job asks for {spec.determinism_class}",
-                "kind": "unsuitable"})
+            await self.ctx.client.call(
+                f"{base}/release",
+                {
+                    "reason": (
+                        f"this node computes in {det}, the job asks for {spec.determinism_class}"
+                    ),
+                    "kind": "unsuitable",
+                },
+            )
             return
         # Only the holder reports progress; another rank's progress would be refused (409).
-        uploader = asyncio.create_task(self._upload_progress(run) if holder
-                                       else asyncio.sleep(1e9))
+        uploader = asyncio.create_task(self._upload_progress(run) if holder else asyncio.sleep(1e9))
         began = time.monotonic()
         pending: asyncio.Task[Any] | None = None
 
         def on_step(leaf: Any, tokens_per_s: float) -> None:
             if run.stop.is_set():
                 raise _Stop()
-            run.latest = {"step": leaf.step + 1, "loss": float(leaf.loss),
-                          "tokens_per_s": float(tokens_per_s)}
+            run.latest = {
+                "step": leaf.step + 1,
+                "loss": float(leaf.loss),
+                "tokens_per_s": float(tokens_per_s),
+            }
 
         try:
             # A segment's commit goes up while the next segment trains (it does not depend on the
             # answer); each commit still waits for the one before it, so they arrive in order.
             async def commit(index: int, c: Any, blob: bytes) -> None:
-                await self.ctx.client.call(f"{base}/segments/{index}/commit", {
-                    "commitment": base64.b64encode(c.to_bytes()).decode(),
-                    "checkpoint": base64.b64encode(blob).decode(), "det_class": det})
+                await self.ctx.client.call(
+                    f"{base}/segments/{index}/commit",
+                    {
+                        "commitment": base64.b64encode(c.to_bytes()).decode(),
+                        "checkpoint": base64.b64encode(blob).decode(),
+                        "det_class": det,
+                    },
+                )
                 self.segments += 1
 
             def stop_on_failure(task: asyncio.Task[Any]) -> None:
@@ -374,14 +431,16 @@ class Training(Role):
                     if pending is not None:
                         await pending
                     if holder:  # another rank leaving breaks the gang's next step instead
-                        await self.ctx.client.call(f"{base}/release",
-                                                   {"reason": "provider draining"})
+                        await self.ctx.client.call(
+                            f"{base}/release", {"reason": "provider draining"}
+                        )
                     return
                 t0 = time.perf_counter()
                 try:
                     start_hash = await loop.run_in_executor(None, ex.state_hash, spec, state)
-                    state, leaves = await loop.run_in_executor(None, ex.run, spec, state, end,
-                                                               on_step)
+                    state, leaves = await loop.run_in_executor(
+                        None, ex.run, spec, state, end, on_step
+                    )
                 except _Stop:
                     if pending is not None:
                         await pending  # raises what stopped us (Conflict: taken away)
@@ -452,13 +511,16 @@ class Training(Role):
             for p in probes:
                 blob = self.checkpoints.get((p["job_id"], p["step"]))
                 if blob is None:
-                    log.warning("probe %s: checkpoint %s@%d not kept", p["probe_id"], p["job_id"],
-                                p["step"])
+                    log.warning(
+                        "probe %s: checkpoint %s@%d not kept", p["probe_id"], p["job_id"], p["step"]
+                    )
                     missing.add(p["probe_id"])
                     continue
                 try:
-                    await self.ctx.client.call(f"/api/v1/train/probes/{p['probe_id']}/answer",
-                                               {"checkpoint": base64.b64encode(blob).decode()})
+                    await self.ctx.client.call(
+                        f"/api/v1/train/probes/{p['probe_id']}/answer",
+                        {"checkpoint": base64.b64encode(blob).decode()},
+                    )
                 except (httpx.HTTPError, IdlegridError) as exc:
                     log.warning("probe %s: %s", p["probe_id"], exc)
             if len(probes) < len((got or {}).get("probes", [])):

@@ -54,8 +54,9 @@ class Verifier(Role):
         loop = asyncio.get_running_loop()
         while not ctx.draining.is_set():
             try:
-                answer = await ctx.client.call("/api/v1/audits/poll",
-                                               {"models": [ctx.model_id]}, timeout=30)
+                answer = await ctx.client.call(
+                    "/api/v1/audits/poll", {"models": [ctx.model_id]}, timeout=30
+                )
             except (httpx.TransportError, CoordinatorError) as exc:
                 log.warning("audit poll failed: %s", exc)
                 await asyncio.sleep(1.0)
@@ -76,8 +77,10 @@ class Verifier(Role):
                 blob = await loop.run_in_executor(None, run)
                 # Kept to answer for these numbers if the provider disputes the verdict.
                 ctx.remember(self.reports, msg.audit_id, blob)
-                await ctx.client.call(f"/api/v1/audits/{msg.audit_id}/report",
-                                      {"report": base64.b64encode(blob).decode()})
+                await ctx.client.call(
+                    f"/api/v1/audits/{msg.audit_id}/report",
+                    {"report": base64.b64encode(blob).decode()},
+                )
                 self.audited += 1
             except (httpx.HTTPError, IdlegridError) as exc:
                 log.warning("audit %s: %s", msg.audit_id, exc)

@@ -76,9 +76,12 @@ def _hardware(hw: dict[str, Any]) -> str:
 
 def make_env() -> Environment:
     """The Jinja environment for the dashboard's templates."""
-    env = Environment(loader=FileSystemLoader(WEB / "templates"),
-                      autoescape=select_autoescape(["html"]), trim_blocks=True,
-                      lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(WEB / "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["credits"] = _credits
     env.filters["ago"] = _ago
     env.filters["energy"] = _energy
@@ -128,8 +131,9 @@ class PageInputs:
 class Dashboard:
     """Builds the dashboard's pages, live fragments and chart data."""
 
-    def __init__(self, ctx: Context, power: dict[str, dict[str, Any]],
-                 orders: Callable[[], list[OrderView]]) -> None:
+    def __init__(
+        self, ctx: Context, power: dict[str, dict[str, Any]], orders: Callable[[], list[OrderView]]
+    ) -> None:
         self.ctx = ctx
         self.power = power  # the latest power report per node, kept by the nodes domain
         self.orders_now = orders  # the market's orders, newest first
@@ -174,27 +178,37 @@ class Dashboard:
             power = ctx.power.get(n.id)
             kwh_j, kwh_est = used.get(n.id, (None, False))
             money = telemetry.provider_money(ctx.balances, n.id)
-            rows.append({
-                "id": n.id, "name": n.name, "state": n.state if n.state != "live" else (
-                    "live" if live else "gone"), "live": live,
-                "last_seen_ago": ctx.now - n.last_seen,
-                "hardware": _hardware(n.hardware), "region": n.hardware.get("region") or "",
-                "engine": n.engine.get("engine", ""), "models": ", ".join(sorted(n.offers)),
-                "decode_tps": n.decode_tps, "prefill_tps": n.prefill_tps,
-                "tokens_per_joule": energy.tokens_per_joule(tokens, joules),
-                "tpj_estimated": any(m["estimated"] for m in models),
-                "tpj_by_model": {m["model"]: energy.tokens_per_joule(m["output_tokens"],
-                                                                     m["energy_j"])
-                                 for m in models},
-                "watts": power.get("watts") if power else None,
-                "power_source": power.get("source") if power else None,
-                "power_estimated": bool(power and power.get("estimated")),
-                "kwh": energy.kwh(kwh_j) if kwh_j is not None else None,
-                "kwh_estimated": kwh_est,
-                "accrued": money["accrued"], "paid": money["paid"],
-                # Filled in once trust (issue 4) records them on the node.
-                "reputation": n.hardware.get("reputation"), "audits": None,
-            })
+            rows.append(
+                {
+                    "id": n.id,
+                    "name": n.name,
+                    "state": n.state if n.state != "live" else ("live" if live else "gone"),
+                    "live": live,
+                    "last_seen_ago": ctx.now - n.last_seen,
+                    "hardware": _hardware(n.hardware),
+                    "region": n.hardware.get("region") or "",
+                    "engine": n.engine.get("engine", ""),
+                    "models": ", ".join(sorted(n.offers)),
+                    "decode_tps": n.decode_tps,
+                    "prefill_tps": n.prefill_tps,
+                    "tokens_per_joule": energy.tokens_per_joule(tokens, joules),
+                    "tpj_estimated": any(m["estimated"] for m in models),
+                    "tpj_by_model": {
+                        m["model"]: energy.tokens_per_joule(m["output_tokens"], m["energy_j"])
+                        for m in models
+                    },
+                    "watts": power.get("watts") if power else None,
+                    "power_source": power.get("source") if power else None,
+                    "power_estimated": bool(power and power.get("estimated")),
+                    "kwh": energy.kwh(kwh_j) if kwh_j is not None else None,
+                    "kwh_estimated": kwh_est,
+                    "accrued": money["accrued"],
+                    "paid": money["paid"],
+                    # Filled in once trust (issue 4) records them on the node.
+                    "reputation": n.hardware.get("reputation"),
+                    "audits": None,
+                }
+            )
         rows.sort(key=lambda r: (not r["live"], r["name"]))
         return rows
 
@@ -204,32 +218,52 @@ class Dashboard:
         minute = [t for t in done if t["ended_at"] >= ctx.now - 60]
         recent = [t["latency_s"] for t in done if t["ended_at"] >= ctx.now - 300]
         return {
-            "queued": ctx.tasks.get("queued", 0), "running": ctx.tasks.get("running", 0),
-            "done": ctx.tasks.get("done", 0), "failed": ctx.tasks.get("failed", 0),
+            "queued": ctx.tasks.get("queued", 0),
+            "running": ctx.tasks.get("running", 0),
+            "done": ctx.tasks.get("done", 0),
+            "failed": ctx.tasks.get("failed", 0),
             "tokens_per_s": sum(t["output_tokens"] for t in minute) / 60.0,
             "requests_per_min": len(minute),
-            "p50": telemetry.percentile(recent, 50), "p95": telemetry.percentile(recent, 95),
-            "p99": telemetry.percentile(recent, 99), "latency_n": len(recent),
+            "p50": telemetry.percentile(recent, 50),
+            "p95": telemetry.percentile(recent, 95),
+            "p99": telemetry.percentile(recent, 99),
+            "latency_n": len(recent),
         }
 
     def throughput_chart(self, ctx: PageInputs) -> dict[str, Any]:
         """Output tokens per second over the chart window."""
         start = ctx.now - CHART_WINDOW_S
-        xs, tok = telemetry.buckets(((t["ended_at"], float(t["output_tokens"]))
-                                     for t in ctx.finished if t["state"] == "done"),
-                                    start, ctx.now, CHART_BUCKET_S)
-        _, reqs = telemetry.buckets(((t["ended_at"], 1.0) for t in ctx.finished),
-                                    start, ctx.now, CHART_BUCKET_S)
-        return {"title": "Throughput", "x": xs, "series": [
-            {"label": "output tok/s", "values": [v / CHART_BUCKET_S for v in tok]},
-            {"label": "requests/s", "values": [v / CHART_BUCKET_S for v in reqs]}]}
+        xs, tok = telemetry.buckets(
+            (
+                (t["ended_at"], float(t["output_tokens"]))
+                for t in ctx.finished
+                if t["state"] == "done"
+            ),
+            start,
+            ctx.now,
+            CHART_BUCKET_S,
+        )
+        _, reqs = telemetry.buckets(
+            ((t["ended_at"], 1.0) for t in ctx.finished), start, ctx.now, CHART_BUCKET_S
+        )
+        return {
+            "title": "Throughput",
+            "x": xs,
+            "series": [
+                {"label": "output tok/s", "values": [v / CHART_BUCKET_S for v in tok]},
+                {"label": "requests/s", "values": [v / CHART_BUCKET_S for v in reqs]},
+            ],
+        }
 
     def latency_chart(self, ctx: PageInputs) -> dict[str, Any]:
         """Mean request latency per bucket."""
         start = ctx.now - CHART_WINDOW_S
-        xs, mean = telemetry.bucket_mean(((t["ended_at"], t["latency_s"])
-                                          for t in ctx.finished if t["state"] == "done"),
-                                         start, ctx.now, CHART_BUCKET_S)
+        xs, mean = telemetry.bucket_mean(
+            ((t["ended_at"], t["latency_s"]) for t in ctx.finished if t["state"] == "done"),
+            start,
+            ctx.now,
+            CHART_BUCKET_S,
+        )
         return {"title": "Latency (s)", "x": xs, "series": [{"label": "mean s", "values": mean}]}
 
     def energy_chart(self, ctx: PageInputs, providers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -254,8 +288,12 @@ class Dashboard:
         series = []
         xs = telemetry.buckets([], start, ctx.now, CHART_BUCKET_S)[0]
         for model in models:
-            xs, mean = telemetry.bucket_mean(((t, o / MICRO) for t, m, _, o in rows if m == model),
-                                             start, ctx.now, CHART_BUCKET_S)
+            xs, mean = telemetry.bucket_mean(
+                ((t, o / MICRO) for t, m, _, o in rows if m == model),
+                start,
+                ctx.now,
+                CHART_BUCKET_S,
+            )
             series.append({"label": f"{model} output", "values": mean})
         return {"title": "Price paid (credits / 1M output tokens)", "x": xs, "series": series}
 
@@ -270,39 +308,60 @@ class Dashboard:
         for model, ns in sorted(by_model.items()):
             outs = [n.offers[model].output for n in ns]
             ins = [n.offers[model].prompt for n in ns]
-            out.append({"model": model, "providers": len(ns),
-                        "output_min": min(outs), "output_median": int(statistics.median(outs)),
-                        "output_max": max(outs), "prompt_median": int(statistics.median(ins)),
-                        "decode_tps_median": statistics.median(n.decode_tps for n in ns)})
+            out.append(
+                {
+                    "model": model,
+                    "providers": len(ns),
+                    "output_min": min(outs),
+                    "output_median": int(statistics.median(outs)),
+                    "output_max": max(outs),
+                    "prompt_median": int(statistics.median(ins)),
+                    "decode_tps_median": statistics.median(n.decode_tps for n in ns),
+                }
+            )
         return out
 
     def money(self, ctx: PageInputs) -> dict[str, Any]:
         """Balances by account kind, fees, and the largest accounts."""
         kinds = telemetry.totals_by_kind(ctx.balances)
-        top = sorted(((a, b) for a, b in ctx.balances.items() if a != "system:issuer"),
-                     key=lambda ab: -abs(ab[1]))[:20]
-        return {"kinds": kinds, "fees": ctx.balances.get(FEES, 0),
-                "fees_hour": queries.fee_income(self.ctx.store, ctx.now - 3600),
-                "circulating": -ctx.balances.get("system:issuer", 0),
-                "top": top, "fee_bps": self.ctx.settings.fee_bps}
+        top = sorted(
+            ((a, b) for a, b in ctx.balances.items() if a != "system:issuer"),
+            key=lambda ab: -abs(ab[1]),
+        )[:20]
+        return {
+            "kinds": kinds,
+            "fees": ctx.balances.get(FEES, 0),
+            "fees_hour": queries.fee_income(self.ctx.store, ctx.now - 3600),
+            "circulating": -ctx.balances.get("system:issuer", 0),
+            "top": top,
+            "fee_bps": self.ctx.settings.fee_bps,
+        }
 
     def orders(self) -> list[dict[str, Any]] | None:
         """The newest market orders: what was bought, where it runs, what it cost."""
         views = self.orders_now()[:TABLE_ROWS]
-        return [{
-            "order": v.id, "kind": v.kind, "state": v.state,
-            "where": ", ".join(leg["offer_id"] for leg in (v.placement or {}).get("legs", []))
-            or (v.reasons or {}).get("decisive", "—"),
-            "budget (cr)": _credits(v.budget), "spent (cr)": _credits(v.spent),
-            "refunded (cr)": _credits(v.refunded)} for v in views]
+        return [
+            {
+                "order": v.id,
+                "kind": v.kind,
+                "state": v.state,
+                "where": ", ".join(leg["offer_id"] for leg in (v.placement or {}).get("legs", []))
+                or (v.reasons or {}).get("decisive", "—"),
+                "budget (cr)": _credits(v.budget),
+                "spent (cr)": _credits(v.spent),
+                "refunded (cr)": _credits(v.refunded),
+            }
+            for v in views
+        ]
 
     # ---- rendering ---------------------------------------------------------------------
 
     def build(self, page: str) -> dict[str, Any]:
         """Fragments and charts for one page, as the live stream sends them."""
         if page not in PAGES:
-            raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
-                                 param="page")
+            raise InvalidRequest(
+                f"no dashboard page {page!r}; pages: {', '.join(PAGES)}", param="page"
+            )
         # The grid page's provider table has its own, slower cadence (see __init__).
         rebuild_table = page == "grid" and self._table_stale()
         ctx = self._context(page, need_nodes=page == "market" or rebuild_table)
@@ -316,30 +375,49 @@ class Dashboard:
             else:
                 providers, table_html = self._table[1], self._table[2]
             live = [p for p in providers if p["live"]]
-            data.update(providers=providers, stats=self.request_stats(ctx), summary={
-                "providers": len(providers), "live": len(live),
-                "watts": sum(p["watts"] or 0 for p in live),
-                "watts_estimated": any(p["power_estimated"] for p in live),
-                "kwh": sum(p["kwh"] or 0 for p in providers),
-                "kwh_estimated": any(p["kwh_estimated"] for p in providers),
-                "fees": ctx.balances.get(FEES, 0)})
-            charts = {"chart-throughput": self.throughput_chart(ctx),
-                      "chart-energy": self.energy_chart(ctx, providers)}
+            data.update(
+                providers=providers,
+                stats=self.request_stats(ctx),
+                summary={
+                    "providers": len(providers),
+                    "live": len(live),
+                    "watts": sum(p["watts"] or 0 for p in live),
+                    "watts_estimated": any(p["power_estimated"] for p in live),
+                    "kwh": sum(p["kwh"] or 0 for p in providers),
+                    "kwh_estimated": any(p["kwh_estimated"] for p in providers),
+                    "fees": ctx.balances.get(FEES, 0),
+                },
+            )
+            charts = {
+                "chart-throughput": self.throughput_chart(ctx),
+                "chart-energy": self.energy_chart(ctx, providers),
+            }
         elif page == "requests":
             data["stats"] = self.request_stats(ctx)
-            charts = {"chart-throughput": self.throughput_chart(ctx),
-                      "chart-latency": self.latency_chart(ctx)}
+            charts = {
+                "chart-throughput": self.throughput_chart(ctx),
+                "chart-latency": self.latency_chart(ctx),
+            }
         elif page == "market":
-            data.update(prices=self.market_prices(ctx.nodes, ctx.live_cutoff),
-                        offers=[(n, m, p) for n in ctx.nodes for m, p in sorted(n.offers.items())
-                                if n.state == "live" and n.last_seen >= ctx.live_cutoff],
-                        orders=self.orders())
+            data.update(
+                prices=self.market_prices(ctx.nodes, ctx.live_cutoff),
+                offers=[
+                    (n, m, p)
+                    for n in ctx.nodes
+                    for m, p in sorted(n.offers.items())
+                    if n.state == "live" and n.last_seen >= ctx.live_cutoff
+                ],
+                orders=self.orders(),
+            )
             charts = {"chart-price": self.price_chart(ctx)}
         else:
             data.update(money=self.money(ctx), entries=queries.recent_entries(self.ctx.store, 50))
         data["recent"] = ctx.finished[:25]
-        sections = {name: self.env.get_template(f"partials/{name}.html").render(**data)
-                    for name in PAGES[page] if not (name == "providers" and table_html)}
+        sections = {
+            name: self.env.get_template(f"partials/{name}.html").render(**data)
+            for name in PAGES[page]
+            if not (name == "providers" and table_html)
+        }
         if page == "grid":
             if table_html is None:
                 self._table = (self._table[0], self._table[1], sections["providers"])
@@ -347,8 +425,9 @@ class Dashboard:
                 sections["providers"] = table_html
         return {"page": page, "now": ctx.now, "sections": sections, "charts": charts}
 
-    async def snapshot(self, page: str, version: int, max_age_s: float = IDLE_REFRESH_S
-                       ) -> dict[str, Any]:
+    async def snapshot(
+        self, page: str, version: int, max_age_s: float = IDLE_REFRESH_S
+    ) -> dict[str, Any]:
         """A snapshot that reflects at least change `version`, shared by every watcher.
 
         One build at a time per page, and builds at least twice their own duration apart:
@@ -368,16 +447,21 @@ class Dashboard:
             snap = await to_thread.run_sync(self.build, page)
             took = time.monotonic() - started
             snap["version"] = current
-            self._cache[page] = _Built(current, time.monotonic(), max(MIN_REBUILD_S, 2 * took),
-                                       snap)
+            self._cache[page] = _Built(
+                current, time.monotonic(), max(MIN_REBUILD_S, 2 * took), snap
+            )
             return snap
 
     async def page(self, page: str) -> str:
         """A whole page: the same fragments, inside the layout, with the chart data inline."""
         snap = await self.snapshot(page, self.ctx.changes.version)
         return self.env.get_template(f"{page}.html").render(
-            page=page, sections=snap["sections"], charts=snap["charts"], now=snap["now"],
-            version=snap["version"])
+            page=page,
+            sections=snap["sections"],
+            charts=snap["charts"],
+            now=snap["now"],
+            version=snap["version"],
+        )
 
     def cached(self, page: str, version: int) -> dict[str, Any] | None:
         """The shared build of `page` at `version`, if it is still the newest one."""

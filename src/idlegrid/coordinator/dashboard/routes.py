@@ -37,7 +37,6 @@ COOKIE = "idlegrid_operator"
 router = APIRouter(tags=["dashboard"])
 
 
-
 def _dashboard(request: Request) -> Dashboard:
     return services(request).dashboard
 
@@ -123,27 +122,32 @@ async def snapshot(page: str, request: Request) -> dict[str, Any]:
     """The fragments and chart data of one page, as the live stream sends them."""
     require_viewer(request)
     if page not in PAGES:
-        raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
-                             param="page")
+        raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}", param="page")
     dash, svc = _dashboard(request), services(request)
     return await dash.snapshot(page, svc.changes.version)
 
 
-@router.get("/dashboard/events", response_class=StreamingResponse, responses={
-    200: {"description": "Server-Sent Events: a snapshot whenever the grid changes",
-          "content": event_stream("JSON of a Snapshot holding only the changed sections "
-                                  "(event `snapshot`)")},
-    **errors(400, 401)})
-async def events(request: Request, page: str = "grid", v: int | None = None
-                 ) -> StreamingResponse:
+@router.get(
+    "/dashboard/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: a snapshot whenever the grid changes",
+            "content": event_stream(
+                "JSON of a Snapshot holding only the changed sections (event `snapshot`)"
+            ),
+        },
+        **errors(400, 401),
+    },
+)
+async def events(request: Request, page: str = "grid", v: int | None = None) -> StreamingResponse:
     """Server-Sent Events: a `snapshot` of the page whenever the grid changes.
 
     `v` is the version the page was rendered at; fragments it already shows are not resent.
     """
     require_viewer(request)
     if page not in PAGES:
-        raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}",
-                             param="page")
+        raise InvalidRequest(f"no dashboard page {page!r}; pages: {', '.join(PAGES)}", param="page")
     dash, svc = _dashboard(request), services(request)
 
     async def hung_up() -> None:
@@ -182,20 +186,29 @@ async def events(request: Request, page: str = "grid", v: int | None = None
         finally:
             gone.cancel()
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 # ---- economics API (public, like /api/v1/status) -------------------------------------
+
 
 def _since(period: str, now: float) -> float:
     return now - economics.parse_duration(period)
 
 
-@router.get("/api/v1/economics/earnings", tags=["economics"], response_model=s.Earnings,
-            responses=errors(400))
-async def earnings(request: Request, period: str = "24h", node: str | None = None
-                   ) -> dict[str, Any]:
+@router.get(
+    "/api/v1/economics/earnings",
+    tags=["economics"],
+    response_model=s.Earnings,
+    responses=errors(400),
+)
+async def earnings(
+    request: Request, period: str = "24h", node: str | None = None
+) -> dict[str, Any]:
     """Per provider over `period` (e.g. 24h, 7d): credits earned, accrued and paid, energy."""
     svc = services(request)
     now = svc.clock()
@@ -209,46 +222,76 @@ async def earnings(request: Request, period: str = "24h", node: str | None = Non
         used = energy_by_node(store, since)
         served: dict[str, dict[str, Any]] = {}
         for row in queries.attempt_energy(store, since):
-            agg = served.setdefault(row["node_id"], {"output_tokens": 0, "energy_j": 0.0,
-                                                     "requests": 0, "estimated": False,
-                                                     "models": {}})
+            agg = served.setdefault(
+                row["node_id"],
+                {
+                    "output_tokens": 0,
+                    "energy_j": 0.0,
+                    "requests": 0,
+                    "estimated": False,
+                    "models": {},
+                },
+            )
             agg["output_tokens"] += row["output_tokens"]
             agg["energy_j"] += row["energy_j"]
             agg["requests"] += row["requests"]
             agg["estimated"] = agg["estimated"] or row["estimated"]
-            agg["models"][row["model"]] = energy.tokens_per_joule(row["output_tokens"],
-                                                                  row["energy_j"])
-        return {"nodes": nodes, "balances": balances, "income": income, "used": used,
-                "served": served}
+            agg["models"][row["model"]] = energy.tokens_per_joule(
+                row["output_tokens"], row["energy_j"]
+            )
+        return {
+            "nodes": nodes,
+            "balances": balances,
+            "income": income,
+            "used": used,
+            "served": served,
+        }
 
     d = await to_thread.run_sync(gather)
     rows = []
     for n in d["nodes"]:
         if node and node not in (n.id, n.name):
             continue
-        s = d["served"].get(n.id, {"output_tokens": 0, "energy_j": 0.0, "requests": 0,
-                                   "estimated": False, "models": {}})
+        s = d["served"].get(
+            n.id,
+            {"output_tokens": 0, "energy_j": 0.0, "requests": 0, "estimated": False, "models": {}},
+        )
         # No sample in the period yet: zero is a guess, not a reading.
         device_j, device_est = d["used"].get(n.id, (0.0, True))
         money = telemetry.provider_money(d["balances"], n.id)
         power = svc.nodes.power.get(n.id)
-        rows.append({
-            "node_id": n.id, "name": n.name, "hardware": n.hardware,
-            "decode_tps": n.decode_tps, "earned": d["income"].get(n.id, 0),
-            "accrued": money["accrued"], "paid": money["paid"],
-            # The device's energy over the period (idle included), from its heartbeats;
-            # the part spent on requests, from their finish reports.
-            "energy_j": device_j, "energy_estimated": device_est,
-            "request_energy_j": s["energy_j"], "request_energy_estimated": s["estimated"],
-            "output_tokens": s["output_tokens"], "requests": s["requests"],
-            "tokens_per_joule": energy.tokens_per_joule(s["output_tokens"], s["energy_j"]),
-            "tokens_per_joule_by_model": s["models"],
-            "power": power,
-        })
+        rows.append(
+            {
+                "node_id": n.id,
+                "name": n.name,
+                "hardware": n.hardware,
+                "decode_tps": n.decode_tps,
+                "earned": d["income"].get(n.id, 0),
+                "accrued": money["accrued"],
+                "paid": money["paid"],
+                # The device's energy over the period (idle included), from its heartbeats;
+                # the part spent on requests, from their finish reports.
+                "energy_j": device_j,
+                "energy_estimated": device_est,
+                "request_energy_j": s["energy_j"],
+                "request_energy_estimated": s["estimated"],
+                "output_tokens": s["output_tokens"],
+                "requests": s["requests"],
+                "tokens_per_joule": energy.tokens_per_joule(s["output_tokens"], s["energy_j"]),
+                "tokens_per_joule_by_model": s["models"],
+                "power": power,
+            }
+        )
     if node and not rows:
         raise InvalidRequest(f"no provider named or with id {node!r}", param="node")
-    return {"period": period, "period_s": now - since, "since": since, "until": now,
-            "fee_bps": svc.settings.fee_bps, "providers": rows}
+    return {
+        "period": period,
+        "period_s": now - since,
+        "since": since,
+        "until": now,
+        "fee_bps": svc.settings.fee_bps,
+        "providers": rows,
+    }
 
 
 @router.get("/api/v1/economics/prices", tags=["economics"], response_model=s.Prices)
@@ -258,5 +301,7 @@ async def prices(request: Request) -> dict[str, Any]:
     dash = _dashboard(request)
     nodes = await svc.db(svc.store.nodes)
     now = svc.clock()
-    return {"fee_bps": svc.settings.fee_bps,
-            "models": dash.market_prices(nodes, now - svc.settings.node_timeout_s)}
+    return {
+        "fee_bps": svc.settings.fee_bps,
+        "models": dash.market_prices(nodes, now - svc.settings.node_timeout_s),
+    }

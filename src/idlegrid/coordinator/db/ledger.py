@@ -24,16 +24,24 @@ _ACC, _ENT, _HEAD = Account.__table__.c, LedgerEntry.__table__.c, LedgerHead.__t
 _ENTRY_BY_KEY = select(_ENT.seq).where(_ENT.key == bindparam("key"))
 _HEAD_FOR_UPDATE = select(_HEAD.seq, _HEAD.hash).where(_HEAD.id == 1).with_for_update()
 _KNOWN_ACCOUNTS = select(_ACC.id).where(_ACC.id.in_(bindparam("ids", expanding=True)))
-_CREDIT = (update(table(Account)).where(_ACC.id == bindparam("acct"))
-           .values(balance=_ACC.balance + bindparam("amount")))
-_DEBIT = (update(table(Account))
-          .where(_ACC.id == bindparam("acct"), _ACC.balance >= -bindparam("amount"))
-          .values(balance=_ACC.balance + bindparam("amount")))
+_CREDIT = (
+    update(table(Account))
+    .where(_ACC.id == bindparam("acct"))
+    .values(balance=_ACC.balance + bindparam("amount"))
+)
+_DEBIT = (
+    update(table(Account))
+    .where(_ACC.id == bindparam("acct"), _ACC.balance >= -bindparam("amount"))
+    .values(balance=_ACC.balance + bindparam("amount"))
+)
 _INSERT_ACCOUNT = insert(table(Account))
 _INSERT_ENTRY = insert(table(LedgerEntry))
 _INSERT_POSTING = insert(table(LedgerPosting))
-_ADVANCE_HEAD = (update(table(LedgerHead)).where(_HEAD.id == 1)
-                 .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
+_ADVANCE_HEAD = (
+    update(table(LedgerHead))
+    .where(_HEAD.id == 1)
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
 
 
 class LedgerStore:
@@ -78,12 +86,23 @@ class LedgerStore:
                 raise InsufficientCredits(p.account, needed=-p.amount, available=available)
         digest = ledger.chain_hash(head.hash, entry)
         seq = head.seq + 1
-        s.execute(_INSERT_ENTRY, {
-            "seq": seq, "key": entry.key, "cause_kind": entry.cause.kind,
-            "cause_id": entry.cause.id, "memo": entry.memo, "prev_hash": head.hash,
-            "hash": digest, "created_at": self.clock()})
-        s.execute(_INSERT_POSTING, [
-            {"entry_seq": seq, "account": p.account, "amount": p.amount} for p in entry.postings])
+        s.execute(
+            _INSERT_ENTRY,
+            {
+                "seq": seq,
+                "key": entry.key,
+                "cause_kind": entry.cause.kind,
+                "cause_id": entry.cause.id,
+                "memo": entry.memo,
+                "prev_hash": head.hash,
+                "hash": digest,
+                "created_at": self.clock(),
+            },
+        )
+        s.execute(
+            _INSERT_POSTING,
+            [{"entry_seq": seq, "account": p.account, "amount": p.amount} for p in entry.postings],
+        )
         s.execute(_ADVANCE_HEAD, {"new_seq": seq, "new_hash": digest})
         return True
 
@@ -106,20 +125,30 @@ class LedgerStore:
         """Ledger entries with their postings, oldest first (one cause's, or after a seq)."""
         with self.read() as s:
             q = select(LedgerEntry).where(LedgerEntry.seq > after_seq).order_by(LedgerEntry.seq)
-            pq = (select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount)
-                  .where(LedgerPosting.entry_seq > after_seq))
+            pq = select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
+                LedgerPosting.entry_seq > after_seq
+            )
             if cause_id is not None:
                 q = q.where(LedgerEntry.cause_id == cause_id)
                 pq = pq.join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq).where(
-                    LedgerEntry.cause_id == cause_id)
+                    LedgerEntry.cause_id == cause_id
+                )
             postings: dict[int, list[dict[str, Any]]] = {}
             for seq, account, amount in s.execute(pq.order_by(LedgerPosting.account)):
                 postings.setdefault(seq, []).append({"account": account, "amount": amount})
-            return [{
-                "seq": e.seq, "key": e.key, "cause": {"kind": e.cause_kind, "id": e.cause_id},
-                "memo": e.memo, "hash": e.hash, "prev_hash": e.prev_hash,
-                "created_at": e.created_at, "postings": postings.get(e.seq, []),
-            } for e in s.scalars(q)]
+            return [
+                {
+                    "seq": e.seq,
+                    "key": e.key,
+                    "cause": {"kind": e.cause_kind, "id": e.cause_id},
+                    "memo": e.memo,
+                    "hash": e.hash,
+                    "prev_hash": e.prev_hash,
+                    "created_at": e.created_at,
+                    "postings": postings.get(e.seq, []),
+                }
+                for e in s.scalars(q)
+            ]
 
     def verify_ledger(self) -> list[str]:
         """Recompute the hash chain and every balance; return the problems found (none: [])."""
@@ -128,8 +157,10 @@ class LedgerStore:
         sums: dict[str, int] = {}
         for e in self.entries():
             entry = ledger.Entry(
-                e["key"], ledger.Cause(e["cause"]["kind"], e["cause"]["id"]),
-                tuple(ledger.Posting(p["account"], p["amount"]) for p in e["postings"]), e["memo"],
+                e["key"],
+                ledger.Cause(e["cause"]["kind"], e["cause"]["id"]),
+                tuple(ledger.Posting(p["account"], p["amount"]) for p in e["postings"]),
+                e["memo"],
             )
             if e["prev_hash"] != prev:
                 problems.append(f"entry {e['seq']}: prev_hash does not match entry {e['seq'] - 1}")

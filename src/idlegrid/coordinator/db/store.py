@@ -109,10 +109,22 @@ def _hash_secret(secret: str) -> str:
 
 def _task_view(t: Task) -> TaskView:
     return TaskView(
-        t.id, t.key_id, t.model_id, t.kind, dict(t.payload), t.state, t.attempt, t.node_id,
-        t.hold, list(t.delivered_ids or []), t.prompt_tokens, t.output_tokens, t.finish_reason,
+        t.id,
+        t.key_id,
+        t.model_id,
+        t.kind,
+        dict(t.payload),
+        t.state,
+        t.attempt,
+        t.node_id,
+        t.hold,
+        list(t.delivered_ids or []),
+        t.prompt_tokens,
+        t.output_tokens,
+        t.finish_reason,
         t.error,
     )
+
 
 class Store(LedgerStore):
     """Durable state: nodes, offers, keys, tasks and the ledger."""
@@ -130,7 +142,8 @@ class Store(LedgerStore):
         if self.engine.dialect.name in ("sqlite", "postgresql"):
             dialect = importlib.import_module(f"sqlalchemy.dialects.{self.engine.dialect.name}")
             self._ensure_accounts = dialect.insert(table(Account)).on_conflict_do_nothing(
-                index_elements=["id"])
+                index_elements=["id"]
+            )
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -203,8 +216,14 @@ class Store(LedgerStore):
                 s.delete(offer)
             s.flush()
             for model_id, price in offers.items():
-                s.add(Offer(node_id=node_id, model_id=model_id, prompt_price=price.prompt,
-                            output_price=price.output))
+                s.add(
+                    Offer(
+                        node_id=node_id,
+                        model_id=model_id,
+                        prompt_price=price.prompt,
+                        output_price=price.output,
+                    )
+                )
 
     def node_public_key(self, node_id: str) -> bytes | None:
         """The registered key of a node, if any."""
@@ -229,13 +248,24 @@ class Store(LedgerStore):
         with self.read() as s:
             offers: dict[str, dict[str, Price]] = {}
             for node_id, model_id, prompt, output in s.execute(
-                    select(Offer.node_id, Offer.model_id, Offer.prompt_price, Offer.output_price)):
+                select(Offer.node_id, Offer.model_id, Offer.prompt_price, Offer.output_price)
+            ):
                 offers.setdefault(node_id, {})[model_id] = Price(prompt, output)
             n = Node.__table__.c
             return [
-                NodeView(r.id, r.name, bytes.fromhex(r.public_key), r.state, r.slots,
-                         r.prefill_tps, r.decode_tps, r.last_seen, dict(r.hardware),
-                         dict(r.engine), offers.get(r.id, {}))
+                NodeView(
+                    r.id,
+                    r.name,
+                    bytes.fromhex(r.public_key),
+                    r.state,
+                    r.slots,
+                    r.prefill_tps,
+                    r.decode_tps,
+                    r.last_seen,
+                    dict(r.hardware),
+                    dict(r.engine),
+                    offers.get(r.id, {}),
+                )
                 for r in s.execute(select(Node.__table__).order_by(n.registered_at))
             ]
 
@@ -256,15 +286,21 @@ class Store(LedgerStore):
         key_id = "key_" + secrets.token_hex(8)
         secret = f"ig-{key_id[4:]}-{secrets.token_urlsafe(24)}"
         with self.tx() as s:
-            s.add(ApiKey(id=key_id, secret_hash=_hash_secret(secret), name=name,
-                         created_at=self.clock()))
+            s.add(
+                ApiKey(
+                    id=key_id, secret_hash=_hash_secret(secret), name=name, created_at=self.clock()
+                )
+            )
         return key_id, secret
 
     def key_for_secret(self, secret: str) -> str:
         """The key id for a bearer secret, or AuthError (unknown or revoked)."""
         with self.read() as s:
-            row = s.execute(select(ApiKey.id, ApiKey.revoked_at).where(
-                ApiKey.secret_hash == _hash_secret(secret))).first()
+            row = s.execute(
+                select(ApiKey.id, ApiKey.revoked_at).where(
+                    ApiKey.secret_hash == _hash_secret(secret)
+                )
+            ).first()
         if row is None:
             raise AuthError("invalid API key")
         if row[1] is not None:
@@ -303,21 +339,44 @@ class Store(LedgerStore):
         attempt 1: the hand-over to a waiting long poll needs no second transaction.
         """
         now = self.clock()
-        view = new_task_view(task_id, key_id, model_id, kind, payload, hold,
-                             claim_for[0] if claim_for else None)
+        view = new_task_view(
+            task_id, key_id, model_id, kind, payload, hold, claim_for[0] if claim_for else None
+        )
         consumer = ledger.consumer_account(key_id)
         with self.tx() as s:
-            s.execute(_INSERT_TASK, {
-                "id": view.id, "key_id": key_id, "model_id": model_id, "kind": kind,
-                "payload": payload, "state": view.state, "attempt": view.attempt,
-                "node_id": view.node_id, "target_node_id": None if claim_for else target_node_id,
-                "hold": hold, "delivered_ids": [], "prompt_tokens": 0, "output_tokens": 0,
-                "created_at": now, "updated_at": now})
+            s.execute(
+                _INSERT_TASK,
+                {
+                    "id": view.id,
+                    "key_id": key_id,
+                    "model_id": model_id,
+                    "kind": kind,
+                    "payload": payload,
+                    "state": view.state,
+                    "attempt": view.attempt,
+                    "node_id": view.node_id,
+                    "target_node_id": None if claim_for else target_node_id,
+                    "hold": hold,
+                    "delivered_ids": [],
+                    "prompt_tokens": 0,
+                    "output_tokens": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
             if claim_for:
-                s.execute(_INSERT_ATTEMPT, {
-                    "task_id": task_id, "attempt": 1, "node_id": view.node_id,
-                    "prompt_price": claim_for[1].prompt, "output_price": claim_for[1].output,
-                    "started_at": now, "output_tokens": 0})
+                s.execute(
+                    _INSERT_ATTEMPT,
+                    {
+                        "task_id": task_id,
+                        "attempt": 1,
+                        "node_id": view.node_id,
+                        "prompt_price": claim_for[1].prompt,
+                        "output_price": claim_for[1].output,
+                        "started_at": now,
+                        "output_tokens": 0,
+                    },
+                )
             if hold:  # a free request (a provider at price 0) moves no credits
                 self._post(s, ledger.request_hold(task_id, consumer, hold))
             balance = s.scalar(_BALANCE, {"acct": consumer}) or 0
@@ -347,30 +406,47 @@ class Store(LedgerStore):
                 .order_by((Task.attempt > 0).desc(), Task.created_at)
                 .limit(16)
             ).all()
-            price = {o.model_id: o
-                     for o in s.scalars(select(Offer).where(Offer.node_id == node_id))}
+            price = {
+                o.model_id: o for o in s.scalars(select(Offer).where(Offer.node_id == node_id))
+            }
             for t in candidates:
                 cap = (t.payload or {}).get("price_cap")
                 offer = price.get(t.model_id)
-                if offer is None or (cap and (offer.prompt_price > cap[0]
-                                              or offer.output_price > cap[1])):
+                if offer is None or (
+                    cap and (offer.prompt_price > cap[0] or offer.output_price > cap[1])
+                ):
                     continue
                 transition(TaskState(t.state), "claim")
                 attempt = t.attempt + 1  # read before the update refreshes `t`
                 # Compare-and-set: only one claimant sees rowcount 1, on any database.
                 res = s.execute(
                     update(Task)
-                    .where(Task.id == t.id, Task.state == TaskState.QUEUED.value,
-                           Task.attempt == attempt - 1)
-                    .values(state=TaskState.RUNNING.value, attempt=attempt,
-                            node_id=node_id, target_node_id=None, updated_at=now)
+                    .where(
+                        Task.id == t.id,
+                        Task.state == TaskState.QUEUED.value,
+                        Task.attempt == attempt - 1,
+                    )
+                    .values(
+                        state=TaskState.RUNNING.value,
+                        attempt=attempt,
+                        node_id=node_id,
+                        target_node_id=None,
+                        updated_at=now,
+                    )
                     .execution_options(synchronize_session=False)
                 )
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     continue
-                s.add(Attempt(task_id=t.id, attempt=attempt, node_id=node_id,
-                              prompt_price=offer.prompt_price, output_price=offer.output_price,
-                              started_at=now))
+                s.add(
+                    Attempt(
+                        task_id=t.id,
+                        attempt=attempt,
+                        node_id=node_id,
+                        prompt_price=offer.prompt_price,
+                        output_price=offer.output_price,
+                        started_at=now,
+                    )
+                )
                 s.flush()
                 s.refresh(t)
                 return _task_view(t)
@@ -378,8 +454,12 @@ class Store(LedgerStore):
 
     def _running(self, s: Session, task_id: str, attempt: int, node_id: str | None) -> Task:
         t = s.get(Task, task_id, with_for_update=True)
-        if (t is None or t.state != TaskState.RUNNING.value or t.attempt != attempt
-                or (node_id is not None and t.node_id != node_id)):
+        if (
+            t is None
+            or t.state != TaskState.RUNNING.value
+            or t.attempt != attempt
+            or (node_id is not None and t.node_id != node_id)
+        ):
             raise StaleAttempt(task_id, attempt)
         return t
 
@@ -402,8 +482,9 @@ class Store(LedgerStore):
             # provider is paid for the output tokens it delivered.
             prompt = prompt_tokens if a.attempt == t.attempt else 0
             if prompt or a.output_tokens:
-                shares.append(Share(a.node_id, prompt, a.output_tokens,
-                                    Price(a.prompt_price, a.output_price)))
+                shares.append(
+                    Share(a.node_id, prompt, a.output_tokens, Price(a.prompt_price, a.output_price))
+                )
         return shares
 
     def finish(
@@ -433,13 +514,23 @@ class Store(LedgerStore):
             t.updated_at = self.clock()
             shares = self._shares(s, t, prompt_tokens)
             if t.hold:  # nothing was held, so nothing can be owed (see create_task)
-                self._post(s, ledger.request_settlement(
-                    t.id, ledger.consumer_account(t.key_id), t.hold, shares, fee_bps))
+                self._post(
+                    s,
+                    ledger.request_settlement(
+                        t.id, ledger.consumer_account(t.key_id), t.hold, shares, fee_bps
+                    ),
+                )
             return _task_view(t)
 
     def requeue_or_fail(
-        self, task_id: str, attempt: int, *, new_ids: Sequence[int], outcome: str,
-        max_attempts: int, fee_bps: int,
+        self,
+        task_id: str,
+        attempt: int,
+        *,
+        new_ids: Sequence[int],
+        outcome: str,
+        max_attempts: int,
+        fee_bps: int,
     ) -> TaskView:
         """Take a task from a lost, stalled or draining provider: queue it again, or fail it."""
         with self.tx() as s:
@@ -453,12 +544,20 @@ class Store(LedgerStore):
                 t.state = transition(TaskState(t.state), "fail").value
                 t.error = f"gave up after {t.attempt} attempts ({outcome})"
                 if t.hold:
-                    self._post(s, ledger.request_release(t.id, ledger.consumer_account(t.key_id),
-                                                         t.hold))
+                    self._post(
+                        s, ledger.request_release(t.id, ledger.consumer_account(t.key_id), t.hold)
+                    )
             return _task_view(t)
 
-    def fail(self, task_id: str, reason: str, *, charge_delivered: bool = False,
-             new_ids: Sequence[int] = (), fee_bps: int = 0) -> TaskView | None:
+    def fail(
+        self,
+        task_id: str,
+        reason: str,
+        *,
+        charge_delivered: bool = False,
+        new_ids: Sequence[int] = (),
+        fee_bps: int = 0,
+    ) -> TaskView | None:
         """End a task without completion. Unless output was delivered, the hold goes back whole."""
         with self.tx() as s:
             t = s.get(Task, task_id, with_for_update=True)
@@ -476,8 +575,9 @@ class Store(LedgerStore):
                 return _task_view(t)  # nothing held, nothing to settle
             if charge_delivered and t.output_tokens:
                 # The consumer left mid-answer: what was delivered was real work.
-                entry = ledger.request_settlement(t.id, payer, t.hold, self._shares(s, t, 0),
-                                                  fee_bps)
+                entry = ledger.request_settlement(
+                    t.id, payer, t.hold, self._shares(s, t, 0), fee_bps
+                )
             else:
                 entry = ledger.request_release(t.id, payer, t.hold)
             self._post(s, entry)
@@ -497,15 +597,20 @@ class Store(LedgerStore):
     def untarget(self, task_id: str) -> None:
         """Return a queued task that its target never picked up to the shared queue."""
         with self.tx() as s:
-            s.execute(update(Task).where(Task.id == task_id, Task.state == "queued")
-                      .values(target_node_id=None))
+            s.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.state == "queued")
+                .values(target_node_id=None)
+            )
 
     def running_by_node(self) -> dict[str, int]:
         """Tasks each node holds right now."""
         with self.tx() as s:
-            rows = s.execute(select(Task.node_id, func.count())
-                             .where(Task.state == TaskState.RUNNING.value)
-                             .group_by(Task.node_id)).all()
+            rows = s.execute(
+                select(Task.node_id, func.count())
+                .where(Task.state == TaskState.RUNNING.value)
+                .group_by(Task.node_id)
+            ).all()
             return {node_id: count for node_id, count in rows if node_id}
 
     def task_counts(self) -> dict[str, int]:
@@ -515,20 +620,36 @@ class Store(LedgerStore):
 
     # ---- energy and dashboard views ------------------------------------------------------
 
-    def add_power_sample(self, node_id: str, joules_total: float, watts: float | None,
-                         source: str, estimated: bool) -> None:
+    def add_power_sample(
+        self, node_id: str, joules_total: float, watts: float | None, source: str, estimated: bool
+    ) -> None:
         """Record a node's energy counter as reported by a heartbeat."""
         with self.tx() as s:
-            s.add(PowerSample(node_id=node_id, t=self.clock(), joules_total=joules_total,
-                              watts=watts, source=source, estimated=estimated))
+            s.add(
+                PowerSample(
+                    node_id=node_id,
+                    t=self.clock(),
+                    joules_total=joules_total,
+                    watts=watts,
+                    source=source,
+                    estimated=estimated,
+                )
+            )
 
     def power_samples(self, since: float) -> dict[str, list[PowerRow]]:
         """Per node, (t, joules_total, watts, estimated) since `since`, oldest first."""
         with self.read() as s:
             rows = s.execute(
-                select(PowerSample.node_id, PowerSample.t, PowerSample.joules_total,
-                       PowerSample.watts, PowerSample.estimated)
-                .where(PowerSample.t >= since).order_by(PowerSample.t)).all()
+                select(
+                    PowerSample.node_id,
+                    PowerSample.t,
+                    PowerSample.joules_total,
+                    PowerSample.watts,
+                    PowerSample.estimated,
+                )
+                .where(PowerSample.t >= since)
+                .order_by(PowerSample.t)
+            ).all()
         out: dict[str, list[PowerRow]] = {}
         for node_id, t, j, w, est in rows:
             out.setdefault(node_id, []).append((t, j, w, bool(est)))

@@ -43,18 +43,31 @@ CHANNEL_PATH = "/api/v1/nodes/channel"
 # WebSocket close codes: 1008 policy violation (authentication), 1003 unacceptable data.
 CLOSE_AUTH, CLOSE_BAD_FRAME = 1008, 1003
 
-_Frame = TypeAdapter(Annotated[m.ChannelPollMsg | m.ChannelCancelMsg | m.ChannelUploadMsg
-                               | m.ChannelSyncMsg, Field(discriminator="op")])
+_Frame = TypeAdapter(
+    Annotated[
+        m.ChannelPollMsg | m.ChannelCancelMsg | m.ChannelUploadMsg | m.ChannelSyncMsg,
+        Field(discriminator="op"),
+    ]
+)
 
 
 def task_message(task: TaskView) -> m.TaskMsg:
     """What a node receives for a claimed task (the same on HTTP and on the channel)."""
     p = task.payload
     return m.TaskMsg(
-        task_id=task.id, attempt=task.attempt, model=task.model_id, kind=task.kind,
-        prompt=p.get("prompt"), messages=p.get("messages"), max_tokens=p["max_tokens"],
-        temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"], stop=p.get("stop") or [],
-        prior_ids=task.delivered_ids, stream=p.get("stream", True),
+        task_id=task.id,
+        attempt=task.attempt,
+        model=task.model_id,
+        kind=task.kind,
+        prompt=p.get("prompt"),
+        messages=p.get("messages"),
+        max_tokens=p["max_tokens"],
+        temperature=p["temperature"],
+        top_p=p["top_p"],
+        seed=p["seed"],
+        stop=p.get("stop") or [],
+        prior_ids=task.delivered_ids,
+        stream=p.get("stream", True),
     )
 
 
@@ -142,8 +155,9 @@ class _Channel:
 
     async def upload(self, msg: m.ChannelUploadMsg) -> None:
         try:
-            await self.svc.inference.upload(self.node_id, msg.task_id, msg.attempt, msg.start,
-                                   list(msg.pieces))
+            await self.svc.inference.upload(
+                self.node_id, msg.task_id, msg.attempt, msg.start, list(msg.pieces)
+            )
         except Conflict as exc:
             await self.refuse(msg.task_id, msg.attempt, exc)
 
@@ -154,13 +168,21 @@ class _Channel:
         except Conflict as exc:
             await self.refuse(msg.task_id, msg.attempt, exc)
             return
-        await self.send({"op": "ack", "task_id": msg.task_id, "attempt": msg.attempt,
-                         "next": accepted})
+        await self.send(
+            {"op": "ack", "task_id": msg.task_id, "attempt": msg.attempt, "next": accepted}
+        )
 
     async def refuse(self, task_id: str, attempt: int, exc: Conflict) -> None:
-        await self.send({"op": "refused", "task_id": task_id, "attempt": attempt,
-                         "code": exc.code, "message": exc.message,
-                         "expected": exc.data.get("expected")})
+        await self.send(
+            {
+                "op": "refused",
+                "task_id": task_id,
+                "attempt": attempt,
+                "code": exc.code,
+                "message": exc.message,
+                "expected": exc.data.get("expected"),
+            }
+        )
 
     async def poll(self, msg: m.ChannelPollMsg) -> None:
         try:
@@ -179,21 +201,28 @@ class _Channel:
         except Exception as exc:  # a task frame that cannot be written fails that task only
             log.error("task %s cannot be sent to %s: %s", task.id, self.node_id, exc)
             with contextlib.suppress(Conflict):
-                await self.svc.inference.give_up(self.node_id, task.id, task.attempt, "unsendable",
-                                        invalid=f"the request cannot be encoded: {exc}")
+                await self.svc.inference.give_up(
+                    self.node_id,
+                    task.id,
+                    task.attempt,
+                    "unsendable",
+                    invalid=f"the request cannot be encoded: {exc}",
+                )
             with contextlib.suppress(Exception):
                 await self.send({"op": "idle", "slot": msg.slot})
             return
         try:
             async with self._send_lock:
                 await self.ws.send_bytes(
-                    f'{{"op":"task","slot":{msg.slot},"task":{body}}}'.encode())
+                    f'{{"op":"task","slot":{msg.slot},"task":{body}}}'.encode()
+                )
         except Exception:
             # The agent is gone: hand the task on now rather than after the stall timeout.
             log.warning("channel to %s lost while handing over %s", self.node_id, task.id)
             with contextlib.suppress(Conflict):
-                await self.svc.inference.give_up(self.node_id, task.id, task.attempt,
-                                                 "hand-over missed")
+                await self.svc.inference.give_up(
+                    self.node_id, task.id, task.attempt, "hand-over missed"
+                )
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):

@@ -73,8 +73,9 @@ class Hub:
         if stream:
             stream.closed = True
 
-    def begin_attempt(self, task_id: str, attempt: int, now: float,
-                      budget: int | None = None) -> None:
+    def begin_attempt(
+        self, task_id: str, attempt: int, now: float, budget: int | None = None
+    ) -> None:
         """A provider claimed the task: its uploads start at index 0."""
         stream = self.streams.get(task_id)
         if stream:

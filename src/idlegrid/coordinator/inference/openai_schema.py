@@ -48,8 +48,9 @@ class _Common(BaseModel):
         if any(not s for s in stops):
             raise InvalidRequest("stop sequences must not be empty", param="stop")
         if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise InvalidRequest(f"stop sequences are at most {MAX_STOP_CHARS} characters",
-                                 param="stop")
+            raise InvalidRequest(
+                f"stop sequences are at most {MAX_STOP_CHARS} characters", param="stop"
+            )
         return stops
 
     def check_supported(self) -> None:
@@ -57,9 +58,10 @@ class _Common(BaseModel):
         if self.n != 1:
             raise InvalidRequest("only n=1 is supported", param="n")
         if self.presence_penalty or self.frequency_penalty:
-            raise InvalidRequest("presence/frequency penalties are not supported",
-                                 param="presence_penalty" if self.presence_penalty
-                                 else "frequency_penalty")
+            raise InvalidRequest(
+                "presence/frequency penalties are not supported",
+                param="presence_penalty" if self.presence_penalty else "frequency_penalty",
+            )
 
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
@@ -117,8 +119,10 @@ class ChatRequest(_Common):
     def plain_messages(self) -> list[dict[str, str]]:
         """Messages as role/content dicts for the chat template."""
         role = {"developer": "system"}
-        return [{"role": role.get(m.role, m.role), "content": str(m.content or "")}
-                for m in self.messages]
+        return [
+            {"role": role.get(m.role, m.role), "content": str(m.content or "")}
+            for m in self.messages
+        ]
 
 
 def prompt_token_bound(text: str) -> int:

@@ -32,7 +32,6 @@ from idlegrid.errors import IdlegridError, InvalidRequest
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-
 @router.get("/models", response_model=s.ModelList, responses=errors(401))
 async def list_models(request: Request) -> dict[str, Any]:
     """Models served by live providers."""
@@ -42,8 +41,11 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 def _usage(task: TaskView) -> dict[str, int]:
-    return {"prompt_tokens": task.prompt_tokens, "completion_tokens": task.output_tokens,
-            "total_tokens": task.prompt_tokens + task.output_tokens}
+    return {
+        "prompt_tokens": task.prompt_tokens,
+        "completion_tokens": task.output_tokens,
+        "total_tokens": task.prompt_tokens + task.output_tokens,
+    }
 
 
 class _Shape:
@@ -59,51 +61,86 @@ class _Shape:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
-                                      "finish_reason": finish}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
             obj = "chat.completion.chunk"
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice]}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     def whole(self, text: str, task: TaskView) -> dict[str, Any]:
         if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "logprobs": None,
-                                      "finish_reason": task.finish_reason,
-                                      "message": {"role": "assistant", "content": text}}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": task.finish_reason,
+                "message": {"role": "assistant", "content": text},
+            }
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None,
-                      "finish_reason": task.finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": task.finish_reason,
+            }
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": _usage(task)}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": _usage(task),
+        }
 
 
 def _failure(data: dict[str, Any]) -> IdlegridError:
     if data.get("invalid"):
         return InvalidRequest(data["invalid"], param="prompt")
-    return RequestFailed(f"the request could not be served: {data.get('error')}; "
-                         "nothing was charged")
+    return RequestFailed(
+        f"the request could not be served: {data.get('error')}; nothing was charged"
+    )
 
 
 def _price_cap(svc: Services, body: Any) -> Price:
     cap = body.max_price
     st = svc.settings
-    prompt, output = ((cap.prompt, cap.output) if cap is not None
-                      else (st.default_max_prompt_price, st.default_max_output_price))
+    prompt, output = (
+        (cap.prompt, cap.output)
+        if cap is not None
+        else (st.default_max_prompt_price, st.default_max_output_price)
+    )
     return Price(round(prompt * MICRO), round(output * MICRO))
 
 
-async def _serve(request: Request, kind: str, model: str, payload: dict[str, Any],
-                 bound: int, max_tokens: int, stream_out: bool, include_usage: bool,
-                 cap: Price) -> Any:
+async def _serve(
+    request: Request,
+    kind: str,
+    model: str,
+    payload: dict[str, Any],
+    bound: int,
+    max_tokens: int,
+    stream_out: bool,
+    include_usage: bool,
+    cap: Price,
+) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
-    task_id, stream = await svc.inference.submit(key_id, model, kind, payload, bound, max_tokens,
-                                        price_cap=cap)
+    task_id, stream = await svc.inference.submit(
+        key_id, model, kind, payload, bound, max_tokens, price_cap=cap
+    )
     shape = _Shape(kind, task_id, model)
     started = time.perf_counter()
     if stream_out:
@@ -147,8 +184,14 @@ def _sse_line(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse(svc: Services, shape: _Shape, task_id: str, stream: TaskStream, started: float,
-               include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(
+    svc: Services,
+    shape: _Shape,
+    task_id: str,
+    stream: TaskStream,
+    started: float,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
     done = False
     try:
         if shape.kind == "chat":
@@ -173,8 +216,16 @@ async def _sse(svc: Services, shape: _Shape, task_id: str, stream: TaskStream, s
             else:
                 svc.metrics.requests.labels(shape.model, "failed").inc()
                 exc = _failure(event.data)
-                yield _sse_line({"error": {"message": exc.message, "type": "server_error",
-                                           "code": exc.code, "param": None}})
+                yield _sse_line(
+                    {
+                        "error": {
+                            "message": exc.message,
+                            "type": "server_error",
+                            "code": exc.code,
+                            "param": None,
+                        }
+                    }
+                )
                 done = True
         yield b"data: [DONE]\n\n"
     finally:
@@ -186,30 +237,64 @@ async def _sse(svc: Services, shape: _Shape, task_id: str, stream: TaskStream, s
         svc.inference.hub.close(task_id)
 
 
-@router.post("/completions", response_model=s.Completion,
-             responses={**s.COMPLETION_RESPONSES, **errors(400, 401, 402, 404, 502, 503)})
+@router.post(
+    "/completions",
+    response_model=s.Completion,
+    responses={**s.COMPLETION_RESPONSES, **errors(400, 401, 402, 404, 502, 503)},
+)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE])."""
     body.check_supported()
     prompt = body.single_prompt()
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    payload = {"prompt": prompt, "temperature": body.temperature, "top_p": body.top_p,
-               "seed": body.seed, "stop": body.stop_list(), "stream": body.stream}
-    return await _serve(request, "completion", body.model, payload, prompt_token_bound(prompt),
-                        max_tokens, body.stream, body.include_usage(),
-                        _price_cap(services(request), body))
+    payload = {
+        "prompt": prompt,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "stop": body.stop_list(),
+        "stream": body.stream,
+    }
+    return await _serve(
+        request,
+        "completion",
+        body.model,
+        payload,
+        prompt_token_bound(prompt),
+        max_tokens,
+        body.stream,
+        body.include_usage(),
+        _price_cap(services(request), body),
+    )
 
 
-@router.post("/chat/completions", response_model=s.ChatCompletion,
-             responses={**s.CHAT_RESPONSES, **errors(400, 401, 402, 404, 502, 503)})
+@router.post(
+    "/chat/completions",
+    response_model=s.ChatCompletion,
+    responses={**s.CHAT_RESPONSES, **errors(400, 401, 402, 404, 502, 503)},
+)
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     """Chat completion, templated by the serving engine with the model's own chat template."""
     body.check_supported()
     messages = body.plain_messages()
     limit = body.max_completion_tokens or body.max_tokens
     max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
-    payload = {"messages": messages, "temperature": body.temperature, "top_p": body.top_p,
-               "seed": body.seed, "stop": body.stop_list(), "stream": body.stream}
-    return await _serve(request, "chat", body.model, payload, chat_token_bound(messages),
-                        max_tokens, body.stream, body.include_usage(),
-                        _price_cap(services(request), body))
+    payload = {
+        "messages": messages,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "stop": body.stop_list(),
+        "stream": body.stream,
+    }
+    return await _serve(
+        request,
+        "chat",
+        body.model,
+        payload,
+        chat_token_bound(messages),
+        max_tokens,
+        body.stream,
+        body.include_usage(),
+        _price_cap(services(request), body),
+    )

@@ -126,13 +126,21 @@ class CompletionChunk(BaseModel):
 
 
 def _stream(chunk: type[BaseModel]) -> dict[str, Any]:
-    return event_stream(f"JSON of a {chunk.__name__} (the last one may carry only `usage`), "
-                        "or of an error object if the request failed midway; then `[DONE]`")
+    return event_stream(
+        f"JSON of a {chunk.__name__} (the last one may carry only `usage`), "
+        "or of an error object if the request failed midway; then `[DONE]`"
+    )
 
 
-CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
-    "description": "The completion, or with `stream: true` a stream of chunks",
-    "content": _stream(ChatCompletionChunk)}}
-COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
-    "description": "The completion, or with `stream: true` a stream of chunks",
-    "content": _stream(CompletionChunk)}}
+CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion, or with `stream: true` a stream of chunks",
+        "content": _stream(ChatCompletionChunk),
+    }
+}
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion, or with `stream: true` a stream of chunks",
+        "content": _stream(CompletionChunk),
+    }
+}

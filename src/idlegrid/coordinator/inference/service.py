@@ -59,8 +59,9 @@ class NodeDirectory(Protocol):
 class CommitmentChecks(Protocol):
     """Trust's checks on a provider's commitment, made before anything settles."""
 
-    def check_commitment(self, task: TaskView, blob_b64: str, new_ids: list[int],
-                         finish_reason: str) -> Commitment: ...
+    def check_commitment(
+        self, task: TaskView, blob_b64: str, new_ids: list[int], finish_reason: str
+    ) -> Commitment: ...
 
     def check_part(self, task: TaskView, blob_b64: str, new_ids: list[int]) -> Commitment: ...
 
@@ -75,8 +76,9 @@ class RoutingSignals(Protocol):
 class Inference:
     """Requests from consumers to providers and back, behind plain async methods."""
 
-    def __init__(self, ctx: Context, nodes: NodeDirectory, trust: CommitmentChecks,
-                 market: RoutingSignals) -> None:
+    def __init__(
+        self, ctx: Context, nodes: NodeDirectory, trust: CommitmentChecks, market: RoutingSignals
+    ) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.store = ctx.store
@@ -94,8 +96,9 @@ class Inference:
         # Running tasks whose stream did not match the row at the last supervisor pass.
         self._unmatched: set[tuple[str, int, str | None]] = set()
 
-    def candidates(self, model: str, prompt_tokens: int = 0, max_tokens: int = 1
-                   ) -> tuple[list[routing.Candidate], dict[str, Price]]:
+    def candidates(
+        self, model: str, prompt_tokens: int = 0, max_tokens: int = 1
+    ) -> tuple[list[routing.Candidate], dict[str, Price]]:
         """Live providers of `model` with their load (from the hub), prices and reliability."""
         cutoff = self.clock() - self.settings.node_timeout_s
         busy: dict[str, int] = {}
@@ -103,13 +106,29 @@ class Inference:
             holder = stream.node_id if stream.attempt > 0 else stream.target
             if holder:
                 busy[holder] = busy.get(holder, 0) + 1
-        live = [n for n in self.nodes.cache.values()
-                if n.state == "live" and n.last_seen >= cutoff and model in n.offers
-                and n.id not in self.ctx.ejected]
+        live = [
+            n
+            for n in self.nodes.cache.values()
+            if n.state == "live"
+            and n.last_seen >= cutoff
+            and model in n.offers
+            and n.id not in self.ctx.ejected
+        ]
         rel = self.market.reliability
-        cands = [routing.Candidate(n.id, busy.get(n.id, 0), n.slots, n.offers[model].output,
-                                   n.decode_tps, n.offers[model].prompt, rel.get(n.id, 1.0),
-                                   prompt_tokens, max_tokens) for n in live]
+        cands = [
+            routing.Candidate(
+                n.id,
+                busy.get(n.id, 0),
+                n.slots,
+                n.offers[model].output,
+                n.decode_tps,
+                n.offers[model].prompt,
+                rel.get(n.id, 1.0),
+                prompt_tokens,
+                max_tokens,
+            )
+            for n in live
+        ]
         return cands, {n.id: n.offers[model] for n in live}
 
     # ---- agents ------------------------------------------------------------------------
@@ -149,8 +168,7 @@ class Inference:
             woken = asyncio.ensure_future(event.wait())
             either: set[asyncio.Future[Any]] = {handed, woken}
             try:
-                await asyncio.wait(either, timeout=remaining,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(either, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woken.cancel()
                 self.hub.unpark(node_id, handed)
@@ -203,9 +221,11 @@ class Inference:
         async with stream.lock:
             stream = self._attempt_stream(task_id, attempt, node_id)
             if start > stream.next_index:
-                raise Conflict(f"upload starts at {start}, expected {stream.next_index}",
-                               expected=stream.next_index)
-            fresh = pieces[stream.next_index - start:]
+                raise Conflict(
+                    f"upload starts at {start}, expected {stream.next_index}",
+                    expected=stream.next_index,
+                )
+            fresh = pieces[stream.next_index - start :]
             if not fresh:
                 return
             _check_budget(stream, task_id, fresh)
@@ -221,9 +241,15 @@ class Inference:
         return self._attempt_stream(task_id, attempt, node_id).next_index
 
     async def finish(
-        self, node_id: str, task_id: str, attempt: int, prompt_tokens: int, finish_reason: str,
+        self,
+        node_id: str,
+        task_id: str,
+        attempt: int,
+        prompt_tokens: int,
+        finish_reason: str,
         commitment: str | None = None,
-        energy_j: float | None = None, energy_estimated: bool = False,
+        energy_j: float | None = None,
+        energy_estimated: bool = False,
     ) -> TaskView:
         """The provider finished: settle and tell the consumer."""
         stream = self._attempt_stream(task_id, attempt, node_id)
@@ -236,12 +262,19 @@ class Inference:
             prompt_tokens = min(prompt_tokens, task.payload["max_prompt_tokens"])
             committed = None
             if commitment is not None:  # checked before settlement: a bad one is a 400
-                committed = self.trust.check_commitment(task, commitment,
-                                                        list(stream.attempt_ids), finish_reason)
+                committed = self.trust.check_commitment(
+                    task, commitment, list(stream.attempt_ids), finish_reason
+                )
             done = await self.db(
-                self.store.finish, task_id, attempt, node_id, new_ids=list(stream.attempt_ids),
-                prompt_tokens=prompt_tokens, finish_reason=finish_reason,
-                fee_bps=self.settings.fee_bps, energy_j=energy_j,
+                self.store.finish,
+                task_id,
+                attempt,
+                node_id,
+                new_ids=list(stream.attempt_ids),
+                prompt_tokens=prompt_tokens,
+                finish_reason=finish_reason,
+                fee_bps=self.settings.fee_bps,
+                energy_j=energy_j,
                 energy_estimated=energy_estimated,
             )
             stream.attempt = -1
@@ -251,14 +284,27 @@ class Inference:
         now = self.clock()
         first = stream.first_piece_at
         ttft = first - stream.opened_at if first is not None else None
-        tps = (len(stream.attempt_ids) - 1) / (now - first) if (
-            first is not None and now > first and len(stream.attempt_ids) > 1) else None
-        await self.ctx.events.emit(AnswerFinished(done, node_id, attempt, committed,
-                                                  task.delivered_ids, ttft_s=ttft, tps=tps))
+        tps = (
+            (len(stream.attempt_ids) - 1) / (now - first)
+            if (first is not None and now > first and len(stream.attempt_ids) > 1)
+            else None
+        )
+        await self.ctx.events.emit(
+            AnswerFinished(
+                done, node_id, attempt, committed, task.delivered_ids, ttft_s=ttft, tps=tps
+            )
+        )
         return done
 
-    async def give_up(self, node_id: str | None, task_id: str, attempt: int, outcome: str,
-                      invalid: str | None = None, commitment: str | None = None) -> None:
+    async def give_up(
+        self,
+        node_id: str | None,
+        task_id: str,
+        attempt: int,
+        outcome: str,
+        invalid: str | None = None,
+        commitment: str | None = None,
+    ) -> None:
         """Take an attempt away (provider lost, stalled, draining, or failed it).
 
         `invalid` is set when the provider found the request itself bad (e.g. longer than
@@ -284,23 +330,31 @@ class Inference:
             stream.attempt = -1  # uploads for this attempt are refused from here on
             self.metrics.failovers.labels(outcome).inc()
             if invalid is not None:
-                await self.db(self.store.fail, task_id, invalid, charge_delivered=False,
-                              new_ids=ids)
+                await self.db(
+                    self.store.fail, task_id, invalid, charge_delivered=False, new_ids=ids
+                )
                 self.hub.push(task_id, Event("failed", data={"invalid": invalid}))
                 self.changes.bump()
                 return
             task = await self.db(
-                self.store.requeue_or_fail, task_id, attempt, new_ids=ids, outcome=outcome,
-                max_attempts=self.settings.max_attempts, fee_bps=self.settings.fee_bps,
+                self.store.requeue_or_fail,
+                task_id,
+                attempt,
+                new_ids=ids,
+                outcome=outcome,
+                max_attempts=self.settings.max_attempts,
+                fee_bps=self.settings.fee_bps,
             )
         self.changes.bump()
         if part is not None and node_id is not None:
             # Its part is committed and final now: the beacon may select it for audit.
-            await self.ctx.events.emit(AnswerFinished(task, node_id, attempt, part[0], part[1],
-                                                      part=True))
+            await self.ctx.events.emit(
+                AnswerFinished(task, node_id, attempt, part[0], part[1], part=True)
+            )
         if task.state == "queued":
-            log.warning("task %s: attempt %d %s; handing it to another provider",
-                        task_id, attempt, outcome)
+            log.warning(
+                "task %s: attempt %d %s; handing it to another provider", task_id, attempt, outcome
+            )
             self._wake_for(task.model_id, exclude=frozenset({stream.node_id or ""}))
         else:
             self.hub.push(task_id, Event("failed", data={"error": task.error}))
@@ -314,12 +368,20 @@ class Inference:
         for n in live:
             for model_id in n.offers:
                 seen.setdefault(model_id, int(n.last_seen))
-        return [{"id": m, "object": "model", "created": t, "owned_by": "idlegrid"}
-                for m, t in sorted(seen.items())]
+        return [
+            {"id": m, "object": "model", "created": t, "owned_by": "idlegrid"}
+            for m, t in sorted(seen.items())
+        ]
 
     async def submit(
-        self, key_id: str, model: str, kind: str, payload: dict[str, Any], max_prompt_tokens: int,
-        max_tokens: int, price_cap: Price | None = None,
+        self,
+        key_id: str,
+        model: str,
+        kind: str,
+        payload: dict[str, Any],
+        max_prompt_tokens: int,
+        max_tokens: int,
+        price_cap: Price | None = None,
     ) -> tuple[str, TaskStream]:
         """Validate, escrow and queue a request; the returned stream yields its events."""
         if max_tokens < 1 or max_tokens > self.settings.max_tokens_limit:
@@ -334,18 +396,26 @@ class Inference:
             raise NoCapacity(model, "no live provider serves it")
         basis = routing.price_basis(prices, self.market.staked_nodes, price_cap)
         if basis is None:
-            raise NoCapacity(model, "no live provider at or below max_price (prompt "
-                             f"{price_cap.prompt / ledger.MICRO:g}, output "
-                             f"{price_cap.output / ledger.MICRO:g} credits per 1M tokens)"
-                             if price_cap else "no live provider")
+            raise NoCapacity(
+                model,
+                "no live provider at or below max_price (prompt "
+                f"{price_cap.prompt / ledger.MICRO:g}, output "
+                f"{price_cap.output / ledger.MICRO:g} credits per 1M tokens)"
+                if price_cap
+                else "no live provider",
+            )
         # Escrow at the dearest price the request may be served at, so that whoever serves
         # it is covered; only providers at or below that price may claim it.
         cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
         hold = ledger.hold_amount(max_prompt_tokens, max_tokens, basis)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         task_id = prefix + secrets.token_hex(12)
-        payload = {**payload, "max_tokens": max_tokens, "max_prompt_tokens": max_prompt_tokens,
-                   "price_cap": [basis.prompt, basis.output]}
+        payload = {
+            **payload,
+            "max_tokens": max_tokens,
+            "max_prompt_tokens": max_prompt_tokens,
+            "price_cap": [basis.prompt, basis.output],
+        }
         if payload.get("seed") is None:
             payload["seed"] = derive_seed(task_id)
         target = routing.choose(cands)
@@ -363,12 +433,19 @@ class Inference:
             self._balance_hint[key_id] -= hold
             assert parked is not None and claim_for is not None
             stream.attempt, stream.node_id, stream.target = 1, claim_for[0], None
-            parked.set_result(new_task_view(task_id, key_id, model, kind, payload, hold,
-                                            claim_for[0]))
+            parked.set_result(
+                new_task_view(task_id, key_id, model, kind, payload, hold, claim_for[0])
+            )
         try:
             _, balance = await self.db(
-                self.store.create_task, task_id=task_id, key_id=key_id, model_id=model, kind=kind,
-                payload=payload, hold=hold, target_node_id=target.node_id if target else None,
+                self.store.create_task,
+                task_id=task_id,
+                key_id=key_id,
+                model_id=model,
+                kind=kind,
+                payload=payload,
+                hold=hold,
+                target_node_id=target.node_id if target else None,
                 claim_for=claim_for,
             )
         except BaseException:
@@ -391,8 +468,9 @@ class Inference:
             if parked.done():  # the poll ended while the escrow was written
                 await self.give_up(None, task_id, 1, "hand-over missed")
             else:
-                parked.set_result(new_task_view(task_id, key_id, model, kind, payload, hold,
-                                                target.node_id))
+                parked.set_result(
+                    new_task_view(task_id, key_id, model, kind, payload, hold, target.node_id)
+                )
         return task_id, stream
 
     def _wake_for(self, model: str, exclude: frozenset[str]) -> None:
@@ -417,8 +495,14 @@ class Inference:
         stream = self.hub.get(task_id)
         self.hub.close(task_id)
         ids = list(stream.attempt_ids) if stream and stream.attempt > 0 else []
-        await self.db(self.store.fail, task_id, "consumer disconnected", charge_delivered=True,
-                      new_ids=ids, fee_bps=self.settings.fee_bps)
+        await self.db(
+            self.store.fail,
+            task_id,
+            "consumer disconnected",
+            charge_delivered=True,
+            new_ids=ids,
+            fee_bps=self.settings.fee_bps,
+        )
         self.changes.bump()
 
     # ---- supervision -------------------------------------------------------------------
@@ -429,19 +513,25 @@ class Inference:
         its actions run, as the actions await and other streams move meanwhile."""
         now = self.clock()
         nodes = self.nodes.cache
-        limits = tasks.SuperviseLimits(self.settings.node_timeout_s,
-                                       self.settings.stall_timeout_s,
-                                       self.settings.queue_timeout_s)
+        limits = tasks.SuperviseLimits(
+            self.settings.node_timeout_s,
+            self.settings.stall_timeout_s,
+            self.settings.queue_timeout_s,
+        )
         before = frozenset(self._unmatched)
         unmatched: set[tuple[str, int, str | None]] = set()
         for task in await self.db(self.store.running_tasks):
             stream = self.hub.get(task.id)
             node = nodes.get(task.node_id or "")
             snap = tasks.RunningSnap(
-                task.id, task.attempt, task.node_id,
+                task.id,
+                task.attempt,
+                task.node_id,
                 tasks.StreamSnap(stream.attempt, stream.node_id, stream.last_progress)
-                if stream is not None else None,
-                node.last_seen if node is not None else None)
+                if stream is not None
+                else None,
+                node.last_seen if node is not None else None,
+            )
             for act in tasks.supervise_running(snap, before, now, limits):
                 if isinstance(act, tasks.FailTask):
                     await self.db(self.store.fail, act.task_id, act.reason)
@@ -450,8 +540,12 @@ class Inference:
                 elif isinstance(act, tasks.Adopt) and stream is not None:
                     # The row moved and the stream did not, still so one pass later: the
                     # hand-over was lost (a poll that died mid-claim).
-                    log.warning("task %s: attempt %d on %s never reached its stream; adopting",
-                                act.task_id, act.attempt, act.node_id)
+                    log.warning(
+                        "task %s: attempt %d on %s never reached its stream; adopting",
+                        act.task_id,
+                        act.attempt,
+                        act.node_id,
+                    )
                     stream.attempt, stream.node_id, stream.target = act.attempt, act.node_id, None
                 elif isinstance(act, tasks.TakeBack):
                     with contextlib.suppress(StaleAttempt):  # it finished or moved meanwhile
@@ -485,13 +579,22 @@ def _check_budget(stream: TaskStream, task_id: str, fresh: list[tuple[int, str]]
     uploads are refused, the consumer is charged only for what was accepted)."""
     tokens = sum(1 for tid, _ in fresh if tid >= 0)
     if stream.budget is not None and len(stream.attempt_ids) + tokens > stream.budget:
-        raise Conflict(f"upload past max_tokens for {task_id}: {stream.budget} tokens left "
-                       "for this attempt", code="over_budget", expected=stream.next_index)
+        raise Conflict(
+            f"upload past max_tokens for {task_id}: {stream.budget} tokens left for this attempt",
+            code="over_budget",
+            expected=stream.next_index,
+        )
     flushes = sum(1 for tid, _ in fresh if tid < 0)
     if stream.flushed or flushes > 1 or (flushes and fresh[-1][0] >= 0):
-        raise Conflict("only the last piece of an attempt may carry text without a token",
-                       code="bad_piece", expected=stream.next_index)
+        raise Conflict(
+            "only the last piece of an attempt may carry text without a token",
+            code="bad_piece",
+            expected=stream.next_index,
+        )
     if any(len(text) > MAX_PIECE_CHARS for _, text in fresh):
-        raise Conflict(f"a piece's text is over {MAX_PIECE_CHARS} characters",
-                       code="bad_piece", expected=stream.next_index)
+        raise Conflict(
+            f"a piece's text is over {MAX_PIECE_CHARS} characters",
+            code="bad_piece",
+            expected=stream.next_index,
+        )
     stream.flushed = stream.flushed or flushes == 1

@@ -45,8 +45,7 @@ async def _poll_until_disconnect(request: Request, node_id: str, msg: m.PollMsg)
 router = APIRouter(prefix="/api/v1", tags=["nodes"])
 
 
-@router.post("/work/poll", response_model=m.TaskMsg,
-             responses={**NO_CONTENT, **errors(400, 401)})
+@router.post("/work/poll", response_model=m.TaskMsg, responses={**NO_CONTENT, **errors(400, 401)})
 async def poll(request: Request) -> dict[str, Any] | Response:
     """Long poll for one task: 200 with the task, or 204 when none came in time."""
     node_id, body = await signed(request)
@@ -64,8 +63,11 @@ async def channel(ws: WebSocket) -> None:
     await work_channel.serve(ws, ws.app.state.services)
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/upload", response_model=Ok,
-             responses=errors(400, 401, 404, 409))
+@router.post(
+    "/tasks/{task_id}/attempts/{attempt}/upload",
+    response_model=Ok,
+    responses=errors(400, 401, 404, 409),
+)
 async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """Output pieces for the attempt the node holds (409 once it no longer holds it)."""
     node_id, body = await signed(request)
@@ -74,20 +76,33 @@ async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     return {"ok": True}
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/finish", response_model=Finished,
-             responses=errors(400, 401, 404, 409))
+@router.post(
+    "/tasks/{task_id}/attempts/{attempt}/finish",
+    response_model=Finished,
+    responses=errors(400, 401, 404, 409),
+)
 async def finish(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """The node completed the attempt; the request is settled."""
     node_id, body = await signed(request)
     msg = parse(m.FinishMsg, body)
-    task = await services(request).inference.finish(node_id, task_id, attempt, msg.prompt_tokens,
-                                       msg.finish_reason, msg.commitment, msg.energy_j,
-                                       msg.energy_estimated)
+    task = await services(request).inference.finish(
+        node_id,
+        task_id,
+        attempt,
+        msg.prompt_tokens,
+        msg.finish_reason,
+        msg.commitment,
+        msg.energy_j,
+        msg.energy_estimated,
+    )
     return {"ok": True, "output_tokens": task.output_tokens}
 
 
-@router.post("/tasks/{task_id}/attempts/{attempt}/fail", response_model=Ok,
-             responses=errors(400, 401, 404, 409))
+@router.post(
+    "/tasks/{task_id}/attempts/{attempt}/fail",
+    response_model=Ok,
+    responses=errors(400, 401, 404, 409),
+)
 async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     """The node cannot finish the attempt: the task moves on (or fails if it is bad input)."""
     node_id, body = await signed(request)
@@ -95,6 +110,12 @@ async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
     invalid = msg.reason if msg.kind == "invalid_request" else None
     # "handback" is the outcome reliability counts as blameless (market/store.py, _BLAMELESS).
     outcome = "handback" if msg.kind == "handback" else f"engine error: {msg.reason}"
-    await services(request).inference.give_up(node_id, task_id, attempt, outcome, invalid=invalid,
-                                 commitment=msg.commitment if invalid is None else None)
+    await services(request).inference.give_up(
+        node_id,
+        task_id,
+        attempt,
+        outcome,
+        invalid=invalid,
+        commitment=msg.commitment if invalid is None else None,
+    )
     return {"ok": True}

@@ -26,21 +26,35 @@ from idlegrid.protocol import messages as m
 router = APIRouter(prefix="/api/v1", tags=["market"])
 
 
-
 async def _key(request: Request) -> str:
     return await services(request).nodes.authenticate_key(request.headers.get("authorization"))
 
 
-ORDER_EXAMPLE = {"id": "train-42", "kind": "lease", "hours": 2,
-                 "resources": {"accelerators": ["RTX-4090", "A100-80GB"], "vram_gb": ">=16",
-                               "count": 1, "region": {"not_in": ["ap-south"]},
-                               "reliability": ">=0.95", "max_price": 0.8}}
+ORDER_EXAMPLE = {
+    "id": "train-42",
+    "kind": "lease",
+    "hours": 2,
+    "resources": {
+        "accelerators": ["RTX-4090", "A100-80GB"],
+        "vram_gb": ">=16",
+        "count": 1,
+        "region": {"not_in": ["ap-south"]},
+        "reliability": ">=0.95",
+        "max_price": 0.8,
+    },
+}
 
 
-@router.post("/orders", status_code=201, response_class=JSONResponse, response_model=s.Order,
-             responses=errors(400, 401, 402, 409))
-async def submit_order(request: Request,
-                       body: Any = Body(..., examples=[ORDER_EXAMPLE])) -> JSONResponse:
+@router.post(
+    "/orders",
+    status_code=201,
+    response_class=JSONResponse,
+    response_model=s.Order,
+    responses=errors(400, 401, 402, 409),
+)
+async def submit_order(
+    request: Request, body: Any = Body(..., examples=[ORDER_EXAMPLE])
+) -> JSONResponse:
     """Submit an order: matched at once if the book allows, else open (prepaid) with reasons.
 
     400 for a malformed spec (the error names the field), 402 when the budget exceeds the
@@ -53,8 +67,12 @@ async def submit_order(request: Request,
     return JSONResponse(view.to_dict(), status_code=201)
 
 
-@router.post("/orders/batch", status_code=201, response_model=s.OrderList,
-             responses=errors(400, 401, 402, 409))
+@router.post(
+    "/orders/batch",
+    status_code=201,
+    response_model=s.OrderList,
+    responses=errors(400, 401, 402, 409),
+)
 async def submit_orders(request: Request, body: Any = Body(...)) -> dict[str, Any]:
     """Submit up to 1,000 orders cleared together as one exact assignment (better total
     price than one at a time); all are recorded and prepaid, or none (400/402/409)."""
@@ -82,8 +100,12 @@ async def get_order(order_id: str, request: Request) -> dict[str, Any]:
     return (await svc.db(svc.market.store.get_order, order_id, key_id)).to_dict()
 
 
-@router.get("/orders/{order_id}/explain", response_model=s.Explanation,
-            response_model_exclude_unset=True, responses=errors(401, 404))
+@router.get(
+    "/orders/{order_id}/explain",
+    response_model=s.Explanation,
+    response_model_exclude_unset=True,
+    responses=errors(401, 404),
+)
 async def explain_order(order_id: str, request: Request) -> dict[str, Any]:
     """Why the order matched where it did, or which constraints eliminated how many offers."""
     key_id = await _key(request)
@@ -91,8 +113,7 @@ async def explain_order(order_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.market.explain, order_id, key_id)
 
 
-@router.post("/orders/{order_id}/cancel", response_model=s.Order,
-             responses=errors(401, 404, 409))
+@router.post("/orders/{order_id}/cancel", response_model=s.Order, responses=errors(401, 404, 409))
 async def cancel_order(order_id: str, request: Request) -> dict[str, Any]:
     """Cancel: pay for service so far, refund the rest of the escrow (409 if already over)."""
     key_id = await _key(request)
@@ -101,9 +122,13 @@ async def cancel_order(order_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/offers", response_model=s.Book, responses=errors(400, 401))
-async def list_offers(request: Request, accelerator: str | None = None,
-                      region: str | None = None, model: str | None = None,
-                      limit: int = 200) -> dict[str, Any]:
+async def list_offers(
+    request: Request,
+    accelerator: str | None = None,
+    region: str | None = None,
+    model: str | None = None,
+    limit: int = 200,
+) -> dict[str, Any]:
     """The live book: device offers with price, free devices, region, reliability, stake."""
     await _key(request)
     if not 1 <= limit <= 10_000:
@@ -118,15 +143,27 @@ async def list_offers(request: Request, accelerator: str | None = None,
             continue
         if model and model not in o.model_prices:
             continue
-        out.append({
-            "id": o.id, "provider": o.provider, "device": o.device.model,
-            "count": o.device.count, "free": int(book.free[i]), "vram_gb": o.device.vram_gb,
-            "region": o.hardware.region, "price_per_device_hour": o.device_hour,
-            "plugin": o.plugin, "staked": o.staked, "reliability": o.hardware.reliability,
-            "verified": o.hardware.verified,
-            "models": {mid: {"prompt_price": p.prompt, "output_price": p.output}
-                       for mid, p in o.model_prices.items()},
-            "tokens_per_s": dict(o.hardware.tokens_per_s)})
+        out.append(
+            {
+                "id": o.id,
+                "provider": o.provider,
+                "device": o.device.model,
+                "count": o.device.count,
+                "free": int(book.free[i]),
+                "vram_gb": o.device.vram_gb,
+                "region": o.hardware.region,
+                "price_per_device_hour": o.device_hour,
+                "plugin": o.plugin,
+                "staked": o.staked,
+                "reliability": o.hardware.reliability,
+                "verified": o.hardware.verified,
+                "models": {
+                    mid: {"prompt_price": p.prompt, "output_price": p.output}
+                    for mid, p in o.model_prices.items()
+                },
+                "tokens_per_s": dict(o.hardware.tokens_per_s),
+            }
+        )
         if len(out) >= limit:
             break
     return {"offers": out, "total": len(book)}
@@ -151,8 +188,7 @@ async def stake(request: Request) -> dict[str, Any]:
     return await _stake_move(request, "stake")
 
 
-@router.post("/nodes/unstake", response_model=s.StakeMoved,
-             responses=errors(400, 401, 402, 409))
+@router.post("/nodes/unstake", response_model=s.StakeMoved, responses=errors(400, 401, 402, 409))
 async def unstake(request: Request) -> dict[str, Any]:
     """Release stake (409 while an active order relies on the node)."""
     return await _stake_move(request, "unstake")
@@ -165,10 +201,12 @@ async def node_account(request: Request) -> dict[str, Any]:
     svc = services(request)
     balances = await svc.db(svc.store.balances)
     prefix = f"stake:{node_id}:"
-    return {"node_id": node_id,
-            "accrued": balances.get(ledger.accrual_account(node_id), 0),
-            "paid": balances.get(ledger.provider_account(node_id), 0),
-            "stakes": {a[len(prefix):]: v for a, v in balances.items() if a.startswith(prefix)}}
+    return {
+        "node_id": node_id,
+        "accrued": balances.get(ledger.accrual_account(node_id), 0),
+        "paid": balances.get(ledger.provider_account(node_id), 0),
+        "stakes": {a[len(prefix) :]: v for a, v in balances.items() if a.startswith(prefix)},
+    }
 
 
 @router.post("/nodes/orders", response_model=s.OrderList, responses=errors(401))
@@ -180,8 +218,9 @@ async def node_orders(request: Request) -> dict[str, Any]:
     return {"orders": [v.to_dict() for v in views]}
 
 
-@router.post("/nodes/orders/{order_id}/tokens", response_model=s.Order,
-             responses=errors(400, 401, 404, 409))
+@router.post(
+    "/nodes/orders/{order_id}/tokens", response_model=s.Order, responses=errors(400, 401, 404, 409)
+)
 async def node_tokens(order_id: str, request: Request) -> dict[str, Any]:
     """Batch output produced for an order: paid per token, completed when all are done."""
     node_id, body = await signed(request)

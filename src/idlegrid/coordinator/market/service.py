@@ -37,8 +37,12 @@ RELIABILITY_REFRESH_S = 30.0
 class Market:
     """Order book, matching and settlement ticks for one coordinator."""
 
-    def __init__(self, ctx: Context, nodes: Callable[[], Mapping[str, NodeView]],
-                 verified: Callable[[], dict[str, set[str]]]) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        nodes: Callable[[], Mapping[str, NodeView]],
+        verified: Callable[[], dict[str, set[str]]],
+    ) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.store = MarketStore(ctx.store)
@@ -83,30 +87,49 @@ class Market:
         verified = self._verified()
         offers: list[Offer] = []
         links: dict[frozenset[str], float] = {}
-        self.staked_nodes = frozenset(n for n, sup in supply.items()
-                                      if any(v > 0 for v in sup["stakes"].values()))
+        self.staked_nodes = frozenset(
+            n for n, sup in supply.items() if any(v > 0 for v in sup["stakes"].values())
+        )
         for node_id, sup in supply.items():
             node = nodes.get(node_id)
-            if node is None or node.state != "live" or (
-                    node.last_seen < now - self.settings.node_timeout_s) or (
-                    node_id in self.ctx.ejected):
+            if (
+                node is None
+                or node.state != "live"
+                or (node.last_seen < now - self.settings.node_timeout_s)
+                or (node_id in self.ctx.ejected)
+            ):
                 continue
             for peer, gbps in sup["links"].items():
                 key = frozenset((node_id, peer))
                 links[key] = max(links.get(key, 0.0), float(gbps))
             for d in sup["devices"]:
-                dev = Device(d["model"], d["count"], d["vram_gb"],
-                             vendor=BY_NAME[d["model"]].vendor)
-                hw = Hardware(provider=node_id, region=sup["region"], devices=(dev,),
-                              cpus=int(node.hardware.get("cpu_logical") or 1),
-                              ram_gb=(node.hardware.get("ram_bytes") or 0) / 1e9,
-                              tokens_per_s={m: node.decode_tps for m in node.offers},
-                              reliability=sup["reliability"],
-                              verified=d["model"] in verified.get(node_id, ()))
+                dev = Device(
+                    d["model"], d["count"], d["vram_gb"], vendor=BY_NAME[d["model"]].vendor
+                )
+                hw = Hardware(
+                    provider=node_id,
+                    region=sup["region"],
+                    devices=(dev,),
+                    cpus=int(node.hardware.get("cpu_logical") or 1),
+                    ram_gb=(node.hardware.get("ram_bytes") or 0) / 1e9,
+                    tokens_per_s={m: node.decode_tps for m in node.offers},
+                    reliability=sup["reliability"],
+                    verified=d["model"] in verified.get(node_id, ()),
+                )
                 staked = sup["stakes"].get(d["model"], 0) >= (
-                    self.settings.stake_per_device * d["count"])
-                offers.append(Offer(f"{node_id}/{d['model']}", hw, dev, d["price_h"],
-                                    dict(node.offers), d.get("plugin"), staked))
+                    self.settings.stake_per_device * d["count"]
+                )
+                offers.append(
+                    Offer(
+                        f"{node_id}/{d['model']}",
+                        hw,
+                        dev,
+                        d["price_h"],
+                        dict(node.offers),
+                        d.get("plugin"),
+                        staked,
+                    )
+                )
         book = Book(offers, links)
         for view in self.store.orders(states=ACTIVE):
             if view.placement:
@@ -120,8 +143,12 @@ class Market:
     def on_register(self, event: NodeRegistered) -> None:
         """A node (re)registered: record where it is and the devices it sells."""
         body = event.body
-        self.store.set_supply(event.node_id, body.get("region", "local"),
-                              body.get("links") or {}, body.get("devices") or [])
+        self.store.set_supply(
+            event.node_id,
+            body.get("region", "local"),
+            body.get("links") or {},
+            body.get("devices") or [],
+        )
         self.invalidate()
 
     def on_live_change(self, event: LiveNodesChanged) -> None:
@@ -141,8 +168,7 @@ class Market:
         with self._lock:
             book = self.book
             for i, offer in enumerate(book.offers):
-                book.reliability[i] = self.reliability.get(offer.provider,
-                                                           book.reliability[i])
+                book.reliability[i] = self.reliability.get(offer.provider, book.reliability[i])
 
     def current_book(self) -> Book:
         """The book, rebuilt first if supply changed."""
@@ -177,9 +203,17 @@ class Market:
                     # Its last call has not returned: threads cannot be stopped, so a hung
                     # plug-in holds one pool thread at most, and sits out until it returns.
                     return None
-            future = self._pool.submit(fn, order.to_dict(), {
-                "offer": offer.id, "device": offer.device.model, "count": offer.device.count,
-                "region": offer.hardware.region, "price_h": offer.device_hour / MICRO})
+            future = self._pool.submit(
+                fn,
+                order.to_dict(),
+                {
+                    "offer": offer.id,
+                    "device": offer.device.model,
+                    "count": offer.device.count,
+                    "region": offer.hardware.region,
+                    "price_h": offer.device_hour / MICRO,
+                },
+            )
             try:
                 credits = future.result(timeout=PLUGIN_TIMEOUT_S)
             except FutureTimeout:
@@ -187,16 +221,23 @@ class Market:
                     self._plugins_stuck.add(path)
                 future.add_done_callback(lambda _f: self._unstick(path))
                 raise
-            if isinstance(credits, bool) or not isinstance(credits, int | float) or not (
-                    0 <= credits <= 10_000):
+            if (
+                isinstance(credits, bool)
+                or not isinstance(credits, int | float)
+                or not (0 <= credits <= 10_000)
+            ):
                 return None
             return round(credits * MICRO)
         except FutureTimeout:
             log.warning("pricing plug-in %s timed out; offer %s sits out", offer.plugin, offer.id)
             return None
         except Exception:
-            log.warning("pricing plug-in %s failed; offer %s sits out", offer.plugin, offer.id,
-                        exc_info=True)
+            log.warning(
+                "pricing plug-in %s failed; offer %s sits out",
+                offer.plugin,
+                offer.id,
+                exc_info=True,
+            )
             return None
 
     def _unstick(self, path: str) -> None:
@@ -210,8 +251,9 @@ class Market:
         from idlegrid.engines.models import memory_gb
 
         model = raw.get("model") if isinstance(raw, dict) else None
-        return parse_order(raw, order_id=order_id,
-                           vram_need_gb=memory_gb(model) if isinstance(model, str) else 0.0)
+        return parse_order(
+            raw, order_id=order_id, vram_need_gb=memory_gb(model) if isinstance(model, str) else 0.0
+        )
 
     def submit(self, key_id: str, raw: Any) -> OrderView:
         """Match an order and record it with its prepayment; unmatched orders wait, prepaid."""
@@ -233,12 +275,16 @@ class Market:
                 with self._lock:
                     self.book.release(result)
             raise
-        self.ctx.metrics.orders.labels(order.kind.value,
-                                        "matched" if placement else "open").inc()
+        self.ctx.metrics.orders.labels(order.kind.value, "matched" if placement else "open").inc()
         return view
 
-    def _record(self, order: Order, key_id: str, placement: dict[str, Any] | None,
-                reasons: dict[str, Any] | None) -> OrderView:
+    def _record(
+        self,
+        order: Order,
+        key_id: str,
+        placement: dict[str, Any] | None,
+        reasons: dict[str, Any] | None,
+    ) -> OrderView:
         """Write one order, riding along with whatever other orders are waiting (group commit).
 
         Whoever takes the commit turn writes every pending order in one transaction; the
@@ -254,8 +300,11 @@ class Market:
             if len(batch) == 1:
                 order1, key1, placement1, reasons1, _ = batch[0]
                 try:  # alone: a plain transaction, no savepoint
-                    results = [self.store.create_order(order1, key1, order1.to_dict(),
-                                                       placement1, reasons1)]
+                    results = [
+                        self.store.create_order(
+                            order1, key1, order1.to_dict(), placement1, reasons1
+                        )
+                    ]
                 except Exception as exc:
                     results = [exc]
             elif batch:
@@ -283,8 +332,9 @@ class Market:
             try:
                 orders.append(self.parse(raw))
             except InvalidRequest as exc:
-                raise InvalidRequest(f"orders[{i}].{exc.message}",
-                                     param=f"orders[{i}].{exc.param}") from exc
+                raise InvalidRequest(
+                    f"orders[{i}].{exc.message}", param=f"orders[{i}].{exc.param}"
+                ) from exc
         if len({o.id for o in orders}) < len(orders):
             raise InvalidRequest("orders: ids repeat within the batch", param="orders")
         with self._lock:
@@ -293,17 +343,26 @@ class Market:
             results = self.book.clear(orders, self.quote)
             placed = [r for r in results if isinstance(r, Placement)]
             try:
-                views = self.store.create_orders([
-                    (o, o.to_dict(), r.to_dict() if isinstance(r, Placement) else None,
-                     r.to_dict() if isinstance(r, Unmatched) else None)
-                    for o, r in zip(orders, results, strict=True)], key_id)
+                views = self.store.create_orders(
+                    [
+                        (
+                            o,
+                            o.to_dict(),
+                            r.to_dict() if isinstance(r, Placement) else None,
+                            r.to_dict() if isinstance(r, Unmatched) else None,
+                        )
+                        for o, r in zip(orders, results, strict=True)
+                    ],
+                    key_id,
+                )
             except Exception:
                 for p in placed:  # clear() took the capacity; nothing was recorded
                     self.book.release(p)
                 raise
         for o, r in zip(orders, results, strict=True):
             self.ctx.metrics.orders.labels(
-                o.kind.value, "matched" if isinstance(r, Placement) else "open").inc()
+                o.kind.value, "matched" if isinstance(r, Placement) else "open"
+            ).inc()
         return views
 
     def explain(self, order_id: str, key_id: str | None) -> dict[str, Any]:
@@ -339,13 +398,17 @@ class Market:
 
     def orders_for_node(self, node_id: str) -> list[OrderView]:
         """Active orders that hold a node's devices."""
-        return [v for v in self.store.orders(states=ACTIVE)
-                if any(leg["provider"] == node_id for leg in (v.placement or {}).get("legs", []))]
+        return [
+            v
+            for v in self.store.orders(states=ACTIVE)
+            if any(leg["provider"] == node_id for leg in (v.placement or {}).get("legs", []))
+        ]
 
     # ---- SLOs ------------------------------------------------------------------------------
 
-    def observe(self, node_id: str, model: str, ttft_s: float | None, tokens_per_s: float | None
-                ) -> None:
+    def observe(
+        self, node_id: str, model: str, ttft_s: float | None, tokens_per_s: float | None
+    ) -> None:
         """One served request's speed; an inference order on that node notes an SLO miss."""
         now = self.ctx.clock()
         for view in self.store.orders(states=ACTIVE):
@@ -354,10 +417,16 @@ class Market:
             if not any(leg["provider"] == node_id for leg in (view.placement or {})["legs"]):
                 continue
             res = view.body.get("resources", {})
-            slow = ttft_s is not None and res.get("max_ttft_ms") is not None and (
-                ttft_s * 1000 > res["max_ttft_ms"])
-            slow |= tokens_per_s is not None and res.get("min_tokens_per_s") is not None and (
-                tokens_per_s < res["min_tokens_per_s"])
+            slow = (
+                ttft_s is not None
+                and res.get("max_ttft_ms") is not None
+                and (ttft_s * 1000 > res["max_ttft_ms"])
+            )
+            slow |= (
+                tokens_per_s is not None
+                and res.get("min_tokens_per_s") is not None
+                and (tokens_per_s < res["min_tokens_per_s"])
+            )
             if slow:
                 window = int((now - (view.started_at or now)) // self.settings.accrual_interval_s)
                 self._slo_misses.setdefault(view.id, set()).add(window)
@@ -372,8 +441,13 @@ class Market:
             for leg in view.placement["legs"]:
                 amount = leg["unit_price"] * leg["devices"] * width // 3600
                 cls = leg["offer_id"].split("/", 1)[1]
-                self.store.slo_refund(view.id, f"{view.id}:{window}:{leg['provider']}",
-                                      leg["provider"], cls, int(amount))
+                self.store.slo_refund(
+                    view.id,
+                    f"{view.id}:{window}:{leg['provider']}",
+                    leg["provider"],
+                    cls,
+                    int(amount),
+                )
             misses.discard(window)
 
     # ---- the tick --------------------------------------------------------------------------
@@ -394,9 +468,15 @@ class Market:
             self._first_tick = False
             for view in self.store.orders(states=ACTIVE):
                 legs = (view.placement or {}).get("legs", [])
-                gone = [leg["provider"] for leg in legs if (
-                    (n := nodes.get(leg["provider"])) is None or n.state == "gone"
-                    or n.last_seen < now - timeout)]
+                gone = [
+                    leg["provider"]
+                    for leg in legs
+                    if (
+                        (n := nodes.get(leg["provider"])) is None
+                        or n.state == "gone"
+                        or n.last_seen < now - timeout
+                    )
+                ]
                 if gone:
                     served = min(nodes[p].last_seen if p in nodes else now for p in gone)
                     self.store.requeue(view.id, self.settings.fee_bps, served)
@@ -444,6 +524,12 @@ def _placement(view: OrderView) -> Placement:
     from idlegrid.core.market.auction import Leg
 
     p = view.placement or {}
-    return Placement(view.id, tuple(Leg(**leg) for leg in p.get("legs", [])), p.get("cost", 0),
-                     p.get("score", 0.0), p.get("runtime_h", 0.0), p.get("oversized", False),
-                     p.get("candidates", 0))
+    return Placement(
+        view.id,
+        tuple(Leg(**leg) for leg in p.get("legs", [])),
+        p.get("cost", 0),
+        p.get("score", 0.0),
+        p.get("runtime_h", 0.0),
+        p.get("oversized", False),
+        p.get("candidates", 0),
+    )

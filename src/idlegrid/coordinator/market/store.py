@@ -49,9 +49,13 @@ class DuplicateOrder(Conflict):
     def __init__(self, order_id: str, state: str | None) -> None:
         # Order ids are global: another consumer's order is named "taken", its state kept
         # from whoever submitted the same id.
-        super().__init__(f"order {order_id} was already submitted (now {state})" if state
-                         else f"order id {order_id} is taken; choose another",
-                         order_id=order_id, state=state)
+        super().__init__(
+            f"order {order_id} was already submitted (now {state})"
+            if state
+            else f"order id {order_id} is taken; choose another",
+            order_id=order_id,
+            state=state,
+        )
 
 
 class OrderNotFound(NotFound):
@@ -89,32 +93,67 @@ class OrderView:
 
 
 def _view(o: MarketOrder) -> OrderView:
-    return OrderView(o.id, o.key_id, o.kind, dict(o.body), o.state, o.budget, o.spent,
-                     o.refunded, o.placement, o.reasons, o.created_at, o.started_at, o.ends_at,
-                     o.accrued_until, o.tokens_done)
+    return OrderView(
+        o.id,
+        o.key_id,
+        o.kind,
+        dict(o.body),
+        o.state,
+        o.budget,
+        o.spent,
+        o.refunded,
+        o.placement,
+        o.reasons,
+        o.created_at,
+        o.started_at,
+        o.ends_at,
+        o.accrued_until,
+        o.tokens_done,
+    )
 
 
 def _start_fields(order: Order, placement: dict[str, Any], now: float) -> dict[str, Any]:
     """Columns of an order that was just matched and starts at once."""
     state = order_transition(order_transition(OrderState.OPEN, "match"), "start")
-    return {"state": state.value, "placement": placement, "reasons": None, "started_at": now,
-            "accrued_until": now, "updated_at": now,
-            "ends_at": None if order.kind is OrderKind.BATCH else now + order.hours * 3600}
+    return {
+        "state": state.value,
+        "placement": placement,
+        "reasons": None,
+        "started_at": now,
+        "accrued_until": now,
+        "updated_at": now,
+        "ends_at": None if order.kind is OrderKind.BATCH else now + order.hours * 3600,
+    }
 
 
 _INSERT_ORDER = insert(table(MarketOrder))
 
 
 def _view_of(r: dict[str, Any], key_id: str, now: float) -> OrderView:
-    return OrderView(r["id"], key_id, r["kind"], r["body"], r["state"], r["budget"], 0, 0,
-                     r["placement"], r["reasons"], now, r["started_at"], r["ends_at"],
-                     r["accrued_until"], 0)
+    return OrderView(
+        r["id"],
+        key_id,
+        r["kind"],
+        r["body"],
+        r["state"],
+        r["budget"],
+        0,
+        0,
+        r["placement"],
+        r["reasons"],
+        now,
+        r["started_at"],
+        r["ends_at"],
+        r["accrued_until"],
+        0,
+    )
 
 
 def body_hash(body: dict[str, Any]) -> str:
     """Hash of an order's canonical JSON, to tell a replay from a different order."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-                          ).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 class MarketStore:
@@ -126,8 +165,9 @@ class MarketStore:
 
     # ---- supply ------------------------------------------------------------------------
 
-    def set_supply(self, node_id: str, region: str, links: dict[str, float],
-                   devices: Sequence[dict[str, Any]]) -> None:
+    def set_supply(
+        self, node_id: str, region: str, links: dict[str, float], devices: Sequence[dict[str, Any]]
+    ) -> None:
         """Replace a node's region, links and device offers (at registration)."""
         with self.store.tx() as s:
             s.execute(delete(DeviceOffer).where(DeviceOffer.node_id == node_id))
@@ -135,24 +175,51 @@ class MarketStore:
             s.flush()
             s.add(NodeMarket(node_id=node_id, region=region, links=dict(links)))
             for d in devices:
-                s.add(DeviceOffer(node_id=node_id, device_model=d["model"], count=d["count"],
-                                  vram_gb=d["vram_gb"], price_h=d["price_h"],
-                                  plugin=d.get("plugin")))
+                s.add(
+                    DeviceOffer(
+                        node_id=node_id,
+                        device_model=d["model"],
+                        count=d["count"],
+                        vram_gb=d["vram_gb"],
+                        price_h=d["price_h"],
+                        plugin=d.get("plugin"),
+                    )
+                )
 
     def supply(self) -> dict[str, dict[str, Any]]:
         """Per node: region, links, device offers, stakes and measured reliability."""
         with self.store.read() as s:
             out: dict[str, dict[str, Any]] = {}
             for m in s.scalars(select(NodeMarket)):
-                out[m.node_id] = {"region": m.region, "links": dict(m.links), "devices": [],
-                                  "stakes": {}, "reliability": _PRIOR_OK / _PRIOR_N}
+                out[m.node_id] = {
+                    "region": m.region,
+                    "links": dict(m.links),
+                    "devices": [],
+                    "stakes": {},
+                    "reliability": _PRIOR_OK / _PRIOR_N,
+                }
             for d in s.scalars(select(DeviceOffer)):
-                out.setdefault(d.node_id, {"region": "local", "links": {}, "devices": [],
-                                           "stakes": {}, "reliability": 0.95})["devices"].append(
-                    {"model": d.device_model, "count": d.count, "vram_gb": d.vram_gb,
-                     "price_h": d.price_h, "plugin": d.plugin})
-            for acct, bal in s.execute(select(Account.id, Account.balance)
-                                       .where(Account.id.like("stake:%"))):
+                out.setdefault(
+                    d.node_id,
+                    {
+                        "region": "local",
+                        "links": {},
+                        "devices": [],
+                        "stakes": {},
+                        "reliability": 0.95,
+                    },
+                )["devices"].append(
+                    {
+                        "model": d.device_model,
+                        "count": d.count,
+                        "vram_gb": d.vram_gb,
+                        "price_h": d.price_h,
+                        "plugin": d.plugin,
+                    }
+                )
+            for acct, bal in s.execute(
+                select(Account.id, Account.balance).where(Account.id.like("stake:%"))
+            ):
                 _, node, cls = acct.split(":", 2)
                 if node in out:
                     out[node]["stakes"][cls] = bal
@@ -169,46 +236,66 @@ class MarketStore:
     @staticmethod
     def _reliability(s: Session) -> dict[str, float]:
         ok = func.sum(case((Attempt.outcome.in_(_BLAMELESS), 1), else_=0))
-        return {node: (int(good or 0) + _PRIOR_OK) / (ended + _PRIOR_N)
-                for node, good, ended in s.execute(
-                    select(Attempt.node_id, ok, func.count())
-                    .where(Attempt.outcome.is_not(None)).group_by(Attempt.node_id))}
+        return {
+            node: (int(good or 0) + _PRIOR_OK) / (ended + _PRIOR_N)
+            for node, good, ended in s.execute(
+                select(Attempt.node_id, ok, func.count())
+                .where(Attempt.outcome.is_not(None))
+                .group_by(Attempt.node_id)
+            )
+        }
 
     # ---- orders ------------------------------------------------------------------------
 
-    def create_order(self, order: Order, key_id: str, body: dict[str, Any],
-                     placement: dict[str, Any] | None, reasons: dict[str, Any] | None
-                     ) -> OrderView:
+    def create_order(
+        self,
+        order: Order,
+        key_id: str,
+        body: dict[str, Any],
+        placement: dict[str, Any] | None,
+        reasons: dict[str, Any] | None,
+    ) -> OrderView:
         """Insert an order and prepay its budget in one transaction; duplicates are refused."""
         return self.create_orders([(order, body, placement, reasons)], key_id)[0]
 
-    def create_orders(self, items: Sequence[tuple[Order, dict[str, Any], dict[str, Any] | None,
-                                                  dict[str, Any] | None]],
-                      key_id: str) -> list[OrderView]:
+    def create_orders(
+        self,
+        items: Sequence[tuple[Order, dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]],
+        key_id: str,
+    ) -> list[OrderView]:
         """Insert orders and their prepayments all together, or none of them."""
         now = self.clock()
-        rows = [self._row_for(order, key_id, body, placement, reasons, now)
-                for order, body, placement, reasons in items]
+        rows = [
+            self._row_for(order, key_id, body, placement, reasons, now)
+            for order, body, placement, reasons in items
+        ]
         try:
             with self.store.tx() as s:
                 # A prebuilt Core insert: on the order path, ORM flushes cost more than SQLite.
                 s.execute(_INSERT_ORDER, rows)
                 for order, *_ in items:
-                    self.store._post(s, settlement.prepay(order.id, key_id, order.budget()),
-                                     fresh=True)
+                    self.store._post(
+                        s, settlement.prepay(order.id, key_id, order.budget()), fresh=True
+                    )
         except IntegrityError:
             with self.store.read() as s:
                 for order, *_ in items:
-                    if (row := s.execute(select(MarketOrder.state, MarketOrder.key_id).where(
-                            MarketOrder.id == order.id)).first()) is not None:
-                        raise DuplicateOrder(order.id, row[0] if row[1] == key_id else None
-                                             ) from None
+                    if (
+                        row := s.execute(
+                            select(MarketOrder.state, MarketOrder.key_id).where(
+                                MarketOrder.id == order.id
+                            )
+                        ).first()
+                    ) is not None:
+                        raise DuplicateOrder(
+                            order.id, row[0] if row[1] == key_id else None
+                        ) from None
             raise
         return [_view_of(r, key_id, now) for r in rows]
 
-    def create_orders_each(self, items: Sequence[tuple[Order, str, dict[str, Any] | None,
-                                                       dict[str, Any] | None]]
-                           ) -> list[OrderView | Exception]:
+    def create_orders_each(
+        self, items: Sequence[tuple[Order, str, dict[str, Any] | None, dict[str, Any] | None]]
+    ) -> list[OrderView | Exception]:
         """Several consumers' orders in one transaction, each in its own savepoint.
 
         One commit for many orders (group commit), yet one consumer's 402 or duplicate id
@@ -223,15 +310,20 @@ class MarketStore:
                     # A savepoint per order only when others share the transaction.
                     with s.begin_nested() if len(items) > 1 else contextlib.nullcontext():
                         s.execute(_INSERT_ORDER, [row])
-                        self.store._post(s, settlement.prepay(order.id, key_id, order.budget()),
-                                         fresh=True)
+                        self.store._post(
+                            s, settlement.prepay(order.id, key_id, order.budget()), fresh=True
+                        )
                 except IntegrityError:
                     if len(items) == 1:
                         raise
-                    got = s.execute(select(MarketOrder.state, MarketOrder.key_id).where(
-                        MarketOrder.id == order.id)).first()
-                    out.append(DuplicateOrder(order.id, got[0] if got and got[1] == key_id
-                                              else None))
+                    got = s.execute(
+                        select(MarketOrder.state, MarketOrder.key_id).where(
+                            MarketOrder.id == order.id
+                        )
+                    ).first()
+                    out.append(
+                        DuplicateOrder(order.id, got[0] if got and got[1] == key_id else None)
+                    )
                 except IdlegridError as exc:
                     if len(items) == 1:
                         raise
@@ -241,15 +333,34 @@ class MarketStore:
         return out
 
     @staticmethod
-    def _row_for(order: Order, key_id: str, body: dict[str, Any],
-                 placement: dict[str, Any] | None, reasons: dict[str, Any] | None,
-                 now: float) -> dict[str, Any]:
+    def _row_for(
+        order: Order,
+        key_id: str,
+        body: dict[str, Any],
+        placement: dict[str, Any] | None,
+        reasons: dict[str, Any] | None,
+        now: float,
+    ) -> dict[str, Any]:
         row: dict[str, Any] = {
-            "id": order.id, "key_id": key_id, "kind": order.kind.value, "body": body,
-            "body_hash": body_hash(body), "state": OrderState.OPEN.value,
-            "budget": order.budget(), "spent": 0, "refunded": 0, "placement": None,
-            "reasons": reasons, "created_at": now, "updated_at": now, "started_at": None,
-            "ends_at": None, "accrued_until": None, "accrual_seq": 0, "tokens_done": 0}
+            "id": order.id,
+            "key_id": key_id,
+            "kind": order.kind.value,
+            "body": body,
+            "body_hash": body_hash(body),
+            "state": OrderState.OPEN.value,
+            "budget": order.budget(),
+            "spent": 0,
+            "refunded": 0,
+            "placement": None,
+            "reasons": reasons,
+            "created_at": now,
+            "updated_at": now,
+            "started_at": None,
+            "ends_at": None,
+            "accrued_until": None,
+            "accrual_seq": 0,
+            "tokens_done": 0,
+        }
         if placement is not None:
             row |= _start_fields(order, placement, now)
         return row
@@ -275,8 +386,11 @@ class MarketStore:
     def set_reasons(self, order_id: str, reasons: dict[str, Any]) -> None:
         """Record why an open order is still unmatched."""
         with self.store.tx() as s:
-            s.execute(update(MarketOrder).where(MarketOrder.id == order_id)
-                      .values(reasons=reasons, updated_at=self.clock()))
+            s.execute(
+                update(MarketOrder)
+                .where(MarketOrder.id == order_id)
+                .values(reasons=reasons, updated_at=self.clock())
+            )
 
     def _row(self, s: Session, order_id: str, key_id: str | None = None) -> MarketOrder:
         row = s.get(MarketOrder, order_id)
@@ -289,8 +403,9 @@ class MarketStore:
         with self.store.read() as s:
             return _view(self._row(s, order_id, key_id))
 
-    def orders(self, key_id: str | None = None, states: Sequence[str] | None = None
-               ) -> list[OrderView]:
+    def orders(
+        self, key_id: str | None = None, states: Sequence[str] | None = None
+    ) -> list[OrderView]:
         """Orders, newest first, optionally one consumer's or in some states."""
         with self.store.read() as s:
             q = select(MarketOrder).order_by(MarketOrder.created_at.desc())
@@ -305,7 +420,8 @@ class MarketStore:
         with self.store.read() as s:
             q = select(MarketOrder).where(
                 MarketOrder.state == OrderState.ACTIVE.value,
-                (MarketOrder.accrued_until <= accrued_before) | (MarketOrder.ends_at <= now))
+                (MarketOrder.accrued_until <= accrued_before) | (MarketOrder.ends_at <= now),
+            )
             return [_view(o) for o in s.scalars(q)]
 
     def accrue(self, order_id: str, fee_bps: int, until: float | None = None) -> OrderView:
@@ -313,8 +429,11 @@ class MarketStore:
         with self.store.tx() as s:
             row = self._row(s, order_id)
             self._accrue_time(s, row, fee_bps, until if until is not None else self.clock())
-            if (row.state == OrderState.ACTIVE.value and row.ends_at is not None
-                    and (row.accrued_until or 0) >= row.ends_at):
+            if (
+                row.state == OrderState.ACTIVE.value
+                and row.ends_at is not None
+                and (row.accrued_until or 0) >= row.ends_at
+            ):
                 self._finish(s, row, "complete")
             return _view(row)
 
@@ -326,8 +445,9 @@ class MarketStore:
         if end <= start or not row.placement:
             return
         legs = row.placement["legs"]
-        due = [settlement.accrual_due(leg["unit_price"], leg["devices"], end - start)
-               for leg in legs]
+        due = [
+            settlement.accrual_due(leg["unit_price"], leg["devices"], end - start) for leg in legs
+        ]
         # The escrow is the hard ceiling: rounding never lets an order pay more than it holds.
         # (SLO refunds come from the provider's accrual and stake, not from this escrow.)
         room = row.budget - row.spent
@@ -335,8 +455,9 @@ class MarketStore:
             amount = min(amount, room)
             if amount > 0:
                 row.accrual_seq += 1
-                self.store._post(s, settlement.accrue(row.id, leg["provider"], row.accrual_seq,
-                                                      amount, fee_bps))
+                self.store._post(
+                    s, settlement.accrue(row.id, leg["provider"], row.accrual_seq, amount, fee_bps)
+                )
                 row.spent += amount
                 room -= amount
         row.accrued_until = end
@@ -347,13 +468,14 @@ class MarketStore:
         with self.store.tx() as s:
             row = self._row(s, order_id)
             if row.kind != OrderKind.BATCH.value or row.state != OrderState.ACTIVE.value:
-                raise Conflict(f"order {order_id} takes no token reports now ({row.state})",
-                               order_id=order_id)
-            legs = [leg for leg in (row.placement or {}).get("legs", [])
-                    if leg["provider"] == node_id]
+                raise Conflict(
+                    f"order {order_id} takes no token reports now ({row.state})", order_id=order_id
+                )
+            legs = [
+                leg for leg in (row.placement or {}).get("legs", []) if leg["provider"] == node_id
+            ]
             if not legs:
-                raise Conflict(f"node {node_id} does not serve order {order_id}",
-                               order_id=order_id)
+                raise Conflict(f"node {node_id} does not serve order {order_id}", order_id=order_id)
             wanted = int(row.body["tokens"])
             take = max(0, min(tokens, wanted - row.tokens_done))
             before = ledger.token_cost(row.tokens_done, legs[0]["unit_price"])
@@ -362,8 +484,9 @@ class MarketStore:
             row.tokens_done += take
             if amount > 0:
                 row.accrual_seq += 1
-                self.store._post(s, settlement.accrue(row.id, node_id, row.accrual_seq, amount,
-                                                      fee_bps))
+                self.store._post(
+                    s, settlement.accrue(row.id, node_id, row.accrual_seq, amount, fee_bps)
+                )
                 row.spent += amount
             if row.tokens_done >= wanted:
                 self._finish(s, row, "complete")
@@ -401,20 +524,35 @@ class MarketStore:
             row.updated_at = self.clock()
             return _view(row)
 
-    def slo_refund(self, order_id: str, ref: str, node_id: str, device_class: str,
-                   amount: int) -> bool:
+    def slo_refund(
+        self, order_id: str, ref: str, node_id: str, device_class: str, amount: int
+    ) -> bool:
         """Refund a missed SLO window from the provider's accrual, then its stake."""
         with self.store.tx() as s:
             row = self._row(s, order_id)
-            accrued = s.scalar(select(Account.balance).where(
-                Account.id == ledger.accrual_account(node_id))) or 0
-            staked = s.scalar(select(Account.balance).where(
-                Account.id == ledger.stake_account(node_id, device_class))) or 0
+            accrued = (
+                s.scalar(
+                    select(Account.balance).where(Account.id == ledger.accrual_account(node_id))
+                )
+                or 0
+            )
+            staked = (
+                s.scalar(
+                    select(Account.balance).where(
+                        Account.id == ledger.stake_account(node_id, device_class)
+                    )
+                )
+                or 0
+            )
             amount = min(amount, accrued + staked)
             if amount <= 0:
                 return False
-            posted = self.store._post(s, settlement.slo_refund(
-                ref, order_id, node_id, row.key_id, amount, accrued, device_class))
+            posted = self.store._post(
+                s,
+                settlement.slo_refund(
+                    ref, order_id, node_id, row.key_id, amount, accrued, device_class
+                ),
+            )
             if posted:
                 row.refunded += amount
             return posted
@@ -428,11 +566,13 @@ class MarketStore:
     def unstake(self, ref: str, node_id: str, device_class: str, amount: int) -> bool:
         """Return stake to the provider, unless an active order still relies on it."""
         with self.store.tx() as s:
-            for o in s.scalars(select(MarketOrder).where(
-                    MarketOrder.state == OrderState.ACTIVE.value)):
+            for o in s.scalars(
+                select(MarketOrder).where(MarketOrder.state == OrderState.ACTIVE.value)
+            ):
                 if any(leg["provider"] == node_id for leg in (o.placement or {}).get("legs", [])):
-                    raise Conflict(f"order {o.id} is active on this node; stake stays",
-                                   order_id=o.id)
+                    raise Conflict(
+                        f"order {o.id} is active on this node; stake stays", order_id=o.id
+                    )
             return self.store._post(s, settlement.unstake(ref, node_id, device_class, amount))
 
     def payout(self, batch_id: str, settled_before: float) -> dict[str, int]:
@@ -443,14 +583,21 @@ class MarketStore:
         """
         with self.store.tx() as s:
             rows = s.execute(
-                select(LedgerPosting.account,
-                       func.sum(case((LedgerPosting.amount < 0, LedgerPosting.amount),
-                                     (LedgerEntry.created_at <= settled_before,
-                                      LedgerPosting.amount), else_=0)),
-                       func.sum(LedgerPosting.amount))
+                select(
+                    LedgerPosting.account,
+                    func.sum(
+                        case(
+                            (LedgerPosting.amount < 0, LedgerPosting.amount),
+                            (LedgerEntry.created_at <= settled_before, LedgerPosting.amount),
+                            else_=0,
+                        )
+                    ),
+                    func.sum(LedgerPosting.amount),
+                )
                 .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
                 .where(LedgerPosting.account.like("accrual:%"))
-                .group_by(LedgerPosting.account)).all()
+                .group_by(LedgerPosting.account)
+            ).all()
             due = {acct.split(":", 1)[1]: int(min(old or 0, bal or 0)) for acct, old, bal in rows}
             due = {n: v for n, v in due.items() if v > 0}
             if due:
@@ -463,5 +610,12 @@ def open_or_active(views: Sequence[OrderView]) -> list[OrderView]:
     return [v for v in views if OrderState(v.state) not in TERMINAL]
 
 
-__all__ = ["DuplicateOrder", "IdlegridError", "MarketStore", "OrderNotFound", "OrderView",
-           "body_hash", "open_or_active"]
+__all__ = [
+    "DuplicateOrder",
+    "IdlegridError",
+    "MarketStore",
+    "OrderNotFound",
+    "OrderView",
+    "body_hash",
+    "open_or_active",
+]

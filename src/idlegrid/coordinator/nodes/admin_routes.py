@@ -20,9 +20,6 @@ from idlegrid.errors import InvalidRequest
 router = APIRouter(prefix="/api/v1", tags=["grid"])
 
 
-
-
-
 class NewKey(BaseModel):
     """Body of POST /admin/keys."""
 
@@ -47,8 +44,7 @@ async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     return {"key_id": key_id, "api_key": secret}
 
 
-@router.post("/admin/keys/{key_id}/revoke", response_model=s.KeyRevoked,
-             responses=errors(401, 404))
+@router.post("/admin/keys/{key_id}/revoke", response_model=s.KeyRevoked, responses=errors(401, 404))
 async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
     """Revoke a consumer API key: refused from now on (its balance stays in the ledger)."""
     require_operator(request)
@@ -63,14 +59,21 @@ async def mint(body: Mint, request: Request) -> dict[str, Any]:
     svc = services(request)
     if (body.key_id is None) == (body.node_id is None):
         raise InvalidRequest("name exactly one of key_id and node_id", param="key_id")
-    account = (ledger.consumer_account(body.key_id) if body.key_id
-               else ledger.provider_account(body.node_id or ""))
-    entry = ledger.mint(f"mint:{body.reference}", account, body.amount,
-                        ledger.Cause("deposit", body.reference))
+    account = (
+        ledger.consumer_account(body.key_id)
+        if body.key_id
+        else ledger.provider_account(body.node_id or "")
+    )
+    entry = ledger.mint(
+        f"mint:{body.reference}", account, body.amount, ledger.Cause("deposit", body.reference)
+    )
     created = await svc.db(svc.store.post, entry)
     svc.changes.bump()
-    return {"created": created, "account": account,
-            "balance": await svc.db(svc.store.balance, account)}
+    return {
+        "created": created,
+        "account": account,
+        "balance": await svc.db(svc.store.balance, account),
+    }
 
 
 @router.get("/balance", response_model=s.Balance, responses=errors(401))
@@ -79,9 +82,11 @@ async def balance(request: Request) -> dict[str, Any]:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
     account = ledger.consumer_account(key_id)
-    return {"key_id": key_id, "account": account,
-            "balance": await svc.db(svc.store.balance, account)}
-
+    return {
+        "key_id": key_id,
+        "account": account,
+        "balance": await svc.db(svc.store.balance, account),
+    }
 
 
 @router.get("/status", response_model=s.GridStatus, response_model_exclude_unset=True)
@@ -96,14 +101,21 @@ async def status(request: Request) -> dict[str, Any]:
     view = {
         "nodes": [
             {
-                "id": n.id, "name": n.name, "state": n.state,
+                "id": n.id,
+                "name": n.name,
+                "state": n.state,
                 "live": n.state != "gone" and now - n.last_seen <= svc.settings.node_timeout_s,
-                "last_seen_s_ago": round(now - n.last_seen, 3), "slots": n.slots,
+                "last_seen_s_ago": round(now - n.last_seen, 3),
+                "slots": n.slots,
                 "running": running.get(n.id, 0),
-                "prefill_tps": n.prefill_tps, "decode_tps": n.decode_tps,
-                "hardware": n.hardware, "engine": n.engine,
-                "offers": {mid: {"prompt_price": p.prompt, "output_price": p.output}
-                           for mid, p in n.offers.items()},
+                "prefill_tps": n.prefill_tps,
+                "decode_tps": n.decode_tps,
+                "hardware": n.hardware,
+                "engine": n.engine,
+                "offers": {
+                    mid: {"prompt_price": p.prompt, "output_price": p.output}
+                    for mid, p in n.offers.items()
+                },
                 # Earnings accrue first (forfeitable while audits are open), then are paid out.
                 "accrued": balances.get(ledger.accrual_account(n.id), 0),
                 "paid": balances.get(ledger.provider_account(n.id), 0),

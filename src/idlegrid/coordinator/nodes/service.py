@@ -79,8 +79,9 @@ class Nodes:
 
     # ---- agents ------------------------------------------------------------------------
 
-    async def register(self, node_id: str, public_key: bytes, body: dict[str, Any]
-                       ) -> dict[str, Any]:
+    async def register(
+        self, node_id: str, public_key: bytes, body: dict[str, Any]
+    ) -> dict[str, Any]:
         """Record a node's profile and offers; answer with the settings agents must follow."""
         if body.get("protocol_version") != PROTOCOL_VERSION:
             raise Conflict(
@@ -90,13 +91,25 @@ class Nodes:
             )
         offers = {o["model"]: Price(o["prompt_price"], o["output_price"]) for o in body["offers"]}
         cutoff = self.ctx.clock() - self.settings.node_timeout_s
-        clash = next((n for n in self.cache.values() if n.name == body["name"]
-                      and n.id != node_id and n.state != "gone" and n.last_seen >= cutoff), None)
+        clash = next(
+            (
+                n
+                for n in self.cache.values()
+                if n.name == body["name"]
+                and n.id != node_id
+                and n.state != "gone"
+                and n.last_seen >= cutoff
+            ),
+            None,
+        )
         if clash is not None:
             # Names are how people tell providers apart (dashboard, CLI, logs): one live node
             # per name. A node gone quiet frees its name.
-            raise Conflict(f"the name {body['name']!r} belongs to another live node",
-                           code="name_taken", param="name")
+            raise Conflict(
+                f"the name {body['name']!r} belongs to another live node",
+                code="name_taken",
+                param="name",
+            )
         try:
             # Checked before anything is written: a bad device list leaves no trace.
             devices = [{**d, "model": canonical_gpu(d["model"])} for d in body.get("devices") or []]
@@ -104,10 +117,17 @@ class Nodes:
             raise InvalidRequest(f"devices: {exc.message}", param="devices") from exc
         body = {**body, "devices": devices}
         await self.ctx.db(
-            self.store.upsert_node, node_id=node_id, public_key=public_key, name=body["name"],
-            protocol_version=body["protocol_version"], hardware=body["hardware"],
-            engine=body["engine"], slots=body["slots"], prefill_tps=body["prefill_tps"],
-            decode_tps=body["decode_tps"], offers=offers,
+            self.store.upsert_node,
+            node_id=node_id,
+            public_key=public_key,
+            name=body["name"],
+            protocol_version=body["protocol_version"],
+            hardware=body["hardware"],
+            engine=body["engine"],
+            slots=body["slots"],
+            prefill_tps=body["prefill_tps"],
+            decode_tps=body["decode_tps"],
+            offers=offers,
         )
         self._keys[node_id] = public_key
         await self.ctx.events.emit(NodeRegistered(node_id, body))
@@ -120,21 +140,30 @@ class Nodes:
             "stake_per_device": self.settings.stake_per_device,
         }
 
-    async def heartbeat(self, node_id: str, state: str | None,
-                        power: dict[str, Any] | None = None) -> list[str]:
+    async def heartbeat(
+        self, node_id: str, state: str | None, power: dict[str, Any] | None = None
+    ) -> list[str]:
         """A node is alive (and maybe draining): keep its energy counter every few seconds,
         answer with the hardware challenges waiting for it."""
         await self.ctx.db(self.store.touch_node, node_id, state)
         self.touch(node_id, state)
         if power is not None:
             now = self.ctx.clock()
-            if now - self._power_stored.get(node_id, -1e18) >= \
-                    self.settings.power_sample_interval_s:
+            if (
+                now - self._power_stored.get(node_id, -1e18)
+                >= self.settings.power_sample_interval_s
+            ):
                 self._power_stored[node_id] = now
                 # No change bump: with many providers that would be a refresh per
                 # heartbeat; the dashboard's idle refresh picks new samples up within seconds.
-                await self.ctx.db(self.store.add_power_sample, node_id, power["joules_total"],
-                                  power.get("watts"), power["source"], power["estimated"])
+                await self.ctx.db(
+                    self.store.add_power_sample,
+                    node_id,
+                    power["joules_total"],
+                    power.get("watts"),
+                    power["source"],
+                    power["estimated"],
+                )
             # Shown only once stored, so a node with a live reading has a sample to sum.
             self.power[node_id] = {**power, "at": now}
         return await self.ctx.db(self._challenges, node_id)
@@ -148,8 +177,9 @@ class Nodes:
         """Keep the cached view in step with what was just written, without a reload."""
         node = self.cache.get(node_id)
         if node is not None:
-            self.cache[node_id] = dataclasses.replace(node, last_seen=self.ctx.clock(),
-                                                      state=state or node.state)
+            self.cache[node_id] = dataclasses.replace(
+                node, last_seen=self.ctx.clock(), state=state or node.state
+            )
 
     async def tick(self) -> frozenset[str]:
         """The live nodes now; `LiveNodesChanged` when the set moved since the last pass."""
@@ -160,8 +190,9 @@ class Nodes:
             await self.refresh()
             self._nodes_at = now
         cutoff = now - self.settings.node_timeout_s
-        live = frozenset(n.id for n in self.cache.values()
-                         if n.state == "live" and n.last_seen >= cutoff)
+        live = frozenset(
+            n.id for n in self.cache.values() if n.state == "live" and n.last_seen >= cutoff
+        )
         self.ctx.metrics.live_nodes.set(len(live))
         if live != self._live_signature:
             lost = self._live_signature - live

@@ -88,8 +88,7 @@ class TrainingBase:
         return secret
 
     def _event(self, s: Session, job_id: str, kind: str, cause: str, **detail: Any) -> None:
-        s.add(TrainEvent(job_id=job_id, at=self.ctx.clock(), kind=kind, cause=cause,
-                         detail=detail))
+        s.add(TrainEvent(job_id=job_id, at=self.ctx.clock(), kind=kind, cause=cause, detail=detail))
 
     def _post_all(self, s: Session, entries: list[ledger.Entry | None]) -> None:
         for e in entries:
@@ -115,20 +114,31 @@ class TrainingBase:
             self._unstake(s, job.id, acct.split(":")[1])
         job.state, job.node_id = JOB.move(job.state, state, key=job.id, story=(cause,)), None
         # Canaries still run: they test the verifier, not the job.
-        s.execute(update(TrainAudit).where(TrainAudit.job_id == job.id,
-                                           TrainAudit.canary.is_(False),
-                                           TrainAudit.state == "pending").values(
-            state=TRAIN_AUDIT.move("pending", "dropped", key=f"job:{job.id}"),
-            done_at=self.ctx.clock()))
+        s.execute(
+            update(TrainAudit)
+            .where(
+                TrainAudit.job_id == job.id,
+                TrainAudit.canary.is_(False),
+                TrainAudit.state == "pending",
+            )
+            .values(
+                state=TRAIN_AUDIT.move("pending", "dropped", key=f"job:{job.id}"),
+                done_at=self.ctx.clock(),
+            )
+        )
         self._event(s, job.id, state, cause, refunded=left, verified_step=job.verified_step)
 
     def _unstake(self, s: Session, job_id: str, node_id: str) -> None:
         """Return a node's job stake unless one of its probes on the job is still open."""
         from idlegrid.core.training import settlement as tset
 
-        open_probe = s.scalars(select(TrainProbe.id).where(
-            TrainProbe.job_id == job_id, TrainProbe.node_id == node_id,
-            TrainProbe.state == "pending")).first()
+        open_probe = s.scalars(
+            select(TrainProbe.id).where(
+                TrainProbe.job_id == job_id,
+                TrainProbe.node_id == node_id,
+                TrainProbe.state == "pending",
+            )
+        ).first()
         stake = self._balance(s, tset.job_stake_account(job_id, node_id))
         if open_probe is None and stake > 0:
             self._post_all(s, [tset.unstake(job_id, node_id, stake)])
@@ -146,29 +156,55 @@ class TrainingBase:
         (so postings made earlier in it count)."""
         from idlegrid.coordinator.db.tables import Account
 
-        return {a.id: int(a.balance) for a in s.scalars(select(Account).where(
-            Account.id.like(pattern), Account.balance > 0))}
+        return {
+            a.id: int(a.balance)
+            for a in s.scalars(select(Account).where(Account.id.like(pattern), Account.balance > 0))
+        }
 
     def _requeue(self, s: Session, job: TrainJob, kind: str, cause: str) -> None:
-        self._event(s, job.id, kind, cause, node=job.node_id, attempt=job.attempt,
-                    resume_step=job.committed_step)
+        self._event(
+            s,
+            job.id,
+            kind,
+            cause,
+            node=job.node_id,
+            attempt=job.attempt,
+            resume_step=job.committed_step,
+        )
         job.state = JOB.move(job.state, "queued", key=job.id, story=(kind, cause))
         job.node_id, job.progress = None, {}
 
     def _discard_after(self, s: Session, job: TrainJob, step: int, cause: str) -> None:
         """Drop segments (and held checkpoints) past `step`; the job continues from there."""
         now = self.ctx.clock()
-        s.execute(update(TrainSegment).where(
-            TrainSegment.job_id == job.id, TrainSegment.start_step >= step,
-            TrainSegment.state.in_(SEGMENT.sources("discarded"))).values(
-            state=SEGMENT.move("committed", "discarded", key=f"job:{job.id}", story=(cause,)),
-            cause=cause, done_at=now))
-        s.execute(delete(TrainCheckpoint).where(TrainCheckpoint.job_id == job.id,
-                                                TrainCheckpoint.step > step))
-        dropped = [a for a in s.scalars(select(TrainAudit).where(
-            TrainAudit.job_id == job.id, TrainAudit.state.in_(TRAIN_AUDIT.sources("dropped"))))
-            if (seg := s.get(TrainSegment, a.segment_id)) is not None
-            and seg.state == "discarded"]
+        s.execute(
+            update(TrainSegment)
+            .where(
+                TrainSegment.job_id == job.id,
+                TrainSegment.start_step >= step,
+                TrainSegment.state.in_(SEGMENT.sources("discarded")),
+            )
+            .values(
+                state=SEGMENT.move("committed", "discarded", key=f"job:{job.id}", story=(cause,)),
+                cause=cause,
+                done_at=now,
+            )
+        )
+        s.execute(
+            delete(TrainCheckpoint).where(
+                TrainCheckpoint.job_id == job.id, TrainCheckpoint.step > step
+            )
+        )
+        dropped = [
+            a
+            for a in s.scalars(
+                select(TrainAudit).where(
+                    TrainAudit.job_id == job.id,
+                    TrainAudit.state.in_(TRAIN_AUDIT.sources("dropped")),
+                )
+            )
+            if (seg := s.get(TrainSegment, a.segment_id)) is not None and seg.state == "discarded"
+        ]
         for a in dropped:
             a.state, a.done_at = TRAIN_AUDIT.move(a.state, "dropped", key=a.id), now
         job.committed_step = min(job.committed_step, step)
@@ -179,8 +215,11 @@ class TrainingBase:
         event that started it; () for a single provider."""
         if int(job.spec.get("parallel", 1)) == 1:
             return ()
-        for e in s.scalars(select(TrainEvent).where(
-                TrainEvent.job_id == job.id, TrainEvent.kind.in_(("assigned", "resumed")))):
+        for e in s.scalars(
+            select(TrainEvent).where(
+                TrainEvent.job_id == job.id, TrainEvent.kind.in_(("assigned", "resumed"))
+            )
+        ):
             if e.detail.get("attempt") == attempt and e.detail.get("gang"):
                 return tuple(e.detail["gang"])
         return ()

@@ -74,8 +74,9 @@ def _proof(body: dict[str, Any], index: int) -> Proof:
     if not isinstance(sib, list) or not isinstance(right, list) or len(sib) != len(right):
         raise InvalidRequest("siblings and right must be lists of one length", param="siblings")
     try:
-        return Proof(index, tuple(bytes.fromhex(str(h)) for h in sib),
-                     tuple(bool(r) for r in right))
+        return Proof(
+            index, tuple(bytes.fromhex(str(h)) for h in sib), tuple(bool(r) for r in right)
+        )
     except ValueError as exc:
         raise InvalidRequest("siblings are not hex", param="siblings") from exc
 
@@ -96,13 +97,25 @@ def _apply(d: game.Dispute, m: dict[str, Any]) -> None:
     if kind == "step":
         d.answer_step(bytes.fromhex(m["hash"]), at)
     elif kind == "commit":
-        d.commit_ops(party, int(m["n"]), bytes.fromhex(m["root"]), bytes.fromhex(m["last"]),
-                     Proof(int(m["n"]) - 1, tuple(bytes.fromhex(h) for h in m["siblings"]),
-                           tuple(m["right"])), at)
+        d.commit_ops(
+            party,
+            int(m["n"]),
+            bytes.fromhex(m["root"]),
+            bytes.fromhex(m["last"]),
+            Proof(
+                int(m["n"]) - 1, tuple(bytes.fromhex(h) for h in m["siblings"]), tuple(m["right"])
+            ),
+            at,
+        )
     elif kind == "open":
-        d.open_op(party, bytes.fromhex(m["link"]),
-                  Proof(int(m["index"]), tuple(bytes.fromhex(h) for h in m["siblings"]),
-                        tuple(m["right"])), at)
+        d.open_op(
+            party,
+            bytes.fromhex(m["link"]),
+            Proof(
+                int(m["index"]), tuple(bytes.fromhex(h) for h in m["siblings"]), tuple(m["right"])
+            ),
+            at,
+        )
     elif kind == "record":
         d.reveal_record(party, bytes.fromhex(m["record"]), at)
 
@@ -139,28 +152,53 @@ class TrainDisputes:
             if a is None or a.node_id != provider_id or a.canary:
                 raise NotFound(f"no audit {audit_id} of this node's segments")
             if not TRAIN_AUDIT.allowed(a.state, "overturned"):  # only a failed one
-                raise Conflict(f"audit {audit_id} did not fail (state {a.state}); only a "
-                               "failed audit can be disputed", state=a.state)
+                raise Conflict(
+                    f"audit {audit_id} did not fail (state {a.state}); only a "
+                    "failed audit can be disputed",
+                    state=a.state,
+                )
             if not a.verdict.get("exact"):
                 raise Conflict(
                     f"audit {audit_id} was judged across determinism classes (provider "
                     f"{a.verdict.get('provider_class')!r}, verifier "
                     f"{a.verdict.get('verifier_class')!r}); disputes are exact-mode only: "
-                    "the challenger must run in the provider's class", state=a.state)
+                    "the challenger must run in the provider's class",
+                    state=a.state,
+                )
             dispute_id = f"tdsp-{audit_id[5:]}"
             if s.get(TrainDispute, dispute_id) is not None:
                 raise Conflict(f"audit {audit_id} is disputed already", dispute_id=dispute_id)
             assert a.verifier_id is not None
             row = TrainDispute(
-                id=dispute_id, audit_id=audit_id, job_id=a.job_id, segment_id=a.segment_id,
-                provider_id=provider_id, verifier_id=a.verifier_id, referee_id=None,
-                state=TRAIN_DISPUTE.begin("open", key=dispute_id), round=1,
-                round_s=self.jobs.settings.dispute_round_s, moves=[],
-                checkpoint=None, deadline=now + self.jobs.settings.dispute_round_s,
-                excluded=[], ruling={}, reason=reason[:500], created_at=now, done_at=0.0)
+                id=dispute_id,
+                audit_id=audit_id,
+                job_id=a.job_id,
+                segment_id=a.segment_id,
+                provider_id=provider_id,
+                verifier_id=a.verifier_id,
+                referee_id=None,
+                state=TRAIN_DISPUTE.begin("open", key=dispute_id),
+                round=1,
+                round_s=self.jobs.settings.dispute_round_s,
+                moves=[],
+                checkpoint=None,
+                deadline=now + self.jobs.settings.dispute_round_s,
+                excluded=[],
+                ruling={},
+                reason=reason[:500],
+                created_at=now,
+                done_at=0.0,
+            )
             s.add(row)
-            self.jobs._event(s, a.job_id, "dispute-opened", f"dispute:{dispute_id}",
-                             audit=audit_id, provider=provider_id, challenger=a.verifier_id)
+            self.jobs._event(
+                s,
+                a.job_id,
+                "dispute-opened",
+                f"dispute:{dispute_id}",
+                audit=audit_id,
+                provider=provider_id,
+                challenger=a.verifier_id,
+            )
             self.active = True
             return self._view(row, self._commitment(s, row))
 
@@ -206,17 +244,29 @@ class TrainDisputes:
             assert seg is not None and job is not None
             start = s.get(TrainCheckpoint, (job.id, seg.start_step))
             out: dict[str, Any] = {
-                "dispute_id": row.id, "round": row.round, "role": role, "job_id": job.id,
-                "spec": job.spec, "start_step": seg.start_step, "end_step": seg.end_step,
+                "dispute_id": row.id,
+                "round": row.round,
+                "role": role,
+                "job_id": job.id,
+                "spec": job.spec,
+                "start_step": seg.start_step,
+                "end_step": seg.end_step,
                 "commitment": enc(seg.blob),
                 "start_checkpoint": enc(start.blob) if start is not None else None,
-                "deadline_in_s": (row.deadline if d is None or role == seats.REFEREE
-                                  else d.deadline) - self.clock()}
+                "deadline_in_s": (
+                    row.deadline if d is None or role == seats.REFEREE else d.deadline
+                )
+                - self.clock(),
+            }
             if d is None:
                 out.update(phase="claim", step=seg.end_step - 1)
             elif role == seats.REFEREE:
-                out.update(phase="referee", step=d.disputed_step, op_index=d.op_index,
-                           agreed_checkpoint=enc(row.checkpoint) if row.checkpoint else None)
+                out.update(
+                    phase="referee",
+                    step=d.disputed_step,
+                    op_index=d.op_index,
+                    agreed_checkpoint=enc(row.checkpoint) if row.checkpoint else None,
+                )
             else:
                 out.update(phase=d.phase, step=d.disputed_step, op_index=d.op_index)
                 if d.phase == "steps":
@@ -225,8 +275,9 @@ class TrainDisputes:
                     out["op_index"] = d.op_query()
             return out
 
-    def answer(self, node_id: str, dispute_id: str, round_: int,
-               body: dict[str, Any]) -> dict[str, Any]:
+    def answer(
+        self, node_id: str, dispute_id: str, round_: int, body: dict[str, Any]
+    ) -> dict[str, Any]:
         """One party's (or the referee's) answer for the current round."""
         now = self.clock()
         with self.store.tx() as s:
@@ -278,20 +329,33 @@ class TrainDisputes:
             if not isinstance(n, int) or n < 0:
                 raise InvalidRequest("n_ops must be a non-negative integer", param="n_ops")
             p = _proof(body, max(n - 1, 0))
-            return {**base, "kind": "commit", "n": n, "root": _hex(body, "root").hex(),
-                    "last": _hex(body, "link").hex(), "siblings": [h.hex() for h in p.siblings],
-                    "right": list(p.right)}
+            return {
+                **base,
+                "kind": "commit",
+                "n": n,
+                "root": _hex(body, "root").hex(),
+                "last": _hex(body, "link").hex(),
+                "siblings": [h.hex() for h in p.siblings],
+                "right": list(p.right),
+            }
         if d.phase == "ops":
             i = d.op_query()
             p = _proof(body, i)
-            return {**base, "kind": "open", "index": i, "link": _hex(body, "link").hex(),
-                    "siblings": [h.hex() for h in p.siblings], "right": list(p.right)}
+            return {
+                **base,
+                "kind": "open",
+                "index": i,
+                "link": _hex(body, "link").hex(),
+                "siblings": [h.hex() for h in p.siblings],
+                "right": list(p.right),
+            }
         if d.phase == "records":
             return {**base, "kind": "record", "record": seats.unb64(body, "record").hex()}
         raise Conflict(f"nothing to answer in phase {d.phase}", phase=d.phase)
 
-    def _advance(self, s: Session, row: TrainDispute, c: TrainingCommitment,
-                 d: game.Dispute, now: float) -> None:
+    def _advance(
+        self, s: Session, row: TrainDispute, c: TrainingCommitment, d: game.Dispute, now: float
+    ) -> None:
         """After a move: settle an ended game, or move on to the referee."""
         if d.outcome is not None:
             self._settle(s, row, c, d)
@@ -306,8 +370,15 @@ class TrainDisputes:
                 row.checkpoint = held.blob if held is not None else None
                 self._to_referee(row, now)
 
-    def _handover(self, s: Session, row: TrainDispute, c: TrainingCommitment, d: game.Dispute,
-                  body: dict[str, Any], now: float) -> None:
+    def _handover(
+        self,
+        s: Session,
+        row: TrainDispute,
+        c: TrainingCommitment,
+        d: game.Dispute,
+        body: dict[str, Any],
+        now: float,
+    ) -> None:
         """The provider hands over the agreed state before the disputed step."""
         if now >= d.deadline:
             d.timeout(now)
@@ -328,12 +399,19 @@ class TrainDisputes:
         row.round += 1
         self.active = True
 
-    def _pick_referee(self, s: Session, row: TrainDispute, live: frozenset[str],
-                      now: float) -> None:
+    def _pick_referee(
+        self, s: Session, row: TrainDispute, live: frozenset[str], now: float
+    ) -> None:
         skip = {row.provider_id, row.verifier_id, *row.excluded}
-        candidates = sorted(v for v in s.scalars(select(TrustNode.node_id).where(
-            TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
-            if v not in skip and v in live)
+        candidates = sorted(
+            v
+            for v in s.scalars(
+                select(TrustNode.node_id).where(
+                    TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)
+                )
+            )
+            if v not in skip and v in live
+        )
         if not candidates:
             return  # visible as awaiting-referee; never settled without one
         row.referee_id = beacon.pick(self.jobs.secret, row.id.encode(), candidates)
@@ -341,8 +419,15 @@ class TrainDisputes:
         row.round += 1
         row.deadline = now + row.round_s
 
-    def _referee(self, s: Session, row: TrainDispute, c: TrainingCommitment,
-                 d: game.Dispute | None, body: dict[str, Any], now: float) -> None:
+    def _referee(
+        self,
+        s: Session,
+        row: TrainDispute,
+        c: TrainingCommitment,
+        d: game.Dispute | None,
+        body: dict[str, Any],
+        now: float,
+    ) -> None:
         """The third party's recompute: its own record of the disputed op (or the step's
         end state hash) from the agreed state, compared with both parties' claims."""
         assert d is not None and d.disputed_step is not None
@@ -366,8 +451,11 @@ class TrainDisputes:
         else:
             mine = seats.unb64(body, "record")
             p_rec, c_rec = d.records()
-            d.rule(bool(mine) and mine == p_rec, bool(mine) and mine == c_rec,
-                   f"op {d.op_index} of step {d.disputed_step} recomputed")
+            d.rule(
+                bool(mine) and mine == p_rec,
+                bool(mine) and mine == c_rec,
+                f"op {d.op_index} of step {d.disputed_step} recomputed",
+            )
         row.ruling = {"referee": row.referee_id}
         self._settle(s, row, c, d, referee_answered=True)
 
@@ -396,8 +484,7 @@ class TrainDisputes:
                 if d is None:
                     if now > row.deadline:
                         d = game.Dispute.open(c, c.end_hash, row.created_at, row.round_s)
-                        d._end(game.PROVIDER, "challenger did not answer by the deadline",
-                               None)
+                        d._end(game.PROVIDER, "challenger did not answer by the deadline", None)
                         self._settle(s, row, c, d)
                     continue
                 if d.timeout(now) is not None:
@@ -405,8 +492,14 @@ class TrainDisputes:
 
     # ---- ruling ------------------------------------------------------------------------
 
-    def _settle(self, s: Session, row: TrainDispute, c: TrainingCommitment, d: game.Dispute,
-                referee_answered: bool = False) -> None:
+    def _settle(
+        self,
+        s: Session,
+        row: TrainDispute,
+        c: TrainingCommitment,
+        d: game.Dispute,
+        referee_answered: bool = False,
+    ) -> None:
         """Record the outcome and post its consequences, in the caller's transaction."""
         from idlegrid.core.training import settlement as tset
 
@@ -415,16 +508,23 @@ class TrainDisputes:
         now = self.clock()
         provider_right = out.winner == game.PROVIDER
         end = "won" if provider_right else "lost"
-        res = s.execute(update(TrainDispute).where(
-            TrainDispute.id == row.id, TrainDispute.state.in_(TRAIN_DISPUTE.sources(end))).values(
-            state=TRAIN_DISPUTE.move(row.state, end, key=row.id, story=(out.reason,))))
+        res = s.execute(
+            update(TrainDispute)
+            .where(TrainDispute.id == row.id, TrainDispute.state.in_(TRAIN_DISPUTE.sources(end)))
+            .values(state=TRAIN_DISPUTE.move(row.state, end, key=row.id, story=(out.reason,)))
+        )
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise Conflict(f"dispute {row.id} was settled already")
         s.refresh(row)
         row.done_at = now
-        row.ruling = {"provider_right": provider_right, "reason": out.reason,
-                      "step": out.step, "op_index": out.op_index, "rounds": out.rounds,
-                      "referee": row.referee_id if referee_answered else None}
+        row.ruling = {
+            "provider_right": provider_right,
+            "reason": out.reason,
+            "step": out.step,
+            "op_index": out.op_index,
+            "rounds": out.rounds,
+            "referee": row.referee_id if referee_answered else None,
+        }
         a = s.get(TrainAudit, row.audit_id)
         seg = s.get(TrainSegment, row.segment_id)
         job = s.get(TrainJob, row.job_id)
@@ -432,23 +532,35 @@ class TrainDisputes:
         price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
         fee = price * self.jobs.settings.verifier_fee_bps // 10_000
         if referee_answered and row.referee_id is not None:
-            self.jobs._post_all(s, [money.referee_pay(
-                row.id, row.referee_id, fee, int(s.scalar(select(Account.balance).where(
-                    Account.id == ledger.FEES)) or 0))])
+            self.jobs._post_all(
+                s,
+                [
+                    money.referee_pay(
+                        row.id,
+                        row.referee_id,
+                        fee,
+                        int(
+                            s.scalar(select(Account.balance).where(Account.id == ledger.FEES)) or 0
+                        ),
+                    )
+                ],
+            )
             s.flush()
         # Read after the referee's pay: a reversal never takes more than an account holds.
         balances = {k: int(v) for k, v in s.execute(select(Account.id, Account.balance))}
         posts: list[Entry | None] = []
         if provider_right:
-            originals = self._entries(s, [f"train-slash:{job.id}:{seg.idx}:{row.provider_id}",
-                                          f"train-audit-pay:{a.id}"])
+            originals = self._entries(
+                s, [f"train-slash:{job.id}:{seg.idx}:{row.provider_id}", f"train-audit-pay:{a.id}"]
+            )
             stakes = self.jobs._accounts(s, f"stake:{row.verifier_id}:%")
             entry, used = money.reversal(row.id, originals, balances, stakes)
             posts.append(entry)
             left = {k: v - used.get(k, 0) for k, v in stakes.items()}
             posts.extend(money.penalty(row.id, left, row.provider_id))
-            a.state = TRAIN_AUDIT.move(a.state, "overturned", key=a.id,
-                                       story=(f"dispute:{row.id}",))
+            a.state = TRAIN_AUDIT.move(
+                a.state, "overturned", key=a.id, story=(f"dispute:{row.id}",)
+            )
             a.verdict = {**a.verdict, "overturned_by": row.id}
             seg.cause = f"{seg.cause}; overturned by dispute:{row.id}"
             job.excluded = [n for n in job.excluded if n != row.provider_id]
@@ -467,55 +579,97 @@ class TrainDisputes:
         self.jobs._post_all(s, posts)
         if provider_right and job.state in JOB.terminal:
             s.flush()  # the job ended meanwhile: the restored stake goes back now
-            stake = int(s.scalar(select(Account.balance).where(
-                Account.id == tset.job_stake_account(job.id, row.provider_id))) or 0)
+            stake = int(
+                s.scalar(
+                    select(Account.balance).where(
+                        Account.id == tset.job_stake_account(job.id, row.provider_id)
+                    )
+                )
+                or 0
+            )
             if stake > 0:
-                self.jobs._post_all(s, [ledger.make_entry(
-                    f"train-unstake:{job.id}:{row.provider_id}:{row.id}",
-                    Cause("dispute", row.id),
-                    [Posting(tset.job_stake_account(job.id, row.provider_id), -stake),
-                     Posting(ledger.provider_account(row.provider_id), stake)],
-                    "train unstake after dispute")])
-        self.jobs._event(s, job.id, "dispute-won" if provider_right else "dispute-lost",
-                         f"dispute:{row.id}", audit=a.id, provider=row.provider_id,
-                         challenger=row.verifier_id, reason=out.reason, step=out.step,
-                         op_index=out.op_index, rounds=out.rounds)
+                self.jobs._post_all(
+                    s,
+                    [
+                        ledger.make_entry(
+                            f"train-unstake:{job.id}:{row.provider_id}:{row.id}",
+                            Cause("dispute", row.id),
+                            [
+                                Posting(tset.job_stake_account(job.id, row.provider_id), -stake),
+                                Posting(ledger.provider_account(row.provider_id), stake),
+                            ],
+                            "train unstake after dispute",
+                        )
+                    ],
+                )
+        self.jobs._event(
+            s,
+            job.id,
+            "dispute-won" if provider_right else "dispute-lost",
+            f"dispute:{row.id}",
+            audit=a.id,
+            provider=row.provider_id,
+            challenger=row.verifier_id,
+            reason=out.reason,
+            step=out.step,
+            op_index=out.op_index,
+            rounds=out.rounds,
+        )
         self.jobs.new_work.set()
 
     @staticmethod
     def _entries(s: Session, keys: list[str]) -> list[Entry]:
         rows = list(s.scalars(select(LedgerEntry).where(LedgerEntry.key.in_(keys))))
         postings: dict[int, list[Posting]] = {}
-        for seq, acct, amount in s.execute(select(
-                LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
-                LedgerPosting.entry_seq.in_([r.seq for r in rows]))):
+        for seq, acct, amount in s.execute(
+            select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
+                LedgerPosting.entry_seq.in_([r.seq for r in rows])
+            )
+        ):
             postings.setdefault(seq, []).append(Posting(acct, amount))
-        return [Entry(r.key, Cause(r.cause_kind, r.cause_id), tuple(postings.get(r.seq, [])),
-                      r.memo) for r in rows]
+        return [
+            Entry(r.key, Cause(r.cause_kind, r.cause_id), tuple(postings.get(r.seq, [])), r.memo)
+            for r in rows
+        ]
 
     # ---- views -------------------------------------------------------------------------
 
     def _view(self, row: TrainDispute, c: TrainingCommitment) -> dict[str, Any]:
         d = replay_game(row, c) if row.state in OPEN else None
-        return {"id": row.id, "kind": "training", "audit_id": row.audit_id,
-                "segment": row.segment_id,
-                "provider_id": row.provider_id, "challenger_id": row.verifier_id,
-                "referee_id": row.referee_id, "state": row.state, "round": row.round,
-                "phase": (d.phase if d is not None else
-                          "claim" if row.state == "open" else row.state),
-                "waiting_for": self._awaiting(row, d), "moves": len(row.moves),
-                "ruling": dict(row.ruling), "reason": row.reason,
-                "created_at": row.created_at, "done_at": row.done_at}
+        return {
+            "id": row.id,
+            "kind": "training",
+            "audit_id": row.audit_id,
+            "segment": row.segment_id,
+            "provider_id": row.provider_id,
+            "challenger_id": row.verifier_id,
+            "referee_id": row.referee_id,
+            "state": row.state,
+            "round": row.round,
+            "phase": (d.phase if d is not None else "claim" if row.state == "open" else row.state),
+            "waiting_for": self._awaiting(row, d),
+            "moves": len(row.moves),
+            "ruling": dict(row.ruling),
+            "reason": row.reason,
+            "created_at": row.created_at,
+            "done_at": row.done_at,
+        }
 
     def listing(self, node_id: str | None = None) -> list[dict[str, Any]]:
         """Every training dispute (or one node's, in any seat), newest first."""
         with self.store.read() as s:
             rows = s.scalars(select(TrainDispute).order_by(TrainDispute.created_at.desc()))
-            return [self._view(r, self._commitment(s, r)) for r in rows if node_id is None
-                    or node_id in (r.provider_id, r.verifier_id, r.referee_id)]
+            return [
+                self._view(r, self._commitment(s, r))
+                for r in rows
+                if node_id is None or node_id in (r.provider_id, r.verifier_id, r.referee_id)
+            ]
 
     def of_job(self, s: Session, job_id: str) -> list[dict[str, Any]]:
         """A job's disputes, oldest first (for the job view)."""
-        rows = s.scalars(select(TrainDispute).where(TrainDispute.job_id == job_id)
-                         .order_by(TrainDispute.created_at))
+        rows = s.scalars(
+            select(TrainDispute)
+            .where(TrainDispute.job_id == job_id)
+            .order_by(TrainDispute.created_at)
+        )
         return [self._view(r, self._commitment(s, r)) for r in rows]

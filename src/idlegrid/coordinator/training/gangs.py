@@ -40,14 +40,18 @@ class Gangs(TrainingBase):
         self._handed: dict[str, dict[str, Any]] = {}  # node → its rank's work, once formed
         self._gang_lock = threading.Lock()
 
-    def _gather(self, s: Session, job: TrainJob, node_id: str, addr: str, world: int,
-                now: float) -> dict[str, Any] | None:
+    def _gather(
+        self, s: Session, job: TrainJob, node_id: str, addr: str, world: int, now: float
+    ) -> dict[str, Any] | None:
         """Add a node to a data-parallel job's gang; once it has `world` members the job
         runs: rank 0 (the first to join) holds it and serves the rendezvous; every member
         gets its rank. None while the gang is still gathering (the node keeps polling)."""
         gang = self._gangs.setdefault(job.id, _Gang())
-        gang.members = [(n, a) for n, a in gang.members
-                        if n == node_id or now - gang.seen.get(n, now) <= GANG_STALE_S]
+        gang.members = [
+            (n, a)
+            for n, a in gang.members
+            if n == node_id or now - gang.seen.get(n, now) <= GANG_STALE_S
+        ]
         # Its latest address: the port was free when this poll was sent.
         gang.members = [(n, addr if n == node_id else a) for n, a in gang.members]
         if all(n != node_id for n, _ in gang.members):
@@ -61,12 +65,25 @@ class Gangs(TrainingBase):
         job.node_id = members[0][0]
         job.attempt, job.lease_at = job.attempt + 1, now
         start = job.committed_step
-        self._event(s, job.id, "resumed" if start > 0 else "assigned", f"node:{members[0][0]}",
-                    attempt=job.attempt, start_step=start, gang=[n for n, _ in members])
+        self._event(
+            s,
+            job.id,
+            "resumed" if start > 0 else "assigned",
+            f"node:{members[0][0]}",
+            attempt=job.attempt,
+            start_step=start,
+            gang=[n for n, _ in members],
+        )
         ckpt = s.get(TrainCheckpoint, (job.id, start)) if start > 0 else None
-        work = {"job_id": job.id, "attempt": job.attempt, "spec": job.spec,
-                "start_step": start, "checkpoint": enc(ckpt.blob) if ckpt else None,
-                "world": world, "rendezvous": members[0][1]}
+        work = {
+            "job_id": job.id,
+            "attempt": job.attempt,
+            "spec": job.spec,
+            "start_step": start,
+            "checkpoint": enc(ckpt.blob) if ckpt else None,
+            "world": world,
+            "rendezvous": members[0][1],
+        }
         for rank, (n, _) in enumerate(members):
             self._handed[n] = {**work, "rank": rank}
         self.new_work.set()  # wake the members waiting in their polls

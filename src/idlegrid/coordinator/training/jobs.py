@@ -68,22 +68,48 @@ class Jobs(TrainAudits, Gangs):
         now = self.ctx.clock()
         with self.store.tx() as s:
             if s.get(TrainJob, job_id) is not None:
-                raise Conflict(f"job {job_id} exists already (ref '{ref}' was used)",
-                               job_id=job_id)
-            live = s.scalar(select(func.count()).select_from(TrainJob).where(
-                TrainJob.key_id == key_id, TrainJob.state.in_(LIVE_STATES))) or 0
+                raise Conflict(f"job {job_id} exists already (ref '{ref}' was used)", job_id=job_id)
+            live = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(TrainJob)
+                    .where(TrainJob.key_id == key_id, TrainJob.state.in_(LIVE_STATES))
+                )
+                or 0
+            )
             if live >= self.settings.max_jobs_per_key:
-                raise Conflict(f"this key holds {live} live jobs already",
-                               limit=self.settings.max_jobs_per_key)
-            s.add(TrainJob(id=job_id, key_id=key_id, spec=spec.to_dict(),
-                           state=JOB.begin("queued", key=job_id),
-                           node_id=None, attempt=0, committed_step=0, verified_step=0,
-                           escrow=amount, progress={}, excluded=[], error="", created_at=now,
-                           lease_at=now))
+                raise Conflict(
+                    f"this key holds {live} live jobs already", limit=self.settings.max_jobs_per_key
+                )
+            s.add(
+                TrainJob(
+                    id=job_id,
+                    key_id=key_id,
+                    spec=spec.to_dict(),
+                    state=JOB.begin("queued", key=job_id),
+                    node_id=None,
+                    attempt=0,
+                    committed_step=0,
+                    verified_step=0,
+                    escrow=amount,
+                    progress={},
+                    excluded=[],
+                    error="",
+                    created_at=now,
+                    lease_at=now,
+                )
+            )
             if amount > 0:
                 self._post_all(s, [tset.escrow(job_id, key_id, amount)])
-            self._event(s, job_id, "submitted", f"key:{key_id}", escrow=amount,
-                        steps=spec.steps, price_per_step=spec.price_per_step)
+            self._event(
+                s,
+                job_id,
+                "submitted",
+                f"key:{key_id}",
+                escrow=amount,
+                steps=spec.steps,
+                price_per_step=spec.price_per_step,
+            )
         self.new_work.set()
         self.ctx.changes.bump()
         return self.view(key_id, job_id)
@@ -102,29 +128,55 @@ class Jobs(TrainAudits, Gangs):
     def jobs(self, key_id: str) -> list[dict[str, Any]]:
         """The key's jobs, newest first, without their history."""
         with self.store.read() as s:
-            rows = list(s.scalars(select(TrainJob).where(TrainJob.key_id == key_id)
-                                  .order_by(TrainJob.created_at.desc())))
+            rows = list(
+                s.scalars(
+                    select(TrainJob)
+                    .where(TrainJob.key_id == key_id)
+                    .order_by(TrainJob.created_at.desc())
+                )
+            )
             return [self._summary(j) for j in rows]
 
     @staticmethod
     def _summary(j: TrainJob) -> dict[str, Any]:
         spec = j.spec
-        return {"id": j.id, "state": j.state, "steps": spec["steps"],
-                "committed_step": j.committed_step, "verified_step": j.verified_step,
-                "price_per_step": spec["price_per_step"], "escrow": j.escrow,
-                "provider": j.node_id, "progress": j.progress, "error": j.error or None,
-                "created_at": j.created_at}
+        return {
+            "id": j.id,
+            "state": j.state,
+            "steps": spec["steps"],
+            "committed_step": j.committed_step,
+            "verified_step": j.verified_step,
+            "price_per_step": spec["price_per_step"],
+            "escrow": j.escrow,
+            "provider": j.node_id,
+            "progress": j.progress,
+            "error": j.error or None,
+            "created_at": j.created_at,
+        }
 
     def view(self, key_id: str, job_id: str) -> dict[str, Any]:
         """One job with its history: segments, audits, events and ledger entries."""
         with self.store.read() as s:
             job = self._own(s, key_id, job_id)
-            segs = list(s.scalars(select(TrainSegment).where(TrainSegment.job_id == job_id)
-                                  .order_by(TrainSegment.created_at)))
-            audits = list(s.scalars(select(TrainAudit).where(TrainAudit.job_id == job_id)
-                                    .order_by(TrainAudit.created_at)))
-            events = list(s.scalars(select(TrainEvent).where(TrainEvent.job_id == job_id)
-                                    .order_by(TrainEvent.id)))
+            segs = list(
+                s.scalars(
+                    select(TrainSegment)
+                    .where(TrainSegment.job_id == job_id)
+                    .order_by(TrainSegment.created_at)
+                )
+            )
+            audits = list(
+                s.scalars(
+                    select(TrainAudit)
+                    .where(TrainAudit.job_id == job_id)
+                    .order_by(TrainAudit.created_at)
+                )
+            )
+            events = list(
+                s.scalars(
+                    select(TrainEvent).where(TrainEvent.job_id == job_id).order_by(TrainEvent.id)
+                )
+            )
             out = self._summary(job)
             out["spec"] = job.spec
             disputes = self.disputes.of_job(s, job_id)
@@ -133,48 +185,83 @@ class Jobs(TrainAudits, Gangs):
             if g.state in ("committed", "accepted"):
                 losses += [[leaf.step, leaf.loss] for leaf in self._leaves(g.blob)]
         with self.store.read() as s:
-            probes = [p.id for p in s.scalars(select(TrainProbe).where(
-                TrainProbe.job_id == job_id))]
-        causes = ([a.id for a in audits] + [f"probe:{p}" for p in probes]
-                  + [d["id"] for d in disputes])
+            probes = [
+                p.id for p in s.scalars(select(TrainProbe).where(TrainProbe.job_id == job_id))
+            ]
+        causes = (
+            [a.id for a in audits] + [f"probe:{p}" for p in probes] + [d["id"] for d in disputes]
+        )
         entries = self._entries(job_id, causes, [a.id for a in audits if a.canary])
         paid = bill(entries, ledger.consumer_account(key_id))
-        out.update({
-            "losses": sorted(losses),
-            "segments": [{"id": g.id, "index": g.idx, "start_step": g.start_step,
-                          "end_step": g.end_step, "provider": g.node_id, "attempt": g.attempt,
-                          "root": g.root, "det_class": g.det_class, "state": g.state,
-                          "cause": g.cause} for g in segs],
-            "audits": out_audits(audits),
-            "disputes": disputes,
-            "events": [{"at": e.at, "kind": e.kind, "cause": e.cause, **e.detail}
-                       for e in events],
-            "ledger": entries,
-            "bill": paid,
-        })
+        out.update(
+            {
+                "losses": sorted(losses),
+                "segments": [
+                    {
+                        "id": g.id,
+                        "index": g.idx,
+                        "start_step": g.start_step,
+                        "end_step": g.end_step,
+                        "provider": g.node_id,
+                        "attempt": g.attempt,
+                        "root": g.root,
+                        "det_class": g.det_class,
+                        "state": g.state,
+                        "cause": g.cause,
+                    }
+                    for g in segs
+                ],
+                "audits": out_audits(audits),
+                "disputes": disputes,
+                "events": [
+                    {"at": e.at, "kind": e.kind, "cause": e.cause, **e.detail} for e in events
+                ],
+                "ledger": entries,
+                "bill": paid,
+            }
+        )
         return out
 
-    def _entries(self, job_id: str, causes: list[str],
-                 per_account: list[str]) -> list[dict[str, Any]]:
+    def _entries(
+        self, job_id: str, causes: list[str], per_account: list[str]
+    ) -> list[dict[str, Any]]:
         """Ledger entries caused by the job, its segments, audits and probes, oldest first
         (`per_account`: causes whose entries are keyed per slashed account)."""
         from idlegrid.coordinator.db.tables import LedgerEntry, LedgerPosting
 
         with self.store.read() as s:
-            rows = list(s.scalars(select(LedgerEntry).where(or_(
-                LedgerEntry.cause_id == job_id, LedgerEntry.cause_id.like(f"{job_id}:%"),
-                LedgerEntry.cause_id.in_(causes),
-                *(LedgerEntry.cause_id.like(f"{c}:%") for c in per_account)))
-                .order_by(LedgerEntry.seq)))
+            rows = list(
+                s.scalars(
+                    select(LedgerEntry)
+                    .where(
+                        or_(
+                            LedgerEntry.cause_id == job_id,
+                            LedgerEntry.cause_id.like(f"{job_id}:%"),
+                            LedgerEntry.cause_id.in_(causes),
+                            *(LedgerEntry.cause_id.like(f"{c}:%") for c in per_account),
+                        )
+                    )
+                    .order_by(LedgerEntry.seq)
+                )
+            )
             seqs = [e.seq for e in rows]
             postings: dict[int, list[dict[str, Any]]] = {}
-            for seq, acct, amount in s.execute(select(
-                    LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount)
-                    .where(LedgerPosting.entry_seq.in_(seqs))):
+            for seq, acct, amount in s.execute(
+                select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
+                    LedgerPosting.entry_seq.in_(seqs)
+                )
+            ):
                 postings.setdefault(seq, []).append({"account": acct, "amount": amount})
-            return [{"key": e.key, "cause": {"kind": e.cause_kind, "id": e.cause_id},
-                     "memo": e.memo, "at": e.created_at, "postings": postings.get(e.seq, [])}
-                    for e in rows]
+            return [
+                {
+                    "key": e.key,
+                    "cause": {"kind": e.cause_kind, "id": e.cause_id},
+                    "memo": e.memo,
+                    "at": e.created_at,
+                    "postings": postings.get(e.seq, []),
+                }
+                for e in rows
+            ]
 
     @staticmethod
     def _leaves(blob: bytes) -> list[Any]:
@@ -182,15 +269,17 @@ class Jobs(TrainAudits, Gangs):
 
         return list(TrainingCommitment.from_bytes(blob).leaves)
 
-    async def poll(self, node_id: str, det_class: str, wait_s: float,
-                   gang_addr: str = "") -> dict[str, Any] | None:
+    async def poll(
+        self, node_id: str, det_class: str, wait_s: float, gang_addr: str = ""
+    ) -> dict[str, Any] | None:
         """A job for this provider, or None after `wait_s`. A node that names a
         `gang_addr` may also join a data-parallel job's gang (its work comes once the gang
         is complete)."""
         if node_id in self.ctx.ejected:
             raise AuthError("this node was ejected after failed audits")
-        return await self.ctx.long_poll(self.new_work,
-                                         lambda: self._claim(node_id, gang_addr), wait_s)
+        return await self.ctx.long_poll(
+            self.new_work, lambda: self._claim(node_id, gang_addr), wait_s
+        )
 
     def _claim(self, node_id: str, gang_addr: str = "") -> dict[str, Any] | None:
         with self._gang_lock:  # gangs live in memory; claims run on the db threads
@@ -204,12 +293,15 @@ class Jobs(TrainAudits, Gangs):
             handed = self._handed.pop(node_id, None)
             if handed is not None:
                 job = s.get(TrainJob, handed["job_id"])
-                if (job is not None and job.state == "running"
-                        and job.attempt == handed["attempt"]):
+                if job is not None and job.state == "running" and job.attempt == handed["attempt"]:
                     return handed  # its gang formed while it was between polls
             free = self._balance(s, ledger.provider_account(node_id))
-            rows = s.scalars(select(TrainJob).where(TrainJob.state == "queued")
-                             .order_by(TrainJob.created_at).limit(50))
+            rows = s.scalars(
+                select(TrainJob)
+                .where(TrainJob.state == "queued")
+                .order_by(TrainJob.created_at)
+                .limit(50)
+            )
             for job in rows:
                 need = int(job.spec["stake_required"])
                 held = self._balance(s, tset.job_stake_account(job.id, node_id))
@@ -225,10 +317,16 @@ class Jobs(TrainAudits, Gangs):
                         # of the job like a single provider's.
                         self._post_all(s, [tset.stake(job.id, node_id, need)])
                     return got
-                res = s.execute(update(TrainJob).where(
-                    TrainJob.id == job.id, TrainJob.state == job.state).values(
-                    state=JOB.move(job.state, "running", key=job.id), node_id=node_id,
-                    attempt=TrainJob.attempt + 1, lease_at=now))
+                res = s.execute(
+                    update(TrainJob)
+                    .where(TrainJob.id == job.id, TrainJob.state == job.state)
+                    .values(
+                        state=JOB.move(job.state, "running", key=job.id),
+                        node_id=node_id,
+                        attempt=TrainJob.attempt + 1,
+                        lease_at=now,
+                    )
+                )
                 if res.rowcount != 1:
                     continue
                 s.refresh(job)
@@ -238,15 +336,22 @@ class Jobs(TrainAudits, Gangs):
                     self._post_all(s, [tset.stake(job.id, node_id, need)])
                 start = job.committed_step
                 kind = "resumed" if start > 0 else "assigned"
-                self._event(s, job.id, kind, f"node:{node_id}", attempt=job.attempt,
-                            start_step=start)
+                self._event(
+                    s, job.id, kind, f"node:{node_id}", attempt=job.attempt, start_step=start
+                )
                 ckpt = s.get(TrainCheckpoint, (job.id, start)) if start > 0 else None
-                return {"job_id": job.id, "attempt": job.attempt, "spec": job.spec,
-                        "start_step": start, "checkpoint": enc(ckpt.blob) if ckpt else None}
+                return {
+                    "job_id": job.id,
+                    "attempt": job.attempt,
+                    "spec": job.spec,
+                    "start_step": start,
+                    "checkpoint": enc(ckpt.blob) if ckpt else None,
+                }
         return None
 
-    def progress(self, node_id: str, job_id: str, attempt: int, step: int, loss: float,
-                 tokens_per_s: float) -> None:
+    def progress(
+        self, node_id: str, job_id: str, attempt: int, step: int, loss: float, tokens_per_s: float
+    ) -> None:
         """The holder's live progress (not settled on: commitments are)."""
         now = self.ctx.clock()
         with self.store.tx() as s:
@@ -257,8 +362,16 @@ class Jobs(TrainAudits, Gangs):
             job.lease_at = now
         self.ctx.changes.bump()
 
-    def commit(self, node_id: str, job_id: str, attempt: int, index: int, commitment: bytes,
-               checkpoint: bytes, det_class: str) -> dict[str, Any]:
+    def commit(
+        self,
+        node_id: str,
+        job_id: str,
+        attempt: int,
+        index: int,
+        commitment: bytes,
+        checkpoint: bytes,
+        det_class: str,
+    ) -> dict[str, Any]:
         """Store a segment's commitment and end checkpoint, then draw its audit."""
         from idlegrid.core.training import proof
         from idlegrid.core.training.spec import segments
@@ -277,44 +390,83 @@ class Jobs(TrainAudits, Gangs):
                 raise InvalidRequest(f"segment {index} does not exist", param="index")
             start, end = bounds[index]
             if start != job.committed_step:
-                raise Conflict(f"segment {index} starts at {start}; the job is at step "
-                               f"{job.committed_step}", expected_step=job.committed_step)
+                raise Conflict(
+                    f"segment {index} starts at {start}; the job is at step {job.committed_step}",
+                    expected_step=job.committed_step,
+                )
             steps = [leaf.step for leaf in c.leaves]
             if c.job_id != job_id or c.start_step != start or steps != list(range(start, end)):
-                raise InvalidRequest(f"commitment must cover steps {start}..{end - 1} of "
-                                     f"{job_id}", param="commitment")
+                raise InvalidRequest(
+                    f"commitment must cover steps {start}..{end - 1} of {job_id}",
+                    param="commitment",
+                )
             if start > 0:
-                prev = s.scalars(select(TrainSegment).where(
-                    TrainSegment.job_id == job_id, TrainSegment.end_step == start,
-                    TrainSegment.state.in_(("committed", "accepted")))).first()
+                prev = s.scalars(
+                    select(TrainSegment).where(
+                        TrainSegment.job_id == job_id,
+                        TrainSegment.end_step == start,
+                        TrainSegment.state.in_(("committed", "accepted")),
+                    )
+                ).first()
                 if prev is None or not c.follows(proof.TrainingCommitment.from_bytes(prev.blob)):
-                    raise InvalidRequest("commitment does not start from the state the "
-                                         "previous segment committed", param="commitment")
+                    raise InvalidRequest(
+                        "commitment does not start from the state the previous segment committed",
+                        param="commitment",
+                    )
             if hashlib.sha256(checkpoint).digest() != c.end_hash:
                 # Checkpoints are their state's canonical bytes (training/verified.py): the
                 # one a provider leaves must be the state its last leaf commits to.
-                raise InvalidRequest("checkpoint does not hash to the last committed leaf",
-                                     param="checkpoint")
+                raise InvalidRequest(
+                    "checkpoint does not hash to the last committed leaf", param="checkpoint"
+                )
             digest = c.digest()
             seg_id = f"{job_id}:{index}:{attempt}"
-            s.add(TrainSegment(id=seg_id, job_id=job_id, idx=index, start_step=start,
-                               end_step=end, node_id=node_id, attempt=attempt, blob=commitment,
-                               digest=digest.hex(), root=c.root.hex(), det_class=det_class,
-                               state=SEGMENT.begin("committed", key=seg_id),
-                               cause=f"commit by node:{node_id}",
-                               created_at=now, done_at=0.0))
-            s.merge(TrainCheckpoint(job_id=job_id, step=end, node_id=node_id,
-                                    sha256=hashlib.sha256(checkpoint).hexdigest(),
-                                    blob=checkpoint, created_at=now))
+            s.add(
+                TrainSegment(
+                    id=seg_id,
+                    job_id=job_id,
+                    idx=index,
+                    start_step=start,
+                    end_step=end,
+                    node_id=node_id,
+                    attempt=attempt,
+                    blob=commitment,
+                    digest=digest.hex(),
+                    root=c.root.hex(),
+                    det_class=det_class,
+                    state=SEGMENT.begin("committed", key=seg_id),
+                    cause=f"commit by node:{node_id}",
+                    created_at=now,
+                    done_at=0.0,
+                )
+            )
+            s.merge(
+                TrainCheckpoint(
+                    job_id=job_id,
+                    step=end,
+                    node_id=node_id,
+                    sha256=hashlib.sha256(checkpoint).hexdigest(),
+                    blob=checkpoint,
+                    created_at=now,
+                )
+            )
             job.committed_step = end
             job.lease_at = now
             last = end >= int(job.spec["steps"])
             if last:
                 job.state = JOB.move(job.state, "trained", key=job_id, story=(seg_id,))
                 job.node_id = None
-            self._event(s, job_id, "committed", f"node:{node_id}", segment=seg_id,
-                        start_step=start, end_step=end, root=c.root.hex(),
-                        loss=c.leaves[-1].loss)
+            self._event(
+                s,
+                job_id,
+                "committed",
+                f"node:{node_id}",
+                segment=seg_id,
+                start_step=start,
+                end_step=end,
+                root=c.root.hex(),
+                loss=c.leaves[-1].loss,
+            )
             # Stored above, drawn only now: the provider committed before selection.
             audited = self._draw(s, job, seg_id, node_id, digest, c)
         if audited:
@@ -323,8 +475,9 @@ class Jobs(TrainAudits, Gangs):
         self.ctx.changes.bump()
         return {"ok": True, "continue": not last}
 
-    def release(self, node_id: str, job_id: str, attempt: int, reason: str,
-                kind: str) -> dict[str, Any]:
+    def release(
+        self, node_id: str, job_id: str, attempt: int, reason: str, kind: str
+    ) -> dict[str, Any]:
         """The holder gives the job back: it resumes elsewhere, or fails on a bad spec."""
         with self.store.tx() as s:
             job = self._held(s, node_id, job_id, attempt)
@@ -349,55 +502,115 @@ class Jobs(TrainAudits, Gangs):
         now = self.ctx.clock()
         st = self.settings
         with self.store.read() as r:  # most ticks find nothing: no write lock for that
-            busy = any(r.scalars(q.limit(1)).first() is not None for q in (
-                select(TrainJob.id).where(TrainJob.state.in_(LIVE_STATES)),
-                select(TrainProbe.id).where(TrainProbe.state == "pending"),
-                select(TrainAudit.id).where(TrainAudit.state == "assigned")))
+            busy = any(
+                r.scalars(q.limit(1)).first() is not None
+                for q in (
+                    select(TrainJob.id).where(TrainJob.state.in_(LIVE_STATES)),
+                    select(TrainProbe.id).where(TrainProbe.state == "pending"),
+                    select(TrainAudit.id).where(TrainAudit.state == "assigned"),
+                )
+            )
         if not busy:
             return
-        limits = life.TickLimits(st.queue_ttl_s, st.lease_timeout_s, st.challenge_s,
-                                 st.audit_timeout_s, st.probe_timeout_s)
+        limits = life.TickLimits(
+            st.queue_ttl_s,
+            st.lease_timeout_s,
+            st.challenge_s,
+            st.audit_timeout_s,
+            st.probe_timeout_s,
+        )
         with self.store.tx() as s:
-            assigned = [life.AssignedAudit(i, at) for i, at in s.execute(
-                select(TrainAudit.id, TrainAudit.assigned_at).where(
-                    TrainAudit.state.in_(TRAIN_AUDIT.sources("pending"))))]
-            probes = {p.id: p for p in s.scalars(select(TrainProbe).where(
-                TrainProbe.state.in_(PROBE.sources("failed"))))}
+            assigned = [
+                life.AssignedAudit(i, at)
+                for i, at in s.execute(
+                    select(TrainAudit.id, TrainAudit.assigned_at).where(
+                        TrainAudit.state.in_(TRAIN_AUDIT.sources("pending"))
+                    )
+                )
+            ]
+            probes = {
+                p.id: p
+                for p in s.scalars(
+                    select(TrainProbe).where(TrainProbe.state.in_(PROBE.sources("failed")))
+                )
+            }
             snap = [life.PendingProbe(p.id, p.created_at) for p in probes.values()]
             for act in life.decide_timeouts(assigned, snap, now, limits):
                 if isinstance(act, life.Reassign):
-                    s.execute(update(TrainAudit).where(
-                        TrainAudit.id == act.audit_id, TrainAudit.state == "assigned").values(
-                        state=TRAIN_AUDIT.move("assigned", "pending", key=act.audit_id,
-                                               story=("verifier silent",)),
-                        verifier_id=None, designated=None))
+                    s.execute(
+                        update(TrainAudit)
+                        .where(TrainAudit.id == act.audit_id, TrainAudit.state == "assigned")
+                        .values(
+                            state=TRAIN_AUDIT.move(
+                                "assigned", "pending", key=act.audit_id, story=("verifier silent",)
+                            ),
+                            verifier_id=None,
+                            designated=None,
+                        )
+                    )
                 elif isinstance(act, life.FailProbe):
                     self._probe_fault(s, probes[act.probe_id], act.reason)
             # Read after the probes: a failed one may have taken its job back.
-            jobs = {j.id: j for j in s.scalars(select(TrainJob).where(
-                TrainJob.state.in_(LIVE_STATES)))}
+            jobs = {
+                j.id: j for j in s.scalars(select(TrainJob).where(TrainJob.state.in_(LIVE_STATES)))
+            }
             for job in jobs.values():
-                segs = {g.id: g for g in s.scalars(select(TrainSegment).where(
-                    TrainSegment.job_id == job.id,
-                    TrainSegment.state.in_(SEGMENT.sources("accepted")),
-                    TrainSegment.start_step >= job.verified_step)
-                    .order_by(TrainSegment.start_step))}
+                segs = {
+                    g.id: g
+                    for g in s.scalars(
+                        select(TrainSegment)
+                        .where(
+                            TrainSegment.job_id == job.id,
+                            TrainSegment.state.in_(SEGMENT.sources("accepted")),
+                            TrainSegment.start_step >= job.verified_step,
+                        )
+                        .order_by(TrainSegment.start_step)
+                    )
+                }
                 audits: dict[str, TrainAudit] = {}  # a segment's audit (one per commit)
-                for a in s.scalars(select(TrainAudit).where(
-                        TrainAudit.segment_id.in_(list(segs)), TrainAudit.canary.is_(False))
-                        .order_by(TrainAudit.created_at)) if segs else ():
+                for a in (
+                    s.scalars(
+                        select(TrainAudit)
+                        .where(TrainAudit.segment_id.in_(list(segs)), TrainAudit.canary.is_(False))
+                        .order_by(TrainAudit.created_at)
+                    )
+                    if segs
+                    else ()
+                ):
                     audits.setdefault(a.segment_id, a)
                 view = life.JobSnap(
-                    job.id, job.state, job.node_id, job.created_at, job.lease_at,
-                    job.verified_step, int(job.spec["steps"]), int(job.spec["price_per_step"]),
-                    tuple(life.SegmentSnap(g.id, g.start_step, g.end_step, g.created_at,
-                                           a.id if (a := audits.get(g.id)) else None,
-                                           a.state if a else None) for g in segs.values()))
+                    job.id,
+                    job.state,
+                    job.node_id,
+                    job.created_at,
+                    job.lease_at,
+                    job.verified_step,
+                    int(job.spec["steps"]),
+                    int(job.spec["price_per_step"]),
+                    tuple(
+                        life.SegmentSnap(
+                            g.id,
+                            g.start_step,
+                            g.end_step,
+                            g.created_at,
+                            a.id if (a := audits.get(g.id)) else None,
+                            a.state if a else None,
+                        )
+                        for g in segs.values()
+                    ),
+                )
                 for act in life.decide_job(view, live, now, limits):
                     self._apply_tick(s, job, segs, audits, act, now)
 
-    def _apply_tick(self, s: Session, job: TrainJob, segs: dict[str, TrainSegment],
-                    audits: dict[str, TrainAudit], act: life.Action, now: float) -> None:
+    def _apply_tick(
+        self,
+        s: Session,
+        job: TrainJob,
+        segs: dict[str, TrainSegment],
+        audits: dict[str, TrainAudit],
+        act: life.Action,
+        now: float,
+    ) -> None:
         """Carry out one of the core's decisions on a job, in the tick's transaction."""
         from idlegrid.core.training import settlement as tset
 
@@ -409,17 +622,36 @@ class Jobs(TrainAudits, Gangs):
         elif isinstance(act, life.Accept):
             seg = segs[act.segment_id]
             audit = audits.get(seg.id)
-            self._post_all(s, [tset.pay_segment(job.id, seg.idx, seg.node_id, act.price,
-                                                self.ctx.settings.fee_bps,
-                                                self._gang_of(s, job, seg.attempt))]
-                           if act.price > 0 else [])
+            self._post_all(
+                s,
+                [
+                    tset.pay_segment(
+                        job.id,
+                        seg.idx,
+                        seg.node_id,
+                        act.price,
+                        self.ctx.settings.fee_bps,
+                        self._gang_of(s, job, seg.attempt),
+                    )
+                ]
+                if act.price > 0
+                else [],
+            )
             if audit is not None:  # paid after the segment: its fee funds it
                 self._pay_verifier(s, audit, act.price)
             seg.state = SEGMENT.move(seg.state, "accepted", key=seg.id, story=(act.cause,))
             seg.done_at, seg.cause = now, act.cause
             job.verified_step = act.end_step
-            self._event(s, job.id, "paid", act.cause, segment=seg.id, provider=seg.node_id,
-                        amount=act.price, steps=seg.end_step - seg.start_step)
+            self._event(
+                s,
+                job.id,
+                "paid",
+                act.cause,
+                segment=seg.id,
+                provider=seg.node_id,
+                amount=act.price,
+                steps=seg.end_step - seg.start_step,
+            )
         elif isinstance(act, life.Finish):
             self._close(s, job, "done", "every step verified")
 
@@ -427,8 +659,17 @@ class Jobs(TrainAudits, Gangs):
 def bill(entries: list[dict[str, Any]], consumer: str) -> dict[str, int]:
     """The job's money from its ledger entries: what the consumer escrowed, got back and
     was compensated; what providers, verifiers and fees received; what stakes lost."""
-    out = {"escrowed": 0, "refunded": 0, "charged": 0, "held": 0, "compensated": 0,
-           "to_providers": 0, "fees": 0, "to_verifiers": 0, "slashed": 0}
+    out = {
+        "escrowed": 0,
+        "refunded": 0,
+        "charged": 0,
+        "held": 0,
+        "compensated": 0,
+        "to_providers": 0,
+        "fees": 0,
+        "to_verifiers": 0,
+        "slashed": 0,
+    }
     for e in entries:
         kind = e["key"].split(":", 1)[0]
         for p in e["postings"]:

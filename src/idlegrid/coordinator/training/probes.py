@@ -26,24 +26,43 @@ if TYPE_CHECKING:
 class Probes(TrainingBase):
     """Checkpoint probes of training providers."""
 
-    def _probe(self, s: Session, job: TrainJob, node_id: str, digest: bytes,
-               uid: str) -> None:
+    def _probe(self, s: Session, job: TrainJob, node_id: str, digest: bytes, uid: str) -> None:
         """Ask the provider for one of its committed checkpoints of this job, chosen by the
         beacon: one that is not produced in time was not kept."""
         s.flush()
-        held = list(s.scalars(select(TrainCheckpoint).where(
-            TrainCheckpoint.job_id == job.id, TrainCheckpoint.node_id == node_id)))
+        held = list(
+            s.scalars(
+                select(TrainCheckpoint).where(
+                    TrainCheckpoint.job_id == job.id, TrainCheckpoint.node_id == node_id
+                )
+            )
+        )
         if not held:
             return
         pick = beacon.pick(self.secret, digest, [str(c.step) for c in held])
         ckpt = next(c for c in held if str(c.step) == pick)
         probe_id = f"tprb-{uid}"
-        s.add(TrainProbe(id=probe_id, job_id=job.id, node_id=node_id, step=ckpt.step,
-                         sha256=ckpt.sha256, state=PROBE.begin("pending", key=probe_id),
-                         created_at=self.ctx.clock(),
-                         done_at=0.0))
-        self._event(s, job.id, "probe-sent", f"beacon:{digest.hex()[:16]}", probe=probe_id,
-                    provider=node_id, step=ckpt.step)
+        s.add(
+            TrainProbe(
+                id=probe_id,
+                job_id=job.id,
+                node_id=node_id,
+                step=ckpt.step,
+                sha256=ckpt.sha256,
+                state=PROBE.begin("pending", key=probe_id),
+                created_at=self.ctx.clock(),
+                done_at=0.0,
+            )
+        )
+        self._event(
+            s,
+            job.id,
+            "probe-sent",
+            f"beacon:{digest.hex()[:16]}",
+            probe=probe_id,
+            provider=node_id,
+            step=ckpt.step,
+        )
 
     async def poll_probes(self, node_id: str, wait_s: float = 5.0) -> list[dict[str, Any]]:
         """This node's pending probes (waits up to `wait_s` for one)."""
@@ -59,9 +78,14 @@ class Probes(TrainingBase):
 
     def _pending_probes(self, node_id: str) -> list[dict[str, Any]]:
         with self.store.read() as s:
-            return [{"probe_id": p.id, "job_id": p.job_id, "step": p.step}
-                    for p in s.scalars(select(TrainProbe).where(
-                        TrainProbe.node_id == node_id, TrainProbe.state == "pending"))]
+            return [
+                {"probe_id": p.id, "job_id": p.job_id, "step": p.step}
+                for p in s.scalars(
+                    select(TrainProbe).where(
+                        TrainProbe.node_id == node_id, TrainProbe.state == "pending"
+                    )
+                )
+            ]
 
     def answer_probe(self, node_id: str, probe_id: str, checkpoint: bytes) -> dict[str, Any]:
         """A probed checkpoint: it must hash to what the provider committed."""
@@ -78,8 +102,9 @@ class Probes(TrainingBase):
                 return {"ok": False, "state": p.state}
             p.state = PROBE.move(p.state, "answered", key=p.id)
             p.done_at = self.ctx.clock()
-            self._event(s, p.job_id, "probe-answered", f"probe:{p.id}", provider=node_id,
-                        step=p.step)
+            self._event(
+                s, p.job_id, "probe-answered", f"probe:{p.id}", provider=node_id, step=p.step
+            )
             job = s.get(TrainJob, p.job_id)
             if job is not None and job.state not in LIVE_STATES:
                 s.flush()
@@ -94,13 +119,23 @@ class Probes(TrainingBase):
         p.done_at = self.ctx.clock()
         acct = tset.job_stake_account(p.job_id, p.node_id)
         stake = self._balance(s, acct)
-        self._post_all(s, [tset.verifier_slash(f"probe:{p.id}", acct, stake, stake,
-                                               "train checkpoint withheld")])
+        self._post_all(
+            s,
+            [tset.verifier_slash(f"probe:{p.id}", acct, stake, stake, "train checkpoint withheld")],
+        )
         job = s.get(TrainJob, p.job_id)
         assert job is not None
         job.excluded = sorted({*job.excluded, p.node_id})
-        self._event(s, job.id, "probe-failed", f"probe:{p.id}", provider=p.node_id,
-                    step=p.step, reason=reason, slashed=stake)
+        self._event(
+            s,
+            job.id,
+            "probe-failed",
+            f"probe:{p.id}",
+            provider=p.node_id,
+            step=p.step,
+            reason=reason,
+            slashed=stake,
+        )
         if job.state == "running" and job.node_id == p.node_id:
             self._requeue(s, job, "taken-away", f"probe:{p.id}")
             self.new_work.set()

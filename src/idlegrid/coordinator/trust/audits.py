@@ -80,8 +80,9 @@ class Trust:
         self.ctx = ctx
         self.settings = TrustSettings()
         s = self.settings
-        self.policy = AuditPolicy(stake=s.stake_multiple, full_audits=s.full_audits,
-                                  halving=s.halving)
+        self.policy = AuditPolicy(
+            stake=s.stake_multiple, full_audits=s.full_audits, halving=s.halving
+        )
         self.reputation = ReputationModel()
         self.secret = ctx.secret
         self.epoch_commitment = beacon.beacon_commitment(self.secret)
@@ -110,9 +111,19 @@ class Trust:
         with self.store.tx() as s:
             row = s.get(TrustNode, node_id)
             if row is None:
-                s.add(TrustNode(node_id=node_id, verifier=verifier, det_class=det, passed=0,
-                                failed=0, verifier_passed=0, verifier_failed=0, ejected=False,
-                                proven_class=""))
+                s.add(
+                    TrustNode(
+                        node_id=node_id,
+                        verifier=verifier,
+                        det_class=det,
+                        passed=0,
+                        failed=0,
+                        verifier_passed=0,
+                        verifier_failed=0,
+                        ejected=False,
+                        proven_class="",
+                    )
+                )
             else:
                 row.verifier, row.det_class = verifier, det
                 if row.ejected:
@@ -120,17 +131,20 @@ class Trust:
 
     # ---- commitments -------------------------------------------------------------------
 
-    def check_commitment(self, task: TaskView, blob_b64: str, new_ids: list[int],
-                         finish_reason: str) -> cm.Commitment:
+    def check_commitment(
+        self, task: TaskView, blob_b64: str, new_ids: list[int], finish_reason: str
+    ) -> cm.Commitment:
         """Decode and sanity-check a commitment before settlement (400 if it is malformed)."""
         c = cm.decode(_b64(blob_b64, "commitment"))
         toks = c.tokens[:-1] if c.header.ended_by_end_token else c.tokens
         if toks != list(new_ids):
-            raise InvalidRequest("commitment tokens differ from the uploaded output",
-                                 param="commitment")
+            raise InvalidRequest(
+                "commitment tokens differ from the uploaded output", param="commitment"
+            )
         if c.header.seed != task.payload["seed"] or c.header.finish_reason != finish_reason:
-            raise InvalidRequest("commitment seed or finish reason differs from the request",
-                                 param="commitment")
+            raise InvalidRequest(
+                "commitment seed or finish reason differs from the request", param="commitment"
+            )
         return c
 
     def check_part(self, task: TaskView, blob_b64: str, new_ids: list[int]) -> cm.Commitment:
@@ -138,36 +152,67 @@ class Trust:
         (it did not finish), so it must say "length" and end without an end token."""
         c = self.check_commitment(task, blob_b64, new_ids, "length")
         if c.header.ended_by_end_token or not new_ids:
-            raise InvalidRequest("a part's commitment covers only the tokens it delivered",
-                                 param="commitment")
+            raise InvalidRequest(
+                "a part's commitment covers only the tokens it delivered", param="commitment"
+            )
         return c
 
     async def on_answer(self, event: AnswerFinished) -> None:
         """A committed answer (or handed-back part) is final: the beacon may audit it."""
         if event.commitment is not None:
             # Stored first, then the beacon draw: the provider committed before selection.
-            await self.on_finish(event.task, event.node_id, event.attempt, event.commitment,
-                                 event.delivered_before, part=event.part)
+            await self.on_finish(
+                event.task,
+                event.node_id,
+                event.attempt,
+                event.commitment,
+                event.delivered_before,
+                part=event.part,
+            )
 
-    async def on_finish(self, task: TaskView, node_id: str, attempt: int, c: cm.Commitment,
-                        prior_ids: list[int], part: bool = False) -> None:
+    async def on_finish(
+        self,
+        task: TaskView,
+        node_id: str,
+        attempt: int,
+        c: cm.Commitment,
+        prior_ids: list[int],
+        part: bool = False,
+    ) -> None:
         """Store the commitment, then draw the beacon: audit? plant a canary?"""
         await self.ctx.db(self._on_finish, task, node_id, attempt, c, prior_ids, part)
         self.new_audit.set()
 
-    def _on_finish(self, task: TaskView, node_id: str, attempt: int, c: cm.Commitment,
-                   prior_ids: list[int], part: bool = False) -> None:
+    def _on_finish(
+        self,
+        task: TaskView,
+        node_id: str,
+        attempt: int,
+        c: cm.Commitment,
+        prior_ids: list[int],
+        part: bool = False,
+    ) -> None:
         now = self.ctx.clock()
         digest = c.header.digest()
         # A part is checked as "these tokens, no more": its length claim is its own count.
-        max_new = c.header.n_tokens if part else \
-            int(task.payload["max_tokens"]) - len(prior_ids)
+        max_new = c.header.n_tokens if part else int(task.payload["max_tokens"]) - len(prior_ids)
         charge = 0 if part else self._charge(task.id, task.key_id, task.hold)
         blob = c.encode()
         with self.store.tx() as s:
-            s.add(TrustCommitment(task_id=task.id, attempt=attempt, node_id=node_id,
-                                  digest=digest.hex(), blob=blob, prior_ids=list(prior_ids),
-                                  max_new=max_new, charge=charge, created_at=now, part=part))
+            s.add(
+                TrustCommitment(
+                    task_id=task.id,
+                    attempt=attempt,
+                    node_id=node_id,
+                    digest=digest.hex(),
+                    blob=blob,
+                    prior_ids=list(prior_ids),
+                    max_new=max_new,
+                    charge=charge,
+                    created_at=now,
+                    part=part,
+                )
+            )
             node = s.get(TrustNode, node_id)
             clean = node.passed if node else 0
             # Across engines no tolerance is fair (llama.cpp's int8-activation kernels against
@@ -177,23 +222,45 @@ class Trust:
             # visible as pending, rather than being judged by a verifier that cannot judge it.
             # Verifiers that let more audits lapse than they completed are not designated.
             family = cm.kernel_family(c.header.det_class)
-            verifiers = [v.node_id for v in s.scalars(select(TrustNode).where(
-                TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
-                if v.node_id != node_id and cm.kernel_family(v.det_class) == family
-                and v.verifier_expired <= v.verifier_passed]
+            verifiers = [
+                v.node_id
+                for v in s.scalars(
+                    select(TrustNode).where(
+                        TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)
+                    )
+                )
+                if v.node_id != node_id
+                and cm.kernel_family(v.det_class) == family
+                and v.verifier_expired <= v.verifier_passed
+            ]
             designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
             audits = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean)):
                 audits.append((f"aud-{digest.hex()[:24]}", False, blob))
-            if c.chunks and beacon.selected(self.secret, digest, self.settings.canary_rate,
-                                            domain=b"canary"):
+            if c.chunks and beacon.selected(
+                self.secret, digest, self.settings.canary_rate, domain=b"canary"
+            ):
                 audits.append((f"can-{digest.hex()[:24]}", True, tamper(c).encode()))
             for audit_id, canary, data in audits:
-                s.add(TrustAudit(id=audit_id, task_id=task.id, attempt=attempt, node_id=node_id,
-                                 model_id=task.model_id, designated=designated, verifier_id=None,
-                                 canary=canary, blob=data,
-                                 state=AUDIT.begin("pending", key=audit_id), verdict={},
-                                 created_at=now, assigned_at=0.0, done_at=0.0, expired=[]))
+                s.add(
+                    TrustAudit(
+                        id=audit_id,
+                        task_id=task.id,
+                        attempt=attempt,
+                        node_id=node_id,
+                        model_id=task.model_id,
+                        designated=designated,
+                        verifier_id=None,
+                        canary=canary,
+                        blob=data,
+                        state=AUDIT.begin("pending", key=audit_id),
+                        verdict={},
+                        created_at=now,
+                        assigned_at=0.0,
+                        done_at=0.0,
+                        expired=[],
+                    )
+                )
 
     def _part_charge(self, task_id: str, blob: bytes) -> int:
         """A failover part's share of the request's charge, by output tokens (0 until the
@@ -214,11 +281,13 @@ class Trust:
 
     # ---- verifiers ---------------------------------------------------------------------
 
-    async def poll(self, node_id: str, models: list[str],
-                   wait_s: float = 10.0) -> dict[str, Any] | None:
+    async def poll(
+        self, node_id: str, models: list[str], wait_s: float = 10.0
+    ) -> dict[str, Any] | None:
         """An audit for this verifier (never its own answers), or None after `wait_s`."""
-        return await self.ctx.long_poll(self.new_audit, lambda: self._claim(node_id, models),
-                                         wait_s)
+        return await self.ctx.long_poll(
+            self.new_audit, lambda: self._claim(node_id, models), wait_s
+        )
 
     def _claim(self, node_id: str, models: list[str]) -> dict[str, Any] | None:
         now = self.ctx.clock()
@@ -226,21 +295,35 @@ class Trust:
             me = s.get(TrustNode, node_id)
             if me is None or not me.verifier or me.ejected:
                 raise AuthError("this node is not an active verifier")
-            rows = s.scalars(select(TrustAudit).where(
-                TrustAudit.state == "pending", TrustAudit.node_id != node_id,
-                TrustAudit.model_id.in_(models)).order_by(TrustAudit.created_at).limit(20))
+            rows = s.scalars(
+                select(TrustAudit)
+                .where(
+                    TrustAudit.state == "pending",
+                    TrustAudit.node_id != node_id,
+                    TrustAudit.model_id.in_(models),
+                )
+                .order_by(TrustAudit.created_at)
+                .limit(20)
+            )
             for a in rows:
                 if node_id in (a.expired or []):
                     continue  # it let this one lapse once
-                if a.designated not in (None, node_id) and now - a.created_at < \
-                        self.settings.reassign_after_s:
+                if (
+                    a.designated not in (None, node_id)
+                    and now - a.created_at < self.settings.reassign_after_s
+                ):
                     continue
                 if cm.kernel_family(cm.peek_class(a.blob)) != cm.kernel_family(me.det_class):
                     continue  # another engine's or build's answers: see _record
-                res = s.execute(update(TrustAudit).where(
-                    TrustAudit.id == a.id, TrustAudit.state == a.state).values(
-                    state=AUDIT.move(a.state, "assigned", key=a.id), verifier_id=node_id,
-                    assigned_at=now))
+                res = s.execute(
+                    update(TrustAudit)
+                    .where(TrustAudit.id == a.id, TrustAudit.state == a.state)
+                    .values(
+                        state=AUDIT.move(a.state, "assigned", key=a.id),
+                        verifier_id=node_id,
+                        assigned_at=now,
+                    )
+                )
                 if res.rowcount != 1:
                     continue
                 com = s.get(TrustCommitment, (a.task_id, a.attempt))
@@ -256,10 +339,16 @@ class Trust:
         (reads the task: call it outside a write transaction)."""
         task = self.store.get_task(a.task_id)
         p = task.payload
-        return {"model": a.model_id, "kind": task.kind, "prompt": p.get("prompt"),
-                "messages": p.get("messages"), "prior_ids": list(com.prior_ids),
-                "max_new_tokens": com.max_new, "stop": p.get("stop") or [],
-                "commitment": base64.b64encode(a.blob).decode()}
+        return {
+            "model": a.model_id,
+            "kind": task.kind,
+            "prompt": p.get("prompt"),
+            "messages": p.get("messages"),
+            "prior_ids": list(com.prior_ids),
+            "max_new_tokens": com.max_new,
+            "stop": p.get("stop") or [],
+            "commitment": base64.b64encode(a.blob).decode(),
+        }
 
     def models_of(self, node_id: str) -> set[str]:
         """Models a node offers (a referee must be able to run the disputed one)."""
@@ -272,22 +361,37 @@ class Trust:
         now = self.ctx.clock()
         cutoff = now - self.settings.audit_expiry_s
         back: list[str] = []
-        if not self.store.exists(select(TrustAudit.id).where(
-                TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff)):
+        if not self.store.exists(
+            select(TrustAudit.id).where(
+                TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff
+            )
+        ):
             return back
         with self.store.tx() as s:
-            late = list(s.scalars(select(TrustAudit).where(
-                TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff)))
+            late = list(
+                s.scalars(
+                    select(TrustAudit).where(
+                        TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff
+                    )
+                )
+            )
             for a in late:
                 late_id, lapsed = a.verifier_id, [*(a.expired or []), a.verifier_id]
-                res = s.execute(update(TrustAudit).where(
-                    TrustAudit.id == a.id, TrustAudit.state == a.state).values(
-                    state=AUDIT.move(a.state, "pending", key=a.id,
-                                     story=(f"lapsed by node:{late_id}",)),
-                    verifier_id=None, assigned_at=0.0,
-                    # Anyone but the late verifier may take it at once.
-                    designated=None, created_at=now - self.settings.reassign_after_s,
-                    expired=lapsed))
+                res = s.execute(
+                    update(TrustAudit)
+                    .where(TrustAudit.id == a.id, TrustAudit.state == a.state)
+                    .values(
+                        state=AUDIT.move(
+                            a.state, "pending", key=a.id, story=(f"lapsed by node:{late_id}",)
+                        ),
+                        verifier_id=None,
+                        assigned_at=0.0,
+                        # Anyone but the late verifier may take it at once.
+                        designated=None,
+                        created_at=now - self.settings.reassign_after_s,
+                        expired=lapsed,
+                    )
+                )
                 if res.rowcount != 1:
                     continue
                 node = s.get(TrustNode, late_id)
@@ -328,24 +432,36 @@ class Trust:
         c = cm.decode(blob)
         tol = self.tolerance(c.header.det_class, report.det_class)
         v = cm.judge(c, report, tol, max_new)
-        verdict = {"passed": v.passed, "reasons": list(v.reasons), "worst_rel": v.worst_rel,
-                   "worst_margin": v.worst_margin if abs(v.worst_margin) != float("inf") else None,
-                   "first_bad_chunk": v.first_bad_chunk, "tolerance": tol.rel,
-                   "provider_class": c.header.det_class, "verifier_class": report.det_class,
-                   "canary": canary}
+        verdict = {
+            "passed": v.passed,
+            "reasons": list(v.reasons),
+            "worst_rel": v.worst_rel,
+            "worst_margin": v.worst_margin if abs(v.worst_margin) != float("inf") else None,
+            "first_bad_chunk": v.first_bad_chunk,
+            "tolerance": tol.rel,
+            "provider_class": c.header.det_class,
+            "verifier_class": report.det_class,
+            "canary": canary,
+        }
         if not v.passed:  # where a dispute would start bisecting
             verdict["positions"] = dispute.disagreeing(c, report, tol)
         task = self.store.get_task(task_id)
         consumer = ledger.consumer_account(task.key_id)
         balances = self.store.balances()
-        posts = self._consequences(audit_id, node_id, provider_id, canary, v.passed, charge,
-                                   consumer, balances)
+        posts = self._consequences(
+            audit_id, node_id, provider_id, canary, v.passed, charge, consumer, balances
+        )
         with self.store.tx() as s:
             end = "passed" if v.passed else "failed"
-            res = s.execute(update(TrustAudit).where(
-                TrustAudit.id == audit_id, TrustAudit.state.in_(AUDIT.sources(end))).values(
-                state=AUDIT.move("assigned", end, key=audit_id, story=(f"verifier:{node_id}",)),
-                done_at=now, verdict=verdict))
+            res = s.execute(
+                update(TrustAudit)
+                .where(TrustAudit.id == audit_id, TrustAudit.state.in_(AUDIT.sources(end)))
+                .values(
+                    state=AUDIT.move("assigned", end, key=audit_id, story=(f"verifier:{node_id}",)),
+                    done_at=now,
+                    verdict=verdict,
+                )
+            )
             if res.rowcount != 1:
                 raise Conflict(f"audit {audit_id} was judged already")
             verifier = s.get(TrustNode, node_id)
@@ -370,9 +486,17 @@ class Trust:
                 self.store._post(s, e)
         return {"audit_id": audit_id, **verdict}
 
-    def _consequences(self, audit_id: str, verifier_id: str, provider_id: str, canary: bool,
-                      passed: bool, charge: int, consumer: str,
-                      balances: dict[str, int]) -> list[ledger.Entry]:
+    def _consequences(
+        self,
+        audit_id: str,
+        verifier_id: str,
+        provider_id: str,
+        canary: bool,
+        passed: bool,
+        charge: int,
+        consumer: str,
+        balances: dict[str, int],
+    ) -> list[ledger.Entry]:
         """Ledger entries that follow from a verdict (pure apart from the balances read)."""
         posts: list[ledger.Entry | None] = []
         fees = balances.get(ledger.FEES, 0)
@@ -384,14 +508,16 @@ class Trust:
         if not canary and not passed:
             refund = charge
             for acct, bal in self._stakes(provider_id, balances).items():
-                e = entries.slash(f"{audit_id}:{acct}", acct, bal, bal, consumer, refund,
-                                  verifier_id)
+                e = entries.slash(
+                    f"{audit_id}:{acct}", acct, bal, bal, consumer, refund, verifier_id
+                )
                 if e is not None:
                     refund -= sum(p.amount for p in e.postings if p.account == consumer)
                     posts.append(e)
             accrual = ledger.accrual_account(provider_id)
-            posts.append(entries.forfeit(audit_id, accrual, balances.get(accrual, 0), consumer,
-                                         refund))
+            posts.append(
+                entries.forfeit(audit_id, accrual, balances.get(accrual, 0), consumer, refund)
+            )
         return [e for e in posts if e is not None]
 
     def _fee(self, charge: int) -> int:
@@ -418,20 +544,44 @@ class Trust:
         disputes = await self.ctx.db(self.disputes.listing)
         pol = self.policy
         return {
-            "disputes": [{k: d[k] for k in ("id", "audit_id", "provider_id", "challenger_id",
-                                            "referee_id", "state", "round", "waiting_for")}
-                         | {"provider_right": d["ruling"].get("provider_right")}
-                         for d in disputes[:50]],
+            "disputes": [
+                {
+                    k: d[k]
+                    for k in (
+                        "id",
+                        "audit_id",
+                        "provider_id",
+                        "challenger_id",
+                        "referee_id",
+                        "state",
+                        "round",
+                        "waiting_for",
+                    )
+                }
+                | {"provider_right": d["ruling"].get("provider_right")}
+                for d in disputes[:50]
+            ],
             "pending_audits": await self.ctx.db(self._pending_audits),
-            "p_star": pol.p_star, "p_steady": pol.steady, "canary_rate": self.settings.canary_rate,
+            "p_star": pol.p_star,
+            "p_steady": pol.steady,
+            "canary_rate": self.settings.canary_rate,
             "beacon_commitment": self.epoch_commitment,
-            "nodes": {r.node_id: {
-                "audit_rate": pol.rate(r.passed), "probation": pol.on_probation(r.passed),
-                "passed": r.passed, "failed": r.failed, "verifier": r.verifier,
-                "verifier_passed": r.verifier_passed, "verifier_failed": r.verifier_failed,
-                "spoofer_probability": self.reputation.posterior(r.passed, r.failed),
-                "verifier_expired": r.verifier_expired,
-                "ejected": r.ejected, "det_class": r.det_class} for r in rows},
+            "nodes": {
+                r.node_id: {
+                    "audit_rate": pol.rate(r.passed),
+                    "probation": pol.on_probation(r.passed),
+                    "passed": r.passed,
+                    "failed": r.failed,
+                    "verifier": r.verifier,
+                    "verifier_passed": r.verifier_passed,
+                    "verifier_failed": r.verifier_failed,
+                    "spoofer_probability": self.reputation.posterior(r.passed, r.failed),
+                    "verifier_expired": r.verifier_expired,
+                    "ejected": r.ejected,
+                    "det_class": r.det_class,
+                }
+                for r in rows
+            },
         }
 
     def _pending_audits(self) -> dict[str, int]:
@@ -439,8 +589,14 @@ class Trust:
         from sqlalchemy import func
 
         with self.store.read() as s:
-            return {st: n for st, n in s.execute(select(TrustAudit.state, func.count()).where(
-                TrustAudit.state.in_(("pending", "assigned"))).group_by(TrustAudit.state))}
+            return {
+                st: n
+                for st, n in s.execute(
+                    select(TrustAudit.state, func.count())
+                    .where(TrustAudit.state.in_(("pending", "assigned")))
+                    .group_by(TrustAudit.state)
+                )
+            }
 
     def _nodes(self) -> list[TrustNode]:
         with self.store.tx() as s:
@@ -451,7 +607,17 @@ class Trust:
     def audits(self) -> list[dict[str, Any]]:
         """Every audit with its verdict (operator view)."""
         with self.store.tx() as s:
-            return [{"id": a.id, "task_id": a.task_id, "attempt": a.attempt,
-                     "node_id": a.node_id, "verifier_id": a.verifier_id, "canary": a.canary,
-                     "state": a.state, "verdict": a.verdict, "expired": list(a.expired or [])}
-                    for a in s.scalars(select(TrustAudit))]
+            return [
+                {
+                    "id": a.id,
+                    "task_id": a.task_id,
+                    "attempt": a.attempt,
+                    "node_id": a.node_id,
+                    "verifier_id": a.verifier_id,
+                    "canary": a.canary,
+                    "state": a.state,
+                    "verdict": a.verdict,
+                    "expired": list(a.expired or []),
+                }
+                for a in s.scalars(select(TrustAudit))
+            ]

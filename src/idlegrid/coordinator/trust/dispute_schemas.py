@@ -15,8 +15,7 @@ from idlegrid.coordinator.training.schemas import TrainDispute, TrainDisputeQuer
 from idlegrid.coordinator.trust.schemas import InferenceDispute, InferenceDisputeQuery
 
 
-class Dispute(RootModel[Annotated[InferenceDispute | TrainDispute,
-                                  Field(discriminator="kind")]]):
+class Dispute(RootModel[Annotated[InferenceDispute | TrainDispute, Field(discriminator="kind")]]):
     """A dispute of either kind, told apart by `kind`."""
 
 

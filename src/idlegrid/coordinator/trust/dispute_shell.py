@@ -38,8 +38,9 @@ class DisputeGame(Protocol):
         """What the current round asks of the calling seat."""
         ...
 
-    def answer(self, node_id: str, dispute_id: str, round_: int,
-               body: dict[str, Any]) -> dict[str, Any]:
+    def answer(
+        self, node_id: str, dispute_id: str, round_: int, body: dict[str, Any]
+    ) -> dict[str, Any]:
         """One seat's answer for the current round; the dispute's view."""
         ...
 
@@ -68,8 +69,9 @@ class DisputeShell:
         """The game of `kind` (400 naming `kind` for any other)."""
         got = self.games.get(kind)
         if got is None:
-            raise InvalidRequest(f"kind must be one of {', '.join(sorted(self.games))}, "
-                                 f"not {kind!r}", param="kind")
+            raise InvalidRequest(
+                f"kind must be one of {', '.join(sorted(self.games))}, not {kind!r}", param="kind"
+            )
         return got
 
     def of(self, dispute_id: str) -> DisputeGame:
@@ -85,15 +87,20 @@ class DisputeShell:
 
     def pending(self, node_id: str) -> list[dict[str, Any]]:
         """Rounds of every kind this node must answer now (they ride on its heartbeat)."""
-        return [{**q, "kind": g.kind} for g in self.games.values() if g.active
-                for q in g.pending(node_id)]
+        return [
+            {**q, "kind": g.kind}
+            for g in self.games.values()
+            if g.active
+            for q in g.pending(node_id)
+        ]
 
     def query(self, node_id: str, dispute_id: str, round_: int) -> dict[str, Any]:
         """What the current round of a dispute asks of the calling node."""
         return self.of(dispute_id).query(node_id, dispute_id, round_)
 
-    def answer(self, node_id: str, dispute_id: str, round_: int,
-               body: dict[str, Any]) -> dict[str, Any]:
+    def answer(
+        self, node_id: str, dispute_id: str, round_: int, body: dict[str, Any]
+    ) -> dict[str, Any]:
         """A seat's answer for the current round of a dispute."""
         return self.of(dispute_id).answer(node_id, dispute_id, round_, body)
 
@@ -102,8 +109,7 @@ class DisputeShell:
         for g in self.games.values():
             g.tick(live)
 
-    def listing(self, node_id: str | None = None,
-                kind: str | None = None) -> list[dict[str, Any]]:
+    def listing(self, node_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         """Disputes of every kind (or one), of every node (or one), newest first."""
         games = [self.game(kind)] if kind is not None else list(self.games.values())
         out = [d for g in games for d in g.listing(node_id)]

@@ -71,8 +71,11 @@ class Disputes:
             if a is None or a.node_id != provider_id:
                 raise NotFound(f"no audit {audit_id} of this node's answers")
             if a.canary or not AUDIT.allowed(a.state, "overturned"):  # only a failed one
-                raise Conflict(f"audit {audit_id} did not fail (state {a.state}); "
-                               "only a failed audit can be disputed", state=a.state)
+                raise Conflict(
+                    f"audit {audit_id} did not fail (state {a.state}); "
+                    "only a failed audit can be disputed",
+                    state=a.state,
+                )
             dispute_id = f"dsp-{audit_id[4:]}"
             if s.get(TrustDispute, dispute_id) is not None:
                 raise Conflict(f"audit {audit_id} is disputed already", dispute_id=dispute_id)
@@ -81,18 +84,38 @@ class Disputes:
             c = cm.decode(a.blob)
             bad = list(a.verdict.get("positions") or [])
             row = TrustDispute(
-                id=dispute_id, audit_id=audit_id, provider_id=provider_id,
-                verifier_id=a.verifier_id, referee_id=None,
+                id=dispute_id,
+                audit_id=audit_id,
+                provider_id=provider_id,
+                verifier_id=a.verifier_id,
+                referee_id=None,
                 state=DISPUTE.begin("bisecting", key=dispute_id),
-                n=dispute.n_positions(c), lo=-1, hi=max(bad) if bad else -1, round=0,
-                waiting=[], answers={}, deadline=0.0, rounds=[], excluded=[], ruling={},
-                reason=reason[:500], created_at=now, done_at=0.0)
+                n=dispute.n_positions(c),
+                lo=-1,
+                hi=max(bad) if bad else -1,
+                round=0,
+                waiting=[],
+                answers={},
+                deadline=0.0,
+                rounds=[],
+                excluded=[],
+                ruling={},
+                reason=reason[:500],
+                created_at=now,
+                done_at=0.0,
+            )
             s.add(row)
             self.active = True
             if c.header.n_tokens > com.max_new + (1 if c.header.ended_by_end_token else 0):
                 # Arithmetic on the commitment alone: nothing for anyone to recompute.
-                self._rule(s, row, a, provider_right=False, position=-1,
-                           detail="more tokens committed than the request allowed")
+                self._rule(
+                    s,
+                    row,
+                    a,
+                    provider_right=False,
+                    position=-1,
+                    detail="more tokens committed than the request allowed",
+                )
             elif row.hi < 0:
                 # A failure at no position: the context or the report's shape. The referee
                 # recomputes the first position, which carries the context hash.
@@ -124,9 +147,13 @@ class Disputes:
         skip = {row.provider_id, row.verifier_id, *row.excluded}
         # The referee runs the provider's engine, as auditors do (see Trust._record).
         family = cm.kernel_family(cm.peek_class(a.blob))
-        candidates = [v.node_id for v in s.scalars(select(TrustNode).where(
-            TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)))
-            if v.node_id not in skip and cm.kernel_family(v.det_class) == family]
+        candidates = [
+            v.node_id
+            for v in s.scalars(
+                select(TrustNode).where(TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))
+            )
+            if v.node_id not in skip and cm.kernel_family(v.det_class) == family
+        ]
         candidates = [v for v in candidates if a.model_id in self.trust.models_of(v)]
         if not candidates:
             # Visible and retried each supervisor pass; never settled without a referee.
@@ -157,14 +184,22 @@ class Disputes:
             role = seats.seat(row, row.waiting, node_id, round_, ANSWERING)
             a = s.get(TrustAudit, row.audit_id)
             com = s.get(TrustCommitment, (a.task_id, a.attempt))
-            out = {"dispute_id": row.id, "round": row.round, "role": role,
-                   "position": self._position(row), "deadline_in_s": row.deadline - self.clock(),
-                   "task_id": a.task_id, "attempt": a.attempt, "audit_id": a.id}
+            out = {
+                "dispute_id": row.id,
+                "round": row.round,
+                "role": role,
+                "position": self._position(row),
+                "deadline_in_s": row.deadline - self.clock(),
+                "task_id": a.task_id,
+                "attempt": a.attempt,
+                "audit_id": a.id,
+            }
             out.update(self.trust.audit_task(a, com))
             return out
 
-    def answer(self, node_id: str, dispute_id: str, round_: int,
-               body: dict[str, Any]) -> dict[str, Any]:
+    def answer(
+        self, node_id: str, dispute_id: str, round_: int, body: dict[str, Any]
+    ) -> dict[str, Any]:
         """One party's answer for the current round; the round closes when all answered."""
         now = self.clock()
         with self.store.tx() as s:
@@ -179,15 +214,22 @@ class Disputes:
             if role == seats.PROVIDER:
                 ok = self._check_opening(c, position, body)
                 if not ok:
-                    self._rule(s, row, a, provider_right=False, position=position,
-                               detail="the provider's opening does not match its commitment")
+                    self._rule(
+                        s,
+                        row,
+                        a,
+                        provider_right=False,
+                        position=position,
+                        detail="the provider's opening does not match its commitment",
+                    )
                     return self._view(row)
                 row.answers = {**row.answers, seats.PROVIDER: "opened"}
             else:
                 report = cm.decode_report(seats.unb64(body, "report"))
                 if len(report.chunks) != (1 if position < len(c.chunks) else 0):
-                    raise InvalidRequest("the report must hold exactly the queried position",
-                                         param="report")
+                    raise InvalidRequest(
+                        "the report must hold exactly the queried position", param="report"
+                    )
                 row.answers = {**row.answers, role: body["report"]}
             row.waiting = [r for r in row.waiting if r != role]
             if not row.waiting:
@@ -202,14 +244,18 @@ class Disputes:
             return True  # nothing was committed beyond the header
         try:
             leaf = base64.b64decode(body.get("chunk") or "", validate=True)
-            proof = Proof(j, tuple(bytes.fromhex(h) for h in body.get("siblings") or []),
-                          tuple(bool(r) for r in body.get("right") or []))
+            proof = Proof(
+                j,
+                tuple(bytes.fromhex(h) for h in body.get("siblings") or []),
+                tuple(bool(r) for r in body.get("right") or []),
+            )
             return leaf == c.chunks[j].encode() and verify_proof(c.header.root, leaf, proof)
         except (binascii.Error, ValueError):
             return False
 
-    def _close_round(self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment,
-                     position: int, now: float) -> None:
+    def _close_round(
+        self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment, position: int, now: float
+    ) -> None:
         if row.state == "refereeing":
             self._referee_ruling(s, row, a, c, position)
             return
@@ -222,11 +268,13 @@ class Disputes:
         row.rounds = [*row.rounds, {"round": row.round, "position": position, "agree": agree}]
         self._next_round(s, row, now)
 
-    def _referee_ruling(self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment,
-                        position: int) -> None:
+    def _referee_ruling(
+        self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment, position: int
+    ) -> None:
         ref = cm.decode_report(base64.b64decode(row.answers[seats.REFEREE]))
-        faults = dispute.faults_at(c, position, ref, self.trust.tolerance(
-            c.header.det_class, ref.det_class))
+        faults = dispute.faults_at(
+            c, position, ref, self.trust.tolerance(c.header.det_class, ref.det_class)
+        )
         # The verifier's claim at this position is its audit report: it said "disagree"
         # (the bisection only ends on a position it disputed), so it is right iff the
         # referee disagrees too.
@@ -240,13 +288,13 @@ class Disputes:
         """Settle rounds past their deadline; find referees for disputes waiting for one
         (any verifier the trust table holds; `live` is the shell's, unused here)."""
         now = self.clock()
-        if not self.store.exists(select(TrustDispute.id).where(
-                TrustDispute.state.in_(OPEN_STATES))):
+        if not self.store.exists(
+            select(TrustDispute.id).where(TrustDispute.state.in_(OPEN_STATES))
+        ):
             self.active = False
             return
         with self.store.tx() as s:
-            rows = list(s.scalars(select(TrustDispute).where(
-                TrustDispute.state.in_(OPEN_STATES))))
+            rows = list(s.scalars(select(TrustDispute).where(TrustDispute.state.in_(OPEN_STATES))))
             self.active = bool(rows)
             for row in rows:
                 if row.state == "awaiting-referee":
@@ -261,34 +309,47 @@ class Disputes:
                     row.excluded = [*row.excluded, row.referee_id or ""]
                     self._pick_referee(s, row, now)
                 elif seats.PROVIDER in row.waiting:
-                    self._rule(s, row, a, False, position,
-                               "the provider did not answer in time")
+                    self._rule(s, row, a, False, position, "the provider did not answer in time")
                 else:
                     self._rule(s, row, a, True, position, "the verifier did not answer in time")
 
     # ---- ruling ------------------------------------------------------------------------
 
-    def _rule(self, s: Any, row: TrustDispute, a: TrustAudit, provider_right: bool,
-              position: int, detail: str) -> None:
+    def _rule(
+        self,
+        s: Any,
+        row: TrustDispute,
+        a: TrustAudit,
+        provider_right: bool,
+        position: int,
+        detail: str,
+    ) -> None:
         """Record the ruling and post its consequences, in the caller's transaction."""
         now = self.clock()
         end = "won" if provider_right else "lost"
-        res = s.execute(update(TrustDispute).where(
-            TrustDispute.id == row.id, TrustDispute.state.in_(DISPUTE.sources(end))).values(
-            state=DISPUTE.move(row.state, end, key=row.id, story=(detail,))))
+        res = s.execute(
+            update(TrustDispute)
+            .where(TrustDispute.id == row.id, TrustDispute.state.in_(DISPUTE.sources(end)))
+            .values(state=DISPUTE.move(row.state, end, key=row.id, story=(detail,)))
+        )
         if res.rowcount != 1:
             raise Conflict(f"dispute {row.id} was settled already")
         s.refresh(row)
         row.waiting, row.done_at = [], now
-        row.ruling = {"provider_right": provider_right, "position": position, "detail": detail,
-                      "referee": row.referee_id}
+        row.ruling = {
+            "provider_right": provider_right,
+            "position": position,
+            "detail": detail,
+            "referee": row.referee_id,
+        }
         com = s.get(TrustCommitment, (a.task_id, a.attempt))
         fee = self.trust.fee(com.charge if com else 0)
         balances = self._balances(s)
         posts: list[Entry | None] = []
         if row.referee_id is not None and seats.REFEREE in row.answers:
-            posts.append(dispute.referee_pay(row.id, row.referee_id, fee,
-                                             balances.get(ledger.FEES, 0)))
+            posts.append(
+                dispute.referee_pay(row.id, row.referee_id, fee, balances.get(ledger.FEES, 0))
+            )
         provider = s.get(TrustNode, row.provider_id)
         verifier = s.get(TrustNode, row.verifier_id)
         if provider_right:
@@ -303,8 +364,9 @@ class Disputes:
             if provider is not None:
                 provider.failed = max(provider.failed - 1, 0)
                 provider.passed += 1
-                if provider.ejected and not self.trust.reputation.ejected(provider.passed,
-                                                                          provider.failed):
+                if provider.ejected and not self.trust.reputation.ejected(
+                    provider.passed, provider.failed
+                ):
                     provider.ejected = False
                     self.trust.ejected.discard(row.provider_id)
             if verifier is not None:
@@ -314,8 +376,7 @@ class Disputes:
                 self.trust.ejected.add(row.verifier_id)
         else:
             acct = ledger.provider_account(row.provider_id)
-            posts.append(dispute.dispute_fee(row.id, row.provider_id, fee,
-                                             balances.get(acct, 0)))
+            posts.append(dispute.dispute_fee(row.id, row.provider_id, fee, balances.get(acct, 0)))
         for e in posts:
             if e is not None:
                 self.store._post(s, e)
@@ -327,33 +388,56 @@ class Disputes:
     @staticmethod
     def _audit_entries(s: Any, audit_id: str) -> list[Entry]:
         """The slash (one per stake account), forfeit and verifier pay an audit caused."""
-        rows = list(s.scalars(select(LedgerEntry).where(
-            LedgerEntry.key.in_([f"forfeit:{audit_id}", f"audit-pay:{audit_id}"])
-            | LedgerEntry.key.like(f"slash:{audit_id}:%"))))
+        rows = list(
+            s.scalars(
+                select(LedgerEntry).where(
+                    LedgerEntry.key.in_([f"forfeit:{audit_id}", f"audit-pay:{audit_id}"])
+                    | LedgerEntry.key.like(f"slash:{audit_id}:%")
+                )
+            )
+        )
         postings: dict[int, list[Posting]] = {}
-        for seq, acct, amount in s.execute(select(
-                LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
-                LedgerPosting.entry_seq.in_([r.seq for r in rows]))):
+        for seq, acct, amount in s.execute(
+            select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
+                LedgerPosting.entry_seq.in_([r.seq for r in rows])
+            )
+        ):
             postings.setdefault(seq, []).append(Posting(acct, amount))
-        return [Entry(r.key, Cause(r.cause_kind, r.cause_id), tuple(postings.get(r.seq, [])),
-                      r.memo) for r in rows]
+        return [
+            Entry(r.key, Cause(r.cause_kind, r.cause_id), tuple(postings.get(r.seq, [])), r.memo)
+            for r in rows
+        ]
 
     # ---- views -------------------------------------------------------------------------
 
     @staticmethod
     def _view(row: TrustDispute) -> dict[str, Any]:
-        return {"id": row.id, "kind": "inference", "audit_id": row.audit_id,
-                "provider_id": row.provider_id, "challenger_id": row.verifier_id,
-                "referee_id": row.referee_id,
-                "state": row.state, "round": row.round, "positions": row.n,
-                "interval": [row.lo, row.hi], "waiting_for": list(row.waiting),
-                "rounds": list(row.rounds), "ruling": dict(row.ruling), "reason": row.reason,
-                "created_at": row.created_at, "done_at": row.done_at}
+        return {
+            "id": row.id,
+            "kind": "inference",
+            "audit_id": row.audit_id,
+            "provider_id": row.provider_id,
+            "challenger_id": row.verifier_id,
+            "referee_id": row.referee_id,
+            "state": row.state,
+            "round": row.round,
+            "positions": row.n,
+            "interval": [row.lo, row.hi],
+            "waiting_for": list(row.waiting),
+            "rounds": list(row.rounds),
+            "ruling": dict(row.ruling),
+            "reason": row.reason,
+            "created_at": row.created_at,
+            "done_at": row.done_at,
+        }
 
     def listing(self, node_id: str | None = None) -> list[dict[str, Any]]:
         """Every dispute (or one node's, as any party), newest first."""
         with self.store.read() as s:
             q = select(TrustDispute).order_by(TrustDispute.created_at.desc())
             rows = list(s.scalars(q))
-            return [self._view(r) for r in rows if node_id is None or node_id in (
-                r.provider_id, r.verifier_id, r.referee_id)]
+            return [
+                self._view(r)
+                for r in rows
+                if node_id is None or node_id in (r.provider_id, r.verifier_id, r.referee_id)
+            ]

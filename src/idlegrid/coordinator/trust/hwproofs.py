@@ -70,8 +70,13 @@ class HwProofs:
         self.ctx = ctx
         self.settings = HwSettings()
         s = self.settings
-        self.model = hw.TimingModel(s.gpu_efficiency, s.cpu_floor_gflops, s.host_ns_per_element,
-                                    s.device_ns_per_element, s.rtt_s)
+        self.model = hw.TimingModel(
+            s.gpu_efficiency,
+            s.cpu_floor_gflops,
+            s.host_ns_per_element,
+            s.device_ns_per_element,
+            s.rtt_s,
+        )
         self.secret = secrets.token_bytes(32)  # row openings and re-check draws
         self._last_draw = ctx.clock()
 
@@ -93,24 +98,60 @@ class HwProofs:
                 cls = d["model"]
                 if cls not in BY_NAME:
                     continue
-                spec = hw.spec_for(cls, CATALOG, self.model, self.settings.n_gpu,
-                                   self.settings.n_cpu, self.settings.open_rows)
-                mem_bytes = min(float(d.get("vram_gb") or BY_NAME[cls].vram_gb) * 1e9,
-                                self.settings.mem_cap_mb * 1e6)
+                spec = hw.spec_for(
+                    cls,
+                    CATALOG,
+                    self.model,
+                    self.settings.n_gpu,
+                    self.settings.n_cpu,
+                    self.settings.open_rows,
+                )
+                mem_bytes = min(
+                    float(d.get("vram_gb") or BY_NAME[cls].vram_gb) * 1e9,
+                    self.settings.mem_cap_mb * 1e6,
+                )
                 mem = mp.MemSpec.for_bytes(mem_bytes, self.settings.mem_rounds)
-                for kind, body in (("matmul", {"n": spec.n, "dtype": spec.dtype,
-                                               "open_rows": spec.open_rows,
-                                               "claimed_tflops": spec.claimed_tflops,
-                                               "on_device": spec.on_device}),
-                                   ("memory", {"words": mem.words, "rounds": mem.rounds,
-                                               "chases": mem.chases, "steps": mem.steps,
-                                               "samples": mem.samples})):
+                for kind, body in (
+                    (
+                        "matmul",
+                        {
+                            "n": spec.n,
+                            "dtype": spec.dtype,
+                            "open_rows": spec.open_rows,
+                            "claimed_tflops": spec.claimed_tflops,
+                            "on_device": spec.on_device,
+                        },
+                    ),
+                    (
+                        "memory",
+                        {
+                            "words": mem.words,
+                            "rounds": mem.rounds,
+                            "chases": mem.chases,
+                            "steps": mem.steps,
+                            "samples": mem.samples,
+                        },
+                    ),
+                ):
                     pid = f"hw-{kind[:3]}-{secrets.token_hex(8)}"
-                    s.add(HwProof(id=pid, node_id=node_id, claimed=cls, kind=kind,
-                                  state=HW_PROOF.begin("issued", key=pid),
-                                  spec={**body, "reason": reason},
-                                  seed=secrets.token_hex(32), root="", wanted=[], verdict={},
-                                  created_at=now, sent_at=0.0, committed_at=0.0, done_at=0.0))
+                    s.add(
+                        HwProof(
+                            id=pid,
+                            node_id=node_id,
+                            claimed=cls,
+                            kind=kind,
+                            state=HW_PROOF.begin("issued", key=pid),
+                            spec={**body, "reason": reason},
+                            seed=secrets.token_hex(32),
+                            root="",
+                            wanted=[],
+                            verdict={},
+                            created_at=now,
+                            sent_at=0.0,
+                            committed_at=0.0,
+                            done_at=0.0,
+                        )
+                    )
                     ids.append(pid)
         return ids
 
@@ -121,14 +162,19 @@ class HwProofs:
 
     def _claims(self, node_id: str) -> list[dict[str, Any]]:
         with self.store.tx() as s:
-            return [{"model": d.device_model, "vram_gb": d.vram_gb} for d in s.scalars(
-                select(DeviceOffer).where(DeviceOffer.node_id == node_id))]
+            return [
+                {"model": d.device_model, "vram_gb": d.vram_gb}
+                for d in s.scalars(select(DeviceOffer).where(DeviceOffer.node_id == node_id))
+            ]
 
     def pending(self, node_id: str) -> list[str]:
         """Challenges waiting for this node to start them (sent with the heartbeat answer)."""
         with self.store.tx() as s:
-            return list(s.scalars(select(HwProof.id).where(
-                HwProof.node_id == node_id, HwProof.state == "issued")))
+            return list(
+                s.scalars(
+                    select(HwProof.id).where(HwProof.node_id == node_id, HwProof.state == "issued")
+                )
+            )
 
     def tick(self, live: frozenset[str]) -> None:
         """Random re-checks (beacon draw per node) and expiry of stale challenges."""
@@ -137,11 +183,15 @@ class HwProofs:
         p = min(1.0, self.settings.recheck_per_hour * dt / 3600)
         for node_id in sorted(live):
             digest = f"{node_id}:{now}".encode()
-            if p > 0 and beacon.selected(self.secret, digest, p, domain=b"hw-recheck") and (
-                    not self.pending(node_id)):
+            if (
+                p > 0
+                and beacon.selected(self.secret, digest, p, domain=b"hw-recheck")
+                and (not self.pending(node_id))
+            ):
                 self.issue(node_id, self._claims(node_id), "re-check")
-        if not self.store.exists(select(HwProof.id).where(
-                HwProof.state.in_(("issued", "started")))):
+        if not self.store.exists(
+            select(HwProof.id).where(HwProof.state.in_(("issued", "started")))
+        ):
             return
         with self.store.tx() as s:
             for row in s.scalars(select(HwProof).where(HwProof.state.in_(("issued", "started")))):
@@ -154,15 +204,18 @@ class HwProofs:
 
     def _overdue(self, now: float) -> list[str]:
         with self.store.tx() as s:
-            return [r.id for r in s.scalars(select(HwProof).where(HwProof.state == "started"))
-                    if now - r.sent_at > max(self.settings.expire_s, 4 * self._budget(r))]
+            return [
+                r.id
+                for r in s.scalars(select(HwProof).where(HwProof.state == "started"))
+                if now - r.sent_at > max(self.settings.expire_s, 4 * self._budget(r))
+            ]
 
     def _budget(self, row: HwProof) -> float:
         if row.kind == "matmul":
-            return self.model.budget(row.spec["n"], row.spec["claimed_tflops"],
-                                     row.spec["on_device"]).total_s
-        return mp.budget_s(self._mem_spec(row), self.settings.mem_ns_per_read,
-                           self.settings.rtt_s)
+            return self.model.budget(
+                row.spec["n"], row.spec["claimed_tflops"], row.spec["on_device"]
+            ).total_s
+        return mp.budget_s(self._mem_spec(row), self.settings.mem_ns_per_read, self.settings.rtt_s)
 
     def _fail_overdue(self, pid: str) -> None:
         with self.store.tx() as s:
@@ -170,8 +223,15 @@ class HwProofs:
             if row is None or row.state != "started":
                 return
             node_id, claimed, kind = row.node_id, row.claimed, row.kind
-        self._apply(pid, node_id, claimed, kind, False, 0.0,
-                    {"passed": False, "reasons": ["no commitment before the deadline"]})
+        self._apply(
+            pid,
+            node_id,
+            claimed,
+            kind,
+            False,
+            0.0,
+            {"passed": False, "reasons": ["no commitment before the deadline"]},
+        )
 
     # ---- the protocol --------------------------------------------------------------------
 
@@ -191,8 +251,13 @@ class HwProofs:
             row.state = HW_PROOF.move(row.state, "started", key=pid)
             row.sent_at = self.ctx.clock()
             # Memory proofs get the fill seed now and the chase seed once the fill is done.
-            return {"id": pid, "kind": row.kind, "claimed": row.claimed, "seed": row.seed,
-                    "spec": dict(row.spec)}
+            return {
+                "id": pid,
+                "kind": row.kind,
+                "claimed": row.claimed,
+                "seed": row.seed,
+                "spec": dict(row.spec),
+            }
 
     def commit(self, node_id: str, pid: str, root_hex: str) -> dict[str, Any]:
         """Matmul: the root of C arrives (clock read), answer with the rows to open.
@@ -210,8 +275,9 @@ class HwProofs:
                 raise InvalidRequest("root is not hex", param="root") from exc
             if len(root) != 32:
                 raise InvalidRequest("root must be 32 bytes", param="root")
-            wanted = hw.open_rows(self.secret + pid.encode(), root, row.spec["n"],
-                                  row.spec["open_rows"])
+            wanted = hw.open_rows(
+                self.secret + pid.encode(), root, row.spec["n"], row.spec["open_rows"]
+            )
             row.state = HW_PROOF.move(row.state, "committed", key=pid)
             row.committed_at, row.root, row.wanted = now, root_hex, wanted
             return {"id": pid, "rows": wanted}
@@ -231,23 +297,43 @@ class HwProofs:
             row = self._row(s, node_id, pid, "committed")
             if row.kind == "memory":
                 row.committed_at = now
-            snapshot = (row.kind, dict(row.spec), bytes.fromhex(row.seed), row.root,
-                        list(row.wanted), row.sent_at, row.committed_at, row.claimed)
+            snapshot = (
+                row.kind,
+                dict(row.spec),
+                bytes.fromhex(row.seed),
+                row.root,
+                list(row.wanted),
+                row.sent_at,
+                row.committed_at,
+                row.claimed,
+            )
             mem_spec = self._mem_spec(row) if row.kind == "memory" else None
             chase_seed = self._chase_seed(row) if row.kind == "memory" else b""
         kind, spec, seed, root, wanted, sent_at, committed_at, claimed = snapshot
         elapsed = committed_at - sent_at
         if kind == "matmul":
             openings = self._openings(body, spec["n"])
-            hs = hw.Spec(claimed, spec["n"], spec["dtype"], spec["open_rows"],
-                         spec["claimed_tflops"], spec["on_device"])
+            hs = hw.Spec(
+                claimed,
+                spec["n"],
+                spec["dtype"],
+                spec["open_rows"],
+                spec["claimed_tflops"],
+                spec["on_device"],
+            )
             v = hw.judge(hs, seed, bytes.fromhex(root), wanted, openings, elapsed, self.model)
             proven = hw.proven_class(v.proven_tflops, CATALOG, self.model) if v.correct else None
-            verdict = {"passed": v.passed, "correct": v.correct, "in_time": v.in_time,
-                       "elapsed_s": elapsed, "budget_s": v.budget_s,
-                       "worst_error": v.worst_error if v.worst_error != float("inf") else None,
-                       "proven_tflops": v.proven_tflops, "proven_class": proven,
-                       "reasons": list(v.reasons)}
+            verdict = {
+                "passed": v.passed,
+                "correct": v.correct,
+                "in_time": v.in_time,
+                "elapsed_s": elapsed,
+                "budget_s": v.budget_s,
+                "worst_error": v.worst_error if v.worst_error != float("inf") else None,
+                "proven_tflops": v.proven_tflops,
+                "proven_class": proven,
+                "reasons": list(v.reasons),
+            }
             passed = v.passed
         else:
             assert mem_spec is not None
@@ -255,11 +341,24 @@ class HwProofs:
             if len(raw) != 4 * mem_spec.steps * mem_spec.chases:
                 raise InvalidRequest("trace has the wrong length", param="trace")
             trace = np.frombuffer(raw, dtype="<u4").reshape(mem_spec.steps, mem_spec.chases)
-            mv = mp.judge(seed, chase_seed, mem_spec, trace, elapsed, self.secret + seed,
-                          self.settings.mem_ns_per_read, self.settings.rtt_s)
-            verdict = {"passed": mv.passed, "elapsed_s": elapsed, "budget_s": mv.budget_s,
-                       "wrong_samples": mv.wrong_samples, "bytes": 4 * mem_spec.words,
-                       "reasons": list(mv.reasons)}
+            mv = mp.judge(
+                seed,
+                chase_seed,
+                mem_spec,
+                trace,
+                elapsed,
+                self.secret + seed,
+                self.settings.mem_ns_per_read,
+                self.settings.rtt_s,
+            )
+            verdict = {
+                "passed": mv.passed,
+                "elapsed_s": elapsed,
+                "budget_s": mv.budget_s,
+                "wrong_samples": mv.wrong_samples,
+                "bytes": 4 * mem_spec.words,
+                "reasons": list(mv.reasons),
+            }
             passed = mv.passed
         self._apply(pid, node_id, claimed, kind, passed, now, verdict)
         return {"id": pid, **verdict}
@@ -278,8 +377,12 @@ class HwProofs:
                 index = int(o["index"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise InvalidRequest(f"openings.{k}: malformed", param=f"openings.{k}") from exc
-            if len(raw) != 4 * n or len(sib) != len(right) or len(sib) > 40 or any(
-                    len(h) != 32 for h in sib):
+            if (
+                len(raw) != 4 * n
+                or len(sib) != len(right)
+                or len(sib) > 40
+                or any(len(h) != 32 for h in sib)
+            ):
                 raise InvalidRequest(f"openings.{k}: wrong sizes", param=f"openings.{k}")
             row = np.frombuffer(raw, dtype="<f4").astype(np.float32)
             out.append(hw.Opening(index, row, merkle.Proof(index, sib, right)))
@@ -287,8 +390,16 @@ class HwProofs:
 
     # ---- consequences --------------------------------------------------------------------
 
-    def _apply(self, pid: str, node_id: str, claimed: str, kind: str, passed: bool, now: float,
-               verdict: dict[str, Any]) -> None:
+    def _apply(
+        self,
+        pid: str,
+        node_id: str,
+        claimed: str,
+        kind: str,
+        passed: bool,
+        now: float,
+        verdict: dict[str, Any],
+    ) -> None:
         balances = self.store.balances() if not passed else {}
         with self.store.tx() as s:
             row = s.get(HwProof, pid)
@@ -322,15 +433,25 @@ class HwProofs:
             other.count += offer.count
             s.delete(offer)
         else:
-            s.add(DeviceOffer(node_id=node_id, device_model=to, count=offer.count,
-                              vram_gb=min(offer.vram_gb, BY_NAME[to].vram_gb or offer.vram_gb),
-                              price_h=offer.price_h, plugin=offer.plugin))
+            s.add(
+                DeviceOffer(
+                    node_id=node_id,
+                    device_model=to,
+                    count=offer.count,
+                    vram_gb=min(offer.vram_gb, BY_NAME[to].vram_gb or offer.vram_gb),
+                    price_h=offer.price_h,
+                    plugin=offer.plugin,
+                )
+            )
             s.delete(offer)
 
     def _reapply_demotions(self, node_id: str) -> None:
         with self.store.tx() as s:
-            failed = list(s.scalars(select(HwProof).where(
-                HwProof.node_id == node_id, HwProof.state == "failed")))
+            failed = list(
+                s.scalars(
+                    select(HwProof).where(HwProof.node_id == node_id, HwProof.state == "failed")
+                )
+            )
             for row in failed:
                 self._demote(s, node_id, row.claimed, row.kind, row.verdict)
 
@@ -364,6 +485,15 @@ class HwProofs:
             q = select(HwProof)
             if node_id:
                 q = q.where(HwProof.node_id == node_id)
-            return [{"id": r.id, "node_id": r.node_id, "claimed": r.claimed, "kind": r.kind,
-                     "state": r.state, "reason": r.spec.get("reason"), "verdict": r.verdict}
-                    for r in s.scalars(q.order_by(HwProof.created_at))]
+            return [
+                {
+                    "id": r.id,
+                    "node_id": r.node_id,
+                    "claimed": r.claimed,
+                    "kind": r.kind,
+                    "state": r.state,
+                    "reason": r.spec.get("reason"),
+                    "verdict": r.verdict,
+                }
+                for r in s.scalars(q.order_by(HwProof.created_at))
+            ]

@@ -22,8 +22,9 @@ from idlegrid.protocol.disputes import DisputeAnswerMsg, DisputeOpenMsg, Dispute
 router = APIRouter(prefix="/api/v1", tags=["trust"])
 
 
-@router.post("/audits/poll", response_model=m.AuditTaskMsg,
-             responses={**NO_CONTENT, **errors(400, 401)})
+@router.post(
+    "/audits/poll", response_model=m.AuditTaskMsg, responses={**NO_CONTENT, **errors(400, 401)}
+)
 async def poll_audit(request: Request) -> dict[str, Any] | Response:
     """An audit for this verifier (200), or 204 when none came within a few seconds."""
     node_id, body = await signed(request)
@@ -34,8 +35,12 @@ async def poll_audit(request: Request) -> dict[str, Any] | Response:
     return m.AuditTaskMsg.model_validate(got).model_dump()
 
 
-@router.post("/audits/{audit_id}/report", response_model=s.AuditVerdict,
-             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
+@router.post(
+    "/audits/{audit_id}/report",
+    response_model=s.AuditVerdict,
+    response_model_exclude_unset=True,
+    responses=errors(400, 401, 404, 409),
+)
 async def report_audit(audit_id: str, request: Request) -> dict[str, Any]:
     """The verifier's recomputation; the coordinator judges it and applies the consequences."""
     node_id, body = await signed(request)
@@ -58,8 +63,12 @@ async def open_dispute(request: Request) -> dict[str, Any]:
     return await svc.db(svc.disputes.open, msg.kind, node_id, msg.audit_id, msg.reason)
 
 
-@router.post("/disputes/{dispute_id}/query", response_model=ds.DisputeQuery,
-             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
+@router.post(
+    "/disputes/{dispute_id}/query",
+    response_model=ds.DisputeQuery,
+    response_model_exclude_unset=True,
+    responses=errors(400, 401, 404, 409),
+)
 async def dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
     """What the current round asks of the calling seat (inference: the position and the
     audited request; training: the phase, step or op index, and the segment)."""
@@ -69,20 +78,21 @@ async def dispute_query(dispute_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.disputes.query, node_id, dispute_id, msg.round)
 
 
-@router.post("/disputes/{dispute_id}/answer", response_model=ds.Dispute,
-             responses=errors(400, 401, 404, 409))
+@router.post(
+    "/disputes/{dispute_id}/answer", response_model=ds.Dispute, responses=errors(400, 401, 404, 409)
+)
 async def dispute_answer(dispute_id: str, request: Request) -> dict[str, Any]:
     """A seat's answer for the current round (before its deadline)."""
     node_id, body = await signed(request)
     msg = parse(DisputeAnswerMsg, body)
     svc = services(request)
-    return await svc.db(svc.disputes.answer, node_id, dispute_id, msg.round,
-                         msg.model_dump())
+    return await svc.db(svc.disputes.answer, node_id, dispute_id, msg.round, msg.model_dump())
 
 
 @router.get("/disputes", response_model=ds.DisputeList, responses=errors(400, 401))
-async def list_disputes(request: Request, node: str | None = None,
-                        kind: str | None = None) -> dict[str, Any]:
+async def list_disputes(
+    request: Request, node: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
     """Disputes of both kinds, newest first, with their rounds and rulings (operator only);
     `node` keeps one node's (in any seat), `kind` one kind (400 for another)."""
     require_operator(request)
@@ -101,8 +111,9 @@ async def list_audits(request: Request) -> dict[str, Any]:
     return {"audits": await svc.db(svc.trust.audits)}
 
 
-@router.post("/hwproofs/{proof_id}/start", response_model=s.HwStart,
-             responses=errors(401, 404, 409))
+@router.post(
+    "/hwproofs/{proof_id}/start", response_model=s.HwStart, responses=errors(401, 404, 409)
+)
 async def hw_start(proof_id: str, request: Request) -> dict[str, Any]:
     """Reveal a hardware challenge's seed to its node; the coordinator's clock starts."""
     node_id, _ = await signed(request)
@@ -110,8 +121,12 @@ async def hw_start(proof_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.hwproofs.start, node_id, proof_id)
 
 
-@router.post("/hwproofs/{proof_id}/commit", response_model=s.HwCommit,
-             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
+@router.post(
+    "/hwproofs/{proof_id}/commit",
+    response_model=s.HwCommit,
+    response_model_exclude_unset=True,
+    responses=errors(400, 401, 404, 409),
+)
 async def hw_commit(proof_id: str, request: Request) -> dict[str, Any]:
     """The root of C (clock read; rows to open come back) or the end of a memory fill."""
     node_id, body = await signed(request)
@@ -120,8 +135,12 @@ async def hw_commit(proof_id: str, request: Request) -> dict[str, Any]:
     return await svc.db(svc.hwproofs.commit, node_id, proof_id, msg.root)
 
 
-@router.post("/hwproofs/{proof_id}/open", response_model=s.HwVerdict,
-             response_model_exclude_unset=True, responses=errors(400, 401, 404, 409))
+@router.post(
+    "/hwproofs/{proof_id}/open",
+    response_model=s.HwVerdict,
+    response_model_exclude_unset=True,
+    responses=errors(400, 401, 404, 409),
+)
 async def hw_open(proof_id: str, request: Request) -> dict[str, Any]:
     """Opened rows or the chase trace: judged at once, with demotion and slash on failure."""
     node_id, body = await signed(request)

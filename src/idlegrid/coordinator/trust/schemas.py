@@ -89,7 +89,6 @@ class InferenceDisputeQuery(BaseModel):
     commitment: str
 
 
-
 class HwStart(BaseModel):
     """A hardware challenge's seed, revealed (the clock starts)."""
 

@@ -66,9 +66,14 @@ class Placement:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as the API and `idlegrid explain` show it."""
-        return {"legs": [leg.__dict__ for leg in self.legs], "cost": self.cost,
-                "score": self.score, "runtime_h": self.runtime_h, "oversized": self.oversized,
-                "candidates": self.candidates}
+        return {
+            "legs": [leg.__dict__ for leg in self.legs],
+            "cost": self.cost,
+            "score": self.score,
+            "runtime_h": self.runtime_h,
+            "oversized": self.oversized,
+            "candidates": self.candidates,
+        }
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,11 @@ class Unmatched:
     def decisive(self) -> str:
         """The constraint that removed the last offers."""
         last = [r for r in self.reasons if r.remaining == 0]
-        return last[0].constraint if last else (self.reasons[-1].constraint if self.reasons
-                                                else "empty book")
+        return (
+            last[0].constraint
+            if last
+            else (self.reasons[-1].constraint if self.reasons else "empty book")
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: machine-readable reasons."""
@@ -114,8 +122,9 @@ class _Eval:
 class Book:
     """Offers as columns, with the free device count of each, matched one order at a time."""
 
-    def __init__(self, offers: Sequence[Offer],
-                 links: Mapping[frozenset[str], float] | None = None) -> None:
+    def __init__(
+        self, offers: Sequence[Offer], links: Mapping[frozenset[str], float] | None = None
+    ) -> None:
         self.offers = list(offers)
         self.links = dict(links or {})  # {provider a, provider b} -> measured Gbit/s
         self.index = {o.id: i for i, o in enumerate(self.offers)}
@@ -124,8 +133,10 @@ class Book:
         region_idx = {r: i for i, r in enumerate(self.regions)}
         col = np.array
         self.model = col([_MODEL_IDX[o.device.model] for o in self.offers], dtype=np.int32)
-        self.vram = col([o.device.vram_gb or BY_NAME[o.device.model].vram_gb
-                         for o in self.offers], dtype=np.float64)
+        self.vram = col(
+            [o.device.vram_gb or BY_NAME[o.device.model].vram_gb for o in self.offers],
+            dtype=np.float64,
+        )
         self.big = col([BY_NAME[o.device.model].tier in BIG_TIERS for o in self.offers], dtype=bool)
         self.free = col([o.device.count for o in self.offers], dtype=np.int64)
         self.cpus = col([o.hardware.cpus for o in self.offers], dtype=np.float64)
@@ -136,16 +147,20 @@ class Book:
         self.price_h = col([o.device_hour for o in self.offers], dtype=np.int64)
         self.plugin = col([o.plugin is not None for o in self.offers], dtype=bool)
         self.staked = col([o.staked for o in self.offers], dtype=bool)
-        speed = [o.hardware.matmul_tflops or BY_NAME[o.device.model].fp16_tflops
-                 for o in self.offers]
+        speed = [
+            o.hardware.matmul_tflops or BY_NAME[o.device.model].fp16_tflops for o in self.offers
+        ]
         self.tflops = col(speed, dtype=np.float64) * np.where(self.verified, 1.0, UNVERIFIED_SPEED)
         # Per model, full-length columns: token prices and measured speed (0 = not served).
         self._by_model: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for i, o in enumerate(self.offers):
             for m, p in o.model_prices.items():
                 if m not in self._by_model:
-                    self._by_model[m] = (np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64),
-                                         np.zeros(n, dtype=np.float64))
+                    self._by_model[m] = (
+                        np.zeros(n, dtype=bool),
+                        np.zeros(n, dtype=np.int64),
+                        np.zeros(n, dtype=np.float64),
+                    )
                 served, out, tps = self._by_model[m]
                 served[i], out[i] = True, p.output
                 tps[i] = o.hardware.tokens_per_s.get(m, 0.0)
@@ -171,9 +186,14 @@ class Book:
             fitting = whole & ~ev.oversized
             pool = fitting if fitting.any() else whole
             best = int(np.argmin(np.where(pool, ev.score, np.inf)))
-            return self._placement(order, [(int(ev.ids[best]), count, int(ev.unit[best]))],
-                                   float(ev.runtime[best]), bool(ev.oversized[best]),
-                                   float(ev.score[best]) * count, len(ev.ids))
+            return self._placement(
+                order,
+                [(int(ev.ids[best]), count, int(ev.unit[best]))],
+                float(ev.runtime[best]),
+                bool(ev.oversized[best]),
+                float(ev.score[best]) * count,
+                len(ev.ids),
+            )
         return self._gang(order, ev)
 
     def costs(self, order: Order, quote: Quote | None = None) -> np.ndarray:
@@ -188,8 +208,9 @@ class Book:
             out[ev.ids] = ev.score + OVERSIZE * ev.oversized
         return out
 
-    def clear(self, orders: Sequence[Order], quote: Quote | None = None
-              ) -> list[Placement | Unmatched]:
+    def clear(
+        self, orders: Sequence[Order], quote: Quote | None = None
+    ) -> list[Placement | Unmatched]:
         """Place a batch of orders together: gangs first, then one exact assignment.
 
         Greedy one-at-a-time placement hands the cheapest card to whoever comes first; a
@@ -238,19 +259,30 @@ class Book:
             for i, (o, ev) in enumerate(singles):
                 col = chosen.get(i)
                 if col is None or cost[i, col] >= INFEASIBLE:
-                    results[o.id] = Unmatched(o.id, (*ev.reasons, Elimination(
-                        "capacity (taken by this batch)", len(ev.ids), 0)))
+                    results[o.id] = Unmatched(
+                        o.id,
+                        (
+                            *ev.reasons,
+                            Elimination("capacity (taken by this batch)", len(ev.ids), 0),
+                        ),
+                    )
                     continue
                 j = int(np.flatnonzero(ev.ids == slots[col])[0])
-                p = self._placement(o, [(slots[col], 1, int(ev.unit[j]))],
-                                    float(ev.runtime[j]), bool(ev.oversized[j]),
-                                    float(ev.score[j]), len(ev.ids))
+                p = self._placement(
+                    o,
+                    [(slots[col], 1, int(ev.unit[j]))],
+                    float(ev.runtime[j]),
+                    bool(ev.oversized[j]),
+                    float(ev.score[j]),
+                    len(ev.ids),
+                )
                 self.take(p)
                 results[o.id] = p
         return [results[o.id] for o in orders]
 
-    def _evaluate(self, order: Order, quote: Quote | None, capacity: bool = True
-                  ) -> _Eval | Unmatched:
+    def _evaluate(
+        self, order: Order, quote: Quote | None, capacity: bool = True
+    ) -> _Eval | Unmatched:
         """Filter the book for `order`, then price, time and score what is left."""
         spec = order.spec
         reasons: list[Elimination] = []
@@ -293,8 +325,9 @@ class Book:
         if ok and spec.verified:
             ok = keep("verified", self.verified)
         if ok and spec.min_tokens_per_s is not None:
-            ok = keep("min_tokens_per_s", tps >= spec.min_tokens_per_s if tps is not None
-                      else self._none)
+            ok = keep(
+                "min_tokens_per_s", tps >= spec.min_tokens_per_s if tps is not None else self._none
+            )
         if ok:
             ok = keep("stake", self.staked)
         if ok and capacity:
@@ -320,8 +353,7 @@ class Book:
         ids = np.flatnonzero(mask)
         unit = unit_all[ids]  # type: ignore[index]
         runtime = self._runtime(order, ids, tps[ids] if tps is not None else None)
-        per_device_cost = (unit * (order.tokens / TOKENS_PER_PRICE_UNIT) if batch
-                           else unit * runtime)
+        per_device_cost = unit * (order.tokens / TOKENS_PER_PRICE_UNIT) if batch else unit * runtime
         score = per_device_cost / np.maximum(self.reliability[ids], 0.01)
         oversized = self.big[ids] & (order.vram_need_gb <= CONSUMER_MAX_VRAM_GB)
         return _Eval(ids, unit, runtime, score, oversized, tuple(reasons))
@@ -361,22 +393,44 @@ class Book:
                     sc = float(sum(score[ids == leg[0]][0] * leg[1] for leg in legs))
                     big = bool(any(oversized[ids == leg[0]][0] for leg in legs))
                     return self._placement(order, legs, rt, big, sc, len(ids))
-        return Unmatched(order.id, (*ev.reasons, Elimination(
-            f"gang: no {need} free devices with links >= {order.spec.min_link_gbps:g} Gbit/s",
-            len(ids), 0)))
+        return Unmatched(
+            order.id,
+            (
+                *ev.reasons,
+                Elimination(
+                    f"gang: no {need} free devices with links >= "
+                    f"{order.spec.min_link_gbps:g} Gbit/s",
+                    len(ids),
+                    0,
+                ),
+            ),
+        )
 
     def _linked(self, a: str, b: str, gbps: float) -> bool:
         return a == b or self.links.get(frozenset((a, b)), 0.0) >= gbps
 
-    def _placement(self, order: Order, legs: list[tuple[int, int, int]], runtime: float,
-                   oversized: bool, score: float, candidates: int) -> Placement:
+    def _placement(
+        self,
+        order: Order,
+        legs: list[tuple[int, int, int]],
+        runtime: float,
+        oversized: bool,
+        score: float,
+        candidates: int,
+    ) -> Placement:
         if order.kind is OrderKind.BATCH:
             cost = sum(u * order.tokens // TOKENS_PER_PRICE_UNIT for _, _, u in legs)
         else:
             cost = sum(round(u * n * runtime) for _, n, u in legs)
-        return Placement(order.id, tuple(
-            Leg(self.offers[r].id, self.offers[r].provider, n, u) for r, n, u in legs),
-            int(cost), score, runtime, oversized, candidates)
+        return Placement(
+            order.id,
+            tuple(Leg(self.offers[r].id, self.offers[r].provider, n, u) for r, n, u in legs),
+            int(cost),
+            score,
+            runtime,
+            oversized,
+            candidates,
+        )
 
     # ---- capacity -------------------------------------------------------------------
 

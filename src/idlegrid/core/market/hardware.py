@@ -31,8 +31,16 @@ class GpuModel:
     aliases: tuple[str, ...] = ()
 
 
-def _g(name: str, vendor: str, vram: float, tier: str, tflops: float, bw: float, watts: float,
-       *aliases: str) -> GpuModel:
+def _g(
+    name: str,
+    vendor: str,
+    vram: float,
+    tier: str,
+    tflops: float,
+    bw: float,
+    watts: float,
+    *aliases: str,
+) -> GpuModel:
     return GpuModel(name, vendor, vram, tier, tflops, bw, watts, aliases)
 
 
@@ -72,8 +80,18 @@ BY_NAME: dict[str, GpuModel] = {g.name: g for g in GPUS}
 TIERS = ("consumer", "workstation", "apple", "datacenter", "cpu")
 
 # Words vendors add around the model name; removing them leaves what identifies the chip.
-_NOISE = {"NVIDIA", "GEFORCE", "AMD", "RADEON", "TESLA", "APPLE", "GRAPHICS", "GPU", "LAPTOP",
-          "GENERATION"}
+_NOISE = {
+    "NVIDIA",
+    "GEFORCE",
+    "AMD",
+    "RADEON",
+    "TESLA",
+    "APPLE",
+    "GRAPHICS",
+    "GPU",
+    "LAPTOP",
+    "GENERATION",
+}
 _FORM = re.compile(r"^(SXM\d?|PCIE|NVL|HBM\dE?)$")
 _MEM = re.compile(r"^(\d+)GB$")
 
@@ -182,8 +200,9 @@ def device_groups(hardware: Mapping[str, Any]) -> list[dict[str, Any]]:
             model = canonical_gpu(str(g.get("name", "")), vram)
         except InvalidRequest:
             continue  # a device we cannot name is not sold; the node still serves tokens
-        d = groups.setdefault(model, {"model": model, "count": 0,
-                                      "vram_gb": vram or BY_NAME[model].vram_gb})
+        d = groups.setdefault(
+            model, {"model": model, "count": 0, "vram_gb": vram or BY_NAME[model].vram_gb}
+        )
         d["count"] += 1
     if not groups:
         ram = (hardware.get("ram_bytes") or 0) / 1e9

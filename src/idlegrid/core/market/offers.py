@@ -27,11 +27,16 @@ def _price(field_name: str, raw: Any, ceiling: int) -> int:
     """µcr from a number of credits, refusing negative, non-finite and absurd values."""
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise InvalidRequest(f"{field_name}: expected a number of credits", param=field_name)
-    if raw != raw or not -1e18 < raw < 1e18 or (value := round(raw * MICRO)) < 0 or (
-            value > ceiling):
+    if (
+        raw != raw
+        or not -1e18 < raw < 1e18
+        or (value := round(raw * MICRO)) < 0
+        or (value > ceiling)
+    ):
         raise InvalidRequest(
             f"{field_name}: {raw} credits is out of range [0, {ceiling / MICRO:g}]",
-                             param=field_name)
+            param=field_name,
+        )
     return int(value)
 
 
@@ -47,9 +52,12 @@ class LinearScale:
 
     def device_hour(self, device: Device, cpus_per_device: float, ram_per_device: float) -> int:
         """µcr for one device of `device`'s model for one hour, with its share of the host."""
-        return int(self.per_device.get(device.model, self.default_device)
-                   + self.per_vram_gb * device.vram_gb
-                   + self.per_cpu * cpus_per_device + self.per_ram_gb * ram_per_device)
+        return int(
+            self.per_device.get(device.model, self.default_device)
+            + self.per_vram_gb * device.vram_gb
+            + self.per_cpu * cpus_per_device
+            + self.per_ram_gb * ram_per_device
+        )
 
 
 def parse_scale(raw: Mapping[str, Any]) -> LinearScale:
@@ -58,12 +66,18 @@ def parse_scale(raw: Mapping[str, Any]) -> LinearScale:
     unknown = set(raw) - known
     if unknown:
         raise InvalidRequest(f"scale.{sorted(unknown)[0]}: unknown field", param="scale")
-    per_device = {canonical_gpu(k): _price(f"scale.per_device.{k}", v, MAX_DEVICE_HOUR)
-                  for k, v in dict(raw.get("per_device", {})).items()}
+    per_device = {
+        canonical_gpu(k): _price(f"scale.per_device.{k}", v, MAX_DEVICE_HOUR)
+        for k, v in dict(raw.get("per_device", {})).items()
+    }
     return LinearScale(
         per_device=per_device,
-        **{k: _price(f"scale.{k}", raw[k], MAX_DEVICE_HOUR) for k in known - {"per_device"}
-           if k in raw})
+        **{
+            k: _price(f"scale.{k}", raw[k], MAX_DEVICE_HOUR)
+            for k in known - {"per_device"}
+            if k in raw
+        },
+    )
 
 
 def parse_model_prices(raw: Mapping[str, Any]) -> dict[str, Price]:
@@ -72,8 +86,10 @@ def parse_model_prices(raw: Mapping[str, Any]) -> dict[str, Price]:
     for model, p in raw.items():
         if not isinstance(p, Mapping) or set(p) - {"prompt", "output"} or "output" not in p:
             raise InvalidRequest(f"prices.{model}: expected {{prompt, output}}", param="prices")
-        out[model] = Price(_price(f"prices.{model}.prompt", p.get("prompt", 0), MAX_PER_M_TOKENS),
-                           _price(f"prices.{model}.output", p["output"], MAX_PER_M_TOKENS))
+        out[model] = Price(
+            _price(f"prices.{model}.prompt", p.get("prompt", 0), MAX_PER_M_TOKENS),
+            _price(f"prices.{model}.output", p["output"], MAX_PER_M_TOKENS),
+        )
     return out
 
 
@@ -95,10 +111,14 @@ class Offer:
         return self.hardware.provider
 
 
-def offers_for(hardware: Hardware, scale: LinearScale | None,
-               model_prices: Mapping[str, Price], plugin: str | None = None,
-               staked: Mapping[str, bool] | None = None,
-               fixed: Mapping[str, int] | None = None) -> list[Offer]:
+def offers_for(
+    hardware: Hardware,
+    scale: LinearScale | None,
+    model_prices: Mapping[str, Price],
+    plugin: str | None = None,
+    staked: Mapping[str, bool] | None = None,
+    fixed: Mapping[str, int] | None = None,
+) -> list[Offer]:
     """One offer per device group of `hardware`, priced by a fixed price or the scale."""
     n_dev = max(1, sum(d.count for d in hardware.devices))
     out = []
@@ -109,6 +129,15 @@ def offers_for(hardware: Hardware, scale: LinearScale | None,
             price = scale.device_hour(d, hardware.cpus / n_dev, hardware.ram_gb / n_dev)
         else:
             price = 0
-        out.append(Offer(f"{hardware.provider}/{d.model}", hardware, d, price, model_prices,
-                         plugin, True if staked is None else staked.get(d.model, False)))
+        out.append(
+            Offer(
+                f"{hardware.provider}/{d.model}",
+                hardware,
+                d,
+                price,
+                model_prices,
+                plugin,
+                True if staked is None else staked.get(d.model, False),
+            )
+        )
     return out

@@ -56,8 +56,9 @@ MOVES: dict[str, tuple[frozenset[OrderState], OrderState]] = {
     "expire": (frozenset({_O}), OrderState.EXPIRED),
     "requeue": (frozenset({_M, _A}), _O),
 }
-TERMINAL = frozenset({OrderState.COMPLETED, OrderState.CANCELLED, OrderState.FAILED,
-                      OrderState.EXPIRED})
+TERMINAL = frozenset(
+    {OrderState.COMPLETED, OrderState.CANCELLED, OrderState.FAILED, OrderState.EXPIRED}
+)
 
 
 def order_transition(state: OrderState, move: str) -> OrderState:
@@ -95,8 +96,11 @@ class Order:
 
     def to_dict(self) -> dict[str, Any]:
         """The order as `parse_order` reads it (prices back in credits)."""
-        out: dict[str, Any] = {"id": self.id, "kind": self.kind.value,
-                               "resources": self.spec.to_dict()}
+        out: dict[str, Any] = {
+            "id": self.id,
+            "kind": self.kind.value,
+            "resources": self.spec.to_dict(),
+        }
         if self.model:
             out["model"] = self.model
         if self.hours:
@@ -128,13 +132,16 @@ def parse_order(raw: Any, order_id: str | None = None, vram_need_gb: float = 0.0
     try:
         kind = OrderKind(str(raw.get("kind")))
     except ValueError:
-        raise InvalidRequest(f"kind: one of {', '.join(k.value for k in OrderKind)}",
-                             param="kind") from None
+        raise InvalidRequest(
+            f"kind: one of {', '.join(k.value for k in OrderKind)}", param="kind"
+        ) from None
     spec = parse_spec(raw.get("resources"))
     if spec.max_price is None:
-        raise InvalidRequest("resources.max_price: an order needs a price ceiling (credits "
-                             "per device-hour, or per 1M output tokens for batch)",
-                             param="resources.max_price")
+        raise InvalidRequest(
+            "resources.max_price: an order needs a price ceiling (credits "
+            "per device-hour, or per 1M output tokens for batch)",
+            param="resources.max_price",
+        )
     model = raw.get("model")
     if kind in (OrderKind.INFERENCE, OrderKind.BATCH):
         if not isinstance(model, str) or not model:
@@ -144,19 +151,35 @@ def parse_order(raw: Any, order_id: str | None = None, vram_need_gb: float = 0.0
     hours = raw.get("hours", 0)
     tokens = raw.get("tokens", 0)
     work = raw.get("work_pflop", 0)
-    for name, value, cap in (("hours", hours, MAX_HOURS), ("tokens", tokens, MAX_TOKENS),
-                             ("work_pflop", work, 1e9)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                0 <= value <= cap) or value != value:
+    for name, value, cap in (
+        ("hours", hours, MAX_HOURS),
+        ("tokens", tokens, MAX_TOKENS),
+        ("work_pflop", work, 1e9),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (0 <= value <= cap)
+            or value != value
+        ):
             raise InvalidRequest(f"{name}: out of range [0, {cap:g}]", param=name)
     if kind is OrderKind.BATCH:
         if not tokens or tokens != int(tokens):
-            raise InvalidRequest("tokens: a batch order buys a whole number of tokens > 0",
-                                 param="tokens")
+            raise InvalidRequest(
+                "tokens: a batch order buys a whole number of tokens > 0", param="tokens"
+            )
     elif not hours:
         raise InvalidRequest(f"hours: a {kind.value} order reserves hours > 0", param="hours")
     if spec.vram_gb is not None and spec.vram_gb.op in (">=", ">", "=="):
         vram_need_gb = max(vram_need_gb, spec.vram_gb.limit)
-    return Order(id=oid, kind=kind, spec=spec, model=model, hours=float(hours),
-                 tokens=int(tokens), work_pflop=float(work), vram_need_gb=vram_need_gb,
-                 max_price=round(spec.max_price * MICRO))
+    return Order(
+        id=oid,
+        kind=kind,
+        spec=spec,
+        model=model,
+        hours=float(hours),
+        tokens=int(tokens),
+        work_pflop=float(work),
+        vram_need_gb=vram_need_gb,
+        max_price=round(spec.max_price * MICRO),
+    )

@@ -40,27 +40,45 @@ def _positive(amount: int, what: str) -> None:
 def prepay(order_id: str, key_id: str, amount: int) -> Entry:
     """Move an order's budget from the consumer into the order's escrow."""
     _positive(amount, "prepay")
-    return make_entry(f"prepay:{order_id}", Cause("order", order_id),
-                      [Posting(consumer_account(key_id), -amount),
-                       Posting(order_escrow_account(order_id), amount)], "prepay")
+    return make_entry(
+        f"prepay:{order_id}",
+        Cause("order", order_id),
+        [
+            Posting(consumer_account(key_id), -amount),
+            Posting(order_escrow_account(order_id), amount),
+        ],
+        "prepay",
+    )
 
 
 def accrue(order_id: str, node_id: str, seq: int, amount: int, fee_bps: int) -> Entry:
     """Pay `amount` of an order's escrow to a provider's accrual, less the protocol fee."""
     _positive(amount, "accrual")
     fee = fee_of(amount, fee_bps)
-    return make_entry(f"accrue:{order_id}:{node_id}:{seq}", Cause("order", order_id),
-                      [Posting(order_escrow_account(order_id), -amount),
-                       Posting(accrual_account(node_id), amount - fee), Posting(FEES, fee)],
-                      "accrue")
+    return make_entry(
+        f"accrue:{order_id}:{node_id}:{seq}",
+        Cause("order", order_id),
+        [
+            Posting(order_escrow_account(order_id), -amount),
+            Posting(accrual_account(node_id), amount - fee),
+            Posting(FEES, fee),
+        ],
+        "accrue",
+    )
 
 
 def close(order_id: str, key_id: str, remaining: int) -> Entry:
     """Return what is left of an order's escrow to the consumer when the order ends."""
     _positive(remaining, "refund of unused escrow")
-    return make_entry(f"close:{order_id}", Cause("order", order_id),
-                      [Posting(order_escrow_account(order_id), -remaining),
-                       Posting(consumer_account(key_id), remaining)], "close")
+    return make_entry(
+        f"close:{order_id}",
+        Cause("order", order_id),
+        [
+            Posting(order_escrow_account(order_id), -remaining),
+            Posting(consumer_account(key_id), remaining),
+        ],
+        "close",
+    )
 
 
 def payout(batch_id: str, accruals: Mapping[str, int]) -> Entry:
@@ -68,8 +86,10 @@ def payout(batch_id: str, accruals: Mapping[str, int]) -> Entry:
     postings = []
     for node_id, amount in sorted(accruals.items()):
         if amount > 0:
-            postings += [Posting(accrual_account(node_id), -amount),
-                         Posting(provider_account(node_id), amount)]
+            postings += [
+                Posting(accrual_account(node_id), -amount),
+                Posting(provider_account(node_id), amount),
+            ]
     if not postings:
         raise LedgerError("payout batch pays nothing", batch=batch_id)
     return make_entry(f"payout:{batch_id}", Cause("payout", batch_id), postings, "payout")
@@ -78,21 +98,34 @@ def payout(batch_id: str, accruals: Mapping[str, int]) -> Entry:
 def stake(ref: str, node_id: str, device_class: str, amount: int) -> Entry:
     """Lock `amount` of a provider's credits as stake for one device class."""
     _positive(amount, "stake")
-    return make_entry(f"stake:{ref}", Cause("stake", node_id),
-                      [Posting(provider_account(node_id), -amount),
-                       Posting(stake_account(node_id, device_class), amount)], "stake")
+    return make_entry(
+        f"stake:{ref}",
+        Cause("stake", node_id),
+        [
+            Posting(provider_account(node_id), -amount),
+            Posting(stake_account(node_id, device_class), amount),
+        ],
+        "stake",
+    )
 
 
 def unstake(ref: str, node_id: str, device_class: str, amount: int) -> Entry:
     """Return stake to the provider's account."""
     _positive(amount, "unstake")
-    return make_entry(f"unstake:{ref}", Cause("stake", node_id),
-                      [Posting(stake_account(node_id, device_class), -amount),
-                       Posting(provider_account(node_id), amount)], "unstake")
+    return make_entry(
+        f"unstake:{ref}",
+        Cause("stake", node_id),
+        [
+            Posting(stake_account(node_id, device_class), -amount),
+            Posting(provider_account(node_id), amount),
+        ],
+        "unstake",
+    )
 
 
-def slo_refund(ref: str, order_id: str, node_id: str, key_id: str, amount: int,
-               accrued: int, device_class: str) -> Entry:
+def slo_refund(
+    ref: str, order_id: str, node_id: str, key_id: str, amount: int, accrued: int, device_class: str
+) -> Entry:
     """Refund a missed SLO to the consumer from the provider's accrual, then from its stake."""
     _positive(amount, "SLO refund")
     from_accrual = min(amount, max(accrued, 0))
@@ -104,15 +137,18 @@ def slo_refund(ref: str, order_id: str, node_id: str, key_id: str, amount: int,
     return make_entry(f"slo:{ref}", Cause("order", order_id), postings, "slo-refund")
 
 
-def slash(ref: str, node_id: str, device_class: str, amount: int,
-          shares: Mapping[str, int]) -> Entry:
+def slash(
+    ref: str, node_id: str, device_class: str, amount: int, shares: Mapping[str, int]
+) -> Entry:
     """Take `amount` of stake and split it among `shares` (account -> µcr), rest to fees."""
     _positive(amount, "slash")
     given = sum(shares.values())
     if given > amount or any(v < 0 for v in shares.values()):
         raise LedgerError("slash shares exceed the amount slashed", amount=amount, shares=given)
-    postings = [Posting(stake_account(node_id, device_class), -amount),
-                Posting(FEES, amount - given)]
+    postings = [
+        Posting(stake_account(node_id, device_class), -amount),
+        Posting(FEES, amount - given),
+    ]
     postings += [Posting(a, v) for a, v in shares.items()]
     return make_entry(f"slash:{ref}", Cause("slash", ref), postings, "slash")
 

@@ -24,7 +24,11 @@ from idlegrid.core.market.hardware import canonical_gpu
 from idlegrid.errors import InvalidRequest
 
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
-    ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq,
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
 }
 _BOUND = re.compile(r"^\s*(>=|<=|==|>|<)?\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(\+)?\s*$")
 
@@ -47,20 +51,23 @@ class Bound:
 def parse_bound(field: str, raw: Any, default_op: str = ">=") -> Bound:
     """A Bound from `>=16`, `16+`, `16` or 16; InvalidRequest naming `field` otherwise."""
     if isinstance(raw, bool):
-        raise InvalidRequest(f"{field}: expected a number or a comparison, got {raw!r}",
-                             param=field)
+        raise InvalidRequest(
+            f"{field}: expected a number or a comparison, got {raw!r}", param=field
+        )
     if isinstance(raw, int | float):
         op, value = default_op, float(raw)
     elif isinstance(raw, str) and (m := _BOUND.match(raw)):
         op_s, num, plus = m.groups()
         if op_s and plus:
-            raise InvalidRequest(f"{field}: use either an operator or '+', not both: {raw!r}",
-                                 param=field)
+            raise InvalidRequest(
+                f"{field}: use either an operator or '+', not both: {raw!r}", param=field
+            )
         op, value = (op_s or (">=" if plus else default_op)), float(num)
     else:
         raise InvalidRequest(
             f"{field}: cannot read {raw!r}; write a number, 'N+', or one of >= > <= < == N",
-            param=field)
+            param=field,
+        )
     if not math.isfinite(value) or value < 0:
         raise InvalidRequest(f"{field}: {value} is out of range", param=field)
     return Bound(op, value)
@@ -80,8 +87,11 @@ class RegionRule:
 
 def _regions(field: str, raw: Any) -> frozenset[str]:
     items = [raw] if isinstance(raw, str) else raw
-    if not isinstance(items, list | tuple) or not items or not all(
-            isinstance(r, str) and r for r in items):
+    if (
+        not isinstance(items, list | tuple)
+        or not items
+        or not all(isinstance(r, str) and r for r in items)
+    ):
         raise InvalidRequest(f"{field}: expected a region name or a list of them", param=field)
     return frozenset(items)
 
@@ -92,8 +102,8 @@ def parse_region(raw: Any) -> RegionRule:
         unknown = set(raw) - {"in", "not_in"}
         if unknown:
             raise InvalidRequest(
-                f"region: unknown operator {sorted(unknown)[0]!r}; use in or not_in",
-                                 param="region")
+                f"region: unknown operator {sorted(unknown)[0]!r}; use in or not_in", param="region"
+            )
         only = _regions("region.in", raw["in"]) if "in" in raw else None
         exclude = _regions("region.not_in", raw["not_in"]) if "not_in" in raw else frozenset()
         return RegionRule(only, exclude)
@@ -147,14 +157,17 @@ def _accelerators(raw: Any) -> tuple[frozenset[str], int | None]:
     elif isinstance(raw, Mapping):
         counts = set(raw.values())
         if len(counts) != 1 or not all(isinstance(c, int) and c > 0 for c in counts):
-            raise InvalidRequest("accelerators: every model in a set needs the same positive count",
-                                 param="accelerators")
+            raise InvalidRequest(
+                "accelerators: every model in a set needs the same positive count",
+                param="accelerators",
+            )
         items, count = list(raw), counts.pop()
     elif isinstance(raw, list | tuple) and raw:
         items = list(raw)
     else:
-        raise InvalidRequest("accelerators: expected a model, a list or a {model: count} set",
-                             param="accelerators")
+        raise InvalidRequest(
+            "accelerators: expected a model, a list or a {model: count} set", param="accelerators"
+        )
     models = set()
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item.strip():
@@ -164,8 +177,9 @@ def _accelerators(raw: Any) -> tuple[frozenset[str], int | None]:
             if not n.isdigit() or int(n) == 0:
                 raise InvalidRequest(f"accelerators[{i}]: bad count {n!r}", param="accelerators")
             if count is not None and count != int(n):
-                raise InvalidRequest("accelerators: models in one set need the same count",
-                                     param="accelerators")
+                raise InvalidRequest(
+                    "accelerators: models in one set need the same count", param="accelerators"
+                )
             count = int(n)
         try:
             models.add(canonical_gpu(name))
@@ -176,15 +190,29 @@ def _accelerators(raw: Any) -> tuple[frozenset[str], int | None]:
 
 def _positive(field: str, raw: Any, *, integer: bool = False, cap: float = 1e12) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float) or (integer and raw != int(raw)):
-        raise InvalidRequest(f"{field}: expected a {'whole ' if integer else ''}number",
-                             param=field)
+        raise InvalidRequest(
+            f"{field}: expected a {'whole ' if integer else ''}number", param=field
+        )
     if not math.isfinite(raw) or raw <= 0 or raw > cap:
         raise InvalidRequest(f"{field}: {raw} is out of range (0, {cap:g}]", param=field)
     return float(raw)
 
 
-FIELDS = ("accelerators", "count", "vram_gb", "cpus", "ram_gb", "memory_gb", "reliability",
-          "region", "max_price", "min_tokens_per_s", "max_ttft_ms", "min_link_gbps", "verified")
+FIELDS = (
+    "accelerators",
+    "count",
+    "vram_gb",
+    "cpus",
+    "ram_gb",
+    "memory_gb",
+    "reliability",
+    "region",
+    "max_price",
+    "min_tokens_per_s",
+    "max_ttft_ms",
+    "min_link_gbps",
+    "verified",
+)
 
 
 def parse_spec(raw: Any) -> ResourceSpec:
@@ -195,8 +223,10 @@ def parse_spec(raw: Any) -> ResourceSpec:
         raise InvalidRequest("resources: expected an object", param="resources")
     unknown = [k for k in raw if k not in FIELDS]
     if unknown:
-        raise InvalidRequest(f"resources.{unknown[0]}: unknown field; known: {', '.join(FIELDS)}",
-                             param=f"resources.{unknown[0]}")
+        raise InvalidRequest(
+            f"resources.{unknown[0]}: unknown field; known: {', '.join(FIELDS)}",
+            param=f"resources.{unknown[0]}",
+        )
     kw: dict[str, Any] = {}
     try:
         count = None
@@ -205,8 +235,9 @@ def parse_spec(raw: Any) -> ResourceSpec:
         if "count" in raw:
             n = int(_positive("count", raw["count"], integer=True, cap=4096))
             if count is not None and n != count:
-                raise InvalidRequest(f"count: {n} disagrees with accelerators' :{count}",
-                                     param="count")
+                raise InvalidRequest(
+                    f"count: {n} disagrees with accelerators' :{count}", param="count"
+                )
             count = n
         kw["count"] = count or 1
         for name in ("vram_gb", "cpus", "ram_gb", "reliability"):

@@ -39,8 +39,7 @@ def strided(topo: Topology) -> IntMatrix:
 
 def random_plans(topo: Topology, rng: np.random.Generator, count: int) -> list[IntMatrix]:
     """`count` uniformly random plans."""
-    return [rng.permutation(topo.n).reshape(topo.stages, topo.data_parallel)
-            for _ in range(count)]
+    return [rng.permutation(topo.n).reshape(topo.stages, topo.data_parallel) for _ in range(count)]
 
 
 def _greedy_clusters(w: FloatMatrix, size: int) -> list[list[int]]:

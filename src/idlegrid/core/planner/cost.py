@@ -83,7 +83,8 @@ class CostModel:
         self.bwd_bits = act_bits * _ratio(c.backward_bits, m.dtype)
         grad_ratio = _ratio(c.gradient_bits, m.grad_dtype)
         self.shard_bits = np.array(
-            [t.gradient_bytes(int(lj)) * grad_ratio * 8 / self.k for lj in self.layers])
+            [t.gradient_bytes(int(lj)) * grad_ratio * 8 / self.k for lj in self.layers]
+        )
 
     # ---- DT-FM -----------------------------------------------------------------------
 
@@ -117,8 +118,9 @@ class CostModel:
         return dp + 2 * path, self.chain(groups, order, perms)
 
     @staticmethod
-    def chain(groups: IntMatrix, order: list[int], perms: dict[tuple[int, int], list[int]]
-              ) -> IntMatrix:
+    def chain(
+        groups: IntMatrix, order: list[int], perms: dict[tuple[int, int], list[int]]
+    ) -> IntMatrix:
         """Lay groups out in `order`, aligning columns along each boundary's matching."""
         rows = [groups[order[0]].copy()]
         for a, b in zip(order, order[1:], strict=False):

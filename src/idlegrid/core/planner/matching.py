@@ -123,7 +123,7 @@ def _held_karp_path(w: FloatMatrix, with_order: bool = True) -> tuple[float, lis
             parent[flat] = arg
         else:
             dp[flat] = cand.min(axis=1)
-    last = dp[((1 << d) - 1) * d:]
+    last = dp[((1 << d) - 1) * d :]
     end = int(last.argmin())
     cost = float(last[end])
     if not with_order:
@@ -157,7 +157,7 @@ def _two_opt_path(w: FloatMatrix) -> tuple[float, list[int]]:
             improved = False
             for i in range(d - 1):
                 for k in range(i + 1, d):
-                    cand = order[:i] + order[i:k + 1][::-1] + order[k + 1:]
+                    cand = order[:i] + order[i : k + 1][::-1] + order[k + 1 :]
                     c = path_cost(w, cand)
                     if c < cost - 1e-12:
                         order, cost, improved = cand, c, True

@@ -47,8 +47,10 @@ class PlanResult:
             "stage_device_ids": [[ids[v] for v in r] for r in self.plan.stages],
             "cost": self.cost,
             "baselines": self.baselines,
-            "dtfm_plan": {"stages": [list(r) for r in self.dtfm_plan.stages],
-                          "cost": self.dtfm_plan_cost},
+            "dtfm_plan": {
+                "stages": [list(r) for r in self.dtfm_plan.stages],
+                "cost": self.dtfm_plan_cost,
+            },
             "seconds": round(self.seconds, 4),
             "evaluations": self.evaluations,
             "seed": self.seed,
@@ -69,7 +71,8 @@ def baselines(model: CostModel, seed: int, samples: int = 32) -> dict[str, dict[
     topo = model.topo
     rng = np.random.default_rng([seed, 1])  # independent of how long the search ran
     out: dict[str, dict[str, Any]] = {
-        "random": _mean_parts(model, random_plans(topo, rng, samples))}
+        "random": _mean_parts(model, random_plans(topo, rng, samples))
+    }
     for name, x in (("region_contiguous", region_contiguous(topo)), ("strided", strided(topo))):
         out[name] = {"stages": x.tolist(), **model.evaluate(x)}
     return out
@@ -94,8 +97,12 @@ def plan_topology(
     shape = (topo.stages, topo.data_parallel)
     seeds = []
     if use_seeds:  # layouts by region label, and the same two ideas read off the matrices
-        seeds = [strided(topo), region_contiguous(topo), clustered_pipelines(model),
-                 clustered_groups(model)]
+        seeds = [
+            strided(topo),
+            region_contiguous(topo),
+            clustered_pipelines(model),
+            clustered_groups(model),
+        ]
 
     share = DTFM_SHARE if objective == "full" else 1.0
     dtfm_evals = None if evaluations is None else max(1, int(evaluations * share))

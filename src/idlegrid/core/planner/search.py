@@ -194,7 +194,7 @@ class Searcher:
         cells = [(r, c) for r in range(d) for c in range(k)]
         moves: list[tuple[int, ...]] = []
         for i, (r1, c1) in enumerate(cells):
-            for r2, c2 in cells[i + 1:]:
+            for r2, c2 in cells[i + 1 :]:
                 if r1 != r2 or not self.obj.partition_only:
                     moves.append((0, r1, c1, r2, c2))
         if not self.obj.partition_only and d > 2:
@@ -210,7 +210,7 @@ class Searcher:
             y[r1, c1], y[r2, c2] = x[r2, c2], x[r1, c1]
         else:  # reverse the stage segment a..b (2-opt on the stage path)
             _, a, b, _, _ = move
-            y[a:b + 1] = x[a:b + 1][::-1]
+            y[a : b + 1] = x[a : b + 1][::-1]
         return y
 
     def local_search(self, x: IntMatrix, patience: int | None = None) -> tuple[Score, IntMatrix]:
@@ -278,8 +278,9 @@ class Searcher:
             y[r1, c1], y[r2, c2] = y[r2, c2], y[r1, c1]
         return y
 
-    def run(self, shape: tuple[int, int], seeds: list[IntMatrix], population: int = 12
-            ) -> tuple[Score, IntMatrix]:
+    def run(
+        self, shape: tuple[int, int], seeds: list[IntMatrix], population: int = 12
+    ) -> tuple[Score, IntMatrix]:
         """Seed, fill with random plans, then breed until the budget is spent."""
         d, k = shape
         n = d * k

@@ -161,8 +161,9 @@ def _fail(message: str, param: str) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
-def _number(value: Any, param: str, *, minimum: float | None = None,
-            positive: bool = False) -> float:
+def _number(
+    value: Any, param: str, *, minimum: float | None = None, positive: bool = False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(f"{param} must be a number, got {value!r}", param)
     x = float(value)
@@ -189,14 +190,17 @@ def _matrix(
     if not isinstance(raw, Sequence) or isinstance(raw, str):
         raise _fail(f"{name} must be an N×N list of lists (N = {n} devices)", name)
     if len(raw) != n:
-        raise _fail(f"{name} has {len(raw)} rows but there are {n} devices; it must be "
-                    f"{n}×{n}", name)
+        raise _fail(
+            f"{name} has {len(raw)} rows but there are {n} devices; it must be {n}×{n}", name
+        )
     rows = []
     for i, row in enumerate(raw):
         if not isinstance(row, Sequence) or isinstance(row, str) or len(row) != n:
             got = len(row) if isinstance(row, Sequence) and not isinstance(row, str) else "no"
-            raise _fail(f"{name}[{i}] has {got} entries; the matrix must be square ({n}×{n})",
-                        f"{name}[{i}]")
+            raise _fail(
+                f"{name}[{i}] has {got} entries; the matrix must be square ({n}×{n})",
+                f"{name}[{i}]",
+            )
         vals = []
         for j, v in enumerate(row):
             p = f"{name}[{i}][{j}]"
@@ -215,8 +219,9 @@ def _bits(raw: Mapping[str, Any], key: str) -> int | None:
         return None
     b = _integer(raw[key], f"compression.{key}")
     if b not in COMPRESSION_BITS:
-        raise _fail(f"compression.{key} must be one of {COMPRESSION_BITS}, got {b}",
-                    f"compression.{key}")
+        raise _fail(
+            f"compression.{key} must be one of {COMPRESSION_BITS}, got {b}", f"compression.{key}"
+        )
     return b
 
 
@@ -230,8 +235,9 @@ def _parse_model(raw: Any) -> ModelSpec:
     grad_dtype = raw.get("grad_dtype", "fp32")
     for key, val in (("dtype", dtype), ("grad_dtype", grad_dtype)):
         if val not in DTYPE_BYTES:
-            raise _fail(f"model.{key} must be one of {sorted(DTYPE_BYTES)}, got {val!r}",
-                        f"model.{key}")
+            raise _fail(
+                f"model.{key} must be one of {sorted(DTYPE_BYTES)}, got {val!r}", f"model.{key}"
+            )
     mfu = _number(raw.get("mfu", 0.35), "model.mfu", positive=True)
     if mfu > 1:
         raise _fail(f"model.mfu is a fraction of peak (0, 1], got {mfu}", "model.mfu")
@@ -276,12 +282,14 @@ def _parse_devices(raw: Any) -> tuple[Device, ...]:
             raise _fail(f"{p}.id {d['id']!r} is used twice; ids must be unique", f"{p}.id")
         seen.add(d["id"])
         mem = d.get("memory_gb")
-        devices.append(Device(
-            id=d["id"],
-            region=d["region"],
-            tflops=_number(d.get("tflops", DEFAULT_TFLOPS), f"{p}.tflops", positive=True),
-            memory_gb=None if mem is None else _number(mem, f"{p}.memory_gb", positive=True),
-        ))
+        devices.append(
+            Device(
+                id=d["id"],
+                region=d["region"],
+                tflops=_number(d.get("tflops", DEFAULT_TFLOPS), f"{p}.tflops", positive=True),
+                memory_gb=None if mem is None else _number(mem, f"{p}.memory_gb", positive=True),
+            )
+        )
     return tuple(devices)
 
 
@@ -302,16 +310,22 @@ def parse_topology(raw: Mapping[str, Any]) -> Topology:
     if stages > n:
         raise _fail(f"stages is {stages} but there are only {n} devices", "stages")
     if stages * dp != n:
-        raise _fail(f"stages × data_parallel = {stages}×{dp} = {stages * dp} must equal the "
-                    f"number of devices ({n})", "data_parallel")
+        raise _fail(
+            f"stages × data_parallel = {stages}×{dp} = {stages * dp} must equal the "
+            f"number of devices ({n})",
+            "data_parallel",
+        )
     if model.layers < stages:
-        raise _fail(f"{stages} stages need at least {stages} layers, model.layers is "
-                    f"{model.layers}", "stages")
+        raise _fail(
+            f"{stages} stages need at least {stages} layers, model.layers is {model.layers}",
+            "stages",
+        )
     comp_raw = raw.get("compression") or {}
     if not isinstance(comp_raw, Mapping):
         raise _fail("compression must be an object", "compression")
-    compression = Compression(*(_bits(comp_raw, k) for k in
-                                ("activation_bits", "backward_bits", "gradient_bits")))
+    compression = Compression(
+        *(_bits(comp_raw, k) for k in ("activation_bits", "backward_bits", "gradient_bits"))
+    )
     objective = raw.get("objective", "full")
     if objective not in OBJECTIVES:
         raise _fail(f"objective must be one of {OBJECTIVES}, got {objective!r}", "objective")
@@ -327,23 +341,36 @@ def _check_memory(topo: Topology) -> None:
         return
     if all(d.memory_gb is not None and d.memory_gb < need for _, d in known):
         best = max(d.memory_gb or 0.0 for _, d in known)
-        raise _fail(f"the model fits nowhere: a stage needs about {need:.1f} GB, the largest "
-                    f"device has {best:g} GB (use more stages, a smaller micro_batch or more "
-                    f"accumulation)", "model")
+        raise _fail(
+            f"the model fits nowhere: a stage needs about {need:.1f} GB, the largest "
+            f"device has {best:g} GB (use more stages, a smaller micro_batch or more "
+            f"accumulation)",
+            "model",
+        )
     for i, d in known:
         if d.memory_gb is not None and d.memory_gb < need:
-            raise _fail(f"device {d.id!r} has {d.memory_gb:g} GB but every device must hold a "
-                        f"stage of about {need:.1f} GB", f"devices[{i}].memory_gb")
+            raise _fail(
+                f"device {d.id!r} has {d.memory_gb:g} GB but every device must hold a "
+                f"stage of about {need:.1f} GB",
+                f"devices[{i}].memory_gb",
+            )
 
 
 def topology_to_json(topo: Topology) -> dict[str, Any]:
     """The JSON form of a topology; parse_topology(topology_to_json(t)) == t."""
     m = topo.model
     model: dict[str, Any] = {
-        "layers": m.layers, "hidden": m.hidden, "seq": m.seq, "batch": m.batch,
-        "micro_batch": m.micro_batch, "accumulation": m.accumulation, "dtype": m.dtype,
+        "layers": m.layers,
+        "hidden": m.hidden,
+        "seq": m.seq,
+        "batch": m.batch,
+        "micro_batch": m.micro_batch,
+        "accumulation": m.accumulation,
+        "dtype": m.dtype,
         "grad_dtype": m.grad_dtype,
-        "vocab": m.vocab, "mfu": m.mfu, "recompute": m.recompute,
+        "vocab": m.vocab,
+        "mfu": m.mfu,
+        "recompute": m.recompute,
     }
     for key in ("params", "activation_bytes", "gradient_bytes"):
         if getattr(m, key) is not None:
@@ -362,7 +389,10 @@ def topology_to_json(topo: Topology) -> dict[str, Any]:
         "model": model,
         "stages": topo.stages,
         "data_parallel": topo.data_parallel,
-        "compression": {"activation_bits": c.activation_bits, "backward_bits": c.backward_bits,
-                        "gradient_bits": c.gradient_bits},
+        "compression": {
+            "activation_bits": c.activation_bits,
+            "backward_bits": c.backward_bits,
+            "gradient_bits": c.gradient_bits,
+        },
         "objective": topo.objective,
     }

@@ -38,7 +38,8 @@ PARTIES = (PROVIDER, CHALLENGER)
 def rounds_bound(k: int, n_ops: int) -> int:
     """Most bisection rounds a dispute over k steps and n_ops operators takes."""
     return (math.ceil(math.log2(k)) if k > 1 else 0) + (
-        math.ceil(math.log2(n_ops)) if n_ops > 1 else 0)
+        math.ceil(math.log2(n_ops)) if n_ops > 1 else 0
+    )
 
 
 def chain_next(prev: bytes, record: bytes) -> bytes:
@@ -94,8 +95,12 @@ class Dispute:
     outcome: Outcome | None = None
 
     @staticmethod
-    def open(commitment: TrainingCommitment, challenger_end_hash: bytes, now: float,
-             round_seconds: float = 60.0) -> Dispute:
+    def open(
+        commitment: TrainingCommitment,
+        challenger_end_hash: bytes,
+        now: float,
+        round_seconds: float = 60.0,
+    ) -> Dispute:
         """A challenger disputes a segment, claiming its replay ends in another state."""
         d = Dispute(commitment, round_seconds, now + round_seconds)
         if challenger_end_hash == commitment.end_hash:
@@ -142,8 +147,9 @@ class Dispute:
 
     # ---- level 2 ----------------------------------------------------------------------------
 
-    def commit_ops(self, party: str, n_ops: int, root: bytes, last: bytes, proof: Proof,
-                   now: float) -> None:
+    def commit_ops(
+        self, party: str, n_ops: int, root: bytes, last: bytes, proof: Proof, now: float
+    ) -> None:
         """A party commits to its op chain of the disputed step: length, root, last link."""
         self._move("ops-commit", party, now)
         if n_ops < 1 or proof.index != n_ops - 1 or not verify_proof(root, last, proof):
@@ -235,9 +241,13 @@ class Dispute:
         If it reproduces neither, the provider's commitment is still wrong: it loses."""
         self._need("referee")
         winner = PROVIDER if provider_ok else CHALLENGER
-        why = ("referee reproduced the provider's result" if provider_ok else
-               "referee reproduced the challenger's result" if challenger_ok else
-               "referee reproduced neither result")
+        why = (
+            "referee reproduced the provider's result"
+            if provider_ok
+            else "referee reproduced the challenger's result"
+            if challenger_ok
+            else "referee reproduced neither result"
+        )
         return self._end(winner, f"{why}{': ' + detail if detail else ''}", self.op_index)
 
     # ---- time -------------------------------------------------------------------------------
@@ -284,9 +294,13 @@ def _other(party: str) -> str:
 Referee = Callable[[int, int | None, bytes, bytes], tuple[bool, bool]]
 
 
-def play(commitment: TrainingCommitment, challenger_hashes: Sequence[bytes],
-         op_records: Callable[[str, int], Sequence[bytes]], referee: Referee,
-         now: float = 0.0) -> Outcome:
+def play(
+    commitment: TrainingCommitment,
+    challenger_hashes: Sequence[bytes],
+    op_records: Callable[[str, int], Sequence[bytes]],
+    referee: Referee,
+    now: float = 0.0,
+) -> Outcome:
     """Run a whole dispute with two cooperative parties (both answer at once).
 
     `challenger_hashes[i]` is the challenger's state hash after step start + i;
@@ -309,8 +323,14 @@ def play(commitment: TrainingCommitment, challenger_hashes: Sequence[bytes],
             c = chain_next(c, r)
             links.append(c)
         chains[party] = links
-        d.commit_ops(party, len(links), merkle_root(links), links[-1],
-                     merkle_proof(links, len(links) - 1), now)
+        d.commit_ops(
+            party,
+            len(links),
+            merkle_root(links),
+            links[-1],
+            merkle_proof(links, len(links) - 1),
+            now,
+        )
     while d.phase == "ops":
         i = d.op_query()
         for party in PARTIES:

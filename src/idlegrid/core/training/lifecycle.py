@@ -66,28 +66,48 @@ class ProbeState(StrEnum):
 
 
 _J = JobState
-JOB = Lifecycle.of("train-job", JobState, {
-    _J.QUEUED: {_J.RUNNING, _J.CANCELED, _J.EXPIRED},
-    _J.RUNNING: {_J.QUEUED, _J.TRAINED, _J.CANCELED, _J.FAILED},
-    _J.TRAINED: {_J.QUEUED, _J.DONE, _J.CANCELED},
-}, initial={_J.QUEUED})
+JOB = Lifecycle.of(
+    "train-job",
+    JobState,
+    {
+        _J.QUEUED: {_J.RUNNING, _J.CANCELED, _J.EXPIRED},
+        _J.RUNNING: {_J.QUEUED, _J.TRAINED, _J.CANCELED, _J.FAILED},
+        _J.TRAINED: {_J.QUEUED, _J.DONE, _J.CANCELED},
+    },
+    initial={_J.QUEUED},
+)
 
 _S = SegmentState
-SEGMENT = Lifecycle.of("train-segment", SegmentState, {
-    _S.COMMITTED: {_S.ACCEPTED, _S.FAILED, _S.DISCARDED},
-}, initial={_S.COMMITTED})
+SEGMENT = Lifecycle.of(
+    "train-segment",
+    SegmentState,
+    {
+        _S.COMMITTED: {_S.ACCEPTED, _S.FAILED, _S.DISCARDED},
+    },
+    initial={_S.COMMITTED},
+)
 
 _A = TrainAuditState
-TRAIN_AUDIT = Lifecycle.of("train-audit", TrainAuditState, {
-    _A.PENDING: {_A.ASSIGNED, _A.DROPPED},
-    _A.ASSIGNED: {_A.PENDING, _A.PASSED, _A.FAILED, _A.DROPPED},
-    _A.FAILED: {_A.OVERTURNED},
-}, initial={_A.PENDING})
+TRAIN_AUDIT = Lifecycle.of(
+    "train-audit",
+    TrainAuditState,
+    {
+        _A.PENDING: {_A.ASSIGNED, _A.DROPPED},
+        _A.ASSIGNED: {_A.PENDING, _A.PASSED, _A.FAILED, _A.DROPPED},
+        _A.FAILED: {_A.OVERTURNED},
+    },
+    initial={_A.PENDING},
+)
 
 _P = ProbeState
-PROBE = Lifecycle.of("train-probe", ProbeState, {
-    _P.PENDING: {_P.ANSWERED, _P.FAILED},
-}, initial={_P.PENDING})
+PROBE = Lifecycle.of(
+    "train-probe",
+    ProbeState,
+    {
+        _P.PENDING: {_P.ANSWERED, _P.FAILED},
+    },
+    initial={_P.PENDING},
+)
 
 
 # ---- the supervisor's decisions ------------------------------------------------------------
@@ -206,30 +226,40 @@ class Finish:
 Action = Reassign | FailProbe | Expire | Requeue | Accept | Finish
 
 
-def decide_timeouts(assigned: Sequence[AssignedAudit], probes: Sequence[PendingProbe],
-                    now: float, limits: TickLimits) -> list[Action]:
+def decide_timeouts(
+    assigned: Sequence[AssignedAudit],
+    probes: Sequence[PendingProbe],
+    now: float,
+    limits: TickLimits,
+) -> list[Action]:
     """Silent verifiers lose their audits; probes unanswered in time fail."""
-    out: list[Action] = [Reassign(a.id) for a in assigned
-                         if a.assigned_at < now - limits.audit_timeout_s]
-    out += [FailProbe(p.id, f"not answered within {limits.probe_timeout_s:.0f} s")
-            for p in probes if p.created_at < now - limits.probe_timeout_s]
+    out: list[Action] = [
+        Reassign(a.id) for a in assigned if a.assigned_at < now - limits.audit_timeout_s
+    ]
+    out += [
+        FailProbe(p.id, f"not answered within {limits.probe_timeout_s:.0f} s")
+        for p in probes
+        if p.created_at < now - limits.probe_timeout_s
+    ]
     return out
 
 
-def decide_job(job: JobSnap, live: frozenset[str], now: float,
-               limits: TickLimits) -> list[Action]:
+def decide_job(job: JobSnap, live: frozenset[str], now: float, limits: TickLimits) -> list[Action]:
     """One live job: expire it if it waited too long in the queue; take it back from a
     lost or stalled holder; accept its final segments in order, stopping at the first whose
     audit has not passed, or (not audited) whose challenge window is still open; finish it
     once every step is verified."""
-    if job.state == JobState.QUEUED and now - max(job.created_at, job.lease_at or 0.0) \
-            > limits.queue_ttl_s:
+    if (
+        job.state == JobState.QUEUED
+        and now - max(job.created_at, job.lease_at or 0.0) > limits.queue_ttl_s
+    ):
         # No provider took it (or took it back) for the whole window: what is left of its
         # escrow goes back rather than waiting for ever.
         return [Expire(job.id, f"queued over {limits.queue_ttl_s:.0f} s")]
     out: list[Action] = []
-    if job.state == JobState.RUNNING and (job.node_id not in live
-                                          or now - job.lease_at > limits.lease_timeout_s):
+    if job.state == JobState.RUNNING and (
+        job.node_id not in live or now - job.lease_at > limits.lease_timeout_s
+    ):
         why = "provider-lost" if job.node_id not in live else "provider-stalled"
         out.append(Requeue(job.id, why, job.node_id))
     verified = job.verified_step
@@ -249,7 +279,8 @@ def decide_job(job: JobSnap, live: frozenset[str], now: float,
     return out
 
 
-def decide_jobs(jobs: Sequence[JobSnap], live: frozenset[str], now: float,
-                limits: TickLimits) -> list[Action]:
+def decide_jobs(
+    jobs: Sequence[JobSnap], live: frozenset[str], now: float, limits: TickLimits
+) -> list[Action]:
     """`decide_job` for each live job, in order."""
     return [a for job in jobs for a in decide_job(job, live, now, limits)]

@@ -124,9 +124,14 @@ class TrainingCommitment:
     def to_bytes(self) -> bytes:
         """Compact binary form: header, job id, start step/hash, count, then 48 B per leaf."""
         job = self.job_id.encode()
-        return b"".join([_HEAD.pack(MAGIC, VERSION, len(job)), job,
-                         _TAIL.pack(self.start_step, self.start_hash, len(self.leaves)),
-                         *(leaf_bytes(x) for x in self.leaves)])
+        return b"".join(
+            [
+                _HEAD.pack(MAGIC, VERSION, len(job)),
+                job,
+                _TAIL.pack(self.start_step, self.start_hash, len(self.leaves)),
+                *(leaf_bytes(x) for x in self.leaves),
+            ]
+        )
 
     @staticmethod
     def from_bytes(data: bytes) -> TrainingCommitment:
@@ -140,7 +145,7 @@ class TrainingCommitment:
         if len(data) < off + jlen + _TAIL.size:
             raise _bad("truncated header")
         try:
-            job = data[off:off + jlen].decode()
+            job = data[off : off + jlen].decode()
         except UnicodeDecodeError:
             raise _bad("job id is not UTF-8") from None
         off += jlen
@@ -171,8 +176,11 @@ class TrainingCommitment:
 
     def follows(self, previous: TrainingCommitment) -> bool:
         """True if this segment starts exactly where `previous` ended (same job, same state)."""
-        return (self.job_id == previous.job_id and self.start_step == previous.end_step
-                and self.start_hash == previous.end_hash)
+        return (
+            self.job_id == previous.job_id
+            and self.start_step == previous.end_step
+            and self.start_hash == previous.end_hash
+        )
 
 
 def verify_leaf(root: bytes, leaf: StepLeaf, proof: Proof) -> bool:
@@ -180,8 +188,15 @@ def verify_leaf(root: bytes, leaf: StepLeaf, proof: Proof) -> bool:
     return verify_proof(root, leaf_bytes(leaf), proof)
 
 
-def audit_rate(price_per_step: int, interval: int, stake: int, *, detect: float = 0.99,
-               rho: float = 0.1, safety: float = 2.0) -> float:
+def audit_rate(
+    price_per_step: int,
+    interval: int,
+    stake: int,
+    *,
+    detect: float = 0.99,
+    rho: float = 0.1,
+    safety: float = 2.0,
+) -> float:
     """Steady audit rate for a job's segments: safety × p*, p* = G / (d(1−ρ)(S+F)).
 
     Per segment the price is R = price_per_step × interval; a cheat gains at most G = R
@@ -214,9 +229,15 @@ class Verdict:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def judge_segment(committed: Sequence[StepLeaf], recomputed: Sequence[StepLeaf], *,
-                  exact: bool, loss_tol: float = LOSS_TOL, weight_dist: float | None = None,
-                  weight_tol: float = WEIGHT_TOL) -> Verdict:
+def judge_segment(
+    committed: Sequence[StepLeaf],
+    recomputed: Sequence[StepLeaf],
+    *,
+    exact: bool,
+    loss_tol: float = LOSS_TOL,
+    weight_dist: float | None = None,
+    weight_tol: float = WEIGHT_TOL,
+) -> Verdict:
     """Compare a verifier's replay with the provider's committed leaves.
 
     exact: the first step whose state hash or loss differs is the fault.
@@ -229,12 +250,20 @@ def judge_segment(committed: Sequence[StepLeaf], recomputed: Sequence[StepLeaf],
         return Verdict(False, None, "nothing committed")
     first = committed[0].step
     if len(recomputed) != len(committed) or any(
-            c.step != r.step for c, r in zip(committed, recomputed, strict=True)):
-        return Verdict(False, first, "replay does not cover the committed steps",
-                       {"committed": len(committed), "recomputed": len(recomputed)})
+        c.step != r.step for c, r in zip(committed, recomputed, strict=True)
+    ):
+        return Verdict(
+            False,
+            first,
+            "replay does not cover the committed steps",
+            {"committed": len(committed), "recomputed": len(recomputed)},
+        )
     diffs = [abs(c.loss - r.loss) for c, r in zip(committed, recomputed, strict=True)]
-    detail: dict[str, Any] = {"max_loss_diff": max(diffs), "weight_dist": weight_dist,
-                              "exact": exact}
+    detail: dict[str, Any] = {
+        "max_loss_diff": max(diffs),
+        "weight_dist": weight_dist,
+        "exact": exact,
+    }
     if exact:
         for c, r in zip(committed, recomputed, strict=True):
             if c.state_hash != r.state_hash:
@@ -248,8 +277,12 @@ def judge_segment(committed: Sequence[StepLeaf], recomputed: Sequence[StepLeaf],
     if weight_dist is None or not math.isfinite(weight_dist):
         return Verdict(False, committed[-1].step, "no end-weight distance reported", detail)
     if weight_dist > weight_tol:
-        return Verdict(False, committed[-1].step,
-                       f"end weights off by {weight_dist:.3g} > {weight_tol:.3g}", detail)
+        return Verdict(
+            False,
+            committed[-1].step,
+            f"end weights off by {weight_dist:.3g} > {weight_tol:.3g}",
+            detail,
+        )
     return Verdict(True, None, "within the profiled cross-class tolerance", detail)
 
 
@@ -269,8 +302,13 @@ def canary_commitment(honest: TrainingCommitment, seed: int) -> TrainingCommitme
     return TrainingCommitment(honest.job_id, honest.start_step, tuple(leaves), honest.start_hash)
 
 
-def verifier_report_matches(truth: Sequence[StepLeaf], reported: Sequence[StepLeaf], *,
-                            exact: bool, loss_tol: float = LOSS_TOL) -> bool:
+def verifier_report_matches(
+    truth: Sequence[StepLeaf],
+    reported: Sequence[StepLeaf],
+    *,
+    exact: bool,
+    loss_tol: float = LOSS_TOL,
+) -> bool:
     """Did a verifier report what a real replay gives? Used on canaries, where the protocol
     knows the honest leaves: a lazy verifier that echoes the commitment fails this."""
     if len(truth) != len(reported):

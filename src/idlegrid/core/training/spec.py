@@ -165,8 +165,7 @@ def _fields(obj: Any, where: str, allowed: set[str]) -> dict[str, Any]:
     return obj
 
 
-def _int(obj: dict[str, Any], key: str, where: str, default: int | None, lo: int,
-         hi: int) -> int:
+def _int(obj: dict[str, Any], key: str, where: str, default: int | None, lo: int, hi: int) -> int:
     param = f"{where}.{key}"
     if key not in obj:
         if default is None:
@@ -180,21 +179,35 @@ def _int(obj: dict[str, Any], key: str, where: str, default: int | None, lo: int
     return v
 
 
-def _float(obj: dict[str, Any], key: str, where: str, default: float, lo: float,
-           hi: float, lo_open: bool = False) -> float:
+def _float(
+    obj: dict[str, Any],
+    key: str,
+    where: str,
+    default: float,
+    lo: float,
+    hi: float,
+    lo_open: bool = False,
+) -> float:
     param = f"{where}.{key}"
     v = obj.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise InvalidRequest(f"{param} must be a number", param=param)
     v = float(v)
     if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
-        raise InvalidRequest(f"{param} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}",
-                             param=param)
+        raise InvalidRequest(
+            f"{param} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", param=param
+        )
     return v
 
 
-def _str(obj: dict[str, Any], key: str, where: str, default: str | None,
-         pattern: re.Pattern[str] | None = None, choices: tuple[str, ...] = ()) -> str:
+def _str(
+    obj: dict[str, Any],
+    key: str,
+    where: str,
+    default: str | None,
+    pattern: re.Pattern[str] | None = None,
+    choices: tuple[str, ...] = (),
+) -> str:
     param = f"{where}.{key}"
     if key not in obj:
         if default is None:
@@ -220,17 +233,20 @@ def _parse_model(obj: Any) -> ModelSpec:
     dim = _int(d, "dim", w, 64, 8, 8192)
     heads = _int(d, "heads", w, 4, 1, 128)
     if dim % heads:
-        raise InvalidRequest(f"{w}.dim ({dim}) must be a multiple of heads ({heads})",
-                             param=f"{w}.heads")
+        raise InvalidRequest(
+            f"{w}.dim ({dim}) must be a multiple of heads ({heads})", param=f"{w}.heads"
+        )
     return ModelSpec(arch, vocab, seq, layers, dim, heads)
 
 
 def _parse_dataset(obj: Any) -> DatasetSpec:
     w = "spec.dataset"
     d = _fields(obj, w, {"ref", "sha256", "windows"})
-    return DatasetSpec(_str(d, "ref", w, "stdlib:v1", DATASET_REF),
-                       _str(d, "sha256", w, None, HEX64),
-                       _int(d, "windows", w, 2048, 1, 10_000_000))
+    return DatasetSpec(
+        _str(d, "ref", w, "stdlib:v1", DATASET_REF),
+        _str(d, "sha256", w, None, HEX64),
+        _int(d, "windows", w, 2048, 1, 10_000_000),
+    )
 
 
 def _parse_optimizer(obj: Any) -> OptimizerSpec:
@@ -242,30 +258,50 @@ def _parse_optimizer(obj: Any) -> OptimizerSpec:
     if not isinstance(betas_raw, list | tuple) or len(betas_raw) != 2:
         raise InvalidRequest(f"{w}.betas must be a list of two numbers", param=f"{w}.betas")
     b = {"b0": betas_raw[0], "b1": betas_raw[1]}
-    betas = (_float(b, "b0", f"{w}.betas", 0.9, 0.0, 0.9999),
-             _float(b, "b1", f"{w}.betas", 0.95, 0.0, 0.9999))
+    betas = (
+        _float(b, "b0", f"{w}.betas", 0.9, 0.0, 0.9999),
+        _float(b, "b1", f"{w}.betas", 0.95, 0.0, 0.9999),
+    )
     wd = _float(d, "weight_decay", w, 0.0, 0.0, 1.0)
     return OptimizerSpec(name, lr, betas, wd)
 
 
 def _parse(obj: Any) -> JobSpec:
     w = "spec"
-    d = _fields(obj, w, {"model", "dataset", "optimizer", "init_seed", "job_seed", "batch_size",
-                         "steps", "checkpoint_interval", "determinism_class", "price_per_step",
-                         "stake_required", "parallel"})
+    d = _fields(
+        obj,
+        w,
+        {
+            "model",
+            "dataset",
+            "optimizer",
+            "init_seed",
+            "job_seed",
+            "batch_size",
+            "steps",
+            "checkpoint_interval",
+            "determinism_class",
+            "price_per_step",
+            "stake_required",
+            "parallel",
+        },
+    )
     if "dataset" not in d:
         raise InvalidRequest("spec.dataset is required", param="spec.dataset")
     steps = _int(d, "steps", w, None, 1, 10_000_000)
     interval = _int(d, "checkpoint_interval", w, min(10, steps), 1, steps)
     det = d.get("determinism_class")
     if det is not None and (not isinstance(det, str) or not 0 < len(det) <= 200):
-        raise InvalidRequest("spec.determinism_class must be null or a short string",
-                             param="spec.determinism_class")
+        raise InvalidRequest(
+            "spec.determinism_class must be null or a short string", param="spec.determinism_class"
+        )
     batch = _int(d, "batch_size", w, 16, 1, 65_536)
     parallel = _int(d, "parallel", w, 1, 1, 64)
     if batch % parallel:
-        raise InvalidRequest(f"spec.parallel ({parallel}) must divide spec.batch_size ({batch})",
-                             param="spec.parallel")
+        raise InvalidRequest(
+            f"spec.parallel ({parallel}) must divide spec.batch_size ({batch})",
+            param="spec.parallel",
+        )
     return JobSpec(
         dataset=_parse_dataset(d["dataset"]),
         model=_parse_model(d.get("model", {})),

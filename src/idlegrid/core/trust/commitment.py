@@ -61,7 +61,7 @@ def peek_class(blob: bytes) -> str:
     """The determinism class of an encoded commitment, without decoding the rest."""
     try:
         (n,) = struct.unpack_from("<H", blob, 0)
-        return blob[2:2 + n].decode()
+        return blob[2 : 2 + n].decode()
     except (struct.error, UnicodeDecodeError):
         return ""
 
@@ -108,12 +108,26 @@ class Header:
     def encode(self) -> bytes:
         """Fixed binary layout followed by the model id (length-prefixed UTF-8)."""
         model = self.model.encode()
-        return _HEAD.pack(
-            self.version, self.context_hash, class_id(self.det_class), self.seed & ((1 << 64) - 1),
-            self.temperature, self.top_p, self.start, self.n_tokens,
-            1 if self.finish_reason == "stop" else 0, self.ended_by_end_token, self.chunk_size,
-            self.k, self.hidden,
-        ) + self.root + struct.pack("<H", len(model)) + model
+        return (
+            _HEAD.pack(
+                self.version,
+                self.context_hash,
+                class_id(self.det_class),
+                self.seed & ((1 << 64) - 1),
+                self.temperature,
+                self.top_p,
+                self.start,
+                self.n_tokens,
+                1 if self.finish_reason == "stop" else 0,
+                self.ended_by_end_token,
+                self.chunk_size,
+                self.k,
+                self.hidden,
+            )
+            + self.root
+            + struct.pack("<H", len(model))
+            + model
+        )
 
     def digest(self) -> bytes:
         """What audit selection and the provider's signature bind to."""
@@ -136,31 +150,63 @@ class Commitment:
         """Wire form: det_class (length-prefixed), header, then the chunks."""
         cls = self.header.det_class.encode()
         head = self.header.encode()
-        return (struct.pack("<H", len(cls)) + cls + struct.pack("<H", len(head)) + head
-                + b"".join(c.encode() for c in self.chunks))
+        return (
+            struct.pack("<H", len(cls))
+            + cls
+            + struct.pack("<H", len(head))
+            + head
+            + b"".join(c.encode() for c in self.chunks)
+        )
 
     def fingerprint_bytes(self) -> int:
         """Bytes of the chunks alone (the per-token part of the proof)."""
         return sum(len(c.encode()) for c in self.chunks)
 
 
-def build(model: str, det_class: str, context_ids: Sequence[int], seed: int, temperature: float,
-          top_p: float, tokens: Sequence[int],
-          entries: Sequence[tuple[Sequence[int], Sequence[float]]],
-          finish_reason: str, ended_by_end_token: bool, hidden: int,
-          chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> Commitment:
+def build(
+    model: str,
+    det_class: str,
+    context_ids: Sequence[int],
+    seed: int,
+    temperature: float,
+    top_p: float,
+    tokens: Sequence[int],
+    entries: Sequence[tuple[Sequence[int], Sequence[float]]],
+    finish_reason: str,
+    ended_by_end_token: bool,
+    hidden: int,
+    chunk_size: int = CHUNK_SIZE,
+    k: int = TOP_K,
+) -> Commitment:
     """Assemble a commitment from tokens and per-chunk top-k (indices, values)."""
     n_chunks = math.ceil(len(tokens) / chunk_size)
     if len(entries) != n_chunks:
         raise ValueError(f"{len(entries)} chunk fingerprints for {n_chunks} chunks")
     chunks = tuple(
-        Chunk(tuple(int(t) for t in tokens[j * chunk_size:(j + 1) * chunk_size]),
-              tuple(int(i) for i in idx), tuple(float(v) for v in val))
-        for j, (idx, val) in enumerate(entries))
+        Chunk(
+            tuple(int(t) for t in tokens[j * chunk_size : (j + 1) * chunk_size]),
+            tuple(int(i) for i in idx),
+            tuple(float(v) for v in val),
+        )
+        for j, (idx, val) in enumerate(entries)
+    )
     root = merkle_root([c.encode() for c in chunks])
-    header = Header(model, det_class, context_hash(context_ids), seed, temperature, top_p,
-                    len(context_ids), len(tokens), finish_reason, ended_by_end_token, hidden, root,
-                    chunk_size, k)
+    header = Header(
+        model,
+        det_class,
+        context_hash(context_ids),
+        seed,
+        temperature,
+        top_p,
+        len(context_ids),
+        len(tokens),
+        finish_reason,
+        ended_by_end_token,
+        hidden,
+        root,
+        chunk_size,
+        k,
+    )
     return Commitment(header, chunks)
 
 
@@ -179,7 +225,7 @@ def _decode(blob: bytes) -> Commitment:
         nonlocal pos
         if pos + n > len(blob):
             raise ValueError("truncated")
-        out = blob[pos:pos + n]
+        out = blob[pos : pos + n]
         pos += n
         return out
 
@@ -188,15 +234,16 @@ def _decode(blob: bytes) -> Commitment:
     (head_len,) = struct.unpack("<H", take(2))
     head = take(head_len)
     fields = _HEAD.unpack_from(head, 0)
-    (ver, ctx, cls_hash, seed, temp, top_p, start, n_tokens, stop, ended, chunk_size, k,
-     hidden) = fields
+    (ver, ctx, cls_hash, seed, temp, top_p, start, n_tokens, stop, ended, chunk_size, k, hidden) = (
+        fields
+    )
     if ver != VERSION:
         raise ValueError(f"version {ver}")
     if cls_hash != class_id(det_class):
         raise ValueError("determinism class does not match its id")
-    root = head[_HEAD.size:_HEAD.size + 32]
+    root = head[_HEAD.size : _HEAD.size + 32]
     (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
-    model = head[_HEAD.size + 34:_HEAD.size + 34 + mlen].decode()
+    model = head[_HEAD.size + 34 : _HEAD.size + 34 + mlen].decode()
     if _HEAD.size + 34 + mlen != len(head) or len(root) != 32:
         raise ValueError("header length")
     if not 1 <= chunk_size <= 4096 or not 1 <= k <= 65535 or n_tokens > MAX_TOKENS:
@@ -218,8 +265,23 @@ def _decode(blob: bytes) -> Commitment:
         remaining -= n
     if pos != len(blob):
         raise ValueError("trailing bytes")
-    header = Header(model, det_class, ctx, seed, temp, top_p, start, n_tokens,
-                    "stop" if stop else "length", bool(ended), hidden, root, chunk_size, k, ver)
+    header = Header(
+        model,
+        det_class,
+        ctx,
+        seed,
+        temp,
+        top_p,
+        start,
+        n_tokens,
+        "stop" if stop else "length",
+        bool(ended),
+        hidden,
+        root,
+        chunk_size,
+        k,
+        ver,
+    )
     if merkle_root([c.encode() for c in chunks]) != root:
         raise ValueError("chunks do not match the committed root")
     return Commitment(header, tuple(chunks))
@@ -299,14 +361,23 @@ def judge(c: Commitment, report: Report, tol: Tolerance, max_new_tokens: int) ->
         if faults and first_bad is None:
             first_bad = j
     passed = not reasons
-    return Verdict(passed, tuple(reasons), worst_rel, worst_margin, first_bad,
-                   {"worst_rel": worst_rel, "worst_margin": worst_margin})
+    return Verdict(
+        passed,
+        tuple(reasons),
+        worst_rel,
+        worst_margin,
+        first_bad,
+        {"worst_rel": worst_rel, "worst_margin": worst_margin},
+    )
 
 
 def chunk_faults(j: int, cc: Chunk, rc: ChunkReport, tol: Tolerance) -> list[str]:
     """Why chunk j of a commitment disagrees with a recomputation of it (empty: it agrees)."""
-    if len(rc.values) != len(cc.values) or len(rc.margins) != len(cc.tokens) \
-            or len(rc.allowed) != len(cc.tokens):
+    if (
+        len(rc.values) != len(cc.values)
+        or len(rc.margins) != len(cc.tokens)
+        or len(rc.allowed) != len(cc.tokens)
+    ):
         return [f"chunk {j}: report has the wrong shape"]
     reasons = []
     low = [v for v in cc.values if abs(v) < (1 - tol.rank_slack) * rc.kth]
@@ -316,8 +387,9 @@ def chunk_faults(j: int, cc: Chunk, rc: ChunkReport, tol: Tolerance) -> list[str
         reasons.append(f"chunk {j}: a token lies outside the nucleus")
     if any(m < -tol.margin or math.isnan(m) for m in rc.margins):
         reasons.append(f"chunk {j}: a token is not the one the seed samples")
-    chunk_rel = max((abs(v - w) / abs(v) if v else math.inf)
-                    for v, w in zip(cc.values, rc.values, strict=True))
+    chunk_rel = max(
+        (abs(v - w) / abs(v) if v else math.inf) for v, w in zip(cc.values, rc.values, strict=True)
+    )
     if not chunk_rel <= tol.rel:
         reasons.append(f"chunk {j}: hidden state off by {chunk_rel:.3g} (> {tol.rel:g})")
     return reasons
@@ -326,12 +398,17 @@ def chunk_faults(j: int, cc: Chunk, rc: ChunkReport, tol: Tolerance) -> list[str
 def encode_report(r: Report) -> bytes:
     """Binary report: context hash, end flag, class, then per chunk values/kth/margins/allowed."""
     cls = r.det_class.encode()
-    out = [r.context_hash, struct.pack("<?H", r.end_ok, len(cls)), cls,
-           struct.pack("<I", len(r.chunks))]
+    out = [
+        r.context_hash,
+        struct.pack("<?H", r.end_ok, len(cls)),
+        cls,
+        struct.pack("<I", len(r.chunks)),
+    ]
     for ch in r.chunks:
         k, n = len(ch.values), len(ch.margins)
-        out.append(struct.pack(f"<HH{k}ff{n}f{n}?", k, n, *ch.values, ch.kth, *ch.margins,
-                               *ch.allowed))
+        out.append(
+            struct.pack(f"<HH{k}ff{n}f{n}?", k, n, *ch.values, ch.kth, *ch.margins, *ch.allowed)
+        )
     return b"".join(out)
 
 
@@ -341,7 +418,7 @@ def decode_report(blob: bytes) -> Report:
         pos = 35
         ctx = blob[:32]
         end_ok, cls_len = struct.unpack_from("<?H", blob, 32)
-        det_class = blob[pos:pos + cls_len].decode()
+        det_class = blob[pos : pos + cls_len].decode()
         pos += cls_len
         (n_chunks,) = struct.unpack_from("<I", blob, pos)
         pos += 4
@@ -354,8 +431,14 @@ def decode_report(blob: bytes) -> Report:
             fmt = f"<{k}ff{n}f{n}?"
             vals = struct.unpack_from(fmt, blob, pos)
             pos += struct.calcsize(fmt)
-            chunks.append(ChunkReport(tuple(vals[:k]), vals[k], tuple(vals[k + 1:k + 1 + n]),
-                                      tuple(bool(a) for a in vals[k + 1 + n:])))
+            chunks.append(
+                ChunkReport(
+                    tuple(vals[:k]),
+                    vals[k],
+                    tuple(vals[k + 1 : k + 1 + n]),
+                    tuple(bool(a) for a in vals[k + 1 + n :]),
+                )
+            )
         if pos != len(blob):
             raise ValueError("trailing bytes")
     except (struct.error, UnicodeDecodeError, ValueError) as exc:

@@ -50,8 +50,11 @@ def disagreeing(c: cm.Commitment, report: cm.Report, tol: cm.Tolerance) -> list[
     """Every position at which a full recomputation disagrees with the commitment."""
     if len(report.chunks) != len(c.chunks):
         return list(range(n_positions(c)))
-    return [p for p in range(n_positions(c))
-            if faults_at(c, p, only_position(report, p, len(c.chunks)), tol)]
+    return [
+        p
+        for p in range(n_positions(c))
+        if faults_at(c, p, only_position(report, p, len(c.chunks)), tol)
+    ]
 
 
 def truncated(c: cm.Commitment, position: int) -> cm.Commitment:
@@ -59,11 +62,15 @@ def truncated(c: cm.Commitment, position: int) -> cm.Commitment:
     what a referee recomputes to check one position without paying for the rest."""
     if position >= len(c.chunks):
         return c
-    return cm.Commitment(c.header, c.chunks[:position + 1])
+    return cm.Commitment(c.header, c.chunks[: position + 1])
 
 
-def reversal(dispute_id: str, originals: Sequence[Entry], balances: Mapping[str, int],
-             cover: Mapping[str, int]) -> tuple[Entry | None, dict[str, int]]:
+def reversal(
+    dispute_id: str,
+    originals: Sequence[Entry],
+    balances: Mapping[str, int],
+    cover: Mapping[str, int],
+) -> tuple[Entry | None, dict[str, int]]:
     """Undo the postings of a slash that a dispute overturned.
 
     Accounts that received money give it back as far as they still hold it (balances never
@@ -95,20 +102,26 @@ def reversal(dispute_id: str, originals: Sequence[Entry], balances: Mapping[str,
             collected += take
     left = collected
     # Stakes before the forfeited accrual: the stake is what routing and ejection weigh.
-    for acct in sorted((a for a, v in back.items() if v > 0),
-                       key=lambda a: (not a.startswith("stake:"), a)):
+    for acct in sorted(
+        (a for a, v in back.items() if v > 0), key=lambda a: (not a.startswith("stake:"), a)
+    ):
         give = min(back[acct], left)
         if give:
             postings.append(Posting(acct, give))
             left -= give
     if not postings:
         return None, used
-    return (ledger.make_entry(f"reverse:{dispute_id}", Cause("dispute", dispute_id), postings,
-                              "slash reversed"), used)
+    return (
+        ledger.make_entry(
+            f"reverse:{dispute_id}", Cause("dispute", dispute_id), postings, "slash reversed"
+        ),
+        used,
+    )
 
 
-def penalty(dispute_id: str, stakes: Mapping[str, int], provider: str,
-            provider_bps: int = 5_000) -> list[Entry]:
+def penalty(
+    dispute_id: str, stakes: Mapping[str, int], provider: str, provider_bps: int = 5_000
+) -> list[Entry]:
     """A verifier whose accusation a referee overturned loses its stakes: part goes to the
     wrongly accused provider, the rest is burned to fees (as a canary slash would)."""
     out = []
@@ -116,10 +129,18 @@ def penalty(dispute_id: str, stakes: Mapping[str, int], provider: str,
         if bal <= 0:
             continue
         to_provider = bal * provider_bps // 10_000
-        out.append(ledger.make_entry(
-            f"dispute-penalty:{dispute_id}:{acct}", Cause("dispute", dispute_id),
-            [Posting(acct, -bal), Posting(ledger.provider_account(provider), to_provider),
-             Posting(FEES, bal - to_provider)], "false accusation"))
+        out.append(
+            ledger.make_entry(
+                f"dispute-penalty:{dispute_id}:{acct}",
+                Cause("dispute", dispute_id),
+                [
+                    Posting(acct, -bal),
+                    Posting(ledger.provider_account(provider), to_provider),
+                    Posting(FEES, bal - to_provider),
+                ],
+                "false accusation",
+            )
+        )
     return out
 
 
@@ -129,8 +150,11 @@ def referee_pay(dispute_id: str, referee: str, amount: int, fees_balance: int) -
     if pay <= 0:
         return None
     return ledger.make_entry(
-        f"referee-pay:{dispute_id}", Cause("dispute", dispute_id),
-        [Posting(FEES, -pay), Posting(ledger.provider_account(referee), pay)], "referee pay")
+        f"referee-pay:{dispute_id}",
+        Cause("dispute", dispute_id),
+        [Posting(FEES, -pay), Posting(ledger.provider_account(referee), pay)],
+        "referee pay",
+    )
 
 
 def dispute_fee(dispute_id: str, provider: str, amount: int, balance: int) -> Entry | None:
@@ -139,5 +163,8 @@ def dispute_fee(dispute_id: str, provider: str, amount: int, balance: int) -> En
     if fee <= 0:
         return None
     return ledger.make_entry(
-        f"dispute-fee:{dispute_id}", Cause("dispute", dispute_id),
-        [Posting(ledger.provider_account(provider), -fee), Posting(FEES, fee)], "dispute fee")
+        f"dispute-fee:{dispute_id}",
+        Cause("dispute", dispute_id),
+        [Posting(ledger.provider_account(provider), -fee), Posting(FEES, fee)],
+        "dispute fee",
+    )

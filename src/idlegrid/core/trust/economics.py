@@ -23,8 +23,9 @@ def p_star(gain: float, detect: float, rho: float, stake: float, forfeit: float)
     return min(1.0, gain / at_risk)
 
 
-def cheat_profit(p: float, gain: float, detect: float, rho: float, stake: float,
-                 forfeit: float) -> float:
+def cheat_profit(
+    p: float, gain: float, detect: float, rho: float, stake: float, forfeit: float
+) -> float:
     """Expected profit of cheating once at audit rate p (negative: cheating loses)."""
     return gain - p * detect * (1 - rho) * (stake + forfeit)
 
@@ -74,8 +75,9 @@ def detection_within(p: float, detect: float, m: int) -> float:
     return 1 - (1 - p * detect) ** m
 
 
-def false_slash_probability(requests: int, audit_rate: float, fail_rate: float,
-                            confirm_rate: float) -> float:
+def false_slash_probability(
+    requests: int, audit_rate: float, fail_rate: float, confirm_rate: float
+) -> float:
     """Probability an honest provider is ever slashed over `requests`.
 
     A slash needs the audit to fail (honest false-fail rate `fail_rate`) and the dispute's

@@ -72,8 +72,11 @@ def matrix(seed: bytes, tag: str, n: int, bits: int) -> F32:
 def rows_of(seed: bytes, tag: str, rows: Sequence[int], n: int, bits: int) -> F32:
     """Selected rows of a challenge matrix, without building the rest."""
     k = key(seed, tag)
-    return np.stack([values(k, i * n, n, bits) for i in rows]) if rows else np.zeros((0, n),
-                                                                                  np.float32)
+    return (
+        np.stack([values(k, i * n, n, bits) for i in rows])
+        if rows
+        else np.zeros((0, n), np.float32)
+    )
 
 
 def row_leaf(row: npt.NDArray[np.floating]) -> bytes:
@@ -134,7 +137,7 @@ class TimingModel:
 
     def budget(self, n: int, claimed_tflops: float, on_device: bool) -> Budget:
         """Time the claimed device may take for an n×n challenge."""
-        compute = 2.0 * n ** 3 / (claimed_tflops * 1e12)
+        compute = 2.0 * n**3 / (claimed_tflops * 1e12)
         per = self.device_ns_per_element if on_device else self.host_ns_per_element
         overhead = 3 * n * n * per * 1e-9 + self.rtt_s
         return Budget(compute, overhead, compute + overhead)
@@ -143,7 +146,7 @@ class TimingModel:
         """The throughput the measured time proves, as a lower bound (TFLOP/s): the whole
         elapsed time counts as compute, so a fast prover is never credited with more."""
         del on_device  # the overhead allowance only widens the budget, never the proof
-        return 2.0 * n ** 3 / max(elapsed_s, 1e-6) / 1e12
+        return 2.0 * n**3 / max(elapsed_s, 1e-6) / 1e12
 
 
 @dataclass(frozen=True)
@@ -158,21 +161,32 @@ class Spec:
     on_device: bool
 
 
-def spec_for(claimed: str, catalog: Mapping[str, float], model: TimingModel,
-             n_gpu: int = 4096, n_cpu: int = 1024, open_rows_count: int = 16) -> Spec:
+def spec_for(
+    claimed: str,
+    catalog: Mapping[str, float],
+    model: TimingModel,
+    n_gpu: int = 4096,
+    n_cpu: int = 1024,
+    open_rows_count: int = 16,
+) -> Spec:
     """Challenge size and rate for a claimed class (`catalog`: class -> datasheet TFLOP/s)."""
     if claimed == "CPU":
-        return Spec(claimed, n_cpu, "fp32", open_rows_count, model.cpu_floor_gflops / 1000,
-                    on_device=False)
+        return Spec(
+            claimed, n_cpu, "fp32", open_rows_count, model.cpu_floor_gflops / 1000, on_device=False
+        )
     tflops = catalog[claimed] * model.gpu_efficiency
     return Spec(claimed, n_gpu, "fp16", open_rows_count, tflops, on_device=True)
 
 
-def proven_class(tflops: float, catalog: Mapping[str, float], model: TimingModel,
-                 cpu_ok: bool = True) -> str | None:
+def proven_class(
+    tflops: float, catalog: Mapping[str, float], model: TimingModel, cpu_ok: bool = True
+) -> str | None:
     """The fastest class whose assumed rate the measured rate reaches (CPU at the floor)."""
-    fits = [(rate * model.gpu_efficiency, name) for name, rate in catalog.items()
-            if name != "CPU" and rate * model.gpu_efficiency <= tflops]
+    fits = [
+        (rate * model.gpu_efficiency, name)
+        for name, rate in catalog.items()
+        if name != "CPU" and rate * model.gpu_efficiency <= tflops
+    ]
     if fits:
         return max(fits)[1]
     return "CPU" if cpu_ok and tflops * 1000 >= model.cpu_floor_gflops else None
@@ -204,9 +218,16 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
-def judge(spec: Spec, seed: bytes, root: bytes, wanted: Sequence[int],
-          openings: Sequence[Opening], elapsed_s: float, model: TimingModel,
-          tolerance: float = ROW_TOLERANCE) -> Verdict:
+def judge(
+    spec: Spec,
+    seed: bytes,
+    root: bytes,
+    wanted: Sequence[int],
+    openings: Sequence[Opening],
+    elapsed_s: float,
+    model: TimingModel,
+    tolerance: float = ROW_TOLERANCE,
+) -> Verdict:
     """Check every wanted row (path and value) and the time the challenger measured."""
     reasons: list[str] = []
     bits = VALUE_BITS[spec.dtype]
@@ -234,10 +255,18 @@ def judge(spec: Spec, seed: bytes, root: bytes, wanted: Sequence[int],
     if not in_time:
         reasons.append(f"took {elapsed_s:.3f} s; a {spec.claimed} may take {budget.total_s:.3f} s")
     proven = model.proven_tflops(spec.n, elapsed_s, spec.on_device) if correct else 0.0
-    return Verdict(correct and in_time, correct, in_time, elapsed_s, budget.total_s, worst,
-                   proven, tuple(reasons))
+    return Verdict(
+        correct and in_time,
+        correct,
+        in_time,
+        elapsed_s,
+        budget.total_s,
+        worst,
+        proven,
+        tuple(reasons),
+    )
 
 
 def detection_probability(fraction_done: float, opened: int) -> float:
     """P(caught) for a provider that computed only `fraction_done` of the rows."""
-    return 1.0 - fraction_done ** opened
+    return 1.0 - fraction_done**opened

@@ -67,29 +67,49 @@ class TrainDisputeState(StrEnum):
 
 
 _A = AuditState
-AUDIT = Lifecycle.of("audit", AuditState, {
-    _A.PENDING: {_A.ASSIGNED},
-    _A.ASSIGNED: {_A.PENDING, _A.PASSED, _A.FAILED},
-    _A.FAILED: {_A.OVERTURNED},
-}, initial={_A.PENDING})
+AUDIT = Lifecycle.of(
+    "audit",
+    AuditState,
+    {
+        _A.PENDING: {_A.ASSIGNED},
+        _A.ASSIGNED: {_A.PENDING, _A.PASSED, _A.FAILED},
+        _A.FAILED: {_A.OVERTURNED},
+    },
+    initial={_A.PENDING},
+)
 
 _H = HwProofState
-HW_PROOF = Lifecycle.of("hw-proof", HwProofState, {
-    _H.ISSUED: {_H.STARTED, _H.EXPIRED},
-    _H.STARTED: {_H.COMMITTED, _H.FAILED},
-    _H.COMMITTED: {_H.PASSED, _H.FAILED},
-}, initial={_H.ISSUED})
+HW_PROOF = Lifecycle.of(
+    "hw-proof",
+    HwProofState,
+    {
+        _H.ISSUED: {_H.STARTED, _H.EXPIRED},
+        _H.STARTED: {_H.COMMITTED, _H.FAILED},
+        _H.COMMITTED: {_H.PASSED, _H.FAILED},
+    },
+    initial={_H.ISSUED},
+)
 
 _D = DisputeState
-DISPUTE = Lifecycle.of("dispute", DisputeState, {
-    _D.BISECTING: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
-    _D.AWAITING_REFEREE: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
-    _D.REFEREEING: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
-}, initial={_D.BISECTING})
+DISPUTE = Lifecycle.of(
+    "dispute",
+    DisputeState,
+    {
+        _D.BISECTING: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
+        _D.AWAITING_REFEREE: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
+        _D.REFEREEING: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
+    },
+    initial={_D.BISECTING},
+)
 
 _T = TrainDisputeState
-TRAIN_DISPUTE = Lifecycle.of("train-dispute", TrainDisputeState, {
-    _T.OPEN: {_T.AWAITING_REFEREE, _T.WON, _T.LOST},
-    _T.AWAITING_REFEREE: {_T.REFEREEING, _T.WON, _T.LOST},
-    _T.REFEREEING: {_T.AWAITING_REFEREE, _T.WON, _T.LOST},
-}, initial={_T.OPEN})
+TRAIN_DISPUTE = Lifecycle.of(
+    "train-dispute",
+    TrainDisputeState,
+    {
+        _T.OPEN: {_T.AWAITING_REFEREE, _T.WON, _T.LOST},
+        _T.AWAITING_REFEREE: {_T.REFEREEING, _T.WON, _T.LOST},
+        _T.REFEREEING: {_T.AWAITING_REFEREE, _T.WON, _T.LOST},
+    },
+    initial={_T.OPEN},
+)

@@ -73,7 +73,7 @@ def fill(seed: bytes, spec: MemSpec) -> U32:
     buf[:LANES] = row
     for s in range(1, spec.depth):
         row = _step(row, s, k, spec.rounds)
-        buf[s * LANES:(s + 1) * LANES] = row
+        buf[s * LANES : (s + 1) * LANES] = row
     return buf
 
 
@@ -91,8 +91,9 @@ def words_at(seed: bytes, spec: MemSpec, addrs: npt.NDArray[np.int64]) -> U32:
     return out
 
 
-def _next(values: U32, addrs: npt.NDArray[np.int64], t: int, kc: np.uint32,
-          words: int) -> npt.NDArray[np.int64]:
+def _next(
+    values: U32, addrs: npt.NDArray[np.int64], t: int, kc: np.uint32, words: int
+) -> npt.NDArray[np.int64]:
     with np.errstate(over="ignore"):
         x = values ^ addrs.astype(np.uint32) ^ (np.uint32((t * GOLDEN) & 0xFFFFFFFF) + kc)
         lowbias32(x)
@@ -135,8 +136,16 @@ def budget_s(spec: MemSpec, ns_per_read: float, rtt_s: float) -> float:
     return spec.chases * spec.steps * ns_per_read * 1e-9 + rtt_s
 
 
-def judge(seed: bytes, chase_seed: bytes, spec: MemSpec, trace: U32, elapsed_s: float,
-          sample_seed: bytes, ns_per_read: float = 2000.0, rtt_s: float = 0.5) -> MemVerdict:
+def judge(
+    seed: bytes,
+    chase_seed: bytes,
+    spec: MemSpec,
+    trace: U32,
+    elapsed_s: float,
+    sample_seed: bytes,
+    ns_per_read: float = 2000.0,
+    rtt_s: float = 0.5,
+) -> MemVerdict:
     """Rebuild the addresses from the values, replay sampled words, check the time."""
     reasons: list[str] = []
     if trace.shape != (spec.steps, spec.chases):
@@ -147,8 +156,9 @@ def judge(seed: bytes, chase_seed: bytes, spec: MemSpec, trace: U32, elapsed_s: 
     for t in range(spec.steps):
         addrs[t] = a
         a = _next(trace[t], a, t, kc, spec.words)
-    rng = np.random.Generator(np.random.Philox(key=int.from_bytes(
-        hashlib.sha256(sample_seed).digest()[:8], "little")))
+    rng = np.random.Generator(
+        np.random.Philox(key=int.from_bytes(hashlib.sha256(sample_seed).digest()[:8], "little"))
+    )
     pick = rng.choice(trace.size, size=min(spec.samples, trace.size), replace=False)
     want = words_at(seed, spec, addrs.reshape(-1)[pick])
     wrong = int(np.count_nonzero(want != trace.reshape(-1)[pick]))

@@ -21,10 +21,16 @@ class ReputationModel:
 
     def posterior(self, passed: int, failed: int) -> float:
         """P(spoofer | `passed` clean audits and `failed` failed ones), in log space."""
-        log_s = (math.log(self.prior) + passed * math.log1p(-self.spoofer_fail)
-                 + failed * math.log(self.spoofer_fail))
-        log_h = (math.log1p(-self.prior) + passed * math.log1p(-self.honest_fail)
-                 + failed * math.log(self.honest_fail))
+        log_s = (
+            math.log(self.prior)
+            + passed * math.log1p(-self.spoofer_fail)
+            + failed * math.log(self.spoofer_fail)
+        )
+        log_h = (
+            math.log1p(-self.prior)
+            + passed * math.log1p(-self.honest_fail)
+            + failed * math.log(self.honest_fail)
+        )
         hi = max(log_s, log_h)
         return math.exp(log_s - hi) / (math.exp(log_s - hi) + math.exp(log_h - hi))
 

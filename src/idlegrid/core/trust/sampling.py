@@ -87,8 +87,9 @@ def _scaled(logits: np.ndarray, temperature: float) -> np.ndarray:
     return z
 
 
-def choose(logits: np.ndarray, seed: int, position: int, temperature: float,
-           top_p: float = 1.0) -> int:
+def choose(
+    logits: np.ndarray, seed: int, position: int, temperature: float, top_p: float = 1.0
+) -> int:
     """The token a provider must emit at `position` given its logits."""
     if temperature <= 0:
         return int(np.argmax(logits))
@@ -97,8 +98,9 @@ def choose(logits: np.ndarray, seed: int, position: int, temperature: float,
     return choose_exhaustive(logits, seed, position, temperature, top_p)
 
 
-def choose_exhaustive(logits: np.ndarray, seed: int, position: int, temperature: float,
-                      top_p: float = 1.0) -> int:
+def choose_exhaustive(
+    logits: np.ndarray, seed: int, position: int, temperature: float, top_p: float = 1.0
+) -> int:
     """`choose` by the definition: noise for every eligible token (the reference)."""
     if temperature <= 0:
         return int(np.argmax(logits))
@@ -122,17 +124,30 @@ class Replay:
     allowed: bool  # the token lies inside the nucleus (with slack)
 
 
-def replay(logits: np.ndarray, token: int, seed: int, position: int, temperature: float,
-           top_p: float = 1.0, top_p_slack: float = 1e-4) -> Replay:
+def replay(
+    logits: np.ndarray,
+    token: int,
+    seed: int,
+    position: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_p_slack: float = 1e-4,
+) -> Replay:
     """How clearly `token` wins the seeded draw under the verifier's own logits."""
     if temperature > 0 and len(logits) >= FAST_FROM and 0 <= token < len(logits):
         return _replay_pruned(logits, token, seed, position, temperature, top_p, top_p_slack)
     return replay_exhaustive(logits, token, seed, position, temperature, top_p, top_p_slack)
 
 
-def replay_exhaustive(logits: np.ndarray, token: int, seed: int, position: int,
-                      temperature: float, top_p: float = 1.0,
-                      top_p_slack: float = 1e-4) -> Replay:
+def replay_exhaustive(
+    logits: np.ndarray,
+    token: int,
+    seed: int,
+    position: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_p_slack: float = 1e-4,
+) -> Replay:
     """`replay` by the definition (the reference)."""
     if not 0 <= token < len(logits):
         return Replay(float("-inf"), False)
@@ -235,8 +250,9 @@ def _nucleus_prefix(z: np.ndarray, need: float) -> tuple[np.ndarray, np.ndarray]
         thr *= 1e-3
 
 
-def _choose_pruned(logits: np.ndarray, seed: int, position: int, temperature: float,
-                   top_p: float) -> int:
+def _choose_pruned(
+    logits: np.ndarray, seed: int, position: int, temperature: float, top_p: float
+) -> int:
     z = _scaled(logits, temperature)
     if top_p >= 1.0:
         return _best_of(z, seed, position, -1)[0]
@@ -249,8 +265,15 @@ def _choose_pruned(logits: np.ndarray, seed: int, position: int, temperature: fl
     return int(cand[int(np.argmax(z[cand] + gumbel(seed, position, cand)))])
 
 
-def _replay_pruned(logits: np.ndarray, token: int, seed: int, position: int,
-                   temperature: float, top_p: float, top_p_slack: float) -> Replay:
+def _replay_pruned(
+    logits: np.ndarray,
+    token: int,
+    seed: int,
+    position: int,
+    temperature: float,
+    top_p: float,
+    top_p_slack: float,
+) -> Replay:
     z = _scaled(logits, temperature)
     mine = float(z[token] + gumbel(seed, position, np.array([token]))[0])
     if top_p >= 1.0:

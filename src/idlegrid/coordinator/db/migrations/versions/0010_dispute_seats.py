@@ -9,16 +9,21 @@ PostgreSQL take the same path.
 Revision ID: 0010_dispute_seats
 Revises: 0009_key_revocation
 """
+
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0010_dispute_seats'
-down_revision = '0009_key_revocation'
+revision = "0010_dispute_seats"
+down_revision = "0009_key_revocation"
 branch_labels = None
 depends_on = None
 
-disputes = sa.table('trust_disputes', sa.column('id', sa.String()),
-                    sa.column('waiting', sa.JSON()), sa.column('answers', sa.JSON()))
+disputes = sa.table(
+    "trust_disputes",
+    sa.column("id", sa.String()),
+    sa.column("waiting", sa.JSON()),
+    sa.column("answers", sa.JSON()),
+)
 
 
 def _rename(old: str, new: str) -> None:
@@ -28,14 +33,19 @@ def _rename(old: str, new: str) -> None:
         waiting, answers = list(waiting or []), dict(answers or {})
         if old not in waiting and old not in answers:
             continue
-        bind.execute(disputes.update().where(disputes.c.id == id_).values(
-            waiting=[new if w == old else w for w in waiting],
-            answers={new if k == old else k: v for k, v in answers.items()}))
+        bind.execute(
+            disputes.update()
+            .where(disputes.c.id == id_)
+            .values(
+                waiting=[new if w == old else w for w in waiting],
+                answers={new if k == old else k: v for k, v in answers.items()},
+            )
+        )
 
 
 def upgrade() -> None:
-    _rename('verifier', 'challenger')
+    _rename("verifier", "challenger")
 
 
 def downgrade() -> None:
-    _rename('challenger', 'verifier')
+    _rename("challenger", "verifier")
