@@ -26,7 +26,7 @@ from idlegrid.core.ledger import FEES, MICRO
 from idlegrid.errors import InvalidRequest
 
 if TYPE_CHECKING:  # the market's read model, injected by the composition root
-    from idlegrid.coordinator.market.store import OrderView
+    from idlegrid.coordinator.market.views import OrderView
 
 WEB = Path(__file__).parent / "web"
 PAGES: dict[str, tuple[str, ...]] = {

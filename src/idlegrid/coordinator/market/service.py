@@ -18,7 +18,8 @@ from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, LiveNodesChanged, NodeRegistered
-from idlegrid.coordinator.market.store import MarketStore, OrderView
+from idlegrid.coordinator.market.store import MarketStore
+from idlegrid.coordinator.market.views import OrderView
 from idlegrid.coordinator.views import NodeView
 from idlegrid.core.ledger import MICRO
 from idlegrid.core.market.auction import Book, Placement, Unmatched

@@ -8,10 +8,7 @@ not at all: a refused order leaves no posting behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, delete, func, insert, select, update
@@ -29,10 +26,19 @@ from idlegrid.coordinator.db.tables import (
     NodeMarket,
     table,
 )
+from idlegrid.coordinator.market.views import (
+    DuplicateOrder,
+    OrderNotFound,
+    OrderView,
+    body_hash,
+    order_view,
+    start_fields,
+    view_of_row,
+)
 from idlegrid.core import ledger
 from idlegrid.core.market import settlement
 from idlegrid.core.market.orders import TERMINAL, Order, OrderKind, OrderState, order_transition
-from idlegrid.errors import Conflict, IdlegridError, NotFound
+from idlegrid.errors import Conflict, IdlegridError
 
 # Outcomes that are not the provider's fault: they do not lower its reliability.
 # ("handed back" is what attempts were recorded with before the two names agreed.)
@@ -41,119 +47,7 @@ _BLAMELESS = ("done", "handback", "handed back", "cancelled", "consumer left")
 _PRIOR_OK, _PRIOR_N = 19, 20
 
 
-class DuplicateOrder(Conflict):
-    """An order id that was already submitted."""
-
-    code = "duplicate_order"
-
-    def __init__(self, order_id: str, state: str | None) -> None:
-        # Order ids are global: another consumer's order is named "taken", its state kept
-        # from whoever submitted the same id.
-        super().__init__(
-            f"order {order_id} was already submitted (now {state})"
-            if state
-            else f"order id {order_id} is taken; choose another",
-            order_id=order_id,
-            state=state,
-        )
-
-
-class OrderNotFound(NotFound):
-    """No order with this id for this consumer."""
-
-    code = "order_not_found"
-
-    def __init__(self, order_id: str) -> None:
-        super().__init__(f"no order {order_id}", order_id=order_id)
-
-
-@dataclass(frozen=True)
-class OrderView:
-    """An order as the API shows it."""
-
-    id: str
-    key_id: str
-    kind: str
-    body: dict[str, Any]
-    state: str
-    budget: int
-    spent: int
-    refunded: int
-    placement: dict[str, Any] | None
-    reasons: dict[str, Any] | None
-    created_at: float
-    started_at: float | None
-    ends_at: float | None
-    accrued_until: float | None
-    tokens_done: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return dict(self.__dict__)
-
-
-def _view(o: MarketOrder) -> OrderView:
-    return OrderView(
-        o.id,
-        o.key_id,
-        o.kind,
-        dict(o.body),
-        o.state,
-        o.budget,
-        o.spent,
-        o.refunded,
-        o.placement,
-        o.reasons,
-        o.created_at,
-        o.started_at,
-        o.ends_at,
-        o.accrued_until,
-        o.tokens_done,
-    )
-
-
-def _start_fields(order: Order, placement: dict[str, Any], now: float) -> dict[str, Any]:
-    """Columns of an order that was just matched and starts at once."""
-    state = order_transition(order_transition(OrderState.OPEN, "match"), "start")
-    return {
-        "state": state.value,
-        "placement": placement,
-        "reasons": None,
-        "started_at": now,
-        "accrued_until": now,
-        "updated_at": now,
-        "ends_at": None if order.kind is OrderKind.BATCH else now + order.hours * 3600,
-    }
-
-
 _INSERT_ORDER = insert(table(MarketOrder))
-
-
-def _view_of(r: dict[str, Any], key_id: str, now: float) -> OrderView:
-    return OrderView(
-        r["id"],
-        key_id,
-        r["kind"],
-        r["body"],
-        r["state"],
-        r["budget"],
-        0,
-        0,
-        r["placement"],
-        r["reasons"],
-        now,
-        r["started_at"],
-        r["ends_at"],
-        r["accrued_until"],
-        0,
-    )
-
-
-def body_hash(body: dict[str, Any]) -> str:
-    """Hash of an order's canonical JSON, to tell a replay from a different order."""
-    return hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
 
 
 class MarketStore:
@@ -291,7 +185,7 @@ class MarketStore:
                             order.id, row[0] if row[1] == key_id else None
                         ) from None
             raise
-        return [_view_of(r, key_id, now) for r in rows]
+        return [view_of_row(r, key_id, now) for r in rows]
 
     def create_orders_each(
         self, items: Sequence[tuple[Order, str, dict[str, Any] | None, dict[str, Any] | None]]
@@ -329,7 +223,7 @@ class MarketStore:
                         raise
                     out.append(exc)
                 else:
-                    out.append(_view_of(row, key_id, now))
+                    out.append(view_of_row(row, key_id, now))
         return out
 
     @staticmethod
@@ -362,12 +256,12 @@ class MarketStore:
             "tokens_done": 0,
         }
         if placement is not None:
-            row |= _start_fields(order, placement, now)
+            row |= start_fields(order, placement, now)
         return row
 
     @staticmethod
     def _start(row: MarketOrder, order: Order, placement: dict[str, Any], now: float) -> None:
-        for k, v in _start_fields(order, placement, now).items():
+        for k, v in start_fields(order, placement, now).items():
             setattr(row, k, v)
 
     def place(self, order_id: str, order: Order, placement: dict[str, Any]) -> OrderView:
@@ -381,7 +275,7 @@ class MarketStore:
                 # Re-placed after a loss: the hours left, not the hours bought.
                 done_h = row.spent / max(1, order.max_price * order.devices)
                 row.ends_at = self.clock() + max(0.0, order.hours - done_h) * 3600
-            return _view(row)
+            return order_view(row)
 
     def set_reasons(self, order_id: str, reasons: dict[str, Any]) -> None:
         """Record why an open order is still unmatched."""
@@ -401,7 +295,7 @@ class MarketStore:
     def get_order(self, order_id: str, key_id: str | None = None) -> OrderView:
         """One order (only the consumer's own when `key_id` is given)."""
         with self.store.read() as s:
-            return _view(self._row(s, order_id, key_id))
+            return order_view(self._row(s, order_id, key_id))
 
     def orders(
         self, key_id: str | None = None, states: Sequence[str] | None = None
@@ -413,7 +307,7 @@ class MarketStore:
                 q = q.where(MarketOrder.key_id == key_id)
             if states:
                 q = q.where(MarketOrder.state.in_(list(states)))
-            return [_view(o) for o in s.scalars(q)]
+            return [order_view(o) for o in s.scalars(q)]
 
     def orders_due(self, accrued_before: float, now: float) -> list[OrderView]:
         """Active orders last accrued before `accrued_before`, or past their end."""
@@ -422,7 +316,7 @@ class MarketStore:
                 MarketOrder.state == OrderState.ACTIVE.value,
                 (MarketOrder.accrued_until <= accrued_before) | (MarketOrder.ends_at <= now),
             )
-            return [_view(o) for o in s.scalars(q)]
+            return [order_view(o) for o in s.scalars(q)]
 
     def accrue(self, order_id: str, fee_bps: int, until: float | None = None) -> OrderView:
         """Pay providers for the time served since the last accrual; complete at the end."""
@@ -435,7 +329,7 @@ class MarketStore:
                 and (row.accrued_until or 0) >= row.ends_at
             ):
                 self._finish(s, row, "complete")
-            return _view(row)
+            return order_view(row)
 
     def _accrue_time(self, s: Session, row: MarketOrder, fee_bps: int, now: float) -> None:
         if row.state != OrderState.ACTIVE.value or row.kind == OrderKind.BATCH.value:
@@ -490,7 +384,7 @@ class MarketStore:
                 row.spent += amount
             if row.tokens_done >= wanted:
                 self._finish(s, row, "complete")
-            return _view(row)
+            return order_view(row)
 
     def _finish(self, s: Session, row: MarketOrder, move: str) -> None:
         row.state = order_transition(OrderState(row.state), move).value
@@ -505,14 +399,14 @@ class MarketStore:
             row = self._row(s, order_id, key_id)
             self._accrue_time(s, row, fee_bps, self.clock())
             self._finish(s, row, "cancel")
-            return _view(row)
+            return order_view(row)
 
     def expire(self, order_id: str) -> OrderView:
         """An open order nobody could take in time: its whole escrow goes back."""
         with self.store.tx() as s:
             row = self._row(s, order_id)
             self._finish(s, row, "expire")
-            return _view(row)
+            return order_view(row)
 
     def requeue(self, order_id: str, fee_bps: int, served_until: float) -> OrderView:
         """The provider was lost: pay it up to `served_until`, reopen the order to re-place."""
@@ -522,7 +416,7 @@ class MarketStore:
             row.state = order_transition(OrderState(row.state), "requeue").value
             row.placement = None
             row.updated_at = self.clock()
-            return _view(row)
+            return order_view(row)
 
     def slo_refund(
         self, order_id: str, ref: str, node_id: str, device_class: str, amount: int

@@ -31,6 +31,12 @@ from sqlalchemy import select, update
 
 from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerPosting
 from idlegrid.coordinator.training.common import enc
+from idlegrid.coordinator.training.dispute_moves import (
+    apply_move,
+    hex_field,
+    parse_move,
+    replay_game,
+)
 from idlegrid.coordinator.training.tables import (
     TrainAudit,
     TrainCheckpoint,
@@ -48,8 +54,7 @@ from idlegrid.core.training.proof import TrainingCommitment
 from idlegrid.core.trust import beacon
 from idlegrid.core.trust import dispute as money
 from idlegrid.core.trust.lifecycle import TRAIN_DISPUTE
-from idlegrid.core.trust.merkle import Proof
-from idlegrid.errors import Conflict, InvalidRequest, NotFound
+from idlegrid.errors import Conflict, NotFound
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -59,65 +64,6 @@ if TYPE_CHECKING:
 OPEN = TRAIN_DISPUTE.live()  # open, awaiting-referee, refereeing
 ANSWERING = ("open", "refereeing")
 ROLES = {game.PROVIDER: seats.PROVIDER, game.CHALLENGER: seats.CHALLENGER}
-
-
-def _hex(body: dict[str, Any], name: str) -> bytes:
-    try:
-        return bytes.fromhex(str(body.get(name) or ""))
-    except ValueError as exc:
-        raise InvalidRequest(f"{name} is not hex", param=name) from exc
-
-
-def _proof(body: dict[str, Any], index: int) -> Proof:
-    sib = body.get("siblings") or []
-    right = body.get("right") or []
-    if not isinstance(sib, list) or not isinstance(right, list) or len(sib) != len(right):
-        raise InvalidRequest("siblings and right must be lists of one length", param="siblings")
-    try:
-        return Proof(
-            index, tuple(bytes.fromhex(str(h)) for h in sib), tuple(bool(r) for r in right)
-        )
-    except ValueError as exc:
-        raise InvalidRequest("siblings are not hex", param="siblings") from exc
-
-
-def replay_game(row: TrainDispute, c: TrainingCommitment) -> game.Dispute | None:
-    """The game as the recorded moves left it (None before the challenger's claim)."""
-    if not row.moves:
-        return None
-    first = row.moves[0]
-    d = game.Dispute.open(c, bytes.fromhex(first["hash"]), first["at"], row.round_s)
-    for m in row.moves[1:]:
-        _apply(d, m)
-    return d
-
-
-def _apply(d: game.Dispute, m: dict[str, Any]) -> None:
-    at, party, kind = float(m["at"]), m["party"], m["kind"]
-    if kind == "step":
-        d.answer_step(bytes.fromhex(m["hash"]), at)
-    elif kind == "commit":
-        d.commit_ops(
-            party,
-            int(m["n"]),
-            bytes.fromhex(m["root"]),
-            bytes.fromhex(m["last"]),
-            Proof(
-                int(m["n"]) - 1, tuple(bytes.fromhex(h) for h in m["siblings"]), tuple(m["right"])
-            ),
-            at,
-        )
-    elif kind == "open":
-        d.open_op(
-            party,
-            bytes.fromhex(m["link"]),
-            Proof(
-                int(m["index"]), tuple(bytes.fromhex(h) for h in m["siblings"]), tuple(m["right"])
-            ),
-            at,
-        )
-    elif kind == "record":
-        d.reveal_record(party, bytes.fromhex(m["record"]), at)
 
 
 class TrainDisputes:
@@ -292,7 +238,7 @@ class TrainDisputes:
                 return self._view(row, c)
             if d is None:  # the challenger's claim: its replay's end state
                 seats.in_time(dispute_id, round_, row.deadline, now)
-                claim = _hex(body, "state_hash").hex()
+                claim = hex_field(body, "state_hash").hex()
                 move = {"kind": "claim", "party": game.CHALLENGER, "hash": claim, "at": now}
                 row.moves = [move]
                 d = replay_game(row, c)
@@ -304,9 +250,9 @@ class TrainDisputes:
                 if d.phase == "referee":
                     self._handover(s, row, c, d, body, now)
                     return self._view(row, c)
-                move = self._move(d, party, body, now)
+                move = parse_move(d, party, body, now)
                 try:
-                    _apply(d, move)
+                    apply_move(d, move)
                 except game.DisputeError as exc:
                     if d.outcome is not None:  # moved after its deadline: the late one lost
                         self._settle(s, row, c, d)
@@ -317,41 +263,6 @@ class TrainDisputes:
                     row.round += 1
             self._advance(s, row, c, d, now)
             return self._view(row, c)
-
-    @staticmethod
-    def _move(d: game.Dispute, party: str, body: dict[str, Any], now: float) -> dict[str, Any]:
-        """A party's answer as a recorded move (validated by the core as it is applied)."""
-        base = {"party": party, "at": now}
-        if d.phase == "steps":
-            return {**base, "kind": "step", "hash": _hex(body, "state_hash").hex()}
-        if d.phase == "ops-commit":
-            n = body.get("n_ops")
-            if not isinstance(n, int) or n < 0:
-                raise InvalidRequest("n_ops must be a non-negative integer", param="n_ops")
-            p = _proof(body, max(n - 1, 0))
-            return {
-                **base,
-                "kind": "commit",
-                "n": n,
-                "root": _hex(body, "root").hex(),
-                "last": _hex(body, "link").hex(),
-                "siblings": [h.hex() for h in p.siblings],
-                "right": list(p.right),
-            }
-        if d.phase == "ops":
-            i = d.op_query()
-            p = _proof(body, i)
-            return {
-                **base,
-                "kind": "open",
-                "index": i,
-                "link": _hex(body, "link").hex(),
-                "siblings": [h.hex() for h in p.siblings],
-                "right": list(p.right),
-            }
-        if d.phase == "records":
-            return {**base, "kind": "record", "record": seats.unb64(body, "record").hex()}
-        raise Conflict(f"nothing to answer in phase {d.phase}", phase=d.phase)
 
     def _advance(
         self, s: Session, row: TrainDispute, c: TrainingCommitment, d: game.Dispute, now: float
@@ -440,12 +351,12 @@ class TrainDisputes:
             row.excluded = [*row.excluded, row.referee_id or ""]
             self._to_referee(row, now)
             return
-        if _hex(body, "start_hash") != d.agreed_start_hash:
+        if hex_field(body, "start_hash") != d.agreed_start_hash:
             # It traced from the spec's initial state (step 0) and that is not where the
             # provider's commitment starts: the provider's initial weights are not the job's.
             d.rule(False, True, "the committed start is not the job's initial state")
         elif d.op_index is None:
-            h = _hex(body, "state_hash")
+            h = hex_field(body, "state_hash")
             ok = h == c.leaf(d.disputed_step).state_hash
             d.rule(ok, not ok, f"step {d.disputed_step} end state recomputed")
         else:

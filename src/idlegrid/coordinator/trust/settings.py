@@ -1,0 +1,28 @@
+"""The trust domain's knobs: IDLEGRID_TRUST_* environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrustSettings(BaseSettings):
+    """Trust knobs; IDLEGRID_TRUST_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="IDLEGRID_TRUST_", extra="ignore")
+
+    stake_multiple: float = Field(100.0, gt=0, description="S in units of a request's price")
+    full_audits: int = Field(8, ge=0)
+    halving: float = Field(8.0, gt=0)
+    canary_rate: float = Field(0.02, ge=0, le=1)
+    audit_fee_bps: int = Field(1000, ge=0, description="verifier pay, bps of the request charge")
+    reassign_after_s: float = Field(10.0, gt=0)
+    # A verifier that took an audit and did not report within this long loses it (unpaid,
+    # its verifier record marked) and the audit goes back to the pool for another verifier.
+    audit_expiry_s: float = Field(60.0, gt=0)
+    # Each party to a dispute answers a round within this long, or loses.
+    dispute_answer_s: float = Field(30.0, gt=0)
+    # Tolerances: see docs/trust.md for how they were calibrated.
+    rel_same: float = 2e-5
+    rel_cross: float = 1e-4
+    margin: float = 1e-3
