@@ -10,12 +10,11 @@ whose failed audit is contested; its column is `verifier_id`) and, at the end, a
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from idlegrid.errors import Conflict, InvalidRequest
+from idlegrid.core import b64
+from idlegrid.errors import Conflict
 
 KINDS = ("inference", "training")
 PROVIDER, CHALLENGER, REFEREE = "provider", "challenger", "referee"
@@ -62,7 +61,4 @@ def in_time(dispute_id: str, round_: int, deadline: float, now: float) -> None:
 
 def unb64(body: Mapping[str, Any], name: str) -> bytes:
     """Field `name` of an answer as strict base64 (400 naming it otherwise)."""
-    try:
-        return base64.b64decode(str(body.get(name) or ""), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(f"{name} is not base64", param=name) from exc
+    return b64.decode(str(body.get(name) or ""), name)

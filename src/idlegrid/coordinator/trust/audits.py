@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select, update
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import Offer
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
+from idlegrid.coordinator.trust.settings import TrustSettings
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
-from idlegrid.core import ledger
+from idlegrid.core import b64, ledger
 from idlegrid.core.trust import beacon, dispute, entries
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust.economics import AuditPolicy
@@ -33,35 +31,6 @@ from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
     from idlegrid.coordinator.views import TaskView
-
-
-class TrustSettings(BaseSettings):
-    """Trust knobs; IDLEGRID_TRUST_* environment variables."""
-
-    model_config = SettingsConfigDict(env_prefix="IDLEGRID_TRUST_", extra="ignore")
-
-    stake_multiple: float = Field(100.0, gt=0, description="S in units of a request's price")
-    full_audits: int = Field(8, ge=0)
-    halving: float = Field(8.0, gt=0)
-    canary_rate: float = Field(0.02, ge=0, le=1)
-    audit_fee_bps: int = Field(1000, ge=0, description="verifier pay, bps of the request charge")
-    reassign_after_s: float = Field(10.0, gt=0)
-    # A verifier that took an audit and did not report within this long loses it (unpaid,
-    # its verifier record marked) and the audit goes back to the pool for another verifier.
-    audit_expiry_s: float = Field(60.0, gt=0)
-    # Each party to a dispute answers a round within this long, or loses.
-    dispute_answer_s: float = Field(30.0, gt=0)
-    # Tolerances: see docs/trust.md for how they were calibrated.
-    rel_same: float = 2e-5
-    rel_cross: float = 1e-4
-    margin: float = 1e-3
-
-
-def _b64(text: str, param: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(f"{param} is not base64", param=param) from exc
 
 
 def tamper(c: cm.Commitment) -> cm.Commitment:
@@ -135,7 +104,7 @@ class Trust:
         self, task: TaskView, blob_b64: str, new_ids: list[int], finish_reason: str
     ) -> cm.Commitment:
         """Decode and sanity-check a commitment before settlement (400 if it is malformed)."""
-        c = cm.decode(_b64(blob_b64, "commitment"))
+        c = cm.decode(b64.decode(blob_b64, "commitment"))
         toks = c.tokens[:-1] if c.header.ended_by_end_token else c.tokens
         if toks != list(new_ids):
             raise InvalidRequest(
@@ -404,7 +373,7 @@ class Trust:
 
     async def report(self, node_id: str, audit_id: str, report_b64: str) -> dict[str, Any]:
         """Judge a verifier's recomputation and apply what follows from it."""
-        report = cm.decode_report(_b64(report_b64, "report"))
+        report = cm.decode_report(b64.decode(report_b64, "report"))
         return await self.ctx.db(self._judge_and_apply, node_id, audit_id, report)
 
     def tolerance(self, provider_class: str, verifier_class: str) -> cm.Tolerance:

@@ -10,8 +10,6 @@ the seed to the moment the commitment arrives.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import secrets
 from typing import Any
 
@@ -24,7 +22,7 @@ from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import DeviceOffer
 from idlegrid.coordinator.events import SupplyChanged
 from idlegrid.coordinator.trust.tables import HwProof
-from idlegrid.core import ledger
+from idlegrid.core import b64, ledger
 from idlegrid.core.market.hardware import BY_NAME
 from idlegrid.core.trust import beacon, entries, merkle
 from idlegrid.core.trust import hwproof as hw
@@ -54,13 +52,6 @@ class HwSettings(BaseSettings):
     mem_ns_per_read: float = Field(2000.0, gt=0)
     recheck_per_hour: float = Field(1.0, ge=0, description="random re-checks per node and hour")
     expire_s: float = Field(120.0, gt=0)
-
-
-def _b64(text: str, param: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(f"{param} is not base64", param=param) from exc
 
 
 class HwProofs:
@@ -337,7 +328,7 @@ class HwProofs:
             passed = v.passed
         else:
             assert mem_spec is not None
-            raw = _b64(str(body.get("trace", "")), "trace")
+            raw = b64.decode(str(body.get("trace", "")), "trace")
             if len(raw) != 4 * mem_spec.steps * mem_spec.chases:
                 raise InvalidRequest("trace has the wrong length", param="trace")
             trace = np.frombuffer(raw, dtype="<u4").reshape(mem_spec.steps, mem_spec.chases)
@@ -371,7 +362,7 @@ class HwProofs:
             raise InvalidRequest("openings: a list of at most 64 rows", param="openings")
         for k, o in enumerate(items):
             try:
-                raw = _b64(o["row"], f"openings.{k}.row")
+                raw = b64.decode(o["row"], f"openings.{k}.row")
                 sib = tuple(bytes.fromhex(h) for h in o["siblings"])
                 right = tuple(bool(b) for b in o["right"])
                 index = int(o["index"])
