@@ -31,7 +31,8 @@ def main() -> None:
         f"or any failure in probation; {args.runs} cheaters x {args.requests:,} requests"
     )
     print(
-        "| stake (R) | cheat rate | expected profit (R) | ± s.e. | ejected | 99% ejected within (requests) |"
+        "| stake (R) | cheat rate | expected profit (R) | ± s.e. | ejected "
+        "| 99% ejected within (requests) |"
     )
     print("|---|---|---|---|---|---|")
     for stake in (float(s) for s in args.stakes.split(",")):

@@ -37,8 +37,9 @@ class AuditPolicy:
     Probation: a new provider is audited on every request until `full_audits` clean audits,
     then the rate halves every `halving` further clean audits down to the steady rate
     `safety × p*`. A failure during probation ejects (`failure_ejects`). A failure after
-    probation (the provider survived it: its stake was slashed) starts probation again: full audits for `full_audits × (1 + failed)`
-    clean audits, and a steady rate doubled per failure.
+    probation (the provider survived it: its stake was slashed) starts probation again:
+    full audits for `full_audits × (1 + failed)` clean audits, and a steady rate doubled
+    per failure.
 
     The steady rate is per request: p* depends on the stake at risk in units of that
     request's price (`stake`), so a small stake or a large request is audited more often,
