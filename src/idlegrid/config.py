@@ -45,6 +45,9 @@ class CoordinatorSettings(BaseSettings):
     default_chat_max_tokens: int = Field(512, gt=0)
     # Market: stake each device must have posted before its offer takes orders (µcr).
     stake_per_device: int = Field(5_000_000, ge=0)
+    # Serving paid inference needs this much posted in the node's stake accounts
+    # (`stake:<node>:<device class>`, what the agent's --stake posts per device; µcr).
+    inference_stake: int = Field(5_000_000, ge=0)
     # Accrue running orders this often; SLO misses are refunded per window of this width.
     accrual_interval_s: float = Field(10.0, gt=0)
     # Unmatched orders wait this long for capacity, then expire with a full refund.

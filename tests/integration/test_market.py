@@ -209,6 +209,17 @@ def test_payout_moves_accruals_to_provider_accounts(market: Market) -> None:
         accrued = market.balance(ledger.accrual_account(home))
         paid_before = market.balance(ledger.provider_account(home))
         assert c.post("/api/v1/admin/payouts").status_code == 401  # a consumer's key is not it
+    # No verifier of its kernel family has been live for an audit window: held (issue 15).
+    with market.admin() as admin:
+        out = admin.post("/api/v1/admin/payouts").json()
+        assert home not in out["paid"]
+        assert admin.get("/api/v1/status").json()["trust"]["nodes"][home]["held_accrual"] > 0
+    assert market.balance(ledger.accrual_account(home)) == accrued
+    # Once it has been verifiable for a whole window (as a verifier's presence would make
+    # it), the payout releases what it earned.
+    trust = market.coordinator.app.state.services.trust
+    trust.payability.refresh = lambda live: None  # keep the supervisor from undoing it
+    trust.payability.since[home] = trust.ctx.clock() - 10 * trust.ctx.settings.payout_delay_s
     with market.admin() as admin:
         out = admin.post("/api/v1/admin/payouts").json()
     assert out["paid"][home] == accrued > 0

@@ -83,6 +83,10 @@ class LocalGrid:
         # A local grid's training segments that no audit selected are final after a few
         # seconds, not the production window (the demo would otherwise wait on it).
         local = {"IDLEGRID_TRAIN_CHALLENGE_S": "3"} if self.train else {}
+        if not self.verify:
+            # No verifier on this grid and one operator runs every provider: no probation
+            # budget for unverifiable providers (their payouts are still held).
+            local["IDLEGRID_TRUST_PROBATION_BUDGET_UCR"] = "-1"
         env = {
             **os.environ,
             **local,
@@ -251,6 +255,23 @@ class LocalGrid:
                         "reference": f"local-stake-faucet:{node['id']}",
                     },
                 ).raise_for_status()
+        self.wait_for_stake()
+
+    def wait_for_stake(self, timeout_s: float = 60.0) -> None:
+        """Block until every live provider has posted the stake paid inference needs (the
+        agents post it from the credits minted above on their next heartbeat)."""
+        headers = {"Authorization": f"Bearer {self.operator_key}"}
+
+        def staked(c: httpx.Client) -> bool:
+            view = c.get(f"{self.url}/api/v1/status", headers=headers).json()
+            need, bal = view.get("inference_stake", 0), view.get("balances", {})
+            return all(
+                sum(v for a, v in bal.items() if a.startswith(f"stake:{n['id']}:")) >= need
+                for n in view["nodes"]
+                if n["live"]
+            )
+
+        self._wait(staked, timeout_s, "providers staked", *self.agents)
 
     def start(self, timeout_s: float = 900.0) -> None:
         """Coordinator, providers, funded key: everything `idlegrid up` does."""

@@ -121,8 +121,10 @@ def compose(ctx: Context) -> Services:
     trust = Trust(ctx)
     hwproofs = HwProofs(ctx)
     nodes = Nodes(ctx, challenges=hwproofs.pending)
-    market = Market(ctx, nodes=lambda: nodes.cache, verified=hwproofs.verified)
-    inference = Inference(ctx, nodes=nodes, trust=trust, market=market)
+    market = Market(
+        ctx, nodes=lambda: nodes.cache, verified=hwproofs.verified, held=trust.payability.held
+    )
+    inference = Inference(ctx, nodes=nodes, trust=trust, market=market, paid=trust.payability)
     jobs = Jobs(ctx)
     dashboard = Dashboard(ctx, power=nodes.power, orders=market.store.orders)
     # One dispute shell; each domain brings its game (the rules and the consequences).
@@ -147,6 +149,7 @@ def compose(ctx: Context) -> Services:
     supervisor = Supervisor(
         nodes.tick,
         [
+            lambda live: db_tick(trust.payability.refresh, live),
             lambda live: db_tick(market.tick),
             lambda live: db_tick(hwproofs.tick, live),
             lambda live: db_tick(jobs.tick, live),

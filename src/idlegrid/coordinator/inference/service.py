@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
-from idlegrid.coordinator.views import NodeView, TaskView, new_task_view
+from idlegrid.coordinator.inference.ports import (
+    CommitmentChecks,
+    NodeDirectory,
+    PaidWork,
+    RoutingSignals,
+    claimable,
+    paid_filter,
+    paid_ok,
+)
+from idlegrid.coordinator.views import TaskView, new_task_view
 from idlegrid.core import ledger, routing, tasks
 from idlegrid.core.ledger import Price
-from idlegrid.core.trust.commitment import Commitment
 from idlegrid.errors import (
     AuthError,
     Conflict,
@@ -48,48 +57,26 @@ def derive_seed(task_id: str) -> int:
     return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-class NodeDirectory(Protocol):
-    """The node cache routing reads (the nodes domain keeps it)."""
-
-    cache: dict[str, NodeView]
-
-    async def seen(self, node_id: str) -> None: ...
-
-
-class CommitmentChecks(Protocol):
-    """Trust's checks on a provider's commitment, made before anything settles."""
-
-    def check_commitment(
-        self, task: TaskView, blob_b64: str, new_ids: list[int], finish_reason: str
-    ) -> Commitment: ...
-
-    def check_part(self, task: TaskView, blob_b64: str, new_ids: list[int]) -> Commitment: ...
-
-
-class RoutingSignals(Protocol):
-    """What the market has measured about providers, for per-request routing."""
-
-    reliability: dict[str, float]
-    staked_nodes: frozenset[str]
-
-
 class Inference:
     """Requests from consumers to providers and back, behind plain async methods."""
 
     def __init__(
-        self, ctx: Context, nodes: NodeDirectory, trust: CommitmentChecks, market: RoutingSignals
+        self,
+        ctx: Context,
+        nodes: NodeDirectory,
+        trust: CommitmentChecks,
+        market: RoutingSignals,
+        paid: PaidWork | None = None,
     ) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.store = ctx.store
         self.clock = ctx.clock
-        self.metrics = ctx.metrics
-        self.changes = ctx.changes
-        self.db = ctx.db
+        self.metrics, self.changes, self.db = ctx.metrics, ctx.changes, ctx.db
         self.hub = Hub()
-        self.nodes = nodes
-        self.trust = trust
-        self.market = market
+        self.nodes, self.trust, self.market = nodes, trust, market
+        stake = ctx.settings.inference_stake  # who may serve paid requests: ports.paid_ok
+        self.paid_ok = functools.partial(paid_ok, stake, market, paid, ctx.db)
         # Key id -> its balance after this process's last hold, less holds written since:
         # a lower bound while this process is the only spender (see submit).
         self._balance_hint: dict[str, int] = {}
@@ -148,7 +135,9 @@ class Inference:
         while True:
             # Clear before looking, so a wake-up that races with the claim is not lost.
             event.clear()
-            task = await self._claim(node_id, models)
+            may_paid = node_id in await self.paid_ok([node_id])
+            node = self.nodes.cache.get(node_id)
+            task = await self._claim(node_id, claimable(models, node, may_paid))
             if task is not None:
                 self.hub.begin_attempt(task.id, task.attempt, self.clock(), _budget(task))
                 stream = self.hub.get(task.id)
@@ -394,6 +383,13 @@ class Inference:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)
             raise NoCapacity(model, "no live provider serves it")
+        cands, prices = await paid_filter(self.paid_ok, cands, prices)
+        if not cands:
+            raise NoCapacity(
+                model,
+                "no provider may serve paid requests: none has the inference stake posted, "
+                "or no independent verifier checks it and its probation budget is spent",
+            )
         basis = routing.price_basis(prices, self.market.staked_nodes, price_cap)
         if basis is None:
             raise NoCapacity(

@@ -43,6 +43,7 @@ class Market:
         ctx: Context,
         nodes: Callable[[], Mapping[str, NodeView]],
         verified: Callable[[], dict[str, set[str]]],
+        held: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
@@ -51,6 +52,9 @@ class Market:
         # (trust): what the book is built from besides this domain's own rows.
         self._nodes = nodes
         self._verified = verified
+        # Providers whose work no independent verifier has checked for a whole audit
+        # window (trust): their accruals are not paid out.
+        self._held = held
         self.book = Book([])
         self._dirty = True
         self._lock = threading.Lock()  # the book is used from request threads and the tick
@@ -66,6 +70,8 @@ class Market:
         self.reliability: dict[str, float] = {}
         # Nodes with any stake posted: only they set a request's escrow price (routing).
         self.staked_nodes: frozenset[str] = frozenset()
+        # Nodes whose stake reaches `inference_stake`: only they serve paid inference.
+        self.inference_staked: frozenset[str] = frozenset()
         self._reliability_at = 0.0
         self._lost: set[str] = set()
         self._first_tick = True
@@ -90,6 +96,11 @@ class Market:
         links: dict[frozenset[str], float] = {}
         self.staked_nodes = frozenset(
             n for n, sup in supply.items() if any(v > 0 for v in sup["stakes"].values())
+        )
+        self.inference_staked = frozenset(
+            n
+            for n, sup in supply.items()
+            if sum(sup["stakes"].values()) >= self.settings.inference_stake
         )
         for node_id, sup in supply.items():
             node = nodes.get(node_id)
@@ -379,6 +390,15 @@ class Market:
             out["matches_now"] = isinstance(result, Placement)
         if view.reasons:
             out["reasons_at_submission"] = view.reasons
+        legs = (view.placement or {}).get("legs", [])
+        held = sorted({leg["provider"] for leg in legs} & self._held())
+        if held:
+            out["payout_held"] = {
+                "providers": held,
+                "why": "no independent verifier of their kernel family has been live for a "
+                f"whole audit window ({self.settings.payout_delay_s:g} s): their accruals "
+                "are held, not paid out",
+            }
         return out
 
     def cancel(self, order_id: str, key_id: str | None) -> OrderView:
@@ -517,7 +537,7 @@ class Market:
         now = self.ctx.clock()
         self._last_payout = now
         batch = f"{int(now)}-{secrets.token_hex(4)}"
-        return self.store.payout(batch, now - self.settings.payout_delay_s)
+        return self.store.payout(batch, now - self.settings.payout_delay_s, self._held())
 
 
 def _placement(view: OrderView) -> Placement:

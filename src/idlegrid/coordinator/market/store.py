@@ -469,8 +469,11 @@ class MarketStore:
                     )
             return self.store._post(s, settlement.unstake(ref, node_id, device_class, amount))
 
-    def payout(self, batch_id: str, settled_before: float) -> dict[str, int]:
-        """Pay out accruals earned before `settled_before` (the audit window), in one entry.
+    def payout(
+        self, batch_id: str, settled_before: float, hold: frozenset[str] = frozenset()
+    ) -> dict[str, int]:
+        """Pay out accruals earned before `settled_before` (the audit window), in one entry;
+        nodes in `hold` (work nobody could check yet) are not paid.
 
         Due = credits that reached the accrual account before the cutoff, less everything
         that has left it since (payouts, refunds, forfeits), never more than its balance.
@@ -493,7 +496,7 @@ class MarketStore:
                 .group_by(LedgerPosting.account)
             ).all()
             due = {acct.split(":", 1)[1]: int(min(old or 0, bal or 0)) for acct, old, bal in rows}
-            due = {n: v for n, v in due.items() if v > 0}
+            due = {n: v for n, v in due.items() if v > 0 and n not in hold}
             if due:
                 self.store._post(s, settlement.payout(batch_id, due))
             return due

@@ -125,6 +125,7 @@ async def status(request: Request) -> dict[str, Any]:
             for n in nodes
         ],
         "fee_bps": svc.settings.fee_bps,
+        "inference_stake": svc.settings.inference_stake,
         "fees": balances.get(ledger.FEES, 0),
         "tasks": await svc.db(svc.store.task_counts),
         "trust": await svc.trust.status(),

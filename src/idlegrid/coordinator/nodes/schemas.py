@@ -106,6 +106,7 @@ class GridStatus(BaseModel):
 
     nodes: list[NodeStatus]
     fee_bps: int
+    inference_stake: int = 0  # µcr of stake a node needs posted to serve paid requests
     fees: int
     tasks: dict[str, int]
     trust: TrustStatus

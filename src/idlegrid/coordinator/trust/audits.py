@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from idlegrid.coordinator.context import Context
-from idlegrid.coordinator.db.tables import Offer
+from idlegrid.coordinator.db.tables import Account, Offer
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
+from idlegrid.coordinator.trust.payability import Payability, record
 from idlegrid.coordinator.trust.settings import TrustSettings
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core import b64, ledger
@@ -60,6 +61,9 @@ class Trust:
         from idlegrid.coordinator.trust.disputes import Disputes
 
         self.disputes = Disputes(self)
+        # Which providers an independent verifier can check, since when: payout holds and
+        # the probation budget for unverifiable ones.
+        self.payability = Payability(self)
 
     @property
     def store(self) -> Any:
@@ -183,7 +187,12 @@ class Trust:
                 )
             )
             node = s.get(TrustNode, node_id)
-            clean = node.passed if node else 0
+            clean, failed = record(s, node)
+            # The rate follows the stake at risk in units of this request's charge.
+            staked = sum(
+                s.scalars(select(Account.balance).where(Account.id.like(f"stake:{node_id}:%")))
+            )
+            at_risk = staked / charge if charge > 0 else None
             # Across engines no tolerance is fair (llama.cpp's int8-activation kernels against
             # torch's float ones differ by per cents): an honest provider would be slashed.
             # So only verifiers of the provider's engine and build (`kernel_family`: an AVX2
@@ -204,7 +213,7 @@ class Trust:
             ]
             designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
             audits = []
-            if beacon.selected(self.secret, digest, self.policy.rate(clean)):
+            if beacon.selected(self.secret, digest, self.policy.rate(clean, failed, at_risk)):
                 audits.append((f"aud-{digest.hex()[:24]}", False, blob))
             if c.chunks and beacon.selected(
                 self.secret, digest, self.settings.canary_rate, domain=b"canary"
@@ -447,8 +456,12 @@ class Trust:
                 if v.passed:
                     provider.passed += 1
                 else:
+                    # A failure in probation ejects (the documented rule), as does the
+                    # policy's last allowed failure, whatever the posterior says.
+                    clean, failed = record(s, provider)
+                    on_probation = self.policy.failure_ejects(clean, failed)
                     provider.failed += 1
-                    if self.reputation.ejected(provider.passed, provider.failed):
+                    if on_probation or self.reputation.ejected(provider.passed, provider.failed):
                         provider.ejected = True
                         self.ejected.add(provider_id)
             for e in posts:
@@ -508,70 +521,10 @@ class Trust:
     # ---- status ------------------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
-        """Audit rate p, p*, and each node's probation and audit record."""
-        rows = await self.ctx.db(self._nodes)
-        disputes = await self.ctx.db(self.disputes.listing)
-        pol = self.policy
-        return {
-            "disputes": [
-                {
-                    k: d[k]
-                    for k in (
-                        "id",
-                        "audit_id",
-                        "provider_id",
-                        "challenger_id",
-                        "referee_id",
-                        "state",
-                        "round",
-                        "waiting_for",
-                    )
-                }
-                | {"provider_right": d["ruling"].get("provider_right")}
-                for d in disputes[:50]
-            ],
-            "pending_audits": await self.ctx.db(self._pending_audits),
-            "p_star": pol.p_star,
-            "p_steady": pol.steady,
-            "canary_rate": self.settings.canary_rate,
-            "beacon_commitment": self.epoch_commitment,
-            "nodes": {
-                r.node_id: {
-                    "audit_rate": pol.rate(r.passed),
-                    "probation": pol.on_probation(r.passed),
-                    "passed": r.passed,
-                    "failed": r.failed,
-                    "verifier": r.verifier,
-                    "verifier_passed": r.verifier_passed,
-                    "verifier_failed": r.verifier_failed,
-                    "spoofer_probability": self.reputation.posterior(r.passed, r.failed),
-                    "verifier_expired": r.verifier_expired,
-                    "ejected": r.ejected,
-                    "det_class": r.det_class,
-                }
-                for r in rows
-            },
-        }
+        """Audit rate p, p*, and each node's probation, audit record and payability."""
+        from idlegrid.coordinator.trust.payability import trust_status
 
-    def _pending_audits(self) -> dict[str, int]:
-        """Audits not judged yet, by state: never silently passed or failed."""
-        from sqlalchemy import func
-
-        with self.store.read() as s:
-            return {
-                st: n
-                for st, n in s.execute(
-                    select(TrustAudit.state, func.count())
-                    .where(TrustAudit.state.in_(("pending", "assigned")))
-                    .group_by(TrustAudit.state)
-                )
-            }
-
-    def _nodes(self) -> list[TrustNode]:
-        with self.store.tx() as s:
-            rows = list(s.scalars(select(TrustNode)))
-            s.expunge_all()
-            return rows
+        return await trust_status(self)
 
     def audits(self) -> list[dict[str, Any]]:
         """Every audit with its verdict (operator view)."""

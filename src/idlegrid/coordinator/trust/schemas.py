@@ -172,6 +172,9 @@ class TrustNodeStatus(BaseModel):
     verifier_expired: int
     ejected: bool
     det_class: str | None
+    verifiable: bool = False  # an independent live verifier of its kernel family exists
+    held_accrual: int = 0  # µcr not paid out: not verifiable for a whole audit window
+    probation_budget_left: int | None = None  # µcr of paid work left; None: not limited
 
 
 class TrustStatus(BaseModel):
@@ -182,5 +185,6 @@ class TrustStatus(BaseModel):
     p_star: Number
     p_steady: Number
     canary_rate: Number
+    probation_budget_ucr: int = -1
     beacon_commitment: str
     nodes: dict[str, TrustNodeStatus]

@@ -26,3 +26,7 @@ class TrustSettings(BaseSettings):
     rel_same: float = 2e-5
     rel_cross: float = 1e-4
     margin: float = 1e-3
+    # A provider no independent verifier can check (none of its kernel family is live) is
+    # routed paid work only while its held accrual is below this (µcr); -1: no limit (a
+    # local grid whose operator runs every provider).
+    probation_budget_ucr: int = Field(500_000, ge=-1)

@@ -32,11 +32,18 @@ def cheat_profit(
 
 @dataclass(frozen=True)
 class AuditPolicy:
-    """How often requests are audited, for a provider with a given clean history.
+    """How often requests are audited, for a provider with a given audit history.
 
     Probation: a new provider is audited on every request until `full_audits` clean audits,
     then the rate halves every `halving` further clean audits down to the steady rate
-    `safety × p*`. A failed audit ends the provider (ejection), so there is no way back up.
+    `safety × p*`. A failure during probation ejects (`failure_ejects`). A failure after
+    probation (the provider survived it: its stake was slashed) starts probation again:
+    full audits for `full_audits × (1 + failed)` clean audits, and a steady rate doubled
+    per failure.
+
+    The steady rate is per request: p* depends on the stake at risk in units of that
+    request's price (`stake`), so a small stake or a large request is audited more often,
+    and a cheat has negative expected value at every stake level.
     """
 
     gain: float = 1.0  # G, in units of the request price R (a cheat saves at most the work)
@@ -47,6 +54,7 @@ class AuditPolicy:
     safety: float = 2.0
     full_audits: int = 8
     halving: float = 8.0
+    max_failures: int = 3  # the failure that reaches this count ejects, in or out of probation
 
     @property
     def p_star(self) -> float:
@@ -55,19 +63,39 @@ class AuditPolicy:
 
     @property
     def steady(self) -> float:
-        """The audit rate after probation."""
-        return min(1.0, self.safety * self.p_star)
+        """The audit rate after probation, with no failure and the default stake."""
+        return self.steady_at()
 
-    def rate(self, clean_audits: int) -> float:
-        """Audit probability for the next request of a provider with this many clean audits."""
-        if clean_audits < self.full_audits:
+    def steady_at(self, failed: int = 0, stake: float | None = None) -> float:
+        """The steady rate after `failed` failures, for a stake of `stake` × the request's
+        price (the policy's `stake` when None): safety × p*, doubled per failure."""
+        s = self.stake if stake is None else max(0.0, stake)
+        base = p_star(self.gain, self.detect, self.rho, s, self.forfeit)
+        return min(1.0, self.safety * base * 2.0 ** min(failed, 64))
+
+    def rate(self, clean_audits: int, failed: int = 0, stake: float | None = None) -> float:
+        """Audit probability for the next request of a provider.
+
+        `clean_audits` counts clean audits since its last failed one (all of them when none
+        failed); `failed` its failed audits; `stake` the stake at risk in units of this
+        request's price (None: the policy's default).
+        """
+        full = self.full_audits * (1 + failed)
+        if clean_audits < full:
             return 1.0
-        decay: float = 0.5 ** ((clean_audits - self.full_audits) / self.halving)
-        return max(self.steady, min(1.0, decay))
+        decay: float = 0.5 ** ((clean_audits - full) / self.halving)
+        return max(self.steady_at(failed, stake), min(1.0, decay))
 
-    def on_probation(self, clean_audits: int) -> bool:
-        """True while the rate is above steady."""
-        return self.rate(clean_audits) > self.steady
+    def on_probation(self, clean_audits: int, failed: int = 0) -> bool:
+        """True while the rate (at the default stake) is above steady."""
+        return self.rate(clean_audits, failed) > self.steady_at(failed)
+
+    def failure_ejects(self, clean_audits: int, failed: int = 0) -> bool:
+        """Whether a failed audit now ejects: it does during probation (the documented rule),
+        and the `max_failures`-th does anywhere, whatever the reputation model says (it
+        assumes a cheater that fails half its audits; one cheating on 1% of its requests
+        would pass it forever). `clean_audits`/`failed` are before this one."""
+        return failed + 1 >= self.max_failures or self.on_probation(clean_audits, failed)
 
 
 def detection_within(p: float, detect: float, m: int) -> float:
