@@ -31,6 +31,10 @@ class CoordinatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     fee_bps: int = Field(200, ge=0, le=10_000, description="protocol fee, basis points")
+    # Disputes (both kinds) are settled by a panel of this many verifiers, majority rules;
+    # with too few eligible verifiers a dispute waits this long, then expires (nobody slashed).
+    dispute_panel_k: int = Field(3, ge=3)
+    dispute_panel_wait_s: float = Field(3600.0, gt=0)
     heartbeat_interval_s: float = Field(2.0, gt=0)
     # A node that misses heartbeats this long is dead; its tasks go to someone else.
     node_timeout_s: float = Field(6.0, gt=0)

@@ -70,6 +70,25 @@ class InsufficientCredits(IdlegridError):
         self.available = available
 
 
+class UnpayableRuling(IdlegridError):
+    """A dispute's ruling cannot be paid from the accounts that fund it (the loser's, then
+    the fee pool). Nothing of the ruling is written; the dispute stays as it was and the
+    next supervisor pass tries again."""
+
+    code = "unpayable_ruling"
+
+    def __init__(self, dispute_id: str, needed: int, available: int) -> None:
+        super().__init__(
+            f"dispute {dispute_id}: its ruling needs {needed} µcr, its funders hold {available}",
+            dispute_id=dispute_id,
+            needed=needed,
+            available=available,
+        )
+        self.dispute_id = dispute_id
+        self.needed = needed
+        self.available = available
+
+
 class NotFound(IdlegridError):
     """A named thing does not exist."""
 

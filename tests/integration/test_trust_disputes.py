@@ -174,29 +174,33 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     st = g.status()
     assert st["trust"]["nodes"][g.ids["provider"]]["ejected"]  # probation: first fail ejects
     assert st["balances"].get(ledger.stake_account(g.ids["provider"], "cpu"), 0) == 0
-    # The referee joins only now, so that it could not have taken the audit itself.
-    g.add("referee", TinyEngine("tiny"), DEAR, verifier=True)
+    # The panel joins only now, so that none of it could have taken the audit itself; one
+    # of the three colludes with the liar and cannot overturn the two honest ones alone.
+    for name in ("referee", "p2", "p3"):
+        g.add(name, TinyEngine("tiny"), DEAR, verifier=True)
     r = g.signed("provider", DISPUTES, opening(audit, reason="honest"))
     assert r.status_code == 200, r.text
     assert r.json()["kind"] == "inference" and r.json()["id"].startswith("dsp-")
     d = _settled(g)
     assert d["state"] == "won" and d["ruling"]["provider_right"], d
     assert d["kind"] == "inference" and d["challenger_id"] == g.ids["liar"]
-    assert d["referee_id"] == g.ids["referee"]
+    assert sorted(d["panel"]) == sorted(g.ids[n] for n in ("referee", "p2", "p3"))
+    assert set(d["votes"].values()) == {"provider"} and d["ruling"]["slashed"] == "challenger"
     assert d["rounds"] and all(x["agree"] for x in d["rounds"])  # the lie is in the last chunk
     assert d["ruling"]["position"] == d["positions"] - 2  # the last chunk, not the finish claim
     st = g.status()
     bal = st["balances"]
     assert bal[ledger.stake_account(g.ids["provider"], "cpu")] == STAKE  # slash reversed
     assert bal.get(ledger.stake_account(g.ids["liar"], "cpu"), 0) == 0  # liar penalised
-    assert bal.get(ledger.provider_account(g.ids["referee"]), 0) > 0  # referee paid
+    for name in ("referee", "p2", "p3"):  # each of the majority paid, by the liar's stake
+        assert bal.get(ledger.provider_account(g.ids[name]), 0) > 0
     assert sum(bal.values()) == 0
     nodes = st["trust"]["nodes"]
     assert not nodes[g.ids["provider"]]["ejected"] and nodes[g.ids["provider"]]["failed"] == 0
     assert nodes[g.ids["liar"]]["ejected"] and nodes[g.ids["liar"]]["verifier_failed"] == 1
     assert [a["state"] for a in g.audits() if a["id"] == audit["id"]] == ["overturned"]
     keys = [e["key"] for e in g.entries()]
-    assert f"reverse:{d['id']}" in keys and f"referee-pay:{d['id']}" in keys
+    assert f"reverse:{d['id']}" in keys and f"panel-pay:{d['id']}" in keys
     assert any(k.startswith(f"dispute-penalty:{d['id']}:") for k in keys)
     assert st["trust"]["disputes"][0]["provider_right"] is True  # shown by `idlegrid status`
     # The ruling is final: disputing again is a conflict, and nothing moves.
@@ -210,26 +214,27 @@ def test_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid) -> None:
     g.add("provider", cheats.Invented("tiny"), CHEAP)
     g.add("verifier", TinyEngine("tiny"), DEAR, verifier=True)
     audit = _failed_audit(g, "provider")
-    g.add("referee", TinyEngine("tiny"), DEAR, verifier=True)
+    for name in ("referee", "p2", "p3"):
+        g.add(name, TinyEngine("tiny"), DEAR, verifier=True)
     before = g.status()["balances"]
     r = g.signed("provider", DISPUTES, opening(audit, reason="no"))
     assert r.status_code == 200, r.text
     d = _settled(g)
     assert d["state"] == "lost" and not d["ruling"]["provider_right"], d
-    assert d["referee_id"] == g.ids["referee"] and "verifier" in d["ruling"]["detail"]
+    assert set(d["votes"].values()) == {"challenger"} and d["ruling"]["slashed"] is None
     st = g.status()
     assert st["balances"].get(ledger.stake_account(g.ids["provider"], "cpu"), 0) == 0
     assert st["balances"][ledger.stake_account(g.ids["verifier"], "cpu")] == STAKE
     assert st["trust"]["nodes"][g.ids["provider"]]["ejected"]
     keys = [e["key"] for e in g.entries()]
     assert f"reverse:{d['id']}" not in keys
-    # Only the referee's pay (and a fee, if the cheat had earnings to pay it) moved.
+    # Only the panel's pay (from the cheat's earnings, else the fee pool) moved.
     moved = {
         a for a in set(before) | set(st["balances"]) if before.get(a, 0) != st["balances"].get(a, 0)
     }
     assert moved <= {
         ledger.FEES,
-        ledger.provider_account(g.ids["referee"]),
+        *(ledger.provider_account(g.ids[n]) for n in ("referee", "p2", "p3")),
         ledger.provider_account(g.ids["provider"]),
     }
     assert sum(st["balances"].values()) == 0

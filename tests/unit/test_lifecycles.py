@@ -67,17 +67,22 @@ EXPECTED = {
         (a, b)
         for a in ("bisecting", "awaiting-referee", "refereeing")
         for b in ("awaiting-referee", "refereeing", "won", "lost")
-    },
+    }
+    | {("awaiting-referee", "expired"), ("refereeing", "expired")},
     "train-dispute": {
         ("open", "awaiting-referee"),
         ("open", "won"),
         ("open", "lost"),
+        ("awaiting-referee", "awaiting-referee"),
         ("awaiting-referee", "refereeing"),
         ("awaiting-referee", "won"),
         ("awaiting-referee", "lost"),
+        ("awaiting-referee", "expired"),
         ("refereeing", "awaiting-referee"),
+        ("refereeing", "refereeing"),
         ("refereeing", "won"),
         ("refereeing", "lost"),
+        ("refereeing", "expired"),
     },
     "node": {
         ("live", "draining"),
@@ -94,8 +99,8 @@ TERMINAL = {
     "train-probe": {"answered", "failed"},
     "audit": {"passed", "overturned"},
     "hw-proof": {"passed", "failed", "expired"},
-    "dispute": {"won", "lost"},
-    "train-dispute": {"won", "lost"},
+    "dispute": {"won", "lost", "expired"},
+    "train-dispute": {"won", "lost", "expired"},
     "node": set(),
 }
 

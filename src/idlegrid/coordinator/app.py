@@ -155,6 +155,8 @@ def compose(ctx: Context) -> Services:
             lambda live: db_tick(jobs.tick, live),
             lambda live: db_tick(trust.expire),
             lambda live: db_tick(disputes.tick, live),
+            # Ejection lives in the store; the cache every domain reads follows it.
+            lambda live: db_tick(ctx.ejected.refresh),
             inference.tick,
         ],
         interval_s=min(0.5, ctx.settings.heartbeat_interval_s),

@@ -219,7 +219,7 @@ class TrainAudits(Probes):
                 if v.ok:  # approved a planted wrong commitment: lazy or colluding
                     verifier.verifier_failed += 1
                     verifier.ejected = True
-                    self.ctx.ejected.add(node_id)
+                    self.ctx.ejected.refresh_after(s)
                     self._post_all(
                         s,
                         [

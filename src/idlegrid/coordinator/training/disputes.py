@@ -8,11 +8,13 @@ first claims its replay's end state, then opens its state hash at each step the 
 queries; both parties then commit to their op chain of the disputed step, open links and
 reveal the disputed record. The state before the disputed step is agreed; when the
 coordinator does not hold it, the provider hands it over (it must hash to the agreed leaf).
-A third training verifier (neither party, in the provider's determinism class) traces the
-disputed step from that state and reports its own record of the disputed op (or the step's
-end state hash when both chains agree); the coordinator compares it with both parties'.
-Queries ride on the heartbeat answer; a party that misses its deadline loses; a referee
-that misses its deadline is replaced.
+A panel of k training verifiers (neither party, live, drawn by the beacon, stake-weighted;
+`core/disputes.py`) each trace the disputed step from that state and report their own record
+of the disputed op (or the step's end state hash when both chains agree); each vote is the
+side whose claim it reproduced, and the majority of k rules. Queries ride on the heartbeat
+answer; a party that misses its deadline loses (a challenger that does so forfeits the
+slash it caused, but is slashed only by a panel); a silent panelist is replaced, unpaid. A
+ruling and its postings are one savepoint: `UnpayableRuling` leaves the dispute as it was.
 
 This is the training game of the one dispute shell (`coordinator/trust/dispute_shell.py`,
 which `app.compose()` hands it to): the shell opens, routes and lists; seats, turns and
@@ -27,9 +29,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerPosting
 from idlegrid.coordinator.training.common import enc
 from idlegrid.coordinator.training.dispute_moves import (
     apply_move,
@@ -37,6 +38,7 @@ from idlegrid.coordinator.training.dispute_moves import (
     parse_move,
     replay_game,
 )
+from idlegrid.coordinator.training.dispute_settlement import DisputeSettlement
 from idlegrid.coordinator.training.tables import (
     TrainAudit,
     TrainCheckpoint,
@@ -46,15 +48,11 @@ from idlegrid.coordinator.training.tables import (
 )
 from idlegrid.coordinator.trust.tables import TrustNode
 from idlegrid.core import disputes as seats
-from idlegrid.core import ledger
-from idlegrid.core.ledger import Cause, Entry, Posting
 from idlegrid.core.training import dispute as game
-from idlegrid.core.training.lifecycle import JOB, TRAIN_AUDIT
+from idlegrid.core.training.lifecycle import TRAIN_AUDIT
 from idlegrid.core.training.proof import TrainingCommitment
-from idlegrid.core.trust import beacon
-from idlegrid.core.trust import dispute as money
 from idlegrid.core.trust.lifecycle import TRAIN_DISPUTE
-from idlegrid.errors import Conflict, NotFound
+from idlegrid.errors import Conflict, InsufficientCredits, NotFound, UnpayableRuling
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -66,7 +64,7 @@ ANSWERING = ("open", "refereeing")
 ROLES = {game.PROVIDER: seats.PROVIDER, game.CHALLENGER: seats.CHALLENGER}
 
 
-class TrainDisputes:
+class TrainDisputes(DisputeSettlement):
     """Open, run and settle training disputes for one coordinator (the shell's game)."""
 
     kind = "training"
@@ -123,6 +121,9 @@ class TrainDisputes:
                 provider_id=provider_id,
                 verifier_id=a.verifier_id,
                 referee_id=None,
+                panel=[],
+                votes={},
+                awaiting_since=0.0,
                 state=TRAIN_DISPUTE.begin("open", key=dispute_id),
                 round=1,
                 round_s=self.jobs.settings.dispute_round_s,
@@ -234,7 +235,7 @@ class TrainDisputes:
             d = replay_game(row, c)
             role = seats.seat(row, self._awaiting(row, d), node_id, round_, ANSWERING)
             if role == seats.REFEREE:
-                self._referee(s, row, c, d, body, now)
+                self._referee(s, row, c, d, body, now, node_id)
                 return self._view(row, c)
             if d is None:  # the challenger's claim: its replay's end state
                 seats.in_time(dispute_id, round_, row.deadline, now)
@@ -313,8 +314,11 @@ class TrainDisputes:
     def _pick_referee(
         self, s: Session, row: TrainDispute, live: frozenset[str], now: float
     ) -> None:
-        skip = {row.provider_id, row.verifier_id, *row.excluded}
-        candidates = sorted(
+        """Fill the panel up to k from the live verifiers, or wait (then expire)."""
+        settings = self.jobs.ctx.settings
+        k = settings.dispute_panel_k
+        skip = {row.provider_id, row.verifier_id, *row.excluded, *row.panel}
+        candidates = [
             v
             for v in s.scalars(
                 select(TrustNode.node_id).where(
@@ -322,13 +326,31 @@ class TrainDisputes:
                 )
             )
             if v not in skip and v in live
+        ]
+        weights = {v: sum(self.jobs._accounts(s, f"stake:{v}:%").values()) for v in candidates}
+        drawn = seats.draw_panel(
+            self.jobs.secret, row.id, weights, k - len(row.panel), salt=len(row.excluded)
         )
-        if not candidates:
-            return  # visible as awaiting-referee; never settled without one
-        row.referee_id = beacon.pick(self.jobs.secret, row.id.encode(), candidates)
+        if len(row.panel) + len(drawn) < k:
+            # Visible as awaiting-referee; never settled without a panel; expires at last.
+            row.awaiting_since = row.awaiting_since or now
+            if now - row.awaiting_since > settings.dispute_panel_wait_s:
+                self._expire(row, "too few eligible verifiers for a panel")
+            elif row.state != "awaiting-referee":
+                row.state = TRAIN_DISPUTE.move(row.state, "awaiting-referee", key=row.id)
+            return
+        row.panel = [*row.panel, *drawn]
+        row.awaiting_since = 0.0
+        if row.state != "refereeing":  # panelists still to answer keep their round
+            row.round += 1
         row.state = TRAIN_DISPUTE.move(row.state, "refereeing", key=row.id)
-        row.round += 1
         row.deadline = now + row.round_s
+
+    def _expire(self, row: TrainDispute, detail: str) -> None:
+        """The default outcome: the audit's verdict stands, nobody is slashed or paid."""
+        row.state = TRAIN_DISPUTE.move(row.state, "expired", key=row.id, story=(detail,))
+        row.done_at, row.deadline = self.clock(), 0.0
+        row.ruling = {"provider_right": None, "reason": detail, "panel": dict(row.votes)}
 
     def _referee(
         self,
@@ -338,37 +360,64 @@ class TrainDisputes:
         d: game.Dispute | None,
         body: dict[str, Any],
         now: float,
+        node_id: str = "",
     ) -> None:
-        """The third party's recompute: its own record of the disputed op (or the step's
-        end state hash) from the agreed state, compared with both parties' claims."""
+        """One panelist's recompute: its own record of the disputed op (or the step's end
+        state hash) from the agreed state; its vote is the side whose claim it reproduced
+        (reproducing neither finds against the provider, as the core's game rules)."""
         assert d is not None and d.disputed_step is not None
         seats.in_time(row.id, row.round, row.deadline, now)
         seg = s.get(TrainSegment, row.segment_id)
         assert seg is not None
         det = str(body.get("det_class") or "")
         if det != seg.det_class:
-            # Exact mode: a referee of another class proves nothing; ask another one.
-            row.excluded = [*row.excluded, row.referee_id or ""]
-            self._to_referee(row, now)
+            # Exact mode: a panelist of another class proves nothing; another is drawn.
+            row.excluded = [*row.excluded, node_id]
+            row.panel = [p for p in row.panel if p != node_id]
             return
         if hex_field(body, "start_hash") != d.agreed_start_hash:
             # It traced from the spec's initial state (step 0) and that is not where the
             # provider's commitment starts: the provider's initial weights are not the job's.
-            d.rule(False, True, "the committed start is not the job's initial state")
+            vote = seats.CHALLENGER
         elif d.op_index is None:
-            h = hex_field(body, "state_hash")
-            ok = h == c.leaf(d.disputed_step).state_hash
-            d.rule(ok, not ok, f"step {d.disputed_step} end state recomputed")
+            ok = hex_field(body, "state_hash") == c.leaf(d.disputed_step).state_hash
+            vote = seats.PROVIDER if ok else seats.CHALLENGER
         else:
             mine = seats.unb64(body, "record")
-            p_rec, c_rec = d.records()
-            d.rule(
-                bool(mine) and mine == p_rec,
-                bool(mine) and mine == c_rec,
-                f"op {d.op_index} of step {d.disputed_step} recomputed",
-            )
-        row.ruling = {"referee": row.referee_id}
-        self._settle(s, row, c, d, referee_answered=True)
+            p_rec, _ = d.records()
+            vote = seats.PROVIDER if mine and mine == p_rec else seats.CHALLENGER
+        row.votes = {**row.votes, node_id: vote}
+        self._try_ruling(s, row, c, d, final=False)
+
+    def _try_ruling(
+        self, s: Session, row: TrainDispute, c: TrainingCommitment, d: game.Dispute, final: bool
+    ) -> bool:
+        """Rule once every panelist voted (or, `final`, on a majority of the votes in);
+        True once settled. An unpayable ruling rolls back: the votes stay, retried later."""
+        k = self.jobs.ctx.settings.dispute_panel_k
+        if not final and len(row.votes) < k:
+            return False
+        verdict = seats.panel_ruling(row.votes, k)
+        if verdict is None:
+            return False
+        if verdict.winner is None:
+            self._expire(row, "the panel reached no majority")
+            return True
+        where = f"op {d.op_index} of step {d.disputed_step}"
+        d.rule(
+            verdict.winner == seats.PROVIDER,
+            verdict.winner == seats.CHALLENGER,
+            f"panel {len(verdict.paid)} of {k} on {where}",
+        )
+        s.flush()
+        try:
+            with s.begin_nested():
+                self._settle(s, row, c, d, verdict=verdict)
+        except (UnpayableRuling, InsufficientCredits) as exc:
+            s.refresh(row)
+            row.ruling = {**row.ruling, "unpaid": exc.message}
+            return False
+        return True
 
     # ---- deadlines ---------------------------------------------------------------------
 
@@ -382,13 +431,20 @@ class TrainDisputes:
             self.active = bool(rows)
             for row in rows:
                 c = self._commitment(s, row)
-                if row.state == "awaiting-referee":
-                    self._pick_referee(s, row, live, now)
-                    continue
-                if row.state == "refereeing":
-                    if now > row.deadline:  # not a party: another third party is asked
-                        row.excluded = [*row.excluded, row.referee_id or ""]
-                        self._to_referee(row, now)
+                if row.state in ("awaiting-referee", "refereeing"):
+                    d = replay_game(row, c)
+                    assert d is not None
+                    if self._try_ruling(s, row, c, d, final=False):
+                        continue  # every vote was in, its ruling could not be paid before
+                    if row.state == "refereeing" and now > row.deadline:
+                        if self._try_ruling(s, row, c, d, final=True):
+                            continue  # a majority of k voted; the silent are not paid
+                        silent = [p for p in row.panel if p not in row.votes]
+                        row.excluded = [*row.excluded, *silent]
+                        row.panel = [p for p in row.panel if p in row.votes]
+                    if row.state == "awaiting-referee" or len(row.panel) < (
+                        self.jobs.ctx.settings.dispute_panel_k
+                    ):
                         self._pick_referee(s, row, live, now)
                     continue
                 d = replay_game(row, c)
@@ -403,146 +459,6 @@ class TrainDisputes:
 
     # ---- ruling ------------------------------------------------------------------------
 
-    def _settle(
-        self,
-        s: Session,
-        row: TrainDispute,
-        c: TrainingCommitment,
-        d: game.Dispute,
-        referee_answered: bool = False,
-    ) -> None:
-        """Record the outcome and post its consequences, in the caller's transaction."""
-        from idlegrid.core.training import settlement as tset
-
-        out = d.outcome
-        assert out is not None
-        now = self.clock()
-        provider_right = out.winner == game.PROVIDER
-        end = "won" if provider_right else "lost"
-        res = s.execute(
-            update(TrainDispute)
-            .where(TrainDispute.id == row.id, TrainDispute.state.in_(TRAIN_DISPUTE.sources(end)))
-            .values(state=TRAIN_DISPUTE.move(row.state, end, key=row.id, story=(out.reason,)))
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
-            raise Conflict(f"dispute {row.id} was settled already")
-        s.refresh(row)
-        row.done_at = now
-        row.ruling = {
-            "provider_right": provider_right,
-            "reason": out.reason,
-            "step": out.step,
-            "op_index": out.op_index,
-            "rounds": out.rounds,
-            "referee": row.referee_id if referee_answered else None,
-        }
-        a = s.get(TrainAudit, row.audit_id)
-        seg = s.get(TrainSegment, row.segment_id)
-        job = s.get(TrainJob, row.job_id)
-        assert a is not None and seg is not None and job is not None
-        price = int(job.spec["price_per_step"]) * (seg.end_step - seg.start_step)
-        fee = price * self.jobs.settings.verifier_fee_bps // 10_000
-        if referee_answered and row.referee_id is not None:
-            self.jobs._post_all(
-                s,
-                [
-                    money.referee_pay(
-                        row.id,
-                        row.referee_id,
-                        fee,
-                        int(
-                            s.scalar(select(Account.balance).where(Account.id == ledger.FEES)) or 0
-                        ),
-                    )
-                ],
-            )
-            s.flush()
-        # Read after the referee's pay: a reversal never takes more than an account holds.
-        balances = {k: int(v) for k, v in s.execute(select(Account.id, Account.balance))}
-        posts: list[Entry | None] = []
-        if provider_right:
-            originals = self._entries(
-                s, [f"train-slash:{job.id}:{seg.idx}:{row.provider_id}", f"train-audit-pay:{a.id}"]
-            )
-            stakes = self.jobs._accounts(s, f"stake:{row.verifier_id}:%")
-            entry, used = money.reversal(row.id, originals, balances, stakes)
-            posts.append(entry)
-            left = {k: v - used.get(k, 0) for k, v in stakes.items()}
-            posts.extend(money.penalty(row.id, left, row.provider_id))
-            a.state = TRAIN_AUDIT.move(
-                a.state, "overturned", key=a.id, story=(f"dispute:{row.id}",)
-            )
-            a.verdict = {**a.verdict, "overturned_by": row.id}
-            seg.cause = f"{seg.cause}; overturned by dispute:{row.id}"
-            job.excluded = [n for n in job.excluded if n != row.provider_id]
-            node = s.get(TrustNode, row.provider_id)
-            if node is not None:
-                node.failed = max(node.failed - 1, 0)
-            verifier = s.get(TrustNode, row.verifier_id)
-            if verifier is not None:  # a third party showed its replay was false
-                verifier.verifier_failed += 1
-                verifier.verifier_passed = max(verifier.verifier_passed - 1, 0)
-                verifier.ejected = True
-                self.jobs.ctx.ejected.add(row.verifier_id)
-        else:
-            acct = ledger.provider_account(row.provider_id)
-            posts.append(money.dispute_fee(row.id, row.provider_id, fee, balances.get(acct, 0)))
-        self.jobs._post_all(s, posts)
-        if provider_right and job.state in JOB.terminal:
-            s.flush()  # the job ended meanwhile: the restored stake goes back now
-            stake = int(
-                s.scalar(
-                    select(Account.balance).where(
-                        Account.id == tset.job_stake_account(job.id, row.provider_id)
-                    )
-                )
-                or 0
-            )
-            if stake > 0:
-                self.jobs._post_all(
-                    s,
-                    [
-                        ledger.make_entry(
-                            f"train-unstake:{job.id}:{row.provider_id}:{row.id}",
-                            Cause("dispute", row.id),
-                            [
-                                Posting(tset.job_stake_account(job.id, row.provider_id), -stake),
-                                Posting(ledger.provider_account(row.provider_id), stake),
-                            ],
-                            "train unstake after dispute",
-                        )
-                    ],
-                )
-        self.jobs._event(
-            s,
-            job.id,
-            "dispute-won" if provider_right else "dispute-lost",
-            f"dispute:{row.id}",
-            audit=a.id,
-            provider=row.provider_id,
-            challenger=row.verifier_id,
-            reason=out.reason,
-            step=out.step,
-            op_index=out.op_index,
-            rounds=out.rounds,
-        )
-        self.jobs.new_work.set()
-
-    @staticmethod
-    def _entries(s: Session, keys: list[str]) -> list[Entry]:
-        rows = list(s.scalars(select(LedgerEntry).where(LedgerEntry.key.in_(keys))))
-        postings: dict[int, list[Posting]] = {}
-        for seq, acct, amount in s.execute(
-            select(LedgerPosting.entry_seq, LedgerPosting.account, LedgerPosting.amount).where(
-                LedgerPosting.entry_seq.in_([r.seq for r in rows])
-            )
-        ):
-            postings.setdefault(seq, []).append(Posting(acct, amount))
-        return [
-            Entry(r.key, Cause(r.cause_kind, r.cause_id), tuple(postings.get(r.seq, [])), r.memo)
-            for r in rows
-        ]
-
     # ---- views -------------------------------------------------------------------------
 
     def _view(self, row: TrainDispute, c: TrainingCommitment) -> dict[str, Any]:
@@ -555,6 +471,9 @@ class TrainDisputes:
             "provider_id": row.provider_id,
             "challenger_id": row.verifier_id,
             "referee_id": row.referee_id,
+            "panel": list(row.panel),
+            "votes": dict(row.votes),
+            "awaiting_since": row.awaiting_since,
             "state": row.state,
             "round": row.round,
             "phase": (d.phase if d is not None else "claim" if row.state == "open" else row.state),
@@ -573,7 +492,7 @@ class TrainDisputes:
             return [
                 self._view(r, self._commitment(s, r))
                 for r in rows
-                if node_id is None or node_id in (r.provider_id, r.verifier_id, r.referee_id)
+                if node_id is None or node_id in (r.provider_id, r.verifier_id, *r.panel)
             ]
 
     def of_job(self, s: Session, job_id: str) -> list[dict[str, Any]]:

@@ -132,8 +132,13 @@ class TrainDispute(Base):
     moves: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     checkpoint: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     deadline: Mapped[float] = mapped_column(Float)  # the referee's (parties': in the game)
-    excluded: Mapped[list[str]] = mapped_column(JSON)  # referees that did not answer
+    excluded: Mapped[list[str]] = mapped_column(JSON)  # panelists that did not answer
     ruling: Mapped[dict[str, Any]] = mapped_column(JSON)
     reason: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[float] = mapped_column(Float)
     done_at: Mapped[float] = mapped_column(Float)
+    # The panel (migration 0011_dispute_panels): its members, their votes (node -> the side
+    # its recompute found for, "provider" | "challenger"), since when it waits for members.
+    panel: Mapped[list[str]] = mapped_column(JSON, default=list)
+    votes: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    awaiting_since: Mapped[float] = mapped_column(Float, default=0.0)

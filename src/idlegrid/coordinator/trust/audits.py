@@ -58,6 +58,7 @@ class Trust:
         self.epoch_commitment = beacon.beacon_commitment(self.secret)
         self.new_audit = asyncio.Event()
         self.ejected = ctx.ejected
+        self.ejected.loader = self._ejected_ids
         from idlegrid.coordinator.trust.disputes import Disputes
 
         self.disputes = Disputes(self)
@@ -100,7 +101,7 @@ class Trust:
             else:
                 row.verifier, row.det_class = verifier, det
                 if row.ejected:
-                    self.ejected.add(node_id)
+                    self.ejected.refresh_after(s)
 
     # ---- commitments -------------------------------------------------------------------
 
@@ -448,7 +449,7 @@ class Trust:
                 if v.passed:  # approved a planted wrong answer: lazy or colluding
                     verifier.verifier_failed += 1
                     verifier.ejected = True
-                    self.ejected.add(node_id)
+                    self.ejected.refresh_after(s)
                 else:
                     verifier.verifier_passed += 1
             else:
@@ -463,7 +464,7 @@ class Trust:
                     provider.failed += 1
                     if on_probation or self.reputation.ejected(provider.passed, provider.failed):
                         provider.ejected = True
-                        self.ejected.add(provider_id)
+                        self.ejected.refresh_after(s)
             for e in posts:
                 self.store._post(s, e)
         return {"audit_id": audit_id, **verdict}
@@ -504,6 +505,11 @@ class Trust:
 
     def _fee(self, charge: int) -> int:
         return charge * self.settings.audit_fee_bps // 10_000
+
+    def _ejected_ids(self) -> list[str]:
+        """The store's ejected nodes (the reader behind `ctx.ejected`)."""
+        with self.store.read() as s:
+            return list(s.scalars(select(TrustNode.node_id).where(TrustNode.ejected.is_(True))))
 
     def fee(self, charge: int) -> int:
         """A verifier's (or referee's) pay for checking a request that was charged `charge`."""

@@ -4,9 +4,13 @@ Rounds: the open interval of positions (core/trust/bisect.py) is halved by askin
 provider (open the committed chunk at the middle position, with its Merkle path) and the
 challenger (the verifier that failed the audit: its recomputation of that position); the
 challenger's answer against the opened chunk says whether they agree there. Every round
-has a deadline: a party that does not answer in time loses. When one disagreeing position
-is left, a third verifier-mode node (neither party) recomputes that position alone and the
-ruling follows from whom it matches. Agents learn of queries from their heartbeat answer
+has a deadline: a provider that does not answer in time loses; a challenger that does not
+answer sends the dispute to the panel at the last position it disputed. When one
+disagreeing position is left, a panel of k verifier-mode nodes (neither party, drawn by the
+beacon, stake-weighted) each recompute that position alone; the majority rules
+(`core/disputes.py`). A ruling's postings and its state change are one savepoint: a ruling
+that cannot be paid (`UnpayableRuling`) leaves the dispute as it was, retried next pass.
+Agents learn of queries from their heartbeat answer
 and answer automatically. This is the inference game of the one dispute shell
 (`dispute_shell.py`): the shell opens, routes and lists; seats, turns and deadlines are
 `core/disputes.py`'s.
@@ -28,11 +32,11 @@ from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, Trust
 from idlegrid.core import disputes as seats
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
-from idlegrid.core.trust import beacon, bisect, dispute
+from idlegrid.core.trust import bisect, dispute
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust.lifecycle import AUDIT, DISPUTE
 from idlegrid.core.trust.merkle import Proof, verify_proof
-from idlegrid.errors import Conflict, InvalidRequest, NotFound
+from idlegrid.errors import Conflict, InsufficientCredits, InvalidRequest, NotFound, UnpayableRuling
 
 if TYPE_CHECKING:
     from idlegrid.coordinator.trust.audits import Trust
@@ -89,6 +93,9 @@ class Disputes:
                 provider_id=provider_id,
                 verifier_id=a.verifier_id,
                 referee_id=None,
+                panel=[],
+                votes={},
+                awaiting_since=0.0,
                 state=DISPUTE.begin("bisecting", key=dispute_id),
                 n=dispute.n_positions(c),
                 lo=-1,
@@ -132,7 +139,7 @@ class Disputes:
         row.answers = {}
         if b.done:
             row.waiting = []
-            self._pick_referee(s, row, now)
+            self._seat_panel(s, row, now)
             return
         row.round += 1
         row.waiting = [seats.PROVIDER, seats.CHALLENGER]
@@ -142,10 +149,12 @@ class Disputes:
         b = bisect.Bisection(row.n, row.lo, row.hi)
         return b.first_bad if b.done else b.query()
 
-    def _pick_referee(self, s: Any, row: TrustDispute, now: float) -> None:
+    def _seat_panel(self, s: Any, row: TrustDispute, now: float) -> None:
+        """Fill the panel up to k from the eligible verifiers, or wait (then expire)."""
         a = s.get(TrustAudit, row.audit_id)
-        skip = {row.provider_id, row.verifier_id, *row.excluded}
-        # The referee runs the provider's engine, as auditors do (see Trust._record).
+        k = self.trust.ctx.settings.dispute_panel_k
+        skip = {row.provider_id, row.verifier_id, *row.excluded, *row.panel}
+        # Panelists run the provider's engine family, as auditors do (see Trust._record).
         family = cm.kernel_family(cm.peek_class(a.blob))
         candidates = [
             v.node_id
@@ -155,16 +164,33 @@ class Disputes:
             if v.node_id not in skip and cm.kernel_family(v.det_class) == family
         ]
         candidates = [v for v in candidates if a.model_id in self.trust.models_of(v)]
-        if not candidates:
-            # Visible and retried each supervisor pass; never settled without a referee.
+        balances = self._balances(s)
+        weights = {v: sum(self.trust.stakes(v, balances).values()) for v in candidates}
+        drawn = seats.draw_panel(
+            self.trust.secret, row.id, weights, k - len(row.panel), salt=len(row.excluded)
+        )
+        if len(row.panel) + len(drawn) < k:
+            # Visible and retried each supervisor pass; never settled without a panel.
+            row.awaiting_since = row.awaiting_since or now
+            if now - row.awaiting_since > self.trust.ctx.settings.dispute_panel_wait_s:
+                self._expire(s, row, "too few eligible verifiers for a panel")
+                return
             row.state = DISPUTE.move(row.state, "awaiting-referee", key=row.id)
-            row.referee_id, row.deadline = None, 0.0
+            row.deadline = 0.0
             return
-        row.referee_id = beacon.pick(self.trust.secret, row.id.encode(), candidates)
+        row.panel = [*row.panel, *drawn]
+        row.awaiting_since = 0.0
+        if row.state != "refereeing":  # panelists still to answer keep their round
+            row.round += 1
         row.state = DISPUTE.move(row.state, "refereeing", key=row.id)
-        row.round += 1
-        row.waiting = ["referee"]
+        row.waiting = [seats.REFEREE]
         row.deadline = now + self.trust.settings.dispute_answer_s
+
+    def _expire(self, s: Any, row: TrustDispute, detail: str) -> None:
+        """The default outcome: the audit's verdict stands, nobody is slashed or paid."""
+        row.state = DISPUTE.move(row.state, "expired", key=row.id, story=(detail,))
+        row.waiting, row.done_at, row.deadline = [], self.clock(), 0.0
+        row.ruling = {"provider_right": None, "detail": detail, "panel": dict(row.votes)}
 
     def pending(self, node_id: str) -> list[dict[str, Any]]:
         """Queries this node must answer now (they ride on its heartbeat answer)."""
@@ -230,6 +256,9 @@ class Disputes:
                     raise InvalidRequest(
                         "the report must hold exactly the queried position", param="report"
                     )
+                if role == seats.REFEREE:
+                    self._vote(s, row, a, c, position, node_id, report)
+                    return self._view(row)
                 row.answers = {**row.answers, role: body["report"]}
             row.waiting = [r for r in row.waiting if r != role]
             if not row.waiting:
@@ -256,9 +285,6 @@ class Disputes:
     def _close_round(
         self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment, position: int, now: float
     ) -> None:
-        if row.state == "refereeing":
-            self._referee_ruling(s, row, a, c, position)
-            return
         report = cm.decode_report(base64.b64decode(row.answers[seats.CHALLENGER]))
         tol = self.trust.tolerance(c.header.det_class, report.det_class)
         agree = not dispute.faults_at(c, position, report, tol)
@@ -268,19 +294,55 @@ class Disputes:
         row.rounds = [*row.rounds, {"round": row.round, "position": position, "agree": agree}]
         self._next_round(s, row, now)
 
-    def _referee_ruling(
-        self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment, position: int
+    def _vote(
+        self,
+        s: Any,
+        row: TrustDispute,
+        a: TrustAudit,
+        c: cm.Commitment,
+        position: int,
+        node_id: str,
+        report: cm.Report,
     ) -> None:
-        ref = cm.decode_report(base64.b64decode(row.answers[seats.REFEREE]))
+        """One panelist's recompute of the position: the side it finds for. The verifier's
+        claim there is its audit report, "disagree" (the panel only ever sits on a position
+        the verifier disputed), so a recompute within tolerance finds for the provider."""
         faults = dispute.faults_at(
-            c, position, ref, self.trust.tolerance(c.header.det_class, ref.det_class)
+            c, position, report, self.trust.tolerance(c.header.det_class, report.det_class)
         )
-        # The verifier's claim at this position is its audit report: it said "disagree"
-        # (the bisection only ends on a position it disputed), so it is right iff the
-        # referee disagrees too.
-        ruling = bisect.settle(position, provider_ok=not faults, challenger_ok=bool(faults))
-        detail = ruling.detail + (f": {'; '.join(faults)}" if faults else "")
-        self._rule(s, row, a, ruling.provider_right, position, detail)
+        row.votes = {**row.votes, node_id: seats.CHALLENGER if faults else seats.PROVIDER}
+        self._try_ruling(s, row, a, position, final=False)
+
+    def _try_ruling(
+        self, s: Any, row: TrustDispute, a: TrustAudit, position: int, final: bool = True
+    ) -> bool:
+        """Rule once every panelist voted (or, `final`, past the deadline: on a majority of
+        the votes in); True once settled. An unpayable ruling rolls back to the savepoint:
+        the votes stay, the dispute stays where it was and the next pass retries."""
+        k = self.trust.ctx.settings.dispute_panel_k
+        if not final and len(row.votes) < k:
+            return False
+        verdict = seats.panel_ruling(row.votes, k)
+        if verdict is None:
+            return False
+        if verdict.winner is None:
+            self._expire(s, row, "the panel reached no majority")
+            return True
+        detail = (
+            f"panel {len(verdict.paid)} of {k}: the committed chunk "
+            + ("holds" if verdict.winner == seats.PROVIDER else "is not what the model computes")
+            + " there (the verifier's report was "
+            + ("false)" if verdict.winner == seats.PROVIDER else "right)")
+        )
+        s.flush()
+        try:
+            with s.begin_nested():
+                self._rule(s, row, a, verdict.winner == seats.PROVIDER, position, detail, verdict)
+        except (UnpayableRuling, InsufficientCredits) as exc:
+            s.refresh(row)
+            row.ruling = {**row.ruling, "unpaid": exc.message}
+            return False
+        return True
 
     # ---- deadlines ---------------------------------------------------------------------
 
@@ -297,21 +359,36 @@ class Disputes:
             rows = list(s.scalars(select(TrustDispute).where(TrustDispute.state.in_(OPEN_STATES))))
             self.active = bool(rows)
             for row in rows:
-                if row.state == "awaiting-referee":
-                    self._pick_referee(s, row, now)
-                    continue
-                if now <= row.deadline:
-                    continue
                 a = s.get(TrustAudit, row.audit_id)
                 position = self._position(row)
+                if row.state == "awaiting-referee":
+                    if not (row.votes and self._try_ruling(s, row, a, position)):
+                        self._seat_panel(s, row, now)
+                    continue
+                if row.state == "refereeing" and self._try_ruling(s, row, a, position, False):
+                    continue  # every vote was in, its ruling could not be paid before
+                if now <= row.deadline:
+                    continue
+                if row.state == "refereeing" and self._try_ruling(s, row, a, position):
+                    continue  # a majority of k voted; the silent ones are not paid
                 if row.state == "refereeing":
-                    # Not a party: another third party is asked instead.
-                    row.excluded = [*row.excluded, row.referee_id or ""]
-                    self._pick_referee(s, row, now)
+                    # Silent panelists are not paid and are replaced by fresh draws.
+                    silent = [p for p in row.panel if p not in row.votes]
+                    row.excluded = [*row.excluded, *silent]
+                    row.panel = [p for p in row.panel if p in row.votes]
+                    self._seat_panel(s, row, now)
                 elif seats.PROVIDER in row.waiting:
                     self._rule(s, row, a, False, position, "the provider did not answer in time")
                 else:
-                    self._rule(s, row, a, True, position, "the verifier did not answer in time")
+                    # A silent challenger slashes nobody by itself: the panel recomputes the
+                    # last position it disputed (decisive alone: it said "disagree" there).
+                    row.rounds = [
+                        *row.rounds,
+                        {"round": row.round, "position": position, "agree": None},
+                    ]
+                    row.lo = row.hi - 1
+                    row.waiting, row.answers = [], {}
+                    self._seat_panel(s, row, now)
 
     # ---- ruling ------------------------------------------------------------------------
 
@@ -323,8 +400,15 @@ class Disputes:
         provider_right: bool,
         position: int,
         detail: str,
+        verdict: seats.PanelRuling | None = None,
     ) -> None:
-        """Record the ruling and post its consequences, in the caller's transaction."""
+        """Record the ruling and post its consequences, in the caller's transaction.
+
+        Only a panel's majority (`verdict`) ever rules for the provider, so only then is the
+        verifier slashed. The panel's majority is paid by the loser (the verifier's stakes
+        left after the reversal; the provider's account, then its stakes), the fee pool
+        covering only what the loser lacks; `UnpayableRuling` if even that falls short.
+        """
         now = self.clock()
         end = "won" if provider_right else "lost"
         res = s.execute(
@@ -336,29 +420,39 @@ class Disputes:
             raise Conflict(f"dispute {row.id} was settled already")
         s.refresh(row)
         row.waiting, row.done_at = [], now
+        winner = seats.PROVIDER if provider_right else seats.CHALLENGER
         row.ruling = {
             "provider_right": provider_right,
             "position": position,
             "detail": detail,
-            "referee": row.referee_id,
+            "panel": dict(row.votes),
+            "paid": list(verdict.paid) if verdict else [],
+            "slashed": seats.slashed(winner, verdict is not None),
         }
         com = s.get(TrustCommitment, (a.task_id, a.attempt))
         fee = self.trust.fee(com.charge if com else 0)
         balances = self._balances(s)
         posts: list[Entry | None] = []
-        if row.referee_id is not None and seats.REFEREE in row.answers:
-            posts.append(
-                dispute.referee_pay(row.id, row.referee_id, fee, balances.get(ledger.FEES, 0))
-            )
         provider = s.get(TrustNode, row.provider_id)
         verifier = s.get(TrustNode, row.verifier_id)
-        if provider_right:
+        if provider_right and verdict is not None:
             originals = self._audit_entries(s, a.id)
             stakes = self.trust.stakes(row.verifier_id, balances)
             entry, used = dispute.reversal(row.id, originals, balances, stakes)
             posts.append(entry)
-            left = {k: v - used.get(k, 0) for k, v in stakes.items()}
-            posts.extend(dispute.penalty(row.id, left, row.provider_id))
+            balances = dispute.apply(balances, posts)
+            left = {k: v for k, v in self.trust.stakes(row.verifier_id, balances).items()}
+            posts.append(
+                dispute.panel_pay(
+                    row.id, verdict.paid, fee, {**left, ledger.FEES: balances.get(ledger.FEES, 0)}
+                )
+            )
+            balances = dispute.apply(balances, posts[-1:])
+            posts.extend(
+                dispute.penalty(
+                    row.id, self.trust.stakes(row.verifier_id, balances), row.provider_id
+                )
+            )
             a.state = AUDIT.move(a.state, "overturned", key=a.id, story=(f"dispute:{row.id}",))
             a.verdict = {**a.verdict, "overturned_by": row.id}
             if provider is not None:
@@ -368,15 +462,20 @@ class Disputes:
                     provider.passed, provider.failed
                 ):
                     provider.ejected = False
-                    self.trust.ejected.discard(row.provider_id)
             if verifier is not None:
                 verifier.verifier_failed += 1
                 verifier.verifier_passed = max(verifier.verifier_passed - 1, 0)
-                verifier.ejected = True  # a third party showed its numbers were false
-                self.trust.ejected.add(row.verifier_id)
-        else:
+                verifier.ejected = True  # a panel's majority showed its numbers were false
+            # The cache of ejected nodes is re-read from the store once this commits.
+            self.trust.ejected.refresh_after(s)
+        elif verdict is not None:
             acct = ledger.provider_account(row.provider_id)
-            posts.append(dispute.dispute_fee(row.id, row.provider_id, fee, balances.get(acct, 0)))
+            funders = {
+                acct: balances.get(acct, 0),
+                **self.trust.stakes(row.provider_id, balances),
+                ledger.FEES: balances.get(ledger.FEES, 0),
+            }
+            posts.append(dispute.panel_pay(row.id, verdict.paid, fee, funders))
         for e in posts:
             if e is not None:
                 self.store._post(s, e)
@@ -419,6 +518,9 @@ class Disputes:
             "provider_id": row.provider_id,
             "challenger_id": row.verifier_id,
             "referee_id": row.referee_id,
+            "panel": list(row.panel),
+            "votes": dict(row.votes),
+            "awaiting_since": row.awaiting_since,
             "state": row.state,
             "round": row.round,
             "positions": row.n,
@@ -439,5 +541,5 @@ class Disputes:
             return [
                 self._view(r)
                 for r in rows
-                if node_id is None or node_id in (r.provider_id, r.verifier_id, r.referee_id)
+                if node_id is None or node_id in (r.provider_id, r.verifier_id, *r.panel)
             ]

@@ -55,6 +55,9 @@ class InferenceDispute(BaseModel):
     provider_id: str
     challenger_id: str
     referee_id: str | None
+    panel: list[str] = []  # the drawn verifiers (the referee seat)
+    votes: dict[str, str] = {}  # panelist -> "provider" | "challenger"
+    awaiting_since: float = 0.0  # waiting for enough eligible verifiers since
     state: str
     round: int
     positions: int
@@ -152,6 +155,9 @@ class DisputeSummary(BaseModel):
     provider_id: str
     challenger_id: str
     referee_id: str | None
+    panel: list[str] = []  # the drawn verifiers (the referee seat)
+    votes: dict[str, str] = {}  # panelist -> "provider" | "challenger"
+    awaiting_since: float = 0.0  # waiting for enough eligible verifiers since
     state: str
     round: int
     waiting_for: list[str]

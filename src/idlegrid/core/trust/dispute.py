@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from idlegrid.core import ledger
 from idlegrid.core.ledger import FEES, Cause, Entry, Posting
 from idlegrid.core.trust import commitment as cm
+from idlegrid.errors import UnpayableRuling
 
 
 def n_positions(c: cm.Commitment) -> int:
@@ -167,4 +168,40 @@ def dispute_fee(dispute_id: str, provider: str, amount: int, balance: int) -> En
         Cause("dispute", dispute_id),
         [Posting(ledger.provider_account(provider), -fee), Posting(FEES, fee)],
         "dispute fee",
+    )
+
+
+def apply(balances: Mapping[str, int], entries: Sequence[Entry | None]) -> dict[str, int]:
+    """Balances after `entries` (to plan the next posting of one ruling)."""
+    out = dict(balances)
+    for e in entries:
+        for p in e.postings if e is not None else ():
+            out[p.account] = out.get(p.account, 0) + p.amount
+    return out
+
+
+def panel_pay(
+    dispute_id: str, panelists: Sequence[str], each: int, funders: Mapping[str, int]
+) -> Entry | None:
+    """Pay each panelist of the majority `each` µcr, drawn from `funders` in order (the
+    loser's accounts first, the fee pool last), as far as each holds. Raises
+    `UnpayableRuling` if together they cannot cover it: the ruling is then not written."""
+    owed = each * len(panelists)
+    if owed <= 0:
+        return None
+    available = sum(max(b, 0) for b in funders.values())
+    if available < owed:
+        raise UnpayableRuling(dispute_id, owed, available)
+    postings: list[Posting] = []
+    left = owed
+    for acct, bal in funders.items():
+        take = min(left, max(bal, 0))
+        if take:
+            postings.append(Posting(acct, -take))
+            left -= take
+        if not left:
+            break
+    postings.extend(Posting(ledger.provider_account(p), each) for p in panelists)
+    return ledger.make_entry(
+        f"panel-pay:{dispute_id}", Cause("dispute", dispute_id), postings, "panel pay"
     )

@@ -8,8 +8,11 @@ issued ──▶ expired (never started); started ──▶ failed (no commitmen
 
 A dispute, inference (bisecting) or training (open, the parties' game):
 
-    bisecting | open ──▶ awaiting-referee ⇄ refereeing ──▶ won | lost
+    bisecting | open ──▶ awaiting-referee ⇄ refereeing ──▶ won | lost | expired
     bisecting | open ──────────────────────────────────▶ won | lost
+
+The referee seat is a panel (core/disputes.py). `expired`: too few eligible verifiers for
+a panel within the wait, or no majority; the audit's verdict stands and nobody is slashed.
 
 An inference dispute's referee pick writes its state every time: with no candidate it stays
 awaiting-referee, with a new referee (the last one was silent) it re-enters refereeing. A
@@ -54,6 +57,7 @@ class DisputeState(StrEnum):
     REFEREEING = "refereeing"
     WON = "won"
     LOST = "lost"
+    EXPIRED = "expired"
 
 
 class TrainDisputeState(StrEnum):
@@ -64,6 +68,7 @@ class TrainDisputeState(StrEnum):
     REFEREEING = "refereeing"
     WON = "won"
     LOST = "lost"
+    EXPIRED = "expired"
 
 
 _A = AuditState
@@ -96,8 +101,8 @@ DISPUTE = Lifecycle.of(
     DisputeState,
     {
         _D.BISECTING: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
-        _D.AWAITING_REFEREE: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
-        _D.REFEREEING: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST},
+        _D.AWAITING_REFEREE: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST, _D.EXPIRED},
+        _D.REFEREEING: {_D.AWAITING_REFEREE, _D.REFEREEING, _D.WON, _D.LOST, _D.EXPIRED},
     },
     initial={_D.BISECTING},
 )
@@ -108,8 +113,8 @@ TRAIN_DISPUTE = Lifecycle.of(
     TrainDisputeState,
     {
         _T.OPEN: {_T.AWAITING_REFEREE, _T.WON, _T.LOST},
-        _T.AWAITING_REFEREE: {_T.REFEREEING, _T.WON, _T.LOST},
-        _T.REFEREEING: {_T.AWAITING_REFEREE, _T.WON, _T.LOST},
+        _T.AWAITING_REFEREE: {_T.AWAITING_REFEREE, _T.REFEREEING, _T.WON, _T.LOST, _T.EXPIRED},
+        _T.REFEREEING: {_T.AWAITING_REFEREE, _T.REFEREEING, _T.WON, _T.LOST, _T.EXPIRED},
     },
     initial={_T.OPEN},
 )
