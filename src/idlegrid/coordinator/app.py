@@ -150,7 +150,7 @@ def compose(ctx: Context) -> Services:
             lambda live: db_tick(market.tick),
             lambda live: db_tick(hwproofs.tick, live),
             lambda live: db_tick(jobs.tick, live),
-            lambda live: db_tick(trust.expire),
+            lambda live: db_tick(trust.expire, live),
             lambda live: db_tick(disputes.tick, live),
             inference.tick,
         ],
