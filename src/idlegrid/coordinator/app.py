@@ -153,7 +153,7 @@ def compose(ctx: Context) -> Services:
             lambda live: db_tick(market.tick),
             lambda live: db_tick(hwproofs.tick, live),
             lambda live: db_tick(jobs.tick, live),
-            lambda live: db_tick(trust.expire),
+            lambda live: db_tick(trust.expire, live),
             lambda live: db_tick(disputes.tick, live),
             # Ejection lives in the store; the cache every domain reads follows it.
             lambda live: db_tick(ctx.ejected.refresh),

@@ -27,6 +27,7 @@ class NodeRegistered:
 
     node_id: str
     body: dict[str, Any]
+    address: str = ""  # the peer address it registered from
 
 
 @dataclass(frozen=True)

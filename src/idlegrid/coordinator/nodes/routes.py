@@ -25,7 +25,8 @@ async def register(request: Request) -> dict[str, Any]:
     node_id, body = await signed(request, registering=True)
     msg = parse(m.RegisterMsg, body)
     key = decode_public_key(request.headers[HEADER_PUBKEY])
-    return await services(request).nodes.register(node_id, key, msg.model_dump())
+    address = request.client.host if request.client else ""  # who audits whom: trust.md
+    return await services(request).nodes.register(node_id, key, msg.model_dump(), address)
 
 
 @router.post("/nodes/heartbeat", response_model=s.HeartbeatAnswer, responses=errors(400, 401))

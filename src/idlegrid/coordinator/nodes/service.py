@@ -80,7 +80,7 @@ class Nodes:
     # ---- agents ------------------------------------------------------------------------
 
     async def register(
-        self, node_id: str, public_key: bytes, body: dict[str, Any]
+        self, node_id: str, public_key: bytes, body: dict[str, Any], address: str = ""
     ) -> dict[str, Any]:
         """Record a node's profile and offers; answer with the settings agents must follow."""
         if body.get("protocol_version") != PROTOCOL_VERSION:
@@ -130,7 +130,7 @@ class Nodes:
             offers=offers,
         )
         self._keys[node_id] = public_key
-        await self.ctx.events.emit(NodeRegistered(node_id, body))
+        await self.ctx.events.emit(NodeRegistered(node_id, body, address))
         self.ctx.changes.bump()
         return {
             "node_id": node_id,

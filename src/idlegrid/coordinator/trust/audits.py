@@ -3,7 +3,8 @@ hand them to verifiers, judge the recomputations and apply the consequences.
 
 Decisions come from the pure core (`core/trust`); this module only reads and writes state.
 Order that matters: the commitment is stored with the finish, and only then is the beacon
-draw made, from a per-epoch secret whose hash is published in `/api/v1/status`.
+draw made, from a per-epoch secret whose hash is published in `/api/v1/status`. Who takes
+an audit, and deadlines: `assign.py`.
 """
 
 from __future__ import annotations
@@ -18,27 +19,26 @@ from sqlalchemy import select, update
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import Account, Offer
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
+from idlegrid.coordinator.trust import assign
 from idlegrid.coordinator.trust.payability import Payability, record
 from idlegrid.coordinator.trust.settings import TrustSettings
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core import b64, ledger
-from idlegrid.core.trust import beacon, dispute, entries
+from idlegrid.core.trust import beacon, dispute, entries, selection
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust.economics import AuditPolicy
 from idlegrid.core.trust.lifecycle import AUDIT
 from idlegrid.core.trust.merkle import merkle_root
 from idlegrid.core.trust.reputation import ReputationModel
-from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
+from idlegrid.errors import Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
     from idlegrid.coordinator.views import TaskView
 
 
 def tamper(c: cm.Commitment) -> cm.Commitment:
-    """A canary: the same answer with its first chunk's hidden-state values 1% off."""
-    first = c.chunks[0]
-    bad = dataclasses.replace(first, values=tuple(v * 1.01 for v in first.values))
-    chunks = (bad, *c.chunks[1:])
+    """A "values" canary: the same answer with its first chunk's hidden-state values 1% off."""
+    chunks = selection.tamper_values(c.chunks)
     root = merkle_root([ch.encode() for ch in chunks])
     return cm.Commitment(dataclasses.replace(c.header, root=root), chunks)
 
@@ -59,6 +59,7 @@ class Trust:
         self.new_audit = asyncio.Event()
         self.ejected = ctx.ejected
         self.ejected.loader = self._ejected_ids
+        self.live: frozenset[str] | None = None  # verifiers the draw may pick (None: all)
         from idlegrid.coordinator.trust.disputes import Disputes
 
         self.disputes = Disputes(self)
@@ -79,9 +80,10 @@ class Trust:
         eng = body.get("engine") or {}
         det = "/".join(str(eng.get(k, "")) for k in ("engine", "version", "dtype", "device"))
         det += f"/t{eng.get('threads', '')}"
-        await self.ctx.db(self._upsert_node, node_id, bool(body.get("verifier")), det)
+        verifier = bool(body.get("verifier"))
+        await self.ctx.db(self._upsert_node, node_id, verifier, det, event.address)
 
-    def _upsert_node(self, node_id: str, verifier: bool, det: str) -> None:
+    def _upsert_node(self, node_id: str, verifier: bool, det: str, address: str = "") -> None:
         with self.store.tx() as s:
             row = s.get(TrustNode, node_id)
             if row is None:
@@ -96,10 +98,13 @@ class Trust:
                         verifier_failed=0,
                         ejected=False,
                         proven_class="",
+                        address=address[:64],
+                        held=False,
                     )
                 )
             else:
-                row.verifier, row.det_class = verifier, det
+                row.verifier, row.det_class, row.address = verifier, det, address[:64]
+                row.held = False  # a restarted verifier is drawn again (its lapse was paid)
                 if row.ejected:
                     self.ejected.refresh_after(s)
 
@@ -194,33 +199,27 @@ class Trust:
                 s.scalars(select(Account.balance).where(Account.id.like(f"stake:{node_id}:%")))
             )
             at_risk = staked / charge if charge > 0 else None
-            # Across engines no tolerance is fair (llama.cpp's int8-activation kernels against
-            # torch's float ones differ by per cents): an honest provider would be slashed.
-            # So only verifiers of the provider's engine and build (`kernel_family`: an AVX2
-            # llama.cpp does not judge an AVX-512 one) audit it; with none, the audit waits,
-            # visible as pending, rather than being judged by a verifier that cannot judge it.
-            # Verifiers that let more audits lapse than they completed are not designated.
-            family = cm.kernel_family(c.header.det_class)
-            verifiers = [
-                v.node_id
-                for v in s.scalars(
-                    select(TrustNode).where(
-                        TrustNode.verifier.is_(True), TrustNode.ejected.is_(False)
-                    )
-                )
-                if v.node_id != node_id
-                and cm.kernel_family(v.det_class) == family
-                and v.verifier_expired <= v.verifier_passed
-            ]
-            designated = beacon.pick(self.secret, digest, verifiers) if verifiers else None
-            audits = []
+            # Only verifiers of the provider's kernel family (`kernel_family`: an AVX2 llama.cpp
+            # does not judge an AVX-512 one) may audit it: across engines no tolerance is fair.
+            # Among them the beacon draws one by stake, never on the provider's network; ids
+            # and canaries are built so that nothing but the secret tells them apart.
+            pool = assign.candidates(self, s)
+            audits: list[tuple[str, bool, bytes, str | None]] = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean, failed, at_risk)):
-                audits.append((f"aud-{digest.hex()[:24]}", False, blob))
+                who = assign.draw(self, s, node_id, digest, c.header.det_class, "audit", [], pool)
+                audits.append((selection.audit_id(self.secret, digest, "audit"), False, blob, who))
             if c.chunks and beacon.selected(
                 self.secret, digest, self.settings.canary_rate, domain=b"canary"
             ):
-                audits.append((f"can-{digest.hex()[:24]}", True, tamper(c).encode()))
-            for audit_id, canary, data in audits:
+                # A canary goes to another verifier than the real audit where there is one.
+                taken = [a[3] for a in audits if a[3]]
+                who = assign.draw(
+                    self, s, node_id, digest, c.header.det_class, "canary", taken, pool
+                ) or assign.draw(self, s, node_id, digest, c.header.det_class, "canary", [], pool)
+                kind = selection.canary_kind(self.secret, digest, task.payload)
+                data = blob if kind == "task" else tamper(c).encode()
+                audits.append((selection.audit_id(self.secret, digest, "canary"), True, data, who))
+            for audit_id, canary, data, designated in audits:
                 s.add(
                     TrustAudit(
                         id=audit_id,
@@ -265,60 +264,15 @@ class Trust:
     ) -> dict[str, Any] | None:
         """An audit for this verifier (never its own answers), or None after `wait_s`."""
         return await self.ctx.long_poll(
-            self.new_audit, lambda: self._claim(node_id, models), wait_s
+            self.new_audit, lambda: assign.claim(self, node_id, models), wait_s
         )
-
-    def _claim(self, node_id: str, models: list[str]) -> dict[str, Any] | None:
-        now = self.ctx.clock()
-        with self.store.tx() as s:
-            me = s.get(TrustNode, node_id)
-            if me is None or not me.verifier or me.ejected:
-                raise AuthError("this node is not an active verifier")
-            rows = s.scalars(
-                select(TrustAudit)
-                .where(
-                    TrustAudit.state == "pending",
-                    TrustAudit.node_id != node_id,
-                    TrustAudit.model_id.in_(models),
-                )
-                .order_by(TrustAudit.created_at)
-                .limit(20)
-            )
-            for a in rows:
-                if node_id in (a.expired or []):
-                    continue  # it let this one lapse once
-                if (
-                    a.designated not in (None, node_id)
-                    and now - a.created_at < self.settings.reassign_after_s
-                ):
-                    continue
-                if cm.kernel_family(cm.peek_class(a.blob)) != cm.kernel_family(me.det_class):
-                    continue  # another engine's or build's answers: see _record
-                res = s.execute(
-                    update(TrustAudit)
-                    .where(TrustAudit.id == a.id, TrustAudit.state == a.state)
-                    .values(
-                        state=AUDIT.move(a.state, "assigned", key=a.id),
-                        verifier_id=node_id,
-                        assigned_at=now,
-                    )
-                )
-                if res.rowcount != 1:
-                    continue
-                com = s.get(TrustCommitment, (a.task_id, a.attempt))
-                assert com is not None
-                break
-            else:
-                return None
-        # The task is read after the write transaction: a nested one would wait on itself.
-        return {"audit_id": a.id, **self.audit_task(a, com)}
 
     def audit_task(self, a: TrustAudit, com: TrustCommitment) -> dict[str, Any]:
         """The audited request as the provider saw it, and the commitment to re-check
         (reads the task: call it outside a write transaction)."""
         task = self.store.get_task(a.task_id)
         p = task.payload
-        return {
+        out = {
             "model": a.model_id,
             "kind": task.kind,
             "prompt": p.get("prompt"),
@@ -328,58 +282,18 @@ class Trust:
             "stop": p.get("stop") or [],
             "commitment": base64.b64encode(a.blob).decode(),
         }
+        if a.canary and a.blob == com.blob:  # a "task" canary: the verifier's prompt is off
+            out = selection.perturb_task(out, self.secret, bytes.fromhex(com.digest))
+        return out
 
     def models_of(self, node_id: str) -> set[str]:
         """Models a node offers (a referee must be able to run the disputed one)."""
         with self.store.read() as s:
             return set(s.scalars(select(Offer.model_id).where(Offer.node_id == node_id)))
 
-    def expire(self) -> list[str]:
-        """Audits taken and not reported within `audit_expiry_s` go back to the pool; the
-        late verifier is not paid and its verifier record counts a miss. Returns their ids."""
-        now = self.ctx.clock()
-        cutoff = now - self.settings.audit_expiry_s
-        back: list[str] = []
-        if not self.store.exists(
-            select(TrustAudit.id).where(
-                TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff
-            )
-        ):
-            return back
-        with self.store.tx() as s:
-            late = list(
-                s.scalars(
-                    select(TrustAudit).where(
-                        TrustAudit.state == "assigned", TrustAudit.assigned_at < cutoff
-                    )
-                )
-            )
-            for a in late:
-                late_id, lapsed = a.verifier_id, [*(a.expired or []), a.verifier_id]
-                res = s.execute(
-                    update(TrustAudit)
-                    .where(TrustAudit.id == a.id, TrustAudit.state == a.state)
-                    .values(
-                        state=AUDIT.move(
-                            a.state, "pending", key=a.id, story=(f"lapsed by node:{late_id}",)
-                        ),
-                        verifier_id=None,
-                        assigned_at=0.0,
-                        # Anyone but the late verifier may take it at once.
-                        designated=None,
-                        created_at=now - self.settings.reassign_after_s,
-                        expired=lapsed,
-                    )
-                )
-                if res.rowcount != 1:
-                    continue
-                node = s.get(TrustNode, late_id)
-                if node is not None:
-                    node.verifier_expired += 1
-                back.append(a.id)
-        if back:
-            self.new_audit.set()
-        return back
+    def expire(self, live: frozenset[str] | None = None) -> list[str]:
+        """Audit deadlines (see `assign.expire`); the ids of audits that lapsed."""
+        return assign.expire(self, live)
 
     async def report(self, node_id: str, audit_id: str, report_b64: str) -> dict[str, Any]:
         """Judge a verifier's recomputation and apply what follows from it."""
@@ -445,6 +359,7 @@ class Trust:
                 raise Conflict(f"audit {audit_id} was judged already")
             verifier = s.get(TrustNode, node_id)
             provider = s.get(TrustNode, provider_id)
+            verifier.held = False  # it reports again: back in the draw
             if canary:
                 if v.passed:  # approved a planted wrong answer: lazy or colluding
                     verifier.verifier_failed += 1
@@ -467,7 +382,8 @@ class Trust:
                         self.ejected.refresh_after(s)
             for e in posts:
                 self.store._post(s, e)
-        return {"audit_id": audit_id, **verdict}
+        # Whether it was a canary stays with the coordinator.
+        return {"audit_id": audit_id, **{k: v for k, v in verdict.items() if k != "canary"}}
 
     def _consequences(
         self,

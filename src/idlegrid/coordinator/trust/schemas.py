@@ -22,7 +22,7 @@ class AuditVerdict(BaseModel):
     tolerance: Number
     provider_class: str
     verifier_class: str
-    canary: bool
+    # Whether the audit was a canary is the coordinator's to know (operator view: `Audit`).
     positions: list[int] | None = None  # failed audits: where a dispute would bisect
 
 

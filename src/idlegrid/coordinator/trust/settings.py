@@ -16,10 +16,13 @@ class TrustSettings(BaseSettings):
     halving: float = Field(8.0, gt=0)
     canary_rate: float = Field(0.02, ge=0, le=1)
     audit_fee_bps: int = Field(1000, ge=0, description="verifier pay, bps of the request charge")
-    reassign_after_s: float = Field(10.0, gt=0)
-    # A verifier that took an audit and did not report within this long loses it (unpaid,
-    # its verifier record marked) and the audit goes back to the pool for another verifier.
+    # A verifier that took an audit and did not report within this long loses it (unpaid),
+    # `hold_slash_bps` of each stake account, and its turn in later draws until it reports
+    # again; the audit is drawn again without it.
     audit_expiry_s: float = Field(60.0, gt=0)
+    hold_slash_bps: int = Field(500, ge=0, le=10_000)
+    # Nodes on the coordinator's own host (loopback) are the operator's: not "one network".
+    exempt_loopback: bool = True
     # Each party to a dispute answers a round within this long, or loses.
     dispute_answer_s: float = Field(30.0, gt=0)
     # Tolerances: see docs/trust.md for how they were calibrated.

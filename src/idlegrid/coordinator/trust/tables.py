@@ -64,6 +64,10 @@ class TrustNode(Base):
     ejected: Mapped[bool] = mapped_column(Boolean)
     proven_class: Mapped[str] = mapped_column(String(64))
     verifier_expired: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Peer address at registration, and "let an audit lapse, not reported since"
+    # (migration 0012_verifier_address).
+    address: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class HwProof(Base):

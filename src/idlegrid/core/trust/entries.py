@@ -1,8 +1,8 @@
 """Ledger entries that trust decisions cause, built with `ledger.make_entry`.
 
 Every key names its cause (`slash:<audit>`, `forfeit:<audit>`, `audit-pay:<audit>`,
-`canary-slash:<audit>`), so replaying a decision posts nothing twice and "why did this
-stake shrink?" has an answer in one query.
+`canary-slash:<audit>`, `lapse-slash:<audit>:<verifier>:<stake>`), so replaying a decision
+posts nothing twice and "why did this stake shrink?" has an answer in one query.
 """
 
 from __future__ import annotations
@@ -91,6 +91,21 @@ def canary_slash(
         Cause("audit", audit_id),
         [Posting(stake_account, -take), Posting(FEES, take)],
         "canary slash",
+    )
+
+
+def lapse_slash(
+    audit_id: str, verifier: str, stake_account: str, stake_balance: int, amount: int
+) -> Entry | None:
+    """A verifier took an audit and did not report in time: a slice of its stake is burned."""
+    take = min(amount, stake_balance)
+    if take <= 0:
+        return None
+    return ledger.make_entry(
+        f"lapse-slash:{audit_id}:{verifier}:{stake_account}",
+        Cause("audit", audit_id),
+        [Posting(stake_account, -take), Posting(FEES, take)],
+        "audit lapsed",
     )
 
 
