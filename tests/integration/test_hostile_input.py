@@ -20,6 +20,7 @@ from idlegrid.agent.node_client import NodeClient
 from idlegrid.core import ledger
 from idlegrid.engines.fake import FakeEngine
 from idlegrid.protocol.signing import NodeKey
+from idlegrid.testbed.commits import commitment_b64
 from idlegrid.testbed.inprocess import free_port
 
 
@@ -266,7 +267,11 @@ def test_a_provider_cannot_upload_past_max_tokens_or_smuggle_text(
             await c.call(f"{base}/upload", {"start": 0, "pieces": [[5, "a"]] * 4})
             with pytest.raises(Conflict):  # the budget is spent
                 await c.call(f"{base}/upload", {"start": 4, "pieces": [[5, "b"]]})
-            await c.call(f"{base}/finish", {"prompt_tokens": 2, "finish_reason": "length"})
+            blob = commitment_b64([5] * 4, 2, task["seed"])  # 2 prompt tokens, 4 delivered
+            await c.call(
+                f"{base}/finish",
+                {"prompt_tokens": 2, "finish_reason": "length", "commitment": blob},
+            )
             await asyncio.to_thread(t.join, 60)
         finally:
             await c.close()

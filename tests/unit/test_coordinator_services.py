@@ -26,6 +26,7 @@ from idlegrid.coordinator.events import (
 from idlegrid.coordinator.supervisor import Supervisor
 from idlegrid.core import ledger
 from idlegrid.errors import Conflict, InvalidRequest, ModelNotFound, NoCapacity
+from idlegrid.testbed.commits import commitment_b64
 
 MODEL = "tiny:test"
 
@@ -209,7 +210,11 @@ def test_a_request_is_handed_over_served_and_settled(grid: tuple[Services, Clock
         task = await poll
         assert task.id == task_id
         await svc.inference.upload("n1", task_id, 1, 0, [(7, "a"), (8, "b")])
-        done = await svc.inference.finish("n1", task_id, 1, prompt_tokens=2, finish_reason="length")
+        # The provider claims 3 prompt tokens; its commitment fixes 2, which is billed.
+        blob = commitment_b64([7, 8], 2, task.payload["seed"])
+        done = await svc.inference.finish(
+            "n1", task_id, 1, prompt_tokens=3, finish_reason="length", commitment=blob
+        )
         kinds = [e.kind async for e in svc.inference.events(stream)]
         return done, kinds
 
@@ -220,3 +225,58 @@ def test_a_request_is_handed_over_served_and_settled(grid: tuple[Services, Clock
     assert svc.store.balance(account) == 10 * ledger.MICRO - 2 * 1 - 2 * 2
     assert svc.store.verify_ledger() == []
     assert [(e.node_id, e.task.id, e.part) for e in finished] == [("n1", done.id, False)]
+
+
+def test_an_answer_without_a_valid_commitment_is_a_failed_unpaid_attempt(
+    grid: tuple[Services, Clock],
+) -> None:
+    """Issue 15: a missing or malformed commitment is a failed answer: nothing is paid or
+    charged for it, it counts against the provider, and the request goes on (and, after the
+    last attempt, fails). A handed-back part without a part commitment is not paid either."""
+    svc, _ = grid
+    key_id, _secret = svc.store.create_api_key("consumer")
+    account = ledger.consumer_account(key_id)
+    svc.store.post(ledger.mint("mint-1", account, 10 * ledger.MICRO, ledger.Cause("test", "1")))
+    start = svc.store.balance(account)
+
+    async def attempt(n: int, task_id: str | None) -> tuple[str, Any]:
+        poll = asyncio.ensure_future(svc.inference.poll("n1", [MODEL], 5.0))
+        stream = None
+        if task_id is None:  # a new request, handed to the parked poll
+            while not svc.inference.hub._waiters.get("n1"):
+                await asyncio.sleep(0)
+            task_id, stream = await svc.inference.submit(
+                key_id, MODEL, "completion", {"prompt": "hi"}, 4, 8
+            )
+        task = await poll  # a requeued one is claimed from the queue at once
+        assert (task.id, task.attempt) == (task_id, n)
+        await svc.inference.upload("n1", task_id, n, 0, [(7 + n, "x")])
+        return task_id, stream
+
+    async def scenario() -> tuple[str, list[str]]:
+        await svc.nodes.register("n1", b"k" * 32, body())
+        task_id, stream = await attempt(1, None)
+        with pytest.raises(InvalidRequest, match="no commitment.*another provider"):
+            await svc.inference.finish("n1", task_id, 1, prompt_tokens=2, finish_reason="length")
+        await attempt(2, task_id)
+        with pytest.raises(InvalidRequest, match="malformed commitment"):
+            await svc.inference.finish(
+                "n1", task_id, 2, prompt_tokens=2, finish_reason="length", commitment="AAAA"
+            )
+        await attempt(3, task_id)
+        # Handed back with its token delivered and no part commitment: unpaid; the last try.
+        await svc.inference.give_up("n1", task_id, 3, "handback")
+        assert stream is not None
+        kinds = [e.kind async for e in svc.inference.events(stream)]
+        return task_id, kinds
+
+    task_id, kinds = run(scenario())
+    assert kinds[-1] == "failed"
+    task = svc.store.get_task(task_id)
+    assert task is not None and task.state == "failed" and "3 attempts" in (task.error or "")
+    assert task.delivered_ids == [8, 9, 10]  # the consumer saw them; nobody is paid for them
+    assert svc.store.balance(account) == start
+    assert svc.store.balance(ledger.accrual_account("n1")) == 0
+    assert svc.store.verify_ledger() == []
+    # Two failed answers count against it (the hand-back is blameless): (1 + 19) / (3 + 20).
+    assert svc.market.store.reliability()["n1"] == pytest.approx(20 / 23)

@@ -61,6 +61,50 @@ def should_retry(attempts: int, max_attempts: int) -> bool:
     return attempts < max_attempts
 
 
+# ---- what an attempt is paid for ---------------------------------------------------------
+#
+# No credit leaves escrow for work that was not committed and could not be checked
+# (docs/trust.md, "What is paid"). The shell (`Inference.finish`/`give_up`, `Store`) decides
+# nothing here: it asks these and writes what they say.
+
+# The outcome of an attempt that finished without a valid commitment. Not blameless: the
+# market's reliability counts it against the provider (`market/store.py`, _BLAMELESS).
+UNCOMMITTED = "uncommitted"
+
+
+def payable_tokens(delivered: int, committed: bool) -> int:
+    """Output tokens an attempt is paid (and its consumer charged) for: all it delivered if a
+    valid commitment covers them, none otherwise (an audit could never check them)."""
+    return delivered if committed else 0
+
+
+@dataclass(frozen=True)
+class PromptBill:
+    """Prompt tokens billed for a finished request, and what the provider claimed."""
+
+    tokens: int
+    claimed: int
+
+    @property
+    def disagrees(self) -> bool:
+        """The provider's claim differs from what its commitment fixes (worth a log line)."""
+        return self.claimed != self.tokens
+
+
+def billed_prompt_tokens(
+    committed_start: int, prior_tokens: int, claimed: int, max_prompt_tokens: int
+) -> PromptBill:
+    """Prompt tokens come from the commitment, never from the provider's claim.
+
+    The commitment's `start` is the context length it was computed on: prompt + the tokens
+    earlier attempts delivered (`prior_tokens`); its context hash covers those ids and the
+    audit recomputes both from what the coordinator sent. The claim is advisory. Capped by
+    what the request could hold (`max_prompt_tokens`, the escrow's basis).
+    """
+    prompt = max(0, committed_start - prior_tokens)
+    return PromptBill(min(prompt, max_prompt_tokens), claimed)
+
+
 # ---- the supervisor's decisions ------------------------------------------------------------
 #
 # `Inference.tick` looks at each running task and its stream, then at each queued task, and

@@ -154,7 +154,13 @@ def recompute(
                 )
             )
     end_ok = _end_ok(engine, c, tokens, max_new_tokens, stop, len(context_ids), context_length)
-    return cm.Report(cm.context_hash(context_ids), tuple(report_chunks), end_ok, engine.det_class())
+    return cm.Report(
+        cm.context_hash(context_ids),
+        tuple(report_chunks),
+        end_ok,
+        engine.det_class(),
+        len(context_ids),
+    )
 
 
 def _outputs(

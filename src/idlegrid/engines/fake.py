@@ -15,6 +15,12 @@ It is a real `Engine`, not a mock:
   engine never ends by itself.
 - `token_delay` seconds (or env `IDLEGRID_FAKE_TOKEN_DELAY`) are slept before each token,
   so that tests can make a provider slow enough to kill mid-stream.
+- It commits like every honest engine (`engines/commit.py`): the "hidden state" that
+  produced a token is `HIDDEN` float32 values, the token id / 256 and pseudo-random values
+  in [-1, 1) from (context hash, seed), all exact in float32; its logits put the token it
+  would pick far above the rest. A FakeEngine verifier recomputes both exactly, so an
+  honest fake passes its audits bit-exact and a fake that lies about a token, the seed or
+  the context fails them, through the same commitment, recompute and judge as llama.cpp.
 """
 
 from __future__ import annotations
@@ -23,10 +29,15 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from idlegrid.engines.base import SamplingParams
 from idlegrid.errors import EngineError, InvalidRequest
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from idlegrid.engines.commit import Recorder
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 OFFSET = 3
@@ -34,6 +45,8 @@ VOCAB_SIZE = 256 + OFFSET
 END_MARKER = "<|end|>"
 END_AFTER_WORDS = 4
 DELAY_ENV = "IDLEGRID_FAKE_TOKEN_DELAY"
+HIDDEN = 8  # width of the fake hidden state
+_LOSER = -1.0e4  # logit of every token the fake would not pick
 
 WORDS = (
     "grid", "idle", "power", "token", "river", "stone", "cloud", "lamp", "orbit", "paper",
@@ -93,6 +106,8 @@ class FakeEngine:
         if not words or any(not w or " " in w or len(w.encode()) > 32 for w in words):
             raise EngineError("fake words must be 1-32 bytes without spaces", engine="fake")
         self._words = [[b + OFFSET for b in w.encode()] for w in words]
+        self.recorder: Recorder | None = None
+        self._audit_salt = 0  # the salt of the commitment being audited (verifier mode)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Byte ids of `text`, BOS first when `add_bos`."""
@@ -113,11 +128,10 @@ class FakeEngine:
             raise InvalidRequest("prompt is empty", param="prompt")
         if any(not 0 <= i < VOCAB_SIZE for i in prompt_ids):
             raise InvalidRequest("token id out of range", param="prompt")
-        if params.temperature <= 0:
-            salt = 0
-        else:
-            salt = params.seed if params.seed is not None else random.getrandbits(63)
-            salt = _mix(salt + 1)
+        seed = params.seed
+        if params.temperature > 0 and seed is None:
+            seed = random.getrandbits(63)
+        salt = _salt(seed, params.temperature)
         state = _State()
         for token_id in prompt_ids:
             state.push(token_id)
@@ -126,6 +140,8 @@ class FakeEngine:
             token_id = self._next(state, salt)
             if self.token_delay:
                 time.sleep(self.token_delay)
+            if self.recorder is not None:
+                self.recorder.add(token_id, _hidden(state.h, salt, token_id))  # type: ignore[arg-type]
             yield token_id
             state.push(token_id)
             n += 1
@@ -163,6 +179,62 @@ class FakeEngine:
 
     def close(self) -> None:
         """Nothing to free."""
+
+    # ---- Auditable (engines/commit.py) ---------------------------------------------------
+
+    def det_class(self) -> str:
+        """engine/version/dtype/device/threads."""
+        return "fake/1/bytes/cpu/t1"
+
+    def prefill_states(self, ids: Sequence[int]) -> np.ndarray:
+        """The state at every position of `ids`: what the fake would pick next there (under
+        the salt of the commitment being audited), and the context's pseudo-random values."""
+        import numpy as np
+
+        state = _State()
+        rows = []
+        for token_id in ids:
+            state.push(token_id)
+            picked = self._next(state, self._audit_salt)
+            rows.append(_hidden(state.h, self._audit_salt, picked))
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), HIDDEN)
+
+    def logits_of(self, states: np.ndarray) -> np.ndarray:
+        """Logits that put the token a state was picked for far above every other."""
+        import numpy as np
+
+        out = np.full((len(states), VOCAB_SIZE), _LOSER, dtype=np.float32)
+        for r, row in enumerate(states):
+            token_id = int(round(float(row[0]) * 256))
+            if 0 <= token_id < VOCAB_SIZE:
+                out[r, token_id] = 0.0
+        return out
+
+    def audit(
+        self, context_ids: Sequence[int], c: Any, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> Any:
+        """Recompute a commitment (verifier mode), the same way as every engine."""
+        from idlegrid.engines.commit import recompute
+
+        self._audit_salt = _salt(c.header.seed, c.header.temperature)
+        return recompute(self, context_ids, c, max_new_tokens, stop, self._context_length)
+
+
+def _salt(seed: int | None, temperature: float) -> int:
+    """What the seed adds to the context hash (nothing at temperature 0)."""
+    if temperature <= 0 or seed is None:
+        return 0
+    return _mix(seed + 1)
+
+
+def _hidden(h: int, salt: int, token_id: int) -> list[float]:
+    """The fake hidden state that produced `token_id` after a context hashing to `h`: the
+    token / 256, then values in [-1, 1) on a 2^-23 grid (exact in float32)."""
+    values = [token_id / 256.0]
+    for k in range(1, HIDDEN):
+        x = _mix(h ^ salt ^ (k * 0x9E3779B97F4A7C15 & _MASK)) >> 40
+        values.append(x / float(1 << 23) - 1.0)
+    return values
 
 
 class _State:

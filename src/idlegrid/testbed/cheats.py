@@ -136,6 +136,98 @@ class LlamaSeedIgnoring(LlamaCppEngine):
         return int(np.random.default_rng().choice(len(p), p=p / p.sum()))
 
 
+# ---- cheats on what is paid (issue 15), on the default engine ------------------------
+
+
+class _Uncommitting:
+    """A llama.cpp engine behind the bare `Engine` interface: no recorder and no `audit`, so
+    the honest agent around it commits nothing, for whole answers or for failover parts."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model_id: str, **kw: Any) -> None:
+        self._inner = LlamaCppEngine(model_id, **kw)
+        self.model_id = model_id
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """The model's tokens."""
+        return self._inner.tokenize(text, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        """The model's bytes."""
+        return self._inner.detokenize(ids)
+
+    def is_end(self, token_id: int) -> bool:
+        """The model's end tokens."""
+        return self._inner.is_end(token_id)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """The honest tokens."""
+        yield from self._inner.generate(prompt_ids, params)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's template."""
+        return self._inner.chat_template
+
+    @property
+    def context_length(self) -> int:
+        """The model's context."""
+        return self._inner.context_length
+
+    def describe(self) -> dict[str, Any]:
+        """The honest engine's facts."""
+        return self._inner.describe()
+
+    def close(self) -> None:
+        """Free the model."""
+        self._inner.close()
+
+
+class LlamaUncommitted(_Uncommitting):
+    """(p1) honest answers, no commitment: nothing an audit could ever check."""
+
+
+class LlamaPartDump(_Uncommitting):
+    """(p3) delivers the first `cut_after` tokens of an answer, then crashes: the agent hands
+    the request back with no part commitment (it has nothing to commit from)."""
+
+    cut_after = 3
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """A few honest tokens, then an engine error."""
+        for n, token in enumerate(super().generate(prompt_ids, params)):
+            if n == self.cut_after:
+                raise RuntimeError("crashed mid-answer (on purpose)")
+            yield token
+
+
+class _Inflated(list[int]):
+    """Token ids whose length lies: iterating gives the real ids (so the context, the
+    generation and the commitment are honest), `len` says `factor` times more."""
+
+    factor = 3.8
+
+    def __len__(self) -> int:
+        return int(super().__len__() * self.factor)
+
+
+class LlamaPromptInflating(LlamaCppEngine):
+    """(p2) honest answers and commitments, but the agent reports 3.8x the prompt tokens
+    (`FinishMsg.prompt_tokens` is `len(prompt_ids)`)."""
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """The real ids, with a lying length."""
+        return _Inflated(super().tokenize(text, add_bos=add_bos))
+
+
+PAY_CHEATS = {
+    "uncommitted": LlamaUncommitted,
+    "inflated-prompt": LlamaPromptInflating,
+    "part-dump": LlamaPartDump,
+}
+
+
 class FalseAccuser(TinyEngine):
     """A verifier that recomputes honestly and then reports the last chunk 1% off, so an
     honest provider fails its audit (what disputes exist for)."""

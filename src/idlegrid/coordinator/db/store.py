@@ -39,7 +39,7 @@ from idlegrid.coordinator.db.tables import (
 from idlegrid.coordinator.views import TaskView, new_task_view
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Price, Share
-from idlegrid.core.tasks import TaskState, should_retry, transition
+from idlegrid.core.tasks import TaskState, payable_tokens, should_retry, transition
 from idlegrid.errors import StaleAttempt
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -313,12 +313,15 @@ class Store(NodeStore, LedgerStore):
             raise StaleAttempt(task_id, attempt)
         return t
 
-    def _end_attempt(self, s: Session, t: Task, outcome: str, new_ids: Sequence[int]) -> None:
+    def _end_attempt(
+        self, s: Session, t: Task, outcome: str, new_ids: Sequence[int], committed: bool
+    ) -> None:
         a = s.get(Attempt, (t.id, t.attempt))
         assert a is not None
         a.ended_at = self.clock()
         a.outcome = outcome
         a.output_tokens = len(new_ids)
+        a.committed = committed
         t.delivered_ids = [*t.delivered_ids, *new_ids]
         t.output_tokens = len(t.delivered_ids)
 
@@ -329,11 +332,12 @@ class Store(NodeStore, LedgerStore):
         shares = []
         for a in attempts:
             # The prompt is billed once, to the provider that finished the request; each
-            # provider is paid for the output tokens it delivered.
+            # provider is paid for the output tokens it delivered under a valid commitment.
             prompt = prompt_tokens if a.attempt == t.attempt else 0
-            if prompt or a.output_tokens:
+            output = payable_tokens(a.output_tokens, a.committed is not False)
+            if prompt or output:
                 shares.append(
-                    Share(a.node_id, prompt, a.output_tokens, Price(a.prompt_price, a.output_price))
+                    Share(a.node_id, prompt, output, Price(a.prompt_price, a.output_price))
                 )
         return shares
 
@@ -350,11 +354,11 @@ class Store(NodeStore, LedgerStore):
         energy_j: float | None = None,
         energy_estimated: bool = False,
     ) -> TaskView:
-        """Complete a task and settle it: providers paid, fee taken, rest of the hold refunded."""
+        """Settle a task whose attempt committed validly (`prompt_tokens`: what it fixes)."""
         with self.tx() as s:
             t = self._running(s, task_id, attempt, node_id)
             t.state = transition(TaskState(t.state), "finish").value
-            self._end_attempt(s, t, "done", new_ids)
+            self._end_attempt(s, t, "done", new_ids, committed=True)
             if energy_j is not None:
                 a = s.get(Attempt, (t.id, t.attempt))
                 assert a is not None
@@ -381,11 +385,13 @@ class Store(NodeStore, LedgerStore):
         outcome: str,
         max_attempts: int,
         fee_bps: int,
+        committed: bool = False,
     ) -> TaskView:
-        """Take a task from a lost, stalled or draining provider: queue it again, or fail it."""
+        """Take a task from a lost, stalled, draining or uncommitted attempt: queue it again,
+        or fail it. Its tokens stay delivered, paid only if `committed` (a valid part)."""
         with self.tx() as s:
             t = self._running(s, task_id, attempt, None)
-            self._end_attempt(s, t, outcome, new_ids)
+            self._end_attempt(s, t, outcome, new_ids, committed)
             t.node_id = None
             t.updated_at = self.clock()
             if should_retry(t.attempt, max_attempts):
@@ -408,7 +414,8 @@ class Store(NodeStore, LedgerStore):
         new_ids: Sequence[int] = (),
         fee_bps: int = 0,
     ) -> TaskView | None:
-        """End a task without completion. Unless output was delivered, the hold goes back whole."""
+        """End a task without completion. Unless output was delivered, the hold goes back whole
+        (`charge_delivered`: the consumer left, the running attempt is paid uncommitted)."""
         with self.tx() as s:
             t = s.get(Task, task_id, with_for_update=True)
             if t is None or t.state in (TaskState.DONE.value, TaskState.FAILED.value):
@@ -416,7 +423,7 @@ class Store(NodeStore, LedgerStore):
             running = t.state == TaskState.RUNNING.value
             t.state = transition(TaskState(t.state), "fail").value
             if running:
-                self._end_attempt(s, t, reason, new_ids)
+                self._end_attempt(s, t, reason, new_ids, committed=charge_delivered)
             t.error = reason
             t.updated_at = self.clock()
             t.node_id = None

@@ -104,6 +104,9 @@ class Attempt(Base):
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Whether a valid commitment covers its output (False: delivered, never paid or charged,
+    # `core/tasks.payable_tokens`); None on rows from before the rule (paid as delivered).
+    committed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     # Energy the provider reported for this attempt (None: an agent without a meter).
     energy_j: Mapped[float | None] = mapped_column(Float, nullable=True)
     energy_estimated: Mapped[bool | None] = mapped_column(Boolean, nullable=True)

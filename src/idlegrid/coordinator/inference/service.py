@@ -21,6 +21,7 @@ from typing import Any
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
+from idlegrid.coordinator.inference.pieces import answer_slo, bill_prompt, budget, check_budget
 from idlegrid.coordinator.inference.ports import (
     CommitmentChecks,
     NodeDirectory,
@@ -139,7 +140,7 @@ class Inference:
             node = self.nodes.cache.get(node_id)
             task = await self._claim(node_id, claimable(models, node, may_paid))
             if task is not None:
-                self.hub.begin_attempt(task.id, task.attempt, self.clock(), _budget(task))
+                self.hub.begin_attempt(task.id, task.attempt, self.clock(), budget(task))
                 stream = self.hub.get(task.id)
                 if stream is None:  # the consumer left while it was queued
                     await self.db(self.store.fail, task.id, "consumer disconnected")
@@ -188,7 +189,7 @@ class Inference:
         if stream is None:
             asyncio.ensure_future(self.db(self.store.fail, task.id, "consumer disconnected"))
             return
-        self.hub.begin_attempt(task.id, task.attempt, self.clock(), _budget(task))
+        self.hub.begin_attempt(task.id, task.attempt, self.clock(), budget(task))
         stream.node_id, stream.target = node_id, None
         asyncio.ensure_future(self._give_up_quietly(node_id, task.id, task.attempt))
 
@@ -217,7 +218,7 @@ class Inference:
             fresh = pieces[stream.next_index - start :]
             if not fresh:
                 return
-            _check_budget(stream, task_id, fresh)
+            check_budget(stream, task_id, fresh)
             stream.next_index += len(fresh)
             stream.attempt_ids.extend(tid for tid, _ in fresh if tid >= 0)
             stream.last_progress = self.clock()
@@ -240,44 +241,53 @@ class Inference:
         energy_j: float | None = None,
         energy_estimated: bool = False,
     ) -> TaskView:
-        """The provider finished: settle and tell the consumer."""
+        """The provider finished: settle (prompt tokens billed from the commitment, the claim
+        is advisory) and tell the consumer. Without a valid commitment the attempt is a failed
+        answer: unpaid, uncharged, against reliability, handed on (InvalidRequest says so)."""
         stream = self._attempt_stream(task_id, attempt, node_id)
         await stream.created.wait()
+        refused: InvalidRequest | None = None
         async with stream.lock:
             stream = self._attempt_stream(task_id, attempt, node_id)
             task = await self.db(self.store.get_task, task_id)
             assert task is not None
-            # A provider cannot bill more prompt tokens than the request could hold.
-            prompt_tokens = min(prompt_tokens, task.payload["max_prompt_tokens"])
-            committed = None
-            if commitment is not None:  # checked before settlement: a bad one is a 400
-                committed = self.trust.check_commitment(
-                    task, commitment, list(stream.attempt_ids), finish_reason
+            ids = list(stream.attempt_ids)
+            try:  # checked before anything settles
+                if commitment is None:
+                    raise InvalidRequest(
+                        "no commitment: the answer cannot be audited",
+                        param="commitment",
+                    )
+                committed = self.trust.check_commitment(task, commitment, ids, finish_reason)
+            except InvalidRequest as exc:
+                refused = exc
+                requeued = await self._end_attempt(stream, task_id, attempt, ids, tasks.UNCOMMITTED)
+            else:
+                billed = bill_prompt(task, committed, prompt_tokens, node_id)
+                done = await self.db(
+                    self.store.finish,
+                    task_id,
+                    attempt,
+                    node_id,
+                    new_ids=ids,
+                    prompt_tokens=billed,
+                    finish_reason=finish_reason,
+                    fee_bps=self.settings.fee_bps,
+                    energy_j=energy_j,
+                    energy_estimated=energy_estimated,
                 )
-            done = await self.db(
-                self.store.finish,
-                task_id,
-                attempt,
-                node_id,
-                new_ids=list(stream.attempt_ids),
-                prompt_tokens=prompt_tokens,
-                finish_reason=finish_reason,
-                fee_bps=self.settings.fee_bps,
-                energy_j=energy_j,
-                energy_estimated=energy_estimated,
+                stream.attempt = -1
+                self.hub.push(task_id, Event("done", data={"task": done}))
+                self.changes.bump()
+        if refused is not None:
+            log.warning("task %s: attempt %d on %s unpaid: %s", task_id, attempt, node_id, refused)
+            self._moved_on(requeued, stream, tasks.UNCOMMITTED)
+            raise InvalidRequest(
+                f"{refused.message}; this attempt is not paid and the request "
+                + ("goes to another provider" if requeued.state == "queued" else "failed"),
+                param="commitment",
             )
-            stream.attempt = -1
-            self.hub.push(task_id, Event("done", data={"task": done}))
-            self.changes.bump()
-        # What the consumer saw, for SLOs of inference orders on this node.
-        now = self.clock()
-        first = stream.first_piece_at
-        ttft = first - stream.opened_at if first is not None else None
-        tps = (
-            (len(stream.attempt_ids) - 1) / (now - first)
-            if (first is not None and now > first and len(stream.attempt_ids) > 1)
-            else None
-        )
+        ttft, tps = answer_slo(stream, self.clock())
         await self.ctx.events.emit(
             AnswerFinished(
                 done, node_id, attempt, committed, task.delivered_ids, ttft_s=ttft, tps=tps
@@ -298,7 +308,8 @@ class Inference:
 
         `invalid` is set when the provider found the request itself bad (e.g. longer than
         the context): that fails for every provider, so it ends the task instead of a retry.
-        """
+        Delivered tokens are paid only under a valid part `commitment` (a dead provider's are
+        not)."""
         stream = self.hub.get(task_id)
         if stream is None:
             await self.db(self.store.fail, task_id, outcome)
@@ -316,37 +327,57 @@ class Inference:
                 before = await self.db(self.store.get_task, task_id)
                 assert before is not None
                 part = (self.trust.check_part(before, commitment, ids), before.delivered_ids)
-            stream.attempt = -1  # uploads for this attempt are refused from here on
-            self.metrics.failovers.labels(outcome).inc()
             if invalid is not None:
+                stream.attempt = -1  # uploads for this attempt are refused from here on
+                self.metrics.failovers.labels(outcome).inc()
                 await self.db(
                     self.store.fail, task_id, invalid, charge_delivered=False, new_ids=ids
                 )
                 self.hub.push(task_id, Event("failed", data={"invalid": invalid}))
                 self.changes.bump()
                 return
-            task = await self.db(
-                self.store.requeue_or_fail,
-                task_id,
-                attempt,
-                new_ids=ids,
-                outcome=outcome,
-                max_attempts=self.settings.max_attempts,
-                fee_bps=self.settings.fee_bps,
+            task = await self._end_attempt(
+                stream, task_id, attempt, ids, outcome, committed=part is not None
             )
-        self.changes.bump()
         if part is not None and node_id is not None:
             # Its part is committed and final now: the beacon may select it for audit.
             await self.ctx.events.emit(
                 AnswerFinished(task, node_id, attempt, part[0], part[1], part=True)
             )
+        self._moved_on(task, stream, outcome)
+
+    async def _end_attempt(
+        self,
+        stream: TaskStream,
+        task_id: str,
+        attempt: int,
+        ids: list[int],
+        outcome: str,
+        committed: bool = False,
+    ) -> TaskView:
+        """End a held attempt (under the stream's lock): queue the task again or fail it."""
+        stream.attempt = -1  # uploads for this attempt are refused from here on
+        self.metrics.failovers.labels(outcome).inc()
+        task = await self.db(
+            self.store.requeue_or_fail,
+            task_id,
+            attempt,
+            new_ids=ids,
+            outcome=outcome,
+            max_attempts=self.settings.max_attempts,
+            fee_bps=self.settings.fee_bps,
+            committed=committed,
+        )
+        self.changes.bump()
+        return task
+
+    def _moved_on(self, task: TaskView, stream: TaskStream, outcome: str) -> None:
+        """After an attempt ended: wake the next provider, or tell the consumer it failed."""
         if task.state == "queued":
-            log.warning(
-                "task %s: attempt %d %s; handing it to another provider", task_id, attempt, outcome
-            )
+            log.warning("task %s: attempt %d %s; handing it on", task.id, task.attempt, outcome)
             self._wake_for(task.model_id, exclude=frozenset({stream.node_id or ""}))
         else:
-            self.hub.push(task_id, Event("failed", data={"error": task.error}))
+            self.hub.push(task.id, Event("failed", data={"error": task.error}))
 
     # ---- consumers ---------------------------------------------------------------------
 
@@ -560,37 +591,3 @@ class Inference:
                     if stream is not None:
                         stream.target = None
                     self.hub.wake(None)
-
-
-# A piece is one token's text plus any text held back while it could begin a stop string.
-MAX_PIECE_CHARS = 2048
-
-
-def _budget(task: TaskView) -> int:
-    return int(task.payload["max_tokens"]) - len(task.delivered_ids)
-
-
-def _check_budget(stream: TaskStream, task_id: str, fresh: list[tuple[int, str]]) -> None:
-    """Refuse output past what the request may be billed for (Conflict: the attempt's
-    uploads are refused, the consumer is charged only for what was accepted)."""
-    tokens = sum(1 for tid, _ in fresh if tid >= 0)
-    if stream.budget is not None and len(stream.attempt_ids) + tokens > stream.budget:
-        raise Conflict(
-            f"upload past max_tokens for {task_id}: {stream.budget} tokens left for this attempt",
-            code="over_budget",
-            expected=stream.next_index,
-        )
-    flushes = sum(1 for tid, _ in fresh if tid < 0)
-    if stream.flushed or flushes > 1 or (flushes and fresh[-1][0] >= 0):
-        raise Conflict(
-            "only the last piece of an attempt may carry text without a token",
-            code="bad_piece",
-            expected=stream.next_index,
-        )
-    if any(len(text) > MAX_PIECE_CHARS for _, text in fresh):
-        raise Conflict(
-            f"a piece's text is over {MAX_PIECE_CHARS} characters",
-            code="bad_piece",
-            expected=stream.next_index,
-        )
-    stream.flushed = stream.flushed or flushes == 1

@@ -309,6 +309,18 @@ class Report:
     end_ok: bool  # the finish claim holds (end token is an end token, stop string present,
     #              or the length limit was reached)
     det_class: str = ""
+    # The context length the verifier derived from what the coordinator sent (−1: a report
+    # from before it was sent). The header's `start` must equal it: billing reads `start`.
+    context_len: int = -1
+
+
+def context_faults(h: Header, report: Report) -> list[str]:
+    """Why a recomputation's context is not the committed one (hash, or length)."""
+    if report.context_hash != h.context_hash:
+        return ["context hash differs: the answer is for another prompt"]
+    if report.context_len >= 0 and report.context_len != h.start:
+        return [f"context is {report.context_len} tokens but the commitment says {h.start}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -338,10 +350,8 @@ class Verdict:
 
 def judge(c: Commitment, report: Report, tol: Tolerance, max_new_tokens: int) -> Verdict:
     """Compare a verifier's recomputation with a commitment; pure, so anyone can re-judge."""
-    reasons: list[str] = []
     h = c.header
-    if report.context_hash != h.context_hash:
-        reasons.append("context hash differs: the answer is for another prompt")
+    reasons = context_faults(h, report)
     if h.n_tokens > max_new_tokens + (1 if h.ended_by_end_token else 0):
         reasons.append(f"{h.n_tokens} tokens committed but at most {max_new_tokens} allowed")
     if not report.end_ok:
@@ -396,7 +406,8 @@ def chunk_faults(j: int, cc: Chunk, rc: ChunkReport, tol: Tolerance) -> list[str
 
 
 def encode_report(r: Report) -> bytes:
-    """Binary report: context hash, end flag, class, then per chunk values/kth/margins/allowed."""
+    """Binary report: context hash, end flag, class, then per chunk values/kth/margins/allowed,
+    then the context length (int32; absent in reports from before it was sent)."""
     cls = r.det_class.encode()
     out = [
         r.context_hash,
@@ -409,6 +420,7 @@ def encode_report(r: Report) -> bytes:
         out.append(
             struct.pack(f"<HH{k}ff{n}f{n}?", k, n, *ch.values, ch.kth, *ch.margins, *ch.allowed)
         )
+    out.append(struct.pack("<i", r.context_len))
     return b"".join(out)
 
 
@@ -439,8 +451,12 @@ def decode_report(blob: bytes) -> Report:
                     tuple(bool(a) for a in vals[k + 1 + n :]),
                 )
             )
-        if pos != len(blob):
+        context_len = -1
+        if pos + 4 == len(blob):
+            (context_len,) = struct.unpack_from("<i", blob, pos)
+            pos += 4
+        if pos != len(blob) or context_len < -1:
             raise ValueError("trailing bytes")
     except (struct.error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"malformed audit report: {exc}", param="report") from exc
-    return Report(ctx, tuple(chunks), bool(end_ok), det_class)
+    return Report(ctx, tuple(chunks), bool(end_ok), det_class, context_len)

@@ -27,14 +27,14 @@ def n_positions(c: cm.Commitment) -> int:
 def only_position(report: cm.Report, position: int, n_chunks: int) -> cm.Report:
     """The part of a full recomputation that answers for one position."""
     chunks = (report.chunks[position],) if position < n_chunks else ()
-    return cm.Report(report.context_hash, chunks, report.end_ok, report.det_class)
+    return cm.Report(
+        report.context_hash, chunks, report.end_ok, report.det_class, report.context_len
+    )
 
 
 def faults_at(c: cm.Commitment, position: int, answer: cm.Report, tol: cm.Tolerance) -> list[str]:
     """Why a one-position answer disagrees with the commitment there (empty: agreement)."""
-    reasons = []
-    if answer.context_hash != c.header.context_hash:
-        reasons.append("context hash differs: the answer is for another prompt")
+    reasons = cm.context_faults(c.header, answer)
     if position < len(c.chunks):
         if len(answer.chunks) != 1:
             return [*reasons, f"position {position}: the answer must hold exactly one chunk"]

@@ -1,0 +1,76 @@
+"""The limits on one attempt's uploads: its token budget and the shape of its pieces."""
+
+from __future__ import annotations
+
+import logging
+
+from idlegrid.coordinator.inference.hub import TaskStream
+from idlegrid.coordinator.views import TaskView
+from idlegrid.core import tasks
+from idlegrid.core.trust.commitment import Commitment
+from idlegrid.errors import Conflict
+
+log = logging.getLogger("idlegrid.coordinator")
+
+# A piece is one token's text plus any text held back while it could begin a stop string.
+MAX_PIECE_CHARS = 2048
+
+
+def budget(task: TaskView) -> int:
+    return int(task.payload["max_tokens"]) - len(task.delivered_ids)
+
+
+def check_budget(stream: TaskStream, task_id: str, fresh: list[tuple[int, str]]) -> None:
+    """Refuse output past what the request may be billed for (Conflict: the attempt's
+    uploads are refused, the consumer is charged only for what was accepted)."""
+    tokens = sum(1 for tid, _ in fresh if tid >= 0)
+    if stream.budget is not None and len(stream.attempt_ids) + tokens > stream.budget:
+        raise Conflict(
+            f"upload past max_tokens for {task_id}: {stream.budget} tokens left for this attempt",
+            code="over_budget",
+            expected=stream.next_index,
+        )
+    flushes = sum(1 for tid, _ in fresh if tid < 0)
+    if stream.flushed or flushes > 1 or (flushes and fresh[-1][0] >= 0):
+        raise Conflict(
+            "only the last piece of an attempt may carry text without a token",
+            code="bad_piece",
+            expected=stream.next_index,
+        )
+    if any(len(text) > MAX_PIECE_CHARS for _, text in fresh):
+        raise Conflict(
+            f"a piece's text is over {MAX_PIECE_CHARS} characters",
+            code="bad_piece",
+            expected=stream.next_index,
+        )
+    stream.flushed = stream.flushed or flushes == 1
+
+
+def bill_prompt(task: TaskView, c: Commitment, claimed: int, node_id: str) -> int:
+    """Prompt tokens to bill for a finished attempt: what its commitment fixes (the
+    provider's claim is advisory; a disagreement is logged)."""
+    bill = tasks.billed_prompt_tokens(
+        c.header.start, len(task.delivered_ids), claimed, int(task.payload["max_prompt_tokens"])
+    )
+    if bill.disagrees:
+        log.warning(
+            "task %s: %s claimed %d prompt tokens, its commitment fixes %d; billing %d",
+            task.id,
+            node_id,
+            bill.claimed,
+            c.header.start - len(task.delivered_ids),
+            bill.tokens,
+        )
+    return bill.tokens
+
+
+def answer_slo(stream: TaskStream, now: float) -> tuple[float | None, float | None]:
+    """What the consumer saw of an answer: time to first token and tokens per second."""
+    first = stream.first_piece_at
+    ttft = first - stream.opened_at if first is not None else None
+    tps = (
+        (len(stream.attempt_ids) - 1) / (now - first)
+        if (first is not None and now > first and len(stream.attempt_ids) > 1)
+        else None
+    )
+    return ttft, tps
