@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from idlegrid.core.ledger import Price
+from idlegrid.core.ledger import MICRO, Price
 from idlegrid.core.routing import Candidate
 
 if TYPE_CHECKING:
@@ -45,6 +45,9 @@ class PaidWork(Protocol):
 
     def paid_blocked(self, node_ids: Iterable[str]) -> frozenset[str]: ...
 
+    @property
+    def budget_ucr(self) -> int: ...
+
 
 async def paid_ok(
     stake: int,
@@ -62,6 +65,30 @@ async def paid_ok(
     if ids and paid is not None:
         ids -= await db(paid.paid_blocked, sorted(ids))
     return frozenset(ids)
+
+
+def refusal(stake: int, market: RoutingSignals, budget: int, node_ids: Iterable[str]) -> str:
+    """Why none of these live providers (all offering the model for a price) may serve a
+    paid request, naming each reason that applies and how many providers it stops."""
+    ids = set(node_ids)
+    unstaked = {n for n in ids if stake > 0 and n not in market.inference_staked}
+    spent = ids - unstaked  # paid_ok's only other rule: the probation budget
+    reasons = []
+    if unstaked:
+        reasons.append(
+            f"{_count(unstaked)} not posted the inference stake ({stake / MICRO:g} credits "
+            "in its stake:<node>:<class> accounts)"
+        )
+    if spent:
+        reasons.append(
+            f"{_count(spent)} no independent verifier of its kernel family and has spent its "
+            f"probation budget ({budget / MICRO:g} credits of held accrual)"
+        )
+    return "no provider may serve paid requests: " + "; ".join(reasons)
+
+
+def _count(ids: set[str]) -> str:
+    return "1 live provider has" if len(ids) == 1 else f"{len(ids)} live providers have"
 
 
 async def paid_filter(

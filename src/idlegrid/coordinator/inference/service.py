@@ -30,6 +30,7 @@ from idlegrid.coordinator.inference.ports import (
     claimable,
     paid_filter,
     paid_ok,
+    refusal,
 )
 from idlegrid.coordinator.views import TaskView, new_task_view
 from idlegrid.core import ledger, routing, tasks
@@ -77,6 +78,7 @@ class Inference:
         self.hub = Hub()
         self.nodes, self.trust, self.market = nodes, trust, market
         stake = ctx.settings.inference_stake  # who may serve paid requests: ports.paid_ok
+        self.paid = paid
         self.paid_ok = functools.partial(paid_ok, stake, market, paid, ctx.db)
         # Key id -> its balance after this process's last hold, less holds written since:
         # a lower bound while this process is the only spender (see submit).
@@ -414,13 +416,12 @@ class Inference:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)
             raise NoCapacity(model, "no live provider serves it")
+        offered = set(prices)
         cands, prices = await paid_filter(self.paid_ok, cands, prices)
         if not cands:
-            raise NoCapacity(
-                model,
-                "no provider may serve paid requests: none has the inference stake posted, "
-                "or no independent verifier checks it and its probation budget is spent",
-            )
+            budget = self.paid.budget_ucr if self.paid is not None else -1
+            stake = self.settings.inference_stake
+            raise NoCapacity(model, refusal(stake, self.market, budget, offered))
         basis = routing.price_basis(prices, self.market.staked_nodes, price_cap)
         if basis is None:
             raise NoCapacity(

@@ -92,6 +92,11 @@ class Payability:
             nodes = list(s.scalars(select(TrustNode.node_id)))
         return frozenset(n for n in nodes if now - self.since.get(n, now + 1.0) < window)
 
+    @property
+    def budget_ucr(self) -> int:
+        """The probation budget (µcr of held accrual); -1: not limited."""
+        return self.trust.settings.probation_budget_ucr
+
     def budget_left(self, node_id: str, accrued: int) -> int | None:
         """Probation budget (µcr) an unverifiable provider has left; None: not limited."""
         budget = self.trust.settings.probation_budget_ucr
@@ -107,7 +112,9 @@ class Payability:
             return frozenset()
         accts = {ledger.accrual_account(n): n for n in check}
         with self.trust.store.read() as s:
-            bal = dict(s.execute(select(Account.id, Account.balance).where(Account.id.in_(accts))))
+            # Not dict(result): a Result has keys(), so dict() would index it as a mapping.
+            rows = s.execute(select(Account.id, Account.balance).where(Account.id.in_(list(accts))))
+            bal = {a: b for a, b in rows}
         return frozenset(
             n for a, n in accts.items() if self.budget_left(n, int(bal.get(a, 0))) == 0
         )
