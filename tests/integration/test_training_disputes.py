@@ -1,8 +1,9 @@
 """Training disputes on a real loopback grid: a provider contests a failed segment audit,
 the coordinator drives the core's game round by round over signed node routes, the agents
-answer from their executors (the real one on a tiny GPT), and a third training verifier
-recomputes the disputed operator or step. The ruling moves money: an overturned slash is
-reversed and the false verifier pays; a cheat's slash stands and it pays the fee.
+answer from their executors (the real one on a tiny GPT), and a panel of three training
+verifiers (neither party) each recompute the disputed operator or step; the majority rules.
+The ruling moves money: an overturned slash is reversed and the false verifier pays the
+panel and loses its stake; a cheat's slash stands and it pays the panel.
 """
 
 from __future__ import annotations
@@ -150,12 +151,35 @@ class Grid:
             raw = raw.replace(b"}", b', "x": 1}')
         return self.http.post(path, content=raw, headers=headers)
 
+    def panel(self) -> list[str]:
+        """Three training verifiers for the dispute panel, joined after the audit: with
+        exactly k = 3 eligible, the panel is all of them."""
+        return [self.agent(n, train_verifier=True) for n in ("referee", "p2", "p3")]
+
+    def entry(self, key: str) -> dict[str, Any]:
+        (e,) = [e for e in self.admin.get("/api/v1/ledger").json()["entries"] if e["key"] == key]
+        return dict(e)
+
+    def panel_fee(self) -> int:
+        """One panelist's pay: the verifier fee of one segment (4 steps)."""
+        return PRICE * 4 * self.knobs.verifier_fee_bps // 10_000
+
+    def ejected(self) -> tuple[set[str], set[str]]:
+        """Who is ejected: in the coordinator's cache, and in the store's rows."""
+        from idlegrid.coordinator.trust.tables import TrustNode
+
+        svc = self.coord.app.state.services
+        with svc.store.read() as s:
+            rows = {n.node_id for n in s.query(TrustNode).all() if n.ejected}
+        return set(svc.ctx.ejected), rows
+
     def balances(self) -> dict[str, int]:
         got: dict[str, int] = self.admin.get("/api/v1/status").json()["balances"]
         return got
 
     def check_books(self) -> None:
         assert self.admin.get("/api/v1/ledger/verify").json() == {"ok": True, "problems": []}
+        assert self.coord.app.state.services.store.verify_ledger() == []
         bal = self.balances()
         assert sum(bal.values()) == 0
         assert all(v >= 0 for k, v in bal.items() if not k.startswith(("system:issuer",))), bal
@@ -208,7 +232,8 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     audit = grid.failed_audit(job_id)  # segment 0 is always audited: the liar fails it
     stake_acct = f"stake:{provider}:job-{job_id}"
     assert grid.balances().get(stake_acct, 0) == 0  # slashed
-    referee = grid.agent("referee", train_verifier=True)
+    panel = grid.panel()
+    referee = panel[0]
     res = cli(
         "dispute",
         audit["id"],
@@ -239,7 +264,10 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "kind"
     assert grid.http.get(DISPUTES).status_code == 401
     r = d["ruling"]
-    assert r["provider_right"] is True and r["referee"] == referee
+    assert r["provider_right"] is True and "unpaid" not in r, r
+    assert sorted(d["panel"]) == sorted(panel) and d["votes"] == {p: "provider" for p in panel}
+    assert sorted(r["paid"]) == sorted(panel) and r["slashed"] == "challenger"
+    assert r["reason"].endswith("panel 3 of 3 on step 1"), r
     # The liar's replay lies from the segment's second step: that is the disputed step; its
     # op trace is honest, so the referee recomputed the whole step (no single op differs).
     assert r["step"] == 1 and r["op_index"] is None, r
@@ -248,7 +276,16 @@ def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     ks = keys(job)
     assert f"reverse:{d['id']}" in ks
     assert f"dispute-penalty:{d['id']}:stake:{liar}:cpu" in ks
-    assert f"referee-pay:{d['id']}" in ks
+    assert f"panel-pay:{d['id']}" in ks
+    # Each of the majority is paid one segment's verifier fee, by the liar's stake.
+    fee = grid.panel_fee()
+    pay = grid.entry(f"panel-pay:{d['id']}")
+    assert {p["account"]: p["amount"] for p in pay["postings"]} == {
+        f"stake:{liar}:cpu": -3 * fee,
+        **{ledger.provider_account(p): fee for p in panel},
+    }
+    cache, rows = grid.ejected()
+    assert liar in rows and cache == rows and provider not in rows
     overturned = next(a for a in job["audits"] if a["id"] == audit["id"])
     assert overturned["state"] == "overturned"
     kinds = [e["kind"] for e in job["events"]]
@@ -268,24 +305,40 @@ def test_a_cheat_loses_its_dispute_and_the_slash_stands(
     grid: Grid, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     grid.agent("cheat", trainer=True, train_executor=TorchExecutor(1, trainer_cls=cheats.ChangedLR))
-    grid.agent("verifier", train_verifier=True)
+    verifier = grid.agent("verifier", train_verifier=True)
     job_id = grid.submit()
     audit = grid.failed_audit(job_id)
-    grid.agent("referee", train_verifier=True)
+    panel = grid.panel()
     before = grid.job(job_id)["bill"]
+    vbefore = grid.balances()
     r = grid.signed("cheat", DISPUTES, opening(audit, reason="no"))
     assert r.status_code == 200, r.text
     d = grid.ruled(job_id)
     assert d["state"] == "lost" and d["ruling"]["provider_right"] is False, d
     assert d["ruling"]["step"] == 0 and d["ruling"]["op_index"] is not None
-    # Down to one operator of step 0 (the optimizer's update), recomputed by the referee.
-    assert "op" in d["ruling"]["reason"] and d["done_at"] - d["created_at"] < 60
+    assert d["votes"] == {p: "challenger" for p in panel} and "unpaid" not in d["ruling"]
+    assert sorted(d["ruling"]["paid"]) == sorted(panel) and d["ruling"]["slashed"] is None
+    # Down to one operator of step 0 (the optimizer's update), recomputed by the panel.
+    assert d["ruling"]["reason"].endswith(f"panel 3 of 3 on op {d['ruling']['op_index']} of step 0")
+    assert d["done_at"] - d["created_at"] < 60
     monkeypatch.setenv("IDLEGRID_API_KEY", grid.auth["Authorization"][7:])
     shown = cli("job", job_id, "--coordinator", grid.coord.url, "--data-dir", str(grid.tmp / "cli"))
     assert shown.exit_code == 0 and "challenger right" in shown.output, shown.output
     job = grid.job(job_id)
     ks = keys(job)
-    assert f"reverse:{d['id']}" not in ks and f"dispute-fee:{d['id']}" in ks
+    assert f"reverse:{d['id']}" not in ks and f"panel-pay:{d['id']}" in ks
+    assert not any(k.startswith(f"dispute-penalty:{d['id']}") for k in ks)
+    # The cheat pays the panel (its account first); the verifier loses nothing.
+    fee = grid.panel_fee()
+    pay = grid.entry(f"panel-pay:{d['id']}")
+    credited = {p["account"]: p["amount"] for p in pay["postings"] if p["amount"] > 0}
+    assert credited == {ledger.provider_account(p): fee for p in panel}
+    debited = {p["account"]: p["amount"] for p in pay["postings"] if p["amount"] < 0}
+    assert debited == {ledger.provider_account(grid.ids["cheat"]): -3 * fee}
+    bal = grid.balances()
+    assert bal[f"stake:{verifier}:cpu"] == vbefore[f"stake:{verifier}:cpu"] == VSTAKE
+    cache, rows = grid.ejected()
+    assert verifier not in rows and cache == rows
     assert job["bill"]["compensated"] == before["compensated"] > 0
     assert next(a for a in job["audits"] if a["id"] == audit["id"])["state"] == "failed"
     again = grid.signed("cheat", DISPUTES, opening(audit))
@@ -293,9 +346,9 @@ def test_a_cheat_loses_its_dispute_and_the_slash_stands(
     grid.check_books()
 
 
-def test_a_silent_party_loses(grid: Grid) -> None:
+def test_a_silent_challenger_loses_the_game_but_is_not_slashed(grid: Grid) -> None:
     provider = grid.agent("provider", trainer=True)
-    grid.agent("liar", train_verifier=True, train_executor=cheats.LyingVerifier(1))
+    liar = grid.agent("liar", train_verifier=True, train_executor=cheats.LyingVerifier(1))
     job_id = grid.submit()
     audit = grid.failed_audit(job_id)
     grid.agents["liar"].stop(10)  # the challenger will not answer
@@ -304,9 +357,17 @@ def test_a_silent_party_loses(grid: Grid) -> None:
     assert r.status_code == 200, r.text
     d = grid.ruled(job_id, 30)
     assert d["state"] == "won" and "did not answer" in d["ruling"]["reason"], d
-    assert d["ruling"]["referee"] is None
-    assert f"reverse:{d['id']}" in keys(grid.job(job_id))
-    assert grid.balances().get(f"stake:{provider}:job-{job_id}", 0) == STAKE
+    # Won on the game's deadline, before any panel: the challenger forfeits what its slash
+    # paid out, but only a panel slashes (or ejects) it, and nobody is paid for a panel.
+    assert d["panel"] == [] and d["votes"] == {} and d["ruling"]["slashed"] is None
+    ks = keys(grid.job(job_id))
+    assert f"reverse:{d['id']}" in ks and f"panel-pay:{d['id']}" not in ks
+    assert not any(k.startswith(f"dispute-penalty:{d['id']}") for k in ks)
+    bal = grid.balances()
+    assert bal.get(f"stake:{provider}:job-{job_id}", 0) == STAKE
+    assert bal[f"stake:{liar}:cpu"] == VSTAKE
+    cache, rows = grid.ejected()
+    assert liar not in rows and cache == rows
     grid.check_books()
 
 

@@ -42,12 +42,12 @@ CHEAP, DEAR = Price(10 * MICRO, 40 * MICRO), Price(1000 * MICRO, 4000 * MICRO)
 class Grid:
     """A coordinator and named agents, with the helpers the tests share."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, fee_bps: int = 2000) -> None:
         settings = CoordinatorSettings(
             data_dir=tmp_path,
             database_url=f"sqlite:///{tmp_path}/c.db",
             port=free_port(),
-            fee_bps=2000,
+            fee_bps=fee_bps,
             heartbeat_interval_s=0.3,
             node_timeout_s=3.0,
             long_poll_s=2.0,
@@ -71,24 +71,72 @@ class Grid:
         """A client with the operator key: admin routes, audits, the ledger, every balance."""
         return self.coord.admin(timeout=30)
 
+    @property
+    def services(self) -> Any:
+        return self.coord.app.state.services
+
     def add(self, name: str, engine: Any, price: Price, verifier: bool = False, **kw: Any) -> None:
         """Start an agent and give it a stake."""
         agent = make_agent(self.url, [engine], name, price=price, verifier=verifier, **kw)
         t = AgentThread(agent)
         t.start()
         self.agents[name] = t
-        wait_for_live(self.url, len(self.agents))
+        wait_for_live(
+            self.url, sum(1 for x in self.agents.values() if x.thread and x.thread.is_alive())
+        )
         with self.http() as c:
             nodes = {n["name"]: n["id"] for n in c.get("/api/v1/status").json()["nodes"]}
         self.ids[name] = nodes[name]
         acct = ledger.stake_account(nodes[name], "cpu")
-        self.coord.app.state.services.store.post(
+        self.move(f"stake:{name}", ledger.ISSUER, acct, STAKE)
+
+    def panel(self, *engines: Any) -> list[str]:
+        """Three verifiers for the dispute panel (honest unless an engine is given), joined
+        after the audit so that none of them could have taken it: with exactly k = 3
+        eligible, the panel is all of them."""
+        names = ["referee", "p2", "p3"]
+        for name, engine in zip(names, [*engines, *([None] * 3)], strict=False):
+            self.add(name, engine or TinyEngine("tiny"), DEAR, verifier=True)
+        return [self.ids[n] for n in names]
+
+    def move(self, key: str, src: str, dst: str, amount: int) -> None:
+        """A test's own ledger entry: `amount` from `src` to `dst`."""
+        self.services.store.post(
             ledger.make_entry(
-                f"stake:{name}",
-                Cause("test", name),
-                [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)],
+                key, Cause("test", key), [Posting(src, -amount), Posting(dst, amount)]
             )
         )
+
+    def fee(self, audit: dict) -> int:
+        """What one panelist of the majority is paid for `audit`'s dispute: the audit fee of
+        the request's charge."""
+        from idlegrid.coordinator.trust.tables import TrustCommitment
+
+        with self.services.store.read() as s:
+            com = s.get(TrustCommitment, (audit["task_id"], audit["attempt"]))
+            assert com is not None
+            return int(self.services.trust.fee(com.charge))
+
+    def entry(self, key: str) -> dict:
+        (e,) = [e for e in self.entries() if e["key"] == key]
+        return e
+
+    def ejected(self) -> tuple[set[str], set[str], set[str]]:
+        """Who is ejected: in the coordinator's cache, in the store's rows, in the status."""
+        from idlegrid.coordinator.trust.tables import TrustNode
+
+        with self.services.store.read() as s:
+            rows = {n.node_id for n in s.query(TrustNode).all() if n.ejected}
+        nodes = self.status()["trust"]["nodes"]
+        return (
+            set(self.services.ctx.ejected),
+            rows,
+            {n for n, v in nodes.items() if v["ejected"]},
+        )
+
+    def books_ok(self) -> None:
+        assert self.services.store.verify_ledger() == []
+        assert sum(self.status()["balances"].values()) == 0
 
     def status(self) -> dict:
         with self.admin() as c:
@@ -135,11 +183,13 @@ class Grid:
 
 
 @pytest.fixture
-def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Grid]:
+def grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Grid]:
     monkeypatch.setenv("IDLEGRID_TRUST_CANARY_RATE", "0")
     monkeypatch.setenv("IDLEGRID_TRUST_DISPUTE_ANSWER_S", "20")
     monkeypatch.setenv("IDLEGRID_TRUST_AUDIT_EXPIRY_S", "1.5")
-    g = Grid(tmp_path)
+    g = Grid(tmp_path, fee_bps=getattr(request, "param", 2000))
     yield g
     g.stop()
 
@@ -166,47 +216,108 @@ def _settled(g: Grid) -> dict:
     return g.disputes()[0]
 
 
+def _won_against_the_liar(g: Grid, audit: dict, panel: list[str], d: dict) -> None:
+    """Everything a panel's ruling for an honest provider against the liar promises."""
+    assert d["state"] == "won" and d["ruling"]["provider_right"], d
+    assert "unpaid" not in d["ruling"], d
+    assert d["kind"] == "inference" and d["challenger_id"] == g.ids["liar"]
+    assert sorted(d["panel"]) == sorted(panel)
+    assert d["votes"] == {p: "provider" for p in panel}
+    assert sorted(d["ruling"]["paid"]) == sorted(panel)
+    assert d["ruling"]["slashed"] == "challenger"
+    assert d["ruling"]["position"] == d["positions"] - 2  # the last chunk, not the finish claim
+    st = g.status()
+    bal = st["balances"]
+    assert bal[ledger.stake_account(g.ids["provider"], "cpu")] == STAKE  # slash reversed
+    assert bal.get(ledger.stake_account(g.ids["liar"], "cpu"), 0) == 0  # liar penalised
+    fee = g.fee(audit)
+    assert fee > 0
+    pay = g.entry(f"panel-pay:{d['id']}")
+    credited = {p["account"]: p["amount"] for p in pay["postings"] if p["amount"] > 0}
+    # Each of the majority is paid the audit fee, by the liar's stake (the pool untouched).
+    assert credited == {ledger.provider_account(p): fee for p in panel}
+    debited = {p["account"]: p["amount"] for p in pay["postings"] if p["amount"] < 0}
+    assert debited == {ledger.stake_account(g.ids["liar"], "cpu"): -3 * fee}
+    for p in panel:
+        assert bal.get(ledger.provider_account(p), 0) == fee
+    nodes = st["trust"]["nodes"]
+    assert not nodes[g.ids["provider"]]["ejected"] and nodes[g.ids["provider"]]["failed"] == 0
+    assert nodes[g.ids["liar"]]["ejected"] and nodes[g.ids["liar"]]["verifier_failed"] == 1
+    cache, rows, shown = g.ejected()
+    assert cache == rows == shown == {g.ids["liar"]}
+    assert [a["state"] for a in g.audits() if a["id"] == audit["id"]] == ["overturned"]
+    keys = [e["key"] for e in g.entries()]
+    assert f"reverse:{d['id']}" in keys
+    (penalty,) = [k for k in keys if k.startswith(f"dispute-penalty:{d['id']}:")]
+    assert penalty == f"dispute-penalty:{d['id']}:{ledger.stake_account(g.ids['liar'], 'cpu')}"
+    g.books_ok()
+
+
+# 2000 bps: a fee pool that could pay a referee; 200 bps (the default 2%): one that cannot,
+# where the old referee pay failed with 402 on every pass and the dispute never settled.
+@pytest.mark.parametrize("grid", [2000, 200], indirect=True, ids=["fee20pct", "fee2pct"])
 def test_honest_provider_wins_against_a_lying_verifier(grid: Grid) -> None:
     g = grid
+    assert g.services.settings.fee_bps in (2000, 200)
     g.add("provider", TinyEngine("tiny"), CHEAP)
     g.add("liar", cheats.FalseAccuser("tiny"), DEAR, verifier=True)
     audit = _failed_audit(g, "provider")
     st = g.status()
     assert st["trust"]["nodes"][g.ids["provider"]]["ejected"]  # probation: first fail ejects
     assert st["balances"].get(ledger.stake_account(g.ids["provider"], "cpu"), 0) == 0
-    # The panel joins only now, so that none of it could have taken the audit itself; one
-    # of the three colludes with the liar and cannot overturn the two honest ones alone.
-    for name in ("referee", "p2", "p3"):
-        g.add(name, TinyEngine("tiny"), DEAR, verifier=True)
+    panel = g.panel()
     r = g.signed("provider", DISPUTES, opening(audit, reason="honest"))
     assert r.status_code == 200, r.text
     assert r.json()["kind"] == "inference" and r.json()["id"].startswith("dsp-")
     d = _settled(g)
-    assert d["state"] == "won" and d["ruling"]["provider_right"], d
-    assert d["kind"] == "inference" and d["challenger_id"] == g.ids["liar"]
-    assert sorted(d["panel"]) == sorted(g.ids[n] for n in ("referee", "p2", "p3"))
-    assert set(d["votes"].values()) == {"provider"} and d["ruling"]["slashed"] == "challenger"
     assert d["rounds"] and all(x["agree"] for x in d["rounds"])  # the lie is in the last chunk
-    assert d["ruling"]["position"] == d["positions"] - 2  # the last chunk, not the finish claim
+    _won_against_the_liar(g, audit, panel, d)
     st = g.status()
-    bal = st["balances"]
-    assert bal[ledger.stake_account(g.ids["provider"], "cpu")] == STAKE  # slash reversed
-    assert bal.get(ledger.stake_account(g.ids["liar"], "cpu"), 0) == 0  # liar penalised
-    for name in ("referee", "p2", "p3"):  # each of the majority paid, by the liar's stake
-        assert bal.get(ledger.provider_account(g.ids[name]), 0) > 0
-    assert sum(bal.values()) == 0
-    nodes = st["trust"]["nodes"]
-    assert not nodes[g.ids["provider"]]["ejected"] and nodes[g.ids["provider"]]["failed"] == 0
-    assert nodes[g.ids["liar"]]["ejected"] and nodes[g.ids["liar"]]["verifier_failed"] == 1
-    assert [a["state"] for a in g.audits() if a["id"] == audit["id"]] == ["overturned"]
-    keys = [e["key"] for e in g.entries()]
-    assert f"reverse:{d['id']}" in keys and f"panel-pay:{d['id']}" in keys
-    assert any(k.startswith(f"dispute-penalty:{d['id']}:") for k in keys)
     assert st["trust"]["disputes"][0]["provider_right"] is True  # shown by `idlegrid status`
     # The ruling is final: disputing again is a conflict, and nothing moves.
+    bal = st["balances"]
     again = g.signed("provider", DISPUTES, opening(audit))
     assert again.status_code == 409
     assert g.status()["balances"] == bal
+
+
+def _lost_to_the_honest_verifier(g: Grid, audit: dict, before: dict, d: dict) -> None:
+    """A cheat's dispute lost: the slash stands, the verifier keeps everything, the panel's
+    majority is paid by the cheat."""
+    assert d["state"] == "lost" and d["ruling"]["provider_right"] is False, d
+    assert "unpaid" not in d["ruling"], d
+    assert d["ruling"]["slashed"] is None
+    st = g.status()
+    bal = st["balances"]
+    assert bal.get(ledger.stake_account(g.ids["provider"], "cpu"), 0) == 0
+    verifier = g.ids["verifier"]
+    assert bal[ledger.stake_account(verifier, "cpu")] == STAKE  # loses nothing
+    assert bal.get(ledger.provider_account(verifier), 0) == before.get(
+        ledger.provider_account(verifier), 0
+    )
+    nodes = st["trust"]["nodes"]
+    assert nodes[g.ids["provider"]]["ejected"] and not nodes[verifier]["ejected"]
+    assert nodes[verifier]["verifier_failed"] == 0
+    cache, rows, shown = g.ejected()
+    assert cache == rows == shown == {g.ids["provider"]}
+    assert [a["state"] for a in g.audits() if a["id"] == audit["id"]] == ["failed"]
+    keys = [e["key"] for e in g.entries()]
+    assert f"reverse:{d['id']}" not in keys
+    assert not any(k.startswith(f"dispute-penalty:{d['id']}") for k in keys)
+    # The majority is paid the audit fee each, by the cheat (its account, then its stakes,
+    # the fee pool last); nothing else moved.
+    fee = g.fee(audit)
+    majority = sorted(d["ruling"]["paid"])
+    pay = g.entry(f"panel-pay:{d['id']}")
+    credited = {p["account"]: p["amount"] for p in pay["postings"] if p["amount"] > 0}
+    assert credited == {ledger.provider_account(p): fee for p in majority}
+    debited = {p["account"] for p in pay["postings"] if p["amount"] < 0}
+    assert debited <= {ledger.provider_account(g.ids["provider"]), ledger.FEES}
+    moved = {a for a in set(before) | set(bal) if before.get(a, 0) != bal.get(a, 0)}
+    assert moved <= {*debited, *credited}
+    for p in majority:
+        assert bal[ledger.provider_account(p)] - before.get(ledger.provider_account(p), 0) == fee
+    g.books_ok()
 
 
 def test_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid) -> None:
@@ -214,47 +325,98 @@ def test_cheat_loses_its_dispute_and_the_slash_stands(grid: Grid) -> None:
     g.add("provider", cheats.Invented("tiny"), CHEAP)
     g.add("verifier", TinyEngine("tiny"), DEAR, verifier=True)
     audit = _failed_audit(g, "provider")
-    for name in ("referee", "p2", "p3"):
-        g.add(name, TinyEngine("tiny"), DEAR, verifier=True)
+    panel = g.panel()
     before = g.status()["balances"]
     r = g.signed("provider", DISPUTES, opening(audit, reason="no"))
     assert r.status_code == 200, r.text
     d = _settled(g)
-    assert d["state"] == "lost" and not d["ruling"]["provider_right"], d
-    assert set(d["votes"].values()) == {"challenger"} and d["ruling"]["slashed"] is None
-    st = g.status()
-    assert st["balances"].get(ledger.stake_account(g.ids["provider"], "cpu"), 0) == 0
-    assert st["balances"][ledger.stake_account(g.ids["verifier"], "cpu")] == STAKE
-    assert st["trust"]["nodes"][g.ids["provider"]]["ejected"]
-    keys = [e["key"] for e in g.entries()]
-    assert f"reverse:{d['id']}" not in keys
-    # Only the panel's pay (from the cheat's earnings, else the fee pool) moved.
-    moved = {
-        a for a in set(before) | set(st["balances"]) if before.get(a, 0) != st["balances"].get(a, 0)
-    }
-    assert moved <= {
-        ledger.FEES,
-        *(ledger.provider_account(g.ids[n]) for n in ("referee", "p2", "p3")),
-        ledger.provider_account(g.ids["provider"]),
-    }
-    assert sum(st["balances"].values()) == 0
+    assert d["votes"] == {p: "challenger" for p in panel}
+    assert sorted(d["ruling"]["paid"]) == sorted(panel)
+    _lost_to_the_honest_verifier(g, audit, before, d)
 
 
-def test_a_verifier_that_does_not_answer_loses(grid: Grid, monkeypatch) -> None:
+def test_one_colluding_panelist_cannot_overturn_an_honest_verdict(grid: Grid) -> None:
+    g = grid
+    g.add("provider", cheats.Invented("tiny"), CHEAP)
+    g.add("verifier", TinyEngine("tiny"), DEAR, verifier=True)
+    audit = _failed_audit(g, "provider")
+    panel = g.panel(cheats.Colluder("tiny"))  # "referee" is bribed: it always sides with us
+    colluder, honest = panel[0], panel[1:]
+    before = g.status()["balances"]
+    r = g.signed("provider", DISPUTES, opening(audit, reason="my friend will vouch"))
+    assert r.status_code == 200, r.text
+    d = _settled(g)
+    # It voted (the panel waited for all three), for the provider, and was outvoted.
+    assert d["votes"] == {colluder: "provider", **{p: "challenger" for p in honest}}, d
+    assert sorted(d["ruling"]["paid"]) == sorted(honest)
+    assert d["ruling"]["detail"].startswith("panel 2 of 3")
+    _lost_to_the_honest_verifier(g, audit, before, d)
+    # The minority is neither paid nor slashed.
+    bal = g.status()["balances"]
+    assert bal.get(ledger.provider_account(colluder), 0) == 0
+    assert bal[ledger.stake_account(colluder, "cpu")] == STAKE
+
+
+def test_a_silent_verifier_is_judged_by_the_panel_at_its_last_disputed_position(
+    grid: Grid,
+) -> None:
     g = grid
     g.add("provider", TinyEngine("tiny"), CHEAP)
     g.add("liar", cheats.FalseAccuser("tiny"), DEAR, verifier=True)
     audit = _failed_audit(g, "provider")
+    panel = g.panel()
     g.agents["liar"].kill()  # gone: it will answer no query
-    g.coord.app.state.services.trust.settings.dispute_answer_s = 2.0
+    knobs = g.services.trust.settings
+    knobs.dispute_answer_s = 2.0  # the first round's deadline, fixed when it opens
     r = g.signed("provider", DISPUTES, opening(audit))
     assert r.status_code == 200, r.text
+    knobs.dispute_answer_s = 20.0  # the panel's, set when it is seated: time to recompute
     d = _settled(g)
-    assert d["state"] == "won" and d["ruling"]["detail"] == "the verifier did not answer in time"
-    assert d["referee_id"] is None  # settled by the deadline, before any referee
+    # Silence did not decide it (nobody is slashed by a deadline): the first round lapsed
+    # and the panel recomputed the last position the liar disputed, where it lied.
+    assert d["rounds"] and d["rounds"][-1]["agree"] is None, d["rounds"]
+    assert all(x["agree"] for x in d["rounds"][:-1])
+    assert "panel 3 of 3" in d["ruling"]["detail"]
+    _won_against_the_liar(g, audit, panel, d)
+
+
+def test_an_unpayable_ruling_stays_open_and_settles_once_funds_exist(grid: Grid) -> None:
+    g = grid
+    g.add("provider", TinyEngine("tiny"), CHEAP)
+    g.add("liar", cheats.FalseAccuser("tiny"), DEAR, verifier=True)
+    audit = _failed_audit(g, "provider")
+    panel = g.panel()
+    # The loser (the liar) holds nothing and neither does the fee pool: nobody can pay the
+    # panel, so the ruling cannot be written.
+    liar_stake = ledger.stake_account(g.ids["liar"], "cpu")
+    fees = g.status()["balances"].get(ledger.FEES, 0)
+    g.move("drain:stake", liar_stake, ledger.ISSUER, STAKE)
+    if fees:
+        g.move("drain:fees", ledger.FEES, ledger.ISSUER, fees)
     bal = g.status()["balances"]
-    assert bal[ledger.stake_account(g.ids["provider"], "cpu")] == STAKE
-    assert sum(bal.values()) == 0
+    assert bal.get(liar_stake, 0) == 0 and bal.get(ledger.FEES, 0) == 0
+    r = g.signed("provider", DISPUTES, opening(audit))
+    assert r.status_code == 200, r.text
+    wait_until(lambda: bool(g.disputes()[0]["ruling"].get("unpaid")), 90)
+    (d,) = g.disputes()
+    # Every vote is in and stays; nothing of the ruling was written.
+    assert d["state"] == "refereeing" and d["votes"] == {p: "provider" for p in panel}, d
+    assert "its ruling needs" in d["ruling"]["unpaid"], d["ruling"]
+    assert "provider_right" not in d["ruling"] and d["done_at"] == 0
+    keys = [e["key"] for e in g.entries()]
+    assert not any(d["id"] in k for k in keys), keys
+    assert [a["state"] for a in g.audits() if a["id"] == audit["id"]] == ["failed"]
+    nodes = g.status()["trust"]["nodes"]
+    assert not nodes[g.ids["liar"]]["ejected"] and nodes[g.ids["liar"]]["verifier_failed"] == 0
+    # Nobody is ejected in memory who is not in the store: the liar is not, yet.
+    cache, rows, shown = g.ejected()
+    assert cache == rows == shown == {g.ids["provider"]}
+    assert g.status()["balances"] == bal
+    g.books_ok()
+    # Funds exist again: the next supervisor pass settles it, in full.
+    g.move("refill:stake", ledger.ISSUER, liar_stake, STAKE)
+    d = _settled(g)
+    _won_against_the_liar(g, audit, panel, d)
 
 
 def test_dispute_refusals(grid: Grid, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -35,6 +36,10 @@ class Ejected:
         self._ids: frozenset[str] = frozenset()
         # Trust installs the reader (it owns the table); until then the cache is empty.
         self.loader: Callable[[], Iterable[str]] | None = None
+        # Reads run on worker threads and may overlap: a read that began before a commit
+        # must not overwrite one that began after it (the ticket of the read kept).
+        self._lock = threading.Lock()
+        self._begun = self._kept = 0
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._ids
@@ -47,12 +52,31 @@ class Ejected:
 
     def refresh(self) -> None:
         """Read the ejected nodes from the store."""
-        if self.loader is not None:
-            self._ids = frozenset(self.loader())
+        if self.loader is None:
+            return
+        with self._lock:
+            self._begun += 1
+            ticket = self._begun
+        ids = frozenset(self.loader())
+        with self._lock:
+            if ticket > self._kept:
+                self._ids, self._kept = ids, ticket
 
     def refresh_after(self, s: Any) -> None:
-        """Refresh once the transaction of session `s` commits (never if it rolls back)."""
-        event.listen(s, "after_commit", lambda _s: self.refresh(), once=True)
+        """Refresh once the transaction of session `s` commits (never if it rolls back).
+
+        Releasing a savepoint fires `after_commit` too (a ruling ejects inside one): only
+        the outermost commit counts, once what it wrote is visible to a fresh read."""
+        done = False
+
+        def committed(session: Any) -> None:
+            nonlocal done
+            if done or session.in_nested_transaction():
+                return
+            done = True
+            self.refresh()
+
+        event.listen(s, "after_commit", committed)
 
 
 @dataclass(eq=False)

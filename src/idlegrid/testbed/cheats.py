@@ -115,6 +115,11 @@ class LazyVerifier(TinyEngine):
         return cm.Report(c.header.context_hash, chunks, True, self.det_class())
 
 
+class Colluder(LazyVerifier):
+    """A panelist bribed by the provider: whatever the disputed position really holds, its
+    "recompute" is the commitment's own numbers there, so it always votes `provider`."""
+
+
 # ---- the same twists on the default engine (llama.cpp, gemma3:270m) --------------------
 
 

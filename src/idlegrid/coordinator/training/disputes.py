@@ -170,7 +170,7 @@ class TrainDisputes(DisputeSettlement):
         out = []
         with self.store.read() as s:
             for r in s.scalars(select(TrainDispute).where(TrainDispute.state.in_(ANSWERING))):
-                if node_id not in (r.provider_id, r.verifier_id, r.referee_id):
+                if node_id not in (r.provider_id, r.verifier_id, *(r.panel or [])):
                     continue
                 d = replay_game(r, self._commitment(s, r))
                 out.extend(seats.asked(r, self._awaiting(r, d), node_id))
@@ -403,7 +403,11 @@ class TrainDisputes(DisputeSettlement):
         if verdict.winner is None:
             self._expire(row, "the panel reached no majority")
             return True
-        where = f"op {d.op_index} of step {d.disputed_step}"
+        where = (
+            f"step {d.disputed_step}"  # both op chains agreed: the step's end state
+            if d.op_index is None
+            else f"op {d.op_index} of step {d.disputed_step}"
+        )
         d.rule(
             verdict.winner == seats.PROVIDER,
             verdict.winner == seats.CHALLENGER,

@@ -71,6 +71,9 @@ class TrainDispute(BaseModel):
     provider_id: str
     challenger_id: str
     referee_id: str | None
+    panel: list[str] = []  # the drawn verifiers (the referee seat)
+    votes: dict[str, str] = {}  # panelist -> "provider" | "challenger"
+    awaiting_since: float = 0.0  # waiting for enough eligible verifiers since
     state: str
     round: int
     phase: str
