@@ -74,6 +74,8 @@ def local_grid(tmp_path: Path) -> Iterator[tuple[str, str, list[str], str]]:
         heartbeat_interval_s=0.3,
         node_timeout_s=3.0,
         power_sample_interval_s=0.5,
+        # The pages are under test here, not the stake rule (test_stake_and_payability).
+        inference_stake=0,
     )
     coordinator = CoordinatorThread(settings)
     coordinator.start()
