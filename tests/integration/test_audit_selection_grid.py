@@ -107,16 +107,16 @@ class Grid:
         return self.status()["balances"].get(ledger.stake_account(self.ids[name], "cpu"), 0)
 
     def serve(self, n: int, stop: Any = None) -> int:
-        client = openai.OpenAI(
+        with openai.OpenAI(
             base_url=f"{self.coord.url}/v1", api_key=self.key["api_key"], max_retries=0
-        )
-        for i in range(n):
-            if stop is not None and stop():
-                return i
-            client.completions.create(
-                model="tiny", prompt=f"Request {i}: tell me", max_tokens=16, temperature=1.0
-            )
-            wait_until(lambda: all(a["state"] in ("passed", "failed") for a in self.audits()))
+        ) as client:
+            for i in range(n):
+                if stop is not None and stop():
+                    return i
+                client.completions.create(
+                    model="tiny", prompt=f"Request {i}: tell me", max_tokens=16, temperature=1.0
+                )
+                wait_until(lambda: all(a["state"] in ("passed", "failed") for a in self.audits()))
         return n
 
 
@@ -263,8 +263,10 @@ def test_no_verifier_audits_a_provider_on_its_own_network(grid, monkeypatch) -> 
             "neighbour": (TinyEngine("tiny"), DEAR, True, 50 * MICRO),
         }
     )
-    client = openai.OpenAI(base_url=f"{g.coord.url}/v1", api_key=g.key["api_key"], max_retries=0)
-    client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.0)
+    with openai.OpenAI(
+        base_url=f"{g.coord.url}/v1", api_key=g.key["api_key"], max_retries=0
+    ) as client:
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.0)
     wait_until(lambda: any(a["node_id"] == g.ids["provider"] for a in g.audits()))
 
     async def poll() -> dict | None:

@@ -80,6 +80,7 @@ def test_a_cheater_earns_nothing_for_work_nobody_can_check(
         AgentThread(make_agent(coord.url, [honest], "honest", verifier=True, price=DEAR)),
     ]
     http = coord.admin()
+    client: openai.OpenAI | None = None
     try:
         for a in agents:
             a.start()
@@ -179,6 +180,8 @@ def test_a_cheater_earns_nothing_for_work_nobody_can_check(
             f"failed requests {failed}/{REQUESTS}"
         )
     finally:
+        if client is not None:
+            client.close()
         http.close()
         for a in agents:
             a.stop(30)

@@ -56,6 +56,7 @@ class Grid:
     """A coordinator and the agents started on it, stopped at the end of the test."""
 
     def __init__(self, tmp_path: Path, **settings: Any) -> None:
+        self.clients: list[openai.OpenAI] = []
         self.coord = CoordinatorThread(
             CoordinatorSettings(
                 data_dir=tmp_path,
@@ -118,6 +119,7 @@ class Grid:
         client = openai.OpenAI(
             base_url=f"{self.coord.url}/v1", api_key=key["api_key"], max_retries=0
         )
+        self.clients.append(client)  # closed in stop(): an open socket left to GC fails a test
         return ledger.consumer_account(key["key_id"]), client
 
     def payout(self) -> dict[str, int]:
@@ -138,6 +140,8 @@ class Grid:
         return next(n for n, i_ in self.ids.items() if i_ == task.node_id)
 
     def stop(self) -> None:
+        for client in self.clients:
+            client.close()
         for t in self.agents.values():
             t.stop(10)
         self.coord.stop()
