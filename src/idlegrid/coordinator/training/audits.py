@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 
-from idlegrid.coordinator.training.common import enc
 from idlegrid.coordinator.training.probes import Probes
 from idlegrid.coordinator.training.tables import (
     TrainAudit,
@@ -17,7 +16,7 @@ from idlegrid.coordinator.training.tables import (
     TrainSegment,
 )
 from idlegrid.coordinator.trust.tables import TrustNode
-from idlegrid.core import ledger
+from idlegrid.core import b64, ledger
 from idlegrid.core.training.lifecycle import JOB, SEGMENT, TRAIN_AUDIT
 from idlegrid.core.trust import beacon
 from idlegrid.errors import AuthError, Conflict, InvalidRequest, NotFound
@@ -160,9 +159,9 @@ class TrainAudits(Probes):
                     "spec": job.spec,
                     "start_step": seg.start_step,
                     "end_step": seg.end_step,
-                    "start_checkpoint": enc(start.blob) if start else None,
-                    "end_checkpoint": enc(end.blob),
-                    "commitment": enc(a.blob),
+                    "start_checkpoint": b64.encode(start.blob) if start else None,
+                    "end_checkpoint": b64.encode(end.blob),
+                    "commitment": b64.encode(a.blob),
                 }
         return None
 

@@ -4,8 +4,6 @@ ledger postings, closing, requeueing and rewinding a job, and base64 for checkpo
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -23,7 +21,7 @@ from idlegrid.coordinator.training.tables import (
 )
 from idlegrid.core import ledger
 from idlegrid.core.training.lifecycle import JOB, SEGMENT, TRAIN_AUDIT
-from idlegrid.errors import InvalidRequest, NotFound, StaleAttempt
+from idlegrid.errors import NotFound, StaleAttempt
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -51,19 +49,6 @@ class TrainSettings(BaseSettings):
     probe_timeout_s: float = Field(30.0, gt=0, description="a probe unanswered this long fails")
     dispute_round_s: float = Field(30.0, gt=0, description="a dispute party answers within")
     queue_ttl_s: float = Field(3600.0, gt=0, description="a job queued this long expires")
-
-
-def b64(text: str, param: str) -> bytes:
-    """Strict base64 decoding; a 400 naming the field otherwise."""
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(f"{param} is not base64", param=param) from exc
-
-
-def enc(data: bytes) -> str:
-    """Base64 text for JSON."""
-    return base64.b64encode(data).decode()
 
 
 class TrainingBase:

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from idlegrid.coordinator.training.common import enc
 from idlegrid.coordinator.training.dispute_moves import (
     apply_move,
     hex_field,
@@ -47,6 +46,7 @@ from idlegrid.coordinator.training.tables import (
     TrainSegment,
 )
 from idlegrid.coordinator.trust.tables import TrustNode
+from idlegrid.core import b64
 from idlegrid.core import disputes as seats
 from idlegrid.core.training import dispute as game
 from idlegrid.core.training.lifecycle import TRAIN_AUDIT
@@ -198,8 +198,8 @@ class TrainDisputes(DisputeSettlement):
                 "spec": job.spec,
                 "start_step": seg.start_step,
                 "end_step": seg.end_step,
-                "commitment": enc(seg.blob),
-                "start_checkpoint": enc(start.blob) if start is not None else None,
+                "commitment": b64.encode(seg.blob),
+                "start_checkpoint": b64.encode(start.blob) if start is not None else None,
                 "deadline_in_s": (
                     row.deadline if d is None or role == seats.REFEREE else d.deadline
                 )
@@ -212,7 +212,7 @@ class TrainDisputes(DisputeSettlement):
                     phase="referee",
                     step=d.disputed_step,
                     op_index=d.op_index,
-                    agreed_checkpoint=enc(row.checkpoint) if row.checkpoint else None,
+                    agreed_checkpoint=b64.encode(row.checkpoint) if row.checkpoint else None,
                 )
             else:
                 out.update(phase=d.phase, step=d.disputed_step, op_index=d.op_index)

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from idlegrid.coordinator.context import Context
-from idlegrid.coordinator.training.common import TrainingBase, enc
+from idlegrid.coordinator.training.common import TrainingBase
 from idlegrid.coordinator.training.tables import (
     TrainCheckpoint,
     TrainJob,
 )
+from idlegrid.core import b64
 from idlegrid.core.training.lifecycle import JOB
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class Gangs(TrainingBase):
             "attempt": job.attempt,
             "spec": job.spec,
             "start_step": start,
-            "checkpoint": enc(ckpt.blob) if ckpt else None,
+            "checkpoint": b64.encode(ckpt.blob) if ckpt else None,
             "world": world,
             "rendezvous": members[0][1],
         }

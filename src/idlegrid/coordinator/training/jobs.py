@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.training.audits import TrainAudits
-from idlegrid.coordinator.training.common import LIVE_STATES, enc
+from idlegrid.coordinator.training.common import LIVE_STATES
 from idlegrid.coordinator.training.disputes import TrainDisputes
 from idlegrid.coordinator.training.gangs import Gangs
 from idlegrid.coordinator.training.history import JobHistory
@@ -31,7 +31,7 @@ from idlegrid.coordinator.training.tables import (
     TrainProbe,
     TrainSegment,
 )
-from idlegrid.core import ledger
+from idlegrid.core import b64, ledger
 from idlegrid.core.training import lifecycle as life
 from idlegrid.core.training.lifecycle import JOB, PROBE, SEGMENT, TRAIN_AUDIT
 from idlegrid.errors import AuthError, Conflict, InvalidRequest
@@ -201,7 +201,7 @@ class Jobs(JobHistory, TrainAudits, Gangs):
                     "attempt": job.attempt,
                     "spec": job.spec,
                     "start_step": start,
-                    "checkpoint": enc(ckpt.blob) if ckpt else None,
+                    "checkpoint": b64.encode(ckpt.blob) if ckpt else None,
                 }
         return None
 

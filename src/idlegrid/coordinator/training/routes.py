@@ -19,7 +19,7 @@ from idlegrid.coordinator.deps import (
 )
 from idlegrid.coordinator.schemas import NO_CONTENT, Ok, errors
 from idlegrid.coordinator.training import schemas as s
-from idlegrid.coordinator.training.common import b64
+from idlegrid.core import b64
 from idlegrid.errors import InvalidRequest
 from idlegrid.protocol import training as tm
 
@@ -193,8 +193,8 @@ async def commit_segment(job_id: str, attempt: int, index: int, request: Request
         job_id,
         attempt,
         index,
-        b64(msg.commitment, "commitment"),
-        b64(msg.checkpoint, "checkpoint"),
+        b64.decode(msg.commitment, "commitment"),
+        b64.decode(msg.checkpoint, "checkpoint"),
         msg.det_class,
     )
 
@@ -241,7 +241,7 @@ async def report_train_audit(audit_id: str, request: Request) -> dict[str, Any]:
         svc.jobs.report,
         node_id,
         audit_id,
-        b64(msg.leaves, "leaves"),
+        b64.decode(msg.leaves, "leaves"),
         msg.weight_distance,
         msg.det_class,
         msg.checkpoints_match,
@@ -266,4 +266,6 @@ async def answer_probe(probe_id: str, request: Request) -> dict[str, Any]:
     node_id, body = await signed(request)
     msg = parse(tm.TrainProbeAnswerMsg, body)
     svc = services(request)
-    return await svc.db(svc.jobs.answer_probe, node_id, probe_id, b64(msg.checkpoint, "checkpoint"))
+    return await svc.db(
+        svc.jobs.answer_probe, node_id, probe_id, b64.decode(msg.checkpoint, "checkpoint")
+    )
