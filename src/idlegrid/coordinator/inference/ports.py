@@ -43,6 +43,8 @@ class RoutingSignals(Protocol):
 class PaidWork(Protocol):
     """Trust's word on who may take paid work: unverifiable providers past their budget."""
 
+    def to_check(self, node_ids: Iterable[str]) -> list[str]: ...
+
     def paid_blocked(self, node_ids: Iterable[str]) -> frozenset[str]: ...
 
     @property
@@ -62,8 +64,10 @@ async def paid_ok(
     ids = set(node_ids)
     if stake > 0:
         ids &= market.inference_staked
-    if ids and paid is not None:
-        ids -= await db(paid.paid_blocked, sorted(ids))
+    # Only providers that can be blocked cost a balance read (off the event loop): none while
+    # every one is verifiable or the budget is unlimited, the common case on a routed request.
+    if paid is not None and (check := paid.to_check(ids)):
+        ids -= await db(paid.paid_blocked, check)
     return frozenset(ids)
 
 

@@ -104,11 +104,17 @@ class Payability:
             return None
         return max(0, budget - accrued)
 
+    def to_check(self, node_ids: Iterable[str]) -> list[str]:
+        """Of these providers, those the probation budget may block (no store read)."""
+        if self.trust.settings.probation_budget_ucr < 0:
+            return []
+        return sorted(n for n in node_ids if not self.verifiable(n))
+
     def paid_blocked(self, node_ids: Iterable[str]) -> frozenset[str]:
         """Of these providers, those that may not take paid work now: unverifiable with
         their probation budget spent (their held accrual reached it)."""
-        check = [n for n in node_ids if not self.verifiable(n)]
-        if not check or self.trust.settings.probation_budget_ucr < 0:
+        check = self.to_check(node_ids)
+        if not check:
             return frozenset()
         accts = {ledger.accrual_account(n): n for n in check}
         with self.trust.store.read() as s:
