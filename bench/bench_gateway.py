@@ -165,6 +165,7 @@ def main() -> None:
         grid.providers = 2
         grid.start_provider(1)
         grid.wait_for_providers(2)
+        grid.fund_providers()  # paid requests go only to staked providers (issue 15)
         grid.wait_for_hwproofs()
         concurrent_tps(client, 2, 8)  # warm the second provider
         two = [
