@@ -116,16 +116,21 @@ def _settled(coord: CoordinatorThread) -> bool:
 def _serve(
     coord: CoordinatorThread, key: dict, n: int, temperature: float, provider_id: str
 ) -> int:
-    client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
     served = 0
-    for i in range(n):
-        if _status(coord)["trust"]["nodes"][provider_id]["ejected"]:
-            break
-        client.completions.create(
-            model="tiny", prompt=f"Request {i}: tell me", max_tokens=24, temperature=temperature
-        )
-        served += 1
-        _wait(lambda: _settled(coord))
+    with openai.OpenAI(
+        base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0
+    ) as client:  # an unclosed client fails a later test with a ResourceWarning
+        for i in range(n):
+            if _status(coord)["trust"]["nodes"][provider_id]["ejected"]:
+                break
+            client.completions.create(
+                model="tiny",
+                prompt=f"Request {i}: tell me",
+                max_tokens=24,
+                temperature=temperature,
+            )
+            served += 1
+            _wait(lambda: _settled(coord))
     return served
 
 
@@ -212,11 +217,11 @@ def test_no_audit_is_judged_across_cpu_variants(grid_factory) -> None:
     coord, key, nodes = grid_factory(
         _Build("tiny", "cpu-x86-64-v4"), _Build("tiny", "cpu-x86-64-v3")
     )
-    client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
-    for i in range(3):
-        client.completions.create(
-            model="tiny", prompt=f"Request {i}", max_tokens=8, temperature=1.0
-        )
+    with openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0) as client:
+        for i in range(3):
+            client.completions.create(
+                model="tiny", prompt=f"Request {i}", max_tokens=8, temperature=1.0
+            )
 
     def mine() -> list[dict]:  # canaries test verifiers, and fail by design: left out
         return [a for a in _audits(coord) if a["node_id"] == nodes["provider"] and not a["canary"]]
