@@ -8,8 +8,9 @@ with the new loop (seeded Gumbel-max in numpy on llama.cpp's logits), so that lo
 machine hits both alike. Decode rate counts from the first token to the last (prefill
 excluded). Commitment cost = the recorder's extra work (hidden state per step, the first
 state recomputed after the answer) + building the commitment, against generation time.
-Audits: a verifier on 1 and on 2 threads replays each committed answer; for comparison, the
-error a one-batch prefill would show (why llama.cpp replays the provider's schedule).
+Audits: a verifier on 1 and on 2 threads replays each committed answer; the replay against
+its predecessor that evaluated the context twice (CPU time, interleaved); for comparison,
+the error a one-batch prefill would show (why llama.cpp replays the provider's schedule).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,35 @@ def batch_error(
         flat = rows[j : j + cm.CHUNK_SIZE].reshape(-1)
         worst = max(worst, max(abs(v - flat[i]) / abs(v) for i, v in zip(idx, vals, strict=True)))
     return worst
+
+
+class TwoPrefillReplay(LlamaCppEngine):
+    """The verifier's replay before this change, kept as the baseline: the context evaluated
+    twice, once for the first state and again for the first logits."""
+
+    def replay_states(
+        self,
+        context_ids: Sequence[int],
+        tokens: Sequence[int],
+        on_logits: Callable[[int, np.ndarray], None],
+    ) -> np.ndarray:
+        """As before: first state up front, then a second prefill and the steps."""
+        ctx, llm = list(context_ids), self._llm
+        llm.reset()
+        self._embeddings(False)
+        llm.eval(ctx)
+        states = np.empty((len(tokens), self._n_embd), dtype=np.float32)
+        states[0] = self._last_prompt_state(ctx)
+        llm.reset()
+        self._embeddings(False)
+        llm.eval(ctx)
+        on_logits(0, self._logits())
+        self._embeddings(True)
+        for r, tok in enumerate(tokens[:-1], start=1):
+            llm.eval([tok])
+            states[r] = self._embedding()
+            on_logits(r, self._logits())
+        return states
 
 
 def main() -> None:
@@ -192,6 +222,20 @@ def main() -> None:
             f"margin {min(margins):.3g}, audit/generation time median "
             f"{statistics.median(ratio):.2f}"
         )
+    # The replay against its two-prefill predecessor, interleaved audit by audit.
+    old_v = TwoPrefillReplay(DEFAULT_MODEL, threads=1, context_length=1024)
+    spent: dict[str, list[float]] = {"old": [], "new": []}
+    for _ in range(2):
+        for ids, c, _toks, _states, _gen_s in commits:
+            for which, v in (("old", old_v), ("new", verifiers[1])):
+                t0 = time.thread_time()
+                assert cm.judge(c, v.audit(ids, c, n), TOL, n).passed
+                spent[which].append(time.thread_time() - t0)
+    old_s, new_s = statistics.median(spent["old"]), statistics.median(spent["new"])
+    print(
+        f"verifier t1 CPU per audit: two-prefill replay {old_s * 1e3:.0f} ms, one-prefill "
+        f"{new_s * 1e3:.0f} ms, ratio {new_s / old_s:.3f}"
+    )
     batched = [batch_error(verifiers[1], ids, toks, states) for ids, _, toks, states, _ in commits]
     print(
         f"one-batch prefill instead (not used): worst top-32 rel error {max(batched):.3g}, "

@@ -11,7 +11,7 @@ replay the provider's choice. `audit()` is a method so that a plug-in verifier e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -135,22 +135,19 @@ def recompute(
     n = len(tokens)
     report_chunks: list[cm.ChunkReport] = []
     if n:
-        outputs = _outputs(engine, list(context_ids), tokens, h.chunk_size)
+        states, replays = _outputs(engine, list(context_ids), c)
         for j, ch in enumerate(c.chunks):
             lo = j * h.chunk_size
-            rows, logits = next(outputs)
+            rows = states[lo : lo + h.chunk_size]
             flat = rows.reshape(-1)
             values = tuple(float(flat[i]) if i < flat.size else float("nan") for i in ch.indices)
-            margins, allowed = [], []
-            for r, tok in enumerate(ch.tokens):
-                rep = sampling.replay(
-                    logits[r], tok, h.seed, len(context_ids) + lo + r, h.temperature, h.top_p
-                )
-                margins.append(rep.margin)
-                allowed.append(rep.allowed)
+            reps = replays[lo : lo + len(ch.tokens)]
             report_chunks.append(
                 cm.ChunkReport(
-                    values, kth_magnitude(rows, len(ch.indices)), tuple(margins), tuple(allowed)
+                    values,
+                    kth_magnitude(rows, len(ch.indices)),
+                    tuple(r.margin for r in reps),
+                    tuple(r.allowed for r in reps),
                 )
             )
     end_ok = _end_ok(engine, c, tokens, max_new_tokens, stop, len(context_ids), context_length)
@@ -164,31 +161,34 @@ def recompute(
 
 
 def _outputs(
-    engine: Any, context_ids: list[int], tokens: list[int], chunk_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(hidden states, logits) of the committed positions, a chunk at a time.
+    engine: Any, context_ids: list[int], c: cm.Commitment
+) -> tuple[np.ndarray, list[sampling.Replay]]:
+    """The hidden states of the committed positions and each committed token's replay.
 
-    Engines with `replay_outputs` (llama.cpp: its batched and one-token kernels differ, so it
-    replays the provider's own schedule) yield (state, logits) per position; the others run
-    one prefill and take logits from the states.
+    Engines with `replay_states` (llama.cpp: its batched and one-token kernels differ, so it
+    replays the provider's own schedule) hand over each position's logits as they compute
+    it; the others run one prefill and take logits from the states, a chunk at a time.
+    Either way no more than a chunk of vocabulary-sized logits is held at once.
     """
-    if hasattr(engine, "replay_outputs"):
-        rows: list[np.ndarray] = []
-        logits: list[np.ndarray] = []
-        for state, lg in engine.replay_outputs(context_ids, tokens):
-            rows.append(state)
-            logits.append(lg)
-            if len(rows) == chunk_size:
-                yield np.stack(rows), np.stack(logits)
-                rows, logits = [], []
-        if rows:
-            yield np.stack(rows), np.stack(logits)
-        return
+    h, tokens = c.header, c.tokens
+    base = len(context_ids)
+
+    def replay(r: int, logits: np.ndarray) -> sampling.Replay:
+        return sampling.replay(logits, tokens[r], h.seed, base + r, h.temperature, h.top_p)
+
+    if hasattr(engine, "replay_states"):
+        replays: list[sampling.Replay] = []
+        states = engine.replay_states(
+            context_ids, tokens, lambda r, lg: replays.append(replay(r, lg))
+        )
+        return states, replays
     ids = [*context_ids, *tokens]
-    states = engine.prefill_states(ids[:-1])[len(context_ids) - 1 :]
-    for lo in range(0, len(tokens), chunk_size):
-        part = states[lo : lo + chunk_size]
-        yield part, engine.logits_of(part)
+    states = engine.prefill_states(ids[:-1])[base - 1 :]
+    replays = []
+    for lo in range(0, len(tokens), h.chunk_size):
+        for r, lg in enumerate(engine.logits_of(states[lo : lo + h.chunk_size]), start=lo):
+            replays.append(replay(r, lg))
+    return states, replays
 
 
 def _end_ok(

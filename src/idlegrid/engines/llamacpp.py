@@ -22,7 +22,7 @@ import ctypes
 import inspect
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -256,10 +256,19 @@ class LlamaCppEngine:
         d = self.describe()
         return f"{d['engine']}/{d['version']}/{d['dtype']}/{d['device']}/t{d['threads']}"
 
-    def replay_outputs(
-        self, context_ids: Sequence[int], tokens: Sequence[int]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(hidden state, logits) at each committed position, on the provider's schedule."""
+    def replay_states(
+        self,
+        context_ids: Sequence[int],
+        tokens: Sequence[int],
+        on_logits: Callable[[int, np.ndarray], None],
+    ) -> np.ndarray:
+        """Hidden states at each committed position, on the provider's schedule.
+
+        The context in one batch, then one token per step, as `generate` ran; each position's
+        logits go to `on_logits` (valid only during the call). The first state, the prompt's
+        last position computed alone, comes last, exactly as the provider's `_complete` made
+        it after its answer: so the context is evaluated once, not twice.
+        """
         ctx = list(context_ids)
         check_prompt(ctx, self._context_length, self._n_vocab)
         if any(not 0 <= t < self._n_vocab for t in tokens):
@@ -270,16 +279,15 @@ class LlamaCppEngine:
         llm.reset()
         self._embeddings(False)
         llm.eval(ctx)
-        first = self._last_prompt_state(ctx)  # as the provider's _complete
-        llm.reset()
-        self._embeddings(False)
-        llm.eval(ctx)
-        logits = self._logits().copy()
+        on_logits(0, self._logits())
         self._embeddings(True)
-        yield first, logits
-        for tok in tokens[:-1]:
+        states = np.empty((len(tokens), self._n_embd), dtype=np.float32)
+        for r, tok in enumerate(tokens[:-1], start=1):
             llm.eval([tok])
-            yield self._embedding(), self._logits().copy()
+            states[r] = self._embedding()
+            on_logits(r, self._logits())
+        states[0] = self._last_prompt_state(ctx)
+        return states
 
     def audit(
         self, context_ids: Sequence[int], c: Any, max_new_tokens: int, stop: Sequence[str] = ()
