@@ -232,7 +232,11 @@ class Store(NodeStore, LedgerStore):
                     },
                 )
             if hold:  # a free request (a provider at price 0) moves no credits
-                self._post(s, ledger.request_hold(task_id, consumer, hold))
+                try:
+                    self._post(s, ledger.request_hold(task_id, consumer, hold))
+                except InsufficientCredits as exc:  # the 402 names what the request needs
+                    available = int(exc.data["available"])
+                    raise InsufficientCredits(consumer, hold + keep, available) from None
             balance = s.scalar(_BALANCE, {"acct": consumer}) or 0
             if balance < keep:  # raising rolls the transaction back: no hold, no task
                 raise InsufficientCredits(consumer, needed=hold + keep, available=balance + hold)
