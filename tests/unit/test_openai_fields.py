@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from openai.types import completion_create_params as completion_params
 from openai.types.chat import completion_create_params as chat_params
@@ -113,3 +115,20 @@ def test_table_rows_cover_the_table() -> None:
     rows = fields.table_rows(fields.CHAT)
     assert [r[0] for r in rows] == sorted(fields.CHAT)
     assert {r[1] for r in rows} == {"honoured", "no effect", "refused"}
+
+
+def test_the_docs_table_shows_the_policy() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "openai.md").read_text()
+    shown = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            shown[cells[0].strip("`")] = (cells[1], cells[2])
+    policy = {
+        name: tuple(
+            table[name].policy.value if name in table else "—"
+            for table in (fields.CHAT, fields.COMPLETIONS)
+        )
+        for name in set(fields.CHAT) | set(fields.COMPLETIONS)
+    }
+    assert shown == policy
