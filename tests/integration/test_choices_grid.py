@@ -188,3 +188,15 @@ def test_models_retrieve_serves_ids_with_slashes_and_colons(
             assert exc.value.code == "model_not_found"
     finally:
         stop_grid(g)
+
+
+def test_a_streamed_choice_that_fails_ends_the_stream_with_an_error(grid: Grid) -> None:
+    body = {"model": MODEL, "prompt": ["short", "x" * 400], "max_tokens": 4, "stream": True}
+    with grid.http() as c:
+        r = c.post(
+            "/v1/completions", json=body, headers={"Authorization": f"Bearer {grid.api_key}"}
+        )
+    lines = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    assert "error" in lines[-2] and "context" in lines[-2]
+    assert grid.balance(ledger.ESCROW) == 0
