@@ -223,6 +223,58 @@ def test_chat_streaming_and_plain(up: tuple[UpProcess, str], reference: object) 
     assert text == direct(reference, rendered, 16)
 
 
+def test_n_choices_prompt_lists_models_and_refused_fields(
+    up: tuple[UpProcess, str], reference: object
+) -> None:
+    grid, key = up
+    with openai.OpenAI(base_url=f"{grid.url}/v1", api_key=key) as client:
+        assert client.models.retrieve(MODEL).id == MODEL
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("gemma3:nope")
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+                response_format={"type": "json_object"},
+            )
+        assert refused.value.param == "response_format"
+
+        before = balance(grid.url, key)
+        raw = client.completions.with_raw_response.create(
+            model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=42, n=3
+        )
+        resp = raw.parse()
+        one = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=42
+        )
+        listed = client.completions.create(
+            model=MODEL, prompt=[PROMPT, "The sky is"], max_tokens=8, temperature=0
+        )
+    texts = [c.text for c in resp.choices]
+    assert [c.index for c in resp.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert texts[0] == one.choices[0].text  # choice 0 keeps the request's seed
+    assert resp.usage is not None and one.usage is not None
+    assert resp.usage.prompt_tokens == 3 * one.usage.prompt_tokens
+    tasks = raw.headers["x-idlegrid-tasks"].split(",")
+    paid = 0
+    for task_id in tasks:  # three grid tasks, each held and settled on its own
+        entries = entries_for(grid, task_id)
+        assert [e["memo"] for e in entries] == ["hold", "settle"]
+        paid -= sum(
+            p["amount"]
+            for e in entries
+            for p in e["postings"]  # type: ignore[attr-defined]
+            if str(p["account"]).startswith("consumer:")
+        )
+    assert paid > 0
+    assert [c.text for c in listed.choices] == [
+        direct(reference, PROMPT, 8),
+        direct(reference, "The sky is", 8),
+    ]
+    assert before - balance(grid.url, key) > paid  # the n=1 and list requests cost too
+
+
 def test_status_json_lists_the_providers(up: tuple[UpProcess, str]) -> None:
     grid, _ = up
     out = subprocess.run(

@@ -40,7 +40,7 @@ from idlegrid.coordinator.views import TaskView, new_task_view
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Price, Share
 from idlegrid.core.tasks import TaskState, payable_tokens, should_retry, transition
-from idlegrid.errors import StaleAttempt
+from idlegrid.errors import InsufficientCredits, StaleAttempt
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -181,9 +181,13 @@ class Store(NodeStore, LedgerStore):
         hold: int,
         target_node_id: str | None,
         claim_for: tuple[str, Price] | None = None,
+        keep: int = 0,
     ) -> tuple[TaskView, int]:
         """Escrow the request's worst-case cost and queue it, atomically (or InsufficientCredits);
         the task and the consumer's balance after the hold.
+
+        `keep`: what must be left after the hold (the holds of sibling choices of the same
+        request, escrowed next), else nothing is written.
 
         With `claim_for` (node, price) the task is created already claimed by that node,
         attempt 1: the hand-over to a waiting long poll needs no second transaction.
@@ -228,8 +232,14 @@ class Store(NodeStore, LedgerStore):
                     },
                 )
             if hold:  # a free request (a provider at price 0) moves no credits
-                self._post(s, ledger.request_hold(task_id, consumer, hold))
+                try:
+                    self._post(s, ledger.request_hold(task_id, consumer, hold))
+                except InsufficientCredits as exc:  # the 402 names what the request needs
+                    available = int(exc.data["available"])
+                    raise InsufficientCredits(consumer, hold + keep, available) from None
             balance = s.scalar(_BALANCE, {"acct": consumer}) or 0
+            if balance < keep:  # raising rolls the transaction back: no hold, no task
+                raise InsufficientCredits(consumer, needed=hold + keep, available=balance + hold)
         return view, balance
 
     def get_task(self, task_id: str) -> TaskView | None:

@@ -11,6 +11,8 @@ from idlegrid.errors import InvalidRequest
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_PRICE_CREDITS = 100_000.0  # per 1M tokens; the bound on any provider's price too
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # choices per request (prompts x n): each is a task with its own escrow
 
 
 class MaxPrice(BaseModel):
@@ -22,19 +24,18 @@ class MaxPrice(BaseModel):
 
 
 class _Common(BaseModel):
-    # Unknown OpenAI fields are accepted and ignored, as OpenAI-compatible servers do.
+    # Undeclared fields are kept (not dropped) so that fields.check can honour, accept or
+    # refuse each by name: the routes refuse what the endpoint's table does not allow.
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=128)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     user: str | None = None
     # Requests go only to providers at or below this price, and are escrowed at the dearest
     # of those (default: the coordinator's IDLEGRID_DEFAULT_MAX_*_PRICE).
@@ -53,15 +54,10 @@ class _Common(BaseModel):
             )
         return stops
 
-    def check_supported(self) -> None:
-        """Refuse parameters whose meaning we would silently change."""
-        if self.n != 1:
-            raise InvalidRequest("only n=1 is supported", param="n")
-        if self.presence_penalty or self.frequency_penalty:
-            raise InvalidRequest(
-                "presence/frequency penalties are not supported",
-                param="presence_penalty" if self.presence_penalty else "frequency_penalty",
-            )
+    def sent(self) -> dict[str, Any]:
+        """The fields the client sent, by name (declared ones parsed, others as sent)."""
+        declared = {name: getattr(self, name) for name in self.model_fields_set}
+        return {**declared, **(self.model_extra or {})}
 
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
@@ -71,22 +67,24 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     """POST /v1/completions."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
 
-    def single_prompt(self) -> str:
-        """The one prompt this request carries."""
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise InvalidRequest("exactly one prompt per request is supported", param="prompt")
-            return self.prompt[0]
-        if self.echo or self.logprobs or self.suffix:
-            param = "echo" if self.echo else "logprobs" if self.logprobs else "suffix"
-            raise InvalidRequest(f"{param} is not supported", param=param)
-        return self.prompt
+    def prompts(self) -> list[str]:
+        """The request's prompts, in order: one for a string, each of a list of strings."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if not self.prompt:
+            raise InvalidRequest("prompt must not be an empty list", param="prompt")
+        if not all(isinstance(p, str) for p in self.prompt):
+            # Providers tokenize text themselves, and the verifier replays from the text.
+            raise InvalidRequest("token-id prompts are not supported: send text", param="prompt")
+        prompts = [p for p in self.prompt if isinstance(p, str)]
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise InvalidRequest(
+                f"at most {MAX_CHOICES} choices per request (prompts x n)", param="prompt"
+            )
+        return prompts
 
 
 class ChatMessage(BaseModel):

@@ -1,4 +1,7 @@
-"""The OpenAI-compatible gateway: /v1/models, /v1/completions, /v1/chat/completions."""
+"""The OpenAI-compatible gateway: /v1/models, /v1/completions, /v1/chat/completions.
+
+Which request fields are honoured, accepted or refused is fields.py's table; docs/openai.md
+shows it."""
 
 from __future__ import annotations
 
@@ -8,14 +11,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from idlegrid.coordinator.deps import (
     Services,
     services,
 )
+from idlegrid.coordinator.inference import fanout, fields
 from idlegrid.coordinator.inference import schemas as s
+from idlegrid.coordinator.inference.choices import plan
 from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.inference.openai_schema import (
     ChatRequest,
@@ -27,7 +32,7 @@ from idlegrid.coordinator.inference.service import RequestFailed
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
-from idlegrid.errors import IdlegridError, InvalidRequest
+from idlegrid.errors import IdlegridError, InvalidRequest, ModelNotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -40,21 +45,33 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": await svc.inference.models()}
 
 
-def _usage(task: TaskView) -> dict[str, int]:
-    return {
-        "prompt_tokens": task.prompt_tokens,
-        "completion_tokens": task.output_tokens,
-        "total_tokens": task.prompt_tokens + task.output_tokens,
-    }
+@router.get("/models/{model_id:path}", response_model=s.Model, responses=errors(401, 404))
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One model some live provider serves (ids may hold `/` and `:`), else 404."""
+    svc = services(request)
+    await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    for model in await svc.inference.models():
+        if model["id"] == model_id:
+            return model
+    raise ModelNotFound(model_id)
+
+
+def _usage(done: list[TaskView]) -> dict[str, int]:
+    # Summed over choices: each choice is its own task, billed for its own prompt too.
+    prompt = sum(t.prompt_tokens for t in done)
+    output = sum(t.output_tokens for t in done)
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
 
 
 class _Shape:
     """Differences between text completions and chat completions, in one place."""
 
-    def __init__(self, kind: str, task_id: str, model: str) -> None:
-        self.kind, self.id, self.model, self.created = kind, task_id, model, int(time.time())
+    def __init__(self, kind: str, response_id: str, model: str) -> None:
+        self.kind, self.id, self.model, self.created = kind, response_id, model, int(time.time())
 
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, index: int, text: str | None, finish: str | None, first: bool = False
+    ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if first:
@@ -62,14 +79,14 @@ class _Shape:
             if text is not None:
                 delta["content"] = text
             choice: dict[str, Any] = {
-                "index": 0,
+                "index": index,
                 "delta": delta,
                 "logprobs": None,
                 "finish_reason": finish,
             }
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
         return {
             "id": self.id,
@@ -79,38 +96,42 @@ class _Shape:
             "choices": [choice],
         }
 
-    def whole(self, text: str, task: TaskView) -> dict[str, Any]:
-        if self.kind == "chat":
+    def whole(self, answers: list[tuple[str, TaskView]]) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        for index, (text, task) in enumerate(answers):
             choice: dict[str, Any] = {
-                "index": 0,
-                "logprobs": None,
-                "finish_reason": task.finish_reason,
-                "message": {"role": "assistant", "content": text},
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
+                "index": index,
                 "logprobs": None,
                 "finish_reason": task.finish_reason,
             }
-            obj = "text_completion"
+            if self.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
         return {
             "id": self.id,
-            "object": obj,
+            "object": "chat.completion" if self.kind == "chat" else "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": _usage(task),
+            "choices": choices,
+            "usage": _usage([task for _, task in answers]),
         }
 
 
-def _failure(data: dict[str, Any]) -> IdlegridError:
+def _failure(data: dict[str, Any], index: int, choices: int) -> IdlegridError:
     if data.get("invalid"):
         return InvalidRequest(data["invalid"], param="prompt")
+    if choices == 1:
+        return RequestFailed(
+            f"the request could not be served: {data.get('error')}; nothing was charged"
+        )
+    # All choices or an error, as OpenAI: finished siblings stay settled (their answers were
+    # committed and may be audited), running ones stop and pay only what they produced.
     return RequestFailed(
-        f"the request could not be served: {data.get('error')}; nothing was charged"
+        f"choice {index} could not be served: {data.get('error')}; it was not charged, "
+        "the other choices were charged only for the tokens they produced",
+        choice=index,
     )
 
 
@@ -125,12 +146,15 @@ def _price_cap(svc: Services, body: Any) -> Price:
     return Price(round(prompt * MICRO), round(output * MICRO))
 
 
+TASKS_HEADER = "X-Idlegrid-Tasks"  # the grid task of each choice, by index
+
+
 async def _serve(
     request: Request,
+    response: Response,
     kind: str,
     model: str,
-    payload: dict[str, Any],
-    bound: int,
+    work: list[tuple[dict[str, Any], int]],
     max_tokens: int,
     stream_out: bool,
     include_usage: bool,
@@ -138,40 +162,54 @@ async def _serve(
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
-    task_id, stream = await svc.inference.submit(
-        key_id, model, kind, payload, bound, max_tokens, price_cap=cap
-    )
-    shape = _Shape(kind, task_id, model)
+    handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
+    task_ids = [task_id for task_id, _ in handles]
+    shape = _Shape(kind, task_ids[0], model)
     started = time.perf_counter()
     if stream_out:
         return StreamingResponse(
-            _sse(svc, shape, task_id, stream, started, include_usage),
+            _sse(svc, shape, handles, started, include_usage),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                TASKS_HEADER: ",".join(task_ids),
+            },
         )
-    parts: list[str] = []
-    ended = False
+    parts: list[list[str]] = [[] for _ in handles]
+    done: dict[int, TaskView] = {}
+    ended: set[int] = set()
+    events = fanout.interleave(svc.inference, [st for _, st in handles])
     try:
-        async for event in svc.inference.events(stream):
+        async for k, event in events:
             if event.kind == "pieces":
-                if not parts:
+                if not any(parts):
                     svc.metrics.ttft.labels(model).observe(time.perf_counter() - started)
-                parts.extend(text for _, text in event.pieces)
+                parts[k].extend(text for _, text in event.pieces)
             elif event.kind == "done":
-                ended = True
-                task: TaskView = event.data["task"]
-                _count(svc, model, task, "ok")
-                return shape.whole("".join(parts), task)
+                ended.add(k)
+                done[k] = event.data["task"]
+                _count(svc, model, done[k], "ok")
             else:
-                ended = True
+                ended.add(k)
                 svc.metrics.requests.labels(model, "failed").inc()
-                raise _failure(event.data)
+                raise _failure(event.data, k, len(handles))
     finally:
-        if not ended:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
+        await _close(svc, handles, ended)
+    response.headers[TASKS_HEADER] = ",".join(task_ids)
+    return shape.whole([("".join(parts[k]), done[k]) for k in range(len(handles))])
+
+
+async def _close(svc: Services, handles: list[tuple[str, TaskStream]], ended: set[int]) -> None:
+    """Close every choice's stream; stop the work of those that did not end, billing only
+    what they delivered. Shielded: a disconnect cancelled the caller, the books must settle."""
+    with anyio.CancelScope(shield=True):
+        for k, (task_id, _) in enumerate(handles):
+            if k not in ended:
                 await svc.inference.abandon(task_id)
-        svc.inference.hub.close(task_id)
-    raise RequestFailed("stream ended early")  # pragma: no cover - events() always ends
+            svc.inference.hub.close(task_id)
 
 
 def _count(svc: Services, model: str, task: TaskView, outcome: str) -> None:
@@ -187,35 +225,38 @@ def _sse_line(obj: Any) -> bytes:
 async def _sse(
     svc: Services,
     shape: _Shape,
-    task_id: str,
-    stream: TaskStream,
+    handles: list[tuple[str, TaskStream]],
     started: float,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    done = False
+    """Chunks of every choice as they come, each carrying its index (as OpenAI streams n>1)."""
+    ended: set[int] = set()
+    done: list[TaskView] = []
+    events = fanout.interleave(svc.inference, [st for _, st in handles])
     try:
         if shape.kind == "chat":
-            yield _sse_line(shape.chunk("", None, first=True))
+            for k in range(len(handles)):
+                yield _sse_line(shape.chunk(k, "", None, first=True))
         first = True
-        async for event in svc.inference.events(stream):
+        async for k, event in events:
             if event.kind == "pieces":
                 text = "".join(t for _, t in event.pieces)
                 if first:
                     svc.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
                     first = False
                 if text:
-                    yield _sse_line(shape.chunk(text, None))
+                    yield _sse_line(shape.chunk(k, text, None))
             elif event.kind == "done":
+                ended.add(k)
                 task: TaskView = event.data["task"]
+                done.append(task)
                 _count(svc, shape.model, task, "ok")
-                final = shape.chunk(None if shape.kind == "chat" else "", task.finish_reason)
-                yield _sse_line(final)
-                if include_usage:
-                    yield _sse_line({**final, "choices": [], "usage": _usage(task)})
-                done = True
+                tail = None if shape.kind == "chat" else ""
+                yield _sse_line(shape.chunk(k, tail, task.finish_reason))
             else:
+                ended.add(k)
                 svc.metrics.requests.labels(shape.model, "failed").inc()
-                exc = _failure(event.data)
+                exc = _failure(event.data, k, len(handles))
                 yield _sse_line(
                     {
                         "error": {
@@ -226,15 +267,18 @@ async def _sse(
                         }
                     }
                 )
-                done = True
+                break
+        else:
+            if include_usage:
+                usage = {**shape.chunk(0, None, None), "choices": [], "usage": _usage(done)}
+                yield _sse_line(usage)
         yield b"data: [DONE]\n\n"
     finally:
-        if not done:
-            # The consumer went away mid-stream: stop the provider, bill only what it got.
-            # Shielded: the disconnect cancelled this generator, and the books must settle.
-            with anyio.CancelScope(shield=True):
-                await svc.inference.abandon(task_id)
-        svc.inference.hub.close(task_id)
+        # The consumer went away mid-stream, or a choice failed: stop the rest and bill only
+        # what each delivered.
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
+        await _close(svc, handles, ended)
 
 
 @router.post(
@@ -242,25 +286,33 @@ async def _sse(
     response_model=s.Completion,
     responses={**s.COMPLETION_RESPONSES, **errors(400, 401, 402, 404, 502, 503)},
 )
-async def completions(body: CompletionRequest, request: Request) -> Any:
-    """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE])."""
-    body.check_supported()
-    prompt = body.single_prompt()
+async def completions(body: CompletionRequest, request: Request, response: Response) -> Any:
+    """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE]); a list of
+    prompts and n > 1 give one choice each, indexed prompt * n + j."""
+    fields.check(fields.COMPLETIONS, body.sent())
+    prompts = body.prompts()
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    payload = {
-        "prompt": prompt,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "seed": body.seed,
-        "stop": body.stop_list(),
-        "stream": body.stream,
-    }
+    stop = body.stop_list()
+    work = [
+        (
+            {
+                "prompt": prompts[c.prompt],
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "seed": c.seed,
+                "stop": stop,
+                "stream": body.stream,
+            },
+            prompt_token_bound(prompts[c.prompt]),
+        )
+        for c in plan(len(prompts), body.n, body.seed)
+    ]
     return await _serve(
         request,
+        response,
         "completion",
         body.model,
-        payload,
-        prompt_token_bound(prompt),
+        work,
         max_tokens,
         body.stream,
         body.include_usage(),
@@ -273,26 +325,33 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     response_model=s.ChatCompletion,
     responses={**s.CHAT_RESPONSES, **errors(400, 401, 402, 404, 502, 503)},
 )
-async def chat_completions(body: ChatRequest, request: Request) -> Any:
+async def chat_completions(body: ChatRequest, request: Request, response: Response) -> Any:
     """Chat completion, templated by the serving engine with the model's own chat template."""
-    body.check_supported()
+    fields.check(fields.CHAT, body.sent())
     messages = body.plain_messages()
     limit = body.max_completion_tokens or body.max_tokens
     max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
-    payload = {
-        "messages": messages,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "seed": body.seed,
-        "stop": body.stop_list(),
-        "stream": body.stream,
-    }
+    stop = body.stop_list()
+    work = [
+        (
+            {
+                "messages": messages,
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "seed": c.seed,
+                "stop": stop,
+                "stream": body.stream,
+            },
+            chat_token_bound(messages),
+        )
+        for c in plan(1, body.n, body.seed)
+    ]
     return await _serve(
         request,
+        response,
         "chat",
         body.model,
-        payload,
-        chat_token_bound(messages),
+        work,
         max_tokens,
         body.stream,
         body.include_usage(),

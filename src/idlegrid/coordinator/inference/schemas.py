@@ -1,7 +1,8 @@
 """Response models of the OpenAI-compatible gateway (request bodies: openai_schema.py).
 
 A streamed answer (`stream: true`) is `text/event-stream`: `data:` lines holding
-ChatCompletionChunk or CompletionChunk objects (the chat stream opens with the role), an
+ChatCompletionChunk or CompletionChunk objects (the chat stream opens with the role of each
+choice; chunks of several choices interleave, each with its index), an
 optional usage chunk, an `{"error": ...}` object if the request failed midway, then
 `data: [DONE]`.
 """
@@ -32,7 +33,7 @@ class ModelList(BaseModel):
 
 
 class Usage(BaseModel):
-    """Tokens of the request (the provider's count)."""
+    """Tokens of the request, summed over its choices (the providers' counts)."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -47,7 +48,7 @@ class AssistantMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
-    """The one choice of a chat completion (n=1)."""
+    """One choice of a chat completion (n > 1 and prompt lists give several, by index)."""
 
     index: int
     message: AssistantMessage
@@ -67,7 +68,7 @@ class ChatCompletion(BaseModel):
 
 
 class CompletionChoice(BaseModel):
-    """The one choice of a text completion (n=1)."""
+    """One choice of a text completion (index = prompt * n + j)."""
 
     index: int
     text: str
@@ -94,7 +95,7 @@ class ChatDelta(BaseModel):
 
 
 class ChatChunkChoice(BaseModel):
-    """The one choice of a streamed chat chunk."""
+    """A choice's part in a streamed chat chunk (its index says which choice)."""
 
     index: int
     delta: ChatDelta

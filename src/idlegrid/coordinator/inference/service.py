@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
+from idlegrid.coordinator.inference.choices import derive_seed
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
 from idlegrid.coordinator.inference.pieces import answer_slo, bill_prompt, budget, check_budget
 from idlegrid.coordinator.inference.ports import (
@@ -52,11 +52,6 @@ class RequestFailed(IdlegridError):
     """A request could not be served after every retry; nothing was charged."""
 
     code = "request_failed"
-
-
-def derive_seed(task_id: str) -> int:
-    """The sampling seed for a request that gave none: fixed by the request, not the provider."""
-    return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 class Inference:
@@ -404,8 +399,12 @@ class Inference:
         max_prompt_tokens: int,
         max_tokens: int,
         price_cap: Price | None = None,
+        reserve: Sequence[tuple[int, int]] = (),
     ) -> tuple[str, TaskStream]:
-        """Validate, escrow and queue a request; the returned stream yields its events."""
+        """Validate, escrow and queue a request; the returned stream yields its events.
+
+        `reserve`: (prompt-token bound, max tokens) of each sibling choice still to be
+        submitted; the escrow is refused unless the balance also covers them."""
         if max_tokens < 1 or max_tokens > self.settings.max_tokens_limit:
             raise InvalidRequest(
                 f"max_tokens must be between 1 and {self.settings.max_tokens_limit}",
@@ -436,6 +435,7 @@ class Inference:
         # it is covered; only providers at or below that price may claim it.
         cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
         hold = ledger.hold_amount(max_prompt_tokens, max_tokens, basis)
+        keep = sum(ledger.hold_amount(b, m, basis) for b, m in reserve)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         task_id = prefix + secrets.token_hex(12)
         payload = {
@@ -452,7 +452,7 @@ class Inference:
         stream.budget = max_tokens
         parked = self.hub.take_parked(target.node_id) if target else None
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
-        early = claim_for is not None and self._balance_hint.get(key_id, -1) >= hold
+        early = claim_for is not None and self._balance_hint.get(key_id, -1) >= hold + keep
         if early:
             # The key's balance covered this hold when last seen, and nothing here has
             # spent it since: hand the task over now and write its escrow meanwhile, which
@@ -475,6 +475,7 @@ class Inference:
                 hold=hold,
                 target_node_id=target.node_id if target else None,
                 claim_for=claim_for,
+                keep=keep,
             )
         except BaseException:
             self._balance_hint.pop(key_id, None)

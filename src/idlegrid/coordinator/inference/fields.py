@@ -1,0 +1,158 @@
+"""Which OpenAI request fields the gateway honours, accepts without effect, or refuses.
+
+One table per endpoint, consulted by the routes before anything is escrowed: a field the
+gateway cannot honour is refused with a 400 naming it, so nobody pays for an answer that
+quietly ignored what they asked for. The rule for a field in no table is the same: a 400
+naming it (idlegrid's own extensions are in the tables; clients send them through the
+official client's `extra_body`). `tests/unit/test_openai_fields.py` fails when the
+installed openai package documents a field these tables do not classify.
+
+To honour a refused field: declare it on the request body (openai_schema.py), make the
+sampler apply it, and move its row here to HONOURED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from idlegrid.errors import InvalidRequest
+
+
+class Policy(Enum):
+    """What the gateway does with a request field."""
+
+    HONOURED = "honoured"  # it shapes the answer as OpenAI documents
+    NO_EFFECT = "no effect"  # accepted; it changes nothing OpenAI would return as output
+    REFUSED = "refused"  # not honoured (yet): a 400 naming it unless its value is neutral
+
+
+Neutral = Callable[[Any, Mapping[str, Any]], bool]
+
+
+def _unset(value: Any, _: Mapping[str, Any]) -> bool:
+    return value is None
+
+
+def _one_of(*values: Any) -> Neutral:
+    return lambda value, _: (
+        value is None or any(value == v and type(value) is type(v) for v in values)
+    )
+
+
+def _empty(value: Any, _: Mapping[str, Any]) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def _no_tools(_: Any, body: Mapping[str, Any]) -> bool:
+    # parallel_tool_calls only matters when tools are offered.
+    return not body.get("tools") and not body.get("functions")
+
+
+def _best_of(value: Any, body: Mapping[str, Any]) -> bool:
+    # best_of == n generates n and returns all n: the same as not asking.
+    return value is None or value == (body.get("n") or 1)
+
+
+def _text_format(value: Any, _: Mapping[str, Any]) -> bool:
+    return value is None or value == {"type": "text"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A field's policy; `neutral` says which values of a refused field change nothing."""
+
+    policy: Policy
+    note: str = ""
+    neutral: Neutral = _unset
+
+
+H, X, R = Policy.HONOURED, Policy.NO_EFFECT, Policy.REFUSED
+
+_SHARED: dict[str, Rule] = {
+    "model": Rule(H),
+    "n": Rule(H, "each choice is its own grid task with its own seed"),
+    "seed": Rule(H, "choice j>0 gets a seed derived from it (choices.choice_seed)"),
+    "stop": Rule(H),
+    "stream": Rule(H),
+    "stream_options": Rule(H, "include_usage"),
+    "temperature": Rule(H),
+    "top_p": Rule(H),
+    "max_tokens": Rule(H),
+    "user": Rule(X),
+    "presence_penalty": Rule(R, "not applied by the sampler yet", _one_of(0, 0.0)),
+    "frequency_penalty": Rule(R, "not applied by the sampler yet", _one_of(0, 0.0)),
+    "logit_bias": Rule(R, "not applied by the sampler yet", _empty),
+    # idlegrid's extension: the most the consumer pays per 1M tokens.
+    "max_price": Rule(H, "idlegrid extension: price cap per 1M tokens"),
+}
+
+CHAT: dict[str, Rule] = {
+    **_SHARED,
+    "messages": Rule(H, "text content parts only"),
+    "max_completion_tokens": Rule(H),
+    "metadata": Rule(X),
+    "store": Rule(X, "nothing is stored for later retrieval"),
+    "service_tier": Rule(X),
+    "prompt_cache_key": Rule(X),
+    "prompt_cache_options": Rule(X),
+    "prompt_cache_retention": Rule(X),
+    "safety_identifier": Rule(X),
+    "response_format": Rule(R, "structured outputs are not enforced yet", _text_format),
+    "tools": Rule(R, "tool calling is not implemented yet", _empty),
+    "tool_choice": Rule(R, "tool calling is not implemented yet", _one_of("none")),
+    "parallel_tool_calls": Rule(R, "tool calling is not implemented yet", _no_tools),
+    "functions": Rule(R, "function calling is not implemented yet", _empty),
+    "function_call": Rule(R, "function calling is not implemented yet", _one_of("none")),
+    "logprobs": Rule(R, "log-probabilities are not returned yet", _one_of(False)),
+    "top_logprobs": Rule(R, "log-probabilities are not returned yet", _one_of(0)),
+    "audio": Rule(R, "text output only"),
+    "modalities": Rule(R, "text output only", _one_of(["text"])),
+    "prediction": Rule(R, "predicted outputs are not supported"),
+    "web_search_options": Rule(R, "no web search"),
+    "reasoning_effort": Rule(R, "the served models do not reason"),
+    "verbosity": Rule(R, "not supported"),
+    "moderation": Rule(R, "no moderation is run"),
+}
+
+COMPLETIONS: dict[str, Rule] = {
+    **_SHARED,
+    "prompt": Rule(H, "a string or a list of strings; token ids are refused"),
+    "best_of": Rule(R, "only best_of = n", _best_of),
+    "echo": Rule(R, "not supported yet", _one_of(False)),
+    "suffix": Rule(R, "insertion is not supported", _one_of("")),
+    "logprobs": Rule(R, "log-probabilities are not returned yet"),
+}
+
+STREAM_OPTIONS: dict[str, Rule] = {
+    "include_usage": Rule(H),
+    "include_obfuscation": Rule(X, "no obfuscation padding is sent"),
+}
+
+
+def check(table: Mapping[str, Rule], body: Mapping[str, Any]) -> None:
+    """Refuse the first field of `body` that `table` does not classify or cannot honour."""
+    for name, value in body.items():
+        rule = table.get(name)
+        if rule is None:
+            raise InvalidRequest(
+                f"unknown parameter '{name}': idlegrid refuses fields it does not know "
+                "rather than ignore them",
+                param=name,
+            )
+        if rule.policy is Policy.REFUSED and not rule.neutral(value, body):
+            raise InvalidRequest(f"'{name}' is not supported: {rule.note}", param=name)
+    options = body.get("stream_options")
+    if isinstance(options, Mapping):
+        for name in options:
+            if name not in STREAM_OPTIONS:
+                raise InvalidRequest(
+                    f"unknown stream option '{name}'", param=f"stream_options.{name}"
+                )
+
+
+def table_rows(table: Mapping[str, Rule]) -> list[tuple[str, str, str]]:
+    """(field, policy, note) rows, sorted by field: the table docs/openai.md shows."""
+    return sorted((name, rule.policy.value, rule.note) for name, rule in table.items())

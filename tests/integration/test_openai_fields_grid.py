@@ -1,0 +1,228 @@
+"""Every documented OpenAI request field, sent through the real app to a real agent:
+honoured (200, and its effect where one is observable), accepted without effect (200, the
+same answer), or refused (400 naming it, nothing escrowed). A field added to the policy
+table without a sample here fails `test_every_classified_field_has_a_sample`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_grid import MODEL, Grid, expected, start_grid, stop_grid
+
+from idlegrid.coordinator.inference import fields
+from idlegrid.coordinator.inference.choices import choice_seed
+from idlegrid.engines.fake import FakeEngine
+
+PROMPT = "The field test"
+BASE: dict[str, dict[str, Any]] = {
+    "completions": {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0},
+    "chat": {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 6,
+        "temperature": 0,
+    },
+}
+PATH = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+TABLE = {"completions": fields.COMPLETIONS, "chat": fields.CHAT}
+
+Check = Callable[[httpx.Response], None]
+
+
+def _text(r: httpx.Response, index: int = 0) -> str:
+    choice = r.json()["choices"][index]
+    return str(choice["message"]["content"] if "message" in choice else choice["text"])
+
+
+def _events(r: httpx.Response) -> list[dict[str, Any]]:
+    lines = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+def _n2(r: httpx.Response) -> None:
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+
+
+def _seeded(r: httpx.Response) -> None:
+    if "message" not in r.json()["choices"][0]:
+        want = expected(PROMPT, 6, temperature=0.9, seed=choice_seed(99, 0))
+        assert _text(r) == want
+
+
+def _stopped(r: httpx.Response) -> None:
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def _streamed(r: httpx.Response) -> None:
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert _events(r)
+
+
+def _usage_chunk(r: httpx.Response) -> None:
+    last = _events(r)[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+
+
+def _tokens(n: int) -> Check:
+    def check(r: httpx.Response) -> None:
+        assert r.json()["usage"]["completion_tokens"] == n
+
+    return check
+
+
+def _two_prompts(r: httpx.Response) -> None:
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    assert _text(r, 1) == expected("second", 6, temperature=0.0)
+
+
+def _ok(_: httpx.Response) -> None:
+    pass
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+# field -> (fields to send, check of the 200 answer); for refused fields only the 400 counts.
+HONOURED: dict[str, tuple[dict[str, Any], Check]] = {
+    "model": ({"model": MODEL}, _ok),
+    "n": ({"n": 2}, _n2),
+    "seed": ({"seed": 99, "temperature": 0.9}, _seeded),
+    "stop": ({"stop": ["zzz"]}, _stopped),
+    "stream": ({"stream": True}, _streamed),
+    "stream_options": ({"stream": True, "stream_options": {"include_usage": True}}, _usage_chunk),
+    "temperature": ({"temperature": 0.5}, _ok),
+    "top_p": ({"top_p": 0.5}, _ok),
+    "max_tokens": ({"max_tokens": 3}, _tokens(3)),
+    "max_completion_tokens": ({"max_tokens": None, "max_completion_tokens": 4}, _tokens(4)),
+    "max_price": ({"max_price": {"prompt": 1000, "output": 1000}}, _ok),
+    "messages": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}, _ok),
+    "prompt": ({"prompt": [PROMPT, "second"]}, _two_prompts),
+}
+NO_EFFECT: dict[str, Any] = {
+    "user": "u-1",
+    "metadata": {"k": "v"},
+    "store": True,
+    "service_tier": "auto",
+    "prompt_cache_key": "k",
+    "prompt_cache_options": {"ttl": "1h"},
+    "prompt_cache_retention": "24h",
+    "safety_identifier": "s-1",
+}
+REFUSED: dict[str, Any] = {
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "logit_bias": {"42": 100},
+    "response_format": {"type": "json_object"},
+    "tools": [TOOL],
+    "tool_choice": "required",
+    "parallel_tool_calls": True,  # sent alone it is neutral: refused only with tools, below
+    "functions": [{"name": "f", "parameters": {"type": "object"}}],
+    "function_call": "auto",
+    "logprobs": {"chat": True, "completions": 2},
+    "top_logprobs": 3,
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {},
+    "reasoning_effort": "low",
+    "verbosity": "low",
+    "moderation": {"model": "omni-moderation-latest"},
+    "best_of": 3,
+    "echo": True,
+    "suffix": "tail",
+}
+CASES = [(ep, name) for ep, table in TABLE.items() for name in sorted(table)]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
+    tmp: Path = tmp_path_factory.mktemp("fields")
+    with (
+        pytest.MonkeyPatch.context() as mp
+    ):  # conftest's stake rule is per test; this is per module
+        mp.setenv("IDLEGRID_INFERENCE_STAKE", "0")
+        mp.setenv("IDLEGRID_TRUST_PROBATION_BUDGET_UCR", "-1")
+        g = start_grid(tmp, f"sqlite:///{tmp / 'c.db'}", [FakeEngine(MODEL)], credits=100)
+    yield g
+    g.verify()
+    stop_grid(g)
+
+
+def _post(grid: Grid, endpoint: str, extra: dict[str, Any]) -> httpx.Response:
+    body = {k: v for k, v in {**BASE[endpoint], **extra}.items() if v is not None}
+    with grid.http() as c:
+        return c.post(
+            PATH[endpoint], json=body, headers={"Authorization": f"Bearer {grid.api_key}"}
+        )
+
+
+def test_every_classified_field_has_a_sample() -> None:
+    for endpoint, table in TABLE.items():
+        samples = set(HONOURED) | set(NO_EFFECT) | set(REFUSED)
+        assert set(table) <= samples, endpoint
+        for name, rule in table.items():
+            kind = {fields.Policy.HONOURED: HONOURED, fields.Policy.NO_EFFECT: NO_EFFECT}
+            assert name in kind.get(rule.policy, REFUSED), (endpoint, name)
+
+
+@pytest.mark.parametrize(("endpoint", "name"), CASES)
+def test_each_field_is_honoured_or_refused_by_name(grid: Grid, endpoint: str, name: str) -> None:
+    rule = TABLE[endpoint][name]
+    if rule.policy is fields.Policy.HONOURED:
+        extra, check = HONOURED[name]
+        r = _post(grid, endpoint, extra)
+        assert r.status_code == 200, r.text
+        check(r)
+    elif rule.policy is fields.Policy.NO_EFFECT:
+        plain = _post(grid, endpoint, {})
+        r = _post(grid, endpoint, {name: NO_EFFECT[name]})
+        assert r.status_code == 200, r.text
+        assert _text(r) == _text(plain)
+    else:
+        value = REFUSED[name]
+        value = value[endpoint] if isinstance(value, dict) and endpoint in value else value
+        extra = {name: value, "tools": [TOOL]} if name == "parallel_tool_calls" else {name: value}
+        before = len(grid.entries())
+        r = _post(grid, endpoint, extra)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        want = "tools" if name == "parallel_tool_calls" else name
+        assert (error["param"], error["type"]) == (want, "invalid_request_error"), error
+        assert len(grid.entries()) == before  # nothing escrowed
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_unknown_fields_are_a_400_naming_them(grid: Grid, endpoint: str) -> None:
+    for name in ("top_k", "repetition_penalty", "keep_alive"):
+        r = _post(grid, endpoint, {name: 1})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == name
+    r = _post(grid, endpoint, {"stream": True, "stream_options": {"include_usage": True, "x": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.x"
+
+
+@pytest.mark.parametrize("prompt", ["p", ["p"], ["p", "q"]])
+def test_echo_suffix_logprobs_are_refused_for_every_prompt_shape(grid: Grid, prompt: Any) -> None:
+    for name, value in (("echo", True), ("suffix", "s"), ("logprobs", 1)):
+        r = _post(grid, "completions", {"prompt": prompt, name: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2], [3]], [], ["a", 1]])
+def test_token_id_and_empty_prompt_lists_are_refused(grid: Grid, prompt: Any) -> None:
+    r = _post(grid, "completions", {"prompt": prompt})
+    assert r.status_code == 400
+    assert str(r.json()["error"]["param"]).startswith("prompt")
+
+
+@pytest.mark.parametrize(("n", "ok"), [(0, False), (16, True), (17, False)])
+def test_n_is_capped(grid: Grid, n: int, ok: bool) -> None:
+    r = _post(grid, "chat", {"n": n, "max_tokens": 1})
+    assert (r.status_code == 200) is ok, r.text
+    if not ok:
+        assert r.json()["error"]["param"] == "n"
