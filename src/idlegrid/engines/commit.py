@@ -18,7 +18,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust import logprobs as lpm
 from idlegrid.core.trust import sampling
+from idlegrid.core.trust.extras import Extras
+from idlegrid.core.trust.logprobs import TokenLogprobs
+from idlegrid.engines.steps import Replayer
 
 
 @dataclass
@@ -27,14 +31,17 @@ class Recorder:
 
     tokens: list[int] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     # Set by an engine that can fill some states only once the answer is over (llama.cpp:
     # the first one); `finish` runs it before the states are read.
     complete: Callable[[Recorder], None] | None = None
 
-    def add(self, token: int, state: np.ndarray) -> None:
-        """Record one generated token."""
+    def add(self, token: int, state: np.ndarray, logprobs: TokenLogprobs | None = None) -> None:
+        """Record one generated token (and its logprobs, when the request asked for them)."""
         self.tokens.append(int(token))
         self.states.append(np.asarray(state, dtype=np.float32).reshape(-1))
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
 
     def finish(self) -> None:
         """Let the engine fill in what it deferred (once)."""
@@ -97,8 +104,10 @@ def build_commitment(
     temperature: float,
     top_p: float,
     finish_reason: str,
+    extras: Extras | None = None,
 ) -> cm.Commitment:
-    """Commit to what `rec` recorded for one generation."""
+    """Commit to what `rec` recorded for one generation (penalties, bias and the count of
+    logprobs it was made with in `extras`; the logprobs themselves are `rec`'s)."""
     rec.finish()
     states = np.stack(rec.states) if rec.states else np.zeros((0, 1), np.float32)
     entries = []
@@ -118,6 +127,8 @@ def build_commitment(
         finish_reason,
         ended,
         int(states.shape[1]),
+        extras=extras,
+        logprobs=rec.logprobs if extras is not None and extras.top_logprobs >= 0 else (),
     )
 
 
@@ -135,7 +146,7 @@ def recompute(
     n = len(tokens)
     report_chunks: list[cm.ChunkReport] = []
     if n:
-        states, replays = _outputs(engine, list(context_ids), c)
+        states, replays, rechecks = _outputs(engine, list(context_ids), c)
         for j, ch in enumerate(c.chunks):
             lo = j * h.chunk_size
             rows = states[lo : lo + h.chunk_size]
@@ -148,6 +159,7 @@ def recompute(
                     kth_magnitude(rows, len(ch.indices)),
                     tuple(r.margin for r in reps),
                     tuple(r.allowed for r in reps),
+                    tuple(rechecks[lo : lo + len(ch.tokens)]),
                 )
             )
     end_ok = _end_ok(engine, c, tokens, max_new_tokens, stop, len(context_ids), context_length)
@@ -162,8 +174,9 @@ def recompute(
 
 def _outputs(
     engine: Any, context_ids: list[int], c: cm.Commitment
-) -> tuple[np.ndarray, list[sampling.Replay]]:
-    """The hidden states of the committed positions and each committed token's replay.
+) -> tuple[np.ndarray, list[sampling.Replay], list[lpm.Recheck]]:
+    """The hidden states of the committed positions, each committed token's replay (with the
+    committed penalties and bias, `engines/steps.Replayer`) and its logprobs recomputed.
 
     Engines with `replay_states` (llama.cpp: its batched and one-token kernels differ, so it
     replays the provider's own schedule) hand over each position's logits as they compute
@@ -172,23 +185,22 @@ def _outputs(
     """
     h, tokens = c.header, c.tokens
     base = len(context_ids)
-
-    def replay(r: int, logits: np.ndarray) -> sampling.Replay:
-        return sampling.replay(logits, tokens[r], h.seed, base + r, h.temperature, h.top_p)
+    replayer = Replayer(c, context_ids)
+    replay, rechecks = replayer.step, replayer.rechecks
 
     if hasattr(engine, "replay_states"):
         replays: list[sampling.Replay] = []
         states = engine.replay_states(
             context_ids, tokens, lambda r, lg: replays.append(replay(r, lg))
         )
-        return states, replays
+        return states, replays, rechecks
     ids = [*context_ids, *tokens]
     states = engine.prefill_states(ids[:-1])[base - 1 :]
     replays = []
     for lo in range(0, len(tokens), h.chunk_size):
         for r, lg in enumerate(engine.logits_of(states[lo : lo + h.chunk_size]), start=lo):
             replays.append(replay(r, lg))
-    return states, replays
+    return states, replays, rechecks
 
 
 def _end_ok(

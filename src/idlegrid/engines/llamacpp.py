@@ -31,6 +31,7 @@ from idlegrid.core.trust import sampling
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.models import resolve_model
+from idlegrid.engines.steps import Steps
 from idlegrid.errors import EngineError, InvalidRequest
 
 DEFAULT_CONTEXT = 8192
@@ -142,6 +143,7 @@ class LlamaCppEngine:
         self._embeddings_on = False
         self._serial = 0  # generations started; a deferred state belongs to one of them
         self.recorder: Recorder | None = None  # set by the agent to commit one generation
+        self.steps: Steps | None = None  # the current generation's sampler state
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids; special tokens written in `text` are parsed, as llama-server does."""
@@ -194,10 +196,12 @@ class LlamaCppEngine:
             rec.complete = lambda r: self._complete(r, ids, serial)
         limit, n = self._context_length, len(ids)
         state: np.ndarray | None = None
+        steps = self.steps = self._steps(ids, params)
         while True:
-            token_id = self._pick(self._logits(), seed, n, params)
+            token_id = steps.pick(self._pick, self._logits(), seed, n)
             if rec is not None:
-                rec.add(token_id, state if state is not None else np.zeros(self._n_embd))
+                state = state if state is not None else np.zeros(self._n_embd)
+                rec.add(token_id, state, steps.last)
             yield token_id
             n += 1
             if llm.n_tokens >= limit:
@@ -207,6 +211,9 @@ class LlamaCppEngine:
             llm.eval([token_id])
             if rec is not None:
                 state = self._embedding()
+
+    def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
+        return Steps(ids, params, self._n_vocab)
 
     def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
         return sampling.choose(logits, seed, position, params.temperature, params.top_p)

@@ -8,6 +8,11 @@ hidden state at the positions that produced those tokens, at serving precision (
 values, flat uint32 indices `row * hidden + channel`). Chunks are the leaves of a Merkle
 tree whose root is in the header; the header's SHA-256 is the digest the audit beacon uses.
 
+Penalties, logit_bias and reported logprobs are committed too (`extras.py`): the header
+carries the penalties and bias (the verifier's replay applies them to the committed token
+history), and each chunk the log-probabilities the consumer was sent (the verifier
+recomputes them within a tolerance). Without them the encoding is version 1, unchanged.
+
 Per generated token the fingerprint costs 4 B (token id) + 8·k/chunk_size B (entries):
 20 B at the defaults (chunk 16, k 32), plus 4 B per chunk and a ~100 B header.
 """
@@ -20,10 +25,14 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from idlegrid.core.trust import logprobs as lpm
+from idlegrid.core.trust.extras import Extras, decode_extras, decode_logprobs, encode_logprobs
+from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.core.trust.merkle import merkle_root
 from idlegrid.errors import InvalidRequest
 
-VERSION = 1
+VERSION = 1  # plain answers; 2: with extras (penalties, bias, logprobs)
+VERSIONS = (1, 2)
 CHUNK_SIZE = 16
 TOP_K = 32
 MAX_TOKENS = 1 << 16
@@ -78,11 +87,13 @@ class Chunk:
     tokens: tuple[int, ...]
     indices: tuple[int, ...]
     values: tuple[float, ...]
+    logprobs: tuple[TokenLogprobs, ...] = ()  # per token, when the request asked for them
 
     def encode(self) -> bytes:
-        """`<HH` counts, then uint32 tokens, uint32 indices, float32 values."""
+        """`<HH` counts, then uint32 tokens, uint32 indices, float32 values, logprobs."""
         n, k = len(self.tokens), len(self.indices)
-        return struct.pack(f"<HH{n}I{k}I{k}f", n, k, *self.tokens, *self.indices, *self.values)
+        head = struct.pack(f"<HH{n}I{k}I{k}f", n, k, *self.tokens, *self.indices, *self.values)
+        return head + encode_logprobs(self.logprobs)
 
 
 @dataclass(frozen=True)
@@ -104,13 +115,14 @@ class Header:
     chunk_size: int = CHUNK_SIZE
     k: int = TOP_K
     version: int = VERSION
+    extras: Extras = field(default_factory=Extras)
 
     def encode(self) -> bytes:
-        """Fixed binary layout followed by the model id (length-prefixed UTF-8)."""
+        """Fixed binary layout, the model id (length-prefixed UTF-8), then the extras."""
         model = self.model.encode()
         return (
             _HEAD.pack(
-                self.version,
+                1 if self.extras.neutral else 2,
                 self.context_hash,
                 class_id(self.det_class),
                 self.seed & ((1 << 64) - 1),
@@ -127,6 +139,7 @@ class Header:
             + self.root
             + struct.pack("<H", len(model))
             + model
+            + self.extras.encode()
         )
 
     def digest(self) -> bytes:
@@ -177,16 +190,27 @@ def build(
     hidden: int,
     chunk_size: int = CHUNK_SIZE,
     k: int = TOP_K,
+    extras: Extras | None = None,
+    logprobs: Sequence[TokenLogprobs] = (),
 ) -> Commitment:
-    """Assemble a commitment from tokens and per-chunk top-k (indices, values)."""
+    """Assemble a commitment from tokens and per-chunk top-k (indices, values), with the
+    logprobs of every token when `extras.top_logprobs` ≥ 0."""
+    extras = extras or Extras()
     n_chunks = math.ceil(len(tokens) / chunk_size)
     if len(entries) != n_chunks:
         raise ValueError(f"{len(entries)} chunk fingerprints for {n_chunks} chunks")
+    if extras.top_logprobs >= 0 and (
+        len(logprobs) != len(tokens) or any(len(lp.top) != extras.top_logprobs for lp in logprobs)
+    ):
+        raise ValueError(f"{len(logprobs)} logprobs for {len(tokens)} tokens")
     chunks = tuple(
         Chunk(
             tuple(int(t) for t in tokens[j * chunk_size : (j + 1) * chunk_size]),
             tuple(int(i) for i in idx),
             tuple(float(v) for v in val),
+            tuple(logprobs[j * chunk_size : (j + 1) * chunk_size])
+            if extras.top_logprobs >= 0
+            else (),
         )
         for j, (idx, val) in enumerate(entries)
     )
@@ -206,6 +230,8 @@ def build(
         root,
         chunk_size,
         k,
+        1 if extras.neutral else 2,
+        extras,
     )
     return Commitment(header, chunks)
 
@@ -237,14 +263,18 @@ def _decode(blob: bytes) -> Commitment:
     (ver, ctx, cls_hash, seed, temp, top_p, start, n_tokens, stop, ended, chunk_size, k, hidden) = (
         fields
     )
-    if ver != VERSION:
+    if ver not in VERSIONS:
         raise ValueError(f"version {ver}")
     if cls_hash != class_id(det_class):
         raise ValueError("determinism class does not match its id")
     root = head[_HEAD.size : _HEAD.size + 32]
     (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
     model = head[_HEAD.size + 34 : _HEAD.size + 34 + mlen].decode()
-    if _HEAD.size + 34 + mlen != len(head) or len(root) != 32:
+    end = _HEAD.size + 34 + mlen
+    extras = Extras()
+    if ver == 2:
+        extras, end = decode_extras(head, end)
+    if end != len(head) or len(root) != 32:
         raise ValueError("header length")
     if not 1 <= chunk_size <= 4096 or not 1 <= k <= 65535 or n_tokens > MAX_TOKENS:
         raise ValueError("chunking out of range")
@@ -261,7 +291,12 @@ def _decode(blob: bytes) -> Commitment:
             raise ValueError("index out of range or repeated")
         if not all(math.isfinite(v) for v in val):
             raise ValueError("non-finite value")
-        chunks.append(Chunk(toks, idx, val))
+        lps: tuple[TokenLogprobs, ...] = ()
+        if extras.top_logprobs >= 0:
+            lps = decode_logprobs(take, toks, extras.top_logprobs)
+            if not all(lp.logprob <= 0 and all(v <= 0 for _, v in lp.top) for lp in lps):
+                raise ValueError("a log-probability above 0 or not a number")
+        chunks.append(Chunk(toks, idx, val, lps))
         remaining -= n
     if pos != len(blob):
         raise ValueError("trailing bytes")
@@ -281,6 +316,7 @@ def _decode(blob: bytes) -> Commitment:
         chunk_size,
         k,
         ver,
+        extras,
     )
     if merkle_root([c.encode() for c in chunks]) != root:
         raise ValueError("chunks do not match the committed root")
@@ -298,6 +334,8 @@ class ChunkReport:
     kth: float  # the verifier's k-th largest |value| in the chunk
     margins: tuple[float, ...]  # per token: committed token's seeded score minus the best other
     allowed: tuple[bool, ...]  # per token: inside the nucleus
+    # Per token, when logprobs were committed: the verifier's values at the committed ids.
+    logprobs: tuple[lpm.Recheck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -331,9 +369,10 @@ class Tolerance:
     rank_slack: float  # a committed |value| may sit this fraction below the verifier's k-th
     margin: float  # a committed token may trail the best seeded score by this much
     top_p_slack: float = 1e-4
+    logprob: float = 1e-2  # a reported log-probability may be off by this much (nats)
 
 
-EXACT = Tolerance(rel=0.0, rank_slack=0.0, margin=0.0, top_p_slack=0.0)
+EXACT = Tolerance(rel=0.0, rank_slack=0.0, margin=0.0, top_p_slack=0.0, logprob=0.0)
 
 
 @dataclass(frozen=True)
@@ -397,6 +436,13 @@ def chunk_faults(j: int, cc: Chunk, rc: ChunkReport, tol: Tolerance) -> list[str
         reasons.append(f"chunk {j}: a token lies outside the nucleus")
     if any(m < -tol.margin or math.isnan(m) for m in rc.margins):
         reasons.append(f"chunk {j}: a token is not the one the seed samples")
+    if cc.logprobs:
+        if len(rc.logprobs) != len(cc.logprobs):
+            reasons.append(f"chunk {j}: report has no logprobs for every token")
+        else:
+            found = {f for lp, r in zip(cc.logprobs, rc.logprobs, strict=True)
+                     for f in lpm.faults(lp, r, tol.logprob)}  # fmt: skip
+            reasons.extend(f"chunk {j}: {f}" for f in sorted(found))
     chunk_rel = max(
         (abs(v - w) / abs(v) if v else math.inf) for v, w in zip(cc.values, rc.values, strict=True)
     )
@@ -421,6 +467,13 @@ def encode_report(r: Report) -> bytes:
             struct.pack(f"<HH{k}ff{n}f{n}?", k, n, *ch.values, ch.kth, *ch.margins, *ch.allowed)
         )
     out.append(struct.pack("<i", r.context_len))
+    if any(ch.logprobs for ch in r.chunks):  # absent unless logprobs were committed
+        out.append(struct.pack("<I", len(r.chunks)))
+        for ch in r.chunks:
+            out.append(struct.pack("<H", len(ch.logprobs)))
+            for rc in ch.logprobs:
+                m = len(rc.values)
+                out.append(struct.pack(f"<H{m}ff", m, *rc.values, rc.kth))
     return b"".join(out)
 
 
@@ -452,11 +505,35 @@ def decode_report(blob: bytes) -> Report:
                 )
             )
         context_len = -1
-        if pos + 4 == len(blob):
+        if pos + 4 <= len(blob):
             (context_len,) = struct.unpack_from("<i", blob, pos)
             pos += 4
+        if pos < len(blob):
+            chunks, pos = _decode_recheck(blob, pos, chunks)
         if pos != len(blob) or context_len < -1:
             raise ValueError("trailing bytes")
     except (struct.error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"malformed audit report: {exc}", param="report") from exc
     return Report(ctx, tuple(chunks), bool(end_ok), det_class, context_len)
+
+
+def _decode_recheck(
+    blob: bytes, pos: int, chunks: list[ChunkReport]
+) -> tuple[list[ChunkReport], int]:
+    """The logprob section of a report: per chunk, per token the verifier's values."""
+    (n_chunks,) = struct.unpack_from("<I", blob, pos)
+    pos += 4
+    if n_chunks != len(chunks):
+        raise ValueError("logprob section covers other chunks")
+    out = []
+    for ch in chunks:
+        (n,) = struct.unpack_from("<H", blob, pos)
+        pos += 2
+        rows = []
+        for _ in range(n):
+            (m,) = struct.unpack_from("<H", blob, pos)
+            vals = struct.unpack_from(f"<{m}ff", blob, pos + 2)
+            pos += 2 + 4 * (m + 1)
+            rows.append(lpm.Recheck(tuple(vals[:m]), vals[m]))
+        out.append(ChunkReport(ch.values, ch.kth, ch.margins, ch.allowed, tuple(rows)))
+    return out, pos
