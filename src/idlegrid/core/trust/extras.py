@@ -88,3 +88,18 @@ def decode_logprobs(
         top = tuple((int(pairs[2 * i]), float(pairs[2 * i + 1])) for i in range(k))
         out.append(TokenLogprobs(int(tok), float(v), top))
     return tuple(out)
+
+
+def expected(
+    presence: float | None,
+    frequency: float | None,
+    bias: dict[str, float] | None,
+    top_logprobs: int | None,
+    n_prior: int,
+) -> Extras:
+    """The extras a commitment for this request must carry (AdjustError if out of range)."""
+    from idlegrid.core.trust.adjust import make
+
+    a = make(presence, frequency, bias)
+    top = -1 if top_logprobs is None else top_logprobs
+    return Extras(a, n_prior if a.penalised else 0, top)
