@@ -56,13 +56,17 @@ class Steps:
             for t in context[len(context) - params.n_prior :]:
                 adj.count(self.counts, t)
         self.last: lpm.TokenLogprobs | None = None
+        self._temperature = adj.f32(params.temperature)
 
     def pick(self, pick: Pick, logits: np.ndarray, seed: int, position: int) -> int:
         """The engine's `pick` on the adjusted logits; records the token and its logprobs."""
         z = adj.adjust_logits(logits, self.counts, self.adjust)
         token = pick(z, seed, position, self.params)
         k = self.params.logprobs
-        self.last = None if k is None else lpm.token_logprobs(z, token, self.params.temperature, k)
+        if k is not None:
+            # At the committed (float32) temperature: the verifier's, so that one class
+            # reproduces the values exactly.
+            self.last = lpm.token_logprobs(z, token, self._temperature, k)
         if self.adjust.penalised:
             adj.count(self.counts, token)
         return token

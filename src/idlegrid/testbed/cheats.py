@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,10 @@ import numpy as np
 from idlegrid.agent.roles.hwprover import HonestProver
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import hwproof as hw
+from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.llamacpp import LlamaCppEngine
+from idlegrid.engines.steps import Steps
 from idlegrid.engines.tiny import EOS_ID, OFFSET, TinyEngine
 
 
@@ -139,6 +142,33 @@ class LlamaSeedIgnoring(LlamaCppEngine):
         z = logits.astype(np.float64) / params.temperature
         p = np.exp(z - z.max())
         return int(np.random.default_rng().choice(len(p), p=p / p.sum()))
+
+
+class LlamaPenaltySkipping(LlamaCppEngine):
+    """Commits to the request's penalties and bias but samples without them (cheaper for a
+    batched server that shares one sampler)."""
+
+    def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
+        return Steps(ids, replace(params, adjust=None), self._n_vocab)
+
+
+class _InventedSteps(Steps):
+    """The honest draw, with logprobs made up: the sampled token reported as certain."""
+
+    def pick(self, pick: Any, logits: np.ndarray, seed: int, position: int) -> int:
+        """Sample honestly, then overwrite the reported logprobs."""
+        token = super().pick(pick, logits, seed, position)
+        if self.last is not None:
+            top = tuple((t, -5.0 * (i + 1)) for i, (t, _) in enumerate(self.last.top))
+            self.last = TokenLogprobs(token, 0.0, top)
+        return token
+
+
+class LlamaLogprobInventing(LlamaCppEngine):
+    """Honest tokens, invented logprobs (committed as sent: the commitment is consistent)."""
+
+    def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
+        return _InventedSteps(ids, params, self._n_vocab)
 
 
 # ---- cheats on what is paid (issue 15), on the default engine ------------------------
