@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from idlegrid.core import grammar
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import sampling
 
@@ -97,8 +98,9 @@ def build_commitment(
     temperature: float,
     top_p: float,
     finish_reason: str,
+    constraint: cm.Constraint | None = None,
 ) -> cm.Commitment:
-    """Commit to what `rec` recorded for one generation."""
+    """Commit to what `rec` recorded for one generation (under `constraint`'s grammar)."""
     rec.finish()
     states = np.stack(rec.states) if rec.states else np.zeros((0, 1), np.float32)
     entries = []
@@ -118,6 +120,7 @@ def build_commitment(
         finish_reason,
         ended,
         int(states.shape[1]),
+        constraint=constraint,
     )
 
 
@@ -128,12 +131,19 @@ def recompute(
     max_new_tokens: int,
     stop: Sequence[str] = (),
     context_length: int | None = None,
+    matcher: Any = None,
 ) -> cm.Report:
-    """One prefill over context + committed tokens; report what this engine computes."""
+    """One prefill over context + committed tokens; report what this engine computes.
+
+    `matcher` (engines/grammar.Matcher, advanced over earlier attempts' tokens) replays the
+    request's grammar: each position's logits get the same mask the provider's did, and a
+    token the grammar forbids there has margin −inf (so do all after it: the grammar state
+    is lost)."""
     h = c.header
     tokens = c.tokens
     n = len(tokens)
     report_chunks: list[cm.ChunkReport] = []
+    grammar_ok = True
     if n:
         outputs = _outputs(engine, list(context_ids), tokens, h.chunk_size)
         for j, ch in enumerate(c.chunks):
@@ -143,10 +153,17 @@ def recompute(
             values = tuple(float(flat[i]) if i < flat.size else float("nan") for i in ch.indices)
             margins, allowed = [], []
             for r, tok in enumerate(ch.tokens):
+                lg, fits = logits[r], True
+                if matcher is not None:
+                    if grammar_ok:
+                        ok = grammar.allowed(matcher.mask(), len(lg))
+                        fits = bool(ok[tok])
+                        lg = grammar.masked(lg, ok)
+                    grammar_ok = fits = grammar_ok and fits and matcher.consume(tok)
                 rep = sampling.replay(
-                    logits[r], tok, h.seed, len(context_ids) + lo + r, h.temperature, h.top_p
+                    lg, tok, h.seed, len(context_ids) + lo + r, h.temperature, h.top_p
                 )
-                margins.append(rep.margin)
+                margins.append(rep.margin if fits else float("-inf"))
                 allowed.append(rep.allowed)
             report_chunks.append(
                 cm.ChunkReport(

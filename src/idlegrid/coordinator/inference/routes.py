@@ -24,10 +24,11 @@ from idlegrid.coordinator.inference.openai_schema import (
     prompt_token_bound,
 )
 from idlegrid.coordinator.inference.service import RequestFailed
+from idlegrid.coordinator.inference.structured import grammar_payload, invalid_failure
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
-from idlegrid.errors import IdlegridError, InvalidRequest
+from idlegrid.errors import IdlegridError
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -108,7 +109,7 @@ class _Shape:
 
 def _failure(data: dict[str, Any]) -> IdlegridError:
     if data.get("invalid"):
-        return InvalidRequest(data["invalid"], param="prompt")
+        return invalid_failure(data["invalid"])
     return RequestFailed(
         f"the request could not be served: {data.get('error')}; nothing was charged"
     )
@@ -287,6 +288,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         "stop": body.stop_list(),
         "stream": body.stream,
     }
+    grammar = grammar_payload(body.response_format)
+    if grammar is not None:
+        payload["grammar"] = grammar
     return await _serve(
         request,
         "chat",
