@@ -93,6 +93,41 @@ class Matcher:
         return all(self.consume(t) for t in tokens)
 
 
+def _tokenizer(vocab: Any, n_vocab: int) -> Any:
+    """llguidance's tokenizer over a llama.cpp vocabulary: every piece's bytes, control tokens
+    marked (0xff prefix) so no text can produce them, and llama.cpp's own tokenize for text.
+
+    As `llguidance.llamacpp.lltokenizer_from_vocab`, but through llama_vocab_get_attr (the
+    helper's llama_token_get_attr warns once per token: 262,144 deprecation warnings)."""
+    import ctypes
+
+    import llama_cpp
+
+    lib = _lib()
+    buf = ctypes.create_string_buffer(16 * 1024)
+    control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    user = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    tokens: list[bytes] = []
+    for t in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        n = llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, True)
+        if n < 0:
+            raise EngineError(f"token {t} has a piece over {len(buf)} bytes", engine=LIBRARY)
+        tok = buf.raw[:n]
+        attr = llama_cpp.llama_vocab_get_attr(vocab, t)
+        if attr & control or (attr & user and tok.startswith(b"<") and tok.endswith(b">")):
+            tok = b"\xff" + tok
+        tokens.append(tok)
+    tokens += [b""] * (n_vocab - len(tokens))
+    tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return lib.LLTokenizer.from_llamacpp(
+        tokens=tokens,
+        vocab_ptr=vocab,
+        tokenize_fptr=tokenize,
+        eos_token=llama_cpp.llama_vocab_eos(vocab),
+        slices=None,
+    )
+
+
 class Grammars:
     """Matchers over one llama.cpp model's vocabulary; the tokenizer is built on first use."""
 
@@ -103,12 +138,7 @@ class Grammars:
     def matcher(self, spec: GrammarSpec, prefix: Sequence[int] = ()) -> Matcher:
         """A matcher for `spec`, advanced over `prefix` (tokens already in the answer)."""
         if self._tokenizer is None:
-            _lib()
-            import llguidance.llamacpp
-
-            self._tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(
-                self._vocab, n_vocab=self._n_vocab
-            )
+            self._tokenizer = _tokenizer(self._vocab, self._n_vocab)
         m = Matcher(self._tokenizer, spec, self._n_vocab)
         if not m.consume_all(prefix):
             raise InvalidRequest("earlier output does not fit the grammar", param=PARAM)
