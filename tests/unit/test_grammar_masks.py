@@ -156,8 +156,10 @@ def test_the_grammar_is_committed_and_old_commitments_are_unchanged() -> None:
     con = cm.Constraint(bytes(range(32)), "llguidance/1.9.1")
     bound = _commitment(con)
     assert cm.decode(plain.encode()) == plain and plain.header.constraint is None
+    assert not cm.peek_constrained(plain.encode()) and not cm.peek_constrained(b"\x01")
     back = cm.decode(bound.encode())
     assert back == bound and back.header.constraint == con
+    assert cm.peek_constrained(bound.encode())
     # The digest the beacon hashes covers the grammar; the unconstrained encoding is as before.
     assert plain.header.digest() != bound.header.digest()
     assert len(bound.header.encode()) == len(plain.header.encode()) + 32 + 2 + 16

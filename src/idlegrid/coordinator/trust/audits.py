@@ -208,7 +208,7 @@ class Trust:
             # does not judge an AVX-512 one) may audit it: across engines no tolerance is fair.
             # Among them the beacon draws one by stake, never on the provider's network; ids
             # and canaries are built so that nothing but the secret tells them apart.
-            pool = assign.candidates(self, s)
+            pool = assign.candidates(self, s, c.header.constraint is not None)
             audits: list[tuple[str, bool, bytes, str | None]] = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean, failed, at_risk)):
                 who = assign.draw(self, s, node_id, digest, c.header.det_class, "audit", [], pool)

@@ -70,6 +70,18 @@ def peek_class(blob: bytes) -> str:
         return ""
 
 
+def peek_constrained(blob: bytes) -> bool:
+    """Whether an encoded commitment names a grammar, without decoding the chunks."""
+    try:
+        (n,) = struct.unpack_from("<H", blob, 0)
+        (head_len,) = struct.unpack_from("<H", blob, 2 + n)
+        head = blob[4 + n : 4 + n + head_len]
+        (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
+    except struct.error:
+        return False
+    return len(head) > _HEAD.size + 34 + int(mlen)
+
+
 def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:
     """Entries kept for a chunk of `n_tokens` (a short last chunk keeps proportionally fewer)."""
     return max(1, math.ceil(k * n_tokens / chunk_size))
