@@ -18,6 +18,7 @@ from typing import Literal
 
 import openai
 import pytest
+from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel, Field
 
 from idlegrid.config import CoordinatorSettings
@@ -175,6 +176,21 @@ def test_openai_parse_on_a_grid_returns_a_validated_object_and_audits_pass(
         assert isinstance(choice.message.parsed, Person)
         assert Person.model_validate_json(choice.message.content or "") == choice.message.parsed
 
+        # Streamed: the same answer (greedy, same grammar) arrives in content deltas.
+        chunks = list(
+            client.chat.completions.create(
+                model=DEFAULT_MODEL,
+                messages=messages,  # type: ignore[arg-type]
+                response_format=type_to_response_format_param(Person),  # type: ignore[arg-type]
+                max_tokens=48,
+                temperature=0.0,
+                stream=True,
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == choice.message.content
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
         obj = client.chat.completions.create(
             model=DEFAULT_MODEL,
             messages=messages,  # type: ignore[arg-type]
@@ -203,7 +219,7 @@ def test_openai_parse_on_a_grid_returns_a_validated_object_and_audits_pass(
 
         def judged() -> bool:
             got = audits()
-            return len(got) == 2 and all(a["state"] in ("passed", "failed") for a in got)
+            return len(got) == 3 and all(a["state"] in ("passed", "failed") for a in got)
 
         try:
             _wait(judged)
