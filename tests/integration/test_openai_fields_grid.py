@@ -102,6 +102,9 @@ HONOURED: dict[str, tuple[dict[str, Any], Check]] = {
     "max_price": ({"max_price": {"prompt": 1000, "output": 1000}}, _ok),
     "messages": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}, _ok),
     "prompt": ({"prompt": [PROMPT, "second"]}, _two_prompts),
+    # Its effect needs an engine that constrains: tests/integration/test_grammar_llamacpp.py;
+    # here, that a grid of engines that cannot is never served it unconstrained (below).
+    "response_format": ({"response_format": {"type": "text"}}, _ok),
 }
 NO_EFFECT: dict[str, Any] = {
     "user": "u-1",
@@ -117,7 +120,6 @@ REFUSED: dict[str, Any] = {
     "presence_penalty": 0.5,
     "frequency_penalty": -0.5,
     "logit_bias": {"42": 100},
-    "response_format": {"type": "json_object"},
     "tools": [TOOL],
     "tool_choice": "required",
     "parallel_tool_calls": True,  # sent alone it is neutral: refused only with tools, below
@@ -186,7 +188,8 @@ def test_each_field_is_honoured_or_refused_by_name(grid: Grid, endpoint: str, na
     else:
         value = REFUSED[name]
         value = value[endpoint] if isinstance(value, dict) and endpoint in value else value
-        extra = {name: value, "tools": [TOOL]} if name == "parallel_tool_calls" else {name: value}
+        # parallel_tool_calls is refused only beside tools, which are named first
+        extra = {"tools": [TOOL], name: value} if name == "parallel_tool_calls" else {name: value}
         before = len(grid.entries())
         r = _post(grid, endpoint, extra)
         assert r.status_code == 400, r.text
@@ -226,3 +229,13 @@ def test_n_is_capped(grid: Grid, n: int, ok: bool) -> None:
     assert (r.status_code == 200) is ok, r.text
     if not ok:
         assert r.json()["error"]["param"] == "n"
+
+
+def test_response_format_is_never_served_unconstrained(grid: Grid) -> None:
+    """No live provider here enforces grammars: a JSON request is refused, not served as
+    plain text, and nothing is escrowed."""
+    before = len(grid.entries())
+    r = _post(grid, "chat", {"response_format": {"type": "json_object"}})
+    assert r.status_code == 503, r.text
+    assert "response_format" in r.json()["error"]["message"]
+    assert len(grid.entries()) == before

@@ -59,7 +59,6 @@ def test_unknown_fields_are_refused_by_name() -> None:
         (fields.CHAT, "top_logprobs", 0, 2),
         (fields.CHAT, "tools", [], [{"type": "function", "function": {"name": "f"}}]),
         (fields.CHAT, "tool_choice", "none", "required"),
-        (fields.CHAT, "response_format", {"type": "text"}, {"type": "json_object"}),
         (fields.CHAT, "modalities", ["text"], ["text", "audio"]),
         (fields.CHAT, "presence_penalty", 0.0, 0.5),
         (fields.CHAT, "logit_bias", {}, {"42": 100}),

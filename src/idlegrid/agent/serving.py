@@ -23,13 +23,24 @@ from idlegrid.agent.channel import CHANNEL_PATH, Channel, ChannelClosed, Uploads
 from idlegrid.agent.context import AgentContext
 from idlegrid.agent.node_client import CoordinatorError
 from idlegrid.core.energy import Attribution
+from idlegrid.core.grammar import GrammarSpec
 from idlegrid.engines.base import Engine, Generation, SamplingParams, render_chat, stream_pieces
-from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
+from idlegrid.errors import AuthError, Conflict, EngineError, IdlegridError, InvalidRequest
 from idlegrid.protocol.messages import TaskMsg
 
 log = logging.getLogger("idlegrid.agent")
 
 _DONE = object()
+
+
+def _constraint(task: TaskMsg) -> Any:
+    """What a constrained answer commits to: its grammar's digest and the grammar engine."""
+    if not task.grammar:
+        return None
+    from idlegrid.core.trust.commitment import Constraint
+    from idlegrid.engines.grammar import engine_id
+
+    return Constraint(GrammarSpec.from_wire(task.grammar).digest(), engine_id() or "")
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -189,6 +200,9 @@ class Serving:
             ok = await self._upload(base, queue, job)
             try:
                 await worker
+            except InvalidRequest as exc:  # e.g. a schema the grammar engine cannot compile
+                await self._fail(base, f"{exc.param}: {exc.message}", "invalid_request")
+                return
             except Exception as exc:
                 log.exception("engine failed on %s", task.task_id)
                 await self._fail(
@@ -263,6 +277,7 @@ class Serving:
             task.temperature,
             task.top_p,
             "length",
+            _constraint(task),
         )
         blob = c.encode()
         self.ctx.remember(self.ctx.commitments, (task.task_id, task.attempt), blob)
@@ -307,7 +322,11 @@ class Serving:
         committed: dict[str, str] | None = None,
     ) -> None:
         room = engine.context_length - len(prompt_ids)
-        params = SamplingParams(task.temperature, task.top_p, task.seed)
+        spec = GrammarSpec.from_wire(task.grammar) if task.grammar else None
+        if spec is not None and not engine.describe().get("grammar"):
+            # Never served unconstrained; the coordinator routes these elsewhere.
+            raise EngineError("this engine cannot constrain output", engine=engine.name)
+        params = SamplingParams(task.temperature, task.top_p, task.seed, grammar=spec)
         recorder = None
         if committed is not None and hasattr(engine, "recorder") and hasattr(engine, "audit"):
             from idlegrid.engines.commit import Recorder
@@ -341,6 +360,7 @@ class Serving:
                     task.temperature,
                     task.top_p,
                     result.finish_reason,
+                    _constraint(task),
                 )
                 committed["blob"] = base64.b64encode(c.encode()).decode()
         finally:

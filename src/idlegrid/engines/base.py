@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from idlegrid.core.grammar import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    # Structured outputs: only engines whose describe() names a "grammar" engine get these.
+    grammar: GrammarSpec | None = None
+    grammar_prefix: tuple[int, ...] = ()  # answer tokens already generated (failover)
 
 
 @runtime_checkable
@@ -116,6 +122,8 @@ def stream_pieces(
     held_ids: list[int] = []
     count = 0
     context = [*prompt_ids, *prior_ids]
+    if params.grammar is not None and prior_ids:
+        params = replace(params, grammar_prefix=tuple(prior_ids))  # the grammar resumes there
     for token_id in engine.generate(context, params):
         if engine.is_end(token_id):
             break

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from idlegrid.core import grammar
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import sampling
 
@@ -97,8 +98,9 @@ def build_commitment(
     temperature: float,
     top_p: float,
     finish_reason: str,
+    constraint: cm.Constraint | None = None,
 ) -> cm.Commitment:
-    """Commit to what `rec` recorded for one generation."""
+    """Commit to what `rec` recorded for one generation (under `constraint`'s grammar)."""
     rec.finish()
     states = np.stack(rec.states) if rec.states else np.zeros((0, 1), np.float32)
     entries = []
@@ -118,6 +120,7 @@ def build_commitment(
         finish_reason,
         ended,
         int(states.shape[1]),
+        constraint=constraint,
     )
 
 
@@ -128,14 +131,20 @@ def recompute(
     max_new_tokens: int,
     stop: Sequence[str] = (),
     context_length: int | None = None,
+    matcher: Any = None,
 ) -> cm.Report:
-    """One prefill over context + committed tokens; report what this engine computes."""
+    """One prefill over context + committed tokens; report what this engine computes.
+
+    `matcher` (engines/grammar.Matcher, advanced over earlier attempts' tokens) replays the
+    request's grammar: each position's logits get the same mask the provider's did, and a
+    token the grammar forbids there has margin −inf (so do all after it: the grammar state
+    is lost)."""
     h = c.header
     tokens = c.tokens
     n = len(tokens)
     report_chunks: list[cm.ChunkReport] = []
     if n:
-        states, replays = _outputs(engine, list(context_ids), c)
+        states, replays = _outputs(engine, list(context_ids), c, matcher)
         for j, ch in enumerate(c.chunks):
             lo = j * h.chunk_size
             rows = states[lo : lo + h.chunk_size]
@@ -146,8 +155,8 @@ def recompute(
                 cm.ChunkReport(
                     values,
                     kth_magnitude(rows, len(ch.indices)),
-                    tuple(r.margin for r in reps),
-                    tuple(r.allowed for r in reps),
+                    tuple(margin for margin, _ in reps),
+                    tuple(allowed for _, allowed in reps),
                 )
             )
     end_ok = _end_ok(engine, c, tokens, max_new_tokens, stop, len(context_ids), context_length)
@@ -161,9 +170,10 @@ def recompute(
 
 
 def _outputs(
-    engine: Any, context_ids: list[int], c: cm.Commitment
-) -> tuple[np.ndarray, list[sampling.Replay]]:
-    """The hidden states of the committed positions and each committed token's replay.
+    engine: Any, context_ids: list[int], c: cm.Commitment, matcher: Any = None
+) -> tuple[np.ndarray, list[tuple[float, bool]]]:
+    """The hidden states of the committed positions and each committed token's replay
+    (margin, allowed), positions in order.
 
     Engines with `replay_states` (llama.cpp: its batched and one-token kernels differ, so it
     replays the provider's own schedule) hand over each position's logits as they compute
@@ -172,12 +182,22 @@ def _outputs(
     """
     h, tokens = c.header, c.tokens
     base = len(context_ids)
+    grammar_ok = True
 
-    def replay(r: int, logits: np.ndarray) -> sampling.Replay:
-        return sampling.replay(logits, tokens[r], h.seed, base + r, h.temperature, h.top_p)
+    def replay(r: int, logits: np.ndarray) -> tuple[float, bool]:
+        nonlocal grammar_ok
+        fits = True
+        if matcher is not None:
+            if grammar_ok:
+                ok = grammar.allowed(matcher.mask(), len(logits))
+                fits = bool(ok[tokens[r]])
+                logits = grammar.masked(logits, ok)
+            grammar_ok = fits = grammar_ok and fits and matcher.consume(tokens[r])
+        rep = sampling.replay(logits, tokens[r], h.seed, base + r, h.temperature, h.top_p)
+        return (rep.margin if fits else float("-inf")), rep.allowed
 
     if hasattr(engine, "replay_states"):
-        replays: list[sampling.Replay] = []
+        replays: list[tuple[float, bool]] = []
         states = engine.replay_states(
             context_ids, tokens, lambda r, lg: replays.append(replay(r, lg))
         )

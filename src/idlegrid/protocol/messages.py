@@ -111,6 +111,9 @@ class TaskMsg(Message):
     prior_ids: list[int] = Field(default_factory=list)
     # Whether the consumer reads the answer as it is made; if not, uploads can wait longer.
     stream: bool = True
+    # Structured outputs (core/grammar.GrammarSpec.to_wire): sent only to agents whose engine
+    # facts name a grammar engine; the answer must be sampled under it and commit to it.
+    grammar: dict[str, str] | None = None
 
 
 class UploadMsg(Message):
@@ -206,6 +209,7 @@ class AuditTaskMsg(Message):
     max_new_tokens: int
     stop: list[str] = Field(default_factory=list)
     commitment: str
+    grammar: dict[str, str] | None = None  # the request's grammar: replay its masks
 
 
 class AuditReportMsg(Message):

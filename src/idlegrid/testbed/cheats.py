@@ -6,6 +6,7 @@ so every commitment is built the normal way from what the engine did.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -139,6 +140,15 @@ class LlamaSeedIgnoring(LlamaCppEngine):
         z = logits.astype(np.float64) / params.temperature
         p = np.exp(z - z.max())
         return int(np.random.default_rng().choice(len(p), p=p / p.sum()))
+
+
+class LlamaSchemaIgnoring(LlamaCppEngine):
+    """Structured outputs: commits to the request's grammar (the agent does that) but samples
+    unconstrained, saving the masks; its seeded draws and fingerprint are otherwise honest."""
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Generate as if no grammar had been asked for."""
+        return super().generate(prompt_ids, dataclasses.replace(params, grammar=None))
 
 
 # ---- cheats on what is paid (issue 15), on the default engine ------------------------

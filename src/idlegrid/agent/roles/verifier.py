@@ -14,9 +14,10 @@ import httpx
 
 from idlegrid.agent.context import AgentContext, Role
 from idlegrid.agent.node_client import CoordinatorError
+from idlegrid.core.grammar import GrammarSpec
 from idlegrid.core.trust import commitment as cm
 from idlegrid.engines.base import Engine, render_chat
-from idlegrid.errors import AuthError, IdlegridError
+from idlegrid.errors import AuthError, EngineError, IdlegridError
 from idlegrid.protocol.messages import AuditTaskMsg
 
 log = logging.getLogger("idlegrid.agent.verifier")
@@ -27,7 +28,16 @@ def check(engine: Any, msg: AuditTaskMsg, c: cm.Commitment | None = None) -> byt
     c = c or cm.decode(base64.b64decode(msg.commitment))
     text = render_chat(engine, msg.messages or []) if msg.kind == "chat" else msg.prompt or ""
     context = [*engine.tokenize(text), *msg.prior_ids]
-    report = engine.audit(context, c, msg.max_new_tokens, msg.stop)
+    if msg.grammar is None:
+        report = engine.audit(context, c, msg.max_new_tokens, msg.stop)
+    else:
+        # The request's grammar, not the commitment's claim: the coordinator already held the
+        # committed digest to the request's, and the masks come from what was asked.
+        if not hasattr(engine, "matcher"):
+            raise EngineError("this engine cannot replay a grammar", engine=engine.name)
+        spec = GrammarSpec.from_wire(msg.grammar)
+        matcher = engine.matcher(spec, msg.prior_ids)
+        report = engine.audit(context, c, msg.max_new_tokens, msg.stop, matcher)
     return cm.encode_report(report)
 
 

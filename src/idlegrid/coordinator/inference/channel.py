@@ -68,6 +68,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
         stop=p.get("stop") or [],
         prior_ids=task.delivered_ids,
         stream=p.get("stream", True),
+        grammar=p.get("grammar"),
     )
 
 

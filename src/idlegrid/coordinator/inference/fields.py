@@ -56,10 +56,6 @@ def _best_of(value: Any, body: Mapping[str, Any]) -> bool:
     return value is None or value == (body.get("n") or 1)
 
 
-def _text_format(value: Any, _: Mapping[str, Any]) -> bool:
-    return value is None or value == {"type": "text"}
-
-
 @dataclass(frozen=True)
 class Rule:
     """A field's policy; `neutral` says which values of a refused field change nothing."""
@@ -100,7 +96,7 @@ CHAT: dict[str, Rule] = {
     "prompt_cache_options": Rule(X),
     "prompt_cache_retention": Rule(X),
     "safety_identifier": Rule(X),
-    "response_format": Rule(R, "structured outputs are not enforced yet", _text_format),
+    "response_format": Rule(H, "enforced token by token by grammar masks, committed and audited"),
     "tools": Rule(R, "tool calling is not implemented yet", _empty),
     "tool_choice": Rule(R, "tool calling is not implemented yet", _one_of("none")),
     "parallel_tool_calls": Rule(R, "tool calling is not implemented yet", _no_tools),

@@ -113,6 +113,9 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    # text | json_object | json_schema, enforced token by token (coordinator/inference/
+    # structured.py); anything else is a 400 naming it.
+    response_format: dict[str, Any] | None = None
 
     def plain_messages(self) -> list[dict[str, str]]:
         """Messages as role/content dicts for the chat template."""

@@ -29,10 +29,11 @@ from idlegrid.coordinator.inference.openai_schema import (
     prompt_token_bound,
 )
 from idlegrid.coordinator.inference.service import RequestFailed
+from idlegrid.coordinator.inference.structured import grammar_payload, invalid_failure
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
-from idlegrid.errors import IdlegridError, InvalidRequest, ModelNotFound
+from idlegrid.errors import IdlegridError, ModelNotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -121,7 +122,7 @@ class _Shape:
 
 def _failure(data: dict[str, Any], index: int, choices: int) -> IdlegridError:
     if data.get("invalid"):
-        return InvalidRequest(data["invalid"], param="prompt")
+        return invalid_failure(data["invalid"])
     if choices == 1:
         return RequestFailed(
             f"the request could not be served: {data.get('error')}; nothing was charged"
@@ -332,6 +333,7 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
     limit = body.max_completion_tokens or body.max_tokens
     max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
     stop = body.stop_list()
+    grammar = grammar_payload(body.response_format)
     work = [
         (
             {
@@ -341,6 +343,7 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
                 "seed": c.seed,
                 "stop": stop,
                 "stream": body.stream,
+                **({"grammar": grammar} if grammar is not None else {}),
             },
             chat_token_bound(messages),
         )

@@ -32,6 +32,7 @@ from idlegrid.coordinator.inference.ports import (
     paid_ok,
     refusal,
 )
+from idlegrid.coordinator.inference.structured import constrained
 from idlegrid.coordinator.views import TaskView, new_task_view
 from idlegrid.core import ledger, routing, tasks
 from idlegrid.core.ledger import Price
@@ -415,6 +416,8 @@ class Inference:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)
             raise NoCapacity(model, "no live provider serves it")
+        if payload.get("grammar"):  # structured outputs: only engines that can constrain
+            cands, prices = constrained(model, self.nodes.cache, cands, prices)
         offered = set(prices)
         cands, prices = await paid_filter(self.paid_ok, cands, prices)
         if not cands:

@@ -24,6 +24,7 @@ from idlegrid.coordinator.trust.payability import Payability, record
 from idlegrid.coordinator.trust.settings import TrustSettings
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core import b64, ledger
+from idlegrid.core.grammar import GrammarSpec
 from idlegrid.core.trust import beacon, dispute, entries, selection
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust.economics import AuditPolicy
@@ -124,6 +125,10 @@ class Trust:
             raise InvalidRequest(
                 "commitment seed or finish reason differs from the request", param="commitment"
             )
+        wire = task.payload.get("grammar")
+        expected = GrammarSpec.from_wire(wire).digest() if wire else None
+        for fault in cm.constraint_faults(c.header, expected):
+            raise InvalidRequest(fault, param="commitment")
         return c
 
     def check_part(self, task: TaskView, blob_b64: str, new_ids: list[int]) -> cm.Commitment:
@@ -203,7 +208,7 @@ class Trust:
             # does not judge an AVX-512 one) may audit it: across engines no tolerance is fair.
             # Among them the beacon draws one by stake, never on the provider's network; ids
             # and canaries are built so that nothing but the secret tells them apart.
-            pool = assign.candidates(self, s)
+            pool = assign.candidates(self, s, c.header.constraint is not None)
             audits: list[tuple[str, bool, bytes, str | None]] = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean, failed, at_risk)):
                 who = assign.draw(self, s, node_id, digest, c.header.det_class, "audit", [], pool)
@@ -281,6 +286,7 @@ class Trust:
             "max_new_tokens": com.max_new,
             "stop": p.get("stop") or [],
             "commitment": base64.b64encode(a.blob).decode(),
+            "grammar": p.get("grammar"),
         }
         if a.canary and a.blob == com.blob:  # a "task" canary: the verifier's prompt is off
             out = selection.perturb_task(out, self.secret, bytes.fromhex(com.digest))

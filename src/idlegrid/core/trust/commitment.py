@@ -8,6 +8,10 @@ hidden state at the positions that produced those tokens, at serving precision (
 values, flat uint32 indices `row * hidden + channel`). Chunks are the leaves of a Merkle
 tree whose root is in the header; the header's SHA-256 is the digest the audit beacon uses.
 
+A constrained answer (structured outputs) also commits to its grammar: the SHA-256 of the
+canonical schema (`core/grammar.py`) and the grammar engine's name and version, appended to
+the header (absent for unconstrained answers, whose encoding is unchanged).
+
 Per generated token the fingerprint costs 4 B (token id) + 8·k/chunk_size B (entries):
 20 B at the defaults (chunk 16, k 32), plus 4 B per chunk and a ~100 B header.
 """
@@ -66,6 +70,18 @@ def peek_class(blob: bytes) -> str:
         return ""
 
 
+def peek_constrained(blob: bytes) -> bool:
+    """Whether an encoded commitment names a grammar, without decoding the chunks."""
+    try:
+        (n,) = struct.unpack_from("<H", blob, 0)
+        (head_len,) = struct.unpack_from("<H", blob, 2 + n)
+        head = blob[4 + n : 4 + n + head_len]
+        (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
+    except struct.error:
+        return False
+    return len(head) > _HEAD.size + 34 + int(mlen)
+
+
 def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:
     """Entries kept for a chunk of `n_tokens` (a short last chunk keeps proportionally fewer)."""
     return max(1, math.ceil(k * n_tokens / chunk_size))
@@ -83,6 +99,19 @@ class Chunk:
         """`<HH` counts, then uint32 tokens, uint32 indices, float32 values."""
         n, k = len(self.tokens), len(self.indices)
         return struct.pack(f"<HH{n}I{k}I{k}f", n, k, *self.tokens, *self.indices, *self.values)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """The grammar an answer was sampled under: its digest and the engine that masked."""
+
+    digest: bytes  # core/grammar.GrammarSpec.digest(), 32 bytes
+    engine: str  # e.g. "llguidance/1.9.1"
+
+    def encode(self) -> bytes:
+        """32-byte digest, then the engine string (length-prefixed UTF-8)."""
+        eng = self.engine.encode()
+        return self.digest + struct.pack("<H", len(eng)) + eng
 
 
 @dataclass(frozen=True)
@@ -104,9 +133,10 @@ class Header:
     chunk_size: int = CHUNK_SIZE
     k: int = TOP_K
     version: int = VERSION
+    constraint: Constraint | None = None
 
     def encode(self) -> bytes:
-        """Fixed binary layout followed by the model id (length-prefixed UTF-8)."""
+        """Fixed binary layout, the model id (length-prefixed UTF-8), then the constraint."""
         model = self.model.encode()
         return (
             _HEAD.pack(
@@ -127,6 +157,7 @@ class Header:
             + self.root
             + struct.pack("<H", len(model))
             + model
+            + (self.constraint.encode() if self.constraint is not None else b"")
         )
 
     def digest(self) -> bytes:
@@ -177,6 +208,7 @@ def build(
     hidden: int,
     chunk_size: int = CHUNK_SIZE,
     k: int = TOP_K,
+    constraint: Constraint | None = None,
 ) -> Commitment:
     """Assemble a commitment from tokens and per-chunk top-k (indices, values)."""
     n_chunks = math.ceil(len(tokens) / chunk_size)
@@ -206,6 +238,7 @@ def build(
         root,
         chunk_size,
         k,
+        constraint=constraint,
     )
     return Commitment(header, chunks)
 
@@ -244,7 +277,15 @@ def _decode(blob: bytes) -> Commitment:
     root = head[_HEAD.size : _HEAD.size + 32]
     (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
     model = head[_HEAD.size + 34 : _HEAD.size + 34 + mlen].decode()
-    if _HEAD.size + 34 + mlen != len(head) or len(root) != 32:
+    end = _HEAD.size + 34 + mlen
+    constraint = None
+    if len(head) > end:  # a constrained answer: digest, then the grammar engine
+        if len(head) < end + 34:
+            raise ValueError("constraint length")
+        (elen,) = struct.unpack_from("<H", head, end + 32)
+        constraint = Constraint(head[end : end + 32], head[end + 34 : end + 34 + elen].decode())
+        end += 34 + elen
+    if end != len(head) or len(root) != 32:
         raise ValueError("header length")
     if not 1 <= chunk_size <= 4096 or not 1 <= k <= 65535 or n_tokens > MAX_TOKENS:
         raise ValueError("chunking out of range")
@@ -281,6 +322,7 @@ def _decode(blob: bytes) -> Commitment:
         chunk_size,
         k,
         ver,
+        constraint,
     )
     if merkle_root([c.encode() for c in chunks]) != root:
         raise ValueError("chunks do not match the committed root")
@@ -321,6 +363,18 @@ def context_faults(h: Header, report: Report) -> list[str]:
     if report.context_len >= 0 and report.context_len != h.start:
         return [f"context is {report.context_len} tokens but the commitment says {h.start}"]
     return []
+
+
+def constraint_faults(h: Header, expected: bytes | None) -> list[str]:
+    """Why a commitment's grammar is not the one the request asked for (empty: it is)."""
+    got = h.constraint.digest if h.constraint is not None else None
+    if got == expected:
+        return []
+    if expected is None:
+        return ["commitment names a grammar the request did not ask for"]
+    if got is None:
+        return ["commitment names no grammar but the request asked for one"]
+    return ["commitment names another grammar than the request's"]
 
 
 @dataclass(frozen=True)
