@@ -21,7 +21,7 @@ def commit(engine: Embedder, task: TaskMsg) -> tuple[int, bytes]:
     """Embed the task's inputs; (tokens processed, the encoded commitment to the vectors)."""
     ids = input_ids(engine, task.input or [])
     vectors = engine.embed(ids)
-    c = emb.build(task.model, engine.det_class(), ids, vectors)
+    c = emb.build(task.model, engine.det_class(), ids, vectors, task.seed)
     return c.header.start, c.encode()
 
 

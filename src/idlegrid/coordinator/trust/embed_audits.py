@@ -23,8 +23,11 @@ def check_commitment(task: TaskView, raw: bytes, finish_reason: str) -> emb.Embe
     c = emb.decode(raw)
     inputs = task.payload["input"]
     h = c.header
-    if h.model != task.model_id or finish_reason != "stop":
-        raise InvalidRequest("commitment model or finish reason differs", param="commitment")
+    if h.model != task.model_id or h.seed != task.payload["seed"] or finish_reason != "stop":
+        raise InvalidRequest(
+            "commitment model, seed or finish reason differs from the request",
+            param="commitment",
+        )
     if len(h.token_counts) != len(inputs):
         raise InvalidRequest(
             f"commitment covers {len(h.token_counts)} inputs, the request has {len(inputs)}",
@@ -53,10 +56,14 @@ def judge(
     report = emb.decode_report(report_raw)
     tol = tolerance(settings)
     v = emb.judge(c, report, tol)
+    worst_cos = v.worst_margin if abs(v.worst_margin) != float("inf") else None
     fields = {
         "kind": "embedding",
+        "worst_rel": v.worst_rel,
+        "worst_margin": worst_cos,
+        "first_bad_chunk": v.first_bad_chunk,
         "worst_abs": v.worst_rel,
-        "worst_cos": v.worst_margin if abs(v.worst_margin) != float("inf") else None,
+        "worst_cos": worst_cos,
         "first_bad_input": v.first_bad_chunk,
         "tolerance": tol.abs,
         "tolerance_cos": tol.cos,

@@ -30,7 +30,7 @@ from idlegrid.errors import InvalidRequest
 MAGIC = b"IGEMB1"
 MAX_INPUTS = 256  # per request; keeps a commitment of 640-dim vectors under the 1 MiB wire cap
 MAX_DIMS = 8192
-_HEAD = struct.Struct("<HII32s")  # model length, inputs, dims, vectors' SHA-256
+_HEAD = struct.Struct("<HIIQ32s")  # model length, inputs, dims, seed, vectors' SHA-256
 
 
 # ---- pooling ---------------------------------------------------------------------------
@@ -66,6 +66,9 @@ class EmbeddingHeader:
     context_hashes: tuple[bytes, ...]  # per input: SHA-256 of its token ids
     token_counts: tuple[int, ...]
     vectors_hash: bytes
+    # The request's seed (derived from its task id): binds the commitment to one request,
+    # so two requests with the same inputs have distinct digests, hence distinct audits.
+    seed: int = 0
 
     @property
     def start(self) -> int:
@@ -78,7 +81,7 @@ class EmbeddingHeader:
         n = len(self.token_counts)
         return b"".join(
             [
-                _HEAD.pack(len(model), n, self.dims, self.vectors_hash),
+                _HEAD.pack(len(model), n, self.dims, self.seed, self.vectors_hash),
                 model,
                 struct.pack(f"<{n}I", *self.token_counts),
                 *self.context_hashes,
@@ -115,7 +118,11 @@ def vectors_hash(vectors: np.ndarray) -> bytes:
 
 
 def build(
-    model: str, det_class: str, inputs: Sequence[Sequence[int]], vectors: np.ndarray
+    model: str,
+    det_class: str,
+    inputs: Sequence[Sequence[int]],
+    vectors: np.ndarray,
+    seed: int = 0,
 ) -> EmbeddingCommitment:
     """Commit to `vectors`, the embeddings of the token-id `inputs`, row by row."""
     v = np.asarray(vectors, dtype=np.float32)
@@ -128,6 +135,7 @@ def build(
         tuple(context_hash(ids) for ids in inputs),
         tuple(len(ids) for ids in inputs),
         vectors_hash(v),
+        seed,
     )
     return EmbeddingCommitment(header, v)
 
@@ -153,7 +161,7 @@ def decode(blob: bytes) -> EmbeddingCommitment:
         if blob[pos : pos + len(MAGIC)] != MAGIC:
             raise ValueError("not an embedding commitment")
         pos += len(MAGIC)
-        model_len, n, dims, vhash = _HEAD.unpack_from(blob, pos)
+        model_len, n, dims, seed, vhash = _HEAD.unpack_from(blob, pos)
         pos += _HEAD.size
         if not 0 < n <= MAX_INPUTS or not 0 < dims <= MAX_DIMS:
             raise ValueError(f"{n} inputs of {dims} dimensions is out of range")
@@ -173,7 +181,7 @@ def decode(blob: bytes) -> EmbeddingCommitment:
             raise ValueError("the vectors do not match their hash")
     except (struct.error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"malformed embedding commitment: {exc}", param="commitment") from exc
-    header = EmbeddingHeader(det_class, model, int(dims), hashes, tuple(counts), vhash)
+    header = EmbeddingHeader(det_class, model, int(dims), hashes, tuple(counts), vhash, seed)
     return EmbeddingCommitment(header, vectors)
 
 
