@@ -25,6 +25,7 @@ from idlegrid.agent.node_client import CoordinatorError
 from idlegrid.core.energy import Attribution
 from idlegrid.core.grammar import GrammarSpec
 from idlegrid.engines.base import Engine, Generation, SamplingParams, render_chat, stream_pieces
+from idlegrid.engines.embedder import is_embedder
 from idlegrid.errors import AuthError, Conflict, EngineError, IdlegridError, InvalidRequest
 from idlegrid.protocol.messages import TaskMsg
 
@@ -170,6 +171,12 @@ class Serving:
         self.jobs.add(job)
         base = f"/api/v1/tasks/{task.task_id}/attempts/{task.attempt}"
         try:
+            if task.kind == "embedding" or is_embedder(engine):
+                from idlegrid.agent import embedding
+
+                if await embedding.serve(self.ctx, engine, task):
+                    self.served += 1
+                return
             try:
                 prompt_ids = self._prompt_ids(engine, task)
             except IdlegridError as exc:

@@ -99,9 +99,11 @@ class TaskMsg(Message):
     task_id: str
     attempt: int
     model: str
-    kind: Literal["completion", "chat"]
+    # "embedding": embed `input` (only models advertised with `engine.embedding` get these).
+    kind: Literal["completion", "chat", "embedding"]
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    input: list[str] | list[list[int]] | None = None
     max_tokens: int
     temperature: float
     top_p: float
@@ -202,9 +204,10 @@ class AuditTaskMsg(Message):
 
     audit_id: str
     model: str
-    kind: Literal["completion", "chat"]
+    kind: Literal["completion", "chat", "embedding"]
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    input: list[str] | list[list[int]] | None = None  # kind "embedding"
     prior_ids: list[int] = Field(default_factory=list)
     max_new_tokens: int
     stop: list[str] = Field(default_factory=list)

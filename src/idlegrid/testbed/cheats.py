@@ -18,6 +18,7 @@ from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import hwproof as hw
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.llamacpp import LlamaCppEngine
+from idlegrid.engines.minilm import MiniLMEngine
 from idlegrid.engines.tiny import EOS_ID, OFFSET, TinyEngine
 
 
@@ -307,3 +308,20 @@ class LowPrecisionProver(HonestProver):
         a, b = bf16(hw.matrix(seed, "A", n, bits)), bf16(hw.matrix(seed, "B", n, bits))
         product: np.ndarray = a @ b
         return product
+
+
+class MiniLMTruncated(MiniLMEngine):
+    """Embeddings from a cheaper model: all-MiniLM-L6-v2 cut to its first `layers` layers
+    (half the compute at 3), claiming the full model and its determinism class."""
+
+    def __init__(self, model_id: str = "all-minilm:l6-v2", layers: int = 3, **kw: Any) -> None:
+        super().__init__(model_id, **kw)
+        self._model.encoder.layer = self._model.encoder.layer[:layers]
+
+
+class MiniLMLowPrecision(MiniLMEngine):
+    """Embeddings from the right model run in bfloat16, claiming float32."""
+
+    def __init__(self, model_id: str = "all-minilm:l6-v2", **kw: Any) -> None:
+        super().__init__(model_id, **kw)
+        self._model = self._model.to(self._torch.bfloat16)

@@ -17,6 +17,7 @@ from idlegrid.agent.node_client import CoordinatorError
 from idlegrid.core.grammar import GrammarSpec
 from idlegrid.core.trust import commitment as cm
 from idlegrid.engines.base import Engine, render_chat
+from idlegrid.engines.embedder import is_embedder
 from idlegrid.errors import AuthError, EngineError, IdlegridError
 from idlegrid.protocol.messages import AuditTaskMsg
 
@@ -25,6 +26,10 @@ log = logging.getLogger("idlegrid.agent.verifier")
 
 def check(engine: Any, msg: AuditTaskMsg, c: cm.Commitment | None = None) -> bytes:
     """Recompute one audited answer (or `c`, a truncation of it); the encoded report."""
+    if msg.kind == "embedding":
+        from idlegrid.agent.embedding import recompute
+
+        return recompute(engine, msg)
     c = c or cm.decode(base64.b64decode(msg.commitment))
     text = render_chat(engine, msg.messages or []) if msg.kind == "chat" else msg.prompt or ""
     context = [*engine.tokenize(text), *msg.prior_ids]
@@ -56,7 +61,7 @@ class Verifier(Role):
 
     async def audit_loop(self, engine: Engine) -> None:
         """Take audits until the agent drains."""
-        if not hasattr(engine, "audit"):
+        if not hasattr(engine, "audit") and not is_embedder(engine):
             log.warning("engine %s cannot audit; verifier mode is off", engine.name)
             return
         ctx = self.ctx

@@ -61,6 +61,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
         kind=task.kind,
         prompt=p.get("prompt"),
         messages=p.get("messages"),
+        input=p.get("input"),
         max_tokens=p["max_tokens"],
         temperature=p["temperature"],
         top_p=p["top_p"],

@@ -122,6 +122,15 @@ COMPLETIONS: dict[str, Rule] = {
     "logprobs": Rule(R, "log-probabilities are not returned yet"),
 }
 
+EMBEDDINGS: dict[str, Rule] = {
+    "model": Rule(H, "a model advertised as an embedding model"),
+    "input": Rule(H, "a string, a list of strings, token ids or a list of token-id lists"),
+    "encoding_format": Rule(H, "float or base64 (float32 little-endian)"),
+    "dimensions": Rule(H, "only the model's own size: no served model shortens its vectors"),
+    "user": Rule(X),
+    "max_price": Rule(H, "idlegrid extension: price cap per 1M tokens"),
+}
+
 STREAM_OPTIONS: dict[str, Rule] = {
     "include_usage": Rule(H),
     "include_obfuscation": Rule(X, "no obfuscation padding is sent"),

@@ -7,7 +7,7 @@ import logging
 from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core import tasks
-from idlegrid.core.trust.commitment import Commitment
+from idlegrid.core.trust.embedding import AnyCommitment
 from idlegrid.errors import Conflict
 
 log = logging.getLogger("idlegrid.coordinator")
@@ -46,7 +46,7 @@ def check_budget(stream: TaskStream, task_id: str, fresh: list[tuple[int, str]])
     stream.flushed = stream.flushed or flushes == 1
 
 
-def bill_prompt(task: TaskView, c: Commitment, claimed: int, node_id: str) -> int:
+def bill_prompt(task: TaskView, c: AnyCommitment, claimed: int, node_id: str) -> int:
     """Prompt tokens to bill for a finished attempt: what its commitment fixes (the
     provider's claim is advisory; a disagreement is logged)."""
     bill = tasks.billed_prompt_tokens(

@@ -21,6 +21,7 @@ from idlegrid.coordinator.deps import (
 from idlegrid.coordinator.inference import fanout, fields
 from idlegrid.coordinator.inference import schemas as s
 from idlegrid.coordinator.inference.choices import plan
+from idlegrid.coordinator.inference.embed_routes import embedding_facts
 from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.inference.openai_schema import (
     ChatRequest,
@@ -33,7 +34,7 @@ from idlegrid.coordinator.inference.structured import grammar_payload, invalid_f
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
-from idlegrid.errors import IdlegridError, ModelNotFound
+from idlegrid.errors import IdlegridError, InvalidRequest, ModelNotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -163,6 +164,8 @@ async def _serve(
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    if embedding_facts(svc.inference.nodes.cache.values(), model) is not None:
+        raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
     shape = _Shape(kind, task_ids[0], model)

@@ -275,7 +275,8 @@ class Inference:
                     energy_estimated=energy_estimated,
                 )
                 stream.attempt = -1
-                self.hub.push(task_id, Event("done", data={"task": done}))
+                # The commitment rides along: an embeddings answer is its vectors.
+                self.hub.push(task_id, Event("done", data={"task": done, "commitment": committed}))
                 self.changes.bump()
         if refused is not None:
             log.warning("task %s: attempt %d on %s unpaid: %s", task_id, attempt, node_id, refused)
@@ -439,7 +440,7 @@ class Inference:
         cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
         hold = ledger.hold_amount(max_prompt_tokens, max_tokens, basis)
         keep = sum(ledger.hold_amount(b, m, basis) for b, m in reserve)
-        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        prefix = {"chat": "chatcmpl-", "embedding": "embd-"}.get(kind, "cmpl-")
         task_id = prefix + secrets.token_hex(12)
         payload = {
             **payload,
