@@ -30,7 +30,7 @@ def _run(engine: LlamaCppEngine, ids: list[int], params: SamplingParams, n: int)
         for _ in stream_pieces(engine, ids, params, max_tokens=n, result=res):
             pass
         build_commitment(engine, DEFAULT_MODEL, ids, rec, params.seed or 0, params.temperature,
-                         params.top_p, res.finish_reason, extras_of(params))  # fmt: skip
+                         params.top_p, res.finish_reason, extras=extras_of(params))  # fmt: skip
         dt = time.perf_counter() - t0
     finally:
         engine.recorder = None

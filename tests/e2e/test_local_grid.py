@@ -236,9 +236,9 @@ def test_n_choices_prompt_lists_models_and_refused_fields(
                 model=MODEL,
                 messages=[{"role": "user", "content": "Hi"}],
                 max_tokens=4,
-                response_format={"type": "json_object"},
+                prediction={"type": "content", "content": "Hi"},
             )
-        assert refused.value.param == "response_format"
+        assert refused.value.param == "prediction"
 
         before = balance(grid.url, key)
         raw = client.completions.with_raw_response.create(

@@ -170,6 +170,9 @@ HONOURED: dict[str, tuple[dict[str, Any], Check]] = {
         },
         _penalised,
     ),  # fmt: skip
+    # Its effect needs an engine that constrains: tests/integration/test_grammar_llamacpp.py;
+    # here, that a grid of engines that cannot is never served it unconstrained (below).
+    "response_format": ({"response_format": {"type": "text"}}, _ok),
 }
 NO_EFFECT: dict[str, Any] = {
     "user": "u-1",
@@ -182,7 +185,6 @@ NO_EFFECT: dict[str, Any] = {
     "safety_identifier": "s-1",
 }
 REFUSED: dict[str, Any] = {
-    "response_format": {"type": "json_object"},
     "tools": [TOOL],
     "tool_choice": "required",
     "parallel_tool_calls": True,  # sent alone it is neutral: refused only with tools, below
@@ -257,7 +259,8 @@ def test_each_field_is_honoured_or_refused_by_name(grid: Grid, endpoint: str, na
     else:
         value = REFUSED[name]
         value = value[endpoint] if isinstance(value, dict) and endpoint in value else value
-        extra = {name: value, "tools": [TOOL]} if name == "parallel_tool_calls" else {name: value}
+        # parallel_tool_calls is refused only beside tools, which are named first
+        extra = {"tools": [TOOL], name: value} if name == "parallel_tool_calls" else {name: value}
         before = len(grid.entries())
         r = _post(grid, endpoint, extra)
         assert r.status_code == 400, r.text
@@ -328,3 +331,13 @@ def test_a_bias_outside_the_vocabulary_is_a_400_naming_it(grid: Grid, endpoint: 
     new = grid.entries()[len(before) :]
     assert [e["memo"] for e in new] == ["hold", "release"], new  # found by the provider:
     # the escrow is released whole, nothing is charged
+
+
+def test_response_format_is_never_served_unconstrained(grid: Grid) -> None:
+    """No live provider here enforces grammars: a JSON request is refused, not served as
+    plain text, and nothing is escrowed."""
+    before = len(grid.entries())
+    r = _post(grid, "chat", {"response_format": {"type": "json_object"}})
+    assert r.status_code == 503, r.text
+    assert "response_format" in r.json()["error"]["message"]
+    assert len(grid.entries()) == before

@@ -9,6 +9,7 @@ own distribution, streamed and whole, and every answer's audit passes.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import openai
 import pytest
 
 from idlegrid.config import CoordinatorSettings
+from idlegrid.core import grammar
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.core.trust import adjust as adj
 from idlegrid.core.trust import commitment as cm
@@ -62,7 +64,7 @@ def _serve_and_audit(
             pass
         c = build_commitment(
             provider, DEFAULT_MODEL, ids, rec, params.seed or 0, params.temperature,
-            params.top_p, res.finish_reason, extras_of(params),
+            params.top_p, res.finish_reason, extras=extras_of(params),
         )  # fmt: skip
     finally:
         provider.recorder = None
@@ -221,3 +223,121 @@ def _chat_prompt(engine: LlamaCppEngine, msgs: list[dict[str, str]]) -> str:
     from idlegrid.engines.base import render_chat
 
     return render_chat(engine, msgs)
+
+
+DAY = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "Day",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"day": {"type": "string"}, "number": {"type": "integer"}},
+            "required": ["day", "number"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_schema_penalty_and_logprobs_in_one_request_are_committed_and_pass(
+    tmp_path: Path, engine
+) -> None:
+    """One chat request with response_format (json_schema), frequency_penalty and logprobs:
+    per position the penalty, then the grammar's mask, then the seeded draw; the logprobs
+    sent are the engine's masked distribution; the commitment (version 2, with the grammar)
+    is audited by a verifier that replays all of it, and passes."""
+    settings = CoordinatorSettings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path}/c.db",
+        port=free_port(),
+        heartbeat_interval_s=0.3,
+        node_timeout_s=5.0,
+        long_poll_s=2.0,
+        hw_proofs=False,
+    )
+    verifier = LlamaCppEngine(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
+    coord = CoordinatorThread(settings)
+    coord.start()
+    agents = [
+        AgentThread(make_agent(coord.url, [engine], "provider")),
+        AgentThread(
+            make_agent(
+                coord.url,
+                [verifier],
+                "verifier",
+                verifier=True,
+                price=Price(1000 * MICRO, 4000 * MICRO),
+            )
+        ),  # fmt: skip
+    ]
+    http = coord.admin()
+    client = None
+    try:
+        for a in agents:
+            a.start()
+        wait_for_live(coord.url, 2)
+        key = http.post("/api/v1/admin/keys", json={"name": "t"}).json()
+        http.post(
+            "/api/v1/admin/mint",
+            json={"key_id": key["key_id"], "amount": 100 * MICRO, "reference": "m"},
+        )
+        client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
+        msgs = [{"role": "user", "content": "Give today's day of the week as JSON."}]
+        out = client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=msgs, max_tokens=40, temperature=0.8, seed=5,  # type: ignore[arg-type]
+            frequency_penalty=1.0, logprobs=True, top_logprobs=2,
+            response_format=DAY,  # type: ignore[arg-type]
+        )  # fmt: skip
+        choice = out.choices[0]
+        text = choice.message.content or ""
+        if choice.finish_reason == "stop":
+            assert set(json.loads(text)) == {"day", "number"}, text
+        assert choice.logprobs is not None and choice.logprobs.content
+        content = choice.logprobs.content
+        assert "".join(e.token for e in content) == text
+
+        # The engine's own numbers: the same generation here, then replayed position by
+        # position as adjust → mask → log-softmax at the committed temperature.
+        spec = grammar.from_response_format(DAY)
+        assert spec is not None
+        ids = engine.tokenize(_chat_prompt(engine, msgs))
+        a = adj.make(0.0, 1.0)
+        res = Generation()
+        params = SamplingParams(0.8, 1.0, 5, a, logprobs=2, grammar=spec)
+        for _ in stream_pieces(engine, ids, params, max_tokens=40, result=res):
+            pass
+        tokens = [p.token_id for p in res.pieces if p.token_id >= 0]
+        assert res.text == text and len(tokens) == len(content)
+        rows: list[np.ndarray] = []
+        engine.replay_states(ids, tokens, lambda r, lg: rows.append(np.array(lg)))
+        matcher, counts = engine.matcher(spec), {}
+        penalty_mattered = mask_mattered = False
+        for tok, lg, got in zip(tokens, rows, content, strict=True):
+            ok = grammar.allowed(matcher.mask(), len(lg))
+            z = grammar.masked(adj.adjust_logits(lg, counts, a), ok)
+            want = lpm.token_logprobs(z, tok, adj.f32(0.8), 2)
+            assert got.logprob == want.logprob
+            assert [e.logprob for e in got.top_logprobs] == [v for _, v in want.top]
+            unpenalised = lpm.token_logprobs(grammar.masked(lg, ok), tok, adj.f32(0.8), 2)
+            unmasked = lpm.token_logprobs(adj.adjust_logits(lg, counts, a), tok, adj.f32(0.8), 2)
+            penalty_mattered |= unpenalised != want
+            mask_mattered |= unmasked != want
+            assert matcher.consume(tok)
+            adj.count(counts, tok)
+        assert penalty_mattered and mask_mattered
+
+        def audits() -> list[dict]:
+            return [a for a in http.get("/api/v1/audits").json()["audits"] if not a["canary"]]
+
+        _wait(lambda: len(audits()) >= 1 and all(a["state"] in ("passed", "failed")
+                                                 for a in audits()), 180)  # fmt: skip
+        assert all(a["state"] == "passed" for a in audits()), [a["verdict"] for a in audits()]
+    finally:
+        if client is not None:
+            client.close()
+        http.close()
+        for a in agents:
+            a.stop(30)
+        coord.stop()
+        verifier.close()

@@ -57,7 +57,6 @@ def test_unknown_fields_are_refused_by_name() -> None:
     [
         (fields.CHAT, "tools", [], [{"type": "function", "function": {"name": "f"}}]),
         (fields.CHAT, "tool_choice", "none", "required"),
-        (fields.CHAT, "response_format", {"type": "text"}, {"type": "json_object"}),
         (fields.CHAT, "modalities", ["text"], ["text", "audio"]),
         (fields.COMPLETIONS, "echo", False, True),
         (fields.COMPLETIONS, "suffix", "", "tail"),
@@ -166,3 +165,19 @@ def test_the_docs_table_shows_the_policy() -> None:
         for name in set(fields.CHAT) | set(fields.COMPLETIONS)
     }
     assert shown == policy
+
+
+def test_every_embeddings_field_of_the_installed_openai_package_is_classified() -> None:
+    from openai.types import embedding_create_params
+
+    documented = set(embedding_create_params.EmbeddingCreateParams.__annotations__)
+    assert documented - set(fields.EMBEDDINGS) == set()
+    assert set(fields.EMBEDDINGS) - documented == {"max_price"}
+    assert _param(fields.EMBEDDINGS, {"model": "m", "input": "x", "truncate": True}) == "truncate"
+    assert _param(fields.EMBEDDINGS, {"model": "m", "input": "x", "user": "u"}) is None
+
+
+def test_the_docs_show_the_embeddings_table() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "openai.md").read_text()
+    for name, rule in fields.EMBEDDINGS.items():
+        assert f"| `{name}` | {rule.policy.value} |" in doc, name

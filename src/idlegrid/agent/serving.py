@@ -23,13 +23,25 @@ from idlegrid.agent.channel import CHANNEL_PATH, Channel, ChannelClosed, Uploads
 from idlegrid.agent.context import AgentContext
 from idlegrid.agent.node_client import CoordinatorError
 from idlegrid.core.energy import Attribution
+from idlegrid.core.grammar import GrammarSpec
 from idlegrid.engines.base import Engine, Generation, SamplingParams, render_chat, stream_pieces
-from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
+from idlegrid.engines.embedder import is_embedder
+from idlegrid.errors import AuthError, Conflict, EngineError, IdlegridError, InvalidRequest
 from idlegrid.protocol.messages import TaskMsg
 
 log = logging.getLogger("idlegrid.agent")
 
 _DONE = object()
+
+
+def _constraint(task: TaskMsg) -> Any:
+    """What a constrained answer commits to: its grammar's digest and the grammar engine."""
+    if not task.grammar:
+        return None
+    from idlegrid.core.trust.commitment import Constraint
+    from idlegrid.engines.grammar import engine_id
+
+    return Constraint(GrammarSpec.from_wire(task.grammar).digest(), engine_id() or "")
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -161,6 +173,12 @@ class Serving:
         self.jobs.add(job)
         base = f"/api/v1/tasks/{task.task_id}/attempts/{task.attempt}"
         try:
+            if task.kind == "embedding" or is_embedder(engine):
+                from idlegrid.agent import embedding
+
+                if await embedding.serve(self.ctx, engine, task):
+                    self.served += 1
+                return
             try:
                 prompt_ids = self._prompt_ids(engine, task)
                 sampling_params(task)
@@ -273,7 +291,8 @@ class Serving:
             task.temperature,
             task.top_p,
             "length",
-            task_extras(task),
+            extras=task_extras(task),
+            constraint=_constraint(task),
         )
         blob = c.encode()
         self.ctx.remember(self.ctx.commitments, (task.task_id, task.attempt), blob)
@@ -319,6 +338,9 @@ class Serving:
     ) -> None:
         room = engine.context_length - len(prompt_ids)
         params = sampling_params(task)
+        if params.grammar is not None and not engine.describe().get("grammar"):
+            # Never served unconstrained; the coordinator routes these elsewhere.
+            raise EngineError("this engine cannot constrain output", engine=engine.name)
         recorder = None
         if committed is not None and hasattr(engine, "recorder") and hasattr(engine, "audit"):
             from idlegrid.engines.commit import Recorder
@@ -354,7 +376,8 @@ class Serving:
                     task.temperature,
                     task.top_p,
                     result.finish_reason,
-                    task_extras(task),
+                    extras=task_extras(task),
+                    constraint=_constraint(task),
                 )
                 committed["blob"] = base64.b64encode(c.encode()).decode()
         finally:
@@ -444,7 +467,8 @@ class Serving:
 
 
 def sampling_params(task: TaskMsg) -> SamplingParams:
-    """The engine's sampling parameters for a task (InvalidRequest naming a bad field)."""
+    """The engine's sampling parameters for a task, its grammar included (InvalidRequest
+    naming a bad field)."""
     from idlegrid.core.trust import adjust
 
     try:
@@ -452,7 +476,12 @@ def sampling_params(task: TaskMsg) -> SamplingParams:
     except adjust.AdjustError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
     return SamplingParams(
-        task.temperature, task.top_p, task.seed, None if adj.neutral else adj, task.logprobs
+        task.temperature,
+        task.top_p,
+        task.seed,
+        None if adj.neutral else adj,
+        task.logprobs,
+        grammar=GrammarSpec.from_wire(task.grammar) if task.grammar else None,
     )
 
 

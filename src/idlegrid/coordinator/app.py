@@ -28,8 +28,8 @@ from idlegrid.coordinator.events import (
     NodeRegistered,
     SupplyChanged,
 )
+from idlegrid.coordinator.inference import embed_routes, work_routes
 from idlegrid.coordinator.inference import routes as routes_openai
-from idlegrid.coordinator.inference import work_routes
 from idlegrid.coordinator.inference.service import Inference
 from idlegrid.coordinator.market import routes as routes_market
 from idlegrid.coordinator.market.service import Market
@@ -75,6 +75,7 @@ def create_app(
     # Last added runs first: a foreign Host (DNS rebinding) is refused before anything.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names())
     app.include_router(routes_openai.router)
+    app.include_router(embed_routes.router)
     app.include_router(routes_nodes.router)
     app.include_router(work_routes.router)
     app.include_router(routes_admin.router)

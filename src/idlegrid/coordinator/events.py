@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from idlegrid.coordinator.views import TaskView
-from idlegrid.core.trust.commitment import Commitment
+from idlegrid.core.trust.embedding import AnyCommitment
 
 E = TypeVar("E")
 Handler = Callable[[Any], Awaitable[None] | None]
@@ -49,7 +49,7 @@ class AnswerFinished:
     task: TaskView
     node_id: str
     attempt: int
-    commitment: Commitment | None
+    commitment: AnyCommitment | None
     delivered_before: list[int]
     part: bool = False
     ttft_s: float | None = None

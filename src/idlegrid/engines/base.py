@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from idlegrid.core.grammar import GrammarSpec
     from idlegrid.core.trust.adjust import Adjust
     from idlegrid.core.trust.logprobs import TokenLogprobs
 
@@ -28,6 +29,9 @@ class SamplingParams:
     adjust: Adjust | None = None  # penalties and logit_bias (None: none)
     logprobs: int | None = None  # alternatives reported per token (None: no logprobs)
     n_prior: int = 0  # trailing context tokens that are this choice's earlier output
+    # Structured outputs: only engines whose describe() names a "grammar" engine get these.
+    grammar: GrammarSpec | None = None
+    grammar_prefix: tuple[int, ...] = ()  # answer tokens already generated (failover)
 
 
 def wants_steps(params: SamplingParams) -> bool:
@@ -141,6 +145,8 @@ def stream_pieces(
                 param="logprobs" if params.logprobs is not None else "logit_bias",
             )
         params = replace(params, n_prior=len(prior_ids))  # penalties count earlier output
+    if params.grammar is not None and prior_ids:
+        params = replace(params, grammar_prefix=tuple(prior_ids))  # the grammar resumes there
     for token_id in engine.generate(context, params):
         if engine.is_end(token_id):
             break

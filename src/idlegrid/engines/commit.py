@@ -17,9 +17,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from idlegrid.core import grammar
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import logprobs as lpm
-from idlegrid.core.trust import sampling
 from idlegrid.core.trust.extras import Extras
 from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.engines.steps import Replayer
@@ -104,10 +104,13 @@ def build_commitment(
     temperature: float,
     top_p: float,
     finish_reason: str,
+    *,
     extras: Extras | None = None,
+    constraint: cm.Constraint | None = None,
 ) -> cm.Commitment:
     """Commit to what `rec` recorded for one generation (penalties, bias and the count of
-    logprobs it was made with in `extras`; the logprobs themselves are `rec`'s)."""
+    logprobs it was made with in `extras`, the logprobs themselves `rec`'s; under
+    `constraint`'s grammar)."""
     rec.finish()
     states = np.stack(rec.states) if rec.states else np.zeros((0, 1), np.float32)
     entries = []
@@ -129,6 +132,7 @@ def build_commitment(
         int(states.shape[1]),
         extras=extras,
         logprobs=rec.logprobs if extras is not None and extras.top_logprobs >= 0 else (),
+        constraint=constraint,
     )
 
 
@@ -139,14 +143,20 @@ def recompute(
     max_new_tokens: int,
     stop: Sequence[str] = (),
     context_length: int | None = None,
+    matcher: Any = None,
 ) -> cm.Report:
-    """One prefill over context + committed tokens; report what this engine computes."""
+    """One prefill over context + committed tokens; report what this engine computes.
+
+    `matcher` (engines/grammar.Matcher, advanced over earlier attempts' tokens) replays the
+    request's grammar: each position's logits get the same mask the provider's did, and a
+    token the grammar forbids there has margin −inf (so do all after it: the grammar state
+    is lost)."""
     h = c.header
     tokens = c.tokens
     n = len(tokens)
     report_chunks: list[cm.ChunkReport] = []
     if n:
-        states, replays, rechecks = _outputs(engine, list(context_ids), c)
+        states, replays, rechecks = _outputs(engine, list(context_ids), c, matcher)
         for j, ch in enumerate(c.chunks):
             lo = j * h.chunk_size
             rows = states[lo : lo + h.chunk_size]
@@ -157,8 +167,8 @@ def recompute(
                 cm.ChunkReport(
                     values,
                     kth_magnitude(rows, len(ch.indices)),
-                    tuple(r.margin for r in reps),
-                    tuple(r.allowed for r in reps),
+                    tuple(margin for margin, _ in reps),
+                    tuple(allowed for _, allowed in reps),
                     tuple(rechecks[lo : lo + len(ch.tokens)]),
                 )
             )
@@ -173,10 +183,14 @@ def recompute(
 
 
 def _outputs(
-    engine: Any, context_ids: list[int], c: cm.Commitment
-) -> tuple[np.ndarray, list[sampling.Replay], list[lpm.Recheck]]:
-    """The hidden states of the committed positions, each committed token's replay (with the
-    committed penalties and bias, `engines/steps.Replayer`) and its logprobs recomputed.
+    engine: Any, context_ids: list[int], c: cm.Commitment, matcher: Any = None
+) -> tuple[np.ndarray, list[tuple[float, bool]], list[lpm.Recheck]]:
+    """The hidden states of the committed positions, each committed token's replay (margin,
+    allowed), positions in order, and its logprobs recomputed (when committed).
+
+    Per position, as the provider's sampler (`engines/steps`): the committed penalties and
+    bias over the committed history (`Replayer`), then the grammar's mask, then the seeded
+    replay; the logprobs are recomputed from the same adjusted and masked logits.
 
     Engines with `replay_states` (llama.cpp: its batched and one-token kernels differ, so it
     replays the provider's own schedule) hand over each position's logits as they compute
@@ -186,21 +200,33 @@ def _outputs(
     h, tokens = c.header, c.tokens
     base = len(context_ids)
     replayer = Replayer(c, context_ids)
-    replay, rechecks = replayer.step, replayer.rechecks
+    grammar_ok = True
+
+    def replay(r: int, logits: np.ndarray) -> tuple[float, bool]:
+        nonlocal grammar_ok
+        fits, ok = True, None
+        if matcher is not None:
+            tok = tokens[r]
+            if grammar_ok:
+                ok = grammar.allowed(matcher.mask(), len(logits))
+                fits = 0 <= tok < len(ok) and bool(ok[tok])
+            grammar_ok = fits = grammar_ok and fits and matcher.consume(tok)
+        rep = replayer.step(r, logits, ok)
+        return (rep.margin if fits else float("-inf")), rep.allowed
 
     if hasattr(engine, "replay_states"):
-        replays: list[sampling.Replay] = []
+        replays: list[tuple[float, bool]] = []
         states = engine.replay_states(
             context_ids, tokens, lambda r, lg: replays.append(replay(r, lg))
         )
-        return states, replays, rechecks
+        return states, replays, replayer.rechecks
     ids = [*context_ids, *tokens]
     states = engine.prefill_states(ids[:-1])[base - 1 :]
     replays = []
     for lo in range(0, len(tokens), h.chunk_size):
         for r, lg in enumerate(engine.logits_of(states[lo : lo + h.chunk_size]), start=lo):
             replays.append(replay(r, lg))
-    return states, replays, rechecks
+    return states, replays, replayer.rechecks
 
 
 def _end_ok(

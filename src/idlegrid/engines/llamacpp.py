@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from idlegrid.core import grammar
 from idlegrid.core.trust import sampling
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
@@ -40,6 +41,13 @@ INSTALL_HINT = "pip install 'idlegrid[llama]'"
 _FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
                10: "Q2_K", 12: "Q3_K_M", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
                18: "Q6_K", 32: "BF16"}  # fmt: skip
+
+
+def grammar_engine_id() -> str | None:
+    """The grammar engine this provider constrains with (None: it cannot)."""
+    from idlegrid.engines.grammar import engine_id
+
+    return engine_id()
 
 
 def default_threads() -> int:
@@ -142,6 +150,7 @@ class LlamaCppEngine:
         self._n_embd = self._llm.n_embd()
         self._embeddings_on = False
         self._serial = 0  # generations started; a deferred state belongs to one of them
+        self._grammars: Any = None  # engines/grammar.Grammars, built on the first constraint
         self.recorder: Recorder | None = None  # set by the agent to commit one generation
         self.steps: Steps | None = None  # the current generation's sampler state
 
@@ -197,8 +206,14 @@ class LlamaCppEngine:
         limit, n = self._context_length, len(ids)
         state: np.ndarray | None = None
         steps = self.steps = self._steps(ids, params)
+        matcher = self.matcher(params.grammar, params.grammar_prefix) if params.grammar else None
         while True:
-            token_id = steps.pick(self._pick, self._logits(), seed, n)
+            # penalties and bias, then the grammar's mask (forbidden tokens at −inf), then
+            # temperature and top-p: engines/steps
+            mask = matcher.mask() if matcher is not None else None
+            token_id = steps.pick(self._pick, self._logits(), seed, n, mask)
+            if matcher is not None and not matcher.consume(token_id):
+                raise EngineError("sampled a token the grammar forbids", engine=self.name)
             if rec is not None:
                 state = state if state is not None else np.zeros(self._n_embd)
                 rec.add(token_id, state, steps.last)
@@ -217,6 +232,14 @@ class LlamaCppEngine:
 
     def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
         return sampling.choose(logits, seed, position, params.temperature, params.top_p)
+
+    def matcher(self, spec: grammar.GrammarSpec, prefix: Sequence[int] = ()) -> Any:
+        """A grammar matcher over this model's vocabulary, advanced over `prefix`."""
+        if self._grammars is None:
+            from idlegrid.engines.grammar import Grammars
+
+            self._grammars = Grammars(self._vocab, self._n_vocab)
+        return self._grammars.matcher(spec, prefix)
 
     def _complete(self, rec: Recorder, ids: list[int], serial: int) -> None:
         """Fill in the first state: the prompt's last position, recomputed as one token.
@@ -297,12 +320,19 @@ class LlamaCppEngine:
         return states
 
     def audit(
-        self, context_ids: Sequence[int], c: Any, max_new_tokens: int, stop: Sequence[str] = ()
+        self,
+        context_ids: Sequence[int],
+        c: Any,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        constraint: Any = None,
     ) -> Any:
-        """Recompute a commitment (verifier mode)."""
+        """Recompute a commitment (verifier mode); `constraint` replays the request's grammar."""
         from idlegrid.engines.commit import recompute
 
-        return recompute(self, context_ids, c, max_new_tokens, stop, self._context_length)
+        return recompute(
+            self, context_ids, c, max_new_tokens, stop, self._context_length, constraint
+        )
 
     @property
     def chat_template(self) -> str | None:
@@ -325,6 +355,9 @@ class LlamaCppEngine:
             "device": self._device,
             "threads": self._threads,
             "context_length": self._context_length,
+            # Structured outputs: the gateway routes constrained requests only to engines
+            # that name their grammar engine here.
+            "grammar": grammar_engine_id(),
         }
 
     def _file_type(self) -> str:

@@ -22,6 +22,7 @@ _BUILTIN = {
     "transformers": "idlegrid.engines.torch_hf:TorchEngine",
     "fake": "idlegrid.engines.fake:FakeEngine",
     "tiny": "idlegrid.engines.tiny:TinyEngine",
+    "minilm": "idlegrid.engines.minilm:MiniLMEngine",
 }
 
 

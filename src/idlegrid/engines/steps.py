@@ -5,8 +5,14 @@ choice's own output so far) and logit_bias (`core/trust/adjust.py`), the engine'
 samples from the adjusted logits, and the logprobs the request asked for are taken from
 the same adjusted logits (`core/trust/logprobs.py`). Verifier side (`Replayer`): the same
 adjustment from the committed header and token history, the seeded replay, and the
-recomputation of the committed logprobs. Kept apart from the engines so that masks
-(structured outputs) compose with it: a mask applies to what `adjust_logits` returns.
+recomputation of the committed logprobs.
+
+Order per position, the same on both sides: penalties and bias (`adjust_logits`), then the
+grammar's mask when the answer is constrained (structured outputs: forbidden tokens at
+−inf), then the engine's seeded temperature/top-p draw. Logprobs are taken AFTER the mask:
+the distribution the token was actually drawn from, so a constrained answer reports the
+probabilities among the tokens the grammar allowed (forbidden alternatives never appear
+unless fewer than k tokens are allowed, at `logprobs.FLOOR`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from idlegrid.core import grammar
 from idlegrid.core.trust import adjust as adj
 from idlegrid.core.trust import logprobs as lpm
 from idlegrid.core.trust import sampling
@@ -58,9 +65,19 @@ class Steps:
         self.last: lpm.TokenLogprobs | None = None
         self._temperature = adj.f32(params.temperature)
 
-    def pick(self, pick: Pick, logits: np.ndarray, seed: int, position: int) -> int:
-        """The engine's `pick` on the adjusted logits; records the token and its logprobs."""
+    def pick(
+        self,
+        pick: Pick,
+        logits: np.ndarray,
+        seed: int,
+        position: int,
+        mask: np.ndarray | None = None,
+    ) -> int:
+        """The engine's `pick` on the adjusted logits, masked by the grammar's bitmask `mask`
+        when constrained; records the token and its logprobs (after the mask)."""
         z = adj.adjust_logits(logits, self.counts, self.adjust)
+        if mask is not None:
+            z = grammar.apply_mask(z, mask)
         token = pick(z, seed, position, self.params)
         k = self.params.logprobs
         if k is not None:
@@ -87,10 +104,13 @@ class Replayer:
                 adj.count(self.counts, t)
         self.rechecks: list[lpm.Recheck] = []
 
-    def step(self, r: int, logits: np.ndarray) -> sampling.Replay:
-        """Replay committed token `r` from this engine's logits at its position (in order)."""
+    def step(self, r: int, logits: np.ndarray, ok: np.ndarray | None = None) -> sampling.Replay:
+        """Replay committed token `r` from this engine's logits at its position (in order),
+        with the grammar's allowed tokens `ok` (boolean per id) when constrained."""
         h, tok = self.h, self.tokens[r]
         z = adj.adjust_logits(logits, self.counts, h.extras.adjust)
+        if ok is not None:
+            z = grammar.masked(z, ok)
         if self.logprobs:
             self.rechecks.append(lpm.recheck(z, self.logprobs[r], h.temperature))
         if h.extras.adjust.penalised:

@@ -99,9 +99,11 @@ class TaskMsg(Message):
     task_id: str
     attempt: int
     model: str
-    kind: Literal["completion", "chat"]
+    # "embedding": embed `input` (only models advertised with `engine.embedding` get these).
+    kind: Literal["completion", "chat", "embedding"]
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    input: list[str] | list[list[int]] | None = None
     max_tokens: int
     temperature: float
     top_p: float
@@ -117,6 +119,9 @@ class TaskMsg(Message):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] = Field(default_factory=dict)
     logprobs: int | None = Field(None, ge=0, le=20)
+    # Structured outputs (core/grammar.GrammarSpec.to_wire): sent only to agents whose engine
+    # facts name a grammar engine; the answer must be sampled under it and commit to it.
+    grammar: dict[str, str] | None = None
 
 
 class LogprobMsg(Message):
@@ -219,13 +224,15 @@ class AuditTaskMsg(Message):
 
     audit_id: str
     model: str
-    kind: Literal["completion", "chat"]
+    kind: Literal["completion", "chat", "embedding"]
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    input: list[str] | list[list[int]] | None = None  # kind "embedding"
     prior_ids: list[int] = Field(default_factory=list)
     max_new_tokens: int
     stop: list[str] = Field(default_factory=list)
     commitment: str
+    grammar: dict[str, str] | None = None  # the request's grammar: replay its masks
 
 
 class AuditReportMsg(Message):

@@ -19,6 +19,7 @@ from idlegrid.core.trust import hwproof as hw
 from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.llamacpp import LlamaCppEngine
+from idlegrid.engines.minilm import MiniLMEngine
 from idlegrid.engines.steps import Steps
 from idlegrid.engines.tiny import EOS_ID, OFFSET, TinyEngine
 
@@ -155,9 +156,16 @@ class LlamaPenaltySkipping(LlamaCppEngine):
 class _InventedSteps(Steps):
     """The honest draw, with logprobs made up: the sampled token reported as certain."""
 
-    def pick(self, pick: Any, logits: np.ndarray, seed: int, position: int) -> int:
+    def pick(
+        self,
+        pick: Any,
+        logits: np.ndarray,
+        seed: int,
+        position: int,
+        mask: np.ndarray | None = None,
+    ) -> int:
         """Sample honestly, then overwrite the reported logprobs."""
-        token = super().pick(pick, logits, seed, position)
+        token = super().pick(pick, logits, seed, position, mask)
         if self.last is not None:
             top = tuple((t, -5.0 * (i + 1)) for i, (t, _) in enumerate(self.last.top))
             self.last = TokenLogprobs(token, 0.0, top)
@@ -169,6 +177,15 @@ class LlamaLogprobInventing(LlamaCppEngine):
 
     def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
         return _InventedSteps(ids, params, self._n_vocab)
+
+
+class LlamaSchemaIgnoring(LlamaCppEngine):
+    """Structured outputs: commits to the request's grammar (the agent does that) but samples
+    unconstrained, saving the masks; its seeded draws and fingerprint are otherwise honest."""
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Generate as if no grammar had been asked for."""
+        return super().generate(prompt_ids, replace(params, grammar=None))
 
 
 # ---- cheats on what is paid (issue 15), on the default engine ------------------------
@@ -327,3 +344,20 @@ class LowPrecisionProver(HonestProver):
         a, b = bf16(hw.matrix(seed, "A", n, bits)), bf16(hw.matrix(seed, "B", n, bits))
         product: np.ndarray = a @ b
         return product
+
+
+class MiniLMTruncated(MiniLMEngine):
+    """Embeddings from a cheaper model: all-MiniLM-L6-v2 cut to its first `layers` layers
+    (half the compute at 3), claiming the full model and its determinism class."""
+
+    def __init__(self, model_id: str = "all-minilm:l6-v2", layers: int = 3, **kw: Any) -> None:
+        super().__init__(model_id, **kw)
+        self._model.encoder.layer = self._model.encoder.layer[:layers]
+
+
+class MiniLMLowPrecision(MiniLMEngine):
+    """Embeddings from the right model run in bfloat16, claiming float32."""
+
+    def __init__(self, model_id: str = "all-minilm:l6-v2", **kw: Any) -> None:
+        super().__init__(model_id, **kw)
+        self._model = self._model.to(self._torch.bfloat16)

@@ -14,9 +14,11 @@ import httpx
 
 from idlegrid.agent.context import AgentContext, Role
 from idlegrid.agent.node_client import CoordinatorError
+from idlegrid.core.grammar import GrammarSpec
 from idlegrid.core.trust import commitment as cm
 from idlegrid.engines.base import Engine, render_chat
-from idlegrid.errors import AuthError, IdlegridError
+from idlegrid.engines.embedder import is_embedder
+from idlegrid.errors import AuthError, EngineError, IdlegridError
 from idlegrid.protocol.messages import AuditTaskMsg
 
 log = logging.getLogger("idlegrid.agent.verifier")
@@ -24,10 +26,23 @@ log = logging.getLogger("idlegrid.agent.verifier")
 
 def check(engine: Any, msg: AuditTaskMsg, c: cm.Commitment | None = None) -> bytes:
     """Recompute one audited answer (or `c`, a truncation of it); the encoded report."""
+    if msg.kind == "embedding":
+        from idlegrid.agent.embedding import recompute
+
+        return recompute(engine, msg)
     c = c or cm.decode(base64.b64decode(msg.commitment))
     text = render_chat(engine, msg.messages or []) if msg.kind == "chat" else msg.prompt or ""
     context = [*engine.tokenize(text), *msg.prior_ids]
-    report = engine.audit(context, c, msg.max_new_tokens, msg.stop)
+    if msg.grammar is None:
+        report = engine.audit(context, c, msg.max_new_tokens, msg.stop)
+    else:
+        # The request's grammar, not the commitment's claim: the coordinator already held the
+        # committed digest to the request's, and the masks come from what was asked.
+        if not hasattr(engine, "matcher"):
+            raise EngineError("this engine cannot replay a grammar", engine=engine.name)
+        spec = GrammarSpec.from_wire(msg.grammar)
+        matcher = engine.matcher(spec, msg.prior_ids)
+        report = engine.audit(context, c, msg.max_new_tokens, msg.stop, matcher)
     return cm.encode_report(report)
 
 
@@ -46,7 +61,7 @@ class Verifier(Role):
 
     async def audit_loop(self, engine: Engine) -> None:
         """Take audits until the agent drains."""
-        if not hasattr(engine, "audit"):
+        if not hasattr(engine, "audit") and not is_embedder(engine):
             log.warning("engine %s cannot audit; verifier mode is off", engine.name)
             return
         ctx = self.ctx

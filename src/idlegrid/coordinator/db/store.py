@@ -32,6 +32,7 @@ from idlegrid.coordinator.db.nodes import NodeStore
 from idlegrid.coordinator.db.tables import (
     Account,
     Attempt,
+    Node,
     Offer,
     Task,
     table,
@@ -269,12 +270,17 @@ class Store(NodeStore, LedgerStore):
             price = {
                 o.model_id: o for o in s.scalars(select(Offer).where(Offer.node_id == node_id))
             }
+            node = s.get(Node, node_id)
+            # Structured outputs: only an engine that names a grammar engine may take them.
+            constrains = bool(node is not None and (node.engine or {}).get("grammar"))
             for t in candidates:
                 cap = (t.payload or {}).get("price_cap")
                 offer = price.get(t.model_id)
                 if offer is None or (
                     cap and (offer.prompt_price > cap[0] or offer.output_price > cap[1])
                 ):
+                    continue
+                if (t.payload or {}).get("grammar") and not constrains:
                     continue
                 transition(TaskState(t.state), "claim")
                 attempt = t.attempt + 1  # read before the update refreshes `t`

@@ -61,6 +61,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
         kind=task.kind,
         prompt=p.get("prompt"),
         messages=p.get("messages"),
+        input=p.get("input"),
         max_tokens=p["max_tokens"],
         temperature=p["temperature"],
         top_p=p["top_p"],
@@ -72,6 +73,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
         frequency_penalty=p.get("frequency_penalty", 0.0),
         logit_bias=p.get("logit_bias") or {},
         logprobs=p.get("logprobs"),
+        grammar=p.get("grammar"),
     )
 
 

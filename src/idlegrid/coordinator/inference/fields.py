@@ -56,10 +56,6 @@ def _best_of(value: Any, body: Mapping[str, Any]) -> bool:
     return value is None or value == (body.get("n") or 1)
 
 
-def _text_format(value: Any, _: Mapping[str, Any]) -> bool:
-    return value is None or value == {"type": "text"}
-
-
 @dataclass(frozen=True)
 class Rule:
     """A field's policy; `neutral` says which values of a refused field change nothing."""
@@ -100,7 +96,7 @@ CHAT: dict[str, Rule] = {
     "prompt_cache_options": Rule(X),
     "prompt_cache_retention": Rule(X),
     "safety_identifier": Rule(X),
-    "response_format": Rule(R, "structured outputs are not enforced yet", _text_format),
+    "response_format": Rule(H, "enforced token by token by grammar masks, committed and audited"),
     "tools": Rule(R, "tool calling is not implemented yet", _empty),
     "tool_choice": Rule(R, "tool calling is not implemented yet", _one_of("none")),
     "parallel_tool_calls": Rule(R, "tool calling is not implemented yet", _no_tools),
@@ -124,6 +120,15 @@ COMPLETIONS: dict[str, Rule] = {
     "echo": Rule(R, "prompt logprobs are not computed", _one_of(False)),
     "suffix": Rule(R, "insertion is not supported", _one_of("")),
     "logprobs": Rule(H, "0 to 5 alternatives; committed and audited"),
+}
+
+EMBEDDINGS: dict[str, Rule] = {
+    "model": Rule(H, "a model advertised as an embedding model"),
+    "input": Rule(H, "a string, a list of strings, token ids or a list of token-id lists"),
+    "encoding_format": Rule(H, "float or base64 (float32 little-endian)"),
+    "dimensions": Rule(H, "only the model's own size: no served model shortens its vectors"),
+    "user": Rule(X),
+    "max_price": Rule(H, "idlegrid extension: price cap per 1M tokens"),
 }
 
 STREAM_OPTIONS: dict[str, Rule] = {

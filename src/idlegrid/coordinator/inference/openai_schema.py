@@ -15,6 +15,14 @@ MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request (prompts x n): each is a task with its own escrow
 
 
+def _sent(body: BaseModel) -> dict[str, Any]:
+    # Declared fields in declaration order, then the others as sent: `model_fields_set` is a
+    # set (it holds the extras too), and the first refused field must not depend on hashing.
+    fields_set = body.model_fields_set
+    declared = {n: getattr(body, n) for n in type(body).model_fields if n in fields_set}
+    return {**declared, **(body.model_extra or {})}
+
+
 class MaxPrice(BaseModel):
     """The most a consumer will pay, in credits per 1M tokens (idlegrid's extension)."""
 
@@ -80,8 +88,7 @@ class _Common(BaseModel):
 
     def sent(self) -> dict[str, Any]:
         """The fields the client sent, by name (declared ones parsed, others as sent)."""
-        declared = {name: getattr(self, name) for name in self.model_fields_set}
-        return {**declared, **(self.model_extra or {})}
+        return _sent(self)
 
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
@@ -140,6 +147,9 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    # text | json_object | json_schema, enforced token by token (coordinator/inference/
+    # structured.py); anything else is a 400 naming it.
+    response_format: dict[str, Any] | None = None
 
     def logprobs_k(self) -> int | None:
         """Alternatives per token when logprobs are on (None: off)."""
@@ -166,3 +176,53 @@ def prompt_token_bound(text: str) -> int:
 def chat_token_bound(messages: list[dict[str, str]]) -> int:
     """An upper bound on a chat prompt's tokens, template markup included."""
     return sum(len(m["content"].encode()) + len(m["role"]) + 16 for m in messages) + 16
+
+
+MAX_EMBED_INPUTS = 256  # inputs per embeddings request (core/trust/embedding.MAX_INPUTS)
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings. `input` is checked by `inputs()`, so that every malformed shape
+    is a 400 naming `input` (not pydantic's path through the union)."""
+
+    model_config = ConfigDict(extra="allow")  # fields.EMBEDDINGS refuses the unknown ones
+
+    model: str = Field(min_length=1, max_length=128)
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    max_price: MaxPrice | None = None
+
+    def sent(self) -> dict[str, Any]:
+        """The fields the client sent, by name."""
+        return _sent(self)
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list of strings or a list of token-id lists, as OpenAI accepts."""
+        raw = self.input
+        if isinstance(raw, str):
+            raw = [raw]
+        elif isinstance(raw, list) and raw and all(_is_id(t) for t in raw):
+            raw = [raw]  # one input given as token ids
+        if not isinstance(raw, list) or not raw:
+            raise InvalidRequest("input must be a non-empty string or list", param="input")
+        if len(raw) > MAX_EMBED_INPUTS:
+            raise InvalidRequest(
+                f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(raw)}", param="input"
+            )
+        if all(isinstance(x, str) for x in raw):
+            if any(not x for x in raw):
+                raise InvalidRequest("an input is an empty string", param="input")
+            return list(raw)
+        if all(isinstance(x, list) and x and all(_is_id(t) for t in x) for x in raw):
+            return [list(x) for x in raw]
+        raise InvalidRequest(
+            "input must be a string, a list of strings, a list of token ids or a list of "
+            "non-empty token-id lists (not a mix)",
+            param="input",
+        )
+
+
+def _is_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32

@@ -9,6 +9,7 @@ from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core import tasks
 from idlegrid.core.trust.commitment import Commitment
+from idlegrid.core.trust.embedding import AnyCommitment
 from idlegrid.errors import Conflict, InvalidRequest
 
 log = logging.getLogger("idlegrid.coordinator")
@@ -47,7 +48,7 @@ def check_budget(stream: TaskStream, task_id: str, fresh: list[tuple[int, str]])
     stream.flushed = stream.flushed or flushes == 1
 
 
-def bill_prompt(task: TaskView, c: Commitment, claimed: int, node_id: str) -> int:
+def bill_prompt(task: TaskView, c: AnyCommitment, claimed: int, node_id: str) -> int:
     """Prompt tokens to bill for a finished attempt: what its commitment fixes (the
     provider's claim is advisory; a disagreement is logged)."""
     bill = tasks.billed_prompt_tokens(
@@ -101,10 +102,12 @@ def check_logprobs(
     return out
 
 
-def committed_logprobs(c: Commitment, sent: list[tuple[int, dict[str, Any]]]) -> None:
+def committed_logprobs(c: AnyCommitment, sent: list[tuple[int, dict[str, Any]]]) -> None:
     """InvalidRequest unless the logprobs the consumer was sent are the committed ones
-    (then the audit that rechecks the commitment checks what the consumer got)."""
-    committed = [lp for ch in c.chunks for lp in ch.logprobs]
+    (then the audit that rechecks the commitment checks what the consumer got). An
+    embedding commitment has none: nothing may have been sent."""
+    chunks = c.chunks if isinstance(c, Commitment) else ()
+    committed = [lp for ch in chunks for lp in ch.logprobs]
     same = len(committed) >= len(sent) and all(
         lp.token == tid
         and lp.logprob == got["lp"]

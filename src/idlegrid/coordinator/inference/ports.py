@@ -12,6 +12,7 @@ from idlegrid.core.routing import Candidate
 if TYPE_CHECKING:
     from idlegrid.coordinator.views import NodeView, TaskView
     from idlegrid.core.trust.commitment import Commitment
+    from idlegrid.core.trust.embedding import AnyCommitment
 
 
 class NodeDirectory(Protocol):
@@ -27,7 +28,7 @@ class CommitmentChecks(Protocol):
 
     def check_commitment(
         self, task: TaskView, blob_b64: str, new_ids: list[int], finish_reason: str
-    ) -> Commitment: ...
+    ) -> AnyCommitment: ...
 
     def check_part(self, task: TaskView, blob_b64: str, new_ids: list[int]) -> Commitment: ...
 

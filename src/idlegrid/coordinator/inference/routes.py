@@ -21,6 +21,7 @@ from idlegrid.coordinator.deps import (
 from idlegrid.coordinator.inference import fanout, fields, logprob_shape
 from idlegrid.coordinator.inference import schemas as s
 from idlegrid.coordinator.inference.choices import plan
+from idlegrid.coordinator.inference.embed_routes import embedding_facts
 from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.inference.openai_schema import (
     ChatRequest,
@@ -29,6 +30,7 @@ from idlegrid.coordinator.inference.openai_schema import (
     prompt_token_bound,
 )
 from idlegrid.coordinator.inference.service import RequestFailed
+from idlegrid.coordinator.inference.structured import grammar_payload, invalid_failure
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
@@ -142,7 +144,10 @@ class _Shape:
 
 def _failure(data: dict[str, Any], index: int, choices: int) -> IdlegridError:
     if data.get("invalid"):
-        return InvalidRequest(data["invalid"], param=data.get("param") or "prompt")
+        param = data.get("param") or "prompt"
+        if param != "prompt":  # the provider named the field
+            return InvalidRequest(data["invalid"], param=param)
+        return invalid_failure(data["invalid"])
     if choices == 1:
         return RequestFailed(
             f"the request could not be served: {data.get('error')}; nothing was charged"
@@ -184,6 +189,8 @@ async def _serve(
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    if embedding_facts(svc.inference.nodes.cache.values(), model) is not None:
+        raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
     shape = _Shape(kind, task_ids[0], model, logprobs)
@@ -363,6 +370,7 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
     max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
     stop = body.stop_list()
     sampler = body.sampler_fields(body.logprobs_k())
+    grammar = grammar_payload(body.response_format)
     work = [
         (
             {
@@ -373,6 +381,7 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
                 "stop": stop,
                 "stream": body.stream,
                 **sampler,
+                **({"grammar": grammar} if grammar is not None else {}),
             },
             chat_token_bound(messages),
         )

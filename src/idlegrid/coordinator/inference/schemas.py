@@ -175,3 +175,27 @@ COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": _stream(CompletionChunk),
     }
 }
+
+
+class Embedding(BaseModel):
+    """One input's vector: floats, or base64 of float32 little-endian (encoding_format)."""
+
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    """Tokens of the inputs, as the provider's commitment fixes them (what was billed)."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    """POST /v1/embeddings."""
+
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

@@ -40,6 +40,7 @@ from idlegrid.coordinator.inference.ports import (
     paid_ok,
     refusal,
 )
+from idlegrid.coordinator.inference.structured import constrained
 from idlegrid.coordinator.views import TaskView, new_task_view
 from idlegrid.core import ledger, routing, tasks
 from idlegrid.core.ledger import Price
@@ -261,7 +262,8 @@ class Inference:
                     energy_estimated=energy_estimated,
                 )
                 stream.attempt = -1
-                self.hub.push(task_id, Event("done", data={"task": done}))
+                # The commitment rides along: an embeddings answer is its vectors.
+                self.hub.push(task_id, Event("done", data={"task": done, "commitment": committed}))
                 self.changes.bump()
         if refused is not None:
             log.warning("task %s: attempt %d on %s unpaid: %s", task_id, attempt, node_id, refused)
@@ -405,6 +407,8 @@ class Inference:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)
             raise NoCapacity(model, "no live provider serves it")
+        if payload.get("grammar"):  # structured outputs: only engines that can constrain
+            cands, prices = constrained(model, self.nodes.cache, cands, prices)
         offered = set(prices)
         cands, prices = await paid_filter(self.paid_ok, cands, prices)
         if not cands:
@@ -426,7 +430,7 @@ class Inference:
         cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
         hold = ledger.hold_amount(max_prompt_tokens, max_tokens, basis)
         keep = sum(ledger.hold_amount(b, m, basis) for b, m in reserve)
-        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        prefix = {"chat": "chatcmpl-", "embedding": "embd-"}.get(kind, "cmpl-")
         task_id = prefix + secrets.token_hex(12)
         payload = {
             **payload,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from idlegrid.coordinator.db.tables import Account
+from idlegrid.coordinator.db.tables import Account, Node
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import entries, selection
@@ -36,8 +36,10 @@ def stakes(s: Session, node_id: str | None = None) -> dict[str, int]:
     }
 
 
-def candidates(trust: Trust, s: Session) -> list[selection.Candidate]:
-    """Every active verifier, live (once the supervisor has said who is), with its stake."""
+def candidates(trust: Trust, s: Session, constrained: bool = False) -> list[selection.Candidate]:
+    """Every active verifier, live (once the supervisor has said who is), with its stake;
+    for a constrained answer (structured outputs) only those that can replay its grammar
+    (their engine facts name a grammar engine)."""
     by_node: dict[str, int] = {}
     for acct, bal in stakes(s).items():
         node = acct.split(":")[1]
@@ -50,7 +52,7 @@ def candidates(trust: Trust, s: Session) -> list[selection.Candidate]:
         for v in s.scalars(
             select(TrustNode).where(TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))
         )
-        if live is None or v.node_id in live
+        if (live is None or v.node_id in live) and (not constrained or _constrains(s, v.node_id))
     ]
 
 
@@ -63,11 +65,12 @@ def draw(
     kind: str,
     exclude: list[str],
     pool: list[selection.Candidate] | None = None,
+    constrained: bool = False,
 ) -> str | None:
     """The verifier the beacon designates for one audit (None: nobody can take it now)."""
     provider = s.get(TrustNode, provider_id)
     eligible = selection.eligible(
-        candidates(trust, s) if pool is None else pool,
+        candidates(trust, s, constrained) if pool is None else pool,
         provider_id,
         cm.kernel_family(det_class),
         provider.address if provider else "",
@@ -83,8 +86,20 @@ def redraw(trust: Trust, s: Session, a: TrustAudit, exclude: list[str]) -> str |
     assert com is not None
     kind = "canary" if a.canary else "audit"
     return draw(
-        trust, s, a.node_id, bytes.fromhex(com.digest), cm.peek_class(a.blob), kind, exclude
+        trust,
+        s,
+        a.node_id,
+        bytes.fromhex(com.digest),
+        cm.peek_class(a.blob),
+        kind,
+        exclude,
+        constrained=cm.peek_constrained(a.blob),
     )
+
+
+def _constrains(s: Session, node_id: str) -> bool:
+    node = s.get(Node, node_id)
+    return bool(node is not None and (node.engine or {}).get("grammar"))
 
 
 def claim(trust: Trust, node_id: str, models: list[str]) -> dict[str, Any] | None:

@@ -19,13 +19,15 @@ from sqlalchemy import select, update
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import Account, Offer
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
-from idlegrid.coordinator.trust import assign
+from idlegrid.coordinator.trust import assign, embed_audits
 from idlegrid.coordinator.trust.payability import Payability, record
 from idlegrid.coordinator.trust.settings import TrustSettings
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core import b64, ledger
+from idlegrid.core.grammar import GrammarSpec
 from idlegrid.core.trust import beacon, dispute, entries, selection
 from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust import embedding as emb
 from idlegrid.core.trust.economics import AuditPolicy
 from idlegrid.core.trust.extras import expected as expected_extras
 from idlegrid.core.trust.lifecycle import AUDIT
@@ -113,9 +115,17 @@ class Trust:
 
     def check_commitment(
         self, task: TaskView, blob_b64: str, new_ids: list[int], finish_reason: str
-    ) -> cm.Commitment:
+    ) -> emb.AnyCommitment:
         """Decode and sanity-check a commitment before settlement (400 if it is malformed)."""
-        c = cm.decode(b64.decode(blob_b64, "commitment"))
+        raw = b64.decode(blob_b64, "commitment")
+        if emb.is_embedding(raw) or task.kind == "embedding":
+            return embed_audits.check_commitment(task, raw, finish_reason)
+        return self._check_generation(task, raw, new_ids, finish_reason)
+
+    def _check_generation(
+        self, task: TaskView, raw: bytes, new_ids: list[int], finish_reason: str
+    ) -> cm.Commitment:
+        c = cm.decode(raw)
         toks = c.tokens[:-1] if c.header.ended_by_end_token else c.tokens
         if toks != list(new_ids):
             raise InvalidRequest(
@@ -138,12 +148,16 @@ class Trust:
                 "commitment's penalties, logit_bias or logprobs differ from the request",
                 param="commitment",
             )
+        wire = task.payload.get("grammar")
+        expected = GrammarSpec.from_wire(wire).digest() if wire else None
+        for fault in cm.constraint_faults(c.header, expected):
+            raise InvalidRequest(fault, param="commitment")
         return c
 
     def check_part(self, task: TaskView, blob_b64: str, new_ids: list[int]) -> cm.Commitment:
         """A handed-back attempt's commitment to the tokens it delivered: no finish claim
         (it did not finish), so it must say "length" and end without an end token."""
-        c = self.check_commitment(task, blob_b64, new_ids, "length")
+        c = self._check_generation(task, b64.decode(blob_b64, "commitment"), new_ids, "length")
         if c.header.ended_by_end_token or not new_ids:
             raise InvalidRequest(
                 "a part's commitment covers only the tokens it delivered", param="commitment"
@@ -168,7 +182,7 @@ class Trust:
         task: TaskView,
         node_id: str,
         attempt: int,
-        c: cm.Commitment,
+        c: emb.AnyCommitment,
         prior_ids: list[int],
         part: bool = False,
     ) -> None:
@@ -181,14 +195,19 @@ class Trust:
         task: TaskView,
         node_id: str,
         attempt: int,
-        c: cm.Commitment,
+        c: emb.AnyCommitment,
         prior_ids: list[int],
         part: bool = False,
     ) -> None:
         now = self.ctx.clock()
         digest = c.header.digest()
         # A part is checked as "these tokens, no more": its length claim is its own count.
-        max_new = c.header.n_tokens if part else int(task.payload["max_tokens"]) - len(prior_ids)
+        if isinstance(c, emb.EmbeddingCommitment):
+            max_new = 0  # nothing is generated
+        elif part:
+            max_new = c.header.n_tokens
+        else:
+            max_new = int(task.payload["max_tokens"]) - len(prior_ids)
         charge = 0 if part else self._charge(task.id, task.key_id, task.hold)
         blob = c.encode()
         with self.store.tx() as s:
@@ -217,13 +236,20 @@ class Trust:
             # does not judge an AVX-512 one) may audit it: across engines no tolerance is fair.
             # Among them the beacon draws one by stake, never on the provider's network; ids
             # and canaries are built so that nothing but the secret tells them apart.
-            pool = assign.candidates(self, s)
+            constrained = isinstance(c, cm.Commitment) and c.header.constraint is not None
+            pool = assign.candidates(self, s, constrained)
             audits: list[tuple[str, bool, bytes, str | None]] = []
             if beacon.selected(self.secret, digest, self.policy.rate(clean, failed, at_risk)):
                 who = assign.draw(self, s, node_id, digest, c.header.det_class, "audit", [], pool)
                 audits.append((selection.audit_id(self.secret, digest, "audit"), False, blob, who))
-            if c.chunks and beacon.selected(
-                self.secret, digest, self.settings.canary_rate, domain=b"canary"
+            # Canaries plant wrong hidden states; an embedding answer has none (c.chunks
+            # is empty), so its verifiers are kept honest by the generation canaries.
+            if (
+                isinstance(c, cm.Commitment)
+                and c.chunks
+                and beacon.selected(
+                    self.secret, digest, self.settings.canary_rate, domain=b"canary"
+                )
             ):
                 # A canary goes to another verifier than the real audit where there is one.
                 taken = [a[3] for a in audits if a[3]]
@@ -291,10 +317,12 @@ class Trust:
             "kind": task.kind,
             "prompt": p.get("prompt"),
             "messages": p.get("messages"),
+            "input": p.get("input"),
             "prior_ids": list(com.prior_ids),
             "max_new_tokens": com.max_new,
             "stop": p.get("stop") or [],
             "commitment": base64.b64encode(a.blob).decode(),
+            "grammar": p.get("grammar"),
         }
         if a.canary and a.blob == com.blob:  # a "task" canary: the verifier's prompt is off
             out = selection.perturb_task(out, self.secret, bytes.fromhex(com.digest))
@@ -311,8 +339,9 @@ class Trust:
 
     async def report(self, node_id: str, audit_id: str, report_b64: str) -> dict[str, Any]:
         """Judge a verifier's recomputation and apply what follows from it."""
-        report = cm.decode_report(b64.decode(report_b64, "report"))
-        return await self.ctx.db(self._judge_and_apply, node_id, audit_id, report)
+        raw = b64.decode(report_b64, "report")
+        report = emb.decode_report(raw) if emb.is_embedding(raw) else cm.decode_report(raw)
+        return await self.ctx.db(self._judge_and_apply, node_id, audit_id, report, raw)
 
     def tolerance(self, provider_class: str, verifier_class: str) -> cm.Tolerance:
         """Same class: tight; different class: the calibrated cross-class tolerance."""
@@ -320,7 +349,13 @@ class Trust:
         rel = st.rel_same if provider_class == verifier_class else st.rel_cross
         return cm.Tolerance(rel=rel, rank_slack=rel, margin=st.margin)
 
-    def _judge_and_apply(self, node_id: str, audit_id: str, report: cm.Report) -> dict[str, Any]:
+    def _judge_and_apply(
+        self,
+        node_id: str,
+        audit_id: str,
+        report: cm.Report | emb.EmbeddingReport,
+        raw: bytes = b"",
+    ) -> dict[str, Any]:
         now = self.ctx.clock()
         with self.store.tx() as s:
             a = s.get(TrustAudit, audit_id)
@@ -336,22 +371,28 @@ class Trust:
             part_of = (com.task_id, com.blob) if com.part else None
         if part_of is not None:
             charge = self._part_charge(*part_of)
-        c = cm.decode(blob)
-        tol = self.tolerance(c.header.det_class, report.det_class)
-        v = cm.judge(c, report, tol, max_new)
-        verdict = {
-            "passed": v.passed,
-            "reasons": list(v.reasons),
-            "worst_rel": v.worst_rel,
-            "worst_margin": v.worst_margin if abs(v.worst_margin) != float("inf") else None,
-            "first_bad_chunk": v.first_bad_chunk,
-            "tolerance": tol.rel,
-            "provider_class": c.header.det_class,
-            "verifier_class": report.det_class,
-            "canary": canary,
-        }
-        if not v.passed:  # where a dispute would start bisecting
-            verdict["positions"] = dispute.disagreeing(c, report, tol)
+        if emb.is_embedding(blob) != isinstance(report, emb.EmbeddingReport):
+            raise InvalidRequest("the report is not of the audited kind", param="report")
+        if isinstance(report, emb.EmbeddingReport):
+            v, judged = embed_audits.judge(self.settings, blob, raw)
+            verdict = {"passed": v.passed, "reasons": list(v.reasons), **judged, "canary": canary}
+        else:
+            c = cm.decode(blob)
+            tol = self.tolerance(c.header.det_class, report.det_class)
+            v = cm.judge(c, report, tol, max_new)
+            verdict = {
+                "passed": v.passed,
+                "reasons": list(v.reasons),
+                "worst_rel": v.worst_rel,
+                "worst_margin": v.worst_margin if abs(v.worst_margin) != float("inf") else None,
+                "first_bad_chunk": v.first_bad_chunk,
+                "tolerance": tol.rel,
+                "provider_class": c.header.det_class,
+                "verifier_class": report.det_class,
+                "canary": canary,
+            }
+            if not v.passed:  # where a dispute would start bisecting
+                verdict["positions"] = dispute.disagreeing(c, report, tol)
         task = self.store.get_task(task_id)
         consumer = ledger.consumer_account(task.key_id)
         balances = self.store.balances()

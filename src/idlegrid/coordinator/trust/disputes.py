@@ -34,6 +34,7 @@ from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
 from idlegrid.core.trust import bisect, dispute
 from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust import embedding as emb
 from idlegrid.core.trust.lifecycle import AUDIT, DISPUTE
 from idlegrid.core.trust.merkle import Proof, verify_proof
 from idlegrid.errors import Conflict, InsufficientCredits, InvalidRequest, NotFound, UnpayableRuling
@@ -85,6 +86,10 @@ class Disputes:
                 raise Conflict(f"audit {audit_id} is disputed already", dispute_id=dispute_id)
             com = s.get(TrustCommitment, (a.task_id, a.attempt))
             assert com is not None and a.verifier_id is not None
+            if emb.is_embedding(a.blob):
+                # Disputes bisect generated tokens; an embedding audit recomputes every
+                # vector and its verdict is checkable by anyone from the two blobs.
+                raise Conflict(f"audit {audit_id} is an embedding audit: not disputable")
             c = cm.decode(a.blob)
             bad = list(a.verdict.get("positions") or [])
             row = TrustDispute(

@@ -24,6 +24,13 @@ class AuditVerdict(BaseModel):
     verifier_class: str
     # Whether the audit was a canary is the coordinator's to know (operator view: `Audit`).
     positions: list[int] | None = None  # failed audits: where a dispute would bisect
+    # Embedding audits: worst_rel is the largest |difference| of an element, worst_margin
+    # the least cosine, first_bad_chunk the first input off (repeated here by name).
+    kind: Literal["embedding"] | None = None
+    worst_abs: Number | None = None
+    worst_cos: Number | None = None
+    first_bad_input: int | None = None
+    tolerance_cos: Number | None = None
 
 
 class Audit(BaseModel):

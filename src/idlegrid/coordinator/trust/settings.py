@@ -29,6 +29,11 @@ class TrustSettings(BaseSettings):
     rel_same: float = 2e-5
     rel_cross: float = 1e-4
     margin: float = 1e-3
+    # Embedding audits: largest element-wise difference of unit vectors and least cosine.
+    # Honest: ≤ 1.6e-7 (threads 1 vs 2, batched vs one by one); bf16: ≥ 1.3e-3, cos ≤
+    # 0.99997; half the layers: ≥ 0.37 (docs/trust.md).
+    embed_abs: float = Field(2e-5, gt=0)
+    embed_cos: float = Field(0.99999, gt=0, le=1)
     # A provider no independent verifier can check (none of its kernel family is live) is
     # routed paid work only while its held accrual is below this (µcr); -1: no limit (a
     # local grid whose operator runs every provider).

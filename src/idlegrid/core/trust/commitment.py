@@ -13,6 +13,13 @@ carries the penalties and bias (the verifier's replay applies them to the commit
 history), and each chunk the log-probabilities the consumer was sent (the verifier
 recomputes them within a tolerance). Without them the encoding is version 1, unchanged.
 
+A constrained answer (structured outputs) also commits to its grammar: the SHA-256 of the
+canonical schema (`core/grammar.py`) and the grammar engine's name and version, appended to
+the header (absent for unconstrained answers, whose encoding is unchanged).
+
+Header layout after the model id: the extras (exactly when the version byte is 2), then the
+constraint (when bytes remain, in either version).
+
 Per generated token the fingerprint costs 4 B (token id) + 8·k/chunk_size B (entries):
 20 B at the defaults (chunk 16, k 32), plus 4 B per chunk and a ~100 B header.
 """
@@ -23,7 +30,7 @@ import hashlib
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from idlegrid.core.trust import logprobs as lpm
 from idlegrid.core.trust.extras import Extras, decode_extras, decode_logprobs, encode_logprobs
@@ -75,6 +82,22 @@ def peek_class(blob: bytes) -> str:
         return ""
 
 
+def peek_constrained(blob: bytes) -> bool:
+    """Whether an encoded commitment names a grammar, without decoding the chunks."""
+    try:
+        (n,) = struct.unpack_from("<H", blob, 0)
+        (head_len,) = struct.unpack_from("<H", blob, 2 + n)
+        head = blob[4 + n : 4 + n + head_len]
+        (ver,) = struct.unpack_from("<B", head, 0)
+        (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
+        end = _HEAD.size + 34 + int(mlen)
+        if ver == 2:  # the extras come before the constraint
+            _, end = decode_extras(head, end)
+    except (struct.error, ValueError):
+        return False
+    return len(head) > end
+
+
 def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:
     """Entries kept for a chunk of `n_tokens` (a short last chunk keeps proportionally fewer)."""
     return max(1, math.ceil(k * n_tokens / chunk_size))
@@ -97,6 +120,19 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """The grammar an answer was sampled under: its digest and the engine that masked."""
+
+    digest: bytes  # core/grammar.GrammarSpec.digest(), 32 bytes
+    engine: str  # e.g. "llguidance/1.9.1"
+
+    def encode(self) -> bytes:
+        """32-byte digest, then the engine string (length-prefixed UTF-8)."""
+        eng = self.engine.encode()
+        return self.digest + struct.pack("<H", len(eng)) + eng
+
+
+@dataclass(frozen=True)
 class Header:
     """Everything committed about one answer except the chunks themselves (root covers them)."""
 
@@ -116,9 +152,11 @@ class Header:
     k: int = TOP_K
     version: int = VERSION
     extras: Extras = field(default_factory=Extras)
+    constraint: Constraint | None = None
 
     def encode(self) -> bytes:
-        """Fixed binary layout, the model id (length-prefixed UTF-8), then the extras."""
+        """Fixed binary layout, the model id (length-prefixed UTF-8), then the extras (version
+        2 only), then the constraint (constrained answers only)."""
         model = self.model.encode()
         return (
             _HEAD.pack(
@@ -140,6 +178,7 @@ class Header:
             + struct.pack("<H", len(model))
             + model
             + self.extras.encode()
+            + (self.constraint.encode() if self.constraint is not None else b"")
         )
 
     def digest(self) -> bytes:
@@ -192,6 +231,7 @@ def build(
     k: int = TOP_K,
     extras: Extras | None = None,
     logprobs: Sequence[TokenLogprobs] = (),
+    constraint: Constraint | None = None,
 ) -> Commitment:
     """Assemble a commitment from tokens and per-chunk top-k (indices, values), with the
     logprobs of every token when `extras.top_logprobs` ≥ 0."""
@@ -232,6 +272,7 @@ def build(
         k,
         1 if extras.neutral else 2,
         extras,
+        constraint,
     )
     return Commitment(header, chunks)
 
@@ -274,6 +315,13 @@ def _decode(blob: bytes) -> Commitment:
     extras = Extras()
     if ver == 2:
         extras, end = decode_extras(head, end)
+    constraint = None
+    if len(head) > end:  # a constrained answer: digest, then the grammar engine
+        if len(head) < end + 34:
+            raise ValueError("constraint length")
+        (elen,) = struct.unpack_from("<H", head, end + 32)
+        constraint = Constraint(head[end : end + 32], head[end + 34 : end + 34 + elen].decode())
+        end += 34 + elen
     if end != len(head) or len(root) != 32:
         raise ValueError("header length")
     if not 1 <= chunk_size <= 4096 or not 1 <= k <= 65535 or n_tokens > MAX_TOKENS:
@@ -317,6 +365,7 @@ def _decode(blob: bytes) -> Commitment:
         k,
         ver,
         extras,
+        constraint,
     )
     if merkle_root([c.encode() for c in chunks]) != root:
         raise ValueError("chunks do not match the committed root")
@@ -359,6 +408,18 @@ def context_faults(h: Header, report: Report) -> list[str]:
     if report.context_len >= 0 and report.context_len != h.start:
         return [f"context is {report.context_len} tokens but the commitment says {h.start}"]
     return []
+
+
+def constraint_faults(h: Header, expected: bytes | None) -> list[str]:
+    """Why a commitment's grammar is not the one the request asked for (empty: it is)."""
+    got = h.constraint.digest if h.constraint is not None else None
+    if got == expected:
+        return []
+    if expected is None:
+        return ["commitment names a grammar the request did not ask for"]
+    if got is None:
+        return ["commitment names no grammar but the request asked for one"]
+    return ["commitment names another grammar than the request's"]
 
 
 @dataclass(frozen=True)
@@ -468,12 +529,7 @@ def encode_report(r: Report) -> bytes:
         )
     out.append(struct.pack("<i", r.context_len))
     if any(ch.logprobs for ch in r.chunks):  # absent unless logprobs were committed
-        out.append(struct.pack("<I", len(r.chunks)))
-        for ch in r.chunks:
-            out.append(struct.pack("<H", len(ch.logprobs)))
-            for rc in ch.logprobs:
-                m = len(rc.values)
-                out.append(struct.pack(f"<H{m}ff", m, *rc.values, rc.kth))
+        out.append(lpm.encode_rechecks([ch.logprobs for ch in r.chunks]))
     return b"".join(out)
 
 
@@ -509,31 +565,10 @@ def decode_report(blob: bytes) -> Report:
             (context_len,) = struct.unpack_from("<i", blob, pos)
             pos += 4
         if pos < len(blob):
-            chunks, pos = _decode_recheck(blob, pos, chunks)
+            rows, pos = lpm.decode_rechecks(blob, pos, len(chunks))
+            chunks = [replace(ch, logprobs=lp) for ch, lp in zip(chunks, rows, strict=True)]
         if pos != len(blob) or context_len < -1:
             raise ValueError("trailing bytes")
     except (struct.error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"malformed audit report: {exc}", param="report") from exc
     return Report(ctx, tuple(chunks), bool(end_ok), det_class, context_len)
-
-
-def _decode_recheck(
-    blob: bytes, pos: int, chunks: list[ChunkReport]
-) -> tuple[list[ChunkReport], int]:
-    """The logprob section of a report: per chunk, per token the verifier's values."""
-    (n_chunks,) = struct.unpack_from("<I", blob, pos)
-    pos += 4
-    if n_chunks != len(chunks):
-        raise ValueError("logprob section covers other chunks")
-    out = []
-    for ch in chunks:
-        (n,) = struct.unpack_from("<H", blob, pos)
-        pos += 2
-        rows = []
-        for _ in range(n):
-            (m,) = struct.unpack_from("<H", blob, pos)
-            vals = struct.unpack_from(f"<{m}ff", blob, pos + 2)
-            pos += 2 + 4 * (m + 1)
-            rows.append(lpm.Recheck(tuple(vals[:m]), vals[m]))
-        out.append(ChunkReport(ch.values, ch.kth, ch.margins, ch.allowed, tuple(rows)))
-    return out, pos

@@ -8,17 +8,27 @@ verifier's slack at the boundary, while these values are continuous in the logit
 verifier recomputes them within a tolerance. The sampled token's draw is still exactly the
 seeded nucleus draw (`sampling.py`).
 
+Constrained answers (structured outputs): the adjusted logits are masked by the grammar
+first (`engines/steps`), so the distribution is over the tokens the grammar allows there. A
+token it forbids has probability 0; its log-probability is reported as `FLOOR` (OpenAI's
+-9999.0 for "impossible"), never -inf, so values stay finite in JSON, on the wire and in the
+commitment, and a verifier's recomputation agrees exactly. It appears only when fewer than k
+tokens are allowed.
+
 Values are float32 (what is committed and sent); the top alternatives are the k most likely
 tokens, ties to the lower id.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 MAX_TOP = 20  # chat top_logprobs 0..20; completions logprobs 0..5
+FLOOR = -9999.0  # the log-probability of a token that cannot be drawn (masked out)
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,7 @@ def top_ids(z: np.ndarray, k: int) -> np.ndarray:
 
 
 def _f32(x: float) -> float:
-    return float(np.float32(x))
+    return float(np.float32(max(x, FLOOR)))  # max: -inf (a masked token) is FLOOR
 
 
 def token_logprobs(adjusted: np.ndarray, token: int, temperature: float, k: int) -> TokenLogprobs:
@@ -107,3 +117,35 @@ def faults(committed: TokenLogprobs, rc: Recheck, tol: float) -> list[str]:
     if len(set(ids)) != len(ids) or any(v < rc.kth - tol for v in rc.values[1:]):
         out.append("reported top_logprobs are not the most likely tokens")
     return out
+
+
+def encode_rechecks(chunks: Sequence[Sequence[Recheck]]) -> bytes:
+    """An audit report's logprob section: the chunk count, then per chunk its token count
+    and per token `<H` m, m float32 values, the float32 k-th best."""
+    out = [struct.pack("<I", len(chunks))]
+    for rows in chunks:
+        out.append(struct.pack("<H", len(rows)))
+        for rc in rows:
+            m = len(rc.values)
+            out.append(struct.pack(f"<H{m}ff", m, *rc.values, rc.kth))
+    return b"".join(out)
+
+
+def decode_rechecks(blob: bytes, pos: int, n_chunks: int) -> tuple[list[tuple[Recheck, ...]], int]:
+    """The logprob section at `pos` for a report of `n_chunks` chunks, and the end position."""
+    (n_section,) = struct.unpack_from("<I", blob, pos)
+    pos += 4
+    if n_section != n_chunks:
+        raise ValueError("logprob section covers other chunks")
+    out = []
+    for _ in range(n_chunks):
+        (n,) = struct.unpack_from("<H", blob, pos)
+        pos += 2
+        rows = []
+        for _ in range(n):
+            (m,) = struct.unpack_from("<H", blob, pos)
+            vals = struct.unpack_from(f"<{m}ff", blob, pos + 2)
+            pos += 2 + 4 * (m + 1)
+            rows.append(Recheck(tuple(vals[:m]), vals[m]))
+        out.append(tuple(rows))
+    return out, pos
