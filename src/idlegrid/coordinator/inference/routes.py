@@ -18,7 +18,7 @@ from idlegrid.coordinator.deps import (
     Services,
     services,
 )
-from idlegrid.coordinator.inference import fanout, fields
+from idlegrid.coordinator.inference import fanout, fields, logprob_shape
 from idlegrid.coordinator.inference import schemas as s
 from idlegrid.coordinator.inference.choices import plan
 from idlegrid.coordinator.inference.embed_routes import embedding_facts
@@ -68,11 +68,27 @@ def _usage(done: list[TaskView]) -> dict[str, int]:
 class _Shape:
     """Differences between text completions and chat completions, in one place."""
 
-    def __init__(self, kind: str, response_id: str, model: str) -> None:
+    def __init__(self, kind: str, response_id: str, model: str, logprobs: bool = False) -> None:
         self.kind, self.id, self.model, self.created = kind, response_id, model, int(time.time())
+        self.logprobs = logprobs
+        self.offsets: dict[int, int] = {}  # completions: each choice's text offset so far
+
+    def shape_logprobs(self, index: int, lps: list[Any]) -> dict[str, Any] | None:
+        """A choice's logprobs for these tokens (None when the request asked for none)."""
+        if not self.logprobs:
+            return None
+        if self.kind == "chat":
+            return logprob_shape.chat(lps)
+        out, self.offsets[index] = logprob_shape.completion(lps, self.offsets.get(index, 0))
+        return out
 
     def chunk(
-        self, index: int, text: str | None, finish: str | None, first: bool = False
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        first: bool = False,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
@@ -83,12 +99,17 @@ class _Shape:
             choice: dict[str, Any] = {
                 "index": index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
             obj = "text_completion"
         return {
             "id": self.id,
@@ -98,12 +119,12 @@ class _Shape:
             "choices": [choice],
         }
 
-    def whole(self, answers: list[tuple[str, TaskView]]) -> dict[str, Any]:
+    def whole(self, answers: list[tuple[str, TaskView, list[Any]]]) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
-        for index, (text, task) in enumerate(answers):
+        for index, (text, task, lps) in enumerate(answers):
             choice: dict[str, Any] = {
                 "index": index,
-                "logprobs": None,
+                "logprobs": self.shape_logprobs(index, lps),
                 "finish_reason": task.finish_reason,
             }
             if self.kind == "chat":
@@ -117,12 +138,15 @@ class _Shape:
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": _usage([task for _, task in answers]),
+            "usage": _usage([task for _, task, _ in answers]),
         }
 
 
 def _failure(data: dict[str, Any], index: int, choices: int) -> IdlegridError:
     if data.get("invalid"):
+        param = data.get("param") or "prompt"
+        if param != "prompt":  # the provider named the field
+            return InvalidRequest(data["invalid"], param=param)
         return invalid_failure(data["invalid"])
     if choices == 1:
         return RequestFailed(
@@ -161,6 +185,7 @@ async def _serve(
     stream_out: bool,
     include_usage: bool,
     cap: Price,
+    logprobs: bool = False,
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
@@ -168,7 +193,7 @@ async def _serve(
         raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
-    shape = _Shape(kind, task_ids[0], model)
+    shape = _Shape(kind, task_ids[0], model, logprobs)
     started = time.perf_counter()
     if stream_out:
         return StreamingResponse(
@@ -181,6 +206,7 @@ async def _serve(
             },
         )
     parts: list[list[str]] = [[] for _ in handles]
+    lps: list[list[Any]] = [[] for _ in handles]
     done: dict[int, TaskView] = {}
     ended: set[int] = set()
     events = fanout.interleave(svc.inference, [st for _, st in handles])
@@ -190,6 +216,7 @@ async def _serve(
                 if not any(parts):
                     svc.metrics.ttft.labels(model).observe(time.perf_counter() - started)
                 parts[k].extend(text for _, text in event.pieces)
+                lps[k].extend(event.data.get("logprobs") or ())
             elif event.kind == "done":
                 ended.add(k)
                 done[k] = event.data["task"]
@@ -203,7 +230,7 @@ async def _serve(
             await events.aclose()
         await _close(svc, handles, ended)
     response.headers[TASKS_HEADER] = ",".join(task_ids)
-    return shape.whole([("".join(parts[k]), done[k]) for k in range(len(handles))])
+    return shape.whole([("".join(parts[k]), done[k], lps[k]) for k in range(len(handles))])
 
 
 async def _close(svc: Services, handles: list[tuple[str, TaskStream]], ended: set[int]) -> None:
@@ -248,8 +275,11 @@ async def _sse(
                 if first:
                     svc.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
                     first = False
-                if text:
-                    yield _sse_line(shape.chunk(k, text, None))
+                lps = event.data.get("logprobs")
+                if text or (lps and shape.logprobs):
+                    yield _sse_line(
+                        shape.chunk(k, text, None, logprobs=shape.shape_logprobs(k, lps or []))
+                    )
             elif event.kind == "done":
                 ended.add(k)
                 task: TaskView = event.data["task"]
@@ -297,6 +327,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     prompts = body.prompts()
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     stop = body.stop_list()
+    sampler = body.sampler_fields(body.logprobs)
     work = [
         (
             {
@@ -306,6 +337,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
                 "seed": c.seed,
                 "stop": stop,
                 "stream": body.stream,
+                **sampler,
             },
             prompt_token_bound(prompts[c.prompt]),
         )
@@ -321,6 +353,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         body.stream,
         body.include_usage(),
         _price_cap(services(request), body),
+        "logprobs" in sampler,
     )
 
 
@@ -336,6 +369,7 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
     limit = body.max_completion_tokens or body.max_tokens
     max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
     stop = body.stop_list()
+    sampler = body.sampler_fields(body.logprobs_k())
     grammar = grammar_payload(body.response_format)
     work = [
         (
@@ -346,6 +380,7 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
                 "seed": c.seed,
                 "stop": stop,
                 "stream": body.stream,
+                **sampler,
                 **({"grammar": grammar} if grammar is not None else {}),
             },
             chat_token_bound(messages),
@@ -362,4 +397,5 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
         body.stream,
         body.include_usage(),
         _price_cap(services(request), body),
+        "logprobs" in sampler,
     )
