@@ -251,3 +251,50 @@ def test_the_grid_writes_batch_output_files_the_owner_reads(env: Env) -> None:
     assert client.files.content(made["id"]).content == out
     with pytest.raises(openai.NotFoundError):
         env.client(1).files.content(made["id"])
+
+
+class _Breaks(io.BytesIO):
+    """A source that fails part-way through the store's copy (after the scan seeks back)."""
+
+    passes = 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.passes += 1
+        return super().seek(pos, whence)
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self.passes >= 1 and self.tell() > 0:
+            raise OSError("the disk went away")
+        return super().read(1 if self.passes >= 1 else n)
+
+
+def test_a_write_that_fails_leaves_no_listed_file_and_no_content(
+    tmp_path: Path, database_url: str
+) -> None:
+    from sqlalchemy import text
+
+    from idlegrid.coordinator.context import Context
+    from idlegrid.coordinator.db.store import Store, migrate
+    from idlegrid.coordinator.files.service import Files
+
+    migrate(database_url)
+    store = Store(database_url, lambda: 1000.0)
+    try:
+        ctx = Context(
+            CoordinatorSettings(data_dir=tmp_path, database_url=database_url), store, lambda: 1000.0
+        )
+        content = LocalFileStore(tmp_path / "files")
+        files = Files(ctx, content)
+        # The content fails half-written: nothing is left in the store, no row is written.
+        with pytest.raises(OSError):
+            files.save("key_a", "a.jsonl", "batch", _Breaks(_jsonl(2)))
+        assert list((tmp_path / "files").iterdir()) == []
+        assert files.page("key_a")["data"] == []
+        # The row cannot be written: the stored content is removed again.
+        with store.tx() as s:
+            s.execute(text("DROP TABLE files"))
+        with pytest.raises(Exception, match="files"):
+            files.save("key_a", "a.jsonl", "batch", io.BytesIO(_jsonl(2)))
+        assert list((tmp_path / "files").iterdir()) == []
+    finally:
+        store.close()
