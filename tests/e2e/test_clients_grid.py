@@ -9,69 +9,104 @@ environment; see docs/openai.md.)
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
-from pydantic import BaseModel, Field
 from test_local_grid import MODEL, UpProcess
 
 pytestmark = pytest.mark.slow
 
+# Each client runs as its own process, as a user's script would: LiteLLM leaves an event
+# loop open behind it, which would surface as a ResourceWarning in some later test here.
+CITY = """
+from pydantic import BaseModel, Field
+
 
 class City(BaseModel):
-    """A short, closed object a 270M base model can finish inside the token limit."""
-
+    # A short, closed object a 270M base model can finish inside the token limit.
     name: str = Field(max_length=24)
     country: str = Field(max_length=24)
+"""
+
+LANGCHAIN = (
+    CITY
+    + """
+import json, os
+from langchain_openai import ChatOpenAI
+
+llm = ChatOpenAI(model=os.environ["MODEL"], base_url=os.environ["BASE"],
+                 api_key=os.environ["KEY"], max_tokens=48, temperature=0, max_retries=0)
+plain = llm.invoke("The capital of France is")
+city = llm.with_structured_output(City, method="json_schema", strict=True).invoke(
+    "Name a city and its country as JSON.")
+print(json.dumps({"text": plain.content,
+                  "finish": plain.response_metadata["finish_reason"],
+                  "type": type(city).__name__, "city": city.model_dump()}))
+"""
+)
+
+LITELLM = (
+    CITY
+    + """
+import json, os
+import litellm
+
+common = {"model": "openai/" + os.environ["MODEL"], "api_base": os.environ["BASE"],
+          "api_key": os.environ["KEY"], "num_retries": 0, "temperature": 0}
+plain = litellm.completion(messages=[{"role": "user", "content": "The capital of France is"}],
+                           max_tokens=8, **common)
+shaped = litellm.completion(
+    messages=[{"role": "user", "content": "Name a city and its country as JSON."}],
+    max_tokens=48, response_format=City, **common)
+city = City.model_validate_json(shaped.choices[0].message.content)
+print(json.dumps({"text": plain.choices[0].message.content,
+                  "tokens": plain.usage.completion_tokens,
+                  "finish": shaped.choices[0].finish_reason, "city": city.model_dump()}))
+"""
+)
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     proc = UpProcess(tmp_path_factory.mktemp("clients"))
     try:
         key = proc.wait_ready()
-        yield f"{proc.url}/v1", key
+        yield {"BASE": f"{proc.url}/v1", "KEY": key, "MODEL": MODEL}
     finally:
         proc.stop()
 
 
-def test_langchain_chat_and_structured_output(grid: tuple[str, str]) -> None:
-    from langchain_openai import ChatOpenAI
-
-    base, key = grid
-    llm = ChatOpenAI(
-        model=MODEL, base_url=base, api_key=key, max_tokens=48, temperature=0, max_retries=0
+def run_client(script: str, env: dict[str, str]) -> dict[str, object]:
+    """Run one client script against the grid; its one JSON line of results."""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    plain = llm.invoke("The capital of France is")
-    assert isinstance(plain.content, str) and plain.content
-    assert plain.response_metadata["finish_reason"] in ("stop", "length")
-    structured = llm.with_structured_output(City, method="json_schema", strict=True)
-    city = structured.invoke("Name a city and its country as JSON.")
-    assert isinstance(city, City)  # parsed and validated by LangChain from our answer
-    assert city.name and len(city.name) <= 24
+    assert out.returncode == 0, out.stderr[-4000:]
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
-def test_litellm_chat_and_response_format(grid: tuple[str, str]) -> None:
-    import litellm
+def test_langchain_chat_and_structured_output(grid: dict[str, str]) -> None:
+    r = run_client(LANGCHAIN, grid)
+    assert isinstance(r["text"], str) and r["text"]
+    assert r["finish"] in ("stop", "length")
+    assert r["type"] == "City"  # parsed and validated by LangChain from our answer
+    city = r["city"]
+    assert isinstance(city, dict) and city["name"] and len(city["name"]) <= 24
 
-    base, key = grid
-    common = {"model": f"openai/{MODEL}", "api_base": base, "api_key": key, "num_retries": 0}
-    plain = litellm.completion(
-        messages=[{"role": "user", "content": "The capital of France is"}],
-        max_tokens=8,
-        temperature=0,
-        **common,
-    )
-    assert plain.choices[0].message.content
-    assert 0 < plain.usage.completion_tokens <= 8
-    shaped = litellm.completion(
-        messages=[{"role": "user", "content": "Name a city and its country as JSON."}],
-        max_tokens=48,
-        temperature=0,
-        response_format=City,
-        **common,
-    )
-    choice = shaped.choices[0]
-    assert choice.finish_reason == "stop", choice
-    city = City.model_validate_json(choice.message.content)
-    assert city.name
+
+def test_litellm_chat_and_response_format(grid: dict[str, str]) -> None:
+    r = run_client(LITELLM, grid)
+    assert r["text"]
+    assert isinstance(r["tokens"], int) and 0 < r["tokens"] <= 8
+    assert r["finish"] == "stop", r
+    city = r["city"]
+    assert isinstance(city, dict) and city["name"]
