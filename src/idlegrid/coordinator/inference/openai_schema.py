@@ -123,14 +123,11 @@ class ChatRequest(_Common):
     # text | json_object | json_schema, enforced token by token (coordinator/inference/
     # structured.py); anything else is a 400 naming it.
     response_format: dict[str, Any] | None = None
-
-    def plain_messages(self) -> list[dict[str, str]]:
-        """Messages as role/content dicts for the chat template."""
-        role = {"developer": "system"}
-        return [
-            {"role": role.get(m.role, m.role), "content": str(m.content or "")}
-            for m in self.messages
-        ]
+    # Tool calling, enforced as a grammar (coordinator/inference/tools.py, core/tools.py);
+    # untyped here so that a malformed value is a 400 naming the field, not a 422.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
 
 def prompt_token_bound(text: str) -> int:

@@ -18,7 +18,7 @@ from idlegrid.coordinator.deps import (
     Services,
     services,
 )
-from idlegrid.coordinator.inference import fanout, fields
+from idlegrid.coordinator.inference import fanout, fields, tools
 from idlegrid.coordinator.inference import schemas as s
 from idlegrid.coordinator.inference.choices import plan
 from idlegrid.coordinator.inference.embed_routes import embedding_facts
@@ -30,7 +30,7 @@ from idlegrid.coordinator.inference.openai_schema import (
     prompt_token_bound,
 )
 from idlegrid.coordinator.inference.service import RequestFailed
-from idlegrid.coordinator.inference.structured import grammar_payload, invalid_failure
+from idlegrid.coordinator.inference.structured import invalid_failure
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
@@ -68,14 +68,21 @@ def _usage(done: list[TaskView]) -> dict[str, int]:
 class _Shape:
     """Differences between text completions and chat completions, in one place."""
 
-    def __init__(self, kind: str, response_id: str, model: str) -> None:
+    def __init__(self, kind: str, response_id: str, model: str, calls: bool = False) -> None:
         self.kind, self.id, self.model, self.created = kind, response_id, model, int(time.time())
+        self.calls = calls  # answers may be tool calls (tools.py reads them)
+        self.streams: dict[int, tools.DeltaStream] = {}
 
     def chunk(
-        self, index: int, text: str | None, finish: str | None, first: bool = False
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        first: bool = False,
+        delta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
-            delta: dict[str, Any] = {}
+            delta = dict(delta or {})
             if first:
                 delta["role"] = "assistant"
             if text is not None:
@@ -106,7 +113,11 @@ class _Shape:
                 "logprobs": None,
                 "finish_reason": task.finish_reason,
             }
-            if self.kind == "chat":
+            if self.kind == "chat" and self.calls:
+                choice["message"], choice["finish_reason"] = tools.whole_message(
+                    text, task.finish_reason, task.id
+                )
+            elif self.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
@@ -161,6 +172,7 @@ async def _serve(
     stream_out: bool,
     include_usage: bool,
     cap: Price,
+    calls: bool = False,
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
@@ -168,7 +180,8 @@ async def _serve(
         raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
-    shape = _Shape(kind, task_ids[0], model)
+    shape = _Shape(kind, task_ids[0], model, calls)
+    shape.streams = {k: tools.DeltaStream(t) for k, t in enumerate(task_ids)} if calls else {}
     started = time.perf_counter()
     if stream_out:
         return StreamingResponse(
@@ -248,7 +261,10 @@ async def _sse(
                 if first:
                     svc.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
                     first = False
-                if text:
+                if text and k in shape.streams:  # tool calls: read into deltas
+                    for delta in shape.streams[k].feed(text):
+                        yield _sse_line(shape.chunk(k, None, None, delta=delta))
+                elif text:
                     yield _sse_line(shape.chunk(k, text, None))
             elif event.kind == "done":
                 ended.add(k)
@@ -256,7 +272,12 @@ async def _sse(
                 done.append(task)
                 _count(svc, shape.model, task, "ok")
                 tail = None if shape.kind == "chat" else ""
-                yield _sse_line(shape.chunk(k, tail, task.finish_reason))
+                finish: Any = task.finish_reason
+                if k in shape.streams:
+                    held, finish = shape.streams[k].end(finish)
+                    for delta in held:
+                        yield _sse_line(shape.chunk(k, None, None, delta=delta))
+                yield _sse_line(shape.chunk(k, tail, finish))
             else:
                 ended.add(k)
                 svc.metrics.requests.labels(shape.model, "failed").inc()
@@ -332,11 +353,11 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 async def chat_completions(body: ChatRequest, request: Request, response: Response) -> Any:
     """Chat completion, templated by the serving engine with the model's own chat template."""
     fields.check(fields.CHAT, body.sent())
-    messages = body.plain_messages()
+    chat = tools.prepare(body)  # tools and tool turns written out; the grammar
+    messages, grammar = chat.messages, chat.grammar
     limit = body.max_completion_tokens or body.max_tokens
     max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
     stop = body.stop_list()
-    grammar = grammar_payload(body.response_format)
     work = [
         (
             {
@@ -362,4 +383,5 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
         body.stream,
         body.include_usage(),
         _price_cap(services(request), body),
+        chat.calls,
     )
