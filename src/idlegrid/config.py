@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,6 +88,16 @@ class CoordinatorSettings(BaseSettings):
     # Host header names this coordinator answers to, comma-separated, besides loopback
     # names and --host; "*" any (refuses DNS rebinding from a browser on this machine).
     allowed_hosts: str = ""
+    # Files API (docs/files.md): where uploaded content lives. Empty: data_dir/files; else
+    # any fsspec URL (`s3://bucket/prefix`), its options (endpoint_url, key, secret, ...) in
+    # files_options as JSON, or the backend's standard environment (AWS_* for S3).
+    files_url: str = ""
+    files_options: dict[str, Any] = Field(default_factory=dict)
+    # Limits of one upload, OpenAI's for batch input: 200 MB, 50,000 lines; a line is one
+    # request, so it may be no longer than a request body.
+    files_max_bytes: int = Field(200_000_000, gt=0)
+    files_max_lines: int = Field(50_000, gt=0)
+    files_max_line_bytes: int = Field(4 << 20, gt=0)
 
     def ensure_operator_key(self) -> str:
         """The operator key: configured, else read from (or created in) the data dir."""

@@ -11,8 +11,11 @@
     │   └── StaleAttempt        a node reports on an attempt it no longer holds (task, attempt)
     ├── LedgerError             an entry that does not balance, or a broken invariant
     ├── NoCapacity              no live provider can take the work (model, reasons)
-    └── EngineError             an engine failed to load or generate (engine, detail)
-        └── EngineCrashed       its start-up check died by a signal (signal, model, hint)
+    ├── EngineError             an engine failed to load or generate (engine, detail)
+    │   └── EngineCrashed       its start-up check died by a signal (signal, model, hint)
+    └── WorkspaceError          a lease's workspace on a provider (runtime)
+        ├── SandboxUnavailable  this machine cannot isolate a workspace (runtime, reason)
+        └── ProvisioningFailed  a step of making the workspace failed (lease, step, detail)
 
 The core raises these; only the HTTP edge (coordinator/http_errors.py) knows status codes.
 """
@@ -190,3 +193,43 @@ class EngineCrashed(EngineError):
         )
         super().__init__(message, engine=engine, detail=tail)
         self.data.update(model=model, signal=signal, hint=hint)
+
+
+class WorkspaceError(IdlegridError):
+    """A lease's workspace on a provider could not be made, run or ended."""
+
+    code = "workspace_error"
+
+
+class SandboxUnavailable(WorkspaceError):
+    """The runtime cannot give a workspace the isolation it promises on this machine (no
+    bubblewrap, no cgroup controller, not root...), or was not chosen explicitly."""
+
+    code = "sandbox_unavailable"
+
+    def __init__(self, runtime: str, reason: str) -> None:
+        super().__init__(
+            f"the {runtime} workspace runtime is unavailable: {reason}", runtime=runtime
+        )
+        self.data["reason"] = reason
+        self.runtime = runtime
+        self.reason = reason
+
+
+class ProvisioningFailed(WorkspaceError):
+    """One step of making a lease's workspace (disk, cgroup, venv, pip) failed."""
+
+    code = "provisioning_failed"
+
+    def __init__(self, lease: str, step: str, detail: str, *, exit_code: int | None = None) -> None:
+        super().__init__(
+            f"workspace {lease}: {step} failed: {detail}",
+            lease=lease,
+            step=step,
+            detail=detail,
+            exit_code=exit_code,
+        )
+        self.lease = lease
+        self.step = step
+        self.detail = detail
+        self.exit_code = exit_code

@@ -91,6 +91,51 @@ def _text_answer(r: httpx.Response) -> None:
     assert choice["finish_reason"] in ("stop", "length")
 
 
+def _lp(r: httpx.Response) -> list[tuple[str, float, list[float]]]:
+    """(token, logprob, alternatives' logprobs) per token, from either endpoint's shape."""
+    lp = r.json()["choices"][0]["logprobs"]
+    if "content" in lp:
+        return [(e["token"], e["logprob"], [a["logprob"] for a in e["top_logprobs"]])
+                for e in lp["content"]]  # fmt: skip
+    assert lp["text_offset"][0] == 0
+    tops = [list(d.values()) for d in lp["top_logprobs"]]
+    return list(zip(lp["tokens"], lp["token_logprobs"], tops, strict=True))
+
+
+def _logprobs(r: httpx.Response) -> None:
+    # The fake's pick sits 90 above every other token (engines/fake.py).
+    entries = _lp(r)
+    assert "".join(t for t, _, _ in entries) == _text(r) and len(entries) == 6
+    assert all(-1e-6 <= v <= 0 and all(-90.01 < a < -89.99 for a in alt)
+               for _, v, alt in entries)  # fmt: skip
+
+
+def _top3(r: httpx.Response) -> None:
+    assert [len(alt) for _, _, alt in _lp(r)] == [3] * 6
+
+
+def _penalised(r: httpx.Response) -> None:
+    # A token seen c times before sits 2c (frequency) + 2 (presence) lower: its best
+    # alternative's log-probability rises from -90 by as much.
+    entries = _lp(r)
+    seen: dict[str, int] = {}
+    lifted = 0
+    for token, _, alt in entries:
+        c = seen.get(token, 0)
+        want = -90.0 + (2.0 * c + 2.0 * (c > 0) if c else 0.0)
+        assert abs(alt[1] - want) < 0.05, (token, alt)  # alt[0] is the token itself
+        lifted += c > 0
+        seen[token] = c + 1
+    assert lifted  # some token repeated, so the penalty showed
+
+
+BANNED = str(ord("q") + 3)  # the fake's id for "q"
+
+
+def _biased(r: httpx.Response) -> None:
+    assert _text(r) == "q" * 6
+
+
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 # field -> (fields to send, check of the 200 answer); for refused fields only the 400 counts.
@@ -108,6 +153,29 @@ HONOURED: dict[str, tuple[dict[str, Any], Check]] = {
     "max_price": ({"max_price": {"prompt": 1000, "output": 1000}}, _ok),
     "messages": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}, _ok),
     "prompt": ({"prompt": [PROMPT, "second"]}, _two_prompts),
+    "logprobs": ({"logprobs": {"chat": True, "completions": 0}}, _logprobs),
+    "top_logprobs": ({"logprobs": True, "top_logprobs": 3}, _top3),
+    "logit_bias": ({"logit_bias": {BANNED: 100}}, _biased),
+    "presence_penalty": (
+        {
+            "presence_penalty": 2.0,
+            "frequency_penalty": 2.0,
+            "max_tokens": 12,
+            "logprobs": {"chat": True, "completions": 2},
+            "top_logprobs": {"chat": 2},
+        },
+        _penalised,
+    ),  # fmt: skip
+    "frequency_penalty": (
+        {
+            "presence_penalty": 2.0,
+            "frequency_penalty": 2.0,
+            "max_tokens": 12,
+            "logprobs": {"chat": True, "completions": 2},
+            "top_logprobs": {"chat": 2},
+        },
+        _penalised,
+    ),  # fmt: skip
     # Its effect needs an engine that constrains: tests/integration/test_grammar_llamacpp.py;
     # here, that a grid of engines that cannot is never served it unconstrained (below).
     "response_format": ({"response_format": {"type": "text"}}, _ok),
@@ -132,13 +200,8 @@ NO_EFFECT: dict[str, Any] = {
     "safety_identifier": "s-1",
 }
 REFUSED: dict[str, Any] = {
-    "presence_penalty": 0.5,
-    "frequency_penalty": -0.5,
-    "logit_bias": {"42": 100},
     "functions": [{"name": "f", "parameters": {"type": "object"}}],
     "function_call": "auto",
-    "logprobs": {"chat": True, "completions": 2},
-    "top_logprobs": 3,
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"},
@@ -168,6 +231,12 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
 
 
 def _post(grid: Grid, endpoint: str, extra: dict[str, Any]) -> httpx.Response:
+    # A value may differ per endpoint: {"chat": ..., "completions": ...}.
+    extra = {
+        k: v.get(endpoint) if isinstance(v, dict) and set(v) <= {"chat", "completions"} and v
+        else v
+        for k, v in extra.items()
+    }  # fmt: skip
     body = {k: v for k, v in {**BASE[endpoint], **extra}.items() if v is not None}
     with grid.http() as c:
         return c.post(
@@ -189,6 +258,8 @@ def test_each_field_is_honoured_or_refused_by_name(grid: Grid, endpoint: str, na
     rule = TABLE[endpoint][name]
     if rule.policy is fields.Policy.HONOURED:
         extra, check = HONOURED[name]
+        if endpoint == "completions" and name == "top_logprobs":
+            return  # a chat field
         r = _post(grid, endpoint, extra)
         assert r.status_code == 200, r.text
         check(r)
@@ -220,8 +291,8 @@ def test_unknown_fields_are_a_400_naming_them(grid: Grid, endpoint: str) -> None
 
 
 @pytest.mark.parametrize("prompt", ["p", ["p"], ["p", "q"]])
-def test_echo_suffix_logprobs_are_refused_for_every_prompt_shape(grid: Grid, prompt: Any) -> None:
-    for name, value in (("echo", True), ("suffix", "s"), ("logprobs", 1)):
+def test_echo_and_suffix_are_refused_for_every_prompt_shape(grid: Grid, prompt: Any) -> None:
+    for name, value in (("echo", True), ("suffix", "s")):
         r = _post(grid, "completions", {"prompt": prompt, name: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == name
 
@@ -239,6 +310,37 @@ def test_n_is_capped(grid: Grid, n: int, ok: bool) -> None:
     assert (r.status_code == 200) is ok, r.text
     if not ok:
         assert r.json()["error"]["param"] == "n"
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_streamed_logprobs_are_the_whole_answers(grid: Grid, endpoint: str) -> None:
+    lp = {"logprobs": True, "top_logprobs": 2} if endpoint == "chat" else {"logprobs": 2}
+    whole = _lp(_post(grid, endpoint, lp))
+    events = _events(_post(grid, endpoint, {**lp, "stream": True}))
+    streamed: list[tuple[str, float, list[float]]] = []
+    for e in events:
+        for choice in e["choices"]:
+            got = choice.get("logprobs")
+            if not got:
+                continue
+            if "content" in got:
+                streamed += [(c["token"], c["logprob"], [a["logprob"] for a in c["top_logprobs"]])
+                             for c in got["content"]]  # fmt: skip
+            else:
+                tops = [list(d.values()) for d in got["top_logprobs"]]
+                streamed += list(zip(got["tokens"], got["token_logprobs"], tops, strict=True))
+    assert streamed == whole
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_bias_outside_the_vocabulary_is_a_400_naming_it(grid: Grid, endpoint: str) -> None:
+    before = grid.entries()
+    r = _post(grid, endpoint, {"logit_bias": {"100000": -100}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "logit_bias"
+    new = grid.entries()[len(before) :]
+    assert [e["memo"] for e in new] == ["hold", "release"], new  # found by the provider:
+    # the escrow is released whole, nothing is charged
 
 
 def test_response_format_is_never_served_unconstrained(grid: Grid) -> None:

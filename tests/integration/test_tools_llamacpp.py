@@ -115,7 +115,7 @@ def _serve_and_audit(
             pass
         c = build_commitment(
             provider, DEFAULT_MODEL, ids, rec, seed, temperature, 1.0, res.finish_reason,
-            cm.Constraint(spec.digest(), engine_id() or ""),
+            constraint=cm.Constraint(spec.digest(), engine_id() or ""),
         )  # fmt: skip
     finally:
         provider.recorder = None

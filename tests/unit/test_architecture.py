@@ -121,7 +121,7 @@ def _runtime_imports(path: Path) -> set[str]:
 
 MODULES = {_module(p): p for p in SRC.rglob("*.py")}
 GRAPH = {m: {i for i in _runtime_imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
-DOMAINS = ("nodes", "inference", "market", "trust", "training", "dashboard")
+DOMAINS = ("nodes", "inference", "market", "trust", "training", "dashboard", "files")
 
 
 def _domain(module: str) -> str | None:

@@ -9,13 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from idlegrid.core.lease.lifecycle import LEASE
 from idlegrid.core.lifecycle import Lifecycle
 from idlegrid.core.nodes import NODE
 from idlegrid.core.training.lifecycle import JOB, PROBE, SEGMENT, TRAIN_AUDIT
 from idlegrid.core.trust.lifecycle import AUDIT, DISPUTE, HW_PROOF, TRAIN_DISPUTE
 from idlegrid.errors import Conflict, IllegalTransition
 
-TABLES = [JOB, SEGMENT, TRAIN_AUDIT, PROBE, AUDIT, HW_PROOF, DISPUTE, TRAIN_DISPUTE, NODE]
+TABLES = [JOB, SEGMENT, TRAIN_AUDIT, PROBE, AUDIT, HW_PROOF, DISPUTE, TRAIN_DISPUTE, NODE, LEASE]
 IDS = [t.name for t in TABLES]
 
 # The moves each table must allow, written out once more by hand: a table that loses or
@@ -91,6 +92,18 @@ EXPECTED = {
         ("draining", "gone"),
         ("gone", "live"),
     },
+    "lease": {
+        ("pending", "provisioning"),
+        ("pending", "ended"),
+        ("pending", "failed"),
+        ("provisioning", "running"),
+        ("provisioning", "ending"),
+        ("provisioning", "failed"),
+        ("running", "ending"),
+        ("running", "failed"),
+        ("ending", "ended"),
+        ("ending", "failed"),
+    },
 }
 TERMINAL = {
     "train-job": {"done", "canceled", "failed", "expired"},
@@ -102,6 +115,7 @@ TERMINAL = {
     "dispute": {"won", "lost", "expired"},
     "train-dispute": {"won", "lost", "expired"},
     "node": set(),
+    "lease": {"ended", "failed"},
 }
 
 

@@ -55,17 +55,11 @@ def test_unknown_fields_are_refused_by_name() -> None:
 @pytest.mark.parametrize(
     ("table", "name", "neutral", "refused"),
     [
-        (fields.CHAT, "logprobs", False, True),
-        (fields.CHAT, "top_logprobs", 0, 2),
         (fields.CHAT, "functions", [], [{"name": "f"}]),
         (fields.CHAT, "function_call", "none", "auto"),
         (fields.CHAT, "modalities", ["text"], ["text", "audio"]),
-        (fields.CHAT, "presence_penalty", 0.0, 0.5),
-        (fields.CHAT, "logit_bias", {}, {"42": 100}),
         (fields.COMPLETIONS, "echo", False, True),
         (fields.COMPLETIONS, "suffix", "", "tail"),
-        (fields.COMPLETIONS, "logprobs", None, 0),
-        (fields.COMPLETIONS, "frequency_penalty", 0, -1.0),
     ],
 )
 def test_refused_fields_pass_only_with_a_neutral_value(
@@ -86,8 +80,48 @@ def test_neutral_values_that_depend_on_the_rest_of_the_body() -> None:
 
 
 def test_booleans_are_not_taken_for_numbers() -> None:
-    assert _param(fields.CHAT, {"logprobs": 0}) == "logprobs"
-    assert _param(fields.CHAT, {"top_logprobs": False}) == "top_logprobs"
+    from pydantic import ValidationError
+
+    from idlegrid.coordinator.inference.openai_schema import ChatRequest, CompletionRequest
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for bad in ({"logprobs": 0}, {"logprobs": True, "top_logprobs": False}):
+        with pytest.raises(ValidationError) as info:
+            ChatRequest.model_validate({**base, **bad})
+        assert info.value.errors()[0]["loc"][0] in bad
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", "logprobs": True})
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ],
+)
+def test_penalty_and_bias_ranges_are_a_400_naming_them(body: dict, param: str) -> None:
+    from idlegrid.coordinator.inference.openai_schema import CompletionRequest
+
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "p", **body})
+    with pytest.raises(InvalidRequest) as info:
+        req.sampler_fields(None)
+    assert info.value.param == param
+
+
+def test_top_logprobs_needs_logprobs_and_neutral_values_leave_the_payload_alone() -> None:
+    from idlegrid.coordinator.inference.openai_schema import ChatRequest
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(InvalidRequest) as info:
+        ChatRequest.model_validate({**base, "top_logprobs": 3}).logprobs_k()
+    assert info.value.param == "top_logprobs"
+    req = ChatRequest.model_validate({**base, "logprobs": True, "top_logprobs": 3})
+    assert req.logprobs_k() == 3
+    plain = ChatRequest.model_validate({**base, "presence_penalty": 0, "logit_bias": {}})
+    assert plain.sampler_fields(plain.logprobs_k()) == {}
 
 
 def test_choice_zero_keeps_the_seed_and_the_others_are_derived_apart() -> None:

@@ -162,18 +162,21 @@ class Channel:
         up.synced = False
         await self._send({"op": "sync", "task_id": up.task_id, "attempt": up.attempt})
 
-    async def upload(self, up: Uploads, start: int, pieces: list[Any]) -> None:
-        """Send pieces without waiting for the coordinator's answer."""
+    async def upload(
+        self, up: Uploads, start: int, pieces: list[Any], logprobs: list[Any] | None = None
+    ) -> None:
+        """Send pieces (and their logprobs, when asked for) without waiting for an answer."""
         up.unacked.append((start, pieces))
-        await self._send(
-            {
-                "op": "upload",
-                "task_id": up.task_id,
-                "attempt": up.attempt,
-                "start": start,
-                "pieces": pieces,
-            }
-        )
+        frame = {
+            "op": "upload",
+            "task_id": up.task_id,
+            "attempt": up.attempt,
+            "start": start,
+            "pieces": pieces,
+        }
+        if logprobs is not None:
+            frame["logprobs"] = logprobs
+        await self._send(frame)
 
     async def _read(self) -> None:
         try:

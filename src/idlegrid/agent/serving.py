@@ -50,6 +50,8 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     delivered: int = 0  # token ids the coordinator accepted for this attempt
     recorder: Any = None  # what the engine recorded, for a part's commitment at handback
+    # Per piece (by index in the attempt) its logprobs message, when the request asked.
+    logprobs: list[Any] = field(default_factory=list)
 
 
 class Serving:
@@ -179,10 +181,9 @@ class Serving:
                 return
             try:
                 prompt_ids = self._prompt_ids(engine, task)
+                sampling_params(task)
             except IdlegridError as exc:
-                await self.ctx.client.call(
-                    f"{base}/fail", {"reason": exc.message, "kind": "invalid_request"}
-                )
+                await self._invalid(base, exc)
                 return
             queue: asyncio.Queue[Any] = asyncio.Queue()
             loop = asyncio.get_running_loop()
@@ -207,8 +208,8 @@ class Serving:
             ok = await self._upload(base, queue, job)
             try:
                 await worker
-            except InvalidRequest as exc:  # e.g. a schema the grammar engine cannot compile
-                await self._fail(base, f"{exc.param}: {exc.message}", "invalid_request")
+            except InvalidRequest as exc:  # e.g. a logit_bias id outside the vocabulary
+                await self._invalid(base, exc)
                 return
             except Exception as exc:
                 log.exception("engine failed on %s", task.task_id)
@@ -254,6 +255,12 @@ class Serving:
         finally:
             self.jobs.discard(job)
 
+    async def _invalid(self, base: str, exc: IdlegridError) -> None:
+        """The request itself is bad for every provider: say which field."""
+        param = getattr(exc, "param", None)
+        body = {"reason": exc.message[:500], "kind": "invalid_request"}
+        await self.ctx.client.call(f"{base}/fail", {**body, "param": param} if param else body)
+
     async def _fail(self, base: str, reason: str, kind: str, commitment: str | None = None) -> None:
         with contextlib.suppress(Conflict):
             try:
@@ -274,7 +281,7 @@ class Serving:
             return None
         from idlegrid.engines.commit import Recorder, build_commitment
 
-        part = Recorder(rec.tokens[:n], rec.states[:n])
+        part = Recorder(rec.tokens[:n], rec.states[:n], rec.logprobs[:n])
         c = build_commitment(
             engine,
             task.model,
@@ -284,7 +291,8 @@ class Serving:
             task.temperature,
             task.top_p,
             "length",
-            _constraint(task),
+            extras=task_extras(task),
+            constraint=_constraint(task),
         )
         blob = c.encode()
         self.ctx.remember(self.ctx.commitments, (task.task_id, task.attempt), blob)
@@ -329,11 +337,10 @@ class Serving:
         committed: dict[str, str] | None = None,
     ) -> None:
         room = engine.context_length - len(prompt_ids)
-        spec = GrammarSpec.from_wire(task.grammar) if task.grammar else None
-        if spec is not None and not engine.describe().get("grammar"):
+        params = sampling_params(task)
+        if params.grammar is not None and not engine.describe().get("grammar"):
             # Never served unconstrained; the coordinator routes these elsewhere.
             raise EngineError("this engine cannot constrain output", engine=engine.name)
-        params = SamplingParams(task.temperature, task.top_p, task.seed, grammar=spec)
         recorder = None
         if committed is not None and hasattr(engine, "recorder") and hasattr(engine, "audit"):
             from idlegrid.engines.commit import Recorder
@@ -353,6 +360,8 @@ class Serving:
             ):
                 if job.cancel.is_set():
                     break
+                if task.logprobs is not None:  # before the piece: the uploader reads it after
+                    job.logprobs.append(logprob_msg(engine, piece.logprobs))
                 loop.call_soon_threadsafe(queue.put_nowait, (piece.token_id, piece.text))
             if recorder is not None and committed is not None and not job.cancel.is_set():
                 from idlegrid.engines.commit import build_commitment
@@ -367,7 +376,8 @@ class Serving:
                     task.temperature,
                     task.top_p,
                     result.finish_reason,
-                    _constraint(task),
+                    extras=task_extras(task),
+                    constraint=_constraint(task),
                 )
                 committed["blob"] = base64.b64encode(c.encode()).decode()
         finally:
@@ -408,7 +418,7 @@ class Serving:
                 last_upload = loop.time()
                 if up is not None and channel is not None and not up.lost:
                     with contextlib.suppress(ChannelClosed):  # kept as unacked: resent below
-                        await channel.upload(up, sent, batch)
+                        await channel.upload(up, sent, batch, _lps(job, sent, len(batch)))
                 else:
                     if up is not None and channel is not None:  # the channel went down:
                         await self._settle(base, job, up, channel)  # what it left goes first
@@ -426,7 +436,11 @@ class Serving:
         return True
 
     async def _upload_http(self, base: str, job: _Job, start: int, batch: list[Any]) -> None:
-        await self.ctx.client.call(f"{base}/upload", {"start": start, "pieces": batch})
+        body: dict[str, Any] = {"start": start, "pieces": batch}
+        lps = _lps(job, start, len(batch))
+        if lps is not None:
+            body["logprobs"] = lps
+        await self.ctx.client.call(f"{base}/upload", body)
         job.delivered += sum(1 for tid, _ in batch if tid >= 0)
 
     async def _settle(self, base: str, job: _Job, up: Uploads, channel: Channel) -> None:
@@ -450,3 +464,51 @@ class Serving:
     async def _drain_queue(queue: asyncio.Queue[Any], finished: bool) -> None:
         while not finished:
             finished = await queue.get() is _DONE
+
+
+def sampling_params(task: TaskMsg) -> SamplingParams:
+    """The engine's sampling parameters for a task, its grammar included (InvalidRequest
+    naming a bad field)."""
+    from idlegrid.core.trust import adjust
+
+    try:
+        adj = adjust.make(task.presence_penalty, task.frequency_penalty, task.logit_bias)
+    except adjust.AdjustError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from exc
+    return SamplingParams(
+        task.temperature,
+        task.top_p,
+        task.seed,
+        None if adj.neutral else adj,
+        task.logprobs,
+        grammar=GrammarSpec.from_wire(task.grammar) if task.grammar else None,
+    )
+
+
+def task_extras(task: TaskMsg) -> Any:
+    """What the commitment records beyond seed/temperature/top_p: the coordinator expects
+    exactly the request's (`extras.expected`)."""
+    from idlegrid.core.trust.extras import expected
+
+    return expected(
+        task.presence_penalty,
+        task.frequency_penalty,
+        task.logit_bias,
+        task.logprobs,
+        len(task.prior_ids),
+    )
+
+
+def logprob_msg(engine: Engine, lp: Any) -> dict[str, Any] | None:
+    """A piece's logprobs as uploaded (None for text flushed without a token)."""
+    if lp is None:
+        return None
+    return {
+        "lp": lp.logprob,
+        "bytes": engine.detokenize([lp.token]).hex(),
+        "top": [[t, v, engine.detokenize([t]).hex()] for t, v in lp.top],
+    }
+
+
+def _lps(job: _Job, start: int, n: int) -> list[Any] | None:
+    return job.logprobs[start : start + n] if job.task.logprobs is not None else None

@@ -28,6 +28,9 @@ from idlegrid.coordinator.events import (
     NodeRegistered,
     SupplyChanged,
 )
+from idlegrid.coordinator.files import routes as routes_files
+from idlegrid.coordinator.files.service import Files
+from idlegrid.coordinator.files.storage import open_store
 from idlegrid.coordinator.inference import embed_routes, work_routes
 from idlegrid.coordinator.inference import routes as routes_openai
 from idlegrid.coordinator.inference.service import Inference
@@ -69,13 +72,18 @@ def create_app(
 
     app = FastAPI(title="idlegrid coordinator", version=__version__, lifespan=lifespan)
     http_errors.install(app)
+    # Uploads to /v1/files stream past the guard: the route bounds them as they arrive.
     app.add_middleware(
-        BodyGuard, max_bytes=settings.max_body_bytes, large_bytes=settings.max_checkpoint_body_bytes
+        BodyGuard,
+        max_bytes=settings.max_body_bytes,
+        large_bytes=settings.max_checkpoint_body_bytes,
+        streamed=("/v1/files",),
     )
     # Last added runs first: a foreign Host (DNS rebinding) is refused before anything.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names())
     app.include_router(routes_openai.router)
     app.include_router(embed_routes.router)
+    app.include_router(routes_files.router)
     app.include_router(routes_nodes.router)
     app.include_router(work_routes.router)
     app.include_router(routes_admin.router)
@@ -128,6 +136,8 @@ def compose(ctx: Context) -> Services:
     inference = Inference(ctx, nodes=nodes, trust=trust, market=market, paid=trust.payability)
     jobs = Jobs(ctx)
     dashboard = Dashboard(ctx, power=nodes.power, orders=market.store.orders)
+    s = ctx.settings
+    files = Files(ctx, open_store(s.files_url, s.files_options, s.data_dir))
     # One dispute shell; each domain brings its game (the rules and the consequences).
     disputes = DisputeShell([trust.disputes, jobs.disputes])
     ev = ctx.events
@@ -163,5 +173,5 @@ def compose(ctx: Context) -> Services:
         interval_s=min(0.5, ctx.settings.heartbeat_interval_s),
     )
     return Services(
-        ctx, nodes, inference, market, trust, hwproofs, jobs, dashboard, supervisor, disputes
+        ctx, nodes, inference, market, trust, hwproofs, jobs, dashboard, supervisor, disputes, files
     )

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from idlegrid.config import LOOPBACK_NAMES
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard.data import Dashboard
+from idlegrid.coordinator.files.service import Files
 from idlegrid.coordinator.inference.service import Inference
 from idlegrid.coordinator.market.service import Market
 from idlegrid.coordinator.nodes.service import Nodes
@@ -47,6 +48,7 @@ class Services:
     dashboard: Dashboard
     supervisor: Supervisor
     disputes: DisputeShell  # both kinds: trust.disputes (inference), jobs.disputes (training)
+    files: Files
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""

@@ -65,7 +65,12 @@ class BodyGuard:
     """ASGI middleware: 413 past the size bound, 400 for a JSON string that is not text."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, large_bytes: int, large_prefix: tuple[str, ...] = LARGE
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        large_bytes: int,
+        large_prefix: tuple[str, ...] = LARGE,
+        streamed: tuple[str, ...] = (),
     ) -> None:
         self.app, self.small, self.large, self.large_prefix = (
             app,
@@ -73,9 +78,16 @@ class BodyGuard:
             large_bytes,
             large_prefix,
         )
+        # Paths whose routes read their (multipart, not JSON) body as it streams and bound
+        # it themselves: buffering a 200 MB upload here would hold it in memory.
+        self.streamed = frozenset(streamed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD", "OPTIONS")
+            or scope["path"] in self.streamed
+        ):
             await self.app(scope, receive, send)
             return
         limit = self.large if scope["path"].startswith(self.large_prefix) else self.small

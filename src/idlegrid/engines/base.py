@@ -14,18 +14,29 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from idlegrid.core.grammar import GrammarSpec
+    from idlegrid.core.trust.adjust import Adjust
+    from idlegrid.core.trust.logprobs import TokenLogprobs
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI sampling semantics: no repeat penalty, no top-k, no min-p."""
+    """OpenAI sampling semantics: no repeat penalty, no top-k, no min-p; OpenAI's presence
+    and frequency penalties and logit_bias (`adjust`), logprobs on request."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    adjust: Adjust | None = None  # penalties and logit_bias (None: none)
+    logprobs: int | None = None  # alternatives reported per token (None: no logprobs)
+    n_prior: int = 0  # trailing context tokens that are this choice's earlier output
     # Structured outputs: only engines whose describe() names a "grammar" engine get these.
     grammar: GrammarSpec | None = None
     grammar_prefix: tuple[int, ...] = ()  # answer tokens already generated (failover)
+
+
+def wants_steps(params: SamplingParams) -> bool:
+    """Whether these params need an engine that samples through `engines/steps.Steps`."""
+    return params.logprobs is not None or (params.adjust is not None and not params.adjust.neutral)
 
 
 @runtime_checkable
@@ -76,6 +87,7 @@ class Piece:
 
     token_id: int
     text: str
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass
@@ -122,19 +134,31 @@ def stream_pieces(
     held_ids: list[int] = []
     count = 0
     context = [*prompt_ids, *prior_ids]
+    steps = wants_steps(params)
+    if steps:
+        # An engine that cannot apply penalties, bias or logprobs must not drop them.
+        if not hasattr(engine, "steps"):
+            from idlegrid.errors import InvalidRequest
+
+            raise InvalidRequest(
+                f"engine {engine.name} cannot apply penalties, logit_bias or logprobs",
+                param="logprobs" if params.logprobs is not None else "logit_bias",
+            )
+        params = replace(params, n_prior=len(prior_ids))  # penalties count earlier output
     if params.grammar is not None and prior_ids:
         params = replace(params, grammar_prefix=tuple(prior_ids))  # the grammar resumes there
     for token_id in engine.generate(context, params):
         if engine.is_end(token_id):
             break
         count += 1
+        lp = engine.steps.last if steps else None  # type: ignore[attr-defined]
         text = held + decoder.decode(engine.detokenize([token_id]))
         held_ids.append(token_id)
         if stop:
             cut = _first_stop(text, stop)
             if cut is not None:
                 result.finish_reason = "stop"
-                piece = Piece(held_ids[-1], text[:cut])
+                piece = Piece(held_ids[-1], text[:cut], lp)
                 result.pieces.append(piece)
                 yield piece
                 return
@@ -149,7 +173,7 @@ def stream_pieces(
             piece = Piece(tid, "")
             result.pieces.append(piece)
             yield piece
-        piece = Piece(held_ids[-1], text)
+        piece = Piece(held_ids[-1], text, lp)
         held_ids = []
         result.pieces.append(piece)
         yield piece

@@ -19,7 +19,10 @@ import numpy as np
 
 from idlegrid.core import grammar
 from idlegrid.core.trust import commitment as cm
-from idlegrid.core.trust import sampling
+from idlegrid.core.trust import logprobs as lpm
+from idlegrid.core.trust.extras import Extras
+from idlegrid.core.trust.logprobs import TokenLogprobs
+from idlegrid.engines.steps import Replayer
 
 
 @dataclass
@@ -28,14 +31,17 @@ class Recorder:
 
     tokens: list[int] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     # Set by an engine that can fill some states only once the answer is over (llama.cpp:
     # the first one); `finish` runs it before the states are read.
     complete: Callable[[Recorder], None] | None = None
 
-    def add(self, token: int, state: np.ndarray) -> None:
-        """Record one generated token."""
+    def add(self, token: int, state: np.ndarray, logprobs: TokenLogprobs | None = None) -> None:
+        """Record one generated token (and its logprobs, when the request asked for them)."""
         self.tokens.append(int(token))
         self.states.append(np.asarray(state, dtype=np.float32).reshape(-1))
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
 
     def finish(self) -> None:
         """Let the engine fill in what it deferred (once)."""
@@ -98,9 +104,13 @@ def build_commitment(
     temperature: float,
     top_p: float,
     finish_reason: str,
+    *,
+    extras: Extras | None = None,
     constraint: cm.Constraint | None = None,
 ) -> cm.Commitment:
-    """Commit to what `rec` recorded for one generation (under `constraint`'s grammar)."""
+    """Commit to what `rec` recorded for one generation (penalties, bias and the count of
+    logprobs it was made with in `extras`, the logprobs themselves `rec`'s; under
+    `constraint`'s grammar)."""
     rec.finish()
     states = np.stack(rec.states) if rec.states else np.zeros((0, 1), np.float32)
     entries = []
@@ -120,6 +130,8 @@ def build_commitment(
         finish_reason,
         ended,
         int(states.shape[1]),
+        extras=extras,
+        logprobs=rec.logprobs if extras is not None and extras.top_logprobs >= 0 else (),
         constraint=constraint,
     )
 
@@ -144,7 +156,7 @@ def recompute(
     n = len(tokens)
     report_chunks: list[cm.ChunkReport] = []
     if n:
-        states, replays = _outputs(engine, list(context_ids), c, matcher)
+        states, replays, rechecks = _outputs(engine, list(context_ids), c, matcher)
         for j, ch in enumerate(c.chunks):
             lo = j * h.chunk_size
             rows = states[lo : lo + h.chunk_size]
@@ -157,6 +169,7 @@ def recompute(
                     kth_magnitude(rows, len(ch.indices)),
                     tuple(margin for margin, _ in reps),
                     tuple(allowed for _, allowed in reps),
+                    tuple(rechecks[lo : lo + len(ch.tokens)]),
                 )
             )
     end_ok = _end_ok(engine, c, tokens, max_new_tokens, stop, len(context_ids), context_length)
@@ -171,9 +184,13 @@ def recompute(
 
 def _outputs(
     engine: Any, context_ids: list[int], c: cm.Commitment, matcher: Any = None
-) -> tuple[np.ndarray, list[tuple[float, bool]]]:
-    """The hidden states of the committed positions and each committed token's replay
-    (margin, allowed), positions in order.
+) -> tuple[np.ndarray, list[tuple[float, bool]], list[lpm.Recheck]]:
+    """The hidden states of the committed positions, each committed token's replay (margin,
+    allowed), positions in order, and its logprobs recomputed (when committed).
+
+    Per position, as the provider's sampler (`engines/steps`): the committed penalties and
+    bias over the committed history (`Replayer`), then the grammar's mask, then the seeded
+    replay; the logprobs are recomputed from the same adjusted and masked logits.
 
     Engines with `replay_states` (llama.cpp: its batched and one-token kernels differ, so it
     replays the provider's own schedule) hand over each position's logits as they compute
@@ -182,18 +199,19 @@ def _outputs(
     """
     h, tokens = c.header, c.tokens
     base = len(context_ids)
+    replayer = Replayer(c, context_ids)
     grammar_ok = True
 
     def replay(r: int, logits: np.ndarray) -> tuple[float, bool]:
         nonlocal grammar_ok
-        fits = True
+        fits, ok = True, None
         if matcher is not None:
+            tok = tokens[r]
             if grammar_ok:
                 ok = grammar.allowed(matcher.mask(), len(logits))
-                fits = bool(ok[tokens[r]])
-                logits = grammar.masked(logits, ok)
-            grammar_ok = fits = grammar_ok and fits and matcher.consume(tokens[r])
-        rep = sampling.replay(logits, tokens[r], h.seed, base + r, h.temperature, h.top_p)
+                fits = 0 <= tok < len(ok) and bool(ok[tok])
+            grammar_ok = fits = grammar_ok and fits and matcher.consume(tok)
+        rep = replayer.step(r, logits, ok)
         return (rep.margin if fits else float("-inf")), rep.allowed
 
     if hasattr(engine, "replay_states"):
@@ -201,14 +219,14 @@ def _outputs(
         states = engine.replay_states(
             context_ids, tokens, lambda r, lg: replays.append(replay(r, lg))
         )
-        return states, replays
+        return states, replays, replayer.rechecks
     ids = [*context_ids, *tokens]
     states = engine.prefill_states(ids[:-1])[base - 1 :]
     replays = []
     for lo in range(0, len(tokens), h.chunk_size):
         for r, lg in enumerate(engine.logits_of(states[lo : lo + h.chunk_size]), start=lo):
             replays.append(replay(r, lg))
-    return states, replays
+    return states, replays, replayer.rechecks
 
 
 def _end_ok(

@@ -21,6 +21,10 @@ It is a real `Engine`, not a mock:
   would pick far above the rest. A FakeEngine verifier recomputes both exactly, so an
   honest fake passes its audits bit-exact and a fake that lies about a token, the seed or
   the context fails them, through the same commitment, recompute and judge as llama.cpp.
+- Penalties, logit_bias and logprobs go through the shared sampler (`engines/steps.py`) on
+  those logits: the pick sits 90 above every other token, so no penalty and no seeded
+  draw at T ≤ 2 moves it (90 / 2 > `NOISE_RANGE`), but a bias of +100 lifts a token over
+  it and -100 sinks it, as on a real model. Without them the pick is taken directly.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from idlegrid.engines.base import SamplingParams
+from idlegrid.engines.base import SamplingParams, wants_steps
 from idlegrid.errors import EngineError, InvalidRequest
 
 if TYPE_CHECKING:
@@ -46,7 +50,7 @@ END_MARKER = "<|end|>"
 END_AFTER_WORDS = 4
 DELAY_ENV = "IDLEGRID_FAKE_TOKEN_DELAY"
 HIDDEN = 8  # width of the fake hidden state
-_LOSER = -1.0e4  # logit of every token the fake would not pick
+_LOSER = -90.0  # logit of every token the fake would not pick (see the module docstring)
 
 WORDS = (
     "grid", "idle", "power", "token", "river", "stone", "cloud", "lamp", "orbit", "paper",
@@ -107,6 +111,7 @@ class FakeEngine:
             raise EngineError("fake words must be 1-32 bytes without spaces", engine="fake")
         self._words = [[b + OFFSET for b in w.encode()] for w in words]
         self.recorder: Recorder | None = None
+        self.steps: Any = None  # the current generation's sampler state (engines/steps.py)
         self._audit_salt = 0  # the salt of the commitment being audited (verifier mode)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -136,15 +141,32 @@ class FakeEngine:
         for token_id in prompt_ids:
             state.push(token_id)
         n = len(prompt_ids)
+        steps = None
+        if wants_steps(params):
+            from idlegrid.engines.steps import Steps
+
+            steps = Steps(prompt_ids, params, VOCAB_SIZE)
+        self.steps = steps
         while n < self._context_length:
-            token_id = self._next(state, salt)
+            would = token_id = self._next(state, salt)
+            if steps is not None:
+                token_id = steps.pick(_choose, self._one_hot(would), seed or 0, n)
             if self.token_delay:
                 time.sleep(self.token_delay)
             if self.recorder is not None:
-                self.recorder.add(token_id, _hidden(state.h, salt, token_id))  # type: ignore[arg-type]
+                lp = steps.last if steps is not None else None
+                self.recorder.add(token_id, _hidden(state.h, salt, would), lp)  # type: ignore[arg-type]
             yield token_id
             state.push(token_id)
             n += 1
+
+    @staticmethod
+    def _one_hot(token_id: int) -> np.ndarray:
+        import numpy as np
+
+        out = np.full(VOCAB_SIZE, _LOSER, dtype=np.float32)
+        out[token_id] = 0.0
+        return out
 
     def _next(self, state: _State, salt: int) -> int:
         word = self._words[_mix(state.h_boundary ^ salt) % len(self._words)]
@@ -218,6 +240,12 @@ class FakeEngine:
 
         self._audit_salt = _salt(c.header.seed, c.header.temperature)
         return recompute(self, context_ids, c, max_new_tokens, stop, self._context_length)
+
+
+def _choose(logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+    from idlegrid.core.trust import sampling
+
+    return sampling.choose(logits, seed, position, params.temperature, params.top_p)
 
 
 def _salt(seed: int | None, temperature: float) -> int:

@@ -32,6 +32,7 @@ from idlegrid.core.trust import sampling
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.models import resolve_model
+from idlegrid.engines.steps import Steps
 from idlegrid.errors import EngineError, InvalidRequest
 
 DEFAULT_CONTEXT = 8192
@@ -151,6 +152,7 @@ class LlamaCppEngine:
         self._serial = 0  # generations started; a deferred state belongs to one of them
         self._grammars: Any = None  # engines/grammar.Grammars, built on the first constraint
         self.recorder: Recorder | None = None  # set by the agent to commit one generation
+        self.steps: Steps | None = None  # the current generation's sampler state
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids; special tokens written in `text` are parsed, as llama-server does."""
@@ -203,16 +205,18 @@ class LlamaCppEngine:
             rec.complete = lambda r: self._complete(r, ids, serial)
         limit, n = self._context_length, len(ids)
         state: np.ndarray | None = None
+        steps = self.steps = self._steps(ids, params)
         matcher = self.matcher(params.grammar, params.grammar_prefix) if params.grammar else None
         while True:
-            logits = self._logits()
-            if matcher is not None:  # forbidden tokens at −inf before temperature and top-p
-                logits = grammar.apply_mask(logits, matcher.mask())
-            token_id = self._pick(logits, seed, n, params)
+            # penalties and bias, then the grammar's mask (forbidden tokens at −inf), then
+            # temperature and top-p: engines/steps
+            mask = matcher.mask() if matcher is not None else None
+            token_id = steps.pick(self._pick, self._logits(), seed, n, mask)
             if matcher is not None and not matcher.consume(token_id):
                 raise EngineError("sampled a token the grammar forbids", engine=self.name)
             if rec is not None:
-                rec.add(token_id, state if state is not None else np.zeros(self._n_embd))
+                state = state if state is not None else np.zeros(self._n_embd)
+                rec.add(token_id, state, steps.last)
             yield token_id
             n += 1
             if llm.n_tokens >= limit:
@@ -222,6 +226,9 @@ class LlamaCppEngine:
             llm.eval([token_id])
             if rec is not None:
                 state = self._embedding()
+
+    def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
+        return Steps(ids, params, self._n_vocab)
 
     def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
         return sampling.choose(logits, seed, position, params.temperature, params.top_p)

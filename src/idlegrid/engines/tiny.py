@@ -17,6 +17,7 @@ import numpy as np
 from idlegrid.core.trust import sampling
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
+from idlegrid.engines.steps import Steps
 from idlegrid.errors import EngineError
 
 EOS_ID, BOS_ID, OFFSET = 1, 2, 3
@@ -59,6 +60,7 @@ class TinyEngine:
         self._head = self._model[-1]
         self._dtype_name = dtype
         self.recorder: Recorder | None = None
+        self.steps: Steps | None = None  # the current generation's sampler state
 
     # ---- Engine ------------------------------------------------------------------------
 
@@ -80,12 +82,13 @@ class TinyEngine:
         ids = list(prompt_ids)
         check_prompt(ids, self._context_length, VOCAB)
         seed = params.seed if params.seed is not None else 0
+        steps = self.steps = Steps(ids, params, VOCAB)
         while len(ids) < self._context_length:
             state = self._last_state(ids)
             logits = self.logits_of(state[None, :])[0]
-            token = self._pick(logits, seed, len(ids), params)
+            token = steps.pick(self._pick, logits, seed, len(ids))
             if self.recorder is not None:
-                self.recorder.add(token, state)
+                self.recorder.add(token, state, steps.last)
             yield token
             ids.append(token)
 

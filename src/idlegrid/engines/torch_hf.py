@@ -28,6 +28,7 @@ from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.llamacpp import default_threads
 from idlegrid.engines.models import resolve_model
+from idlegrid.engines.steps import Steps
 from idlegrid.errors import EngineError
 
 DEFAULT_CONTEXT = 8192
@@ -41,6 +42,10 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 EOG_TEXTS = {"<end_of_turn>", "</s>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>",
              "<|end_of_text|>", "<EOT>", "_<EOT>", "<|eom_id|>", "<end_of_utterance>",
              "<|return|>", "<|call|>"}  # fmt: skip
+
+
+def _choose(logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+    return sampling.choose(logits, seed, position, params.temperature, params.top_p)
 
 
 class TorchEngine:
@@ -94,6 +99,7 @@ class TorchEngine:
         self._chat_template = gguf.meta.get("tokenizer.chat_template")
         self._versions = {"torch": torch.__version__, "transformers": transformers.__version__}
         self.recorder: Recorder | None = None  # set by the agent to commit one generation
+        self.steps: Steps | None = None  # the current generation's sampler state
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids as llama.cpp makes them (special tokens in `text` are parsed)."""
@@ -124,6 +130,7 @@ class TorchEngine:
         step = torch.tensor([ids], dtype=torch.long, device=self._device)
         n = len(ids)
         recorder = self.recorder
+        steps = self.steps = Steps(ids, params, len(self._vocab.tokens))
         while True:
             # inference_mode per call, never held across a yield, so it cannot leak into
             # the caller's code between tokens.
@@ -131,9 +138,9 @@ class TorchEngine:
                 out = self._model.model(input_ids=step, past_key_values=cache, use_cache=True)
                 state = out.last_hidden_state[0, -1:]
                 logits = self._logits(state)[0]
-            token_id = sampling.choose(logits, seed, n, params.temperature, params.top_p)
+            token_id = steps.pick(_choose, logits, seed, n)
             if recorder is not None:
-                recorder.add(token_id, state[0].float().cpu().numpy())
+                recorder.add(token_id, state[0].float().cpu().numpy(), steps.last)
             yield token_id
             n += 1
             if n >= self._context_length:

@@ -113,9 +113,24 @@ class TaskMsg(Message):
     prior_ids: list[int] = Field(default_factory=list)
     # Whether the consumer reads the answer as it is made; if not, uploads can wait longer.
     stream: bool = True
+    # OpenAI's penalties and logit_bias (token id as a string -> bias), applied in the
+    # sampler and committed; logprobs: alternatives per token (None: no logprobs).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+    logprobs: int | None = Field(None, ge=0, le=20)
     # Structured outputs (core/grammar.GrammarSpec.to_wire): sent only to agents whose engine
     # facts name a grammar engine; the answer must be sampled under it and commit to it.
     grammar: dict[str, str] | None = None
+
+
+class LogprobMsg(Message):
+    """One token's logprobs as the consumer gets them: its log-probability, its bytes (hex)
+    and the alternatives as [token id, log-probability, bytes (hex)]."""
+
+    lp: float = Field(le=0, allow_inf_nan=False)
+    bytes: str = Field("", max_length=512, pattern=r"^[0-9a-f]*$")
+    top: list[tuple[int, float, str]] = Field(default_factory=list, max_length=20)
 
 
 class UploadMsg(Message):
@@ -123,6 +138,8 @@ class UploadMsg(Message):
 
     start: int = Field(ge=0)
     pieces: list[tuple[int, str]] = Field(max_length=4096)
+    # Aligned with `pieces` when the request asked for logprobs (null for a text-only piece).
+    logprobs: list[LogprobMsg | None] | None = Field(None, max_length=4096)
 
 
 class ChannelPollMsg(PollMsg):
@@ -163,7 +180,8 @@ class FinishMsg(Message):
     finish_reason: Literal["stop", "length"]
     # Base64 of the inference commitment (core/trust/commitment.py), sent before the
     # provider can know whether the answer will be audited. Absent: the answer is unverified.
-    commitment: str | None = Field(None, max_length=1 << 20)
+    # 4 MiB: top_logprobs=20 commits 164 B more per token.
+    commitment: str | None = Field(None, max_length=1 << 22)
     # Energy the node spent on this attempt (its share when requests overlapped); optional.
     energy_j: float | None = Field(None, ge=0, allow_inf_nan=False)
     energy_estimated: bool = False
@@ -176,7 +194,9 @@ class FailMsg(Message):
     kind: Literal["engine", "invalid_request", "handback"] = "engine"
     # Base64 commitment to the tokens this attempt delivered before it stopped (failover):
     # the next provider continues from them, and this part can be audited on its own.
-    commitment: str | None = Field(None, max_length=1 << 20)
+    commitment: str | None = Field(None, max_length=1 << 22)
+    # The request field an invalid_request names (e.g. logit_bias outside the vocabulary).
+    param: str | None = Field(None, max_length=64)
 
 
 class StakeMsg(Message):

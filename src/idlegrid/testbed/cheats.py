@@ -6,9 +6,9 @@ so every commitment is built the normal way from what the engine did.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,9 +16,11 @@ import numpy as np
 from idlegrid.agent.roles.hwprover import HonestProver
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import hwproof as hw
+from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.minilm import MiniLMEngine
+from idlegrid.engines.steps import Steps
 from idlegrid.engines.tiny import EOS_ID, OFFSET, TinyEngine
 
 
@@ -143,13 +145,47 @@ class LlamaSeedIgnoring(LlamaCppEngine):
         return int(np.random.default_rng().choice(len(p), p=p / p.sum()))
 
 
+class LlamaPenaltySkipping(LlamaCppEngine):
+    """Commits to the request's penalties and bias but samples without them (cheaper for a
+    batched server that shares one sampler)."""
+
+    def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
+        return Steps(ids, replace(params, adjust=None), self._n_vocab)
+
+
+class _InventedSteps(Steps):
+    """The honest draw, with logprobs made up: the sampled token reported as certain."""
+
+    def pick(
+        self,
+        pick: Any,
+        logits: np.ndarray,
+        seed: int,
+        position: int,
+        mask: np.ndarray | None = None,
+    ) -> int:
+        """Sample honestly, then overwrite the reported logprobs."""
+        token = super().pick(pick, logits, seed, position, mask)
+        if self.last is not None:
+            top = tuple((t, -5.0 * (i + 1)) for i, (t, _) in enumerate(self.last.top))
+            self.last = TokenLogprobs(token, 0.0, top)
+        return token
+
+
+class LlamaLogprobInventing(LlamaCppEngine):
+    """Honest tokens, invented logprobs (committed as sent: the commitment is consistent)."""
+
+    def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
+        return _InventedSteps(ids, params, self._n_vocab)
+
+
 class LlamaSchemaIgnoring(LlamaCppEngine):
     """Structured outputs: commits to the request's grammar (the agent does that) but samples
     unconstrained, saving the masks; its seeded draws and fingerprint are otherwise honest."""
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
         """Generate as if no grammar had been asked for."""
-        return super().generate(prompt_ids, dataclasses.replace(params, grammar=None))
+        return super().generate(prompt_ids, replace(params, grammar=None))
 
 
 # ---- cheats on what is paid (issue 15), on the default engine ------------------------

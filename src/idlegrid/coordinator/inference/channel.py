@@ -69,6 +69,10 @@ def task_message(task: TaskView) -> m.TaskMsg:
         stop=p.get("stop") or [],
         prior_ids=task.delivered_ids,
         stream=p.get("stream", True),
+        presence_penalty=p.get("presence_penalty", 0.0),
+        frequency_penalty=p.get("frequency_penalty", 0.0),
+        logit_bias=p.get("logit_bias") or {},
+        logprobs=p.get("logprobs"),
         grammar=p.get("grammar"),
     )
 
@@ -158,7 +162,7 @@ class _Channel:
     async def upload(self, msg: m.ChannelUploadMsg) -> None:
         try:
             await self.svc.inference.upload(
-                self.node_id, msg.task_id, msg.attempt, msg.start, list(msg.pieces)
+                self.node_id, msg.task_id, msg.attempt, msg.start, list(msg.pieces), msg.logprobs
             )
         except Conflict as exc:
             await self.refuse(msg.task_id, msg.attempt, exc)

@@ -73,9 +73,9 @@ _SHARED: dict[str, Rule] = {
     "top_p": Rule(H),
     "max_tokens": Rule(H),
     "user": Rule(X),
-    "presence_penalty": Rule(R, "not applied by the sampler yet", _one_of(0, 0.0)),
-    "frequency_penalty": Rule(R, "not applied by the sampler yet", _one_of(0, 0.0)),
-    "logit_bias": Rule(R, "not applied by the sampler yet", _empty),
+    "presence_penalty": Rule(H, "-2 to 2, in the sampler, committed and replayed"),
+    "frequency_penalty": Rule(H, "-2 to 2, in the sampler, committed and replayed"),
+    "logit_bias": Rule(H, "token id -> -100 to 100; ids outside the vocabulary are a 400"),
     # idlegrid's extension: the most the consumer pays per 1M tokens.
     "max_price": Rule(H, "idlegrid extension: price cap per 1M tokens"),
 }
@@ -97,8 +97,8 @@ CHAT: dict[str, Rule] = {
     "parallel_tool_calls": Rule(H, "false: at most one call per answer"),
     "functions": Rule(R, "the deprecated functions API is not supported: send tools", _empty),
     "function_call": Rule(R, "deprecated: send tool_choice", _one_of("none")),
-    "logprobs": Rule(R, "log-probabilities are not returned yet", _one_of(False)),
-    "top_logprobs": Rule(R, "log-probabilities are not returned yet", _one_of(0)),
+    "logprobs": Rule(H, "committed and audited; see docs/openai.md for the distribution"),
+    "top_logprobs": Rule(H, "0 to 20, with logprobs: true"),
     "audio": Rule(R, "text output only"),
     "modalities": Rule(R, "text output only", _one_of(["text"])),
     "prediction": Rule(R, "predicted outputs are not supported"),
@@ -112,9 +112,9 @@ COMPLETIONS: dict[str, Rule] = {
     **_SHARED,
     "prompt": Rule(H, "a string or a list of strings; token ids are refused"),
     "best_of": Rule(R, "only best_of = n", _best_of),
-    "echo": Rule(R, "not supported yet", _one_of(False)),
+    "echo": Rule(R, "prompt logprobs are not computed", _one_of(False)),
     "suffix": Rule(R, "insertion is not supported", _one_of("")),
-    "logprobs": Rule(R, "log-probabilities are not returned yet"),
+    "logprobs": Rule(H, "0 to 5 alternatives; committed and audited"),
 }
 
 EMBEDDINGS: dict[str, Rule] = {

@@ -46,6 +46,8 @@ class TaskStream:
     # (None: not known here, e.g. a stream re-adopted after a restart).
     budget: int | None = None
     flushed: bool = False  # the attempt sent its end-of-output text piece (token id -1)
+    logprobs_k: int | None = None  # alternatives per token the request asked for (None: none)
+    attempt_logprobs: list[Any] = field(default_factory=list)  # per token of this attempt
 
 
 class Hub:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from idlegrid.errors import InvalidRequest
 
@@ -48,6 +48,30 @@ class _Common(BaseModel):
     # Requests go only to providers at or below this price, and are escrowed at the dearest
     # of those (default: the coordinator's IDLEGRID_DEFAULT_MAX_*_PRICE).
     max_price: MaxPrice | None = None
+    # Applied in the sampler and committed (core/trust/adjust.py); ranges checked there.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    def sampler_fields(self, logprobs: int | None) -> dict[str, Any]:
+        """Penalties, bias and logprobs for the task payload (only those that change
+        anything, so a plain request's payload is what it always was)."""
+        from idlegrid.core.trust.adjust import AdjustError, make
+
+        try:
+            adj = make(self.presence_penalty, self.frequency_penalty, self.logit_bias)
+        except AdjustError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from exc
+        out: dict[str, Any] = {}
+        if adj.presence:
+            out["presence_penalty"] = adj.presence
+        if adj.frequency:
+            out["frequency_penalty"] = adj.frequency
+        if adj.bias:
+            out["logit_bias"] = {str(t): b for t, b in adj.bias}
+        if logprobs is not None:
+            out["logprobs"] = logprobs
+        return out
 
     def stop_list(self) -> list[str]:
         """Stop strings as a list, validated."""
@@ -76,6 +100,7 @@ class CompletionRequest(_Common):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)  # alternatives per token (OpenAI: ≤ 5)
 
     def prompts(self) -> list[str]:
         """The request's prompts, in order: one for a string, each of a list of strings."""
@@ -120,6 +145,8 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     # text | json_object | json_schema, enforced token by token (coordinator/inference/
     # structured.py); anything else is a 400 naming it.
     response_format: dict[str, Any] | None = None
@@ -128,6 +155,14 @@ class ChatRequest(_Common):
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
+
+    def logprobs_k(self) -> int | None:
+        """Alternatives per token when logprobs are on (None: off)."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
 
 
 def prompt_token_bound(text: str) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core import tasks
+from idlegrid.core.trust.commitment import Commitment
 from idlegrid.core.trust.embedding import AnyCommitment
-from idlegrid.errors import Conflict
+from idlegrid.errors import Conflict, InvalidRequest
 
 log = logging.getLogger("idlegrid.coordinator")
 
@@ -74,3 +76,43 @@ def answer_slo(stream: TaskStream, now: float) -> tuple[float | None, float | No
         else None
     )
     return ttft, tps
+
+
+def check_logprobs(
+    stream: TaskStream, fresh: list[tuple[int, str]], logprobs: list[Any] | None, skip: int
+) -> list[Any] | None:
+    """The fresh pieces' logprobs as the consumer gets them (None when not asked for);
+    Conflict unless each token piece carries its own (and only those do)."""
+    if stream.logprobs_k is None:
+        return None
+    lps = list(logprobs[skip:]) if logprobs is not None else []
+    shaped = len(lps) == len(fresh) and all(
+        (lp is not None) == (tid >= 0) and (lp is None or len(lp.top) == stream.logprobs_k)
+        for (tid, _), lp in zip(fresh, lps, strict=False)
+    )
+    if not shaped:
+        raise Conflict(
+            "logprobs were asked for: each token piece carries its own",
+            code="bad_piece",
+            expected=stream.next_index,
+        )
+    out = [lp.model_dump() if lp is not None else None for lp in lps]
+    stream.attempt_logprobs.extend((tid, lp) for (tid, _), lp in zip(fresh, out, strict=True)
+                                   if lp is not None)  # fmt: skip
+    return out
+
+
+def committed_logprobs(c: AnyCommitment, sent: list[tuple[int, dict[str, Any]]]) -> None:
+    """InvalidRequest unless the logprobs the consumer was sent are the committed ones
+    (then the audit that rechecks the commitment checks what the consumer got). An
+    embedding commitment has none: nothing may have been sent."""
+    chunks = c.chunks if isinstance(c, Commitment) else ()
+    committed = [lp for ch in chunks for lp in ch.logprobs]
+    same = len(committed) >= len(sent) and all(
+        lp.token == tid
+        and lp.logprob == got["lp"]
+        and [(t, v) for t, v, _ in got["top"]] == list(lp.top)
+        for lp, (tid, got) in zip(committed, sent, strict=False)
+    )
+    if not same:
+        raise InvalidRequest("the logprobs sent differ from the committed ones", param="commitment")

@@ -18,7 +18,7 @@ from idlegrid.coordinator.deps import (
     Services,
     services,
 )
-from idlegrid.coordinator.inference import fanout, fields, tools
+from idlegrid.coordinator.inference import fanout, fields, logprob_shape, tools
 from idlegrid.coordinator.inference import schemas as s
 from idlegrid.coordinator.inference.choices import plan
 from idlegrid.coordinator.inference.embed_routes import embedding_facts
@@ -68,10 +68,41 @@ def _usage(done: list[TaskView]) -> dict[str, int]:
 class _Shape:
     """Differences between text completions and chat completions, in one place."""
 
-    def __init__(self, kind: str, response_id: str, model: str, calls: bool = False) -> None:
+    def __init__(
+        self, kind: str, response_id: str, model: str, logprobs: bool = False, calls: bool = False
+    ) -> None:
         self.kind, self.id, self.model, self.created = kind, response_id, model, int(time.time())
+        self.logprobs = logprobs
+        self.offsets: dict[int, int] = {}  # completions: each choice's text offset so far
         self.calls = calls  # answers may be tool calls (tools.py reads them)
         self.streams: dict[int, tools.DeltaStream] = {}
+
+    def shape_logprobs(self, index: int, lps: list[Any]) -> dict[str, Any] | None:
+        """A choice's logprobs for these tokens (None when the request asked for none)."""
+        if not self.logprobs:
+            return None
+        if self.kind == "chat":
+            return logprob_shape.chat(lps)
+        out, self.offsets[index] = logprob_shape.completion(lps, self.offsets.get(index, 0))
+        return out
+
+    def pieces(self, index: int, text: str, lps: list[Any] | None) -> list[dict[str, Any]]:
+        """Chunks for a choice's next output: text (or tool-call deltas) and its logprobs.
+
+        Tool calls: the logprobs of the tokens ride on the first delta they produced, or on
+        an empty delta while the reader holds them (docs/tools.md)."""
+        if not (text or (lps and self.logprobs)):
+            return []
+        lp = self.shape_logprobs(index, lps or [])
+        if index not in self.streams:
+            return [self.chunk(index, text, None, logprobs=lp)]
+        deltas = self.streams[index].feed(text) if text else []
+        if lp is not None and not deltas:
+            deltas = [{}]
+        return [
+            self.chunk(index, None, None, delta=d, logprobs=lp if i == 0 else None)
+            for i, d in enumerate(deltas)
+        ]
 
     def chunk(
         self,
@@ -80,6 +111,7 @@ class _Shape:
         finish: str | None,
         first: bool = False,
         delta: dict[str, Any] | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
             delta = dict(delta or {})
@@ -90,12 +122,17 @@ class _Shape:
             choice: dict[str, Any] = {
                 "index": index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
             obj = "text_completion"
         return {
             "id": self.id,
@@ -105,12 +142,12 @@ class _Shape:
             "choices": [choice],
         }
 
-    def whole(self, answers: list[tuple[str, TaskView]]) -> dict[str, Any]:
+    def whole(self, answers: list[tuple[str, TaskView, list[Any]]]) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
-        for index, (text, task) in enumerate(answers):
+        for index, (text, task, lps) in enumerate(answers):
             choice: dict[str, Any] = {
                 "index": index,
-                "logprobs": None,
+                "logprobs": self.shape_logprobs(index, lps),
                 "finish_reason": task.finish_reason,
             }
             if self.kind == "chat" and self.calls:
@@ -128,12 +165,15 @@ class _Shape:
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": _usage([task for _, task in answers]),
+            "usage": _usage([task for _, task, _ in answers]),
         }
 
 
 def _failure(data: dict[str, Any], index: int, choices: int) -> IdlegridError:
     if data.get("invalid"):
+        param = data.get("param") or "prompt"
+        if param != "prompt":  # the provider named the field
+            return InvalidRequest(data["invalid"], param=param)
         return invalid_failure(data["invalid"])
     if choices == 1:
         return RequestFailed(
@@ -172,6 +212,7 @@ async def _serve(
     stream_out: bool,
     include_usage: bool,
     cap: Price,
+    logprobs: bool = False,
     calls: bool = False,
 ) -> Any:
     svc = services(request)
@@ -180,7 +221,7 @@ async def _serve(
         raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
-    shape = _Shape(kind, task_ids[0], model, calls)
+    shape = _Shape(kind, task_ids[0], model, logprobs, calls)
     shape.streams = {k: tools.DeltaStream(t) for k, t in enumerate(task_ids)} if calls else {}
     started = time.perf_counter()
     if stream_out:
@@ -194,6 +235,7 @@ async def _serve(
             },
         )
     parts: list[list[str]] = [[] for _ in handles]
+    lps: list[list[Any]] = [[] for _ in handles]
     done: dict[int, TaskView] = {}
     ended: set[int] = set()
     events = fanout.interleave(svc.inference, [st for _, st in handles])
@@ -203,6 +245,7 @@ async def _serve(
                 if not any(parts):
                     svc.metrics.ttft.labels(model).observe(time.perf_counter() - started)
                 parts[k].extend(text for _, text in event.pieces)
+                lps[k].extend(event.data.get("logprobs") or ())
             elif event.kind == "done":
                 ended.add(k)
                 done[k] = event.data["task"]
@@ -216,7 +259,7 @@ async def _serve(
             await events.aclose()
         await _close(svc, handles, ended)
     response.headers[TASKS_HEADER] = ",".join(task_ids)
-    return shape.whole([("".join(parts[k]), done[k]) for k in range(len(handles))])
+    return shape.whole([("".join(parts[k]), done[k], lps[k]) for k in range(len(handles))])
 
 
 async def _close(svc: Services, handles: list[tuple[str, TaskStream]], ended: set[int]) -> None:
@@ -261,11 +304,8 @@ async def _sse(
                 if first:
                     svc.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
                     first = False
-                if text and k in shape.streams:  # tool calls: read into deltas
-                    for delta in shape.streams[k].feed(text):
-                        yield _sse_line(shape.chunk(k, None, None, delta=delta))
-                elif text:
-                    yield _sse_line(shape.chunk(k, text, None))
+                for chunk in shape.pieces(k, text, event.data.get("logprobs")):
+                    yield _sse_line(chunk)
             elif event.kind == "done":
                 ended.add(k)
                 task: TaskView = event.data["task"]
@@ -318,6 +358,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     prompts = body.prompts()
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     stop = body.stop_list()
+    sampler = body.sampler_fields(body.logprobs)
     work = [
         (
             {
@@ -327,6 +368,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
                 "seed": c.seed,
                 "stop": stop,
                 "stream": body.stream,
+                **sampler,
             },
             prompt_token_bound(prompts[c.prompt]),
         )
@@ -342,6 +384,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         body.stream,
         body.include_usage(),
         _price_cap(services(request), body),
+        "logprobs" in sampler,
     )
 
 
@@ -358,6 +401,7 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
     limit = body.max_completion_tokens or body.max_tokens
     max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
     stop = body.stop_list()
+    sampler = body.sampler_fields(body.logprobs_k())
     work = [
         (
             {
@@ -367,6 +411,7 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
                 "seed": c.seed,
                 "stop": stop,
                 "stream": body.stream,
+                **sampler,
                 **({"grammar": grammar} if grammar is not None else {}),
             },
             chat_token_bound(messages),
@@ -383,5 +428,6 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
         body.stream,
         body.include_usage(),
         _price_cap(services(request), body),
+        "logprobs" in sampler,
         chat.calls,
     )

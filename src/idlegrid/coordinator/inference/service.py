@@ -19,9 +19,17 @@ from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
+from idlegrid.coordinator.inference.candidates import live_candidates
 from idlegrid.coordinator.inference.choices import derive_seed
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
-from idlegrid.coordinator.inference.pieces import answer_slo, bill_prompt, budget, check_budget
+from idlegrid.coordinator.inference.pieces import (
+    answer_slo,
+    bill_prompt,
+    budget,
+    check_budget,
+    check_logprobs,
+    committed_logprobs,
+)
 from idlegrid.coordinator.inference.ports import (
     CommitmentChecks,
     NodeDirectory,
@@ -86,36 +94,7 @@ class Inference:
         self, model: str, prompt_tokens: int = 0, max_tokens: int = 1
     ) -> tuple[list[routing.Candidate], dict[str, Price]]:
         """Live providers of `model` with their load (from the hub), prices and reliability."""
-        cutoff = self.clock() - self.settings.node_timeout_s
-        busy: dict[str, int] = {}
-        for stream in self.hub.streams.values():
-            holder = stream.node_id if stream.attempt > 0 else stream.target
-            if holder:
-                busy[holder] = busy.get(holder, 0) + 1
-        live = [
-            n
-            for n in self.nodes.cache.values()
-            if n.state == "live"
-            and n.last_seen >= cutoff
-            and model in n.offers
-            and n.id not in self.ctx.ejected
-        ]
-        rel = self.market.reliability
-        cands = [
-            routing.Candidate(
-                n.id,
-                busy.get(n.id, 0),
-                n.slots,
-                n.offers[model].output,
-                n.decode_tps,
-                n.offers[model].prompt,
-                rel.get(n.id, 1.0),
-                prompt_tokens,
-                max_tokens,
-            )
-            for n in live
-        ]
-        return cands, {n.id: n.offers[model] for n in live}
+        return live_candidates(self, model, prompt_tokens, max_tokens)
 
     # ---- agents ------------------------------------------------------------------------
 
@@ -202,7 +181,13 @@ class Inference:
         return stream
 
     async def upload(
-        self, node_id: str, task_id: str, attempt: int, start: int, pieces: list[tuple[int, str]]
+        self,
+        node_id: str,
+        task_id: str,
+        attempt: int,
+        start: int,
+        pieces: list[tuple[int, str]],
+        logprobs: list[Any] | None = None,
     ) -> None:
         """Pieces of output from the provider holding the attempt; retries are idempotent."""
         stream = self._attempt_stream(task_id, attempt, node_id)
@@ -217,12 +202,13 @@ class Inference:
             if not fresh:
                 return
             check_budget(stream, task_id, fresh)
+            lps = check_logprobs(stream, fresh, logprobs, stream.next_index - start)
             stream.next_index += len(fresh)
             stream.attempt_ids.extend(tid for tid, _ in fresh if tid >= 0)
             stream.last_progress = self.clock()
             if stream.first_piece_at is None:
                 stream.first_piece_at = stream.last_progress
-            self.hub.push(task_id, Event("pieces", pieces=fresh))
+            self.hub.push(task_id, Event("pieces", pieces=fresh, data={"logprobs": lps}))
 
     def accepted(self, node_id: str, task_id: str, attempt: int) -> int:
         """How many pieces of the attempt have been accepted (StaleAttempt if not held)."""
@@ -257,6 +243,7 @@ class Inference:
                         param="commitment",
                     )
                 committed = self.trust.check_commitment(task, commitment, ids, finish_reason)
+                committed_logprobs(committed, stream.attempt_logprobs)
             except InvalidRequest as exc:
                 refused = exc
                 requeued = await self._end_attempt(stream, task_id, attempt, ids, tasks.UNCOMMITTED)
@@ -302,6 +289,7 @@ class Inference:
         outcome: str,
         invalid: str | None = None,
         commitment: str | None = None,
+        invalid_param: str = "prompt",
     ) -> None:
         """Take an attempt away (provider lost, stalled, draining, or failed it).
 
@@ -332,7 +320,9 @@ class Inference:
                 await self.db(
                     self.store.fail, task_id, invalid, charge_delivered=False, new_ids=ids
                 )
-                self.hub.push(task_id, Event("failed", data={"invalid": invalid}))
+                self.hub.push(
+                    task_id, Event("failed", data={"invalid": invalid, "param": invalid_param})
+                )
                 self.changes.bump()
                 return
             task = await self._end_attempt(
@@ -453,7 +443,7 @@ class Inference:
         target = routing.choose(cands)
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
-        stream.budget = max_tokens
+        stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
         parked = self.hub.take_parked(target.node_id) if target else None
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
         early = claim_for is not None and self._balance_hint.get(key_id, -1) >= hold + keep

@@ -72,7 +72,9 @@ async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     """Output pieces for the attempt the node holds (409 once it no longer holds it)."""
     node_id, body = await signed(request)
     msg = parse(m.UploadMsg, body)
-    await services(request).inference.upload(node_id, task_id, attempt, msg.start, list(msg.pieces))
+    await services(request).inference.upload(
+        node_id, task_id, attempt, msg.start, list(msg.pieces), msg.logprobs
+    )
     return {"ok": True}
 
 
@@ -117,5 +119,6 @@ async def fail(task_id: str, attempt: int, request: Request) -> dict[str, Any]:
         outcome,
         invalid=invalid,
         commitment=msg.commitment if invalid is None else None,
+        invalid_param=msg.param or "prompt",
     )
     return {"ok": True}

@@ -29,6 +29,7 @@ from idlegrid.core.trust import beacon, dispute, entries, selection
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import embedding as emb
 from idlegrid.core.trust.economics import AuditPolicy
+from idlegrid.core.trust.extras import expected as expected_extras
 from idlegrid.core.trust.lifecycle import AUDIT
 from idlegrid.core.trust.merkle import merkle_root
 from idlegrid.core.trust.reputation import ReputationModel
@@ -133,6 +134,19 @@ class Trust:
         if c.header.seed != task.payload["seed"] or c.header.finish_reason != finish_reason:
             raise InvalidRequest(
                 "commitment seed or finish reason differs from the request", param="commitment"
+            )
+        p = task.payload
+        want = expected_extras(
+            p.get("presence_penalty"),
+            p.get("frequency_penalty"),
+            p.get("logit_bias"),
+            p.get("logprobs"),
+            len(task.delivered_ids),
+        )
+        if c.header.extras != want:  # what the verifier replays must be what was asked
+            raise InvalidRequest(
+                "commitment's penalties, logit_bias or logprobs differ from the request",
+                param="commitment",
             )
         wire = task.payload.get("grammar")
         expected = GrammarSpec.from_wire(wire).digest() if wire else None

@@ -8,9 +8,17 @@ hidden state at the positions that produced those tokens, at serving precision (
 values, flat uint32 indices `row * hidden + channel`). Chunks are the leaves of a Merkle
 tree whose root is in the header; the header's SHA-256 is the digest the audit beacon uses.
 
+Penalties, logit_bias and reported logprobs are committed too (`extras.py`): the header
+carries the penalties and bias (the verifier's replay applies them to the committed token
+history), and each chunk the log-probabilities the consumer was sent (the verifier
+recomputes them within a tolerance). Without them the encoding is version 1, unchanged.
+
 A constrained answer (structured outputs) also commits to its grammar: the SHA-256 of the
 canonical schema (`core/grammar.py`) and the grammar engine's name and version, appended to
 the header (absent for unconstrained answers, whose encoding is unchanged).
+
+Header layout after the model id: the extras (exactly when the version byte is 2), then the
+constraint (when bytes remain, in either version).
 
 Per generated token the fingerprint costs 4 B (token id) + 8·k/chunk_size B (entries):
 20 B at the defaults (chunk 16, k 32), plus 4 B per chunk and a ~100 B header.
@@ -22,12 +30,16 @@ import hashlib
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from idlegrid.core.trust import logprobs as lpm
+from idlegrid.core.trust.extras import Extras, decode_extras, decode_logprobs, encode_logprobs
+from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.core.trust.merkle import merkle_root
 from idlegrid.errors import InvalidRequest
 
-VERSION = 1
+VERSION = 1  # plain answers; 2: with extras (penalties, bias, logprobs)
+VERSIONS = (1, 2)
 CHUNK_SIZE = 16
 TOP_K = 32
 MAX_TOKENS = 1 << 16
@@ -76,10 +88,14 @@ def peek_constrained(blob: bytes) -> bool:
         (n,) = struct.unpack_from("<H", blob, 0)
         (head_len,) = struct.unpack_from("<H", blob, 2 + n)
         head = blob[4 + n : 4 + n + head_len]
+        (ver,) = struct.unpack_from("<B", head, 0)
         (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
-    except struct.error:
+        end = _HEAD.size + 34 + int(mlen)
+        if ver == 2:  # the extras come before the constraint
+            _, end = decode_extras(head, end)
+    except (struct.error, ValueError):
         return False
-    return len(head) > _HEAD.size + 34 + int(mlen)
+    return len(head) > end
 
 
 def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:
@@ -94,11 +110,13 @@ class Chunk:
     tokens: tuple[int, ...]
     indices: tuple[int, ...]
     values: tuple[float, ...]
+    logprobs: tuple[TokenLogprobs, ...] = ()  # per token, when the request asked for them
 
     def encode(self) -> bytes:
-        """`<HH` counts, then uint32 tokens, uint32 indices, float32 values."""
+        """`<HH` counts, then uint32 tokens, uint32 indices, float32 values, logprobs."""
         n, k = len(self.tokens), len(self.indices)
-        return struct.pack(f"<HH{n}I{k}I{k}f", n, k, *self.tokens, *self.indices, *self.values)
+        head = struct.pack(f"<HH{n}I{k}I{k}f", n, k, *self.tokens, *self.indices, *self.values)
+        return head + encode_logprobs(self.logprobs)
 
 
 @dataclass(frozen=True)
@@ -133,14 +151,16 @@ class Header:
     chunk_size: int = CHUNK_SIZE
     k: int = TOP_K
     version: int = VERSION
+    extras: Extras = field(default_factory=Extras)
     constraint: Constraint | None = None
 
     def encode(self) -> bytes:
-        """Fixed binary layout, the model id (length-prefixed UTF-8), then the constraint."""
+        """Fixed binary layout, the model id (length-prefixed UTF-8), then the extras (version
+        2 only), then the constraint (constrained answers only)."""
         model = self.model.encode()
         return (
             _HEAD.pack(
-                self.version,
+                1 if self.extras.neutral else 2,
                 self.context_hash,
                 class_id(self.det_class),
                 self.seed & ((1 << 64) - 1),
@@ -157,6 +177,7 @@ class Header:
             + self.root
             + struct.pack("<H", len(model))
             + model
+            + self.extras.encode()
             + (self.constraint.encode() if self.constraint is not None else b"")
         )
 
@@ -208,17 +229,28 @@ def build(
     hidden: int,
     chunk_size: int = CHUNK_SIZE,
     k: int = TOP_K,
+    extras: Extras | None = None,
+    logprobs: Sequence[TokenLogprobs] = (),
     constraint: Constraint | None = None,
 ) -> Commitment:
-    """Assemble a commitment from tokens and per-chunk top-k (indices, values)."""
+    """Assemble a commitment from tokens and per-chunk top-k (indices, values), with the
+    logprobs of every token when `extras.top_logprobs` ≥ 0."""
+    extras = extras or Extras()
     n_chunks = math.ceil(len(tokens) / chunk_size)
     if len(entries) != n_chunks:
         raise ValueError(f"{len(entries)} chunk fingerprints for {n_chunks} chunks")
+    if extras.top_logprobs >= 0 and (
+        len(logprobs) != len(tokens) or any(len(lp.top) != extras.top_logprobs for lp in logprobs)
+    ):
+        raise ValueError(f"{len(logprobs)} logprobs for {len(tokens)} tokens")
     chunks = tuple(
         Chunk(
             tuple(int(t) for t in tokens[j * chunk_size : (j + 1) * chunk_size]),
             tuple(int(i) for i in idx),
             tuple(float(v) for v in val),
+            tuple(logprobs[j * chunk_size : (j + 1) * chunk_size])
+            if extras.top_logprobs >= 0
+            else (),
         )
         for j, (idx, val) in enumerate(entries)
     )
@@ -238,7 +270,9 @@ def build(
         root,
         chunk_size,
         k,
-        constraint=constraint,
+        1 if extras.neutral else 2,
+        extras,
+        constraint,
     )
     return Commitment(header, chunks)
 
@@ -270,7 +304,7 @@ def _decode(blob: bytes) -> Commitment:
     (ver, ctx, cls_hash, seed, temp, top_p, start, n_tokens, stop, ended, chunk_size, k, hidden) = (
         fields
     )
-    if ver != VERSION:
+    if ver not in VERSIONS:
         raise ValueError(f"version {ver}")
     if cls_hash != class_id(det_class):
         raise ValueError("determinism class does not match its id")
@@ -278,6 +312,9 @@ def _decode(blob: bytes) -> Commitment:
     (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
     model = head[_HEAD.size + 34 : _HEAD.size + 34 + mlen].decode()
     end = _HEAD.size + 34 + mlen
+    extras = Extras()
+    if ver == 2:
+        extras, end = decode_extras(head, end)
     constraint = None
     if len(head) > end:  # a constrained answer: digest, then the grammar engine
         if len(head) < end + 34:
@@ -302,7 +339,12 @@ def _decode(blob: bytes) -> Commitment:
             raise ValueError("index out of range or repeated")
         if not all(math.isfinite(v) for v in val):
             raise ValueError("non-finite value")
-        chunks.append(Chunk(toks, idx, val))
+        lps: tuple[TokenLogprobs, ...] = ()
+        if extras.top_logprobs >= 0:
+            lps = decode_logprobs(take, toks, extras.top_logprobs)
+            if not all(lp.logprob <= 0 and all(v <= 0 for _, v in lp.top) for lp in lps):
+                raise ValueError("a log-probability above 0 or not a number")
+        chunks.append(Chunk(toks, idx, val, lps))
         remaining -= n
     if pos != len(blob):
         raise ValueError("trailing bytes")
@@ -322,6 +364,7 @@ def _decode(blob: bytes) -> Commitment:
         chunk_size,
         k,
         ver,
+        extras,
         constraint,
     )
     if merkle_root([c.encode() for c in chunks]) != root:
@@ -340,6 +383,8 @@ class ChunkReport:
     kth: float  # the verifier's k-th largest |value| in the chunk
     margins: tuple[float, ...]  # per token: committed token's seeded score minus the best other
     allowed: tuple[bool, ...]  # per token: inside the nucleus
+    # Per token, when logprobs were committed: the verifier's values at the committed ids.
+    logprobs: tuple[lpm.Recheck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -385,9 +430,10 @@ class Tolerance:
     rank_slack: float  # a committed |value| may sit this fraction below the verifier's k-th
     margin: float  # a committed token may trail the best seeded score by this much
     top_p_slack: float = 1e-4
+    logprob: float = 1e-2  # a reported log-probability may be off by this much (nats)
 
 
-EXACT = Tolerance(rel=0.0, rank_slack=0.0, margin=0.0, top_p_slack=0.0)
+EXACT = Tolerance(rel=0.0, rank_slack=0.0, margin=0.0, top_p_slack=0.0, logprob=0.0)
 
 
 @dataclass(frozen=True)
@@ -451,6 +497,13 @@ def chunk_faults(j: int, cc: Chunk, rc: ChunkReport, tol: Tolerance) -> list[str
         reasons.append(f"chunk {j}: a token lies outside the nucleus")
     if any(m < -tol.margin or math.isnan(m) for m in rc.margins):
         reasons.append(f"chunk {j}: a token is not the one the seed samples")
+    if cc.logprobs:
+        if len(rc.logprobs) != len(cc.logprobs):
+            reasons.append(f"chunk {j}: report has no logprobs for every token")
+        else:
+            found = {f for lp, r in zip(cc.logprobs, rc.logprobs, strict=True)
+                     for f in lpm.faults(lp, r, tol.logprob)}  # fmt: skip
+            reasons.extend(f"chunk {j}: {f}" for f in sorted(found))
     chunk_rel = max(
         (abs(v - w) / abs(v) if v else math.inf) for v, w in zip(cc.values, rc.values, strict=True)
     )
@@ -475,6 +528,8 @@ def encode_report(r: Report) -> bytes:
             struct.pack(f"<HH{k}ff{n}f{n}?", k, n, *ch.values, ch.kth, *ch.margins, *ch.allowed)
         )
     out.append(struct.pack("<i", r.context_len))
+    if any(ch.logprobs for ch in r.chunks):  # absent unless logprobs were committed
+        out.append(lpm.encode_rechecks([ch.logprobs for ch in r.chunks]))
     return b"".join(out)
 
 
@@ -506,9 +561,12 @@ def decode_report(blob: bytes) -> Report:
                 )
             )
         context_len = -1
-        if pos + 4 == len(blob):
+        if pos + 4 <= len(blob):
             (context_len,) = struct.unpack_from("<i", blob, pos)
             pos += 4
+        if pos < len(blob):
+            rows, pos = lpm.decode_rechecks(blob, pos, len(chunks))
+            chunks = [replace(ch, logprobs=lp) for ch, lp in zip(chunks, rows, strict=True)]
         if pos != len(blob) or context_len < -1:
             raise ValueError("trailing bytes")
     except (struct.error, UnicodeDecodeError, ValueError) as exc:

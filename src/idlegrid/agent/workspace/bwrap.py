@@ -1,0 +1,275 @@
+"""The `bwrap` runtime: each lease a bubblewrap sandbox (user, mount, PID, IPC, UTS, cgroup
+and network namespaces; a read-only system; its own uid), its processes in its own cgroup,
+its `/work` an ext4 image of exactly the leased size, loop-mounted on the provider.
+
+Why an ext4 image for `/work`: the quota is the filesystem's size, enforced by the kernel
+(ENOSPC), costs no memory (a tmpfs would be charged to the lease's memory limit) and needs
+no quota tooling; a sparse image takes disk only as it fills. Making and mounting one takes
+tens of milliseconds (docs/benchmarks.md). This needs root, as do cgroups and giving each
+lease a uid of its own: the runtime refuses to start otherwise, with the reason.
+
+Each `exec` is a fresh sandbox over the same `/work` and cgroup: a process it leaves in the
+background ends with it (its PID namespace ends), and `kill_all` reaches every process of
+every exec through the cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import idlegrid.agent.workspace.sandbox as sandbox
+from idlegrid.agent.workspace.base import Execution, Usage, WorkspaceSpec
+from idlegrid.agent.workspace.cgroups import Layout, LeaseCgroup, host_layout
+from idlegrid.agent.workspace.pyenv import provider_python, venv_script
+from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
+
+TOOLS = ("bwrap", "setpriv", "unshare", "mount", "umount", "mkfs.ext4")
+FIRST_UID = 200_000  # leases get uids from here up: no account of the host has them
+STAGE = Path("/run/idlegrid/stage")
+
+
+def probe_host(stage: Path = STAGE) -> sandbox.Host:
+    """What this machine offers the sandbox (see `sandbox.Host`)."""
+    system: dict[str, str] = {}
+    for path in (*sandbox.SYSTEM, *sandbox.ETC):
+        p = Path(path)
+        if p.is_symlink():
+            system[path] = os.readlink(p)
+        elif p.exists():
+            system[path] = ""
+    dev = Path("/dev")
+    devices = frozenset(str(d) for d in dev.glob("nvidia*"))
+    prefix, version, site = provider_python()
+    return sandbox.Host(system, devices, prefix, version, site, stage)
+
+
+class BwrapRuntime:
+    """Makes bubblewrap workspaces under `root` (one directory per lease, root only)."""
+
+    name = "bwrap"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        wheels: Path | None = None,
+        secrets: Sequence[Path] = (),
+        cgroup_parent: str = "",
+        stage: Path = STAGE,
+        first_uid: int = FIRST_UID,
+    ) -> None:
+        missing = [t for t in TOOLS if shutil.which(t) is None]
+        if missing:
+            raise SandboxUnavailable(
+                self.name,
+                f"missing {', '.join(missing)} (apt-get install bubblewrap util-linux e2fsprogs)",
+            )
+        if os.geteuid() != 0:
+            raise SandboxUnavailable(
+                self.name,
+                "the agent must run as root: it mounts each lease's disk, writes its cgroup "
+                "and gives it a uid of its own",
+            )
+        self.layout: Layout = host_layout(cgroup_parent)
+        self.root = root
+        self.wheels = wheels
+        self.first_uid = first_uid
+        self.host = probe_host(stage)
+        self._check_secrets(secrets)
+        if wheels is not None and wheels.stat().st_mode & 0o005 != 0o005:
+            raise SandboxUnavailable(
+                self.name,
+                f"the wheelhouse {wheels} must be readable by others (chmod o+rx): "
+                "each lease reads it as its own uid",
+            )
+        self._uids: dict[str, int] = {}
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)
+        self._make_stage(stage)
+
+    def _check_secrets(self, secrets: Sequence[Path]) -> None:
+        # A data dir or key file under a path the sandbox sees would be readable from it.
+        shown = [Path(p) for p in self.host.system if not self.host.system[p]]
+        shown += [b.source for b in sandbox.binds(self.host, self.root, self.wheels)]
+        for secret in secrets:
+            s = secret.resolve()
+            for p in shown:
+                if s == p.resolve() or p.resolve() in s.parents:
+                    raise SandboxUnavailable(
+                        self.name, f"{secret} lies under {p}, which workspaces see"
+                    )
+
+    def _make_stage(self, stage: Path) -> None:
+        # Empty mount points, walkable by the leases' uids: bound onto in each exec's private
+        # mount namespace only, so the host never sees anything mounted here.
+        stage.mkdir(parents=True, exist_ok=True)
+        for p in (stage, *stage.parents):
+            if p == Path("/"):
+                break
+            if p.stat().st_mode & 0o005 != 0o005:
+                p.chmod(p.stat().st_mode | 0o005)
+        for name in ("work", "python", "site", "wheels"):
+            (stage / name).mkdir(exist_ok=True)
+        (stage / "passwd").write_text(sandbox.PASSWD)
+        (stage / "group").write_text(sandbox.GROUP)
+
+    def _uid(self, lease: str) -> int:
+        with self._lock:
+            used = set(self._uids.values())
+            uid = next(
+                u for u in range(self.first_uid, self.first_uid + 1_000_000) if u not in used
+            )
+            self._uids[lease] = uid
+            return uid
+
+    def release(self, lease: str) -> None:
+        """Forget a wiped lease's uid."""
+        with self._lock:
+            self._uids.pop(lease, None)
+
+    def create(self, spec: WorkspaceSpec) -> BwrapWorkspace:
+        """Disk, cgroup, venv and pip requirements; a failure wipes what was made."""
+        if spec.egress:
+            raise SandboxUnavailable(self.name, "outbound network for workspaces is not built yet")
+        if (self.root / spec.lease).exists():
+            raise ProvisioningFailed(spec.lease, "disk", "a workspace of that lease exists")
+        ws = BwrapWorkspace(self, spec, self._uid(spec.lease))
+        try:
+            ws.provision()
+        except BaseException:
+            ws.wipe()
+            raise
+        return ws
+
+
+def _run(lease: str, step: str, argv: Sequence[str]) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise ProvisioningFailed(
+            lease, step, (r.stderr or r.stdout).strip()[-2000:], exit_code=r.returncode
+        )
+
+
+class BwrapWorkspace:
+    """One lease's sandbox; made by `BwrapRuntime.create`."""
+
+    def __init__(self, runtime: BwrapRuntime, spec: WorkspaceSpec, uid: int) -> None:
+        self.runtime = runtime
+        self.spec = spec
+        self.uid = uid
+        self.dir = runtime.root / spec.lease
+        self.image = self.dir / "disk.img"
+        self.work = self.dir / "work"
+        self.cgroup = LeaseCgroup(runtime.layout, spec.lease)
+
+    def provision(self) -> None:
+        """Make the disk and the cgroup, then the venv and the pip requirements."""
+        lease = self.spec.lease
+        self.dir.mkdir(mode=0o700)
+        with open(self.image, "wb") as f:
+            f.truncate(self.spec.limits.disk_bytes)  # sparse: disk is taken as it fills
+        # Lazy inode tables and journal: mkfs writes a few MB, not the whole image.
+        _run(
+            lease,
+            "disk",
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+                str(self.image),
+            ],
+        )
+        self.work.mkdir()
+        _run(
+            lease,
+            "disk",
+            ["mount", "-o", "loop,nosuid,nodev,noatime", str(self.image), str(self.work)],
+        )
+        (self.work / "lost+found").rmdir()
+        os.chown(self.work, self.uid, self.uid)
+        self.work.chmod(0o700)
+        self.cgroup.create(self.spec.limits)
+        script = venv_script(
+            sandbox.python_exe(self.runtime.host),
+            self.runtime.host.python_version,
+            sandbox.SITE_DIR if self.runtime.host.python_site else None,
+            sandbox.VENV,
+            self.spec.pip,
+            sandbox.WHEELS_DIR if self.runtime.wheels else None,
+        )
+        code, out, err = self.exec(["/bin/sh", "-c", script]).run()
+        if code != 0:
+            raise ProvisioningFailed(
+                lease, "venv", (err or out).decode(errors="replace")[-2000:], exit_code=code
+            )
+
+    def argv(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str = "/work"
+    ) -> list[str]:
+        """The full command line `exec` runs (for logs and tests)."""
+        return sandbox.command(
+            self.runtime.host, self.spec, uid=self.uid, procs=self.cgroup.procs_files,
+            work=self.work, wheels=self.runtime.wheels, argv=argv, env=env or {}, cwd=cwd,
+        )  # fmt: skip
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/work",
+        stdin: bytes | None = None,
+    ) -> Execution:
+        """Start `argv` in a fresh sandbox over this lease's /work, inside its cgroup."""
+        proc = subprocess.Popen(
+            self.argv(argv, env, cwd),
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+        )
+        return Execution(proc, stdin)
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the lease's cgroup; TimeoutError if any survives."""
+        self.cgroup.kill(timeout)
+
+    def usage(self) -> Usage:
+        """Cgroup counters and the filesystem's used bytes."""
+        cpu, mem, peak, pids, ooms = self.cgroup.usage()
+        try:
+            st = os.statvfs(self.work)
+            disk = (st.f_blocks - st.f_bfree) * st.f_frsize
+        except OSError:
+            disk = 0
+        return Usage(cpu, mem, peak, pids, ooms, disk)
+
+    def wipe(self) -> None:
+        """Kill everything, unmount and delete the disk, remove the cgroup."""
+        if any(d.exists() for d in self.cgroup.dirs.values()):
+            self.kill_all()
+        if os.path.ismount(self.work):
+            for _ in range(100):  # the last sandbox's mount namespace may still be closing
+                if (
+                    subprocess.run(
+                        ["umount", str(self.work)], capture_output=True, check=False
+                    ).returncode
+                    == 0
+                ):
+                    break
+                time.sleep(0.02)
+            else:
+                _run(self.spec.lease, "wipe", ["umount", "--lazy", str(self.work)])
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.cgroup.remove()
+        self.runtime.release(self.spec.lease)

@@ -1,0 +1,2 @@
+"""The Files API (`/v1/files`): uploads, their metadata in the database, their content in a
+`FileStore` (docs/files.md)."""

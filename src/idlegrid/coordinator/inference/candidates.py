@@ -1,0 +1,48 @@
+"""Who may serve a request now: live providers of a model, their load, prices and
+reliability (split from service.py to keep it readable in one sitting)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from idlegrid.core import routing
+from idlegrid.core.ledger import Price
+
+if TYPE_CHECKING:
+    from idlegrid.coordinator.inference.service import Inference
+
+
+def live_candidates(
+    inf: Inference, model: str, prompt_tokens: int = 0, max_tokens: int = 1
+) -> tuple[list[routing.Candidate], dict[str, Price]]:
+    """Live providers of `model` with their load (from the hub), prices and reliability."""
+    cutoff = inf.clock() - inf.settings.node_timeout_s
+    busy: dict[str, int] = {}
+    for stream in inf.hub.streams.values():
+        holder = stream.node_id if stream.attempt > 0 else stream.target
+        if holder:
+            busy[holder] = busy.get(holder, 0) + 1
+    live = [
+        n
+        for n in inf.nodes.cache.values()
+        if n.state == "live"
+        and n.last_seen >= cutoff
+        and model in n.offers
+        and n.id not in inf.ctx.ejected
+    ]
+    rel = inf.market.reliability
+    cands = [
+        routing.Candidate(
+            n.id,
+            busy.get(n.id, 0),
+            n.slots,
+            n.offers[model].output,
+            n.decode_tps,
+            n.offers[model].prompt,
+            rel.get(n.id, 1.0),
+            prompt_tokens,
+            max_tokens,
+        )
+        for n in live
+    ]
+    return cands, {n.id: n.offers[model] for n in live}

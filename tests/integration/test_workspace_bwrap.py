@@ -1,0 +1,258 @@
+"""The bubblewrap workspace with real processes, the real sandbox and real cgroups: what a
+workload can reach (nothing of the agent's, of another lease's, of loopback) and what its
+limits do to it (fork bombs, memory, leftovers), while this test process plays the agent.
+
+Nothing here skips: a machine without bubblewrap, root or the cgroup controllers fails in
+the `runtime` fixture with SandboxUnavailable naming what is missing (.ci/run installs
+bubblewrap)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import subprocess
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from idlegrid.agent.workspace import open_runtime
+from idlegrid.agent.workspace.base import Limits, WorkspaceSpec, killed_by
+from idlegrid.agent.workspace.bwrap import BwrapRuntime, BwrapWorkspace
+from idlegrid.config import default_data_dir
+
+pytestmark = pytest.mark.slow  # real sandboxes, a fork bomb, an OOM kill: about 15 s
+
+
+def _wheel(folder: Path, name: str = "igtiny", version: str = "1.0") -> Path:
+    """A tiny pure-Python wheel, written by hand: pip installs it with no network."""
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": b"ANSWER = 42\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    out = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(out, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+        z.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def agent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stands in for the agent's data dir, with a key file in it."""
+    d = tmp_path_factory.mktemp("agent-data")
+    (d / "node-key").write_text("SECRET-KEY-MATERIAL\n")
+    (d / "node-key").chmod(0o600)
+    return d
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> BwrapRuntime:
+    wheels = tmp_path_factory.mktemp("wheels")
+    _wheel(wheels).chmod(0o644)
+    wheels.chmod(0o755)  # leases read it as their own uids
+    rt = open_runtime(
+        "bwrap",
+        tmp_path_factory.mktemp("workspaces"),
+        wheels=wheels,
+        secrets=[agent_dir, default_data_dir()],
+    )
+    assert isinstance(rt, BwrapRuntime)
+    return rt
+
+
+@pytest.fixture
+def ws(runtime: BwrapRuntime, request: pytest.FixtureRequest) -> Iterator[BwrapWorkspace]:
+    limits = getattr(request, "param", Limits(cpus=1, memory_bytes=256 << 20, pids=64))
+    lease = request.node.name.split("[")[0][-40:].replace("test_", "")
+    w = runtime.create(WorkspaceSpec(lease, limits))
+    try:
+        yield w
+    finally:
+        w.wipe()
+
+
+def sh(w: BwrapWorkspace, script: str, timeout: float = 60) -> tuple[int, str, str]:
+    code, out, err = w.exec(["/bin/sh", "-c", script]).run(timeout)
+    return code, out.decode(), err.decode()
+
+
+def test_exec_streams_output_as_written_and_keeps_the_exit_code(ws: BwrapWorkspace) -> None:
+    ex = ws.exec(["/bin/sh", "-c", "echo one; sleep 1; echo two >&2; cat; exit 7"], stdin=b"in\n")
+    seen = []
+    for stream, data in ex.chunks():
+        seen.append((stream, data, time.monotonic()))
+    assert ex.wait() == 7
+    assert [(s, d) for s, d, _ in seen] == [
+        ("stdout", b"one\n"),
+        ("stderr", b"two\n"),
+        ("stdout", b"in\n"),
+    ]
+    assert seen[1][2] - seen[0][2] > 0.8  # the first line came before the sleep, not at the end
+    code, out, _ = sh(ws, "id -un; hostname; pwd; echo $HOME")
+    assert (code, out.split()) == (0, ["work", "workspace", "/work", "/work"])
+
+
+def test_the_agents_data_dir_key_file_and_home_are_unreadable(
+    ws: BwrapWorkspace, agent_dir: Path
+) -> None:
+    key = agent_dir / "node-key"
+    code, out, err = sh(
+        ws, f"cat {key}; cat {agent_dir}/*; ls /root /home /var /run /srv 2>&1; ls /"
+    )
+    assert "SECRET" not in out + err
+    assert "No such file" in err
+    for absent in ("root", "home", "var", "run", "srv", "boot", "mnt", "media"):
+        assert absent not in out.split()  # not even the directory is there
+    code, _, err = sh(ws, "touch /usr/x || exit 9")
+    assert code == 9 and "Read-only" in err
+    # Outside, the workload's files belong to the lease's own unprivileged uid, not root.
+    assert sh(ws, "echo hi > /work/mine")[0] == 0
+    assert (ws.work / "mine").stat().st_uid == ws.uid != 0
+
+
+def test_another_lease_work_and_processes_are_invisible(
+    runtime: BwrapRuntime, ws: BwrapWorkspace
+) -> None:
+    other = runtime.create(WorkspaceSpec("other-lease"))
+    try:
+        assert sh(other, "echo other-secret > /work/s")[0] == 0
+        running = other.exec(["sleep", "30"])
+        code, out, err = sh(ws, f"ls /work; cat {other.work}/s; cat /proc/*/cmdline | tr '\\0' ' '")
+        assert "other-secret" not in out and "s" not in out.split()[:2]
+        assert "sleep 30" not in out
+        running.signal()
+        running.wait()
+    finally:
+        other.wipe()
+
+
+def test_loopback_of_the_provider_is_unreachable(ws: BwrapWorkspace) -> None:
+    # Stands in for the coordinator's operator routes, served on the provider's loopback.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert r.status == 200  # reachable from the provider itself
+        probe = (
+            "import urllib.request, sys\n"
+            "try:\n"
+            f"    urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=3)\n"
+            "except OSError as e:\n"
+            "    print(type(e).__name__, e); sys.exit(5)\n"
+        )
+        code, out, _ = ws.exec(["python", "-c", probe]).run(30)
+        assert code == 5, out
+        code, out, _ = sh(ws, "cat /proc/net/dev | tail -n +3 | cut -d: -f1")
+        assert out.split() == ["lo"]  # a network namespace of its own, no interface out
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("ws", [Limits(cpus=1, memory_bytes=256 << 20, pids=32)], indirect=True)
+def test_a_fork_bomb_hits_the_pids_limit_and_the_agent_keeps_working(ws: BwrapWorkspace) -> None:
+    bomb = (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
+    ex = ws.exec(["python", "-c", bomb])
+    time.sleep(2.0)
+    assert 16 < len(ws.cgroup.pids()) <= 32
+    assert subprocess.run(["true"], check=False).returncode == 0  # the agent still forks
+    t0 = time.monotonic()
+    ws.kill_all(timeout=5.0)
+    assert time.monotonic() - t0 < 5.0 and ws.cgroup.pids() == []
+    assert killed_by(ex.wait(5)) is not None
+
+
+@pytest.mark.parametrize("ws", [Limits(cpus=1, memory_bytes=64 << 20, pids=64)], indirect=True)
+def test_allocating_past_the_memory_limit_kills_the_workload_not_the_agent(
+    ws: BwrapWorkspace,
+) -> None:
+    code, _, _ = ws.exec(["python", "-c", "x = b'1' * (512 << 20); print(len(x))"]).run(60)
+    assert code == 137 and killed_by(code) is not None and killed_by(code).name == "SIGKILL"
+    assert (ws.usage().oom_kills or 0) >= 1
+    assert sh(ws, "echo alive")[1] == "alive\n"  # the workspace, and this agent, go on
+
+
+def test_processes_left_running_are_gone_within_five_seconds_of_kill_all(
+    ws: BwrapWorkspace,
+) -> None:
+    ex = ws.exec(["/bin/sh", "-c", "setsid nohup sleep 1000 >/dev/null 2>&1 & echo up; sleep 1000"])
+    first = next(ex.chunks())
+    assert first == ("stdout", b"up\n")
+    assert len(ws.cgroup.pids()) >= 2
+    t0 = time.monotonic()
+    ws.kill_all()
+    assert ws.cgroup.pids() == [] and time.monotonic() - t0 < 5.0
+    ex.wait(5)
+    # A detached process outlives no exec: its PID namespace ends with the command.
+    assert sh(ws, "setsid nohup sleep 1000 >/dev/null 2>&1 &")[0] == 0
+    deadline = time.monotonic() + 5
+    while ws.cgroup.pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ws.cgroup.pids() == []
+
+
+def test_the_venv_sees_the_providers_numpy_and_installs_pip_requirements(
+    runtime: BwrapRuntime,
+) -> None:
+    w = runtime.create(WorkspaceSpec("venv-pip", pip=("igtiny",)))
+    try:
+        code, out, err = w.exec(
+            [
+                "python",
+                "-c",
+                "import sys, numpy as n, igtiny as t; "
+                "print(sys.prefix, n.__file__, t.__file__, t.ANSWER)",
+            ]
+        ).run(60)
+        assert code == 0, err
+        prefix, np_file, tiny_file, answer = out.decode().split()
+        assert prefix == "/work/.venv" and np_file.startswith("/opt/idlegrid/site-packages/numpy")
+        assert tiny_file.startswith("/work/.venv/lib/") and answer == "42"
+        code, _, err = w.exec(["python", "-c", "import numpy, os; os.remove(numpy.__file__)"]).run(
+            30
+        )
+        assert code != 0 and b"Read-only" in err  # the provider's packages are read-only
+    finally:
+        w.wipe()
+
+
+@pytest.mark.parametrize(
+    "ws", [Limits(cpus=0.5, memory_bytes=256 << 20, pids=64, disk_bytes=64 << 20)], indirect=True
+)
+def test_disk_quota_and_cpu_quota_hold(ws: BwrapWorkspace) -> None:
+    code, out, _ = sh(ws, "dd if=/dev/zero of=/work/big bs=1M count=100 2>&1 || exit 28")
+    assert code == 28 and "No space left" in out
+    assert ws.usage().disk_bytes < 64 << 20
+    before = ws.usage().cpu_s or 0.0
+    t0 = time.monotonic()
+    sh(ws, "timeout 2 sh -c 'while :; do :; done' & timeout 2 sh -c 'while :; do :; done'; wait")
+    wall = time.monotonic() - t0
+    used = (ws.usage().cpu_s or 0.0) - before
+    assert used < 0.5 * wall + 0.3  # two busy loops held to half a core
+
+
+def test_wipe_leaves_nothing(runtime: BwrapRuntime) -> None:
+    w = runtime.create(WorkspaceSpec("wipe-me"))
+    assert sh(w, "echo x > /work/f; sleep 1000 &")[0] == 0
+    w.wipe()
+    assert not w.dir.exists() and not any(d.exists() for d in w.cgroup.dirs.values())
+    assert str(w.work) not in Path("/proc/mounts").read_text()
