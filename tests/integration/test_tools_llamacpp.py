@@ -220,9 +220,7 @@ def test_openai_client_gets_validated_tool_calls_streams_them_and_audits_pass(
             "messages": ASK,
             "tools": TOOLS,
             "max_tokens": MAX_TOKENS,
-            # Greedy: the same answer every time. No explicit seed: two identical requests
-            # with one seed commit identical blobs, and their audit ids collide (a known
-            # issue of trust/audits.py, reported).
+            # Greedy: the same answer every time.
             "temperature": 0.0,
             "parallel_tool_calls": False,  # greedy, a base model would repeat calls
         }
@@ -273,12 +271,45 @@ def test_openai_client_gets_validated_tool_calls_streams_them_and_audits_pass(
         assert back.choices[0].finish_reason in ("stop", "length")
         assert isinstance(back.choices[0].message.content, str)
 
+        # With logprobs and penalties, seeded: logprobs are those of the generated tokens
+        # (the call's format, `content` null), the same whole and streamed. The streamed
+        # request is the same (one digest): each gets its own audit (ids per task).
+        sampled: dict[str, Any] = {
+            **common,
+            "tool_choice": NAMED,
+            "temperature": 0.7,
+            "seed": 11,
+            "presence_penalty": 0.3,
+            "frequency_penalty": 0.3,
+            "logprobs": True,
+            "top_logprobs": 2,
+        }
+        lp = client.chat.completions.create(**sampled)
+        lpc = lp.choices[0]
+        assert lpc.finish_reason == "tool_calls" and lpc.message.content is None, lpc
+        ((name, arguments),) = _calls(lpc.message)
+        _validate(name, arguments)
+        entries = lpc.logprobs.content if lpc.logprobs else None
+        assert entries and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+        raw = "".join(e.token for e in entries)
+        assert (
+            raw.startswith('{"tool_calls":[') and json.loads(raw)["tool_calls"][0]["name"] == name
+        )
+        streamed: list[Any] = []
+        deltas: list[Any] = []
+        for chunk in client.chat.completions.create(**sampled, stream=True):
+            for c in chunk.choices:
+                streamed += c.logprobs.content or [] if c.logprobs else []
+                deltas += c.delta.tool_calls or []
+        assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+        assert "".join(d.function.arguments or "" for d in deltas) == arguments
+
         def audits() -> list[dict]:
             return [a for a in http.get("/api/v1/audits").json()["audits"] if not a["canary"]]
 
         def judged() -> bool:
             got = audits()
-            return len(got) == 4 and all(a["state"] in ("passed", "failed") for a in got)
+            return len(got) == 6 and all(a["state"] in ("passed", "failed") for a in got)
 
         try:
             _wait(judged)
