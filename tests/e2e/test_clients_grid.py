@@ -1,5 +1,6 @@
 """Clients nobody here wrote, against `idlegrid up` with the real default model: LangChain's
-`ChatOpenAI` (plain and `with_structured_output`) and LiteLLM (plain and `response_format`).
+`ChatOpenAI` (plain, `with_structured_output` and `bind_tools`) and LiteLLM (plain and
+`response_format`).
 
 Each must get what it asked for or a clear error: a structured answer that parses into the
 caller's own pydantic model, never a silently unconstrained one. (instructor is not here:
@@ -49,6 +50,31 @@ def test_langchain_chat_and_structured_output(grid: tuple[str, str]) -> None:
     city = structured.invoke("Name a city and its country as JSON.")
     assert isinstance(city, City)  # parsed and validated by LangChain from our answer
     assert city.name and len(city.name) <= 24
+
+
+class GetWeather(BaseModel):
+    """The weather forecast for a city."""
+
+    city: str = Field(max_length=16)
+    days: int = Field(ge=1, le=7)
+
+
+def test_langchain_bind_tools_with_tool_choice_any_returns_a_call(grid: tuple[str, str]) -> None:
+    from langchain_core.messages import AIMessage
+    from langchain_openai import ChatOpenAI
+
+    base, key = grid
+    llm = ChatOpenAI(
+        model=MODEL, base_url=base, api_key=key, max_tokens=48, temperature=0, max_retries=0
+    )
+    bound = llm.bind_tools([GetWeather], tool_choice="any", parallel_tool_calls=False)
+    assert bound.kwargs["tool_choice"] == "required"  # what langchain-openai sends for "any"
+    answer = bound.invoke("What is the weather in Paris for the next 2 days?")
+    assert isinstance(answer, AIMessage)
+    assert answer.response_metadata["finish_reason"] == "tool_calls", answer
+    (call,) = answer.tool_calls  # parsed by LangChain from our tool_calls
+    assert call["name"] == "GetWeather" and call["id"].startswith("call_")
+    GetWeather.model_validate(call["args"])
 
 
 def test_litellm_chat_and_response_format(grid: tuple[str, str]) -> None:

@@ -261,12 +261,8 @@ def test_identical_seeded_requests_are_both_served_and_audited(grid_factory) -> 
     gets its own audit (ids per task and attempt), and neither finish fails."""
     coord, key, nodes = grid_factory(TinyEngine("tiny"), TinyEngine("tiny"))
     with openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0) as c:
-        texts = [
-            c.completions.create(
-                model="tiny", prompt="Same", max_tokens=12, temperature=1.0, seed=7
-            ).choices[0].text
-            for _ in range(2)
-        ]
+        ask = {"model": "tiny", "prompt": "Same", "max_tokens": 12, "temperature": 1.0, "seed": 7}
+        texts = [c.completions.create(**ask).choices[0].text for _ in range(2)]
     assert texts[0] == texts[1]
     _wait(lambda: _settled(coord) and len(_audits(coord)) >= 2)
     real = [a for a in _audits(coord) if a["node_id"] == nodes["provider"] and not a["canary"]]
