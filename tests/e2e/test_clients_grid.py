@@ -1,5 +1,6 @@
 """Clients nobody here wrote, against `idlegrid up` with the real default model: LangChain's
-`ChatOpenAI` (plain and `with_structured_output`) and LiteLLM (plain and `response_format`).
+`ChatOpenAI` (plain, `with_structured_output` and `bind_tools`) and LiteLLM (plain and
+`response_format`).
 
 Each must get what it asked for or a clear error: a structured answer that parses into the
 caller's own pydantic model, never a silently unconstrained one. (instructor is not here:
@@ -70,6 +71,31 @@ print(json.dumps({"text": plain.choices[0].message.content,
 )
 
 
+BIND_TOOLS = """
+import json, os
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
+
+
+class GetWeather(BaseModel):
+    \"\"\"The weather forecast for a city.\"\"\"
+
+    city: str = Field(max_length=16)
+    days: int = Field(ge=1, le=7)
+
+
+llm = ChatOpenAI(model=os.environ["MODEL"], base_url=os.environ["BASE"],
+                 api_key=os.environ["KEY"], max_tokens=48, temperature=0, max_retries=0)
+bound = llm.bind_tools([GetWeather], tool_choice="any", parallel_tool_calls=False)
+answer = bound.invoke("What is the weather in Paris for the next 2 days?")
+calls = answer.tool_calls  # parsed by LangChain from our tool_calls
+print(json.dumps({"sent_choice": bound.kwargs["tool_choice"],
+                  "finish": answer.response_metadata["finish_reason"],
+                  "calls": calls,
+                  "valid": [GetWeather.model_validate(c["args"]).model_dump() for c in calls]}))
+"""
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     proc = UpProcess(tmp_path_factory.mktemp("clients"))
@@ -101,6 +127,16 @@ def test_langchain_chat_and_structured_output(grid: dict[str, str]) -> None:
     assert r["type"] == "City"  # parsed and validated by LangChain from our answer
     city = r["city"]
     assert isinstance(city, dict) and city["name"] and len(city["name"]) <= 24
+
+
+def test_langchain_bind_tools_with_tool_choice_any_returns_a_call(grid: dict[str, str]) -> None:
+    r = run_client(BIND_TOOLS, grid)
+    assert r["sent_choice"] == "required"  # what langchain-openai sends for "any"
+    assert r["finish"] == "tool_calls", r
+    calls = r["calls"]
+    assert isinstance(calls, list) and len(calls) == 1, r
+    assert calls[0]["name"] == "GetWeather" and calls[0]["id"].startswith("call_")
+    assert r["valid"]  # the arguments validate against the caller's own model
 
 
 def test_litellm_chat_and_response_format(grid: dict[str, str]) -> None:

@@ -85,6 +85,12 @@ def _ok(_: httpx.Response) -> None:
     pass
 
 
+def _text_answer(r: httpx.Response) -> None:
+    choice = r.json()["choices"][0]
+    assert isinstance(choice["message"]["content"], str) and not choice["message"]["tool_calls"]
+    assert choice["finish_reason"] in ("stop", "length")
+
+
 def _lp(r: httpx.Response) -> list[tuple[str, float, list[float]]]:
     """(token, logprob, alternatives' logprobs) per token, from either endpoint's shape."""
     lp = r.json()["choices"][0]["logprobs"]
@@ -173,6 +179,15 @@ HONOURED: dict[str, tuple[dict[str, Any], Check]] = {
     # Its effect needs an engine that constrains: tests/integration/test_grammar_llamacpp.py;
     # here, that a grid of engines that cannot is never served it unconstrained (below).
     "response_format": ({"response_format": {"type": "text"}}, _ok),
+    # Tools, as response_format: their effect on a real model is
+    # tests/integration/test_tools_llamacpp.py; here, tool_choice "none" (text, the tools
+    # written into the prompt) and never unconstrained otherwise (below).
+    "tools": ({"tools": [TOOL], "tool_choice": "none"}, _text_answer),
+    "tool_choice": ({"tools": [TOOL], "tool_choice": "none"}, _text_answer),
+    "parallel_tool_calls": (
+        {"tools": [TOOL], "tool_choice": "none", "parallel_tool_calls": False},
+        _text_answer,
+    ),
 }
 NO_EFFECT: dict[str, Any] = {
     "user": "u-1",
@@ -185,9 +200,6 @@ NO_EFFECT: dict[str, Any] = {
     "safety_identifier": "s-1",
 }
 REFUSED: dict[str, Any] = {
-    "tools": [TOOL],
-    "tool_choice": "required",
-    "parallel_tool_calls": True,  # sent alone it is neutral: refused only with tools, below
     "functions": [{"name": "f", "parameters": {"type": "object"}}],
     "function_call": "auto",
     "audio": {"voice": "alloy", "format": "wav"},
@@ -259,14 +271,12 @@ def test_each_field_is_honoured_or_refused_by_name(grid: Grid, endpoint: str, na
     else:
         value = REFUSED[name]
         value = value[endpoint] if isinstance(value, dict) and endpoint in value else value
-        # parallel_tool_calls is refused only beside tools, which are named first
-        extra = {"tools": [TOOL], name: value} if name == "parallel_tool_calls" else {name: value}
+        extra = {name: value}
         before = len(grid.entries())
         r = _post(grid, endpoint, extra)
         assert r.status_code == 400, r.text
         error = r.json()["error"]
-        want = "tools" if name == "parallel_tool_calls" else name
-        assert (error["param"], error["type"]) == (want, "invalid_request_error"), error
+        assert (error["param"], error["type"]) == (name, "invalid_request_error"), error
         assert len(grid.entries()) == before  # nothing escrowed
 
 
@@ -341,3 +351,57 @@ def test_response_format_is_never_served_unconstrained(grid: Grid) -> None:
     assert r.status_code == 503, r.text
     assert "response_format" in r.json()["error"]["message"]
     assert len(grid.entries()) == before
+
+
+@pytest.mark.parametrize(
+    "choice", ["auto", "required", {"type": "function", "function": {"name": "f"}}, None]
+)
+def test_tool_calls_are_never_served_unconstrained(grid: Grid, choice: Any) -> None:
+    """No live provider here enforces grammars: a request that may answer with tool calls is
+    refused (503), not served as text, and nothing is escrowed."""
+    before = len(grid.entries())
+    extra = {"tools": [TOOL], "tool_choice": choice}
+    for stream in (False, True):
+        r = _post(grid, "chat", {**extra, "stream": stream})
+        assert r.status_code == 503, r.text
+        assert "tools" in r.json()["error"]["message"]
+    assert len(grid.entries()) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]},
+            "messages[1].tool_call_id",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}]},
+            "messages[0].audio",
+        ),
+    ],
+)
+def test_malformed_tool_fields_are_400s_naming_them(
+    grid: Grid, extra: dict[str, Any], param: str
+) -> None:
+    before = len(grid.entries())
+    r = _post(grid, "chat", extra)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert len(grid.entries()) == before
+
+
+def test_a_tool_round_trip_is_served_as_text_with_tool_choice_none(grid: Grid) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    r = _post(grid, "chat", {"messages": messages, "tools": [TOOL], "tool_choice": "none"})
+    assert r.status_code == 200, r.text
+    _text_answer(r)

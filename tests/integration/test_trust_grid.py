@@ -254,3 +254,18 @@ def test_no_audit_is_judged_across_cpu_variants(grid_factory) -> None:
         assert {a["verifier_id"] for a in mine()} == {v4}
     finally:
         t.stop(10)
+
+
+def test_identical_seeded_requests_are_both_served_and_audited(grid_factory) -> None:
+    """Two identical requests with one explicit seed commit to one digest; each answer still
+    gets its own audit (ids per task and attempt), and neither finish fails."""
+    coord, key, nodes = grid_factory(TinyEngine("tiny"), TinyEngine("tiny"))
+    with openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0) as c:
+        ask = {"model": "tiny", "prompt": "Same", "max_tokens": 12, "temperature": 1.0, "seed": 7}
+        texts = [c.completions.create(**ask).choices[0].text for _ in range(2)]
+    assert texts[0] == texts[1]
+    _wait(lambda: _settled(coord) and len(_audits(coord)) >= 2)
+    real = [a for a in _audits(coord) if a["node_id"] == nodes["provider"] and not a["canary"]]
+    assert len(real) == 2 and len({a["id"] for a in real}) == 2  # probation: both audited
+    assert len({a["task_id"] for a in real}) == 2
+    assert all(a["state"] == "passed" for a in real), real

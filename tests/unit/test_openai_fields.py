@@ -55,8 +55,8 @@ def test_unknown_fields_are_refused_by_name() -> None:
 @pytest.mark.parametrize(
     ("table", "name", "neutral", "refused"),
     [
-        (fields.CHAT, "tools", [], [{"type": "function", "function": {"name": "f"}}]),
-        (fields.CHAT, "tool_choice", "none", "required"),
+        (fields.CHAT, "functions", [], [{"name": "f"}]),
+        (fields.CHAT, "function_call", "none", "auto"),
         (fields.CHAT, "modalities", ["text"], ["text", "audio"]),
         (fields.COMPLETIONS, "echo", False, True),
         (fields.COMPLETIONS, "suffix", "", "tail"),
@@ -76,7 +76,7 @@ def test_neutral_values_that_depend_on_the_rest_of_the_body() -> None:
     assert _param(fields.COMPLETIONS, {"n": 2, "best_of": 3}) == "best_of"
     assert _param(fields.CHAT, {"parallel_tool_calls": False}) is None
     tools = [{"type": "function", "function": {"name": "f"}}]
-    assert _param(fields.CHAT, {"tools": tools, "parallel_tool_calls": False}) == "tools"
+    assert _param(fields.CHAT, {"tools": tools, "parallel_tool_calls": False}) is None  # honoured
 
 
 def test_booleans_are_not_taken_for_numbers() -> None:

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from idlegrid.core.ledger import FEES
-from idlegrid.core.trust import entries, selection
+from idlegrid.core.trust import beacon, entries, selection
 from idlegrid.core.trust.selection import Candidate
 
 SECRET = b"s" * 32
@@ -87,10 +87,22 @@ def test_draw_is_unpredictable_without_the_secret() -> None:
 
 def test_audit_ids_have_one_shape_and_hide_the_kind() -> None:
     d = _digest(3)
-    real, canary = (selection.audit_id(SECRET, d, k) for k in ("audit", "canary"))
+    real, canary = (selection.audit_id(SECRET, d, k, "t-1", 0) for k in ("audit", "canary"))
     assert real.startswith("aud-") and canary.startswith("aud-")
     assert len(real) == len(canary) == 28 and real != canary
     assert d.hex()[:24] not in (real[4:], canary[4:])  # not derivable from the commitment
+    # One digest (identical seeded requests), other answers: other ids, same shape.
+    others = {selection.audit_id(SECRET, d, "audit", t, a) for t in ("t-1", "t-2") for a in (0, 1)}
+    assert len(others) == 4 and all(len(i) == 28 and i.startswith("aud-") for i in others)
+    assert selection.audit_id(b"\x01" * 32, d, "audit", "t-1", 0) != real  # needs the secret
+
+
+def test_answers_with_one_digest_are_drawn_independently() -> None:
+    d = _digest(5)
+    scopes = [selection.scope(f"t-{i}", 0) for i in range(2000)]
+    hits = sum(beacon.selected(SECRET, d, 0.25, scope=s) for s in scopes)
+    assert 400 < hits < 600  # one digest, not all-or-nothing
+    assert beacon.selected(SECRET, d, 0.25) == beacon.selected(SECRET, d, 0.25, scope=b"")
 
 
 def test_task_canary_changes_the_prompt_and_keeps_its_look() -> None:

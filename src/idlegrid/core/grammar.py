@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,19 +51,27 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "propertyNames")
 # `{"type": "json_object"}`: any JSON object (OpenAI's JSON mode).
 ANY_OBJECT = {"type": "object"}
+# Tool calling (core/tools.py): the spec's text is a canonical tools document.
+TOOLS_KIND = "tools"
+FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
     """A constraint on the answer: its kind and canonical JSON Schema text."""
 
-    kind: str  # "json_object" or "json_schema"
-    schema: str  # canonical JSON (compact, keys in the order given)
+    kind: str  # "json_object", "json_schema" or "tools"
+    schema: str  # canonical JSON (compact, keys in the order given); tools: the document
     name: str = ""  # json_schema's name: echoed, not enforced (and not hashed)
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical grammar: what the commitment binds the answer to."""
         return hashlib.sha256(f"idlegrid-grammar\0{self.kind}\0{self.schema}".encode()).digest()
+
+    @property
+    def param(self) -> str:
+        """The request field a refusal of this grammar names."""
+        return "tools" if self.kind == TOOLS_KIND else PARAM
 
     def schema_obj(self) -> dict[str, Any]:
         """The schema as a dict."""
@@ -77,12 +86,14 @@ class GrammarSpec:
     def from_wire(cls, d: dict[str, Any]) -> GrammarSpec:
         """Parse the payload form (re-canonicalised: the provider hashes what it compiles)."""
         kind = d.get("kind")
-        if kind not in ("json_object", "json_schema"):
+        if kind not in ("json_object", "json_schema", TOOLS_KIND):
             raise InvalidRequest(f"unknown grammar kind {kind!r}", param=PARAM)
         try:
             schema = json.loads(str(d.get("schema", "")))
         except ValueError as exc:
             raise InvalidRequest(f"grammar schema is not JSON: {exc}", param=PARAM) from exc
+        if kind == TOOLS_KIND:
+            return cls(TOOLS_KIND, canonical(_check_tools(schema)))
         return cls(str(kind), canonical(_check_schema(schema)), str(d.get("name") or ""))
 
 
@@ -116,6 +127,30 @@ def from_response_format(rf: Any) -> GrammarSpec | None:
         raise InvalidRequest("response_format.json_schema.schema must be an object", param=PARAM)
     # `strict` false is honoured more strictly than asked: the schema is always enforced.
     return GrammarSpec("json_schema", canonical(_check_schema(schema)), js["name"][:64])
+
+
+def _check_tools(doc: Any) -> dict[str, Any]:
+    """Validate a tools document (core/tools.ToolPlan.grammar) from the wire."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("tools"), list) or not doc["tools"]:
+        raise InvalidRequest("a tools grammar needs a list of tools", param="tools")
+    names = []
+    for t in doc["tools"]:
+        if not isinstance(t, dict) or not FUNCTION_NAME.match(str(t.get("name", ""))):
+            raise InvalidRequest("a tool in the grammar has no valid name", param="tools")
+        _check_schema(t.get("parameters"))
+        names.append(t["name"])
+    if doc.get("choice") not in ("auto", "required", *names):
+        raise InvalidRequest(f"unknown tool choice {doc.get('choice')!r}", param="tool_choice")
+    if not isinstance(doc.get("parallel"), bool):
+        raise InvalidRequest("parallel must be a boolean", param="parallel_tool_calls")
+    if doc.get("text") is not None:
+        _check_schema(doc["text"])
+    return doc
+
+
+def check_schema(schema: Any) -> dict[str, Any]:
+    """A JSON schema the grammar engine can enforce, else a 400 (naming response_format)."""
+    return _check_schema(schema)
 
 
 def _check_schema(schema: Any) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from idlegrid.core.grammar import PARAM, GrammarSpec
+from idlegrid.core import tools
+from idlegrid.core.grammar import GrammarSpec
 from idlegrid.errors import EngineError, InvalidRequest
 
 LIBRARY = "llguidance"
@@ -45,13 +46,16 @@ def _lib() -> Any:
 
 
 def grammar_text(spec: GrammarSpec) -> str:
-    """The llguidance grammar for a spec."""
+    """The llguidance grammar for a spec (tools: a Lark grammar embedding JSON schemas)."""
     lib = _lib()
+    if spec.kind == tools.KIND:
+        return str(lib.LLMatcher.grammar_from_lark(tools.lark(spec)))
     return str(lib.LLMatcher.grammar_from_json_schema(spec.schema_obj(), overrides=_OPTIONS))
 
 
 def check(spec: GrammarSpec) -> None:
-    """Refuse (400 naming response_format) a schema the grammar engine cannot compile.
+    """Refuse (400 naming response_format, or tools) a schema the grammar engine cannot
+    compile.
 
     Needs no tokenizer, so the gateway can run it; without the library it checks nothing
     (the provider's compile then refuses)."""
@@ -61,10 +65,10 @@ def check(spec: GrammarSpec) -> None:
     try:
         text = grammar_text(spec)
     except ValueError as exc:
-        raise InvalidRequest(f"invalid JSON schema: {exc}", param=PARAM) from exc
+        raise InvalidRequest(f"invalid JSON schema: {exc}", param=spec.param) from exc
     err = lib.LLMatcher.validate_grammar(text)
     if err:
-        raise InvalidRequest(f"JSON schema not supported: {err}", param=PARAM)
+        raise InvalidRequest(f"JSON schema not supported: {err}", param=spec.param)
 
 
 class Matcher:
@@ -74,7 +78,9 @@ class Matcher:
         lib = _lib()
         self._m = lib.LLMatcher(tokenizer, grammar_text(spec), log_level=0)
         if self._m.is_error():
-            raise InvalidRequest(f"JSON schema not supported: {self._m.get_error()}", param=PARAM)
+            raise InvalidRequest(
+                f"JSON schema not supported: {self._m.get_error()}", param=spec.param
+            )
         self._words = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
 
     def mask(self) -> np.ndarray:
@@ -141,5 +147,5 @@ class Grammars:
             self._tokenizer = _tokenizer(self._vocab, self._n_vocab)
         m = Matcher(self._tokenizer, spec, self._n_vocab)
         if not m.consume_all(prefix):
-            raise InvalidRequest("earlier output does not fit the grammar", param=PARAM)
+            raise InvalidRequest("earlier output does not fit the grammar", param=spec.param)
         return m

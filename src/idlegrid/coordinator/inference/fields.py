@@ -46,11 +46,6 @@ def _empty(value: Any, _: Mapping[str, Any]) -> bool:
     return value is None or value == [] or value == {}
 
 
-def _no_tools(_: Any, body: Mapping[str, Any]) -> bool:
-    # parallel_tool_calls only matters when tools are offered.
-    return not body.get("tools") and not body.get("functions")
-
-
 def _best_of(value: Any, body: Mapping[str, Any]) -> bool:
     # best_of == n generates n and returns all n: the same as not asking.
     return value is None or value == (body.get("n") or 1)
@@ -87,7 +82,7 @@ _SHARED: dict[str, Rule] = {
 
 CHAT: dict[str, Rule] = {
     **_SHARED,
-    "messages": Rule(H, "text content parts only"),
+    "messages": Rule(H, "text content parts only; tool_calls, tool messages and name rendered"),
     "max_completion_tokens": Rule(H),
     "metadata": Rule(X),
     "store": Rule(X, "nothing is stored for later retrieval"),
@@ -97,11 +92,11 @@ CHAT: dict[str, Rule] = {
     "prompt_cache_retention": Rule(X),
     "safety_identifier": Rule(X),
     "response_format": Rule(H, "enforced token by token by grammar masks, committed and audited"),
-    "tools": Rule(R, "tool calling is not implemented yet", _empty),
-    "tool_choice": Rule(R, "tool calling is not implemented yet", _one_of("none")),
-    "parallel_tool_calls": Rule(R, "tool calling is not implemented yet", _no_tools),
-    "functions": Rule(R, "function calling is not implemented yet", _empty),
-    "function_call": Rule(R, "function calling is not implemented yet", _one_of("none")),
+    "tools": Rule(H, "function tools; arguments enforced by grammar masks, committed, audited"),
+    "tool_choice": Rule(H, "auto, none, required or a named function"),
+    "parallel_tool_calls": Rule(H, "false: at most one call per answer"),
+    "functions": Rule(R, "the deprecated functions API is not supported: send tools", _empty),
+    "function_call": Rule(R, "deprecated: send tool_choice", _one_of("none")),
     "logprobs": Rule(H, "committed and audited; see docs/openai.md for the distribution"),
     "top_logprobs": Rule(H, "0 to 20, with logprobs: true"),
     "audio": Rule(R, "text output only"),

@@ -150,6 +150,11 @@ class ChatRequest(_Common):
     # text | json_object | json_schema, enforced token by token (coordinator/inference/
     # structured.py); anything else is a 400 naming it.
     response_format: dict[str, Any] | None = None
+    # Tool calling, enforced as a grammar (coordinator/inference/tools.py, core/tools.py);
+    # untyped here so that a malformed value is a 400 naming the field, not a 422.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
     def logprobs_k(self) -> int | None:
         """Alternatives per token when logprobs are on (None: off)."""
@@ -158,14 +163,6 @@ class ChatRequest(_Common):
                 raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
             return None
         return self.top_logprobs or 0
-
-    def plain_messages(self) -> list[dict[str, str]]:
-        """Messages as role/content dicts for the chat template."""
-        role = {"developer": "system"}
-        return [
-            {"role": role.get(m.role, m.role), "content": str(m.content or "")}
-            for m in self.messages
-        ]
 
 
 def prompt_token_bound(text: str) -> int:

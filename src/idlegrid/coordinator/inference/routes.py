@@ -18,7 +18,7 @@ from idlegrid.coordinator.deps import (
     Services,
     services,
 )
-from idlegrid.coordinator.inference import fanout, fields, logprob_shape
+from idlegrid.coordinator.inference import fanout, fields, logprob_shape, tools
 from idlegrid.coordinator.inference import schemas as s
 from idlegrid.coordinator.inference.choices import plan
 from idlegrid.coordinator.inference.embed_routes import embedding_facts
@@ -30,7 +30,7 @@ from idlegrid.coordinator.inference.openai_schema import (
     prompt_token_bound,
 )
 from idlegrid.coordinator.inference.service import RequestFailed
-from idlegrid.coordinator.inference.structured import grammar_payload, invalid_failure
+from idlegrid.coordinator.inference.structured import invalid_failure
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
 from idlegrid.core.ledger import MICRO, Price
@@ -68,10 +68,14 @@ def _usage(done: list[TaskView]) -> dict[str, int]:
 class _Shape:
     """Differences between text completions and chat completions, in one place."""
 
-    def __init__(self, kind: str, response_id: str, model: str, logprobs: bool = False) -> None:
+    def __init__(
+        self, kind: str, response_id: str, model: str, logprobs: bool = False, calls: bool = False
+    ) -> None:
         self.kind, self.id, self.model, self.created = kind, response_id, model, int(time.time())
         self.logprobs = logprobs
         self.offsets: dict[int, int] = {}  # completions: each choice's text offset so far
+        self.calls = calls  # answers may be tool calls (tools.py reads them)
+        self.streams: dict[int, tools.DeltaStream] = {}
 
     def shape_logprobs(self, index: int, lps: list[Any]) -> dict[str, Any] | None:
         """A choice's logprobs for these tokens (None when the request asked for none)."""
@@ -82,16 +86,35 @@ class _Shape:
         out, self.offsets[index] = logprob_shape.completion(lps, self.offsets.get(index, 0))
         return out
 
+    def pieces(self, index: int, text: str, lps: list[Any] | None) -> list[dict[str, Any]]:
+        """Chunks for a choice's next output: text (or tool-call deltas) and its logprobs.
+
+        Tool calls: the logprobs of the tokens ride on the first delta they produced, or on
+        an empty delta while the reader holds them (docs/tools.md)."""
+        if not (text or (lps and self.logprobs)):
+            return []
+        lp = self.shape_logprobs(index, lps or [])
+        if index not in self.streams:
+            return [self.chunk(index, text, None, logprobs=lp)]
+        deltas = self.streams[index].feed(text) if text else []
+        if lp is not None and not deltas:
+            deltas = [{}]
+        return [
+            self.chunk(index, None, None, delta=d, logprobs=lp if i == 0 else None)
+            for i, d in enumerate(deltas)
+        ]
+
     def chunk(
         self,
         index: int,
         text: str | None,
         finish: str | None,
         first: bool = False,
+        delta: dict[str, Any] | None = None,
         logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
-            delta: dict[str, Any] = {}
+            delta = dict(delta or {})
             if first:
                 delta["role"] = "assistant"
             if text is not None:
@@ -127,7 +150,11 @@ class _Shape:
                 "logprobs": self.shape_logprobs(index, lps),
                 "finish_reason": task.finish_reason,
             }
-            if self.kind == "chat":
+            if self.kind == "chat" and self.calls:
+                choice["message"], choice["finish_reason"] = tools.whole_message(
+                    text, task.finish_reason, task.id
+                )
+            elif self.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
@@ -186,6 +213,7 @@ async def _serve(
     include_usage: bool,
     cap: Price,
     logprobs: bool = False,
+    calls: bool = False,
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
@@ -193,7 +221,8 @@ async def _serve(
         raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
-    shape = _Shape(kind, task_ids[0], model, logprobs)
+    shape = _Shape(kind, task_ids[0], model, logprobs, calls)
+    shape.streams = {k: tools.DeltaStream(t) for k, t in enumerate(task_ids)} if calls else {}
     started = time.perf_counter()
     if stream_out:
         return StreamingResponse(
@@ -275,18 +304,20 @@ async def _sse(
                 if first:
                     svc.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
                     first = False
-                lps = event.data.get("logprobs")
-                if text or (lps and shape.logprobs):
-                    yield _sse_line(
-                        shape.chunk(k, text, None, logprobs=shape.shape_logprobs(k, lps or []))
-                    )
+                for chunk in shape.pieces(k, text, event.data.get("logprobs")):
+                    yield _sse_line(chunk)
             elif event.kind == "done":
                 ended.add(k)
                 task: TaskView = event.data["task"]
                 done.append(task)
                 _count(svc, shape.model, task, "ok")
                 tail = None if shape.kind == "chat" else ""
-                yield _sse_line(shape.chunk(k, tail, task.finish_reason))
+                finish: Any = task.finish_reason
+                if k in shape.streams:
+                    held, finish = shape.streams[k].end(finish)
+                    for delta in held:
+                        yield _sse_line(shape.chunk(k, None, None, delta=delta))
+                yield _sse_line(shape.chunk(k, tail, finish))
             else:
                 ended.add(k)
                 svc.metrics.requests.labels(shape.model, "failed").inc()
@@ -365,12 +396,12 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 async def chat_completions(body: ChatRequest, request: Request, response: Response) -> Any:
     """Chat completion, templated by the serving engine with the model's own chat template."""
     fields.check(fields.CHAT, body.sent())
-    messages = body.plain_messages()
+    chat = tools.prepare(body)  # tools and tool turns written out; the grammar
+    messages, grammar = chat.messages, chat.grammar
     limit = body.max_completion_tokens or body.max_tokens
     max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
     stop = body.stop_list()
     sampler = body.sampler_fields(body.logprobs_k())
-    grammar = grammar_payload(body.response_format)
     work = [
         (
             {
@@ -398,4 +429,5 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
         body.include_usage(),
         _price_cap(services(request), body),
         "logprobs" in sampler,
+        chat.calls,
     )

@@ -40,6 +40,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCall(BaseModel):
+    """A function a tool call invokes; arguments are JSON text (whole, or a fragment)."""
+
+    name: str | None = None
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of an answer (`finish_reason: "tool_calls"`)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed part of a tool call: the first carries id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class TopLogprob(BaseModel):
     """An alternative token and its log-probability (chat logprobs)."""
 
@@ -71,10 +95,11 @@ class CompletionLogprobs(BaseModel):
 
 
 class AssistantMessage(BaseModel):
-    """The answer of a chat completion."""
+    """The answer of a chat completion: text, or tool calls (content null)."""
 
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -118,10 +143,11 @@ class Completion(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    """What a chunk adds: the role (first chunk) and text."""
+    """What a chunk adds: the role (first chunk), text, or parts of tool calls."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

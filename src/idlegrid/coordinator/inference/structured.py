@@ -1,5 +1,5 @@
-"""Structured outputs at the gateway: `response_format` to the work payload's grammar, and
-which providers may serve a constrained request (those whose engine names a grammar engine).
+"""Structured outputs at the gateway: which providers may serve a constrained request (those
+whose engine names a grammar engine); the payload's grammar is made by tools.prepare.
 
 Never served unconstrained: a schema the grammar engine cannot enforce is a 400 naming
 `response_format` here, or from the provider's compile (`grammar_failure`).
@@ -7,24 +7,11 @@ Never served unconstrained: a schema the grammar engine cannot enforce is a 400 
 
 from __future__ import annotations
 
-from typing import Any
-
 from idlegrid.coordinator.views import NodeView
-from idlegrid.core.grammar import PARAM, from_response_format
+from idlegrid.core.grammar import PARAM
 from idlegrid.core.ledger import Price
 from idlegrid.core.routing import Candidate
 from idlegrid.errors import InvalidRequest, NoCapacity
-
-
-def grammar_payload(response_format: Any) -> dict[str, str] | None:
-    """The payload's `grammar` for a request's response_format (None: plain text)."""
-    spec = from_response_format(response_format)
-    if spec is None:
-        return None
-    from idlegrid.engines.grammar import check  # lazy: llguidance only where installed
-
-    check(spec)
-    return spec.to_wire()
 
 
 def can_constrain(node: NodeView | None) -> bool:
@@ -41,13 +28,13 @@ def constrained(
     """Candidates that can enforce a grammar; NoCapacity if none can."""
     ok = {n for n in prices if can_constrain(nodes.get(n))}
     if not ok:
-        raise NoCapacity(model, "no live provider of it can enforce response_format")
+        raise NoCapacity(model, "no live provider of it can enforce response_format or tools")
     return [c for c in cands if c.node_id in ok], {n: p for n, p in prices.items() if n in ok}
 
 
 def invalid_failure(reason: str) -> InvalidRequest:
     """The 400 for a request a provider found invalid; `param: message` names the field."""
     param, _, message = reason.partition(": ")
-    if param == PARAM and message:
-        return InvalidRequest(message, param=PARAM)
+    if param in (PARAM, "tools", "tool_choice", "parallel_tool_calls") and message:
+        return InvalidRequest(message, param=param)
     return InvalidRequest(reason, param="prompt")

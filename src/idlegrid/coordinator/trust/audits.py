@@ -239,16 +239,24 @@ class Trust:
             constrained = isinstance(c, cm.Commitment) and c.header.constraint is not None
             pool = assign.candidates(self, s, constrained)
             audits: list[tuple[str, bool, bytes, str | None]] = []
-            if beacon.selected(self.secret, digest, self.policy.rate(clean, failed, at_risk)):
+            # Draws and ids are per answer (task, attempt), not per digest: identical seeded
+            # requests commit to one digest, and are audited independently (docs/trust.md).
+            where = selection.scope(task.id, attempt)
+            rate = self.policy.rate(clean, failed, at_risk)
+            real_id, canary_id = (
+                selection.audit_id(self.secret, digest, k, task.id, attempt)
+                for k in ("audit", "canary")
+            )
+            if beacon.selected(self.secret, digest, rate, scope=where):
                 who = assign.draw(self, s, node_id, digest, c.header.det_class, "audit", [], pool)
-                audits.append((selection.audit_id(self.secret, digest, "audit"), False, blob, who))
+                audits.append((real_id, False, blob, who))
             # Canaries plant wrong hidden states; an embedding answer has none (c.chunks
             # is empty), so its verifiers are kept honest by the generation canaries.
             if (
                 isinstance(c, cm.Commitment)
                 and c.chunks
                 and beacon.selected(
-                    self.secret, digest, self.settings.canary_rate, domain=b"canary"
+                    self.secret, digest, self.settings.canary_rate, b"canary", where
                 )
             ):
                 # A canary goes to another verifier than the real audit where there is one.
@@ -258,7 +266,7 @@ class Trust:
                 ) or assign.draw(self, s, node_id, digest, c.header.det_class, "canary", [], pool)
                 kind = selection.canary_kind(self.secret, digest, task.payload)
                 data = blob if kind == "task" else tamper(c).encode()
-                audits.append((selection.audit_id(self.secret, digest, "canary"), True, data, who))
+                audits.append((canary_id, True, data, who))
             for audit_id, canary, data, designated in audits:
                 s.add(
                     TrustAudit(

@@ -2,7 +2,8 @@
 
 The coordinator draws a secret per epoch and publishes its hash when the epoch starts
 (commit); it reveals the secret when the epoch ends, so anyone can recheck every selection
-afterwards. A request is audited iff H(secret || commitment digest) < p·2^256: the
+afterwards. A request is audited iff H(secret || commitment digest || task id, attempt)
+< p·2^256 (the task's scope is public in the records): the
 provider learns nothing before it has committed, and changing any committed byte changes
 the draw. Canaries use a separate domain of the same hash.
 """
@@ -25,11 +26,16 @@ def draw(secret: bytes, digest: bytes, domain: bytes = b"audit") -> float:
     return int.from_bytes(h, "big") / _SCALE
 
 
-def selected(secret: bytes, digest: bytes, p: float, domain: bytes = b"audit") -> bool:
-    """True if the request with this commitment digest is audited at rate p."""
+def selected(
+    secret: bytes, digest: bytes, p: float, domain: bytes = b"audit", scope: bytes = b""
+) -> bool:
+    """True if the request with this commitment digest is audited at rate p.
+
+    `scope` (core/trust/selection.scope: task id and attempt) makes the draws of answers
+    with one digest (identical seeded requests) independent; empty: by digest alone."""
     if p >= 1:
         return True
-    h = hashlib.sha256(domain + b"\x00" + secret + digest).digest()
+    h = hashlib.sha256(domain + b"\x00" + secret + digest + scope).digest()
     return int.from_bytes(h, "big") < int(p * _SCALE)
 
 

@@ -105,9 +105,18 @@ def pick(
     raise AssertionError("unreachable")
 
 
-def audit_id(secret: bytes, digest: bytes, kind: str) -> str:
-    """The id of an audit of this commitment: the same shape for real audits and canaries."""
-    return "aud-" + _h(b"audit-id", kind.encode(), secret, digest).hex()[:24]
+def scope(task_id: str, attempt: int) -> bytes:
+    """Which answer a draw or an id is for: its task and attempt. Two identical seeded
+    requests commit to the same digest; this keeps their audits (and draws) apart."""
+    return task_id.encode() + b"\x00" + attempt.to_bytes(4, "big")
+
+
+def audit_id(secret: bytes, digest: bytes, kind: str, task_id: str, attempt: int) -> str:
+    """The id of an audit of this answer (one per task attempt and kind): the same shape for
+    real audits and canaries, and neither derivable without the secret."""
+    return (
+        "aud-" + _h(b"audit-id", kind.encode(), secret, digest, scope(task_id, attempt)).hex()[:24]
+    )
 
 
 def canary_kind(secret: bytes, digest: bytes, payload: dict[str, Any]) -> str:
