@@ -3,9 +3,9 @@
 `response_format`).
 
 Each must get what it asked for or a clear error: a structured answer that parses into the
-caller's own pydantic model, never a silently unconstrained one. (instructor is not here:
-its `jiter<0.15` pin makes pip resolve the `openai` package back to 1.x for the whole test
-environment; see docs/openai.md.)
+caller's own pydantic model, never a silently unconstrained one. instructor runs from its
+own virtual environment: its `jiter<0.15` pin would pull the test environment's `openai`
+package back to an older release.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ pytestmark = pytest.mark.slow
 # Each client runs as its own process, as a user's script would: LiteLLM leaves an event
 # loop open behind it, which would surface as a ResourceWarning in some later test here.
 CITY = """
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class City(BaseModel):
-    # A short, closed object a 270M base model can finish inside the token limit.
+    # A short, closed object a 270M base model can finish inside the token limit: without
+    # additionalProperties false (extra="forbid") JSON Schema allows more keys, and a base
+    # model keeps writing them until the limit.
+    model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=24)
     country: str = Field(max_length=24)
 """
@@ -96,6 +99,42 @@ print(json.dumps({"sent_choice": bound.kwargs["tool_choice"],
 """
 
 
+INSTRUCTOR = (
+    CITY
+    + """
+import json, os
+import instructor
+from openai import OpenAI
+
+client = instructor.from_openai(
+    OpenAI(base_url=os.environ["BASE"], api_key=os.environ["KEY"], max_retries=0),
+    mode=getattr(instructor.Mode, os.environ["MODE"]),
+)
+city = client.chat.completions.create(
+    model=os.environ["MODEL"], response_model=City, max_retries=0, max_tokens=128,
+    temperature=0, messages=[{"role": "user", "content": "Name a city and its country."}])
+print(json.dumps({"type": type(city).__name__, "city": city.model_dump()}))
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def instructor_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Python with instructor installed, in its own virtual environment: instructor's
+    `jiter<0.15` pin resolves `openai` back to an older release, which the test environment
+    must not take (pip picks openai 3.3 here, against 3.63 in the test extra)."""
+    venv = tmp_path_factory.mktemp("instructor") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "instructor>=1.10"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return python
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     proc = UpProcess(tmp_path_factory.mktemp("clients"))
@@ -106,10 +145,10 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         proc.stop()
 
 
-def run_client(script: str, env: dict[str, str]) -> dict[str, object]:
+def run_client(script: str, env: dict[str, str], python: str = sys.executable) -> dict[str, object]:
     """Run one client script against the grid; its one JSON line of results."""
     out = subprocess.run(
-        [sys.executable, "-c", script],
+        [python, "-c", script],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -146,3 +185,15 @@ def test_litellm_chat_and_response_format(grid: dict[str, str]) -> None:
     assert r["finish"] == "stop", r
     city = r["city"]
     assert isinstance(city, dict) and city["name"]
+
+
+@pytest.mark.parametrize("mode", ["TOOLS", "JSON_SCHEMA"])
+def test_instructor_returns_the_callers_model(
+    grid: dict[str, str], instructor_python: str, mode: str
+) -> None:
+    """instructor's default mode (a named tool call) and its JSON-schema mode (response_format),
+    with retries off: the first answer must validate."""
+    r = run_client(INSTRUCTOR, {**grid, "MODE": mode}, instructor_python)
+    assert r["type"] == "City"
+    city = r["city"]
+    assert isinstance(city, dict) and city["name"] and len(city["name"]) <= 24
