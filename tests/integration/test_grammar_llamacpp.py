@@ -21,9 +21,7 @@ import pytest
 from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel, Field
 
-from idlegrid.config import CoordinatorSettings
 from idlegrid.core import grammar
-from idlegrid.core.ledger import MICRO, Price
 from idlegrid.core.trust import commitment as cm
 from idlegrid.engines.base import Generation, SamplingParams, render_chat, stream_pieces
 from idlegrid.engines.commit import Recorder, build_commitment
@@ -31,13 +29,7 @@ from idlegrid.engines.grammar import engine_id
 from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL
 from idlegrid.testbed import cheats
-from idlegrid.testbed.inprocess import (
-    AgentThread,
-    CoordinatorThread,
-    free_port,
-    make_agent,
-    wait_for_live,
-)
+from idlegrid.testbed.inprocess import provider_and_verifier
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
@@ -126,43 +118,8 @@ def _wait(cond, timeout_s: float = 180.0) -> None:
 def test_openai_parse_on_a_grid_returns_a_validated_object_and_audits_pass(
     tmp_path: Path, engine
 ) -> None:
-    settings = CoordinatorSettings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path}/c.db",
-        port=free_port(),
-        heartbeat_interval_s=0.3,
-        node_timeout_s=5.0,
-        long_poll_s=2.0,
-        hw_proofs=False,
-    )
     verifier = LlamaCppEngine(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
-    coord = CoordinatorThread(settings)
-    coord.start()
-    agents = [
-        AgentThread(make_agent(coord.url, [engine], "provider")),
-        # Dearer, so answers go to the provider (the verifier's own would wait for another).
-        AgentThread(
-            make_agent(
-                coord.url,
-                [verifier],
-                "verifier",
-                verifier=True,
-                price=Price(1000 * MICRO, 4000 * MICRO),
-            )
-        ),
-    ]
-    http = coord.admin()
-    client = None
-    try:
-        for a in agents:
-            a.start()
-        wait_for_live(coord.url, 2)
-        key = http.post("/api/v1/admin/keys", json={"name": "t"}).json()
-        http.post(
-            "/api/v1/admin/mint",
-            json={"key_id": key["key_id"], "amount": 100 * MICRO, "reference": "m"},
-        )
-        client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
+    with provider_and_verifier(tmp_path, engine, verifier) as (coord, http, key, client):
         messages = [{"role": "user", "content": "Describe a person as JSON."}]
         done = client.chat.completions.parse(
             model=DEFAULT_MODEL,
@@ -229,11 +186,3 @@ def test_openai_parse_on_a_grid_returns_a_validated_object_and_audits_pass(
         for a in audits():
             assert a["state"] == "passed", a["verdict"]
             assert a["node_id"] == nodes["provider"]
-    finally:
-        if client is not None:
-            client.close()
-        http.close()
-        for a in agents:
-            a.stop(30)
-        coord.stop()
-        verifier.close()

@@ -15,12 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import openai
 import pytest
 
-from idlegrid.config import CoordinatorSettings
 from idlegrid.core import grammar
-from idlegrid.core.ledger import MICRO, Price
 from idlegrid.core.trust import adjust as adj
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import logprobs as lpm
@@ -30,13 +27,7 @@ from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL
 from idlegrid.engines.steps import extras_of
 from idlegrid.testbed import cheats
-from idlegrid.testbed.inprocess import (
-    AgentThread,
-    CoordinatorThread,
-    free_port,
-    make_agent,
-    wait_for_live,
-)
+from idlegrid.testbed.inprocess import provider_and_verifier
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
@@ -124,42 +115,8 @@ def _wait(cond, timeout_s: float = 90.0) -> None:
 
 
 def test_openai_client_on_a_llama_cpp_grid(tmp_path: Path, engine) -> None:
-    settings = CoordinatorSettings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path}/c.db",
-        port=free_port(),
-        heartbeat_interval_s=0.3,
-        node_timeout_s=5.0,
-        long_poll_s=2.0,
-        hw_proofs=False,
-    )
     verifier = LlamaCppEngine(DEFAULT_MODEL, threads=2, context_length=CONTEXT)
-    coord = CoordinatorThread(settings)
-    coord.start()
-    agents = [
-        AgentThread(make_agent(coord.url, [engine], "provider")),
-        AgentThread(
-            make_agent(
-                coord.url,
-                [verifier],
-                "verifier",
-                verifier=True,
-                price=Price(1000 * MICRO, 4000 * MICRO),
-            )
-        ),  # fmt: skip
-    ]
-    http = coord.admin()
-    client = None
-    try:
-        for a in agents:
-            a.start()
-        wait_for_live(coord.url, 2)
-        key = http.post("/api/v1/admin/keys", json={"name": "t"}).json()
-        http.post(
-            "/api/v1/admin/mint",
-            json={"key_id": key["key_id"], "amount": 100 * MICRO, "reference": "m"},
-        )
-        client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
+    with provider_and_verifier(tmp_path, engine, verifier) as (coord, http, key, client):
         prompt = "Repeat the word forever: apple apple apple apple"
 
         def toks(**kw: object) -> list[str]:
@@ -209,14 +166,6 @@ def test_openai_client_on_a_llama_cpp_grid(tmp_path: Path, engine) -> None:
         _wait(lambda: len(audits()) >= 5 and all(a["state"] in ("passed", "failed")
                                                  for a in audits()))  # fmt: skip
         assert all(a["state"] == "passed" for a in audits()), [a["verdict"] for a in audits()]
-    finally:
-        if client is not None:
-            client.close()
-        http.close()
-        for a in agents:
-            a.stop(30)
-        coord.stop()
-        verifier.close()
 
 
 def _chat_prompt(engine: LlamaCppEngine, msgs: list[dict[str, str]]) -> str:
@@ -247,42 +196,8 @@ def test_schema_penalty_and_logprobs_in_one_request_are_committed_and_pass(
     per position the penalty, then the grammar's mask, then the seeded draw; the logprobs
     sent are the engine's masked distribution; the commitment (version 2, with the grammar)
     is audited by a verifier that replays all of it, and passes."""
-    settings = CoordinatorSettings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path}/c.db",
-        port=free_port(),
-        heartbeat_interval_s=0.3,
-        node_timeout_s=5.0,
-        long_poll_s=2.0,
-        hw_proofs=False,
-    )
     verifier = LlamaCppEngine(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
-    coord = CoordinatorThread(settings)
-    coord.start()
-    agents = [
-        AgentThread(make_agent(coord.url, [engine], "provider")),
-        AgentThread(
-            make_agent(
-                coord.url,
-                [verifier],
-                "verifier",
-                verifier=True,
-                price=Price(1000 * MICRO, 4000 * MICRO),
-            )
-        ),  # fmt: skip
-    ]
-    http = coord.admin()
-    client = None
-    try:
-        for a in agents:
-            a.start()
-        wait_for_live(coord.url, 2)
-        key = http.post("/api/v1/admin/keys", json={"name": "t"}).json()
-        http.post(
-            "/api/v1/admin/mint",
-            json={"key_id": key["key_id"], "amount": 100 * MICRO, "reference": "m"},
-        )
-        client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
+    with provider_and_verifier(tmp_path, engine, verifier) as (coord, http, key, client):
         msgs = [{"role": "user", "content": "Give today's day of the week as JSON."}]
         out = client.chat.completions.create(
             model=DEFAULT_MODEL, messages=msgs, max_tokens=40, temperature=0.8, seed=5,  # type: ignore[arg-type]
@@ -333,11 +248,3 @@ def test_schema_penalty_and_logprobs_in_one_request_are_committed_and_pass(
         _wait(lambda: len(audits()) >= 1 and all(a["state"] in ("passed", "failed")
                                                  for a in audits()), 180)  # fmt: skip
         assert all(a["state"] == "passed" for a in audits()), [a["verdict"] for a in audits()]
-    finally:
-        if client is not None:
-            client.close()
-        http.close()
-        for a in agents:
-            a.stop(30)
-        coord.stop()
-        verifier.close()

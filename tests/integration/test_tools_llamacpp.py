@@ -16,14 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from idlegrid.config import CoordinatorSettings
 from idlegrid.core import tools
 from idlegrid.core.grammar import GrammarSpec
-from idlegrid.core.ledger import MICRO, Price
 from idlegrid.core.tool_prompt import render_messages
 from idlegrid.core.trust import commitment as cm
 from idlegrid.engines.base import Generation, SamplingParams, render_chat, stream_pieces
@@ -32,13 +29,7 @@ from idlegrid.engines.grammar import engine_id
 from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL
 from idlegrid.testbed import cheats
-from idlegrid.testbed.inprocess import (
-    AgentThread,
-    CoordinatorThread,
-    free_port,
-    make_agent,
-    wait_for_live,
-)
+from idlegrid.testbed.inprocess import provider_and_verifier
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
@@ -179,42 +170,8 @@ def _calls(message: Any) -> list[tuple[str, str]]:
 def test_openai_client_gets_validated_tool_calls_streams_them_and_audits_pass(
     tmp_path: Path, engine
 ) -> None:
-    settings = CoordinatorSettings(
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path}/c.db",
-        port=free_port(),
-        heartbeat_interval_s=0.3,
-        node_timeout_s=5.0,
-        long_poll_s=2.0,
-        hw_proofs=False,
-    )
     verifier = LlamaCppEngine(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
-    coord = CoordinatorThread(settings)
-    coord.start()
-    agents = [
-        AgentThread(make_agent(coord.url, [engine], "provider")),
-        AgentThread(
-            make_agent(
-                coord.url,
-                [verifier],
-                "verifier",
-                verifier=True,
-                price=Price(1000 * MICRO, 4000 * MICRO),
-            )
-        ),
-    ]
-    http = coord.admin()
-    client = None
-    try:
-        for a in agents:
-            a.start()
-        wait_for_live(coord.url, 2)
-        key = http.post("/api/v1/admin/keys", json={"name": "t"}).json()
-        http.post(
-            "/api/v1/admin/mint",
-            json={"key_id": key["key_id"], "amount": 100 * MICRO, "reference": "m"},
-        )
-        client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
+    with provider_and_verifier(tmp_path, engine, verifier) as (coord, http, key, client):
         common: dict[str, Any] = {
             "model": DEFAULT_MODEL,
             "messages": ASK,
@@ -317,11 +274,3 @@ def test_openai_client_gets_validated_tool_calls_streams_them_and_audits_pass(
             pytest.fail(f"audits not judged: {json.dumps(audits())[:3000]}")
         for a in audits():
             assert a["state"] == "passed", a["verdict"]
-    finally:
-        if client is not None:
-            client.close()
-        http.close()
-        for a in agents:
-            a.stop(30)
-        coord.stop()
-        verifier.close()

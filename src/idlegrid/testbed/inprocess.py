@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,53 @@ def wait_until(predicate: Any, timeout_s: float = 20.0, interval_s: float = 0.02
             return
         tick.wait(interval_s)
     raise TimeoutError("condition not reached")
+
+
+@contextmanager
+def provider_and_verifier(
+    tmp: Path, provider: Engine, verifier: Engine, credits: int = 100
+) -> Iterator[tuple[CoordinatorThread, httpx.Client, dict[str, Any], Any]]:
+    """A loopback grid of one provider and one dearer verifier (so answers go to the
+    provider), with a funded API key: (coordinator, operator client, key, openai client).
+    Everything is stopped on exit, the verifier engine closed."""
+    import openai  # lazy: a test dependency
+
+    settings = CoordinatorSettings(
+        data_dir=tmp,
+        database_url=f"sqlite:///{tmp}/c.db",
+        port=free_port(),
+        heartbeat_interval_s=0.3,
+        node_timeout_s=5.0,
+        long_poll_s=2.0,
+        hw_proofs=False,
+    )
+    coord = CoordinatorThread(settings)
+    coord.start()
+    dear = Price(1000 * MICRO, 4000 * MICRO)
+    agents = [
+        AgentThread(make_agent(coord.url, [provider], "provider")),
+        AgentThread(make_agent(coord.url, [verifier], "verifier", verifier=True, price=dear)),
+    ]
+    http = coord.admin()
+    client = None
+    try:
+        for a in agents:
+            a.start()
+        wait_for_live(coord.url, 2)
+        key = http.post("/api/v1/admin/keys", json={"name": "t"}).json()
+        http.post(
+            "/api/v1/admin/mint",
+            json={"key_id": key["key_id"], "amount": credits * MICRO, "reference": "m"},
+        )
+        client = openai.OpenAI(base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0)
+        yield coord, http, key, client
+    finally:
+        if client is not None:
+            client.close()
+        http.close()
+        for a in agents:
+            a.stop(30)
+        coord.stop()
+        close = getattr(verifier, "close", None)
+        if close is not None:
+            close()
