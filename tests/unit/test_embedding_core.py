@@ -90,3 +90,18 @@ def test_report_round_trips() -> None:
     with pytest.raises(InvalidRequest) as exc:
         emb.decode_report(b"\x01\x00x" + emb.MAGIC)
     assert exc.value.param == "report"
+
+
+def test_a_values_canary_fails_a_recomputation_and_passes_an_echo() -> None:
+    c = _commit(_vectors(d=384))
+    canary = emb.tamper(c)
+    back = emb.decode(canary.encode())  # a consistent blob: its hash is its vectors'
+    assert back.header.vectors_hash == emb.vectors_hash(back.vectors)
+    assert back.header.context_hashes == c.header.context_hashes
+    assert np.allclose(np.linalg.norm(back.vectors, axis=1), 1.0, atol=1e-6)
+    assert np.array_equal(back.vectors[1:], c.vectors[1:])  # only the first vector turned
+    honest = emb.judge(back, _report(c, c.vectors), TOL)
+    assert not honest.passed and honest.first_bad_chunk == 0
+    lazy = emb.judge(back, _report(c, back.vectors), TOL)  # echoes what it was given
+    assert lazy.passed
+    assert emb.tamper(c).encode() == canary.encode()  # the same answer, the same canary
