@@ -73,6 +73,10 @@ def kernel_family(det_class: str) -> str:
     return f"{parts[0]}/{parts[3]}" if len(parts) >= 5 else parts[0]
 
 
+# What follows the determinism class in an embedding commitment (`core/trust/embedding.py`).
+EMBEDDING_MAGIC = b"IGEMB1"
+
+
 def peek_class(blob: bytes) -> str:
     """The determinism class of an encoded commitment, without decoding the rest."""
     try:
@@ -86,6 +90,10 @@ def peek_constrained(blob: bytes) -> bool:
     """Whether an encoded commitment names a grammar, without decoding the chunks."""
     try:
         (n,) = struct.unpack_from("<H", blob, 0)
+        if blob[2 + n : 2 + n + len(EMBEDDING_MAGIC)] == EMBEDDING_MAGIC:
+            # An embedding has no grammar; read as an answer's head, its vectors' hash
+            # would say "constrained" for some vectors and not others.
+            return False
         (head_len,) = struct.unpack_from("<H", blob, 2 + n)
         head = blob[4 + n : 4 + n + head_len]
         (ver,) = struct.unpack_from("<B", head, 0)

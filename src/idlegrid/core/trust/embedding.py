@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from idlegrid.core.trust.commitment import Commitment, Verdict, context_hash
+from idlegrid.core.trust.commitment import EMBEDDING_MAGIC, Commitment, Verdict, context_hash
 from idlegrid.errors import InvalidRequest
 
-MAGIC = b"IGEMB1"
+MAGIC = EMBEDDING_MAGIC
 MAX_INPUTS = 256  # per request; keeps a commitment of 640-dim vectors under the 1 MiB wire cap
 MAX_DIMS = 8192
 _HEAD = struct.Struct("<HIIQ32s")  # model length, inputs, dims, seed, vectors' SHA-256
