@@ -236,8 +236,12 @@ class Trust:
             # does not judge an AVX-512 one) may audit it: across engines no tolerance is fair.
             # Among them the beacon draws one by stake, never on the provider's network; ids
             # and canaries are built so that nothing but the secret tells them apart.
-            constrained = isinstance(c, cm.Commitment) and c.header.constraint is not None
-            pool = assign.candidates(self, s, constrained)
+            grammar = (
+                c.header.constraint.engine
+                if isinstance(c, cm.Commitment) and c.header.constraint is not None
+                else None
+            )
+            pool = assign.candidates(self, s, grammar)
             audits: list[tuple[str, bool, bytes, str | None]] = []
             # Draws and ids are per answer (task, attempt), not per digest: identical seeded
             # requests commit to one digest, and are audited independently (docs/trust.md).
