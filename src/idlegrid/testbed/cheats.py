@@ -361,3 +361,12 @@ class MiniLMLowPrecision(MiniLMEngine):
     def __init__(self, model_id: str = "all-minilm:l6-v2", **kw: Any) -> None:
         super().__init__(model_id, **kw)
         self._model = self._model.to(self._torch.bfloat16)
+
+
+class MiniLMFalseAccuser(MiniLMEngine):
+    """A verifier that embeds honestly and then reports every vector turned (its rows
+    rolled by one dimension), so an honest provider's embeddings fail their audit."""
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
+        """The honest vectors, each rolled by one dimension (still unit length)."""
+        return np.roll(super().embed(inputs), 1, axis=1)

@@ -6,7 +6,7 @@ What is computed depends on the kind:
 
 - inference: the provider opens its committed chunk with a Merkle path; the challenger
   answers for the numbers it reported; a referee recomputes one position (on engine 0,
-  under its lock, like audits);
+  under its lock, like audits), or every vector of a disputed embedding answer;
 - training: the executor replays or traces the segment (`train_replay.py`).
 """
 
@@ -88,6 +88,9 @@ class Disputes(Role):
         msg = AuditTaskMsg.model_validate(
             {k: got[k] for k in AuditTaskMsg.model_fields if k in got}
         )
+        if msg.kind == "embedding":  # a panelist recomputes every vector (no positions)
+            with self.ctx.engine_lock(engine):
+                return check(engine, msg)
         c = cm.decode(base64.b64decode(msg.commitment))
         kept = self.verifier.reports.get(msg.audit_id) if role == seats.CHALLENGER else None
         with self.ctx.engine_lock(engine):

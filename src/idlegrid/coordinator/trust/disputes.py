@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerPosting
+from idlegrid.coordinator.trust import embed_audits
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustDispute, TrustNode
 from idlegrid.core import disputes as seats
 from idlegrid.core import ledger
@@ -87,35 +88,17 @@ class Disputes:
             com = s.get(TrustCommitment, (a.task_id, a.attempt))
             assert com is not None and a.verifier_id is not None
             if emb.is_embedding(a.blob):
-                # Disputes bisect generated tokens; an embedding audit recomputes every
-                # vector and its verdict is checkable by anyone from the two blobs.
-                raise Conflict(f"audit {audit_id} is an embedding audit: not disputable")
+                # Nothing to bisect (no tokens were generated): the panel recomputes every
+                # vector at once, "position 0" of a one-position game.
+                row = self._new_row(dispute_id, a, provider_id, reason, now, n=1, hi=0)
+                s.add(row)
+                self.active = True
+                self._next_round(s, row, now)
+                return self._view(row)
             c = cm.decode(a.blob)
             bad = list(a.verdict.get("positions") or [])
-            row = TrustDispute(
-                id=dispute_id,
-                audit_id=audit_id,
-                provider_id=provider_id,
-                verifier_id=a.verifier_id,
-                referee_id=None,
-                panel=[],
-                votes={},
-                awaiting_since=0.0,
-                state=DISPUTE.begin("bisecting", key=dispute_id),
-                n=dispute.n_positions(c),
-                lo=-1,
-                hi=max(bad) if bad else -1,
-                round=0,
-                waiting=[],
-                answers={},
-                deadline=0.0,
-                rounds=[],
-                excluded=[],
-                ruling={},
-                reason=reason[:500],
-                created_at=now,
-                done_at=0.0,
-            )
+            n, hi = dispute.n_positions(c), max(bad) if bad else -1
+            row = self._new_row(dispute_id, a, provider_id, reason, now, n=n, hi=hi)
             s.add(row)
             self.active = True
             if c.header.n_tokens > com.max_new + (1 if c.header.ended_by_end_token else 0):
@@ -136,6 +119,35 @@ class Disputes:
             else:
                 self._next_round(s, row, now)
             return self._view(row)
+
+    @staticmethod
+    def _new_row(
+        dispute_id: str, a: TrustAudit, provider_id: str, reason: str, now: float, n: int, hi: int
+    ) -> TrustDispute:
+        return TrustDispute(
+            id=dispute_id,
+            audit_id=a.id,
+            provider_id=provider_id,
+            verifier_id=a.verifier_id,
+            referee_id=None,
+            panel=[],
+            votes={},
+            awaiting_since=0.0,
+            state=DISPUTE.begin("bisecting", key=dispute_id),
+            n=n,
+            lo=-1,
+            hi=hi,
+            round=0,
+            waiting=[],
+            answers={},
+            deadline=0.0,
+            rounds=[],
+            excluded=[],
+            ruling={},
+            reason=reason[:500],
+            created_at=now,
+            done_at=0.0,
+        )
 
     # ---- rounds ------------------------------------------------------------------------
 
@@ -240,6 +252,9 @@ class Disputes:
             role = seats.seat(row, row.waiting, node_id, round_, ANSWERING)
             seats.in_time(dispute_id, round_, row.deadline, now)
             a = s.get(TrustAudit, row.audit_id)
+            if emb.is_embedding(a.blob):  # only a panel sits on an embedding dispute
+                self._vote_vectors(s, row, a, node_id, seats.unb64(body, "report"))
+                return self._view(row)
             c = cm.decode(a.blob)
             position = self._position(row)
             if role == seats.PROVIDER:
@@ -318,6 +333,16 @@ class Disputes:
         row.votes = {**row.votes, node_id: seats.CHALLENGER if faults else seats.PROVIDER}
         self._try_ruling(s, row, a, position, final=False)
 
+    def _vote_vectors(
+        self, s: Any, row: TrustDispute, a: TrustAudit, node_id: str, report: bytes
+    ) -> None:
+        """One panelist's recompute of every vector of an embedding answer, judged with the
+        audits' tolerance: within it, the panelist finds for the provider."""
+        verdict, _ = embed_audits.judge(self.trust.settings, a.blob, report)
+        side = seats.PROVIDER if verdict.passed else seats.CHALLENGER
+        row.votes = {**row.votes, node_id: side}
+        self._try_ruling(s, row, a, 0, final=False)
+
     def _try_ruling(
         self, s: Any, row: TrustDispute, a: TrustAudit, position: int, final: bool = True
     ) -> bool:
@@ -333,8 +358,9 @@ class Disputes:
         if verdict.winner is None:
             self._expire(s, row, "the panel reached no majority")
             return True
+        what = "the committed vectors" if emb.is_embedding(a.blob) else "the committed chunk"
         detail = (
-            f"panel {len(verdict.paid)} of {k}: the committed chunk "
+            f"panel {len(verdict.paid)} of {k}: {what} "
             + ("holds" if verdict.winner == seats.PROVIDER else "is not what the model computes")
             + " there (the verifier's report was "
             + ("false)" if verdict.winner == seats.PROVIDER else "right)")

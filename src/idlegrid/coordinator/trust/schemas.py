@@ -97,6 +97,10 @@ class InferenceDisputeQuery(BaseModel):
     max_new_tokens: int
     stop: list[str]
     commitment: str
+    # An embedding answer's inputs, a constrained answer's grammar: without them a referee
+    # recomputes something else than what was served.
+    input: list[str] | list[list[int]] | None = None
+    grammar: dict[str, str] | None = None
 
 
 class HwStart(BaseModel):
