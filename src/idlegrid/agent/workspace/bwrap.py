@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import idlegrid.agent.workspace.sandbox as sandbox
-from idlegrid.agent.workspace.base import Execution, Usage, WorkspaceSpec
+from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import Layout, LeaseCgroup, host_layout
 from idlegrid.agent.workspace.pyenv import provider_python, venv_script
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
@@ -228,7 +228,7 @@ class BwrapWorkspace:
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         cwd: str = "/work",
-        stdin: bytes | None = None,
+        stdin: Stdin = None,
     ) -> Execution:
         """Start `argv` in a fresh sandbox over this lease's /work, inside its cgroup."""
         proc = subprocess.Popen(
