@@ -299,3 +299,17 @@ def test_a_lost_provider_fails_the_lease_and_refunds_from_that_moment(grid: Grid
     assert order["spent"] == lease["billed_s"] * 1000
     assert grid.balance(ledger.order_escrow_account("L2")) == 0
     assert grid.balance(consumer) == before - order["spent"]
+
+
+def test_a_lease_whose_paid_time_runs_out_is_ended_and_billed_exactly_that(grid: Grid) -> None:
+    _order(grid, "L3", "RTX-4090", hours=2 / 3600)  # two running seconds
+    lease = _wait_state(grid, "L3", "ended", timeout_s=30)
+    causes = [t["cause"] for t in lease["transitions"]]
+    assert causes == ["created", "placed", "provisioned", "expired", "wiped"]
+    at = {t["state"]: t["at"] for t in lease["transitions"]}
+    assert at["ending"] - at["running"] == pytest.approx(2.0, abs=1e-6)
+    assert lease["billed_s"] == 2
+    with grid.http() as c:
+        order = c.get("/api/v1/orders/L3").json()
+    assert (order["state"], order["spent"]) == ("completed", 2000)
+    assert grid.balance(ledger.order_escrow_account("L3")) == 0
