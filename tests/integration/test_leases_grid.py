@@ -313,3 +313,35 @@ def test_a_lease_whose_paid_time_runs_out_is_ended_and_billed_exactly_that(grid:
         order = c.get("/api/v1/orders/L3").json()
     assert (order["state"], order["spent"]) == ("completed", 2000)
     assert grid.balance(ledger.order_escrow_account("L3")) == 0
+
+
+def test_the_cli_creates_runs_copies_and_ends_a_lease(grid: Grid, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    runner = CliRunner()
+    env = {"IDLEGRID_API_KEY": grid.keys[0][1]}
+    base = ["--coordinator", grid.url, "--data-dir", str(tmp_path)]
+
+    def cli(*args: str) -> Any:
+        return runner.invoke(app, list(args), env=env, catch_exceptions=False)
+
+    made = cli("lease", "create", "--gpu", "RTX-4090", "--max-price", "5", *base)
+    assert made.exit_code == 0, made.output
+    lease_id = made.stdout.strip()
+    assert grid.lease(lease_id)["state"] == "running"
+    ran = cli("exec", *base, lease_id, "--", "sh", "-c", "echo out; echo err >&2; exit 4")
+    assert ran.exit_code == 4 and "out" in ran.stdout, ran.output
+    (tmp_path / "in.txt").write_text("payload\n")
+    assert cli("cp", *base, str(tmp_path / "in.txt"), f"{lease_id}:/work/in.txt").exit_code == 0
+    back = cli("cp", *base, f"{lease_id}:/work/in.txt", str(tmp_path / "back.txt"))
+    assert back.exit_code == 0, back.output
+    assert (tmp_path / "back.txt").read_text() == "payload\n"
+    bad = cli("cp", *base, str(tmp_path / "in.txt"), f"{lease_id}:/work/../etc/x")
+    assert bad.exit_code == 1 and "field: path" in bad.output.replace("\n", " "), bad.output
+    assert "out" in cli("lease", "logs", lease_id, *base).stdout
+    status = cli("lease", "status", lease_id, *base, "--json")
+    assert '"state": "running"' in status.stdout
+    assert "ending" in cli("lease", "end", lease_id, *base).stdout
+    _wait_state(grid, lease_id, "ended")

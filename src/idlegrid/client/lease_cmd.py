@@ -221,6 +221,8 @@ def exec_cmd(
 ) -> None:
     """Run a command in a lease's workspace; its output streams here, its exit code is ours."""
     url, key = _grid(coordinator_url, data_dir)
+    if argv and argv[0] == "--":
+        argv = argv[1:]  # `idlegrid exec LEASE -- cmd`: the separator is not the command
     pipe: Any = sys.stdin.buffer
     source = iter(lambda: pipe.read1(CHUNK), b"") if stdin else None
     try:
