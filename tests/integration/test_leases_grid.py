@@ -6,10 +6,12 @@ its provider dies. Nothing here skips: no bubblewrap or root fails the grid fixt
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from idlegrid.client.lease_cmd import LeaseError, chunks, exec_stream, tar_of
+from idlegrid.client.lease_cmd import LeaseError, chunks, exec_stream, serve_forward, tar_of
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO, Price
@@ -345,3 +347,43 @@ def test_the_cli_creates_runs_copies_and_ends_a_lease(grid: Grid, tmp_path: Path
     assert '"state": "running"' in status.stdout
     assert "ending" in cli("lease", "end", lease_id, *base).stdout
     _wait_state(grid, lease_id, "ended")
+
+
+def test_port_forward_reaches_a_server_started_in_the_workspace(grid: Grid) -> None:
+    _order(grid, "L4", "RTX-4090")
+    _wait_state(grid, "L4", "running")
+    make = "mkdir -p /work/www && head -c 1000000 /dev/urandom > /work/www/blob"
+    make += " && sha256sum /work/www/blob"
+    code, out, _ = grid.run("L4", ["sh", "-c", make])
+    assert code == 0
+    digest = out.split()[0].decode()
+    _leave_at_once(
+        grid, "L4", "exec python -m http.server 8765 --bind 127.0.0.1 --directory /work/www"
+    )
+    stop, ready = threading.Event(), threading.Event()
+    local = free_port()
+    server = threading.Thread(
+        target=serve_forward,
+        args=(grid.url, grid.keys[0][1], "L4", local, 8765, stop, ready),
+        daemon=True,
+    )
+    server.start()
+    assert ready.wait(10)
+    got: list[bytes] = []
+
+    def fetched() -> bool:
+        try:
+            with httpx.Client(trust_env=False, timeout=10) as c:
+                r = c.get(f"http://127.0.0.1:{local}/blob")
+        except httpx.HTTPError:
+            return False  # the server inside is not listening yet
+        got.append(r.content)
+        return r.status_code == 200
+
+    wait_until(fetched, timeout_s=20, interval_s=0.2)
+    assert hashlib.sha256(got[-1]).hexdigest() == digest
+    stop.set()
+    server.join(5)
+    with grid.http() as c:
+        c.post("/api/v1/leases/L4/end").raise_for_status()
+    _wait_state(grid, "L4", "ended")

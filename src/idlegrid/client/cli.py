@@ -15,7 +15,7 @@ from rich.console import Console
 from idlegrid import __version__
 from idlegrid.client.dispute_cmd import dispute
 from idlegrid.client.earnings_cmd import earnings, estimate
-from idlegrid.client.lease_cmd import cp, exec_cmd, lease_app
+from idlegrid.client.lease_cmd import cp, exec_cmd, lease_app, port_forward
 from idlegrid.client.market_cmd import market_commands
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 from idlegrid.client.plan_cmd import plan
@@ -578,6 +578,7 @@ app.command("estimate")(estimate)
 app.add_typer(lease_app, name="lease")
 app.command("exec", context_settings={"allow_interspersed_args": False})(exec_cmd)
 app.command("cp")(cp)
+app.command("port-forward")(port_forward)
 
 
 def main() -> None:

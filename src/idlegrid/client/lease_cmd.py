@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import secrets
@@ -274,6 +275,80 @@ def cp(
     if code != 0:
         err.print(f"[red]cp failed ({code})[/]: {errors.decode(errors='replace').strip()}")
         raise typer.Exit(1)
+
+
+def forward_connection(url: str, api_key: str, lease_id: str, port: int, conn: Any) -> None:
+    """Carry one accepted local TCP connection to `port` inside the lease, until either
+    side closes."""
+    import socket
+
+    def upstream() -> Iterator[bytes]:
+        while True:
+            try:
+                data = conn.recv(CHUNK)
+            except OSError:
+                return
+            if not data:
+                return
+            yield data
+
+    def down(fd: int, data: bytes) -> None:
+        if fd == 1:
+            conn.sendall(data)
+        else:
+            err.print(data.decode(errors="replace"), end="")
+
+    try:
+        exec_stream(url, api_key, lease_id, {"forward": port}, stdin=upstream(), on_output=down)
+    except (LeaseError, OSError) as exc:
+        err.print(f"[red]forward to {port}[/]: {exc}")
+    finally:
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+
+def serve_forward(
+    url: str, api_key: str, lease_id: str, local: int, remote: int, stop: threading.Event,
+    ready: threading.Event | None = None,
+) -> None:  # fmt: skip
+    """Listen on 127.0.0.1:`local`; each connection is carried to `remote` in the lease."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", local)) as server:
+        server.settimeout(0.2)
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            threading.Thread(
+                target=forward_connection,
+                args=(url, api_key, lease_id, remote, conn),
+                daemon=True,
+            ).start()
+
+
+def port_forward(
+    lease_id: str,
+    ports: Annotated[str, typer.Argument(help="LOCAL:REMOTE, e.g. 8888:8888")],
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+) -> None:
+    """Forward a local TCP port to a port inside the lease's workspace (until Ctrl-C)."""
+    local, _, remote = ports.partition(":")
+    try:
+        pair = int(local), int(remote or local)
+    except ValueError:
+        err.print("[red]error[/]: ports are LOCAL:REMOTE numbers")
+        raise typer.Exit(2) from None
+    url, key = _grid(coordinator_url, data_dir)
+    err.print(f"forwarding 127.0.0.1:{pair[0]} → {lease_id}:{pair[1]} (Ctrl-C stops)")
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_forward(url, key, lease_id, pair[0], pair[1], threading.Event())
 
 
 def extract(data: bytes, dst: Path) -> None:

@@ -3,8 +3,9 @@ streams), cp (tar streams over the same WebSocket) and logs.
 
 Only the lease's own API key reaches it: another key gets 404, as for a lease that does
 not exist. The WebSocket `/api/v1/leases/{id}/exec` speaks, after a first JSON frame
-`{"argv": [...], "env", "cwd", "stdin": bool, "kill_on_disconnect": bool}` or
-`{"cp": "in" | "out", "path": "/work/..."}`:
+`{"argv": [...], "env", "cwd", "stdin": bool, "kill_on_disconnect": bool}`,
+`{"cp": "in" | "out", "path": "/work/..."}` or `{"forward": PORT}` (one TCP connection
+to 127.0.0.1:PORT inside the workspace, its bytes as stdin/stdout; coordinator/leases/forward.py):
 server → client: binary frames `0x01 + bytes` (stdout), `0x02 + bytes` (stderr); text
 `{"type": "started", "exec"}`, `{"type": "exit", "code"}`, `{"type": "error", "status",
 "message", "param"}`;
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from idlegrid.coordinator.deps import Services, parse, services
 from idlegrid.coordinator.http_errors import status_for
-from idlegrid.coordinator.leases import cp
+from idlegrid.coordinator.leases import cp, forward
 from idlegrid.coordinator.leases import schemas as s
 from idlegrid.coordinator.leases.relay import ExecRelay
 from idlegrid.coordinator.schemas import errors
@@ -192,7 +193,9 @@ async def _start(
     direction = first.get("cp")
     argv: Any
     env: Any
-    if direction is not None:
+    if "forward" in first:
+        argv, stdin, env, cwd = forward.argv_forward(first["forward"]), True, {}, "/work"
+    elif direction is not None:
         path = str(first.get("path", ""))
         if direction not in ("in", "out"):
             raise InvalidRequest("cp: 'in' or 'out'", param="cp")
@@ -207,7 +210,8 @@ async def _start(
             raise InvalidRequest("env: an object of strings", param="env")
         stdin, cwd = bool(first.get("stdin", False)), str(first.get("cwd") or "/work")
     relay = await svc.leases.open_exec(lease_id, key_id, argv, env=env, cwd=cwd, stdin=stdin)
-    return relay, stdin, bool(first.get("kill_on_disconnect", False))
+    # A forwarded connection whose client left has nobody to talk to: it goes too.
+    return relay, stdin, bool(first.get("kill_on_disconnect", "forward" in first))
 
 
 async def _read(ws: WebSocket, relay: ExecRelay, stdin: bool) -> bool:
