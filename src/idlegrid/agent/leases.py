@@ -29,7 +29,7 @@ from idlegrid.core.lease.flow import WINDOW, Window
 from idlegrid.protocol.lease import LEASE_PROTOCOL, LeaseFrame, frame
 
 log = logging.getLogger("idlegrid.agent.leases")
-OUT_CHUNK = 32 * 1024
+OUT_CHUNK = 128 * 1024
 
 
 class LeaseHost:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-WINDOW = 256 * 1024  # bytes in flight per stream: a few frames, tens of ms on loopback
+WINDOW = 1024 * 1024  # bytes in flight per stream: a few frames, a few ms on loopback
 
 
 class CreditExceeded(ValueError):
