@@ -387,3 +387,26 @@ def test_port_forward_reaches_a_server_started_in_the_workspace(grid: Grid) -> N
     with grid.http() as c:
         c.post("/api/v1/leases/L4/end").raise_for_status()
     _wait_state(grid, "L4", "ended")
+
+
+def test_a_lease_not_provisioned_in_time_fails_refunded_and_the_agent_wipes_it(
+    grid: Grid,
+) -> None:
+    leases = grid.coordinator.app.state.services.leases
+    consumer = ledger.consumer_account(grid.keys[0][0])
+    before = grid.balance(consumer)
+    leases.provision_timeout_s = 0.0  # no agent answers that fast
+    try:
+        _order(grid, "L5", "RTX-4090")
+        lease = _wait_state(grid, "L5", "failed")
+    finally:
+        leases.provision_timeout_s = 600.0
+    assert lease["transitions"][-1]["cause"] == "provisioning-failed"
+    assert "no answer" in lease["message"]
+    with grid.http() as c:
+        assert c.get("/api/v1/orders/L5").json()["state"] == "failed"
+    assert grid.balance(consumer) == before  # nothing ran, nothing billed
+    host = grid.agents["p1"].agent.leases
+    root = host.config.workspace_root
+    assert root is not None
+    wait_until(lambda: "L5" not in host.workspaces and not (root / "L5").exists(), timeout_s=10)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 LIVE = (LeaseState.PROVISIONING.value, LeaseState.RUNNING.value, LeaseState.ENDING.value)
+# Making a workspace takes about 0.1 s; pip requirements from a wheelhouse take longer.
+PROVISION_TIMEOUT_S = 600.0
 LOST_FILES = "the provider was lost: the workspace and its files are gone (nothing was kept)"
 
 
@@ -114,6 +116,7 @@ class Leases:
         self.relays: dict[str, ExecRelay] = {}
         self.logs: dict[str, bytearray] = {}  # lease -> last LOG_BYTES of its output
         self._sent: set[tuple[str, str]] = set()  # (lease, provision|end) frames sent
+        self.provision_timeout_s = PROVISION_TIMEOUT_S
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -201,10 +204,12 @@ class Leases:
                 made.append(row.id)
         return made
 
-    def _settle(self, live: frozenset[str]) -> None:
-        """Bill running leases, end expired ones, fail those whose provider is gone."""
+    def _settle(self, live: frozenset[str]) -> list[tuple[str, str]]:
+        """Bill running leases, end expired ones, fail those whose provider is gone or
+        never answered; returns the (node, lease) pairs whose agent must wipe now."""
         now = self.ctx.clock()
         nodes = self._nodes()
+        wipe = []
         with self.store.tx() as s:
             for row in s.scalars(select(Lease).where(Lease.state.in_(LIVE))):
                 if row.node_id not in live:
@@ -213,6 +218,18 @@ class Leases:
                     row.message = LOST_FILES
                     self._move(s, row, LeaseCause.PROVIDER_LOST, min(now, lost_at))
                     log.warning("lease %s: provider %s lost", row.id, row.node_id)
+                    continue
+                if row.state == LeaseState.PROVISIONING.value:
+                    since = _history(s, row.id)[-1].at
+                    if now - since > self.provision_timeout_s:
+                        # An agent that never answers (an older one ignores lease frames, or
+                        # a pip install hangs) must not hold the escrow: fail, and have it
+                        # wipe whatever it made.
+                        row.message = (
+                            f"provisioning failed: no answer within {self.provision_timeout_s:g} s"
+                        )
+                        self._move(s, row, LeaseCause.PROVISIONING_FAILED, now)
+                        wipe.append((row.node_id, row.id))
                     continue
                 if row.state != LeaseState.RUNNING.value:
                     continue
@@ -229,6 +246,7 @@ class Leases:
                 if billed > row.billed_s:
                     self.money.bill_lease(s, row.id, row.billed_s, billed, None)
                     row.billed_s = billed
+        return wipe
 
     def _on_state(self, node_id: str, lease_id: str, cause: str, reason: str | None) -> bool:
         with self.store.tx() as s:
@@ -274,7 +292,8 @@ class Leases:
     async def tick(self, live: frozenset[str]) -> None:
         """Adopt new lease orders, settle, and send what agents have not been told yet."""
         await self.ctx.db(self._adopt)
-        await self.ctx.db(self._settle, live)
+        for node, lease_id in await self.ctx.db(self._settle, live):
+            await self._send_end(node, lease_id)
         todo = await self.ctx.db(self._to_tell)
         for lease_id, node, kind, spec in todo:
             if (lease_id, kind) in self._sent or node not in self.links:
