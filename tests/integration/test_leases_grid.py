@@ -250,6 +250,9 @@ def test_a_lease_runs_execs_copies_and_ends_billed_per_running_second(grid: Grid
     wait_until(lambda: not any(_alive(pid) for pid in pids), timeout_s=5 - (time.monotonic() - t0))
     assert not work_dir.exists()
     assert [t["cause"] for t in lease["transitions"]][-2:] == ["end", "wiped"]
+    # Every relay of the lease is forgotten once its command is over (none kept for ever).
+    relays = grid.coordinator.app.state.services.leases.relays
+    wait_until(lambda: not [r for r in relays.values() if r.lease_id == "L1"], timeout_s=5)
 
     # Billed seconds = running seconds, floored (±1 s); the rest of the escrow came back.
     at = {t["state"]: t["at"] for t in lease["transitions"]}

@@ -105,6 +105,7 @@ async def exec_rest(lease_id: str, request: Request) -> dict[str, Any]:
             out[kind].extend(data[: max(0, room)])
             await relay.credit(len(data))
             continue
+        services(request).leases.relays.pop(relay.id, None)
         if kind == "error":
             raise IdlegridError(str(data))
         return {
@@ -180,7 +181,9 @@ async def exec_ws(ws: WebSocket, lease_id: str) -> None:
     if left and not relay.done:
         if kill:
             await relay.signal(9)
-        relay.detach()
+        relay.detach()  # the supervisor forgets it once it has exited
+    else:
+        svc.leases.relays.pop(relay.id, None)
     with contextlib.suppress(Exception):
         await ws.close()
 
