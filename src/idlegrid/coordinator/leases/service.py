@@ -260,7 +260,7 @@ class Leases:
             if cause == LeaseCause.PROVISIONING_FAILED:
                 if row.state != LeaseState.PROVISIONING.value:
                     return False
-                row.message = f"provisioning failed: {reason or 'no reason given'}"
+                row.message = f"provisioning failed: {reason or 'no reason given'}"[:4000]
             self._move(s, row, cause, self.ctx.clock())
             return True
 
