@@ -413,3 +413,49 @@ def test_a_lease_not_provisioned_in_time_fails_refunded_and_the_agent_wipes_it(
     root = host.config.workspace_root
     assert root is not None
     wait_until(lambda: "L5" not in host.workspaces and not (root / "L5").exists(), timeout_s=10)
+
+
+def test_a_shell_runs_on_a_pty_in_the_workspace_with_ctrl_c_and_resize(grid: Grid) -> None:
+    import queue
+
+    _order(grid, "L6", "RTX-4090")
+    _wait_state(grid, "L6", "running")
+    keys: queue.Queue[bytes | dict[str, Any] | None] = queue.Queue()
+    screen = bytearray()
+    done: list[int] = []
+
+    def typed() -> Iterator[bytes | dict[str, Any]]:
+        while (item := keys.get()) is not None:
+            yield item
+
+    def session() -> None:
+        done.append(
+            exec_stream(
+                grid.url,
+                grid.keys[0][1],
+                "L6",
+                {"shell": True, "rows": 24, "cols": 80},
+                stdin=typed(),
+                on_output=lambda fd, d: screen.extend(d),
+            )  # fmt: skip
+        )
+
+    t = threading.Thread(target=session, daemon=True)
+    t.start()
+    keys.put(b"echo $((6*7))\r")
+    # Output lines start with \r after bash's bracketed-paste switch; typed echoes do not.
+    wait_until(lambda: b"\r42\r\n" in screen, timeout_s=15)
+    keys.put(b"tty; sleep 100\r")
+    wait_until(lambda: b"/dev/pts/" in screen, timeout_s=10)
+    keys.put(b"\x03")  # Ctrl-C: the PTY inside the sandbox interrupts the sleep
+    keys.put(b"echo after\r")
+    wait_until(lambda: b"\rafter\r\n" in screen, timeout_s=10)
+    keys.put({"type": "resize", "rows": 33, "cols": 101})
+    keys.put(b"stty size\r")
+    wait_until(lambda: b"\r33 101\r\n" in screen, timeout_s=10)
+    keys.put(b"exit 7\r")
+    t.join(10)
+    assert done == [7]
+    with grid.http() as c:
+        c.post("/api/v1/leases/L6/end").raise_for_status()
+    _wait_state(grid, "L6", "ended")

@@ -43,11 +43,12 @@ def exec_stream(
     lease_id: str,
     first: dict[str, Any],
     *,
-    stdin: Iterator[bytes] | None = None,
+    stdin: Iterator[bytes | dict[str, Any]] | Iterator[bytes] | None = None,
     on_output: Callable[[int, bytes], None] = lambda fd, data: None,
 ) -> int:
-    """Run a command (or a cp) over the WebSocket; output goes to `on_output(1|2, bytes)`
-    as it comes; returns the exit code, LeaseError if refused or lost."""
+    """Run a command (or a cp, a forward, a shell) over the WebSocket; output goes to
+    `on_output(1|2, bytes)` as it comes; `stdin` yields bytes (or a dict: a control frame,
+    e.g. a shell's resize); returns the exit code, LeaseError if refused or lost."""
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
@@ -78,7 +79,7 @@ def exec_stream(
                 # A thread: the socket's own backpressure paces it, output is read meanwhile.
                 try:
                     for part in source:
-                        ws.send(b"\x00" + part)
+                        ws.send(json.dumps(part) if isinstance(part, dict) else b"\x00" + part)
                     ws.send(json.dumps({"type": "eof"}))
                 except Exception:  # the command ended first: it took what it wanted
                     return
@@ -234,6 +235,55 @@ def exec_cmd(
     except LeaseError as exc:
         err.print(f"[red]error[/]: {exc}")
         raise typer.Exit(1) from exc
+    raise typer.Exit(code)
+
+
+def shell_cmd(lease_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None) -> None:
+    """An interactive shell in the lease's workspace (a PTY there: Ctrl-C, resize, job control)."""
+    import os
+    import queue
+    import shutil
+    import signal
+
+    url, key = _grid(coordinator_url, data_dir)
+    keys: queue.Queue[bytes | dict[str, Any] | None] = queue.Queue()
+
+    def typed() -> Iterator[bytes | dict[str, Any]]:
+        while (item := keys.get()) is not None:
+            yield item
+
+    def read_keys() -> None:
+        while data := os.read(0, 1024):
+            keys.put(data)
+        keys.put(None)
+
+    def size() -> dict[str, Any]:
+        s = shutil.get_terminal_size()
+        return {"type": "resize", "rows": s.lines, "cols": s.columns}
+
+    saved = None
+    if sys.stdin.isatty():
+        import termios
+        import tty
+
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)  # every key goes to the remote terminal, Ctrl-C included
+        signal.signal(signal.SIGWINCH, lambda *_: keys.put(size()))
+    threading.Thread(target=read_keys, daemon=True).start()
+    first = size()
+    try:
+        code = exec_stream(
+            url, key, lease_id, {"shell": True, "rows": first["rows"], "cols": first["cols"]},
+            stdin=typed(), on_output=_print,
+        )  # fmt: skip
+    except LeaseError as exc:
+        err.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
     raise typer.Exit(code)
 
 

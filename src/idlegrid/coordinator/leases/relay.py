@@ -48,6 +48,7 @@ class ExecRelay:
         self.error: str | None = None
         self.done = False
         self.attached = True  # a consumer reads it (detach() drains it into the log)
+        self.shell = False  # its stdin is framed for the shell helper (leases/shell.py)
         self._drain: asyncio.Task[None] | None = None
 
     # ---- from the agent -----------------------------------------------------------------

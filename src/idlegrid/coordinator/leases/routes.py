@@ -4,8 +4,10 @@ streams), cp (tar streams over the same WebSocket) and logs.
 Only the lease's own API key reaches it: another key gets 404, as for a lease that does
 not exist. The WebSocket `/api/v1/leases/{id}/exec` speaks, after a first JSON frame
 `{"argv": [...], "env", "cwd", "stdin": bool, "kill_on_disconnect": bool}`,
-`{"cp": "in" | "out", "path": "/work/..."}` or `{"forward": PORT}` (one TCP connection
-to 127.0.0.1:PORT inside the workspace, its bytes as stdin/stdout; coordinator/leases/forward.py):
+`{"cp": "in" | "out", "path": "/work/..."}`, `{"forward": PORT}` (one TCP connection
+to 127.0.0.1:PORT inside the workspace, its bytes as stdin/stdout; coordinator/leases/forward.py)
+or `{"shell": true, "rows", "cols"}` (bash on a PTY inside the sandbox; the client's
+stdin is the keyboard, `{"type": "resize", "rows", "cols"}` resizes; leases/shell.py):
 server → client: binary frames `0x01 + bytes` (stdout), `0x02 + bytes` (stderr); text
 `{"type": "started", "exec"}`, `{"type": "exit", "code"}`, `{"type": "error", "status",
 "message", "param"}`;
@@ -27,7 +29,7 @@ from fastapi.responses import JSONResponse
 
 from idlegrid.coordinator.deps import Services, parse, services
 from idlegrid.coordinator.http_errors import status_for
-from idlegrid.coordinator.leases import cp, forward
+from idlegrid.coordinator.leases import cp, forward, shell
 from idlegrid.coordinator.leases import schemas as s
 from idlegrid.coordinator.leases.relay import ExecRelay
 from idlegrid.coordinator.schemas import errors
@@ -196,7 +198,10 @@ async def _start(
     direction = first.get("cp")
     argv: Any
     env: Any
-    if "forward" in first:
+    if first.get("shell"):
+        argv = shell.argv_shell(first.get("rows", 24), first.get("cols", 80))
+        stdin, env, cwd = True, {}, "/work"
+    elif "forward" in first:
         argv, stdin, env, cwd = forward.argv_forward(first["forward"]), True, {}, "/work"
     elif direction is not None:
         path = str(first.get("path", ""))
@@ -213,8 +218,10 @@ async def _start(
             raise InvalidRequest("env: an object of strings", param="env")
         stdin, cwd = bool(first.get("stdin", False)), str(first.get("cwd") or "/work")
     relay = await svc.leases.open_exec(lease_id, key_id, argv, env=env, cwd=cwd, stdin=stdin)
-    # A forwarded connection whose client left has nobody to talk to: it goes too.
-    return relay, stdin, bool(first.get("kill_on_disconnect", "forward" in first))
+    # A forwarded connection or a shell whose client left has nobody to talk to: it goes too.
+    alone = "forward" in first or bool(first.get("shell"))
+    relay.shell = bool(first.get("shell"))
+    return relay, stdin, bool(first.get("kill_on_disconnect", alone))
 
 
 async def _read(ws: WebSocket, relay: ExecRelay, stdin: bool) -> bool:
@@ -226,10 +233,14 @@ async def _read(ws: WebSocket, relay: ExecRelay, stdin: bool) -> bool:
         raw = message.get("bytes")
         if raw is not None:
             if raw[:1] == b"\x00" and stdin:
-                await relay.write(raw[1:])  # waits for room: the client's socket backs up
+                # Waits for room: the client's socket backs up.
+                await relay.write(shell.data(raw[1:]) if relay.shell else raw[1:])
             continue
         ctl = json.loads(message.get("text") or "{}")
-        if ctl.get("type") == "eof" and stdin:
+        if ctl.get("type") == "resize" and relay.shell:
+            with contextlib.suppress(IdlegridError):  # a bad size is dropped, not fatal
+                await relay.write(shell.resize(ctl.get("rows"), ctl.get("cols")))
+        elif ctl.get("type") == "eof" and stdin:
             await relay.close_stdin()
         elif ctl.get("type") == "signal" and isinstance(ctl.get("signal"), int):
             await relay.signal(ctl["signal"])
