@@ -42,6 +42,7 @@ class LeaseHost:
         self.execs: dict[str, _Exec] = {}
         self._provisioning: set[str] = set()
         self._ended: set[str] = set()  # ended while still provisioning
+        self._making: set[asyncio.Future[None]] = set()  # provisioning tasks under way
         self.channel: Channel | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -62,7 +63,7 @@ class LeaseHost:
             log.warning("lease frame of version %s dropped (this agent speaks 1)", msg.v)
             return
         if msg.type == "provision":
-            self._spawn(self._provision(msg))
+            self._making.add(self._spawn(self._provision(msg)))
         elif msg.type == "end":
             self._spawn(self._end(msg.lease))
         elif msg.type == "exec" and msg.exec and msg.exec not in self.execs:
@@ -72,9 +73,11 @@ class LeaseHost:
         elif (ex := self.execs.get(msg.exec or "")) is not None and ex.lease == msg.lease:
             ex.on_frame(msg)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
         task.add_done_callback(_log_failure)
+        task.add_done_callback(self._making.discard)
+        return task
 
     async def send(self, msg: dict[str, Any]) -> bool:
         """Send a frame on the channel now up; False if there is none."""
@@ -170,7 +173,12 @@ class LeaseHost:
         ex.start(execution)
 
     async def close(self) -> None:
-        """Kill and wipe every workspace (the agent is stopping: its leases end with it)."""
+        """Kill and wipe every workspace (the agent is stopping: its leases end with it),
+        those still being made too: a workspace finished after the agent stopped would be
+        left mounted with nobody to wipe it."""
+        self._ended |= self._provisioning
+        if self._making:
+            await asyncio.gather(*self._making, return_exceptions=True)
         for lease in list(self.workspaces):
             ws = self.workspaces.pop(lease)
             await asyncio.to_thread(ws.wipe)
