@@ -359,9 +359,12 @@ def test_pricing_plugins_quote_and_misbehaving_ones_sit_out(
 
 
 def test_lost_provider_order_is_placed_again_and_paid_once(market: Market) -> None:
+    # A training order: a lease on a lost provider fails instead (its workspace files are
+    # gone: tests/integration/test_leases_grid.py); device-hour orders of other kinds move.
     home = market.node_ids["home"]
+    body = {**lease("F1", accelerators=["RTX-3060", "RTX-4090"]), "kind": "training"}
     with market.http() as c:
-        r = c.post("/api/v1/orders", json=lease("F1", accelerators=["RTX-3060", "RTX-4090"]))
+        r = c.post("/api/v1/orders", json=body)
         assert r.json()["placement"]["legs"][0]["provider"] == home
         wait_until(lambda: c.get("/api/v1/orders/F1").json()["spent"] > 0)
         market.agents["home"].kill()

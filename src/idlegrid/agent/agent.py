@@ -19,6 +19,7 @@ import httpx
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.agent.channel import Channel
 from idlegrid.agent.context import AgentConfig, AgentContext, Role
+from idlegrid.agent.leases import LeaseHost
 from idlegrid.agent.node_client import CoordinatorError, NodeClient
 from idlegrid.agent.roles.disputes import Disputes
 from idlegrid.agent.roles.hwprover import HonestProver, HwProofs
@@ -67,6 +68,9 @@ class Agent:
         self.draining = self.ctx.draining
         self.heartbeat_s = 2.0
         self.serving = Serving(self.ctx, self.register)
+        # Leases: workspaces made and run on the coordinator's word, over the channel.
+        self.leases = LeaseHost(config)
+        self.serving.on_channel = self.leases.attach
         bind = getattr(config.meter, "bind_busy", None)
         if bind is not None:  # an estimating meter draws serving power only while serving
             bind(lambda: len(self.serving.energy.active))
@@ -172,6 +176,7 @@ class Agent:
             await asyncio.wait(pending, timeout=10)
         beats.cancel()
         keeper.cancel()
+        await self.leases.close()  # a stopping provider's workspaces end with it
         if self.channel is not None:
             await self.channel.close()
         await self.client.close()

@@ -68,6 +68,8 @@ class Channel:
         self._reader: asyncio.Task[None] | None = None
         # A task that arrives for a slot no longer waiting (it was draining): handed back.
         self.on_orphan: Callable[[dict[str, Any]], object] = lambda task: None
+        # Lease frames (provision, end, exec streams: protocol/lease.py) go to the lease host.
+        self.on_lease: Callable[[dict[str, Any]], object] = lambda msg: None
         self.tasks_received = 0
         self.frames_sent = 0
         self.polls_unanswered = 0
@@ -114,6 +116,10 @@ class Channel:
             self._down()
             raise ChannelClosed(str(exc)) from exc
         self.frames_sent += 1
+
+    async def send_lease(self, msg: dict[str, Any]) -> None:
+        """Send a lease frame (signed like every frame); ChannelClosed if the channel is down."""
+        await self._send(msg)
 
     async def poll(self, slot: int, models: list[str], wait_s: float) -> dict[str, Any] | None:
         """A task for engine `slot`, or None after `wait_s` with no work.
@@ -212,6 +218,8 @@ class Channel:
                         expected=msg.get("expected"),
                     )
                 )
+        elif op == "lease":
+            self.on_lease(msg)
         elif op == "error":
             log.warning("coordinator closes the channel: %s", msg.get("message"))
 

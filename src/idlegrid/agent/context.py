@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -71,6 +72,11 @@ class AgentConfig:
     train_gang_timeout_s: float = 60.0
     train_executor: Any = None
     train_verify: Any = None
+    # Leases (agent/leases.py): the workspace runtime by name (agent/workspace), where the
+    # workspaces live (default: <data dir>/workspaces) and the runtime's options.
+    workspace_runtime: str = "bwrap"
+    workspace_root: Path | None = None
+    workspace_options: dict[str, Any] = field(default_factory=dict)
 
 
 class AgentContext:

@@ -65,6 +65,8 @@ class Serving:
         self.served = 0
         self.energy = Attribution()
         self.channel: Channel | None = None
+        # Called with each new channel before it connects (the lease host hooks in here).
+        self.on_channel: Callable[[Channel], None] = lambda channel: None
 
     async def connect_channel(self) -> bool:
         """Open the agent channel (False if it cannot be had; HTTP is used meanwhile)."""
@@ -73,6 +75,7 @@ class Serving:
             return False
         channel = Channel(self.ctx.client)
         channel.on_orphan = lambda task: asyncio.create_task(self._hand_back(task))
+        self.on_channel(channel)
         try:
             await channel.connect(url)
         except Exception as exc:  # refused handshake, no such route (older coordinator)

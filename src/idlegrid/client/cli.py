@@ -15,6 +15,7 @@ from rich.console import Console
 from idlegrid import __version__
 from idlegrid.client.dispute_cmd import dispute
 from idlegrid.client.earnings_cmd import earnings, estimate
+from idlegrid.client.lease_cmd import cp, exec_cmd, lease_app, port_forward, shell_cmd
 from idlegrid.client.market_cmd import market_commands
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 from idlegrid.client.plan_cmd import plan
@@ -573,6 +574,12 @@ for _name, _fn in train_commands.items():
     app.command(_name)(_fn)
 app.command("earnings")(earnings)
 app.command("estimate")(estimate)
+
+app.add_typer(lease_app, name="lease")
+app.command("exec", context_settings={"allow_interspersed_args": False})(exec_cmd)
+app.command("cp")(cp)
+app.command("port-forward")(port_forward)
+app.command("shell")(shell_cmd)
 
 
 def main() -> None:

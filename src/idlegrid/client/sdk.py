@@ -84,6 +84,23 @@ class GridClient:
         """Cancel an order; the unused escrow comes back."""
         return self._json(self.http.post(f"/api/v1/orders/{order_id}/cancel"))
 
+    def lease(self, lease_id: str) -> dict[str, Any]:
+        """One lease: state, moves with causes, running and billed seconds."""
+        return self._json(self.http.get(f"/api/v1/leases/{lease_id}"))
+
+    def end_lease(self, lease_id: str) -> dict[str, Any]:
+        """End a lease: billed to now, the rest refunded, the workspace wiped."""
+        return self._json(self.http.post(f"/api/v1/leases/{lease_id}/end"))
+
+    def lease_logs(self, lease_id: str) -> str:
+        """The last output of a lease's commands."""
+        return str(self._json(self.http.get(f"/api/v1/leases/{lease_id}/logs"))["logs"])
+
+    def lease_exec(self, lease_id: str, argv: list[str], **options: Any) -> dict[str, Any]:
+        """Run a command in a lease to its end (REST): exit_code, stdout, stderr."""
+        body = {"argv": argv, **options}
+        return self._json(self.http.post(f"/api/v1/leases/{lease_id}/exec", json=body))
+
     def submit_job(self, spec: dict[str, Any], ref: str | None = None) -> dict[str, Any]:
         """Submit a verified training job (its price is escrowed at once)."""
         body = {"spec": spec, **({"ref": ref} if ref else {})}

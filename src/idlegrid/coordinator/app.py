@@ -34,6 +34,8 @@ from idlegrid.coordinator.files.storage import open_store
 from idlegrid.coordinator.inference import embed_routes, work_routes
 from idlegrid.coordinator.inference import routes as routes_openai
 from idlegrid.coordinator.inference.service import Inference
+from idlegrid.coordinator.leases import routes as routes_leases
+from idlegrid.coordinator.leases.service import Leases
 from idlegrid.coordinator.market import routes as routes_market
 from idlegrid.coordinator.market.service import Market
 from idlegrid.coordinator.nodes import admin_routes as routes_admin
@@ -88,6 +90,7 @@ def create_app(
     app.include_router(work_routes.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_market.router)
+    app.include_router(routes_leases.router)
     app.include_router(routes_trust.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_dashboard.router)
@@ -135,6 +138,8 @@ def compose(ctx: Context) -> Services:
     )
     inference = Inference(ctx, nodes=nodes, trust=trust, market=market, paid=trust.payability)
     jobs = Jobs(ctx)
+    leases = Leases(ctx, nodes=lambda: nodes.cache, money=market)
+    market.lease_of, market.end_lease = leases.ends_order, leases.end
     dashboard = Dashboard(ctx, power=nodes.power, orders=market.store.orders)
     s = ctx.settings
     files = Files(ctx, open_store(s.files_url, s.files_options, s.data_dir))
@@ -162,6 +167,7 @@ def compose(ctx: Context) -> Services:
         [
             lambda live: db_tick(trust.payability.refresh, live),
             lambda live: db_tick(market.tick),
+            leases.tick,  # after the market: it adopts the lease orders the market placed
             lambda live: db_tick(hwproofs.tick, live),
             lambda live: db_tick(jobs.tick, live),
             lambda live: db_tick(trust.expire, live),
@@ -173,5 +179,16 @@ def compose(ctx: Context) -> Services:
         interval_s=min(0.5, ctx.settings.heartbeat_interval_s),
     )
     return Services(
-        ctx, nodes, inference, market, trust, hwproofs, jobs, dashboard, supervisor, disputes, files
+        ctx,
+        nodes,
+        inference,
+        market,
+        trust,
+        hwproofs,
+        jobs,
+        dashboard,
+        supervisor,
+        disputes,
+        files,
+        leases,
     )

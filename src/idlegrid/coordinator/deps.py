@@ -20,6 +20,7 @@ from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard.data import Dashboard
 from idlegrid.coordinator.files.service import Files
 from idlegrid.coordinator.inference.service import Inference
+from idlegrid.coordinator.leases.service import Leases
 from idlegrid.coordinator.market.service import Market
 from idlegrid.coordinator.nodes.service import Nodes
 from idlegrid.coordinator.supervisor import Supervisor
@@ -49,6 +50,7 @@ class Services:
     supervisor: Supervisor
     disputes: DisputeShell  # both kinds: trust.disputes (inference), jobs.disputes (training)
     files: Files
+    leases: Leases
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -175,6 +176,11 @@ def make_agent(
 ) -> Agent:
     """An agent with a fresh key (or one kept in `key_dir`)."""
     key = NodeKey.load_or_create(key_dir / f"{name}.key") if key_dir else NodeKey.generate()
+    # Leases: workspaces in a folder of this node's own (made on the first lease only), not
+    # under the home directory's data dir.
+    market.setdefault(
+        "workspace_root", Path(tempfile.gettempdir()) / f"idlegrid-ws-{key.node_id[:12]}"
+    )
     config = AgentConfig(
         name=name,
         hardware=hardware or {"cpu_cores": 1},

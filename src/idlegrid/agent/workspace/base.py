@@ -8,6 +8,7 @@ the pipe and the workload blocks on write, so nothing is buffered without bound 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 Stream = Literal["stdout", "stderr"]
+# Input for a command: all of it at once, "stream" (the caller writes it: `Execution.write`,
+# then `close_stdin`), or None (no input).
+Stdin = bytes | Literal["stream"] | None
 CHUNK = 64 * 1024
 
 
@@ -74,10 +78,10 @@ class Usage:
 class Execution:
     """A command running in a workspace: iterate `chunks()` for its output, then `wait()`."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], stdin: bytes | None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], stdin: Stdin) -> None:
         self.proc = proc
         self._writer: threading.Thread | None = None
-        if stdin is not None and proc.stdin is not None:
+        if isinstance(stdin, bytes) and proc.stdin is not None:
             pipe = proc.stdin
 
             def feed() -> None:
@@ -91,6 +95,25 @@ class Execution:
 
             self._writer = threading.Thread(target=feed, daemon=True)
             self._writer.start()
+
+    def write(self, data: bytes) -> bool:
+        """Write streamed stdin (blocks while the workload's pipe is full); False once the
+        workload stopped reading."""
+        if self.proc.stdin is None or self.proc.stdin.closed:
+            return False
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            return False
+        return True
+
+    def close_stdin(self) -> None:
+        """End of streamed stdin."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            # The workload may have stopped reading: nothing was left to say then.
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
 
     @property
     def pid(self) -> int:
@@ -123,9 +146,10 @@ class Execution:
         code = self.proc.wait(timeout)
         if self._writer is not None:
             self._writer.join(timeout=1.0)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        for pipe in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
+            if pipe is not None and not pipe.closed:
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()
         return 128 - code if code < 0 else code
 
     def run(self, timeout: float | None = None) -> tuple[int, bytes, bytes]:
@@ -159,7 +183,7 @@ class Workspace(Protocol):
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         cwd: str = "/work",
-        stdin: bytes | None = None,
+        stdin: Stdin = None,
     ) -> Execution:
         """Start `argv` in the workspace (cwd a path as the workspace sees it)."""
         ...

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import idlegrid.agent.workspace.sandbox as sandbox
-from idlegrid.agent.workspace.base import Execution, Usage, WorkspaceSpec
+from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import Layout, LeaseCgroup, host_layout
 from idlegrid.agent.workspace.pyenv import provider_python, venv_script
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
@@ -168,6 +168,9 @@ class BwrapWorkspace:
         self.image = self.dir / "disk.img"
         self.work = self.dir / "work"
         self.cgroup = LeaseCgroup(runtime.layout, spec.lease)
+        # One network namespace for all of the lease's execs (only `lo`), kept by a bind
+        # mount of its nsfs file; None where `ip` is missing (each exec then has its own).
+        self.netns: Path | None = None
 
     def provision(self) -> None:
         """Make the disk and the cgroup, then the venv and the pip requirements."""
@@ -200,6 +203,12 @@ class BwrapWorkspace:
         os.chown(self.work, self.uid, self.uid)
         self.work.chmod(0o700)
         self.cgroup.create(self.spec.limits)
+        if shutil.which("ip") is not None and shutil.which("nsenter") is not None:
+            net = self.dir / "net"
+            net.touch(mode=0o600)
+            _run(lease, "network", ["unshare", f"--net={net}", "true"])
+            self.netns = net
+            _run(lease, "network", ["nsenter", f"--net={net}", "ip", "link", "set", "lo", "up"])
         script = venv_script(
             sandbox.python_exe(self.runtime.host),
             self.runtime.host.python_version,
@@ -221,6 +230,7 @@ class BwrapWorkspace:
         return sandbox.command(
             self.runtime.host, self.spec, uid=self.uid, procs=self.cgroup.procs_files,
             work=self.work, wheels=self.runtime.wheels, argv=argv, env=env or {}, cwd=cwd,
+            netns=self.netns,
         )  # fmt: skip
 
     def exec(
@@ -228,7 +238,7 @@ class BwrapWorkspace:
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         cwd: str = "/work",
-        stdin: bytes | None = None,
+        stdin: Stdin = None,
     ) -> Execution:
         """Start `argv` in a fresh sandbox over this lease's /work, inside its cgroup."""
         proc = subprocess.Popen(
@@ -270,6 +280,10 @@ class BwrapWorkspace:
                 time.sleep(0.02)
             else:
                 _run(self.spec.lease, "wipe", ["umount", "--lazy", str(self.work)])
+        if self.netns is not None:
+            # Its last process is dead: unmounting the file lets the kernel free the netns.
+            subprocess.run(["umount", str(self.netns)], capture_output=True, check=False)
+            self.netns = None
         shutil.rmtree(self.dir, ignore_errors=True)
         self.cgroup.remove()
         self.runtime.release(self.spec.lease)

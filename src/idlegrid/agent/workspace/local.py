@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from idlegrid.agent.workspace.base import Execution, Usage, WorkspaceSpec, disk_used
+from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec, disk_used
 from idlegrid.agent.workspace.pyenv import provider_python, venv_script
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
 
@@ -82,7 +82,7 @@ class LocalWorkspace:
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         cwd: str = "/work",
-        stdin: bytes | None = None,
+        stdin: Stdin = None,
     ) -> Execution:
         """Run `argv` with `/work` (in `cwd` and in arguments' meaning) the private directory."""
         rel = Path(cwd).relative_to("/work") if cwd.startswith("/work") else Path(cwd)

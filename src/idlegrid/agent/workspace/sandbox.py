@@ -155,8 +155,13 @@ def command(
     argv: Sequence[str],
     env: Mapping[str, str],
     cwd: str,
+    netns: Path | None = None,
 ) -> list[str]:
-    """The full argv: join the cgroup, stage the binds, drop to `uid`, enter the sandbox."""
+    """The full argv: join the cgroup, stage the binds, drop to `uid`, enter the sandbox.
+
+    With `netns` (the lease's persistent network namespace, only `lo` in it), every exec of
+    the lease shares that one network: a server one command starts on 127.0.0.1 is
+    reachable from the next (port-forwarding needs this); still nothing of the host's."""
     if not argv:
         raise ValueError("an empty command")
     for k, v in env.items():
@@ -173,6 +178,7 @@ def command(
     box = [
         "bwrap",
         "--unshare-all",  # user, mount, pid, ipc, uts, cgroup and network namespaces
+        *(["--share-net"] if netns is not None else []),  # the lease's own netns, entered below
         "--unshare-user",
         "--disable-userns",  # no nested user namespaces: less kernel reachable from inside
         "--uid", str(SANDBOX_UID),
@@ -193,6 +199,7 @@ def command(
     drop = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups", "--no-new-privs"]
     return [
         "/bin/sh", "-c", JOIN, "join", *map(str, procs), "--",
+        *(["nsenter", f"--net={netns}", "--"] if netns is not None else []),
         "unshare", "--mount", "--propagation", "private", "--",
         "/bin/sh", "-c", STAGE, "stage", *stage, "--",
         *drop, *box,

@@ -15,7 +15,8 @@ Frames from the coordinator (JSON, unsigned like HTTP answers):
 to `next`; uploads are not answered one by one) ·
 `{"op": "refused", "task_id", "attempt", "code", "message", "expected"}` (an upload or sync
 for an attempt that is no longer this agent's, or an upload out of order) ·
-`{"op": "error", "message"}` before a close.
+`{"op": "error", "message"}` before a close; and lease frames both ways
+(`{"op": "lease", "v": 1, ...}`, protocol/lease.py), for the leases domain.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from idlegrid.coordinator.views import TaskView
 from idlegrid.errors import AuthError, Conflict
 from idlegrid.protocol import messages as m
+from idlegrid.protocol.lease import LEASE_PROTOCOL, LeaseFrame
 from idlegrid.protocol.signing import frame_headers
 
 if TYPE_CHECKING:  # the HTTP layer's view of the services; routes build it
@@ -45,7 +47,7 @@ CLOSE_AUTH, CLOSE_BAD_FRAME = 1008, 1003
 
 _Frame = TypeAdapter(
     Annotated[
-        m.ChannelPollMsg | m.ChannelCancelMsg | m.ChannelUploadMsg | m.ChannelSyncMsg,
+        m.ChannelPollMsg | m.ChannelCancelMsg | m.ChannelUploadMsg | m.ChannelSyncMsg | LeaseFrame,
         Field(discriminator="op"),
     ]
 )
@@ -104,6 +106,8 @@ class _Channel:
             await self.ws.send_bytes(json.dumps(obj, separators=(",", ":")).encode())
 
     async def run(self) -> None:
+        # Lease frames (provision, exec streams) reach this agent through this channel.
+        self.svc.leases.attach(self.node_id, self.send)
         try:
             while True:
                 message = await self.ws.receive()
@@ -123,6 +127,7 @@ class _Channel:
         except WebSocketDisconnect:
             return
         finally:
+            self.svc.leases.detach(self.node_id, self.send)
             for poll in self.polls.values():
                 poll.cancel()
 
@@ -145,7 +150,11 @@ class _Channel:
             raise BadFrame(f"{where}: {first['msg']}") from exc
 
     async def handle(self, msg: Any) -> None:
-        if isinstance(msg, m.ChannelUploadMsg):
+        if isinstance(msg, LeaseFrame):
+            if msg.v != LEASE_PROTOCOL:
+                raise BadFrame(f"lease frames of version {msg.v} are not understood")
+            await self.svc.leases.on_agent_frame(self.node_id, msg)
+        elif isinstance(msg, m.ChannelUploadMsg):
             await self.upload(msg)
         elif isinstance(msg, m.ChannelSyncMsg):
             await self.sync(msg)

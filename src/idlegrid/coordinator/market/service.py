@@ -75,6 +75,10 @@ class Market:
         self._reliability_at = 0.0
         self._lost: set[str] = set()
         self._first_tick = True
+        # Set by compose(): whether an order is a running lease's, and how to end that lease
+        # (its cancel goes through the leases domain, which bills the running seconds).
+        self.lease_of: Callable[[str, str | None], bool] = lambda order_id, key_id: False
+        self.end_lease: Callable[[str, str | None], object] = lambda order_id, key_id: None
 
     # ---- supply --------------------------------------------------------------------------
 
@@ -403,6 +407,10 @@ class Market:
 
     def cancel(self, order_id: str, key_id: str | None) -> OrderView:
         """Cancel an order: pay for service so far, refund the rest, free the devices."""
+        if self.lease_of(order_id, key_id):
+            self.end_lease(order_id, key_id)
+            self.invalidate()
+            return self.store.get_order(order_id, key_id)
         view = self.store.cancel(order_id, key_id, self.settings.fee_bps)
         if view.placement:
             with self._lock:
@@ -488,6 +496,8 @@ class Market:
             # Only when providers went missing (or after a restart): orders on them move.
             self._first_tick = False
             for view in self.store.orders(states=ACTIVE):
+                if view.kind == OrderKind.LEASE.value:
+                    continue  # a lost lease fails (its files are gone): the leases domain
                 legs = (view.placement or {}).get("legs", [])
                 gone = [
                     leg["provider"]
@@ -531,6 +541,14 @@ class Market:
                         self.store.set_reasons(view.id, result.to_dict())
         if now - self._last_payout >= self.settings.payout_interval_s:
             self.payout()
+
+    def bill_lease(
+        self, s: Any, order_id: str, before_s: int, now_s: int, close: str | None
+    ) -> None:
+        """A lease's running seconds, paid in its own transaction (leases domain)."""
+        self.store.bill_lease(s, order_id, before_s, now_s, self.settings.fee_bps, close)
+        if close is not None:
+            self.invalidate()  # its devices are free again from the next match on
 
     def payout(self) -> dict[str, int]:
         """Pay out every accrual older than the audit window, as one batch."""

@@ -314,6 +314,8 @@ class MarketStore:
         with self.store.read() as s:
             q = select(MarketOrder).where(
                 MarketOrder.state == OrderState.ACTIVE.value,
+                # Leases are billed by the leases domain, per running second (bill_lease).
+                MarketOrder.kind != OrderKind.LEASE.value,
                 (MarketOrder.accrued_until <= accrued_before) | (MarketOrder.ends_at <= now),
             )
             return [order_view(o) for o in s.scalars(q)]
@@ -332,7 +334,10 @@ class MarketStore:
             return order_view(row)
 
     def _accrue_time(self, s: Session, row: MarketOrder, fee_bps: int, now: float) -> None:
-        if row.state != OrderState.ACTIVE.value or row.kind == OrderKind.BATCH.value:
+        if row.state != OrderState.ACTIVE.value or row.kind in (
+            OrderKind.BATCH.value,
+            OrderKind.LEASE.value,  # paid per running second: bill_lease
+        ):
             return
         start = row.accrued_until or now
         end = min(now, row.ends_at or now)
@@ -356,6 +361,34 @@ class MarketStore:
                 room -= amount
         row.accrued_until = end
         row.updated_at = self.clock()
+
+    def bill_lease(
+        self, s: Session, order_id: str, before_s: int, now_s: int, fee_bps: int, close: str | None
+    ) -> None:
+        """Pay a lease's providers for its running seconds (before_s, now_s], in the caller's
+        transaction (the lease's move); then close the order with `close`, refunding the rest.
+        Amounts are cumulative differences, so rounding never drifts however often it bills."""
+        row = self._row(s, order_id)
+        if row.state == OrderState.ACTIVE.value and now_s > before_s and row.placement:
+            room = row.budget - row.spent
+            for leg in row.placement["legs"]:
+                due = settlement.accrual_due(leg["unit_price"], leg["devices"], now_s)
+                due -= settlement.accrual_due(leg["unit_price"], leg["devices"], before_s)
+                amount = min(due, room)
+                if amount > 0:
+                    row.accrual_seq += 1
+                    self.store._post(
+                        s,
+                        settlement.accrue(
+                            row.id, leg["provider"], row.accrual_seq, amount, fee_bps
+                        ),
+                    )
+                    row.spent += amount
+                    room -= amount
+            row.accrued_until = (row.started_at or 0.0) + now_s
+            row.updated_at = self.clock()
+        if close is not None and row.state == OrderState.ACTIVE.value:
+            self._finish(s, row, close)
 
     def add_tokens(self, order_id: str, node_id: str, tokens: int, fee_bps: int) -> OrderView:
         """A provider reports batch output tokens; pay them, complete when all are done."""

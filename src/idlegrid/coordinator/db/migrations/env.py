@@ -5,6 +5,7 @@ from sqlalchemy import create_engine, pool
 
 from idlegrid.coordinator.db.tables import Base
 from idlegrid.coordinator.files import tables as files_tables  # noqa: F401  (registers them)
+from idlegrid.coordinator.leases import tables as leases_tables  # noqa: F401  (registers them)
 from idlegrid.coordinator.training import tables as training_tables  # noqa: F401  (registers them)
 from idlegrid.coordinator.trust import tables as trust_tables  # noqa: F401  (registers them)
 

@@ -1,0 +1,135 @@
+"""One exec's streams between a provider's agent and a consumer, bounded both ways.
+
+Output: the agent may have `window` bytes un-credited (core/lease/flow.py); the relay
+credits bytes back only once the consumer's socket took them (or, with no consumer
+attached, once they are in the lease's log ring), so the queue here never holds more than
+one window and a slow consumer slows the workload. Stdin: the relay sends at most `window`
+bytes the agent has not yet written to the workload; `write` waits for room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from idlegrid.core.lease.flow import WINDOW, CreditExceeded, Window
+from idlegrid.protocol.lease import LeaseFrame, frame
+
+LOG_BYTES = 64 * 1024  # the last output of a lease's execs, for `idlegrid lease logs`
+STDIN_CHUNK = 32 * 1024
+
+Item = tuple[str, Any]  # ("stdout" | "stderr", bytes) · ("exit", code) · ("error", reason)
+
+
+class ExecRelay:
+    """The coordinator's end of one exec: queue from the agent, credit back, stdin out."""
+
+    def __init__(
+        self,
+        lease_id: str,
+        node_id: str,
+        send: Callable[[dict[str, Any]], Awaitable[bool]],
+        log: bytearray,
+        window: int = WINDOW,
+    ) -> None:
+        self.id = "ex_" + secrets.token_hex(8)
+        self.lease_id, self.node_id = lease_id, node_id
+        self._send = send
+        self._log = log
+        self.window = window
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._queued = 0  # output bytes queued here: at most one window (the agent's credit)
+        self._stdin = Window(window)
+        self._stdin_room = asyncio.Event()
+        self.exit_code: int | None = None
+        self.error: str | None = None
+        self.done = False
+        self.attached = True  # a consumer reads it (detach() drains it into the log)
+        self.shell = False  # its stdin is framed for the shell helper (leases/shell.py)
+        self._drain: asyncio.Task[None] | None = None
+
+    # ---- from the agent -----------------------------------------------------------------
+
+    def on_agent(self, msg: LeaseFrame) -> None:
+        """A frame of this exec from the agent."""
+        if self.done:
+            return
+        if msg.type == "out" and msg.stream is not None:
+            data = msg.payload()
+            if self._queued + len(data) > self.window:
+                self.fail(f"the agent sent past its credit ({self._queued + len(data)} bytes)")
+                return
+            self._queued += len(data)
+            self._queue.put_nowait((msg.stream, data))
+        elif msg.type == "stdin-credit":
+            with contextlib.suppress(CreditExceeded):
+                self._stdin = self._stdin.credited(msg.size or 0)
+            self._stdin_room.set()
+        elif msg.type == "exit":
+            self.exit_code = msg.code if msg.code is not None else -1
+            self.done = True
+            self._queue.put_nowait(("exit", self.exit_code))
+        elif msg.type == "exec-failed":
+            self.fail(msg.reason or "the exec failed on the provider")
+
+    def fail(self, reason: str) -> None:
+        """The exec is lost (provider gone, lease ended, protocol broken)."""
+        if self.done:
+            return
+        self.error, self.done = reason, True
+        self._queue.put_nowait(("error", reason))
+        self._stdin_room.set()
+
+    # ---- to the consumer ----------------------------------------------------------------
+
+    async def next(self) -> Item:
+        """The next piece of output, or the exit (or error) that ends the stream."""
+        item = await self._queue.get()
+        if item[0] in ("stdout", "stderr"):
+            self._queued -= len(item[1])
+            self._log.extend(item[1])
+            del self._log[: max(0, len(self._log) - LOG_BYTES)]
+        return item
+
+    async def credit(self, n: int) -> None:
+        """The consumer took `n` output bytes: the agent may send that many more."""
+        if n > 0 and not self.done:
+            await self._send(frame("credit", self.lease_id, exec=self.id, bytes=n))
+
+    async def write(self, data: bytes) -> None:
+        """Send stdin to the workload, waiting while a window of it is unwritten."""
+        while data and not self.done:
+            if self._stdin.room == 0:
+                self._stdin_room.clear()
+                await self._stdin_room.wait()
+                continue
+            take = min(self._stdin.room, STDIN_CHUNK)
+            part, data = data[:take], data[take:]
+            self._stdin = self._stdin.sent(len(part))
+            await self._send(frame("stdin", self.lease_id, exec=self.id, data=part))
+
+    async def close_stdin(self) -> None:
+        """End of input for the workload."""
+        if not self.done:
+            await self._send(frame("stdin-eof", self.lease_id, exec=self.id))
+
+    async def signal(self, sig: int) -> None:
+        """Signal the workload (9 kills it)."""
+        if not self.done:
+            await self._send(frame("signal", self.lease_id, exec=self.id, signal=sig))
+
+    def detach(self) -> None:
+        """The consumer left without killing the exec: it runs on, its output to the log."""
+        self.attached = False
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_to_log())
+
+    async def _drain_to_log(self) -> None:
+        while True:
+            kind, data = await self.next()
+            if kind not in ("stdout", "stderr"):
+                return
+            await self.credit(len(data))

@@ -1,0 +1,418 @@
+"""Leases in the coordinator: market orders of kind `lease` made real on their provider.
+
+The tick adopts each active lease order (a lease row, `pending → placed → provisioning`),
+tells the provider's agent to provision over its channel, bills running seconds through
+the market (`billable_seconds`, in the same transaction as the lease's own move), ends
+leases whose paid time is used up, and fails those whose provider vanished (billed up to
+that moment, the rest refunded, the consumer told the files are lost). Frames the agent
+sends back (`provisioned`, `wiped`, exec output) arrive through `on_agent_frame`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from idlegrid.coordinator.context import Context
+from idlegrid.coordinator.db.tables import MarketOrder
+from idlegrid.coordinator.leases.relay import ExecRelay
+from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
+from idlegrid.coordinator.views import NodeView
+from idlegrid.core.lease.lifecycle import (
+    LeaseCause,
+    LeaseState,
+    Transition,
+    advance,
+    billable_seconds,
+    running_seconds,
+)
+from idlegrid.core.lease.spec import workspace_spec
+from idlegrid.errors import Conflict, InvalidRequest, NotFound
+from idlegrid.protocol.lease import LeaseFrame, frame
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+LIVE = (LeaseState.PROVISIONING.value, LeaseState.RUNNING.value, LeaseState.ENDING.value)
+# Making a workspace takes about 0.1 s; pip requirements from a wheelhouse take longer.
+PROVISION_TIMEOUT_S = 600.0
+LOST_FILES = "the provider was lost: the workspace and its files are gone (nothing was kept)"
+
+
+class LeaseNotFound(NotFound):
+    """No lease with this id for this API key (another key's lease is not found either)."""
+
+    code = "lease_not_found"
+
+    def __init__(self, lease_id: str) -> None:
+        super().__init__(f"no lease {lease_id}", lease_id=lease_id)
+
+
+class LeaseMoney(Protocol):
+    """What leases need of the market: bill running seconds and close the order, inside the
+    lease's own transaction."""
+
+    def bill_lease(
+        self, s: Session, order_id: str, before_s: int, now_s: int, close: str | None
+    ) -> None:
+        """Pay the provider for running seconds (before_s, now_s]; close with `close`."""
+        ...
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """A lease as routes and the CLI see it."""
+
+    id: str
+    key_id: str
+    node_id: str
+    state: str
+    spec: dict[str, Any]
+    hours: float
+    billed_s: int
+    running_s: float
+    message: str | None
+    transitions: tuple[Transition, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HTTP shape (schemas.LeaseOut)."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "node_id": self.node_id,
+            "spec": self.spec,
+            "hours": self.hours,
+            "billed_s": self.billed_s,
+            "running_s": round(self.running_s, 3),
+            "message": self.message,
+            "transitions": [
+                {"at": t.at, "state": t.state, "cause": t.cause} for t in self.transitions
+            ],
+        }
+
+
+def _history(s: Session, lease_id: str) -> list[Transition]:
+    q = select(LeaseTransition).where(LeaseTransition.lease_id == lease_id)
+    rows = s.scalars(q.order_by(LeaseTransition.seq))
+    return [Transition(r.at, r.state, r.cause) for r in rows]
+
+
+class Leases:
+    """Lease rows, their moves and money, and the live relays to their workspaces."""
+
+    def __init__(
+        self, ctx: Context, nodes: Callable[[], Mapping[str, NodeView]], money: LeaseMoney
+    ) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+        self._nodes = nodes
+        self.money = money
+        self.links: dict[str, Send] = {}  # node id -> its channel's send
+        self.relays: dict[str, ExecRelay] = {}
+        self.logs: dict[str, bytearray] = {}  # lease -> last LOG_BYTES of its output
+        self._sent: set[tuple[str, str]] = set()  # (lease, provision|end) frames sent
+        self.provision_timeout_s = PROVISION_TIMEOUT_S
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _view(self, s: Session, row: Lease) -> LeaseView:
+        hist = _history(s, row.id)
+        now = max(self.ctx.clock(), hist[-1].at) if hist else self.ctx.clock()
+        return LeaseView(
+            row.id, row.key_id, row.node_id, row.state, row.spec, row.hours, row.billed_s,
+            running_seconds(hist, now), row.message, tuple(hist),
+        )  # fmt: skip
+
+    def get(self, lease_id: str, key_id: str | None) -> LeaseView:
+        """One lease (only the key's own when `key_id` is given: others are not found)."""
+        with self.store.read() as s:
+            row = s.get(Lease, lease_id)
+            if row is None or (key_id is not None and row.key_id != key_id):
+                raise LeaseNotFound(lease_id)
+            return self._view(s, row)
+
+    def of_key(self, key_id: str) -> list[LeaseView]:
+        """A key's leases, newest first."""
+        with self.store.read() as s:
+            q = select(Lease).where(Lease.key_id == key_id).order_by(Lease.created_at.desc())
+            return [self._view(s, r) for r in s.scalars(q)]
+
+    # ---- moves --------------------------------------------------------------------------
+
+    def _move(self, s: Session, row: Lease, cause: str, at: float) -> None:
+        hist = _history(s, row.id)
+        at = max(at, hist[-1].at) if hist else at  # time never runs backwards in a history
+        row.state = advance(row.state, cause, key=row.id, story=[t.cause for t in hist[1:]])
+        s.add(LeaseTransition(lease_id=row.id, seq=len(hist), at=at, state=row.state, cause=cause))
+        row.updated_at = self.ctx.clock()
+        # Whatever ran until now is paid now, in this transaction: billed = running, floored.
+        billed = billable_seconds([*hist, Transition(at, row.state, cause)], at)
+        billed = min(billed, int(row.hours * 3600))
+        close = {
+            LeaseState.ENDING.value: "cancel" if cause != LeaseCause.EXPIRED else "complete",
+            LeaseState.FAILED.value: "fail",
+            LeaseState.ENDED.value: "cancel",
+        }.get(row.state)
+        order = s.get(MarketOrder, row.id)
+        if order is not None and order.state != "active":
+            close = None  # the market closed it already (it called us from its cancel)
+        self.money.bill_lease(s, row.id, row.billed_s, billed, close)
+        row.billed_s = max(row.billed_s, billed)
+
+    def _adopt(self) -> list[str]:
+        """Active lease orders without a lease get one, placed on their provider."""
+        now = self.ctx.clock()
+        made = []
+        with self.store.tx() as s:
+            have = select(Lease.id)
+            q = select(MarketOrder).where(
+                MarketOrder.kind == "lease",
+                MarketOrder.state == "active",
+                MarketOrder.id.not_in(have),
+            )
+            for order in s.scalars(q):
+                legs = (order.placement or {}).get("legs") or []
+                try:
+                    spec = workspace_spec(order.body.get("resources") or {})
+                except InvalidRequest as exc:
+                    spec, legs = {}, []
+                    reason = exc.message
+                else:
+                    reason = "a lease on several providers is not built" if len(legs) > 1 else ""
+                row = Lease(
+                    id=order.id, key_id=order.key_id, node_id=legs[0]["provider"] if legs else "",
+                    state=LeaseState.PENDING.value, spec=spec, hours=float(order.body["hours"]),
+                    billed_s=0, message=None, created_at=now, updated_at=now,
+                )  # fmt: skip
+                s.add(row)
+                s.add(
+                    LeaseTransition(
+                        lease_id=row.id, seq=0, at=now, state="pending", cause="created"
+                    )
+                )
+                s.flush()
+                if reason:
+                    row.message = reason
+                    self._move(s, row, LeaseCause.NO_PROVIDER, now)
+                    continue
+                self._move(s, row, LeaseCause.PLACED, now)
+                made.append(row.id)
+        return made
+
+    def _settle(self, live: frozenset[str]) -> list[tuple[str, str]]:
+        """Bill running leases, end expired ones, fail those whose provider is gone or
+        never answered; returns the (node, lease) pairs whose agent must wipe now."""
+        now = self.ctx.clock()
+        nodes = self._nodes()
+        wipe = []
+        with self.store.tx() as s:
+            for row in s.scalars(select(Lease).where(Lease.state.in_(LIVE))):
+                if row.node_id not in live:
+                    seen = nodes.get(row.node_id)
+                    lost_at = seen.last_seen if seen is not None else now
+                    row.message = LOST_FILES
+                    self._move(s, row, LeaseCause.PROVIDER_LOST, min(now, lost_at))
+                    log.warning("lease %s: provider %s lost", row.id, row.node_id)
+                    continue
+                if row.state == LeaseState.PROVISIONING.value:
+                    since = _history(s, row.id)[-1].at
+                    if now - since > self.provision_timeout_s:
+                        # An agent that never answers (an older one ignores lease frames, or
+                        # a pip install hangs) must not hold the escrow: fail, and have it
+                        # wipe whatever it made.
+                        row.message = (
+                            f"provisioning failed: no answer within {self.provision_timeout_s:g} s"
+                        )
+                        self._move(s, row, LeaseCause.PROVISIONING_FAILED, now)
+                        wipe.append((row.node_id, row.id))
+                    continue
+                if row.state != LeaseState.RUNNING.value:
+                    continue
+                hist = _history(s, row.id)
+                # Billed only up to the provider's last sign of life: a provider that died
+                # is found out a timeout later, and that time is the consumer's to keep.
+                seen = nodes.get(row.node_id)
+                alive = min(now, seen.last_seen) if seen is not None else now
+                if running_seconds(hist, now) >= row.hours * 3600:
+                    ran_out = hist[-1].at + row.hours * 3600 - running_seconds(hist, hist[-1].at)
+                    self._move(s, row, LeaseCause.EXPIRED, min(now, ran_out))
+                    continue
+                billed = billable_seconds(hist, max(alive, hist[-1].at))
+                if billed > row.billed_s:
+                    self.money.bill_lease(s, row.id, row.billed_s, billed, None)
+                    row.billed_s = billed
+        return wipe
+
+    def _on_state(self, node_id: str, lease_id: str, cause: str, reason: str | None) -> bool:
+        with self.store.tx() as s:
+            row = s.get(Lease, lease_id)
+            if row is None or row.node_id != node_id:
+                return False
+            if cause == LeaseCause.PROVISIONED and row.state != LeaseState.PROVISIONING.value:
+                return False  # a repeat, or it was cancelled meanwhile (the end follows)
+            if cause == LeaseCause.WIPED and row.state != LeaseState.ENDING.value:
+                return False
+            if cause == LeaseCause.PROVISIONING_FAILED:
+                if row.state != LeaseState.PROVISIONING.value:
+                    return False
+                row.message = f"provisioning failed: {reason or 'no reason given'}"[:4000]
+            self._move(s, row, cause, self.ctx.clock())
+            return True
+
+    def end(self, lease_id: str, key_id: str | None) -> LeaseView:
+        """End a lease now: billed up to now, the rest refunded; the agent wipes it."""
+        with self.store.tx() as s:
+            row = s.get(Lease, lease_id)
+            if row is None or (key_id is not None and row.key_id != key_id):
+                raise LeaseNotFound(lease_id)
+            cause = LeaseCause.END if row.state == LeaseState.RUNNING.value else LeaseCause.CANCEL
+            self._move(s, row, cause, self.ctx.clock())
+        return self.get(lease_id, key_id)
+
+    async def end_now(self, lease_id: str, key_id: str | None) -> LeaseView:
+        """`end`, and the agent told at once (not on the next tick)."""
+        view = await self.ctx.db(self.end, lease_id, key_id)
+        if view.state == LeaseState.ENDING.value:
+            await self._send_end(view.node_id, lease_id)
+        return view
+
+    def ends_order(self, order_id: str, key_id: str | None) -> bool:
+        """Whether an order is a lease's (then its cancel ends the lease: `end`)."""
+        with self.store.read() as s:
+            row = s.get(Lease, order_id)
+            return row is not None and (key_id is None or row.key_id == key_id)
+
+    # ---- the tick and the channel -------------------------------------------------------
+
+    async def tick(self, live: frozenset[str]) -> None:
+        """Adopt new lease orders, settle, and send what agents have not been told yet."""
+        await self.ctx.db(self._adopt)
+        for node, lease_id in await self.ctx.db(self._settle, live):
+            await self._send_end(node, lease_id)
+        todo = await self.ctx.db(self._to_tell)
+        for lease_id, node, kind, spec in todo:
+            if (lease_id, kind) in self._sent or node not in self.links:
+                continue
+            if kind == "provision":
+                await self._send(node, frame("provision", lease_id, spec=spec), (lease_id, kind))
+            else:
+                await self._send_end(node, lease_id)
+        for rid, relay in list(self.relays.items()):
+            if relay.node_id not in live:
+                relay.fail("the provider was lost")
+            if relay.done and not relay.attached:
+                self.relays.pop(rid, None)
+
+    def _to_tell(self) -> list[tuple[str, str, str, dict[str, Any]]]:
+        with self.store.read() as s:
+            q = select(Lease).where(
+                Lease.state.in_((LeaseState.PROVISIONING.value, LeaseState.ENDING.value))
+            )
+            return [
+                (r.id, r.node_id, "provision" if r.state == "provisioning" else "end", r.spec)
+                for r in s.scalars(q)
+            ]
+
+    async def _send(self, node: str, msg: dict[str, Any], key: tuple[str, str] | None) -> bool:
+        send = self.links.get(node)
+        if send is None:
+            return False
+        try:
+            await send(msg)
+        except Exception as exc:  # the channel went down: the next attach resends
+            log.info("lease frame to %s not sent: %s", node, exc)
+            return False
+        if key is not None:
+            self._sent.add(key)
+        return True
+
+    async def _send_end(self, node: str, lease_id: str) -> None:
+        for relay in self.relays.values():
+            if relay.lease_id == lease_id:
+                relay.fail("the lease ended")
+        await self._send(node, frame("end", lease_id), (lease_id, "end"))
+
+    def attach(self, node_id: str, send: Send) -> None:
+        """A node's channel is up: lease frames go through it (unsent ones are resent)."""
+        self.links[node_id] = send
+        self._sent.clear()  # a frame sent before may have been lost: agents answer repeats
+
+    def detach(self, node_id: str, send: Send) -> None:
+        """A node's channel closed; running execs there have lost their stream."""
+        if self.links.get(node_id) is send:
+            del self.links[node_id]
+            self._sent.clear()  # resent on the next attach: agents answer repeats again
+            for relay in self.relays.values():
+                if relay.node_id == node_id:
+                    relay.fail("the provider's channel closed")
+
+    async def on_agent_frame(self, node_id: str, msg: LeaseFrame) -> None:
+        """A lease frame from an agent: a state report or part of an exec stream."""
+        if msg.type in ("provisioned", "provisioning-failed", "wiped"):
+            cause = {"provisioned": "provisioned", "wiped": "wiped"}.get(
+                msg.type, "provisioning-failed"
+            )
+            try:
+                await self.ctx.db(self._on_state, node_id, msg.lease, cause, msg.reason)
+            except Conflict as exc:
+                log.warning("lease %s: %s from %s refused: %s", msg.lease, cause, node_id, exc)
+            return
+        relay = self.relays.get(msg.exec or "")
+        if relay is None or relay.node_id != node_id:
+            return  # an exec that ended here already: what it still sends is dropped
+        relay.on_agent(msg)
+
+    # ---- exec ---------------------------------------------------------------------------
+
+    async def open_exec(
+        self,
+        lease_id: str,
+        key_id: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "/work",
+        stdin: bool = False,
+    ) -> ExecRelay:
+        """Start `argv` in a running lease's workspace and relay its streams."""
+        view = await self.ctx.db(self.get, lease_id, key_id)
+        if view.state != LeaseState.RUNNING.value:
+            raise Conflict(
+                f"lease {lease_id} is {view.state}: exec needs it running", state=view.state
+            )
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidRequest("argv: a non-empty list of strings", param="argv")
+        relay = ExecRelay(lease_id, view.node_id, self._sender(view.node_id), self._log(lease_id))
+        self.relays[relay.id] = relay
+        ok = await self._send(
+            view.node_id,
+            frame(
+                "exec",
+                lease_id,
+                exec=relay.id,
+                argv=argv,
+                env=env or {},
+                cwd=cwd,
+                stdin=stdin,
+                window=relay.window,
+            ),  # fmt: skip
+            None,
+        )
+        if not ok:
+            self.relays.pop(relay.id, None)
+            raise Conflict(f"lease {lease_id}: its provider is not connected now", state="running")
+        return relay
+
+    def _sender(self, node: str) -> Callable[[dict[str, Any]], Awaitable[bool]]:
+        async def send(msg: dict[str, Any]) -> bool:
+            return await self._send(node, msg, None)
+
+        return send
+
+    def _log(self, lease_id: str) -> bytearray:
+        return self.logs.setdefault(lease_id, bytearray())
