@@ -46,6 +46,12 @@ def _days(value: float | None) -> str:
     return "never" if value is None else f"{value:,.0f} d"
 
 
+def _sources(income: dict[str, int]) -> str:
+    """`tokens 0.0021, verifier fees 0.0003`: the sources that paid anything."""
+    parts = [f"{k} {v / 1e6:,.6f}" for k, v in income.items() if v]
+    return ", ".join(parts) or "—"
+
+
 def _est(text: str, estimated: bool) -> str:
     return f"{text} [yellow](est.)[/]" if estimated else text
 
@@ -60,7 +66,8 @@ def earnings(
     card_price: CardPrice = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Earnings, energy, electricity cost, profit per day and payback, per provider."""
+    """Earnings for work (never minted or staked credits) by source, energy, electricity
+    cost, profit per day and payback, per provider."""
     from idlegrid.client.localgrid import find_grid
     from idlegrid.client.sdk import GridAPIError, GridClient
 
@@ -97,6 +104,7 @@ def earnings(
     for col in (
         "provider",
         "earned cr",
+        "by source cr",
         "accrued cr",
         "paid cr",
         "energy kWh",
@@ -113,6 +121,7 @@ def earnings(
         table.add_row(
             r["name"],
             f"{r['earned'] / 1e6:,.6f}",
+            _sources(r.get("income") or {}),
             f"{r['accrued'] / 1e6:,.6f}",
             f"{r['paid'] / 1e6:,.6f}",
             _est(f"{r['kwh']:.4f}", r["energy_estimated"]),

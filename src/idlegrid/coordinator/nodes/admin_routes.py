@@ -98,6 +98,7 @@ async def status(request: Request) -> dict[str, Any]:
     nodes = await svc.db(svc.store.nodes)
     balances = await svc.db(svc.store.balances)
     running = await svc.db(svc.store.running_by_node)
+    worked = await svc.db(svc.store.provider_income)
     view = {
         "nodes": [
             {
@@ -117,10 +118,10 @@ async def status(request: Request) -> dict[str, Any]:
                     for mid, p in n.offers.items()
                 },
                 # Earnings accrue first (forfeitable while audits are open), then are paid out.
+                # Income for work only: the provider account also holds faucet credits.
                 "accrued": balances.get(ledger.accrual_account(n.id), 0),
-                "paid": balances.get(ledger.provider_account(n.id), 0),
-                "earned": balances.get(ledger.accrual_account(n.id), 0)
-                + balances.get(ledger.provider_account(n.id), 0),
+                "paid": worked[n.id].paid if n.id in worked else 0,
+                "earned": worked[n.id].earned if n.id in worked else 0,
             }
             for n in nodes
         ],

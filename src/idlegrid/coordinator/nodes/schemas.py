@@ -96,9 +96,9 @@ class NodeStatus(BaseModel):
     hardware: dict[str, Any]
     engine: dict[str, Any]
     offers: dict[str, ModelPrice]
-    accrued: int
-    paid: int
-    earned: int
+    accrued: int  # work not paid out yet
+    paid: int  # work paid to the provider account, ever (never a mint or stake)
+    earned: int  # net income for work, ever (core/income.py)
 
 
 class GridStatus(BaseModel):
