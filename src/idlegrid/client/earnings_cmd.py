@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
+from idlegrid.client.output import show
 from idlegrid.core import economics
 from idlegrid.core.economics import CardSpec, Period, Prices
 from idlegrid.errors import InvalidRequest
@@ -131,7 +132,7 @@ def earnings(
             _money(e["profit_per_day"]),
             _days(e["payback_days"]),
         )
-    out.print(table)
+    show(table, out)
     out.print(
         f"electricity {kwh_price:g}/kWh · 1 credit = {credit_value:g}"
         + (f" · card {card_price:g}" if card_price is not None else "")
@@ -247,7 +248,7 @@ def estimate(
     table.add_row("electricity / day", _money(report.electricity_per_day))
     table.add_row("profit / day", _money(report.profit_per_day))
     table.add_row("payback", _days(report.payback_days))
-    out.print(table)
+    show(table, out)
     out.print("[yellow]An estimate:[/] " + "; ".join(report.assumptions))
 
 

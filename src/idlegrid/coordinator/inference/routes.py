@@ -217,6 +217,7 @@ async def _serve(
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    await svc.nodes.admit(key_id, sum(bound + max_tokens for _, bound in work))
     if embedding_facts(svc.inference.nodes.cache.values(), model) is not None:
         raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
@@ -349,7 +350,7 @@ async def _sse(
 @router.post(
     "/completions",
     response_model=s.Completion,
-    responses={**s.COMPLETION_RESPONSES, **errors(400, 401, 402, 404, 502, 503)},
+    responses={**s.COMPLETION_RESPONSES, **errors(400, 401, 402, 404, 429, 502, 503)},
 )
 async def completions(body: CompletionRequest, request: Request, response: Response) -> Any:
     """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE]); a list of
@@ -391,7 +392,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 @router.post(
     "/chat/completions",
     response_model=s.ChatCompletion,
-    responses={**s.CHAT_RESPONSES, **errors(400, 401, 402, 404, 502, 503)},
+    responses={**s.CHAT_RESPONSES, **errors(400, 401, 402, 404, 429, 502, 503)},
 )
 async def chat_completions(body: ChatRequest, request: Request, response: Response) -> Any:
     """Chat completion, templated by the serving engine with the model's own chat template."""

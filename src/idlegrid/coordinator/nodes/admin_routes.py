@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from idlegrid.coordinator.deps import (
     is_operator,
@@ -23,7 +23,12 @@ router = APIRouter(prefix="/api/v1", tags=["grid"])
 class NewKey(BaseModel):
     """Body of POST /admin/keys."""
 
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field("consumer", min_length=1, max_length=128)
+    spend_cap: int | None = Field(None, ge=0, description="most µcr the key may ever spend")
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens (prompt + most output) per minute")
 
 
 class Mint(BaseModel):
@@ -40,8 +45,18 @@ async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     """Create a consumer API key; the secret is returned once."""
     require_operator(request)
     svc = services(request)
-    key_id, secret = await svc.db(svc.store.create_api_key, body.name)
+    key_id, secret = await svc.db(
+        svc.store.create_api_key, body.name, body.spend_cap, body.rpm, body.tpm
+    )
     return {"key_id": key_id, "api_key": secret}
+
+
+@router.get("/admin/keys", response_model=s.KeyList, responses=errors(401))
+async def list_keys(request: Request) -> dict[str, Any]:
+    """Every consumer key with its balance, what it has spent, its limits and state."""
+    require_operator(request)
+    svc = services(request)
+    return {"keys": await svc.db(svc.store.api_keys)}
 
 
 @router.post("/admin/keys/{key_id}/revoke", response_model=s.KeyRevoked, responses=errors(401, 404))

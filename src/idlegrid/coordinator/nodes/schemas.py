@@ -50,6 +50,26 @@ class NewKeyCreated(BaseModel):
     api_key: str
 
 
+class KeyInfo(BaseModel):
+    """One consumer key as the operator sees it (never its secret); µcr."""
+
+    key_id: str
+    name: str
+    created_at: Number
+    revoked_at: Number | None
+    spend_cap: int | None
+    rpm: int | None
+    tpm: int | None
+    balance: int
+    spent: int  # deposited less the balance: paid for, or held for open work
+
+
+class KeyList(BaseModel):
+    """GET /admin/keys."""
+
+    keys: list[KeyInfo]
+
+
 class KeyRevoked(BaseModel):
     """POST /admin/keys/{id}/revoke; `changed` is false when it was revoked already."""
 
