@@ -20,7 +20,7 @@ from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 from idlegrid.client.output import show
 
 keys_app = typer.Typer(no_args_is_help=True)
-out = Console()
+out = Console(soft_wrap=True)
 MICRO = 1_000_000
 
 
