@@ -441,6 +441,7 @@ class Inference:
         if payload.get("seed") is None:
             payload["seed"] = derive_seed(task_id)
         target = routing.choose(cands)
+        self.hub.note_routed(target.node_id if target else None)
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
