@@ -24,6 +24,9 @@ def _logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        # One httpx line per heartbeat was 83% of a provider's log; failures still show.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def coordinator(

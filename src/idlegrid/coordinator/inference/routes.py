@@ -220,6 +220,9 @@ async def _serve(
     await svc.nodes.admit(key_id, sum(bound + max_tokens for _, bound in work))
     if embedding_facts(svc.inference.nodes.cache.values(), model) is not None:
         raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
+    # The request id reaches the provider with the task: its log lines for it carry it.
+    rid = getattr(request.state, "request_id", None)
+    work = [({**payload, "request_id": rid}, bound) for payload, bound in work]
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
     shape = _Shape(kind, task_ids[0], model, logprobs, calls)
@@ -240,17 +243,19 @@ async def _serve(
     done: dict[int, TaskView] = {}
     ended: set[int] = set()
     events = fanout.interleave(svc.inference, [st for _, st in handles])
+    first_s: float | None = None
     try:
         async for k, event in events:
             if event.kind == "pieces":
-                if not any(parts):
-                    svc.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                if first_s is None:
+                    first_s = time.perf_counter() - started
+                    svc.metrics.ttft.labels(model).observe(first_s)
                 parts[k].extend(text for _, text in event.pieces)
                 lps[k].extend(event.data.get("logprobs") or ())
             elif event.kind == "done":
                 ended.add(k)
                 done[k] = event.data["task"]
-                _count(svc, model, done[k], "ok")
+                _count(svc, model, done[k], "ok", started, first_s)
             else:
                 ended.add(k)
                 svc.metrics.requests.labels(model, "failed").inc()
@@ -273,7 +278,12 @@ async def _close(svc: Services, handles: list[tuple[str, TaskStream]], ended: se
             svc.inference.hub.close(task_id)
 
 
-def _count(svc: Services, model: str, task: TaskView, outcome: str) -> None:
+def _count(
+    svc: Services, model: str, task: TaskView, outcome: str, started: float, first_s: float | None
+) -> None:
+    svc.metrics.observe_answer(
+        model, task.node_id, time.perf_counter() - started, task.output_tokens, first_s
+    )
     svc.metrics.requests.labels(model, outcome).inc()
     svc.metrics.tokens.labels(model, "prompt").inc(task.prompt_tokens)
     svc.metrics.tokens.labels(model, "output").inc(task.output_tokens)
@@ -298,20 +308,20 @@ async def _sse(
         if shape.kind == "chat":
             for k in range(len(handles)):
                 yield _sse_line(shape.chunk(k, "", None, first=True))
-        first = True
+        first_s: float | None = None
         async for k, event in events:
             if event.kind == "pieces":
                 text = "".join(t for _, t in event.pieces)
-                if first:
-                    svc.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
-                    first = False
+                if first_s is None:
+                    first_s = time.perf_counter() - started
+                    svc.metrics.ttft.labels(shape.model).observe(first_s)
                 for chunk in shape.pieces(k, text, event.data.get("logprobs")):
                     yield _sse_line(chunk)
             elif event.kind == "done":
                 ended.add(k)
                 task: TaskView = event.data["task"]
                 done.append(task)
-                _count(svc, shape.model, task, "ok")
+                _count(svc, shape.model, task, "ok", started, first_s)
                 tail = None if shape.kind == "chat" else ""
                 finish: Any = task.finish_reason
                 if k in shape.streams:
