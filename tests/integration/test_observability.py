@@ -81,8 +81,10 @@ def test_metrics_have_latency_histograms_by_provider_statuses_queue_and_process(
     with httpx.Client(trust_env=False) as c:
         text = c.get(f"{coordinator.url}/metrics").text
     labels = f'model="{MODEL}",provider="{node_id}"'
-    assert f"idlegrid_e2e_request_latency_seconds_count{{{labels}}} 2.0" in text
-    assert f"idlegrid_time_per_output_token_seconds_count{{{labels}}} 2.0" in text
+    assert f'idlegrid_e2e_request_latency_seconds_count{{model="{MODEL}"}} 2.0' in text
+    assert f'idlegrid_time_per_output_token_seconds_count{{model="{MODEL}"}} 2.0' in text
+    assert f"idlegrid_provider_e2e_request_latency_seconds_count{{{labels}}} 2.0" in text
+    assert "_created" not in text  # no second series per counter
     route = 'method="POST",route="/v1/completions"'
     assert f'idlegrid_http_responses_total{{{route},status="200"}} 2.0' in text
     assert f'idlegrid_http_responses_total{{{route},status="404"}} 1.0' in text
