@@ -141,3 +141,17 @@ def test_keys_need_the_operator_key(grid: Grid, tmp_path: Path) -> None:
     )
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "HTTP 401" in res.output
+
+
+def test_limits_change_on_a_live_key(grid: Grid) -> None:
+    made = _create(grid, "--rpm", "1")
+    with grid.client(made["api_key"]) as c:
+        c.completions.create(model=MODEL, prompt="one", max_tokens=2)
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(model=MODEL, prompt="two", max_tokens=2)
+        res = grid.cli("keys", "limit", made["key_id"], "--lift", "rpm", "--tpm", "500", "--json")
+        assert res.exit_code == 0, res.output
+        assert (json.loads(res.stdout)["rpm"], json.loads(res.stdout)["tpm"]) == (None, 500)
+        c.completions.create(model=MODEL, prompt="three", max_tokens=2)  # no rpm any more
+    bad = grid.cli("keys", "limit", "key_nobody", "--rpm", "3")
+    assert bad.exit_code == 1 and "no API key key_nobody" in bad.output

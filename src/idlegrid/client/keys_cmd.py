@@ -123,6 +123,46 @@ def list_keys(
 
 
 @keys_app.command()
+def limit(
+    key_id: Annotated[str, typer.Argument(help="The key id (key_…).")],
+    data_dir: DataDir,
+    coordinator_url: CoordinatorUrl = None,
+    spend_cap: SpendCap = None,
+    rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute.")] = None,
+    lift: Annotated[
+        list[str] | None,
+        typer.Option("--lift", help="Remove a limit: spend-cap, rpm or tpm (repeatable)."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a key's spend cap or rate limits; limits not named stay as they are."""
+    body: dict[str, int | None] = {}
+    for name in lift or []:
+        field = name.replace("-", "_")
+        if field not in ("spend_cap", "rpm", "tpm"):
+            raise typer.BadParameter("one of spend-cap, rpm, tpm", param_hint="--lift")
+        body[field] = None
+    if spend_cap is not None:
+        body["spend_cap"] = round(spend_cap * MICRO)
+    if rpm is not None:
+        body["rpm"] = rpm
+    if tpm is not None:
+        body["tpm"] = tpm
+    if not body:
+        raise typer.BadParameter("name a limit to set or --lift", param_hint="--rpm")
+    with _operator(coordinator_url, data_dir) as c:
+        k = c.set_key_limits(key_id, body)
+    if as_json:
+        out.print_json(json.dumps(k))
+        return
+    out.print(
+        f"{key_id}: spend cap {_credits(k['spend_cap'])} cr, rpm {k['rpm'] or '—'}, "
+        f"tpm {k['tpm'] or '—'}"
+    )
+
+
+@keys_app.command()
 def revoke(
     key_id: Annotated[str, typer.Argument(help="The key id (key_…), not the secret.")],
     data_dir: DataDir,

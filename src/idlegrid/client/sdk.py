@@ -124,6 +124,10 @@ class GridClient:
         keys: list[dict[str, Any]] = self._json(self.http.get("/api/v1/admin/keys"))["keys"]
         return keys
 
+    def set_key_limits(self, key_id: str, limits: dict[str, int | None]) -> dict[str, Any]:
+        """Replace the named limits of a key (operator); None lifts one."""
+        return self._json(self.http.post(f"/api/v1/admin/keys/{key_id}/limits", json=limits))
+
     def revoke_key(self, key_id: str) -> dict[str, Any]:
         """Revoke a consumer key (operator)."""
         return self._json(self.http.post(f"/api/v1/admin/keys/{key_id}/revoke"))

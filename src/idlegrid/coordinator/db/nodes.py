@@ -201,6 +201,16 @@ class NodeStore:
             ).first()
         return (row[0], row[1], row[2]) if row else (None, None, None)
 
+    def set_key_limits(self, key_id: str, limits: dict[str, int | None]) -> None:
+        """Replace the named limits of a key (NotFound if there is none)."""
+        with self.tx() as s:
+            key = s.get(ApiKey, key_id, with_for_update=True)
+            if key is None:
+                raise NotFound(f"no API key {key_id}", key_id=key_id)
+            for name in ("spend_cap", "rpm", "tpm"):
+                if name in limits:
+                    setattr(key, name, limits[name])
+
     def key_spent(self, key_id: str) -> int:
         """µcr a key has spent or holds in escrow: what was deposited less its balance."""
         with self.read() as s:

@@ -59,6 +59,29 @@ async def list_keys(request: Request) -> dict[str, Any]:
     return {"keys": await svc.db(svc.store.api_keys)}
 
 
+class KeyLimitsBody(BaseModel):
+    """Body of POST /admin/keys/{id}/limits: each field given replaces that limit; null
+    lifts it; a field left out is kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spend_cap: int | None = Field(None, ge=0, description="most µcr the key may ever spend")
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens (prompt + most output) per minute")
+
+
+@router.post(
+    "/admin/keys/{key_id}/limits", response_model=s.KeyInfo, responses=errors(400, 401, 404)
+)
+async def set_key_limits(key_id: str, body: KeyLimitsBody, request: Request) -> dict[str, Any]:
+    """Change a key's spend cap or rate limits (seen by every coordinator within 30 s)."""
+    require_operator(request)
+    svc = services(request)
+    await svc.db(svc.store.set_key_limits, key_id, body.model_dump(exclude_unset=True))
+    svc.nodes.forget_limits(key_id)
+    return next(k for k in await svc.db(svc.store.api_keys) if k["key_id"] == key_id)
+
+
 @router.post("/admin/keys/{key_id}/revoke", response_model=s.KeyRevoked, responses=errors(401, 404))
 async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
     """Revoke a consumer API key: refused from now on (its balance stays in the ledger)."""

@@ -242,6 +242,10 @@ class Nodes:
                 raise SpendCapReached(key_id, limits.spend_cap, spent)
         self.limiter.admit(key_id, limits, tokens)
 
+    def forget_limits(self, key_id: str) -> None:
+        """Drop a key's cached limits: they changed here."""
+        self._limits.pop(key_id, None)
+
     async def revoke_key(self, key_id: str) -> bool:
         """Revoke an API key: its requests are refused from now on."""
         changed = await self.ctx.db(self.store.revoke_api_key, key_id)
