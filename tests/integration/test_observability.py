@@ -51,6 +51,7 @@ def test_a_request_id_is_returned_logged_and_reaches_the_provider(
 ) -> None:
     coordinator, api_key, _ = grid
     caplog.set_level(logging.INFO, logger="idlegrid")
+    caplog.set_level(logging.DEBUG, logger="idlegrid.access")
     with openai.OpenAI(base_url=f"{coordinator.url}/v1", api_key=api_key, max_retries=0) as client:
         fresh = client.completions.with_raw_response.create(model=MODEL, prompt="a", max_tokens=3)
         assert fresh.headers["x-request-id"].startswith("req_")
@@ -62,8 +63,13 @@ def test_a_request_id_is_returned_logged_and_reaches_the_provider(
     with httpx.Client(trust_env=False) as c:
         odd = c.get(f"{coordinator.url}/healthz", headers={"x-request-id": "a b\tc" * 30})
     assert odd.headers["x-request-id"].startswith("req_")  # not a plain short token: replaced
-    access = [r.getMessage() for r in caplog.records if r.name == "idlegrid.access"]
-    assert any("POST /v1/completions 200" in m and m.endswith("trace-42") for m in access)
+    access = [r for r in caplog.records if r.name == "idlegrid.access"]
+    assert any(
+        "POST /v1/completions 200" in r.getMessage() and r.getMessage().endswith("trace-42")
+        for r in access
+    )
+    beats = [r for r in access if "/api/v1/nodes/heartbeat" in r.getMessage()]
+    assert beats and all(r.levelno == logging.DEBUG for r in beats)  # routine: not at INFO
     agent_lines = [r.getMessage() for r in caplog.records if r.name.startswith("idlegrid.agent")]
     assert any("request_id=trace-42" in m for m in agent_lines), agent_lines
 

@@ -23,6 +23,7 @@ from idlegrid.coordinator.metrics import Metrics
 
 log = logging.getLogger("idlegrid.access")
 HEADER = "x-request-id"
+_ROUTINE = frozenset({"/api/v1/nodes/heartbeat", "/api/v1/work/poll", "/healthz", "/readyz"})
 _ACCEPTED = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # The request being served, for log lines and for the task the gateway creates.
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -76,7 +77,10 @@ class RequestIds:
             metrics = _metrics(scope)
             if metrics is not None:
                 metrics.responses.labels(_route(scope), scope["method"], str(status)).inc()
-            log.info(
+            # A provider's heartbeats and polls come every few seconds: debug, unless they fail.
+            quiet = scope["path"] in _ROUTINE and status < 400
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "%s %s %s %d %.1fms %s",
                 _client(scope),
                 scope["method"],
