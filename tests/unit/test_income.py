@@ -51,3 +51,30 @@ def test_an_unknown_kind_of_entry_is_reported_as_other_not_dropped() -> None:
     assert income.source_of("anything", memo="mint") is None
     assert income.owner_of("stake:n1:RTX-4090") == "n1"
     assert income.owner_of("consumer:k") is None
+
+
+def test_totals_from_balances_agree_with_the_tally_of_every_posting() -> None:
+    from idlegrid.core.ledger import apply
+
+    fee = trust_entries.verifier_pay("a1", "n1", 300, pool_balance=1_000)
+    assert fee is not None
+    history = [
+        mint("mint:faucet", "provider:n1", 20_000_000, Cause("deposit", "f")),
+        mint("mint:k", "consumer:k", 1_000_000, Cause("deposit", "k")),
+        market.stake("s1", "n1", "CPU", 5_000_000),
+        request_settlement(
+            "r1", "consumer:k", 10_000, [Share("n1", 0, 100, Price(0, 40_000_000))], 0
+        ),
+        market.payout("b1", {"n1": 3_000}),
+        fee,
+        market.slash("sl1", "n1", "CPU", 2_000, {}),
+    ]
+    balances: dict[str, int] = {"system:fees": 1_000, "system:escrow": 10_000}
+    for e in history:
+        balances = apply(balances, e)
+    deposits = {"provider:n1": 20_000_000}
+    total = income.totals(balances, deposits)["n1"]
+    tallied = income.tally(_postings(*history))["n1"]
+    assert total.earned == tallied.earned == 4_000 + 300 - 2_000
+    # All time, "paid" is what no longer waits in accrual: 1,000 of the 4,000 still does.
+    assert total.paid == total.earned - balances["accrual:n1"] == 1_300

@@ -10,7 +10,7 @@ which every ledger constructor in core/ sets; a mint is also recognised by its m
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 TOKENS = "tokens"
@@ -20,6 +20,7 @@ VERIFIER_FEES = "verifier fees"
 PENALTIES = "penalties"
 OTHER = "other"
 SOURCES = (TOKENS, SECONDS, STEPS, VERIFIER_FEES, PENALTIES, OTHER)
+ALL = "all"  # `totals`: every source together
 
 # Key prefix -> source. Prefixes absent here and from NOT_INCOME count as OTHER, so a new
 # kind of entry shows up in the report instead of vanishing from it.
@@ -98,4 +99,24 @@ def tally(postings: Iterable[tuple[str, str, str, int]]) -> dict[str, Income]:
             inc.paid += amount
         if source is not None:
             inc.by_source[source] = inc.by_source.get(source, 0) + amount
+    return out
+
+
+def totals(balances: Mapping[str, int], deposited: Mapping[str, int]) -> dict[str, Income]:
+    """All-time income per node from balances alone: what its accounts hold, less what
+    was deposited into them (mints). Stake, unstake and payouts move credits between a
+    node's own accounts and cancel out; every other entry that touches them is work or a
+    penalty, so the total is exact though not split by source (`by_source` holds it under
+    "all"). `paid` is whatever no longer waits in accrual. No ledger scan: `tally` over
+    every posting ever made gives the same total at about 5 µs a posting."""
+    out: dict[str, Income] = {}
+    for sign, amounts in ((1, balances), (-1, deposited)):
+        for account, amount in amounts.items():
+            node = owner_of(account)
+            if node is None or (sign < 0 and node not in out):
+                continue
+            inc = out.setdefault(node, Income())
+            inc.by_source[ALL] = inc.by_source.get(ALL, 0) + sign * amount
+            if not account.startswith("accrual:"):
+                inc.paid += sign * amount
     return out

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard import queries
-from idlegrid.core import energy, telemetry
+from idlegrid.core import energy, income, telemetry
 from idlegrid.core.ledger import FEES, MICRO
 from idlegrid.errors import InvalidRequest
 
@@ -169,7 +169,7 @@ class Dashboard:
         for row in queries.attempt_energy(store, 0.0):
             per_model.setdefault(row["node_id"], []).append(row)
         used = energy_by_node(store, ctx.now - ENERGY_WINDOW_S)
-        worked = store.provider_income()
+        worked = income.totals(ctx.balances, store.deposits())
         rows = []
         for n in ctx.nodes:
             live = n.state != "gone" and n.last_seen >= ctx.live_cutoff

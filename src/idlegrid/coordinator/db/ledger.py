@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerHead, LedgerPosting, table
@@ -167,6 +167,26 @@ class LedgerStore:
                 )
             ).all()
         return income.tally((k, m or "", a, int(v)) for k, m, a, v in rows)
+
+    def deposits(self) -> dict[str, int]:
+        """µcr minted into each provider, accrual or stake account, ever (`mint:` keys, read
+        through the key's unique index rather than a scan of the ledger)."""
+        with self.read() as s:
+            rows = s.execute(
+                select(_POST.account, func.sum(_POST.amount))
+                .select_from(table(LedgerPosting))
+                .join(table(LedgerEntry), _ENT.seq == _POST.entry_seq)
+                .where(
+                    _ENT.key >= "mint:",
+                    _ENT.key < "mint;",
+                    _ENT.memo == "mint",
+                    _POST.account.like("provider:%")
+                    | _POST.account.like("accrual:%")
+                    | _POST.account.like("stake:%"),
+                )
+                .group_by(_POST.account)
+            ).all()
+        return {a: int(v or 0) for a, v in rows}
 
     def verify_ledger(self) -> list[str]:
         """Recompute the hash chain and every balance; return the problems found (none: [])."""

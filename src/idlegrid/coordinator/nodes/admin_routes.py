@@ -14,7 +14,7 @@ from idlegrid.coordinator.deps import (
 )
 from idlegrid.coordinator.nodes import schemas as s
 from idlegrid.coordinator.schemas import errors
-from idlegrid.core import ledger
+from idlegrid.core import income, ledger
 from idlegrid.errors import InvalidRequest
 
 router = APIRouter(prefix="/api/v1", tags=["grid"])
@@ -136,7 +136,7 @@ async def status(request: Request) -> dict[str, Any]:
     nodes = await svc.db(svc.store.nodes)
     balances = await svc.db(svc.store.balances)
     running = await svc.db(svc.store.running_by_node)
-    worked = await svc.db(svc.store.provider_income)
+    worked = income.totals(balances, await svc.db(svc.store.deposits))
     view = {
         "nodes": [
             {
