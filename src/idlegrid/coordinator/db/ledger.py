@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerHead, LedgerPosting, table
@@ -169,24 +169,26 @@ class LedgerStore:
         return income.tally((k, m or "", a, int(v)) for k, m, a, v in rows)
 
     def deposits(self) -> dict[str, int]:
-        """µcr minted into each provider, accrual or stake account, ever (`mint:` keys, read
-        through the key's unique index rather than a scan of the ledger)."""
+        """µcr minted into each provider, accrual or stake account, ever: the mint entries
+        first (one pass over the entries), then only their postings."""
         with self.read() as s:
-            rows = s.execute(
-                select(_POST.account, func.sum(_POST.amount))
-                .select_from(table(LedgerPosting))
-                .join(table(LedgerEntry), _ENT.seq == _POST.entry_seq)
-                .where(
-                    _ENT.key >= "mint:",
-                    _ENT.key < "mint;",
-                    _ENT.memo == "mint",
-                    _POST.account.like("provider:%")
-                    | _POST.account.like("accrual:%")
-                    | _POST.account.like("stake:%"),
-                )
-                .group_by(_POST.account)
-            ).all()
-        return {a: int(v or 0) for a, v in rows}
+            # LIKE, not a key range: under PostgreSQL's locale collations punctuation does
+            # not order as in C, and a range would miss keys.
+            seqs = list(
+                s.scalars(select(_ENT.seq).where(_ENT.memo == "mint", _ENT.key.like("mint:%")))
+            )
+            out: dict[str, int] = {}
+            for i in range(0, len(seqs), 500):
+                for account, amount in s.execute(
+                    select(_POST.account, _POST.amount).where(
+                        _POST.entry_seq.in_(seqs[i : i + 500]),
+                        _POST.account.like("provider:%")
+                        | _POST.account.like("accrual:%")
+                        | _POST.account.like("stake:%"),
+                    )
+                ):
+                    out[account] = out.get(account, 0) + int(amount)
+        return out
 
     def verify_ledger(self) -> list[str]:
         """Recompute the hash chain and every balance; return the problems found (none: [])."""
