@@ -44,13 +44,20 @@ def test_sequential_requests_spread_over_an_idle_two_provider_grid(
         with openai.OpenAI(
             base_url=f"{coordinator.url}/v1", api_key=key["api_key"], max_retries=0
         ) as client:
+            routes = []
             for i in range(6):  # one at a time: the grid is idle before each
-                client.completions.create(model=MODEL, prompt=f"turn {i}", max_tokens=4)
+                raw = client.completions.with_raw_response.create(
+                    model=MODEL, prompt=f"turn {i}", max_tokens=4
+                )
+                routes.append(raw.headers["x-idlegrid-route"])
         store = coordinator.app.state.services.store
         served = [t["node_id"] for t in queries.finished_tasks(store, 0.0)]
         assert len(served) == 6
         counts = sorted(served.count(n) for n in set(served))
         assert counts == [3, 3], served  # each provider took every other request
+        # Each answer says where it was routed and why: a tie, broken by least recent use.
+        assert all("tie among 2" in r and "least recently used" in r for r in routes), routes
+        assert [r.split(":")[0] for r in routes] == [n[:12] for n in served[::-1]]
     finally:
         for a in agents:
             a.stop()

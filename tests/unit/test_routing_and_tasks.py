@@ -57,6 +57,17 @@ def test_equally_good_providers_take_turns_least_recently_used_first() -> None:
     assert choose([replace(a, last_routed=9), busy]).node_id == "a"  # type: ignore[union-attr]
 
 
+def test_each_choice_has_a_reason() -> None:
+    from idlegrid.core.routing import reason
+
+    a, b = c("a"), c("b", in_flight=1, slots=2)
+    assert reason([a, b], choose([a, b])) == "least loaded of 2"
+    assert reason([c("a"), c("b")], c("a")).startswith("tie among 2")
+    assert reason([c("a"), c("dear", price=40)], c("a")) == "best cost/reliability of 2"
+    assert reason([c("a", 1, 1)], None) == "queued: all 1 provider(s) busy"
+    assert reason([a], a) == "only provider with a free slot"
+
+
 def test_full_providers_leave_work_in_the_shared_queue() -> None:
     assert choose([c("a", 1, 1), c("b", 2, 2)]) is None
     assert choose([c("a", 1, 2)], exclude=frozenset({"a"})) is None

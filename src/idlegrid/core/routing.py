@@ -60,15 +60,41 @@ def rank(candidates: Iterable[Candidate], exclude: frozenset[str] = frozenset())
     """Candidates best first: lowest load, then lowest score (within `TIE` of the best at
     that load counts as a tie), then least recently used, then highest speed, then id."""
     pool = [c for c in candidates if c.node_id not in exclude]
-    best: dict[float, float] = {}
-    for c in pool:
-        best[c.load] = min(best.get(c.load, c.score), c.score)
+    best = _best_scores(pool)
 
     def key(c: Candidate) -> tuple[float, float, int, float, str]:
-        score = 0.0 if c.score <= best[c.load] * (1 + TIE) else c.score
+        score = 0.0 if _near(c, best) else c.score
         return (c.load, score, c.last_routed, -c.decode_tps, c.node_id)
 
     return sorted(pool, key=key)
+
+
+def _best_scores(pool: list[Candidate]) -> dict[float, float]:
+    best: dict[float, float] = {}
+    for c in pool:
+        best[c.load] = min(best.get(c.load, c.score), c.score)
+    return best
+
+
+def _near(c: Candidate, best: dict[float, float]) -> bool:
+    return c.score <= best[c.load] * (1 + TIE)
+
+
+def reason(candidates: Iterable[Candidate], chosen: Candidate | None) -> str:
+    """Why `chosen` got a request, in a few words (the `x-idlegrid-route` header)."""
+    pool = list(candidates)
+    if chosen is None:
+        return f"queued: all {len(pool)} provider(s) busy" if pool else "queued: no provider"
+    free = [c for c in pool if c.has_free_slot]
+    if len(free) == 1:
+        return "only provider with a free slot"
+    if any(c.load > chosen.load for c in free):
+        return f"least loaded of {len(free)}"
+    best = _best_scores(pool)
+    tied = [c for c in free if c.load == chosen.load and _near(c, best)]
+    if len(tied) > 1:
+        return f"tie among {len(tied)} within {TIE:.0%} on cost/reliability: least recently used"
+    return f"best cost/reliability of {len(free)}"
 
 
 def choose(

@@ -33,6 +33,7 @@ class TaskStream:
     last_progress: float = 0.0
     node_id: str | None = None  # the provider holding the current attempt
     target: str | None = None  # the provider it was routed to, until one claims it
+    route: str = ""  # why it was routed there (core/routing.reason)
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     # Serialises uploads, finish and hand-over of one task, so each sees a settled attempt.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -200,6 +200,7 @@ def _price_cap(svc: Services, body: Any) -> Price:
 
 
 TASKS_HEADER = "X-Idlegrid-Tasks"  # the grid task of each choice, by index
+ROUTE_HEADER = "X-Idlegrid-Route"  # where each choice was routed first, and why
 
 
 async def _serve(
@@ -225,6 +226,7 @@ async def _serve(
     work = [({**payload, "request_id": rid}, bound) for payload, bound in work]
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
+    route = " | ".join(f"{(st.node_id or st.target or '-')[:12]}: {st.route}" for _, st in handles)
     shape = _Shape(kind, task_ids[0], model, logprobs, calls)
     shape.streams = {k: tools.DeltaStream(t) for k, t in enumerate(task_ids)} if calls else {}
     started = time.perf_counter()
@@ -236,6 +238,7 @@ async def _serve(
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
                 TASKS_HEADER: ",".join(task_ids),
+                ROUTE_HEADER: route,
             },
         )
     parts: list[list[str]] = [[] for _ in handles]
@@ -265,6 +268,7 @@ async def _serve(
             await events.aclose()
         await _close(svc, handles, ended)
     response.headers[TASKS_HEADER] = ",".join(task_ids)
+    response.headers[ROUTE_HEADER] = route
     return shape.whole([("".join(parts[k]), done[k], lps[k]) for k in range(len(handles))])
 
 
