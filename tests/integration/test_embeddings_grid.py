@@ -212,3 +212,25 @@ def test_cheaper_models_vectors_fail_their_audit_and_are_slashed(grid) -> None:
     assert me["ejected"] and me["failed"] == 1  # a failure in probation ejects
     assert st["balances"].get(ledger.stake_account(nodes["provider"], "cpu"), 0) == 0
     assert st["trust"]["nodes"][nodes["verifier"]]["failed"] == 0
+
+
+def test_embedding_answers_get_canaries_an_honest_verifier_rejects(grid, monkeypatch) -> None:
+    """A turned vector in a consistent blob: the honest verifier's recomputation misses it,
+    so the canary fails as built; nobody is slashed (a verifier that approved it would be)."""
+    monkeypatch.setenv("IDLEGRID_TRUST_CANARY_RATE", "1.0")
+    coord, key, nodes = grid(MiniLMEngine(threads=1))
+    with _client(coord, key) as client:
+        for text in TEXTS[:2]:
+            client.embeddings.create(model=MODEL_ID, input=[text])
+
+    def canaries() -> list[dict]:
+        with coord.admin() as c:
+            return [a for a in c.get("/api/v1/audits").json()["audits"] if a["canary"]]
+
+    _wait(lambda: len(canaries()) == 2 and all(a["state"] != "pending" for a in canaries()))
+    assert all(a["state"] == "failed" and a["id"].startswith("aud-") for a in canaries())
+    st = _status(coord)
+    v, p = (st["trust"]["nodes"][nodes[n]] for n in ("verifier", "provider"))
+    assert v["verifier_failed"] == 0 and not v["ejected"], v
+    assert p["failed"] == 0 and not p["ejected"], p
+    assert st["balances"][ledger.stake_account(nodes["verifier"], "cpu")] == STAKE

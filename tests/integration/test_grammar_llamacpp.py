@@ -186,3 +186,41 @@ def test_openai_parse_on_a_grid_returns_a_validated_object_and_audits_pass(
         for a in audits():
             assert a["state"] == "passed", a["verdict"]
             assert a["node_id"] == nodes["provider"]
+
+
+class _OtherGrammarVersion(LlamaCppEngine):
+    """A verifier whose grammar engine is another version than the provider's."""
+
+    def describe(self) -> dict:
+        return {**super().describe(), "grammar": "llguidance/0.0.0"}
+
+
+def test_a_verifier_with_another_grammar_engine_version_is_not_drawn(
+    tmp_path: Path, engine
+) -> None:
+    """Another llguidance may mask differently, failing an honest answer: a constrained
+    answer waits for a verifier of its own version; an unconstrained one does not."""
+    verifier = _OtherGrammarVersion(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
+    with provider_and_verifier(tmp_path, engine, verifier) as (_, http, _key, client):
+        messages = [{"role": "user", "content": "A person as JSON."}]
+        fmt = type_to_response_format_param(Person)
+        bound = client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=messages,
+            response_format=fmt,
+            max_tokens=24,  # type: ignore[arg-type]
+        )
+        plain = client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=messages,
+            max_tokens=8,  # type: ignore[arg-type]
+        )
+        tasks = {r.id for r in (bound, plain)}
+
+        def audits() -> dict[str, dict]:
+            got = http.get("/api/v1/audits").json()["audits"]
+            return {a["task_id"]: a for a in got if not a["canary"] and a["task_id"] in tasks}
+
+        _wait(lambda: audits().get(plain.id, {}).get("state") == "passed")
+        waiting = audits()[bound.id]
+        assert waiting["state"] == "pending" and waiting["verifier_id"] is None, waiting

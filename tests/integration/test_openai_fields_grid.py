@@ -85,6 +85,11 @@ def _ok(_: httpx.Response) -> None:
     pass
 
 
+def _echoed(r: httpx.Response) -> None:
+    text = r.json()["choices"][0]["text"]
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT), text
+
+
 def _text_answer(r: httpx.Response) -> None:
     choice = r.json()["choices"][0]
     assert isinstance(choice["message"]["content"], str) and not choice["message"]["tool_calls"]
@@ -153,6 +158,7 @@ HONOURED: dict[str, tuple[dict[str, Any], Check]] = {
     "max_price": ({"max_price": {"prompt": 1000, "output": 1000}}, _ok),
     "messages": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}, _ok),
     "prompt": ({"prompt": [PROMPT, "second"]}, _two_prompts),
+    "echo": ({"echo": True}, _echoed),
     "logprobs": ({"logprobs": {"chat": True, "completions": 0}}, _logprobs),
     "top_logprobs": ({"logprobs": True, "top_logprobs": 3}, _top3),
     "logit_bias": ({"logit_bias": {BANNED: 100}}, _biased),
@@ -210,7 +216,6 @@ REFUSED: dict[str, Any] = {
     "verbosity": "low",
     "moderation": {"model": "omni-moderation-latest"},
     "best_of": 3,
-    "echo": True,
     "suffix": "tail",
 }
 CASES = [(ep, name) for ep, table in TABLE.items() for name in sorted(table)]
@@ -291,10 +296,41 @@ def test_unknown_fields_are_a_400_naming_them(grid: Grid, endpoint: str) -> None
 
 
 @pytest.mark.parametrize("prompt", ["p", ["p"], ["p", "q"]])
-def test_echo_and_suffix_are_refused_for_every_prompt_shape(grid: Grid, prompt: Any) -> None:
-    for name, value in (("echo", True), ("suffix", "s")):
-        r = _post(grid, "completions", {"prompt": prompt, name: value})
-        assert r.status_code == 400 and r.json()["error"]["param"] == name
+def test_suffix_is_refused_for_every_prompt_shape(grid: Grid, prompt: Any) -> None:
+    r = _post(grid, "completions", {"prompt": prompt, "suffix": "s"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+
+
+@pytest.mark.parametrize("prompt", ["p", ["p"], ["p", "q"]])
+def test_echo_puts_each_prompt_before_its_choices_text(grid: Grid, prompt: Any) -> None:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    plain = _post(grid, "completions", {"prompt": prompt, "n": 2})
+    echoed = _post(grid, "completions", {"prompt": prompt, "n": 2, "echo": True})
+    assert plain.status_code == echoed.status_code == 200, echoed.text
+    want = [prompts[i // 2] + c["text"] for i, c in enumerate(plain.json()["choices"])]
+    assert [c["text"] for c in echoed.json()["choices"]] == want
+    assert echoed.json()["usage"] == plain.json()["usage"]  # the echo is not billed
+
+
+def test_echo_streams_the_prompt_first(grid: Grid) -> None:
+    with grid.client() as client:
+        kw: dict[str, Any] = {**BASE["completions"], "stream": True}
+        plain = "".join(c.choices[0].text for c in client.completions.create(**kw) if c.choices)
+        chunks = [c for c in client.completions.create(**kw, echo=True) if c.choices]
+    assert chunks[0].choices[0].text == PROMPT
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT + plain
+
+
+@pytest.mark.parametrize(("extra", "why"), [({"logprobs": 1}, "logprobs"), ({}, "boolean")])
+def test_echo_with_logprobs_or_not_a_boolean_is_a_400(
+    grid: Grid, extra: dict[str, Any], why: str
+) -> None:
+    before = len(grid.entries())
+    r = _post(grid, "completions", {"echo": True if extra else "yes", **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "echo" and why in error["message"], error
+    assert len(grid.entries()) == before
 
 
 @pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2], [3]], [], ["a", 1]])

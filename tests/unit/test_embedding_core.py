@@ -90,3 +90,35 @@ def test_report_round_trips() -> None:
     with pytest.raises(InvalidRequest) as exc:
         emb.decode_report(b"\x01\x00x" + emb.MAGIC)
     assert exc.value.param == "report"
+
+
+def test_a_values_canary_fails_a_recomputation_and_passes_an_echo() -> None:
+    c = _commit(_vectors(d=384))
+    canary = emb.tamper(c)
+    back = emb.decode(canary.encode())  # a consistent blob: its hash is its vectors'
+    assert back.header.vectors_hash == emb.vectors_hash(back.vectors)
+    assert back.header.context_hashes == c.header.context_hashes
+    assert np.allclose(np.linalg.norm(back.vectors, axis=1), 1.0, atol=1e-6)
+    assert np.array_equal(back.vectors[1:], c.vectors[1:])  # only the first vector turned
+    honest = emb.judge(back, _report(c, c.vectors), TOL)
+    assert not honest.passed and honest.first_bad_chunk == 0
+    lazy = emb.judge(back, _report(c, back.vectors), TOL)  # echoes what it was given
+    assert lazy.passed
+    assert emb.tamper(c).encode() == canary.encode()  # the same answer, the same canary
+
+
+def test_no_embedding_commitment_reads_as_constrained() -> None:
+    """`peek_constrained` once parsed an embedding blob as an answer's head: for some models
+    and vectors (1.5% here) its bytes said "grammar", so a redraw found no verifier able to
+    replay one and the audit stayed pending for ever."""
+    from idlegrid.core.trust import commitment as cm
+
+    for model in ("all-minilm:l6-v2", "sentence-transformers/all-MiniLM-L6-v2", "x"):
+        for n in (1, 2, 3):
+            for seed in range(60):
+                v = _vectors(n=n, d=384, seed=seed)
+                c = emb.build(model, CLASS, [[101, 7 + i, 102] for i in range(n)], v)
+                for blob in (c.encode(), emb.tamper(c).encode()):
+                    assert emb.is_embedding(blob)
+                    assert cm.peek_class(blob) == CLASS
+                    assert not cm.peek_constrained(blob), (model, n, seed)

@@ -160,6 +160,9 @@ def test_the_grammar_is_committed_and_old_commitments_are_unchanged() -> None:
     back = cm.decode(bound.encode())
     assert back == bound and back.header.constraint == con
     assert cm.peek_constrained(bound.encode())
+    # The draw matches verifiers on the grammar engine's version, read without decoding.
+    assert cm.peek_grammar_engine(bound.encode()) == "llguidance/1.9.1"
+    assert cm.peek_grammar_engine(plain.encode()) is None
     # The digest the beacon hashes covers the grammar; the unconstrained encoding is as before.
     assert plain.header.digest() != bound.header.digest()
     assert len(bound.header.encode()) == len(plain.header.encode()) + 32 + 2 + 16

@@ -58,7 +58,6 @@ def test_unknown_fields_are_refused_by_name() -> None:
         (fields.CHAT, "functions", [], [{"name": "f"}]),
         (fields.CHAT, "function_call", "none", "auto"),
         (fields.CHAT, "modalities", ["text"], ["text", "audio"]),
-        (fields.COMPLETIONS, "echo", False, True),
         (fields.COMPLETIONS, "suffix", "", "tail"),
     ],
 )

@@ -112,7 +112,9 @@ COMPLETIONS: dict[str, Rule] = {
     **_SHARED,
     "prompt": Rule(H, "a string or a list of strings; token ids are refused"),
     "best_of": Rule(R, "only best_of = n", _best_of),
-    "echo": Rule(R, "prompt logprobs are not computed", _one_of(False)),
+    "echo": Rule(
+        H, "the prompt before each choice's text; with logprobs refused (no prompt logprobs)"
+    ),
     "suffix": Rule(R, "insertion is not supported", _one_of("")),
     "logprobs": Rule(H, "0 to 5 alternatives; committed and audited"),
 }

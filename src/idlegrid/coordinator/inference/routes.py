@@ -76,6 +76,7 @@ class _Shape:
         self.offsets: dict[int, int] = {}  # completions: each choice's text offset so far
         self.calls = calls  # answers may be tool calls (tools.py reads them)
         self.streams: dict[int, tools.DeltaStream] = {}
+        self.echo: list[str] = []  # completions with echo: each choice's prompt, by index
 
     def shape_logprobs(self, index: int, lps: list[Any]) -> dict[str, Any] | None:
         """A choice's logprobs for these tokens (None when the request asked for none)."""
@@ -157,7 +158,7 @@ class _Shape:
             elif self.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
             else:
-                choice["text"] = text
+                choice["text"] = (self.echo[index] if self.echo else "") + text
             choices.append(choice)
         return {
             "id": self.id,
@@ -215,6 +216,7 @@ async def _serve(
     cap: Price,
     logprobs: bool = False,
     calls: bool = False,
+    echo: list[str] | None = None,
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
@@ -229,6 +231,7 @@ async def _serve(
     route = " | ".join(f"{(st.node_id or st.target or '-')[:12]}: {st.route}" for _, st in handles)
     shape = _Shape(kind, task_ids[0], model, logprobs, calls)
     shape.streams = {k: tools.DeltaStream(t) for k, t in enumerate(task_ids)} if calls else {}
+    shape.echo = echo or []
     started = time.perf_counter()
     if stream_out:
         return StreamingResponse(
@@ -312,6 +315,8 @@ async def _sse(
         if shape.kind == "chat":
             for k in range(len(handles)):
                 yield _sse_line(shape.chunk(k, "", None, first=True))
+        for k, prompt in enumerate(shape.echo):  # as OpenAI: the echoed prompt comes first
+            yield _sse_line(shape.chunk(k, prompt, None))
         first_s: float | None = None
         async for k, event in events:
             if event.kind == "pieces":
@@ -369,11 +374,20 @@ async def _sse(
 async def completions(body: CompletionRequest, request: Request, response: Response) -> Any:
     """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE]); a list of
     prompts and n > 1 give one choice each, indexed prompt * n + j."""
-    fields.check(fields.COMPLETIONS, body.sent())
+    sent = body.sent()
+    fields.check(fields.COMPLETIONS, sent)
+    echo = sent.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise InvalidRequest("echo must be a boolean", param="echo")
+    if echo and body.logprobs is not None:
+        # Prompt logprobs would need a vocabulary row per prompt token, computed and
+        # committed by the provider and recomputed by the verifier (docs/openai.md).
+        raise InvalidRequest("echo with logprobs (prompt logprobs) is not supported", param="echo")
     prompts = body.prompts()
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     stop = body.stop_list()
     sampler = body.sampler_fields(body.logprobs)
+    choices = plan(len(prompts), body.n, body.seed)
     work = [
         (
             {
@@ -387,7 +401,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
             },
             prompt_token_bound(prompts[c.prompt]),
         )
-        for c in plan(len(prompts), body.n, body.seed)
+        for c in choices
     ]
     return await _serve(
         request,
@@ -400,6 +414,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         body.include_usage(),
         _price_cap(services(request), body),
         "logprobs" in sampler,
+        echo=[prompts[c.prompt] for c in choices] if echo else None,
     )
 
 

@@ -36,10 +36,11 @@ def stakes(s: Session, node_id: str | None = None) -> dict[str, int]:
     }
 
 
-def candidates(trust: Trust, s: Session, constrained: bool = False) -> list[selection.Candidate]:
+def candidates(trust: Trust, s: Session, grammar: str | None = None) -> list[selection.Candidate]:
     """Every active verifier, live (once the supervisor has said who is), with its stake;
-    for a constrained answer (structured outputs) only those that can replay its grammar
-    (their engine facts name a grammar engine)."""
+    for a constrained answer (structured outputs) only those that can replay its grammar:
+    their engine facts name the same grammar engine and version (another version may mask
+    differently, and an honest answer would fail)."""
     by_node: dict[str, int] = {}
     for acct, bal in stakes(s).items():
         node = acct.split(":")[1]
@@ -52,7 +53,8 @@ def candidates(trust: Trust, s: Session, constrained: bool = False) -> list[sele
         for v in s.scalars(
             select(TrustNode).where(TrustNode.verifier.is_(True), TrustNode.ejected.is_(False))
         )
-        if (live is None or v.node_id in live) and (not constrained or _constrains(s, v.node_id))
+        if (live is None or v.node_id in live)
+        and (grammar is None or _masks(s, v.node_id, grammar))
     ]
 
 
@@ -65,12 +67,12 @@ def draw(
     kind: str,
     exclude: list[str],
     pool: list[selection.Candidate] | None = None,
-    constrained: bool = False,
+    grammar: str | None = None,
 ) -> str | None:
     """The verifier the beacon designates for one audit (None: nobody can take it now)."""
     provider = s.get(TrustNode, provider_id)
     eligible = selection.eligible(
-        candidates(trust, s, constrained) if pool is None else pool,
+        candidates(trust, s, grammar) if pool is None else pool,
         provider_id,
         cm.kernel_family(det_class),
         provider.address if provider else "",
@@ -93,13 +95,13 @@ def redraw(trust: Trust, s: Session, a: TrustAudit, exclude: list[str]) -> str |
         cm.peek_class(a.blob),
         kind,
         exclude,
-        constrained=cm.peek_constrained(a.blob),
+        grammar=cm.peek_grammar_engine(a.blob),
     )
 
 
-def _constrains(s: Session, node_id: str) -> bool:
+def _masks(s: Session, node_id: str, grammar: str) -> bool:
     node = s.get(Node, node_id)
-    return bool(node is not None and (node.engine or {}).get("grammar"))
+    return node is not None and (node.engine or {}).get("grammar") == grammar
 
 
 def claim(trust: Trust, node_id: str, models: list[str]) -> dict[str, Any] | None:

@@ -236,8 +236,12 @@ class Trust:
             # does not judge an AVX-512 one) may audit it: across engines no tolerance is fair.
             # Among them the beacon draws one by stake, never on the provider's network; ids
             # and canaries are built so that nothing but the secret tells them apart.
-            constrained = isinstance(c, cm.Commitment) and c.header.constraint is not None
-            pool = assign.candidates(self, s, constrained)
+            grammar = (
+                c.header.constraint.engine
+                if isinstance(c, cm.Commitment) and c.header.constraint is not None
+                else None
+            )
+            pool = assign.candidates(self, s, grammar)
             audits: list[tuple[str, bool, bytes, str | None]] = []
             # Draws and ids are per answer (task, attempt), not per digest: identical seeded
             # requests commit to one digest, and are audited independently (docs/trust.md).
@@ -250,22 +254,22 @@ class Trust:
             if beacon.selected(self.secret, digest, rate, scope=where):
                 who = assign.draw(self, s, node_id, digest, c.header.det_class, "audit", [], pool)
                 audits.append((real_id, False, blob, who))
-            # Canaries plant wrong hidden states; an embedding answer has none (c.chunks
-            # is empty), so its verifiers are kept honest by the generation canaries.
-            if (
-                isinstance(c, cm.Commitment)
-                and c.chunks
-                and beacon.selected(
-                    self.secret, digest, self.settings.canary_rate, b"canary", where
-                )
+            # Canaries plant wrong hidden states (an answer's) or a turned vector (an
+            # embedding's): a verifier that approves one did not recompute.
+            canarable = isinstance(c, emb.EmbeddingCommitment) or bool(c.chunks)
+            if canarable and beacon.selected(
+                self.secret, digest, self.settings.canary_rate, b"canary", where
             ):
                 # A canary goes to another verifier than the real audit where there is one.
                 taken = [a[3] for a in audits if a[3]]
                 who = assign.draw(
                     self, s, node_id, digest, c.header.det_class, "canary", taken, pool
                 ) or assign.draw(self, s, node_id, digest, c.header.det_class, "canary", [], pool)
-                kind = selection.canary_kind(self.secret, digest, task.payload)
-                data = blob if kind == "task" else tamper(c).encode()
+                if isinstance(c, emb.EmbeddingCommitment):
+                    data = emb.tamper(c).encode()  # no task canary: see docs/trust.md
+                else:
+                    kind = selection.canary_kind(self.secret, digest, task.payload)
+                    data = blob if kind == "task" else tamper(c).encode()
                 audits.append((canary_id, True, data, who))
             for audit_id, canary, data, designated in audits:
                 s.add(

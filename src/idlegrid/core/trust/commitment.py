@@ -73,6 +73,10 @@ def kernel_family(det_class: str) -> str:
     return f"{parts[0]}/{parts[3]}" if len(parts) >= 5 else parts[0]
 
 
+# What follows the determinism class in an embedding commitment (`core/trust/embedding.py`).
+EMBEDDING_MAGIC = b"IGEMB1"
+
+
 def peek_class(blob: bytes) -> str:
     """The determinism class of an encoded commitment, without decoding the rest."""
     try:
@@ -82,10 +86,15 @@ def peek_class(blob: bytes) -> str:
         return ""
 
 
-def peek_constrained(blob: bytes) -> bool:
-    """Whether an encoded commitment names a grammar, without decoding the chunks."""
+def peek_grammar_engine(blob: bytes) -> str | None:
+    """The grammar engine a constrained answer was masked by (e.g. "llguidance/1.9.1"), None
+    for an unconstrained one, without decoding the chunks."""
     try:
         (n,) = struct.unpack_from("<H", blob, 0)
+        if blob[2 + n : 2 + n + len(EMBEDDING_MAGIC)] == EMBEDDING_MAGIC:
+            # An embedding has no grammar; read as an answer's head, its vectors' hash
+            # would say "constrained" for some vectors and not others.
+            return None
         (head_len,) = struct.unpack_from("<H", blob, 2 + n)
         head = blob[4 + n : 4 + n + head_len]
         (ver,) = struct.unpack_from("<B", head, 0)
@@ -93,9 +102,17 @@ def peek_constrained(blob: bytes) -> bool:
         end = _HEAD.size + 34 + int(mlen)
         if ver == 2:  # the extras come before the constraint
             _, end = decode_extras(head, end)
-    except (struct.error, ValueError):
-        return False
-    return len(head) > end
+        if len(head) <= end:
+            return None
+        (elen,) = struct.unpack_from("<H", head, end + 32)
+        return head[end + 34 : end + 34 + elen].decode()
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return None
+
+
+def peek_constrained(blob: bytes) -> bool:
+    """Whether an encoded commitment names a grammar, without decoding the chunks."""
+    return peek_grammar_engine(blob) is not None
 
 
 def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:

@@ -16,6 +16,7 @@ shared by every engine that embeds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import struct
@@ -24,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from idlegrid.core.trust.commitment import Commitment, Verdict, context_hash
+from idlegrid.core.trust.commitment import EMBEDDING_MAGIC, Commitment, Verdict, context_hash
 from idlegrid.errors import InvalidRequest
 
-MAGIC = b"IGEMB1"
+MAGIC = EMBEDDING_MAGIC
 MAX_INPUTS = 256  # per request; keeps a commitment of 640-dim vectors under the 1 MiB wire cap
 MAX_DIMS = 8192
 _HEAD = struct.Struct("<HIIQ32s")  # model length, inputs, dims, seed, vectors' SHA-256
@@ -115,6 +116,26 @@ AnyCommitment = Commitment | EmbeddingCommitment
 def vectors_hash(vectors: np.ndarray) -> bytes:
     """SHA-256 of the vectors as float32 little-endian."""
     return hashlib.sha256(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).digest()
+
+
+def tamper(c: EmbeddingCommitment) -> EmbeddingCommitment:
+    """A "values" canary of an embeddings answer: its first vector turned by ~1 % towards a
+    direction drawn from the header's digest, renormalised, the vectors' hash recomputed
+    (a consistent blob: only a recomputation tells it from an honest one). An honest
+    verifier's vectors then miss it by far more than the tolerance; one that echoes the
+    commitment approves it."""
+    v = np.array(c.vectors, dtype=np.float32, copy=True)
+    if v.size == 0:
+        return c
+    rng = np.random.default_rng(int.from_bytes(c.header.digest()[:8], "little"))
+    push = rng.standard_normal(v.shape[1])
+    push = push / float(np.linalg.norm(push))
+    row = v[0].astype(np.float64)
+    scale = float(np.linalg.norm(row)) or 1.0
+    moved = row + 0.01 * scale * push
+    v[0] = (moved * (scale / float(np.linalg.norm(moved)))).astype(np.float32)
+    header = dataclasses.replace(c.header, vectors_hash=vectors_hash(v))
+    return EmbeddingCommitment(header, v)
 
 
 def build(
