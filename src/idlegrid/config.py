@@ -16,7 +16,9 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def default_data_dir() -> Path:
-    """The XDG data directory for idlegrid ($XDG_DATA_HOME/idlegrid)."""
+    """$IDLEGRID_DATA_DIR, else the XDG data directory ($XDG_DATA_HOME/idlegrid)."""
+    if os.environ.get("IDLEGRID_DATA_DIR"):
+        return Path(os.environ["IDLEGRID_DATA_DIR"])
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "idlegrid"
 
@@ -91,6 +93,9 @@ class CoordinatorSettings(BaseSettings):
     # Files API (docs/files.md): where uploaded content lives. Empty: data_dir/files; else
     # any fsspec URL (`s3://bucket/prefix`), its options (endpoint_url, key, secret, ...) in
     # files_options as JSON, or the backend's standard environment (AWS_* for S3).
+    # Where per-key rate-limit counters live (a `limits` storage URL): memory:// counts per
+    # coordinator process; several replicas share one redis:// or memcached:// instead.
+    rate_limit_storage: str = "memory://"
     files_url: str = ""
     files_options: dict[str, Any] = Field(default_factory=dict)
     # Limits of one upload, OpenAI's for batch input: 200 MB, 50,000 lines; a line is one

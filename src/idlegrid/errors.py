@@ -56,6 +56,29 @@ class AuthError(IdlegridError):
         self.reason = reason
 
 
+class RateLimited(IdlegridError):
+    """A key sent more requests or tokens per minute than it may; retry after a while."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: float) -> None:
+        super().__init__(message, limit=limit, retry_after_s=retry_after_s)
+
+
+class SpendCapReached(IdlegridError):
+    """A key has spent what its operator allowed it; waiting does not help."""
+
+    code = "spend_cap_reached"
+
+    def __init__(self, key_id: str, cap: int, spent: int) -> None:
+        super().__init__(
+            f"API key {key_id} has spent {spent} µcr of its {cap} µcr cap",
+            key_id=key_id,
+            cap=cap,
+            spent=spent,
+        )
+
+
 class InsufficientCredits(IdlegridError):
     """An account lacks the credits an operation needs."""
 

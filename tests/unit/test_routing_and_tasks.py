@@ -34,6 +34,40 @@ def test_routing_uses_the_market_score_reliability_included() -> None:
     assert choose([a, b]).node_id == "cheap-prompt"  # type: ignore[union-attr]
 
 
+def test_equally_good_providers_take_turns_least_recently_used_first() -> None:
+    from dataclasses import replace
+
+    # Slightly different reliability and speed: noise, not a reason to starve one of them.
+    a = Candidate("a", 0, 1, 40, 12.0, reliability=1.0, max_tokens=64)
+    b = Candidate("b", 0, 1, 40, 10.0, reliability=0.98, max_tokens=64)
+    routed = {"a": 0, "b": 0}
+    picks = []
+    for seq in range(1, 7):
+        cands = [replace(x, last_routed=routed[x.node_id]) for x in (a, b)]
+        pick = choose(cands)
+        assert pick is not None
+        routed[pick.node_id] = seq
+        picks.append(pick.node_id)
+    assert picks == ["a", "b", "a", "b", "a", "b"]  # the faster one first, then turns
+    # A real difference still decides: a quarter dearer is not a tie.
+    dear = Candidate("dear", 0, 1, 50, 10.0, max_tokens=64)
+    assert choose([replace(a, last_routed=5), dear]).node_id == "a"  # type: ignore[union-attr]
+    # And load comes first: a recently used idle node beats a never-used busy one.
+    busy = Candidate("busy", 1, 2, 40, 10.0, max_tokens=64)
+    assert choose([replace(a, last_routed=9), busy]).node_id == "a"  # type: ignore[union-attr]
+
+
+def test_each_choice_has_a_reason() -> None:
+    from idlegrid.core.routing import reason
+
+    a, b = c("a"), c("b", in_flight=1, slots=2)
+    assert reason([a, b], choose([a, b])) == "least loaded of 2"
+    assert reason([c("a"), c("b")], c("a")).startswith("tie among 2")
+    assert reason([c("a"), c("dear", price=40)], c("a")) == "best cost/reliability of 2"
+    assert reason([c("a", 1, 1)], None) == "queued: all 1 provider(s) busy"
+    assert reason([a], a) == "only provider with a free slot"
+
+
 def test_full_providers_leave_work_in_the_shared_queue() -> None:
     assert choose([c("a", 1, 1), c("b", 2, 2)]) is None
     assert choose([c("a", 1, 2)], exclude=frozenset({"a"})) is None

@@ -175,6 +175,9 @@ class Serving:
         job = _Job(task)
         self.jobs.add(job)
         base = f"/api/v1/tasks/{task.task_id}/attempts/{task.attempt}"
+        # The consumer's request id, so one grep follows a request from gateway to here.
+        rid = task.request_id or "-"
+        log.info("task %s attempt %d request_id=%s: serving", task.task_id, task.attempt, rid)
         try:
             if task.kind == "embedding" or is_embedder(engine):
                 from idlegrid.agent import embedding
@@ -252,9 +255,11 @@ class Serving:
             )
             self.served += 1
         except Conflict:
-            log.info("task %s attempt %d was taken away", task.task_id, task.attempt)
+            log.info(
+                "task %s attempt %d request_id=%s was taken away", task.task_id, task.attempt, rid
+            )
         except (httpx.HTTPError, IdlegridError) as exc:
-            log.warning("task %s: %s", task.task_id, exc)
+            log.warning("task %s request_id=%s: %s", task.task_id, rid, exc)
         finally:
             self.jobs.discard(job)
 

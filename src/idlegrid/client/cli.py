@@ -1,585 +1,96 @@
-"""The `idlegrid` command line (Typer + Rich). Heavy imports happen inside commands."""
+"""The `idlegrid` command line (Typer + Rich). Heavy imports happen inside commands.
+
+Commands live in `*_cmd.py` modules beside this one; this file only wires them: the
+everyday commands at the top level under help panels, each domain a sub-app
+(`idlegrid keys …`, `idlegrid market …`), and the old flat names as hidden aliases for
+one release. Adding a sub-app is one line in the block marked "Sub-apps".
+"""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import sys
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from idlegrid import __version__
+from idlegrid.client import grid_cmd, serve_cmd
 from idlegrid.client.dispute_cmd import dispute
 from idlegrid.client.earnings_cmd import earnings, estimate
+from idlegrid.client.keys_cmd import keys_app
 from idlegrid.client.lease_cmd import cp, exec_cmd, lease_app, port_forward, shell_cmd
-from idlegrid.client.market_cmd import market_commands
-from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
+from idlegrid.client.market_cmd import balance, market_app, market_commands
+from idlegrid.client.output import GuardedGroup
 from idlegrid.client.plan_cmd import plan
 from idlegrid.client.train_cmd import train_commands
-from idlegrid.config import DEFAULT_PORT, default_data_dir
 
 app = typer.Typer(
+    cls=GuardedGroup,
     help="idlegrid: turn idle GPUs into a verifiable AI compute grid.",
     no_args_is_help=True,
-    add_completion=False,
+    # Expected failures are one line (output.GuardedGroup); a bug's traceback stays plain.
+    pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 out = Console()
-# A provider whose engine died by a signal in its start-up check; `idlegrid up` reports it.
-EXIT_ENGINE_CRASHED = 3
+EXIT_ENGINE_CRASHED = serve_cmd.EXIT_ENGINE_CRASHED
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
-) -> None:
-    # The database, its WAL, logs and keys hold balances and secrets: owner-only files.
-    os.umask(0o077)
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         out.print(__version__)
         raise typer.Exit()
 
 
-@app.command()
-def coordinator(
-    data_dir: DataDir,
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    database_url: Annotated[
-        str,
-        typer.Option(
-            help="SQLAlchemy URL (default: SQLite in --data-dir; or IDLEGRID_DATABASE_URL)."
-        ),
-    ] = "",
-    fee_bps: Annotated[int | None, typer.Option(help="Protocol fee in basis points.")] = None,
-    tls_cert: Annotated[
-        Path | None, typer.Option(help="Serve HTTPS with this PEM certificate.")
-    ] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="The certificate's PEM private key.")] = None,
-    insecure: Annotated[
+@app.callback()
+def _root(
+    version: Annotated[
         bool,
         typer.Option(
-            "--insecure",
-            help="Serve plain HTTP on a non-loopback address (e.g. behind a TLS "
-            "reverse proxy on the same host).",
+            "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
         ),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the coordinator: node API, OpenAI gateway, ledger, metrics."""
-    import ipaddress
-
-    import uvicorn
-
-    from idlegrid.config import LOOPBACK_NAMES, OPERATOR_KEY_FILE, CoordinatorSettings
-    from idlegrid.coordinator.app import create_app
-
-    _logging(verbose)
-    if bool(tls_cert) != bool(tls_key):
-        raise typer.BadParameter("give both --tls-cert and --tls-key", param_hint="--tls-cert")
-    try:
-        loopback = host in LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not tls_cert and not insecure:
-        raise typer.BadParameter(
-            f"{host} is reachable from other machines: API keys, the operator key and node "
-            "signatures would cross the network in clear text. Give --tls-cert/--tls-key, "
-            "or --insecure when a TLS reverse proxy on this host fronts it (docs/deploy.md)",
-            param_hint="--host",
-        )
-    overrides: dict[str, Any] = {"data_dir": data_dir, "host": host, "port": port}
-    if database_url:
-        overrides["database_url"] = database_url
-    if fee_bps is not None:
-        overrides["fee_bps"] = fee_bps
-    settings = CoordinatorSettings(**overrides)
-    settings.ensure_operator_key()
-    console.print(
-        f"operator key: {data_dir / OPERATOR_KEY_FILE}"
-        if (data_dir / OPERATOR_KEY_FILE).exists()
-        else "operator key: from settings"
-    )
-    from idlegrid.coordinator.edge import guarded_http
-
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-        ssl_certfile=tls_cert,
-        ssl_keyfile=tls_key,
-        timeout_keep_alive=5,
-        http=guarded_http(settings.header_timeout_s),
-    )
+    # The database, its WAL, logs and keys hold balances and secrets: owner-only files.
+    os.umask(0o077)
 
 
-@app.command()
-def provide(
-    coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
-        f"http://127.0.0.1:{DEFAULT_PORT}"
-    ),
-    model: Annotated[str, typer.Option(help="Model id to serve.")] = "gemma3:270m",
-    model_path: Annotated[
-        Path | None, typer.Option(help="Serve this GGUF file as --model.")
-    ] = None,
-    engine: Annotated[
-        str, typer.Option(help="Engine name (llama.cpp, torch) or plug-in path module:Class.")
-    ] = "llama.cpp",
-    threads: Annotated[
-        int | None, typer.Option(help="Engine threads (default: all cores).")
-    ] = None,
-    slots: Annotated[int, typer.Option(help="Requests served at once (one engine each).")] = 1,
-    name: Annotated[str | None, typer.Option(help="Name shown on the grid.")] = None,
-    key_file: Annotated[Path | None, typer.Option(help="Node key (created if missing).")] = None,
-    prompt_price: Annotated[float, typer.Option(help="Credits per 1M prompt tokens.")] = 10.0,
-    output_price: Annotated[float, typer.Option(help="Credits per 1M output tokens.")] = 40.0,
-    region: Annotated[str, typer.Option(help="Region this provider is in (market).")] = "local",
-    device_price: Annotated[
-        float | None,
-        typer.Option(
-            help="Credits per device-hour for leases and training (market); none: not for rent."
-        ),
-    ] = 0.05,
-    stake: Annotated[
-        float, typer.Option(help="Credits to stake per device once the balance allows (market).")
-    ] = 5.0,
-    skip_benchmark: Annotated[bool, typer.Option(help="Do not measure speed at start-up.")] = False,
-    drain_grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.")] = 30.0,
-    rated_watts: Annotated[
-        float | None,
-        typer.Option(help="Device power for the energy estimate when NVML/RAPL cannot be read."),
-    ] = None,
-    verify: Annotated[
-        bool,
-        typer.Option(
-            "--verify", help="Also audit other providers' answers (same engine and model)."
-        ),
-    ] = False,
-    train: Annotated[
-        bool, typer.Option("--train", help="Also run verified training jobs (needs torch).")
-    ] = False,
-    train_verifier: Annotated[
-        bool,
-        typer.Option(
-            "--train-verifier", help="Re-execute audited training segments (needs torch)."
-        ),
-    ] = False,
-    train_gang_host: Annotated[
-        str | None,
-        typer.Option(
-            "--train-gang-host",
-            help="Also join data-parallel training gangs, serving their "
-            "rendezvous on this host when rank 0 (an address the other ranks reach).",
-        ),
-    ] = None,
-    startup_check: Annotated[
-        bool,
-        typer.Option(
-            help="Load the engine and decode a few tokens in a child first, so that a native "
-            "crash (SIGILL, SIGSEGV, OOM kill) is reported with its cause."
-        ),
-    ] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> None:
-    """Run a provider agent: probe, load the model, benchmark, then serve work."""
-    import asyncio
-    import signal
-    import socket
-    import time
+RUN, USE, PROVIDER, TRAINING = "Run", "Use", "Provider", "Training"
 
-    from idlegrid.agent.agent import Agent, AgentConfig
-    from idlegrid.agent.hardware.benchmark import measure_speed
-    from idlegrid.agent.hardware.power import choose_meter
-    from idlegrid.agent.hardware.probe import probe
-    from idlegrid.agent.node_client import NodeClient
-    from idlegrid.client.progress import make_progress
-    from idlegrid.core.ledger import MICRO, Price
-    from idlegrid.engines.registry import load_engine
-    from idlegrid.protocol.signing import NodeKey
-
-    _logging(verbose)
-    name = name or socket.gethostname()
-    key = NodeKey.load_or_create(key_file or default_data_dir() / "nodes" / f"{name}.key")
-    hardware = _as_dict(probe())
-    kwargs: dict[str, Any] = {"threads": threads}
-    if model_path:
-        kwargs["model_path"] = model_path
-    if startup_check:
-        _check_engine_starts(engine, model, model_path, threads)
-    engines = []
-    prefill = decode = 0.0
-    with make_progress(console) as progress:
-        task = progress.add_task(f"loading {model} on {engine}", total=slots, rate="")
-        for _ in range(slots):
-            engines.append(load_engine(engine, model, **kwargs))
-            progress.advance(task)
-        if not skip_benchmark:
-            bench = progress.add_task("measuring decode speed", total=None, rate="")
-            began = time.monotonic()
-
-            def step(done: int, total: int) -> None:
-                elapsed = time.monotonic() - began
-                progress.update(
-                    bench,
-                    completed=done,
-                    total=total,
-                    rate=f"{done / elapsed:.1f} tok/s" if elapsed > 0 else "",
-                )
-
-            speed = measure_speed(engines[0], on_token=step)
-            prefill, decode = speed.prefill_tps, speed.decode_tps
-    if not skip_benchmark:
-        console.print(f"[green]measured[/] prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
-    config = AgentConfig(
-        name=name,
-        hardware=hardware,
-        prefill_tps=prefill,
-        decode_tps=decode,
-        price=Price(round(prompt_price * MICRO), round(output_price * MICRO)),
-        drain_grace_s=drain_grace,
-        region=region,
-        device_price_h=None if device_price is None else round(device_price * MICRO),
-        stake_per_device=round(stake * MICRO),
-        meter=choose_meter(hardware, rated=rated_watts),
-        verifier=verify,
-        trainer=train,
-        train_verifier=train_verifier,
-        train_threads=threads,
-        train_gang_host=train_gang_host,
-    )
-    meter = config.meter
-    assert meter is not None
-    console.print(
-        f"power: {meter.source}"
-        + (" (estimated from rated power)" if meter.estimated else " (measured)")
-    )
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        agent = Agent(NodeClient(coordinator_url, key), engines, config)
-        console.print(
-            f"[bold]{name}[/] ({key.node_id[:12]}) serving {model} via {engine} → {coordinator_url}"
-        )
-        await agent.run(stop)
-        console.print(f"drained after serving {agent.served} request(s)")
-
-    asyncio.run(main())
-    meter.close()
-    for e in engines:
-        e.close()
-
-
-def _check_engine_starts(
-    engine: str, model: str, model_path: Path | None, threads: int | None
-) -> None:
-    """Exit with the cause when the engine cannot load and decode (see engines/startup.py)."""
-    from idlegrid.engines.startup import check_engine
-    from idlegrid.errors import EngineCrashed, EngineError
-
-    with console.status(f"checking that {engine} starts {model}"):
-        try:
-            check_engine(
-                engine, model, model_path=str(model_path) if model_path else None, threads=threads
-            )
-        except EngineCrashed as exc:
-            if exc.data.get("detail"):
-                console.print(exc.data["detail"], markup=False, highlight=False)
-            console.print(f"[bold red]error:[/] {exc.message}")
-            raise typer.Exit(EXIT_ENGINE_CRASHED) from None
-        except EngineError as exc:
-            console.print(f"[bold red]error:[/] {exc.message}")
-            raise typer.Exit(1) from None
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return dict(obj)
-
-
-@app.command()
-def up(
-    data_dir: DataDir,
-    providers: Annotated[int, typer.Option(help="Provider agents to start.")] = 2,
-    port: Annotated[int, typer.Option(help="Coordinator port.")] = DEFAULT_PORT,
-    engine: Annotated[str, typer.Option(help="Engine for every provider.")] = "llama.cpp",
-    model: Annotated[str, typer.Option(help="Model every provider serves.")] = "gemma3:270m",
-    threads: Annotated[
-        int | None, typer.Option(help="Threads per provider (default: cores / providers).")
-    ] = None,
-    credits: Annotated[int, typer.Option(help="Credits for a new local key.")] = 100,
-    train: Annotated[
-        bool,
-        typer.Option(
-            "--train",
-            help="Providers also run verified training jobs; the last one re-executes "
-            "audited segments instead (needs 2+ providers).",
-        ),
-    ] = False,
-    verify: Annotated[
-        bool,
-        typer.Option("--verify", help="Providers audit each other's answers (needs 2+ providers)."),
-    ] = False,
-) -> None:
-    """Start a local grid (coordinator + providers), fund a key, serve until Ctrl-C."""
-    import signal
-    import threading
-
-    from idlegrid.client.localgrid import KEY_FILE, LocalGrid, ProcessExited
-    from idlegrid.client.progress import make_progress
-
-    if (train or verify) and providers < 2:
-        raise typer.BadParameter(
-            "a verifier is never its own auditor: use --providers 2 or more",
-            param_hint="--providers",
-        )
-    grid = LocalGrid(
-        data_dir=data_dir,
-        port=port,
-        providers=providers,
-        engine=engine,
-        model=model,
-        threads=threads,
-        funding_credits=credits,
-        train=train,
-        verify=verify,
-    )
-    stop = threading.Event()
-    failed = False
-    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        with console.status("starting the coordinator"):
-            grid.start_coordinator()
-        for i in range(providers):
-            grid.start_provider(i)
-        with make_progress(console) as progress:
-            task = progress.add_task(
-                f"loading {model} and benchmarking providers", total=providers, rate=""
-            )
-            grid.wait_for_providers(
-                providers, on_poll=lambda live: progress.update(task, completed=live)
-            )
-        grid.fund_consumer()
-        grid.fund_providers()  # so their device-hours enter the market staked
-        out.print(f"[bold green]idlegrid is up[/] with {providers} provider(s) serving {model}")
-        out.print(f"  base URL : {grid.url}/v1")
-        out.print(f"  API key  : {grid.api_key}  (saved to {data_dir / KEY_FILE})")
-        out.print(f"  logs     : {data_dir / 'logs'}")
-        out.print("  try      : idlegrid complete 'The capital of France is'")
-        if train:
-            out.print("  train    : idlegrid train   (the small GPT on stdlib text, verified)")
-        out.print("Ctrl-C stops everything.")
-        sys.stdout.flush()
-        while not stop.wait(0.5):  # supervise: a child that dies is restarted with backoff
-            for line in grid.supervise():
-                console.print(f"[yellow]{line}[/]")
-    except KeyboardInterrupt:
-        pass
-    except ProcessExited as exc:
-        console.print(
-            f"[bold red]error:[/] {exc.name} {exc.how} before the grid was up; "
-            f"last lines of {exc.log}:"
-        )
-        console.print(exc.tail, markup=False, highlight=False)
-        failed = True
-    finally:
-        console.print("stopping: providers drain, then the coordinator")
-        grid.stop()
-    if failed:
-        raise typer.Exit(1)
-
-
-@app.command()
-def complete(
-    prompt: str,
-    data_dir: DataDir,
-    coordinator_url: CoordinatorUrl = None,
-    model: Annotated[str, typer.Option(help="Model id.")] = "gemma3:270m",
-    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """Complete a prompt on the grid, streaming the text as it comes."""
-    from idlegrid.client.sdk import GridClient
-
-    url, key = _locate(coordinator_url, data_dir)
-    with GridClient(url, key) as client:
-        if as_json:
-            out.print_json(
-                json.dumps(
-                    client.complete(
-                        prompt,
-                        model=model,
-                        max_tokens=max_tokens,
-                        temperature=temperature,
-                        seed=seed,
-                    )
-                )
-            )
-            return
-        for text in client.stream_complete(
-            prompt, model=model, max_tokens=max_tokens, temperature=temperature, seed=seed
-        ):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-
-
-@app.command()
-def status(
-    data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False
-) -> None:
-    """Nodes, their measured speed, balances."""
-    from rich.table import Table
-
-    from idlegrid.client.sdk import GridClient
-    from idlegrid.core.ledger import MICRO
-
-    url, key = _locate(coordinator_url, data_dir)
-    operator = _operator_key(data_dir)
-    with GridClient(url, operator or key) as client:
-        data = client.status()  # every balance with the operator key, public facts without
-    if key:
-        with GridClient(url, key) as client:
-            data["me"] = client.balance()
-    if as_json:
-        out.print_json(json.dumps(data))
-        return
-    table = Table(title=f"idlegrid at {url}")
-    for col in (
-        "node",
-        "state",
-        "hardware",
-        "engine",
-        "prefill tok/s",
-        "decode tok/s",
-        "earned (cr)",
-        "audit p",
-        "audits ok/failed",
-    ):
-        table.add_column(col)
-    trust = data.get("trust", {})
-    for n in data["nodes"]:
-        hw = n["hardware"]
-        t = trust.get("nodes", {}).get(n["id"], {})
-        if t.get("ejected"):
-            audit = "ejected"
-        elif t:
-            audit = f"{t['audit_rate']:.3f}" + (" (probation)" if t["probation"] else "")
-        else:
-            audit = "-"
-        counts = f"{t.get('passed', 0)}/{t.get('failed', 0)}" if t else "-"
-        table.add_row(
-            n["name"],
-            ("live" if n["live"] else "gone") if n["state"] == "live" else n["state"],
-            _hardware_summary(hw),
-            str(n["engine"].get("engine", n["engine"].get("name", "?"))),
-            f"{n['prefill_tps']:.0f}",
-            f"{n['decode_tps']:.1f}",
-            f"{n['earned'] / MICRO:.6f}",
-            audit,
-            counts,
-        )
-    out.print(table)
-    if trust:
-        out.print(
-            f"audit rate: steady p = {trust['p_steady']:.4f} (2 x p* = "
-            f"{trust['p_star']:.4f}); canaries {trust['canary_rate']:.3f}; "
-            f"beacon commitment {trust['beacon_commitment'][:16]}…"
-        )
-        waiting = trust.get("pending_audits") or {}
-        if waiting:
-            out.print(
-                "audits not judged yet: "
-                + ", ".join(f"{n} {k}" for k, n in sorted(waiting.items()))
-            )
-        for d in trust.get("disputes") or []:
-            outcome = {True: "provider won", False: "provider lost"}.get(
-                d["provider_right"], "open"
-            )
-            out.print(
-                f"dispute {d['id']} over {d['audit_id']}: {d['state']}, round "
-                f"{d['round']} ({outcome})"
-            )
-    if "me" in data:
-        out.print(f"your balance: {data['me']['balance'] / MICRO:.6f} credits")
-    out.print(
-        f"protocol fees collected: {data['fees'] / MICRO:.6f} credits; tasks: {data['tasks']}"
-    )
-
-
-@app.command("verify-ledger")
-def verify_ledger(data_dir: DataDir, coordinator_url: CoordinatorUrl = None) -> None:
-    """Recompute the ledger's hash chain and balances; exit 1 on any break."""
-    from idlegrid.client.sdk import GridClient
-
-    url, _ = _locate(coordinator_url, data_dir)
-    operator = _operator_key(data_dir)
-    with GridClient(url, operator) as client:
-        result = client.verify_ledger()
-    if result["ok"]:
-        out.print("[green]ledger OK[/]: chain and balances recomputed")
-        return
-    for p in result["problems"]:
-        out.print(f"[red]{p}[/]")
-    raise typer.Exit(1)
-
-
-def _hardware_summary(hw: dict[str, Any]) -> str:
-    gpus = hw.get("gpus") or []
-    if gpus:
-        return ", ".join(str(g.get("name", "GPU")) for g in gpus)
-    return f"{hw.get('cpu_model') or 'CPU'}, {hw.get('cpu_logical', '?')} cores"
-
-
-def _operator_key(data_dir: Path) -> str | None:
-    f = data_dir / "operator-key"
-    return os.environ.get("IDLEGRID_OPERATOR_KEY") or (
-        f.read_text().strip() if f.exists() else None
-    )
-
-
-def _locate(coordinator_url: str | None, data_dir: Path) -> tuple[str, str | None]:
-    from idlegrid.client.localgrid import find_grid
-
-    return find_grid(coordinator_url, data_dir)
-
-
-app.command("plan")(plan)
-app.command("dispute")(dispute)
-for _name, _fn in market_commands.items():
-    app.command(_name)(_fn)
+# ---- top-level commands -------------------------------------------------------------
+app.command(rich_help_panel=RUN)(serve_cmd.up)
+app.command(rich_help_panel=RUN)(serve_cmd.coordinator)
+app.command(rich_help_panel=RUN)(serve_cmd.provide)
+app.command(rich_help_panel=USE)(grid_cmd.complete)
+app.command(rich_help_panel=USE)(grid_cmd.status)
+app.command(rich_help_panel=USE)(balance)
+app.command(rich_help_panel=PROVIDER)(earnings)
+app.command(rich_help_panel=PROVIDER)(estimate)
 for _name, _fn in train_commands.items():
-    app.command(_name)(_fn)
-app.command("earnings")(earnings)
-app.command("estimate")(estimate)
+    app.command(_name, rich_help_panel=TRAINING)(_fn)
+app.command("plan", rich_help_panel=TRAINING)(plan)
 
-app.add_typer(lease_app, name="lease")
-app.command("exec", context_settings={"allow_interspersed_args": False})(exec_cmd)
-app.command("cp")(cp)
-app.command("port-forward")(port_forward)
-app.command("shell")(shell_cmd)
+# ---- Sub-apps: one line each ----------------------------------------------------------
+app.add_typer(keys_app, name="keys", help="Consumer API keys (operator).")
+app.add_typer(market_app, name="market", help="Offers, orders and why an order was placed.")
+app.add_typer(grid_cmd.trust_app, name="trust", help="Audits and disputes.")
+app.add_typer(grid_cmd.ledger_app, name="ledger", help="The ledger: verify the hash chain.")
+app.add_typer(lease_app, name="lease", help="Leased workspaces on providers.")
+
+# ---- old flat names, kept hidden for one release ---------------------------------------
+for _name, _fn in market_commands.items():
+    if _name != "balance":
+        app.command(_name, hidden=True)(_fn)
+app.command("dispute", hidden=True)(dispute)
+app.command("verify-ledger", hidden=True)(grid_cmd.verify_ledger)
+
+LEASES = "Leases"
+app.command("exec", context_settings={"allow_interspersed_args": False}, rich_help_panel=LEASES)(
+    exec_cmd
+)
+app.command("cp", rich_help_panel=LEASES)(cp)
+app.command("port-forward", rich_help_panel=LEASES)(port_forward)
+app.command("shell", rich_help_panel=LEASES)(shell_cmd)
 
 
 def main() -> None:

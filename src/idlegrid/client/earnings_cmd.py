@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
+from idlegrid.client.output import show
 from idlegrid.core import economics
 from idlegrid.core.economics import CardSpec, Period, Prices
 from idlegrid.errors import InvalidRequest
@@ -46,6 +47,12 @@ def _days(value: float | None) -> str:
     return "never" if value is None else f"{value:,.0f} d"
 
 
+def _sources(income: dict[str, int]) -> str:
+    """`tokens 0.0021, verifier fees 0.0003`: the sources that paid anything."""
+    parts = [f"{k} {v / 1e6:,.6f}" for k, v in income.items() if v]
+    return ", ".join(parts) or "—"
+
+
 def _est(text: str, estimated: bool) -> str:
     return f"{text} [yellow](est.)[/]" if estimated else text
 
@@ -60,7 +67,8 @@ def earnings(
     card_price: CardPrice = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Earnings, energy, electricity cost, profit per day and payback, per provider."""
+    """Earnings for work (never minted or staked credits) by source, energy, electricity
+    cost, profit per day and payback, per provider."""
     from idlegrid.client.localgrid import find_grid
     from idlegrid.client.sdk import GridAPIError, GridClient
 
@@ -97,6 +105,7 @@ def earnings(
     for col in (
         "provider",
         "earned cr",
+        "by source cr",
         "accrued cr",
         "paid cr",
         "energy kWh",
@@ -113,6 +122,7 @@ def earnings(
         table.add_row(
             r["name"],
             f"{r['earned'] / 1e6:,.6f}",
+            _sources(r.get("income") or {}),
             f"{r['accrued'] / 1e6:,.6f}",
             f"{r['paid'] / 1e6:,.6f}",
             _est(f"{r['kwh']:.4f}", r["energy_estimated"]),
@@ -122,7 +132,7 @@ def earnings(
             _money(e["profit_per_day"]),
             _days(e["payback_days"]),
         )
-    out.print(table)
+    show(table, out)
     out.print(
         f"electricity {kwh_price:g}/kWh · 1 credit = {credit_value:g}"
         + (f" · card {card_price:g}" if card_price is not None else "")
@@ -238,7 +248,7 @@ def estimate(
     table.add_row("electricity / day", _money(report.electricity_per_day))
     table.add_row("profit / day", _money(report.profit_per_day))
     table.add_row("payback", _days(report.payback_days))
-    out.print(table)
+    show(table, out)
     out.print("[yellow]An estimate:[/] " + "; ".join(report.assumptions))
 
 

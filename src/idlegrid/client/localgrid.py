@@ -145,7 +145,17 @@ class LocalGrid:
         )
 
     def _coordinator_args(self) -> list[str]:
-        return ["coordinator", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        # A local grid listens on loopback whatever IDLEGRID_HOST says (the coordinator
+        # command honours it, and would refuse a public address without TLS).
+        return [
+            "coordinator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+        ]
 
     def _provider_args(self, index: int) -> list[str]:
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(self.providers, 1))

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
+from idlegrid.client.output import show
 
 out = Console()
 MICRO = 1_000_000
@@ -88,7 +89,7 @@ def offers(
             "yes" if o["staked"] else "[red]no[/]",
             ", ".join(o["models"]),
         )
-    out.print(t)
+    show(t, out)
 
 
 def orders(
@@ -137,7 +138,7 @@ def orders(
             f"{v['spent'] / MICRO:.4f}",
             f"{v['refunded'] / MICRO:.4f}",
         )
-    out.print(t)
+    show(t, out)
     return None
 
 
@@ -232,7 +233,7 @@ def balance(
     return None
 
 
-market_commands = {
+market_commands: dict[str, Any] = {
     "offers": offers,
     "orders": orders,
     "order": order,
@@ -240,3 +241,7 @@ market_commands = {
     "cancel": cancel,
     "balance": balance,
 }
+market_app = typer.Typer(no_args_is_help=True)
+for _name, _fn in market_commands.items():
+    if _name != "balance":  # a consumer's balance is a top-level command
+        market_app.command(_name)(_fn)

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from idlegrid.client.output import show
 from idlegrid.core.planner import parse_topology, plan_topology
 from idlegrid.errors import InvalidRequest
 
@@ -78,13 +79,13 @@ def _print_tables(doc: dict[str, Any], devices: Any, console: Console) -> None:
         stages.add_row(
             str(j), " ".join(ids[v] for v in row), ", ".join(dict.fromkeys(regions[v] for v in row))
         )
-    console.print(stages)
+    show(stages, console)
     pipes = Table(title="Pipelines (one per macro-batch, stage 0 first)")
     pipes.add_column("pipeline", justify="right")
     pipes.add_column("devices")
     for i, col in enumerate(doc["pipelines"]):
         pipes.add_row(str(i), " → ".join(ids[v] for v in col))
-    console.print(pipes)
+    show(pipes, console)
     cost = Table(
         title="Cost per iteration (seconds; full = modelled iteration time, "
         "dtfm = DT-FM's communication cost)"
@@ -109,4 +110,4 @@ def _print_tables(doc: dict[str, Any], devices: Any, console: Console) -> None:
             f"{c['dtfm']['total']:.2f}",
             f"{ratio:.2f}×",
         )
-    console.print(cost)
+    show(cost, console)

@@ -132,6 +132,28 @@ class GridClient:
         """Live offers' prices per model and the protocol fee."""
         return self._json(self.http.get("/api/v1/economics/prices"))
 
+    def create_key(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a consumer key (operator): {key_id, api_key}."""
+        return self._json(self.http.post("/api/v1/admin/keys", json=body))
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Every consumer key with its balance, spend and limits (operator)."""
+        keys: list[dict[str, Any]] = self._json(self.http.get("/api/v1/admin/keys"))["keys"]
+        return keys
+
+    def set_key_limits(self, key_id: str, limits: dict[str, int | None]) -> dict[str, Any]:
+        """Replace the named limits of a key (operator); None lifts one."""
+        return self._json(self.http.post(f"/api/v1/admin/keys/{key_id}/limits", json=limits))
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        """Revoke a consumer key (operator)."""
+        return self._json(self.http.post(f"/api/v1/admin/keys/{key_id}/revoke"))
+
+    def mint(self, *, key_id: str, amount: int, reference: str) -> dict[str, Any]:
+        """Credit a key with `amount` µcr once per `reference` (operator)."""
+        body = {"key_id": key_id, "amount": amount, "reference": reference}
+        return self._json(self.http.post("/api/v1/admin/mint", json=body))
+
     def verify_ledger(self) -> dict[str, Any]:
         """Recompute the ledger chain (operator key)."""
         return self._json(self.http.get("/api/v1/ledger/verify"))

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from idlegrid.client.market_cmd import _ask, _emit
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
+from idlegrid.client.output import show
 
 out = Console()
 err = Console(stderr=True)
@@ -121,9 +122,9 @@ def _print_job(job: dict[str, Any]) -> None:
             s["state"],
             s["cause"],
         )
-    out.print(seg)
+    show(seg, out)
     if job["audits"]:
-        out.print(_audits_table(job))
+        show(_audits_table(job), out)
     if job.get("disputes"):
         dt = Table(title="disputes (a provider contests a failed audit)")
         for col in ("dispute", "audit", "state", "phase", "ruling"):
@@ -136,7 +137,7 @@ def _print_job(job: dict[str, Any]) -> None:
                 else "-"
             )
             dt.add_row(d["id"], d["audit_id"], d["state"], d["phase"], ruling[:80])
-        out.print(dt)
+        show(dt, out)
     hist = Table(title="history")
     for col in ("time", "event", "cause", "detail"):
         hist.add_column(col)
@@ -148,8 +149,8 @@ def _print_job(job: dict[str, Any]) -> None:
         hist.add_row(
             time.strftime("%H:%M:%S", time.localtime(e["at"])), e["kind"], e["cause"], detail[:80]
         )
-    out.print(hist)
-    out.print(_bill_table(job))
+    show(hist, out)
+    show(_bill_table(job), out)
 
 
 def jobs(
@@ -173,7 +174,7 @@ def jobs(
             _short(j["provider"]),
             _credits(j["price_per_step"]),
         )
-    out.print(t)
+    show(t, out)
 
 
 def job(

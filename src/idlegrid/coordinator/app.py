@@ -41,6 +41,7 @@ from idlegrid.coordinator.market.service import Market
 from idlegrid.coordinator.nodes import admin_routes as routes_admin
 from idlegrid.coordinator.nodes import routes as routes_nodes
 from idlegrid.coordinator.nodes.service import Nodes
+from idlegrid.coordinator.observe import RequestIds
 from idlegrid.coordinator.supervisor import Supervisor
 from idlegrid.coordinator.training import routes as routes_jobs
 from idlegrid.coordinator.training.jobs import Jobs
@@ -64,6 +65,11 @@ def create_app(
         store = Store(url, clock)
         svc = compose(Context(settings, store, clock))
         app.state.services = svc
+        streams = svc.inference.hub.streams
+        svc.metrics.watch_queue(
+            lambda: sum(1 for st in list(streams.values()) if st.attempt == 0),
+            lambda: sum(1 for st in list(streams.values()) if st.attempt > 0),
+        )
         await svc.nodes.refresh()  # routing and the market start from what the store knows
         svc.supervisor.start()
         try:
@@ -83,6 +89,8 @@ def create_app(
     )
     # Last added runs first: a foreign Host (DNS rebinding) is refused before anything.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names())
+    # Outermost: every response, refusals included, gets its id, log line and count.
+    app.add_middleware(RequestIds)
     app.include_router(routes_openai.router)
     app.include_router(embed_routes.router)
     app.include_router(routes_files.router)

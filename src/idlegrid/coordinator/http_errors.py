@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,8 @@ from idlegrid.errors import (
     ModelNotFound,
     NoCapacity,
     NotFound,
+    RateLimited,
+    SpendCapReached,
 )
 
 log = logging.getLogger("idlegrid.http")
@@ -30,6 +33,8 @@ STATUS: list[tuple[type[IdlegridError], int, str]] = [
     (InvalidRequest, 400, "invalid_request_error"),
     (AuthError, 401, "authentication_error"),
     (InsufficientCredits, 402, "insufficient_quota"),
+    (RateLimited, 429, "rate_limit_error"),
+    (SpendCapReached, 429, "insufficient_quota"),
     (ModelNotFound, 404, "invalid_request_error"),
     (NotFound, 404, "invalid_request_error"),
     (Conflict, 409, "conflict_error"),
@@ -72,7 +77,12 @@ def to_response(exc: IdlegridError) -> JSONResponse:
         log.error("%s: %s", exc.code, exc.message)
     param = exc.data.get("param") if isinstance(exc.data.get("param"), str) else None
     safe = json.loads(json.dumps(exc.data, default=str))
-    return JSONResponse(error_body(exc.message, type_, exc.code, param, safe), status_code=status)
+    response = JSONResponse(
+        error_body(exc.message, type_, exc.code, param, safe), status_code=status
+    )
+    if isinstance(exc, RateLimited):  # as OpenAI does: whole seconds, rounded up
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.data["retry_after_s"])))
+    return response
 
 
 def install(app: FastAPI) -> None:

@@ -1,7 +1,11 @@
-"""Which provider takes a request: least-loaded first, then the market's score, then speed. Pure.
+"""Which provider takes a request: least-loaded first, then the market's score, then the
+least recently used among equally good ones, then speed. Pure.
 
 The score is the auction's (`market.auction.request_score`): the request's expected cost
-at the provider's prices, divided by the provider's measured reliability.
+at the provider's prices, divided by the provider's measured reliability. Scores within
+`TIE` of the best at the same load are equally good: a reliability of 0.99 against 1.0,
+or a benchmark a few percent apart, is noise, and ranking on it sent every request of an
+idle grid to one provider while the other sat idle and earned nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 
 from idlegrid.core.ledger import Price
 from idlegrid.core.market.auction import request_score
+
+TIE = 0.05  # scores within 5 % of the best are equally good
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class Candidate:
     reliability: float = 1.0  # measured success ratio, 0..1
     prompt_tokens: int = 0  # of the request being routed
     max_tokens: int = 1
+    last_routed: int = 0  # when it was last routed a request (a sequence; 0: never)
 
     @property
     def score(self) -> float:
@@ -50,9 +57,44 @@ class Candidate:
 
 
 def rank(candidates: Iterable[Candidate], exclude: frozenset[str] = frozenset()) -> list[Candidate]:
-    """Candidates best first: lowest load, then lowest score, then highest speed, then id."""
+    """Candidates best first: lowest load, then lowest score (within `TIE` of the best at
+    that load counts as a tie), then least recently used, then highest speed, then id."""
     pool = [c for c in candidates if c.node_id not in exclude]
-    return sorted(pool, key=lambda c: (c.load, c.score, -c.decode_tps, c.node_id))
+    best = _best_scores(pool)
+
+    def key(c: Candidate) -> tuple[float, float, int, float, str]:
+        score = 0.0 if _near(c, best) else c.score
+        return (c.load, score, c.last_routed, -c.decode_tps, c.node_id)
+
+    return sorted(pool, key=key)
+
+
+def _best_scores(pool: list[Candidate]) -> dict[float, float]:
+    best: dict[float, float] = {}
+    for c in pool:
+        best[c.load] = min(best.get(c.load, c.score), c.score)
+    return best
+
+
+def _near(c: Candidate, best: dict[float, float]) -> bool:
+    return c.score <= best[c.load] * (1 + TIE)
+
+
+def reason(candidates: Iterable[Candidate], chosen: Candidate | None) -> str:
+    """Why `chosen` got a request, in a few words (the `x-idlegrid-route` header)."""
+    pool = list(candidates)
+    if chosen is None:
+        return f"queued: all {len(pool)} provider(s) busy" if pool else "queued: no provider"
+    free = [c for c in pool if c.has_free_slot]
+    if len(free) == 1:
+        return "only provider with a free slot"
+    if any(c.load > chosen.load for c in free):
+        return f"least loaded of {len(free)}"
+    best = _best_scores(pool)
+    tied = [c for c in free if c.load == chosen.load and _near(c, best)]
+    if len(tied) > 1:
+        return f"tie among {len(tied)} within {TIE:.0%} on cost/reliability: least recently used"
+    return f"best cost/reliability of {len(free)}"
 
 
 def choose(

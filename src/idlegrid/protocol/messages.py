@@ -122,6 +122,8 @@ class TaskMsg(Message):
     # Structured outputs (core/grammar.GrammarSpec.to_wire): sent only to agents whose engine
     # facts name a grammar engine; the answer must be sampled under it and commit to it.
     grammar: dict[str, str] | None = None
+    # The consumer's request id (`x-request-id`), for the agent's log lines about this task.
+    request_id: str | None = Field(None, max_length=64)
 
 
 class LogprobMsg(Message):

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard import queries
-from idlegrid.core import energy, telemetry
+from idlegrid.core import energy, income, telemetry
 from idlegrid.core.ledger import FEES, MICRO
 from idlegrid.errors import InvalidRequest
 
@@ -169,6 +169,7 @@ class Dashboard:
         for row in queries.attempt_energy(store, 0.0):
             per_model.setdefault(row["node_id"], []).append(row)
         used = energy_by_node(store, ctx.now - ENERGY_WINDOW_S)
+        worked = income.totals(ctx.balances, store.deposits())
         rows = []
         for n in ctx.nodes:
             live = n.state != "gone" and n.last_seen >= ctx.live_cutoff
@@ -203,7 +204,8 @@ class Dashboard:
                     "kwh": energy.kwh(kwh_j) if kwh_j is not None else None,
                     "kwh_estimated": kwh_est,
                     "accrued": money["accrued"],
-                    "paid": money["paid"],
+                    # Paid for work, never the balance: that holds faucet credits and stake.
+                    "paid": worked[n.id].paid if n.id in worked else 0,
                     # Filled in once trust (issue 4) records them on the node.
                     "reputation": n.hardware.get("reputation"),
                     "audits": None,

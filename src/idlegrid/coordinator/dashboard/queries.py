@@ -101,29 +101,6 @@ def attempt_prices(store: Store, since: float) -> list[tuple[float, str, int, in
     return [(t, m, int(p), int(o)) for t, m, p, o in rows]
 
 
-def provider_income(store: Store, since: float) -> dict[str, int]:
-    """Net µcr credited to each provider's accrual and paid accounts since `since`.
-
-    A payout moving credits from accrual:<node> to provider:<node> nets to zero here,
-    so earnings are not counted twice; a slash counts against them.
-    """
-    with store.read() as s:
-        rows = s.execute(
-            select(LedgerPosting.account, func.sum(LedgerPosting.amount))
-            .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
-            .where(
-                LedgerEntry.created_at >= since,
-                LedgerPosting.account.like("provider:%") | LedgerPosting.account.like("accrual:%"),
-            )
-            .group_by(LedgerPosting.account)
-        ).all()
-    out: dict[str, int] = {}
-    for account, amount in rows:
-        node_id = account.split(":", 1)[1]
-        out[node_id] = out.get(node_id, 0) + int(amount or 0)
-    return out
-
-
 def recent_entries(store: Store, limit: int = 50) -> list[dict[str, Any]]:
     """The newest ledger entries with their postings, newest first."""
     with store.read() as s:

@@ -29,7 +29,8 @@ from idlegrid.coordinator.deps import (
     services,
 )
 from idlegrid.coordinator.schemas import errors, event_stream
-from idlegrid.core import economics, energy, telemetry
+from idlegrid.core import economics, energy, income, telemetry
+from idlegrid.core.income import Income
 from idlegrid.errors import AuthError, InvalidRequest
 
 COOKIE = "idlegrid_operator"
@@ -218,7 +219,7 @@ async def earnings(
         store = svc.store
         nodes = store.nodes()
         balances = store.balances()
-        income = queries.provider_income(store, since)
+        worked = store.provider_income(since)
         used = energy_by_node(store, since)
         served: dict[str, dict[str, Any]] = {}
         for row in queries.attempt_energy(store, since):
@@ -242,7 +243,7 @@ async def earnings(
         return {
             "nodes": nodes,
             "balances": balances,
-            "income": income,
+            "income": worked,
             "used": used,
             "served": served,
         }
@@ -259,6 +260,7 @@ async def earnings(
         # No sample in the period yet: zero is a guess, not a reading.
         device_j, device_est = d["used"].get(n.id, (0.0, True))
         money = telemetry.provider_money(d["balances"], n.id)
+        work = d["income"].get(n.id) or Income()
         power = svc.nodes.power.get(n.id)
         rows.append(
             {
@@ -266,9 +268,12 @@ async def earnings(
                 "name": n.name,
                 "hardware": n.hardware,
                 "decode_tps": n.decode_tps,
-                "earned": d["income"].get(n.id, 0),
+                # Income for work only (core/income.py); a balance holds faucet credits
+                # and moves with stake.
+                "earned": work.earned,
+                "income": {src: work.by_source.get(src, 0) for src in income.SOURCES},
                 "accrued": money["accrued"],
-                "paid": money["paid"],
+                "paid": work.paid,
                 # The device's energy over the period (idle included), from its heartbeats;
                 # the part spent on requests, from their finish reports.
                 "energy_j": device_j,

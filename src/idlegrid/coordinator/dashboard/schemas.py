@@ -26,9 +26,10 @@ class ProviderEarnings(BaseModel):
     name: str
     hardware: dict[str, Any]
     decode_tps: Number
-    earned: int
-    accrued: int
-    paid: int
+    earned: int  # net income for work over the period, µcr
+    income: dict[str, int]  # earned by source: tokens, seconds, training steps, ...
+    accrued: int  # work not paid out yet (now)
+    paid: int  # work that reached the provider account over the period
     energy_j: Number
     energy_estimated: bool
     request_energy_j: Number

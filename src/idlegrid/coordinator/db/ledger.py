@@ -14,13 +14,14 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.db.tables import Account, LedgerEntry, LedgerHead, LedgerPosting, table
-from idlegrid.core import ledger
+from idlegrid.core import income, ledger
 from idlegrid.core.ledger import Entry
 from idlegrid.errors import InsufficientCredits, LedgerError
 
 # Core statements on the tables, not the ORM classes: executed through a Session, an
 # ORM-entity insert or update takes the bulk-persistence path, several times slower.
 _ACC, _ENT, _HEAD = Account.__table__.c, LedgerEntry.__table__.c, LedgerHead.__table__.c
+_POST = LedgerPosting.__table__.c
 _ENTRY_BY_KEY = select(_ENT.seq).where(_ENT.key == bindparam("key"))
 _HEAD_FOR_UPDATE = select(_HEAD.seq, _HEAD.hash).where(_HEAD.id == 1).with_for_update()
 _KNOWN_ACCOUNTS = select(_ACC.id).where(_ACC.id.in_(bindparam("ids", expanding=True)))
@@ -149,6 +150,45 @@ class LedgerStore:
                 }
                 for e in s.scalars(q)
             ]
+
+    def provider_income(self, since: float = 0.0) -> dict[str, income.Income]:
+        """Each provider's income for work since `since`, by source (core/income.py):
+        never a mint, a deposit or its own stake moving."""
+        with self.read() as s:
+            rows = s.execute(
+                select(_ENT.key, _ENT.memo, _POST.account, _POST.amount)
+                .select_from(table(LedgerPosting))
+                .join(table(LedgerEntry), _ENT.seq == _POST.entry_seq)
+                .where(
+                    _ENT.created_at >= since,
+                    _POST.account.like("provider:%")
+                    | _POST.account.like("accrual:%")
+                    | _POST.account.like("stake:%"),
+                )
+            ).all()
+        return income.tally((k, m or "", a, int(v)) for k, m, a, v in rows)
+
+    def deposits(self) -> dict[str, int]:
+        """µcr minted into each provider, accrual or stake account, ever: the mint entries
+        first (one pass over the entries), then only their postings."""
+        with self.read() as s:
+            # LIKE, not a key range: under PostgreSQL's locale collations punctuation does
+            # not order as in C, and a range would miss keys.
+            seqs = list(
+                s.scalars(select(_ENT.seq).where(_ENT.memo == "mint", _ENT.key.like("mint:%")))
+            )
+            out: dict[str, int] = {}
+            for i in range(0, len(seqs), 500):
+                for account, amount in s.execute(
+                    select(_POST.account, _POST.amount).where(
+                        _POST.entry_seq.in_(seqs[i : i + 500]),
+                        _POST.account.like("provider:%")
+                        | _POST.account.like("accrual:%")
+                        | _POST.account.like("stake:%"),
+                    )
+                ):
+                    out[account] = out.get(account, 0) + int(amount)
+        return out
 
     def verify_ledger(self) -> list[str]:
         """Recompute the hash chain and every balance; return the problems found (none: [])."""

@@ -12,18 +12,23 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy import (
+    func,
     select,
     update,
 )
 from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.db.tables import (
+    Account,
     ApiKey,
+    LedgerEntry,
+    LedgerPosting,
     Node,
     Offer,
     PowerSample,
 )
 from idlegrid.coordinator.views import NodeView, PowerRow
+from idlegrid.core import ledger
 from idlegrid.core.ledger import Price
 from idlegrid.core.nodes import NODE
 from idlegrid.errors import AuthError, NotFound
@@ -146,17 +151,80 @@ class NodeStore:
         cutoff = self.clock() - timeout_s
         return [n for n in self.nodes() if n.state == "live" and n.last_seen >= cutoff]
 
-    def create_api_key(self, name: str) -> tuple[str, str]:
+    def create_api_key(
+        self,
+        name: str,
+        spend_cap: int | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+    ) -> tuple[str, str]:
         """A new consumer key: (key id, secret). The secret is shown once and never stored."""
         key_id = "key_" + secrets.token_hex(8)
         secret = f"ig-{key_id[4:]}-{secrets.token_urlsafe(24)}"
         with self.tx() as s:
             s.add(
                 ApiKey(
-                    id=key_id, secret_hash=_hash_secret(secret), name=name, created_at=self.clock()
+                    id=key_id,
+                    secret_hash=_hash_secret(secret),
+                    name=name,
+                    created_at=self.clock(),
+                    spend_cap=spend_cap,
+                    rpm=rpm,
+                    tpm=tpm,
                 )
             )
         return key_id, secret
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        """Every consumer key: name, state, limits, balance and what it has spent (µcr)."""
+        with self.read() as s:
+            keys = s.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
+            return [
+                {
+                    "key_id": k.id,
+                    "name": k.name,
+                    "created_at": k.created_at,
+                    "revoked_at": k.revoked_at,
+                    "spend_cap": k.spend_cap,
+                    "rpm": k.rpm,
+                    "tpm": k.tpm,
+                    **self._money(s, k.id),
+                }
+                for k in keys
+            ]
+
+    def key_limits(self, key_id: str) -> tuple[int | None, int | None, int | None]:
+        """(spend cap, requests per minute, tokens per minute) of a key."""
+        with self.read() as s:
+            row = s.execute(
+                select(ApiKey.spend_cap, ApiKey.rpm, ApiKey.tpm).where(ApiKey.id == key_id)
+            ).first()
+        return (row[0], row[1], row[2]) if row else (None, None, None)
+
+    def set_key_limits(self, key_id: str, limits: dict[str, int | None]) -> None:
+        """Replace the named limits of a key (NotFound if there is none)."""
+        with self.tx() as s:
+            key = s.get(ApiKey, key_id, with_for_update=True)
+            if key is None:
+                raise NotFound(f"no API key {key_id}", key_id=key_id)
+            for name in ("spend_cap", "rpm", "tpm"):
+                if name in limits:
+                    setattr(key, name, limits[name])
+
+    def key_spent(self, key_id: str) -> int:
+        """µcr a key has spent or holds in escrow: what was deposited less its balance."""
+        with self.read() as s:
+            return int(self._money(s, key_id)["spent"])
+
+    def _money(self, s: Session, key_id: str) -> dict[str, int]:
+        account = ledger.consumer_account(key_id)
+        balance = s.scalar(select(Account.balance).where(Account.id == account)) or 0
+        deposited = s.scalar(
+            select(func.coalesce(func.sum(LedgerPosting.amount), 0))
+            .join(LedgerEntry, LedgerEntry.seq == LedgerPosting.entry_seq)
+            .where(LedgerPosting.account == account, LedgerEntry.memo == "mint")
+        )
+        return {"balance": int(balance), "spent": int(deposited or 0) - int(balance)}
 
     def key_for_secret(self, secret: str) -> str:
         """The key id for a bearer secret, or AuthError (unknown or revoked)."""

@@ -65,6 +65,10 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Limits (migration 0017): most µcr ever spent, requests and tokens per minute; None: none.
+    spend_cap: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Task(Base):

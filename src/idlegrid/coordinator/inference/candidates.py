@@ -42,6 +42,7 @@ def live_candidates(
             rel.get(n.id, 1.0),
             prompt_tokens,
             max_tokens,
+            inf.hub.routed.get(n.id, 0),
         )
         for n in live
     ]

@@ -76,6 +76,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
         logit_bias=p.get("logit_bias") or {},
         logprobs=p.get("logprobs"),
         grammar=p.get("grammar"),
+        request_id=p.get("request_id"),
     )
 
 

@@ -65,7 +65,7 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
 @router.post(
     "/embeddings",
     response_model=s.EmbeddingList,
-    responses=errors(400, 401, 402, 404, 502, 503),
+    responses=errors(400, 401, 402, 404, 429, 502, 503),
 )
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     """Embed a string, a list of strings or token ids; billed per input token at the
@@ -82,6 +82,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
         raise ModelNotFound(body.model)
     check_limits(facts, body, inputs)
     bound = sum(len(x) if isinstance(x, list) else prompt_token_bound(x) for x in inputs)
+    await svc.nodes.admit(key_id, bound)
     st = svc.settings
     cap = body.max_price
     price = (

@@ -33,6 +33,7 @@ class TaskStream:
     last_progress: float = 0.0
     node_id: str | None = None  # the provider holding the current attempt
     target: str | None = None  # the provider it was routed to, until one claims it
+    route: str = ""  # why it was routed there (core/routing.reason)
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     # Serialises uploads, finish and hand-over of one task, so each sees a settled attempt.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -58,6 +59,16 @@ class Hub:
         self._work: dict[str, asyncio.Event] = {}
         # Long polls parked per node, ready to take a task handed to them directly.
         self._waiters: dict[str, list[asyncio.Future[Any]]] = {}
+        # When each node was last routed a request (a sequence number): ties go to the
+        # least recently used, so an idle grid's providers take turns.
+        self.routed: dict[str, int] = {}
+        self._route_seq = 0
+
+    def note_routed(self, node_id: str | None) -> None:
+        """Record that a request was just routed to `node_id`."""
+        if node_id is not None:
+            self._route_seq += 1
+            self.routed[node_id] = self._route_seq
 
     def open(self, task_id: str, now: float) -> TaskStream:
         """Start listening to a task's output."""

@@ -201,6 +201,7 @@ def _price_cap(svc: Services, body: Any) -> Price:
 
 
 TASKS_HEADER = "X-Idlegrid-Tasks"  # the grid task of each choice, by index
+ROUTE_HEADER = "X-Idlegrid-Route"  # where each choice was routed first, and why
 
 
 async def _serve(
@@ -219,10 +220,15 @@ async def _serve(
 ) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    await svc.nodes.admit(key_id, sum(bound + max_tokens for _, bound in work))
     if embedding_facts(svc.inference.nodes.cache.values(), model) is not None:
         raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
+    # The request id reaches the provider with the task: its log lines for it carry it.
+    rid = getattr(request.state, "request_id", None)
+    work = [({**payload, "request_id": rid}, bound) for payload, bound in work]
     handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
     task_ids = [task_id for task_id, _ in handles]
+    route = " | ".join(f"{(st.node_id or st.target or '-')[:12]}: {st.route}" for _, st in handles)
     shape = _Shape(kind, task_ids[0], model, logprobs, calls)
     shape.streams = {k: tools.DeltaStream(t) for k, t in enumerate(task_ids)} if calls else {}
     shape.echo = echo or []
@@ -235,6 +241,7 @@ async def _serve(
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
                 TASKS_HEADER: ",".join(task_ids),
+                ROUTE_HEADER: route,
             },
         )
     parts: list[list[str]] = [[] for _ in handles]
@@ -242,17 +249,19 @@ async def _serve(
     done: dict[int, TaskView] = {}
     ended: set[int] = set()
     events = fanout.interleave(svc.inference, [st for _, st in handles])
+    first_s: float | None = None
     try:
         async for k, event in events:
             if event.kind == "pieces":
-                if not any(parts):
-                    svc.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                if first_s is None:
+                    first_s = time.perf_counter() - started
+                    svc.metrics.ttft.labels(model).observe(first_s)
                 parts[k].extend(text for _, text in event.pieces)
                 lps[k].extend(event.data.get("logprobs") or ())
             elif event.kind == "done":
                 ended.add(k)
                 done[k] = event.data["task"]
-                _count(svc, model, done[k], "ok")
+                _count(svc, model, done[k], "ok", started, first_s)
             else:
                 ended.add(k)
                 svc.metrics.requests.labels(model, "failed").inc()
@@ -262,6 +271,7 @@ async def _serve(
             await events.aclose()
         await _close(svc, handles, ended)
     response.headers[TASKS_HEADER] = ",".join(task_ids)
+    response.headers[ROUTE_HEADER] = route
     return shape.whole([("".join(parts[k]), done[k], lps[k]) for k in range(len(handles))])
 
 
@@ -275,7 +285,12 @@ async def _close(svc: Services, handles: list[tuple[str, TaskStream]], ended: se
             svc.inference.hub.close(task_id)
 
 
-def _count(svc: Services, model: str, task: TaskView, outcome: str) -> None:
+def _count(
+    svc: Services, model: str, task: TaskView, outcome: str, started: float, first_s: float | None
+) -> None:
+    svc.metrics.observe_answer(
+        model, task.node_id, time.perf_counter() - started, task.output_tokens, first_s
+    )
     svc.metrics.requests.labels(model, outcome).inc()
     svc.metrics.tokens.labels(model, "prompt").inc(task.prompt_tokens)
     svc.metrics.tokens.labels(model, "output").inc(task.output_tokens)
@@ -302,20 +317,20 @@ async def _sse(
                 yield _sse_line(shape.chunk(k, "", None, first=True))
         for k, prompt in enumerate(shape.echo):  # as OpenAI: the echoed prompt comes first
             yield _sse_line(shape.chunk(k, prompt, None))
-        first = True
+        first_s: float | None = None
         async for k, event in events:
             if event.kind == "pieces":
                 text = "".join(t for _, t in event.pieces)
-                if first:
-                    svc.metrics.ttft.labels(shape.model).observe(time.perf_counter() - started)
-                    first = False
+                if first_s is None:
+                    first_s = time.perf_counter() - started
+                    svc.metrics.ttft.labels(shape.model).observe(first_s)
                 for chunk in shape.pieces(k, text, event.data.get("logprobs")):
                     yield _sse_line(chunk)
             elif event.kind == "done":
                 ended.add(k)
                 task: TaskView = event.data["task"]
                 done.append(task)
-                _count(svc, shape.model, task, "ok")
+                _count(svc, shape.model, task, "ok", started, first_s)
                 tail = None if shape.kind == "chat" else ""
                 finish: Any = task.finish_reason
                 if k in shape.streams:
@@ -354,7 +369,7 @@ async def _sse(
 @router.post(
     "/completions",
     response_model=s.Completion,
-    responses={**s.COMPLETION_RESPONSES, **errors(400, 401, 402, 404, 502, 503)},
+    responses={**s.COMPLETION_RESPONSES, **errors(400, 401, 402, 404, 429, 502, 503)},
 )
 async def completions(body: CompletionRequest, request: Request, response: Response) -> Any:
     """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE]); a list of
@@ -406,7 +421,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 @router.post(
     "/chat/completions",
     response_model=s.ChatCompletion,
-    responses={**s.CHAT_RESPONSES, **errors(400, 401, 402, 404, 502, 503)},
+    responses={**s.CHAT_RESPONSES, **errors(400, 401, 402, 404, 429, 502, 503)},
 )
 async def chat_completions(body: ChatRequest, request: Request, response: Response) -> Any:
     """Chat completion, templated by the serving engine with the model's own chat template."""

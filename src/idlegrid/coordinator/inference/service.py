@@ -441,8 +441,10 @@ class Inference:
         if payload.get("seed") is None:
             payload["seed"] = derive_seed(task_id)
         target = routing.choose(cands)
+        self.hub.note_routed(target.node_id if target else None)
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
+        stream.route = routing.reason(cands, target)
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
         parked = self.hub.take_parked(target.node_id) if target else None
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from idlegrid.coordinator.deps import (
     is_operator,
@@ -14,7 +14,7 @@ from idlegrid.coordinator.deps import (
 )
 from idlegrid.coordinator.nodes import schemas as s
 from idlegrid.coordinator.schemas import errors
-from idlegrid.core import ledger
+from idlegrid.core import income, ledger
 from idlegrid.errors import InvalidRequest
 
 router = APIRouter(prefix="/api/v1", tags=["grid"])
@@ -23,7 +23,12 @@ router = APIRouter(prefix="/api/v1", tags=["grid"])
 class NewKey(BaseModel):
     """Body of POST /admin/keys."""
 
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field("consumer", min_length=1, max_length=128)
+    spend_cap: int | None = Field(None, ge=0, description="most µcr the key may ever spend")
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens (prompt + most output) per minute")
 
 
 class Mint(BaseModel):
@@ -40,8 +45,41 @@ async def create_key(body: NewKey, request: Request) -> dict[str, str]:
     """Create a consumer API key; the secret is returned once."""
     require_operator(request)
     svc = services(request)
-    key_id, secret = await svc.db(svc.store.create_api_key, body.name)
+    key_id, secret = await svc.db(
+        svc.store.create_api_key, body.name, body.spend_cap, body.rpm, body.tpm
+    )
     return {"key_id": key_id, "api_key": secret}
+
+
+@router.get("/admin/keys", response_model=s.KeyList, responses=errors(401))
+async def list_keys(request: Request) -> dict[str, Any]:
+    """Every consumer key with its balance, what it has spent, its limits and state."""
+    require_operator(request)
+    svc = services(request)
+    return {"keys": await svc.db(svc.store.api_keys)}
+
+
+class KeyLimitsBody(BaseModel):
+    """Body of POST /admin/keys/{id}/limits: each field given replaces that limit; null
+    lifts it; a field left out is kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spend_cap: int | None = Field(None, ge=0, description="most µcr the key may ever spend")
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens (prompt + most output) per minute")
+
+
+@router.post(
+    "/admin/keys/{key_id}/limits", response_model=s.KeyInfo, responses=errors(400, 401, 404)
+)
+async def set_key_limits(key_id: str, body: KeyLimitsBody, request: Request) -> dict[str, Any]:
+    """Change a key's spend cap or rate limits (seen by every coordinator within 30 s)."""
+    require_operator(request)
+    svc = services(request)
+    await svc.db(svc.store.set_key_limits, key_id, body.model_dump(exclude_unset=True))
+    svc.nodes.forget_limits(key_id)
+    return next(k for k in await svc.db(svc.store.api_keys) if k["key_id"] == key_id)
 
 
 @router.post("/admin/keys/{key_id}/revoke", response_model=s.KeyRevoked, responses=errors(401, 404))
@@ -98,6 +136,7 @@ async def status(request: Request) -> dict[str, Any]:
     nodes = await svc.db(svc.store.nodes)
     balances = await svc.db(svc.store.balances)
     running = await svc.db(svc.store.running_by_node)
+    worked = income.totals(balances, await svc.db(svc.store.deposits))
     view = {
         "nodes": [
             {
@@ -117,10 +156,10 @@ async def status(request: Request) -> dict[str, Any]:
                     for mid, p in n.offers.items()
                 },
                 # Earnings accrue first (forfeitable while audits are open), then are paid out.
+                # Income for work only: the provider account also holds faucet credits.
                 "accrued": balances.get(ledger.accrual_account(n.id), 0),
-                "paid": balances.get(ledger.provider_account(n.id), 0),
-                "earned": balances.get(ledger.accrual_account(n.id), 0)
-                + balances.get(ledger.provider_account(n.id), 0),
+                "paid": worked[n.id].paid if n.id in worked else 0,
+                "earned": worked[n.id].earned if n.id in worked else 0,
             }
             for n in nodes
         ],

@@ -50,6 +50,26 @@ class NewKeyCreated(BaseModel):
     api_key: str
 
 
+class KeyInfo(BaseModel):
+    """One consumer key as the operator sees it (never its secret); µcr."""
+
+    key_id: str
+    name: str
+    created_at: Number
+    revoked_at: Number | None
+    spend_cap: int | None
+    rpm: int | None
+    tpm: int | None
+    balance: int
+    spent: int  # deposited less the balance: paid for, or held for open work
+
+
+class KeyList(BaseModel):
+    """GET /admin/keys."""
+
+    keys: list[KeyInfo]
+
+
 class KeyRevoked(BaseModel):
     """POST /admin/keys/{id}/revoke; `changed` is false when it was revoked already."""
 
@@ -96,9 +116,9 @@ class NodeStatus(BaseModel):
     hardware: dict[str, Any]
     engine: dict[str, Any]
     offers: dict[str, ModelPrice]
-    accrued: int
-    paid: int
-    earned: int
+    accrued: int  # work not paid out yet
+    paid: int  # work paid to the provider account, ever (never a mint or stake)
+    earned: int  # net income for work, ever (core/income.py)
 
 
 class GridStatus(BaseModel):

@@ -11,10 +11,11 @@ from typing import Any
 from idlegrid import PROTOCOL_VERSION
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import LiveNodesChanged, NodeRegistered
+from idlegrid.coordinator.nodes.limiter import KeyLimiter, KeyLimits
 from idlegrid.coordinator.views import NodeView
 from idlegrid.core.ledger import Price
 from idlegrid.core.market.hardware import canonical_gpu
-from idlegrid.errors import AuthError, Conflict, InvalidRequest
+from idlegrid.errors import AuthError, Conflict, InvalidRequest, SpendCapReached
 from idlegrid.protocol.signing import Verifier
 
 NODE_RELOAD_S = 30.0
@@ -35,6 +36,8 @@ class Nodes:
         self._keys: dict[str, bytes] = {}  # node id -> public key, cached: checked per upload
         # bearer secret -> (key id, cached until)
         self._api_keys: dict[str, tuple[str, float]] = {}
+        self._limits: dict[str, tuple[KeyLimits, float]] = {}
+        self.limiter = KeyLimiter(ctx.settings.rate_limit_storage)
         # Node views cached for routing, refreshed by the supervisor and on registration:
         # routing a request then touches no database before its escrow is written.
         self.cache: dict[str, NodeView] = {}
@@ -218,6 +221,30 @@ class Nodes:
             self._api_keys.clear()
         self._api_keys[secret] = (key_id, now + KEY_CACHE_S)
         return key_id
+
+    async def admit(self, key_id: str, tokens: int) -> None:
+        """Refuse (429) a request past the key's spend cap or over its rate limits;
+        `tokens` is the request's prompt bound plus the most it may generate."""
+        now = self.ctx.clock()
+        cached = self._limits.get(key_id)
+        if cached is None or cached[1] <= now:
+            cap, rpm, tpm = await self.ctx.db(self.store.key_limits, key_id)
+            cached = (KeyLimits(cap, rpm, tpm), now + KEY_CACHE_S)
+            if len(self._limits) > 100_000:
+                self._limits.clear()
+            self._limits[key_id] = cached
+        limits = cached[0]
+        if limits.spend_cap is not None:
+            # Spent includes what open requests hold: a cap is never passed by more than
+            # the request that reaches it.
+            spent = await self.ctx.db(self.store.key_spent, key_id)
+            if spent >= limits.spend_cap:
+                raise SpendCapReached(key_id, limits.spend_cap, spent)
+        self.limiter.admit(key_id, limits, tokens)
+
+    def forget_limits(self, key_id: str) -> None:
+        """Drop a key's cached limits: they changed here."""
+        self._limits.pop(key_id, None)
 
     async def revoke_key(self, key_id: str) -> bool:
         """Revoke an API key: its requests are refused from now on."""
