@@ -81,6 +81,8 @@ class Task(Base):
     node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     target_node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     hold: Mapped[int] = mapped_column(BigInteger)
+    # Claimed lowest first: 0 interactive, 1 a batch line (batch work fills what is left).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Token ids already delivered to the consumer; a new attempt continues after them.
     delivered_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)

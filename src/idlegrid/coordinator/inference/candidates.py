@@ -3,9 +3,11 @@ reliability (split from service.py to keep it readable in one sitting)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from idlegrid.core import routing
+from idlegrid.core.batch.money import batch_price
 from idlegrid.core.ledger import Price
 
 if TYPE_CHECKING:
@@ -46,3 +48,16 @@ def live_candidates(
         for n in live
     ]
     return cands, {n.id: n.offers[model] for n in live}
+
+
+def for_batch(
+    cands: list[routing.Candidate], prices: dict[str, Price], share_bps: int | None
+) -> tuple[list[routing.Candidate], dict[str, Price]]:
+    """The candidates of a batch line at their batch prices (core/batch/money.py); those
+    that serve no batch work dropped."""
+    batch = {n: b for n, p in prices.items() if (b := batch_price(p, share_bps)) is not None}
+    return [
+        replace(c, prompt_price=batch[c.node_id].prompt, output_price=batch[c.node_id].output)
+        for c in cands
+        if c.node_id in batch
+    ], batch
