@@ -103,6 +103,8 @@ class CoordinatorSettings(BaseSettings):
     # claimed only after interactive work).
     batch_price_bps: int = Field(5_000, ge=0, le=10_000)
     batch_in_flight: int = Field(8, ge=1, le=10_000)
+    # The completion windows a batch may ask for (OpenAI offers only 24h), in seconds.
+    batch_windows: dict[str, float] = Field(default_factory=lambda: {"24h": 86_400.0})
 
     def ensure_operator_key(self) -> str:
         """The operator key: configured, else read from (or created in) the data dir."""

@@ -237,3 +237,140 @@ def test_bad_input_is_refused_precisely_and_nothing_is_held(grid: Grid) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "completion_window"
     assert grid.balance(escrow_account(dup.id)) == 0
     assert grid.balance(escrow_account(mixed.id)) == 0
+
+
+def _slow_grid(tmp_path: Path, database_url: str, n: int, **settings: Any) -> Grid:
+    engines = [FakeEngine(MODEL, token_delay=0.05) for _ in range(n)]
+    return start_grid(tmp_path, database_url, engines, **settings)
+
+
+def _settled(grid: Grid, batch_id: str) -> dict[str, int]:
+    """Each line's charge (custom_id -> µcr), from the settle entries that name it."""
+    out: dict[str, int] = {}
+    for e in grid.entries():
+        cause = e["cause"]
+        if cause["kind"] == "batch_line" and e["memo"] == "settle":  # type: ignore[index]
+            bid, cid = cause["id"].split("/", 1)  # type: ignore[index]
+            if bid == batch_id:
+                fed = sum(
+                    p["amount"]
+                    for p in e["postings"]  # type: ignore[attr-defined]
+                    if p["account"].startswith("accrual:") or p["account"] == ledger.FEES
+                )
+                out[cid] = fed
+    return out
+
+
+def test_cancel_mid_way_refunds_the_undone_lines(tmp_path: Path, database_url: str) -> None:
+    grid = _slow_grid(tmp_path, database_url, 1, batch_in_flight=1)
+    try:
+        client = grid.client()
+        consumer = ledger.consumer_account(grid.key_id)
+        before = grid.balance(consumer)
+        lines = [_line(f"c{i}", f"line {i}", max_tokens=8) for i in range(12)]
+        batch = client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+
+        def some_done() -> bool:
+            counts = client.batches.retrieve(batch.id).request_counts
+            return counts is not None and counts.completed >= 2
+
+        wait_until(some_done, 60, 0.05)
+        cancelling = client.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled")
+        done = _wait(client, batch.id)
+        assert done.status == "cancelled" and done.cancelled_at is not None
+        counts = done.request_counts
+        assert counts is not None and counts.total == 12
+        assert counts.completed + counts.failed == 12 and 2 <= counts.completed < 12
+        answered = [x["custom_id"] for x in _jsonl(client, done.output_file_id)]
+        undone = _jsonl(client, done.error_file_id)
+        assert len(answered) == counts.completed and len(undone) == counts.failed
+        assert all(x["error"]["code"] == "batch_cancelled" for x in undone)
+        assert sorted(answered + [x["custom_id"] for x in undone]) == sorted(
+            x["custom_id"] for x in lines
+        )
+        # Only answered lines were charged; the escrow's rest came back; none is left.
+        charges = _settled(grid, batch.id)
+        assert sorted(charges) == sorted(answered)
+        assert before - grid.balance(consumer) == sum(charges.values())
+        assert grid.balance(escrow_account(batch.id)) == 0
+        assert grid.balance(ledger.ESCROW) == 0
+        grid.verify()
+    finally:
+        stop_grid(grid)
+
+
+def test_a_provider_killed_mid_batch_changes_nothing_for_the_consumer(
+    tmp_path: Path, database_url: str
+) -> None:
+    grid = _slow_grid(tmp_path, database_url, 2, batch_in_flight=2)
+    try:
+        client = grid.client()
+        prompts = {f"k{i}": f"kill test {i}" for i in range(8)}
+        lines = [_line(cid, p, max_tokens=10) for cid, p in prompts.items()]
+        batch = client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+
+        def started() -> bool:
+            counts = client.batches.retrieve(batch.id).request_counts
+            return counts is not None and counts.completed >= 1
+
+        wait_until(started, 60, 0.05)
+        grid.agents[0].kill()
+        done = _wait(client, batch.id, 120)
+        assert done.status == "completed" and done.error_file_id is None
+        out = {x["custom_id"]: x for x in _jsonl(client, done.output_file_id)}
+        assert sorted(out) == sorted(prompts)
+        for cid, x in out.items():
+            same = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": prompts[cid]}],
+                max_tokens=10,
+                temperature=0,
+            )
+            body = x["response"]["body"]
+            assert body["choices"][0]["message"]["content"] == same.choices[0].message.content
+        assert grid.balance(escrow_account(batch.id)) == 0
+        grid.verify()
+    finally:
+        stop_grid(grid)
+
+
+def test_a_batch_past_its_window_expires_and_its_unrun_lines_are_refunded(
+    tmp_path: Path, database_url: str
+) -> None:
+    grid = _slow_grid(
+        tmp_path, database_url, 1, batch_in_flight=1, batch_windows={"24h": 86400, "2s": 2}
+    )
+    try:
+        client = grid.client()
+        consumer = ledger.consumer_account(grid.key_id)
+        before = grid.balance(consumer)
+        lines = [_line(f"e{i}", f"expiry {i}", max_tokens=10) for i in range(40)]
+        batch = client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="2s",  # type: ignore[arg-type]
+        )
+        done = _wait(client, batch.id)
+        assert done.status == "expired" and done.expired_at is not None
+        counts = done.request_counts
+        assert counts is not None and counts.failed > 0
+        assert counts.completed + counts.failed == 40
+        undone = _jsonl(client, done.error_file_id)
+        assert len(undone) == counts.failed
+        assert all(x["error"]["code"] == "batch_expired" for x in undone)
+        charges = _settled(grid, batch.id)
+        assert len(charges) == counts.completed
+        assert before - grid.balance(consumer) == sum(charges.values())
+        assert grid.balance(escrow_account(batch.id)) == 0
+        grid.verify()
+    finally:
+        stop_grid(grid)

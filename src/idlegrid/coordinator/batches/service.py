@@ -165,7 +165,7 @@ class Batches:
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="endpoint") from None
         try:
-            window_s = results.window_seconds(completion_window)
+            window_s = results.window_seconds(completion_window, self.ctx.settings.batch_windows)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="completion_window") from None
         file = await self.ctx.db(self.files.get, key_id, input_file_id)

@@ -135,12 +135,15 @@ class BatchLines:
                     failure = _failure(event.data, k, len(handles))
                     break
         finally:
+            # A line stopped (its batch cancelled or expired, a sibling choice failed) is
+            # not served: its unfinished tasks end uncharged, their holds back in escrow.
             with anyio.CancelScope(shield=True):
                 await events.aclose()
                 for k, (task_id, _) in enumerate(handles):
-                    if k not in done:
-                        await inf.abandon(task_id)
                     inf.hub.close(task_id)
+                    if k not in done:
+                        await inf.db(inf.store.fail, task_id, "batch line stopped")
+                inf.changes.bump()
         if failure is not None:
             status, error = refusal(failure)
             return Outcome(status, {"error": error}, task_ids[0])

@@ -8,16 +8,17 @@ provider could serve, or a line left unfinished by an expiry or a cancel.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 WINDOWS = {"24h": 24 * 3600.0}  # OpenAI's only completion window
 
 
-def window_seconds(window: str) -> float:
+def window_seconds(window: str, windows: Mapping[str, float] = WINDOWS) -> float:
     """Seconds in a completion window; ValueError naming the ones allowed."""
-    if window not in WINDOWS:
-        raise ValueError(f"completion_window must be one of {', '.join(WINDOWS)}")
-    return WINDOWS[window]
+    if window not in windows:
+        raise ValueError(f"completion_window must be one of {', '.join(windows)}")
+    return float(windows[window])
 
 
 def answered(line_id: str, custom_id: str, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
