@@ -20,7 +20,7 @@ from idlegrid.core import ledger
 from idlegrid.core.batch.money import escrow_account
 from idlegrid.core.ledger import Price, Share
 from idlegrid.engines.fake import FakeEngine
-from idlegrid.testbed.inprocess import wait_until
+from idlegrid.testbed.inprocess import CoordinatorThread, wait_until
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 
@@ -245,7 +245,8 @@ def _slow_grid(tmp_path: Path, database_url: str, n: int, **settings: Any) -> Gr
 
 
 def _settled(grid: Grid, batch_id: str) -> dict[str, int]:
-    """Each line's charge (custom_id -> µcr), from the settle entries that name it."""
+    """Each line's charge (custom_id -> µcr), from the settle entries that name it; a line
+    settled twice would be charged twice, and fails here."""
     out: dict[str, int] = {}
     for e in grid.entries():
         cause = e["cause"]
@@ -257,6 +258,7 @@ def _settled(grid: Grid, batch_id: str) -> dict[str, int]:
                     for p in e["postings"]  # type: ignore[attr-defined]
                     if p["account"].startswith("accrual:") or p["account"] == ledger.FEES
                 )
+                assert cid not in out, f"line {cid} settled twice"
                 out[cid] = fed
     return out
 
@@ -372,5 +374,44 @@ def test_a_batch_past_its_window_expires_and_its_unrun_lines_are_refunded(
         assert before - grid.balance(consumer) == sum(charges.values())
         assert grid.balance(escrow_account(batch.id)) == 0
         grid.verify()
+    finally:
+        stop_grid(grid)
+
+
+def test_a_restarted_coordinator_resumes_a_batch_in_progress(
+    tmp_path: Path, database_url: str
+) -> None:
+    grid = _slow_grid(tmp_path, database_url, 1, batch_in_flight=1)
+    try:
+        client = grid.client()
+        consumer = ledger.consumer_account(grid.key_id)
+        before = grid.balance(consumer)
+        lines = [_line(f"s{i}", f"restart {i}", max_tokens=8) for i in range(10)]
+        batch = client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+
+        def some_done() -> bool:
+            counts = client.batches.retrieve(batch.id).request_counts
+            return counts is not None and counts.completed >= 2
+
+        wait_until(some_done, 60, 0.05)
+        client.close()
+        grid.coordinator.stop()
+        grid.coordinator = CoordinatorThread(grid.coordinator.settings)
+        grid.coordinator.start()
+        client = grid.client()
+        done = _wait(client, batch.id, 120)
+        assert done.status == "completed" and done.error_file_id is None
+        out = _jsonl(client, done.output_file_id)
+        assert sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in lines)
+        charges = _settled(grid, batch.id)
+        assert sorted(charges) == sorted(x["custom_id"] for x in out)
+        assert before - grid.balance(consumer) == sum(charges.values())
+        assert grid.balance(escrow_account(batch.id)) == 0
+        grid.verify()
+        client.close()
     finally:
         stop_grid(grid)
