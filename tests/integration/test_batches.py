@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -415,3 +416,17 @@ def test_a_restarted_coordinator_resumes_a_batch_in_progress(
         client.close()
     finally:
         stop_grid(grid)
+
+
+def test_the_old_self_reported_batch_tokens_route_is_gone(grid: Grid) -> None:
+    key = grid.agents[0].agent.client.key
+    path = "/api/v1/nodes/orders/o1/tokens"
+    raw = json.dumps({"tokens": 1000}).encode()
+    headers = {
+        **key.sign_headers("POST", path, raw, now=time.time()),
+        "content-type": "application/json",
+    }
+    with httpx.Client(base_url=grid.url, trust_env=False) as h:
+        r = h.post(path, content=raw, headers=headers)
+    assert r.status_code == 410
+    assert r.json()["error"]["data"]["use"] == "/v1/batches"
