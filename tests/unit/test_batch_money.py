@@ -12,6 +12,7 @@ from idlegrid.core.batch.money import (
     batch_refund,
     escrow_account,
     line_cause,
+    provider_share,
 )
 from idlegrid.core.ledger import Price
 
@@ -58,3 +59,10 @@ def test_completion_windows() -> None:
         results.window_seconds("1h")
     assert not results.expired(100.0, 10.0, 109.9)
     assert results.expired(100.0, 10.0, 110.0)
+
+
+def test_a_providers_share_is_its_own_else_the_grids() -> None:
+    assert provider_share(True, None, 5_000) == 5_000
+    assert provider_share(True, 2_500, 5_000) == 2_500
+    assert provider_share(True, 0, 5_000) == 0  # batch work for free is its call
+    assert provider_share(False, 2_500, 5_000) is None

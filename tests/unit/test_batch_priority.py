@@ -95,14 +95,35 @@ def test_interactive_work_is_claimed_before_older_batch_lines(store: Store) -> N
     assert settle["cause"] == {"kind": "batch_line", "id": "b1/line-7"}
 
 
+def _node(store: Store, node_id: str, **batch: Any) -> None:
+    store.upsert_node(
+        node_id=node_id,
+        public_key=b"\x02" * 32,
+        name=node_id,
+        protocol_version=1,
+        hardware={},
+        engine={},
+        slots=4,
+        prefill_tps=1.0,
+        decode_tps=1.0,
+        offers={MODEL: PRICE},
+        **batch,
+    )
+
+
 def test_a_provider_that_serves_no_batch_work_never_claims_a_line(store: Store) -> None:
+    _node(store, "n1", batch=False)  # registers again, opting out
     key_id, _ = store.create_api_key("k")
     consumer = ledger.consumer_account(key_id)
     store.post(ledger.mint("m", consumer, 10 * MICRO, Cause("deposit", "m")))
     store.post(batch_escrow("b2", consumer, 5_000))
-    tag = {"id": "b2", "custom_id": "a", "payer": escrow_account("b2"), "share_bps": None}
+    tag = {"id": "b2", "custom_id": "a", "payer": escrow_account("b2"), "share_bps": 5_000}
     _task(store, key_id, "batch-x", tag)
     assert store.claim("n1", [MODEL]) is None
-    # Failing it returns the whole hold to the batch, not to the consumer.
-    store.fail("batch-x", "batch line stopped")
-    assert store.balance(escrow_account("b2")) == 5_000
+    # A provider with its own batch price takes it, at that price.
+    _node(store, "n2", batch_price_bps=2_500)
+    assert store.claim("n2", [MODEL]) is not None
+    store.finish("batch-x", 1, "n2", new_ids=[1], prompt_tokens=0, finish_reason="stop", fee_bps=0)
+    quarter = Price(PRICE.prompt // 4, PRICE.output // 4)
+    assert store.balance(ledger.accrual_account("n2")) == ledger.token_cost(1, quarter.output)
+    assert [n.batch for n in store.nodes()] == [False, True]

@@ -39,7 +39,7 @@ from idlegrid.coordinator.db.tables import (
 )
 from idlegrid.coordinator.views import TaskView, new_task_view
 from idlegrid.core import ledger, routing
-from idlegrid.core.batch.money import batch_price, line_cause
+from idlegrid.core.batch.money import batch_price, line_cause, provider_share
 from idlegrid.core.ledger import Price, Share
 from idlegrid.core.tasks import TaskState, payable_tokens, should_retry, transition
 from idlegrid.errors import InsufficientCredits, StaleAttempt
@@ -131,14 +131,17 @@ def _task_view(t: Task) -> TaskView:
     )
 
 
-def _claim_price(t: Task, offer: Offer | None) -> Price | None:
-    """What a claim of `t` is charged per token at this offer: its price, the batch price
-    for a batch line, None if the offer cannot take it."""
+def _claim_price(t: Task, offer: Offer | None, node: Node | None) -> Price | None:
+    """What a claim of `t` is charged per token at this offer: its price, or for a batch
+    line the node's batch price; None if the node cannot take it."""
     if offer is None:
         return None
     price = Price(offer.prompt_price, offer.output_price)
     tag = (t.payload or {}).get("batch")
-    return batch_price(price, tag.get("share_bps")) if tag else price
+    if not tag:
+        return price
+    serves, own = (node.batch, node.batch_price_bps) if node is not None else (False, None)
+    return batch_price(price, provider_share(serves, own, tag.get("share_bps")))
 
 
 class Store(NodeStore, LedgerStore):
@@ -305,7 +308,7 @@ class Store(NodeStore, LedgerStore):
             for t in candidates:
                 cap = (t.payload or {}).get("price_cap")
                 offer = price.get(t.model_id)
-                charged = _claim_price(t, offer)
+                charged = _claim_price(t, offer, node)
                 if charged is None or (cap and not routing.within(charged, Price(*cap))):
                     continue
                 if (t.payload or {}).get("grammar") and not constrains:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -44,6 +45,9 @@ class Node(Base):
     state: Mapped[str] = mapped_column(String(16))  # live | draining | gone
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float, index=True)
+    # Batch work: taken at all, and its price as a share of the offers (None: the default).
+    batch: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    batch_price_bps: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Offer(Base):

@@ -96,7 +96,7 @@ class BatchLines:
         inf = self.inference
         bound = max((b for _, b in plan.work), default=0)
         cands, prices = inf.candidates(plan.model, bound, plan.max_tokens)
-        cands, prices = for_batch(cands, prices, self.share_bps)
+        cands, prices = for_batch(inf, cands, prices, self.share_bps)
         if not cands and plan.model not in await inf.db(inf.store.known_models):
             raise ModelNotFound(plan.model)
         basis = routing.price_basis(prices, inf.market.staked_nodes, plan.cap) or batch_price(

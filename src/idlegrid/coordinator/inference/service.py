@@ -407,7 +407,7 @@ class Inference:
             )
         cands, prices = self.candidates(model, max_prompt_tokens, max_tokens)
         if batch is not None:
-            cands, prices = for_batch(cands, prices, batch.get("share_bps"))
+            cands, prices = for_batch(self, cands, prices, batch.get("share_bps"))
         if not cands:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)

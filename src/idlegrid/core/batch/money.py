@@ -36,6 +36,14 @@ def batch_price(price: Price, share_bps: int | None = DEFAULT_SHARE_BPS) -> Pric
     return Price(price.prompt * share_bps // 10_000, price.output * share_bps // 10_000)
 
 
+def provider_share(serves: bool, own_bps: int | None, default_bps: int | None) -> int | None:
+    """A provider's batch price as a share of its interactive one: its own if it set one,
+    else the grid's; None if it opted out of batch work (or the grid runs none)."""
+    if not serves:
+        return None
+    return own_bps if own_bps is not None else default_bps
+
+
 def batch_escrow(batch_id: str, consumer: str, amount: int) -> Entry:
     """Move the batch's worst case from the consumer into the batch's escrow."""
     return make_entry(

@@ -61,12 +61,19 @@ def upgrade() -> None:
         sa.Column("result", sa.JSON(), nullable=True),
     )
     op.create_index("ix_batch_lines_state", "batch_lines", ["batch_id", "state"])
+    # A provider's batch setting, advertised at registration.
+    op.add_column(
+        "nodes", sa.Column("batch", sa.Boolean(), nullable=False, server_default=sa.true())
+    )
+    op.add_column("nodes", sa.Column("batch_price_bps", sa.Integer(), nullable=True))
     # 0 for interactive requests, 1 for batch lines: a provider claims lower first.
     op.add_column("tasks", sa.Column("priority", sa.Integer(), nullable=False, server_default="0"))
 
 
 def downgrade() -> None:
     op.drop_column("tasks", "priority")
+    op.drop_column("nodes", "batch_price_bps")
+    op.drop_column("nodes", "batch")
     op.drop_index("ix_batch_lines_state", table_name="batch_lines")
     op.drop_table("batch_lines")
     op.drop_index("ix_batches_status", table_name="batches")
