@@ -430,3 +430,36 @@ def test_the_old_self_reported_batch_tokens_route_is_gone(grid: Grid) -> None:
         r = h.post(path, content=raw, headers=headers)
     assert r.status_code == 410
     assert r.json()["error"]["data"]["use"] == "/v1/batches"
+
+
+def test_the_cli_submits_waits_lists_and_fetches_results(grid: Grid, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    data_dir = tmp_path / "cli"
+    data_dir.mkdir()
+    (data_dir / "api-key").write_text(grid.api_key)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(_line(f"c{i}", f"cli {i}")) + "\n" for i in range(3)))
+    base = ["--data-dir", str(data_dir), "--coordinator", grid.url]
+    runner = CliRunner()
+    sub = runner.invoke(app, ["batch", "submit", str(src), "--wait", "--json", *base])
+    assert sub.exit_code == 0, sub.output
+    batch = json.loads(sub.stdout)
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 3
+    listed = runner.invoke(app, ["batch", "list", "--json", *base])
+    assert [b["id"] for b in json.loads(listed.stdout)["data"]] == [batch["id"]]
+    shown = runner.invoke(app, ["batch", "status", batch["id"], *base])
+    assert shown.exit_code == 0 and "completed" in shown.stdout
+    dst = tmp_path / "out.jsonl"
+    got = runner.invoke(app, ["batch", "results", batch["id"], "-o", str(dst), *base])
+    assert got.exit_code == 0, got.output
+    answers = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert sorted(a["custom_id"] for a in answers) == ["c0", "c1", "c2"]
+    again = runner.invoke(app, ["batch", "cancel", batch["id"], *base])
+    assert again.exit_code == 1 and "completed" in again.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(_line("same", "x")) + "\n" for _ in range(2)))
+    failed = runner.invoke(app, ["batch", "submit", str(bad), *base])
+    assert failed.exit_code == 1 and "duplicate_custom_id" in failed.stdout

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from idlegrid import __version__
+from idlegrid.client.batch_cmd import batch_app
 from idlegrid.client.dispute_cmd import dispute
 from idlegrid.client.earnings_cmd import earnings, estimate
 from idlegrid.client.market_cmd import market_commands
@@ -573,6 +574,7 @@ for _name, _fn in train_commands.items():
     app.command(_name)(_fn)
 app.command("earnings")(earnings)
 app.command("estimate")(estimate)
+app.add_typer(batch_app, name="batch")
 
 
 def main() -> None:
