@@ -103,6 +103,13 @@ class CoordinatorSettings(BaseSettings):
     files_max_bytes: int = Field(200_000_000, gt=0)
     files_max_lines: int = Field(50_000, gt=0)
     files_max_line_bytes: int = Field(4 << 20, gt=0)
+    # Batches (docs/batch.md): a batch token's price as a share of the interactive one, in
+    # basis points, and how many lines of all batches run at once (each an ordinary task,
+    # claimed only after interactive work).
+    batch_price_bps: int = Field(5_000, ge=0, le=10_000)
+    batch_in_flight: int = Field(8, ge=1, le=10_000)
+    # The completion windows a batch may ask for (OpenAI offers only 24h), in seconds.
+    batch_windows: dict[str, float] = Field(default_factory=lambda: {"24h": 86_400.0})
 
     def ensure_operator_key(self) -> str:
         """The operator key: configured, else read from (or created in) the data dir."""

@@ -121,6 +121,12 @@ class NotFound(IdlegridError):
     code = "not_found"
 
 
+class Gone(IdlegridError):
+    """A route that no longer serves; `data.use` names what replaced it."""
+
+    code = "gone"
+
+
 class ModelNotFound(NotFound):
     """No provider on this grid serves, or has ever served, this model."""
 

@@ -120,6 +120,8 @@ class Agent:
                 "links": self.config.links,
                 "devices": self._devices(),
                 "verifier": self.config.verifier or self.config.train_verifier,
+                "batch": self.config.batch,
+                "batch_price_bps": self.config.batch_price_bps,
             },
         )
         assert answer is not None

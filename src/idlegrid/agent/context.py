@@ -57,6 +57,10 @@ class AgentConfig:
     stake_per_device: int = 0
     # Verifier mode: also take audits (re-check other providers' answers) on engine 0.
     verifier: bool = False
+    # Batch lines (docs/batch.md): taken or not, and priced at this share of `price` in
+    # basis points (None: the grid's default).
+    batch: bool = True
+    batch_price_bps: int | None = None
     # Where energy readings come from (agent.hardware.power.choose_meter); None reports no energy.
     meter: PowerMeter | None = None
     # Training (agent/roles/trainer.py): take training jobs, and/or re-execute audited segments.

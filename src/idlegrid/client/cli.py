@@ -16,6 +16,7 @@ from rich.console import Console
 
 from idlegrid import __version__
 from idlegrid.client import grid_cmd, serve_cmd
+from idlegrid.client.batch_cmd import batch_app
 from idlegrid.client.dispute_cmd import dispute
 from idlegrid.client.earnings_cmd import earnings, estimate
 from idlegrid.client.keys_cmd import keys_app
@@ -76,6 +77,7 @@ app.add_typer(market_app, name="market", help="Offers, orders and why an order w
 app.add_typer(grid_cmd.trust_app, name="trust", help="Audits and disputes.")
 app.add_typer(grid_cmd.ledger_app, name="ledger", help="The ledger: verify the hash chain.")
 app.add_typer(lease_app, name="lease", help="Leased workspaces on providers.")
+app.add_typer(batch_app, name="batch", help="OpenAI batches: a JSONL file in, answers out.")
 
 # ---- old flat names, kept hidden for one release ---------------------------------------
 for _name, _fn in market_commands.items():

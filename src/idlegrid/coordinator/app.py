@@ -16,6 +16,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from idlegrid import PROTOCOL_VERSION, __version__
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator import http_errors, schemas
+from idlegrid.coordinator.batches import routes as routes_batches
+from idlegrid.coordinator.batches.service import Batches
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard import routes as routes_dashboard
 from idlegrid.coordinator.dashboard.data import WEB, Dashboard
@@ -33,6 +35,7 @@ from idlegrid.coordinator.files.service import Files
 from idlegrid.coordinator.files.storage import open_store
 from idlegrid.coordinator.inference import embed_routes, work_routes
 from idlegrid.coordinator.inference import routes as routes_openai
+from idlegrid.coordinator.inference.lines import BatchLines
 from idlegrid.coordinator.inference.service import Inference
 from idlegrid.coordinator.leases import routes as routes_leases
 from idlegrid.coordinator.leases.service import Leases
@@ -76,6 +79,7 @@ def create_app(
             yield
         finally:
             await svc.supervisor.stop()
+            await svc.batches.stop()
             store.close()
 
     app = FastAPI(title="idlegrid coordinator", version=__version__, lifespan=lifespan)
@@ -94,6 +98,7 @@ def create_app(
     app.include_router(routes_openai.router)
     app.include_router(embed_routes.router)
     app.include_router(routes_files.router)
+    app.include_router(routes_batches.router)
     app.include_router(routes_nodes.router)
     app.include_router(work_routes.router)
     app.include_router(routes_admin.router)
@@ -151,6 +156,7 @@ def compose(ctx: Context) -> Services:
     dashboard = Dashboard(ctx, power=nodes.power, orders=market.store.orders)
     s = ctx.settings
     files = Files(ctx, open_store(s.files_url, s.files_options, s.data_dir))
+    batches = Batches(ctx, files, BatchLines(inference, s.batch_price_bps))
     # One dispute shell; each domain brings its game (the rules and the consequences).
     disputes = DisputeShell([trust.disputes, jobs.disputes])
     ev = ctx.events
@@ -183,6 +189,9 @@ def compose(ctx: Context) -> Services:
             # Ejection lives in the store; the cache every domain reads follows it.
             lambda live: db_tick(ctx.ejected.refresh),
             inference.tick,
+            # After inference: on the first pass it has released the tasks of lines a
+            # stopped coordinator left running, so the batch escrow covers their rerun.
+            batches.tick,
         ],
         interval_s=min(0.5, ctx.settings.heartbeat_interval_s),
     )
@@ -199,4 +208,5 @@ def compose(ctx: Context) -> Services:
         disputes,
         files,
         leases,
+        batches,
     )

@@ -16,6 +16,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from idlegrid.config import LOOPBACK_NAMES
+from idlegrid.coordinator.batches.service import Batches
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.dashboard.data import Dashboard
 from idlegrid.coordinator.files.service import Files
@@ -51,6 +52,7 @@ class Services:
     disputes: DisputeShell  # both kinds: trust.disputes (inference), jobs.disputes (training)
     files: Files
     leases: Leases
+    batches: Batches
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call in a worker thread."""

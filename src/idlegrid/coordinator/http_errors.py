@@ -16,6 +16,7 @@ from idlegrid.errors import (
     AuthError,
     Conflict,
     EngineError,
+    Gone,
     IdlegridError,
     InsufficientCredits,
     InvalidRequest,
@@ -38,6 +39,7 @@ STATUS: list[tuple[type[IdlegridError], int, str]] = [
     (ModelNotFound, 404, "invalid_request_error"),
     (NotFound, 404, "invalid_request_error"),
     (Conflict, 409, "conflict_error"),
+    (Gone, 410, "invalid_request_error"),
     (NoCapacity, 503, "service_unavailable"),
     (EngineError, 502, "engine_error"),
 ]

@@ -45,6 +45,7 @@ _WHY = {
     402: "The balance does not cover the request",
     404: "No such object (or not the caller's)",
     409: "Conflicts with the object's state (or a replayed id)",
+    410: "No longer served; `error.data.use` names what replaced it",
     429: "Over the key's rate limit (see Retry-After) or past its spend cap",
     502: "The provider's engine failed",
     503: "No provider can serve it now",

@@ -27,6 +27,8 @@ class NodeView:
     hardware: dict[str, Any]
     engine: dict[str, Any]
     offers: dict[str, Price]
+    batch: bool = True  # takes batch lines
+    batch_price_bps: int | None = None  # its batch price's share of the offers (None: default)
 
 
 @dataclass(frozen=True)

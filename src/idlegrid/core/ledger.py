@@ -158,17 +158,18 @@ def hold_amount(max_prompt_tokens: int, max_output_tokens: int, price: Price) ->
     return token_cost(max_prompt_tokens, price.prompt) + token_cost(max_output_tokens, price.output)
 
 
-def request_hold(request_id: str, payer: str, amount: int) -> Entry:
-    """Move a request's worst-case cost from the consumer into escrow."""
-    cause = Cause("request", request_id)
+def request_hold(request_id: str, payer: str, amount: int, cause: Cause | None = None) -> Entry:
+    """Move a request's worst-case cost from the consumer into escrow (`cause`: what the
+    request serves when not itself, e.g. a batch line)."""
+    cause = cause or Cause("request", request_id)
     return make_entry(
         f"hold:{request_id}", cause, [Posting(payer, -amount), Posting(ESCROW, amount)], "hold"
     )
 
 
-def request_release(request_id: str, payer: str, held: int) -> Entry:
+def request_release(request_id: str, payer: str, held: int, cause: Cause | None = None) -> Entry:
     """Return a failed request's hold in full: work not done is not charged."""
-    cause = Cause("request", request_id)
+    cause = cause or Cause("request", request_id)
     return make_entry(
         f"settle:{request_id}", cause, [Posting(ESCROW, -held), Posting(payer, held)], "release"
     )
@@ -196,7 +197,12 @@ def fee_of(charge: int, fee_bps: int) -> int:
 
 
 def request_settlement(
-    request_id: str, payer: str, held: int, shares: Sequence[Share], fee_bps: int
+    request_id: str,
+    payer: str,
+    held: int,
+    shares: Sequence[Share],
+    fee_bps: int,
+    cause: Cause | None = None,
 ) -> Entry:
     """Pay each provider its share minus the fee, take the fee, refund the rest of the hold."""
     postings = [Posting(ESCROW, -held)]
@@ -214,4 +220,5 @@ def request_settlement(
             held=held,
         )
     postings.append(Posting(payer, held - total))
-    return make_entry(f"settle:{request_id}", Cause("request", request_id), postings, "settle")
+    cause = cause or Cause("request", request_id)
+    return make_entry(f"settle:{request_id}", cause, postings, "settle")

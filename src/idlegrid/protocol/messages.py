@@ -59,6 +59,10 @@ class RegisterMsg(Message):
     devices: list[DeviceOfferMsg] = Field(default_factory=list, max_length=64)
     # Verifier mode: this node also re-checks other providers' answers (audits).
     verifier: bool = False
+    # Batch work (docs/batch.md): whether it takes batch lines, and at what share of its
+    # interactive prices in basis points (None: the grid's default, half).
+    batch: bool = True
+    batch_price_bps: int | None = Field(None, ge=0, le=10_000)
 
     @field_validator("hardware", "engine")
     @classmethod

@@ -64,6 +64,8 @@ class NodeStore:
         prefill_tps: float,
         decode_tps: float,
         offers: dict[str, Price],
+        batch: bool = True,
+        batch_price_bps: int | None = None,
     ) -> None:
         """Register a node, or refresh its profile and offers when it comes back."""
         now = self.clock()
@@ -82,6 +84,7 @@ class NodeStore:
             node.slots = slots
             node.prefill_tps = prefill_tps
             node.decode_tps = decode_tps
+            node.batch, node.batch_price_bps = batch, batch_price_bps
             node.last_seen = now
             s.flush()
             for offer in s.scalars(select(Offer).where(Offer.node_id == node_id)):
@@ -137,6 +140,8 @@ class NodeStore:
                     dict(r.hardware),
                     dict(r.engine),
                     offers.get(r.id, {}),
+                    bool(r.batch),
+                    r.batch_price_bps,
                 )
                 for r in s.execute(select(Node.__table__).order_by(n.registered_at))
             ]

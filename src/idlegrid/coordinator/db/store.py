@@ -38,7 +38,8 @@ from idlegrid.coordinator.db.tables import (
     table,
 )
 from idlegrid.coordinator.views import TaskView, new_task_view
-from idlegrid.core import ledger
+from idlegrid.core import ledger, routing
+from idlegrid.core.batch.money import batch_price, line_cause, provider_share
 from idlegrid.core.ledger import Price, Share
 from idlegrid.core.tasks import TaskState, payable_tokens, should_retry, transition
 from idlegrid.errors import InsufficientCredits, StaleAttempt
@@ -99,6 +100,18 @@ _BALANCE = select(_ACC.balance).where(_ACC.id == bindparam("acct"))
 _INSERT_ATTEMPT = insert(table(Attempt))
 
 
+def _payer(t: Task) -> str:
+    """Who a task's hold came from: the consumer, or a batch's escrow for a batch line."""
+    tag = (t.payload or {}).get("batch")
+    return str(tag["payer"]) if tag else ledger.consumer_account(t.key_id)
+
+
+def _cause(t: Task) -> ledger.Cause | None:
+    """What a task's entries name as their cause: a batch line's batch and custom_id."""
+    tag = (t.payload or {}).get("batch")
+    return line_cause(tag["id"], tag["custom_id"]) if tag else None
+
+
 def _task_view(t: Task) -> TaskView:
     return TaskView(
         t.id,
@@ -116,6 +129,19 @@ def _task_view(t: Task) -> TaskView:
         t.finish_reason,
         t.error,
     )
+
+
+def _claim_price(t: Task, offer: Offer | None, node: Node | None) -> Price | None:
+    """What a claim of `t` is charged per token at this offer: its price, or for a batch
+    line the node's batch price; None if the node cannot take it."""
+    if offer is None:
+        return None
+    price = Price(offer.prompt_price, offer.output_price)
+    tag = (t.payload or {}).get("batch")
+    if not tag:
+        return price
+    serves, own = (node.batch, node.batch_price_bps) if node is not None else (False, None)
+    return batch_price(price, provider_share(serves, own, tag.get("share_bps")))
 
 
 class Store(NodeStore, LedgerStore):
@@ -183,6 +209,7 @@ class Store(NodeStore, LedgerStore):
         target_node_id: str | None,
         claim_for: tuple[str, Price] | None = None,
         keep: int = 0,
+        priority: int = 0,
     ) -> tuple[TaskView, int]:
         """Escrow the request's worst-case cost and queue it, atomically (or InsufficientCredits);
         the task and the consumer's balance after the hold.
@@ -192,12 +219,16 @@ class Store(NodeStore, LedgerStore):
 
         With `claim_for` (node, price) the task is created already claimed by that node,
         attempt 1: the hand-over to a waiting long poll needs no second transaction.
+        A batch line (`payload["batch"]`) is paid from its batch's escrow, and the balance
+        returned is that escrow's.
         """
         now = self.clock()
         view = new_task_view(
             task_id, key_id, model_id, kind, payload, hold, claim_for[0] if claim_for else None
         )
-        consumer = ledger.consumer_account(key_id)
+        tag = payload.get("batch")
+        consumer = str(tag["payer"]) if tag else ledger.consumer_account(key_id)
+        cause = line_cause(tag["id"], tag["custom_id"]) if tag else None
         with self.tx() as s:
             s.execute(
                 _INSERT_TASK,
@@ -212,6 +243,7 @@ class Store(NodeStore, LedgerStore):
                     "node_id": view.node_id,
                     "target_node_id": None if claim_for else target_node_id,
                     "hold": hold,
+                    "priority": priority,
                     "delivered_ids": [],
                     "prompt_tokens": 0,
                     "output_tokens": 0,
@@ -234,7 +266,7 @@ class Store(NodeStore, LedgerStore):
                 )
             if hold:  # a free request (a provider at price 0) moves no credits
                 try:
-                    self._post(s, ledger.request_hold(task_id, consumer, hold))
+                    self._post(s, ledger.request_hold(task_id, consumer, hold, cause))
                 except InsufficientCredits as exc:  # the 402 names what the request needs
                     available = int(exc.data["available"])
                     raise InsufficientCredits(consumer, hold + keep, available) from None
@@ -264,7 +296,7 @@ class Store(NodeStore, LedgerStore):
                     Task.model_id.in_(list(models)),
                     (Task.target_node_id == node_id) | Task.target_node_id.is_(None),
                 )
-                .order_by((Task.attempt > 0).desc(), Task.created_at)
+                .order_by(Task.priority, (Task.attempt > 0).desc(), Task.created_at)
                 .limit(16)
             ).all()
             price = {
@@ -276,9 +308,8 @@ class Store(NodeStore, LedgerStore):
             for t in candidates:
                 cap = (t.payload or {}).get("price_cap")
                 offer = price.get(t.model_id)
-                if offer is None or (
-                    cap and (offer.prompt_price > cap[0] or offer.output_price > cap[1])
-                ):
+                charged = _claim_price(t, offer, node)
+                if charged is None or (cap and not routing.within(charged, Price(*cap))):
                     continue
                 if (t.payload or {}).get("grammar") and not constrains:
                     continue
@@ -308,8 +339,8 @@ class Store(NodeStore, LedgerStore):
                         task_id=t.id,
                         attempt=attempt,
                         node_id=node_id,
-                        prompt_price=offer.prompt_price,
-                        output_price=offer.output_price,
+                        prompt_price=charged.prompt,
+                        output_price=charged.output,
                         started_at=now,
                     )
                 )
@@ -386,9 +417,7 @@ class Store(NodeStore, LedgerStore):
             if t.hold:  # nothing was held, so nothing can be owed (see create_task)
                 self._post(
                     s,
-                    ledger.request_settlement(
-                        t.id, ledger.consumer_account(t.key_id), t.hold, shares, fee_bps
-                    ),
+                    ledger.request_settlement(t.id, _payer(t), t.hold, shares, fee_bps, _cause(t)),
                 )
             return _task_view(t)
 
@@ -416,9 +445,7 @@ class Store(NodeStore, LedgerStore):
                 t.state = transition(TaskState(t.state), "fail").value
                 t.error = f"gave up after {t.attempt} attempts ({outcome})"
                 if t.hold:
-                    self._post(
-                        s, ledger.request_release(t.id, ledger.consumer_account(t.key_id), t.hold)
-                    )
+                    self._post(s, ledger.request_release(t.id, _payer(t), t.hold, _cause(t)))
             return _task_view(t)
 
     def fail(
@@ -443,16 +470,16 @@ class Store(NodeStore, LedgerStore):
             t.error = reason
             t.updated_at = self.clock()
             t.node_id = None
-            payer = ledger.consumer_account(t.key_id)
+            payer = _payer(t)
             if not t.hold:
                 return _task_view(t)  # nothing held, nothing to settle
             if charge_delivered and t.output_tokens:
                 # The consumer left mid-answer: what was delivered was real work.
                 entry = ledger.request_settlement(
-                    t.id, payer, t.hold, self._shares(s, t, 0), fee_bps
+                    t.id, payer, t.hold, self._shares(s, t, 0), fee_bps, _cause(t)
                 )
             else:
-                entry = ledger.request_release(t.id, payer, t.hold)
+                entry = ledger.request_release(t.id, payer, t.hold, _cause(t))
             self._post(s, entry)
             return _task_view(t)
 

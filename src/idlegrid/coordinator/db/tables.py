@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -44,6 +45,9 @@ class Node(Base):
     state: Mapped[str] = mapped_column(String(16))  # live | draining | gone
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float, index=True)
+    # Batch work: taken at all, and its price as a share of the offers (None: the default).
+    batch: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    batch_price_bps: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Offer(Base):
@@ -85,6 +89,8 @@ class Task(Base):
     node_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     target_node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     hold: Mapped[int] = mapped_column(BigInteger)
+    # Claimed lowest first: 0 interactive, 1 a batch line (batch work fills what is left).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Token ids already delivered to the consumer; a new attempt continues after them.
     delivered_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -3,9 +3,11 @@ reliability (split from service.py to keep it readable in one sitting)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from idlegrid.core import routing
+from idlegrid.core.batch.money import batch_price, provider_share
 from idlegrid.core.ledger import Price
 
 if TYPE_CHECKING:
@@ -47,3 +49,26 @@ def live_candidates(
         for n in live
     ]
     return cands, {n.id: n.offers[model] for n in live}
+
+
+def for_batch(
+    inf: Inference,
+    cands: list[routing.Candidate],
+    prices: dict[str, Price],
+    share_bps: int | None,
+) -> tuple[list[routing.Candidate], dict[str, Price]]:
+    """The candidates of a batch line at their batch prices (core/batch/money.py: each
+    provider's own share of its offer, else `share_bps`); those that take no batch work
+    dropped."""
+    nodes = inf.nodes.cache
+    batch: dict[str, Price] = {}
+    for n, p in prices.items():
+        node = nodes.get(n)
+        share = provider_share(node.batch, node.batch_price_bps, share_bps) if node else None
+        if (b := batch_price(p, share)) is not None:
+            batch[n] = b
+    return [
+        replace(c, prompt_price=batch[c.node_id].prompt, output_price=batch[c.node_id].output)
+        for c in cands
+        if c.node_id in batch
+    ], batch

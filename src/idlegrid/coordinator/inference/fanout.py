@@ -25,20 +25,30 @@ async def submit_all(
     work: Sequence[tuple[dict[str, Any], int]],
     max_tokens: int,
     price_cap: Price,
+    batch: dict[str, Any] | None = None,
 ) -> list[tuple[str, TaskStream]]:
     """Escrow and queue one task per (payload, prompt-token bound), in order; all or none.
 
     Each escrow also requires the balance to cover the choices after it, so a request the
     balance cannot pay for in full is refused (402) at its first choice, before any work.
     If a later one still fails (the key spent elsewhere meanwhile, or capacity vanished),
-    the earlier ones are cancelled uncharged and the error is raised."""
+    the earlier ones are cancelled uncharged and the error is raised. `batch`: the tag of
+    a batch line (`Inference.submit`)."""
     handles: list[tuple[str, TaskStream]] = []
     try:
         for k, (payload, bound) in enumerate(work):
             rest = [(b, max_tokens) for _, b in work[k + 1 :]]
             handles.append(
                 await inference.submit(
-                    key_id, model, kind, payload, bound, max_tokens, price_cap, reserve=rest
+                    key_id,
+                    model,
+                    kind,
+                    payload,
+                    bound,
+                    max_tokens,
+                    price_cap,
+                    reserve=rest,
+                    batch=batch,
                 )
             )
     except BaseException:

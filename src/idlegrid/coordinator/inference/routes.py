@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -29,7 +30,7 @@ from idlegrid.coordinator.inference.openai_schema import (
     chat_token_bound,
     prompt_token_bound,
 )
-from idlegrid.coordinator.inference.service import RequestFailed
+from idlegrid.coordinator.inference.service import Inference, RequestFailed
 from idlegrid.coordinator.inference.structured import invalid_failure
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
@@ -189,9 +190,9 @@ def _failure(data: dict[str, Any], index: int, choices: int) -> IdlegridError:
     )
 
 
-def _price_cap(svc: Services, body: Any) -> Price:
+def price_cap(st: Any, body: Any) -> Price:
+    """The most a request may pay per token: its `max_price`, or the grid's default."""
     cap = body.max_price
-    st = svc.settings
     prompt, output = (
         (cap.prompt, cap.output)
         if cap is not None
@@ -204,25 +205,36 @@ TASKS_HEADER = "X-Idlegrid-Tasks"  # the grid task of each choice, by index
 ROUTE_HEADER = "X-Idlegrid-Route"  # where each choice was routed first, and why
 
 
-async def _serve(
-    request: Request,
-    response: Response,
-    kind: str,
-    model: str,
-    work: list[tuple[dict[str, Any], int]],
-    max_tokens: int,
-    stream_out: bool,
-    include_usage: bool,
-    cap: Price,
-    logprobs: bool = False,
-    calls: bool = False,
-    echo: list[str] | None = None,
-) -> Any:
+@dataclass(frozen=True)
+class Plan:
+    """What one request asks of the grid: its tasks' payloads and how to shape the answer
+    (the same for a request sent now and a batch line, inference/lines.py)."""
+
+    kind: str
+    model: str
+    work: list[tuple[dict[str, Any], int]]  # (payload, prompt-token bound) per choice
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    cap: Price
+    logprobs: bool = False
+    calls: bool = False
+    echo: list[str] | None = None  # completions with echo: each choice's prompt
+
+
+def refuse_embedding_model(inference: Inference, model: str) -> None:
+    """InvalidRequest if `model` embeds rather than generates."""
+    if embedding_facts(inference.nodes.cache.values(), model) is not None:
+        raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
+
+
+async def _serve(request: Request, response: Response, p: Plan) -> Any:
     svc = services(request)
     key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    kind, model, work, max_tokens, cap = p.kind, p.model, p.work, p.max_tokens, p.cap
+    stream_out, include_usage, logprobs, calls = p.stream, p.include_usage, p.logprobs, p.calls
     await svc.nodes.admit(key_id, sum(bound + max_tokens for _, bound in work))
-    if embedding_facts(svc.inference.nodes.cache.values(), model) is not None:
-        raise InvalidRequest(f"{model} is an embedding model: use /v1/embeddings", param="model")
+    refuse_embedding_model(svc.inference, model)
     # The request id reaches the provider with the task: its log lines for it carry it.
     rid = getattr(request.state, "request_id", None)
     work = [({**payload, "request_id": rid}, bound) for payload, bound in work]
@@ -231,7 +243,7 @@ async def _serve(
     route = " | ".join(f"{(st.node_id or st.target or '-')[:12]}: {st.route}" for _, st in handles)
     shape = _Shape(kind, task_ids[0], model, logprobs, calls)
     shape.streams = {k: tools.DeltaStream(t) for k, t in enumerate(task_ids)} if calls else {}
-    shape.echo = echo or []
+    shape.echo = p.echo or []
     started = time.perf_counter()
     if stream_out:
         return StreamingResponse(
@@ -374,6 +386,11 @@ async def _sse(
 async def completions(body: CompletionRequest, request: Request, response: Response) -> Any:
     """Text completion (OpenAI semantics; stream=true gives SSE ending in [DONE]); a list of
     prompts and n > 1 give one choice each, indexed prompt * n + j."""
+    return await _serve(request, response, plan_completion(services(request).settings, body))
+
+
+def plan_completion(settings: Any, body: CompletionRequest) -> Plan:
+    """A text completion request's tasks (InvalidRequest for a field it cannot honour)."""
     sent = body.sent()
     fields.check(fields.COMPLETIONS, sent)
     echo = sent.get("echo")
@@ -403,16 +420,14 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         )
         for c in choices
     ]
-    return await _serve(
-        request,
-        response,
+    return Plan(
         "completion",
         body.model,
         work,
         max_tokens,
         body.stream,
         body.include_usage(),
-        _price_cap(services(request), body),
+        price_cap(settings, body),
         "logprobs" in sampler,
         echo=[prompts[c.prompt] for c in choices] if echo else None,
     )
@@ -425,11 +440,16 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 )
 async def chat_completions(body: ChatRequest, request: Request, response: Response) -> Any:
     """Chat completion, templated by the serving engine with the model's own chat template."""
+    return await _serve(request, response, plan_chat(services(request).settings, body))
+
+
+def plan_chat(settings: Any, body: ChatRequest) -> Plan:
+    """A chat completion request's tasks (InvalidRequest for a field it cannot honour)."""
     fields.check(fields.CHAT, body.sent())
     chat = tools.prepare(body)  # tools and tool turns written out; the grammar
     messages, grammar = chat.messages, chat.grammar
     limit = body.max_completion_tokens or body.max_tokens
-    max_tokens = limit if limit is not None else services(request).settings.default_chat_max_tokens
+    max_tokens = limit if limit is not None else settings.default_chat_max_tokens
     stop = body.stop_list()
     sampler = body.sampler_fields(body.logprobs_k())
     work = [
@@ -448,16 +468,14 @@ async def chat_completions(body: ChatRequest, request: Request, response: Respon
         )
         for c in plan(1, body.n, body.seed)
     ]
-    return await _serve(
-        request,
-        response,
+    return Plan(
         "chat",
         body.model,
         work,
         max_tokens,
         body.stream,
         body.include_usage(),
-        _price_cap(services(request), body),
+        price_cap(settings, body),
         "logprobs" in sampler,
         chat.calls,
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
-from idlegrid.coordinator.inference.candidates import live_candidates
+from idlegrid.coordinator.inference.candidates import for_batch, live_candidates
 from idlegrid.coordinator.inference.choices import derive_seed
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
 from idlegrid.coordinator.inference.pieces import (
@@ -392,17 +392,22 @@ class Inference:
         max_tokens: int,
         price_cap: Price | None = None,
         reserve: Sequence[tuple[int, int]] = (),
+        batch: dict[str, Any] | None = None,
     ) -> tuple[str, TaskStream]:
         """Validate, escrow and queue a request; the returned stream yields its events.
 
         `reserve`: (prompt-token bound, max tokens) of each sibling choice still to be
-        submitted; the escrow is refused unless the balance also covers them."""
+        submitted; the escrow is refused unless the balance also covers them. `batch`: a
+        batch line's tag (`id`, `custom_id`, `payer`, `share_bps`): batch prices, paid from
+        the batch's escrow, claimed after interactive work (docs/batch.md)."""
         if max_tokens < 1 or max_tokens > self.settings.max_tokens_limit:
             raise InvalidRequest(
                 f"max_tokens must be between 1 and {self.settings.max_tokens_limit}",
                 param="max_tokens",
             )
         cands, prices = self.candidates(model, max_prompt_tokens, max_tokens)
+        if batch is not None:
+            cands, prices = for_batch(self, cands, prices, batch.get("share_bps"))
         if not cands:
             if model not in await self.db(self.store.known_models):
                 raise ModelNotFound(model)
@@ -437,6 +442,7 @@ class Inference:
             "max_tokens": max_tokens,
             "max_prompt_tokens": max_prompt_tokens,
             "price_cap": [basis.prompt, basis.output],
+            **({"batch": batch} if batch is not None else {}),
         }
         if payload.get("seed") is None:
             payload["seed"] = derive_seed(task_id)
@@ -448,7 +454,8 @@ class Inference:
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
         parked = self.hub.take_parked(target.node_id) if target else None
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
-        early = claim_for is not None and self._balance_hint.get(key_id, -1) >= hold + keep
+        hint = -1 if batch is not None else self._balance_hint.get(key_id, -1)
+        early = claim_for is not None and hint >= hold + keep
         if early:
             # The key's balance covered this hold when last seen, and nothing here has
             # spent it since: hand the task over now and write its escrow meanwhile, which
@@ -472,6 +479,7 @@ class Inference:
                 target_node_id=target.node_id if target else None,
                 claim_for=claim_for,
                 keep=keep,
+                priority=int(batch is not None),
             )
         except BaseException:
             self._balance_hint.pop(key_id, None)
@@ -481,7 +489,8 @@ class Inference:
             if parked is not None and not parked.done():
                 parked.cancel()  # the poll goes back to waiting on its event
             raise
-        self._balance_hint[key_id] = balance
+        if batch is None:  # a batch line's balance is its batch's escrow
+            self._balance_hint[key_id] = balance
         stream.created.set()
         self.changes.bump()
         if early:

@@ -20,7 +20,7 @@ from idlegrid.coordinator.deps import (
 from idlegrid.coordinator.market import schemas as s
 from idlegrid.coordinator.schemas import errors
 from idlegrid.core import ledger
-from idlegrid.errors import InvalidRequest
+from idlegrid.errors import Gone, InvalidRequest
 from idlegrid.protocol import messages as m
 
 router = APIRouter(prefix="/api/v1", tags=["market"])
@@ -218,15 +218,16 @@ async def node_orders(request: Request) -> dict[str, Any]:
     return {"orders": [v.to_dict() for v in views]}
 
 
-@router.post(
-    "/nodes/orders/{order_id}/tokens", response_model=s.Order, responses=errors(400, 401, 404, 409)
-)
+@router.post("/nodes/orders/{order_id}/tokens", response_model=s.Order, responses=errors(401, 410))
 async def node_tokens(order_id: str, request: Request) -> dict[str, Any]:
-    """Batch output produced for an order: paid per token, completed when all are done."""
-    node_id, body = await signed(request)
-    msg = parse(m.TokensMsg, body)
-    svc = services(request)
-    return (await svc.db(svc.market.report_tokens, node_id, order_id, msg.tokens)).to_dict()
+    """Gone: batch work is no longer paid for tokens a provider reports itself. Batches
+    run as ordinary, audited grid work through `/v1/batches` (docs/batch.md)."""
+    await signed(request)
+    raise Gone(
+        "self-reported batch tokens are no longer paid: batches run as audited grid work "
+        "through /v1/batches (docs/batch.md)",
+        use="/v1/batches",
+    )
 
 
 # ---- operators -------------------------------------------------------------------------

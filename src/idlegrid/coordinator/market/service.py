@@ -417,14 +417,6 @@ class Market:
                 self.book.release(_placement(view))
         return view
 
-    def report_tokens(self, node_id: str, order_id: str, tokens: int) -> OrderView:
-        """A provider's batch output; pays per token and completes the order when done."""
-        view = self.store.add_tokens(order_id, node_id, tokens, self.settings.fee_bps)
-        if view.state != OrderState.ACTIVE.value and view.placement:
-            with self._lock:
-                self.book.release(_placement(view))
-        return view
-
     def orders_for_node(self, node_id: str) -> list[OrderView]:
         """Active orders that hold a node's devices."""
         return [

@@ -131,6 +131,8 @@ class Nodes:
             prefill_tps=body["prefill_tps"],
             decode_tps=body["decode_tps"],
             offers=offers,
+            batch=body.get("batch", True),
+            batch_price_bps=body.get("batch_price_bps"),
         )
         self._keys[node_id] = public_key
         await self.ctx.events.emit(NodeRegistered(node_id, body, address))

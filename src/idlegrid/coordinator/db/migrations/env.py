@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from idlegrid.coordinator.batches import tables as batches_tables  # noqa: F401  (registers them)
 from idlegrid.coordinator.db.tables import Base
 from idlegrid.coordinator.files import tables as files_tables  # noqa: F401  (registers them)
 from idlegrid.coordinator.leases import tables as leases_tables  # noqa: F401  (registers them)

@@ -1,0 +1,187 @@
+"""Batch throughput and what a running batch does to interactive latency, on a loopback grid
+(coordinator + in-process agents, FakeEngine with a fixed per-token delay: the ratios
+measure routing and coordinator overhead, not a model).
+
+1. The same N short lines sent interactively by as many concurrent clients as the grid
+   has slots (the concurrency it sustains), then as one batch (`/v1/batches`, at most
+   `batch_in_flight` = slots lines at once): aggregate output tokens/s of each, and the
+   ratio batch / interactive (target >= 0.9).
+2. Streaming time to first token of interactive requests on the idle grid, then while a
+   large batch runs: the ratio of the medians (target <= 1.5: batch lines yield).
+
+    .venv/bin/python bench/bench_batch.py [--lines 1000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from idlegrid.config import CoordinatorSettings
+from idlegrid.core.ledger import MICRO
+from idlegrid.engines.fake import FakeEngine
+from idlegrid.testbed.inprocess import (
+    AgentThread,
+    CoordinatorThread,
+    free_port,
+    make_agent,
+    wait_for_live,
+)
+
+MODEL = "fake:1"
+
+
+def _body(i: int, max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"short line {i}"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+def _interactive(client: openai.OpenAI, n: int, conc: int, max_tokens: int) -> float:
+    """Output tokens/s of n requests sent by `conc` clients at once."""
+
+    def one(i: int) -> int:
+        r = client.chat.completions.create(**_body(i, max_tokens))  # type: ignore[call-overload]
+        assert r.usage is not None
+        return int(r.usage.completion_tokens)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(conc) as pool:
+        tokens = sum(pool.map(one, range(n)))
+    return tokens / (time.perf_counter() - start)
+
+
+def _batch(client: openai.OpenAI, n: int, max_tokens: int, wait: bool = True) -> Any:
+    lines = [
+        {"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions"}
+        | {"body": _body(i, max_tokens)}
+        for i in range(n)
+    ]
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    fid = client.files.create(file=("b.jsonl", io.BytesIO(data)), purpose="batch").id
+    start = time.perf_counter()
+    b = client.batches.create(
+        input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    if not wait:
+        return b
+    while b.status not in ("completed", "failed", "expired", "cancelled"):
+        time.sleep(0.05)  # a poll interval
+        b = client.batches.retrieve(b.id)
+    took = time.perf_counter() - start
+    assert b.status == "completed" and b.request_counts.completed == n, b
+    return n * max_tokens / took
+
+
+def _ttft(client: openai.OpenAI, samples: int) -> list[float]:
+    out = []
+    for i in range(samples):
+        start = time.perf_counter()
+        stream = client.chat.completions.create(**_body(10_000 + i, 4), stream=True)  # type: ignore[call-overload]
+        first = None
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+        assert first is not None
+        out.append(first)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lines", type=int, default=1000)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--providers", type=int, default=2)
+    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--token-delay", type=float, default=0.01)
+    ap.add_argument("--ttft-samples", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    slots = args.providers * args.slots
+    tmp = Path(tempfile.mkdtemp(prefix="idlegrid-bench-batch-"))
+    settings = CoordinatorSettings(
+        data_dir=tmp,
+        database_url=f"sqlite:///{tmp}/c.db",
+        port=free_port(),
+        hw_proofs=False,
+        batch_in_flight=slots,
+        inference_stake=0,  # newcomers serve paid work at once: this measures routing
+    )
+    coord = CoordinatorThread(settings)
+    coord.start()
+    agents = [
+        AgentThread(
+            make_agent(
+                coord.url,
+                [FakeEngine(MODEL, token_delay=args.token_delay) for _ in range(args.slots)],
+                f"p{i}",
+            )
+        )
+        for i in range(args.providers)
+    ]
+    result: dict[str, Any] = {}
+    try:
+        for a in agents:
+            a.start()
+        wait_for_live(coord.url, args.providers)
+        with coord.admin(timeout=30) as c:
+            key = c.post("/api/v1/admin/keys", json={"name": "bench"}).json()
+            c.post(
+                "/api/v1/admin/mint",
+                json={"key_id": key["key_id"], "amount": 10**6 * MICRO, "reference": "b"},
+            ).raise_for_status()
+        with openai.OpenAI(
+            base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0, timeout=120
+        ) as client:
+            interactive = _interactive(client, args.lines, slots, args.tokens)
+            batch = _batch(client, args.lines, args.tokens)
+            idle = _ttft(client, args.ttft_samples)
+            big = _batch(client, args.lines * 2, args.tokens, wait=False)
+            busy_started = threading.Event()
+            while not busy_started.is_set():
+                counts = client.batches.retrieve(big.id).request_counts
+                if counts is not None and counts.completed >= slots:
+                    busy_started.set()
+                time.sleep(0.05)  # a poll interval
+            busy = _ttft(client, args.ttft_samples)
+            left = client.batches.retrieve(big.id).request_counts
+            client.batches.cancel(big.id)
+        result = {
+            "lines": args.lines,
+            "tokens_per_line": args.tokens,
+            "slots": slots,
+            "token_delay_s": args.token_delay,
+            "interactive_tok_s": round(interactive, 1),
+            "batch_tok_s": round(batch, 1),
+            "batch_ratio": round(batch / interactive, 3),
+            "ttft_idle_ms": round(1000 * statistics.median(idle), 1),
+            "ttft_busy_ms": round(1000 * statistics.median(busy), 1),
+            "ttft_ratio": round(statistics.median(busy) / statistics.median(idle), 3),
+            "batch_running_during_ttft": left is not None and left.completed < left.total,
+        }
+    finally:
+        for a in agents:
+            a.stop(30)
+        coord.stop()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()

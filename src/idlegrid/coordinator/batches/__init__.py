@@ -1,0 +1,1 @@
+"""Batches (`/v1/batches`): OpenAI's Batch API run as ordinary grid work (docs/batch.md)."""

@@ -1,0 +1,152 @@
+"""Batch lines through the gateway: each line's body judged by the same request models as
+an interactive request, priced at the batch price, and run as ordinary grid tasks (routed,
+failed over, committed, audited and settled like any answer), its answer shaped as the
+endpoint would have sent it. The batches domain gets this from `app.compose()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+
+from idlegrid.coordinator.http_errors import error_body, status_for
+from idlegrid.coordinator.inference import fanout
+from idlegrid.coordinator.inference.candidates import for_batch
+from idlegrid.coordinator.inference.openai_schema import ChatRequest, CompletionRequest
+from idlegrid.coordinator.inference.routes import (
+    Plan,
+    _failure,
+    _Shape,
+    plan_chat,
+    plan_completion,
+    refuse_embedding_model,
+)
+from idlegrid.coordinator.inference.service import Inference
+from idlegrid.coordinator.views import TaskView
+from idlegrid.core import ledger, routing
+from idlegrid.core.batch.money import batch_price
+from idlegrid.core.ledger import Price
+from idlegrid.errors import IdlegridError, InvalidRequest, ModelNotFound
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A line's worst case at the batch price it is escrowed at."""
+
+    hold: int
+    price: Price
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a line ended: the status the endpoint would have answered, and its body."""
+
+    status: int
+    body: dict[str, Any]
+    request_id: str
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    """The 400 the gateway answers for a body its models refuse (as http_errors words it)."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequest("body: invalid", param=None)
+    param = ".".join(str(p) for p in errors[0]["loc"]) or None
+    return InvalidRequest(f"{param or 'body'}: {errors[0]['msg']}", param=param)
+
+
+def refusal(exc: IdlegridError) -> tuple[int, dict[str, Any]]:
+    """A typed error as the status and OpenAI error object an interactive request gets."""
+    status, type_ = status_for(exc)
+    param = exc.data.get("param") if isinstance(exc.data.get("param"), str) else None
+    return status, error_body(exc.message, type_, exc.code, param)["error"]
+
+
+class BatchLines:
+    """Judge, price and run the lines of batches on the grid."""
+
+    def __init__(self, inference: Inference, share_bps: int | None) -> None:
+        self.inference = inference
+        self.share_bps = share_bps  # the batch price, as a share of the interactive one
+
+    def plan(self, url: str, body: dict[str, Any]) -> Plan:
+        """The line's tasks, judged as the endpoint judges a request (IdlegridError if not)."""
+        settings = self.inference.settings
+        try:
+            if url == "/v1/chat/completions":
+                plan = plan_chat(settings, ChatRequest.model_validate(body))
+            elif url == "/v1/completions":
+                plan = plan_completion(settings, CompletionRequest.model_validate(body))
+            else:
+                raise InvalidRequest(f"batches of {url} are not run yet", param="url")
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        if plan.stream:
+            raise InvalidRequest("a batch line cannot stream its answer", param="stream")
+        refuse_embedding_model(self.inference, plan.model)
+        return plan
+
+    async def quote(self, url: str, body: dict[str, Any]) -> Quote:
+        """The line's worst case: its choices at the dearest batch price it may be served
+        at (the live providers' under its cap, or the cap itself while none is live)."""
+        plan = self.plan(url, body)
+        inf = self.inference
+        bound = max((b for _, b in plan.work), default=0)
+        cands, prices = inf.candidates(plan.model, bound, plan.max_tokens)
+        cands, prices = for_batch(inf, cands, prices, self.share_bps)
+        if not cands and plan.model not in await inf.db(inf.store.known_models):
+            raise ModelNotFound(plan.model)
+        basis = routing.price_basis(prices, inf.market.staked_nodes, plan.cap) or batch_price(
+            plan.cap, self.share_bps if self.share_bps is not None else 0
+        )
+        assert basis is not None
+        hold = sum(ledger.hold_amount(b, plan.max_tokens, basis) for _, b in plan.work)
+        return Quote(hold, basis)
+
+    async def run(
+        self, key_id: str, url: str, body: dict[str, Any], tag: dict[str, Any], cap: Price
+    ) -> Outcome:
+        """Serve one line now; its answer or its error. NoCapacity propagates (the caller
+        tries the line again later)."""
+        plan = self.plan(url, body)
+        inf = self.inference
+        tag = {**tag, "share_bps": self.share_bps}
+        handles = await fanout.submit_all(
+            inf, key_id, plan.model, plan.kind, plan.work, plan.max_tokens, cap, batch=tag
+        )
+        task_ids = [task_id for task_id, _ in handles]
+        shape = _Shape(plan.kind, task_ids[0], plan.model, plan.logprobs, plan.calls)
+        shape.echo = plan.echo or []
+        parts: list[list[str]] = [[] for _ in handles]
+        lps: list[list[Any]] = [[] for _ in handles]
+        done: dict[int, TaskView] = {}
+        failure: IdlegridError | None = None
+        events = fanout.interleave(inf, [st for _, st in handles])
+        try:
+            async for k, event in events:
+                if event.kind == "pieces":
+                    parts[k].extend(text for _, text in event.pieces)
+                    lps[k].extend(event.data.get("logprobs") or ())
+                elif event.kind == "done":
+                    done[k] = event.data["task"]
+                else:
+                    failure = _failure(event.data, k, len(handles))
+                    break
+        finally:
+            # A line stopped (its batch cancelled or expired, a sibling choice failed) is
+            # not served: its unfinished tasks end uncharged, their holds back in escrow.
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
+                for k, (task_id, _) in enumerate(handles):
+                    inf.hub.close(task_id)
+                    if k not in done:
+                        await inf.db(inf.store.fail, task_id, "batch line stopped")
+                inf.changes.bump()
+        if failure is not None:
+            status, error = refusal(failure)
+            return Outcome(status, {"error": error}, task_ids[0])
+        answer = shape.whole([("".join(parts[k]), done[k], lps[k]) for k in range(len(handles))])
+        return Outcome(200, answer, task_ids[0])
