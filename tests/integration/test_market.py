@@ -219,9 +219,16 @@ def test_payout_moves_accruals_to_provider_accounts(market: Market) -> None:
     # it), the payout releases what it earned.
     trust = market.coordinator.app.state.services.trust
     trust.payability.refresh = lambda live: None  # keep the supervisor from undoing it
-    trust.payability.since[home] = trust.ctx.clock() - 10 * trust.ctx.settings.payout_delay_s
-    with market.admin() as admin:
-        out = admin.post("/api/v1/admin/payouts").json()
+    out: dict = {}
+
+    def paid() -> bool:
+        # Set again each try: a refresh the supervisor had already begun may overwrite it.
+        trust.payability.since[home] = trust.ctx.clock() - 10 * trust.ctx.settings.payout_delay_s
+        with market.admin() as admin:
+            out.update(admin.post("/api/v1/admin/payouts").json())
+        return home in out["paid"]
+
+    wait_until(paid)
     assert out["paid"][home] == accrued > 0
     assert market.balance(ledger.accrual_account(home)) == 0
     assert market.balance(ledger.provider_account(home)) == paid_before + accrued
