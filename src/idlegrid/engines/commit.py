@@ -32,6 +32,8 @@ class Recorder:
     tokens: list[int] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Batched decoding (engines/batched): each token's step as (batch size, row).
+    shapes: list[tuple[int, int]] = field(default_factory=list)
     # Set by an engine that can fill some states only once the answer is over (llama.cpp:
     # the first one); `finish` runs it before the states are read.
     complete: Callable[[Recorder], None] | None = None
