@@ -19,10 +19,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import sampling
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.batched import BatchedLlama
-from idlegrid.engines.commit import Recorder
+from idlegrid.engines.commit import Recorder, build_commitment
 from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL
 from idlegrid.errors import EngineError
@@ -39,6 +40,7 @@ PROMPTS = [
     "The capital of France is",
 ]
 TEMPERATURE = 0.8
+TOL = cm.Tolerance(rel=1e-4, rank_slack=1e-4, margin=1e-3)  # the coordinator's cross-class one
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,36 @@ def test_replay_refuses_a_shape_it_cannot_hold(
     ids = engine.tokenize(PROMPTS[0])
     with pytest.raises(EngineError, match="batch shape"):
         verifier.replay(ids, [1, 2], [(1, 0), (8, 0)], lambda k, lg: None)
+
+
+def test_batched_answers_commit_their_schedule_and_pass_an_exact_audit_cheats_do_not(
+    engine: LlamaCppEngine, batched: BatchedLlama
+) -> None:
+    # Through the commitment and the engine's own audit (what a verifier agent runs): the
+    # schedule travels in the header, the verifier replays on it, exactly.
+    runs = _run(batched, engine, [(0, 12), (1, 12), (2, 12), (4, 12)])
+    grouped = 0
+    for (ids, tokens, rec), seed in zip(runs, (100, 101, 102, 104), strict=True):
+        c = cm.decode(
+            build_commitment(
+                engine, DEFAULT_MODEL, ids, rec, seed, TEMPERATURE, 1.0, "length"
+            ).encode()
+        )
+        assert c.header.schedule is not None and list(c.header.schedule.shapes) == rec.shapes
+        verdict = cm.judge(c, engine.audit(ids, c, len(tokens)), TOL, len(tokens))
+        assert verdict.passed and verdict.worst_rel == 0.0, verdict.reasons
+        # A provider that ignored the seed it was given is caught on the replayed draw.
+        lied = build_commitment(engine, DEFAULT_MODEL, ids, rec, seed + 1, TEMPERATURE, 1.0,
+                                "length")  # fmt: skip
+        verdict = cm.judge(lied, engine.audit(ids, lied, len(tokens)), TOL, len(tokens))
+        assert not verdict.passed
+        if any(n >= 4 for n, _ in rec.shapes):
+            grouped += 1
+            # Claiming it decoded alone (no schedule) does not survive the replay either.
+            solo = Recorder(rec.tokens, rec.states, rec.logprobs)
+            alone = build_commitment(engine, DEFAULT_MODEL, ids, solo, seed, TEMPERATURE, 1.0,
+                                     "length")  # fmt: skip
+            assert alone.header.schedule is None
+            verdict = cm.judge(alone, engine.audit(ids, alone, len(tokens)), TOL, len(tokens))
+            assert not verdict.passed and verdict.worst_rel > TOL.rel
+    assert grouped >= 1

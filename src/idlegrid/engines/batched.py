@@ -113,6 +113,8 @@ class BatchedLlama:
         """
         ids = list(prompt_ids)
         check_prompt(ids, self.n_ctx_seq, self._n_vocab)
+        if recorder is not None:
+            recorder.chunk = self.chunk
         if params.grammar is not None:
             raise EngineError("the batched path does not constrain output", engine="llama.cpp")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
