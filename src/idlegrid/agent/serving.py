@@ -281,7 +281,10 @@ class Serving:
             return None
         from idlegrid.engines.commit import Recorder, build_commitment
 
-        part = Recorder(rec.tokens[:n], rec.states[:n], rec.logprobs[:n])
+        # a batched answer's part keeps its batch shapes: the verifier replays on them
+        part = Recorder(
+            rec.tokens[:n], rec.states[:n], rec.logprobs[:n], shapes=rec.shapes[:n], chunk=rec.chunk
+        )
         c = build_commitment(
             engine,
             task.model,

@@ -72,7 +72,7 @@ class BatchedLlama:
         self.engine = engine
         self.parallel = parallel
         self.chunk = chunk
-        self.n_ctx_seq = min(context_per_seq or engine.context_length, engine.context_length)
+        self.n_ctx_seq: int = min(context_per_seq or engine.context_length, engine.context_length)
         params = lib.llama_context_default_params()
         src = engine._llm.context_params
         for name, _ in params._fields_:
@@ -104,12 +104,16 @@ class BatchedLlama:
     # ---- serving -------------------------------------------------------------------
 
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, recorder: Recorder | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        recorder: Recorder | None = None,
+        sampler: Any = None,
     ) -> Iterator[int]:
         """Tokens of one sequence as the batch produces them; closing the iterator retires it.
 
         With `recorder`, each token taken is recorded with its hidden state, logprobs and the
-        step's (size, row) in `recorder.shapes`.
+        step's (size, row) in `recorder.shapes`; `sampler.last` gets each token's logprobs.
         """
         ids = list(prompt_ids)
         check_prompt(ids, self.n_ctx_seq, self._n_vocab)
@@ -126,9 +130,9 @@ class BatchedLlama:
                 raise EngineError("the batched engine is closed", engine="llama.cpp")
             self._pending.append(seq)
             self._cv.notify_all()
-        return self._consume(seq, recorder)
+        return self._consume(seq, recorder, sampler)
 
-    def _consume(self, seq: _Seq, recorder: Recorder | None) -> Iterator[int]:
+    def _consume(self, seq: _Seq, recorder: Recorder | None, sampler: Any) -> Iterator[int]:
         try:
             while True:
                 item = seq.out.get()
@@ -137,6 +141,8 @@ class BatchedLlama:
                 if isinstance(item, BaseException):
                     raise item
                 token, state, lp, shape = item
+                if sampler is not None:
+                    sampler.last = lp
                 if recorder is not None:
                     recorder.add(token, state, lp)
                     recorder.shapes.append(shape)
@@ -322,6 +328,10 @@ class BatchedLlama:
             self._lib.llama_set_embeddings(self._ctx, on)
             self._embeddings_on = on
 
+    def slots(self) -> list[BatchedSlot]:
+        """One engine per slot for the agent's serving loops, all decoding in this batch."""
+        return [BatchedSlot(self) for _ in range(self.parallel)]
+
     def close(self) -> None:
         """Stop the scheduler (pending and active sequences fail) and free the context."""
         with self._cv:
@@ -335,3 +345,54 @@ class BatchedLlama:
                 self._lib.llama_batch_free(self._batch)
                 self._lib.llama_free(self._ctx)
                 self._ctx = None
+
+
+class _Last:
+    """Where stream_pieces reads the last token's logprobs (`engine.steps.last`)."""
+
+    last: Any = None
+
+
+class BatchedSlot:
+    """One serving slot of a `BatchedLlama`: an engine to the agent, one sequence at a time.
+
+    The agent gives each slot its own loop and recorder; generation goes into the shared
+    batch. Everything else is the underlying llama.cpp engine's (same model, same
+    determinism class); constrained output is not offered on this path.
+    """
+
+    def __init__(self, batched: BatchedLlama) -> None:
+        self.batched = batched
+        self.engine = batched.engine
+        self.name: str = self.engine.name
+        self.model_id: str = self.engine.model_id
+        self.recorder: Recorder | None = None
+        self.steps = _Last()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """This slot's sequence in the shared batch, recorded by `recorder` when set."""
+        self.steps = _Last()
+        return self.batched.generate(prompt_ids, params, self.recorder, self.steps)
+
+    @property
+    def context_length(self) -> int:
+        """Tokens per sequence in the batched context."""
+        return self.batched.n_ctx_seq
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template."""
+        template: str | None = self.engine.chat_template
+        return template
+
+    def describe(self) -> dict[str, Any]:
+        """The engine's facts, without a grammar engine (constraints go elsewhere)."""
+        return {**self.engine.describe(), "grammar": None, "parallel": self.batched.parallel}
+
+    def __getattr__(self, name: str) -> Any:
+        # tokenize, detokenize, is_end, det_class, audit, ...: the underlying engine's
+        return getattr(self.engine, name)
+
+    def close(self) -> None:
+        """Stop the shared batch (the underlying engine stays open for its owner)."""
+        self.batched.close()
