@@ -120,6 +120,9 @@ def main() -> None:
     print(f"new / old aggregate: {med['new'][0] / med['old'][0]:.2f}x")
     sizes = b.step_sizes
     print(f"batched steps: {len(sizes)}, mean batch {sum(sizes) / max(1, len(sizes)):.2f}")
+    print(f"per step: decode {1000 * b.decode_s / max(1, len(sizes)):.1f} ms, sampling and "
+          f"reading rows {1000 * b.sample_s / max(1, len(sizes)):.1f} ms "
+          f"({b.sample_s / max(b.decode_s, 1e-9):.1%} of decode)")  # fmt: skip
     b.close()
     engine.close()
 

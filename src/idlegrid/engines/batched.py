@@ -22,6 +22,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ class BatchedLlama:
         self._thread: threading.Thread | None = None
         self._replaying = threading.Lock()
         self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
+        self.decode_s = 0.0  # seconds in batched llama_decode calls
+        self.sample_s = 0.0  # seconds sampling and reading rows after them (Python)
 
     # ---- serving -------------------------------------------------------------------
 
@@ -226,7 +229,10 @@ class BatchedLlama:
     def _step(self, ready: list[_Seq]) -> None:
         """One decode over every ready sequence; sample and hand out each row's token."""
         self._embeddings(True)
+        t0 = time.perf_counter()
         self._decode([(s.next_token, s.pos, s.sid, True) for s in ready])
+        t1 = time.perf_counter()
+        self.decode_s += t1 - t0
         n = len(ready)
         self.step_sizes.append(n)
         pick = self.engine._pick
@@ -239,6 +245,7 @@ class BatchedLlama:
             if self.engine.is_end(token) or s.pos + 1 >= self.n_ctx_seq:
                 with self._cv:
                     self._retire(s, None)
+        self.sample_s += time.perf_counter() - t1
 
     # ---- replay (verifier) ------------------------------------------------------------
 
