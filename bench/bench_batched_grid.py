@@ -94,6 +94,7 @@ def main() -> None:
                 rate, firsts = batch(clients[name], args.concurrency, args.max_tokens)
                 rates[name].append(rate)
                 ttfts[name].extend(firsts)
+                print(name, f"{rate:.1f} tok/s", "TTFTs", [round(f, 1) for f in sorted(firsts)])
     finally:
         for c in clients.values():
             c.close()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,10 @@ class Serving:
         self.served = 0
         self.energy = Attribution()
         self.channel: Channel | None = None
+        # A generation thread for every slot: the default executor has min(32, cores + 4)
+        # workers, and with more slots than that (continuous batching: `--parallel 8` on 2
+        # cores) the extra requests waited for a whole answer before they even started.
+        self.engine_threads = ThreadPoolExecutor(len(ctx.engines), thread_name_prefix="engine")
 
     async def connect_channel(self) -> bool:
         """Open the agent channel (False if it cannot be had; HTTP is used meanwhile)."""
@@ -194,7 +199,7 @@ class Serving:
             if meter is not None:
                 self.energy.start(energy_key, meter.joules())
             worker = loop.run_in_executor(
-                None,
+                self.engine_threads,
                 self._generate_locked,
                 engine,
                 task,
