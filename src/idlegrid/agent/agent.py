@@ -182,6 +182,7 @@ class Agent:
         if self.channel is not None:
             await self.channel.close()
         await self.client.close()
+        self.serving.engine_threads.shutdown(wait=False)
 
     async def _until_registered(self, stop: asyncio.Event) -> None:
         delay = 0.2

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,10 @@ class Serving:
         self.channel: Channel | None = None
         # Called with each new channel before it connects (the lease host hooks in here).
         self.on_channel: Callable[[Channel], None] = lambda channel: None
+        # A generation thread for every slot: the default executor has min(32, cores + 4)
+        # workers, and with more slots than that (continuous batching: `--parallel 8` on 2
+        # cores) the extra requests waited for a whole answer before they even started.
+        self.engine_threads = ThreadPoolExecutor(len(ctx.engines), thread_name_prefix="engine")
 
     async def connect_channel(self) -> bool:
         """Open the agent channel (False if it cannot be had; HTTP is used meanwhile)."""
@@ -200,7 +205,7 @@ class Serving:
             if meter is not None:
                 self.energy.start(energy_key, meter.joules())
             worker = loop.run_in_executor(
-                None,
+                self.engine_threads,
                 self._generate_locked,
                 engine,
                 task,
@@ -289,7 +294,10 @@ class Serving:
             return None
         from idlegrid.engines.commit import Recorder, build_commitment
 
-        part = Recorder(rec.tokens[:n], rec.states[:n], rec.logprobs[:n])
+        # a batched answer's part keeps its batch shapes: the verifier replays on them
+        part = Recorder(
+            rec.tokens[:n], rec.states[:n], rec.logprobs[:n], shapes=rec.shapes[:n], chunk=rec.chunk
+        )
         c = build_commitment(
             engine,
             task.model,

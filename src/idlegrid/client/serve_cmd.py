@@ -132,6 +132,9 @@ def provide(
         int | None, typer.Option(help="Engine threads (default: all cores).")
     ] = None,
     slots: Annotated[int, typer.Option(help="Requests served at once (one engine each).")] = 1,
+    parallel: Annotated[
+        int, typer.Option(help="llama.cpp: sequences decoded in one batch (0: off, see --slots).")
+    ] = 0,
     name: Annotated[str | None, typer.Option(help="Name shown on the grid.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Node key (created if missing).")] = None,
     prompt_price: Annotated[float, typer.Option(help="Credits per 1M prompt tokens.")] = 10.0,
@@ -213,9 +216,14 @@ def provide(
     prefill = decode = 0.0
     with make_progress(console) as progress:
         task = progress.add_task(f"loading {model} on {engine}", total=slots, rate="")
-        for _ in range(slots):
+        for _ in range(1 if parallel else slots):
             engines.append(load_engine(engine, model, **kwargs))
             progress.advance(task)
+        if parallel:  # continuous batching: one engine copy, `parallel` slots into its batch
+            from idlegrid.engines.base import Engine
+            from idlegrid.engines.batched import BatchedLlama
+
+            engines = list[Engine](BatchedLlama(engines[0], parallel).slots())
         if not skip_benchmark:
             bench = progress.add_task("measuring decode speed", total=None, rate="")
             began = time.monotonic()

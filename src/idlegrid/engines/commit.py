@@ -22,6 +22,7 @@ from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import logprobs as lpm
 from idlegrid.core.trust.extras import Extras
 from idlegrid.core.trust.logprobs import TokenLogprobs
+from idlegrid.core.trust.schedule import Schedule
 from idlegrid.engines.steps import Replayer
 
 
@@ -32,6 +33,9 @@ class Recorder:
     tokens: list[int] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Batched decoding (engines/batched): each token's step as (batch size, row).
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+    chunk: int = 0  # batched decoding: the prompt chunk size
     # Set by an engine that can fill some states only once the answer is over (llama.cpp:
     # the first one); `finish` runs it before the states are read.
     complete: Callable[[Recorder], None] | None = None
@@ -133,6 +137,7 @@ def build_commitment(
         extras=extras,
         logprobs=rec.logprobs if extras is not None and extras.top_logprobs >= 0 else (),
         constraint=constraint,
+        schedule=Schedule(rec.chunk, tuple(rec.shapes)) if rec.shapes else None,
     )
 
 
@@ -216,8 +221,10 @@ def _outputs(
 
     if hasattr(engine, "replay_states"):
         replays: list[tuple[float, bool]] = []
+        # a batched answer is replayed on its own batch shapes (engines/batched)
+        more = {"schedule": h.schedule} if h.schedule is not None else {}
         states = engine.replay_states(
-            context_ids, tokens, lambda r, lg: replays.append(replay(r, lg))
+            context_ids, tokens, lambda r, lg: replays.append(replay(r, lg)), **more
         )
         return states, replays, replayer.rechecks
     ids = [*context_ids, *tokens]

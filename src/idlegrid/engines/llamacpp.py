@@ -153,6 +153,8 @@ class LlamaCppEngine:
         self._grammars: Any = None  # engines/grammar.Grammars, built on the first constraint
         self.recorder: Recorder | None = None  # set by the agent to commit one generation
         self.steps: Steps | None = None  # the current generation's sampler state
+        self._replayer: Any = None  # engines/batched.BatchedLlama replaying batched answers
+        self._replayer_key: tuple[int, int, int] = (0, 0, 0)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids; special tokens written in `text` are parsed, as llama-server does."""
@@ -291,8 +293,12 @@ class LlamaCppEngine:
         context_ids: Sequence[int],
         tokens: Sequence[int],
         on_logits: Callable[[int, np.ndarray], None],
+        schedule: Any = None,
     ) -> np.ndarray:
         """Hidden states at each committed position, on the provider's schedule.
+
+        A batched answer (`schedule`: core/trust/schedule.Schedule) is replayed by
+        `_replay_batched`; the rest of this docstring is about answers decoded alone.
 
         The context in one batch, then one token per step, as `generate` ran; each position's
         logits go to `on_logits` (valid only during the call). The first state, the prompt's
@@ -301,6 +307,8 @@ class LlamaCppEngine:
         """
         ctx = list(context_ids)
         check_prompt(ctx, self._context_length, self._n_vocab)
+        if schedule is not None:
+            return self._replay_batched(ctx, tokens, on_logits, schedule)
         if any(not 0 <= t < self._n_vocab for t in tokens):
             raise EngineError("committed token id out of range", engine=self.name)
         if len(ctx) + len(tokens) > self._context_length + 1:
@@ -317,6 +325,28 @@ class LlamaCppEngine:
             states[r] = self._embedding()
             on_logits(r, self._logits())
         states[0] = self._last_prompt_state(ctx)
+        return states
+
+    def _replay_batched(
+        self,
+        ctx: list[int],
+        tokens: Sequence[int],
+        on_logits: Callable[[int, np.ndarray], None],
+        schedule: Any,
+    ) -> np.ndarray:
+        """Replay on the recorded batch shapes: 2·widest − 1 slots, the answer in the middle
+        one (engines/batched.BatchedLlama.replay); the context is sized to this answer."""
+        from idlegrid.engines.batched import BatchedLlama
+
+        need = -(-(len(ctx) + len(tokens) + 1) // 256) * 256
+        key = (2 * schedule.widest - 1, schedule.chunk, min(need, self._context_length))
+        if self._replayer is None or self._replayer_key != key:
+            if self._replayer is not None:
+                self._replayer.close()
+            self._replayer = None
+            self._replayer = BatchedLlama(self, key[0], chunk=key[1], context_per_seq=key[2])
+            self._replayer_key = key
+        states: np.ndarray = self._replayer.replay(ctx, tokens, schedule.shapes, on_logits)
         return states
 
     def audit(
@@ -366,6 +396,9 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         """Free the model and its context."""
+        replayer, self._replayer = getattr(self, "_replayer", None), None
+        if replayer is not None:
+            replayer.close()
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
             llm.close()

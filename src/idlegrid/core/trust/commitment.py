@@ -17,8 +17,10 @@ A constrained answer (structured outputs) also commits to its grammar: the SHA-2
 canonical schema (`core/grammar.py`) and the grammar engine's name and version, appended to
 the header (absent for unconstrained answers, whose encoding is unchanged).
 
-Header layout after the model id: the extras (exactly when the version byte is 2), then the
-constraint (when bytes remain, in either version).
+A batched answer (engines/batched) commits its batch schedule (`schedule.py`): the step
+shape of every token, which the verifier replays. Version byte: 1 plain, 2 extras, 3 plain
++ schedule, 4 extras + schedule. Header layout after the model id: the extras (versions 2
+and 4), the schedule (3 and 4), then the constraint (when bytes remain, in any version).
 
 Per generated token the fingerprint costs 4 B (token id) + 8·k/chunk_size B (entries):
 20 B at the defaults (chunk 16, k 32), plus 4 B per chunk and a ~100 B header.
@@ -36,10 +38,12 @@ from idlegrid.core.trust import logprobs as lpm
 from idlegrid.core.trust.extras import Extras, decode_extras, decode_logprobs, encode_logprobs
 from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.core.trust.merkle import merkle_root
+from idlegrid.core.trust.schedule import Schedule
+from idlegrid.core.trust.schedule import decode as decode_schedule
 from idlegrid.errors import InvalidRequest
 
 VERSION = 1  # plain answers; 2: with extras (penalties, bias, logprobs)
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3, 4)
 CHUNK_SIZE = 16
 TOP_K = 32
 MAX_TOKENS = 1 << 16
@@ -100,8 +104,11 @@ def peek_grammar_engine(blob: bytes) -> str | None:
         (ver,) = struct.unpack_from("<B", head, 0)
         (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
         end = _HEAD.size + 34 + int(mlen)
-        if ver == 2:  # the extras come before the constraint
+        if ver in (2, 4):  # the extras and the schedule come before the constraint
             _, end = decode_extras(head, end)
+        if ver in (3, 4):
+            n_tokens = _HEAD.unpack_from(head, 0)[7]
+            _, end = decode_schedule(head, end, n_tokens)
         if len(head) <= end:
             return None
         (elen,) = struct.unpack_from("<H", head, end + 32)
@@ -170,14 +177,15 @@ class Header:
     version: int = VERSION
     extras: Extras = field(default_factory=Extras)
     constraint: Constraint | None = None
+    schedule: Schedule | None = None  # batched answers: each token's (batch size, row)
 
     def encode(self) -> bytes:
-        """Fixed binary layout, the model id (length-prefixed UTF-8), then the extras (version
-        2 only), then the constraint (constrained answers only)."""
+        """Fixed binary layout, the model id (length-prefixed UTF-8), then the extras, the
+        schedule and the constraint, each where present (module docstring)."""
         model = self.model.encode()
         return (
             _HEAD.pack(
-                1 if self.extras.neutral else 2,
+                (1 if self.extras.neutral else 2) + (2 if self.schedule is not None else 0),
                 self.context_hash,
                 class_id(self.det_class),
                 self.seed & ((1 << 64) - 1),
@@ -195,6 +203,7 @@ class Header:
             + struct.pack("<H", len(model))
             + model
             + self.extras.encode()
+            + (self.schedule.encode() if self.schedule is not None else b"")
             + (self.constraint.encode() if self.constraint is not None else b"")
         )
 
@@ -249,9 +258,13 @@ def build(
     extras: Extras | None = None,
     logprobs: Sequence[TokenLogprobs] = (),
     constraint: Constraint | None = None,
+    schedule: Schedule | None = None,
 ) -> Commitment:
     """Assemble a commitment from tokens and per-chunk top-k (indices, values), with the
-    logprobs of every token when `extras.top_logprobs` ≥ 0."""
+    logprobs of every token when `extras.top_logprobs` ≥ 0 (and a batched answer's
+    `schedule`, one shape per token)."""
+    if schedule is not None and len(schedule.shapes) != len(tokens):
+        raise ValueError(f"{len(schedule.shapes)} batch shapes for {len(tokens)} tokens")
     extras = extras or Extras()
     n_chunks = math.ceil(len(tokens) / chunk_size)
     if len(entries) != n_chunks:
@@ -287,9 +300,10 @@ def build(
         root,
         chunk_size,
         k,
-        1 if extras.neutral else 2,
+        (1 if extras.neutral else 2) + (2 if schedule is not None else 0),
         extras,
         constraint,
+        schedule,
     )
     return Commitment(header, chunks)
 
@@ -330,8 +344,11 @@ def _decode(blob: bytes) -> Commitment:
     model = head[_HEAD.size + 34 : _HEAD.size + 34 + mlen].decode()
     end = _HEAD.size + 34 + mlen
     extras = Extras()
-    if ver == 2:
+    if ver in (2, 4):
         extras, end = decode_extras(head, end)
+    schedule = None
+    if ver in (3, 4):
+        schedule, end = decode_schedule(head, end, n_tokens)
     constraint = None
     if len(head) > end:  # a constrained answer: digest, then the grammar engine
         if len(head) < end + 34:
@@ -383,6 +400,7 @@ def _decode(blob: bytes) -> Commitment:
         ver,
         extras,
         constraint,
+        schedule,
     )
     if merkle_root([c.encode() for c in chunks]) != root:
         raise ValueError("chunks do not match the committed root")

@@ -1,0 +1,405 @@
+"""Continuous batching for the llama.cpp engine: one context, many sequences, one decode a step.
+
+A `BatchedLlama` owns one llama.cpp context with `parallel` sequence slots over a loaded
+`LlamaCppEngine`'s model. A scheduler thread admits new sequences between steps, feeds at
+most one prompt chunk (`chunk` tokens, one sequence) per step so that a long prompt never
+stalls the others, then decodes one token of every sequence that is past its prompt in a
+single `llama_decode`, samples each row with the engine's seeded sampler, and retires
+sequences that ended or whose consumer went away (`generate`'s iterator closed).
+
+Verification (docs/continuous-batching.md, measured by bench/bench_batched_decode.py): with
+one KV stream per sequence (`kv_unified` off), a sequence's hidden states and logits in a
+batched step do not depend on the other sequences' contents, only on the batch's shape
+(its size and the sequence's row: llama.cpp's repacked Q4_K kernels multiply rows in groups
+of four, and leftover rows take the one-row kernel, bit-identical to decoding alone). So
+each step of a sequence records its `(size, row)`, the prompt goes in fixed chunks of
+`chunk` tokens on its own, and `replay` recomputes a sequence bit for bit by decoding it at
+the recorded row of a batch of the recorded size, the other rows dummy sequences.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from idlegrid.engines.base import SamplingParams, check_prompt
+from idlegrid.engines.commit import Recorder
+from idlegrid.engines.steps import Steps
+from idlegrid.errors import EngineError
+
+PREFILL_CHUNK = 64  # prompt tokens per step; part of what a verifier replays
+AHEAD = 8  # tokens a sequence may run ahead of its consumer before it sits steps out
+_END = object()
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One generation in the batch: its prompt, sampler state and what it produced."""
+
+    ids: list[int]
+    params: SamplingParams
+    seed: int
+    steps: Steps
+    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    sid: int = -1  # llama.cpp sequence id (the slot), while admitted
+    prefilled: int = 0  # prompt tokens in the cache; the last one goes in the first step
+    pos: int = 0  # position of the next row to decode
+    next_token: int = 0
+    produced: int = 0
+    taken: int = 0  # tokens the consumer has taken (run-ahead is produced - taken)
+
+
+class BatchedLlama:
+    """One llama.cpp context serving up to `parallel` sequences, decoded together."""
+
+    def __init__(
+        self,
+        engine: Any,
+        parallel: int,
+        *,
+        context_per_seq: int | None = None,
+        chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        lib = self._lib = engine._lib
+        self.engine = engine
+        self.parallel = parallel
+        self.chunk = chunk
+        self.n_ctx_seq: int = min(context_per_seq or engine.context_length, engine.context_length)
+        params = lib.llama_context_default_params()
+        src = engine._llm.context_params
+        for name, _ in params._fields_:
+            setattr(params, name, getattr(src, name))
+        params.n_seq_max = parallel
+        params.n_ctx = self.n_ctx_seq * parallel
+        params.n_batch = params.n_ubatch = max(chunk, parallel)
+        # One KV stream per sequence: a sequence's numbers then do not depend on what the
+        # others hold (with one unified cache they do, measured up to 5e-2).
+        params.kv_unified = False
+        params.embeddings = False
+        self._ctx = lib.llama_init_from_model(engine._llm.model, params)
+        if not self._ctx:
+            raise EngineError("llama.cpp could not make a batched context", engine=engine.name)
+        self._mem = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(max(chunk, parallel), 0, 1)
+        self._embeddings_on = False
+        self._n_vocab: int = engine._n_vocab
+        self._n_embd: int = engine._n_embd
+        self._cv = threading.Condition()
+        self._pending: deque[_Seq] = deque()
+        self._active: list[_Seq] = []
+        self._free = list(range(parallel - 1, -1, -1))
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._replaying = threading.Lock()
+        self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
+        self.decode_s = 0.0  # seconds in batched llama_decode calls
+        self.sample_s = 0.0  # seconds sampling and reading rows after them (Python)
+
+    # ---- serving -------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        recorder: Recorder | None = None,
+        sampler: Any = None,
+    ) -> Iterator[int]:
+        """Tokens of one sequence as the batch produces them; closing the iterator retires it.
+
+        With `recorder`, each token taken is recorded with its hidden state, logprobs and the
+        step's (size, row) in `recorder.shapes`; `sampler.last` gets each token's logprobs.
+        """
+        ids = list(prompt_ids)
+        check_prompt(ids, self.n_ctx_seq, self._n_vocab)
+        if recorder is not None:
+            recorder.chunk = self.chunk
+        if params.grammar is not None:
+            raise EngineError("the batched path does not constrain output", engine="llama.cpp")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = _Seq(ids, params, seed, Steps(ids, params, self._n_vocab))
+        seq.next_token, seq.pos = ids[-1], len(ids) - 1
+        self._start()
+        with self._cv:
+            if self._closed:
+                raise EngineError("the batched engine is closed", engine="llama.cpp")
+            self._pending.append(seq)
+            self._cv.notify_all()
+        return self._consume(seq, recorder, sampler)
+
+    def _consume(self, seq: _Seq, recorder: Recorder | None, sampler: Any) -> Iterator[int]:
+        try:
+            while True:
+                item = seq.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                token, state, lp, shape = item
+                if sampler is not None:
+                    sampler.last = lp
+                if recorder is not None:
+                    recorder.add(token, state, lp)
+                    recorder.shapes.append(shape)
+                with self._cv:
+                    seq.taken += 1
+                    self._cv.notify_all()
+                yield token
+        finally:
+            seq.cancel.set()
+            with self._cv:
+                self._cv.notify_all()
+
+    def _start(self) -> None:
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="batched-llama", daemon=True
+                )
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._runnable():
+                    self._cv.wait()
+                if self._closed:
+                    break
+                while self._pending and self._free:
+                    seq = self._pending.popleft()
+                    seq.sid = self._free.pop()
+                    self._active.append(seq)
+                for seq in [s for s in self._active if s.cancel.is_set()]:
+                    self._retire(seq, None)
+                # Rows in slot order: the recorded row is then the slot's rank in the step.
+                ready = sorted(
+                    (
+                        s
+                        for s in self._active
+                        if s.prefilled >= len(s.ids) - 1 and s.produced - s.taken < AHEAD
+                    ),
+                    key=lambda s: s.sid,
+                )
+                prefill = next((s for s in self._active if s.prefilled < len(s.ids) - 1), None)
+            with self._replaying:
+                try:
+                    if prefill is not None:
+                        self._prefill_chunk(prefill, prefill.sid)
+                    if ready:
+                        self._step(ready)
+                except Exception as exc:  # every sequence in the batch fails with it
+                    with self._cv:
+                        for seq in list(self._active):
+                            self._retire(seq, exc)
+        with self._cv:
+            for seq in [*self._active, *self._pending]:
+                seq.out.put(EngineError("the batched engine closed", engine="llama.cpp"))
+
+    def _runnable(self) -> bool:
+        if self._pending and self._free:
+            return True
+        return any(
+            s.cancel.is_set() or s.prefilled < len(s.ids) - 1 or s.produced - s.taken < AHEAD
+            for s in self._active
+        )
+
+    def _retire(self, seq: _Seq, error: BaseException | None) -> None:
+        """Free the slot and its cache (under the condition's lock)."""
+        self._active.remove(seq)
+        self._lib.llama_memory_seq_rm(self._mem, seq.sid, -1, -1)
+        self._free.append(seq.sid)
+        seq.out.put(error if error is not None else _END)
+
+    def _prefill_chunk(self, seq: _Seq, sid: int) -> None:
+        """The next `chunk` prompt tokens of one sequence, alone in their decode."""
+        lo = seq.prefilled
+        hi = min(lo + self.chunk, len(seq.ids) - 1)
+        self._embeddings(False)
+        self._decode([(seq.ids[p], p, sid, False) for p in range(lo, hi)])
+        seq.prefilled = hi
+
+    def _step(self, ready: list[_Seq]) -> None:
+        """One decode over every ready sequence; sample and hand out each row's token."""
+        self._embeddings(True)
+        t0 = time.perf_counter()
+        self._decode([(s.next_token, s.pos, s.sid, True) for s in ready])
+        t1 = time.perf_counter()
+        self.decode_s += t1 - t0
+        n = len(ready)
+        self.step_sizes.append(n)
+        pick = self.engine._pick
+        for row, s in enumerate(ready):
+            state, logits = self._row(row)
+            token = s.steps.pick(pick, logits, s.seed, s.pos + 1)
+            s.out.put((token, state, s.steps.last, (n, row)))
+            s.produced += 1
+            s.next_token, s.pos = token, s.pos + 1
+            if self.engine.is_end(token) or s.pos + 1 >= self.n_ctx_seq:
+                with self._cv:
+                    self._retire(s, None)
+        self.sample_s += time.perf_counter() - t1
+
+    # ---- replay (verifier) ------------------------------------------------------------
+
+    def replay(
+        self,
+        context_ids: Sequence[int],
+        tokens: Sequence[int],
+        shapes: Sequence[tuple[int, int]],
+        on_logits: Callable[[int, np.ndarray], None],
+    ) -> np.ndarray:
+        """Hidden states of each committed position, on the provider's batch shapes.
+
+        The context (but its last token) in chunks of `chunk`, alone; then step k decodes
+        the sequence at row `shapes[k][1]` of a batch of `shapes[k][0]` rows, the others
+        dummy sequences (their contents do not change its numbers, only the shape does).
+        Must not run while this instance serves.
+        """
+        ids = list(context_ids)
+        check_prompt(ids, self.n_ctx_seq, self._n_vocab)
+        if len(shapes) != len(tokens):
+            raise EngineError("one batch shape per committed token", engine="llama.cpp")
+        # The sequence sits in the middle slot; dummies in the slots below and above it
+        # give it the recorded rank (rows go in slot order), so 2P-1 slots replay P.
+        home = (self.parallel - 1) // 2
+        if any(
+            not (0 <= r < n and r <= home and n - 1 - r < self.parallel - home) for n, r in shapes
+        ):
+            raise EngineError("batch shape out of range", engine="llama.cpp")
+        if len(ids) + len(tokens) > self.n_ctx_seq:
+            raise EngineError("commitment longer than the context", engine="llama.cpp")
+        with self._cv:  # sequences whose consumers left are retired by the next loop turn
+            if not self._cv.wait_for(lambda: not self._active and not self._pending, 30.0):
+                raise EngineError("replay while serving", engine="llama.cpp")
+        with self._replaying, self._cv:
+            self._lib.llama_memory_clear(self._mem, True)
+            seq = _Seq(ids, SamplingParams(), 0, Steps(ids, SamplingParams()))
+            while seq.prefilled < len(ids) - 1:
+                self._prefill_chunk(seq, home)
+            states = np.empty((len(tokens), self._n_embd), dtype=np.float32)
+            inputs = [ids[-1], *tokens[:-1]]
+            self._embeddings(True)
+            dpos = [0] * self.parallel  # each dummy's next position
+            for k, ((n, row), tok) in enumerate(zip(shapes, inputs, strict=True)):
+                rows = []
+                for sid in range(home - row, home - row + n):
+                    if sid == home:
+                        rows.append((tok, len(ids) - 1 + k, sid, True))
+                    else:
+                        rows.append((0, dpos[sid], sid, True))
+                        dpos[sid] += 1
+                self._decode(rows)
+                state, logits = self._row(row)
+                states[k] = state
+                on_logits(k, logits)
+            self._lib.llama_memory_clear(self._mem, True)
+            return states
+
+    # ---- llama.cpp ---------------------------------------------------------------------
+
+    def _decode(self, rows: Sequence[tuple[int, int, int, bool]]) -> None:
+        b = self._batch
+        for i, (tok, pos, sid, out) in enumerate(rows):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = sid
+            b.logits[i] = out
+        b.n_tokens = len(rows)
+        rc = self._lib.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise EngineError(f"llama_decode returned {rc}", engine="llama.cpp")
+
+    def _row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Output row i's hidden state (a copy) and logits (a view until the next decode)."""
+        lib = self._lib
+        e = lib.llama_get_embeddings_ith(self._ctx, i)
+        if not e:
+            raise EngineError("llama.cpp returned no hidden state", engine="llama.cpp")
+        lg = lib.llama_get_logits_ith(self._ctx, i)
+        return (
+            np.ctypeslib.as_array(e, shape=(self._n_embd,)).copy(),
+            np.ctypeslib.as_array(lg, shape=(self._n_vocab,)),
+        )
+
+    def _embeddings(self, on: bool) -> None:
+        if on != self._embeddings_on:
+            self._lib.llama_set_embeddings(self._ctx, on)
+            self._embeddings_on = on
+
+    def slots(self) -> list[BatchedSlot]:
+        """One engine per slot for the agent's serving loops, all decoding in this batch."""
+        return [BatchedSlot(self) for _ in range(self.parallel)]
+
+    def close(self) -> None:
+        """Stop the scheduler (pending and active sequences fail) and free the context."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._replaying:
+            if self._ctx:
+                self._lib.llama_batch_free(self._batch)
+                self._lib.llama_free(self._ctx)
+                self._ctx = None
+
+
+class _Last:
+    """Where stream_pieces reads the last token's logprobs (`engine.steps.last`)."""
+
+    last: Any = None
+
+
+class BatchedSlot:
+    """One serving slot of a `BatchedLlama`: an engine to the agent, one sequence at a time.
+
+    The agent gives each slot its own loop and recorder; generation goes into the shared
+    batch. Everything else is the underlying llama.cpp engine's (same model, same
+    determinism class); constrained output is not offered on this path.
+    """
+
+    def __init__(self, batched: BatchedLlama) -> None:
+        self.batched = batched
+        self.engine = batched.engine
+        self.name: str = self.engine.name
+        self.model_id: str = self.engine.model_id
+        self.recorder: Recorder | None = None
+        self.steps = _Last()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """This slot's sequence in the shared batch, recorded by `recorder` when set."""
+        self.steps = _Last()
+        return self.batched.generate(prompt_ids, params, self.recorder, self.steps)
+
+    @property
+    def context_length(self) -> int:
+        """Tokens per sequence in the batched context."""
+        return self.batched.n_ctx_seq
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template."""
+        template: str | None = self.engine.chat_template
+        return template
+
+    def describe(self) -> dict[str, Any]:
+        """The engine's facts, without a grammar engine (constraints go elsewhere)."""
+        return {**self.engine.describe(), "grammar": None, "parallel": self.batched.parallel}
+
+    def __getattr__(self, name: str) -> Any:
+        # tokenize, detokenize, is_end, det_class, audit, ...: the underlying engine's
+        return getattr(self.engine, name)
+
+    def close(self) -> None:
+        """Stop the shared batch (the underlying engine stays open for its owner)."""
+        self.batched.close()

@@ -1,0 +1,183 @@
+"""Continuous batching on llama.cpp (engines/batched): many sequences in one decode per step,
+each replayed bit for bit from its recorded batch shapes.
+
+Real llama.cpp on gemma3:270m: several sequences are started at once on a 4-slot context (one
+prompt long enough to be fed in several chunks while the others decode), consumed from
+threads, and each is replayed by a separate 7-slot verifier context on its recorded
+(size, row) per step with dummy companions: every hidden state is identical and the seeded
+sampler picks every committed token from the replayed logits. Replaying the same answer as
+if it had been decoded alone does not match, so the shapes are needed and a provider cannot
+claim ones it did not run. A consumer that walks away frees its slot without disturbing
+the others, and the slot's next sequence replays exactly too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust import sampling
+from idlegrid.engines.base import SamplingParams
+from idlegrid.engines.batched import BatchedLlama
+from idlegrid.engines.commit import Recorder, build_commitment
+from idlegrid.engines.llamacpp import LlamaCppEngine
+from idlegrid.engines.models import DEFAULT_MODEL
+from idlegrid.errors import EngineError
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("llama_cpp")
+
+PROMPTS = [
+    "Once upon a time",
+    "The three primary colors are",
+    "def fibonacci(n):",
+    "Write a short letter to a friend about the weather this week, the rain in Spain and the "
+    "long walk you took along the river on Sunday morning.",
+    "The capital of France is",
+]
+TEMPERATURE = 0.8
+TOL = cm.Tolerance(rel=1e-4, rank_slack=1e-4, margin=1e-3)  # the coordinator's cross-class one
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaCppEngine]:
+    e = LlamaCppEngine(DEFAULT_MODEL, threads=1, context_length=256)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def batched(engine: LlamaCppEngine) -> Iterator[BatchedLlama]:
+    b = BatchedLlama(engine, 4, chunk=8, context_per_seq=128)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def verifier(engine: LlamaCppEngine) -> Iterator[BatchedLlama]:
+    b = BatchedLlama(engine, 7, chunk=8, context_per_seq=128)
+    yield b
+    b.close()
+
+
+def _consume(it: Iterator[int], n: int, out: list[int]) -> None:
+    for token in it:
+        out.append(token)
+        if len(out) >= n:
+            break
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+def _run(
+    b: BatchedLlama, engine: LlamaCppEngine, jobs: list[tuple[int, int]]
+) -> list[tuple[list[int], list[int], Recorder]]:
+    """Start every (prompt index, token count) at once, consume each from its own thread."""
+    runs = []
+    threads = []
+    for i, n in jobs:
+        ids = engine.tokenize(PROMPTS[i])
+        rec = Recorder()
+        out: list[int] = []
+        it = b.generate(ids, SamplingParams(TEMPERATURE, 1.0, seed=100 + i), rec)
+        threads.append(threading.Thread(target=_consume, args=(it, n, out)))
+        runs.append((ids, out, rec))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+        assert not t.is_alive()
+    return runs
+
+
+def _replay(
+    v: BatchedLlama, ids: list[int], tokens: list[int], shapes: list[tuple[int, int]], seed: int
+) -> tuple[np.ndarray, list[int]]:
+    """Replayed states, and the token the seeded sampler picks from each replayed logits."""
+    picks: list[int] = []
+    states = v.replay(
+        ids,
+        tokens,
+        shapes,
+        lambda k, lg: picks.append(sampling.choose(lg, seed, len(ids) + k, TEMPERATURE, 1.0)),
+    )
+    return states, picks
+
+
+def test_concurrent_sequences_replay_bit_for_bit_from_their_recorded_shapes(
+    engine: LlamaCppEngine, batched: BatchedLlama, verifier: BatchedLlama
+) -> None:
+    runs = _run(batched, engine, [(0, 14), (1, 16), (2, 12), (3, 10), (4, 18)])
+    assert max(batched.step_sizes) == 4  # four slots, five sequences: one waited for a slot
+    grouped = 0
+    for i, (ids, tokens, rec) in enumerate(runs):
+        assert rec.tokens == tokens and len(rec.shapes) == len(tokens)
+        states, picks = _replay(verifier, ids, tokens, rec.shapes, 100 + i)
+        assert np.array_equal(states, np.stack(rec.states)), f"sequence {i}"
+        assert picks == tokens
+        if any(n >= 4 for n, _ in rec.shapes):
+            grouped += 1
+            solo, _ = _replay(verifier, ids, tokens, [(1, 0)] * len(tokens), 100 + i)
+            assert not np.array_equal(solo, np.stack(rec.states)), f"sequence {i}"
+    assert grouped >= 1  # some sequence met the four-row kernel, so the shapes mattered
+
+
+def test_a_consumer_walking_away_frees_its_slot_and_disturbs_no_one(
+    engine: LlamaCppEngine, batched: BatchedLlama, verifier: BatchedLlama
+) -> None:
+    # Sequence 0 stops after 2 tokens (its consumer closes the iterator, as a stop string
+    # or a cancelled request does); the others go on in the same steps.
+    runs = _run(batched, engine, [(0, 2), (1, 12), (2, 12), (4, 12)])
+    assert [len(t) for _, t, _ in runs] == [2, 12, 12, 12]
+    # ... and a sequence started afterwards reuses a freed slot
+    runs += _run(batched, engine, [(3, 8)])
+    for (ids, tokens, rec), seed in zip(runs, (100, 101, 102, 104, 103), strict=True):
+        states, picks = _replay(verifier, ids, tokens, rec.shapes[: len(tokens)], seed)
+        assert np.array_equal(states, np.stack(rec.states[: len(tokens)]))
+        assert picks == tokens
+
+
+def test_replay_refuses_a_shape_it_cannot_hold(
+    engine: LlamaCppEngine, verifier: BatchedLlama
+) -> None:
+    ids = engine.tokenize(PROMPTS[0])
+    with pytest.raises(EngineError, match="batch shape"):
+        verifier.replay(ids, [1, 2], [(1, 0), (8, 0)], lambda k, lg: None)
+
+
+def test_batched_answers_commit_their_schedule_and_pass_an_exact_audit_cheats_do_not(
+    engine: LlamaCppEngine, batched: BatchedLlama
+) -> None:
+    # Through the commitment and the engine's own audit (what a verifier agent runs): the
+    # schedule travels in the header, the verifier replays on it, exactly.
+    runs = _run(batched, engine, [(0, 12), (1, 12), (2, 12), (4, 12)])
+    grouped = 0
+    for (ids, tokens, rec), seed in zip(runs, (100, 101, 102, 104), strict=True):
+        c = cm.decode(
+            build_commitment(
+                engine, DEFAULT_MODEL, ids, rec, seed, TEMPERATURE, 1.0, "length"
+            ).encode()
+        )
+        assert c.header.schedule is not None and list(c.header.schedule.shapes) == rec.shapes
+        verdict = cm.judge(c, engine.audit(ids, c, len(tokens)), TOL, len(tokens))
+        assert verdict.passed and verdict.worst_rel == 0.0, verdict.reasons
+        # A provider that ignored the seed it was given is caught on the replayed draw.
+        lied = build_commitment(engine, DEFAULT_MODEL, ids, rec, seed + 1, TEMPERATURE, 1.0,
+                                "length")  # fmt: skip
+        verdict = cm.judge(lied, engine.audit(ids, lied, len(tokens)), TOL, len(tokens))
+        assert not verdict.passed
+        if any(n >= 4 for n, _ in rec.shapes):
+            grouped += 1
+            # Claiming it decoded alone (no schedule) does not survive the replay either.
+            solo = Recorder(rec.tokens, rec.states, rec.logprobs)
+            alone = build_commitment(engine, DEFAULT_MODEL, ids, solo, seed, TEMPERATURE, 1.0,
+                                     "length")  # fmt: skip
+            assert alone.header.schedule is None
+            verdict = cm.judge(alone, engine.audit(ids, alone, len(tokens)), TOL, len(tokens))
+            assert not verdict.passed and verdict.worst_rel > TOL.rel
+    assert grouped >= 1
