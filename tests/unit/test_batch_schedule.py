@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust import peek
 from idlegrid.core.trust.adjust import Adjust
 from idlegrid.core.trust.extras import Extras
 from idlegrid.core.trust.schedule import Schedule, decode
@@ -69,7 +70,7 @@ def test_a_commitment_carries_its_schedule_beside_extras_and_constraint(
     assert back.encode() == blob  # (temperature comes back as float32)
     assert back.header.schedule == sched and back.header.constraint == con
     assert back.header.version == (4 if extras else 3)
-    assert cm.peek_constrained(blob) is constrained
+    assert peek.peek_constrained(blob) is constrained
     # the schedule is bound by the digest: another shape is another commitment
     other = cm.build(
         "m", "llama.cpp/x/Q4_K_M/cpu-x/t2", [1, 2, 3], 7, 0.8, 1.0, tokens,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import embedding as emb
+from idlegrid.core.trust import peek
 from idlegrid.errors import InvalidRequest
 
 TOL = emb.EmbeddingTolerance(abs=2e-5, cos=0.99999)
@@ -37,7 +37,7 @@ def test_mean_pool_ignores_padding_and_normalise_gives_unit_rows() -> None:
 def test_commitment_round_trips_and_is_told_apart_from_a_generation() -> None:
     c = _commit(_vectors())
     blob = c.encode()
-    assert emb.is_embedding(blob) and cm.peek_class(blob) == CLASS
+    assert emb.is_embedding(blob) and peek.peek_class(blob) == CLASS
     back = emb.decode(blob)
     assert back.header == c.header and np.array_equal(back.vectors, c.vectors)
     assert back.header.start == 9  # tokens billed: 3 inputs of 3
@@ -111,7 +111,6 @@ def test_no_embedding_commitment_reads_as_constrained() -> None:
     """`peek_constrained` once parsed an embedding blob as an answer's head: for some models
     and vectors (1.5% here) its bytes said "grammar", so a redraw found no verifier able to
     replay one and the audit stayed pending for ever."""
-    from idlegrid.core.trust import commitment as cm
 
     for model in ("all-minilm:l6-v2", "sentence-transformers/all-MiniLM-L6-v2", "x"):
         for n in (1, 2, 3):
@@ -120,5 +119,5 @@ def test_no_embedding_commitment_reads_as_constrained() -> None:
                 c = emb.build(model, CLASS, [[101, 7 + i, 102] for i in range(n)], v)
                 for blob in (c.encode(), emb.tamper(c).encode()):
                     assert emb.is_embedding(blob)
-                    assert cm.peek_class(blob) == CLASS
-                    assert not cm.peek_constrained(blob), (model, n, seed)
+                    assert peek.peek_class(blob) == CLASS
+                    assert not peek.peek_constrained(blob), (model, n, seed)

@@ -12,7 +12,7 @@ from idlegrid.core import grammar as g
 from idlegrid.core.ledger import Price
 from idlegrid.core.routing import Candidate
 from idlegrid.core.trust import commitment as cm
-from idlegrid.core.trust import sampling
+from idlegrid.core.trust import peek, sampling
 from idlegrid.errors import InvalidRequest, NoCapacity
 
 
@@ -156,13 +156,13 @@ def test_the_grammar_is_committed_and_old_commitments_are_unchanged() -> None:
     con = cm.Constraint(bytes(range(32)), "llguidance/1.9.1")
     bound = _commitment(con)
     assert cm.decode(plain.encode()) == plain and plain.header.constraint is None
-    assert not cm.peek_constrained(plain.encode()) and not cm.peek_constrained(b"\x01")
+    assert not peek.peek_constrained(plain.encode()) and not peek.peek_constrained(b"\x01")
     back = cm.decode(bound.encode())
     assert back == bound and back.header.constraint == con
-    assert cm.peek_constrained(bound.encode())
+    assert peek.peek_constrained(bound.encode())
     # The draw matches verifiers on the grammar engine's version, read without decoding.
-    assert cm.peek_grammar_engine(bound.encode()) == "llguidance/1.9.1"
-    assert cm.peek_grammar_engine(plain.encode()) is None
+    assert peek.peek_grammar_engine(bound.encode()) == "llguidance/1.9.1"
+    assert peek.peek_grammar_engine(plain.encode()) is None
     # The digest the beacon hashes covers the grammar; the unconstrained encoding is as before.
     assert plain.header.digest() != bound.header.digest()
     assert len(bound.header.encode()) == len(plain.header.encode()) + 32 + 2 + 16

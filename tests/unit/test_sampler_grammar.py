@@ -17,7 +17,7 @@ from idlegrid.core import grammar as g
 from idlegrid.core.trust import adjust as adj
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import logprobs as lpm
-from idlegrid.core.trust import sampling
+from idlegrid.core.trust import peek, sampling
 from idlegrid.core.trust.extras import Extras
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.commit import Recorder, build_commitment, recompute
@@ -66,7 +66,7 @@ def test_every_combination_round_trips(
     assert back.header.version == version and blob[2 + len(CLASS) + 2] == version
     assert back.header.extras == (extras or Extras())
     assert back.header.constraint == constraint
-    assert cm.peek_constrained(blob) == (constraint is not None)
+    assert peek.peek_constrained(blob) == (constraint is not None)
     assert [lp for ch in back.chunks for lp in ch.logprobs] == (
         [lp for ch in c.chunks for lp in ch.logprobs] if extras else []
     )
@@ -75,7 +75,7 @@ def test_every_combination_round_trips(
     # Sections in order: the fixed part and model id, extras (version 2), the constraint.
     head = c.header.encode()
     plain = _commit(None, None).header.encode()
-    fixed = cm._HEAD.size  # then the root (covers the chunks, logprobs included), model id
+    fixed = cm.HEAD.size  # then the root (covers the chunks, logprobs included), model id
     assert head[0] == version and head[1:fixed] == plain[1:fixed]
     assert head[fixed + 32 : len(plain)] == plain[fixed + 32 :]
     tail = head[len(plain) :]

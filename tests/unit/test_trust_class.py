@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust import peek
 
 
 def test_engine_of_a_class() -> None:
@@ -26,9 +27,9 @@ def test_peek_class_reads_an_encoded_commitment() -> None:
         2,
     )
     blob = c.encode()
-    assert cm.peek_class(blob) == "llama.cpp/0.3.36/Q4_K_M/cpu/t1"
-    assert cm.decode(blob).header.det_class == cm.peek_class(blob)
-    assert cm.peek_class(b"") == "" and cm.peek_class(b"\x05\x00\xff\xfe") == ""
+    assert peek.peek_class(blob) == "llama.cpp/0.3.36/Q4_K_M/cpu/t1"
+    assert cm.decode(blob).header.det_class == peek.peek_class(blob)
+    assert peek.peek_class(b"") == "" and peek.peek_class(b"\x05\x00\xff\xfe") == ""
 
 
 def test_kernel_family_is_engine_and_device() -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from idlegrid.coordinator.db.tables import Account, Node
 from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, TrustNode
 from idlegrid.core.trust import commitment as cm
-from idlegrid.core.trust import entries, selection
+from idlegrid.core.trust import entries, peek, selection
 from idlegrid.core.trust.lifecycle import AUDIT
 from idlegrid.errors import AuthError
 
@@ -92,10 +92,10 @@ def redraw(trust: Trust, s: Session, a: TrustAudit, exclude: list[str]) -> str |
         s,
         a.node_id,
         bytes.fromhex(com.digest),
-        cm.peek_class(a.blob),
+        peek.peek_class(a.blob),
         kind,
         exclude,
-        grammar=cm.peek_grammar_engine(a.blob),
+        grammar=peek.peek_grammar_engine(a.blob),
     )
 
 
@@ -131,7 +131,7 @@ def claim(trust: Trust, node_id: str, models: list[str]) -> dict[str, Any] | Non
                 s.flush()
                 if a.designated != node_id:
                     continue
-            if cm.kernel_family(cm.peek_class(a.blob)) != cm.kernel_family(me.det_class):
+            if cm.kernel_family(peek.peek_class(a.blob)) != cm.kernel_family(me.det_class):
                 continue  # another engine's or build's answers: see docs/trust.md
             res = s.execute(
                 update(TrustAudit)

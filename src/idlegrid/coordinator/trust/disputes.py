@@ -33,7 +33,7 @@ from idlegrid.coordinator.trust.tables import TrustAudit, TrustCommitment, Trust
 from idlegrid.core import disputes as seats
 from idlegrid.core import ledger
 from idlegrid.core.ledger import Cause, Entry, Posting
-from idlegrid.core.trust import bisect, dispute
+from idlegrid.core.trust import bisect, dispute, peek
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import embedding as emb
 from idlegrid.core.trust.lifecycle import AUDIT, DISPUTE
@@ -172,7 +172,7 @@ class Disputes:
         k = self.trust.ctx.settings.dispute_panel_k
         skip = {row.provider_id, row.verifier_id, *row.excluded, *row.panel}
         # Panelists run the provider's engine family, as auditors do (see Trust._record).
-        family = cm.kernel_family(cm.peek_class(a.blob))
+        family = cm.kernel_family(peek.peek_class(a.blob))
         candidates = [
             v.node_id
             for v in s.scalars(

@@ -47,7 +47,7 @@ VERSIONS = (1, 2, 3, 4)
 CHUNK_SIZE = 16
 TOP_K = 32
 MAX_TOKENS = 1 << 16
-_HEAD = struct.Struct("<B32s32sQffIIB?HHI")
+HEAD = struct.Struct("<B32s32sQffIIB?HHI")  # core/trust/peek.py reads it too
 
 
 def context_hash(ids: Sequence[int]) -> bytes:
@@ -79,47 +79,6 @@ def kernel_family(det_class: str) -> str:
 
 # What follows the determinism class in an embedding commitment (`core/trust/embedding.py`).
 EMBEDDING_MAGIC = b"IGEMB1"
-
-
-def peek_class(blob: bytes) -> str:
-    """The determinism class of an encoded commitment, without decoding the rest."""
-    try:
-        (n,) = struct.unpack_from("<H", blob, 0)
-        return blob[2 : 2 + n].decode()
-    except (struct.error, UnicodeDecodeError):
-        return ""
-
-
-def peek_grammar_engine(blob: bytes) -> str | None:
-    """The grammar engine a constrained answer was masked by (e.g. "llguidance/1.9.1"), None
-    for an unconstrained one, without decoding the chunks."""
-    try:
-        (n,) = struct.unpack_from("<H", blob, 0)
-        if blob[2 + n : 2 + n + len(EMBEDDING_MAGIC)] == EMBEDDING_MAGIC:
-            # An embedding has no grammar; read as an answer's head, its vectors' hash
-            # would say "constrained" for some vectors and not others.
-            return None
-        (head_len,) = struct.unpack_from("<H", blob, 2 + n)
-        head = blob[4 + n : 4 + n + head_len]
-        (ver,) = struct.unpack_from("<B", head, 0)
-        (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
-        end = _HEAD.size + 34 + int(mlen)
-        if ver in (2, 4):  # the extras and the schedule come before the constraint
-            _, end = decode_extras(head, end)
-        if ver in (3, 4):
-            n_tokens = _HEAD.unpack_from(head, 0)[7]
-            _, end = decode_schedule(head, end, n_tokens)
-        if len(head) <= end:
-            return None
-        (elen,) = struct.unpack_from("<H", head, end + 32)
-        return head[end + 34 : end + 34 + elen].decode()
-    except (struct.error, ValueError, UnicodeDecodeError):
-        return None
-
-
-def peek_constrained(blob: bytes) -> bool:
-    """Whether an encoded commitment names a grammar, without decoding the chunks."""
-    return peek_grammar_engine(blob) is not None
 
 
 def k_for(n_tokens: int, chunk_size: int = CHUNK_SIZE, k: int = TOP_K) -> int:
@@ -184,7 +143,7 @@ class Header:
         schedule and the constraint, each where present (module docstring)."""
         model = self.model.encode()
         return (
-            _HEAD.pack(
+            HEAD.pack(
                 (1 if self.extras.neutral else 2) + (2 if self.schedule is not None else 0),
                 self.context_hash,
                 class_id(self.det_class),
@@ -331,7 +290,7 @@ def _decode(blob: bytes) -> Commitment:
     det_class = take(cls_len).decode()
     (head_len,) = struct.unpack("<H", take(2))
     head = take(head_len)
-    fields = _HEAD.unpack_from(head, 0)
+    fields = HEAD.unpack_from(head, 0)
     (ver, ctx, cls_hash, seed, temp, top_p, start, n_tokens, stop, ended, chunk_size, k, hidden) = (
         fields
     )
@@ -339,10 +298,10 @@ def _decode(blob: bytes) -> Commitment:
         raise ValueError(f"version {ver}")
     if cls_hash != class_id(det_class):
         raise ValueError("determinism class does not match its id")
-    root = head[_HEAD.size : _HEAD.size + 32]
-    (mlen,) = struct.unpack_from("<H", head, _HEAD.size + 32)
-    model = head[_HEAD.size + 34 : _HEAD.size + 34 + mlen].decode()
-    end = _HEAD.size + 34 + mlen
+    root = head[HEAD.size : HEAD.size + 32]
+    (mlen,) = struct.unpack_from("<H", head, HEAD.size + 32)
+    model = head[HEAD.size + 34 : HEAD.size + 34 + mlen].decode()
+    end = HEAD.size + 34 + mlen
     extras = Extras()
     if ver in (2, 4):
         extras, end = decode_extras(head, end)
