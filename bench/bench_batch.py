@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -112,6 +113,10 @@ def main() -> None:
     args = ap.parse_args()
     slots = args.providers * args.slots
     tmp = Path(tempfile.mkdtemp(prefix="idlegrid-bench-batch-"))
+    # No verifier runs here, so the fake providers are unverifiable: with the default
+    # probation budget their held pay caps their paid work and the grid stops routing to
+    # them after ~1,100 answers (docs/trust.md). This measures routing, not trust.
+    os.environ.setdefault("IDLEGRID_TRUST_PROBATION_BUDGET_UCR", "-1")
     settings = CoordinatorSettings(
         data_dir=tmp,
         database_url=f"sqlite:///{tmp}/c.db",

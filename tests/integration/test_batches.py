@@ -463,3 +463,32 @@ def test_the_cli_submits_waits_lists_and_fetches_results(grid: Grid, tmp_path: P
     bad.write_text("".join(json.dumps(_line("same", "x")) + "\n" for _ in range(2)))
     failed = runner.invoke(app, ["batch", "submit", str(bad), *base])
     assert failed.exit_code == 1 and "duplicate_custom_id" in failed.stdout
+
+
+def test_a_line_whose_runner_fails_unexpectedly_is_tried_again(grid: Grid) -> None:
+    """An exception that is not the line's fault (here injected: the first run of each line
+    raises) must not leave the line "running" with nobody running it: it goes back to
+    pending and is answered on the next try, charged once."""
+    lines = grid.coordinator.app.state.services.batches.lines
+    real, failed = lines.run, set()
+
+    async def flaky(key_id: str, url: str, body: Any, tag: Any, cap: Price) -> Any:
+        if tag["custom_id"] not in failed:
+            failed.add(tag["custom_id"])
+            raise RuntimeError("injected")
+        return await real(key_id, url, body, tag, cap)
+
+    lines.run = flaky
+    with grid.client() as client:
+        fid = _upload(client, [_line(f"c{i}", f"retry {i}") for i in range(3)])
+        b = client.batches.create(
+            input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = _wait(client, b.id)
+        assert done.status == "completed", done
+        assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
+        out = _jsonl(client, done.output_file_id)
+    assert sorted(x["custom_id"] for x in out) == ["c0", "c1", "c2"]
+    assert failed == {"c0", "c1", "c2"}
+    settles = [e for e in grid.entries() if str(e["cause"]["id"]).startswith(b.id)]  # type: ignore[index]
+    assert sum(1 for e in settles if e["memo"] == "settle") == 3  # each line charged once

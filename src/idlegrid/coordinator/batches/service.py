@@ -369,6 +369,9 @@ class Batches:
                 task.add_done_callback(running.discard)
             if running:
                 await asyncio.gather(*running)
+        except Exception:
+            log.exception("batch %s: runner failed", batch_id)
+            raise
         finally:
             for task in list(running):
                 task.cancel()
@@ -401,6 +404,13 @@ class Batches:
                 status, error = _refusal(exc)
                 result = results.refused(_line_id(), line.custom_id, "", status, error)
                 await self.ctx.db(self._done, batch_id, line.line, result, False, None)
+                return
+            except Exception:
+                # A bug, not the line's fault: it goes back to pending (tried again) rather
+                # than staying "running" for ever with nobody running it.
+                log.exception("batch %s line %s: unexpected error", batch_id, line.custom_id)
+                await asyncio.sleep(RETRY_S)
+                await self.ctx.db(self._requeue, batch_id, line.line)
                 return
             if out.status == 200:
                 result = results.answered(_line_id(), line.custom_id, out.request_id, out.body)
