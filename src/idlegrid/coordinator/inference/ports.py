@@ -40,6 +40,11 @@ class RoutingSignals(Protocol):
     staked_nodes: frozenset[str]
     inference_staked: frozenset[str]
 
+    @property
+    def stale(self) -> bool: ...
+
+    def current_book(self) -> object: ...
+
 
 class PaidWork(Protocol):
     """Trust's word on who may take paid work: unverifiable providers past their budget."""
@@ -64,6 +69,8 @@ async def paid_ok(
     them, within their probation budget. Free requests (price 0) need neither."""
     ids = set(node_ids)
     if stake > 0:
+        if market.stale:  # a stake just posted counts now, not from the market's next tick
+            await db(market.current_book)
         ids &= market.inference_staked
     # Only providers that can be blocked cost a balance read (off the event loop): none while
     # every one is verifiable or the budget is unlimited, the common case on a routed request.

@@ -186,6 +186,11 @@ class Market:
             for i, offer in enumerate(book.offers):
                 book.reliability[i] = self.reliability.get(offer.provider, book.reliability[i])
 
+    @property
+    def stale(self) -> bool:
+        """Whether supply or stakes changed since the book and routing sets were built."""
+        return self._dirty
+
     def current_book(self) -> Book:
         """The book, rebuilt first if supply changed."""
         with self._lock:
