@@ -11,6 +11,7 @@ import pytest
 from idlegrid.core import tasks
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import dispute
+from idlegrid.core.trust.report_codec import decode_report, encode_report
 from idlegrid.engines.base import SamplingParams, stream_pieces
 from idlegrid.engines.commit import Recorder, build_commitment
 from idlegrid.engines.fake import END_MARKER, FakeEngine
@@ -79,7 +80,7 @@ def test_an_honest_fake_commits_and_a_fake_verifier_passes_it_bit_exact(
     c = cm.decode(c.encode())  # the wire form the coordinator stores
     report = FakeEngine().audit(ids, c, max_tokens)
     assert report.context_len == len(ids)
-    verdict = cm.judge(c, cm.decode_report(cm.encode_report(report)), cm.EXACT, max_tokens)
+    verdict = cm.judge(c, decode_report(encode_report(report)), cm.EXACT, max_tokens)
     assert verdict.passed, verdict.reasons
     assert verdict.worst_rel == 0.0
 
@@ -123,8 +124,8 @@ def test_a_commitment_whose_start_overstates_the_context_fails_the_audit() -> No
 def test_reports_without_a_context_length_still_decode() -> None:
     ids, c = _serve(FakeEngine(), "old verifier", SamplingParams(0.0), 8)
     report = FakeEngine().audit(ids, c, 8)
-    blob = cm.encode_report(report)
-    old = cm.decode_report(blob[:-4])  # a verifier from before the length was sent
+    blob = encode_report(report)
+    old = decode_report(blob[:-4])  # a verifier from before the length was sent
     assert old.context_len == -1 and cm.judge(c, old, TOL, 8).passed
     with pytest.raises(Exception, match="malformed"):
-        cm.decode_report(blob + b"\x00")
+        decode_report(blob + b"\x00")

@@ -12,6 +12,7 @@ from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import logprobs as lpm
 from idlegrid.core.trust import sampling
 from idlegrid.core.trust.extras import Extras
+from idlegrid.core.trust.report_codec import decode_report, encode_report
 
 
 def test_openai_definition_of_penalties_and_bias() -> None:
@@ -153,7 +154,7 @@ def test_judge_checks_committed_logprobs() -> None:
 
     good = tuple(lpm.recheck(z, lp, 1.0) for lp in lps)
     assert cm.judge(c, report(good), cm.EXACT, 3).passed
-    back = cm.decode_report(cm.encode_report(report(good)))
+    back = decode_report(encode_report(report(good)))
     assert back.chunks[0].logprobs == good
     shifted = tuple(lpm.recheck(z + 0.5 * (np.arange(64) == 6), lp, 1.0) for lp in lps)
     v = cm.judge(c, report(shifted), cm.Tolerance(0, 0, 0, logprob=1e-2), 3)

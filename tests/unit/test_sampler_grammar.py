@@ -19,6 +19,7 @@ from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import logprobs as lpm
 from idlegrid.core.trust import peek, sampling
 from idlegrid.core.trust.extras import Extras
+from idlegrid.core.trust.report_codec import decode_report, encode_report
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.commit import Recorder, build_commitment, recompute
 from idlegrid.engines.steps import Steps, extras_of
@@ -202,7 +203,7 @@ def test_the_verifier_replays_adjust_mask_and_logprobs_exactly() -> None:
     report = recompute(_Engine(), CONTEXT, c, N, (), None, _Matcher(V))
     assert all(len(ch.logprobs) == len(cc.tokens) for ch, cc in zip(report.chunks, c.chunks,
                                                                      strict=True))  # fmt: skip
-    v = cm.judge(c, cm.decode_report(cm.encode_report(report)), cm.EXACT, N)
+    v = cm.judge(c, decode_report(encode_report(report)), cm.EXACT, N)
     assert v.passed, v.reasons
     # Without the grammar the verifier's logprobs are not the committed (masked) ones.
     bare = cm.judge(c, recompute(_Engine(), CONTEXT, c, N, (), None, None), cm.EXACT, N)

@@ -37,7 +37,7 @@ class DisputeAnswerMsg(Message):
 
     Inference: the provider opens its committed chunk (`chunk`, base64 leaf bytes, and its
     Merkle path `siblings`/`right`); the challenger and the referee send their recomputation
-    of the position (`report`, base64 of core/trust/commitment.encode_report, one chunk).
+    of the position (`report`, base64 of core/trust/report_codec.encode_report, one chunk).
     Training: claim/steps `state_hash`; ops-commit `n_ops`, `root`, `link` (the last) and
     its path; ops `link` and its path; records `record`; the provider's hand-over
     `checkpoint`; the referee `det_class`, `start_hash` and `record` or `state_hash`.

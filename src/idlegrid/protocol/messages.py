@@ -242,7 +242,7 @@ class AuditTaskMsg(Message):
 
 
 class AuditReportMsg(Message):
-    """What the verifier recomputed (base64 of core/trust/commitment.encode_report)."""
+    """What the verifier recomputed (base64 of core/trust/report_codec.encode_report)."""
 
     report: str = Field(max_length=1 << 20)
 

@@ -25,6 +25,7 @@ from idlegrid.core import disputes as seats
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import dispute
 from idlegrid.core.trust.merkle import merkle_proof
+from idlegrid.core.trust.report_codec import decode_report, encode_report
 from idlegrid.protocol.messages import AuditTaskMsg
 
 
@@ -96,5 +97,5 @@ class Disputes(Role):
         with self.ctx.engine_lock(engine):
             if kept is None:
                 kept = check(engine, msg, dispute.truncated(c, position))
-        report = cm.decode_report(kept)
-        return cm.encode_report(dispute.only_position(report, position, len(c.chunks)))
+        report = decode_report(kept)
+        return encode_report(dispute.only_position(report, position, len(c.chunks)))

@@ -16,6 +16,7 @@ from idlegrid.agent.context import AgentContext, Role
 from idlegrid.agent.node_client import CoordinatorError
 from idlegrid.core.grammar import GrammarSpec
 from idlegrid.core.trust import commitment as cm
+from idlegrid.core.trust.report_codec import encode_report
 from idlegrid.engines.base import Engine, render_chat
 from idlegrid.engines.embedder import is_embedder
 from idlegrid.errors import AuthError, EngineError, IdlegridError
@@ -43,7 +44,7 @@ def check(engine: Any, msg: AuditTaskMsg, c: cm.Commitment | None = None) -> byt
         spec = GrammarSpec.from_wire(msg.grammar)
         matcher = engine.matcher(spec, msg.prior_ids)
         report = engine.audit(context, c, msg.max_new_tokens, msg.stop, matcher)
-    return cm.encode_report(report)
+    return encode_report(report)
 
 
 class Verifier(Role):

@@ -32,6 +32,7 @@ from idlegrid.core.trust.economics import AuditPolicy
 from idlegrid.core.trust.extras import expected as expected_extras
 from idlegrid.core.trust.lifecycle import AUDIT
 from idlegrid.core.trust.merkle import merkle_root
+from idlegrid.core.trust.report_codec import decode_report
 from idlegrid.core.trust.reputation import ReputationModel
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
 
@@ -352,7 +353,7 @@ class Trust:
     async def report(self, node_id: str, audit_id: str, report_b64: str) -> dict[str, Any]:
         """Judge a verifier's recomputation and apply what follows from it."""
         raw = b64.decode(report_b64, "report")
-        report = emb.decode_report(raw) if emb.is_embedding(raw) else cm.decode_report(raw)
+        report = emb.decode_report(raw) if emb.is_embedding(raw) else decode_report(raw)
         return await self.ctx.db(self._judge_and_apply, node_id, audit_id, report, raw)
 
     def tolerance(self, provider_class: str, verifier_class: str) -> cm.Tolerance:

@@ -38,6 +38,7 @@ from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import embedding as emb
 from idlegrid.core.trust.lifecycle import AUDIT, DISPUTE
 from idlegrid.core.trust.merkle import Proof, verify_proof
+from idlegrid.core.trust.report_codec import decode_report
 from idlegrid.errors import Conflict, InsufficientCredits, InvalidRequest, NotFound, UnpayableRuling
 
 if TYPE_CHECKING:
@@ -271,7 +272,7 @@ class Disputes:
                     return self._view(row)
                 row.answers = {**row.answers, seats.PROVIDER: "opened"}
             else:
-                report = cm.decode_report(seats.unb64(body, "report"))
+                report = decode_report(seats.unb64(body, "report"))
                 if len(report.chunks) != (1 if position < len(c.chunks) else 0):
                     raise InvalidRequest(
                         "the report must hold exactly the queried position", param="report"
@@ -305,7 +306,7 @@ class Disputes:
     def _close_round(
         self, s: Any, row: TrustDispute, a: TrustAudit, c: cm.Commitment, position: int, now: float
     ) -> None:
-        report = cm.decode_report(base64.b64decode(row.answers[seats.CHALLENGER]))
+        report = decode_report(base64.b64decode(row.answers[seats.CHALLENGER]))
         tol = self.trust.tolerance(c.header.det_class, report.det_class)
         agree = not dispute.faults_at(c, position, report, tol)
         b = bisect.Bisection(row.n, row.lo, row.hi)
