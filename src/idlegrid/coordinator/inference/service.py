@@ -41,6 +41,7 @@ from idlegrid.coordinator.inference.ports import (
     refusal,
 )
 from idlegrid.coordinator.inference.structured import constrained
+from idlegrid.coordinator.inference.supervise import supervise
 from idlegrid.coordinator.views import TaskView, new_task_view
 from idlegrid.core import ledger, routing, tasks
 from idlegrid.core.ledger import Price
@@ -88,7 +89,7 @@ class Inference:
         # a lower bound while this process is the only spender (see submit).
         self._balance_hint: dict[str, int] = {}
         # Running tasks whose stream did not match the row at the last supervisor pass.
-        self._unmatched: set[tuple[str, int, str | None]] = set()
+        self.unmatched_seen: set[tuple[str, int, str | None]] = set()
 
     def candidates(
         self, model: str, prompt_tokens: int = 0, max_tokens: int = 1
@@ -542,59 +543,6 @@ class Inference:
     # ---- supervision -------------------------------------------------------------------
 
     async def tick(self, live: frozenset[str]) -> None:
-        """Take work from dead or stalled providers; fail requests nobody picked up in time.
-        The decisions are the core's (`core/tasks.py`); each task is looked at just before
-        its actions run, as the actions await and other streams move meanwhile."""
-        now = self.clock()
-        nodes = self.nodes.cache
-        limits = tasks.SuperviseLimits(
-            self.settings.node_timeout_s,
-            self.settings.stall_timeout_s,
-            self.settings.queue_timeout_s,
-        )
-        before = frozenset(self._unmatched)
-        unmatched: set[tuple[str, int, str | None]] = set()
-        for task in await self.db(self.store.running_tasks):
-            stream = self.hub.get(task.id)
-            node = nodes.get(task.node_id or "")
-            snap = tasks.RunningSnap(
-                task.id,
-                task.attempt,
-                task.node_id,
-                tasks.StreamSnap(stream.attempt, stream.node_id, stream.last_progress)
-                if stream is not None
-                else None,
-                node.last_seen if node is not None else None,
-            )
-            for act in tasks.supervise_running(snap, before, now, limits):
-                if isinstance(act, tasks.FailTask):
-                    await self.db(self.store.fail, act.task_id, act.reason)
-                elif isinstance(act, tasks.Watch):
-                    unmatched.add(act.seen)
-                elif isinstance(act, tasks.Adopt) and stream is not None:
-                    # The row moved and the stream did not, still so one pass later: the
-                    # hand-over was lost (a poll that died mid-claim).
-                    log.warning(
-                        "task %s: attempt %d on %s never reached its stream; adopting",
-                        act.task_id,
-                        act.attempt,
-                        act.node_id,
-                    )
-                    stream.attempt, stream.node_id, stream.target = act.attempt, act.node_id, None
-                elif isinstance(act, tasks.TakeBack):
-                    with contextlib.suppress(StaleAttempt):  # it finished or moved meanwhile
-                        await self.give_up(None, act.task_id, act.attempt, act.outcome)
-        self._unmatched = unmatched
-        for task, created in await self.db(self.store.queued_tasks):
-            snap_q = tasks.QueuedSnap(task.id, created, self.hub.get(task.id) is not None)
-            for act in tasks.supervise_queued(snap_q, now, limits):
-                if isinstance(act, tasks.FailTask):
-                    await self.db(self.store.fail, act.task_id, act.reason)
-                    if act.notify:
-                        self.hub.push(act.task_id, Event("failed", data={"error": act.reason}))
-                elif isinstance(act, tasks.Untarget):
-                    await self.db(self.store.untarget, act.task_id)
-                    stream = self.hub.get(act.task_id)
-                    if stream is not None:
-                        stream.target = None
-                    self.hub.wake(None)
+        """Take work from dead or stalled providers; fail requests nobody picked up in time
+        (inference/supervise.py)."""
+        await supervise(self, live)
