@@ -321,16 +321,49 @@ def test_echo_streams_the_prompt_first(grid: Grid) -> None:
     assert "".join(c.choices[0].text for c in chunks) == PROMPT + plain
 
 
-@pytest.mark.parametrize(("extra", "why"), [({"logprobs": 1}, "logprobs"), ({}, "boolean")])
-def test_echo_with_logprobs_or_not_a_boolean_is_a_400(
-    grid: Grid, extra: dict[str, Any], why: str
-) -> None:
+def test_echo_not_a_boolean_is_a_400(grid: Grid) -> None:
     before = len(grid.entries())
-    r = _post(grid, "completions", {"echo": True if extra else "yes", **extra})
+    r = _post(grid, "completions", {"echo": "yes"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert error["param"] == "echo" and why in error["message"], error
+    assert error["param"] == "echo" and "boolean" in error["message"], error
     assert len(grid.entries()) == before
+
+
+def _scored(lp: dict[str, Any], prompt_tokens: int) -> None:
+    """The prompt's part of an echoed choice's logprobs: the first token has none, each
+    later one the fake's certainty (its pick sits 90 above the rest, engines/fake.py)."""
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    head = lp["token_logprobs"][1:prompt_tokens]
+    assert len(head) == prompt_tokens - 1 and all(v <= 0 for v in head)
+    assert all(len(d) == 2 for d in lp["top_logprobs"][1:prompt_tokens])
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+
+
+def test_echo_with_logprobs_scores_the_prompt_and_streams_it_first(grid: Grid) -> None:
+    plain = _post(grid, "completions", {"logprobs": 2}).json()
+    echoed = _post(grid, "completions", {"logprobs": 2, "echo": True}).json()
+    n_prompt = echoed["usage"]["prompt_tokens"]
+    assert echoed["usage"] == plain["usage"]  # the prompt's logprobs are not billed
+    lp, choice = echoed["choices"][0]["logprobs"], echoed["choices"][0]
+    assert choice["text"] == PROMPT + plain["choices"][0]["text"]
+    assert "".join(lp["tokens"]) == choice["text"]
+    _scored(lp, n_prompt)
+    # The answer's own logprobs follow, unchanged, at offsets after the prompt.
+    tail = plain["choices"][0]["logprobs"]
+    assert lp["tokens"][n_prompt:] == tail["tokens"]
+    assert lp["token_logprobs"][n_prompt:] == tail["token_logprobs"]
+    assert lp["text_offset"][n_prompt] == len(PROMPT)
+    chunks = [
+        e["choices"][0]
+        for e in _events(_post(grid, "completions", {"logprobs": 2, "echo": True, "stream": True}))
+        if e.get("choices")
+    ]
+    assert chunks[0]["text"] == PROMPT
+    _scored(chunks[0]["logprobs"], n_prompt)
+    assert chunks[0]["logprobs"]["tokens"] == lp["tokens"][:n_prompt]
+    streamed = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
 
 
 @pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2], [3]], [], ["a", 1]])

@@ -33,6 +33,7 @@ from idlegrid.protocol.messages import TaskMsg
 log = logging.getLogger("idlegrid.agent")
 
 _DONE = object()
+_PROMPT = object()  # the prompt's logprobs are ready (job.prompt): they go before any piece
 
 
 def _constraint(task: TaskMsg) -> Any:
@@ -53,6 +54,7 @@ class _Job:
     recorder: Any = None  # what the engine recorded, for a part's commitment at handback
     # Per piece (by index in the attempt) its logprobs message, when the request asked.
     logprobs: list[Any] = field(default_factory=list)
+    prompt: dict[str, Any] | None = None  # echo with logprobs: PromptLogprobsMsg's fields
 
 
 class Serving:
@@ -296,7 +298,12 @@ class Serving:
 
         # a batched answer's part keeps its batch shapes: the verifier replays on them
         part = Recorder(
-            rec.tokens[:n], rec.states[:n], rec.logprobs[:n], shapes=rec.shapes[:n], chunk=rec.chunk
+            rec.tokens[:n],
+            rec.states[:n],
+            rec.logprobs[:n],
+            shapes=rec.shapes[:n],
+            chunk=rec.chunk,
+            prompt=rec.prompt,
         )
         c = build_commitment(
             engine,
@@ -365,6 +372,12 @@ class Serving:
             engine.recorder = recorder
             job.recorder = recorder
         try:
+            if task.prompt_logprobs is not None:
+                scored = score_prompt(engine, prompt_ids, task.prompt_logprobs)
+                if recorder is not None:
+                    recorder.prompt = scored
+                job.prompt = prompt_msg(engine, prompt_ids, scored)
+                loop.call_soon_threadsafe(queue.put_nowait, _PROMPT)
             for piece in stream_pieces(
                 engine,
                 prompt_ids,
@@ -429,6 +442,12 @@ class Serving:
                 if batch[-1] is _DONE:
                     finished = True
                     batch.pop()
+                if batch and batch[0] is _PROMPT:  # over HTTP, acknowledged before any piece
+                    batch.pop(0)
+                    if not job.cancel.is_set():
+                        await self.ctx.client.call(
+                            f"{base}/upload", {"start": 0, "pieces": [], "prompt": job.prompt}
+                        )
                 if not batch or job.cancel.is_set():
                     continue
                 last_upload = loop.time()
@@ -513,6 +532,28 @@ def task_extras(task: TaskMsg) -> Any:
         task.logprobs,
         len(task.prior_ids),
     )
+
+
+def score_prompt(engine: Engine, ids: list[int], k: int) -> Any:
+    """The prompt's logprobs (core/trust/prompt_lp.py), by the engine's scoring pass;
+    InvalidRequest naming `echo` for an engine that cannot score a prompt."""
+    from idlegrid.core.trust import prompt_lp
+
+    if not hasattr(engine, "score_prompt"):
+        raise InvalidRequest(
+            f"engine {engine.name} cannot score prompts (echo with logprobs)", param="echo"
+        )
+    rows: list[Any] = []
+    engine.score_prompt(ids, lambda p, lg: rows.append(prompt_lp.score(lg, ids[p + 1], k)))
+    return prompt_lp.PromptLogprobs(k, tuple(rows))
+
+
+def prompt_msg(engine: Engine, ids: list[int], scored: Any) -> dict[str, Any]:
+    """The prompt's logprobs as uploaded (protocol PromptLogprobsMsg)."""
+    return {
+        "first": engine.detokenize(ids[:1]).hex(),
+        "rows": [logprob_msg(engine, r) for r in scored.rows],
+    }
 
 
 def logprob_msg(engine: Engine, lp: Any) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ import numpy as np
 from idlegrid.core import grammar
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import logprobs as lpm
+from idlegrid.core.trust import prompt_lp
 from idlegrid.core.trust.extras import Extras
 from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.core.trust.schedule import Schedule
@@ -36,6 +37,7 @@ class Recorder:
     # Batched decoding (engines/batched): each token's step as (batch size, row).
     shapes: list[tuple[int, int]] = field(default_factory=list)
     chunk: int = 0  # batched decoding: the prompt chunk size
+    prompt: prompt_lp.PromptLogprobs | None = None  # echo with logprobs (prompt_lp.py)
     # Set by an engine that can fill some states only once the answer is over (llama.cpp:
     # the first one); `finish` runs it before the states are read.
     complete: Callable[[Recorder], None] | None = None
@@ -138,6 +140,7 @@ def build_commitment(
         logprobs=rec.logprobs if extras is not None and extras.top_logprobs >= 0 else (),
         constraint=constraint,
         schedule=Schedule(rec.chunk, tuple(rec.shapes)) if rec.shapes else None,
+        prompt=rec.prompt,
     )
 
 
@@ -184,7 +187,26 @@ def recompute(
         end_ok,
         engine.det_class(),
         len(context_ids),
+        prompt_rechecks(engine, context_ids, c.prompt),
     )
+
+
+def prompt_rechecks(
+    engine: Any, context_ids: Sequence[int], committed: prompt_lp.PromptLogprobs | None
+) -> tuple[lpm.Recheck, ...]:
+    """The verifier's values at each committed prompt position, by the provider's scoring
+    pass (none when nothing was committed, or it claims more positions than the context)."""
+    if committed is None or not hasattr(engine, "score_prompt"):
+        return ()
+    ids = list(context_ids[: len(committed.rows) + 1])
+    if len(ids) != len(committed.rows) + 1 or len(ids) < 2:
+        return ()
+    out: list[lpm.Recheck] = []
+    rows = committed.rows
+    engine.score_prompt(
+        ids, lambda p, lg: out.append(prompt_lp.recheck_at(lg, rows[p], ids[p + 1]))
+    )
+    return tuple(out)
 
 
 def _outputs(

@@ -160,6 +160,14 @@ class FakeEngine:
             state.push(token_id)
             n += 1
 
+    def score_prompt(self, ids: Sequence[int], on_logits: Any) -> None:
+        """Each prompt position's logits (its greedy pick far above the rest), as llama.cpp's
+        scoring pass gives them (engines/llamacpp.py); the last position is not scored."""
+        state = _State()
+        for p, token_id in enumerate(ids[:-1]):
+            state.push(token_id)
+            on_logits(p, self._one_hot(self._next(state, 0)))
+
     @staticmethod
     def _one_hot(token_id: int) -> np.ndarray:
         import numpy as np

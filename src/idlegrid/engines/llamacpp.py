@@ -22,6 +22,7 @@ import ctypes
 import inspect
 import os
 import random
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -155,6 +156,9 @@ class LlamaCppEngine:
         self.steps: Steps | None = None  # the current generation's sampler state
         self._replayer: Any = None  # engines/batched.BatchedLlama replaying batched answers
         self._replayer_key: tuple[int, int, int] = (0, 0, 0)
+        # This context outside generation (prompt scoring, audits): with --parallel every
+        # batched slot reaches it through the same engine, from its own thread.
+        self._own = threading.RLock()
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids; special tokens written in `text` are parsed, as llama-server does."""
@@ -228,6 +232,41 @@ class LlamaCppEngine:
             llm.eval([token_id])
             if rec is not None:
                 state = self._embedding()
+
+    def score_prompt(
+        self, ids: Sequence[int], on_logits: Callable[[int, np.ndarray], None]
+    ) -> None:
+        """Each prompt position's logits, in order, to `on_logits` (valid during the call): a
+        pass of its own, in batches of the engine's batch size with every row's logits, so
+        the answer's decoding (and its commitment) is untouched. The last position is not
+        scored: nothing in the prompt follows it."""
+        with self._own:
+            self._score(list(ids), on_logits)
+
+    def _score(self, ids: list[int], on_logits: Callable[[int, np.ndarray], None]) -> None:
+        check_prompt(ids, self._context_length, self._n_vocab)
+        lib, llm = self._lib, self._llm
+        llm.reset()
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        self._embeddings(False)
+        step = max(1, int(llm.n_batch))
+        batch = lib.llama_batch_init(step, 0, 1)
+        try:
+            for lo in range(0, len(ids) - 1, step):
+                part = ids[lo : min(lo + step, len(ids) - 1)]
+                for i, tok in enumerate(part):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, lo + i, 1
+                    batch.seq_id[i][0], batch.logits[i] = 0, True
+                batch.n_tokens = len(part)
+                if lib.llama_decode(self._ctx, batch) != 0:
+                    raise EngineError("llama_decode failed scoring the prompt", engine=self.name)
+                for i in range(len(part)):
+                    row = lib.llama_get_logits_ith(self._ctx, i)
+                    on_logits(lo + i, np.ctypeslib.as_array(row, shape=(self._n_vocab,)))
+        finally:
+            lib.llama_batch_free(batch)
+            lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+            llm.reset()
 
     def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
         return Steps(ids, params, self._n_vocab)
@@ -360,9 +399,10 @@ class LlamaCppEngine:
         """Recompute a commitment (verifier mode); `constraint` replays the request's grammar."""
         from idlegrid.engines.commit import recompute
 
-        return recompute(
-            self, context_ids, c, max_new_tokens, stop, self._context_length, constraint
-        )
+        with self._own:
+            return recompute(
+                self, context_ids, c, max_new_tokens, stop, self._context_length, constraint
+            )
 
     @property
     def chat_template(self) -> str | None:

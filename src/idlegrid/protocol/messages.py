@@ -123,6 +123,9 @@ class TaskMsg(Message):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] = Field(default_factory=dict)
     logprobs: int | None = Field(None, ge=0, le=20)
+    # Completions with echo and logprobs: alternatives per prompt position (core/trust/
+    # prompt_lp.py), uploaded before the answer's pieces and committed.
+    prompt_logprobs: int | None = Field(None, ge=0, le=5)
     # Structured outputs (core/grammar.GrammarSpec.to_wire): sent only to agents whose engine
     # facts name a grammar engine; the answer must be sampled under it and commit to it.
     grammar: dict[str, str] | None = None
@@ -139,6 +142,14 @@ class LogprobMsg(Message):
     top: list[tuple[int, float, str]] = Field(default_factory=list, max_length=20)
 
 
+class PromptLogprobsMsg(Message):
+    """The prompt's logprobs (echo with logprobs): its first token's bytes (hex; the first
+    token has no log-probability), then each later token's logprobs."""
+
+    first: str = Field("", max_length=512, pattern=r"^[0-9a-f]*$")
+    rows: list[LogprobMsg] = Field(max_length=1 << 17)
+
+
 class UploadMsg(Message):
     """Output pieces [token id, text]; `start` is the index of the first within the attempt."""
 
@@ -146,6 +157,8 @@ class UploadMsg(Message):
     pieces: list[tuple[int, str]] = Field(max_length=4096)
     # Aligned with `pieces` when the request asked for logprobs (null for a text-only piece).
     logprobs: list[LogprobMsg | None] | None = Field(None, max_length=4096)
+    # Once per attempt, in an upload of its own before the first piece (HTTP only).
+    prompt: PromptLogprobsMsg | None = None
 
 
 class ChannelPollMsg(PollMsg):

@@ -179,6 +179,21 @@ class LlamaLogprobInventing(LlamaCppEngine):
         return _InventedSteps(ids, params, self._n_vocab)
 
 
+class LlamaPromptInventing(LlamaCppEngine):
+    """Echo with logprobs: honest answers, but each prompt token reported as near certain
+    (a flattering score, committed as sent: the commitment is consistent)."""
+
+    def score_prompt(self, ids: Sequence[int], on_logits: Any) -> None:
+        """The honest scoring pass, each row bent towards the prompt's own next token."""
+
+        def bent(p: int, logits: np.ndarray) -> None:
+            z = np.array(logits, dtype=np.float32)
+            z[ids[p + 1]] = z.max() + 5.0
+            on_logits(p, z)
+
+        super().score_prompt(ids, bent)
+
+
 class LlamaSchemaIgnoring(LlamaCppEngine):
     """Structured outputs: commits to the request's grammar (the agent does that) but samples
     unconstrained, saving the masks; its seeded draws and fingerprint are otherwise honest."""

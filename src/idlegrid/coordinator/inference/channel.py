@@ -75,6 +75,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
         frequency_penalty=p.get("frequency_penalty", 0.0),
         logit_bias=p.get("logit_bias") or {},
         logprobs=p.get("logprobs"),
+        prompt_logprobs=p.get("prompt_logprobs"),
         grammar=p.get("grammar"),
         request_id=p.get("request_id"),
     )

@@ -113,7 +113,7 @@ COMPLETIONS: dict[str, Rule] = {
     "prompt": Rule(H, "a string or a list of strings; token ids are refused"),
     "best_of": Rule(R, "only best_of = n", _best_of),
     "echo": Rule(
-        H, "the prompt before each choice's text; with logprobs refused (no prompt logprobs)"
+        H, "the prompt before each choice's text; with logprobs, the prompt's too (audited)"
     ),
     "suffix": Rule(R, "insertion is not supported", _one_of("")),
     "logprobs": Rule(H, "0 to 5 alternatives; committed and audited"),

@@ -49,6 +49,9 @@ class TaskStream:
     flushed: bool = False  # the attempt sent its end-of-output text piece (token id -1)
     logprobs_k: int | None = None  # alternatives per token the request asked for (None: none)
     attempt_logprobs: list[Any] = field(default_factory=list)  # per token of this attempt
+    prompt_k: int | None = None  # echo with logprobs: alternatives per prompt position
+    attempt_prompt: Any = None  # the prompt logprobs this attempt uploaded (PromptLogprobsMsg)
+    prompt_sent: bool = False  # the consumer has the prompt logprobs (from some attempt)
 
 
 class Hub:
@@ -94,6 +97,8 @@ class Hub:
         if stream:
             stream.attempt = attempt
             stream.attempt_ids = []
+            # each attempt's commitment covers what that attempt sent
+            stream.attempt_logprobs, stream.attempt_prompt = [], None
             stream.next_index = 0
             stream.last_progress = now
             stream.budget, stream.flushed = budget, False

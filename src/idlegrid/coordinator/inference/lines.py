@@ -127,7 +127,9 @@ class BatchLines:
         events = fanout.interleave(inf, [st for _, st in handles])
         try:
             async for k, event in events:
-                if event.kind == "pieces":
+                if event.kind == "pieces" and "prompt" in event.data:
+                    shape.echo_lps[k] = event.data["prompt"]
+                elif event.kind == "pieces":
                     parts[k].extend(text for _, text in event.pieces)
                     lps[k].extend(event.data.get("logprobs") or ())
                 elif event.kind == "done":

@@ -45,7 +45,11 @@ def completion(lps: Sequence[dict[str, Any] | None], offset: int) -> tuple[dict[
         token = _token(bytes.fromhex(lp["bytes"]))
         out["tokens"].append(token)
         out["token_logprobs"].append(lp["lp"])
-        out["top_logprobs"].append({_token(bytes.fromhex(h)): v for _, v, h in lp["top"]})
+        # null for a prompt's first token, which has no log-probability (echo)
+        top = lp["top"]
+        out["top_logprobs"].append(
+            None if top is None else {_token(bytes.fromhex(h)): v for _, v, h in top}
+        )
         out["text_offset"].append(offset)
         offset += len(token)
     return out, offset

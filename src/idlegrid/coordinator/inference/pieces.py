@@ -116,3 +116,50 @@ def committed_logprobs(c: AnyCommitment, sent: list[tuple[int, dict[str, Any]]])
     )
     if not same:
         raise InvalidRequest("the logprobs sent differ from the committed ones", param="commitment")
+
+
+def accept_prompt(stream: TaskStream, prompt: Any) -> dict[str, Any] | None:
+    """An attempt's prompt logprobs (protocol PromptLogprobsMsg): kept for its commitment
+    check; the consumer's shape of them the first time any attempt sends them (None after,
+    or for a retried upload). Conflict if the request did not ask, the shape is wrong, or
+    the attempt already sent other values, or sends them after its first piece."""
+    k = stream.prompt_k
+    if k is None or any(len(r.top) != k for r in prompt.rows):
+        raise Conflict("prompt logprobs were not asked for in this shape", code="bad_piece")
+    if stream.attempt_prompt is not None:
+        if stream.attempt_prompt != prompt:
+            raise Conflict("prompt logprobs were already sent", code="bad_piece")
+        return None
+    if stream.next_index:
+        raise Conflict("prompt logprobs come before the first piece", code="bad_piece")
+    stream.attempt_prompt = prompt
+    if stream.prompt_sent:
+        return None
+    stream.prompt_sent = True
+    first = {"lp": None, "bytes": prompt.first, "top": None}
+    return {"prompt": [first, *(r.model_dump() for r in prompt.rows)]}
+
+
+def committed_prompt(c: AnyCommitment, stream: TaskStream, task: TaskView) -> None:
+    """InvalidRequest unless the commitment's prompt logprobs are the ones this attempt
+    sent, one per prompt position after the first (and absent when the request did not
+    ask for them)."""
+    got = c.prompt if isinstance(c, Commitment) else None
+    sent = stream.attempt_prompt
+    n_prompt = c.header.start - len(task.delivered_ids)
+    if stream.prompt_k is None and got is None:
+        return
+    same = (
+        got is not None
+        and sent is not None
+        and got.k == stream.prompt_k
+        and len(got.rows) == len(sent.rows) == n_prompt - 1
+        and all(
+            lp.logprob == r.lp and [(t, v) for t, v, _ in r.top] == list(lp.top)
+            for lp, r in zip(got.rows, sent.rows, strict=True)
+        )
+    )
+    if not same:
+        raise InvalidRequest(
+            "the prompt logprobs sent differ from the committed ones", param="commitment"
+        )

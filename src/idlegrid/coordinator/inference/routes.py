@@ -78,6 +78,18 @@ class _Shape:
         self.calls = calls  # answers may be tool calls (tools.py reads them)
         self.streams: dict[int, tools.DeltaStream] = {}
         self.echo: list[str] = []  # completions with echo: each choice's prompt, by index
+        self.echo_lps: dict[int, list[Any]] = {}  # echo with logprobs: the prompt's, by index
+
+    @property
+    def scored(self) -> bool:
+        """Echo with logprobs: the echoed prompt waits for its logprobs from the provider."""
+        return bool(self.echo) and self.logprobs
+
+    def echo_chunk(self, index: int, rows: list[Any]) -> dict[str, Any]:
+        """The echoed prompt of a choice with its logprobs (the first chunk of its text)."""
+        self.echo_lps[index] = rows
+        lp, self.offsets[index] = logprob_shape.completion(rows, 0)
+        return self.chunk(index, self.echo[index], None, logprobs=lp)
 
     def shape_logprobs(self, index: int, lps: list[Any]) -> dict[str, Any] | None:
         """A choice's logprobs for these tokens (None when the request asked for none)."""
@@ -149,7 +161,7 @@ class _Shape:
         for index, (text, task, lps) in enumerate(answers):
             choice: dict[str, Any] = {
                 "index": index,
-                "logprobs": self.shape_logprobs(index, lps),
+                "logprobs": self.shape_logprobs(index, self.echo_lps.get(index, []) + lps),
                 "finish_reason": task.finish_reason,
             }
             if self.kind == "chat" and self.calls:
@@ -264,7 +276,9 @@ async def _serve(request: Request, response: Response, p: Plan) -> Any:
     first_s: float | None = None
     try:
         async for k, event in events:
-            if event.kind == "pieces":
+            if event.kind == "pieces" and "prompt" in event.data:
+                shape.echo_lps[k] = event.data["prompt"]
+            elif event.kind == "pieces":
                 if first_s is None:
                     first_s = time.perf_counter() - started
                     svc.metrics.ttft.labels(model).observe(first_s)
@@ -328,10 +342,13 @@ async def _sse(
             for k in range(len(handles)):
                 yield _sse_line(shape.chunk(k, "", None, first=True))
         for k, prompt in enumerate(shape.echo):  # as OpenAI: the echoed prompt comes first
-            yield _sse_line(shape.chunk(k, prompt, None))
+            if not shape.scored:  # else with its logprobs, once the provider sent them
+                yield _sse_line(shape.chunk(k, prompt, None))
         first_s: float | None = None
         async for k, event in events:
-            if event.kind == "pieces":
+            if event.kind == "pieces" and "prompt" in event.data:
+                yield _sse_line(shape.echo_chunk(k, event.data["prompt"]))
+            elif event.kind == "pieces":
                 text = "".join(t for _, t in event.pieces)
                 if first_s is None:
                     first_s = time.perf_counter() - started
@@ -396,10 +413,9 @@ def plan_completion(settings: Any, body: CompletionRequest) -> Plan:
     echo = sent.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise InvalidRequest("echo must be a boolean", param="echo")
-    if echo and body.logprobs is not None:
-        # Prompt logprobs would need a vocabulary row per prompt token, computed and
-        # committed by the provider and recomputed by the verifier (docs/openai.md).
-        raise InvalidRequest("echo with logprobs (prompt logprobs) is not supported", param="echo")
+    # With logprobs, echo scores the prompt too: the provider computes and commits each
+    # prompt token's logprobs, a verifier recomputes them (core/trust/prompt_lp.py).
+    scored = {"prompt_logprobs": body.logprobs} if echo and body.logprobs is not None else {}
     prompts = body.prompts()
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     stop = body.stop_list()
@@ -415,6 +431,7 @@ def plan_completion(settings: Any, body: CompletionRequest) -> Plan:
                 "stop": stop,
                 "stream": body.stream,
                 **sampler,
+                **scored,
             },
             prompt_token_bound(prompts[c.prompt]),
         )

@@ -89,8 +89,8 @@ class CompletionLogprobs(BaseModel):
     """`choices[i].logprobs` of a text completion or chunk (OpenAI's legacy shape)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: a prompt's first token (echo)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

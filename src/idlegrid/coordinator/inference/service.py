@@ -23,12 +23,14 @@ from idlegrid.coordinator.inference.candidates import for_batch, live_candidates
 from idlegrid.coordinator.inference.choices import derive_seed
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
 from idlegrid.coordinator.inference.pieces import (
+    accept_prompt,
     answer_slo,
     bill_prompt,
     budget,
     check_budget,
     check_logprobs,
     committed_logprobs,
+    committed_prompt,
 )
 from idlegrid.coordinator.inference.ports import (
     CommitmentChecks,
@@ -189,11 +191,15 @@ class Inference:
         start: int,
         pieces: list[tuple[int, str]],
         logprobs: list[Any] | None = None,
+        prompt: Any = None,
     ) -> None:
-        """Pieces of output from the provider holding the attempt; retries are idempotent."""
+        """Pieces of output from the provider holding the attempt (and, before them, its
+        prompt logprobs when asked for); retries are idempotent."""
         stream = self._attempt_stream(task_id, attempt, node_id)
         async with stream.lock:
             stream = self._attempt_stream(task_id, attempt, node_id)
+            if prompt is not None and (shown := accept_prompt(stream, prompt)) is not None:
+                self.hub.push(task_id, Event("pieces", pieces=[], data=shown))
             if start > stream.next_index:
                 raise Conflict(
                     f"upload starts at {start}, expected {stream.next_index}",
@@ -245,6 +251,7 @@ class Inference:
                     )
                 committed = self.trust.check_commitment(task, commitment, ids, finish_reason)
                 committed_logprobs(committed, stream.attempt_logprobs)
+                committed_prompt(committed, stream, task)
             except InvalidRequest as exc:
                 refused = exc
                 requeued = await self._end_attempt(stream, task_id, attempt, ids, tasks.UNCOMMITTED)
@@ -453,6 +460,7 @@ class Inference:
         stream.target = target.node_id if target else None
         stream.route = routing.reason(cands, target)
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
+        stream.prompt_k = payload.get("prompt_logprobs")
         parked = self.hub.take_parked(target.node_id) if target else None
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
         hint = -1 if batch is not None else self._balance_hint.get(key_id, -1)

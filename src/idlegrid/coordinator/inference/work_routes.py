@@ -73,7 +73,7 @@ async def upload(task_id: str, attempt: int, request: Request) -> dict[str, Any]
     node_id, body = await signed(request)
     msg = parse(m.UploadMsg, body)
     await services(request).inference.upload(
-        node_id, task_id, attempt, msg.start, list(msg.pieces), msg.logprobs
+        node_id, task_id, attempt, msg.start, list(msg.pieces), msg.logprobs, msg.prompt
     )
     return {"ok": True}
 

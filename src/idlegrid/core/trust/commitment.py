@@ -19,8 +19,10 @@ the header (absent for unconstrained answers, whose encoding is unchanged).
 
 A batched answer (engines/batched) commits its batch schedule (`schedule.py`): the step
 shape of every token, which the verifier replays. Version byte: 1 plain, 2 extras, 3 plain
-+ schedule, 4 extras + schedule. Header layout after the model id: the extras (versions 2
-and 4), the schedule (3 and 4), then the constraint (when bytes remain, in any version).
++ schedule, 4 extras + schedule; plus 8 with prompt logprobs (`prompt_lp.py`). Header
+layout after the model id: the extras (versions 2 and 4), the schedule (3 and 4), the
+prompt logprobs' SHA-256 (flag 8), then the constraint (when bytes remain, in any version).
+The prompt logprobs themselves follow the chunks.
 
 Per generated token the fingerprint costs 4 B (token id) + 8·k/chunk_size B (entries):
 20 B at the defaults (chunk 16, k 32), plus 4 B per chunk and a ~100 B header.
@@ -35,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from idlegrid.core.trust import logprobs as lpm
+from idlegrid.core.trust import prompt_lp
 from idlegrid.core.trust.extras import Extras, decode_extras, decode_logprobs, encode_logprobs
 from idlegrid.core.trust.logprobs import TokenLogprobs
 from idlegrid.core.trust.merkle import merkle_root
@@ -137,6 +140,7 @@ class Header:
     extras: Extras = field(default_factory=Extras)
     constraint: Constraint | None = None
     schedule: Schedule | None = None  # batched answers: each token's (batch size, row)
+    prompt_digest: bytes | None = None  # echo with logprobs: the prompt logprobs' SHA-256
 
     def encode(self) -> bytes:
         """Fixed binary layout, the model id (length-prefixed UTF-8), then the extras, the
@@ -144,7 +148,7 @@ class Header:
         model = self.model.encode()
         return (
             HEAD.pack(
-                (1 if self.extras.neutral else 2) + (2 if self.schedule is not None else 0),
+                _version(self.extras, self.schedule, self.prompt_digest),
                 self.context_hash,
                 class_id(self.det_class),
                 self.seed & ((1 << 64) - 1),
@@ -163,6 +167,7 @@ class Header:
             + model
             + self.extras.encode()
             + (self.schedule.encode() if self.schedule is not None else b"")
+            + (self.prompt_digest or b"")
             + (self.constraint.encode() if self.constraint is not None else b"")
         )
 
@@ -177,6 +182,7 @@ class Commitment:
 
     header: Header
     chunks: tuple[Chunk, ...]
+    prompt: prompt_lp.PromptLogprobs | None = None  # echo with logprobs
 
     @property
     def tokens(self) -> list[int]:
@@ -193,6 +199,7 @@ class Commitment:
             + struct.pack("<H", len(head))
             + head
             + b"".join(c.encode() for c in self.chunks)
+            + (self.prompt.encode() if self.prompt is not None else b"")
         )
 
     def fingerprint_bytes(self) -> int:
@@ -218,6 +225,7 @@ def build(
     logprobs: Sequence[TokenLogprobs] = (),
     constraint: Constraint | None = None,
     schedule: Schedule | None = None,
+    prompt: prompt_lp.PromptLogprobs | None = None,
 ) -> Commitment:
     """Assemble a commitment from tokens and per-chunk top-k (indices, values), with the
     logprobs of every token when `extras.top_logprobs` ≥ 0 (and a batched answer's
@@ -259,12 +267,18 @@ def build(
         root,
         chunk_size,
         k,
-        (1 if extras.neutral else 2) + (2 if schedule is not None else 0),
+        _version(extras, schedule, prompt.digest() if prompt else None),
         extras,
         constraint,
         schedule,
+        prompt.digest() if prompt is not None else None,
     )
-    return Commitment(header, chunks)
+    return Commitment(header, chunks, prompt)
+
+
+def _version(extras: Extras, schedule: Schedule | None, prompt_digest: bytes | None) -> int:
+    base = (1 if extras.neutral else 2) + (2 if schedule is not None else 0)
+    return base + (8 if prompt_digest is not None else 0)
 
 
 def decode(blob: bytes) -> Commitment:
@@ -294,6 +308,7 @@ def _decode(blob: bytes) -> Commitment:
     (ver, ctx, cls_hash, seed, temp, top_p, start, n_tokens, stop, ended, chunk_size, k, hidden) = (
         fields
     )
+    has_prompt, ver = bool(ver & 8), ver & ~8
     if ver not in VERSIONS:
         raise ValueError(f"version {ver}")
     if cls_hash != class_id(det_class):
@@ -308,6 +323,9 @@ def _decode(blob: bytes) -> Commitment:
     schedule = None
     if ver in (3, 4):
         schedule, end = decode_schedule(head, end, n_tokens)
+    prompt_digest = None
+    if has_prompt:
+        prompt_digest, end = head[end : end + 32], end + 32
     constraint = None
     if len(head) > end:  # a constrained answer: digest, then the grammar engine
         if len(head) < end + 34:
@@ -339,6 +357,9 @@ def _decode(blob: bytes) -> Commitment:
                 raise ValueError("a log-probability above 0 or not a number")
         chunks.append(Chunk(toks, idx, val, lps))
         remaining -= n
+    prompt = prompt_lp.decode(take) if has_prompt else None
+    if prompt is not None and prompt.digest() != prompt_digest:
+        raise ValueError("prompt logprobs do not match the committed digest")
     if pos != len(blob):
         raise ValueError("trailing bytes")
     header = Header(
@@ -356,14 +377,15 @@ def _decode(blob: bytes) -> Commitment:
         root,
         chunk_size,
         k,
-        ver,
+        ver + (8 if has_prompt else 0),
         extras,
         constraint,
         schedule,
+        prompt_digest,
     )
     if merkle_root([c.encode() for c in chunks]) != root:
         raise ValueError("chunks do not match the committed root")
-    return Commitment(header, tuple(chunks))
+    return Commitment(header, tuple(chunks), prompt)
 
 
 # ---- the verifier's recomputation and the verdict ------------------------------------
@@ -393,6 +415,8 @@ class Report:
     # The context length the verifier derived from what the coordinator sent (−1: a report
     # from before it was sent). The header's `start` must equal it: billing reads `start`.
     context_len: int = -1
+    # Echo with logprobs: the verifier's values at each committed prompt position.
+    prompt: tuple[lpm.Recheck, ...] = ()
 
 
 def context_faults(h: Header, report: Report) -> list[str]:
@@ -450,6 +474,7 @@ def judge(c: Commitment, report: Report, tol: Tolerance, max_new_tokens: int) ->
         reasons.append(f"{h.n_tokens} tokens committed but at most {max_new_tokens} allowed")
     if not report.end_ok:
         reasons.append(f"finish reason '{h.finish_reason}' is not what the model did")
+    reasons.extend(prompt_lp.faults(c.prompt, report.prompt, tol.logprob))
     if len(report.chunks) != len(c.chunks):
         reasons.append("report covers a different number of chunks")
         return Verdict(False, tuple(reasons), math.inf, -math.inf, 0)

@@ -13,7 +13,8 @@ from idlegrid.errors import InvalidRequest
 
 def encode_report(r: Report) -> bytes:
     """Binary report: context hash, end flag, class, then per chunk values/kth/margins/allowed,
-    then the context length (int32; absent in reports from before it was sent)."""
+    then the context length (int32; absent in reports from before it was sent), the
+    logprob rechecks and the prompt logprob rechecks (each only when there are any)."""
     cls = r.det_class.encode()
     out = [
         r.context_hash,
@@ -27,8 +28,11 @@ def encode_report(r: Report) -> bytes:
             struct.pack(f"<HH{k}ff{n}f{n}?", k, n, *ch.values, ch.kth, *ch.margins, *ch.allowed)
         )
     out.append(struct.pack("<i", r.context_len))
-    if any(ch.logprobs for ch in r.chunks):  # absent unless logprobs were committed
+    # Absent unless logprobs were committed; present (maybe empty) before prompt logprobs.
+    if r.prompt or any(ch.logprobs for ch in r.chunks):
         out.append(lpm.encode_rechecks([ch.logprobs for ch in r.chunks]))
+    if r.prompt:
+        out.append(lpm.encode_rechecks([r.prompt]))
     return b"".join(out)
 
 
@@ -66,8 +70,11 @@ def decode_report(blob: bytes) -> Report:
         if pos < len(blob):
             rows, pos = lpm.decode_rechecks(blob, pos, len(chunks))
             chunks = [replace(ch, logprobs=lp) for ch, lp in zip(chunks, rows, strict=True)]
+        prompt: tuple[lpm.Recheck, ...] = ()
+        if pos < len(blob):
+            (prompt,), pos = lpm.decode_rechecks(blob, pos, 1)
         if pos != len(blob) or context_len < -1:
             raise ValueError("trailing bytes")
     except (struct.error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"malformed audit report: {exc}", param="report") from exc
-    return Report(ctx, tuple(chunks), bool(end_ok), det_class, context_len)
+    return Report(ctx, tuple(chunks), bool(end_ok), det_class, context_len, prompt)
