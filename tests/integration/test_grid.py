@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -404,6 +405,39 @@ def test_dead_provider_mid_stream_is_replaced_and_only_committed_work_is_billed(
         earned = {n["id"]: n["earned"] for n in g.nodes()}
         assert earned[killed.agent.client.key.node_id] == 0
         assert sum(1 for v in earned.values() if v) == 1
+        g.verify()
+    finally:
+        stop_grid(g)
+
+
+def test_failover_keeps_logprobs_and_the_echoed_prompts(tmp_path: Path, database_url: str) -> None:
+    """A provider killed mid-answer with logprobs and echo: the next attempt's logprobs are
+    checked against its own commitment (not the dead one's), the prompt's logprobs reach
+    the consumer once, and the whole equals an uninterrupted answer."""
+    g = start_grid(tmp_path, database_url, [FakeEngine(MODEL, token_delay=0.05) for _ in "ab"])
+    try:
+        kw: dict[str, Any] = dict(
+            model=MODEL, prompt="long story", max_tokens=40, temperature=0, logprobs=1, echo=True
+        )
+        tokens: list[str] = []
+        values: list[float | None] = []
+        killed = None
+        for chunk in g.client().completions.create(**kw, stream=True):
+            lp = chunk.choices[0].logprobs if chunk.choices else None
+            if lp is not None:
+                tokens += lp.tokens or []
+                values += lp.token_logprobs or []
+            if killed is None and len(tokens) >= 15:
+                holder = next(n for n in g.nodes() if n["running"])
+                killed = next(a for a in g.agents if a.agent.client.key.node_id == holder["id"])
+                killed.kill()
+        assert killed is not None
+        whole = g.client().completions.create(**kw)
+        lp = whole.choices[0].logprobs
+        assert lp is not None and whole.usage is not None
+        assert whole.usage.completion_tokens == 40
+        assert tokens == lp.tokens and values == lp.token_logprobs
+        assert values.count(None) == 1  # the prompt's first token, sent once
         g.verify()
     finally:
         stop_grid(g)
