@@ -349,6 +349,53 @@ def test_a_provider_killed_mid_batch_changes_nothing_for_the_consumer(
         stop_grid(grid)
 
 
+def test_interactive_work_takes_a_batch_lines_slot_and_the_line_resumes(
+    tmp_path: Path, database_url: str
+) -> None:
+    """One provider busy with a long batch line: an interactive request makes the line
+    yield (handed back with a part commitment), is served at once, and the line continues
+    afterwards from its delivered tokens: the same answer, charged once."""
+    grid = _slow_grid(tmp_path, database_url, 1, batch_in_flight=1)
+    try:
+        client = grid.client()
+        prompts = {"long-0": "a long line", "long-1": "another long line"}
+        lines = [_line(cid, p, max_tokens=40) for cid, p in prompts.items()]
+        batch = client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        wait_until(lambda: any(n["running"] for n in grid.nodes()), 60, 0.02)
+        quick = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "quick"}], max_tokens=3
+        )
+        assert quick.choices[0].finish_reason in ("stop", "length")
+        # Served while the first line (40 tokens at 50 ms) was still unfinished: it yielded.
+        counts = client.batches.retrieve(batch.id).request_counts
+        assert counts is not None and counts.completed == 0, counts
+        done = _wait(client, batch.id, 120)
+        assert done.status == "completed" and done.error_file_id is None
+        out = {x["custom_id"]: x for x in _jsonl(client, done.output_file_id)}
+        for cid, x in out.items():
+            same = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": prompts[cid]}],
+                max_tokens=40,
+                temperature=0,
+            )
+            body = x["response"]["body"]
+            assert body["choices"][0]["message"]["content"] == same.choices[0].message.content
+            assert body["usage"]["completion_tokens"] == 40
+        assert sorted(_settled(grid, batch.id)) == sorted(prompts)  # each line charged once
+        with grid.http() as c:
+            metrics = c.get("/metrics").text
+        assert 'idlegrid_failovers_total{reason="handback"} 1.0' in metrics  # the yield
+        assert grid.balance(escrow_account(batch.id)) == 0
+        grid.verify()
+    finally:
+        stop_grid(grid)
+
+
 def test_a_batch_past_its_window_expires_and_its_unrun_lines_are_refunded(
     tmp_path: Path, database_url: str
 ) -> None:

@@ -70,6 +70,8 @@ class Channel:
         self.on_orphan: Callable[[dict[str, Any]], object] = lambda task: None
         # Lease frames (provision, end, exec streams: protocol/lease.py) go to the lease host.
         self.on_lease: Callable[[dict[str, Any]], object] = lambda msg: None
+        # A batch attempt asked to make room for interactive work: (task id, attempt).
+        self.on_yield: Callable[[str, int], object] = lambda task_id, attempt: None
         self.tasks_received = 0
         self.frames_sent = 0
         self.polls_unanswered = 0
@@ -220,6 +222,8 @@ class Channel:
                 )
         elif op == "lease":
             self.on_lease(msg)
+        elif op == "yield":
+            self.on_yield(str(msg.get("task_id")), int(msg.get("attempt") or 0))
         elif op == "error":
             log.warning("coordinator closes the channel: %s", msg.get("message"))
 

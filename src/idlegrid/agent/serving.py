@@ -55,6 +55,8 @@ class _Job:
     # Per piece (by index in the attempt) its logprobs message, when the request asked.
     logprobs: list[Any] = field(default_factory=list)
     prompt: dict[str, Any] | None = None  # echo with logprobs: PromptLogprobsMsg's fields
+    yielded: bool = False  # stopped to make room for interactive work (a batch line)
+    generating: bool = False  # the engine is still producing this attempt's tokens
 
 
 class Serving:
@@ -82,6 +84,7 @@ class Serving:
             return False
         channel = Channel(self.ctx.client)
         channel.on_orphan = lambda task: asyncio.create_task(self._hand_back(task))
+        channel.on_yield = self._yield
         self.on_channel(channel)
         try:
             await channel.connect(url)
@@ -90,6 +93,15 @@ class Serving:
             return False
         self.channel = channel
         return True
+
+    def _yield(self, task_id: str, attempt: int) -> None:
+        """Stop an attempt the coordinator wants room from; it is handed back with a part
+        commitment, and continues later from the tokens delivered (docs/batch.md)."""
+        for job in self.jobs:
+            # A finished answer is finished rather than handed back.
+            if job.task.task_id == task_id and job.task.attempt == attempt and job.generating:
+                job.yielded = True
+                job.cancel.set()
 
     async def keep_channel(self) -> None:
         """Hold the agent channel open, reconnecting after a loss; slots use HTTP meanwhile."""
@@ -240,9 +252,8 @@ class Serving:
             if not ok:
                 return  # the coordinator took the task away; it is someone else's now
             if job.cancel.is_set():
-                await self._fail(
-                    base, "provider draining", "handback", self._part(engine, task, prompt_ids, job)
-                )
+                why = "yielded to interactive work" if job.yielded else "provider draining"
+                await self._fail(base, why, "handback", self._part(engine, task, prompt_ids, job))
                 return
             if committed.get("blob"):
                 self.ctx.remember(
@@ -371,6 +382,7 @@ class Serving:
             recorder = Recorder()
             engine.recorder = recorder
             job.recorder = recorder
+        job.generating = True
         try:
             if task.prompt_logprobs is not None:
                 scored = score_prompt(engine, prompt_ids, task.prompt_logprobs)
@@ -392,6 +404,7 @@ class Serving:
                 if task.logprobs is not None:  # before the piece: the uploader reads it after
                     job.logprobs.append(logprob_msg(engine, piece.logprobs))
                 loop.call_soon_threadsafe(queue.put_nowait, (piece.token_id, piece.text))
+            job.generating = False
             if recorder is not None and committed is not None and not job.cancel.is_set():
                 from idlegrid.engines.commit import build_commitment
 
@@ -410,6 +423,7 @@ class Serving:
                 )
                 committed["blob"] = base64.b64encode(c.encode()).decode()
         finally:
+            job.generating = False
             if recorder is not None:
                 engine.recorder = None  # type: ignore[attr-defined]
             loop.call_soon_threadsafe(queue.put_nowait, _DONE)

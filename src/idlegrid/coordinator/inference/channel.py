@@ -15,7 +15,9 @@ Frames from the coordinator (JSON, unsigned like HTTP answers):
 to `next`; uploads are not answered one by one) ·
 `{"op": "refused", "task_id", "attempt", "code", "message", "expected"}` (an upload or sync
 for an attempt that is no longer this agent's, or an upload out of order) ·
-`{"op": "error", "message"}` before a close; and lease frames both ways
+`{"op": "yield", "task_id", "attempt"}` (a batch attempt makes room for interactive work:
+the agent hands it back with a part commitment) · `{"op": "error", "message"}` before a
+close; and lease frames both ways
 (`{"op": "lease", "v": 1, ...}`, protocol/lease.py), for the leases domain.
 """
 
@@ -110,6 +112,7 @@ class _Channel:
     async def run(self) -> None:
         # Lease frames (provision, exec streams) reach this agent through this channel.
         self.svc.leases.attach(self.node_id, self.send)
+        self.svc.inference.hub.attach(self.node_id, self.send)  # batch attempts asked to yield
         try:
             while True:
                 message = await self.ws.receive()
@@ -130,6 +133,7 @@ class _Channel:
             return
         finally:
             self.svc.leases.detach(self.node_id, self.send)
+            self.svc.inference.hub.detach(self.node_id, self.send)
             for poll in self.polls.values():
                 poll.cancel()
 

@@ -8,6 +8,7 @@ the consumer's connection dies with it, so nothing durable is lost by keeping it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,8 @@ class TaskStream:
     prompt_k: int | None = None  # echo with logprobs: alternatives per prompt position
     attempt_prompt: Any = None  # the prompt logprobs this attempt uploaded (PromptLogprobsMsg)
     prompt_sent: bool = False  # the consumer has the prompt logprobs (from some attempt)
+    batch: bool = False  # a batch line's: it yields its provider to interactive work
+    yielding: bool = False  # its provider was asked to hand this attempt back
 
 
 class Hub:
@@ -66,6 +69,43 @@ class Hub:
         # least recently used, so an idle grid's providers take turns.
         self.routed: dict[str, int] = {}
         self._route_seq = 0
+        # Each node's agent channel, to ask a batch attempt to yield (inference/channel.py).
+        self._senders: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
+
+    def attach(self, node_id: str, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """A node's channel opened: frames to its agent go through `send`."""
+        self._senders[node_id] = send
+
+    def detach(self, node_id: str, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """A node's channel closed (unless a newer one replaced it)."""
+        if self._senders.get(node_id) is send:
+            del self._senders[node_id]
+
+    def batch_runner(self, node_ids: list[str]) -> str | None:
+        """The first of these nodes running a batch attempt that could yield."""
+        running = {
+            s.node_id for s in self.streams.values() if s.batch and s.attempt > 0 and not s.yielding
+        }
+        return next((n for n in node_ids if n in running), None)
+
+    async def make_room(self, node_id: str) -> bool:
+        """Interactive work found `node_id` busy: ask one batch attempt it runs to yield (it
+        hands back with a part commitment and continues later, docs/batch.md). False when it
+        runs none, or has no channel to be asked on."""
+        send = self._senders.get(node_id)
+        busy = [
+            s for s in self.streams.values()
+            if s.batch and s.node_id == node_id and s.attempt > 0 and not s.yielding
+        ]  # fmt: skip
+        if send is None or not busy:
+            return False
+        stream = busy[0]
+        stream.yielding = True
+        try:
+            await send({"op": "yield", "task_id": stream.task_id, "attempt": stream.attempt})
+        except Exception:  # the channel went down: the request waits like any other
+            return False
+        return True
 
     def note_routed(self, node_id: str | None) -> None:
         """Record that a request was just routed to `node_id`."""
@@ -99,6 +139,7 @@ class Hub:
             stream.attempt_ids = []
             # each attempt's commitment covers what that attempt sent
             stream.attempt_logprobs, stream.attempt_prompt = [], None
+            stream.yielding = False
             stream.next_index = 0
             stream.last_progress = now
             stream.budget, stream.flushed = budget, False

@@ -455,13 +455,19 @@ class Inference:
         if payload.get("seed") is None:
             payload["seed"] = derive_seed(task_id)
         target = routing.choose(cands)
+        if batch is None and target is None:
+            # Every provider is busy: one running a batch line makes room (docs/batch.md).
+            runner = self.hub.batch_runner([c.node_id for c in routing.rank(cands)])
+            target = next((c for c in cands if c.node_id == runner), None)
         self.hub.note_routed(target.node_id if target else None)
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
         stream.route = routing.reason(cands, target)
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
-        stream.prompt_k = payload.get("prompt_logprobs")
+        stream.prompt_k, stream.batch = payload.get("prompt_logprobs"), batch is not None
         parked = self.hub.take_parked(target.node_id) if target else None
+        if parked is None and target is not None and batch is None:
+            await self.hub.make_room(target.node_id)  # a batch line there yields its slot
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
         hint = -1 if batch is not None else self._balance_hint.get(key_id, -1)
         early = claim_for is not None and hint >= hold + keep
