@@ -542,3 +542,65 @@ def test_a_line_whose_runner_fails_unexpectedly_is_tried_again(grid: Grid) -> No
     assert failed == {"c0", "c1", "c2"}
     settles = [e for e in grid.entries() if str(e["cause"]["id"]).startswith(b.id)]  # type: ignore[index]
     assert sum(1 for e in settles if e["memo"] == "settle") == 3  # each line charged once
+
+
+def test_a_line_settled_before_a_restart_is_rebuilt_not_charged_again(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The coordinator stops after a line's tasks settled but before the line was recorded
+    (injected: its record is dropped, as a process killed between the two would leave it).
+    The restarted coordinator rebuilds the line from the answers its tasks kept: the same
+    answers (two choices, with logprobs), charged once, not run again."""
+    grid = _slow_grid(tmp_path, database_url, 1, batch_in_flight=1)
+    try:
+        batches = grid.coordinator.app.state.services.batches
+        real = batches._done
+
+        def crash_before_recording(batch_id: str, n: int, *rest: Any) -> None:
+            if n != 1:  # line 1 (custom_id "r1"): as if the process died right here
+                real(batch_id, n, *rest)
+
+        batches._done = crash_before_recording
+        client = grid.client()
+        body = {"n": 2, "logprobs": True, "top_logprobs": 1, "temperature": 0.8, "seed": 4}
+        lines = [_line(f"r{i}", f"rebuild {i}", max_tokens=5, **body) for i in range(3)]
+        batch = client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+
+        def settles(cid: str) -> int:
+            cause = {"kind": "batch_line", "id": f"{batch.id}/{cid}"}
+            return sum(1 for e in grid.entries() if e["cause"] == cause and e["memo"] == "settle")
+
+        def two_recorded_one_settled() -> bool:
+            counts = client.batches.retrieve(batch.id).request_counts
+            return counts is not None and counts.completed == 2 and settles("r1") == 2
+
+        wait_until(two_recorded_one_settled, 60, 0.05)
+        client.close()
+        grid.coordinator.stop()
+        grid.coordinator = CoordinatorThread(grid.coordinator.settings)
+        grid.coordinator.start()
+        client = grid.client()
+        done = _wait(client, batch.id, 120)
+        assert done.status == "completed" and done.request_counts.completed == 3
+        out = {x["custom_id"]: x["response"]["body"] for x in _jsonl(client, done.output_file_id)}
+        again = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "rebuild 1"}], max_tokens=5, **body
+        )
+        rebuilt = out["r1"]
+        assert [c["message"]["content"] for c in rebuilt["choices"]] == [
+            c.message.content for c in again.choices
+        ]
+        assert [[e["logprob"] for e in c["logprobs"]["content"]] for c in rebuilt["choices"]] == [
+            [e.logprob for e in c.logprobs.content] for c in again.choices
+        ]
+        assert rebuilt["usage"]["completion_tokens"] == again.usage.completion_tokens
+        assert settles("r1") == 2  # one per choice: not run again
+        assert grid.balance(escrow_account(batch.id)) == 0
+        grid.verify()
+        client.close()
+    finally:
+        stop_grid(grid)

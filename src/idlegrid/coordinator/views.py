@@ -49,6 +49,7 @@ class TaskView:
     output_tokens: int
     finish_reason: str | None
     error: str | None
+    answer: dict[str, Any] | None = None  # a batch line's, once settled (db/tables.Task)
 
 
 def new_task_view(

@@ -27,6 +27,7 @@ from idlegrid.coordinator.batches.tables import Batch, BatchLine
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import Account
 from idlegrid.coordinator.http_errors import error_body, status_for
+from idlegrid.coordinator.views import TaskView
 from idlegrid.core import ledger
 from idlegrid.core.batch import results
 from idlegrid.core.batch.counts import RequestCounts
@@ -84,6 +85,10 @@ class LineRunner(Protocol):
     async def run(
         self, key_id: str, url: str, body: dict[str, Any], tag: dict[str, Any], cap: Price
     ) -> Outcome: ...
+
+    def rebuild(
+        self, url: str, body: dict[str, Any], settled: list[TaskView]
+    ) -> Outcome | None: ...
 
 
 def _missing(batch_id: str) -> NotFound:
@@ -295,6 +300,7 @@ class Batches:
         if not self._resumed:
             await self.ctx.db(self._resume)
             self._resumed = True
+            self.ctx.changes.bump()
         now = self.ctx.clock()
         for b in await self.ctx.db(self._active):
             runner = self._runners.get(b.id)
@@ -330,13 +336,29 @@ class Batches:
                 await runner
 
     def _resume(self) -> None:
-        """Lines left running by a stopped coordinator run again."""
+        """Lines left running by a stopped coordinator: a line whose every choice settled
+        (charged) is rebuilt from the answers its tasks kept, the rest run again (their
+        unsettled tasks were failed uncharged by the inference supervisor)."""
         with self.store.tx() as s:
-            s.execute(
-                update(BatchLine)
+            left = s.execute(
+                select(BatchLine, Batch.endpoint)
+                .join(Batch, Batch.id == BatchLine.batch_id)
                 .where(BatchLine.state == "running")
-                .values(state="pending", task_id=None)
-            )
+            ).all()
+            lines = [(ln.batch_id, ln.line, ln.custom_id, dict(ln.body), url) for ln, url in left]
+        for batch_id, n, custom_id, body, url in lines:
+            out = self.lines.rebuild(url, body, self.store.batch_line_tasks(batch_id, custom_id))
+            if out is None:
+                with self.store.tx() as s:
+                    s.execute(
+                        update(BatchLine)
+                        .where(BatchLine.batch_id == batch_id, BatchLine.line == n)
+                        .values(state="pending", task_id=None)
+                    )
+                continue
+            log.info("batch %s line %s: settled before a restart, rebuilt", batch_id, custom_id)
+            result = results.answered(_line_id(), custom_id, out.request_id, out.body)
+            self._done(batch_id, n, result, True, out.request_id)
 
     def _active(self) -> list[Batch]:
         live = ("in_progress", "cancelling", "finalizing")

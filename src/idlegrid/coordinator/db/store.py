@@ -128,6 +128,7 @@ def _task_view(t: Task) -> TaskView:
         t.output_tokens,
         t.finish_reason,
         t.error,
+        t.answer,
     )
 
 
@@ -400,8 +401,10 @@ class Store(NodeStore, LedgerStore):
         fee_bps: int,
         energy_j: float | None = None,
         energy_estimated: bool = False,
+        answer: dict[str, Any] | None = None,
     ) -> TaskView:
-        """Settle a task whose attempt committed validly (`prompt_tokens`: what it fixes)."""
+        """Settle a task whose attempt committed validly (`prompt_tokens`: what it fixes;
+        `answer`: a batch line's, kept with the settlement)."""
         with self.tx() as s:
             t = self._running(s, task_id, attempt, node_id)
             t.state = transition(TaskState(t.state), "finish").value
@@ -412,6 +415,7 @@ class Store(NodeStore, LedgerStore):
                 a.energy_j, a.energy_estimated = energy_j, energy_estimated
             t.prompt_tokens = prompt_tokens
             t.finish_reason = finish_reason
+            t.answer = answer
             t.updated_at = self.clock()
             shares = self._shares(s, t, prompt_tokens)
             if t.hold:  # nothing was held, so nothing can be owed (see create_task)
@@ -482,6 +486,19 @@ class Store(NodeStore, LedgerStore):
                 entry = ledger.request_release(t.id, payer, t.hold, _cause(t))
             self._post(s, entry)
             return _task_view(t)
+
+    def batch_line_tasks(self, batch_id: str, custom_id: str) -> list[TaskView]:
+        """A batch line's settled tasks (each choice's, from any run of the line)."""
+        tag = Task.payload["batch"]
+        with self.read() as s:
+            rows = s.scalars(
+                select(Task).where(
+                    Task.state == TaskState.DONE.value,
+                    tag["id"].as_string() == batch_id,
+                    tag["custom_id"].as_string() == custom_id,
+                )
+            )
+            return [_task_view(t) for t in rows]
 
     def running_tasks(self) -> list[TaskView]:
         """Tasks currently held by a provider."""

@@ -99,6 +99,10 @@ class Task(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # A batch line's answer as the consumer got it ({"text", "logprobs", "prompt"}), written
+    # with its settlement: a coordinator restarted before the line was recorded rebuilds
+    # the line from it instead of running (and charging) it again.
+    answer: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Attempt(Base):

@@ -48,7 +48,7 @@ async def submit_all(
                     max_tokens,
                     price_cap,
                     reserve=rest,
-                    batch=batch,
+                    batch={**batch, "choice": k} if batch is not None else None,
                 )
             )
     except BaseException:

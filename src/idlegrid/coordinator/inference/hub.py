@@ -55,6 +55,8 @@ class TaskStream:
     prompt_sent: bool = False  # the consumer has the prompt logprobs (from some attempt)
     batch: bool = False  # a batch line's: it yields its provider to interactive work
     yielding: bool = False  # its provider was asked to hand this attempt back
+    # A batch line's answer as sent, every attempt's (kept with its settlement).
+    kept: dict[str, Any] = field(default_factory=lambda: {"text": [], "logprobs": []})
 
 
 class Hub:

@@ -106,6 +106,27 @@ class BatchLines:
         hold = sum(ledger.hold_amount(b, plan.max_tokens, basis) for _, b in plan.work)
         return Quote(hold, basis)
 
+    def rebuild(self, url: str, body: dict[str, Any], settled: list[TaskView]) -> Outcome | None:
+        """A line's answer from its settled tasks' kept answers (a coordinator stopped
+        before recording it); None unless every choice settled with one."""
+        plan = self.plan(url, body)
+        by_choice = {
+            t.payload["batch"].get("choice", 0): t for t in settled if t.answer is not None
+        }
+        done = [by_choice.get(k) for k in range(len(plan.work))]
+        if any(t is None for t in done):
+            return None
+        tasks = [t for t in done if t is not None]
+        shape = _Shape(plan.kind, tasks[0].id, plan.model, plan.logprobs, plan.calls)
+        shape.echo = plan.echo or []
+        answers = []
+        for k, t in enumerate(tasks):
+            kept = t.answer or {}
+            if "prompt" in kept:
+                shape.echo_lps[k] = kept["prompt"]
+            answers.append((kept.get("text", ""), t, kept.get("logprobs", [])))
+        return Outcome(200, shape.whole(answers), tasks[0].id)
+
     async def run(
         self, key_id: str, url: str, body: dict[str, Any], tag: dict[str, Any], cap: Price
     ) -> Outcome:

@@ -118,6 +118,13 @@ def committed_logprobs(c: AnyCommitment, sent: list[tuple[int, dict[str, Any]]])
         raise InvalidRequest("the logprobs sent differ from the committed ones", param="commitment")
 
 
+def kept_answer(stream: TaskStream) -> dict[str, Any]:
+    """A batch line's answer as its consumer got it, to keep with its settlement."""
+    kept = stream.kept
+    return {"text": "".join(kept["text"]), "logprobs": kept["logprobs"], **(
+        {"prompt": kept["prompt"]} if "prompt" in kept else {})}  # fmt: skip
+
+
 def accept_prompt(stream: TaskStream, prompt: Any) -> dict[str, Any] | None:
     """An attempt's prompt logprobs (protocol PromptLogprobsMsg): kept for its commitment
     check; the consumer's shape of them the first time any attempt sends them (None after,

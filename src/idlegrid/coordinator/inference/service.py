@@ -31,6 +31,7 @@ from idlegrid.coordinator.inference.pieces import (
     check_logprobs,
     committed_logprobs,
     committed_prompt,
+    kept_answer,
 )
 from idlegrid.coordinator.inference.ports import (
     CommitmentChecks,
@@ -200,6 +201,7 @@ class Inference:
             stream = self._attempt_stream(task_id, attempt, node_id)
             if prompt is not None and (shown := accept_prompt(stream, prompt)) is not None:
                 self.hub.push(task_id, Event("pieces", pieces=[], data=shown))
+                stream.kept.update(shown)
             if start > stream.next_index:
                 raise Conflict(
                     f"upload starts at {start}, expected {stream.next_index}",
@@ -210,6 +212,9 @@ class Inference:
                 return
             check_budget(stream, task_id, fresh)
             lps = check_logprobs(stream, fresh, logprobs, stream.next_index - start)
+            if stream.batch:
+                stream.kept["text"] += [t for _, t in fresh]
+                stream.kept["logprobs"] += lps or []
             stream.next_index += len(fresh)
             stream.attempt_ids.extend(tid for tid, _ in fresh if tid >= 0)
             stream.last_progress = self.clock()
@@ -268,6 +273,7 @@ class Inference:
                     fee_bps=self.settings.fee_bps,
                     energy_j=energy_j,
                     energy_estimated=energy_estimated,
+                    answer=kept_answer(stream) if stream.batch else None,
                 )
                 stream.attempt = -1
                 # The commitment rides along: an embeddings answer is its vectors.
