@@ -19,9 +19,9 @@ from test_grid import MODEL, Grid, start_grid, stop_grid
 
 from idlegrid.core import ledger
 from idlegrid.core.batch.money import escrow_account
-from idlegrid.core.ledger import Price, Share
+from idlegrid.core.ledger import MICRO, Price, Share
 from idlegrid.engines.fake import FakeEngine
-from idlegrid.testbed.inprocess import CoordinatorThread, wait_until
+from idlegrid.testbed.inprocess import AgentThread, CoordinatorThread, make_agent, wait_until
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 
@@ -600,6 +600,61 @@ def test_a_line_settled_before_a_restart_is_rebuilt_not_charged_again(
         assert rebuilt["usage"]["completion_tokens"] == again.usage.completion_tokens
         assert settles("r1") == 2  # one per choice: not run again
         assert grid.balance(escrow_account(batch.id)) == 0
+        grid.verify()
+        client.close()
+    finally:
+        stop_grid(grid)
+
+
+def test_a_batch_with_no_provider_says_why_and_runs_once_one_comes(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Every provider gone: the lines wait (not the error file) and the batch object, the
+    CLI's `orders` and `explain` say why; a provider that joins runs them all."""
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    grid = _slow_grid(tmp_path, database_url, 1)
+    try:
+        client = grid.client()
+        grid.agents[0].kill()
+        wait_until(lambda: not any(n["live"] for n in grid.nodes()), 30, 0.05)
+        lines = [_line(f"w{i}", f"waiting {i}") for i in range(2)]
+        batch = client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        seen: dict[str, Any] = {}
+
+        def waiting() -> bool:
+            seen["b"] = client.batches.retrieve(batch.id).model_dump()
+            return seen["b"].get("waiting") is not None
+
+        wait_until(waiting, 30, 0.05)
+        assert "no live provider" in seen["b"]["waiting"]["reason"], seen["b"]
+        assert seen["b"]["status"] == "in_progress"
+        data_dir = tmp_path / "cli"
+        data_dir.mkdir()
+        (data_dir / "api-key").write_text(grid.api_key)
+        base = ["--data-dir", str(data_dir), "--coordinator", grid.url]
+        runner = CliRunner()
+        listed = runner.invoke(app, ["market", "orders", "--json", *base])
+        assert listed.exit_code == 0, listed.output
+        (row,) = json.loads(listed.stdout)["batches"]
+        assert row["id"] == batch.id and row["waiting"]["reason"] == seen["b"]["waiting"]["reason"]
+        why = runner.invoke(app, ["market", "explain", batch.id, *base])
+        assert why.exit_code == 0 and "wait for capacity" in why.stdout, why.output
+        # A provider joins: the lines run, the reason goes.
+        joined = AgentThread(
+            make_agent(grid.url, [FakeEngine(MODEL)], "late", price=Price(10 * MICRO, 40 * MICRO))
+        )
+        joined.start()
+        grid.agents.append(joined)
+        done = _wait(client, batch.id, 60)
+        assert done.status == "completed" and done.request_counts.completed == 2
+        assert done.model_dump().get("waiting") is None
         grid.verify()
         client.close()
     finally:

@@ -137,6 +137,8 @@ def status(
     if as_json:
         return _emit(b)
     out.print(f"{b['id']}: {b['status']} ({_counts(b)})")
+    if b.get("waiting"):
+        out.print(f"  waiting for capacity: {b['waiting']['reason']}")
     for name in ("input_file_id", "output_file_id", "error_file_id"):
         if b.get(name):
             out.print(f"  {name}: {b[name]}")
@@ -191,3 +193,5 @@ def cancel_batch(
     if as_json:
         return _emit(b)
     out.print(f"{b['id']}: {b['status']} ({_counts(b)})")
+    if b.get("waiting"):
+        out.print(f"  waiting for capacity: {b['waiting']['reason']}")

@@ -118,10 +118,11 @@ def orders(
                 _print_order(view)
                 return None
             views = c.orders(state)
+            batches = [b for b in c.batches(100) if state in (None, b["status"])]
     except GridAPIError as exc:
         _fail(exc)
     if as_json:
-        return _emit({"orders": views})
+        return _emit({"orders": views, "batches": batches})
     t = Table(title="orders")
     for col in ("id", "kind", "state", "where", "budget (cr)", "spent (cr)", "refunded"):
         t.add_column(col)
@@ -138,6 +139,12 @@ def orders(
             f"{v['spent'] / MICRO:.4f}",
             f"{v['refunded'] / MICRO:.4f}",
         )
+    for b in batches:  # batch work is bought per file of requests (docs/batch.md)
+        counts = b["request_counts"]
+        where = f"{counts['completed']}/{counts['total']} lines done, {counts['failed']} failed"
+        if b.get("waiting"):
+            where += f"; [yellow]waiting: {b['waiting']['reason']}[/]"
+        t.add_row(b["id"], "batch", b["status"], where, "-", "-", "-")
     show(t, out)
     return None
 
@@ -182,7 +189,10 @@ def explain(
     coordinator_url: CoordinatorUrl = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Why an order matched where it did, or which constraints left it unmatched."""
+    """Why an order matched where it did, or which constraints left it unmatched (a
+    batch id: how far it is, and why its lines wait if they do)."""
+    if order_id.startswith("batch_"):
+        return _explain_batch(_ask(coordinator_url, data_dir, lambda c: c.batch(order_id)), as_json)
     data = _ask(coordinator_url, data_dir, lambda c: c.explain(order_id))
     if as_json:
         return _emit(data)
@@ -200,6 +210,21 @@ def explain(
             out.print("  [green]it would match now[/]")
         else:
             _print_reasons(now)
+    return None
+
+
+def _explain_batch(b: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        return _emit(b)
+    counts = b["request_counts"]
+    out.print(
+        f"[bold]{b['id']}[/] is [cyan]{b['status']}[/]: {counts['completed']} of "
+        f"{counts['total']} lines done, {counts['failed']} failed"
+    )
+    if w := b.get("waiting"):
+        out.print(f"  [yellow]its lines wait for capacity[/]: {w['reason']}")
+    elif b["status"] == "in_progress":
+        out.print("  its lines are running on the grid")
     return None
 
 

@@ -84,6 +84,14 @@ class GridClient:
         """Cancel an order; the unused escrow comes back."""
         return self._json(self.http.post(f"/api/v1/orders/{order_id}/cancel"))
 
+    def batches(self, limit: int = 20) -> list[dict[str, Any]]:
+        """This key's batches (OpenAI Batch objects), newest first."""
+        return list(self._json(self.http.get("/v1/batches", params={"limit": limit}))["data"])
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """One batch: state, counts, files, and why its lines wait (if they do)."""
+        return self._json(self.http.get(f"/v1/batches/{batch_id}"))
+
     def lease(self, lease_id: str) -> dict[str, Any]:
         """One lease: state, moves with causes, running and billed seconds."""
         return self._json(self.http.get(f"/api/v1/leases/{lease_id}"))

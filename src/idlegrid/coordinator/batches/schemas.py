@@ -43,6 +43,13 @@ class BatchErrors(BaseModel):
     data: list[BatchError]
 
 
+class Waiting(BaseModel):
+    """Why a batch's lines are not running now (an idlegrid field, beside OpenAI's)."""
+
+    reason: str  # the grid's refusal, as an interactive request would get it (503)
+    since: int  # when its lines started waiting
+
+
 class BatchObject(BaseModel):
     """OpenAI's Batch object."""
 
@@ -75,6 +82,7 @@ class BatchObject(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts
     metadata: dict[str, Any] | None = None
+    waiting: Waiting | None = None
 
 
 class BatchList(BaseModel):

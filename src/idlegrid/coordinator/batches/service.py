@@ -95,8 +95,8 @@ def _missing(batch_id: str) -> NotFound:
     return NotFound(f"No such Batch object: {batch_id}", param="batch_id")
 
 
-def view(b: Batch) -> dict[str, Any]:
-    """OpenAI's Batch object."""
+def view(b: Batch, waiting: tuple[str, float] | None = None) -> dict[str, Any]:
+    """OpenAI's Batch object (and, while its lines wait for capacity, why)."""
 
     def stamp(t: float | None) -> int | None:
         return None if t is None else int(t)
@@ -122,6 +122,7 @@ def view(b: Batch) -> dict[str, Any]:
         "cancelled_at": stamp(b.cancelled_at),
         "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
         "metadata": b.meta,
+        "waiting": {"reason": waiting[0], "since": int(waiting[1])} if waiting else None,
     }
 
 
@@ -152,6 +153,8 @@ class Batches:
         self.in_flight = asyncio.Semaphore(ctx.settings.batch_in_flight)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._resumed = False
+        # Batch id -> (why its lines find no provider now, since when); live, not stored.
+        self.waiting: dict[str, tuple[str, float]] = {}
 
     # ---- create ------------------------------------------------------------------------
 
@@ -235,7 +238,7 @@ class Batches:
             if b.escrow:  # InsufficientCredits (402) rolls the batch back: nothing left
                 consumer = ledger.consumer_account(b.key_id)
                 self.store._post(s, batch_escrow(b.id, consumer, b.escrow))
-            return view(b)
+            return view(b, self.waiting.get(b.id))
 
     # ---- read, list, cancel ------------------------------------------------------------
 
@@ -244,7 +247,7 @@ class Batches:
             b = s.get(Batch, batch_id)
             if b is None or b.key_id != key_id:
                 raise _missing(batch_id)
-            return view(b)
+            return view(b, self.waiting.get(b.id))
 
     async def retrieve(self, key_id: str, batch_id: str) -> dict[str, Any]:
         """The caller's batch, or 404 (another key's batch is no batch)."""
@@ -263,7 +266,7 @@ class Batches:
                 q = q.where(or_(Batch.created_at < t, and_(Batch.created_at == t, Batch.id < i)))
             q = q.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
             rows = s.scalars(q).all()
-            data = [view(b) for b in rows[:limit]]
+            data = [view(b, self.waiting.get(b.id)) for b in rows[:limit]]
         return {
             "object": "list",
             "data": data,
@@ -283,7 +286,7 @@ class Batches:
                 raise _missing(batch_id)
             b.status = cancel(b.status, key=batch_id)  # 409 once it is finalizing or ended
             b.cancelling_at = self.ctx.clock()
-            return view(b)
+            return view(b, self.waiting.get(b.id))
 
     async def cancel(self, key_id: str, batch_id: str) -> dict[str, Any]:
         """Cancel: `cancelling` now; the tick stops its lines, refunds the undone ones and
@@ -418,7 +421,8 @@ class Batches:
             cap = Price(line.prompt_price, line.output_price)
             try:
                 out = await self.lines.run(key_id, url, line.body, tag, cap)
-            except NoCapacity:  # no provider now: the line waits for one, not the error file
+            except NoCapacity as exc:  # no provider now: the line waits, not the error file
+                self.waiting.setdefault(batch_id, (exc.message, self.ctx.clock()))
                 await asyncio.sleep(RETRY_S)
                 await self.ctx.db(self._requeue, batch_id, line.line)
                 return
@@ -434,6 +438,7 @@ class Batches:
                 await asyncio.sleep(RETRY_S)
                 await self.ctx.db(self._requeue, batch_id, line.line)
                 return
+            self.waiting.pop(batch_id, None)
             if out.status == 200:
                 result = results.answered(_line_id(), line.custom_id, out.request_id, out.body)
             else:
@@ -493,6 +498,7 @@ class Batches:
     def _end(self, batch_id: str, state: str) -> None:
         """End a batch in `state`: unfinished lines to the error file (uncharged), the
         output and error files written, the escrow's rest refunded, in that order."""
+        self.waiting.pop(batch_id, None)
         with self.store.tx() as s:
             b = s.get(Batch, batch_id, with_for_update=True)
             assert b is not None
