@@ -16,8 +16,8 @@ from idlegrid.coordinator.http_errors import error_body, status_for
 from idlegrid.coordinator.inference import fanout
 from idlegrid.coordinator.inference.candidates import for_batch
 from idlegrid.coordinator.inference.openai_schema import ChatRequest, CompletionRequest
+from idlegrid.coordinator.inference.plan import Plan
 from idlegrid.coordinator.inference.routes import (
-    Plan,
     _failure,
     _Shape,
     plan_chat,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -30,11 +29,11 @@ from idlegrid.coordinator.inference.openai_schema import (
     chat_token_bound,
     prompt_token_bound,
 )
+from idlegrid.coordinator.inference.plan import Plan, price_cap
 from idlegrid.coordinator.inference.service import Inference, RequestFailed
 from idlegrid.coordinator.inference.structured import invalid_failure
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import TaskView
-from idlegrid.core.ledger import MICRO, Price
 from idlegrid.errors import IdlegridError, InvalidRequest, ModelNotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -202,36 +201,8 @@ def _failure(data: dict[str, Any], index: int, choices: int) -> IdlegridError:
     )
 
 
-def price_cap(st: Any, body: Any) -> Price:
-    """The most a request may pay per token: its `max_price`, or the grid's default."""
-    cap = body.max_price
-    prompt, output = (
-        (cap.prompt, cap.output)
-        if cap is not None
-        else (st.default_max_prompt_price, st.default_max_output_price)
-    )
-    return Price(round(prompt * MICRO), round(output * MICRO))
-
-
 TASKS_HEADER = "X-Idlegrid-Tasks"  # the grid task of each choice, by index
 ROUTE_HEADER = "X-Idlegrid-Route"  # where each choice was routed first, and why
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one request asks of the grid: its tasks' payloads and how to shape the answer
-    (the same for a request sent now and a batch line, inference/lines.py)."""
-
-    kind: str
-    model: str
-    work: list[tuple[dict[str, Any], int]]  # (payload, prompt-token bound) per choice
-    max_tokens: int
-    stream: bool
-    include_usage: bool
-    cap: Price
-    logprobs: bool = False
-    calls: bool = False
-    echo: list[str] | None = None  # completions with echo: each choice's prompt
 
 
 def refuse_embedding_model(inference: Inference, model: str) -> None:
