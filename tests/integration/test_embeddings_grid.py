@@ -236,3 +236,65 @@ def test_embedding_answers_get_canaries_an_honest_verifier_rejects(grid, monkeyp
     assert v["verifier_failed"] == 0 and not v["ejected"], v
     assert p["failed"] == 0 and not p["ejected"], p
     assert st["balances"][ledger.stake_account(nodes["verifier"], "cpu")] == STAKE
+
+
+def test_an_embeddings_batch_runs_at_the_batch_price_and_is_audited(
+    grid, reference, monkeypatch
+) -> None:
+    """/v1/embeddings lines in a batch: the official client's files -> batches -> output
+    file; each line's vectors are the engine's, billed per input token at half the
+    provider's prompt price, and audited like any answer."""
+    import io
+    import json
+
+    # One line at a time: each goes to the cheaper provider (the verifier also sells).
+    monkeypatch.setenv("IDLEGRID_BATCH_IN_FLIGHT", "1")
+    coord, key, nodes = grid(MiniLMEngine(threads=1))
+    lines = [
+        {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": MODEL_ID, "input": [text], "encoding_format": fmt}}
+        for i, (text, fmt) in enumerate(zip(TEXTS, ("float", "base64", "float"), strict=True))
+    ]  # fmt: skip
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    with _client(coord, key) as client:
+        fid = client.files.create(file=("e.jsonl", io.BytesIO(data)), purpose="batch").id
+        batch = client.batches.create(
+            input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h"
+        )
+        _wait(lambda: client.batches.retrieve(batch.id).status in ("completed", "failed"))
+        done = client.batches.retrieve(batch.id)
+        assert done.status == "completed" and done.error_file_id is None, done
+        text = client.files.content(done.output_file_id).content.decode()
+    out = {x["custom_id"]: x["response"]["body"] for x in map(json.loads, text.splitlines())}
+    ids = [reference.tokenize(t) for t in TEXTS]
+    want = reference.embed(ids)
+    for i, fmt in enumerate(("float", "base64", "float")):
+        body = out[f"e{i}"]
+        raw = body["data"][0]["embedding"]
+        got = (
+            np.frombuffer(base64.b64decode(raw), "<f4")
+            if fmt == "base64"
+            else np.array(raw, np.float32)
+        )
+        assert np.abs(got - want[i]).max() <= 2e-5
+        assert body["usage"]["prompt_tokens"] == len(ids[i]) and body["model"] == MODEL_ID
+    # Each line: a hold and a settlement at half the prompt price, naming the line.
+    entries = _ledger(coord)
+    for i in range(3):
+        cause = {"kind": "batch_line", "id": f"{batch.id}/e{i}"}
+        mine = [e for e in entries if e["cause"] == cause]
+        assert [e["memo"] for e in mine] == ["hold", "settle"], mine
+        paid = sum(
+            p["amount"] for p in mine[1]["postings"]
+            if p["account"].startswith("accrual:") or p["account"] == ledger.FEES
+        )  # fmt: skip
+        assert paid == ledger.token_cost(len(ids[i]), PRICE.prompt // 2)
+    _wait(lambda: len(_audits(coord, nodes["provider"])) == 3)  # probation: every answer
+    _wait(lambda: all(a["state"] in DECIDED for a in _audits(coord, nodes["provider"])))
+    assert all(a["state"] == "passed" for a in _audits(coord, nodes["provider"]))
+
+
+def _ledger(coord: CoordinatorThread) -> list[dict]:
+    with coord.admin() as c:
+        entries: list[dict] = c.get("/api/v1/ledger").json()["entries"]
+        return entries

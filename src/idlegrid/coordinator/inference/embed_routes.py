@@ -15,10 +15,10 @@ from idlegrid.coordinator.deps import services
 from idlegrid.coordinator.inference import fields
 from idlegrid.coordinator.inference import schemas as s
 from idlegrid.coordinator.inference.openai_schema import EmbeddingRequest, prompt_token_bound
+from idlegrid.coordinator.inference.plan import Plan, price_cap
 from idlegrid.coordinator.inference.service import RequestFailed
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import NodeView
-from idlegrid.core.ledger import MICRO, Price
 from idlegrid.core.trust.embedding import EmbeddingCommitment
 from idlegrid.errors import InvalidRequest, ModelNotFound
 
@@ -62,19 +62,12 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
     return out
 
 
-@router.post(
-    "/embeddings",
-    response_model=s.EmbeddingList,
-    responses=errors(400, 401, 402, 404, 429, 502, 503),
-)
-async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-    """Embed a string, a list of strings or token ids; billed per input token at the
-    serving provider's prompt price."""
+def plan_embedding(inference: Any, body: EmbeddingRequest) -> Plan:
+    """An embeddings request's one task (InvalidRequest naming a field it cannot honour;
+    the same for a request sent now and a batch line, inference/lines.py)."""
     fields.check(fields.EMBEDDINGS, body.sent())
     inputs = body.inputs()
-    svc = services(request)
-    key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
-    cache = svc.inference.nodes.cache.values()
+    cache = inference.nodes.cache.values()
     facts = embedding_facts(cache, body.model)
     if facts is None:
         if any(body.model in n.offers for n in cache):
@@ -82,16 +75,6 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
         raise ModelNotFound(body.model)
     check_limits(facts, body, inputs)
     bound = sum(len(x) if isinstance(x, list) else prompt_token_bound(x) for x in inputs)
-    await svc.nodes.admit(key_id, bound)
-    st = svc.settings
-    cap = body.max_price
-    price = (
-        Price(round(cap.prompt * MICRO), round(cap.output * MICRO))
-        if cap is not None
-        else Price(
-            round(st.default_max_prompt_price * MICRO), round(st.default_max_output_price * MICRO)
-        )
-    )
     payload = {
         "input": inputs,
         "dimensions": body.dimensions,
@@ -102,8 +85,52 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
         "stream": False,
     }
     # max_tokens 1: the escrow holds one output token more than is ever charged (refunded).
+    return Plan(
+        "embedding",
+        body.model,
+        [(payload, bound)],
+        1,
+        False,
+        False,
+        price_cap(inference.settings, body),
+        encoding=body.encoding_format,
+    )
+
+
+def b64_vector(text: str) -> np.ndarray:
+    """A vector kept as OpenAI's base64 (float32 little-endian bytes)."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f4")
+
+
+def embedding_list(plan: Plan, vectors: Iterable[np.ndarray], prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's answer to an embeddings request."""
+    fmt = plan.encoding or "float"
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": _encode(v, fmt)}
+            for i, v in enumerate(vectors)
+        ],
+        "model": plan.model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+@router.post(
+    "/embeddings",
+    response_model=s.EmbeddingList,
+    responses=errors(400, 401, 402, 404, 429, 502, 503),
+)
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+    """Embed a string, a list of strings or token ids; billed per input token at the
+    serving provider's prompt price."""
+    svc = services(request)
+    key_id = await svc.nodes.authenticate_key(request.headers.get("authorization"))
+    plan = plan_embedding(svc.inference, body)
+    ((payload, bound),) = plan.work
+    await svc.nodes.admit(key_id, bound)
     task_id, stream = await svc.inference.submit(
-        key_id, body.model, "embedding", payload, bound, 1, price
+        key_id, plan.model, plan.kind, payload, bound, plan.max_tokens, plan.cap
     )
     ended = False
     try:
@@ -128,12 +155,4 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
             svc.inference.hub.close(task_id)
     svc.metrics.requests.labels(body.model, "ok").inc()
     svc.metrics.tokens.labels(body.model, "prompt").inc(task.prompt_tokens)
-    return {
-        "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
-            for i, v in enumerate(c.vectors)
-        ],
-        "model": body.model,
-        "usage": {"prompt_tokens": task.prompt_tokens, "total_tokens": task.prompt_tokens},
-    }
+    return embedding_list(plan, c.vectors, task.prompt_tokens)

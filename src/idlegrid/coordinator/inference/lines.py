@@ -15,7 +15,12 @@ from pydantic import ValidationError
 from idlegrid.coordinator.http_errors import error_body, status_for
 from idlegrid.coordinator.inference import fanout
 from idlegrid.coordinator.inference.candidates import for_batch
-from idlegrid.coordinator.inference.openai_schema import ChatRequest, CompletionRequest
+from idlegrid.coordinator.inference.embed_routes import b64_vector, embedding_list, plan_embedding
+from idlegrid.coordinator.inference.openai_schema import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from idlegrid.coordinator.inference.plan import Plan
 from idlegrid.coordinator.inference.routes import (
     _failure,
@@ -80,6 +85,8 @@ class BatchLines:
                 plan = plan_chat(settings, ChatRequest.model_validate(body))
             elif url == "/v1/completions":
                 plan = plan_completion(settings, CompletionRequest.model_validate(body))
+            elif url == "/v1/embeddings":
+                return plan_embedding(self.inference, EmbeddingRequest.model_validate(body))
             else:
                 raise InvalidRequest(f"batches of {url} are not run yet", param="url")
         except ValidationError as exc:
@@ -117,6 +124,9 @@ class BatchLines:
         if any(t is None for t in done):
             return None
         tasks = [t for t in done if t is not None]
+        if plan.kind == "embedding":
+            vectors = [b64_vector(v) for v in (tasks[0].answer or {}).get("vectors", [])]
+            return Outcome(200, embedding_list(plan, vectors, tasks[0].prompt_tokens), tasks[0].id)
         shape = _Shape(plan.kind, tasks[0].id, plan.model, plan.logprobs, plan.calls)
         shape.echo = plan.echo or []
         answers = []
@@ -145,6 +155,7 @@ class BatchLines:
         lps: list[list[Any]] = [[] for _ in handles]
         done: dict[int, TaskView] = {}
         failure: IdlegridError | None = None
+        vectors: Any = ()  # an embeddings line's answer: its commitment's vectors
         events = fanout.interleave(inf, [st for _, st in handles])
         try:
             async for k, event in events:
@@ -155,6 +166,7 @@ class BatchLines:
                     lps[k].extend(event.data.get("logprobs") or ())
                 elif event.kind == "done":
                     done[k] = event.data["task"]
+                    vectors = getattr(event.data.get("commitment"), "vectors", vectors)
                 else:
                     failure = _failure(event.data, k, len(handles))
                     break
@@ -171,5 +183,7 @@ class BatchLines:
         if failure is not None:
             status, error = refusal(failure)
             return Outcome(status, {"error": error}, task_ids[0])
+        if plan.kind == "embedding":
+            return Outcome(200, embedding_list(plan, vectors, done[0].prompt_tokens), task_ids[0])
         answer = shape.whole([("".join(parts[k]), done[k], lps[k]) for k in range(len(handles))])
         return Outcome(200, answer, task_ids[0])

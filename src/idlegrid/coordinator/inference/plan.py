@@ -36,3 +36,4 @@ class Plan:
     logprobs: bool = False
     calls: bool = False
     echo: list[str] | None = None  # completions with echo: each choice's prompt
+    encoding: str | None = None  # embeddings: "float" or "base64"

@@ -273,7 +273,7 @@ class Inference:
                     fee_bps=self.settings.fee_bps,
                     energy_j=energy_j,
                     energy_estimated=energy_estimated,
-                    answer=kept_answer(stream) if stream.batch else None,
+                    answer=kept_answer(stream, committed) if stream.batch else None,
                 )
                 stream.attempt = -1
                 # The commitment rides along: an embeddings answer is its vectors.
