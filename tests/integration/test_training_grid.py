@@ -24,6 +24,7 @@ from idlegrid.engines.tiny import TinyEngine
 from idlegrid.testbed.inprocess import (
     AgentThread,
     CoordinatorThread,
+    device_offer,
     free_port,
     make_agent,
     wait_for_live,
@@ -65,6 +66,8 @@ class Grid:
             node_timeout_s=3.0,
             long_poll_s=2.0,
             hw_proofs=False,
+            # Offers count as staked without a market stake: these tests are about jobs.
+            stake_per_device=0,
         )
         self.coord = CoordinatorThread(self.settings)
         self.coord.start()
@@ -83,8 +86,11 @@ class Grid:
         self.admin.post("/api/v1/admin/mint", json={**body, "reference": ref}).raise_for_status()
 
     def agent(self, name: str, **config: Any) -> str:
-        """Start an agent, fund it (stake comes out of its balance) and return its id."""
+        """Start an agent, fund it (stake comes out of its balance) and return its id.
+        Trainers sell a device-hour, so that the market can place jobs on them."""
         config.setdefault("train_threads", 1)
+        if config.get("trainer"):
+            config = {**device_offer(), **config}
         a = make_agent(self.coord.url, [TinyEngine("tiny")], name, **config)
         t = AgentThread(a)
         t.start()

@@ -147,6 +147,7 @@ class Book:
         self.price_h = col([o.device_hour for o in self.offers], dtype=np.int64)
         self.plugin = col([o.plugin is not None for o in self.offers], dtype=bool)
         self.staked = col([o.staked for o in self.offers], dtype=bool)
+        self.provider = col([o.provider for o in self.offers], dtype=object)
         speed = [
             o.hardware.matmul_tflops or BY_NAME[o.device.model].fp16_tflops for o in self.offers
         ]
@@ -328,6 +329,8 @@ class Book:
             ok = keep(
                 "min_tokens_per_s", tps >= spec.min_tokens_per_s if tps is not None else self._none
             )
+        if ok and order.avoid:
+            ok = keep("excluded from the job", ~np.isin(self.provider, sorted(order.avoid)))
         if ok:
             ok = keep("stake", self.staked)
         if ok and capacity:
