@@ -26,8 +26,10 @@ def job(**over: Any) -> JobSpec:
     return JobSpec.parse(raw)
 
 
-def cpu(provider: str, price_cr: float, vram_gb: float = 8.0, staked: bool = True) -> Offer:
-    dev = Device("CPU", 1, vram_gb)
+def cpu(
+    provider: str, price_cr: float, vram_gb: float = 8.0, staked: bool = True, count: int = 1
+) -> Offer:
+    dev = Device("CPU", count, vram_gb)
     hw = Hardware(provider, "local", (dev,), cpus=4, ram_gb=16, reliability=0.95)
     return Offer(f"{provider}/CPU", hw, dev, round(price_cr * MICRO), {}, None, staked)
 
@@ -122,3 +124,25 @@ def test_the_book_places_a_job_on_the_cheapest_fitting_offer_and_says_why_not() 
     assert isinstance(big, Unmatched) and big.decisive == "vram_gb"
     unstaked = Book([cpu("a", 1, staked=False)]).match(job_order("j", 4, s, {}, 10.0))
     assert isinstance(unstaked, Unmatched) and unstaked.decisive == "stake"
+
+
+def test_a_data_parallel_job_is_a_gang_of_linked_providers_one_rank_each() -> None:
+    s = job(parallel=2, batch_size=16)
+    offers = [cpu("two", 0.1, count=2), cpu("b", 2), cpu("c", 1), cpu("d", 1.5)]
+    # Only b-c and c-d are linked well enough; "two" is cheapest but one node is one rank.
+    links = {frozenset(("b", "c")): 10.0, frozenset(("c", "d")): 0.5}
+    placed = Book(offers, links).match(job_order("j", 0, s, {}, 10.0))
+    assert isinstance(placed, Placement), placed
+    assert placed.providers == ["b", "c"] and [leg.devices for leg in placed.legs] == [1, 1]
+    # The consumer may accept slower links, which lets the cheaper pair in.
+    slow = Book(offers, links).match(job_order("j", 1, s, {"min_link_gbps": 0.5}, 10.0))
+    assert isinstance(slow, Placement) and slow.providers == ["c", "d"]
+    # Links nobody reported are no links: no gang, and the reason says so.
+    none = Book(offers).match(job_order("j", 2, s, {}, 10.0))
+    assert isinstance(none, Unmatched) and none.decisive.startswith("gang: no 2 free devices")
+    # An ordinary two-device order still takes both devices of one provider.
+    lease = parse_order(
+        {"id": "l", "kind": "lease", "hours": 1, "resources": {"count": 2, "max_price": 9}}
+    )
+    whole = Book(offers).match(lease)
+    assert isinstance(whole, Placement) and whole.providers == ["two"]

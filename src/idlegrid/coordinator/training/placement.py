@@ -86,14 +86,14 @@ def market_view(order: MarketOrder | None) -> dict[str, Any] | None:
     """What the job view shows of its placement: where, or why it waits."""
     if order is None:
         return None
-    placed = placed_on(order)
+    legs = (order.placement or {}).get("legs", [])
     out: dict[str, Any] = {
         "order_id": order.id,
         "order_state": order.state,
-        "waiting": not placed,
-        "providers": sorted(placed),
+        "waiting": not placed_on(order) and order.state not in {s.value for s in TERMINAL},
+        "providers": sorted({leg["provider"] for leg in legs}),
     }
-    if placed:
+    if legs:
         out["placement"] = order.placement
     elif order.reasons:
         out["decisive"] = order.reasons.get("decisive")

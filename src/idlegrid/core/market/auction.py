@@ -182,7 +182,7 @@ class Book:
             return ev
         count = 1 if order.kind is OrderKind.BATCH else order.devices
         whole = self.free[ev.ids] >= count
-        if whole.any():
+        if whole.any() and not _one_per_provider(order):
             # Fit first, then the score.
             fitting = whole & ~ev.oversized
             pool = fitting if fitting.any() else whole
@@ -376,6 +376,7 @@ class Book:
         ids, unit, runtime, score, oversized = ev.ids, ev.unit, ev.runtime, ev.score, ev.oversized
         order_ix = np.lexsort((score, oversized))
         need = order.devices
+        spread = _one_per_provider(order)
         for start in order_ix[:GANG_STARTS]:
             legs: list[tuple[int, int, int]] = []
             chosen: list[str] = []
@@ -385,9 +386,11 @@ class Book:
                 if any(leg[0] == row for leg in legs):
                     continue
                 prov = self.offers[row].provider
+                if spread and prov in chosen:
+                    continue
                 if not all(self._linked(prov, p, order.spec.min_link_gbps) for p in chosen):
                     continue
-                take = int(min(self.free[row], left))
+                take = int(min(self.free[row], left, 1 if spread else left))
                 legs.append((row, take, int(unit[j])))
                 chosen.append(prov)
                 left -= take
@@ -401,8 +404,8 @@ class Book:
             (
                 *ev.reasons,
                 Elimination(
-                    f"gang: no {need} free devices with links >= "
-                    f"{order.spec.min_link_gbps:g} Gbit/s",
+                    f"gang: no {need} free devices{' of as many providers' if spread else ''} "
+                    f"with links >= {order.spec.min_link_gbps:g} Gbit/s",
                     len(ids),
                     0,
                 ),
@@ -450,6 +453,12 @@ class Book:
             i = self.index.get(leg.offer_id)
             if i is not None:
                 self.free[i] = min(self.free[i] + leg.devices, self.offers[i].device.count)
+
+
+def _one_per_provider(order: Order) -> bool:
+    """A data-parallel training job runs one rank per provider (each rank is a node that
+    polls for its work), so its gang takes one device from each of `devices` providers."""
+    return order.job is not None and order.devices > 1
 
 
 def request_score(prompt_tokens: int, max_tokens: int, price: Price, reliability: float) -> float:
