@@ -371,7 +371,9 @@ def test_node_routes_refuse_unsigned_stale_and_malformed_commits(grid: Grid) -> 
     from idlegrid.errors import AuthError, InvalidRequest, StaleAttempt
     from idlegrid.protocol.signing import NodeKey
 
-    provider = grid.agent("provider")  # serves inference only: takes no training jobs
+    # Sells a device-hour, so the market places the job on it, but its agent takes no
+    # training jobs: this test polls in its name.
+    provider = grid.agent("provider", **device_offer())
     job_id = grid.submit({"spec": spec(), "ref": "x"}).json()["id"]
     r = grid.http.post("/api/v1/train/poll", json={})
     assert r.status_code == 401

@@ -8,13 +8,16 @@ verified step and the market order adds nothing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_training_grid import PRICE, Grid, spec
+from typer.testing import CliRunner
 
+from idlegrid.client.cli import app
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO
 from idlegrid.testbed.inprocess import device_offer
@@ -77,7 +80,9 @@ def test_a_job_lands_on_the_cheapest_fitting_provider_and_is_billed_per_step_onl
     grid.check_books()
 
 
-def test_jobs_that_cannot_be_placed_say_why(grid: Grid) -> None:
+def test_jobs_that_cannot_be_placed_say_why(
+    grid: Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     grid.agent("a", **device_offer(CHEAP))
     grid.agent("b", **device_offer(DEAR))
     consumer = ledger.consumer_account(grid.key_id)
@@ -104,6 +109,16 @@ def test_jobs_that_cannot_be_placed_say_why(grid: Grid) -> None:
     assert large["market"]["decisive"] == "vram_gb", large["market"]
     why = grid.http.get(f"/api/v1/orders/{large['id']}:0/explain", headers=grid.auth).json()
     assert why["now"]["decisive"] == "vram_gb"
+
+    # The CLI says it too: the job waits for placement, and `explain` tells why.
+    monkeypatch.setenv("IDLEGRID_API_KEY", grid.auth["Authorization"][7:])
+    cli = ["--coordinator", grid.coord.url, "--data-dir", str(tmp_path / "cli")]
+    res = CliRunner().invoke(app, ["job", low["id"], *cli], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert f"waiting for placement (order {low['id']}:0): max_price" in res.stdout
+    res = CliRunner().invoke(app, ["explain", f"{low['id']}:0", "--json", *cli])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["now"]["decisive"] == "max_price"
 
     # Both wait, with their reasons; nothing is charged but the jobs' escrow.
     again = grid.job(low["id"])

@@ -134,7 +134,9 @@ class Placing(TrainingBase):
                     continue
                 avoid = frozenset(job.excluded)
                 current = live[-1] if live else None
-                if current is not None and avoid <= set(current.body.get("avoid", [])):
+                # A new order when the job excludes another provider, or no longer
+                # excludes one (a dispute it won).
+                if current is not None and avoid == set(current.body.get("avoid", [])):
                     continue
                 order = job_order(
                     job.id,
