@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
@@ -55,6 +56,7 @@ class Jobs(JobHistory, TrainAudits, Gangs, Placing):
         self.disputes = TrainDisputes(self)
         # The market places each job (placement.py); without one no job is ever placed.
         self.market = market if market is not None else NoMarket()
+        self._place_lock = threading.Lock()
 
     def submit(self, key_id: str, body: Any) -> dict[str, Any]:
         """Validate a spec, escrow its full price, queue it and ask the market to place it

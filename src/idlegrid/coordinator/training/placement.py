@@ -10,13 +10,14 @@ provider), a job that needs no provider (trained, ended) has none. Orders are nu
 asks for the same as the first. The order costs nothing: the job pays per verified step.
 
 A provider placed but not coming to claim within `claim_timeout_s` (it sells device-hours
-but does not train, or it is busy elsewhere) is a no-show: excluded from the job without
+but does not train, or cannot post the job stake) is a no-show: excluded from the job without
 any fault, like a provider that declines it, so the next order avoids it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
@@ -106,11 +107,18 @@ class Placing(TrainingBase):
 
     market: JobMarket = NoMarket()
     _gangs: dict[str, Any]  # the gathering gangs (gangs.py), by job
+    # One pass at a time (the tick and a request may both run one): two passes would both
+    # see a job without an order and place it twice.
+    _place_lock = threading.Lock()
 
     def place_jobs(self, job_ids: list[str] | None = None) -> None:
         """Give every job that needs providers a live order (one that avoids the providers
         it excludes) and end the orders of jobs that need none. Runs outside any training
         transaction: the market writes in its own."""
+        with self._place_lock:
+            self._place(job_ids)
+
+    def _place(self, job_ids: list[str] | None) -> None:
         self._no_shows()
         submit: list[tuple[str, dict[str, Any], str | None]] = []  # key, order, replaced
         cancel: list[tuple[str, str]] = []
