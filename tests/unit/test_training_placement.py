@@ -14,6 +14,7 @@ from idlegrid.core.market.auction import Book, Placement, Unmatched
 from idlegrid.core.market.hardware import Device, Hardware
 from idlegrid.core.market.offers import Offer
 from idlegrid.core.market.orders import OrderKind, parse_order
+from idlegrid.core.planner.gang import step_seconds
 from idlegrid.core.training.placement import job_order, memory_gb, work_pflop
 from idlegrid.core.training.spec import JobSpec
 from idlegrid.errors import InvalidRequest
@@ -134,9 +135,10 @@ def test_a_data_parallel_job_is_a_gang_of_linked_providers_one_rank_each() -> No
     placed = Book(offers, links).match(job_order("j", 0, s, {}, 10.0))
     assert isinstance(placed, Placement), placed
     assert placed.providers == ["b", "c"] and [leg.devices for leg in placed.legs] == [1, 1]
-    # The consumer may accept slower links, which lets the cheaper pair in.
+    # Accepting slower links adds c-d as a candidate, but the planner's cost model sees
+    # its gradient exchange take longer than it saves: b-c still wins.
     slow = Book(offers, links).match(job_order("j", 1, s, {"min_link_gbps": 0.5}, 10.0))
-    assert isinstance(slow, Placement) and slow.providers == ["c", "d"]
+    assert isinstance(slow, Placement) and slow.providers == ["b", "c"]
     # Links nobody reported are no links: no gang, and the reason says so.
     none = Book(offers).match(job_order("j", 2, s, {}, 10.0))
     assert isinstance(none, Unmatched) and none.decisive.startswith("gang: no 2 free devices")
@@ -146,3 +148,37 @@ def test_a_data_parallel_job_is_a_gang_of_linked_providers_one_rank_each() -> No
     )
     whole = Book(offers).match(lease)
     assert isinstance(whole, Placement) and whole.providers == ["two"]
+
+
+def test_the_planner_prices_gangs_so_fast_links_beat_a_cheaper_slow_pair() -> None:
+    offers = [cpu("a", 1), cpu("b", 1), cpu("c", 2), cpu("d", 2)]
+    links = {frozenset(("a", "b")): 1.5, frozenset(("c", "d")): 100.0}
+    # 13M parameters: 50 MB of gradients a step, little compute per byte exchanged.
+    wide = job(model={"layers": 4, "dim": 512, "heads": 8}, parallel=2, batch_size=16)
+    placed = Book(offers, links).match(job_order("j", 0, wide, {}, 10.0))
+    assert isinstance(placed, Placement) and placed.providers == ["c", "d"], placed
+    slow = step_seconds(
+        dict(job_order("j", 0, wide, {}, 10.0).gang_shape), [0.8, 0.8], [[1e6, 1.5], [1.5, 1e6]]
+    )
+    assert placed.runtime_h == pytest.approx(
+        step_seconds(
+            dict(job_order("j", 0, wide, {}, 10.0).gang_shape),
+            [0.8, 0.8],
+            [[1e6, 100.0], [100.0, 1e6]],
+        )
+        * wide.steps
+        / 3600
+    )
+    assert slow > 2 * placed.runtime_h * 3600 / wide.steps  # why the dearer pair won
+    # A small model exchanges little: the cheaper pair wins on price.
+    small = job(model={"layers": 1, "dim": 32, "heads": 2, "seq": 256}, parallel=2, batch_size=64)
+    cheap = Book(offers, links).match(job_order("j", 1, small, {}, 10.0))
+    assert isinstance(cheap, Placement) and cheap.providers == ["a", "b"], cheap
+
+
+def test_a_steps_time_falls_with_bandwidth_towards_the_compute_alone() -> None:
+    shape = dict(job_order("j", 0, job(parallel=2, batch_size=16), {}, 1.0).gang_shape)
+    times = [step_seconds(shape, [1.0, 1.0], [[1e9, g], [g, 1e9]]) for g in (0.1, 1, 10, 1e6)]
+    assert times == sorted(times, reverse=True) and times[0] > times[-1] > 0
+    # A slower rank paces the step.
+    assert step_seconds(shape, [1.0, 0.5], [[1e9, 1e6], [1e6, 1e9]]) > times[-1]

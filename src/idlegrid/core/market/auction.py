@@ -24,6 +24,7 @@ from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
 from idlegrid.core.market.hardware import BY_NAME, GPUS
 from idlegrid.core.market.offers import Offer
 from idlegrid.core.market.orders import Order, OrderKind
+from idlegrid.core.planner.gang import runtime_hours
 
 CONSUMER_MAX_VRAM_GB = 32.0  # the largest consumer card (RTX 5090)
 BIG_TIERS = frozenset({"datacenter", "workstation"})
@@ -372,11 +373,16 @@ class Book:
         return np.full(len(ids), order.hours)
 
     def _gang(self, order: Order, ev: _Eval) -> Placement | Unmatched:
-        """Devices from several providers, every pair linked at `min_link_gbps` or better."""
+        """Devices from several providers, every pair linked at `min_link_gbps` or better.
+
+        Each of the best few offers starts a gang, filled greedily. An order without a
+        `gang_shape` takes the first gang found (from the best start); a data-parallel job
+        takes the gang the planner's cost model finds cheapest over its links."""
         ids, unit, runtime, score, oversized = ev.ids, ev.unit, ev.runtime, ev.score, ev.oversized
         order_ix = np.lexsort((score, oversized))
         need = order.devices
         spread = _one_per_provider(order)
+        found: list[tuple[bool, float, float, list[tuple[int, int, int]]]] = []
         for start in order_ix[:GANG_STARTS]:
             legs: list[tuple[int, int, int]] = []
             chosen: list[str] = []
@@ -395,10 +401,20 @@ class Book:
                 chosen.append(prov)
                 left -= take
                 if left == 0:
-                    rt = float(max(runtime[ids == leg[0]][0] for leg in legs))
-                    sc = float(sum(score[ids == leg[0]][0] * leg[1] for leg in legs))
-                    big = bool(any(oversized[ids == leg[0]][0] for leg in legs))
-                    return self._placement(order, legs, rt, big, sc, len(ids))
+                    break
+            if left:
+                continue
+            at = [int(np.flatnonzero(ids == leg[0])[0]) for leg in legs]
+            big = bool(any(oversized[k] for k in at))
+            if not order.gang_shape:
+                rt = float(max(runtime[k] for k in at))
+                sc = float(sum(score[k] * leg[1] for k, leg in zip(at, legs, strict=True)))
+                return self._placement(order, legs, rt, big, sc, len(ids))
+            rt, sc = self._planned(order, legs)
+            found.append((big, sc, rt, legs))
+        if found:  # fit first, then the planned cost
+            big, sc, rt, legs = min(found, key=lambda f: (f[0], f[1]))
+            return self._placement(order, legs, rt, big, sc, len(ids))
         return Unmatched(
             order.id,
             (
@@ -411,6 +427,19 @@ class Book:
                 ),
             ),
         )
+
+    def _planned(self, order: Order, legs: list[tuple[int, int, int]]) -> tuple[float, float]:
+        """(runtime h, score) of a data-parallel gang, one rank per leg device, by the
+        planner's cost model over the gang's links."""
+        ranks = [leg[0] for leg in legs for _ in range(leg[1])]
+        provs = [self.offers[r].provider for r in ranks]
+        bw = [
+            [self.links.get(frozenset((a, b)), 0.0) if a != b else 1e6 for b in provs]
+            for a in provs
+        ]
+        rt = runtime_hours(dict(order.gang_shape), [float(self.tflops[r]) for r in ranks], bw)
+        sc = sum(rt * u * n / max(float(self.reliability[r]), 0.01) for r, n, u in legs)
+        return rt, float(sc)
 
     def _linked(self, a: str, b: str, gbps: float) -> bool:
         return a == b or self.links.get(frozenset((a, b)), 0.0) >= gbps

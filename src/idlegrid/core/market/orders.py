@@ -89,6 +89,9 @@ class Order:
     max_price: int = 0  # µcr per device-hour, or per 1M output tokens for batch
     job: str | None = None  # the training job this order places (billed per step there)
     avoid: frozenset[str] = frozenset()  # providers excluded from that job
+    # A data-parallel job's shape (layers, hidden, seq, batch, params, steps): the book
+    # prices its candidate gangs with the planner's cost model over their links.
+    gang_shape: tuple[tuple[str, float], ...] = ()
 
     @property
     def devices(self) -> int:
@@ -122,12 +125,18 @@ class Order:
         if self.job is not None:
             out["job"] = self.job
             out["avoid"] = sorted(self.avoid)
+        if self.gang_shape:
+            out["gang_shape"] = dict(self.gang_shape)
         return out
 
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 ORDER_FIELDS = {"id", "kind", "resources", "model", "hours", "tokens", "work_pflop"}
-INTERNAL_FIELDS = {"job", "avoid"}  # a training job's placement; set by the coordinator only
+INTERNAL_FIELDS = {
+    "job",
+    "avoid",
+    "gang_shape",
+}  # a training job's placement; set by the coordinator only
 MAX_HOURS = 24 * 366
 MAX_TOKENS = 10**12
 
@@ -193,6 +202,11 @@ def parse_order(
         raise InvalidRequest("job: only a training order places a job", param="job")
     if not isinstance(avoid, list) or not all(isinstance(a, str) for a in avoid):
         raise InvalidRequest("avoid: a list of provider ids", param="avoid")
+    shape = raw.get("gang_shape") or {}
+    if not isinstance(shape, Mapping) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in shape.values()
+    ):
+        raise InvalidRequest("gang_shape: positive numbers by name", param="gang_shape")
     return Order(
         id=oid,
         kind=kind,
@@ -205,4 +219,5 @@ def parse_order(
         max_price=round(spec.max_price * MICRO),
         job=job,
         avoid=frozenset(avoid),
+        gang_shape=tuple(sorted((str(k), float(v)) for k, v in shape.items())),
     )

@@ -79,7 +79,7 @@ def job_order(
             )
         need = max(need, asked.limit)
     res["vram_gb"] = f">={need:g}"
-    raw = {
+    raw: dict[str, Any] = {
         "id": f"{job_id}:{seq}",
         "kind": "training",
         # Held until the job gives its providers back; the order costs nothing meanwhile.
@@ -89,4 +89,14 @@ def job_order(
         "job": job_id,
         "avoid": sorted(avoid),
     }
+    if spec.parallel > 1:
+        m = spec.model
+        raw["gang_shape"] = {
+            "layers": m.layers,
+            "hidden": m.dim,
+            "seq": m.seq,
+            "batch": spec.batch_size,
+            "params": m.params,
+            "steps": spec.steps,
+        }
     return parse_order(raw, internal=True)
