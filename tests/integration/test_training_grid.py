@@ -288,6 +288,8 @@ def test_provider_killed_mid_job_resumes_elsewhere_and_each_step_is_paid_once(gr
     kept = [s for s in job["segments"] if s["state"] == "accepted"]
     assert [s["start_step"] for s in kept] == list(range(0, 32, 8))
     assert {s["provider"] for s in kept} == {first, second}
+    # The market re-placed the job's order when its provider was lost: same order, new place.
+    assert job["market"]["order_id"] == f"{job_id}:0" and job["market"]["providers"] == [second]
     assert seg_pays(job) == [8 * PRICE] * 4  # once per step, whoever ran it
     audits = [a for a in job["audits"] if a["state"] != "dropped" and not a["canary"]]
     assert audits and all(a["state"] == "passed" for a in audits), audits
