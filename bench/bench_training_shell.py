@@ -23,6 +23,7 @@ from idlegrid.engines.tiny import TinyEngine
 from idlegrid.testbed.inprocess import (
     AgentThread,
     CoordinatorThread,
+    device_offer,
     free_port,
     make_agent,
     wait_for_live,
@@ -46,11 +47,17 @@ def main() -> None:
         port=free_port(),
         heartbeat_interval_s=0.5,
         hw_proofs=False,
+        stake_per_device=0,  # the market places the job without a device stake
     )
     coord = CoordinatorThread(settings)
     coord.start()
     provider = make_agent(
-        coord.url, [TinyEngine("tiny")], "provider", trainer=True, train_threads=1
+        coord.url,
+        [TinyEngine("tiny")],
+        "provider",
+        trainer=True,
+        train_threads=1,
+        **device_offer(),  # sells a device-hour: the market places the job on it
     )
     verifier = make_agent(
         coord.url, [TinyEngine("tiny")], "verifier", train_verifier=True, train_threads=1

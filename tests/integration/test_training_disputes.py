@@ -25,6 +25,7 @@ from idlegrid.engines.tiny import TinyEngine
 from idlegrid.testbed.inprocess import (
     AgentThread,
     CoordinatorThread,
+    device_offer,
     free_port,
     make_agent,
     wait_for_live,
@@ -68,6 +69,8 @@ class Grid:
             node_timeout_s=3.0,
             long_poll_s=2.0,
             hw_proofs=False,
+            # Offers count as staked without a market stake: these tests are about disputes.
+            stake_per_device=0,
         )
         self.coord = CoordinatorThread(self.settings)
         self.coord.start()
@@ -90,6 +93,8 @@ class Grid:
 
     def agent(self, name: str, **config: Any) -> str:
         config.setdefault("train_threads", 1)
+        if config.get("trainer"):  # sells a device-hour: the market places jobs on it
+            config = {**device_offer(), **config}
         a = make_agent(self.coord.url, [TinyEngine("tiny")], name, key_dir=self.tmp, **config)
         t = AgentThread(a)
         t.start()

@@ -25,6 +25,7 @@ from idlegrid.core.training import settlement as tset
 from idlegrid.core.training.proof import LOSS_TOL, WEIGHT_TOL
 from idlegrid.core.training.spec import JobSpec
 from idlegrid.errors import InvalidRequest
+from idlegrid.protocol.signing import NodeKey
 from idlegrid.testbed.inprocess import free_port, wait_until
 
 torch = pytest.importorskip("torch")
@@ -160,19 +161,35 @@ def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> I
 GANG = {"trainer": True, "train_gang_host": "127.0.0.1", "train_gang_timeout_s": 10.0}
 
 
+def linked(grid: Any, *names: str) -> dict[str, dict[str, Any]]:
+    """Gang-capable agents' configs, their keys made ahead so that each reports its links
+    to the others: the market places a gang only over links it knows."""
+    keys = grid.settings.data_dir / "keys"
+    keys.mkdir(exist_ok=True)
+    ids = {n: NodeKey.load_or_create(keys / f"{n}.key").node_id for n in names}
+    return {
+        n: {**GANG, "key_dir": keys, "links": {ids[m]: 10.0 for m in names if m != n}}
+        for n in names
+    }
+
+
 @pytest.mark.slow
 def test_parallel_job_runs_on_a_gang_is_audited_by_one_process_and_paid_once(grid: Any) -> None:
     before = grid.balances()
     r = grid.submit({"spec": tg.spec(parallel=3)})  # batch 4: no equal shards
     assert r.status_code == 400 and r.json()["error"]["param"] == "spec.parallel", r.text
     assert grid.balances() == before  # nothing escrowed
-    a = grid.agent("rank-a", **GANG)
-    b = grid.agent("rank-b", **GANG)
+    cfg = linked(grid, "rank-a", "rank-b")
+    a = grid.agent("rank-a", **cfg["rank-a"])
+    b = grid.agent("rank-b", **cfg["rank-b"])
     grid.agent("verifier", train_verifier=True)
     job_id = grid.submit({"spec": tg.spec(parallel=2)}).json()["id"]
     job = grid.wait_state(job_id, "done", 90)
     assigned = next(e for e in job["events"] if e["kind"] == "assigned")
     assert sorted(assigned["gang"]) == sorted([a, b])
+    # Placed by the market as a gang: one device of each linked provider.
+    assert job["market"]["providers"] == sorted([a, b]), job["market"]
+    assert [leg["devices"] for leg in job["market"]["placement"]["legs"]] == [1, 1]
     holder = assigned["gang"][0]
     assert {s["provider"] for s in job["segments"]} == {holder}  # rank 0 commits
     real = [x for x in job["audits"] if not x["canary"]]
@@ -226,8 +243,10 @@ class Gated(TorchExecutor):
 @pytest.mark.slow
 def test_a_lost_rank_fails_the_segment_and_the_job_resumes_on_a_new_gang(grid: Any) -> None:
     gate, trainers = threading.Event(), []
+    cfg = linked(grid, "rank-a", "rank-b", "rank-c")
     names = {
-        grid.agent(n, train_executor=Gated(gate, trainers), **GANG): n for n in ("rank-a", "rank-b")
+        grid.agent(n, train_executor=Gated(gate, trainers), **cfg[n]): n
+        for n in ("rank-a", "rank-b")
     }
     grid.agent("verifier", train_verifier=True)
     job_id = grid.submit({"spec": tg.spec(steps=32, parallel=2)}).json()["id"]
@@ -242,7 +261,7 @@ def test_a_lost_rank_fails_the_segment_and_the_job_resumes_on_a_new_gang(grid: A
     wait_until(lambda: rank1.pg is None, 30)
     gate.set()
     killer.join(30)
-    c = grid.agent("rank-c", **GANG)
+    c = grid.agent("rank-c", **cfg["rank-c"])
     job = grid.wait_state(job_id, "done", 120)
     kinds = [e["kind"] for e in job["events"]]
     assert "handed-back" in kinds  # rank 0 gave the job back when the collective failed

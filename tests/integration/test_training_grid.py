@@ -24,6 +24,7 @@ from idlegrid.engines.tiny import TinyEngine
 from idlegrid.testbed.inprocess import (
     AgentThread,
     CoordinatorThread,
+    device_offer,
     free_port,
     make_agent,
     wait_for_live,
@@ -65,6 +66,8 @@ class Grid:
             node_timeout_s=3.0,
             long_poll_s=2.0,
             hw_proofs=False,
+            # Offers count as staked without a market stake: these tests are about jobs.
+            stake_per_device=0,
         )
         self.coord = CoordinatorThread(self.settings)
         self.coord.start()
@@ -83,8 +86,11 @@ class Grid:
         self.admin.post("/api/v1/admin/mint", json={**body, "reference": ref}).raise_for_status()
 
     def agent(self, name: str, **config: Any) -> str:
-        """Start an agent, fund it (stake comes out of its balance) and return its id."""
+        """Start an agent, fund it (stake comes out of its balance) and return its id.
+        Trainers sell a device-hour, so that the market can place jobs on them."""
         config.setdefault("train_threads", 1)
+        if config.get("trainer"):
+            config = {**device_offer(), **config}
         a = make_agent(self.coord.url, [TinyEngine("tiny")], name, **config)
         t = AgentThread(a)
         t.start()
@@ -282,6 +288,8 @@ def test_provider_killed_mid_job_resumes_elsewhere_and_each_step_is_paid_once(gr
     kept = [s for s in job["segments"] if s["state"] == "accepted"]
     assert [s["start_step"] for s in kept] == list(range(0, 32, 8))
     assert {s["provider"] for s in kept} == {first, second}
+    # The market re-placed the job's order when its provider was lost: same order, new place.
+    assert job["market"]["order_id"] == f"{job_id}:0" and job["market"]["providers"] == [second]
     assert seg_pays(job) == [8 * PRICE] * 4  # once per step, whoever ran it
     audits = [a for a in job["audits"] if a["state"] != "dropped" and not a["canary"]]
     assert audits and all(a["state"] == "passed" for a in audits), audits
@@ -365,7 +373,9 @@ def test_node_routes_refuse_unsigned_stale_and_malformed_commits(grid: Grid) -> 
     from idlegrid.errors import AuthError, InvalidRequest, StaleAttempt
     from idlegrid.protocol.signing import NodeKey
 
-    provider = grid.agent("provider")  # serves inference only: takes no training jobs
+    # Sells a device-hour, so the market places the job on it, but its agent takes no
+    # training jobs: this test polls in its name.
+    provider = grid.agent("provider", **device_offer())
     job_id = grid.submit({"spec": spec(), "ref": "x"}).json()["id"]
     r = grid.http.post("/api/v1/train/poll", json={})
     assert r.status_code == 401

@@ -176,7 +176,12 @@ class LocalGrid:
             *self.provider_args,
         ]
         if self.train:
-            args.append("--train-verifier" if index == self.providers - 1 else "--train")
+            if index == self.providers - 1:
+                # Priced above the default training ceiling: the market never places a
+                # job on the verifier, which would only leave it unclaimed.
+                args += ["--train-verifier", "--device-price", "100"]
+            else:
+                args.append("--train")
         if self.verify:
             args.append("--verify")
         return args

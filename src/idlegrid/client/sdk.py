@@ -109,9 +109,19 @@ class GridClient:
         body = {"argv": argv, **options}
         return self._json(self.http.post(f"/api/v1/leases/{lease_id}/exec", json=body))
 
-    def submit_job(self, spec: dict[str, Any], ref: str | None = None) -> dict[str, Any]:
-        """Submit a verified training job (its price is escrowed at once)."""
-        body = {"spec": spec, **({"ref": ref} if ref else {})}
+    def submit_job(
+        self,
+        spec: dict[str, Any],
+        ref: str | None = None,
+        resources: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Submit a verified training job (its price is escrowed at once); `resources`
+        constrain where the market places it (`max_price` per device-hour, `vram_gb`, ...)."""
+        body = {
+            "spec": spec,
+            **({"ref": ref} if ref else {}),
+            **({"resources": resources} if resources else {}),
+        }
         return self._json(self.http.post("/api/v1/jobs", json=body))
 
     def jobs(self) -> list[dict[str, Any]]:

@@ -106,6 +106,14 @@ def _print_job(job: dict[str, Any]) -> None:
         f"steps verified ({job['committed_step']} committed)"
         + (f"; error: {job['error']}" if job.get("error") else "")
     )
+    market = job.get("market") or {}
+    if market.get("waiting"):
+        out.print(
+            f"waiting for placement (order {market['order_id']}): "
+            + (market.get("decisive") or "not matched yet")
+        )
+    elif market.get("providers"):
+        out.print(f"placed on {', '.join(_short(p) for p in market['providers'])}")
     chart = loss_chart(job["losses"])
     if chart:
         out.print("loss curve:")
@@ -205,6 +213,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and data order.")] = 0,
     price: Annotated[float, typer.Option(help="Credits per step.")] = 0.001,
     stake: Annotated[float, typer.Option(help="Stake a provider locks (credits).")] = 0.1,
+    max_price: Annotated[
+        float | None,
+        typer.Option(help="Most a provider's device-hour may cost to be placed (credits)."),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Give up waiting after this many s.")] = 900,
     as_json: JsonFlag = False,
 ) -> None:
@@ -234,7 +246,9 @@ def train(
     }
 
     def follow(c: Any) -> dict[str, Any]:
-        view = c.submit_job(spec)
+        view = c.submit_job(
+            spec, resources={"max_price": max_price} if max_price is not None else None
+        )
         job_id = view["id"]
         if not as_json:
             err.print(
@@ -265,9 +279,16 @@ def train(
                 view = c.job(job_id)
                 if view["state"] == "queued" and not hinted and time.monotonic() - began > 15:
                     hinted = True
+                    market = view.get("market") or {}
+                    why = (
+                        f"; the market cannot place it: {market['decisive']} (`idlegrid "
+                        f"explain {market['order_id']}`)"
+                        if market.get("decisive")
+                        else ""
+                    )
                     err.print(
                         "[yellow]no training provider has taken the job yet[/] (a local "
-                        "grid needs `idlegrid up --train`)"
+                        f"grid needs `idlegrid up --train`){why}"
                     )
                 p = view.get("progress") or {}
                 rate = f"loss {p['loss']:.3f}, {p['tokens_per_s']:.0f} tok/s" if "loss" in p else ""

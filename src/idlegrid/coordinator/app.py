@@ -150,7 +150,7 @@ def compose(ctx: Context) -> Services:
         ctx, nodes=lambda: nodes.cache, verified=hwproofs.verified, held=trust.payability.held
     )
     inference = Inference(ctx, nodes=nodes, trust=trust, market=market, paid=trust.payability)
-    jobs = Jobs(ctx)
+    jobs = Jobs(ctx, market=market)
     leases = Leases(ctx, nodes=lambda: nodes.cache, money=market)
     market.lease_of, market.end_lease = leases.ends_order, leases.end
     dashboard = Dashboard(ctx, power=nodes.power, orders=market.store.orders)

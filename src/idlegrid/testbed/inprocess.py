@@ -195,6 +195,15 @@ def make_agent(
     return Agent(NodeClient(url, key), engines, config, prover=prover)
 
 
+def device_offer(price_h: int = MICRO, vram_gb: float = 8.0, count: int = 1) -> dict[str, Any]:
+    """Agent config that sells CPU device-hours at `price_h` µcr: what the market needs to
+    place training jobs on an in-process agent (whose probe reports no memory)."""
+    return {
+        "device_price_h": price_h,
+        "devices": [{"model": "CPU", "count": count, "vram_gb": vram_gb}],
+    }
+
+
 def wait_for_live(url: str, count: int, timeout_s: float = 30.0) -> None:
     """Block until `count` nodes are live."""
     done = threading.Event()

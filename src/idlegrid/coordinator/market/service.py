@@ -267,20 +267,25 @@ class Market:
 
     # ---- orders ----------------------------------------------------------------------------
 
-    def parse(self, raw: Any, order_id: str | None = None) -> Order:
-        """An order from a request body, with the model's memory need from the catalog."""
+    def parse(self, raw: Any, order_id: str | None = None, internal: bool = False) -> Order:
+        """An order from a request body, with the model's memory need from the catalog;
+        `internal` for bodies the coordinator wrote (a training job's placement)."""
         from idlegrid.engines.models import memory_gb
 
         model = raw.get("model") if isinstance(raw, dict) else None
         return parse_order(
-            raw, order_id=order_id, vram_need_gb=memory_gb(model) if isinstance(model, str) else 0.0
+            raw,
+            order_id=order_id,
+            vram_need_gb=memory_gb(model) if isinstance(model, str) else 0.0,
+            internal=internal,
         )
 
-    def submit(self, key_id: str, raw: Any) -> OrderView:
-        """Match an order and record it with its prepayment; unmatched orders wait, prepaid."""
+    def submit(self, key_id: str, raw: Any, internal: bool = False) -> OrderView:
+        """Match an order and record it with its prepayment; unmatched orders wait, prepaid.
+        `internal`: the training domain placing a job (its order names the job)."""
         if isinstance(raw, dict) and "id" not in raw:
             raw = {**raw, "id": "ord_" + secrets.token_hex(8)}
-        order = self.parse(raw)
+        order = self.parse(raw, internal=internal)
         with self._lock:
             if self._dirty:
                 self._rebuild()
@@ -393,7 +398,7 @@ class Market:
         if view.placement:
             out["placement"] = view.placement
         if view.state == OrderState.OPEN.value or not view.placement:
-            order = self.parse(view.body)
+            order = self.parse(view.body, internal=True)
             result = self.current_book().match(order, self.quote)
             out["now"] = result.to_dict()
             out["matches_now"] = isinstance(result, Placement)
@@ -520,7 +525,7 @@ class Market:
             if now - view.created_at > self.settings.order_ttl_s:
                 self.store.expire(view.id)
             else:
-                waiting.append((view, self.parse(view.body)))
+                waiting.append((view, self.parse(view.body, internal=True)))
         if waiting:
             with self._lock:
                 if self._dirty:

@@ -168,9 +168,10 @@ class MarketStore:
                 # A prebuilt Core insert: on the order path, ORM flushes cost more than SQLite.
                 s.execute(_INSERT_ORDER, rows)
                 for order, *_ in items:
-                    self.store._post(
-                        s, settlement.prepay(order.id, key_id, order.budget()), fresh=True
-                    )
+                    if order.job is None:  # a job's placement is paid per step, not here
+                        self.store._post(
+                            s, settlement.prepay(order.id, key_id, order.budget()), fresh=True
+                        )
         except IntegrityError:
             with self.store.read() as s:
                 for order, *_ in items:
@@ -204,9 +205,10 @@ class MarketStore:
                     # A savepoint per order only when others share the transaction.
                     with s.begin_nested() if len(items) > 1 else contextlib.nullcontext():
                         s.execute(_INSERT_ORDER, [row])
-                        self.store._post(
-                            s, settlement.prepay(order.id, key_id, order.budget()), fresh=True
-                        )
+                        if order.job is None:  # a job's placement is paid per step
+                            self.store._post(
+                                s, settlement.prepay(order.id, key_id, order.budget()), fresh=True
+                            )
                 except IntegrityError:
                     if len(items) == 1:
                         raise
@@ -334,9 +336,14 @@ class MarketStore:
             return order_view(row)
 
     def _accrue_time(self, s: Session, row: MarketOrder, fee_bps: int, now: float) -> None:
-        if row.state != OrderState.ACTIVE.value or row.kind in (
-            OrderKind.BATCH.value,
-            OrderKind.LEASE.value,  # paid per running second: bill_lease
+        if (
+            row.state != OrderState.ACTIVE.value
+            or row.kind
+            in (
+                OrderKind.BATCH.value,
+                OrderKind.LEASE.value,  # paid per running second: bill_lease
+            )
+            or row.body.get("job")  # a training job's placement: paid per verified step
         ):
             return
         start = row.accrued_until or now

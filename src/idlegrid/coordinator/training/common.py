@@ -49,6 +49,10 @@ class TrainSettings(BaseSettings):
     probe_timeout_s: float = Field(30.0, gt=0, description="a probe unanswered this long fails")
     dispute_round_s: float = Field(30.0, gt=0, description="a dispute party answers within")
     queue_ttl_s: float = Field(3600.0, gt=0, description="a job queued this long expires")
+    # A job's price ceiling when its `resources` name none: what one device-hour of a
+    # provider may be offered at for the market to place the job there.
+    max_price: float = Field(10.0, gt=0, le=1e6, description="credits per device-hour")
+    claim_timeout_s: float = Field(30.0, gt=0, description="a placed provider claims within")
 
 
 class TrainingBase:

@@ -9,6 +9,7 @@ from sqlalchemy import or_, select
 
 from idlegrid.coordinator.training.audits import out_audits
 from idlegrid.coordinator.training.common import TrainingBase
+from idlegrid.coordinator.training.placement import live_order, market_view, orders_of
 from idlegrid.coordinator.training.tables import (
     TrainAudit,
     TrainEvent,
@@ -83,6 +84,9 @@ class JobHistory(TrainingBase):
             )
             out = self._summary(job)
             out["spec"] = job.spec
+            # Its placement by the market: where it runs, or why it waits.
+            orders = orders_of(s, job_id)
+            out["market"] = market_view(live_order(s, job_id) or (orders[-1] if orders else None))
             disputes = self.disputes.of_job(s, job_id)
         losses: list[list[float]] = []
         for g in segs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
@@ -24,6 +25,13 @@ from idlegrid.coordinator.training.common import LIVE_STATES
 from idlegrid.coordinator.training.disputes import TrainDisputes
 from idlegrid.coordinator.training.gangs import Gangs
 from idlegrid.coordinator.training.history import JobHistory
+from idlegrid.coordinator.training.placement import (
+    JobMarket,
+    NoMarket,
+    Placing,
+    live_order,
+    placed_on,
+)
 from idlegrid.coordinator.training.tables import (
     TrainAudit,
     TrainCheckpoint,
@@ -40,22 +48,27 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 
-class Jobs(JobHistory, TrainAudits, Gangs):
+class Jobs(JobHistory, TrainAudits, Gangs, Placing):
     """Training jobs for one coordinator."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, market: JobMarket | None = None) -> None:
         super().__init__(ctx)
         self.disputes = TrainDisputes(self)
+        # The market places each job (placement.py); without one no job is ever placed.
+        self.market = market if market is not None else NoMarket()
+        self._place_lock = threading.Lock()
 
     def submit(self, key_id: str, body: Any) -> dict[str, Any]:
-        """Validate a spec, escrow its full price, queue it (400 bad spec, 402 short)."""
+        """Validate a spec, escrow its full price, queue it and ask the market to place it
+        (400 bad spec or resources, 402 short)."""
         from idlegrid.core.training import settlement as tset
+        from idlegrid.core.training.placement import job_order
         from idlegrid.core.training.spec import JobSpec
         from idlegrid.core.training.spec import job_id as make_job_id
 
         if not isinstance(body, dict):
             raise InvalidRequest("body must be a JSON object with a 'spec'", param="spec")
-        unknown = set(body) - {"spec", "ref"}
+        unknown = set(body) - {"spec", "ref", "resources"}
         if unknown:
             name = sorted(unknown)[0]
             raise InvalidRequest(f"unknown field '{name}'", param=name)
@@ -64,6 +77,9 @@ class Jobs(JobHistory, TrainAudits, Gangs):
             raise InvalidRequest("ref must be a string of 1 to 64 characters", param="ref")
         spec = JobSpec.parse(body.get("spec"))
         job_id = make_job_id(spec, ledger.consumer_account(key_id), ref)
+        resources = body.get("resources") or {}
+        # Checked as the market will check it, before anything is posted.
+        job_order(job_id, 0, spec, resources, self.settings.max_price)
         amount = spec.escrow_total
         now = self.ctx.clock()
         with self.store.tx() as s:
@@ -109,7 +125,9 @@ class Jobs(JobHistory, TrainAudits, Gangs):
                 escrow=amount,
                 steps=spec.steps,
                 price_per_step=spec.price_per_step,
+                resources=resources,
             )
+        self.place_jobs([job_id])
         self.new_work.set()
         self.ctx.changes.bump()
         return self.view(key_id, job_id)
@@ -122,6 +140,7 @@ class Jobs(JobHistory, TrainAudits, Gangs):
                 raise Conflict(f"job {job_id} is {job.state}", state=job.state)
             self._discard_after(s, job, job.verified_step, "job canceled by its consumer")
             self._close(s, job, "canceled", f"key:{key_id}")
+        self.place_jobs([job_id])  # its providers are free again
         self.ctx.changes.bump()
         return self.view(key_id, job_id)
 
@@ -159,6 +178,8 @@ class Jobs(JobHistory, TrainAudits, Gangs):
                 .limit(50)
             )
             for job in rows:
+                if node_id not in placed_on(live_order(s, job.id)):
+                    continue  # the market placed this job elsewhere, or not yet
                 need = int(job.spec["stake_required"])
                 held = self._balance(s, tset.job_stake_account(job.id, node_id))
                 if node_id in job.excluded or (held < need and free < need):
@@ -347,6 +368,7 @@ class Jobs(JobHistory, TrainAudits, Gangs):
                 self._requeue(s, job, "declined", f"node:{node_id}: {reason[:120]}")
             else:
                 self._requeue(s, job, "handed-back", f"node:{node_id}: {reason[:120]}")
+        self.place_jobs([job_id])  # a declining provider is avoided from now on
         self.new_work.set()
         self.ctx.changes.bump()
         return {"ok": True}
@@ -354,7 +376,12 @@ class Jobs(JobHistory, TrainAudits, Gangs):
     def tick(self, live: frozenset[str]) -> None:
         """Accept final segments in order, pay them, finish jobs; take jobs from lost
         providers; hand silent verifiers' audits to others. The decisions are the core's
-        (`core/training/lifecycle.py`): load a snapshot, decide, apply."""
+        (`core/training/lifecycle.py`): load a snapshot, decide, apply. Then bring the
+        jobs' market orders in step with what the tick decided."""
+        self._tick(live)
+        self.place_jobs()
+
+    def _tick(self, live: frozenset[str]) -> None:
         now = self.ctx.clock()
         st = self.settings
         with self.store.read() as r:  # most ticks find nothing: no write lock for that

@@ -123,6 +123,9 @@ class Job(JobSummary):
     """One job with its history (GET /jobs/{id}, and what submit and cancel answer)."""
 
     spec: dict[str, Any]
+    # Its market order: order_id, order_state, waiting, providers, and either the
+    # placement or why nothing fits (decisive, reasons); None before it has one.
+    market: dict[str, Any] | None = None
     losses: list[list[Number]]  # [step, loss]
     segments: list[Segment]
     audits: list[JobAudit]

@@ -24,6 +24,7 @@ from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
 from idlegrid.core.market.hardware import BY_NAME, GPUS
 from idlegrid.core.market.offers import Offer
 from idlegrid.core.market.orders import Order, OrderKind
+from idlegrid.core.planner.gang import runtime_hours
 
 CONSUMER_MAX_VRAM_GB = 32.0  # the largest consumer card (RTX 5090)
 BIG_TIERS = frozenset({"datacenter", "workstation"})
@@ -147,6 +148,7 @@ class Book:
         self.price_h = col([o.device_hour for o in self.offers], dtype=np.int64)
         self.plugin = col([o.plugin is not None for o in self.offers], dtype=bool)
         self.staked = col([o.staked for o in self.offers], dtype=bool)
+        self.provider = col([o.provider for o in self.offers], dtype=object)
         speed = [
             o.hardware.matmul_tflops or BY_NAME[o.device.model].fp16_tflops for o in self.offers
         ]
@@ -181,7 +183,7 @@ class Book:
             return ev
         count = 1 if order.kind is OrderKind.BATCH else order.devices
         whole = self.free[ev.ids] >= count
-        if whole.any():
+        if whole.any() and not _one_per_provider(order):
             # Fit first, then the score.
             fitting = whole & ~ev.oversized
             pool = fitting if fitting.any() else whole
@@ -328,6 +330,8 @@ class Book:
             ok = keep(
                 "min_tokens_per_s", tps >= spec.min_tokens_per_s if tps is not None else self._none
             )
+        if ok and order.avoid:
+            ok = keep("excluded from the job", ~np.isin(self.provider, sorted(order.avoid)))
         if ok:
             ok = keep("stake", self.staked)
         if ok and capacity:
@@ -369,10 +373,16 @@ class Book:
         return np.full(len(ids), order.hours)
 
     def _gang(self, order: Order, ev: _Eval) -> Placement | Unmatched:
-        """Devices from several providers, every pair linked at `min_link_gbps` or better."""
+        """Devices from several providers, every pair linked at `min_link_gbps` or better.
+
+        Each of the best few offers starts a gang, filled greedily. An order without a
+        `gang_shape` takes the first gang found (from the best start); a data-parallel job
+        takes the gang the planner's cost model finds cheapest over its links."""
         ids, unit, runtime, score, oversized = ev.ids, ev.unit, ev.runtime, ev.score, ev.oversized
         order_ix = np.lexsort((score, oversized))
         need = order.devices
+        spread = _one_per_provider(order)
+        found: list[tuple[bool, float, float, list[tuple[int, int, int]]]] = []
         for start in order_ix[:GANG_STARTS]:
             legs: list[tuple[int, int, int]] = []
             chosen: list[str] = []
@@ -382,29 +392,54 @@ class Book:
                 if any(leg[0] == row for leg in legs):
                     continue
                 prov = self.offers[row].provider
+                if spread and prov in chosen:
+                    continue
                 if not all(self._linked(prov, p, order.spec.min_link_gbps) for p in chosen):
                     continue
-                take = int(min(self.free[row], left))
+                take = int(min(self.free[row], left, 1 if spread else left))
                 legs.append((row, take, int(unit[j])))
                 chosen.append(prov)
                 left -= take
                 if left == 0:
-                    rt = float(max(runtime[ids == leg[0]][0] for leg in legs))
-                    sc = float(sum(score[ids == leg[0]][0] * leg[1] for leg in legs))
-                    big = bool(any(oversized[ids == leg[0]][0] for leg in legs))
-                    return self._placement(order, legs, rt, big, sc, len(ids))
+                    break
+            if left:
+                continue
+            at = [int(np.flatnonzero(ids == leg[0])[0]) for leg in legs]
+            big = bool(any(oversized[k] for k in at))
+            if not order.gang_shape:
+                rt = float(max(runtime[k] for k in at))
+                sc = float(sum(score[k] * leg[1] for k, leg in zip(at, legs, strict=True)))
+                return self._placement(order, legs, rt, big, sc, len(ids))
+            rt, sc = self._planned(order, legs)
+            found.append((big, sc, rt, legs))
+        if found:  # fit first, then the planned cost
+            big, sc, rt, legs = min(found, key=lambda f: (f[0], f[1]))
+            return self._placement(order, legs, rt, big, sc, len(ids))
         return Unmatched(
             order.id,
             (
                 *ev.reasons,
                 Elimination(
-                    f"gang: no {need} free devices with links >= "
-                    f"{order.spec.min_link_gbps:g} Gbit/s",
+                    f"gang: no {need} free devices{' of as many providers' if spread else ''} "
+                    f"with links >= {order.spec.min_link_gbps:g} Gbit/s",
                     len(ids),
                     0,
                 ),
             ),
         )
+
+    def _planned(self, order: Order, legs: list[tuple[int, int, int]]) -> tuple[float, float]:
+        """(runtime h, score) of a data-parallel gang, one rank per leg device, by the
+        planner's cost model over the gang's links."""
+        ranks = [leg[0] for leg in legs for _ in range(leg[1])]
+        provs = [self.offers[r].provider for r in ranks]
+        bw = [
+            [self.links.get(frozenset((a, b)), 0.0) if a != b else 1e6 for b in provs]
+            for a in provs
+        ]
+        rt = runtime_hours(dict(order.gang_shape), [float(self.tflops[r]) for r in ranks], bw)
+        sc = sum(rt * u * n / max(float(self.reliability[r]), 0.01) for r, n, u in legs)
+        return rt, float(sc)
 
     def _linked(self, a: str, b: str, gbps: float) -> bool:
         return a == b or self.links.get(frozenset((a, b)), 0.0) >= gbps
@@ -447,6 +482,12 @@ class Book:
             i = self.index.get(leg.offer_id)
             if i is not None:
                 self.free[i] = min(self.free[i] + leg.devices, self.offers[i].device.count)
+
+
+def _one_per_provider(order: Order) -> bool:
+    """A data-parallel training job runs one rank per provider (each rank is a node that
+    polls for its work), so its gang takes one device from each of `devices` providers."""
+    return order.job is not None and order.devices > 1
 
 
 def request_score(prompt_tokens: int, max_tokens: int, price: Price, reliability: float) -> float:

@@ -9,6 +9,11 @@
 Kinds: `inference` reserves a provider serving a model with an SLO (tokens/s, time to
 first token) for some hours; `training` and `lease` reserve N devices for H hours;
 `batch` buys a number of output tokens of a model, done when they are.
+
+A `training` order that names a `job` is that training job's placement: it decides which
+providers may run the job and costs nothing itself (budget 0, no accrual), because the
+job is billed per verified step by the training domain. Only the training domain makes
+such orders (`internal` fields are refused from the public order routes).
 """
 
 from __future__ import annotations
@@ -82,6 +87,11 @@ class Order:
     work_pflop: float = 0.0  # training: optional work; runtime then follows measured speed
     vram_need_gb: float = 0.0  # per device, filled from the model catalog where known
     max_price: int = 0  # µcr per device-hour, or per 1M output tokens for batch
+    job: str | None = None  # the training job this order places (billed per step there)
+    avoid: frozenset[str] = frozenset()  # providers excluded from that job
+    # A data-parallel job's shape (layers, hidden, seq, batch, params, steps): the book
+    # prices its candidate gangs with the planner's cost model over their links.
+    gang_shape: tuple[tuple[str, float], ...] = ()
 
     @property
     def devices(self) -> int:
@@ -90,6 +100,8 @@ class Order:
 
     def budget(self) -> int:
         """µcr escrowed at submission: the most the order can cost at its price ceiling."""
+        if self.job is not None:
+            return 0  # a job's placement: the job pays per verified step, never the order
         if self.kind is OrderKind.BATCH:
             return math.ceil(self.tokens * self.max_price / TOKENS_PER_PRICE_UNIT)
         return math.ceil(self.max_price * self.devices * self.hours)
@@ -110,20 +122,33 @@ class Order:
         if self.work_pflop:
             out["work_pflop"] = self.work_pflop
         out["resources"]["max_price"] = self.max_price / MICRO
+        if self.job is not None:
+            out["job"] = self.job
+            out["avoid"] = sorted(self.avoid)
+        if self.gang_shape:
+            out["gang_shape"] = dict(self.gang_shape)
         return out
 
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 ORDER_FIELDS = {"id", "kind", "resources", "model", "hours", "tokens", "work_pflop"}
+INTERNAL_FIELDS = {
+    "job",
+    "avoid",
+    "gang_shape",
+}  # a training job's placement; set by the coordinator only
 MAX_HOURS = 24 * 366
 MAX_TOKENS = 10**12
 
 
-def parse_order(raw: Any, order_id: str | None = None, vram_need_gb: float = 0.0) -> Order:
-    """An Order from JSON-like data; InvalidRequest naming the bad field."""
+def parse_order(
+    raw: Any, order_id: str | None = None, vram_need_gb: float = 0.0, internal: bool = False
+) -> Order:
+    """An Order from JSON-like data; InvalidRequest naming the bad field. `internal` admits
+    the fields only the coordinator sets (a training job's placement)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest("order: expected an object", param="order")
-    unknown = sorted(set(raw) - ORDER_FIELDS)
+    unknown = sorted(set(raw) - ORDER_FIELDS - (INTERNAL_FIELDS if internal else set()))
     if unknown:
         raise InvalidRequest(f"{unknown[0]}: unknown field", param=unknown[0])
     oid = raw.get("id", order_id)
@@ -172,6 +197,16 @@ def parse_order(raw: Any, order_id: str | None = None, vram_need_gb: float = 0.0
         raise InvalidRequest(f"hours: a {kind.value} order reserves hours > 0", param="hours")
     if spec.vram_gb is not None and spec.vram_gb.op in (">=", ">", "=="):
         vram_need_gb = max(vram_need_gb, spec.vram_gb.limit)
+    job, avoid = raw.get("job"), raw.get("avoid", [])
+    if job is not None and (kind is not OrderKind.TRAINING or not isinstance(job, str)):
+        raise InvalidRequest("job: only a training order places a job", param="job")
+    if not isinstance(avoid, list) or not all(isinstance(a, str) for a in avoid):
+        raise InvalidRequest("avoid: a list of provider ids", param="avoid")
+    shape = raw.get("gang_shape") or {}
+    if not isinstance(shape, Mapping) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in shape.values()
+    ):
+        raise InvalidRequest("gang_shape: positive numbers by name", param="gang_shape")
     return Order(
         id=oid,
         kind=kind,
@@ -182,4 +217,7 @@ def parse_order(raw: Any, order_id: str | None = None, vram_need_gb: float = 0.0
         work_pflop=float(work),
         vram_need_gb=vram_need_gb,
         max_price=round(spec.max_price * MICRO),
+        job=job,
+        avoid=frozenset(avoid),
+        gang_shape=tuple(sorted((str(k), float(v)) for k, v in shape.items())),
     )
