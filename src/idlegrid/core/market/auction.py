@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from idlegrid.core.assignment import linear_sum_assignment
 from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
 from idlegrid.core.market.hardware import BY_NAME, GPUS
 from idlegrid.core.market.offers import Offer
@@ -216,12 +217,10 @@ class Book:
         """Place a batch of orders together: gangs first, then one exact assignment.
 
         Greedy one-at-a-time placement hands the cheapest card to whoever comes first; a
-        batch solved as an assignment (scipy's linear_sum_assignment) gives it to the order
-        that saves most. Only each order's k cheapest free devices can be in an optimal
-        answer for k orders, so the problem stays small.
+        batch solved as an assignment (`core/assignment.py`) gives it to the order that
+        saves most. Only each order's k cheapest free devices can be in an optimal answer
+        for k orders, so the problem stays small.
         """
-        from scipy.optimize import linear_sum_assignment
-
         results: dict[str, Placement | Unmatched] = {}
         singles: list[tuple[Order, _Eval]] = []
         for o in orders:
@@ -256,8 +255,8 @@ class Book:
                     cols = slot_of.get(int(row))
                     if cols:
                         cost[i, cols] = c[j]
-            rows, cols = linear_sum_assignment(cost)
-            chosen = dict(zip(rows.tolist(), cols.tolist(), strict=True))
+            rows, assigned = linear_sum_assignment(cost)
+            chosen = dict(zip(rows.tolist(), assigned.tolist(), strict=True))
             for i, (o, ev) in enumerate(singles):
                 col = chosen.get(i)
                 if col is None or cost[i, col] >= INFEASIBLE:
