@@ -128,6 +128,7 @@ def test_pages_list_providers_and_show_a_completion_live(
     login.click("button[type=submit]")
     login.wait_for_selector("#providers")
     login.close()
+    context_cookies = context.cookies()
     grid_page = context.new_page()
     ledger_page = context.new_page()
     grid_page.goto(url + "/")
@@ -184,4 +185,24 @@ def test_pages_list_providers_and_show_a_completion_live(
             assert page.locator("#reqstats").inner_text().count("s") > 0
             assert "—" not in page.locator("#reqstats .card").nth(1).inner_text()  # p50 known
         shot(page, name)
+    # Audits waiting for a verifier say so (these fake providers have none).
+    providers = grid_page.locator("#providers").inner_text()
+    assert "no verifier for fake" in providers and "honest" in providers, providers
     context.close()
+    # Every page fits a desktop window and a phone without scrolling sideways (a wide
+    # table scrolls in its own box); screenshots of both are the artifacts.
+    for width, height, tag in ((1440, 900, "1440"), (1280, 800, "1280"), (390, 844, "phone")):
+        ctx = browser.new_context(viewport={"width": width, "height": height})
+        ctx.add_cookies(context_cookies)
+        for name in ("", "requests", "market", "ledger"):
+            page = ctx.new_page()
+            page.goto(f"{url}/{name}")
+            page.wait_for_selector("#live.on", timeout=10_000)
+            overflow = page.evaluate(
+                "() => document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, f"/{name} at {width} px is {overflow} px too wide"
+            if width != 1280:
+                shot(page, f"{name or 'grid'}-{tag}")
+            page.close()
+        ctx.close()

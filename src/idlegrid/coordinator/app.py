@@ -52,6 +52,7 @@ from idlegrid.coordinator.trust import routes as routes_trust
 from idlegrid.coordinator.trust.audits import Trust
 from idlegrid.coordinator.trust.dispute_shell import DisputeShell
 from idlegrid.coordinator.trust.hwproofs import HwProofs
+from idlegrid.coordinator.trust.payability import audit_summary
 
 
 def create_app(
@@ -153,7 +154,12 @@ def compose(ctx: Context) -> Services:
     jobs = Jobs(ctx, market=market)
     leases = Leases(ctx, nodes=lambda: nodes.cache, money=market)
     market.lease_of, market.end_lease = leases.ends_order, leases.end
-    dashboard = Dashboard(ctx, power=nodes.power, orders=market.store.orders)
+    dashboard = Dashboard(
+        ctx,
+        power=nodes.power,
+        orders=market.store.orders,
+        audits=lambda: audit_summary(trust),
+    )
     s = ctx.settings
     files = Files(ctx, open_store(s.files_url, s.files_options, s.data_dir))
     batches = Batches(ctx, files, BatchLines(inference, s.batch_price_bps))

@@ -11,7 +11,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,15 +126,41 @@ class PageInputs:
     finished: list[dict[str, Any]]
     power: dict[str, dict[str, Any]]
     live_cutoff: float
+    audits: dict[str, dict[str, Any]] = field(default_factory=dict)  # trust's, per node
+
+
+def audits_text(a: dict[str, Any] | None) -> str:
+    """A provider's audit record in words, saying why audits wait when no verifier can
+    check it (never a bare dash while audits are pending)."""
+    if a is None:
+        return "—"
+    parts = ["ejected"] if a["ejected"] else []
+    parts += [f"{a[k]} {k}" for k in ("passed", "failed") if a[k]]
+    nobody = f"no verifier for {a['engine']}"
+    if a["open"]:
+        parts.append(f"{a['open']} pending" + ("" if a["verifiable"] else f": {nobody}"))
+    elif not a["verifiable"]:
+        parts.append(f"unaudited: {nobody}")
+    return " · ".join(parts) or "none yet"
+
+
+def reputation_text(a: dict[str, Any] | None) -> str:
+    """The chance its audit record gives that the provider is honest (trust's posterior)."""
+    return "—" if a is None else f"{1 - a['spoofer_probability']:.0%} honest"
 
 
 class Dashboard:
     """Builds the dashboard's pages, live fragments and chart data."""
 
     def __init__(
-        self, ctx: Context, power: dict[str, dict[str, Any]], orders: Callable[[], list[OrderView]]
+        self,
+        ctx: Context,
+        power: dict[str, dict[str, Any]],
+        orders: Callable[[], list[OrderView]],
+        audits: Callable[[], dict[str, dict[str, Any]]] = dict,
     ) -> None:
         self.ctx = ctx
+        self.audits_now = audits  # trust's audit record per provider (trust/payability.py)
         self.power = power  # the latest power report per node, kept by the nodes domain
         self.orders_now = orders  # the market's orders, newest first
         self.env = make_env()
@@ -160,6 +186,7 @@ class Dashboard:
             finished=queries.finished_tasks(store, now - CHART_WINDOW_S),
             power=dict(self.power),
             live_cutoff=now - self.ctx.settings.node_timeout_s,
+            audits=self.audits_now() if need_nodes else {},
         )
 
     def providers(self, ctx: PageInputs) -> list[dict[str, Any]]:
@@ -206,9 +233,8 @@ class Dashboard:
                     "accrued": money["accrued"],
                     # Paid for work, never the balance: that holds faucet credits and stake.
                     "paid": worked[n.id].paid if n.id in worked else 0,
-                    # Filled in once trust (issue 4) records them on the node.
-                    "reputation": n.hardware.get("reputation"),
-                    "audits": None,
+                    "reputation": reputation_text(ctx.audits.get(n.id)),
+                    "audits": audits_text(ctx.audits.get(n.id)),
                 }
             )
         rows.sort(key=lambda r: (not r["live"], r["name"]))

@@ -198,3 +198,29 @@ def _nodes(trust: Trust) -> list[tuple[TrustNode, int]]:
         rows = [(r, record(s, r)[0]) for r in s.scalars(select(TrustNode))]
         s.expunge_all()
         return rows
+
+
+def audit_summary(trust: Trust) -> dict[str, dict[str, Any]]:
+    """Per provider, what the dashboard shows of its audits: passed, failed, open (pending
+    or assigned, canaries left out), whether any verifier can check it now, its engine."""
+    with trust.store.read() as s:
+        nodes = list(s.scalars(select(TrustNode)))
+        open_by_node = dict(
+            s.execute(
+                select(TrustAudit.node_id, func.count())
+                .where(TrustAudit.state.in_(("pending", "assigned")), TrustAudit.canary.is_(False))
+                .group_by(TrustAudit.node_id)
+            ).all()
+        )
+    return {
+        n.node_id: {
+            "passed": n.passed,
+            "failed": n.failed,
+            "open": int(open_by_node.get(n.node_id, 0)),
+            "verifiable": trust.payability.verifiable(n.node_id),
+            "engine": cm.engine_of(n.det_class),
+            "ejected": n.ejected,
+            "spoofer_probability": trust.reputation.posterior(n.passed, n.failed),
+        }
+        for n in nodes
+    }
