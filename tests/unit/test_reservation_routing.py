@@ -50,7 +50,7 @@ def test_the_owner_falls_back_when_its_provider_is_busy_or_gone_and_is_told() ->
     assert "charged per token" in busy.reason
     gone = rs.route([cand("q")], [RES_A], "key-a", MODEL, NOW)
     assert gone.target is not None and gone.target.node_id == "q"
-    assert gone.reservation is None and "not live" in gone.reason
+    assert gone.reservation is None and "of order ord-a unavailable" in gone.reason
 
 
 def test_a_reservation_counts_only_for_its_model_and_until_it_ends() -> None:

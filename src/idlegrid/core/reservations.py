@@ -133,6 +133,6 @@ def route(
         why = f"spare capacity of a reserved provider: {why}"
     if mine:
         ids = ", ".join(sorted(r.order_id for r in mine))
-        state = "busy" if own else "not live"
+        state = "busy" if own else "unavailable (not live, or not cleared for paid work)"
         why = f"fallback, reserved provider(s) of order {ids} {state}, charged per token: {why}"
     return Route(target, why, None)

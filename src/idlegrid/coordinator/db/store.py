@@ -38,7 +38,7 @@ from idlegrid.coordinator.db.tables import (
     table,
 )
 from idlegrid.coordinator.views import TaskView, new_task_view
-from idlegrid.core import ledger, routing
+from idlegrid.core import ledger, reservations, routing
 from idlegrid.core.batch.money import batch_price, line_cause, provider_share
 from idlegrid.core.ledger import Price, Share
 from idlegrid.core.tasks import TaskState, payable_tokens, should_retry, transition
@@ -132,11 +132,14 @@ def _task_view(t: Task) -> TaskView:
     )
 
 
-def _claim_price(t: Task, offer: Offer | None, node: Node | None) -> Price | None:
-    """What a claim of `t` is charged per token at this offer: its price, or for a batch
-    line the node's batch price; None if the node cannot take it."""
+def _claim_price(t: Task, offer: Offer | None, node: Node | None, now: float) -> Price | None:
+    """What a claim of `t` is charged per token at this offer: its price, 0 when the
+    order that reserved this node for the consumer covers it (core/reservations.py), or
+    for a batch line the node's batch price; None if the node cannot take it."""
     if offer is None:
         return None
+    if reservations.covered((t.payload or {}).get("reservation"), offer.node_id, now):
+        return reservations.COVERED
     price = Price(offer.prompt_price, offer.output_price)
     tag = (t.payload or {}).get("batch")
     if not tag:
@@ -309,7 +312,7 @@ class Store(NodeStore, LedgerStore):
             for t in candidates:
                 cap = (t.payload or {}).get("price_cap")
                 offer = price.get(t.model_id)
-                charged = _claim_price(t, offer, node)
+                charged = _claim_price(t, offer, node, now)
                 if charged is None or (cap and not routing.within(charged, Price(*cap))):
                     continue
                 if (t.payload or {}).get("grammar") and not constrains:

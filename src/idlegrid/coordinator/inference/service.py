@@ -43,6 +43,7 @@ from idlegrid.coordinator.inference.ports import (
     paid_ok,
     refusal,
 )
+from idlegrid.coordinator.inference.reserved import plan
 from idlegrid.coordinator.inference.structured import constrained
 from idlegrid.coordinator.inference.supervise import supervise
 from idlegrid.coordinator.views import TaskView, new_task_view
@@ -434,19 +435,8 @@ class Inference:
             budget = self.paid.budget_ucr if self.paid is not None else -1
             stake = self.settings.inference_stake
             raise NoCapacity(model, refusal(stake, self.market, budget, offered))
-        basis = routing.price_basis(prices, self.market.staked_nodes, price_cap)
-        if basis is None:
-            raise NoCapacity(
-                model,
-                "no live provider at or below max_price (prompt "
-                f"{price_cap.prompt / ledger.MICRO:g}, output "
-                f"{price_cap.output / ledger.MICRO:g} credits per 1M tokens)"
-                if price_cap
-                else "no live provider",
-            )
-        # Escrow at the dearest price the request may be served at, so that whoever serves
-        # it is covered; only providers at or below that price may claim it.
-        cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
+        route = plan(self, key_id, model, cands, prices, price_cap, batch is not None)
+        basis, prices, target = route.basis, route.prices, route.target
         hold = ledger.hold_amount(max_prompt_tokens, max_tokens, basis)
         keep = sum(ledger.hold_amount(b, m, basis) for b, m in reserve)
         prefix = {"chat": "chatcmpl-", "embedding": "embd-"}.get(kind, "cmpl-")
@@ -457,18 +447,14 @@ class Inference:
             "max_prompt_tokens": max_prompt_tokens,
             "price_cap": [basis.prompt, basis.output],
             **({"batch": batch} if batch is not None else {}),
+            **({"reservation": route.reservation} if route.reservation else {}),
         }
         if payload.get("seed") is None:
             payload["seed"] = derive_seed(task_id)
-        target = routing.choose(cands)
-        if batch is None and target is None:
-            # Every provider is busy: one running a batch line makes room (docs/batch.md).
-            runner = self.hub.batch_runner([c.node_id for c in routing.rank(cands)])
-            target = next((c for c in cands if c.node_id == runner), None)
         self.hub.note_routed(target.node_id if target else None)
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
-        stream.route = routing.reason(cands, target)
+        stream.route = route.reason
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
         stream.prompt_k, stream.batch = payload.get("prompt_logprobs"), batch is not None
         parked = self.hub.take_parked(target.node_id) if target else None

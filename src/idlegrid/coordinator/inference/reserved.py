@@ -1,0 +1,74 @@
+"""Where a request goes when inference orders reserve providers (core/reservations.py),
+and the price it is escrowed at: 0 per token when its owner's reservation covers it, else
+the dearest price it may be served at, as for any request (split from service.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from idlegrid.core import ledger, reservations, routing
+from idlegrid.core.ledger import Price
+from idlegrid.errors import NoCapacity
+
+if TYPE_CHECKING:
+    from idlegrid.coordinator.inference.service import Inference
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A routed request: its first target, why, its escrow price, the providers' prices it
+    may be claimed at, and the reservation covering it (its tag for the task's payload)."""
+
+    target: routing.Candidate | None
+    reason: str
+    basis: Price
+    prices: dict[str, Price]
+    reservation: dict[str, Any] | None
+
+
+def plan(
+    inf: Inference,
+    key_id: str,
+    model: str,
+    cands: list[routing.Candidate],
+    prices: dict[str, Price],
+    price_cap: Price | None,
+    batch: bool,
+) -> Plan:
+    """Route a request of `key_id` among `cands` (already cleared to serve it for pay).
+
+    A covered request is escrowed at 0 and capped at 0, so only a provider that the
+    reservation covers at claim time (or one that serves for free) can take it; it needs
+    the same stake and probation checks as a paid request, which `cands` already passed."""
+    now = inf.clock()
+    held = inf.market.reservations
+    owner = "" if batch else key_id  # batch lines have their own price and escrow
+    first = reservations.route(cands, held, owner, model, now)
+    if first.reservation is not None and first.target is not None:
+        covered = {first.target.node_id: reservations.COVERED}
+        tag = first.reservation.tag()
+        return Plan(first.target, first.reason, reservations.COVERED, covered, tag)
+    basis = routing.price_basis(prices, inf.market.staked_nodes, price_cap)
+    if basis is None:
+        raise NoCapacity(
+            model,
+            "no live provider at or below max_price (prompt "
+            f"{price_cap.prompt / ledger.MICRO:g}, output "
+            f"{price_cap.output / ledger.MICRO:g} credits per 1M tokens)"
+            if price_cap
+            else "no live provider",
+        )
+    # Escrow at the dearest price the request may be served at, so that whoever serves
+    # it is covered; only providers at or below that price may claim it.
+    cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
+    second = reservations.route(cands, held, owner, model, now)
+    if batch or second.target is not None:
+        return Plan(second.target, second.reason, basis, prices, None)
+    # Every provider is busy: one running a batch line makes room (docs/batch.md), tried
+    # in the order this request tries providers.
+    tried = reservations.order(cands, held, owner, model, now)
+    runner = inf.hub.batch_runner([c.node_id for c in tried])
+    target = next((c for c in tried if c.node_id == runner), None)
+    why = f"{second.reason}; a batch line on this one yields its slot" if target else second.reason
+    return Plan(target, why, basis, prices, None)
