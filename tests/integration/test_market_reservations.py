@@ -11,7 +11,9 @@ from typing import Any
 
 import openai
 import test_market as tm
+from sqlalchemy import select
 
+from idlegrid.coordinator.trust.tables import TrustCommitment
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO
 from idlegrid.engines.fake import FakeEngine
@@ -66,6 +68,13 @@ def charged(m: tm.Market, task_id: str, key_id: str) -> int:
     return -sum(
         p["amount"] for e in m.entries(task_id) for p in e["postings"] if p["account"] == consumer
     )
+
+
+def committed(m: tm.Market, task_id: str) -> list[str]:
+    """The providers whose commitments trust stored for a request (what audits draw on)."""
+    with m.coordinator.app.state.services.store.read() as s:
+        q = select(TrustCommitment.node_id).where(TrustCommitment.task_id == task_id)
+        return list(s.scalars(q))
 
 
 def ask(client: openai.OpenAI, prompt: str, max_tokens: int = 6) -> tuple[str, str]:
@@ -123,8 +132,10 @@ def test_reserved_requests_land_on_the_reservation_uncharged_while_another_consu
         for task_id, route in a_asked:
             assert route.startswith(f"{p[:12]}: reserved by order R1"), route
             assert served_by(m, task_id) == p
-            # Covered by the order: nothing held, nothing settled, no per-token charge.
+            # Covered by the order: nothing held, nothing settled, no per-token charge...
             assert m.entries(task_id) == [], task_id
+            # ...and its commitment kept for audit like any paid answer's.
+            wait_until(lambda t=task_id: committed(m, t) == [p])  # stored just after the answer
         assert m.balance(consumer_a) == balance_a
         # B was served by the unreserved providers meanwhile, and paid per token.
         assert len(b_asked) >= 2

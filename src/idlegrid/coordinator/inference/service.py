@@ -379,7 +379,10 @@ class Inference:
         """After an attempt ended: wake the next provider, or tell the consumer it failed."""
         if task.state == "queued":
             log.warning("task %s: attempt %d %s; handing it on", task.id, task.attempt, outcome)
-            self._wake_for(task.model_id, exclude=frozenset({stream.node_id or ""}))
+            if task.payload.get("reservation"):  # only its reserved providers may claim it
+                self.hub.wake(None)
+            else:
+                self._wake_for(task.model_id, exclude=frozenset({stream.node_id or ""}))
         else:
             self.hub.push(task.id, Event("failed", data={"error": task.error}))
 
