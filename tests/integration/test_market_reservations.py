@@ -232,7 +232,7 @@ def test_slo_misses_of_other_consumers_on_a_reserved_provider_refund_nothing(
         stop(m)
 
 
-def test_a_reserved_provider_without_the_inference_stake_serves_no_free_requests(
+def test_a_reserved_provider_without_the_inference_stake_serves_no_covered_requests(
     tmp_path: Path, database_url: str
 ) -> None:
     # The auction asks stake_per_device per card (P: 1 card); paid inference asks twice

@@ -44,8 +44,11 @@ def plan(
     now = inf.clock()
     held = inf.market.reservations
     owner = "" if batch else key_id  # batch lines have their own price and escrow
-    first = reservations.route(cands, held, owner, model, now)
-    if first.reservation is not None and first.target is not None:
+    # Only an owner's request is routed twice (covered first, else among the providers
+    # within its escrow price); every other request once, as before reservations.
+    mine = any(r.key_id == owner and r.model == model for r in held)
+    first = reservations.route(cands, held, owner, model, now) if mine else None
+    if first is not None and first.reservation is not None and first.target is not None:
         covered = {first.target.node_id: reservations.COVERED}
         tag = first.reservation.tag()
         return Plan(first.target, first.reason, reservations.COVERED, covered, tag)
