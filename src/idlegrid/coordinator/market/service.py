@@ -18,6 +18,7 @@ from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, LiveNodesChanged, NodeRegistered
+from idlegrid.coordinator.market.slo import Slos
 from idlegrid.coordinator.market.store import MarketStore
 from idlegrid.coordinator.market.views import OrderView
 from idlegrid.coordinator.views import NodeView
@@ -65,7 +66,7 @@ class Market:
         self._pending: list[Any] = []  # orders waiting for the next group commit
         self._pending_lock = threading.Lock()
         self._commit_turn = threading.Lock()
-        self._slo_misses: dict[str, set[int]] = {}  # order id -> accrual windows with a miss
+        self.slos = Slos(self.store, ctx.settings, ctx.clock)
         self._last_payout = ctx.clock()
         # Measured reliability per node, shared with the gateway's per-request routing.
         self.reliability: dict[str, float] = {}
@@ -180,7 +181,7 @@ class Market:
         it: only the order owner's own requests served under it count (docs/market.md)."""
         tag = event.task.payload.get("reservation")
         if not event.part and tag and event.node_id in tag.get("nodes", ()):
-            self.observe(
+            self.slos.observe(
                 event.node_id, str(tag["order"]), event.task.key_id, event.ttft_s, event.tps
             )
 
@@ -445,58 +446,6 @@ class Market:
             if any(leg["provider"] == node_id for leg in (v.placement or {}).get("legs", []))
         ]
 
-    # ---- SLOs ------------------------------------------------------------------------------
-
-    def observe(
-        self,
-        node_id: str,
-        order_id: str,
-        key_id: str,
-        ttft_s: float | None,
-        tokens_per_s: float | None,
-    ) -> None:
-        """One covered request's speed, served by `node_id` for the owner of inference order
-        `order_id`: a miss of the order's SLO notes its accrual window for a refund."""
-        now = self.ctx.clock()
-        for view in self.store.orders(key_id=key_id, states=ACTIVE):
-            if view.id != order_id or view.kind != OrderKind.INFERENCE.value:
-                continue
-            if not any(leg["provider"] == node_id for leg in (view.placement or {})["legs"]):
-                continue
-            res = view.body.get("resources", {})
-            slow = (
-                ttft_s is not None
-                and res.get("max_ttft_ms") is not None
-                and (ttft_s * 1000 > res["max_ttft_ms"])
-            )
-            slow |= (
-                tokens_per_s is not None
-                and res.get("min_tokens_per_s") is not None
-                and (tokens_per_s < res["min_tokens_per_s"])
-            )
-            if slow:
-                window = int((now - (view.started_at or now)) // self.settings.accrual_interval_s)
-                self._slo_misses.setdefault(view.id, set()).add(window)
-
-    def _refund_misses(self, view: OrderView) -> None:
-        misses = self._slo_misses.get(view.id)
-        if not misses or not view.placement or view.started_at is None:
-            return
-        width = self.settings.accrual_interval_s
-        done = int(((view.accrued_until or view.started_at) - view.started_at) // width)
-        for window in sorted(w for w in misses if w < done):
-            for leg in view.placement["legs"]:
-                amount = leg["unit_price"] * leg["devices"] * width // 3600
-                cls = leg["offer_id"].split("/", 1)[1]
-                self.store.slo_refund(
-                    view.id,
-                    f"{view.id}:{window}:{leg['provider']}",
-                    leg["provider"],
-                    cls,
-                    int(amount),
-                )
-            misses.discard(window)
-
     # ---- the tick --------------------------------------------------------------------------
 
     def tick(self) -> None:
@@ -532,7 +481,7 @@ class Market:
                     self.invalidate()
         for view in self.store.orders_due(now - self.settings.accrual_interval_s, now):
             after = self.store.accrue(view.id, self.settings.fee_bps)
-            self._refund_misses(after)
+            self.slos.refund(after)
             if after.state != OrderState.ACTIVE.value:
                 with self._lock:
                     self.book.release(_placement(view))
