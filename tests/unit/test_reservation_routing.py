@@ -97,3 +97,18 @@ def test_of_order_reads_only_placed_inference_orders_and_covered_reads_the_tag()
     tag = r.tag()
     assert rs.covered(tag, "p", 49.0) and not rs.covered(tag, "p", 50.0)
     assert not rs.covered(tag, "z", 1.0) and not rs.covered(None, "p", 1.0)
+
+
+def test_a_provider_its_owner_just_used_is_not_spare_for_others() -> None:
+    cands = [cand("p"), cand("q", in_flight=1)]
+    last = {"p": NOW - 0.5}
+    keep = rs.kept([RES_A], last, NOW, 2.0)
+    assert keep == {"p"}
+    other = rs.route(cands, [RES_A], "key-b", MODEL, NOW, keep)
+    assert other.target is None and other.reason.startswith("queued")
+    owner = rs.route(cands, [RES_A], "key-a", MODEL, NOW, keep)
+    assert owner.target == cands[0] and owner.reservation == RES_A
+    # Once the owner has been away for the grace period, p is spare capacity again.
+    assert rs.kept([RES_A], last, NOW + 1.5, 2.0) == frozenset()
+    assert rs.kept([RES_A], {"q": NOW}, NOW, 2.0) == frozenset()  # q is reserved by nobody
+    assert rs.kept([RES_A], last, 250.0, 1e9) == frozenset()  # the order ended

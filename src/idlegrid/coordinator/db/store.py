@@ -285,11 +285,15 @@ class Store(NodeStore, LedgerStore):
             t = s.get(Task, task_id)
             return _task_view(t) if t else None
 
-    def claim(self, node_id: str, models: Sequence[str]) -> TaskView | None:
+    def claim(
+        self, node_id: str, models: Sequence[str], covered_only: bool = False
+    ) -> TaskView | None:
         """Claim a queued task for this node (targeted at it or at nobody), first come first
         served, except that work handed back by a failed provider goes before new work.
 
         A task escrowed at a price below this node's offer is left for a cheaper provider.
+        `covered_only`: the node's reservation owner is using it (core/reservations.kept),
+        so it takes only work that reservation covers.
         """
         now = self.clock()
         with self.tx() as s:
@@ -313,6 +317,9 @@ class Store(NodeStore, LedgerStore):
                 cap = (t.payload or {}).get("price_cap")
                 offer = price.get(t.model_id)
                 charged = _claim_price(t, offer, node, now)
+                tag = (t.payload or {}).get("reservation")
+                if covered_only and not reservations.covered(tag, node_id, now):
+                    continue
                 if charged is None or (cap and not routing.within(charged, Price(*cap))):
                     continue
                 if (t.payload or {}).get("grammar") and not constrains:

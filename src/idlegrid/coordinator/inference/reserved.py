@@ -47,8 +47,10 @@ def plan(
     # Only an owner's request is routed twice (covered first, else among the providers
     # within its escrow price); every other request once, as before reservations.
     mine = any(r.key_id == owner and r.model == model for r in held)
-    first = reservations.route(cands, held, owner, model, now) if mine else None
+    keep = reservations.kept(held, inf.covered_at, now, inf.settings.reservation_grace_s)
+    first = reservations.route(cands, held, owner, model, now, keep) if mine else None
     if first is not None and first.reservation is not None and first.target is not None:
+        inf.covered_at[first.target.node_id] = now
         covered = {first.target.node_id: reservations.COVERED}
         tag = first.reservation.tag()
         return Plan(first.target, first.reason, reservations.COVERED, covered, tag)
@@ -65,12 +67,12 @@ def plan(
     # Escrow at the dearest price the request may be served at, so that whoever serves
     # it is covered; only providers at or below that price may claim it.
     cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
-    second = reservations.route(cands, held, owner, model, now)
+    second = reservations.route(cands, held, owner, model, now, keep)
     if batch or second.target is not None:
         return Plan(second.target, second.reason, basis, prices, None)
     # Every provider is busy: one running a batch line makes room (docs/batch.md), tried
-    # in the order this request tries providers.
-    tried = reservations.order(cands, held, owner, model, now)
+    # in the order this request tries providers (a provider its owner keeps is not).
+    tried = reservations.order(cands, held, owner, model, now, keep)
     runner = inf.hub.batch_runner([c.node_id for c in tried])
     target = next((c for c in tried if c.node_id == runner), None)
     why = f"{second.reason}; a batch line on this one yields its slot" if target else second.reason

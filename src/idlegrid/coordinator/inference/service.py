@@ -47,7 +47,7 @@ from idlegrid.coordinator.inference.reserved import plan
 from idlegrid.coordinator.inference.structured import constrained
 from idlegrid.coordinator.inference.supervise import supervise
 from idlegrid.coordinator.views import TaskView, new_task_view
-from idlegrid.core import ledger, routing, tasks
+from idlegrid.core import ledger, reservations, routing, tasks
 from idlegrid.core.ledger import Price
 from idlegrid.errors import (
     AuthError,
@@ -94,6 +94,9 @@ class Inference:
         self._balance_hint: dict[str, int] = {}
         # Running tasks whose stream did not match the row at the last supervisor pass.
         self.unmatched_seen: set[tuple[str, int, str | None]] = set()
+        # Node id -> when its reservation's owner last had covered work routed or finished
+        # there: such a node is not spare capacity for a while (core/reservations.kept).
+        self.covered_at: dict[str, float] = {}
 
     def candidates(
         self, model: str, prompt_tokens: int = 0, max_tokens: int = 1
@@ -120,7 +123,13 @@ class Inference:
             event.clear()
             may_paid = node_id in await self.paid_ok([node_id])
             node = self.nodes.cache.get(node_id)
-            task = await self._claim(node_id, claimable(models, node, may_paid))
+            kept = reservations.kept(
+                self.market.reservations,
+                self.covered_at,
+                self.clock(),
+                self.settings.reservation_grace_s,
+            )
+            task = await self._claim(node_id, claimable(models, node, may_paid), node_id in kept)
             if task is not None:
                 self.hub.begin_attempt(task.id, task.attempt, self.clock(), budget(task))
                 stream = self.hub.get(task.id)
@@ -151,11 +160,13 @@ class Inference:
             if not event.is_set():
                 return None
 
-    async def _claim(self, node_id: str, models: list[str]) -> TaskView | None:
+    async def _claim(
+        self, node_id: str, models: list[str], covered_only: bool = False
+    ) -> TaskView | None:
         """One claim, which outlives a poll cancelled while it runs (the agent hung up):
         the row it wrote would say the node holds a task that never reached it, so the
         task is handed straight back instead."""
-        claim = asyncio.ensure_future(self.db(self.store.claim, node_id, models))
+        claim = asyncio.ensure_future(self.db(self.store.claim, node_id, models, covered_only))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -277,6 +288,8 @@ class Inference:
                     answer=kept_answer(stream, committed) if stream.batch else None,
                 )
                 stream.attempt = -1
+                if task.payload.get("reservation"):
+                    self.covered_at[node_id] = self.clock()
                 # The commitment rides along: an embeddings answer is its vectors.
                 self.hub.push(task_id, Event("done", data={"task": done, "commitment": committed}))
                 self.changes.bump()
