@@ -106,6 +106,8 @@ def test_a_provider_its_owner_just_used_is_not_spare_for_others() -> None:
     assert keep == {"p"}
     other = rs.route(cands, [RES_A], "key-b", MODEL, NOW, keep)
     assert other.target is None and other.reason.startswith("queued")
+    assert [c.node_id for c in rs.order(cands, [RES_A], "key-b", MODEL, NOW, keep)] == ["q"]
+    assert [c.node_id for c in rs.order(cands, [RES_A], "key-a", MODEL, NOW, keep)][0] == "p"
     owner = rs.route(cands, [RES_A], "key-a", MODEL, NOW, keep)
     assert owner.target == cands[0] and owner.reservation == RES_A
     # Once the owner has been away for the grace period, p is spare capacity again.

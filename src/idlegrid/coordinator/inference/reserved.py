@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Routed:
     """A routed request: its first target, why, its escrow price, the providers' prices it
     may be claimed at, and the reservation covering it (its tag for the task's payload)."""
 
@@ -27,7 +27,7 @@ class Plan:
     reservation: dict[str, Any] | None
 
 
-def plan(
+def route_request(
     inf: Inference,
     key_id: str,
     model: str,
@@ -35,7 +35,7 @@ def plan(
     prices: dict[str, Price],
     price_cap: Price | None,
     batch: bool,
-) -> Plan:
+) -> Routed:
     """Route a request of `key_id` among `cands` (already cleared to serve it for pay).
 
     A covered request is escrowed at 0 and capped at 0, so only a provider that the
@@ -53,7 +53,7 @@ def plan(
         inf.covered_at[first.target.node_id] = now
         covered = {first.target.node_id: reservations.COVERED}
         tag = first.reservation.tag()
-        return Plan(first.target, first.reason, reservations.COVERED, covered, tag)
+        return Routed(first.target, first.reason, reservations.COVERED, covered, tag)
     basis = routing.price_basis(prices, inf.market.staked_nodes, price_cap)
     if basis is None:
         raise NoCapacity(
@@ -69,11 +69,11 @@ def plan(
     cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
     second = reservations.route(cands, held, owner, model, now, keep)
     if batch or second.target is not None:
-        return Plan(second.target, second.reason, basis, prices, None)
+        return Routed(second.target, second.reason, basis, prices, None)
     # Every provider is busy: one running a batch line makes room (docs/batch.md), tried
     # in the order this request tries providers (a provider its owner keeps is not).
     tried = reservations.order(cands, held, owner, model, now, keep)
     runner = inf.hub.batch_runner([c.node_id for c in tried])
     target = next((c for c in tried if c.node_id == runner), None)
     why = f"{second.reason}; a batch line on this one yields its slot" if target else second.reason
-    return Plan(target, why, basis, prices, None)
+    return Routed(target, why, basis, prices, None)

@@ -43,7 +43,7 @@ from idlegrid.coordinator.inference.ports import (
     paid_ok,
     refusal,
 )
-from idlegrid.coordinator.inference.reserved import plan
+from idlegrid.coordinator.inference.reserved import route_request
 from idlegrid.coordinator.inference.structured import constrained
 from idlegrid.coordinator.inference.supervise import supervise
 from idlegrid.coordinator.views import TaskView, new_task_view
@@ -451,7 +451,7 @@ class Inference:
             budget = self.paid.budget_ucr if self.paid is not None else -1
             stake = self.settings.inference_stake
             raise NoCapacity(model, refusal(stake, self.market, budget, offered))
-        route = plan(self, key_id, model, cands, prices, price_cap, batch is not None)
+        route = route_request(self, key_id, model, cands, prices, price_cap, batch is not None)
         basis, prices, target = route.basis, route.prices, route.target
         hold = ledger.hold_amount(max_prompt_tokens, max_tokens, basis)
         keep = sum(ledger.hold_amount(b, m, basis) for b, m in reserve)
