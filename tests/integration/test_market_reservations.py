@@ -4,6 +4,8 @@ provider only as spare capacity, and the SLO is judged on the owner's requests o
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -257,4 +259,53 @@ def test_a_reserved_provider_without_the_inference_stake_serves_no_covered_reque
         m.verify()
     finally:
         client.close()
+        stop(m)
+
+
+def test_a_batch_line_on_the_reserved_provider_yields_to_its_owner(
+    tmp_path: Path, database_url: str
+) -> None:
+    # One provider, reserved by A, idle: B's batch lines take it as spare capacity.
+    providers = PROVIDERS[:1]
+    engines = {"res": FakeEngine(MODEL, token_delay=0.05)}
+    m = tm.start_market(tmp_path, database_url, providers, engines=engines, batch_in_flight=1)
+    p = m.node_ids["res"]
+    _, api_b = second_key(m)
+    a_client = openai.OpenAI(base_url=f"{m.url}/v1", api_key=m.api_key, max_retries=0)
+    b_client = openai.OpenAI(base_url=f"{m.url}/v1", api_key=api_b, max_retries=0)
+    try:
+        reserve(m, "R3")
+        lines = [
+            {
+                "custom_id": f"long-{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": MODEL, "prompt": f"a long line {i}", "max_tokens": 40},
+            }
+            for i in range(2)
+        ]
+        data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+        upload = b_client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        batch = b_client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        store = m.coordinator.app.state.services.store
+        wait_until(lambda: any(t.node_id == p for t in store.running_tasks()), 60)
+        # A's request does not fall back to per-token pay: the batch line yields P's slot.
+        task_id, route = ask(a_client, "a")
+        assert route.startswith(
+            f"{p[:12]}: reserved by order R3: busy, a batch line there yields its slot"
+        ), route
+        assert served_by(m, task_id) == p and m.entries(task_id) == []
+        with m.http() as c:  # the line was handed back mid-answer, to continue later
+            assert 'idlegrid_failovers_total{reason="handback"} 1.0' in c.get("/metrics").text
+
+        def ended() -> bool:
+            return b_client.batches.retrieve(batch.id).status == "completed"
+
+        wait_until(ended, 120, 0.1)
+        m.verify()
+    finally:
+        a_client.close()
+        b_client.close()
         stop(m)

@@ -49,6 +49,8 @@ def route_request(
     mine = any(r.key_id == owner and r.model == model for r in held)
     keep = reservations.kept(held, inf.covered_at, now, inf.settings.reservation_grace_s)
     first = reservations.route(cands, held, owner, model, now, keep) if mine else None
+    if first is not None and first.reservation is None:
+        first = _batch_yields(inf, first, cands, held, owner, model, now)
     if first is not None and first.reservation is not None and first.target is not None:
         inf.covered_at[first.target.node_id] = now
         covered = {first.target.node_id: reservations.COVERED}
@@ -77,3 +79,26 @@ def route_request(
     target = next((c for c in tried if c.node_id == runner), None)
     why = f"{second.reason}; a batch line on this one yields its slot" if target else second.reason
     return Routed(target, why, basis, prices, None)
+
+
+def _batch_yields(
+    inf: Inference,
+    fallback: reservations.Route,
+    cands: list[routing.Candidate],
+    held: tuple[reservations.Reservation, ...],
+    owner: str,
+    model: str,
+    now: float,
+) -> reservations.Route:
+    """The owner's reserved providers are all busy: if one runs a batch line, that line
+    yields its slot (docs/batch.md) and the request stays covered there instead of falling
+    back; batch work on a reserved provider was only ever spare capacity."""
+    mine = [r for r in held if r.key_id == owner and r.model == model]
+    own = [c for c in cands if any(r.covers(c.node_id, now) for r in mine)]
+    runner = inf.hub.batch_runner([c.node_id for c in routing.rank(own)])
+    if runner is None:
+        return fallback
+    target = next(c for c in own if c.node_id == runner)
+    res = next(r for r in mine if r.covers(runner, now))
+    why = f"reserved by order {res.order_id}: busy, a batch line there yields its slot"
+    return reservations.Route(target, why, res)
