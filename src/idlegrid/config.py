@@ -55,6 +55,9 @@ class CoordinatorSettings(BaseSettings):
     # Serving paid inference needs this much posted in the node's stake accounts
     # (`stake:<node>:<device class>`, what the agent's --stake posts per device; µcr).
     inference_stake: int = Field(5_000_000, ge=0)
+    # A reserved provider serves only its owner this long after the owner's last covered
+    # request (docs/market.md, "Reservations"); after that it is spare capacity.
+    reservation_grace_s: float = Field(2.0, ge=0)
     # Accrue running orders this often; SLO misses are refunded per window of this width.
     accrual_interval_s: float = Field(10.0, gt=0)
     # Unmatched orders wait this long for capacity, then expire with a full refund.

@@ -38,7 +38,7 @@ from idlegrid.coordinator.db.tables import (
     table,
 )
 from idlegrid.coordinator.views import TaskView, new_task_view
-from idlegrid.core import ledger, routing
+from idlegrid.core import ledger, reservations, routing
 from idlegrid.core.batch.money import batch_price, line_cause, provider_share
 from idlegrid.core.ledger import Price, Share
 from idlegrid.core.tasks import TaskState, payable_tokens, should_retry, transition
@@ -132,11 +132,14 @@ def _task_view(t: Task) -> TaskView:
     )
 
 
-def _claim_price(t: Task, offer: Offer | None, node: Node | None) -> Price | None:
-    """What a claim of `t` is charged per token at this offer: its price, or for a batch
-    line the node's batch price; None if the node cannot take it."""
+def _claim_price(t: Task, offer: Offer | None, node: Node | None, now: float) -> Price | None:
+    """What a claim of `t` is charged per token at this offer: its price, 0 when the
+    order that reserved this node for the consumer covers it (core/reservations.py), or
+    for a batch line the node's batch price; None if the node cannot take it."""
     if offer is None:
         return None
+    if reservations.covered((t.payload or {}).get("reservation"), offer.node_id, now):
+        return reservations.COVERED
     price = Price(offer.prompt_price, offer.output_price)
     tag = (t.payload or {}).get("batch")
     if not tag:
@@ -282,11 +285,15 @@ class Store(NodeStore, LedgerStore):
             t = s.get(Task, task_id)
             return _task_view(t) if t else None
 
-    def claim(self, node_id: str, models: Sequence[str]) -> TaskView | None:
+    def claim(
+        self, node_id: str, models: Sequence[str], covered_only: bool = False
+    ) -> TaskView | None:
         """Claim a queued task for this node (targeted at it or at nobody), first come first
         served, except that work handed back by a failed provider goes before new work.
 
         A task escrowed at a price below this node's offer is left for a cheaper provider.
+        `covered_only`: the node's reservation owner is using it (core/reservations.kept),
+        so it takes only work that reservation covers.
         """
         now = self.clock()
         with self.tx() as s:
@@ -309,7 +316,10 @@ class Store(NodeStore, LedgerStore):
             for t in candidates:
                 cap = (t.payload or {}).get("price_cap")
                 offer = price.get(t.model_id)
-                charged = _claim_price(t, offer, node)
+                charged = _claim_price(t, offer, node, now)
+                tag = (t.payload or {}).get("reservation")
+                if covered_only and not reservations.covered(tag, node_id, now):
+                    continue
                 if charged is None or (cap and not routing.within(charged, Price(*cap))):
                     continue
                 if (t.payload or {}).get("grammar") and not constrains:

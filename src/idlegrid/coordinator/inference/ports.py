@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from idlegrid.core.ledger import MICRO, Price
+from idlegrid.core.reservations import Reservation
 from idlegrid.core.routing import Candidate
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class RoutingSignals(Protocol):
     reliability: dict[str, float]
     staked_nodes: frozenset[str]
     inference_staked: frozenset[str]
+    reservations: tuple[Reservation, ...]  # active inference orders (core/reservations.py)
 
     @property
     def stale(self) -> bool: ...

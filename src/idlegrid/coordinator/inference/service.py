@@ -43,10 +43,11 @@ from idlegrid.coordinator.inference.ports import (
     paid_ok,
     refusal,
 )
+from idlegrid.coordinator.inference.reserved import route_request
 from idlegrid.coordinator.inference.structured import constrained
 from idlegrid.coordinator.inference.supervise import supervise
 from idlegrid.coordinator.views import TaskView, new_task_view
-from idlegrid.core import ledger, routing, tasks
+from idlegrid.core import ledger, reservations, routing, tasks
 from idlegrid.core.ledger import Price
 from idlegrid.errors import (
     AuthError,
@@ -93,6 +94,9 @@ class Inference:
         self._balance_hint: dict[str, int] = {}
         # Running tasks whose stream did not match the row at the last supervisor pass.
         self.unmatched_seen: set[tuple[str, int, str | None]] = set()
+        # Node id -> when its reservation's owner last had covered work routed or finished
+        # there: such a node is not spare capacity for a while (core/reservations.kept).
+        self.covered_at: dict[str, float] = {}
 
     def candidates(
         self, model: str, prompt_tokens: int = 0, max_tokens: int = 1
@@ -119,7 +123,13 @@ class Inference:
             event.clear()
             may_paid = node_id in await self.paid_ok([node_id])
             node = self.nodes.cache.get(node_id)
-            task = await self._claim(node_id, claimable(models, node, may_paid))
+            kept = reservations.kept(
+                self.market.reservations,
+                self.covered_at,
+                self.clock(),
+                self.settings.reservation_grace_s,
+            )
+            task = await self._claim(node_id, claimable(models, node, may_paid), node_id in kept)
             if task is not None:
                 self.hub.begin_attempt(task.id, task.attempt, self.clock(), budget(task))
                 stream = self.hub.get(task.id)
@@ -150,11 +160,13 @@ class Inference:
             if not event.is_set():
                 return None
 
-    async def _claim(self, node_id: str, models: list[str]) -> TaskView | None:
+    async def _claim(
+        self, node_id: str, models: list[str], covered_only: bool = False
+    ) -> TaskView | None:
         """One claim, which outlives a poll cancelled while it runs (the agent hung up):
         the row it wrote would say the node holds a task that never reached it, so the
         task is handed straight back instead."""
-        claim = asyncio.ensure_future(self.db(self.store.claim, node_id, models))
+        claim = asyncio.ensure_future(self.db(self.store.claim, node_id, models, covered_only))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -276,6 +288,8 @@ class Inference:
                     answer=kept_answer(stream, committed) if stream.batch else None,
                 )
                 stream.attempt = -1
+                if task.payload.get("reservation"):
+                    self.covered_at[node_id] = self.clock()
                 # The commitment rides along: an embeddings answer is its vectors.
                 self.hub.push(task_id, Event("done", data={"task": done, "commitment": committed}))
                 self.changes.bump()
@@ -378,7 +392,10 @@ class Inference:
         """After an attempt ended: wake the next provider, or tell the consumer it failed."""
         if task.state == "queued":
             log.warning("task %s: attempt %d %s; handing it on", task.id, task.attempt, outcome)
-            self._wake_for(task.model_id, exclude=frozenset({stream.node_id or ""}))
+            if task.payload.get("reservation"):  # only its reserved providers may claim it
+                self.hub.wake(None)
+            else:
+                self._wake_for(task.model_id, exclude=frozenset({stream.node_id or ""}))
         else:
             self.hub.push(task.id, Event("failed", data={"error": task.error}))
 
@@ -434,19 +451,8 @@ class Inference:
             budget = self.paid.budget_ucr if self.paid is not None else -1
             stake = self.settings.inference_stake
             raise NoCapacity(model, refusal(stake, self.market, budget, offered))
-        basis = routing.price_basis(prices, self.market.staked_nodes, price_cap)
-        if basis is None:
-            raise NoCapacity(
-                model,
-                "no live provider at or below max_price (prompt "
-                f"{price_cap.prompt / ledger.MICRO:g}, output "
-                f"{price_cap.output / ledger.MICRO:g} credits per 1M tokens)"
-                if price_cap
-                else "no live provider",
-            )
-        # Escrow at the dearest price the request may be served at, so that whoever serves
-        # it is covered; only providers at or below that price may claim it.
-        cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
+        route = route_request(self, key_id, model, cands, prices, price_cap, batch is not None)
+        basis, prices, target = route.basis, route.prices, route.target
         hold = ledger.hold_amount(max_prompt_tokens, max_tokens, basis)
         keep = sum(ledger.hold_amount(b, m, basis) for b, m in reserve)
         prefix = {"chat": "chatcmpl-", "embedding": "embd-"}.get(kind, "cmpl-")
@@ -457,18 +463,14 @@ class Inference:
             "max_prompt_tokens": max_prompt_tokens,
             "price_cap": [basis.prompt, basis.output],
             **({"batch": batch} if batch is not None else {}),
+            **({"reservation": route.reservation} if route.reservation else {}),
         }
         if payload.get("seed") is None:
             payload["seed"] = derive_seed(task_id)
-        target = routing.choose(cands)
-        if batch is None and target is None:
-            # Every provider is busy: one running a batch line makes room (docs/batch.md).
-            runner = self.hub.batch_runner([c.node_id for c in routing.rank(cands)])
-            target = next((c for c in cands if c.node_id == runner), None)
         self.hub.note_routed(target.node_id if target else None)
         stream = self.hub.open(task_id, self.clock())
         stream.target = target.node_id if target else None
-        stream.route = routing.reason(cands, target)
+        stream.route = route.reason
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
         stream.prompt_k, stream.batch = payload.get("prompt_logprobs"), batch is not None
         parked = self.hub.take_parked(target.node_id) if target else None

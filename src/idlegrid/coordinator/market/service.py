@@ -18,6 +18,7 @@ from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, LiveNodesChanged, NodeRegistered
+from idlegrid.coordinator.market.slo import Slos
 from idlegrid.coordinator.market.store import MarketStore
 from idlegrid.coordinator.market.views import OrderView
 from idlegrid.coordinator.views import NodeView
@@ -27,6 +28,7 @@ from idlegrid.core.market.hardware import BY_NAME, Device, Hardware
 from idlegrid.core.market.offers import PLUGIN_TIMEOUT_S, Offer
 from idlegrid.core.market.orders import Order, OrderKind, OrderState, parse_order
 from idlegrid.core.market.plugins import is_pricing_plugin
+from idlegrid.core.reservations import Reservation, of_order
 from idlegrid.errors import Conflict, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class Market:
         self._pending: list[Any] = []  # orders waiting for the next group commit
         self._pending_lock = threading.Lock()
         self._commit_turn = threading.Lock()
-        self._slo_misses: dict[str, set[int]] = {}  # order id -> accrual windows with a miss
+        self.slos = Slos(self.store, ctx.settings, ctx.clock)
         self._last_payout = ctx.clock()
         # Measured reliability per node, shared with the gateway's per-request routing.
         self.reliability: dict[str, float] = {}
@@ -72,6 +74,8 @@ class Market:
         self.staked_nodes: frozenset[str] = frozenset()
         # Nodes whose stake reaches `inference_stake`: only they serve paid inference.
         self.inference_staked: frozenset[str] = frozenset()
+        # Active inference orders, for per-request routing (core/reservations.py).
+        self.reservations: tuple[Reservation, ...] = ()
         self._reliability_at = 0.0
         self._lost: set[str] = set()
         self._first_tick = True
@@ -173,9 +177,13 @@ class Market:
         self.nodes_lost(event.lost)
 
     def on_answer(self, event: AnswerFinished) -> None:
-        """What the consumer saw of an answer, for SLOs of inference orders on its node."""
-        if not event.part:
-            self.observe(event.node_id, event.task.model_id, event.ttft_s, event.tps)
+        """What the consumer saw of an answer, for the SLO of the reservation that covered
+        it: only the order owner's own requests served under it count (docs/market.md)."""
+        tag = event.task.payload.get("reservation")
+        if not event.part and tag and event.node_id in tag.get("nodes", ()):
+            self.slos.observe(
+                event.node_id, str(tag["order"]), event.task.key_id, event.ttft_s, event.tps
+            )
 
     def _refresh_reliability(self, now: float) -> None:
         """Re-read success ratios into the gateway's map and the book, without a rebuild."""
@@ -302,6 +310,7 @@ class Market:
                     self.book.release(result)
             raise
         self.ctx.metrics.orders.labels(order.kind.value, "matched" if placement else "open").inc()
+        self._reserve([view])
         return view
 
     def _record(
@@ -389,6 +398,7 @@ class Market:
             self.ctx.metrics.orders.labels(
                 o.kind.value, "matched" if isinstance(r, Placement) else "open"
             ).inc()
+        self._reserve(views)
         return views
 
     def explain(self, order_id: str, key_id: str | None) -> dict[str, Any]:
@@ -422,6 +432,7 @@ class Market:
             self.invalidate()
             return self.store.get_order(order_id, key_id)
         view = self.store.cancel(order_id, key_id, self.settings.fee_bps)
+        self.reservations = tuple(r for r in self.reservations if r.order_id != view.id)
         if view.placement:
             with self._lock:
                 self.book.release(_placement(view))
@@ -434,52 +445,6 @@ class Market:
             for v in self.store.orders(states=ACTIVE)
             if any(leg["provider"] == node_id for leg in (v.placement or {}).get("legs", []))
         ]
-
-    # ---- SLOs ------------------------------------------------------------------------------
-
-    def observe(
-        self, node_id: str, model: str, ttft_s: float | None, tokens_per_s: float | None
-    ) -> None:
-        """One served request's speed; an inference order on that node notes an SLO miss."""
-        now = self.ctx.clock()
-        for view in self.store.orders(states=ACTIVE):
-            if view.kind != OrderKind.INFERENCE.value or view.body.get("model") != model:
-                continue
-            if not any(leg["provider"] == node_id for leg in (view.placement or {})["legs"]):
-                continue
-            res = view.body.get("resources", {})
-            slow = (
-                ttft_s is not None
-                and res.get("max_ttft_ms") is not None
-                and (ttft_s * 1000 > res["max_ttft_ms"])
-            )
-            slow |= (
-                tokens_per_s is not None
-                and res.get("min_tokens_per_s") is not None
-                and (tokens_per_s < res["min_tokens_per_s"])
-            )
-            if slow:
-                window = int((now - (view.started_at or now)) // self.settings.accrual_interval_s)
-                self._slo_misses.setdefault(view.id, set()).add(window)
-
-    def _refund_misses(self, view: OrderView) -> None:
-        misses = self._slo_misses.get(view.id)
-        if not misses or not view.placement or view.started_at is None:
-            return
-        width = self.settings.accrual_interval_s
-        done = int(((view.accrued_until or view.started_at) - view.started_at) // width)
-        for window in sorted(w for w in misses if w < done):
-            for leg in view.placement["legs"]:
-                amount = leg["unit_price"] * leg["devices"] * width // 3600
-                cls = leg["offer_id"].split("/", 1)[1]
-                self.store.slo_refund(
-                    view.id,
-                    f"{view.id}:{window}:{leg['provider']}",
-                    leg["provider"],
-                    cls,
-                    int(amount),
-                )
-            misses.discard(window)
 
     # ---- the tick --------------------------------------------------------------------------
 
@@ -516,7 +481,7 @@ class Market:
                     self.invalidate()
         for view in self.store.orders_due(now - self.settings.accrual_interval_s, now):
             after = self.store.accrue(view.id, self.settings.fee_bps)
-            self._refund_misses(after)
+            self.slos.refund(after)
             if after.state != OrderState.ACTIVE.value:
                 with self._lock:
                     self.book.release(_placement(view))
@@ -541,8 +506,20 @@ class Market:
                             self.book.release(result)  # cancelled meanwhile
                     else:
                         self.store.set_reasons(view.id, result.to_dict())
+        self._reserve(self.store.orders(states=ACTIVE), fresh=True)
         if now - self._last_payout >= self.settings.payout_interval_s:
             self.payout()
+
+    def _reserve(self, views: list[OrderView], fresh: bool = False) -> None:
+        """Add the reservations these orders make (active, placed inference orders), or
+        with `fresh` replace them all (the tick: orders ended, moved or were placed)."""
+        new = (
+            of_order(v.id, v.key_id, {**v.body, "kind": v.kind}, v.placement, v.ends_at)
+            for v in views
+            if v.state == OrderState.ACTIVE.value
+        )
+        made = tuple(r for r in new if r is not None)
+        self.reservations = made if fresh else (*self.reservations, *made)
 
     def bill_lease(
         self, s: Any, order_id: str, before_s: int, now_s: int, close: str | None
