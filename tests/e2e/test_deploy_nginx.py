@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -173,6 +175,15 @@ http {{
         proc.wait(timeout=30)
 
 
+def _log(grid: LocalGrid, name: str) -> list[dict[str, Any]]:
+    """A process's JSON log lines (each must parse), less LocalGrid's start markers."""
+    return [
+        json.loads(line)
+        for line in grid.log_tail(name, 10_000).splitlines()
+        if line.strip() and not line.startswith("----")
+    ]
+
+
 def _answers(url: str, ca: Path) -> bool:
     try:
         with httpx.Client(verify=ssl.create_default_context(cafile=ca), timeout=5) as c:
@@ -195,7 +206,11 @@ def test_a_provider_joins_over_wss_and_openai_answers_through_nginx(
         provider_args=["--skip-benchmark", "--no-startup-check"],
         provider_url=proxy.url,
         # The agent trusts the test CA only through this setting (idlegrid/tls.py).
-        extra_env={"IDLEGRID_CA_BUNDLE": str(ca), "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5"},
+        extra_env={
+            "IDLEGRID_CA_BUNDLE": str(ca),
+            "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5",
+            "IDLEGRID_LOG_FORMAT": "json",
+        },
     )
     try:
         grid.start_coordinator()
@@ -204,7 +219,9 @@ def test_a_provider_joins_over_wss_and_openai_answers_through_nginx(
         grid.wait_for_providers(1, timeout_s=120)
         wss = f"wss://127.0.0.1:{proxy.url.rsplit(':', 1)[1]}{CHANNEL}"
         wait_until(
-            lambda: f"agent channel open: {wss}" in grid.log_tail("provider-0", 200),
+            lambda: any(
+                e["message"] == f"agent channel open: {wss}" for e in _log(grid, "provider-0")
+            ),
             timeout_s=60,
             interval_s=0.1,
         )
@@ -227,14 +244,25 @@ def test_a_provider_joins_over_wss_and_openai_answers_through_nginx(
                     finish = chunk.choices[0].finish_reason or finish
         assert done.choices[0].text and done.usage is not None
         assert done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
-        # The same greedy answer, streamed as pieces through nginx's unbuffered /v1/.
-        assert len([p for p in pieces if p]) > 1 and "".join(pieces) == done.choices[0].text
+        # The same greedy answer, streamed (SSE) through nginx's unbuffered /v1/. How many
+        # pieces it came in depends on timing (a fast engine's tokens arrive together).
+        assert pieces and "".join(pieces) == done.choices[0].text
         assert finish == "length"
         # nginx stamped the request id (its $request_id: 32 hex), the coordinator kept it.
         rid = done._request_id
         assert rid is not None and re.fullmatch(r"[0-9a-f]{32}", rid), rid
         wait_until(lambda: rid in proxy.access_log.read_text(), timeout_s=10, interval_s=0.05)
-        assert "task " in grid.log_tail("provider-0", 200)
+        # ... and handed it to the provider, whose JSON line for the task carries it.
+        served = [e for e in _log(grid, "provider-0") if e.get("request_id") == rid]
+        assert served and "serving" in served[0]["message"], served
+
+        def coordinator_logged() -> bool:
+            return any(
+                e["logger"] == "idlegrid.access" and e.get("request_id") == rid
+                for e in _log(grid, "coordinator")
+            )
+
+        wait_until(coordinator_logged, timeout_s=10, interval_s=0.05)
     finally:
         grid.stop()
     # nginx writes a WebSocket's line when it closes: the provider's channel was upgraded
