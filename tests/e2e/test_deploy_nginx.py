@@ -17,6 +17,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,30 @@ def test_a_provider_joins_over_wss_and_openai_answers_through_nginx(
             timeout_s=60,
             interval_s=0.1,
         )
-        api_key = grid.fund_consumer()
+        # Without the CA the proxy's certificate is refused: the setting above is what
+        # let the agent in.
+        with (
+            httpx.Client(trust_env=False, timeout=10) as default_trust,
+            pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"),
+        ):
+            default_trust.get(f"{proxy.url}/readyz")
+        # The operator's CLI makes the consumer's key through the proxy, trusting the CA
+        # the same way (docs/deploy.md step 6).
+        made = subprocess.run(
+            [sys.executable, "-m", "idlegrid", "keys", "create", "remote-team", "--credits", "50"]
+            + ["--coordinator", proxy.url, "--json", "--data-dir", str(tmp_path / "cli")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                **os.environ,
+                "IDLEGRID_CA_BUNDLE": str(ca),
+                "IDLEGRID_OPERATOR_KEY": grid.operator_key,
+            },
+        )
+        assert made.returncode == 0, made.stderr
+        api_key = json.loads(made.stdout)["api_key"]
+        assert json.loads(made.stdout)["balance"] == 50_000_000
         grid.fund_providers()  # the inference stake, posted by the agent through nginx
 
         trusted = ssl.create_default_context(cafile=ca)
