@@ -249,6 +249,19 @@ def test_a_provider_joins_over_wss_and_openai_answers_through_nginx(
         )
         assert made.returncode == 0, made.stderr
         api_key = json.loads(made.stdout)["api_key"]
+        # The lease WebSockets (`idlegrid exec`) are upgraded through nginx too: the
+        # coordinator's own refusal of a wrong key comes back, not a 404 for a plain GET.
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        with pytest.raises(InvalidStatus) as refused:
+            connect(
+                f"wss://127.0.0.1:{proxy.url.rsplit(':', 1)[1]}/api/v1/leases/lease_x/exec",
+                additional_headers={"authorization": "Bearer wrong"},
+                ssl=ssl.create_default_context(cafile=ca),
+                open_timeout=10,
+            ).close()
+        assert refused.value.response.status_code == 401, refused.value.response.body
         assert json.loads(made.stdout)["balance"] == 50_000_000
         grid.fund_providers()  # the inference stake, posted by the agent through nginx
 
