@@ -86,9 +86,13 @@ class Channel:
         import websockets
 
         headers = self.client.key.sign_headers("GET", CHANNEL_PATH, b"", now=self.client.clock())
+        tls: dict[str, Any] = {}
+        if url.startswith("wss:") and self.client.ssl_context is not None:
+            tls["ssl"] = self.client.ssl_context
         self.ws = await websockets.connect(
             url,
             additional_headers=headers,
+            **tls,
             compression=None,
             open_timeout=5,
             max_size=1 << 24,

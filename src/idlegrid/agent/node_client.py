@@ -11,6 +11,7 @@ import httpx
 
 from idlegrid.errors import AuthError, Conflict, IdlegridError, InvalidRequest
 from idlegrid.protocol.signing import NodeKey
+from idlegrid.tls import client_ssl_context
 
 
 class CoordinatorError(IdlegridError):
@@ -34,9 +35,13 @@ class NodeClient:
         self.clock = clock
         self._base_url = base_url.rstrip("/")
         self._custom_transport = transport is not None
+        # IDLEGRID_CA_BUNDLE: a coordinator behind a private CA (idlegrid/tls.py); the
+        # channel's wss:// trusts the same bundle.
+        self.ssl_context = client_ssl_context()
         self.http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             transport=transport,
+            verify=self.ssl_context or True,
             timeout=httpx.Timeout(30.0, connect=5.0),
             # Loopback and LAN coordinators must not be routed through a proxy.
             trust_env=False,

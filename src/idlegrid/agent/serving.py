@@ -91,6 +91,7 @@ class Serving:
         except Exception as exc:  # refused handshake, no such route (older coordinator)
             log.info("agent channel unavailable (%s); using HTTP", exc)
             return False
+        log.info("agent channel open: %s", url)
         self.channel = channel
         return True
 
@@ -196,7 +197,13 @@ class Serving:
         base = f"/api/v1/tasks/{task.task_id}/attempts/{task.attempt}"
         # The consumer's request id, so one grep follows a request from gateway to here.
         rid = task.request_id or "-"
-        log.info("task %s attempt %d request_id=%s: serving", task.task_id, task.attempt, rid)
+        log.info(
+            "task %s attempt %d request_id=%s: serving",
+            task.task_id,
+            task.attempt,
+            rid,
+            extra={"request_id": task.request_id},
+        )
         try:
             if task.kind == "embedding" or is_embedder(engine):
                 from idlegrid.agent import embedding

@@ -53,9 +53,15 @@ def exec_stream(
     from websockets.sync.client import connect
 
     ws_url = "ws" + url.rstrip("/")[4:] + f"/api/v1/leases/{lease_id}/exec"
+    tls: dict[str, Any] = {}
+    if ws_url.startswith("wss:"):
+        from idlegrid.tls import client_ssl_context
+
+        tls["ssl"] = client_ssl_context()  # None: the default store; IDLEGRID_CA_BUNDLE
     try:
         ws = connect(
             ws_url,
+            **tls,
             additional_headers={"authorization": f"Bearer {api_key}"},
             proxy=None,
             max_size=1 << 22,

@@ -65,6 +65,8 @@ class LocalGrid:
     verify: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     provider_args: Sequence[str] = ()
+    # The URL providers dial, when a TLS proxy fronts the coordinator (tests/e2e: nginx).
+    provider_url: str | None = None
     log_dir: Path | None = None
     coordinator: subprocess.Popen[bytes] | None = None
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -162,7 +164,7 @@ class LocalGrid:
         args = [
             "provide",
             "--coordinator",
-            self.url,
+            self.provider_url or self.url,
             "--name",
             f"provider-{index}",
             "--engine",

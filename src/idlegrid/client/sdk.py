@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from idlegrid.errors import IdlegridError
+from idlegrid.tls import httpx_verify
 
 
 class GridAPIError(IdlegridError):
@@ -35,6 +36,7 @@ class GridClient:
             transport=transport,
             timeout=timeout,
             trust_env=False,
+            verify=httpx_verify(),  # IDLEGRID_CA_BUNDLE for a grid behind a private CA
         )
 
     def __enter__(self) -> GridClient:

@@ -19,14 +19,36 @@ out = Console()
 EXIT_ENGINE_CRASHED = 3
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:
-        # One httpx line per heartbeat was 83% of a provider's log; failures still show.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="Log lines as 'text' or 'json' (one object per line) [env IDLEGRID_LOG_FORMAT].",
+    ),
+]
+
+
+def _logging(verbose: bool, log_format: str | None) -> bool:
+    """Set up logging; True when lines are JSON (then notes go to the log, not the console)."""
+    from idlegrid.logs import LogFormatError, setup_logging
+    from idlegrid.logs import log_format as chosen_format
+
+    try:
+        fmt = chosen_format(log_format)
+    except LogFormatError as exc:
+        raise typer.BadParameter(exc.message, param_hint="--log-format") from None
+    setup_logging(verbose, fmt)
+    return fmt == "json"
+
+
+def _note(json_logs: bool, text: str) -> None:
+    """A line for the operator: on the console, or a log record when logs are JSON."""
+    if json_logs:
+        from rich.text import Text
+
+        logging.getLogger("idlegrid.cli").info(Text.from_markup(text).plain)
+    else:
+        console.print(text)
 
 
 def coordinator(
@@ -58,6 +80,7 @@ def coordinator(
         ),
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    log_format: LogFormat = None,
 ) -> None:
     """Run the coordinator: node API, OpenAI gateway, ledger, metrics.
 
@@ -70,7 +93,7 @@ def coordinator(
     from idlegrid.config import LOOPBACK_NAMES, OPERATOR_KEY_FILE, CoordinatorSettings
     from idlegrid.coordinator.app import create_app
 
-    _logging(verbose)
+    json_logs = _logging(verbose, log_format)
     # Only flags actually given override: a flag default would hide the env twin.
     overrides: dict[str, Any] = {"data_dir": data_dir}
     if host is not None:
@@ -97,10 +120,11 @@ def coordinator(
             param_hint="--host",
         )
     settings.ensure_operator_key()
-    console.print(
+    _note(
+        json_logs,
         f"operator key: {data_dir / OPERATOR_KEY_FILE}"
         if (data_dir / OPERATOR_KEY_FILE).exists()
-        else "operator key: from settings"
+        else "operator key: from settings",
     )
     from idlegrid.coordinator.edge import guarded_http
 
@@ -109,6 +133,8 @@ def coordinator(
         host=host,
         port=port,
         log_level="warning",
+        # uvicorn's own lines go through the root handler (text or JSON), not its formats.
+        log_config=None,
         timeout_graceful_shutdown=5,
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
@@ -186,8 +212,12 @@ def provide(
         ),
     ] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    log_format: LogFormat = None,
 ) -> None:
-    """Run a provider agent: probe, load the model, benchmark, then serve work."""
+    """Run a provider agent: probe, load the model, benchmark, then serve work.
+
+    Over https:// the agent trusts IDLEGRID_CA_BUNDLE (a PEM file) when it is set, for the
+    API and for its wss:// channel alike (docs/deploy.md)."""
     import asyncio
     import signal
     import socket
@@ -203,7 +233,7 @@ def provide(
     from idlegrid.engines.registry import load_engine
     from idlegrid.protocol.signing import NodeKey
 
-    _logging(verbose)
+    json_logs = _logging(verbose, log_format)
     name = name or socket.gethostname()
     key = NodeKey.load_or_create(key_file or default_data_dir() / "nodes" / f"{name}.key")
     hardware = _as_dict(probe())
@@ -214,7 +244,8 @@ def provide(
         _check_engine_starts(engine, model, model_path, threads)
     engines = []
     prefill = decode = 0.0
-    with make_progress(console) as progress:
+    # JSON logs: stderr carries only JSON lines, so the progress bars are not drawn.
+    with make_progress(Console(stderr=True, quiet=True) if json_logs else console) as progress:
         task = progress.add_task(f"loading {model} on {engine}", total=slots, rate="")
         for _ in range(1 if parallel else slots):
             engines.append(load_engine(engine, model, **kwargs))
@@ -240,7 +271,8 @@ def provide(
             speed = measure_speed(engines[0], on_token=step)
             prefill, decode = speed.prefill_tps, speed.decode_tps
     if not skip_benchmark:
-        console.print(f"[green]measured[/] prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
+        speeds = f"prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s"
+        _note(json_logs, f"[green]measured[/] {speeds}")
     config = AgentConfig(
         name=name,
         hardware=hardware,
@@ -260,9 +292,10 @@ def provide(
     )
     meter = config.meter
     assert meter is not None
-    console.print(
+    _note(
+        json_logs,
         f"power: {meter.source}"
-        + (" (estimated from rated power)" if meter.estimated else " (measured)")
+        + (" (estimated from rated power)" if meter.estimated else " (measured)"),
     )
 
     async def main() -> None:
@@ -271,11 +304,13 @@ def provide(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         agent = Agent(NodeClient(coordinator_url, key), engines, config)
-        console.print(
-            f"[bold]{name}[/] ({key.node_id[:12]}) serving {model} via {engine} → {coordinator_url}"
+        _note(
+            json_logs,
+            f"[bold]{name}[/] ({key.node_id[:12]}) serving {model} via {engine} "
+            f"→ {coordinator_url}",
         )
         await agent.run(stop)
-        console.print(f"drained after serving {agent.served} request(s)")
+        _note(json_logs, f"drained after serving {agent.served} request(s)")
 
     asyncio.run(main())
     meter.close()

@@ -10,7 +10,6 @@ metric's cardinality is bounded by the routes, not by the ids in them.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import re
 import secrets
@@ -21,14 +20,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from idlegrid.coordinator.metrics import Metrics
 
+# The request being served, for log lines and for the task the gateway creates.
+from idlegrid.logs import REQUEST_ID
+
 log = logging.getLogger("idlegrid.access")
 HEADER = "x-request-id"
 _ROUTINE = frozenset({"/api/v1/nodes/heartbeat", "/api/v1/work/poll", "/healthz", "/readyz"})
 _ACCEPTED = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# The request being served, for log lines and for the task the gateway creates.
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "idlegrid_request_id", default=None
-)
 
 
 def new_request_id(offered: str | None) -> str:
@@ -79,15 +77,25 @@ class RequestIds:
                 metrics.responses.labels(_route(scope), scope["method"], str(status)).inc()
             # A provider's heartbeats and polls come every few seconds: debug, unless they fail.
             quiet = scope["path"] in _ROUTINE and status < 400
+            client, ms = _client(scope), round(elapsed * 1000, 1)
             log.log(
                 logging.DEBUG if quiet else logging.INFO,
                 "%s %s %s %d %.1fms %s",
-                _client(scope),
+                client,
                 scope["method"],
                 scope["path"],
                 status,
-                elapsed * 1000,
+                ms,
                 rid,
+                # Fields of their own in a JSON log line (idlegrid/logs.py).
+                extra={
+                    "request_id": rid,
+                    "client": client,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": ms,
+                },
             )
 
 
