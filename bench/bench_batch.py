@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--token-delay", type=float, default=0.01)
     ap.add_argument("--ttft-samples", type=int, default=20)
+    # Below the slot count, a slot stays free during the batch: TTFT then shows the load
+    # alone, without a batch line yielding (a diagnostic baseline for the yield's cost).
+    ap.add_argument("--in-flight", type=int, default=0, help="batch lines at once (0: slots)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     slots = args.providers * args.slots
@@ -122,7 +125,7 @@ def main() -> None:
         database_url=f"sqlite:///{tmp}/c.db",
         port=free_port(),
         hw_proofs=False,
-        batch_in_flight=slots,
+        batch_in_flight=args.in_flight or slots,
         inference_stake=0,  # newcomers serve paid work at once: this measures routing
     )
     coord = CoordinatorThread(settings)
@@ -168,6 +171,7 @@ def main() -> None:
             "lines": args.lines,
             "tokens_per_line": args.tokens,
             "slots": slots,
+            "batch_in_flight": args.in_flight or slots,
             "token_delay_s": args.token_delay,
             "interactive_tok_s": round(interactive, 1),
             "batch_tok_s": round(batch, 1),
