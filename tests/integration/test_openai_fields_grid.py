@@ -474,3 +474,21 @@ def test_a_tool_round_trip_is_served_as_text_with_tool_choice_none(grid: Grid) -
     r = _post(grid, "chat", {"messages": messages, "tools": [TOOL], "tool_choice": "none"})
     assert r.status_code == 200, r.text
     _text_answer(r)
+
+
+def test_max_tokens_zero_scores_the_prompt_and_nothing_else(grid: Grid) -> None:
+    """OpenAI's scoring request (what lm-eval sends for log-likelihoods): echo, logprobs,
+    max_tokens 0: the prompt and its logprobs, no generated text, the prompt billed."""
+    before = len(grid.entries())
+    refused = _post(grid, "completions", {"max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    assert len(grid.entries()) == before
+    scored = _post(grid, "completions", {"max_tokens": 0, "echo": True, "logprobs": 2})
+    assert scored.status_code == 200, scored.text
+    body = scored.json()
+    choice, usage = body["choices"][0], body["usage"]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] > 0
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == usage["prompt_tokens"] and "".join(lp["tokens"]) == PROMPT
+    _scored(lp, usage["prompt_tokens"])

@@ -118,11 +118,13 @@ def test_echo_with_logprobs_through_the_openai_client_is_the_engines_and_audited
         plain = client.completions.create(**kw)
         whole = client.completions.create(**kw, echo=True)
         chunks = [c for c in client.completions.create(**kw, echo=True, stream=True) if c.choices]
+        # The scoring request (lm-eval's): the prompt's logprobs alone, committed and audited.
+        scoring = client.completions.create(**{**kw, "max_tokens": 0}, echo=True)
 
         def audits() -> list[dict]:
             return [a for a in http.get("/api/v1/audits").json()["audits"] if not a["canary"]]
 
-        _wait(lambda: len(audits()) >= 3 and all(a["state"] in ("passed", "failed")
+        _wait(lambda: len(audits()) >= 4 and all(a["state"] in ("passed", "failed")
                                                  for a in audits()))  # fmt: skip
         assert all(a["state"] == "passed" for a in audits()), [a["verdict"] for a in audits()]
     ids = engine.tokenize(PROMPT)
@@ -142,3 +144,7 @@ def test_echo_with_logprobs_through_the_openai_client_is_the_engines_and_audited
     first = chunks[0].choices[0]
     assert first.text == PROMPT and first.logprobs is not None
     assert first.logprobs.token_logprobs == lp.token_logprobs[:n]
+    assert scoring.choices[0].text == PROMPT and scoring.usage is not None
+    assert scoring.usage.completion_tokens == 0 and scoring.usage.prompt_tokens == n
+    assert scoring.choices[0].logprobs is not None
+    assert scoring.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n]

@@ -389,6 +389,12 @@ def plan_completion(settings: Any, body: CompletionRequest) -> Plan:
     scored = {"prompt_logprobs": body.logprobs} if echo and body.logprobs is not None else {}
     prompts = body.prompts()
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not scored:
+        # OpenAI's scoring request (lm-eval's log-likelihoods): the prompt's logprobs, no text.
+        raise InvalidRequest(
+            "max_tokens 0 only scores a prompt: send it with echo and logprobs",
+            param="max_tokens",
+        )
     stop = body.stop_list()
     sampler = body.sampler_fields(body.logprobs)
     choices = plan(len(prompts), body.n, body.seed)

@@ -431,9 +431,10 @@ class Inference:
         submitted; the escrow is refused unless the balance also covers them. `batch`: a
         batch line's tag (`id`, `custom_id`, `payer`, `share_bps`): batch prices, paid from
         the batch's escrow, claimed after interactive work (docs/batch.md)."""
-        if max_tokens < 1 or max_tokens > self.settings.max_tokens_limit:
+        low = 0 if payload.get("prompt_logprobs") is not None else 1  # 0: scoring a prompt
+        if max_tokens < low or max_tokens > self.settings.max_tokens_limit:
             raise InvalidRequest(
-                f"max_tokens must be between 1 and {self.settings.max_tokens_limit}",
+                f"max_tokens must be between {low} and {self.settings.max_tokens_limit}",
                 param="max_tokens",
             )
         cands, prices = self.candidates(model, max_prompt_tokens, max_tokens)
