@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import secrets
+import socket
 import sys
 import tarfile
 import threading
@@ -27,6 +29,7 @@ from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 lease_app = typer.Typer(help="Leases: a sandboxed workspace on a provider, by the hour.")
 err = Console(stderr=True)
 CHUNK = 64 * 1024
+FORWARD_CHUNK = 256 * 1024  # a forwarded socket read: larger frames, fewer of them
 
 
 class LeaseError(Exception):
@@ -330,26 +333,8 @@ def cp(
 def forward_connection(url: str, api_key: str, lease_id: str, port: int, conn: Any) -> None:
     """Carry one accepted local TCP connection to `port` inside the lease, until either
     side closes."""
-    import socket
-
-    def upstream() -> Iterator[bytes]:
-        while True:
-            try:
-                data = conn.recv(CHUNK)
-            except OSError:
-                return
-            if not data:
-                return
-            yield data
-
-    def down(fd: int, data: bytes) -> None:
-        if fd == 1:
-            conn.sendall(data)
-        else:
-            err.print(data.decode(errors="replace"), end="")
-
     try:
-        exec_stream(url, api_key, lease_id, {"forward": port}, stdin=upstream(), on_output=down)
+        asyncio.run(_forward(url, api_key, lease_id, port, conn))
     except (LeaseError, OSError) as exc:
         err.print(f"[red]forward to {port}[/]: {exc}")
     finally:
@@ -358,12 +343,62 @@ def forward_connection(url: str, api_key: str, lease_id: str, port: int, conn: A
         conn.close()
 
 
+async def _forward(url: str, api_key: str, lease_id: str, port: int, conn: Any) -> None:
+    # asyncio, not exec_stream's threads: the sync websockets client holds one lock while a
+    # send blocks and while it takes in frames, so a full-duplex stream (both sides
+    # sending more than the sockets hold, e.g. an echo) would deadlock there.
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    ws_url = "ws" + url.rstrip("/")[4:] + f"/api/v1/leases/{lease_id}/exec"
+    loop = asyncio.get_running_loop()
+    conn.setblocking(False)
+    try:
+        ws = await connect(
+            ws_url, additional_headers={"authorization": f"Bearer {api_key}"}, proxy=None,
+            max_size=1 << 22, compression=None, open_timeout=10,
+        )  # fmt: skip
+    except InvalidStatus as exc:
+        body = exc.response.body or b"{}"
+        message = json.loads(body).get("error", {}).get("message", "refused")
+        raise LeaseError(exc.response.status_code, message) from exc
+    async with ws:
+        await ws.send(json.dumps({"forward": port, "stdin": True}))
+        started = json.loads(await ws.recv())
+        if started.get("type") == "error":
+            raise LeaseError(started["status"], started["message"], started.get("param"))
+
+        async def up() -> None:
+            while data := await loop.sock_recv(conn, FORWARD_CHUNK):
+                await ws.send(b"\x00" + data)
+            await ws.send(json.dumps({"type": "eof"}))
+
+        sending = asyncio.create_task(up())
+        try:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    if msg[:1] == b"\x01":
+                        # The local client's pace is the stream's.
+                        await loop.sock_sendall(conn, memoryview(msg)[1:])
+                    else:
+                        err.print(msg[1:].decode(errors="replace"), end="")
+                    continue
+                ctl = json.loads(msg)
+                if ctl.get("type") == "exit":
+                    return
+                if ctl.get("type") == "error":
+                    raise LeaseError(ctl.get("status", 502), ctl["message"], ctl.get("param"))
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sending
+
+
 def serve_forward(
     url: str, api_key: str, lease_id: str, local: int, remote: int, stop: threading.Event,
     ready: threading.Event | None = None,
 ) -> None:  # fmt: skip
     """Listen on 127.0.0.1:`local`; each connection is carried to `remote` in the lease."""
-    import socket
 
     with socket.create_server(("127.0.0.1", local)) as server:
         server.settimeout(0.2)

@@ -33,11 +33,11 @@ from idlegrid.core.lease.lifecycle import (
 )
 from idlegrid.core.lease.spec import workspace_spec
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
-from idlegrid.protocol.lease import LeaseFrame, frame
+from idlegrid.protocol.lease import LeaseFrame, frame, read_data
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Send = Callable[[dict[str, Any] | bytes], Awaitable[None]]  # a control frame or a data frame
 LIVE = (LeaseState.PROVISIONING.value, LeaseState.RUNNING.value, LeaseState.ENDING.value)
 # Making a workspace takes about 0.1 s; pip requirements from a wheelhouse take longer.
 PROVISION_TIMEOUT_S = 600.0
@@ -318,7 +318,9 @@ class Leases:
                 for r in s.scalars(q)
             ]
 
-    async def _send(self, node: str, msg: dict[str, Any], key: tuple[str, str] | None) -> bool:
+    async def _send(
+        self, node: str, msg: dict[str, Any] | bytes, key: tuple[str, str] | None
+    ) -> bool:
         send = self.links.get(node)
         if send is None:
             return False
@@ -367,6 +369,14 @@ class Leases:
             return  # an exec that ended here already: what it still sends is dropped
         relay.on_agent(msg)
 
+    def on_agent_data(self, node_id: str, raw: bytes) -> None:
+        """A data frame from an agent's channel (BadDataFrame if it is not one): taken only
+        for an exec opened on that agent (the channel's signed handshake says who sent it)."""
+        exec_id, stream, data = read_data(raw)
+        relay = self.relays.get(exec_id)
+        if relay is not None and relay.node_id == node_id:
+            relay.on_data(stream, data)
+
     # ---- exec ---------------------------------------------------------------------------
 
     async def open_exec(
@@ -408,8 +418,8 @@ class Leases:
             raise Conflict(f"lease {lease_id}: its provider is not connected now", state="running")
         return relay
 
-    def _sender(self, node: str) -> Callable[[dict[str, Any]], Awaitable[bool]]:
-        async def send(msg: dict[str, Any]) -> bool:
+    def _sender(self, node: str) -> Callable[[dict[str, Any] | bytes], Awaitable[bool]]:
+        async def send(msg: dict[str, Any] | bytes) -> bool:
             return await self._send(node, msg, None)
 
         return send
