@@ -350,6 +350,9 @@ def test_the_cli_creates_runs_copies_and_ends_a_lease(grid: Grid, tmp_path: Path
     assert "out" in cli("lease", "logs", lease_id, *base).stdout
     status = cli("lease", "status", lease_id, *base, "--json")
     assert '"state": "running"' in status.stdout
+    longer = cli("lease", "extend", lease_id, "--hours", "0.5", *base)
+    assert longer.exit_code == 0 and "1.5 h paid" in longer.stdout, longer.output
+    assert grid.lease(lease_id)["hours"] == 1.5
     assert "ending" in cli("lease", "end", lease_id, *base).stdout
     _wait_state(grid, lease_id, "ended")
 
@@ -557,3 +560,32 @@ def test_a_consumer_that_stops_reading_stalls_the_workload_within_one_window(
     with grid.http() as c:
         c.post("/api/v1/leases/L7/end").raise_for_status()
     _wait_state(grid, "L7", "ended")
+
+
+def test_a_live_lease_extends_escrowing_first_and_an_ended_one_refuses(grid: Grid) -> None:
+    consumer = ledger.consumer_account(grid.keys[0][0])
+    before = grid.balance(consumer)
+    _order(grid, "L8", "RTX-4090", hours=0.5)  # escrows 0.5 h at the 5 credit ceiling
+    _wait_state(grid, "L8", "running")
+    with grid.http() as c:
+        r = c.post("/api/v1/leases/L8/extend", json={"hours": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["hours"] == 1.5
+        assert grid.balance(ledger.order_escrow_account("L8")) == 7.5 * MICRO
+        assert grid.balance(consumer) == before - 7.5 * MICRO
+        r = c.post("/api/v1/leases/L8/extend", json={"hours": 600})  # 3000 credits: short
+        assert r.status_code == 402, r.text
+        assert grid.lease("L8")["hours"] == 1.5  # nothing changed
+        assert grid.balance(consumer) == before - 7.5 * MICRO
+        r = c.post("/api/v1/leases/L8/extend", json={"hours": 0})
+        assert r.status_code == 400 and "hours" in r.text
+        assert c.post("/api/v1/leases/NOPE/extend", json={"hours": 1}).status_code == 404
+        c.post("/api/v1/leases/L8/end").raise_for_status()
+        lease = _wait_state(grid, "L8", "ended")
+        r = c.post("/api/v1/leases/L8/extend", json={"hours": 1})
+        assert r.status_code == 409, r.text
+        order = c.get("/api/v1/orders/L8").json()
+    # Ended: the extension's escrow came back with the rest; only running seconds were paid.
+    assert order["spent"] == lease["billed_s"] * 1000
+    assert grid.balance(ledger.order_escrow_account("L8")) == 0
+    assert grid.balance(consumer) == before - order["spent"]

@@ -1,4 +1,4 @@
-"""Lease commands: `idlegrid lease create|status|end|logs`, `idlegrid exec`, `idlegrid cp`.
+"""Lease commands: `idlegrid lease create|status|extend|end|logs`, `idlegrid exec`, `idlegrid cp`.
 
 `exec` and `cp` speak the coordinator's WebSocket `/api/v1/leases/{id}/exec`
 (coordinator/leases/routes.py): stdin, stdout and stderr streamed, the exit code kept;
@@ -200,6 +200,18 @@ def end(lease_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None
     """End a lease: its processes are killed and /work wiped; unused time is refunded."""
     data = _call(coordinator_url, data_dir, lambda c: c.end_lease(lease_id))
     typer.echo(f"{lease_id} {data['state']} (billed {data['billed_s']} s)")
+
+
+@lease_app.command("extend")
+def extend(
+    lease_id: str,
+    data_dir: DataDir,
+    hours: Annotated[float, typer.Option(help="How many hours later it ends.")] = 1.0,
+    coordinator_url: CoordinatorUrl = None,
+) -> None:
+    """Extend a live lease: its extra worst case is escrowed now (refused if short)."""
+    data = _call(coordinator_url, data_dir, lambda c: c.extend_lease(lease_id, hours))
+    typer.echo(f"{lease_id} {data['state']}, {data['hours']:g} h paid")
 
 
 @lease_app.command("logs")

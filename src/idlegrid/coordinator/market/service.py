@@ -539,6 +539,10 @@ class Market:
         if now - self._last_payout >= self.settings.payout_interval_s:
             self.payout()
 
+    def extend_lease(self, s: Any, order_id: str, hours: float) -> int:
+        """Escrow `hours` more of a lease's worst case, in the lease's transaction."""
+        return self.store.extend_lease(s, order_id, hours)
+
     def bill_lease(
         self, s: Any, order_id: str, before_s: int, now_s: int, close: str | None
     ) -> None:
