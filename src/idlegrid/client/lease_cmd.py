@@ -52,53 +52,88 @@ def exec_stream(
     """Run a command (or a cp, a forward, a shell) over the WebSocket; output goes to
     `on_output(1|2, bytes)` as it comes; `stdin` yields bytes (or a dict: a control frame,
     e.g. a shell's resize); returns the exit code, LeaseError if refused or lost."""
+    return asyncio.run(_exec(url, api_key, lease_id, first, stdin, on_output))
+
+
+async def _open(url: str, api_key: str, lease_id: str) -> Any:
+    """The exec WebSocket of a lease (LeaseError with the status if refused).
+
+    asyncio, not the sync client: that one holds one lock while a send blocks and while it
+    takes frames in, so a stream busy both ways (an echo of megabytes) deadlocked it."""
+    from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
-    from websockets.sync.client import connect
 
     ws_url = "ws" + url.rstrip("/")[4:] + f"/api/v1/leases/{lease_id}/exec"
     try:
-        ws = connect(
-            ws_url,
-            additional_headers={"authorization": f"Bearer {api_key}"},
-            proxy=None,
-            max_size=1 << 22,
-            compression=None,
-            open_timeout=10,
-        )
+        return await connect(
+            ws_url, additional_headers={"authorization": f"Bearer {api_key}"}, proxy=None,
+            max_size=1 << 22, compression=None, open_timeout=10,
+        )  # fmt: skip
     except InvalidStatus as exc:
         body = exc.response.body or b"{}"
         message = json.loads(body).get("error", {}).get("message", "refused")
         raise LeaseError(exc.response.status_code, message) from exc
-    with ws:
-        ws.send(json.dumps({**first, "stdin": stdin is not None}))
-        started = json.loads(ws.recv())
-        if started.get("type") == "error":
-            raise LeaseError(started["status"], started["message"], started.get("param"))
-        writer = None
+
+
+async def _started(ws: Any, first: dict[str, Any]) -> None:
+    await ws.send(json.dumps(first))
+    started = json.loads(await ws.recv())
+    if started.get("type") == "error":
+        raise LeaseError(started["status"], started["message"], started.get("param"))
+
+
+def _control(msg: str) -> int | None:
+    """The exit code a control frame reports (None: not the end); LeaseError for an error."""
+    ctl = json.loads(msg)
+    if ctl.get("type") == "error":
+        raise LeaseError(ctl.get("status", 502), ctl["message"], ctl.get("param"))
+    return int(ctl["code"]) if ctl.get("type") == "exit" else None
+
+
+async def _exec(
+    url: str,
+    api_key: str,
+    lease_id: str,
+    first: dict[str, Any],
+    stdin: Iterator[bytes | dict[str, Any]] | Iterator[bytes] | None,
+    on_output: Callable[[int, bytes], None],
+) -> int:
+    loop = asyncio.get_running_loop()
+    async with await _open(url, api_key, lease_id) as ws:
+        await _started(ws, {**first, "stdin": stdin is not None})
+        sending = None
         if stdin is not None:
+            # The source may block (a keyboard, a pipe): a thread reads it, a few parts ahead.
+            parts: asyncio.Queue[bytes | dict[str, Any] | None] = asyncio.Queue(maxsize=4)
             source = stdin
 
             def feed() -> None:
-                # A thread: the socket's own backpressure paces it, output is read meanwhile.
                 try:
                     for part in source:
-                        ws.send(json.dumps(part) if isinstance(part, dict) else b"\x00" + part)
-                    ws.send(json.dumps({"type": "eof"}))
+                        asyncio.run_coroutine_threadsafe(parts.put(part), loop).result()
+                    asyncio.run_coroutine_threadsafe(parts.put(None), loop).result()
                 except Exception:  # the command ended first: it took what it wanted
                     return
 
-            writer = threading.Thread(target=feed, daemon=True)
-            writer.start()
-        for msg in ws:
-            if isinstance(msg, bytes):
-                on_output(msg[0], msg[1:])
-                continue
-            ctl = json.loads(msg)
-            if ctl.get("type") == "exit":
-                return int(ctl["code"])
-            if ctl.get("type") == "error":
-                raise LeaseError(ctl.get("status", 502), ctl["message"], ctl.get("param"))
-        raise LeaseError(502, "the connection closed before the command ended")
+            async def send() -> None:
+                while (part := await parts.get()) is not None:
+                    await ws.send(json.dumps(part) if isinstance(part, dict) else b"\x00" + part)
+                await ws.send(json.dumps({"type": "eof"}))
+
+            threading.Thread(target=feed, daemon=True).start()
+            sending = asyncio.create_task(send())
+        try:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    on_output(msg[0], msg[1:])
+                elif (code := _control(msg)) is not None:
+                    return code
+        finally:
+            if sending is not None:
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sending
+    raise LeaseError(502, "the connection closed before the command ended")
 
 
 def tar_of(path: Path, name: str) -> bytes:
@@ -356,29 +391,10 @@ def forward_connection(url: str, api_key: str, lease_id: str, port: int, conn: A
 
 
 async def _forward(url: str, api_key: str, lease_id: str, port: int, conn: Any) -> None:
-    # asyncio, not exec_stream's threads: the sync websockets client holds one lock while a
-    # send blocks and while it takes in frames, so a full-duplex stream (both sides
-    # sending more than the sockets hold, e.g. an echo) would deadlock there.
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidStatus
-
-    ws_url = "ws" + url.rstrip("/")[4:] + f"/api/v1/leases/{lease_id}/exec"
     loop = asyncio.get_running_loop()
     conn.setblocking(False)
-    try:
-        ws = await connect(
-            ws_url, additional_headers={"authorization": f"Bearer {api_key}"}, proxy=None,
-            max_size=1 << 22, compression=None, open_timeout=10,
-        )  # fmt: skip
-    except InvalidStatus as exc:
-        body = exc.response.body or b"{}"
-        message = json.loads(body).get("error", {}).get("message", "refused")
-        raise LeaseError(exc.response.status_code, message) from exc
-    async with ws:
-        await ws.send(json.dumps({"forward": port, "stdin": True}))
-        started = json.loads(await ws.recv())
-        if started.get("type") == "error":
-            raise LeaseError(started["status"], started["message"], started.get("param"))
+    async with await _open(url, api_key, lease_id) as ws:
+        await _started(ws, {"forward": port, "stdin": True})
 
         async def up() -> None:
             while data := await loop.sock_recv(conn, FORWARD_CHUNK):
@@ -394,12 +410,8 @@ async def _forward(url: str, api_key: str, lease_id: str, port: int, conn: Any) 
                         await loop.sock_sendall(conn, memoryview(msg)[1:])
                     else:
                         err.print(msg[1:].decode(errors="replace"), end="")
-                    continue
-                ctl = json.loads(msg)
-                if ctl.get("type") == "exit":
+                elif _control(msg) is not None:
                     return
-                if ctl.get("type") == "error":
-                    raise LeaseError(ctl.get("status", 502), ctl["message"], ctl.get("param"))
         finally:
             sending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,10 +1,13 @@
-"""`idlegrid shell LEASE` driven through a real PTY (pexpect): the CLI puts its terminal in
-raw mode, so a command runs, a resize of the local terminal reaches the workspace's PTY,
-Ctrl-C interrupts a sleeping process there, and `exit 7` is the CLI's exit code. A grid of its own
-(the fixture of test_leases_grid, one instance per module)."""
+"""The consumer's clients against a lease, as a user runs them. `idlegrid shell LEASE`
+driven through a real PTY (pexpect): the CLI puts its terminal in raw mode, so a command
+runs, a resize of the local terminal reaches the workspace's PTY, Ctrl-C interrupts a
+sleeping process there, and `exit 7` is the CLI's exit code. `exec_stream` (behind `exec`,
+`cp`, `shell`) carries a stream busy both ways. A grid of its own (the fixture of
+test_leases_grid, one instance per module)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -12,6 +15,8 @@ from pathlib import Path
 import pexpect
 import pytest
 from test_leases_grid import Grid, _order, _wait_state, grid  # noqa: F401
+
+from idlegrid.client.lease_cmd import chunks, exec_stream
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +59,21 @@ def test_the_shell_cli_on_a_real_pty_runs_resizes_and_interrupts(
     with grid.http() as c:
         c.post("/api/v1/leases/S1/end").raise_for_status()
     _wait_state(grid, "S1", "ended")
+
+
+def test_exec_carries_megabytes_of_stdin_echoed_while_they_are_sent(grid: Grid) -> None:  # noqa: F811
+    # `cat` answers as it reads: both directions are busy at once for the whole transfer,
+    # far past what the window, the pipes and the sockets hold.
+    _order(grid, "S2", "RTX-4090")
+    _wait_state(grid, "S2", "running")
+    sent = os.urandom(24 << 20)
+    got = bytearray()
+    code = exec_stream(
+        grid.url, grid.keys[0][1], "S2", {"argv": ["cat"]},
+        stdin=chunks(sent), on_output=lambda fd, d: got.extend(d),
+    )  # fmt: skip
+    assert code == 0
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(sent).hexdigest()
+    with grid.http() as c:
+        c.post("/api/v1/leases/S2/end").raise_for_status()
+    _wait_state(grid, "S2", "ended")
