@@ -10,6 +10,8 @@ import hashlib
 import io
 import json
 import os
+import random
+import socket
 import tarfile
 import threading
 import time
@@ -348,6 +350,9 @@ def test_the_cli_creates_runs_copies_and_ends_a_lease(grid: Grid, tmp_path: Path
     assert "out" in cli("lease", "logs", lease_id, *base).stdout
     status = cli("lease", "status", lease_id, *base, "--json")
     assert '"state": "running"' in status.stdout
+    longer = cli("lease", "extend", lease_id, "--hours", "0.5", *base)
+    assert longer.exit_code == 0 and "1.5 h paid" in longer.stdout, longer.output
+    assert grid.lease(lease_id)["hours"] == 1.5
     assert "ending" in cli("lease", "end", lease_id, *base).stdout
     _wait_state(grid, lease_id, "ended")
 
@@ -459,3 +464,128 @@ def test_a_shell_runs_on_a_pty_in_the_workspace_with_ctrl_c_and_resize(grid: Gri
     with grid.http() as c:
         c.post("/api/v1/leases/L6/end").raise_for_status()
     _wait_state(grid, "L6", "ended")
+
+
+ECHO = r"""
+import socket, threading
+def echo(c):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while data := c.recv(1 << 16):
+        c.sendall(data)
+    c.close()
+s = socket.create_server(("127.0.0.1", 8766))
+while True:
+    threading.Thread(target=echo, args=(s.accept()[0],)).start()
+"""
+
+
+def test_port_forward_carries_megabytes_both_ways_intact_and_a_lone_byte_at_once(
+    grid: Grid,
+) -> None:
+    _order(grid, "L7", "RTX-4090")
+    _wait_state(grid, "L7", "running")
+    _leave_at_once(grid, "L7", f"exec python -c '{ECHO}'")
+    stop, ready = threading.Event(), threading.Event()
+    local = free_port()
+    args = (grid.url, grid.keys[0][1], "L7", local, 8766, stop, ready)
+    server = threading.Thread(target=serve_forward, args=args, daemon=True)
+    server.start()
+    assert ready.wait(10)
+    sent = os.urandom(6 << 20)
+    got = bytearray()
+
+    def echoed() -> bool:
+        got.clear()
+        try:
+            c = socket.create_connection(("127.0.0.1", local), timeout=20)
+        except OSError:
+            return False
+        with c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                c.sendall(b"?")  # a lone byte (an interactive protocol's) must not wait
+                got.extend(c.recv(1))
+            except OSError:
+                return False  # the server inside is not listening yet
+            if got != b"?":
+                return False
+            writer = threading.Thread(target=c.sendall, args=(sent,), daemon=True)
+            writer.start()
+            while len(got) < 1 + len(sent) and (data := c.recv(1 << 20)):
+                got.extend(data)
+            writer.join(20)
+        return True
+
+    wait_until(echoed, timeout_s=30, interval_s=0.3)
+    assert len(got) == 1 + len(sent)
+    assert hashlib.sha256(got[1:]).hexdigest() == hashlib.sha256(sent).hexdigest()
+    stop.set()
+    server.join(5)
+
+
+def test_a_consumer_that_stops_reading_stalls_the_workload_within_one_window(
+    grid: Grid,
+) -> None:
+    from websockets.sync.client import connect
+
+    _wait_state(grid, "L7", "running")
+    relays = grid.coordinator.app.state.services.leases.relays
+    before = set(relays)
+    size = 24 << 20  # far more than the window, the pipe and the sockets' buffers hold
+    script = f"import random, sys; sys.stdout.buffer.write(random.Random(7).randbytes({size}))"
+    ws_url = "ws" + grid.url[4:] + "/api/v1/leases/L7/exec"
+    auth = {"authorization": f"Bearer {grid.keys[0][1]}"}
+    with connect(ws_url, additional_headers=auth, proxy=None, max_size=1 << 22) as ws:
+        ws.send(json.dumps({"argv": ["python", "-c", script], "kill_on_disconnect": True}))
+        assert json.loads(ws.recv())["type"] == "started"
+        (rid,) = set(relays) - before
+        relay = relays[rid]
+        host = grid.agents["p1"].agent.leases
+        # Nobody reads: the sockets fill, then the relay's queue, then the agent's window.
+        wait_until(lambda: relay._queued >= relay.window // 2, timeout_s=30)
+        wait_until(lambda: host.execs[rid].window.room == 0, timeout_s=30)
+        assert relay.peak_queued <= relay.window
+        assert relay.received < size  # the workload waits: its output is not all out
+        got = bytearray()
+        while True:
+            msg = ws.recv(timeout=30)
+            if isinstance(msg, bytes):
+                got.extend(msg[1:])
+            elif json.loads(msg)["type"] == "exit":
+                break
+    assert json.loads(msg)["code"] == 0
+    assert relay.peak_queued <= relay.window
+    expected = random.Random(7).randbytes(size)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(expected).hexdigest()
+    with grid.http() as c:
+        c.post("/api/v1/leases/L7/end").raise_for_status()
+    _wait_state(grid, "L7", "ended")
+
+
+def test_a_live_lease_extends_escrowing_first_and_an_ended_one_refuses(grid: Grid) -> None:
+    consumer = ledger.consumer_account(grid.keys[0][0])
+    before = grid.balance(consumer)
+    _order(grid, "L8", "RTX-4090", hours=0.5)  # escrows 0.5 h at the 5 credit ceiling
+    _wait_state(grid, "L8", "running")
+    with grid.http() as c:
+        r = c.post("/api/v1/leases/L8/extend", json={"hours": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["hours"] == 1.5
+        assert grid.balance(ledger.order_escrow_account("L8")) == 7.5 * MICRO
+        assert grid.balance(consumer) == before - 7.5 * MICRO
+        r = c.post("/api/v1/leases/L8/extend", json={"hours": 600})  # 3000 credits: short
+        assert r.status_code == 402, r.text
+        assert grid.lease("L8")["hours"] == 1.5  # nothing changed
+        assert grid.balance(consumer) == before - 7.5 * MICRO
+        r = c.post("/api/v1/leases/L8/extend", json={"hours": 0})
+        assert r.status_code == 400 and "hours" in r.text
+        assert c.post("/api/v1/leases/NOPE/extend", json={"hours": 1}).status_code == 404
+        c.post("/api/v1/leases/L8/end").raise_for_status()
+        lease = _wait_state(grid, "L8", "ended")
+        r = c.post("/api/v1/leases/L8/extend", json={"hours": 1})
+        assert r.status_code == 409, r.text
+        order = c.get("/api/v1/orders/L8").json()
+    # Ended: the extension's escrow came back with the rest; only running seconds were paid.
+    assert order["spent"] == lease["billed_s"] * 1000
+    assert grid.balance(ledger.order_escrow_account("L8")) == 0
+    assert grid.balance(consumer) == before - order["spent"]

@@ -7,11 +7,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from idlegrid.core.lease.flow import CreditExceeded, Window, chunks_within
+from idlegrid.core.lease.flow import CreditExceeded, Owed, Window, chunks_within, credit_batch
 from idlegrid.core.lease.paths import confine
 from idlegrid.core.lease.spec import workspace_spec
 from idlegrid.errors import InvalidRequest
-from idlegrid.protocol.lease import LeaseFrame, frame
+from idlegrid.protocol.lease import (
+    STDERR,
+    STDIN,
+    STDOUT,
+    BadDataFrame,
+    LeaseFrame,
+    data_frame,
+    frame,
+    is_data,
+    read_data,
+)
 
 
 def test_a_window_refuses_bytes_past_its_credit_and_reopens_as_credit_returns() -> None:
@@ -62,12 +72,40 @@ def test_workspace_limits_follow_the_order_or_modest_defaults() -> None:
         workspace_spec({"cpus": "lots"})
 
 
-def test_lease_frames_carry_bytes_and_drop_unused_fields() -> None:
-    wire = frame("out", "L1", exec="ex_1", stream="stdout", data=b"\x00\xff")
-    assert set(wire) == {"op", "v", "type", "lease", "exec", "stream", "data"}
+def test_lease_control_frames_drop_unused_fields_and_refuse_unknown_ones() -> None:
+    wire = frame("exit", "L1", exec="ex_00ff00ff00ff00ff", code=3, bytes=10)
+    assert set(wire) == {"op", "v", "type", "lease", "exec", "code", "bytes"}
     back = LeaseFrame.model_validate(wire)
-    assert back.payload() == b"\x00\xff"
-    credit = LeaseFrame.model_validate(frame("credit", "L1", exec="ex_1", bytes=7))
-    assert credit.size == 7
+    assert (back.code, back.size) == (3, 10)
     with pytest.raises(ValueError):
         LeaseFrame.model_validate({**wire, "surprise": 1})
+    with pytest.raises(ValueError):  # an exec id a data frame could not carry
+        LeaseFrame.model_validate({**wire, "exec": "ex_1"})
+
+
+@given(st.binary(max_size=3000), st.sampled_from([STDIN, STDOUT, STDERR]))
+def test_data_frames_carry_raw_bytes_and_their_exec(payload: bytes, stream: int) -> None:
+    raw = data_frame("ex_0123456789abcdef", stream, payload)
+    assert is_data(raw) and len(raw) == 10 + len(payload)  # no base64, no JSON
+    assert not is_data(b"1700000000.000 nonce sig\n{}") and not is_data(b'{"op":"lease"}')
+    exec_id, got_stream, got = read_data(raw)
+    assert (exec_id, got_stream, bytes(got)) == ("ex_0123456789abcdef", stream, payload)
+
+
+@pytest.mark.parametrize("raw", [b"", b"\xb2\x01", b"\xb2\x07" + bytes(8), b"{" + bytes(12)])
+def test_what_is_not_a_data_frame_is_refused(raw: bytes) -> None:
+    with pytest.raises(BadDataFrame):
+        read_data(raw)
+
+
+@given(st.integers(4, 1 << 20), st.lists(st.integers(0, 1 << 18), max_size=100))
+def test_batched_credit_never_holds_back_a_batch_or_invents_bytes(
+    window: int, passed: list[int]
+) -> None:
+    owed, credited = Owed(credit_batch(window)), 0
+    for n in passed:
+        owed, due = owed.passed(n)
+        assert due == 0 or due >= owed.batch
+        credited += due
+        assert owed.owed < owed.batch <= window // 2  # the no-stall condition
+    assert credited + owed.owed == sum(passed)

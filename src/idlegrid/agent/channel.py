@@ -18,6 +18,7 @@ from typing import Any
 
 from idlegrid.agent.node_client import NodeClient
 from idlegrid.errors import Conflict
+from idlegrid.protocol.lease import is_data
 
 log = logging.getLogger("idlegrid.agent.channel")
 
@@ -70,6 +71,8 @@ class Channel:
         self.on_orphan: Callable[[dict[str, Any]], object] = lambda task: None
         # Lease frames (provision, end, exec streams: protocol/lease.py) go to the lease host.
         self.on_lease: Callable[[dict[str, Any]], object] = lambda msg: None
+        # Their stdin, as binary data frames (protocol/lease.py), goes there too.
+        self.on_lease_data: Callable[[bytes], object] = lambda raw: None
         # A batch attempt asked to make room for interactive work: (task id, attempt).
         self.on_yield: Callable[[str, int], object] = lambda task_id, attempt: None
         self.tasks_received = 0
@@ -126,6 +129,18 @@ class Channel:
     async def send_lease(self, msg: dict[str, Any]) -> None:
         """Send a lease frame (signed like every frame); ChannelClosed if the channel is down."""
         await self._send(msg)
+
+    async def send_data(self, raw: bytes) -> None:
+        """Send a lease data frame as it is: unsigned, vouched for by this channel's signed
+        handshake and the exec's signed exit (protocol/lease.py); ChannelClosed if down."""
+        if not self.open:
+            raise ChannelClosed("channel closed")
+        try:
+            await self.ws.send(raw)
+        except Exception as exc:  # websockets raises ConnectionClosed subclasses
+            self._down()
+            raise ChannelClosed(str(exc)) from exc
+        self.frames_sent += 1
 
     async def poll(self, slot: int, models: list[str], wait_s: float) -> dict[str, Any] | None:
         """A task for engine `slot`, or None after `wait_s` with no work.
@@ -193,6 +208,9 @@ class Channel:
     async def _read(self) -> None:
         try:
             async for raw in self.ws:
+                if isinstance(raw, bytes) and is_data(raw):
+                    self.on_lease_data(raw)
+                    continue
                 self._dispatch(json.loads(raw))
         except Exception as exc:  # closed, or the coordinator sent something unreadable
             if not self.closed.is_set():

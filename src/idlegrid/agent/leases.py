@@ -4,15 +4,17 @@ Lease frames (protocol/lease.py) arrive on the agent channel: `provision` makes 
 workspace with the configured runtime (bwrap by default) and the leased limits, then runs
 one command in it before answering `provisioned` (a lease is running once its workspace
 answered); `end` kills every process and wipes it (`wiped`). `exec` starts a command
-whose output is sent only as far as the coordinator's credit allows (core/lease/flow.py):
-a reader thread per command blocks when the window is full, so the workload's pipe fills
-and it waits. Repeats are answered again (the coordinator resends after a reconnect).
+whose output is sent, in binary data frames, only as far as the coordinator's credit
+allows (core/lease/flow.py): a reader thread per command blocks when the window is full,
+so the workload's pipe fills and it waits. The reader hands frames to the event loop
+without waiting for each to be sent (one sender task per command keeps their order); the
+window bounds what waits there. Repeats are answered again (the coordinator resends after
+a reconnect).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -25,11 +27,21 @@ from idlegrid.agent.channel import Channel, ChannelClosed
 from idlegrid.agent.context import AgentConfig
 from idlegrid.agent.workspace import open_runtime
 from idlegrid.agent.workspace.base import Execution, Limits, Runtime, Workspace, WorkspaceSpec
-from idlegrid.core.lease.flow import WINDOW, Window
-from idlegrid.protocol.lease import LEASE_PROTOCOL, LeaseFrame, frame
+from idlegrid.core.lease.flow import WINDOW, Owed, Window, credit_batch
+from idlegrid.protocol.lease import (
+    LEASE_PROTOCOL,
+    STDERR,
+    STDIN,
+    STDOUT,
+    BadDataFrame,
+    LeaseFrame,
+    data_frame,
+    frame,
+    read_data,
+)
 
 log = logging.getLogger("idlegrid.agent.leases")
-OUT_CHUNK = 128 * 1024
+OUT_CHUNK = 256 * 1024  # the most one data frame carries
 
 
 class LeaseHost:
@@ -50,6 +62,18 @@ class LeaseHost:
         """Lease frames of this (new) channel come here; answers go back through it."""
         self.channel = channel
         channel.on_lease = self.on_frame
+        channel.on_lease_data = self.on_data
+
+    def on_data(self, raw: bytes) -> None:
+        """A data frame from the coordinator: stdin for one of the running commands."""
+        try:
+            exec_id, stream, data = read_data(raw)
+        except BadDataFrame as exc:
+            log.warning("unreadable data frame dropped: %s", exc)
+            return
+        ex = self.execs.get(exec_id)
+        if ex is not None and stream == STDIN:
+            ex.stdin.put(bytes(data))
 
     def on_frame(self, raw: dict[str, Any]) -> None:
         """A lease frame from the coordinator (called on the agent's event loop)."""
@@ -60,7 +84,9 @@ class LeaseHost:
             log.warning("unreadable lease frame dropped: %s", exc.errors()[0])
             return
         if msg.v != LEASE_PROTOCOL:
-            log.warning("lease frame of version %s dropped (this agent speaks 1)", msg.v)
+            log.warning(
+                "lease frame of version %s dropped (this agent speaks %s)", msg.v, LEASE_PROTOCOL
+            )
             return
         if msg.type == "provision":
             self._making.add(self._spawn(self._provision(msg)))
@@ -191,7 +217,7 @@ def _log_failure(task: asyncio.Future[None]) -> None:
 
 class _Exec:
     """One running command: a thread sends its output within the credit, another writes
-    its streamed stdin."""
+    its streamed stdin; a task on the loop sends what they hand it, in order."""
 
     def __init__(self, host: LeaseHost, lease: str, exec_id: str, window: int) -> None:
         self.host, self.lease, self.id = host, lease, exec_id
@@ -201,6 +227,10 @@ class _Exec:
         self.window = Window(window)
         self.cond = threading.Condition()
         self.stdin: queue.Queue[bytes | None] = queue.Queue()  # bounded by the stdin window
+        self._owed = Owed(credit_batch(window))  # stdin written, not credited back yet
+        # Frames for the sender task: output only within the window, so this is bounded too.
+        self.out: asyncio.Queue[dict[str, Any] | bytes | None] = asyncio.Queue()
+        self.sent = 0  # output bytes handed to the channel (the exit frame states it)
         assert host.loop is not None
         self.loop = host.loop
 
@@ -208,6 +238,7 @@ class _Exec:
         self.execution = execution
         for sig in self._signals:
             execution.signal(sig)
+        self.host._spawn(self._send_out())
         threading.Thread(target=self._pump, daemon=True, name=f"exec-{self.id}").start()
         threading.Thread(target=self._write, daemon=True, name=f"stdin-{self.id}").start()
 
@@ -216,8 +247,6 @@ class _Exec:
             with self.cond:
                 self.window = self.window.credited(msg.size or 0)
                 self.cond.notify_all()
-        elif msg.type == "stdin":
-            self.stdin.put(msg.payload())
         elif msg.type == "stdin-eof":
             self.stdin.put(None)
         elif msg.type == "signal" and msg.signal:
@@ -230,15 +259,28 @@ class _Exec:
         """Nobody reads this command's output any more (its channel went down)."""
         return self.channel is None or not self.channel.open
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.host.send(msg), self.loop)
-        with contextlib.suppress(Exception):
-            fut.result(timeout=30)
+    def _post(self, item: dict[str, Any] | bytes | None) -> None:
+        """Hand a frame to the sender task (from a thread; never waits)."""
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    async def _send_out(self) -> None:
+        while (item := await self.out.get()) is not None:
+            channel = self.channel
+            if channel is None or not channel.open:
+                continue  # dropped: the coordinator failed this exec when the channel went
+            try:
+                if isinstance(item, bytes):
+                    await channel.send_data(item)
+                else:
+                    await channel.send_lease(item)
+            except ChannelClosed:
+                continue
 
     def _pump(self) -> None:
         assert self.execution is not None
         try:
             for stream, data in self.execution.chunks():
+                tag = STDOUT if stream == "stdout" else STDERR
                 while data:
                     with self.cond:
                         while self.window.room == 0 and not self._unread():
@@ -248,13 +290,15 @@ class _Exec:
                         take = min(self.window.room, OUT_CHUNK)
                         part, data = data[:take], data[take:]
                         self.window = self.window.sent(len(part))
-                    self._send(frame("out", self.lease, exec=self.id, stream=stream, data=part))
+                    self.sent += len(part)
+                    self._post(data_frame(self.id, tag, part))
             code = self.execution.wait()
         except Exception as exc:  # the pipes or the process went away under us
             code = -1
             log.warning("exec %s of lease %s: %s", self.id, self.lease, exc)
         self.stdin.put(None)
-        self._send(frame("exit", self.lease, exec=self.id, code=code))
+        self._post(frame("exit", self.lease, exec=self.id, code=code, bytes=self.sent))
+        self._post(None)
         self.host.execs.pop(self.id, None)
 
     def _write(self) -> None:
@@ -267,4 +311,6 @@ class _Exec:
             if not self.execution.write(data):
                 self.execution.close_stdin()
                 # Keep crediting what arrives, so the coordinator's writer never waits.
-            self._send(frame("stdin-credit", self.lease, exec=self.id, bytes=len(data)))
+            self._owed, due = self._owed.passed(len(data))
+            if due:
+                self._post(frame("stdin-credit", self.lease, exec=self.id, bytes=due))

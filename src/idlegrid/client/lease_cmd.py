@@ -1,4 +1,4 @@
-"""Lease commands: `idlegrid lease create|status|end|logs`, `idlegrid exec`, `idlegrid cp`.
+"""Lease commands: `idlegrid lease create|status|extend|end|logs`, `idlegrid exec`, `idlegrid cp`.
 
 `exec` and `cp` speak the coordinator's WebSocket `/api/v1/leases/{id}/exec`
 (coordinator/leases/routes.py): stdin, stdout and stderr streamed, the exit code kept;
@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import secrets
+import socket
 import sys
 import tarfile
 import threading
@@ -27,6 +29,7 @@ from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 lease_app = typer.Typer(help="Leases: a sandboxed workspace on a provider, by the hour.")
 err = Console(stderr=True)
 CHUNK = 64 * 1024
+FORWARD_CHUNK = 256 * 1024  # a forwarded socket read: larger frames, fewer of them
 
 
 class LeaseError(Exception):
@@ -49,17 +52,26 @@ def exec_stream(
     """Run a command (or a cp, a forward, a shell) over the WebSocket; output goes to
     `on_output(1|2, bytes)` as it comes; `stdin` yields bytes (or a dict: a control frame,
     e.g. a shell's resize); returns the exit code, LeaseError if refused or lost."""
+    return asyncio.run(_exec(url, api_key, lease_id, first, stdin, on_output))
+
+
+async def _open(url: str, api_key: str, lease_id: str) -> Any:
+    """The exec WebSocket of a lease (LeaseError with the status if refused).
+
+    asyncio, not the sync client: that one holds one lock while a send blocks and while it
+    takes frames in, so a stream busy both ways (an echo of megabytes) deadlocked it."""
+    from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
-    from websockets.sync.client import connect
 
     ws_url = "ws" + url.rstrip("/")[4:] + f"/api/v1/leases/{lease_id}/exec"
     tls: dict[str, Any] = {}
     if ws_url.startswith("wss:"):
         from idlegrid.tls import client_ssl_context
 
-        tls["ssl"] = client_ssl_context()  # None: the default store; IDLEGRID_CA_BUNDLE
+        if (context := client_ssl_context()) is not None:  # IDLEGRID_CA_BUNDLE
+            tls["ssl"] = context  # else the default store (ssl=None is refused for wss://)
     try:
-        ws = connect(
+        return await connect(
             ws_url,
             **tls,
             additional_headers={"authorization": f"Bearer {api_key}"},
@@ -72,36 +84,67 @@ def exec_stream(
         body = exc.response.body or b"{}"
         message = json.loads(body).get("error", {}).get("message", "refused")
         raise LeaseError(exc.response.status_code, message) from exc
-    with ws:
-        ws.send(json.dumps({**first, "stdin": stdin is not None}))
-        started = json.loads(ws.recv())
-        if started.get("type") == "error":
-            raise LeaseError(started["status"], started["message"], started.get("param"))
-        writer = None
+
+
+async def _started(ws: Any, first: dict[str, Any]) -> None:
+    await ws.send(json.dumps(first))
+    started = json.loads(await ws.recv())
+    if started.get("type") == "error":
+        raise LeaseError(started["status"], started["message"], started.get("param"))
+
+
+def _control(msg: str) -> int | None:
+    """The exit code a control frame reports (None: not the end); LeaseError for an error."""
+    ctl = json.loads(msg)
+    if ctl.get("type") == "error":
+        raise LeaseError(ctl.get("status", 502), ctl["message"], ctl.get("param"))
+    return int(ctl["code"]) if ctl.get("type") == "exit" else None
+
+
+async def _exec(
+    url: str,
+    api_key: str,
+    lease_id: str,
+    first: dict[str, Any],
+    stdin: Iterator[bytes | dict[str, Any]] | Iterator[bytes] | None,
+    on_output: Callable[[int, bytes], None],
+) -> int:
+    loop = asyncio.get_running_loop()
+    async with await _open(url, api_key, lease_id) as ws:
+        await _started(ws, {**first, "stdin": stdin is not None})
+        sending = None
         if stdin is not None:
+            # The source may block (a keyboard, a pipe): a thread reads it, a few parts ahead.
+            parts: asyncio.Queue[bytes | dict[str, Any] | None] = asyncio.Queue(maxsize=4)
             source = stdin
 
             def feed() -> None:
-                # A thread: the socket's own backpressure paces it, output is read meanwhile.
                 try:
                     for part in source:
-                        ws.send(json.dumps(part) if isinstance(part, dict) else b"\x00" + part)
-                    ws.send(json.dumps({"type": "eof"}))
+                        asyncio.run_coroutine_threadsafe(parts.put(part), loop).result()
+                    asyncio.run_coroutine_threadsafe(parts.put(None), loop).result()
                 except Exception:  # the command ended first: it took what it wanted
                     return
 
-            writer = threading.Thread(target=feed, daemon=True)
-            writer.start()
-        for msg in ws:
-            if isinstance(msg, bytes):
-                on_output(msg[0], msg[1:])
-                continue
-            ctl = json.loads(msg)
-            if ctl.get("type") == "exit":
-                return int(ctl["code"])
-            if ctl.get("type") == "error":
-                raise LeaseError(ctl.get("status", 502), ctl["message"], ctl.get("param"))
-        raise LeaseError(502, "the connection closed before the command ended")
+            async def send() -> None:
+                while (part := await parts.get()) is not None:
+                    await ws.send(json.dumps(part) if isinstance(part, dict) else b"\x00" + part)
+                await ws.send(json.dumps({"type": "eof"}))
+
+            threading.Thread(target=feed, daemon=True).start()
+            sending = asyncio.create_task(send())
+        try:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    on_output(msg[0], msg[1:])
+                elif (code := _control(msg)) is not None:
+                    return code
+        finally:
+            if sending is not None:
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sending
+    raise LeaseError(502, "the connection closed before the command ended")
 
 
 def tar_of(path: Path, name: str) -> bytes:
@@ -203,6 +246,18 @@ def end(lease_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl = None
     """End a lease: its processes are killed and /work wiped; unused time is refunded."""
     data = _call(coordinator_url, data_dir, lambda c: c.end_lease(lease_id))
     typer.echo(f"{lease_id} {data['state']} (billed {data['billed_s']} s)")
+
+
+@lease_app.command("extend")
+def extend(
+    lease_id: str,
+    data_dir: DataDir,
+    hours: Annotated[float, typer.Option(help="How many hours later it ends.")] = 1.0,
+    coordinator_url: CoordinatorUrl = None,
+) -> None:
+    """Extend a live lease: its extra worst case is escrowed now (refused if short)."""
+    data = _call(coordinator_url, data_dir, lambda c: c.extend_lease(lease_id, hours))
+    typer.echo(f"{lease_id} {data['state']}, {data['hours']:g} h paid")
 
 
 @lease_app.command("logs")
@@ -336,26 +391,8 @@ def cp(
 def forward_connection(url: str, api_key: str, lease_id: str, port: int, conn: Any) -> None:
     """Carry one accepted local TCP connection to `port` inside the lease, until either
     side closes."""
-    import socket
-
-    def upstream() -> Iterator[bytes]:
-        while True:
-            try:
-                data = conn.recv(CHUNK)
-            except OSError:
-                return
-            if not data:
-                return
-            yield data
-
-    def down(fd: int, data: bytes) -> None:
-        if fd == 1:
-            conn.sendall(data)
-        else:
-            err.print(data.decode(errors="replace"), end="")
-
     try:
-        exec_stream(url, api_key, lease_id, {"forward": port}, stdin=upstream(), on_output=down)
+        asyncio.run(_forward(url, api_key, lease_id, port, conn))
     except (LeaseError, OSError) as exc:
         err.print(f"[red]forward to {port}[/]: {exc}")
     finally:
@@ -364,12 +401,39 @@ def forward_connection(url: str, api_key: str, lease_id: str, port: int, conn: A
         conn.close()
 
 
+async def _forward(url: str, api_key: str, lease_id: str, port: int, conn: Any) -> None:
+    loop = asyncio.get_running_loop()
+    conn.setblocking(False)
+    async with await _open(url, api_key, lease_id) as ws:
+        await _started(ws, {"forward": port, "stdin": True})
+
+        async def up() -> None:
+            while data := await loop.sock_recv(conn, FORWARD_CHUNK):
+                await ws.send(b"\x00" + data)
+            await ws.send(json.dumps({"type": "eof"}))
+
+        sending = asyncio.create_task(up())
+        try:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    if msg[:1] == b"\x01":
+                        # The local client's pace is the stream's.
+                        await loop.sock_sendall(conn, memoryview(msg)[1:])
+                    else:
+                        err.print(msg[1:].decode(errors="replace"), end="")
+                elif _control(msg) is not None:
+                    return
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sending
+
+
 def serve_forward(
     url: str, api_key: str, lease_id: str, local: int, remote: int, stop: threading.Event,
     ready: threading.Event | None = None,
 ) -> None:  # fmt: skip
     """Listen on 127.0.0.1:`local`; each connection is carried to `remote` in the lease."""
-    import socket
 
     with socket.create_server(("127.0.0.1", local)) as server:
         server.settimeout(0.2)

@@ -102,6 +102,12 @@ class GridClient:
         """End a lease: billed to now, the rest refunded, the workspace wiped."""
         return self._json(self.http.post(f"/api/v1/leases/{lease_id}/end"))
 
+    def extend_lease(self, lease_id: str, hours: float) -> dict[str, Any]:
+        """End a lease `hours` later; the extra worst case is escrowed first (402 if short)."""
+        return self._json(
+            self.http.post(f"/api/v1/leases/{lease_id}/extend", json={"hours": hours})
+        )
+
     def lease_logs(self, lease_id: str) -> str:
         """The last output of a lease's commands."""
         return str(self._json(self.http.get(f"/api/v1/leases/{lease_id}/logs"))["logs"])

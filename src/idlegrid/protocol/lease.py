@@ -1,31 +1,47 @@
-"""Lease frames on the agent channel (version 1): provisioning, ending and exec streams.
+"""Lease frames on the agent channel (version 2): provisioning, ending and exec streams.
 
-Coordinator → agent (`type`): `provision` (spec) · `end` · `exec` (argv, env, cwd, stdin,
-window) · `stdin` (data) · `stdin-eof` · `credit` (bytes the coordinator passed on) ·
-`signal` (signal number).
+Control frames are JSON. Coordinator → agent (`type`): `provision` (spec) · `end` ·
+`exec` (argv, env, cwd, stdin, window) · `stdin-eof` · `credit` (bytes the coordinator
+passed on) · `signal` (signal number).
 Agent → coordinator (signed like every agent frame): `provisioned` · `provisioning-failed`
-(reason) · `wiped` · `out` (stream, data) · `stdin-credit` (bytes written to the
-workload) · `exit` (code) · `exec-failed` (reason).
+(reason) · `wiped` · `stdin-credit` (bytes written to the workload) · `exit` (code, and
+`bytes`: how many output bytes it sent) · `exec-failed` (reason).
 
-Bytes travel base64-encoded in `data`. An agent or coordinator that meets a `v` it does not
-know refuses the frame (the lease then fails as provisioning-failed or provider-lost).
+Stream bytes (stdin one way, stdout/stderr the other) travel as **binary data frames**: a
+10-byte header (`DATA_MARK`, the stream, the exec id's 8 bytes) then the raw bytes. They
+are not signed one by one: signing was most of the cost of a byte on its way (an Ed25519
+signature and a SHA-256 per frame, plus base64 and JSON), and a data frame needs no
+signature of its own to be trusted as far as a signed one. It rides a channel whose
+handshake the agent signed; the coordinator takes it only for an exec it opened on that
+agent's channel, only within the credit it gave, and the agent's signed `exit` states how
+many bytes it sent, so a lost or injected frame fails the exec. (Frames from the
+coordinator were never signed: the transport, TLS outside loopback, carries their
+integrity, and now that of data frames too.)
+
+An agent or coordinator that meets a `v` it does not know refuses the frame (the lease then
+fails as provisioning-failed or provider-lost): a version-1 agent (base64 `out` frames)
+fails its leases' provisioning.
 """
 
 from __future__ import annotations
 
-import base64
+import struct
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-LEASE_PROTOCOL = 1
+LEASE_PROTOCOL = 2
+EXEC_ID = r"^ex_[0-9a-f]{16}$"  # 8 random bytes, hex: the id a data frame carries raw
+DATA_MARK = 0xB2  # first byte of a data frame: never that of a signed frame (a digit) or JSON
+STDIN, STDOUT, STDERR = 0, 1, 2
+STREAMS = {STDOUT: "stdout", STDERR: "stderr"}
+_HEADER = struct.Struct("!BB8s")
 
-TO_AGENT = ("provision", "end", "exec", "stdin", "stdin-eof", "credit", "signal")
+TO_AGENT = ("provision", "end", "exec", "stdin-eof", "credit", "signal")
 TO_COORDINATOR = (
     "provisioned",
     "provisioning-failed",
     "wiped",
-    "out",
     "stdin-credit",
     "exit",
     "exec-failed",
@@ -52,31 +68,45 @@ class LeaseFrame(BaseModel):
     v: int = LEASE_PROTOCOL
     type: str
     lease: str = Field(max_length=64)
-    exec: str | None = Field(default=None, max_length=64)
+    exec: str | None = Field(default=None, pattern=EXEC_ID)
     spec: LeaseSpecMsg | None = None
     argv: list[str] | None = None
     env: dict[str, str] | None = None
     cwd: str | None = None
     stdin: bool | None = None
     window: int | None = None
-    stream: Literal["stdout", "stderr"] | None = None
-    data: str | None = None  # base64
     size: int | None = Field(default=None, alias="bytes")
     code: int | None = None
     signal: int | None = None
     reason: str | None = Field(default=None, max_length=4000)
-
-    def payload(self) -> bytes:
-        """The bytes `data` carries."""
-        return base64.b64decode(self.data or "")
 
     def wire(self) -> dict[str, Any]:
         """The frame as JSON-ready dict, without the fields it does not use."""
         return self.model_dump(exclude_none=True, mode="json", by_alias=True)
 
 
-def frame(type_: str, lease: str, *, data: bytes | None = None, **fields: Any) -> dict[str, Any]:
-    """A lease frame ready to send (bytes in `data` base64-encoded)."""
-    if data is not None:
-        fields["data"] = base64.b64encode(data).decode()
+def frame(type_: str, lease: str, **fields: Any) -> dict[str, Any]:
+    """A lease control frame ready to send."""
     return LeaseFrame(type=type_, lease=lease, **fields).wire()
+
+
+class BadDataFrame(ValueError):
+    """Bytes that are not a lease data frame (the channel that sent them is closed)."""
+
+
+def is_data(raw: bytes) -> bool:
+    """Whether a channel message is a data frame (rather than a signed or JSON frame)."""
+    return raw[:1] == b"\xb2"
+
+
+def data_frame(exec_id: str, stream: int, payload: bytes) -> bytes:
+    """A data frame: `payload` of `stream` (STDIN, STDOUT or STDERR) of exec `exec_id`."""
+    return _HEADER.pack(DATA_MARK, stream, bytes.fromhex(exec_id[3:])) + payload
+
+
+def read_data(raw: bytes) -> tuple[str, int, memoryview]:
+    """(exec id, stream, payload) of a data frame; BadDataFrame if it is not one."""
+    if len(raw) < _HEADER.size or raw[0] != DATA_MARK or raw[1] not in (STDIN, STDOUT, STDERR):
+        raise BadDataFrame(f"not a lease data frame ({len(raw)} bytes, first {raw[:2].hex()})")
+    _, stream, ident = _HEADER.unpack_from(raw)
+    return "ex_" + ident.hex(), stream, memoryview(raw)[_HEADER.size :]

@@ -9,6 +9,7 @@ the pipe and the workload blocks on write, so nothing is buffered without bound 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import selectors
 import signal
@@ -23,7 +24,8 @@ Stream = Literal["stdout", "stderr"]
 # Input for a command: all of it at once, "stream" (the caller writes it: `Execution.write`,
 # then `close_stdin`), or None (no input).
 Stdin = bytes | Literal["stream"] | None
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024  # the most one read of a workload's output takes
+PIPE_BYTES = 1 << 20  # pipes to and from a workload: fewer, larger reads than the 64 KiB default
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,11 @@ class Execution:
     def __init__(self, proc: subprocess.Popen[bytes], stdin: Stdin) -> None:
         self.proc = proc
         self._writer: threading.Thread | None = None
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                # Past /proc/sys/fs/pipe-max-size an unprivileged agent is refused: keep 64 KiB.
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         if isinstance(stdin, bytes) and proc.stdin is not None:
             pipe = proc.stdin
 

@@ -17,8 +17,9 @@ to `next`; uploads are not answered one by one) ·
 for an attempt that is no longer this agent's, or an upload out of order) ·
 `{"op": "yield", "task_id", "attempt"}` (a batch attempt makes room for interactive work:
 the agent hands it back with a part commitment) · `{"op": "error", "message"}` before a
-close; and lease frames both ways
-(`{"op": "lease", "v": 1, ...}`, protocol/lease.py), for the leases domain.
+close; and lease frames both ways (`{"op": "lease", "v": 2, ...}`, and unsigned binary
+data frames of exec streams, whose first byte is `DATA_MARK`: protocol/lease.py), for the
+leases domain.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from idlegrid.coordinator.views import TaskView
 from idlegrid.errors import AuthError, Conflict
 from idlegrid.protocol import messages as m
-from idlegrid.protocol.lease import LEASE_PROTOCOL, LeaseFrame
+from idlegrid.protocol.lease import LEASE_PROTOCOL, BadDataFrame, LeaseFrame, is_data
 from idlegrid.protocol.signing import frame_headers
 
 if TYPE_CHECKING:  # the HTTP layer's view of the services; routes build it
@@ -105,9 +106,10 @@ class _Channel:
         self.polls: dict[int, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
 
-    async def send(self, obj: dict[str, Any]) -> None:
+    async def send(self, obj: dict[str, Any] | bytes) -> None:
+        raw = obj if isinstance(obj, bytes) else json.dumps(obj, separators=(",", ":")).encode()
         async with self._send_lock:
-            await self.ws.send_bytes(json.dumps(obj, separators=(",", ":")).encode())
+            await self.ws.send_bytes(raw)
 
     async def run(self) -> None:
         # Lease frames (provision, exec streams) reach this agent through this channel.
@@ -122,11 +124,16 @@ class _Channel:
                 if raw is None:
                     raw = (message.get("text") or "").encode()
                 try:
+                    if is_data(raw):
+                        # Exec stream bytes: not signed one by one (protocol/lease.py says
+                        # why); this channel's signed handshake names the agent.
+                        self.svc.leases.on_agent_data(self.node_id, raw)
+                        continue
                     await self.handle(self.open(raw))
                 except AuthError as exc:
                     await self.close(CLOSE_AUTH, exc.message)
                     return
-                except BadFrame as exc:
+                except (BadFrame, BadDataFrame) as exc:
                     await self.close(CLOSE_BAD_FRAME, str(exc))
                     return
         except WebSocketDisconnect:

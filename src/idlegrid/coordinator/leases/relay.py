@@ -2,9 +2,10 @@
 
 Output: the agent may have `window` bytes un-credited (core/lease/flow.py); the relay
 credits bytes back only once the consumer's socket took them (or, with no consumer
-attached, once they are in the lease's log ring), so the queue here never holds more than
-one window and a slow consumer slows the workload. Stdin: the relay sends at most `window`
-bytes the agent has not yet written to the workload; `write` waits for room.
+attached, once they are in the lease's log ring), a quarter window at a time, so the queue
+here never holds more than one window and a slow consumer slows the workload. Stdin: the
+relay sends at most `window` bytes the agent has not yet written to the workload; `write`
+waits for room. Stream bytes go both ways as binary data frames (protocol/lease.py).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from idlegrid.core.lease.flow import WINDOW, CreditExceeded, Window
-from idlegrid.protocol.lease import LeaseFrame, frame
+from idlegrid.core.lease.flow import WINDOW, CreditExceeded, Owed, Window, credit_batch
+from idlegrid.protocol.lease import STDIN, STREAMS, LeaseFrame, data_frame, frame
 
 LOG_BYTES = 64 * 1024  # the last output of a lease's execs, for `idlegrid lease logs`
-STDIN_CHUNK = 32 * 1024
+STDIN_CHUNK = 256 * 1024
 
-Item = tuple[str, Any]  # ("stdout" | "stderr", bytes) · ("exit", code) · ("error", reason)
+# ("stdout" | "stderr", bytes or a memoryview of the frame) · ("exit", code) · ("error", reason)
+Item = tuple[str, Any]
 
 
 class ExecRelay:
@@ -31,7 +33,7 @@ class ExecRelay:
         self,
         lease_id: str,
         node_id: str,
-        send: Callable[[dict[str, Any]], Awaitable[bool]],
+        send: Callable[[dict[str, Any] | bytes], Awaitable[bool]],
         log: bytearray,
         window: int = WINDOW,
     ) -> None:
@@ -42,6 +44,9 @@ class ExecRelay:
         self.window = window
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._queued = 0  # output bytes queued here: at most one window (the agent's credit)
+        self.peak_queued = 0  # the most it ever held (tests check the bound holds)
+        self.received = 0  # output bytes that arrived (the agent's exit states its count)
+        self._owed = Owed(credit_batch(window))
         self._stdin = Window(window)
         self._stdin_room = asyncio.Event()
         self.exit_code: int | None = None
@@ -53,22 +58,35 @@ class ExecRelay:
 
     # ---- from the agent -----------------------------------------------------------------
 
-    def on_agent(self, msg: LeaseFrame) -> None:
-        """A frame of this exec from the agent."""
+    def on_data(self, stream: int, data: memoryview) -> None:
+        """Output bytes of this exec from the agent (a data frame)."""
         if self.done:
             return
-        if msg.type == "out" and msg.stream is not None:
-            data = msg.payload()
-            if self._queued + len(data) > self.window:
-                self.fail(f"the agent sent past its credit ({self._queued + len(data)} bytes)")
-                return
-            self._queued += len(data)
-            self._queue.put_nowait((msg.stream, data))
-        elif msg.type == "stdin-credit":
+        name = STREAMS.get(stream)
+        if name is None:
+            self.fail("the agent sent stdin")
+            return
+        if self._queued + len(data) > self.window:
+            self.fail(f"the agent sent past its credit ({self._queued + len(data)} bytes)")
+            return
+        self._queued += len(data)
+        self.received += len(data)
+        self.peak_queued = max(self.peak_queued, self._queued)
+        self._queue.put_nowait((name, data))
+
+    def on_agent(self, msg: LeaseFrame) -> None:
+        """A control frame of this exec from the agent."""
+        if self.done:
+            return
+        if msg.type == "stdin-credit":
             with contextlib.suppress(CreditExceeded):
                 self._stdin = self._stdin.credited(msg.size or 0)
             self._stdin_room.set()
         elif msg.type == "exit":
+            if msg.size is not None and msg.size != self.received:
+                # Data frames are not signed one by one: the signed exit vouches for them.
+                self.fail(f"the agent sent {msg.size} output bytes, {self.received} arrived")
+                return
             self.exit_code = msg.code if msg.code is not None else -1
             self.done = True
             self._queue.put_nowait(("exit", self.exit_code))
@@ -90,14 +108,16 @@ class ExecRelay:
         item = await self._queue.get()
         if item[0] in ("stdout", "stderr"):
             self._queued -= len(item[1])
-            self._log.extend(item[1])
+            self._log.extend(item[1][-LOG_BYTES:])
             del self._log[: max(0, len(self._log) - LOG_BYTES)]
         return item
 
     async def credit(self, n: int) -> None:
-        """The consumer took `n` output bytes: the agent may send that many more."""
-        if n > 0 and not self.done:
-            await self._send(frame("credit", self.lease_id, exec=self.id, bytes=n))
+        """The consumer took `n` output bytes: the agent may send that many more (credited
+        a quarter window at a time)."""
+        self._owed, due = self._owed.passed(n)
+        if due > 0 and not self.done:
+            await self._send(frame("credit", self.lease_id, exec=self.id, bytes=due))
 
     async def write(self, data: bytes) -> None:
         """Send stdin to the workload, waiting while a window of it is unwritten."""
@@ -109,7 +129,7 @@ class ExecRelay:
             take = min(self._stdin.room, STDIN_CHUNK)
             part, data = data[:take], data[take:]
             self._stdin = self._stdin.sent(len(part))
-            await self._send(frame("stdin", self.lease_id, exec=self.id, data=part))
+            await self._send(data_frame(self.id, STDIN, part))
 
     async def close_stdin(self) -> None:
         """End of input for the workload."""

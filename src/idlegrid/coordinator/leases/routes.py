@@ -67,6 +67,20 @@ async def end_lease(lease_id: str, request: Request) -> dict[str, Any]:
     return (await services(request).leases.end_now(lease_id, key_id)).to_dict()
 
 
+@router.post(
+    "/leases/{lease_id}/extend",
+    response_model=s.LeaseOut,
+    responses=errors(400, 401, 402, 404, 409),
+)
+async def extend_lease(lease_id: str, request: Request) -> dict[str, Any]:
+    """End the lease `hours` later: the extra worst case is escrowed first (402 if the
+    balance cannot cover it, nothing changed); 409 once the lease is ending or over."""
+    key_id = await _key(request)
+    body = parse(s.ExtendIn, await request.body())
+    svc = services(request)
+    return (await svc.db(svc.leases.extend, lease_id, key_id, body.hours)).to_dict()
+
+
 @router.get("/leases/{lease_id}/logs", response_model=s.LeaseLogs, responses=errors(401, 404))
 async def lease_logs(lease_id: str, request: Request) -> dict[str, Any]:
     """The last 64 KiB its execs wrote (kept by the coordinator, lost on its restart)."""

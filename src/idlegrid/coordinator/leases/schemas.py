@@ -65,3 +65,10 @@ class LeaseLogs(BaseModel):
 
     lease: str
     logs: str
+
+
+class ExtendIn(BaseModel):
+    """How many hours later the lease should end."""
+
+    model_config = ConfigDict(extra="forbid")
+    hours: float = Field(gt=0, le=720)

@@ -33,12 +33,14 @@ from idlegrid.core.lease.lifecycle import (
 )
 from idlegrid.core.lease.spec import workspace_spec
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
-from idlegrid.protocol.lease import LeaseFrame, frame
+from idlegrid.protocol.lease import LeaseFrame, frame, read_data
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Send = Callable[[dict[str, Any] | bytes], Awaitable[None]]  # a control frame or a data frame
 LIVE = (LeaseState.PROVISIONING.value, LeaseState.RUNNING.value, LeaseState.ENDING.value)
+EXTENDABLE = (LeaseState.PENDING.value, LeaseState.PROVISIONING.value, LeaseState.RUNNING.value)
+MAX_EXTEND_H = 24.0 * 30  # one extension at most: a month
 # Making a workspace takes about 0.1 s; pip requirements from a wheelhouse take longer.
 PROVISION_TIMEOUT_S = 600.0
 LOST_FILES = "the provider was lost: the workspace and its files are gone (nothing was kept)"
@@ -61,6 +63,11 @@ class LeaseMoney(Protocol):
         self, s: Session, order_id: str, before_s: int, now_s: int, close: str | None
     ) -> None:
         """Pay the provider for running seconds (before_s, now_s]; close with `close`."""
+        ...
+
+    def extend_lease(self, s: Session, order_id: str, hours: float) -> int:
+        """Escrow `hours` more of the order's worst case (InsufficientCredits if the
+        consumer cannot cover it); returns the µcr escrowed."""
         ...
 
 
@@ -274,6 +281,25 @@ class Leases:
             self._move(s, row, cause, self.ctx.clock())
         return self.get(lease_id, key_id)
 
+    def extend(self, lease_id: str, key_id: str | None, hours: float) -> LeaseView:
+        """Move a live lease's end `hours` later, its worst case escrowed first (402 and
+        nothing changed if the balance cannot cover it; 409 once it is ending or over)."""
+        if not 0 < hours <= MAX_EXTEND_H:
+            raise InvalidRequest(f"hours: more than 0, at most {MAX_EXTEND_H:g}", param="hours")
+        with self.store.tx() as s:
+            row = s.get(Lease, lease_id)
+            if row is None or (key_id is not None and row.key_id != key_id):
+                raise LeaseNotFound(lease_id)
+            if row.state not in EXTENDABLE:
+                raise Conflict(
+                    f"lease {lease_id} is {row.state}: only a live lease can be extended",
+                    state=row.state,
+                )
+            self.money.extend_lease(s, row.id, hours)
+            row.hours += hours
+            row.updated_at = self.ctx.clock()
+        return self.get(lease_id, key_id)
+
     async def end_now(self, lease_id: str, key_id: str | None) -> LeaseView:
         """`end`, and the agent told at once (not on the next tick)."""
         view = await self.ctx.db(self.end, lease_id, key_id)
@@ -318,7 +344,9 @@ class Leases:
                 for r in s.scalars(q)
             ]
 
-    async def _send(self, node: str, msg: dict[str, Any], key: tuple[str, str] | None) -> bool:
+    async def _send(
+        self, node: str, msg: dict[str, Any] | bytes, key: tuple[str, str] | None
+    ) -> bool:
         send = self.links.get(node)
         if send is None:
             return False
@@ -367,6 +395,14 @@ class Leases:
             return  # an exec that ended here already: what it still sends is dropped
         relay.on_agent(msg)
 
+    def on_agent_data(self, node_id: str, raw: bytes) -> None:
+        """A data frame from an agent's channel (BadDataFrame if it is not one): taken only
+        for an exec opened on that agent (the channel's signed handshake says who sent it)."""
+        exec_id, stream, data = read_data(raw)
+        relay = self.relays.get(exec_id)
+        if relay is not None and relay.node_id == node_id:
+            relay.on_data(stream, data)
+
     # ---- exec ---------------------------------------------------------------------------
 
     async def open_exec(
@@ -408,8 +444,8 @@ class Leases:
             raise Conflict(f"lease {lease_id}: its provider is not connected now", state="running")
         return relay
 
-    def _sender(self, node: str) -> Callable[[dict[str, Any]], Awaitable[bool]]:
-        async def send(msg: dict[str, Any]) -> bool:
+    def _sender(self, node: str) -> Callable[[dict[str, Any] | bytes], Awaitable[bool]]:
+        async def send(msg: dict[str, Any] | bytes) -> bool:
             return await self._send(node, msg, None)
 
         return send

@@ -521,6 +521,10 @@ class Market:
         made = tuple(r for r in new if r is not None)
         self.reservations = made if fresh else (*self.reservations, *made)
 
+    def extend_lease(self, s: Any, order_id: str, hours: float) -> int:
+        """Escrow `hours` more of a lease's worst case, in the lease's transaction."""
+        return self.store.extend_lease(s, order_id, hours)
+
     def bill_lease(
         self, s: Any, order_id: str, before_s: int, now_s: int, close: str | None
     ) -> None:

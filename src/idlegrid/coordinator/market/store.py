@@ -37,7 +37,14 @@ from idlegrid.coordinator.market.views import (
 )
 from idlegrid.core import ledger
 from idlegrid.core.market import settlement
-from idlegrid.core.market.orders import TERMINAL, Order, OrderKind, OrderState, order_transition
+from idlegrid.core.market.orders import (
+    TERMINAL,
+    Order,
+    OrderKind,
+    OrderState,
+    order_transition,
+    parse_order,
+)
 from idlegrid.errors import Conflict, IdlegridError
 
 # Outcomes that are not the provider's fault: they do not lower its reliability.
@@ -368,6 +375,25 @@ class MarketStore:
                 room -= amount
         row.accrued_until = end
         row.updated_at = self.clock()
+
+    def extend_lease(self, s: Session, order_id: str, hours: float) -> int:
+        """Escrow `hours` more of a lease order's worst case, in the caller's transaction
+        (InsufficientCredits, and nothing changed, if the consumer cannot cover it); returns
+        the µcr escrowed."""
+        row = self._row(s, order_id)
+        if row.state != OrderState.ACTIVE.value or row.kind != OrderKind.LEASE.value:
+            raise Conflict(f"order {order_id} is {row.state}: nothing to extend", state=row.state)
+        body = {**row.body, "hours": float(row.body["hours"]) + hours}
+        extra = parse_order({**row.body, "hours": hours}).budget()
+        done = (LedgerEntry.cause_id == order_id) & (LedgerEntry.memo == "lease-extend")
+        seq = int(s.scalar(select(func.count()).where(done)) or 0)
+        self.store._post(s, settlement.top_up(order_id, row.key_id, seq, extra))
+        row.budget += extra
+        row.body = body
+        if row.ends_at is not None:
+            row.ends_at += hours * 3600
+        row.updated_at = self.clock()
+        return extra
 
     def bill_lease(
         self, s: Session, order_id: str, before_s: int, now_s: int, fee_bps: int, close: str | None

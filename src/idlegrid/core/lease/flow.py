@@ -49,3 +49,35 @@ def chunks_within(data: bytes, room: int, size: int) -> tuple[bytes, bytes]:
     """The part of `data` that fits `room` (at most `size`), and what must wait."""
     take = max(0, min(len(data), room, size))
     return data[:take], data[take:]
+
+
+@dataclass(frozen=True)
+class Owed:
+    """Bytes a receiver passed on but has not credited back yet, credited in batches of
+    `batch` so that a stream of small frames does not answer each with a frame.
+
+    No stall follows from holding credit back while `batch` is at most half the window: a
+    sender out of room has a full window in flight, so more than half of it is still queued
+    at the receiver, which passes it on and so reaches the batch."""
+
+    batch: int
+    owed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch <= 0 or self.owed < 0:
+            raise CreditExceeded(f"a batch of {self.batch} with {self.owed} owed")
+
+    def passed(self, n: int) -> tuple[Owed, int]:
+        """After passing `n` more bytes on: the new state and the credit to send now (0:
+        none yet)."""
+        if n < 0:
+            raise CreditExceeded(f"passed a negative count ({n})")
+        total = self.owed + n
+        if total >= self.batch:
+            return replace(self, owed=0), total
+        return replace(self, owed=total), 0
+
+
+def credit_batch(window: int) -> int:
+    """How much a receiver passes on before crediting it back: a quarter of the window."""
+    return max(1, window // 4)

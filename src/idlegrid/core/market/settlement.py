@@ -51,6 +51,20 @@ def prepay(order_id: str, key_id: str, amount: int) -> Entry:
     )
 
 
+def top_up(order_id: str, key_id: str, seq: int, amount: int) -> Entry:
+    """Move more of the consumer's credits into an order's escrow (a lease extended)."""
+    _positive(amount, "top-up")
+    return make_entry(
+        f"topup:{order_id}:{seq}",
+        Cause("order", order_id),
+        [
+            Posting(consumer_account(key_id), -amount),
+            Posting(order_escrow_account(order_id), amount),
+        ],
+        "lease-extend",
+    )
+
+
 def accrue(order_id: str, node_id: str, seq: int, amount: int, fee_bps: int) -> Entry:
     """Pay `amount` of an order's escrow to a provider's accrual, less the protocol fee."""
     _positive(amount, "accrual")
