@@ -100,6 +100,12 @@ class BatchedLlama:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._replaying = threading.Lock()
+        # The start-up benchmark's aggregate decode tokens/s by sequences, and the
+        # concurrency the provider advertises from it (engines/parallel.best_concurrency).
+        self.aggregate_tps: dict[int, float] = {}
+        self.concurrency = parallel
+        # Constrained requests run on the engine's own context, one at a time.
+        self._plain = threading.Lock()
         self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
         self.decode_s = 0.0  # seconds in batched llama_decode calls
         self.sample_s = 0.0  # seconds sampling and reading rows after them (Python)
@@ -336,8 +342,8 @@ class BatchedLlama:
             self._embeddings_on = on
 
     def slots(self) -> list[BatchedSlot]:
-        """One engine per slot for the agent's serving loops, all decoding in this batch."""
-        return [BatchedSlot(self) for _ in range(self.parallel)]
+        """One engine per advertised slot for the agent's serving loops, all in this batch."""
+        return [BatchedSlot(self) for _ in range(self.concurrency)]
 
     def close(self) -> None:
         """Stop the scheduler (pending and active sequences fail) and free the context."""
@@ -365,7 +371,8 @@ class BatchedSlot:
 
     The agent gives each slot its own loop and recorder; generation goes into the shared
     batch. Everything else is the underlying llama.cpp engine's (same model, same
-    determinism class); constrained output is not offered on this path.
+    determinism class). A constrained request (grammar) runs unbatched on the engine's own
+    context, one at a time, and commits as a plain answer.
     """
 
     def __init__(self, batched: BatchedLlama) -> None:
@@ -379,7 +386,24 @@ class BatchedSlot:
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
         """This slot's sequence in the shared batch, recorded by `recorder` when set."""
         self.steps = _Last()
+        if params.grammar is not None:
+            return self._constrained(list(prompt_ids), params)
         return self.batched.generate(prompt_ids, params, self.recorder, self.steps)
+
+    def _constrained(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
+        engine, rec = self.engine, self.recorder
+        with self.batched._plain:
+            engine.recorder = rec
+            inner = engine.generate(ids, params)
+            try:
+                for token in inner:
+                    self.steps = engine.steps
+                    yield token
+            finally:
+                inner.close()
+                engine.recorder = None
+                if rec is not None:  # the deferred first state, while the context holds it
+                    rec.finish()
 
     @property
     def context_length(self) -> int:
@@ -393,8 +417,14 @@ class BatchedSlot:
         return template
 
     def describe(self) -> dict[str, Any]:
-        """The engine's facts, without a grammar engine (constraints go elsewhere)."""
-        return {**self.engine.describe(), "grammar": None, "parallel": self.batched.parallel}
+        """The engine's facts, with the batch's size and its start-up measurements."""
+        b = self.batched
+        return {
+            **self.engine.describe(),
+            "parallel": b.parallel,
+            "concurrency": b.concurrency,
+            "aggregate_tps": {str(n): round(t, 2) for n, t in b.aggregate_tps.items()},
+        }
 
     def __getattr__(self, name: str) -> Any:
         # tokenize, detokenize, is_end, det_class, audit, ...: the underlying engine's

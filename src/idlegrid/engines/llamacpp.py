@@ -30,6 +30,7 @@ import numpy as np
 
 from idlegrid.core import grammar
 from idlegrid.core.trust import sampling
+from idlegrid.engines import parallel
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.models import resolve_model
@@ -413,6 +414,24 @@ class LlamaCppEngine:
     def context_length(self) -> int:
         """Maximum tokens per sequence: the context size, at most the trained length."""
         return self._context_length
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of a sequence takes (F16, every layer, from the model's
+        metadata; sliding-window layers counted in full, a margin on the safe side)."""
+        lib, model = self._lib, self._llm.model
+        arch = self._llm.metadata.get("general.architecture", "")
+        n_head = max(1, lib.llama_model_n_head(model))
+        head = self._n_embd // n_head
+
+        def meta(key: str) -> int:
+            return int(self._llm.metadata.get(f"{arch}.attention.{key}", head))
+
+        return parallel.kv_bytes_per_token(
+            lib.llama_model_n_layer(model),
+            lib.llama_model_n_head_kv(model),
+            meta("key_length"),
+            meta("value_length"),
+        )
 
     def describe(self) -> dict[str, Any]:
         """Engine facts for the determinism class."""
