@@ -106,6 +106,9 @@ class BatchedLlama:
         self.concurrency = parallel
         # Constrained requests run on the engine's own context, one at a time.
         self._plain = threading.Lock()
+        # Sample a step's plain rows in one pass (core/trust/batch_sampling); False: one by
+        # one, as before (bench/bench_batch_sampling.py compares the two).
+        self.vector = hasattr(engine, "_pick_rows")
         self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
         self.decode_s = 0.0  # seconds in batched llama_decode calls
         self.sample_s = 0.0  # seconds sampling and reading rows after them (Python)
@@ -241,10 +244,11 @@ class BatchedLlama:
         self.decode_s += t1 - t0
         n = len(ready)
         self.step_sizes.append(n)
-        pick = self.engine._pick
+        rows = [self._row(row) for row in range(n)]
+        tokens = self._sample(ready, [lg for _, lg in rows])
         for row, s in enumerate(ready):
-            state, logits = self._row(row)
-            token = s.steps.pick(pick, logits, s.seed, s.pos + 1)
+            state = rows[row][0]
+            token = tokens[row]
             s.out.put((token, state, s.steps.last, (n, row)))
             s.produced += 1
             s.next_token, s.pos = token, s.pos + 1
@@ -252,6 +256,31 @@ class BatchedLlama:
                 with self._cv:
                     self._retire(s, None)
         self.sample_s += time.perf_counter() - t1
+
+    def _sample(self, ready: list[_Seq], logits: list[np.ndarray]) -> list[int]:
+        """Each row's token: rows that need only seed, temperature and top_p in one
+        vectorised pass (`vector`), the others (penalties, bias, logprobs) one by one."""
+        pick = self.engine._pick
+        plain = [
+            i
+            for i, s in enumerate(ready)
+            if self.vector and s.steps.adjust.neutral and s.params.logprobs is None
+        ]
+        tokens = [0] * len(ready)
+        if len(plain) > 1:
+            got = self.engine._pick_rows(
+                np.stack([logits[i] for i in plain]),
+                [ready[i].seed for i in plain],
+                [ready[i].pos + 1 for i in plain],
+                [ready[i].params for i in plain],
+            )
+            for i, tok in zip(plain, got, strict=True):
+                tokens[i] = tok
+        done = set(plain) if len(plain) > 1 else set()
+        for i, s in enumerate(ready):
+            if i not in done:
+                tokens[i] = s.steps.pick(pick, logits[i], s.seed, s.pos + 1)
+        return tokens
 
     # ---- replay (verifier) ------------------------------------------------------------
 

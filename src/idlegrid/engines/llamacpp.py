@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from idlegrid.core import grammar
-from idlegrid.core.trust import sampling
+from idlegrid.core.trust import batch_sampling, sampling
 from idlegrid.engines import parallel
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
@@ -274,6 +274,19 @@ class LlamaCppEngine:
 
     def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
         return sampling.choose(logits, seed, position, params.temperature, params.top_p)
+
+    def _pick_rows(
+        self,
+        logits: np.ndarray,
+        seeds: Sequence[int],
+        positions: Sequence[int],
+        params: Sequence[SamplingParams],
+    ) -> list[int]:
+        """`_pick` of every row of an (n, vocab) array, in one vectorised pass."""
+        if type(self)._pick is not LlamaCppEngine._pick:  # a subclass's own draw (cheats)
+            return [self._pick(*a) for a in zip(logits, seeds, positions, params, strict=True)]
+        temps, top_ps = [q.temperature for q in params], [q.top_p for q in params]
+        return batch_sampling.choose_rows(logits, seeds, positions, temps, top_ps)
 
     def matcher(self, spec: grammar.GrammarSpec, prefix: Sequence[int] = ()) -> Any:
         """A grammar matcher over this model's vocabulary, advanced over `prefix`."""
