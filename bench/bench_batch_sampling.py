@@ -4,7 +4,8 @@
 
 One `BatchedLlama` on the default model serves N concurrent seeded requests (T 0.8,
 top_p 1); rounds alternate `vector` off (each row through `Steps.pick`) and on
-(`core/trust/batch_sampling.choose_rows`), so load on the shared machine hits both alike.
+(`core/trust/batch_sampling.choose_rows`), in ABBA order, so load on the shared machine
+hits both alike.
 Per round: sampling-and-reading ms per step, decode ms per step, aggregate tokens/s; then
 a sampler-only comparison on one step's real logits (N rows), interleaved repeats.
 Medians; ratios from the same run. Both modes must produce the same texts.
@@ -62,8 +63,8 @@ def main() -> None:
     b = BatchedLlama(engine, args.requests, context_per_seq=256)
     prompts = [engine.tokenize(PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
     rows: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
-    for _ in range(args.rounds):
-        for vector in (False, True):
+    for r in range(args.rounds):
+        for vector in (False, True) if r % 2 == 0 else (True, False):  # ABBA: no order bias
             b.vector = vector
             b.decode_s = b.sample_s = 0.0
             b.step_sizes.clear()
