@@ -3,7 +3,7 @@
     PYTHONPATH=src python bench/bench_batched_grid.py --concurrency 8 --max-tokens 64 --threads 2
 
 Two local grids (coordinator + one provider process each, `--threads` engine threads) run
-side by side: "old" serves one request at a time (`--slots 1`, the default), "new" one
+side by side: "old" serves one request at a time (`--parallel 0`, one slot), "new" one
 engine copy with `--parallel <concurrency>` (engines/batched). Batches of `--concurrency`
 simultaneous streamed completions (official openai client, greedy) alternate between the
 two, so load on the shared machine hits both alike. Reported per side, medians over
@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     grids = {
         "old": LocalGrid(Path(tempfile.mkdtemp(prefix="ig-old-")), free_port(), providers=1,
-                         threads=args.threads),
+                         threads=args.threads, provider_args=("--parallel", "0")),
         "new": LocalGrid(Path(tempfile.mkdtemp(prefix="ig-new-")), free_port(), providers=1,
                          threads=args.threads,
                          provider_args=("--parallel", str(args.concurrency))),

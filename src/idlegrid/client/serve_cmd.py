@@ -159,8 +159,12 @@ def provide(
     ] = None,
     slots: Annotated[int, typer.Option(help="Requests served at once (one engine each).")] = 1,
     parallel: Annotated[
-        int, typer.Option(help="llama.cpp: sequences decoded in one batch (0: off, see --slots).")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="llama.cpp: sequences decoded in one batch (default: from free memory and "
+            "cores, at most 8; 0: off, one engine per --slots)."
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Name shown on the grid.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Node key (created if missing).")] = None,
     prompt_price: Annotated[float, typer.Option(help="Credits per 1M prompt tokens.")] = 10.0,
@@ -224,10 +228,10 @@ def provide(
     import time
 
     from idlegrid.agent.agent import Agent, AgentConfig
-    from idlegrid.agent.hardware.benchmark import measure_speed
     from idlegrid.agent.hardware.power import choose_meter
     from idlegrid.agent.hardware.probe import probe
     from idlegrid.agent.node_client import NodeClient
+    from idlegrid.agent.slots import build_slots
     from idlegrid.client.progress import make_progress
     from idlegrid.core.ledger import MICRO, Price
     from idlegrid.engines.registry import load_engine
@@ -242,34 +246,42 @@ def provide(
         kwargs["model_path"] = model_path
     if startup_check:
         _check_engine_starts(engine, model, model_path, threads)
-    engines = []
-    prefill = decode = 0.0
     # JSON logs: stderr carries only JSON lines, so the progress bars are not drawn.
     with make_progress(Console(stderr=True, quiet=True) if json_logs else console) as progress:
         task = progress.add_task(f"loading {model} on {engine}", total=slots, rate="")
-        for _ in range(1 if parallel else slots):
-            engines.append(load_engine(engine, model, **kwargs))
-            progress.advance(task)
-        if parallel:  # continuous batching: one engine copy, `parallel` slots into its batch
-            from idlegrid.engines.base import Engine
-            from idlegrid.engines.batched import BatchedLlama
+        bench = None
+        began = time.monotonic()
 
-            engines = list[Engine](BatchedLlama(engines[0], parallel).slots())
-        if not skip_benchmark:
-            bench = progress.add_task("measuring decode speed", total=None, rate="")
-            began = time.monotonic()
+        def step(done: int, total: int) -> None:
+            nonlocal bench
+            if bench is None:
+                bench = progress.add_task("measuring decode speed", total=None, rate="")
+            elapsed = time.monotonic() - began
+            progress.update(
+                bench,
+                completed=done,
+                total=total,
+                rate=f"{done / elapsed:.1f} tok/s" if elapsed > 0 else "",
+            )
 
-            def step(done: int, total: int) -> None:
-                elapsed = time.monotonic() - began
-                progress.update(
-                    bench,
-                    completed=done,
-                    total=total,
-                    rate=f"{done / elapsed:.1f} tok/s" if elapsed > 0 else "",
-                )
-
-            speed = measure_speed(engines[0], on_token=step)
-            prefill, decode = speed.prefill_tps, speed.decode_tps
+        built = build_slots(
+            lambda: load_engine(engine, model, **kwargs),
+            slots=slots,
+            parallel=parallel,
+            threads=threads,
+            benchmark=not skip_benchmark,
+            on_loaded=lambda: progress.advance(task),
+            on_token=step,
+        )
+    engines = built.engines
+    prefill, decode = built.prefill_tps, built.decode_tps
+    if built.parallel:
+        measured = ", ".join(f"{n}: {t:.1f}" for n, t in built.aggregate_tps.items())
+        _note(
+            json_logs,
+            f"batching {built.parallel} sequences, serving {len(engines)} at once"
+            + (f" (aggregate tok/s by sequences {measured})" if measured else ""),
+        )
     if not skip_benchmark:
         speeds = f"prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s"
         _note(json_logs, f"[green]measured[/] {speeds}")

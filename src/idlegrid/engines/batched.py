@@ -100,6 +100,13 @@ class BatchedLlama:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._replaying = threading.Lock()
+        # The start-up benchmark's aggregate decode tokens/s by sequences, and the
+        # concurrency the provider advertises from it (engines/parallel.best_concurrency).
+        self.aggregate_tps: dict[int, float] = {}
+        self.concurrency = parallel
+        # Sample a step's plain rows in one pass (core/trust/batch_sampling); False: one by
+        # one, as before (bench/bench_batch_sampling.py compares the two).
+        self.vector = hasattr(engine, "_pick_rows")
         self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
         self.decode_s = 0.0  # seconds in batched llama_decode calls
         self.sample_s = 0.0  # seconds sampling and reading rows after them (Python)
@@ -235,10 +242,11 @@ class BatchedLlama:
         self.decode_s += t1 - t0
         n = len(ready)
         self.step_sizes.append(n)
-        pick = self.engine._pick
+        rows = [self._row(row) for row in range(n)]
+        tokens = self._sample(ready, [lg for _, lg in rows])
         for row, s in enumerate(ready):
-            state, logits = self._row(row)
-            token = s.steps.pick(pick, logits, s.seed, s.pos + 1)
+            state = rows[row][0]
+            token = tokens[row]
             s.out.put((token, state, s.steps.last, (n, row)))
             s.produced += 1
             s.next_token, s.pos = token, s.pos + 1
@@ -246,6 +254,31 @@ class BatchedLlama:
                 with self._cv:
                     self._retire(s, None)
         self.sample_s += time.perf_counter() - t1
+
+    def _sample(self, ready: list[_Seq], logits: list[np.ndarray]) -> list[int]:
+        """Each row's token: rows that need only seed, temperature and top_p in one
+        vectorised pass (`vector`), the others (penalties, bias, logprobs) one by one."""
+        pick = self.engine._pick
+        plain = [
+            i
+            for i, s in enumerate(ready)
+            if self.vector and s.steps.adjust.neutral and s.params.logprobs is None
+        ]
+        tokens = [0] * len(ready)
+        if len(plain) > 1:
+            got = self.engine._pick_rows(
+                np.stack([logits[i] for i in plain]),
+                [ready[i].seed for i in plain],
+                [ready[i].pos + 1 for i in plain],
+                [ready[i].params for i in plain],
+            )
+            for i, tok in zip(plain, got, strict=True):
+                tokens[i] = tok
+        done = set(plain) if len(plain) > 1 else set()
+        for i, s in enumerate(ready):
+            if i not in done:
+                tokens[i] = s.steps.pick(pick, logits[i], s.seed, s.pos + 1)
+        return tokens
 
     # ---- replay (verifier) ------------------------------------------------------------
 
@@ -336,8 +369,8 @@ class BatchedLlama:
             self._embeddings_on = on
 
     def slots(self) -> list[BatchedSlot]:
-        """One engine per slot for the agent's serving loops, all decoding in this batch."""
-        return [BatchedSlot(self) for _ in range(self.parallel)]
+        """One engine per advertised slot for the agent's serving loops, all in this batch."""
+        return [BatchedSlot(self) for _ in range(self.concurrency)]
 
     def close(self) -> None:
         """Stop the scheduler (pending and active sequences fail) and free the context."""
@@ -365,7 +398,8 @@ class BatchedSlot:
 
     The agent gives each slot its own loop and recorder; generation goes into the shared
     batch. Everything else is the underlying llama.cpp engine's (same model, same
-    determinism class); constrained output is not offered on this path.
+    determinism class). A constrained request (grammar) runs unbatched on the engine's own
+    context, one at a time, and commits as a plain answer.
     """
 
     def __init__(self, batched: BatchedLlama) -> None:
@@ -379,7 +413,25 @@ class BatchedSlot:
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
         """This slot's sequence in the shared batch, recorded by `recorder` when set."""
         self.steps = _Last()
+        if params.grammar is not None:
+            return self._constrained(list(prompt_ids), params)
         return self.batched.generate(prompt_ids, params, self.recorder, self.steps)
+
+    def _constrained(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
+        engine, rec = self.engine, self.recorder
+        # The engine's own context, shared with prompt scoring and audits on every slot.
+        with self.engine.context_lock:
+            engine.recorder = rec
+            inner = engine.generate(ids, params)
+            try:
+                for token in inner:
+                    self.steps = engine.steps
+                    yield token
+            finally:
+                inner.close()
+                engine.recorder = None
+                if rec is not None:  # the deferred first state, while the context holds it
+                    rec.finish()
 
     @property
     def context_length(self) -> int:
@@ -393,8 +445,14 @@ class BatchedSlot:
         return template
 
     def describe(self) -> dict[str, Any]:
-        """The engine's facts, without a grammar engine (constraints go elsewhere)."""
-        return {**self.engine.describe(), "grammar": None, "parallel": self.batched.parallel}
+        """The engine's facts, with the batch's size and its start-up measurements."""
+        b = self.batched
+        return {
+            **self.engine.describe(),
+            "parallel": b.parallel,
+            "concurrency": b.concurrency,
+            "aggregate_tps": {str(n): round(t, 2) for n, t in b.aggregate_tps.items()},
+        }
 
     def __getattr__(self, name: str) -> Any:
         # tokenize, detokenize, is_end, det_class, audit, ...: the underlying engine's

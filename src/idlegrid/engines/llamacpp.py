@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from idlegrid.core import grammar
-from idlegrid.core.trust import sampling
+from idlegrid.core.trust import batch_sampling, sampling
+from idlegrid.engines import parallel
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.models import resolve_model
@@ -158,7 +159,7 @@ class LlamaCppEngine:
         self._replayer_key: tuple[int, int, int] = (0, 0, 0)
         # This context outside generation (prompt scoring, audits): with --parallel every
         # batched slot reaches it through the same engine, from its own thread.
-        self._own = threading.RLock()
+        self.context_lock = threading.RLock()
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids; special tokens written in `text` are parsed, as llama-server does."""
@@ -240,7 +241,7 @@ class LlamaCppEngine:
         pass of its own, in batches of the engine's batch size with every row's logits, so
         the answer's decoding (and its commitment) is untouched. The last position is not
         scored: nothing in the prompt follows it."""
-        with self._own:
+        with self.context_lock:
             self._score(list(ids), on_logits)
 
     def _score(self, ids: list[int], on_logits: Callable[[int, np.ndarray], None]) -> None:
@@ -273,6 +274,19 @@ class LlamaCppEngine:
 
     def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
         return sampling.choose(logits, seed, position, params.temperature, params.top_p)
+
+    def _pick_rows(
+        self,
+        logits: np.ndarray,
+        seeds: Sequence[int],
+        positions: Sequence[int],
+        params: Sequence[SamplingParams],
+    ) -> list[int]:
+        """`_pick` of every row of an (n, vocab) array, in one vectorised pass."""
+        if type(self)._pick is not LlamaCppEngine._pick:  # a subclass's own draw (cheats)
+            return [self._pick(*a) for a in zip(logits, seeds, positions, params, strict=True)]
+        temps, top_ps = [q.temperature for q in params], [q.top_p for q in params]
+        return batch_sampling.choose_rows(logits, seeds, positions, temps, top_ps)
 
     def matcher(self, spec: grammar.GrammarSpec, prefix: Sequence[int] = ()) -> Any:
         """A grammar matcher over this model's vocabulary, advanced over `prefix`."""
@@ -399,7 +413,7 @@ class LlamaCppEngine:
         """Recompute a commitment (verifier mode); `constraint` replays the request's grammar."""
         from idlegrid.engines.commit import recompute
 
-        with self._own:
+        with self.context_lock:
             return recompute(
                 self, context_ids, c, max_new_tokens, stop, self._context_length, constraint
             )
@@ -413,6 +427,24 @@ class LlamaCppEngine:
     def context_length(self) -> int:
         """Maximum tokens per sequence: the context size, at most the trained length."""
         return self._context_length
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of a sequence takes (F16, every layer, from the model's
+        metadata; sliding-window layers counted in full, a margin on the safe side)."""
+        lib, model = self._lib, self._llm.model
+        arch = self._llm.metadata.get("general.architecture", "")
+        n_head = max(1, lib.llama_model_n_head(model))
+        head = self._n_embd // n_head
+
+        def meta(key: str) -> int:
+            return int(self._llm.metadata.get(f"{arch}.attention.{key}", head))
+
+        return parallel.kv_bytes_per_token(
+            lib.llama_model_n_layer(model),
+            lib.llama_model_n_head_kv(model),
+            meta("key_length"),
+            meta("value_length"),
+        )
 
     def describe(self) -> dict[str, Any]:
         """Engine facts for the determinism class."""

@@ -7,8 +7,9 @@ work and hardware challenges) replaces them, so the measurement is short and gre
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from idlegrid.engines.base import Engine, SamplingParams
 from idlegrid.errors import EngineError
@@ -110,3 +111,43 @@ def _close(stream: Iterator[int]) -> None:
     close = getattr(stream, "close", None)
     if close is not None:
         close()
+
+
+def measure_concurrency(
+    batched: Any,
+    levels: Sequence[int],
+    *,
+    decode_tokens: int = 32,
+    prompt_tokens: int = 16,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[int, float]:
+    """Aggregate decode tokens/s of `batched` (engines/batched.BatchedLlama) at each of
+    `levels` concurrent sequences: n seeded generations started together, timed from the
+    moment all have their first token (prefill done) to the end of `decode_tokens` more."""
+    _run(batched, _prompt_ids(batched.engine, prompt_tokens), 2)  # warm-up
+    out: dict[int, float] = {}
+    for n in levels:
+        # Sampled, not greedy: the per-row sampler is part of a step's cost when serving.
+        streams = [
+            batched.generate(
+                _prompt_ids(batched.engine, prompt_tokens + i),
+                SamplingParams(temperature=1.0, seed=i + 1),
+            )
+            for i in range(n)
+        ]
+        try:
+            live = [s for s in streams if _step(s)]
+            start = clock()
+            done = 0
+            for _ in range(decode_tokens):
+                live = [s for s in live if _step(s)]
+                done += len(live)
+            out[n] = done / max(clock() - start, 1e-9)
+        finally:
+            for s in streams:
+                _close(s)
+    return out
+
+
+def _step(stream: Iterator[int]) -> bool:
+    return next(stream, None) is not None

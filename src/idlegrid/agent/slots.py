@@ -1,0 +1,85 @@
+"""The provider's serving slots: engines loaded, continuous batching sized, speed measured.
+
+`idlegrid provide` calls `build_slots`. With llama.cpp and no `--parallel`, the batch size
+comes from the machine (engines/parallel.default_parallel: free memory over the KV cache a
+sequence takes, and cores); `--parallel 0` turns batching off (one engine per `--slots`).
+The start-up benchmark then measures aggregate decode tokens/s at 1, 2, 4, 8 sequences up
+to that size, and the batch is remade at the best concurrency: the agent runs, and
+registers, that many slots, so the router sends it up to that many requests at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from idlegrid.agent.hardware.benchmark import measure_concurrency, measure_speed
+from idlegrid.engines import parallel as par
+from idlegrid.engines.base import Engine
+
+
+@dataclass
+class Slots:
+    """What `build_slots` made: the agent's engines and what the benchmark measured."""
+
+    engines: list[Engine]
+    parallel: int = 0  # sequences in the batch (0: no batching)
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    aggregate_tps: dict[int, float] = field(default_factory=dict)
+
+
+def choose_parallel(engine: Any, parallel: int | None, threads: int | None) -> int:
+    """The batch size: `parallel` when given, else from memory and cores (llama.cpp only)."""
+    if parallel is not None:
+        return max(0, parallel)
+    kv = getattr(engine, "kv_bytes_per_token", None)
+    free = par.available_memory()
+    if engine.name != "llama.cpp" or kv is None or free is None:
+        return 0
+    return par.default_parallel(free, kv(), engine.context_length, threads or os.cpu_count())
+
+
+def build_slots(
+    load: Callable[[], Engine],
+    *,
+    slots: int = 1,
+    parallel: int | None = None,
+    threads: int | None = None,
+    benchmark: bool = True,
+    bench_tokens: int = 32,
+    context_per_seq: int | None = None,
+    on_loaded: Callable[[], None] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> Slots:
+    """Load the engine(s) with `load`, batch them when chosen, benchmark unless told not."""
+    from idlegrid.engines.batched import BatchedLlama
+
+    first = load()
+    if on_loaded:
+        on_loaded()
+    n = choose_parallel(first, parallel, threads)
+    if not n:
+        engines = [first]
+        for _ in range(slots - 1):
+            engines.append(load())
+            if on_loaded:
+                on_loaded()
+        out = Slots(engines)
+    else:
+        batched = BatchedLlama(first, n, context_per_seq=context_per_seq)
+        aggregate: dict[int, float] = {}
+        if benchmark and n > 1:
+            aggregate = measure_concurrency(batched, par.levels(n), decode_tokens=bench_tokens)
+            best = par.best_concurrency(aggregate)
+            if best < n:  # the KV caches of slots that would not be used are freed
+                batched.close()
+                batched = BatchedLlama(first, best, context_per_seq=context_per_seq)
+            batched.aggregate_tps = aggregate
+        out = Slots(list[Engine](batched.slots()), n, aggregate_tps=aggregate)
+    if benchmark:
+        speed = measure_speed(out.engines[0], decode_tokens=bench_tokens, on_token=on_token)
+        out.prefill_tps, out.decode_tps = speed.prefill_tps, speed.decode_tps
+    return out
