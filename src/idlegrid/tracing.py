@@ -132,6 +132,15 @@ def annotate(**attributes: Any) -> None:
             current.set_attribute(f"idlegrid.{key}", value)
 
 
+def event(name: str, **attributes: Any) -> None:
+    """Mark a moment (the first token) on the current span, if tracing."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    trace.get_current_span().add_event(name, attributes)
+
+
 def mark_failed(current: Any, failed: bool) -> None:
     """Give a span the error status when what it covered failed (a 5xx, a failed task)."""
     if current is None or not failed:

@@ -143,6 +143,9 @@ def test_a_completion_is_one_trace_from_gateway_to_provider(
     assert a.attributes["idlegrid.prompt_tokens"] == answer.usage.prompt_tokens
     assert a.attributes["idlegrid.finish_reason"] == answer.choices[0].finish_reason
     assert a.start_time is not None and g.start_time is not None and a.start_time >= g.start_time
+    # Prefill's end: the first piece went up, inside the serving span.
+    (first,) = [e for e in a.events if e.name == "idlegrid.first_token"]
+    assert a.end_time is not None and a.start_time <= first.timestamp <= a.end_time
 
 
 def test_a_callers_traceparent_is_the_gateway_spans_parent_streamed_too(
@@ -270,3 +273,22 @@ def test_spans_go_by_otlp_http_to_the_endpoint_set(
     ]
     body = _Collector.posts[0][2]
     assert b"idlegrid.check" in body and b"req_x" in body and b"idlegrid-test" in body
+
+
+def test_a_request_the_provider_refuses_says_why_on_its_span(
+    traced: tuple[str, str, InMemorySpanExporter, _Ends],
+) -> None:
+    url, api_key, exporter, ends = traced
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+    with client, pytest.raises(openai.BadRequestError) as refused:
+        # A token id outside the fake vocabulary: only the engine can tell.
+        client.completions.create(model=MODEL, prompt="a", max_tokens=2, logit_bias={"99999999": 5})
+    ends.wait(SERVE, 1)
+    ends.wait(GATEWAY, 1)
+    spans = exporter.get_finished_spans()
+    (g,) = [s for s in spans if s.name == GATEWAY]
+    (a,) = [s for s in spans if s.name == SERVE]
+    assert g.attributes is not None and a.attributes is not None
+    assert g.attributes["http.response.status_code"] == refused.value.status_code == 400
+    assert str(a.attributes["idlegrid.handed_back"]).startswith("invalid_request: ")
+    assert "idlegrid.completion_tokens" not in a.attributes

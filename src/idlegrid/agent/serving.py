@@ -301,6 +301,7 @@ class Serving:
             )
         except (httpx.HTTPError, IdlegridError) as exc:
             log.warning("task %s request_id=%s: %s", task.task_id, rid, exc)
+            tracing.annotate(error=str(exc)[:200])
         finally:
             self.jobs.discard(job)
 
@@ -308,9 +309,11 @@ class Serving:
         """The request itself is bad for every provider: say which field."""
         param = getattr(exc, "param", None)
         body = {"reason": exc.message[:500], "kind": "invalid_request"}
+        tracing.annotate(handed_back=f"invalid_request: {exc.message[:200]}")
         await self.ctx.client.call(f"{base}/fail", {**body, "param": param} if param else body)
 
     async def _fail(self, base: str, reason: str, kind: str, commitment: str | None = None) -> None:
+        tracing.annotate(handed_back=f"{kind}: {reason[:200]}")
         with contextlib.suppress(Conflict):
             try:
                 await self.ctx.client.call(
@@ -488,6 +491,8 @@ class Serving:
                 if not batch or job.cancel.is_set():
                     continue
                 last_upload = loop.time()
+                if not sent:  # the prompt is prefilled: its end, on the serving span's timeline
+                    tracing.event("idlegrid.first_token")
                 if up is not None and channel is not None and not up.lost:
                     with contextlib.suppress(ChannelClosed):  # kept as unacked: resent below
                         await channel.upload(up, sent, batch, _lps(job, sent, len(batch)))
