@@ -57,13 +57,13 @@ class _Ends(SpanProcessor):
 
 
 @contextlib.contextmanager
-def _grid(tmp_path: Path, database_url: str) -> Iterator[tuple[str, str]]:
+def _grid(tmp_path: Path, database_url: str, engine: Any = None) -> Iterator[tuple[str, str]]:
     settings = CoordinatorSettings(
         data_dir=tmp_path, database_url=database_url, port=free_port(), heartbeat_interval_s=0.2
     )
     coordinator = CoordinatorThread(settings)
     coordinator.start()
-    agent = AgentThread(make_agent(coordinator.url, [FakeEngine(MODEL)], "p0"))
+    agent = AgentThread(make_agent(coordinator.url, [engine or FakeEngine(MODEL)], "p0"))
     agent.start()
     try:
         wait_for_live(coordinator.url, 1)
@@ -79,9 +79,9 @@ def _grid(tmp_path: Path, database_url: str) -> Iterator[tuple[str, str]]:
         coordinator.stop()
 
 
-@pytest.fixture
-def traced(
-    tmp_path: Path, database_url: str
+@contextlib.contextmanager
+def _traced(
+    tmp_path: Path, database_url: str, engine: Any = None
 ) -> Iterator[tuple[str, str, InMemorySpanExporter, _Ends]]:
     exporter, ends = InMemorySpanExporter(), _Ends()
     provider = TracerProvider()
@@ -89,11 +89,19 @@ def traced(
     provider.add_span_processor(ends)
     tracing.enable(provider)
     try:
-        with _grid(tmp_path, database_url) as (url, key):
+        with _grid(tmp_path, database_url, engine) as (url, key):
             yield url, key, exporter, ends
     finally:
         tracing.disable()
         provider.shutdown()
+
+
+@pytest.fixture
+def traced(
+    tmp_path: Path, database_url: str
+) -> Iterator[tuple[str, str, InMemorySpanExporter, _Ends]]:
+    with _traced(tmp_path, database_url) as grid:
+        yield grid
 
 
 def _ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[ReadableSpan]:
@@ -292,3 +300,19 @@ def test_a_request_the_provider_refuses_says_why_on_its_span(
     assert g.attributes["http.response.status_code"] == refused.value.status_code == 400
     assert str(a.attributes["idlegrid.handed_back"]).startswith("invalid_request: ")
     assert "idlegrid.completion_tokens" not in a.attributes
+
+
+def test_an_embedding_is_one_trace_too(tmp_path: Path, database_url: str) -> None:
+    from idlegrid.engines.minilm import MODEL_ID, MiniLMEngine
+
+    with _traced(tmp_path, database_url, MiniLMEngine(threads=1)) as (url, key, exporter, ends):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client:
+            raw = client.embeddings.with_raw_response.create(model=MODEL_ID, input="a cat")
+        ends.wait(SERVE, 1)
+        ends.wait("POST /v1/embeddings", 1)
+        spans = exporter.get_finished_spans()
+    (g,) = [s for s in spans if s.name == "POST /v1/embeddings"]
+    (a,) = [s for s in spans if s.name == SERVE]
+    assert g.context is not None and a.parent is not None and a.attributes is not None
+    assert a.parent.span_id == g.context.span_id
+    assert a.attributes["idlegrid.request_id"] == raw.headers["x-request-id"]
