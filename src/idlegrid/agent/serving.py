@@ -20,8 +20,10 @@ from typing import Any
 
 import httpx
 
+from idlegrid import tracing
 from idlegrid.agent.channel import CHANNEL_PATH, Channel, ChannelClosed, Uploads
 from idlegrid.agent.context import AgentContext
+from idlegrid.agent.logprob_msgs import logprob_msg, prompt_msg, score_prompt
 from idlegrid.agent.node_client import CoordinatorError
 from idlegrid.core.energy import Attribution
 from idlegrid.core.grammar import GrammarSpec
@@ -191,7 +193,15 @@ class Serving:
             await asyncio.wait_for(self.ctx.draining.wait(), seconds)
 
     async def serve(self, engine: Engine, task: TaskMsg) -> None:
-        """Run one task attempt, streaming pieces up as they come."""
+        """Run one task attempt, streaming pieces up as they come (in a span when tracing)."""
+        if not tracing.enabled():
+            return await self._serve(engine, task)
+        ids = {"task_id": task.task_id, "attempt": task.attempt, "request_id": task.request_id}
+        attributes = {f"idlegrid.{k}": v for k, v in ids.items()} | {"idlegrid.model": task.model}
+        with tracing.span("idlegrid.provider.serve", attributes, parent=task.traceparent):
+            await self._serve(engine, task)
+
+    async def _serve(self, engine: Engine, task: TaskMsg) -> None:
         job = _Job(task)
         self.jobs.add(job)
         base = f"/api/v1/tasks/{task.task_id}/attempts/{task.attempt}"
@@ -279,12 +289,19 @@ class Serving:
                 },
             )
             self.served += 1
+            tracing.annotate(
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=job.delivered,
+                finish_reason=result.finish_reason,
+                commitment_bytes=len(base64.b64decode(committed.get("blob") or "")),
+            )
         except Conflict:
             log.info(
                 "task %s attempt %d request_id=%s was taken away", task.task_id, task.attempt, rid
             )
         except (httpx.HTTPError, IdlegridError) as exc:
             log.warning("task %s request_id=%s: %s", task.task_id, rid, exc)
+            tracing.annotate(error=str(exc)[:200])
         finally:
             self.jobs.discard(job)
 
@@ -292,9 +309,11 @@ class Serving:
         """The request itself is bad for every provider: say which field."""
         param = getattr(exc, "param", None)
         body = {"reason": exc.message[:500], "kind": "invalid_request"}
+        tracing.annotate(handed_back=f"invalid_request: {exc.message[:200]}")
         await self.ctx.client.call(f"{base}/fail", {**body, "param": param} if param else body)
 
     async def _fail(self, base: str, reason: str, kind: str, commitment: str | None = None) -> None:
+        tracing.annotate(handed_back=f"{kind}: {reason[:200]}")
         with contextlib.suppress(Conflict):
             try:
                 await self.ctx.client.call(
@@ -472,6 +491,8 @@ class Serving:
                 if not batch or job.cancel.is_set():
                     continue
                 last_upload = loop.time()
+                if not sent:  # the prompt is prefilled: its end, on the serving span's timeline
+                    tracing.event("idlegrid.first_token")
                 if up is not None and channel is not None and not up.lost:
                     with contextlib.suppress(ChannelClosed):  # kept as unacked: resent below
                         await channel.upload(up, sent, batch, _lps(job, sent, len(batch)))
@@ -553,39 +574,6 @@ def task_extras(task: TaskMsg) -> Any:
         task.logprobs,
         len(task.prior_ids),
     )
-
-
-def score_prompt(engine: Engine, ids: list[int], k: int) -> Any:
-    """The prompt's logprobs (core/trust/prompt_lp.py), by the engine's scoring pass;
-    InvalidRequest naming `echo` for an engine that cannot score a prompt."""
-    from idlegrid.core.trust import prompt_lp
-
-    if not hasattr(engine, "score_prompt"):
-        raise InvalidRequest(
-            f"engine {engine.name} cannot score prompts (echo with logprobs)", param="echo"
-        )
-    rows: list[Any] = []
-    engine.score_prompt(ids, lambda p, lg: rows.append(prompt_lp.score(lg, ids[p + 1], k)))
-    return prompt_lp.PromptLogprobs(k, tuple(rows))
-
-
-def prompt_msg(engine: Engine, ids: list[int], scored: Any) -> dict[str, Any]:
-    """The prompt's logprobs as uploaded (protocol PromptLogprobsMsg)."""
-    return {
-        "first": engine.detokenize(ids[:1]).hex(),
-        "rows": [logprob_msg(engine, r) for r in scored.rows],
-    }
-
-
-def logprob_msg(engine: Engine, lp: Any) -> dict[str, Any] | None:
-    """A piece's logprobs as uploaded (None for text flushed without a token)."""
-    if lp is None:
-        return None
-    return {
-        "lp": lp.logprob,
-        "bytes": engine.detokenize([lp.token]).hex(),
-        "top": [[t, v, engine.detokenize([t]).hex()] for t, v in lp.top],
-    }
 
 
 def _lps(job: _Job, start: int, n: int) -> list[Any] | None:

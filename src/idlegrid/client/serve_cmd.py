@@ -41,6 +41,17 @@ def _logging(verbose: bool, log_format: str | None) -> bool:
     return fmt == "json"
 
 
+def _tracing(service: str) -> None:
+    """OpenTelemetry tracing when IDLEGRID_OTEL or an OTLP endpoint asks (idlegrid/tracing.py)."""
+    from idlegrid import tracing
+
+    try:
+        if tracing.configure_from_env(service):
+            logging.getLogger("idlegrid.cli").info("tracing on: spans go by OTLP/HTTP")
+    except RuntimeError as exc:
+        raise typer.BadParameter(str(exc), param_hint=tracing.ON_ENV) from None
+
+
 def _note(json_logs: bool, text: str) -> None:
     """A line for the operator: on the console, or a log record when logs are JSON."""
     if json_logs:
@@ -94,6 +105,7 @@ def coordinator(
     from idlegrid.coordinator.app import create_app
 
     json_logs = _logging(verbose, log_format)
+    _tracing("idlegrid-coordinator")
     # Only flags actually given override: a flag default would hide the env twin.
     overrides: dict[str, Any] = {"data_dir": data_dir}
     if host is not None:
@@ -238,6 +250,7 @@ def provide(
     from idlegrid.protocol.signing import NodeKey
 
     json_logs = _logging(verbose, log_format)
+    _tracing("idlegrid-provider")
     name = name or socket.gethostname()
     key = NodeKey.load_or_create(key_file or default_data_dir() / "nodes" / f"{name}.key")
     hardware = _as_dict(probe())

@@ -14,10 +14,12 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from idlegrid import tracing
 from idlegrid.coordinator.metrics import Metrics
 
 # The request being served, for log lines and for the task the gateway creates.
@@ -68,7 +70,10 @@ class RequestIds:
             await send(message)
 
         try:
-            await self.app(scope, receive, stamped)
+            if tracing.enabled() and scope["path"] not in _ROUTINE:
+                await self._traced(scope, receive, stamped, rid, lambda: status)
+            else:
+                await self.app(scope, receive, stamped)
         finally:
             REQUEST_ID.reset(token)
             elapsed = time.perf_counter() - began
@@ -97,6 +102,25 @@ class RequestIds:
                     "duration_ms": ms,
                 },
             )
+
+    async def _traced(
+        self, scope: Scope, receive: Receive, send: Send, rid: str, status: Callable[[], int]
+    ) -> None:
+        """Serve inside the request's span: a child of the caller's traceparent, if sent."""
+        parent = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"traceparent"), None
+        )
+        attributes = {"http.request.method": scope["method"], "idlegrid.request_id": rid}
+        with tracing.span(f"{scope['method']} {scope['path']}", attributes, parent) as span:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                route = _route(scope)
+                # The template, not the raw path: span names stay few (ids live in attributes).
+                span.update_name(f"{scope['method']} {route}")
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status())
+                tracing.mark_failed(span, status() >= 500)
 
 
 def _metrics(scope: Scope) -> Metrics | None:

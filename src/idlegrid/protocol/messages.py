@@ -131,6 +131,8 @@ class TaskMsg(Message):
     grammar: dict[str, str] | None = None
     # The consumer's request id (`x-request-id`), for the agent's log lines about this task.
     request_id: str | None = Field(None, max_length=64)
+    # The W3C traceparent of the gateway's span (tracing on): the agent's span is its child.
+    traceparent: str | None = Field(None, max_length=128)
 
 
 class LogprobMsg(Message):

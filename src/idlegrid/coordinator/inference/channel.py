@@ -81,6 +81,7 @@ def task_message(task: TaskView) -> m.TaskMsg:
         prompt_logprobs=p.get("prompt_logprobs"),
         grammar=p.get("grammar"),
         request_id=p.get("request_id"),
+        traceparent=p.get("traceparent"),
     )
 
 

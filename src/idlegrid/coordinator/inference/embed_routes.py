@@ -11,6 +11,7 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Request
 
+from idlegrid import tracing
 from idlegrid.coordinator.deps import services
 from idlegrid.coordinator.inference import fields
 from idlegrid.coordinator.inference import schemas as s
@@ -129,9 +130,16 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
     plan = plan_embedding(svc.inference, body)
     ((payload, bound),) = plan.work
     await svc.nodes.admit(key_id, bound)
-    task_id, stream = await svc.inference.submit(
-        key_id, plan.model, plan.kind, payload, bound, plan.max_tokens, plan.cap
-    )
+    # The request id and (tracing on) the request's span go with the task, as for completions.
+    tracing.annotate(model=plan.model, kind=plan.kind)
+    parent = tracing.traceparent()
+    payload = {**payload, "request_id": getattr(request.state, "request_id", None)}
+    payload |= {"traceparent": parent} if parent else {}
+    with tracing.span("idlegrid.route_and_escrow", {"idlegrid.model": plan.model}):
+        task_id, stream = await svc.inference.submit(
+            key_id, plan.model, plan.kind, payload, bound, plan.max_tokens, plan.cap
+        )
+        tracing.annotate(tasks=task_id)
     ended = False
     try:
         async for event in svc.inference.events(stream):

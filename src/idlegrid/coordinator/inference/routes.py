@@ -14,6 +14,7 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from idlegrid import tracing
 from idlegrid.coordinator.deps import (
     Services,
     services,
@@ -220,10 +221,18 @@ async def _serve(request: Request, response: Response, p: Plan) -> Any:
     refuse_embedding_model(svc.inference, model)
     # The request id reaches the provider with the task: its log lines for it carry it.
     rid = getattr(request.state, "request_id", None)
-    work = [({**payload, "request_id": rid}, bound) for payload, bound in work]
-    handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
-    task_ids = [task_id for task_id, _ in handles]
-    route = " | ".join(f"{(st.node_id or st.target or '-')[:12]}: {st.route}" for _, st in handles)
+    # So does the request's span (tracing on): the provider's serving span joins its trace.
+    tracing.annotate(model=model, kind=kind, choices=len(work))
+    parent = tracing.traceparent()
+    extra = {"request_id": rid, **({"traceparent": parent} if parent else {})}
+    work = [({**payload, **extra}, bound) for payload, bound in work]
+    with tracing.span("idlegrid.route_and_escrow", {"idlegrid.model": model}):
+        handles = await fanout.submit_all(svc.inference, key_id, model, kind, work, max_tokens, cap)
+        task_ids = [task_id for task_id, _ in handles]
+        route = " | ".join(
+            f"{(st.node_id or st.target or '-')[:12]}: {st.route}" for _, st in handles
+        )
+        tracing.annotate(tasks=",".join(task_ids), route=route)
     shape = _Shape(kind, task_ids[0], model, logprobs, calls)
     shape.streams = {k: tools.DeltaStream(t) for k, t in enumerate(task_ids)} if calls else {}
     shape.echo = p.echo or []
