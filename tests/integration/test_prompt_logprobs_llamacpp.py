@@ -6,7 +6,6 @@ values, whole and streamed, and their audits pass."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL
 from idlegrid.engines.steps import extras_of
 from idlegrid.testbed import cheats
-from idlegrid.testbed.inprocess import provider_and_verifier
+from idlegrid.testbed.inprocess import provider_and_verifier, wait_until
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
@@ -100,15 +99,6 @@ def test_relabelled_prompt_positions_fail_their_audit(engine) -> None:
     assert any(r.startswith("prompt: reported logprobs") for r in verdict.reasons), verdict
 
 
-def _wait(cond, timeout_s: float = 120.0) -> None:
-    ev = threading.Event()
-    for _ in range(int(timeout_s / 0.05)):
-        if cond():
-            return
-        ev.wait(0.05)
-    raise TimeoutError("condition not reached")
-
-
 def test_echo_with_logprobs_through_the_openai_client_is_the_engines_and_audited(
     tmp_path: Path, engine
 ) -> None:
@@ -124,8 +114,8 @@ def test_echo_with_logprobs_through_the_openai_client_is_the_engines_and_audited
         def audits() -> list[dict]:
             return [a for a in http.get("/api/v1/audits").json()["audits"] if not a["canary"]]
 
-        _wait(lambda: len(audits()) >= 4 and all(a["state"] in ("passed", "failed")
-                                                 for a in audits()))  # fmt: skip
+        wait_until(lambda: len(audits()) >= 4 and all(a["state"] in ("passed", "failed")
+                                                 for a in audits()), 120)  # fmt: skip
         assert all(a["state"] == "passed" for a in audits()), [a["verdict"] for a in audits()]
     ids = engine.tokenize(PROMPT)
     want = score_prompt(engine, ids, 2)

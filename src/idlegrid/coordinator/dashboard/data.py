@@ -186,7 +186,7 @@ class Dashboard:
             finished=queries.finished_tasks(store, now - CHART_WINDOW_S),
             power=dict(self.power),
             live_cutoff=now - self.ctx.settings.node_timeout_s,
-            audits=self.audits_now() if need_nodes else {},
+            audits=self.audits_now() if need_nodes and page == "grid" else {},  # its table
         )
 
     def providers(self, ctx: PageInputs) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@ settled like any answer; the vectors are the provider's commitment (core/trust/e
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +19,7 @@ from idlegrid.coordinator.inference.plan import Plan, price_cap
 from idlegrid.coordinator.inference.service import RequestFailed
 from idlegrid.coordinator.schemas import errors
 from idlegrid.coordinator.views import NodeView
-from idlegrid.core.trust.embedding import EmbeddingCommitment
+from idlegrid.core.trust.embedding import EmbeddingCommitment, vector_b64
 from idlegrid.errors import InvalidRequest, ModelNotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -58,7 +57,7 @@ def check_limits(facts: dict[str, int], body: EmbeddingRequest, inputs: list[Any
 
 def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
     if fmt == "base64":  # OpenAI's: the float32 little-endian bytes
-        return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode()
+        return vector_b64(vector)
     out: list[float] = vector.astype(np.float32).tolist()
     return out
 
@@ -96,11 +95,6 @@ def plan_embedding(inference: Any, body: EmbeddingRequest) -> Plan:
         price_cap(inference.settings, body),
         encoding=body.encoding_format,
     )
-
-
-def b64_vector(text: str) -> np.ndarray:
-    """A vector kept as OpenAI's base64 (float32 little-endian bytes)."""
-    return np.frombuffer(base64.b64decode(text), dtype="<f4")
 
 
 def embedding_list(plan: Plan, vectors: Iterable[np.ndarray], prompt_tokens: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from idlegrid.coordinator.http_errors import error_body, status_for
 from idlegrid.coordinator.inference import fanout
 from idlegrid.coordinator.inference.candidates import for_batch
-from idlegrid.coordinator.inference.embed_routes import b64_vector, embedding_list, plan_embedding
+from idlegrid.coordinator.inference.embed_routes import embedding_list, plan_embedding
 from idlegrid.coordinator.inference.openai_schema import (
     ChatRequest,
     CompletionRequest,
@@ -34,6 +34,7 @@ from idlegrid.coordinator.views import TaskView
 from idlegrid.core import ledger, routing
 from idlegrid.core.batch.money import batch_price
 from idlegrid.core.ledger import Price
+from idlegrid.core.trust.embedding import b64_vector
 from idlegrid.errors import IdlegridError, InvalidRequest, ModelNotFound
 
 

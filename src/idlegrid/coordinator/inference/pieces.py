@@ -5,13 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-
 from idlegrid.coordinator.inference.hub import TaskStream
 from idlegrid.coordinator.views import TaskView
-from idlegrid.core import b64, tasks
+from idlegrid.core import tasks
 from idlegrid.core.trust.commitment import Commitment
-from idlegrid.core.trust.embedding import AnyCommitment
+from idlegrid.core.trust.embedding import AnyCommitment, vector_b64
 from idlegrid.errors import Conflict, InvalidRequest
 
 log = logging.getLogger("idlegrid.coordinator")
@@ -124,8 +122,7 @@ def kept_answer(stream: TaskStream, c: AnyCommitment) -> dict[str, Any]:
     """A batch line's answer as its consumer got it, to keep with its settlement (an
     embeddings line's: its vectors, as OpenAI's base64)."""
     if not isinstance(c, Commitment):
-        vectors = getattr(c, "vectors", ())  # float32 rows: OpenAI's base64 is their bytes
-        return {"vectors": [b64.encode(np.asarray(v, "<f4").tobytes()) for v in vectors]}
+        return {"vectors": [vector_b64(v) for v in getattr(c, "vectors", ())]}
     kept = stream.kept
     return {"text": "".join(kept["text"]), "logprobs": kept["logprobs"], **(
         {"prompt": kept["prompt"]} if "prompt" in kept else {})}  # fmt: skip

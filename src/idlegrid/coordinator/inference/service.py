@@ -213,7 +213,8 @@ class Inference:
             stream = self._attempt_stream(task_id, attempt, node_id)
             if prompt is not None and (shown := accept_prompt(stream, prompt)) is not None:
                 self.hub.push(task_id, Event("pieces", pieces=[], data=shown))
-                stream.kept.update(shown)
+                if stream.batch:
+                    stream.kept.update(shown)
             if start > stream.next_index:
                 raise Conflict(
                     f"upload starts at {start}, expected {stream.next_index}",

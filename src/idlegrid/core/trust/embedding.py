@@ -16,6 +16,7 @@ shared by every engine that embeds.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import math
@@ -280,3 +281,13 @@ def judge(c: EmbeddingCommitment, r: EmbeddingReport, tol: EmbeddingTolerance) -
         bad[0] if bad else None,
         {"worst_abs": worst, "worst_cos": worst_cos},
     )
+
+
+def vector_b64(vector: np.ndarray) -> str:
+    """OpenAI's base64 embedding: the float32 little-endian bytes."""
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def b64_vector(text: str) -> np.ndarray:
+    """A vector from `vector_b64`'s text."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f4")
