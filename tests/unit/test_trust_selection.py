@@ -124,6 +124,22 @@ def test_canary_kinds_split_by_the_beacon() -> None:
     assert selection.canary_kind(SECRET, _digest(0), {"prompt": ""}) == "values"
 
 
+@pytest.mark.parametrize("audit_rate", [1.0, 0.2, 0.01])
+def test_canaries_are_a_share_of_the_audits_whatever_the_providers_rate(audit_rate) -> None:
+    """A verifier sees the same share of canaries from a provider on probation and one at a
+    steady 1 %; at 1 % an answer is a canary 0.1 % of the time, not a flat 2 %."""
+    share = 0.1
+    p = selection.canary_probability(share, audit_rate)
+    assert p == pytest.approx(share * audit_rate)
+    answers = [(_digest(i), selection.scope(f"t-{i}", 0)) for i in range(40_000)]
+    audits = sum(beacon.selected(SECRET, d, audit_rate, scope=s) for d, s in answers)
+    canaries = sum(beacon.selected(SECRET, d, p, b"canary", s) for d, s in answers)
+    assert audits > 300
+    assert canaries / audits == pytest.approx(share, rel=0.35)
+    assert selection.canary_probability(2.0, 0.9) == 1.0
+    assert selection.canary_probability(0.1, -1.0) == 0.0
+
+
 def test_lapse_slash_takes_a_slice_to_fees() -> None:
     assert selection.hold_slash(1_000_000, 500) == 50_000
     e = entries.lapse_slash("aud-x", "v1", "stake:v1:cpu", 1_000_000, 50_000)

@@ -112,7 +112,7 @@ def status(
     if trust:
         out.print(
             f"audit rate: steady p = {trust['p_steady']:.4f} (2 x p* = "
-            f"{trust['p_star']:.4f}); canaries {trust['canary_rate']:.3f}; "
+            f"{trust['p_star']:.4f}); canaries {trust['canary_rate']:.3f} per audit; "
             f"beacon commitment {trust['beacon_commitment'][:16]}…"
         )
         waiting = trust.get("pending_audits") or {}

@@ -258,9 +258,8 @@ class Trust:
             # Canaries plant wrong hidden states (an answer's) or a turned vector (an
             # embedding's): a verifier that approves one did not recompute.
             canarable = isinstance(c, emb.EmbeddingCommitment) or bool(c.chunks)
-            if canarable and beacon.selected(
-                self.secret, digest, self.settings.canary_rate, b"canary", where
-            ):
+            canary_p = selection.canary_probability(self.settings.canary_rate, rate)
+            if canarable and beacon.selected(self.secret, digest, canary_p, b"canary", where):
                 # A canary goes to another verifier than the real audit where there is one.
                 taken = [a[3] for a in audits if a[3]]
                 who = assign.draw(

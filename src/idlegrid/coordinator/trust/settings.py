@@ -14,7 +14,11 @@ class TrustSettings(BaseSettings):
     stake_multiple: float = Field(100.0, gt=0, description="S in units of a request's price")
     full_audits: int = Field(8, ge=0)
     halving: float = Field(8.0, gt=0)
-    canary_rate: float = Field(0.02, ge=0, le=1)
+    # Canaries per real audit drawn (φ, a share of audits, not of answers): an answer is a
+    # canary with probability φ × its provider's audit rate, so every verifier sees the same
+    # share of canaries from every provider, and canaries cost φ of what audits cost rather
+    # than a fixed share of all generation (2 % of answers was more than the audits).
+    canary_rate: float = Field(0.1, ge=0, le=1)
     audit_fee_bps: int = Field(1000, ge=0, description="verifier pay, bps of the request charge")
     # A verifier that took an audit and did not report within this long loses it (unpaid),
     # `hold_slash_bps` of each stake account, and its turn in later draws until it reports

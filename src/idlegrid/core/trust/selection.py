@@ -119,6 +119,13 @@ def audit_id(secret: bytes, digest: bytes, kind: str, task_id: str, attempt: int
     )
 
 
+def canary_probability(share: float, audit_rate: float) -> float:
+    """The chance an answer gets a canary: `share` of its provider's audit rate, so canaries
+    are the same share of every verifier's audits whoever the provider, and cost that share
+    of the audits' compute (a flat rate per answer outweighed the audits themselves)."""
+    return min(1.0, max(0.0, share) * max(0.0, audit_rate))
+
+
 def canary_kind(secret: bytes, digest: bytes, payload: dict[str, Any]) -> str:
     """ "task" (perturbed prompt, commitment unchanged) or "values" (tampered commitment):
     half and half by the beacon, "values" where there is no text to perturb."""
