@@ -17,7 +17,7 @@ from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
 from idlegrid.client.output import show
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narrow
 batch_app = typer.Typer(help="Batches: a JSONL file of requests in, a file of answers out.")
 ENDED = ("completed", "failed", "expired", "cancelled")
 
