@@ -91,22 +91,41 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def span(
-    name: str, attributes: Mapping[str, Any] | None = None, parent: str | None = None
+    name: str,
+    attributes: Mapping[str, Any] | None = None,
+    parent: str | None = None,
+    *,
+    root: bool = False,
+    drop_on: tuple[type[BaseException], ...] = (),
 ) -> Iterator[Any]:
-    """A span, current inside the block, under `parent` (a traceparent) when given; else
-    under the current span. Yields None when tracing is off."""
+    """A span, current inside the block, under `parent` (a traceparent) when given, a new
+    trace when `root`, else under the current span; an exception of a `drop_on` type leaving
+    the block drops the span unsent. Yields None when tracing is off."""
     tracer = _tracer
     if tracer is None:
         yield None
         return
-    context = None
+    from opentelemetry import trace
+    from opentelemetry.context import Context
+
+    context = Context() if root else None  # an empty context: no parent, a trace of its own
     if parent:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         context = TraceContextTextMapPropagator().extract({"traceparent": parent})
     clean = {k: v for k, v in (attributes or {}).items() if v is not None}
-    with tracer.start_as_current_span(name, context=context, attributes=clean) as current:
-        yield current
+    current = tracer.start_span(name, context=context, attributes=clean)
+    dropped = False
+    try:
+        with trace.use_span(current, end_on_exit=False):
+            yield current
+    except drop_on:
+        # The SDK exports a span when it ends: one never ended is dropped, unsent.
+        dropped = True
+        raise
+    finally:
+        if not dropped:
+            current.end()
 
 
 def traceparent() -> str | None:

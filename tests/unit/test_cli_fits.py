@@ -49,7 +49,7 @@ def test_help_groups_commands_and_hides_the_old_flat_names() -> None:
     res = runner.invoke(app, ["--help"], env={"COLUMNS": "120"})
     assert res.exit_code == 0
     assert "--install-completion" in res.stdout  # shell completion (bash, zsh, fish, pwsh)
-    for group in ("keys", "market", "trust", "ledger", "Run", "Use", "Provider", "Training"):
+    for group in ("keys", "market", "trust", "ledger", "train", "Run", "Use", "Provider"):
         assert group in res.stdout
     for old in ("offers", "verify-ledger", "explain"):
         assert f" {old} " not in res.stdout

@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
+from idlegrid.client.output import show
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narrow
 batch_app = typer.Typer(help="Batches: a JSONL file of requests in, a file of answers out.")
 ENDED = ("completed", "failed", "expired", "cancelled")
 
@@ -122,7 +123,7 @@ def list_batches(
     for b in page["data"]:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["created_at"]))
         t.add_row(b["id"], b["status"], b["endpoint"], _counts(b), created)
-    out.print(t)
+    show(t, out)
 
 
 @batch_app.command("status")

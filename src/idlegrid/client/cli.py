@@ -23,8 +23,7 @@ from idlegrid.client.keys_cmd import keys_app
 from idlegrid.client.lease_cmd import cp, exec_cmd, lease_app, port_forward, shell_cmd
 from idlegrid.client.market_cmd import balance, market_app, market_commands
 from idlegrid.client.output import GuardedGroup
-from idlegrid.client.plan_cmd import plan
-from idlegrid.client.train_cmd import train_commands
+from idlegrid.client.train_cmd import train_aliases, train_app
 
 app = typer.Typer(
     cls=GuardedGroup,
@@ -56,7 +55,7 @@ def _root(
     os.umask(0o077)
 
 
-RUN, USE, PROVIDER, TRAINING = "Run", "Use", "Provider", "Training"
+RUN, USE, PROVIDER = "Run", "Use", "Provider"
 
 # ---- top-level commands -------------------------------------------------------------
 app.command(rich_help_panel=RUN)(serve_cmd.up)
@@ -67,9 +66,6 @@ app.command(rich_help_panel=USE)(grid_cmd.status)
 app.command(rich_help_panel=USE)(balance)
 app.command(rich_help_panel=PROVIDER)(earnings)
 app.command(rich_help_panel=PROVIDER)(estimate)
-for _name, _fn in train_commands.items():
-    app.command(_name, rich_help_panel=TRAINING)(_fn)
-app.command("plan", rich_help_panel=TRAINING)(plan)
 
 # ---- Sub-apps: one line each ----------------------------------------------------------
 app.add_typer(keys_app, name="keys", help="Consumer API keys (operator).")
@@ -78,6 +74,11 @@ app.add_typer(grid_cmd.trust_app, name="trust", help="Audits and disputes.")
 app.add_typer(grid_cmd.ledger_app, name="ledger", help="The ledger: verify the hash chain.")
 app.add_typer(lease_app, name="lease", help="Leased workspaces on providers.")
 app.add_typer(batch_app, name="batch", help="OpenAI batches: a JSONL file in, answers out.")
+app.add_typer(
+    train_app,
+    name="train",
+    help="Verified training jobs: run, jobs, show, cancel, plan (`train [OPTIONS]` alone: run).",
+)
 
 # ---- old flat names, kept hidden for one release ---------------------------------------
 for _name, _fn in market_commands.items():
@@ -85,6 +86,8 @@ for _name, _fn in market_commands.items():
         app.command(_name, hidden=True)(_fn)
 app.command("dispute", hidden=True)(dispute)
 app.command("verify-ledger", hidden=True)(grid_cmd.verify_ledger)
+for _name, _fn in train_aliases.items():
+    app.command(_name, hidden=True)(_fn)
 
 LEASES = "Leases"
 app.command("exec", context_settings={"allow_interspersed_args": False}, rich_help_panel=LEASES)(

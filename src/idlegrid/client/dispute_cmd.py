@@ -50,7 +50,7 @@ def dispute(
 ) -> None:
     """Contest a failed audit, of an answer or of a training segment, as the provider (signed
     with its node key); prints the dispute. Its rounds are answered by the running agent;
-    `idlegrid status` (inference) or `idlegrid job ID` (training) shows the ruling."""
+    `idlegrid status` (inference) or `idlegrid train show ID` (training) shows the ruling."""
     body = {"kind": audit_kind(audit_id, kind), "audit_id": audit_id, "reason": reason}
     _signed_dispute(body, coordinator_url, name, key_file)
 

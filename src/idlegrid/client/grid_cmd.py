@@ -136,7 +136,9 @@ def status(
     )
 
 
-def verify_ledger(data_dir: DataDir, coordinator_url: CoordinatorUrl = None) -> None:
+def verify_ledger(
+    data_dir: DataDir, coordinator_url: CoordinatorUrl = None, as_json: JsonFlag = False
+) -> None:
     """Recompute the ledger's hash chain and balances; exit 1 on any break."""
     from idlegrid.client.sdk import GridClient
 
@@ -144,6 +146,9 @@ def verify_ledger(data_dir: DataDir, coordinator_url: CoordinatorUrl = None) -> 
     operator = _operator_key(data_dir)
     with GridClient(url, operator) as client:
         result = client.verify_ledger()
+    if as_json:
+        out.print_json(json.dumps(result))
+        raise typer.Exit(0 if result["ok"] else 1)
     if result["ok"]:
         out.print("[green]ledger OK[/]: chain and balances recomputed")
         return

@@ -167,10 +167,14 @@ def revoke(
     key_id: Annotated[str, typer.Argument(help="The key id (key_…), not the secret.")],
     data_dir: DataDir,
     coordinator_url: CoordinatorUrl = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Revoke a key: its requests are refused from now on; its balance stays."""
     with _operator(coordinator_url, data_dir) as c:
         r = c.revoke_key(key_id)
+    if as_json:
+        out.print_json(json.dumps({"key_id": key_id, **r}))
+        return
     out.print(f"{key_id} revoked" if r["changed"] else f"{key_id} was already revoked")
 
 
@@ -184,6 +188,7 @@ def fund(
         str | None,
         typer.Option(help="Idempotency reference (a payment id): replaying it credits once."),
     ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Credit a key with new credits (a deposit, named in the ledger by its reference)."""
     if credits <= 0:
@@ -191,5 +196,8 @@ def fund(
     ref = reference or f"keys-fund:{key_id}:{int(time.time())}:{secrets.token_hex(4)}"
     with _operator(coordinator_url, data_dir) as c:
         r = c.mint(key_id=key_id, amount=round(credits * MICRO), reference=ref)
+    if as_json:
+        out.print_json(json.dumps({"key_id": key_id, "reference": ref, **r}))
+        return
     note = "" if r["created"] else " (reference seen before: nothing added)"
     out.print(f"{key_id}: balance {_credits(r['balance'])} credits{note}")

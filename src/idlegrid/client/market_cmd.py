@@ -80,7 +80,7 @@ def offers(
         t.add_column(col)
     for o in data["offers"]:
         t.add_row(
-            o["id"][:28],
+            o["id"],
             o["device"],
             f"{o['free']}/{o['count']}",
             o["region"],

@@ -78,3 +78,22 @@ class GuardedGroup(TyperGroup):
                 f"[bold red]error:[/] {message}"
             )
             raise typer.Exit(EXIT_EXPECTED) from None
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A sub-app whose bare form runs one of its commands: `idlegrid train --steps 8` is
+    `idlegrid train run --steps 8`, so the form that predates the sub-app keeps working."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Put the default command in front when no command is named (help stays help)."""
+        # Completion parses resiliently: left alone it lists the sub-app's commands.
+        first = args[0] if args else "-"
+        if (
+            not ctx.resilient_parsing
+            and first.startswith("-")
+            and first not in ctx.help_option_names
+        ):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)

@@ -1,4 +1,4 @@
-"""`idlegrid plan topology.json`: place a training job's devices into stages and pipelines."""
+"""`idlegrid train plan topology.json`: place a training job's devices into stages and pipelines."""
 
 from __future__ import annotations
 

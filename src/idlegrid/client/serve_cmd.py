@@ -444,7 +444,7 @@ def up(
         out.print(f"  logs     : {data_dir / 'logs'}")
         out.print("  try      : idlegrid complete 'The capital of France is'")
         if train:
-            out.print("  train    : idlegrid train   (the small GPT on stdlib text, verified)")
+            out.print("  train    : idlegrid train run   (the small GPT on stdlib text, verified)")
         out.print("Ctrl-C stops everything.")
         sys.stdout.flush()
         while not stop.wait(0.5):  # supervise: a child that dies is restarted with backoff

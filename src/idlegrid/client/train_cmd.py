@@ -1,4 +1,9 @@
-"""Training commands: `idlegrid train` (the verified small-GPT example), `jobs`, `job ID`."""
+"""`idlegrid train run | jobs | show | cancel | plan`: verified training jobs.
+
+`idlegrid train [OPTIONS]` with no command is `train run` (output.DefaultCommandGroup),
+and the flat names that predate the sub-app (`jobs`, `job`, `cancel-job`, `plan`) are
+hidden aliases for one release (`train_aliases`, wired in cli.py).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from rich.table import Table
 
 from idlegrid.client.market_cmd import _ask, _emit
 from idlegrid.client.options import CoordinatorUrl, DataDir, JsonFlag
-from idlegrid.client.output import show
+from idlegrid.client.output import DefaultCommandGroup, show
+from idlegrid.client.plan_cmd import plan
 
 out = Console()
 err = Console(stderr=True)
@@ -186,7 +192,7 @@ def jobs(
 
 
 def job(
-    job_id: Annotated[str, typer.Argument(help="Job id (from `idlegrid jobs`).")],
+    job_id: Annotated[str, typer.Argument(help="Job id (from `idlegrid train jobs`).")],
     data_dir: DataDir,
     coordinator_url: CoordinatorUrl = None,
     as_json: JsonFlag = False,
@@ -265,15 +271,17 @@ def train(
                 if time.monotonic() > deadline:
                     err.print(
                         f"[yellow]still running after {timeout:.0f} s[/]; follow it with "
-                        f"`idlegrid job {job_id}`"
+                        f"`idlegrid train show {job_id}`"
                     )
+                    if as_json:  # the job as it stands: a script gets its id either way
+                        _emit(view)
                     raise typer.Exit(2)
                 try:
                     time.sleep(0.5)  # polling the coordinator's view of the job
                 except KeyboardInterrupt:
                     err.print(
-                        f"stopped following; the job goes on: `idlegrid job {job_id}`, "
-                        f"or `idlegrid cancel-job {job_id}`"
+                        f"stopped following; the job goes on: `idlegrid train show {job_id}`, "
+                        f"or `idlegrid train cancel {job_id}`"
                     )
                     raise typer.Exit(130) from None
                 view = c.job(job_id)
@@ -326,4 +334,11 @@ def cancel_job(
     )
 
 
-train_commands = {"train": train, "jobs": jobs, "job": job, "cancel-job": cancel_job}
+train_app = typer.Typer(cls=DefaultCommandGroup)
+train_app.command("run")(train)
+train_app.command("jobs")(jobs)
+train_app.command("show")(job)
+train_app.command("cancel")(cancel_job)
+train_app.command("plan")(plan)
+# The flat names before the sub-app: hidden top-level aliases for one release.
+train_aliases: dict[str, Any] = {"jobs": jobs, "job": job, "cancel-job": cancel_job, "plan": plan}

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
+from idlegrid import tracing
 from idlegrid.coordinator.http_errors import error_body, status_for
 from idlegrid.coordinator.inference import fanout
 from idlegrid.coordinator.inference.candidates import for_batch
@@ -35,7 +36,7 @@ from idlegrid.core import ledger, routing
 from idlegrid.core.batch.money import batch_price
 from idlegrid.core.ledger import Price
 from idlegrid.core.trust.embedding import b64_vector
-from idlegrid.errors import IdlegridError, InvalidRequest, ModelNotFound
+from idlegrid.errors import IdlegridError, InvalidRequest, ModelNotFound, NoCapacity
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,37 @@ class BatchLines:
         """Serve one line now; its answer or its error. NoCapacity propagates (the caller
         tries the line again later)."""
         plan = self.plan(url, body)
+        names = {"batch_id": tag["id"], "custom_id": tag["custom_id"], "endpoint": url}
+        attributes = {f"idlegrid.{k}": v for k, v in names.items()} | {"idlegrid.model": plan.model}
+        # A line is a trace of its own (tracing on), as an interactive request is: a batch
+        # lives for hours. A try that found no provider is dropped: the line is tried again
+        # every RETRY_S while it waits, and a span a second says nothing the batch does not.
+        line_span = tracing.span(
+            "idlegrid.batch.line", attributes, root=True, drop_on=(NoCapacity,)
+        )
+        with line_span as current:
+            # The tasks carry the line span's traceparent: the agent's span is its child.
+            parent = tracing.traceparent()
+            work = [({**p, "traceparent": parent}, b) for p, b in plan.work] if parent else None
+            out = await self._run(key_id, plan, {**tag, "share_bps": self.share_bps}, cap, work)
+            tracing.annotate(status=out.status)
+            tracing.mark_failed(current, out.status >= 500)
+            return out
+
+    async def _run(
+        self,
+        key_id: str,
+        plan: Plan,
+        tag: dict[str, Any],
+        cap: Price,
+        work: list[tuple[dict[str, Any], int]] | None,
+    ) -> Outcome:
         inf = self.inference
-        tag = {**tag, "share_bps": self.share_bps}
         handles = await fanout.submit_all(
-            inf, key_id, plan.model, plan.kind, plan.work, plan.max_tokens, cap, batch=tag
+            inf, key_id, plan.model, plan.kind, work or plan.work, plan.max_tokens, cap, batch=tag
         )
         task_ids = [task_id for task_id, _ in handles]
+        tracing.annotate(tasks=",".join(task_ids))
         shape = _Shape(plan.kind, task_ids[0], plan.model, plan.logprobs, plan.calls)
         shape.echo = plan.echo or []
         parts: list[list[str]] = [[] for _ in handles]
