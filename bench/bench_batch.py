@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import openai
 
+from idlegrid.client.localgrid import LocalGrid
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core.ledger import MICRO
 from idlegrid.engines.fake import FakeEngine
@@ -101,6 +101,66 @@ def _ttft(client: openai.OpenAI, samples: int) -> list[float]:
     return out
 
 
+def _measure(url: str, api_key: str, args: argparse.Namespace, slots: int) -> dict[str, Any]:
+    """Throughput of both ways, then TTFT idle and while a batch runs, on the grid at url."""
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120) as client:
+        interactive = _interactive(client, args.lines, slots, args.tokens)
+        batch = _batch(client, args.lines, args.tokens)
+        idle = _ttft(client, args.ttft_samples)
+        big = _batch(client, args.lines * 2, args.tokens, wait=False)
+        while True:
+            counts = client.batches.retrieve(big.id).request_counts
+            if counts is not None and counts.completed >= slots:
+                break
+            time.sleep(0.05)  # a poll interval
+        busy = _ttft(client, args.ttft_samples)
+        left = client.batches.retrieve(big.id).request_counts
+        client.batches.cancel(big.id)
+    return {
+        "processes": bool(args.processes),
+        "lines": args.lines,
+        "tokens_per_line": args.tokens,
+        "slots": slots,
+        "batch_in_flight": args.in_flight or slots,
+        "token_delay_s": args.token_delay,
+        "interactive_tok_s": round(interactive, 1),
+        "batch_tok_s": round(batch, 1),
+        "batch_ratio": round(batch / interactive, 3),
+        "ttft_idle_ms": round(1000 * statistics.median(idle), 1),
+        "ttft_busy_ms": round(1000 * statistics.median(busy), 1),
+        "ttft_ratio": round(statistics.median(busy) / statistics.median(idle), 3),
+        "batch_running_during_ttft": left is not None and left.completed < left.total,
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def _in_processes(args: argparse.Namespace, slots: int, tmp: Path) -> dict[str, Any]:
+    """The same measurement on a grid of separate processes (`LocalGrid`: the coordinator
+    and each provider its own `idlegrid` process, as `idlegrid up` runs them), so that the
+    clients, the coordinator and the agents do not share one interpreter's lock."""
+    grid = LocalGrid(
+        data_dir=tmp,
+        port=free_port(),
+        providers=args.providers,
+        engine="fake",
+        model=MODEL,
+        threads=1,
+        funding_credits=1000,
+        provider_args=["--slots", str(args.slots)],
+        extra_env={
+            "IDLEGRID_FAKE_TOKEN_DELAY": str(args.token_delay),
+            "IDLEGRID_BATCH_IN_FLIGHT": str(args.in_flight or slots),
+            "IDLEGRID_HW_PROOFS": "false",
+        },
+    )
+    try:
+        grid.start()
+        grid.wait_for_stake()
+        return _measure(grid.url, grid.api_key, args, slots)
+    finally:
+        grid.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lines", type=int, default=1000)
@@ -113,9 +173,16 @@ def main() -> None:
     # alone, without a batch line yielding (a diagnostic baseline for the yield's cost).
     ap.add_argument("--in-flight", type=int, default=0, help="batch lines at once (0: slots)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--processes", action="store_true", help="a LocalGrid of processes")
     args = ap.parse_args()
     slots = args.providers * args.slots
     tmp = Path(tempfile.mkdtemp(prefix="idlegrid-bench-batch-"))
+    if args.processes:
+        result = _in_processes(args, slots, tmp)
+        print(
+            json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items())
+        )
+        return
     # No verifier runs here, so the fake providers are unverifiable: with the default
     # probation budget their held pay caps their paid work and the grid stops routing to
     # them after ~1,100 answers (docs/trust.md). This measures routing, not trust.
@@ -151,36 +218,7 @@ def main() -> None:
                 "/api/v1/admin/mint",
                 json={"key_id": key["key_id"], "amount": 10**6 * MICRO, "reference": "b"},
             ).raise_for_status()
-        with openai.OpenAI(
-            base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0, timeout=120
-        ) as client:
-            interactive = _interactive(client, args.lines, slots, args.tokens)
-            batch = _batch(client, args.lines, args.tokens)
-            idle = _ttft(client, args.ttft_samples)
-            big = _batch(client, args.lines * 2, args.tokens, wait=False)
-            busy_started = threading.Event()
-            while not busy_started.is_set():
-                counts = client.batches.retrieve(big.id).request_counts
-                if counts is not None and counts.completed >= slots:
-                    busy_started.set()
-                time.sleep(0.05)  # a poll interval
-            busy = _ttft(client, args.ttft_samples)
-            left = client.batches.retrieve(big.id).request_counts
-            client.batches.cancel(big.id)
-        result = {
-            "lines": args.lines,
-            "tokens_per_line": args.tokens,
-            "slots": slots,
-            "batch_in_flight": args.in_flight or slots,
-            "token_delay_s": args.token_delay,
-            "interactive_tok_s": round(interactive, 1),
-            "batch_tok_s": round(batch, 1),
-            "batch_ratio": round(batch / interactive, 3),
-            "ttft_idle_ms": round(1000 * statistics.median(idle), 1),
-            "ttft_busy_ms": round(1000 * statistics.median(busy), 1),
-            "ttft_ratio": round(statistics.median(busy) / statistics.median(idle), 3),
-            "batch_running_during_ttft": left is not None and left.completed < left.total,
-        }
+        result = _measure(coord.url, key["api_key"], args, slots)
     finally:
         for a in agents:
             a.stop(30)
