@@ -522,11 +522,11 @@ def test_a_line_whose_runner_fails_unexpectedly_is_tried_again(grid: Grid) -> No
     lines = grid.coordinator.app.state.services.batches.lines
     real, failed = lines.run, set()
 
-    async def flaky(key_id: str, url: str, body: Any, tag: Any, cap: Price) -> Any:
+    async def flaky(key_id: str, url: str, body: Any, tag: Any, cap: Price, settled=()) -> Any:
         if tag["custom_id"] not in failed:
             failed.add(tag["custom_id"])
             raise RuntimeError("injected")
-        return await real(key_id, url, body, tag, cap)
+        return await real(key_id, url, body, tag, cap, settled)
 
     lines.run = flaky
     with grid.client() as client:
@@ -599,6 +599,54 @@ def test_a_line_settled_before_a_restart_is_rebuilt_not_charged_again(
         ]
         assert rebuilt["usage"]["completion_tokens"] == again.usage.completion_tokens
         assert settles("r1") == 2  # one per choice: not run again
+        assert grid.balance(escrow_account(batch.id)) == 0
+        grid.verify()
+        client.close()
+    finally:
+        stop_grid(grid)
+
+
+def test_a_line_cut_short_runs_only_its_unsettled_choices_after_a_restart(
+    tmp_path: Path, database_url: str
+) -> None:
+    """n = 3 on one slot, so the choices run one after another: the coordinator stops once
+    two have settled, while the third runs. The restarted one runs only the third; the
+    answer has all three (the same as the request sent interactively), each choice is
+    settled once, and the escrow ends empty."""
+    grid = _slow_grid(tmp_path, database_url, 1, batch_in_flight=1)
+    try:
+        client = grid.client()
+        body = {"n": 3, "temperature": 0.8, "seed": 9}
+        batch = client.batches.create(
+            input_file_id=_upload(client, [_line("p0", "partial 0", max_tokens=20, **body)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        cause = {"kind": "batch_line", "id": f"{batch.id}/p0"}
+
+        def settles() -> int:
+            return sum(1 for e in grid.entries() if e["cause"] == cause and e["memo"] == "settle")
+
+        wait_until(lambda: settles() == 2, 60, 0.02)
+        client.close()
+        grid.coordinator.stop()
+        grid.coordinator = CoordinatorThread(grid.coordinator.settings)
+        grid.coordinator.start()
+        client = grid.client()
+        done = _wait(client, batch.id, 120)
+        assert done.status == "completed" and done.request_counts.completed == 1
+        out = {x["custom_id"]: x["response"]["body"] for x in _jsonl(client, done.output_file_id)}
+        again = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "partial 0"}], max_tokens=20, **body
+        )
+        assert [c["message"]["content"] for c in out["p0"]["choices"]] == [
+            c.message.content for c in again.choices
+        ]
+        assert [c["index"] for c in out["p0"]["choices"]] == [0, 1, 2]
+        assert out["p0"]["usage"]["completion_tokens"] == again.usage.completion_tokens
+        assert settles() == 3  # the two settled before the restart were not run again
+        # The third choice's first task was cut short: released uncharged, run once more.
+        assert [e["memo"] for e in grid.entries() if e["cause"] == cause].count("release") == 1
         assert grid.balance(escrow_account(batch.id)) == 0
         grid.verify()
         client.close()

@@ -18,7 +18,7 @@ import json
 import logging
 import secrets
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO, Protocol, cast
 
 from sqlalchemy import and_, func, or_, select, update
@@ -83,7 +83,13 @@ class LineRunner(Protocol):
     async def quote(self, url: str, body: dict[str, Any]) -> Quote: ...
 
     async def run(
-        self, key_id: str, url: str, body: dict[str, Any], tag: dict[str, Any], cap: Price
+        self,
+        key_id: str,
+        url: str,
+        body: dict[str, Any],
+        tag: dict[str, Any],
+        cap: Price,
+        settled: Sequence[TaskView] = (),
     ) -> Outcome: ...
 
     def rebuild(
@@ -153,6 +159,9 @@ class Batches:
         self.in_flight = asyncio.Semaphore(ctx.settings.batch_in_flight)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._resumed = False
+        # (batch id, line) -> the tasks a restart found settled for a line it had cut short:
+        # when the line runs again, only its other choices run (nothing charged twice).
+        self._settled: dict[tuple[str, int], list[TaskView]] = {}
         # Batch id -> (why its lines find no provider now, since when); live, not stored.
         self.waiting: dict[str, tuple[str, float]] = {}
 
@@ -339,25 +348,37 @@ class Batches:
                 await runner
 
     def _resume(self) -> None:
-        """Lines left running by a stopped coordinator: a line whose every choice settled
-        (charged) is rebuilt from the answers its tasks kept, the rest run again (their
-        unsettled tasks were failed uncharged by the inference supervisor)."""
+        """Lines cut short by a stopped coordinator: a line whose every choice settled
+        (charged) is rebuilt from the answers its tasks kept; the rest run again, only
+        their unsettled choices (unsettled tasks were failed uncharged by the inference
+        supervisor). Pending lines with settled choices are among them: a restart before
+        a cut-short line ran again leaves it pending."""
+        live = [b.id for b in self._active()]
+        settled = self.store.batch_settled_tasks(live)
         with self.store.tx() as s:
-            left = s.execute(
+            rows = s.execute(
                 select(BatchLine, Batch.endpoint)
                 .join(Batch, Batch.id == BatchLine.batch_id)
-                .where(BatchLine.state == "running")
+                .where(BatchLine.batch_id.in_(live), BatchLine.state.in_(("running", "pending")))
             ).all()
-            lines = [(ln.batch_id, ln.line, ln.custom_id, dict(ln.body), url) for ln, url in left]
-        for batch_id, n, custom_id, body, url in lines:
-            out = self.lines.rebuild(url, body, self.store.batch_line_tasks(batch_id, custom_id))
+            lines = [
+                (ln.batch_id, ln.line, ln.custom_id, dict(ln.body), url, ln.state)
+                for ln, url in rows
+                if ln.state == "running" or (ln.batch_id, ln.custom_id) in settled
+            ]
+        for batch_id, n, custom_id, body, url, state in lines:
+            done = settled.get((batch_id, custom_id), [])
+            out = self.lines.rebuild(url, body, done)
             if out is None:
-                with self.store.tx() as s:
-                    s.execute(
-                        update(BatchLine)
-                        .where(BatchLine.batch_id == batch_id, BatchLine.line == n)
-                        .values(state="pending", task_id=None)
-                    )
+                if done:
+                    self._settled[(batch_id, n)] = done
+                if state == "running":
+                    with self.store.tx() as s:
+                        s.execute(
+                            update(BatchLine)
+                            .where(BatchLine.batch_id == batch_id, BatchLine.line == n)
+                            .values(state="pending", task_id=None)
+                        )
                 continue
             log.info("batch %s line %s: settled before a restart, rebuilt", batch_id, custom_id)
             result = results.answered(_line_id(), custom_id, out.request_id, out.body)
@@ -420,7 +441,8 @@ class Batches:
             tag = {"id": batch_id, "custom_id": line.custom_id, "payer": escrow_account(batch_id)}
             cap = Price(line.prompt_price, line.output_price)
             try:
-                out = await self.lines.run(key_id, url, line.body, tag, cap)
+                settled = self._settled.get((batch_id, line.line), [])
+                out = await self.lines.run(key_id, url, line.body, tag, cap, settled)
             except NoCapacity as exc:  # no provider now: the line waits, not the error file
                 self.waiting.setdefault(batch_id, (exc.message, self.ctx.clock()))
                 await asyncio.sleep(RETRY_S)
@@ -439,6 +461,7 @@ class Batches:
                 await self.ctx.db(self._requeue, batch_id, line.line)
                 return
             self.waiting.pop(batch_id, None)
+            self._settled.pop((batch_id, line.line), None)
             if out.status == 200:
                 result = results.answered(_line_id(), line.custom_id, out.request_id, out.body)
             else:

@@ -497,18 +497,25 @@ class Store(NodeStore, LedgerStore):
             self._post(s, entry)
             return _task_view(t)
 
-    def batch_line_tasks(self, batch_id: str, custom_id: str) -> list[TaskView]:
-        """A batch line's settled tasks (each choice's, from any run of the line)."""
+    def batch_settled_tasks(
+        self, batch_ids: Sequence[str]
+    ) -> dict[tuple[str, str], list[TaskView]]:
+        """The settled tasks of these batches' lines (each choice's, from any run of the
+        line), by (batch id, custom_id): one scan, for a restart's resume."""
+        if not batch_ids:
+            return {}
         tag = Task.payload["batch"]
+        out: dict[tuple[str, str], list[TaskView]] = {}
         with self.read() as s:
             rows = s.scalars(
                 select(Task).where(
-                    Task.state == TaskState.DONE.value,
-                    tag["id"].as_string() == batch_id,
-                    tag["custom_id"].as_string() == custom_id,
+                    Task.state == TaskState.DONE.value, tag["id"].as_string().in_(batch_ids)
                 )
             )
-            return [_task_view(t) for t in rows]
+            for t in rows:
+                key = (t.payload["batch"]["id"], t.payload["batch"]["custom_id"])
+                out.setdefault(key, []).append(_task_view(t))
+        return out
 
     def running_tasks(self) -> list[TaskView]:
         """Tasks currently held by a provider."""

@@ -26,6 +26,7 @@ async def submit_all(
     max_tokens: int,
     price_cap: Price,
     batch: dict[str, Any] | None = None,
+    choices: Sequence[int] | None = None,
 ) -> list[tuple[str, TaskStream]]:
     """Escrow and queue one task per (payload, prompt-token bound), in order; all or none.
 
@@ -33,7 +34,8 @@ async def submit_all(
     balance cannot pay for in full is refused (402) at its first choice, before any work.
     If a later one still fails (the key spent elsewhere meanwhile, or capacity vanished),
     the earlier ones are cancelled uncharged and the error is raised. `batch`: the tag of
-    a batch line (`Inference.submit`)."""
+    a batch line (`Inference.submit`); `choices`: the choice index each task stands for
+    (a batch line run again for the choices a restart left unsettled), else 0, 1, ...."""
     handles: list[tuple[str, TaskStream]] = []
     try:
         for k, (payload, bound) in enumerate(work):
@@ -48,7 +50,9 @@ async def submit_all(
                     max_tokens,
                     price_cap,
                     reserve=rest,
-                    batch={**batch, "choice": k} if batch is not None else None,
+                    batch={**batch, "choice": choices[k] if choices else k}
+                    if batch is not None
+                    else None,
                 )
             )
     except BaseException:

@@ -6,6 +6,7 @@ endpoint would have sent it. The batches domain gets this from `app.compose()`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,24 @@ def refusal(exc: IdlegridError) -> tuple[int, dict[str, Any]]:
     return status, error_body(exc.message, type_, exc.code, param)["error"]
 
 
+def kept_choices(settled: Iterable[TaskView]) -> dict[int, TaskView]:
+    """A line's settled tasks that kept their answer, by choice index."""
+    return {t.payload["batch"].get("choice", 0): t for t in settled if t.answer is not None}
+
+
+def _kept_answers(
+    shape: _Shape, kept: dict[int, TaskView], choices: Iterable[int]
+) -> list[tuple[str, TaskView, list[Any]]]:
+    """Kept choices as `_Shape.whole` takes answers; their echoed prompt's logprobs noted."""
+    out = []
+    for k in choices:
+        answer = kept[k].answer or {}
+        if "prompt" in answer:
+            shape.echo_lps[k] = answer["prompt"]
+        out.append((answer.get("text", ""), kept[k], answer.get("logprobs", [])))
+    return out
+
+
 class BatchLines:
     """Judge, price and run the lines of batches on the grid."""
 
@@ -119,31 +138,30 @@ class BatchLines:
         """A line's answer from its settled tasks' kept answers (a coordinator stopped
         before recording it); None unless every choice settled with one."""
         plan = self.plan(url, body)
-        by_choice = {
-            t.payload["batch"].get("choice", 0): t for t in settled if t.answer is not None
-        }
-        done = [by_choice.get(k) for k in range(len(plan.work))]
-        if any(t is None for t in done):
+        kept = kept_choices(settled)
+        if any(k not in kept for k in range(len(plan.work))):
             return None
-        tasks = [t for t in done if t is not None]
+        tasks = [kept[k] for k in range(len(plan.work))]
         if plan.kind == "embedding":
             vectors = [b64_vector(v) for v in (tasks[0].answer or {}).get("vectors", [])]
             return Outcome(200, embedding_list(plan, vectors, tasks[0].prompt_tokens), tasks[0].id)
         shape = _Shape(plan.kind, tasks[0].id, plan.model, plan.logprobs, plan.calls)
         shape.echo = plan.echo or []
-        answers = []
-        for k, t in enumerate(tasks):
-            kept = t.answer or {}
-            if "prompt" in kept:
-                shape.echo_lps[k] = kept["prompt"]
-            answers.append((kept.get("text", ""), t, kept.get("logprobs", [])))
-        return Outcome(200, shape.whole(answers), tasks[0].id)
+        return Outcome(200, shape.whole(_kept_answers(shape, kept, range(len(tasks)))), tasks[0].id)
 
     async def run(
-        self, key_id: str, url: str, body: dict[str, Any], tag: dict[str, Any], cap: Price
+        self,
+        key_id: str,
+        url: str,
+        body: dict[str, Any],
+        tag: dict[str, Any],
+        cap: Price,
+        settled: Sequence[TaskView] = (),
     ) -> Outcome:
         """Serve one line now; its answer or its error. NoCapacity propagates (the caller
-        tries the line again later)."""
+        tries the line again later). `settled`: tasks of the line that settled in a run a
+        restart cut short; their choices keep the answers they were charged for, and only
+        the others run."""
         plan = self.plan(url, body)
         names = {"batch_id": tag["id"], "custom_id": tag["custom_id"], "endpoint": url}
         attributes = {f"idlegrid.{k}": v for k, v in names.items()} | {"idlegrid.model": plan.model}
@@ -157,7 +175,10 @@ class BatchLines:
             # The tasks carry the line span's traceparent: the agent's span is its child.
             parent = tracing.traceparent()
             work = [({**p, "traceparent": parent}, b) for p, b in plan.work] if parent else None
-            out = await self._run(key_id, plan, {**tag, "share_bps": self.share_bps}, cap, work)
+            kept = kept_choices(settled)
+            out = await self._run(
+                key_id, plan, {**tag, "share_bps": self.share_bps}, cap, work, kept
+            )
             tracing.annotate(status=out.status)
             tracing.mark_failed(current, out.status >= 500)
             return out
@@ -169,10 +190,21 @@ class BatchLines:
         tag: dict[str, Any],
         cap: Price,
         work: list[tuple[dict[str, Any], int]] | None,
+        kept: dict[int, TaskView],
     ) -> Outcome:
         inf = self.inference
+        todo = [k for k in range(len(plan.work)) if k not in kept]
+        every = work or plan.work
         handles = await fanout.submit_all(
-            inf, key_id, plan.model, plan.kind, work or plan.work, plan.max_tokens, cap, batch=tag
+            inf,
+            key_id,
+            plan.model,
+            plan.kind,
+            [every[k] for k in todo],
+            plan.max_tokens,
+            cap,
+            batch=tag,
+            choices=todo,
         )
         task_ids = [task_id for task_id, _ in handles]
         tracing.annotate(tasks=",".join(task_ids))
@@ -212,5 +244,10 @@ class BatchLines:
             return Outcome(status, {"error": error}, task_ids[0])
         if plan.kind == "embedding":
             return Outcome(200, embedding_list(plan, vectors, done[0].prompt_tokens), task_ids[0])
-        answer = shape.whole([("".join(parts[k]), done[k], lps[k]) for k in range(len(handles))])
+        # Streams run positions 0..len(todo); shape.echo_lps is keyed by stream position too.
+        fresh = {c: ("".join(parts[i]), done[i], lps[i]) for i, c in enumerate(todo)}
+        echo = {todo[i]: v for i, v in shape.echo_lps.items()}
+        shape.echo_lps = echo
+        old = dict(zip(sorted(kept), _kept_answers(shape, kept, sorted(kept)), strict=True))
+        answer = shape.whole([fresh[k] if k in fresh else old[k] for k in range(len(plan.work))])
         return Outcome(200, answer, task_ids[0])
