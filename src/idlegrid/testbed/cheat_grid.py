@@ -1,6 +1,7 @@
 """Cheat classes of issue 15 on a real loopback grid with the default model: the cheating
 engines (llama.cpp gemma3:270m, one thread), the grid set-up, the request loop and the
-net-credit accounting that `bench/bench_cheat_classes.py` reports.
+net-credit accounting; `bench/bench_cheat_classes.py` reports them and
+`tests/integration/test_cheat_classes_llamacpp.py` asserts them.
 
 Each scenario is a real coordinator (SQLite, default trust policy unless named below) and
 unmodified agents, every node with the default 5-credit inference stake posted, the
@@ -8,26 +9,31 @@ consumer paying through the official `openai` client. The cheat is the cheapest 
 (routing sends it the work first) or a verifier with the larger stake (the draw picks it
 first). Requests go one at a time (8 tokens, T = 1) until the cheater is ejected or stops
 being routed, or `cap` requests. Net credits = the cheater's balances at the end (stake,
-accrual, provider account) minus the 5 staked; "paid out" is what reached its provider
+accrual, provider account) minus what it staked; "paid out" is what reached its provider
 account, the only balance it can withdraw.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 from sqlalchemy import select
 
 from idlegrid.config import CoordinatorSettings
 from idlegrid.coordinator.db.tables import Attempt
 from idlegrid.core.ledger import MICRO, Price
+from idlegrid.core.trust import commitment as cm
 from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL
 from idlegrid.testbed import cheats
@@ -36,6 +42,7 @@ from idlegrid.testbed.inprocess import AgentThread, CoordinatorThread, free_port
 CONTEXT = 256
 STAKE = 5 * MICRO  # the default inference stake
 CHEAP, DEAR = Price(10 * MICRO, 40 * MICRO), Price(20 * MICRO, 80 * MICRO)
+JUDGED = ("passed", "failed", "overturned")
 
 
 class Homebrew(LlamaCppEngine):
@@ -69,127 +76,234 @@ class HoldingLlama(LlamaCppEngine):
         raise RuntimeError("holding")
 
 
-def _llama(cls: type[LlamaCppEngine]) -> LlamaCppEngine:
+class CollusiveLlama(LlamaCppEngine):
+    """A verifier in league with one provider (way 6): its partner shares every commitment
+    it makes (`partner`, set by whoever runs the two), and the verifier approves anything
+    of the partner's without computing, in audits and as a dispute panelist alike. Every
+    other audit it recomputes honestly, so it earns its fees and no canary of an honest
+    provider's answer catches it."""
+
+    partner: Callable[[], Iterable[bytes]] = staticmethod(lambda: ())
+
+    def audit(
+        self,
+        context_ids: Sequence[int],
+        c: Any,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        constraint: Any = None,
+    ) -> Any:
+        """Echo a commitment of the partner's (a dispute's truncated one too); recompute
+        the rest."""
+        ours = {cm.decode(b).header.context_hash for b in self.partner()}
+        if c.header.context_hash in ours:
+            return cheats.LazyVerifier.audit(self, context_ids, c, max_new_tokens, stop)  # type: ignore[arg-type]
+        return super().audit(context_ids, c, max_new_tokens, stop, constraint)
+
+
+def llama(cls: type[LlamaCppEngine] = LlamaCppEngine) -> LlamaCppEngine:
+    """The default model on one thread, as every node of a cheat grid runs it."""
     return cls(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
 
 
-# name -> (env, [(node, engine class, price, verifier)], the cheater's node)
-SCENARIOS: dict[str, tuple[dict[str, str], list[tuple[str, type, Price, bool]], str]] = {
-    "invented": (
-        {},
-        [("cheater", cheats.LlamaInvented, CHEAP, False), ("honest", LlamaCppEngine, DEAR, True)],
-        "cheater",
-    ),
-    "seed-ignoring": (
-        {},
-        [
-            ("cheater", cheats.LlamaSeedIgnoring, CHEAP, False),
-            ("honest", LlamaCppEngine, DEAR, True),
-        ],
-        "cheater",
-    ),
-    "unverifiable": (
-        {"IDLEGRID_TRUST_PROBATION_BUDGET_UCR": "2000"},
-        [("cheater", Homebrew, CHEAP, False), ("honest", LlamaCppEngine, DEAR, True)],
-        "cheater",
-    ),
-    "lazy": (
-        {"IDLEGRID_TRUST_CANARY_RATE": "0.1", "IDLEGRID_TRUST_FULL_AUDITS": "100000"},
-        [("provider", LlamaCppEngine, CHEAP, False), ("cheater", LazyLlama, DEAR, True)],
-        "cheater",
-    ),
-    "holding": (
-        {"IDLEGRID_TRUST_AUDIT_EXPIRY_S": "3", "IDLEGRID_TRUST_FULL_AUDITS": "100000"},
-        [
-            ("provider", LlamaCppEngine, CHEAP, False),
-            ("cheater", HoldingLlama, DEAR, True),
-            ("honest", LlamaCppEngine, DEAR, True),
-        ],
-        "cheater",
-    ),
-}
+@dataclass(frozen=True)
+class Node:
+    """One agent of a cheat grid: its engine (a class the grid loads and closes, or an
+    engine the caller owns and may reuse across grids), price, role and stake."""
+
+    name: str
+    engine: type[LlamaCppEngine] | LlamaCppEngine
+    price: Price
+    verifier: bool = False
+    stake: int = STAKE
 
 
-def _wait(cond: Callable[[], bool], timeout_s: float) -> bool:
+@contextmanager
+def _env(env: Mapping[str, str]) -> Iterator[None]:
+    """Trust knobs are read from the environment when the coordinator's services start."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait(cond: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `cond` until it holds (True) or `timeout_s` passes (False)."""
     ev = threading.Event()
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if cond():
             return True
-        ev.wait(0.2)
+        ev.wait(0.1)
     return False
 
 
-def run(name: str, cap: int) -> dict[str, Any]:
-    """One scenario: serve until the cheater stops earning, then count."""
-    env, roster, cheater = SCENARIOS[name]
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    tmp = Path(tempfile.mkdtemp(prefix=f"cheat-{name}-"))
-    settings = CoordinatorSettings(
-        data_dir=tmp,
-        database_url=f"sqlite:///{tmp}/c.db",
-        port=free_port(),
-        heartbeat_interval_s=0.5,
-        node_timeout_s=10.0,
-        hw_proofs=False,
-        payout_delay_s=0.0,
-    )
-    coord = CoordinatorThread(settings)
-    coord.start()
-    engines = [_llama(cls) for _, cls, _, _ in roster]
-    agents = [
-        AgentThread(
-            make_agent(
-                coord.url,
-                [e],
-                node,
-                price=price,
-                verifier=verifier,
-                device_price_h=MICRO,
-                stake_per_device=STAKE,
+class CheatGrid:
+    """A loopback coordinator and one llama.cpp agent per node, every node's stake posted
+    by the agent itself from credits minted to it, and a funded API key."""
+
+    def __init__(self, tmp: Path, nodes: Sequence[Node], env: Mapping[str, str]) -> None:
+        self.nodes = list(nodes)
+        settings = CoordinatorSettings(
+            data_dir=tmp,
+            database_url=f"sqlite:///{tmp}/c.db",
+            port=free_port(),
+            heartbeat_interval_s=0.5,
+            node_timeout_s=10.0,
+            hw_proofs=False,
+            payout_delay_s=0.0,
+        )
+        with _env(env):
+            self.coord = CoordinatorThread(settings)
+            self.coord.start()
+        self.url = self.coord.url
+        self.http = self.coord.admin(timeout=60)
+        self.engines = [llama(n.engine) if isinstance(n.engine, type) else n.engine for n in nodes]
+        self._owned_engines = [
+            e for e, n in zip(self.engines, nodes, strict=True) if isinstance(n.engine, type)
+        ]
+        self.agents = {
+            n.name: AgentThread(
+                make_agent(
+                    self.url,
+                    [e],
+                    n.name,
+                    price=n.price,
+                    verifier=n.verifier,
+                    device_price_h=MICRO,
+                    stake_per_device=n.stake,
+                )
             )
-        )
-        for e, (node, _, price, verifier) in zip(engines, roster, strict=True)
-    ]
-    http = coord.admin(timeout=60)
-    try:
-        for a in agents:
+            for e, n in zip(self.engines, nodes, strict=True)
+        }
+        self.ids: dict[str, str] = {}
+        self.key: dict[str, Any] = {}
+
+    def start(self) -> CheatGrid:
+        """Start every agent, post every stake, fund a key; raises if any step stalls."""
+        for a in self.agents.values():
             a.start()
-        _wait(lambda: len(http.get("/api/v1/status").json()["nodes"]) == len(roster), 60)
-        ids = {n["name"]: n["id"] for n in http.get("/api/v1/status").json()["nodes"]}
-        store = coord.app.state.services.store
-        for node_id in ids.values():  # each agent posts it from these, as `idlegrid up`'s do
-            http.post(
+        if not wait(lambda: len(self.status()["nodes"]) == len(self.nodes), 60):
+            raise TimeoutError("the agents did not register")
+        self.ids = {n["name"]: n["id"] for n in self.status()["nodes"]}
+        for n in self.nodes:  # each agent posts its stake from these, as `idlegrid up`'s do
+            node_id = self.ids[n.name]
+            self.http.post(
                 "/api/v1/admin/mint",
-                json={"node_id": node_id, "amount": STAKE, "reference": f"fund:{node_id}"},
+                json={"node_id": node_id, "amount": n.stake, "reference": f"fund:{node_id}"},
             ).raise_for_status()
-        market = coord.app.state.services.market
-        assert _wait(lambda: set(ids.values()) <= set(market.inference_staked), 60), "no stake"
-
-        def status() -> dict[str, Any]:
-            out: dict[str, Any] = http.get("/api/v1/status").json()
-            return out
-
-        key = http.post("/api/v1/admin/keys", json={"name": "bench"}).json()
-        http.post(
+        market = self.coord.app.state.services.market
+        if not wait(lambda: set(self.ids.values()) <= set(market.inference_staked), 60):
+            raise TimeoutError("the stakes were not posted")
+        self.key = self.http.post("/api/v1/admin/keys", json={"name": "cheats"}).json()
+        self.http.post(
             "/api/v1/admin/mint",
-            json={"key_id": key["key_id"], "amount": 1000 * MICRO, "reference": "m"},
+            json={"key_id": self.key["key_id"], "amount": 1000 * MICRO, "reference": "m"},
+        ).raise_for_status()
+        return self
+
+    def close(self) -> None:
+        """Stop the agents and the coordinator; close the engines the grid loaded."""
+        self.http.close()
+        for a in self.agents.values():
+            if a.thread is not None and a.thread.is_alive():
+                a.stop(30)
+        self.coord.stop()
+        for e in self._owned_engines:
+            e.close()
+
+    def __enter__(self) -> CheatGrid:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def store(self) -> Any:
+        """The coordinator's store (ledger checks, attempts)."""
+        return self.coord.app.state.services.store
+
+    def status(self) -> dict[str, Any]:
+        """The operator's `/api/v1/status`."""
+        out: dict[str, Any] = self.http.get("/api/v1/status").json()
+        return out
+
+    def record(self, name: str) -> dict[str, Any]:
+        """The node's line in the status's trust section."""
+        rec: dict[str, Any] = self.status()["trust"]["nodes"].get(self.ids[name], {})
+        return rec
+
+    def audits(self) -> list[dict[str, Any]]:
+        """Every audit, canaries included (operator view)."""
+        out: list[dict[str, Any]] = self.http.get("/api/v1/audits").json()["audits"]
+        return out
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The ledger's entries."""
+        out: list[dict[str, Any]] = self.http.get("/api/v1/ledger").json()["entries"]
+        return out
+
+    def holdings(self, name: str) -> dict[str, int]:
+        """The node's accounts (stakes, accrual, provider account) and their balances."""
+        me = self.ids[name]
+        return {a: v for a, v in self.status()["balances"].items() if me in a.split(":")}
+
+    def losses(self, names: Iterable[str]) -> dict[str, int]:
+        """Of these nodes, each one whose holdings fell below what it staked: by how much."""
+        out = {}
+        stakes = {n.name: n.stake for n in self.nodes}
+        for name in names:
+            held = sum(self.holdings(name).values())
+            if held < stakes[name]:
+                out[name] = stakes[name] - held
+        return out
+
+    def attempts_by(self, name: str) -> int:
+        """Attempts the node delivered tokens in."""
+        with self.store.read() as s:
+            return len(
+                s.scalars(
+                    select(Attempt).where(
+                        Attempt.node_id == self.ids[name], Attempt.output_tokens > 0
+                    )
+                ).all()
+            )
+
+    def signed(self, name: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        """A request signed with node `name`'s key, as its agent would send it."""
+        key = self.agents[name].agent.client.key
+        raw = json.dumps(body).encode()
+        return self.http.post(
+            path, content=raw, headers=key.sign_headers("POST", path, raw, now=time.time())
         )
-        me = ids[cheater]
 
-        def record() -> dict[str, Any]:
-            rec: dict[str, Any] = status()["trust"]["nodes"].get(me, {})
-            return rec
-
-        served = refused = 0
+    def serve(
+        self,
+        cap: int,
+        stop: Callable[[], bool] = lambda: False,
+        audited: bool = True,
+        timeout_s: float = 60.0,
+    ) -> tuple[int, int]:
+        """Up to `cap` requests one at a time, until `stop()`; with `audited`, each waits
+        until its answer's audit exists and every audit is judged. (sent, refused)"""
+        sent = refused = 0
         with openai.OpenAI(
-            base_url=f"{coord.url}/v1", api_key=key["api_key"], max_retries=0
+            base_url=f"{self.url}/v1", api_key=self.key["api_key"], max_retries=0
         ) as client:
             for i in range(cap):
-                rec = record()
-                if rec.get("ejected") or rec.get("probation_budget_left") == 0:
-                    break  # it stopped earning: ejected, or no more paid work routed to it
+                if stop():
+                    break
+                before = sum(not a["canary"] for a in self.audits())
                 try:
                     client.completions.create(
                         model=DEFAULT_MODEL,
@@ -200,56 +314,96 @@ def run(name: str, cap: int) -> dict[str, Any]:
                     )
                 except openai.APIStatusError:
                     refused += 1  # nobody left to serve it (e.g. the probation budget)
-                served = i + 1
-                if name == "unverifiable":
-                    continue  # nobody can audit its class: there is no verdict to wait for
-                _wait(
-                    lambda: all(
-                        a["state"] in ("passed", "failed")
-                        for a in http.get("/api/v1/audits").json()["audits"]
-                    ),
-                    60,
-                )
-        with store.read() as s:
-            by_cheater = len(
-                s.scalars(
-                    select(Attempt).where(Attempt.node_id == me, Attempt.output_tokens > 0)
-                ).all()
-            )
-        audits = http.get("/api/v1/audits").json()["audits"]
-        if name in ("lazy", "holding"):
-            by_cheater = sum(1 for a in audits if a["verifier_id"] == me)
-        http.post("/api/v1/admin/payouts").raise_for_status()  # whatever is payable, now
-        st = status()
-        bal = st["balances"]
-        mine = {a: v for a, v in bal.items() if me in a}
-        honest_loss = {
-            n: STAKE - sum(v for a, v in bal.items() if i in a)
-            for n, i in ids.items()
-            if n != cheater and sum(v for a, v in bal.items() if i in a) < STAKE
-        }
-        return {
-            "scenario": name,
-            "requests": served,
-            "refused": refused,
-            "cheater work": by_cheater,
-            "ejected": bool(record().get("ejected")),
-            "record": record(),
-            "net": sum(mine.values()) - STAKE,
-            "paid out": sum(v for a, v in mine.items() if a.startswith("provider:")),
-            "held accrual": record().get("held_accrual"),
-            "honest losses": honest_loss,
-            "ledger ok": store.verify_ledger() == [],
-        }
-    finally:
-        http.close()
-        for a in agents:
-            a.stop(30)
-        coord.stop()
-        for e in engines:
-            e.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+                    sent += 1
+                    continue
+                sent += 1
+                if audited:
+                    wait(lambda b=before: self._judged_past(b), timeout_s)  # type: ignore[misc]
+        return sent, refused
+
+    def _judged_past(self, before: int) -> bool:
+        audits = self.audits()
+        return sum(not a["canary"] for a in audits) > before and all(
+            a["state"] in JUDGED for a in audits
+        )
+
+
+# name -> (env, [nodes], the cheater's node)
+SCENARIOS: dict[str, tuple[dict[str, str], list[Node], str]] = {
+    "invented": (
+        {},
+        [Node("cheater", cheats.LlamaInvented, CHEAP), Node("honest", LlamaCppEngine, DEAR, True)],
+        "cheater",
+    ),
+    "seed-ignoring": (
+        {},
+        [
+            Node("cheater", cheats.LlamaSeedIgnoring, CHEAP),
+            Node("honest", LlamaCppEngine, DEAR, True),
+        ],
+        "cheater",
+    ),
+    "unverifiable": (
+        {"IDLEGRID_TRUST_PROBATION_BUDGET_UCR": "2000"},
+        [Node("cheater", Homebrew, CHEAP), Node("honest", LlamaCppEngine, DEAR, True)],
+        "cheater",
+    ),
+    "lazy": (
+        {"IDLEGRID_TRUST_CANARY_RATE": "0.1", "IDLEGRID_TRUST_FULL_AUDITS": "100000"},
+        [Node("provider", LlamaCppEngine, CHEAP), Node("cheater", LazyLlama, DEAR, True)],
+        "cheater",
+    ),
+    "holding": (
+        {"IDLEGRID_TRUST_AUDIT_EXPIRY_S": "3", "IDLEGRID_TRUST_FULL_AUDITS": "100000"},
+        [
+            Node("provider", LlamaCppEngine, CHEAP),
+            Node("cheater", HoldingLlama, DEAR, True),
+            Node("honest", LlamaCppEngine, DEAR, True),
+        ],
+        "cheater",
+    ),
+}
+
+
+def stopped_earning(g: CheatGrid, cheater: str) -> bool:
+    """Ejected, or no more paid work routed to it (its probation budget is spent)."""
+    rec = g.record(cheater)
+    return bool(rec.get("ejected")) or rec.get("probation_budget_left") == 0
+
+
+def outcome(g: CheatGrid, cheater: str, sent: int, refused: int) -> dict[str, Any]:
+    """The cheater's work, record and net credits after paying out whatever is payable,
+    and every other node's losses."""
+    stake = next(n.stake for n in g.nodes if n.name == cheater)
+    verifier = next(n.verifier for n in g.nodes if n.name == cheater)
+    me = g.ids[cheater]
+    work = (
+        sum(1 for a in g.audits() if a["verifier_id"] == me) if verifier else g.attempts_by(cheater)
+    )
+    g.http.post("/api/v1/admin/payouts").raise_for_status()  # whatever is payable, now
+    mine = g.holdings(cheater)
+    rec = g.record(cheater)
+    return {
+        "requests": sent,
+        "refused": refused,
+        "cheater work": work,
+        "ejected": bool(rec.get("ejected")),
+        "record": rec,
+        "net": sum(mine.values()) - stake,
+        "paid out": sum(v for a, v in mine.items() if a.startswith("provider:")),
+        "held accrual": rec.get("held_accrual"),
+        "honest losses": g.losses(n.name for n in g.nodes if n.name != cheater),
+        "ledger ok": g.store.verify_ledger() == [],
+    }
+
+
+def run(name: str, cap: int) -> dict[str, Any]:
+    """One scenario: serve until the cheater stops earning, then count."""
+    env, nodes, cheater = SCENARIOS[name]
+    tmp = Path(tempfile.mkdtemp(prefix=f"cheat-{name}-"))
+    with CheatGrid(tmp, nodes, env) as g:
+        # Nobody can audit an unverifiable class: there is no verdict to wait for.
+        sent, refused = g.serve(
+            cap, lambda: stopped_earning(g, cheater), audited=name != "unverifiable"
+        )
+        return {"scenario": name, **outcome(g, cheater, sent, refused)}
