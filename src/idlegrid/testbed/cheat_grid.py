@@ -295,7 +295,7 @@ class CheatGrid:
         timeout_s: float = 60.0,
     ) -> tuple[int, int]:
         """Up to `cap` requests one at a time, until `stop()`; with `audited`, each waits
-        until its answer's audit exists and every audit is judged. (sent, refused)"""
+        until its answer's audits exist and are judged. (sent, refused)"""
         sent = refused = 0
         with openai.OpenAI(
             base_url=f"{self.url}/v1", api_key=self.key["api_key"], max_retries=0
@@ -303,7 +303,7 @@ class CheatGrid:
             for i in range(cap):
                 if stop():
                     break
-                before = sum(not a["canary"] for a in self.audits())
+                before = {a["id"] for a in self.audits()}
                 try:
                     client.completions.create(
                         model=DEFAULT_MODEL,
@@ -318,14 +318,14 @@ class CheatGrid:
                     continue
                 sent += 1
                 if audited:
-                    wait(lambda b=before: self._judged_past(b), timeout_s)  # type: ignore[misc]
+                    wait(lambda b=before: self._judged_since(b), timeout_s)  # type: ignore[misc]
         return sent, refused
 
-    def _judged_past(self, before: int) -> bool:
-        audits = self.audits()
-        return sum(not a["canary"] for a in audits) > before and all(
-            a["state"] in JUDGED for a in audits
-        )
+    def _judged_since(self, before: set[str]) -> bool:
+        """An audit of the answer exists, and it and its canaries are judged (older audits
+        nobody can take, e.g. of an unverifiable provider, are not waited for)."""
+        new = [a for a in self.audits() if a["id"] not in before]
+        return any(not a["canary"] for a in new) and all(a["state"] in JUDGED for a in new)
 
 
 # name -> (env, [nodes], the cheater's node)
