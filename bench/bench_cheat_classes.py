@@ -17,7 +17,10 @@ Provider cheats: `invented` (tokens of its own choosing), `seed-ignoring` (the r
 distribution, its own randomness), `unverifiable` (honest numbers under an engine name no
 verifier runs; probation budget set to 2,000 µcr so the run ends). Verifier cheats: `lazy`
 (approves every audit without computing; canary rate 10 % so the run ends), `holding`
-(takes audits and never reports; audit expiry 3 s). The pay cheats (no commitment, inflated
+(takes audits and never reports; audit expiry 3 s). Collusion: `collusion` (an inventing
+provider whose partner verifier, with half the verifier stake, approves its answers beside
+three honest verifiers; canaries off; the cheater disputes its failed audit and the
+partner sits on the panel of 3). The pay cheats (no commitment, inflated
 prompt count, part dump) are `tests/integration/test_pay_llamacpp.py`.
 """
 
@@ -45,6 +48,8 @@ def main() -> None:
             flush=True,
         )
         print(f"    record: {r['record']}", flush=True)
+        if "partner audits" in r:
+            print(f"    partner's audits: {r['partner audits']}; dispute: {r.get('dispute')}")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ def test_way2_an_engine_nobody_verifies_is_held_and_stops_being_routed(
         assert _paid_out(g, "cheater") == 0  # held, never paid while nobody can verify it
         assert g.holdings("cheater")[ledger.accrual_account(g.ids["cheater"])] == accrual
         assert _paid_out(g, "honest") + _paid_out(g, "honest2") > 0
-        honest_audits = [a for a in g.audits() if a["node_id"] != g.ids["cheater"]]
+        honest_audits = [
+            a for a in g.audits() if a["node_id"] != g.ids["cheater"] and not a["canary"]
+        ]
         assert len(honest_audits) >= 2 and all(a["state"] == "passed" for a in honest_audits)
         print(f"\n[way 2] {served} answers, {accrual} µcr held, 0 paid out")
         _honest_whole(g, "cheater")
@@ -137,71 +139,50 @@ def test_way5_a_lazy_verifier_is_caught_by_a_canary(
 def test_way6_a_colluding_verifier_cannot_save_its_partner(
     tmp_path: Path, honest: list[LlamaCppEngine]
 ) -> None:
-    """The cheater's partner approves its answers (and nobody else's lies) and sits on the
-    panel of its dispute; the other audits and the panel's majority are honest."""
-    colluder = llama(CollusiveLlama)
+    """The cheater's partner approves its answers (and recomputes everyone else's honestly)
+    and sits on the panel of its dispute; the other audits and the panel's majority are
+    honest. Canaries off: only the draw and the panel stand in the way."""
     nodes = [
         Node("cheater", cheats.LlamaInvented, CHEAP),
         # Three times an honest verifier's stake: half the draws of its partner's audits.
-        Node("colluder", colluder, DEAR, verifier=True, stake=3 * STAKE),
+        Node("colluder", CollusiveLlama, DEAR, verifier=True, stake=3 * STAKE),
         *(Node(f"h{i}", honest[i], DEAR, verifier=True) for i in range(3)),
     ]
-    g = CheatGrid(tmp_path, nodes, {"IDLEGRID_TRUST_CANARY_RATE": "0"})
-    shared = g.agents["cheater"].agent.ctx.commitments  # what the cheater shares
-    colluder.partner = lambda: tuple(shared.values())  # type: ignore[method-assign]
-    try:
-        with g:
-            sent, _ = g.serve(12, stop=lambda: _ejected(g, "cheater"))
-            assert _ejected(g, "cheater"), g.record("cheater")  # P(12 to the partner) = 2e-4
-            mine = [a for a in g.audits() if a["node_id"] == g.ids["cheater"]]
-            by_partner = [a for a in mine if a["verifier_id"] == g.ids["colluder"]]
-            assert all(a["state"] == "passed" for a in by_partner)  # it did collude
-            (failed,) = [a for a in mine if a["state"] == "failed"]
-            challenger = next(n for n, i in g.ids.items() if i == failed["verifier_id"])
-            assert challenger.startswith("h")
-            r = g.signed(
-                "cheater",
-                "/api/v1/disputes",
-                {"kind": "inference", "audit_id": failed["id"], "reason": "ask my friend"},
-            )
-            assert r.status_code == 200, r.text
-
-            def ruled() -> dict | None:
-                ds = g.http.get("/api/v1/disputes").json()["disputes"]
-                return ds[0] if ds and ds[0]["state"] in ("won", "lost") else None
-
-            assert wait(lambda: ruled() is not None, 120), g.http.get("/api/v1/disputes").json()
-            d = ruled()
-            assert d is not None and d["state"] == "lost", d
-            honest_panel = {g.ids[n] for n in ("h0", "h1", "h2") if n != challenger}
-            assert set(d["panel"]) == {g.ids["colluder"], *honest_panel}
-            assert d["votes"] == {
-                g.ids["colluder"]: "provider",
-                **{p: "challenger" for p in honest_panel},
-            }, d
-            assert set(d["ruling"]["paid"]) == honest_panel
-            assert [a["state"] for a in g.audits() if a["id"] == failed["id"]] == ["failed"]
-            assert _ejected(g, "cheater") and _stakes(g, "cheater") == 0
-            # What its partner approved was forfeited with the failure: nothing to pay out.
-            assert _paid_out(g, "cheater") == 0
-            assert sum(g.holdings("cheater").values()) == 0
-            # The colluder, outvoted, is neither paid for the panel nor slashed.
-            assert _stakes(g, "colluder") == 3 * STAKE
-            colluder_pay = ledger.provider_account(g.ids["colluder"])
-            assert not any(
-                p["account"] == colluder_pay
-                for e in g.entries()
-                if e["key"] == f"panel-pay:{d['id']}"
-                for p in e["postings"]
-            )
-            print(
-                f"\n[way 6] {sent} answers, {len(by_partner)} of {len(mine)} audits by the "
-                f"partner; dispute lost 2 of 3; cheater's net "
-                f"{sum(g.holdings('cheater').values()) - STAKE:+d} µcr"
-            )
-            _honest_whole(g, "cheater", "colluder")
-    finally:
-        colluder.close()
+    with CheatGrid(tmp_path, nodes, {"IDLEGRID_TRUST_CANARY_RATE": "0"}) as g:
+        g.collude("colluder", "cheater")
+        sent, _ = g.serve(12, stop=lambda: _ejected(g, "cheater"))
+        assert _ejected(g, "cheater"), g.record("cheater")  # P(12 to the partner) = 2e-4
+        mine = [a for a in g.audits() if a["node_id"] == g.ids["cheater"]]
+        by_partner = [a for a in mine if a["verifier_id"] == g.ids["colluder"]]
+        assert all(a["state"] == "passed" for a in by_partner)  # it did collude
+        (failed,) = [a for a in mine if a["state"] == "failed"]
+        challenger = next(n for n, i in g.ids.items() if i == failed["verifier_id"])
+        assert challenger.startswith("h")
+        d = g.dispute("cheater", failed["id"])
+        assert d["state"] == "lost", d
+        honest_panel = {g.ids[n] for n in ("h0", "h1", "h2") if n != challenger}
+        assert set(d["panel"]) == {g.ids["colluder"], *honest_panel}
+        assert d["votes"] == {
+            g.ids["colluder"]: "provider",
+            **{p: "challenger" for p in honest_panel},
+        }, d
+        assert set(d["ruling"]["paid"]) == honest_panel
+        assert [a["state"] for a in g.audits() if a["id"] == failed["id"]] == ["failed"]
+        assert _ejected(g, "cheater") and _stakes(g, "cheater") == 0
+        # What its partner approved was forfeited with the failure: nothing to pay out.
+        assert _paid_out(g, "cheater") == 0
+        assert sum(g.holdings("cheater").values()) == 0
+        # The colluder, outvoted, is neither paid for the panel nor slashed.
+        assert _stakes(g, "colluder") == 3 * STAKE
+        (pay,) = [e for e in g.entries() if e["key"] == f"panel-pay:{d['id']}"]
+        paid = {p["account"] for p in pay["postings"] if p["amount"] > 0}
+        assert paid == {ledger.provider_account(p) for p in honest_panel}
+        print(
+            f"\n[way 6] {sent} answers, {len(by_partner)} of {len(mine)} audits by the "
+            "partner; dispute lost 2 of 3; cheater's net "
+            f"{sum(g.holdings('cheater').values()) - STAKE:+d} µcr"
+        )
+        _honest_whole(g, "cheater", "colluder")
 
 
 def test_way7_a_verifier_holding_audits_loses_its_lapse_slash_and_is_skipped(

@@ -287,6 +287,38 @@ class CheatGrid:
             path, content=raw, headers=key.sign_headers("POST", path, raw, now=time.time())
         )
 
+    def collude(self, verifier: str, provider: str) -> None:
+        """Make `verifier` (a CollusiveLlama) the partner of `provider`, whose agent shares
+        every commitment it keeps."""
+        engine = self.engines[[n.name for n in self.nodes].index(verifier)]
+        assert isinstance(engine, CollusiveLlama), engine
+        kept = self.agents[provider].agent.ctx.commitments
+        engine.partner = lambda: tuple(kept.values())
+
+    def dispute(self, provider: str, audit_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        """`provider` disputes its failed audit, as `idlegrid dispute` would; the dispute
+        once it is ruled (TimeoutError if it is not within `timeout_s`)."""
+        r = self.signed(
+            provider,
+            "/api/v1/disputes",
+            {"kind": "inference", "audit_id": audit_id, "reason": "ask my friend"},
+        )
+        r.raise_for_status()
+        did = r.json()["id"]
+
+        def ruled() -> dict[str, Any] | None:
+            for d in self.http.get("/api/v1/disputes").json()["disputes"]:
+                if d["id"] == did and d["state"] in ("won", "lost"):
+                    out: dict[str, Any] = d
+                    return out
+            return None
+
+        if not wait(lambda: ruled() is not None, timeout_s):
+            raise TimeoutError(f"dispute {did} was not ruled in {timeout_s:g} s")
+        d = ruled()
+        assert d is not None
+        return d
+
     def serve(
         self,
         cap: int,
@@ -328,14 +360,23 @@ class CheatGrid:
         return any(not a["canary"] for a in new) and all(a["state"] in JUDGED for a in new)
 
 
-# name -> (env, [nodes], the cheater's node)
-SCENARIOS: dict[str, tuple[dict[str, str], list[Node], str]] = {
-    "invented": (
+@dataclass(frozen=True)
+class Scenario:
+    """Trust knobs, the nodes, the cheater, and its colluding verifier if it has one."""
+
+    env: dict[str, str]
+    nodes: list[Node]
+    cheater: str
+    partner: str | None = None
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "invented": Scenario(
         {},
         [Node("cheater", cheats.LlamaInvented, CHEAP), Node("honest", LlamaCppEngine, DEAR, True)],
         "cheater",
     ),
-    "seed-ignoring": (
+    "seed-ignoring": Scenario(
         {},
         [
             Node("cheater", cheats.LlamaSeedIgnoring, CHEAP),
@@ -343,17 +384,17 @@ SCENARIOS: dict[str, tuple[dict[str, str], list[Node], str]] = {
         ],
         "cheater",
     ),
-    "unverifiable": (
+    "unverifiable": Scenario(
         {"IDLEGRID_TRUST_PROBATION_BUDGET_UCR": "2000"},
         [Node("cheater", Homebrew, CHEAP), Node("honest", LlamaCppEngine, DEAR, True)],
         "cheater",
     ),
-    "lazy": (
+    "lazy": Scenario(
         {"IDLEGRID_TRUST_CANARY_RATE": "0.1", "IDLEGRID_TRUST_FULL_AUDITS": "100000"},
         [Node("provider", LlamaCppEngine, CHEAP), Node("cheater", LazyLlama, DEAR, True)],
         "cheater",
     ),
-    "holding": (
+    "holding": Scenario(
         {"IDLEGRID_TRUST_AUDIT_EXPIRY_S": "3", "IDLEGRID_TRUST_FULL_AUDITS": "100000"},
         [
             Node("provider", LlamaCppEngine, CHEAP),
@@ -361,6 +402,19 @@ SCENARIOS: dict[str, tuple[dict[str, str], list[Node], str]] = {
             Node("honest", LlamaCppEngine, DEAR, True),
         ],
         "cheater",
+    ),
+    # An inventing provider whose partner verifier (half the verifier stake) approves its
+    # answers and sits on the panel of its dispute; canaries off, so only the draw and the
+    # panel stand in its way.
+    "collusion": Scenario(
+        {"IDLEGRID_TRUST_CANARY_RATE": "0"},
+        [
+            Node("cheater", cheats.LlamaInvented, CHEAP),
+            Node("colluder", CollusiveLlama, DEAR, True, stake=3 * STAKE),
+            *(Node(f"h{i}", LlamaCppEngine, DEAR, True) for i in range(3)),
+        ],
+        "cheater",
+        partner="colluder",
     ),
 }
 
@@ -371,9 +425,11 @@ def stopped_earning(g: CheatGrid, cheater: str) -> bool:
     return bool(rec.get("ejected")) or rec.get("probation_budget_left") == 0
 
 
-def outcome(g: CheatGrid, cheater: str, sent: int, refused: int) -> dict[str, Any]:
+def outcome(
+    g: CheatGrid, cheater: str, sent: int, refused: int, partner: str | None = None
+) -> dict[str, Any]:
     """The cheater's work, record and net credits after paying out whatever is payable,
-    and every other node's losses."""
+    and every honest node's losses (all but the cheater and its partner)."""
     stake = next(n.stake for n in g.nodes if n.name == cheater)
     verifier = next(n.verifier for n in g.nodes if n.name == cheater)
     me = g.ids[cheater]
@@ -392,18 +448,35 @@ def outcome(g: CheatGrid, cheater: str, sent: int, refused: int) -> dict[str, An
         "net": sum(mine.values()) - stake,
         "paid out": sum(v for a, v in mine.items() if a.startswith("provider:")),
         "held accrual": rec.get("held_accrual"),
-        "honest losses": g.losses(n.name for n in g.nodes if n.name != cheater),
+        "honest losses": g.losses(n.name for n in g.nodes if n.name not in (cheater, partner)),
         "ledger ok": g.store.verify_ledger() == [],
     }
 
 
 def run(name: str, cap: int) -> dict[str, Any]:
-    """One scenario: serve until the cheater stops earning, then count."""
-    env, nodes, cheater = SCENARIOS[name]
+    """One scenario: serve until the cheater stops earning, then count; a cheater with a
+    partner disputes its failed audit first."""
+    sc = SCENARIOS[name]
     tmp = Path(tempfile.mkdtemp(prefix=f"cheat-{name}-"))
-    with CheatGrid(tmp, nodes, env) as g:
+    with CheatGrid(tmp, sc.nodes, sc.env) as g:
+        if sc.partner is not None:
+            g.collude(sc.partner, sc.cheater)
         # Nobody can audit an unverifiable class: there is no verdict to wait for.
         sent, refused = g.serve(
-            cap, lambda: stopped_earning(g, cheater), audited=name != "unverifiable"
+            cap, lambda: stopped_earning(g, sc.cheater), audited=name != "unverifiable"
         )
-        return {"scenario": name, **outcome(g, cheater, sent, refused)}
+        extra: dict[str, Any] = {}
+        if sc.partner is not None:
+            me = g.ids[sc.cheater]
+            mine = [a for a in g.audits() if a["node_id"] == me and not a["canary"]]
+            partner = g.ids[sc.partner]
+            extra["partner audits"] = sum(a["verifier_id"] == partner for a in mine)
+            failed = [a for a in mine if a["state"] == "failed"]
+            if failed:
+                d = g.dispute(sc.cheater, failed[0]["id"])
+                names = {i: n for n, i in g.ids.items()}
+                extra["dispute"] = {
+                    "state": d["state"],
+                    "votes": {names[p]: v for p, v in d["votes"].items()},
+                }
+        return {"scenario": name, **outcome(g, sc.cheater, sent, refused, sc.partner), **extra}
