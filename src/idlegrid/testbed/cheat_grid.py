@@ -164,10 +164,19 @@ class CheatGrid:
             self.coord.start()
         self.url = self.coord.url
         self.http = self.coord.admin(timeout=60)
-        self.engines = [llama(n.engine) if isinstance(n.engine, type) else n.engine for n in nodes]
-        self._owned_engines = [
-            e for e, n in zip(self.engines, nodes, strict=True) if isinstance(n.engine, type)
-        ]
+        self.agents: dict[str, AgentThread] = {}
+        self.engines: list[LlamaCppEngine] = []
+        self._owned_engines: list[LlamaCppEngine] = []
+        try:
+            for n in nodes:
+                if isinstance(n.engine, type):
+                    self._owned_engines.append(llama(n.engine))
+                    self.engines.append(self._owned_engines[-1])
+                else:
+                    self.engines.append(n.engine)
+        except BaseException:  # a model that fails to load leaves nothing running
+            self.close()
+            raise
         self.agents = {
             n.name: AgentThread(
                 make_agent(
