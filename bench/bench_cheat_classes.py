@@ -16,7 +16,8 @@ account, the only balance it can withdraw.
 Provider cheats: `invented` (tokens of its own choosing), `seed-ignoring` (the right
 distribution, its own randomness), `unverifiable` (honest numbers under an engine name no
 verifier runs; probation budget set to 2,000 µcr so the run ends). Verifier cheats: `lazy`
-(approves every audit without computing; canary rate 10 % so the run ends), `holding`
+(approves every audit without computing; every answer audited, so φ = 0.1 makes 10 % of
+answers canaries), `holding`
 (takes audits and never reports; audit expiry 3 s). Collusion: `collusion` (an inventing
 provider whose partner verifier, with half the verifier stake, approves its answers beside
 three honest verifiers; canaries off; the cheater disputes its failed audit and the

@@ -115,9 +115,8 @@ def test_way2_an_engine_nobody_verifies_is_held_and_stops_being_routed(
 def test_way5_a_lazy_verifier_is_caught_by_a_canary(
     tmp_path: Path, honest: list[LlamaCppEngine]
 ) -> None:
-    # Every answer gets a canary: probation audits every answer, and canaries are drawn at
-    # the canary rate of those (a share of audits, as the lead's change has it, or per
-    # answer as before: the same here).
+    # Canaries are drawn at φ × the provider's audit rate, which is 1 in probation: φ = 1.0
+    # plants one on every answer (both go to the one verifier there is).
     nodes = [Node("provider", honest[0], CHEAP), Node("lazy", LazyLlama, DEAR, verifier=True)]
     with CheatGrid(tmp_path, nodes, {"IDLEGRID_TRUST_CANARY_RATE": "1.0"}) as g:
         sent, _ = g.serve(4, stop=lambda: _ejected(g, "lazy"))
