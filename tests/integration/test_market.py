@@ -228,6 +228,21 @@ def test_payout_moves_accruals_to_provider_accounts(market: Market) -> None:
             out.update(admin.post("/api/v1/admin/payouts").json())
         return home in out["paid"]
 
+    # An ejected provider is never paid out, verifiable or not (issue 15).
+    from idlegrid.coordinator.trust.tables import TrustNode
+
+    def eject(flag: bool) -> None:
+        with trust.store.tx() as s:
+            node = s.get(TrustNode, home)
+            assert node is not None
+            node.ejected = flag
+
+    eject(True)
+    trust.payability.since[home] = trust.ctx.clock() - 10 * trust.ctx.settings.payout_delay_s
+    with market.admin() as admin:
+        assert home not in admin.post("/api/v1/admin/payouts").json()["paid"]
+    assert market.balance(ledger.accrual_account(home)) == accrued
+    eject(False)
     wait_until(paid)
     assert out["paid"][home] == accrued > 0
     assert market.balance(ledger.accrual_account(home)) == 0

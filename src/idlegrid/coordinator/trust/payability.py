@@ -85,12 +85,16 @@ class Payability:
         return node_id in self.since
 
     def held(self) -> frozenset[str]:
-        """Providers whose accruals are not paid out: not verifiable for a whole window."""
+        """Providers whose accruals are not paid out: not verifiable for a whole window, or
+        ejected (what they earned before a failed audit caught them was never checked, and
+        an audit may have been drawn for it that nobody will now take up)."""
         now = self.trust.ctx.clock()
         window = self.trust.ctx.settings.payout_delay_s
         with self.trust.store.read() as s:
-            nodes = list(s.scalars(select(TrustNode.node_id)))
-        return frozenset(n for n in nodes if now - self.since.get(n, now + 1.0) < window)
+            nodes = s.execute(select(TrustNode.node_id, TrustNode.ejected)).all()
+        return frozenset(
+            n for n, ejected in nodes if ejected or now - self.since.get(n, now + 1.0) < window
+        )
 
     @property
     def budget_ucr(self) -> int:
