@@ -58,6 +58,18 @@ def role_coordinator(tmp: str, port: str) -> None:
     from idlegrid.testbed.inprocess import CoordinatorThread
 
     coord = CoordinatorThread(_settings(Path(tmp), int(port)))
+    if os.environ.get("BENCH_PROFILE"):  # the server's loop in this thread, under cProfile
+        import cProfile
+
+        def announce() -> None:
+            wait_until(lambda: coord.server.started, 30)
+            print("ready", flush=True)
+            _until_stdin_closes()
+            coord.server.should_exit = True
+
+        threading.Thread(target=announce, daemon=True).start()
+        cProfile.runctx("coord.server.run()", globals(), locals(), os.environ["BENCH_PROFILE"])
+        return
     coord.start()
     print("ready", flush=True)
     _until_stdin_closes()
