@@ -1,8 +1,9 @@
 """Lease frames on the agent channel (version 3): provisioning, ending and exec streams.
 
 Control frames are JSON. Coordinator → agent (`type`): `provision` (spec) · `end` ·
-`exec` (argv, env, cwd, stdin, window) · `stdin-eof` · `credit` (bytes the coordinator
-passed on) · `signal` (signal number).
+`exec` (argv, env, cwd, stdin, window; `forward`: a port the agent may connect to
+inside the workspace itself rather than run `argv`, the relay script) · `stdin-eof` ·
+`credit` (bytes the coordinator passed on) · `signal` (signal number).
 Agent → coordinator (signed like every agent frame): `provisioned` · `provisioning-failed`
 (reason) · `wiped` · `stdin-credit` (bytes written to the workload) · `exit` (code, and
 `bytes`: how many output bytes it sent) · `exec-failed` (reason).
@@ -82,6 +83,7 @@ class LeaseFrame(BaseModel):
     cwd: str | None = None
     stdin: bool | None = None
     window: int | None = None
+    forward: int | None = Field(default=None, ge=1, le=65535)
     size: int | None = Field(default=None, alias="bytes")
     code: int | None = None
     signal: int | None = None

@@ -235,9 +235,11 @@ async def _start(
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             raise InvalidRequest("env: an object of strings", param="env")
         stdin, cwd = bool(first.get("stdin", False)), str(first.get("cwd") or "/work")
-    # A forwarded connection's bytes are no log (and copying them there cost a copy each).
+    # A forwarded connection's bytes are no log (and copying them there cost a copy each);
+    # the agent connects to the port itself where it can, else runs `argv`.
+    port = first.get("forward")  # checked by argv_forward above
     relay = await svc.leases.open_exec(
-        lease_id, key_id, argv, env=env, cwd=cwd, stdin=stdin, log="forward" not in first
+        lease_id, key_id, argv, env=env, cwd=cwd, stdin=stdin, log=port is None, forward=port
     )
     # A forwarded connection or a shell whose client left has nobody to talk to: it goes too.
     alone = "forward" in first or bool(first.get("shell"))

@@ -415,6 +415,7 @@ class Leases:
         cwd: str = "/work",
         stdin: bool = False,
         log: bool = True,
+        forward: int | None = None,
     ) -> ExecRelay:
         """Start `argv` in a running lease's workspace and relay its streams (its output
         kept in the lease's logs unless `log` is false)."""
@@ -439,6 +440,7 @@ class Leases:
                 cwd=cwd,
                 stdin=stdin,
                 window=relay.window,
+                forward=forward,
             ),  # fmt: skip
             None,
         )
