@@ -224,8 +224,14 @@ def main() -> None:
             roles = {procs[0].pid: "coordinator", procs[1].pid: "agent", procs[2].pid: "client"}
             pairs: list[Any] = []
             spent: dict[str, list[float]] = {}
+            direct_cpu: dict[int, list[float]] = {}
             for _ in range(args.pairs):
+                at = _cpu_by_pid()
                 d = _client(direct, direct_echo, args.mb)
+                done = _cpu_by_pid()
+                for pid in (os.getpid(), host.pid):
+                    base = direct_cpu.setdefault(pid, [0.0] * args.pairs)
+                    base[len(pairs)] = done[pid][1] - at[pid][1]
                 perf = _perf(args.perf, [p.pid for p in procs], len(pairs))
                 before = _cpu_by_pid()
                 f = _client(local, local_echo, args.mb)
@@ -273,6 +279,11 @@ def main() -> None:
             hop: round(statistics.median(xs) * per100, 3) for hop, xs in sorted(spent.items())
         },
         "forwarded_s_per_100mb": round(f_s * per100, 3),
+        # the same for the direct copy: its server and its reader (this process)
+        "direct_cpu_s_per_100mb": round(
+            statistics.median(sum(xs) for xs in zip(*direct_cpu.values(), strict=True)) * per100,
+            3,
+        ),
     }
     if args.json:
         print(json.dumps(out, indent=1))
