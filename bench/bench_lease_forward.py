@@ -279,6 +279,7 @@ def main() -> None:
             hop: round(statistics.median(xs) * per100, 3) for hop, xs in sorted(spent.items())
         },
         "forwarded_s_per_100mb": round(f_s * per100, 3),
+        "pids": {role: pid for pid, role in roles.items()},
         # the same for the direct copy: its server and its reader (this process)
         "direct_cpu_s_per_100mb": round(
             statistics.median(sum(xs) for xs in zip(*direct_cpu.values(), strict=True)) * per100,

@@ -206,6 +206,11 @@ def test_the_agents_own_connection_reaches_the_workspaces_loopback_only(
         refused = ws.connect(host.getsockname()[1])
         assert refused is not None and refused.sock is None
         assert [s for s, _ in refused.chunks()] == ["stderr"] and refused.wait() == 2
+        saved, ws.netns = ws.netns, ws.dir / "no-such-netns"
+        try:  # a namespace the agent cannot enter: the forward falls back to an exec
+            assert ws.connect(8701) is None
+        finally:
+            ws.netns = saved
     finally:
         host.close()
         server.signal()

@@ -33,6 +33,10 @@ REFUSED = 2  # the exit code of a forward nothing listens for (as the relay scri
 T = TypeVar("T")
 
 
+class NamespaceUnavailable(OSError):
+    """The agent cannot enter the namespace (not root, no such file): forward by an exec."""
+
+
 def in_netns(netns: Path, make: Callable[[], T]) -> T:
     """`make()` run in the network namespace `netns` (an nsfs file), in a thread that ends
     right after: the agent's other threads never leave their own namespace."""
@@ -40,12 +44,16 @@ def in_netns(netns: Path, make: Callable[[], T]) -> T:
     err: list[BaseException] = []
 
     def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            err.append(NamespaceUnavailable(exc.errno, f"{netns}: {exc.strerror}"))
+            return
         try:
             if libc.setns(fd, CLONE_NEWNET) != 0:
                 errno = ctypes.get_errno()
-                raise OSError(errno, f"setns({netns}): {os.strerror(errno)}")
+                raise NamespaceUnavailable(errno, f"setns({netns}): {os.strerror(errno)}")
             out.append(make())
         except BaseException as exc:  # handed to the caller's thread
             err.append(exc)
@@ -70,13 +78,16 @@ class Connection:
 
     @classmethod
     def open(cls, port: int, netns: Path | None, timeout: float = 10.0) -> Connection:
-        """Connect to 127.0.0.1:`port` in `netns` (None: this process's own network)."""
+        """Connect to 127.0.0.1:`port` in `netns` (None: this process's own network);
+        NamespaceUnavailable if the namespace cannot be entered."""
 
         def make() -> socket.socket:
             return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
         try:
             sock = make() if netns is None else in_netns(netns, make)
+        except NamespaceUnavailable:
+            raise
         except OSError as exc:
             return cls(None, f"nothing listens on port {port} in the workspace: {exc}\n")
         sock.settimeout(None)
