@@ -11,9 +11,12 @@ each, back to back, `--pairs` times: the ratio is the median of the pairs' ratio
 one-byte echoes each way: the added round trip.
 
 CPU per hop: each process's user + system seconds (from /proc, every thread) over the
-forwarded transfers, per 100 MB: the workspace's helper (the relay script inside the
-sandbox), the agent, the coordinator, the forwarding client, and the two ends (server,
-reader) that a direct copy also has.
+forwarded transfers, per 100 MB: the agent, the coordinator, the forwarding client, the
+two ends (server, reader) that a direct copy also has, and the relay script in the
+sandbox where one runs (an agent that cannot connect into the lease's network itself);
+and the direct copy's own. `--perf PREFIX` records the three processes with `perf`
+(native frames: kernel, interpreter, memcpy); `BENCH_PROFILE=FILE` runs the
+coordinator's loop under cProfile.
 """
 
 from __future__ import annotations
