@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
+import os
+import socket
 import subprocess
 import threading
 import time
@@ -23,7 +25,9 @@ import pytest
 from idlegrid.agent.workspace import open_runtime
 from idlegrid.agent.workspace.base import Limits, WorkspaceSpec, killed_by
 from idlegrid.agent.workspace.bwrap import BwrapRuntime, BwrapWorkspace
+from idlegrid.agent.workspace.connection import Connection
 from idlegrid.config import default_data_dir
+from idlegrid.testbed.inprocess import wait_until
 
 pytestmark = pytest.mark.slow  # real sandboxes, a fork bomb, an OOM kill: about 15 s
 
@@ -164,6 +168,52 @@ def test_loopback_of_the_provider_is_unreachable(ws: BwrapWorkspace) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_agents_own_connection_reaches_the_workspaces_loopback_only(
+    ws: BwrapWorkspace,
+) -> None:
+    # Port-forwarding without a relay process: the agent makes a socket in the lease's
+    # network namespace (workspace/connection.py), from a thread that leaves with it.
+    echo = (
+        "import socket\n"
+        "s = socket.create_server(('127.0.0.1', 8701))\n"
+        "c, _ = s.accept()\n"
+        "while d := c.recv(65536):\n"
+        "    c.sendall(d.upper())\n"
+    )
+    server = ws.exec(["python", "-c", echo])
+    host = socket.create_server(("127.0.0.1", 0))  # the provider's own loopback
+    mine = os.readlink("/proc/thread-self/ns/net")
+    try:
+        conn: Connection | None = None
+
+        def listening() -> bool:
+            nonlocal conn
+            conn = ws.connect(8701)
+            assert conn is not None  # this VM has `ip`: the lease has a namespace to enter
+            return conn.sock is not None
+
+        wait_until(listening, timeout_s=20, interval_s=0.1)
+        assert conn is not None and conn.write(b"hello")
+        conn.close_stdin()
+        got = b"".join(data for stream, data in conn.chunks() if stream == "stdout")
+        assert got == b"HELLO" and conn.wait() == 0
+        assert server.wait(10) == 0
+        # The agent's threads stay in their own namespace.
+        assert os.readlink("/proc/thread-self/ns/net") == mine
+        # A port open on the provider's loopback only is not reached through it.
+        refused = ws.connect(host.getsockname()[1])
+        assert refused is not None and refused.sock is None
+        assert [s for s, _ in refused.chunks()] == ["stderr"] and refused.wait() == 2
+        saved, ws.netns = ws.netns, ws.dir / "no-such-netns"
+        try:  # a namespace the agent cannot enter: the forward falls back to an exec
+            assert ws.connect(8701) is None
+        finally:
+            ws.netns = saved
+    finally:
+        host.close()
+        server.signal()
 
 
 @pytest.mark.parametrize("ws", [Limits(cpus=1, memory_bytes=256 << 20, pids=32)], indirect=True)

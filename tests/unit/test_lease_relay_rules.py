@@ -21,6 +21,7 @@ from idlegrid.protocol.lease import (
     frame,
     is_data,
     read_data,
+    read_frame,
 )
 
 
@@ -92,7 +93,28 @@ def test_data_frames_carry_raw_bytes_and_their_exec(payload: bytes, stream: int)
     assert (exec_id, got_stream, bytes(got)) == ("ex_0123456789abcdef", stream, payload)
 
 
-@pytest.mark.parametrize("raw", [b"", b"\xb2\x01", b"\xb2\x07" + bytes(8), b"{" + bytes(12)])
+@given(st.binary(max_size=3000), st.sampled_from([STDOUT, STDERR]))
+def test_a_data_frame_from_byte_9_is_the_consumers_frame_as_is(payload: bytes, stream: int) -> None:
+    # Version 3: the coordinator passes a view of the agent's frame on (no re-framing copy);
+    # the consumer's WebSocket frame is 0x01 (stdout) or 0x02 (stderr), then the bytes.
+    raw = data_frame("ex_0123456789abcdef", stream, payload)
+    exec_id, got_stream, framed = read_frame(raw)
+    assert (exec_id, got_stream) == ("ex_0123456789abcdef", stream)
+    assert bytes(framed) == bytes([stream]) + payload
+    assert framed.obj is raw  # a view of the frame that arrived, not a copy
+
+
+def test_a_version_2_data_frame_is_refused() -> None:
+    # v2 put the stream second under mark 0xB2: read as v3 it would name another exec.
+    v2 = bytes([0xB2, STDOUT]) + bytes.fromhex("0123456789abcdef") + b"payload"
+    assert not is_data(v2)
+    with pytest.raises(BadDataFrame):
+        read_frame(v2)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"\xb3\x01", b"\xb3" + bytes(8) + b"\x07", b"\xb2" + bytes(12), b"{" + bytes(12)]
+)
 def test_what_is_not_a_data_frame_is_refused(raw: bytes) -> None:
     with pytest.raises(BadDataFrame):
         read_data(raw)

@@ -1,14 +1,19 @@
-"""Lease frames on the agent channel (version 2): provisioning, ending and exec streams.
+"""Lease frames on the agent channel (version 3): provisioning, ending and exec streams.
 
 Control frames are JSON. Coordinator → agent (`type`): `provision` (spec) · `end` ·
-`exec` (argv, env, cwd, stdin, window) · `stdin-eof` · `credit` (bytes the coordinator
-passed on) · `signal` (signal number).
+`exec` (argv, env, cwd, stdin, window; `forward`: a port the agent may connect to
+inside the workspace itself rather than run `argv`, the relay script) · `stdin-eof` ·
+`credit` (bytes the coordinator passed on) · `signal` (signal number).
 Agent → coordinator (signed like every agent frame): `provisioned` · `provisioning-failed`
 (reason) · `wiped` · `stdin-credit` (bytes written to the workload) · `exit` (code, and
 `bytes`: how many output bytes it sent) · `exec-failed` (reason).
 
 Stream bytes (stdin one way, stdout/stderr the other) travel as **binary data frames**: a
-10-byte header (`DATA_MARK`, the stream, the exec id's 8 bytes) then the raw bytes. They
+10-byte header (`DATA_MARK`, the exec id's 8 bytes, the stream) then the raw bytes. The
+stream byte comes last (version 3; version 2 had it second, under mark 0xB2) so that a
+frame from byte 9 on, the stream then its bytes, is already the consumer's WebSocket frame
+(`0x01` stdout / `0x02` stderr + bytes, coordinator/leases/routes.py): the coordinator
+passes a view of it on without building a new one. They
 are not signed one by one: signing was most of the cost of a byte on its way (an Ed25519
 signature and a SHA-256 per frame, plus base64 and JSON), and a data frame needs no
 signature of its own to be trusted as far as a signed one. It rides a channel whose
@@ -30,12 +35,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-LEASE_PROTOCOL = 2
+LEASE_PROTOCOL = 3
 EXEC_ID = r"^ex_[0-9a-f]{16}$"  # 8 random bytes, hex: the id a data frame carries raw
-DATA_MARK = 0xB2  # first byte of a data frame: never that of a signed frame (a digit) or JSON
+# First byte of a data frame: never that of a signed frame (a digit) or JSON. One mark per
+# header layout, so a peer of another version refuses the frame rather than misread it.
+DATA_MARK = 0xB3
 STDIN, STDOUT, STDERR = 0, 1, 2
 STREAMS = {STDOUT: "stdout", STDERR: "stderr"}
-_HEADER = struct.Struct("!BB8s")
+_HEADER = struct.Struct("!B8sB")
+CONSUMER_AT = 9  # a data frame from here on: the stream byte, then the bytes
 
 TO_AGENT = ("provision", "end", "exec", "stdin-eof", "credit", "signal")
 TO_COORDINATOR = (
@@ -75,6 +83,7 @@ class LeaseFrame(BaseModel):
     cwd: str | None = None
     stdin: bool | None = None
     window: int | None = None
+    forward: int | None = Field(default=None, ge=1, le=65535)
     size: int | None = Field(default=None, alias="bytes")
     code: int | None = None
     signal: int | None = None
@@ -96,17 +105,30 @@ class BadDataFrame(ValueError):
 
 def is_data(raw: bytes) -> bool:
     """Whether a channel message is a data frame (rather than a signed or JSON frame)."""
-    return raw[:1] == b"\xb2"
+    return raw[:1] == b"\xb3"
 
 
 def data_frame(exec_id: str, stream: int, payload: bytes) -> bytes:
     """A data frame: `payload` of `stream` (STDIN, STDOUT or STDERR) of exec `exec_id`."""
-    return _HEADER.pack(DATA_MARK, stream, bytes.fromhex(exec_id[3:])) + payload
+    return data_header(exec_id, stream) + payload
+
+
+def data_header(exec_id: str, stream: int) -> bytes:
+    """The 10 bytes a data frame of `stream` of exec `exec_id` starts with."""
+    return _HEADER.pack(DATA_MARK, bytes.fromhex(exec_id[3:]), stream)
 
 
 def read_data(raw: bytes) -> tuple[str, int, memoryview]:
     """(exec id, stream, payload) of a data frame; BadDataFrame if it is not one."""
-    if len(raw) < _HEADER.size or raw[0] != DATA_MARK or raw[1] not in (STDIN, STDOUT, STDERR):
-        raise BadDataFrame(f"not a lease data frame ({len(raw)} bytes, first {raw[:2].hex()})")
-    _, stream, ident = _HEADER.unpack_from(raw)
-    return "ex_" + ident.hex(), stream, memoryview(raw)[_HEADER.size :]
+    exec_id, stream, view = read_frame(raw)
+    return exec_id, stream, view[1:]
+
+
+def read_frame(raw: bytes) -> tuple[str, int, memoryview]:
+    """(exec id, stream, the frame from its stream byte on): what a consumer is sent, as a
+    view of `raw` (no copy); BadDataFrame if it is not a data frame."""
+    if len(raw) < _HEADER.size or raw[0] != DATA_MARK or raw[9] not in (STDIN, STDOUT, STDERR):
+        head = raw[:10].hex()
+        raise BadDataFrame(f"not a lease data frame ({len(raw)} bytes, first {head})")
+    _, ident, stream = _HEADER.unpack_from(raw)
+    return "ex_" + ident.hex(), stream, memoryview(raw)[CONSUMER_AT:]

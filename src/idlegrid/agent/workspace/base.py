@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Stream = Literal["stdout", "stderr"]
 # Input for a command: all of it at once, "stream" (the caller writes it: `Execution.write`,
@@ -193,6 +193,11 @@ class Workspace(Protocol):
         stdin: Stdin = None,
     ) -> Execution:
         """Start `argv` in the workspace (cwd a path as the workspace sees it)."""
+        ...
+
+    def connect(self, port: int) -> Any:
+        """A `Connection` (workspace/connection.py) to 127.0.0.1:`port` as the workspace
+        sees it, made by the agent; None where the runtime cannot (forward by an exec)."""
         ...
 
     def kill_all(self, timeout: float = 5.0) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import idlegrid.agent.workspace.sandbox as sandbox
 from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import Layout, LeaseCgroup, host_layout
+from idlegrid.agent.workspace.connection import Connection, NamespaceUnavailable
 from idlegrid.agent.workspace.pyenv import provider_python, venv_script
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
 
@@ -249,6 +250,17 @@ class BwrapWorkspace:
             close_fds=True,
         )
         return Execution(proc, stdin)
+
+    def connect(self, port: int) -> Connection | None:
+        """A TCP connection to 127.0.0.1:`port` inside the lease's network namespace, made
+        by the agent itself (workspace/connection.py); None where each exec has a namespace
+        of its own (no `ip`) or the agent cannot enter it: then an exec inside does."""
+        if self.netns is None:
+            return None
+        try:
+            return Connection.open(port, self.netns)
+        except NamespaceUnavailable:
+            return None
 
     def kill_all(self, timeout: float = 5.0) -> None:
         """SIGKILL every process in the lease's cgroup; TimeoutError if any survives."""

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec, disk_used
+from idlegrid.agent.workspace.connection import Connection
 from idlegrid.agent.workspace.pyenv import provider_python, venv_script
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
 
@@ -105,6 +106,11 @@ class LocalWorkspace:
         )
         self._groups.append(proc)
         return Execution(proc, stdin)
+
+    def connect(self, port: int) -> Connection | None:
+        """None: a forward runs the relay script as an exec here (the local runtime has no
+        network of its own to enter)."""
+        return None
 
     def kill_all(self, timeout: float = 5.0) -> None:
         """Kill each command's process group (a child that left its group escapes: this

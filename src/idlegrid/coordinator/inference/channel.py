@@ -17,7 +17,7 @@ to `next`; uploads are not answered one by one) ·
 for an attempt that is no longer this agent's, or an upload out of order) ·
 `{"op": "yield", "task_id", "attempt"}` (a batch attempt makes room for interactive work:
 the agent hands it back with a part commitment) · `{"op": "error", "message"}` before a
-close; and lease frames both ways (`{"op": "lease", "v": 2, ...}`, and unsigned binary
+close; and lease frames both ways (`{"op": "lease", "v": 3, ...}`, and unsigned binary
 data frames of exec streams, whose first byte is `DATA_MARK`: protocol/lease.py), for the
 leases domain.
 """

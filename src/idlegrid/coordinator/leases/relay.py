@@ -24,6 +24,7 @@ STDIN_CHUNK = 256 * 1024
 
 # ("stdout" | "stderr", bytes or a memoryview of the frame) · ("exit", code) · ("error", reason)
 Item = tuple[str, Any]
+_NAMES = {1: "stdout", 2: "stderr"}
 
 
 class ExecRelay:
@@ -34,13 +35,13 @@ class ExecRelay:
         lease_id: str,
         node_id: str,
         send: Callable[[dict[str, Any] | bytes], Awaitable[bool]],
-        log: bytearray,
+        log: bytearray | None,
         window: int = WINDOW,
     ) -> None:
         self.id = "ex_" + secrets.token_hex(8)
         self.lease_id, self.node_id = lease_id, node_id
         self._send = send
-        self._log = log
+        self._log = log  # None: not kept (a forwarded connection's bytes are no log)
         self.window = window
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._queued = 0  # output bytes queued here: at most one window (the agent's credit)
@@ -58,21 +59,23 @@ class ExecRelay:
 
     # ---- from the agent -----------------------------------------------------------------
 
-    def on_data(self, stream: int, data: memoryview) -> None:
-        """Output bytes of this exec from the agent (a data frame)."""
+    def on_data(self, stream: int, framed: memoryview) -> None:
+        """Output of this exec from the agent: a data frame from its stream byte on (the
+        consumer's frame as it is, protocol/lease.py `read_frame`)."""
         if self.done:
             return
         name = STREAMS.get(stream)
         if name is None:
             self.fail("the agent sent stdin")
             return
-        if self._queued + len(data) > self.window:
-            self.fail(f"the agent sent past its credit ({self._queued + len(data)} bytes)")
+        size = len(framed) - 1
+        if self._queued + size > self.window:
+            self.fail(f"the agent sent past its credit ({self._queued + size} bytes)")
             return
-        self._queued += len(data)
-        self.received += len(data)
+        self._queued += size
+        self.received += size
         self.peak_queued = max(self.peak_queued, self._queued)
-        self._queue.put_nowait((name, data))
+        self._queue.put_nowait((name, framed))
 
     def on_agent(self, msg: LeaseFrame) -> None:
         """A control frame of this exec from the agent."""
@@ -104,13 +107,34 @@ class ExecRelay:
     # ---- to the consumer ----------------------------------------------------------------
 
     async def next(self) -> Item:
-        """The next piece of output, or the exit (or error) that ends the stream."""
-        item = await self._queue.get()
+        """The next piece of output (its bytes), or the exit (or error) that ends the stream."""
+        kind, data = await self.next_frame()
+        if kind in ("stdout", "stderr"):
+            return kind, data[1:]
+        return kind, data
+
+    def pending(self) -> bool:
+        """Whether output (or the end) is already waiting: `next_frame` will not wait."""
+        return self._queue.qsize() > 0
+
+    async def next_frame(self) -> Item:
+        """As `next`, but output as the consumer's frame (its stream byte, then its bytes),
+        passed on from the agent's frame without a copy."""
+        item = self._queue.get_nowait() if self._queue.qsize() else await self._queue.get()
         if item[0] in ("stdout", "stderr"):
-            self._queued -= len(item[1])
-            self._log.extend(item[1][-LOG_BYTES:])
-            del self._log[: max(0, len(self._log) - LOG_BYTES)]
+            self._took(item[1])
         return item
+
+    def _took(self, framed: memoryview) -> None:
+        self._queued -= len(framed) - 1
+        log = self._log
+        if log is None:
+            return
+        if len(framed) > LOG_BYTES:
+            log[:] = framed[-LOG_BYTES:]  # one copy, no shifting
+        else:
+            log.extend(framed[1:])
+            del log[: max(0, len(log) - LOG_BYTES)]
 
     async def credit(self, n: int) -> None:
         """The consumer took `n` output bytes: the agent may send that many more (credited

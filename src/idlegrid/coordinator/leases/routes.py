@@ -171,18 +171,22 @@ async def exec_ws(ws: WebSocket, lease_id: str) -> None:
     left = False
     try:
         while not left:
-            getter = asyncio.ensure_future(relay.next())
-            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()  # the consumer went away while the command was quiet
-                left = True
-                break
-            kind, data = getter.result()
+            if relay.pending():
+                kind, data = await relay.next_frame()  # output waiting: no task to race
+            else:
+                getter = asyncio.ensure_future(relay.next_frame())
+                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()  # the consumer went away while the command was quiet
+                    left = True
+                    break
+                kind, data = getter.result()
             if kind in ("stdout", "stderr"):
                 left = reader.done()
                 if not left:
-                    await ws.send_bytes((b"\x01" if kind == "stdout" else b"\x02") + data)
-                await relay.credit(len(data))  # taken, or in the logs: either way passed on
+                    # The agent's frame from its stream byte on: the consumer's frame as is.
+                    await ws.send({"type": "websocket.send", "bytes": data})
+                await relay.credit(len(data) - 1)  # taken, or in the logs: passed on either way
                 continue
             msg = {"type": "exit", "code": data} if kind == "exit" else None
             msg = msg or {"type": "error", "status": 502, "message": data, "param": None}
@@ -231,7 +235,12 @@ async def _start(
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             raise InvalidRequest("env: an object of strings", param="env")
         stdin, cwd = bool(first.get("stdin", False)), str(first.get("cwd") or "/work")
-    relay = await svc.leases.open_exec(lease_id, key_id, argv, env=env, cwd=cwd, stdin=stdin)
+    # A forwarded connection's bytes are no log (and copying them there cost a copy each);
+    # the agent connects to the port itself where it can, else runs `argv`.
+    port = first.get("forward")  # checked by argv_forward above
+    relay = await svc.leases.open_exec(
+        lease_id, key_id, argv, env=env, cwd=cwd, stdin=stdin, log=port is None, forward=port
+    )
     # A forwarded connection or a shell whose client left has nobody to talk to: it goes too.
     alone = "forward" in first or bool(first.get("shell"))
     relay.shell = bool(first.get("shell"))

@@ -33,7 +33,7 @@ from idlegrid.core.lease.lifecycle import (
 )
 from idlegrid.core.lease.spec import workspace_spec
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
-from idlegrid.protocol.lease import LeaseFrame, frame, read_data
+from idlegrid.protocol.lease import LeaseFrame, frame, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -398,10 +398,10 @@ class Leases:
     def on_agent_data(self, node_id: str, raw: bytes) -> None:
         """A data frame from an agent's channel (BadDataFrame if it is not one): taken only
         for an exec opened on that agent (the channel's signed handshake says who sent it)."""
-        exec_id, stream, data = read_data(raw)
+        exec_id, stream, framed = read_frame(raw)
         relay = self.relays.get(exec_id)
         if relay is not None and relay.node_id == node_id:
-            relay.on_data(stream, data)
+            relay.on_data(stream, framed)
 
     # ---- exec ---------------------------------------------------------------------------
 
@@ -414,8 +414,11 @@ class Leases:
         env: dict[str, str] | None = None,
         cwd: str = "/work",
         stdin: bool = False,
+        log: bool = True,
+        forward: int | None = None,
     ) -> ExecRelay:
-        """Start `argv` in a running lease's workspace and relay its streams."""
+        """Start `argv` in a running lease's workspace and relay its streams (its output
+        kept in the lease's logs unless `log` is false)."""
         view = await self.ctx.db(self.get, lease_id, key_id)
         if view.state != LeaseState.RUNNING.value:
             raise Conflict(
@@ -423,7 +426,8 @@ class Leases:
             )
         if not argv or not all(isinstance(a, str) for a in argv):
             raise InvalidRequest("argv: a non-empty list of strings", param="argv")
-        relay = ExecRelay(lease_id, view.node_id, self._sender(view.node_id), self._log(lease_id))
+        ring = self._log(lease_id) if log else None
+        relay = ExecRelay(lease_id, view.node_id, self._sender(view.node_id), ring)
         self.relays[relay.id] = relay
         ok = await self._send(
             view.node_id,
@@ -436,6 +440,7 @@ class Leases:
                 cwd=cwd,
                 stdin=stdin,
                 window=relay.window,
+                forward=forward,
             ),  # fmt: skip
             None,
         )
