@@ -43,7 +43,6 @@ from idlegrid.core.market.orders import (
     OrderKind,
     OrderState,
     order_transition,
-    parse_order,
 )
 from idlegrid.errors import Conflict, IdlegridError
 
@@ -375,53 +374,6 @@ class MarketStore:
                 room -= amount
         row.accrued_until = end
         row.updated_at = self.clock()
-
-    def extend_lease(self, s: Session, order_id: str, hours: float) -> int:
-        """Escrow `hours` more of a lease order's worst case, in the caller's transaction
-        (InsufficientCredits, and nothing changed, if the consumer cannot cover it); returns
-        the µcr escrowed."""
-        row = self._row(s, order_id)
-        if row.state != OrderState.ACTIVE.value or row.kind != OrderKind.LEASE.value:
-            raise Conflict(f"order {order_id} is {row.state}: nothing to extend", state=row.state)
-        body = {**row.body, "hours": float(row.body["hours"]) + hours}
-        extra = parse_order({**row.body, "hours": hours}).budget()
-        done = (LedgerEntry.cause_id == order_id) & (LedgerEntry.memo == "lease-extend")
-        seq = int(s.scalar(select(func.count()).where(done)) or 0)
-        self.store._post(s, settlement.top_up(order_id, row.key_id, seq, extra))
-        row.budget += extra
-        row.body = body
-        if row.ends_at is not None:
-            row.ends_at += hours * 3600
-        row.updated_at = self.clock()
-        return extra
-
-    def bill_lease(
-        self, s: Session, order_id: str, before_s: int, now_s: int, fee_bps: int, close: str | None
-    ) -> None:
-        """Pay a lease's providers for its running seconds (before_s, now_s], in the caller's
-        transaction (the lease's move); then close the order with `close`, refunding the rest.
-        Amounts are cumulative differences, so rounding never drifts however often it bills."""
-        row = self._row(s, order_id)
-        if row.state == OrderState.ACTIVE.value and now_s > before_s and row.placement:
-            room = row.budget - row.spent
-            for leg in row.placement["legs"]:
-                due = settlement.accrual_due(leg["unit_price"], leg["devices"], now_s)
-                due -= settlement.accrual_due(leg["unit_price"], leg["devices"], before_s)
-                amount = min(due, room)
-                if amount > 0:
-                    row.accrual_seq += 1
-                    self.store._post(
-                        s,
-                        settlement.accrue(
-                            row.id, leg["provider"], row.accrual_seq, amount, fee_bps
-                        ),
-                    )
-                    row.spent += amount
-                    room -= amount
-            row.accrued_until = (row.started_at or 0.0) + now_s
-            row.updated_at = self.clock()
-        if close is not None and row.state == OrderState.ACTIVE.value:
-            self._finish(s, row, close)
 
     def add_tokens(self, order_id: str, node_id: str, tokens: int, fee_bps: int) -> OrderView:
         """A provider reports batch output tokens; pay them, complete when all are done."""
