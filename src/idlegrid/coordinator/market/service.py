@@ -528,10 +528,19 @@ class Market:
         return self.leasemoney.extend_lease(s, order_id, hours)
 
     def bill_lease(
-        self, s: Any, order_id: str, before_s: int, now_s: int, close: str | None
+        self,
+        s: Any,
+        order_id: str,
+        before_s: int,
+        now_s: int,
+        close: str | None,
+        carry: dict[str, Any] | None = None,
     ) -> None:
-        """A lease's running seconds, paid in its own transaction (leases domain)."""
-        self.leasemoney.bill_lease(s, order_id, before_s, now_s, self.settings.fee_bps, close)
+        """A lease's running seconds, paid in its own transaction (leases domain); `carry`:
+        the order of the lease that replaces a lost one, its escrow carried over."""
+        self.leasemoney.bill_lease(
+            s, order_id, before_s, now_s, self.settings.fee_bps, close, carry
+        )
         if close is not None:
             self.invalidate()  # its devices are free again from the next match on
 
