@@ -17,7 +17,8 @@ import pytest
 from idlegrid.client.sdk import GridClient
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core import ledger
-from idlegrid.core.ledger import MICRO, Price
+from idlegrid.core.lease.loss import LOSS_WEIGHT, PENALTY_HOURS
+from idlegrid.core.ledger import MICRO, Cause, Posting, Price
 from idlegrid.engines.fake import FakeEngine
 from idlegrid.testbed.inprocess import (
     AgentThread,
@@ -30,7 +31,13 @@ from idlegrid.testbed.inprocess import (
 pytestmark = pytest.mark.slow  # real sandboxes
 
 PER_S = 1000  # µcr a running second (3.6 credits a device-hour)
-PROVIDERS = (("a1", "RTX-4090"), ("a2", "RTX-4090"), ("b1", "RTX-3060"))
+PROVIDERS = (
+    ("a1", "RTX-4090", 1),
+    ("a2", "RTX-4090", 1),
+    ("b1", "RTX-3060", 1),
+    ("c1", "RTX-3090", 2),
+)
+STAKE = 200 * MICRO  # c1's RTX-3090 stake
 
 
 @dataclass
@@ -46,6 +53,11 @@ class Grid:
     def balance(self, account: str) -> int:
         with self.coordinator.admin() as c:
             return int(c.get("/api/v1/status").json()["balances"].get(account, 0))
+
+    def reliability(self, node: str) -> float:
+        # The market's own reading, as the book and the gateway's routing get it.
+        supply = self.coordinator.app.state.services.market.store.supply()
+        return float(supply[node]["reliability"])
 
     def order(self, order_id: str) -> dict[str, Any]:
         with self.client() as c:
@@ -82,18 +94,28 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
     coordinator = CoordinatorThread(settings)
     coordinator.start()
     agents = {}
-    for name, device in PROVIDERS:
+    for name, device, count in PROVIDERS:
         agent = make_agent(
             coordinator.url,
             [FakeEngine("fake:1")],
             name,
             price=Price(MICRO, 4 * MICRO),
             device_price_h=3600 * PER_S,
-            devices=[{"model": device, "count": 1, "vram_gb": 0}],
+            devices=[{"model": device, "count": count, "vram_gb": 0}],
             workspace_root=tmp / f"ws-{name}",
         )
-        agents[agent.client.key.node_id] = AgentThread(agent)
-        agents[agent.client.key.node_id].start()
+        node = agent.client.key.node_id
+        if device == "RTX-3090":  # posted by the operator, as the hardware-proof tests do
+            wait_until(lambda: hasattr(coordinator.app.state, "services"))
+            acct = ledger.stake_account(node, device)
+            coordinator.app.state.services.store.post(
+                ledger.make_entry(
+                    f"stake:{node}", Cause("test", node),
+                    [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)],
+                )
+            )  # fmt: skip
+        agents[node] = AgentThread(agent)
+        agents[node].start()
     with coordinator.admin() as c:
         key = c.post("/api/v1/admin/keys", json={"name": "consumer"}).json()
         c.post(
@@ -152,6 +174,10 @@ def test_a_lost_lease_restarts_elsewhere_with_its_escrow_carried_over(grid: Grid
     old = grid.wait("R1", "failed", timeout_s=15)
     assert old["transitions"][-1]["cause"] == "provider-lost"
     assert "files are gone" in old["message"] and old["restarted_as"] in old["message"]
+    # The provider's first loss: no stake (it had none, and one is forgiven), but its
+    # reliability drops from the prior 0.95 to (19 + 0) / (20 + LOSS_WEIGHT).
+    assert "stake" not in old["message"]
+    assert grid.reliability(old["node_id"]) == pytest.approx(19 / (20 + LOSS_WEIGHT))
     new_id = old["restarted_as"]
     with grid.client() as c:
         with pytest.raises(Exception, match=f"restarted as lease {new_id}"):
@@ -221,3 +247,36 @@ def test_without_restart_on_loss_a_lost_lease_only_fails(grid: Grid) -> None:
     grid.agents[lease["node_id"]].kill()
     lease = grid.wait("R3", "failed", timeout_s=15)
     assert lease["restarted_as"] is None and "files are gone" in lease["message"]
+
+
+def test_a_first_loss_lowers_reliability_and_a_loss_past_the_slo_costs_stake(grid: Grid) -> None:
+    consumer = ledger.consumer_account(grid.key_id)
+    ids = ("S1", "S2")
+    with grid.client() as c:  # both on c1, the one provider with two RTX-3090s
+        for lease_id in ids:
+            c.create_lease(0.5, {"accelerators": ["RTX-3090"], "max_price": 5.0}, lease_id=lease_id)
+    node = {grid.wait(i, "running")["node_id"] for i in ids}.pop()
+    stake = ledger.stake_account(node, "RTX-3090")
+    assert grid.balance(stake) == STAKE and grid.reliability(node) == pytest.approx(0.95)
+    before = grid.balance(consumer)
+    grid.agents[node].kill()
+    lost = [grid.wait(i, "failed", timeout_s=15) for i in ids]
+    # One loss within the window is forgiven; the second is past the SLO (no hours leased
+    # there earned another) and costs 24 hours of the lease's price, to the consumer.
+    penalty = round(PENALTY_HOURS * 3600 * PER_S)
+    assert grid.balance(stake) == STAKE - penalty
+    slashed = [
+        lease for lease in lost if "lost" in lease["message"] and "stake" in lease["message"]
+    ]
+    assert len(slashed) == 1 and f"{penalty} µcr of stake" in slashed[0]["message"]
+    entry = _entries(grid, f"lease-loss:{slashed[0]['id']}")
+    assert len(entry) == 1 and entry[0]["key"] == f"slash:lease-loss:{slashed[0]['id']}"
+    moved = {p["account"]: p["amount"] for p in entry[0]["postings"] if p["amount"]}
+    assert moved == {stake: -penalty, consumer: penalty}
+    spent = sum(grid.order(i)["spent"] for i in ids)
+    assert (
+        grid.balance(consumer)
+        == before + sum(grid.order(i)["budget"] for i in ids) - spent + penalty
+    )
+    # Two lost leases, none a whole hour: (0 + 19) / (2 x LOSS_WEIGHT + 20).
+    assert grid.reliability(node) == pytest.approx(19 / (2 * LOSS_WEIGHT + 20))

@@ -52,3 +52,26 @@ def test_carry_moves_escrow_from_the_lost_order_to_its_restart() -> None:
     assert (entry.cause.kind, entry.cause.id, entry.memo) == ("order", "L", "lease-restart")
     with pytest.raises(LedgerError):
         settlement.carry("L", "L2", 0)
+
+
+def test_a_lost_lease_weighs_on_reliability_and_hours_leased_well_lift_it() -> None:
+    from idlegrid.core.lease.loss import LOSS_WEIGHT, lease_trials
+
+    assert lease_trials(2.5 * 3600, lost=False) == (2, 2)
+    assert lease_trials(2.5 * 3600, lost=True) == (2, 2 + LOSS_WEIGHT)
+    assert lease_trials(10, lost=True) == (0, LOSS_WEIGHT)
+    # A newcomer (prior 19 of 20) losing its first lease drops below a 0.95 filter.
+    good, total = lease_trials(10, lost=True)
+    assert (19 + good) / (20 + total) == pytest.approx(0.76)
+
+
+def test_the_stake_slo_forgives_one_loss_plus_one_per_hundred_leased_hours() -> None:
+    from idlegrid.core.lease.loss import PENALTY_HOURS, allowed_losses, loss_penalty
+
+    assert allowed_losses(0) == 1 and allowed_losses(250) == 3.5
+    assert loss_penalty(1, 0, 1000, 10**9) == 0  # the first loss in a window is free
+    assert loss_penalty(2, 0, 1000, 10**9) == PENALTY_HOURS * 1000
+    assert loss_penalty(2, 100, 1000, 10**9) == 0  # 100 leased hours earn a second
+    assert loss_penalty(3, 100, 1000, 10**9) == PENALTY_HOURS * 1000
+    assert loss_penalty(5, 0, 1000, 500) == 500  # never more than is staked
+    assert loss_penalty(5, 0, 1000, 0) == 0

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import MarketOrder
+from idlegrid.coordinator.leases.downtime import penalise
 from idlegrid.coordinator.leases.relay import ExecRelay
 from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
 from idlegrid.coordinator.views import NodeView
@@ -288,6 +289,12 @@ class Leases:
                     row.message = LOST_FILES
                     restart = row.restart_on_loss and row.state != LeaseState.ENDING.value
                     self._move(s, row, LeaseCause.PROVIDER_LOST, min(now, lost_at), restart)
+                    taken = penalise(self.store, s, row, now)
+                    if taken:
+                        row.message = (
+                            f"{row.message} Its provider lost {taken} µcr of stake to you "
+                            "for it (past its loss SLO)."
+                        )
                     log.warning("lease %s: provider %s lost", row.id, row.node_id)
                     continue
                 if row.state == LeaseState.PROVISIONING.value:

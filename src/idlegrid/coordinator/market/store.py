@@ -26,6 +26,7 @@ from idlegrid.coordinator.db.tables import (
     NodeMarket,
     table,
 )
+from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
 from idlegrid.coordinator.market.views import (
     DuplicateOrder,
     OrderNotFound,
@@ -36,6 +37,7 @@ from idlegrid.coordinator.market.views import (
     view_of_row,
 )
 from idlegrid.core import ledger
+from idlegrid.core.lease.loss import lease_trials
 from idlegrid.core.market import settlement
 from idlegrid.core.market.orders import (
     TERMINAL,
@@ -135,15 +137,28 @@ class MarketStore:
 
     @staticmethod
     def _reliability(s: Session) -> dict[str, float]:
+        """Per node: (good + 19) / (trials + 20) over ended inference attempts and finished
+        leases (`core/lease/loss.lease_trials`: a leased hour is a good trial, a lost lease
+        LOSS_WEIGHT failed ones)."""
         ok = func.sum(case((Attempt.outcome.in_(_BLAMELESS), 1), else_=0))
-        return {
-            node: (int(good or 0) + _PRIOR_OK) / (ended + _PRIOR_N)
-            for node, good, ended in s.execute(
-                select(Attempt.node_id, ok, func.count())
-                .where(Attempt.outcome.is_not(None))
-                .group_by(Attempt.node_id)
+        trials: dict[str, list[int]] = {}
+        for node, good, ended in s.execute(
+            select(Attempt.node_id, ok, func.count())
+            .where(Attempt.outcome.is_not(None))
+            .group_by(Attempt.node_id)
+        ):
+            trials[node] = [int(good or 0), int(ended)]
+        lost = select(LeaseTransition.lease_id).where(LeaseTransition.cause == "provider-lost")
+        for node, billed, was_lost in s.execute(
+            select(Lease.node_id, Lease.billed_s, Lease.id.in_(lost)).where(
+                Lease.state.in_(("ended", "failed")), Lease.node_id != ""
             )
-        }
+        ):
+            good, total = lease_trials(float(billed), bool(was_lost))
+            t = trials.setdefault(node, [0, 0])
+            t[0] += good
+            t[1] += total
+        return {n: (g + _PRIOR_OK) / (n_ + _PRIOR_N) for n, (g, n_) in trials.items() if n_}
 
     # ---- orders ------------------------------------------------------------------------
 
