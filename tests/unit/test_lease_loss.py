@@ -75,3 +75,33 @@ def test_the_stake_slo_forgives_one_loss_plus_one_per_hundred_leased_hours() -> 
     assert loss_penalty(3, 100, 1000, 10**9) == PENALTY_HOURS * 1000
     assert loss_penalty(5, 0, 1000, 500) == 500  # never more than is staked
     assert loss_penalty(5, 0, 1000, 0) == 0
+
+
+def test_a_lease_starts_on_passed_proofs_waits_on_open_ones_and_fails_on_failed_ones() -> None:
+    from idlegrid.core.lease.proofs import Gate, ProofSeen, proof_gate
+
+    mm, mem = ProofSeen("m1", "matmul", "passed", 5), ProofSeen("r1", "memory", "passed", 6)
+    assert proof_gate([]) == (Gate.GO, (), "")  # proofs off: nothing to rest on
+    assert proof_gate([mm, mem]) == (Gate.GO, ("m1", "r1"), "")
+    gate, ids, why = proof_gate([mm, ProofSeen("r2", "memory", "started", 0)])
+    assert (gate, ids) == (Gate.WAIT, ()) and "memory" in why
+    gate, _, why = proof_gate([ProofSeen("m2", "matmul", "failed", 7), mem])
+    assert gate is Gate.FAIL and "m2 failed" in why
+    gate, _, why = proof_gate([ProofSeen("m3", "matmul", "expired", 7), mem])
+    assert gate is Gate.FAIL and "never answered" in why
+    # The latest judged proof of a kind decides: a re-check that passed after a failure.
+    later = ProofSeen("m4", "matmul", "passed", 9)
+    assert proof_gate([ProofSeen("m2", "matmul", "failed", 7), later, mem])[0] is Gate.GO
+    # An older pass with a fresh proof in flight starts on the pass (a re-registration).
+    assert proof_gate([mm, mem, ProofSeen("m5", "matmul", "issued", 0)])[1] == ("m1", "r1")
+    gate, _, why = proof_gate([mm])
+    assert gate is Gate.FAIL and "no memory proof" in why
+
+
+def test_hw_unproven_fails_only_a_pending_lease() -> None:
+    from idlegrid.core.lease.lifecycle import advance
+    from idlegrid.errors import IllegalTransition
+
+    assert advance("pending", "hw-unproven") == "failed"
+    with pytest.raises(IllegalTransition):
+        advance("running", "hw-unproven")

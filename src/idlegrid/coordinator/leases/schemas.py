@@ -35,6 +35,7 @@ class LeaseOut(BaseModel):
     restart_on_loss: bool = False
     restarted_from: str | None = None
     restarted_as: str | None = None
+    proofs: list[str] = []  # the hardware proofs (ids) of the leased class it started on
     transitions: list[LeaseMove]
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import MarketOrder
 from idlegrid.coordinator.leases.downtime import penalise
+from idlegrid.coordinator.leases.proofs import device_class, gate
 from idlegrid.coordinator.leases.relay import ExecRelay
 from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
 from idlegrid.coordinator.views import NodeView
@@ -34,6 +35,7 @@ from idlegrid.core.lease.lifecycle import (
     running_seconds,
 )
 from idlegrid.core.lease.loss import hours_to_restart
+from idlegrid.core.lease.proofs import Gate
 from idlegrid.core.lease.spec import workspace_spec
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
 from idlegrid.protocol.lease import LeaseFrame, frame, read_data
@@ -48,6 +50,7 @@ MAX_EXTEND_H = 24.0 * 30  # one extension at most: a month
 PROVISION_TIMEOUT_S = 600.0
 LOST_FILES = "the provider was lost: the workspace and its files are gone (nothing was kept)"
 NOBODY = "no provider took the restarted lease before its order expired: its escrow is refunded"
+UNPROVEN = "it cannot prove the leased device class; nothing ran, the escrow is refunded"
 OPEN_ORDER = ("active", "open")  # an open one: a restarted lease still waiting for a provider
 
 
@@ -100,6 +103,7 @@ class LeaseView:
     restart_on_loss: bool = False
     restarted_from: str | None = None
     restarted_as: str | None = None
+    proofs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The HTTP shape (schemas.LeaseOut)."""
@@ -115,6 +119,7 @@ class LeaseView:
             "restart_on_loss": self.restart_on_loss,
             "restarted_from": self.restarted_from,
             "restarted_as": self.restarted_as,
+            "proofs": list(self.proofs),
             "transitions": [
                 {"at": t.at, "state": t.state, "cause": t.cause} for t in self.transitions
             ],
@@ -151,7 +156,7 @@ class Leases:
         return LeaseView(
             row.id, row.key_id, row.node_id, row.state, row.spec, row.hours, row.billed_s,
             running_seconds(hist, now), row.message, tuple(hist), bool(row.restart_on_loss),
-            row.restarted_from, row.restarted_as,
+            row.restarted_from, row.restarted_as, tuple(row.proofs or ()),
         )  # fmt: skip
 
     def get(self, lease_id: str, key_id: str | None) -> LeaseView:
@@ -257,8 +262,6 @@ class Leases:
                             lease_id=row.id, seq=0, at=now, state="pending", cause="created"
                         )
                     )
-                else:
-                    row.message = None  # it waited for a provider: it has one now
                 row.node_id = legs[0]["provider"] if legs else ""
                 row.spec, row.hours = spec, float(order.body["hours"])
                 s.flush()
@@ -266,6 +269,16 @@ class Leases:
                     row.message = reason
                     self._move(s, row, LeaseCause.NO_PROVIDER, now)
                     continue
+                # A provider's hardware proofs of the leased class come first (docs/leases.md).
+                verdict, proofs, why = gate(s, row.node_id, device_class(order.placement))
+                if verdict is Gate.WAIT:
+                    row.message = why
+                    continue
+                if verdict is Gate.FAIL:
+                    row.message = f"{why}: {UNPROVEN}"
+                    self._move(s, row, LeaseCause.HW_UNPROVEN, now)
+                    continue
+                row.message, row.proofs = None, list(proofs)
                 self._move(s, row, LeaseCause.PLACED, now)
                 made.append(row.id)
             for row in waiting.values():

@@ -30,6 +30,8 @@ class Lease(Base):
     restart_on_loss: Mapped[bool] = mapped_column(Boolean, default=False)
     restarted_from: Mapped[str | None] = mapped_column(String(64), nullable=True)
     restarted_as: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The hardware proofs (trust's hw_proofs ids) of the leased class it started on.
+    proofs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class LeaseTransition(Base):

@@ -1,5 +1,5 @@
 """A lease lost with its provider can be restarted elsewhere: the flag, and the links
-between the lost lease and the one that replaced it
+between the lost lease and the one that replaced it; the hardware proofs a lease started on
 
 Revision ID: 0023_lease_loss
 Revises: 0022_task_answers
@@ -21,10 +21,12 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("restarted_from", sa.String(64), nullable=True))
         batch.add_column(sa.Column("restarted_as", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("proofs", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("leases") as batch:
+        batch.drop_column("proofs")
         batch.drop_column("restarted_as")
         batch.drop_column("restarted_from")
         batch.drop_column("restart_on_loss")
