@@ -25,6 +25,7 @@ from idlegrid.errors import IllegalTransition
 EXPECTED = {
     ("pending", "placed"): "provisioning",
     ("pending", "no-provider"): "failed",
+    ("pending", "hw-unproven"): "failed",
     ("pending", "cancel"): "ended",
     ("provisioning", "provisioned"): "running",
     ("provisioning", "provisioning-failed"): "failed",

@@ -192,6 +192,14 @@ def create(
     count: Annotated[int, typer.Option(help="Devices.")] = 1,
     max_price: Annotated[float, typer.Option(help="Credits per device-hour, at most.")] = 1.0,
     wait_s: Annotated[float, typer.Option(help="How long to wait for it to run.")] = 300.0,
+    restart_on_loss: Annotated[
+        bool,
+        typer.Option(
+            "--restart-on-loss",
+            help="If the provider is lost, order the unused hours again on another one "
+            "(a new, empty workspace; the escrow carries over).",
+        ),
+    ] = False,
     coordinator_url: CoordinatorUrl = None,
 ) -> None:
     """Order a lease and wait until its workspace runs; prints the lease id."""
@@ -199,20 +207,23 @@ def create(
     if gpu:
         resources["accelerators"] = [gpu]
     lease_id = "lease_" + secrets.token_hex(6)
-    order = {"id": lease_id, "kind": "lease", "hours": hours, "resources": resources}
 
     def run(c: Any) -> str:
-        placed = c.submit_order(order)
+        placed = c.create_lease(
+            hours, resources, restart_on_loss=restart_on_loss, lease_id=lease_id
+        )
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             try:
-                state = c.lease(lease_id)["state"]
+                lease = c.current_lease(lease_id)  # a lost one's restart stands for it
+                state = lease["state"]
             except Exception:  # not adopted yet: the coordinator's next tick makes it
+                lease = {"id": lease_id}
                 state = "pending" if placed["state"] == "active" else placed["state"]
             if state == "running":
-                return lease_id
+                return str(lease["id"])
             if state in ("failed", "ended"):
-                err.print(f"[red]lease {lease_id} {state}[/]: {c.lease(lease_id)['message']}")
+                err.print(f"[red]lease {lease['id']} {state}[/]: {lease['message']}")
                 raise typer.Exit(1)
             time.sleep(0.1)
         err.print(f"[red]lease {lease_id} is not running after {wait_s:g} s[/]")
@@ -239,6 +250,11 @@ def status(
         typer.echo(f"  {t['at']:.3f}  {t['state']:<13} ({t['cause']})")
     if data.get("message"):
         typer.echo(f"  note: {data['message']}")
+    if data.get("restarted_from"):
+        typer.echo(f"  restarts {data['restarted_from']}, lost with its provider")
+    if data.get("restarted_as"):
+        typer.echo(f"  restarted as {data['restarted_as']}: idlegrid lease status "
+                   f"{data['restarted_as']}")  # fmt: skip
 
 
 @lease_app.command("end")

@@ -98,6 +98,33 @@ class GridClient:
         """One lease: state, moves with causes, running and billed seconds."""
         return self._json(self.http.get(f"/api/v1/leases/{lease_id}"))
 
+    def create_lease(
+        self,
+        hours: float,
+        resources: dict[str, Any],
+        *,
+        restart_on_loss: bool = False,
+        lease_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Order a lease (a market order of kind `lease`; its id is the lease's id);
+        `restart_on_loss`: if its provider is lost, its unused hours are ordered again."""
+        order: dict[str, Any] = {"kind": "lease", "hours": hours, "resources": resources}
+        if lease_id is not None:
+            order["id"] = lease_id
+        if restart_on_loss:
+            order["restart_on_loss"] = True
+        return self.submit_order(order)
+
+    def current_lease(self, lease_id: str) -> dict[str, Any]:
+        """The lease that now stands for `lease_id`: itself, or the last of the leases
+        that restarted it after lost providers (`restarted_as` links)."""
+        lease = self.lease(lease_id)
+        seen = {lease["id"]}
+        while lease.get("restarted_as") and lease["restarted_as"] not in seen:
+            lease = self.lease(lease["restarted_as"])
+            seen.add(lease["id"])
+        return lease
+
     def end_lease(self, lease_id: str) -> dict[str, Any]:
         """End a lease: billed to now, the rest refunded, the workspace wiped."""
         return self._json(self.http.post(f"/api/v1/leases/{lease_id}/end"))

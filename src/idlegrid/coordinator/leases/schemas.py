@@ -21,7 +21,8 @@ class LeaseOut(BaseModel):
     """A lease: where it is, on which provider, what ran and what was billed.
 
     `message` says plainly what the consumer must know (e.g. that a lost provider's
-    workspace files are gone)."""
+    workspace files are gone). `restart_on_loss`: a lost provider's lease is ordered again
+    on another one; `restarted_as` names that new lease, `restarted_from` the lost one."""
 
     id: str
     state: str
@@ -31,6 +32,10 @@ class LeaseOut(BaseModel):
     billed_s: int
     running_s: Number
     message: str | None
+    restart_on_loss: bool = False
+    restarted_from: str | None = None
+    restarted_as: str | None = None
+    proofs: list[str] = []  # the hardware proofs (ids) of the leased class it started on
     transitions: list[LeaseMove]
 
 

@@ -11,15 +11,18 @@ sends back (`provisioned`, `wiped`, exec output) arrive through `on_agent_frame`
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import MarketOrder
+from idlegrid.coordinator.leases.downtime import penalise
+from idlegrid.coordinator.leases.proofs import device_class, gate
 from idlegrid.coordinator.leases.relay import ExecRelay
 from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
 from idlegrid.coordinator.views import NodeView
@@ -31,6 +34,8 @@ from idlegrid.core.lease.lifecycle import (
     billable_seconds,
     running_seconds,
 )
+from idlegrid.core.lease.loss import hours_to_restart
+from idlegrid.core.lease.proofs import Gate
 from idlegrid.core.lease.spec import workspace_spec
 from idlegrid.errors import Conflict, InvalidRequest, NotFound
 from idlegrid.protocol.lease import LeaseFrame, frame, read_frame
@@ -44,6 +49,9 @@ MAX_EXTEND_H = 24.0 * 30  # one extension at most: a month
 # Making a workspace takes about 0.1 s; pip requirements from a wheelhouse take longer.
 PROVISION_TIMEOUT_S = 600.0
 LOST_FILES = "the provider was lost: the workspace and its files are gone (nothing was kept)"
+NOBODY = "no provider took the restarted lease before its order expired: its escrow is refunded"
+UNPROVEN = "it cannot prove the leased device class; nothing ran, the escrow is refunded"
+OPEN_ORDER = ("active", "open")  # an open one: a restarted lease still waiting for a provider
 
 
 class LeaseNotFound(NotFound):
@@ -60,9 +68,16 @@ class LeaseMoney(Protocol):
     lease's own transaction."""
 
     def bill_lease(
-        self, s: Session, order_id: str, before_s: int, now_s: int, close: str | None
+        self,
+        s: Session,
+        order_id: str,
+        before_s: int,
+        now_s: int,
+        close: str | None,
+        carry: dict[str, Any] | None = None,
     ) -> None:
-        """Pay the provider for running seconds (before_s, now_s]; close with `close`."""
+        """Pay the provider for running seconds (before_s, now_s]; close with `close`,
+        first opening the order `carry` with the escrow it needs (a restarted lease)."""
         ...
 
     def extend_lease(self, s: Session, order_id: str, hours: float) -> int:
@@ -85,6 +100,10 @@ class LeaseView:
     running_s: float
     message: str | None
     transitions: tuple[Transition, ...]
+    restart_on_loss: bool = False
+    restarted_from: str | None = None
+    restarted_as: str | None = None
+    proofs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The HTTP shape (schemas.LeaseOut)."""
@@ -97,6 +116,10 @@ class LeaseView:
             "billed_s": self.billed_s,
             "running_s": round(self.running_s, 3),
             "message": self.message,
+            "restart_on_loss": self.restart_on_loss,
+            "restarted_from": self.restarted_from,
+            "restarted_as": self.restarted_as,
+            "proofs": list(self.proofs),
             "transitions": [
                 {"at": t.at, "state": t.state, "cause": t.cause} for t in self.transitions
             ],
@@ -132,7 +155,8 @@ class Leases:
         now = max(self.ctx.clock(), hist[-1].at) if hist else self.ctx.clock()
         return LeaseView(
             row.id, row.key_id, row.node_id, row.state, row.spec, row.hours, row.billed_s,
-            running_seconds(hist, now), row.message, tuple(hist),
+            running_seconds(hist, now), row.message, tuple(hist), bool(row.restart_on_loss),
+            row.restarted_from, row.restarted_as, tuple(row.proofs or ()),
         )  # fmt: skip
 
     def get(self, lease_id: str, key_id: str | None) -> LeaseView:
@@ -151,7 +175,7 @@ class Leases:
 
     # ---- moves --------------------------------------------------------------------------
 
-    def _move(self, s: Session, row: Lease, cause: str, at: float) -> None:
+    def _move(self, s: Session, row: Lease, cause: str, at: float, restart: bool = False) -> None:
         hist = _history(s, row.id)
         at = max(at, hist[-1].at) if hist else at  # time never runs backwards in a history
         row.state = advance(row.state, cause, key=row.id, story=[t.cause for t in hist[1:]])
@@ -166,21 +190,55 @@ class Leases:
             LeaseState.ENDED.value: "cancel",
         }.get(row.state)
         order = s.get(MarketOrder, row.id)
-        if order is not None and order.state != "active":
+        if order is not None and order.state not in OPEN_ORDER:
             close = None  # the market closed it already (it called us from its cancel)
-        self.money.bill_lease(s, row.id, row.billed_s, billed, close)
+        carry = None
+        if restart and close is not None and order is not None:
+            carry = self._restart(s, row, order, billed)
+        self.money.bill_lease(s, row.id, row.billed_s, billed, close, carry)
         row.billed_s = max(row.billed_s, billed)
 
+    def _restart(
+        self, s: Session, row: Lease, order: MarketOrder, billed: int
+    ) -> dict[str, Any] | None:
+        """A new lease (pending) for a lost one's unused hours, linked both ways; returns
+        its order's body, which the market opens with the escrow carried over."""
+        restarts, back = 0, row.restarted_from
+        while back is not None and restarts < 64:
+            restarts += 1
+            prev = s.get(Lease, back)
+            back = prev.restarted_from if prev is not None else None
+        hours = hours_to_restart(row.hours, billed, restarts)
+        if hours is None:
+            return None
+        new_id = "lease_" + secrets.token_hex(6)
+        avoid = sorted({*order.body.get("avoid", []), row.node_id})
+        now = self.ctx.clock()
+        s.add(
+            Lease(
+                id=new_id, key_id=row.key_id, node_id="", state=LeaseState.PENDING.value,
+                spec=row.spec, hours=hours, billed_s=0, created_at=now, updated_at=now,
+                message=f"restarts lease {row.id}, lost with its provider: a new, empty "
+                "workspace on another provider, waiting for one",
+                restart_on_loss=True, restarted_from=row.id,
+            )
+        )  # fmt: skip
+        s.add(LeaseTransition(lease_id=new_id, seq=0, at=now, state="pending", cause="created"))
+        row.restarted_as = new_id
+        row.message = f"{LOST_FILES}. Restarted as lease {new_id} (a new, empty workspace)."
+        return {**order.body, "id": new_id, "hours": hours, "avoid": avoid}
+
     def _adopt(self) -> list[str]:
-        """Active lease orders without a lease get one, placed on their provider."""
+        """Active lease orders without a placed lease get one, placed on their provider;
+        a restarted lease whose order found nobody in time fails."""
         now = self.ctx.clock()
         made = []
         with self.store.tx() as s:
-            have = select(Lease.id)
+            waiting = {r.id: r for r in s.scalars(select(Lease).where(Lease.state == "pending"))}
             q = select(MarketOrder).where(
                 MarketOrder.kind == "lease",
                 MarketOrder.state == "active",
-                MarketOrder.id.not_in(have),
+                or_(MarketOrder.id.not_in(select(Lease.id)), MarketOrder.id.in_(list(waiting))),
             )
             for order in s.scalars(q):
                 legs = (order.placement or {}).get("legs") or []
@@ -191,24 +249,43 @@ class Leases:
                     reason = exc.message
                 else:
                     reason = "a lease on several providers is not built" if len(legs) > 1 else ""
-                row = Lease(
-                    id=order.id, key_id=order.key_id, node_id=legs[0]["provider"] if legs else "",
-                    state=LeaseState.PENDING.value, spec=spec, hours=float(order.body["hours"]),
-                    billed_s=0, message=None, created_at=now, updated_at=now,
-                )  # fmt: skip
-                s.add(row)
-                s.add(
-                    LeaseTransition(
-                        lease_id=row.id, seq=0, at=now, state="pending", cause="created"
+                row = waiting.pop(order.id, None)
+                if row is None:
+                    row = Lease(
+                        id=order.id, key_id=order.key_id, state=LeaseState.PENDING.value,
+                        billed_s=0, message=None, created_at=now, updated_at=now,
+                        restart_on_loss=bool(order.body.get("restart_on_loss")),
+                    )  # fmt: skip
+                    s.add(row)
+                    s.add(
+                        LeaseTransition(
+                            lease_id=row.id, seq=0, at=now, state="pending", cause="created"
+                        )
                     )
-                )
+                row.node_id = legs[0]["provider"] if legs else ""
+                row.spec, row.hours = spec, float(order.body["hours"])
                 s.flush()
                 if reason:
                     row.message = reason
                     self._move(s, row, LeaseCause.NO_PROVIDER, now)
                     continue
+                # A provider's hardware proofs of the leased class come first (docs/leases.md).
+                verdict, proofs, why = gate(s, row.node_id, device_class(order.placement))
+                if verdict is Gate.WAIT:
+                    row.message = why
+                    continue
+                if verdict is Gate.FAIL:
+                    row.message = f"{why}: {UNPROVEN}"
+                    self._move(s, row, LeaseCause.HW_UNPROVEN, now)
+                    continue
+                row.message, row.proofs = None, list(proofs)
                 self._move(s, row, LeaseCause.PLACED, now)
                 made.append(row.id)
+            for row in waiting.values():
+                gone = s.get(MarketOrder, row.id)
+                if gone is None or gone.state not in OPEN_ORDER:
+                    row.message = NOBODY
+                    self._move(s, row, LeaseCause.NO_PROVIDER, now)
         return made
 
     def _settle(self, live: frozenset[str]) -> list[tuple[str, str]]:
@@ -223,7 +300,14 @@ class Leases:
                     seen = nodes.get(row.node_id)
                     lost_at = seen.last_seen if seen is not None else now
                     row.message = LOST_FILES
-                    self._move(s, row, LeaseCause.PROVIDER_LOST, min(now, lost_at))
+                    restart = row.restart_on_loss and row.state != LeaseState.ENDING.value
+                    self._move(s, row, LeaseCause.PROVIDER_LOST, min(now, lost_at), restart)
+                    taken = penalise(self.store, s, row, now)
+                    if taken:
+                        row.message = (
+                            f"{row.message} Its provider lost {taken} µcr of stake to you "
+                            "for it (past its loss SLO)."
+                        )
                     log.warning("lease %s: provider %s lost", row.id, row.node_id)
                     continue
                 if row.state == LeaseState.PROVISIONING.value:
@@ -421,8 +505,10 @@ class Leases:
         kept in the lease's logs unless `log` is false)."""
         view = await self.ctx.db(self.get, lease_id, key_id)
         if view.state != LeaseState.RUNNING.value:
+            then = f"; it was restarted as lease {view.restarted_as}" if view.restarted_as else ""
             raise Conflict(
-                f"lease {lease_id} is {view.state}: exec needs it running", state=view.state
+                f"lease {lease_id} is {view.state}: exec needs it running{then}",
+                state=view.state,
             )
         if not argv or not all(isinstance(a, str) for a in argv):
             raise InvalidRequest("argv: a non-empty list of strings", param="argv")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String
+from sqlalchemy import JSON, Boolean, Float, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from idlegrid.coordinator.db.tables import Base
@@ -25,6 +25,13 @@ class Lease(Base):
     message: Mapped[str | None] = mapped_column(String(4000), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # Migration 0023_lease_loss: lost with its provider, the lease is ordered again
+    # elsewhere (a new lease, linked both ways) when the consumer asked for it.
+    restart_on_loss: Mapped[bool] = mapped_column(Boolean, default=False)
+    restarted_from: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    restarted_as: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The hardware proofs (trust's hw_proofs ids) of the leased class it started on.
+    proofs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class LeaseTransition(Base):

@@ -59,6 +59,9 @@ async def submit_order(
 
     400 for a malformed spec (the error names the field), 402 when the budget exceeds the
     balance, 409 for an order id that was used before. Nothing is posted on any error.
+    A `lease` order may ask `"restart_on_loss": true`: if its provider is lost, the hours
+    not yet billed are ordered again on another provider, the escrow carried over (the
+    lost lease's `restarted_as` names the new one; docs/leases.md).
     """
     key_id = await _key(request)
     svc = services(request)

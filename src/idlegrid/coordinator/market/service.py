@@ -18,6 +18,7 @@ from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, LiveNodesChanged, NodeRegistered
+from idlegrid.coordinator.market.leasemoney import LeaseMoney
 from idlegrid.coordinator.market.slo import Slos
 from idlegrid.coordinator.market.store import MarketStore
 from idlegrid.coordinator.market.views import OrderView
@@ -50,6 +51,7 @@ class Market:
         self.ctx = ctx
         self.settings = ctx.settings
         self.store = MarketStore(ctx.store)
+        self.leasemoney = LeaseMoney(ctx.store)
         # The node cache (nodes domain) and the device classes whose hardware proofs passed
         # (trust): what the book is built from besides this domain's own rows.
         self._nodes = nodes
@@ -523,13 +525,22 @@ class Market:
 
     def extend_lease(self, s: Any, order_id: str, hours: float) -> int:
         """Escrow `hours` more of a lease's worst case, in the lease's transaction."""
-        return self.store.extend_lease(s, order_id, hours)
+        return self.leasemoney.extend_lease(s, order_id, hours)
 
     def bill_lease(
-        self, s: Any, order_id: str, before_s: int, now_s: int, close: str | None
+        self,
+        s: Any,
+        order_id: str,
+        before_s: int,
+        now_s: int,
+        close: str | None,
+        carry: dict[str, Any] | None = None,
     ) -> None:
-        """A lease's running seconds, paid in its own transaction (leases domain)."""
-        self.store.bill_lease(s, order_id, before_s, now_s, self.settings.fee_bps, close)
+        """A lease's running seconds, paid in its own transaction (leases domain); `carry`:
+        the order of the lease that replaces a lost one, its escrow carried over."""
+        self.leasemoney.bill_lease(
+            s, order_id, before_s, now_s, self.settings.fee_bps, close, carry
+        )
         if close is not None:
             self.invalidate()  # its devices are free again from the next match on
 

@@ -26,6 +26,7 @@ from idlegrid.coordinator.db.tables import (
     NodeMarket,
     table,
 )
+from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
 from idlegrid.coordinator.market.views import (
     DuplicateOrder,
     OrderNotFound,
@@ -36,6 +37,7 @@ from idlegrid.coordinator.market.views import (
     view_of_row,
 )
 from idlegrid.core import ledger
+from idlegrid.core.lease.loss import lease_trials
 from idlegrid.core.market import settlement
 from idlegrid.core.market.orders import (
     TERMINAL,
@@ -43,7 +45,6 @@ from idlegrid.core.market.orders import (
     OrderKind,
     OrderState,
     order_transition,
-    parse_order,
 )
 from idlegrid.errors import Conflict, IdlegridError
 
@@ -136,15 +137,28 @@ class MarketStore:
 
     @staticmethod
     def _reliability(s: Session) -> dict[str, float]:
+        """Per node: (good + 19) / (trials + 20) over ended inference attempts and finished
+        leases (`core/lease/loss.lease_trials`: a leased hour is a good trial, a lost lease
+        LOSS_WEIGHT failed ones)."""
         ok = func.sum(case((Attempt.outcome.in_(_BLAMELESS), 1), else_=0))
-        return {
-            node: (int(good or 0) + _PRIOR_OK) / (ended + _PRIOR_N)
-            for node, good, ended in s.execute(
-                select(Attempt.node_id, ok, func.count())
-                .where(Attempt.outcome.is_not(None))
-                .group_by(Attempt.node_id)
+        trials: dict[str, list[int]] = {}
+        for node, good, ended in s.execute(
+            select(Attempt.node_id, ok, func.count())
+            .where(Attempt.outcome.is_not(None))
+            .group_by(Attempt.node_id)
+        ):
+            trials[node] = [int(good or 0), int(ended)]
+        lost = select(LeaseTransition.lease_id).where(LeaseTransition.cause == "provider-lost")
+        for node, billed, was_lost in s.execute(
+            select(Lease.node_id, Lease.billed_s, Lease.id.in_(lost)).where(
+                Lease.state.in_(("ended", "failed")), Lease.node_id != ""
             )
-        }
+        ):
+            good, total = lease_trials(float(billed), bool(was_lost))
+            t = trials.setdefault(node, [0, 0])
+            t[0] += good
+            t[1] += total
+        return {n: (g + _PRIOR_OK) / (n_ + _PRIOR_N) for n, (g, n_) in trials.items() if n_}
 
     # ---- orders ------------------------------------------------------------------------
 
@@ -375,53 +389,6 @@ class MarketStore:
                 room -= amount
         row.accrued_until = end
         row.updated_at = self.clock()
-
-    def extend_lease(self, s: Session, order_id: str, hours: float) -> int:
-        """Escrow `hours` more of a lease order's worst case, in the caller's transaction
-        (InsufficientCredits, and nothing changed, if the consumer cannot cover it); returns
-        the µcr escrowed."""
-        row = self._row(s, order_id)
-        if row.state != OrderState.ACTIVE.value or row.kind != OrderKind.LEASE.value:
-            raise Conflict(f"order {order_id} is {row.state}: nothing to extend", state=row.state)
-        body = {**row.body, "hours": float(row.body["hours"]) + hours}
-        extra = parse_order({**row.body, "hours": hours}).budget()
-        done = (LedgerEntry.cause_id == order_id) & (LedgerEntry.memo == "lease-extend")
-        seq = int(s.scalar(select(func.count()).where(done)) or 0)
-        self.store._post(s, settlement.top_up(order_id, row.key_id, seq, extra))
-        row.budget += extra
-        row.body = body
-        if row.ends_at is not None:
-            row.ends_at += hours * 3600
-        row.updated_at = self.clock()
-        return extra
-
-    def bill_lease(
-        self, s: Session, order_id: str, before_s: int, now_s: int, fee_bps: int, close: str | None
-    ) -> None:
-        """Pay a lease's providers for its running seconds (before_s, now_s], in the caller's
-        transaction (the lease's move); then close the order with `close`, refunding the rest.
-        Amounts are cumulative differences, so rounding never drifts however often it bills."""
-        row = self._row(s, order_id)
-        if row.state == OrderState.ACTIVE.value and now_s > before_s and row.placement:
-            room = row.budget - row.spent
-            for leg in row.placement["legs"]:
-                due = settlement.accrual_due(leg["unit_price"], leg["devices"], now_s)
-                due -= settlement.accrual_due(leg["unit_price"], leg["devices"], before_s)
-                amount = min(due, room)
-                if amount > 0:
-                    row.accrual_seq += 1
-                    self.store._post(
-                        s,
-                        settlement.accrue(
-                            row.id, leg["provider"], row.accrual_seq, amount, fee_bps
-                        ),
-                    )
-                    row.spent += amount
-                    room -= amount
-            row.accrued_until = (row.started_at or 0.0) + now_s
-            row.updated_at = self.clock()
-        if close is not None and row.state == OrderState.ACTIVE.value:
-            self._finish(s, row, close)
 
     def add_tokens(self, order_id: str, node_id: str, tokens: int, fee_bps: int) -> OrderView:
         """A provider reports batch output tokens; pay them, complete when all are done."""

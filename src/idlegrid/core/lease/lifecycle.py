@@ -5,7 +5,7 @@
        │ cancel             │  └─provisioning-failed─▶ failed ◀──provider-lost───┤
        ▼                    └─cancel─▶ ending                                    │
      ended ◀──────────────────────────────────────────────────────wiped─────────┘
-    pending ──no-provider──▶ failed
+    pending ──no-provider | hw-unproven──▶ failed
 
 `ending` is the time between the decision to stop and the provider's word that every
 process of the workspace is dead and `/work` wiped: it is not billed (docs/leases.md).
@@ -45,6 +45,7 @@ class LeaseCause(StrEnum):
     PROVISIONED = "provisioned"  # the provider's workspace answered its first command
     PROVISIONING_FAILED = "provisioning-failed"
     NO_PROVIDER = "no-provider"  # nobody took it within the queue window
+    HW_UNPROVEN = "hw-unproven"  # its provider could not prove the leased device class
     PROVIDER_LOST = "provider-lost"  # the provider's heartbeats stopped
     CANCEL = "cancel"  # the consumer gave up before it ran
     END = "end"  # the consumer ended it
@@ -62,6 +63,7 @@ CAUSES: Mapping[LeaseCause, Mapping[LeaseState, LeaseState]] = {
     _C.PROVISIONED: {_S.PROVISIONING: _S.RUNNING},
     _C.PROVISIONING_FAILED: {_S.PROVISIONING: _S.FAILED},
     _C.NO_PROVIDER: {_S.PENDING: _S.FAILED},
+    _C.HW_UNPROVEN: {_S.PENDING: _S.FAILED},
     _C.PROVIDER_LOST: {_S.PROVISIONING: _S.FAILED, _S.RUNNING: _S.FAILED, _S.ENDING: _S.FAILED},
     # Nothing runs yet while pending, so there is nothing to wipe: straight to ended.
     _C.CANCEL: {_S.PENDING: _S.ENDED, _S.PROVISIONING: _S.ENDING},

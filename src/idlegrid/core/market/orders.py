@@ -92,6 +92,9 @@ class Order:
     # A data-parallel job's shape (layers, hidden, seq, batch, params, steps): the book
     # prices its candidate gangs with the planner's cost model over their links.
     gang_shape: tuple[tuple[str, float], ...] = ()
+    # A lease whose provider is lost is ordered again elsewhere for its unused hours, its
+    # escrow carried over (the leases domain; docs/leases.md).
+    restart_on_loss: bool = False
 
     @property
     def devices(self) -> int:
@@ -127,11 +130,24 @@ class Order:
             out["avoid"] = sorted(self.avoid)
         if self.gang_shape:
             out["gang_shape"] = dict(self.gang_shape)
+        if self.avoid and self.job is None:
+            out["avoid"] = sorted(self.avoid)  # a restarted lease avoids the lost providers
+        if self.restart_on_loss:
+            out["restart_on_loss"] = True
         return out
 
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-ORDER_FIELDS = {"id", "kind", "resources", "model", "hours", "tokens", "work_pflop"}
+ORDER_FIELDS = {
+    "id",
+    "kind",
+    "resources",
+    "model",
+    "hours",
+    "tokens",
+    "work_pflop",
+    "restart_on_loss",
+}
 INTERNAL_FIELDS = {
     "job",
     "avoid",
@@ -202,6 +218,11 @@ def parse_order(
         raise InvalidRequest("job: only a training order places a job", param="job")
     if not isinstance(avoid, list) or not all(isinstance(a, str) for a in avoid):
         raise InvalidRequest("avoid: a list of provider ids", param="avoid")
+    restart = raw.get("restart_on_loss", False)
+    if not isinstance(restart, bool) or (restart and kind is not OrderKind.LEASE):
+        raise InvalidRequest(
+            "restart_on_loss: true or false, and only for a lease", param="restart_on_loss"
+        )
     shape = raw.get("gang_shape") or {}
     if not isinstance(shape, Mapping) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in shape.values()
@@ -220,4 +241,5 @@ def parse_order(
         job=job,
         avoid=frozenset(avoid),
         gang_shape=tuple(sorted((str(k), float(v)) for k, v in shape.items())),
+        restart_on_loss=restart,
     )

@@ -2,6 +2,7 @@
 
     consumer ──prepay──▶ escrow:order:<id> ──accrue──▶ accrual:<node> ──payout──▶ provider:<node>
                               │                   └──fee──▶ system:fees
+                              ├──carry (a lost lease restarted)──▶ escrow:order:<new id>
                               └──close (unused)──▶ consumer
     provider:<node> ──stake──▶ stake:<node>:<class> ──slash──▶ consumer / verifier / fees
     accrual:<node> (then stake) ──SLO refund──▶ consumer
@@ -62,6 +63,21 @@ def top_up(order_id: str, key_id: str, seq: int, amount: int) -> Entry:
             Posting(order_escrow_account(order_id), amount),
         ],
         "lease-extend",
+    )
+
+
+def carry(order_id: str, new_order_id: str, amount: int) -> Entry:
+    """Move what a lost lease's order still holds into the escrow of the lease that
+    replaces it (`--restart-on-loss`): the consumer pays nothing twice."""
+    _positive(amount, "carried escrow")
+    return make_entry(
+        f"carry:{order_id}:{new_order_id}",
+        Cause("order", order_id),
+        [
+            Posting(order_escrow_account(order_id), -amount),
+            Posting(order_escrow_account(new_order_id), amount),
+        ],
+        "lease-restart",
     )
 
 
