@@ -56,11 +56,15 @@ class Run:
     load: float  # 1-minute load average when the run started
 
 
+TEMPERATURE = [0.0]  # --temperature: 0 is greedy on both sides
+
+
 def one(client: openai.OpenAI, prompt: str, max_tokens: int, t0: float) -> tuple[float, int]:
     """(TTFT from `t0`, output tokens) of one streamed completion."""
     first, tokens, pieces = None, None, 0
     stream = client.completions.create(
-        model=DEFAULT_MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        model=DEFAULT_MODEL, prompt=prompt, max_tokens=max_tokens, temperature=TEMPERATURE[0],
+        seed=7, stream=True,
         stream_options={"include_usage": True},
     )  # fmt: skip
     with stream:
@@ -94,6 +98,59 @@ def pct(xs: list[float], q: float) -> float:
     """The q-quantile (nearest rank)."""
     s = sorted(xs)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+class Direct:
+    """The grid's engine called in this process, no grid around it: `BatchedLlama` of
+    `concurrency` slots on the same threads, each sequence consumed from its own thread.
+    What the grid loses against it is the grid's (processes, relay); what it loses against
+    llama-server is the engine's (hidden-state capture, Python sampling, hand-offs)."""
+
+    def __init__(self, concurrency: int, threads: int) -> None:
+        from idlegrid.engines.batched import BatchedLlama
+        from idlegrid.engines.llamacpp import LlamaCppEngine
+
+        self.engine = LlamaCppEngine(DEFAULT_MODEL, threads=threads, context_length=1024)
+        self.batched = BatchedLlama(self.engine, concurrency, context_per_seq=256)
+        self.steps: list[tuple[int, int, float, float, float]] = []  # steps, rows, s, s, wall
+
+    def measure(self, n: int, max_tokens: int) -> Run:
+        """`n` simultaneous sequences, then one alone; records the run's step counters."""
+        load = os.getloadavg()[0]
+        b = self.batched
+        k0, d0, s0 = len(b.step_sizes), b.decode_s, b.sample_s
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            res = list(pool.map(lambda i: self._one(PROMPTS[i % len(PROMPTS)], max_tokens, t0),
+                                range(n)))  # fmt: skip
+        wall = time.perf_counter() - t0
+        rows = sum(b.step_sizes[k0:])
+        self.steps.append((len(b.step_sizes) - k0, rows, b.decode_s - d0, b.sample_s - s0, wall))
+        t1 = time.perf_counter()
+        ttft, toks = self._one(PROMPTS[0], max_tokens, t1)
+        single = toks / (time.perf_counter() - t1)
+        return Run(sum(t for _, t in res) / wall, [f for f, _ in res], single, ttft, load)
+
+    def _one(self, prompt: str, max_tokens: int, t0: float) -> tuple[float, int]:
+        from idlegrid.engines.base import SamplingParams
+        from idlegrid.engines.commit import Recorder
+
+        ids = self.engine.tokenize(prompt)
+        first, got = float("nan"), 0
+        it = self.batched.generate(ids, SamplingParams(TEMPERATURE[0], 1.0, seed=7), Recorder())
+        for _ in it:
+            if not got:
+                first = time.perf_counter() - t0
+            got += 1
+            if got >= max_tokens:
+                break
+        it.close()  # type: ignore[attr-defined]
+        return first, got
+
+    def close(self) -> None:
+        """Free the batch and the engine."""
+        self.batched.close()
+        self.engine.close()
 
 
 @contextmanager
@@ -139,10 +196,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0)
     a = ap.parse_args()
+    TEMPERATURE[0] = a.temperature
     tmp = Path(tempfile.mkdtemp(prefix="ig-vs-llama-server-"))
     grid = LocalGrid(tmp / "grid", free_port(), providers=1, threads=a.threads)
-    runs: dict[str, list[Run]] = {"llama-server": [], "grid": []}
+    runs: dict[str, list[Run]] = {"llama-server": [], "grid": [], "direct": []}
+    direct = Direct(a.concurrency, a.threads)
     with llama_server(a.server, a.concurrency, a.threads, tmp / "llama-server.log") as url:
         clients = {"llama-server": openai.OpenAI(base_url=url, api_key="none", max_retries=0)}
         try:
@@ -150,14 +210,27 @@ def main() -> None:
             grid.start()
             grid.wait_for_hwproofs()
             print(f"grid up in {time.perf_counter() - t:.0f} s (start-up benchmark included)")
+            for node in grid.live_nodes():
+                eng = node["engine"]
+                assert isinstance(eng, dict)
+                print(
+                    f"provider: slots {node['slots']}, parallel {eng.get('parallel')}, "
+                    f"aggregate tok/s by sequences {eng.get('aggregate_tps')}"
+                )
             clients["grid"] = openai.OpenAI(
                 base_url=f"{grid.url}/v1", api_key=grid.api_key, max_retries=0
             )
             for c in clients.values():
                 measure(c, 2, 4)  # warm
+            direct.measure(2, 4)
+            direct.steps.clear()
             for p in range(a.pairs):
-                for name in ("llama-server", "grid") if p % 2 == 0 else ("grid", "llama-server"):
-                    r = measure(clients[name], a.concurrency, a.max_tokens)
+                order = ["llama-server", "grid", "direct"]
+                for name in order if p % 2 == 0 else order[::-1]:
+                    if name == "direct":
+                        r = direct.measure(a.concurrency, a.max_tokens)
+                    else:
+                        r = measure(clients[name], a.concurrency, a.max_tokens)
                     runs[name].append(r)
                     print(
                         f"pair {p} {name:12} {r.rate:6.1f} tok/s  TTFT p50 "
@@ -169,9 +242,11 @@ def main() -> None:
             for c in clients.values():
                 c.close()
             grid.stop()
+            direct.close()
     ls, gr = runs["llama-server"], runs["grid"]
     print(
-        f"\n{a.concurrency} concurrent streamed {a.max_tokens}-token greedy completions, "
+        f"\n{a.concurrency} concurrent streamed {a.max_tokens}-token completions at T "
+        f"{a.temperature:g}, "
         f"{a.threads} threads each, {a.pairs} alternating pairs; machine {os.cpu_count()} cores, "
         "shared with other engineers' test runs (load averages above)"
     )
@@ -194,6 +269,24 @@ def main() -> None:
         f"median grid ÷ llama-server: {a.concurrency} concurrent {statistics.median(agg):.2f}, "
         f"single stream {statistics.median(single):.2f}"
     )
+    print(
+        "\nthe engine direct (BatchedLlama in this process, same threads; per step of its "
+        "concurrent run: llama_decode, sampling + row reads, the rest of the step's wall time)"
+    )
+    print(
+        "| pair | direct tok/s | ÷ llama-server | grid ÷ direct | single tok/s | steps | "
+        "mean width | decode ms | sampling ms | other ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for p, (x, y, z, (k, rows, dec, smp, wall)) in enumerate(
+        zip(ls, gr, runs["direct"], direct.steps, strict=True)
+    ):
+        k = max(k, 1)
+        print(
+            f"| {p} | {z.rate:.1f} | {z.rate / x.rate:.2f} | {y.rate / z.rate:.2f} | "
+            f"{z.single_rate:.1f} | {k} | {rows / k:.1f} | "
+            f"{1000 * dec / k:.1f} | {1000 * smp / k:.1f} | {1000 * (wall - dec - smp) / k:.1f} |"
+        )
 
 
 if __name__ == "__main__":
