@@ -197,12 +197,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--direct", action=argparse.BooleanOptionalAction, default=True)
     a = ap.parse_args()
     TEMPERATURE[0] = a.temperature
     tmp = Path(tempfile.mkdtemp(prefix="ig-vs-llama-server-"))
     grid = LocalGrid(tmp / "grid", free_port(), providers=1, threads=a.threads)
     runs: dict[str, list[Run]] = {"llama-server": [], "grid": [], "direct": []}
-    direct = Direct(a.concurrency, a.threads)
+    direct = Direct(a.concurrency, a.threads) if a.direct else None
     with llama_server(a.server, a.concurrency, a.threads, tmp / "llama-server.log") as url:
         clients = {"llama-server": openai.OpenAI(base_url=url, api_key="none", max_retries=0)}
         try:
@@ -222,12 +223,13 @@ def main() -> None:
             )
             for c in clients.values():
                 measure(c, 2, 4)  # warm
-            direct.measure(2, 4)
-            direct.steps.clear()
+            if direct is not None:
+                direct.measure(2, 4)
+                direct.steps.clear()
             for p in range(a.pairs):
-                order = ["llama-server", "grid", "direct"]
+                order = ["llama-server", "grid", *(["direct"] if direct is not None else [])]
                 for name in order if p % 2 == 0 else order[::-1]:
-                    if name == "direct":
+                    if direct is not None and name == "direct":
                         r = direct.measure(a.concurrency, a.max_tokens)
                     else:
                         r = measure(clients[name], a.concurrency, a.max_tokens)
@@ -242,7 +244,8 @@ def main() -> None:
             for c in clients.values():
                 c.close()
             grid.stop()
-            direct.close()
+            if direct is not None:
+                direct.close()
     ls, gr = runs["llama-server"], runs["grid"]
     print(
         f"\n{a.concurrency} concurrent streamed {a.max_tokens}-token completions at T "
@@ -269,6 +272,8 @@ def main() -> None:
         f"median grid ÷ llama-server: {a.concurrency} concurrent {statistics.median(agg):.2f}, "
         f"single stream {statistics.median(single):.2f}"
     )
+    if direct is None:
+        return
     print(
         "\nthe engine direct (BatchedLlama in this process, same threads; per step of its "
         "concurrent run: llama_decode, sampling + row reads, the rest of the step's wall time)"
