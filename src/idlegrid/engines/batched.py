@@ -107,6 +107,8 @@ class BatchedLlama:
         # Sample a step's plain rows in one pass (core/trust/batch_sampling); False: one by
         # one, as before (bench/bench_batch_sampling.py compares the two).
         self.vector = hasattr(engine, "_pick_rows")
+        # Prompts that get a chunk each loop turn (1: the earlier one-chunk-a-turn rule).
+        self.prefill_per_turn = parallel
         self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
         self.decode_s = 0.0  # seconds in batched llama_decode calls
         self.sample_s = 0.0  # seconds sampling and reading rows after them (Python)
@@ -195,11 +197,16 @@ class BatchedLlama:
                     ),
                     key=lambda s: s.sid,
                 )
-                prefill = next((s for s in self._active if s.prefilled < len(s.ids) - 1), None)
+                # One chunk of every waiting prompt per turn (each alone in its decode, so
+                # its numbers do not depend on the turn): 8 requests arriving together then
+                # all join the next step, where one chunk a turn made the 8th wait 8 turns
+                # (TTFT past the coordinator's stall timeout on a loaded box, measured).
+                prefill = [s for s in self._active if s.prefilled < len(s.ids) - 1]
+                prefill = prefill[: self.prefill_per_turn]
             with self._replaying:
                 try:
-                    if prefill is not None:
-                        self._prefill_chunk(prefill, prefill.sid)
+                    for seq in prefill:
+                        self._prefill_chunk(seq, seq.sid)
                     if ready:
                         self._step(ready)
                 except Exception as exc:  # every sequence in the batch fails with it
