@@ -145,6 +145,9 @@ class LocalGrid:
             "coordinator ready",
             self.coordinator,
         )
+        # Where the CLI finds this grid: written on every start, since a reused data dir
+        # may have held a grid on another port.
+        (self.data_dir / GRID_FILE).write_text(json.dumps({"url": self.url}))
 
     def _coordinator_args(self) -> list[str]:
         # A local grid listens on loopback whatever IDLEGRID_HOST says (the coordinator
@@ -255,7 +258,6 @@ class LocalGrid:
             r.raise_for_status()
         key_file.unlink(missing_ok=True)
         _write_private(key_file, self.api_key)
-        (self.data_dir / GRID_FILE).write_text(json.dumps({"url": self.url}))
         return self.api_key
 
     def fund_providers(self, credits: int = 20) -> None:
@@ -298,7 +300,6 @@ class LocalGrid:
         self.wait_for_providers(self.providers, timeout_s)
         self.fund_consumer()
         self.fund_providers()
-        (self.data_dir / GRID_FILE).write_text(json.dumps({"url": self.url}))
 
     def supervise(self, now: float | None = None) -> list[str]:
         """Restart children that died, each after a backoff; what happened, as lines.
