@@ -267,6 +267,17 @@ def _settled(grid: Grid, batch_id: str) -> dict[str, int]:
     return out
 
 
+def _restart_and_wait(grid: Grid, client: Any, batch_id: str) -> tuple[Any, Any]:
+    """Stop the coordinator, start it again on the same database, and wait for the batch
+    to end: the new client and the ended batch."""
+    client.close()
+    grid.coordinator.stop()
+    grid.coordinator = CoordinatorThread(grid.coordinator.settings)
+    grid.coordinator.start()
+    client = grid.client()
+    return client, _wait(client, batch_id, 120)
+
+
 def test_cancel_mid_way_refunds_the_undone_lines(tmp_path: Path, database_url: str) -> None:
     grid = _slow_grid(tmp_path, database_url, 1, batch_in_flight=1)
     try:
@@ -449,12 +460,7 @@ def test_a_restarted_coordinator_resumes_a_batch_in_progress(
             return counts is not None and counts.completed >= 2
 
         wait_until(some_done, 60, 0.05)
-        client.close()
-        grid.coordinator.stop()
-        grid.coordinator = CoordinatorThread(grid.coordinator.settings)
-        grid.coordinator.start()
-        client = grid.client()
-        done = _wait(client, batch.id, 120)
+        client, done = _restart_and_wait(grid, client, batch.id)
         assert done.status == "completed" and done.error_file_id is None
         out = _jsonl(client, done.output_file_id)
         assert sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in lines)
@@ -579,12 +585,7 @@ def test_a_line_settled_before_a_restart_is_rebuilt_not_charged_again(
             return counts is not None and counts.completed == 2 and settles("r1") == 2
 
         wait_until(two_recorded_one_settled, 60, 0.05)
-        client.close()
-        grid.coordinator.stop()
-        grid.coordinator = CoordinatorThread(grid.coordinator.settings)
-        grid.coordinator.start()
-        client = grid.client()
-        done = _wait(client, batch.id, 120)
+        client, done = _restart_and_wait(grid, client, batch.id)
         assert done.status == "completed" and done.request_counts.completed == 3
         out = {x["custom_id"]: x["response"]["body"] for x in _jsonl(client, done.output_file_id)}
         again = client.chat.completions.create(
@@ -628,12 +629,7 @@ def test_a_line_cut_short_runs_only_its_unsettled_choices_after_a_restart(
             return sum(1 for e in grid.entries() if e["cause"] == cause and e["memo"] == "settle")
 
         wait_until(lambda: settles() == 2, 60, 0.02)
-        client.close()
-        grid.coordinator.stop()
-        grid.coordinator = CoordinatorThread(grid.coordinator.settings)
-        grid.coordinator.start()
-        client = grid.client()
-        done = _wait(client, batch.id, 120)
+        client, done = _restart_and_wait(grid, client, batch.id)
         assert done.status == "completed" and done.request_counts.completed == 1
         out = {x["custom_id"]: x["response"]["body"] for x in _jsonl(client, done.output_file_id)}
         again = client.chat.completions.create(
