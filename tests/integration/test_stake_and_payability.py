@@ -27,6 +27,7 @@ from idlegrid.agent.agent import Agent
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO, Price
+from idlegrid.core.trust import entries
 from idlegrid.engines.tiny import TinyEngine
 from idlegrid.testbed.inprocess import (
     AgentThread,
@@ -204,6 +205,42 @@ def test_paid_requests_go_only_to_staked_providers(grids) -> None:
     assert g.served_by(client, 100) == "free"
     assert g.balance(acct) == before
     assert g.balance(ledger.accrual_account(cheap)) == 0
+    assert g.store.verify_ledger() == []
+
+
+def test_a_slashed_provider_tops_up_its_stake_from_its_credits_and_serves_again(grids) -> None:
+    g = grids(inference_stake=STAKE)
+    node = g.add("p", TinyEngine("tiny"), DEARER, device_price_h=MICRO, stake_per_device=STAKE)
+    acct = ledger.provider_account(node)
+    with g.coord.admin() as c:  # twice the stake: one to post, one to top up with
+        c.post(
+            "/api/v1/admin/mint",
+            json={"node_id": node, "amount": 2 * STAKE, "reference": "stake-faucet"},
+        ).raise_for_status()
+    market = g.services.market
+    wait_until(lambda: node in market.inference_staked, 30.0)
+    market.current_book()
+    assert not market.stale
+
+    # A slash (here a lapsed audit's, a twentieth) leaves the stake short of the rule: the
+    # market knows at once, not from its next tick, and routes no paid work there.
+    stake = ledger.stake_account(node, "CPU")
+    g.store.post(entries.lapse_slash("aud-x", node, stake, STAKE, STAKE // 20))
+    assert market.stale
+    market.current_book()
+    assert node not in market.inference_staked
+    assert market.stakes[node] == {"CPU": STAKE - STAKE // 20}
+
+    # The agent hears its stake on the next heartbeat and tops it up from its credits.
+    wait_until(lambda: g.balance(stake) == STAKE, 30.0)
+    wait_until(lambda: node in market.inference_staked, 30.0)
+    assert g.balance(acct) == STAKE - STAKE // 20
+    _, client = g.consumer()
+    assert g.served_by(client, 1) == "p"
+    # Topped up once: later heartbeats find nothing short and post nothing more.
+    wait_until(lambda: market.stakes[node] == {"CPU": STAKE}, 30.0)
+    tops = [e for e in g.store.entries() if e["key"].startswith(f"stake:{node}:top-")]
+    assert len(tops) == 1, tops
     assert g.store.verify_ledger() == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -134,20 +135,32 @@ class Agent:
         groups = self.config.devices or device_groups(self.config.hardware)
         return [{**g, "price_h": g.get("price_h", self.config.device_price_h)} for g in groups]
 
-    async def stake(self) -> bool:
-        """Post the configured stake for every device group; False while the balance is short."""
+    def stake_short(self, posted: dict[str, int]) -> bool:
+        """Whether any device group's posted stake is below the configured amount."""
+        want = self.config.stake_per_device
+        return any(posted.get(g["model"], 0) < want * g["count"] for g in self._devices())
+
+    async def stake(self, posted: dict[str, int] | None = None) -> bool:
+        """Bring every device group's stake up to the configured amount; False while the
+        balance is short. `posted`: what the coordinator last said is posted (None at start:
+        the first post's ref is fixed, so a restarted agent does not post it twice)."""
         if not self.config.stake_per_device:
             return True
         for g in self._devices():
-            amount = self.config.stake_per_device * g["count"]
+            want = self.config.stake_per_device * g["count"]
+            if posted is None:
+                amount, ref = want, f"auto-{g['model']}-{want}"
+            else:
+                # A slash left it short: top up from earnings. The ref is new per top-up
+                # (the heartbeat that reports the next shortfall is read after this one).
+                amount = want - posted.get(g["model"], 0)
+                ref = f"top-{g['model']}-{amount}-{secrets.token_hex(6)}"
+            if amount <= 0:
+                continue
             try:
                 await self.client.call(
                     "/api/v1/nodes/stake",
-                    {
-                        "device_class": g["model"],
-                        "amount": amount,
-                        "ref": f"auto-{g['model']}-{amount}",
-                    },
+                    {"device_class": g["model"], "amount": amount, "ref": ref},
                 )
             except CoordinatorError as exc:
                 if exc.data.get("status") == 402:  # not enough credits yet
@@ -197,11 +210,12 @@ class Agent:
 
     async def _heartbeats(self) -> None:
         staked = False
+        posted: dict[str, int] | None = None  # as the last heartbeat answer said
         while True:
             if not staked:
                 # A new provider earns or is given credits first; until then it keeps trying.
                 try:
-                    staked = await self.stake()
+                    staked = await self.stake(posted)
                 except (httpx.HTTPError, IdlegridError) as exc:
                     log.warning("staking failed: %s", exc)
             await asyncio.sleep(self.heartbeat_s)
@@ -213,6 +227,10 @@ class Agent:
                 )
                 for role in self.roles:  # hardware challenges and dispute rounds ride here
                     role.on_heartbeat(beat or {})
+                stakes = (beat or {}).get("stakes")
+                if staked and isinstance(stakes, dict):
+                    posted = stakes
+                    staked = not self.stake_short(posted)
             except AuthError:
                 await self.register()  # the coordinator forgot us (fresh database)
             except (httpx.HTTPError, IdlegridError) as exc:

@@ -176,6 +176,8 @@ def compose(ctx: Context) -> Services:
     ev.on(NodeRegistered, inference.on_register)
     ev.on(LiveNodesChanged, market.on_live_change)
     ev.on(SupplyChanged, lambda e: market.invalidate())
+    # A slash or a top-up changes who may serve paid work (Market.inference_staked) at once.
+    ctx.store.on_stakes_moved = market.invalidate
     ev.on(AnswerFinished, lambda e: ctx.db(market.on_answer, e))
     ev.on(AnswerFinished, trust.on_answer)
 

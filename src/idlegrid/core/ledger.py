@@ -43,9 +43,12 @@ def accrual_account(node_id: str) -> str:
     return f"accrual:{node_id}"
 
 
+STAKE_PREFIX = "stake:"
+
+
 def stake_account(node_id: str, device_class: str) -> str:
     """Stake a provider has posted for one claimed device class; slashed on proven fraud."""
-    return f"stake:{node_id}:{device_class}"
+    return f"{STAKE_PREFIX}{node_id}:{device_class}"
 
 
 def order_escrow_account(order_id: str) -> str:

@@ -45,6 +45,10 @@ _ADVANCE_HEAD = (
 )
 
 
+# Set in a session's info when an entry moves stake (Store.tx reports it after commit).
+STAKES_MOVED = "stakes_moved"
+
+
 class LedgerStore:
     """Appends and reads of the double-entry ledger, inside the store's transactions."""
 
@@ -71,6 +75,8 @@ class LedgerStore:
             return False
         head = s.execute(_HEAD_FOR_UPDATE).one()
         accounts = [p.account for p in entry.postings]
+        if any(a.startswith(ledger.STAKE_PREFIX) for a in accounts):
+            s.info[STAKES_MOVED] = True
         if self._ensure_accounts is not None:
             s.execute(self._ensure_accounts, [{"id": a, "balance": 0} for a in accounts])
         else:

@@ -76,6 +76,8 @@ class Market:
         self.staked_nodes: frozenset[str] = frozenset()
         # Nodes whose stake reaches `inference_stake`: only they serve paid inference.
         self.inference_staked: frozenset[str] = frozenset()
+        # Node -> stake posted per device class, µcr (heartbeats tell agents, to top up).
+        self.stakes: dict[str, dict[str, int]] = {}
         # Active inference orders, for per-request routing (core/reservations.py).
         self.reservations: tuple[Reservation, ...] = ()
         self._reliability_at = 0.0
@@ -112,6 +114,7 @@ class Market:
             for n, sup in supply.items()
             if sum(sup["stakes"].values()) >= self.settings.inference_stake
         )
+        self.stakes = {n: dict(sup["stakes"]) for n, sup in supply.items()}
         for node_id, sup in supply.items():
             node = nodes.get(node_id)
             if (

@@ -38,4 +38,7 @@ async def heartbeat(request: Request) -> dict[str, Any]:
     svc = services(request)
     pending = await svc.nodes.heartbeat(node_id, msg.state, power)
     disputes = await svc.db(svc.disputes.pending, node_id) if svc.disputes.active else []
-    return {"ok": True, "hwproofs": pending, "disputes": disputes}
+    if svc.market.stale:  # a slash since the last read: the agent tops up from this
+        await svc.db(svc.market.current_book)
+    stakes = svc.market.stakes.get(node_id, {})
+    return {"ok": True, "hwproofs": pending, "disputes": disputes, "stakes": stakes}

@@ -33,11 +33,13 @@ class PendingQuery(BaseModel):
 
 
 class HeartbeatAnswer(BaseModel):
-    """What a heartbeat hears back: hardware challenges and dispute rounds to answer."""
+    """What a heartbeat hears back: hardware challenges and dispute rounds to answer, and
+    the stake the node has posted."""
 
     ok: bool
     hwproofs: list[str]
     disputes: list[PendingQuery]  # both kinds
+    stakes: dict[str, int] = {}  # µcr posted per device class: a slashed agent tops up
 
 
 # ---- operators and the grid's state ---------------------------------------------------------

@@ -250,15 +250,19 @@ class HwProofs:
                 "spec": dict(row.spec),
             }
 
-    def commit(self, node_id: str, pid: str, root_hex: str) -> dict[str, Any]:
-        """Matmul: the root of C arrives (clock read), answer with the rows to open.
-        Memory: the fill is done; reveal the chase seed and restart the clock."""
-        now = self.ctx.clock()
+    def commit(
+        self, node_id: str, pid: str, root_hex: str, at: float | None = None
+    ) -> dict[str, Any]:
+        """Matmul: the root of C arrives (clock read: `at`, when the request arrived),
+        answer with the rows to open. Memory: the fill is done; reveal the chase seed and
+        restart the clock."""
+        now = self.ctx.clock() if at is None else at
         with self.store.tx() as s:
             row = self._row(s, node_id, pid, "started")
             if row.kind == "memory":
                 row.state = HW_PROOF.move(row.state, "committed", key=pid)
-                row.sent_at, row.root = now, "filled"
+                # The chase's clock starts as its seed leaves, not when the fill arrived.
+                row.sent_at, row.root = self.ctx.clock(), "filled"
                 return {"id": pid, "chase_seed": self._chase_seed(row).hex()}
             try:
                 root = bytes.fromhex(root_hex)
@@ -281,9 +285,12 @@ class HwProofs:
         sp = row.spec
         return mp.MemSpec(sp["words"], sp["rounds"], sp["chases"], sp["steps"], sp["samples"])
 
-    def open(self, node_id: str, pid: str, body: dict[str, Any]) -> dict[str, Any]:
-        """The opened rows (matmul) or the chase trace (memory); judge and apply."""
-        now = self.ctx.clock()
+    def open(
+        self, node_id: str, pid: str, body: dict[str, Any], at: float | None = None
+    ) -> dict[str, Any]:
+        """The opened rows (matmul) or the chase trace (memory, its clock read: `at`, when
+        the request arrived); judge and apply."""
+        now = self.ctx.clock() if at is None else at
         with self.store.tx() as s:
             row = self._row(s, node_id, pid, "committed")
             if row.kind == "memory":

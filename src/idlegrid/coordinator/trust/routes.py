@@ -130,9 +130,12 @@ async def hw_start(proof_id: str, request: Request) -> dict[str, Any]:
 async def hw_commit(proof_id: str, request: Request) -> dict[str, Any]:
     """The root of C (clock read; rows to open come back) or the end of a memory fill."""
     node_id, body = await signed(request)
-    msg = parse(m.HwCommitMsg, body)
     svc = services(request)
-    return await svc.db(svc.hwproofs.commit, node_id, proof_id, msg.root)
+    # The clock reads on arrival: time queued for a database thread is the coordinator's
+    # load, not the prover's (under load it failed honest memory proofs).
+    at = svc.clock()
+    msg = parse(m.HwCommitMsg, body)
+    return await svc.db(svc.hwproofs.commit, node_id, proof_id, msg.root, at)
 
 
 @router.post(
@@ -144,9 +147,10 @@ async def hw_commit(proof_id: str, request: Request) -> dict[str, Any]:
 async def hw_open(proof_id: str, request: Request) -> dict[str, Any]:
     """Opened rows or the chase trace: judged at once, with demotion and slash on failure."""
     node_id, body = await signed(request)
-    msg = parse(m.HwOpenMsg, body)
     svc = services(request)
-    return await svc.db(svc.hwproofs.open, node_id, proof_id, msg.model_dump())
+    at = svc.clock()  # on arrival, as in hw_commit
+    msg = parse(m.HwOpenMsg, body)
+    return await svc.db(svc.hwproofs.open, node_id, proof_id, msg.model_dump(), at)
 
 
 @router.get("/hwproofs", response_model=s.HwProofList, responses=errors(401))
