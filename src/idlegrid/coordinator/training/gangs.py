@@ -42,11 +42,20 @@ class Gangs(TrainingBase):
         self._gang_lock = threading.Lock()
 
     def _gather(
-        self, s: Session, job: TrainJob, node_id: str, addr: str, world: int, now: float
+        self,
+        s: Session,
+        job: TrainJob,
+        node_id: str,
+        addr: str,
+        world: int,
+        now: float,
+        ranks: list[str] | None = None,
     ) -> dict[str, Any] | None:
         """Add a node to a data-parallel job's gang; once it has `world` members the job
-        runs: rank 0 (the first to join) holds it and serves the rendezvous; every member
-        gets its rank. None while the gang is still gathering (the node keeps polling)."""
+        runs: rank 0 holds it and serves the rendezvous; every member gets its rank, the
+        one the market's placement gave it (`ranks`, providers in rank order), or the
+        order of joining if the placement names none. None while the gang is still
+        gathering (the node keeps polling)."""
         gang = self._gangs.setdefault(job.id, _Gang())
         gang.members = [
             (n, a)
@@ -61,7 +70,8 @@ class Gangs(TrainingBase):
         if len(gang.members) < world:
             return None
         del self._gangs[job.id]
-        members = gang.members[:world]
+        order = {n: i for i, n in enumerate(ranks or [])}
+        members = sorted(gang.members[:world], key=lambda m: order.get(m[0], world))
         job.state = JOB.move(job.state, "running", key=job.id, story=("gang formed",))
         job.node_id = members[0][0]
         job.attempt, job.lease_at = job.attempt + 1, now

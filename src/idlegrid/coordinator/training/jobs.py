@@ -29,6 +29,7 @@ from idlegrid.coordinator.training.placement import (
     JobMarket,
     NoMarket,
     Placing,
+    gang_ranks,
     live_order,
     placed_on,
 )
@@ -188,7 +189,8 @@ class Jobs(JobHistory, TrainAudits, Gangs, Placing):
                 if world > 1:
                     if not gang_addr:
                         continue  # this node cannot serve a gang's rendezvous
-                    got = self._gather(s, job, node_id, gang_addr, world, now)
+                    ranks = gang_ranks(live_order(s, job.id))
+                    got = self._gather(s, job, node_id, gang_addr, world, now, ranks)
                     if need > 0 and held < need:
                         # Each member's stake is locked as it joins; returned at the end
                         # of the job like a single provider's.
