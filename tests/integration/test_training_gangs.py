@@ -20,7 +20,7 @@ from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO
 from idlegrid.core.market.auction import UNVERIFIED_SPEED
 from idlegrid.core.market.hardware import BY_NAME
-from idlegrid.core.planner.gang import step_seconds
+from idlegrid.core.planner.gang import GangPlan, plan_gang, step_seconds
 from idlegrid.core.training.placement import job_order
 from idlegrid.core.training.spec import JobSpec
 from idlegrid.protocol.signing import NodeKey
@@ -30,6 +30,7 @@ pytest.importorskip("torch")
 
 CHEAP, DEAR = 1 * MICRO, 3 * MICRO  # µcr per device-hour
 SLOW, FAST = 0.001, 100.0  # Gbit/s
+LATENCY_MS = 20.0  # the fast pair's one-way latency
 GANG = {"trainer": True, "train_gang_host": "127.0.0.1", "train_gang_timeout_s": 10.0}
 
 
@@ -44,16 +45,29 @@ def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tg.Grid]:
 
 
 def gang_agents(
-    grid: tg.Grid, prices: dict[str, int], links: dict[frozenset[str], float]
+    grid: tg.Grid,
+    prices: dict[str, int],
+    links: dict[frozenset[str], float],
+    latency: dict[frozenset[str], float] | None = None,
 ) -> dict[str, str]:
-    """Gang-capable trainers, each reporting its links to the others (keys made ahead so
-    they can name each other): node id by name."""
+    """Gang-capable trainers, each reporting its links (Gbit/s, ms) to the others (keys
+    made ahead so they can name each other): node id by name."""
     keys = grid.settings.data_dir / "keys"
     keys.mkdir(exist_ok=True)
     ids = {n: NodeKey.load_or_create(keys / f"{n}.key").node_id for n in prices}
+
+    def of(name: str, table: dict[frozenset[str], float]) -> dict[str, float]:
+        return {ids[m]: v for pair, v in table.items() if name in pair for m in pair - {name}}
+
     for name, price in prices.items():
-        mine = {ids[m]: bw for pair, bw in links.items() if name in pair for m in pair - {name}}
-        grid.agent(name, key_dir=keys, links=mine, **GANG, **device_offer(price))
+        grid.agent(
+            name,
+            key_dir=keys,
+            links=of(name, links),
+            link_latency_ms=of(name, latency or {}),
+            **GANG,
+            **device_offer(price),
+        )
     return ids
 
 
@@ -74,10 +88,12 @@ def test_a_gang_lands_on_the_fast_pair_not_the_cheaper_slow_one_and_each_member_
     # The premise, by the same cost model: the cheap pair costs a third an hour, but its
     # gradient exchange over the slow link makes the whole job dearer.
     assert pair_cost(spec, CHEAP, SLOW) > pair_cost(spec, DEAR, FAST)
+    fast_pair = frozenset(("fast-c", "fast-d"))
     ids = gang_agents(
         grid,
         {"cheap-a": CHEAP, "cheap-b": CHEAP, "fast-c": DEAR, "fast-d": DEAR},
-        {frozenset(("cheap-a", "cheap-b")): SLOW, frozenset(("fast-c", "fast-d")): FAST},
+        {frozenset(("cheap-a", "cheap-b")): SLOW, fast_pair: FAST},
+        {fast_pair: LATENCY_MS},
     )
     grid.agent("verifier", train_verifier=True)
     # The slow link is acceptable to this consumer: both pairs are candidates.
@@ -96,6 +112,17 @@ def test_a_gang_lands_on_the_fast_pair_not_the_cheaper_slow_one_and_each_member_
     ]
     assert sorted(m["provider"] for m in gang["members"]) == fast
     assert all(m["unit_price"] == DEAR for m in gang["members"])
+    # The planned step is the planner's, over the pair's reported bandwidth and latency.
+    order = job_order("j", 0, JobSpec.parse(spec), {"min_link_gbps": SLOW}, 10.0)
+    tflops = [BY_NAME["CPU"].fp16_tflops * UNVERIFIED_SPEED] * 2
+    planned = plan_gang(
+        dict(order.gang_shape),
+        tflops,
+        [[1e6, FAST], [FAST, 1e6]],
+        [[0, LATENCY_MS], [LATENCY_MS, 0]],
+    )
+    assert isinstance(planned, GangPlan) and gang["step_s"] == pytest.approx(planned.step_s)
+    assert gang["step_s"] > step_seconds(dict(order.gang_shape), tflops, [[1e6, FAST], [FAST, 1e6]])
     assert market["runs"].startswith("data-parallel over 2 providers")
     # The gang formed in the placement's rank order: rank 0 holds the job and commits.
     assigned = next(e for e in job["events"] if e["kind"] == "assigned")

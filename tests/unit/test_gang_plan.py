@@ -203,3 +203,31 @@ def test_a_gang_is_all_or_nothing_within_the_ceiling_and_never_larger_than_the_o
                 assert (fit[a] + fit[b]) * t >= sum(
                     m["unit_price"] for m in r.gang["members"]
                 ) / MICRO * r.gang["step_s"] * (1 - 1e-9)
+
+
+def test_a_book_with_latency_plans_slower_steps_and_agents_report_it_in_bounds() -> None:
+    from pydantic import ValidationError
+
+    from idlegrid.protocol.messages import RegisterMsg
+
+    offers = [cpu("c", 2), cpu("d", 2)]
+    links = {frozenset(("c", "d")): 100.0}
+    near = Book(offers, links).match(gang_job())
+    far = Book(offers, links, {frozenset(("c", "d")): 50.0}).match(gang_job())
+    assert isinstance(near, Placement) and isinstance(far, Placement)
+    assert near.gang is not None and far.gang is not None
+    assert far.gang["step_s"] > near.gang["step_s"] and far.cost > near.cost
+    base: dict[str, Any] = {
+        "protocol_version": 1,
+        "name": "n",
+        "hardware": {},
+        "engine": {},
+        "slots": 1,
+        "prefill_tps": 1.0,
+        "decode_tps": 1.0,
+        "offers": [{"model": "m", "prompt_price": 0, "output_price": 0}],
+    }
+    assert RegisterMsg(**base, link_latency_ms={"peer": 12.5}).link_latency_ms == {"peer": 12.5}
+    for bad in (-1.0, float("nan"), 1e9):
+        with pytest.raises(ValidationError):
+            RegisterMsg(**base, link_latency_ms={"peer": bad})
