@@ -180,14 +180,26 @@ def test_gangs_that_cannot_form_say_why(grid: tg.Grid) -> None:
         "gang: not enough fitting offers: 4 providers needed, 2 fit"
     ), wide["market"]
 
+    # Too big for every device: not split into pipeline stages, and it says so.
+    big = {"arch": "gpt", "vocab": 256, "seq": 64, "layers": 48, "dim": 2048, "heads": 16}
+    r = grid.submit({"spec": tg.spec(parallel=2, model=big), "ref": "big"})
+    huge = r.json()
+    assert huge["market"]["decisive"] == "vram_gb", huge["market"]
+    assert any(
+        x["constraint"].startswith(
+            "vram_gb: no device holds the whole model, and a job is not split"
+        )
+        for x in huge["market"]["reasons"]
+    )
+
     # Nothing runs and nothing is held: no gang member was assigned, only the escrow of
     # the three jobs left the consumer, and cancelling gives it all back.
-    for job in (slow, dear, wide):
+    for job in (slow, dear, wide, huge):
         got = grid.job(job["id"])
         assert got["state"] == "queued" and not any(e["kind"] == "assigned" for e in got["events"])
-    assert grid.balances()[consumer] == before - 3 * 24 * tg.PRICE
+    assert grid.balances()[consumer] == before - 4 * 24 * tg.PRICE
     assert all(grid.balances().get(f"stake:{n}:job-{slow['id']}", 0) == 0 for n in ids.values())
-    for job in (slow, dear, wide):
+    for job in (slow, dear, wide, huge):
         assert grid.http.post(f"/api/v1/jobs/{job['id']}/cancel", headers=grid.auth).is_success
     assert grid.balances()[consumer] == before
     grid.check_books()

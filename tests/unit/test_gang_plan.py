@@ -15,7 +15,7 @@ from idlegrid.core.ledger import MICRO
 from idlegrid.core.market.auction import Book, Placement, Unmatched
 from idlegrid.core.market.hardware import Device, Hardware
 from idlegrid.core.market.offers import Offer
-from idlegrid.core.market.orders import Order
+from idlegrid.core.market.orders import Order, parse_order
 from idlegrid.core.planner.gang import GangPlan, NoLayout, layouts, plan_gang, step_seconds
 from idlegrid.core.training.placement import job_order
 from idlegrid.core.training.spec import JobSpec
@@ -231,3 +231,26 @@ def test_a_book_with_latency_plans_slower_steps_and_agents_report_it_in_bounds()
     for bad in (-1.0, float("nan"), 1e9):
         with pytest.raises(ValidationError):
             RegisterMsg(**base, link_latency_ms={"peer": bad})
+
+
+def test_a_job_too_big_for_every_device_says_it_is_not_split_into_stages() -> None:
+    huge = JobSpec.parse(
+        {
+            "dataset": {"sha256": SHA},
+            "steps": 10,
+            "model": {"layers": 48, "dim": 2048, "heads": 16},
+            "parallel": 2,
+            "batch_size": 16,
+        }
+    )
+    r = Book([cpu("a", 1), cpu("b", 1)], {frozenset(("a", "b")): 10.0}).match(
+        job_order("j", 0, huge, {}, 10.0)
+    )
+    assert isinstance(r, Unmatched) and r.decisive == "vram_gb"
+    assert r.reasons[-1].constraint.startswith("vram_gb: no device holds the whole model")
+    # An ordinary order short of memory gets no such note.
+    lease = parse_order(
+        {"id": "l", "kind": "lease", "hours": 1, "resources": {"vram_gb": ">=80", "max_price": 9}}
+    )
+    plain = Book([cpu("a", 1)]).match(lease)
+    assert isinstance(plain, Unmatched) and plain.reasons[-1].constraint == "vram_gb"

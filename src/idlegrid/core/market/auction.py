@@ -34,6 +34,11 @@ UNVERIFIED_SPEED = 0.8  # claimed speed counts at 80% until a hardware proof bac
 TRAINING_MFU = 0.35  # share of datasheet FLOP/s a training job gets, for runtime estimates
 GANG_STARTS = 8  # first choices tried when assembling a multi-provider gang
 GANG_PARTNERS = 8  # per first choice, second members tried for a planned (training) gang
+# Why a job too big for every device is not split across several: said with its vram_gb.
+NO_STAGES = (
+    "vram_gb: no device holds the whole model, and a job is not split into pipeline "
+    "stages across providers (the verified trainer runs data-parallel ranks only)"
+)
 OVERSIZE = 1e15  # µcr: more than any real score, so fit always decides before price
 INFEASIBLE = 1e30
 
@@ -325,6 +330,8 @@ class Book:
             ok = keep("vram_gb", self.vram >= order.vram_need_gb)
         if ok and spec.vram_gb is not None:
             ok = keep("vram_gb", spec.vram_gb.test(self.vram))
+        if not ok and order.job is not None and reasons and reasons[-1].constraint == "vram_gb":
+            reasons.append(Elimination(NO_STAGES, 0, 0))
         if ok and spec.cpus is not None:
             ok = keep("cpus", spec.cpus.test(self.cpus))
         if ok and spec.ram_gb is not None:
