@@ -24,7 +24,7 @@ from idlegrid.core.planner.gang import GangPlan, plan_gang, step_seconds
 from idlegrid.core.training.placement import job_order
 from idlegrid.core.training.spec import JobSpec
 from idlegrid.protocol.signing import NodeKey
-from idlegrid.testbed.inprocess import device_offer
+from idlegrid.testbed.inprocess import device_offer, wait_until
 
 pytest.importorskip("torch")
 
@@ -39,6 +39,7 @@ def grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tg.Grid]:
     monkeypatch.setenv("IDLEGRID_TRAIN_CHALLENGE_S", "0.5")
     monkeypatch.setenv("IDLEGRID_TRAIN_PROBE_RATE", "0")
     monkeypatch.setenv("IDLEGRID_TRAIN_CANARY_RATE", "0")
+    monkeypatch.setenv("IDLEGRID_TRAIN_CLAIM_TIMEOUT_S", "5")
     g = tg.Grid(tmp_path)
     yield g
     g.stop()
@@ -202,4 +203,28 @@ def test_gangs_that_cannot_form_say_why(grid: tg.Grid) -> None:
     for job in (slow, dear, wide, huge):
         assert grid.http.post(f"/api/v1/jobs/{job['id']}/cancel", headers=grid.auth).is_success
     assert grid.balances()[consumer] == before
+    grid.check_books()
+
+
+def test_a_gang_that_never_forms_holds_no_stake(grid: tg.Grid) -> None:
+    keys = grid.settings.data_dir / "keys"
+    keys.mkdir(exist_ok=True)
+    ids = {n: NodeKey.load_or_create(keys / f"{n}.key").node_id for n in ("joins", "stays")}
+    # "joins" can serve a gang; "stays" sells a device-hour and trains, but has no
+    # rendezvous address, so it never joins: the market places both, the gang never forms.
+    grid.agent("joins", key_dir=keys, links={ids["stays"]: 10.0}, **GANG, **device_offer(CHEAP))
+    grid.agent(
+        "stays", key_dir=keys, trainer=True, links={ids["joins"]: 10.0}, **device_offer(CHEAP)
+    )
+    job_id = grid.submit({"spec": tg.spec(parallel=2)}).json()["id"]
+    assert grid.job(job_id)["market"]["providers"] == sorted(ids.values())
+    # The no-show names only the member that never came: the other was gathering.
+    wait_until(lambda: any(e["kind"] == "no-show" for e in grid.job(job_id)["events"]), 30)
+    job = grid.job(job_id)
+    shows = [e for e in job["events"] if e["kind"] == "no-show"]
+    assert [e["nodes"] for e in shows] == [[ids["stays"]]], shows
+    assert job["state"] == "queued" and not any(e["kind"] == "assigned" for e in job["events"])
+    bal = grid.balances()
+    assert all(bal.get(f"stake:{n}:job-{job_id}", 0) == 0 for n in ids.values()), bal
+    assert grid.http.post(f"/api/v1/jobs/{job_id}/cancel", headers=grid.auth).is_success
     grid.check_books()

@@ -1,5 +1,6 @@
 """Data-parallel gangs: providers gather for one job until the gang is complete, then each
-gets its rank's work; a member that stops polling is dropped before the gang forms."""
+gets its rank's work (ranks as the market's placement gives them) and every member's job
+stake is locked at once; a member that stops polling is dropped before the gang forms."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from idlegrid.coordinator.training.tables import (
     TrainCheckpoint,
     TrainJob,
 )
-from idlegrid.core import b64
+from idlegrid.core import b64, ledger
+from idlegrid.core.training import settlement as tset
 from idlegrid.core.training.lifecycle import JOB
 
 if TYPE_CHECKING:
@@ -69,9 +71,23 @@ class Gangs(TrainingBase):
         gang.seen[node_id] = now
         if len(gang.members) < world:
             return None
-        del self._gangs[job.id]
         order = {n: i for i, n in enumerate(ranks or [])}
         members = sorted(gang.members[:world], key=lambda m: order.get(m[0], world))
+        # All or nothing: every member's job stake is locked as the gang forms, none while
+        # it gathers (a gang that never forms holds no one's stake). A member that can no
+        # longer cover it leaves the gang, which keeps gathering.
+        need = int(job.spec["stake_required"])
+        held = {n: self._balance(s, tset.job_stake_account(job.id, n)) for n, _ in members}
+        short = {
+            n
+            for n, _ in members
+            if held[n] < need and self._balance(s, ledger.provider_account(n)) < need
+        }
+        if short:
+            gang.members = [m for m in gang.members if m[0] not in short]
+            return None
+        self._post_all(s, [tset.stake(job.id, n, need) for n, _ in members if held[n] < need])
+        del self._gangs[job.id]
         job.state = JOB.move(job.state, "running", key=job.id, story=("gang formed",))
         job.node_id = members[0][0]
         job.attempt, job.lease_at = job.attempt + 1, now

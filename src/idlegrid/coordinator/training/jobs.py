@@ -190,12 +190,9 @@ class Jobs(JobHistory, TrainAudits, Gangs, Placing):
                     if not gang_addr:
                         continue  # this node cannot serve a gang's rendezvous
                     ranks = gang_ranks(live_order(s, job.id))
-                    got = self._gather(s, job, node_id, gang_addr, world, now, ranks)
-                    if need > 0 and held < need:
-                        # Each member's stake is locked as it joins; returned at the end
-                        # of the job like a single provider's.
-                        self._post_all(s, [tset.stake(job.id, node_id, need)])
-                    return got
+                    # Stakes are locked when the gang forms (gangs.py), returned at the end
+                    # of the job like a single provider's.
+                    return self._gather(s, job, node_id, gang_addr, world, now, ranks)
                 res = s.execute(
                     update(TrainJob)
                     .where(TrainJob.id == job.id, TrainJob.state == job.state)
