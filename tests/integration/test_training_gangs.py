@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 import test_training_grid as tg
+from typer.testing import CliRunner
 
+from idlegrid.client.cli import app
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO
 from idlegrid.core.market.auction import UNVERIFIED_SPEED
@@ -83,7 +85,7 @@ def pair_cost(spec: dict[str, Any], price: int, gbps: float) -> float:
 
 @pytest.mark.slow
 def test_a_gang_lands_on_the_fast_pair_not_the_cheaper_slow_one_and_each_member_is_paid(
-    grid: tg.Grid,
+    grid: tg.Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = tg.spec(parallel=2)
     # The premise, by the same cost model: the cheap pair costs a third an hour, but its
@@ -129,6 +131,14 @@ def test_a_gang_lands_on_the_fast_pair_not_the_cheaper_slow_one_and_each_member_
     assigned = next(e for e in job["events"] if e["kind"] == "assigned")
     assert assigned["gang"] == [m["provider"] for m in gang["members"]]
     assert {s["provider"] for s in job["segments"]} == {gang["members"][0]["provider"]}
+    # `idlegrid job` shows the gang by rank and what runs.
+    monkeypatch.setenv("IDLEGRID_API_KEY", grid.auth["Authorization"][7:])
+    cli = ["--coordinator", grid.coord.url, "--data-dir", str(tmp_path / "cli")]
+    res = CliRunner().invoke(app, ["job", job_id, *cli], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    first, second = (m["provider"][:10] for m in gang["members"])
+    assert f"placed as a gang (rank 0 {first}, rank 1 {second};" in res.stdout
+    assert "runs: data-parallel over 2 providers" in res.stdout
     # Billing: per verified step, each segment split between the two members only; the
     # market order adds nothing (budget 0) and the cheap pair earned nothing.
     assert tg.seg_pays(job) == [8 * tg.PRICE] * 3
