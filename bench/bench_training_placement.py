@@ -22,6 +22,7 @@ from idlegrid.core.ledger import MICRO
 from idlegrid.core.market.auction import Book, Placement
 from idlegrid.core.market.hardware import Device, Hardware
 from idlegrid.core.market.offers import Offer
+from idlegrid.core.planner.gang import NoLayout
 from idlegrid.core.training.placement import job_order
 from idlegrid.core.training.spec import JobSpec
 
@@ -60,7 +61,9 @@ def main() -> None:
         first = b.match(dataclasses.replace(order, gang_shape=()))
         assert isinstance(planned, Placement) and isinstance(first, Placement)
         legs = [(b.index[leg.offer_id], leg.devices, leg.unit_price) for leg in first.legs]
-        _, first_cost = b._planned(order, legs)
+        got = b._planned(order, legs)
+        assert not isinstance(got, NoLayout)
+        first_cost = got[1]
         print(
             f"N={n}: planned gang cost {planned.score:.0f}, first-found {first_cost:.0f} "
             f"(x{first_cost / planned.score:.2f}); {ms:.2f} ms per match"

@@ -119,6 +119,7 @@ class Agent:
                 ],
                 "region": self.config.region,
                 "links": self.config.links,
+                "link_latency_ms": self.config.link_latency_ms,
                 "devices": self._devices(),
                 "verifier": self.config.verifier or self.config.train_verifier,
                 "batch": self.config.batch,

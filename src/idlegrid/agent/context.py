@@ -54,6 +54,7 @@ class AgentConfig:
     device_price_h: int | None = None
     devices: list[dict[str, Any]] | None = None
     links: dict[str, float] = field(default_factory=dict)
+    link_latency_ms: dict[str, float] = field(default_factory=dict)  # node id -> one-way ms
     stake_per_device: int = 0
     # Verifier mode: also take audits (re-check other providers' answers) on engine 0.
     verifier: bool = False

@@ -155,6 +155,28 @@ def coordinator(
     )
 
 
+def parse_links(values: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """`--link NODE=GBPS[@MS]` values as the agent's links (Gbit/s) and latencies (ms)."""
+    links: dict[str, float] = {}
+    latency: dict[str, float] = {}
+    for raw in values:
+        node, sep, rest = raw.partition("=")
+        gbps, at, ms = rest.partition("@")
+        try:
+            bw, lat = float(gbps), float(ms) if at else 0.0
+        except ValueError:
+            bw = lat = -1.0
+        if not node or not sep or not (0 < bw < 1e7) or not (0 <= lat <= 1e5):
+            raise typer.BadParameter(
+                f"{raw!r}: expected NODE_ID=GBPS or NODE_ID=GBPS@MS (GBPS > 0, MS >= 0)",
+                param_hint="--link",
+            )
+        links[node] = bw
+        if at:
+            latency[node] = lat
+    return links, latency
+
+
 def provide(
     coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
         f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -228,6 +250,15 @@ def provide(
             "rendezvous on this host when rank 0 (an address the other ranks reach).",
         ),
     ] = None,
+    link: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--link",
+            help="A measured link to another provider, for training gangs: "
+            "NODE_ID=GBPS or NODE_ID=GBPS@MS (one-way latency); repeat per peer. "
+            "Gangs form only over reported links.",
+        ),
+    ] = None,
     startup_check: Annotated[
         bool,
         typer.Option(
@@ -257,6 +288,7 @@ def provide(
     from idlegrid.engines.registry import load_engine
     from idlegrid.protocol.signing import NodeKey
 
+    links, latency = parse_links(link or [])  # refused before anything loads
     json_logs = _logging(verbose, log_format)
     _tracing("idlegrid-provider")
     name = name or socket.gethostname()
@@ -325,6 +357,7 @@ def provide(
         train_gang_host=train_gang_host,
         headroom=headroom,
     )
+    config.links, config.link_latency_ms = links, latency
     meter = config.meter
     assert meter is not None
     _note(

@@ -119,7 +119,14 @@ def _print_job(job: dict[str, Any]) -> None:
             + (market.get("decisive") or "not matched yet")
         )
     elif market.get("providers"):
-        out.print(f"placed on {', '.join(_short(p) for p in market['providers'])}")
+        gang = (market.get("placement") or {}).get("gang")
+        if gang:
+            ranks = ", ".join(f"rank {m['rank']} {_short(m['provider'])}" for m in gang["members"])
+            out.print(f"placed as a gang ({ranks}; {gang['step_s']:.3g} s a step planned)")
+            if market.get("runs"):
+                out.print(f"runs: {market['runs']}")
+        else:
+            out.print(f"placed on {', '.join(_short(p) for p in market['providers'])}")
     chart = loss_chart(job["losses"])
     if chart:
         out.print("loss curve:")

@@ -7,7 +7,7 @@ ignored, so agents and coordinators of neighbouring releases keep talking.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -56,6 +56,10 @@ class RegisterMsg(Message):
     region: str = Field("local", min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")
     # peer node id -> measured Gbit/s
     links: dict[str, float] = Field(default_factory=dict, max_length=256)
+    # peer node id -> measured one-way latency in ms (optional; unreported counts as 0)
+    link_latency_ms: dict[str, Annotated[float, Field(ge=0, le=1e5, allow_inf_nan=False)]] = Field(
+        default_factory=dict, max_length=256
+    )
     devices: list[DeviceOfferMsg] = Field(default_factory=list, max_length=64)
     # Verifier mode: this node also re-checks other providers' answers (audits).
     verifier: bool = False

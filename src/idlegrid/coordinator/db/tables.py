@@ -200,6 +200,8 @@ class NodeMarket(Base):
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
     region: Mapped[str] = mapped_column(String(32))
     links: Mapped[dict[str, Any]] = mapped_column(JSON)  # peer node id -> measured Gbit/s
+    # peer node id -> measured one-way latency, ms (what the gang planner adds per message)
+    link_latency_ms: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class MarketOrder(Base):

@@ -106,6 +106,7 @@ class Market:
         verified = self._verified()
         offers: list[Offer] = []
         links: dict[frozenset[str], float] = {}
+        latency: dict[frozenset[str], float] = {}
         self.staked_nodes = frozenset(
             n for n, sup in supply.items() if any(v > 0 for v in sup["stakes"].values())
         )
@@ -127,6 +128,10 @@ class Market:
             for peer, gbps in sup["links"].items():
                 key = frozenset((node_id, peer))
                 links[key] = max(links.get(key, 0.0), float(gbps))
+            for peer, ms in sup.get("latency_ms", {}).items():
+                # Both ends may report: the slower figure, so a plan is never optimistic.
+                key = frozenset((node_id, peer))
+                latency[key] = max(latency.get(key, 0.0), float(ms))
             for d in sup["devices"]:
                 dev = Device(
                     d["model"], d["count"], d["vram_gb"], vendor=BY_NAME[d["model"]].vendor
@@ -155,7 +160,7 @@ class Market:
                         staked,
                     )
                 )
-        book = Book(offers, links)
+        book = Book(offers, links, latency)
         for view in self.store.orders(states=ACTIVE):
             if view.placement:
                 book.take(_placement(view))
@@ -173,6 +178,7 @@ class Market:
             body.get("region", "local"),
             body.get("links") or {},
             body.get("devices") or [],
+            body.get("link_latency_ms") or {},
         )
         self.invalidate()
 

@@ -68,14 +68,27 @@ class MarketStore:
     # ---- supply ------------------------------------------------------------------------
 
     def set_supply(
-        self, node_id: str, region: str, links: dict[str, float], devices: Sequence[dict[str, Any]]
+        self,
+        node_id: str,
+        region: str,
+        links: dict[str, float],
+        devices: Sequence[dict[str, Any]],
+        latency_ms: dict[str, float] | None = None,
     ) -> None:
-        """Replace a node's region, links and device offers (at registration)."""
+        """Replace a node's region, links (Gbit/s and latency) and device offers (at
+        registration)."""
         with self.store.tx() as s:
             s.execute(delete(DeviceOffer).where(DeviceOffer.node_id == node_id))
             s.execute(delete(NodeMarket).where(NodeMarket.node_id == node_id))
             s.flush()
-            s.add(NodeMarket(node_id=node_id, region=region, links=dict(links)))
+            s.add(
+                NodeMarket(
+                    node_id=node_id,
+                    region=region,
+                    links=dict(links),
+                    link_latency_ms=dict(latency_ms or {}),
+                )
+            )
             for d in devices:
                 s.add(
                     DeviceOffer(
@@ -96,6 +109,7 @@ class MarketStore:
                 out[m.node_id] = {
                     "region": m.region,
                     "links": dict(m.links),
+                    "latency_ms": dict(m.link_latency_ms or {}),
                     "devices": [],
                     "stakes": {},
                     "reliability": _PRIOR_OK / _PRIOR_N,
@@ -106,6 +120,7 @@ class MarketStore:
                     {
                         "region": "local",
                         "links": {},
+                        "latency_ms": {},
                         "devices": [],
                         "stakes": {},
                         "reliability": 0.95,

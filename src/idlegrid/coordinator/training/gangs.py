@@ -1,5 +1,6 @@
 """Data-parallel gangs: providers gather for one job until the gang is complete, then each
-gets its rank's work; a member that stops polling is dropped before the gang forms."""
+gets its rank's work (ranks as the market's placement gives them) and every member's job
+stake is locked at once; a member that stops polling is dropped before the gang forms."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from idlegrid.coordinator.training.tables import (
     TrainCheckpoint,
     TrainJob,
 )
-from idlegrid.core import b64
+from idlegrid.core import b64, ledger
+from idlegrid.core.training import settlement as tset
 from idlegrid.core.training.lifecycle import JOB
 
 if TYPE_CHECKING:
@@ -42,11 +44,20 @@ class Gangs(TrainingBase):
         self._gang_lock = threading.Lock()
 
     def _gather(
-        self, s: Session, job: TrainJob, node_id: str, addr: str, world: int, now: float
+        self,
+        s: Session,
+        job: TrainJob,
+        node_id: str,
+        addr: str,
+        world: int,
+        now: float,
+        ranks: list[str] | None = None,
     ) -> dict[str, Any] | None:
         """Add a node to a data-parallel job's gang; once it has `world` members the job
-        runs: rank 0 (the first to join) holds it and serves the rendezvous; every member
-        gets its rank. None while the gang is still gathering (the node keeps polling)."""
+        runs: rank 0 holds it and serves the rendezvous; every member gets its rank, the
+        one the market's placement gave it (`ranks`, providers in rank order), or the
+        order of joining if the placement names none. None while the gang is still
+        gathering (the node keeps polling)."""
         gang = self._gangs.setdefault(job.id, _Gang())
         gang.members = [
             (n, a)
@@ -60,8 +71,23 @@ class Gangs(TrainingBase):
         gang.seen[node_id] = now
         if len(gang.members) < world:
             return None
+        order = {n: i for i, n in enumerate(ranks or [])}
+        members = sorted(gang.members[:world], key=lambda m: order.get(m[0], world))
+        # All or nothing: every member's job stake is locked as the gang forms, none while
+        # it gathers (a gang that never forms holds no one's stake). A member that can no
+        # longer cover it leaves the gang, which keeps gathering.
+        need = int(job.spec["stake_required"])
+        held = {n: self._balance(s, tset.job_stake_account(job.id, n)) for n, _ in members}
+        short = {
+            n
+            for n, _ in members
+            if held[n] < need and self._balance(s, ledger.provider_account(n)) < need
+        }
+        if short:
+            gang.members = [m for m in gang.members if m[0] not in short]
+            return None
+        self._post_all(s, [tset.stake(job.id, n, need) for n, _ in members if held[n] < need])
         del self._gangs[job.id]
-        members = gang.members[:world]
         job.state = JOB.move(job.state, "running", key=job.id, story=("gang formed",))
         job.node_id = members[0][0]
         job.attempt, job.lease_at = job.attempt + 1, now

@@ -29,6 +29,7 @@ from idlegrid.coordinator.training.placement import (
     JobMarket,
     NoMarket,
     Placing,
+    gang_ranks,
     live_order,
     placed_on,
 )
@@ -188,12 +189,10 @@ class Jobs(JobHistory, TrainAudits, Gangs, Placing):
                 if world > 1:
                     if not gang_addr:
                         continue  # this node cannot serve a gang's rendezvous
-                    got = self._gather(s, job, node_id, gang_addr, world, now)
-                    if need > 0 and held < need:
-                        # Each member's stake is locked as it joins; returned at the end
-                        # of the job like a single provider's.
-                        self._post_all(s, [tset.stake(job.id, node_id, need)])
-                    return got
+                    ranks = gang_ranks(live_order(s, job.id))
+                    # Stakes are locked when the gang forms (gangs.py), returned at the end
+                    # of the job like a single provider's.
+                    return self._gather(s, job, node_id, gang_addr, world, now, ranks)
                 res = s.execute(
                     update(TrainJob)
                     .where(TrainJob.id == job.id, TrainJob.state == job.state)

@@ -83,6 +83,31 @@ def placed_on(order: MarketOrder | None) -> frozenset[str]:
     return frozenset(leg["provider"] for leg in order.placement.get("legs", []))
 
 
+def gang_ranks(order: MarketOrder | None) -> list[str]:
+    """The providers of an active order's planned gang in rank order ([] if none)."""
+    if order is None or order.state != OrderState.ACTIVE.value or not order.placement:
+        return []
+    members = (order.placement.get("gang") or {}).get("members", [])
+    return [m["provider"] for m in sorted(members, key=lambda m: m["rank"])]
+
+
+def runs(order: MarketOrder | None) -> str | None:
+    """What the placement runs, in words: the layout the verified trainer executes."""
+    gang = ((order.placement if order is not None else None) or {}).get("gang")
+    if not gang:
+        return None
+    n = len(gang["members"])
+    if gang["layout"] != "data-parallel":  # never placed today (RUNNABLE_STAGES)
+        return (
+            f"{gang['stages']}-stage pipeline x {gang['data_parallel']}: "
+            "not run by the verified trainer"
+        )
+    return (
+        f"data-parallel over {n} providers: rank r trains shard r of each step's batch, "
+        "rank 0 commits each segment, whose pay is split equally between the ranks"
+    )
+
+
 def market_view(order: MarketOrder | None) -> dict[str, Any] | None:
     """What the job view shows of its placement: where, or why it waits."""
     if order is None:
@@ -96,6 +121,8 @@ def market_view(order: MarketOrder | None) -> dict[str, Any] | None:
     }
     if legs:
         out["placement"] = order.placement
+        if (what := runs(order)) is not None:
+            out["runs"] = what
     elif order.reasons:
         out["decisive"] = order.reasons.get("decisive")
         out["reasons"] = order.reasons.get("reasons", [])

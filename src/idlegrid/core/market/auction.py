@@ -22,16 +22,23 @@ import numpy as np
 
 from idlegrid.core.assignment import linear_sum_assignment
 from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
+from idlegrid.core.market.gangs import gang_record, shortfall
 from idlegrid.core.market.hardware import BY_NAME, GPUS
 from idlegrid.core.market.offers import Offer
 from idlegrid.core.market.orders import Order, OrderKind
-from idlegrid.core.planner.gang import runtime_hours
+from idlegrid.core.planner.gang import GangPlan, NoLayout, plan_gang
 
 CONSUMER_MAX_VRAM_GB = 32.0  # the largest consumer card (RTX 5090)
 BIG_TIERS = frozenset({"datacenter", "workstation"})
 UNVERIFIED_SPEED = 0.8  # claimed speed counts at 80% until a hardware proof backs it
 TRAINING_MFU = 0.35  # share of datasheet FLOP/s a training job gets, for runtime estimates
 GANG_STARTS = 8  # first choices tried when assembling a multi-provider gang
+GANG_PARTNERS = 8  # per first choice, second members tried for a planned (training) gang
+# Why a job too big for every device is not split across several: said with its vram_gb.
+NO_STAGES = (
+    "vram_gb: no device holds the whole model, and a job is not split into pipeline "
+    "stages across providers (the verified trainer runs data-parallel ranks only)"
+)
 OVERSIZE = 1e15  # µcr: more than any real score, so fit always decides before price
 INFEASIBLE = 1e30
 
@@ -60,6 +67,7 @@ class Placement:
     runtime_h: float
     oversized: bool  # a big card, because no fitting consumer card was free
     candidates: int  # offers that passed every filter
+    gang: dict[str, Any] | None = None  # a planned gang's layout and members (gangs.py)
 
     @property
     def providers(self) -> list[str]:
@@ -68,7 +76,7 @@ class Placement:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as the API and `idlegrid explain` show it."""
-        return {
+        out = {
             "legs": [leg.__dict__ for leg in self.legs],
             "cost": self.cost,
             "score": self.score,
@@ -76,6 +84,9 @@ class Placement:
             "oversized": self.oversized,
             "candidates": self.candidates,
         }
+        if self.gang is not None:
+            out["gang"] = self.gang
+        return out
 
 
 @dataclass(frozen=True)
@@ -119,16 +130,21 @@ class _Eval:
     score: np.ndarray
     oversized: np.ndarray
     reasons: tuple[Elimination, ...]
+    before_price: int = 0  # a gang's distinct providers that passed all but max_price
 
 
 class Book:
     """Offers as columns, with the free device count of each, matched one order at a time."""
 
     def __init__(
-        self, offers: Sequence[Offer], links: Mapping[frozenset[str], float] | None = None
+        self,
+        offers: Sequence[Offer],
+        links: Mapping[frozenset[str], float] | None = None,
+        latency: Mapping[frozenset[str], float] | None = None,
     ) -> None:
         self.offers = list(offers)
         self.links = dict(links or {})  # {provider a, provider b} -> measured Gbit/s
+        self.latency = dict(latency or {})  # {provider a, provider b} -> ms (absent: 0)
         self.index = {o.id: i for i, o in enumerate(self.offers)}
         n = len(self.offers)
         self.regions = sorted({o.hardware.region for o in self.offers})
@@ -314,6 +330,8 @@ class Book:
             ok = keep("vram_gb", self.vram >= order.vram_need_gb)
         if ok and spec.vram_gb is not None:
             ok = keep("vram_gb", spec.vram_gb.test(self.vram))
+        if not ok and order.job is not None and reasons and reasons[-1].constraint == "vram_gb":
+            reasons.append(Elimination(NO_STAGES, 0, 0))
         if ok and spec.cpus is not None:
             ok = keep("cpus", spec.cpus.test(self.cpus))
         if ok and spec.ram_gb is not None:
@@ -351,7 +369,17 @@ class Book:
                     unit_all[row] = quoted
             if not keep("pricing plug-in", ~sits_out):
                 return Unmatched(order.id, tuple(reasons))
+        before_price = len(set(self.provider[mask].tolist())) if _one_per_provider(order) else 0
         if not keep("max_price", np.asarray(unit_all <= order.max_price)):  # type: ignore[operator]
+            if before_price >= order.devices:  # enough providers, all over the ceiling
+                reasons.append(
+                    Elimination(
+                        f"gang: over the ceiling: {order.devices} providers needed, 0 of "
+                        f"{before_price} fitting ones within max_price",
+                        0,
+                        0,
+                    )
+                )
             return Unmatched(order.id, tuple(reasons))
         ids = np.flatnonzero(mask)
         unit = unit_all[ids]  # type: ignore[index]
@@ -359,7 +387,7 @@ class Book:
         per_device_cost = unit * (order.tokens / TOKENS_PER_PRICE_UNIT) if batch else unit * runtime
         score = per_device_cost / np.maximum(self.reliability[ids], 0.01)
         oversized = self.big[ids] & (order.vram_need_gb <= CONSUMER_MAX_VRAM_GB)
-        return _Eval(ids, unit, runtime, score, oversized, tuple(reasons))
+        return _Eval(ids, unit, runtime, score, oversized, tuple(reasons), before_price)
 
     def _runtime(self, order: Order, ids: np.ndarray, tps: np.ndarray | None) -> np.ndarray:
         if order.kind is OrderKind.BATCH and tps is not None:
@@ -375,70 +403,126 @@ class Book:
         """Devices from several providers, every pair linked at `min_link_gbps` or better.
 
         Each of the best few offers starts a gang, filled greedily. An order without a
-        `gang_shape` takes the first gang found (from the best start); a data-parallel job
-        takes the gang the planner's cost model finds cheapest over its links."""
-        ids, unit, runtime, score, oversized = ev.ids, ev.unit, ev.runtime, ev.score, ev.oversized
+        `gang_shape` takes the first gang found (from the best start); a training job's
+        gang also tries each start with each of its best few linked partners, and takes
+        the gang the planner's cost model finds cheapest over its links (for two members
+        and a book of at most GANG_STARTS offers that is every pair)."""
+        ids, runtime, score, oversized = ev.ids, ev.runtime, ev.score, ev.oversized
         order_ix = np.lexsort((score, oversized))
         need = order.devices
         spread = _one_per_provider(order)
-        found: list[tuple[bool, float, float, list[tuple[int, int, int]]]] = []
-        for start in order_ix[:GANG_STARTS]:
-            legs: list[tuple[int, int, int]] = []
-            chosen: list[str] = []
-            left = need
-            for j in np.concatenate(([start], order_ix)):
-                row = int(ids[j])
-                if any(leg[0] == row for leg in legs):
-                    continue
-                prov = self.offers[row].provider
-                if spread and prov in chosen:
-                    continue
-                if not all(self._linked(prov, p, order.spec.min_link_gbps) for p in chosen):
-                    continue
-                take = int(min(self.free[row], left, 1 if spread else left))
-                legs.append((row, take, int(unit[j])))
-                chosen.append(prov)
-                left -= take
-                if left == 0:
-                    break
-            if left:
+        found: list[tuple[bool, float, float, list[tuple[int, int, int]], GangPlan]] = []
+        no_layout = ""
+        seen: set[frozenset[int]] = set()
+        for seed in self._seeds(order, ev, order_ix):
+            legs = self._fill(order, ev, np.concatenate((seed, order_ix)), spread)
+            if legs is None or (key := frozenset(leg[0] for leg in legs)) in seen:
                 continue
+            seen.add(key)
             at = [int(np.flatnonzero(ids == leg[0])[0]) for leg in legs]
             big = bool(any(oversized[k] for k in at))
             if not order.gang_shape:
                 rt = float(max(runtime[k] for k in at))
                 sc = float(sum(score[k] * leg[1] for k, leg in zip(at, legs, strict=True)))
                 return self._placement(order, legs, rt, big, sc, len(ids))
-            rt, sc = self._planned(order, legs)
-            found.append((big, sc, rt, legs))
+            planned = self._planned(order, legs)
+            if isinstance(planned, NoLayout):
+                no_layout = f"gang: {planned.reason}"
+                continue
+            found.append((big, planned[1], planned[0], legs, planned[2]))
         if found:  # fit first, then the planned cost
-            big, sc, rt, legs = min(found, key=lambda f: (f[0], f[1]))
-            return self._placement(order, legs, rt, big, sc, len(ids))
-        return Unmatched(
-            order.id,
-            (
-                *ev.reasons,
-                Elimination(
-                    f"gang: no {need} free devices{' of as many providers' if spread else ''} "
-                    f"with links >= {order.spec.min_link_gbps:g} Gbit/s",
-                    len(ids),
-                    0,
-                ),
-            ),
+            big, sc, rt, legs, plan = min(found, key=lambda f: (f[0], f[1]))
+            ranks = [leg[0] for leg in legs for _ in range(leg[1])]
+            record = gang_record(
+                plan,
+                [self.offers[r].provider for r in ranks],
+                [self.offers[r].id for r in ranks],
+                [u for _, n, u in legs for _ in range(n)],
+            )
+            return self._placement(order, legs, rt, big, sc, len(ids), record)
+        why = no_layout or shortfall(
+            need,
+            spread,
+            order.spec.min_link_gbps,
+            sorted(set(self.provider[ids].tolist())),
+            int(self.free[ids].sum()),
+            ev.before_price,
+            lambda a, b: self.links.get(frozenset((a, b))),
         )
+        return Unmatched(order.id, (*ev.reasons, Elimination(why, len(ids), 0)))
 
-    def _planned(self, order: Order, legs: list[tuple[int, int, int]]) -> tuple[float, float]:
-        """(runtime h, score) of a data-parallel gang, one rank per leg device, by the
-        planner's cost model over the gang's links."""
+    def _seeds(self, order: Order, ev: _Eval, order_ix: np.ndarray) -> list[np.ndarray]:
+        """First members to grow gangs from: each of the best offers, and for a planned
+        gang each of those with each of its best linked partners."""
+        out: list[np.ndarray] = []
+        for start in order_ix[:GANG_STARTS]:
+            mine = self.offers[int(ev.ids[start])].provider
+            partners = 0
+            if order.gang_shape:
+                for j in order_ix:
+                    prov = self.offers[int(ev.ids[j])].provider
+                    if prov != mine and self._linked(mine, prov, order.spec.min_link_gbps):
+                        out.append(np.array([start, j]))
+                        partners += 1
+                        if partners == GANG_PARTNERS:
+                            break
+            if not partners:
+                out.append(np.array([start]))
+        return out
+
+    def _fill(
+        self, order: Order, ev: _Eval, candidates: np.ndarray, spread: bool
+    ) -> list[tuple[int, int, int]] | None:
+        """Legs of a gang taken greedily from `candidates` (positions in `ev`, best first),
+        every pair of providers linked; None if it cannot be completed."""
+        legs: list[tuple[int, int, int]] = []
+        chosen: list[str] = []
+        left = order.devices
+        for j in candidates:
+            row = int(ev.ids[j])
+            if any(leg[0] == row for leg in legs):
+                continue
+            prov = self.offers[row].provider
+            if spread and prov in chosen:
+                continue
+            if not all(self._linked(prov, p, order.spec.min_link_gbps) for p in chosen):
+                continue
+            take = int(min(self.free[row], left, 1 if spread else left))
+            legs.append((row, take, int(ev.unit[j])))
+            chosen.append(prov)
+            left -= take
+            if left == 0:
+                return legs
+        return None
+
+    def _planned(
+        self, order: Order, legs: list[tuple[int, int, int]]
+    ) -> tuple[float, float, GangPlan] | NoLayout:
+        """(runtime h, score, plan) of a gang, one member per leg device, by the planner's
+        cost model over the gang's links: the layout (stages × replicas, up to the order's
+        `max_stages`) with the lowest step time."""
+        shape = dict(order.gang_shape)
         ranks = [leg[0] for leg in legs for _ in range(leg[1])]
         provs = [self.offers[r].provider for r in ranks]
         bw = [
             [self.links.get(frozenset((a, b)), 0.0) if a != b else 1e6 for b in provs]
             for a in provs
         ]
-        rt = runtime_hours(dict(order.gang_shape), [float(self.tflops[r]) for r in ranks], bw)
+        lat = [[self.latency.get(frozenset((a, b)), 0.0) for b in provs] for a in provs]
+        stages = int(shape.get("max_stages", 1))
+        plan = plan_gang(
+            shape,
+            [float(self.tflops[r]) for r in ranks],
+            bw,
+            lat,
+            [float(self.vram[r]) for r in ranks] if stages > 1 else None,
+            stages,
+        )
+        if isinstance(plan, NoLayout):
+            return plan
+        rt = plan.step_s * float(shape["steps"]) / 3600.0
         sc = sum(rt * u * n / max(float(self.reliability[r]), 0.01) for r, n, u in legs)
-        return rt, float(sc)
+        return rt, float(sc), plan
 
     def _linked(self, a: str, b: str, gbps: float) -> bool:
         return a == b or self.links.get(frozenset((a, b)), 0.0) >= gbps
@@ -451,6 +535,7 @@ class Book:
         oversized: bool,
         score: float,
         candidates: int,
+        gang: dict[str, Any] | None = None,
     ) -> Placement:
         if order.kind is OrderKind.BATCH:
             cost = sum(u * order.tokens // TOKENS_PER_PRICE_UNIT for _, _, u in legs)
@@ -464,6 +549,7 @@ class Book:
             runtime,
             oversized,
             candidates,
+            gang,
         )
 
     # ---- capacity -------------------------------------------------------------------

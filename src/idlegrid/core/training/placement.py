@@ -25,6 +25,11 @@ _BYTES_ADAM = 8
 # block's inputs, q, k, v, its output and the 4× MLP come to about 16 × dim.
 _ACT_FLOATS_PER_DIM = 16
 _OVERHEAD = 1.2  # allocator slack and workspace buffers
+# Pipeline stages a job's gang may be split into. The verified trainer runs data-parallel
+# gangs only (every rank holds the whole model, proofs hash the whole state), so a job is
+# never placed on a layout nothing could run; the market's planner can lay out more
+# (`core/planner/gang.plan_gang`) once stages run.
+RUNNABLE_STAGES = 1
 
 
 def memory_gb(spec: JobSpec) -> float:
@@ -98,5 +103,6 @@ def job_order(
             "batch": spec.batch_size,
             "params": m.params,
             "steps": spec.steps,
+            "max_stages": RUNNABLE_STAGES,
         }
     return parse_order(raw, internal=True)
