@@ -42,20 +42,22 @@ from idlegrid.testbed.inprocess import (
 MODEL = "fake:1"
 
 
-def _body(i: int, max_tokens: int) -> dict[str, Any]:
+def _body(i: int, max_tokens: int, model: str = MODEL) -> dict[str, Any]:
     return {
-        "model": MODEL,
+        "model": model,
         "messages": [{"role": "user", "content": f"short line {i}"}],
         "max_tokens": max_tokens,
         "temperature": 0,
     }
 
 
-def _interactive(client: openai.OpenAI, n: int, conc: int, max_tokens: int) -> float:
+def _interactive(
+    client: openai.OpenAI, n: int, conc: int, max_tokens: int, model: str = MODEL
+) -> float:
     """Output tokens/s of n requests sent by `conc` clients at once."""
 
     def one(i: int) -> int:
-        r = client.chat.completions.create(**_body(i, max_tokens))  # type: ignore[call-overload]
+        r = client.chat.completions.create(**_body(i, max_tokens, model))  # type: ignore[call-overload]
         assert r.usage is not None
         return int(r.usage.completion_tokens)
 
@@ -65,10 +67,12 @@ def _interactive(client: openai.OpenAI, n: int, conc: int, max_tokens: int) -> f
     return tokens / (time.perf_counter() - start)
 
 
-def _batch(client: openai.OpenAI, n: int, max_tokens: int, wait: bool = True) -> Any:
+def _batch(
+    client: openai.OpenAI, n: int, max_tokens: int, wait: bool = True, model: str = MODEL
+) -> Any:
     lines = [
         {"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions"}
-        | {"body": _body(i, max_tokens)}
+        | {"body": _body(i, max_tokens, model)}
         for i in range(n)
     ]
     data = "".join(json.dumps(x) + "\n" for x in lines).encode()
@@ -87,11 +91,11 @@ def _batch(client: openai.OpenAI, n: int, max_tokens: int, wait: bool = True) ->
     return n * max_tokens / took
 
 
-def _ttft(client: openai.OpenAI, samples: int) -> list[float]:
+def _ttft(client: openai.OpenAI, samples: int, model: str = MODEL) -> list[float]:
     out = []
     for i in range(samples):
         start = time.perf_counter()
-        stream = client.chat.completions.create(**_body(10_000 + i, 4), stream=True)  # type: ignore[call-overload]
+        stream = client.chat.completions.create(**_body(10_000 + i, 4, model), stream=True)  # type: ignore[call-overload]
         first = None
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -101,19 +105,21 @@ def _ttft(client: openai.OpenAI, samples: int) -> list[float]:
     return out
 
 
-def _measure(url: str, api_key: str, args: argparse.Namespace, slots: int) -> dict[str, Any]:
+def _measure(
+    url: str, api_key: str, args: argparse.Namespace, slots: int, model: str = MODEL
+) -> dict[str, Any]:
     """Throughput of both ways, then TTFT idle and while a batch runs, on the grid at url."""
     with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120) as client:
-        interactive = _interactive(client, args.lines, slots, args.tokens)
-        batch = _batch(client, args.lines, args.tokens)
-        idle = _ttft(client, args.ttft_samples)
-        big = _batch(client, args.lines * 2, args.tokens, wait=False)
+        interactive = _interactive(client, args.lines, slots, args.tokens, model)
+        batch = _batch(client, args.lines, args.tokens, model=model)
+        idle = _ttft(client, args.ttft_samples, model)
+        big = _batch(client, args.lines * 2, args.tokens, wait=False, model=model)
         while True:
             counts = client.batches.retrieve(big.id).request_counts
             if counts is not None and counts.completed >= slots:
                 break
             time.sleep(0.05)  # a poll interval
-        busy = _ttft(client, args.ttft_samples)
+        busy = _ttft(client, args.ttft_samples, model)
         left = client.batches.retrieve(big.id).request_counts
         client.batches.cancel(big.id)
     return {
@@ -134,29 +140,42 @@ def _measure(url: str, api_key: str, args: argparse.Namespace, slots: int) -> di
     }
 
 
-def _in_processes(args: argparse.Namespace, slots: int, tmp: Path) -> dict[str, Any]:
+def _in_processes(args: argparse.Namespace, slots: int, tmp: Path, headroom: int) -> dict[str, Any]:
     """The same measurement on a grid of separate processes (`LocalGrid`: the coordinator
     and each provider its own `idlegrid` process, as `idlegrid up` runs them), so that the
-    clients, the coordinator and the agents do not share one interpreter's lock."""
-    grid = LocalGrid(
-        data_dir=tmp,
-        port=free_port(),
-        providers=args.providers,
-        engine="fake",
-        model=MODEL,
-        threads=1,
-        funding_credits=1000,
-        provider_args=["--slots", str(args.slots)],
-        extra_env={
+    clients, the coordinator and the agents do not share one interpreter's lock.
+
+    `headroom`: slots each provider keeps from batch lines (docs/batch.md). With the fake
+    engine they are slots more (the batch's capacity stays `--slots`); with llama.cpp the
+    batch gets that many more sequences than its start-up benchmark's best."""
+    env = {"IDLEGRID_HW_PROOFS": "false"}
+    if args.engine == "fake":
+        kind: dict[str, Any] = {"engine": "fake", "model": MODEL, "threads": 1}
+        provider = ["--slots", str(args.slots + headroom), "--headroom", str(headroom)]
+        env |= {
             "IDLEGRID_FAKE_TOKEN_DELAY": str(args.token_delay),
             "IDLEGRID_BATCH_IN_FLIGHT": str(args.in_flight or slots),
-            "IDLEGRID_HW_PROOFS": "false",
-        },
+        }
+    else:  # the default model; lines beyond the batch slots wait in the queue
+        kind = {"threads": 2}
+        provider = ["--headroom", str(headroom)]
+        env["IDLEGRID_BATCH_IN_FLIGHT"] = str(args.in_flight or 64)
+    grid = LocalGrid(
+        data_dir=tmp / f"headroom-{headroom}",
+        port=free_port(),
+        providers=args.providers,
+        funding_credits=1000,
+        provider_args=provider,
+        extra_env=env,
+        **kind,
     )
     try:
         grid.start()
         grid.wait_for_stake()
-        return _measure(grid.url, grid.api_key, args, slots)
+        if args.engine != "fake":  # the batch slots the providers registered
+            nodes: list[dict[str, Any]] = grid.live_nodes()
+            slots = sum(int(n["slots"]) - int(n["engine"].get("headroom", 0)) for n in nodes)
+        return {"headroom": headroom, **_measure(grid.url, grid.api_key, args, slots, grid.model)}
     finally:
         grid.stop()
 
@@ -174,14 +193,22 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=0, help="batch lines at once (0: slots)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--processes", action="store_true", help="a LocalGrid of processes")
+    ap.add_argument(
+        "--headroom", default="0", help="--processes: slots kept from batch lines, e.g. 0,1"
+    )
+    ap.add_argument("--engine", choices=("fake", "llama"), default="fake", help="--processes")
     args = ap.parse_args()
     slots = args.providers * args.slots
     tmp = Path(tempfile.mkdtemp(prefix="idlegrid-bench-batch-"))
     if args.processes:
-        result = _in_processes(args, slots, tmp)
-        print(
-            json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items())
-        )
+        for h in (int(x) for x in args.headroom.split(",")):
+            result = _in_processes(args, slots, tmp, h)
+            print(
+                json.dumps(result)
+                if args.json
+                else "\n".join(f"{k}: {v}" for k, v in result.items()) + "\n",
+                flush=True,
+            )
         return
     # No verifier runs here, so the fake providers are unverifiable: with the default
     # probation budget their held pay caps their paid work and the grid stops routing to
