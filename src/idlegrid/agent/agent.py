@@ -120,6 +120,7 @@ class Agent:
                 "region": self.config.region,
                 "links": self.config.links,
                 "devices": self._devices(),
+                "lease": self.config.lease_controls.to_dict(),
                 "verifier": self.config.verifier or self.config.train_verifier,
                 "batch": self.config.batch,
                 "batch_price_bps": self.config.batch_price_bps,

@@ -200,6 +200,9 @@ class NodeMarket(Base):
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
     region: Mapped[str] = mapped_column(String(32))
     links: Mapped[dict[str, Any]] = mapped_column(JSON)  # peer node id -> measured Gbit/s
+    # The provider's lease controls as it registered them (core/lease/controls.py); None
+    # from an agent that sends none: the defaults (no outbound network, bwrap only).
+    lease: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class MarketOrder(Base):

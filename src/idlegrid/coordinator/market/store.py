@@ -68,14 +68,19 @@ class MarketStore:
     # ---- supply ------------------------------------------------------------------------
 
     def set_supply(
-        self, node_id: str, region: str, links: dict[str, float], devices: Sequence[dict[str, Any]]
+        self,
+        node_id: str,
+        region: str,
+        links: dict[str, float],
+        devices: Sequence[dict[str, Any]],
+        lease: dict[str, Any] | None = None,
     ) -> None:
-        """Replace a node's region, links and device offers (at registration)."""
+        """Replace a node's region, links, device offers and lease controls (registration)."""
         with self.store.tx() as s:
             s.execute(delete(DeviceOffer).where(DeviceOffer.node_id == node_id))
             s.execute(delete(NodeMarket).where(NodeMarket.node_id == node_id))
             s.flush()
-            s.add(NodeMarket(node_id=node_id, region=region, links=dict(links)))
+            s.add(NodeMarket(node_id=node_id, region=region, links=dict(links), lease=lease))
             for d in devices:
                 s.add(
                     DeviceOffer(
@@ -99,6 +104,7 @@ class MarketStore:
                     "devices": [],
                     "stakes": {},
                     "reliability": _PRIOR_OK / _PRIOR_N,
+                    "lease": m.lease,
                 }
             for d in s.scalars(select(DeviceOffer)):
                 out.setdefault(
