@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import http.server
 import os
-import subprocess
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,58 +20,18 @@ from idlegrid.agent.workspace.base import Limits, WorkspaceSpec
 from idlegrid.agent.workspace.bwrap import BwrapRuntime, BwrapWorkspace
 from idlegrid.config import default_data_dir
 from idlegrid.testbed.inprocess import wait_until
+from idlegrid.testbed.outside import Outside, fetch
+from idlegrid.testbed.outside import outside as outside_net
 
 pytestmark = pytest.mark.slow  # real sandboxes and a NAT per workspace: about 10 s
 
-INTERNET = "203.0.113.2"  # TEST-NET-3: public as far as the rules go
-LAN = "10.254.77.2"  # RFC 1918: the provider's LAN
 PORT = 18000 + os.getpid() % 1000
 
 
-def _ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
-def outside() -> Iterator[str]:
-    """A network namespace standing for the internet and the LAN, an HTTP server in it on
-    both addresses; the host routes to both through a veth. Yields the namespace's name."""
-    name = f"igeg{os.getpid()}"
-    host_if, peer_if = f"{name}a", f"{name}b"
-    _ip("netns", "add", name)
-    server = None
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        _ip("link", "set", peer_if, "netns", name)
-        _ip("addr", "add", "203.0.113.1/30", "dev", host_if)
-        _ip("addr", "add", "10.254.77.1/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        for addr in (f"{INTERNET}/30", f"{LAN}/30"):
-            _ip("-n", name, "addr", "add", addr, "dev", peer_if)
-        _ip("-n", name, "link", "set", peer_if, "up")
-        _ip("-n", name, "link", "set", "lo", "up")
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", name, "python3", "-m", "http.server", str(PORT),
-             "--bind", "0.0.0.0"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for addr in (INTERNET, LAN):  # the host reaches both: a refusal below is the rules'
-            wait_until(lambda a=addr: _get_from_host(f"http://{a}:{PORT}/") == 200, 20)
-        yield name
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-
-
-def _get_from_host(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return int(r.status)
-    except OSError:
-        return None
+def outside() -> Iterator[Outside]:
+    with outside_net(PORT) as out:
+        yield out
 
 
 @pytest.fixture(scope="module")
@@ -119,29 +77,29 @@ def get(w: BwrapWorkspace, *urls: str) -> dict[str, str]:
 
 
 def test_egress_reaches_the_internet_and_nothing_of_the_provider(
-    runtime: BwrapRuntime, outside: str, host_server: int
+    runtime: BwrapRuntime, outside: Outside, host_server: int
 ) -> None:
     own = [a for a in egress.host_addresses() if not a.startswith("127.")]
     assert own, "the host has a non-loopback address to test"
-    assert all(_get_from_host(f"http://{a}:{host_server}/") == 200 for a in own)
+    assert all(fetch(f"http://{a}:{host_server}/") == 200 for a in own)
     w = _make(runtime, "egress-on", True)
     try:
         seen = get(
             w,
-            f"http://{INTERNET}:{PORT}/",
-            f"http://{LAN}:{PORT}/",
+            outside.internet,
+            outside.lan,
             f"http://127.0.0.1:{host_server}/",
             f"http://{egress.GATEWAY}:{host_server}/",
             *(f"http://{a}:{host_server}/" for a in own),
         )
-        assert seen.pop(f"http://{INTERNET}:{PORT}/") == "200"
+        assert seen.pop(outside.internet) == "200"
         # The LAN, the host's loopback (itself and through the NAT's gateway) and the host's
         # own addresses: all refused, though the host reaches every one of them.
         assert seen and all(v.startswith("ERR") for v in seen.values()), seen
         # The workload cannot lift the rules: the namespace's firewall is not its to change.
         code, _, _ = w.exec(["iptables", "-F", "OUTPUT"]).run(30)
         assert code != 0
-        assert get(w, f"http://{LAN}:{PORT}/")[f"http://{LAN}:{PORT}/"].startswith("ERR")
+        assert get(w, outside.lan)[outside.lan].startswith("ERR")
         nat = w.egress
         assert nat is not None and nat.proc.poll() is None
     finally:
@@ -149,21 +107,20 @@ def test_egress_reaches_the_internet_and_nothing_of_the_provider(
     assert nat.proc.poll() is not None  # the wipe ended the NAT
 
 
-def test_without_egress_there_is_no_network_at_all(runtime: BwrapRuntime, outside: str) -> None:
+def test_without_egress_there_is_no_network_at_all(runtime: BwrapRuntime, outside: Outside) -> None:
     w = _make(runtime, "egress-off", False)
     try:
         assert w.egress is None
         code, out, _ = w.exec(["cat", "/proc/net/dev"]).run(30)
         ifaces = {line.split(":")[0].strip() for line in out.decode().splitlines()[2:]}
         assert (code, ifaces) == (0, {"lo"})
-        url = f"http://{INTERNET}:{PORT}/"
-        assert get(w, url)[url].startswith("ERR")
+        assert get(w, outside.internet)[outside.internet].startswith("ERR")
     finally:
         w.wipe()
 
 
 def test_port_forward_still_reaches_the_workspace_with_egress_on(
-    runtime: BwrapRuntime, outside: str
+    runtime: BwrapRuntime, outside: Outside
 ) -> None:
     w = _make(runtime, "egress-fwd", True)
     try:

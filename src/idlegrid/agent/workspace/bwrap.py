@@ -228,6 +228,7 @@ class BwrapWorkspace:
             sandbox.VENV,
             self.spec.pip,
             sandbox.WHEELS_DIR if self.runtime.wheels else None,
+            index=self.spec.egress,
         )
         code, out, err = self.exec(["/bin/sh", "-c", script]).run()
         if code != 0:
