@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -62,6 +63,12 @@ class Grid:
             timeout=30,
             headers={"authorization": f"Bearer {self.api_key}"},
         )
+
+    def lease(self, lease: str) -> dict[str, Any]:
+        with self.http() as c:
+            r = c.get(f"/api/v1/leases/{lease}")
+            r.raise_for_status()
+            return r.json()  # type: ignore[no-any-return]
 
     def run(self, lease: str, argv: list[str]) -> tuple[int, str, str]:
         out: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
@@ -291,3 +298,30 @@ def test_disk_and_pip_reach_the_workspace(grid: Grid) -> None:
     code, out, err = grid.run("L-pip", ["python", "-c", "import igtiny; print(igtiny.ANSWER)"])
     assert (code, out) == (0, "42\n"), err
     _end(grid, "L-pip")
+
+
+def test_the_cli_shows_controls_and_orders_egress_disk_and_cpus(grid: Grid, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    runner = CliRunner()
+    base = ["--coordinator", grid.coordinator.url, "--data-dir", str(tmp_path)]
+
+    def cli(*args: str) -> Any:
+        env = {"IDLEGRID_API_KEY": grid.api_key, "COLUMNS": "300"}
+        return runner.invoke(app, list(args), env=env, catch_exceptions=False)
+
+    shown = cli("market", "offers", *base)
+    assert shown.exit_code == 0, shown.output
+    assert "not leased" in shown.stdout and "cpus≤1, ram_gb≤2, disk_gb≤4, egress" in shown.stdout
+    made = cli(
+        "lease", "create", "--egress", "--disk-gb", "0.25", "--cpus", "1", "--max-price", "5",
+        *base,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    lease_id = made.stdout.strip()
+    lease = grid.lease(lease_id)
+    assert lease["node_id"] == grid.node_ids["p-net"] and lease["spec"]["egress"] is True
+    assert lease["spec"]["disk_bytes"] == 1 << 28
+    _end(grid, lease_id)

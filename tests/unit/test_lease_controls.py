@@ -164,3 +164,20 @@ def test_pip_without_a_wheelhouse_uses_the_index_only_with_egress() -> None:
     assert "--no-index" not in s and "-- a==1" in s
     with pytest.raises(ValueError, match="wheelhouse"):
         venv_script("py", "3.11", None, "/work/.venv", ("a",), None)
+
+
+def test_provide_flags_make_the_controls_and_a_bad_one_names_itself() -> None:
+    import typer
+
+    from idlegrid.client.serve_cmd import lease_controls
+
+    c = lease_controls("RTX-4090,CPU", "cpus=4,ram_gb=16", "disk_gb=100", True, False, "bwrap")
+    assert c == LeaseControls(
+        devices=frozenset({"RTX-4090", "CPU"}), max_cpus=4, max_ram_gb=16, total_disk_gb=100,
+        egress=True, pip=False,
+    )  # fmt: skip
+    assert lease_controls("all", None, None, False, True, "bwrap") == LeaseControls()
+    with pytest.raises(typer.BadParameter, match="gpus"):
+        lease_controls("all", "gpus=2", None, False, True, "bwrap")
+    with pytest.raises(typer.BadParameter, match="lease.runtimes"):
+        lease_controls("all", None, None, False, True, "local")
