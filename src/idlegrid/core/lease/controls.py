@@ -187,28 +187,49 @@ def refusal(
     return None
 
 
-def masks(
-    controls: Sequence[LeaseControls],
-    models: Sequence[str],
-    used: np.ndarray,
-    ask: LeaseAsk,
-) -> list[tuple[str, np.ndarray]]:
+@dataclass(frozen=True)
+class Columns:
+    """A book's lease controls as columns, built once per book: leased device group,
+    runtimes offered, per-lease and total limits (inf: none; offers × 3), egress, pip."""
+
+    leased: np.ndarray
+    runtimes: dict[str, np.ndarray]
+    most: np.ndarray
+    total: np.ndarray
+    egress: np.ndarray
+    pip: np.ndarray
+
+
+def columns(controls: Sequence[LeaseControls], models: Sequence[str]) -> Columns:
+    """The columns of `controls` (one per offer, with the offer's device model)."""
+    pairs = list(zip(controls, models, strict=True))
+
+    def amounts(kind: str) -> np.ndarray:
+        rows = [[getattr(c, f"{kind}_{a}") or np.inf for a in AMOUNTS] for c in controls]
+        return np.array(rows, dtype=np.float64).reshape(len(controls), len(AMOUNTS))
+
+    return Columns(
+        leased=np.array([c.leases(m) for c, m in pairs], dtype=bool),
+        runtimes={r: np.array([r in c.runtimes for c in controls], dtype=bool) for r in RUNTIMES},
+        most=amounts("max"),
+        total=amounts("total"),
+        egress=np.array([c.egress for c in controls], dtype=bool),
+        pip=np.array([c.pip for c in controls], dtype=bool),
+    )
+
+
+def masks(cols: Columns, used: np.ndarray, ask: LeaseAsk) -> list[tuple[str, np.ndarray]]:
     """Per control, which offers allow `ask` (in `refusal`'s order), for the auction's
     named filters; `used` is an (offers × 3) array of what each offer's provider has leased."""
-    leased = [c.leases(m) for c, m in zip(controls, models, strict=True)]
-    out: list[tuple[str, np.ndarray]] = [
-        ("lease.devices", np.array(leased, dtype=bool)),
-        ("lease.runtime", np.array([ask.runtime in c.runtimes for c in controls], dtype=bool)),
+    out = [
+        ("lease.devices", cols.leased),
+        ("lease.runtime", cols.runtimes.get(ask.runtime, np.zeros_like(cols.leased))),
     ]
     for j, (name, want) in enumerate(zip(AMOUNTS, ask.amounts(), strict=True)):
-        most = np.array([getattr(c, f"max_{name}") or np.inf for c in controls], dtype=np.float64)
-        total = np.array(
-            [getattr(c, f"total_{name}") or np.inf for c in controls], dtype=np.float64
-        )
-        out.append((f"lease.max_{name}", most >= want))
-        out.append((f"lease.total_{name}", total >= used[:, j] + want))
+        out.append((f"lease.max_{name}", cols.most[:, j] >= want))
+        out.append((f"lease.total_{name}", cols.total[:, j] >= used[:, j] + want))
     if ask.egress:
-        out.append(("lease.egress", np.array([c.egress for c in controls], dtype=bool)))
+        out.append(("lease.egress", cols.egress))
     if ask.pip:
-        out.append(("lease.pip", np.array([c.pip for c in controls], dtype=bool)))
+        out.append(("lease.pip", cols.pip))
     return out

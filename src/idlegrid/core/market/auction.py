@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from idlegrid.core.assignment import linear_sum_assignment
+from idlegrid.core.lease.controls import Columns as LeaseColumns
 from idlegrid.core.lease.controls import LeaseAsk, ask_of
+from idlegrid.core.lease.controls import columns as lease_columns
 from idlegrid.core.lease.controls import masks as lease_masks
 from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
 from idlegrid.core.market.hardware import BY_NAME, GPUS
@@ -154,6 +156,7 @@ class Book:
         self.provider = col([o.provider for o in self.offers], dtype=object)
         # What each offer's provider has leased (cpus, ram_gb, disk_gb): its total controls.
         self.leased = np.zeros((n, 3), dtype=np.float64)
+        self._lease_cols: LeaseColumns | None = None
         speed = [
             o.hardware.matmul_tflops or BY_NAME[o.device.model].fp16_tflops for o in self.offers
         ]
@@ -334,10 +337,10 @@ class Book:
                 "min_tokens_per_s", tps >= spec.min_tokens_per_s if tps is not None else self._none
             )
         if ok and order.kind is OrderKind.LEASE:
-            ask = ask_of(spec)
-            models = [o.device.model for o in self.offers]
-            controls = [o.lease for o in self.offers]
-            for name, allowed in lease_masks(controls, models, self.leased, ask):
+            if self._lease_cols is None:  # built on the first lease order only
+                models = [o.device.model for o in self.offers]
+                self._lease_cols = lease_columns([o.lease for o in self.offers], models)
+            for name, allowed in lease_masks(self._lease_cols, self.leased, ask_of(spec)):
                 if ok:
                     ok = keep(name, allowed)
         if ok and order.avoid:
