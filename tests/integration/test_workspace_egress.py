@@ -107,6 +107,19 @@ def test_egress_reaches_the_internet_and_nothing_of_the_provider(
     assert nat.proc.poll() is not None  # the wipe ended the NAT
 
 
+def test_the_nat_exits_when_its_lifeline_closes(runtime: BwrapRuntime) -> None:
+    # What an agent killed with SIGKILL leaves: its end of the --exit-fd pipe closed.
+    w = _make(runtime, "egress-orphan", True)
+    try:
+        nat = w.egress
+        assert nat is not None
+        os.close(nat.lifeline)
+        nat.lifeline = -1
+        wait_until(lambda: nat.proc.poll() is not None, 10)
+    finally:
+        w.wipe()
+
+
 def test_without_egress_there_is_no_network_at_all(runtime: BwrapRuntime, outside: Outside) -> None:
     w = _make(runtime, "egress-off", False)
     try:

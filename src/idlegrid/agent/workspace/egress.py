@@ -80,8 +80,11 @@ def rules(own: list[str]) -> list[list[str]]:
 class Egress:
     """A running slirp4netns for one lease's namespace, and its firewall."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], lifeline: int) -> None:
         self.proc = proc
+        # The write end of the NAT's --exit-fd: it exits when this closes, so an agent that
+        # dies (even by SIGKILL) leaves no NAT behind.
+        self.lifeline = lifeline
 
     @classmethod
     def start(cls, netns: Path, lease: str, log: Path) -> Egress:
@@ -93,39 +96,46 @@ class Egress:
         for rule in rules(host_addresses()):
             _ns(netns, ["iptables", "-w", *rule])
         read, write = os.pipe()
+        exit_r, lifeline = os.pipe()
+        os.set_inheritable(lifeline, False)
         err_file = open(log, "ab")  # noqa: SIM115 - the child holds it; closed right after
         try:
             proc = subprocess.Popen(
                 ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
                  "--enable-sandbox", "--enable-seccomp", f"--ready-fd={write}",
-                 "--netns-type=path", str(netns), "tap0"],
+                 f"--exit-fd={exit_r}", "--netns-type=path", str(netns), "tap0"],
                 stdin=subprocess.DEVNULL, stdout=err_file, stderr=err_file,
-                pass_fds=(write,), start_new_session=True,
+                pass_fds=(write, exit_r), start_new_session=True,
             )  # fmt: skip
             os.close(write)
             write = -1
             ready = _read_with_deadline(read, READY_S)
+        except BaseException:
+            os.close(lifeline)
+            raise
         finally:
             err_file.close()
+            os.close(exit_r)
             if write >= 0:
                 os.close(write)
             os.close(read)
+        nat = cls(proc, lifeline)
         if ready != b"1":
-            proc.kill()
-            proc.wait()
+            nat.stop()
             err = log.read_text(errors="replace")[-1000:]
             raise SandboxUnavailable("bwrap", f"slirp4netns did not come up for {lease}: {err}")
-        return cls(proc)
+        return nat
 
     def stop(self) -> None:
         """End the NAT (the namespace then has `lo` only, and goes with its last process)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.lifeline >= 0:
+            os.close(self.lifeline)  # the NAT exits on its own
+            self.lifeline = -1
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
 
 
 def _ns(netns: Path, argv: list[str]) -> None:
