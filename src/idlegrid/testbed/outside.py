@@ -48,8 +48,8 @@ def _ip(*argv: str) -> None:
 
 
 @contextmanager
-def outside(port: int) -> Iterator[Outside]:
-    """The namespace, the veth and the server; all removed on exit."""
+def outside(port: int, directory: str = "/usr/share") -> Iterator[Outside]:
+    """The namespace, the veth and a server of `directory`; all removed on exit."""
     name = f"igout{os.getpid()}"
     host_if, peer_if = f"{name}a", f"{name}b"
     _ip("netns", "add", name)
@@ -66,7 +66,7 @@ def outside(port: int) -> Iterator[Outside]:
         _ip("-n", name, "link", "set", "lo", "up")
         server = subprocess.Popen(
             ["ip", "netns", "exec", name, "python3", "-m", "http.server", str(port),
-             "--bind", "0.0.0.0", "--directory", "/usr/share"],
+             "--bind", "0.0.0.0", "--directory", directory],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         out = Outside(port)
