@@ -181,3 +181,17 @@ def test_provide_flags_make_the_controls_and_a_bad_one_names_itself() -> None:
         lease_controls("all", "gpus=2", None, False, True, "bwrap")
     with pytest.raises(typer.BadParameter, match="lease.runtimes"):
         lease_controls("all", None, None, False, True, "local")
+
+
+def test_provide_refuses_bad_lease_flags_before_loading_anything() -> None:
+    from typer.testing import CliRunner
+
+    from idlegrid.client.cli import app
+
+    runner = CliRunner()
+    wide = {"COLUMNS": "300"}  # the error box must not wrap the names asserted on
+    bad = runner.invoke(app, ["provide", "--lease-max", "gpus=2", "--no-startup-check"], env=wide)
+    assert bad.exit_code == 2 and "gpus" in bad.output, bad.output
+    env = {**wide, "IDLEGRID_LEASE_RUNTIMES": "local"}
+    bad = runner.invoke(app, ["provide", "--no-startup-check"], env=env)
+    assert bad.exit_code == 2 and "lease.runtimes" in bad.output, bad.output

@@ -253,24 +253,46 @@ def provide(
         ),
     ] = None,
     lease_devices: Annotated[
-        str, typer.Option(help="Device groups leased: all, none, or a comma list (RTX-4090,CPU).")
+        str,
+        typer.Option(
+            help="Device groups leased: all, none, or a comma list (RTX-4090,CPU).",
+            envvar="IDLEGRID_LEASE_DEVICES",
+        ),
     ] = "all",
     lease_max: Annotated[
         str | None,
-        typer.Option(help="The most one lease may take, e.g. cpus=4,ram_gb=16,disk_gb=50."),
+        typer.Option(
+            help="The most one lease may take, e.g. cpus=4,ram_gb=16,disk_gb=50.",
+            envvar="IDLEGRID_LEASE_MAX",
+        ),
     ] = None,
     lease_total: Annotated[
         str | None,
-        typer.Option(help="The most all leases together may take, e.g. cpus=8,ram_gb=32."),
+        typer.Option(
+            help="The most all leases together may take, e.g. cpus=8,ram_gb=32.",
+            envvar="IDLEGRID_LEASE_TOTAL",
+        ),
     ] = None,
     lease_egress: Annotated[
-        bool, typer.Option(help="Give workspaces outbound internet (egress only; off by default).")
+        bool,
+        typer.Option(
+            help="Give workspaces outbound internet (egress only; off by default).",
+            envvar="IDLEGRID_LEASE_EGRESS",
+        ),
     ] = False,
     lease_pip: Annotated[
-        bool, typer.Option(help="Install a lease's --pip requirements in its workspace.")
+        bool,
+        typer.Option(
+            help="Install a lease's --pip requirements in its workspace.",
+            envvar="IDLEGRID_LEASE_PIP",
+        ),
     ] = True,
     lease_runtimes: Annotated[
-        str, typer.Option(help="Workspace runtimes offered for leases, comma-separated.")
+        str,
+        typer.Option(
+            help="Workspace runtimes offered for leases, comma-separated.",
+            envvar="IDLEGRID_LEASE_RUNTIMES",
+        ),
     ] = "bwrap",
     startup_check: Annotated[
         bool,
