@@ -10,6 +10,7 @@ the coordinator's own clock.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from idlegrid.agent.roles.hwprover import HonestProver
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core import ledger
 from idlegrid.core.ledger import MICRO, Cause, Posting
@@ -32,6 +34,7 @@ from idlegrid.testbed.inprocess import (
 )
 
 STAKE = 5 * MICRO
+JUDGED = ("passed", "failed", "late")  # a late proof's re-try is issued with its verdict
 CPU = [{"model": "CPU", "count": 1, "vram_gb": 4.0}]
 
 
@@ -64,7 +67,7 @@ class Grid:
 
     def judged(self, name: str) -> bool:
         ps = self.proofs(name)
-        return len(ps) >= 2 and all(p["state"] in ("passed", "failed") for p in ps)
+        return len(ps) >= 2 and all(p["state"] in JUDGED for p in ps)
 
     def balance(self, acct: str) -> int:
         return int(self.admin_get("/api/v1/status")["balances"].get(acct, 0))
@@ -133,7 +136,7 @@ def grid_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     def judged(node: str) -> bool:
         with started[0].admin() as c:
             ps = c.get("/api/v1/hwproofs", params={"node": node}).json()["proofs"]
-        return len(ps) >= 2 and all(p["state"] in ("passed", "failed") for p in ps)
+        return len(ps) >= 2 and all(p["state"] in JUDGED for p in ps)
 
     def coord_store_post(coord: CoordinatorThread, node: str, cls: str) -> None:
         wait_until(lambda: hasattr(coord.app.state, "services"))
@@ -164,7 +167,12 @@ def _honest_untouched(g: Grid) -> None:
 
 def test_g_claimed_gpu_is_demoted_to_what_it_proved_and_slashed(grid_factory) -> None:
     g = grid_factory(cheats.CLAIMED_GPU, None)
-    mm = next(p for p in g.proofs("cheat") if p["kind"] == "matmul")
+    # Right but late: the first time is re-tried at no cost, the second counts.
+    late, mm = sorted(
+        (p for p in g.proofs("cheat") if p["kind"] == "matmul"),
+        key=lambda p: p["state"] == "failed",
+    )
+    assert late["state"] == "late" and mm["reason"] == f"re-try of late {late['id']}"
     v = mm["verdict"]
     assert mm["state"] == "failed" and v["correct"] and not v["in_time"], v
     assert v["elapsed_s"] > v["budget_s"]
@@ -172,6 +180,36 @@ def test_g_claimed_gpu_is_demoted_to_what_it_proved_and_slashed(grid_factory) ->
     assert g.balance(ledger.stake_account(g.nodes["cheat"], "RTX-4090")) == 0
     (offer,) = g.offers("cheat")
     assert offer["device"] == "CPU" and offer["verified"] is True  # what it did prove
+    _honest_untouched(g)
+
+
+class _LateOnce(HonestProver):
+    """An honest prover whose first memory chase is held up (a busy machine): right, late."""
+
+    def __init__(self) -> None:
+        self.chases = 0
+
+    def chase(self, buf: Any, chase_seed: bytes, spec: Any) -> Any:
+        self.chases += 1
+        if self.chases == 1:
+            time.sleep(1.5)  # past the scaled-down budget: the point of this prover
+        return super().chase(buf, chase_seed, spec)
+
+
+def test_an_honest_prover_late_once_is_re_tried_and_keeps_its_stake(grid_factory) -> None:
+    prover = _LateOnce()
+    g = grid_factory(CPU, prover)
+    mem = [p for p in g.proofs("cheat") if p["kind"] == "memory"]
+    late = next(p for p in mem if p["state"] == "late")
+    v = late["verdict"]
+    assert v["wrong_samples"] == 0 and v["elapsed_s"] > v["budget_s"], v
+    (retry,) = [p for p in mem if p is not late]
+    assert retry["state"] == "passed" and retry["reason"] == f"re-try of late {late['id']}"
+    assert prover.chases == 2
+    # No slash, no demotion: the claim stands verified on the re-try.
+    assert g.balance(ledger.stake_account(g.nodes["cheat"], "CPU")) == STAKE
+    (offer,) = g.offers("cheat")
+    assert offer["device"] == "CPU" and offer["verified"] is True
     _honest_untouched(g)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from idlegrid.coordinator.db.store import Store, migrate
+from idlegrid.coordinator.inference.candidates import batch_slots
 from idlegrid.core import ledger
 from idlegrid.core.batch.money import batch_escrow, escrow_account
 from idlegrid.core.ledger import MICRO, Cause, Price
@@ -95,14 +96,14 @@ def test_interactive_work_is_claimed_before_older_batch_lines(store: Store) -> N
     assert settle["cause"] == {"kind": "batch_line", "id": "b1/line-7"}
 
 
-def _node(store: Store, node_id: str, **batch: Any) -> None:
+def _node(store: Store, node_id: str, engine: dict[str, Any] | None = None, **batch: Any) -> None:
     store.upsert_node(
         node_id=node_id,
         public_key=b"\x02" * 32,
         name=node_id,
         protocol_version=1,
         hardware={},
-        engine={},
+        engine=engine or {},
         slots=4,
         prefill_tps=1.0,
         decode_tps=1.0,
@@ -127,3 +128,29 @@ def test_a_provider_that_serves_no_batch_work_never_claims_a_line(store: Store) 
     quarter = Price(PRICE.prompt // 4, PRICE.output // 4)
     assert store.balance(ledger.accrual_account("n2")) == ledger.token_cost(1, quarter.output)
     assert [n.batch for n in store.nodes()] == [False, True]
+
+
+def test_a_node_whose_batch_slots_are_full_claims_interactive_work_only(store: Store) -> None:
+    key_id, _ = store.create_api_key("k")
+    consumer = ledger.consumer_account(key_id)
+    store.post(ledger.mint("m", consumer, 10 * MICRO, Cause("deposit", "m")))
+    store.post(batch_escrow("b3", consumer, 5_000))
+    tag = {"id": "b3", "custom_id": "a", "payer": escrow_account("b3"), "share_bps": 5_000}
+    _task(store, key_id, "batch-y", tag)
+    assert store.claim("n1", [MODEL], batch_ok=False) is None
+    _task(store, key_id, "chat-y", None)
+    got = store.claim("n1", [MODEL], batch_ok=False)
+    assert got is not None and got.id == "chat-y"
+    got = store.claim("n1", [MODEL])
+    assert got is not None and got.id == "batch-y"
+
+
+def test_batch_slots_leave_the_engines_headroom_to_interactive_work(store: Store) -> None:
+    (node,) = store.nodes()
+    assert batch_slots(node) == 4
+    _node(store, "n1", engine={"headroom": 1})
+    node = next(n for n in store.nodes() if n.id == "n1")
+    assert (node.slots, batch_slots(node)) == (4, 3)
+    _node(store, "n1", engine={"headroom": 9})  # never below one slot
+    node = next(n for n in store.nodes() if n.id == "n1")
+    assert batch_slots(node) == 1

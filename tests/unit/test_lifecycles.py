@@ -63,6 +63,7 @@ EXPECTED = {
         ("started", "failed"),
         ("committed", "passed"),
         ("committed", "failed"),
+        ("committed", "late"),
     },
     "dispute": {
         (a, b)
@@ -111,7 +112,7 @@ TERMINAL = {
     "train-audit": {"passed", "dropped", "overturned"},
     "train-probe": {"answered", "failed"},
     "audit": {"passed", "overturned"},
-    "hw-proof": {"passed", "failed", "expired"},
+    "hw-proof": {"passed", "failed", "expired", "late"},
     "dispute": {"won", "lost", "expired"},
     "train-dispute": {"won", "lost", "expired"},
     "node": set(),

@@ -135,3 +135,17 @@ def test_memory_chase_honest_passes_and_missing_memory_is_caught() -> None:
     late = mp.judge(SEED, b"c" * 32, spec, trace, 100.0, b"pick")
     assert not late.passed and "budget" in late.reasons[0]
     assert not mp.judge(SEED, b"c" * 32, spec, trace[:-1], 0.05, b"pick").passed
+
+
+def test_late_only_is_a_right_answer_over_its_time_and_nothing_else() -> None:
+    late_mm = {"passed": False, "correct": True, "in_time": False}
+    assert hw.late_only("matmul", late_mm)
+    assert not hw.late_only("matmul", {**late_mm, "correct": False})
+    assert not hw.late_only("matmul", {"passed": False, "reasons": ["no commitment"]})
+    late_mem = {"passed": False, "wrong_samples": 0, "elapsed_s": 2.0, "budget_s": 1.0,
+                "reasons": ["chase took 2.000 s; budget 1.000 s"]}  # fmt: skip
+    assert hw.late_only("memory", late_mem)
+    assert not hw.late_only("memory", {**late_mem, "wrong_samples": 3})
+    assert not hw.late_only("memory", {**late_mem, "elapsed_s": 0.5})
+    assert not hw.late_only("memory", {**late_mem, "reasons": ["trace has the wrong shape"] * 2})
+    assert not hw.late_only("memory", {**late_mem, "passed": True})

@@ -106,7 +106,7 @@ class Agent:
                 "protocol_version": PROTOCOL_VERSION,
                 "name": self.config.name,
                 "hardware": self.config.hardware,
-                "engine": self.engines[0].describe(),
+                "engine": self._engine_facts(),
                 "slots": len(self.engines),
                 "prefill_tps": self.config.prefill_tps,
                 "decode_tps": self.config.decode_tps,
@@ -129,6 +129,12 @@ class Agent:
         assert answer is not None
         self.heartbeat_s = float(answer["heartbeat_interval_s"])
         log.info("registered as %s (%s)", answer["node_id"], self.config.name)
+
+    def _engine_facts(self) -> dict[str, Any]:
+        facts = self.engines[0].describe()
+        if self.config.headroom is not None:
+            facts = {**facts, "headroom": self.config.headroom}
+        return facts
 
     def _devices(self) -> list[dict[str, Any]]:
         if self.config.device_price_h is None:

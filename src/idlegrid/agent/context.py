@@ -62,6 +62,9 @@ class AgentConfig:
     # basis points (None: the grid's default).
     batch: bool = True
     batch_price_bps: int | None = None
+    # Of its slots, how many batch lines may not take (None: the engine's own, a batch's
+    # headroom sequence; the coordinator's candidates.batch_slots reads it).
+    headroom: int | None = None
     # Where energy readings come from (agent.hardware.power.choose_meter); None reports no energy.
     meter: PowerMeter | None = None
     # Training (agent/roles/trainer.py): take training jobs, and/or re-execute audited segments.

@@ -5,7 +5,8 @@ comes from the machine (engines/parallel.default_parallel: free memory over the 
 sequence takes, and cores); `--parallel 0` turns batching off (one engine per `--slots`).
 The start-up benchmark then measures aggregate decode tokens/s at 1, 2, 4, 8 sequences up
 to that size, and the batch is remade at the best concurrency: the agent runs, and
-registers, that many slots, so the router sends it up to that many requests at once.
+registers, that many slots, so the router sends it up to that many requests at once,
+plus `HEADROOM` more that batch lines may not take (docs/batch.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from typing import Any
 from idlegrid.agent.hardware.benchmark import measure_concurrency, measure_speed
 from idlegrid.engines import parallel as par
 from idlegrid.engines.base import Engine
+
+# Sequences a batch keeps beyond its measured best concurrency for interactive work only
+# (BatchedLlama's `headroom`): while batch lines fill every other slot, an interactive
+# request joins the next decode step instead of waiting for a line to yield.
+HEADROOM = 1
 
 
 @dataclass
@@ -53,8 +59,10 @@ def build_slots(
     context_per_seq: int | None = None,
     on_loaded: Callable[[], None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    headroom: int = HEADROOM,
 ) -> Slots:
-    """Load the engine(s) with `load`, batch them when chosen, benchmark unless told not."""
+    """Load the engine(s) with `load`, batch them when chosen, benchmark unless told not;
+    a batch keeps `headroom` sequences beyond its concurrency for interactive work."""
     from idlegrid.engines.batched import BatchedLlama
 
     first = load()
@@ -71,13 +79,16 @@ def build_slots(
     else:
         batched = BatchedLlama(first, n, context_per_seq=context_per_seq)
         aggregate: dict[int, float] = {}
+        best = n
         if benchmark and n > 1:
             aggregate = measure_concurrency(batched, par.levels(n), decode_tokens=bench_tokens)
             best = par.best_concurrency(aggregate)
-            if best < n:  # the KV caches of slots that would not be used are freed
-                batched.close()
-                batched = BatchedLlama(first, best, context_per_seq=context_per_seq)
-            batched.aggregate_tps = aggregate
+        if headroom or best < n:
+            # The KV caches of slots that would not be used are freed; the headroom's
+            # sequences are added (one more sequence's KV cache each).
+            batched.close()
+            batched = BatchedLlama(first, best, context_per_seq=context_per_seq, headroom=headroom)
+        batched.aggregate_tps = aggregate
         out = Slots(list[Engine](batched.slots()), n, aggregate_tps=aggregate)
     if benchmark:
         speed = measure_speed(out.engines[0], decode_tokens=bench_tokens, on_token=on_token)

@@ -228,7 +228,8 @@ class LocalGrid:
         def settled(c: httpx.Client) -> bool:
             r = c.get(f"{self.url}/api/v1/hwproofs", headers=headers)
             r.raise_for_status()
-            return all(p["state"] in ("passed", "failed", "expired") for p in r.json()["proofs"])
+            done = ("passed", "failed", "expired", "late")  # a late one's re-try is issued
+            return all(p["state"] in done for p in r.json()["proofs"])
 
         self._wait(settled, timeout_s, "hardware proofs to settle", self.coordinator, *self.agents)
 

@@ -209,6 +209,14 @@ def provide(
             "cores, at most 8; 0: off, one engine per --slots)."
         ),
     ] = None,
+    headroom: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Slots kept for interactive work, which batch lines may not take (default: "
+            "one more sequence with llama.cpp batching; else 0, of --slots).",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Name shown on the grid.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Node key (created if missing).")] = None,
     prompt_price: Annotated[float, typer.Option(help="Credits per 1M prompt tokens.")] = 10.0,
@@ -362,6 +370,7 @@ def provide(
             benchmark=not skip_benchmark,
             on_loaded=lambda: progress.advance(task),
             on_token=step,
+            **({"headroom": headroom} if headroom is not None else {}),
         )
     engines = built.engines
     prefill, decode = built.prefill_tps, built.decode_tps
@@ -392,6 +401,7 @@ def provide(
         train_threads=threads,
         train_gang_host=train_gang_host,
         lease_controls=controls,
+        headroom=headroom,
     )
     meter = config.meter
     assert meter is not None

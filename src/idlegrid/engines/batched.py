@@ -68,9 +68,15 @@ class BatchedLlama:
         *,
         context_per_seq: int | None = None,
         chunk: int = PREFILL_CHUNK,
+        headroom: int = 0,
     ) -> None:
         lib = self._lib = engine._lib
         self.engine = engine
+        # `headroom` sequences beyond `parallel` serve interactive work only: the
+        # coordinator lets batch lines fill `concurrency` slots, so an interactive request
+        # joins the next step instead of waiting for a line to yield (docs/batch.md).
+        self.headroom = headroom
+        parallel += headroom
         self.parallel = parallel
         self.chunk = chunk
         self.n_ctx_seq: int = min(context_per_seq or engine.context_length, engine.context_length)
@@ -103,7 +109,7 @@ class BatchedLlama:
         # The start-up benchmark's aggregate decode tokens/s by sequences, and the
         # concurrency the provider advertises from it (engines/parallel.best_concurrency).
         self.aggregate_tps: dict[int, float] = {}
-        self.concurrency = parallel
+        self.concurrency = parallel - headroom
         # Sample a step's plain rows in one pass (core/trust/batch_sampling); False: one by
         # one, as before (bench/bench_batch_sampling.py compares the two).
         self.vector = hasattr(engine, "_pick_rows")
@@ -377,7 +383,7 @@ class BatchedLlama:
 
     def slots(self) -> list[BatchedSlot]:
         """One engine per advertised slot for the agent's serving loops, all in this batch."""
-        return [BatchedSlot(self) for _ in range(self.concurrency)]
+        return [BatchedSlot(self) for _ in range(self.concurrency + self.headroom)]
 
     def close(self) -> None:
         """Stop the scheduler (pending and active sequences fail) and free the context."""
@@ -458,6 +464,7 @@ class BatchedSlot:
             **self.engine.describe(),
             "parallel": b.parallel,
             "concurrency": b.concurrency,
+            "headroom": b.headroom,
             "aggregate_tps": {str(n): round(t, 2) for n, t in b.aggregate_tps.items()},
         }
 

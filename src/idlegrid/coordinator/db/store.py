@@ -292,14 +292,19 @@ class Store(NodeStore, LedgerStore):
             return _task_view(t) if t else None
 
     def claim(
-        self, node_id: str, models: Sequence[str], covered_only: bool = False
+        self,
+        node_id: str,
+        models: Sequence[str],
+        covered_only: bool = False,
+        batch_ok: bool = True,
     ) -> TaskView | None:
         """Claim a queued task for this node (targeted at it or at nobody), first come first
         served, except that work handed back by a failed provider goes before new work.
 
         A task escrowed at a price below this node's offer is left for a cheaper provider.
         `covered_only`: the node's reservation owner is using it (core/reservations.kept),
-        so it takes only work that reservation covers.
+        so it takes only work that reservation covers. `batch_ok` False: the node's batch
+        slots are full, so it takes no batch line (priority 1), only interactive work.
         """
         now = self.clock()
         with self.tx() as s:
@@ -310,6 +315,7 @@ class Store(NodeStore, LedgerStore):
                     Task.model_id.in_(list(models)),
                     (Task.target_node_id == node_id) | Task.target_node_id.is_(None),
                 )
+                .where(Task.priority <= (1 if batch_ok else 0))
                 .order_by(Task.priority, (Task.attempt > 0).desc(), Task.created_at)
                 .limit(16)
             ).all()

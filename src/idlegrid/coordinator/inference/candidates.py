@@ -12,6 +12,7 @@ from idlegrid.core.ledger import Price
 
 if TYPE_CHECKING:
     from idlegrid.coordinator.inference.service import Inference
+    from idlegrid.coordinator.views import NodeView
 
 
 def live_candidates(
@@ -19,11 +20,7 @@ def live_candidates(
 ) -> tuple[list[routing.Candidate], dict[str, Price]]:
     """Live providers of `model` with their load (from the hub), prices and reliability."""
     cutoff = inf.clock() - inf.settings.node_timeout_s
-    busy: dict[str, int] = {}
-    for stream in inf.hub.streams.values():
-        holder = stream.node_id if stream.attempt > 0 else stream.target
-        if holder:
-            busy[holder] = busy.get(holder, 0) + 1
+    busy = in_flight(inf)
     live = [
         n
         for n in inf.nodes.cache.values()
@@ -51,6 +48,25 @@ def live_candidates(
     return cands, {n.id: n.offers[model] for n in live}
 
 
+def in_flight(inf: Inference) -> dict[str, int]:
+    """Per node, the tasks it holds or has been handed and not finished."""
+    busy: dict[str, int] = {}
+    for stream in inf.hub.streams.values():
+        holder = stream.node_id if stream.attempt > 0 else stream.target
+        if holder:
+            busy[holder] = busy.get(holder, 0) + 1
+    return busy
+
+
+def batch_slots(node: NodeView) -> int:
+    """How many of a node's slots batch lines may hold: all but its engine's headroom,
+    the sequences it keeps for interactive work (a continuous-batching engine takes one
+    more sequence at little cost, so an interactive request there waits for no line to
+    yield: docs/batch.md)."""
+    headroom = node.engine.get("headroom") if isinstance(node.engine, dict) else 0
+    return max(1, node.slots - (headroom if isinstance(headroom, int) else 0))
+
+
 def for_batch(
     inf: Inference,
     cands: list[routing.Candidate],
@@ -68,7 +84,12 @@ def for_batch(
         if (b := batch_price(p, share)) is not None:
             batch[n] = b
     return [
-        replace(c, prompt_price=batch[c.node_id].prompt, output_price=batch[c.node_id].output)
+        replace(
+            c,
+            prompt_price=batch[c.node_id].prompt,
+            output_price=batch[c.node_id].output,
+            slots=batch_slots(nodes[c.node_id]),
+        )
         for c in cands
         if c.node_id in batch
     ], batch

@@ -130,6 +130,10 @@ class Hub:
         stream = self.streams.pop(task_id, None)
         if stream:
             stream.closed = True
+            if stream.batch and stream.node_id:
+                # Its node's parked polls look again: one that left a batch line in the
+                # queue because the node's batch slots were full may take it now.
+                self.wake(stream.node_id)
 
     def begin_attempt(
         self, task_id: str, attempt: int, now: float, budget: int | None = None

@@ -19,7 +19,12 @@ from typing import Any
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.events import AnswerFinished, NodeRegistered
-from idlegrid.coordinator.inference.candidates import for_batch, live_candidates
+from idlegrid.coordinator.inference.candidates import (
+    batch_slots,
+    for_batch,
+    in_flight,
+    live_candidates,
+)
 from idlegrid.coordinator.inference.choices import derive_seed
 from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
 from idlegrid.coordinator.inference.pieces import (
@@ -129,7 +134,15 @@ class Inference:
                 self.clock(),
                 self.settings.reservation_grace_s,
             )
-            task = await self._claim(node_id, claimable(models, node, may_paid), node_id in kept)
+            # Batch lines fill a node's slots but its headroom (candidates.batch_slots).
+            batch_ok = (
+                node is None
+                or batch_slots(node) >= node.slots
+                or in_flight(self).get(node_id, 0) < batch_slots(node)
+            )
+            task = await self._claim(
+                node_id, claimable(models, node, may_paid), node_id in kept, batch_ok
+            )
             if task is not None:
                 self.hub.begin_attempt(task.id, task.attempt, self.clock(), budget(task))
                 stream = self.hub.get(task.id)
@@ -161,12 +174,14 @@ class Inference:
                 return None
 
     async def _claim(
-        self, node_id: str, models: list[str], covered_only: bool = False
+        self, node_id: str, models: list[str], covered_only: bool = False, batch_ok: bool = True
     ) -> TaskView | None:
         """One claim, which outlives a poll cancelled while it runs (the agent hung up):
         the row it wrote would say the node holds a task that never reached it, so the
         task is handed straight back instead."""
-        claim = asyncio.ensure_future(self.db(self.store.claim, node_id, models, covered_only))
+        claim = asyncio.ensure_future(
+            self.db(self.store.claim, node_id, models, covered_only, batch_ok)
+        )
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:

@@ -82,68 +82,81 @@ class HwProofs:
         """A matmul and a memory challenge for every device class the node claims."""
         if not (self.settings.enabled and self.ctx.settings.hw_proofs):
             return []
-        now = self.ctx.clock()
-        ids = []
         with self.store.tx() as s:
-            for d in devices:
-                cls = d["model"]
-                if cls not in BY_NAME:
+            return self._add(s, node_id, devices, reason, ("matmul", "memory"))
+
+    def _add(
+        self,
+        s: Any,
+        node_id: str,
+        devices: list[dict[str, Any]],
+        reason: str,
+        kinds: tuple[str, ...],
+    ) -> list[str]:
+        """Challenge rows of these kinds for these device claims, in the caller's transaction."""
+        now = self.ctx.clock()
+        ids: list[str] = []
+        for d in devices:
+            cls = d["model"]
+            if cls not in BY_NAME:
+                continue
+            spec = hw.spec_for(
+                cls,
+                CATALOG,
+                self.model,
+                self.settings.n_gpu,
+                self.settings.n_cpu,
+                self.settings.open_rows,
+            )
+            mem_bytes = min(
+                float(d.get("vram_gb") or BY_NAME[cls].vram_gb) * 1e9,
+                self.settings.mem_cap_mb * 1e6,
+            )
+            mem = mp.MemSpec.for_bytes(mem_bytes, self.settings.mem_rounds)
+            for kind, body in (
+                (
+                    "matmul",
+                    {
+                        "n": spec.n,
+                        "dtype": spec.dtype,
+                        "open_rows": spec.open_rows,
+                        "claimed_tflops": spec.claimed_tflops,
+                        "on_device": spec.on_device,
+                    },
+                ),
+                (
+                    "memory",
+                    {
+                        "words": mem.words,
+                        "rounds": mem.rounds,
+                        "chases": mem.chases,
+                        "steps": mem.steps,
+                        "samples": mem.samples,
+                    },
+                ),
+            ):
+                if kind not in kinds:
                     continue
-                spec = hw.spec_for(
-                    cls,
-                    CATALOG,
-                    self.model,
-                    self.settings.n_gpu,
-                    self.settings.n_cpu,
-                    self.settings.open_rows,
-                )
-                mem_bytes = min(
-                    float(d.get("vram_gb") or BY_NAME[cls].vram_gb) * 1e9,
-                    self.settings.mem_cap_mb * 1e6,
-                )
-                mem = mp.MemSpec.for_bytes(mem_bytes, self.settings.mem_rounds)
-                for kind, body in (
-                    (
-                        "matmul",
-                        {
-                            "n": spec.n,
-                            "dtype": spec.dtype,
-                            "open_rows": spec.open_rows,
-                            "claimed_tflops": spec.claimed_tflops,
-                            "on_device": spec.on_device,
-                        },
-                    ),
-                    (
-                        "memory",
-                        {
-                            "words": mem.words,
-                            "rounds": mem.rounds,
-                            "chases": mem.chases,
-                            "steps": mem.steps,
-                            "samples": mem.samples,
-                        },
-                    ),
-                ):
-                    pid = f"hw-{kind[:3]}-{secrets.token_hex(8)}"
-                    s.add(
-                        HwProof(
-                            id=pid,
-                            node_id=node_id,
-                            claimed=cls,
-                            kind=kind,
-                            state=HW_PROOF.begin("issued", key=pid),
-                            spec={**body, "reason": reason},
-                            seed=secrets.token_hex(32),
-                            root="",
-                            wanted=[],
-                            verdict={},
-                            created_at=now,
-                            sent_at=0.0,
-                            committed_at=0.0,
-                            done_at=0.0,
-                        )
+                pid = f"hw-{kind[:3]}-{secrets.token_hex(8)}"
+                s.add(
+                    HwProof(
+                        id=pid,
+                        node_id=node_id,
+                        claimed=cls,
+                        kind=kind,
+                        state=HW_PROOF.begin("issued", key=pid),
+                        spec={**body, "reason": reason},
+                        seed=secrets.token_hex(32),
+                        root="",
+                        wanted=[],
+                        verdict={},
+                        created_at=now,
+                        sent_at=0.0,
+                        committed_at=0.0,
+                        done_at=0.0,
                     )
-                    ids.append(pid)
+                )
+                ids.append(pid)
         return ids
 
     def on_register(self, node_id: str) -> None:
@@ -404,6 +417,16 @@ class HwProofs:
             end = "passed" if passed else "failed"
             if row is None or row.state not in HW_PROOF.sources(end):
                 raise Conflict(f"hardware proof {pid} was judged already")
+            if hw.late_only(kind, verdict) and not self._late_before(s, row):
+                # Right but late, the first time since its last verdict: a busy prover can
+                # be (CI's chaos run slashed honest providers for it). The same challenge
+                # again now, in this transaction; late twice counts as failed.
+                row.state = HW_PROOF.move(row.state, "late", key=pid)
+                row.verdict, row.done_at = verdict, now or self.ctx.clock()
+                offer = s.get(DeviceOffer, (node_id, claimed))
+                claim = [{"model": claimed, "vram_gb": offer.vram_gb if offer else 0.0}]
+                self._add(s, node_id, claim, f"re-try of late {pid}", (kind,))
+                return
             row.state = HW_PROOF.move(row.state, end, key=pid)
             row.verdict, row.done_at = verdict, now or self.ctx.clock()
             if not passed:
@@ -413,6 +436,23 @@ class HwProofs:
                 if e is not None:
                     self.store._post(s, e)
         self.ctx.events.notify(SupplyChanged(node_id))
+
+    @staticmethod
+    def _late_before(s: Any, row: HwProof) -> bool:
+        """Whether this claim's latest earlier verdict of this kind was a late answer."""
+        prev = s.scalars(
+            select(HwProof.state)
+            .where(
+                HwProof.node_id == row.node_id,
+                HwProof.claimed == row.claimed,
+                HwProof.kind == row.kind,
+                HwProof.id != row.id,
+                HwProof.state.in_(("passed", "failed", "late")),
+            )
+            .order_by(HwProof.done_at.desc())
+            .limit(1)
+        ).first()
+        return bool(prev == "late")
 
     @staticmethod
     def _demote(s: Any, node_id: str, claimed: str, kind: str, verdict: dict[str, Any]) -> None:

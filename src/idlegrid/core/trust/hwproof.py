@@ -19,6 +19,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -270,3 +271,18 @@ def judge(
 def detection_probability(fraction_done: float, opened: int) -> float:
     """P(caught) for a provider that computed only `fraction_done` of the rows."""
     return 1.0 - fraction_done**opened
+
+
+def late_only(kind: str, verdict: Mapping[str, Any]) -> bool:
+    """Whether a failed proof's only fault is its time, the answer being right: a prover
+    busy with other work can be late once, and is re-tried; one that lacks the hardware is
+    late again (docs/trust.md, "Hardware proofs")."""
+    if verdict.get("passed"):
+        return False
+    if kind == "matmul":
+        return bool(verdict.get("correct")) and verdict.get("in_time") is False
+    return (
+        verdict.get("wrong_samples") == 0
+        and len(verdict.get("reasons") or ()) == 1
+        and float(verdict.get("elapsed_s") or 0.0) > float(verdict.get("budget_s") or math.inf)
+    )

@@ -47,6 +47,7 @@ class HwProofState(StrEnum):
     PASSED = "passed"
     FAILED = "failed"
     EXPIRED = "expired"
+    LATE = "late"  # right but over its time, a first time: re-tried, no slash
 
 
 class DisputeState(StrEnum):
@@ -90,7 +91,7 @@ HW_PROOF = Lifecycle.of(
     {
         _H.ISSUED: {_H.STARTED, _H.EXPIRED},
         _H.STARTED: {_H.COMMITTED, _H.FAILED},
-        _H.COMMITTED: {_H.PASSED, _H.FAILED},
+        _H.COMMITTED: {_H.PASSED, _H.FAILED, _H.LATE},
     },
     initial={_H.ISSUED},
 )
