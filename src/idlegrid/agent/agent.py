@@ -121,6 +121,7 @@ class Agent:
                 "links": self.config.links,
                 "link_latency_ms": self.config.link_latency_ms,
                 "devices": self._devices(),
+                "lease": self.config.lease_controls.to_dict(),
                 "verifier": self.config.verifier or self.config.train_verifier,
                 "batch": self.config.batch,
                 "batch_price_bps": self.config.batch_price_bps,

@@ -20,6 +20,7 @@ import httpx
 
 from idlegrid.agent.hardware.power import PowerMeter
 from idlegrid.agent.node_client import NodeClient
+from idlegrid.core.lease.controls import LeaseControls
 from idlegrid.core.ledger import Price
 from idlegrid.engines.base import Engine
 from idlegrid.errors import IdlegridError
@@ -85,6 +86,9 @@ class AgentConfig:
     workspace_runtime: str = "bwrap"
     workspace_root: Path | None = None
     workspace_options: dict[str, Any] = field(default_factory=dict)
+    # What leases may take of this provider (sent at registration; the auction matches on
+    # them and LeaseHost refuses a provisioning past them). Outbound network off by default.
+    lease_controls: LeaseControls = field(default_factory=LeaseControls)
 
 
 class AgentContext:

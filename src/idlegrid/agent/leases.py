@@ -28,6 +28,7 @@ from idlegrid.agent.context import AgentConfig
 from idlegrid.agent.workspace import open_runtime
 from idlegrid.agent.workspace.base import Execution, Limits, Runtime, Workspace, WorkspaceSpec
 from idlegrid.agent.workspace.connection import Connection
+from idlegrid.core.lease.controls import LeaseAsk, refusal
 from idlegrid.core.lease.flow import WINDOW, Owed, Window, credit_batch
 from idlegrid.protocol.lease import (
     LEASE_PROTOCOL,
@@ -36,6 +37,7 @@ from idlegrid.protocol.lease import (
     STDOUT,
     BadDataFrame,
     LeaseFrame,
+    LeaseSpecMsg,
     data_frame,
     frame,
     read_data,
@@ -43,6 +45,7 @@ from idlegrid.protocol.lease import (
 
 log = logging.getLogger("idlegrid.agent.leases")
 OUT_CHUNK = 256 * 1024  # the most one data frame carries
+GIB = float(1 << 30)  # an order's ram_gb and disk_gb are GiB in the workspace (core/lease/spec)
 
 
 class LeaseHost:
@@ -137,11 +140,13 @@ class LeaseHost:
         self._provisioning.add(lease)
         try:
             sp = msg.spec
+            self._check_controls(sp)
             spec = WorkspaceSpec(
                 lease,
                 Limits(sp.cpus, sp.memory_bytes, sp.pids, sp.disk_bytes),
                 gpus=tuple(sp.gpus),
                 pip=tuple(sp.pip),
+                egress=sp.egress,
             )
             ws = await asyncio.to_thread(lambda: self._runtime().create(spec))
             # Running means a command was answered: the lease is billed from here on.
@@ -166,6 +171,23 @@ class LeaseHost:
             return
         self.workspaces[lease] = ws
         await self.send(frame("provisioned", lease))
+
+    def _check_controls(self, sp: LeaseSpecMsg) -> None:
+        """Refuse a lease past this provider's controls, whatever the coordinator sent."""
+        used = [0.0, 0.0, 0.0]
+        for ws in self.workspaces.values():
+            limits = ws.spec.limits
+            for i, v in enumerate(
+                (limits.cpus, limits.memory_bytes / GIB, limits.disk_bytes / GIB)
+            ):
+                used[i] += v
+        ask = LeaseAsk(
+            sp.cpus, sp.memory_bytes / GIB, sp.disk_bytes / GIB, sp.egress, bool(sp.pip),
+            sp.runtime or "bwrap",
+        )  # fmt: skip
+        stop = refusal(self.config.lease_controls, ask, (used[0], used[1], used[2]))
+        if stop is not None:
+            raise RuntimeError(f"refused by the provider's lease controls ({stop[0]}): {stop[1]}")
 
     async def _end(self, lease: str) -> None:
         if lease in self._provisioning:

@@ -192,6 +192,18 @@ def create(
     count: Annotated[int, typer.Option(help="Devices.")] = 1,
     max_price: Annotated[float, typer.Option(help="Credits per device-hour, at most.")] = 1.0,
     wait_s: Annotated[float, typer.Option(help="How long to wait for it to run.")] = 300.0,
+    cpus: Annotated[float | None, typer.Option(help="CPU cores (default 1).")] = None,
+    ram_gb: Annotated[float | None, typer.Option(help="Memory, GiB (default 2).")] = None,
+    disk_gb: Annotated[float | None, typer.Option(help="Size of /work, GiB (default 4).")] = None,
+    pip: Annotated[
+        str | None, typer.Option(help="Requirements installed at start, comma-separated.")
+    ] = None,
+    egress: Annotated[
+        bool,
+        typer.Option(
+            "--egress", help="Outbound internet (only providers that allow it; egress only)."
+        ),
+    ] = False,
     restart_on_loss: Annotated[
         bool,
         typer.Option(
@@ -206,6 +218,10 @@ def create(
     resources: dict[str, Any] = {"max_price": max_price, "count": count}
     if gpu:
         resources["accelerators"] = [gpu]
+    asked = {"cpus": cpus, "ram_gb": ram_gb, "disk_gb": disk_gb, "pip": pip}
+    resources.update({k: v for k, v in asked.items() if v is not None})
+    if egress:
+        resources["egress"] = True
     lease_id = "lease_" + secrets.token_hex(6)
 
     def run(c: Any) -> str:

@@ -75,6 +75,7 @@ def offers(
         "cr/device-h",
         "reliability",
         "staked",
+        "lease",
         "models",
     ):
         t.add_column(col)
@@ -87,9 +88,29 @@ def offers(
             f"{o['price_per_device_hour'] / MICRO:.4f}" if not o["plugin"] else "plug-in",
             f"{o['reliability']:.3f}",
             "yes" if o["staked"] else "[red]no[/]",
+            _lease_terms(o.get("lease")),
             ", ".join(o["models"]),
         )
     show(t, out)
+
+
+def _lease_terms(terms: dict[str, Any] | None) -> str:
+    """One cell: the provider's lease controls for this offer (no limit: not shown)."""
+    if not terms:
+        return "?"
+    if not terms["leases"]:
+        return "not leased"
+    parts = [
+        f"{name.removeprefix(kind + '_')}≤{terms[name]:g}" + ("" if kind == "max" else " total")
+        for kind in ("max", "total")
+        for name in (f"{kind}_cpus", f"{kind}_ram_gb", f"{kind}_disk_gb")
+        if terms.get(name) is not None
+    ]
+    parts.append("egress" if terms["egress"] else "no egress")
+    if not terms["pip"]:
+        parts.append("no pip")
+    parts.append("/".join(terms["runtimes"]))
+    return ", ".join(parts)
 
 
 def orders(

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from idlegrid.client.options import DataDir
 from idlegrid.config import DEFAULT_PORT, default_data_dir
+
+if TYPE_CHECKING:
+    from idlegrid.core.lease.controls import LeaseControls
 
 console = Console(stderr=True)
 out = Console()
@@ -177,6 +180,35 @@ def parse_links(values: list[str]) -> tuple[dict[str, float], dict[str, float]]:
     return links, latency
 
 
+def lease_controls(
+    devices: str, most: str | None, total: str | None, egress: bool, pip: bool, runtimes: str
+) -> LeaseControls:
+    """The provider's lease controls from `provide`'s flags; a bad one exits naming it."""
+    from idlegrid.core.lease.controls import parse_controls
+    from idlegrid.errors import InvalidRequest
+
+    raw: dict[str, Any] = {
+        "devices": devices if devices in ("all", "none") else devices.split(","),
+        "egress": egress,
+        "pip": pip,
+        "runtimes": [r for r in runtimes.split(",") if r],
+    }
+    try:
+        for prefix, flag in (("max", most), ("total", total)):
+            for part in (flag or "").split(","):
+                if part:
+                    what, _, amount = part.partition("=")
+                    if what not in ("cpus", "ram_gb", "disk_gb"):
+                        raise InvalidRequest(
+                            f"--lease-{prefix}: {what!r} is not cpus, ram_gb or disk_gb",
+                            param=f"lease.{prefix}",
+                        )
+                    raw[f"{prefix}_{what}"] = float(amount)
+        return parse_controls(raw)
+    except (InvalidRequest, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+
+
 def provide(
     coordinator_url: Annotated[str, typer.Option("--coordinator", help="Coordinator URL.")] = (
         f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -259,6 +291,48 @@ def provide(
             "Gangs form only over reported links.",
         ),
     ] = None,
+    lease_devices: Annotated[
+        str,
+        typer.Option(
+            help="Device groups leased: all, none, or a comma list (RTX-4090,CPU).",
+            envvar="IDLEGRID_LEASE_DEVICES",
+        ),
+    ] = "all",
+    lease_max: Annotated[
+        str | None,
+        typer.Option(
+            help="The most one lease may take, e.g. cpus=4,ram_gb=16,disk_gb=50.",
+            envvar="IDLEGRID_LEASE_MAX",
+        ),
+    ] = None,
+    lease_total: Annotated[
+        str | None,
+        typer.Option(
+            help="The most all leases together may take, e.g. cpus=8,ram_gb=32.",
+            envvar="IDLEGRID_LEASE_TOTAL",
+        ),
+    ] = None,
+    lease_egress: Annotated[
+        bool,
+        typer.Option(
+            help="Give workspaces outbound internet (egress only; off by default).",
+            envvar="IDLEGRID_LEASE_EGRESS",
+        ),
+    ] = False,
+    lease_pip: Annotated[
+        bool,
+        typer.Option(
+            help="Install a lease's --pip requirements in its workspace.",
+            envvar="IDLEGRID_LEASE_PIP",
+        ),
+    ] = True,
+    lease_runtimes: Annotated[
+        str,
+        typer.Option(
+            help="Workspace runtimes offered for leases, comma-separated.",
+            envvar="IDLEGRID_LEASE_RUNTIMES",
+        ),
+    ] = "bwrap",
     startup_check: Annotated[
         bool,
         typer.Option(
@@ -291,6 +365,9 @@ def provide(
     links, latency = parse_links(link or [])  # refused before anything loads
     json_logs = _logging(verbose, log_format)
     _tracing("idlegrid-provider")
+    controls = lease_controls(
+        lease_devices, lease_max, lease_total, lease_egress, lease_pip, lease_runtimes
+    )
     name = name or socket.gethostname()
     key = NodeKey.load_or_create(key_file or default_data_dir() / "nodes" / f"{name}.key")
     hardware = _as_dict(probe())
@@ -355,6 +432,7 @@ def provide(
         train_verifier=train_verifier,
         train_threads=threads,
         train_gang_host=train_gang_host,
+        lease_controls=controls,
         headroom=headroom,
     )
     config.links, config.link_latency_ms = links, latency

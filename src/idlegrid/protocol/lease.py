@@ -66,6 +66,8 @@ class LeaseSpecMsg(BaseModel):
     disk_bytes: int = Field(gt=0)
     gpus: list[int] = []
     pip: list[str] = []
+    egress: bool = False  # outbound network (egress only), where the provider allows it
+    runtime: str | None = None  # the workspace runtime asked; None: the provider's own
 
 
 class LeaseFrame(BaseModel):

@@ -61,12 +61,25 @@ class RegisterMsg(Message):
         default_factory=dict, max_length=256
     )
     devices: list[DeviceOfferMsg] = Field(default_factory=list, max_length=64)
+    # Lease controls (core/lease/controls.py; None from older agents: the defaults).
+    lease: dict[str, Any] | None = None
     # Verifier mode: this node also re-checks other providers' answers (audits).
     verifier: bool = False
     # Batch work (docs/batch.md): whether it takes batch lines, and at what share of its
     # interactive prices in basis points (None: the grid's default, half).
     batch: bool = True
     batch_price_bps: int | None = Field(None, ge=0, le=10_000)
+
+    @field_validator("lease")
+    @classmethod
+    def _controls(cls, raw: dict[str, Any] | None) -> dict[str, Any] | None:
+        from idlegrid.core.lease.controls import parse_controls
+        from idlegrid.errors import InvalidRequest
+
+        try:
+            return None if raw is None else parse_controls(raw).to_dict()
+        except InvalidRequest as e:
+            raise ValueError(e.message) from e
 
     @field_validator("hardware", "engine")
     @classmethod

@@ -48,7 +48,7 @@ class Limits:
 @dataclass(frozen=True)
 class WorkspaceSpec:
     """One lease's workspace: its id, limits, leased GPU indices and pip requirements.
-    Outbound network is off: `egress` is refused until the provider controls exist."""
+    Outbound network is off unless `egress` (bwrap: egress only, workspace/egress.py)."""
 
     lease: str
     limits: Limits = field(default_factory=Limits)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import idlegrid.agent.workspace.egress as egress
 import idlegrid.agent.workspace.sandbox as sandbox
 from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import Layout, LeaseCgroup, host_layout
@@ -120,6 +121,13 @@ class BwrapRuntime:
             (stage / name).mkdir(exist_ok=True)
         (stage / "passwd").write_text(sandbox.PASSWD)
         (stage / "group").write_text(sandbox.GROUP)
+        (stage / "resolv.conf").write_text(egress.RESOLV_CONF)  # slirp's DNS, for egress
+
+    @staticmethod
+    def _no_netns() -> str | None:
+        if shutil.which("ip") is None or shutil.which("nsenter") is None:
+            return "a lease's own network namespace needs ip and nsenter"
+        return None
 
     def _uid(self, lease: str) -> int:
         with self._lock:
@@ -137,8 +145,8 @@ class BwrapRuntime:
 
     def create(self, spec: WorkspaceSpec) -> BwrapWorkspace:
         """Disk, cgroup, venv and pip requirements; a failure wipes what was made."""
-        if spec.egress:
-            raise SandboxUnavailable(self.name, "outbound network for workspaces is not built yet")
+        if spec.egress and (why := egress.available() or self._no_netns()):
+            raise SandboxUnavailable(self.name, f"outbound network: {why}")
         if (self.root / spec.lease).exists():
             raise ProvisioningFailed(spec.lease, "disk", "a workspace of that lease exists")
         ws = BwrapWorkspace(self, spec, self._uid(spec.lease))
@@ -172,6 +180,7 @@ class BwrapWorkspace:
         # One network namespace for all of the lease's execs (only `lo`), kept by a bind
         # mount of its nsfs file; None where `ip` is missing (each exec then has its own).
         self.netns: Path | None = None
+        self.egress: egress.Egress | None = None  # the NAT, where the lease has egress
 
     def provision(self) -> None:
         """Make the disk and the cgroup, then the venv and the pip requirements."""
@@ -210,6 +219,8 @@ class BwrapWorkspace:
             _run(lease, "network", ["unshare", f"--net={net}", "true"])
             self.netns = net
             _run(lease, "network", ["nsenter", f"--net={net}", "ip", "link", "set", "lo", "up"])
+            if self.spec.egress:
+                self.egress = egress.Egress.start(net, lease, self.dir / "egress.log")
         script = venv_script(
             sandbox.python_exe(self.runtime.host),
             self.runtime.host.python_version,
@@ -217,6 +228,7 @@ class BwrapWorkspace:
             sandbox.VENV,
             self.spec.pip,
             sandbox.WHEELS_DIR if self.runtime.wheels else None,
+            index=self.spec.egress,
         )
         code, out, err = self.exec(["/bin/sh", "-c", script]).run()
         if code != 0:
@@ -292,6 +304,9 @@ class BwrapWorkspace:
                 time.sleep(0.02)
             else:
                 _run(self.spec.lease, "wipe", ["umount", "--lazy", str(self.work)])
+        if self.egress is not None:
+            self.egress.stop()
+            self.egress = None
         if self.netns is not None:
             # Its last process is dead: unmounting the file lets the kernel free the netns.
             subprocess.run(["umount", str(self.netns)], capture_output=True, check=False)

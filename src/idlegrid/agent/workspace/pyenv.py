@@ -20,23 +20,25 @@ def venv_script(
     venv: str,
     pip: Sequence[str],
     wheels: str | None,
+    index: bool = False,
 ) -> str:
     """`sh -c` text: make the venv (no pip of its own: the provider's is importable, which
     saves seconds), point it at the provider's site-packages (after its own, so what the
-    lease installs wins), then install `pip` from the wheelhouse (no network: workspaces
-    have none)."""
+    lease installs wins), then install `pip` from the wheelhouse, or with `index` (a
+    workspace with egress and no wheelhouse) from pip's default index over the network."""
     q = shlex.quote
     lines = ["set -e", f"{q(python)} -m venv --without-pip --system-site-packages {q(venv)}"]
     if provider_site:
         pth = f"{venv}/lib/python{version}/site-packages/{PTH}"
         lines.append(f"echo {q(provider_site)} > {q(pth)}")
     if pip:
-        if wheels is None:
-            raise ValueError("pip requirements need a wheelhouse: workspaces have no network")
+        if wheels is None and not index:
+            raise ValueError("pip requirements need a wheelhouse: this workspace has no network")
         reqs = " ".join(q(r) for r in pip)
+        source = f"--no-index --find-links {q(wheels)}" if wheels is not None else "--"
         lines.append(
             f"{q(venv + '/bin/python')} -m pip install --quiet --disable-pip-version-check "
-            f"--no-index --find-links {q(wheels)} {reqs}"
+            f"{source} {reqs}"
         )
     return "\n".join(lines)
 

@@ -167,8 +167,8 @@ def command(
     for k, v in env.items():
         if not k or "=" in k or "\0" in k or "\0" in v:
             raise ValueError(f"an environment variable cannot be named {k!r} or hold NUL")
-    if spec.egress:
-        raise ValueError("workspaces have no outbound network yet (docs/leases.md)")
+    if spec.egress and netns is None:
+        raise ValueError("outbound network needs the lease's own network namespace")
     mounts = binds(host, work, wheels)
     stage = [
         a
@@ -191,6 +191,8 @@ def command(
     ]  # fmt: skip
     for b in mounts:
         box += ["--bind" if b.writable else "--ro-bind", str(host.stage / b.name), b.dest]
+    if spec.egress:
+        box += ["--ro-bind", str(host.stage / "resolv.conf"), "/etc/resolv.conf"]
     box += gpu_args(spec.gpus, host.devices)[0]
     box += ["--chdir", cwd, "--clearenv"]
     for k, v in {**base_env(host, spec), **env}.items():

@@ -202,6 +202,9 @@ class NodeMarket(Base):
     links: Mapped[dict[str, Any]] = mapped_column(JSON)  # peer node id -> measured Gbit/s
     # peer node id -> measured one-way latency, ms (what the gang planner adds per message)
     link_latency_ms: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The provider's lease controls as it registered them (core/lease/controls.py); None
+    # from an agent that sends none: the defaults (no outbound network, bwrap only).
+    lease: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class MarketOrder(Base):

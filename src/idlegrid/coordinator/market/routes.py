@@ -20,6 +20,7 @@ from idlegrid.coordinator.deps import (
 from idlegrid.coordinator.market import schemas as s
 from idlegrid.coordinator.schemas import errors
 from idlegrid.core import ledger
+from idlegrid.core.lease.controls import AMOUNTS
 from idlegrid.errors import Gone, InvalidRequest
 from idlegrid.protocol import messages as m
 
@@ -165,6 +166,11 @@ async def list_offers(
                     for mid, p in o.model_prices.items()
                 },
                 "tokens_per_s": dict(o.hardware.tokens_per_s),
+                "lease": {
+                    **{k: v for k, v in o.lease.to_dict().items() if k != "devices"},
+                    "leases": o.lease.leases(o.device.model),
+                    "leased": dict(zip(AMOUNTS, book.leased[i].tolist(), strict=True)),
+                },
             }
         )
         if len(out) >= limit:

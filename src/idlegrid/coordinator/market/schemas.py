@@ -47,6 +47,23 @@ class Explanation(BaseModel):
     reasons_at_submission: dict[str, Any] | None = None
 
 
+class LeaseTerms(BaseModel):
+    """What the provider lets a lease of this offer take (its lease controls); None: no
+    limit beyond the hardware. `leased`: what its running leases hold now."""
+
+    leases: bool
+    max_cpus: Number | None
+    max_ram_gb: Number | None
+    max_disk_gb: Number | None
+    total_cpus: Number | None
+    total_ram_gb: Number | None
+    total_disk_gb: Number | None
+    egress: bool
+    pip: bool
+    runtimes: list[str]
+    leased: dict[str, Number]
+
+
 class BookOffer(BaseModel):
     """One device offer in the live book."""
 
@@ -64,6 +81,7 @@ class BookOffer(BaseModel):
     verified: bool
     models: dict[str, ModelPrice]
     tokens_per_s: dict[str, Number]
+    lease: LeaseTerms
 
 
 class Book(BaseModel):

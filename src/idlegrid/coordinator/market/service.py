@@ -23,12 +23,14 @@ from idlegrid.coordinator.market.slo import Slos
 from idlegrid.coordinator.market.store import MarketStore
 from idlegrid.coordinator.market.views import OrderView
 from idlegrid.coordinator.views import NodeView
+from idlegrid.core.lease.controls import LeaseAsk, ask_of, parse_controls
 from idlegrid.core.ledger import MICRO
-from idlegrid.core.market.auction import Book, Placement, Unmatched
+from idlegrid.core.market.auction import Book, Placement, Unmatched, lease_of
 from idlegrid.core.market.hardware import BY_NAME, Device, Hardware
 from idlegrid.core.market.offers import PLUGIN_TIMEOUT_S, Offer
 from idlegrid.core.market.orders import Order, OrderKind, OrderState, parse_order
 from idlegrid.core.market.plugins import is_pricing_plugin
+from idlegrid.core.market.spec import parse_spec
 from idlegrid.core.reservations import Reservation, of_order
 from idlegrid.errors import Conflict, InvalidRequest
 
@@ -158,12 +160,13 @@ class Market:
                         dict(node.offers),
                         d.get("plugin"),
                         staked,
+                        parse_controls(sup.get("lease")),
                     )
                 )
         book = Book(offers, links, latency)
         for view in self.store.orders(states=ACTIVE):
             if view.placement:
-                book.take(_placement(view))
+                book.take(_placement(view), _ask(view))
         self.book = book
 
     def nodes_lost(self, node_ids: frozenset[str]) -> None:
@@ -179,6 +182,7 @@ class Market:
             body.get("links") or {},
             body.get("devices") or [],
             body.get("link_latency_ms") or {},
+            body.get("lease"),
         )
         self.invalidate()
 
@@ -310,7 +314,7 @@ class Market:
                 self._rebuild()
             result = self.book.match(order, self.quote)
             if isinstance(result, Placement):
-                self.book.take(result)  # held now; given back if recording fails
+                self.book.take(result, lease_of(order))  # held; given back if recording fails
         placement = result.to_dict() if isinstance(result, Placement) else None
         reasons = result.to_dict() if isinstance(result, Unmatched) else None
         try:
@@ -318,7 +322,7 @@ class Market:
         except Exception:
             if isinstance(result, Placement):
                 with self._lock:
-                    self.book.release(result)
+                    self.book.release(result, lease_of(order))
             raise
         self.ctx.metrics.orders.labels(order.kind.value, "matched" if placement else "open").inc()
         self._reserve([view])
@@ -387,7 +391,6 @@ class Market:
             if self._dirty:
                 self._rebuild()
             results = self.book.clear(orders, self.quote)
-            placed = [r for r in results if isinstance(r, Placement)]
             try:
                 views = self.store.create_orders(
                     [
@@ -402,8 +405,9 @@ class Market:
                     key_id,
                 )
             except Exception:
-                for p in placed:  # clear() took the capacity; nothing was recorded
-                    self.book.release(p)
+                for o, r in zip(orders, results, strict=True):  # clear() took them; not recorded
+                    if isinstance(r, Placement):
+                        self.book.release(r, lease_of(o))
                 raise
         for o, r in zip(orders, results, strict=True):
             self.ctx.metrics.orders.labels(
@@ -446,7 +450,7 @@ class Market:
         self.reservations = tuple(r for r in self.reservations if r.order_id != view.id)
         if view.placement:
             with self._lock:
-                self.book.release(_placement(view))
+                self.book.release(_placement(view), _ask(view))
         return view
 
     def orders_for_node(self, node_id: str) -> list[OrderView]:
@@ -495,7 +499,7 @@ class Market:
             self.slos.refund(after)
             if after.state != OrderState.ACTIVE.value:
                 with self._lock:
-                    self.book.release(_placement(view))
+                    self.book.release(_placement(view), _ask(view))
         waiting = []
         for view in self.store.orders(states=(OrderState.OPEN.value,)):
             if now - view.created_at > self.settings.order_ttl_s:
@@ -514,7 +518,7 @@ class Market:
                         try:
                             self.store.place(view.id, order, result.to_dict())
                         except Conflict:
-                            self.book.release(result)  # cancelled meanwhile
+                            self.book.release(result, lease_of(order))  # cancelled meanwhile
                     else:
                         self.store.set_reasons(view.id, result.to_dict())
         self._reserve(self.store.orders(states=ACTIVE), fresh=True)
@@ -559,6 +563,11 @@ class Market:
         self._last_payout = now
         batch = f"{int(now)}-{secrets.token_hex(4)}"
         return self.store.payout(batch, now - self.settings.payout_delay_s, self._held())
+
+
+def _ask(view: OrderView) -> LeaseAsk | None:
+    """What a stored lease order takes of its provider, for the lease total controls."""
+    return ask_of(parse_spec(view.body.get("resources"))) if view.kind == "lease" else None
 
 
 def _placement(view: OrderView) -> Placement:

@@ -74,9 +74,10 @@ class MarketStore:
         links: dict[str, float],
         devices: Sequence[dict[str, Any]],
         latency_ms: dict[str, float] | None = None,
+        lease: dict[str, Any] | None = None,
     ) -> None:
-        """Replace a node's region, links (Gbit/s and latency) and device offers (at
-        registration)."""
+        """Replace a node's region, links (Gbit/s and latency), device offers and lease
+        controls (at registration)."""
         with self.store.tx() as s:
             s.execute(delete(DeviceOffer).where(DeviceOffer.node_id == node_id))
             s.execute(delete(NodeMarket).where(NodeMarket.node_id == node_id))
@@ -87,6 +88,7 @@ class MarketStore:
                     region=region,
                     links=dict(links),
                     link_latency_ms=dict(latency_ms or {}),
+                    lease=lease,
                 )
             )
             for d in devices:
@@ -113,6 +115,7 @@ class MarketStore:
                     "devices": [],
                     "stakes": {},
                     "reliability": _PRIOR_OK / _PRIOR_N,
+                    "lease": m.lease,
                 }
             for d in s.scalars(select(DeviceOffer)):
                 out.setdefault(

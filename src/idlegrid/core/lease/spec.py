@@ -2,7 +2,9 @@
 
 The order's `resources.cpus` and `resources.ram_gb` (or `memory_gb`) are bounds the
 auction matched on ("4+", ">=16"); the workspace gets their number as its limit, or a
-modest default when the order did not ask. `/work` is `resources.disk_gb` if given.
+modest default when the order did not ask. `/work` is `resources.disk_gb` if given; `pip`,
+`egress` and `runtime` pass through (the auction checked them against the provider's
+lease controls, and the agent checks again).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ def _amount(raw: Any, name: str, default: float) -> float:
 def workspace_spec(resources: dict[str, Any]) -> dict[str, Any]:
     """The limits and GPUs of the workspace an order's resources ask for (a LeaseSpecMsg)."""
     ram = resources.get("ram_gb", resources.get("memory_gb"))
+    # Only when asked: an agent from before the provider controls refuses a spec naming
+    # them (its frame schema forbids unknown fields), so it never runs one without them.
+    extra: dict[str, Any] = {"egress": True} if resources.get("egress") is True else {}
+    if resources.get("runtime"):
+        extra["runtime"] = str(resources["runtime"])
     return {
+        **extra,
         "cpus": _amount(resources.get("cpus"), "cpus", DEFAULT_CPUS),
         "memory_bytes": int(_amount(ram, "ram_gb", DEFAULT_RAM_GB) * (1 << 30)),
         "pids": PIDS,

@@ -21,6 +21,10 @@ from typing import Any
 import numpy as np
 
 from idlegrid.core.assignment import linear_sum_assignment
+from idlegrid.core.lease.controls import Columns as LeaseColumns
+from idlegrid.core.lease.controls import LeaseAsk, ask_of
+from idlegrid.core.lease.controls import columns as lease_columns
+from idlegrid.core.lease.controls import masks as lease_masks
 from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
 from idlegrid.core.market.gangs import gang_record, shortfall
 from idlegrid.core.market.hardware import BY_NAME, GPUS
@@ -166,6 +170,9 @@ class Book:
         self.plugin = col([o.plugin is not None for o in self.offers], dtype=bool)
         self.staked = col([o.staked for o in self.offers], dtype=bool)
         self.provider = col([o.provider for o in self.offers], dtype=object)
+        # What each offer's provider has leased (cpus, ram_gb, disk_gb): its total controls.
+        self.leased = np.zeros((n, 3), dtype=np.float64)
+        self._lease_cols: LeaseColumns | None = None
         speed = [
             o.hardware.matmul_tflops or BY_NAME[o.device.model].fp16_tflops for o in self.offers
         ]
@@ -243,7 +250,7 @@ class Book:
             if o.devices > 1 and o.kind is not OrderKind.BATCH:
                 r = self.match(o, quote)
                 if isinstance(r, Placement):
-                    self.take(r)
+                    self.take(r, lease_of(o))
                 results[o.id] = r
                 continue
             ev = self._evaluate(o, quote)
@@ -293,7 +300,7 @@ class Book:
                     float(ev.score[j]),
                     len(ev.ids),
                 )
-                self.take(p)
+                self.take(p, lease_of(o))
                 results[o.id] = p
         return [results[o.id] for o in orders]
 
@@ -347,6 +354,13 @@ class Book:
             ok = keep(
                 "min_tokens_per_s", tps >= spec.min_tokens_per_s if tps is not None else self._none
             )
+        if ok and order.kind is OrderKind.LEASE:
+            if self._lease_cols is None:  # built on the first lease order only
+                models = [o.device.model for o in self.offers]
+                self._lease_cols = lease_columns([o.lease for o in self.offers], models)
+            for name, allowed in lease_masks(self._lease_cols, self.leased, ask_of(spec)):
+                if ok:
+                    ok = keep(name, allowed)
         if ok and order.avoid:
             ok = keep("excluded from the job", ~np.isin(self.provider, sorted(order.avoid)))
         if ok:
@@ -554,19 +568,33 @@ class Book:
 
     # ---- capacity -------------------------------------------------------------------
 
-    def take(self, placement: Placement) -> None:
-        """Mark a placement's devices busy (offers no longer in the book are skipped)."""
+    def take(self, placement: Placement, lease: LeaseAsk | None = None) -> None:
+        """Mark a placement's devices busy (offers no longer in the book are skipped), and
+        what a `lease` takes as leased on its providers."""
         for leg in placement.legs:
             i = self.index.get(leg.offer_id)
             if i is not None:
                 self.free[i] = max(0, self.free[i] - leg.devices)
+        self._lease(placement, lease, 1.0)
 
-    def release(self, placement: Placement) -> None:
-        """Give a placement's devices back."""
+    def release(self, placement: Placement, lease: LeaseAsk | None = None) -> None:
+        """Give a placement's devices (and a `lease`'s share of its providers) back."""
         for leg in placement.legs:
             i = self.index.get(leg.offer_id)
             if i is not None:
                 self.free[i] = min(self.free[i] + leg.devices, self.offers[i].device.count)
+        self._lease(placement, lease, -1.0)
+
+    def _lease(self, placement: Placement, lease: LeaseAsk | None, sign: float) -> None:
+        if lease is None or not len(self):
+            return
+        rows = np.isin(self.provider, placement.providers)
+        self.leased[rows] = np.maximum(self.leased[rows] + sign * np.array(lease.amounts()), 0.0)
+
+
+def lease_of(order: Order) -> LeaseAsk | None:
+    """What a lease order takes of its provider (its total controls); None for other kinds."""
+    return ask_of(order.spec) if order.kind is OrderKind.LEASE else None
 
 
 def _one_per_provider(order: Order) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from idlegrid.core.lease.controls import LeaseControls
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.core.market.hardware import Device, Hardware, canonical_gpu
 from idlegrid.errors import InvalidRequest
@@ -104,6 +105,7 @@ class Offer:
     model_prices: Mapping[str, Price] = field(default_factory=dict)
     plugin: str | None = None  # "module:function"
     staked: bool = True  # a stake covers this device class
+    lease: LeaseControls = LeaseControls()  # what a lease may take of the provider
 
     @property
     def provider(self) -> str:

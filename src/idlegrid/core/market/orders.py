@@ -183,6 +183,13 @@ def parse_order(
             "per device-hour, or per 1M output tokens for batch)",
             param="resources.max_price",
         )
+    if kind is not OrderKind.LEASE:
+        for name in ("disk_gb", "pip", "egress", "runtime"):
+            if name in (raw.get("resources") or {}):
+                raise InvalidRequest(
+                    f"resources.{name}: only a lease order has a workspace",
+                    param=f"resources.{name}",
+                )
     model = raw.get("model")
     if kind in (OrderKind.INFERENCE, OrderKind.BATCH):
         if not isinstance(model, str) or not model:

@@ -126,15 +126,27 @@ class ResourceSpec:
     max_ttft_ms: float | None = None
     min_link_gbps: float = 1.0  # between providers of a multi-provider gang
     verified: bool = False  # only hardware that passed a proof
+    # Leases only: the workspace's disk, pip requirements, outbound network and runtime;
+    # each is placed only where the provider's lease controls allow it (core/lease/controls).
+    disk_gb: Bound | None = None
+    pip: tuple[str, ...] = ()
+    egress: bool = False
+    runtime: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The spec in the same form `parse_spec` reads."""
         out: dict[str, Any] = {"count": self.count}
         if self.accelerators is not None:
             out["accelerators"] = sorted(self.accelerators)
-        for name in ("vram_gb", "cpus", "ram_gb", "reliability"):
+        for name in ("vram_gb", "cpus", "ram_gb", "reliability", "disk_gb"):
             if (b := getattr(self, name)) is not None:
                 out[name] = str(b)
+        if self.pip:
+            out["pip"] = list(self.pip)
+        if self.egress:
+            out["egress"] = True
+        if self.runtime is not None:
+            out["runtime"] = self.runtime
         if self.region.only is not None:
             out.setdefault("region", {})["in"] = sorted(self.region.only)
         if self.region.exclude:
@@ -212,7 +224,33 @@ FIELDS = (
     "max_ttft_ms",
     "min_link_gbps",
     "verified",
+    "disk_gb",
+    "pip",
+    "egress",
+    "runtime",
 )
+LEASE_RUNTIMES = ("bwrap", "podman")
+# A requirement pip reads as a name with an optional version: never an option (`--index-url`),
+# a path or a URL, which would let an order point the provider's pip elsewhere.
+_REQUIREMENT = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(\[[A-Za-z0-9._,-]{1,100}\])?"
+    r"((===?|~=|!=|<=|>=|<|>)[A-Za-z0-9.*+!_-]{1,64}(,(===?|~=|!=|<=|>=|<|>)[A-Za-z0-9.*+!_-]{1,64})*)?$"
+)
+
+
+def _pip(raw: Any) -> tuple[str, ...]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or len(items) > 64:
+        raise InvalidRequest("pip: a list of at most 64 requirements", param="pip")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not _REQUIREMENT.match(item.strip()):
+            raise InvalidRequest(
+                f"pip[{i}]: {item!r} is not a requirement (name, optional extras and version)",
+                param="pip",
+            )
+        out.append(item.strip())
+    return tuple(out)
 
 
 def parse_spec(raw: Any) -> ResourceSpec:
@@ -240,9 +278,22 @@ def parse_spec(raw: Any) -> ResourceSpec:
                 )
             count = n
         kw["count"] = count or 1
-        for name in ("vram_gb", "cpus", "ram_gb", "reliability"):
+        for name in ("vram_gb", "cpus", "ram_gb", "reliability", "disk_gb"):
             if name in raw:
                 kw[name] = parse_bound(name, raw[name])
+        if "pip" in raw:
+            kw["pip"] = _pip(raw["pip"])
+        if "egress" in raw:
+            if not isinstance(raw["egress"], bool):
+                raise InvalidRequest("egress: expected true or false", param="egress")
+            kw["egress"] = raw["egress"]
+        if "runtime" in raw:
+            if raw["runtime"] not in LEASE_RUNTIMES:
+                raise InvalidRequest(
+                    f"runtime: one of {', '.join(LEASE_RUNTIMES)}, not {raw['runtime']!r}",
+                    param="runtime",
+                )
+            kw["runtime"] = raw["runtime"]
         if "memory_gb" in raw:
             kw["ram_gb"] = parse_bound("memory_gb", raw["memory_gb"])
         if "reliability" in kw and kw["reliability"].limit > 1:

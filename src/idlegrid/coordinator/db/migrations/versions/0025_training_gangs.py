@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0025_training_gangs"
-down_revision = "0023_lease_loss"
+down_revision = "0024_lease_controls"
 branch_labels = None
 depends_on = None
 
