@@ -1,7 +1,7 @@
 """Which provider takes a request: least-loaded first, then the market's score, then the
 least recently used among equally good ones, then speed. Pure.
 
-The score is the auction's (`market.auction.request_score`): the request's expected cost
+The score is the auction's (`request_score` below): the request's expected cost
 at the provider's prices, divided by the provider's measured reliability. Scores within
 `TIE` of the best at the same load are equally good: a reliability of 0.99 against 1.0,
 or a benchmark a few percent apart, is noise, and ranking on it sent every request of an
@@ -14,8 +14,7 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from idlegrid.core.ledger import Price
-from idlegrid.core.market.auction import request_score
+from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
 
 TIE = 0.05  # scores within 5 % of the best are equally good
 
@@ -131,3 +130,9 @@ def price_basis(
         return None
     setters = [p for n, p in eligible.items() if n in staked] or list(eligible.values())
     return Price(max(p.prompt for p in setters), max(p.output for p in setters))
+
+
+def request_score(prompt_tokens: int, max_tokens: int, price: Price, reliability: float) -> float:
+    """The auction's scoring for one gateway request: expected cost ÷ reliability."""
+    cost = (prompt_tokens * price.prompt + max_tokens * price.output) / TOKENS_PER_PRICE_UNIT
+    return cost / max(reliability, 0.01)

@@ -25,8 +25,8 @@ from idlegrid.core.lease.controls import Columns as LeaseColumns
 from idlegrid.core.lease.controls import LeaseAsk, ask_of
 from idlegrid.core.lease.controls import columns as lease_columns
 from idlegrid.core.lease.controls import masks as lease_masks
-from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT, Price
-from idlegrid.core.market.gangs import gang_record, shortfall
+from idlegrid.core.ledger import TOKENS_PER_PRICE_UNIT
+from idlegrid.core.market.gangs import NO_STAGES, gang_record, one_per_provider, shortfall
 from idlegrid.core.market.hardware import BY_NAME, GPUS
 from idlegrid.core.market.offers import Offer
 from idlegrid.core.market.orders import Order, OrderKind
@@ -38,11 +38,6 @@ UNVERIFIED_SPEED = 0.8  # claimed speed counts at 80% until a hardware proof bac
 TRAINING_MFU = 0.35  # share of datasheet FLOP/s a training job gets, for runtime estimates
 GANG_STARTS = 8  # first choices tried when assembling a multi-provider gang
 GANG_PARTNERS = 8  # per first choice, second members tried for a planned (training) gang
-# Why a job too big for every device is not split across several: said with its vram_gb.
-NO_STAGES = (
-    "vram_gb: no device holds the whole model, and a job is not split into pipeline "
-    "stages across providers (the verified trainer runs data-parallel ranks only)"
-)
 OVERSIZE = 1e15  # µcr: more than any real score, so fit always decides before price
 INFEASIBLE = 1e30
 
@@ -207,7 +202,7 @@ class Book:
             return ev
         count = 1 if order.kind is OrderKind.BATCH else order.devices
         whole = self.free[ev.ids] >= count
-        if whole.any() and not _one_per_provider(order):
+        if whole.any() and not one_per_provider(order):
             # Fit first, then the score.
             fitting = whole & ~ev.oversized
             pool = fitting if fitting.any() else whole
@@ -383,7 +378,7 @@ class Book:
                     unit_all[row] = quoted
             if not keep("pricing plug-in", ~sits_out):
                 return Unmatched(order.id, tuple(reasons))
-        before_price = len(set(self.provider[mask].tolist())) if _one_per_provider(order) else 0
+        before_price = len(set(self.provider[mask].tolist())) if one_per_provider(order) else 0
         if not keep("max_price", np.asarray(unit_all <= order.max_price)):  # type: ignore[operator]
             if before_price >= order.devices:  # enough providers, all over the ceiling
                 reasons.append(
@@ -424,7 +419,7 @@ class Book:
         ids, runtime, score, oversized = ev.ids, ev.runtime, ev.score, ev.oversized
         order_ix = np.lexsort((score, oversized))
         need = order.devices
-        spread = _one_per_provider(order)
+        spread = one_per_provider(order)
         found: list[tuple[bool, float, float, list[tuple[int, int, int]], GangPlan]] = []
         no_layout = ""
         seen: set[frozenset[int]] = set()
@@ -595,15 +590,3 @@ class Book:
 def lease_of(order: Order) -> LeaseAsk | None:
     """What a lease order takes of its provider (its total controls); None for other kinds."""
     return ask_of(order.spec) if order.kind is OrderKind.LEASE else None
-
-
-def _one_per_provider(order: Order) -> bool:
-    """A data-parallel training job runs one rank per provider (each rank is a node that
-    polls for its work), so its gang takes one device from each of `devices` providers."""
-    return order.job is not None and order.devices > 1
-
-
-def request_score(prompt_tokens: int, max_tokens: int, price: Price, reliability: float) -> float:
-    """The same scoring for one gateway request: expected cost ÷ reliability."""
-    cost = (prompt_tokens * price.prompt + max_tokens * price.output) / TOKENS_PER_PRICE_UNIT
-    return cost / max(reliability, 0.01)

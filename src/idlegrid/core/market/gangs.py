@@ -10,9 +10,24 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from idlegrid.core.planner.gang import GangPlan
+
+if TYPE_CHECKING:
+    from idlegrid.core.market.orders import Order
+
+# Why a job too big for every device is not split across several: said with its vram_gb.
+NO_STAGES = (
+    "vram_gb: no device holds the whole model, and a job is not split into pipeline "
+    "stages across providers (the verified trainer runs data-parallel ranks only)"
+)
+
+
+def one_per_provider(order: Order) -> bool:
+    """A data-parallel training job runs one rank per provider (each rank is a node that
+    polls for its work), so its gang takes one device from each of `devices` providers."""
+    return order.job is not None and order.devices > 1
 
 
 def gang_record(
