@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -78,3 +79,9 @@ def build(tag: str = TAG) -> str:
         check=True,
     )
     return tag
+
+
+def oci_runtime() -> str | None:
+    """The OCI runtime tests ask podman for: `runc` where installed (crun refuses hosts
+    whose cgroups are hybrid, v1 plus a v2 mount, as these VMs' are), else podman's own."""
+    return "runc" if shutil.which("runc") else None
