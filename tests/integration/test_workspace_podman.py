@@ -189,3 +189,22 @@ def test_the_agents_own_connection_reaches_the_containers_loopback(ws: PodmanWor
         assert os.readlink("/proc/thread-self/ns/net") == mine
     finally:
         server.signal()
+
+
+def test_a_signal_reaches_the_command_in_the_container_not_just_the_client(
+    ws: PodmanWorkspace,
+) -> None:
+    assert ws.cgroup is not None
+    trap = "trap 'echo got-int; exit 5' INT; echo ready; while :; do sleep 0.1; done"
+    ex = ws.exec(["sh", "-c", trap])
+    out = ex.chunks()
+    assert next(out) == ("stdout", b"ready\n")
+    ex.signal(2)  # SIGINT: the shell's trap runs and says so
+    assert [d for s, d in out if s == "stdout"] == [b"got-int\n"] and ex.wait(10) == 5
+    # SIGKILL ends the whole command, its background children too, not only `podman exec`.
+    ex = ws.exec(["sh", "-c", "sleep 1000 & echo ready; sleep 1000"])
+    assert next(ex.chunks()) == ("stdout", b"ready\n")
+    ex.signal()
+    assert killed_by(ex.wait(10)) is not None
+    wait_until(lambda: len(ws.cgroup.pids()) == 1, timeout_s=5)  # type: ignore[union-attr]
+    assert ws.cgroup.pids() == [ws.pid]  # only the pause process is left
