@@ -1,16 +1,20 @@
 """A lease on a provider whose agent runs the podman runtime, end to end on a loopback
 grid: ordered through the market, provisioned as a container from an image built here
 (`testbed/oci_image.py`), exec and cp through the coordinator's relay (the official
-WebSocket route), ended with its container, processes and /work gone."""
+WebSocket route), a shell on a PTY in the container, ended with its container, processes
+and /work gone."""
 
 from __future__ import annotations
 
 import io
+import queue
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -121,5 +125,60 @@ def test_a_podman_lease_runs_execs_copies_and_ends(
         ps = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"],
                             capture_output=True, text=True, check=True)  # fmt: skip
         assert name not in ps.stdout.split() and not work.exists()
+    finally:
+        http.close()
+
+
+def test_a_shell_runs_on_a_pty_in_the_container_with_ctrl_c_and_resize(
+    grid: tuple[CoordinatorThread, AgentThread, str],
+) -> None:
+    coordinator, _thread, api_key = grid
+    url = coordinator.url
+    http = httpx.Client(
+        base_url=url, trust_env=False, timeout=30, headers={"authorization": f"Bearer {api_key}"}
+    )
+    keys: queue.Queue[bytes | dict[str, Any] | None] = queue.Queue()
+    screen = bytearray()
+    done: list[int] = []
+
+    def typed() -> Iterator[bytes | dict[str, Any]]:
+        while (item := keys.get()) is not None:
+            yield item
+
+    def session() -> None:
+        done.append(
+            exec_stream(
+                url,
+                api_key,
+                "P2",
+                {"shell": True, "rows": 24, "cols": 80},
+                stdin=typed(),
+                on_output=lambda fd, d: screen.extend(d),
+            )  # fmt: skip
+        )
+
+    try:
+        order = {"id": "P2", "kind": "lease", "hours": 1,
+                 "resources": {"accelerators": ["RTX-4090"], "max_price": 5.0}}  # fmt: skip
+        assert http.post("/api/v1/orders", json=order).status_code == 201
+        wait_until(lambda: http.get("/api/v1/leases/P2").json().get("state") == "running", 30)
+        t = threading.Thread(target=session, daemon=True)
+        t.start()
+        keys.put(b"echo $((6*7))\r")
+        wait_until(lambda: b"42\r\n" in screen, timeout_s=15)
+        keys.put(b"tty; sleep 100\r")
+        wait_until(lambda: b"/dev/pts/" in screen, timeout_s=10)
+        keys.put(b"\x03")  # Ctrl-C: the PTY inside the container interrupts the sleep
+        keys.put(b"echo after\r")
+        # Without bash's bracketed paste (no inputrc in the image) lines follow a plain \n.
+        wait_until(lambda: b"\nafter\r\n" in screen, timeout_s=10)
+        keys.put({"type": "resize", "rows": 33, "cols": 101})
+        keys.put(b"stty size\r")
+        wait_until(lambda: b"\n33 101\r\n" in screen, timeout_s=10)
+        keys.put(b"exit 7\r")
+        t.join(10)
+        assert done == [7]
+        http.post("/api/v1/leases/P2/end").raise_for_status()
+        wait_until(lambda: http.get("/api/v1/leases/P2").json().get("state") == "ended", 5)
     finally:
         http.close()

@@ -1,7 +1,8 @@
 """A tiny OCI image made on this machine, for tests and benchmarks of the `podman` runtime
-(no registry is reached): busybox-static's applets and the agent's own Python with its
-shared libraries and standard library (cp, shell and port-forward run Python in the
-workspace), imported with `podman import`. About 100 MB; a few seconds."""
+(no registry is reached): busybox-static's applets, the host's bash (the lease shell runs
+`bash -i`) and the agent's own Python with their shared libraries and Python's standard
+library (cp, shell and port-forward run Python in the workspace), imported with `podman
+import`. About 100 MB; a few seconds."""
 
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def build(tag: str = TAG) -> str:
         for alias in ("python3", "python"):
             link(f"usr/bin/{alias}", f"/{PREFIX}/bin/python{version}")
         for path in _libs(python):
+            lib(path)
+        bash = Path(shutil.which("bash") or "/bin/bash")  # the lease shell runs `bash -i`
+        tar.add(bash.resolve(), "usr/bin/bash")
+        for path in _libs(bash):
             lib(path)
         tar.add(
             stdlib,
