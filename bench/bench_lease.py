@@ -1,12 +1,15 @@
 """Lease create → first exec answered, through the market and the relay, on a loopback grid.
 
     PYTHONPATH=src .venv/bin/python bench/bench_lease.py --runs 5 [--json]
+        [--runtime bwrap,podman] [--image REF]
 
-One coordinator and one provider agent in this process (bwrap runtime: root and
-bubblewrap needed). Each run orders a lease through `POST /api/v1/orders`, waits for the
-lease to run (polled every 20 ms), then runs `echo ready` through the WebSocket exec
-route; the clock stops at the first output byte. Then: 10 more execs (round trip of a
-command through the relay), a hold, `end`, and billed seconds ÷ running seconds.
+One coordinator and one provider agent in this process per runtime, in turn (bwrap: root
+and bubblewrap needed; podman: root, podman and an image, by default one built here from
+busybox and this Python, testbed/oci_image.py). Each run orders a lease through `POST
+/api/v1/orders`, waits for the lease to run (polled every 20 ms), then runs `echo ready`
+through the WebSocket exec route; the clock stops at the first output byte. Then: 10 more
+execs (round trip of a command through the relay), a hold, `end`, and billed seconds ÷
+running seconds.
 
 Port-forward (`--forward-mb`, one more lease): a bulk server and an echo server run in the
 workspace and, the same script, directly on the host's loopback; the same client reads
@@ -40,14 +43,40 @@ from idlegrid.testbed.inprocess import (
 
 
 def main() -> None:
-    """Run the measurement and print a table (or JSON)."""
+    """Run the measurement per runtime and print a table (or JSON)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--hold-s", type=float, default=2.5)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--forward-mb", type=int, default=20)
     ap.add_argument("--forward-runs", type=int, default=5, help="direct/forwarded pairs")
+    ap.add_argument(
+        "--runtime",
+        default="bwrap",
+        help="workspace runtimes, comma-separated (bwrap, podman), one grid each, in turn",
+    )
+    ap.add_argument("--image", help="podman: an image this host has (default: one built here)")
     args = ap.parse_args()
+    results = {rt: _measure(rt, args) for rt in args.runtime.split(",")}
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for rt, out in results.items():
+        print(f"== {rt}")
+        for name in ("create_to_first_exec_s", "order_to_running_s", "exec_round_trip_s"):
+            s = out[name]
+            print(f"{name:<26} median {s['median']:.3f} s  max {s['max']:.3f} s")
+        print("billed - running (s):", out["billed_minus_running_s"])
+        print("port-forward:", json.dumps(out["port_forward"]))
+
+
+def _measure(runtime: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A fresh grid whose one provider runs `runtime`, and the runs on it."""
+    options: dict[str, Any] = {}
+    if runtime == "podman":
+        from idlegrid.testbed import oci_image
+
+        options = {"image": args.image or oci_image.build(), "oci_runtime": oci_image.oci_runtime()}
     tmp = Path(tempfile.mkdtemp(prefix="bench-lease-"))
     coord = CoordinatorThread(
         CoordinatorSettings(
@@ -59,7 +88,7 @@ def main() -> None:
     agent = make_agent(
         coord.url, [FakeEngine("fake:1")], "p1", price=Price(MICRO, 4 * MICRO),
         device_price_h=MICRO, devices=[{"model": "RTX-4090", "count": 1, "vram_gb": 0}],
-        workspace_root=tmp / "ws",
+        workspace_root=tmp / "ws", workspace_runtime=runtime, workspace_options=options,
     )  # fmt: skip
     thread = AgentThread(agent)
     thread.start()
@@ -86,7 +115,7 @@ def main() -> None:
         http.close()
         thread.stop()
         coord.stop()
-    out = {
+    return {
         "runs": rows,
         "create_to_first_exec_s": _stats([r["create_to_first_exec_s"] for r in rows]),
         "order_to_running_s": _stats([r["order_to_running_s"] for r in rows]),
@@ -94,14 +123,6 @@ def main() -> None:
         "billed_minus_running_s": [r["billed_minus_running_s"] for r in rows],
         "port_forward": fwd,
     }
-    if args.json:
-        print(json.dumps(out, indent=1))
-        return
-    for name in ("create_to_first_exec_s", "order_to_running_s", "exec_round_trip_s"):
-        s = out[name]
-        print(f"{name:<26} median {s['median']:.3f} s  max {s['max']:.3f} s")  # type: ignore[index]
-    print("billed - running (s):", out["billed_minus_running_s"])
-    print("port-forward:", json.dumps(fwd))
 
 
 def _one(

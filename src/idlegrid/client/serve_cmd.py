@@ -340,6 +340,16 @@ def provide(
             "crash (SIGILL, SIGSEGV, OOM kill) is reported with its cause."
         ),
     ] = True,
+    workspace_runtime: Annotated[
+        str, typer.Option(help="Lease workspaces: bwrap (sandbox) or podman (OCI images).")
+    ] = "bwrap",
+    workspace_image: Annotated[
+        str | None,
+        typer.Option(help="podman: the image of leases that name none (one this host has)."),
+    ] = None,
+    oci_runtime: Annotated[
+        str | None, typer.Option(help="podman: its OCI runtime (e.g. runc; default podman's).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
     log_format: LogFormat = None,
 ) -> None:
@@ -434,6 +444,12 @@ def provide(
         train_gang_host=train_gang_host,
         lease_controls=controls,
         headroom=headroom,
+        workspace_runtime=workspace_runtime,
+        workspace_options=(
+            {"image": workspace_image, "oci_runtime": oci_runtime}
+            if workspace_runtime == "podman"
+            else {}
+        ),
     )
     config.links, config.link_latency_ms = links, latency
     meter = config.meter

@@ -1,10 +1,10 @@
 """Workspaces of leases on a provider, behind one interface (`base.Runtime`), chosen by name:
 
     bwrap   a bubblewrap sandbox per lease, cgroup limits, an ext4 /work of the leased size
+    podman  an OCI container per lease from an image the provider has, the same limits and /work
     local   a plain subprocess in a private directory: isolates nothing, dev and tests only
 
-`oci` (podman, images by reference) is the next runtime (docs/leases.md). Imports of a
-runtime happen in its branch, so `import idlegrid.agent.workspace` touches nothing.
+Imports of a runtime happen in its branch, so `import idlegrid.agent.workspace` touches nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from idlegrid.agent.workspace.base import Runtime
 
-RUNTIMES = ("bwrap", "local")
+RUNTIMES = ("bwrap", "podman", "local")
 
 
 def open_runtime(name: str, root: Path, **options: Any) -> Runtime:
@@ -24,6 +24,10 @@ def open_runtime(name: str, root: Path, **options: Any) -> Runtime:
         from idlegrid.agent.workspace.bwrap import BwrapRuntime
 
         return BwrapRuntime(root, **options)
+    if name == "podman":
+        from idlegrid.agent.workspace.podman import PodmanRuntime
+
+        return PodmanRuntime(root, **options)
     if name == "local":
         from idlegrid.agent.workspace.local import LocalRuntime
 

@@ -48,13 +48,15 @@ class Limits:
 @dataclass(frozen=True)
 class WorkspaceSpec:
     """One lease's workspace: its id, limits, leased GPU indices and pip requirements.
-    Outbound network is off unless `egress` (bwrap: egress only, workspace/egress.py)."""
+    Outbound network is off unless `egress` (bwrap: egress only, workspace/egress.py).
+    `image`: an OCI image reference for the `podman` runtime (None: the provider's default)."""
 
     lease: str
     limits: Limits = field(default_factory=Limits)
     gpus: tuple[int, ...] = ()
     pip: tuple[str, ...] = ()
     egress: bool = False
+    image: str | None = None
 
     def __post_init__(self) -> None:
         if not self.lease or not all(c.isalnum() or c in "-_" for c in self.lease):
@@ -62,6 +64,13 @@ class WorkspaceSpec:
             raise ValueError(f"a lease id is letters, digits, '-' and '_': {self.lease!r}")
         if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
             raise ValueError(f"GPU indices must be distinct and >= 0: {self.gpus}")
+        if self.image is not None and (
+            not self.image
+            or self.image[0] == "-"
+            or not self.image.isprintable()
+            or " " in self.image
+        ):
+            raise ValueError(f"not an image reference: {self.image!r}")  # nor a podman option
 
 
 @dataclass(frozen=True)

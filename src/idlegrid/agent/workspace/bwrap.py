@@ -1,12 +1,8 @@
 """The `bwrap` runtime: each lease a bubblewrap sandbox (user, mount, PID, IPC, UTS, cgroup
 and network namespaces; a read-only system; its own uid), its processes in its own cgroup,
-its `/work` an ext4 image of exactly the leased size, loop-mounted on the provider.
-
-Why an ext4 image for `/work`: the quota is the filesystem's size, enforced by the kernel
-(ENOSPC), costs no memory (a tmpfs would be charged to the lease's memory limit) and needs
-no quota tooling; a sparse image takes disk only as it fills. Making and mounting one takes
-tens of milliseconds (docs/benchmarks.md). This needs root, as do cgroups and giving each
-lease a uid of its own: the runtime refuses to start otherwise, with the reason.
+its `/work` an ext4 image of exactly the leased size, loop-mounted on the provider
+(`disk.py`). This needs root, as do cgroups and giving each lease a uid of its own: the
+runtime refuses to start otherwise, with the reason.
 
 Each `exec` is a fresh sandbox over the same `/work` and cgroup: a process it leaves in the
 background ends with it (its PID namespace ends), and `kill_all` reaches every process of
@@ -19,10 +15,10 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import idlegrid.agent.workspace.disk as disk
 import idlegrid.agent.workspace.egress as egress
 import idlegrid.agent.workspace.sandbox as sandbox
 from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
@@ -158,14 +154,6 @@ class BwrapRuntime:
         return ws
 
 
-def _run(lease: str, step: str, argv: Sequence[str]) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise ProvisioningFailed(
-            lease, step, (r.stderr or r.stdout).strip()[-2000:], exit_code=r.returncode
-        )
-
-
 class BwrapWorkspace:
     """One lease's sandbox; made by `BwrapRuntime.create`."""
 
@@ -186,39 +174,14 @@ class BwrapWorkspace:
         """Make the disk and the cgroup, then the venv and the pip requirements."""
         lease = self.spec.lease
         self.dir.mkdir(mode=0o700)
-        with open(self.image, "wb") as f:
-            f.truncate(self.spec.limits.disk_bytes)  # sparse: disk is taken as it fills
-        # Lazy inode tables and journal: mkfs writes a few MB, not the whole image.
-        _run(
-            lease,
-            "disk",
-            [
-                "mkfs.ext4",
-                "-q",
-                "-F",
-                "-m",
-                "0",
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1",
-                str(self.image),
-            ],
-        )
-        self.work.mkdir()
-        _run(
-            lease,
-            "disk",
-            ["mount", "-o", "loop,nosuid,nodev,noatime", str(self.image), str(self.work)],
-        )
-        (self.work / "lost+found").rmdir()
-        os.chown(self.work, self.uid, self.uid)
-        self.work.chmod(0o700)
+        disk.make(lease, self.image, self.work, self.spec.limits.disk_bytes, self.uid)
         self.cgroup.create(self.spec.limits)
         if shutil.which("ip") is not None and shutil.which("nsenter") is not None:
             net = self.dir / "net"
             net.touch(mode=0o600)
-            _run(lease, "network", ["unshare", f"--net={net}", "true"])
+            disk.run(lease, "network", ["unshare", f"--net={net}", "true"])
             self.netns = net
-            _run(lease, "network", ["nsenter", f"--net={net}", "ip", "link", "set", "lo", "up"])
+            disk.run(lease, "network", ["nsenter", f"--net={net}", "ip", "link", "set", "lo", "up"])
             if self.spec.egress:
                 self.egress = egress.Egress.start(net, lease, self.dir / "egress.log")
         script = venv_script(
@@ -281,29 +244,13 @@ class BwrapWorkspace:
     def usage(self) -> Usage:
         """Cgroup counters and the filesystem's used bytes."""
         cpu, mem, peak, pids, ooms = self.cgroup.usage()
-        try:
-            st = os.statvfs(self.work)
-            disk = (st.f_blocks - st.f_bfree) * st.f_frsize
-        except OSError:
-            disk = 0
-        return Usage(cpu, mem, peak, pids, ooms, disk)
+        return Usage(cpu, mem, peak, pids, ooms, disk.used(self.work))
 
     def wipe(self) -> None:
         """Kill everything, unmount and delete the disk, remove the cgroup."""
         if any(d.exists() for d in self.cgroup.dirs.values()):
             self.kill_all()
-        if os.path.ismount(self.work):
-            for _ in range(100):  # the last sandbox's mount namespace may still be closing
-                if (
-                    subprocess.run(
-                        ["umount", str(self.work)], capture_output=True, check=False
-                    ).returncode
-                    == 0
-                ):
-                    break
-                time.sleep(0.02)
-            else:
-                _run(self.spec.lease, "wipe", ["umount", "--lazy", str(self.work)])
+        disk.unmount(self.spec.lease, self.work)
         if self.egress is not None:
             self.egress.stop()
             self.egress = None
