@@ -7,7 +7,7 @@ import typer
 from typer.testing import CliRunner
 
 from idlegrid.client.cli import app
-from idlegrid.client.serve_cmd import parse_links
+from idlegrid.client.provide_opts import parse_links
 
 
 def test_links_and_latency_are_parsed_per_peer() -> None:

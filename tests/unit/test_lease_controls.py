@@ -169,7 +169,7 @@ def test_pip_without_a_wheelhouse_uses_the_index_only_with_egress() -> None:
 def test_provide_flags_make_the_controls_and_a_bad_one_names_itself() -> None:
     import typer
 
-    from idlegrid.client.serve_cmd import lease_controls
+    from idlegrid.client.provide_opts import lease_controls
 
     c = lease_controls("RTX-4090,CPU", "cpus=4,ram_gb=16", "disk_gb=100", True, False, "bwrap")
     assert c == LeaseControls(
