@@ -231,6 +231,10 @@ def test_a_book_with_latency_plans_slower_steps_and_agents_report_it_in_bounds()
     for bad in (-1.0, float("nan"), 1e9):
         with pytest.raises(ValidationError):
             RegisterMsg(**base, link_latency_ms={"peer": bad})
+    assert RegisterMsg(**base, links={"peer": 10.0}).links == {"peer": 10.0}
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 1e9):  # a link is some real bandwidth
+        with pytest.raises(ValidationError):
+            RegisterMsg(**base, links={"peer": bad})
 
 
 def test_a_job_too_big_for_every_device_says_it_is_not_split_into_stages() -> None:

@@ -55,7 +55,9 @@ class RegisterMsg(Message):
     # Market (optional; older agents omit them and sell no device-hours).
     region: str = Field("local", min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")
     # peer node id -> measured Gbit/s
-    links: dict[str, float] = Field(default_factory=dict, max_length=256)
+    links: dict[str, Annotated[float, Field(gt=0, le=1e7, allow_inf_nan=False)]] = Field(
+        default_factory=dict, max_length=256
+    )
     # peer node id -> measured one-way latency in ms (optional; unreported counts as 0)
     link_latency_ms: dict[str, Annotated[float, Field(ge=0, le=1e5, allow_inf_nan=False)]] = Field(
         default_factory=dict, max_length=256
