@@ -7,6 +7,7 @@ and /work gone."""
 from __future__ import annotations
 
 import io
+import json
 import queue
 import subprocess
 import tarfile
@@ -21,6 +22,8 @@ import pytest
 
 from idlegrid.client.lease_cmd import chunks, exec_stream, tar_of
 from idlegrid.config import CoordinatorSettings
+from idlegrid.core import ledger
+from idlegrid.core.lease.controls import LeaseControls
 from idlegrid.core.ledger import MICRO, Price
 from idlegrid.engines.fake import FakeEngine
 from idlegrid.testbed import oci_image
@@ -182,3 +185,92 @@ def test_a_shell_runs_on_a_pty_in_the_container_with_ctrl_c_and_resize(
         wait_until(lambda: http.get("/api/v1/leases/P2").json().get("state") == "ended", 5)
     finally:
         http.close()
+
+
+def test_an_order_naming_an_image_runs_it_on_podman_beside_bwrap_leases(tmp_path: Path) -> None:
+    """A provider whose own runtime is bwrap and that offers podman too: a lease naming an
+    image it has runs in a container of that image, one without runs in bwrap, one naming
+    an image it lacks fails naming the image, its escrow refunded."""
+    coordinator = CoordinatorThread(
+        CoordinatorSettings(
+            data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/c.db", port=free_port(),
+            heartbeat_interval_s=0.2, node_timeout_s=3.0, long_poll_s=2.0,
+            accrual_interval_s=0.3, payout_delay_s=0.0, stake_per_device=0, hw_proofs=False,
+        )
+    )  # fmt: skip
+    coordinator.start()
+    image = oci_image.build()
+    agent = make_agent(
+        coordinator.url, [FakeEngine("fake:1")], "both", price=Price(MICRO, 4 * MICRO),
+        device_price_h=3600 * 1000, devices=[{"model": "RTX-4090", "count": 3, "vram_gb": 0}],
+        workspace_root=tmp_path / "ws", workspace_runtime="bwrap",
+        runtime_options={"podman": {"oci_runtime": oci_image.oci_runtime()}},
+        lease_controls=LeaseControls(runtimes=("bwrap", "podman"), total_cpus=8),
+    )  # fmt: skip
+    thread = AgentThread(agent)
+    thread.start()
+    with coordinator.admin() as c:
+        key = c.post("/api/v1/admin/keys", json={"name": "k"}).json()
+        c.post(
+            "/api/v1/admin/mint",
+            json={"key_id": key["key_id"], "amount": 50 * MICRO, "reference": "k"},
+        ).raise_for_status()
+    http = httpx.Client(
+        base_url=coordinator.url,
+        trust_env=False,
+        timeout=30,
+        headers={"authorization": f"Bearer {key['api_key']}"},
+    )
+    try:
+        wait_until(lambda: len(http.get("/api/v1/offers").json()["offers"]) == 1, timeout_s=30)
+
+        def order(oid: str, **resources: Any) -> dict[str, Any]:
+            asked = {"accelerators": ["RTX-4090"], "max_price": 5.0, **resources}
+            body = {"id": oid, "kind": "lease", "hours": 1, "resources": asked}
+            r = http.post("/api/v1/orders", json=body)
+            assert r.status_code == 201, r.text
+            got: dict[str, Any] = http.get(f"/api/v1/orders/{oid}").json()
+            return got
+
+        def state(oid: str) -> str:
+            return str(http.get(f"/api/v1/leases/{oid}").json().get("state"))
+
+        order("I1", image=image)  # no runtime named: the image implies podman
+        order("B1")
+        wait_until(lambda: state("I1") == "running" and state("B1") == "running", 30)
+        ws = agent.leases.workspaces
+        assert type(ws["I1"]).__name__ == "PodmanWorkspace"
+        assert type(ws["B1"]).__name__ == "BwrapWorkspace"
+        used = subprocess.run(
+            ["podman", "inspect", "--format", "{{.ImageName}}", ws["I1"].name],  # type: ignore[attr-defined]
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        assert used == image
+
+        def balance() -> int:
+            with coordinator.admin() as c:
+                got = c.get("/api/v1/status").json()["balances"]
+            return int(got.get(ledger.consumer_account(key["key_id"]), 0))
+
+        before = balance()
+        order("I2", image="localhost/no-such-image:1")
+        wait_until(lambda: state("I2") == "failed", 30)
+
+        lease = http.get("/api/v1/leases/I2").json()
+        assert "localhost/no-such-image:1" in json.dumps(lease), lease
+        # Nothing ran, nothing billed: its whole escrow went back.
+        assert http.get("/api/v1/orders/I2").json()["spent"] == 0
+        assert balance() == before
+
+        bad = http.post("/api/v1/orders", json={"id": "I3", "kind": "lease", "hours": 1,
+                        "resources": {"max_price": 5.0, "image": "Not An Image!"}})  # fmt: skip
+        assert bad.status_code == 400 and "image" in bad.text
+        for oid in ("I1", "B1"):
+            http.post(f"/api/v1/leases/{oid}/end").raise_for_status()
+        wait_until(lambda: state("I1") == "ended" and state("B1") == "ended", 10)
+    finally:
+        http.close()
+        thread.stop()
+        for w in list(agent.leases.workspaces.values()):
+            w.wipe()
+        coordinator.stop()

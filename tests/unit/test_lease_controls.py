@@ -195,3 +195,22 @@ def test_provide_refuses_bad_lease_flags_before_loading_anything() -> None:
     env = {**wide, "IDLEGRID_LEASE_RUNTIMES": "local"}
     bad = runner.invoke(app, ["provide", "--no-startup-check"], env=env)
     assert bad.exit_code == 2 and "lease.runtimes" in bad.output, bad.output
+
+
+def test_an_order_may_name_an_image_which_implies_podman_and_reaches_the_workspace() -> None:
+    from idlegrid.core.market.spec import parse_spec
+
+    for ref in ("busybox", "localhost/idlegrid-test:tiny", "ghcr.io:443/a/b-c_d:v1.2",
+                "x/y@sha256:" + "a" * 64):  # fmt: skip
+        spec = parse_spec({"image": ref})
+        assert (spec.image, spec.runtime) == (ref, "podman")
+        assert parse_spec(spec.to_dict()) == spec
+        ws = workspace_spec({"image": ref})
+        assert (ws["image"], ws["runtime"]) == (ref, "podman")
+    assert "image" not in workspace_spec({}) and "runtime" not in workspace_spec({})
+    for bad in ("", "Upper/Case", "a b", "--privileged", "x" * 256, 7, "a:b:c"):
+        with pytest.raises(InvalidRequest) as err:
+            parse_spec({"image": bad})
+        assert err.value.param == "resources.image"
+    with pytest.raises(InvalidRequest, match="podman"):
+        parse_spec({"image": "busybox", "runtime": "bwrap"})

@@ -86,6 +86,8 @@ class AgentConfig:
     workspace_runtime: str = "bwrap"
     workspace_root: Path | None = None
     workspace_options: dict[str, Any] = field(default_factory=dict)
+    # Options of the other runtimes a lease may ask for by name (podman: image, oci_runtime).
+    runtime_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # What leases may take of this provider (sent at registration; the auction matches on
     # them and LeaseHost refuses a provisioning past them). Outbound network off by default.
     lease_controls: LeaseControls = field(default_factory=LeaseControls)

@@ -53,7 +53,7 @@ class LeaseHost:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.runtime: Runtime | None = None
+        self.runtimes: dict[str, Runtime] = {}  # opened on a lease's first use
         self.workspaces: dict[str, Workspace] = {}
         self.execs: dict[str, _Exec] = {}
         self._provisioning: set[str] = set()
@@ -120,15 +120,20 @@ class LeaseHost:
             return False
         return True
 
-    def _runtime(self) -> Runtime:
-        if self.runtime is None:
+    def _runtime(self, name: str | None) -> Runtime:
+        """The runtime a lease asked for (None: the provider's own), opened once."""
+        name = name or self.config.workspace_runtime
+        if name not in self.runtimes:
             from idlegrid.config import default_data_dir
 
             root = self.config.workspace_root or default_data_dir() / "workspaces"
-            self.runtime = open_runtime(
-                self.config.workspace_runtime, root, **self.config.workspace_options
+            options = (
+                self.config.workspace_options
+                if name == self.config.workspace_runtime
+                else self.config.runtime_options.get(name, {})
             )
-        return self.runtime
+            self.runtimes[name] = open_runtime(name, root, **options)
+        return self.runtimes[name]
 
     async def _provision(self, msg: LeaseFrame) -> None:
         lease = msg.lease
@@ -147,8 +152,10 @@ class LeaseHost:
                 gpus=tuple(sp.gpus),
                 pip=tuple(sp.pip),
                 egress=sp.egress,
+                image=sp.image,
             )
-            ws = await asyncio.to_thread(lambda: self._runtime().create(spec))
+            runtime = self._runtime(sp.runtime)
+            ws = await asyncio.to_thread(lambda: runtime.create(spec))
             # Running means a command was answered: the lease is billed from here on.
             code, _out, err = await asyncio.to_thread(lambda: ws.exec(["true"]).run(60))
             if code != 0:

@@ -204,6 +204,10 @@ def create(
             "--egress", help="Outbound internet (only providers that allow it; egress only)."
         ),
     ] = False,
+    image: Annotated[
+        str | None,
+        typer.Option(help="An OCI image the provider has (runs on podman providers only)."),
+    ] = None,
     restart_on_loss: Annotated[
         bool,
         typer.Option(
@@ -218,7 +222,7 @@ def create(
     resources: dict[str, Any] = {"max_price": max_price, "count": count}
     if gpu:
         resources["accelerators"] = [gpu]
-    asked = {"cpus": cpus, "ram_gb": ram_gb, "disk_gb": disk_gb, "pip": pip}
+    asked = {"cpus": cpus, "ram_gb": ram_gb, "disk_gb": disk_gb, "pip": pip, "image": image}
     resources.update({k: v for k, v in asked.items() if v is not None})
     if egress:
         resources["egress"] = True

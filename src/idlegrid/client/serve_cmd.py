@@ -373,6 +373,7 @@ def provide(
     if not skip_benchmark:
         speeds = f"prefill {prefill:.0f} tok/s, decode {decode:.1f} tok/s"
         _note(json_logs, f"[green]measured[/] {speeds}")
+    podman = {"image": workspace_image, "oci_runtime": oci_runtime}
     config = AgentConfig(
         name=name,
         hardware=hardware,
@@ -392,11 +393,8 @@ def provide(
         lease_controls=controls,
         headroom=headroom,
         workspace_runtime=workspace_runtime,
-        workspace_options=(
-            {"image": workspace_image, "oci_runtime": oci_runtime}
-            if workspace_runtime == "podman"
-            else {}
-        ),
+        workspace_options=podman if workspace_runtime == "podman" else {},
+        runtime_options={"podman": podman},  # for leases that ask for it by name
     )
     config.links, config.link_latency_ms = links, latency
     meter = config.meter

@@ -68,6 +68,7 @@ class LeaseSpecMsg(BaseModel):
     pip: list[str] = []
     egress: bool = False  # outbound network (egress only), where the provider allows it
     runtime: str | None = None  # the workspace runtime asked; None: the provider's own
+    image: str | None = Field(default=None, max_length=255)  # podman: an image it has
 
 
 class LeaseFrame(BaseModel):

@@ -3,7 +3,7 @@
 The order's `resources.cpus` and `resources.ram_gb` (or `memory_gb`) are bounds the
 auction matched on ("4+", ">=16"); the workspace gets their number as its limit, or a
 modest default when the order did not ask. `/work` is `resources.disk_gb` if given; `pip`,
-`egress` and `runtime` pass through (the auction checked them against the provider's
+`egress`, `runtime` and `image` pass through (the auction checked them against the provider's
 lease controls, and the agent checks again).
 """
 
@@ -38,6 +38,9 @@ def workspace_spec(resources: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {"egress": True} if resources.get("egress") is True else {}
     if resources.get("runtime"):
         extra["runtime"] = str(resources["runtime"])
+    if resources.get("image"):  # an image runs on podman (market/spec.py checked the pair)
+        extra["image"] = str(resources["image"])
+        extra.setdefault("runtime", "podman")
     return {
         **extra,
         "cpus": _amount(resources.get("cpus"), "cpus", DEFAULT_CPUS),

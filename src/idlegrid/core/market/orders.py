@@ -184,7 +184,7 @@ def parse_order(
             param="resources.max_price",
         )
     if kind is not OrderKind.LEASE:
-        for name in ("disk_gb", "pip", "egress", "runtime"):
+        for name in ("disk_gb", "pip", "egress", "runtime", "image"):
             if name in (raw.get("resources") or {}):
                 raise InvalidRequest(
                     f"resources.{name}: only a lease order has a workspace",

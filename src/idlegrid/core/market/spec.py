@@ -132,6 +132,7 @@ class ResourceSpec:
     pip: tuple[str, ...] = ()
     egress: bool = False
     runtime: str | None = None
+    image: str | None = None  # an OCI image the provider has (runtime podman)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec in the same form `parse_spec` reads."""
@@ -147,6 +148,8 @@ class ResourceSpec:
             out["egress"] = True
         if self.runtime is not None:
             out["runtime"] = self.runtime
+        if self.image is not None:
+            out["image"] = self.image
         if self.region.only is not None:
             out.setdefault("region", {})["in"] = sorted(self.region.only)
         if self.region.exclude:
@@ -228,8 +231,15 @@ FIELDS = (
     "pip",
     "egress",
     "runtime",
+    "image",
 )
 LEASE_RUNTIMES = ("bwrap", "podman")
+# An OCI image reference: [registry[:port]/]path[:tag][@sha256:digest], lower-case path parts.
+_IMAGE = re.compile(
+    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]{1,5})?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(?:@sha256:[a-f0-9]{64})?$"
+)
 # A requirement pip reads as a name with an optional version: never an option (`--index-url`),
 # a path or a URL, which would let an order point the provider's pip elsewhere.
 _REQUIREMENT = re.compile(
@@ -294,6 +304,16 @@ def parse_spec(raw: Any) -> ResourceSpec:
                     param="runtime",
                 )
             kw["runtime"] = raw["runtime"]
+        if "image" in raw:
+            image = raw["image"]
+            if not isinstance(image, str) or len(image) > 255 or not _IMAGE.match(image):
+                raise InvalidRequest(
+                    f"image: an OCI image reference (name[:tag][@sha256:digest]), not {image!r}",
+                    param="image",
+                )
+            if kw.setdefault("runtime", "podman") != "podman":
+                raise InvalidRequest("image: only the podman runtime runs images", param="image")
+            kw["image"] = image
         if "memory_gb" in raw:
             kw["ram_gb"] = parse_bound("memory_gb", raw["memory_gb"])
         if "reliability" in kw and kw["reliability"].limit > 1:
