@@ -15,6 +15,7 @@ arguments win over the environment; TrustSettings reads only the environment).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,3 +332,32 @@ def test_unverifiable_provider_is_held_and_budgeted_until_a_verifier_joins(
     assert g.trust("fallback")["held_accrual"] == held["fallback"]
     assert g.balance(ledger.provider_account(fallback)) == 0
     assert g.store.verify_ledger() == []
+
+
+def test_routing_waits_for_a_rebuild_under_way_instead_of_reading_its_old_sets(grids) -> None:
+    """A rebuild clears the dirty flag before it reads: until it assigns the new sets,
+    `stale` must still say so, or a stake posted just before is read as missing (the
+    bench's first paid request was refused 'not posted the inference stake')."""
+    g = grids(inference_stake=STAKE)
+    market = g.services.market
+    market.current_book()
+    reading, release = threading.Event(), threading.Event()
+    supply = market.store.supply
+
+    def slow_supply() -> Any:
+        reading.set()
+        release.wait(10)
+        return supply()
+
+    market.store.supply = slow_supply  # type: ignore[method-assign]
+    try:
+        market.invalidate()
+        t = threading.Thread(target=market.current_book)
+        t.start()
+        assert reading.wait(10)
+        assert market.stale  # not dirty any more, but the sets are not built yet
+        release.set()
+        t.join(10)
+        assert not market.stale
+    finally:
+        market.store.supply = supply  # type: ignore[method-assign]

@@ -70,7 +70,7 @@ class Agent:
         self.heartbeat_s = 2.0
         self.serving = Serving(self.ctx, self.register)
         # Leases: workspaces made and run on the coordinator's word, over the channel.
-        self.leases = LeaseHost(config)
+        self.leases = LeaseHost(config, client.key.node_id)
         self.serving.on_channel = self.leases.attach
         bind = getattr(config.meter, "bind_busy", None)
         if bind is not None:  # an estimating meter draws serving power only while serving
@@ -180,6 +180,7 @@ class Agent:
         """Serve until `stop` is set, then drain: finish or hand back what is held."""
         for role in self.roles:
             await role.warm()
+        await asyncio.to_thread(self.leases.sweep)  # before any lease of this run starts
         await self._until_registered(stop)
         beats = asyncio.create_task(self._heartbeats())
         # Before the slots, or their first polls go over HTTP.

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -51,8 +52,9 @@ GIB = float(1 << 30)  # an order's ram_gb and disk_gb are GiB in the workspace (
 class LeaseHost:
     """This agent's workspaces and the commands running in them."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, node_id: str = "") -> None:
         self.config = config
+        self.node_id = node_id
         self.runtimes: dict[str, Runtime] = {}  # opened on a lease's first use
         self.workspaces: dict[str, Workspace] = {}
         self.execs: dict[str, _Exec] = {}
@@ -124,16 +126,42 @@ class LeaseHost:
         """The runtime a lease asked for (None: the provider's own), opened once."""
         name = name or self.config.workspace_runtime
         if name not in self.runtimes:
-            from idlegrid.config import default_data_dir
-
-            root = self.config.workspace_root or default_data_dir() / "workspaces"
             options = (
                 self.config.workspace_options
                 if name == self.config.workspace_runtime
                 else self.config.runtime_options.get(name, {})
             )
-            self.runtimes[name] = open_runtime(name, root, **options)
+            self.runtimes[name] = open_runtime(name, self.root, **options)
         return self.runtimes[name]
+
+    @property
+    def root(self) -> Path:
+        """Where this agent's workspaces live: the configured root, else one of this node's
+        own under the data dir (agents sharing a data dir then never sweep each other's)."""
+        from idlegrid.config import default_data_dir
+
+        if self.config.workspace_root is not None:
+            return self.config.workspace_root
+        return default_data_dir() / "workspaces" / (self.node_id[:16] or "node")
+
+    def sweep(self) -> list[str]:
+        """Wipe what an earlier run of this agent left (it died before ending its leases):
+        containers, sandboxes' processes, mounts, cgroups; run before any lease starts. The
+        lease ids swept."""
+        if not self.root.is_dir():
+            return []
+        offered = {self.config.workspace_runtime, *self.config.lease_controls.runtimes}
+        swept: list[str] = []
+        for name in ("podman", "bwrap"):  # containers first: their disks are bwrap-shaped
+            if name not in offered:
+                continue
+            try:
+                swept += getattr(self._runtime(name), "sweep", list)()
+            except Exception as exc:  # a runtime this host cannot open left nothing to sweep
+                log.info("no %s workspaces to sweep: %s", name, exc)
+        if swept:
+            log.warning("wiped %d workspace(s) left by an earlier run: %s", len(swept), swept)
+        return swept
 
     async def _provision(self, msg: LeaseFrame) -> None:
         lease = msg.lease

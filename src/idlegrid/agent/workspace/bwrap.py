@@ -139,6 +139,27 @@ class BwrapRuntime:
         with self._lock:
             self._uids.pop(lease, None)
 
+    def sweep(self) -> list[str]:
+        """Wipe the workspaces an earlier agent left under the root (it died before ending
+        them: processes, mounts, cgroups); the lease ids swept. Run before any lease of this
+        runtime starts: a directory it did not make itself is taken as a leftover."""
+        swept: list[str] = []
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            with self._lock:
+                live = d.name in self._uids
+            if live or not d.is_dir():
+                continue
+            try:
+                spec = WorkspaceSpec(d.name)
+            except ValueError:
+                continue  # not a lease's directory
+            ws = BwrapWorkspace(self, spec, uid=0)
+            if os.path.ismount(d / "net"):
+                ws.netns = d / "net"
+            ws.wipe()
+            swept.append(d.name)
+        return swept
+
     def create(self, spec: WorkspaceSpec) -> BwrapWorkspace:
         """Disk, cgroup, venv and pip requirements; a failure wipes what was made."""
         if spec.egress and (why := egress.available() or self._no_netns()):

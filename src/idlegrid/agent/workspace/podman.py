@@ -103,6 +103,29 @@ class PodmanRuntime:
         with self._lock:
             self._uids.pop(lease, None)
 
+    def sweep(self) -> list[str]:
+        """Remove the containers an earlier agent left for workspaces under the root, with
+        their disks; the lease ids swept. A directory with no container is not podman's
+        (the bwrap runtime's sweep takes it). Run before any lease of this runtime starts."""
+        swept: list[str] = []
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            with self._lock:
+                live = d.name in self._uids
+            if live or not d.is_dir():
+                continue
+            try:
+                WorkspaceSpec(d.name)
+            except ValueError:
+                continue
+            name = PREFIX + d.name
+            if _podman(["container", "exists", name]).returncode != 0:
+                continue
+            _podman(["rm", "--force", "--time", "0", name])
+            disk.unmount(d.name, d / "work")
+            shutil.rmtree(d, ignore_errors=True)
+            swept.append(d.name)
+        return swept
+
     def create(self, spec: WorkspaceSpec) -> PodmanWorkspace:
         """Check the image, make the disk, start the container; a failure wipes what was made."""
         image = spec.image or self.image

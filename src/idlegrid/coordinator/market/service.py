@@ -63,6 +63,7 @@ class Market:
         self._held = held
         self.book = Book([])
         self._dirty = True
+        self._building = False
         self._lock = threading.Lock()  # the book is used from request threads and the tick
         self._plugins: dict[str, Callable[..., Any]] = {}
         self._plugins_stuck: set[str] = set()  # plug-ins with a timed-out call still running
@@ -97,6 +98,13 @@ class Market:
         self._dirty = True
 
     def _rebuild(self) -> None:
+        self._building = True  # routing that looks meanwhile waits for these sets
+        try:
+            self._rebuild_sets()
+        finally:
+            self._building = False
+
+    def _rebuild_sets(self) -> None:
         # Cleared first: a change that lands while we read (a stake, a registration) marks
         # the book dirty again instead of being lost when this rebuild finishes.
         self._dirty = False
@@ -211,8 +219,9 @@ class Market:
 
     @property
     def stale(self) -> bool:
-        """Whether supply or stakes changed since the book and routing sets were built."""
-        return self._dirty
+        """Whether supply or stakes changed since the book and routing sets were built, or
+        a rebuild is under way (its sets are not assigned yet: `current_book` waits for it)."""
+        return self._dirty or self._building
 
     def current_book(self) -> Book:
         """The book, rebuilt first if supply changed."""
