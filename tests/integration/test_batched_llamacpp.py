@@ -181,3 +181,51 @@ def test_batched_answers_commit_their_schedule_and_pass_an_exact_audit_cheats_do
             verdict = cm.judge(alone, engine.audit(ids, alone, len(tokens)), TOL, len(tokens))
             assert not verdict.passed and verdict.worst_rel > TOL.rel
     assert grouped >= 1
+
+
+def test_a_streamed_sequence_joining_a_busy_batch_gets_its_first_token_alone(
+    engine: LlamaCppEngine, batched: BatchedLlama, verifier: BatchedLlama
+) -> None:
+    # Two sequences nobody waits on token by token (batch lines) keep the batch busy; an
+    # urgent one (a streaming request) joins: its first token comes from a step of its own,
+    # the rest from the shared steps, and it replays exactly on those shapes.
+    started = threading.Event()
+    busy: list[list[int]] = [[], []]
+
+    def background(k: int) -> None:
+        it = batched.generate(engine.tokenize(PROMPTS[k]), SamplingParams(TEMPERATURE, 1.0, seed=k))
+        for token in it:
+            busy[k].append(token)
+            if len(busy[k]) == 2:
+                started.set()
+            if len(busy[k]) >= 40:
+                break
+        it.close()  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=background, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    assert started.wait(120)
+    ids = engine.tokenize(PROMPTS[2])
+    rec, out = Recorder(), []
+    it = batched.generate(ids, SamplingParams(TEMPERATURE, 1.0, seed=7), rec, urgent=True)
+    _consume(it, 6, out)
+    for t in threads:
+        t.join(600)
+    assert rec.shapes[0] == (1, 0), rec.shapes
+    assert any(n > 1 for n, _ in rec.shapes[1:]), rec.shapes  # then it shares the steps
+    states, picks = _replay(verifier, ids, out, rec.shapes[: len(out)], 7)
+    assert np.array_equal(states, np.stack(rec.states[: len(out)]))
+    assert picks == out
+    # A sequence nobody waits on joins the shared step directly.
+    started.clear()
+    busy[:] = [[], []]
+    threads = [threading.Thread(target=background, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    assert started.wait(120)
+    rec2, out2 = Recorder(), []
+    _consume(batched.generate(ids, SamplingParams(TEMPERATURE, 1.0, seed=7), rec2), 3, out2)
+    for t in threads:
+        t.join(600)
+    assert rec2.shapes[0][0] > 1, rec2.shapes

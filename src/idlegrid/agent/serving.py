@@ -401,6 +401,8 @@ class Serving:
         if params.grammar is not None and not engine.describe().get("grammar"):
             # Never served unconstrained; the coordinator routes these elsewhere.
             raise EngineError("this engine cannot constrain output", engine=engine.name)
+        if hasattr(engine, "urgent"):  # a batching engine: is a first token waited for?
+            engine.urgent = task.stream
         recorder = None
         if committed is not None and hasattr(engine, "recorder") and hasattr(engine, "audit"):
             from idlegrid.engines.commit import Recorder

@@ -56,6 +56,7 @@ class _Seq:
     next_token: int = 0
     produced: int = 0
     taken: int = 0  # tokens the consumer has taken (run-ahead is produced - taken)
+    urgent: bool = False  # someone waits for its first token (a streaming request)
 
 
 class BatchedLlama:
@@ -127,8 +128,11 @@ class BatchedLlama:
         params: SamplingParams,
         recorder: Recorder | None = None,
         sampler: Any = None,
+        urgent: bool = False,
     ) -> Iterator[int]:
         """Tokens of one sequence as the batch produces them; closing the iterator retires it.
+        `urgent`: someone waits for its first token, which then does not wait for a step of
+        work nobody waits for (see `_loop`).
 
         With `recorder`, each token taken is recorded with its hidden state, logprobs and the
         step's (size, row) in `recorder.shapes`; `sampler.last` gets each token's logprobs.
@@ -140,7 +144,7 @@ class BatchedLlama:
         if params.grammar is not None:
             raise EngineError("the batched path does not constrain output", engine="llama.cpp")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        seq = _Seq(ids, params, seed, Steps(ids, params, self._n_vocab))
+        seq = _Seq(ids, params, seed, Steps(ids, params, self._n_vocab), urgent=urgent)
         seq.next_token, seq.pos = ids[-1], len(ids) - 1
         self._start()
         with self._cv:
@@ -203,6 +207,14 @@ class BatchedLlama:
                     ),
                     key=lambda s: s.sid,
                 )
+                # An urgent sequence's first token goes alone (a step of width 1 is a third
+                # of a full one here) when the step would otherwise carry work nobody waits
+                # for: a streaming request arriving while batch lines fill the batch gets
+                # its first token without waiting out their step. Among urgent sequences
+                # only, nothing changes (every one of them is waited for).
+                first = [s for s in ready if s.urgent and s.produced == 0]
+                if first and any(not s.urgent for s in ready):
+                    ready = first
                 # One chunk of every waiting prompt per turn (each alone in its decode, so
                 # its numbers do not depend on the turn): 8 requests arriving together then
                 # all join the next step, where one chunk a turn made the 8th wait 8 turns
@@ -422,13 +434,16 @@ class BatchedSlot:
         self.model_id: str = self.engine.model_id
         self.recorder: Recorder | None = None
         self.steps = _Last()
+        self.urgent = False  # set by the agent per task: a consumer streams its answer
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
         """This slot's sequence in the shared batch, recorded by `recorder` when set."""
         self.steps = _Last()
         if params.grammar is not None:
             return self._constrained(list(prompt_ids), params)
-        return self.batched.generate(prompt_ids, params, self.recorder, self.steps)
+        return self.batched.generate(
+            prompt_ids, params, self.recorder, self.steps, urgent=self.urgent
+        )
 
     def _constrained(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
         engine, rec = self.engine, self.recorder
