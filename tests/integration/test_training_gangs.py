@@ -227,7 +227,8 @@ def test_a_gang_that_never_forms_holds_no_stake(grid: tg.Grid) -> None:
         "stays", key_dir=keys, trainer=True, links={ids["joins"]: 10.0}, **device_offer(CHEAP)
     )
     job_id = grid.submit({"spec": tg.spec(parallel=2)}).json()["id"]
-    assert grid.job(job_id)["market"]["providers"] == sorted(ids.values())
+    # Placed once both offers are in the book (a market tick, if the second came late).
+    wait_until(lambda: grid.job(job_id)["market"]["providers"] == sorted(ids.values()), 30)
     # The no-show names only the member that never came: the other was gathering.
     wait_until(lambda: any(e["kind"] == "no-show" for e in grid.job(job_id)["events"]), 30)
     job = grid.job(job_id)

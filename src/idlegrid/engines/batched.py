@@ -59,6 +59,10 @@ class _Seq:
     urgent: bool = False  # someone waits for its first token (a streaming request)
 
 
+def _sid(seq: _Seq) -> int:
+    return seq.sid
+
+
 class BatchedLlama:
     """One llama.cpp context serving up to `parallel` sequences, decoded together."""
 
@@ -207,24 +211,30 @@ class BatchedLlama:
                     ),
                     key=lambda s: s.sid,
                 )
-                # An urgent sequence's first token goes alone (a step of width 1 is a third
-                # of a full one here) when the step would otherwise carry work nobody waits
-                # for: a streaming request arriving while batch lines fill the batch gets
-                # its first token without waiting out their step. Among urgent sequences
-                # only, nothing changes (every one of them is waited for).
-                first = [s for s in ready if s.urgent and s.produced == 0]
-                if first and any(not s.urgent for s in ready):
-                    ready = first
                 # One chunk of every waiting prompt per turn (each alone in its decode, so
                 # its numbers do not depend on the turn): 8 requests arriving together then
                 # all join the next step, where one chunk a turn made the 8th wait 8 turns
                 # (TTFT past the coordinator's stall timeout on a loaded box, measured).
                 prefill = [s for s in self._active if s.prefilled < len(s.ids) - 1]
+                # Urgent work first: while a sequence someone waits on (a streaming request)
+                # has no first token yet and sequences nobody waits on token by token (batch
+                # lines) share the batch, a turn runs only the urgent prompts' chunks and
+                # first tokens, the latter alone (a width-1 step is a third of a width-8 one
+                # here). Its TTFT is then its own prefill and one small step, not the batch's
+                # prefills and steps as well. Among urgent sequences nothing changes.
+                waiting = {id(s) for s in self._active if s.urgent and s.produced == 0}
+                urgent_turn = bool(waiting) and any(not s.urgent for s in self._active)
+                if urgent_turn:
+                    prefill = [s for s in prefill if s.urgent]
+                    ready = [s for s in ready if id(s) in waiting]
                 prefill = prefill[: self.prefill_per_turn]
             with self._replaying:
                 try:
                     for seq in prefill:
                         self._prefill_chunk(seq, seq.sid)
+                    if urgent_turn:  # a prompt that just finished takes its first token now
+                        done = [s for s in prefill if s.prefilled >= len(s.ids) - 1]
+                        ready = sorted({s.sid: s for s in [*ready, *done]}.values(), key=_sid)
                     if ready:
                         self._step(ready)
                 except Exception as exc:  # every sequence in the batch fails with it
