@@ -214,3 +214,15 @@ def test_an_order_may_name_an_image_which_implies_podman_and_reaches_the_workspa
         assert err.value.param == "resources.image"
     with pytest.raises(InvalidRequest, match="podman"):
         parse_spec({"image": "busybox", "runtime": "bwrap"})
+
+
+def test_the_provision_frame_refuses_an_image_that_is_not_a_reference() -> None:
+    from pydantic import ValidationError
+
+    from idlegrid.protocol.lease import LeaseSpecMsg
+
+    base = {"cpus": 1, "memory_bytes": 1 << 30, "pids": 64, "disk_bytes": 1 << 30}
+    assert LeaseSpecMsg(**base, image="localhost/x:1").image == "localhost/x:1"
+    for bad in ("--privileged", "a b", "Upper"):  # it becomes an argument of podman
+        with pytest.raises(ValidationError):
+            LeaseSpecMsg(**base, image=bad)

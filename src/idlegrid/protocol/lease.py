@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from idlegrid.core.market.spec import IMAGE_REF
+
 LEASE_PROTOCOL = 3
 EXEC_ID = r"^ex_[0-9a-f]{16}$"  # 8 random bytes, hex: the id a data frame carries raw
 # First byte of a data frame: never that of a signed frame (a digit) or JSON. One mark per
@@ -68,7 +70,8 @@ class LeaseSpecMsg(BaseModel):
     pip: list[str] = []
     egress: bool = False  # outbound network (egress only), where the provider allows it
     runtime: str | None = None  # the workspace runtime asked; None: the provider's own
-    image: str | None = Field(default=None, max_length=255)  # podman: an image it has
+    # podman: an image it has; checked here too, as it goes into podman's argv
+    image: str | None = Field(default=None, max_length=255, pattern=IMAGE_REF.pattern)
 
 
 class LeaseFrame(BaseModel):

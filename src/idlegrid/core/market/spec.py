@@ -234,8 +234,9 @@ FIELDS = (
     "image",
 )
 LEASE_RUNTIMES = ("bwrap", "podman")
-# An OCI image reference: [registry[:port]/]path[:tag][@sha256:digest], lower-case path parts.
-_IMAGE = re.compile(
+# An OCI image reference: [registry[:port]/]path[:tag][@sha256:digest], lower-case path parts
+# (never an option: it reaches podman's argv on the provider).
+IMAGE_REF = re.compile(
     r"^(?:[a-zA-Z0-9.-]+(?::[0-9]{1,5})?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
     r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
     r"(?:@sha256:[a-f0-9]{64})?$"
@@ -306,7 +307,7 @@ def parse_spec(raw: Any) -> ResourceSpec:
             kw["runtime"] = raw["runtime"]
         if "image" in raw:
             image = raw["image"]
-            if not isinstance(image, str) or len(image) > 255 or not _IMAGE.match(image):
+            if not isinstance(image, str) or len(image) > 255 or not IMAGE_REF.match(image):
                 raise InvalidRequest(
                     f"image: an OCI image reference (name[:tag][@sha256:digest]), not {image!r}",
                     param="image",
