@@ -8,15 +8,12 @@ bubblewrap)."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http.server
 import os
 import socket
 import subprocess
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,30 +25,9 @@ from idlegrid.agent.workspace.bwrap import BwrapRuntime, BwrapWorkspace
 from idlegrid.agent.workspace.connection import Connection
 from idlegrid.config import default_data_dir
 from idlegrid.testbed.inprocess import wait_until
+from idlegrid.testbed.wheels import tiny_wheel
 
 pytestmark = pytest.mark.slow  # real sandboxes, a fork bomb, an OOM kill: about 15 s
-
-
-def _wheel(folder: Path, name: str = "igtiny", version: str = "1.0") -> Path:
-    """A tiny pure-Python wheel, written by hand: pip installs it with no network."""
-    dist = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}/__init__.py": b"ANSWER = 42\n",
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
-        b"Tag: py3-none-any\n",
-    }
-    record = []
-    for path, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(data)}")
-    record.append(f"{dist}/RECORD,,")
-    out = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(out, "w") as z:
-        for path, data in files.items():
-            z.writestr(path, data)
-        z.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +42,7 @@ def agent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> BwrapRuntime:
     wheels = tmp_path_factory.mktemp("wheels")
-    _wheel(wheels).chmod(0o644)
+    tiny_wheel(wheels).chmod(0o644)
     wheels.chmod(0o755)  # leases read it as their own uids
     rt = open_runtime(
         "bwrap",

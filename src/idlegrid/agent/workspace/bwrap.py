@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import Layout, LeaseCgroup, host_layout
 from idlegrid.agent.workspace.connection import Connection, NamespaceUnavailable
 from idlegrid.agent.workspace.pyenv import provider_python, venv_script
+from idlegrid.agent.workspace.uids import LeaseUids
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
 
 TOOLS = ("bwrap", "setpriv", "unshare", "mount", "umount", "mkfs.ext4")
@@ -77,7 +77,6 @@ class BwrapRuntime:
         self.layout: Layout = host_layout(cgroup_parent)
         self.root = root
         self.wheels = wheels
-        self.first_uid = first_uid
         self.host = probe_host(stage)
         self._check_secrets(secrets)
         if wheels is not None and wheels.stat().st_mode & 0o005 != 0o005:
@@ -86,8 +85,7 @@ class BwrapRuntime:
                 f"the wheelhouse {wheels} must be readable by others (chmod o+rx): "
                 "each lease reads it as its own uid",
             )
-        self._uids: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.uids = LeaseUids(first_uid)
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o700)
         self._make_stage(stage)
@@ -126,33 +124,18 @@ class BwrapRuntime:
         return None
 
     def _uid(self, lease: str) -> int:
-        with self._lock:
-            used = set(self._uids.values())
-            uid = next(
-                u for u in range(self.first_uid, self.first_uid + 1_000_000) if u not in used
-            )
-            self._uids[lease] = uid
-            return uid
+        return self.uids.take(lease)
 
     def release(self, lease: str) -> None:
         """Forget a wiped lease's uid."""
-        with self._lock:
-            self._uids.pop(lease, None)
+        self.uids.release(lease)
 
     def sweep(self) -> list[str]:
         """Wipe the workspaces an earlier agent left under the root (it died before ending
         them: processes, mounts, cgroups); the lease ids swept. Run before any lease of this
         runtime starts: a directory it did not make itself is taken as a leftover."""
         swept: list[str] = []
-        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            with self._lock:
-                live = d.name in self._uids
-            if live or not d.is_dir():
-                continue
-            try:
-                spec = WorkspaceSpec(d.name)
-            except ValueError:
-                continue  # not a lease's directory
+        for d, spec in self.uids.leftovers(self.root):
             ws = BwrapWorkspace(self, spec, uid=0)
             if os.path.ismount(d / "net"):
                 ws.netns = d / "net"

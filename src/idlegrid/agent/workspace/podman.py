@@ -24,7 +24,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import LeaseCgroup, host_layout
 from idlegrid.agent.workspace.connection import Connection, NamespaceUnavailable
 from idlegrid.agent.workspace.sandbox import GPU_SHARED
+from idlegrid.agent.workspace.uids import LeaseUids
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
 
 TOOLS = ("podman", "catatonit", "mount", "umount", "mkfs.ext4")
@@ -79,9 +79,7 @@ class PodmanRuntime:
         self.image = image
         self.oci_runtime = oci_runtime
         self.init = shutil.which("catatonit") or ""
-        self.first_uid = first_uid
-        self._uids: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.uids = LeaseUids(first_uid)
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o700)
 
@@ -90,33 +88,18 @@ class PodmanRuntime:
         return ["podman", *(["--runtime", self.oci_runtime] if self.oci_runtime else []), *argv]
 
     def _uid(self, lease: str) -> int:
-        with self._lock:
-            used = set(self._uids.values())
-            uid = next(
-                u for u in range(self.first_uid, self.first_uid + 1_000_000) if u not in used
-            )
-            self._uids[lease] = uid
-            return uid
+        return self.uids.take(lease)
 
     def release(self, lease: str) -> None:
         """Forget a wiped lease's uid."""
-        with self._lock:
-            self._uids.pop(lease, None)
+        self.uids.release(lease)
 
     def sweep(self) -> list[str]:
         """Remove the containers an earlier agent left for workspaces under the root, with
         their disks; the lease ids swept. A directory with no container is not podman's
         (the bwrap runtime's sweep takes it). Run before any lease of this runtime starts."""
         swept: list[str] = []
-        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            with self._lock:
-                live = d.name in self._uids
-            if live or not d.is_dir():
-                continue
-            try:
-                WorkspaceSpec(d.name)
-            except ValueError:
-                continue
+        for d, _spec in self.uids.leftovers(self.root):
             name = PREFIX + d.name
             if _podman(["container", "exists", name]).returncode != 0:
                 continue
