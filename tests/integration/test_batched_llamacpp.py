@@ -229,3 +229,87 @@ def test_a_streamed_sequence_joining_a_busy_batch_gets_its_first_token_alone(
     for t in threads:
         t.join(600)
     assert rec2.shapes[0][0] > 1, rec2.shapes
+
+
+def test_a_streamed_arrival_aborts_a_decode_of_batch_lines_which_then_decode_unchanged(
+    engine: LlamaCppEngine, batched: BatchedLlama, verifier: BatchedLlama
+) -> None:
+    # Batch lines fill the decode; a streaming request arriving mid-decode aborts it (its
+    # TTFT is then not the rest of the batch's step), and llama.cpp's roll-back of the
+    # aborted positions leaves the lines' answers bit for bit replayable.
+    started, stop = threading.Event(), threading.Event()
+    lines: dict[int, tuple[list[int], list[int], Recorder]] = {}
+
+    def line(k: int) -> None:
+        ids, rec, out = engine.tokenize(PROMPTS[k]), Recorder(), []
+        it = batched.generate(ids, SamplingParams(TEMPERATURE, 1.0, seed=k), rec)
+        for token in it:
+            out.append(token)
+            if len(out) == 2:
+                started.set()
+            if len(out) >= 100 or stop.is_set():
+                break
+        it.close()  # type: ignore[attr-defined]
+        lines[k] = (ids, out, rec)
+
+    threads = [threading.Thread(target=line, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    assert started.wait(120)
+    before, firsts = batched.preempted, []
+    ids = engine.tokenize(PROMPTS[4])
+    for attempt in range(10):  # an arrival between two decodes finds nothing to abort
+        rec, out = Recorder(), []
+        seed = 50 + attempt
+        it = batched.generate(ids, SamplingParams(TEMPERATURE, 1.0, seed=seed), rec, urgent=True)
+        _consume(it, 1, out)
+        firsts.append((rec.shapes[0], out, rec, seed))
+        if batched.preempted > before:
+            break
+    stop.set()
+    for t in threads:
+        t.join(600)
+    assert batched.preempted > before, "no arrival aborted a decode of batch lines"
+    for shape, out, rec, seed in firsts:
+        assert shape == (1, 0)
+        states, picks = _replay(verifier, ids, out, rec.shapes[:1], seed)
+        assert np.array_equal(states, np.stack(rec.states[:1])) and picks == out
+    for k, (lids, out, rec) in lines.items():
+        states, picks = _replay(verifier, lids, out, rec.shapes[: len(out)], k)
+        assert np.array_equal(states, np.stack(rec.states[: len(out)])), f"line {k}"
+        assert picks == out, f"line {k}"
+
+
+def test_a_step_with_a_hole_in_its_slots_records_the_ubatches_llama_cpp_runs(
+    engine: LlamaCppEngine,
+) -> None:
+    # Slots 0..5 busy, then slot 1's consumer leaves: llama.cpp decodes slots 0 and 2-5 as
+    # two ubatches (one KV stream per sequence needs consecutive ids), so slot 5 is rank 3
+    # of a group of four (the grouped kernel), not row 4 of five (the one-row kernel).
+    b = BatchedLlama(engine, 6, chunk=8, context_per_seq=64)
+    v = BatchedLlama(engine, 11, chunk=8, context_per_seq=64)
+    try:
+        prompts = [engine.tokenize(PROMPTS[k % 3]) for k in range(6)]
+        recs = [Recorder() for _ in range(6)]
+        its = [
+            b.generate(ids, SamplingParams(TEMPERATURE, 1.0, seed=k), rec)
+            for k, (ids, rec) in enumerate(zip(prompts, recs, strict=True))
+        ]
+        outs: list[list[int]] = [[] for _ in range(6)]
+        for _ in range(2):  # in step: all six admitted, in slot order
+            for k, it in enumerate(its):
+                outs[k].append(next(it))
+        its[1].close()  # type: ignore[attr-defined]
+        for _ in range(6):
+            for k in (0, 2, 3, 4, 5):
+                outs[k].append(next(its[k]))
+        for k in (0, 2, 3, 4, 5):
+            its[k].close()  # type: ignore[attr-defined]
+        assert (4, 3) in recs[5].shapes and (1, 0) in recs[0].shapes, recs[5].shapes
+        for k in (0, 2, 5):
+            states, picks = _replay(v, prompts[k], outs[k], recs[k].shapes[: len(outs[k])], k)
+            assert np.array_equal(states, np.stack(recs[k].states[: len(outs[k])])), k
+            assert picks == outs[k]
+    finally:
+        b.close()
+        v.close()

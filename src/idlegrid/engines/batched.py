@@ -19,6 +19,7 @@ the recorded row of a batch of the recorded size, the other rows dummy sequences
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import random
 import threading
@@ -38,6 +39,23 @@ from idlegrid.errors import EngineError
 PREFILL_CHUNK = 64  # prompt tokens per step; part of what a verifier replays
 AHEAD = 8  # tokens a sequence may run ahead of its consumer before it sits steps out
 _END = object()
+
+
+class _Preempted(Exception):
+    """A decode aborted for urgent work; llama.cpp rolled its positions back."""
+
+
+def _flag_callback() -> Any:
+    """An abort callback that is true while byte 0 of its data is set, callable without the
+    GIL: libc's `strlen` over a 2-byte buffer (non-zero iff byte 0 is). ggml's thread 0 calls
+    it after every graph node; a Python callback there would take the GIL hundreds of times
+    a step, each take a wait behind the serving threads."""
+    import llama_cpp
+
+    address = ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value
+    if address is None:
+        raise EngineError("libc's strlen has no address", engine="llama.cpp")
+    return llama_cpp.ggml_abort_callback(address)
 
 
 @dataclass(eq=False)
@@ -61,6 +79,23 @@ class _Seq:
 
 def _sid(seq: _Seq) -> int:
     return seq.sid
+
+
+def _shapes(sids: Sequence[int]) -> list[tuple[int, int]]:
+    """Each row's (ubatch size, rank in it) for a step over these ascending slots.
+
+    With one KV stream per sequence llama.cpp splits a batch into ubatches of consecutive
+    sequence ids (`split_equal`, sequential): slots 0, 1, 3 decode as a ubatch of two and
+    one alone. A row's numbers follow its ubatch, so that is the shape a verifier replays
+    (recording the whole step's width instead made gapped steps replay inexactly, measured).
+    """
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(sids) + 1):
+        if i == len(sids) or sids[i] != sids[i - 1] + 1:
+            out += [(i - start, r) for r in range(i - start)]
+            start = i
+    return out
 
 
 class BatchedLlama:
@@ -102,6 +137,19 @@ class BatchedLlama:
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(max(chunk, parallel), 0, 1)
         self._embeddings_on = False
+        # Pre-emption: a streaming request that arrives while a turn decodes only work nobody
+        # waits on token by token (batch lines) aborts that decode, so its time to first
+        # token is not the rest of a wide step. llama.cpp removes an aborted ubatch's
+        # positions from the cache, and the rows decode again next turn with the same shape
+        # into the same cells: bit for bit what they would have been (tested).
+        self._abort_flag = ctypes.create_string_buffer(2)
+        self._abort_cb = _flag_callback()  # referenced here: llama.cpp keeps only the pointer
+        lib.llama_set_abort_callback(
+            self._ctx, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p)
+        )
+        self._preemptible = False  # the turn under way holds no urgent row
+        self.preempt = True  # False: urgent work waits for the decode under way (benchmarks)
+        self.preempted = 0  # decodes aborted for urgent work (for benchmarks and tests)
         self._n_vocab: int = engine._n_vocab
         self._n_embd: int = engine._n_embd
         self._cv = threading.Condition()
@@ -155,6 +203,8 @@ class BatchedLlama:
             if self._closed:
                 raise EngineError("the batched engine is closed", engine="llama.cpp")
             self._pending.append(seq)
+            if urgent and self._preemptible and self.preempt:
+                self._abort_flag[0] = b"\x01"
             self._cv.notify_all()
         return self._consume(seq, recorder, sampler)
 
@@ -198,7 +248,10 @@ class BatchedLlama:
                     break
                 while self._pending and self._free:
                     seq = self._pending.popleft()
-                    seq.sid = self._free.pop()
+                    # The lowest free slot: holes close first, and a step's slots stay one
+                    # consecutive run (one ubatch, see `_shapes`) as often as they can.
+                    seq.sid = min(self._free)
+                    self._free.remove(seq.sid)
                     self._active.append(seq)
                 for seq in [s for s in self._active if s.cancel.is_set()]:
                     self._retire(seq, None)
@@ -228,6 +281,8 @@ class BatchedLlama:
                     prefill = [s for s in prefill if s.urgent]
                     ready = [s for s in ready if id(s) in waiting]
                 prefill = prefill[: self.prefill_per_turn]
+                self._abort_flag[0] = b"\x00"
+                self._preemptible = not any(s.urgent for s in [*prefill, *ready])
             with self._replaying:
                 try:
                     for seq in prefill:
@@ -237,10 +292,15 @@ class BatchedLlama:
                         ready = sorted({s.sid: s for s in [*ready, *done]}.values(), key=_sid)
                     if ready:
                         self._step(ready)
+                except _Preempted:  # the urgent newcomer goes first; these rows next turn
+                    self.preempted += 1
                 except Exception as exc:  # every sequence in the batch fails with it
                     with self._cv:
                         for seq in list(self._active):
                             self._retire(seq, exc)
+                finally:
+                    with self._cv:
+                        self._preemptible = False
         with self._cv:
             for seq in [*self._active, *self._pending]:
                 seq.out.put(EngineError("the batched engine closed", engine="llama.cpp"))
@@ -277,12 +337,13 @@ class BatchedLlama:
         self.decode_s += t1 - t0
         n = len(ready)
         self.step_sizes.append(n)
+        shapes = _shapes([s.sid for s in ready])
         rows = [self._row(row) for row in range(n)]
         tokens = self._sample(ready, [lg for _, lg in rows])
         for row, s in enumerate(ready):
             state = rows[row][0]
             token = tokens[row]
-            s.out.put((token, state, s.steps.last, (n, row)))
+            s.out.put((token, state, s.steps.last, shapes[row]))
             s.produced += 1
             s.next_token, s.pos = token, s.pos + 1
             if self.engine.is_end(token) or s.pos + 1 >= self.n_ctx_seq:
@@ -348,6 +409,7 @@ class BatchedLlama:
             if not self._cv.wait_for(lambda: not self._active and not self._pending, 30.0):
                 raise EngineError("replay while serving", engine="llama.cpp")
         with self._replaying, self._cv:
+            self._abort_flag[0] = b"\x00"
             self._lib.llama_memory_clear(self._mem, True)
             seq = _Seq(ids, SamplingParams(), 0, Steps(ids, SamplingParams()))
             while seq.prefilled < len(ids) - 1:
@@ -383,6 +445,8 @@ class BatchedLlama:
             b.logits[i] = out
         b.n_tokens = len(rows)
         rc = self._lib.llama_decode(self._ctx, b)
+        if rc == 2:  # aborted by the flag; the ubatch's positions are out of the cache again
+            raise _Preempted()
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc}", engine="llama.cpp")
 
