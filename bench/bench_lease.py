@@ -1,7 +1,7 @@
 """Lease create → first exec answered, through the market and the relay, on a loopback grid.
 
     PYTHONPATH=src .venv/bin/python bench/bench_lease.py --runs 5 [--json]
-        [--runtime bwrap,podman] [--image REF]
+        [--runtime bwrap,podman] [--image REF] [--seccomp on,off]
 
 One coordinator and one provider agent in this process per runtime, in turn (bwrap: root
 and bubblewrap needed; podman: root, podman and an image, by default one built here from
@@ -15,6 +15,9 @@ Port-forward (`--forward-mb`, one more lease): a bulk server and an echo server 
 workspace and, the same script, directly on the host's loopback; the same client reads
 N MB from each and times 50 one-byte echoes: throughput ratio (forwarded ÷ direct) and the
 added round-trip latency.
+
+`--seccomp on,off`: bwrap with its seccomp filter (the default) and without it, one grid
+each, in turn (agent/workspace/seccomp.py; `off` is reported as `bwrap-noseccomp`).
 """
 
 from __future__ import annotations
@@ -56,8 +59,13 @@ def main() -> None:
         help="workspace runtimes, comma-separated (bwrap, podman), one grid each, in turn",
     )
     ap.add_argument("--image", help="podman: an image this host has (default: one built here)")
+    ap.add_argument("--seccomp", default="on", help="bwrap: on, off or on,off (one grid each)")
     args = ap.parse_args()
-    results = {rt: _measure(rt, args) for rt in args.runtime.split(",")}
+    results: dict[str, dict[str, Any]] = {}
+    for rt in args.runtime.split(","):
+        for sc in args.seccomp.split(",") if rt == "bwrap" else ["on"]:
+            name = rt if sc == "on" else f"{rt}-noseccomp"
+            results[name] = _measure(rt, args, {} if sc == "on" else {"seccomp_filter": False})
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -70,13 +78,14 @@ def main() -> None:
         print("port-forward:", json.dumps(out["port_forward"]))
 
 
-def _measure(runtime: str, args: argparse.Namespace) -> dict[str, Any]:
-    """A fresh grid whose one provider runs `runtime`, and the runs on it."""
-    options: dict[str, Any] = {}
+def _measure(runtime: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """A fresh grid whose one provider runs `runtime` (with `extra` options), and the runs."""
+    options: dict[str, Any] = dict(extra)
     if runtime == "podman":
         from idlegrid.testbed import oci_image
 
-        options = {"image": args.image or oci_image.build(), "oci_runtime": oci_image.oci_runtime()}
+        options["image"] = args.image or oci_image.build()
+        options["oci_runtime"] = oci_image.oci_runtime()
     tmp = Path(tempfile.mkdtemp(prefix="bench-lease-"))
     coord = CoordinatorThread(
         CoordinatorSettings(

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from idlegrid.agent.workspace import open_runtime
 from idlegrid.agent.workspace.base import Limits, WorkspaceSpec, killed_by
 from idlegrid.agent.workspace.bwrap import BwrapRuntime, BwrapWorkspace
 from idlegrid.agent.workspace.connection import Connection
-from idlegrid.config import default_data_dir
+from idlegrid.testbed import sandboxes
 from idlegrid.testbed.inprocess import wait_until
-from idlegrid.testbed.wheels import tiny_wheel
+from idlegrid.testbed.sandboxes import sh
 
 pytestmark = pytest.mark.slow  # real sandboxes, a fork bomb, an OOM kill: about 15 s
 
@@ -33,25 +32,13 @@ pytestmark = pytest.mark.slow  # real sandboxes, a fork bomb, an OOM kill: about
 @pytest.fixture(scope="module")
 def agent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Stands in for the agent's data dir, with a key file in it."""
-    d = tmp_path_factory.mktemp("agent-data")
-    (d / "node-key").write_text("SECRET-KEY-MATERIAL\n")
-    (d / "node-key").chmod(0o600)
-    return d
+    return sandboxes.agent_dir(tmp_path_factory.mktemp("agent-data"))
 
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> BwrapRuntime:
-    wheels = tmp_path_factory.mktemp("wheels")
-    tiny_wheel(wheels).chmod(0o644)
-    wheels.chmod(0o755)  # leases read it as their own uids
-    rt = open_runtime(
-        "bwrap",
-        tmp_path_factory.mktemp("workspaces"),
-        wheels=wheels,
-        secrets=[agent_dir, default_data_dir()],
-    )
-    assert isinstance(rt, BwrapRuntime)
-    return rt
+    mktemp = tmp_path_factory.mktemp
+    return sandboxes.bwrap_runtime(mktemp("workspaces"), mktemp("wheels"), agent_dir)
 
 
 @pytest.fixture
@@ -63,11 +50,6 @@ def ws(runtime: BwrapRuntime, request: pytest.FixtureRequest) -> Iterator[BwrapW
         yield w
     finally:
         w.wipe()
-
-
-def sh(w: BwrapWorkspace, script: str, timeout: float = 60) -> tuple[int, str, str]:
-    code, out, err = w.exec(["/bin/sh", "-c", script]).run(timeout)
-    return code, out.decode(), err.decode()
 
 
 def test_exec_streams_output_as_written_and_keeps_the_exit_code(ws: BwrapWorkspace) -> None:

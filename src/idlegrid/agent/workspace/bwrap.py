@@ -20,6 +20,7 @@ from pathlib import Path
 import idlegrid.agent.workspace.disk as disk
 import idlegrid.agent.workspace.egress as egress
 import idlegrid.agent.workspace.sandbox as sandbox
+import idlegrid.agent.workspace.seccomp as seccomp
 from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import Layout, LeaseCgroup, host_layout
 from idlegrid.agent.workspace.connection import Connection, NamespaceUnavailable
@@ -61,6 +62,7 @@ class BwrapRuntime:
         cgroup_parent: str = "",
         stage: Path = STAGE,
         first_uid: int = FIRST_UID,
+        seccomp_filter: bool = True,
     ) -> None:
         missing = [t for t in TOOLS if shutil.which(t) is None]
         if missing:
@@ -75,6 +77,9 @@ class BwrapRuntime:
                 "and gives it a uid of its own",
             )
         self.layout: Layout = host_layout(cgroup_parent)
+        # Compiled here, so a provider without libseccomp refuses to start rather than run
+        # leases unconfined; off only when asked (benchmarks: bench/bench_lease.py).
+        self.seccomp: bytes | None = seccomp.bpf() if seccomp_filter else None
         self.root = root
         self.wheels = wheels
         self.host = probe_host(stage)
@@ -204,13 +209,17 @@ class BwrapWorkspace:
             )
 
     def argv(
-        self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str = "/work"
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/work",
+        seccomp_fd: int | None = None,
     ) -> list[str]:
         """The full command line `exec` runs (for logs and tests)."""
         return sandbox.command(
             self.runtime.host, self.spec, uid=self.uid, procs=self.cgroup.procs_files,
             work=self.work, wheels=self.runtime.wheels, argv=argv, env=env or {}, cwd=cwd,
-            netns=self.netns,
+            netns=self.netns, seccomp_fd=seccomp_fd,
         )  # fmt: skip
 
     def exec(
@@ -221,13 +230,31 @@ class BwrapWorkspace:
         stdin: Stdin = None,
     ) -> Execution:
         """Start `argv` in a fresh sandbox over this lease's /work, inside its cgroup."""
-        proc = subprocess.Popen(
-            self.argv(argv, env, cwd),
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            close_fds=True,
-        )
+        fds: tuple[int, ...] = ()
+        if (code := self.runtime.seccomp) is not None:
+            # bwrap reads the filter to EOF from an inherited fd: a pipe per exec (the filter
+            # fits one page, the least a pipe holds, so the write never blocks).
+            read, write = os.pipe()
+            fds = (read,)
+            try:
+                os.write(write, code)
+            except BaseException:
+                os.close(read)
+                raise
+            finally:
+                os.close(write)
+        try:
+            proc = subprocess.Popen(
+                self.argv(argv, env, cwd, seccomp_fd=fds[0] if fds else None),
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                close_fds=True,
+                pass_fds=fds,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
         return Execution(proc, stdin)
 
     def connect(self, port: int) -> Connection | None:

@@ -156,12 +156,16 @@ def command(
     env: Mapping[str, str],
     cwd: str,
     netns: Path | None = None,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     """The full argv: join the cgroup, stage the binds, drop to `uid`, enter the sandbox.
 
     With `netns` (the lease's persistent network namespace, only `lo` in it), every exec of
     the lease shares that one network: a server one command starts on 127.0.0.1 is
-    reachable from the next (port-forwarding needs this); still nothing of the host's."""
+    reachable from the next (port-forwarding needs this); still nothing of the host's.
+
+    With `seccomp_fd` (an fd the command inherits, holding the compiled filter: seccomp.py),
+    bwrap loads that filter just before it execs `argv`."""
     if not argv:
         raise ValueError("an empty command")
     for k, v in env.items():
@@ -186,6 +190,7 @@ def command(
         "--hostname", "workspace",
         "--die-with-parent",  # the agent gone, its workloads go too
         "--new-session",  # no TIOCSTI into the agent's terminal
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         *system_args(host),
         "--size", str(spec.limits.memory_bytes), "--tmpfs", "/tmp",  # charged to its memory
     ]  # fmt: skip

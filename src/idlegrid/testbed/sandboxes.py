@@ -1,0 +1,44 @@
+"""Set-up shared by the tests of the bwrap runtime: an agent data dir with a key file in it,
+a wheelhouse with one tiny wheel that leases can read, the runtime over both, and a shell
+line run in a workspace. Needs what the runtime needs (root, bubblewrap, cgroups)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from idlegrid.agent.workspace import open_runtime
+from idlegrid.agent.workspace.bwrap import BwrapRuntime, BwrapWorkspace
+from idlegrid.config import default_data_dir
+from idlegrid.testbed.wheels import tiny_wheel
+
+KEY = "SECRET-KEY-MATERIAL\n"
+
+
+def agent_dir(d: Path) -> Path:
+    """`d` made to stand in for the agent's data dir: a key file (mode 0600) in it."""
+    (d / "node-key").write_text(KEY)
+    (d / "node-key").chmod(0o600)
+    return d
+
+
+def bwrap_runtime(root: Path, wheels: Path, agent: Path, **options: Any) -> BwrapRuntime:
+    """A bwrap runtime over `root`, with a wheelhouse in `wheels` (igtiny 1.0) and `agent`
+    and the default data dir as its secrets."""
+    tiny_wheel(wheels).chmod(0o644)
+    wheels.chmod(0o755)  # leases read it as their own uids
+    rt = open_runtime("bwrap", root, wheels=wheels, secrets=[agent, default_data_dir()], **options)
+    assert isinstance(rt, BwrapRuntime)
+    return rt
+
+
+def sh(w: BwrapWorkspace, script: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run `script` with /bin/sh in `w`: exit code, stdout, stderr."""
+    code, out, err = w.exec(["/bin/sh", "-c", script]).run(timeout)
+    return code, out.decode(), err.decode()
+
+
+def py(w: BwrapWorkspace, source: str, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run Python `source` (argv `args`) with the workspace's python: exit code, stdout, stderr."""
+    code, out, err = w.exec(["python", "-c", source, *args]).run(timeout)
+    return code, out.decode(), err.decode()
