@@ -3,6 +3,8 @@ it starts: the moves, the seconds billed, the proof lapse, the money taken back.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from idlegrid.core.lease.lifecycle import Transition, advance, billable_until, replay
@@ -82,3 +84,25 @@ def test_unaccrue_takes_back_into_the_escrow_from_the_named_accounts() -> None:
         settlement.unaccrue("L", "n", 4, {})
     with pytest.raises(LedgerError):
         settlement.unaccrue("L", "n", 4, {FEES: 5, accrual_account("n"): -1})
+
+
+def test_a_registration_reports_swept_leases_bounded_and_validated() -> None:
+    from pydantic import ValidationError
+
+    from idlegrid.protocol.messages import MAX_SWEPT, RegisterMsg
+
+    base: dict[str, Any] = {
+        "protocol_version": 1,
+        "name": "p",
+        "hardware": {},
+        "engine": {},
+        "slots": 1,
+        "prefill_tps": 1.0,
+        "decode_tps": 1.0,
+        "offers": [{"model": "m", "prompt_price": 0, "output_price": 0}],
+    }
+    assert RegisterMsg(**base).swept == []  # an older agent says nothing
+    assert RegisterMsg(**base, swept=["W1", "lease_ab12"]).swept == ["W1", "lease_ab12"]
+    for bad in (["../x"], [""], ["a" * 65], ["W"] * (MAX_SWEPT + 1), "W1"):
+        with pytest.raises(ValidationError):
+            RegisterMsg(**base, swept=bad)

@@ -173,6 +173,7 @@ def compose(ctx: Context) -> Services:
     ev.on(NodeRegistered, trust.on_register)
     ev.on(NodeRegistered, lambda e: ctx.db(hwproofs.on_register, e.node_id))
     ev.on(NodeRegistered, nodes.on_register)
+    ev.on(NodeRegistered, lambda e: ctx.db(leases.on_register, e.node_id, e.body.get("swept", [])))
     ev.on(NodeRegistered, inference.on_register)
     ev.on(LiveNodesChanged, market.on_live_change)
     ev.on(SupplyChanged, lambda e: market.invalidate())

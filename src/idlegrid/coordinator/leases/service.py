@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import MarketOrder
-from idlegrid.coordinator.leases.downtime import penalise
+from idlegrid.coordinator.leases.downtime import UNCONFIRMED, confirm_wipes, penalise
 from idlegrid.coordinator.leases.proofs import device_class, gate, lapsed
 from idlegrid.coordinator.leases.relay import ExecRelay
 from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
@@ -54,7 +54,7 @@ LOST_FILES = "the provider was lost: the workspace and its files are gone (nothi
 LOST_EARLY = "the provider was lost before the lease started: nothing ran, the escrow is refunded"
 LOST_WIPE = (
     "the provider was lost while wiping the workspace: billing stopped when the lease was "
-    "ended; the wipe is unconfirmed until that provider comes back and sweeps it"
+    f"ended; {UNCONFIRMED}"
 )
 REVOKED = (
     "the provider cannot prove the leased device class, so the lease ends: you pay only up "
@@ -401,6 +401,12 @@ class Leases:
                 row.message = f"provisioning failed: {reason or 'no reason given'}"[:4000]
             self._move(s, row, cause, self.ctx.clock())
             return True
+
+    def on_register(self, node_id: str, swept: list[str]) -> None:
+        """A provider came back having swept these leases' workspaces: wipes confirmed."""
+        if swept:
+            with self.store.tx() as s:
+                confirm_wipes(s, node_id, swept)
 
     def end(self, lease_id: str, key_id: str | None) -> LeaseView:
         """End a lease now: billed up to now, the rest refunded; the agent wipes it."""
