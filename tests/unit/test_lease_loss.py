@@ -98,10 +98,11 @@ def test_a_lease_starts_on_passed_proofs_waits_on_open_ones_and_fails_on_failed_
     assert gate is Gate.FAIL and "no memory proof" in why
 
 
-def test_hw_unproven_fails_only_a_pending_lease() -> None:
+def test_hw_unproven_fails_a_pending_lease_and_wipes_a_running_one() -> None:
     from idlegrid.core.lease.lifecycle import advance
     from idlegrid.errors import IllegalTransition
 
     assert advance("pending", "hw-unproven") == "failed"
+    assert advance("running", "hw-unproven") == "ending"  # wiped as any end (docs/leases.md)
     with pytest.raises(IllegalTransition):
-        advance("running", "hw-unproven")
+        advance("ended", "hw-unproven")

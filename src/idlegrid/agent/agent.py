@@ -30,6 +30,7 @@ from idlegrid.agent.serving import Serving
 from idlegrid.core.market.hardware import device_groups
 from idlegrid.engines.base import Engine
 from idlegrid.errors import AuthError, IdlegridError
+from idlegrid.protocol.messages import MAX_SWEPT
 
 __all__ = ["Agent", "AgentConfig", "Roles"]
 
@@ -71,6 +72,7 @@ class Agent:
         self.serving = Serving(self.ctx, self.register)
         # Leases: workspaces made and run on the coordinator's word, over the channel.
         self.leases = LeaseHost(config, client.key.node_id)
+        self.swept: list[str] = []  # lease ids the start-up sweep wiped, told at registration
         self.serving.on_channel = self.leases.attach
         bind = getattr(config.meter, "bind_busy", None)
         if bind is not None:  # an estimating meter draws serving power only while serving
@@ -125,6 +127,7 @@ class Agent:
                 "verifier": self.config.verifier or self.config.train_verifier,
                 "batch": self.config.batch,
                 "batch_price_bps": self.config.batch_price_bps,
+                "swept": self.swept,
             },
         )
         assert answer is not None
@@ -180,7 +183,8 @@ class Agent:
         """Serve until `stop` is set, then drain: finish or hand back what is held."""
         for role in self.roles:
             await role.warm()
-        await asyncio.to_thread(self.leases.sweep)  # before any lease of this run starts
+        # Before any lease of this run starts; the registration reports what it wiped.
+        self.swept = (await asyncio.to_thread(self.leases.sweep))[:MAX_SWEPT]
         await self._until_registered(stop)
         beats = asyncio.create_task(self._heartbeats())
         # Before the slots, or their first polls go over HTTP.

@@ -173,6 +173,7 @@ def compose(ctx: Context) -> Services:
     ev.on(NodeRegistered, trust.on_register)
     ev.on(NodeRegistered, lambda e: ctx.db(hwproofs.on_register, e.node_id))
     ev.on(NodeRegistered, nodes.on_register)
+    ev.on(NodeRegistered, lambda e: ctx.db(leases.on_register, e.node_id, e.body.get("swept", [])))
     ev.on(NodeRegistered, inference.on_register)
     ev.on(LiveNodesChanged, market.on_live_change)
     ev.on(SupplyChanged, lambda e: market.invalidate())
@@ -203,6 +204,8 @@ def compose(ctx: Context) -> Services:
         ],
         interval_s=min(0.5, ctx.settings.heartbeat_interval_s),
     )
+    # A lease order is adopted on the next pass: run it now rather than up to 0.5 s later.
+    market.lease_ordered = supervisor.wake
     return Services(
         ctx,
         nodes,

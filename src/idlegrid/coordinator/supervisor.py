@@ -29,6 +29,8 @@ class Supervisor:
         self._ticks = list(ticks)
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
 
     async def once(self) -> None:
         """One pass over every domain."""
@@ -38,7 +40,24 @@ class Supervisor:
 
     def start(self) -> None:
         """Start the loop (call from the running event loop)."""
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = self._loop.create_task(self._run())
+
+    def wake(self) -> None:
+        """Run the next pass now, not at the end of the interval (from any thread): a new
+        lease order is adopted within a pass instead of up to `interval_s` later."""
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            wake.set()
+        else:
+            loop.call_soon_threadsafe(wake.set)
 
     async def stop(self) -> None:
         """Stop the loop."""
@@ -48,9 +67,12 @@ class Supervisor:
                 await self._task
 
     async def _run(self) -> None:
+        assert self._wake is not None
         while True:
+            self._wake.clear()  # a wake during this pass brings the next one forward
             try:
                 await self.once()
             except Exception:  # keep supervising whatever one pass hit
                 log.exception("supervisor pass failed")
-            await asyncio.sleep(self._interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval_s)

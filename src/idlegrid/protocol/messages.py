@@ -41,6 +41,9 @@ class DeviceOfferMsg(Message):
     plugin: str | None = Field(None, max_length=200, pattern=r"^[\w.]+:\w+$")
 
 
+MAX_SWEPT = 256  # lease ids one registration may report swept
+
+
 class RegisterMsg(Message):
     """Sent once at start-up (and again after a coordinator restart)."""
 
@@ -71,6 +74,11 @@ class RegisterMsg(Message):
     # interactive prices in basis points (None: the grid's default, half).
     batch: bool = True
     batch_price_bps: int | None = Field(None, ge=0, le=10_000)
+    # Leases whose workspaces this agent's start-up sweep wiped (a run that died left them):
+    # the coordinator records those wipes as confirmed (docs/leases.md). Older agents omit it.
+    swept: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]] = Field(
+        default_factory=list, max_length=MAX_SWEPT
+    )
 
     @field_validator("lease")
     @classmethod

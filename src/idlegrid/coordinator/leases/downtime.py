@@ -1,4 +1,5 @@
-"""What a lost lease costs its provider: stake past the SLO, in the lost move's transaction.
+"""What a lost lease costs its provider: stake past the SLO, in the lost move's transaction;
+and what it leaves: a wipe the provider confirms when it comes back and sweeps.
 
 The rule is pure (`core/lease/loss.py`: one loss forgiven per window, plus one per 100
 leased hours; past that, 24 hours of the lease's price from the device class's stake, to
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from idlegrid.coordinator.db.store import Store
 from idlegrid.coordinator.db.tables import Account, MarketOrder
 from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
-from idlegrid.core.lease.lifecycle import LeaseCause
+from idlegrid.core.lease.lifecycle import LeaseCause, LeaseState
 from idlegrid.core.lease.loss import SLO_WINDOW_S, loss_penalty
 from idlegrid.core.ledger import consumer_account, stake_account
 from idlegrid.core.market import settlement
@@ -57,3 +58,26 @@ def penalise(store: Store, s: Session, lease: Lease, now: float) -> int:
         ref, lease.node_id, device_class, amount, {consumer_account(lease.key_id): amount}
     )
     return amount if store._post(s, entry) else 0
+
+
+UNCONFIRMED = "the wipe is unconfirmed until that provider comes back and sweeps it"
+CONFIRMED = "the provider came back and confirmed the wipe (its start-up sweep)"
+
+
+def confirm_wipes(s: Session, node_id: str, swept: list[str]) -> list[str]:
+    """Record the wipes a returning provider's sweep reports, of its failed leases only
+    (another node's lease, or one not failed, is not its to confirm); the ids recorded."""
+    done = []
+    for lease_id in swept:
+        row = s.get(Lease, lease_id)
+        if row is None or row.node_id != node_id or row.state != LeaseState.FAILED.value:
+            continue
+        message = row.message or ""
+        if CONFIRMED in message:
+            continue  # reported again by a later registration
+        if UNCONFIRMED in message:
+            row.message = message.replace(UNCONFIRMED, CONFIRMED)
+        else:
+            row.message = f"{message} {CONFIRMED[0].upper()}{CONFIRMED[1:]}.".strip()[:4000]
+        done.append(lease_id)
+    return done

@@ -1,4 +1,5 @@
-"""The hardware proofs a lease waits for before it starts (the rule: `core/lease/proofs.py`).
+"""The hardware proofs a lease waits for before it starts, and those that end it once placed
+(the rules: `core/lease/proofs.py`).
 
 Reads trust's `hw_proofs` rows of the leased class on the lease's provider, inside the
 leases tick's transaction; the verdicts themselves (and the slash of a failed proof) are
@@ -11,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.trust.tables import HwProof
-from idlegrid.core.lease.proofs import Gate, ProofSeen, proof_gate
+from idlegrid.core.lease.proofs import Gate, ProofSeen, lapse, proof_gate
 
 
 def device_class(placement: dict[str, object] | None) -> str | None:
@@ -28,3 +29,17 @@ def gate(s: Session, node_id: str, cls: str | None) -> tuple[Gate, tuple[str, ..
         return Gate.GO, (), ""
     rows = s.scalars(select(HwProof).where(HwProof.node_id == node_id, HwProof.claimed == cls))
     return proof_gate([ProofSeen(r.id, r.kind, r.state, r.done_at) for r in rows])
+
+
+def lapsed(s: Session, node_id: str, cls: str | None, since: float) -> tuple[str, float] | None:
+    """(why, when the class was last proven) once a proof of `cls` on `node_id` judged
+    after `since` failed or expired; None while it stays proven."""
+    if cls is None:
+        return None
+    rows = s.scalars(select(HwProof).where(HwProof.node_id == node_id, HwProof.claimed == cls))
+    found = lapse([ProofSeen(r.id, r.kind, r.state, r.done_at) for r in rows], since)
+    if found is None:
+        return None
+    proof, proven = found
+    how = "failed" if proof.state == "failed" else "was never answered"
+    return f"the provider's {proof.kind} re-check {proof.id} of {cls} {how}", proven

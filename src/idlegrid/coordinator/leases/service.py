@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.context import Context
 from idlegrid.coordinator.db.tables import MarketOrder
-from idlegrid.coordinator.leases.downtime import penalise
-from idlegrid.coordinator.leases.proofs import device_class, gate
+from idlegrid.coordinator.leases.downtime import UNCONFIRMED, confirm_wipes, penalise
+from idlegrid.coordinator.leases.proofs import device_class, gate, lapsed
 from idlegrid.coordinator.leases.relay import ExecRelay
 from idlegrid.coordinator.leases.tables import Lease, LeaseTransition
 from idlegrid.coordinator.views import NodeView
@@ -32,6 +32,7 @@ from idlegrid.core.lease.lifecycle import (
     Transition,
     advance,
     billable_seconds,
+    billable_until,
     running_seconds,
 )
 from idlegrid.core.lease.loss import hours_to_restart
@@ -44,11 +45,21 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any] | bytes], Awaitable[None]]  # a control frame or a data frame
 LIVE = (LeaseState.PROVISIONING.value, LeaseState.RUNNING.value, LeaseState.ENDING.value)
+PLACED = (LeaseState.PENDING.value, *LIVE)  # a pending one with a node waits on its proofs
 EXTENDABLE = (LeaseState.PENDING.value, LeaseState.PROVISIONING.value, LeaseState.RUNNING.value)
 MAX_EXTEND_H = 24.0 * 30  # one extension at most: a month
 # Making a workspace takes about 0.1 s; pip requirements from a wheelhouse take longer.
 PROVISION_TIMEOUT_S = 600.0
 LOST_FILES = "the provider was lost: the workspace and its files are gone (nothing was kept)"
+LOST_EARLY = "the provider was lost before the lease started: nothing ran, the escrow is refunded"
+LOST_WIPE = (
+    "the provider was lost while wiping the workspace: billing stopped when the lease was "
+    f"ended; {UNCONFIRMED}"
+)
+REVOKED = (
+    "the provider cannot prove the leased device class, so the lease ends: you pay only up "
+    "to its last passed proof ({billed} s in all), the rest is refunded; the workspace is wiped"
+)
 NOBODY = "no provider took the restarted lease before its order expired: its escrow is refunded"
 UNPROVEN = "it cannot prove the leased device class; nothing ran, the escrow is refunded"
 OPEN_ORDER = ("active", "open")  # an open one: a restarted lease still waiting for a provider
@@ -175,17 +186,29 @@ class Leases:
 
     # ---- moves --------------------------------------------------------------------------
 
-    def _move(self, s: Session, row: Lease, cause: str, at: float, restart: bool = False) -> None:
+    def _move(
+        self,
+        s: Session,
+        row: Lease,
+        cause: str,
+        at: float,
+        restart: bool = False,
+        until: float | None = None,
+    ) -> None:
         hist = _history(s, row.id)
         at = max(at, hist[-1].at) if hist else at  # time never runs backwards in a history
+        settled = row.state == LeaseState.ENDING.value  # billed in full when it began ending
         row.state = advance(row.state, cause, key=row.id, story=[t.cause for t in hist[1:]])
         s.add(LeaseTransition(lease_id=row.id, seq=len(hist), at=at, state=row.state, cause=cause))
         row.updated_at = self.ctx.clock()
-        # Whatever ran until now is paid now, in this transaction: billed = running, floored.
-        billed = billable_seconds([*hist, Transition(at, row.state, cause)], at)
-        billed = min(billed, int(row.hours * 3600))
+        # Whatever ran until now is paid now, in this transaction: billed = running, floored;
+        # `until`: only what ran before it (the rest, if billed already, is taken back).
+        new = [*hist, Transition(at, row.state, cause)]
+        billed = billable_seconds(new, at) if until is None else billable_until(new, until)
+        billed = row.billed_s if settled else min(billed, int(row.hours * 3600))
+        ending = {LeaseCause.EXPIRED.value: "complete", LeaseCause.HW_UNPROVEN.value: "fail"}
         close = {
-            LeaseState.ENDING.value: "cancel" if cause != LeaseCause.EXPIRED else "complete",
+            LeaseState.ENDING.value: ending.get(cause, "cancel"),
             LeaseState.FAILED.value: "fail",
             LeaseState.ENDED.value: "cancel",
         }.get(row.state)
@@ -196,7 +219,7 @@ class Leases:
         if restart and close is not None and order is not None:
             carry = self._restart(s, row, order, billed)
         self.money.bill_lease(s, row.id, row.billed_s, billed, close, carry)
-        row.billed_s = max(row.billed_s, billed)
+        row.billed_s = billed if until is not None else max(row.billed_s, billed)
 
     def _restart(
         self, s: Session, row: Lease, order: MarketOrder, billed: int
@@ -295,11 +318,14 @@ class Leases:
         nodes = self._nodes()
         wipe = []
         with self.store.tx() as s:
-            for row in s.scalars(select(Lease).where(Lease.state.in_(LIVE))):
+            for row in s.scalars(select(Lease).where(Lease.state.in_(PLACED), Lease.node_id != "")):
                 if row.node_id not in live:
                     seen = nodes.get(row.node_id)
                     lost_at = seen.last_seen if seen is not None else now
-                    row.message = LOST_FILES
+                    row.message = {
+                        LeaseState.PENDING.value: LOST_EARLY,
+                        LeaseState.ENDING.value: LOST_WIPE,
+                    }.get(row.state, LOST_FILES)
                     restart = row.restart_on_loss and row.state != LeaseState.ENDING.value
                     self._move(s, row, LeaseCause.PROVIDER_LOST, min(now, lost_at), restart)
                     taken = penalise(self.store, s, row, now)
@@ -309,6 +335,11 @@ class Leases:
                             "for it (past its loss SLO)."
                         )
                     log.warning("lease %s: provider %s lost", row.id, row.node_id)
+                    continue
+                if row.state == LeaseState.PENDING.value:
+                    continue  # its proofs decide (`_adopt`)
+                if row.state != LeaseState.ENDING.value and self._revoke(s, row, now):
+                    wipe.append((row.node_id, row.id))
                     continue
                 if row.state == LeaseState.PROVISIONING.value:
                     since = _history(s, row.id)[-1].at
@@ -339,6 +370,22 @@ class Leases:
                     row.billed_s = billed
         return wipe
 
+    def _revoke(self, s: Session, row: Lease, now: float) -> bool:
+        """End a placed lease whose provider failed a proof of the leased class since it
+        was placed, billed only up to that kind's last pass (docs/leases.md)."""
+        hist = _history(s, row.id)
+        placed = next((t.at for t in hist if t.cause == LeaseCause.PLACED), None)
+        order = s.get(MarketOrder, row.id)
+        cls = device_class(order.placement if order is not None else None)
+        found = None if placed is None else lapsed(s, row.node_id, cls, placed)
+        if found is None:
+            return False
+        why, proven = found
+        self._move(s, row, LeaseCause.HW_UNPROVEN, now, until=proven)
+        row.message = f"{why}: {REVOKED.format(billed=row.billed_s)}"
+        log.warning("lease %s: %s", row.id, why)
+        return True
+
     def _on_state(self, node_id: str, lease_id: str, cause: str, reason: str | None) -> bool:
         with self.store.tx() as s:
             row = s.get(Lease, lease_id)
@@ -354,6 +401,12 @@ class Leases:
                 row.message = f"provisioning failed: {reason or 'no reason given'}"[:4000]
             self._move(s, row, cause, self.ctx.clock())
             return True
+
+    def on_register(self, node_id: str, swept: list[str]) -> None:
+        """A provider came back having swept these leases' workspaces: wipes confirmed."""
+        if swept:
+            with self.store.tx() as s:
+                confirm_wipes(s, node_id, swept)
 
     def end(self, lease_id: str, key_id: str | None) -> LeaseView:
         """End a lease now: billed up to now, the rest refunded; the agent wipes it."""

@@ -9,8 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from idlegrid.coordinator.db.store import Store
-from idlegrid.coordinator.db.tables import LedgerEntry, MarketOrder
+from idlegrid.coordinator.db.tables import Account, LedgerEntry, MarketOrder
 from idlegrid.coordinator.market.views import OrderNotFound, body_hash
+from idlegrid.core import ledger
 from idlegrid.core.market import settlement
 from idlegrid.core.market.orders import (
     TERMINAL,
@@ -99,12 +100,38 @@ class LeaseMoney:
                     room -= amount
             row.accrued_until = (row.started_at or 0.0) + now_s
             row.updated_at = self.clock()
+        elif row.state == OrderState.ACTIVE.value and now_s < before_s and row.placement:
+            self._unaccrue(s, row, before_s, now_s)
         if close is not None and row.state not in TERMINAL_STATES:
             if row.state == OrderState.OPEN.value and close == "fail":
                 close = "expire"  # a restarted lease that never found a provider
             if carry is not None:
                 self._carry(s, row, carry)
             _finish(self.store, s, row, close, self.clock())
+
+    def _unaccrue(self, s: Session, row: MarketOrder, before_s: int, now_s: int) -> None:
+        """Take back what seconds (now_s, before_s] paid (a lease billed only to its last
+        proof): from the provider's accrual, then its account, then fees (where the failed
+        proof's slash went), never more than those hold; into the escrow, refunded at close."""
+        for leg in row.placement["legs"] if row.placement else []:
+            due = settlement.accrual_due(leg["unit_price"], leg["devices"], before_s)
+            due -= settlement.accrual_due(leg["unit_price"], leg["devices"], now_s)
+            want = min(due, row.spent)
+            sources: dict[str, int] = {}
+            node = leg["provider"]
+            for acct in (ledger.accrual_account(node), ledger.provider_account(node), ledger.FEES):
+                if want <= 0:
+                    break
+                held = int(s.scalar(select(Account.balance).where(Account.id == acct)) or 0)
+                take = min(want, max(0, held))
+                if take:
+                    sources[acct] = take
+                    want -= take
+            if sources:
+                row.accrual_seq += 1
+                self.store._post(s, settlement.unaccrue(row.id, node, row.accrual_seq, sources))
+                row.spent -= sum(sources.values())
+        row.updated_at = self.clock()
 
     def _carry(self, s: Session, row: MarketOrder, body: dict[str, Any]) -> None:
         """Open the order `body` for a lost lease's unused hours, its escrow taken from

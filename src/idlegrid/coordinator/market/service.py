@@ -90,6 +90,7 @@ class Market:
         # (its cancel goes through the leases domain, which bills the running seconds).
         self.lease_of: Callable[[str, str | None], bool] = lambda order_id, key_id: False
         self.end_lease: Callable[[str, str | None], object] = lambda order_id, key_id: None
+        self.lease_ordered: Callable[[], None] = lambda: None
 
     # ---- supply --------------------------------------------------------------------------
 
@@ -335,6 +336,8 @@ class Market:
             raise
         self.ctx.metrics.orders.labels(order.kind.value, "matched" if placement else "open").inc()
         self._reserve([view])
+        if order.kind.value == "lease":
+            self.lease_ordered()  # the leases domain adopts it on the next pass: make it now
         return view
 
     def _record(

@@ -532,6 +532,7 @@ class HwProofs:
                     "state": r.state,
                     "reason": r.spec.get("reason"),
                     "verdict": r.verdict,
+                    "done_at": r.done_at,  # when judged (0 while open)
                 }
                 for r in s.scalars(q.order_by(HwProof.created_at))
             ]

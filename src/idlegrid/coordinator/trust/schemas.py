@@ -150,6 +150,7 @@ class HwProof(BaseModel):
     state: str
     reason: str | None
     verdict: dict[str, Any] | None
+    done_at: float = 0.0  # when it was judged, the coordinator's clock (0 while open)
 
 
 class HwProofList(BaseModel):

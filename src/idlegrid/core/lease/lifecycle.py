@@ -5,13 +5,16 @@
        │ cancel             │  └─provisioning-failed─▶ failed ◀──provider-lost───┤
        ▼                    └─cancel─▶ ending                                    │
      ended ◀──────────────────────────────────────────────────────wiped─────────┘
-    pending ──no-provider | hw-unproven──▶ failed
+    pending ──no-provider | hw-unproven | provider-lost──▶ failed
+    provisioning | running ──hw-unproven──▶ ending   (a re-check of the leased class failed)
 
 `ending` is the time between the decision to stop and the provider's word that every
 process of the workspace is dead and `/work` wiped: it is not billed (docs/leases.md).
 A provider that vanishes while provisioning, running or ending fails the lease; the files
-are lost and the consumer is told so. Re-placing a lost lease (`--restart-on-loss`) makes
-a new lease: it is not a move of this one.
+are lost and the consumer is told so (a pending one fails too: nothing ran). A provider
+that fails a proof of the leased class while the lease runs ends it through the normal
+wipe (`hw-unproven`), billed only up to the class's last passed proof. Re-placing a lost
+lease (`--restart-on-loss`) makes a new lease: it is not a move of this one.
 
 The states are the strings a database will store: never rename one.
 """
@@ -63,8 +66,14 @@ CAUSES: Mapping[LeaseCause, Mapping[LeaseState, LeaseState]] = {
     _C.PROVISIONED: {_S.PROVISIONING: _S.RUNNING},
     _C.PROVISIONING_FAILED: {_S.PROVISIONING: _S.FAILED},
     _C.NO_PROVIDER: {_S.PENDING: _S.FAILED},
-    _C.HW_UNPROVEN: {_S.PENDING: _S.FAILED},
-    _C.PROVIDER_LOST: {_S.PROVISIONING: _S.FAILED, _S.RUNNING: _S.FAILED, _S.ENDING: _S.FAILED},
+    # Before anything ran it simply fails; once a workspace exists it must still be wiped.
+    _C.HW_UNPROVEN: {_S.PENDING: _S.FAILED, _S.PROVISIONING: _S.ENDING, _S.RUNNING: _S.ENDING},
+    _C.PROVIDER_LOST: {
+        _S.PENDING: _S.FAILED,
+        _S.PROVISIONING: _S.FAILED,
+        _S.RUNNING: _S.FAILED,
+        _S.ENDING: _S.FAILED,
+    },
     # Nothing runs yet while pending, so there is nothing to wipe: straight to ended.
     _C.CANCEL: {_S.PENDING: _S.ENDED, _S.PROVISIONING: _S.ENDING},
     _C.END: {_S.RUNNING: _S.ENDING},
@@ -141,6 +150,19 @@ def running_seconds(transitions: Sequence[Transition], now: float | None = None)
             end = nxt.at
         total += end - t.at
     return total
+
+
+def billable_until(transitions: Sequence[Transition], until: float) -> int:
+    """Whole seconds spent in `running` before `until` (a lease billed only up to the last
+    moment its provider proved the leased class), floored once like `billable_seconds`."""
+    replay(transitions)
+    total = 0.0
+    for t, nxt in zip(transitions, [*transitions[1:], None], strict=True):
+        if t.state != LeaseState.RUNNING:
+            continue
+        end = until if nxt is None else min(nxt.at, until)
+        total += max(0.0, end - t.at)
+    return math.floor(total)
 
 
 def billable_seconds(transitions: Sequence[Transition], now: float | None = None) -> int:

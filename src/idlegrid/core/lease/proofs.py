@@ -9,6 +9,11 @@ because the provider never started it → the provider cannot prove the class an
 fails (`hw-unproven`, its escrow refunded whole; the trust rules slash a failed proof).
 A class with no proofs at all (proofs off on this coordinator, or a class the catalog
 cannot challenge) starts on no proof, and records none.
+
+Once placed, a later proof of the leased class that fails or expires (a random re-check)
+ends the lease (`lapse`): the consumer pays only up to the last proof of that kind that
+passed, the conservative reading of "never a charge for time not delivered" (the device
+may have left at any moment since; nothing shows when).
 """
 
 from __future__ import annotations
@@ -61,3 +66,19 @@ def proof_gate(proofs: Sequence[ProofSeen]) -> tuple[Gate, tuple[str, ...], str]
     if waiting:
         return Gate.WAIT, (), f"waiting for the provider's {' and '.join(waiting)} proof"
     return Gate.GO, tuple(ids), ""
+
+
+def lapse(proofs: Sequence[ProofSeen], since: float) -> tuple[ProofSeen, float] | None:
+    """The first proof of the leased class judged not passed after `since` (when the lease
+    was placed on its proofs), and when that kind last passed before it (0.0: never), or
+    None while the class stays proven."""
+    bad = [p for p in proofs if p.state in ("failed", "expired") and p.done_at > since]
+    if not bad:
+        return None
+    first = min(bad, key=lambda p: p.done_at)
+    passes = [
+        p.done_at
+        for p in proofs
+        if p.kind == first.kind and p.state == "passed" and p.done_at <= first.done_at
+    ]
+    return first, max(passes, default=0.0)

@@ -6,6 +6,7 @@
                               └──close (unused)──▶ consumer
     provider:<node> ──stake──▶ stake:<node>:<class> ──slash──▶ consumer / verifier / fees
     accrual:<node> (then stake) ──SLO refund──▶ consumer
+    accrual:<node>, provider:<node>, fees ──unaccrue (time a lease could not prove)──▶ escrow
 
 Each function returns one balanced entry whose idempotency key names its cause, so a
 replayed accrual, payout or refund is a no-op, never a second payment. Accruals sit in
@@ -95,6 +96,21 @@ def accrue(order_id: str, node_id: str, seq: int, amount: int, fee_bps: int) -> 
         ],
         "accrue",
     )
+
+
+def unaccrue(order_id: str, node_id: str, seq: int, sources: Mapping[str, int]) -> Entry:
+    """Take back into an order's escrow what a provider was paid for lease time it could
+    not prove, from `sources` (account -> µcr: its accrual first, its account, then fees)."""
+    amount = sum(sources.values())
+    _positive(amount, "unaccrual")
+    if any(v < 0 for v in sources.values()):
+        raise LedgerError("an unaccrual takes, never gives", sources=dict(sources))
+    postings = [Posting(order_escrow_account(order_id), amount)]
+    postings += [Posting(a, -v) for a, v in sources.items() if v > 0]
+    return make_entry(
+        f"unaccrue:{order_id}:{node_id}:{seq}", Cause("order", order_id), postings,
+        "lease-unproven",
+    )  # fmt: skip
 
 
 def close(order_id: str, key_id: str, remaining: int) -> Entry:
