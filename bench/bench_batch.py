@@ -140,15 +140,18 @@ def _measure(
     }
 
 
-def _in_processes(args: argparse.Namespace, slots: int, tmp: Path, headroom: int) -> dict[str, Any]:
+def _in_processes(
+    args: argparse.Namespace, slots: int, tmp: Path, headroom: int, preempt: bool = True
+) -> dict[str, Any]:
     """The same measurement on a grid of separate processes (`LocalGrid`: the coordinator
     and each provider its own `idlegrid` process, as `idlegrid up` runs them), so that the
     clients, the coordinator and the agents do not share one interpreter's lock.
 
     `headroom`: slots each provider keeps from batch lines (docs/batch.md). With the fake
     engine they are slots more (the batch's capacity stays `--slots`); with llama.cpp the
-    batch gets that many more sequences than its start-up benchmark's best."""
-    env = {"IDLEGRID_HW_PROOFS": "false"}
+    batch gets that many more sequences than its start-up benchmark's best. `preempt`
+    off: a streaming arrival waits for the batch's decode under way (llama.cpp only)."""
+    env = {"IDLEGRID_HW_PROOFS": "false", "IDLEGRID_PREEMPT": "1" if preempt else "0"}
     if args.engine == "fake":
         kind: dict[str, Any] = {"engine": "fake", "model": MODEL, "threads": 1}
         provider = ["--slots", str(args.slots + headroom), "--headroom", str(headroom)]
@@ -161,7 +164,7 @@ def _in_processes(args: argparse.Namespace, slots: int, tmp: Path, headroom: int
         provider = ["--headroom", str(headroom)]
         env["IDLEGRID_BATCH_IN_FLIGHT"] = str(args.in_flight or 64)
     grid = LocalGrid(
-        data_dir=tmp / f"headroom-{headroom}",
+        data_dir=tmp / f"headroom-{headroom}-preempt-{int(preempt)}",
         port=free_port(),
         providers=args.providers,
         funding_credits=1000,
@@ -175,7 +178,8 @@ def _in_processes(args: argparse.Namespace, slots: int, tmp: Path, headroom: int
         if args.engine != "fake":  # the batch slots the providers registered
             nodes: list[dict[str, Any]] = grid.live_nodes()
             slots = sum(int(n["slots"]) - int(n["engine"].get("headroom", 0)) for n in nodes)
-        return {"headroom": headroom, **_measure(grid.url, grid.api_key, args, slots, grid.model)}
+        measured = _measure(grid.url, grid.api_key, args, slots, grid.model)
+        return {"headroom": headroom, "preempt": preempt, **measured}
     finally:
         grid.stop()
 
@@ -197,12 +201,20 @@ def main() -> None:
         "--headroom", default="0", help="--processes: slots kept from batch lines, e.g. 0,1"
     )
     ap.add_argument("--engine", choices=("fake", "llama"), default="fake", help="--processes")
+    ap.add_argument(
+        "--preempt",
+        default="on",
+        help="--processes: streams abort batch decodes: on,off",
+    )
     args = ap.parse_args()
     slots = args.providers * args.slots
     tmp = Path(tempfile.mkdtemp(prefix="idlegrid-bench-batch-"))
     if args.processes:
-        for h in (int(x) for x in args.headroom.split(",")):
-            result = _in_processes(args, slots, tmp, h)
+        runs = [
+            (int(h), p == "on") for h in args.headroom.split(",") for p in args.preempt.split(",")
+        ]
+        for h, preempt in runs:
+            result = _in_processes(args, slots, tmp, h, preempt)
             print(
                 json.dumps(result)
                 if args.json

@@ -20,6 +20,7 @@ the recorded row of a batch of the recorded size, the other rows dummy sequences
 from __future__ import annotations
 
 import ctypes
+import os
 import queue
 import random
 import threading
@@ -148,7 +149,8 @@ class BatchedLlama:
             self._ctx, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p)
         )
         self._preemptible = False  # the turn under way holds no urgent row
-        self.preempt = True  # False: urgent work waits for the decode under way (benchmarks)
+        # Off: urgent work waits for the decode under way (bench_batch.py --preempt on,off).
+        self.preempt = os.environ.get("IDLEGRID_PREEMPT", "1") != "0"
         self.preempted = 0  # decodes aborted for urgent work (for benchmarks and tests)
         self._n_vocab: int = engine._n_vocab
         self._n_embd: int = engine._n_embd
