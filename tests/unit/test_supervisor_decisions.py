@@ -170,6 +170,8 @@ def test_inference_queued_tasks() -> None:
     ]
     assert t.supervise_queued(t.QueuedSnap("q", NOW - 1.5, True), NOW, SL) == [t.Untarget("q")]
     assert t.supervise_queued(t.QueuedSnap("q", NOW - 1.0, True), NOW, SL) == []  # 1 s: not yet
+    # Already in the shared queue: nothing to untarget, pass after pass.
+    assert t.supervise_queued(t.QueuedSnap("q", NOW - 5, True, targeted=False), NOW, SL) == []
 
 
 def test_inference_whole_pass_carries_the_unmatched_set_forward() -> None:

@@ -534,11 +534,18 @@ class Store(NodeStore, LedgerStore):
         with self.tx() as s:
             return [_task_view(t) for t in s.scalars(select(Task).where(Task.state == "running"))]
 
-    def queued_tasks(self) -> list[tuple[TaskView, float]]:
-        """Queued tasks with their creation time."""
+    def queued_tasks(self) -> list[tuple[str, float, bool]]:
+        """Queued tasks: (id, creation time, whether it still has a target node); the columns
+        only, since the supervisor reads them every pass and payloads are whole requests."""
         with self.tx() as s:
-            q = select(Task).where(Task.state == "queued").order_by(Task.created_at)
-            return [(_task_view(t), t.created_at) for t in s.scalars(q)]
+            q = (
+                select(Task.id, Task.created_at, Task.target_node_id.is_not(None))
+                .where(Task.state == "queued")
+                .order_by(Task.created_at)
+            )
+            return [
+                (task_id, created, bool(targeted)) for task_id, created, targeted in s.execute(q)
+            ]
 
     def untarget(self, task_id: str) -> None:
         """Return a queued task that its target never picked up to the shared queue."""

@@ -61,8 +61,8 @@ async def supervise(inf: Inference, live: frozenset[str]) -> None:
                 with contextlib.suppress(StaleAttempt):  # it finished or moved meanwhile
                     await inf.give_up(None, act.task_id, act.attempt, act.outcome)
     inf.unmatched_seen = unmatched
-    for task, created in await inf.db(inf.store.queued_tasks):
-        snap_q = tasks.QueuedSnap(task.id, created, inf.hub.get(task.id) is not None)
+    for task_id, created, targeted in await inf.db(inf.store.queued_tasks):
+        snap_q = tasks.QueuedSnap(task_id, created, inf.hub.get(task_id) is not None, targeted)
         for act in tasks.supervise_queued(snap_q, now, limits):
             if isinstance(act, tasks.FailTask):
                 await inf.db(inf.store.fail, act.task_id, act.reason)
