@@ -1,7 +1,9 @@
 """The consumer's clients against a lease, as a user runs them. `idlegrid shell LEASE`
 driven through a real PTY (pexpect): the CLI puts its terminal in raw mode, so a command
 runs, a resize of the local terminal reaches the workspace's PTY, Ctrl-C interrupts a
-sleeping process there, and `exit 7` is the CLI's exit code. `exec_stream` (behind `exec`,
+sleeping process there, and `exit 7` is the CLI's exit code. Ctrl-C on `idlegrid exec`
+reaches the command's Python (its KeyboardInterrupt handler runs, its exit code is the
+CLI's). `exec_stream` (behind `exec`,
 `cp`, `shell`) carries a stream busy both ways. A grid of its own (the fixture of
 test_leases_grid, one instance per module)."""
 
@@ -77,3 +79,35 @@ def test_exec_carries_megabytes_of_stdin_echoed_while_they_are_sent(grid: Grid) 
     with grid.http() as c:
         c.post("/api/v1/leases/S2/end").raise_for_status()
     _wait_state(grid, "S2", "ended")
+
+
+def test_ctrl_c_on_exec_reaches_the_workload_and_its_exit_code_is_the_clis(
+    grid: Grid,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    _order(grid, "S3", "RTX-4090")
+    _wait_state(grid, "S3", "running")
+    env = {**os.environ, "IDLEGRID_API_KEY": grid.keys[0][1], "NO_COLOR": "1"}
+    source = (
+        "import sys, time\n"
+        "try:\n"
+        "    print('re' + 'ady', flush=True)\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    argv = ["-m", "idlegrid.client.cli", "exec", "--coordinator", grid.url]
+    argv += ["--data-dir", str(tmp_path), "S3", "--", "python", "-c", source]
+    child = pexpect.spawn(sys.executable, argv, env=env, encoding="utf-8", timeout=20)
+    try:
+        child.expect_exact("ready")
+        child.sendintr()  # Ctrl-C on the CLI's terminal: SIGINT for the CLI, passed on
+        child.expect_exact("interrupted")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 3, (child.exitstatus, child.signalstatus)
+    with grid.http() as c:
+        c.post("/api/v1/leases/S3/end").raise_for_status()
+    _wait_state(grid, "S3", "ended")

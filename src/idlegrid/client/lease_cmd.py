@@ -2,6 +2,7 @@
 
 `exec` and `cp` speak the coordinator's WebSocket `/api/v1/leases/{id}/exec`
 (coordinator/leases/routes.py): stdin, stdout and stderr streamed, the exit code kept;
+`exec` passes the signals it gets (Ctrl-C, kill) on to the command, as a local one gets them;
 `cp` sends or receives a tar stream (paths inside the lease are confined to /work).
 """
 
@@ -12,6 +13,7 @@ import contextlib
 import io
 import json
 import secrets
+import signal
 import socket
 import sys
 import tarfile
@@ -30,6 +32,8 @@ lease_app = typer.Typer(help="Leases: a sandboxed workspace on a provider, by th
 err = Console(stderr=True)
 CHUNK = 64 * 1024
 FORWARD_CHUNK = 256 * 1024  # a forwarded socket read: larger frames, fewer of them
+# What `exec` passes on to the command (Ctrl-C, Ctrl-\, kill, a closed terminal).
+FORWARDED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 
 
 class LeaseError(Exception):
@@ -48,11 +52,13 @@ def exec_stream(
     *,
     stdin: Iterator[bytes | dict[str, Any]] | Iterator[bytes] | None = None,
     on_output: Callable[[int, bytes], None] = lambda fd, data: None,
+    forward_signals: bool = False,
 ) -> int:
     """Run a command (or a cp, a forward, a shell) over the WebSocket; output goes to
     `on_output(1|2, bytes)` as it comes; `stdin` yields bytes (or a dict: a control frame,
-    e.g. a shell's resize); returns the exit code, LeaseError if refused or lost."""
-    return asyncio.run(_exec(url, api_key, lease_id, first, stdin, on_output))
+    e.g. a shell's resize); returns the exit code, LeaseError if refused or lost.
+    `forward_signals` (main thread only): FORWARDED signals go to the command, not to us."""
+    return asyncio.run(_exec(url, api_key, lease_id, first, stdin, on_output, forward_signals))
 
 
 async def _open(url: str, api_key: str, lease_id: str) -> Any:
@@ -108,11 +114,24 @@ async def _exec(
     first: dict[str, Any],
     stdin: Iterator[bytes | dict[str, Any]] | Iterator[bytes] | None,
     on_output: Callable[[int, bytes], None],
+    forward_signals: bool = False,
 ) -> int:
     loop = asyncio.get_running_loop()
     async with await _open(url, api_key, lease_id) as ws:
         await _started(ws, {**first, "stdin": stdin is not None})
         sending = None
+        sends: set[asyncio.Task[None]] = set()  # held, so a send is not collected midway
+
+        def sent(task: asyncio.Task[None]) -> None:
+            sends.discard(task)
+            if not task.cancelled():
+                task.exception()  # the socket closed: the command is over, nothing to pass on
+
+        def forward(sig: int) -> None:
+            task = loop.create_task(ws.send(json.dumps({"type": "signal", "signal": sig})))
+            sends.add(task)
+            task.add_done_callback(sent)
+
         if stdin is not None:
             # The source may block (a keyboard, a pipe): a thread reads it, a few parts ahead.
             parts: asyncio.Queue[bytes | dict[str, Any] | None] = asyncio.Queue(maxsize=4)
@@ -134,12 +153,16 @@ async def _exec(
             threading.Thread(target=feed, daemon=True).start()
             sending = asyncio.create_task(send())
         try:
+            for sig in FORWARDED if forward_signals else ():
+                loop.add_signal_handler(sig, forward, int(sig))
             async for msg in ws:
                 if isinstance(msg, bytes):
                     on_output(msg[0], msg[1:])
                 elif (code := _control(msg)) is not None:
                     return code
         finally:
+            for sig in FORWARDED if forward_signals else ():
+                loop.remove_signal_handler(sig)
             if sending is not None:
                 sending.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -327,7 +350,7 @@ def exec_cmd(
     try:
         code = exec_stream(
             url, key, lease_id, {"argv": argv, "kill_on_disconnect": kill_on_disconnect},
-            stdin=source, on_output=_print,
+            stdin=source, on_output=_print, forward_signals=True,
         )  # fmt: skip
     except LeaseError as exc:
         err.print(f"[red]error[/]: {exc}")
@@ -340,7 +363,6 @@ def shell_cmd(lease_id: str, data_dir: DataDir, coordinator_url: CoordinatorUrl 
     import os
     import queue
     import shutil
-    import signal
 
     url, key = _grid(coordinator_url, data_dir)
     keys: queue.Queue[bytes | dict[str, Any] | None] = queue.Queue()

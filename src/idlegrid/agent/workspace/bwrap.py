@@ -6,7 +6,9 @@ runtime refuses to start otherwise, with the reason.
 
 Each `exec` is a fresh sandbox over the same `/work` and cgroup: a process it leaves in the
 background ends with it (its PID namespace ends), and `kill_all` reaches every process of
-every exec through the cgroup.
+every exec through the cgroup. A signal for an exec goes to that exec's processes in the
+cgroup (found by a marker in their environment: marks.py), not to bwrap, which would end
+the sandbox instead of passing it on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import idlegrid.agent.workspace.seccomp as seccomp
 from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import Layout, LeaseCgroup, host_layout
 from idlegrid.agent.workspace.connection import Connection, NamespaceUnavailable
+from idlegrid.agent.workspace.marks import MARK, MarkedExecution, new_mark
 from idlegrid.agent.workspace.pyenv import provider_python, venv_script
 from idlegrid.agent.workspace.uids import LeaseUids
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
@@ -229,7 +232,11 @@ class BwrapWorkspace:
         cwd: str = "/work",
         stdin: Stdin = None,
     ) -> Execution:
-        """Start `argv` in a fresh sandbox over this lease's /work, inside its cgroup."""
+        """Start `argv` in a fresh sandbox over this lease's /work, inside its cgroup; its
+        signals go to the command's own processes (marks.py)."""
+        mark = new_mark()
+        # Last, so the consumer's env cannot replace it (that would only hide its own).
+        env = {**(env or {}), MARK: mark}
         fds: tuple[int, ...] = ()
         if (code := self.runtime.seccomp) is not None:
             # bwrap reads the filter to EOF from an inherited fd: a pipe per exec (the filter
@@ -255,7 +262,7 @@ class BwrapWorkspace:
         finally:
             for fd in fds:
                 os.close(fd)
-        return Execution(proc, stdin)
+        return MarkedExecution(proc, stdin, self.cgroup.pids, mark, early=True)
 
     def connect(self, port: int) -> Connection | None:
         """A TCP connection to 127.0.0.1:`port` inside the lease's network namespace, made

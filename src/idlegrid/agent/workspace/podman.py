@@ -17,15 +17,12 @@ The workload's rlimits are set from the agent's own (open files) and the pids li
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import idlegrid.agent.workspace.disk as disk
 from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import LeaseCgroup, host_layout
 from idlegrid.agent.workspace.connection import Connection, NamespaceUnavailable
+from idlegrid.agent.workspace.marks import MARK, MarkedExecution, new_mark
 from idlegrid.agent.workspace.sandbox import GPU_SHARED
 from idlegrid.agent.workspace.uids import LeaseUids
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
@@ -41,7 +39,6 @@ TOOLS = ("podman", "catatonit", "mount", "umount", "mkfs.ext4")
 FIRST_UID = 300_000  # apart from bwrap's, so both runtimes on one host never share a uid
 INIT = "/.idlegrid-init"  # where catatonit is bound in the container
 PREFIX = "idlegrid-ws-"  # container names: idlegrid-ws-<lease>
-MARK = "IDLEGRID_EXEC_ID"  # in each exec's environment: how its processes are found
 
 
 def _podman(argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -138,32 +135,6 @@ class PodmanRuntime:
         return ws
 
 
-class PodmanExecution(Execution):
-    """A `podman exec`: signals go to the command's processes in the container, since the
-    `podman exec` client forwards none (killed, it would leave the command running)."""
-
-    def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        stdin: Stdin,
-        ws: PodmanWorkspace,
-        mark: str,
-    ) -> None:
-        super().__init__(proc, stdin)
-        self.ws = ws
-        self.mark = mark
-
-    def signal(self, sig: int = signal.SIGKILL) -> None:
-        """Signal every process of this command (as a terminal signals its foreground
-        group); SIGKILL ends the `podman exec` client too."""
-        if self.proc.returncode is not None:
-            return
-        self.ws.signal_exec(self.mark, sig)
-        if sig == signal.SIGKILL:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-
-
 class PodmanWorkspace:
     """One lease's container; made by `PodmanRuntime.create`."""
 
@@ -242,13 +213,13 @@ class PodmanWorkspace:
         """`podman exec` `argv` in the lease's container (its limits, uid and namespaces)."""
         if not argv:
             raise ValueError("an empty command")
-        mark = uuid.uuid4().hex
+        mark = new_mark()
         args = ["exec", *(["--interactive"] if stdin is not None else []), "--workdir", cwd]
-        args += ["--env", f"{MARK}={mark}"]
         for k, v in (env or {}).items():
             if not k or "=" in k or "\0" in k or "\0" in v:
                 raise ValueError(f"an environment variable cannot be named {k!r} or hold NUL")
             args += ["--env", f"{k}={v}"]
+        args += ["--env", f"{MARK}={mark}"]  # last, so the consumer's env cannot replace it
         proc = subprocess.Popen(
             self.runtime.podman(*args, self.name, *argv),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -256,22 +227,11 @@ class PodmanWorkspace:
             stderr=subprocess.PIPE,
             close_fds=True,
         )
-        return PodmanExecution(proc, stdin, self, mark)
+        return MarkedExecution(proc, stdin, self.pids, mark)
 
-    def signal_exec(self, mark: str, sig: int) -> int:
-        """Send `sig` to every process of the container started by the exec marked `mark`
-        (its environment says so; what they start inherits it); how many there were."""
-        needle = f"{MARK}={mark}".encode()
-        sent = 0
-        for pid in self.cgroup.pids() if self.cgroup is not None else []:
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                if needle in env:
-                    os.kill(pid, sig)
-                    sent += 1
-            except (ProcessLookupError, FileNotFoundError, PermissionError):
-                continue  # gone meanwhile
-        return sent
+    def pids(self) -> list[int]:
+        """The container's processes on the host (its cgroup's; none where unknown)."""
+        return self.cgroup.pids() if self.cgroup is not None else []
 
     def connect(self, port: int) -> Connection | None:
         """A TCP connection to 127.0.0.1:`port` in the container's network namespace (its
