@@ -127,7 +127,10 @@ def test_way5_a_lazy_verifier_is_caught_by_a_canary(
         approved = [a for a in canaries if a["state"] == "passed"]
         assert approved and all(a["verifier_id"] == g.ids["lazy"] for a in approved)
         keys = [e["key"] for e in g.entries()]
-        assert any(k.startswith(f"canary-slash:{approved[0]['id']}:") for k in keys)
+        # The first approval judged slashes the whole stake; a later one finds nothing left
+        # to take, so only some approved canary (not necessarily the first listed) has a slash.
+        slashed = {k.split(":")[1] for k in keys if k.startswith("canary-slash:")}
+        assert slashed & {a["id"] for a in approved}, (slashed, approved)
         assert _stakes(g, "lazy") == 0
         net = sum(g.holdings("lazy").values()) - STAKE
         assert net < 0
