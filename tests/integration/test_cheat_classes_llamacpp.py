@@ -134,7 +134,10 @@ def test_way5_a_lazy_verifier_is_caught_by_a_canary(
             keys = [e["key"] for e in g.entries()]
             return any(k.split(":")[1] in ids for k in keys if k.startswith("canary-slash:"))
 
-        assert wait(canary_slashed, 30), [e["key"] for e in g.entries() if not e["key"].startswith(("hold:", "settle:", "audit-pay:", "mint:"))]
+        routine = ("hold:", "settle:", "audit-pay:", "mint:")
+        assert wait(canary_slashed, 30), [
+            e["key"] for e in g.entries() if not e["key"].startswith(routine)
+        ]
         assert _stakes(g, "lazy") == 0
         net = sum(g.holdings("lazy").values()) - STAKE
         assert net < 0
