@@ -130,12 +130,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
             )  # fmt: skip
         agents[node] = AgentThread(agent)
         agents[node].start()
-    with coordinator.admin() as c:
-        key = c.post("/api/v1/admin/keys", json={"name": "consumer"}).json()
-        c.post(
-            "/api/v1/admin/mint",
-            json={"key_id": key["key_id"], "amount": 100 * MICRO, "reference": "consumer"},
-        ).raise_for_status()
+    key = coordinator.funded_key("consumer", 100 * MICRO)
     g = Grid(coordinator, agents, key["key_id"], key["api_key"], tmp)
 
     def offered() -> bool:

@@ -50,12 +50,7 @@ def test_a_lease_starts_on_its_providers_proofs_and_an_unproven_class_fails_it(
     coord.start()
     agents: list[AgentThread] = []
     try:
-        with coord.admin() as c:
-            key = c.post("/api/v1/admin/keys", json={"name": "consumer"}).json()
-            c.post(
-                "/api/v1/admin/mint",
-                json={"key_id": key["key_id"], "amount": 50 * MICRO, "reference": "consumer"},
-            ).raise_for_status()
+        key = coord.funded_key("consumer", 50 * MICRO)
         nodes = {}
         for name, model in (("cheat", "RTX-4090"), ("honest", "CPU")):
             agent = make_agent(

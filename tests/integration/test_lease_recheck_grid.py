@@ -84,12 +84,7 @@ def test_a_failed_recheck_of_the_leased_class_ends_the_lease_and_refunds_unprove
     agents: dict[str, AgentThread] = {}
     switch, stuck = Switchable(), Stuck()
     try:
-        with coord.admin() as c:
-            key = c.post("/api/v1/admin/keys", json={"name": "consumer"}).json()
-            c.post(
-                "/api/v1/admin/mint",
-                json={"key_id": key["key_id"], "amount": 50 * MICRO, "reference": "consumer"},
-            ).raise_for_status()
+        key = coord.funded_key("consumer", 50 * MICRO)
         nodes = {}
         for name, model, prover in (("honest", "CPU", switch), ("stuck", "RTX-3060", stuck)):
             agent = make_agent(

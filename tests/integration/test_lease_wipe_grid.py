@@ -56,12 +56,7 @@ def test_a_lease_lost_while_ending_is_billed_to_its_end_and_its_wipe_confirmed_o
         )  # fmt: skip
 
     try:
-        with coord.admin() as c:
-            key = c.post("/api/v1/admin/keys", json={"name": "consumer"}).json()
-            c.post(
-                "/api/v1/admin/mint",
-                json={"key_id": key["key_id"], "amount": 50 * MICRO, "reference": "consumer"},
-            ).raise_for_status()
+        key = coord.funded_key("consumer", 50 * MICRO)
         threads.append(AgentThread(provider()))
         threads[-1].start()
         with GridClient(coord.url, key["api_key"]) as client:

@@ -79,6 +79,16 @@ class CoordinatorThread:
             base_url=self.url, trust_env=False, headers=self.operator_headers, **kwargs
         )
 
+    def funded_key(self, name: str, amount: int) -> dict[str, Any]:
+        """A new API key named `name` with `amount` µcr minted to it (its `key_id`, `api_key`)."""
+        with self.admin() as c:
+            key: dict[str, Any] = c.post("/api/v1/admin/keys", json={"name": name}).json()
+            c.post(
+                "/api/v1/admin/mint",
+                json={"key_id": key["key_id"], "amount": amount, "reference": name},
+            ).raise_for_status()
+        return key
+
     def start(self, timeout_s: float = 30.0) -> None:
         """Start serving and wait until the server has started."""
         self.thread.start()
