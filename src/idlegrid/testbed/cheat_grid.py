@@ -158,6 +158,10 @@ class CheatGrid:
             node_timeout_s=10.0,
             hw_proofs=False,
             payout_delay_s=0.0,
+            # The real rule, whatever the environment says (the test suite's default is no
+            # stake): without it paid work is routed before the agents' stakes are posted,
+            # and a verifier judged then has nothing to slash.
+            inference_stake=STAKE,
         )
         with _env(env):
             self.coord = CoordinatorThread(settings)
