@@ -15,9 +15,11 @@ measure routing and coordinator overhead, not a model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -113,13 +115,60 @@ def _ttft(client: openai.OpenAI, samples: int, model: str = MODEL) -> list[float
     return out
 
 
+def _attempts(db: Path | None, since: float, until: float) -> dict[str, float]:
+    """What the coordinator's attempts table says of one phase: slots held on average, the
+    median attempt, and the median refill (a node's attempt end to its next attempt start:
+    how long a freed slot sat idle, plus the agent's and the coordinator's hand-over)."""
+    if db is None or not db.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        rows = c.execute(
+            "SELECT node_id, started_at, ended_at FROM task_attempts"
+            " WHERE started_at >= ? AND ended_at IS NOT NULL AND ended_at <= ?",
+            (since, until),
+        ).fetchall()
+    if not rows:
+        return {}
+    wall = max(e for _, _, e in rows) - min(s for _, s, _ in rows)
+    ends: dict[str, list[float]] = {}
+    starts: dict[str, list[float]] = {}
+    for node, s, e in rows:
+        ends.setdefault(node, []).append(e)
+        starts.setdefault(node, []).append(s)
+    refills = []
+    for node, es in ends.items():
+        ss = sorted(starts[node])
+        for e in sorted(es):
+            later = [s for s in ss if s >= e]
+            if later:
+                refills.append(later[0] - e)
+    return {
+        "slots_held": round(sum(e - s for _, s, e in rows) / max(wall, 1e-9), 2),
+        "attempt_ms": round(1000 * statistics.median(e - s for _, s, e in rows), 1),
+        "refill_ms": round(1000 * statistics.median(refills), 1) if refills else 0.0,
+    }
+
+
 def _measure(
-    url: str, api_key: str, args: argparse.Namespace, slots: int, model: str = MODEL
+    url: str,
+    api_key: str,
+    args: argparse.Namespace,
+    slots: int,
+    model: str = MODEL,
+    db: Path | None = None,
 ) -> dict[str, Any]:
-    """Throughput of both ways, then TTFT idle and while a batch runs, on the grid at url."""
+    """Throughput of both ways, then TTFT idle and while a batch runs, on the grid at url
+    (`db`: the coordinator's SQLite file, to read each phase's attempts)."""
     with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120) as client:
+        t0 = time.time()
         interactive = _interactive(client, args.lines, slots, args.tokens, model)
+        t1 = time.time()
         batch = _batch(client, args.lines, args.tokens, model=model)
+        t2 = time.time()
+        phases = {
+            "interactive_attempts": _attempts(db, t0, t1),
+            "batch_attempts": _attempts(db, t1, t2),
+        }
         idle = _ttft(client, args.ttft_samples, model)
         big = _batch(client, args.lines * 2, args.tokens, wait=False, model=model)
         while True:
@@ -145,6 +194,7 @@ def _measure(
         "ttft_ratio": round(statistics.median(busy) / statistics.median(idle), 3),
         "batch_running_during_ttft": left is not None and left.completed < left.total,
         "load_average": round(os.getloadavg()[0], 2),
+        **phases,
     }
 
 
@@ -186,7 +236,8 @@ def _in_processes(
         if args.engine != "fake":  # the batch slots the providers registered
             nodes: list[dict[str, Any]] = grid.live_nodes()
             slots = sum(int(n["slots"]) - int(n["engine"].get("headroom", 0)) for n in nodes)
-        measured = _measure(grid.url, grid.api_key, args, slots, grid.model)
+        db = grid.data_dir / "coordinator.db"
+        measured = _measure(grid.url, grid.api_key, args, slots, grid.model, db)
         return {"headroom": headroom, "preempt": preempt, **measured}
     finally:
         grid.stop()
