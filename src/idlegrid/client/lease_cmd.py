@@ -4,6 +4,8 @@
 (coordinator/leases/routes.py): stdin, stdout and stderr streamed, the exit code kept;
 `exec` passes the signals it gets (Ctrl-C, kill) on to the command, as a local one gets them;
 `cp` sends or receives a tar stream (paths inside the lease are confined to /work).
+An error frame with `"fatal": false` (a frame of ours the coordinator refused) is one line
+on stderr, `idlegrid: <message> (<param>)`, and the command goes on; any other ends it.
 """
 
 from __future__ import annotations
