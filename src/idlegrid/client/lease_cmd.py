@@ -4,6 +4,8 @@
 (coordinator/leases/routes.py): stdin, stdout and stderr streamed, the exit code kept;
 `exec` passes the signals it gets (Ctrl-C, kill) on to the command, as a local one gets them;
 `cp` sends or receives a tar stream (paths inside the lease are confined to /work).
+An error frame with `"fatal": false` (a frame of ours the coordinator refused) is one line
+on stderr, `idlegrid: <message> (<param>)`, and the command goes on; any other ends it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ class LeaseError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+def warn(message: str) -> None:
+    """One line on stderr for an error the command goes on after."""
+    sys.stderr.write(f"idlegrid: {message}\n")
+    sys.stderr.flush()
+
+
 def exec_stream(
     url: str,
     api_key: str,
@@ -53,12 +61,17 @@ def exec_stream(
     stdin: Iterator[bytes | dict[str, Any]] | Iterator[bytes] | None = None,
     on_output: Callable[[int, bytes], None] = lambda fd, data: None,
     forward_signals: bool = False,
+    on_error: Callable[[str], None] = warn,
 ) -> int:
     """Run a command (or a cp, a forward, a shell) over the WebSocket; output goes to
     `on_output(1|2, bytes)` as it comes; `stdin` yields bytes (or a dict: a control frame,
     e.g. a shell's resize); returns the exit code, LeaseError if refused or lost.
-    `forward_signals` (main thread only): FORWARDED signals go to the command, not to us."""
-    return asyncio.run(_exec(url, api_key, lease_id, first, stdin, on_output, forward_signals))
+    `forward_signals` (main thread only): FORWARDED signals go to the command, not to us.
+    A frame the coordinator refused without ending the stream goes to `on_error` (by
+    default one line on stderr) and the command goes on."""
+    return asyncio.run(
+        _exec(url, api_key, lease_id, first, stdin, on_output, forward_signals, on_error)
+    )
 
 
 async def _open(url: str, api_key: str, lease_id: str) -> Any:
@@ -99,10 +112,15 @@ async def _started(ws: Any, first: dict[str, Any]) -> None:
         raise LeaseError(started["status"], started["message"], started.get("param"))
 
 
-def _control(msg: str) -> int | None:
-    """The exit code a control frame reports (None: not the end); LeaseError for an error."""
+def _control(msg: str, on_error: Callable[[str], None] = warn) -> int | None:
+    """The exit code a control frame reports (None: not the end); LeaseError for a fatal
+    error, `on_error("<message> (<param>)")` for one the stream goes on after (a frame of
+    ours the coordinator refused). An error without `fatal` (an older coordinator) ends."""
     ctl = json.loads(msg)
     if ctl.get("type") == "error":
+        if ctl.get("fatal", True) is False:
+            on_error(f"{ctl.get('message')} ({ctl.get('param')})")
+            return None
         raise LeaseError(ctl.get("status", 502), ctl["message"], ctl.get("param"))
     return int(ctl["code"]) if ctl.get("type") == "exit" else None
 
@@ -115,6 +133,7 @@ async def _exec(
     stdin: Iterator[bytes | dict[str, Any]] | Iterator[bytes] | None,
     on_output: Callable[[int, bytes], None],
     forward_signals: bool = False,
+    on_error: Callable[[str], None] = warn,
 ) -> int:
     loop = asyncio.get_running_loop()
     async with await _open(url, api_key, lease_id) as ws:
@@ -158,7 +177,7 @@ async def _exec(
             async for msg in ws:
                 if isinstance(msg, bytes):
                     on_output(msg[0], msg[1:])
-                elif (code := _control(msg)) is not None:
+                elif (code := _control(msg, on_error)) is not None:
                     return code
         finally:
             for sig in FORWARDED if forward_signals else ():

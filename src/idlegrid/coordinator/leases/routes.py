@@ -10,9 +10,12 @@ or `{"shell": true, "rows", "cols"}` (bash on a PTY inside the sandbox; the clie
 stdin is the keyboard, `{"type": "resize", "rows", "cols"}` resizes; leases/shell.py):
 server → client: binary frames `0x01 + bytes` (stdout), `0x02 + bytes` (stderr); text
 `{"type": "started", "exec"}`, `{"type": "exit", "code"}`, `{"type": "error", "status",
-"message", "param"}`;
+"message", "param", "fatal"}`;
 client → server: binary `0x00 + bytes` (stdin), text `{"type": "eof"}`,
-`{"type": "signal", "signal": N}`.
+`{"type": "signal", "signal": N}`. A client frame the relay cannot take (not JSON, an
+unknown type, a bad signal or size, stdin that is not open) is answered with a 400 error
+frame naming the field, `"fatal": false`, and the command and the stream go on
+(leases/control.py); a fatal error ends the stream.
 A client that disconnects leaves the command running (its output goes to the lease's
 logs) unless it asked `kill_on_disconnect`.
 """
@@ -31,6 +34,7 @@ from idlegrid.coordinator.deps import Services, parse, services
 from idlegrid.coordinator.http_errors import status_for
 from idlegrid.coordinator.leases import cp, forward, shell
 from idlegrid.coordinator.leases import schemas as s
+from idlegrid.coordinator.leases.control import Writer, read_consumer
 from idlegrid.coordinator.leases.relay import ExecRelay
 from idlegrid.coordinator.schemas import errors
 from idlegrid.errors import IdlegridError, InvalidRequest
@@ -161,13 +165,15 @@ async def exec_ws(ws: WebSocket, lease_id: str) -> None:
                     "status": status,
                     "message": err.message,
                     "param": err.data.get("param"),
+                    "fatal": True,
                 }
             )
         )
         await ws.close(code=4000 + status)
         return
-    await ws.send_text(json.dumps({"type": "started", "exec": relay.id}))
-    reader = asyncio.create_task(_read(ws, relay, stdin))
+    out = Writer(ws)
+    await out.json({"type": "started", "exec": relay.id})
+    reader = asyncio.create_task(read_consumer(ws, relay, stdin, out))
     left = False
     try:
         while not left:
@@ -185,12 +191,18 @@ async def exec_ws(ws: WebSocket, lease_id: str) -> None:
                 left = reader.done()
                 if not left:
                     # The agent's frame from its stream byte on: the consumer's frame as is.
-                    await ws.send({"type": "websocket.send", "bytes": data})
+                    await out.data(data)
                 await relay.credit(len(data) - 1)  # taken, or in the logs: passed on either way
                 continue
             msg = {"type": "exit", "code": data} if kind == "exit" else None
-            msg = msg or {"type": "error", "status": 502, "message": data, "param": None}
-            await ws.send_text(json.dumps(msg))
+            msg = msg or {
+                "type": "error",
+                "status": 502,
+                "message": data,
+                "param": None,
+                "fatal": True,
+            }
+            await out.json(msg)
             break
     except (WebSocketDisconnect, RuntimeError, OSError):
         left = True  # the consumer went away mid-stream
@@ -245,25 +257,3 @@ async def _start(
     alone = "forward" in first or bool(first.get("shell"))
     relay.shell = bool(first.get("shell"))
     return relay, stdin, bool(first.get("kill_on_disconnect", alone))
-
-
-async def _read(ws: WebSocket, relay: ExecRelay, stdin: bool) -> bool:
-    """Client frames until it closes; True when it disconnected (not a clean end)."""
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            return True
-        raw = message.get("bytes")
-        if raw is not None:
-            if raw[:1] == b"\x00" and stdin:
-                # Waits for room: the client's socket backs up.
-                await relay.write(shell.data(raw[1:]) if relay.shell else raw[1:])
-            continue
-        ctl = json.loads(message.get("text") or "{}")
-        if ctl.get("type") == "resize" and relay.shell:
-            with contextlib.suppress(IdlegridError):  # a bad size is dropped, not fatal
-                await relay.write(shell.resize(ctl.get("rows"), ctl.get("cols")))
-        elif ctl.get("type") == "eof" and stdin:
-            await relay.close_stdin()
-        elif ctl.get("type") == "signal" and isinstance(ctl.get("signal"), int):
-            await relay.signal(ctl["signal"])
