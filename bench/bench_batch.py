@@ -146,7 +146,30 @@ def _attempts(db: Path | None, since: float, until: float) -> dict[str, float]:
         "slots_held": round(sum(e - s for _, s, e in rows) / max(wall, 1e-9), 2),
         "attempt_ms": round(1000 * statistics.median(e - s for _, s, e in rows), 1),
         "refill_ms": round(1000 * statistics.median(refills), 1) if refills else 0.0,
+        "refill_mean_ms": round(1000 * statistics.fmean(refills), 1) if refills else 0.0,
+        "refill_p95_ms": round(1000 * _p95(refills), 1) if refills else 0.0,
     }
+
+
+def _p95(xs: list[float]) -> float:
+    return sorted(xs)[int(0.95 * (len(xs) - 1))]
+
+
+def _cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used, and the whole machine's."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    out["machine"] = (sum(map(int, cpu)) - int(cpu[3]) - int(cpu[4])) / tick  # less idle, iowait
+    return out
+
+
+def _cores(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    return {k: round((after[k] - before[k]) / wall, 2) for k in before if k in after}
 
 
 def _measure(
@@ -156,18 +179,23 @@ def _measure(
     slots: int,
     model: str = MODEL,
     db: Path | None = None,
+    pids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Throughput of both ways, then TTFT idle and while a batch runs, on the grid at url
     (`db`: the coordinator's SQLite file, to read each phase's attempts)."""
     with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120) as client:
-        t0 = time.time()
+        pids = pids or {}
+        c0, t0 = _cpu_s(pids), time.time()
         interactive = _interactive(client, args.lines, slots, args.tokens, model)
-        t1 = time.time()
+        c1, t1 = _cpu_s(pids), time.time()
         batch = _batch(client, args.lines, args.tokens, model=model)
-        t2 = time.time()
+        c2, t2 = _cpu_s(pids), time.time()
         phases = {
             "interactive_attempts": _attempts(db, t0, t1),
             "batch_attempts": _attempts(db, t1, t2),
+            # Cores each process kept busy in each phase (the machine's includes the bench).
+            "interactive_cores": _cores(c0, c1, t1 - t0),
+            "batch_cores": _cores(c1, c2, t2 - t1),
         }
         idle = _ttft(client, args.ttft_samples, model)
         big = _batch(client, args.lines * 2, args.tokens, wait=False, model=model)
@@ -237,7 +265,9 @@ def _in_processes(
             nodes: list[dict[str, Any]] = grid.live_nodes()
             slots = sum(int(n["slots"]) - int(n["engine"].get("headroom", 0)) for n in nodes)
         db = grid.data_dir / "coordinator.db"
-        measured = _measure(grid.url, grid.api_key, args, slots, grid.model, db)
+        pids = {"coordinator": grid.coordinator.pid} if grid.coordinator else {}
+        pids |= {f"provider{i}": p.pid for i, p in enumerate(grid.agents)}
+        measured = _measure(grid.url, grid.api_key, args, slots, grid.model, db, pids)
         return {"headroom": headroom, "preempt": preempt, **measured}
     finally:
         grid.stop()

@@ -50,7 +50,13 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def _task(store: Store, key_id: str, task_id: str, batch: dict[str, Any] | None) -> None:
+def _task(
+    store: Store,
+    key_id: str,
+    task_id: str,
+    batch: dict[str, Any] | None,
+    target: str | None = None,
+) -> None:
     payload: dict[str, Any] = {"prompt": "x", "price_cap": [PRICE.prompt, PRICE.output]}
     if batch is not None:
         payload["batch"] = batch
@@ -61,7 +67,7 @@ def _task(store: Store, key_id: str, task_id: str, batch: dict[str, Any] | None)
         kind="completion",
         payload=payload,
         hold=1_000,
-        target_node_id=None,
+        target_node_id=target,
         priority=int(batch is not None),
     )
 
@@ -154,3 +160,22 @@ def test_batch_slots_leave_the_engines_headroom_to_interactive_work(store: Store
     _node(store, "n1", engine={"headroom": 9})  # never below one slot
     node = next(n for n in store.nodes() if n.id == "n1")
     assert batch_slots(node) == 1
+
+
+def test_a_line_routed_to_a_node_is_claimed_by_it_even_with_its_batch_slots_full(
+    store: Store,
+) -> None:
+    """Routing counted the line in the node's batch slots (`in_flight`): the free slot
+    that polls for it must take it, not leave it for the supervisor to untarget."""
+    _node(store, "n2")
+    key_id, _ = store.create_api_key("k")
+    consumer = ledger.consumer_account(key_id)
+    store.post(ledger.mint("m", consumer, 10 * MICRO, Cause("deposit", "m")))
+    store.post(batch_escrow("b4", consumer, 5_000))
+    tag = {"id": "b4", "custom_id": "a", "payer": escrow_account("b4"), "share_bps": 5_000}
+    _task(store, key_id, "batch-free", tag)
+    _task(store, key_id, "batch-mine", {**tag, "custom_id": "b"}, target="n1")
+    _task(store, key_id, "batch-theirs", {**tag, "custom_id": "c"}, target="n2")
+    got = store.claim("n1", [MODEL], batch_ok=False)
+    assert got is not None and got.id == "batch-mine"
+    assert store.claim("n1", [MODEL], batch_ok=False) is None  # nor any other line

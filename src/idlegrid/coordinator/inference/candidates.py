@@ -89,6 +89,9 @@ def for_batch(
             prompt_price=batch[c.node_id].prompt,
             output_price=batch[c.node_id].output,
             slots=batch_slots(nodes[c.node_id]),
+            # A poll claiming a line there counts too (for batch lines only: interactive work
+            # that saw it as full would ask a line to hand its slot back).
+            in_flight=c.in_flight + inf.hub.claiming.get(c.node_id, 0),
         )
         for c in cands
         if c.node_id in batch

@@ -73,6 +73,9 @@ class Hub:
         self._route_seq = 0
         # Each node's agent channel, to ask a batch attempt to yield (inference/channel.py).
         self._senders: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
+        # Per node, polls whose claim of a batch line is under way (a database round trip):
+        # a slot each, so routing meanwhile does not hand a second line to the same room.
+        self.claiming: dict[str, int] = {}
 
     def attach(self, node_id: str, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         """A node's channel opened: frames to its agent go through `send`."""
