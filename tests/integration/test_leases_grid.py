@@ -592,3 +592,20 @@ def test_a_live_lease_extends_escrowing_first_and_an_ended_one_refuses(grid: Gri
     assert order["spent"] == lease["billed_s"] * 1000
     assert grid.balance(ledger.order_escrow_account("L8")) == 0
     assert grid.balance(consumer) == before - order["spent"]
+
+
+def test_a_pass_whose_live_set_predates_a_lease_does_not_call_its_provider_lost(
+    grid: Grid,
+) -> None:
+    """The supervisor reads the live set when its pass begins; a lease adopted later in the
+    pass may sit on a node registered after that (CI failed both leases of a fresh grid as
+    "provider lost"). Settling with a live set that misses a provider whose own record is
+    fresh leaves its lease alone."""
+    _order(grid, "L9", "RTX-4090")
+    _wait_state(grid, "L9", "running")
+    leases = grid.coordinator.app.state.services.leases
+    leases._settle(frozenset())  # the stale snapshot: nobody live
+    assert grid.lease("L9")["state"] == "running"
+    with grid.http() as c:
+        c.post("/api/v1/leases/L9/end").raise_for_status()
+    _wait_state(grid, "L9", "ended")

@@ -4,9 +4,8 @@ The tick adopts each active lease order (a lease row, `pending → placed → pr
 tells the provider's agent to provision over its channel, bills running seconds through
 the market (`billable_seconds`, in the same transaction as the lease's own move), ends
 leases whose paid time is used up, and fails those whose provider vanished (billed up to
-that moment, the rest refunded, the consumer told the files are lost). Frames the agent
-sends back (`provisioned`, `wiped`, exec output) arrive through `on_agent_frame`.
-"""
+that moment, the rest refunded, the consumer told the files are lost). Agent frames
+(`provisioned`, `wiped`, exec output) arrive through `on_agent_frame`."""
 
 from __future__ import annotations
 
@@ -316,11 +315,15 @@ class Leases:
         never answered; returns the (node, lease) pairs whose agent must wipe now."""
         now = self.ctx.clock()
         nodes = self._nodes()
+        cutoff = now - self.ctx.settings.node_timeout_s
         wipe = []
         with self.store.tx() as s:
             for row in s.scalars(select(Lease).where(Lease.state.in_(PLACED), Lease.node_id != "")):
-                if row.node_id not in live:
-                    seen = nodes.get(row.node_id)
+                seen = nodes.get(row.node_id)
+                # `live` is from the pass's start; a lease adopted since may be on a node
+                # registered after it (CI: a fresh grid's leases "lost"). Lost means now.
+                fresh = seen is not None and seen.state == "live" and seen.last_seen >= cutoff
+                if row.node_id not in live and not fresh:
                     lost_at = seen.last_seen if seen is not None else now
                     row.message = {
                         LeaseState.PENDING.value: LOST_EARLY,
@@ -358,7 +361,6 @@ class Leases:
                 hist = _history(s, row.id)
                 # Billed only up to the provider's last sign of life: a provider that died
                 # is found out a timeout later, and that time is the consumer's to keep.
-                seen = nodes.get(row.node_id)
                 alive = min(now, seen.last_seen) if seen is not None else now
                 if running_seconds(hist, now) >= row.hours * 3600:
                     ran_out = hist[-1].at + row.hours * 3600 - running_seconds(hist, hist[-1].at)
