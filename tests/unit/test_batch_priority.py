@@ -72,12 +72,18 @@ def _task(
     )
 
 
-def test_interactive_work_is_claimed_before_older_batch_lines(store: Store) -> None:
+def _funded_batch(store: Store, batch_id: str, custom_id: str) -> tuple[str, str, dict[str, Any]]:
+    """A key with 10 credits, 5,000 µcr of them escrowed for `batch_id`, and a line's tag."""
     key_id, _ = store.create_api_key("k")
     consumer = ledger.consumer_account(key_id)
     store.post(ledger.mint("m", consumer, 10 * MICRO, Cause("deposit", "m")))
-    store.post(batch_escrow("b1", consumer, 5_000))
-    tag = {"id": "b1", "custom_id": "line-7", "payer": escrow_account("b1"), "share_bps": 5_000}
+    store.post(batch_escrow(batch_id, consumer, 5_000))
+    tag = {"id": batch_id, "custom_id": custom_id, "payer": escrow_account(batch_id)}
+    return key_id, consumer, {**tag, "share_bps": 5_000}
+
+
+def test_interactive_work_is_claimed_before_older_batch_lines(store: Store) -> None:
+    key_id, consumer, tag = _funded_batch(store, "b1", "line-7")
     _task(store, key_id, "batch-1", tag)
     _task(store, key_id, "batch-2", {**tag, "custom_id": "line-8"})
     _task(store, key_id, "chat-1", None)
@@ -120,11 +126,7 @@ def _node(store: Store, node_id: str, engine: dict[str, Any] | None = None, **ba
 
 def test_a_provider_that_serves_no_batch_work_never_claims_a_line(store: Store) -> None:
     _node(store, "n1", batch=False)  # registers again, opting out
-    key_id, _ = store.create_api_key("k")
-    consumer = ledger.consumer_account(key_id)
-    store.post(ledger.mint("m", consumer, 10 * MICRO, Cause("deposit", "m")))
-    store.post(batch_escrow("b2", consumer, 5_000))
-    tag = {"id": "b2", "custom_id": "a", "payer": escrow_account("b2"), "share_bps": 5_000}
+    key_id, consumer, tag = _funded_batch(store, "b2", "a")
     _task(store, key_id, "batch-x", tag)
     assert store.claim("n1", [MODEL]) is None
     # A provider with its own batch price takes it, at that price.
@@ -137,11 +139,7 @@ def test_a_provider_that_serves_no_batch_work_never_claims_a_line(store: Store) 
 
 
 def test_a_node_whose_batch_slots_are_full_claims_interactive_work_only(store: Store) -> None:
-    key_id, _ = store.create_api_key("k")
-    consumer = ledger.consumer_account(key_id)
-    store.post(ledger.mint("m", consumer, 10 * MICRO, Cause("deposit", "m")))
-    store.post(batch_escrow("b3", consumer, 5_000))
-    tag = {"id": "b3", "custom_id": "a", "payer": escrow_account("b3"), "share_bps": 5_000}
+    key_id, consumer, tag = _funded_batch(store, "b3", "a")
     _task(store, key_id, "batch-y", tag)
     assert store.claim("n1", [MODEL], batch_ok=False) is None
     _task(store, key_id, "chat-y", None)
@@ -168,11 +166,7 @@ def test_a_line_routed_to_a_node_is_claimed_by_it_even_with_its_batch_slots_full
     """Routing counted the line in the node's batch slots (`in_flight`): the free slot
     that polls for it must take it, not leave it for the supervisor to untarget."""
     _node(store, "n2")
-    key_id, _ = store.create_api_key("k")
-    consumer = ledger.consumer_account(key_id)
-    store.post(ledger.mint("m", consumer, 10 * MICRO, Cause("deposit", "m")))
-    store.post(batch_escrow("b4", consumer, 5_000))
-    tag = {"id": "b4", "custom_id": "a", "payer": escrow_account("b4"), "share_bps": 5_000}
+    key_id, consumer, tag = _funded_batch(store, "b4", "a")
     _task(store, key_id, "batch-free", tag)
     _task(store, key_id, "batch-mine", {**tag, "custom_id": "b"}, target="n1")
     _task(store, key_id, "batch-theirs", {**tag, "custom_id": "c"}, target="n2")
