@@ -38,13 +38,19 @@ class Grid:
     agents: list[AgentThread]
     key_id: str
     api_key: str
+    # Clients a test forgets to close would be garbage-collected during a later test, whose
+    # ResourceWarning (an error here) then names the wrong test; stop_grid closes them all.
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return self.coordinator.url
 
     def client(self, **kw: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0, **kw)  # type: ignore[arg-type]
+        """An OpenAI client of this grid's key, closed by stop_grid."""
+        c = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0, **kw)  # type: ignore[arg-type]
+        self.clients.append(c)
+        return c
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=30)
@@ -114,6 +120,8 @@ def start_grid(
 
 
 def stop_grid(grid: Grid) -> None:
+    for c in grid.clients:
+        c.close()
     for a in grid.agents:
         if a.thread and a.thread.is_alive():
             a.stop()
