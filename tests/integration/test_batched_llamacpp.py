@@ -22,7 +22,7 @@ import pytest
 from idlegrid.core.trust import commitment as cm
 from idlegrid.core.trust import sampling
 from idlegrid.engines.base import SamplingParams
-from idlegrid.engines.batched import BatchedLlama
+from idlegrid.engines.batched import BatchedLlama, _Preempted
 from idlegrid.engines.commit import Recorder, build_commitment
 from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL
@@ -347,3 +347,42 @@ def test_a_step_with_a_hole_in_its_slots_records_the_ubatches_llama_cpp_runs(
     finally:
         b.close()
         v.close()
+
+
+def test_an_abort_in_a_gapped_steps_second_ubatch_leaves_no_position_of_the_first(
+    engine: LlamaCppEngine,
+) -> None:
+    # Slots 0 and 2 decode as two ubatches. llama.cpp takes only the aborted ubatch's
+    # positions out of the cache (llama.h: processed ubatches remain), so an abort in the
+    # second left slot 0's row in, and the re-decode next turn put that position in twice.
+    import llama_cpp
+
+    b = BatchedLlama(engine, 4, chunk=8, context_per_seq=64)
+    lib, calls, abort_after = b._lib, [0], [10**9]
+
+    @llama_cpp.ggml_abort_callback  # type: ignore[misc]
+    def counting(_: object) -> bool:
+        calls[0] += 1
+        return calls[0] > abort_after[0]
+
+    try:
+        lib.llama_set_abort_callback(b._ctx, counting, None)
+        ids = engine.tokenize(PROMPTS[0])
+        for sid in (0, 2, 3):
+            b._decode([(t, p, sid, False) for p, t in enumerate(ids[:-1])])
+        calls[0] = 0
+        b._embeddings(True)
+        b._decode([(ids[-1], len(ids) - 1, 3, True)])  # one ubatch of one row: its calls
+        per_ubatch, alone = calls[0], b._row(0)[0]
+        calls[0], abort_after[0] = 0, per_ubatch + per_ubatch // 2  # mid second ubatch
+        with pytest.raises(_Preempted):
+            b._decode([(ids[-1], len(ids) - 1, sid, True) for sid in (0, 2)])
+        assert per_ubatch < calls[0] <= 2 * per_ubatch
+        for sid in (0, 2):
+            assert lib.llama_memory_seq_pos_max(b._mem, sid) == len(ids) - 2, sid
+        # Decoded again next turn, slot 0 (alone in its ubatch) gives what slot 3 gave alone.
+        abort_after[0] = 10**9
+        b._decode([(ids[-1], len(ids) - 1, sid, True) for sid in (0, 2)])
+        assert np.array_equal(b._row(0)[0], alone)
+    finally:
+        b.close()

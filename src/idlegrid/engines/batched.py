@@ -43,7 +43,7 @@ _END = object()
 
 
 class _Preempted(Exception):
-    """A decode aborted for urgent work; llama.cpp rolled its positions back."""
+    """A decode aborted for urgent work; its rows' positions are out of the cache again."""
 
 
 def _flag_callback() -> Any:
@@ -140,9 +140,9 @@ class BatchedLlama:
         self._embeddings_on = False
         # Pre-emption: a streaming request that arrives while a turn decodes only work nobody
         # waits on token by token (batch lines) aborts that decode, so its time to first
-        # token is not the rest of a wide step. llama.cpp removes an aborted ubatch's
-        # positions from the cache, and the rows decode again next turn with the same shape
-        # into the same cells: bit for bit what they would have been (tested).
+        # token is not the rest of a wide step. The aborted step's positions leave the cache
+        # (`_decode`), and the rows decode again next turn with the same shape into the same
+        # cells: bit for bit what they would have been (tested).
         self._abort_flag = ctypes.create_string_buffer(2)
         self._abort_cb = _flag_callback()  # referenced here: llama.cpp keeps only the pointer
         lib.llama_set_abort_callback(
@@ -447,7 +447,12 @@ class BatchedLlama:
             b.logits[i] = out
         b.n_tokens = len(rows)
         rc = self._lib.llama_decode(self._ctx, b)
-        if rc == 2:  # aborted by the flag; the ubatch's positions are out of the cache again
+        if rc == 2:  # aborted by the flag
+            # llama.cpp takes only the aborted ubatch's positions out of the cache; a gapped
+            # step's earlier ubatches stay (llama.h), and decoding their rows again next
+            # turn put each position in twice: those rows then replayed inexactly.
+            for _, pos, sid, _ in rows:
+                self._lib.llama_memory_seq_rm(self._mem, sid, pos, -1)
             raise _Preempted()
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc}", engine="llama.cpp")
