@@ -74,3 +74,56 @@ def test_a_dead_coordinator_is_reported_and_restarted(grid: LocalGrid) -> None:
     grid.wait_for_providers(3, timeout_s=60)  # the agents found the new coordinator
     c = openai.OpenAI(base_url=f"{grid.url}/v1", api_key=grid.api_key, max_retries=0)
     assert c.completions.create(model="fake:1", prompt="after", max_tokens=4).usage
+
+
+def test_a_provider_killed_mid_answer_hands_it_on_when_its_channel_closes(tmp_path: Path) -> None:
+    # The node timeout and the stall timeout are 30 s here: the answer moves because the
+    # killed agent's channel closed and no heartbeat followed within two intervals (1 s).
+    # Before, a killed provider's answer waited out one of those (chaos p99 12 s of 1.5).
+    g = LocalGrid(
+        data_dir=tmp_path,
+        port=free_port(),
+        providers=2,
+        engine="fake",
+        model="fake:1",
+        funding_credits=1000,
+        provider_args=["--skip-benchmark"],
+        extra_env={
+            "IDLEGRID_FAKE_TOKEN_DELAY": "0.05",
+            "IDLEGRID_NODE_TIMEOUT_S": "30",
+            "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5",
+            "IDLEGRID_STALL_TIMEOUT_S": "30",
+        },
+    )
+    g.start(timeout_s=120)
+    try:
+        with openai.OpenAI(base_url=f"{g.url}/v1", api_key=g.api_key, max_retries=0) as c:
+            stream = c.completions.create(
+                model="fake:1",
+                prompt="killed mid-answer",
+                max_tokens=60,
+                temperature=0,
+                stream=True,
+            )
+            first = next(iter(stream))
+            serving = [
+                i
+                for i in range(2)
+                if f"task {first.id} attempt 1" in g._log_path(f"provider-{i}").read_text()
+            ]
+            assert len(serving) == 1, serving
+            g.agents[serving[0]].kill()
+            killed = time.monotonic()
+            text = first.choices[0].text + "".join(
+                ch.choices[0].text for ch in stream if ch.choices
+            )
+            took = time.monotonic() - killed
+            again = c.completions.create(
+                model="fake:1", prompt="killed mid-answer", max_tokens=60, temperature=0
+            )
+        assert text == again.choices[0].text  # continued where it stopped, nothing lost
+        assert took < 10, took  # 60 tokens take 3 s; waiting out a 30 s timeout fails this
+        log = g._log_path("coordinator").read_text()
+        assert f"task {first.id}: attempt 1 provider lost: its channel closed" in log
+    finally:
+        g.stop()

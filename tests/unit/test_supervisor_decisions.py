@@ -141,6 +141,25 @@ def test_inference_lost_provider() -> None:
         ]
 
 
+def test_inference_a_provider_whose_channel_closed_and_that_stopped_heartbeating_is_lost() -> None:
+    lim = t.SuperviseLimits(15, 60, 120, channel_grace_s=4)
+
+    def after_close(seen: float, closed: float) -> list[t.SuperviseAction]:
+        snap = t.RunningSnap("t1", 1, "p1", t.StreamSnap(1, "p1", NOW - 1), seen, closed)
+        return t.supervise_running(snap, frozenset(), NOW, lim)
+
+    # Silent since its channel closed, for the grace: its work moves, 11 s before the timeout.
+    assert after_close(seen=NOW - 5, closed=NOW - 4) == [
+        t.TakeBack("t1", 1, "provider lost: its channel closed")
+    ]
+    assert after_close(seen=NOW - 5, closed=NOW - 3.9) == []  # still within the grace
+    # A heartbeat since the close: the agent lives (on HTTP) and keeps its work.
+    assert after_close(seen=NOW - 2, closed=NOW - 4) == []
+    # No grace set: only the node timeout decides.
+    snap = t.RunningSnap("t1", 1, "p1", t.StreamSnap(1, "p1", NOW - 1), NOW - 5, NOW - 4)
+    assert t.supervise_running(snap, frozenset(), NOW, SL) == []
+
+
 def test_inference_stalled_provider() -> None:
     stalled = running(t.StreamSnap(1, "p1", NOW - 61))
     assert t.supervise_running(stalled, frozenset(), NOW, SL) == [

@@ -120,6 +120,10 @@ class SuperviseLimits:
     stall_timeout_s: float
     queue_timeout_s: float
     untarget_after_s: float = 1.0
+    # A provider whose channel closed and that sent no heartbeat this long since is gone
+    # (a killed agent): its work moves then, not after `node_timeout_s`. An agent that only
+    # lost its channel heartbeats meanwhile over HTTP and keeps its work (2 intervals).
+    channel_grace_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ class RunningSnap:
     node_id: str | None
     stream: StreamSnap | None
     node_last_seen: float | None
+    channel_closed_at: float | None = None  # when its agent's channel closed (None: open)
 
 
 @dataclass(frozen=True)
@@ -219,9 +224,18 @@ def supervise_running(
         out.append(Adopt(t.task_id, t.attempt, t.node_id))
     if t.node_last_seen is None or t.node_last_seen < now - limits.node_timeout_s:
         out.append(TakeBack(t.task_id, t.attempt, "provider lost"))
+    elif _channel_gone(t, now, limits):
+        out.append(TakeBack(t.task_id, t.attempt, "provider lost: its channel closed"))
     elif now - last_progress > limits.stall_timeout_s:
         out.append(TakeBack(t.task_id, t.attempt, "provider stalled"))
     return out
+
+
+def _channel_gone(t: RunningSnap, now: float, limits: SuperviseLimits) -> bool:
+    closed, grace = t.channel_closed_at, limits.channel_grace_s
+    if closed is None or grace is None or now - closed < grace:
+        return False
+    return t.node_last_seen is None or t.node_last_seen <= closed
 
 
 def supervise_queued(t: QueuedSnap, now: float, limits: SuperviseLimits) -> list[SuperviseAction]:

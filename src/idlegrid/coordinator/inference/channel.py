@@ -113,9 +113,12 @@ class _Channel:
             await self.ws.send_bytes(raw)
 
     async def run(self) -> None:
+        # One bound method for attach and detach: each `self.send` is a new object, and a
+        # detach that compared them by identity never matched (it never detached).
+        send = self.send
         # Lease frames (provision, exec streams) reach this agent through this channel.
-        self.svc.leases.attach(self.node_id, self.send)
-        self.svc.inference.hub.attach(self.node_id, self.send)  # batch attempts asked to yield
+        self.svc.leases.attach(self.node_id, send)
+        self.svc.inference.hub.attach(self.node_id, send)  # batch attempts asked to yield
         try:
             while True:
                 message = await self.ws.receive()
@@ -140,8 +143,8 @@ class _Channel:
         except WebSocketDisconnect:
             return
         finally:
-            self.svc.leases.detach(self.node_id, self.send)
-            self.svc.inference.hub.detach(self.node_id, self.send)
+            self.svc.leases.detach(self.node_id, send)
+            self.svc.inference.hub.detach(self.node_id, send, self.svc.inference.clock())
             for poll in self.polls.values():
                 poll.cancel()
 

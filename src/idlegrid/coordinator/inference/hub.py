@@ -76,15 +76,22 @@ class Hub:
         # Per node, polls whose claim of a batch line is under way (a database round trip):
         # a slot each, so routing meanwhile does not hand a second line to the same room.
         self.claiming: dict[str, int] = {}
+        # When each node's channel closed, until it opens one again (core/tasks: a provider
+        # that also stops heartbeating is gone before its node timeout).
+        self.channel_closed: dict[str, float] = {}
 
     def attach(self, node_id: str, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         """A node's channel opened: frames to its agent go through `send`."""
         self._senders[node_id] = send
+        self.channel_closed.pop(node_id, None)
 
-    def detach(self, node_id: str, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        """A node's channel closed (unless a newer one replaced it)."""
+    def detach(
+        self, node_id: str, send: Callable[[dict[str, Any]], Awaitable[None]], now: float
+    ) -> None:
+        """A node's channel closed at `now` (unless a newer one replaced it)."""
         if self._senders.get(node_id) is send:
             del self._senders[node_id]
+            self.channel_closed[node_id] = now
 
     def batch_runner(self, node_ids: list[str]) -> str | None:
         """The first of these nodes running a batch attempt that could yield."""

@@ -27,6 +27,7 @@ async def supervise(inf: Inference, live: frozenset[str]) -> None:
         inf.settings.node_timeout_s,
         inf.settings.stall_timeout_s,
         inf.settings.queue_timeout_s,
+        channel_grace_s=min(2 * inf.settings.heartbeat_interval_s, inf.settings.node_timeout_s),
     )
     before = frozenset(inf.unmatched_seen)
     unmatched: set[tuple[str, int, str | None]] = set()
@@ -41,6 +42,7 @@ async def supervise(inf: Inference, live: frozenset[str]) -> None:
             if stream is not None
             else None,
             node.last_seen if node is not None else None,
+            inf.hub.channel_closed.get(task.node_id or ""),
         )
         for act in tasks.supervise_running(snap, before, now, limits):
             if isinstance(act, tasks.FailTask):
