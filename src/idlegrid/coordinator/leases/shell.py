@@ -58,9 +58,9 @@ sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 def _size(rows: object, cols: object) -> tuple[int, int]:
     out = []
-    for v in (rows, cols):
+    for name, v in (("rows", rows), ("cols", cols)):
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1000:
-            raise InvalidRequest("rows, cols: terminal size, 1 to 1000 each", param="rows")
+            raise InvalidRequest(f"{name}: terminal size, 1 to 1000", param=name)
         out.append(v)
     return out[0], out[1]
 
