@@ -15,7 +15,7 @@ import pytest
 from idlegrid.client.sdk import GridClient
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core import ledger
-from idlegrid.core.ledger import MICRO, Cause, Posting, Price
+from idlegrid.core.ledger import MICRO, Price
 from idlegrid.engines.fake import FakeEngine
 from idlegrid.testbed.inprocess import (
     AgentThread,
@@ -60,14 +60,7 @@ def test_a_lease_starts_on_its_providers_proofs_and_an_unproven_class_fails_it(
                 workspace_root=tmp_path / f"ws-{name}",
             )  # fmt: skip
             nodes[name] = agent.client.key.node_id
-            wait_until(lambda: hasattr(coord.app.state, "services"))
-            acct = ledger.stake_account(nodes[name], model)
-            coord.app.state.services.store.post(
-                ledger.make_entry(
-                    f"stake:{name}", Cause("test", name),
-                    [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)],
-                )
-            )  # fmt: skip
+            coord.post_stake(nodes[name], model, STAKE)
             agents.append(AgentThread(agent))
             agents[-1].start()
         with GridClient(coord.url, key["api_key"]) as client:

@@ -24,7 +24,7 @@ from idlegrid.client.sdk import GridClient
 from idlegrid.config import CoordinatorSettings
 from idlegrid.core import ledger
 from idlegrid.core.lease.lifecycle import Transition, billable_until
-from idlegrid.core.ledger import MICRO, Cause, Posting, Price
+from idlegrid.core.ledger import MICRO, Price
 from idlegrid.engines.fake import FakeEngine
 from idlegrid.testbed.inprocess import (
     AgentThread,
@@ -94,14 +94,7 @@ def test_a_failed_recheck_of_the_leased_class_ends_the_lease_and_refunds_unprove
                 workspace_root=tmp_path / f"ws-{name}",
             )  # fmt: skip
             nodes[name] = agent.client.key.node_id
-            wait_until(lambda: hasattr(coord.app.state, "services"))
-            acct = ledger.stake_account(nodes[name], model)
-            coord.app.state.services.store.post(
-                ledger.make_entry(
-                    f"stake:{name}", Cause("test", name),
-                    [Posting(ledger.ISSUER, -STAKE), Posting(acct, STAKE)],
-                )
-            )  # fmt: skip
+            coord.post_stake(nodes[name], model, STAKE)
             agents[name] = AgentThread(agent)
             agents[name].start()
         services = coord.app.state.services

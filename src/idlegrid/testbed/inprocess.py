@@ -89,6 +89,28 @@ class CoordinatorThread:
             ).raise_for_status()
         return key
 
+    def post_stake(self, node_id: str, device_class: str, amount: int) -> None:
+        """Mint `amount` µcr straight into a node's stake for a device class (the ledger
+        entry an agent's `--stake` leads to), once the app is up."""
+        from idlegrid.core import ledger
+
+        ready, waited = threading.Event(), 0.0
+        while not hasattr(self.app.state, "services"):
+            if waited > 30:
+                raise TimeoutError("the coordinator's app did not start")
+            ready.wait(0.02)
+            waited += 0.02
+        self.app.state.services.store.post(
+            ledger.make_entry(
+                f"stake:{node_id}:{device_class}",
+                ledger.Cause("test", node_id),
+                [
+                    ledger.Posting(ledger.ISSUER, -amount),
+                    ledger.Posting(ledger.stake_account(node_id, device_class), amount),
+                ],
+            )
+        )
+
     def start(self, timeout_s: float = 30.0) -> None:
         """Start serving and wait until the server has started."""
         self.thread.start()
