@@ -231,6 +231,12 @@ def test_a_streamed_sequence_joining_a_busy_batch_gets_its_first_token_alone(
     assert rec2.shapes[0][0] > 1, rec2.shapes
 
 
+def _idle(b: BatchedLlama) -> None:
+    """Wait until the last test's sequences are retired (their consumers closed them)."""
+    with b._cv:
+        assert b._cv.wait_for(lambda: not b._active and not b._pending, 30)
+
+
 def _log_decodes(
     b: BatchedLlama,
     monkeypatch: pytest.MonkeyPatch,
@@ -276,6 +282,7 @@ def test_a_streamed_arrival_aborts_a_decode_of_batch_lines_which_then_decode_unc
             arrived.wait(60)
 
     decodes = _log_decodes(batched, monkeypatch, hold)
+    _idle(batched)  # the lines get slots 0 and 1: one ubatch, which an arrival may abort
 
     def line(k: int) -> None:
         ids, rec, out = engine.tokenize(PROMPTS[k]), Recorder(), []
@@ -386,3 +393,62 @@ def test_an_abort_in_a_gapped_steps_second_ubatch_leaves_no_position_of_the_firs
         assert np.array_equal(b._row(0)[0], alone)
     finally:
         b.close()
+
+
+def test_an_arrival_does_not_abort_a_gapped_step(
+    engine: LlamaCppEngine,
+    batched: BatchedLlama,
+    verifier: BatchedLlama,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Lines in slots 0 and 2 decode as two ubatches; an abort in the first changed how the
+    # second's sequence decoded next (not bit for bit), so a gapped step runs to its end
+    # and the arrival waits for it.
+    _idle(batched)
+    in_step, arrived = threading.Event(), threading.Event()
+    gapped = threading.Event()
+
+    def hold(rows: list[tuple[int, int, int, bool]]) -> None:
+        if gapped.is_set() and not arrived.is_set() and [r[2] for r in rows] == [0, 2]:
+            in_step.set()
+            arrived.wait(60)
+
+    decodes = _log_decodes(batched, monkeypatch, hold)
+    ids = [engine.tokenize(PROMPTS[k]) for k in (0, 1, 2)]
+    recs = [Recorder() for _ in range(3)]
+    its = [
+        batched.generate(ids[k], SamplingParams(TEMPERATURE, 1.0, seed=k), recs[k])
+        for k in range(3)
+    ]
+    outs: list[list[int]] = [[next(it)] for it in its]  # all three admitted: slots 0, 1, 2
+    its[1].close()  # type: ignore[attr-defined]
+    gapped.set()
+    stop = threading.Event()
+
+    def line(k: int) -> None:
+        for token in its[k]:
+            outs[k].append(token)
+            if len(outs[k]) >= 60 or stop.is_set():
+                break
+        its[k].close()  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=line, args=(k,)) for k in (0, 2)]
+    for t in threads:
+        t.start()
+    assert in_step.wait(120), decodes
+    before = batched.preempted
+    rec, out = Recorder(), []
+    it = batched.generate(
+        engine.tokenize(PROMPTS[4]), SamplingParams(TEMPERATURE, 1.0, seed=7), rec, urgent=True
+    )
+    arrived.set()
+    _consume(it, 1, out)
+    stop.set()
+    for t in threads:
+        t.join(600)
+    assert batched.preempted == before, decodes
+    for k in (0, 2):
+        n = len(outs[k])
+        states, picks = _replay(verifier, ids[k], outs[k], recs[k].shapes[:n], k)
+        assert np.array_equal(states, np.stack(recs[k].states[:n])), (k, decodes)
+        assert picks == outs[k]

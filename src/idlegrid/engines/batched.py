@@ -284,7 +284,13 @@ class BatchedLlama:
                     ready = [s for s in ready if id(s) in waiting]
                 prefill = prefill[: self.prefill_per_turn]
                 self._abort_flag[0] = b"\x00"
-                self._preemptible = not any(s.urgent for s in [*prefill, *ready])
+                # Only a step of one ubatch (consecutive slots): after an abort in a gapped
+                # step's first ubatch, a sequence of a later one (which never ran, and has
+                # no position to take out) decodes its next row differently from a replay
+                # (measured, in a solo step too): llama.cpp planned that ubatch's cells too.
+                self._preemptible = not any(s.urgent for s in [*prefill, *ready]) and (
+                    not ready or ready[-1].sid - ready[0].sid == len(ready) - 1
+                )
             with self._replaying:
                 try:
                     for seq in prefill:
