@@ -18,24 +18,32 @@ from idlegrid.testbed.inprocess import free_port
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def grid(tmp_path: Path) -> Iterator[LocalGrid]:
+def _fake_grid(
+    tmp_path: Path, providers: int, token_delay: float, node_timeout: float, stall: float
+) -> LocalGrid:
+    """A started, funded grid of fake-engine providers, heartbeating every 0.5 s."""
     g = LocalGrid(
         data_dir=tmp_path,
         port=free_port(),
-        providers=3,
+        providers=providers,
         engine="fake",
         model="fake:1",
         funding_credits=1000,
         provider_args=["--skip-benchmark"],
         extra_env={
-            "IDLEGRID_FAKE_TOKEN_DELAY": "0.03",
-            "IDLEGRID_NODE_TIMEOUT_S": "3",
+            "IDLEGRID_FAKE_TOKEN_DELAY": str(token_delay),
+            "IDLEGRID_NODE_TIMEOUT_S": str(node_timeout),
             "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5",
-            "IDLEGRID_STALL_TIMEOUT_S": "5",
+            "IDLEGRID_STALL_TIMEOUT_S": str(stall),
         },
     )
     g.start(timeout_s=120)
+    return g
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Iterator[LocalGrid]:
+    g = _fake_grid(tmp_path, providers=3, token_delay=0.03, node_timeout=3, stall=5)
     yield g
     g.stop()
 
@@ -80,22 +88,7 @@ def test_a_provider_killed_mid_answer_hands_it_on_when_its_channel_closes(tmp_pa
     # The node timeout and the stall timeout are 30 s here: the answer moves because the
     # killed agent's channel closed and no heartbeat followed within two intervals (1 s).
     # Before, a killed provider's answer waited out one of those (chaos p99 12 s of 1.5).
-    g = LocalGrid(
-        data_dir=tmp_path,
-        port=free_port(),
-        providers=2,
-        engine="fake",
-        model="fake:1",
-        funding_credits=1000,
-        provider_args=["--skip-benchmark"],
-        extra_env={
-            "IDLEGRID_FAKE_TOKEN_DELAY": "0.05",
-            "IDLEGRID_NODE_TIMEOUT_S": "30",
-            "IDLEGRID_HEARTBEAT_INTERVAL_S": "0.5",
-            "IDLEGRID_STALL_TIMEOUT_S": "30",
-        },
-    )
-    g.start(timeout_s=120)
+    g = _fake_grid(tmp_path, providers=2, token_delay=0.05, node_timeout=30, stall=30)
     try:
         with openai.OpenAI(base_url=f"{g.url}/v1", api_key=g.api_key, max_retries=0) as c:
             stream = c.completions.create(

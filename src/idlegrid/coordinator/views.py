@@ -30,6 +30,10 @@ class NodeView:
     batch: bool = True  # takes batch lines
     batch_price_bps: int | None = None  # its batch price's share of the offers (None: default)
 
+    def live_since(self, cutoff: float) -> bool:
+        """Live, and heard from at or after `cutoff` (now less the node timeout)."""
+        return self.state == "live" and self.last_seen >= cutoff
+
 
 @dataclass(frozen=True)
 class TaskView:

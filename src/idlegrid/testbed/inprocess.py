@@ -94,12 +94,7 @@ class CoordinatorThread:
         entry an agent's `--stake` leads to), once the app is up."""
         from idlegrid.core import ledger
 
-        ready, waited = threading.Event(), 0.0
-        while not hasattr(self.app.state, "services"):
-            if waited > 30:
-                raise TimeoutError("the coordinator's app did not start")
-            ready.wait(0.02)
-            waited += 0.02
+        wait_until(lambda: hasattr(self.app.state, "services"), timeout_s=30)
         self.app.state.services.store.post(
             ledger.make_entry(
                 f"stake:{node_id}:{device_class}",

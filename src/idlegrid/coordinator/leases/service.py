@@ -322,8 +322,7 @@ class Leases:
                 seen = nodes.get(row.node_id)
                 # `live` is from the pass's start; a lease adopted since may be on a node
                 # registered after it (CI: a fresh grid's leases "lost"). Lost means now.
-                fresh = seen is not None and seen.state == "live" and seen.last_seen >= cutoff
-                if row.node_id not in live and not fresh:
+                if row.node_id not in live and not (seen is not None and seen.live_since(cutoff)):
                     lost_at = seen.last_seen if seen is not None else now
                     row.message = {
                         LeaseState.PENDING.value: LOST_EARLY,

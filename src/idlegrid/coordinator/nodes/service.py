@@ -195,9 +195,7 @@ class Nodes:
             await self.refresh()
             self._nodes_at = now
         cutoff = now - self.settings.node_timeout_s
-        live = frozenset(
-            n.id for n in self.cache.values() if n.state == "live" and n.last_seen >= cutoff
-        )
+        live = frozenset(n.id for n in self.cache.values() if n.live_since(cutoff))
         self.ctx.metrics.live_nodes.set(len(live))
         if live != self._live_signature:
             lost = self._live_signature - live
