@@ -267,6 +267,51 @@ def _settled(grid: Grid, batch_id: str) -> dict[str, int]:
     return out
 
 
+def test_a_line_goes_to_the_cheaper_provider_while_its_poll_is_claiming(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider whose poll is mid-claim with nothing in the shared queue is idle, not
+    full: lines routed meanwhile still go to it, the cheaper, not to the dearer one (CI
+    once charged a line 100x when the cheap provider was between two polls)."""
+    from idlegrid.coordinator.inference import service
+
+    monkeypatch.setenv("IDLEGRID_BATCH_IN_FLIGHT", "1")
+    grid = start_grid(tmp_path, database_url, [FakeEngine(MODEL), FakeEngine(MODEL)])
+    try:
+        cheap = min(grid.nodes(), key=lambda n: _offer(grid, str(n["id"])).prompt)["id"]
+        hub = grid.coordinator.app.state.services.inference.hub
+        real = service.for_batch
+
+        def routed_mid_claim(*args: Any, **kw: Any) -> Any:
+            # Every line is routed while the cheap provider's poll claims (the race, held).
+            hub.claiming[cheap] = hub.claiming.get(cheap, 0) + 1
+            try:
+                return real(*args, **kw)
+            finally:
+                hub.claiming[cheap] -= 1
+
+        monkeypatch.setattr(service, "for_batch", routed_mid_claim)
+        client = grid.client()
+        lines = [_line(f"c{i}", f"Cheap question {i}") for i in range(3)]
+        batch = client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        assert _wait(client, batch.id).status == "completed"
+        served = [
+            p["account"].split(":", 1)[1]
+            for e in grid.entries()
+            if e["memo"] == "settle" and e["cause"]["kind"] == "batch_line"  # type: ignore[index]
+            for p in e["postings"]  # type: ignore[attr-defined]
+            if p["account"].startswith("accrual:")
+        ]
+        assert served == [cheap] * 3, served
+        grid.verify()
+    finally:
+        stop_grid(grid)
+
+
 def _restart_and_wait(grid: Grid, client: Any, batch_id: str) -> tuple[Any, Any]:
     """Stop the coordinator, start it again on the same database, and wait for the batch
     to end: the new client and the ended batch."""

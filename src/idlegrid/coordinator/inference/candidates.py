@@ -58,6 +58,11 @@ def in_flight(inf: Inference) -> dict[str, int]:
     return busy
 
 
+def unrouted(inf: Inference) -> int:
+    """Tasks waiting in the shared queue: routed to no provider, claimed by none."""
+    return sum(1 for s in inf.hub.streams.values() if s.attempt == 0 and s.target is None)
+
+
 def batch_slots(node: NodeView) -> int:
     """How many of a node's slots batch lines may hold: all but its engine's headroom,
     the sequences it keeps for interactive work (a continuous-batching engine takes one
@@ -77,6 +82,10 @@ def for_batch(
     provider's own share of its offer, else `share_bps`); those that take no batch work
     dropped."""
     nodes = inf.nodes.cache
+    # A claim under way fills a slot only with a task from the shared queue (the tasks
+    # routed to its node are in `in_flight` already): with that queue empty, a provider
+    # between two polls is idle, and counting its claim sent a line to a dearer one.
+    queued = unrouted(inf)
     batch: dict[str, Price] = {}
     for n, p in prices.items():
         node = nodes.get(n)
@@ -91,7 +100,7 @@ def for_batch(
             slots=batch_slots(nodes[c.node_id]),
             # A poll claiming a line there counts too (for batch lines only: interactive work
             # that saw it as full would ask a line to hand its slot back).
-            in_flight=c.in_flight + inf.hub.claiming.get(c.node_id, 0),
+            in_flight=c.in_flight + min(inf.hub.claiming.get(c.node_id, 0), queued),
         )
         for c in cands
         if c.node_id in batch
