@@ -34,6 +34,10 @@ class NodeView:
         """Live, and heard from at or after `cutoff` (now less the node timeout)."""
         return self.state == "live" and self.last_seen >= cutoff
 
+    def present_since(self, cutoff: float) -> bool:
+        """Not gone, and heard from at or after `cutoff`: live or draining its work."""
+        return self.state != "gone" and self.last_seen >= cutoff
+
 
 @dataclass(frozen=True)
 class TaskView:

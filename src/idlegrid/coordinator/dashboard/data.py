@@ -199,7 +199,7 @@ class Dashboard:
         worked = income.totals(ctx.balances, store.deposits())
         rows = []
         for n in ctx.nodes:
-            live = n.state != "gone" and n.last_seen >= ctx.live_cutoff
+            live = n.present_since(ctx.live_cutoff)
             models = per_model.get(n.id, [])
             tokens = sum(m["output_tokens"] for m in models)
             joules = sum(m["energy_j"] for m in models)
@@ -329,7 +329,7 @@ class Dashboard:
         """Per model: live providers' price range, median, and median measured speed."""
         by_model: dict[str, list[Any]] = {}
         for n in nodes:
-            if n.state == "live" and n.last_seen >= live_cutoff:
+            if n.live_since(live_cutoff):
                 for model in n.offers:
                     by_model.setdefault(model, []).append(n)
         out = []
@@ -433,7 +433,7 @@ class Dashboard:
                     (n, m, p)
                     for n in ctx.nodes
                     for m, p in sorted(n.offers.items())
-                    if n.state == "live" and n.last_seen >= ctx.live_cutoff
+                    if n.live_since(ctx.live_cutoff)
                 ],
                 orders=self.orders(),
             )

@@ -154,7 +154,7 @@ class NodeStore:
     def live_nodes(self, timeout_s: float) -> list[NodeView]:
         """Nodes heard from within `timeout_s` that take new work."""
         cutoff = self.clock() - timeout_s
-        return [n for n in self.nodes() if n.state == "live" and n.last_seen >= cutoff]
+        return [n for n in self.nodes() if n.live_since(cutoff)]
 
     def create_api_key(
         self,

@@ -24,10 +24,7 @@ def live_candidates(
     live = [
         n
         for n in inf.nodes.cache.values()
-        if n.state == "live"
-        and n.last_seen >= cutoff
-        and model in n.offers
-        and n.id not in inf.ctx.ejected
+        if n.live_since(cutoff) and model in n.offers and n.id not in inf.ctx.ejected
     ]
     rel = inf.market.reliability
     cands = [

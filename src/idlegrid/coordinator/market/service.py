@@ -131,8 +131,7 @@ class Market:
             node = nodes.get(node_id)
             if (
                 node is None
-                or node.state != "live"
-                or (node.last_seen < now - self.settings.node_timeout_s)
+                or not node.live_since(now - self.settings.node_timeout_s)
                 or (node_id in self.ctx.ejected)
             ):
                 continue
@@ -498,8 +497,7 @@ class Market:
                     for leg in legs
                     if (
                         (n := nodes.get(leg["provider"])) is None
-                        or n.state == "gone"
-                        or n.last_seen < now - timeout
+                        or not n.present_since(now - timeout)
                     )
                 ]
                 if gone:

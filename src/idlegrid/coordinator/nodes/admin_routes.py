@@ -143,7 +143,7 @@ async def status(request: Request) -> dict[str, Any]:
                 "id": n.id,
                 "name": n.name,
                 "state": n.state,
-                "live": n.state != "gone" and now - n.last_seen <= svc.settings.node_timeout_s,
+                "live": n.present_since(now - svc.settings.node_timeout_s),
                 "last_seen_s_ago": round(now - n.last_seen, 3),
                 "slots": n.slots,
                 "running": running.get(n.id, 0),

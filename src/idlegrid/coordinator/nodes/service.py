@@ -98,10 +98,7 @@ class Nodes:
             (
                 n
                 for n in self.cache.values()
-                if n.name == body["name"]
-                and n.id != node_id
-                and n.state != "gone"
-                and n.last_seen >= cutoff
+                if n.name == body["name"] and n.id != node_id and n.present_since(cutoff)
             ),
             None,
         )
