@@ -204,6 +204,22 @@ class NoCapacity(IdlegridError):
         self.reason = reason
 
 
+class PriceCapBelowOffers(NoCapacity):
+    """Every live provider of the model asks more than the request's `max_price`: the
+    consumer's own limit, so a 400 naming it (a batch line waits, as for any NoCapacity)."""
+
+    code = "max_price_below_offers"
+
+    def __init__(self, model: str, cap: dict[str, float], lowest: dict[str, float]) -> None:
+        reason = (
+            f"no live provider at or below max_price (prompt {cap['prompt']:g}, output "
+            f"{cap['output']:g} credits per 1M tokens; the lowest offers are prompt "
+            f"{lowest['prompt']:g}, output {lowest['output']:g}): send a higher max_price"
+        )
+        super().__init__(model, reason)
+        self.data.update(param="max_price", max_price=cap, lowest_offers=lowest)
+
+
 class EngineError(IdlegridError):
     """An engine failed to load or to generate."""
 

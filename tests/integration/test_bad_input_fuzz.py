@@ -93,6 +93,8 @@ def test_schemathesis_finds_no_server_error_on_any_route(grid: Grid, tmp_path: P
         '{"model":"fake:1","prompt":"hi","max_tokens":4,"seed":1180591620717411303424}',
         '{"model":"fake:1","prompt":"hi","max_tokens":4,"presence_penalty":NaN}',
         '{"model":"fake:1","prompt":"hi","max_tokens":4,"max_price":{"prompt":NaN,"output":1}}',
+        # Below every offer (schemathesis found it a 503 once): the consumer's limit, a 400.
+        '{"model":"fake:1","prompt":"","stream":true,"max_price":{"prompt":2.2e-308,"output":1}}',
         '{"model":"fake:1","prompt":"hi","max_tokens":4,"stop":["' + "s" * 300 + '"]}',
         '{"model":"fake:1","prompt":' + "[" * 5000 + "]" * 5000 + "}",
         '{"model":"fake:1","prompt":"hi","max_tokens":4,"stream":"yes please"}',

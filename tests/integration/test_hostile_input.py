@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import websockets
 from test_grid import MODEL, Grid, start_grid, stop_grid
@@ -169,15 +170,19 @@ def test_a_greedy_unstaked_node_changes_nothing_for_a_consumer(
         assert holds and max(p["amount"] for p in holds) < 1 * MICRO
         paid = {p["account"] for e in g.entries() for p in e["postings"]}  # type: ignore[union-attr]
         assert ledger.provider_account(greedy_id) not in paid
-        # Asked for, the dear provider is reachable; a cap below every offer is a 503.
-        with pytest.raises(Exception) as err:
+        # A cap below every offer is the consumer's own limit: a 400 naming it, with the
+        # lowest offers to raise it to (not a 503 that clients retry for nothing).
+        with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(
                 model=MODEL,
                 prompt="x",
                 max_tokens=2,
                 extra_body={"max_price": {"prompt": 1, "output": 1}},
             )
-        assert getattr(err.value, "status_code", None) == 503
+        body = err.value.body
+        assert isinstance(body, dict) and body["param"] == "max_price", body
+        assert body["code"] == "max_price_below_offers"
+        assert body["data"]["lowest_offers"] == {"prompt": 10.0, "output": 40.0}, body
     finally:
         g.verify()
         stop_grid(g)

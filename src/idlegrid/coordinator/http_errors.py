@@ -23,6 +23,7 @@ from idlegrid.errors import (
     ModelNotFound,
     NoCapacity,
     NotFound,
+    PriceCapBelowOffers,
     RateLimited,
     SpendCapReached,
 )
@@ -40,6 +41,7 @@ STATUS: list[tuple[type[IdlegridError], int, str]] = [
     (NotFound, 404, "invalid_request_error"),
     (Conflict, 409, "conflict_error"),
     (Gone, 410, "invalid_request_error"),
+    (PriceCapBelowOffers, 400, "invalid_request_error"),  # before NoCapacity: a subclass
     (NoCapacity, 503, "service_unavailable"),
     (EngineError, 502, "engine_error"),
 ]

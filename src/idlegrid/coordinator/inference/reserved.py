@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from idlegrid.core import ledger, reservations, routing
 from idlegrid.core.ledger import Price
-from idlegrid.errors import NoCapacity
+from idlegrid.errors import NoCapacity, PriceCapBelowOffers
 
 if TYPE_CHECKING:
     from idlegrid.coordinator.inference.service import Inference
@@ -57,15 +57,18 @@ def route_request(
         tag = first.reservation.tag()
         return Routed(first.target, first.reason, reservations.COVERED, covered, tag)
     basis = routing.price_basis(prices, inf.market.staked_nodes, price_cap)
-    if basis is None:
-        raise NoCapacity(
+    if basis is None and price_cap is not None and prices:
+        raise PriceCapBelowOffers(
             model,
-            "no live provider at or below max_price (prompt "
-            f"{price_cap.prompt / ledger.MICRO:g}, output "
-            f"{price_cap.output / ledger.MICRO:g} credits per 1M tokens)"
-            if price_cap
-            else "no live provider",
+            _credits(price_cap),
+            _credits(
+                Price(
+                    min(p.prompt for p in prices.values()), min(p.output for p in prices.values())
+                )
+            ),
         )
+    if basis is None:
+        raise NoCapacity(model, "no live provider")
     # Escrow at the dearest price the request may be served at, so that whoever serves
     # it is covered; only providers at or below that price may claim it.
     cands = [c for c in cands if routing.within(prices[c.node_id], basis)]
@@ -79,6 +82,11 @@ def route_request(
     target = next((c for c in tried if c.node_id == runner), None)
     why = f"{second.reason}; a batch line on this one yields its slot" if target else second.reason
     return Routed(target, why, basis, prices, None)
+
+
+def _credits(price: Price) -> dict[str, float]:
+    """A price in credits per 1M tokens, as a request's `max_price` gives it."""
+    return {"prompt": price.prompt / ledger.MICRO, "output": price.output / ledger.MICRO}
 
 
 def _batch_yields(
