@@ -99,6 +99,21 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
 
 
 def test_interactive_work_takes_the_headroom_slot_and_no_line_yields(grid: Grid) -> None:
+    _headroom_serves_mid_batch(grid)
+
+
+def test_a_headroom_poll_between_claims_is_waited_for_not_made_room_for(
+    grid: Grid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interactive request is routed while no poll of the node is parked (each is
+    between two claims, held here): the free headroom slot takes it on its next claim and
+    no batch line is asked to hand its slot back."""
+    hub = grid.coord.app.state.services.inference.hub
+    monkeypatch.setattr(hub, "take_parked", lambda node_id: None)
+    _headroom_serves_mid_batch(grid)
+
+
+def _headroom_serves_mid_batch(grid: Grid) -> None:
     (node,) = grid.coord.app.state.services.nodes.cache.values()
     assert node.slots == 3 and node.engine["headroom"] == 1
     lines = [

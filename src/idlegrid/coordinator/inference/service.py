@@ -502,7 +502,7 @@ class Inference:
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
         stream.prompt_k, stream.batch = payload.get("prompt_logprobs"), batch is not None
         parked = self.hub.take_parked(target.node_id) if target else None
-        if parked is None and target is not None and batch is None:
+        if parked is None and target and batch is None and not target.has_free_slot:  # busy:
             await self.hub.make_room(target.node_id)  # a batch line there yields its slot
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
         hint = -1 if batch is not None else self._balance_hint.get(key_id, -1)
