@@ -227,6 +227,75 @@ def test_a_request_is_handed_over_served_and_settled(grid: tuple[Services, Clock
     assert [(e.node_id, e.task.id, e.part) for e in finished] == [("n1", done.id, False)]
 
 
+def _recording_claims(svc: Services, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Ids of the tasks polls took from the queue (Store.claim), as they are taken."""
+    claimed: list[str] = []
+    claim = svc.store.claim
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        task = claim(*args, **kwargs)
+        if task is not None:
+            claimed.append(task.id)
+        return task
+
+    monkeypatch.setattr(svc.store, "claim", recording)
+    return claimed
+
+
+def test_a_request_for_a_free_node_between_polls_goes_to_its_next_parked_poll(
+    grid: tuple[Services, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node has a free slot but no poll parked (its poll is between two claims): the
+    request waits for that poll to park and is handed to it, not queued behind claims."""
+    svc, _ = grid
+    key_id, _secret = svc.store.create_api_key("consumer")
+    account = ledger.consumer_account(key_id)
+    svc.store.post(ledger.mint("mint-1", account, 10 * ledger.MICRO, ledger.Cause("test", "1")))
+    claimed = _recording_claims(svc, monkeypatch)
+    hub = svc.inference.hub
+
+    async def scenario() -> tuple[str, str]:
+        await svc.nodes.register("n1", b"k" * 32, body())
+        submit = asyncio.ensure_future(
+            svc.inference.submit(key_id, MODEL, "completion", {"prompt": "hi"}, 4, 3)
+        )
+        while not hub._expecting.get("n1") and not submit.done():  # waits for a poll
+            await asyncio.sleep(0)
+        task = await svc.inference.poll("n1", [MODEL], 5.0)  # claims nothing, then parks
+        task_id, _stream = await submit
+        return task.id, task_id
+
+    polled, submitted = run(scenario())
+    assert polled == submitted
+    assert claimed == []  # handed over, never claimed from the queue
+    assert not hub._expecting.get("n1")
+
+
+def test_a_request_no_poll_parks_for_is_queued_and_claimed(
+    grid: tuple[Services, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No poll of the free node parks within the hand-over wait: the request is queued as
+    before and the node's next poll claims it."""
+    svc, _ = grid
+    key_id, _secret = svc.store.create_api_key("consumer")
+    account = ledger.consumer_account(key_id)
+    svc.store.post(ledger.mint("mint-1", account, 10 * ledger.MICRO, ledger.Cause("test", "1")))
+    claimed = _recording_claims(svc, monkeypatch)
+
+    async def scenario() -> tuple[str, str]:
+        await svc.nodes.register("n1", b"k" * 32, body())
+        task_id, _stream = await svc.inference.submit(
+            key_id, MODEL, "completion", {"prompt": "hi"}, 4, 3
+        )
+        task = await svc.inference.poll("n1", [MODEL], 5.0)
+        return task.id, task_id
+
+    polled, submitted = run(scenario())
+    assert polled == submitted
+    assert claimed == [submitted]
+    assert not svc.inference.hub._expecting.get("n1")
+
+
 def test_an_answer_without_a_valid_commitment_is_a_failed_unpaid_attempt(
     grid: tuple[Services, Clock],
 ) -> None:

@@ -12,6 +12,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+# How long a request for a node with a free slot waits for one of its polls to park
+# (Hub.wait_parked): a claim's round trip under load, not a blocking wait for a slot.
+HANDOVER_WAIT_S = 0.05
+
 
 @dataclass
 class Event:
@@ -67,6 +71,8 @@ class Hub:
         self._work: dict[str, asyncio.Event] = {}
         # Long polls parked per node, ready to take a task handed to them directly.
         self._waiters: dict[str, list[asyncio.Future[Any]]] = {}
+        # Requests waiting for the next poll of a node to park (wait_parked).
+        self._expecting: dict[str, list[asyncio.Future[None]]] = {}
         # When each node was last routed a request (a sequence number): ties go to the
         # least recently used, so an idle grid's providers take turns.
         self.routed: dict[str, int] = {}
@@ -171,6 +177,9 @@ class Hub:
     def park(self, node_id: str, fut: asyncio.Future[Any]) -> None:
         """A long poll of `node_id` waits on `fut` for a task handed to it."""
         self._waiters.setdefault(node_id, []).append(fut)
+        for expecting in self._expecting.pop(node_id, []):
+            if not expecting.done():
+                expecting.set_result(None)
 
     def unpark(self, node_id: str, fut: asyncio.Future[Any]) -> None:
         """The poll behind `fut` is over."""
@@ -186,6 +195,21 @@ class Hub:
             if not fut.done():
                 return fut
         return None
+
+    async def wait_parked(self, node_id: str, timeout_s: float) -> asyncio.Future[Any] | None:
+        """A poll of `node_id` that parks within `timeout_s`, to hand a task to."""
+        # A node with a free slot whose poll is between two claims (polls churn: each queued
+        # batch line wakes them) parks again within a claim's round trip; handing the task
+        # over then beats queueing it behind the other polls' claims (docs/batch.md).
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._expecting.setdefault(node_id, []).append(fut)
+        try:
+            await asyncio.wait([fut], timeout=timeout_s)
+        finally:
+            waiting = self._expecting.get(node_id, [])
+            if fut in waiting:
+                waiting.remove(fut)
+        return self.take_parked(node_id)
 
     def work_event(self, node_id: str) -> asyncio.Event:
         """The event a node's long poll waits on."""

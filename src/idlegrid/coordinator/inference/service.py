@@ -26,7 +26,7 @@ from idlegrid.coordinator.inference.candidates import (
     live_candidates,
 )
 from idlegrid.coordinator.inference.choices import derive_seed
-from idlegrid.coordinator.inference.hub import Event, Hub, TaskStream
+from idlegrid.coordinator.inference.hub import HANDOVER_WAIT_S, Event, Hub, TaskStream
 from idlegrid.coordinator.inference.pieces import (
     accept_prompt,
     answer_slo,
@@ -91,8 +91,7 @@ class Inference:
         self.metrics, self.changes, self.db = ctx.metrics, ctx.changes, ctx.db
         self.hub = Hub()
         self.nodes, self.trust, self.market = nodes, trust, market
-        stake = ctx.settings.inference_stake  # who may serve paid requests: ports.paid_ok
-        self.paid = paid
+        self.paid, stake = paid, ctx.settings.inference_stake
         self.paid_ok = functools.partial(paid_ok, stake, market, paid, ctx.db)
         # Key id -> its balance after this process's last hold, less holds written since:
         # a lower bound while this process is the only spender (see submit).
@@ -154,8 +153,7 @@ class Inference:
                     self.hub.begin_attempt(task.id, task.attempt, self.clock(), budget(task))
                     stream = self.hub.get(task.id)
                     if stream is not None:
-                        stream.node_id = node_id
-                        stream.target = None
+                        stream.node_id, stream.target = node_id, None
             finally:
                 self.hub.claiming[node_id] -= reserved
             if task is not None:
@@ -502,8 +500,11 @@ class Inference:
         stream.budget, stream.logprobs_k = max_tokens, payload.get("logprobs")
         stream.prompt_k, stream.batch = payload.get("prompt_logprobs"), batch is not None
         parked = self.hub.take_parked(target.node_id) if target else None
-        if parked is None and target and batch is None and not target.has_free_slot:  # busy:
-            await self.hub.make_room(target.node_id)  # a batch line there yields its slot
+        if parked is None and target and batch is None:
+            if target.has_free_slot:  # its poll is between two claims
+                parked = await self.hub.wait_parked(target.node_id, HANDOVER_WAIT_S)
+            else:  # busy: a batch line there yields its slot
+                await self.hub.make_room(target.node_id)
         claim_for = (target.node_id, prices[target.node_id]) if parked and target else None
         hint = -1 if batch is not None else self._balance_hint.get(key_id, -1)
         early = claim_for is not None and hint >= hold + keep
