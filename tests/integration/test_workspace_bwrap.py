@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.server
 import os
 import socket
-import stat
 import subprocess
 import threading
 import time
@@ -105,22 +104,8 @@ def test_another_lease_work_and_processes_are_invisible(
 
 @pytest.fixture
 def gpu_nodes() -> Iterator[tuple[list[int], bool]]:
-    """The host's GPU indices, and whether they are stand-ins: where the host has no
-    /dev/nvidia* (no GPU here), /dev/nvidia0, /dev/nvidia1 and /dev/nvidiactl are made for
-    the test as character devices that behave as /dev/null, and removed after it."""
-    real = sorted(int(p.name[6:]) for p in Path("/dev").glob("nvidia[0-9]*"))
-    if real:
-        yield real, False
-        return
-    made = [Path("/dev/nvidia0"), Path("/dev/nvidia1"), Path("/dev/nvidiactl")]
-    try:
-        for node in made:
-            os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-            node.chmod(0o666)  # past the umask: every lease uid may open its GPUs
-        yield [0, 1], True
-    finally:
-        for node in made:
-            node.unlink(missing_ok=True)
+    with sandboxes.gpu_device_nodes() as nodes:
+        yield nodes
 
 
 def test_only_the_leased_gpus_device_nodes_are_in_the_workspace(
@@ -138,12 +123,12 @@ def test_only_the_leased_gpus_device_nodes_are_in_the_workspace(
     with_gpu = runtime.create(WorkspaceSpec("with-gpu", gpus=(leased,)))
     without = runtime.create(WorkspaceSpec("without-gpu"))
     try:
-        code, out, err = sh(with_gpu, "ls /dev; echo cuda=$CUDA_VISIBLE_DEVICES")
+        code, out, err = sh(with_gpu, sandboxes.SHOW_GPUS)
         assert code == 0, err
         names = out.split()
         assert f"nvidia{leased}" in names and "nvidiactl" in names, names
         assert not [f"nvidia{g}" for g in others if f"nvidia{g}" in names], names
-        assert f"cuda={leased}" in names
+        assert f"cuda={leased}" in names and "order=PCI_BUS_ID" in names  # nvidia-smi's numbers
         host = os.stat(f"/dev/nvidia{leased}").st_rdev
         code, out, _ = sh(with_gpu, f"stat -c '%t %T' /dev/nvidia{leased}")
         assert (code, [int(x, 16) for x in out.split()]) == (
@@ -154,7 +139,7 @@ def test_only_the_leased_gpus_device_nodes_are_in_the_workspace(
             assert sh(with_gpu, f"echo x > /dev/nvidia{leased} && echo wrote")[1].split() == [
                 "wrote"
             ]
-        code, out, _ = sh(without, "ls /dev; echo cuda=$CUDA_VISIBLE_DEVICES")
+        code, out, _ = sh(without, sandboxes.SHOW_GPUS)
         assert code == 0 and not [n for n in out.split() if n.startswith("nvidia")], out
         assert "cuda=" in out.split()
     finally:

@@ -20,7 +20,7 @@ from idlegrid.agent.workspace import open_runtime
 from idlegrid.agent.workspace.base import Limits, WorkspaceSpec, killed_by
 from idlegrid.agent.workspace.podman import PodmanRuntime, PodmanWorkspace
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
-from idlegrid.testbed import oci_image
+from idlegrid.testbed import oci_image, sandboxes
 from idlegrid.testbed.inprocess import wait_until
 
 pytestmark = pytest.mark.slow  # real containers, a fork bomb, an OOM kill: about 15 s
@@ -148,6 +148,33 @@ def test_a_missing_image_fails_provisioning_naming_it(runtime: PodmanRuntime) ->
         runtime.create(WorkspaceSpec("oci-no-image", image="localhost/no-such-image:1"))
     assert e.value.step == "image" and "localhost/no-such-image:1" in str(e.value)
     assert not (runtime.root / "oci-no-image").exists() and containers("oci-no-image") == []
+
+
+def test_only_the_leased_gpus_devices_are_in_the_container(runtime: PodmanRuntime) -> None:
+    """Issue 18, part 1, as in the bwrap runtime: the leased GPU's node and the control
+    node are in the container as the host's devices, CUDA_VISIBLE_DEVICES names it, the
+    host's other GPUs are absent (stand-in nodes where the host has no GPU)."""
+    with sandboxes.gpu_device_nodes() as (gpus, standins):
+        leased, others = gpus[-1], gpus[:-1]
+        w = runtime.create(WorkspaceSpec("oci-gpu", gpus=(leased,)))
+        try:
+            code, out, err = sh(w, sandboxes.SHOW_GPUS)
+            assert code == 0, err
+            names = out.split()
+            assert f"nvidia{leased}" in names and "nvidiactl" in names, names
+            assert not [f"nvidia{g}" for g in others if f"nvidia{g}" in names], names
+            assert f"cuda={leased}" in names and "order=PCI_BUS_ID" in names  # nvidia-smi's numbers
+            host = os.stat(f"/dev/nvidia{leased}").st_rdev
+            code, out, _ = sh(w, f"stat -c '%t %T' /dev/nvidia{leased}")
+            assert (code, [int(x, 16) for x in out.split()]) == (
+                0,
+                [os.major(host), os.minor(host)],
+            )
+            if standins:
+                code, out, _ = sh(w, f"echo x > /dev/nvidia{leased} && echo wrote")
+                assert (code, out.split()) == (0, ["wrote"])
+        finally:
+            w.wipe()
 
 
 def test_podman_absent_is_a_sandbox_unavailable_naming_it(tmp_path: Path) -> None:

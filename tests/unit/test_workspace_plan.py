@@ -127,8 +127,9 @@ def test_leased_gpus_only_are_passed_through_with_the_control_nodes() -> None:
     args, env = sb.gpu_args([2, 0], devices)
     bound = [args[i + 1] for i, a in enumerate(args) if a == "--dev-bind"]
     assert bound == ["/dev/nvidia2", "/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm"]
-    assert env == {"CUDA_VISIBLE_DEVICES": "2,0"}
-    assert sb.gpu_args([], devices) == ([], {"CUDA_VISIBLE_DEVICES": ""})
+    # nvidia-smi's numbering (as /dev/nvidiaN), not CUDA's fastest-first default
+    assert env == {"CUDA_VISIBLE_DEVICES": "2,0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert sb.gpu_args([], devices)[1]["CUDA_VISIBLE_DEVICES"] == ""
     assert sb.gpu_args([5], devices)[0] == []  # a node the host lacks is not invented
     box = _argv(WorkspaceSpec("L", gpus=(1,)), _host(devices))
     assert "/dev/nvidia1" in box and "/dev/nvidia0" not in box and "/dev/nvidia2" not in box

@@ -1,9 +1,14 @@
 """Set-up shared by the tests of the bwrap runtime: an agent data dir with a key file in it,
 a wheelhouse with one tiny wheel that leases can read, the runtime over both, and a shell
-line run in a workspace. Needs what the runtime needs (root, bubblewrap, cgroups)."""
+line run in a workspace; and GPU device nodes for either runtime's passthrough tests. Needs
+what the runtime needs (root, bubblewrap, cgroups)."""
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,30 @@ from idlegrid.config import default_data_dir
 from idlegrid.testbed.wheels import tiny_wheel
 
 KEY = "SECRET-KEY-MATERIAL\n"
+
+
+# A workspace's view of its GPUs: /dev's entries, then cuda=<visible> order=<device order>.
+SHOW_GPUS = "ls /dev; echo cuda=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"
+
+
+@contextmanager
+def gpu_device_nodes() -> Iterator[tuple[list[int], bool]]:
+    """The host's GPU indices, and whether they are stand-ins: where the host has no
+    /dev/nvidia* (no GPU), /dev/nvidia0, /dev/nvidia1 and /dev/nvidiactl are made as
+    character devices that behave as /dev/null, and removed on the way out."""
+    real = sorted(int(p.name[6:]) for p in Path("/dev").glob("nvidia[0-9]*"))
+    if real:
+        yield real, False
+        return
+    made = [Path("/dev/nvidia0"), Path("/dev/nvidia1"), Path("/dev/nvidiactl")]
+    try:
+        for node in made:
+            os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            node.chmod(0o666)  # past the umask: every lease uid may open its GPUs
+        yield [0, 1], True
+    finally:
+        for node in made:
+            node.unlink(missing_ok=True)
 
 
 def agent_dir(d: Path) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec, disk_used
 from idlegrid.agent.workspace.connection import Connection
 from idlegrid.agent.workspace.pyenv import provider_python, venv_script
+from idlegrid.agent.workspace.sandbox import CUDA_ORDER
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
 
 
@@ -94,6 +95,7 @@ class LocalWorkspace:
             "LANG": "C.UTF-8",
             "VIRTUAL_ENV": str(venv),
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.spec.gpus)),
+            **CUDA_ORDER,
         }
         proc = subprocess.Popen(
             list(argv),

@@ -31,7 +31,7 @@ from idlegrid.agent.workspace.base import Execution, Stdin, Usage, WorkspaceSpec
 from idlegrid.agent.workspace.cgroups import LeaseCgroup, host_layout
 from idlegrid.agent.workspace.connection import Connection, NamespaceUnavailable
 from idlegrid.agent.workspace.marks import MARK, MarkedExecution, new_mark
-from idlegrid.agent.workspace.sandbox import GPU_SHARED
+from idlegrid.agent.workspace.sandbox import CUDA_ORDER, GPU_SHARED
 from idlegrid.agent.workspace.uids import LeaseUids
 from idlegrid.errors import ProvisioningFailed, SandboxUnavailable
 
@@ -160,7 +160,7 @@ class PodmanWorkspace:
             "HOME": "/work", "USER": "work", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
             "PYTHONDONTWRITEBYTECODE": "1",
             # Empty when none is leased: CUDA then sees no device.
-            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in self.spec.gpus),
+            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in self.spec.gpus), **CUDA_ORDER,
         }  # fmt: skip
         return self.runtime.podman(
             "run", "--detach", "--name", self.name,

@@ -44,6 +44,10 @@ ETC = (
     "/etc/mime.types",
 )
 GPU_SHARED = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+# CUDA numbers GPUs fastest first unless told otherwise; the leased indices are nvidia-smi's
+# (PCI bus order, as /dev/nvidiaN), so on a provider with unlike GPUs index 1 would else
+# name a GPU whose node the workspace does not have.
+CUDA_ORDER = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 JOIN = 'for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; done; exec "$@"'
 STAGE = (
@@ -122,7 +126,7 @@ def gpu_args(gpus: Sequence[int], devices: frozenset[str]) -> tuple[list[str], d
         nodes += [d for d in GPU_SHARED if d in devices]
     args = [a for n in nodes for a in ("--dev-bind", n, n)]
     # Empty when none is leased: CUDA then sees no device even if a node were reachable.
-    return args, {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+    return args, {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), **CUDA_ORDER}
 
 
 def base_env(host: Host, spec: WorkspaceSpec) -> dict[str, str]:
