@@ -123,22 +123,7 @@ def test_only_the_leased_gpus_device_nodes_are_in_the_workspace(
     with_gpu = runtime.create(WorkspaceSpec("with-gpu", gpus=(leased,)))
     without = runtime.create(WorkspaceSpec("without-gpu"))
     try:
-        code, out, err = sh(with_gpu, sandboxes.SHOW_GPUS)
-        assert code == 0, err
-        names = out.split()
-        assert f"nvidia{leased}" in names and "nvidiactl" in names, names
-        assert not [f"nvidia{g}" for g in others if f"nvidia{g}" in names], names
-        assert f"cuda={leased}" in names and "order=PCI_BUS_ID" in names  # nvidia-smi's numbers
-        host = os.stat(f"/dev/nvidia{leased}").st_rdev
-        code, out, _ = sh(with_gpu, f"stat -c '%t %T' /dev/nvidia{leased}")
-        assert (code, [int(x, 16) for x in out.split()]) == (
-            0,
-            [os.major(host), os.minor(host)],
-        )  # the host's device itself, not a copy
-        if standins:  # usable as a device (a nodev mount would refuse the open)
-            assert sh(with_gpu, f"echo x > /dev/nvidia{leased} && echo wrote")[1].split() == [
-                "wrote"
-            ]
+        sandboxes.check_gpu_view(lambda line: sh(with_gpu, line), leased, others, standins)
         code, out, _ = sh(without, sandboxes.SHOW_GPUS)
         assert code == 0 and not [n for n in out.split() if n.startswith("nvidia")], out
         assert "cuda=" in out.split()

@@ -158,21 +158,7 @@ def test_only_the_leased_gpus_devices_are_in_the_container(runtime: PodmanRuntim
         leased, others = gpus[-1], gpus[:-1]
         w = runtime.create(WorkspaceSpec("oci-gpu", gpus=(leased,)))
         try:
-            code, out, err = sh(w, sandboxes.SHOW_GPUS)
-            assert code == 0, err
-            names = out.split()
-            assert f"nvidia{leased}" in names and "nvidiactl" in names, names
-            assert not [f"nvidia{g}" for g in others if f"nvidia{g}" in names], names
-            assert f"cuda={leased}" in names and "order=PCI_BUS_ID" in names  # nvidia-smi's numbers
-            host = os.stat(f"/dev/nvidia{leased}").st_rdev
-            code, out, _ = sh(w, f"stat -c '%t %T' /dev/nvidia{leased}")
-            assert (code, [int(x, 16) for x in out.split()]) == (
-                0,
-                [os.major(host), os.minor(host)],
-            )
-            if standins:
-                code, out, _ = sh(w, f"echo x > /dev/nvidia{leased} && echo wrote")
-                assert (code, out.split()) == (0, ["wrote"])
+            sandboxes.check_gpu_view(lambda line: sh(w, line), leased, others, standins)
         finally:
             w.wipe()
 

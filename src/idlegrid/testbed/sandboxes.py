@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,26 @@ KEY = "SECRET-KEY-MATERIAL\n"
 
 # A workspace's view of its GPUs: /dev's entries, then cuda=<visible> order=<device order>.
 SHOW_GPUS = "ls /dev; echo cuda=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"
+
+
+def check_gpu_view(
+    run: Callable[[str], tuple[int, str, str]], leased: int, others: Sequence[int], standin: bool
+) -> None:
+    """Assert what a workspace leased GPU `leased` sees (`run`: a shell line in it): that
+    GPU's node, the host's device itself (writable, for a stand-in: a nodev mount would
+    refuse the open), and nvidiactl; none of the `others`; CUDA told its nvidia-smi index."""
+    code, out, err = run(SHOW_GPUS)
+    assert code == 0, err
+    names = out.split()
+    assert f"nvidia{leased}" in names and "nvidiactl" in names, names
+    assert not [f"nvidia{g}" for g in others if f"nvidia{g}" in names], names
+    assert f"cuda={leased}" in names and "order=PCI_BUS_ID" in names, names
+    host = os.stat(f"/dev/nvidia{leased}").st_rdev
+    code, out, _ = run(f"stat -c '%t %T' /dev/nvidia{leased}")
+    assert (code, [int(x, 16) for x in out.split()]) == (0, [os.major(host), os.minor(host)])
+    if standin:
+        code, out, _ = run(f"echo x > /dev/nvidia{leased} && echo wrote")
+        assert (code, out.split()) == (0, ["wrote"])
 
 
 @contextmanager
