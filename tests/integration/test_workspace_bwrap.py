@@ -102,34 +102,28 @@ def test_another_lease_work_and_processes_are_invisible(
         other.wipe()
 
 
-@pytest.fixture
-def gpu_nodes() -> Iterator[tuple[list[int], bool]]:
-    with sandboxes.gpu_device_nodes() as nodes:
-        yield nodes
-
-
 def test_only_the_leased_gpus_device_nodes_are_in_the_workspace(
-    tmp_path: Path, agent_dir: Path, gpu_nodes: tuple[list[int], bool]
+    tmp_path: Path, agent_dir: Path
 ) -> None:
     """Issue 18, part 1: the leased GPU's node (and the control node) are bound into the
     workspace as working devices, CUDA_VISIBLE_DEVICES names it, the host's other GPUs are
     absent, and a lease without GPUs sees none."""
-    gpus, standins = gpu_nodes
-    leased, others = gpus[-1], gpus[:-1]
-    # A runtime made now: it reads the host's devices when it starts (bwrap.probe_host).
-    (tmp_path / "ws").mkdir()
-    (tmp_path / "wheels").mkdir()
-    runtime = sandboxes.bwrap_runtime(tmp_path / "ws", tmp_path / "wheels", agent_dir)
-    with_gpu = runtime.create(WorkspaceSpec("with-gpu", gpus=(leased,)))
-    without = runtime.create(WorkspaceSpec("without-gpu"))
-    try:
-        sandboxes.check_gpu_view(lambda line: sh(with_gpu, line), leased, others, standins)
-        code, out, _ = sh(without, sandboxes.SHOW_GPUS)
-        assert code == 0 and not [n for n in out.split() if n.startswith("nvidia")], out
-        assert "cuda=" in out.split()
-    finally:
-        with_gpu.wipe()
-        without.wipe()
+    with sandboxes.gpu_device_nodes() as (gpus, standins):
+        leased, others = gpus[-1], gpus[:-1]
+        # A runtime made now: it reads the host's devices when it starts (bwrap.probe_host).
+        (tmp_path / "ws").mkdir()
+        (tmp_path / "wheels").mkdir()
+        runtime = sandboxes.bwrap_runtime(tmp_path / "ws", tmp_path / "wheels", agent_dir)
+        with_gpu = runtime.create(WorkspaceSpec("with-gpu", gpus=(leased,)))
+        without = runtime.create(WorkspaceSpec("without-gpu"))
+        try:
+            sandboxes.check_gpu_view(lambda line: sh(with_gpu, line), leased, others, standins)
+            code, out, _ = sh(without, sandboxes.SHOW_GPUS)
+            assert code == 0 and not [n for n in out.split() if n.startswith("nvidia")], out
+            assert "cuda=" in out.split()
+        finally:
+            with_gpu.wipe()
+            without.wipe()
 
 
 def test_loopback_of_the_provider_is_unreachable(ws: BwrapWorkspace) -> None:
