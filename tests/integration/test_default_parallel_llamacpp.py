@@ -14,7 +14,7 @@ import pytest
 from idlegrid.agent.slots import HEADROOM, build_slots, choose_parallel
 from idlegrid.config import CoordinatorSettings
 from idlegrid.engines import parallel as par
-from idlegrid.engines.batched import BatchedSlot
+from idlegrid.engines.batching import BatchedSlot
 from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.models import DEFAULT_MODEL
 from idlegrid.testbed.inprocess import (

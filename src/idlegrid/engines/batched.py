@@ -21,25 +21,22 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from idlegrid.engines.base import SamplingParams, check_prompt
+from idlegrid.engines.batching import AHEAD, END, BatchedSlot, Seq, consume, sample_rows
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.steps import Steps
 from idlegrid.errors import EngineError
 
 PREFILL_CHUNK = 64  # prompt tokens per step; part of what a verifier replays
-AHEAD = 8  # tokens a sequence may run ahead of its consumer before it sits steps out
-_END = object()
 
 
 class _Preempted(Exception):
@@ -59,26 +56,7 @@ def _flag_callback() -> Any:
     return llama_cpp.ggml_abort_callback(address)
 
 
-@dataclass(eq=False)
-class _Seq:
-    """One generation in the batch: its prompt, sampler state and what it produced."""
-
-    ids: list[int]
-    params: SamplingParams
-    seed: int
-    steps: Steps
-    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    sid: int = -1  # llama.cpp sequence id (the slot), while admitted
-    prefilled: int = 0  # prompt tokens in the cache; the last one goes in the first step
-    pos: int = 0  # position of the next row to decode
-    next_token: int = 0
-    produced: int = 0
-    taken: int = 0  # tokens the consumer has taken (run-ahead is produced - taken)
-    urgent: bool = False  # someone waits for its first token (a streaming request)
-
-
-def _sid(seq: _Seq) -> int:
+def _sid(seq: Seq) -> int:
     return seq.sid
 
 
@@ -155,8 +133,8 @@ class BatchedLlama:
         self._n_vocab: int = engine._n_vocab
         self._n_embd: int = engine._n_embd
         self._cv = threading.Condition()
-        self._pending: deque[_Seq] = deque()
-        self._active: list[_Seq] = []
+        self._pending: deque[Seq] = deque()
+        self._active: list[Seq] = []
         self._free = list(range(parallel - 1, -1, -1))
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -198,7 +176,7 @@ class BatchedLlama:
         if params.grammar is not None:
             raise EngineError("the batched path does not constrain output", engine="llama.cpp")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        seq = _Seq(ids, params, seed, Steps(ids, params, self._n_vocab), urgent=urgent)
+        seq = Seq(ids, params, seed, Steps(ids, params, self._n_vocab), urgent=urgent)
         seq.next_token, seq.pos = ids[-1], len(ids) - 1
         self._start()
         with self._cv:
@@ -208,30 +186,7 @@ class BatchedLlama:
             if urgent and self._preemptible and self.preempt:
                 self._abort_flag[0] = b"\x01"
             self._cv.notify_all()
-        return self._consume(seq, recorder, sampler)
-
-    def _consume(self, seq: _Seq, recorder: Recorder | None, sampler: Any) -> Iterator[int]:
-        try:
-            while True:
-                item = seq.out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                token, state, lp, shape = item
-                if sampler is not None:
-                    sampler.last = lp
-                if recorder is not None:
-                    recorder.add(token, state, lp)
-                    recorder.shapes.append(shape)
-                with self._cv:
-                    seq.taken += 1
-                    self._cv.notify_all()
-                yield token
-        finally:
-            seq.cancel.set()
-            with self._cv:
-                self._cv.notify_all()
+        return consume(seq, self._cv, recorder, sampler)
 
     def _start(self) -> None:
         with self._cv:
@@ -321,14 +276,14 @@ class BatchedLlama:
             for s in self._active
         )
 
-    def _retire(self, seq: _Seq, error: BaseException | None) -> None:
+    def _retire(self, seq: Seq, error: BaseException | None) -> None:
         """Free the slot and its cache (under the condition's lock)."""
         self._active.remove(seq)
         self._lib.llama_memory_seq_rm(self._mem, seq.sid, -1, -1)
         self._free.append(seq.sid)
-        seq.out.put(error if error is not None else _END)
+        seq.out.put(error if error is not None else END)
 
-    def _prefill_chunk(self, seq: _Seq, sid: int) -> None:
+    def _prefill_chunk(self, seq: Seq, sid: int) -> None:
         """The next `chunk` prompt tokens of one sequence, alone in their decode."""
         lo = seq.prefilled
         hi = min(lo + self.chunk, len(seq.ids) - 1)
@@ -336,7 +291,7 @@ class BatchedLlama:
         self._decode([(seq.ids[p], p, sid, False) for p in range(lo, hi)])
         seq.prefilled = hi
 
-    def _step(self, ready: list[_Seq]) -> None:
+    def _step(self, ready: list[Seq]) -> None:
         """One decode over every ready sequence; sample and hand out each row's token."""
         self._embeddings(True)
         t0 = time.perf_counter()
@@ -347,7 +302,7 @@ class BatchedLlama:
         self.step_sizes.append(n)
         shapes = _shapes([s.sid for s in ready])
         rows = [self._row(row) for row in range(n)]
-        tokens = self._sample(ready, [lg for _, lg in rows])
+        tokens = sample_rows(self.engine, ready, [lg for _, lg in rows], self.vector)
         for row, s in enumerate(ready):
             state = rows[row][0]
             token = tokens[row]
@@ -358,31 +313,6 @@ class BatchedLlama:
                 with self._cv:
                     self._retire(s, None)
         self.sample_s += time.perf_counter() - t1
-
-    def _sample(self, ready: list[_Seq], logits: list[np.ndarray]) -> list[int]:
-        """Each row's token: rows that need only seed, temperature and top_p in one
-        vectorised pass (`vector`), the others (penalties, bias, logprobs) one by one."""
-        pick = self.engine._pick
-        plain = [
-            i
-            for i, s in enumerate(ready)
-            if self.vector and s.steps.adjust.neutral and s.params.logprobs is None
-        ]
-        tokens = [0] * len(ready)
-        if len(plain) > 1:
-            got = self.engine._pick_rows(
-                np.stack([logits[i] for i in plain]),
-                [ready[i].seed for i in plain],
-                [ready[i].pos + 1 for i in plain],
-                [ready[i].params for i in plain],
-            )
-            for i, tok in zip(plain, got, strict=True):
-                tokens[i] = tok
-        done = set(plain) if len(plain) > 1 else set()
-        for i, s in enumerate(ready):
-            if i not in done:
-                tokens[i] = s.steps.pick(pick, logits[i], s.seed, s.pos + 1)
-        return tokens
 
     # ---- replay (verifier) ------------------------------------------------------------
 
@@ -419,7 +349,7 @@ class BatchedLlama:
         with self._replaying, self._cv:
             self._abort_flag[0] = b"\x00"
             self._lib.llama_memory_clear(self._mem, True)
-            seq = _Seq(ids, SamplingParams(), 0, Steps(ids, SamplingParams()))
+            seq = Seq(ids, SamplingParams(), 0, Steps(ids, SamplingParams()))
             while seq.prefilled < len(ids) - 1:
                 self._prefill_chunk(seq, home)
             states = np.empty((len(tokens), self._n_embd), dtype=np.float32)
@@ -497,83 +427,3 @@ class BatchedLlama:
                 self._lib.llama_batch_free(self._batch)
                 self._lib.llama_free(self._ctx)
                 self._ctx = None
-
-
-class _Last:
-    """Where stream_pieces reads the last token's logprobs (`engine.steps.last`)."""
-
-    last: Any = None
-
-
-class BatchedSlot:
-    """One serving slot of a `BatchedLlama`: an engine to the agent, one sequence at a time.
-
-    The agent gives each slot its own loop and recorder; generation goes into the shared
-    batch. Everything else is the underlying llama.cpp engine's (same model, same
-    determinism class). A constrained request (grammar) runs unbatched on the engine's own
-    context, one at a time, and commits as a plain answer.
-    """
-
-    def __init__(self, batched: BatchedLlama) -> None:
-        self.batched = batched
-        self.engine = batched.engine
-        self.name: str = self.engine.name
-        self.model_id: str = self.engine.model_id
-        self.recorder: Recorder | None = None
-        self.steps = _Last()
-        self.urgent = False  # set by the agent per task: a consumer streams its answer
-
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """This slot's sequence in the shared batch, recorded by `recorder` when set."""
-        self.steps = _Last()
-        if params.grammar is not None:
-            return self._constrained(list(prompt_ids), params)
-        return self.batched.generate(
-            prompt_ids, params, self.recorder, self.steps, urgent=self.urgent
-        )
-
-    def _constrained(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
-        engine, rec = self.engine, self.recorder
-        # The engine's own context, shared with prompt scoring and audits on every slot.
-        with self.engine.context_lock:
-            engine.recorder = rec
-            inner = engine.generate(ids, params)
-            try:
-                for token in inner:
-                    self.steps = engine.steps
-                    yield token
-            finally:
-                inner.close()
-                engine.recorder = None
-                if rec is not None:  # the deferred first state, while the context holds it
-                    rec.finish()
-
-    @property
-    def context_length(self) -> int:
-        """Tokens per sequence in the batched context."""
-        return self.batched.n_ctx_seq
-
-    @property
-    def chat_template(self) -> str | None:
-        """The model's chat template."""
-        template: str | None = self.engine.chat_template
-        return template
-
-    def describe(self) -> dict[str, Any]:
-        """The engine's facts, with the batch's size and its start-up measurements."""
-        b = self.batched
-        return {
-            **self.engine.describe(),
-            "parallel": b.parallel,
-            "concurrency": b.concurrency,
-            "headroom": b.headroom,
-            "aggregate_tps": {str(n): round(t, 2) for n, t in b.aggregate_tps.items()},
-        }
-
-    def __getattr__(self, name: str) -> Any:
-        # tokenize, detokenize, is_end, det_class, audit, ...: the underlying engine's
-        return getattr(self.engine, name)
-
-    def close(self) -> None:
-        """Stop the shared batch (the underlying engine stays open for its owner)."""
-        self.batched.close()

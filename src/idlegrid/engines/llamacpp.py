@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 
 from idlegrid.core import grammar
-from idlegrid.core.trust import batch_sampling, sampling
 from idlegrid.engines import parallel
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.models import resolve_model
-from idlegrid.engines.steps import Steps
+from idlegrid.engines.steps import SeededPick, Steps
 from idlegrid.errors import EngineError, InvalidRequest
 
 DEFAULT_CONTEXT = 8192
@@ -86,7 +85,7 @@ def _device(lib: Any, n_gpu_layers: int) -> str:
     return f"cpu-{variant_of(info)}"
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(SeededPick):
     """A GGUF model run by llama.cpp through llama-cpp-python."""
 
     name = "llama.cpp"
@@ -271,22 +270,6 @@ class LlamaCppEngine:
 
     def _steps(self, ids: Sequence[int], params: SamplingParams) -> Steps:
         return Steps(ids, params, self._n_vocab)
-
-    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
-        return sampling.choose(logits, seed, position, params.temperature, params.top_p)
-
-    def _pick_rows(
-        self,
-        logits: np.ndarray,
-        seeds: Sequence[int],
-        positions: Sequence[int],
-        params: Sequence[SamplingParams],
-    ) -> list[int]:
-        """`_pick` of every row of an (n, vocab) array, in one vectorised pass."""
-        if type(self)._pick is not LlamaCppEngine._pick:  # a subclass's own draw (cheats)
-            return [self._pick(*a) for a in zip(logits, seeds, positions, params, strict=True)]
-        temps, top_ps = [q.temperature for q in params], [q.top_p for q in params]
-        return batch_sampling.choose_rows(logits, seeds, positions, temps, top_ps)
 
     def matcher(self, spec: grammar.GrammarSpec, prefix: Sequence[int] = ()) -> Any:
         """A grammar matcher over this model's vocabulary, advanced over `prefix`."""

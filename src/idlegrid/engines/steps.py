@@ -24,8 +24,8 @@ import numpy as np
 
 from idlegrid.core import grammar
 from idlegrid.core.trust import adjust as adj
+from idlegrid.core.trust import batch_sampling, sampling
 from idlegrid.core.trust import logprobs as lpm
-from idlegrid.core.trust import sampling
 from idlegrid.core.trust.extras import Extras
 from idlegrid.engines.base import SamplingParams
 from idlegrid.errors import InvalidRequest
@@ -43,6 +43,26 @@ def extras_of(params: SamplingParams) -> Extras:
     a = adjust_of(params)
     top = -1 if params.logprobs is None else params.logprobs
     return Extras(a, params.n_prior if a.penalised else 0, top)
+
+
+class SeededPick:
+    """The seeded Gumbel-max draw of an engine: one row, or every row of a batched step."""
+
+    def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+        return sampling.choose(logits, seed, position, params.temperature, params.top_p)
+
+    def _pick_rows(
+        self,
+        logits: np.ndarray,
+        seeds: Sequence[int],
+        positions: Sequence[int],
+        params: Sequence[SamplingParams],
+    ) -> list[int]:
+        """`_pick` of every row of an (n, vocab) array, in one vectorised pass."""
+        if type(self)._pick is not SeededPick._pick:  # a subclass's own draw (cheats)
+            return [self._pick(*a) for a in zip(logits, seeds, positions, params, strict=True)]
+        temps, top_ps = [q.temperature for q in params], [q.top_p for q in params]
+        return batch_sampling.choose_rows(logits, seeds, positions, temps, top_ps)
 
 
 class Steps:
