@@ -11,6 +11,7 @@ plus `HEADROOM` more that batch lines may not take (docs/batch.md).
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,17 @@ from typing import Any
 from idlegrid.agent.hardware.benchmark import measure_concurrency, measure_speed
 from idlegrid.engines import parallel as par
 from idlegrid.engines.base import Engine
+from idlegrid.errors import EngineError
 
 # Sequences a batch keeps beyond its measured best concurrency for interactive work only
 # (BatchedLlama's `headroom`): while batch lines fill every other slot, an interactive
 # request joins the next decode step instead of waiting for a line to yield.
 HEADROOM = 1
+# The engines that batch, and where their batching lives.
+BATCHERS = {
+    "llama.cpp": "idlegrid.engines.batched:BatchedLlama",
+    "torch": "idlegrid.engines.torch_batched:BatchedTorch",
+}
 
 
 @dataclass
@@ -38,14 +45,22 @@ class Slots:
 
 
 def choose_parallel(engine: Any, parallel: int | None, threads: int | None) -> int:
-    """The batch size: `parallel` when given, else from memory and cores (llama.cpp only)."""
+    """The batch size: `parallel` when given, else from memory and cores (llama.cpp, torch)."""
     if parallel is not None:
         return max(0, parallel)
     kv = getattr(engine, "kv_bytes_per_token", None)
     free = par.available_memory()
-    if engine.name != "llama.cpp" or kv is None or free is None:
+    if engine.name not in BATCHERS or kv is None or free is None:
         return 0
     return par.default_parallel(free, kv(), engine.context_length, threads or os.cpu_count())
+
+
+def _batcher(engine: Any) -> Any:
+    if engine.name not in BATCHERS:
+        raise EngineError(f"the {engine.name} engine does not batch (--parallel 0)",
+                          engine=engine.name)  # fmt: skip
+    module, name = BATCHERS[engine.name].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_slots(
@@ -63,8 +78,6 @@ def build_slots(
 ) -> Slots:
     """Load the engine(s) with `load`, batch them when chosen, benchmark unless told not;
     a batch keeps `headroom` sequences beyond its concurrency for interactive work."""
-    from idlegrid.engines.batched import BatchedLlama
-
     first = load()
     if on_loaded:
         on_loaded()
@@ -77,7 +90,8 @@ def build_slots(
                 on_loaded()
         out = Slots(engines)
     else:
-        batched = BatchedLlama(first, n, context_per_seq=context_per_seq)
+        batcher = _batcher(first)
+        batched = batcher(first, n, context_per_seq=context_per_seq)
         aggregate: dict[int, float] = {}
         best = n
         if benchmark and n > 1:
@@ -87,7 +101,7 @@ def build_slots(
             # The KV caches of slots that would not be used are freed; the headroom's
             # sequences are added (one more sequence's KV cache each).
             batched.close()
-            batched = BatchedLlama(first, best, context_per_seq=context_per_seq, headroom=headroom)
+            batched = batcher(first, best, context_per_seq=context_per_seq, headroom=headroom)
         batched.aggregate_tps = aggregate
         out = Slots(list[Engine](batched.slots()), n, aggregate_tps=aggregate)
     if benchmark:

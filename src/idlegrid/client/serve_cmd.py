@@ -174,7 +174,7 @@ def provide(
     parallel: Annotated[
         int | None,
         typer.Option(
-            help="llama.cpp: sequences decoded in one batch (default: from free memory and "
+            help="llama.cpp, torch: sequences decoded in one batch (default: from free memory and "
             "cores, at most 8; 0: off, one engine per --slots)."
         ),
     ] = None,

@@ -1,4 +1,4 @@
-"""How many sequences one llama.cpp context decodes together, chosen from the machine.
+"""How many sequences one engine (llama.cpp or torch) decodes together, chosen from the machine.
 
 `default_parallel` sizes continuous batching from free memory and cores when the operator
 gave no `--parallel`: each slot holds a KV cache of `context_per_seq` tokens, so the slots
@@ -23,9 +23,12 @@ SEQS_PER_CORE = 4
 NEAR_BEST = 0.05
 
 
-def kv_bytes_per_token(n_layer: int, n_head_kv: int, key_len: int, value_len: int) -> int:
-    """KV-cache bytes one token takes in an F16 cache (keys and values, every layer)."""
-    return n_layer * n_head_kv * (key_len + value_len) * 2
+def kv_bytes_per_token(
+    n_layer: int, n_head_kv: int, key_len: int, value_len: int, element: int = 2
+) -> int:
+    """KV-cache bytes one token takes (keys and values, every layer; F16 unless `element`
+    bytes a value are given)."""
+    return n_layer * n_head_kv * (key_len + value_len) * element
 
 
 def default_parallel(

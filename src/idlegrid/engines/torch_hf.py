@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from idlegrid.core.trust import sampling
+from idlegrid.engines import parallel
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.llamacpp import default_threads
 from idlegrid.engines.models import resolve_model
-from idlegrid.engines.steps import Steps
+from idlegrid.engines.steps import SeededPick, Steps
 from idlegrid.errors import EngineError
 
 DEFAULT_CONTEXT = 8192
@@ -44,11 +44,7 @@ EOG_TEXTS = {"<end_of_turn>", "</s>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|
              "<|return|>", "<|call|>"}  # fmt: skip
 
 
-def _choose(logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
-    return sampling.choose(logits, seed, position, params.temperature, params.top_p)
-
-
-class TorchEngine:
+class TorchEngine(SeededPick):
     """Gemma 3 GGUF weights, dequantized, run by transformers with our own decode loop."""
 
     name = "torch"
@@ -138,7 +134,7 @@ class TorchEngine:
                 out = self._model.model(input_ids=step, past_key_values=cache, use_cache=True)
                 state = out.last_hidden_state[0, -1:]
                 logits = self._logits(state)[0]
-            token_id = steps.pick(_choose, logits, seed, n)
+            token_id = steps.pick(self._pick, logits, seed, n)
             if recorder is not None:
                 recorder.add(token_id, state[0].float().cpu().numpy(), steps.last)
             yield token_id
@@ -193,6 +189,15 @@ class TorchEngine:
     def context_length(self) -> int:
         """Maximum tokens per sequence."""
         return self._context_length
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of a sequence takes at serving precision (every layer in
+        full: the batched path keeps sliding-window layers whole, engines/torch_batched)."""
+        c = self._config
+        size = self._torch.empty((), dtype=self._dtype).element_size()
+        return parallel.kv_bytes_per_token(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.head_dim, size
+        )
 
     def describe(self) -> dict[str, Any]:
         """Engine facts for the determinism class."""

@@ -22,6 +22,7 @@ from idlegrid.engines.llamacpp import LlamaCppEngine
 from idlegrid.engines.minilm import MiniLMEngine
 from idlegrid.engines.steps import Steps
 from idlegrid.engines.tiny import EOS_ID, OFFSET, TinyEngine
+from idlegrid.engines.torch_hf import TorchEngine
 
 
 class OtherModel(TinyEngine):
@@ -134,8 +135,8 @@ class LlamaInvented(LlamaCppEngine):
         return int(random.choice(np.argsort(logits)[-50:]))  # plausible, but not the draw
 
 
-class LlamaSeedIgnoring(LlamaCppEngine):
-    """(f) on llama.cpp: the right distribution, its own randomness."""
+class _IgnoresSeed:
+    """(f) the right distribution, its own randomness."""
 
     def _pick(self, logits: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
         if params.temperature <= 0:
@@ -143,6 +144,14 @@ class LlamaSeedIgnoring(LlamaCppEngine):
         z = logits.astype(np.float64) / params.temperature
         p = np.exp(z - z.max())
         return int(np.random.default_rng().choice(len(p), p=p / p.sum()))
+
+
+class LlamaSeedIgnoring(_IgnoresSeed, LlamaCppEngine):
+    """(f) on llama.cpp: the right distribution, its own randomness."""
+
+
+class TorchSeedIgnoring(_IgnoresSeed, TorchEngine):
+    """(f) on the torch engine: the right distribution, its own randomness."""
 
 
 class LlamaPenaltySkipping(LlamaCppEngine):

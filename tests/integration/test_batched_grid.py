@@ -1,10 +1,11 @@
-"""A provider serving concurrent requests from one batched llama.cpp context, audited.
+"""A provider serving concurrent requests from one batch, audited, on both batching engines.
 
-A real loopback grid: a provider whose two slots share one `BatchedLlama` (one decode per
-step over both requests), a plain llama.cpp verifier on two threads, the openai client. Two
-requests sent at once (before the verifier joins, so that both go to the provider) are
-decoded in the same steps; both answers commit their batch
-schedule, both are audited (the provider is on probation) and both pass, exactly. A
+A real loopback grid: a provider whose two slots share one batch (`BatchedLlama`: one
+llama.cpp decode per step over both requests; `BatchedTorch`: one forward), a plain verifier
+of the same engine on two threads, the openai client. Two requests sent at once (before the
+verifier joins, so that both go to the provider) are decoded in the same steps; both are
+audited (the provider is on probation) and both pass: llama.cpp's exactly, on the batch
+schedule its answers commit; torch's within the same-class tolerance of one prefill. A
 provider whose batched sampler ignores the seed fails both audits.
 """
 
@@ -33,7 +34,6 @@ from idlegrid.testbed.inprocess import (
 )
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("llama_cpp")
 
 CONTEXT = 256
 TOKENS = 40
@@ -41,7 +41,18 @@ TOKENS = 40
 
 @pytest.fixture(scope="module")
 def verifier() -> Iterator[LlamaCppEngine]:
+    pytest.importorskip("llama_cpp")
     engine = LlamaCppEngine(DEFAULT_MODEL, threads=2, context_length=CONTEXT)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def torch_verifier() -> Iterator[Any]:
+    pytest.importorskip("torch")
+    from idlegrid.engines.torch_hf import TorchEngine
+
+    engine = TorchEngine(DEFAULT_MODEL, threads=2, context_length=CONTEXT)
     yield engine
     engine.close()
 
@@ -55,9 +66,8 @@ def _wait(cond: Any, timeout_s: float = 120.0) -> None:
     raise TimeoutError("condition not reached")
 
 
-def _grid(tmp_path: Path, provider: LlamaCppEngine, verifier: LlamaCppEngine) -> list[dict]:
+def _grid(tmp_path: Path, batched: Any, verifier: Any) -> list[dict]:
     """Two concurrent completions on a 2-slot batched provider; their settled audits."""
-    batched = BatchedLlama(provider, 2, context_per_seq=CONTEXT)
     settings = CoordinatorSettings(
         data_dir=tmp_path,
         database_url=f"sqlite:///{tmp_path}/c.db",
@@ -132,18 +142,19 @@ def _grid(tmp_path: Path, provider: LlamaCppEngine, verifier: LlamaCppEngine) ->
             if a.thread is not None:  # the verifier starts only once both answers are in
                 a.stop(30)
         coord.stop()
-        batched.close()
 
 
 def test_two_concurrent_batched_answers_are_both_audited_and_pass(
     tmp_path: Path, verifier: LlamaCppEngine
 ) -> None:
     provider = LlamaCppEngine(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
+    batched = BatchedLlama(provider, 2, context_per_seq=CONTEXT)
     try:
-        for a in _grid(tmp_path, provider, verifier):
+        for a in _grid(tmp_path, batched, verifier):
             assert a["state"] == "passed", a["verdict"]
             assert a["verdict"]["worst_rel"] == 0.0
     finally:
+        batched.close()
         provider.close()
 
 
@@ -151,8 +162,28 @@ def test_a_seed_ignoring_batched_provider_fails_under_concurrency(
     tmp_path: Path, verifier: LlamaCppEngine
 ) -> None:
     provider = cheats.LlamaSeedIgnoring(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
+    batched = BatchedLlama(provider, 2, context_per_seq=CONTEXT)
     try:
-        for a in _grid(tmp_path, provider, verifier):
+        for a in _grid(tmp_path, batched, verifier):
             assert a["state"] == "failed", a["verdict"]
     finally:
+        batched.close()
+        provider.close()
+
+
+@pytest.mark.parametrize("cheat", [False, True], ids=["honest", "seed-ignoring"])
+def test_two_concurrent_batched_torch_answers_are_audited_honest_pass_cheat_fails(
+    tmp_path: Path, torch_verifier: Any, cheat: bool
+) -> None:
+    from idlegrid.engines.torch_batched import BatchedTorch
+    from idlegrid.engines.torch_hf import TorchEngine
+
+    kind = cheats.TorchSeedIgnoring if cheat else TorchEngine
+    provider = kind(DEFAULT_MODEL, threads=1, context_length=CONTEXT)
+    batched = BatchedTorch(provider, 2, context_per_seq=CONTEXT)
+    try:
+        for a in _grid(tmp_path, batched, torch_verifier):
+            assert a["state"] == ("failed" if cheat else "passed"), a["verdict"]
+    finally:
+        batched.close()
         provider.close()
