@@ -24,14 +24,13 @@ import os
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from idlegrid.engines.base import SamplingParams, check_prompt
-from idlegrid.engines.batching import AHEAD, END, BatchedSlot, Seq, consume, sample_rows
+from idlegrid.engines.batching import AHEAD, END, Scheduler, Seq, sample_rows
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.steps import Steps
 from idlegrid.errors import EngineError
@@ -77,7 +76,7 @@ def _shapes(sids: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-class BatchedLlama:
+class BatchedLlama(Scheduler):
     """One llama.cpp context serving up to `parallel` sequences, decoded together."""
 
     def __init__(
@@ -132,12 +131,9 @@ class BatchedLlama:
         self.preempted = 0  # decodes aborted for urgent work (for benchmarks and tests)
         self._n_vocab: int = engine._n_vocab
         self._n_embd: int = engine._n_embd
-        self._cv = threading.Condition()
-        self._pending: deque[Seq] = deque()
+        super().__init__("batched-llama")
         self._active: list[Seq] = []
         self._free = list(range(parallel - 1, -1, -1))
-        self._closed = False
-        self._thread: threading.Thread | None = None
         self._replaying = threading.Lock()
         # The start-up benchmark's aggregate decode tokens/s by sequences, and the
         # concurrency the provider advertises from it (engines/parallel.best_concurrency).
@@ -178,25 +174,14 @@ class BatchedLlama:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Seq(ids, params, seed, Steps(ids, params, self._n_vocab), urgent=urgent)
         seq.next_token, seq.pos = ids[-1], len(ids) - 1
-        self._start()
-        with self._cv:
-            if self._closed:
-                raise EngineError("the batched engine is closed", engine="llama.cpp")
-            self._pending.append(seq)
+
+        def preempt() -> None:
             if urgent and self._preemptible and self.preempt:
                 self._abort_flag[0] = b"\x01"
-            self._cv.notify_all()
-        return consume(seq, self._cv, recorder, sampler)
 
-    def _start(self) -> None:
-        with self._cv:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="batched-llama", daemon=True
-                )
-                self._thread.start()
+        return self._submit(seq, recorder, sampler, preempt)
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
         while True:
             with self._cv:
                 while not self._closed and not self._runnable():
@@ -410,18 +395,9 @@ class BatchedLlama:
             self._lib.llama_set_embeddings(self._ctx, on)
             self._embeddings_on = on
 
-    def slots(self) -> list[BatchedSlot]:
-        """One engine per advertised slot for the agent's serving loops, all in this batch."""
-        return [BatchedSlot(self) for _ in range(self.concurrency + self.headroom)]
-
     def close(self) -> None:
         """Stop the scheduler (pending and active sequences fail) and free the context."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
+        self._stop()
         with self._replaying:
             if self._ctx:
                 self._lib.llama_batch_free(self._batch)

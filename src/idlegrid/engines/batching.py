@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from idlegrid.engines.base import SamplingParams
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.steps import Steps
+from idlegrid.errors import EngineError
 
 AHEAD = 8  # tokens a sequence may run ahead of its consumer before it sits steps out
 END = object()  # put on a sequence's queue when it is over
@@ -199,3 +201,54 @@ class BatchedSlot:
     def close(self) -> None:
         """Stop the shared batch (the underlying engine stays open for its owner)."""
         self.batched.close()
+
+
+class Scheduler:
+    """The shell both batches share: new sequences queued for one scheduler thread (started
+    on first use, running `_run`), the agent's slots, and stopping."""
+
+    engine: Any
+    concurrency: int
+    headroom: int
+
+    def __init__(self, thread_name: str) -> None:
+        self._cv = threading.Condition()
+        self._pending: deque[Any] = deque()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._thread_name = thread_name
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _submit(
+        self, seq: Seq, recorder: Recorder | None, sampler: Any, on_queued: Any = None
+    ) -> Iterator[int]:
+        """Queue a new sequence for the scheduler and return its tokens; `on_queued` runs
+        under the lock once it is queued (llama.cpp pre-empts a decode for urgent work)."""
+        with self._cv:
+            if self._closed:
+                raise EngineError("the batched engine is closed", engine=self.engine.name)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=self._thread_name, daemon=True
+                )
+                self._thread.start()
+            self._pending.append(seq)
+            if on_queued is not None:
+                on_queued()
+            self._cv.notify_all()
+        return consume(seq, self._cv, recorder, sampler)
+
+    def slots(self) -> list[BatchedSlot]:
+        """One engine per advertised slot for the agent's serving loops, all in this batch."""
+        return [BatchedSlot(cast(Batcher, self)) for _ in range(self.concurrency + self.headroom)]
+
+    def _stop(self) -> None:
+        """Stop the scheduler thread; sequences still queued or running fail."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()

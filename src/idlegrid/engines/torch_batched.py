@@ -25,16 +25,14 @@ samples inside its loop and exposes no hidden states, both of which the commitme
 from __future__ import annotations
 
 import random
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from idlegrid.engines.base import SamplingParams, check_prompt
 from idlegrid.engines.batched import PREFILL_CHUNK
-from idlegrid.engines.batching import AHEAD, END, BatchedSlot, Seq, consume, sample_rows
+from idlegrid.engines.batching import AHEAD, END, Scheduler, Seq, sample_rows
 from idlegrid.engines.commit import Recorder
 from idlegrid.engines.steps import Steps
 from idlegrid.errors import EngineError
@@ -49,7 +47,7 @@ class _TorchSeq(Seq):
     own: Any = None  # transformers DynamicCache of this sequence alone, or None in the batch
 
 
-class BatchedTorch:
+class BatchedTorch(Scheduler):
     """One torch model serving up to `parallel` sequences, decoded together."""
 
     def __init__(
@@ -69,16 +67,13 @@ class BatchedTorch:
         self.chunk = chunk
         self.n_ctx_seq: int = min(context_per_seq or engine.context_length, engine.context_length)
         self._n_vocab = len(engine._vocab.tokens)
-        self._cv = threading.Condition()
-        self._pending: deque[_TorchSeq] = deque()
+        super().__init__("batched-torch")
         self._outside: list[_TorchSeq] = []  # prefilling, or parked behind a slow consumer
         # The batch, touched by the scheduler thread only: rows in cache order, the cache
         # ([rows, kv heads, columns, head dim] per layer) and the [rows, columns] mask.
         self._rows: list[_TorchSeq] = []
         self._cache: Any = None
         self._mask: Any = None
-        self._closed = False
-        self._thread: threading.Thread | None = None
         self.aggregate_tps: dict[int, float] = {}
         self.concurrency = parallel
         self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
@@ -104,15 +99,7 @@ class BatchedTorch:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = _TorchSeq(ids, params, seed, Steps(ids, params, self._n_vocab), urgent=urgent)
         seq.pos = len(ids) - 1
-        with self._cv:
-            if self._closed:
-                raise EngineError("the batched engine is closed", engine=_NAME)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="batched-torch", daemon=True)
-                self._thread.start()
-            self._pending.append(seq)
-            self._cv.notify_all()
-        return consume(seq, self._cv, recorder, sampler)
+        return self._submit(seq, recorder, sampler)
 
     def _run(self) -> None:
         # Inference mode is per thread: held for the scheduler's whole life, never by callers.
@@ -325,16 +312,7 @@ class BatchedTorch:
                 seq.out.put(END)
         self.sample_s += time.perf_counter() - t1
 
-    def slots(self) -> list[BatchedSlot]:
-        """One engine per advertised slot for the agent's serving loops, all in this batch."""
-        return [BatchedSlot(self) for _ in range(self.concurrency + self.headroom)]
-
     def close(self) -> None:
         """Stop the scheduler (pending and active sequences fail); the engine stays loaded."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
+        self._stop()
         self._cache = self._mask = None
