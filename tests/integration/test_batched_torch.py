@@ -183,13 +183,13 @@ def test_a_torch_provider_batches_from_the_machine_and_advertises_its_best_concu
         loaded.append(TorchEngine(DEFAULT_MODEL, threads=2, context_length=256))
         return loaded[-1]
 
-    built = build_slots(load, threads=2, bench_tokens=4)
+    built = build_slots(load, bench_tokens=4)
     try:
         engine = loaded[0]
         assert len(loaded) == 1  # one model copy for every slot
         # float32 keys and values, every layer whole (the batch keeps sliding layers whole)
         assert engine.kv_bytes_per_token() == par.kv_bytes_per_token(18, 1, 256, 256, 4)
-        expected = choose_parallel(engine, None, 2)
+        expected = choose_parallel(engine, None)
         assert built.parallel == expected >= 2
         assert sorted(built.aggregate_tps) == par.levels(expected)
         assert all(t > 0 for t in built.aggregate_tps.values())

@@ -40,12 +40,12 @@ def test_default_provider_batches_benchmarks_and_registers_its_best_concurrency(
         loaded.append(LlamaCppEngine(DEFAULT_MODEL, threads=2, context_length=CONTEXT))
         return loaded[-1]
 
-    built = build_slots(load, threads=2, bench_tokens=4)
+    built = build_slots(load, bench_tokens=4)
     try:
         engine = loaded[0]
         assert len(loaded) == 1  # one model copy for every slot
-        # The machine chose: what free memory and 2 threads allow (this box: 8).
-        expected = choose_parallel(engine, None, 2)
+        # The machine chose: what free memory allows (this box: 8).
+        expected = choose_parallel(engine, None)
         assert built.parallel == expected >= 2
         assert engine.kv_bytes_per_token() == par.kv_bytes_per_token(18, 1, 256, 256)
         assert sorted(built.aggregate_tps) == par.levels(expected)

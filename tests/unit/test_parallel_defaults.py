@@ -13,23 +13,21 @@ def test_kv_bytes_per_token_counts_keys_and_values_of_every_layer_in_f16() -> No
     assert par.kv_bytes_per_token(32, 8, 128, 128) == 32 * 8 * 256 * 2
 
 
-def test_default_parallel_is_what_half_the_free_memory_holds_capped_by_cores_and_eight() -> None:
+def test_default_parallel_is_what_half_the_free_memory_holds_capped_at_eight() -> None:
     per_seq = GEMMA_270M_KV * 8192  # 151 MB a sequence at the default context
-    assert par.default_parallel(64 * GIB, GEMMA_270M_KV, 8192, 16) == par.MAX_PARALLEL
-    assert par.default_parallel(64 * GIB, GEMMA_270M_KV, 8192, 1) == par.SEQS_PER_CORE
+    assert par.default_parallel(64 * GIB, GEMMA_270M_KV, 8192) == par.MAX_PARALLEL
     # 5 sequences' caches in free memory: half of it holds 2 of them.
-    assert par.default_parallel(5 * per_seq, GEMMA_270M_KV, 8192, 8) == 2
-    assert par.default_parallel(7 * per_seq - 1, GEMMA_270M_KV, 8192, 8) == 3
-    assert par.default_parallel(6 * per_seq, GEMMA_270M_KV, 8192, 8) == 3
+    assert par.default_parallel(5 * per_seq, GEMMA_270M_KV, 8192) == 2
+    assert par.default_parallel(7 * per_seq - 1, GEMMA_270M_KV, 8192) == 3
+    assert par.default_parallel(6 * per_seq, GEMMA_270M_KV, 8192) == 3
     # A shorter context per sequence fits more of them.
-    assert par.default_parallel(5 * per_seq, GEMMA_270M_KV, 2048, 8) == 8
+    assert par.default_parallel(5 * per_seq, GEMMA_270M_KV, 2048) == 8
 
 
 def test_default_parallel_is_off_when_fewer_than_two_sequences_fit() -> None:
     per_seq = GEMMA_270M_KV * 8192
-    assert par.default_parallel(3 * per_seq, GEMMA_270M_KV, 8192, 8) == 0
-    assert par.default_parallel(0, GEMMA_270M_KV, 8192, 8) == 0
-    assert par.default_parallel(64 * GIB, GEMMA_270M_KV, 8192, None) == par.SEQS_PER_CORE
+    assert par.default_parallel(3 * per_seq, GEMMA_270M_KV, 8192) == 0
+    assert par.default_parallel(0, GEMMA_270M_KV, 8192) == 0
 
 
 def test_levels_are_powers_of_two_up_to_the_batch_and_the_batch_itself() -> None:

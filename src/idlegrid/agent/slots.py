@@ -1,8 +1,8 @@
 """The provider's serving slots: engines loaded, continuous batching sized, speed measured.
 
-`idlegrid provide` calls `build_slots`. With llama.cpp and no `--parallel`, the batch size
-comes from the machine (engines/parallel.default_parallel: free memory over the KV cache a
-sequence takes, and cores); `--parallel 0` turns batching off (one engine per `--slots`).
+`idlegrid provide` calls `build_slots`. With llama.cpp or torch and no `--parallel`, the
+batch size comes from the machine (engines/parallel.default_parallel: free memory over the
+KV cache a sequence takes); `--parallel 0` turns batching off (one engine per `--slots`).
 The start-up benchmark then measures aggregate decode tokens/s at 1, 2, 4, 8 sequences up
 to that size, and the batch is remade at the best concurrency: the agent runs, and
 registers, that many slots, so the router sends it up to that many requests at once,
@@ -12,7 +12,6 @@ plus `HEADROOM` more that batch lines may not take (docs/batch.md).
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,15 +43,15 @@ class Slots:
     aggregate_tps: dict[int, float] = field(default_factory=dict)
 
 
-def choose_parallel(engine: Any, parallel: int | None, threads: int | None) -> int:
-    """The batch size: `parallel` when given, else from memory and cores (llama.cpp, torch)."""
+def choose_parallel(engine: Any, parallel: int | None) -> int:
+    """The batch size: `parallel` when given, else from free memory (llama.cpp, torch)."""
     if parallel is not None:
         return max(0, parallel)
     kv = getattr(engine, "kv_bytes_per_token", None)
     free = par.available_memory()
     if engine.name not in BATCHERS or kv is None or free is None:
         return 0
-    return par.default_parallel(free, kv(), engine.context_length, threads or os.cpu_count())
+    return par.default_parallel(free, kv(), engine.context_length)
 
 
 def _batcher(engine: Any) -> Any:
@@ -68,7 +67,6 @@ def build_slots(
     *,
     slots: int = 1,
     parallel: int | None = None,
-    threads: int | None = None,
     benchmark: bool = True,
     bench_tokens: int = 32,
     context_per_seq: int | None = None,
@@ -81,7 +79,7 @@ def build_slots(
     first = load()
     if on_loaded:
         on_loaded()
-    n = choose_parallel(first, parallel, threads)
+    n = choose_parallel(first, parallel)
     if not n:
         engines = [first]
         for _ in range(slots - 1):

@@ -174,8 +174,8 @@ def provide(
     parallel: Annotated[
         int | None,
         typer.Option(
-            help="llama.cpp, torch: sequences decoded in one batch (default: from free memory and "
-            "cores, at most 8; 0: off, one engine per --slots)."
+            help="llama.cpp, torch: sequences decoded in one batch (default: from free memory, "
+            "at most 8; 0: off, one engine per --slots)."
         ),
     ] = None,
     headroom: Annotated[
@@ -355,7 +355,6 @@ def provide(
             lambda: load_engine(engine, model, **kwargs),
             slots=slots,
             parallel=parallel,
-            threads=threads,
             benchmark=not skip_benchmark,
             on_loaded=lambda: progress.advance(task),
             on_token=step,
