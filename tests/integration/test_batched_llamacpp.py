@@ -321,13 +321,18 @@ def test_a_streamed_arrival_aborts_a_decode_of_batch_lines_which_then_decode_unc
         assert picks == out, f"line {k}"
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["hole-kept", "hole-closed"])
 def test_a_step_with_a_hole_in_its_slots_records_the_ubatches_llama_cpp_runs(
-    engine: LlamaCppEngine,
+    engine: LlamaCppEngine, compact: bool
 ) -> None:
-    # Slots 0..5 busy, then slot 1's consumer leaves: llama.cpp decodes slots 0 and 2-5 as
-    # two ubatches (one KV stream per sequence needs consecutive ids), so slot 5 is rank 3
-    # of a group of four (the grouped kernel), not row 4 of five (the one-row kernel).
+    # Slots 0..5 busy, then slot 1's consumer leaves. Kept (a sequence sitting out its
+    # run-ahead leaves such a hole too): llama.cpp decodes slots 0 and 2-5 as two ubatches
+    # (one KV stream per sequence needs consecutive ids), so slot 5 is rank 3 of a group of
+    # four (the grouped kernel), not row 4 of five (the one-row kernel). Closed: slot 5's
+    # sequence moves to slot 1 (its stream copied), row 1 of five from then on; either
+    # way every sequence replays bit for bit on what it recorded.
     b = BatchedLlama(engine, 6, chunk=8, context_per_seq=64)
+    b.compact = compact
     v = BatchedLlama(engine, 11, chunk=8, context_per_seq=64)
     try:
         prompts = [engine.tokenize(PROMPTS[k % 3]) for k in range(6)]
@@ -346,7 +351,11 @@ def test_a_step_with_a_hole_in_its_slots_records_the_ubatches_llama_cpp_runs(
                 outs[k].append(next(its[k]))
         for k in (0, 2, 3, 4, 5):
             its[k].close()  # type: ignore[attr-defined]
-        assert (4, 3) in recs[5].shapes and (1, 0) in recs[0].shapes, recs[5].shapes
+        if compact:  # one step of five rows
+            assert b.moves == 1 and recs[5].shapes[-1] == (5, 1), recs[5].shapes
+            assert recs[0].shapes[-1] == (5, 0) and (6, 5) in recs[5].shapes
+        else:  # a ubatch of one and one of four
+            assert recs[5].shapes[-1] == (4, 3) and recs[0].shapes[-1] == (1, 0), recs[5].shapes
         for k in (0, 2, 5):
             states, picks = _replay(v, prompts[k], outs[k], recs[k].shapes[: len(outs[k])], k)
             assert np.array_equal(states, np.stack(recs[k].states[: len(outs[k])])), k
@@ -403,7 +412,9 @@ def test_an_arrival_does_not_abort_a_gapped_step(
 ) -> None:
     # Lines in slots 0 and 2 decode as two ubatches; an abort in the first changed how the
     # second's sequence decoded next (not bit for bit), so a gapped step runs to its end
-    # and the arrival waits for it.
+    # and the arrival waits for it. (Holes left by a consumer are closed by moving the
+    # sequence above down; this one is kept, as one left by a sequence sitting out is.)
+    monkeypatch.setattr(batched, "compact", False)
     _idle(batched)
     in_step, arrived = threading.Event(), threading.Event()
     gapped = threading.Event()
