@@ -204,3 +204,35 @@ def test_a_torch_provider_batches_from_the_machine_and_advertises_its_best_concu
         built.engines[0].close()
         for e in loaded:
             e.close()
+
+
+def test_a_prompt_longer_than_the_sliding_window_decodes_as_alone(engine: TorchEngine) -> None:
+    # Gemma 3's sliding-window layers see 512 positions. The batch keeps their cells whole
+    # and lets the mask cut the window, counted in columns, which match positions only
+    # because rows are left-padded and never have holes: a wrong window moves states by
+    # whole units, not 1e-4.
+    long = TorchEngine(DEFAULT_MODEL, threads=2, context_length=1024)
+    try:
+        ids = long.tokenize("The history of the printing press begins " * 120)[:700]
+        short = long.tokenize(PROMPTS[0])
+        b = BatchedTorch(long, 2, chunk=64)
+        recs, outs = [Recorder(), Recorder()], [[], []]
+        try:
+            its = [b.generate(p, _params(k), recs[k]) for k, p in enumerate((ids, short))]
+            for _ in range(8):
+                for k in (0, 1):
+                    outs[k].append(next(its[k]))
+            for it in its:
+                it.close()  # type: ignore[attr-defined]
+        finally:
+            b.close()
+        long.recorder = solo = Recorder()
+        it = long.generate(ids, _params(0))
+        assert [next(it) for _ in range(8)] == outs[0]
+        it.close()  # type: ignore[attr-defined]
+        assert np.abs(np.stack(recs[0].states) - np.stack(solo.states)).max() < STATE_NOISE
+        c = build_commitment(long, DEFAULT_MODEL, ids, recs[0], 100, TEMPERATURE, 1.0, "length")
+        assert cm.judge(c, long.audit(ids, c, 8), TOL, 8).passed
+    finally:
+        long.recorder = None
+        long.close()

@@ -152,7 +152,10 @@ class BatchedTorch(Scheduler):
                     if seq.prefilled == len(seq.ids) and seq in self._outside:
                         back.append(seq)
                 for seq in back:
-                    self._join(seq)
+                    try:
+                        self._join(seq)
+                    except Exception as exc:  # it fails alone; the batch is as it was
+                        self._drop_outside(seq, exc)
                 if self._rows:
                     self._step()
             except Exception as exc:  # every sequence in the batch fails with it
@@ -230,10 +233,11 @@ class BatchedTorch(Scheduler):
         row = torch.zeros(1, cols, dtype=torch.long, device=self.engine._device)
         row[0, cols - n :] = 1
         kv = []
+        batch = self._kv(self._cache) if self._mask is not None else []
         for layer, (k, v) in enumerate(own):
             k, v = pad(k, (0, 0, cols - n, 0)), pad(v, (0, 0, cols - n, 0))
-            if self._mask is not None:
-                bk, bv = self._kv(self._cache)[layer]
+            if batch:
+                bk, bv = batch[layer]
                 k = torch.cat([pad(bk, (0, 0, cols - width, 0)), k])
                 v = torch.cat([pad(bv, (0, 0, cols - width, 0)), v])
             kv.append((k, v))
