@@ -130,12 +130,12 @@ class _Last:
 
 
 class BatchedSlot:
-    """One serving slot of a `BatchedLlama`: an engine to the agent, one sequence at a time.
+    """One serving slot of a batch: an engine to the agent, one sequence at a time.
 
     The agent gives each slot its own loop and recorder; generation goes into the shared
-    batch. Everything else is the underlying llama.cpp engine's (same model, same
-    determinism class). A constrained request (grammar) runs unbatched on the engine's own
-    context, one at a time, and commits as a plain answer.
+    batch. Everything else is the underlying engine's (same model, same determinism
+    class). A constrained request (grammar; llama.cpp only) runs unbatched on the engine's
+    own context, one at a time, and commits as a plain answer.
     """
 
     def __init__(self, batched: Batcher) -> None:
