@@ -88,16 +88,16 @@ class BatchedLlama(Scheduler):
         chunk: int = PREFILL_CHUNK,
         headroom: int = 0,
     ) -> None:
+        super().__init__(
+            engine,
+            parallel,
+            context_per_seq=context_per_seq,
+            chunk=chunk,
+            headroom=headroom,
+            thread_name="batched-llama",
+        )
         lib = self._lib = engine._lib
-        self.engine = engine
-        # `headroom` sequences beyond `parallel` serve interactive work only: the
-        # coordinator lets batch lines fill `concurrency` slots, so an interactive request
-        # joins the next step instead of waiting for a line to yield (docs/batch.md).
-        self.headroom = headroom
-        parallel += headroom
-        self.parallel = parallel
-        self.chunk = chunk
-        self.n_ctx_seq: int = min(context_per_seq or engine.context_length, engine.context_length)
+        parallel = self.parallel
         params = lib.llama_context_default_params()
         src = engine._llm.context_params
         for name, _ in params._fields_:
@@ -135,22 +135,14 @@ class BatchedLlama(Scheduler):
         self.moves = 0  # sequences moved to a lower slot
         self._n_vocab: int = engine._n_vocab
         self._n_embd: int = engine._n_embd
-        super().__init__("batched-llama")
         self._active: list[Seq] = []
         self._free = list(range(parallel - 1, -1, -1))
         self._replaying = threading.Lock()
-        # The start-up benchmark's aggregate decode tokens/s by sequences, and the
-        # concurrency the provider advertises from it (engines/parallel.best_concurrency).
-        self.aggregate_tps: dict[int, float] = {}
-        self.concurrency = parallel - headroom
         # Sample a step's plain rows in one pass (core/trust/batch_sampling); False: one by
         # one, as before (bench/bench_batch_sampling.py compares the two).
         self.vector = hasattr(engine, "_pick_rows")
         # Prompts that get a chunk each loop turn (1: the earlier one-chunk-a-turn rule).
         self.prefill_per_turn = parallel
-        self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
-        self.decode_s = 0.0  # seconds in batched llama_decode calls
-        self.sample_s = 0.0  # seconds sampling and reading rows after them (Python)
 
     # ---- serving -------------------------------------------------------------------
 

@@ -207,11 +207,31 @@ class Scheduler:
     """The shell both batches share: new sequences queued for one scheduler thread (started
     on first use, running `_run`), the agent's slots, and stopping."""
 
-    engine: Any
-    concurrency: int
-    headroom: int
-
-    def __init__(self, thread_name: str) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        parallel: int,
+        *,
+        context_per_seq: int | None,
+        chunk: int,
+        headroom: int,
+        thread_name: str,
+    ) -> None:
+        self.engine = engine
+        # `headroom` sequences beyond `parallel` serve interactive work only: the
+        # coordinator lets batch lines fill `concurrency` slots, so an interactive request
+        # joins the next step instead of waiting for a line to yield (docs/batch.md).
+        self.headroom = headroom
+        self.parallel = parallel + headroom
+        self.concurrency = parallel
+        self.chunk = chunk
+        self.n_ctx_seq: int = min(context_per_seq or engine.context_length, engine.context_length)
+        # The start-up benchmark's aggregate decode tokens/s by sequences, from which the
+        # provider's concurrency is chosen (engines/parallel.best_concurrency).
+        self.aggregate_tps: dict[int, float] = {}
+        self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
+        self.decode_s = 0.0  # seconds in batched decodes
+        self.sample_s = 0.0  # seconds sampling and handing out rows after them
         self._cv = threading.Condition()
         self._pending: deque[Any] = deque()
         self._closed = False

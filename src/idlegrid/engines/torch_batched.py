@@ -59,26 +59,22 @@ class BatchedTorch(Scheduler):
         chunk: int = PREFILL_CHUNK,
         headroom: int = 0,
     ) -> None:
-        self.engine = engine
+        super().__init__(
+            engine,
+            parallel,
+            context_per_seq=context_per_seq,
+            chunk=chunk,
+            headroom=headroom,
+            thread_name="batched-torch",
+        )
         self._torch = engine._torch
-        # `headroom` sequences beyond `parallel` serve interactive work only (docs/batch.md).
-        self.headroom = headroom
-        self.parallel = parallel + headroom
-        self.chunk = chunk
-        self.n_ctx_seq: int = min(context_per_seq or engine.context_length, engine.context_length)
         self._n_vocab = len(engine._vocab.tokens)
-        super().__init__("batched-torch")
         self._outside: list[_TorchSeq] = []  # prefilling, or parked behind a slow consumer
         # The batch, touched by the scheduler thread only: rows in cache order, the cache
         # ([rows, kv heads, columns, head dim] per layer) and the [rows, columns] mask.
         self._rows: list[_TorchSeq] = []
         self._cache: Any = None
         self._mask: Any = None
-        self.aggregate_tps: dict[int, float] = {}
-        self.concurrency = parallel
-        self.step_sizes: list[int] = []  # batch size of every decode step (for benchmarks)
-        self.decode_s = 0.0  # seconds in batched forward passes
-        self.sample_s = 0.0  # seconds sampling and handing out rows after them
 
     # ---- serving -------------------------------------------------------------------
 
